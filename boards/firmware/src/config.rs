@@ -1,0 +1,115 @@
+//! Run configuration handed in by the host: which scenarios to run, which SMMU stages QEMU was asked for, and
+//! the DMA mask QEMU gave edu. On QEMU virt it comes from fw_cfg files under `opt/smmuv3/`.
+
+use core::str::FromStr;
+
+use smmuv3::Stages;
+
+use crate::edu;
+use crate::fw_cfg::FwCfg;
+
+/// fw_cfg file naming the scenarios (a contract with the harness and outside checks).
+pub const SCENARIOS_KEY: &str = "opt/smmuv3/scenarios";
+/// fw_cfg file naming the stages QEMU's SMMU was configured with: `1`, `2` or `nested`.
+pub const STAGE_KEY: &str = "opt/smmuv3/stage";
+/// fw_cfg file giving edu's `dma_mask` property (hexadecimal with 0x, or decimal).
+pub const EDU_DMA_MASK_KEY: &str = "opt/smmuv3/edu-dma-mask";
+
+/// The scenarios run when the host names none: the demo.
+pub const DEFAULT_SCENARIOS: &str = "probe,edu-ident";
+
+/// What the host asked for.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Scenario names separated by `,` (or spaces, `;`, `:`).
+    pub scenarios: heapless::String<512>,
+    /// The stages QEMU was started with, when the host says.
+    pub expected_stages: Option<Stages>,
+    /// edu's DMA mask.
+    pub edu_dma_mask: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            scenarios: heapless::String::from_str(DEFAULT_SCENARIOS).unwrap_or_default(),
+            expected_stages: None,
+            edu_dma_mask: edu::DEFAULT_DMA_MASK,
+        }
+    }
+}
+
+impl Config {
+    /// The scenario names, in order.
+    pub fn scenario_names(&self) -> impl Iterator<Item = &str> {
+        self.scenarios
+            .split([',', ' ', ';', ':', '\n'])
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+    }
+}
+
+fn parse_u64(text: &str) -> Option<u64> {
+    let t = text.trim();
+    match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => t.parse().ok(),
+    }
+}
+
+/// Why the configuration could not be read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A value is not what its key expects.
+    BadValue(&'static str),
+}
+
+impl core::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            ConfigError::BadValue(key) => {
+                write!(f, "fw_cfg {key} has a value the firmware cannot use")
+            }
+        }
+    }
+}
+
+/// Reads the configuration from the fw_cfg device at `base`; missing files keep their defaults.
+///
+/// # Errors
+/// [`ConfigError::BadValue`] for a file whose content does not parse.
+///
+/// # Safety
+/// `base` must be QEMU's fw_cfg MMIO device, identity-mapped as device memory, used by nothing else.
+pub unsafe fn from_fw_cfg(base: usize) -> Result<Config, ConfigError> {
+    let mut config = Config::default();
+    // SAFETY: the caller guarantees the device.
+    let Some(mut fw_cfg) = (unsafe { FwCfg::new(base) }) else {
+        return Ok(config);
+    };
+    let mut buffer = [0u8; 512];
+    let mut read = |fw_cfg: &mut FwCfg,
+                    key: &'static str|
+     -> Result<Option<heapless::String<512>>, ConfigError> {
+        let Some(file) = fw_cfg.find(key) else {
+            return Ok(None);
+        };
+        let len = fw_cfg.read_file(file, &mut buffer);
+        let text = core::str::from_utf8(&buffer[..len]).map_err(|_| ConfigError::BadValue(key))?;
+        let text = text.trim_end_matches('\0').trim();
+        heapless::String::from_str(text)
+            .map(Some)
+            .map_err(|_| ConfigError::BadValue(key))
+    };
+    if let Some(s) = read(&mut fw_cfg, SCENARIOS_KEY)? {
+        config.scenarios = s;
+    }
+    if let Some(s) = read(&mut fw_cfg, STAGE_KEY)? {
+        config.expected_stages =
+            Some(Stages::from_qemu_name(&s).ok_or(ConfigError::BadValue(STAGE_KEY))?);
+    }
+    if let Some(s) = read(&mut fw_cfg, EDU_DMA_MASK_KEY)? {
+        config.edu_dma_mask = parse_u64(&s).ok_or(ConfigError::BadValue(EDU_DMA_MASK_KEY))?;
+    }
+    Ok(config)
+}

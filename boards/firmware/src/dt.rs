@@ -1,0 +1,325 @@
+//! Discovery from the flattened device tree: memory, console, SMMU, PCIe host (ECAM, windows, `iommu-map`),
+//! fw_cfg and GIC. A board whose tree is silent about a device fills the same [`Platform`] from its constants.
+
+use core::fmt;
+
+use fdt::Fdt;
+use fdt::node::FdtNode;
+use smmuv3::board::IommuMapEntry;
+use smmuv3::{IommuMap, SmmuDescription, SmmuInterrupts};
+
+/// A physical address range.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Region {
+    /// First byte.
+    pub base: u64,
+    /// Length in bytes.
+    pub size: u64,
+}
+
+impl Region {
+    /// One past the last byte.
+    pub fn end(&self) -> u64 {
+        self.base + self.size
+    }
+}
+
+impl fmt::Display for Region {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}..{:#x}", self.base, self.end())
+    }
+}
+
+/// Kind of a PCI address window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WindowKind {
+    /// I/O space.
+    Io,
+    /// 32-bit memory space.
+    Mem32,
+    /// 64-bit memory space.
+    Mem64,
+}
+
+/// One entry of a PCIe host's `ranges`: a PCI bus address window and where the CPU sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciWindow {
+    /// Address space.
+    pub kind: WindowKind,
+    /// Prefetchable.
+    pub prefetchable: bool,
+    /// Address on the PCI bus.
+    pub pci_base: u64,
+    /// Address the CPU uses.
+    pub cpu_base: u64,
+    /// Length in bytes.
+    pub size: u64,
+}
+
+/// A generic ECAM PCIe host bridge.
+#[derive(Clone, Debug, Default)]
+pub struct PcieHost {
+    /// The ECAM (configuration space) region.
+    pub ecam: Region,
+    /// First and last bus number.
+    pub bus_range: (u8, u8),
+    /// Address windows.
+    pub windows: heapless::Vec<PciWindow, 4>,
+    /// Requester ID to StreamID map (empty when the tree gives none: then no requester is behind the SMMU).
+    pub iommu_map: IommuMap,
+}
+
+/// A GICv3.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Gic {
+    /// Distributor.
+    pub distributor: Region,
+    /// Redistributors.
+    pub redistributors: Region,
+}
+
+/// Everything the firmware needs about the machine.
+#[derive(Clone, Debug)]
+pub struct Platform {
+    /// RAM banks.
+    pub memory: heapless::Vec<Region, 4>,
+    /// The PL011 console.
+    pub uart: Region,
+    /// The SMMU.
+    pub smmu: SmmuDescription,
+    /// The PCIe host behind the SMMU.
+    pub pcie: PcieHost,
+    /// QEMU's fw_cfg, when present.
+    pub fw_cfg: Option<Region>,
+    /// The interrupt controller, when the tree names one.
+    pub gic: Option<Gic>,
+}
+
+/// Why the device tree could not be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DtError {
+    /// No valid FDT header at the address.
+    BadHeader,
+    /// A device the firmware needs is missing.
+    Missing(&'static str),
+    /// A property is malformed.
+    Malformed(&'static str),
+}
+
+impl fmt::Display for DtError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DtError::BadHeader => f.write_str("no valid device tree header"),
+            DtError::Missing(what) => write!(f, "device tree has no {what}"),
+            DtError::Malformed(what) => write!(f, "device tree property {what} is malformed"),
+        }
+    }
+}
+
+/// Parses the tree at `address`.
+///
+/// # Errors
+/// [`DtError::BadHeader`] when no FDT is there.
+///
+/// # Safety
+/// `address` must be mapped and readable, and if it holds an FDT header, the whole `totalsize` must be too.
+pub unsafe fn parse<'a>(address: usize) -> Result<Fdt<'a>, DtError> {
+    // SAFETY: the caller guarantees the mapping.
+    unsafe { Fdt::from_ptr(address as *const u8) }.map_err(|_| DtError::BadHeader)
+}
+
+fn first_reg(node: &FdtNode) -> Option<Region> {
+    let r = node.reg()?.next()?;
+    Some(Region {
+        base: r.starting_address as u64,
+        size: r.size.unwrap_or(0) as u64,
+    })
+}
+
+fn cells(bytes: &[u8]) -> impl Iterator<Item = u32> + '_ {
+    bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+}
+
+fn cells_to_u64(cells: &[u32]) -> u64 {
+    cells
+        .iter()
+        .fold(0u64, |acc, c| (acc << 32) | u64::from(*c))
+}
+
+/// Reads the memory banks from `/memory`.
+///
+/// # Errors
+/// [`DtError::Missing`] when there is none.
+pub fn memory(fdt: &Fdt) -> Result<heapless::Vec<Region, 4>, DtError> {
+    let mut banks = heapless::Vec::new();
+    for r in fdt.memory().regions() {
+        let _ = banks.push(Region {
+            base: r.starting_address as u64,
+            size: r.size.unwrap_or(0) as u64,
+        });
+    }
+    if banks.is_empty() {
+        Err(DtError::Missing("memory"))
+    } else {
+        Ok(banks)
+    }
+}
+
+/// The console UART: `/chosen/stdout-path` when it is a PL011, else the first `arm,pl011`.
+///
+/// # Errors
+/// [`DtError::Missing`] when there is no PL011.
+pub fn console(fdt: &Fdt) -> Result<Region, DtError> {
+    let chosen = fdt.chosen().stdout().filter(|n| {
+        n.compatible()
+            .is_some_and(|c| c.all().any(|s| s == "arm,pl011"))
+    });
+    let node = chosen
+        .or_else(|| fdt.find_compatible(&["arm,pl011"]))
+        .ok_or(DtError::Missing("arm,pl011 UART"))?;
+    first_reg(&node).ok_or(DtError::Missing("PL011 reg"))
+}
+
+/// The `arm,smmu-v3` node: registers, interrupts by name, coherency.
+///
+/// # Errors
+/// [`DtError::Missing`] when the tree describes no SMMUv3.
+pub fn smmu(fdt: &Fdt) -> Result<SmmuDescription, DtError> {
+    let node = fdt
+        .find_compatible(&["arm,smmu-v3"])
+        .ok_or(DtError::Missing("arm,smmu-v3 node"))?;
+    let reg = first_reg(&node).ok_or(DtError::Missing("SMMU reg"))?;
+    let mut interrupts = SmmuInterrupts::default();
+    let cells_per_irq = node
+        .interrupt_parent()
+        .and_then(|p| p.interrupt_cells())
+        .unwrap_or(3);
+    if let (Some(irqs), Some(names)) = (
+        node.property("interrupts"),
+        node.property("interrupt-names"),
+    ) {
+        let specs: heapless::Vec<u32, 16> = cells(irqs.value).collect();
+        let names = names.value.split(|b| *b == 0).filter(|n| !n.is_empty());
+        for (spec, name) in specs.chunks_exact(cells_per_irq).zip(names) {
+            if cells_per_irq < 3 {
+                break;
+            }
+            // GIC binding: <type number flags>; SPI numbers start at INTID 32, PPIs at 16. Flags 1 = rising edge.
+            let intid = spec[1] + if spec[0] == 0 { 32 } else { 16 };
+            interrupts.edge_triggered = spec[2] & 0x3 != 0;
+            match name {
+                b"eventq" => interrupts.eventq = Some(intid),
+                b"priq" => interrupts.priq = Some(intid),
+                b"cmdq-sync" => interrupts.cmdq_sync = Some(intid),
+                b"gerror" => interrupts.gerror = Some(intid),
+                _ => {}
+            }
+        }
+    }
+    Ok(SmmuDescription {
+        base: reg.base,
+        size: reg.size,
+        interrupts,
+        dma_coherent: node.property("dma-coherent").is_some(),
+    })
+}
+
+/// The `pci-host-ecam-generic` node: ECAM, bus range, windows and `iommu-map`.
+///
+/// # Errors
+/// [`DtError::Missing`] without such a node, [`DtError::Malformed`] for a `ranges` or `iommu-map` of the wrong
+/// length.
+pub fn pcie(fdt: &Fdt) -> Result<PcieHost, DtError> {
+    let node = fdt
+        .find_compatible(&["pci-host-ecam-generic"])
+        .ok_or(DtError::Missing("pci-host-ecam-generic node"))?;
+    let mut host = PcieHost {
+        ecam: first_reg(&node).ok_or(DtError::Missing("ECAM reg"))?,
+        ..Default::default()
+    };
+    host.bus_range = match node
+        .property("bus-range")
+        .map(|p| cells(p.value).collect::<heapless::Vec<u32, 2>>())
+    {
+        Some(r) if r.len() == 2 => (r[0].min(255) as u8, r[1].min(255) as u8),
+        _ => (0, ((host.ecam.size >> 20).saturating_sub(1)).min(255) as u8),
+    };
+    let parent_address_cells = fdt.root().cell_sizes().address_cells;
+    let size_cells = node.cell_sizes().size_cells;
+    if let Some(ranges) = node.property("ranges") {
+        let all: heapless::Vec<u32, 64> = cells(ranges.value).collect();
+        let stride = 3 + parent_address_cells + size_cells;
+        if all.len() % stride != 0 {
+            return Err(DtError::Malformed("ranges"));
+        }
+        for e in all.chunks_exact(stride) {
+            let kind = match (e[0] >> 24) & 0x3 {
+                1 => WindowKind::Io,
+                2 => WindowKind::Mem32,
+                3 => WindowKind::Mem64,
+                _ => continue,
+            };
+            let _ = host.windows.push(PciWindow {
+                kind,
+                prefetchable: e[0] & (1 << 30) != 0,
+                pci_base: cells_to_u64(&e[1..3]),
+                cpu_base: cells_to_u64(&e[3..3 + parent_address_cells]),
+                size: cells_to_u64(&e[3 + parent_address_cells..]),
+            });
+        }
+    }
+    if let Some(map) = node.property("iommu-map") {
+        let all: heapless::Vec<u32, 64> = cells(map.value).collect();
+        if all.len() % 4 != 0 {
+            return Err(DtError::Malformed("iommu-map"));
+        }
+        for e in all.chunks_exact(4) {
+            host.iommu_map
+                .push(IommuMapEntry {
+                    rid_base: e[0],
+                    sid_base: e[2],
+                    length: e[3],
+                })
+                .map_err(|_| DtError::Malformed("iommu-map (too many ranges)"))?;
+        }
+    }
+    Ok(host)
+}
+
+/// QEMU's fw_cfg (`qemu,fw-cfg-mmio`), if the machine has one.
+pub fn fw_cfg(fdt: &Fdt) -> Option<Region> {
+    first_reg(&fdt.find_compatible(&["qemu,fw-cfg-mmio"])?)
+}
+
+/// The GICv3 (`arm,gic-v3`), if described.
+pub fn gic(fdt: &Fdt) -> Option<Gic> {
+    let node = fdt.find_compatible(&["arm,gic-v3"])?;
+    let mut regs = node.reg()?;
+    let mut next = || {
+        regs.next().map(|r| Region {
+            base: r.starting_address as u64,
+            size: r.size.unwrap_or(0) as u64,
+        })
+    };
+    Some(Gic {
+        distributor: next()?,
+        redistributors: next()?,
+    })
+}
+
+/// Everything at once, for a board whose tree describes its devices (QEMU virt).
+///
+/// # Errors
+/// The first [`DtError`] met.
+pub fn platform(fdt: &Fdt) -> Result<Platform, DtError> {
+    Ok(Platform {
+        memory: memory(fdt)?,
+        uart: console(fdt)?,
+        smmu: smmu(fdt)?,
+        pcie: pcie(fdt)?,
+        fw_cfg: fw_cfg(fdt),
+        gic: gic(fdt),
+    })
+}

@@ -1,0 +1,49 @@
+//! Exception handling: any exception the firmware does not expect is reported (ESR, ELR, FAR) and ends the run
+//! with a failure status, so that a test harness sees it instead of a hang.
+
+use aarch64_cpu::registers::{ESR_EL2, FAR_EL2, Readable};
+use aarch64_rt::{ExceptionHandlers, RegisterStateRef};
+
+use crate::{exit, println};
+
+/// The firmware's exception handlers: every one of them is fatal.
+pub struct Exceptions;
+
+fn fatal(kind: &str, state: &RegisterStateRef) -> ! {
+    let esr = ESR_EL2.get();
+    println!(
+        "FATAL: unexpected {kind} exception at EL2: ESR_EL2={esr:#x} (EC {:#x}) ELR_EL2={:#x} FAR_EL2={:#x} SPSR={:#x}",
+        (esr >> 26) & 0x3f,
+        state.elr,
+        FAR_EL2.get(),
+        state.spsr
+    );
+    exit(3)
+}
+
+impl ExceptionHandlers for Exceptions {
+    extern "C" fn sync_current(state: RegisterStateRef) {
+        fatal("synchronous", &state)
+    }
+    extern "C" fn irq_current(state: RegisterStateRef) {
+        fatal("IRQ", &state)
+    }
+    extern "C" fn fiq_current(state: RegisterStateRef) {
+        fatal("FIQ", &state)
+    }
+    extern "C" fn serror_current(state: RegisterStateRef) {
+        fatal("SError", &state)
+    }
+    extern "C" fn sync_lower(state: RegisterStateRef) {
+        fatal("lower-EL synchronous", &state)
+    }
+    extern "C" fn irq_lower(state: RegisterStateRef) {
+        fatal("lower-EL IRQ", &state)
+    }
+    extern "C" fn fiq_lower(state: RegisterStateRef) {
+        fatal("lower-EL FIQ", &state)
+    }
+    extern "C" fn serror_lower(state: RegisterStateRef) {
+        fatal("lower-EL SError", &state)
+    }
+}

@@ -1,0 +1,90 @@
+//! Physical frames for the firmware: a pool over the RAM the image does not use, handing out zeroed, aligned,
+//! physically contiguous blocks. RAM is identity-mapped, so a frame's virtual address is its physical address.
+
+use spin::mutex::SpinMutex;
+
+/// Size of a frame.
+pub const FRAME_SIZE: usize = 4096;
+
+/// A pool of physical memory handed out front to back; freed single frames are reused.
+pub struct FramePool {
+    next: usize,
+    end: usize,
+    free: heapless::Vec<usize, 64>,
+}
+
+/// Why an allocation failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutOfFrames {
+    /// Bytes asked for.
+    pub requested: usize,
+}
+
+impl core::fmt::Display for OutOfFrames {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "frame pool exhausted ({} bytes requested)",
+            self.requested
+        )
+    }
+}
+
+static POOL: SpinMutex<FramePool> = SpinMutex::new(FramePool {
+    next: 0,
+    end: 0,
+    free: heapless::Vec::new(),
+});
+
+/// Hands the RAM range `start..end` to the pool. Called once at boot.
+///
+/// # Safety
+/// The range must be RAM, identity-mapped, and used by nothing else for the rest of the run.
+pub unsafe fn init(start: usize, end: usize) {
+    let mut pool = POOL.lock();
+    pool.next = start.next_multiple_of(FRAME_SIZE);
+    pool.end = end;
+    pool.free.clear();
+}
+
+/// Allocates `size` bytes (rounded up to frames) aligned to `align` (a power of two, at least a frame), zeroed.
+/// Returns the physical (= virtual) address.
+///
+/// # Errors
+/// [`OutOfFrames`] when the pool cannot satisfy the request; nothing is allocated then.
+pub fn alloc(size: usize, align: usize) -> Result<usize, OutOfFrames> {
+    let size = size.max(1).next_multiple_of(FRAME_SIZE);
+    let align = align.max(FRAME_SIZE);
+    let mut pool = POOL.lock();
+    let addr = if size == FRAME_SIZE && align == FRAME_SIZE && !pool.free.is_empty() {
+        pool.free.pop().unwrap_or_default()
+    } else {
+        let start = pool.next.next_multiple_of(align);
+        match start.checked_add(size) {
+            Some(end) if end <= pool.end => {
+                pool.next = end;
+                start
+            }
+            _ => return Err(OutOfFrames { requested: size }),
+        }
+    };
+    drop(pool);
+    // SAFETY: the range was just taken from the pool, which owns identity-mapped RAM no one else uses.
+    unsafe { core::ptr::write_bytes(addr as *mut u8, 0, size) };
+    Ok(addr)
+}
+
+/// Returns one frame obtained from [`alloc`] with `size <= FRAME_SIZE`. A frame that does not fit in the reuse
+/// list is leaked (the pool is for a test firmware's lifetime).
+///
+/// # Safety
+/// `addr` must come from [`alloc`] of at most one frame and must not be used afterwards.
+pub unsafe fn free_frame(addr: usize) {
+    let _ = POOL.lock().free.push(addr);
+}
+
+/// Bytes left in the pool (not counting freed frames).
+pub fn remaining() -> usize {
+    let pool = POOL.lock();
+    pool.end - pool.next
+}

@@ -1,0 +1,246 @@
+//! The board-independent part of the smmuv3 test firmware: it boots at EL2, finds its hardware, drives a real
+//! DMA master behind the SMMU and runs the driver's scenarios. A board crate supplies only its entry, its memory
+//! layout and where its description comes from.
+#![no_std]
+
+pub mod config;
+pub mod console;
+pub mod dt;
+pub mod edu;
+pub mod exceptions;
+pub mod frames;
+pub mod fw_cfg;
+pub mod mmu;
+pub mod pci;
+pub mod scenarios;
+pub mod time;
+
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use aarch64_cpu::registers::{CurrentEL, Readable};
+
+use crate::dt::Platform;
+use crate::mmu::{CODE, DATA, DEVICE, IdentityMap, RODATA};
+
+unsafe extern "C" {
+    static text_begin: u8;
+    static text_end: u8;
+    static rodata_begin: u8;
+    static rodata_end: u8;
+    static dma_region: u8;
+}
+
+static EXITING: AtomicBool = AtomicBool::new(false);
+
+/// Ends the run, handing `code` to the host through semihosting (0: every scenario passed).
+pub fn exit(code: i32) -> ! {
+    if EXITING.swap(true, Ordering::SeqCst) {
+        // Semihosting itself faulted (QEMU started without -semihosting-config): nothing left to report to.
+        println!("FATAL: cannot exit through semihosting; halting");
+        loop {
+            aarch64_cpu::asm::wfe();
+        }
+    }
+    semihosting::process::exit(code)
+}
+
+/// Reports a fatal boot error and exits with failure.
+pub fn fatal(what: &str, error: &dyn core::fmt::Display) -> ! {
+    println!("FATAL: {what}: {error}");
+    exit(2)
+}
+
+/// The board's side of the boot: how to find its description and configuration.
+pub trait Board {
+    /// The board's name, for the console.
+    const NAME: &'static str;
+    /// Address of the flattened device tree.
+    fn device_tree(&self) -> usize;
+    /// Reads the run configuration (scenario list and expectations).
+    ///
+    /// # Errors
+    /// A message for the console when the configuration is unusable.
+    fn config(&self, platform: &Platform) -> Result<config::Config, config::ConfigError>;
+}
+
+fn symbol(s: &u8) -> usize {
+    s as *const u8 as usize
+}
+
+/// Builds the identity map from the platform: RAM banks as data, the image's code and read-only data with their
+/// own permissions, every device the firmware drives as device memory.
+fn build_identity_map(platform: &Platform) -> IdentityMap {
+    let mut map = IdentityMap::new();
+    let mut add = |start: u64, end: u64, attributes, what: &str| {
+        if let Err(e) = map.map(start as usize, end as usize, attributes) {
+            fatal(what, &e);
+        }
+    };
+    for bank in &platform.memory {
+        add(bank.base, bank.end(), DATA, "map RAM");
+    }
+    // SAFETY: the linker script defines these symbols; only their addresses are used.
+    let (text, rodata) = unsafe {
+        (
+            (symbol(&text_begin), symbol(&text_end)),
+            (symbol(&rodata_begin), symbol(&rodata_end)),
+        )
+    };
+    add(text.0 as u64, text.1 as u64, CODE, "map code");
+    add(rodata.0 as u64, rodata.1 as u64, RODATA, "map rodata");
+    add(platform.uart.base, platform.uart.end(), DEVICE, "map UART");
+    add(
+        platform.smmu.base,
+        platform.smmu.base + platform.smmu.size,
+        DEVICE,
+        "map SMMU",
+    );
+    add(
+        platform.pcie.ecam.base,
+        platform.pcie.ecam.end(),
+        DEVICE,
+        "map ECAM",
+    );
+    for w in &platform.pcie.windows {
+        if w.kind == dt::WindowKind::Mem32 {
+            add(w.cpu_base, w.cpu_base + w.size, DEVICE, "map PCI window");
+        }
+    }
+    if let Some(f) = platform.fw_cfg {
+        add(f.base, f.end(), DEVICE, "map fw_cfg");
+    }
+    if let Some(g) = platform.gic {
+        add(
+            g.distributor.base,
+            g.distributor.end(),
+            DEVICE,
+            "map GIC distributor",
+        );
+        add(
+            g.redistributors.base,
+            g.redistributors.end(),
+            DEVICE,
+            "map GIC redistributors",
+        );
+    }
+    map
+}
+
+/// The firmware after the board's entry: discovery, MMU, PCI, scenarios, exit. Never returns.
+pub fn run<B: Board>(board: &B) -> ! {
+    // SAFETY: the board names where its DTB is; the boot page table maps it as normal memory.
+    let fdt =
+        unsafe { dt::parse(board.device_tree()) }.unwrap_or_else(|e| fatal("device tree", &e));
+    let uart = dt::console(&fdt).unwrap_or_else(|e| fatal("console", &e));
+    // SAFETY: the UART the tree names is mapped as device memory by the boot page table and only the console
+    // drives it.
+    unsafe { console::init(uart.base as usize) };
+    println!();
+    println!(
+        "smmuv3 firmware on {} at EL{}",
+        B::NAME,
+        CurrentEL.read(CurrentEL::EL)
+    );
+    let platform = dt::platform(&fdt).unwrap_or_else(|e| fatal("platform discovery", &e));
+    for bank in &platform.memory {
+        println!("memory: {bank}");
+    }
+    println!("console: PL011 at {:#x}", platform.uart.base);
+    println!(
+        "SMMU: {:#x} size {:#x}",
+        platform.smmu.base, platform.smmu.size
+    );
+    println!(
+        "PCIe: ECAM {} buses {}..={}",
+        platform.pcie.ecam, platform.pcie.bus_range.0, platform.pcie.bus_range.1
+    );
+    for w in &platform.pcie.windows {
+        println!(
+            "  window {:?}{} pci {:#x} cpu {:#x} size {:#x}",
+            w.kind,
+            if w.prefetchable { " prefetchable" } else { "" },
+            w.pci_base,
+            w.cpu_base,
+            w.size
+        );
+    }
+    for e in platform.pcie.iommu_map.entries() {
+        println!(
+            "  iommu-map: RID {:#x}..{:#x} -> SID {:#x}",
+            e.rid_base,
+            e.rid_base + e.length,
+            e.sid_base
+        );
+    }
+
+    // Free RAM: from the end of the image to the end of the bank that holds it.
+    // SAFETY: only the symbol's address is used.
+    let free_start = symbol(unsafe { &dma_region }) as u64;
+    let bank = platform
+        .memory
+        .iter()
+        .find(|b| b.base <= free_start && free_start < b.end());
+    let Some(bank) = bank else {
+        fatal(
+            "memory",
+            &"the image is not inside a RAM bank the tree describes",
+        )
+    };
+    // SAFETY: everything past the image in its bank is unused RAM (the DTB sits below the image), mapped by the
+    // boot page table.
+    unsafe { frames::init(free_start as usize, bank.end() as usize) };
+
+    let map = build_identity_map(&platform);
+    // SAFETY: the map covers RAM (image, stack, DTB, pool) and every device used from now on.
+    unsafe { map.activate() };
+    println!(
+        "EL2 MMU: identity map from the device tree active; {} KiB of frames free",
+        frames::remaining() / 1024
+    );
+
+    let config = board
+        .config(&platform)
+        .unwrap_or_else(|e| fatal("configuration", &e));
+    // SAFETY: the ECAM is mapped as device memory and only this firmware touches configuration space.
+    let ecam = unsafe { pci::Ecam::new(&platform.pcie) };
+    let functions = pci::enumerate(&ecam, &platform.pcie).unwrap_or_else(|e| fatal("PCI", &e));
+    for f in &functions {
+        let sid = platform.pcie.iommu_map.stream_id(f.bdf.requester_id());
+        print!(
+            "PCI {} {:04x}:{:04x} class {:06x} SID {:?}",
+            f.bdf,
+            f.vendor,
+            f.device,
+            f.class_revision >> 8,
+            sid
+        );
+        for (i, bar) in f.bars.iter().enumerate() {
+            if let Some(b) = bar {
+                print!(" BAR{i} {:#x}+{:#x}", b.cpu_address, b.size);
+            }
+        }
+        println!(
+            "{}",
+            if f.is_bridge {
+                " (bridge, not configured)"
+            } else {
+                ""
+            }
+        );
+    }
+
+    let mut context = scenarios::Context {
+        platform: &platform,
+        ecam: &ecam,
+        functions: &functions,
+        config: &config,
+    };
+    let failed = scenarios::run_all(&mut context);
+    exit(if failed == 0 { 0 } else { 1 })
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    println!("FATAL: panic: {info}");
+    exit(4)
+}

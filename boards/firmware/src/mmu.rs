@@ -1,0 +1,127 @@
+//! The EL2 stage-1 identity map built from what the device tree describes: RAM as normal cacheable memory (the
+//! image's code read-only and executable, everything else execute-never), devices as Device-nGnRE.
+
+use core::ptr::NonNull;
+
+use aarch64_paging::descriptor::{El23Attributes, PhysicalAddress};
+use aarch64_paging::mair::{Mair, MairAttribute, NormalMemory};
+use aarch64_paging::paging::{Constraints, El2, MemoryRegion, PageTable, Translation};
+use aarch64_paging::{MapError, Mapping};
+
+use crate::frames;
+
+/// MAIR_EL2: index 0 Device-nGnRE, index 1 normal write-back cacheable.
+pub const MAIR: Mair = Mair::EMPTY
+    .with_attribute(0, MairAttribute::DEVICE_NGNRE)
+    .with_attribute(
+        1,
+        MairAttribute::normal(
+            NormalMemory::WriteBackNonTransientReadWriteAllocate,
+            NormalMemory::WriteBackNonTransientReadWriteAllocate,
+        ),
+    );
+
+/// Attributes of device memory.
+pub const DEVICE: El23Attributes = El23Attributes::VALID
+    .union(El23Attributes::ATTRIBUTE_INDEX_0)
+    .union(El23Attributes::ACCESSED)
+    .union(El23Attributes::XN);
+/// Attributes of normal read-write data memory.
+pub const DATA: El23Attributes = El23Attributes::VALID
+    .union(El23Attributes::ATTRIBUTE_INDEX_1)
+    .union(El23Attributes::INNER_SHAREABLE)
+    .union(El23Attributes::ACCESSED)
+    .union(El23Attributes::XN);
+/// Attributes of the image's code.
+pub const CODE: El23Attributes = El23Attributes::VALID
+    .union(El23Attributes::ATTRIBUTE_INDEX_1)
+    .union(El23Attributes::INNER_SHAREABLE)
+    .union(El23Attributes::ACCESSED)
+    .union(El23Attributes::READ_ONLY);
+/// Attributes of the image's read-only data.
+pub const RODATA: El23Attributes = DATA.union(El23Attributes::READ_ONLY);
+
+/// Page-table pages come from the firmware's frame pool.
+pub struct PoolTranslation;
+
+impl Translation<El23Attributes> for PoolTranslation {
+    fn allocate_table(&mut self) -> (NonNull<PageTable<El23Attributes>>, PhysicalAddress) {
+        // A firmware that cannot build its own page tables cannot run: aarch64-paging's trait has no error path.
+        let pa = frames::alloc(frames::FRAME_SIZE, frames::FRAME_SIZE)
+            .expect("no frame for an EL2 page table");
+        (
+            NonNull::new(pa as *mut _).expect("frame at address 0"),
+            PhysicalAddress(pa),
+        )
+    }
+
+    unsafe fn deallocate_table(&mut self, page_table: NonNull<PageTable<El23Attributes>>) {
+        // SAFETY: the table came from `allocate_table`, i.e. from the pool, and aarch64-paging no longer uses it.
+        unsafe { frames::free_frame(page_table.as_ptr() as usize) }
+    }
+
+    fn physical_to_virtual(&self, pa: PhysicalAddress) -> NonNull<PageTable<El23Attributes>> {
+        NonNull::new(pa.0 as *mut _).expect("page table at address 0")
+    }
+}
+
+/// The identity map under construction.
+pub struct IdentityMap {
+    mapping: Mapping<PoolTranslation, El2>,
+}
+
+/// Root level matching the boot TCR_EL2 (T0SZ = 25: 39-bit VAs, level-1 root).
+const ROOT_LEVEL: usize = 1;
+
+impl IdentityMap {
+    /// An empty map.
+    pub fn new() -> Self {
+        IdentityMap {
+            mapping: Mapping::new(PoolTranslation, ROOT_LEVEL, El2),
+        }
+    }
+
+    /// Identity-maps `start..end` (rounded out to pages) with `attributes`.
+    ///
+    /// # Errors
+    /// aarch64-paging's [`MapError`] (for example a range beyond the 39-bit VA space).
+    pub fn map(
+        &mut self,
+        start: usize,
+        end: usize,
+        attributes: El23Attributes,
+    ) -> Result<(), MapError> {
+        let region = MemoryRegion::new(start, end);
+        self.mapping.map_range(
+            &region,
+            PhysicalAddress(region.start().0),
+            attributes,
+            Constraints::empty(),
+        )
+    }
+
+    /// Switches TTBR0_EL2 to this map and invalidates the EL2 TLB.
+    ///
+    /// # Safety
+    /// The map must cover everything the program touches (image, stack, console, devices) with attributes that
+    /// keep Rust's aliasing guarantees, and it must outlive its use: keep it alive for the rest of the run (the
+    /// firmware's `main` never returns, so a local there does).
+    pub unsafe fn activate(&self) {
+        // SAFETY: the caller guarantees coverage and lifetime. The TLBI drops entries of the boot map.
+        unsafe {
+            self.mapping.activate();
+            core::arch::asm!(
+                "tlbi alle2",
+                "dsb ish",
+                "isb",
+                options(nostack, preserves_flags)
+            );
+        }
+    }
+}
+
+impl Default for IdentityMap {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,240 @@
+//! The on-target scenarios. Each prints `SCENARIO <name> PASS` or `SCENARIO <name> FAIL: <reason>` (a contract
+//! with the host harness) and the run's exit status says whether all passed.
+
+use core::fmt::Write;
+use core::ptr::NonNull;
+
+use smmuv3::Smmu;
+
+use crate::config::Config;
+use crate::dt::Platform;
+use crate::edu::{self, Direction, Edu};
+use crate::pci::{Ecam, Function};
+use crate::{println, time};
+
+/// A scenario's failure reason.
+pub type Failure = heapless::String<256>;
+
+/// What a scenario sees of the machine.
+pub struct Context<'a> {
+    /// The platform description.
+    pub platform: &'a Platform,
+    /// Configuration space access.
+    pub ecam: &'a Ecam,
+    /// The enumerated PCI functions.
+    pub functions: &'a [Function],
+    /// The host's configuration.
+    pub config: &'a Config,
+}
+
+/// Builds a [`Failure`] from format arguments and returns it from the enclosing scenario.
+macro_rules! fail {
+    ($($arg:tt)*) => {{
+        let mut reason = Failure::new();
+        let _ = write!(reason, $($arg)*);
+        return Err(reason)
+    }};
+}
+
+type Scenario = fn(&mut Context) -> Result<(), Failure>;
+
+/// Every scenario the firmware knows, by its contract name.
+pub const SCENARIOS: &[(&str, Scenario)] = &[("probe", probe), ("edu-ident", edu_ident)];
+
+/// Runs the named scenarios in order; returns how many failed.
+pub fn run_all(context: &mut Context) -> usize {
+    let mut failed = 0;
+    let mut count = 0;
+    for name in context.config.scenario_names() {
+        count += 1;
+        let start = time::ticks();
+        let outcome = match SCENARIOS.iter().find(|(n, _)| *n == name) {
+            Some((_, scenario)) => scenario(context),
+            None => {
+                let mut reason = Failure::new();
+                let _ = write!(reason, "unknown scenario '{name}' (known:");
+                for (n, _) in SCENARIOS {
+                    let _ = write!(reason, " {n}");
+                }
+                let _ = write!(reason, ")");
+                Err(reason)
+            }
+        };
+        let micros = time::to_us(time::ticks() - start);
+        match outcome {
+            Ok(()) => println!("SCENARIO {name} PASS ({micros} us)"),
+            Err(reason) => {
+                failed += 1;
+                println!("SCENARIO {name} FAIL: {reason}");
+            }
+        }
+    }
+    println!("scenarios: {} passed, {} failed", count - failed, failed);
+    failed
+}
+
+fn smmu(context: &Context) -> Result<Smmu, Failure> {
+    let desc = &context.platform.smmu;
+    let Some(base) = NonNull::new(desc.base as *mut u8) else {
+        fail!("SMMU at address 0")
+    };
+    // SAFETY: the board identity-maps the SMMU's register space as device memory; scenarios run one at a time,
+    // so nothing else programs the SMMU while this handle lives.
+    match unsafe { Smmu::probe(base, desc.size) } {
+        Ok(smmu) => Ok(smmu),
+        Err(e) => fail!("probe: {e}"),
+    }
+}
+
+/// `probe`: read and decode the ID registers; the stages must be those the host started QEMU with.
+fn probe(context: &mut Context) -> Result<(), Failure> {
+    let smmu = smmu(context)?;
+    let desc = &context.platform.smmu;
+    println!(
+        "SMMU at {:#x} (size {:#x}), DT dma-coherent: {}",
+        desc.base, desc.size, desc.dma_coherent
+    );
+    let irq = desc.interrupts;
+    println!(
+        "  interrupts: eventq {:?} priq {:?} cmdq-sync {:?} gerror {:?} ({})",
+        irq.eventq,
+        irq.priq,
+        irq.cmdq_sync,
+        irq.gerror,
+        if irq.edge_triggered { "edge" } else { "level" }
+    );
+    for line in FeatureLines::new(smmu.features()) {
+        println!("  {line}");
+    }
+    println!(
+        "  state: SMMUEN {}, GBPA.ABORT {} ({})",
+        smmu.is_enabled() as u8,
+        smmu.global_bypass_aborts() as u8,
+        if smmu.is_enabled() {
+            "translating"
+        } else if smmu.global_bypass_aborts() {
+            "disabled, incoming DMA aborts"
+        } else {
+            "disabled, incoming DMA bypasses"
+        }
+    );
+    let found = smmu.features().stages();
+    match context.config.expected_stages {
+        Some(expected) if expected != found => {
+            fail!("QEMU was started for {expected} but the SMMU offers {found}")
+        }
+        Some(expected) => println!("  stages match the host's request ({expected})"),
+        None => println!("  the host named no expected stages"),
+    }
+    Ok(())
+}
+
+/// Splits the multi-line features report into lines without an allocator.
+struct FeatureLines {
+    text: heapless::String<2048>,
+    position: usize,
+}
+
+impl FeatureLines {
+    fn new(features: &smmuv3::Features) -> Self {
+        let mut text = heapless::String::new();
+        let _ = write!(text, "{features}");
+        FeatureLines { text, position: 0 }
+    }
+}
+
+impl Iterator for FeatureLines {
+    type Item = heapless::String<256>;
+    fn next(&mut self) -> Option<Self::Item> {
+        let rest = self.text.get(self.position..)?;
+        if rest.is_empty() {
+            return None;
+        }
+        let line = rest.split('\n').next().unwrap_or_default();
+        self.position += line.len() + 1;
+        let mut out = heapless::String::new();
+        let _ = out.push_str(line.get(..line.len().min(255)).unwrap_or_default());
+        Some(out)
+    }
+}
+
+/// Finds the edu device and wraps it.
+fn find_edu(context: &Context) -> Result<Edu, Failure> {
+    let Some(f) = context
+        .functions
+        .iter()
+        .find(|f| f.vendor == edu::VENDOR && f.device == edu::DEVICE)
+    else {
+        fail!("no edu device (1234:11e8) on the PCI bus; start QEMU with -device edu")
+    };
+    let Some(bar0) = f.bars[0] else {
+        fail!("edu at {} has no BAR0 assigned", f.bdf)
+    };
+    context.ecam.enable_memory_and_bus_master(f.bdf);
+    // SAFETY: BAR0 was assigned by enumeration inside a window the board maps as device memory, and only this
+    // scenario drives the device.
+    Ok(unsafe { Edu::new(f.bdf, bar0, context.config.edu_dma_mask) })
+}
+
+/// A 4 KiB-aligned DMA buffer in the image's data.
+#[repr(C, align(4096))]
+struct DmaPage([u8; 4096]);
+
+static mut EDU_PAGES: [DmaPage; 2] = [DmaPage([0; 4096]), DmaPage([0; 4096])];
+
+/// `edu-ident`: the edu device answers (ident, liveness, factorial) and its DMA engine moves a pattern from RAM
+/// into its buffer and back to another RAM page, through the SMMU in its reset state (translation disabled,
+/// global bypass), so the bus addresses are physical addresses.
+fn edu_ident(context: &mut Context) -> Result<(), Failure> {
+    let edu = find_edu(context)?;
+    let rid = edu.bdf().requester_id();
+    let sid = context.platform.pcie.iommu_map.stream_id(rid);
+    let (major, minor) = edu.identify().or_else(|e| fail!("{e}"))?;
+    println!(
+        "edu {} v{major}.{minor}: requester ID {rid:#x}, StreamID {sid:?}, DMA mask {:#x}",
+        edu.bdf(),
+        edu.dma_mask()
+    );
+    edu.check_liveness(0x5a5a_1234).or_else(|e| fail!("{e}"))?;
+    match edu.factorial(10) {
+        Ok(3_628_800) => {}
+        Ok(other) => fail!("edu computed 10! = {other}"),
+        Err(e) => fail!("{e}"),
+    }
+    let smmu = smmu(context)?;
+    if smmu.is_enabled() || smmu.global_bypass_aborts() {
+        fail!(
+            "the SMMU is not in global bypass (SMMUEN {}, GBPA.ABORT {})",
+            smmu.is_enabled() as u8,
+            smmu.global_bypass_aborts() as u8
+        )
+    }
+    const LEN: usize = 256;
+    // SAFETY: scenarios run one at a time on one CPU, so this is the only reference to the pages while it lives.
+    let pages = unsafe { &mut *core::ptr::addr_of_mut!(EDU_PAGES) };
+    let [source, destination] = pages;
+    for (i, b) in source.0.iter_mut().enumerate() {
+        *b = (i as u8).wrapping_mul(7).wrapping_add(0x3c);
+    }
+    destination.0.fill(0xee);
+    let source_pa = source.0.as_ptr() as u64;
+    let destination_pa = destination.0.as_ptr() as u64;
+    edu.dma(Direction::ToDevice, source_pa, 0, LEN as u64)
+        .or_else(|e| fail!("RAM -> edu: {e}"))?;
+    edu.dma(Direction::FromDevice, destination_pa, 0, LEN as u64)
+        .or_else(|e| fail!("edu -> RAM: {e}"))?;
+    // SAFETY: the device wrote this memory behind the compiler's back; read it volatile after the DSB in `dma`.
+    let arrived = |i: usize| unsafe { core::ptr::read_volatile(&destination.0[i]) };
+    if let Some(i) = (0..LEN).find(|&i| arrived(i) != source.0[i]) {
+        fail!(
+            "DMA round trip corrupted byte {i}: expected {:#x}, found {:#x}",
+            source.0[i],
+            arrived(i)
+        )
+    }
+    if let Some(i) = (LEN..4096).find(|&i| arrived(i) != 0xee) {
+        fail!("DMA wrote past its {LEN} bytes (byte {i} changed)")
+    }
+    println!("edu DMA: {LEN} bytes {source_pa:#x} -> edu buffer -> {destination_pa:#x}, verified");
+    Ok(())
+}

@@ -1,0 +1,515 @@
+//! What an SMMU implements, decoded from its ID registers (SMMU_IDR0..5, SMMU_IIDR, SMMU_AIDR).
+
+use core::fmt;
+
+use tock_registers::LocalRegisterCopy;
+
+use crate::hw::regs::{AIDR, IDR0, IDR1, IDR3, IDR5, IIDR};
+
+/// The raw ID registers, as read from the SMMU. Kept so that a report can show the exact values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IdRegisters {
+    /// SMMU_IDR0..SMMU_IDR5 (IDR4 is implementation defined).
+    pub idr: [u32; 6],
+    /// SMMU_IIDR.
+    pub iidr: u32,
+    /// SMMU_AIDR.
+    pub aidr: u32,
+}
+
+/// Translation table endianness the SMMU supports (IDR0.TTENDIAN).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableEndianness {
+    /// Both little- and big-endian, selected per context.
+    Mixed,
+    /// Little-endian only.
+    Little,
+    /// Big-endian only.
+    Big,
+    /// The reserved encoding.
+    Reserved,
+}
+
+/// Stall model (IDR0.STALL_MODEL).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StallModel {
+    /// Stall and terminate models both supported.
+    StallAndTerminate,
+    /// Only the terminate model: faulting transactions are never stalled.
+    TerminateOnly,
+    /// Stall is forced for faults that can stall.
+    StallForced,
+    /// The reserved encoding.
+    Reserved,
+}
+
+/// Hardware update of the Access flag and dirty state (IDR0.HTTU).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HardwareUpdate {
+    /// No hardware update.
+    None,
+    /// Access flag updated by hardware.
+    AccessFlag,
+    /// Access flag and dirty state updated by hardware.
+    AccessFlagAndDirty,
+    /// The reserved encoding.
+    Reserved,
+}
+
+/// Translation granules the SMMU supports (IDR5.GRAN*).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Granules {
+    /// 4 KiB.
+    pub size_4k: bool,
+    /// 16 KiB.
+    pub size_16k: bool,
+    /// 64 KiB.
+    pub size_64k: bool,
+}
+
+/// Everything the driver uses about an SMMU, decoded from its ID registers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Features {
+    /// The registers this was decoded from.
+    pub raw: IdRegisters,
+    /// Stage-1 translation supported.
+    pub stage1: bool,
+    /// Stage-2 translation supported.
+    pub stage2: bool,
+    /// AArch64 (VMSAv8-64) translation tables supported.
+    pub aarch64_tables: bool,
+    /// AArch32 (VMSAv8-32 LPAE) translation tables supported.
+    pub aarch32_tables: bool,
+    /// The SMMU's accesses to tables and queues are IO-coherent (IDR0.COHACC).
+    pub coherent: bool,
+    /// Broadcast TLB maintenance.
+    pub broadcast_tlb: bool,
+    /// Hardware Access flag / dirty updates.
+    pub hardware_update: HardwareUpdate,
+    /// EL2 (hypervisor) stage-1 contexts.
+    pub hyp: bool,
+    /// PCIe ATS.
+    pub ats: bool,
+    /// PRI (and a PRI queue).
+    pub pri: bool,
+    /// MSIs.
+    pub msi: bool,
+    /// WFE wake-up events.
+    pub sev: bool,
+    /// Address translation operations.
+    pub atos: bool,
+    /// Two-level context-descriptor tables.
+    pub cd_two_level: bool,
+    /// ASID width in bits: 8 or 16.
+    pub asid_bits: u8,
+    /// VMID width in bits: 8 or 16.
+    pub vmid_bits: u8,
+    /// Translation table endianness.
+    pub endianness: TableEndianness,
+    /// Stall model.
+    pub stall_model: StallModel,
+    /// Two-level stream tables supported (IDR0.ST_LEVEL).
+    pub stream_table_two_level: bool,
+    /// StreamID width in bits.
+    pub sid_bits: u8,
+    /// SubstreamID width in bits (0: no substreams).
+    pub ssid_bits: u8,
+    /// log2 of the largest command queue.
+    pub cmdq_log2_max: u8,
+    /// log2 of the largest event queue.
+    pub eventq_log2_max: u8,
+    /// log2 of the largest PRI queue, when PRI is supported.
+    pub priq_log2_max: Option<u8>,
+    /// Queue base registers are fixed by the implementation.
+    pub queues_preset: bool,
+    /// Table base registers are fixed by the implementation.
+    pub tables_preset: bool,
+    /// Range-based TLB invalidation (IDR3.RIL).
+    pub range_invalidation: bool,
+    /// Hierarchical attribute disables.
+    pub hierarchical_attribute_disables: bool,
+    /// EL0/EL1 execute-never distinction at stage 2.
+    pub xnx: bool,
+    /// Break-before-make level (0, 1 or 2).
+    pub bbm_level: u8,
+    /// Stage-2 forced write-back.
+    pub fwb: bool,
+    /// Output address size in bits.
+    pub oas_bits: u8,
+    /// Translation granules.
+    pub granules: Granules,
+    /// Largest stage-1 input address in bits (48, or 52 with IDR5.VAX).
+    pub va_bits: u8,
+    /// Architecture revision: (major 3, minor).
+    pub version: (u8, u8),
+}
+
+impl Features {
+    /// Decodes the ID registers.
+    ///
+    /// Never fails: reserved encodings decode to a `Reserved` variant or the nearest safe value (a reserved OAS
+    /// decodes as 32 bits, the smallest) so that a caller can print what it found before refusing it.
+    pub fn decode(raw: IdRegisters) -> Self {
+        let idr0 = LocalRegisterCopy::<u32, IDR0::Register>::new(raw.idr[0]);
+        let idr1 = LocalRegisterCopy::<u32, IDR1::Register>::new(raw.idr[1]);
+        let idr3 = LocalRegisterCopy::<u32, IDR3::Register>::new(raw.idr[3]);
+        let idr5 = LocalRegisterCopy::<u32, IDR5::Register>::new(raw.idr[5]);
+        let aidr = LocalRegisterCopy::<u32, AIDR::Register>::new(raw.aidr);
+        let ttf = idr0.read(IDR0::TTF);
+        let pri = idr0.is_set(IDR0::PRI);
+        Features {
+            raw,
+            stage1: idr0.is_set(IDR0::S1P),
+            stage2: idr0.is_set(IDR0::S2P),
+            aarch64_tables: ttf & 0b10 != 0,
+            aarch32_tables: ttf & 0b01 != 0,
+            coherent: idr0.is_set(IDR0::COHACC),
+            broadcast_tlb: idr0.is_set(IDR0::BTM),
+            hardware_update: match idr0.read(IDR0::HTTU) {
+                0 => HardwareUpdate::None,
+                1 => HardwareUpdate::AccessFlag,
+                2 => HardwareUpdate::AccessFlagAndDirty,
+                _ => HardwareUpdate::Reserved,
+            },
+            hyp: idr0.is_set(IDR0::HYP),
+            ats: idr0.is_set(IDR0::ATS),
+            pri,
+            msi: idr0.is_set(IDR0::MSI),
+            sev: idr0.is_set(IDR0::SEV),
+            atos: idr0.is_set(IDR0::ATOS),
+            cd_two_level: idr0.is_set(IDR0::CD2L),
+            asid_bits: if idr0.is_set(IDR0::ASID16) { 16 } else { 8 },
+            vmid_bits: if idr0.is_set(IDR0::VMID16) { 16 } else { 8 },
+            endianness: match idr0.read(IDR0::TTENDIAN) {
+                0 => TableEndianness::Mixed,
+                2 => TableEndianness::Little,
+                3 => TableEndianness::Big,
+                _ => TableEndianness::Reserved,
+            },
+            stall_model: match idr0.read(IDR0::STALL_MODEL) {
+                0 => StallModel::StallAndTerminate,
+                1 => StallModel::TerminateOnly,
+                2 => StallModel::StallForced,
+                _ => StallModel::Reserved,
+            },
+            stream_table_two_level: idr0.read(IDR0::ST_LEVEL) == 1,
+            sid_bits: idr1.read(IDR1::SIDSIZE) as u8,
+            ssid_bits: idr1.read(IDR1::SSIDSIZE) as u8,
+            cmdq_log2_max: idr1.read(IDR1::CMDQS) as u8,
+            eventq_log2_max: idr1.read(IDR1::EVENTQS) as u8,
+            priq_log2_max: pri.then(|| idr1.read(IDR1::PRIQS) as u8),
+            queues_preset: idr1.is_set(IDR1::QUEUES_PRESET),
+            tables_preset: idr1.is_set(IDR1::TABLES_PRESET),
+            range_invalidation: idr3.is_set(IDR3::RIL),
+            hierarchical_attribute_disables: idr3.is_set(IDR3::HAD),
+            xnx: idr3.is_set(IDR3::XNX),
+            bbm_level: idr3.read(IDR3::BBML) as u8,
+            fwb: idr3.is_set(IDR3::FWB),
+            oas_bits: match idr5.read(IDR5::OAS) {
+                1 => 36,
+                2 => 40,
+                3 => 42,
+                4 => 44,
+                5 => 48,
+                6 => 52,
+                _ => 32,
+            },
+            granules: Granules {
+                size_4k: idr5.is_set(IDR5::GRAN4K),
+                size_16k: idr5.is_set(IDR5::GRAN16K),
+                size_64k: idr5.is_set(IDR5::GRAN64K),
+            },
+            va_bits: if idr5.read(IDR5::VAX) == 1 { 52 } else { 48 },
+            version: (3, aidr.read(AIDR::ARCH_MINOR_REV) as u8),
+        }
+    }
+
+    /// The translation stages this SMMU offers.
+    pub fn stages(&self) -> Stages {
+        Stages {
+            stage1: self.stage1,
+            stage2: self.stage2,
+        }
+    }
+
+    /// Whether substreams exist (SSIDSIZE > 0); with none, only SubstreamID 0 can be used.
+    pub fn has_substreams(&self) -> bool {
+        self.ssid_bits > 0
+    }
+}
+
+/// A set of translation stages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stages {
+    /// Stage 1.
+    pub stage1: bool,
+    /// Stage 2.
+    pub stage2: bool,
+}
+
+impl Stages {
+    /// Stage 1 only.
+    pub const STAGE1: Self = Stages {
+        stage1: true,
+        stage2: false,
+    };
+    /// Stage 2 only.
+    pub const STAGE2: Self = Stages {
+        stage1: false,
+        stage2: true,
+    };
+    /// Both stages, hence nested translation.
+    pub const NESTED: Self = Stages {
+        stage1: true,
+        stage2: true,
+    };
+
+    /// Parses the names QEMU's `arm-smmuv3.stage` property uses: `1`, `2` or `nested`. Returns `None` for
+    /// anything else.
+    pub fn from_qemu_name(name: &str) -> Option<Self> {
+        match name {
+            "1" => Some(Self::STAGE1),
+            "2" => Some(Self::STAGE2),
+            "nested" => Some(Self::NESTED),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Stages {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.stage1, self.stage2) {
+            (true, true) => f.write_str("stage 1 + stage 2 (nested)"),
+            (true, false) => f.write_str("stage 1 only"),
+            (false, true) => f.write_str("stage 2 only"),
+            (false, false) => f.write_str("no translation stage"),
+        }
+    }
+}
+
+fn yes(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+impl fmt::Display for Features {
+    /// A multi-line human-readable report, one topic a line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = &self.raw;
+        writeln!(
+            f,
+            "IDR0={:#010x} IDR1={:#010x} IDR2={:#010x} IDR3={:#010x} IDR4={:#010x} IDR5={:#010x} IIDR={:#010x} AIDR={:#010x}",
+            r.idr[0], r.idr[1], r.idr[2], r.idr[3], r.idr[4], r.idr[5], r.iidr, r.aidr
+        )?;
+        let iidr = LocalRegisterCopy::<u32, IIDR::Register>::new(r.iidr);
+        writeln!(
+            f,
+            "version: SMMUv{}.{}, implementer {:#05x} product {:#05x} variant {} revision {}",
+            self.version.0,
+            self.version.1,
+            iidr.read(IIDR::IMPLEMENTER),
+            iidr.read(IIDR::PRODUCT_ID),
+            iidr.read(IIDR::VARIANT),
+            iidr.read(IIDR::REVISION)
+        )?;
+        writeln!(
+            f,
+            "stages: {}; table formats: AArch64 {}, AArch32 {}; endianness {:?}",
+            self.stages(),
+            yes(self.aarch64_tables),
+            yes(self.aarch32_tables),
+            self.endianness
+        )?;
+        writeln!(
+            f,
+            "stream table: {}; SIDSIZE {} bits; SSIDSIZE {} bits{}",
+            if self.stream_table_two_level {
+                "linear or 2-level"
+            } else {
+                "linear only"
+            },
+            self.sid_bits,
+            self.ssid_bits,
+            if self.has_substreams() {
+                ""
+            } else {
+                " (no substreams: only SSID 0)"
+            }
+        )?;
+        let g = self.granules;
+        writeln!(
+            f,
+            "OAS {} bits; VA {} bits; granules:{}{}{}",
+            self.oas_bits,
+            self.va_bits,
+            if g.size_4k { " 4K" } else { "" },
+            if g.size_16k { " 16K" } else { "" },
+            if g.size_64k { " 64K" } else { "" }
+        )?;
+        write!(
+            f,
+            "queues: CMDQ up to 2^{}, EVENTQ up to 2^{}, ",
+            self.cmdq_log2_max, self.eventq_log2_max
+        )?;
+        match self.priq_log2_max {
+            Some(n) => writeln!(f, "PRIQ up to 2^{n}")?,
+            None => writeln!(f, "no PRIQ")?,
+        }
+        writeln!(
+            f,
+            "ASID {} bits; VMID {} bits; coherent (COHACC) {}; range TLBI (RIL) {}; BBML {}; HAD {}; XNX {}; FWB {}",
+            self.asid_bits,
+            self.vmid_bits,
+            yes(self.coherent),
+            yes(self.range_invalidation),
+            self.bbm_level,
+            yes(self.hierarchical_attribute_disables),
+            yes(self.xnx),
+            yes(self.fwb)
+        )?;
+        write!(
+            f,
+            "stall model {:?}; HTTU {:?}; MSI {}; ATS {}; PRI {}; SEV {}; ATOS {}; CD2L {}; HYP {}; BTM {}",
+            self.stall_model,
+            self.hardware_update,
+            yes(self.msi),
+            yes(self.ats),
+            yes(self.pri),
+            yes(self.sev),
+            yes(self.atos),
+            yes(self.cd_two_level),
+            yes(self.hyp),
+            yes(self.broadcast_tlb)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// ID registers of QEMU 10.0's SMMUv3 on `-M virt,iommu=smmuv3` (both stages).
+    const QEMU_NESTED: IdRegisters = IdRegisters {
+        idr: [0x0D44_101B, 0x0273_0010, 0, 0x1414, 0, 0x74],
+        iidr: 0,
+        aidr: 0,
+    };
+
+    #[test]
+    fn decodes_qemu_nested_smmu() {
+        let f = Features::decode(QEMU_NESTED);
+        assert!(f.stage1 && f.stage2);
+        assert!(f.aarch64_tables && !f.aarch32_tables);
+        assert!(f.coherent);
+        assert_eq!(f.asid_bits, 16);
+        assert_eq!(f.vmid_bits, 16);
+        assert_eq!(f.endianness, TableEndianness::Little);
+        assert_eq!(f.stall_model, StallModel::TerminateOnly);
+        assert!(f.stream_table_two_level);
+        assert!(!f.msi && !f.ats && !f.pri && !f.sev && !f.atos && !f.cd_two_level);
+        assert_eq!(f.hardware_update, HardwareUpdate::None);
+        assert_eq!(f.sid_bits, 16);
+        assert_eq!(f.ssid_bits, 0);
+        assert!(!f.has_substreams());
+        assert_eq!(f.cmdq_log2_max, 19);
+        assert_eq!(f.eventq_log2_max, 19);
+        assert_eq!(f.priq_log2_max, None);
+        assert!(f.range_invalidation && f.hierarchical_attribute_disables && f.xnx);
+        assert_eq!(f.bbm_level, 2);
+        assert_eq!(f.oas_bits, 44);
+        assert_eq!(
+            f.granules,
+            Granules {
+                size_4k: true,
+                size_16k: true,
+                size_64k: true
+            }
+        );
+        assert_eq!(f.va_bits, 48);
+        assert_eq!(f.version, (3, 0));
+        assert_eq!(f.stages(), Stages::NESTED);
+    }
+
+    #[test]
+    fn decodes_single_stage_qemu_smmus() {
+        let mut raw = QEMU_NESTED;
+        raw.idr[0] = 0x0D44_101A;
+        assert_eq!(Features::decode(raw).stages(), Stages::STAGE1);
+        raw.idr[0] = 0x0D44_1019;
+        assert_eq!(Features::decode(raw).stages(), Stages::STAGE2);
+    }
+
+    #[test]
+    fn decodes_every_oas_encoding() {
+        let expect = [32, 36, 40, 42, 44, 48, 52, 32];
+        for (enc, bits) in expect.iter().enumerate() {
+            let mut raw = QEMU_NESTED;
+            raw.idr[5] = enc as u32;
+            assert_eq!(Features::decode(raw).oas_bits, *bits, "OAS encoding {enc}");
+        }
+    }
+
+    #[test]
+    fn decodes_every_single_bit_field_of_idr0() {
+        // Bit positions of IHI 0070 table "SMMU_IDR0".
+        let cases: [(u32, fn(&Features) -> bool); 13] = [
+            (0, |f| f.stage2),
+            (1, |f| f.stage1),
+            (4, |f| f.coherent),
+            (5, |f| f.broadcast_tlb),
+            (9, |f| f.hyp),
+            (10, |f| f.ats),
+            (12, |f| f.asid_bits == 16),
+            (13, |f| f.msi),
+            (14, |f| f.sev),
+            (15, |f| f.atos),
+            (16, |f| f.pri),
+            (18, |f| f.vmid_bits == 16),
+            (19, |f| f.cd_two_level),
+        ];
+        for (bit, get) in cases {
+            let off = Features::decode(IdRegisters {
+                idr: [0; 6],
+                iidr: 0,
+                aidr: 0,
+            });
+            let on = Features::decode(IdRegisters {
+                idr: [1 << bit, 0, 0, 0, 0, 0],
+                iidr: 0,
+                aidr: 0,
+            });
+            assert!(!get(&off) && get(&on), "IDR0 bit {bit}");
+        }
+    }
+
+    #[test]
+    fn decodes_idr1_sizes_and_pri_queue() {
+        // SIDSIZE [5:0], SSIDSIZE [10:6], PRIQS [15:11], EVENTQS [20:16], CMDQS [25:21].
+        let idr1 = 32 | (20 << 6) | (7 << 11) | (9 << 16) | (11 << 21);
+        let f = Features::decode(IdRegisters {
+            idr: [1 << 16, idr1, 0, 0, 0, 0],
+            iidr: 0,
+            aidr: 2,
+        });
+        assert_eq!((f.sid_bits, f.ssid_bits), (32, 20));
+        assert_eq!(f.priq_log2_max, Some(7));
+        assert_eq!((f.eventq_log2_max, f.cmdq_log2_max), (9, 11));
+        assert_eq!(f.version, (3, 2));
+    }
+
+    #[test]
+    fn report_names_the_key_features() {
+        extern crate std;
+        use std::string::ToString;
+        let text = Features::decode(QEMU_NESTED).to_string();
+        for needle in [
+            "stage 1 + stage 2",
+            "SIDSIZE 16",
+            "SSIDSIZE 0",
+            "OAS 44",
+            "4K 16K 64K",
+            "RIL) yes",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from:\n{text}");
+        }
+    }
+}

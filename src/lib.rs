@@ -1,0 +1,14 @@
+//! A `no_std` driver for the Arm System MMU v3 (Arm IHI 0070), for hypervisor firmware running at EL2.
+//!
+//! The driver never hard-codes an address: a board hands it an [`SmmuDescription`] (from its device tree or its
+//! own constants) and it finds everything else in the SMMU's ID registers.
+#![no_std]
+
+pub mod board;
+pub mod features;
+pub mod hw;
+pub mod smmu;
+
+pub use board::{IommuMap, SmmuDescription, SmmuInterrupts};
+pub use features::{Features, IdRegisters, Stages};
+pub use smmu::{ProbeError, Smmu};
