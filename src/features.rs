@@ -451,7 +451,8 @@ mod tests {
     #[test]
     fn decodes_every_single_bit_field_of_idr0() {
         // Bit positions of IHI 0070 table "SMMU_IDR0".
-        let cases: [(u32, fn(&Features) -> bool); 13] = [
+        type Check = fn(&Features) -> bool;
+        let cases: [(u32, Check); 13] = [
             (0, |f| f.stage2),
             (1, |f| f.stage1),
             (4, |f| f.coherent),

@@ -6,9 +6,7 @@ use core::ptr::NonNull;
 use tock_registers::interfaces::Readable;
 
 use crate::features::{Features, IdRegisters, Stages};
-use crate::hw::regs::{
-    CR0, GBPA, PAGE1_QUEUES_OFFSET, REGISTER_SPACE_SIZE, SmmuPage0, SmmuPage1Queues,
-};
+use crate::hw::regs::{CR0, GBPA, PAGE1_QUEUES_OFFSET, REGISTER_SPACE_SIZE, SmmuPage0, SmmuPage1Queues};
 
 /// Why the driver refuses an SMMU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,15 +46,11 @@ impl fmt::Display for ProbeError {
             ProbeError::NotSmmuV3 { aidr } => {
                 write!(f, "AIDR {aidr:#x} does not describe an SMMUv3")
             }
-            ProbeError::NoAArch64Tables => {
-                f.write_str("SMMU cannot walk AArch64 translation tables")
-            }
+            ProbeError::NoAArch64Tables => f.write_str("SMMU cannot walk AArch64 translation tables"),
             ProbeError::MissingStage { wanted, found } => {
                 write!(f, "need {wanted}, SMMU offers {found}")
             }
-            ProbeError::No4kGranule => {
-                f.write_str("SMMU does not support the 4 KiB translation granule")
-            }
+            ProbeError::No4kGranule => f.write_str("SMMU does not support the 4 KiB translation granule"),
         }
     }
 }

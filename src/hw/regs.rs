@@ -381,21 +381,9 @@ mod tests {
     #[test]
     fn page1_offsets_match_the_architecture() {
         // EVENTQ_PROD is at page 1 + 0xA8, EVENTQ_CONS + 0xAC, PRIQ_PROD + 0xC8, PRIQ_CONS + 0xCC.
-        assert_eq!(
-            PAGE1_QUEUES_OFFSET + offset_of!(SmmuPage1Queues, eventq_prod),
-            0x100a8
-        );
-        assert_eq!(
-            PAGE1_QUEUES_OFFSET + offset_of!(SmmuPage1Queues, eventq_cons),
-            0x100ac
-        );
-        assert_eq!(
-            PAGE1_QUEUES_OFFSET + offset_of!(SmmuPage1Queues, priq_prod),
-            0x100c8
-        );
-        assert_eq!(
-            PAGE1_QUEUES_OFFSET + offset_of!(SmmuPage1Queues, priq_cons),
-            0x100cc
-        );
+        assert_eq!(PAGE1_QUEUES_OFFSET + offset_of!(SmmuPage1Queues, eventq_prod), 0x100a8);
+        assert_eq!(PAGE1_QUEUES_OFFSET + offset_of!(SmmuPage1Queues, eventq_cons), 0x100ac);
+        assert_eq!(PAGE1_QUEUES_OFFSET + offset_of!(SmmuPage1Queues, priq_prod), 0x100c8);
+        assert_eq!(PAGE1_QUEUES_OFFSET + offset_of!(SmmuPage1Queues, priq_cons), 0x100cc);
     }
 }

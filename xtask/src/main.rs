@@ -1,1 +1,197 @@
-fn main() {}
+//! Project automation: `cargo xtask qemu` (the demo), `cargo xtask test` (everything CI checks), `cargo xtask build`.
+//!
+//! Argument parsing is hand-written on purpose: four flags do not justify a dependency tree in the tool every
+//! developer and CI build first.
+
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use smmuv3_harness::{Board, Run, Stage, build_firmware, ensure_qemu};
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+commands:
+  qemu [--board qemu-virt] [--stage 1|2|nested] [--scenarios a,b] [--timeout SECONDS] [-- EXTRA QEMU ARGS]
+        build the firmware and boot it under QEMU (default: stage nested, the firmware's default scenarios);
+        exits with the firmware's status (0 when every scenario passed)
+  test  check the prerequisites (installing QEMU from Debian bookworm-backports when root), then run
+        rustfmt --check, every host and QEMU test, and clippy for the host and aarch64-unknown-none
+  build build the firmware of every board (release, aarch64-unknown-none)";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("qemu") => qemu(&args[1..]),
+        Some("test") => test(&args[1..]),
+        Some("build") => build(),
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        other => Err(format!("unknown command {other:?}\n{USAGE}")),
+    };
+    match result {
+        Ok(code) => code,
+        Err(why) => {
+            eprintln!("xtask: {why}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn value<'a>(args: &mut impl Iterator<Item = &'a String>, flag: &str) -> Result<&'a str, String> {
+    args.next()
+        .map(String::as_str)
+        .ok_or_else(|| format!("{flag} needs a value"))
+}
+
+fn qemu(args: &[String]) -> Result<ExitCode, String> {
+    let mut board = Board::QemuVirt;
+    let mut stage = Stage::Nested;
+    let mut scenarios: Vec<String> = Vec::new();
+    let mut timeout = Duration::from_secs(300);
+    let mut extra = Vec::new();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--board" => {
+                let name = value(&mut it, arg)?;
+                board = Board::from_name(name).ok_or_else(|| format!("unknown board {name:?}"))?;
+            }
+            "--stage" => {
+                let name = value(&mut it, arg)?;
+                stage = Stage::from_name(name).ok_or_else(|| format!("unknown stage {name:?} (1, 2 or nested)"))?;
+            }
+            "--scenarios" => {
+                scenarios.extend(
+                    value(&mut it, arg)?
+                        .split(',')
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string),
+                );
+            }
+            "--timeout" => {
+                let s = value(&mut it, arg)?;
+                timeout = Duration::from_secs(s.parse().map_err(|_| format!("bad --timeout {s:?}"))?);
+            }
+            "--" => {
+                extra.extend(it.by_ref().cloned());
+            }
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    ensure_qemu(true)?;
+    eprintln!("xtask: building the {} firmware", board.name());
+    let firmware = build_firmware(board)?;
+    let names: Vec<&str> = scenarios.iter().map(String::as_str).collect();
+    let mut run = Run::new(board, stage, &names);
+    run.timeout = timeout;
+    run.extra_args = extra;
+    run.echo = true;
+    eprintln!("xtask: {:?}", run.command(&firmware));
+    let outcome = run.execute(&firmware)?;
+    eprint!("{}", outcome.stderr);
+    let events = outcome.smmu_events();
+    let errors = outcome.command_errors();
+    if !events.is_empty() || !errors.is_empty() {
+        eprintln!(
+            "xtask: the emulated SMMU recorded {} event(s), {} command error(s):",
+            events.len(),
+            errors.len()
+        );
+        for line in events.iter().chain(&errors) {
+            eprintln!("  {line}");
+        }
+    }
+    if outcome.timed_out {
+        return Err(format!("QEMU did not exit within {timeout:?}"));
+    }
+    match outcome.exit_code {
+        Some(0) => Ok(ExitCode::SUCCESS),
+        Some(code) => {
+            eprintln!("xtask: firmware exited with status {code}");
+            Ok(ExitCode::from(u8::try_from(code).unwrap_or(1).max(1)))
+        }
+        None => Err("QEMU was killed by a signal".into()),
+    }
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn step(name: &str, mut command: Command) -> Result<(), String> {
+    eprintln!("xtask: == {name}: {command:?}");
+    let status = command
+        .current_dir(smmuv3_harness::workspace_root())
+        .status()
+        .map_err(|e| format!("{name}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{name} failed ({status})"))
+    }
+}
+
+fn test(args: &[String]) -> Result<ExitCode, String> {
+    if let Some(a) = args.first() {
+        return Err(format!("`test` takes no arguments (got {a:?})"));
+    }
+    let info = ensure_qemu(true)?;
+    eprintln!(
+        "xtask: QEMU {}.{}.{} with a nesting SMMUv3 (IDR0 {:#010x})",
+        info.version.0, info.version.1, info.version.2, info.nested_idr0
+    );
+    let mut fmt = cargo();
+    fmt.args(["fmt", "--all", "--check"]);
+    step("rustfmt", fmt)?;
+    let mut tests = cargo();
+    tests.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "smmuv3-firmware",
+        "--exclude",
+        "qemu-virt",
+    ]);
+    step("host and QEMU tests", tests)?;
+    let mut host = cargo();
+    host.args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "smmuv3-firmware",
+        "--exclude",
+        "qemu-virt",
+        "--all-targets",
+    ]);
+    host.args(["--", "-D", "warnings"]);
+    step("clippy (host)", host)?;
+    let mut target = cargo();
+    target.args([
+        "clippy",
+        "--target",
+        "aarch64-unknown-none",
+        "-p",
+        "smmuv3",
+        "-p",
+        "smmuv3-firmware",
+    ]);
+    target.args(["-p", "qemu-virt", "--", "-D", "warnings"]);
+    step("clippy (aarch64-unknown-none)", target)?;
+    let mut doc = cargo();
+    doc.args(["doc", "--no-deps", "-p", "smmuv3"])
+        .env("RUSTDOCFLAGS", "-D warnings");
+    step("rustdoc", doc)?;
+    eprintln!("xtask: all checks passed");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn build() -> Result<ExitCode, String> {
+    for board in Board::ALL {
+        let path = build_firmware(board)?;
+        println!("{}: {}", board.name(), path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}

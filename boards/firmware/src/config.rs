@@ -88,9 +88,7 @@ pub unsafe fn from_fw_cfg(base: usize) -> Result<Config, ConfigError> {
         return Ok(config);
     };
     let mut buffer = [0u8; 512];
-    let mut read = |fw_cfg: &mut FwCfg,
-                    key: &'static str|
-     -> Result<Option<heapless::String<512>>, ConfigError> {
+    let mut read = |fw_cfg: &mut FwCfg, key: &'static str| -> Result<Option<heapless::String<512>>, ConfigError> {
         let Some(file) = fw_cfg.find(key) else {
             return Ok(None);
         };
@@ -105,8 +103,7 @@ pub unsafe fn from_fw_cfg(base: usize) -> Result<Config, ConfigError> {
         config.scenarios = s;
     }
     if let Some(s) = read(&mut fw_cfg, STAGE_KEY)? {
-        config.expected_stages =
-            Some(Stages::from_qemu_name(&s).ok_or(ConfigError::BadValue(STAGE_KEY))?);
+        config.expected_stages = Some(Stages::from_qemu_name(&s).ok_or(ConfigError::BadValue(STAGE_KEY))?);
     }
     if let Some(s) = read(&mut fw_cfg, EDU_DMA_MASK_KEY)? {
         config.edu_dma_mask = parse_u64(&s).ok_or(ConfigError::BadValue(EDU_DMA_MASK_KEY))?;

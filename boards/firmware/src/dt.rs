@@ -143,9 +143,7 @@ fn cells(bytes: &[u8]) -> impl Iterator<Item = u32> + '_ {
 }
 
 fn cells_to_u64(cells: &[u32]) -> u64 {
-    cells
-        .iter()
-        .fold(0u64, |acc, c| (acc << 32) | u64::from(*c))
+    cells.iter().fold(0u64, |acc, c| (acc << 32) | u64::from(*c))
 }
 
 /// Reads the memory banks from `/memory`.
@@ -172,10 +170,10 @@ pub fn memory(fdt: &Fdt) -> Result<heapless::Vec<Region, 4>, DtError> {
 /// # Errors
 /// [`DtError::Missing`] when there is no PL011.
 pub fn console(fdt: &Fdt) -> Result<Region, DtError> {
-    let chosen = fdt.chosen().stdout().filter(|n| {
-        n.compatible()
-            .is_some_and(|c| c.all().any(|s| s == "arm,pl011"))
-    });
+    let chosen = fdt
+        .chosen()
+        .stdout()
+        .filter(|n| n.compatible().is_some_and(|c| c.all().any(|s| s == "arm,pl011")));
     let node = chosen
         .or_else(|| fdt.find_compatible(&["arm,pl011"]))
         .ok_or(DtError::Missing("arm,pl011 UART"))?;
@@ -192,14 +190,8 @@ pub fn smmu(fdt: &Fdt) -> Result<SmmuDescription, DtError> {
         .ok_or(DtError::Missing("arm,smmu-v3 node"))?;
     let reg = first_reg(&node).ok_or(DtError::Missing("SMMU reg"))?;
     let mut interrupts = SmmuInterrupts::default();
-    let cells_per_irq = node
-        .interrupt_parent()
-        .and_then(|p| p.interrupt_cells())
-        .unwrap_or(3);
-    if let (Some(irqs), Some(names)) = (
-        node.property("interrupts"),
-        node.property("interrupt-names"),
-    ) {
+    let cells_per_irq = node.interrupt_parent().and_then(|p| p.interrupt_cells()).unwrap_or(3);
+    if let (Some(irqs), Some(names)) = (node.property("interrupts"), node.property("interrupt-names")) {
         let specs: heapless::Vec<u32, 16> = cells(irqs.value).collect();
         let names = names.value.split(|b| *b == 0).filter(|n| !n.is_empty());
         for (spec, name) in specs.chunks_exact(cells_per_irq).zip(names) {
@@ -251,7 +243,7 @@ pub fn pcie(fdt: &Fdt) -> Result<PcieHost, DtError> {
     if let Some(ranges) = node.property("ranges") {
         let all: heapless::Vec<u32, 64> = cells(ranges.value).collect();
         let stride = 3 + parent_address_cells + size_cells;
-        if all.len() % stride != 0 {
+        if !all.len().is_multiple_of(stride) {
             return Err(DtError::Malformed("ranges"));
         }
         for e in all.chunks_exact(stride) {
@@ -272,7 +264,7 @@ pub fn pcie(fdt: &Fdt) -> Result<PcieHost, DtError> {
     }
     if let Some(map) = node.property("iommu-map") {
         let all: heapless::Vec<u32, 64> = cells(map.value).collect();
-        if all.len() % 4 != 0 {
+        if !all.len().is_multiple_of(4) {
             return Err(DtError::Malformed("iommu-map"));
         }
         for e in all.chunks_exact(4) {

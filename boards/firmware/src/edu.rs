@@ -81,16 +81,10 @@ impl fmt::Display for EduError {
                 write!(f, "edu liveness: wrote {wrote:#x}, read {read:#x}")
             }
             EduError::BufferRange { offset, len } => {
-                write!(
-                    f,
-                    "edu buffer transfer {offset:#x}+{len:#x} outside its 4 KiB buffer"
-                )
+                write!(f, "edu buffer transfer {offset:#x}+{len:#x} outside its 4 KiB buffer")
             }
             EduError::BeyondDmaMask { address, mask } => {
-                write!(
-                    f,
-                    "bus address {address:#x} beyond edu's DMA mask {mask:#x}"
-                )
+                write!(f, "bus address {address:#x} beyond edu's DMA mask {mask:#x}")
             }
             EduError::Timeout(what) => write!(f, "edu {what} did not complete within its bound"),
         }
@@ -196,22 +190,14 @@ impl Edu {
     ///
     /// # Errors
     /// [`EduError::BufferRange`] or [`EduError::BeyondDmaMask`] before anything is started; [`EduError::Timeout`].
-    pub fn dma(
-        &self,
-        direction: Direction,
-        bus_address: u64,
-        offset: u64,
-        len: u64,
-    ) -> Result<(), EduError> {
+    pub fn dma(&self, direction: Direction, bus_address: u64, offset: u64, len: u64) -> Result<(), EduError> {
         if len == 0 || offset.checked_add(len).is_none_or(|end| end > BUFFER_SIZE) {
             return Err(EduError::BufferRange { offset, len });
         }
-        let last = bus_address
-            .checked_add(len - 1)
-            .ok_or(EduError::BeyondDmaMask {
-                address: u64::MAX,
-                mask: self.dma_mask,
-            })?;
+        let last = bus_address.checked_add(len - 1).ok_or(EduError::BeyondDmaMask {
+            address: u64::MAX,
+            mask: self.dma_mask,
+        })?;
         if last & !self.dma_mask != 0 {
             return Err(EduError::BeyondDmaMask {
                 address: last,
@@ -223,11 +209,7 @@ impl Edu {
         }
         let (source, destination, command) = match direction {
             Direction::ToDevice => (bus_address, BUFFER + offset, reg::DMA_START),
-            Direction::FromDevice => (
-                BUFFER + offset,
-                bus_address,
-                reg::DMA_START | reg::DMA_TO_RAM,
-            ),
+            Direction::FromDevice => (BUFFER + offset, bus_address, reg::DMA_START | reg::DMA_TO_RAM),
         };
         // Memory the device reads must be written before the engine starts.
         aarch64_cpu::asm::barrier::dsb(aarch64_cpu::asm::barrier::SY);

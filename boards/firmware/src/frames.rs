@@ -22,11 +22,7 @@ pub struct OutOfFrames {
 
 impl core::fmt::Display for OutOfFrames {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(
-            f,
-            "frame pool exhausted ({} bytes requested)",
-            self.requested
-        )
+        write!(f, "frame pool exhausted ({} bytes requested)", self.requested)
     }
 }
 

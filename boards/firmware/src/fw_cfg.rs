@@ -61,10 +61,7 @@ impl FwCfg {
             let mut entry = [0u8; 64];
             self.read(&mut entry);
             let entry_name = &entry[8..];
-            let len = entry_name
-                .iter()
-                .position(|b| *b == 0)
-                .unwrap_or(entry_name.len());
+            let len = entry_name.iter().position(|b| *b == 0).unwrap_or(entry_name.len());
             if &entry_name[..len] == name.as_bytes() {
                 return Some(File {
                     size: u32::from_be_bytes([entry[0], entry[1], entry[2], entry[3]]),

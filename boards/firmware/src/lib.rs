@@ -95,12 +95,7 @@ fn build_identity_map(platform: &Platform) -> IdentityMap {
         DEVICE,
         "map SMMU",
     );
-    add(
-        platform.pcie.ecam.base,
-        platform.pcie.ecam.end(),
-        DEVICE,
-        "map ECAM",
-    );
+    add(platform.pcie.ecam.base, platform.pcie.ecam.end(), DEVICE, "map ECAM");
     for w in &platform.pcie.windows {
         if w.kind == dt::WindowKind::Mem32 {
             add(w.cpu_base, w.cpu_base + w.size, DEVICE, "map PCI window");
@@ -110,12 +105,7 @@ fn build_identity_map(platform: &Platform) -> IdentityMap {
         add(f.base, f.end(), DEVICE, "map fw_cfg");
     }
     if let Some(g) = platform.gic {
-        add(
-            g.distributor.base,
-            g.distributor.end(),
-            DEVICE,
-            "map GIC distributor",
-        );
+        add(g.distributor.base, g.distributor.end(), DEVICE, "map GIC distributor");
         add(
             g.redistributors.base,
             g.redistributors.end(),
@@ -129,27 +119,19 @@ fn build_identity_map(platform: &Platform) -> IdentityMap {
 /// The firmware after the board's entry: discovery, MMU, PCI, scenarios, exit. Never returns.
 pub fn run<B: Board>(board: &B) -> ! {
     // SAFETY: the board names where its DTB is; the boot page table maps it as normal memory.
-    let fdt =
-        unsafe { dt::parse(board.device_tree()) }.unwrap_or_else(|e| fatal("device tree", &e));
+    let fdt = unsafe { dt::parse(board.device_tree()) }.unwrap_or_else(|e| fatal("device tree", &e));
     let uart = dt::console(&fdt).unwrap_or_else(|e| fatal("console", &e));
     // SAFETY: the UART the tree names is mapped as device memory by the boot page table and only the console
     // drives it.
     unsafe { console::init(uart.base as usize) };
     println!();
-    println!(
-        "smmuv3 firmware on {} at EL{}",
-        B::NAME,
-        CurrentEL.read(CurrentEL::EL)
-    );
+    println!("smmuv3 firmware on {} at EL{}", B::NAME, CurrentEL.read(CurrentEL::EL));
     let platform = dt::platform(&fdt).unwrap_or_else(|e| fatal("platform discovery", &e));
     for bank in &platform.memory {
         println!("memory: {bank}");
     }
     println!("console: PL011 at {:#x}", platform.uart.base);
-    println!(
-        "SMMU: {:#x} size {:#x}",
-        platform.smmu.base, platform.smmu.size
-    );
+    println!("SMMU: {:#x} size {:#x}", platform.smmu.base, platform.smmu.size);
     println!(
         "PCIe: ECAM {} buses {}..={}",
         platform.pcie.ecam, platform.pcie.bus_range.0, platform.pcie.bus_range.1
@@ -181,10 +163,7 @@ pub fn run<B: Board>(board: &B) -> ! {
         .iter()
         .find(|b| b.base <= free_start && free_start < b.end());
     let Some(bank) = bank else {
-        fatal(
-            "memory",
-            &"the image is not inside a RAM bank the tree describes",
-        )
+        fatal("memory", &"the image is not inside a RAM bank the tree describes")
     };
     // SAFETY: everything past the image in its bank is unused RAM (the DTB sits below the image), mapped by the
     // boot page table.
@@ -198,9 +177,7 @@ pub fn run<B: Board>(board: &B) -> ! {
         frames::remaining() / 1024
     );
 
-    let config = board
-        .config(&platform)
-        .unwrap_or_else(|e| fatal("configuration", &e));
+    let config = board.config(&platform).unwrap_or_else(|e| fatal("configuration", &e));
     // SAFETY: the ECAM is mapped as device memory and only this firmware touches configuration space.
     let ecam = unsafe { pci::Ecam::new(&platform.pcie) };
     let functions = pci::enumerate(&ecam, &platform.pcie).unwrap_or_else(|e| fatal("PCI", &e));
@@ -219,14 +196,7 @@ pub fn run<B: Board>(board: &B) -> ! {
                 print!(" BAR{i} {:#x}+{:#x}", b.cpu_address, b.size);
             }
         }
-        println!(
-            "{}",
-            if f.is_bridge {
-                " (bridge, not configured)"
-            } else {
-                ""
-            }
-        );
+        println!("{}", if f.is_bridge { " (bridge, not configured)" } else { "" });
     }
 
     let mut context = scenarios::Context {

@@ -47,8 +47,7 @@ pub struct PoolTranslation;
 impl Translation<El23Attributes> for PoolTranslation {
     fn allocate_table(&mut self) -> (NonNull<PageTable<El23Attributes>>, PhysicalAddress) {
         // A firmware that cannot build its own page tables cannot run: aarch64-paging's trait has no error path.
-        let pa = frames::alloc(frames::FRAME_SIZE, frames::FRAME_SIZE)
-            .expect("no frame for an EL2 page table");
+        let pa = frames::alloc(frames::FRAME_SIZE, frames::FRAME_SIZE).expect("no frame for an EL2 page table");
         (
             NonNull::new(pa as *mut _).expect("frame at address 0"),
             PhysicalAddress(pa),
@@ -85,12 +84,7 @@ impl IdentityMap {
     ///
     /// # Errors
     /// aarch64-paging's [`MapError`] (for example a range beyond the 39-bit VA space).
-    pub fn map(
-        &mut self,
-        start: usize,
-        end: usize,
-        attributes: El23Attributes,
-    ) -> Result<(), MapError> {
+    pub fn map(&mut self, start: usize, end: usize, attributes: El23Attributes) -> Result<(), MapError> {
         let region = MemoryRegion::new(start, end);
         self.mapping.map_range(
             &region,
@@ -110,12 +104,7 @@ impl IdentityMap {
         // SAFETY: the caller guarantees coverage and lifetime. The TLBI drops entries of the boot map.
         unsafe {
             self.mapping.activate();
-            core::arch::asm!(
-                "tlbi alle2",
-                "dsb ish",
-                "isb",
-                options(nostack, preserves_flags)
-            );
+            core::arch::asm!("tlbi alle2", "dsb ish", "isb", options(nostack, preserves_flags));
         }
     }
 }

@@ -88,14 +88,9 @@ impl fmt::Display for PciError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             PciError::NoSpaceForBar { bdf, bar, size } => {
-                write!(
-                    f,
-                    "no PCI window space for BAR{bar} ({size:#x} bytes) of {bdf}"
-                )
+                write!(f, "no PCI window space for BAR{bar} ({size:#x} bytes) of {bdf}")
             }
-            PciError::TooManyFunctions => {
-                f.write_str("more PCI functions than the firmware tracks")
-            }
+            PciError::TooManyFunctions => f.write_str("more PCI functions than the firmware tracks"),
         }
     }
 }
@@ -120,11 +115,8 @@ impl Ecam {
 
     fn address(&self, bdf: Bdf, offset: usize) -> *mut u32 {
         let b = usize::from(bdf.bus - self.buses.0);
-        (self.base
-            + (b << 20
-                | usize::from(bdf.device) << 15
-                | usize::from(bdf.function) << 12
-                | (offset & 0xffc))) as *mut u32
+        (self.base + (b << 20 | usize::from(bdf.device) << 15 | usize::from(bdf.function) << 12 | (offset & 0xffc)))
+            as *mut u32
     }
 
     /// Reads a configuration dword.
@@ -190,11 +182,7 @@ pub fn enumerate(ecam: &Ecam, host: &PcieHost) -> Result<Functions, PciError> {
     let bus = host.bus_range.0;
     for device in 0..32u8 {
         for function in 0..8u8 {
-            let bdf = Bdf {
-                bus,
-                device,
-                function,
-            };
+            let bdf = Bdf { bus, device, function };
             let id = ecam.read(bdf, cfg::VENDOR_DEVICE);
             if id & 0xffff == 0xffff {
                 if function == 0 {
@@ -223,11 +211,7 @@ pub fn enumerate(ecam: &Ecam, host: &PcieHost) -> Result<Functions, PciError> {
     Ok(found)
 }
 
-fn assign_bars(
-    ecam: &Ecam,
-    f: &mut Function,
-    mut window: Option<&mut WindowAllocator>,
-) -> Result<(), PciError> {
+fn assign_bars(ecam: &Ecam, f: &mut Function, mut window: Option<&mut WindowAllocator>) -> Result<(), PciError> {
     let bdf = f.bdf;
     // Decoding off while BARs are sized and moved.
     let command = ecam.read(bdf, cfg::COMMAND) & 0xffff;
@@ -256,15 +240,14 @@ fn assign_bars(
             continue;
         }
         let size = (!mask).wrapping_add(1);
-        let pci_address =
-            window
-                .as_deref_mut()
-                .and_then(|w| w.take(size))
-                .ok_or(PciError::NoSpaceForBar {
-                    bdf,
-                    bar: index as u8,
-                    size,
-                })?;
+        let pci_address = window
+            .as_deref_mut()
+            .and_then(|w| w.take(size))
+            .ok_or(PciError::NoSpaceForBar {
+                bdf,
+                bar: index as u8,
+                size,
+            })?;
         ecam.write(bdf, offset, pci_address as u32);
         if is64 {
             ecam.write(bdf, offset + 4, (pci_address >> 32) as u32);

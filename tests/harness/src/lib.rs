@@ -1,1 +1,440 @@
+//! The host side of the on-target tests: checks (and, where it may, installs) QEMU, builds a board's firmware,
+//! boots it on QEMU with a stage, a scenario list and a timeout, and reads back the console, the exit status and
+//! the emulated SMMU's own trace.
+//!
+//! Shared by the integration tests in `tests/` and by `cargo xtask`.
 
+use std::fmt;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub mod prerequisites;
+
+pub use prerequisites::{QemuInfo, ensure_qemu};
+
+/// The QEMU binary.
+pub const QEMU: &str = "qemu-system-aarch64";
+/// fw_cfg file naming the scenarios (the contract with the firmware).
+pub const SCENARIOS_KEY: &str = "opt/smmuv3/scenarios";
+/// fw_cfg file naming the stages QEMU's SMMU was configured with.
+pub const STAGE_KEY: &str = "opt/smmuv3/stage";
+/// fw_cfg file giving edu's DMA mask.
+pub const EDU_DMA_MASK_KEY: &str = "opt/smmuv3/edu-dma-mask";
+/// The edu DMA mask the runs use unless told otherwise: 40 bits, enough to reach RAM without translation.
+pub const DEFAULT_EDU_DMA_MASK: u64 = 0xff_ffff_ffff;
+
+/// The repository's root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
+}
+
+/// A board the firmware runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Board {
+    /// QEMU's `virt` machine.
+    QemuVirt,
+}
+
+impl Board {
+    /// Every board.
+    pub const ALL: [Board; 1] = [Board::QemuVirt];
+
+    /// The name used by `--board` and by the firmware crate (`boards/<name>`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Board::QemuVirt => "qemu-virt",
+        }
+    }
+
+    /// Parses a `--board` value.
+    pub fn from_name(name: &str) -> Option<Board> {
+        Board::ALL.into_iter().find(|b| b.name() == name)
+    }
+}
+
+/// Which SMMU QEMU presents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Stage 1 only (needs `-M virt-9.1`: newer machine versions ignore the property).
+    One,
+    /// Stage 2 only (likewise).
+    Two,
+    /// Both stages: nested translation.
+    Nested,
+}
+
+impl Stage {
+    /// Every stage.
+    pub const ALL: [Stage; 3] = [Stage::One, Stage::Two, Stage::Nested];
+
+    /// The value of QEMU's `arm-smmuv3.stage` property and of `--stage`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::One => "1",
+            Stage::Two => "2",
+            Stage::Nested => "nested",
+        }
+    }
+
+    /// Parses a `--stage` value.
+    pub fn from_name(name: &str) -> Option<Stage> {
+        Stage::ALL.into_iter().find(|s| s.name() == name)
+    }
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Builds the firmware for `board` (release, `aarch64-unknown-none`) and returns the ELF's path.
+///
+/// Uses its own target directory (`target/firmware`) so that it can run from inside `cargo test` without waiting
+/// for the outer build's lock.
+///
+/// # Errors
+/// The build's output when cargo fails.
+pub fn build_firmware(board: Board) -> Result<PathBuf, String> {
+    let root = workspace_root();
+    let target_dir = root.join("target/firmware");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let output = Command::new(cargo)
+        .current_dir(&root)
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "aarch64-unknown-none",
+            "-p",
+            board.name(),
+        ])
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .output()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "firmware build failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(target_dir.join("aarch64-unknown-none/release").join(board.name()))
+}
+
+/// [`build_firmware`] once per process, for tests that share one build.
+///
+/// # Panics
+/// With the build's output when it fails.
+pub fn firmware(board: Board) -> PathBuf {
+    static BUILT: OnceLock<Mutex<Vec<(Board, PathBuf)>>> = OnceLock::new();
+    let cell = BUILT.get_or_init(|| Mutex::new(Vec::new()));
+    let mut built = cell.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, p)) = built.iter().find(|(b, _)| *b == board) {
+        return p.clone();
+    }
+    let path = build_firmware(board).unwrap_or_else(|e| panic!("{e}"));
+    built.push((board, path.clone()));
+    path
+}
+
+/// One boot of the firmware under QEMU.
+#[derive(Clone, Debug)]
+pub struct Run {
+    /// The board.
+    pub board: Board,
+    /// The SMMU QEMU presents.
+    pub stage: Stage,
+    /// Scenario names; empty means the firmware's default (the demo).
+    pub scenarios: Vec<String>,
+    /// The stages the firmware is told to expect (normally `stage`; a test may lie to check that probe notices).
+    pub expected_stage: Option<Stage>,
+    /// edu's `dma_mask` property.
+    pub edu_dma_mask: u64,
+    /// Wall-clock bound for the whole run.
+    pub timeout: Duration,
+    /// QEMU trace events to record (for example `smmuv3_record_event`).
+    pub trace_events: Vec<String>,
+    /// Further QEMU arguments.
+    pub extra_args: Vec<String>,
+    /// Copy the console to this process's stdout as it arrives.
+    pub echo: bool,
+}
+
+/// The trace events every test records: the SMMU's event records and command errors.
+pub const SMMU_ERROR_TRACE_EVENTS: [&str; 2] = ["smmuv3_record_event", "smmuv3_cmdq_consume_error"];
+
+impl Run {
+    /// A run of `scenarios` on `board` with the SMMU of `stage`, told the truth about the stage, with the SMMU's
+    /// error trace recorded and a 120 s bound.
+    pub fn new(board: Board, stage: Stage, scenarios: &[&str]) -> Self {
+        Run {
+            board,
+            stage,
+            scenarios: scenarios.iter().map(|s| s.to_string()).collect(),
+            expected_stage: Some(stage),
+            edu_dma_mask: DEFAULT_EDU_DMA_MASK,
+            timeout: Duration::from_secs(120),
+            trace_events: SMMU_ERROR_TRACE_EVENTS.iter().map(|s| s.to_string()).collect(),
+            extra_args: Vec::new(),
+            echo: false,
+        }
+    }
+
+    /// The QEMU command line (without the trace file, which [`Run::execute`] adds).
+    pub fn command(&self, firmware: &Path) -> Command {
+        let mut c = Command::new(QEMU);
+        match self.board {
+            Board::QemuVirt => {
+                let machine = match self.stage {
+                    Stage::Nested => "virt",
+                    // Newer machine versions always present both stages; only virt-9.1 honours the property.
+                    Stage::One | Stage::Two => "virt-9.1",
+                };
+                c.args(["-M", &format!("{machine},virtualization=on,iommu=smmuv3,gic-version=3")]);
+                c.args(["-global", &format!("arm-smmuv3.stage={}", self.stage.name())]);
+                c.args(["-cpu", "max", "-m", "1G", "-smp", "1"]);
+                c.args(["-device", &format!("loader,file={},cpu-num=0", firmware.display())]);
+                c.args(["-device", &format!("edu,addr=2.0,dma_mask={:#x}", self.edu_dma_mask)]);
+                if !self.scenarios.is_empty() {
+                    // QEMU's option parser takes ",," for a literal comma.
+                    let list = self.scenarios.join(",,");
+                    c.args(["-fw_cfg", &format!("name={SCENARIOS_KEY},string={list}")]);
+                }
+                if let Some(s) = self.expected_stage {
+                    c.args(["-fw_cfg", &format!("name={STAGE_KEY},string={}", s.name())]);
+                }
+                c.args([
+                    "-fw_cfg",
+                    &format!("name={EDU_DMA_MASK_KEY},string={:#x}", self.edu_dma_mask),
+                ]);
+            }
+        }
+        c.args([
+            "-display", "none", "-serial", "stdio", "-monitor", "none", "-nic", "none",
+        ]);
+        c.args(["-semihosting-config", "enable=on,target=native"]);
+        c.args(&self.extra_args);
+        c
+    }
+
+    /// Boots QEMU and waits for it to exit or for the timeout (then kills it).
+    ///
+    /// # Errors
+    /// When QEMU cannot be started.
+    pub fn execute(&self, firmware: &Path) -> Result<Outcome, String> {
+        let trace_file = if self.trace_events.is_empty() {
+            None
+        } else {
+            let dir = workspace_root().join("target/qemu-traces");
+            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            Some(dir.join(format!(
+                "{}-{}-{}-{:?}.log",
+                self.board.name(),
+                self.stage.name(),
+                std::process::id(),
+                std::thread::current().id()
+            )))
+        };
+        let mut command = self.command(firmware);
+        if let Some(file) = &trace_file {
+            let _ = std::fs::remove_file(file);
+            for event in &self.trace_events {
+                command.args(["-trace", &format!("enable={event}")]);
+            }
+            command.args(["-D", &file.display().to_string()]);
+        }
+        let commandline = format!("{command:?}");
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start {QEMU}: {e}"))?;
+        let console = Arc::new(Mutex::new(String::new()));
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let echo = self.echo;
+        let sink = Arc::clone(&console);
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if echo {
+                    println!("{line}");
+                    let _ = std::io::stdout().flush();
+                }
+                let mut c = sink.lock().unwrap_or_else(|e| e.into_inner());
+                c.push_str(&line);
+                c.push('\n');
+            }
+        });
+        let mut stderr = child.stderr.take().ok_or("no stderr")?;
+        let err_reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            s
+        });
+        let started = Instant::now();
+        let mut timed_out = false;
+        let status: Option<ExitStatus> = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if started.elapsed() > self.timeout => {
+                    timed_out = true;
+                    let _ = child.kill();
+                    break child.wait().ok();
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                Err(_) => break None,
+            }
+        };
+        let _ = reader.join();
+        let stderr = err_reader.join().unwrap_or_default();
+        let trace = trace_file
+            .as_ref()
+            .and_then(|f| std::fs::read_to_string(f).ok())
+            .unwrap_or_default();
+        let console = console.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Ok(Outcome {
+            commandline,
+            console,
+            stderr,
+            exit_code: if timed_out { None } else { status.and_then(|s| s.code()) },
+            timed_out,
+            elapsed: started.elapsed(),
+            trace,
+            trace_file,
+        })
+    }
+}
+
+/// One `SCENARIO <name> PASS|FAIL: <reason>` line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScenarioResult {
+    /// The scenario.
+    pub name: String,
+    /// `Ok` for PASS, `Err(reason)` for FAIL.
+    pub result: Result<(), String>,
+}
+
+/// What a run produced.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// The QEMU command line, for reports.
+    pub commandline: String,
+    /// Everything the firmware printed.
+    pub console: String,
+    /// QEMU's own messages.
+    pub stderr: String,
+    /// QEMU's exit status (the firmware's semihosting exit code); `None` on a timeout or a signal.
+    pub exit_code: Option<i32>,
+    /// The run hit its timeout and was killed.
+    pub timed_out: bool,
+    /// How long it took.
+    pub elapsed: Duration,
+    /// The QEMU trace (empty when no events were requested).
+    pub trace: String,
+    /// Where the trace was written.
+    pub trace_file: Option<PathBuf>,
+}
+
+/// Parses the scenario lines out of console text.
+pub fn scenario_results(console: &str) -> Vec<ScenarioResult> {
+    console
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("SCENARIO ")?;
+            let (name, verdict) = rest.split_once(' ')?;
+            let result = if verdict == "PASS" || verdict.starts_with("PASS ") {
+                Ok(())
+            } else {
+                Err(verdict.strip_prefix("FAIL: ")?.to_string())
+            };
+            Some(ScenarioResult {
+                name: name.to_string(),
+                result,
+            })
+        })
+        .collect()
+}
+
+impl Outcome {
+    /// The scenario lines.
+    pub fn scenarios(&self) -> Vec<ScenarioResult> {
+        scenario_results(&self.console)
+    }
+
+    /// The result of one scenario, if it printed one.
+    pub fn scenario(&self, name: &str) -> Option<Result<(), String>> {
+        self.scenarios().into_iter().find(|s| s.name == name).map(|s| s.result)
+    }
+
+    /// The SMMU event records QEMU traced (`smmuv3_record_event` lines): the event type names.
+    pub fn smmu_events(&self) -> Vec<String> {
+        self.trace
+            .lines()
+            .filter_map(|l| {
+                l.split_once("smmuv3_record_event ")
+                    .map(|(_, rest)| rest.trim().to_string())
+            })
+            .collect()
+    }
+
+    /// The command errors QEMU traced (`smmuv3_cmdq_consume_error` lines).
+    pub fn command_errors(&self) -> Vec<String> {
+        self.trace
+            .lines()
+            .filter_map(|l| {
+                l.split_once("smmuv3_cmdq_consume_error ")
+                    .map(|(_, rest)| rest.trim().to_string())
+            })
+            .collect()
+    }
+
+    /// A report of the run for a failing assertion.
+    pub fn report(&self) -> String {
+        format!(
+            "command: {}\nexit: {:?} (timed out: {}) after {:?}\n--- console ---\n{}--- QEMU stderr ---\n{}\n--- trace ({}) ---\n{}",
+            self.commandline,
+            self.exit_code,
+            self.timed_out,
+            self.elapsed,
+            self.console,
+            self.stderr,
+            self.trace_file
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            self.trace.lines().take(40).collect::<Vec<_>>().join("\n")
+        )
+    }
+
+    /// Asserts that each of `names` printed PASS, that every scenario line is a PASS, that the firmware exited with
+    /// status 0, and that QEMU's SMMU recorded no command error.
+    ///
+    /// # Panics
+    /// With [`Outcome::report`] when any of that does not hold.
+    pub fn assert_passed(&self, names: &[&str]) {
+        for name in names {
+            match self.scenario(name) {
+                Some(Ok(())) => {}
+                Some(Err(reason)) => panic!("scenario {name} failed: {reason}\n{}", self.report()),
+                None => panic!("scenario {name} printed no result\n{}", self.report()),
+            }
+        }
+        let failed: Vec<_> = self.scenarios().into_iter().filter(|s| s.result.is_err()).collect();
+        assert!(failed.is_empty(), "failed scenarios: {failed:?}\n{}", self.report());
+        assert_eq!(self.exit_code, Some(0), "firmware exit status\n{}", self.report());
+        assert!(
+            self.command_errors().is_empty(),
+            "QEMU traced command errors\n{}",
+            self.report()
+        );
+    }
+}

@@ -1,0 +1,89 @@
+//! On-target tests on QEMU virt: the firmware boots at EL2 with each SMMU flavour and its scenarios pass; a
+//! wrong expectation or an unknown scenario fails as it must.
+
+use smmuv3_harness::{Board, Run, Stage, ensure_qemu, firmware};
+
+fn boot(stage: Stage, scenarios: &[&str]) -> smmuv3_harness::Outcome {
+    if let Err(why) = ensure_qemu(false) {
+        panic!("the QEMU tests need QEMU: {why}");
+    }
+    let fw = firmware(Board::QemuVirt);
+    Run::new(Board::QemuVirt, stage, scenarios)
+        .execute(&fw)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn foundation_scenarios_pass_on_stage_1() {
+    boot(Stage::One, &["probe", "edu-ident"]).assert_passed(&["probe", "edu-ident"]);
+}
+
+#[test]
+fn foundation_scenarios_pass_on_stage_2() {
+    boot(Stage::Two, &["probe", "edu-ident"]).assert_passed(&["probe", "edu-ident"]);
+}
+
+#[test]
+fn foundation_scenarios_pass_on_nested() {
+    let outcome = boot(Stage::Nested, &["probe", "edu-ident"]);
+    outcome.assert_passed(&["probe", "edu-ident"]);
+    // The EL2 firmware really ran and decoded a nesting SMMU.
+    assert!(outcome.console.contains("at EL2"), "{}", outcome.report());
+    assert!(
+        outcome.console.contains("stages: stage 1 + stage 2 (nested)"),
+        "{}",
+        outcome.report()
+    );
+}
+
+#[test]
+fn default_scenarios_are_the_demo() {
+    if let Err(why) = ensure_qemu(false) {
+        panic!("the QEMU tests need QEMU: {why}");
+    }
+    let outcome = Run::new(Board::QemuVirt, Stage::Nested, &[])
+        .execute(&firmware(Board::QemuVirt))
+        .unwrap();
+    outcome.assert_passed(&["probe", "edu-ident"]);
+}
+
+#[test]
+fn unknown_scenario_fails_naming_it() {
+    let outcome = boot(Stage::Nested, &["probe", "no-such-scenario"]);
+    assert_eq!(outcome.scenario("probe"), Some(Ok(())), "{}", outcome.report());
+    let reason = outcome
+        .scenario("no-such-scenario")
+        .expect("a FAIL line for the unknown name");
+    assert!(
+        reason.unwrap_err().contains("unknown scenario 'no-such-scenario'"),
+        "{}",
+        outcome.report()
+    );
+    assert_eq!(outcome.exit_code, Some(1), "{}", outcome.report());
+}
+
+#[test]
+fn probe_fails_when_the_smmu_lacks_the_promised_stages() {
+    if let Err(why) = ensure_qemu(false) {
+        panic!("the QEMU tests need QEMU: {why}");
+    }
+    // A stage-1-only SMMU, while the firmware is told it has both stages.
+    let mut run = Run::new(Board::QemuVirt, Stage::One, &["probe"]);
+    run.expected_stage = Some(Stage::Nested);
+    let outcome = run.execute(&firmware(Board::QemuVirt)).unwrap();
+    let reason = outcome.scenario("probe").expect("probe result").unwrap_err();
+    assert!(reason.contains("offers stage 1 only"), "{}", outcome.report());
+    assert_ne!(outcome.exit_code, Some(0), "{}", outcome.report());
+}
+
+#[test]
+fn edu_cannot_reach_ram_without_translation_under_its_default_mask() {
+    if let Err(why) = ensure_qemu(false) {
+        panic!("the QEMU tests need QEMU: {why}");
+    }
+    let mut run = Run::new(Board::QemuVirt, Stage::Nested, &["edu-ident"]);
+    run.edu_dma_mask = (1 << 28) - 1;
+    let outcome = run.execute(&firmware(Board::QemuVirt)).unwrap();
+    let reason = outcome.scenario("edu-ident").expect("edu-ident result").unwrap_err();
+    assert!(reason.contains("beyond edu's DMA mask"), "{}", outcome.report());
+}
