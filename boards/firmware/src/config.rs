@@ -8,6 +8,8 @@ use smmuv3::Stages;
 use crate::edu;
 use crate::fw_cfg::FwCfg;
 
+/// Prefix of every fw_cfg file the firmware reads.
+pub const KEY_PREFIX: &str = "opt/smmuv3/";
 /// fw_cfg file naming the scenarios (a contract with the harness and outside checks).
 pub const SCENARIOS_KEY: &str = "opt/smmuv3/scenarios";
 /// fw_cfg file naming the stages QEMU's SMMU was configured with: `1`, `2` or `nested`.
@@ -68,9 +70,33 @@ impl core::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             ConfigError::BadValue(key) => {
-                write!(f, "fw_cfg {key} has a value the firmware cannot use")
+                write!(f, "setting {key} has a value the firmware cannot use")
             }
         }
+    }
+}
+
+impl Config {
+    /// Sets one setting by its short name (`scenarios`, `stage`, `edu-dma-mask`: the fw_cfg key without its
+    /// `opt/smmuv3/` prefix); unknown names are ignored.
+    ///
+    /// # Errors
+    /// [`ConfigError::BadValue`] when the value does not parse; the configuration is then unchanged.
+    pub fn set(&mut self, name: &str, value: &str) -> Result<(), ConfigError> {
+        let value = value.trim_end_matches('\0').trim();
+        match name {
+            "scenarios" => {
+                self.scenarios = heapless::String::from_str(value).map_err(|_| ConfigError::BadValue(SCENARIOS_KEY))?;
+            }
+            "stage" => {
+                self.expected_stages = Some(Stages::from_qemu_name(value).ok_or(ConfigError::BadValue(STAGE_KEY))?);
+            }
+            "edu-dma-mask" => {
+                self.edu_dma_mask = parse_u64(value).ok_or(ConfigError::BadValue(EDU_DMA_MASK_KEY))?;
+            }
+            _ => {}
+        }
+        Ok(())
     }
 }
 
@@ -88,25 +114,31 @@ pub unsafe fn from_fw_cfg(base: usize) -> Result<Config, ConfigError> {
         return Ok(config);
     };
     let mut buffer = [0u8; 512];
-    let mut read = |fw_cfg: &mut FwCfg, key: &'static str| -> Result<Option<heapless::String<512>>, ConfigError> {
-        let Some(file) = fw_cfg.find(key) else {
-            return Ok(None);
-        };
+    for key in [SCENARIOS_KEY, STAGE_KEY, EDU_DMA_MASK_KEY] {
+        let Some(file) = fw_cfg.find(key) else { continue };
         let len = fw_cfg.read_file(file, &mut buffer);
         let text = core::str::from_utf8(&buffer[..len]).map_err(|_| ConfigError::BadValue(key))?;
-        let text = text.trim_end_matches('\0').trim();
-        heapless::String::from_str(text)
-            .map(Some)
-            .map_err(|_| ConfigError::BadValue(key))
+        config.set(key.trim_start_matches(KEY_PREFIX), text)?;
+    }
+    Ok(config)
+}
+
+/// Reads the configuration from the semihosting command line, for boards without fw_cfg: arguments of the form
+/// `scenarios=a,b`, `stage=nested`, `edu-dma-mask=0x…` (QEMU: `-semihosting-config enable=on,arg=…`); other
+/// arguments (the program name) are ignored, missing settings keep their defaults.
+///
+/// # Errors
+/// [`ConfigError::BadValue`] for a setting whose value does not parse or is not UTF-8.
+pub fn from_semihosting() -> Result<Config, ConfigError> {
+    let mut config = Config::default();
+    let Ok(args) = semihosting::experimental::env::args::<512>() else {
+        return Ok(config);
     };
-    if let Some(s) = read(&mut fw_cfg, SCENARIOS_KEY)? {
-        config.scenarios = s;
-    }
-    if let Some(s) = read(&mut fw_cfg, STAGE_KEY)? {
-        config.expected_stages = Some(Stages::from_qemu_name(&s).ok_or(ConfigError::BadValue(STAGE_KEY))?);
-    }
-    if let Some(s) = read(&mut fw_cfg, EDU_DMA_MASK_KEY)? {
-        config.edu_dma_mask = parse_u64(&s).ok_or(ConfigError::BadValue(EDU_DMA_MASK_KEY))?;
+    for arg in &args {
+        let arg = arg.map_err(|_| ConfigError::BadValue("semihosting command line"))?;
+        if let Some((name, value)) = arg.split_once('=') {
+            config.set(name, value)?;
+        }
     }
     Ok(config)
 }

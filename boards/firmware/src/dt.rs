@@ -301,17 +301,53 @@ pub fn gic(fdt: &Fdt) -> Option<Gic> {
     })
 }
 
-/// Everything at once, for a board whose tree describes its devices (QEMU virt).
+/// What a board knows about itself without asking a device tree: its one static description. Every `Some` (and
+/// a non-empty `memory`) is used where the tree is silent or absent; the tree wins where it has the answer.
+#[derive(Clone, Debug, Default)]
+pub struct StaticDescription {
+    /// RAM banks.
+    pub memory: heapless::Vec<Region, 4>,
+    /// The PL011 console.
+    pub uart: Option<Region>,
+    /// The SMMU.
+    pub smmu: Option<SmmuDescription>,
+    /// The PCIe host behind the SMMU.
+    pub pcie: Option<PcieHost>,
+    /// QEMU's fw_cfg.
+    pub fw_cfg: Option<Region>,
+    /// The interrupt controller.
+    pub gic: Option<Gic>,
+}
+
+/// The tree's answer when it has one, else the board's; a malformed tree entry is an error, not a fallback.
+fn pick<T>(from_tree: Option<Result<T, DtError>>, from_board: Option<T>, what: &'static str) -> Result<T, DtError> {
+    match from_tree {
+        Some(Ok(value)) => Ok(value),
+        Some(Err(DtError::Missing(_))) | None => from_board.ok_or(DtError::Missing(what)),
+        Some(Err(e)) => Err(e),
+    }
+}
+
+/// The console UART, from the tree (see [`console`]) or the board.
 ///
 /// # Errors
-/// The first [`DtError`] met.
-pub fn platform(fdt: &Fdt) -> Result<Platform, DtError> {
+/// [`DtError::Missing`] when neither knows one.
+pub fn console_of(fdt: Option<&Fdt>, board: &StaticDescription) -> Result<Region, DtError> {
+    pick(fdt.map(console), board.uart, "arm,pl011 UART")
+}
+
+/// The whole platform: each device from the tree where it describes it, else from the board's static description.
+///
+/// # Errors
+/// [`DtError::Missing`] for a device neither describes; [`DtError::Malformed`] for a malformed tree property.
+pub fn platform(fdt: Option<&Fdt>, board: &StaticDescription) -> Result<Platform, DtError> {
+    let board_memory = (!board.memory.is_empty()).then(|| board.memory.clone());
     Ok(Platform {
-        memory: memory(fdt)?,
-        uart: console(fdt)?,
-        smmu: smmu(fdt)?,
-        pcie: pcie(fdt)?,
-        fw_cfg: fw_cfg(fdt),
-        gic: gic(fdt),
+        memory: pick(fdt.map(memory), board_memory, "memory")?,
+        uart: console_of(fdt, board)?,
+        smmu: pick(fdt.map(smmu), board.smmu, "arm,smmu-v3 node")?,
+        pcie: pick(fdt.map(pcie), board.pcie.clone(), "pci-host-ecam-generic node")?,
+        fw_cfg: fdt.and_then(fw_cfg).or(board.fw_cfg),
+        gic: fdt.and_then(gic).or(board.gic),
     })
 }

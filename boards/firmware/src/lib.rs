@@ -19,7 +19,7 @@ use core::sync::atomic::{AtomicBool, Ordering};
 
 use aarch64_cpu::registers::{CurrentEL, Readable};
 
-use crate::dt::Platform;
+use crate::dt::{Platform, StaticDescription};
 use crate::mmu::{CODE, DATA, DEVICE, IdentityMap, RODATA};
 
 unsafe extern "C" {
@@ -54,8 +54,14 @@ pub fn fatal(what: &str, error: &dyn core::fmt::Display) -> ! {
 pub trait Board {
     /// The board's name, for the console.
     const NAME: &'static str;
-    /// Address of the flattened device tree.
-    fn device_tree(&self) -> usize;
+    /// Address of the flattened device tree, when the board is handed one. The tree must be mapped by the boot
+    /// page table.
+    fn device_tree(&self) -> Option<usize>;
+    /// The board's static description, used for every device the tree does not describe (none by default: a
+    /// fully described board such as QEMU virt needs nothing here).
+    fn description(&self) -> StaticDescription {
+        StaticDescription::default()
+    }
     /// Reads the run configuration (scenario list and expectations).
     ///
     /// # Errors
@@ -119,14 +125,24 @@ fn build_identity_map(platform: &Platform) -> IdentityMap {
 /// The firmware after the board's entry: discovery, MMU, PCI, scenarios, exit. Never returns.
 pub fn run<B: Board>(board: &B) -> ! {
     // SAFETY: the board names where its DTB is; the boot page table maps it as normal memory.
-    let fdt = unsafe { dt::parse(board.device_tree()) }.unwrap_or_else(|e| fatal("device tree", &e));
-    let uart = dt::console(&fdt).unwrap_or_else(|e| fatal("console", &e));
+    let fdt = board.device_tree().map(|address| unsafe { dt::parse(address) });
+    let description = board.description();
+    let uart = dt::console_of(fdt.as_ref().and_then(|r| r.as_ref().ok()), &description)
+        .unwrap_or_else(|e| fatal("console", &e));
     // SAFETY: the UART the tree names is mapped as device memory by the boot page table and only the console
     // drives it.
     unsafe { console::init(uart.base as usize) };
     println!();
     println!("smmuv3 firmware on {} at EL{}", B::NAME, CurrentEL.read(CurrentEL::EL));
-    let platform = dt::platform(&fdt).unwrap_or_else(|e| fatal("platform discovery", &e));
+    let fdt = match fdt {
+        Some(Ok(fdt)) => {
+            println!("device tree: {} bytes", fdt.total_size());
+            Some(fdt)
+        }
+        Some(Err(e)) => fatal("device tree", &e),
+        None => None,
+    };
+    let platform = dt::platform(fdt.as_ref(), &description).unwrap_or_else(|e| fatal("platform discovery", &e));
     for bank in &platform.memory {
         println!("memory: {bank}");
     }

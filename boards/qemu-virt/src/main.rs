@@ -43,8 +43,8 @@ struct QemuVirt;
 impl Board for QemuVirt {
     const NAME: &'static str = "QEMU virt";
 
-    fn device_tree(&self) -> usize {
-        DTB_ADDRESS
+    fn device_tree(&self) -> Option<usize> {
+        Some(DTB_ADDRESS)
     }
 
     fn config(&self, platform: &Platform) -> Result<Config, ConfigError> {
