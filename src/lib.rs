@@ -6,7 +6,10 @@
 
 pub mod board;
 pub mod features;
+pub mod hitless;
 pub mod hw;
+pub mod mem;
+pub mod queue;
 pub mod smmu;
 
 pub use board::{IommuMap, SmmuDescription, SmmuInterrupts};

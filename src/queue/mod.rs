@@ -1,0 +1,3 @@
+//! The command queue and the event queue.
+
+pub mod index;
