@@ -1,1 +1,435 @@
-//! TODO: filled in by the SMMU core work.
+//! Hitless update of a live 64-byte table entry (STE or CD): the SMMU, which may read the entry at any moment,
+//! only ever sees the old entry, the new one, or (when no other order exists) an invalid one, never a mix that is
+//! illegal or more permissive than either.
+//!
+//! A type says which bits the SMMU reads for a given entry ([`UsedBits`]). From the live and the target entry the
+//! writer finds the qwords whose *used* bits change:
+//! - none: write the changed (unused) bits; one sync if anything changed;
+//! - exactly one ("critical"): write every other qword as the union of the target and the bits the live entry
+//!   still uses, sync, write the critical qword whole, sync, then clear what only the old entry read, sync;
+//! - more: break: write V = 0 in qword 0, sync, write qwords 1..7, sync, write qword 0, sync.
+//!
+//! Each sync is the caller's invalidation (CFGI_STE / CFGI_CD + CMD_SYNC). Only changed qwords are written and a
+//! sync follows only a change, so sync counts are exact.
+
+/// Which bits of an entry the SMMU reads, given the entry's own configuration.
+pub trait UsedBits {
+    /// The V bit, in qword 0.
+    const VALID: u64;
+    /// The mask of bits the SMMU reads when the entry holds `words` (with V = 0: only V).
+    fn used_bits(words: &[u64; 8]) -> [u64; 8];
+}
+
+/// Where the writer's stores and invalidations go.
+pub trait EntryWriter {
+    /// Stores one qword of the live entry (a single 64-bit store).
+    fn write_qword(&mut self, index: usize, value: u64);
+    /// Makes the stores so far visible to the SMMU and invalidates its cached copy.
+    fn sync(&mut self);
+}
+
+/// The path an update took.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpdateKind {
+    /// The entry already was the target.
+    NoChange,
+    /// Only bits the SMMU does not read changed, or one qword carried every used change.
+    Hitless,
+    /// More than one qword's used bits changed: the entry was made invalid in between.
+    Breaking,
+}
+
+struct Tracked<'a, W: EntryWriter> {
+    live: [u64; 8],
+    writer: &'a mut W,
+    dirty: bool,
+}
+
+impl<W: EntryWriter> Tracked<'_, W> {
+    fn set(&mut self, index: usize, value: u64) {
+        if self.live[index] != value {
+            self.live[index] = value;
+            self.writer.write_qword(index, value);
+            self.dirty = true;
+        }
+    }
+
+    fn sync(&mut self) {
+        if self.dirty {
+            self.writer.sync();
+            self.dirty = false;
+        }
+    }
+}
+
+/// Rewrites the live entry `live` into `target` through `writer`, hitlessly when the architecture allows.
+pub fn update_entry<E: UsedBits>(live: &[u64; 8], target: &[u64; 8], writer: &mut impl EntryWriter) -> UpdateKind {
+    if live == target {
+        return UpdateKind::NoChange;
+    }
+    let used_live = E::used_bits(live);
+    let used_target = E::used_bits(target);
+    // The entry the SMMU would read if every qword held the target but the bits the live entry uses kept their
+    // live values: the union, safe to write while the live configuration is in force.
+    let union: [u64; 8] = core::array::from_fn(|i| (target[i] & !used_live[i]) | (live[i] & used_live[i]));
+    // Qwords in which a bit the target reads still differs after that: each needs its own moment. Bits only the
+    // live entry reads are left alone until the target configuration no longer reads them.
+    let critical: heapless::Vec<usize, 8> = (0..8)
+        .filter(|&i| (union[i] ^ target[i]) & used_target[i] != 0)
+        .collect();
+    let mut t = Tracked {
+        live: *live,
+        writer,
+        dirty: false,
+    };
+    match critical.len() {
+        0 => {
+            for (i, &word) in target.iter().enumerate() {
+                t.set(i, word);
+            }
+            t.sync();
+            UpdateKind::Hitless
+        }
+        1 => {
+            let c = critical[0];
+            for i in (0..8).filter(|&i| i != c) {
+                t.set(i, union[i]);
+            }
+            t.sync();
+            t.set(c, target[c]);
+            t.sync();
+            for (i, &word) in target.iter().enumerate() {
+                t.set(i, word);
+            }
+            t.sync();
+            UpdateKind::Hitless
+        }
+        _ => {
+            t.set(0, live[0] & !E::VALID);
+            t.sync();
+            for (i, &word) in target.iter().enumerate().skip(1) {
+                t.set(i, word);
+            }
+            t.sync();
+            t.set(0, target[0]);
+            t.sync();
+            UpdateKind::Breaking
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every transition between abort, bypass, stage 1, stage 2, nested and stage 1 with another CD table, and the
+    //! CD transitions, run against a fake writer that checks after *every* qword write that the SMMU, reading the
+    //! entry at that moment, would see either the old or the new configuration (or an invalid entry), and counts
+    //! the syncs.
+    extern crate std;
+
+    use super::*;
+    use crate::hw::cd::{self, Cd, CdConfig};
+    use crate::hw::ste::{
+        Cacheability, CdTableLayout, DefaultSubstream, Granule, Shareability, Stage1Config, Stage2Config, Ste,
+    };
+    use crate::mem::PhysAddr;
+    use std::vec::Vec;
+
+    struct Checker<E: UsedBits> {
+        entry: [u64; 8],
+        old: [u64; 8],
+        new: [u64; 8],
+        syncs: u32,
+        writes: Vec<usize>,
+        _kind: core::marker::PhantomData<E>,
+    }
+
+    fn behaves_as<E: UsedBits>(entry: &[u64; 8], reference: &[u64; 8]) -> bool {
+        let used = E::used_bits(reference);
+        E::used_bits(entry) == used && (0..8).all(|i| (entry[i] ^ reference[i]) & used[i] == 0)
+    }
+
+    impl<E: UsedBits> EntryWriter for Checker<E> {
+        fn write_qword(&mut self, index: usize, value: u64) {
+            assert_ne!(self.entry[index], value, "qword {index} written without a change");
+            self.entry[index] = value;
+            self.writes.push(index);
+            let invalid = self.entry[0] & E::VALID == 0;
+            assert!(
+                invalid || behaves_as::<E>(&self.entry, &self.old) || behaves_as::<E>(&self.entry, &self.new),
+                "after writing qword {index} the SMMU could see a mix:\n old {:x?}\n now {:x?}\n new {:x?}",
+                self.old,
+                self.entry,
+                self.new
+            );
+        }
+
+        fn sync(&mut self) {
+            self.syncs += 1;
+        }
+    }
+
+    /// Runs one transition and returns (kind, syncs).
+    fn transition<E: UsedBits>(old: [u64; 8], new: [u64; 8]) -> (UpdateKind, u32) {
+        let mut checker = Checker::<E> {
+            entry: old,
+            old,
+            new,
+            syncs: 0,
+            writes: Vec::new(),
+            _kind: core::marker::PhantomData,
+        };
+        let kind = update_entry::<E>(&old, &new, &mut checker);
+        assert_eq!(checker.entry, new, "final entry");
+        if kind == UpdateKind::NoChange {
+            assert!(checker.writes.is_empty());
+        }
+        (kind, checker.syncs)
+    }
+
+    fn ste(old: Ste, new: Ste) -> (UpdateKind, u32) {
+        transition::<Ste>(old.0, new.0)
+    }
+
+    const S1: Stage1Config = Stage1Config {
+        cd_table: PhysAddr(0x4100_0000),
+        cd_max_log2: 0,
+        layout: CdTableLayout::Linear,
+        default_substream: DefaultSubstream::Terminate,
+        cacheability: Cacheability::WriteBackAllocate,
+        shareability: Shareability::Inner,
+        stall_disable: true,
+        el2: false,
+    };
+
+    const S2: Stage2Config = Stage2Config {
+        vmid: 7,
+        t0sz: 24,
+        sl0: 1,
+        granule: Granule::Size4K,
+        ps: 4,
+        cacheability: Cacheability::WriteBackAllocate,
+        shareability: Shareability::Inner,
+        table: PhysAddr(0x4200_0000),
+        access_flag_fault_disable: false,
+        protected_table_walk: true,
+        stall: false,
+        record_faults: true,
+    };
+
+    fn s1() -> Ste {
+        Ste::stage1(&S1).unwrap()
+    }
+    fn s2() -> Ste {
+        Ste::stage2(&S2).unwrap()
+    }
+    fn nested() -> Ste {
+        Ste::nested(&S1, &S2).unwrap()
+    }
+
+    use UpdateKind::{Breaking, Hitless, NoChange};
+
+    #[test]
+    fn identical_entries_cost_nothing() {
+        for e in [Ste::abort(), Ste::bypass(), s1(), s2(), nested()] {
+            assert_eq!(ste(e, e), (NoChange, 0));
+        }
+    }
+
+    #[test]
+    fn abort_and_bypass() {
+        // abort -> bypass: SHCFG first (unused by abort), then Config.
+        assert_eq!(ste(Ste::abort(), Ste::bypass()), (Hitless, 2));
+        // bypass -> abort: Config first, then SHCFG cleared once abort no longer reads it.
+        assert_eq!(ste(Ste::bypass(), Ste::abort()), (Hitless, 2));
+    }
+
+    #[test]
+    fn invalid_to_anything_and_back() {
+        for e in [Ste::abort(), Ste::bypass(), s1(), s2(), nested()] {
+            let (kind, syncs) = ste(Ste::invalid(), e);
+            assert_eq!(kind, Hitless);
+            assert_eq!(syncs, if e.0[1..] == [0; 7] { 1 } else { 2 }, "{e:x?}");
+            let (kind, syncs) = ste(e, Ste::invalid());
+            assert_eq!(kind, Hitless);
+            assert_eq!(syncs, if e.0[1..] == [0; 7] { 1 } else { 2 }, "{e:x?}");
+        }
+    }
+
+    #[test]
+    fn stage1_and_abort_or_bypass() {
+        assert_eq!(ste(Ste::abort(), s1()), (Hitless, 2));
+        assert_eq!(ste(s1(), Ste::abort()), (Hitless, 2));
+        // bypass -> S1: Config and SHCFG change together in hitless order? SHCFG is read by bypass only.
+        assert_eq!(ste(Ste::bypass(), s1()), (Hitless, 3));
+        assert_eq!(ste(s1(), Ste::bypass()), (Hitless, 3));
+    }
+
+    #[test]
+    fn stage1_default_substream_change() {
+        let bypass_dss = Ste::stage1(&Stage1Config {
+            default_substream: DefaultSubstream::Bypass,
+            ..S1
+        })
+        .unwrap();
+        // Only qword 1 changes (S1DSS and SHCFG): one critical qword.
+        assert_eq!(ste(s1(), bypass_dss), (Hitless, 1));
+        assert_eq!(ste(bypass_dss, s1()), (Hitless, 1));
+    }
+
+    #[test]
+    fn stage1_with_another_cd_table() {
+        let other = Ste::stage1(&Stage1Config {
+            cd_table: PhysAddr(0x4300_0040),
+            ..S1
+        })
+        .unwrap();
+        assert_eq!(ste(s1(), other), (Hitless, 1));
+        // A new table format and size as well (still all in qword 0).
+        let two_level = Ste::stage1(&Stage1Config {
+            cd_table: PhysAddr(0x4300_0000),
+            cd_max_log2: 16,
+            layout: CdTableLayout::TwoLevel64K,
+            ..S1
+        })
+        .unwrap();
+        assert_eq!(ste(s1(), two_level), (Hitless, 1));
+        // Another CD table *and* other walk attributes: qwords 0 and 1 both change what stage 1 reads.
+        let other_attributes = Ste::stage1(&Stage1Config {
+            cd_table: PhysAddr(0x4300_0000),
+            cacheability: Cacheability::NonCacheable,
+            ..S1
+        })
+        .unwrap();
+        assert_eq!(ste(s1(), other_attributes), (Breaking, 3));
+    }
+
+    #[test]
+    fn stage2_and_abort_or_bypass() {
+        assert_eq!(ste(Ste::abort(), s2()), (Hitless, 2));
+        assert_eq!(ste(s2(), Ste::abort()), (Hitless, 2));
+        // SHCFG is the same (use incoming) in bypass and S2: Config is the only used change that must come last.
+        assert_eq!(ste(Ste::bypass(), s2()), (Hitless, 2));
+        assert_eq!(ste(s2(), Ste::bypass()), (Hitless, 2));
+    }
+
+    #[test]
+    fn stage2_with_a_new_vmid_or_table() {
+        let other_vmid = Ste::stage2(&Stage2Config { vmid: 8, ..S2 }).unwrap();
+        assert_eq!(ste(s2(), other_vmid), (Hitless, 1));
+        let other_table = Ste::stage2(&Stage2Config {
+            table: PhysAddr(0x4400_0000),
+            ..S2
+        })
+        .unwrap();
+        assert_eq!(ste(s2(), other_table), (Hitless, 1));
+        // A new VMID and a new table at once: two qwords, so the entry must break.
+        let both = Ste::stage2(&Stage2Config {
+            vmid: 9,
+            table: PhysAddr(0x4400_0000),
+            ..S2
+        })
+        .unwrap();
+        assert_eq!(ste(s2(), both), (Breaking, 3));
+    }
+
+    #[test]
+    fn stage1_and_stage2() {
+        // Stage 1's VMID (0) differs from stage 2's and Config differs: two critical qwords.
+        assert_eq!(ste(s1(), s2()), (Breaking, 3));
+        assert_eq!(ste(s2(), s1()), (Breaking, 3));
+    }
+
+    #[test]
+    fn nesting_and_unnesting() {
+        // S2 -> nested: stage 2 reads neither the CD table pointer (qword 0) nor the stage-1 fields (qword 1), so
+        // they go in first and Config last: hitless.
+        assert_eq!(ste(s2(), nested()), (Hitless, 2));
+        // nested -> S2: Config first, then the stage-1 fields nothing reads any more.
+        assert_eq!(ste(nested(), s2()), (Hitless, 2));
+        // S1 (VMID 0) -> nested: Config, and VMID with the stage-2 fields.
+        assert_eq!(ste(s1(), nested()), (Breaking, 3));
+        assert_eq!(ste(nested(), s1()), (Breaking, 3));
+    }
+
+    const CD: CdConfig = CdConfig {
+        asid: 1,
+        table: PhysAddr(0x4800_0000),
+        t0sz: 16,
+        granule: cd::Granule::Size4K,
+        ips: 4,
+        cacheability: Cacheability::WriteBackAllocate,
+        shareability: Shareability::Inner,
+        mair: 0x4_ff44,
+        record_faults: true,
+        abort_on_fault: true,
+        stall: false,
+        private_asid: true,
+    };
+
+    fn cd(old: Cd, new: Cd) -> (UpdateKind, u32) {
+        transition::<Cd>(old.0, new.0)
+    }
+
+    #[test]
+    fn context_descriptors() {
+        let valid = Cd::new(&CD).unwrap();
+        // invalid -> valid: TTB0 and MAIR first, then qword 0 with V.
+        assert_eq!(cd(Cd::invalid(), valid), (Hitless, 2));
+        // valid -> invalid: V cleared first, then the rest.
+        assert_eq!(cd(valid, Cd::invalid()), (Hitless, 2));
+        // A new ASID lives in qword 0 only.
+        assert_eq!(cd(valid, Cd::new(&CdConfig { asid: 2, ..CD }).unwrap()), (Hitless, 1));
+        // A new TTB0 lives in qword 1 only.
+        assert_eq!(
+            cd(
+                valid,
+                Cd::new(&CdConfig {
+                    table: PhysAddr(0x4900_0000),
+                    ..CD
+                })
+                .unwrap()
+            ),
+            (Hitless, 1)
+        );
+        // A new ASID and a new table: not hitless.
+        let both = Cd::new(&CdConfig {
+            asid: 3,
+            table: PhysAddr(0x4900_0000),
+            ..CD
+        })
+        .unwrap();
+        assert_eq!(cd(valid, both), (Breaking, 3));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn every_transition_is_safe_at_every_write(
+            a in 0usize..6, b in 0usize..6,
+            vmid_a: u16, vmid_b: u16,
+            table_a in 0u64..16, table_b in 0u64..16,
+            dss_a in 0usize..3, dss_b in 0usize..3,
+        ) {
+            let build = |kind: usize, vmid: u16, table: u64, dss: usize| {
+                let s1 = Stage1Config {
+                    cd_table: PhysAddr(0x4000_0000 + table * 0x40),
+                    default_substream: [DefaultSubstream::Terminate, DefaultSubstream::Bypass, DefaultSubstream::Substream0][dss],
+                    ..S1
+                };
+                let s2 = Stage2Config { vmid, table: PhysAddr(0x5000_0000 + table * 0x1000), ..S2 };
+                match kind {
+                    0 => Ste::invalid(),
+                    1 => Ste::abort(),
+                    2 => Ste::bypass(),
+                    3 => Ste::stage1(&s1).unwrap(),
+                    4 => Ste::stage2(&s2).unwrap(),
+                    _ => Ste::nested(&s1, &s2).unwrap(),
+                }
+            };
+            let old = build(a, vmid_a, table_a, dss_a);
+            let new = build(b, vmid_b, table_b, dss_b);
+            let (kind, syncs) = ste(old, new);
+            proptest::prop_assert!(syncs <= 3);
+            proptest::prop_assert_eq!(kind == NoChange, old == new);
+        }
+    }
+}
