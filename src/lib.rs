@@ -4,14 +4,23 @@
 //! own constants) and it finds everything else in the SMMU's ID registers.
 #![no_std]
 
+pub mod active;
 pub mod board;
+pub mod ctx;
+pub mod deadline;
 pub mod features;
 pub mod hitless;
 pub mod hw;
+pub mod ids;
 pub mod mem;
 pub mod queue;
 pub mod smmu;
+pub mod stream;
+#[cfg(test)]
+pub(crate) mod testing;
 
+pub use active::{ActiveSmmu, InitError, InitOptions};
 pub use board::{IommuMap, SmmuDescription, SmmuInterrupts};
 pub use features::{Features, IdRegisters, Stages};
+pub use mem::{DmaBlock, FrameAllocator, PhysAddr};
 pub use smmu::{ProbeError, Smmu};

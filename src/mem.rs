@@ -75,3 +75,96 @@ pub unsafe trait FrameAllocator {
     /// The block must come from this allocator, and nothing (CPU or SMMU) may access it afterwards.
     unsafe fn free(&self, block: DmaBlock);
 }
+
+impl DmaBlock {
+    /// The block as 64-bit words the SMMU may read or write concurrently: every access is a single-copy-atomic
+    /// 64-bit load or store.
+    ///
+    /// # Safety
+    /// The block must be live (allocated and not freed), 8-byte aligned, and not accessed through other
+    /// non-atomic references while the returned slice lives.
+    pub(crate) unsafe fn words(&self) -> &[core::sync::atomic::AtomicU64] {
+        // SAFETY: the caller guarantees a live, aligned block; AtomicU64 has the layout of u64.
+        unsafe { core::slice::from_raw_parts(self.virt.as_ptr().cast(), self.size / 8) }
+    }
+}
+
+/// Orders the CPU's writes to memory the SMMU reads before a following register write (DMB OSHST).
+#[inline]
+pub(crate) fn write_barrier() {
+    #[cfg(target_arch = "aarch64")]
+    aarch64_cpu::asm::barrier::dmb(aarch64_cpu::asm::barrier::OSHST);
+    #[cfg(not(target_arch = "aarch64"))]
+    core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+}
+
+/// Orders a register read (a queue's PROD) before the reads of the memory it announces (DMB OSHLD).
+#[inline]
+pub(crate) fn read_barrier() {
+    #[cfg(target_arch = "aarch64")]
+    aarch64_cpu::asm::barrier::dmb(aarch64_cpu::asm::barrier::OSHLD);
+    #[cfg(not(target_arch = "aarch64"))]
+    core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+}
+
+/// Orders every earlier memory access before later ones, including register writes (DMB OSH).
+#[inline]
+pub(crate) fn full_barrier() {
+    #[cfg(target_arch = "aarch64")]
+    aarch64_cpu::asm::barrier::dmb(aarch64_cpu::asm::barrier::OSH);
+    #[cfg(not(target_arch = "aarch64"))]
+    core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+}
+
+/// Cache maintenance for an SMMU whose table walks and queue accesses do not snoop the CPU caches
+/// (IDR0.COHACC = 0, or a board that does not declare `dma-coherent`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Coherency {
+    pub(crate) coherent: bool,
+}
+
+impl Coherency {
+    /// Makes the CPU's writes to `[ptr, ptr+len)` visible to a non-coherent SMMU (DC CVAC by line, DSB).
+    pub(crate) fn clean(self, ptr: *const u8, len: usize) {
+        if self.coherent {
+            return;
+        }
+        #[cfg(target_arch = "aarch64")]
+        for_each_line(ptr, len, |line| {
+            // SAFETY: cleaning a cache line has no effect on memory contents and the line is in a live block.
+            unsafe { core::arch::asm!("dc cvac, {}", in(reg) line, options(nostack, preserves_flags)) }
+        });
+        #[cfg(not(target_arch = "aarch64"))]
+        let _ = (ptr, len);
+    }
+
+    /// Discards stale lines of `[ptr, ptr+len)` before the CPU reads what a non-coherent SMMU wrote (DC CIVAC).
+    pub(crate) fn invalidate(self, ptr: *const u8, len: usize) {
+        if self.coherent {
+            return;
+        }
+        #[cfg(target_arch = "aarch64")]
+        for_each_line(ptr, len, |line| {
+            // SAFETY: clean-and-invalidate keeps any dirty data, so no CPU write is lost; the line is in a live block.
+            unsafe { core::arch::asm!("dc civac, {}", in(reg) line, options(nostack, preserves_flags)) }
+        });
+        #[cfg(not(target_arch = "aarch64"))]
+        let _ = (ptr, len);
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+fn for_each_line(ptr: *const u8, len: usize, mut op: impl FnMut(usize)) {
+    let ctr: u64;
+    // SAFETY: reading CTR_EL0 has no side effects.
+    unsafe { core::arch::asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack, preserves_flags)) };
+    // CTR_EL0.DminLine, bits [19:16]: log2 of the smallest data cache line in words.
+    let line = 4usize << ((ctr >> 16) & 0xf);
+    let mut address = ptr as usize & !(line - 1);
+    let end = ptr as usize + len;
+    while address < end {
+        op(address);
+        address += line;
+    }
+    aarch64_cpu::asm::barrier::dsb(aarch64_cpu::asm::barrier::SY);
+}

@@ -32,6 +32,15 @@ pub enum ProbeError {
     },
     /// The SMMU supports no 4 KiB granule, which every table this driver builds uses.
     No4kGranule,
+    /// An ID register field is outside the range the architecture allows.
+    OutOfRange {
+        /// The field, as the specification names it.
+        field: &'static str,
+        /// Its value.
+        value: u8,
+        /// The largest legal value.
+        max: u8,
+    },
 }
 
 impl fmt::Display for ProbeError {
@@ -51,6 +60,12 @@ impl fmt::Display for ProbeError {
                 write!(f, "need {wanted}, SMMU offers {found}")
             }
             ProbeError::No4kGranule => f.write_str("SMMU does not support the 4 KiB translation granule"),
+            ProbeError::OutOfRange { field, value, max } => {
+                write!(
+                    f,
+                    "SMMU reports {field} = {value}, beyond the architectural maximum {max}"
+                )
+            }
         }
     }
 }
@@ -58,8 +73,6 @@ impl fmt::Display for ProbeError {
 /// One SMMUv3: its registers and what it implements.
 pub struct Smmu {
     page0: NonNull<SmmuPage0>,
-    // Used by the queue code of the SMMU core; kept here so that every MMIO pointer is set up in one place.
-    #[allow(dead_code)]
     page1: NonNull<SmmuPage1Queues>,
     features: Features,
 }
@@ -104,12 +117,28 @@ impl Smmu {
         if !smmu.features.granules.size_4k {
             return Err(ProbeError::No4kGranule);
         }
+        let f = &smmu.features;
+        for (field, value, max) in [
+            ("IDR1.SIDSIZE", f.sid_bits, 32),
+            ("IDR1.SSIDSIZE", f.ssid_bits, 20),
+            ("IDR1.CMDQS", f.cmdq_log2_max, 19),
+            ("IDR1.EVENTQS", f.eventq_log2_max, 19),
+        ] {
+            if value > max {
+                return Err(ProbeError::OutOfRange { field, value, max });
+            }
+        }
         Ok(smmu)
     }
 
-    fn regs(&self) -> &SmmuPage0 {
+    pub(crate) fn regs(&self) -> &SmmuPage0 {
         // SAFETY: `probe`'s contract: the pointer maps page 0 for the life of `self`.
         unsafe { self.page0.as_ref() }
+    }
+
+    pub(crate) fn page1_regs(&self) -> &SmmuPage1Queues {
+        // SAFETY: `probe`'s contract: the pointer maps page 1 for the life of `self`.
+        unsafe { self.page1.as_ref() }
     }
 
     fn read_id_registers(&self) -> IdRegisters {

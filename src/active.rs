@@ -1,0 +1,635 @@
+//! An initialised, translating SMMU: init in the architecture's order, STE installation through the hitless
+//! writer, command submission, event draining and global-error handling.
+
+use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use tock_registers::interfaces::{ReadWriteable, Readable, Writeable};
+
+use crate::deadline::{Deadline, TimedOut};
+use crate::features::Features;
+use crate::hitless::{self, EntryWriter, UpdateKind};
+use crate::hw::command::Command;
+use crate::hw::event::{Event, GlobalErrors};
+use crate::hw::regs::{BASE, CR0, CR1, CR2, GBPA, STRTAB_BASE_CFG, SmmuPage0};
+use crate::hw::ste::Ste;
+use crate::ids::{IdAllocator, IdError};
+use crate::mem::{AllocError, Coherency, FrameAllocator, write_barrier};
+use crate::queue::cmdq::{Batch, BatchReport, COMMAND_BYTES, CommandQueue, CommandQueueError};
+use crate::queue::evtq::{DrainReport, EVENT_BYTES, EventQueue, Overflow};
+use crate::queue::index::QueueGeometry;
+use crate::smmu::Smmu;
+use crate::stream::{StreamError, StreamTable, StreamTableFormat};
+
+/// How long a register handshake (CR0ACK, GBPA.UPDATE, IRQ_CTRLACK) may take.
+pub const HANDSHAKE_TIMEOUT_US: u64 = 100_000;
+
+/// The caller's choices for [`Smmu::init`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InitOptions {
+    /// Largest command queue wanted, log2 of entries (capped by IDR1.CMDQS).
+    pub cmdq_log2_max: u8,
+    /// Largest event queue wanted, log2 of entries (capped by IDR1.EVENTQS).
+    pub eventq_log2_max: u8,
+    /// StreamID bits to serve (capped by IDR1.SIDSIZE); StreamIDs beyond are refused.
+    pub max_sid_bits: u8,
+    /// Stream table format.
+    pub stream_table: StreamTableChoice,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            cmdq_log2_max: 8,
+            eventq_log2_max: 8,
+            max_sid_bits: 32,
+            stream_table: StreamTableChoice::Auto,
+        }
+    }
+}
+
+/// Which stream table format to build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamTableChoice {
+    /// Linear when small or when the SMMU has no 2-level tables, else 2-level.
+    Auto,
+    /// Always linear (covering `max_sid_bits`).
+    Linear,
+}
+
+/// Why [`Smmu::init`] failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InitError {
+    /// No memory for a table or a queue.
+    NoMemory(AllocError),
+    /// A register handshake did not complete: the SMMU is stuck.
+    Timeout {
+        /// The register waited on.
+        register: &'static str,
+        /// The value it held.
+        value: u32,
+    },
+    /// The SMMU's table or queue bases are fixed by the implementation (IDR1.TABLES_PRESET / QUEUES_PRESET),
+    /// which this driver does not support.
+    PresetBases,
+    /// The initial invalidation failed.
+    Invalidation(CommandQueueError),
+}
+
+impl fmt::Display for InitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InitError::NoMemory(e) => write!(f, "SMMU init: {e}"),
+            InitError::Timeout { register, value } => {
+                write!(
+                    f,
+                    "SMMU init: {register} did not acknowledge (reads {value:#x}): the SMMU is stuck"
+                )
+            }
+            InitError::PresetBases => f.write_str("SMMU init: preset table/queue bases are not supported"),
+            InitError::Invalidation(e) => write!(f, "SMMU init: initial invalidation failed: {e}"),
+        }
+    }
+}
+
+/// Why an entry could not be installed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachError {
+    /// The stream cannot be reached.
+    Stream(StreamError),
+    /// The invalidation after a write failed; the entry may be partly written.
+    Queue(CommandQueueError),
+}
+
+impl fmt::Display for AttachError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AttachError::Stream(e) => write!(f, "{e}"),
+            AttachError::Queue(e) => write!(f, "STE invalidation: {e}"),
+        }
+    }
+}
+
+/// What an STE installation did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InstallReport {
+    /// The path the hitless writer took.
+    pub kind: UpdateKind,
+    /// CFGI_STE + CMD_SYNC rounds issued.
+    pub syncs: u32,
+    /// A level-2 span was allocated for the stream.
+    pub new_span: bool,
+}
+
+/// A fatal global error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GlobalError {
+    /// GERROR.SFM_ERR: the SMMU entered service failure mode and stopped translating; it needs a reset.
+    ServiceFailure(GlobalErrors),
+}
+
+impl fmt::Display for GlobalError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GlobalError::ServiceFailure(all) => write!(
+                f,
+                "SMMU service failure (GERROR.SFM_ERR; active: {all}): translation stopped, the SMMU needs a reset"
+            ),
+        }
+    }
+}
+
+/// An initialised SMMU (SMMUEN = 1), every stream aborting until something is attached.
+pub struct ActiveSmmu<A: FrameAllocator> {
+    smmu: Smmu,
+    allocator: A,
+    streams: StreamTable,
+    cmdq: CommandQueue,
+    evtq: EventQueue,
+    asids: IdAllocator,
+    vmids: IdAllocator,
+    pending_overflow: Option<Overflow>,
+}
+
+fn handshake<T: Copy + PartialEq + Into<u32>>(
+    register: &'static str,
+    read: impl Fn() -> T,
+    wanted: impl Fn(T) -> bool,
+) -> Result<(), InitError> {
+    Deadline::after_micros(HANDSHAKE_TIMEOUT_US)
+        .poll(|| wanted(read()).then_some(()))
+        .map_err(|TimedOut| InitError::Timeout {
+            register,
+            value: read().into(),
+        })
+}
+
+/// Writes CR0 and waits for CR0ACK to match.
+fn set_cr0(regs: &SmmuPage0, value: u32) -> Result<(), InitError> {
+    regs.cr0.set(value);
+    handshake("CR0ACK", || regs.cr0ack.get(), |v| v == value)
+}
+
+/// GBPA update protocol: wait for UPDATE = 0, write with UPDATE = 1, wait for UPDATE = 0.
+fn set_global_abort(regs: &SmmuPage0) -> Result<(), InitError> {
+    handshake("GBPA", || regs.gbpa.get(), |v| v & GBPA::UPDATE::SET.value == 0)?;
+    let value = regs.gbpa.get() | GBPA::ABORT::SET.value | GBPA::UPDATE::SET.value;
+    regs.gbpa.set(value);
+    handshake("GBPA", || regs.gbpa.get(), |v| v & GBPA::UPDATE::SET.value == 0)
+}
+
+impl Smmu {
+    /// Initialises the SMMU in the architecture's order and enables translation with every stream aborting:
+    /// GBPA.ABORT = 1 (so nothing bypasses while it is reprogrammed), SMMUEN and the queues off, interrupts off
+    /// (the driver polls), global errors acknowledged, the stream table (see [`StreamTableFormat::choose`]),
+    /// CR1/CR2, the command and event queues, a full invalidation (CFGI_ALL, TLBI_EL2_ALL when EL2 contexts exist,
+    /// TLBI_NSNH_ALL, CMD_SYNC), then SMMUEN.
+    ///
+    /// Memory comes from `allocator`, which the returned handle keeps.
+    ///
+    /// # Errors
+    /// [`InitError::NoMemory`] (everything allocated so far is freed), [`InitError::PresetBases`],
+    /// [`InitError::Timeout`] for a register handshake that never completes and [`InitError::Invalidation`];
+    /// after a timeout the SMMU is left disabled with GBPA.ABORT set where that much succeeded.
+    pub fn init<A: FrameAllocator>(self, allocator: A, options: &InitOptions) -> Result<ActiveSmmu<A>, InitError> {
+        let features = *self.features();
+        if features.queues_preset || features.tables_preset {
+            return Err(InitError::PresetBases);
+        }
+        let coherency = Coherency {
+            coherent: features.coherent,
+        };
+
+        // Memory first, so that a shortage changes nothing on the SMMU.
+        let format = match options.stream_table {
+            StreamTableChoice::Auto => {
+                StreamTableFormat::choose(features.sid_bits, features.stream_table_two_level, options.max_sid_bits)
+            }
+            StreamTableChoice::Linear => {
+                StreamTableFormat::choose(features.sid_bits, false, options.max_sid_bits.min(features.sid_bits))
+            }
+        };
+        let cmdq_log2 = features.cmdq_log2_max.min(options.cmdq_log2_max);
+        let evtq_log2 = features.eventq_log2_max.min(options.eventq_log2_max);
+        let streams = StreamTable::new(format, &allocator, coherency).map_err(InitError::NoMemory)?;
+        let cmdq_bytes = COMMAND_BYTES << cmdq_log2;
+        let cmdq_memory = allocator
+            .allocate_zeroed(cmdq_bytes, cmdq_bytes.max(32))
+            .map_err(InitError::NoMemory)?;
+        let evtq_bytes = EVENT_BYTES << evtq_log2;
+        let evtq_memory = match allocator.allocate_zeroed(evtq_bytes, evtq_bytes.max(32)) {
+            Ok(m) => m,
+            Err(e) => {
+                // SAFETY: allocated above and never shared with the SMMU.
+                unsafe { allocator.free(cmdq_memory) };
+                return Err(InitError::NoMemory(e));
+            }
+        };
+        // IDR1 sizes were checked at probe (at most 19), so the geometries exist.
+        let (Ok(cmdq_geometry), Ok(evtq_geometry)) = (QueueGeometry::new(cmdq_log2), QueueGeometry::new(evtq_log2))
+        else {
+            unreachable!("queue sizes are checked at probe")
+        };
+        let cmdq = CommandQueue::new(cmdq_memory, cmdq_geometry, coherency);
+        let evtq = EventQueue::new(evtq_memory, evtq_geometry, coherency);
+
+        let regs = self.regs();
+        // 1. Nothing may bypass while the SMMU is reprogrammed.
+        set_global_abort(regs)?;
+        // 2. Translation and queues off.
+        set_cr0(regs, 0)?;
+        // 3. Interrupts off: this driver polls.
+        regs.irq_ctrl.set(0);
+        handshake("IRQ_CTRLACK", || regs.irq_ctrlack.get(), |v| v == 0)?;
+        // 4. Acknowledge every global error left from before.
+        regs.gerrorn.set(regs.gerror.get());
+        // 5. Stream table.
+        write_barrier();
+        regs.strtab_base
+            .write(BASE::RA::SET + BASE::ADDR.val(streams.base().0 >> 5));
+        regs.strtab_base_cfg.write(match format {
+            StreamTableFormat::Linear { sid_bits } => {
+                STRTAB_BASE_CFG::FMT::Linear + STRTAB_BASE_CFG::LOG2SIZE.val(u32::from(sid_bits))
+            }
+            StreamTableFormat::TwoLevel { sid_bits, split } => {
+                STRTAB_BASE_CFG::FMT::TwoLevel
+                    + STRTAB_BASE_CFG::LOG2SIZE.val(u32::from(sid_bits))
+                    + STRTAB_BASE_CFG::SPLIT.val(u32::from(split))
+            }
+        });
+        // 6. Attributes of the SMMU's own accesses: write-back inner-shareable when coherent, else non-cacheable.
+        regs.cr1.write(if features.coherent {
+            CR1::QUEUE_IC::WriteBackAllocate
+                + CR1::QUEUE_OC::WriteBackAllocate
+                + CR1::QUEUE_SH::Inner
+                + CR1::TABLE_IC::WriteBackAllocate
+                + CR1::TABLE_OC::WriteBackAllocate
+                + CR1::TABLE_SH::Inner
+        } else {
+            CR1::QUEUE_IC::NonCacheable
+                + CR1::QUEUE_OC::NonCacheable
+                + CR1::QUEUE_SH::NonShareable
+                + CR1::TABLE_IC::NonCacheable
+                + CR1::TABLE_OC::NonCacheable
+                + CR1::TABLE_SH::NonShareable
+        });
+        // Record C_BAD_STREAMID for streams beyond the table; private TLB maintenance (no broadcast TLBI).
+        regs.cr2.write(CR2::RECINVSID::SET + CR2::PTM::SET);
+        // 7. Queues.
+        regs.cmdq_base.write(
+            BASE::RA::SET + BASE::ADDR.val(cmdq.memory().phys.0 >> 5) + BASE::LOG2SIZE.val(u64::from(cmdq_log2)),
+        );
+        regs.cmdq_prod.set(0);
+        regs.cmdq_cons.set(0);
+        regs.eventq_base.write(
+            BASE::WA::SET + BASE::ADDR.val(evtq.memory().phys.0 >> 5) + BASE::LOG2SIZE.val(u64::from(evtq_log2)),
+        );
+        let page1 = self.page1_regs();
+        page1.eventq_prod.set(0);
+        page1.eventq_cons.set(0);
+        let queues = CR0::CMDQEN::SET.value | CR0::EVENTQEN::SET.value;
+        set_cr0(regs, queues)?;
+
+        let mut active = ActiveSmmu {
+            smmu: self,
+            allocator,
+            streams,
+            cmdq,
+            evtq,
+            asids: IdAllocator::new(features.asid_bits),
+            vmids: IdAllocator::new(features.vmid_bits),
+            pending_overflow: None,
+        };
+        // 8. Forget everything the SMMU may have cached from before.
+        active.invalidate_all().map_err(InitError::Invalidation)?;
+        // 9. Translate.
+        set_cr0(active.smmu.regs(), queues | CR0::SMMUEN::SET.value)?;
+        Ok(active)
+    }
+}
+
+struct SteWriter<'a> {
+    words: &'a [AtomicU64],
+    coherency: Coherency,
+    cmdq: &'a mut CommandQueue,
+    regs: &'a SmmuPage0,
+    invalidate: [u64; 2],
+    syncs: u32,
+    error: Option<CommandQueueError>,
+}
+
+impl EntryWriter for SteWriter<'_> {
+    fn write_qword(&mut self, index: usize, value: u64) {
+        self.words[index].store(value, Ordering::Release);
+    }
+
+    fn sync(&mut self) {
+        self.coherency.clean(self.words.as_ptr().cast(), 64);
+        self.syncs += 1;
+        if self.error.is_none()
+            && let Err(e) = self.cmdq.submit(self.regs, &[self.invalidate], true)
+        {
+            self.error = Some(e);
+        }
+    }
+}
+
+impl<A: FrameAllocator> ActiveSmmu<A> {
+    /// What the SMMU implements.
+    pub fn features(&self) -> &Features {
+        self.smmu.features()
+    }
+
+    /// The stream table format chosen at init.
+    pub fn stream_table_format(&self) -> StreamTableFormat {
+        self.streams.format()
+    }
+
+    /// Level-2 stream table spans allocated so far (2-level tables only).
+    pub fn allocated_spans(&self) -> u32 {
+        self.streams.allocated_spans()
+    }
+
+    /// Command queue entries.
+    pub fn cmdq_entries(&self) -> u32 {
+        self.cmdq.geometry().entries()
+    }
+
+    /// Event queue entries.
+    pub fn eventq_entries(&self) -> u32 {
+        self.evtq.geometry().entries()
+    }
+
+    /// The allocator the SMMU's memory comes from.
+    pub fn allocator(&self) -> &A {
+        &self.allocator
+    }
+
+    /// Whether translation is on (CR0ACK.SMMUEN).
+    pub fn is_enabled(&self) -> bool {
+        self.smmu.is_enabled()
+    }
+
+    /// Installs `ste` for `sid` through the hitless writer: the SMMU never sees an entry that is illegal or more
+    /// permissive than the old or the new one; each step is followed by CFGI_STE + CMD_SYNC.
+    ///
+    /// # Errors
+    /// [`AttachError::Stream`] for a StreamID beyond the table or no memory for its level-2 span (nothing
+    /// changes then); [`AttachError::Queue`] when an invalidation fails (the entry may be partly written).
+    pub fn install_ste(&mut self, sid: u32, ste: &Ste) -> Result<InstallReport, AttachError> {
+        let coherency = self.streams.coherency();
+        let slot = self.streams.slot(sid, &self.allocator).map_err(AttachError::Stream)?;
+        let live: [u64; 8] = core::array::from_fn(|i| slot.words[i].load(Ordering::Relaxed));
+        let invalidate = Command::CfgiSte {
+            sid,
+            leaf: !slot.new_span,
+        }
+        .encode()
+        .map_err(|e| AttachError::Queue(CommandQueueError::Encoding(e)))?;
+        let mut writer = SteWriter {
+            words: slot.words,
+            coherency,
+            cmdq: &mut self.cmdq,
+            regs: self.smmu.regs(),
+            invalidate,
+            syncs: 0,
+            error: None,
+        };
+        let kind = hitless::update_entry::<Ste>(&live, &ste.0, &mut writer);
+        if slot.new_span && writer.syncs == 0 {
+            // A new span's level-1 descriptor is invalidated even when the STE itself did not change.
+            writer.sync();
+        }
+        if let Some(e) = writer.error {
+            return Err(AttachError::Queue(e));
+        }
+        Ok(InstallReport {
+            kind,
+            syncs: writer.syncs,
+            new_span: slot.new_span,
+        })
+    }
+
+    /// The STE currently installed for `sid` (all zero, i.e. invalid, for an unallocated level-2 span).
+    ///
+    /// # Errors
+    /// [`StreamError::UnknownStream`] for a StreamID beyond the table.
+    pub fn ste(&self, sid: u32) -> Result<Ste, StreamError> {
+        self.streams.read(sid)
+    }
+
+    /// Makes `sid` abort every transaction, silently (no event).
+    ///
+    /// # Errors
+    /// As [`ActiveSmmu::install_ste`].
+    pub fn attach_abort(&mut self, sid: u32) -> Result<InstallReport, AttachError> {
+        self.install_ste(sid, &Ste::abort())
+    }
+
+    /// Lets `sid`'s transactions through untranslated. Only on explicit request: a bypassed device reaches all of
+    /// memory.
+    ///
+    /// # Errors
+    /// As [`ActiveSmmu::install_ste`].
+    pub fn attach_bypass(&mut self, sid: u32) -> Result<InstallReport, AttachError> {
+        self.install_ste(sid, &Ste::bypass())
+    }
+
+    /// Submits a batch and a CMD_SYNC, and waits for completion. Commands the SMMU refuses are reported in the
+    /// result and skipped; the rest complete.
+    ///
+    /// # Errors
+    /// [`CommandQueueError::Timeout`] when the SMMU stops consuming, [`CommandQueueError::ServiceFailure`].
+    pub fn submit(&mut self, batch: &Batch) -> Result<BatchReport, CommandQueueError> {
+        self.cmdq.submit(self.smmu.regs(), batch.words(), true)
+    }
+
+    /// Invalidates every cached configuration and TLB entry: CFGI_ALL, TLBI_EL2_ALL (when the SMMU has EL2
+    /// contexts), TLBI_NSNH_ALL, CMD_SYNC.
+    ///
+    /// # Errors
+    /// As [`ActiveSmmu::submit`].
+    pub fn invalidate_all(&mut self) -> Result<BatchReport, CommandQueueError> {
+        let mut batch = Batch::new();
+        batch.push(&Command::CfgiAll)?;
+        if self.features().hyp {
+            batch.push(&Command::TlbiEl2All)?;
+        }
+        batch.push(&Command::TlbiNsnhAll)?;
+        self.submit(&batch)
+    }
+
+    /// Reads the global errors, acknowledges the recoverable ones and reports them. An event queue abort is
+    /// remembered as an overflow for the next [`ActiveSmmu::drain_events`]. Command errors are recovered by the
+    /// command queue itself while it waits.
+    ///
+    /// # Errors
+    /// [`GlobalError::ServiceFailure`] when GERROR.SFM_ERR is active (not acknowledged: the SMMU needs a reset).
+    pub fn handle_global_errors(&mut self) -> Result<GlobalErrors, GlobalError> {
+        let regs = self.smmu.regs();
+        let gerror = regs.gerror.get();
+        let gerrorn = regs.gerrorn.get();
+        let active = crate::hw::event::active(gerror, gerrorn);
+        if active.contains(GlobalErrors::SFM_ERR) {
+            return Err(GlobalError::ServiceFailure(active));
+        }
+        let recoverable = active - GlobalErrors::CMDQ_ERR;
+        if recoverable.contains(GlobalErrors::EVENTQ_ABT_ERR) {
+            self.pending_overflow = Some(Overflow::EventQueueAbort);
+        }
+        if !recoverable.is_empty() {
+            regs.gerrorn
+                .set(crate::hw::event::acknowledge(gerror, gerrorn, recoverable));
+            // An event queue abort may disable the queue on some implementations: turn it back on.
+            if !regs.cr0ack.is_set(CR0::EVENTQEN) {
+                regs.cr0.modify(CR0::EVENTQEN::SET);
+            }
+        }
+        Ok(active)
+    }
+
+    /// Consumes every event the SMMU recorded, handing each to `sink`, and reports lost events however the SMMU
+    /// signalled them (EVENTQ_PROD.OVFLG or GERROR.EVENTQ_ABT_ERR).
+    ///
+    /// # Errors
+    /// [`GlobalError::ServiceFailure`] as [`ActiveSmmu::handle_global_errors`].
+    pub fn drain_events(&mut self, sink: impl FnMut(Event)) -> Result<DrainReport, GlobalError> {
+        self.handle_global_errors()?;
+        let mut report = self.evtq.drain(self.smmu.page1_regs(), sink);
+        if report.overflow.is_none() {
+            report.overflow = self.pending_overflow;
+        }
+        self.pending_overflow = None;
+        Ok(report)
+    }
+
+    /// Allocates an ASID (8 or 16 bits as IDR0.ASID16 says; 0 is reserved).
+    ///
+    /// # Errors
+    /// [`IdError::Exhausted`].
+    pub fn allocate_asid(&mut self) -> Result<u16, IdError> {
+        self.asids.allocate()
+    }
+
+    /// Frees an ASID.
+    ///
+    /// # Errors
+    /// [`IdError::WrongState`] / [`IdError::OutOfRange`] for an ASID that is not allocated; nothing changes.
+    pub fn free_asid(&mut self, asid: u16) -> Result<(), IdError> {
+        self.asids.free(asid)
+    }
+
+    /// Allocates a VMID (8 or 16 bits as IDR0.VMID16 says; 0 is reserved).
+    ///
+    /// # Errors
+    /// [`IdError::Exhausted`].
+    pub fn allocate_vmid(&mut self) -> Result<u16, IdError> {
+        self.vmids.allocate()
+    }
+
+    /// Frees a VMID.
+    ///
+    /// # Errors
+    /// As [`ActiveSmmu::free_asid`].
+    pub fn free_vmid(&mut self, vmid: u16) -> Result<(), IdError> {
+        self.vmids.free(vmid)
+    }
+
+    /// Turns translation and the queues off and leaves incoming transactions to GBPA: aborting, or bypassing
+    /// when `bypass` (the state QEMU resets to). The tables and queues go back to the allocator.
+    ///
+    /// # Errors
+    /// [`InitError::Timeout`] when the SMMU does not acknowledge; the memory is then kept (leaked), since the SMMU
+    /// may still read it.
+    pub fn shutdown(self, bypass: bool) -> Result<Smmu, InitError> {
+        let regs = self.smmu.regs();
+        set_global_abort(regs)?;
+        set_cr0(regs, 0)?;
+        if bypass {
+            handshake("GBPA", || regs.gbpa.get(), |v| v & GBPA::UPDATE::SET.value == 0)?;
+            regs.gbpa
+                .set((regs.gbpa.get() & !GBPA::ABORT::SET.value) | GBPA::UPDATE::SET.value);
+            handshake("GBPA", || regs.gbpa.get(), |v| v & GBPA::UPDATE::SET.value == 0)?;
+        }
+        let ActiveSmmu {
+            smmu,
+            allocator,
+            streams,
+            cmdq,
+            evtq,
+            ..
+        } = self;
+        // SAFETY: SMMUEN, CMDQEN and EVENTQEN are acknowledged off, so the SMMU no longer touches this memory;
+        // all of it came from `allocator`.
+        unsafe {
+            streams.free(&allocator);
+            allocator.free(cmdq.into_memory());
+            allocator.free(evtq.into_memory());
+        }
+        Ok(smmu)
+    }
+
+    /// A printable summary of the configuration chosen at init.
+    pub fn configuration(&self) -> Configuration {
+        Configuration {
+            stream_table: self.streams.format(),
+            stream_table_base: self.streams.base().0,
+            cmdq_entries: self.cmdq.geometry().entries(),
+            cmdq_base: self.cmdq.memory().phys.0,
+            eventq_entries: self.evtq.geometry().entries(),
+            eventq_base: self.evtq.memory().phys.0,
+            coherent: self.features().coherent,
+            asid_bits: self.asids.bits(),
+            vmid_bits: self.vmids.bits(),
+        }
+    }
+}
+
+/// The configuration chosen at init, for the console.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Configuration {
+    /// Stream table format.
+    pub stream_table: StreamTableFormat,
+    /// Its physical base.
+    pub stream_table_base: u64,
+    /// Command queue entries.
+    pub cmdq_entries: u32,
+    /// Its physical base.
+    pub cmdq_base: u64,
+    /// Event queue entries.
+    pub eventq_entries: u32,
+    /// Its physical base.
+    pub eventq_base: u64,
+    /// Coherent table walks and queue accesses (write-back, inner shareable) rather than non-cacheable.
+    pub coherent: bool,
+    /// ASID width.
+    pub asid_bits: u8,
+    /// VMID width.
+    pub vmid_bits: u8,
+}
+
+impl fmt::Display for Configuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "stream table at {:#x}: {}",
+            self.stream_table_base, self.stream_table
+        )?;
+        writeln!(
+            f,
+            "command queue at {:#x}: {} entries; event queue at {:#x}: {} entries",
+            self.cmdq_base, self.cmdq_entries, self.eventq_base, self.eventq_entries
+        )?;
+        write!(
+            f,
+            "SMMU accesses {}; ASID {} bits, VMID {} bits; unattached streams abort",
+            if self.coherent {
+                "write-back inner-shareable (coherent)"
+            } else {
+                "non-cacheable (not coherent)"
+            },
+            self.asid_bits,
+            self.vmid_bits
+        )
+    }
+}

@@ -1,0 +1,437 @@
+//! Context-descriptor tables for substreams: linear, or 2-level with 1024-CD leaf tables (the STE's S1Fmt
+//! "64KB leaf" format) allocated when a SubstreamID first gets a CD. CDs are installed through the hitless writer;
+//! the caller's `sync` issues CFGI_CD for every stream using the table, then CMD_SYNC.
+//!
+//! QEMU's SMMU implements no substreams (IDR1.SSIDSIZE = 0): there a table holds exactly one CD, and the
+//! multi-entry formats are proven by the host tests below.
+
+use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use crate::hitless::{self, EntryWriter, UpdateKind};
+use crate::hw::cd::{self, Cd};
+use crate::mem::{AllocError, Coherency, DmaBlock, FrameAllocator, PhysAddr};
+
+/// Bytes per CD.
+pub const CD_BYTES: usize = 64;
+/// SubstreamID bits resolved by a leaf table of a 2-level CD table (1024 CDs, 64 KiB).
+pub const CD_SPLIT: u8 = 10;
+
+/// The STE's S1Fmt for a CD table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CdTableFormat {
+    /// `2^ssid_bits` CDs in one array (S1Fmt = 0b00).
+    Linear {
+        /// SubstreamID bits (the STE's S1CDMax).
+        ssid_bits: u8,
+    },
+    /// Level-1 descriptors, each pointing to a leaf of `2^CD_SPLIT` CDs (S1Fmt = 0b10, 64 KiB leaves).
+    TwoLevel {
+        /// SubstreamID bits (the STE's S1CDMax).
+        ssid_bits: u8,
+    },
+}
+
+impl CdTableFormat {
+    /// Chooses the format for `ssid_bits` (at most 20): linear when one leaf would hold the whole table or when
+    /// the SMMU has no 2-level CD tables (IDR0.CD2L = 0), else 2-level.
+    pub fn choose(ssid_bits: u8, two_level_supported: bool) -> Self {
+        let ssid_bits = ssid_bits.min(20);
+        if ssid_bits <= CD_SPLIT || !two_level_supported {
+            CdTableFormat::Linear { ssid_bits }
+        } else {
+            CdTableFormat::TwoLevel { ssid_bits }
+        }
+    }
+
+    /// The STE's S1CDMax.
+    pub fn ssid_bits(&self) -> u8 {
+        match *self {
+            CdTableFormat::Linear { ssid_bits } | CdTableFormat::TwoLevel { ssid_bits } => ssid_bits,
+        }
+    }
+}
+
+impl fmt::Display for CdTableFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            CdTableFormat::Linear { ssid_bits } => write!(f, "linear CD table of {} CDs", 1u32 << ssid_bits),
+            CdTableFormat::TwoLevel { ssid_bits } => write!(
+                f,
+                "2-level CD table: {} level-1 descriptors, leaves of {} CDs",
+                1u32 << (ssid_bits - CD_SPLIT),
+                1u32 << CD_SPLIT
+            ),
+        }
+    }
+}
+
+/// Why a CD could not be installed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CdTableError {
+    /// The SubstreamID is beyond the table.
+    UnknownSubstream {
+        /// The SubstreamID.
+        ssid: u32,
+        /// SubstreamID bits the table covers.
+        ssid_bits: u8,
+    },
+    /// No memory for the table or a leaf.
+    NoMemory(AllocError),
+}
+
+impl fmt::Display for CdTableError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CdTableError::UnknownSubstream { ssid, ssid_bits } => {
+                write!(f, "SubstreamID {ssid:#x} is beyond the {ssid_bits}-bit CD table")
+            }
+            CdTableError::NoMemory(e) => write!(f, "CD table: {e}"),
+        }
+    }
+}
+
+/// A CD table in memory.
+pub struct CdTable {
+    format: CdTableFormat,
+    base: DmaBlock,
+    /// 2-level only: the CPU address of each leaf (0 when not allocated).
+    leaves: Option<DmaBlock>,
+    coherency: Coherency,
+}
+
+/// What a CD installation did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CdWriteReport {
+    /// The hitless writer's path.
+    pub kind: UpdateKind,
+    /// Invalidation rounds (the caller's `sync` calls).
+    pub syncs: u32,
+    /// A leaf table was allocated and published.
+    pub new_leaf: bool,
+}
+
+struct CdWriter<'a, F: FnMut(bool)> {
+    words: &'a [AtomicU64],
+    coherency: Coherency,
+    sync: F,
+    leaf_only: bool,
+    syncs: u32,
+}
+
+impl<F: FnMut(bool)> EntryWriter for CdWriter<'_, F> {
+    fn write_qword(&mut self, index: usize, value: u64) {
+        self.words[index].store(value, Ordering::Release);
+    }
+
+    fn sync(&mut self) {
+        self.coherency.clean(self.words.as_ptr().cast(), CD_BYTES);
+        self.syncs += 1;
+        (self.sync)(self.leaf_only);
+    }
+}
+
+impl CdTable {
+    /// Allocates an empty table (every CD invalid) of `format`.
+    ///
+    /// # Errors
+    /// [`CdTableError::NoMemory`]; nothing stays allocated then.
+    pub fn new(format: CdTableFormat, allocator: &impl FrameAllocator, coherent: bool) -> Result<Self, CdTableError> {
+        let coherency = Coherency { coherent };
+        let (base, leaves) = match format {
+            CdTableFormat::Linear { ssid_bits } => {
+                let size = CD_BYTES << ssid_bits;
+                (
+                    allocator
+                        .allocate_zeroed(size, size.max(64))
+                        .map_err(CdTableError::NoMemory)?,
+                    None,
+                )
+            }
+            CdTableFormat::TwoLevel { ssid_bits } => {
+                let size = 8usize << (ssid_bits - CD_SPLIT);
+                let base = allocator
+                    .allocate_zeroed(size, size.max(64))
+                    .map_err(CdTableError::NoMemory)?;
+                match allocator.allocate_zeroed(size, 8) {
+                    Ok(leaves) => (base, Some(leaves)),
+                    Err(e) => {
+                        // SAFETY: just allocated, never shared.
+                        unsafe { allocator.free(base) };
+                        return Err(CdTableError::NoMemory(e));
+                    }
+                }
+            }
+        };
+        coherency.clean(base.virt.as_ptr(), base.size);
+        Ok(CdTable {
+            format,
+            base,
+            leaves,
+            coherency,
+        })
+    }
+
+    /// The format (the STE's S1Fmt and S1CDMax).
+    pub fn format(&self) -> CdTableFormat {
+        self.format
+    }
+
+    /// The table's physical address (the STE's S1ContextPtr).
+    pub fn base(&self) -> PhysAddr {
+        self.base.phys
+    }
+
+    fn check(&self, ssid: u32) -> Result<(), CdTableError> {
+        let ssid_bits = self.format.ssid_bits();
+        if u64::from(ssid) >> ssid_bits != 0 {
+            return Err(CdTableError::UnknownSubstream { ssid, ssid_bits });
+        }
+        Ok(())
+    }
+
+    fn existing(&self, ssid: u32) -> Option<&[AtomicU64]> {
+        match self.format {
+            CdTableFormat::Linear { .. } => {
+                // SAFETY: the block is live for the life of `self` and accessed atomically.
+                Some(&unsafe { self.base.words() }[ssid as usize * 8..][..8])
+            }
+            CdTableFormat::TwoLevel { .. } => {
+                let leaves = self.leaves.as_ref()?;
+                // SAFETY: as above.
+                let pointer = unsafe { leaves.words() }[(ssid >> CD_SPLIT) as usize].load(Ordering::Relaxed);
+                if pointer == 0 {
+                    return None;
+                }
+                // SAFETY: a live leaf of 2^CD_SPLIT CDs allocated by `write` and kept for the table's life.
+                let leaf = unsafe { core::slice::from_raw_parts(pointer as *const AtomicU64, 8 << CD_SPLIT) };
+                let index = (ssid & ((1 << CD_SPLIT) - 1)) as usize;
+                Some(&leaf[index * 8..][..8])
+            }
+        }
+    }
+
+    /// The CD installed for `ssid` (invalid when none is).
+    ///
+    /// # Errors
+    /// [`CdTableError::UnknownSubstream`].
+    pub fn read(&self, ssid: u32) -> Result<Cd, CdTableError> {
+        self.check(ssid)?;
+        Ok(match self.existing(ssid) {
+            Some(words) => Cd(core::array::from_fn(|i| words[i].load(Ordering::Relaxed))),
+            None => Cd::invalid(),
+        })
+    }
+
+    /// Installs `target` for `ssid` through the hitless writer. `sync(leaf)` must issue CFGI_CD (with `leaf`;
+    /// `false` when a level-1 descriptor changed too) for every stream using this table, then CMD_SYNC.
+    ///
+    /// # Errors
+    /// [`CdTableError::UnknownSubstream`], [`CdTableError::NoMemory`] for a leaf; nothing changes then.
+    pub fn write(
+        &mut self,
+        ssid: u32,
+        target: &Cd,
+        allocator: &impl FrameAllocator,
+        sync: impl FnMut(bool),
+    ) -> Result<CdWriteReport, CdTableError> {
+        self.check(ssid)?;
+        let mut new_leaf = false;
+        if self.existing(ssid).is_none() {
+            if *target == Cd::invalid() {
+                // Nothing to clear where no leaf exists.
+                return Ok(CdWriteReport {
+                    kind: UpdateKind::NoChange,
+                    syncs: 0,
+                    new_leaf: false,
+                });
+            }
+            let size = CD_BYTES << CD_SPLIT;
+            let leaf = allocator.allocate_zeroed(size, size).map_err(CdTableError::NoMemory)?;
+            self.coherency.clean(leaf.virt.as_ptr(), leaf.size);
+            let descriptor = cd::l1_cd_descriptor(leaf.phys).unwrap_or(0);
+            let l1 = (ssid >> CD_SPLIT) as usize;
+            if let Some(leaves) = &self.leaves {
+                // SAFETY: live block, atomic access.
+                let words = unsafe { leaves.words() };
+                words[l1].store(leaf.virt.as_ptr() as u64, Ordering::Relaxed);
+            }
+            crate::mem::write_barrier();
+            // SAFETY: live block, atomic access; the SMMU reads the descriptor as one 64-bit word.
+            let words = unsafe { self.base.words() };
+            words[l1].store(descriptor, Ordering::Release);
+            self.coherency.clean(core::ptr::from_ref(&words[l1]).cast(), 8);
+            // The leaf is kept for the table's life: `leaves` records its CPU address, the descriptor its
+            // physical address, and `free` rebuilds the block from both.
+            new_leaf = true;
+        }
+        let words = self.existing(ssid).unwrap_or(&[]);
+        let live: [u64; 8] = core::array::from_fn(|i| words[i].load(Ordering::Relaxed));
+        let mut writer = CdWriter {
+            words,
+            coherency: self.coherency,
+            sync,
+            leaf_only: !new_leaf,
+            syncs: 0,
+        };
+        let kind = hitless::update_entry::<Cd>(&live, &target.0, &mut writer);
+        Ok(CdWriteReport {
+            kind,
+            syncs: writer.syncs,
+            new_leaf,
+        })
+    }
+
+    /// Returns the table and its leaves to `allocator`.
+    ///
+    /// # Safety
+    /// No STE may point to the table any more (and that change must have been invalidated), and `allocator` must
+    /// be the one the table came from.
+    pub unsafe fn free(self, allocator: &impl FrameAllocator) {
+        if let Some(leaves) = &self.leaves {
+            // SAFETY: both blocks are live until freed below.
+            let (pointers, l1) = unsafe { (leaves.words(), self.base.words()) };
+            for (pointer, descriptor) in pointers.iter().zip(l1) {
+                if let Some(virt) = core::ptr::NonNull::new(pointer.load(Ordering::Relaxed) as *mut u8) {
+                    let phys = PhysAddr(descriptor.load(Ordering::Relaxed) & cd::L1_CD_L2PTR_MASK);
+                    // SAFETY: allocated by `write` with this size; the caller guarantees nothing reads it.
+                    unsafe {
+                        allocator.free(DmaBlock {
+                            phys,
+                            virt,
+                            size: CD_BYTES << CD_SPLIT,
+                        })
+                    };
+                }
+            }
+        }
+        // SAFETY: as above.
+        unsafe {
+            if let Some(leaves) = self.leaves {
+                allocator.free(leaves);
+            }
+            allocator.free(self.base);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+
+    use super::*;
+    use crate::hw::cd::CdConfig;
+    use crate::hw::ste::{Cacheability, Shareability};
+    use crate::testing::HeapFrames;
+    use std::vec::Vec;
+
+    fn cd(asid: u16) -> Cd {
+        Cd::new(&CdConfig {
+            asid,
+            table: PhysAddr(0x4800_0000),
+            t0sz: 16,
+            granule: cd::Granule::Size4K,
+            ips: 4,
+            cacheability: Cacheability::WriteBackAllocate,
+            shareability: Shareability::Inner,
+            mair: 0x4_ff44,
+            record_faults: true,
+            abort_on_fault: true,
+            stall: false,
+            private_asid: true,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn format_choice() {
+        assert_eq!(CdTableFormat::choose(0, true), CdTableFormat::Linear { ssid_bits: 0 });
+        assert_eq!(CdTableFormat::choose(10, true), CdTableFormat::Linear { ssid_bits: 10 });
+        assert_eq!(
+            CdTableFormat::choose(16, true),
+            CdTableFormat::TwoLevel { ssid_bits: 16 }
+        );
+        assert_eq!(
+            CdTableFormat::choose(16, false),
+            CdTableFormat::Linear { ssid_bits: 16 }
+        );
+        assert_eq!(
+            CdTableFormat::choose(25, true),
+            CdTableFormat::TwoLevel { ssid_bits: 20 }
+        );
+    }
+
+    #[test]
+    fn single_cd_table_as_on_qemu() {
+        let frames = HeapFrames::default();
+        let mut table = CdTable::new(CdTableFormat::Linear { ssid_bits: 0 }, &frames, true).unwrap();
+        let mut syncs = Vec::new();
+        let report = table.write(0, &cd(5), &frames, |leaf| syncs.push(leaf)).unwrap();
+        assert_eq!(
+            (report.kind, report.syncs, report.new_leaf),
+            (UpdateKind::Hitless, 2, false)
+        );
+        assert_eq!(syncs, [true, true], "CFGI_CD with Leaf: only the CD changed");
+        assert_eq!(table.read(0), Ok(cd(5)));
+        assert_eq!(
+            table.write(1, &cd(5), &frames, |_| {}),
+            Err(CdTableError::UnknownSubstream { ssid: 1, ssid_bits: 0 })
+        );
+        // SAFETY: nothing points to it.
+        unsafe { table.free(&frames) };
+        assert_eq!(frames.live_blocks(), 0);
+    }
+
+    #[test]
+    fn two_level_table_allocates_leaves_on_first_use() {
+        let frames = HeapFrames::default();
+        let mut table = CdTable::new(CdTableFormat::TwoLevel { ssid_bits: 16 }, &frames, true).unwrap();
+        // Clearing a CD whose leaf does not exist allocates nothing.
+        let r = table
+            .write(0x4321, &Cd::invalid(), &frames, |_| panic!("no sync needed"))
+            .unwrap();
+        assert_eq!((r.kind, r.new_leaf), (UpdateKind::NoChange, false));
+        assert_eq!(frames.live_blocks(), 2);
+        let mut syncs = Vec::new();
+        let r = table.write(0x4321, &cd(9), &frames, |leaf| syncs.push(leaf)).unwrap();
+        assert!(r.new_leaf);
+        assert_eq!(syncs, [false, false], "a new level-1 descriptor: CFGI_CD without Leaf");
+        assert_eq!(table.read(0x4321), Ok(cd(9)));
+        assert_eq!(table.read(0x4322), Ok(Cd::invalid()));
+        // Walk as the SMMU: level-1 descriptor 0x10 -> leaf -> CD 0x321.
+        // SAFETY: the level-1 table is live.
+        let l1 = unsafe { table.base.words() }[0x4321 >> CD_SPLIT].load(Ordering::Relaxed);
+        assert_eq!(l1 & cd::L1_CD_V, 1);
+        let leaf = frames.virt(l1 & cd::L1_CD_L2PTR_MASK) as *const u64;
+        // SAFETY: the leaf is live.
+        assert_eq!(unsafe { leaf.add(0x321 * 8).read() }, cd(9).0[0]);
+        // Same leaf, another CD: Leaf invalidation.
+        let mut syncs = Vec::new();
+        let r = table.write(0x4322, &cd(10), &frames, |leaf| syncs.push(leaf)).unwrap();
+        assert!(!r.new_leaf);
+        assert!(syncs.iter().all(|leaf| *leaf));
+        // ASID change of a live CD: one qword, one sync.
+        assert_eq!(table.write(0x4322, &cd(11), &frames, |_| {}).unwrap().syncs, 1);
+        assert_eq!(
+            table.write(0x1_0000, &cd(1), &frames, |_| {}),
+            Err(CdTableError::UnknownSubstream {
+                ssid: 0x1_0000,
+                ssid_bits: 16
+            })
+        );
+        // SAFETY: nothing points to it.
+        unsafe { table.free(&frames) };
+        assert_eq!(frames.live_blocks(), 0);
+    }
+
+    #[test]
+    fn no_memory_for_a_leaf_changes_nothing() {
+        let frames = HeapFrames::with_limit(2 * 512);
+        let mut table = CdTable::new(CdTableFormat::TwoLevel { ssid_bits: 16 }, &frames, true).unwrap();
+        let error = table.write(7, &cd(1), &frames, |_| panic!("nothing written"));
+        assert!(matches!(error, Err(CdTableError::NoMemory(_))), "{error:?}");
+        assert_eq!(table.read(7), Ok(Cd::invalid()));
+        // SAFETY: nothing points to it.
+        unsafe { table.free(&frames) };
+    }
+}

@@ -1,0 +1,100 @@
+//! Host-test support: a [`FrameAllocator`] over the host heap that punishes the mistakes it stands for.
+//! Physical addresses differ from CPU addresses by a large offset (so code that treats one as the other breaks),
+//! alignment is checked, freed blocks are poisoned, and double or foreign frees panic.
+
+extern crate std;
+
+use std::alloc::{Layout, alloc_zeroed, dealloc};
+use std::cell::RefCell;
+use std::vec::Vec;
+
+use core::ptr::NonNull;
+
+use crate::mem::{AllocError, DmaBlock, FrameAllocator, PhysAddr};
+
+/// Added to a CPU address to make its fake physical address (aligned far beyond any request).
+pub(crate) const PHYS_OFFSET: u64 = 1 << 44;
+
+/// The fake allocator.
+#[derive(Default)]
+pub(crate) struct HeapFrames {
+    live: RefCell<Vec<(usize, Layout)>>,
+    /// Bytes a test allows before allocations fail (None: unlimited).
+    pub(crate) limit: Option<usize>,
+    used: RefCell<usize>,
+}
+
+impl HeapFrames {
+    pub(crate) fn with_limit(limit: usize) -> Self {
+        HeapFrames {
+            limit: Some(limit),
+            ..Default::default()
+        }
+    }
+
+    /// Blocks currently allocated.
+    pub(crate) fn live_blocks(&self) -> usize {
+        self.live.borrow().len()
+    }
+
+    /// The CPU pointer of a fake physical address inside a live block.
+    pub(crate) fn virt(&self, phys: u64) -> *mut u8 {
+        let address = (phys - PHYS_OFFSET) as usize;
+        assert!(
+            self.live
+                .borrow()
+                .iter()
+                .any(|(start, layout)| (*start..start + layout.size()).contains(&address)),
+            "physical address {phys:#x} is not in a live block"
+        );
+        address as *mut u8
+    }
+}
+
+// SAFETY: blocks come from the global allocator with the requested alignment (and a physical address that keeps
+// it), zeroed, owned by the caller until freed.
+unsafe impl FrameAllocator for HeapFrames {
+    fn allocate_zeroed(&self, size: usize, align: usize) -> Result<DmaBlock, AllocError> {
+        if size == 0 || !align.is_power_of_two() {
+            return Err(AllocError::BadRequest { size, align });
+        }
+        if let Some(limit) = self.limit
+            && *self.used.borrow() + size > limit
+        {
+            return Err(AllocError::OutOfMemory { size });
+        }
+        let layout = Layout::from_size_align(size, align).map_err(|_| AllocError::BadRequest { size, align })?;
+        // SAFETY: the layout has a non-zero size.
+        let pointer = unsafe { alloc_zeroed(layout) };
+        let virt = NonNull::new(pointer).ok_or(AllocError::OutOfMemory { size })?;
+        self.live.borrow_mut().push((pointer as usize, layout));
+        *self.used.borrow_mut() += size;
+        Ok(DmaBlock {
+            phys: PhysAddr(pointer as u64 + PHYS_OFFSET),
+            virt,
+            size,
+        })
+    }
+
+    unsafe fn free(&self, block: DmaBlock) {
+        let address = block.virt.as_ptr() as usize;
+        assert_eq!(
+            block.phys.0,
+            address as u64 + PHYS_OFFSET,
+            "block's physical address was altered"
+        );
+        let mut live = self.live.borrow_mut();
+        let index = live
+            .iter()
+            .position(|(a, _)| *a == address)
+            .expect("free of a block that is not live");
+        let (_, layout) = live.swap_remove(index);
+        assert_eq!(layout.size(), block.size, "free with the wrong size");
+        *self.used.borrow_mut() -= block.size;
+        // SAFETY: the block is live and ours; poison it so a use after free shows.
+        unsafe {
+            core::ptr::write_bytes(block.virt.as_ptr(), 0xa5, block.size);
+            dealloc(block.virt.as_ptr(), layout);
+        }
+    }
+}
