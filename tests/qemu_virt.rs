@@ -44,7 +44,24 @@ fn default_scenarios_are_the_demo() {
     let outcome = Run::new(Board::QemuVirt, Stage::Nested, &[])
         .execute(&firmware(Board::QemuVirt))
         .unwrap();
-    outcome.assert_passed(&["probe", "edu-ident"]);
+    let demo = ["probe", "edu-ident", "init", "abort-default", "bypass"];
+    // abort-default provokes bad-stream records for edu's stream (StreamID 0x10) on purpose.
+    outcome.assert_passed_provoking(
+        &demo,
+        |e| (e.contains("_C_BAD_STE ") || e.contains("_C_BAD_STREAMID ")) && e.ends_with("sid=0x10"),
+        0,
+    );
+    assert_eq!(outcome.scenarios().len(), demo.len(), "{}", outcome.report());
+    assert!(
+        outcome.console.contains("stream table at"),
+        "the demo prints the stream table it chose\n{}",
+        outcome.report()
+    );
+    assert!(
+        outcome.console.contains("command queue at"),
+        "the demo prints its queues\n{}",
+        outcome.report()
+    );
 }
 
 #[test]

@@ -84,3 +84,33 @@ pub fn remaining() -> usize {
     let pool = POOL.lock();
     pool.end - pool.next
 }
+
+/// The frame pool as the driver's [`smmuv3::FrameAllocator`]: identity-mapped, so a block's CPU address is its
+/// physical address.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Frames;
+
+// SAFETY: `alloc` hands out zeroed, physically contiguous ranges of identity-mapped normal RAM that nothing else
+// uses, aligned as asked (at least a frame); RAM is mapped write-back cacheable and QEMU's SMMU is coherent.
+unsafe impl smmuv3::FrameAllocator for Frames {
+    fn allocate_zeroed(&self, size: usize, align: usize) -> Result<smmuv3::DmaBlock, smmuv3::mem::AllocError> {
+        if size == 0 || !align.is_power_of_two() {
+            return Err(smmuv3::mem::AllocError::BadRequest { size, align });
+        }
+        let address = alloc(size, align).map_err(|_| smmuv3::mem::AllocError::OutOfMemory { size })?;
+        let virt = core::ptr::NonNull::new(address as *mut u8).ok_or(smmuv3::mem::AllocError::OutOfMemory { size })?;
+        Ok(smmuv3::DmaBlock {
+            phys: smmuv3::PhysAddr(address as u64),
+            virt,
+            size,
+        })
+    }
+
+    unsafe fn free(&self, block: smmuv3::DmaBlock) {
+        if block.size <= FRAME_SIZE {
+            // SAFETY: the caller guarantees the block came from this pool and is no longer used.
+            unsafe { free_frame(block.virt.as_ptr() as usize) };
+        }
+        // Larger blocks are not reused: the pool serves one test run.
+    }
+}

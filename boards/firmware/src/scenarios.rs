@@ -43,7 +43,17 @@ macro_rules! fail {
 type Scenario = fn(&mut Context) -> Result<(), Failure>;
 
 /// Every scenario the firmware knows, by its contract name.
-pub const SCENARIOS: &[(&str, Scenario)] = &[("probe", probe), ("edu-ident", edu_ident)];
+pub const SCENARIOS: &[(&str, Scenario)] = &[
+    ("probe", probe),
+    ("edu-ident", edu_ident),
+    ("init", core_smmu::init),
+    ("abort-default", core_smmu::abort_default),
+    ("bypass", core_smmu::bypass),
+    ("cmdq-error", core_smmu::cmdq_error),
+    ("evtq-overflow", core_smmu::evtq_overflow),
+];
+
+mod core_smmu;
 
 /// Runs the named scenarios in order; returns how many failed.
 pub fn run_all(context: &mut Context) -> usize {
@@ -213,7 +223,15 @@ fn edu_ident(context: &mut Context) -> Result<(), Failure> {
             smmu.global_bypass_aborts() as u8
         )
     }
-    const LEN: usize = 256;
+    let (from, to) = round_trip(&edu, 256)?;
+    println!("edu DMA: 256 bytes {from:#x} -> edu buffer -> {to:#x}, verified");
+    Ok(())
+}
+
+/// Moves a pattern from one RAM page into edu's buffer and back into another RAM page (bus addresses = physical
+/// addresses: the stream must be untranslated), then checks every byte, and that nothing beyond `len` changed.
+/// Returns the two pages' addresses.
+fn round_trip(edu: &Edu, len: usize) -> Result<(u64, u64), Failure> {
     // SAFETY: scenarios run one at a time on one CPU, so this is the only reference to the pages while it lives.
     let pages = unsafe { &mut *core::ptr::addr_of_mut!(EDU_PAGES) };
     let [source, destination] = pages;
@@ -223,22 +241,36 @@ fn edu_ident(context: &mut Context) -> Result<(), Failure> {
     destination.0.fill(0xee);
     let source_pa = source.0.as_ptr() as u64;
     let destination_pa = destination.0.as_ptr() as u64;
-    edu.dma(Direction::ToDevice, source_pa, 0, LEN as u64)
+    edu.dma(Direction::ToDevice, source_pa, 0, len as u64)
         .or_else(|e| fail!("RAM -> edu: {e}"))?;
-    edu.dma(Direction::FromDevice, destination_pa, 0, LEN as u64)
+    edu.dma(Direction::FromDevice, destination_pa, 0, len as u64)
         .or_else(|e| fail!("edu -> RAM: {e}"))?;
     // SAFETY: the device wrote this memory behind the compiler's back; read it volatile after the DSB in `dma`.
     let arrived = |i: usize| unsafe { core::ptr::read_volatile(&destination.0[i]) };
-    if let Some(i) = (0..LEN).find(|&i| arrived(i) != source.0[i]) {
+    if let Some(i) = (0..len).find(|&i| arrived(i) != source.0[i]) {
         fail!(
             "DMA round trip corrupted byte {i}: expected {:#x}, found {:#x}",
             source.0[i],
             arrived(i)
         )
     }
-    if let Some(i) = (LEN..4096).find(|&i| arrived(i) != 0xee) {
-        fail!("DMA wrote past its {LEN} bytes (byte {i} changed)")
+    if let Some(i) = (len..4096).find(|&i| arrived(i) != 0xee) {
+        fail!("DMA wrote past its {len} bytes (byte {i} changed)")
     }
-    println!("edu DMA: {LEN} bytes {source_pa:#x} -> edu buffer -> {destination_pa:#x}, verified");
-    Ok(())
+    Ok((source_pa, destination_pa))
+}
+
+/// Fills the destination page with `canary`, asks edu to write `len` bytes of its buffer there, and returns
+/// whether the canary survived (the write was aborted) and the page's address.
+fn dma_onto_canary(edu: &Edu, len: usize, canary: u8) -> Result<(bool, u64), Failure> {
+    // SAFETY: as in `round_trip`.
+    let pages = unsafe { &mut *core::ptr::addr_of_mut!(EDU_PAGES) };
+    let destination = &mut pages[1];
+    destination.0.fill(canary);
+    let pa = destination.0.as_ptr() as u64;
+    edu.dma(Direction::FromDevice, pa, 0, len as u64)
+        .or_else(|e| fail!("edu -> RAM: {e}"))?;
+    // SAFETY: as in `round_trip`.
+    let intact = (0..4096).all(|i| unsafe { core::ptr::read_volatile(&destination.0[i]) } == canary);
+    Ok((intact, pa))
 }

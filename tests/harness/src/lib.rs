@@ -416,11 +416,26 @@ impl Outcome {
     }
 
     /// Asserts that each of `names` printed PASS, that every scenario line is a PASS, that the firmware exited with
-    /// status 0, and that QEMU's SMMU recorded no command error.
+    /// status 0, and that QEMU's SMMU recorded no event and no command error: nothing was provoked.
     ///
     /// # Panics
     /// With [`Outcome::report`] when any of that does not hold.
     pub fn assert_passed(&self, names: &[&str]) {
+        self.assert_passed_provoking(names, |_| false, 0);
+    }
+
+    /// As [`Outcome::assert_passed`], for runs whose scenarios provoke SMMU events and command errors on purpose:
+    /// every event QEMU traced must satisfy `expected_event` (given the trace text, e.g. `C_BAD_STE sid=0x10`), and
+    /// exactly `command_errors` command errors must have been traced.
+    ///
+    /// # Panics
+    /// With [`Outcome::report`] when any of that does not hold.
+    pub fn assert_passed_provoking(
+        &self,
+        names: &[&str],
+        expected_event: impl Fn(&str) -> bool,
+        command_errors: usize,
+    ) {
         for name in names {
             match self.scenario(name) {
                 Some(Ok(())) => {}
@@ -431,9 +446,17 @@ impl Outcome {
         let failed: Vec<_> = self.scenarios().into_iter().filter(|s| s.result.is_err()).collect();
         assert!(failed.is_empty(), "failed scenarios: {failed:?}\n{}", self.report());
         assert_eq!(self.exit_code, Some(0), "firmware exit status\n{}", self.report());
+        let errors = self.command_errors();
+        assert_eq!(
+            errors.len(),
+            command_errors,
+            "QEMU traced command errors: {errors:?}\n{}",
+            self.report()
+        );
+        let unexpected: Vec<String> = self.smmu_events().into_iter().filter(|e| !expected_event(e)).collect();
         assert!(
-            self.command_errors().is_empty(),
-            "QEMU traced command errors\n{}",
+            unexpected.is_empty(),
+            "QEMU traced unexpected SMMU events: {unexpected:?}\n{}",
             self.report()
         );
     }

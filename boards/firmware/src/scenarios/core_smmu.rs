@@ -1,0 +1,330 @@
+//! Scenarios of the SMMU core: init, aborting and bypassing streams, command errors, event queue overflow. Each
+//! initialises the SMMU itself and shuts it down at the end (back to QEMU's reset state, global bypass), so
+//! scenarios run in any order.
+
+use core::fmt::Write;
+use core::ops::{Deref, DerefMut};
+
+use smmuv3::active::{ActiveSmmu, InitOptions};
+use smmuv3::hw::command::Command;
+use smmuv3::hw::event::Event;
+use smmuv3::hw::ste::Ste;
+use smmuv3::queue::cmdq::Batch;
+use smmuv3::queue::evtq::DrainReport;
+use smmuv3::stream::StreamTableFormat;
+
+use super::{Context, Failure, dma_onto_canary, find_edu, round_trip, smmu};
+use crate::edu::Edu;
+use crate::frames::Frames;
+use crate::println;
+
+/// An initialised SMMU, shut down when the scenario ends, however it ends.
+struct Session(Option<ActiveSmmu<Frames>>);
+
+impl Deref for Session {
+    type Target = ActiveSmmu<Frames>;
+    fn deref(&self) -> &Self::Target {
+        self.0
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("a session holds its SMMU until dropped"))
+    }
+}
+
+impl DerefMut for Session {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.0
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("a session holds its SMMU until dropped"))
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(active) = self.0.take()
+            && let Err(e) = active.shutdown(true)
+        {
+            println!("  SMMU shutdown failed: {e}");
+        }
+    }
+}
+
+fn start(context: &Context, options: &InitOptions) -> Result<Session, Failure> {
+    let smmu = smmu(context)?;
+    match smmu.init(Frames, options) {
+        Ok(active) => Ok(Session(Some(active))),
+        Err(e) => fail!("{e}"),
+    }
+}
+
+/// Events drained by [`drain`]: how many of each interesting kind, and the first few for the console.
+#[derive(Default)]
+struct Drained {
+    report: DrainReport,
+    first: heapless::Vec<Event, 4>,
+    /// C_BAD_STE or C_BAD_STREAMID for the expected stream.
+    bad_stream: u32,
+    /// Anything else.
+    other: u32,
+}
+
+fn drain(session: &mut Session, sid: Option<u32>) -> Result<Drained, Failure> {
+    let mut d = Drained::default();
+    let report = session.drain_events(|event| {
+        let bad = matches!(event.name(), "C_BAD_STE" | "C_BAD_STREAMID");
+        if bad && sid.is_some() && event.stream_id() == sid {
+            d.bad_stream += 1;
+        } else {
+            d.other += 1;
+        }
+        let _ = d.first.push(event);
+    });
+    match report {
+        Ok(r) => d.report = r,
+        Err(e) => fail!("{e}"),
+    }
+    for e in &d.first {
+        println!("  event: {e}");
+    }
+    Ok(d)
+}
+
+fn expect_quiet(session: &mut Session, what: &str) -> Result<(), Failure> {
+    let d = drain(session, None)?;
+    if d.report.events != 0 || d.report.overflow.is_some() {
+        fail!(
+            "{what}: {} unexpected event(s), overflow {:?}",
+            d.report.events,
+            d.report.overflow
+        )
+    }
+    match session.handle_global_errors() {
+        Ok(errors) if errors.is_empty() => Ok(()),
+        Ok(errors) => fail!("{what}: global errors {errors}"),
+        Err(e) => fail!("{what}: {e}"),
+    }
+}
+
+fn edu_stream(context: &Context) -> Result<(Edu, u32), Failure> {
+    let edu = find_edu(context)?;
+    let rid = edu.bdf().requester_id();
+    let Some(sid) = context.platform.pcie.iommu_map.stream_id(rid) else {
+        fail!(
+            "edu {} (requester ID {rid:#x}) is not behind the SMMU (iommu-map)",
+            edu.bdf()
+        )
+    };
+    Ok((edu, sid))
+}
+
+/// `init`: initialise in the architecture's order with a 2-level stream table (when the SMMU has one and its
+/// StreamIDs need it), allocate a level-2 span on first attach, submit a batch with one PROD write, and see no
+/// event or error.
+pub fn init(context: &mut Context) -> Result<(), Failure> {
+    let mut s = start(context, &InitOptions::default())?;
+    let configuration = s.configuration();
+    println!("{configuration}");
+    if !s.is_enabled() {
+        fail!("SMMUEN not acknowledged after init")
+    }
+    let f = *s.features();
+    let wants_two_level = f.stream_table_two_level && f.sid_bits > smmuv3::stream::SPLIT;
+    if wants_two_level != matches!(s.stream_table_format(), StreamTableFormat::TwoLevel { .. }) {
+        fail!(
+            "stream table format {} for SIDSIZE {} (2-level supported: {})",
+            s.stream_table_format(),
+            f.sid_bits,
+            f.stream_table_two_level
+        )
+    }
+    let sid = context.platform.pcie.iommu_map.stream_id(0x10).unwrap_or(0x10);
+    let first = s.attach_abort(sid).or_else(|e| fail!("attach_abort({sid:#x}): {e}"))?;
+    println!(
+        "  attach_abort({sid:#x}): {:?}, {} sync(s), new level-2 span: {}",
+        first.kind, first.syncs, first.new_span
+    );
+    if wants_two_level && (!first.new_span || s.allocated_spans() != 1) {
+        fail!(
+            "the first STE of a 2-level table did not allocate exactly one span ({} spans)",
+            s.allocated_spans()
+        )
+    }
+    match s.ste(sid) {
+        Ok(ste) if ste == Ste::abort() => {}
+        Ok(ste) => fail!("STE {sid:#x} reads back {:x?}", ste.0),
+        Err(e) => fail!("{e}"),
+    }
+    let again = s.attach_abort(sid).or_else(|e| fail!("{e}"))?;
+    if again.syncs != 0 {
+        fail!("rewriting an identical STE cost {} syncs", again.syncs)
+    }
+    // A batch: 32 CFGI_STEs of the span and a TLBI, one PROD write, one CMD_SYNC.
+    let mut batch = Batch::new();
+    for i in 0..32 {
+        batch
+            .push(&Command::CfgiSte {
+                sid: (sid & !0xff) | i,
+                leaf: true,
+            })
+            .or_else(|e| fail!("{e}"))?;
+    }
+    batch.push(&Command::TlbiNsnhAll).or_else(|e| fail!("{e}"))?;
+    let report = s.submit(&batch).or_else(|e| fail!("batch: {e}"))?;
+    println!(
+        "  batch: {} commands ({} CMD_SYNC) with {} PROD write(s), {} MMIO write(s) in all",
+        report.commands, report.syncs, report.prod_writes, report.mmio_writes
+    );
+    if report.prod_writes != 1 || report.commands != 34 || report.fault_count != 0 {
+        fail!(
+            "batch of 33 + CMD_SYNC took {} PROD writes, {} faults",
+            report.prod_writes,
+            report.fault_count
+        )
+    }
+    s.invalidate_all().or_else(|e| fail!("invalidate all: {e}"))?;
+    expect_quiet(&mut s, "after init")
+}
+
+/// `abort-default`: a stream nobody configured cannot write memory (its DMA is aborted, a canary survives, the
+/// SMMU reports the bad stream); an explicitly aborting stream is silent.
+pub fn abort_default(context: &mut Context) -> Result<(), Failure> {
+    let mut s = start(context, &InitOptions::default())?;
+    let (edu, sid) = edu_stream(context)?;
+    let (intact, pa) = dma_onto_canary(&edu, 256, 0xc5)?;
+    if !intact {
+        fail!("edu wrote {pa:#x} through an unconfigured stream {sid:#x}")
+    }
+    let d = drain(&mut s, Some(sid))?;
+    println!(
+        "  unconfigured stream {sid:#x}: DMA to {pa:#x} aborted, canary intact, {} event(s)",
+        d.report.events
+    );
+    if d.bad_stream == 0 || d.other != 0 {
+        fail!(
+            "expected only C_BAD_STE/C_BAD_STREAMID for {sid:#x}: {} such, {} other",
+            d.bad_stream,
+            d.other
+        )
+    }
+    s.attach_abort(sid).or_else(|e| fail!("{e}"))?;
+    let (intact, _) = dma_onto_canary(&edu, 256, 0x3a)?;
+    if !intact {
+        fail!("edu wrote through an aborting STE")
+    }
+    expect_quiet(&mut s, "abort STE")?;
+    println!("  aborting STE: DMA aborted silently, canary intact");
+    Ok(())
+}
+
+/// `bypass`: an explicitly bypassed stream reaches RAM with physical addresses.
+pub fn bypass(context: &mut Context) -> Result<(), Failure> {
+    let mut s = start(context, &InitOptions::default())?;
+    let (edu, sid) = edu_stream(context)?;
+    let r = s.attach_bypass(sid).or_else(|e| fail!("{e}"))?;
+    let (from, to) = round_trip(&edu, 256)?;
+    println!(
+        "  bypass STE for {sid:#x} ({:?}, {} sync(s)): 256 bytes {from:#x} -> edu -> {to:#x}, verified",
+        r.kind, r.syncs
+    );
+    expect_quiet(&mut s, "bypass")
+}
+
+/// The opcode injected by `cmdq-error`: reserved in IHI 0070, so the SMMU must refuse it with CERROR_ILL.
+const ILLEGAL_OPCODE: u64 = 0x7f;
+
+/// `cmdq-error`: an illegal command in the middle of a batch is reported (CERROR_ILL), skipped, and the commands
+/// after it complete; the queue keeps working.
+pub fn cmdq_error(context: &mut Context) -> Result<(), Failure> {
+    let mut s = start(context, &InitOptions::default())?;
+    let mut batch = Batch::new();
+    batch.push(&Command::CfgiAll).or_else(|e| fail!("{e}"))?;
+    batch.push_words([ILLEGAL_OPCODE, 0]);
+    batch.push(&Command::TlbiNsnhAll).or_else(|e| fail!("{e}"))?;
+    batch.push(&Command::CfgiAll).or_else(|e| fail!("{e}"))?;
+    let report = s
+        .submit(&batch)
+        .or_else(|e| fail!("batch with an illegal command: {e}"))?;
+    for fault in &report.faults {
+        println!("  {fault}");
+    }
+    match report.faults.first() {
+        Some(f) if report.fault_count == 1 && f.code == 1 && f.words[0] & 0xff == ILLEGAL_OPCODE => {}
+        _ => fail!(
+            "expected one CERROR_ILL on opcode {ILLEGAL_OPCODE:#x}, got {} fault(s): {:?}",
+            report.fault_count,
+            report.faults
+        ),
+    }
+    // The queue goes on: a clean batch and an STE write (CFGI_STE + CMD_SYNC) complete without faults.
+    let clean = s.invalidate_all().or_else(|e| fail!("after the error: {e}"))?;
+    if clean.fault_count != 0 {
+        fail!("clean batch after the error faulted: {:?}", clean.faults)
+    }
+    s.attach_abort(0).or_else(|e| fail!("STE write after the error: {e}"))?;
+    println!(
+        "  CERROR_ILL reported and skipped; {} later commands completed",
+        report.commands - 2
+    );
+    expect_quiet(&mut s, "after the command error")
+}
+
+/// `evtq-overflow`: more faults than an 8-entry event queue holds; the loss is reported (however the SMMU
+/// signals it) and the driver keeps working: new events arrive, and a bypassed stream still does DMA.
+pub fn evtq_overflow(context: &mut Context) -> Result<(), Failure> {
+    let options = InitOptions {
+        eventq_log2_max: 3,
+        ..InitOptions::default()
+    };
+    let mut s = start(context, &options)?;
+    let (edu, sid) = edu_stream(context)?;
+    let capacity = s.eventq_entries();
+    // QEMU records one event per 4 faulting bytes: 256 bytes are 64 events for an 8-entry queue.
+    let (intact, _) = dma_onto_canary(&edu, 256, 0x77)?;
+    if !intact {
+        fail!("edu wrote through an unconfigured stream")
+    }
+    let d = drain(&mut s, Some(sid))?;
+    let Some(how) = d.report.overflow else {
+        fail!(
+            "{} events drained from a {capacity}-entry queue and no overflow reported",
+            d.report.events
+        )
+    };
+    println!(
+        "  {} of the events drained from a {capacity}-entry queue; {how}",
+        d.report.events
+    );
+    if d.report.events > capacity || d.other != 0 {
+        fail!(
+            "drained {} events ({} unexpected) from {capacity} entries",
+            d.report.events,
+            d.other
+        )
+    }
+    // Nothing left, nothing lost any more.
+    let d = drain(&mut s, Some(sid))?;
+    if d.report.events != 0 || d.report.overflow.is_some() {
+        fail!(
+            "second drain: {} events, overflow {:?}",
+            d.report.events,
+            d.report.overflow
+        )
+    }
+    // New faults are recorded again, within capacity.
+    let (intact, _) = dma_onto_canary(&edu, 16, 0x78)?;
+    let d = drain(&mut s, Some(sid))?;
+    if !intact || d.report.events == 0 || d.report.overflow.is_some() || d.other != 0 {
+        fail!(
+            "after overflow: canary intact {intact}, {} events, overflow {:?}",
+            d.report.events,
+            d.report.overflow
+        )
+    }
+    println!(
+        "  after the overflow: {} new event(s) recorded, no loss",
+        d.report.events
+    );
+    s.attach_bypass(sid).or_else(|e| fail!("{e}"))?;
+    round_trip(&edu, 64)?;
+    println!("  bypassed DMA after the overflow verified");
+    expect_quiet(&mut s, "after overflow")
+}
