@@ -213,15 +213,24 @@ impl Smmu {
         let evtq_log2 = features.eventq_log2_max.min(options.eventq_log2_max);
         let streams = StreamTable::new(format, &allocator, coherency).map_err(InitError::NoMemory)?;
         let cmdq_bytes = COMMAND_BYTES << cmdq_log2;
-        let cmdq_memory = allocator
-            .allocate_zeroed(cmdq_bytes, cmdq_bytes.max(32))
-            .map_err(InitError::NoMemory)?;
         let evtq_bytes = EVENT_BYTES << evtq_log2;
-        let evtq_memory = match allocator.allocate_zeroed(evtq_bytes, evtq_bytes.max(32)) {
-            Ok(m) => m,
+        let queues = allocator
+            .allocate_zeroed(cmdq_bytes, cmdq_bytes.max(32))
+            .and_then(|cmdq| {
+                match allocator.allocate_zeroed(evtq_bytes, evtq_bytes.max(32)) {
+                    Ok(evtq) => Ok((cmdq, evtq)),
+                    Err(e) => {
+                        // SAFETY: allocated just above and never shared with the SMMU.
+                        unsafe { allocator.free(cmdq) };
+                        Err(e)
+                    }
+                }
+            });
+        let (cmdq_memory, evtq_memory) = match queues {
+            Ok(q) => q,
             Err(e) => {
-                // SAFETY: allocated above and never shared with the SMMU.
-                unsafe { allocator.free(cmdq_memory) };
+                // SAFETY: the table was never handed to the SMMU.
+                unsafe { streams.free(&allocator) };
                 return Err(InitError::NoMemory(e));
             }
         };
@@ -631,5 +640,226 @@ impl fmt::Display for Configuration {
             self.asid_bits,
             self.vmid_bits
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The whole driver against a small model of an SMMU on the host: a thread that acknowledges CR0, IRQ_CTRL
+    //! and GBPA updates and consumes commands, recording what it saw when translation was switched on.
+    extern crate std;
+
+    use super::*;
+    use crate::hw::command::opcode;
+    use crate::testing::HeapFrames;
+    use core::ptr::NonNull;
+    use std::alloc::{Layout, alloc_zeroed, dealloc};
+    use std::sync::atomic::AtomicBool;
+    use std::sync::{Arc, Mutex};
+    use std::vec::Vec;
+
+    /// QEMU's nested SMMU: IDR0, IDR1 (SIDSIZE 16, queues 2^19), IDR3, IDR5 (OAS 44, 4K/16K/64K), AIDR v3.1.
+    const IDRS: [(usize, u32); 5] = [
+        (0x00, 0x0d44_101b),
+        (0x04, 0x0273_0010),
+        (0x0c, 0x1414),
+        (0x14, 0x74),
+        (0x1c, 1),
+    ];
+
+    #[derive(Default, Debug)]
+    struct Seen {
+        /// At the first CR0 write with SMMUEN: GBPA.ABORT, STRTAB_BASE, and the opcodes consumed so far.
+        at_enable: Option<(bool, u64, Vec<u8>)>,
+        consumed: Vec<u8>,
+    }
+
+    struct Model {
+        base: usize,
+        layout: Layout,
+        stop: Arc<AtomicBool>,
+        seen: Arc<Mutex<Seen>>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    fn reg32(base: usize, offset: usize) -> *mut u32 {
+        (base + offset) as *mut u32
+    }
+
+    impl Model {
+        fn start(frames: &'static HeapFrames) -> Model {
+            let layout = Layout::from_size_align(0x2_0000, 0x1_0000).unwrap();
+            // SAFETY: non-zero size.
+            let base = unsafe { alloc_zeroed(layout) } as usize;
+            for (offset, value) in IDRS {
+                // SAFETY: inside the block.
+                unsafe { reg32(base, offset).write_volatile(value) };
+            }
+            let stop = Arc::new(AtomicBool::new(false));
+            let seen = Arc::new(Mutex::new(Seen::default()));
+            let (stop2, seen2) = (Arc::clone(&stop), Arc::clone(&seen));
+            let thread = std::thread::spawn(move || {
+                let r = |o| {
+                    // SAFETY: inside the live block (joined before it is freed).
+                    unsafe { reg32(base, o).read_volatile() }
+                };
+                let w = |o, v| {
+                    // SAFETY: as above.
+                    unsafe { reg32(base, o).write_volatile(v) }
+                };
+                let mut cons = 0u32;
+                while !stop2.load(Ordering::SeqCst) {
+                    let cr0 = r(0x20);
+                    if cr0 & 1 != 0 && r(0x24) & 1 == 0 {
+                        let strtab = u64::from(r(0x80)) | u64::from(r(0x84)) << 32;
+                        let mut s = seen2.lock().unwrap();
+                        let consumed = s.consumed.clone();
+                        s.at_enable.get_or_insert((r(0x44) & (1 << 20) != 0, strtab, consumed));
+                    }
+                    w(0x24, cr0);
+                    w(0x54, r(0x50));
+                    let gbpa = r(0x44);
+                    if gbpa & (1 << 31) != 0 {
+                        w(0x44, gbpa & !(1 << 31));
+                    }
+                    if cr0 & (1 << 3) != 0 {
+                        let base_reg = u64::from(r(0x90)) | u64::from(r(0x94)) << 32;
+                        let log2 = (base_reg & 0x1f) as u32;
+                        let queue = frames.virt(base_reg & (((1 << 52) - 1) & !0x1f)) as *const u64;
+                        let prod = r(0x98);
+                        let mask = (2u32 << log2) - 1;
+                        while cons & mask != prod & mask {
+                            let index = (cons & ((1 << log2) - 1)) as usize;
+                            // SAFETY: the queue is live while the driver runs.
+                            let op = unsafe { queue.add(index * 2).read_volatile() } as u8;
+                            seen2.lock().unwrap().consumed.push(op);
+                            cons = (cons + 1) & mask;
+                            w(0x9c, cons);
+                        }
+                    }
+                    std::thread::yield_now();
+                }
+            });
+            Model {
+                base,
+                layout,
+                stop,
+                seen,
+                thread: Some(thread),
+            }
+        }
+
+        fn smmu(&self) -> Smmu {
+            // SAFETY: the block models pages 0 and 1 and lives as long as the model.
+            unsafe { Smmu::probe(NonNull::new(self.base as *mut u8).unwrap(), 0x2_0000) }.unwrap()
+        }
+
+        fn set_gerror(&self, value: u32) {
+            // SAFETY: inside the live block.
+            unsafe { reg32(self.base, 0x60).write_volatile(value) };
+        }
+    }
+
+    impl Drop for Model {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::SeqCst);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+            // SAFETY: allocated in `start` with this layout; the thread is gone.
+            unsafe { dealloc(self.base as *mut u8, self.layout) };
+        }
+    }
+
+    fn frames() -> &'static HeapFrames {
+        std::boxed::Box::leak(std::boxed::Box::default())
+    }
+
+    #[test]
+    fn init_follows_the_architecture_order_and_attaches() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
+        let (abort, strtab, consumed) = model.seen.lock().unwrap().at_enable.clone().expect("SMMUEN was set");
+        assert!(abort, "GBPA.ABORT set before translation was enabled");
+        assert_eq!(strtab & !0x3f & ((1 << 52) - 1), smmu.configuration().stream_table_base);
+        assert_eq!(strtab >> 62 & 1, 1, "RA");
+        // CFGI_ALL, TLBI_NSNH_ALL (no EL2 contexts: IDR0.HYP = 0), CMD_SYNC, all before SMMUEN.
+        assert_eq!(consumed, [opcode::CFGI_ALL, opcode::TLBI_NSNH_ALL, opcode::SYNC]);
+        assert!(matches!(
+            smmu.stream_table_format(),
+            StreamTableFormat::TwoLevel { sid_bits: 16, split: 8 }
+        ));
+        assert_eq!((smmu.cmdq_entries(), smmu.eventq_entries()), (256, 256));
+
+        let report = smmu.attach_bypass(0x10).unwrap();
+        assert!(report.new_span);
+        assert_eq!(smmu.ste(0x10), Ok(Ste::bypass()));
+        assert_eq!(smmu.ste(0x11), Ok(Ste::abort()), "the rest of the new span aborts");
+        assert_eq!(smmu.ste(0x110), Ok(Ste::invalid()), "other spans do not exist yet");
+        assert_eq!(smmu.attach_bypass(0x10).unwrap().syncs, 0);
+        assert_eq!(
+            smmu.attach_abort(1 << 16),
+            Err(AttachError::Stream(StreamError::UnknownStream {
+                sid: 1 << 16,
+                sid_bits: 16
+            }))
+        );
+        let before = model.seen.lock().unwrap().consumed.len();
+        smmu.attach_abort(0x10).unwrap();
+        let consumed = model.seen.lock().unwrap().consumed[before..].to_vec();
+        assert_eq!(
+            consumed,
+            [opcode::CFGI_STE, opcode::SYNC, opcode::CFGI_STE, opcode::SYNC],
+            "bypass -> abort"
+        );
+
+        let asid = smmu.allocate_asid().unwrap();
+        let vmid = smmu.allocate_vmid().unwrap();
+        assert_eq!((asid, vmid), (1, 1));
+        assert_eq!(smmu.free_asid(asid), Ok(()));
+        assert!(smmu.free_vmid(2).is_err());
+
+        let smmu = smmu.shutdown(true).unwrap();
+        assert!(!smmu.is_enabled());
+        assert!(!smmu.global_bypass_aborts());
+        assert_eq!(frames.live_blocks(), 0, "shutdown returns every table and queue");
+    }
+
+    #[test]
+    fn global_errors() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
+        // An event queue abort is acknowledged and reported as lost events.
+        model.set_gerror(GlobalErrors::EVENTQ_ABT_ERR.bits());
+        let report = smmu.drain_events(|_| panic!("no records")).unwrap();
+        assert_eq!(report.overflow, Some(Overflow::EventQueueAbort));
+        assert!(
+            smmu.handle_global_errors().unwrap().is_empty(),
+            "acknowledged through GERRORN"
+        );
+        // Service failure is fatal, with a message that says so.
+        model.set_gerror(GlobalErrors::EVENTQ_ABT_ERR.bits() | GlobalErrors::SFM_ERR.bits());
+        let error = smmu.handle_global_errors().unwrap_err();
+        assert_eq!(error, GlobalError::ServiceFailure(GlobalErrors::SFM_ERR));
+        assert!(std::format!("{error}").contains("needs a reset"));
+    }
+
+    #[test]
+    fn no_memory_changes_nothing_on_the_smmu() {
+        let frames: &'static HeapFrames = std::boxed::Box::leak(std::boxed::Box::new(HeapFrames::with_limit(4096)));
+        let model = Model::start(frames);
+        let error = model.smmu().init(frames, &InitOptions::default()).err();
+        assert!(matches!(error, Some(InitError::NoMemory(_))), "{error:?}");
+        assert_eq!(frames.live_blocks(), 0);
+        // SAFETY: inside the live block.
+        let (cr0, gbpa) = unsafe {
+            (
+                reg32(model.base, 0x20).read_volatile(),
+                reg32(model.base, 0x44).read_volatile(),
+            )
+        };
+        assert_eq!((cr0, gbpa), (0, 0), "CR0 and GBPA untouched");
     }
 }

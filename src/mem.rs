@@ -76,6 +76,18 @@ pub unsafe trait FrameAllocator {
     unsafe fn free(&self, block: DmaBlock);
 }
 
+// SAFETY: forwards to `T`, which upholds the contract.
+unsafe impl<T: FrameAllocator + ?Sized> FrameAllocator for &T {
+    fn allocate_zeroed(&self, size: usize, align: usize) -> Result<DmaBlock, AllocError> {
+        (**self).allocate_zeroed(size, align)
+    }
+
+    unsafe fn free(&self, block: DmaBlock) {
+        // SAFETY: the caller's guarantee, passed on.
+        unsafe { (**self).free(block) }
+    }
+}
+
 impl DmaBlock {
     /// The block as 64-bit words the SMMU may read or write concurrently: every access is a single-copy-atomic
     /// 64-bit load or store.

@@ -5,7 +5,7 @@
 extern crate std;
 
 use std::alloc::{Layout, alloc_zeroed, dealloc};
-use std::cell::RefCell;
+use std::sync::Mutex;
 use std::vec::Vec;
 
 use core::ptr::NonNull;
@@ -18,10 +18,10 @@ pub(crate) const PHYS_OFFSET: u64 = 1 << 44;
 /// The fake allocator.
 #[derive(Default)]
 pub(crate) struct HeapFrames {
-    live: RefCell<Vec<(usize, Layout)>>,
+    live: Mutex<Vec<(usize, Layout)>>,
     /// Bytes a test allows before allocations fail (None: unlimited).
     pub(crate) limit: Option<usize>,
-    used: RefCell<usize>,
+    used: Mutex<usize>,
 }
 
 impl HeapFrames {
@@ -34,7 +34,7 @@ impl HeapFrames {
 
     /// Blocks currently allocated.
     pub(crate) fn live_blocks(&self) -> usize {
-        self.live.borrow().len()
+        self.live.lock().unwrap().len()
     }
 
     /// The CPU pointer of a fake physical address inside a live block.
@@ -42,7 +42,8 @@ impl HeapFrames {
         let address = (phys - PHYS_OFFSET) as usize;
         assert!(
             self.live
-                .borrow()
+                .lock()
+                .unwrap()
                 .iter()
                 .any(|(start, layout)| (*start..start + layout.size()).contains(&address)),
             "physical address {phys:#x} is not in a live block"
@@ -59,7 +60,7 @@ unsafe impl FrameAllocator for HeapFrames {
             return Err(AllocError::BadRequest { size, align });
         }
         if let Some(limit) = self.limit
-            && *self.used.borrow() + size > limit
+            && *self.used.lock().unwrap() + size > limit
         {
             return Err(AllocError::OutOfMemory { size });
         }
@@ -67,8 +68,8 @@ unsafe impl FrameAllocator for HeapFrames {
         // SAFETY: the layout has a non-zero size.
         let pointer = unsafe { alloc_zeroed(layout) };
         let virt = NonNull::new(pointer).ok_or(AllocError::OutOfMemory { size })?;
-        self.live.borrow_mut().push((pointer as usize, layout));
-        *self.used.borrow_mut() += size;
+        self.live.lock().unwrap().push((pointer as usize, layout));
+        *self.used.lock().unwrap() += size;
         Ok(DmaBlock {
             phys: PhysAddr(pointer as u64 + PHYS_OFFSET),
             virt,
@@ -83,14 +84,14 @@ unsafe impl FrameAllocator for HeapFrames {
             address as u64 + PHYS_OFFSET,
             "block's physical address was altered"
         );
-        let mut live = self.live.borrow_mut();
+        let mut live = self.live.lock().unwrap();
         let index = live
             .iter()
             .position(|(a, _)| *a == address)
             .expect("free of a block that is not live");
         let (_, layout) = live.swap_remove(index);
         assert_eq!(layout.size(), block.size, "free with the wrong size");
-        *self.used.borrow_mut() -= block.size;
+        *self.used.lock().unwrap() -= block.size;
         // SAFETY: the block is live and ours; poison it so a use after free shows.
         unsafe {
             core::ptr::write_bytes(block.virt.as_ptr(), 0xa5, block.size);
