@@ -2,7 +2,7 @@
 //! writer, command submission, event draining and global-error handling.
 
 use core::fmt;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::Ordering;
 
 use tock_registers::interfaces::{ReadWriteable, Readable, Writeable};
 
@@ -20,6 +20,7 @@ use crate::queue::evtq::{DrainReport, EVENT_BYTES, EventQueue, Overflow};
 use crate::queue::index::QueueGeometry;
 use crate::smmu::Smmu;
 use crate::stream::{StreamError, StreamTable, StreamTableFormat};
+use crate::table::SlotWriter;
 
 /// How long a register handshake (CR0ACK, GBPA.UPDATE, IRQ_CTRLACK) may take.
 pub const HANDSHAKE_TIMEOUT_US: u64 = 100_000;
@@ -317,32 +318,6 @@ impl Smmu {
     }
 }
 
-struct SteWriter<'a> {
-    words: &'a [AtomicU64],
-    coherency: Coherency,
-    cmdq: &'a mut CommandQueue,
-    regs: &'a SmmuPage0,
-    invalidate: [u64; 2],
-    syncs: u32,
-    error: Option<CommandQueueError>,
-}
-
-impl EntryWriter for SteWriter<'_> {
-    fn write_qword(&mut self, index: usize, value: u64) {
-        self.words[index].store(value, Ordering::Release);
-    }
-
-    fn sync(&mut self) {
-        self.coherency.clean(self.words.as_ptr().cast(), 64);
-        self.syncs += 1;
-        if self.error.is_none()
-            && let Err(e) = self.cmdq.submit(self.regs, &[self.invalidate], true)
-        {
-            self.error = Some(e);
-        }
-    }
-}
-
 impl<A: FrameAllocator> ActiveSmmu<A> {
     /// What the SMMU implements.
     pub fn features(&self) -> &Features {
@@ -395,26 +370,32 @@ impl<A: FrameAllocator> ActiveSmmu<A> {
         }
         .encode()
         .map_err(|e| AttachError::Queue(CommandQueueError::Encoding(e)))?;
-        let mut writer = SteWriter {
+        let (cmdq, regs) = (&mut self.cmdq, self.smmu.regs());
+        let mut error = None;
+        let mut writer = SlotWriter {
             words: slot.words,
             coherency,
-            cmdq: &mut self.cmdq,
-            regs: self.smmu.regs(),
-            invalidate,
+            invalidate: || {
+                if error.is_none()
+                    && let Err(e) = cmdq.submit(regs, &[invalidate], true)
+                {
+                    error = Some(e);
+                }
+            },
             syncs: 0,
-            error: None,
         };
         let kind = hitless::update_entry::<Ste>(&live, &ste.0, &mut writer);
         if slot.new_span && writer.syncs == 0 {
             // A new span's level-1 descriptor is invalidated even when the STE itself did not change.
             writer.sync();
         }
-        if let Some(e) = writer.error {
+        let syncs = writer.syncs;
+        if let Some(e) = error {
             return Err(AttachError::Queue(e));
         }
         Ok(InstallReport {
             kind,
-            syncs: writer.syncs,
+            syncs,
             new_span: slot.new_span,
         })
     }

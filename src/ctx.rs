@@ -6,14 +6,15 @@
 //! multi-entry formats are proven by the host tests below.
 
 use core::fmt;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::Ordering;
 
-use crate::hitless::{self, EntryWriter, UpdateKind};
+use crate::hitless::{self, UpdateKind};
 use crate::hw::cd::{self, Cd};
-use crate::mem::{AllocError, Coherency, DmaBlock, FrameAllocator, PhysAddr};
+use crate::mem::{AllocError, Coherency, FrameAllocator, PhysAddr};
+use crate::table::{EntryTable, Level1, SlotWriter};
 
 /// Bytes per CD.
-pub const CD_BYTES: usize = 64;
+pub const CD_BYTES: usize = crate::table::ENTRY_BYTES;
 /// SubstreamID bits resolved by a leaf table of a 2-level CD table (1024 CDs, 64 KiB).
 pub const CD_SPLIT: u8 = 10;
 
@@ -94,10 +95,7 @@ impl fmt::Display for CdTableError {
 /// A CD table in memory.
 pub struct CdTable {
     format: CdTableFormat,
-    base: DmaBlock,
-    /// 2-level only: the CPU address of each leaf (0 when not allocated).
-    leaves: Option<DmaBlock>,
-    coherency: Coherency,
+    table: EntryTable,
 }
 
 /// What a CD installation did.
@@ -111,24 +109,9 @@ pub struct CdWriteReport {
     pub new_leaf: bool,
 }
 
-struct CdWriter<'a, F: FnMut(bool)> {
-    words: &'a [AtomicU64],
-    coherency: Coherency,
-    sync: F,
-    leaf_only: bool,
-    syncs: u32,
-}
-
-impl<F: FnMut(bool)> EntryWriter for CdWriter<'_, F> {
-    fn write_qword(&mut self, index: usize, value: u64) {
-        self.words[index].store(value, Ordering::Release);
-    }
-
-    fn sync(&mut self) {
-        self.coherency.clean(self.words.as_ptr().cast(), CD_BYTES);
-        self.syncs += 1;
-        (self.sync)(self.leaf_only);
-    }
+fn leaf_descriptor(leaf: PhysAddr) -> u64 {
+    // Leaves are allocated aligned to their size (64 KiB), so the encoding cannot fail.
+    cd::l1_cd_descriptor(leaf).unwrap_or(0)
 }
 
 impl CdTable {
@@ -137,39 +120,23 @@ impl CdTable {
     /// # Errors
     /// [`CdTableError::NoMemory`]; nothing stays allocated then.
     pub fn new(format: CdTableFormat, allocator: &impl FrameAllocator, coherent: bool) -> Result<Self, CdTableError> {
-        let coherency = Coherency { coherent };
-        let (base, leaves) = match format {
-            CdTableFormat::Linear { ssid_bits } => {
-                let size = CD_BYTES << ssid_bits;
-                (
-                    allocator
-                        .allocate_zeroed(size, size.max(64))
-                        .map_err(CdTableError::NoMemory)?,
-                    None,
-                )
-            }
-            CdTableFormat::TwoLevel { ssid_bits } => {
-                let size = 8usize << (ssid_bits - CD_SPLIT);
-                let base = allocator
-                    .allocate_zeroed(size, size.max(64))
-                    .map_err(CdTableError::NoMemory)?;
-                match allocator.allocate_zeroed(size, 8) {
-                    Ok(leaves) => (base, Some(leaves)),
-                    Err(e) => {
-                        // SAFETY: just allocated, never shared.
-                        unsafe { allocator.free(base) };
-                        return Err(CdTableError::NoMemory(e));
-                    }
-                }
-            }
+        let level1 = match format {
+            CdTableFormat::Linear { .. } => None,
+            CdTableFormat::TwoLevel { .. } => Some(Level1 {
+                leaf_bits: CD_SPLIT,
+                descriptor: leaf_descriptor,
+                address_mask: cd::L1_CD_L2PTR_MASK,
+            }),
         };
-        coherency.clean(base.virt.as_ptr(), base.size);
-        Ok(CdTable {
-            format,
-            base,
-            leaves,
-            coherency,
-        })
+        let table = EntryTable::new(
+            format.ssid_bits(),
+            level1,
+            Cd::invalid().0,
+            allocator,
+            Coherency { coherent },
+        )
+        .map_err(CdTableError::NoMemory)?;
+        Ok(CdTable { format, table })
     }
 
     /// The format (the STE's S1Fmt and S1CDMax).
@@ -179,36 +146,17 @@ impl CdTable {
 
     /// The table's physical address (the STE's S1ContextPtr).
     pub fn base(&self) -> PhysAddr {
-        self.base.phys
+        self.table.base()
     }
 
     fn check(&self, ssid: u32) -> Result<(), CdTableError> {
-        let ssid_bits = self.format.ssid_bits();
-        if u64::from(ssid) >> ssid_bits != 0 {
-            return Err(CdTableError::UnknownSubstream { ssid, ssid_bits });
+        if !self.table.contains(ssid) {
+            return Err(CdTableError::UnknownSubstream {
+                ssid,
+                ssid_bits: self.format.ssid_bits(),
+            });
         }
         Ok(())
-    }
-
-    fn existing(&self, ssid: u32) -> Option<&[AtomicU64]> {
-        match self.format {
-            CdTableFormat::Linear { .. } => {
-                // SAFETY: the block is live for the life of `self` and accessed atomically.
-                Some(&unsafe { self.base.words() }[ssid as usize * 8..][..8])
-            }
-            CdTableFormat::TwoLevel { .. } => {
-                let leaves = self.leaves.as_ref()?;
-                // SAFETY: as above.
-                let pointer = unsafe { leaves.words() }[(ssid >> CD_SPLIT) as usize].load(Ordering::Relaxed);
-                if pointer == 0 {
-                    return None;
-                }
-                // SAFETY: a live leaf of 2^CD_SPLIT CDs allocated by `write` and kept for the table's life.
-                let leaf = unsafe { core::slice::from_raw_parts(pointer as *const AtomicU64, 8 << CD_SPLIT) };
-                let index = (ssid & ((1 << CD_SPLIT) - 1)) as usize;
-                Some(&leaf[index * 8..][..8])
-            }
-        }
     }
 
     /// The CD installed for `ssid` (invalid when none is).
@@ -217,7 +165,7 @@ impl CdTable {
     /// [`CdTableError::UnknownSubstream`].
     pub fn read(&self, ssid: u32) -> Result<Cd, CdTableError> {
         self.check(ssid)?;
-        Ok(match self.existing(ssid) {
+        Ok(match self.table.entry(ssid) {
             Some(words) => Cd(core::array::from_fn(|i| words[i].load(Ordering::Relaxed))),
             None => Cd::invalid(),
         })
@@ -233,45 +181,27 @@ impl CdTable {
         ssid: u32,
         target: &Cd,
         allocator: &impl FrameAllocator,
-        sync: impl FnMut(bool),
+        mut sync: impl FnMut(bool),
     ) -> Result<CdWriteReport, CdTableError> {
         self.check(ssid)?;
-        let mut new_leaf = false;
-        if self.existing(ssid).is_none() {
-            if *target == Cd::invalid() {
-                // Nothing to clear where no leaf exists.
-                return Ok(CdWriteReport {
-                    kind: UpdateKind::NoChange,
-                    syncs: 0,
-                    new_leaf: false,
-                });
-            }
-            let size = CD_BYTES << CD_SPLIT;
-            let leaf = allocator.allocate_zeroed(size, size).map_err(CdTableError::NoMemory)?;
-            self.coherency.clean(leaf.virt.as_ptr(), leaf.size);
-            let descriptor = cd::l1_cd_descriptor(leaf.phys).unwrap_or(0);
-            let l1 = (ssid >> CD_SPLIT) as usize;
-            if let Some(leaves) = &self.leaves {
-                // SAFETY: live block, atomic access.
-                let words = unsafe { leaves.words() };
-                words[l1].store(leaf.virt.as_ptr() as u64, Ordering::Relaxed);
-            }
-            crate::mem::write_barrier();
-            // SAFETY: live block, atomic access; the SMMU reads the descriptor as one 64-bit word.
-            let words = unsafe { self.base.words() };
-            words[l1].store(descriptor, Ordering::Release);
-            self.coherency.clean(core::ptr::from_ref(&words[l1]).cast(), 8);
-            // The leaf is kept for the table's life: `leaves` records its CPU address, the descriptor its
-            // physical address, and `free` rebuilds the block from both.
-            new_leaf = true;
+        if self.table.entry(ssid).is_none() && *target == Cd::invalid() {
+            // Nothing to clear where no leaf exists.
+            return Ok(CdWriteReport {
+                kind: UpdateKind::NoChange,
+                syncs: 0,
+                new_leaf: false,
+            });
         }
-        let words = self.existing(ssid).unwrap_or(&[]);
+        let new_leaf = self
+            .table
+            .ensure_leaf(ssid, allocator)
+            .map_err(CdTableError::NoMemory)?;
+        let words = self.table.entry(ssid).unwrap_or(&[]);
         let live: [u64; 8] = core::array::from_fn(|i| words[i].load(Ordering::Relaxed));
-        let mut writer = CdWriter {
+        let mut writer = SlotWriter {
             words,
-            coherency: self.coherency,
-            sync,
-            leaf_only: !new_leaf,
+            coherency: self.table.coherency(),
+            invalidate: || sync(!new_leaf),
             syncs: 0,
         };
         let kind = hitless::update_entry::<Cd>(&live, &target.0, &mut writer);
@@ -288,30 +218,8 @@ impl CdTable {
     /// No STE may point to the table any more (and that change must have been invalidated), and `allocator` must
     /// be the one the table came from.
     pub unsafe fn free(self, allocator: &impl FrameAllocator) {
-        if let Some(leaves) = &self.leaves {
-            // SAFETY: both blocks are live until freed below.
-            let (pointers, l1) = unsafe { (leaves.words(), self.base.words()) };
-            for (pointer, descriptor) in pointers.iter().zip(l1) {
-                if let Some(virt) = core::ptr::NonNull::new(pointer.load(Ordering::Relaxed) as *mut u8) {
-                    let phys = PhysAddr(descriptor.load(Ordering::Relaxed) & cd::L1_CD_L2PTR_MASK);
-                    // SAFETY: allocated by `write` with this size; the caller guarantees nothing reads it.
-                    unsafe {
-                        allocator.free(DmaBlock {
-                            phys,
-                            virt,
-                            size: CD_BYTES << CD_SPLIT,
-                        })
-                    };
-                }
-            }
-        }
-        // SAFETY: as above.
-        unsafe {
-            if let Some(leaves) = self.leaves {
-                allocator.free(leaves);
-            }
-            allocator.free(self.base);
-        }
+        // SAFETY: the caller's guarantee.
+        unsafe { self.table.free(allocator) }
     }
 }
 
@@ -321,26 +229,11 @@ mod tests {
 
     use super::*;
     use crate::hw::cd::CdConfig;
-    use crate::hw::ste::{Cacheability, Shareability};
     use crate::testing::HeapFrames;
     use std::vec::Vec;
 
     fn cd(asid: u16) -> Cd {
-        Cd::new(&CdConfig {
-            asid,
-            table: PhysAddr(0x4800_0000),
-            t0sz: 16,
-            granule: cd::Granule::Size4K,
-            ips: 4,
-            cacheability: Cacheability::WriteBackAllocate,
-            shareability: Shareability::Inner,
-            mair: 0x4_ff44,
-            record_faults: true,
-            abort_on_fault: true,
-            stall: false,
-            private_asid: true,
-        })
-        .unwrap()
+        Cd::new(&CdConfig { asid, ..cd::EXAMPLE }).unwrap()
     }
 
     #[test]
@@ -399,8 +292,7 @@ mod tests {
         assert_eq!(table.read(0x4321), Ok(cd(9)));
         assert_eq!(table.read(0x4322), Ok(Cd::invalid()));
         // Walk as the SMMU: level-1 descriptor 0x10 -> leaf -> CD 0x321.
-        // SAFETY: the level-1 table is live.
-        let l1 = unsafe { table.base.words() }[0x4321 >> CD_SPLIT].load(Ordering::Relaxed);
+        let l1 = table.table.descriptor(0x4321);
         assert_eq!(l1 & cd::L1_CD_V, 1);
         let leaf = frames.virt(l1 & cd::L1_CD_L2PTR_MASK) as *const u64;
         // SAFETY: the leaf is live.

@@ -128,11 +128,13 @@ mod tests {
 
     use super::*;
     use crate::hw::cd::{self, Cd, CdConfig};
-    use crate::hw::ste::{
-        Cacheability, CdTableLayout, DefaultSubstream, Granule, Shareability, Stage1Config, Stage2Config, Ste,
-    };
+    use crate::hw::ste::{Cacheability, CdTableLayout, DefaultSubstream, Stage1Config, Stage2Config, Ste};
     use crate::mem::PhysAddr;
     use std::vec::Vec;
+
+    const S1: Stage1Config = crate::hw::ste::EXAMPLE_S1;
+    const S2: Stage2Config = crate::hw::ste::EXAMPLE_S2;
+    const CD: CdConfig = cd::EXAMPLE;
 
     struct Checker<E: UsedBits> {
         entry: [u64; 8],
@@ -189,32 +191,6 @@ mod tests {
     fn ste(old: Ste, new: Ste) -> (UpdateKind, u32) {
         transition::<Ste>(old.0, new.0)
     }
-
-    const S1: Stage1Config = Stage1Config {
-        cd_table: PhysAddr(0x4100_0000),
-        cd_max_log2: 0,
-        layout: CdTableLayout::Linear,
-        default_substream: DefaultSubstream::Terminate,
-        cacheability: Cacheability::WriteBackAllocate,
-        shareability: Shareability::Inner,
-        stall_disable: true,
-        el2: false,
-    };
-
-    const S2: Stage2Config = Stage2Config {
-        vmid: 7,
-        t0sz: 24,
-        sl0: 1,
-        granule: Granule::Size4K,
-        ps: 4,
-        cacheability: Cacheability::WriteBackAllocate,
-        shareability: Shareability::Inner,
-        table: PhysAddr(0x4200_0000),
-        access_flag_fault_disable: false,
-        protected_table_walk: true,
-        stall: false,
-        record_faults: true,
-    };
 
     fn s1() -> Ste {
         Ste::stage1(&S1).unwrap()
@@ -350,21 +326,6 @@ mod tests {
         assert_eq!(ste(s1(), nested()), (Breaking, 3));
         assert_eq!(ste(nested(), s1()), (Breaking, 3));
     }
-
-    const CD: CdConfig = CdConfig {
-        asid: 1,
-        table: PhysAddr(0x4800_0000),
-        t0sz: 16,
-        granule: cd::Granule::Size4K,
-        ips: 4,
-        cacheability: Cacheability::WriteBackAllocate,
-        shareability: Shareability::Inner,
-        mair: 0x4_ff44,
-        record_faults: true,
-        abort_on_fault: true,
-        stall: false,
-        private_asid: true,
-    };
 
     fn cd(old: Cd, new: Cd) -> (UpdateKind, u32) {
         transition::<Cd>(old.0, new.0)

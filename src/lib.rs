@@ -16,6 +16,7 @@ pub mod mem;
 pub mod queue;
 pub mod smmu;
 pub mod stream;
+mod table;
 #[cfg(test)]
 pub(crate) mod testing;
 

@@ -5,10 +5,11 @@ use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::hw::ste::{self, Ste};
-use crate::mem::{AllocError, Coherency, DmaBlock, FrameAllocator, PhysAddr};
+use crate::mem::{AllocError, Coherency, FrameAllocator, PhysAddr};
+use crate::table::{EntryTable, Level1};
 
 /// Bytes per STE.
-pub const STE_BYTES: usize = 64;
+pub const STE_BYTES: usize = crate::table::ENTRY_BYTES;
 /// StreamID bits resolved by a level-2 table (256 STEs, 16 KiB per span), as STRTAB_BASE_CFG.SPLIT.
 pub const SPLIT: u8 = 8;
 /// The most level-1 descriptors the driver allocates (512 KiB of level-1 table): StreamIDs beyond
@@ -108,13 +109,7 @@ impl fmt::Display for StreamError {
 /// The stream table in memory.
 pub(crate) struct StreamTable {
     format: StreamTableFormat,
-    /// The linear table or the level-1 table.
-    base: DmaBlock,
-    /// 2-level only: one CPU pointer per level-1 descriptor to its span (0 when not allocated). Kept in memory
-    /// from the allocator so that no global allocator is needed.
-    spans: Option<DmaBlock>,
-    coherency: Coherency,
-    allocated_spans: u32,
+    table: EntryTable,
 }
 
 /// Where an STE lives.
@@ -124,15 +119,9 @@ pub(crate) struct Slot<'a> {
     pub(crate) new_span: bool,
 }
 
-fn fill_abort(block: &DmaBlock) {
-    let abort = Ste::abort();
-    // SAFETY: the block is live and exclusively ours; nothing else accesses it yet.
-    let words = unsafe { block.words() };
-    for ste in words.chunks_exact(8) {
-        for (w, v) in ste.iter().zip(abort.0) {
-            w.store(v, Ordering::Relaxed);
-        }
-    }
+fn span_descriptor(span: PhysAddr) -> u64 {
+    // Spans are allocated aligned to their size, so the encoding cannot fail.
+    ste::l1_descriptor(span, SPLIT + 1).unwrap_or(0)
 }
 
 impl StreamTable {
@@ -142,35 +131,16 @@ impl StreamTable {
         allocator: &impl FrameAllocator,
         coherency: Coherency,
     ) -> Result<Self, AllocError> {
-        let (base, spans) = match format {
-            StreamTableFormat::Linear { sid_bits } => {
-                let size = STE_BYTES << sid_bits;
-                let block = allocator.allocate_zeroed(size, size.max(64))?;
-                fill_abort(&block);
-                (block, None)
-            }
-            StreamTableFormat::TwoLevel { sid_bits, split } => {
-                let size = 8usize << (sid_bits - split);
-                let block = allocator.allocate_zeroed(size, size.max(64))?;
-                let spans = match allocator.allocate_zeroed(size, 8) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        // SAFETY: just allocated, never shared.
-                        unsafe { allocator.free(block) };
-                        return Err(e);
-                    }
-                };
-                (block, Some(spans))
-            }
+        let level1 = match format {
+            StreamTableFormat::Linear { .. } => None,
+            StreamTableFormat::TwoLevel { split, .. } => Some(Level1 {
+                leaf_bits: split,
+                descriptor: span_descriptor,
+                address_mask: ste::L1_DESCRIPTOR_L2PTR_MASK,
+            }),
         };
-        coherency.clean(base.virt.as_ptr(), base.size);
-        Ok(StreamTable {
-            format,
-            base,
-            spans,
-            coherency,
-            allocated_spans: 0,
-        })
+        let table = EntryTable::new(format.sid_bits(), level1, Ste::abort().0, allocator, coherency)?;
+        Ok(StreamTable { format, table })
     }
 
     pub(crate) fn format(&self) -> StreamTableFormat {
@@ -179,87 +149,39 @@ impl StreamTable {
 
     /// Physical base for STRTAB_BASE.
     pub(crate) fn base(&self) -> PhysAddr {
-        self.base.phys
+        self.table.base()
     }
 
     /// Level-2 spans allocated so far.
     pub(crate) fn allocated_spans(&self) -> u32 {
-        self.allocated_spans
+        self.table.allocated_leaves()
     }
 
     fn check(&self, sid: u32) -> Result<(), StreamError> {
-        let sid_bits = self.format.sid_bits();
-        if u64::from(sid) >> sid_bits != 0 {
-            return Err(StreamError::UnknownStream { sid, sid_bits });
+        if !self.table.contains(sid) {
+            return Err(StreamError::UnknownStream {
+                sid,
+                sid_bits: self.format.sid_bits(),
+            });
         }
         Ok(())
-    }
-
-    /// The slot of `sid` if it exists (a 2-level span may not be allocated yet).
-    pub(crate) fn existing_slot(&self, sid: u32) -> Result<Option<&[AtomicU64]>, StreamError> {
-        self.check(sid)?;
-        match self.format {
-            StreamTableFormat::Linear { .. } => {
-                // SAFETY: the block is live for the life of `self`; the SMMU and the CPU access it atomically.
-                let words = unsafe { self.base.words() };
-                Ok(Some(&words[sid as usize * 8..][..8]))
-            }
-            StreamTableFormat::TwoLevel { split, .. } => {
-                let l1 = (sid >> split) as usize;
-                let Some(spans) = &self.spans else { return Ok(None) };
-                // SAFETY: as above.
-                let pointer = unsafe { spans.words() }[l1].load(Ordering::Relaxed) as usize;
-                if pointer == 0 {
-                    return Ok(None);
-                }
-                let index = (sid & ((1 << split) - 1)) as usize;
-                // SAFETY: `pointer` is the CPU address of a live span of 2^split STEs that this table allocated
-                // and never frees while it lives.
-                let span = unsafe { core::slice::from_raw_parts(pointer as *const AtomicU64, 8 << split) };
-                Ok(Some(&span[index * 8..][..8]))
-            }
-        }
     }
 
     /// The slot of `sid`, allocating its level-2 span (all aborting) and publishing the level-1 descriptor first
     /// when needed.
     pub(crate) fn slot(&mut self, sid: u32, allocator: &impl FrameAllocator) -> Result<Slot<'_>, StreamError> {
-        if self.existing_slot(sid)?.is_some() {
-            let words = self.existing_slot(sid)?.unwrap_or(&[]);
-            return Ok(Slot { words, new_span: false });
-        }
-        let StreamTableFormat::TwoLevel { split, .. } = self.format else {
-            unreachable!("a linear table always has the slot")
-        };
-        let size = STE_BYTES << split;
-        let span = allocator.allocate_zeroed(size, size).map_err(StreamError::NoMemory)?;
-        fill_abort(&span);
-        self.coherency.clean(span.virt.as_ptr(), span.size);
-        let descriptor = ste::l1_descriptor(span.phys, split + 1).unwrap_or(0);
-        let l1 = (sid >> split) as usize;
-        if let Some(spans) = &self.spans {
-            // SAFETY: live block, atomic access.
-            let words = unsafe { spans.words() };
-            words[l1].store(span.virt.as_ptr() as u64, Ordering::Relaxed);
-        }
-        // The span's contents must be visible before the descriptor that points to it.
-        crate::mem::write_barrier();
-        // SAFETY: live block, atomic access; the SMMU reads the descriptor as one 64-bit word.
-        let l1_words = unsafe { self.base.words() };
-        l1_words[l1].store(descriptor, Ordering::Release);
-        self.coherency.clean(core::ptr::from_ref(&l1_words[l1]).cast(), 8);
-        self.allocated_spans += 1;
-        // The span stays allocated for the table's life: `spans` records its CPU address, the descriptor its
-        // physical address, and `free` rebuilds the block from both.
-        let words = self.existing_slot(sid)?.unwrap_or(&[]);
-        Ok(Slot { words, new_span: true })
+        self.check(sid)?;
+        let new_span = self.table.ensure_leaf(sid, allocator).map_err(StreamError::NoMemory)?;
+        let words = self.table.entry(sid).unwrap_or(&[]);
+        Ok(Slot { words, new_span })
     }
 
-    /// Reads the live STE of `sid` (an aborting entry when its span is not allocated).
+    /// Reads the live STE of `sid` (an invalid entry when its span is not allocated, as the SMMU sees it).
     pub(crate) fn read(&self, sid: u32) -> Result<Ste, StreamError> {
-        Ok(match self.existing_slot(sid)? {
+        self.check(sid)?;
+        Ok(match self.table.entry(sid) {
             Some(words) => Ste(core::array::from_fn(|i| words[i].load(Ordering::Relaxed))),
-            None => Ste([0; 8]),
+            None => Ste::invalid(),
         })
     }
 
@@ -269,36 +191,12 @@ impl StreamTable {
     /// The SMMU must no longer read the table (SMMUEN = 0 acknowledged) and `allocator` must be the one it came
     /// from.
     pub(crate) unsafe fn free(self, allocator: &impl FrameAllocator) {
-        if let (StreamTableFormat::TwoLevel { split, .. }, Some(spans)) = (self.format, &self.spans) {
-            // SAFETY: both blocks are live until freed below.
-            let (pointers, l1) = unsafe { (spans.words(), self.base.words()) };
-            for (pointer, descriptor) in pointers.iter().zip(l1) {
-                let virt = pointer.load(Ordering::Relaxed) as *mut u8;
-                if let Some(virt) = core::ptr::NonNull::new(virt) {
-                    let phys = PhysAddr(descriptor.load(Ordering::Relaxed) & ste::L1_DESCRIPTOR_L2PTR_MASK);
-                    // SAFETY: the span was allocated by `slot` with this size; the caller guarantees the SMMU
-                    // no longer reads it.
-                    unsafe {
-                        allocator.free(DmaBlock {
-                            phys,
-                            virt,
-                            size: STE_BYTES << split,
-                        })
-                    };
-                }
-            }
-        }
-        // SAFETY: as above.
-        unsafe {
-            if let Some(spans) = self.spans {
-                allocator.free(spans);
-            }
-            allocator.free(self.base);
-        }
+        // SAFETY: the caller's guarantee.
+        unsafe { self.table.free(allocator) }
     }
 
     pub(crate) fn coherency(&self) -> Coherency {
-        self.coherency
+        self.table.coherency()
     }
 }
 
@@ -364,8 +262,7 @@ mod tests {
         assert!(!table.slot(0x12ff, &frames).unwrap().new_span, "same span");
         assert_eq!(table.allocated_spans(), 1);
         // Walk it as the SMMU would: level-1 descriptor 0x12 -> span (physical) -> STE 0x34.
-        // SAFETY: the level-1 table is live.
-        let l1 = unsafe { table.base.words() }[0x12].load(Ordering::Relaxed);
+        let l1 = table.table.descriptor(0x1234);
         assert_eq!(l1 & ste::L1_DESCRIPTOR_SPAN, 9, "Span = SPLIT + 1");
         let span = frames.virt(l1 & ste::L1_DESCRIPTOR_L2PTR_MASK) as *const u64;
         // SAFETY: the span is live; STE 0x34, qword 3.

@@ -180,24 +180,28 @@ pub fn l1_cd_descriptor(leaf: PhysAddr) -> Result<u64, EntryError> {
     Ok(check_address("L2Ptr", leaf.0, 4096)? | L1_CD_V)
 }
 
+/// A context for host tests.
+#[cfg(test)]
+pub(crate) const EXAMPLE: CdConfig = CdConfig {
+    asid: 0xbeef,
+    table: PhysAddr(0x4800_0000),
+    t0sz: 16,
+    granule: Granule::Size4K,
+    ips: 4,
+    cacheability: Cacheability::WriteBackAllocate,
+    shareability: Shareability::Inner,
+    mair: 0x0000_0000_0004_ff44,
+    record_faults: true,
+    abort_on_fault: true,
+    stall: false,
+    private_asid: true,
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    pub(crate) const CONFIG: CdConfig = CdConfig {
-        asid: 0xbeef,
-        table: PhysAddr(0x4800_0000),
-        t0sz: 16,
-        granule: Granule::Size4K,
-        ips: 4,
-        cacheability: Cacheability::WriteBackAllocate,
-        shareability: Shareability::Inner,
-        mair: 0x0000_0000_0004_ff44,
-        record_faults: true,
-        abort_on_fault: true,
-        stall: false,
-        private_asid: true,
-    };
+    const CONFIG: CdConfig = EXAMPLE;
 
     #[test]
     fn words_match_the_layout() {

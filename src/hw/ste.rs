@@ -460,35 +460,42 @@ pub fn l1_descriptor(l2_table: PhysAddr, span: u8) -> Result<u64, EntryError> {
     Ok(address | span)
 }
 
+/// A stage-1 configuration for host tests.
+#[cfg(test)]
+pub(crate) const EXAMPLE_S1: Stage1Config = Stage1Config {
+    cd_table: PhysAddr(0x4123_4000),
+    cd_max_log2: 0,
+    layout: CdTableLayout::Linear,
+    default_substream: DefaultSubstream::Terminate,
+    cacheability: Cacheability::WriteBackAllocate,
+    shareability: Shareability::Inner,
+    stall_disable: true,
+    el2: false,
+};
+
+/// A stage-2 configuration for host tests.
+#[cfg(test)]
+pub(crate) const EXAMPLE_S2: Stage2Config = Stage2Config {
+    vmid: 0x1234,
+    t0sz: 24,
+    sl0: 1,
+    granule: Granule::Size4K,
+    ps: 4,
+    cacheability: Cacheability::WriteBackAllocate,
+    shareability: Shareability::Inner,
+    table: PhysAddr(0x4567_8000),
+    access_flag_fault_disable: false,
+    protected_table_walk: true,
+    stall: false,
+    record_faults: true,
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const S1: Stage1Config = Stage1Config {
-        cd_table: PhysAddr(0x4123_4000),
-        cd_max_log2: 0,
-        layout: CdTableLayout::Linear,
-        default_substream: DefaultSubstream::Terminate,
-        cacheability: Cacheability::WriteBackAllocate,
-        shareability: Shareability::Inner,
-        stall_disable: true,
-        el2: false,
-    };
-
-    const S2: Stage2Config = Stage2Config {
-        vmid: 0x1234,
-        t0sz: 24,
-        sl0: 1,
-        granule: Granule::Size4K,
-        ps: 4,
-        cacheability: Cacheability::WriteBackAllocate,
-        shareability: Shareability::Inner,
-        table: PhysAddr(0x4567_8000),
-        access_flag_fault_disable: false,
-        protected_table_walk: true,
-        stall: false,
-        record_faults: true,
-    };
+    const S1: Stage1Config = EXAMPLE_S1;
+    const S2: Stage2Config = EXAMPLE_S2;
 
     #[test]
     fn abort_and_bypass_words() {

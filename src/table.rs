@@ -1,0 +1,220 @@
+//! Tables of 64-byte entries that the SMMU walks: one linear array, or a level-1 array of 8-byte descriptors
+//! whose leaves are allocated on first use. The stream table (STEs) and CD tables (CDs) are both built on it.
+//!
+//! A 2-level table keeps, beside the level-1 array the SMMU reads, an array of the leaves' CPU addresses in memory
+//! from the same allocator: no global allocator, and no assumption that a physical address is a usable pointer.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use crate::hitless::EntryWriter;
+use crate::mem::{AllocError, Coherency, DmaBlock, FrameAllocator, PhysAddr, write_barrier};
+
+/// Bytes per entry (STE or CD).
+pub(crate) const ENTRY_BYTES: usize = 64;
+
+/// How a table's level-1 descriptors are encoded.
+#[derive(Clone, Copy)]
+pub(crate) struct Level1 {
+    /// log2 of entries per leaf.
+    pub(crate) leaf_bits: u8,
+    /// The descriptor of a leaf at a physical address.
+    pub(crate) descriptor: fn(PhysAddr) -> u64,
+    /// The leaf address field of a descriptor.
+    pub(crate) address_mask: u64,
+}
+
+pub(crate) struct EntryTable {
+    entry_bits: u8,
+    level1: Option<Level1>,
+    /// The linear array or the level-1 array.
+    base: DmaBlock,
+    /// 2-level only: each leaf's CPU address, 0 while it is not allocated.
+    leaves: Option<DmaBlock>,
+    /// The value every entry starts with (all zero: invalid).
+    initial: [u64; 8],
+    coherency: Coherency,
+    allocated_leaves: u32,
+}
+
+fn fill(block: &DmaBlock, initial: &[u64; 8]) {
+    if *initial == [0; 8] {
+        return; // allocations are zeroed
+    }
+    // SAFETY: the block is live and not yet visible to the SMMU.
+    for entry in unsafe { block.words() }.chunks_exact(8) {
+        for (word, value) in entry.iter().zip(initial) {
+            word.store(*value, Ordering::Relaxed);
+        }
+    }
+}
+
+impl EntryTable {
+    /// A table of `2^entry_bits` entries, linear or (with `level1`) 2-level, every entry `initial`.
+    pub(crate) fn new(
+        entry_bits: u8,
+        level1: Option<Level1>,
+        initial: [u64; 8],
+        allocator: &impl FrameAllocator,
+        coherency: Coherency,
+    ) -> Result<Self, AllocError> {
+        let (base, leaves) = match level1 {
+            None => {
+                let size = ENTRY_BYTES << entry_bits;
+                let base = allocator.allocate_zeroed(size, size.max(64))?;
+                fill(&base, &initial);
+                (base, None)
+            }
+            Some(l1) => {
+                let size = 8usize << (entry_bits - l1.leaf_bits);
+                let base = allocator.allocate_zeroed(size, size.max(64))?;
+                match allocator.allocate_zeroed(size, 8) {
+                    Ok(leaves) => (base, Some(leaves)),
+                    Err(e) => {
+                        // SAFETY: allocated just above and never shared.
+                        unsafe { allocator.free(base) };
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        coherency.clean(base.virt.as_ptr(), base.size);
+        Ok(EntryTable {
+            entry_bits,
+            level1,
+            base,
+            leaves,
+            initial,
+            coherency,
+            allocated_leaves: 0,
+        })
+    }
+
+    /// Physical address of the linear or level-1 array.
+    pub(crate) fn base(&self) -> PhysAddr {
+        self.base.phys
+    }
+
+    /// Leaves allocated so far.
+    pub(crate) fn allocated_leaves(&self) -> u32 {
+        self.allocated_leaves
+    }
+
+    pub(crate) fn coherency(&self) -> Coherency {
+        self.coherency
+    }
+
+    /// Whether `index` is inside the table.
+    pub(crate) fn contains(&self, index: u32) -> bool {
+        u64::from(index) >> self.entry_bits == 0
+    }
+
+    /// The entry at `index` (inside the table), if its leaf exists.
+    pub(crate) fn entry(&self, index: u32) -> Option<&[AtomicU64]> {
+        let (leaf, leaf_bits) = match (self.level1, &self.leaves) {
+            (Some(l1), Some(leaves)) => {
+                // SAFETY: the block is live for the life of `self` and accessed atomically.
+                let pointer = unsafe { leaves.words() }[(index >> l1.leaf_bits) as usize].load(Ordering::Relaxed);
+                if pointer == 0 {
+                    return None;
+                }
+                // SAFETY: a live leaf of 2^leaf_bits entries allocated by `ensure_leaf`, kept for the table's life.
+                let leaf = unsafe { core::slice::from_raw_parts(pointer as *const AtomicU64, 8 << l1.leaf_bits) };
+                (leaf, l1.leaf_bits)
+            }
+            // SAFETY: as above.
+            _ => (unsafe { self.base.words() }, self.entry_bits),
+        };
+        let slot = (index & ((1u32 << leaf_bits) - 1)) as usize;
+        Some(&leaf[slot * 8..][..8])
+    }
+
+    /// Makes the entry at `index` (inside the table) reachable: allocates its leaf (every entry `initial`) and
+    /// publishes the level-1 descriptor, leaf contents first. Returns whether a leaf was added.
+    pub(crate) fn ensure_leaf(&mut self, index: u32, allocator: &impl FrameAllocator) -> Result<bool, AllocError> {
+        let (Some(l1), Some(leaves)) = (self.level1, &self.leaves) else {
+            return Ok(false);
+        };
+        if self.entry(index).is_some() {
+            return Ok(false);
+        }
+        let size = ENTRY_BYTES << l1.leaf_bits;
+        let leaf = allocator.allocate_zeroed(size, size)?;
+        fill(&leaf, &self.initial);
+        self.coherency.clean(leaf.virt.as_ptr(), leaf.size);
+        let slot = (index >> l1.leaf_bits) as usize;
+        // SAFETY: live block, atomic access.
+        let pointers = unsafe { leaves.words() };
+        pointers[slot].store(leaf.virt.as_ptr() as u64, Ordering::Relaxed);
+        // The leaf's contents must be visible before the descriptor that points to it.
+        write_barrier();
+        // SAFETY: live block, atomic access; the SMMU reads the descriptor as one 64-bit word.
+        let descriptors = unsafe { self.base.words() };
+        descriptors[slot].store((l1.descriptor)(leaf.phys), Ordering::Release);
+        self.coherency.clean(core::ptr::from_ref(&descriptors[slot]).cast(), 8);
+        self.allocated_leaves += 1;
+        // The leaf stays allocated for the table's life: `leaves` holds its CPU address, the descriptor its
+        // physical address, and `free` rebuilds the block from both.
+        Ok(true)
+    }
+
+    /// Returns the table and every leaf to `allocator`.
+    ///
+    /// # Safety
+    /// The SMMU must no longer read the table, and `allocator` must be the one it came from.
+    pub(crate) unsafe fn free(self, allocator: &impl FrameAllocator) {
+        if let (Some(l1), Some(leaves)) = (self.level1, &self.leaves) {
+            // SAFETY: both blocks are live until freed below.
+            let (pointers, descriptors) = unsafe { (leaves.words(), self.base.words()) };
+            for (pointer, descriptor) in pointers.iter().zip(descriptors) {
+                if let Some(virt) = core::ptr::NonNull::new(pointer.load(Ordering::Relaxed) as *mut u8) {
+                    let phys = PhysAddr(descriptor.load(Ordering::Relaxed) & l1.address_mask);
+                    // SAFETY: allocated by `ensure_leaf` with this size; the caller guarantees nothing reads it.
+                    unsafe {
+                        allocator.free(DmaBlock {
+                            phys,
+                            virt,
+                            size: ENTRY_BYTES << l1.leaf_bits,
+                        })
+                    };
+                }
+            }
+        }
+        // SAFETY: as above.
+        unsafe {
+            if let Some(leaves) = self.leaves {
+                allocator.free(leaves);
+            }
+            allocator.free(self.base);
+        }
+    }
+
+    /// The raw level-1 descriptor for `index` (tests walk the table as the SMMU would).
+    #[cfg(test)]
+    pub(crate) fn descriptor(&self, index: u32) -> u64 {
+        let l1 = self.level1.map_or(0, |l| l.leaf_bits);
+        // SAFETY: live block.
+        let descriptors = unsafe { self.base.words() };
+        descriptors[(index >> l1) as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// The hitless writer's view of one live entry: single-copy-atomic qword stores, and at each sync the cache
+/// maintenance a non-coherent SMMU needs followed by the caller's invalidation.
+pub(crate) struct SlotWriter<'a, F: FnMut()> {
+    pub(crate) words: &'a [AtomicU64],
+    pub(crate) coherency: Coherency,
+    pub(crate) invalidate: F,
+    pub(crate) syncs: u32,
+}
+
+impl<F: FnMut()> EntryWriter for SlotWriter<'_, F> {
+    fn write_qword(&mut self, index: usize, value: u64) {
+        self.words[index].store(value, Ordering::Release);
+    }
+
+    fn sync(&mut self) {
+        self.coherency.clean(self.words.as_ptr().cast(), ENTRY_BYTES);
+        self.syncs += 1;
+        (self.invalidate)();
+    }
+}
