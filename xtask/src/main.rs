@@ -100,8 +100,16 @@ fn qemu(args: &[String]) -> Result<ExitCode, String> {
             events.len(),
             errors.len()
         );
+        // Identical lines once, with their count: a faulting DMA records one event per 4 bytes.
+        let mut distinct: Vec<(&String, usize)> = Vec::new();
         for line in events.iter().chain(&errors) {
-            eprintln!("  {line}");
+            match distinct.iter_mut().find(|(l, _)| *l == line) {
+                Some((_, n)) => *n += 1,
+                None => distinct.push((line, 1)),
+            }
+        }
+        for (line, n) in distinct {
+            eprintln!("  {n} x {line}");
         }
     }
     if outcome.timed_out {
