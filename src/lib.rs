@@ -13,6 +13,7 @@ pub mod hitless;
 pub mod hw;
 pub mod ids;
 pub mod mem;
+pub mod pgtable;
 pub mod queue;
 pub mod smmu;
 pub mod stream;

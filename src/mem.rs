@@ -74,6 +74,10 @@ pub unsafe trait FrameAllocator {
     /// # Safety
     /// The block must come from this allocator, and nothing (CPU or SMMU) may access it afterwards.
     unsafe fn free(&self, block: DmaBlock);
+
+    /// The CPU address of `phys`, which lies inside a block this allocator handed out and has not taken back
+    /// (page-table walks follow physical addresses found in descriptors). Returns `None` for any other address.
+    fn phys_to_virt(&self, phys: PhysAddr) -> Option<NonNull<u8>>;
 }
 
 // SAFETY: forwards to `T`, which upholds the contract.
@@ -85,6 +89,10 @@ unsafe impl<T: FrameAllocator + ?Sized> FrameAllocator for &T {
     unsafe fn free(&self, block: DmaBlock) {
         // SAFETY: the caller's guarantee, passed on.
         unsafe { (**self).free(block) }
+    }
+
+    fn phys_to_virt(&self, phys: PhysAddr) -> Option<NonNull<u8>> {
+        (**self).phys_to_virt(phys)
     }
 }
 

@@ -77,6 +77,15 @@ unsafe impl FrameAllocator for HeapFrames {
         })
     }
 
+    fn phys_to_virt(&self, phys: PhysAddr) -> Option<NonNull<u8>> {
+        let address = usize::try_from(phys.0.checked_sub(PHYS_OFFSET)?).ok()?;
+        let live = self.live.lock().unwrap();
+        live.iter()
+            .any(|(start, layout)| (*start..start + layout.size()).contains(&address))
+            .then_some(())?;
+        NonNull::new(address as *mut u8)
+    }
+
     unsafe fn free(&self, block: DmaBlock) {
         let address = block.virt.as_ptr() as usize;
         assert_eq!(

@@ -106,6 +106,14 @@ unsafe impl smmuv3::FrameAllocator for Frames {
         })
     }
 
+    fn phys_to_virt(&self, phys: smmuv3::PhysAddr) -> Option<core::ptr::NonNull<u8>> {
+        // Identity-mapped RAM: the pool's blocks are where their physical addresses say.
+        let pool = POOL.lock();
+        let address = usize::try_from(phys.0).ok()?;
+        (address < pool.next).then_some(())?;
+        core::ptr::NonNull::new(address as *mut u8)
+    }
+
     unsafe fn free(&self, block: smmuv3::DmaBlock) {
         if block.size <= FRAME_SIZE {
             // SAFETY: the caller guarantees the block came from this pool and is no longer used.

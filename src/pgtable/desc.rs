@@ -1,0 +1,263 @@
+//! VMSAv8-64 translation table descriptors for the SMMU's stage-1 (CD) and stage-2 (STE) tables: pure encoders
+//! and decoders. Field positions follow the Arm ARM's "VMSAv8-64 translation table format descriptors" (the SMMU
+//! walks the same format; IHI 0070 "Translation tables and TTD").
+
+use bitflags::bitflags;
+
+bitflags! {
+    /// What a mapping allows.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct Prot: u8 {
+        /// Reads (and, for stage 1, any access: stage 1 cannot express write-only).
+        const READ = 1 << 0;
+        /// Writes.
+        const WRITE = 1 << 1;
+        /// Instruction fetches.
+        const EXEC = 1 << 2;
+        /// Normal write-back cacheable memory; without it, Device-nGnRE (MMIO).
+        const CACHEABLE = 1 << 3;
+        /// Stage 1 only: only privileged transactions may use the mapping.
+        const PRIVILEGED = 1 << 4;
+    }
+}
+
+/// Which translation stage a table serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Stage 1: VA → IPA (or PA), attributes through the CD's MAIR.
+    One,
+    /// Stage 2: IPA → PA, attributes in the descriptor (MemAttr).
+    Two,
+}
+
+/// Bit 0: the descriptor is valid.
+pub const VALID: u64 = 1 << 0;
+/// Bit 1: table (levels 0-2) or page (level 3) rather than block.
+pub const TABLE_OR_PAGE: u64 = 1 << 1;
+/// Stage 1 AttrIndx, bits \[4:2\].
+pub const S1_ATTR_INDEX: u64 = 0b111 << 2;
+/// Stage 1 AP\[1\], bit 6: unprivileged (EL0) access allowed.
+pub const S1_AP_UNPRIVILEGED: u64 = 1 << 6;
+/// Stage 1 AP\[2\], bit 7: read-only.
+pub const S1_AP_READ_ONLY: u64 = 1 << 7;
+/// Stage 2 MemAttr, bits \[5:2\].
+pub const S2_MEMATTR: u64 = 0b1111 << 2;
+/// Stage 2 S2AP\[0\], bit 6: reads allowed.
+pub const S2_AP_READ: u64 = 1 << 6;
+/// Stage 2 S2AP\[1\], bit 7: writes allowed.
+pub const S2_AP_WRITE: u64 = 1 << 7;
+/// SH, bits \[9:8\]: shareability (0b11 inner).
+pub const SH: u64 = 0b11 << 8;
+/// AF, bit 10: access flag.
+pub const AF: u64 = 1 << 10;
+/// Stage 1 nG, bit 11: not global (tagged with the ASID).
+pub const S1_NOT_GLOBAL: u64 = 1 << 11;
+/// Contiguous hint, bit 52.
+pub const CONTIGUOUS: u64 = 1 << 52;
+/// Stage 1 PXN, bit 53.
+pub const S1_PXN: u64 = 1 << 53;
+/// Stage 1 UXN / XN, bit 54.
+pub const S1_UXN: u64 = 1 << 54;
+/// Stage 2 XN\[1:0\], bits \[54:53\] (0b10: never executable).
+pub const S2_XN: u64 = 0b11 << 53;
+/// Output address bits \[47:12\] (the granule's low bits are zero in any aligned output address).
+pub const OUTPUT_ADDRESS: u64 = ((1 << 48) - 1) & !0xfff;
+
+/// MAIR attribute index of Device-nGnRE memory in the MAIR this driver puts in its CDs.
+pub const MAIR_INDEX_DEVICE: u64 = 0;
+/// MAIR attribute index of Normal write-back read/write-allocate memory.
+pub const MAIR_INDEX_NORMAL: u64 = 1;
+/// MAIR attribute index of Normal non-cacheable memory.
+pub const MAIR_INDEX_NON_CACHEABLE: u64 = 2;
+/// The MAIR value for stage-1 CDs: index 0 Device-nGnRE (0x04), 1 Normal WB RW-allocate (0xff), 2 Normal NC (0x44).
+pub const MAIR: u64 = 0x04 | 0xff << 8 | 0x44 << 16;
+/// Stage 2 MemAttr of Device-nGnRE.
+pub const S2_MEMATTR_DEVICE: u64 = 0b0001;
+/// Stage 2 MemAttr of Normal inner/outer write-back.
+pub const S2_MEMATTR_NORMAL: u64 = 0b1111;
+
+/// A leaf (page or block) descriptor mapping `output` with `prot`. `page` selects the level-3 encoding. The caller
+/// checks alignment and the output size; bits outside [`OUTPUT_ADDRESS`] are dropped.
+pub fn leaf(stage: Stage, output: u64, prot: Prot, page: bool) -> u64 {
+    let mut d = VALID | AF | SH | (output & OUTPUT_ADDRESS);
+    if page {
+        d |= TABLE_OR_PAGE;
+    }
+    let cacheable = prot.contains(Prot::CACHEABLE);
+    match stage {
+        Stage::One => {
+            d |= S1_NOT_GLOBAL
+                | (if cacheable {
+                    MAIR_INDEX_NORMAL
+                } else {
+                    MAIR_INDEX_DEVICE
+                }) << 2;
+            if !prot.contains(Prot::WRITE) {
+                d |= S1_AP_READ_ONLY;
+            }
+            if !prot.contains(Prot::PRIVILEGED) {
+                d |= S1_AP_UNPRIVILEGED;
+            }
+            d |= match (prot.contains(Prot::EXEC), prot.contains(Prot::PRIVILEGED)) {
+                (false, _) => S1_PXN | S1_UXN,
+                (true, true) => S1_UXN,
+                (true, false) => S1_PXN,
+            };
+        }
+        Stage::Two => {
+            d |= (if cacheable {
+                S2_MEMATTR_NORMAL
+            } else {
+                S2_MEMATTR_DEVICE
+            }) << 2;
+            if prot.contains(Prot::READ) {
+                d |= S2_AP_READ;
+            }
+            if prot.contains(Prot::WRITE) {
+                d |= S2_AP_WRITE;
+            }
+            if !prot.contains(Prot::EXEC) {
+                d |= 0b10 << 53;
+            }
+        }
+    }
+    d
+}
+
+/// A table descriptor pointing to the next-level table at `table`.
+pub fn table(table: u64) -> u64 {
+    VALID | TABLE_OR_PAGE | (table & OUTPUT_ADDRESS)
+}
+
+/// Whether a descriptor is valid.
+pub fn is_valid(d: u64) -> bool {
+    d & VALID != 0
+}
+
+/// Whether a valid descriptor at `level` points to a table (levels 0-2 with bit 1 set).
+pub fn is_table(d: u64, level: u8) -> bool {
+    is_valid(d) && level < 3 && d & TABLE_OR_PAGE != 0
+}
+
+/// The output (or next-table) address of a descriptor.
+pub fn address(d: u64) -> u64 {
+    d & OUTPUT_ADDRESS
+}
+
+/// The protection a leaf grants (the inverse of [`leaf`] for the encodings it produces).
+pub fn prot(stage: Stage, d: u64) -> Prot {
+    let mut p = Prot::empty();
+    match stage {
+        Stage::One => {
+            p |= Prot::READ;
+            if d & S1_AP_READ_ONLY == 0 {
+                p |= Prot::WRITE;
+            }
+            if d & S1_AP_UNPRIVILEGED == 0 {
+                p |= Prot::PRIVILEGED;
+            }
+            if (d >> 2) & 0b111 != MAIR_INDEX_DEVICE {
+                p |= Prot::CACHEABLE;
+            }
+            let privileged = d & S1_AP_UNPRIVILEGED == 0;
+            if (privileged && d & S1_PXN == 0) || (!privileged && d & S1_UXN == 0) {
+                p |= Prot::EXEC;
+            }
+        }
+        Stage::Two => {
+            if d & S2_AP_READ != 0 {
+                p |= Prot::READ;
+            }
+            if d & S2_AP_WRITE != 0 {
+                p |= Prot::WRITE;
+            }
+            if d & S2_XN == 0 {
+                p |= Prot::EXEC;
+            }
+            if (d >> 2) & 0b1111 != S2_MEMATTR_DEVICE {
+                p |= Prot::CACHEABLE;
+            }
+        }
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage1_page_bits() {
+        // Normal WB, read/write, no exec, unprivileged: V|page, AttrIndx 1, AP[1]=1 (EL0), SH 11, AF, nG, PXN|UXN.
+        let d = leaf(
+            Stage::One,
+            0x4123_4000,
+            Prot::READ | Prot::WRITE | Prot::CACHEABLE,
+            true,
+        );
+        assert_eq!(
+            d,
+            0b11 | 1 << 2 | 1 << 6 | 0b11 << 8 | 1 << 10 | 1 << 11 | 0x4123_4000 | 1 << 53 | 1 << 54
+        );
+        // Read-only device, privileged, block: AttrIndx 0, AP[2]=1, AP[1]=0.
+        let d = leaf(Stage::One, 0x4000_0000, Prot::READ | Prot::PRIVILEGED, false);
+        assert_eq!(
+            d,
+            0b01 | 1 << 7 | 0b11 << 8 | 1 << 10 | 1 << 11 | 0x4000_0000 | 1 << 53 | 1 << 54
+        );
+        // Privileged executable: UXN only.
+        let d = leaf(
+            Stage::One,
+            0,
+            Prot::READ | Prot::EXEC | Prot::PRIVILEGED | Prot::CACHEABLE,
+            true,
+        );
+        assert_eq!(d & (S1_PXN | S1_UXN), S1_UXN);
+    }
+
+    #[test]
+    fn stage2_page_bits() {
+        // MemAttr 1111, S2AP 11, SH 11, AF, XN 10.
+        let d = leaf(
+            Stage::Two,
+            0x8000_1000,
+            Prot::READ | Prot::WRITE | Prot::CACHEABLE,
+            true,
+        );
+        assert_eq!(
+            d,
+            0b11 | 0b1111 << 2 | 0b11 << 6 | 0b11 << 8 | 1 << 10 | 0x8000_1000 | 0b10 << 53
+        );
+        // Write-only device block, executable: MemAttr 0001, S2AP 10, XN 00.
+        let d = leaf(Stage::Two, 0x20_0000, Prot::WRITE | Prot::EXEC, false);
+        assert_eq!(d, 0b01 | 0b0001 << 2 | 0b10 << 6 | 0b11 << 8 | 1 << 10 | 0x20_0000);
+    }
+
+    #[test]
+    fn table_descriptor_and_decoders() {
+        let t = table(0x4567_8000);
+        assert_eq!(t, 0x4567_8000 | 0b11);
+        assert!(is_table(t, 2) && !is_table(t, 3) && is_valid(t));
+        assert_eq!(address(t), 0x4567_8000);
+        assert!(!is_valid(0));
+    }
+
+    #[test]
+    fn prot_round_trips() {
+        for bits in 0..32u8 {
+            let p = Prot::from_bits_truncate(bits);
+            let s2 = p - Prot::PRIVILEGED;
+            assert_eq!(prot(Stage::Two, leaf(Stage::Two, 0, s2, true)), s2, "{s2:?}");
+            if p.contains(Prot::READ) {
+                assert_eq!(prot(Stage::One, leaf(Stage::One, 0, p, true)), p, "{p:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn mair_matches_the_indices() {
+        assert_eq!((MAIR >> (8 * MAIR_INDEX_DEVICE)) & 0xff, 0x04);
+        assert_eq!((MAIR >> (8 * MAIR_INDEX_NORMAL)) & 0xff, 0xff);
+        assert_eq!((MAIR >> (8 * MAIR_INDEX_NON_CACHEABLE)) & 0xff, 0x44);
+    }
+}

@@ -1,0 +1,752 @@
+//! IO page tables in the VMSAv8-64 format the SMMU walks: stage 1 (VA → IPA/PA, for CDs) and stage 2
+//! (IPA → PA, for STEs), 4 KiB, 16 KiB or 64 KiB granules, the largest naturally aligned blocks, tables from the
+//! caller's [`FrameAllocator`], and invalidation gathered for the command queue.
+//!
+//! The SMMU may walk a table at any moment: descriptors are written with single 64-bit stores, a new table's
+//! contents before the descriptor that points to it; a table that becomes empty is unlinked and handed to the
+//! [`Gather`], and goes back to the allocator only through [`IoPageTable::release`], after the caller has issued
+//! the invalidation that covers walks through it.
+
+pub mod desc;
+
+use core::fmt;
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+pub use self::desc::{Prot, Stage};
+pub use crate::hw::command::Granule;
+use crate::mem::{AllocError, Coherency, DmaBlock, FrameAllocator, PhysAddr, write_barrier};
+
+/// The shape of a table: stage, granule, and the input and output sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Format {
+    /// Stage 1 or 2.
+    pub stage: Stage,
+    /// Translation granule.
+    pub granule: Granule,
+    /// Input address bits (VA for stage 1, IPA for stage 2): 25..=48.
+    pub input_bits: u8,
+    /// Output address bits (at most the SMMU's OAS, at most 48 here).
+    pub output_bits: u8,
+}
+
+/// Where a table's walk starts, as the architecture derives it from the format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    /// log2 of the granule.
+    pub granule_bits: u8,
+    /// Address bits resolved per level below the root (granule_bits - 3).
+    pub level_bits: u8,
+    /// The level of the root table (0..=3).
+    pub start_level: u8,
+    /// Entries of the root table (more than one granule's worth when stage-2 root tables are concatenated).
+    pub root_entries: usize,
+}
+
+impl Geometry {
+    /// The geometry of `format`: the fewest levels, and for stage 2 up to 16 concatenated root tables instead of
+    /// a level that would resolve 4 bits or fewer (where the starting level stays encodable in STE.S2SL0).
+    ///
+    /// # Errors
+    /// [`MapError::BadFormat`] for input or output sizes outside 25..=48 bits.
+    pub fn of(format: &Format) -> Result<Self, MapError> {
+        let g = format.granule.log2();
+        let s = g - 3;
+        if !(25..=48).contains(&format.input_bits) || !(32..=48).contains(&format.output_bits) {
+            return Err(MapError::BadFormat {
+                input_bits: format.input_bits,
+                output_bits: format.output_bits,
+            });
+        }
+        let span = format.input_bits - g;
+        let levels = span.div_ceil(s);
+        let mut start = 4 - levels;
+        let mut root_bits = span - s * (levels - 1);
+        let lowest_start = if format.granule == Granule::Size4K { 2 } else { 3 };
+        if format.stage == Stage::Two && root_bits <= 4 && start < lowest_start {
+            start += 1;
+            root_bits += s;
+        }
+        Ok(Geometry {
+            granule_bits: g,
+            level_bits: s,
+            start_level: start,
+            root_entries: 1 << root_bits,
+        })
+    }
+
+    /// log2 of the bytes one entry at `level` maps.
+    pub fn entry_shift(&self, level: u8) -> u8 {
+        self.granule_bits + self.level_bits * (3 - level)
+    }
+
+    fn entries(&self, level: u8) -> usize {
+        if level == self.start_level {
+            self.root_entries
+        } else {
+            1 << self.level_bits
+        }
+    }
+
+    fn index(&self, level: u8, address: u64) -> usize {
+        ((address >> self.entry_shift(level)) as usize) & (self.entries(level) - 1)
+    }
+
+    /// Whether a block (not a page) may be written at `level` with this granule (4 KiB: 1 GiB and 2 MiB blocks;
+    /// 16 KiB: 32 MiB; 64 KiB: 512 MiB; larger blocks need 52-bit addressing, which this driver does not use).
+    pub fn block_allowed(&self, level: u8) -> bool {
+        match self.granule_bits {
+            12 => level == 1 || level == 2,
+            _ => level == 2,
+        }
+    }
+
+    /// STE.S2SL0 for this starting level (stage 2).
+    pub fn s2_sl0(&self) -> u8 {
+        match self.granule_bits {
+            12 => 2 - self.start_level,
+            _ => 3 - self.start_level,
+        }
+    }
+}
+
+/// Why a page-table operation was refused. Nothing changed when one is returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapError {
+    /// The format's sizes are outside what this driver builds.
+    BadFormat {
+        /// Input bits asked for.
+        input_bits: u8,
+        /// Output bits asked for.
+        output_bits: u8,
+    },
+    /// An address or size is not a multiple of the granule, or the size is zero.
+    Unaligned {
+        /// The IOVA.
+        iova: u64,
+        /// The size.
+        size: u64,
+    },
+    /// The range does not fit the input address space.
+    InputOutOfRange {
+        /// The IOVA.
+        iova: u64,
+        /// The size.
+        size: u64,
+    },
+    /// The output range does not fit the output size.
+    OutputOutOfRange {
+        /// The physical address.
+        pa: u64,
+        /// The size.
+        size: u64,
+    },
+    /// The protection cannot be expressed (stage 1 without READ, or nothing allowed).
+    BadProt(Prot),
+    /// Part of the range is already mapped.
+    Overlap {
+        /// The first mapped IOVA met.
+        iova: u64,
+    },
+    /// No memory for a table.
+    NoMemory(AllocError),
+}
+
+impl fmt::Display for MapError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MapError::BadFormat {
+                input_bits,
+                output_bits,
+            } => {
+                write!(
+                    f,
+                    "unsupported table format: {input_bits}-bit input, {output_bits}-bit output"
+                )
+            }
+            MapError::Unaligned { iova, size } => {
+                write!(f, "range {iova:#x}+{size:#x} is empty or not aligned to the granule")
+            }
+            MapError::InputOutOfRange { iova, size } => {
+                write!(f, "range {iova:#x}+{size:#x} is beyond the input address space")
+            }
+            MapError::OutputOutOfRange { pa, size } => {
+                write!(f, "output {pa:#x}+{size:#x} is beyond the output address size")
+            }
+            MapError::BadProt(p) => write!(f, "protection {p:?} cannot be expressed"),
+            MapError::Overlap { iova } => write!(f, "{iova:#x} is already mapped"),
+            MapError::NoMemory(e) => write!(f, "page table: {e}"),
+        }
+    }
+}
+
+/// One mapping found by [`IoPageTable::walk`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    /// Input address.
+    pub iova: u64,
+    /// Output address.
+    pub pa: u64,
+    /// Bytes (a page or a block).
+    pub size: u64,
+    /// Its protection.
+    pub prot: Prot,
+}
+
+/// What an unmap (or any change that removes translations) leaves for the caller to invalidate, and the tables
+/// that may be freed once that invalidation has completed.
+#[derive(Debug, Default)]
+pub struct Gather {
+    /// The lowest input address whose translation was removed.
+    pub start: u64,
+    /// One past the highest.
+    pub end: u64,
+    /// Leaf descriptors cleared.
+    pub leaves: u32,
+    /// The smallest leaf size cleared (log2), for the invalidation's granule and level hint.
+    pub leaf_shift: u8,
+    /// Tables were unlinked: the invalidation must cover walk caches too (not leaf-only).
+    pub tables_unlinked: bool,
+    /// Unlinked tables, chained through their first word (a granule-aligned physical address, so never a valid
+    /// descriptor should the SMMU still walk the table).
+    freed_head: u64,
+    freed: u32,
+}
+
+impl Gather {
+    /// Whether nothing needs invalidating.
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start && !self.tables_unlinked
+    }
+
+    /// Bytes of input address space to invalidate.
+    pub fn size(&self) -> u64 {
+        self.end - self.start
+    }
+
+    /// Tables waiting for [`IoPageTable::release`].
+    pub fn freed_tables(&self) -> u32 {
+        self.freed
+    }
+
+    fn add(&mut self, iova: u64, size: u64, shift: u8) {
+        if self.end == self.start {
+            (self.start, self.end, self.leaf_shift) = (iova, iova + size, shift);
+        } else {
+            self.start = self.start.min(iova);
+            self.end = self.end.max(iova + size);
+            self.leaf_shift = self.leaf_shift.min(shift);
+        }
+        self.leaves += 1;
+    }
+}
+
+/// An IO page table.
+pub struct IoPageTable<A: FrameAllocator> {
+    format: Format,
+    geometry: Geometry,
+    root: DmaBlock,
+    allocator: A,
+    coherency: Coherency,
+    tables: u32,
+}
+
+/// A table's entries.
+fn entries_of<'a>(virt: NonNull<u8>, count: usize) -> &'a [AtomicU64] {
+    // SAFETY: callers pass a live, 8-byte aligned table of `count` entries owned by this page table; the SMMU and
+    // the CPU access it only through single-copy-atomic 64-bit accesses.
+    unsafe { core::slice::from_raw_parts(virt.as_ptr().cast(), count) }
+}
+
+impl<A: FrameAllocator> IoPageTable<A> {
+    /// An empty table of `format`, its root from `allocator`.
+    ///
+    /// # Errors
+    /// [`MapError::BadFormat`], [`MapError::NoMemory`].
+    pub fn new(format: Format, allocator: A, coherent: bool) -> Result<Self, MapError> {
+        let geometry = Geometry::of(&format)?;
+        let size = (geometry.root_entries * 8).max(1 << geometry.granule_bits);
+        let root = allocator.allocate_zeroed(size, size).map_err(MapError::NoMemory)?;
+        let coherency = Coherency { coherent };
+        coherency.clean(root.virt.as_ptr(), root.size);
+        Ok(IoPageTable {
+            format,
+            geometry,
+            root,
+            allocator,
+            coherency,
+            tables: 1,
+        })
+    }
+
+    /// The format.
+    pub fn format(&self) -> &Format {
+        &self.format
+    }
+
+    /// The geometry the format implies (starting level, concatenation).
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    /// The root table's physical address (CD.TTB0 or STE.S2TTB).
+    pub fn root(&self) -> PhysAddr {
+        self.root.phys
+    }
+
+    /// Tables in use, the root included.
+    pub fn tables(&self) -> u32 {
+        self.tables
+    }
+
+    /// The allocator.
+    pub fn allocator(&self) -> &A {
+        &self.allocator
+    }
+
+    fn table_entries(&self, level: u8, phys: u64) -> Option<&[AtomicU64]> {
+        let virt = self.allocator.phys_to_virt(PhysAddr(phys))?;
+        Some(entries_of(virt, self.geometry.entries(level)))
+    }
+
+    fn root_entries(&self) -> &[AtomicU64] {
+        entries_of(self.root.virt, self.geometry.root_entries)
+    }
+
+    fn store(&self, entry: &AtomicU64, value: u64) {
+        entry.store(value, Ordering::Release);
+        self.coherency.clean(core::ptr::from_ref(entry).cast(), 8);
+    }
+
+    fn check_range(&self, iova: u64, size: u64) -> Result<(), MapError> {
+        let granule = 1u64 << self.geometry.granule_bits;
+        if size == 0 || !iova.is_multiple_of(granule) || !size.is_multiple_of(granule) {
+            return Err(MapError::Unaligned { iova, size });
+        }
+        match iova.checked_add(size) {
+            Some(end) if end <= 1 << self.format.input_bits => Ok(()),
+            _ => Err(MapError::InputOutOfRange { iova, size }),
+        }
+    }
+
+    /// The first mapped address in `[iova, iova + size)`, if any.
+    fn first_mapped(&self, iova: u64, size: u64) -> Option<u64> {
+        let mut found = None;
+        self.visit(
+            self.geometry.start_level,
+            self.root_entries(),
+            0,
+            &mut |m| {
+                if found.is_none() && m.iova < iova + size && iova < m.iova + m.size {
+                    found = Some(m.iova.max(iova));
+                }
+            },
+            Some((iova, iova + size)),
+        );
+        found
+    }
+
+    /// Maps `[iova, iova + size)` to `[pa, pa + size)` with `prot`, using the largest blocks that alignment allows.
+    ///
+    /// # Errors
+    /// [`MapError::Unaligned`], [`MapError::InputOutOfRange`], [`MapError::OutputOutOfRange`],
+    /// [`MapError::BadProt`], [`MapError::Overlap`], [`MapError::NoMemory`]; nothing is mapped then.
+    pub fn map(&mut self, iova: u64, pa: u64, size: u64, prot: Prot) -> Result<(), MapError> {
+        self.check_range(iova, size)?;
+        if !pa.is_multiple_of(1 << self.geometry.granule_bits) {
+            return Err(MapError::Unaligned { iova: pa, size });
+        }
+        match pa.checked_add(size) {
+            Some(end) if end <= 1 << self.format.output_bits => {}
+            _ => return Err(MapError::OutputOutOfRange { pa, size }),
+        }
+        let expressible = match self.format.stage {
+            Stage::One => prot.contains(Prot::READ),
+            Stage::Two => prot.intersects(Prot::READ | Prot::WRITE) && !prot.contains(Prot::PRIVILEGED),
+        };
+        if !expressible {
+            return Err(MapError::BadProt(prot));
+        }
+        if let Some(mapped) = self.first_mapped(iova, size) {
+            return Err(MapError::Overlap { iova: mapped });
+        }
+        let mut done = 0;
+        while done < size {
+            let (va, out, left) = (iova + done, pa + done, size - done);
+            let level = (self.geometry.start_level..=3)
+                .find(|&l| {
+                    let block = 1u64 << self.geometry.entry_shift(l);
+                    (l == 3 || self.geometry.block_allowed(l))
+                        && va.is_multiple_of(block)
+                        && out.is_multiple_of(block)
+                        && block <= left
+                })
+                .unwrap_or(3);
+            if let Err(e) = self.install(va, out, level, prot) {
+                // Undo what was mapped; nothing of it has been handed to the caller.
+                if done > 0 {
+                    let mut gather = Gather::default();
+                    let _ = self.unmap(iova, done, &mut gather);
+                    self.release(gather);
+                }
+                return Err(e);
+            }
+            done += 1 << self.geometry.entry_shift(level);
+        }
+        write_barrier();
+        Ok(())
+    }
+
+    /// Writes one leaf at `level`, creating the tables above it.
+    fn install(&mut self, iova: u64, pa: u64, level: u8, prot: Prot) -> Result<(), MapError> {
+        let mut current = self.geometry.start_level;
+        let mut table_phys = self.root.phys.0;
+        loop {
+            let entries = self
+                .table_entries(current, table_phys)
+                .ok_or(MapError::NoMemory(AllocError::OutOfMemory { size: 0 }))?;
+            let entry = &entries[self.geometry.index(current, iova)];
+            if current == level {
+                let d = desc::leaf(self.format.stage, pa, prot, level == 3);
+                self.store(entry, d);
+                return Ok(());
+            }
+            let d = entry.load(Ordering::Acquire);
+            if desc::is_table(d, current) {
+                table_phys = desc::address(d);
+            } else {
+                // `map` checked that nothing is mapped here, so the entry is invalid: add a table.
+                let size = 1usize << self.geometry.granule_bits;
+                let table = self.allocator.allocate_zeroed(size, size).map_err(MapError::NoMemory)?;
+                self.coherency.clean(table.virt.as_ptr(), size);
+                // The empty table must be visible before the descriptor that points to it.
+                write_barrier();
+                self.store(entry, desc::table(table.phys.0));
+                self.tables += 1;
+                table_phys = table.phys.0;
+            }
+            current += 1;
+        }
+    }
+
+    /// Unmaps every mapping inside `[iova, iova + size)`, splitting a block that straddles an end, and returns the
+    /// bytes unmapped. What to invalidate and the tables that emptied go to `gather`.
+    ///
+    /// # Errors
+    /// [`MapError::Unaligned`], [`MapError::InputOutOfRange`], [`MapError::NoMemory`] (for splitting a block);
+    /// nothing is unmapped then.
+    pub fn unmap(&mut self, iova: u64, size: u64, gather: &mut Gather) -> Result<u64, MapError> {
+        self.check_range(iova, size)?;
+        // Splitting the blocks that straddle the range's ends needs at most one table per level below each:
+        // allocate them first, so that running out of memory changes nothing.
+        let needed = self.splits_needed(iova) + self.splits_needed(iova + size);
+        let mut reserve: heapless::Vec<DmaBlock, 8> = heapless::Vec::new();
+        for _ in 0..needed {
+            let granule = 1usize << self.geometry.granule_bits;
+            match self.allocator.allocate_zeroed(granule, granule) {
+                Ok(t) => {
+                    let _ = reserve.push(t);
+                }
+                Err(e) => {
+                    for t in reserve {
+                        // SAFETY: never published.
+                        unsafe { self.allocator.free(t) };
+                    }
+                    return Err(MapError::NoMemory(e));
+                }
+            }
+        }
+        let root = self.root.phys.0;
+        let unmapped = self.unmap_in(
+            self.geometry.start_level,
+            root,
+            0,
+            iova,
+            iova + size,
+            gather,
+            &mut reserve,
+        );
+        for t in reserve {
+            // SAFETY: never published.
+            unsafe { self.allocator.free(t) };
+        }
+        write_barrier();
+        Ok(unmapped)
+    }
+
+    /// Tables needed to split the block (if any) that maps `address` without starting at it.
+    fn splits_needed(&self, address: u64) -> usize {
+        let mut level = self.geometry.start_level;
+        let mut phys = self.root.phys.0;
+        loop {
+            let Some(entries) = self.table_entries(level, phys) else {
+                return 0;
+            };
+            let Some(entry) = entries.get(self.geometry.index(level, address)) else {
+                return 0;
+            };
+            let d = entry.load(Ordering::Acquire);
+            if desc::is_table(d, level) {
+                phys = desc::address(d);
+                level += 1;
+                continue;
+            }
+            if !desc::is_valid(d) || level == 3 || address.is_multiple_of(1 << self.geometry.entry_shift(level)) {
+                return 0;
+            }
+            // Split down to the level whose entries the address is aligned to.
+            let target = (level + 1..=3)
+                .find(|&l| address.is_multiple_of(1 << self.geometry.entry_shift(l)))
+                .unwrap_or(3);
+            return usize::from(target - level);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn unmap_in(
+        &mut self,
+        level: u8,
+        table_phys: u64,
+        table_base: u64,
+        start: u64,
+        end: u64,
+        gather: &mut Gather,
+        reserve: &mut heapless::Vec<DmaBlock, 8>,
+    ) -> u64 {
+        let shift = self.geometry.entry_shift(level);
+        let entry_size = 1u64 << shift;
+        let count = self.geometry.entries(level);
+        let Some(virt) = self.allocator.phys_to_virt(PhysAddr(table_phys)) else {
+            return 0;
+        };
+        let entries = entries_of(virt, count);
+        let table_end = table_base.saturating_add(entry_size * count as u64);
+        let first = ((start.max(table_base) - table_base) >> shift) as usize;
+        let last = (((end.min(table_end) - 1) - table_base) >> shift) as usize;
+        let mut unmapped = 0;
+        for (i, entry) in entries.iter().enumerate().take(last + 1).skip(first) {
+            let entry_base = table_base + ((i as u64) << shift);
+            let d = entry.load(Ordering::Acquire);
+            if !desc::is_valid(d) {
+                continue;
+            }
+            let covered = start <= entry_base && entry_base + entry_size <= end;
+            if covered {
+                self.store(entry, 0);
+                if desc::is_table(d, level) {
+                    // The whole subtree goes: count its leaves and collect its tables without rewriting them.
+                    let (bytes, smallest) = self.reclaim(level + 1, desc::address(d), gather);
+                    if bytes > 0 {
+                        gather.add(entry_base, entry_size, smallest);
+                    }
+                    unmapped += bytes;
+                } else {
+                    gather.add(entry_base, entry_size, shift);
+                    unmapped += entry_size;
+                }
+                continue;
+            }
+            let next = if desc::is_table(d, level) {
+                desc::address(d)
+            } else {
+                // A block straddling the range: replace it with a table of the same mappings, then recurse.
+                let Some(table) = reserve.pop() else { continue };
+                let sub = entries_of(table.virt, 1 << self.geometry.level_bits);
+                let child_shift = self.geometry.entry_shift(level + 1);
+                let prot = desc::prot(self.format.stage, d);
+                for (j, e) in sub.iter().enumerate() {
+                    let out = desc::address(d) + ((j as u64) << child_shift);
+                    e.store(
+                        desc::leaf(self.format.stage, out, prot, level + 1 == 3),
+                        Ordering::Relaxed,
+                    );
+                }
+                self.coherency.clean(table.virt.as_ptr(), table.size);
+                write_barrier();
+                self.store(entry, desc::table(table.phys.0));
+                self.tables += 1;
+                // The block's translation is replaced: the TLB may hold it.
+                gather.add(entry_base, entry_size, shift);
+                table.phys.0
+            };
+            unmapped += self.unmap_in(level + 1, next, entry_base, start, end, gather, reserve);
+            if entries_of(
+                self.allocator.phys_to_virt(PhysAddr(next)).unwrap_or(virt),
+                1 << self.geometry.level_bits,
+            )
+            .iter()
+            .all(|e| e.load(Ordering::Relaxed) == 0)
+            {
+                self.store(entry, 0);
+                self.free_later(next, gather);
+            }
+        }
+        unmapped
+    }
+
+    /// Bytes mapped below the unlinked table at `table_phys` and the smallest leaf's shift; the table and its
+    /// subtables go to `gather`.
+    fn reclaim(&mut self, level: u8, table_phys: u64, gather: &mut Gather) -> (u64, u8) {
+        let mut bytes = 0;
+        let mut smallest = self.geometry.entry_shift(level);
+        if let Some(virt) = self.allocator.phys_to_virt(PhysAddr(table_phys)) {
+            let shift = self.geometry.entry_shift(level);
+            for e in entries_of(virt, 1 << self.geometry.level_bits) {
+                let d = e.load(Ordering::Relaxed);
+                if desc::is_table(d, level) {
+                    let (b, s) = self.reclaim(level + 1, desc::address(d), gather);
+                    bytes += b;
+                    smallest = smallest.min(s);
+                } else if desc::is_valid(d) {
+                    bytes += 1 << shift;
+                }
+            }
+        }
+        self.free_later(table_phys, gather);
+        (bytes, smallest)
+    }
+
+    fn free_later(&mut self, table_phys: u64, gather: &mut Gather) {
+        if let Some(virt) = self.allocator.phys_to_virt(PhysAddr(table_phys)) {
+            // Chain through the first word; the table is unlinked and all its entries are invalid.
+            entries_of(virt, 1)[0].store(gather.freed_head, Ordering::Relaxed);
+            gather.freed_head = table_phys;
+            gather.freed += 1;
+            gather.tables_unlinked = true;
+            self.tables -= 1;
+        }
+    }
+
+    /// Gives the tables `gather` collected back to the allocator. Call it only after the invalidation for
+    /// `gather` has completed (CMD_SYNC consumed), so that no walk can still reach them.
+    pub fn release(&mut self, gather: Gather) {
+        let mut next = gather.freed_head;
+        let size = 1usize << self.geometry.granule_bits;
+        while next != 0 {
+            let Some(virt) = self.allocator.phys_to_virt(PhysAddr(next)) else {
+                break;
+            };
+            let entry = &entries_of(virt, 1)[0];
+            let following = entry.load(Ordering::Relaxed);
+            entry.store(0, Ordering::Relaxed);
+            // SAFETY: the table was allocated by this page table with this size, unlinked, and the caller has
+            // completed the invalidation that covers walks through it.
+            unsafe {
+                self.allocator.free(DmaBlock {
+                    phys: PhysAddr(next),
+                    virt,
+                    size,
+                })
+            };
+            next = following;
+        }
+    }
+
+    /// The output address `iova` translates to, and the protection, if it is mapped.
+    pub fn translate(&self, iova: u64) -> Option<(u64, Prot)> {
+        if iova >> self.format.input_bits != 0 {
+            return None;
+        }
+        let mut level = self.geometry.start_level;
+        let mut phys = self.root.phys.0;
+        loop {
+            let entries = self.table_entries(level, phys)?;
+            let d = entries[self.geometry.index(level, iova)].load(Ordering::Acquire);
+            if !desc::is_valid(d) {
+                return None;
+            }
+            if desc::is_table(d, level) {
+                phys = desc::address(d);
+                level += 1;
+                continue;
+            }
+            let offset = iova & ((1 << self.geometry.entry_shift(level)) - 1);
+            return Some((desc::address(d) + offset, desc::prot(self.format.stage, d)));
+        }
+    }
+
+    /// The output address `iova` translates to, if it is mapped.
+    pub fn iova_to_phys(&self, iova: u64) -> Option<u64> {
+        self.translate(iova).map(|(pa, _)| pa)
+    }
+
+    /// Calls `f` for every mapping (page or block), in address order.
+    pub fn walk(&self, mut f: impl FnMut(Mapping)) {
+        self.visit(self.geometry.start_level, self.root_entries(), 0, &mut f, None);
+    }
+
+    fn visit(
+        &self,
+        level: u8,
+        entries: &[AtomicU64],
+        base: u64,
+        f: &mut dyn FnMut(Mapping),
+        within: Option<(u64, u64)>,
+    ) {
+        let shift = self.geometry.entry_shift(level);
+        for (i, e) in entries.iter().enumerate() {
+            let iova = base + ((i as u64) << shift);
+            let size = 1u64 << shift;
+            if let Some((start, end)) = within
+                && (iova + size <= start || end <= iova)
+            {
+                continue;
+            }
+            let d = e.load(Ordering::Acquire);
+            if !desc::is_valid(d) {
+                continue;
+            }
+            if desc::is_table(d, level) {
+                if let Some(next) = self.table_entries(level + 1, desc::address(d)) {
+                    self.visit(level + 1, next, iova, f, within);
+                }
+            } else {
+                f(Mapping {
+                    iova,
+                    pa: desc::address(d),
+                    size,
+                    prot: desc::prot(self.format.stage, d),
+                });
+            }
+        }
+    }
+}
+
+impl<A: FrameAllocator> Drop for IoPageTable<A> {
+    /// Frees every table. The caller must have detached the table from the SMMU (and invalidated) first.
+    fn drop(&mut self) {
+        fn free_below<A: FrameAllocator>(t: &IoPageTable<A>, level: u8, entries: &[AtomicU64]) {
+            if level == 3 {
+                return;
+            }
+            let size = 1usize << t.geometry.granule_bits;
+            for e in entries {
+                let d = e.load(Ordering::Relaxed);
+                if desc::is_table(d, level)
+                    && let Some(virt) = t.allocator.phys_to_virt(PhysAddr(desc::address(d)))
+                {
+                    free_below(t, level + 1, entries_of(virt, 1 << t.geometry.level_bits));
+                    // SAFETY: allocated by this table with this size; the owner detached the table.
+                    unsafe {
+                        t.allocator.free(DmaBlock {
+                            phys: PhysAddr(desc::address(d)),
+                            virt,
+                            size,
+                        })
+                    };
+                }
+            }
+        }
+        free_below(self, self.geometry.start_level, self.root_entries());
+        let root = DmaBlock {
+            phys: self.root.phys,
+            virt: self.root.virt,
+            size: self.root.size,
+        };
+        // SAFETY: the root came from this allocator; nothing uses it after drop.
+        unsafe { self.allocator.free(root) };
+    }
+}
+
+#[cfg(test)]
+mod tests;
