@@ -9,18 +9,41 @@ use tock_registers::interfaces::{ReadWriteable, Readable, Writeable};
 use crate::deadline::{Deadline, TimedOut};
 use crate::features::Features;
 use crate::hitless::{self, EntryWriter, UpdateKind};
-use crate::hw::command::Command;
+use crate::hw::command::{Command, TlbiRange, plan_range_invalidation};
 use crate::hw::event::{Event, GlobalErrors};
 use crate::hw::regs::{BASE, CR0, CR1, CR2, GBPA, STRTAB_BASE_CFG, SmmuPage0};
 use crate::hw::ste::Ste;
 use crate::ids::{IdAllocator, IdError};
 use crate::mem::{AllocError, Coherency, FrameAllocator, write_barrier};
-use crate::queue::cmdq::{Batch, BatchReport, COMMAND_BYTES, CommandQueue, CommandQueueError};
+use crate::pgtable::{Gather, IoPageTable};
+use crate::queue::cmdq::{BATCH_CAPACITY, Batch, BatchReport, COMMAND_BYTES, CommandQueue, CommandQueueError};
 use crate::queue::evtq::{DrainReport, EVENT_BYTES, EventQueue, Overflow};
 use crate::queue::index::QueueGeometry;
 use crate::smmu::Smmu;
 use crate::stream::{StreamError, StreamTable, StreamTableFormat};
 use crate::table::SlotWriter;
+
+/// Above this many granules without range invalidation, [`ActiveSmmu::flush`] invalidates the whole ASID or VMID.
+pub const PER_GRANULE_LIMIT: u32 = 32;
+
+/// Whose TLB entries a page-table change affects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlbContext {
+    /// A stage-1 table used with `asid` (and `vmid`, 0 without stage 2).
+    Stage1 {
+        /// ASID of the CD.
+        asid: u16,
+        /// VMID of the STE.
+        vmid: u16,
+    },
+    /// A stage-2 table used with `vmid`.
+    Stage2 {
+        /// VMID of the STE.
+        vmid: u16,
+        /// Streams translate with both stages: combined entries must go too.
+        nested: bool,
+    },
+}
 
 /// How long a register handshake (CR0ACK, GBPA.UPDATE, IRQ_CTRLACK) may take.
 pub const HANDSHAKE_TIMEOUT_US: u64 = 100_000;
@@ -447,6 +470,73 @@ impl<A: FrameAllocator> ActiveSmmu<A> {
         }
         batch.push(&Command::TlbiNsnhAll)?;
         self.submit(&batch)
+    }
+
+    /// Invalidates what `gather` collected from `table` for `context`, with one CMD_SYNC, then gives the tables
+    /// the gather unlinked back to their allocator (only now can no walk reach them). The least invalidation:
+    /// range TLBIs when the SMMU has them (IDR3.RIL), one TLBI per granule up to [`PER_GRANULE_LIMIT`], else the
+    /// whole ASID or VMID. Leaf-only when no table was unlinked. A stage-2 change also drops the VMID's combined
+    /// (nested) stage-1 entries, which cannot be found by IPA.
+    ///
+    /// # Errors
+    /// As [`ActiveSmmu::submit`]; the unlinked tables are then kept (leaked), since a walk may still reach them.
+    pub fn flush<T: FrameAllocator>(
+        &mut self,
+        table: &mut IoPageTable<T>,
+        gather: Gather,
+        context: TlbContext,
+    ) -> Result<BatchReport, CommandQueueError> {
+        if gather.is_empty() {
+            table.release(gather);
+            return Ok(BatchReport::default());
+        }
+        let granule = table.format().granule;
+        let leaf = !gather.tables_unlinked;
+        let one = |address: u64, range: Option<TlbiRange>| match context {
+            TlbContext::Stage1 { asid, vmid } => Command::TlbiNhVa {
+                vmid,
+                asid,
+                address,
+                leaf,
+                range,
+            },
+            TlbContext::Stage2 { vmid, .. } => Command::TlbiS2Ipa {
+                vmid,
+                address,
+                leaf,
+                range,
+            },
+        };
+        let whole = match context {
+            TlbContext::Stage1 { asid, vmid } => Command::TlbiNhAsid { vmid, asid },
+            TlbContext::Stage2 { vmid, .. } => Command::TlbiS12Vmall { vmid },
+        };
+        let mut batch = Batch::new();
+        let granules = gather.size() / granule.size();
+        let ranged = if self.features().range_invalidation {
+            plan_range_invalidation(gather.start, gather.size(), granule, 0).ok()
+        } else {
+            None
+        };
+        match ranged {
+            Some(plan) if plan.clone().count() < BATCH_CAPACITY - 2 => {
+                for piece in plan {
+                    batch.push(&one(piece.address, piece.range))?;
+                }
+            }
+            _ if granules <= u64::from(PER_GRANULE_LIMIT) => {
+                for i in 0..granules {
+                    batch.push(&one(gather.start + i * granule.size(), None))?;
+                }
+            }
+            _ => batch.push(&whole)?,
+        }
+        if let TlbContext::Stage2 { vmid, nested: true } = context {
+            batch.push(&Command::TlbiNhAll { vmid })?;
+        }
+        let report = self.submit(&batch)?;
+        table.release(gather);
+        Ok(report)
     }
 
     /// Reads the global errors, acknowledges the recoverable ones and reports them. An event queue abort is

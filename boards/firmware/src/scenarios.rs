@@ -51,9 +51,11 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("bypass", core_smmu::bypass),
     ("cmdq-error", core_smmu::cmdq_error),
     ("evtq-overflow", core_smmu::evtq_overflow),
+    ("pgtable-dma", translate::pgtable_dma),
 ];
 
 mod core_smmu;
+mod translate;
 
 /// Runs the named scenarios in order; returns how many failed.
 pub fn run_all(context: &mut Context) -> usize {

@@ -19,7 +19,7 @@ use crate::frames::Frames;
 use crate::println;
 
 /// An initialised SMMU, shut down when the scenario ends, however it ends.
-struct Session(Option<ActiveSmmu<Frames>>);
+pub(super) struct Session(Option<ActiveSmmu<Frames>>);
 
 impl Deref for Session {
     type Target = ActiveSmmu<Frames>;
@@ -48,7 +48,7 @@ impl Drop for Session {
     }
 }
 
-fn start(context: &Context, options: &InitOptions) -> Result<Session, Failure> {
+pub(super) fn start(context: &Context, options: &InitOptions) -> Result<Session, Failure> {
     let smmu = smmu(context)?;
     match smmu.init(Frames, options) {
         Ok(active) => Ok(Session(Some(active))),
@@ -58,16 +58,16 @@ fn start(context: &Context, options: &InitOptions) -> Result<Session, Failure> {
 
 /// Events drained by [`drain`]: how many of each interesting kind, and the first few for the console.
 #[derive(Default)]
-struct Drained {
-    report: DrainReport,
+pub(super) struct Drained {
+    pub(super) report: DrainReport,
     first: heapless::Vec<Event, 4>,
     /// C_BAD_STE or C_BAD_STREAMID for the expected stream.
-    bad_stream: u32,
+    pub(super) bad_stream: u32,
     /// Anything else.
-    other: u32,
+    pub(super) other: u32,
 }
 
-fn drain(session: &mut Session, sid: Option<u32>) -> Result<Drained, Failure> {
+pub(super) fn drain(session: &mut Session, sid: Option<u32>) -> Result<Drained, Failure> {
     let mut d = Drained::default();
     let report = session.drain_events(|event| {
         let bad = matches!(event.name(), "C_BAD_STE" | "C_BAD_STREAMID");
@@ -88,7 +88,7 @@ fn drain(session: &mut Session, sid: Option<u32>) -> Result<Drained, Failure> {
     Ok(d)
 }
 
-fn expect_quiet(session: &mut Session, what: &str) -> Result<(), Failure> {
+pub(super) fn expect_quiet(session: &mut Session, what: &str) -> Result<(), Failure> {
     let d = drain(session, None)?;
     if d.report.events != 0 || d.report.overflow.is_some() {
         fail!(
@@ -104,7 +104,7 @@ fn expect_quiet(session: &mut Session, what: &str) -> Result<(), Failure> {
     }
 }
 
-fn edu_stream(context: &Context) -> Result<(Edu, u32), Failure> {
+pub(super) fn edu_stream(context: &Context) -> Result<(Edu, u32), Failure> {
     let edu = find_edu(context)?;
     let rid = edu.bdf().requester_id();
     let Some(sid) = context.platform.pcie.iommu_map.stream_id(rid) else {

@@ -1,0 +1,276 @@
+//! `pgtable-dma`: edu's DMA through IO page tables built by the driver, for every stage the SMMU has: a
+//! round trip through translated addresses, an unmap whose invalidation must reach the SMMU's TLB (QEMU caches
+//! translations, so a missing TLBI lets the DMA through and fails the scenario), the fault the SMMU records for
+//! the unmapped address, and a remap to another page.
+
+use core::fmt::Write;
+
+use smmuv3::active::TlbContext;
+use smmuv3::ctx::{CdTable, CdTableFormat};
+use smmuv3::features::StallModel;
+use smmuv3::hw::cd::{self, Cd, CdConfig};
+use smmuv3::hw::command::Command;
+use smmuv3::hw::event::Event;
+use smmuv3::hw::ste::{
+    self, Cacheability, CdTableLayout, DefaultSubstream, Shareability, Stage1Config, Stage2Config, Ste,
+};
+use smmuv3::pgtable::{Format, Gather, Granule, IoPageTable, Prot, Stage, desc};
+use smmuv3::queue::cmdq::Batch;
+
+use super::core_smmu::{Session, edu_stream, expect_quiet, start};
+use super::{Context, Failure};
+use crate::edu::{Direction, Edu};
+use crate::frames::{self, Frames};
+use crate::println;
+
+/// Device addresses edu uses (below its default 28-bit DMA mask, far from the physical pages behind them).
+const IOVA_SOURCE: u64 = 0x0bad_0000;
+const IOVA_DESTINATION: u64 = 0x0bad_1000;
+const LEN: usize = 256;
+
+/// The OAS encoding of STE.S2PS / CD.IPS.
+fn size_encoding(bits: u8) -> u8 {
+    match bits {
+        0..=32 => 0,
+        33..=36 => 1,
+        37..=40 => 2,
+        41..=42 => 3,
+        43..=44 => 4,
+        45..=48 => 5,
+        _ => 6,
+    }
+}
+
+fn page() -> Result<u64, Failure> {
+    match frames::alloc(4096, 4096) {
+        Ok(a) => Ok(a as u64),
+        Err(e) => fail!("{e}"),
+    }
+}
+
+fn fill(pa: u64, f: impl Fn(usize) -> u8) {
+    for i in 0..4096 {
+        // SAFETY: `pa` is an identity-mapped page this scenario owns.
+        unsafe { core::ptr::write_volatile((pa as *mut u8).add(i), f(i)) };
+    }
+}
+
+fn byte(pa: u64, i: usize) -> u8 {
+    // SAFETY: as in `fill`.
+    unsafe { core::ptr::read_volatile((pa as *const u8).add(i)) }
+}
+
+fn pattern(i: usize) -> u8 {
+    (i as u8).wrapping_mul(13).wrapping_add(0x5d)
+}
+
+/// The translation faults recorded for `sid` at `iova`, and any other event.
+fn faults_at(s: &mut Session, sid: u32, iova: u64) -> Result<(u32, u32), Failure> {
+    let (mut at, mut other) = (0, 0);
+    let report = s.drain_events(|e: Event| {
+        let is_fault = matches!(e, Event::Translation(_));
+        if is_fault && e.stream_id() == Some(sid) && e.address().is_some_and(|a| a & !0xfff == iova) {
+            at += 1;
+        } else {
+            other += 1;
+            println!("  unexpected event: {e}");
+        }
+    });
+    if let Err(e) = report {
+        fail!("{e}")
+    }
+    Ok((at, other))
+}
+
+/// `pgtable-dma`, for each stage the SMMU implements.
+pub fn pgtable_dma(context: &mut Context) -> Result<(), Failure> {
+    let (edu, sid) = edu_stream(context)?;
+    let stages = {
+        let s = start(context, &smmuv3::InitOptions::default())?;
+        s.features().stages()
+    };
+    let mut ran = 0;
+    for stage in [Stage::One, Stage::Two] {
+        if (stage == Stage::One && !stages.stage1) || (stage == Stage::Two && !stages.stage2) {
+            continue;
+        }
+        translate(context, &edu, sid, stage)?;
+        ran += 1;
+    }
+    if ran == 0 {
+        fail!("the SMMU translates at no stage")
+    }
+    Ok(())
+}
+
+fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage) -> Result<(), Failure> {
+    let mut s = start(context, &smmuv3::InitOptions::default())?;
+    let features = *s.features();
+    let output_bits = features.oas_bits.min(48);
+    let input_bits = if stage == Stage::One { 39 } else { 40.min(output_bits) };
+    let format = Format {
+        stage,
+        granule: Granule::Size4K,
+        input_bits,
+        output_bits,
+    };
+    let mut table = match IoPageTable::new(format, Frames, features.coherent) {
+        Ok(t) => t,
+        Err(e) => fail!("{e}"),
+    };
+    let (source, destination, alternate) = (page()?, page()?, page()?);
+    let rw = Prot::READ | Prot::WRITE | Prot::CACHEABLE;
+    table
+        .map(IOVA_SOURCE, source, 4096, rw)
+        .or_else(|e| fail!("map: {e}"))?;
+    table
+        .map(IOVA_DESTINATION, destination, 4096, rw)
+        .or_else(|e| fail!("map: {e}"))?;
+
+    // The context: a CD (stage 1) or the STE's stage-2 fields.
+    let mut cd_table = None;
+    let (ste, tlb) = match stage {
+        Stage::One => {
+            let asid = s.allocate_asid().or_else(|e| fail!("{e}"))?;
+            let mut cds = match CdTable::new(CdTableFormat::Linear { ssid_bits: 0 }, &Frames, features.coherent) {
+                Ok(t) => t,
+                Err(e) => fail!("{e}"),
+            };
+            let cd = Cd::new(&CdConfig {
+                asid,
+                table: table.root(),
+                t0sz: 64 - input_bits,
+                granule: cd::Granule::Size4K,
+                ips: size_encoding(output_bits),
+                cacheability: Cacheability::WriteBackAllocate,
+                shareability: Shareability::Inner,
+                mair: desc::MAIR,
+                record_faults: true,
+                abort_on_fault: true,
+                stall: false,
+                private_asid: true,
+            })
+            .or_else(|e| fail!("CD: {e}"))?;
+            // No STE points to the table yet: nothing to invalidate while it is written.
+            cds.write(0, &cd, &Frames, |_| {}).or_else(|e| fail!("CD table: {e}"))?;
+            let ste = Ste::stage1(&Stage1Config {
+                cd_table: cds.base(),
+                cd_max_log2: 0,
+                layout: CdTableLayout::Linear,
+                default_substream: DefaultSubstream::Terminate,
+                cacheability: Cacheability::WriteBackAllocate,
+                shareability: Shareability::Inner,
+                stall_disable: features.stall_model == StallModel::StallAndTerminate,
+                el2: false,
+            })
+            .or_else(|e| fail!("STE: {e}"))?;
+            cd_table = Some(cds);
+            (ste, TlbContext::Stage1 { asid, vmid: 0 })
+        }
+        Stage::Two => {
+            let vmid = s.allocate_vmid().or_else(|e| fail!("{e}"))?;
+            let ste = Ste::stage2(&Stage2Config {
+                vmid,
+                t0sz: 64 - input_bits,
+                sl0: table.geometry().s2_sl0(),
+                granule: ste::Granule::Size4K,
+                ps: size_encoding(output_bits),
+                cacheability: Cacheability::WriteBackAllocate,
+                shareability: Shareability::Inner,
+                table: table.root(),
+                access_flag_fault_disable: false,
+                protected_table_walk: false,
+                stall: false,
+                record_faults: true,
+            })
+            .or_else(|e| fail!("STE: {e}"))?;
+            (ste, TlbContext::Stage2 { vmid, nested: false })
+        }
+    };
+    let installed = s.install_ste(sid, &ste).or_else(|e| fail!("{e}"))?;
+    let geometry = table.geometry();
+    println!(
+        "  stage {}: {input_bits}-bit input from level {} ({} root entries), STE {:?} in {} sync(s)",
+        if stage == Stage::One { 1 } else { 2 },
+        geometry.start_level,
+        geometry.root_entries,
+        installed.kind,
+        installed.syncs
+    );
+
+    // Round trip through translated addresses.
+    fill(source, pattern);
+    fill(destination, |_| 0xee);
+    edu.dma(Direction::ToDevice, IOVA_SOURCE, 0, LEN as u64)
+        .or_else(|e| fail!("{e}"))?;
+    edu.dma(Direction::FromDevice, IOVA_DESTINATION, 0, LEN as u64)
+        .or_else(|e| fail!("{e}"))?;
+    if let Some(i) = (0..4096).find(|&i| byte(destination, i) != if i < LEN { pattern(i) } else { 0xee }) {
+        fail!(
+            "translated DMA: byte {i} of PA {destination:#x} is {:#x}",
+            byte(destination, i)
+        )
+    }
+    println!(
+        "  {LEN} bytes IOVA {IOVA_SOURCE:#x} (PA {source:#x}) -> edu -> IOVA {IOVA_DESTINATION:#x} (PA {destination:#x}), verified"
+    );
+
+    // Unmap the destination and invalidate: the DMA must now fault.
+    let mut gather = Gather::default();
+    let unmapped = table
+        .unmap(IOVA_DESTINATION, 4096, &mut gather)
+        .or_else(|e| fail!("unmap: {e}"))?;
+    let flush = s
+        .flush(&mut table, gather, tlb)
+        .or_else(|e| fail!("invalidation: {e}"))?;
+    println!(
+        "  unmapped {unmapped:#x} bytes; invalidation: {} command(s), {} PROD write(s)",
+        flush.commands, flush.prod_writes
+    );
+    fill(destination, |_| 0xc3);
+    edu.dma(Direction::FromDevice, IOVA_DESTINATION, 0, LEN as u64)
+        .or_else(|e| fail!("{e}"))?;
+    if (0..4096).any(|i| byte(destination, i) != 0xc3) {
+        fail!("DMA reached PA {destination:#x} after unmap: the SMMU used a stale translation")
+    }
+    let (faults, unexpected) = faults_at(&mut s, sid, IOVA_DESTINATION)?;
+    if faults == 0 || unexpected != 0 {
+        fail!("after unmap: {faults} F_TRANSLATION at {IOVA_DESTINATION:#x}, {unexpected} other event(s)")
+    }
+    println!("  after unmap: DMA aborted, {faults} F_TRANSLATION event(s) at IOVA {IOVA_DESTINATION:#x}");
+
+    // Map the address to analternate page: the DMA lands there.
+    table
+        .map(IOVA_DESTINATION, alternate, 4096, rw)
+        .or_else(|e| fail!("remap: {e}"))?;
+    fill(alternate, |_| 0);
+    edu.dma(Direction::FromDevice, IOVA_DESTINATION, 0, LEN as u64)
+        .or_else(|e| fail!("{e}"))?;
+    if let Some(i) = (0..LEN).find(|&i| byte(alternate, i) != pattern(i)) {
+        fail!(
+            "remapped DMA: byte {i} of PA {alternate:#x} is {:#x}",
+            byte(alternate, i)
+        )
+    }
+    println!("  remapped IOVA {IOVA_DESTINATION:#x} -> PA {alternate:#x}: verified");
+
+    // Detach: abort the stream, drop the context's TLB entries, then the tables may go.
+    s.attach_abort(sid).or_else(|e| fail!("{e}"))?;
+    let mut batch = Batch::new();
+    let command = match tlb {
+        TlbContext::Stage1 { asid, vmid } => Command::TlbiNhAsid { vmid, asid },
+        TlbContext::Stage2 { vmid, .. } => Command::TlbiS12Vmall { vmid },
+    };
+    batch.push(&command).or_else(|e| fail!("{e}"))?;
+    s.submit(&batch).or_else(|e| fail!("{e}"))?;
+    drop(table);
+    if let Some(cds) = cd_table {
+        // SAFETY: no STE points to the CD table any more, and that was invalidated.
+        unsafe { cds.free(&Frames) };
+    }
+    match tlb {
+        TlbContext::Stage1 { asid, .. } => s.free_asid(asid).or_else(|e| fail!("{e}"))?,
+        TlbContext::Stage2 { vmid, .. } => s.free_vmid(vmid).or_else(|e| fail!("{e}"))?,
+    }
+    expect_quiet(&mut s, "after detach")
+}

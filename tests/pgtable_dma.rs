@@ -1,0 +1,43 @@
+//! On-target test of the IO page tables: edu DMA through stage-1 and stage-2 tables built by the driver, on each
+//! SMMU flavour. The only SMMU events allowed are the translation faults the scenario provokes after unmapping.
+
+use smmuv3_harness::{Board, Run, Stage, ensure_qemu, firmware};
+
+fn pgtable_dma(stage: Stage) {
+    if let Err(why) = ensure_qemu(false) {
+        panic!("the QEMU tests need QEMU: {why}");
+    }
+    let outcome = Run::new(Board::QemuVirt, stage, &["pgtable-dma"])
+        .execute(&firmware(Board::QemuVirt))
+        .unwrap_or_else(|e| panic!("{e}"));
+    outcome.assert_passed_provoking(&["pgtable-dma"], |e| e == "SMMU_EVT_F_TRANSLATION sid=0x10", 0);
+    let faults = outcome.smmu_events().len();
+    assert!(
+        faults > 0,
+        "the unmapped address faulted in QEMU's own trace\n{}",
+        outcome.report()
+    );
+    let translated = outcome.console.matches("verified").count();
+    let stages = if stage == Stage::Nested { 2 } else { 1 };
+    assert_eq!(
+        translated,
+        2 * stages,
+        "a round trip and a remap per stage\n{}",
+        outcome.report()
+    );
+}
+
+#[test]
+fn translated_dma_on_stage_1() {
+    pgtable_dma(Stage::One);
+}
+
+#[test]
+fn translated_dma_on_stage_2() {
+    pgtable_dma(Stage::Two);
+}
+
+#[test]
+fn translated_dma_on_both_stages_of_a_nesting_smmu() {
+    pgtable_dma(Stage::Nested);
+}
