@@ -933,4 +933,55 @@ mod tests {
         };
         assert_eq!((cr0, gbpa), (0, 0), "CR0 and GBPA untouched");
     }
+
+    #[test]
+    fn flush_issues_the_least_invalidation_then_releases_tables() {
+        use crate::pgtable::{Format, Gather, Granule, IoPageTable, Prot, Stage};
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
+        let rw = Prot::READ | Prot::WRITE | Prot::CACHEABLE;
+        let format = Format {
+            stage: Stage::One,
+            granule: Granule::Size4K,
+            input_bits: 39,
+            output_bits: 44,
+        };
+        let mut table = IoPageTable::new(format, frames, true).unwrap();
+        table.map(0x40_0000, 0x8000_0000, 16 * 4096, rw).unwrap();
+        let consumed = |model: &Model, from: usize| model.seen.lock().unwrap().consumed[from..].to_vec();
+
+        // Part of a level-3 table: leaf-only range invalidation (RIL), one CMD_SYNC.
+        let before = model.seen.lock().unwrap().consumed.len();
+        let mut gather = Gather::default();
+        table.unmap(0x40_0000, 4 * 4096, &mut gather).unwrap();
+        let report = smmu
+            .flush(&mut table, gather, TlbContext::Stage1 { asid: 3, vmid: 0 })
+            .unwrap();
+        assert_eq!(consumed(&model, before), [opcode::TLBI_NH_VA, opcode::SYNC]);
+        assert_eq!(report.syncs, 1);
+
+        // The rest: the level-3 and level-2 tables are unlinked, freed only by the flush.
+        let before = model.seen.lock().unwrap().consumed.len();
+        let mut gather = Gather::default();
+        table.unmap(0x40_0000, 16 * 4096, &mut gather).unwrap();
+        assert_eq!(gather.freed_tables(), 2);
+        let live = frames.live_blocks();
+        smmu.flush(&mut table, gather, TlbContext::Stage2 { vmid: 5, nested: true })
+            .unwrap();
+        assert_eq!(frames.live_blocks(), live - 2);
+        let ops = consumed(&model, before);
+        assert_eq!(ops.first(), Some(&opcode::TLBI_S2_IPA));
+        assert_eq!(
+            &ops[ops.len() - 2..],
+            [opcode::TLBI_NH_ALL, opcode::SYNC],
+            "nested: combined entries too"
+        );
+
+        // Nothing gathered: nothing issued.
+        let before = model.seen.lock().unwrap().consumed.len();
+        smmu.flush(&mut table, Gather::default(), TlbContext::Stage1 { asid: 3, vmid: 0 })
+            .unwrap();
+        assert_eq!(consumed(&model, before), []);
+    }
 }
