@@ -18,7 +18,7 @@ pub const STAGE_KEY: &str = "opt/smmuv3/stage";
 pub const EDU_DMA_MASK_KEY: &str = "opt/smmuv3/edu-dma-mask";
 
 /// The scenarios run when the host names none: the demo.
-pub const DEFAULT_SCENARIOS: &str = "probe,edu-ident,init,abort-default,bypass";
+pub const DEFAULT_SCENARIOS: &str = "probe,edu-ident,init,abort-default,bypass,pgtable-dma";
 
 /// What the host asked for.
 #[derive(Clone, Debug)]
