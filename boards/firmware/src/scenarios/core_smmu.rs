@@ -256,7 +256,8 @@ pub fn abort_default(context: &mut Context) -> Result<(), Failure> {
     Ok(())
 }
 
-/// `bypass`: an explicitly bypassed stream reaches RAM with physical addresses.
+/// `bypass`: an explicitly bypassed stream reaches RAM with physical addresses; switching it to abort and back
+/// takes effect at once (QEMU caches STEs, so a missing CFGI_STE would leave the old configuration in force).
 pub fn bypass(context: &mut Context) -> Result<(), Failure> {
     let mut s = start(context, &InitOptions::default())?;
     let (edu, sid) = edu_stream(context)?;
@@ -264,6 +265,21 @@ pub fn bypass(context: &mut Context) -> Result<(), Failure> {
     let (from, to) = round_trip(&edu, 256)?;
     println!(
         "  bypass STE for {sid:#x} ({:?}, {} sync(s)): 256 bytes {from:#x} -> edu -> {to:#x}, verified",
+        r.kind, r.syncs
+    );
+    let r = s.attach_abort(sid).or_else(|e| fail!("{e}"))?;
+    let (intact, _) = dma_onto_canary(&edu, 256, 0x4b)?;
+    if !intact {
+        fail!(
+            "the stream still bypassed after its STE was rewritten to abort ({:?}, {} syncs)",
+            r.kind,
+            r.syncs
+        )
+    }
+    s.attach_bypass(sid).or_else(|e| fail!("{e}"))?;
+    round_trip(&edu, 256)?;
+    println!(
+        "  bypass -> abort ({:?}, {} syncs): DMA aborted; -> bypass: DMA verified again",
         r.kind, r.syncs
     );
     expect_quiet(&mut s, "bypass")
