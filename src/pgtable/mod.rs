@@ -48,11 +48,14 @@ impl Geometry {
     /// a level that would resolve 4 bits or fewer (where the starting level stays encodable in STE.S2SL0).
     ///
     /// # Errors
-    /// [`MapError::BadFormat`] for input or output sizes outside 25..=48 bits.
+    /// [`MapError::BadFormat`] for input or output sizes outside 25..=48 (output 32..=48) bits, or a stage-2
+    /// input wider than the output.
     pub fn of(format: &Format) -> Result<Self, MapError> {
         let g = format.granule.log2();
         let s = g - 3;
-        if !(25..=48).contains(&format.input_bits) || !(32..=48).contains(&format.output_bits) {
+        // Stage 2's input (IPA) cannot exceed the output size (IAS = OAS for AArch64 tables).
+        let ipa_too_wide = format.stage == Stage::Two && format.input_bits > format.output_bits;
+        if !(25..=48).contains(&format.input_bits) || !(32..=48).contains(&format.output_bits) || ipa_too_wide {
             return Err(MapError::BadFormat {
                 input_bits: format.input_bits,
                 output_bits: format.output_bits,

@@ -43,8 +43,14 @@ fn geometry_follows_the_architecture() {
     assert_eq!(g(Stage::Two, Granule::Size4K, 42).root_entries, 4096);
     let s2 = g(Stage::Two, Granule::Size4K, 44);
     assert_eq!((s2.start_level, s2.root_entries), (0, 32));
-    // 48-bit IPA: a level-0 root of 512 entries (SL0 = 2); stage 1 40-bit keeps a 2-entry level-0 root.
-    assert_eq!(g(Stage::Two, Granule::Size4K, 48).s2_sl0(), 2);
+    // 48-bit IPA (with a 48-bit output): a level-0 root of 512 entries (SL0 = 2); stage 1 40-bit keeps a
+    // 2-entry level-0 root.
+    let s2 = Geometry::of(&Format {
+        output_bits: 48,
+        ..format(Stage::Two, Granule::Size4K, 48)
+    })
+    .unwrap();
+    assert_eq!((s2.start_level, s2.root_entries, s2.s2_sl0()), (0, 512, 2));
     assert_eq!(
         (
             g(Stage::One, Granule::Size4K, 40).start_level,
