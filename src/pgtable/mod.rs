@@ -363,11 +363,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             Some(end) if end <= 1 << self.format.output_bits => {}
             _ => return Err(MapError::OutputOutOfRange { pa, size }),
         }
-        let expressible = match self.format.stage {
-            Stage::One => prot.contains(Prot::READ),
-            Stage::Two => prot.intersects(Prot::READ | Prot::WRITE) && !prot.contains(Prot::PRIVILEGED),
-        };
-        if !expressible {
+        if !self.expressible(prot) {
             return Err(MapError::BadProt(prot));
         }
         if let Some(mapped) = self.first_mapped(iova, size) {
@@ -439,6 +435,31 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// [`MapError::Unaligned`], [`MapError::InputOutOfRange`], [`MapError::NoMemory`] (for splitting a block);
     /// nothing is unmapped then.
     pub fn unmap(&mut self, iova: u64, size: u64, gather: &mut Gather) -> Result<u64, MapError> {
+        self.change(iova, size, gather, None)
+    }
+
+    /// Gives every mapping inside `[iova, iova + size)` the protection `prot` (splitting a block that straddles an
+    /// end), and returns the bytes of mappings changed. The translations whose protection changed go to `gather`:
+    /// a reduction is in force only after the caller's invalidation.
+    ///
+    /// # Errors
+    /// [`MapError::Unaligned`], [`MapError::InputOutOfRange`], [`MapError::BadProt`], [`MapError::NoMemory`] (for
+    /// splitting a block); nothing changes then.
+    pub fn protect(&mut self, iova: u64, size: u64, prot: Prot, gather: &mut Gather) -> Result<u64, MapError> {
+        if !self.expressible(prot) {
+            return Err(MapError::BadProt(prot));
+        }
+        self.change(iova, size, gather, Some(prot))
+    }
+
+    fn expressible(&self, prot: Prot) -> bool {
+        match self.format.stage {
+            Stage::One => prot.contains(Prot::READ),
+            Stage::Two => prot.intersects(Prot::READ | Prot::WRITE) && !prot.contains(Prot::PRIVILEGED),
+        }
+    }
+
+    fn change(&mut self, iova: u64, size: u64, gather: &mut Gather, reprotect: Option<Prot>) -> Result<u64, MapError> {
         self.check_range(iova, size)?;
         // Splitting the blocks that straddle the range's ends needs at most one table per level below each:
         // allocate them first, so that running out of memory changes nothing.
@@ -460,7 +481,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             }
         }
         let root = self.root.phys.0;
-        let unmapped = self.unmap_in(
+        let unmapped = self.change_in(
             self.geometry.start_level,
             root,
             0,
@@ -468,6 +489,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             iova + size,
             gather,
             &mut reserve,
+            reprotect,
         );
         for t in reserve {
             // SAFETY: never published.
@@ -506,7 +528,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn unmap_in(
+    fn change_in(
         &mut self,
         level: u8,
         table_phys: u64,
@@ -515,6 +537,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
         end: u64,
         gather: &mut Gather,
         reserve: &mut heapless::Vec<DmaBlock, 8>,
+        reprotect: Option<Prot>,
     ) -> u64 {
         let shift = self.geometry.entry_shift(level);
         let entry_size = 1u64 << shift;
@@ -534,7 +557,20 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 continue;
             }
             let covered = start <= entry_base && entry_base + entry_size <= end;
-            if covered {
+            if covered
+                && !desc::is_table(d, level)
+                && let Some(prot) = reprotect
+            {
+                // A leaf inside the range keeps its output address and level, with the new protection.
+                let new = desc::leaf(self.format.stage, desc::address(d), prot, level == 3);
+                if new != d {
+                    self.store(entry, new);
+                    gather.add(entry_base, entry_size, shift);
+                }
+                unmapped += entry_size;
+                continue;
+            }
+            if covered && reprotect.is_none() {
                 self.store(entry, 0);
                 if desc::is_table(d, level) {
                     // The whole subtree goes: count its leaves and collect its tables without rewriting them.
@@ -572,13 +608,14 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 gather.add(entry_base, entry_size, shift);
                 table.phys.0
             };
-            unmapped += self.unmap_in(level + 1, next, entry_base, start, end, gather, reserve);
-            if entries_of(
-                self.allocator.phys_to_virt(PhysAddr(next)).unwrap_or(virt),
-                1 << self.geometry.level_bits,
-            )
-            .iter()
-            .all(|e| e.load(Ordering::Relaxed) == 0)
+            unmapped += self.change_in(level + 1, next, entry_base, start, end, gather, reserve, reprotect);
+            if reprotect.is_none()
+                && entries_of(
+                    self.allocator.phys_to_virt(PhysAddr(next)).unwrap_or(virt),
+                    1 << self.geometry.level_bits,
+                )
+                .iter()
+                .all(|e| e.load(Ordering::Relaxed) == 0)
             {
                 self.store(entry, 0);
                 self.free_later(next, gather);

@@ -341,3 +341,29 @@ fn sixteen_and_sixty_four_kib_granules() {
         t.release(g);
     }
 }
+
+#[test]
+fn protect_changes_permissions_in_place_and_gathers_them() {
+    let mut t = table(Stage::Two, Granule::Size4K, 40);
+    t.map(0x4000_0000, 0x4000_0000, 0x20_0000 + 0x2000, RW).unwrap();
+    let ro = Prot::READ | Prot::CACHEABLE;
+    let mut g = Gather::default();
+    // The 2 MiB block's second page and the first following page: the block is split, one page kept RW.
+    assert_eq!(t.protect(0x4000_1000, 0x20_0000, ro, &mut g), Ok(0x20_0000));
+    assert_eq!(t.translate(0x4000_0000), Some((0x4000_0000, RW)));
+    assert_eq!(t.translate(0x4000_1000), Some((0x4000_1000, ro)));
+    assert_eq!(t.translate(0x4020_0000), Some((0x4020_0000, ro)));
+    assert_eq!(t.translate(0x4020_1000), Some((0x4020_1000, RW)));
+    assert!(g.start <= 0x4000_1000 && g.end >= 0x4020_1000, "{g:?}");
+    t.release(g);
+    // The same protection again changes nothing to invalidate.
+    let mut g = Gather::default();
+    assert_eq!(t.protect(0x4000_1000, 0x1000, ro, &mut g), Ok(0x1000));
+    assert!(g.is_empty());
+    assert_eq!(
+        t.protect(0, 0x1000, Prot::PRIVILEGED, &mut g),
+        Err(MapError::BadProt(Prot::PRIVILEGED))
+    );
+    // Unmapped parts are left alone.
+    assert_eq!(t.protect(0, 0x1000, ro, &mut g), Ok(0));
+}
