@@ -369,50 +369,72 @@ impl<A: FrameAllocator> IoPageTable<A> {
         if let Some(mapped) = self.first_mapped(iova, size) {
             return Err(MapError::Overlap { iova: mapped });
         }
-        let mut done = 0;
-        while done < size {
-            let (va, out, left) = (iova + done, pa + done, size - done);
-            let level = (self.geometry.start_level..=3)
-                .find(|&l| {
-                    let block = 1u64 << self.geometry.entry_shift(l);
-                    (l == 3 || self.geometry.block_allowed(l))
-                        && va.is_multiple_of(block)
-                        && out.is_multiple_of(block)
-                        && block <= left
-                })
-                .unwrap_or(3);
-            if let Err(e) = self.install(va, out, level, prot) {
-                // Undo what was mapped; nothing of it has been handed to the caller.
-                if done > 0 {
-                    let mut gather = Gather::default();
-                    let _ = self.unmap(iova, done, &mut gather);
-                    self.release(gather);
-                }
-                return Err(e);
+        let mut reached = iova;
+        let root = self.root.phys.0;
+        let result = self.map_in(
+            self.geometry.start_level,
+            root,
+            0,
+            iova,
+            iova + size,
+            pa,
+            prot,
+            &mut reached,
+        );
+        if let Err(e) = result {
+            // Undo what was mapped; nothing of it has been handed to the caller.
+            if reached > iova {
+                let mut gather = Gather::default();
+                let _ = self.unmap(iova, reached - iova, &mut gather);
+                self.release(gather);
             }
-            done += 1 << self.geometry.entry_shift(level);
+            return Err(e);
         }
         write_barrier();
         Ok(())
     }
 
-    /// Writes one leaf at `level`, creating the tables above it.
-    fn install(&mut self, iova: u64, pa: u64, level: u8, prot: Prot) -> Result<(), MapError> {
-        let mut current = self.geometry.start_level;
-        let mut table_phys = self.root.phys.0;
-        loop {
-            let entries = self
-                .table_entries(current, table_phys)
-                .ok_or(MapError::NoMemory(AllocError::OutOfMemory { size: 0 }))?;
-            let entry = &entries[self.geometry.index(current, iova)];
-            if current == level {
-                let d = desc::leaf(self.format.stage, pa, prot, level == 3);
-                self.store(entry, d);
-                return Ok(());
+    /// Maps `[start, end)` (output from `pa` at `start`) inside the table at `table_phys` (covering from
+    /// `table_base`) in one pass over its entries: leaves where an entry is covered and aligned (blocks where the
+    /// level allows them), tables below otherwise. `reached` advances as mappings are written, for rollback.
+    #[allow(clippy::too_many_arguments)]
+    fn map_in(
+        &mut self,
+        level: u8,
+        table_phys: u64,
+        table_base: u64,
+        start: u64,
+        end: u64,
+        pa: u64,
+        prot: Prot,
+        reached: &mut u64,
+    ) -> Result<(), MapError> {
+        let shift = self.geometry.entry_shift(level);
+        let entry_size = 1u64 << shift;
+        let count = self.geometry.entries(level);
+        let virt = self
+            .allocator
+            .phys_to_virt(PhysAddr(table_phys))
+            .ok_or(MapError::NoMemory(AllocError::OutOfMemory { size: 0 }))?;
+        let entries = entries_of(virt, count);
+        let first = ((start - table_base) >> shift) as usize;
+        let last = (((end - 1) - table_base) >> shift) as usize;
+        let leaf_here = level == 3 || self.geometry.block_allowed(level);
+        // The descriptor of output address 0 at this level: each leaf adds its output address.
+        let template = desc::leaf(self.format.stage, 0, prot, level == 3);
+        let output = |va: u64| pa + (va - start);
+        for (i, entry) in entries.iter().enumerate().take(last + 1).skip(first) {
+            let entry_base = table_base + ((i as u64) << shift);
+            let from = start.max(entry_base);
+            let to = end.min(entry_base + entry_size);
+            if leaf_here && from == entry_base && to == entry_base + entry_size && output(from) % entry_size == 0 {
+                self.store(entry, template | output(from));
+                *reached = to;
+                continue;
             }
             let d = entry.load(Ordering::Acquire);
-            if desc::is_table(d, current) {
-                table_phys = desc::address(d);
+            let next = if desc::is_table(d, level) {
+                desc::address(d)
             } else {
                 // `map` checked that nothing is mapped here, so the entry is invalid: add a table.
                 let size = 1usize << self.geometry.granule_bits;
@@ -422,10 +444,11 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 write_barrier();
                 self.store(entry, desc::table(table.phys.0));
                 self.tables += 1;
-                table_phys = table.phys.0;
-            }
-            current += 1;
+                table.phys.0
+            };
+            self.map_in(level + 1, next, entry_base, from, to, output(from), prot, reached)?;
         }
+        Ok(())
     }
 
     /// Unmaps every mapping inside `[iova, iova + size)`, splitting a block that straddles an end, and returns the
