@@ -334,19 +334,31 @@ impl<A: FrameAllocator> IoPageTable<A> {
 
     /// The first mapped address in `[iova, iova + size)`, if any.
     fn first_mapped(&self, iova: u64, size: u64) -> Option<u64> {
-        let mut found = None;
-        self.visit(
-            self.geometry.start_level,
-            self.root_entries(),
-            0,
-            &mut |m| {
-                if found.is_none() && m.iova < iova + size && iova < m.iova + m.size {
-                    found = Some(m.iova.max(iova));
-                }
-            },
-            Some((iova, iova + size)),
-        );
-        found
+        self.first_mapped_in(self.geometry.start_level, self.root_entries(), 0, iova, iova + size)
+    }
+
+    /// The first mapped address of `[start, end)` under a table covering from `base`, visiting only the entries
+    /// that overlap the range.
+    fn first_mapped_in(&self, level: u8, entries: &[AtomicU64], base: u64, start: u64, end: u64) -> Option<u64> {
+        let shift = self.geometry.entry_shift(level);
+        let first = ((start - base) >> shift) as usize;
+        let last = (((end - 1) - base) >> shift) as usize;
+        for (i, e) in entries.iter().enumerate().take(last + 1).skip(first) {
+            let d = e.load(Ordering::Acquire);
+            if !desc::is_valid(d) {
+                continue;
+            }
+            let entry_base = base + ((i as u64) << shift);
+            let (from, to) = (start.max(entry_base), end.min(entry_base + (1 << shift)));
+            if !desc::is_table(d, level) {
+                return Some(from);
+            }
+            let next = self.table_entries(level + 1, desc::address(d))?;
+            if let Some(found) = self.first_mapped_in(level + 1, next, entry_base, from, to) {
+                return Some(found);
+            }
+        }
+        None
     }
 
     /// Maps `[iova, iova + size)` to `[pa, pa + size)` with `prot`, using the largest blocks that alignment allows.
@@ -423,15 +435,49 @@ impl<A: FrameAllocator> IoPageTable<A> {
         // The descriptor of output address 0 at this level: each leaf adds its output address.
         let template = desc::leaf(self.format.stage, 0, prot, level == 3);
         let output = |va: u64| pa + (va - start);
-        for (i, entry) in entries.iter().enumerate().take(last + 1).skip(first) {
+        // Fast path: entries wholly covered, with aligned outputs, become leaves in one run of stores.
+        let run_start = if start == table_base + ((first as u64) << shift) {
+            first
+        } else {
+            first + 1
+        };
+        let run_end = if end == table_base + ((last as u64 + 1) << shift) {
+            last + 1
+        } else {
+            last
+        };
+        let aligned = output(table_base + ((run_start as u64) << shift)).is_multiple_of(entry_size);
+        let (run_start, run_end) = if leaf_here && aligned && run_start < run_end {
+            (run_start, run_end)
+        } else {
+            (0, 0)
+        };
+        let mut i = first;
+        while i <= last {
             let entry_base = table_base + ((i as u64) << shift);
-            let from = start.max(entry_base);
-            let to = end.min(entry_base + entry_size);
-            if leaf_here && from == entry_base && to == entry_base + entry_size && output(from) % entry_size == 0 {
-                self.store(entry, template | output(from));
-                *reached = to;
+            if i == run_start && run_start < run_end {
+                // Written when reached, so that `reached` always bounds what a rollback must undo.
+                let first_output = output(entry_base);
+                let run = &entries[run_start..run_end];
+                let words = run.as_ptr() as *mut u64;
+                for k in 0..run.len() {
+                    // SAFETY: `k` indexes the run, entries of a live table owned by this page table (which `&mut
+                    // self` keeps from any other CPU-side access). Plain stores let the compiler write several
+                    // entries per instruction; every entry is 8-byte aligned, and the architecture makes each
+                    // 64-bit element of a wider aligned store single-copy atomic, so the SMMU sees every entry
+                    // either invalid (as it was) or whole.
+                    unsafe { words.add(k).write(template | (first_output + k as u64 * entry_size)) };
+                }
+                self.coherency
+                    .clean(entries[run_start..].as_ptr().cast(), (run_end - run_start) * 8);
+                *reached = table_base + ((run_end as u64) << shift);
+                i = run_end;
                 continue;
             }
+            let entry = &entries[i];
+            i += 1;
+            let from = start.max(entry_base);
+            let to = end.min(entry_base + entry_size);
             let d = entry.load(Ordering::Acquire);
             let next = if desc::is_table(d, level) {
                 desc::address(d)
@@ -632,19 +678,27 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 table.phys.0
             };
             unmapped += self.change_in(level + 1, next, entry_base, start, end, gather, reserve, reprotect);
-            if reprotect.is_none()
-                && entries_of(
-                    self.allocator.phys_to_virt(PhysAddr(next)).unwrap_or(virt),
-                    1 << self.geometry.level_bits,
-                )
-                .iter()
-                .all(|e| e.load(Ordering::Relaxed) == 0)
-            {
+            if reprotect.is_none() && self.is_empty_table(next) {
                 self.store(entry, 0);
                 self.free_later(next, gather);
             }
         }
         unmapped
+    }
+
+    /// Whether the (non-root) table at `table_phys` holds no valid entry.
+    fn is_empty_table(&self, table_phys: u64) -> bool {
+        let Some(virt) = self.allocator.phys_to_virt(PhysAddr(table_phys)) else {
+            return false;
+        };
+        let count = 1usize << self.geometry.level_bits;
+        // SAFETY: a live table of this page table; nothing writes it while `&mut self` is held (the SMMU only
+        // reads descriptors: hardware updates are not enabled). Plain reads let the scan use wide loads.
+        let words = unsafe { core::slice::from_raw_parts(virt.as_ptr() as *const u64, count) };
+        // Wide chunks, stopping at the first one with a valid entry.
+        words
+            .chunks(16)
+            .all(|chunk| chunk.iter().fold(0, |acc, d| acc | d) == 0)
     }
 
     /// Bytes mapped below the unlinked table at `table_phys` and the smallest leaf's shift; the table and its
@@ -654,14 +708,23 @@ impl<A: FrameAllocator> IoPageTable<A> {
         let mut smallest = self.geometry.entry_shift(level);
         if let Some(virt) = self.allocator.phys_to_virt(PhysAddr(table_phys)) {
             let shift = self.geometry.entry_shift(level);
-            for e in entries_of(virt, 1 << self.geometry.level_bits) {
-                let d = e.load(Ordering::Relaxed);
-                if desc::is_table(d, level) {
-                    let (b, s) = self.reclaim(level + 1, desc::address(d), gather);
-                    bytes += b;
-                    smallest = smallest.min(s);
-                } else if desc::is_valid(d) {
-                    bytes += 1 << shift;
+            let entries = entries_of(virt, 1 << self.geometry.level_bits);
+            if level == 3 {
+                // SAFETY: a live, unlinked table of this page table; nothing writes it while `&mut self` is held
+                // (the SMMU only reads descriptors: hardware updates are not enabled). Plain reads let the count
+                // use wide loads.
+                let words = unsafe { core::slice::from_raw_parts(entries.as_ptr() as *const u64, entries.len()) };
+                bytes += words.iter().filter(|d| *d & desc::VALID != 0).count() as u64 * (1 << shift);
+            } else {
+                for e in entries {
+                    let d = e.load(Ordering::Relaxed);
+                    if desc::is_table(d, level) {
+                        let (b, s) = self.reclaim(level + 1, desc::address(d), gather);
+                        bytes += b;
+                        smallest = smallest.min(s);
+                    } else if desc::is_valid(d) {
+                        bytes += 1 << shift;
+                    }
                 }
             }
         }

@@ -1,0 +1,318 @@
+//! Page-table benchmarks: this crate's `IoPageTable` against Google's aarch64-paging (the Rust peer) doing the same
+//! work on the same kind of memory, and a memset of the same number of descriptor bytes (the physical limit).
+//! Both page tables take their tables from a pre-touched pool, so the numbers measure page-table code, not the
+//! host's page faults; the peer is also measured on the global allocator (its `IdMap`), labelled as such.
+//! `cargo xtask bench [--quick]` runs this and prints the ratio table.
+
+// criterion_group! generates an undocumented public function.
+#![allow(missing_docs)]
+
+use std::cell::{Cell, RefCell};
+use std::hint::black_box;
+use std::ptr::NonNull;
+
+use aarch64_paging::Mapping;
+use aarch64_paging::descriptor::{El23Attributes, PhysicalAddress};
+use aarch64_paging::idmap::IdMap;
+use aarch64_paging::paging::{Constraints, El2, MemoryRegion, PageTable, Translation};
+use criterion::{Criterion, criterion_group, criterion_main};
+use smmuv3::mem::{AllocError, DmaBlock, FrameAllocator, PhysAddr};
+use smmuv3::pgtable::{Format, Gather, Granule, IoPageTable, Prot, Stage};
+
+const PAGE: usize = 4096;
+/// Fake physical base of the pool (physical addresses are not CPU addresses).
+const PHYS_BASE: u64 = 1 << 40;
+const GIB: u64 = 1 << 30;
+
+/// A pre-touched arena of page-aligned frames: bump allocation, a free list of single frames.
+struct Pool {
+    base: *mut u8,
+    size: usize,
+    next: Cell<usize>,
+    free: RefCell<Vec<usize>>,
+}
+
+impl Pool {
+    fn new(size: usize) -> Self {
+        let layout = std::alloc::Layout::from_size_align(size, PAGE).unwrap();
+        // SAFETY: non-zero size.
+        let base = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!base.is_null());
+        // Touch every page once so no benchmark pays a page fault.
+        for offset in (0..size).step_by(PAGE) {
+            // SAFETY: inside the arena.
+            unsafe { base.add(offset).write_volatile(0) };
+        }
+        Pool {
+            base,
+            size,
+            next: Cell::new(0),
+            free: RefCell::new(Vec::new()),
+        }
+    }
+
+    fn frame(&self) -> usize {
+        if let Some(offset) = self.free.borrow_mut().pop() {
+            // SAFETY: a frame of the arena; tables must come back zeroed.
+            unsafe { self.base.add(offset).write_bytes(0, PAGE) };
+            return offset;
+        }
+        let offset = self.next.get();
+        assert!(offset + PAGE <= self.size, "pool exhausted");
+        self.next.set(offset + PAGE);
+        offset
+    }
+}
+
+// SAFETY: frames are disjoint, page-aligned, zeroed, and live until freed; physical = arena offset + PHYS_BASE.
+unsafe impl FrameAllocator for Pool {
+    fn allocate_zeroed(&self, size: usize, align: usize) -> Result<DmaBlock, AllocError> {
+        if size != PAGE || align > PAGE {
+            return Err(AllocError::BadRequest { size, align });
+        }
+        let offset = self.frame();
+        // SAFETY: inside the arena.
+        let virt = NonNull::new(unsafe { self.base.add(offset) }).unwrap();
+        Ok(DmaBlock {
+            phys: PhysAddr(PHYS_BASE + offset as u64),
+            virt,
+            size,
+        })
+    }
+
+    unsafe fn free(&self, block: DmaBlock) {
+        self.free.borrow_mut().push((block.phys.0 - PHYS_BASE) as usize);
+    }
+
+    fn phys_to_virt(&self, phys: PhysAddr) -> Option<NonNull<u8>> {
+        let offset = phys.0.checked_sub(PHYS_BASE)? as usize;
+        // SAFETY: inside the arena when below its size.
+        (offset < self.size).then(|| NonNull::new(unsafe { self.base.add(offset) }).unwrap())
+    }
+}
+
+/// The same pool behind aarch64-paging's `Translation` trait.
+struct PeerPool<'a>(&'a Pool);
+
+impl Translation<El23Attributes> for PeerPool<'_> {
+    fn allocate_table(&mut self) -> (NonNull<PageTable<El23Attributes>>, PhysicalAddress) {
+        let offset = self.0.frame();
+        // SAFETY: inside the arena.
+        let virt = NonNull::new(unsafe { self.0.base.add(offset) }).unwrap().cast();
+        (virt, PhysicalAddress(PHYS_BASE as usize + offset))
+    }
+
+    unsafe fn deallocate_table(&mut self, table: NonNull<PageTable<El23Attributes>>) {
+        let offset = table.as_ptr() as usize - self.0.base as usize;
+        self.0.free.borrow_mut().push(offset);
+    }
+
+    fn physical_to_virtual(&self, pa: PhysicalAddress) -> NonNull<PageTable<El23Attributes>> {
+        // SAFETY: inside the arena.
+        NonNull::new(unsafe { self.0.base.add(pa.0 - PHYS_BASE as usize) })
+            .unwrap()
+            .cast()
+    }
+}
+
+const RW: Prot = Prot::READ.union(Prot::WRITE).union(Prot::CACHEABLE);
+const PEER_RW: El23Attributes = El23Attributes::VALID
+    .union(El23Attributes::ATTRIBUTE_INDEX_1)
+    .union(El23Attributes::INNER_SHAREABLE)
+    .union(El23Attributes::ACCESSED)
+    .union(El23Attributes::XN);
+const FORMAT: Format = Format {
+    stage: Stage::One,
+    granule: Granule::Size4K,
+    input_bits: 39,
+    output_bits: 48,
+};
+
+fn ours(pool: &Pool) -> IoPageTable<&Pool> {
+    IoPageTable::new(FORMAT, pool, true).unwrap()
+}
+
+fn ours_map_unmap(t: &mut IoPageTable<&Pool>, iova: u64, pa: u64, size: u64) {
+    t.map(iova, pa, size, RW).unwrap();
+    let mut gather = Gather::default();
+    black_box(t.unmap(iova, size, &mut gather).unwrap());
+    t.release(gather);
+}
+
+fn peer_map_unmap<T: Translation<El23Attributes>>(
+    m: &mut Mapping<T, El2>,
+    iova: u64,
+    pa: u64,
+    size: u64,
+    c: Constraints,
+) {
+    let range = MemoryRegion::new(iova as usize, (iova + size) as usize);
+    m.map_range(&range, PhysicalAddress(pa as usize), PEER_RW, c).unwrap();
+    // aarch64-paging unmaps by writing invalid entries over the range (it keeps its tables).
+    m.map_range(&range, PhysicalAddress(pa as usize), El23Attributes::empty(), c)
+        .unwrap();
+}
+
+fn memset(bytes: &mut [u8]) {
+    // SAFETY: writes within the slice.
+    unsafe { std::ptr::write_bytes(black_box(bytes.as_mut_ptr()), 0x5a, bytes.len()) };
+    black_box(&bytes);
+}
+
+/// 1 GiB in 4 KiB pages (the output is offset by a page so no block fits), and 1 GiB in 2 MiB blocks (the input
+/// is 2 MiB- but not 1 GiB-aligned so no 1 GiB block fits).
+fn bulk(c: &mut Criterion) {
+    let pool = Pool::new(64 << 20);
+    for (name, iova, pa, descriptors) in [
+        (
+            "map_unmap_1g_4k",
+            GIB,
+            2 * GIB + PAGE as u64,
+            (GIB / PAGE as u64) as usize,
+        ),
+        ("map_unmap_1g_2m", GIB + (2 << 20), 4 * GIB, (GIB >> 21) as usize),
+    ] {
+        let mut group = c.benchmark_group(name);
+        let no_blocks = if name.ends_with("4k") {
+            Constraints::NO_BLOCK_MAPPINGS
+        } else {
+            Constraints::empty()
+        };
+        let mut t = ours(&pool);
+        group.bench_function("ours", |b| b.iter(|| ours_map_unmap(&mut t, iova, pa, GIB)));
+        drop(t);
+        let mut peer = Mapping::new(PeerPool(&pool), 1, El2);
+        group.bench_function("peer_pool", |b| {
+            b.iter(|| peer_map_unmap(&mut peer, iova, pa, GIB, no_blocks))
+        });
+        drop(peer);
+        let mut idmap = IdMap::new(1, El2);
+        group.bench_function("peer_global", |b| {
+            b.iter(|| {
+                let range = MemoryRegion::new(iova as usize, (iova + GIB) as usize);
+                idmap.map_range_with_constraints(&range, PEER_RW, no_blocks).unwrap();
+                idmap
+                    .map_range_with_constraints(&range, El23Attributes::empty(), no_blocks)
+                    .unwrap();
+            })
+        });
+        drop(idmap);
+        let mut bytes = vec![0u8; descriptors * 8];
+        group.bench_function("memset", |b| b.iter(|| memset(&mut bytes)));
+        group.finish();
+    }
+}
+
+/// A fixed-seed sequence of 4096 single pages in a 1 GiB window: map each, then unmap each.
+fn random(c: &mut Criterion) {
+    let pool = Pool::new(64 << 20);
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut pages: Vec<u64> = (0..4096)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % (GIB / PAGE as u64)
+        })
+        .collect();
+    pages.sort_unstable();
+    pages.dedup();
+    let order: Vec<u64> = {
+        let mut o = pages.clone();
+        // A deterministic shuffle.
+        for i in (1..o.len()).rev() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            o.swap(i, (state % (i as u64 + 1)) as usize);
+        }
+        o
+    };
+    let mut group = c.benchmark_group("random_4k");
+    let mut t = ours(&pool);
+    group.bench_function("ours", |b| {
+        b.iter(|| {
+            for &p in &order {
+                t.map(GIB + p * PAGE as u64, 2 * GIB + p * PAGE as u64, PAGE as u64, RW)
+                    .unwrap();
+            }
+            for &p in &order {
+                let mut gather = Gather::default();
+                t.unmap(GIB + p * PAGE as u64, PAGE as u64, &mut gather).unwrap();
+                t.release(gather);
+            }
+        })
+    });
+    drop(t);
+    let mut peer = Mapping::new(PeerPool(&pool), 1, El2);
+    group.bench_function("peer_pool", |b| {
+        b.iter(|| {
+            for &p in &order {
+                let iova = GIB + p * PAGE as u64;
+                let range = MemoryRegion::new(iova as usize, iova as usize + PAGE);
+                peer.map_range(
+                    &range,
+                    PhysicalAddress((2 * GIB) as usize + p as usize * PAGE),
+                    PEER_RW,
+                    Constraints::empty(),
+                )
+                .unwrap();
+            }
+            for &p in &order {
+                let iova = GIB + p * PAGE as u64;
+                let range = MemoryRegion::new(iova as usize, iova as usize + PAGE);
+                peer.map_range(
+                    &range,
+                    PhysicalAddress(0),
+                    El23Attributes::empty(),
+                    Constraints::empty(),
+                )
+                .unwrap();
+            }
+        })
+    });
+    drop(peer);
+    let mut bytes = vec![0u8; order.len() * 8 * 2];
+    group.bench_function("memset", |b| b.iter(|| memset(&mut bytes)));
+    group.finish();
+
+    // Lookups of random addresses in 1 GiB of 4 KiB pages.
+    let mut group = c.benchmark_group("iova_to_phys");
+    let mut t = ours(&pool);
+    t.map(GIB, 2 * GIB + PAGE as u64, GIB, RW).unwrap();
+    group.bench_function("ours", |b| {
+        b.iter(|| {
+            let mut sum = 0u64;
+            for &p in &order {
+                sum = sum.wrapping_add(t.iova_to_phys(GIB + p * PAGE as u64 + 8).unwrap());
+            }
+            black_box(sum)
+        })
+    });
+    let mut peer = Mapping::new(PeerPool(&pool), 1, El2);
+    peer.map_range(
+        &MemoryRegion::new(GIB as usize, (2 * GIB) as usize),
+        PhysicalAddress((2 * GIB) as usize + PAGE),
+        PEER_RW,
+        Constraints::NO_BLOCK_MAPPINGS,
+    )
+    .unwrap();
+    group.bench_function("peer_pool", |b| {
+        b.iter(|| {
+            let mut sum = 0usize;
+            for &p in &order {
+                let va = (GIB + p * PAGE as u64) as usize + 8;
+                peer.walk_range(&MemoryRegion::new(va, va + 1), &mut |_, d, _| {
+                    sum = sum.wrapping_add(d.output_address().0);
+                    Ok(())
+                })
+                .unwrap();
+            }
+            black_box(sum)
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bulk, random);
+criterion_main!(benches);
