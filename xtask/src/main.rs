@@ -17,7 +17,10 @@ commands:
         exits with the firmware's status (0 when every scenario passed)
   test  check the prerequisites (installing QEMU from Debian bookworm-backports when root), then run
         rustfmt --check, every host and QEMU test, and clippy for the host and aarch64-unknown-none
-  build build the firmware of every board (release, aarch64-unknown-none)";
+  build build the firmware of every board (release, aarch64-unknown-none)
+  bench [--quick]
+        run the page-table benchmarks (criterion, host, release) and print ours / aarch64-paging / memset with the
+        ratios; --quick keeps the whole run to a few minutes";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -25,6 +28,7 @@ fn main() -> ExitCode {
         Some("qemu") => qemu(&args[1..]),
         Some("test") => test(&args[1..]),
         Some("build") => build(),
+        Some("bench") => bench(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(ExitCode::SUCCESS)
@@ -201,5 +205,82 @@ fn build() -> Result<ExitCode, String> {
         let path = build_firmware(board)?;
         println!("{}: {}", board.name(), path.display());
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The benchmark groups and the rows of the table `bench` prints.
+const BENCH_GROUPS: [(&str, &str); 4] = [
+    ("map_unmap_1g_4k", "map + unmap 1 GiB as 4 KiB pages"),
+    ("map_unmap_1g_2m", "map + unmap 1 GiB as 2 MiB blocks"),
+    ("random_4k", "map + unmap 4096 random 4 KiB pages"),
+    ("iova_to_phys", "4096 random lookups in 1 GiB of pages"),
+];
+
+/// Reads criterion's mean point estimate (ns) of `group/function`.
+fn criterion_mean(group: &str, function: &str) -> Option<f64> {
+    let path = smmuv3_harness::workspace_root().join(format!("target/criterion/{group}/{function}/new/estimates.json"));
+    let text = std::fs::read_to_string(path).ok()?;
+    let mean = &text[text.find("\"mean\"")?..];
+    let estimate = &mean[mean.find("\"point_estimate\":")? + "\"point_estimate\":".len()..];
+    let end = estimate.find([',', '}'])?;
+    estimate[..end].trim().parse().ok()
+}
+
+fn format_ns(ns: Option<f64>) -> String {
+    match ns {
+        None => "-".into(),
+        Some(ns) if ns >= 1e6 => format!("{:.2} ms", ns / 1e6),
+        Some(ns) if ns >= 1e3 => format!("{:.1} us", ns / 1e3),
+        Some(ns) => format!("{ns:.0} ns"),
+    }
+}
+
+fn bench(args: &[String]) -> Result<ExitCode, String> {
+    let quick = match args {
+        [] => false,
+        [q] if q == "--quick" => true,
+        _ => return Err(format!("`bench` takes only --quick (got {args:?})")),
+    };
+    let mut command = cargo();
+    command.args(["bench", "-p", "smmuv3", "--bench", "pgtable", "--"]);
+    if quick {
+        command.args(["--warm-up-time", "1", "--measurement-time", "2", "--sample-size", "10"]);
+    }
+    step("page-table benchmarks", command)?;
+    println!();
+    println!(
+        "| benchmark | ours | aarch64-paging (same pool) | aarch64-paging (global allocator) | memset of the PTE bytes | \
+         speed-up vs peer | ours / memset |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (group, title) in BENCH_GROUPS {
+        let ours = criterion_mean(group, "ours");
+        let peer = criterion_mean(group, "peer_pool");
+        let global = criterion_mean(group, "peer_global");
+        let memset = criterion_mean(group, "memset");
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+            _ => "-".into(),
+        };
+        println!(
+            "| {title} | {} | {} | {} | {} | {} | {} |",
+            format_ns(ours),
+            format_ns(peer),
+            format_ns(global),
+            format_ns(memset),
+            ratio(peer, ours),
+            ratio(ours, memset)
+        );
+    }
+    println!();
+    println!(
+        "(criterion mean per iteration{}; aarch64-paging unmaps by writing invalid entries and keeps its tables, this \
+         driver frees empty tables)",
+        if quick {
+            ", --quick: 1 s warm-up, 2 s measurement, 10 samples"
+        } else {
+            ""
+        }
+    );
     Ok(ExitCode::SUCCESS)
 }
