@@ -153,6 +153,12 @@ pub enum MapError {
     },
     /// No memory for a table.
     NoMemory(AllocError),
+    /// The range cuts a block mapping, and splitting it in place is disabled (an SMMU with IDR3.BBML = 0 needs
+    /// break-before-make: unmap the whole block and map the rest again).
+    WouldSplitBlock {
+        /// An address where the range cuts a block.
+        iova: u64,
+    },
 }
 
 impl fmt::Display for MapError {
@@ -179,6 +185,12 @@ impl fmt::Display for MapError {
             MapError::BadProt(p) => write!(f, "protection {p:?} cannot be expressed"),
             MapError::Overlap { iova } => write!(f, "{iova:#x} is already mapped"),
             MapError::NoMemory(e) => write!(f, "page table: {e}"),
+            MapError::WouldSplitBlock { iova } => {
+                write!(
+                    f,
+                    "{iova:#x} cuts a block mapping, and splitting in place needs IDR3.BBML >= 1"
+                )
+            }
         }
     }
 }
@@ -252,6 +264,7 @@ pub struct IoPageTable<A: FrameAllocator> {
     allocator: A,
     coherency: Coherency,
     tables: u32,
+    split_blocks: bool,
 }
 
 /// A table's entries.
@@ -279,7 +292,15 @@ impl<A: FrameAllocator> IoPageTable<A> {
             allocator,
             coherency,
             tables: 1,
+            split_blocks: true,
         })
+    }
+
+    /// Whether an unmap or protect that cuts a block may replace the block by a table in place (default: yes).
+    /// The SMMU allows that only with IDR3.BBML >= 1 (`Features::bbm_level`): pass `false` for an SMMU without it,
+    /// and such requests fail with [`MapError::WouldSplitBlock`] instead.
+    pub fn set_block_splitting(&mut self, allowed: bool) {
+        self.split_blocks = allowed;
     }
 
     /// The format.
@@ -533,6 +554,14 @@ impl<A: FrameAllocator> IoPageTable<A> {
         // Splitting the blocks that straddle the range's ends needs at most one table per level below each:
         // allocate them first, so that running out of memory changes nothing.
         let needed = self.splits_needed(iova) + self.splits_needed(iova + size);
+        if needed > 0 && !self.split_blocks {
+            let cut = if self.splits_needed(iova) > 0 {
+                iova
+            } else {
+                iova + size
+            };
+            return Err(MapError::WouldSplitBlock { iova: cut });
+        }
         let mut reserve: heapless::Vec<DmaBlock, 8> = heapless::Vec::new();
         for _ in 0..needed {
             let granule = 1usize << self.geometry.granule_bits;

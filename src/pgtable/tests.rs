@@ -367,3 +367,24 @@ fn protect_changes_permissions_in_place_and_gathers_them() {
     // Unmapped parts are left alone.
     assert_eq!(t.protect(0, 0x1000, ro, &mut g), Ok(0));
 }
+
+#[test]
+fn block_splitting_can_be_refused_for_smmus_without_bbml() {
+    let mut t = table(Stage::One, Granule::Size4K, 39);
+    t.map(0x20_0000, 0x20_0000, 0x20_0000, RW).unwrap();
+    t.set_block_splitting(false);
+    let mut g = Gather::default();
+    assert_eq!(
+        t.unmap(0x20_0000, 0x1000, &mut g),
+        Err(MapError::WouldSplitBlock { iova: 0x20_1000 })
+    );
+    assert_eq!(
+        t.protect(0x20_1000, 0x1000, RW, &mut g),
+        Err(MapError::WouldSplitBlock { iova: 0x20_1000 })
+    );
+    assert!(g.is_empty());
+    assert_eq!(t.iova_to_phys(0x20_0000), Some(0x20_0000));
+    // The whole block is fine.
+    assert_eq!(t.unmap(0x20_0000, 0x20_0000, &mut g), Ok(0x20_0000));
+    t.release(g);
+}

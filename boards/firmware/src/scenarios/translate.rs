@@ -118,6 +118,7 @@ fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage) -> Result<(),
         Ok(t) => t,
         Err(e) => fail!("{e}"),
     };
+    table.set_block_splitting(features.bbm_level >= 1);
     let (source, destination, alternate) = (page()?, page()?, page()?);
     let rw = Prot::READ | Prot::WRITE | Prot::CACHEABLE;
     table
