@@ -232,6 +232,7 @@ fn decode(frames: &HeapFrames, root: u64, geometry: &Geometry) -> BTreeMap<u64, 
 enum Op {
     Map { page: u64, pages: u64, out: u64 },
     Unmap { page: u64, pages: u64 },
+    Protect { page: u64, pages: u64, read_only: bool },
 }
 
 fn op() -> impl proptest::strategy::Strategy<Value = Op> {
@@ -244,7 +245,12 @@ fn op() -> impl proptest::strategy::Strategy<Value = Op> {
             pages,
             out: out & !((pages.next_power_of_two() - 1) & 0x3ffff)
         }),
-        (0u64..(1 << 20), pages).prop_map(|(page, pages)| Op::Unmap { page, pages }),
+        (0u64..(1 << 20), pages.clone()).prop_map(|(page, pages)| Op::Unmap { page, pages }),
+        (0u64..(1 << 20), pages, any::<bool>()).prop_map(|(page, pages, read_only)| Op::Protect {
+            page,
+            pages,
+            read_only
+        }),
     ]
 }
 
@@ -253,6 +259,7 @@ fn run(stage: Stage, ops: Vec<Op>) {
     let bits = if stage == Stage::One { 39 } else { 40 };
     let mut t = IoPageTable::new(format(stage, Granule::Size4K, bits), frames, true).unwrap();
     let mut model: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut prots: BTreeMap<u64, Prot> = BTreeMap::new();
     for op in ops {
         match op {
             Op::Map { page, pages, out } => {
@@ -265,6 +272,7 @@ fn run(stage: Stage, ops: Vec<Op>) {
                     result.unwrap();
                     for p in 0..pages {
                         model.insert(iova + (p << 12), pa + (p << 12));
+                        prots.insert(iova + (p << 12), RW);
                     }
                 }
             }
@@ -280,6 +288,18 @@ fn run(stage: Stage, ops: Vec<Op>) {
                     );
                 }
                 model.retain(|k, _| *k < iova || *k >= iova + size);
+                prots.retain(|k, _| *k < iova || *k >= iova + size);
+                t.release(g);
+            }
+            Op::Protect { page, pages, read_only } => {
+                let (iova, size) = (page << 12, pages << 12);
+                let prot = if read_only { Prot::READ | Prot::CACHEABLE } else { RW };
+                let expected = model.range(iova..iova + size).count() as u64 * 4096;
+                let mut g = Gather::default();
+                assert_eq!(t.protect(iova, size, prot, &mut g), Ok(expected));
+                for (_, p) in prots.range_mut(iova..iova + size) {
+                    *p = prot;
+                }
                 t.release(g);
             }
         }
@@ -289,8 +309,8 @@ fn run(stage: Stage, ops: Vec<Op>) {
             "raw tables agree with the model"
         );
     }
-    for (&iova, &pa) in model.iter().step_by(97) {
-        assert_eq!(t.iova_to_phys(iova + 0x123), Some(pa + 0x123));
+    for (&iova, &pa) in model.iter().step_by(7) {
+        assert_eq!(t.translate(iova + 0x123), Some((pa + 0x123, prots[&iova])));
     }
     let mut walked = 0;
     t.walk(|m| walked += m.size / 4096);
