@@ -65,10 +65,14 @@ fn pattern(i: usize) -> u8 {
 }
 
 /// The translation faults recorded for `sid` at `iova`, and any other event.
-fn faults_at(s: &mut Session, sid: u32, iova: u64) -> Result<(u32, u32), Failure> {
+fn faults_at(s: &mut Session, sid: u32, iova: u64, permission: bool) -> Result<(u32, u32), Failure> {
     let (mut at, mut other) = (0, 0);
     let report = s.drain_events(|e: Event| {
-        let is_fault = matches!(e, Event::Translation(_));
+        let is_fault = if permission {
+            matches!(e, Event::Permission(f) if !f.read)
+        } else {
+            matches!(e, Event::Translation(_))
+        };
         if is_fault && e.stream_id() == Some(sid) && e.address().is_some_and(|a| a & !0xfff == iova) {
             at += 1;
         } else {
@@ -234,7 +238,7 @@ fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage) -> Result<(),
     if (0..4096).any(|i| byte(destination, i) != 0xc3) {
         fail!("DMA reached PA {destination:#x} after unmap: the SMMU used a stale translation")
     }
-    let (faults, unexpected) = faults_at(&mut s, sid, IOVA_DESTINATION)?;
+    let (faults, unexpected) = faults_at(&mut s, sid, IOVA_DESTINATION, false)?;
     if faults == 0 || unexpected != 0 {
         fail!("after unmap: {faults} F_TRANSLATION at {IOVA_DESTINATION:#x}, {unexpected} other event(s)")
     }
@@ -254,6 +258,29 @@ fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage) -> Result<(),
         )
     }
     println!("  remapped IOVA {IOVA_DESTINATION:#x} -> PA {alternate:#x}: verified");
+
+    // Make it read-only: edu's writes fault with F_PERMISSION, its reads still work.
+    let mut gather = Gather::default();
+    let read_only = Prot::READ | Prot::CACHEABLE;
+    table
+        .protect(IOVA_DESTINATION, 4096, read_only, &mut gather)
+        .or_else(|e| fail!("protect: {e}"))?;
+    s.flush(&mut table, gather, tlb)
+        .or_else(|e| fail!("invalidation: {e}"))?;
+    fill(alternate, |_| 0x77);
+    edu.dma(Direction::FromDevice, IOVA_DESTINATION, 0, LEN as u64)
+        .or_else(|e| fail!("{e}"))?;
+    if (0..4096).any(|i| byte(alternate, i) != 0x77) {
+        fail!("edu wrote through a read-only mapping")
+    }
+    let (faults, unexpected) = faults_at(&mut s, sid, IOVA_DESTINATION, true)?;
+    if faults == 0 || unexpected != 0 {
+        fail!("read-only: {faults} F_PERMISSION (write) at {IOVA_DESTINATION:#x}, {unexpected} other event(s)")
+    }
+    edu.dma(Direction::ToDevice, IOVA_DESTINATION, 0, LEN as u64)
+        .or_else(|e| fail!("{e}"))?;
+    expect_quiet(&mut s, "read through a read-only mapping")?;
+    println!("  read-only IOVA {IOVA_DESTINATION:#x}: writes abort with {faults} F_PERMISSION event(s), reads work");
 
     // Detach: abort the stream, drop the context's TLB entries, then the tables may go.
     s.attach_abort(sid).or_else(|e| fail!("{e}"))?;
