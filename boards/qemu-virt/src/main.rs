@@ -36,7 +36,9 @@ initial_pagetable!(
 );
 
 exception_handlers!(Exceptions);
-entry!(main, 32);
+// 512 KiB of stack: an initialised SMMU handle (with its ASID and VMID bitmaps) is some 17 KiB and scenarios move
+// a few of them; there is no guard page, so an overflow would corrupt memory silently rather than fault.
+entry!(main, 128);
 
 struct QemuVirt;
 

@@ -98,8 +98,12 @@ pub fn pgtable_dma(context: &mut Context) -> Result<(), Failure> {
         if (stage == Stage::One && !stages.stage1) || (stage == Stage::Two && !stages.stage2) {
             continue;
         }
-        translate(context, &edu, sid, stage)?;
+        translate(context, &edu, sid, stage, false)?;
         ran += 1;
+    }
+    if stages.stage1 && stages.stage2 {
+        // Both stages for one stream: the stage-1 tables (and the CD) sit at IPAs that stage 2 translates.
+        translate(context, &edu, sid, Stage::One, true)?;
     }
     if ran == 0 {
         fail!("the SMMU translates at no stage")
@@ -107,7 +111,50 @@ pub fn pgtable_dma(context: &mut Context) -> Result<(), Failure> {
     Ok(())
 }
 
-fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage) -> Result<(), Failure> {
+/// The stage-2 half of a nested configuration: RAM mapped IPA = PA with the largest blocks, and the STE fields.
+fn nested_stage2(context: &Context, s: &mut Session) -> Result<(IoPageTable<Frames>, Stage2Config), Failure> {
+    let features = *s.features();
+    let output_bits = features.oas_bits.min(48);
+    let input_bits = 40.min(output_bits);
+    let format = Format {
+        stage: Stage::Two,
+        granule: Granule::Size4K,
+        input_bits,
+        output_bits,
+    };
+    let mut table = match IoPageTable::new(format, Frames, features.coherent) {
+        Ok(t) => t,
+        Err(e) => fail!("{e}"),
+    };
+    for bank in &context.platform.memory {
+        table
+            .map(
+                bank.base,
+                bank.base,
+                bank.size,
+                Prot::READ | Prot::WRITE | Prot::CACHEABLE,
+            )
+            .or_else(|e| fail!("stage-2 map of RAM {bank}: {e}"))?;
+    }
+    let vmid = s.allocate_vmid().or_else(|e| fail!("{e}"))?;
+    let config = Stage2Config {
+        vmid,
+        t0sz: 64 - input_bits,
+        sl0: table.geometry().s2_sl0(),
+        granule: ste::Granule::Size4K,
+        ps: size_encoding(output_bits),
+        cacheability: Cacheability::WriteBackAllocate,
+        shareability: Shareability::Inner,
+        table: table.root(),
+        access_flag_fault_disable: false,
+        protected_table_walk: false,
+        stall: false,
+        record_faults: true,
+    };
+    Ok((table, config))
+}
+
+fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage, nested: bool) -> Result<(), Failure> {
     let mut s = start(context, &smmuv3::InitOptions::default())?;
     let features = *s.features();
     let output_bits = features.oas_bits.min(48);
@@ -134,6 +181,7 @@ fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage) -> Result<(),
 
     // The context: a CD (stage 1) or the STE's stage-2 fields.
     let mut cd_table = None;
+    let mut parent = None;
     let (ste, tlb) = match stage {
         Stage::One => {
             let asid = s.allocate_asid().or_else(|e| fail!("{e}"))?;
@@ -158,7 +206,7 @@ fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage) -> Result<(),
             .or_else(|e| fail!("CD: {e}"))?;
             // No STE points to the table yet: nothing to invalidate while it is written.
             cds.write(0, &cd, &Frames, |_| {}).or_else(|e| fail!("CD table: {e}"))?;
-            let ste = Ste::stage1(&Stage1Config {
+            let s1 = Stage1Config {
                 cd_table: cds.base(),
                 cd_max_log2: 0,
                 layout: CdTableLayout::Linear,
@@ -167,10 +215,17 @@ fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage) -> Result<(),
                 shareability: Shareability::Inner,
                 stall_disable: features.stall_model == StallModel::StallAndTerminate,
                 el2: false,
-            })
-            .or_else(|e| fail!("STE: {e}"))?;
+            };
             cd_table = Some(cds);
-            (ste, TlbContext::Stage1 { asid, vmid: 0 })
+            if nested {
+                let (s2_table, s2) = nested_stage2(context, &mut s)?;
+                parent = Some(s2_table);
+                let ste = Ste::nested(&s1, &s2).or_else(|e| fail!("STE: {e}"))?;
+                (ste, TlbContext::Stage1 { asid, vmid: s2.vmid })
+            } else {
+                let ste = Ste::stage1(&s1).or_else(|e| fail!("STE: {e}"))?;
+                (ste, TlbContext::Stage1 { asid, vmid: 0 })
+            }
         }
         Stage::Two => {
             let vmid = s.allocate_vmid().or_else(|e| fail!("{e}"))?;
@@ -195,8 +250,12 @@ fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage) -> Result<(),
     let installed = s.install_ste(sid, &ste).or_else(|e| fail!("{e}"))?;
     let geometry = table.geometry();
     println!(
-        "  stage {}: {input_bits}-bit input from level {} ({} root entries), STE {:?} in {} sync(s)",
-        if stage == Stage::One { 1 } else { 2 },
+        "  {}: {input_bits}-bit input from level {} ({} root entries), STE {:?} in {} sync(s)",
+        match (stage, nested) {
+            (_, true) => "nested (stage 1 inside an identity stage 2 of RAM)",
+            (Stage::One, false) => "stage 1",
+            (Stage::Two, false) => "stage 2",
+        },
         geometry.start_level,
         geometry.root_entries,
         installed.kind,
@@ -291,7 +350,14 @@ fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage) -> Result<(),
     };
     batch.push(&command).or_else(|e| fail!("{e}"))?;
     s.submit(&batch).or_else(|e| fail!("{e}"))?;
+    if let (Some(_), TlbContext::Stage1 { vmid, .. }) = (&parent, tlb) {
+        let mut batch = Batch::new();
+        batch.push(&Command::TlbiS12Vmall { vmid }).or_else(|e| fail!("{e}"))?;
+        s.submit(&batch).or_else(|e| fail!("{e}"))?;
+        s.free_vmid(vmid).or_else(|e| fail!("{e}"))?;
+    }
     drop(table);
+    drop(parent);
     if let Some(cds) = cd_table {
         // SAFETY: no STE points to the CD table any more, and that was invalidated.
         unsafe { cds.free(&Frames) };
