@@ -137,12 +137,19 @@ fn nested_stage2(context: &Context, s: &mut Session) -> Result<(IoPageTable<Fram
             .or_else(|e| fail!("stage-2 map of RAM {bank}: {e}"))?;
     }
     let vmid = s.allocate_vmid().or_else(|e| fail!("{e}"))?;
-    let config = Stage2Config {
+    let config = stage2_config(&table, vmid);
+    Ok((table, config))
+}
+
+/// The STE's stage-2 fields for `table` (4 KiB granule) with `vmid`; faults are recorded.
+fn stage2_config(table: &IoPageTable<Frames>, vmid: u16) -> Stage2Config {
+    let format = table.format();
+    Stage2Config {
         vmid,
-        t0sz: 64 - input_bits,
+        t0sz: 64 - format.input_bits,
         sl0: table.geometry().s2_sl0(),
         granule: ste::Granule::Size4K,
-        ps: size_encoding(output_bits),
+        ps: size_encoding(format.output_bits),
         cacheability: Cacheability::WriteBackAllocate,
         shareability: Shareability::Inner,
         table: table.root(),
@@ -150,8 +157,7 @@ fn nested_stage2(context: &Context, s: &mut Session) -> Result<(IoPageTable<Fram
         protected_table_walk: false,
         stall: false,
         record_faults: true,
-    };
-    Ok((table, config))
+    }
 }
 
 fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage, nested: bool) -> Result<(), Failure> {
@@ -229,21 +235,7 @@ fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage, nested: bool)
         }
         Stage::Two => {
             let vmid = s.allocate_vmid().or_else(|e| fail!("{e}"))?;
-            let ste = Ste::stage2(&Stage2Config {
-                vmid,
-                t0sz: 64 - input_bits,
-                sl0: table.geometry().s2_sl0(),
-                granule: ste::Granule::Size4K,
-                ps: size_encoding(output_bits),
-                cacheability: Cacheability::WriteBackAllocate,
-                shareability: Shareability::Inner,
-                table: table.root(),
-                access_flag_fault_disable: false,
-                protected_table_walk: false,
-                stall: false,
-                record_faults: true,
-            })
-            .or_else(|e| fail!("STE: {e}"))?;
+            let ste = Ste::stage2(&stage2_config(&table, vmid)).or_else(|e| fail!("STE: {e}"))?;
             (ste, TlbContext::Stage2 { vmid, nested: false })
         }
     };
