@@ -111,7 +111,7 @@ mod tests {
     extern crate std;
 
     use super::*;
-    use crate::hw::event::kind;
+    use crate::hw::event::number as kind;
     use crate::mem::FrameAllocator;
     use crate::testing::HeapFrames;
     use std::boxed::Box;

@@ -69,9 +69,9 @@ fn faults_at(s: &mut Session, sid: u32, iova: u64, permission: bool) -> Result<(
     let (mut at, mut other) = (0, 0);
     let report = s.drain_events(|e: Event| {
         let is_fault = if permission {
-            matches!(e, Event::Permission(f) if !f.read)
+            matches!(e, Event::FPermission(p) if !p.fault.access.read)
         } else {
-            matches!(e, Event::Translation(_))
+            matches!(e, Event::FTranslation(_))
         };
         if is_fault && e.stream_id() == Some(sid) && e.address().is_some_and(|a| a & !0xfff == iova) {
             at += 1;
