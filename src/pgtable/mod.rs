@@ -500,20 +500,44 @@ impl<A: FrameAllocator> IoPageTable<A> {
             let from = start.max(entry_base);
             let to = end.min(entry_base + entry_size);
             let d = entry.load(Ordering::Acquire);
-            let next = if desc::is_table(d, level) {
-                desc::address(d)
-            } else {
-                // `map` checked that nothing is mapped here, so the entry is invalid: add a table.
-                let size = 1usize << self.geometry.granule_bits;
-                let table = self.allocator.allocate_zeroed(size, size).map_err(MapError::NoMemory)?;
-                self.coherency.clean(table.virt.as_ptr(), size);
-                // The empty table must be visible before the descriptor that points to it.
-                write_barrier();
-                self.store(entry, desc::table(table.phys.0));
-                self.tables += 1;
-                table.phys.0
-            };
-            self.map_in(level + 1, next, entry_base, from, to, output(from), prot, reached)?;
+            if desc::is_table(d, level) {
+                self.map_in(
+                    level + 1,
+                    desc::address(d),
+                    entry_base,
+                    from,
+                    to,
+                    output(from),
+                    prot,
+                    reached,
+                )?;
+                continue;
+            }
+            // `map` checked that nothing is mapped here, so the entry is invalid: build a new table, filled
+            // before it is linked, so that a failure below leaves nothing the SMMU could have walked.
+            let size = 1usize << self.geometry.granule_bits;
+            let table = self.allocator.allocate_zeroed(size, size).map_err(MapError::NoMemory)?;
+            self.tables += 1;
+            let before = *reached;
+            if let Err(e) = self.map_in(
+                level + 1,
+                table.phys.0,
+                entry_base,
+                from,
+                to,
+                output(from),
+                prot,
+                reached,
+            ) {
+                // Nothing of the new subtree was published: free it now, and roll back only what was linked.
+                self.discard(level + 1, table);
+                *reached = before;
+                return Err(e);
+            }
+            self.coherency.clean(table.virt.as_ptr(), size);
+            // The filled table must be visible before the descriptor that points to it.
+            write_barrier();
+            self.store(entry, desc::table(table.phys.0));
         }
         Ok(())
     }
@@ -713,6 +737,32 @@ impl<A: FrameAllocator> IoPageTable<A> {
             }
         }
         unmapped
+    }
+
+    /// Frees a table that was never linked, with every table below it.
+    fn discard(&mut self, level: u8, table: DmaBlock) {
+        if level < 3 {
+            let size = 1usize << self.geometry.granule_bits;
+            for e in entries_of(table.virt, 1 << self.geometry.level_bits) {
+                let d = e.load(Ordering::Relaxed);
+                if desc::is_table(d, level)
+                    && let Some(virt) = self.allocator.phys_to_virt(PhysAddr(desc::address(d)))
+                {
+                    self.discard(
+                        level + 1,
+                        DmaBlock {
+                            phys: PhysAddr(desc::address(d)),
+                            virt,
+                            size,
+                        },
+                    );
+                }
+            }
+        }
+        self.tables -= 1;
+        // SAFETY: allocated by `map_in` from this allocator and never linked, so neither the SMMU nor any walk
+        // can reach it.
+        unsafe { self.allocator.free(table) };
     }
 
     /// Whether the (non-root) table at `table_phys` holds no valid entry.

@@ -408,3 +408,15 @@ fn block_splitting_can_be_refused_for_smmus_without_bbml() {
     assert_eq!(t.unmap(0x20_0000, 0x20_0000, &mut g), Ok(0x20_0000));
     t.release(g);
 }
+
+#[test]
+fn no_memory_below_a_new_table_leaves_no_table_behind() {
+    // Root and a level-2 table fit, the level-3 table below it does not: the new level-2 table must not stay.
+    // (Test from the benchmark helper's branch, which found this on an earlier map.)
+    let frames: &'static HeapFrames = std::boxed::Box::leak(std::boxed::Box::new(HeapFrames::with_limit(2 * 4096)));
+    let mut t = IoPageTable::new(format(Stage::One, Granule::Size4K, 39), frames, true).unwrap();
+    let error = t.map(0x4000_0000, 0, 0x1000, RW);
+    assert!(matches!(error, Err(MapError::NoMemory(_))), "{error:?}");
+    assert_eq!((t.tables(), frames.live_blocks()), (1, 1));
+    assert_eq!(decode(frames, t.root().0, t.geometry()), BTreeMap::new());
+}
