@@ -86,6 +86,35 @@ fn faults_at(s: &mut Session, sid: u32, iova: u64, permission: bool) -> Result<(
     Ok((at, other))
 }
 
+/// Has edu write to `IOVA_DESTINATION`, which must not reach `pa` (filled with `canary`): the SMMU must abort the
+/// writes and record only translation faults (or, with `permission`, write permission faults) there. Returns how
+/// many it recorded.
+fn expect_blocked_write(
+    s: &mut Session,
+    edu: &Edu,
+    sid: u32,
+    pa: u64,
+    canary: u8,
+    permission: bool,
+) -> Result<u32, Failure> {
+    fill(pa, |_| canary);
+    edu.dma(Direction::FromDevice, IOVA_DESTINATION, 0, LEN as u64)
+        .or_else(|e| fail!("{e}"))?;
+    if (0..4096).any(|i| byte(pa, i) != canary) {
+        fail!("edu's write reached PA {pa:#x}: the SMMU used a stale or too permissive translation")
+    }
+    let kind = if permission {
+        "F_PERMISSION (write)"
+    } else {
+        "F_TRANSLATION"
+    };
+    let (faults, unexpected) = faults_at(s, sid, IOVA_DESTINATION, permission)?;
+    if faults == 0 || unexpected != 0 {
+        fail!("{faults} {kind} at {IOVA_DESTINATION:#x}, {unexpected} other event(s)")
+    }
+    Ok(faults)
+}
+
 /// `pgtable-dma`, for each stage the SMMU implements.
 pub fn pgtable_dma(context: &mut Context) -> Result<(), Failure> {
     let (edu, sid) = edu_stream(context)?;
@@ -283,19 +312,10 @@ fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage, nested: bool)
         "  unmapped {unmapped:#x} bytes; invalidation: {} command(s), {} PROD write(s)",
         flush.commands, flush.prod_writes
     );
-    fill(destination, |_| 0xc3);
-    edu.dma(Direction::FromDevice, IOVA_DESTINATION, 0, LEN as u64)
-        .or_else(|e| fail!("{e}"))?;
-    if (0..4096).any(|i| byte(destination, i) != 0xc3) {
-        fail!("DMA reached PA {destination:#x} after unmap: the SMMU used a stale translation")
-    }
-    let (faults, unexpected) = faults_at(&mut s, sid, IOVA_DESTINATION, false)?;
-    if faults == 0 || unexpected != 0 {
-        fail!("after unmap: {faults} F_TRANSLATION at {IOVA_DESTINATION:#x}, {unexpected} other event(s)")
-    }
+    let faults = expect_blocked_write(&mut s, edu, sid, destination, 0xc3, false)?;
     println!("  after unmap: DMA aborted, {faults} F_TRANSLATION event(s) at IOVA {IOVA_DESTINATION:#x}");
 
-    // Map the address to analternate page: the DMA lands there.
+    // Map the address to an alternate page: the DMA lands there.
     table
         .map(IOVA_DESTINATION, alternate, 4096, rw)
         .or_else(|e| fail!("remap: {e}"))?;
@@ -318,16 +338,7 @@ fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage, nested: bool)
         .or_else(|e| fail!("protect: {e}"))?;
     s.flush(&mut table, gather, tlb)
         .or_else(|e| fail!("invalidation: {e}"))?;
-    fill(alternate, |_| 0x77);
-    edu.dma(Direction::FromDevice, IOVA_DESTINATION, 0, LEN as u64)
-        .or_else(|e| fail!("{e}"))?;
-    if (0..4096).any(|i| byte(alternate, i) != 0x77) {
-        fail!("edu wrote through a read-only mapping")
-    }
-    let (faults, unexpected) = faults_at(&mut s, sid, IOVA_DESTINATION, true)?;
-    if faults == 0 || unexpected != 0 {
-        fail!("read-only: {faults} F_PERMISSION (write) at {IOVA_DESTINATION:#x}, {unexpected} other event(s)")
-    }
+    let faults = expect_blocked_write(&mut s, edu, sid, alternate, 0x77, true)?;
     edu.dma(Direction::ToDevice, IOVA_DESTINATION, 0, LEN as u64)
         .or_else(|e| fail!("{e}"))?;
     expect_quiet(&mut s, "read through a read-only mapping")?;
