@@ -3,6 +3,7 @@
 //! layout and where its description comes from.
 #![no_std]
 
+pub mod boot;
 pub mod config;
 pub mod console;
 pub mod dt;

@@ -8,6 +8,8 @@ use aarch64_paging::mair::{Mair, MairAttribute, NormalMemory};
 use aarch64_paging::paging::{Constraints, El2, MemoryRegion, PageTable, Translation};
 use aarch64_paging::{MapError, Mapping};
 
+use aarch64_cpu::registers::{Readable, TCR_EL2};
+
 use crate::frames;
 
 /// MAIR_EL2: index 0 Device-nGnRE, index 1 normal write-back cacheable.
@@ -69,21 +71,26 @@ pub struct IdentityMap {
     mapping: Mapping<PoolTranslation, El2>,
 }
 
-/// Root level matching the boot TCR_EL2 (T0SZ = 25: 39-bit VAs, level-1 root).
-const ROOT_LEVEL: usize = 1;
+/// The root level the boot TCR_EL2 uses (4 KiB granule): level 1 for T0SZ 25..=33 (aarch64-rt's 39-bit boot map),
+/// level 0 for T0SZ 16..=24 (the 48-bit boot map of [`crate::el2_boot_map_48!`]). The identity map replaces the
+/// boot map without touching TCR_EL2, so it must start at the same level.
+fn boot_root_level() -> usize {
+    let t0sz = TCR_EL2.read(TCR_EL2::T0SZ);
+    if t0sz <= 24 { 0 } else { 1 }
+}
 
 impl IdentityMap {
-    /// An empty map.
+    /// An empty map for the boot TCR_EL2's virtual address size.
     pub fn new() -> Self {
         IdentityMap {
-            mapping: Mapping::new(PoolTranslation, ROOT_LEVEL, El2),
+            mapping: Mapping::new(PoolTranslation, boot_root_level(), El2),
         }
     }
 
     /// Identity-maps `start..end` (rounded out to pages) with `attributes`.
     ///
     /// # Errors
-    /// aarch64-paging's [`MapError`] (for example a range beyond the 39-bit VA space).
+    /// aarch64-paging's [`MapError`] (for example a range beyond the boot map's virtual address space).
     pub fn map(&mut self, start: usize, end: usize, attributes: El23Attributes) -> Result<(), MapError> {
         let region = MemoryRegion::new(start, end);
         self.mapping.map_range(

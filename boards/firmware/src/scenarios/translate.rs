@@ -144,7 +144,16 @@ pub fn pgtable_dma(context: &mut Context) -> Result<(), Failure> {
 fn nested_stage2(context: &Context, s: &mut Session) -> Result<(IoPageTable<Frames>, Stage2Config), Failure> {
     let features = *s.features();
     let output_bits = features.oas_bits.min(48);
-    let input_bits = 40.min(output_bits);
+    // IPA = PA for all of RAM: 40 bits (a level-1 root of 2 concatenated tables) where RAM lies below 1 TiB, the
+    // whole output size (a level-0 root) where it lies higher, as on sbsa-ref. Not 41-43 bits: QEMU 10.0 walks
+    // only the first table of a concatenated stage-2 root (it masks the table index off the base address), and
+    // sbsa-ref's RAM would sit in the third.
+    let ram_top = context.platform.memory.iter().map(|b| b.end() - 1).max().unwrap_or(0);
+    let ram_bits = (64 - ram_top.leading_zeros()) as u8;
+    let input_bits = if ram_bits <= 40 { 40.min(output_bits) } else { output_bits };
+    if ram_bits > input_bits {
+        fail!("RAM up to {ram_top:#x} is beyond the SMMU's {output_bits}-bit output size")
+    }
     let format = Format {
         stage: Stage::Two,
         granule: Granule::Size4K,
