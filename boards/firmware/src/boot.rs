@@ -41,7 +41,8 @@ pub const TCR_EL2_48: u64 = 16 | (1 << 8) | (1 << 10) | (3 << 12) | (0b101 << 16
 /// SCTLR_EL2 with the MMU, caches and stack alignment check on (RES1 bits of the non-VHE layout included).
 pub const SCTLR_EL2_MMU_ON: u64 = SCTLR_EL2_RES1 | 1 | (1 << 2) | (1 << 3) | (1 << 12);
 /// SCTLR_EL2's RES1 bits (non-VHE): the value EL3 writes before EL2 runs, MMU and caches off.
-pub const SCTLR_EL2_RES1: u64 = (1 << 4) | (1 << 5) | (1 << 11) | (1 << 16) | (1 << 18) | (1 << 22) | (1 << 23) | (3 << 28);
+pub const SCTLR_EL2_RES1: u64 =
+    (1 << 4) | (1 << 5) | (1 << 11) | (1 << 16) | (1 << 18) | (1 << 22) | (1 << 23) | (3 << 28);
 
 /// SCR_EL3 for a non-secure AArch64 EL2: NS, RES1 bits 5:4, HVC enabled, EL2 AArch64. Interrupts are not
 /// routed to EL3 (IRQ = FIQ = EA = 0), SMC is enabled (SMD = 0).

@@ -15,7 +15,7 @@ use smmuv3::board::IommuMapEntry;
 use smmuv3::{IommuMap, SmmuDescription, SmmuInterrupts};
 use smmuv3_firmware::boot::{GIB, Table};
 use smmuv3_firmware::config::{self, Config, ConfigError};
-use smmuv3_firmware::dt::{Gic, PcieHost, PciWindow, Platform, Region, StaticDescription, WindowKind};
+use smmuv3_firmware::dt::{Gic, PciWindow, PcieHost, Platform, Region, StaticDescription, WindowKind};
 use smmuv3_firmware::exceptions::Exceptions;
 use smmuv3_firmware::{Board, el2_boot_map_48, el3_boot_stub, mmu};
 

@@ -23,7 +23,7 @@ pub const SCENARIOS_KEY: &str = "opt/smmuv3/scenarios";
 pub const STAGE_KEY: &str = "opt/smmuv3/stage";
 /// fw_cfg file giving edu's DMA mask.
 pub const EDU_DMA_MASK_KEY: &str = "opt/smmuv3/edu-dma-mask";
-/// The edu DMA mask the runs use unless told otherwise: 40 bits, enough to reach RAM without translation.
+/// The edu DMA mask virt runs use unless told otherwise: 40 bits, enough to reach its RAM without translation.
 pub const DEFAULT_EDU_DMA_MASK: u64 = 0xff_ffff_ffff;
 
 /// The repository's root.
@@ -37,24 +37,59 @@ pub fn workspace_root() -> PathBuf {
 /// A board the firmware runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Board {
-    /// QEMU's `virt` machine.
+    /// QEMU's `virt` machine: firmware at EL2, everything described by the device tree, configuration by fw_cfg.
     QemuVirt,
+    /// QEMU's `sbsa-ref` machine: firmware from EL3 (its own stub) to EL2, devices from the board's static
+    /// description, configuration by the semihosting command line.
+    SbsaRef,
 }
 
 impl Board {
     /// Every board.
-    pub const ALL: [Board; 1] = [Board::QemuVirt];
+    pub const ALL: [Board; 2] = [Board::QemuVirt, Board::SbsaRef];
 
     /// The name used by `--board` and by the firmware crate (`boards/<name>`).
     pub fn name(self) -> &'static str {
         match self {
             Board::QemuVirt => "qemu-virt",
+            Board::SbsaRef => "sbsa-ref",
         }
     }
 
     /// Parses a `--board` value.
     pub fn from_name(name: &str) -> Option<Board> {
         Board::ALL.into_iter().find(|b| b.name() == name)
+    }
+
+    /// Whether QEMU can present an SMMU of `stage` on this board. sbsa-ref has no versioned machine types, and
+    /// QEMU 10 ignores `arm-smmuv3.stage` on it: its SMMU always has both stages.
+    pub fn supports(self, stage: Stage) -> bool {
+        match self {
+            Board::QemuVirt => true,
+            Board::SbsaRef => stage == Stage::Nested,
+        }
+    }
+
+    /// The PCI address the runs give edu (sbsa-ref keeps 01.0 and 02.0 for its own display and NIC).
+    pub fn edu_device(self) -> u8 {
+        match self {
+            Board::QemuVirt => 2,
+            Board::SbsaRef => 3,
+        }
+    }
+
+    /// edu's StreamID: its requester ID (bus 0), as both boards map requester IDs to StreamIDs one to one.
+    pub fn edu_stream_id(self) -> u32 {
+        u32::from(self.edu_device()) << 3
+    }
+
+    /// The edu DMA mask the runs use unless told otherwise: wide enough to reach the board's RAM without
+    /// translation (virt: RAM at 1 GiB, 40 bits; sbsa-ref: RAM at 1 TiB, 41 bits).
+    pub fn default_edu_dma_mask(self) -> u64 {
+        match self {
+            Board::QemuVirt => DEFAULT_EDU_DMA_MASK,
+            Board::SbsaRef => (1 << 41) - 1,
+        }
     }
 }
 
@@ -180,7 +215,7 @@ impl Run {
             stage,
             scenarios: scenarios.iter().map(|s| s.to_string()).collect(),
             expected_stage: Some(stage),
-            edu_dma_mask: DEFAULT_EDU_DMA_MASK,
+            edu_dma_mask: board.default_edu_dma_mask(),
             timeout: Duration::from_secs(120),
             trace_events: SMMU_ERROR_TRACE_EVENTS.iter().map(|s| s.to_string()).collect(),
             extra_args: Vec::new(),
@@ -202,7 +237,14 @@ impl Run {
                 c.args(["-global", &format!("arm-smmuv3.stage={}", self.stage.name())]);
                 c.args(["-cpu", "max", "-m", "1G", "-smp", "1"]);
                 c.args(["-device", &format!("loader,file={},cpu-num=0", firmware.display())]);
-                c.args(["-device", &format!("edu,addr=2.0,dma_mask={:#x}", self.edu_dma_mask)]);
+                c.args([
+                    "-device",
+                    &format!(
+                        "edu,addr={}.0,dma_mask={:#x}",
+                        self.board.edu_device(),
+                        self.edu_dma_mask
+                    ),
+                ]);
                 if !self.scenarios.is_empty() {
                     // QEMU's option parser takes ",," for a literal comma.
                     let list = self.scenarios.join(",,");
@@ -215,12 +257,37 @@ impl Run {
                     "-fw_cfg",
                     &format!("name={EDU_DMA_MASK_KEY},string={:#x}", self.edu_dma_mask),
                 ]);
+                c.args(["-semihosting-config", "enable=on,target=native"]);
+            }
+            Board::SbsaRef => {
+                // One CPU (the others would spin in empty flash); no fw_cfg: the configuration travels on the
+                // semihosting command line. The machine always adds a bochs-display, whose VGA BIOS Debian ships
+                // in another package: without a ROM file it works the same for this firmware.
+                c.args(["-M", "sbsa-ref", "-cpu", "max", "-m", "1G", "-smp", "1"]);
+                c.args(["-global", "bochs-display.romfile="]);
+                c.args(["-device", &format!("loader,file={},cpu-num=0", firmware.display())]);
+                c.args([
+                    "-device",
+                    &format!(
+                        "edu,addr={}.0,dma_mask={:#x}",
+                        self.board.edu_device(),
+                        self.edu_dma_mask
+                    ),
+                ]);
+                let mut semihosting = String::from("enable=on,target=native,arg=sbsa-ref");
+                if !self.scenarios.is_empty() {
+                    semihosting.push_str(&format!(",arg=scenarios={}", self.scenarios.join(",,")));
+                }
+                if let Some(s) = self.expected_stage {
+                    semihosting.push_str(&format!(",arg=stage={}", s.name()));
+                }
+                semihosting.push_str(&format!(",arg=edu-dma-mask={:#x}", self.edu_dma_mask));
+                c.args(["-semihosting-config", &semihosting]);
             }
         }
         c.args([
             "-display", "none", "-serial", "stdio", "-monitor", "none", "-nic", "none",
         ]);
-        c.args(["-semihosting-config", "enable=on,target=native"]);
         c.args(&self.extra_args);
         c
     }

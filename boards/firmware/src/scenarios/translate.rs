@@ -150,7 +150,11 @@ fn nested_stage2(context: &Context, s: &mut Session) -> Result<(IoPageTable<Fram
     // sbsa-ref's RAM would sit in the third.
     let ram_top = context.platform.memory.iter().map(|b| b.end() - 1).max().unwrap_or(0);
     let ram_bits = (64 - ram_top.leading_zeros()) as u8;
-    let input_bits = if ram_bits <= 40 { 40.min(output_bits) } else { output_bits };
+    let input_bits = if ram_bits <= 40 {
+        40.min(output_bits)
+    } else {
+        output_bits
+    };
     if ram_bits > input_bits {
         fail!("RAM up to {ram_top:#x} is beyond the SMMU's {output_bits}-bit output size")
     }
