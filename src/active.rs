@@ -59,6 +59,10 @@ pub struct InitOptions {
     pub max_sid_bits: u8,
     /// Stream table format.
     pub stream_table: StreamTableChoice,
+    /// Interrupts to enable (wired lines; MSIs are turned off). Empty by default: the caller polls
+    /// [`ActiveSmmu::drain_events`] and [`ActiveSmmu::handle_global_errors`]. With interrupts the caller still
+    /// calls those, from its handler or after it.
+    pub interrupts: InterruptSources,
 }
 
 impl Default for InitOptions {
@@ -68,7 +72,19 @@ impl Default for InitOptions {
             eventq_log2_max: 8,
             max_sid_bits: 32,
             stream_table: StreamTableChoice::Auto,
+            interrupts: InterruptSources::empty(),
         }
+    }
+}
+
+bitflags::bitflags! {
+    /// The SMMU's interrupt sources, as SMMU_IRQ_CTRL enables them.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct InterruptSources: u32 {
+        /// A global error became active (SMMU_GERROR differs from SMMU_GERRORN).
+        const GERROR = 1 << 0;
+        /// The event queue became non-empty (or overflowed).
+        const EVENTQ = 1 << 2;
     }
 }
 
@@ -204,9 +220,9 @@ fn set_global_abort(regs: &SmmuPage0) -> Result<(), InitError> {
 
 impl Smmu {
     /// Initialises the SMMU in the architecture's order and enables translation with every stream aborting:
-    /// GBPA.ABORT = 1 (so nothing bypasses while it is reprogrammed), SMMUEN and the queues off, interrupts off
-    /// (the driver polls), global errors acknowledged, the stream table (see [`StreamTableFormat::choose`]),
-    /// CR1/CR2, the command and event queues, a full invalidation (CFGI_ALL, TLBI_EL2_ALL when EL2 contexts exist,
+    /// GBPA.ABORT = 1 (so nothing bypasses while it is reprogrammed), SMMUEN and the queues off, interrupts off,
+    /// global errors acknowledged, the stream table (see [`StreamTableFormat::choose`]), CR1/CR2, the command and
+    /// event queues, the interrupts of [`InitOptions::interrupts`] (none by default), a full invalidation (CFGI_ALL, TLBI_EL2_ALL when EL2 contexts exist,
     /// TLBI_NSNH_ALL, CMD_SYNC), then SMMUEN.
     ///
     /// Memory comes from `allocator`, which the returned handle keeps.
@@ -271,7 +287,7 @@ impl Smmu {
         set_global_abort(regs)?;
         // 2. Translation and queues off.
         set_cr0(regs, 0)?;
-        // 3. Interrupts off: this driver polls.
+        // 3. Interrupts off until the queues they report on exist.
         regs.irq_ctrl.set(0);
         handshake("IRQ_CTRLACK", || regs.irq_ctrlack.get(), |v| v == 0)?;
         // 4. Acknowledge every global error left from before.
@@ -322,6 +338,17 @@ impl Smmu {
         page1.eventq_cons.set(0);
         let queues = CR0::CMDQEN::SET.value | CR0::EVENTQEN::SET.value;
         set_cr0(regs, queues)?;
+        // 7a. Interrupts the caller asked for, as wired lines: an SMMU with MSIs sends one only to a non-zero
+        // IRQ_CFG0 address, so clearing those selects the wires.
+        if !options.interrupts.is_empty() {
+            if features.msi {
+                regs.gerror_irq_cfg0.set(0);
+                regs.eventq_irq_cfg0.set(0);
+            }
+            let wanted = options.interrupts.bits();
+            regs.irq_ctrl.set(wanted);
+            handshake("IRQ_CTRLACK", || regs.irq_ctrlack.get(), |v| v == wanted)?;
+        }
 
         let mut active = ActiveSmmu {
             smmu: self,
@@ -615,7 +642,7 @@ impl<A: FrameAllocator> ActiveSmmu<A> {
         self.vmids.free(vmid)
     }
 
-    /// Turns translation and the queues off and leaves incoming transactions to GBPA: aborting, or bypassing
+    /// Turns interrupts, translation and the queues off and leaves incoming transactions to GBPA: aborting, or bypassing
     /// when `bypass` (the state QEMU resets to). The tables and queues go back to the allocator.
     ///
     /// # Errors
@@ -624,6 +651,8 @@ impl<A: FrameAllocator> ActiveSmmu<A> {
     pub fn shutdown(self, bypass: bool) -> Result<Smmu, InitError> {
         let regs = self.smmu.regs();
         set_global_abort(regs)?;
+        regs.irq_ctrl.set(0);
+        handshake("IRQ_CTRLACK", || regs.irq_ctrlack.get(), |v| v == 0)?;
         set_cr0(regs, 0)?;
         if bypass {
             handshake("GBPA", || regs.gbpa.get(), |v| v & GBPA::UPDATE::SET.value == 0)?;
@@ -895,6 +924,27 @@ mod tests {
         assert!(!smmu.is_enabled());
         assert!(!smmu.global_bypass_aborts());
         assert_eq!(frames.live_blocks(), 0, "shutdown returns every table and queue");
+    }
+
+    #[test]
+    fn interrupts_are_enabled_after_the_queues_and_off_at_shutdown() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let irq_ctrl = || {
+            // SAFETY: inside the live block.
+            unsafe { reg32(model.base, 0x50).read_volatile() }
+        };
+        let smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
+        assert_eq!(irq_ctrl(), 0, "polling by default");
+        smmu.shutdown(true).unwrap();
+        let options = InitOptions {
+            interrupts: InterruptSources::EVENTQ | InterruptSources::GERROR,
+            ..InitOptions::default()
+        };
+        let smmu = model.smmu().init(frames, &options).unwrap();
+        assert_eq!(irq_ctrl(), 0b101, "EVENTQ_IRQEN and GERROR_IRQEN, never PRIQ_IRQEN");
+        smmu.shutdown(true).unwrap();
+        assert_eq!(irq_ctrl(), 0, "no interrupt outlives the driver");
     }
 
     #[test]

@@ -21,7 +21,7 @@ mod table;
 #[cfg(test)]
 pub(crate) mod testing;
 
-pub use active::{ActiveSmmu, InitError, InitOptions};
+pub use active::{ActiveSmmu, InitError, InitOptions, InterruptSources};
 pub use board::{IommuMap, SmmuDescription, SmmuInterrupts};
 pub use features::{Features, IdRegisters, Stages};
 pub use mem::{DmaBlock, FrameAllocator, PhysAddr};

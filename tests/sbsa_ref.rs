@@ -59,6 +59,18 @@ fn core_scenarios_pass_on_sbsa_ref() {
         "the provoked faults reached QEMU's trace\n{}",
         outcome.report()
     );
+    // The board's edge-triggered lines (SPIs 12 and 15: INTIDs 44 and 47) reach EL2 through the GIC.
+    for expected in [
+        "event-queue interrupt: INTID 44 (edge) taken at EL2",
+        "GERROR (CMDQ_ERR) interrupt: INTID 47 (edge) taken at EL2",
+        "GERROR (EVENTQ_ABT_ERR) interrupt: INTID 47 (edge) taken at EL2",
+    ] {
+        assert!(
+            outcome.console.contains(expected),
+            "the console shows {expected:?}\n{}",
+            outcome.report()
+        );
+    }
 }
 
 #[test]

@@ -1,12 +1,13 @@
-//! Exception handling: any exception the firmware does not expect is reported (ESR, ELR, FAR) and ends the run
-//! with a failure status, so that a test harness sees it instead of a hang.
+//! Exception handling: IRQs go to the GIC handler ([`crate::irq::handle`]); any other exception is unexpected,
+//! reported (ESR, ELR, FAR) and ends the run with a failure status, so that a test harness sees it instead of a
+//! hang.
 
 use aarch64_cpu::registers::{ESR_EL2, FAR_EL2, Readable};
 use aarch64_rt::{ExceptionHandlers, RegisterStateRef};
 
 use crate::{exit, println};
 
-/// The firmware's exception handlers: every one of them is fatal.
+/// The firmware's exception handlers: IRQs at EL2 are handled, everything else is fatal.
 pub struct Exceptions;
 
 fn fatal(kind: &str, state: &RegisterStateRef) -> ! {
@@ -25,8 +26,8 @@ impl ExceptionHandlers for Exceptions {
     extern "C" fn sync_current(state: RegisterStateRef) {
         fatal("synchronous", &state)
     }
-    extern "C" fn irq_current(state: RegisterStateRef) {
-        fatal("IRQ", &state)
+    extern "C" fn irq_current(_state: RegisterStateRef) {
+        crate::irq::handle()
     }
     extern "C" fn fiq_current(state: RegisterStateRef) {
         fatal("FIQ", &state)

@@ -11,6 +11,7 @@ pub mod edu;
 pub mod exceptions;
 pub mod frames;
 pub mod fw_cfg;
+pub mod irq;
 pub mod mmu;
 pub mod pci;
 pub mod scenarios;
@@ -193,6 +194,17 @@ pub fn run<B: Board>(board: &B) -> ! {
         "EL2 MMU: identity map from the device tree active; {} KiB of frames free",
         frames::remaining() / 1024
     );
+
+    if let Some(gic) = &platform.gic {
+        // SAFETY: the GIC is identity-mapped as device memory and only the interrupt module drives it.
+        match unsafe { irq::init(gic) }.and_then(|()| irq::enable_smmu_lines(&platform.smmu.interrupts)) {
+            Ok(()) => println!(
+                "GIC: distributor {}, redistributors {}; the SMMU's lines enabled, taken at EL2",
+                gic.distributor, gic.redistributors
+            ),
+            Err(e) => fatal("interrupt controller", &e),
+        }
+    }
 
     let config = board.config(&platform).unwrap_or_else(|e| fatal("configuration", &e));
     // SAFETY: the ECAM is mapped as device memory and only this firmware touches configuration space.

@@ -5,7 +5,7 @@
 use core::fmt::Write;
 use core::ops::{Deref, DerefMut};
 
-use smmuv3::active::{ActiveSmmu, InitOptions};
+use smmuv3::active::{ActiveSmmu, InitOptions, InterruptSources};
 use smmuv3::hw::command::Command;
 use smmuv3::hw::event::Event;
 use smmuv3::hw::ste::Ste;
@@ -16,15 +16,19 @@ use smmuv3::stream::StreamTableFormat;
 use super::{Context, Failure, dma_onto_canary, find_edu, round_trip, smmu};
 use crate::edu::Edu;
 use crate::frames::Frames;
-use crate::println;
+use crate::{irq, println};
 
 /// An initialised SMMU, shut down when the scenario ends, however it ends.
-pub(super) struct Session(Option<ActiveSmmu<Frames>>);
+pub(super) struct Session {
+    active: Option<ActiveSmmu<Frames>>,
+    /// The SMMU's interrupt lines as the GIC delivers them (none when the board has no GIC or no lines).
+    pub(super) lines: Lines,
+}
 
 impl Deref for Session {
     type Target = ActiveSmmu<Frames>;
     fn deref(&self) -> &Self::Target {
-        self.0
+        self.active
             .as_ref()
             .unwrap_or_else(|| unreachable!("a session holds its SMMU until dropped"))
     }
@@ -32,7 +36,7 @@ impl Deref for Session {
 
 impl DerefMut for Session {
     fn deref_mut(&mut self) -> &mut Self::Target {
-        self.0
+        self.active
             .as_mut()
             .unwrap_or_else(|| unreachable!("a session holds its SMMU until dropped"))
     }
@@ -40,7 +44,7 @@ impl DerefMut for Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        if let Some(active) = self.0.take()
+        if let Some(active) = self.active.take()
             && let Err(e) = active.shutdown(true)
         {
             println!("  SMMU shutdown failed: {e}");
@@ -48,11 +52,104 @@ impl Drop for Session {
     }
 }
 
+/// Initialises the SMMU with `options`, its event-queue and GERROR interrupts enabled when the GIC delivers them.
 pub(super) fn start(context: &Context, options: &InitOptions) -> Result<Session, Failure> {
     let smmu = smmu(context)?;
-    match smmu.init(Frames, options) {
-        Ok(active) => Ok(Session(Some(active))),
+    let lines = Lines::of(context);
+    let options = InitOptions {
+        interrupts: lines.sources(),
+        ..*options
+    };
+    match smmu.init(Frames, &options) {
+        Ok(active) => Ok(Session {
+            active: Some(active),
+            lines,
+        }),
         Err(e) => fail!("{e}"),
+    }
+}
+
+/// One SMMU interrupt line through the GIC: its INTID and how often it had been taken when the session began.
+#[derive(Clone, Copy)]
+pub(super) struct Line {
+    intid: u32,
+    baseline: u32,
+}
+
+impl Line {
+    fn new(intid: Option<u32>) -> Option<Line> {
+        intid.map(|intid| Line {
+            intid,
+            baseline: irq::count(intid),
+        })
+    }
+
+    /// Times taken since the session began.
+    pub(super) fn taken(&self) -> u32 {
+        irq::count(self.intid) - self.baseline
+    }
+}
+
+/// The event-queue and GERROR lines of a session.
+#[derive(Clone, Copy)]
+pub(super) struct Lines {
+    pub(super) eventq: Option<Line>,
+    pub(super) gerror: Option<Line>,
+    edge: bool,
+}
+
+impl Lines {
+    fn of(context: &Context) -> Lines {
+        let wired = context.platform.smmu.interrupts;
+        let available = irq::available();
+        Lines {
+            eventq: Line::new(wired.eventq.filter(|_| available)),
+            gerror: Line::new(wired.gerror.filter(|_| available)),
+            edge: wired.edge_triggered,
+        }
+    }
+
+    fn sources(&self) -> InterruptSources {
+        let mut sources = InterruptSources::empty();
+        sources.set(InterruptSources::EVENTQ, self.eventq.is_some());
+        sources.set(InterruptSources::GERROR, self.gerror.is_some());
+        sources
+    }
+
+    /// Waits (up to 100 ms) for `line` to be taken again after `since` takings; prints it. Without the line
+    /// (no GIC, or the board wires none) there is nothing to wait for: the scenario polls, and says so.
+    pub(super) fn expect(&self, line: Option<Line>, since: u32, what: &str) -> Result<(), Failure> {
+        let Some(line) = line else {
+            println!("  {what} interrupt: not wired through a GIC here; polled");
+            return Ok(());
+        };
+        match irq::wait_beyond(line.intid, line.baseline + since, 100_000) {
+            Some(now) => {
+                println!(
+                    "  {what} interrupt: INTID {} ({}) taken at EL2, {} time(s) in this scenario",
+                    line.intid,
+                    if self.edge { "edge" } else { "level" },
+                    now - line.baseline
+                );
+                Ok(())
+            }
+            None => fail!(
+                "no {what} interrupt (INTID {}) within 100 ms, though IRQ_CTRL enables it",
+                line.intid
+            ),
+        }
+    }
+
+    /// Fails when any line was taken since the session began (a clean scenario raises none).
+    pub(super) fn expect_none(&self, what: &str) -> Result<(), Failure> {
+        for (line, name) in [(self.eventq, "event-queue"), (self.gerror, "GERROR")] {
+            if let Some(line) = line
+                && line.taken() != 0
+            {
+                fail!("{what}: {} {name} interrupt(s)", line.taken())
+            }
+        }
+        Ok(())
     }
 }
 
@@ -182,6 +279,7 @@ pub fn init(context: &mut Context) -> Result<(), Failure> {
     }
     measure_batching(&mut s, sid)?;
     s.invalidate_all().or_else(|e| fail!("invalidate all: {e}"))?;
+    s.lines.expect_none("after init")?;
     expect_quiet(&mut s, "after init")
 }
 
@@ -234,6 +332,8 @@ pub fn abort_default(context: &mut Context) -> Result<(), Failure> {
     if !intact {
         fail!("edu wrote {pa:#x} through an unconfigured stream {sid:#x}")
     }
+    let lines = s.lines;
+    lines.expect(lines.eventq, 0, "event-queue")?;
     let d = drain(&mut s, Some(sid))?;
     println!(
         "  unconfigured stream {sid:#x}: DMA to {pa:#x} aborted, canary intact, {} event(s)",
@@ -282,6 +382,7 @@ pub fn bypass(context: &mut Context) -> Result<(), Failure> {
         "  bypass -> abort ({:?}, {} syncs): DMA aborted; -> bypass: DMA verified again",
         r.kind, r.syncs
     );
+    s.lines.expect_none("bypass")?;
     expect_quiet(&mut s, "bypass")
 }
 
@@ -303,6 +404,8 @@ pub fn cmdq_error(context: &mut Context) -> Result<(), Failure> {
     for fault in &report.faults {
         println!("  {fault}");
     }
+    let lines = s.lines;
+    lines.expect(lines.gerror, 0, "GERROR (CMDQ_ERR)")?;
     match report.faults.first() {
         Some(f) if report.fault_count == 1 && f.code == 1 && f.words[0] & 0xff == ILLEGAL_OPCODE => {}
         _ => fail!(
@@ -339,6 +442,9 @@ pub fn evtq_overflow(context: &mut Context) -> Result<(), Failure> {
     if !intact {
         fail!("edu wrote through an unconfigured stream")
     }
+    let lines = s.lines;
+    lines.expect(lines.eventq, 0, "event-queue")?;
+    lines.expect(lines.gerror, 0, "GERROR (EVENTQ_ABT_ERR)")?;
     let d = drain(&mut s, Some(sid))?;
     let Some(how) = d.report.overflow else {
         fail!(
