@@ -111,3 +111,8 @@ fn edu_cannot_reach_ram_without_translation_under_its_default_mask() {
     let reason = outcome.scenario("edu-ident").expect("edu-ident result").unwrap_err();
     assert!(reason.contains("beyond edu's DMA mask"), "{}", outcome.report());
 }
+
+#[test]
+fn psci_reset_and_power_off_through_qemus_psci() {
+    smmuv3_harness::assert_psci_reset_and_power_off(Board::QemuVirt);
+}

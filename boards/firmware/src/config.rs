@@ -16,6 +16,9 @@ pub const SCENARIOS_KEY: &str = "opt/smmuv3/scenarios";
 pub const STAGE_KEY: &str = "opt/smmuv3/stage";
 /// fw_cfg file giving edu's `dma_mask` property (hexadecimal with 0x, or decimal).
 pub const EDU_DMA_MASK_KEY: &str = "opt/smmuv3/edu-dma-mask";
+/// fw_cfg file saying how a run that passed ends: `semihosting` (the default: exit status 0) or `psci-off`
+/// (PSCI SYSTEM_OFF, which QEMU turns into exit status 0). A failed run always exits through semihosting.
+pub const EXIT_KEY: &str = "opt/smmuv3/exit";
 
 /// The scenarios run when the host names none: the demo.
 pub const DEFAULT_SCENARIOS: &str = "probe,edu-ident,init,abort-default,bypass,pgtable-dma";
@@ -29,6 +32,8 @@ pub struct Config {
     pub expected_stages: Option<Stages>,
     /// edu's DMA mask.
     pub edu_dma_mask: u64,
+    /// End a run that passed with PSCI SYSTEM_OFF instead of a semihosting exit.
+    pub power_off: bool,
 }
 
 impl Default for Config {
@@ -37,6 +42,7 @@ impl Default for Config {
             scenarios: heapless::String::from_str(DEFAULT_SCENARIOS).unwrap_or_default(),
             expected_stages: None,
             edu_dma_mask: edu::DEFAULT_DMA_MASK,
+            power_off: false,
         }
     }
 }
@@ -77,7 +83,7 @@ impl core::fmt::Display for ConfigError {
 }
 
 impl Config {
-    /// Sets one setting by its short name (`scenarios`, `stage`, `edu-dma-mask`: the fw_cfg key without its
+    /// Sets one setting by its short name (`scenarios`, `stage`, `edu-dma-mask`, `exit`: the fw_cfg key without its
     /// `opt/smmuv3/` prefix); unknown names are ignored.
     ///
     /// # Errors
@@ -93,6 +99,13 @@ impl Config {
             }
             "edu-dma-mask" => {
                 self.edu_dma_mask = parse_u64(value).ok_or(ConfigError::BadValue(EDU_DMA_MASK_KEY))?;
+            }
+            "exit" => {
+                self.power_off = match value {
+                    "semihosting" => false,
+                    "psci-off" => true,
+                    _ => return Err(ConfigError::BadValue(EXIT_KEY)),
+                };
             }
             _ => {}
         }
@@ -114,7 +127,7 @@ pub unsafe fn from_fw_cfg(base: usize) -> Result<Config, ConfigError> {
         return Ok(config);
     };
     let mut buffer = [0u8; 512];
-    for key in [SCENARIOS_KEY, STAGE_KEY, EDU_DMA_MASK_KEY] {
+    for key in [SCENARIOS_KEY, STAGE_KEY, EDU_DMA_MASK_KEY, EXIT_KEY] {
         let Some(file) = fw_cfg.find(key) else { continue };
         let len = fw_cfg.read_file(file, &mut buffer);
         let text = core::str::from_utf8(&buffer[..len]).map_err(|_| ConfigError::BadValue(key))?;
@@ -124,7 +137,7 @@ pub unsafe fn from_fw_cfg(base: usize) -> Result<Config, ConfigError> {
 }
 
 /// Reads the configuration from the semihosting command line, for boards without fw_cfg: arguments of the form
-/// `scenarios=a,b`, `stage=nested`, `edu-dma-mask=0x…` (QEMU: `-semihosting-config enable=on,arg=…`); other
+/// `scenarios=a,b`, `stage=nested`, `edu-dma-mask=0x…`, `exit=psci-off` (QEMU: `-semihosting-config enable=on,arg=…`); other
 /// arguments (the program name) are ignored, missing settings keep their defaults.
 ///
 /// # Errors

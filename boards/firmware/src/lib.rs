@@ -14,6 +14,7 @@ pub mod fw_cfg;
 pub mod irq;
 pub mod mmu;
 pub mod pci;
+pub mod power;
 pub mod scenarios;
 pub mod time;
 
@@ -183,9 +184,17 @@ pub fn run<B: Board>(board: &B) -> ! {
     let Some(bank) = bank else {
         fatal("memory", &"the image is not inside a RAM bank the tree describes")
     };
+    // The bank's last 64 KiB stay out of the pool: a boot leaves notes there for the next one (see `power`).
+    let scratch = (bank.end() as usize).saturating_sub(power::SCRATCH_BYTES);
+    if scratch <= free_start as usize {
+        fatal("memory", &"no RAM after the image");
+    }
     // SAFETY: everything past the image in its bank is unused RAM (the DTB sits below the image), mapped by the
-    // boot page table.
-    unsafe { frames::init(free_start as usize, bank.end() as usize) };
+    // boot page table; the pool and the scratch area do not overlap.
+    unsafe {
+        frames::init(free_start as usize, scratch);
+        power::set_scratch(scratch);
+    }
 
     let map = build_identity_map(&platform);
     // SAFETY: the map covers RAM (image, stack, DTB, pool) and every device used from now on.
@@ -235,6 +244,9 @@ pub fn run<B: Board>(board: &B) -> ! {
         config: &config,
     };
     let failed = scenarios::run_all(&mut context);
+    if failed == 0 && config.power_off {
+        power::system_off()
+    }
     exit(if failed == 0 { 0 } else { 1 })
 }
 

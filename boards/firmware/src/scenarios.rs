@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::dt::Platform;
 use crate::edu::{self, Direction, Edu};
 use crate::pci::{Ecam, Function};
-use crate::{println, time};
+use crate::{power, println, time};
 
 /// A scenario's failure reason.
 pub type Failure = heapless::String<256>;
@@ -52,6 +52,7 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("cmdq-error", core_smmu::cmdq_error),
     ("evtq-overflow", core_smmu::evtq_overflow),
     ("pgtable-dma", translate::pgtable_dma),
+    ("psci-reset", psci_reset),
 ];
 
 mod core_smmu;
@@ -134,6 +135,17 @@ fn probe(context: &mut Context) -> Result<(), Failure> {
             "disabled, incoming DMA bypasses"
         }
     );
+    match power::version() {
+        Ok(version) => println!(
+            "PSCI {version} through SMC; SYSTEM_OFF and SYSTEM_RESET {}",
+            if power::off_and_reset_supported() {
+                "supported"
+            } else {
+                "NOT supported"
+            }
+        ),
+        Err(e) => println!("PSCI through SMC: {e:?}"),
+    }
     let found = smmu.features().stages();
     match context.config.expected_stages {
         Some(expected) if expected != found => {
@@ -275,4 +287,44 @@ fn dma_onto_canary(edu: &Edu, len: usize, canary: u8) -> Result<(bool, u64), Fai
     // SAFETY: as in `round_trip`.
     let intact = (0..4096).all(|i| unsafe { core::ptr::read_volatile(&destination.0[i]) } == canary);
     Ok((intact, pa))
+}
+
+/// `psci-reset`: the machine resets through PSCI SYSTEM_RESET and the firmware comes back. The first boot leaves a
+/// note in the reset-persistent scratch RAM and resets with the SMMU enabled; the boot after it finds the note,
+/// clears it, and checks that the reset was real: the SMMU is back in its reset state. On a
+/// board without firmware underneath this is the EL3 stub's SMC service at work.
+fn psci_reset(context: &mut Context) -> Result<(), Failure> {
+    static BOOT_SEEN: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+    let Some(note) = power::reset_note() else {
+        if BOOT_SEEN.swap(true, core::sync::atomic::Ordering::SeqCst) {
+            fail!("already ran in this boot")
+        }
+        power::set_reset_note(Some(power::ResetNote {
+            magic: power::ResetNote::MAGIC,
+            ticks: time::ticks(),
+        }));
+        // Reset with the SMMU translating: only a real reset turns it off again.
+        let session = core_smmu::start(context, &smmuv3::InitOptions::default())?;
+        if !session.is_enabled() {
+            fail!("SMMUEN not acknowledged before the reset")
+        }
+        println!("  SMMU left enabled (SMMUEN 1) for the reset");
+        core::mem::forget(session);
+        power::system_reset()
+    };
+    power::set_reset_note(None);
+    if BOOT_SEEN.load(core::sync::atomic::Ordering::SeqCst) {
+        fail!("the note is from this boot: SYSTEM_RESET returned without resetting")
+    }
+    let smmu = smmu(context)?;
+    if smmu.is_enabled() {
+        fail!("the SMMU kept SMMUEN across the reset")
+    }
+    println!(
+        "  back after PSCI SYSTEM_RESET: the note left at timer {} survived in RAM, the SMMU is in its reset state \
+         (SMMUEN 0, GBPA.ABORT {})",
+        note.ticks,
+        smmu.global_bypass_aborts() as u8
+    );
+    Ok(())
 }

@@ -197,6 +197,9 @@ pub struct Run {
     pub timeout: Duration,
     /// QEMU trace events to record (for example `smmuv3_record_event`).
     pub trace_events: Vec<String>,
+    /// Further firmware settings by short name (fw_cfg `opt/smmuv3/<name>` on virt, `<name>=<value>` on the
+    /// semihosting command line elsewhere), e.g. `("exit", "psci-off")`.
+    pub settings: Vec<(String, String)>,
     /// Further QEMU arguments.
     pub extra_args: Vec<String>,
     /// Copy the console to this process's stdout as it arrives.
@@ -218,6 +221,7 @@ impl Run {
             edu_dma_mask: board.default_edu_dma_mask(),
             timeout: Duration::from_secs(120),
             trace_events: SMMU_ERROR_TRACE_EVENTS.iter().map(|s| s.to_string()).collect(),
+            settings: Vec::new(),
             extra_args: Vec::new(),
             echo: false,
         }
@@ -257,6 +261,9 @@ impl Run {
                     "-fw_cfg",
                     &format!("name={EDU_DMA_MASK_KEY},string={:#x}", self.edu_dma_mask),
                 ]);
+                for (name, value) in &self.settings {
+                    c.args(["-fw_cfg", &format!("name=opt/smmuv3/{name},string={value}")]);
+                }
                 c.args(["-semihosting-config", "enable=on,target=native"]);
             }
             Board::SbsaRef => {
@@ -282,6 +289,9 @@ impl Run {
                     semihosting.push_str(&format!(",arg=stage={}", s.name()));
                 }
                 semihosting.push_str(&format!(",arg=edu-dma-mask={:#x}", self.edu_dma_mask));
+                for (name, value) in &self.settings {
+                    semihosting.push_str(&format!(",arg={name}={value}"));
+                }
                 c.args(["-semihosting-config", &semihosting]);
             }
         }
@@ -464,6 +474,20 @@ impl Outcome {
             .collect()
     }
 
+    /// Asserts that the console shows each of `lines` (substrings), with the report when one is missing.
+    ///
+    /// # Panics
+    /// With [`Outcome::report`] when a line is missing.
+    pub fn assert_console_shows(&self, lines: &[&str]) {
+        for line in lines {
+            assert!(
+                self.console.contains(line),
+                "the console shows {line:?}\n{}",
+                self.report()
+            );
+        }
+    }
+
     /// A report of the run for a failing assertion.
     pub fn report(&self) -> String {
         format!(
@@ -527,4 +551,34 @@ impl Outcome {
             self.report()
         );
     }
+}
+
+/// Boots `board` with `probe` and `psci-reset` and the run ending in PSCI SYSTEM_OFF, and asserts the whole round
+/// trip through the board's PSCI (QEMU's on virt, the EL3 stub elsewhere): SYSTEM_RESET with the SMMU enabled, a
+/// second boot that finds the note and the SMMU reset, SYSTEM_OFF ending QEMU with status 0.
+///
+/// # Panics
+/// With the run's report when any of that does not hold.
+pub fn assert_psci_reset_and_power_off(board: Board) {
+    if let Err(why) = ensure_qemu(false) {
+        panic!("the QEMU tests need QEMU: {why}");
+    }
+    let mut run = Run::new(board, Stage::Nested, &["probe", "psci-reset"]);
+    run.settings.push(("exit".into(), "psci-off".into()));
+    let outcome = run.execute(&firmware(board)).unwrap_or_else(|e| panic!("{e}"));
+    outcome.assert_passed(&["probe", "psci-reset"]);
+    outcome.assert_console_shows(&[
+        "PSCI 1.1 through SMC; SYSTEM_OFF and SYSTEM_RESET supported",
+        "SMMU left enabled (SMMUEN 1) for the reset",
+        "resetting through PSCI SYSTEM_RESET",
+        "back after PSCI SYSTEM_RESET",
+        "SMMU is in its reset state (SMMUEN 0",
+        "powering off through PSCI SYSTEM_OFF",
+    ]);
+    assert_eq!(
+        outcome.console.matches("smmuv3 firmware on").count(),
+        2,
+        "two boots\n{}",
+        outcome.report()
+    );
 }
