@@ -263,17 +263,6 @@ impl Stages {
         stage1: true,
         stage2: true,
     };
-
-    /// Parses the names QEMU's `arm-smmuv3.stage` property uses: `1`, `2` or `nested`. Returns `None` for
-    /// anything else.
-    pub fn from_qemu_name(name: &str) -> Option<Self> {
-        match name {
-            "1" => Some(Self::STAGE1),
-            "2" => Some(Self::STAGE2),
-            "nested" => Some(Self::NESTED),
-            _ => None,
-        }
-    }
 }
 
 impl fmt::Display for Stages {

@@ -57,6 +57,16 @@ impl Config {
     }
 }
 
+/// The stages by the names of QEMU's `arm-smmuv3.stage` property (and `cargo xtask --stage`): `1`, `2`, `nested`.
+fn stages_from_name(name: &str) -> Option<Stages> {
+    match name {
+        "1" => Some(Stages::STAGE1),
+        "2" => Some(Stages::STAGE2),
+        "nested" => Some(Stages::NESTED),
+        _ => None,
+    }
+}
+
 fn parse_u64(text: &str) -> Option<u64> {
     let t = text.trim();
     match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
@@ -95,7 +105,7 @@ impl Config {
                 self.scenarios = heapless::String::from_str(value).map_err(|_| ConfigError::BadValue(SCENARIOS_KEY))?;
             }
             "stage" => {
-                self.expected_stages = Some(Stages::from_qemu_name(value).ok_or(ConfigError::BadValue(STAGE_KEY))?);
+                self.expected_stages = Some(stages_from_name(value).ok_or(ConfigError::BadValue(STAGE_KEY))?);
             }
             "edu-dma-mask" => {
                 self.edu_dma_mask = parse_u64(value).ok_or(ConfigError::BadValue(EDU_DMA_MASK_KEY))?;
