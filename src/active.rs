@@ -948,6 +948,33 @@ mod tests {
     }
 
     #[test]
+    fn the_boards_coherency_decides_the_smmus_attributes() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let cr1 = || {
+            // SAFETY: inside the live block.
+            unsafe { reg32(model.base, 0x28).read_volatile() }
+        };
+        let mut smmu = model.smmu();
+        assert!(
+            !smmu.apply_board_coherency(true),
+            "IDR0.COHACC = 1 and the board agrees"
+        );
+        let active = smmu.init(frames, &InitOptions::default()).unwrap();
+        assert_eq!(
+            cr1(),
+            0xd75,
+            "tables and queues write-back (0b01), inner shareable (0b11)"
+        );
+        let mut smmu = active.shutdown(true).unwrap();
+        assert!(smmu.apply_board_coherency(false), "the board overrides IDR0.COHACC");
+        assert!(!smmu.features().coherent);
+        let active = smmu.init(frames, &InitOptions::default()).unwrap();
+        assert_eq!(cr1(), 0, "tables and queues non-cacheable, non-shareable");
+        active.shutdown(true).unwrap();
+    }
+
+    #[test]
     fn global_errors() {
         let frames = frames();
         let model = Model::start(frames);

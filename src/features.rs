@@ -80,7 +80,8 @@ pub struct Features {
     pub aarch64_tables: bool,
     /// AArch32 (VMSAv8-32 LPAE) translation tables supported.
     pub aarch32_tables: bool,
-    /// The SMMU's accesses to tables and queues are IO-coherent (IDR0.COHACC).
+    /// The SMMU's accesses to tables and queues are IO-coherent (IDR0.COHACC, unless the board overrode it with
+    /// [`crate::Smmu::apply_board_coherency`]).
     pub coherent: bool,
     /// Broadcast TLB maintenance.
     pub broadcast_tlb: bool,

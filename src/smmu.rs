@@ -162,6 +162,17 @@ impl Smmu {
         &self.features
     }
 
+    /// Takes the board's word on whether the SMMU's table walks and queue accesses are coherent with the CPU
+    /// caches (DT `dma-coherent`, the IORT's COHACC override): the system's interconnect decides, and it may differ
+    /// from what IDR0.COHACC says of the SMMU alone. From here on [`Features::coherent`] is the board's value:
+    /// coherent accesses use write-back shareable attributes, non-coherent ones non-cacheable attributes with
+    /// cache maintenance by the CPU. Returns `true` when the board overrode IDR0.COHACC (worth a warning).
+    pub fn apply_board_coherency(&mut self, dma_coherent: bool) -> bool {
+        let overridden = self.features.coherent != dma_coherent;
+        self.features.coherent = dma_coherent;
+        overridden
+    }
+
     /// Checks that the SMMU offers every stage in `wanted`.
     ///
     /// # Errors

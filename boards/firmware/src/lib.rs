@@ -200,7 +200,7 @@ pub fn run<B: Board>(board: &B) -> ! {
     // SAFETY: the map covers RAM (image, stack, DTB, pool) and every device used from now on.
     unsafe { map.activate() };
     println!(
-        "EL2 MMU: identity map from the device tree active; {} KiB of frames free",
+        "EL2 MMU: identity map of the platform active; {} KiB of frames free",
         frames::remaining() / 1024
     );
 

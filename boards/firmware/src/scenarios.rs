@@ -98,7 +98,16 @@ fn smmu(context: &Context) -> Result<Smmu, Failure> {
     // SAFETY: the board identity-maps the SMMU's register space as device memory; scenarios run one at a time,
     // so nothing else programs the SMMU while this handle lives.
     match unsafe { Smmu::probe(base, desc.size) } {
-        Ok(smmu) => Ok(smmu),
+        Ok(mut smmu) => {
+            let cohacc = smmu.features().coherent;
+            if smmu.apply_board_coherency(desc.dma_coherent) {
+                println!(
+                    "  warning: IDR0.COHACC {} overridden by the board (dma-coherent {})",
+                    cohacc as u8, desc.dma_coherent
+                );
+            }
+            Ok(smmu)
+        }
         Err(e) => fail!("probe: {e}"),
     }
 }
@@ -108,7 +117,7 @@ fn probe(context: &mut Context) -> Result<(), Failure> {
     let smmu = smmu(context)?;
     let desc = &context.platform.smmu;
     println!(
-        "SMMU at {:#x} (size {:#x}), DT dma-coherent: {}",
+        "SMMU at {:#x} (size {:#x}), board says dma-coherent: {}",
         desc.base, desc.size, desc.dma_coherent
     );
     let irq = desc.interrupts;

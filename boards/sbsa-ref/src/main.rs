@@ -115,7 +115,8 @@ impl Board for SbsaRef {
                     gerror: spi(3),
                     edge_triggered: true,
                 },
-                dma_coherent: false,
+                // QEMU's SMMU says IDR0.COHACC = 1 and QEMU models no caches the SMMU could miss.
+                dma_coherent: true,
             }),
             pcie: Some(PcieHost {
                 ecam: ECAM,
