@@ -2,7 +2,7 @@
 //!
 //! - [`el3_boot_stub!`]: for a CPU that starts at EL3 with no firmware underneath (QEMU sbsa-ref, and many boards'
 //!   boot ROMs). It parks secondary CPUs, installs EL3 vectors, gives non-secure EL2 the GIC, the FPU and the
-//!   timers, drops to non-secure EL2 at aarch64-rt's `entry`, and stays resident as a minimal PSCI service:
+//!   timers (CNTFRQ_EL0 from the board), drops to non-secure EL2 at aarch64-rt's `entry`, and stays resident as a minimal PSCI service:
 //!   an SMC from EL2 for PSCI_VERSION, PSCI_FEATURES, SYSTEM_OFF or SYSTEM_RESET is answered at EL3, the last two
 //!   by the 32-bit register writes the board names (its reset controller is usually secure-only).
 //! - [`el2_boot_map_48!`]: an `enable_mmu` for aarch64-rt's entry with 48-bit virtual addresses (level-0 root),
@@ -44,6 +44,10 @@ pub const SCTLR_EL2_MMU_ON: u64 = SCTLR_EL2_RES1 | 1 | (1 << 2) | (1 << 3) | (1 
 pub const SCTLR_EL2_RES1: u64 =
     (1 << 4) | (1 << 5) | (1 << 11) | (1 << 16) | (1 << 18) | (1 << 22) | (1 << 23) | (3 << 28);
 
+/// SCTLR_EL3's RES1 bits: MMU, caches and alignment checks off, little-endian.
+pub const SCTLR_EL3_RES1: u64 =
+    (1 << 4) | (1 << 5) | (1 << 11) | (1 << 16) | (1 << 18) | (1 << 22) | (1 << 23) | (3 << 28);
+
 /// SCR_EL3 for a non-secure AArch64 EL2: NS, RES1 bits 5:4, HVC enabled, EL2 AArch64. Interrupts are not
 /// routed to EL3 (IRQ = FIQ = EA = 0), SMC is enabled (SMD = 0).
 pub const SCR_EL3_NS_EL2: u64 = 1 | (3 << 4) | (1 << 8) | (1 << 10);
@@ -79,6 +83,7 @@ pub mod psci {
 ///
 /// ```ignore
 /// smmuv3_firmware::el3_boot_stub! {
+///     counter_frequency: 1_000_000_000,
 ///     gic_distributor: 0x4006_0000,
 ///     uart: 0x6000_0000,
 ///     system_off: (0x5000_0000, 1),
@@ -90,6 +95,7 @@ pub mod psci {
 #[macro_export]
 macro_rules! el3_boot_stub {
     (
+        counter_frequency: $frequency:expr,
         gic_distributor: $gicd:expr,
         uart: $uart:expr,
         system_off: ($off_register:expr, $off_value:expr),
@@ -117,14 +123,19 @@ macro_rules! el3_boot_stub {
             "and x9, x9, #0xff",
             "orr x9, x9, x10",
             "cbnz x9, 90f",
+            // EL3 itself: MMU and caches off, little-endian, no alignment checks (SCTLR_EL3's RES1 bits only).
+            "mov_i x9, {sctlr3}",
+            "msr sctlr_el3, x9",
+            "isb",
             "adrp x9, el3_vectors",
             "add x9, x9, :lo12:el3_vectors",
             "msr vbar_el3, x9",
             "adrp x9, el3_stack",
             "add x9, x9, :lo12:el3_stack",
             "add sp, x9, #4096",
-            // FP/SIMD untrapped at every level; non-secure EL2, AArch64.
+            // FP/SIMD, debug and PMU untrapped at EL3; non-secure EL2, AArch64.
             "msr cptr_el3, xzr",
+            "msr mdcr_el3, xzr",
             "mov_i x9, {scr}",
             "msr scr_el3, x9",
             // GIC: system registers for the lower ELs, one security state (so EL2 owns the distributor).
@@ -143,6 +154,9 @@ macro_rules! el3_boot_stub {
             "msr cptr_el2, x9",
             "mov_i x9, {sctlr2}",
             "msr sctlr_el2, x9",
+            // Timers: the counter's frequency (writable only here), no virtual offset, EL1 counter access.
+            "mov_i x9, {frequency}",
+            "msr cntfrq_el0, x9",
             "msr cntvoff_el2, xzr",
             "mov x9, #3",
             "msr cnthctl_el2, x9",
@@ -277,6 +291,8 @@ macro_rules! el3_boot_stub {
             ".balign 4",
             ".purgem mov_i",
             scr = const $crate::boot::SCR_EL3_NS_EL2,
+            sctlr3 = const $crate::boot::SCTLR_EL3_RES1,
+            frequency = const $frequency,
             sre = const $crate::boot::ICC_SRE_EL3_ALL,
             gicd = const $gicd,
             ds = const $crate::boot::GICD_CTLR_DS,

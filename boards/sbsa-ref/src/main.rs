@@ -28,6 +28,8 @@ const SMMU: u64 = 0x6005_0000;
 /// GICv3 distributor and redistributors.
 const GICD: u64 = 0x4006_0000;
 const GICR: u64 = 0x4008_0000;
+/// The generic counter's frequency: 1 GHz on QEMU's sbsa-ref (its CNTFRQ_EL0 at reset, measured).
+const COUNTER_FREQUENCY: u64 = 1_000_000_000;
 /// The secure embedded controller: a 32-bit write of 1 powers off, of 2 resets. Secure only.
 const EMBEDDED_CONTROLLER: u64 = 0x5000_0000;
 /// The SMMU's SPIs: `SBSA_SMMU` = 12 in QEMU's interrupt table, four consecutive lines (eventq, priq,
@@ -61,6 +63,7 @@ static BOOT_RAM: Table = Table::EMPTY
 el2_boot_map_48!(0 => BOOT_LOW, 2 => BOOT_RAM);
 
 el3_boot_stub! {
+    counter_frequency: COUNTER_FREQUENCY,
     gic_distributor: GICD,
     uart: UART,
     system_off: (EMBEDDED_CONTROLLER, 1),
