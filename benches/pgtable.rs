@@ -51,10 +51,13 @@ impl Pool {
         }
     }
 
-    fn frame(&self) -> usize {
+    /// A frame, zeroed unless `for_overwrite` (its user writes every byte before reading any).
+    fn frame(&self, for_overwrite: bool) -> usize {
         if let Some(offset) = self.free.borrow_mut().pop() {
-            // SAFETY: a frame of the arena; tables must come back zeroed.
-            unsafe { self.base.add(offset).write_bytes(0, PAGE) };
+            if !for_overwrite {
+                // SAFETY: a frame of the arena; tables must come back zeroed.
+                unsafe { self.base.add(offset).write_bytes(0, PAGE) };
+            }
             return offset;
         }
         let offset = self.next.get();
@@ -67,17 +70,11 @@ impl Pool {
 // SAFETY: frames are disjoint, page-aligned, zeroed, and live until freed; physical = arena offset + PHYS_BASE.
 unsafe impl FrameAllocator for Pool {
     fn allocate_zeroed(&self, size: usize, align: usize) -> Result<DmaBlock, AllocError> {
-        if size != PAGE || align > PAGE {
-            return Err(AllocError::BadRequest { size, align });
-        }
-        let offset = self.frame();
-        // SAFETY: inside the arena.
-        let virt = NonNull::new(unsafe { self.base.add(offset) }).unwrap();
-        Ok(DmaBlock {
-            phys: PhysAddr(PHYS_BASE + offset as u64),
-            virt,
-            size,
-        })
+        self.block(size, align, false)
+    }
+
+    fn allocate_for_overwrite(&self, size: usize, align: usize) -> Result<DmaBlock, AllocError> {
+        self.block(size, align, true)
     }
 
     unsafe fn free(&self, block: DmaBlock) {
@@ -91,12 +88,28 @@ unsafe impl FrameAllocator for Pool {
     }
 }
 
+impl Pool {
+    fn block(&self, size: usize, align: usize, for_overwrite: bool) -> Result<DmaBlock, AllocError> {
+        if size != PAGE || align > PAGE {
+            return Err(AllocError::BadRequest { size, align });
+        }
+        let offset = self.frame(for_overwrite);
+        // SAFETY: inside the arena.
+        let virt = NonNull::new(unsafe { self.base.add(offset) }).unwrap();
+        Ok(DmaBlock {
+            phys: PhysAddr(PHYS_BASE + offset as u64),
+            virt,
+            size,
+        })
+    }
+}
+
 /// The same pool behind aarch64-paging's `Translation` trait.
 struct PeerPool<'a>(&'a Pool);
 
 impl Translation<El23Attributes> for PeerPool<'_> {
     fn allocate_table(&mut self) -> (NonNull<PageTable<El23Attributes>>, PhysicalAddress) {
-        let offset = self.0.frame();
+        let offset = self.0.frame(false);
         // SAFETY: inside the arena.
         let virt = NonNull::new(unsafe { self.0.base.add(offset) }).unwrap().cast();
         (virt, PhysicalAddress(PHYS_BASE as usize + offset))

@@ -58,9 +58,10 @@ impl fmt::Display for AllocError {
 /// The caller's supply of memory the SMMU may access.
 ///
 /// # Safety
-/// Implementations must return blocks that are physically contiguous, zero-filled, aligned to at least `align` in
-/// physical address, exclusively owned by the caller until freed, readable and writable by the CPU at `virt`
-/// (normal memory, mapped cacheable when the SMMU is coherent) and reachable by the SMMU at `phys`.
+/// Implementations must return blocks that are physically contiguous, zero-filled (except from
+/// [`FrameAllocator::allocate_for_overwrite`]: initialised, any content), aligned to at least `align` in physical
+/// address, exclusively owned by the caller until freed, readable and writable by the CPU at `virt` (normal
+/// memory, mapped cacheable when the SMMU is coherent) and reachable by the SMMU at `phys`.
 pub unsafe trait FrameAllocator {
     /// Allocates `size` zeroed bytes aligned to `align` (a power of two).
     ///
@@ -69,7 +70,18 @@ pub unsafe trait FrameAllocator {
     /// is not a power of two.
     fn allocate_zeroed(&self, size: usize, align: usize) -> Result<DmaBlock, AllocError>;
 
-    /// Returns a block obtained from [`FrameAllocator::allocate_zeroed`] of this allocator.
+    /// As [`FrameAllocator::allocate_zeroed`], for a block the caller overwrites entirely before anything reads
+    /// it (a page table filled before it is linked): an allocator may hand out a used frame without zeroing it.
+    /// The default zeroes anyway.
+    ///
+    /// # Errors
+    /// As [`FrameAllocator::allocate_zeroed`].
+    fn allocate_for_overwrite(&self, size: usize, align: usize) -> Result<DmaBlock, AllocError> {
+        self.allocate_zeroed(size, align)
+    }
+
+    /// Returns a block obtained from [`FrameAllocator::allocate_zeroed`] (or
+    /// [`FrameAllocator::allocate_for_overwrite`]) of this allocator.
     ///
     /// # Safety
     /// The block must come from this allocator, and nothing (CPU or SMMU) may access it afterwards.
@@ -84,6 +96,10 @@ pub unsafe trait FrameAllocator {
 unsafe impl<T: FrameAllocator + ?Sized> FrameAllocator for &T {
     fn allocate_zeroed(&self, size: usize, align: usize) -> Result<DmaBlock, AllocError> {
         (**self).allocate_zeroed(size, align)
+    }
+
+    fn allocate_for_overwrite(&self, size: usize, align: usize) -> Result<DmaBlock, AllocError> {
+        (**self).allocate_for_overwrite(size, align)
     }
 
     unsafe fn free(&self, block: DmaBlock) {

@@ -77,6 +77,15 @@ unsafe impl FrameAllocator for HeapFrames {
         })
     }
 
+    /// Fills the block with 0xa5 bytes: a valid-looking garbage descriptor (bit 0 set) wherever the caller fails
+    /// to overwrite it, which the page-table tests' decoder then trips over.
+    fn allocate_for_overwrite(&self, size: usize, align: usize) -> Result<DmaBlock, AllocError> {
+        let block = self.allocate_zeroed(size, align)?;
+        // SAFETY: a live block of `size` bytes just allocated for the caller alone.
+        unsafe { block.virt.as_ptr().write_bytes(0xa5, size) };
+        Ok(block)
+    }
+
     fn phys_to_virt(&self, phys: PhysAddr) -> Option<NonNull<u8>> {
         let address = usize::try_from(phys.0.checked_sub(PHYS_OFFSET)?).ok()?;
         let live = self.live.lock().unwrap();

@@ -124,6 +124,12 @@ pub fn leaf(stage: Stage, output: u64, prot: Prot, page: bool) -> u64 {
     d
 }
 
+/// Software bit 56 of a table descriptor (bits \[58:51\] of table descriptors are IGNORED by the table walk at
+/// both stages, VMSAv8-64): set on the descriptor of a last-level table whose every entry is a valid page, so that
+/// an unmap removing the whole table counts its pages without reading them. Set only by `map` on a table it
+/// filled completely; cleared before any of that table's entries is removed.
+pub const SW_TABLE_FULL: u64 = 1 << 56;
+
 /// A table descriptor pointing to the next-level table at `table`.
 pub fn table(table: u64) -> u64 {
     VALID | TABLE_OR_PAGE | (table & OUTPUT_ADDRESS)

@@ -245,16 +245,27 @@ impl Gather {
     }
 
     fn add(&mut self, iova: u64, size: u64, shift: u8) {
+        self.add_run(iova, iova + size, shift, 1);
+    }
+
+    /// `leaves` leaves of `1 << shift` bytes each, together spanning `[start, end)`.
+    fn add_run(&mut self, start: u64, end: u64, shift: u8, leaves: u32) {
         if self.end == self.start {
-            (self.start, self.end, self.leaf_shift) = (iova, iova + size, shift);
+            (self.start, self.end, self.leaf_shift) = (start, end, shift);
         } else {
-            self.start = self.start.min(iova);
-            self.end = self.end.max(iova + size);
+            self.start = self.start.min(start);
+            self.end = self.end.max(end);
             self.leaf_shift = self.leaf_shift.min(shift);
         }
-        self.leaves += 1;
+        self.leaves += leaves;
     }
 }
+
+/// Tag (bit 1) of a link in [`Gather`]'s chain of unlinked tables: the table is a level-2 table whose last-level
+/// tables, still named by its descriptors, go with it. That link's successor is stored in the first word of its
+/// first last-level table when entry 0 names one (so the level-2 table keeps every pointer to its children), else
+/// in the level-2 table's own first word. Bit 0 stays clear: a link is never a valid descriptor.
+const LINK_SUBTREE: u64 = 1 << 1;
 
 /// An IO page table.
 pub struct IoPageTable<A: FrameAllocator> {
@@ -516,28 +527,52 @@ impl<A: FrameAllocator> IoPageTable<A> {
             // `map` checked that nothing is mapped here, so the entry is invalid: build a new table, filled
             // before it is linked, so that a failure below leaves nothing the SMMU could have walked.
             let size = 1usize << self.geometry.granule_bits;
-            let table = self.allocator.allocate_zeroed(size, size).map_err(MapError::NoMemory)?;
+            // A new last-level table whose whole span is mapped: every entry a page, written here in one pass
+            // (so its frame need not be zeroed first), and marked full.
+            let full = level + 1 == 3 && from == entry_base && to == entry_base + entry_size;
+            let table = if full {
+                self.allocator.allocate_for_overwrite(size, size)
+            } else {
+                self.allocator.allocate_zeroed(size, size)
+            }
+            .map_err(MapError::NoMemory)?;
             self.tables += 1;
-            let before = *reached;
-            if let Err(e) = self.map_in(
-                level + 1,
-                table.phys.0,
-                entry_base,
-                from,
-                to,
-                output(from),
-                prot,
-                reached,
-            ) {
-                // Nothing of the new subtree was published: free it now, and roll back only what was linked.
-                self.discard(level + 1, table);
-                *reached = before;
-                return Err(e);
+            if full {
+                let page = 1u64 << self.geometry.granule_bits;
+                let mut d = desc::leaf(self.format.stage, output(from), prot, true);
+                // SAFETY: the new table's entries, 8-byte aligned and initialised (any content); nothing else
+                // refers to the table yet, so a plain mutable view is exclusive.
+                let words = unsafe {
+                    core::slice::from_raw_parts_mut(table.virt.as_ptr().cast::<u64>(), 1 << self.geometry.level_bits)
+                };
+                for w in words {
+                    *w = d;
+                    d += page;
+                }
+            } else {
+                let before = *reached;
+                if let Err(e) = self.map_in(
+                    level + 1,
+                    table.phys.0,
+                    entry_base,
+                    from,
+                    to,
+                    output(from),
+                    prot,
+                    reached,
+                ) {
+                    // Nothing of the new subtree was published: free it now, and roll back only what was linked.
+                    self.discard(level + 1, table);
+                    *reached = before;
+                    return Err(e);
+                }
             }
             self.coherency.clean(table.virt.as_ptr(), size);
+            let link = desc::table(table.phys.0) | if full { desc::SW_TABLE_FULL } else { 0 };
             // The filled table must be visible before the descriptor that points to it.
             write_barrier();
-            self.store(entry, desc::table(table.phys.0));
+            self.store(entry, link);
+            *reached = (*reached).max(to);
         }
         Ok(())
     }
@@ -672,6 +707,9 @@ impl<A: FrameAllocator> IoPageTable<A> {
         let first = ((start.max(table_base) - table_base) >> shift) as usize;
         let last = (((end.min(table_end) - 1) - table_base) >> shift) as usize;
         let mut unmapped = 0;
+        // Leaves cleared in this table: the lowest address, one past the highest, how many. They are cleaned and
+        // gathered once, after the loop.
+        let mut cleared = (u64::MAX, 0, 0);
         for (i, entry) in entries.iter().enumerate().take(last + 1).skip(first) {
             let entry_base = table_base + ((i as u64) << shift);
             let d = entry.load(Ordering::Acquire);
@@ -693,21 +731,27 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 continue;
             }
             if covered && reprotect.is_none() {
-                self.store(entry, 0);
                 if desc::is_table(d, level) {
+                    self.store(entry, 0);
                     // The whole subtree goes: count its leaves and collect its tables without rewriting them.
-                    let (bytes, smallest) = self.reclaim(level + 1, desc::address(d), gather);
+                    let (bytes, smallest) = self.reclaim(level + 1, d, gather);
                     if bytes > 0 {
                         gather.add(entry_base, entry_size, smallest);
                     }
                     unmapped += bytes;
                 } else {
-                    gather.add(entry_base, entry_size, shift);
+                    // Cleaned with the rest of the run after the loop; ordered by the barrier that ends `unmap`.
+                    entry.store(0, Ordering::Relaxed);
+                    cleared = (cleared.0.min(entry_base), entry_base + entry_size, cleared.2 + 1);
                     unmapped += entry_size;
                 }
                 continue;
             }
             let next = if desc::is_table(d, level) {
+                if reprotect.is_none() && d & desc::SW_TABLE_FULL != 0 {
+                    // Some of its pages are about to go.
+                    self.store(entry, d & !desc::SW_TABLE_FULL);
+                }
                 desc::address(d)
             } else {
                 // A block straddling the range: replace it with a table of the same mappings, then recurse.
@@ -735,6 +779,11 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 self.store(entry, 0);
                 self.free_later(next, gather);
             }
+        }
+        if cleared.2 > 0 {
+            let run = &entries[first..=last];
+            self.coherency.clean(run.as_ptr().cast(), run.len() * 8);
+            gather.add_run(cleared.0, cleared.1, shift, cleared.2);
         }
         unmapped
     }
@@ -780,35 +829,69 @@ impl<A: FrameAllocator> IoPageTable<A> {
             .all(|chunk| chunk.iter().fold(0, |acc, d| acc | d) == 0)
     }
 
-    /// Bytes mapped below the unlinked table at `table_phys` and the smallest leaf's shift; the table and its
-    /// subtables go to `gather`.
-    fn reclaim(&mut self, level: u8, table_phys: u64, gather: &mut Gather) -> (u64, u8) {
+    /// Bytes mapped below the unlinked table that the table descriptor `link` names, and the smallest leaf's
+    /// shift; the table and its subtables go to `gather`. A level-2 table goes as one link with its last-level
+    /// tables (see [`LINK_SUBTREE`]), which are counted without being written, and without being read when their
+    /// descriptor says they are full.
+    fn reclaim(&mut self, level: u8, link: u64, gather: &mut Gather) -> (u64, u8) {
+        let table_phys = desc::address(link);
+        let shift = self.geometry.entry_shift(level);
+        let Some(virt) = self.allocator.phys_to_virt(PhysAddr(table_phys)) else {
+            return (0, shift);
+        };
+        let entries = entries_of(virt, 1 << self.geometry.level_bits);
+        if level == 3 {
+            let bytes = self.pages_in(link, entries);
+            self.free_later(table_phys, gather);
+            return (bytes, shift);
+        }
         let mut bytes = 0;
-        let mut smallest = self.geometry.entry_shift(level);
-        if let Some(virt) = self.allocator.phys_to_virt(PhysAddr(table_phys)) {
-            let shift = self.geometry.entry_shift(level);
-            let entries = entries_of(virt, 1 << self.geometry.level_bits);
-            if level == 3 {
-                // SAFETY: a live, unlinked table of this page table; nothing writes it while `&mut self` is held
-                // (the SMMU only reads descriptors: hardware updates are not enabled). Plain reads let the count
-                // use wide loads.
-                let words = unsafe { core::slice::from_raw_parts(entries.as_ptr() as *const u64, entries.len()) };
-                bytes += words.iter().filter(|d| *d & desc::VALID != 0).count() as u64 * (1 << shift);
-            } else {
-                for e in entries {
-                    let d = e.load(Ordering::Relaxed);
-                    if desc::is_table(d, level) {
-                        let (b, s) = self.reclaim(level + 1, desc::address(d), gather);
-                        bytes += b;
-                        smallest = smallest.min(s);
-                    } else if desc::is_valid(d) {
-                        bytes += 1 << shift;
-                    }
+        let mut smallest = shift;
+        for e in entries {
+            let d = e.load(Ordering::Relaxed);
+            if desc::is_table(d, level) && level == 2 {
+                if let Some(child) = self.allocator.phys_to_virt(PhysAddr(desc::address(d))) {
+                    bytes += self.pages_in(d, entries_of(child, entries.len()));
+                    smallest = smallest.min(self.geometry.entry_shift(3));
+                    gather.freed += 1;
+                    self.tables -= 1;
                 }
+            } else if desc::is_table(d, level) {
+                let (b, s) = self.reclaim(level + 1, d, gather);
+                bytes += b;
+                smallest = smallest.min(s);
+            } else if desc::is_valid(d) {
+                bytes += 1 << shift;
             }
         }
-        self.free_later(table_phys, gather);
+        if level == 2 {
+            let first = entries[0].load(Ordering::Relaxed);
+            let slot = if desc::is_table(first, 2) {
+                self.allocator.phys_to_virt(PhysAddr(desc::address(first)))
+            } else {
+                None
+            };
+            entries_of(slot.unwrap_or(virt), 1)[0].store(gather.freed_head, Ordering::Relaxed);
+            gather.freed_head = table_phys | LINK_SUBTREE;
+            gather.freed += 1;
+            gather.tables_unlinked = true;
+            self.tables -= 1;
+        } else {
+            self.free_later(table_phys, gather);
+        }
         (bytes, smallest)
+    }
+
+    /// Bytes the last-level table `entries`, named by the table descriptor `link`, maps.
+    fn pages_in(&self, link: u64, entries: &[AtomicU64]) -> u64 {
+        let shift = self.geometry.entry_shift(3);
+        if link & desc::SW_TABLE_FULL != 0 {
+            return (entries.len() as u64) << shift;
+        }
+        // SAFETY: a live, unlinked table of this page table; nothing writes it while `&mut self` is held (the SMMU
+        // only reads descriptors: hardware updates are not enabled). Plain reads let the count use wide loads.
+        let words = unsafe { core::slice::from_raw_parts(entries.as_ptr() as *const u64, entries.len()) };
+        words.iter().map(|d| d & desc::VALID).sum::<u64>() << shift
     }
 
     fn free_later(&mut self, table_phys: u64, gather: &mut Gather) {
@@ -825,24 +908,49 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// Gives the tables `gather` collected back to the allocator. Call it only after the invalidation for
     /// `gather` has completed (CMD_SYNC consumed), so that no walk can still reach them.
     pub fn release(&mut self, gather: Gather) {
-        let mut next = gather.freed_head;
         let size = 1usize << self.geometry.granule_bits;
-        while next != 0 {
-            let Some(virt) = self.allocator.phys_to_virt(PhysAddr(next)) else {
-                break;
-            };
-            let entry = &entries_of(virt, 1)[0];
-            let following = entry.load(Ordering::Relaxed);
-            entry.store(0, Ordering::Relaxed);
+        let free = |phys: u64, virt: NonNull<u8>| {
             // SAFETY: the table was allocated by this page table with this size, unlinked, and the caller has
             // completed the invalidation that covers walks through it.
             unsafe {
                 self.allocator.free(DmaBlock {
-                    phys: PhysAddr(next),
+                    phys: PhysAddr(phys),
                     virt,
                     size,
                 })
+            }
+        };
+        let mut next = gather.freed_head;
+        while next != 0 {
+            let phys = next & !LINK_SUBTREE;
+            let Some(virt) = self.allocator.phys_to_virt(PhysAddr(phys)) else {
+                break;
             };
+            let entries = entries_of(virt, 1 << self.geometry.level_bits);
+            let first = entries[0].load(Ordering::Relaxed);
+            let following = if next & LINK_SUBTREE != 0 {
+                let child0 = if desc::is_table(first, 2) {
+                    self.allocator.phys_to_virt(PhysAddr(desc::address(first)))
+                } else {
+                    None
+                };
+                let slot = &entries_of(child0.unwrap_or(virt), 1)[0];
+                let following = slot.load(Ordering::Relaxed);
+                slot.store(0, Ordering::Relaxed);
+                for e in entries {
+                    let d = e.load(Ordering::Relaxed);
+                    if desc::is_table(d, 2)
+                        && let Some(child) = self.allocator.phys_to_virt(PhysAddr(desc::address(d)))
+                    {
+                        free(desc::address(d), child);
+                    }
+                }
+                following
+            } else {
+                entries[0].store(0, Ordering::Relaxed);
+                first
+            };
+            free(phys, virt);
             next = following;
         }
     }

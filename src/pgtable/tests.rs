@@ -193,6 +193,45 @@ fn partial_unmap_splits_a_block_and_empty_tables_are_released_after_invalidation
     assert_eq!(frames.live_blocks(), 0);
 }
 
+#[test]
+fn full_last_level_tables_are_counted_without_reading_and_freed_as_one_subtree() {
+    let frames: &'static HeapFrames = std::boxed::Box::leak(std::boxed::Box::default());
+    let mut t = IoPageTable::new(format(Stage::One, Granule::Size4K, 39), frames, true).unwrap();
+    // 4 MiB of pages (the output is only page-aligned, so no blocks): two last-level tables filled by `map`.
+    t.map(0x20_0000, 0x1000, 0x40_0000, RW).unwrap();
+    let level2 = |t: &IoPageTable<&'static HeapFrames>, index: usize| {
+        let root = t.root_entries()[0].load(Ordering::Relaxed);
+        let l2 = t.table_entries(2, desc::address(root)).unwrap();
+        l2[index].load(Ordering::Relaxed)
+    };
+    assert_ne!(level2(&t, 1) & desc::SW_TABLE_FULL, 0, "filled whole by map");
+    assert_ne!(level2(&t, 2) & desc::SW_TABLE_FULL, 0);
+    // Protecting keeps every page valid, so the mark stays; removing one page drops it first.
+    let mut g = Gather::default();
+    t.protect(0x20_0000, 0x1000, Prot::READ | Prot::CACHEABLE, &mut g)
+        .unwrap();
+    assert_ne!(level2(&t, 1) & desc::SW_TABLE_FULL, 0);
+    let mut g = Gather::default();
+    assert_eq!(t.unmap(0x30_0000, 0x1000, &mut g), Ok(0x1000));
+    assert_eq!(level2(&t, 1) & desc::SW_TABLE_FULL, 0, "no longer full");
+    assert_ne!(level2(&t, 2) & desc::SW_TABLE_FULL, 0, "the other table is untouched");
+    t.release(g);
+    // Unmapping the whole 1 GiB removes the level-2 table and both last-level tables: one full, counted from
+    // its mark, one with a hole, counted from its entries; one link in the gather, three tables freed.
+    let tables = t.tables();
+    let live = frames.live_blocks();
+    let mut g = Gather::default();
+    assert_eq!(t.unmap(0, 1 << 30, &mut g), Ok(0x40_0000 - 0x1000));
+    assert_eq!((g.freed_tables(), g.leaf_shift), (3, 12));
+    assert_eq!(t.tables(), tables - 3);
+    assert_eq!(frames.live_blocks(), live, "nothing is freed before the invalidation");
+    t.release(g);
+    assert_eq!(frames.live_blocks(), live - 3);
+    assert_eq!(t.iova_to_phys(0x20_0000), None);
+    drop(t);
+    assert_eq!(frames.live_blocks(), 0);
+}
+
 /// Decodes raw table memory per the VMSAv8-64 format, independently of `desc`: returns page → output page for
 /// every 4 KiB page mapped.
 fn decode(frames: &HeapFrames, root: u64, geometry: &Geometry) -> BTreeMap<u64, u64> {
@@ -214,6 +253,16 @@ fn decode(frames: &HeapFrames, root: u64, geometry: &Geometry) -> BTreeMap<u64, 
             let va = base + ((i as u64) << shift);
             let oa = d & 0x0000_ffff_ffff_f000;
             if level < 3 && d & 2 != 0 {
+                if d & (1 << 56) != 0 {
+                    // The software "table full" bit promises a last-level table of valid pages only.
+                    assert_eq!(level, 2, "only last-level tables are marked full");
+                    let child = frames.virt(oa) as *const u64;
+                    for j in 0..1usize << g.level_bits {
+                        // SAFETY: a live table of `1 << level_bits` descriptors.
+                        let e = unsafe { child.add(j).read() };
+                        assert_eq!(e & 3, 3, "entry {j} of a full table is a page");
+                    }
+                }
                 go(frames, oa, level + 1, va, g, out);
             } else {
                 assert!(level == 3 || d & 2 == 0, "level-3 descriptors must be pages");
@@ -240,10 +289,14 @@ fn op() -> impl proptest::strategy::Strategy<Value = Op> {
     // A 4 GiB window in pages; sizes favour block-sized runs.
     let pages = prop_oneof![1u64..8, Just(512u64), Just(1024u64), 1u64..2048];
     prop_oneof![
-        (0u64..(1 << 20), pages.clone(), 0u64..(1 << 20)).prop_map(|(page, pages, out)| Op::Map {
-            page: page & !((pages.next_power_of_two() - 1) & 0x3ffff),
-            pages,
-            out: out & !((pages.next_power_of_two() - 1) & 0x3ffff)
+        // The output is aligned like the input (blocks where possible) or one page off (only pages: whole
+        // last-level tables filled by `map`).
+        (0u64..(1 << 20), pages.clone(), 0u64..(1 << 20), any::<bool>()).prop_map(|(page, pages, out, skew)| {
+            Op::Map {
+                page: page & !((pages.next_power_of_two() - 1) & 0x3ffff),
+                pages,
+                out: (out & !((pages.next_power_of_two() - 1) & 0x3ffff)) + u64::from(skew),
+            }
         }),
         (0u64..(1 << 20), pages.clone()).prop_map(|(page, pages)| Op::Unmap { page, pages }),
         (0u64..(1 << 20), pages, any::<bool>()).prop_map(|(page, pages, read_only)| Op::Protect {
