@@ -78,6 +78,22 @@ pub mod psci {
     pub const NOT_SUPPORTED: i32 = -1;
 }
 
+/// The assembler macro both boot routines use: `mov_i xN, CONSTANT` loads a 64-bit constant.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __asm_mov_i {
+    () => {
+        concat!(
+            ".macro mov_i, reg:req, imm:req\n",
+            "movz \\reg, :abs_g3:\\imm\n",
+            "movk \\reg, :abs_g2_nc:\\imm\n",
+            "movk \\reg, :abs_g1_nc:\\imm\n",
+            "movk \\reg, :abs_g0_nc:\\imm\n",
+            ".endm"
+        )
+    };
+}
+
 /// Instantiates the EL3 boot stub (see the module documentation) with the board's constants. The image's ELF
 /// entry must be `el3_entry` (`-C link-arg=--entry=el3_entry`).
 ///
@@ -107,12 +123,7 @@ macro_rules! el3_boot_stub {
         static mut EL3_STACK: [u64; 512] = [0; 512];
 
         core::arch::global_asm!(
-            r".macro mov_i, reg:req, imm:req",
-            r"movz \reg, :abs_g3:\imm",
-            r"movk \reg, :abs_g2_nc:\imm",
-            r"movk \reg, :abs_g1_nc:\imm",
-            r"movk \reg, :abs_g0_nc:\imm",
-            r".endm",
+            $crate::__asm_mov_i!(),
             ".section .init.el3, \"ax\"",
             ".global el3_entry",
             "el3_entry:",
@@ -332,12 +343,7 @@ macro_rules! el2_boot_map_48 {
         static mut BOOT_ROOT_TABLE: $crate::boot::Table = $crate::boot::Table::EMPTY;
 
         core::arch::global_asm!(
-            r".macro mov_i, reg:req, imm:req",
-            r"movz \reg, :abs_g3:\imm",
-            r"movk \reg, :abs_g2_nc:\imm",
-            r"movk \reg, :abs_g1_nc:\imm",
-            r"movk \reg, :abs_g0_nc:\imm",
-            r".endm",
+            $crate::__asm_mov_i!(),
             ".section .init.enable_mmu, \"ax\"",
             ".global enable_mmu",
             "enable_mmu:",

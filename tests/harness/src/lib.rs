@@ -227,6 +227,15 @@ impl Run {
         }
     }
 
+    /// edu's `-device` value: at the board's PCI address, with the run's DMA mask.
+    fn edu_device(&self) -> String {
+        format!(
+            "edu,addr={}.0,dma_mask={:#x}",
+            self.board.edu_device(),
+            self.edu_dma_mask
+        )
+    }
+
     /// The QEMU command line (without the trace file, which [`Run::execute`] adds).
     pub fn command(&self, firmware: &Path) -> Command {
         let mut c = Command::new(QEMU);
@@ -241,14 +250,7 @@ impl Run {
                 c.args(["-global", &format!("arm-smmuv3.stage={}", self.stage.name())]);
                 c.args(["-cpu", "max", "-m", "1G", "-smp", "1"]);
                 c.args(["-device", &format!("loader,file={},cpu-num=0", firmware.display())]);
-                c.args([
-                    "-device",
-                    &format!(
-                        "edu,addr={}.0,dma_mask={:#x}",
-                        self.board.edu_device(),
-                        self.edu_dma_mask
-                    ),
-                ]);
+                c.args(["-device", &self.edu_device()]);
                 if !self.scenarios.is_empty() {
                     // QEMU's option parser takes ",," for a literal comma.
                     let list = self.scenarios.join(",,");
@@ -273,14 +275,7 @@ impl Run {
                 c.args(["-M", "sbsa-ref", "-cpu", "max", "-m", "1G", "-smp", "1"]);
                 c.args(["-global", "bochs-display.romfile="]);
                 c.args(["-device", &format!("loader,file={},cpu-num=0", firmware.display())]);
-                c.args([
-                    "-device",
-                    &format!(
-                        "edu,addr={}.0,dma_mask={:#x}",
-                        self.board.edu_device(),
-                        self.edu_dma_mask
-                    ),
-                ]);
+                c.args(["-device", &self.edu_device()]);
                 let mut semihosting = String::from("enable=on,target=native,arg=sbsa-ref");
                 if !self.scenarios.is_empty() {
                     semihosting.push_str(&format!(",arg=scenarios={}", self.scenarios.join(",,")));
