@@ -328,7 +328,8 @@ macro_rules! el3_boot_stub {
 /// Instantiates aarch64-rt's `enable_mmu` for a 48-bit EL2 boot map: a level-0 root (in `.data`, filled before
 /// the MMU goes on) whose listed slots point at the given level-1 [`Table`]s (slot `n` covers
 /// `n * 512 GiB ..`). The board crate must enable aarch64-rt's `initial-pagetable` feature without calling its
-/// `initial_pagetable!`. MAIR_EL2 is the firmware's [`crate::mmu::MAIR`].
+/// `initial_pagetable!`. MAIR_EL2 is the firmware's [`crate::mmu::MAIR`]. Like aarch64-rt's own routine it keeps
+/// x0-x3 (the boot arguments) and clobbers only x8-x10.
 ///
 /// ```ignore
 /// static LOW: Table = Table::EMPTY.with_block(1, 0x4000_0000, mmu::DEVICE);
@@ -349,14 +350,16 @@ macro_rules! el2_boot_map_48 {
             "enable_mmu:",
             "adrp x8, boot_root_table",
             "add x8, x8, :lo12:boot_root_table",
+            // Each root entry is written with the MMU and caches off, then its line cleaned and invalidated so
+            // that no stale cached copy hides it from the (cacheable) table walk.
             $(
                 "adrp x9, {}",
                 "add x9, x9, :lo12:{}",
                 "orr x9, x9, #3",
-                concat!("str x9, [x8, #(", stringify!($slot), " * 8)]"),
+                concat!("add x10, x8, #(", stringify!($slot), " * 8)"),
+                "str x9, [x10]",
+                "dc civac, x10",
             )+
-            // The root was written with the MMU off: make sure no stale line hides it from the walker.
-            "dc civac, x8",
             "dsb sy",
             "mov_i x9, {mair}",
             "msr mair_el2, x9",
