@@ -300,14 +300,16 @@ fn dma_onto_canary(edu: &Edu, len: usize, canary: u8) -> Result<(bool, u64), Fai
 
 /// `psci-reset`: the machine resets through PSCI SYSTEM_RESET and the firmware comes back. The first boot leaves a
 /// note in the reset-persistent scratch RAM and resets with the SMMU enabled; the boot after it finds the note,
-/// clears it, and checks that the reset was real: the SMMU is back in its reset state. On a
-/// board without firmware underneath this is the EL3 stub's SMC service at work.
+/// clears it, and checks that the reset was real: the SMMU is back in its reset state. On a board without firmware
+/// underneath this is the EL3 stub's SMC service at work. It runs once per scenario list.
 fn psci_reset(context: &mut Context) -> Result<(), Failure> {
-    static BOOT_SEEN: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+    use core::sync::atomic::{AtomicBool, Ordering};
+    // Once per boot: listed twice, the second would reset again after every comeback.
+    static RAN: AtomicBool = AtomicBool::new(false);
+    if RAN.swap(true, Ordering::SeqCst) {
+        fail!("psci-reset runs once per scenario list")
+    }
     let Some(note) = power::reset_note() else {
-        if BOOT_SEEN.swap(true, core::sync::atomic::Ordering::SeqCst) {
-            fail!("already ran in this boot")
-        }
         power::set_reset_note(Some(power::ResetNote {
             magic: power::ResetNote::MAGIC,
             ticks: time::ticks(),
@@ -322,9 +324,6 @@ fn psci_reset(context: &mut Context) -> Result<(), Failure> {
         power::system_reset()
     };
     power::set_reset_note(None);
-    if BOOT_SEEN.load(core::sync::atomic::Ordering::SeqCst) {
-        fail!("the note is from this boot: SYSTEM_RESET returned without resetting")
-    }
     let smmu = smmu(context)?;
     if smmu.is_enabled() {
         fail!("the SMMU kept SMMUEN across the reset")
