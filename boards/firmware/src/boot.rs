@@ -2,9 +2,13 @@
 //!
 //! - [`el3_boot_stub!`]: for a CPU that starts at EL3 with no firmware underneath (QEMU sbsa-ref, and many boards'
 //!   boot ROMs). It parks secondary CPUs, installs EL3 vectors, gives non-secure EL2 the GIC, the FPU and the
-//!   timers (CNTFRQ_EL0 from the board), drops to non-secure EL2 at aarch64-rt's `entry`, and stays resident as a minimal PSCI service:
-//!   an SMC from EL2 for PSCI_VERSION, PSCI_FEATURES, SYSTEM_OFF or SYSTEM_RESET is answered at EL3, the last two
-//!   by the 32-bit register writes the board names (its reset controller is usually secure-only).
+//!   timers (CNTFRQ_EL0 from the board), drops to non-secure EL2 at aarch64-rt's `entry`, and stays resident as a
+//!   minimal PSCI service for a single-CPU firmware: an SMC from EL2 for PSCI_VERSION (1.1), PSCI_FEATURES,
+//!   SYSTEM_OFF or SYSTEM_RESET is answered at EL3, the last two by the 32-bit register writes the board names (its
+//!   reset controller is usually secure-only). Every other function, including the CPU_ON, CPU_OFF, CPU_SUSPEND
+//!   and AFFINITY_INFO that a full PSCI 1.1 implementation must have, returns NOT_SUPPORTED (PSCI_FEATURES says
+//!   so too). It assumes the non-VHE EL2 layouts (FEAT_E2H0: HCR_EL2.E2H may be 0), and does no CPU-specific
+//!   setup, errata work or system-counter enabling (CNTCR.EN): add those for a board that needs them.
 //! - [`el2_boot_map_48!`]: an `enable_mmu` for aarch64-rt's entry with 48-bit virtual addresses (level-0 root),
 //!   for boards whose RAM lies beyond the 512 GiB that aarch64-rt's single-table boot map reaches.
 //!
@@ -18,6 +22,13 @@ pub struct Table(pub [u64; 512]);
 
 /// Size of a level-1 block (4 KiB granule).
 pub const GIB: u64 = 1 << 30;
+
+/// Attributes of RAM in a boot map: normal write-back, inner shareable, executable (the image runs from it).
+pub const MEMORY: El23Attributes = El23Attributes::VALID
+    .union(El23Attributes::ATTRIBUTE_INDEX_1)
+    .union(El23Attributes::INNER_SHAREABLE)
+    .union(El23Attributes::USER_RES1)
+    .union(El23Attributes::ACCESSED);
 
 impl Table {
     /// A table with no valid entry.
@@ -36,8 +47,8 @@ impl Table {
 }
 
 /// TCR_EL2 of the 48-bit boot map: T0SZ 16 (level-0 root), 4 KiB granule, inner-shareable write-back walks,
-/// PS = 48 bits (an SMMU-era CPU has at least that; a smaller PARange behaves as its own size), RES1 bits 31, 23.
-pub const TCR_EL2_48: u64 = 16 | (1 << 8) | (1 << 10) | (3 << 12) | (0b101 << 16) | (1 << 23) | (1 << 31);
+/// RES1 bits 31, 23. PS (bits 18:16) is filled in at boot from ID_AA64MMFR0_EL1.PARange, at most 48 bits.
+pub const TCR_EL2_48: u64 = 16 | (1 << 8) | (1 << 10) | (3 << 12) | (1 << 23) | (1 << 31);
 /// SCTLR_EL2 with the MMU, caches and stack alignment check on (RES1 bits of the non-VHE layout included).
 pub const SCTLR_EL2_MMU_ON: u64 = SCTLR_EL2_RES1 | 1 | (1 << 2) | (1 << 3) | (1 << 12);
 /// SCTLR_EL2's RES1 bits (non-VHE): the value EL3 writes before EL2 runs, MMU and caches off.
@@ -157,7 +168,10 @@ macro_rules! el3_boot_stub {
             "ldr w10, [x9]",
             "orr w10, w10, #{ds}",
             "str w10, [x9]",
-            "dsb sy",
+            // GICD_CTLR.RWP (bit 31) tracks the write to DS.
+            "87:",
+            "ldr w10, [x9]",
+            "tbnz w10, #31, 87b",
             // EL2's registers whose reset values are UNKNOWN.
             "mov_i x9, {hcr}",
             "msr hcr_el2, x9",
@@ -201,9 +215,11 @@ macro_rules! el3_boot_stub {
             ".balign 128",
             "b 91f",
             ".endr",
-            // SMC from EL2/EL1 (AArch64): PSCI on w0, result in x0; x9/x10 saved, everything else untouched.
+            // SMC from EL2/EL1 (AArch64): PSCI on w0, result in x0; x9 kept in TPIDR_EL3 (no memory: EL3 runs with
+            // its MMU off, so its view of RAM would not be the caller's cacheable one), everything else untouched.
+            // The power paths never return and may clobber x10.
             "92:",
-            "stp x9, x10, [sp, #-16]!",
+            "msr tpidr_el3, x9",
             "mrs x9, esr_el3",
             "ubfx x9, x9, #26, #6",
             "cmp x9, #0x17",
@@ -223,7 +239,7 @@ macro_rules! el3_boot_stub {
             "97:",
             "mov x0, #-1",
             "98:",
-            "ldp x9, x10, [sp], #16",
+            "mrs x9, tpidr_el3",
             "eret",
             "93:",
             "mov_i x0, {stub_version}",
@@ -260,8 +276,16 @@ macro_rules! el3_boot_stub {
             "88:",
             "wfi",
             "b 88b",
-            // Unexpected: report ESR_EL3 on the UART, then exit through semihosting with status 5.
+            // Unexpected: report ESR_EL3 on the UART, then exit through semihosting with status 5. The stack starts
+            // afresh and any further exception halts, so that a HLT without a semihosting host cannot loop.
             "91:",
+            "adrp x9, el3_stack",
+            "add x9, x9, :lo12:el3_stack",
+            "add sp, x9, #4096",
+            "adrp x9, el3_halt_vectors",
+            "add x9, x9, :lo12:el3_halt_vectors",
+            "msr vbar_el3, x9",
+            "isb",
             "mov_i x9, {uart}",
             "adr x10, 80f",
             "81:",
@@ -299,7 +323,12 @@ macro_rules! el3_boot_stub {
             "ret",
             "80:",
             ".asciz \"\\nEL3: unexpected exception, ESR_EL3=0x\"",
-            ".balign 4",
+            ".balign 2048",
+            "el3_halt_vectors:",
+            ".rept 16",
+            ".balign 128",
+            "b 88b",
+            ".endr",
             ".purgem mov_i",
             scr = const $crate::boot::SCR_EL3_NS_EL2,
             sctlr3 = const $crate::boot::SCTLR_EL3_RES1,
@@ -329,7 +358,8 @@ macro_rules! el3_boot_stub {
 /// the MMU goes on) whose listed slots point at the given level-1 [`Table`]s (slot `n` covers
 /// `n * 512 GiB ..`). The board crate must enable aarch64-rt's `initial-pagetable` feature without calling its
 /// `initial_pagetable!`. MAIR_EL2 is the firmware's [`crate::mmu::MAIR`]. Like aarch64-rt's own routine it keeps
-/// x0-x3 (the boot arguments) and clobbers only x8-x10.
+/// x0-x3 (the boot arguments) and clobbers only x8-x11. (aarch64-rt 0.4.3's own EL2 routine copies PARange into
+/// TCR_EL2 bits 35:32, the EL1 IPS position, where non-VHE TCR_EL2 has DS and MTX; this one sets PS.)
 ///
 /// ```ignore
 /// static LOW: Table = Table::EMPTY.with_block(1, 0x4000_0000, mmu::DEVICE);
@@ -350,21 +380,31 @@ macro_rules! el2_boot_map_48 {
             "enable_mmu:",
             "adrp x8, boot_root_table",
             "add x8, x8, :lo12:boot_root_table",
-            // Each root entry is written with the MMU and caches off, then its line cleaned and invalidated so
-            // that no stale cached copy hides it from the (cacheable) table walk.
+            // The root entries are written with the MMU and caches off (straight to memory); then their lines are
+            // invalidated, after a barrier, so that no stale cached copy hides them from the cacheable table walk.
             $(
                 "adrp x9, {}",
                 "add x9, x9, :lo12:{}",
                 "orr x9, x9, #3",
+                concat!("str x9, [x8, #(", stringify!($slot), " * 8)]"),
+            )+
+            "dsb sy",
+            $(
                 concat!("add x10, x8, #(", stringify!($slot), " * 8)"),
-                "str x9, [x10]",
-                "dc civac, x10",
+                "dc ivac, x10",
             )+
             "dsb sy",
             "mov_i x9, {mair}",
             "msr mair_el2, x9",
             "msr ttbr0_el2, x8",
+            // TCR_EL2.PS: the implemented physical address size, at most 48 bits (4 KiB granule without LPA2).
             "mov_i x9, {tcr}",
+            "mrs x10, id_aa64mmfr0_el1",
+            "and x10, x10, #0xf",
+            "mov x11, #5",
+            "cmp x10, x11",
+            "csel x10, x10, x11, lo",
+            "bfi x9, x10, #16, #3",
             "msr tcr_el2, x9",
             "isb",
             "tlbi alle2",

@@ -5,6 +5,7 @@
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU32, Ordering};
 
+use aarch64_cpu::asm::barrier::{SY, isb};
 use aarch64_cpu::registers::{HCR_EL2, ReadWriteable};
 use arm_gic::gicv3::{GicCpuInterface, GicV3, Group};
 use arm_gic::{IntId, InterruptGroup, Trigger, UniqueMmioPointer};
@@ -39,7 +40,7 @@ impl core::fmt::Display for IrqError {
 }
 
 /// Takes the GIC: distributor and this CPU's redistributor on, every SPI group 1, system-register interface at
-/// EL2, physical IRQs routed to EL2 (HCR_EL2.IMO) and unmasked.
+/// EL2, physical IRQs (and FIQs, SErrors) routed to EL2 (HCR_EL2.IMO/FMO/AMO) and unmasked.
 ///
 /// # Errors
 /// [`IrqError::Gic`] when the redistributor frames cannot be walked.
@@ -54,13 +55,18 @@ pub unsafe fn init(gic: &Gic) -> Result<(), IrqError> {
         return Err(IrqError::NoGic);
     };
     GicCpuInterface::enable_system_register_el2(true);
+    // The ICC_* accesses below must see the system-register interface enabled.
+    isb(SY);
     // SAFETY: the caller guarantees the GIC's registers, mapped and unaliased, for the rest of the run.
     let mut driver = unsafe { GicV3::new(UniqueMmioPointer::new(gicd), gicr, 1) }
         .map_err(|_| IrqError::Gic("no redistributor frames"))?;
     driver.setup(0);
     GicCpuInterface::set_priority_mask(0xff);
     *GIC.lock() = Some(driver);
-    HCR_EL2.modify(HCR_EL2::IMO::EnableVirtualIRQ + HCR_EL2::FMO::EnableVirtualFIQ);
+    // Physical IRQs, FIQs and SErrors target EL2 (with IMO/FMO/AMO clear they would target EL1, and EL2 would
+    // never take them), synchronised before they are unmasked.
+    HCR_EL2.modify(HCR_EL2::IMO::EnableVirtualIRQ + HCR_EL2::FMO::EnableVirtualFIQ + HCR_EL2::AMO::SET);
+    isb(SY);
     arm_gic::irq_enable();
     Ok(())
 }

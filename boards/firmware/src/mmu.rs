@@ -23,20 +23,25 @@ pub const MAIR: Mair = Mair::EMPTY
         ),
     );
 
+// AP[1] (`USER_RES1`) is RES1 in the stage-1 descriptors of a regime with one exception level, such as EL2's.
+
 /// Attributes of device memory.
 pub const DEVICE: El23Attributes = El23Attributes::VALID
     .union(El23Attributes::ATTRIBUTE_INDEX_0)
+    .union(El23Attributes::USER_RES1)
     .union(El23Attributes::ACCESSED)
     .union(El23Attributes::XN);
 /// Attributes of normal read-write data memory.
 pub const DATA: El23Attributes = El23Attributes::VALID
     .union(El23Attributes::ATTRIBUTE_INDEX_1)
+    .union(El23Attributes::USER_RES1)
     .union(El23Attributes::INNER_SHAREABLE)
     .union(El23Attributes::ACCESSED)
     .union(El23Attributes::XN);
 /// Attributes of the image's code.
 pub const CODE: El23Attributes = El23Attributes::VALID
     .union(El23Attributes::ATTRIBUTE_INDEX_1)
+    .union(El23Attributes::USER_RES1)
     .union(El23Attributes::INNER_SHAREABLE)
     .union(El23Attributes::ACCESSED)
     .union(El23Attributes::READ_ONLY);
@@ -71,9 +76,10 @@ pub struct IdentityMap {
     mapping: Mapping<PoolTranslation, El2>,
 }
 
-/// The root level the boot TCR_EL2 uses (4 KiB granule): level 1 for T0SZ 25..=33 (aarch64-rt's 39-bit boot map),
-/// level 0 for T0SZ 16..=24 (the 48-bit boot map of [`crate::el2_boot_map_48!`]). The identity map replaces the
-/// boot map without touching TCR_EL2, so it must start at the same level.
+/// The root level the boot TCR_EL2 uses (4 KiB granule): level 0 for T0SZ 16..=24 (the 48-bit boot map of
+/// [`crate::el2_boot_map_48!`], which both boards use), level 1 for T0SZ 25..=33 (aarch64-rt's 39-bit
+/// `initial_pagetable!`). The identity map replaces the boot map without touching TCR_EL2, so it must start at
+/// the same level.
 fn boot_root_level() -> usize {
     let t0sz = TCR_EL2.read(TCR_EL2::T0SZ);
     if t0sz <= 24 { 0 } else { 1 }

@@ -6,34 +6,25 @@
 #![no_std]
 #![no_main]
 
-use aarch64_paging::descriptor::El23Attributes;
-use aarch64_rt::{InitialPagetable, entry, exception_handlers, initial_pagetable};
+use aarch64_rt::{entry, exception_handlers};
+use smmuv3_firmware::boot::{self, GIB, Table};
 use smmuv3_firmware::config::{self, Config, ConfigError};
 use smmuv3_firmware::dt::Platform;
 use smmuv3_firmware::exceptions::Exceptions;
-use smmuv3_firmware::{Board, mmu};
+use smmuv3_firmware::{Board, el2_boot_map_48, mmu};
 
 /// QEMU places the DTB at the start of RAM when the firmware is loaded with `-device loader`.
 const DTB_ADDRESS: usize = 0x4000_0000;
 
-const BOOT_DEVICE: El23Attributes = mmu::DEVICE;
-const BOOT_MEMORY: El23Attributes = El23Attributes::VALID
-    .union(El23Attributes::ATTRIBUTE_INDEX_1)
-    .union(El23Attributes::INNER_SHAREABLE)
-    .union(El23Attributes::ACCESSED);
-
-// The boot map (1 GiB blocks, level 1): low 1 GiB of devices (UART, SMMU, fw_cfg, PCI windows), the first 1 GiB
-// of RAM (image, DTB, stack), and the high ECAM. `run` replaces it with a map built from the device tree.
-initial_pagetable!(
-    {
-        let mut table = [0; 512];
-        table[0] = BOOT_DEVICE.bits();
-        table[1] = BOOT_MEMORY.bits() | 0x4000_0000;
-        table[256] = BOOT_DEVICE.bits() | 0x40_0000_0000;
-        InitialPagetable(table)
-    },
-    mmu::MAIR.0
-);
+// The boot map (1 GiB blocks): the low 1 GiB of devices (UART, SMMU, fw_cfg, GIC, PCI windows), the first 1 GiB
+// of RAM (image, DTB, stack), and the high ECAM at 256 GiB. `run` replaces it with a map built from the device
+// tree. The shared 48-bit boot map rather than aarch64-rt's `initial_pagetable!`, whose EL2 routine writes
+// PARange into the wrong TCR_EL2 field.
+static BOOT_LOW: Table = Table::EMPTY
+    .with_block(0, 0, mmu::DEVICE)
+    .with_block(1, GIB, boot::MEMORY)
+    .with_block(256, 256 * GIB, mmu::DEVICE);
+el2_boot_map_48!(0 => BOOT_LOW);
 
 exception_handlers!(Exceptions);
 // 512 KiB of stack: an initialised SMMU handle (with its ASID and VMID bitmaps) is some 17 KiB and scenarios move

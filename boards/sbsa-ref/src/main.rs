@@ -9,11 +9,10 @@
 #![no_std]
 #![no_main]
 
-use aarch64_paging::descriptor::El23Attributes;
 use aarch64_rt::{entry, exception_handlers};
 use smmuv3::board::IommuMapEntry;
 use smmuv3::{IommuMap, SmmuDescription, SmmuInterrupts};
-use smmuv3_firmware::boot::{GIB, Table};
+use smmuv3_firmware::boot::{self, GIB, Table};
 use smmuv3_firmware::config::{self, Config, ConfigError};
 use smmuv3_firmware::dt::{Gic, PciWindow, PcieHost, Platform, Region, StaticDescription, WindowKind};
 use smmuv3_firmware::exceptions::Exceptions;
@@ -44,22 +43,14 @@ const MMIO32: (u64, u64) = (0x8000_0000, 0x7000_0000);
 const MMIO64: (u64, u64) = (0x1_0000_0000, 0xff_0000_0000);
 const PIO: (u64, u64) = (0x7fff_0000, 0x1_0000);
 
-const BOOT_MEMORY: El23Attributes = El23Attributes::VALID
-    .union(El23Attributes::ATTRIBUTE_INDEX_1)
-    .union(El23Attributes::INNER_SHAREABLE)
-    .union(El23Attributes::ACCESSED);
-
 // The boot map (1 GiB blocks): the low devices (GIC, embedded controller, UART, SMMU; the PCI 32-bit window; the
-// ECAM) and the first 4 GiB of RAM (image, DTB, stack). `run` replaces it with a map built from the description.
+// ECAM) and the first 1 GiB of RAM (image, DTB, stack; the smallest RAM the harness gives the board, so no block
+// names memory that may not exist). `run` replaces it with a map built from the description.
 static BOOT_LOW: Table = Table::EMPTY
     .with_block(1, GIB, mmu::DEVICE)
     .with_block(2, 2 * GIB, mmu::DEVICE)
     .with_block(3, 3 * GIB, mmu::DEVICE);
-static BOOT_RAM: Table = Table::EMPTY
-    .with_block(0, RAM, BOOT_MEMORY)
-    .with_block(1, RAM + GIB, BOOT_MEMORY)
-    .with_block(2, RAM + 2 * GIB, BOOT_MEMORY)
-    .with_block(3, RAM + 3 * GIB, BOOT_MEMORY);
+static BOOT_RAM: Table = Table::EMPTY.with_block(0, RAM, boot::MEMORY);
 el2_boot_map_48!(0 => BOOT_LOW, 2 => BOOT_RAM);
 
 el3_boot_stub! {
