@@ -771,6 +771,8 @@ mod tests {
     struct Seen {
         /// At the first CR0 write with SMMUEN: GBPA.ABORT, STRTAB_BASE, and the opcodes consumed so far.
         at_enable: Option<(bool, u64, Vec<u8>)>,
+        /// CR0ACK when IRQ_CTRL was first seen non-zero.
+        cr0ack_at_irq_enable: Option<u32>,
         consumed: Vec<u8>,
     }
 
@@ -816,8 +818,12 @@ mod tests {
                         let consumed = s.consumed.clone();
                         s.at_enable.get_or_insert((r(0x44) & (1 << 20) != 0, strtab, consumed));
                     }
+                    let irq_ctrl = r(0x50);
+                    if irq_ctrl != 0 {
+                        seen2.lock().unwrap().cr0ack_at_irq_enable.get_or_insert(r(0x24));
+                    }
                     w(0x24, cr0);
-                    w(0x54, r(0x50));
+                    w(0x54, irq_ctrl);
                     let gbpa = r(0x44);
                     if gbpa & (1 << 31) != 0 {
                         w(0x44, gbpa & !(1 << 31));
@@ -943,6 +949,12 @@ mod tests {
         };
         let smmu = model.smmu().init(frames, &options).unwrap();
         assert_eq!(irq_ctrl(), 0b101, "EVENTQ_IRQEN and GERROR_IRQEN, never PRIQ_IRQEN");
+        let cr0ack = model.seen.lock().unwrap().cr0ack_at_irq_enable;
+        assert_eq!(
+            cr0ack,
+            Some(0b1100),
+            "enabled once CMDQEN and EVENTQEN were acknowledged, before SMMUEN"
+        );
         smmu.shutdown(true).unwrap();
         assert_eq!(irq_ctrl(), 0, "no interrupt outlives the driver");
     }

@@ -69,8 +69,26 @@ fn clean_scenarios_provoke_nothing_on_sbsa_ref() {
 
 #[test]
 fn a_stage_sbsa_ref_cannot_present_is_refused() {
-    assert!(BOARD.supports(Stage::Nested));
-    assert!(!BOARD.supports(Stage::One) && !BOARD.supports(Stage::Two));
+    assert_eq!(BOARD.check_stage(Stage::Nested), Ok(()));
+    for stage in [Stage::One, Stage::Two] {
+        let refusal = BOARD.check_stage(stage).unwrap_err();
+        assert!(
+            refusal.contains("sbsa-ref") && refusal.contains("--stage nested"),
+            "{refusal}"
+        );
+    }
+    // And `cargo xtask qemu` says so before building or booting anything.
+    let output = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(smmuv3_harness::workspace_root())
+        .args(["xtask", "qemu", "--board", "sbsa-ref", "--stage", "1"])
+        .output()
+        .expect("cargo runs");
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("QEMU presents no stage-1 SMMU on sbsa-ref"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 #[test]

@@ -139,6 +139,17 @@ pub enum Shareability {
     Inner = 3,
 }
 
+/// The attributes of the SMMU's table walks (STE S1CIR/S1COR/S1CSH, S2IR0/S2OR0/S2SH0, CD IRGN0/ORGN0/SH0) for an
+/// SMMU whose accesses are coherent with the CPU caches (write-back, inner shareable) or not (non-cacheable, outer
+/// shareable, as the architecture treats non-cacheable memory; the CPU then cleans what it writes).
+pub fn walk_attributes(coherent: bool) -> (Cacheability, Shareability) {
+    if coherent {
+        (Cacheability::WriteBackAllocate, Shareability::Inner)
+    } else {
+        (Cacheability::NonCacheable, Shareability::Outer)
+    }
+}
+
 /// STE.S1Fmt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CdTableLayout {
@@ -496,6 +507,15 @@ mod tests {
 
     const S1: Stage1Config = EXAMPLE_S1;
     const S2: Stage2Config = EXAMPLE_S2;
+
+    #[test]
+    fn walk_attributes_follow_coherency() {
+        // Encodings of S1CIR/S1COR (0b01 WBRA, 0b00 NC) and S1CSH (0b11 inner, 0b10 outer).
+        let (c, sh) = walk_attributes(true);
+        assert_eq!((c as u8, sh as u8), (0b01, 0b11));
+        let (c, sh) = walk_attributes(false);
+        assert_eq!((c as u8, sh as u8), (0b00, 0b10));
+    }
 
     #[test]
     fn abort_and_bypass_words() {

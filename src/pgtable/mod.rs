@@ -222,8 +222,9 @@ pub struct Gather {
     pub leaf_shift: u8,
     /// Tables were unlinked: the invalidation must cover walk caches too (not leaf-only).
     pub tables_unlinked: bool,
-    /// Unlinked tables, chained through their first word (a granule-aligned physical address, so never a valid
-    /// descriptor should the SMMU still walk the table).
+    /// Unlinked tables, chained through a word of each (a granule-aligned physical address, tagged with
+    /// [`LINK_SUBTREE`] for a level-2 table that goes with its last-level tables; never a valid descriptor should
+    /// the SMMU still walk the table before the invalidation).
     freed_head: u64,
     freed: u32,
 }
@@ -865,13 +866,8 @@ impl<A: FrameAllocator> IoPageTable<A> {
             }
         }
         if level == 2 {
-            let first = entries[0].load(Ordering::Relaxed);
-            let slot = if desc::is_table(first, 2) {
-                self.allocator.phys_to_virt(PhysAddr(desc::address(first)))
-            } else {
-                None
-            };
-            entries_of(slot.unwrap_or(virt), 1)[0].store(gather.freed_head, Ordering::Relaxed);
+            self.subtree_link_slot(entries, virt)
+                .store(gather.freed_head, Ordering::Relaxed);
             gather.freed_head = table_phys | LINK_SUBTREE;
             gather.freed += 1;
             gather.tables_unlinked = true;
@@ -880,6 +876,19 @@ impl<A: FrameAllocator> IoPageTable<A> {
             self.free_later(table_phys, gather);
         }
         (bytes, smallest)
+    }
+
+    /// Where the chain link of the unlinked level-2 table `entries` (at `virt`) is kept: the first word of its
+    /// first last-level table when entry 0 names one (so every pointer to a child survives), else its own first
+    /// word.
+    fn subtree_link_slot(&self, entries: &[AtomicU64], virt: NonNull<u8>) -> &AtomicU64 {
+        let first = entries[0].load(Ordering::Relaxed);
+        let child0 = if desc::is_table(first, 2) {
+            self.allocator.phys_to_virt(PhysAddr(desc::address(first)))
+        } else {
+            None
+        };
+        &entries_of(child0.unwrap_or(virt), 1)[0]
     }
 
     /// Bytes the last-level table `entries`, named by the table descriptor `link`, maps.
@@ -896,7 +905,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
 
     fn free_later(&mut self, table_phys: u64, gather: &mut Gather) {
         if let Some(virt) = self.allocator.phys_to_virt(PhysAddr(table_phys)) {
-            // Chain through the first word; the table is unlinked and all its entries are invalid.
+            // Chain through the first word: the table is unlinked, and a link is never a valid descriptor.
             entries_of(virt, 1)[0].store(gather.freed_head, Ordering::Relaxed);
             gather.freed_head = table_phys;
             gather.freed += 1;
@@ -929,12 +938,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             let entries = entries_of(virt, 1 << self.geometry.level_bits);
             let first = entries[0].load(Ordering::Relaxed);
             let following = if next & LINK_SUBTREE != 0 {
-                let child0 = if desc::is_table(first, 2) {
-                    self.allocator.phys_to_virt(PhysAddr(desc::address(first)))
-                } else {
-                    None
-                };
-                let slot = &entries_of(child0.unwrap_or(virt), 1)[0];
+                let slot = self.subtree_link_slot(entries, virt);
                 let following = slot.load(Ordering::Relaxed);
                 slot.store(0, Ordering::Relaxed);
                 for e in entries {

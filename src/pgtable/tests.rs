@@ -232,6 +232,71 @@ fn full_last_level_tables_are_counted_without_reading_and_freed_as_one_subtree()
     assert_eq!(frames.live_blocks(), 0);
 }
 
+#[test]
+fn a_failed_map_undoes_the_full_tables_it_linked() {
+    // A page at 0 first, so the level-2 table is live (published) when `map` links full last-level tables into
+    // it: root, level 2, the page's table, then room for one or two full tables of the three the map needs.
+    for frames_allowed in [4usize, 5] {
+        let frames: &'static HeapFrames =
+            std::boxed::Box::leak(std::boxed::Box::new(HeapFrames::with_limit(frames_allowed * 4096)));
+        let mut t = IoPageTable::new(format(Stage::One, Granule::Size4K, 39), frames, true).unwrap();
+        t.map(0, 0, 0x1000, RW).unwrap();
+        let result = t.map(0x20_0000, 0x1000, 0x60_0000, RW);
+        assert!(matches!(result, Err(MapError::NoMemory(_))), "{result:?}");
+        for page in (0x20_0000..0x80_0000).step_by(0x1000) {
+            assert_eq!(t.iova_to_phys(page), None, "{page:#x} mapped after a failed map");
+        }
+        let raw = decode(frames, t.root().0, t.geometry());
+        assert_eq!(
+            raw.into_iter().collect::<Vec<_>>(),
+            [(0, 0)],
+            "only the first page is left"
+        );
+        drop(t);
+        assert_eq!(frames.live_blocks(), 0);
+    }
+}
+
+#[test]
+fn full_tables_in_every_granule_and_root_level() {
+    let cases = [
+        (Stage::One, Granule::Size4K, 39),
+        (Stage::One, Granule::Size4K, 48),
+        (Stage::One, Granule::Size16K, 47),
+        (Stage::One, Granule::Size16K, 48),
+        (Stage::One, Granule::Size64K, 48),
+        (Stage::One, Granule::Size64K, 42),
+        (Stage::Two, Granule::Size4K, 34),
+        (Stage::Two, Granule::Size4K, 40),
+        (Stage::Two, Granule::Size16K, 40),
+        (Stage::Two, Granule::Size64K, 44),
+    ];
+    for (stage, granule, bits) in cases {
+        let frames: &'static HeapFrames = std::boxed::Box::leak(std::boxed::Box::default());
+        let mut t = IoPageTable::new(format(stage, granule, bits), frames, true).unwrap();
+        let g = *t.geometry();
+        let page = 1u64 << g.granule_bits;
+        // Two last-level tables' worth of pages, output one page off so that no block fits: both filled whole.
+        let span = 2 * (page << g.level_bits);
+        let iova = span;
+        t.map(iova, iova + page, span, RW).unwrap();
+        let raw = decode(frames, t.root().0, &g);
+        assert_eq!(raw.len() as u64, span / 4096, "{stage:?} {granule:?} {bits}");
+        assert_eq!(raw.get(&iova), Some(&(iova + page)));
+        assert_eq!(raw.get(&(iova + span - 4096)), Some(&(iova + span + page - 4096)));
+        let mut gather = Gather::default();
+        assert_eq!(
+            t.unmap(iova, span, &mut gather),
+            Ok(span),
+            "{stage:?} {granule:?} {bits}"
+        );
+        t.release(gather);
+        assert!(decode(frames, t.root().0, &g).is_empty());
+        drop(t);
+        assert_eq!(frames.live_blocks(), 0);
+    }
+}
+
 /// Decodes raw table memory per the VMSAv8-64 format, independently of `desc`: returns page → output page for
 /// every 4 KiB page mapped.
 fn decode(frames: &HeapFrames, root: u64, geometry: &Geometry) -> BTreeMap<u64, u64> {
@@ -335,9 +400,14 @@ fn run(stage: Stage, ops: Vec<Op>) {
                 let mut g = Gather::default();
                 assert_eq!(t.unmap(iova, size, &mut g), Ok(expected));
                 if expected > 0 {
+                    // The invalidation range covers every page that was mapped and is gone.
+                    let lo = *model.range(iova..iova + size).next().unwrap().0;
+                    let hi = *model.range(iova..iova + size).next_back().unwrap().0 + 4096;
                     assert!(
-                        g.start <= iova.max(g.start) && g.end >= g.start,
-                        "gather covers the unmap"
+                        g.start <= lo && g.end >= hi,
+                        "gather {:#x}..{:#x} covers the unmapped {lo:#x}..{hi:#x}",
+                        g.start,
+                        g.end
                     );
                 }
                 model.retain(|k, _| *k < iova || *k >= iova + size);

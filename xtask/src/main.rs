@@ -86,13 +86,7 @@ fn qemu(args: &[String]) -> Result<ExitCode, String> {
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
     }
-    if !board.supports(stage) {
-        return Err(format!(
-            "QEMU presents no stage-{} SMMU on {}: its SMMU always has both stages (--stage nested)",
-            stage.name(),
-            board.name()
-        ));
-    }
+    board.check_stage(stage)?;
     ensure_qemu(true)?;
     eprintln!("xtask: building the {} firmware", board.name());
     let firmware = build_firmware(board)?;

@@ -3,10 +3,10 @@
 //! fired; the scenario (the bottom half) then drains the event queue or the global errors with the driver.
 
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use aarch64_cpu::asm::barrier::{SY, isb};
-use aarch64_cpu::registers::{HCR_EL2, ReadWriteable};
+use aarch64_cpu::registers::{HCR_EL2, MPIDR_EL1, ReadWriteable, Readable};
 use arm_gic::gicv3::{GicCpuInterface, GicV3, Group};
 use arm_gic::{IntId, InterruptGroup, Trigger, UniqueMmioPointer};
 use smmuv3::SmmuInterrupts;
@@ -20,6 +20,7 @@ const COUNTED: usize = 1020;
 
 static COUNTS: [AtomicU32; COUNTED] = [const { AtomicU32::new(0) }; COUNTED];
 static GIC: SpinMutex<Option<GicV3<'static>>> = SpinMutex::new(None);
+static ENABLED: AtomicBool = AtomicBool::new(false);
 
 /// Why interrupts could not be set up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,23 +72,26 @@ pub unsafe fn init(gic: &Gic) -> Result<(), IrqError> {
     Ok(())
 }
 
-/// Whether [`init`] succeeded.
-pub fn available() -> bool {
-    GIC.lock().is_some()
+/// Whether the SMMU's lines are taken through the GIC ([`init`] and [`enable_smmu_lines`] succeeded for
+/// edge-triggered lines).
+pub fn smmu_lines_enabled() -> bool {
+    ENABLED.load(Ordering::SeqCst)
 }
 
-/// Enables every line the SMMU has, with its trigger type.
+/// Enables every line the SMMU has, edge-triggered, routed to this CPU, and returns whether it did. A
+/// level-triggered line stays disabled (returns `false`): the handler only counts, and a level line stays asserted
+/// until the scenario has drained the queue, so it would fire again at once, for ever. Such a board's scenarios
+/// poll instead.
 ///
 /// # Errors
 /// [`IrqError::NoGic`] before [`init`]; [`IrqError::Gic`] for a line the GIC refuses.
-pub fn enable_smmu_lines(lines: &SmmuInterrupts) -> Result<(), IrqError> {
+pub fn enable_smmu_lines(lines: &SmmuInterrupts) -> Result<bool, IrqError> {
+    if !lines.edge_triggered {
+        return Ok(false);
+    }
     let mut guard = GIC.lock();
     let gic = guard.as_mut().ok_or(IrqError::NoGic)?;
-    let trigger = if lines.edge_triggered {
-        Trigger::Edge
-    } else {
-        Trigger::Level
-    };
+    let this_cpu = MPIDR_EL1.get();
     for intid in [lines.eventq, lines.priq, lines.cmdq_sync, lines.gerror]
         .into_iter()
         .flatten()
@@ -96,13 +100,15 @@ pub fn enable_smmu_lines(lines: &SmmuInterrupts) -> Result<(), IrqError> {
             return Err(IrqError::Gic("an SMMU line below the SPIs"));
         };
         let id = IntId::spi(spi);
-        gic.set_trigger(id, None, trigger)
+        gic.set_trigger(id, None, Trigger::Edge)
             .and_then(|()| gic.set_interrupt_priority(id, None, 0x80))
             .and_then(|()| gic.set_group(id, None, Group::Group1NS))
+            .and_then(|()| gic.distributor().set_routing(id, Some(this_cpu)))
             .and_then(|()| gic.enable_interrupt(id, None, true))
             .map_err(|_| IrqError::Gic("SPI configuration"))?;
     }
-    Ok(())
+    ENABLED.store(true, Ordering::SeqCst);
+    Ok(true)
 }
 
 /// The IRQ handler: acknowledges every pending group-1 interrupt, counts it, ends it.

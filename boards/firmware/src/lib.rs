@@ -207,9 +207,15 @@ pub fn run<B: Board>(board: &B) -> ! {
     if let Some(gic) = &platform.gic {
         // SAFETY: the GIC is identity-mapped as device memory and only the interrupt module drives it.
         match unsafe { irq::init(gic) }.and_then(|()| irq::enable_smmu_lines(&platform.smmu.interrupts)) {
-            Ok(()) => println!(
-                "GIC: distributor {}, redistributors {}; the SMMU's lines enabled, taken at EL2",
-                gic.distributor, gic.redistributors
+            Ok(enabled) => println!(
+                "GIC: distributor {}, redistributors {}; the SMMU's lines {}",
+                gic.distributor,
+                gic.redistributors,
+                if enabled {
+                    "enabled, taken at EL2"
+                } else {
+                    "are level-triggered: polled"
+                }
             ),
             Err(e) => fatal("interrupt controller", &e),
         }

@@ -310,10 +310,6 @@ fn psci_reset(context: &mut Context) -> Result<(), Failure> {
         fail!("psci-reset runs once per scenario list")
     }
     let Some(note) = power::reset_note() else {
-        power::set_reset_note(Some(power::ResetNote {
-            magic: power::ResetNote::MAGIC,
-            ticks: time::ticks(),
-        }));
         // Reset with the SMMU translating: only a real reset turns it off again.
         let session = core_smmu::start(context, &smmuv3::InitOptions::default())?;
         if !session.is_enabled() {
@@ -321,6 +317,11 @@ fn psci_reset(context: &mut Context) -> Result<(), Failure> {
         }
         println!("  SMMU left enabled (SMMUEN 1) for the reset");
         core::mem::forget(session);
+        // The note last, so that no failure above leaves one behind.
+        power::set_reset_note(Some(power::ResetNote {
+            magic: power::ResetNote::MAGIC,
+            ticks: time::ticks(),
+        }));
         power::system_reset()
     };
     power::set_reset_note(None);

@@ -70,6 +70,22 @@ impl Board {
         }
     }
 
+    /// [`Board::supports`] as `cargo xtask qemu` reports it.
+    ///
+    /// # Errors
+    /// Why the board cannot present `stage`.
+    pub fn check_stage(self, stage: Stage) -> Result<(), String> {
+        if self.supports(stage) {
+            Ok(())
+        } else {
+            Err(format!(
+                "QEMU presents no stage-{} SMMU on {}: its SMMU always has both stages (--stage nested)",
+                stage.name(),
+                self.name()
+            ))
+        }
+    }
+
     /// The PCI address the runs give edu (sbsa-ref keeps 01.0 and 02.0 for its own display and NIC).
     pub fn edu_device(self) -> u8 {
         match self {

@@ -11,9 +11,7 @@ use smmuv3::features::StallModel;
 use smmuv3::hw::cd::{self, Cd, CdConfig};
 use smmuv3::hw::command::Command;
 use smmuv3::hw::event::Event;
-use smmuv3::hw::ste::{
-    self, Cacheability, CdTableLayout, DefaultSubstream, Shareability, Stage1Config, Stage2Config, Ste,
-};
+use smmuv3::hw::ste::{self, CdTableLayout, DefaultSubstream, Stage1Config, Stage2Config, Ste};
 use smmuv3::pgtable::{Format, Gather, Granule, IoPageTable, Prot, Stage, desc};
 use smmuv3::queue::cmdq::Batch;
 
@@ -179,21 +177,22 @@ fn nested_stage2(context: &Context, s: &mut Session) -> Result<(IoPageTable<Fram
             .or_else(|e| fail!("stage-2 map of RAM {bank}: {e}"))?;
     }
     let vmid = s.allocate_vmid().or_else(|e| fail!("{e}"))?;
-    let config = stage2_config(&table, vmid);
+    let config = stage2_config(&table, vmid, features.coherent);
     Ok((table, config))
 }
 
 /// The STE's stage-2 fields for `table` (4 KiB granule) with `vmid`; faults are recorded.
-fn stage2_config(table: &IoPageTable<Frames>, vmid: u16) -> Stage2Config {
+fn stage2_config(table: &IoPageTable<Frames>, vmid: u16, coherent: bool) -> Stage2Config {
     let format = table.format();
+    let (cacheability, shareability) = ste::walk_attributes(coherent);
     Stage2Config {
         vmid,
         t0sz: 64 - format.input_bits,
         sl0: table.geometry().s2_sl0(),
         granule: ste::Granule::Size4K,
         ps: size_encoding(format.output_bits),
-        cacheability: Cacheability::WriteBackAllocate,
-        shareability: Shareability::Inner,
+        cacheability,
+        shareability,
         table: table.root(),
         access_flag_fault_disable: false,
         protected_table_walk: false,
@@ -205,6 +204,7 @@ fn stage2_config(table: &IoPageTable<Frames>, vmid: u16) -> Stage2Config {
 fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage, nested: bool) -> Result<(), Failure> {
     let mut s = start(context, &smmuv3::InitOptions::default())?;
     let features = *s.features();
+    let (cacheability, shareability) = ste::walk_attributes(features.coherent);
     let output_bits = features.oas_bits.min(48);
     let input_bits = if stage == Stage::One { 39 } else { 40.min(output_bits) };
     let format = Format {
@@ -243,8 +243,8 @@ fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage, nested: bool)
                 t0sz: 64 - input_bits,
                 granule: cd::Granule::Size4K,
                 ips: size_encoding(output_bits),
-                cacheability: Cacheability::WriteBackAllocate,
-                shareability: Shareability::Inner,
+                cacheability,
+                shareability,
                 mair: desc::MAIR,
                 record_faults: true,
                 abort_on_fault: true,
@@ -259,8 +259,8 @@ fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage, nested: bool)
                 cd_max_log2: 0,
                 layout: CdTableLayout::Linear,
                 default_substream: DefaultSubstream::Terminate,
-                cacheability: Cacheability::WriteBackAllocate,
-                shareability: Shareability::Inner,
+                cacheability,
+                shareability,
                 stall_disable: features.stall_model == StallModel::StallAndTerminate,
                 el2: false,
             };
@@ -277,7 +277,7 @@ fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage, nested: bool)
         }
         Stage::Two => {
             let vmid = s.allocate_vmid().or_else(|e| fail!("{e}"))?;
-            let ste = Ste::stage2(&stage2_config(&table, vmid)).or_else(|e| fail!("STE: {e}"))?;
+            let ste = Ste::stage2(&stage2_config(&table, vmid, features.coherent)).or_else(|e| fail!("STE: {e}"))?;
             (ste, TlbContext::Stage2 { vmid, nested: false })
         }
     };
