@@ -16,6 +16,10 @@ pub const SCENARIOS_KEY: &str = "opt/smmuv3/scenarios";
 pub const STAGE_KEY: &str = "opt/smmuv3/stage";
 /// fw_cfg file giving edu's `dma_mask` property (hexadecimal with 0x, or decimal).
 pub const EDU_DMA_MASK_KEY: &str = "opt/smmuv3/edu-dma-mask";
+/// fw_cfg file overriding the board's word on the SMMU's coherency: `board` (the default) or `non-coherent` (table
+/// walks and queues non-cacheable, the CPU cleaning what it writes), to run the non-coherent path on a coherent
+/// machine.
+pub const COHERENCY_KEY: &str = "opt/smmuv3/coherency";
 /// fw_cfg file saying how a run that passed ends: `semihosting` (the default: exit status 0) or `psci-off`
 /// (PSCI SYSTEM_OFF, which QEMU turns into exit status 0). A failed run always exits through semihosting.
 pub const EXIT_KEY: &str = "opt/smmuv3/exit";
@@ -34,6 +38,8 @@ pub struct Config {
     pub edu_dma_mask: u64,
     /// End a run that passed with PSCI SYSTEM_OFF instead of a semihosting exit.
     pub power_off: bool,
+    /// Treat the SMMU as non-coherent whatever the board says.
+    pub non_coherent: bool,
 }
 
 impl Default for Config {
@@ -43,6 +49,7 @@ impl Default for Config {
             expected_stages: None,
             edu_dma_mask: edu::DEFAULT_DMA_MASK,
             power_off: false,
+            non_coherent: false,
         }
     }
 }
@@ -93,7 +100,7 @@ impl core::fmt::Display for ConfigError {
 }
 
 impl Config {
-    /// Sets one setting by its short name (`scenarios`, `stage`, `edu-dma-mask`, `exit`: the fw_cfg key without its
+    /// Sets one setting by its short name (`scenarios`, `stage`, `edu-dma-mask`, `coherency`, `exit`: the fw_cfg key without its
     /// `opt/smmuv3/` prefix); unknown names are ignored.
     ///
     /// # Errors
@@ -109,6 +116,13 @@ impl Config {
             }
             "edu-dma-mask" => {
                 self.edu_dma_mask = parse_u64(value).ok_or(ConfigError::BadValue(EDU_DMA_MASK_KEY))?;
+            }
+            "coherency" => {
+                self.non_coherent = match value {
+                    "board" => false,
+                    "non-coherent" => true,
+                    _ => return Err(ConfigError::BadValue(COHERENCY_KEY)),
+                };
             }
             "exit" => {
                 self.power_off = match value {
@@ -137,7 +151,7 @@ pub unsafe fn from_fw_cfg(base: usize) -> Result<Config, ConfigError> {
         return Ok(config);
     };
     let mut buffer = [0u8; 512];
-    for key in [SCENARIOS_KEY, STAGE_KEY, EDU_DMA_MASK_KEY, EXIT_KEY] {
+    for key in [SCENARIOS_KEY, STAGE_KEY, EDU_DMA_MASK_KEY, COHERENCY_KEY, EXIT_KEY] {
         let Some(file) = fw_cfg.find(key) else { continue };
         let len = fw_cfg.read_file(file, &mut buffer);
         let text = core::str::from_utf8(&buffer[..len]).map_err(|_| ConfigError::BadValue(key))?;
@@ -147,7 +161,7 @@ pub unsafe fn from_fw_cfg(base: usize) -> Result<Config, ConfigError> {
 }
 
 /// Reads the configuration from the semihosting command line, for boards without fw_cfg: arguments of the form
-/// `scenarios=a,b`, `stage=nested`, `edu-dma-mask=0x…`, `exit=psci-off` (QEMU: `-semihosting-config enable=on,arg=…`); other
+/// `scenarios=a,b`, `stage=nested`, `edu-dma-mask=0x…`, `coherency=non-coherent`, `exit=psci-off` (QEMU: `-semihosting-config enable=on,arg=…`); other
 /// arguments (the program name) are ignored, missing settings keep their defaults.
 ///
 /// # Errors

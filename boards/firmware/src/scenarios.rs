@@ -100,10 +100,18 @@ fn smmu(context: &Context) -> Result<Smmu, Failure> {
     match unsafe { Smmu::probe(base, desc.size) } {
         Ok(mut smmu) => {
             let cohacc = smmu.features().coherent;
-            if smmu.apply_board_coherency(desc.dma_coherent) {
+            let coherent = desc.dma_coherent && !context.config.non_coherent;
+            static SAID: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+            if smmu.apply_board_coherency(coherent) && !SAID.swap(true, core::sync::atomic::Ordering::Relaxed) {
                 println!(
-                    "  warning: IDR0.COHACC {} overridden by the board (dma-coherent {})",
-                    cohacc as u8, desc.dma_coherent
+                    "  IDR0.COHACC {} overridden: dma-coherent {} ({})",
+                    cohacc as u8,
+                    coherent,
+                    if context.config.non_coherent {
+                        "the host asked for non-coherent walks"
+                    } else {
+                        "the board says so"
+                    }
                 );
             }
             Ok(smmu)
