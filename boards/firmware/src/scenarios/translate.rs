@@ -138,6 +138,20 @@ pub fn pgtable_dma(context: &mut Context) -> Result<(), Failure> {
     Ok(())
 }
 
+/// An empty 4 KiB-granule page table of `stage` from the frame pool.
+fn new_table(stage: Stage, input_bits: u8, output_bits: u8, coherent: bool) -> Result<IoPageTable<Frames>, Failure> {
+    let format = Format {
+        stage,
+        granule: Granule::Size4K,
+        input_bits,
+        output_bits,
+    };
+    match IoPageTable::new(format, Frames, coherent) {
+        Ok(t) => Ok(t),
+        Err(e) => fail!("{e}"),
+    }
+}
+
 /// The stage-2 half of a nested configuration: RAM mapped IPA = PA with the largest blocks, and the STE fields.
 fn nested_stage2(context: &Context, s: &mut Session) -> Result<(IoPageTable<Frames>, Stage2Config), Failure> {
     let features = *s.features();
@@ -156,16 +170,7 @@ fn nested_stage2(context: &Context, s: &mut Session) -> Result<(IoPageTable<Fram
     if ram_bits > input_bits {
         fail!("RAM up to {ram_top:#x} is beyond the SMMU's {output_bits}-bit output size")
     }
-    let format = Format {
-        stage: Stage::Two,
-        granule: Granule::Size4K,
-        input_bits,
-        output_bits,
-    };
-    let mut table = match IoPageTable::new(format, Frames, features.coherent) {
-        Ok(t) => t,
-        Err(e) => fail!("{e}"),
-    };
+    let mut table = new_table(Stage::Two, input_bits, output_bits, features.coherent)?;
     for bank in &context.platform.memory {
         table
             .map(
@@ -207,16 +212,7 @@ fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage, nested: bool)
     let (cacheability, shareability) = ste::walk_attributes(features.coherent);
     let output_bits = features.oas_bits.min(48);
     let input_bits = if stage == Stage::One { 39 } else { 40.min(output_bits) };
-    let format = Format {
-        stage,
-        granule: Granule::Size4K,
-        input_bits,
-        output_bits,
-    };
-    let mut table = match IoPageTable::new(format, Frames, features.coherent) {
-        Ok(t) => t,
-        Err(e) => fail!("{e}"),
-    };
+    let mut table = new_table(stage, input_bits, output_bits, features.coherent)?;
     table.set_block_splitting(features.bbm_level >= 1);
     let (source, destination, alternate) = (page()?, page()?, page()?);
     let rw = Prot::READ | Prot::WRITE | Prot::CACHEABLE;
