@@ -86,7 +86,7 @@ impl Board {
         }
     }
 
-    /// The PCI address the runs give edu (sbsa-ref keeps 01.0 and 02.0 for its own display and NIC).
+    /// The PCI address the runs give edu (sbsa-ref puts its own NIC and display at 01.0 and 02.0 by default).
     pub fn edu_device(self) -> u8 {
         match self {
             Board::QemuVirt => 2,
