@@ -512,33 +512,27 @@ impl<A: FrameAllocator> IoPageTable<A> {
             let from = start.max(entry_base);
             let to = end.min(entry_base + entry_size);
             let d = entry.load(Ordering::Acquire);
-            if desc::is_table(d, level) {
-                self.map_in(
-                    level + 1,
-                    desc::address(d),
-                    entry_base,
-                    from,
-                    to,
-                    output(from),
-                    prot,
-                    reached,
-                )?;
-                continue;
-            }
-            // `map` checked that nothing is mapped here, so the entry is invalid: build a new table, filled
-            // before it is linked, so that a failure below leaves nothing the SMMU could have walked.
+            // Below a table entry, map into it; below an invalid one (`map` checked that nothing is mapped here)
+            // build a new table, filled before it is linked, so that a failure below leaves nothing the SMMU
+            // could have walked.
             let size = 1usize << self.geometry.granule_bits;
             // A new last-level table whose whole span is mapped: every entry a page, written here in one pass
             // (so its frame need not be zeroed first), and marked full.
-            let full = level + 1 == 3 && from == entry_base && to == entry_base + entry_size;
-            let table = if full {
-                self.allocator.allocate_for_overwrite(size, size)
+            let full =
+                !desc::is_table(d, level) && level + 1 == 3 && from == entry_base && to == entry_base + entry_size;
+            let new = if desc::is_table(d, level) {
+                None
             } else {
-                self.allocator.allocate_zeroed(size, size)
-            }
-            .map_err(MapError::NoMemory)?;
-            self.tables += 1;
-            if full {
+                let table = if full {
+                    self.allocator.allocate_for_overwrite(size, size)
+                } else {
+                    self.allocator.allocate_zeroed(size, size)
+                }
+                .map_err(MapError::NoMemory)?;
+                self.tables += 1;
+                Some(table)
+            };
+            if let (true, Some(table)) = (full, &new) {
                 let page = 1u64 << self.geometry.granule_bits;
                 let mut d = desc::leaf(self.format.stage, output(from), prot, true);
                 // SAFETY: the new table's entries, 8-byte aligned and initialised (any content); nothing else
@@ -551,23 +545,19 @@ impl<A: FrameAllocator> IoPageTable<A> {
                     d += page;
                 }
             } else {
+                let next = new.as_ref().map_or(desc::address(d), |t| t.phys.0);
                 let before = *reached;
-                if let Err(e) = self.map_in(
-                    level + 1,
-                    table.phys.0,
-                    entry_base,
-                    from,
-                    to,
-                    output(from),
-                    prot,
-                    reached,
-                ) {
-                    // Nothing of the new subtree was published: free it now, and roll back only what was linked.
-                    self.discard(level + 1, table);
-                    *reached = before;
+                if let Err(e) = self.map_in(level + 1, next, entry_base, from, to, output(from), prot, reached) {
+                    if let Some(table) = new {
+                        // Nothing of the new subtree was published: free it now, and roll back only what was
+                        // linked.
+                        self.discard(level + 1, table);
+                        *reached = before;
+                    }
                     return Err(e);
                 }
             }
+            let Some(table) = new else { continue };
             self.coherency.clean(table.virt.as_ptr(), size);
             let link = desc::table(table.phys.0) | if full { desc::SW_TABLE_FULL } else { 0 };
             // The filled table must be visible before the descriptor that points to it.
