@@ -95,3 +95,19 @@ fn a_stage_sbsa_ref_cannot_present_is_refused() {
 fn psci_reset_and_power_off_through_the_el3_stub() {
     smmuv3_harness::assert_psci_reset_and_power_off(BOARD);
 }
+
+/// The EL3 stub reports an exception it does not expect: an HCRX_EL2 read at EL2 traps to EL3 (SCR_EL3.HXEn = 0)
+/// with EC 0x18, and the stub prints ESR_EL3 and ends the run with status 5 instead of hanging.
+#[test]
+fn the_el3_stub_reports_an_unexpected_exception() {
+    let outcome = boot(&["el3-fault-report"]);
+    assert_eq!(outcome.exit_code, Some(5), "{}", outcome.report());
+    // EC 0x18 (trapped system register access) with IL set: ESR_EL3 = 0x62xx_xxxx.
+    outcome.assert_console_shows(&["EL3: unexpected exception, ESR_EL3=0x0000000062"]);
+    assert_eq!(
+        outcome.scenario("el3-fault-report"),
+        None,
+        "the run ended inside it\n{}",
+        outcome.report()
+    );
+}

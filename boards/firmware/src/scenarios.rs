@@ -53,6 +53,7 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("evtq-overflow", core_smmu::evtq_overflow),
     ("pgtable-dma", translate::pgtable_dma),
     ("psci-reset", psci_reset),
+    ("el3-fault-report", el3_fault_report),
 ];
 
 mod core_smmu;
@@ -344,4 +345,20 @@ fn psci_reset(context: &mut Context) -> Result<(), Failure> {
         smmu.global_bypass_aborts() as u8
     );
     Ok(())
+}
+
+/// `el3-fault-report`: the EL3 stub's report of an exception it does not expect. EL2 reads HCRX_EL2, which
+/// SCR_EL3.HXEn = 0 traps to EL3 on a CPU with FEAT_HCX; the stub must print ESR_EL3 and end the run through
+/// semihosting with status 5, so on a board with the stub this scenario never returns. It cannot pass where EL2
+/// is the highest level (virt: no EL3, so nothing traps the read): there it fails saying so.
+fn el3_fault_report(_context: &mut Context) -> Result<(), Failure> {
+    use aarch64_cpu::registers::{ID_AA64MMFR1_EL1, Readable};
+    if (ID_AA64MMFR1_EL1.get() >> 40) & 0xf == 0 {
+        fail!("the CPU has no FEAT_HCX, so no HCRX_EL2 access traps to EL3")
+    }
+    println!("  reading HCRX_EL2 at EL2 (SCR_EL3.HXEn = 0 traps it to EL3)");
+    let value: u64;
+    // SAFETY: reading HCRX_EL2 has no side effect; where EL3 traps it, the run ends there.
+    unsafe { core::arch::asm!("mrs {}, S3_4_C1_C2_2", out(reg) value, options(nomem, nostack, preserves_flags)) };
+    fail!("HCRX_EL2 read returned {value:#x}: no EL3 trapped it (this board has no EL3 stub)")
 }
