@@ -2,15 +2,10 @@
 //! SMMU flavour. The only SMMU events allowed are the faults the scenario provokes: translation faults after the
 //! unmap, permission faults after making the page read-only.
 
-use smmuv3_harness::{Board, Run, Stage, ensure_qemu, firmware};
+use smmuv3_harness::{Board, Run, Stage};
 
 fn pgtable_dma(stage: Stage) {
-    if let Err(why) = ensure_qemu(false) {
-        panic!("the QEMU tests need QEMU: {why}");
-    }
-    let outcome = Run::new(Board::QemuVirt, stage, &["pgtable-dma"])
-        .execute(&firmware(Board::QemuVirt))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let outcome = Run::new(Board::QemuVirt, stage, &["pgtable-dma"]).boot();
     let provoked = |e: &str| e == "SMMU_EVT_F_TRANSLATION sid=0x10" || e == "SMMU_EVT_F_PERMISSION sid=0x10";
     outcome.assert_passed_provoking(&["pgtable-dma"], provoked, 0);
     let events = outcome.smmu_events();

@@ -1,16 +1,10 @@
 //! On-target tests on QEMU virt: the firmware boots at EL2 with each SMMU flavour and its scenarios pass; a
 //! wrong expectation or an unknown scenario fails as it must.
 
-use smmuv3_harness::{Board, Run, Stage, ensure_qemu, firmware};
+use smmuv3_harness::{Board, Run, Stage};
 
 fn boot(stage: Stage, scenarios: &[&str]) -> smmuv3_harness::Outcome {
-    if let Err(why) = ensure_qemu(false) {
-        panic!("the QEMU tests need QEMU: {why}");
-    }
-    let fw = firmware(Board::QemuVirt);
-    Run::new(Board::QemuVirt, stage, scenarios)
-        .execute(&fw)
-        .unwrap_or_else(|e| panic!("{e}"))
+    Run::new(Board::QemuVirt, stage, scenarios).boot()
 }
 
 #[test]
@@ -38,12 +32,7 @@ fn foundation_scenarios_pass_on_nested() {
 
 #[test]
 fn default_scenarios_are_the_demo() {
-    if let Err(why) = ensure_qemu(false) {
-        panic!("the QEMU tests need QEMU: {why}");
-    }
-    let outcome = Run::new(Board::QemuVirt, Stage::Nested, &[])
-        .execute(&firmware(Board::QemuVirt))
-        .unwrap();
+    let outcome = boot(Stage::Nested, &[]);
     let demo = ["probe", "edu-ident", "init", "abort-default", "bypass", "pgtable-dma"];
     // abort-default provokes bad-stream records for edu's stream (StreamID 0x10) on purpose, pgtable-dma
     // translation and permission faults after its unmap and its protect.
@@ -88,13 +77,10 @@ fn unknown_scenario_fails_naming_it() {
 
 #[test]
 fn probe_fails_when_the_smmu_lacks_the_promised_stages() {
-    if let Err(why) = ensure_qemu(false) {
-        panic!("the QEMU tests need QEMU: {why}");
-    }
     // A stage-1-only SMMU, while the firmware is told it has both stages.
     let mut run = Run::new(Board::QemuVirt, Stage::One, &["probe"]);
     run.expected_stage = Some(Stage::Nested);
-    let outcome = run.execute(&firmware(Board::QemuVirt)).unwrap();
+    let outcome = run.boot();
     let reason = outcome.scenario("probe").expect("probe result").unwrap_err();
     assert!(reason.contains("offers stage 1 only"), "{}", outcome.report());
     assert_ne!(outcome.exit_code, Some(0), "{}", outcome.report());
@@ -102,12 +88,9 @@ fn probe_fails_when_the_smmu_lacks_the_promised_stages() {
 
 #[test]
 fn edu_cannot_reach_ram_without_translation_under_its_default_mask() {
-    if let Err(why) = ensure_qemu(false) {
-        panic!("the QEMU tests need QEMU: {why}");
-    }
     let mut run = Run::new(Board::QemuVirt, Stage::Nested, &["edu-ident"]);
     run.edu_dma_mask = (1 << 28) - 1;
-    let outcome = run.execute(&firmware(Board::QemuVirt)).unwrap();
+    let outcome = run.boot();
     let reason = outcome.scenario("edu-ident").expect("edu-ident result").unwrap_err();
     assert!(reason.contains("beyond edu's DMA mask"), "{}", outcome.report());
 }

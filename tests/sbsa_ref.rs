@@ -3,17 +3,12 @@
 //! memory) and the configuration from the semihosting command line. QEMU's trace is the witness, as on virt: the
 //! only SMMU events are those the scenarios provoke for edu's stream (00:03.0, StreamID 0x18).
 
-use smmuv3_harness::{Board, Outcome, Run, Stage, ensure_qemu, firmware};
+use smmuv3_harness::{Board, Outcome, Run, Stage};
 
 const BOARD: Board = Board::SbsaRef;
 
 fn boot(scenarios: &[&str]) -> Outcome {
-    if let Err(why) = ensure_qemu(false) {
-        panic!("the QEMU tests need QEMU: {why}");
-    }
-    Run::new(BOARD, Stage::Nested, scenarios)
-        .execute(&firmware(BOARD))
-        .unwrap_or_else(|e| panic!("{e}"))
+    Run::new(BOARD, Stage::Nested, scenarios).boot()
 }
 
 /// A fault record of one of `kinds` for edu's stream.

@@ -3,17 +3,12 @@
 //! trace is the witness: the only SMMU events are the bad-stream records the scenarios provoke for edu's stream,
 //! and the only command error is the one `cmdq-error` injects.
 
-use smmuv3_harness::{Board, Outcome, Run, Stage, ensure_qemu, firmware};
+use smmuv3_harness::{Board, Outcome, Run, Stage};
 
 const CORE: [&str; 5] = ["init", "abort-default", "bypass", "cmdq-error", "evtq-overflow"];
 
 fn boot(stage: Stage, scenarios: &[&str]) -> Outcome {
-    if let Err(why) = ensure_qemu(false) {
-        panic!("the QEMU tests need QEMU: {why}");
-    }
-    Run::new(Board::QemuVirt, stage, scenarios)
-        .execute(&firmware(Board::QemuVirt))
-        .unwrap_or_else(|e| panic!("{e}"))
+    Run::new(Board::QemuVirt, stage, scenarios).boot()
 }
 
 /// edu sits at 00:02.0: requester ID 0x10, StreamID 0x10 through the identity `iommu-map`. QEMU traces events
@@ -86,9 +81,6 @@ fn scenarios_are_independent_of_order() {
 /// caches, so this proves the encodings and the cache maintenance run on target, not that they are needed.
 #[test]
 fn core_and_translated_dma_with_non_coherent_walks() {
-    if let Err(why) = ensure_qemu(false) {
-        panic!("the QEMU tests need QEMU: {why}");
-    }
     let scenarios = [
         "init",
         "abort-default",
@@ -99,9 +91,7 @@ fn core_and_translated_dma_with_non_coherent_walks() {
     ];
     let mut run = Run::new(Board::QemuVirt, Stage::Nested, &scenarios);
     run.settings.push(("coherency".into(), "non-coherent".into()));
-    let outcome = run
-        .execute(&firmware(Board::QemuVirt))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let outcome = run.boot();
     let translation = |e: &str| e == "SMMU_EVT_F_TRANSLATION sid=0x10" || e == "SMMU_EVT_F_PERMISSION sid=0x10";
     outcome.assert_passed_provoking(&scenarios, |e| provoked(e) || translation(e), 1);
     outcome.assert_console_shows(&[

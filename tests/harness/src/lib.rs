@@ -313,6 +313,18 @@ impl Run {
         c
     }
 
+    /// For tests: checks QEMU (never installing it), builds this board's firmware once per process, boots it and
+    /// returns what happened.
+    ///
+    /// # Panics
+    /// When QEMU is missing or too old, the firmware does not build, or QEMU cannot be started.
+    pub fn boot(&self) -> Outcome {
+        if let Err(why) = ensure_qemu(false) {
+            panic!("the QEMU tests need QEMU: {why}");
+        }
+        self.execute(&firmware(self.board)).unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// Boots QEMU and waits for it to exit or for the timeout (then kills it).
     ///
     /// # Errors
@@ -571,12 +583,9 @@ impl Outcome {
 /// # Panics
 /// With the run's report when any of that does not hold.
 pub fn assert_psci_reset_and_power_off(board: Board) {
-    if let Err(why) = ensure_qemu(false) {
-        panic!("the QEMU tests need QEMU: {why}");
-    }
     let mut run = Run::new(board, Stage::Nested, &["probe", "psci-reset"]);
     run.settings.push(("exit".into(), "psci-off".into()));
-    let outcome = run.execute(&firmware(board)).unwrap_or_else(|e| panic!("{e}"));
+    let outcome = run.boot();
     outcome.assert_passed(&["probe", "psci-reset"]);
     outcome.assert_console_shows(&[
         "PSCI 1.1 through SMC; SYSTEM_OFF and SYSTEM_RESET supported",
