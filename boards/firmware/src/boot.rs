@@ -128,7 +128,9 @@ macro_rules! el3_boot_stub {
         system_off: ($off_register:expr, $off_value:expr),
         system_reset: ($reset_register:expr, $reset_value:expr) $(,)?
     ) => {
-        /// The EL3 stub's stack: the SMC service saves its scratch registers here.
+        /// The EL3 stub's stack: only its fault report uses it (the SMC service touches no memory).
+        // SAFETY (attributes): `el3_stack` is defined only here, the macro is instantiated once per binary, and
+        // `.stack.*` is aarch64-rt's NOLOAD stack region, which nothing else overlaps.
         #[unsafe(link_section = ".stack.el3")]
         #[unsafe(export_name = "el3_stack")]
         static mut EL3_STACK: [u64; 512] = [0; 512];
@@ -369,6 +371,8 @@ macro_rules! el3_boot_stub {
 #[macro_export]
 macro_rules! el2_boot_map_48 {
     ($($slot:literal => $table:path),+ $(,)?) => {
+        // SAFETY (attributes): `boot_root_table` is defined only here, once per binary; in `.data` (not `.bss`) so
+        // that aarch64-rt's entry does not zero it after `enable_mmu` has filled it and turned the MMU on.
         #[unsafe(link_section = ".data.boot_root")]
         #[unsafe(export_name = "boot_root_table")]
         static mut BOOT_ROOT_TABLE: $crate::boot::Table = $crate::boot::Table::EMPTY;
