@@ -8,10 +8,10 @@ use tock_registers::interfaces::{ReadWriteable, Readable, Writeable};
 
 use crate::deadline::{Deadline, TimedOut};
 use crate::features::Features;
-use crate::hitless::{self, EntryWriter, UpdateKind};
-use crate::hw::command::{Command, TlbiRange, plan_range_invalidation};
+use crate::hitless::{self, EntryState, EntryWriter, UpdateFailed, UpdateKind};
+use crate::hw::command::{Command, SyncCompletion, TlbiRange, plan_range_invalidation};
 use crate::hw::event::{Event, GlobalErrors};
-use crate::hw::regs::{BASE, CR0, CR1, CR2, GBPA, STRTAB_BASE_CFG, SmmuPage0};
+use crate::hw::regs::{CR0, CR1, CR2, GBPA, STRTAB_BASE_CFG, SmmuPage0, cmdq_base, strtab_base, written_queue_base};
 use crate::hw::ste::Ste;
 use crate::ids::{IdAllocator, IdError};
 use crate::mem::{AllocError, Coherency, FrameAllocator, write_barrier};
@@ -36,6 +36,9 @@ pub enum TlbContext {
         /// VMID of the STE.
         vmid: u16,
     },
+    /// A stage-1 table of the EL2 translation regime (STE.STRW = EL2, no E2H: one VA range, no ASIDs), on an
+    /// SMMU with IDR0.HYP. Invalidated with TLBI_EL2_VA / TLBI_EL2_ALL.
+    Stage1El2,
     /// A stage-2 table used with `vmid`.
     Stage2 {
         /// VMID of the STE.
@@ -137,8 +140,12 @@ impl fmt::Display for InitError {
 pub enum AttachError {
     /// The stream cannot be reached.
     Stream(StreamError),
-    /// The invalidation after a write failed; the entry may be partly written.
+    /// The STE's invalidation command could not be encoded; nothing was written.
     Queue(CommandQueueError),
+    /// An invalidation (CFGI_STE + CMD_SYNC) between two steps of the hitless writer failed. The writer stopped
+    /// there: the STE in memory holds [`UpdateFailed::left`], a configuration the SMMU may read safely, but the
+    /// SMMU may still be using the one the last completed sync announced.
+    Invalidation(UpdateFailed<CommandQueueError>),
 }
 
 impl fmt::Display for AttachError {
@@ -146,7 +153,54 @@ impl fmt::Display for AttachError {
         match self {
             AttachError::Stream(e) => write!(f, "{e}"),
             AttachError::Queue(e) => write!(f, "STE invalidation: {e}"),
+            AttachError::Invalidation(e) => write!(
+                f,
+                "STE invalidation failed after {} sync(s); the STE is left {}: {}",
+                e.syncs, e.left, e.error
+            ),
         }
+    }
+}
+
+/// Why a TLB invalidation could not be done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InvalidationError {
+    /// The command queue failed (a command refused, a timeout, service failure).
+    Queue(CommandQueueError),
+    /// [`TlbContext::Stage1El2`] on an SMMU without EL2 contexts (IDR0.HYP = 0); nothing was issued.
+    NoEl2Contexts,
+}
+
+impl fmt::Display for InvalidationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InvalidationError::Queue(e) => write!(f, "{e}"),
+            InvalidationError::NoEl2Contexts => {
+                f.write_str("an EL2 stage-1 context on an SMMU without EL2 contexts (IDR0.HYP = 0)")
+            }
+        }
+    }
+}
+
+/// Why [`ActiveSmmu::flush`] failed. The gathered tables were not released: they are handed back in
+/// [`FlushError::gather`], still owned by the caller, since a walk may still reach them. Flushing that gather again
+/// (once the queue works) completes the job; dropping it leaks the tables, which is safe.
+#[derive(Debug)]
+pub struct FlushError {
+    /// What went wrong.
+    pub error: InvalidationError,
+    /// The invalidation still owed, and the unlinked tables it guards.
+    pub gather: Gather,
+}
+
+impl fmt::Display for FlushError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "TLB invalidation failed ({}); {} unlinked table(s) kept until it succeeds",
+            self.error,
+            self.gather.freed_tables()
+        )
     }
 }
 
@@ -294,8 +348,7 @@ impl Smmu {
         regs.gerrorn.set(regs.gerror.get());
         // 5. Stream table.
         write_barrier();
-        regs.strtab_base
-            .write(BASE::RA::SET + BASE::ADDR.val(streams.base().0 >> 5));
+        regs.strtab_base.set(strtab_base(streams.base().0));
         regs.strtab_base_cfg.write(match format {
             StreamTableFormat::Linear { sid_bits } => {
                 STRTAB_BASE_CFG::FMT::Linear + STRTAB_BASE_CFG::LOG2SIZE.val(u32::from(sid_bits))
@@ -325,14 +378,11 @@ impl Smmu {
         // Record C_BAD_STREAMID for streams beyond the table; private TLB maintenance (no broadcast TLBI).
         regs.cr2.write(CR2::RECINVSID::SET + CR2::PTM::SET);
         // 7. Queues.
-        regs.cmdq_base.write(
-            BASE::RA::SET + BASE::ADDR.val(cmdq.memory().phys.0 >> 5) + BASE::LOG2SIZE.val(u64::from(cmdq_log2)),
-        );
+        regs.cmdq_base.set(cmdq_base(cmdq.memory().phys.0, cmdq_log2));
         regs.cmdq_prod.set(0);
         regs.cmdq_cons.set(0);
-        regs.eventq_base.write(
-            BASE::WA::SET + BASE::ADDR.val(evtq.memory().phys.0 >> 5) + BASE::LOG2SIZE.val(u64::from(evtq_log2)),
-        );
+        regs.eventq_base
+            .set(written_queue_base(evtq.memory().phys.0, evtq_log2));
         let page1 = self.page1_regs();
         page1.eventq_prod.set(0);
         page1.eventq_cons.set(0);
@@ -409,7 +459,8 @@ impl<A: FrameAllocator> ActiveSmmu<A> {
     ///
     /// # Errors
     /// [`AttachError::Stream`] for a StreamID beyond the table or no memory for its level-2 span (nothing
-    /// changes then); [`AttachError::Queue`] when an invalidation fails (the entry may be partly written).
+    /// changes then); [`AttachError::Invalidation`] when an invalidation fails: the writer stops at that step and
+    /// says what the STE holds.
     pub fn install_ste(&mut self, sid: u32, ste: &Ste) -> Result<InstallReport, AttachError> {
         let coherency = self.streams.coherency();
         let slot = self.streams.slot(sid, &self.allocator).map_err(AttachError::Stream)?;
@@ -421,31 +472,26 @@ impl<A: FrameAllocator> ActiveSmmu<A> {
         .encode()
         .map_err(|e| AttachError::Queue(CommandQueueError::Encoding(e)))?;
         let (cmdq, regs) = (&mut self.cmdq, self.smmu.regs());
-        let mut error = None;
         let mut writer = SlotWriter {
             words: slot.words,
             coherency,
-            invalidate: || {
-                if error.is_none()
-                    && let Err(e) = cmdq.submit(regs, &[invalidate], true)
-                {
-                    error = Some(e);
-                }
-            },
+            invalidate: || cmdq.submit(regs, &[invalidate], true).map(drop),
             syncs: 0,
         };
-        let kind = hitless::update_entry::<Ste>(&live, &ste.0, &mut writer);
+        let kind = hitless::update_entry::<Ste, _>(&live, &ste.0, &mut writer).map_err(AttachError::Invalidation)?;
         if slot.new_span && writer.syncs == 0 {
             // A new span's level-1 descriptor is invalidated even when the STE itself did not change.
-            writer.sync();
-        }
-        let syncs = writer.syncs;
-        if let Some(e) = error {
-            return Err(AttachError::Queue(e));
+            writer.sync().map_err(|error| {
+                AttachError::Invalidation(UpdateFailed {
+                    error,
+                    syncs: 0,
+                    left: EntryState::New,
+                })
+            })?;
         }
         Ok(InstallReport {
             kind,
-            syncs,
+            syncs: writer.syncs,
             new_span: slot.new_span,
         })
     }
@@ -475,10 +521,13 @@ impl<A: FrameAllocator> ActiveSmmu<A> {
         self.install_ste(sid, &Ste::bypass())
     }
 
-    /// Submits a batch and a CMD_SYNC, and waits for completion. Commands the SMMU refuses are reported in the
-    /// result and skipped; the rest complete.
+    /// Submits a batch and a CMD_SYNC, and waits for completion. A command the SMMU could not fetch
+    /// (CERROR_ABT) is fetched again; one it refuses as illegal (CERROR_ILL) is replaced with a CMD_SYNC so the
+    /// rest of the batch completes, and the submission then fails. On an SMMU with
+    /// [`crate::features::Quirks::CMDQ_SYNC_EVERY_63`] a CMD_SYNC is inserted after every 63 commands.
     ///
     /// # Errors
+    /// [`CommandQueueError::Refused`] (after the rest of the batch completed) when a command was illegal,
     /// [`CommandQueueError::Timeout`] when the SMMU stops consuming, [`CommandQueueError::ServiceFailure`].
     pub fn submit(&mut self, batch: &Batch) -> Result<BatchReport, CommandQueueError> {
         self.cmdq.submit(self.smmu.regs(), batch.words(), true)
@@ -499,30 +548,70 @@ impl<A: FrameAllocator> ActiveSmmu<A> {
         self.submit(&batch)
     }
 
-    /// Invalidates what `gather` collected from `table` for `context`, with one CMD_SYNC, then gives the tables
-    /// the gather unlinked back to their allocator (only now can no walk reach them). The least invalidation:
-    /// range TLBIs when the SMMU has them (IDR3.RIL), one TLBI per granule up to [`PER_GRANULE_LIMIT`], else the
-    /// whole ASID or VMID. Leaf-only when no table was unlinked. A stage-2 change also drops the VMID's combined
-    /// (nested) stage-1 entries, which cannot be found by IPA.
+    /// Invalidates what `gather` collected from `table` for `context`, waits for it to complete (CMD_SYNC), then
+    /// gives the tables the gather unlinked back to their allocator (only now can no walk reach them). The least
+    /// invalidation: range TLBIs when the SMMU has them (IDR3.RIL), one TLBI per granule up to
+    /// [`PER_GRANULE_LIMIT`], else the whole ASID, VMID or EL2 regime. Leaf-only when no table was unlinked.
+    ///
+    /// A stage-2 change under nested translation also drops the VMID's combined stage-1 entries, which cannot be
+    /// found by IPA, in the order the architecture's stage-2 maintenance needs (as the CPU's TLBI IPAS2E1; DSB;
+    /// TLBI VMALLE1): TLBI_S2_IPA, **CMD_SYNC**, TLBI_NH_ALL, CMD_SYNC. Without the first sync a walk could
+    /// rebuild a combined entry from a stage-2 entry that is still being invalidated.
+    ///
+    /// The page-table code changes descriptors but invalidates nothing itself: after `map` over what was unmapped,
+    /// `unmap` or `protect`, the caller flushes the gather here before it relies on the change (or before it reuses
+    /// what was unmapped).
     ///
     /// # Errors
-    /// As [`ActiveSmmu::submit`]; the unlinked tables are then kept (leaked), since a walk may still reach them.
+    /// [`FlushError`] when the invalidation failed (a refused command, a timeout, service failure) or, for
+    /// [`TlbContext::Stage1El2`], the SMMU has no EL2 contexts. The tables are then **not** released: the error
+    /// hands the gather back.
     pub fn flush<T: FrameAllocator>(
         &mut self,
         table: &mut IoPageTable<T>,
         gather: Gather,
         context: TlbContext,
-    ) -> Result<BatchReport, CommandQueueError> {
+    ) -> Result<BatchReport, FlushError> {
         if gather.is_empty() {
             table.release(gather);
             return Ok(BatchReport::default());
         }
-        let granule = table.format().granule;
+        if context == TlbContext::Stage1El2 && !self.features().hyp {
+            return Err(FlushError {
+                error: InvalidationError::NoEl2Contexts,
+                gather,
+            });
+        }
+        match self.invalidation(table.format().granule, &gather, context) {
+            Ok(report) => {
+                table.release(gather);
+                Ok(report)
+            }
+            Err(error) => Err(FlushError {
+                error: InvalidationError::Queue(error),
+                gather,
+            }),
+        }
+    }
+
+    /// Issues the TLB invalidation that covers `gather` and waits for it.
+    fn invalidation(
+        &mut self,
+        granule: crate::pgtable::Granule,
+        gather: &Gather,
+        context: TlbContext,
+    ) -> Result<BatchReport, CommandQueueError> {
         let leaf = !gather.tables_unlinked;
         let one = |address: u64, range: Option<TlbiRange>| match context {
             TlbContext::Stage1 { asid, vmid } => Command::TlbiNhVa {
                 vmid,
                 asid,
+                address,
+                leaf,
+                range,
+            },
+            TlbContext::Stage1El2 => Command::TlbiEl2Va {
+                asid: 0,
                 address,
                 leaf,
                 range,
@@ -536,6 +625,7 @@ impl<A: FrameAllocator> ActiveSmmu<A> {
         };
         let whole = match context {
             TlbContext::Stage1 { asid, vmid } => Command::TlbiNhAsid { vmid, asid },
+            TlbContext::Stage1El2 => Command::TlbiEl2All,
             TlbContext::Stage2 { vmid, .. } => Command::TlbiS12Vmall { vmid },
         };
         let mut batch = Batch::new();
@@ -559,11 +649,13 @@ impl<A: FrameAllocator> ActiveSmmu<A> {
             _ => batch.push(&whole)?,
         }
         if let TlbContext::Stage2 { vmid, nested: true } = context {
+            // The stage-2 invalidation completes before the combined entries go (see `flush`).
+            batch.push(&Command::Sync {
+                completion: SyncCompletion::None,
+            })?;
             batch.push(&Command::TlbiNhAll { vmid })?;
         }
-        let report = self.submit(&batch)?;
-        table.release(gather);
-        Ok(report)
+        self.submit(&batch)
     }
 
     /// Reads the global errors, acknowledges the recoverable ones and reports them. An event queue abort is
@@ -754,7 +846,7 @@ mod tests {
     use crate::testing::HeapFrames;
     use core::ptr::NonNull;
     use std::alloc::{Layout, alloc_zeroed, dealloc};
-    use std::sync::atomic::AtomicBool;
+    use std::sync::atomic::{AtomicBool, AtomicU8};
     use std::sync::{Arc, Mutex};
     use std::vec::Vec;
 
@@ -781,6 +873,8 @@ mod tests {
         layout: Layout,
         stop: Arc<AtomicBool>,
         seen: Arc<Mutex<Seen>>,
+        /// An opcode the model refuses as illegal (CERROR_ILL), 0 for none.
+        refuse: Arc<AtomicU8>,
         thread: Option<std::thread::JoinHandle<()>>,
     }
 
@@ -790,16 +884,23 @@ mod tests {
 
     impl Model {
         fn start(frames: &'static HeapFrames) -> Model {
+            Model::start_with(frames, IDRS[0].1)
+        }
+
+        /// A model whose IDR0 reads `idr0` (the other ID registers as QEMU's).
+        fn start_with(frames: &'static HeapFrames, idr0: u32) -> Model {
             let layout = Layout::from_size_align(0x2_0000, 0x1_0000).unwrap();
             // SAFETY: non-zero size.
             let base = unsafe { alloc_zeroed(layout) } as usize;
             for (offset, value) in IDRS {
+                let value = if offset == 0 { idr0 } else { value };
                 // SAFETY: inside the block.
                 unsafe { reg32(base, offset).write_volatile(value) };
             }
             let stop = Arc::new(AtomicBool::new(false));
             let seen = Arc::new(Mutex::new(Seen::default()));
-            let (stop2, seen2) = (Arc::clone(&stop), Arc::clone(&seen));
+            let refuse = Arc::new(AtomicU8::new(0));
+            let (stop2, seen2, refuse2) = (Arc::clone(&stop), Arc::clone(&seen), Arc::clone(&refuse));
             let thread = std::thread::spawn(move || {
                 let r = |o| {
                     // SAFETY: inside the live block (joined before it is freed).
@@ -828,7 +929,9 @@ mod tests {
                     if gbpa & (1 << 31) != 0 {
                         w(0x44, gbpa & !(1 << 31));
                     }
-                    if cr0 & (1 << 3) != 0 {
+                    // A command error stops the queue until the driver acknowledges it (GERRORN.CMDQ_ERR).
+                    let error_pending = (r(0x60) ^ r(0x64)) & 1 != 0;
+                    if cr0 & (1 << 3) != 0 && !error_pending {
                         let base_reg = u64::from(r(0x90)) | u64::from(r(0x94)) << 32;
                         let log2 = (base_reg & 0x1f) as u32;
                         let queue = frames.virt(base_reg & (((1 << 52) - 1) & !0x1f)) as *const u64;
@@ -838,6 +941,12 @@ mod tests {
                             let index = (cons & ((1 << log2) - 1)) as usize;
                             // SAFETY: the queue is live while the driver runs.
                             let op = unsafe { queue.add(index * 2).read_volatile() } as u8;
+                            if op != 0 && op == refuse2.load(Ordering::SeqCst) {
+                                // CERROR_ILL at CONS, GERROR.CMDQ_ERR raised.
+                                w(0x9c, cons | 1 << 24);
+                                w(0x60, r(0x64) ^ 1);
+                                break;
+                            }
                             seen2.lock().unwrap().consumed.push(op);
                             cons = (cons + 1) & mask;
                             w(0x9c, cons);
@@ -851,6 +960,7 @@ mod tests {
                 layout,
                 stop,
                 seen,
+                refuse,
                 thread: Some(thread),
             }
         }
@@ -890,6 +1000,17 @@ mod tests {
         assert!(abort, "GBPA.ABORT set before translation was enabled");
         assert_eq!(strtab & !0x3f & ((1 << 52) - 1), smmu.configuration().stream_table_base);
         assert_eq!(strtab >> 62 & 1, 1, "RA");
+        let read64 = |offset| {
+            // SAFETY: inside the live block.
+            unsafe {
+                u64::from(reg32(model.base, offset).read_volatile())
+                    | u64::from(reg32(model.base, offset + 4).read_volatile()) << 32
+            }
+        };
+        let eventq_base = read64(0xa0);
+        assert_eq!(eventq_base >> 62, 0b01, "EVENTQ_BASE.WA is bit 62; bit 63 is RES0");
+        assert_eq!(eventq_base & !(0b11 << 62) & !0x1f, smmu.configuration().eventq_base);
+        assert_eq!(read64(0x90) >> 62, 0b01, "CMDQ_BASE.RA");
         // CFGI_ALL, TLBI_NSNH_ALL (no EL2 contexts: IDR0.HYP = 0), CMD_SYNC, all before SMMUEN.
         assert_eq!(consumed, [opcode::CFGI_ALL, opcode::TLBI_NSNH_ALL, opcode::SYNC]);
         assert!(matches!(
@@ -1062,15 +1183,134 @@ mod tests {
         let ops = consumed(&model, before);
         assert_eq!(ops.first(), Some(&opcode::TLBI_S2_IPA));
         assert_eq!(
-            &ops[ops.len() - 2..],
-            [opcode::TLBI_NH_ALL, opcode::SYNC],
-            "nested: combined entries too"
+            &ops[ops.len() - 3..],
+            [opcode::SYNC, opcode::TLBI_NH_ALL, opcode::SYNC],
+            "nested: the stage-2 invalidation completes before the combined entries go"
         );
+        assert!(ops[..ops.len() - 3].iter().all(|&op| op == opcode::TLBI_S2_IPA));
 
         // Nothing gathered: nothing issued.
         let before = model.seen.lock().unwrap().consumed.len();
         smmu.flush(&mut table, Gather::default(), TlbContext::Stage1 { asid: 3, vmid: 0 })
             .unwrap();
         assert_eq!(consumed(&model, before), []);
+    }
+
+    fn stage1_table(frames: &'static HeapFrames) -> crate::pgtable::IoPageTable<&'static HeapFrames> {
+        use crate::pgtable::{Format, Granule, IoPageTable, Prot, Stage};
+        let format = Format {
+            stage: Stage::One,
+            granule: Granule::Size4K,
+            input_bits: 39,
+            output_bits: 44,
+        };
+        let mut table = IoPageTable::new(format, frames, true).unwrap();
+        table
+            .map(
+                0x40_0000,
+                0x8000_0000,
+                16 * 4096,
+                Prot::READ | Prot::WRITE | Prot::CACHEABLE,
+            )
+            .unwrap();
+        table
+    }
+
+    #[test]
+    fn flush_keeps_the_unlinked_tables_when_the_invalidation_fails() {
+        use crate::pgtable::Gather;
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
+        let mut table = stage1_table(frames);
+        let mut gather = Gather::default();
+        table.unmap(0x40_0000, 16 * 4096, &mut gather).unwrap();
+        assert_eq!(gather.freed_tables(), 2);
+        let live = frames.live_blocks();
+        model.refuse.store(opcode::TLBI_NH_VA, Ordering::SeqCst);
+        let context = TlbContext::Stage1 { asid: 3, vmid: 0 };
+        let error = smmu.flush(&mut table, gather, context).unwrap_err();
+        assert!(
+            matches!(
+                error.error,
+                InvalidationError::Queue(CommandQueueError::Refused { count: 1, .. })
+            ),
+            "{error}"
+        );
+        assert_eq!(frames.live_blocks(), live, "no table freed: a walk may still reach it");
+        assert_eq!(error.gather.freed_tables(), 2, "the tables come back to the caller");
+        // Once the SMMU takes the command, the same gather completes the job.
+        model.refuse.store(0, Ordering::SeqCst);
+        smmu.flush(&mut table, error.gather, context).unwrap();
+        assert_eq!(frames.live_blocks(), live - 2);
+    }
+
+    #[test]
+    fn a_failed_ste_invalidation_stops_the_hitless_writer() {
+        use crate::hw::ste::{Config, EXAMPLE_S2, Ste};
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
+        smmu.attach_abort(0x10).unwrap();
+        // abort -> stage 2 takes two steps: the qwords abort does not read (sync), then qword 0 (sync). The first
+        // CFGI_STE is refused: the writer must not go on to qword 0.
+        model.refuse.store(opcode::CFGI_STE, Ordering::SeqCst);
+        let target = Ste::stage2(&EXAMPLE_S2).unwrap();
+        let error = smmu.install_ste(0x10, &target).unwrap_err();
+        let AttachError::Invalidation(failed) = error else {
+            panic!("{error:?}")
+        };
+        assert_eq!((failed.syncs, failed.left), (0, EntryState::Old));
+        assert!(matches!(failed.error, CommandQueueError::Refused { .. }));
+        let left = smmu.ste(0x10).unwrap();
+        assert_eq!(left.config(), Config::Abort, "qword 0 untouched after the failed sync");
+        assert_eq!(left.0[1..], target.0[1..], "what the first step wrote stays");
+        assert!(std::format!("{error}").contains("the old configuration"));
+        model.refuse.store(0, Ordering::SeqCst);
+        assert_eq!(smmu.install_ste(0x10, &target).unwrap().syncs, 1, "the rest, on retry");
+        assert_eq!(smmu.ste(0x10), Ok(target));
+    }
+
+    #[test]
+    fn init_fails_when_its_invalidation_is_refused() {
+        let frames = frames();
+        let model = Model::start(frames);
+        model.refuse.store(opcode::CFGI_ALL, Ordering::SeqCst);
+        let error = model.smmu().init(frames, &InitOptions::default()).err();
+        assert!(
+            matches!(error, Some(InitError::Invalidation(CommandQueueError::Refused { .. }))),
+            "{error:?}"
+        );
+        // SAFETY: inside the live block.
+        let cr0 = unsafe { reg32(model.base, 0x20).read_volatile() };
+        assert_eq!(cr0 & 1, 0, "translation is not enabled over stale cached state");
+    }
+
+    #[test]
+    fn el2_stage1_is_invalidated_with_el2_commands_only_where_the_smmu_has_el2_contexts() {
+        use crate::pgtable::Gather;
+        let frames = frames();
+        // QEMU's SMMU has no IDR0.HYP: an EL2 context is refused, and nothing is issued.
+        let model = Model::start(frames);
+        let mut smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
+        let mut table = stage1_table(frames);
+        let mut gather = Gather::default();
+        table.unmap(0x40_0000, 4096, &mut gather).unwrap();
+        let before = model.seen.lock().unwrap().consumed.len();
+        let error = smmu.flush(&mut table, gather, TlbContext::Stage1El2).unwrap_err();
+        assert_eq!(error.error, InvalidationError::NoEl2Contexts);
+        assert_eq!(model.seen.lock().unwrap().consumed.len(), before);
+        smmu.shutdown(false).unwrap();
+        drop(model);
+
+        // With IDR0.HYP (bit 9): TLBI_EL2_VA, and init's invalidation includes TLBI_EL2_ALL.
+        let model = Model::start_with(frames, IDRS[0].1 | 1 << 9);
+        let mut smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
+        let at_init = model.seen.lock().unwrap().consumed.clone();
+        assert!(at_init.contains(&opcode::TLBI_EL2_ALL));
+        let before = at_init.len();
+        smmu.flush(&mut table, error.gather, TlbContext::Stage1El2).unwrap();
+        let ops = model.seen.lock().unwrap().consumed[before..].to_vec();
+        assert_eq!(ops, [opcode::TLBI_EL2_VA, opcode::SYNC]);
     }
 }

@@ -8,9 +8,10 @@
 use core::fmt;
 use core::sync::atomic::Ordering;
 
-use crate::hitless::{self, UpdateKind};
+use crate::hitless::{self, UpdateFailed, UpdateKind};
 use crate::hw::cd::{self, Cd};
 use crate::mem::{AllocError, Coherency, FrameAllocator, PhysAddr};
+use crate::queue::cmdq::CommandQueueError;
 use crate::table::{EntryTable, Level1, SlotWriter};
 
 /// Bytes per CD.
@@ -79,6 +80,8 @@ pub enum CdTableError {
     },
     /// No memory for the table or a leaf.
     NoMemory(AllocError),
+    /// An invalidation of the hitless writer failed; it stopped there, leaving the CD as this says.
+    Invalidation(UpdateFailed<CommandQueueError>),
 }
 
 impl fmt::Display for CdTableError {
@@ -88,6 +91,11 @@ impl fmt::Display for CdTableError {
                 write!(f, "SubstreamID {ssid:#x} is beyond the {ssid_bits}-bit CD table")
             }
             CdTableError::NoMemory(e) => write!(f, "CD table: {e}"),
+            CdTableError::Invalidation(e) => write!(
+                f,
+                "CD invalidation failed after {} sync(s), the CD is left {}: {}",
+                e.syncs, e.left, e.error
+            ),
         }
     }
 }
@@ -176,12 +184,13 @@ impl CdTable {
     ///
     /// # Errors
     /// [`CdTableError::UnknownSubstream`], [`CdTableError::NoMemory`] for a leaf; nothing changes then.
+    /// [`CdTableError::Invalidation`] when `sync` fails: nothing is written after it.
     pub fn write(
         &mut self,
         ssid: u32,
         target: &Cd,
         allocator: &impl FrameAllocator,
-        mut sync: impl FnMut(bool),
+        mut sync: impl FnMut(bool) -> Result<(), CommandQueueError>,
     ) -> Result<CdWriteReport, CdTableError> {
         self.check(ssid)?;
         if self.table.entry(ssid).is_none() && *target == Cd::invalid() {
@@ -204,7 +213,7 @@ impl CdTable {
             invalidate: || sync(!new_leaf),
             syncs: 0,
         };
-        let kind = hitless::update_entry::<Cd>(&live, &target.0, &mut writer);
+        let kind = hitless::update_entry::<Cd, _>(&live, &target.0, &mut writer).map_err(CdTableError::Invalidation)?;
         Ok(CdWriteReport {
             kind,
             syncs: writer.syncs,
@@ -259,7 +268,12 @@ mod tests {
         let frames = HeapFrames::default();
         let mut table = CdTable::new(CdTableFormat::Linear { ssid_bits: 0 }, &frames, true).unwrap();
         let mut syncs = Vec::new();
-        let report = table.write(0, &cd(5), &frames, |leaf| syncs.push(leaf)).unwrap();
+        let report = table
+            .write(0, &cd(5), &frames, |leaf| {
+                syncs.push(leaf);
+                Ok(())
+            })
+            .unwrap();
         assert_eq!(
             (report.kind, report.syncs, report.new_leaf),
             (UpdateKind::Hitless, 2, false)
@@ -267,7 +281,7 @@ mod tests {
         assert_eq!(syncs, [true, true], "CFGI_CD with Leaf: only the CD changed");
         assert_eq!(table.read(0), Ok(cd(5)));
         assert_eq!(
-            table.write(1, &cd(5), &frames, |_| {}),
+            table.write(1, &cd(5), &frames, |_| Ok(())),
             Err(CdTableError::UnknownSubstream { ssid: 1, ssid_bits: 0 })
         );
         // SAFETY: nothing points to it.
@@ -286,7 +300,12 @@ mod tests {
         assert_eq!((r.kind, r.new_leaf), (UpdateKind::NoChange, false));
         assert_eq!(frames.live_blocks(), 2);
         let mut syncs = Vec::new();
-        let r = table.write(0x4321, &cd(9), &frames, |leaf| syncs.push(leaf)).unwrap();
+        let r = table
+            .write(0x4321, &cd(9), &frames, |leaf| {
+                syncs.push(leaf);
+                Ok(())
+            })
+            .unwrap();
         assert!(r.new_leaf);
         assert_eq!(syncs, [false, false], "a new level-1 descriptor: CFGI_CD without Leaf");
         assert_eq!(table.read(0x4321), Ok(cd(9)));
@@ -299,13 +318,18 @@ mod tests {
         assert_eq!(unsafe { leaf.add(0x321 * 8).read() }, cd(9).0[0]);
         // Same leaf, another CD: Leaf invalidation.
         let mut syncs = Vec::new();
-        let r = table.write(0x4322, &cd(10), &frames, |leaf| syncs.push(leaf)).unwrap();
+        let r = table
+            .write(0x4322, &cd(10), &frames, |leaf| {
+                syncs.push(leaf);
+                Ok(())
+            })
+            .unwrap();
         assert!(!r.new_leaf);
         assert!(syncs.iter().all(|leaf| *leaf));
         // ASID change of a live CD: one qword, one sync.
-        assert_eq!(table.write(0x4322, &cd(11), &frames, |_| {}).unwrap().syncs, 1);
+        assert_eq!(table.write(0x4322, &cd(11), &frames, |_| Ok(())).unwrap().syncs, 1);
         assert_eq!(
-            table.write(0x1_0000, &cd(1), &frames, |_| {}),
+            table.write(0x1_0000, &cd(1), &frames, |_| Ok(())),
             Err(CdTableError::UnknownSubstream {
                 ssid: 0x1_0000,
                 ssid_bits: 16

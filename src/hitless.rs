@@ -11,6 +11,10 @@
 //!
 //! Each sync is the caller's invalidation (CFGI_STE / CFGI_CD + CMD_SYNC). Only changed qwords are written and a
 //! sync follows only a change, so sync counts are exact.
+//!
+//! A sync can fail (the invalidation was refused or timed out). The writer then stops at once: the entry is left
+//! as it was when that sync was issued, which by construction the SMMU may read safely (the old configuration,
+//! the new one, or invalid), and [`UpdateFailed`] says which, so the caller knows what the SMMU may be using.
 
 /// Which bits of an entry the SMMU reads, given the entry's own configuration.
 pub trait UsedBits {
@@ -22,10 +26,48 @@ pub trait UsedBits {
 
 /// Where the writer's stores and invalidations go.
 pub trait EntryWriter {
+    /// Why a sync failed.
+    type Error;
     /// Stores one qword of the live entry (a single 64-bit store).
     fn write_qword(&mut self, index: usize, value: u64);
     /// Makes the stores so far visible to the SMMU and invalidates its cached copy.
-    fn sync(&mut self);
+    ///
+    /// # Errors
+    /// When the invalidation could not be completed; the writer then writes nothing more.
+    fn sync(&mut self) -> Result<(), Self::Error>;
+}
+
+/// What a live entry holds, judged by the bits the SMMU reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryState {
+    /// The configuration it held before the update.
+    Old,
+    /// The target configuration.
+    New,
+    /// V = 0: every access through it aborts (and is reported as C_BAD_STE / C_BAD_CD).
+    Invalid,
+}
+
+impl core::fmt::Display for EntryState {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            EntryState::Old => "the old configuration",
+            EntryState::New => "the new configuration",
+            EntryState::Invalid => "invalid (V = 0)",
+        })
+    }
+}
+
+/// An update stopped at a failed sync.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UpdateFailed<E> {
+    /// The sync's error.
+    pub error: E,
+    /// Syncs that completed before it.
+    pub syncs: u32,
+    /// What the entry in memory holds now: what the failed sync was to announce. Whether the SMMU has fetched it
+    /// is unknown; it may still use what the last completed sync announced.
+    pub left: EntryState,
 }
 
 /// The path an update took.
@@ -43,6 +85,7 @@ struct Tracked<'a, W: EntryWriter> {
     live: [u64; 8],
     writer: &'a mut W,
     dirty: bool,
+    syncs: u32,
 }
 
 impl<W: EntryWriter> Tracked<'_, W> {
@@ -54,19 +97,62 @@ impl<W: EntryWriter> Tracked<'_, W> {
         }
     }
 
-    fn sync(&mut self) {
+    fn sync(&mut self) -> Result<(), W::Error> {
         if self.dirty {
-            self.writer.sync();
+            self.writer.sync()?;
+            self.syncs += 1;
             self.dirty = false;
         }
+        Ok(())
+    }
+}
+
+/// Which configuration `words` holds, judged by the bits the SMMU reads.
+fn state_of<E: UsedBits>(words: &[u64; 8], old: &[u64; 8]) -> EntryState {
+    if words[0] & E::VALID == 0 {
+        return EntryState::Invalid;
+    }
+    let used = E::used_bits(old);
+    if E::used_bits(words) == used && (0..8).all(|i| (words[i] ^ old[i]) & used[i] == 0) {
+        EntryState::Old
+    } else {
+        EntryState::New
     }
 }
 
 /// Rewrites the live entry `live` into `target` through `writer`, hitlessly when the architecture allows.
-pub fn update_entry<E: UsedBits>(live: &[u64; 8], target: &[u64; 8], writer: &mut impl EntryWriter) -> UpdateKind {
+///
+/// # Errors
+/// [`UpdateFailed`] when a sync fails: nothing is written after it, and the error says what the entry holds.
+pub fn update_entry<E: UsedBits, W: EntryWriter>(
+    live: &[u64; 8],
+    target: &[u64; 8],
+    writer: &mut W,
+) -> Result<UpdateKind, UpdateFailed<W::Error>> {
     if live == target {
-        return UpdateKind::NoChange;
+        return Ok(UpdateKind::NoChange);
     }
+    let mut t = Tracked {
+        live: *live,
+        writer,
+        dirty: false,
+        syncs: 0,
+    };
+    match steps::<E, W>(live, target, &mut t) {
+        Ok(kind) => Ok(kind),
+        Err(error) => Err(UpdateFailed {
+            error,
+            syncs: t.syncs,
+            left: state_of::<E>(&t.live, live),
+        }),
+    }
+}
+
+fn steps<E: UsedBits, W: EntryWriter>(
+    live: &[u64; 8],
+    target: &[u64; 8],
+    t: &mut Tracked<'_, W>,
+) -> Result<UpdateKind, W::Error> {
     let used_live = E::used_bits(live);
     let used_target = E::used_bits(target);
     // The entry the SMMU would read if every qword held the target but the bits the live entry uses kept their
@@ -77,43 +163,38 @@ pub fn update_entry<E: UsedBits>(live: &[u64; 8], target: &[u64; 8], writer: &mu
     let critical: heapless::Vec<usize, 8> = (0..8)
         .filter(|&i| (union[i] ^ target[i]) & used_target[i] != 0)
         .collect();
-    let mut t = Tracked {
-        live: *live,
-        writer,
-        dirty: false,
-    };
     match critical.len() {
         0 => {
             for (i, &word) in target.iter().enumerate() {
                 t.set(i, word);
             }
-            t.sync();
-            UpdateKind::Hitless
+            t.sync()?;
+            Ok(UpdateKind::Hitless)
         }
         1 => {
             let c = critical[0];
             for i in (0..8).filter(|&i| i != c) {
                 t.set(i, union[i]);
             }
-            t.sync();
+            t.sync()?;
             t.set(c, target[c]);
-            t.sync();
+            t.sync()?;
             for (i, &word) in target.iter().enumerate() {
                 t.set(i, word);
             }
-            t.sync();
-            UpdateKind::Hitless
+            t.sync()?;
+            Ok(UpdateKind::Hitless)
         }
         _ => {
             t.set(0, live[0] & !E::VALID);
-            t.sync();
+            t.sync()?;
             for (i, &word) in target.iter().enumerate().skip(1) {
                 t.set(i, word);
             }
-            t.sync();
+            t.sync()?;
             t.set(0, target[0]);
-            t.sync();
-            UpdateKind::Breaking
+            t.sync()?;
+            Ok(UpdateKind::Breaking)
         }
     }
 }
@@ -181,6 +262,8 @@ mod tests {
     }
 
     impl<E: UsedBits> EntryWriter for Checker<E> {
+        type Error = core::convert::Infallible;
+
         fn write_qword(&mut self, index: usize, value: u64) {
             assert_ne!(self.entry[index], value, "qword {index} written without a change");
             self.entry[index] = value;
@@ -190,12 +273,13 @@ mod tests {
             self.dirty = true;
         }
 
-        fn sync(&mut self) {
+        fn sync(&mut self) -> Result<(), Self::Error> {
             assert!(self.dirty, "sync {} without a write before it", self.syncs);
             self.check_window();
             self.syncs += 1;
             self.window = self.entry.map(|q| vec![q]);
             self.dirty = false;
+            Ok(())
         }
     }
 
@@ -210,7 +294,7 @@ mod tests {
             dirty: false,
             _kind: core::marker::PhantomData,
         };
-        let kind = update_entry::<E>(&old, &new, &mut checker);
+        let Ok(kind) = update_entry::<E, _>(&old, &new, &mut checker);
         assert!(!checker.dirty, "writes not followed by a sync");
         assert_eq!(checker.entry, new, "final entry");
         (kind, checker.syncs)
@@ -420,5 +504,97 @@ mod tests {
             proptest::prop_assert!(syncs <= 3);
             proptest::prop_assert_eq!(kind == NoChange, old == new);
         }
+    }
+
+    /// A writer whose `fail_at`-th sync (counting from 0) fails; any write after that is a bug.
+    struct FailingWriter {
+        entry: [u64; 8],
+        syncs: u32,
+        fail_at: u32,
+        failed: bool,
+    }
+
+    impl EntryWriter for FailingWriter {
+        type Error = &'static str;
+
+        fn write_qword(&mut self, index: usize, value: u64) {
+            assert!(!self.failed, "qword {index} written after a failed sync");
+            self.entry[index] = value;
+        }
+
+        fn sync(&mut self) -> Result<(), Self::Error> {
+            assert!(!self.failed, "sync after a failed sync");
+            if self.syncs == self.fail_at {
+                self.failed = true;
+                return Err("refused");
+            }
+            self.syncs += 1;
+            Ok(())
+        }
+    }
+
+    /// The test's own judgement of an entry: invalid, or behaving as old or new (nothing else is allowed).
+    fn judge<E: UsedBits>(entry: &[u64; 8], old: &[u64; 8], new: &[u64; 8]) -> EntryState {
+        if entry[0] & E::VALID == 0 {
+            EntryState::Invalid
+        } else if behaves_as::<E>(entry, old) {
+            EntryState::Old
+        } else {
+            assert!(
+                behaves_as::<E>(entry, new),
+                "left neither old, new nor invalid: {entry:x?}"
+            );
+            EntryState::New
+        }
+    }
+
+    #[test]
+    fn a_failed_sync_stops_the_writer_and_says_what_the_entry_holds() {
+        let cd_a = Cd::new(&CD).unwrap();
+        let cd_b = Cd::new(&CdConfig { asid: 9, ..CD }).unwrap();
+        let pairs: [([u64; 8], [u64; 8], bool); 7] = [
+            (Ste::abort().0, Ste::bypass().0, true),
+            (Ste::abort().0, s2().0, true),
+            (s1().0, s2().0, true),
+            (s2().0, nested().0, true),
+            (Ste::invalid().0, s1().0, true),
+            (cd_a.0, cd_b.0, false),
+            (Cd::invalid().0, cd_a.0, false),
+        ];
+        let mut checked = 0;
+        for (old, new, is_ste) in pairs {
+            let (_, total) = if is_ste {
+                transition::<Ste>(old, new)
+            } else {
+                transition::<Cd>(old, new)
+            };
+            for fail_at in 0..total {
+                let mut w = FailingWriter {
+                    entry: old,
+                    syncs: 0,
+                    fail_at,
+                    failed: false,
+                };
+                let result = if is_ste {
+                    update_entry::<Ste, _>(&old, &new, &mut w)
+                } else {
+                    update_entry::<Cd, _>(&old, &new, &mut w)
+                };
+                let failed = result.expect_err("the sync failed");
+                assert_eq!((failed.error, failed.syncs), ("refused", fail_at));
+                // What the entry holds is what the failed sync was to announce, and the error names it.
+                let expected = if is_ste {
+                    judge::<Ste>(&w.entry, &old, &new)
+                } else {
+                    judge::<Cd>(&w.entry, &old, &new)
+                };
+                assert_eq!(failed.left, expected, "{old:x?} -> {new:x?}, sync {fail_at} failed");
+                checked += 1;
+            }
+        }
+        assert!(
+            checked >= 14,
+            "every sync of every transition was made to fail ({checked})"
+        );
     }
 }

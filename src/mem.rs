@@ -131,7 +131,7 @@ pub(crate) fn write_barrier() {
     #[cfg(target_arch = "aarch64")]
     aarch64_cpu::asm::barrier::dmb(aarch64_cpu::asm::barrier::OSHST);
     #[cfg(not(target_arch = "aarch64"))]
-    core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+    core::sync::atomic::fence(HostBarrier::WriteWrite.ordering());
 }
 
 /// Orders a register read (a queue's PROD) before the reads of the memory it announces (DMB OSHLD).
@@ -140,7 +140,7 @@ pub(crate) fn read_barrier() {
     #[cfg(target_arch = "aarch64")]
     aarch64_cpu::asm::barrier::dmb(aarch64_cpu::asm::barrier::OSHLD);
     #[cfg(not(target_arch = "aarch64"))]
-    core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+    core::sync::atomic::fence(HostBarrier::ReadRead.ordering());
 }
 
 /// Orders every earlier memory access before later ones, including register writes (DMB OSH).
@@ -149,7 +149,38 @@ pub(crate) fn full_barrier() {
     #[cfg(target_arch = "aarch64")]
     aarch64_cpu::asm::barrier::dmb(aarch64_cpu::asm::barrier::OSH);
     #[cfg(not(target_arch = "aarch64"))]
-    core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+    core::sync::atomic::fence(HostBarrier::Full.ordering());
+}
+
+/// The architectural barriers above as the host build (tests, benchmarks) models them: each by the weakest fence
+/// of the C++/Rust memory model that still gives the ordering the SMMU side of a host model relies on, so a host
+/// benchmark measures the algorithm rather than a stronger fence than the hardware executes (`SeqCst` is a full
+/// `lock`-prefixed barrier on x86, where DMB OSHST orders stores only).
+#[cfg(not(target_arch = "aarch64"))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HostBarrier {
+    /// DMB OSHST: earlier stores before later stores (the PROD write after the commands, a table link after
+    /// its contents).
+    WriteWrite,
+    /// DMB OSHLD: an earlier load (PROD) before later loads (the records it announces).
+    ReadRead,
+    /// DMB OSH: everything before everything.
+    Full,
+}
+
+#[cfg(not(target_arch = "aarch64"))]
+impl HostBarrier {
+    const fn ordering(self) -> core::sync::atomic::Ordering {
+        use core::sync::atomic::Ordering;
+        match self {
+            // A release fence orders earlier loads and stores before every later store: the store-store part is
+            // what DMB OSHST gives.
+            HostBarrier::WriteWrite => Ordering::Release,
+            // An acquire fence orders earlier loads before every later load and store.
+            HostBarrier::ReadRead => Ordering::Acquire,
+            HostBarrier::Full => Ordering::SeqCst,
+        }
+    }
 }
 
 /// Cache maintenance for an SMMU whose table walks and queue accesses do not snoop the CPU caches
@@ -165,6 +196,8 @@ impl Coherency {
         if self.coherent {
             return;
         }
+        #[cfg(test)]
+        maintenance_log::record(Maintenance::Clean, ptr, len);
         #[cfg(target_arch = "aarch64")]
         for_each_line(ptr, len, |line| {
             // SAFETY: cleaning a cache line has no effect on memory contents and the line is in a live block.
@@ -174,11 +207,16 @@ impl Coherency {
         let _ = (ptr, len);
     }
 
-    /// Discards stale lines of `[ptr, ptr+len)` before the CPU reads what a non-coherent SMMU wrote (DC CIVAC).
-    pub(crate) fn invalidate(self, ptr: *const u8, len: usize) {
+    /// Cleans and invalidates `[ptr, ptr+len)` (DC CIVAC by line, DSB): afterwards no line of the range is in
+    /// the CPU's caches, dirty or clean. Before the CPU reads what a non-coherent SMMU wrote, this discards stale
+    /// lines; before a non-coherent SMMU starts writing a block the CPU zeroed, it writes the zeros back so that
+    /// no dirty line can later be evicted over what the SMMU wrote.
+    pub(crate) fn clean_invalidate(self, ptr: *const u8, len: usize) {
         if self.coherent {
             return;
         }
+        #[cfg(test)]
+        maintenance_log::record(Maintenance::CleanInvalidate, ptr, len);
         #[cfg(target_arch = "aarch64")]
         for_each_line(ptr, len, |line| {
             // SAFETY: clean-and-invalidate keeps any dirty data, so no CPU write is lost; the line is in a live block.
@@ -186,6 +224,46 @@ impl Coherency {
         });
         #[cfg(not(target_arch = "aarch64"))]
         let _ = (ptr, len);
+    }
+}
+
+/// Cache maintenance the driver asked for, as host tests see it.
+#[cfg(test)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Maintenance {
+    /// DC CVAC.
+    Clean,
+    /// DC CIVAC.
+    CleanInvalidate,
+}
+
+/// A per-thread record of the cache maintenance a non-coherent configuration issued, so host tests can check
+/// that memory the SMMU writes or reads was maintained before the SMMU was given it.
+#[cfg(test)]
+pub(crate) mod maintenance_log {
+    extern crate std;
+    use super::Maintenance;
+    use std::cell::RefCell;
+    use std::vec::Vec;
+
+    std::thread_local! {
+        static LOG: RefCell<Vec<(Maintenance, usize, usize)>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub(crate) fn record(kind: Maintenance, ptr: *const u8, len: usize) {
+        LOG.with(|log| log.borrow_mut().push((kind, ptr as usize, len)));
+    }
+
+    /// Takes this thread's record: (operation, start address, length) in order.
+    pub(crate) fn take() -> Vec<(Maintenance, usize, usize)> {
+        LOG.with(|log| core::mem::take(&mut *log.borrow_mut()))
+    }
+
+    /// Whether `[start, start+len)` was covered, byte for byte, by operations of `kind` in `log`.
+    pub(crate) fn covers(log: &[(Maintenance, usize, usize)], kind: Maintenance, start: usize, len: usize) -> bool {
+        (start..start + len)
+            .step_by(8)
+            .all(|byte| log.iter().any(|&(k, s, l)| k == kind && (s..s + l).contains(&byte)))
     }
 }
 
@@ -203,4 +281,19 @@ fn for_each_line(ptr: *const u8, len: usize, mut op: impl FnMut(usize)) {
         address += line;
     }
     aarch64_cpu::asm::barrier::dsb(aarch64_cpu::asm::barrier::SY);
+}
+
+#[cfg(all(test, not(target_arch = "aarch64")))]
+mod tests {
+    use super::HostBarrier;
+    use core::sync::atomic::Ordering;
+
+    #[test]
+    fn host_barriers_are_the_weakest_fences_that_model_the_arm_ones() {
+        // DMB OSHST orders stores only: a release fence, not the `lock`-prefixed SeqCst fence, which would make
+        // host benchmarks time a barrier the hardware never executes.
+        assert_eq!(HostBarrier::WriteWrite.ordering(), Ordering::Release);
+        assert_eq!(HostBarrier::ReadRead.ordering(), Ordering::Acquire);
+        assert_eq!(HostBarrier::Full.ordering(), Ordering::SeqCst);
+    }
 }

@@ -200,21 +200,24 @@ impl EntryTable {
 
 /// The hitless writer's view of one live entry: single-copy-atomic qword stores, and at each sync the cache
 /// maintenance a non-coherent SMMU needs followed by the caller's invalidation.
-pub(crate) struct SlotWriter<'a, F: FnMut()> {
+pub(crate) struct SlotWriter<'a, F> {
     pub(crate) words: &'a [AtomicU64],
     pub(crate) coherency: Coherency,
     pub(crate) invalidate: F,
     pub(crate) syncs: u32,
 }
 
-impl<F: FnMut()> EntryWriter for SlotWriter<'_, F> {
+impl<E, F: FnMut() -> Result<(), E>> EntryWriter for SlotWriter<'_, F> {
+    type Error = E;
+
     fn write_qword(&mut self, index: usize, value: u64) {
         self.words[index].store(value, Ordering::Release);
     }
 
-    fn sync(&mut self) {
+    fn sync(&mut self) -> Result<(), E> {
         self.coherency.clean(self.words.as_ptr().cast(), ENTRY_BYTES);
+        (self.invalidate)()?;
         self.syncs += 1;
-        (self.invalidate)();
+        Ok(())
     }
 }

@@ -99,3 +99,38 @@ fn core_and_translated_dma_with_non_coherent_walks() {
         "SMMU accesses non-cacheable (not coherent)",
     ]);
 }
+
+/// QEMU's register trace is the witness of the base-register encodings: EVENTQ_BASE carries its write-allocate
+/// hint in bit 62 (bit 63 is RES0), CMDQ_BASE and STRTAB_BASE their read-allocate hint in bit 62.
+#[test]
+fn queue_and_table_bases_carry_their_hints_in_bit_62() {
+    let mut run = Run::new(Board::QemuVirt, Stage::Nested, &["init"]);
+    run.trace_events.push("smmuv3_write_mmio".into());
+    let outcome = run.boot();
+    outcome.assert_passed(&["init"]);
+    let writes = |offset: u64| -> Vec<u64> {
+        outcome
+            .trace
+            .lines()
+            .filter_map(|l| {
+                let rest = l.split_once("smmuv3_write_mmio ")?.1;
+                let (addr, rest) = rest.strip_prefix("addr: ")?.split_once(' ')?;
+                let value = rest.strip_prefix("val:")?.split_whitespace().next()?;
+                let addr = u64::from_str_radix(addr.trim_start_matches("0x"), 16).ok()?;
+                let value = u64::from_str_radix(value.trim_start_matches("0x"), 16).ok()?;
+                (addr == offset).then_some(value)
+            })
+            .collect()
+    };
+    for (name, offset) in [("STRTAB_BASE", 0x80), ("CMDQ_BASE", 0x90), ("EVENTQ_BASE", 0xa0)] {
+        let values = writes(offset);
+        assert!(!values.is_empty(), "no {name} write traced\n{}", outcome.report());
+        for v in values {
+            assert_eq!(
+                v >> 62,
+                0b01,
+                "{name} written as {v:#x}: bit 62 set, bit 63 (RES0) clear"
+            );
+        }
+    }
+}

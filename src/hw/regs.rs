@@ -256,16 +256,30 @@ register_bitfields! [u32,
 ];
 
 register_bitfields! [u64,
-    /// SMMU_STRTAB_BASE, SMMU_CMDQ_BASE, SMMU_EVENTQ_BASE, SMMU_PRIQ_BASE: a table or queue base.
-    pub BASE [
-        /// Queues only: log2 of the number of entries.
+    /// SMMU_STRTAB_BASE (IHI 0070 6.3.23): the stream table's base. Bit 63 is RES0.
+    pub STRTAB_BASE [
+        /// Physical address bits [51:6] (the table is at least 64-byte aligned).
+        ADDR OFFSET(6) NUMBITS(46) [],
+        /// Read-allocate hint for the SMMU's table fetches.
+        RA OFFSET(62) NUMBITS(1) []
+    ],
+    /// SMMU_CMDQ_BASE (IHI 0070 6.3.25): the command queue's base, which the SMMU only reads. Bit 63 is RES0.
+    pub CMDQ_BASE [
+        /// log2 of the number of entries.
         LOG2SIZE OFFSET(0) NUMBITS(5) [],
-        /// Physical address bits [51:5] (tables use bits [51:6]).
+        /// Physical address bits [51:5].
         ADDR OFFSET(5) NUMBITS(47) [],
         /// Read-allocate hint.
-        RA OFFSET(62) NUMBITS(1) [],
-        /// Write-allocate hint (queues that the SMMU writes).
-        WA OFFSET(63) NUMBITS(1) []
+        RA OFFSET(62) NUMBITS(1) []
+    ],
+    /// SMMU_EVENTQ_BASE and SMMU_PRIQ_BASE (IHI 0070 6.3.28, 6.3.32): queues the SMMU writes. Bit 63 is RES0.
+    pub WRITTEN_QUEUE_BASE [
+        /// log2 of the number of entries.
+        LOG2SIZE OFFSET(0) NUMBITS(5) [],
+        /// Physical address bits [51:5].
+        ADDR OFFSET(5) NUMBITS(47) [],
+        /// Write-allocate hint.
+        WA OFFSET(62) NUMBITS(1) []
     ],
     /// SMMU_*_IRQ_CFG0: MSI target address.
     pub IRQ_CFG0 [
@@ -303,18 +317,18 @@ register_structs! {
         (0x70 => pub gerror_irq_cfg1: ReadWrite<u32>),
         (0x74 => pub gerror_irq_cfg2: ReadWrite<u32>),
         (0x78 => _reserved3),
-        (0x80 => pub strtab_base: ReadWrite<u64, BASE::Register>),
+        (0x80 => pub strtab_base: ReadWrite<u64, STRTAB_BASE::Register>),
         (0x88 => pub strtab_base_cfg: ReadWrite<u32, STRTAB_BASE_CFG::Register>),
         (0x8c => _reserved4),
-        (0x90 => pub cmdq_base: ReadWrite<u64, BASE::Register>),
+        (0x90 => pub cmdq_base: ReadWrite<u64, CMDQ_BASE::Register>),
         (0x98 => pub cmdq_prod: ReadWrite<u32, QUEUE_INDEX::Register>),
         (0x9c => pub cmdq_cons: ReadWrite<u32, QUEUE_INDEX::Register>),
-        (0xa0 => pub eventq_base: ReadWrite<u64, BASE::Register>),
+        (0xa0 => pub eventq_base: ReadWrite<u64, WRITTEN_QUEUE_BASE::Register>),
         (0xa8 => _eventq_prod_alias),
         (0xb0 => pub eventq_irq_cfg0: ReadWrite<u64, IRQ_CFG0::Register>),
         (0xb8 => pub eventq_irq_cfg1: ReadWrite<u32>),
         (0xbc => pub eventq_irq_cfg2: ReadWrite<u32>),
-        (0xc0 => pub priq_base: ReadWrite<u64, BASE::Register>),
+        (0xc0 => pub priq_base: ReadWrite<u64, WRITTEN_QUEUE_BASE::Register>),
         (0xc8 => _priq_prod_alias),
         (0xd0 => pub priq_irq_cfg0: ReadWrite<u64, IRQ_CFG0::Register>),
         (0xd8 => pub priq_irq_cfg1: ReadWrite<u32>),
@@ -341,6 +355,26 @@ pub const PAGE1_OFFSET: usize = 0x1_0000;
 pub const PAGE1_QUEUES_OFFSET: usize = PAGE1_OFFSET + 0xa8;
 /// Size of the register space the driver uses: pages 0 and 1.
 pub const REGISTER_SPACE_SIZE: usize = 2 * PAGE1_OFFSET;
+
+/// The SMMU_STRTAB_BASE value for a stream table at `phys` (64-byte aligned), with read-allocate.
+pub fn strtab_base(phys: u64) -> u64 {
+    (STRTAB_BASE::RA::SET + STRTAB_BASE::ADDR.val(phys >> 6)).value
+}
+
+/// The SMMU_CMDQ_BASE value for a command queue of `2^log2_entries` entries at `phys` (32-byte aligned at
+/// least), with read-allocate.
+pub fn cmdq_base(phys: u64, log2_entries: u8) -> u64 {
+    (CMDQ_BASE::RA::SET + CMDQ_BASE::ADDR.val(phys >> 5) + CMDQ_BASE::LOG2SIZE.val(u64::from(log2_entries))).value
+}
+
+/// The SMMU_EVENTQ_BASE (or SMMU_PRIQ_BASE) value for a queue of `2^log2_entries` entries at `phys`, with
+/// write-allocate (bit 62; bit 63 is RES0).
+pub fn written_queue_base(phys: u64, log2_entries: u8) -> u64 {
+    (WRITTEN_QUEUE_BASE::WA::SET
+        + WRITTEN_QUEUE_BASE::ADDR.val(phys >> 5)
+        + WRITTEN_QUEUE_BASE::LOG2SIZE.val(u64::from(log2_entries)))
+    .value
+}
 
 #[cfg(test)]
 mod tests {
@@ -376,6 +410,28 @@ mod tests {
         assert_eq!(offset_of!(SmmuPage0, priq_base), 0xc0);
         assert_eq!(offset_of!(SmmuPage0, priq_irq_cfg0), 0xd0);
         assert_eq!(offset_of!(SmmuPage0, priq_irq_cfg2), 0xdc);
+    }
+
+    #[test]
+    fn base_registers_match_the_architecture() {
+        // IHI 0070 6.3.23/25/28: RA or WA at bit 62, bit 63 RES0; ADDR [51:6] for the stream table, [51:5]
+        // for queues; LOG2SIZE [4:0]. Expected values written from the field tables, not from the encoder.
+        assert_eq!(strtab_base(0x4029_e000), 0x4000_0000_4029_e000);
+        assert_eq!(
+            strtab_base(0xf_ffff_ffff_ffc0),
+            0x400f_ffff_ffff_ffc0,
+            "ADDR reaches bit 51"
+        );
+        assert_eq!(strtab_base(0x4029_e020) & 0x3f, 0, "bits [5:0] are not address bits");
+        assert_eq!(cmdq_base(0x402c_0000, 8), 0x4000_0000_402c_0008);
+        assert_eq!(cmdq_base(0xf_ffff_ffff_ffe0, 19), 0x400f_ffff_ffff_fff3);
+        assert_eq!(
+            written_queue_base(0x402c_2000, 8),
+            0x4000_0000_402c_2008,
+            "WA is bit 62"
+        );
+        assert_eq!(written_queue_base(0x1_0000_0000, 19) >> 63, 0, "bit 63 is RES0");
+        assert_eq!(written_queue_base(0x1_0000_0000, 19), 0x4000_0001_0000_0013);
     }
 
     #[test]

@@ -43,7 +43,15 @@ pub struct DrainReport {
     pub events: u32,
     /// Events were lost since the last drain, and how the SMMU said so.
     pub overflow: Option<Overflow>,
+    /// The drain stopped at its bound ([`DRAIN_BOUND_QUEUES`] queues' worth of records) with records still
+    /// arriving: call it again (the event-queue interrupt will not fire again while the queue stays non-empty).
+    pub pending: bool,
 }
+
+/// One drain consumes at most this many queues' worth of records, so an SMMU that keeps reporting (a device
+/// hammering an unmapped address) cannot hold the CPU forever; [`DrainReport::pending`] says when it stopped
+/// there.
+pub const DRAIN_BOUND_QUEUES: u32 = 2;
 
 /// The event queue in memory and the driver's copy of CONS.
 pub(crate) struct EventQueue {
@@ -54,7 +62,12 @@ pub(crate) struct EventQueue {
 }
 
 impl EventQueue {
+    /// Takes `memory` (zeroed by the CPU) as the queue. For a non-coherent SMMU the whole queue is cleaned and
+    /// invalidated here, before its base is given to the SMMU: a dirty zero line left in the CPU's cache could
+    /// otherwise be evicted over a record the SMMU wrote, or written back by the `DC CIVAC` that precedes each
+    /// read.
     pub(crate) fn new(memory: DmaBlock, geometry: QueueGeometry, coherency: Coherency) -> Self {
+        coherency.clean_invalidate(memory.virt.as_ptr(), memory.size);
         EventQueue {
             memory,
             geometry,
@@ -75,34 +88,48 @@ impl EventQueue {
         self.geometry
     }
 
-    /// Consumes every record the SMMU has written, handing each decoded event to `sink`.
+    /// Consumes every record the SMMU has written, handing each decoded event to `sink`, until the queue is
+    /// empty *after* CONS was written: the event-queue interrupt fires only when the queue goes from empty to
+    /// non-empty, so a record that arrives between the PROD read and the CONS write would otherwise sit there with
+    /// no further interrupt. Bounded by [`DRAIN_BOUND_QUEUES`] queues' worth of records.
     pub(crate) fn drain(&mut self, page1: &SmmuPage1Queues, mut sink: impl FnMut(Event)) -> DrainReport {
         let mut report = DrainReport::default();
-        let prod = page1.eventq_prod.get();
-        if self.geometry.overflow_flag(prod) != self.geometry.overflow_flag(self.cons) {
-            report.overflow = Some(Overflow::ProdOverflowFlag);
+        let budget = DRAIN_BOUND_QUEUES * self.geometry.entries();
+        loop {
+            let prod = page1.eventq_prod.get();
+            let overflowed = self.geometry.overflow_flag(prod) != self.geometry.overflow_flag(self.cons);
+            if overflowed {
+                report.overflow = Some(Overflow::ProdOverflowFlag);
+            }
+            let empty = self.geometry.is_empty(prod, self.cons);
+            if empty && !overflowed {
+                return report;
+            }
+            if report.events >= budget {
+                report.pending = true;
+                return report;
+            }
+            // Records must be read after PROD that announced them.
+            read_barrier();
+            while !self.geometry.is_empty(prod, self.cons) && report.events < budget {
+                let index = self.geometry.index(self.cons) as usize;
+                // SAFETY: the queue memory is live for the life of `self` and accessed atomically.
+                let words = unsafe { self.memory.words() };
+                let record = &words[index * 4..][..4];
+                self.coherency
+                    .clean_invalidate(core::ptr::from_ref(&record[0]).cast(), EVENT_BYTES);
+                let raw: [u64; 4] = core::array::from_fn(|i| record[i].load(Ordering::Relaxed));
+                sink(Event::decode(&raw));
+                report.events += 1;
+                self.cons = self.geometry.advance(self.cons, 1);
+            }
+            // Acknowledge the overflow (OVACKFLG := OVFLG) with the new CONS; the reads above must be complete
+            // before the SMMU may overwrite the slots.
+            let ack = prod & (1 << 31);
+            self.cons = (self.cons & !(1 << 31)) | ack;
+            full_barrier();
+            page1.eventq_cons.set(self.cons);
         }
-        // Records must be read after PROD that announced them.
-        read_barrier();
-        while !self.geometry.is_empty(prod, self.cons) {
-            let index = self.geometry.index(self.cons) as usize;
-            // SAFETY: the queue memory is live for the life of `self` and accessed atomically.
-            let words = unsafe { self.memory.words() };
-            let record = &words[index * 4..][..4];
-            self.coherency
-                .invalidate(core::ptr::from_ref(&record[0]).cast(), EVENT_BYTES);
-            let raw: [u64; 4] = core::array::from_fn(|i| record[i].load(Ordering::Relaxed));
-            sink(Event::decode(&raw));
-            report.events += 1;
-            self.cons = self.geometry.advance(self.cons, 1);
-        }
-        // Acknowledge the overflow (OVACKFLG := OVFLG) with the new CONS; the reads above must be complete
-        // before the SMMU may overwrite the slots.
-        let ack = prod & (1 << 31);
-        self.cons = (self.cons & !(1 << 31)) | ack;
-        full_barrier();
-        page1.eventq_cons.set(self.cons);
-        report
     }
 }
 
@@ -175,7 +202,8 @@ mod tests {
                 report,
                 DrainReport {
                     events: 3,
-                    overflow: None
+                    overflow: None,
+                    pending: false
                 }
             );
             assert_eq!(
@@ -211,20 +239,79 @@ mod tests {
             report,
             DrainReport {
                 events: 1,
-                overflow: Some(Overflow::ProdOverflowFlag)
+                overflow: Some(Overflow::ProdOverflowFlag),
+                pending: false
             }
         );
         assert_eq!(page1.eventq_cons.get() >> 31, 1, "OVACKFLG copied from OVFLG");
-        assert_eq!(
-            q.drain(&page1, |_| {}),
-            DrainReport {
-                events: 0,
-                overflow: None
-            }
-        );
+        assert_eq!(q.drain(&page1, |_| {}), DrainReport::default());
         // A second overflow toggles the flag back.
         p.overflow(&page1);
         assert_eq!(q.drain(&page1, |_| {}).overflow, Some(Overflow::ProdOverflowFlag));
         assert_eq!(page1.eventq_cons.get() >> 31, 0);
+    }
+    #[test]
+    fn records_that_arrive_while_draining_are_drained_too() {
+        // The SMMU writes two more records after the driver read PROD (here: while it handles the first record)
+        // and before it writes CONS. The queue never went empty, so no new interrupt comes: the drain that is
+        // running must find them.
+        let frames = HeapFrames::default();
+        let (mut q, mut p, page1) = setup(&frames, 3);
+        p.push(&page1, kind::C_BAD_STE, 1);
+        p.push(&page1, kind::C_BAD_STE, 2);
+        let mut seen = Vec::new();
+        let report = q.drain(&page1, |e| {
+            let sid = e.stream_id().unwrap();
+            if sid == 1 {
+                p.push(&page1, kind::F_TRANSLATION, 3);
+                p.push(&page1, kind::F_TRANSLATION, 4);
+            }
+            seen.push(sid);
+        });
+        assert_eq!(seen, [1, 2, 3, 4]);
+        assert_eq!((report.events, report.pending), (4, false));
+        assert_eq!(
+            page1.eventq_cons.get(),
+            p.prod,
+            "the queue is empty after the last CONS write"
+        );
+    }
+
+    #[test]
+    fn an_endless_stream_of_records_is_drained_to_the_bound_and_reported_pending() {
+        let frames = HeapFrames::default();
+        let (mut q, mut p, page1) = setup(&frames, 2);
+        p.push(&page1, kind::C_BAD_STE, 0);
+        let mut n = 0u32;
+        // Each record handled makes the SMMU write another: the drain must stop at its bound.
+        let report = q.drain(&page1, |_| {
+            n += 1;
+            p.push(&page1, kind::C_BAD_STE, n);
+        });
+        assert_eq!(report.events, DRAIN_BOUND_QUEUES * 4);
+        assert!(report.pending, "records were left: the caller must drain again");
+        assert_eq!(
+            q.drain(&page1, |_| {}).events,
+            1,
+            "the one left is found by the next drain"
+        );
+    }
+
+    #[test]
+    fn a_non_coherent_queue_is_cleaned_and_invalidated_before_the_smmu_owns_it() {
+        use crate::mem::{Maintenance, maintenance_log};
+        let frames = HeapFrames::default();
+        let geometry = QueueGeometry::new(4).unwrap();
+        let memory = frames.allocate_zeroed(EVENT_BYTES << 4, EVENT_BYTES << 4).unwrap();
+        let (start, len) = (memory.virt.as_ptr() as usize, memory.size);
+        maintenance_log::take();
+        let q = EventQueue::new(memory, geometry, Coherency { coherent: false });
+        let log = maintenance_log::take();
+        assert!(
+            maintenance_log::covers(&log, Maintenance::CleanInvalidate, start, len),
+            "every line of the zeroed queue written back and dropped from the cache: {log:x?}"
+        );
+        // SAFETY: the SMMU never had it.
+        unsafe { frames.free(q.into_memory()) };
     }
 }

@@ -65,23 +65,26 @@ fn pattern(i: usize) -> u8 {
 /// The translation faults recorded for `sid` at `iova`, and any other event.
 fn faults_at(s: &mut Session, sid: u32, iova: u64, permission: bool) -> Result<(u32, u32), Failure> {
     let (mut at, mut other) = (0, 0);
-    let report = s.drain_events(|e: Event| {
-        let is_fault = if permission {
-            matches!(e, Event::FPermission(p) if !p.fault.access.read)
-        } else {
-            matches!(e, Event::FTranslation(_))
-        };
-        if is_fault && e.stream_id() == Some(sid) && e.address().is_some_and(|a| a & !0xfff == iova) {
-            at += 1;
-        } else {
-            other += 1;
-            println!("  unexpected event: {e}");
+    loop {
+        let report = s.drain_events(|e: Event| {
+            let is_fault = if permission {
+                matches!(e, Event::FPermission(p) if !p.fault.access.read)
+            } else {
+                matches!(e, Event::FTranslation(_))
+            };
+            if is_fault && e.stream_id() == Some(sid) && e.address().is_some_and(|a| a & !0xfff == iova) {
+                at += 1;
+            } else {
+                other += 1;
+                println!("  unexpected event: {e}");
+            }
+        });
+        match report {
+            Ok(r) if r.pending => {}
+            Ok(_) => return Ok((at, other)),
+            Err(e) => fail!("{e}"),
         }
-    });
-    if let Err(e) = report {
-        fail!("{e}")
     }
-    Ok((at, other))
 }
 
 /// Has edu write to `IOVA_DESTINATION`, which must not reach `pa` (filled with `canary`): the SMMU must abort the
@@ -249,7 +252,8 @@ fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage, nested: bool)
             })
             .or_else(|e| fail!("CD: {e}"))?;
             // No STE points to the table yet: nothing to invalidate while it is written.
-            cds.write(0, &cd, &Frames, |_| {}).or_else(|e| fail!("CD table: {e}"))?;
+            cds.write(0, &cd, &Frames, |_| Ok(()))
+                .or_else(|e| fail!("CD table: {e}"))?;
             let s1 = Stage1Config {
                 cd_table: cds.base(),
                 cd_max_log2: 0,
@@ -358,6 +362,7 @@ fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage, nested: bool)
     let mut batch = Batch::new();
     let command = match tlb {
         TlbContext::Stage1 { asid, vmid } => Command::TlbiNhAsid { vmid, asid },
+        TlbContext::Stage1El2 => Command::TlbiEl2All,
         TlbContext::Stage2 { vmid, .. } => Command::TlbiS12Vmall { vmid },
     };
     batch.push(&command).or_else(|e| fail!("{e}"))?;
@@ -376,6 +381,7 @@ fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage, nested: bool)
     }
     match tlb {
         TlbContext::Stage1 { asid, .. } => s.free_asid(asid).or_else(|e| fail!("{e}"))?,
+        TlbContext::Stage1El2 => {}
         TlbContext::Stage2 { vmid, .. } => s.free_vmid(vmid).or_else(|e| fail!("{e}"))?,
     }
     expect_quiet(&mut s, "after detach")
