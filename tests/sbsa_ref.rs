@@ -33,7 +33,7 @@ fn demo_runs_at_el2_from_the_board_description() {
         "interrupts: eventq Some(44) priq Some(45) cmdq-sync Some(46) gerror Some(47) (edge)",
         "stages: stage 1 + stage 2 (nested)",
         "PCI 00:03.0 1234:11e8",
-        "StreamID Some(24)",
+        "StreamID 0x18",
         "  nested (stage 1 inside",
     ]);
 }

@@ -24,6 +24,11 @@ pub const COHERENCY_KEY: &str = "opt/smmuv3/coherency";
 /// (PSCI SYSTEM_OFF, which QEMU turns into exit status 0). A failed run always exits through semihosting.
 pub const EXIT_KEY: &str = "opt/smmuv3/exit";
 
+/// fw_cfg file asking for DMA memory above 4 GiB: `on` makes the frame pool hand out only memory at or above
+/// 4 GiB, so every queue, table and DMA buffer the scenarios use lies there (the run fails at boot when RAM does
+/// not reach that high); `off` (the default) allocates from the end of the image upwards.
+pub const DMA_ABOVE_4G_KEY: &str = "opt/smmuv3/dma-above-4g";
+
 /// The scenarios run when the host names none: the demo.
 pub const DEFAULT_SCENARIOS: &str = "probe,edu-ident,init,abort-default,bypass,pgtable-dma";
 
@@ -40,6 +45,8 @@ pub struct Config {
     pub power_off: bool,
     /// Treat the SMMU as non-coherent whatever the board says.
     pub non_coherent: bool,
+    /// Allocate every frame at or above 4 GiB.
+    pub dma_above_4g: bool,
 }
 
 impl Default for Config {
@@ -50,6 +57,7 @@ impl Default for Config {
             edu_dma_mask: edu::DEFAULT_DMA_MASK,
             power_off: false,
             non_coherent: false,
+            dma_above_4g: false,
         }
     }
 }
@@ -100,7 +108,7 @@ impl core::fmt::Display for ConfigError {
 }
 
 impl Config {
-    /// Sets one setting by its short name (`scenarios`, `stage`, `edu-dma-mask`, `coherency`, `exit`: the fw_cfg key without its
+    /// Sets one setting by its short name (`scenarios`, `stage`, `edu-dma-mask`, `coherency`, `exit`, `dma-above-4g`: the fw_cfg key without its
     /// `opt/smmuv3/` prefix); unknown names are ignored.
     ///
     /// # Errors
@@ -122,6 +130,13 @@ impl Config {
                     "board" => false,
                     "non-coherent" => true,
                     _ => return Err(ConfigError::BadValue(COHERENCY_KEY)),
+                };
+            }
+            "dma-above-4g" => {
+                self.dma_above_4g = match value {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(ConfigError::BadValue(DMA_ABOVE_4G_KEY)),
                 };
             }
             "exit" => {
@@ -151,7 +166,14 @@ pub unsafe fn from_fw_cfg(base: usize) -> Result<Config, ConfigError> {
         return Ok(config);
     };
     let mut buffer = [0u8; 512];
-    for key in [SCENARIOS_KEY, STAGE_KEY, EDU_DMA_MASK_KEY, COHERENCY_KEY, EXIT_KEY] {
+    for key in [
+        SCENARIOS_KEY,
+        STAGE_KEY,
+        EDU_DMA_MASK_KEY,
+        COHERENCY_KEY,
+        EXIT_KEY,
+        DMA_ABOVE_4G_KEY,
+    ] {
         let Some(file) = fw_cfg.find(key) else { continue };
         let len = fw_cfg.read_file(file, &mut buffer);
         let text = core::str::from_utf8(&buffer[..len]).map_err(|_| ConfigError::BadValue(key))?;
@@ -161,7 +183,7 @@ pub unsafe fn from_fw_cfg(base: usize) -> Result<Config, ConfigError> {
 }
 
 /// Reads the configuration from the semihosting command line, for boards without fw_cfg: arguments of the form
-/// `scenarios=a,b`, `stage=nested`, `edu-dma-mask=0x…`, `coherency=non-coherent`, `exit=psci-off` (QEMU: `-semihosting-config enable=on,arg=…`); other
+/// `scenarios=a,b`, `stage=nested`, `edu-dma-mask=0x…`, `coherency=non-coherent`, `exit=psci-off`, `dma-above-4g=on` (QEMU: `-semihosting-config enable=on,arg=…`); other
 /// arguments (the program name) are ignored, missing settings keep their defaults.
 ///
 /// # Errors

@@ -79,6 +79,45 @@ pub unsafe fn free_frame(addr: usize) {
     let _ = POOL.lock().free.push(addr);
 }
 
+/// Why the pool cannot start where asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotThatHigh {
+    /// The lowest address asked for.
+    pub start: usize,
+    /// The end of the pool's RAM.
+    pub end: usize,
+}
+
+impl core::fmt::Display for NotThatHigh {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "frames asked for at or above {:#x}, but the pool's RAM ends at {:#x} (give the machine more memory)",
+            self.start, self.end
+        )
+    }
+}
+
+/// From now on hands out only frames at or above `start` (the frames already handed out stay valid; freed ones
+/// below `start` are no longer reused).
+///
+/// # Errors
+/// [`NotThatHigh`] when less than a MiB of the pool lies above `start`; the pool is unchanged then.
+pub fn start_at_or_above(start: usize) -> Result<(), NotThatHigh> {
+    let mut pool = POOL.lock();
+    if pool.end.saturating_sub(start.max(pool.next)) < 1 << 20 {
+        return Err(NotThatHigh { start, end: pool.end });
+    }
+    pool.next = pool.next.max(start);
+    pool.free.retain(|&frame| frame >= start);
+    Ok(())
+}
+
+/// Where the next fresh (never freed) frame comes from.
+pub fn next_address() -> usize {
+    POOL.lock().next
+}
+
 /// Bytes left in the pool (not counting freed frames).
 pub fn remaining() -> usize {
     let pool = POOL.lock();

@@ -106,8 +106,16 @@ fn build_identity_map(platform: &Platform) -> IdentityMap {
     );
     add(platform.pcie.ecam.base, platform.pcie.ecam.end(), DEVICE, "map ECAM");
     for w in &platform.pcie.windows {
-        if w.kind == dt::WindowKind::Mem32 {
-            add(w.cpu_base, w.cpu_base + w.size, DEVICE, "map PCI window");
+        match w.kind {
+            dt::WindowKind::Mem32 => add(w.cpu_base, w.cpu_base + w.size, DEVICE, "map PCI window"),
+            // Enumeration assigns 64-bit prefetchable BARs from the start of this window only.
+            dt::WindowKind::Mem64 => add(
+                w.cpu_base,
+                w.cpu_base + w.size.min(pci::MEM64_MAPPED),
+                DEVICE,
+                "map 64-bit PCI window",
+            ),
+            dt::WindowKind::Io => {}
         }
     }
     if let Some(f) = platform.fw_cfg {
@@ -222,6 +230,13 @@ pub fn run<B: Board>(board: &B) -> ! {
     }
 
     let config = board.config(&platform).unwrap_or_else(|e| fatal("configuration", &e));
+    if config.dma_above_4g {
+        frames::start_at_or_above(1 << 32).unwrap_or_else(|e| fatal("dma-above-4g", &e));
+        println!(
+            "frames: from {:#x} on (dma-above-4g): every queue, table and DMA buffer lies above 4 GiB",
+            frames::next_address()
+        );
+    }
     // SAFETY: the ECAM is mapped as device memory and only this firmware touches configuration space.
     let ecam = unsafe { pci::Ecam::new(&platform.pcie) };
     let functions = pci::enumerate(&ecam, &platform.pcie).unwrap_or_else(|e| fatal("PCI", &e));
@@ -240,7 +255,19 @@ pub fn run<B: Board>(board: &B) -> ! {
                 print!(" BAR{i} {:#x}+{:#x}", b.cpu_address, b.size);
             }
         }
-        println!("{}", if f.is_bridge { " (bridge, not configured)" } else { "" });
+        match f.bridge {
+            Some(b) => {
+                print!(" bridge: buses {:02x}..={:02x}", b.secondary, b.subordinate);
+                if let Some((start, end)) = b.memory {
+                    print!(", memory {start:#x}..{end:#x}");
+                }
+                if let Some((start, end)) = b.prefetchable {
+                    print!(", prefetchable {start:#x}..{end:#x}");
+                }
+                println!();
+            }
+            None => println!(),
+        }
     }
 
     let mut context = scenarios::Context {

@@ -1,7 +1,10 @@
-//! PCI enumeration through ECAM: find the functions on the host's buses, size and assign their memory BARs from
-//! the host's windows, enable memory decoding and bus mastering.
+//! PCI enumeration through ECAM: walk the host's buses depth-first, number every bridge's secondary and
+//! subordinate buses, size and assign memory BARs from the host's windows, program each bridge's memory windows
+//! around what lies below it, and enable memory decoding (and, on bridges, forwarding of DMA upstream).
 //!
-//! Bridges are reported but not configured: the QEMU machines this firmware targets put every device on bus 0.
+//! Real PCIe puts nearly every endpoint behind a root port, often behind a switch: an endpoint's requester ID is
+//! `(bus << 8) | devfn` on the bus number given to its bridge here, and the SMMU's StreamID comes from it through
+//! the `iommu-map`. A bridge left with secondary bus 0 would make two buses answer as bus 0.
 
 use core::fmt;
 
@@ -16,6 +19,19 @@ mod cfg {
     pub const BAR0: usize = 0x10;
     pub const COMMAND_MEMORY: u32 = 1 << 1;
     pub const COMMAND_BUS_MASTER: u32 = 1 << 2;
+    /// Type 1 header: primary, secondary, subordinate bus numbers and the secondary latency timer.
+    pub const BUS_NUMBERS: usize = 0x18;
+    /// Type 1 header: I/O base and limit (low bytes) and the secondary status.
+    pub const IO_BASE_LIMIT: usize = 0x1c;
+    /// Type 1 header: memory base (bits [15:4] = address [31:20]) and limit.
+    pub const MEMORY_BASE_LIMIT: usize = 0x20;
+    /// Type 1 header: prefetchable memory base and limit (low 16 bits each; bits [3:0] = 1: 64-bit).
+    pub const PREFETCH_BASE_LIMIT: usize = 0x24;
+    /// Type 1 header: upper 32 bits of the prefetchable base and limit.
+    pub const PREFETCH_BASE_UPPER: usize = 0x28;
+    pub const PREFETCH_LIMIT_UPPER: usize = 0x2c;
+    /// Bridge windows are aligned to 1 MiB.
+    pub const WINDOW_ALIGN: u64 = 1 << 20;
 }
 
 /// Bus, device, function.
@@ -62,10 +78,24 @@ pub struct Function {
     pub device: u16,
     /// Class code (base, sub, interface) and revision.
     pub class_revision: u32,
-    /// Memory BARs by index; `None` where unimplemented, I/O, or the upper half of a 64-bit BAR.
+    /// Memory BARs by index; `None` where unimplemented, I/O, or the upper half of a 64-bit BAR (a bridge has
+    /// two).
     pub bars: [Option<Bar>; 6],
-    /// Type 1 (bridge) header: found but not configured.
-    pub is_bridge: bool,
+    /// For a bridge (type 1 header): the buses behind it and the windows it forwards.
+    pub bridge: Option<BridgeSetup>,
+}
+
+/// How enumeration configured a bridge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BridgeSetup {
+    /// Its secondary bus (the bus right behind it).
+    pub secondary: u8,
+    /// The highest bus number behind it.
+    pub subordinate: u8,
+    /// The non-prefetchable memory window (CPU addresses, end exclusive), if anything behind it needs one.
+    pub memory: Option<(u64, u64)>,
+    /// The 64-bit prefetchable memory window (CPU addresses, end exclusive), if anything behind it needs one.
+    pub prefetchable: Option<(u64, u64)>,
 }
 
 /// Why enumeration failed.
@@ -82,6 +112,11 @@ pub enum PciError {
     },
     /// More functions than the firmware keeps track of.
     TooManyFunctions,
+    /// A bridge needs a bus number beyond the host's bus range.
+    OutOfBusNumbers {
+        /// The bridge.
+        bdf: Bdf,
+    },
 }
 
 impl fmt::Display for PciError {
@@ -91,6 +126,12 @@ impl fmt::Display for PciError {
                 write!(f, "no PCI window space for BAR{bar} ({size:#x} bytes) of {bdf}")
             }
             PciError::TooManyFunctions => f.write_str("more PCI functions than the firmware tracks"),
+            PciError::OutOfBusNumbers { bdf } => {
+                write!(
+                    f,
+                    "no bus number left for the bridge at {bdf} within the host's bus range"
+                )
+            }
         }
     }
 }
@@ -150,6 +191,17 @@ struct WindowAllocator {
 }
 
 impl WindowAllocator {
+    /// Allocates from the first `limit` bytes of `window`.
+    fn new(window: PciWindow, limit: u64) -> Self {
+        WindowAllocator {
+            window: PciWindow {
+                size: window.size.min(limit),
+                ..window
+            },
+            next: window.pci_base,
+        }
+    }
+
     fn take(&mut self, size: u64) -> Option<u64> {
         let start = self.next.next_multiple_of(size);
         let end = start.checked_add(size)?;
@@ -158,113 +210,222 @@ impl WindowAllocator {
             start
         })
     }
+
+    /// Aligns the next allocation to a bridge window's granule and returns it.
+    fn align_for_bridge(&mut self) -> u64 {
+        self.next = self.next.next_multiple_of(cfg::WINDOW_ALIGN);
+        self.next
+    }
+
+    fn to_cpu(&self, pci_address: u64) -> u64 {
+        pci_address - self.window.pci_base + self.window.cpu_base
+    }
 }
 
-/// The functions found on a host bridge.
-pub type Functions = heapless::Vec<Function, 32>;
+/// The functions found below a host bridge, bridges before what lies behind them.
+pub type Functions = heapless::Vec<Function, 64>;
 
-/// Enumerates the host's first bus, assigns every memory BAR from the windows (32-bit BARs from the 32-bit
-/// window, 64-bit BARs from the 32-bit window too: the firmware's identity map covers only the low windows),
-/// and enables memory decoding. Bus mastering is left to each device's driver.
+/// How much of a 64-bit window the firmware maps, and so assigns BARs from: the first GiB.
+pub const MEM64_MAPPED: u64 = 1 << 30;
+
+struct Enumeration<'a> {
+    ecam: &'a Ecam,
+    last_bus: u8,
+    next_bus: u8,
+    /// Non-prefetchable BARs, and 32-bit prefetchable ones, come from the 32-bit window.
+    mem32: Option<WindowAllocator>,
+    /// 64-bit prefetchable BARs come from the first [`MEM64_MAPPED`] bytes of the 64-bit window (or the 32-bit
+    /// window when the host has none).
+    mem64: Option<WindowAllocator>,
+    found: Functions,
+}
+
+/// Enumerates every bus below the host bridge depth-first, as firmware does on real PCIe: numbers each bridge's
+/// secondary and subordinate buses, assigns memory BARs (32-bit and non-prefetchable ones from the 32-bit window,
+/// 64-bit prefetchable ones from the first [`MEM64_MAPPED`] bytes of the 64-bit window), programs each bridge's
+/// memory and prefetchable windows around what lies behind it (I/O forwarding off), and enables memory decoding,
+/// and on bridges bus mastering too (a bridge forwards no DMA upstream without it). An endpoint's bus mastering
+/// is left to its driver.
 ///
 /// # Errors
-/// [`PciError::NoSpaceForBar`] when the windows run out, [`PciError::TooManyFunctions`].
+/// [`PciError::NoSpaceForBar`] when the windows run out, [`PciError::OutOfBusNumbers`],
+/// [`PciError::TooManyFunctions`].
 pub fn enumerate(ecam: &Ecam, host: &PcieHost) -> Result<Functions, PciError> {
-    let mut mem32 = host
-        .windows
-        .iter()
-        .find(|w| w.kind == WindowKind::Mem32)
-        .map(|w| WindowAllocator {
-            window: *w,
-            next: w.pci_base,
-        });
-    let mut found = Functions::new();
-    let bus = host.bus_range.0;
-    for device in 0..32u8 {
-        for function in 0..8u8 {
-            let bdf = Bdf { bus, device, function };
-            let id = ecam.read(bdf, cfg::VENDOR_DEVICE);
-            if id & 0xffff == 0xffff {
-                if function == 0 {
-                    break;
-                }
-                continue;
-            }
-            let header = (ecam.read(bdf, cfg::HEADER_TYPE_DWORD) >> 16) & 0xff;
-            let mut f = Function {
-                bdf,
-                vendor: id as u16,
-                device: (id >> 16) as u16,
-                class_revision: ecam.read(bdf, cfg::CLASS_REVISION),
-                bars: [None; 6],
-                is_bridge: header & 0x7f == 1,
-            };
-            if header & 0x7f == 0 {
-                assign_bars(ecam, &mut f, mem32.as_mut())?;
-            }
-            found.push(f).map_err(|_| PciError::TooManyFunctions)?;
-            if function == 0 && header & 0x80 == 0 {
-                break;
-            }
-        }
-    }
-    Ok(found)
+    let window = |kind| host.windows.iter().find(|w| w.kind == kind).copied();
+    let mut e = Enumeration {
+        ecam,
+        last_bus: host.bus_range.1,
+        next_bus: host.bus_range.0,
+        mem32: window(WindowKind::Mem32).map(|w| WindowAllocator::new(w, u64::MAX)),
+        mem64: window(WindowKind::Mem64).map(|w| WindowAllocator::new(w, MEM64_MAPPED)),
+        found: Functions::new(),
+    };
+    e.scan_bus(host.bus_range.0)?;
+    Ok(e.found)
 }
 
-fn assign_bars(ecam: &Ecam, f: &mut Function, mut window: Option<&mut WindowAllocator>) -> Result<(), PciError> {
-    let bdf = f.bdf;
-    // Decoding off while BARs are sized and moved.
-    let command = ecam.read(bdf, cfg::COMMAND) & 0xffff;
-    ecam.write(bdf, cfg::COMMAND, command & !0x3);
-    let mut index = 0;
-    while index < 6 {
-        let offset = cfg::BAR0 + 4 * index;
-        let original = ecam.read(bdf, offset);
-        if original & 1 == 1 {
-            // I/O BAR: not used by the devices this firmware drives.
-            index += 1;
-            continue;
+impl Enumeration<'_> {
+    fn scan_bus(&mut self, bus: u8) -> Result<(), PciError> {
+        let ecam = self.ecam;
+        for device in 0..32u8 {
+            for function in 0..8u8 {
+                let bdf = Bdf { bus, device, function };
+                let id = ecam.read(bdf, cfg::VENDOR_DEVICE);
+                if id & 0xffff == 0xffff {
+                    if function == 0 {
+                        break;
+                    }
+                    continue;
+                }
+                let header = (ecam.read(bdf, cfg::HEADER_TYPE_DWORD) >> 16) & 0xff;
+                let mut f = Function {
+                    bdf,
+                    vendor: id as u16,
+                    device: (id >> 16) as u16,
+                    class_revision: ecam.read(bdf, cfg::CLASS_REVISION),
+                    bars: [None; 6],
+                    bridge: None,
+                };
+                match header & 0x7f {
+                    0 => self.assign_bars(&mut f, 6)?,
+                    1 => {
+                        self.assign_bars(&mut f, 2)?;
+                        f.bridge = Some(self.configure_bridge(bdf)?);
+                    }
+                    _ => {}
+                }
+                // What lies behind a bridge was found while configuring it: list the bridge before it.
+                let behind = |g: &Function| {
+                    f.bridge
+                        .is_some_and(|b| (b.secondary..=b.subordinate).contains(&g.bdf.bus))
+                };
+                let position = self.found.iter().position(behind).unwrap_or(self.found.len());
+                self.found.insert(position, f).map_err(|_| PciError::TooManyFunctions)?;
+                if function == 0 && header & 0x80 == 0 {
+                    break;
+                }
+            }
         }
-        let is64 = (original >> 1) & 0x3 == 0x2;
-        ecam.write(bdf, offset, 0xffff_ffff);
-        let mut mask = u64::from(ecam.read(bdf, offset) & !0xf);
-        if is64 {
-            ecam.write(bdf, offset + 4, 0xffff_ffff);
-            mask |= u64::from(ecam.read(bdf, offset + 4)) << 32;
-        } else if mask != 0 {
-            mask |= 0xffff_ffff_0000_0000;
-        }
-        if mask == 0 {
-            ecam.write(bdf, offset, original);
-            index += 1;
-            continue;
-        }
-        let size = (!mask).wrapping_add(1);
-        let pci_address = window
-            .as_deref_mut()
-            .and_then(|w| w.take(size))
-            .ok_or(PciError::NoSpaceForBar {
-                bdf,
-                bar: index as u8,
-                size,
-            })?;
-        ecam.write(bdf, offset, pci_address as u32);
-        if is64 {
-            ecam.write(bdf, offset + 4, (pci_address >> 32) as u32);
-        }
-        let w = window.as_deref().map(|w| w.window).unwrap_or(PciWindow {
-            kind: WindowKind::Mem32,
-            prefetchable: false,
-            pci_base: 0,
-            cpu_base: 0,
-            size: 0,
-        });
-        f.bars[index] = Some(Bar {
-            cpu_address: pci_address - w.pci_base + w.cpu_base,
-            size,
-        });
-        index += if is64 { 2 } else { 1 };
+        Ok(())
     }
-    ecam.write(bdf, cfg::COMMAND, command | cfg::COMMAND_MEMORY);
-    Ok(())
+
+    /// Numbers the bridge's buses, scans behind it, and opens its windows over what was assigned there.
+    fn configure_bridge(&mut self, bdf: Bdf) -> Result<BridgeSetup, PciError> {
+        let ecam = self.ecam;
+        if self.next_bus >= self.last_bus {
+            return Err(PciError::OutOfBusNumbers { bdf });
+        }
+        self.next_bus += 1;
+        let secondary = self.next_bus;
+        // Decoding and forwarding off while it is set up; the subordinate bus open to the end of the range until
+        // the scan below is done, so configuration cycles reach every bus that may lie behind it.
+        let command = ecam.read(bdf, cfg::COMMAND) & 0xffff;
+        ecam.write(bdf, cfg::COMMAND, command & !0x7);
+        let numbers = |subordinate: u8| u32::from(bdf.bus) | u32::from(secondary) << 8 | u32::from(subordinate) << 16;
+        ecam.write(bdf, cfg::BUS_NUMBERS, numbers(self.last_bus));
+        let memory_start = self.mem32.as_mut().map(WindowAllocator::align_for_bridge);
+        let prefetch_start = self.mem64.as_mut().map(WindowAllocator::align_for_bridge);
+        self.scan_bus(secondary)?;
+        let subordinate = self.next_bus;
+        ecam.write(bdf, cfg::BUS_NUMBERS, numbers(subordinate));
+        // I/O forwarding off (base above limit).
+        let io = ecam.read(bdf, cfg::IO_BASE_LIMIT);
+        ecam.write(bdf, cfg::IO_BASE_LIMIT, (io & 0xffff_0000) | 0x00f0);
+
+        // A window over what was assigned behind the bridge: (PCI start, PCI end), end exclusive.
+        let window = |allocator: &mut Option<WindowAllocator>, start: Option<u64>| {
+            let (a, start) = (allocator.as_mut()?, start?);
+            let end = a.align_for_bridge();
+            (end > start).then_some((start, end, a.to_cpu(start), a.to_cpu(end)))
+        };
+        let memory = window(&mut self.mem32, memory_start);
+        let base_limit =
+            |start: u64, end: u64| ((start >> 16) as u32 & 0xfff0) | ((((end - 1) >> 16) as u32) & 0xfff0) << 16;
+        match memory {
+            Some((start, end, ..)) => ecam.write(bdf, cfg::MEMORY_BASE_LIMIT, base_limit(start, end)),
+            // Base above limit: closed.
+            None => ecam.write(bdf, cfg::MEMORY_BASE_LIMIT, 0x0000_fff0),
+        }
+        let prefetchable = window(&mut self.mem64, prefetch_start);
+        match prefetchable {
+            Some((start, end, ..)) => {
+                // Bits [3:0] of base and limit read 0b0001: a 64-bit window.
+                ecam.write(bdf, cfg::PREFETCH_BASE_LIMIT, base_limit(start, end) | 0x0001_0001);
+                ecam.write(bdf, cfg::PREFETCH_BASE_UPPER, (start >> 32) as u32);
+                ecam.write(bdf, cfg::PREFETCH_LIMIT_UPPER, ((end - 1) >> 32) as u32);
+            }
+            None => {
+                ecam.write(bdf, cfg::PREFETCH_BASE_UPPER, 0);
+                ecam.write(bdf, cfg::PREFETCH_LIMIT_UPPER, 0);
+                ecam.write(bdf, cfg::PREFETCH_BASE_LIMIT, 0x0001_fff1);
+            }
+        }
+        ecam.write(
+            bdf,
+            cfg::COMMAND,
+            (command & !0x1) | cfg::COMMAND_MEMORY | cfg::COMMAND_BUS_MASTER,
+        );
+        Ok(BridgeSetup {
+            secondary,
+            subordinate,
+            memory: memory.map(|(.., cpu_start, cpu_end)| (cpu_start, cpu_end)),
+            prefetchable: prefetchable.map(|(.., cpu_start, cpu_end)| (cpu_start, cpu_end)),
+        })
+    }
+
+    /// Sizes and assigns the first `count` BARs of `f` (6 for an endpoint, 2 for a bridge).
+    fn assign_bars(&mut self, f: &mut Function, count: usize) -> Result<(), PciError> {
+        let ecam = self.ecam;
+        let bdf = f.bdf;
+        // Decoding off while BARs are sized and moved.
+        let command = ecam.read(bdf, cfg::COMMAND) & 0xffff;
+        ecam.write(bdf, cfg::COMMAND, command & !0x3);
+        let mut index = 0;
+        while index < count {
+            let offset = cfg::BAR0 + 4 * index;
+            let original = ecam.read(bdf, offset);
+            if original & 1 == 1 {
+                // I/O BAR: not used by the devices this firmware drives.
+                index += 1;
+                continue;
+            }
+            let is64 = (original >> 1) & 0x3 == 0x2;
+            let prefetchable = original & 0x8 != 0;
+            ecam.write(bdf, offset, 0xffff_ffff);
+            let mut mask = u64::from(ecam.read(bdf, offset) & !0xf);
+            if is64 {
+                ecam.write(bdf, offset + 4, 0xffff_ffff);
+                mask |= u64::from(ecam.read(bdf, offset + 4)) << 32;
+            } else if mask != 0 {
+                mask |= 0xffff_ffff_0000_0000;
+            }
+            if mask == 0 {
+                ecam.write(bdf, offset, original);
+                index += 1;
+                continue;
+            }
+            let size = (!mask).wrapping_add(1);
+            let allocator = if is64 && prefetchable && self.mem64.is_some() {
+                self.mem64.as_mut()
+            } else {
+                self.mem32.as_mut()
+            };
+            let Some((pci_address, cpu_address)) = allocator.and_then(|a| a.take(size).map(|pci| (pci, a.to_cpu(pci))))
+            else {
+                return Err(PciError::NoSpaceForBar {
+                    bdf,
+                    bar: index as u8,
+                    size,
+                });
+            };
+            ecam.write(bdf, offset, pci_address as u32);
+            if is64 {
+                ecam.write(bdf, offset + 4, (pci_address >> 32) as u32);
+            }
+            f.bars[index] = Some(Bar { cpu_address, size });
+            index += if is64 { 2 } else { 1 };
+        }
+        ecam.write(bdf, cfg::COMMAND, command | cfg::COMMAND_MEMORY);
+        Ok(())
+    }
 }

@@ -204,17 +204,21 @@ impl Iterator for FeatureLines {
     }
 }
 
-/// Finds the edu device and wraps it.
-fn find_edu(context: &Context) -> Result<Edu, Failure> {
-    let Some(f) = context
+/// The edu functions enumeration found, in bus order.
+fn edu_functions<'a>(context: &'a Context) -> impl Iterator<Item = &'a Function> {
+    context
         .functions
         .iter()
-        .find(|f| f.vendor == edu::VENDOR && f.device == edu::DEVICE)
-    else {
-        fail!("no edu device (1234:11e8) on the PCI bus; start QEMU with -device edu")
-    };
+        .filter(|f| f.vendor == edu::VENDOR && f.device == edu::DEVICE)
+}
+
+/// Wraps one edu function, with memory decoding and bus mastering on.
+fn open_edu(context: &Context, f: &Function) -> Result<Edu, Failure> {
     let Some(bar0) = f.bars[0] else {
-        fail!("edu at {} has no BAR0 assigned", f.bdf)
+        fail!(
+            "edu at {} was found but has no BAR0 assigned, so it cannot be driven",
+            f.bdf
+        )
     };
     context.ecam.enable_memory_and_bus_master(f.bdf);
     // SAFETY: BAR0 was assigned by enumeration inside a window the board maps as device memory, and only this
@@ -222,31 +226,52 @@ fn find_edu(context: &Context) -> Result<Edu, Failure> {
     Ok(unsafe { Edu::new(f.bdf, bar0, context.config.edu_dma_mask) })
 }
 
-/// A 4 KiB-aligned DMA buffer in the image's data.
-#[repr(C, align(4096))]
-struct DmaPage([u8; 4096]);
-
-static mut EDU_PAGES: [DmaPage; 2] = [DmaPage([0; 4096]), DmaPage([0; 4096])];
-
-/// `edu-ident`: the edu device answers (ident, liveness, factorial) and its DMA engine moves a pattern from RAM
-/// into its buffer and back to another RAM page, through the SMMU in its reset state (translation disabled,
-/// global bypass), so the bus addresses are physical addresses.
-fn edu_ident(context: &mut Context) -> Result<(), Failure> {
-    let edu = find_edu(context)?;
-    let rid = edu.bdf().requester_id();
-    let sid = context.platform.pcie.iommu_map.stream_id(rid);
-    let (major, minor) = edu.identify().or_else(|e| fail!("{e}"))?;
-    println!(
-        "edu {} v{major}.{minor}: requester ID {rid:#x}, StreamID {sid:?}, DMA mask {:#x}",
-        edu.bdf(),
-        edu.dma_mask()
-    );
-    edu.check_liveness(0x5a5a_1234).or_else(|e| fail!("{e}"))?;
-    match edu.factorial(10) {
-        Ok(3_628_800) => {}
-        Ok(other) => fail!("edu computed 10! = {other}"),
-        Err(e) => fail!("{e}"),
+/// Finds the first edu device (in bus order) and wraps it.
+fn find_edu(context: &Context) -> Result<Edu, Failure> {
+    match edu_functions(context).next() {
+        Some(f) => open_edu(context, f),
+        None => fail!("no edu device (1234:11e8) on any PCI bus; start QEMU with -device edu"),
     }
+}
+
+/// Two pages for the untranslated DMA of `edu-ident`, `abort-default` and `bypass`, taken from the frame pool
+/// on first use (so `dma-above-4g` moves them too) and kept for the run.
+static EDU_PAGES: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+
+/// The two DMA pages' addresses (identity-mapped: physical = virtual): source, destination.
+fn edu_pages() -> Result<(u64, u64), Failure> {
+    use core::sync::atomic::Ordering;
+    let mut address = EDU_PAGES.load(Ordering::Relaxed);
+    if address == 0 {
+        address = match crate::frames::alloc(2 * 4096, 4096) {
+            Ok(a) => a,
+            Err(e) => fail!("DMA pages: {e}"),
+        };
+        EDU_PAGES.store(address, Ordering::Relaxed);
+    }
+    Ok((address as u64, address as u64 + 4096))
+}
+
+/// Writes byte `i` of the DMA page at `page` (one of [`edu_pages`]).
+fn poke(page: u64, i: usize, value: u8) {
+    debug_assert!(i < 4096);
+    // SAFETY: `page` is one of the two identity-mapped frames the pool gave this module for the whole run, and
+    // the device touches it only during a DMA the caller waits for; volatile because the device does.
+    unsafe { core::ptr::write_volatile((page as *mut u8).add(i), value) }
+}
+
+/// Reads byte `i` of the DMA page at `page`, after the device wrote it (the DSB in `Edu::dma` orders it).
+fn peek(page: u64, i: usize) -> u8 {
+    debug_assert!(i < 4096);
+    // SAFETY: as in `poke`.
+    unsafe { core::ptr::read_volatile((page as *const u8).add(i)) }
+}
+
+/// `edu-ident`: every edu device in the topology (on the root bus, behind root ports and switches) answers
+/// (ident, liveness, factorial) and its DMA engine moves a pattern from RAM into its buffer and back to another RAM
+/// page, through the SMMU in its reset state (translation disabled, global bypass), so the bus addresses are
+/// physical addresses. One line per device gives its bus:device.function, requester ID and StreamID.
+fn edu_ident(context: &mut Context) -> Result<(), Failure> {
     let smmu = smmu(context)?;
     if smmu.is_enabled() || smmu.global_bypass_aborts() {
         fail!(
@@ -255,8 +280,36 @@ fn edu_ident(context: &mut Context) -> Result<(), Failure> {
             smmu.global_bypass_aborts() as u8
         )
     }
-    let (from, to) = round_trip(&edu, 256)?;
-    println!("edu DMA: 256 bytes {from:#x} -> edu buffer -> {to:#x}, verified");
+    let mut count = 0;
+    for f in edu_functions(context) {
+        let edu = open_edu(context, f)?;
+        let rid = edu.bdf().requester_id();
+        let Some(sid) = context.platform.pcie.iommu_map.stream_id(rid) else {
+            fail!(
+                "edu at {}: requester ID {rid:#x} has no StreamID in the iommu-map",
+                edu.bdf()
+            )
+        };
+        let (major, minor) = edu.identify().or_else(|e| fail!("edu at {}: {e}", edu.bdf()))?;
+        edu.check_liveness(0x5a5a_1234)
+            .or_else(|e| fail!("edu at {}: {e}", edu.bdf()))?;
+        match edu.factorial(10) {
+            Ok(3_628_800) => {}
+            Ok(other) => fail!("edu at {} computed 10! = {other}", edu.bdf()),
+            Err(e) => fail!("edu at {}: {e}", edu.bdf()),
+        }
+        let (from, to) = round_trip(&edu, 256)?;
+        println!(
+            "edu {} v{major}.{minor}: requester ID {rid:#x}, StreamID {sid:#x}, DMA mask {:#x}; 256 bytes {from:#x} -> edu buffer -> {to:#x}, verified",
+            edu.bdf(),
+            edu.dma_mask()
+        );
+        count += 1;
+    }
+    if count == 0 {
+        fail!("no edu device (1234:11e8) on any PCI bus; start QEMU with -device edu")
+    }
+    println!("edu: {count} device(s) identified, DMA verified through each");
     Ok(())
 }
 
@@ -264,47 +317,40 @@ fn edu_ident(context: &mut Context) -> Result<(), Failure> {
 /// addresses: the stream must be untranslated), then checks every byte, and that nothing beyond `len` changed.
 /// Returns the two pages' addresses.
 fn round_trip(edu: &Edu, len: usize) -> Result<(u64, u64), Failure> {
-    // SAFETY: scenarios run one at a time on one CPU, so this is the only reference to the pages while it lives.
-    let pages = unsafe { &mut *core::ptr::addr_of_mut!(EDU_PAGES) };
-    let [source, destination] = pages;
-    for (i, b) in source.0.iter_mut().enumerate() {
-        *b = (i as u8).wrapping_mul(7).wrapping_add(0x3c);
+    let (source, destination) = edu_pages()?;
+    let pattern = |i: usize| (i as u8).wrapping_mul(7).wrapping_add(0x3c);
+    for i in 0..4096 {
+        poke(source, i, pattern(i));
+        poke(destination, i, 0xee);
     }
-    destination.0.fill(0xee);
-    let source_pa = source.0.as_ptr() as u64;
-    let destination_pa = destination.0.as_ptr() as u64;
-    edu.dma(Direction::ToDevice, source_pa, 0, len as u64)
+    edu.dma(Direction::ToDevice, source, 0, len as u64)
         .or_else(|e| fail!("RAM -> edu: {e}"))?;
-    edu.dma(Direction::FromDevice, destination_pa, 0, len as u64)
+    edu.dma(Direction::FromDevice, destination, 0, len as u64)
         .or_else(|e| fail!("edu -> RAM: {e}"))?;
-    // SAFETY: the device wrote this memory behind the compiler's back; read it volatile after the DSB in `dma`.
-    let arrived = |i: usize| unsafe { core::ptr::read_volatile(&destination.0[i]) };
-    if let Some(i) = (0..len).find(|&i| arrived(i) != source.0[i]) {
+    if let Some(i) = (0..len).find(|&i| peek(destination, i) != pattern(i)) {
         fail!(
             "DMA round trip corrupted byte {i}: expected {:#x}, found {:#x}",
-            source.0[i],
-            arrived(i)
+            pattern(i),
+            peek(destination, i)
         )
     }
-    if let Some(i) = (len..4096).find(|&i| arrived(i) != 0xee) {
+    if let Some(i) = (len..4096).find(|&i| peek(destination, i) != 0xee) {
         fail!("DMA wrote past its {len} bytes (byte {i} changed)")
     }
-    Ok((source_pa, destination_pa))
+    Ok((source, destination))
 }
 
 /// Fills the destination page with `canary`, asks edu to write `len` bytes of its buffer there, and returns
 /// whether the canary survived (the write was aborted) and the page's address.
 fn dma_onto_canary(edu: &Edu, len: usize, canary: u8) -> Result<(bool, u64), Failure> {
-    // SAFETY: as in `round_trip`.
-    let pages = unsafe { &mut *core::ptr::addr_of_mut!(EDU_PAGES) };
-    let destination = &mut pages[1];
-    destination.0.fill(canary);
-    let pa = destination.0.as_ptr() as u64;
-    edu.dma(Direction::FromDevice, pa, 0, len as u64)
+    let (_, destination) = edu_pages()?;
+    for i in 0..4096 {
+        poke(destination, i, canary);
+    }
+    edu.dma(Direction::FromDevice, destination, 0, len as u64)
         .or_else(|e| fail!("edu -> RAM: {e}"))?;
-    // SAFETY: as in `round_trip`.
-    let intact = (0..4096).all(|i| unsafe { core::ptr::read_volatile(&destination.0[i]) } == canary);
-    Ok((intact, pa))
+    let intact = (0..4096).all(|i| peek(destination, i) == canary);
+    Ok((intact, destination))
 }
 
 /// `psci-reset`: the machine resets through PSCI SYSTEM_RESET and the firmware comes back. The first boot leaves a

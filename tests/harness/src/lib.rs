@@ -109,6 +109,39 @@ impl Board {
     }
 }
 
+/// Where an edu device sits in the PCI topology.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EduPlacement {
+    /// On the root bus, at the board's [`Board::edu_device`] slot.
+    RootBus,
+    /// Behind a `pcie-root-port` at 00:08.0: the first bridge, so bus 1, edu at 01:00.0 (StreamID 0x100).
+    RootPort,
+    /// Behind a switch (`x3130-upstream` + `xio3130-downstream`) under a root port at 00:09.0: buses 2 (root
+    /// port), 3 (upstream port) and 4 (downstream port) when it comes after [`EduPlacement::RootPort`], edu at
+    /// 04:00.0 (StreamID 0x400); without a root-port edu, buses 1, 2, 3 and edu at 03:00.0 (StreamID 0x300).
+    Switch,
+}
+
+impl EduPlacement {
+    /// The QEMU `-device` values that build this placement, edu last.
+    pub fn devices(self, board: Board, dma_mask: u64) -> Vec<String> {
+        let edu = |bus_and_addr: String| format!("edu,{bus_and_addr},dma_mask={dma_mask:#x}");
+        match self {
+            EduPlacement::RootBus => vec![edu(format!("addr={}.0", board.edu_device()))],
+            EduPlacement::RootPort => vec![
+                "pcie-root-port,id=smmuv3-rp,bus=pcie.0,chassis=1,addr=8.0".into(),
+                edu("bus=smmuv3-rp,addr=0.0".into()),
+            ],
+            EduPlacement::Switch => vec![
+                "pcie-root-port,id=smmuv3-sw-rp,bus=pcie.0,chassis=2,addr=9.0".into(),
+                "x3130-upstream,id=smmuv3-up,bus=smmuv3-sw-rp".into(),
+                "xio3130-downstream,id=smmuv3-down,bus=smmuv3-up,chassis=3,slot=0".into(),
+                edu("bus=smmuv3-down,addr=0.0".into()),
+            ],
+        }
+    }
+}
+
 /// Which SMMU QEMU presents.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
@@ -209,6 +242,10 @@ pub struct Run {
     pub expected_stage: Option<Stage>,
     /// edu's `dma_mask` property.
     pub edu_dma_mask: u64,
+    /// The edu devices and where they sit (one on the root bus by default).
+    pub edus: Vec<EduPlacement>,
+    /// Guest RAM (`-m`), `1G` by default.
+    pub memory: String,
     /// Wall-clock bound for the whole run.
     pub timeout: Duration,
     /// QEMU trace events to record (for example `smmuv3_record_event`).
@@ -235,6 +272,8 @@ impl Run {
             scenarios: scenarios.iter().map(|s| s.to_string()).collect(),
             expected_stage: Some(stage),
             edu_dma_mask: board.default_edu_dma_mask(),
+            edus: vec![EduPlacement::RootBus],
+            memory: "1G".into(),
             timeout: Duration::from_secs(120),
             trace_events: SMMU_ERROR_TRACE_EVENTS.iter().map(|s| s.to_string()).collect(),
             settings: Vec::new(),
@@ -243,13 +282,12 @@ impl Run {
         }
     }
 
-    /// edu's `-device` value: at the board's PCI address, with the run's DMA mask.
-    fn edu_device(&self) -> String {
-        format!(
-            "edu,addr={}.0,dma_mask={:#x}",
-            self.board.edu_device(),
-            self.edu_dma_mask
-        )
+    /// The `-device` values of the run's edu devices and the bridges above them.
+    fn edu_devices(&self) -> Vec<String> {
+        self.edus
+            .iter()
+            .flat_map(|p| p.devices(self.board, self.edu_dma_mask))
+            .collect()
     }
 
     /// The QEMU command line (without the trace file, which [`Run::execute`] adds).
@@ -264,9 +302,11 @@ impl Run {
                 };
                 c.args(["-M", &format!("{machine},virtualization=on,iommu=smmuv3,gic-version=3")]);
                 c.args(["-global", &format!("arm-smmuv3.stage={}", self.stage.name())]);
-                c.args(["-cpu", "max", "-m", "1G", "-smp", "1"]);
+                c.args(["-cpu", "max", "-m", &self.memory, "-smp", "1"]);
                 c.args(["-device", &format!("loader,file={},cpu-num=0", firmware.display())]);
-                c.args(["-device", &self.edu_device()]);
+                for device in self.edu_devices() {
+                    c.args(["-device", &device]);
+                }
                 if !self.scenarios.is_empty() {
                     // QEMU's option parser takes ",," for a literal comma.
                     let list = self.scenarios.join(",,");
@@ -288,10 +328,12 @@ impl Run {
                 // One CPU (the others would spin in empty flash); no fw_cfg: the configuration travels on the
                 // semihosting command line. The machine always adds a bochs-display, whose VGA BIOS Debian ships
                 // in another package: without a ROM file it works the same for this firmware.
-                c.args(["-M", "sbsa-ref", "-cpu", "max", "-m", "1G", "-smp", "1"]);
+                c.args(["-M", "sbsa-ref", "-cpu", "max", "-m", &self.memory, "-smp", "1"]);
                 c.args(["-global", "bochs-display.romfile="]);
                 c.args(["-device", &format!("loader,file={},cpu-num=0", firmware.display())]);
-                c.args(["-device", &self.edu_device()]);
+                for device in self.edu_devices() {
+                    c.args(["-device", &device]);
+                }
                 let mut semihosting = String::from("enable=on,target=native,arg=sbsa-ref");
                 if !self.scenarios.is_empty() {
                     semihosting.push_str(&format!(",arg=scenarios={}", self.scenarios.join(",,")));
