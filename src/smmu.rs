@@ -173,13 +173,13 @@ impl Smmu {
         overridden
     }
 
-    /// Checks that the SMMU offers every stage in `wanted`.
+    /// Checks that the SMMU offers every stage in `wanted`, and nesting if `wanted` asks for it.
     ///
     /// # Errors
     /// [`ProbeError::MissingStage`] naming what was wanted and what the SMMU has.
     pub fn require_stages(&self, wanted: Stages) -> Result<(), ProbeError> {
         let found = self.features.stages();
-        if (wanted.stage1 && !found.stage1) || (wanted.stage2 && !found.stage2) {
+        if !found.covers(wanted) {
             return Err(ProbeError::MissingStage { wanted, found });
         }
         Ok(())

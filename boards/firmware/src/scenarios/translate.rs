@@ -128,7 +128,7 @@ pub fn pgtable_dma(context: &mut Context) -> Result<(), Failure> {
         translate(context, &edu, sid, stage, false)?;
         ran += 1;
     }
-    if stages.stage1 && stages.stage2 {
+    if stages.nested {
         // Both stages for one stream: the stage-1 tables (and the CD) sit at IPAs that stage 2 translates.
         translate(context, &edu, sid, Stage::One, true)?;
     }
