@@ -6,6 +6,7 @@ use bitflags::bitflags;
 use tock_registers::LocalRegisterCopy;
 
 use crate::hw::regs::{AIDR, IDR0, IDR1, IDR3, IDR5, IIDR};
+use crate::hw::ste::{EntryRules, StallRule};
 
 /// The raw ID registers, as read from the SMMU. Kept so that a report can show the exact values.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -263,6 +264,9 @@ pub struct Features {
     pub endianness: TableEndianness,
     /// Stall model.
     pub stall_model: StallModel,
+    /// Terminate model (IDR0.TERM_MODEL = 1): a terminated transaction always aborts, so CD.A must be 1; with 0 it
+    /// aborts or reads as zero and ignores writes, as CD.A selects.
+    pub terminate_always_aborts: bool,
     /// Two-level stream tables supported (IDR0.ST_LEVEL).
     pub stream_table_two_level: bool,
     /// StreamID width in bits.
@@ -279,6 +283,9 @@ pub struct Features {
     pub queues_preset: bool,
     /// Table base registers are fixed by the implementation.
     pub tables_preset: bool,
+    /// The STE may override incoming memory types and shareability (IDR1.ATTR_TYPES_OVR); without it STE.SHCFG,
+    /// MTCFG, MemAttr and ALLOCCFG are RES0.
+    pub attribute_types_override: bool,
     /// Range-based TLB invalidation (IDR3.RIL).
     pub range_invalidation: bool,
     /// Hierarchical attribute disables.
@@ -352,6 +359,7 @@ impl Features {
                 2 => StallModel::StallForced,
                 _ => StallModel::Reserved,
             },
+            terminate_always_aborts: idr0.is_set(IDR0::TERM_MODEL),
             stream_table_two_level: idr0.read(IDR0::ST_LEVEL) == 1,
             sid_bits: idr1.read(IDR1::SIDSIZE) as u8,
             ssid_bits: idr1.read(IDR1::SSIDSIZE) as u8,
@@ -360,6 +368,7 @@ impl Features {
             priq_log2_max: pri.then(|| idr1.read(IDR1::PRIQS) as u8),
             queues_preset: idr1.is_set(IDR1::QUEUES_PRESET),
             tables_preset: idr1.is_set(IDR1::TABLES_PRESET),
+            attribute_types_override: idr1.is_set(IDR1::ATTR_TYPES_OVR),
             range_invalidation: idr3.is_set(IDR3::RIL),
             hierarchical_attribute_disables: idr3.is_set(IDR3::HAD),
             xnx: idr3.is_set(IDR3::XNX),
@@ -391,6 +400,20 @@ impl Features {
             stage1: self.stage1,
             stage2: self.stage2,
             nested: self.nesting,
+        }
+    }
+
+    /// What the STE and CD builders must respect on this SMMU: the fields its ID registers make RES0 or ILLEGAL.
+    pub fn entry_rules(&self) -> EntryRules {
+        EntryRules {
+            attribute_types_override: self.attribute_types_override,
+            hyp: self.hyp,
+            stall: match self.stall_model {
+                StallModel::StallAndTerminate => StallRule::Configurable,
+                StallModel::StallForced => StallRule::Forced,
+                StallModel::TerminateOnly | StallModel::Reserved => StallRule::Never,
+            },
+            terminate_always_aborts: self.terminate_always_aborts,
         }
     }
 
@@ -555,6 +578,7 @@ impl fmt::Display for Features {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hw::ste::{EntryRules, StallRule};
 
     /// ID registers of QEMU 10.0's SMMUv3 on `-M virt,iommu=smmuv3` (both stages).
     const QEMU_NESTED: IdRegisters = IdRegisters {
@@ -784,6 +808,36 @@ mod tests {
         assert_eq!(
             ERRATA[0].to_string(),
             "MMU-600 r0p0..r0p2: Arm erratum 1076982 (no SEV (Arm errata MMU-600 r0p0..r0p2 1076982))"
+        );
+    }
+
+    #[test]
+    fn qemu_entry_rules_come_from_idr0_and_idr1() {
+        // IDR0 0x0D44101B: HYP [9] = 0, STALL_MODEL [25:24] = 0b01, TERM_MODEL [26] = 1; IDR1 0x02730010:
+        // ATTR_TYPES_OVR [27] = 0.
+        let f = Features::decode(QEMU_NESTED);
+        assert_eq!(
+            f.entry_rules(),
+            EntryRules {
+                attribute_types_override: false,
+                hyp: false,
+                stall: StallRule::Never,
+                terminate_always_aborts: true,
+            }
+        );
+        let mut raw = QEMU_NESTED;
+        raw.idr[0] = (raw.idr[0] & !(0b111 << 24)) | 1 << 9 | 0b10 << 24;
+        raw.idr[1] |= 1 << 27;
+        let f = Features::decode(raw);
+        assert!(f.attribute_types_override && !f.terminate_always_aborts);
+        assert_eq!(
+            f.entry_rules(),
+            EntryRules {
+                attribute_types_override: true,
+                hyp: true,
+                stall: StallRule::Forced,
+                terminate_always_aborts: false,
+            }
         );
     }
 
