@@ -283,6 +283,8 @@ pub struct Features {
     pub queues_preset: bool,
     /// Table base registers are fixed by the implementation.
     pub tables_preset: bool,
+    /// Base addresses of preset tables and queues are relative to the SMMU's base (IDR1.REL).
+    pub relative_base_pointers: bool,
     /// The STE may override incoming memory types and shareability (IDR1.ATTR_TYPES_OVR); without it STE.SHCFG,
     /// MTCFG, MemAttr and ALLOCCFG are RES0.
     pub attribute_types_override: bool,
@@ -368,6 +370,7 @@ impl Features {
             priq_log2_max: pri.then(|| idr1.read(IDR1::PRIQS) as u8),
             queues_preset: idr1.is_set(IDR1::QUEUES_PRESET),
             tables_preset: idr1.is_set(IDR1::TABLES_PRESET),
+            relative_base_pointers: idr1.is_set(IDR1::REL),
             attribute_types_override: idr1.is_set(IDR1::ATTR_TYPES_OVR),
             range_invalidation: idr3.is_set(IDR3::RIL),
             hierarchical_attribute_disables: idr3.is_set(IDR3::HAD),
@@ -814,7 +817,7 @@ mod tests {
     #[test]
     fn qemu_entry_rules_come_from_idr0_and_idr1() {
         // IDR0 0x0D44101B: HYP [9] = 0, STALL_MODEL [25:24] = 0b01, TERM_MODEL [26] = 1; IDR1 0x02730010:
-        // ATTR_TYPES_OVR [27] = 0.
+        // ATTR_TYPES_OVR [27] = 0, REL [28] = 0.
         let f = Features::decode(QEMU_NESTED);
         assert_eq!(
             f.entry_rules(),
@@ -827,9 +830,9 @@ mod tests {
         );
         let mut raw = QEMU_NESTED;
         raw.idr[0] = (raw.idr[0] & !(0b111 << 24)) | 1 << 9 | 0b10 << 24;
-        raw.idr[1] |= 1 << 27;
+        raw.idr[1] |= 1 << 27 | 1 << 28;
         let f = Features::decode(raw);
-        assert!(f.attribute_types_override && !f.terminate_always_aborts);
+        assert!(f.attribute_types_override && f.relative_base_pointers && !f.terminate_always_aborts);
         assert_eq!(
             f.entry_rules(),
             EntryRules {
