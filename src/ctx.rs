@@ -242,7 +242,7 @@ mod tests {
     use std::vec::Vec;
 
     fn cd(asid: u16) -> Cd {
-        Cd::new(&CdConfig { asid, ..cd::EXAMPLE }).unwrap()
+        Cd::new(&CdConfig { asid, ..cd::EXAMPLE }, &crate::hw::ste::EXAMPLE_RULES).unwrap()
     }
 
     #[test]

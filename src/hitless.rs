@@ -305,13 +305,13 @@ mod tests {
     }
 
     fn s1() -> Ste {
-        Ste::stage1(&S1).unwrap()
+        Ste::stage1(&S1, &crate::hw::ste::EXAMPLE_RULES).unwrap()
     }
     fn s2() -> Ste {
-        Ste::stage2(&S2).unwrap()
+        Ste::stage2(&S2, &crate::hw::ste::EXAMPLE_RULES).unwrap()
     }
     fn nested() -> Ste {
-        Ste::nested(&S1, &S2).unwrap()
+        Ste::nested(&S1, &S2, &crate::hw::ste::EXAMPLE_RULES).unwrap()
     }
 
     use UpdateKind::{Breaking, Hitless, NoChange};
@@ -354,10 +354,13 @@ mod tests {
 
     #[test]
     fn stage1_default_substream_change() {
-        let bypass_dss = Ste::stage1(&Stage1Config {
-            default_substream: DefaultSubstream::Bypass,
-            ..S1
-        })
+        let bypass_dss = Ste::stage1(
+            &Stage1Config {
+                default_substream: DefaultSubstream::Bypass,
+                ..S1
+            },
+            &crate::hw::ste::EXAMPLE_RULES,
+        )
         .unwrap();
         // Only qword 1 changes (S1DSS and SHCFG): one critical qword.
         assert_eq!(ste(s1(), bypass_dss), (Hitless, 1));
@@ -366,27 +369,36 @@ mod tests {
 
     #[test]
     fn stage1_with_another_cd_table() {
-        let other = Ste::stage1(&Stage1Config {
-            cd_table: PhysAddr(0x4300_0040),
-            ..S1
-        })
+        let other = Ste::stage1(
+            &Stage1Config {
+                cd_table: PhysAddr(0x4300_0040),
+                ..S1
+            },
+            &crate::hw::ste::EXAMPLE_RULES,
+        )
         .unwrap();
         assert_eq!(ste(s1(), other), (Hitless, 1));
         // A new table format and size as well (still all in qword 0).
-        let two_level = Ste::stage1(&Stage1Config {
-            cd_table: PhysAddr(0x4300_0000),
-            cd_max_log2: 16,
-            layout: CdTableLayout::TwoLevel64K,
-            ..S1
-        })
+        let two_level = Ste::stage1(
+            &Stage1Config {
+                cd_table: PhysAddr(0x4300_0000),
+                cd_max_log2: 16,
+                layout: CdTableLayout::TwoLevel64K,
+                ..S1
+            },
+            &crate::hw::ste::EXAMPLE_RULES,
+        )
         .unwrap();
         assert_eq!(ste(s1(), two_level), (Hitless, 1));
         // Another CD table *and* other walk attributes: qwords 0 and 1 both change what stage 1 reads.
-        let other_attributes = Ste::stage1(&Stage1Config {
-            cd_table: PhysAddr(0x4300_0000),
-            cacheability: Cacheability::NonCacheable,
-            ..S1
-        })
+        let other_attributes = Ste::stage1(
+            &Stage1Config {
+                cd_table: PhysAddr(0x4300_0000),
+                cacheability: Cacheability::NonCacheable,
+                ..S1
+            },
+            &crate::hw::ste::EXAMPLE_RULES,
+        )
         .unwrap();
         assert_eq!(ste(s1(), other_attributes), (Breaking, 3));
     }
@@ -402,20 +414,26 @@ mod tests {
 
     #[test]
     fn stage2_with_a_new_vmid_or_table() {
-        let other_vmid = Ste::stage2(&Stage2Config { vmid: 8, ..S2 }).unwrap();
+        let other_vmid = Ste::stage2(&Stage2Config { vmid: 8, ..S2 }, &crate::hw::ste::EXAMPLE_RULES).unwrap();
         assert_eq!(ste(s2(), other_vmid), (Hitless, 1));
-        let other_table = Ste::stage2(&Stage2Config {
-            table: PhysAddr(0x4400_0000),
-            ..S2
-        })
+        let other_table = Ste::stage2(
+            &Stage2Config {
+                table: PhysAddr(0x4400_0000),
+                ..S2
+            },
+            &crate::hw::ste::EXAMPLE_RULES,
+        )
         .unwrap();
         assert_eq!(ste(s2(), other_table), (Hitless, 1));
         // A new VMID and a new table at once: two qwords, so the entry must break.
-        let both = Ste::stage2(&Stage2Config {
-            vmid: 9,
-            table: PhysAddr(0x4400_0000),
-            ..S2
-        })
+        let both = Ste::stage2(
+            &Stage2Config {
+                vmid: 9,
+                table: PhysAddr(0x4400_0000),
+                ..S2
+            },
+            &crate::hw::ste::EXAMPLE_RULES,
+        )
         .unwrap();
         assert_eq!(ste(s2(), both), (Breaking, 3));
     }
@@ -445,31 +463,43 @@ mod tests {
 
     #[test]
     fn context_descriptors() {
-        let valid = Cd::new(&CD).unwrap();
+        let valid = Cd::new(&CD, &crate::hw::ste::EXAMPLE_RULES).unwrap();
         // invalid -> valid: TTB0 and MAIR first, then qword 0 with V.
         assert_eq!(cd(Cd::invalid(), valid), (Hitless, 2));
         // valid -> invalid: V cleared first, then the rest.
         assert_eq!(cd(valid, Cd::invalid()), (Hitless, 2));
         // A new ASID lives in qword 0 only.
-        assert_eq!(cd(valid, Cd::new(&CdConfig { asid: 2, ..CD }).unwrap()), (Hitless, 1));
+        assert_eq!(
+            cd(
+                valid,
+                Cd::new(&CdConfig { asid: 2, ..CD }, &crate::hw::ste::EXAMPLE_RULES).unwrap()
+            ),
+            (Hitless, 1)
+        );
         // A new TTB0 lives in qword 1 only.
         assert_eq!(
             cd(
                 valid,
-                Cd::new(&CdConfig {
-                    table: PhysAddr(0x4900_0000),
-                    ..CD
-                })
+                Cd::new(
+                    &CdConfig {
+                        table: PhysAddr(0x4900_0000),
+                        ..CD
+                    },
+                    &crate::hw::ste::EXAMPLE_RULES
+                )
                 .unwrap()
             ),
             (Hitless, 1)
         );
         // A new ASID and a new table: not hitless.
-        let both = Cd::new(&CdConfig {
-            asid: 3,
-            table: PhysAddr(0x4900_0000),
-            ..CD
-        })
+        let both = Cd::new(
+            &CdConfig {
+                asid: 3,
+                table: PhysAddr(0x4900_0000),
+                ..CD
+            },
+            &crate::hw::ste::EXAMPLE_RULES,
+        )
         .unwrap();
         assert_eq!(cd(valid, both), (Breaking, 3));
     }
@@ -493,9 +523,9 @@ mod tests {
                     0 => Ste::invalid(),
                     1 => Ste::abort(),
                     2 => Ste::bypass(),
-                    3 => Ste::stage1(&s1).unwrap(),
-                    4 => Ste::stage2(&s2).unwrap(),
-                    _ => Ste::nested(&s1, &s2).unwrap(),
+                    3 => Ste::stage1(&s1, &crate::hw::ste::EXAMPLE_RULES).unwrap(),
+                    4 => Ste::stage2(&s2, &crate::hw::ste::EXAMPLE_RULES).unwrap(),
+                    _ => Ste::nested(&s1, &s2, &crate::hw::ste::EXAMPLE_RULES).unwrap(),
                 }
             };
             let old = build(a, vmid_a, table_a, dss_a);

@@ -23,6 +23,6 @@ pub(crate) mod testing;
 
 pub use active::{ActiveSmmu, InitError, InitOptions, InterruptSources};
 pub use board::{IommuMap, SmmuDescription, SmmuInterrupts};
-pub use features::{Features, IdRegisters, Stages};
+pub use features::{Features, IdRegisters, Quirks, Stages};
 pub use mem::{DmaBlock, FrameAllocator, PhysAddr};
 pub use smmu::{ProbeError, Smmu};

@@ -5,7 +5,7 @@ use core::ptr::NonNull;
 
 use tock_registers::interfaces::Readable;
 
-use crate::features::{Features, IdRegisters, Stages};
+use crate::features::{Features, IdRegisters, Stages, TableEndianness};
 use crate::hw::regs::{CR0, GBPA, PAGE1_QUEUES_OFFSET, REGISTER_SPACE_SIZE, SmmuPage0, SmmuPage1Queues};
 
 /// Why the driver refuses an SMMU.
@@ -32,6 +32,15 @@ pub enum ProbeError {
     },
     /// The SMMU supports no 4 KiB granule, which every table this driver builds uses.
     No4kGranule,
+    /// The SMMU takes preset table and queue base addresses relative to its own base (IDR1.REL = 1); this driver
+    /// programs absolute physical addresses only.
+    RelativeBasePointers,
+    /// The SMMU walks translation tables of an endianness this driver does not write (IDR0.TTENDIAN): it writes
+    /// little-endian tables only.
+    TableEndianness {
+        /// What the SMMU reports.
+        found: TableEndianness,
+    },
     /// An ID register field is outside the range the architecture allows.
     OutOfRange {
         /// The field, as the specification names it.
@@ -60,6 +69,18 @@ impl fmt::Display for ProbeError {
                 write!(f, "need {wanted}, SMMU offers {found}")
             }
             ProbeError::No4kGranule => f.write_str("SMMU does not support the 4 KiB translation granule"),
+            ProbeError::RelativeBasePointers => f.write_str(
+                "SMMU uses base addresses relative to its own base (IDR1.REL = 1); this driver programs absolute ones",
+            ),
+            ProbeError::TableEndianness { found } => write!(
+                f,
+                "SMMU walks {} translation tables (IDR0.TTENDIAN); this driver writes little-endian ones only",
+                match found {
+                    TableEndianness::Big => "big-endian only",
+                    TableEndianness::Reserved => "reserved-endianness (TTENDIAN = 0b01)",
+                    TableEndianness::Little | TableEndianness::Mixed => "little-endian",
+                }
+            ),
             ProbeError::OutOfRange { field, value, max } => {
                 write!(
                     f,
@@ -86,9 +107,7 @@ impl Smmu {
     /// device memory, and decodes them. Nothing is written to the SMMU.
     ///
     /// # Errors
-    /// [`ProbeError::RegisterSpaceTooSmall`] if `size` is under 128 KiB, [`ProbeError::NotSmmuV3`] if AIDR names
-    /// another architecture, [`ProbeError::NoAArch64Tables`] or [`ProbeError::No4kGranule`] for an SMMU this
-    /// driver cannot program.
+    /// [`ProbeError::RegisterSpaceTooSmall`] if `size` is under 128 KiB; any error of [`Smmu::check_features`].
     ///
     /// # Safety
     /// `registers` must point to the SMMU's register space, mapped as device memory for `size` bytes, and no other
@@ -108,16 +127,35 @@ impl Smmu {
             features: Features::decode(raw),
             ..smmu
         };
-        if (raw.aidr >> 4) & 0xf != 0 {
-            return Err(ProbeError::NotSmmuV3 { aidr: raw.aidr });
+        Self::check_features(&smmu.features)?;
+        Ok(smmu)
+    }
+
+    /// Checks that decoded ID registers describe an SMMU this driver can drive. [`Smmu::probe`] calls it; it is
+    /// public so that a caller can vet recorded ID register values without the hardware.
+    ///
+    /// # Errors
+    /// [`ProbeError::NotSmmuV3`] if AIDR names another architecture; [`ProbeError::NoAArch64Tables`],
+    /// [`ProbeError::No4kGranule`], [`ProbeError::RelativeBasePointers`] (IDR1.REL = 1) or
+    /// [`ProbeError::TableEndianness`] (big-endian-only or reserved IDR0.TTENDIAN) for an SMMU this driver cannot
+    /// program; [`ProbeError::OutOfRange`] for a size field beyond the architecture's maximum.
+    pub fn check_features(f: &Features) -> Result<(), ProbeError> {
+        let aidr = f.raw.aidr;
+        if (aidr >> 4) & 0xf != 0 {
+            return Err(ProbeError::NotSmmuV3 { aidr });
         }
-        if !smmu.features.aarch64_tables {
+        if !f.aarch64_tables {
             return Err(ProbeError::NoAArch64Tables);
         }
-        if !smmu.features.granules.size_4k {
+        if !f.granules.size_4k {
             return Err(ProbeError::No4kGranule);
         }
-        let f = &smmu.features;
+        if f.relative_base_pointers {
+            return Err(ProbeError::RelativeBasePointers);
+        }
+        if matches!(f.endianness, TableEndianness::Big | TableEndianness::Reserved) {
+            return Err(ProbeError::TableEndianness { found: f.endianness });
+        }
         for (field, value, max) in [
             ("IDR1.SIDSIZE", f.sid_bits, 32),
             ("IDR1.SSIDSIZE", f.ssid_bits, 20),
@@ -128,7 +166,7 @@ impl Smmu {
                 return Err(ProbeError::OutOfRange { field, value, max });
             }
         }
-        Ok(smmu)
+        Ok(())
     }
 
     pub(crate) fn regs(&self) -> &SmmuPage0 {
@@ -173,13 +211,13 @@ impl Smmu {
         overridden
     }
 
-    /// Checks that the SMMU offers every stage in `wanted`.
+    /// Checks that the SMMU offers every stage in `wanted`, and nesting if `wanted` asks for it.
     ///
     /// # Errors
     /// [`ProbeError::MissingStage`] naming what was wanted and what the SMMU has.
     pub fn require_stages(&self, wanted: Stages) -> Result<(), ProbeError> {
         let found = self.features.stages();
-        if (wanted.stage1 && !found.stage1) || (wanted.stage2 && !found.stage2) {
+        if !found.covers(wanted) {
             return Err(ProbeError::MissingStage { wanted, found });
         }
         Ok(())
@@ -194,5 +232,83 @@ impl Smmu {
     /// IMPLEMENTATION DEFINED; QEMU resets it to 0, i.e. DMA bypasses an un-initialised SMMU.
     pub fn global_bypass_aborts(&self) -> bool {
         self.regs().gbpa.is_set(GBPA::ABORT)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::string::ToString;
+
+    use super::*;
+
+    /// ID registers of QEMU 10.0's SMMUv3 on `-M virt,iommu=smmuv3` (both stages).
+    const QEMU_NESTED: IdRegisters = IdRegisters {
+        idr: [0x0D44_101B, 0x0273_0010, 0, 0x1414, 0, 0x74],
+        iidr: 0,
+        aidr: 0,
+    };
+
+    fn check(raw: IdRegisters) -> Result<(), ProbeError> {
+        Smmu::check_features(&Features::decode(raw))
+    }
+
+    #[test]
+    fn qemus_smmu_is_drivable() {
+        assert_eq!(check(QEMU_NESTED), Ok(()));
+    }
+
+    #[test]
+    fn relative_base_pointers_are_refused() {
+        // IDR1.REL is bit 28.
+        let mut raw = QEMU_NESTED;
+        raw.idr[1] |= 1 << 28;
+        assert_eq!(check(raw), Err(ProbeError::RelativeBasePointers));
+        assert!(check(raw).unwrap_err().to_string().contains("IDR1.REL = 1"));
+    }
+
+    #[test]
+    fn big_endian_only_and_reserved_table_endianness_are_refused() {
+        // IDR0.TTENDIAN is bits [22:21]: 0b00 mixed, 0b01 reserved, 0b10 little, 0b11 big.
+        let with = |ttendian: u32| {
+            let mut raw = QEMU_NESTED;
+            raw.idr[0] = (raw.idr[0] & !(0b11 << 21)) | ttendian << 21;
+            raw
+        };
+        assert_eq!(check(with(0b00)), Ok(()));
+        assert_eq!(check(with(0b10)), Ok(()));
+        assert_eq!(
+            check(with(0b11)),
+            Err(ProbeError::TableEndianness {
+                found: TableEndianness::Big
+            })
+        );
+        assert_eq!(
+            check(with(0b01)),
+            Err(ProbeError::TableEndianness {
+                found: TableEndianness::Reserved
+            })
+        );
+        assert!(check(with(0b11)).unwrap_err().to_string().contains("big-endian only"));
+    }
+
+    #[test]
+    fn earlier_refusals_still_hold() {
+        let mut raw = QEMU_NESTED;
+        raw.aidr = 0x10;
+        assert_eq!(check(raw), Err(ProbeError::NotSmmuV3 { aidr: 0x10 }));
+        let mut raw = QEMU_NESTED;
+        raw.idr[5] &= !(1 << 4);
+        assert_eq!(check(raw), Err(ProbeError::No4kGranule));
+        let mut raw = QEMU_NESTED;
+        raw.idr[1] = (raw.idr[1] & !0x3f) | 33;
+        assert_eq!(
+            check(raw),
+            Err(ProbeError::OutOfRange {
+                field: "IDR1.SIDSIZE",
+                value: 33,
+                max: 32
+            })
+        );
     }
 }

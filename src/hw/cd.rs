@@ -2,7 +2,7 @@
 //! substream, and the level-1 CD table descriptor. Fields are named by the qword they live in.
 
 use crate::hitless::UsedBits;
-use crate::hw::ste::{EntryError, check_address, check_range};
+use crate::hw::ste::{EntryError, EntryRules, Rule, check_address, check_range, check_stall};
 use crate::mem::PhysAddr;
 
 /// T0SZ, bits \[5:0\].
@@ -92,9 +92,11 @@ pub struct CdConfig {
     pub mair: u64,
     /// R: record faults.
     pub record_faults: bool,
-    /// A: terminated transactions abort (rather than RAZ/WI).
+    /// A: terminated transactions abort (rather than RAZ/WI). Must be true where IDR0.TERM_MODEL = 1
+    /// ([`EntryRules::terminate_always_aborts`]).
     pub abort_on_fault: bool,
-    /// S: stall on faults.
+    /// S: stall on faults. Must be true where the SMMU forces stalling, false where it cannot stall
+    /// ([`EntryRules::stall`]).
     pub stall: bool,
     /// ASET: the ASID is private to the SMMU (not shared with PE broadcast TLB maintenance).
     pub private_asid: bool,
@@ -113,9 +115,18 @@ impl Cd {
     /// A valid AArch64 CD translating through TTB0 (EPD1 = 1: no TTB1), little-endian tables.
     ///
     /// # Errors
-    /// [`EntryError`] for a misaligned or too wide table, T0SZ > 63, IPS > 6.
-    pub fn new(c: &CdConfig) -> Result<Self, EntryError> {
+    /// [`EntryError`] for a misaligned or too wide table, T0SZ > 63, IPS > 6; [`EntryError::Forbidden`] for
+    /// A = 0 where IDR0.TERM_MODEL = 1, S = 1 on an SMMU that cannot stall, S = 0 on one that forces stalling.
+    pub fn new(c: &CdConfig, rules: &EntryRules) -> Result<Self, EntryError> {
         let t0sz = check_range("T0SZ", u64::from(c.t0sz), 63)?;
+        if rules.terminate_always_aborts && !c.abort_on_fault {
+            return Err(EntryError::Forbidden {
+                field: "A",
+                value: 0,
+                rule: Rule::TerminateAlwaysAborts,
+            });
+        }
+        check_stall("S", c.stall, rules)?;
         let ips = check_range("IPS", u64::from(c.ips), 6)?;
         let table = check_address("TTB0", c.table.0, 16)?;
         let q0 = t0sz
@@ -200,12 +211,13 @@ pub(crate) const EXAMPLE: CdConfig = CdConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hw::ste::{EXAMPLE_RULES, StallRule};
 
     const CONFIG: CdConfig = EXAMPLE;
 
     #[test]
     fn words_match_the_layout() {
-        let cd = Cd::new(&CONFIG).unwrap();
+        let cd = Cd::new(&CONFIG, &EXAMPLE_RULES).unwrap();
         // T0SZ 16, TG0 00, IR0 01 [9:8], OR0 01 [11:10], SH0 11 [13:12], EPD1 bit 30, V bit 31, IPS 4 [34:32],
         // AA64 bit 41, R bit 45, A bit 46, ASET bit 47, ASID [63:48].
         let q0 = 16
@@ -229,10 +241,13 @@ mod tests {
     #[test]
     fn bad_fields_are_refused() {
         assert_eq!(
-            Cd::new(&CdConfig {
-                table: PhysAddr(0x4800_0008),
-                ..CONFIG
-            }),
+            Cd::new(
+                &CdConfig {
+                    table: PhysAddr(0x4800_0008),
+                    ..CONFIG
+                },
+                &EXAMPLE_RULES
+            ),
             Err(EntryError::Misaligned {
                 field: "TTB0",
                 address: 0x4800_0008,
@@ -240,7 +255,7 @@ mod tests {
             })
         );
         assert_eq!(
-            Cd::new(&CdConfig { ips: 7, ..CONFIG }),
+            Cd::new(&CdConfig { ips: 7, ..CONFIG }, &EXAMPLE_RULES),
             Err(EntryError::OutOfRange {
                 field: "IPS",
                 value: 7,
@@ -254,10 +269,64 @@ mod tests {
     #[test]
     fn used_bits() {
         assert_eq!(Cd::used_bits(&Cd::invalid().0), [Q0_V, 0, 0, 0, 0, 0, 0, 0]);
-        let used = Cd::used_bits(&Cd::new(&CONFIG).unwrap().0);
+        let used = Cd::used_bits(&Cd::new(&CONFIG, &EXAMPLE_RULES).unwrap().0);
         assert_eq!(used[0] & (Q0_T1SZ | Q0_TG1), 0, "TTB1 fields are ignored with EPD1");
         assert_eq!(used[1], u64::MAX);
         assert_eq!(used[2] & Q2_TTB1, 0);
         assert_eq!(used[3], u64::MAX, "MAIR");
+    }
+
+    #[test]
+    fn term_model_1_requires_cd_a() {
+        let term = EntryRules {
+            terminate_always_aborts: true,
+            ..EXAMPLE_RULES
+        };
+        let raz = CdConfig {
+            abort_on_fault: false,
+            ..CONFIG
+        };
+        assert_eq!(
+            Cd::new(&raz, &term),
+            Err(EntryError::Forbidden {
+                field: "A",
+                value: 0,
+                rule: Rule::TerminateAlwaysAborts
+            })
+        );
+        assert_ne!(Cd::new(&CONFIG, &term).unwrap().0[0] & Q0_A, 0);
+        // With TERM_MODEL = 0 the caller may choose RAZ/WI.
+        assert_eq!(Cd::new(&raz, &EXAMPLE_RULES).unwrap().0[0] & Q0_A, 0);
+    }
+
+    #[test]
+    fn stall_model_decides_cd_s() {
+        let never = EntryRules {
+            stall: StallRule::Never,
+            ..EXAMPLE_RULES
+        };
+        let forced = EntryRules {
+            stall: StallRule::Forced,
+            ..EXAMPLE_RULES
+        };
+        let stalling = CdConfig { stall: true, ..CONFIG };
+        assert_eq!(
+            Cd::new(&stalling, &never),
+            Err(EntryError::Forbidden {
+                field: "S",
+                value: 1,
+                rule: Rule::StallNotSupported
+            })
+        );
+        assert_eq!(
+            Cd::new(&CONFIG, &forced),
+            Err(EntryError::Forbidden {
+                field: "S",
+                value: 0,
+                rule: Rule::StallForced
+            })
+        );
+        assert_ne!(Cd::new(&stalling, &forced).unwrap().0[0] & Q0_S, 0);
+        assert!(Cd::new(&CONFIG, &never).is_ok());
     }
 }

@@ -7,6 +7,14 @@
 //! fields later versions added (GPCF, IMPL_DEF, NSIPA, the F_PERMISSION Overlay/DirtyBit/AssuredOnly bits, address
 //! bits `[55:52]`) sit in bits that earlier versions keep RES0, so one decoder serves every SMMUv3 version.
 //!
+//! Provenance of the positions. Checked against two independent codebases: Linux's `arm-smmu-v3.h` (EVTQ_0_SSV,
+//! SSID, SID; EVTQ_1_STAG, STALL, PnU, InD, RnW, S2, CLASS, TT_READ = TTRnW at record bit `[108]`; EVTQ_2_ADDR;
+//! EVTQ_3_IPA) and QEMU's `hw/arm/smmuv3-internal.h` (EVT_SET_TYPE, SSV, SSID, SID, STAG, STALL, PNU, IND, RNW, S2,
+//! CLASS, ADDR, ADDR2, on 32-bit words), and the tests below include records assembled by hand from those
+//! layouts. NSIPA `[102]`, GPCF `[80]` and the SMMUv3.4 F_PERMISSION bits AssuredOnly `[106]`, DirtyBit `[107]` and
+//! Overlay `[109]` appear in neither source and no copy of the record figure was found: they are read from the
+//! specification's text and **unverified**.
+//!
 //! [`Event::decode`] never panics and reads no reserved bit: an event number the architecture does not define
 //! becomes [`Event::Unknown`], an IMPLEMENTATION DEFINED one (0xE0..=0xEF) becomes [`Event::ImpDef`], both keeping
 //! the raw words. [`GlobalErrors`] is SMMU_GERROR; an error is active while its GERROR and GERRORN bits differ
@@ -82,7 +90,8 @@ const EVT0_STREAM_ID: u64 = 0xffff_ffff << 32;
 const EVT1_REASON: u64 = 0xffff;
 /// STAG, record bits `[79:64]`: the stall tag of F_TRANSLATION, F_ADDR_SIZE, F_ACCESS, F_PERMISSION.
 const EVT1_STAG: u64 = 0xffff;
-/// GPCF, record bit `[80]`: the fetch abort arose from a Granule Protection Check fault.
+/// GPCF, record bit `[80]`: the fetch abort arose from a Granule Protection Check fault. Position unverified (read
+/// from the text; in neither Linux nor QEMU).
 const EVT1_GPCF: u64 = 1 << 16;
 /// Reason (IMPLEMENTATION DEFINED), record bits `[95:64]`: F_TLB_CONFLICT, F_CFG_CONFLICT.
 const EVT1_CONFLICT_REASON: u64 = 0xffff_ffff;
@@ -105,18 +114,23 @@ const EVT1_IND: u64 = 1 << 34;
 /// RnW, record bit `[99]`: read (1) or write (0).
 const EVT1_RNW: u64 = 1 << 35;
 /// NSIPA, record bit `[102]`: the IPA is in the Non-secure IPA space (Secure event queue, S2 == 1 only).
+/// Position unverified (read from the text; in neither Linux nor QEMU).
 const EVT1_NSIPA: u64 = 1 << 38;
 /// S2, record bit `[103]`: the fault occurred at stage 2.
 const EVT1_S2: u64 = 1 << 39;
 /// CLASS, record bits `[105:104]`: what the faulting access was for.
 const EVT1_CLASS: u64 = 0b11 << 40;
-/// F_PERMISSION AssuredOnly, record bit `[106]` (SMMUv3.4, SMMU_IDR3.S2PI).
+/// F_PERMISSION AssuredOnly, record bit `[106]` (SMMUv3.4, SMMU_IDR3.S2PI). Position unverified (read from the
+/// text; in neither Linux nor QEMU).
 const EVT1_ASSURED_ONLY: u64 = 1 << 42;
-/// F_PERMISSION DirtyBit, record bit `[107]` (SMMUv3.4, SMMU_IDR3.S1PI or S2PI).
+/// F_PERMISSION DirtyBit, record bit `[107]` (SMMUv3.4, SMMU_IDR3.S1PI or S2PI). Position unverified (read from
+/// the text; in neither Linux nor QEMU).
 const EVT1_DIRTY_BIT: u64 = 1 << 43;
-/// F_PERMISSION TTRnW, record bit `[108]`: the stage 1 table walk access that faulted at stage 2 was a read.
+/// F_PERMISSION TTRnW, record bit `[108]`: the stage 1 table walk access that faulted at stage 2 was a read
+/// (Linux's EVTQ_1_TT_READ agrees).
 const EVT1_TTRNW: u64 = 1 << 44;
-/// F_PERMISSION Overlay, record bit `[109]` (SMMUv3.4, SMMU_IDR3.S2PO).
+/// F_PERMISSION Overlay, record bit `[109]` (SMMUv3.4, SMMU_IDR3.S2PO). Position unverified (read from the text;
+/// in neither Linux nor QEMU).
 const EVT1_OVERLAY: u64 = 1 << 45;
 /// IMPL_DEF, record bits `[127:112]`: F_TRANSLATION, F_ADDR_SIZE, F_ACCESS, F_PERMISSION.
 const EVT1_IMPDEF: u64 = 0xffff << 48;
@@ -375,7 +389,7 @@ pub struct WalkAbort {
     pub gpcf: bool,
     /// RnW, InD, PnU of the input transaction, record bits `[99:97]`.
     pub access: Access,
-    /// NSIPA, record bit `[102]`.
+    /// NSIPA, record bit `[102]` (position unverified against the record figure).
     pub nsipa: bool,
     /// S2, record bit `[103]`: the stage whose walk aborted.
     pub stage: Stage,
@@ -400,7 +414,7 @@ pub struct TranslationFault {
     pub stag: Option<u16>,
     /// RnW, InD, PnU of the input transaction (post-STE override), record bits `[99:97]`.
     pub access: Access,
-    /// NSIPA, record bit `[102]`.
+    /// NSIPA, record bit `[102]` (position unverified against the record figure).
     pub nsipa: bool,
     /// S2, record bit `[103]`.
     pub stage: Stage,
@@ -441,12 +455,14 @@ pub struct PermissionFault {
     /// TTRnW (record bit `[108]`) when CLASS is TT: whether the stage 1 table walk access that faulted at stage 2 was
     /// a read (true) or a write, such as a hardware Access flag update (false). `None` for other classes.
     pub table_walk_read: Option<bool>,
-    /// Overlay, record bit `[109]`: a stage 2 Overlay permission prevented the access (SMMU_IDR3.S2PO).
+    /// Overlay, record bit `[109]`: a stage 2 Overlay permission prevented the access (SMMU_IDR3.S2PO). Bit
+    /// position unverified against the record figure.
     pub overlay: bool,
     /// DirtyBit, record bit `[107]`: the access would have updated the dirty state, but hardware update of it is
-    /// disabled in a stage using the Indirect Permission Scheme.
+    /// disabled in a stage using the Indirect Permission Scheme. Bit position unverified against the record figure.
     pub dirty_bit: bool,
-    /// AssuredOnly, record bit `[106]`: a stage 2 fault caused only by the AssuredOnly check (SMMU_IDR3.S2PI).
+    /// AssuredOnly, record bit `[106]`: a stage 2 fault caused only by the AssuredOnly check (SMMU_IDR3.S2PI). Bit
+    /// position unverified against the record figure.
     pub assured_only: bool,
 }
 
@@ -461,7 +477,7 @@ pub struct TlbConflict {
     pub reason: u32,
     /// RnW, InD, PnU of the input transaction, record bits `[99:97]`.
     pub access: Access,
-    /// NSIPA, record bit `[102]`.
+    /// NSIPA, record bit `[102]` (position unverified against the record figure).
     pub nsipa: bool,
     /// S2, record bit `[103]`.
     pub stage: Stage,
@@ -1624,6 +1640,158 @@ mod tests {
         assert_eq!(
             Event::decode(&r).to_string(),
             "F_STE_FETCH sid 0x5 fetch 0x40000040 reason 0x0"
+        );
+    }
+
+    // Records assembled by hand, word by word, from the field tables (Linux's EVTQ_* masks and QEMU's EVT_SET_*
+    // agree with them), without `put` or the decoder's masks: each hex literal is the sum written in its comment.
+
+    #[test]
+    fn hand_assembled_f_translation_stage2_read() {
+        let record = [
+            // [7:0] 0x10 F_TRANSLATION; SSV [11] = 0; StreamID 0x10 at [63:32].
+            0x0000_0010_0000_0010,
+            // word 1 = record [127:64]: RnW [99] -> bit 35 = 0x8_0000_0000; S2 [103] -> bit 39 = 0x80_0000_0000;
+            // CLASS [105:104] = 0b10 (IN) -> bit 41 = 0x200_0000_0000; Stall [95] = 0, so STAG is meaningless.
+            0x0000_0288_0000_0000,
+            // InputAddr [191:128].
+            0x0000_0000_8000_1234,
+            // IPA[55:12] at [247:204]: word 3 bits [55:12].
+            0x0000_0004_5678_9000,
+        ];
+        assert_eq!(
+            Event::decode(&record),
+            Event::FTranslation(TranslationFault {
+                stream_id: 0x10,
+                substream_id: None,
+                stag: None,
+                access: Access {
+                    read: true,
+                    instruction: false,
+                    privileged: false
+                },
+                nsipa: false,
+                stage: Stage::Two,
+                class: Class::Input,
+                impdef: 0,
+                input_addr: 0x8000_1234,
+                ipa: Some(0x4_5678_9000),
+            })
+        );
+    }
+
+    #[test]
+    fn hand_assembled_f_permission_stage1_stalled_write() {
+        let record = [
+            // [7:0] 0x13 F_PERMISSION; SSV [11] = 0x800; SubstreamID 5 at [31:12] = 0x5000; StreamID 0x18.
+            0x0000_0018_0000_5813,
+            // STAG 0x42 at [79:64] -> bits [15:0]; Stall [95] -> bit 31 = 0x8000_0000; PnU [97] -> bit 33 =
+            // 0x2_0000_0000; RnW [99] = 0 (write); CLASS IN -> bit 41 = 0x200_0000_0000; S2 = 0.
+            0x0000_0202_8000_0042,
+            0xffff_0000_1000_0000,
+            // The IPA is UNKNOWN for a stage 1 fault: garbage here must not show.
+            0xdead_beef_0000_0000,
+        ];
+        assert_eq!(
+            Event::decode(&record),
+            Event::FPermission(PermissionFault {
+                fault: TranslationFault {
+                    stream_id: 0x18,
+                    substream_id: Some(5),
+                    stag: Some(0x42),
+                    access: Access {
+                        read: false,
+                        instruction: false,
+                        privileged: true
+                    },
+                    nsipa: false,
+                    stage: Stage::One,
+                    class: Class::Input,
+                    impdef: 0,
+                    input_addr: 0xffff_0000_1000_0000,
+                    ipa: None,
+                },
+                table_walk_read: None,
+                overlay: false,
+                dirty_bit: false,
+                assured_only: false,
+            })
+        );
+    }
+
+    #[test]
+    fn hand_assembled_f_permission_on_a_table_walk_reports_ttrnw() {
+        let record = [
+            // [7:0] 0x13; StreamID 0x20.
+            0x0000_0020_0000_0013,
+            // S2 [103] -> bit 39 = 0x80_0000_0000; CLASS [105:104] = 0b01 (TT) -> bit 40 = 0x100_0000_0000;
+            // TTRnW [108] -> bit 44 = 0x1000_0000_0000 (Linux: EVTQ_1_TT_READ = BIT(44) of word 1).
+            0x0000_1180_0000_0000,
+            0x0000_0000_0000_1000,
+            // IPA of the stage 1 descriptor, 0x4000_0000.
+            0x0000_0000_4000_0000,
+        ];
+        let Event::FPermission(p) = Event::decode(&record) else {
+            panic!("not F_PERMISSION")
+        };
+        assert_eq!(p.table_walk_read, Some(true));
+        assert_eq!((p.fault.stage, p.fault.class), (Stage::Two, Class::TranslationTable));
+        assert_eq!((p.fault.input_addr, p.fault.ipa), (0x1000, Some(0x4000_0000)));
+        assert!(!p.overlay && !p.dirty_bit && !p.assured_only);
+    }
+
+    #[test]
+    fn hand_assembled_c_bad_cd_with_substream() {
+        // [7:0] 0x0A C_BAD_CD; SSV 0x800; SubstreamID 3 at [31:12] = 0x3000; StreamID 0x20.
+        let e = Event::decode(&[0x0000_0020_0000_380a, 0, 0, 0]);
+        assert_eq!(
+            e,
+            Event::CBadCd(BadConfig {
+                stream_id: 0x20,
+                substream_id: Some(3)
+            })
+        );
+    }
+
+    /// Joins QEMU's eight 32-bit record words (`SMMUEvent.word[8]`) into the four 64-bit words the queue holds.
+    fn from_qemu_words(w: [u32; 8]) -> [u64; 4] {
+        core::array::from_fn(|i| u64::from(w[2 * i]) | u64::from(w[2 * i + 1]) << 32)
+    }
+
+    #[test]
+    fn qemu_layout_f_translation() {
+        // As QEMU's EVT_SET_* fill it: word[0] TYPE [7:0], SSV bit 11, SSID [31:12]; word[1] SID; word[2] STAG
+        // [15:0], STALL bit 31; word[3] PNU bit 1, IND bit 2, RNW bit 3, S2 bit 7, CLASS [9:8]; word[4..5] input
+        // address; word[6..7] the IPA (ADDR2), which QEMU writes whole, page offset included: record bits [203:192]
+        // are not part of IPA[55:12] and must not show.
+        let words = from_qemu_words([
+            0x10,
+            0x0000_0010,
+            0,
+            1 << 3 | 1 << 7 | 0b01 << 8,
+            0x0000_2000,
+            0,
+            0x8765_4321,
+            0x0000_0001,
+        ]);
+        assert_eq!(
+            Event::decode(&words),
+            Event::FTranslation(TranslationFault {
+                stream_id: 0x10,
+                substream_id: None,
+                stag: None,
+                access: Access {
+                    read: true,
+                    instruction: false,
+                    privileged: false
+                },
+                nsipa: false,
+                stage: Stage::Two,
+                class: Class::TranslationTable,
+                impdef: 0,
+                input_addr: 0x2000,
+                ipa: Some(0x1_8765_4000),
+            })
         );
     }
 

@@ -52,7 +52,8 @@ register_bitfields! [u32,
         TTENDIAN OFFSET(21) NUMBITS(2) [Mixed = 0, Reserved = 1, Little = 2, Big = 3],
         /// Stall model.
         STALL_MODEL OFFSET(24) NUMBITS(2) [StallAndTerminate = 0, TerminateOnly = 1, StallForced = 2],
-        /// Terminate model: 1 when a terminated transaction can be made to abort or read-as-zero.
+        /// Terminate model. 0: a terminated transaction either aborts or reads as zero with writes ignored
+        /// (RAZ/WI), as CD.A selects. 1: a terminated transaction always aborts, and CD.A = 0 is ILLEGAL.
         TERM_MODEL OFFSET(26) NUMBITS(1) [],
         /// Stream table formats supported.
         ST_LEVEL OFFSET(27) NUMBITS(2) [Linear = 0, TwoLevel = 1]

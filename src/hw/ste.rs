@@ -114,6 +114,18 @@ const CONFIG_BYPASS: u64 = 0b100 << 1;
 const CONFIG_S1: u64 = 0b101 << 1;
 const CONFIG_S2: u64 = 0b110 << 1;
 const CONFIG_NESTED: u64 = 0b111 << 1;
+/// SHCFG = 0b01: use the incoming shareability.
+const SHCFG_INCOMING: u64 = 0b01 << 44;
+
+/// SHCFG for "use incoming": 0b01 where the SMMU can override attributes (IDR1.ATTR_TYPES_OVR), else 0, as the
+/// field is then RES0 and the incoming shareability is used anyway.
+const fn shcfg_incoming(rules: &EntryRules) -> u64 {
+    if rules.attribute_types_override {
+        SHCFG_INCOMING
+    } else {
+        0
+    }
+}
 
 /// Cacheability of the SMMU's fetches of CDs and tables (S1CIR/S1COR, S2IR0/S2OR0).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -198,9 +210,11 @@ pub struct Stage1Config {
     pub cacheability: Cacheability,
     /// S1CSH.
     pub shareability: Shareability,
-    /// S1STALLD: forbid stalling (set when the SMMU cannot stall or the device must not be stalled).
+    /// S1STALLD: forbid stalling for this stream (the device must not be stalled). Only an SMMU whose stall model
+    /// is configurable ([`StallRule::Configurable`]) allows it; elsewhere it is ILLEGAL.
     pub stall_disable: bool,
-    /// StreamWorld EL2 (STRW = 0b10, needs IDR0.HYP) rather than NS-EL1 (0b00).
+    /// StreamWorld EL2 (STRW = 0b10) rather than NS-EL1 (0b00): the CDs hold EL2 contexts, whose TLB entries are
+    /// invalidated with the TLBI_EL2_* commands. Needs IDR0.HYP ([`EntryRules::hyp`]).
     pub el2: bool,
 }
 
@@ -227,10 +241,78 @@ pub struct Stage2Config {
     pub access_flag_fault_disable: bool,
     /// S2PTW: stage-1 walks that hit Device memory at stage 2 fault.
     pub protected_table_walk: bool,
-    /// S2S: stall on faults.
+    /// S2S: stall on faults. Must be 1 when the SMMU forces stalling, 0 when it cannot stall.
     pub stall: bool,
     /// S2R: record faults in the event queue.
     pub record_faults: bool,
+}
+
+/// Whether and how the SMMU stalls faulting transactions (IDR0.STALL_MODEL), as it constrains CD.S, STE.S2S and
+/// STE.S1STALLD.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StallRule {
+    /// STALL_MODEL 0b00: stalling is chosen per context (CD.S, STE.S2S) and may be disabled per stream (S1STALLD).
+    Configurable,
+    /// STALL_MODEL 0b01: the SMMU never stalls; CD.S, STE.S2S and STE.S1STALLD must be 0.
+    Never,
+    /// STALL_MODEL 0b10: stalling is forced; CD.S = 0 and STE.S2S = 0 are ILLEGAL, and so is STE.S1STALLD = 1.
+    Forced,
+}
+
+/// What an SMMU's ID registers allow in the STEs and CDs built for it. [`crate::Features::entry_rules`] derives
+/// it; every builder of a valid translating entry takes it, so that no entry carries a field the SMMU treats as
+/// RES0 or ILLEGAL (an SMMU may report a non-zero RES0 field as C_BAD_STE / C_BAD_CD).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EntryRules {
+    /// IDR1.ATTR_TYPES_OVR: STE.SHCFG may be written; without it SHCFG is RES0 and incoming shareability is used.
+    pub attribute_types_override: bool,
+    /// IDR0.HYP: the EL2 StreamWorld (STE.STRW = 0b10) exists.
+    pub hyp: bool,
+    /// IDR0.STALL_MODEL.
+    pub stall: StallRule,
+    /// IDR0.TERM_MODEL = 1: terminated transactions always abort, so CD.A must be 1.
+    pub terminate_always_aborts: bool,
+}
+
+/// The ID register rule an entry would break.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rule {
+    /// IDR0.HYP = 0: there is no EL2 StreamWorld.
+    NoHyp,
+    /// IDR0.STALL_MODEL = 0b01: the SMMU cannot stall.
+    StallNotSupported,
+    /// IDR0.STALL_MODEL = 0b10: stalling is forced.
+    StallForced,
+    /// IDR0.TERM_MODEL = 1: terminated transactions always abort.
+    TerminateAlwaysAborts,
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Rule::NoHyp => "the SMMU has no EL2 StreamWorld (IDR0.HYP = 0)",
+            Rule::StallNotSupported => "the SMMU cannot stall (IDR0.STALL_MODEL = 0b01)",
+            Rule::StallForced => "the SMMU forces stalling (IDR0.STALL_MODEL = 0b10)",
+            Rule::TerminateAlwaysAborts => "terminated transactions always abort (IDR0.TERM_MODEL = 1)",
+        })
+    }
+}
+
+/// Checks the stall fields of an entry against `rules`: `stall` is CD.S or STE.S2S, named `field`.
+pub(crate) fn check_stall(field: &'static str, stall: bool, rules: &EntryRules) -> Result<(), EntryError> {
+    match (rules.stall, stall) {
+        (StallRule::Never, true) => Err(EntryError::Forbidden {
+            field,
+            value: 1,
+            rule: Rule::StallNotSupported,
+        }),
+        (StallRule::Forced, false) => Err(EntryError::Forbidden {
+            field,
+            value: 0,
+            rule: Rule::StallForced,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Why an entry cannot be built.
@@ -261,6 +343,15 @@ pub enum EntryError {
         /// The largest legal value.
         max: u64,
     },
+    /// The SMMU's ID registers make this field value ILLEGAL (or the field RES0).
+    Forbidden {
+        /// The field.
+        field: &'static str,
+        /// The value asked for.
+        value: u64,
+        /// The rule it breaks.
+        rule: Rule,
+    },
 }
 
 impl fmt::Display for EntryError {
@@ -275,6 +366,7 @@ impl fmt::Display for EntryError {
             }
             EntryError::AddressTooWide { field, address } => write!(f, "{field} address {address:#x} exceeds 52 bits"),
             EntryError::OutOfRange { field, value, max } => write!(f, "{field} = {value} exceeds its maximum {max}"),
+            EntryError::Forbidden { field, value, rule } => write!(f, "{field} = {value} is not allowed: {rule}"),
         }
     }
 }
@@ -315,14 +407,41 @@ impl Ste {
         Ste([Q0_V | CONFIG_ABORT, 0, 0, 0, 0, 0, 0, 0])
     }
 
-    /// Lets every transaction through untranslated, with its incoming attributes (SHCFG = 0b01, use incoming).
+    /// Lets every transaction through untranslated, with SHCFG = 0b01 (use incoming shareability).
+    ///
+    /// Correct only for an SMMU with IDR1.ATTR_TYPES_OVR = 1: elsewhere SHCFG is RES0. Use [`Ste::bypass_for`],
+    /// which follows the SMMU's rules; this one stays until every caller has moved.
     pub const fn bypass() -> Self {
-        Ste([Q0_V | CONFIG_BYPASS, 0b01 << 44, 0, 0, 0, 0, 0, 0])
+        Ste([Q0_V | CONFIG_BYPASS, SHCFG_INCOMING, 0, 0, 0, 0, 0, 0])
     }
 
-    fn stage1_words(s1: &Stage1Config, words: &mut [u64; 8]) -> Result<(), EntryError> {
+    /// Lets every transaction through untranslated with its incoming attributes: SHCFG = 0b01 (use incoming) where
+    /// the SMMU has IDR1.ATTR_TYPES_OVR, else 0 (RES0, and incoming shareability is used anyway).
+    pub const fn bypass_for(rules: &EntryRules) -> Self {
+        Ste([Q0_V | CONFIG_BYPASS, shcfg_incoming(rules), 0, 0, 0, 0, 0, 0])
+    }
+
+    fn stage1_words(s1: &Stage1Config, rules: &EntryRules, words: &mut [u64; 8]) -> Result<(), EntryError> {
         let pointer = check_address("S1ContextPtr", s1.cd_table.0, 64)?;
         let cd_max = check_range("S1CDMax", u64::from(s1.cd_max_log2), 20)?;
+        if s1.el2 && !rules.hyp {
+            return Err(EntryError::Forbidden {
+                field: "STRW",
+                value: 0b10,
+                rule: Rule::NoHyp,
+            });
+        }
+        if s1.stall_disable && rules.stall != StallRule::Configurable {
+            return Err(EntryError::Forbidden {
+                field: "S1STALLD",
+                value: 1,
+                rule: if rules.stall == StallRule::Forced {
+                    Rule::StallForced
+                } else {
+                    Rule::StallNotSupported
+                },
+            });
+        }
         words[0] |= (s1.layout as u64) << 4 | pointer | cd_max << 59;
         words[1] |= s1.default_substream as u64
             | (s1.cacheability as u64) << 2
@@ -333,8 +452,9 @@ impl Ste {
         Ok(())
     }
 
-    fn stage2_words(s2: &Stage2Config, words: &mut [u64; 8]) -> Result<(), EntryError> {
+    fn stage2_words(s2: &Stage2Config, rules: &EntryRules, words: &mut [u64; 8]) -> Result<(), EntryError> {
         let t0sz = check_range("S2T0SZ", u64::from(s2.t0sz), 63)?;
+        check_stall("S2S", s2.stall, rules)?;
         let sl0 = check_range("S2SL0", u64::from(s2.sl0), 3)?;
         let ps = check_range("S2PS", u64::from(s2.ps), 6)?;
         let table = check_address("S2TTB", s2.table.0, 16)?;
@@ -356,26 +476,30 @@ impl Ste {
         Ok(())
     }
 
-    /// Stage 1 translates through the CD table; stage 2 is bypassed.
+    /// Stage 1 translates through the CD table; stage 2 is bypassed. SHCFG (read only for the substream-less
+    /// transactions S1DSS bypasses) is "use incoming" where `rules` allow it, else 0.
     ///
     /// # Errors
-    /// [`EntryError`] for a misaligned or too wide CD table pointer or S1CDMax > 20.
-    pub fn stage1(s1: &Stage1Config) -> Result<Self, EntryError> {
+    /// [`EntryError`] for a misaligned or too wide CD table pointer or S1CDMax > 20;
+    /// [`EntryError::Forbidden`] for `el2` without IDR0.HYP, or `stall_disable` on an SMMU whose stall model is
+    /// not configurable.
+    pub fn stage1(s1: &Stage1Config, rules: &EntryRules) -> Result<Self, EntryError> {
         let mut words = [Q0_V | CONFIG_S1, 0, 0, 0, 0, 0, 0, 0];
-        Self::stage1_words(s1, &mut words)?;
+        Self::stage1_words(s1, rules, &mut words)?;
         if s1.default_substream == DefaultSubstream::Bypass {
-            words[1] |= 0b01 << 44; // SHCFG: use incoming, as for bypass
+            words[1] |= shcfg_incoming(rules);
         }
         Ok(Ste(words))
     }
 
-    /// Stage 2 translates; stage 1 is bypassed. SHCFG = use incoming.
+    /// Stage 2 translates; stage 1 is bypassed. SHCFG = use incoming where `rules` allow it, else 0.
     ///
     /// # Errors
-    /// [`EntryError`] for a field out of range or a misaligned/too wide table address.
-    pub fn stage2(s2: &Stage2Config) -> Result<Self, EntryError> {
-        let mut words = [Q0_V | CONFIG_S2, 0b01 << 44, 0, 0, 0, 0, 0, 0];
-        Self::stage2_words(s2, &mut words)?;
+    /// [`EntryError`] for a field out of range or a misaligned/too wide table address;
+    /// [`EntryError::Forbidden`] for S2S = 1 on an SMMU that cannot stall, or S2S = 0 on one that forces stalling.
+    pub fn stage2(s2: &Stage2Config, rules: &EntryRules) -> Result<Self, EntryError> {
+        let mut words = [Q0_V | CONFIG_S2, shcfg_incoming(rules), 0, 0, 0, 0, 0, 0];
+        Self::stage2_words(s2, rules, &mut words)?;
         Ok(Ste(words))
     }
 
@@ -383,10 +507,10 @@ impl Ste {
     ///
     /// # Errors
     /// As [`Ste::stage1`] and [`Ste::stage2`].
-    pub fn nested(s1: &Stage1Config, s2: &Stage2Config) -> Result<Self, EntryError> {
-        let mut words = [Q0_V | CONFIG_NESTED, 0b01 << 44, 0, 0, 0, 0, 0, 0];
-        Self::stage1_words(s1, &mut words)?;
-        Self::stage2_words(s2, &mut words)?;
+    pub fn nested(s1: &Stage1Config, s2: &Stage2Config, rules: &EntryRules) -> Result<Self, EntryError> {
+        let mut words = [Q0_V | CONFIG_NESTED, shcfg_incoming(rules), 0, 0, 0, 0, 0, 0];
+        Self::stage1_words(s1, rules, &mut words)?;
+        Self::stage2_words(s2, rules, &mut words)?;
         Ok(Ste(words))
     }
 
@@ -471,6 +595,15 @@ pub fn l1_descriptor(l2_table: PhysAddr, span: u8) -> Result<u64, EntryError> {
     Ok(address | span)
 }
 
+/// Rules of an SMMU that allows every field the builders can write, for host tests of the encodings.
+#[cfg(test)]
+pub(crate) const EXAMPLE_RULES: EntryRules = EntryRules {
+    attribute_types_override: true,
+    hyp: true,
+    stall: StallRule::Configurable,
+    terminate_always_aborts: false,
+};
+
 /// A stage-1 configuration for host tests.
 #[cfg(test)]
 pub(crate) const EXAMPLE_S1: Stage1Config = Stage1Config {
@@ -529,7 +662,7 @@ mod tests {
 
     #[test]
     fn stage1_words() {
-        let ste = Ste::stage1(&S1).unwrap();
+        let ste = Ste::stage1(&S1, &crate::hw::ste::EXAMPLE_RULES).unwrap();
         // V | Config 0b101 (0xa) | S1Fmt 0 | S1ContextPtr; S1DSS 0, S1CIR 01 [3:2], S1COR 01 [5:4], S1CSH 11 [7:6],
         // S1STALLD bit 27.
         assert_eq!(ste.0[0], 0x4123_4000 | 0xa | 1);
@@ -537,11 +670,14 @@ mod tests {
         assert_eq!(&ste.0[2..], &[0; 6]);
         assert_eq!(ste.config(), Config::Stage1);
         assert_eq!(ste.cd_table(), PhysAddr(0x4123_4000));
-        let el2 = Ste::stage1(&Stage1Config {
-            el2: true,
-            cd_max_log2: 20,
-            ..S1
-        })
+        let el2 = Ste::stage1(
+            &Stage1Config {
+                el2: true,
+                cd_max_log2: 20,
+                ..S1
+            },
+            &crate::hw::ste::EXAMPLE_RULES,
+        )
         .unwrap();
         assert_eq!(el2.0[1] >> 30 & 0b11, 0b10);
         assert_eq!(el2.0[0] >> 59, 20);
@@ -549,7 +685,7 @@ mod tests {
 
     #[test]
     fn stage2_words() {
-        let ste = Ste::stage2(&S2).unwrap();
+        let ste = Ste::stage2(&S2, &crate::hw::ste::EXAMPLE_RULES).unwrap();
         assert_eq!(ste.0[0], 0b110 << 1 | 1);
         assert_eq!(ste.0[1], 0b01 << 44);
         // VMID [15:0], T0SZ 24 at [37:32], SL0 1 at [39:38], IR0/OR0 01 at [41:40]/[43:42], SH0 11 at [45:44],
@@ -571,9 +707,9 @@ mod tests {
 
     #[test]
     fn nested_has_both_stages() {
-        let ste = Ste::nested(&S1, &S2).unwrap();
-        let s1 = Ste::stage1(&S1).unwrap();
-        let s2 = Ste::stage2(&S2).unwrap();
+        let ste = Ste::nested(&S1, &S2, &crate::hw::ste::EXAMPLE_RULES).unwrap();
+        let s1 = Ste::stage1(&S1, &crate::hw::ste::EXAMPLE_RULES).unwrap();
+        let s2 = Ste::stage2(&S2, &crate::hw::ste::EXAMPLE_RULES).unwrap();
         assert_eq!(ste.config(), Config::Nested);
         assert_eq!(ste.0[0], (s1.0[0] & !Q0_CONFIG) | 0b111 << 1);
         assert_eq!(ste.0[1], s1.0[1] | s2.0[1]);
@@ -587,7 +723,7 @@ mod tests {
             ..S1
         };
         assert_eq!(
-            Ste::stage1(&misaligned),
+            Ste::stage1(&misaligned, &crate::hw::ste::EXAMPLE_RULES),
             Err(EntryError::Misaligned {
                 field: "S1ContextPtr",
                 address: 0x4123_4020,
@@ -599,14 +735,14 @@ mod tests {
             ..S2
         };
         assert_eq!(
-            Ste::stage2(&wide),
+            Ste::stage2(&wide, &crate::hw::ste::EXAMPLE_RULES),
             Err(EntryError::AddressTooWide {
                 field: "S2TTB",
                 address: 1 << 52
             })
         );
         assert_eq!(
-            Ste::stage2(&Stage2Config { t0sz: 64, ..S2 }),
+            Ste::stage2(&Stage2Config { t0sz: 64, ..S2 }, &crate::hw::ste::EXAMPLE_RULES),
             Err(EntryError::OutOfRange {
                 field: "S2T0SZ",
                 value: 64,
@@ -614,7 +750,7 @@ mod tests {
             })
         );
         assert_eq!(
-            Ste::stage1(&Stage1Config { cd_max_log2: 21, ..S1 }),
+            Ste::stage1(&Stage1Config { cd_max_log2: 21, ..S1 }, &crate::hw::ste::EXAMPLE_RULES),
             Err(EntryError::OutOfRange {
                 field: "S1CDMax",
                 value: 21,
@@ -628,26 +764,29 @@ mod tests {
         assert_eq!(Ste::used_bits(&Ste::invalid().0), [1, 0, 0, 0, 0, 0, 0, 0]);
         assert_eq!(Ste::used_bits(&Ste::abort().0), [0xf, 0, 0, 0, 0, 0, 0, 0]);
         assert_eq!(Ste::used_bits(&Ste::bypass().0), [0xf, Q1_SHCFG, 0, 0, 0, 0, 0, 0]);
-        let s1 = Ste::used_bits(&Ste::stage1(&S1).unwrap().0);
+        let s1 = Ste::used_bits(&Ste::stage1(&S1, &crate::hw::ste::EXAMPLE_RULES).unwrap().0);
         assert_eq!(s1[0], 0xf | Q0_S1FMT | Q0_S1CONTEXTPTR | Q0_S1CDMAX);
         assert_eq!(s1[1] & Q1_SHCFG, 0, "SHCFG unused unless S1DSS bypasses");
         assert_eq!((s1[2], s1[3]), (Q2_S2VMID, 0));
-        let s1_dss = Ste::stage1(&Stage1Config {
-            default_substream: DefaultSubstream::Bypass,
-            ..S1
-        })
+        let s1_dss = Ste::stage1(
+            &Stage1Config {
+                default_substream: DefaultSubstream::Bypass,
+                ..S1
+            },
+            &crate::hw::ste::EXAMPLE_RULES,
+        )
         .unwrap();
         assert_ne!(Ste::used_bits(&s1_dss.0)[1] & Q1_SHCFG, 0);
-        let s2 = Ste::used_bits(&Ste::stage2(&S2).unwrap().0);
+        let s2 = Ste::used_bits(&Ste::stage2(&S2, &crate::hw::ste::EXAMPLE_RULES).unwrap().0);
         assert_eq!(s2[0], 0xf);
         assert_eq!((s2[2], s2[3]), (Q2_S2_FIELDS, Q3_S2TTB));
         // Every bit a builder sets is a bit the SMMU reads.
         for ste in [
             Ste::abort(),
             Ste::bypass(),
-            Ste::stage1(&S1).unwrap(),
-            Ste::stage2(&S2).unwrap(),
-            Ste::nested(&S1, &S2).unwrap(),
+            Ste::stage1(&S1, &crate::hw::ste::EXAMPLE_RULES).unwrap(),
+            Ste::stage2(&S2, &crate::hw::ste::EXAMPLE_RULES).unwrap(),
+            Ste::nested(&S1, &S2, &crate::hw::ste::EXAMPLE_RULES).unwrap(),
         ] {
             let used = Ste::used_bits(&ste.0);
             for (i, (word, used)) in ste.0.iter().zip(used).enumerate() {
@@ -676,5 +815,116 @@ mod tests {
                 max: 12
             })
         );
+    }
+
+    /// Rules of an SMMU like QEMU 10.0's: no ATTR_TYPES_OVR, no HYP, terminate only, TERM_MODEL = 1.
+    extern crate std;
+    use std::string::ToString;
+
+    const STRICT: EntryRules = EntryRules {
+        attribute_types_override: false,
+        hyp: false,
+        stall: StallRule::Never,
+        terminate_always_aborts: true,
+    };
+
+    #[test]
+    fn shcfg_is_written_only_with_attribute_types_override() {
+        let s1 = Stage1Config {
+            default_substream: DefaultSubstream::Bypass,
+            stall_disable: false,
+            ..S1
+        };
+        let without = [
+            Ste::bypass_for(&STRICT),
+            Ste::stage1(&s1, &STRICT).unwrap(),
+            Ste::stage2(&S2, &STRICT).unwrap(),
+            Ste::nested(&s1, &S2, &STRICT).unwrap(),
+        ];
+        for ste in without {
+            assert_eq!(
+                ste.0[1] & Q1_SHCFG,
+                0,
+                "SHCFG is RES0 without IDR1.ATTR_TYPES_OVR: {ste:x?}"
+            );
+        }
+        let with = EntryRules {
+            attribute_types_override: true,
+            ..STRICT
+        };
+        for ste in [
+            Ste::bypass_for(&with),
+            Ste::stage1(&s1, &with).unwrap(),
+            Ste::stage2(&S2, &with).unwrap(),
+            Ste::nested(&s1, &S2, &with).unwrap(),
+        ] {
+            assert_eq!(ste.0[1] & Q1_SHCFG, 0b01 << 44, "SHCFG = use incoming: {ste:x?}");
+        }
+        assert_eq!(Ste::bypass_for(&STRICT).0, [0x9, 0, 0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn el2_stream_world_needs_hyp() {
+        let el2 = Stage1Config {
+            el2: true,
+            stall_disable: false,
+            ..S1
+        };
+        let refused = Err(EntryError::Forbidden {
+            field: "STRW",
+            value: 0b10,
+            rule: Rule::NoHyp,
+        });
+        assert_eq!(Ste::stage1(&el2, &STRICT), refused);
+        assert_eq!(Ste::nested(&el2, &S2, &STRICT), refused);
+        let hyp = EntryRules { hyp: true, ..STRICT };
+        assert_eq!(Ste::stage1(&el2, &hyp).unwrap().0[1] & Q1_STRW, 0b10 << 30);
+        assert!(
+            Ste::stage1(&el2, &STRICT)
+                .unwrap_err()
+                .to_string()
+                .contains("IDR0.HYP = 0")
+        );
+    }
+
+    #[test]
+    fn stall_model_decides_s2s_and_s1stalld() {
+        let forced = EntryRules {
+            stall: StallRule::Forced,
+            ..STRICT
+        };
+        let stalling = Stage2Config { stall: true, ..S2 };
+        // STALL_MODEL 0b01: the SMMU cannot stall.
+        assert_eq!(
+            Ste::stage2(&stalling, &STRICT),
+            Err(EntryError::Forbidden {
+                field: "S2S",
+                value: 1,
+                rule: Rule::StallNotSupported
+            })
+        );
+        assert!(Ste::stage2(&S2, &STRICT).is_ok());
+        // STALL_MODEL 0b10: S2S = 0 is ILLEGAL.
+        assert_eq!(
+            Ste::stage2(&S2, &forced),
+            Err(EntryError::Forbidden {
+                field: "S2S",
+                value: 0,
+                rule: Rule::StallForced
+            })
+        );
+        assert_ne!(Ste::stage2(&stalling, &forced).unwrap().0[2] & Q2_S2S, 0);
+        // S1STALLD = 1 is ILLEGAL unless STALL_MODEL is 0b00.
+        for (rules, rule) in [(STRICT, Rule::StallNotSupported), (forced, Rule::StallForced)] {
+            assert_eq!(
+                Ste::stage1(&S1, &rules),
+                Err(EntryError::Forbidden {
+                    field: "S1STALLD",
+                    value: 1,
+                    rule
+                })
+            );
+        }
+        assert!(Ste::stage1(&S1, &EXAMPLE_RULES).is_ok());
     }
 }

@@ -131,7 +131,7 @@ pub fn pgtable_dma(context: &mut Context) -> Result<(), Failure> {
         translate(context, &edu, sid, stage, false)?;
         ran += 1;
     }
-    if stages.stage1 && stages.stage2 {
+    if stages.nested {
         // Both stages for one stream: the stage-1 tables (and the CD) sit at IPAs that stage 2 translates.
         translate(context, &edu, sid, Stage::One, true)?;
     }
@@ -212,6 +212,7 @@ fn stage2_config(table: &IoPageTable<Frames>, vmid: u16, coherent: bool) -> Stag
 fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage, nested: bool) -> Result<(), Failure> {
     let mut s = start(context, &smmuv3::InitOptions::default())?;
     let features = *s.features();
+    let rules = features.entry_rules();
     let (cacheability, shareability) = ste::walk_attributes(features.coherent);
     let output_bits = features.oas_bits.min(48);
     let input_bits = if stage == Stage::One { 39 } else { 40.min(output_bits) };
@@ -236,20 +237,23 @@ fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage, nested: bool)
                 Ok(t) => t,
                 Err(e) => fail!("{e}"),
             };
-            let cd = Cd::new(&CdConfig {
-                asid,
-                table: table.root(),
-                t0sz: 64 - input_bits,
-                granule: cd::Granule::Size4K,
-                ips: size_encoding(output_bits),
-                cacheability,
-                shareability,
-                mair: desc::MAIR,
-                record_faults: true,
-                abort_on_fault: true,
-                stall: false,
-                private_asid: true,
-            })
+            let cd = Cd::new(
+                &CdConfig {
+                    asid,
+                    table: table.root(),
+                    t0sz: 64 - input_bits,
+                    granule: cd::Granule::Size4K,
+                    ips: size_encoding(output_bits),
+                    cacheability,
+                    shareability,
+                    mair: desc::MAIR,
+                    record_faults: true,
+                    abort_on_fault: true,
+                    stall: false,
+                    private_asid: true,
+                },
+                &rules,
+            )
             .or_else(|e| fail!("CD: {e}"))?;
             // No STE points to the table yet: nothing to invalidate while it is written.
             cds.write(0, &cd, &Frames, |_| Ok(()))
@@ -268,16 +272,17 @@ fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage, nested: bool)
             if nested {
                 let (s2_table, s2) = nested_stage2(context, &mut s)?;
                 parent = Some(s2_table);
-                let ste = Ste::nested(&s1, &s2).or_else(|e| fail!("STE: {e}"))?;
+                let ste = Ste::nested(&s1, &s2, &rules).or_else(|e| fail!("STE: {e}"))?;
                 (ste, TlbContext::Stage1 { asid, vmid: s2.vmid })
             } else {
-                let ste = Ste::stage1(&s1).or_else(|e| fail!("STE: {e}"))?;
+                let ste = Ste::stage1(&s1, &rules).or_else(|e| fail!("STE: {e}"))?;
                 (ste, TlbContext::Stage1 { asid, vmid: 0 })
             }
         }
         Stage::Two => {
             let vmid = s.allocate_vmid().or_else(|e| fail!("{e}"))?;
-            let ste = Ste::stage2(&stage2_config(&table, vmid, features.coherent)).or_else(|e| fail!("STE: {e}"))?;
+            let ste =
+                Ste::stage2(&stage2_config(&table, vmid, features.coherent), &rules).or_else(|e| fail!("STE: {e}"))?;
             (ste, TlbContext::Stage2 { vmid, nested: false })
         }
     };
