@@ -7,7 +7,7 @@ use core::sync::atomic::Ordering;
 use tock_registers::interfaces::{ReadWriteable, Readable, Writeable};
 
 use crate::deadline::{Deadline, TimedOut};
-use crate::features::Features;
+use crate::features::{Features, Quirks};
 use crate::hitless::{self, EntryState, EntryWriter, UpdateFailed, UpdateKind};
 use crate::hw::command::{Command, SyncCompletion, TlbiRange, plan_range_invalidation};
 use crate::hw::event::{Event, GlobalErrors};
@@ -16,7 +16,9 @@ use crate::hw::ste::Ste;
 use crate::ids::{IdAllocator, IdError};
 use crate::mem::{AllocError, Coherency, FrameAllocator, write_barrier};
 use crate::pgtable::{Gather, IoPageTable};
-use crate::queue::cmdq::{BATCH_CAPACITY, Batch, BatchReport, COMMAND_BYTES, CommandQueue, CommandQueueError};
+use crate::queue::cmdq::{
+    BATCH_CAPACITY, Batch, BatchReport, COMMAND_BYTES, CommandQueue, CommandQueueError, MMU700_COMMANDS_PER_SYNC,
+};
 use crate::queue::evtq::{DrainReport, EVENT_BYTES, EventQueue, Overflow};
 use crate::queue::index::QueueGeometry;
 use crate::smmu::Smmu;
@@ -333,7 +335,10 @@ impl Smmu {
         else {
             unreachable!("queue sizes are checked at probe")
         };
-        let cmdq = CommandQueue::new(cmdq_memory, cmdq_geometry, coherency);
+        let mut cmdq = CommandQueue::new(cmdq_memory, cmdq_geometry, coherency);
+        if features.quirks.contains(Quirks::CMDQ_SYNC_EVERY_63) {
+            cmdq.limit_commands_per_sync(MMU700_COMMANDS_PER_SYNC);
+        }
         let evtq = EventQueue::new(evtq_memory, evtq_geometry, coherency);
 
         let regs = self.regs();
@@ -518,7 +523,8 @@ impl<A: FrameAllocator> ActiveSmmu<A> {
     /// # Errors
     /// As [`ActiveSmmu::install_ste`].
     pub fn attach_bypass(&mut self, sid: u32) -> Result<InstallReport, AttachError> {
-        self.install_ste(sid, &Ste::bypass())
+        let bypass = Ste::bypass_for(&self.features().entry_rules());
+        self.install_ste(sid, &bypass)
     }
 
     /// Submits a batch and a CMD_SYNC, and waits for completion. A command the SMMU could not fetch
@@ -1021,7 +1027,7 @@ mod tests {
 
         let report = smmu.attach_bypass(0x10).unwrap();
         assert!(report.new_span);
-        assert_eq!(smmu.ste(0x10), Ok(Ste::bypass()));
+        assert_eq!(smmu.ste(0x10), Ok(Ste::bypass_for(&smmu.features().entry_rules())));
         assert_eq!(smmu.ste(0x11), Ok(Ste::abort()), "the rest of the new span aborts");
         assert_eq!(smmu.ste(0x110), Ok(Ste::invalid()), "other spans do not exist yet");
         assert_eq!(smmu.attach_bypass(0x10).unwrap().syncs, 0);
@@ -1037,8 +1043,8 @@ mod tests {
         let consumed = model.seen.lock().unwrap().consumed[before..].to_vec();
         assert_eq!(
             consumed,
-            [opcode::CFGI_STE, opcode::SYNC, opcode::CFGI_STE, opcode::SYNC],
-            "bypass -> abort"
+            [opcode::CFGI_STE, opcode::SYNC],
+            "bypass -> abort: one qword (QEMU has no IDR1.ATTR_TYPES_OVR, so bypass has no SHCFG to clear)"
         );
 
         let asid = smmu.allocate_asid().unwrap();
@@ -1255,7 +1261,7 @@ mod tests {
         // abort -> stage 2 takes two steps: the qwords abort does not read (sync), then qword 0 (sync). The first
         // CFGI_STE is refused: the writer must not go on to qword 0.
         model.refuse.store(opcode::CFGI_STE, Ordering::SeqCst);
-        let target = Ste::stage2(&EXAMPLE_S2).unwrap();
+        let target = Ste::stage2(&EXAMPLE_S2, &smmu.features().entry_rules()).unwrap();
         let error = smmu.install_ste(0x10, &target).unwrap_err();
         let AttachError::Invalidation(failed) = error else {
             panic!("{error:?}")
@@ -1312,5 +1318,26 @@ mod tests {
         smmu.flush(&mut table, error.gather, TlbContext::Stage1El2).unwrap();
         let ops = model.seen.lock().unwrap().consumed[before..].to_vec();
         assert_eq!(ops, [opcode::TLBI_EL2_VA, opcode::SYNC]);
+    }
+
+    #[test]
+    fn an_mmu700_gets_a_cmd_sync_within_every_63_commands() {
+        let frames = frames();
+        // IIDR of an Arm MMU-700 r0p0: ProductID 0x487, implementer 0x43B.
+        let model = Model::start(frames);
+        // SAFETY: inside the live block (IIDR at 0x18; the model never writes it).
+        unsafe { reg32(model.base, 0x18).write_volatile(0x487 << 20 | 0x43b) };
+        let mut smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
+        assert!(smmu.features().quirks.contains(Quirks::CMDQ_SYNC_EVERY_63));
+        let before = model.seen.lock().unwrap().consumed.len();
+        let mut batch = Batch::new();
+        while !batch.is_full() {
+            batch.push(&Command::CfgiSte { sid: 1, leaf: true }).unwrap();
+        }
+        let report = smmu.submit(&batch).unwrap();
+        assert_eq!((report.commands, report.syncs), (66, 2));
+        let ops = model.seen.lock().unwrap().consumed[before..].to_vec();
+        let runs: Vec<usize> = ops.split(|&op| op == opcode::SYNC).map(<[u8]>::len).collect();
+        assert_eq!(runs, [63, 1, 0], "never more than 63 commands without a CMD_SYNC");
     }
 }

@@ -318,7 +318,13 @@ mod tests {
 
     #[test]
     fn identical_entries_cost_nothing() {
-        for e in [Ste::abort(), Ste::bypass(), s1(), s2(), nested()] {
+        for e in [
+            Ste::abort(),
+            Ste::bypass_for(&crate::hw::ste::EXAMPLE_RULES),
+            s1(),
+            s2(),
+            nested(),
+        ] {
             assert_eq!(ste(e, e), (NoChange, 0));
         }
     }
@@ -326,14 +332,39 @@ mod tests {
     #[test]
     fn abort_and_bypass() {
         // abort -> bypass: SHCFG first (unused by abort), then Config.
-        assert_eq!(ste(Ste::abort(), Ste::bypass()), (Hitless, 2));
+        assert_eq!(
+            ste(Ste::abort(), Ste::bypass_for(&crate::hw::ste::EXAMPLE_RULES)),
+            (Hitless, 2)
+        );
         // bypass -> abort: Config first, then SHCFG cleared once abort no longer reads it.
-        assert_eq!(ste(Ste::bypass(), Ste::abort()), (Hitless, 2));
+        assert_eq!(
+            ste(Ste::bypass_for(&crate::hw::ste::EXAMPLE_RULES), Ste::abort()),
+            (Hitless, 2)
+        );
+    }
+
+    #[test]
+    fn abort_and_bypass_without_attribute_override_change_one_qword() {
+        // IDR1.ATTR_TYPES_OVR = 0 (QEMU): SHCFG is RES0 and stays 0, so only Config changes.
+        let rules = crate::hw::ste::EntryRules {
+            attribute_types_override: false,
+            ..crate::hw::ste::EXAMPLE_RULES
+        };
+        let bypass = Ste::bypass_for(&rules);
+        assert_eq!(bypass.0[1], 0, "no SHCFG");
+        assert_eq!(ste(Ste::abort(), bypass), (Hitless, 1));
+        assert_eq!(ste(bypass, Ste::abort()), (Hitless, 1));
     }
 
     #[test]
     fn invalid_to_anything_and_back() {
-        for e in [Ste::abort(), Ste::bypass(), s1(), s2(), nested()] {
+        for e in [
+            Ste::abort(),
+            Ste::bypass_for(&crate::hw::ste::EXAMPLE_RULES),
+            s1(),
+            s2(),
+            nested(),
+        ] {
             let (kind, syncs) = ste(Ste::invalid(), e);
             assert_eq!(kind, Hitless);
             assert_eq!(syncs, if e.0[1..] == [0; 7] { 1 } else { 2 }, "{e:x?}");
@@ -348,8 +379,8 @@ mod tests {
         assert_eq!(ste(Ste::abort(), s1()), (Hitless, 2));
         assert_eq!(ste(s1(), Ste::abort()), (Hitless, 2));
         // bypass -> S1: Config and SHCFG change together in hitless order? SHCFG is read by bypass only.
-        assert_eq!(ste(Ste::bypass(), s1()), (Hitless, 3));
-        assert_eq!(ste(s1(), Ste::bypass()), (Hitless, 3));
+        assert_eq!(ste(Ste::bypass_for(&crate::hw::ste::EXAMPLE_RULES), s1()), (Hitless, 3));
+        assert_eq!(ste(s1(), Ste::bypass_for(&crate::hw::ste::EXAMPLE_RULES)), (Hitless, 3));
     }
 
     #[test]
@@ -408,8 +439,8 @@ mod tests {
         assert_eq!(ste(Ste::abort(), s2()), (Hitless, 2));
         assert_eq!(ste(s2(), Ste::abort()), (Hitless, 2));
         // SHCFG is the same (use incoming) in bypass and S2: Config is the only used change that must come last.
-        assert_eq!(ste(Ste::bypass(), s2()), (Hitless, 2));
-        assert_eq!(ste(s2(), Ste::bypass()), (Hitless, 2));
+        assert_eq!(ste(Ste::bypass_for(&crate::hw::ste::EXAMPLE_RULES), s2()), (Hitless, 2));
+        assert_eq!(ste(s2(), Ste::bypass_for(&crate::hw::ste::EXAMPLE_RULES)), (Hitless, 2));
     }
 
     #[test]
@@ -522,7 +553,7 @@ mod tests {
                 match kind {
                     0 => Ste::invalid(),
                     1 => Ste::abort(),
-                    2 => Ste::bypass(),
+                    2 => Ste::bypass_for(&crate::hw::ste::EXAMPLE_RULES),
                     3 => Ste::stage1(&s1, &crate::hw::ste::EXAMPLE_RULES).unwrap(),
                     4 => Ste::stage2(&s2, &crate::hw::ste::EXAMPLE_RULES).unwrap(),
                     _ => Ste::nested(&s1, &s2, &crate::hw::ste::EXAMPLE_RULES).unwrap(),
@@ -580,10 +611,10 @@ mod tests {
 
     #[test]
     fn a_failed_sync_stops_the_writer_and_says_what_the_entry_holds() {
-        let cd_a = Cd::new(&CD).unwrap();
-        let cd_b = Cd::new(&CdConfig { asid: 9, ..CD }).unwrap();
+        let cd_a = Cd::new(&CD, &crate::hw::ste::EXAMPLE_RULES).unwrap();
+        let cd_b = Cd::new(&CdConfig { asid: 9, ..CD }, &crate::hw::ste::EXAMPLE_RULES).unwrap();
         let pairs: [([u64; 8], [u64; 8], bool); 7] = [
-            (Ste::abort().0, Ste::bypass().0, true),
+            (Ste::abort().0, Ste::bypass_for(&crate::hw::ste::EXAMPLE_RULES).0, true),
             (Ste::abort().0, s2().0, true),
             (s1().0, s2().0, true),
             (s2().0, nested().0, true),

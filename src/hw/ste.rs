@@ -407,14 +407,6 @@ impl Ste {
         Ste([Q0_V | CONFIG_ABORT, 0, 0, 0, 0, 0, 0, 0])
     }
 
-    /// Lets every transaction through untranslated, with SHCFG = 0b01 (use incoming shareability).
-    ///
-    /// Correct only for an SMMU with IDR1.ATTR_TYPES_OVR = 1: elsewhere SHCFG is RES0. Use [`Ste::bypass_for`],
-    /// which follows the SMMU's rules; this one stays until every caller has moved.
-    pub const fn bypass() -> Self {
-        Ste([Q0_V | CONFIG_BYPASS, SHCFG_INCOMING, 0, 0, 0, 0, 0, 0])
-    }
-
     /// Lets every transaction through untranslated with its incoming attributes: SHCFG = 0b01 (use incoming) where
     /// the SMMU has IDR1.ATTR_TYPES_OVR, else 0 (RES0, and incoming shareability is used anyway).
     pub const fn bypass_for(rules: &EntryRules) -> Self {
@@ -654,10 +646,13 @@ mod tests {
     fn abort_and_bypass_words() {
         // Config 0b000 in bits [3:1] with V; bypass Config 0b100 = 0x8 | V, SHCFG = 0b01 at [45:44].
         assert_eq!(Ste::abort().0, [0x1, 0, 0, 0, 0, 0, 0, 0]);
-        assert_eq!(Ste::bypass().0, [0x9, 0x1000_0000_0000, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            Ste::bypass_for(&EXAMPLE_RULES).0,
+            [0x9, 0x1000_0000_0000, 0, 0, 0, 0, 0, 0]
+        );
         assert_eq!(Ste::invalid().config(), Config::Invalid);
         assert_eq!(Ste::abort().config(), Config::Abort);
-        assert_eq!(Ste::bypass().config(), Config::Bypass);
+        assert_eq!(Ste::bypass_for(&EXAMPLE_RULES).config(), Config::Bypass);
     }
 
     #[test]
@@ -763,7 +758,10 @@ mod tests {
     fn used_bits_follow_the_config() {
         assert_eq!(Ste::used_bits(&Ste::invalid().0), [1, 0, 0, 0, 0, 0, 0, 0]);
         assert_eq!(Ste::used_bits(&Ste::abort().0), [0xf, 0, 0, 0, 0, 0, 0, 0]);
-        assert_eq!(Ste::used_bits(&Ste::bypass().0), [0xf, Q1_SHCFG, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            Ste::used_bits(&Ste::bypass_for(&EXAMPLE_RULES).0),
+            [0xf, Q1_SHCFG, 0, 0, 0, 0, 0, 0]
+        );
         let s1 = Ste::used_bits(&Ste::stage1(&S1, &crate::hw::ste::EXAMPLE_RULES).unwrap().0);
         assert_eq!(s1[0], 0xf | Q0_S1FMT | Q0_S1CONTEXTPTR | Q0_S1CDMAX);
         assert_eq!(s1[1] & Q1_SHCFG, 0, "SHCFG unused unless S1DSS bypasses");
@@ -783,7 +781,7 @@ mod tests {
         // Every bit a builder sets is a bit the SMMU reads.
         for ste in [
             Ste::abort(),
-            Ste::bypass(),
+            Ste::bypass_for(&EXAMPLE_RULES),
             Ste::stage1(&S1, &crate::hw::ste::EXAMPLE_RULES).unwrap(),
             Ste::stage2(&S2, &crate::hw::ste::EXAMPLE_RULES).unwrap(),
             Ste::nested(&S1, &S2, &crate::hw::ste::EXAMPLE_RULES).unwrap(),

@@ -213,7 +213,6 @@ impl CommandQueue {
 
     /// Limits the commands between two CMD_SYNCs (an erratum's workaround): a longer submission gets a CMD_SYNC
     /// inserted after every `limit` commands.
-    #[cfg_attr(not(test), allow(dead_code))] // Until probe reports the MMU-700 quirk (next commit).
     pub(crate) fn limit_commands_per_sync(&mut self, limit: usize) {
         self.commands_per_sync = limit.max(1);
     }
