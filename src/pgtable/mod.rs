@@ -268,6 +268,39 @@ impl Gather {
 /// in the level-2 table's own first word. Bit 0 stays clear: a link is never a valid descriptor.
 const LINK_SUBTREE: u64 = 1 << 1;
 
+/// Frames `map` allocated before writing anything, chained through their first two words (the next frame's
+/// physical and CPU addresses), one chain of zeroed frames and one of frames to be overwritten whole.
+#[derive(Default)]
+struct Pool {
+    zeroed: Option<DmaBlock>,
+    overwrite: Option<DmaBlock>,
+}
+
+impl Pool {
+    fn push(&mut self, table: DmaBlock, full: bool) {
+        let head = if full { &mut self.overwrite } else { &mut self.zeroed };
+        let link = entries_of(table.virt, 2);
+        let (phys, virt) = head.take().map_or((0, 0), |next| (next.phys.0, next.virt.as_ptr() as u64));
+        link[0].store(phys, Ordering::Relaxed);
+        link[1].store(virt, Ordering::Relaxed);
+        *head = Some(table);
+    }
+
+    /// The next frame, its link words zeroed again.
+    fn pop(&mut self, full: bool) -> Option<DmaBlock> {
+        let head = if full { &mut self.overwrite } else { &mut self.zeroed };
+        let table = head.take()?;
+        let link = entries_of(table.virt, 2);
+        let (phys, virt) = (link[0].swap(0, Ordering::Relaxed), link[1].swap(0, Ordering::Relaxed));
+        *head = NonNull::new(virt as *mut u8).map(|virt| DmaBlock {
+            phys: PhysAddr(phys),
+            virt,
+            size: table.size,
+        });
+        Some(table)
+    }
+}
+
 /// An IO page table.
 pub struct IoPageTable<A: FrameAllocator> {
     format: Format,
@@ -396,9 +429,16 @@ impl<A: FrameAllocator> IoPageTable<A> {
 
     /// Maps `[iova, iova + size)` to `[pa, pa + size)` with `prot`, using the largest blocks that alignment allows.
     ///
+    /// Every table the mapping needs is allocated before anything is written, so a failure leaves the tables
+    /// exactly as they were: nothing was linked, so nothing needs invalidating and no table the SMMU may have
+    /// walked is freed. A successful map only adds translations where there were none: it needs no invalidation
+    /// (the SMMU caches no invalid entries in the formats used here), and publishes its descriptors with a
+    /// barrier before it returns.
+    ///
     /// # Errors
-    /// [`MapError::Unaligned`], [`MapError::InputOutOfRange`], [`MapError::OutputOutOfRange`],
-    /// [`MapError::BadProt`], [`MapError::Overlap`], [`MapError::NoMemory`]; nothing is mapped then.
+    /// [`MapError::Unaligned`], [`MapError::InputOutOfRange`], [`MapError::OutputOutOfRange`] (the whole output
+    /// range must fit), [`MapError::BadProt`], [`MapError::Overlap`], [`MapError::NoMemory`]; nothing changes then
+    /// (the allocator has every frame back).
     pub fn map(&mut self, iova: u64, pa: u64, size: u64, prot: Prot) -> Result<(), MapError> {
         self.check_range(iova, size)?;
         if !pa.is_multiple_of(1 << self.geometry.granule_bits) {
@@ -414,9 +454,37 @@ impl<A: FrameAllocator> IoPageTable<A> {
         if let Some(mapped) = self.first_mapped(iova, size) {
             return Err(MapError::Overlap { iova: mapped });
         }
-        let mut reached = iova;
+        let root = self.root_entries();
+        let mut needed = (0, 0);
+        self.tables_needed(
+            self.geometry.start_level,
+            Some(root),
+            0,
+            iova,
+            iova + size,
+            pa,
+            &mut needed,
+        )?;
+        let mut pool = Pool::default();
+        let granule = 1usize << self.geometry.granule_bits;
+        for full in [false, true] {
+            for _ in 0..if full { needed.1 } else { needed.0 } {
+                let table = if full {
+                    self.allocator.allocate_for_overwrite(granule, granule)
+                } else {
+                    self.allocator.allocate_zeroed(granule, granule)
+                };
+                match table {
+                    Ok(table) => pool.push(table, full),
+                    Err(e) => {
+                        self.free_pool(&mut pool);
+                        return Err(MapError::NoMemory(e));
+                    }
+                }
+            }
+        }
         let root = self.root.phys.0;
-        let result = self.map_in(
+        self.map_in(
             self.geometry.start_level,
             root,
             0,
@@ -424,51 +492,31 @@ impl<A: FrameAllocator> IoPageTable<A> {
             iova + size,
             pa,
             prot,
-            &mut reached,
+            &mut pool,
         );
-        if let Err(e) = result {
-            // Undo what was mapped; nothing of it has been handed to the caller.
-            if reached > iova {
-                let mut gather = Gather::default();
-                let _ = self.unmap(iova, reached - iova, &mut gather);
-                self.release(gather);
-            }
-            return Err(e);
-        }
+        debug_assert!(pool.zeroed.is_none() && pool.overwrite.is_none(), "tables counted exactly");
+        self.free_pool(&mut pool);
         write_barrier();
         Ok(())
     }
 
-    /// Maps `[start, end)` (output from `pa` at `start`) inside the table at `table_phys` (covering from
-    /// `table_base`) in one pass over its entries: leaves where an entry is covered and aligned (blocks where the
-    /// level allows them), tables below otherwise. `reached` advances as mappings are written, for rollback.
+    /// Gives the frames left in `pool` (never linked) back to the allocator.
+    fn free_pool(&mut self, pool: &mut Pool) {
+        for full in [false, true] {
+            while let Some(table) = pool.pop(full) {
+                // SAFETY: allocated from this allocator by `map` and never linked: nothing can reach it.
+                unsafe { self.allocator.free(table) };
+            }
+        }
+    }
+
+    /// Which entries of a table covering from `table_base`, of those from `first` to `last` that `[start, end)`
+    /// (output from `pa` at `start`) touches, become leaves in one run: the entries wholly covered, when leaves
+    /// are allowed at `level` and the output is aligned to an entry. An empty range when none.
     #[allow(clippy::too_many_arguments)]
-    fn map_in(
-        &mut self,
-        level: u8,
-        table_phys: u64,
-        table_base: u64,
-        start: u64,
-        end: u64,
-        pa: u64,
-        prot: Prot,
-        reached: &mut u64,
-    ) -> Result<(), MapError> {
+    fn leaf_run(&self, level: u8, table_base: u64, first: usize, last: usize, start: u64, end: u64, pa: u64) -> (usize, usize) {
         let shift = self.geometry.entry_shift(level);
-        let entry_size = 1u64 << shift;
-        let count = self.geometry.entries(level);
-        let virt = self
-            .allocator
-            .phys_to_virt(PhysAddr(table_phys))
-            .ok_or(MapError::NoMemory(AllocError::OutOfMemory { size: 0 }))?;
-        let entries = entries_of(virt, count);
-        let first = ((start - table_base) >> shift) as usize;
-        let last = (((end - 1) - table_base) >> shift) as usize;
         let leaf_here = level == 3 || self.geometry.block_allowed(level);
-        // The descriptor of output address 0 at this level: each leaf adds its output address.
-        let template = desc::leaf(self.format.stage, 0, prot, level == 3);
-        let output = |va: u64| pa + (va - start);
-        // Fast path: entries wholly covered, with aligned outputs, become leaves in one run of stores.
         let run_start = if start == table_base + ((first as u64) << shift) {
             first
         } else {
@@ -479,17 +527,94 @@ impl<A: FrameAllocator> IoPageTable<A> {
         } else {
             last
         };
-        let aligned = output(table_base + ((run_start as u64) << shift)).is_multiple_of(entry_size);
-        let (run_start, run_end) = if leaf_here && aligned && run_start < run_end {
+        let output = pa + (table_base + ((run_start as u64) << shift)).wrapping_sub(start);
+        if leaf_here && run_start < run_end && output.is_multiple_of(1 << shift) {
             (run_start, run_end)
         } else {
             (0, 0)
+        }
+    }
+
+    /// Counts the tables `map_in` will create for `[start, end)` (output from `pa`) below the table `entries`
+    /// (`None`: a table still to be created, all invalid) covering from `table_base`: `needed.0` zeroed ones,
+    /// `needed.1` last-level tables that the map fills whole.
+    ///
+    /// # Errors
+    /// [`MapError::NoMemory`] when the allocator does not know a table's physical address (a broken allocator).
+    #[allow(clippy::too_many_arguments)]
+    fn tables_needed(
+        &self,
+        level: u8,
+        entries: Option<&[AtomicU64]>,
+        table_base: u64,
+        start: u64,
+        end: u64,
+        pa: u64,
+        needed: &mut (usize, usize),
+    ) -> Result<(), MapError> {
+        let shift = self.geometry.entry_shift(level);
+        let entry_size = 1u64 << shift;
+        let first = ((start - table_base) >> shift) as usize;
+        let last = (((end - 1) - table_base) >> shift) as usize;
+        let run = self.leaf_run(level, table_base, first, last, start, end, pa);
+        for i in first..=last {
+            if (run.0..run.1).contains(&i) {
+                continue;
+            }
+            let entry_base = table_base + ((i as u64) << shift);
+            let (from, to) = (start.max(entry_base), end.min(entry_base + entry_size));
+            let output = pa + (from - start);
+            let d = entries.map_or(0, |e| e[i].load(Ordering::Acquire));
+            if desc::is_table(d, level) {
+                let next = self
+                    .table_entries(level + 1, desc::address(d))
+                    .ok_or(MapError::NoMemory(AllocError::OutOfMemory { size: 0 }))?;
+                self.tables_needed(level + 1, Some(next), entry_base, from, to, output, needed)?;
+            } else if level + 1 == 3 && from == entry_base && to == entry_base + entry_size {
+                needed.1 += 1;
+            } else {
+                needed.0 += 1;
+                self.tables_needed(level + 1, None, entry_base, from, to, output, needed)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Maps `[start, end)` (output from `pa` at `start`) inside the table at `table_phys` (covering from
+    /// `table_base`) in one pass over its entries: leaves where an entry is covered and aligned (blocks where the
+    /// level allows them), tables below otherwise, taken from `pool` (which `tables_needed` sized) and filled
+    /// before they are linked.
+    #[allow(clippy::too_many_arguments)]
+    fn map_in(
+        &mut self,
+        level: u8,
+        table_phys: u64,
+        table_base: u64,
+        start: u64,
+        end: u64,
+        pa: u64,
+        prot: Prot,
+        pool: &mut Pool,
+    ) {
+        let shift = self.geometry.entry_shift(level);
+        let entry_size = 1u64 << shift;
+        let count = self.geometry.entries(level);
+        let Some(virt) = self.allocator.phys_to_virt(PhysAddr(table_phys)) else {
+            // `tables_needed` found every existing table: unreachable with an allocator that keeps its word.
+            return;
         };
+        let entries = entries_of(virt, count);
+        let first = ((start - table_base) >> shift) as usize;
+        let last = (((end - 1) - table_base) >> shift) as usize;
+        // The descriptor of output address 0 at this level: each leaf adds its output address.
+        let template = desc::leaf(self.format.stage, 0, prot, level == 3);
+        let output = |va: u64| pa + (va - start);
+        // Fast path: entries wholly covered, with aligned outputs, become leaves in one run of stores.
+        let (run_start, run_end) = self.leaf_run(level, table_base, first, last, start, end, pa);
         let mut i = first;
         while i <= last {
             let entry_base = table_base + ((i as u64) << shift);
             if i == run_start && run_start < run_end {
-                // Written when reached, so that `reached` always bounds what a rollback must undo.
                 let first_output = output(entry_base);
                 let run = &entries[run_start..run_end];
                 let words = run.as_ptr() as *mut u64;
@@ -503,7 +628,6 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 }
                 self.coherency
                     .clean(entries[run_start..].as_ptr().cast(), (run_end - run_start) * 8);
-                *reached = table_base + ((run_end as u64) << shift);
                 i = run_end;
                 continue;
             }
@@ -512,27 +636,20 @@ impl<A: FrameAllocator> IoPageTable<A> {
             let from = start.max(entry_base);
             let to = end.min(entry_base + entry_size);
             let d = entry.load(Ordering::Acquire);
-            // Below a table entry, map into it; below an invalid one (`map` checked that nothing is mapped here)
-            // build a new table, filled before it is linked, so that a failure below leaves nothing the SMMU
-            // could have walked.
-            let size = 1usize << self.geometry.granule_bits;
-            // A new last-level table whose whole span is mapped: every entry a page, written here in one pass
-            // (so its frame need not be zeroed first), and marked full.
-            let full =
-                !desc::is_table(d, level) && level + 1 == 3 && from == entry_base && to == entry_base + entry_size;
-            let new = if desc::is_table(d, level) {
-                None
-            } else {
-                let table = if full {
-                    self.allocator.allocate_for_overwrite(size, size)
-                } else {
-                    self.allocator.allocate_zeroed(size, size)
-                }
-                .map_err(MapError::NoMemory)?;
-                self.tables += 1;
-                Some(table)
+            if desc::is_table(d, level) {
+                self.map_in(level + 1, desc::address(d), entry_base, from, to, output(from), prot, pool);
+                continue;
+            }
+            // Below an invalid entry (`map` checked that nothing is mapped here) a new table, filled before it is
+            // linked. A new last-level table whose whole span is mapped: every entry a page, written here in one
+            // pass (so its frame need not be zeroed first), and marked full.
+            let full = level + 1 == 3 && from == entry_base && to == entry_base + entry_size;
+            let Some(table) = pool.pop(full) else {
+                // `tables_needed` counted every table: unreachable.
+                return;
             };
-            if let (true, Some(table)) = (full, &new) {
+            self.tables += 1;
+            if full {
                 let page = 1u64 << self.geometry.granule_bits;
                 let mut d = desc::leaf(self.format.stage, output(from), prot, true);
                 // SAFETY: the new table's entries, 8-byte aligned and initialised (any content); nothing else
@@ -545,27 +662,14 @@ impl<A: FrameAllocator> IoPageTable<A> {
                     d += page;
                 }
             } else {
-                let next = new.as_ref().map_or(desc::address(d), |t| t.phys.0);
-                let before = *reached;
-                if let Err(e) = self.map_in(level + 1, next, entry_base, from, to, output(from), prot, reached) {
-                    if let Some(table) = new {
-                        // Nothing of the new subtree was published: free it now, and roll back only what was
-                        // linked.
-                        self.discard(level + 1, table);
-                        *reached = before;
-                    }
-                    return Err(e);
-                }
+                self.map_in(level + 1, table.phys.0, entry_base, from, to, output(from), prot, pool);
             }
-            let Some(table) = new else { continue };
-            self.coherency.clean(table.virt.as_ptr(), size);
+            self.coherency.clean(table.virt.as_ptr(), table.size);
             let link = desc::table(table.phys.0) | if full { desc::SW_TABLE_FULL } else { 0 };
             // The filled table must be visible before the descriptor that points to it.
             write_barrier();
             self.store(entry, link);
-            *reached = (*reached).max(to);
         }
-        Ok(())
     }
 
     /// Unmaps every mapping inside `[iova, iova + size)`, splitting a block that straddles an end, and returns the
@@ -777,32 +881,6 @@ impl<A: FrameAllocator> IoPageTable<A> {
             gather.add_run(cleared.0, cleared.1, shift, cleared.2);
         }
         unmapped
-    }
-
-    /// Frees a table that was never linked, with every table below it.
-    fn discard(&mut self, level: u8, table: DmaBlock) {
-        if level < 3 {
-            let size = 1usize << self.geometry.granule_bits;
-            for e in entries_of(table.virt, 1 << self.geometry.level_bits) {
-                let d = e.load(Ordering::Relaxed);
-                if desc::is_table(d, level)
-                    && let Some(virt) = self.allocator.phys_to_virt(PhysAddr(desc::address(d)))
-                {
-                    self.discard(
-                        level + 1,
-                        DmaBlock {
-                            phys: PhysAddr(desc::address(d)),
-                            virt,
-                            size,
-                        },
-                    );
-                }
-            }
-        }
-        self.tables -= 1;
-        // SAFETY: allocated by `map_in` from this allocator and never linked, so neither the SMMU nor any walk
-        // can reach it.
-        unsafe { self.allocator.free(table) };
     }
 
     /// Whether the (non-root) table at `table_phys` holds no valid entry.

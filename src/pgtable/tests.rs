@@ -297,6 +297,23 @@ fn full_tables_in_every_granule_and_root_level() {
     }
 }
 
+/// Every descriptor of every table reachable from the root, in walk order (table address, index, word).
+fn raw_words<A: FrameAllocator>(t: &IoPageTable<A>) -> Vec<(u64, usize, u64)> {
+    fn go<A: FrameAllocator>(t: &IoPageTable<A>, level: u8, phys: u64, out: &mut Vec<(u64, usize, u64)>) {
+        let entries = t.table_entries(level, phys).unwrap();
+        for (i, e) in entries.iter().enumerate() {
+            let d = e.load(Ordering::Relaxed);
+            out.push((phys, i, d));
+            if level < 3 && d & 3 == 3 {
+                go(t, level + 1, d & 0x0000_ffff_ffff_f000, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    go(t, t.geometry().start_level, t.root().0, &mut out);
+    out
+}
+
 /// Decodes raw table memory per the VMSAv8-64 format, independently of `desc`: returns page → output page for
 /// every 4 KiB page mapped.
 fn decode(frames: &HeapFrames, root: u64, geometry: &Geometry) -> BTreeMap<u64, u64> {
@@ -542,4 +559,122 @@ fn no_memory_below_a_new_table_leaves_no_table_behind() {
     assert!(matches!(error, Err(MapError::NoMemory(_))), "{error:?}");
     assert_eq!((t.tables(), frames.live_blocks()), (1, 1));
     assert_eq!(decode(frames, t.root().0, t.geometry()), BTreeMap::new());
+}
+
+/// A frame allocator that plays the SMMU's walker: at every allocation and free it walks the live tables from the
+/// root it watches and remembers every table it found linked; freeing one of those before the test declares an
+/// invalidation complete ([`Witness::invalidated`]) is recorded as a violation.
+struct Witness {
+    frames: HeapFrames,
+    watch: std::sync::Mutex<Option<(u64, Geometry)>>,
+    seen: std::sync::Mutex<std::collections::BTreeSet<u64>>,
+    violations: std::sync::Mutex<Vec<u64>>,
+}
+
+impl Witness {
+    fn new(frames: HeapFrames) -> &'static Self {
+        std::boxed::Box::leak(std::boxed::Box::new(Witness {
+            frames,
+            watch: std::sync::Mutex::new(None),
+            seen: std::sync::Mutex::new(std::collections::BTreeSet::new()),
+            violations: std::sync::Mutex::new(Vec::new()),
+        }))
+    }
+
+    fn watch<A: FrameAllocator>(&self, t: &IoPageTable<A>) {
+        *self.watch.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((t.root().0, *t.geometry()));
+        self.invalidated();
+    }
+
+    fn unwatch(&self) {
+        *self.watch.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+
+    /// The tables linked now (the root excluded), walked from the raw memory.
+    fn linked(&self) -> std::collections::BTreeSet<u64> {
+        let mut out = std::collections::BTreeSet::new();
+        let Some((root, g)) = *self.watch.lock().unwrap_or_else(std::sync::PoisonError::into_inner) else {
+            return out;
+        };
+        fn go(w: &Witness, table: u64, level: u8, g: &Geometry, out: &mut std::collections::BTreeSet<u64>) {
+            let count = if level == g.start_level {
+                g.root_entries
+            } else {
+                1 << g.level_bits
+            };
+            let words = w.frames.virt(table) as *const u64;
+            for i in 0..count {
+                // SAFETY: a live table of `count` descriptors.
+                let d = unsafe { words.add(i).read() };
+                if level < 3 && d & 3 == 3 {
+                    let child = d & 0x0000_ffff_ffff_f000;
+                    out.insert(child);
+                    go(w, child, level + 1, g, out);
+                }
+            }
+        }
+        go(self, root, g.start_level, &g, &mut out);
+        out
+    }
+
+    fn observe(&self) {
+        let linked = self.linked();
+        self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(linked);
+    }
+
+    /// An invalidation covering every walk has completed: only what is linked now can be cached.
+    fn invalidated(&self) {
+        *self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = self.linked();
+    }
+}
+
+// SAFETY: forwards to `HeapFrames`, which upholds the contract; the walks only read live tables.
+unsafe impl FrameAllocator for Witness {
+    fn allocate_zeroed(&self, size: usize, align: usize) -> Result<DmaBlock, AllocError> {
+        self.observe();
+        self.frames.allocate_zeroed(size, align)
+    }
+
+    fn allocate_for_overwrite(&self, size: usize, align: usize) -> Result<DmaBlock, AllocError> {
+        self.observe();
+        self.frames.allocate_for_overwrite(size, align)
+    }
+
+    unsafe fn free(&self, block: DmaBlock) {
+        self.observe();
+        if self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&block.phys.0) {
+            self.violations.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(block.phys.0);
+        }
+        // SAFETY: the caller's guarantee, passed on.
+        unsafe { self.frames.free(block) }
+    }
+
+    fn phys_to_virt(&self, phys: PhysAddr) -> Option<NonNull<u8>> {
+        self.frames.phys_to_virt(phys)
+    }
+}
+
+#[test]
+fn a_failed_map_frees_no_table_the_smmu_may_have_walked() {
+    // A page at 0 first, so the level-2 table is live when `map` needs three full last-level tables below it:
+    // root, level 2 and the page's table, then room for none, one or two of the three.
+    for frames_allowed in [3usize, 4, 5] {
+        let w = Witness::new(HeapFrames::with_limit(frames_allowed * 4096));
+        let mut t = IoPageTable::new(format(Stage::One, Granule::Size4K, 39), w, true).unwrap();
+        t.map(0, 0, 0x1000, RW).unwrap();
+        w.watch(&t);
+        let (before, live) = (raw_words(&t), w.frames.live_blocks());
+        let result = t.map(0x20_0000, 0x1000, 0x60_0000, RW);
+        assert!(matches!(result, Err(MapError::NoMemory(_))), "{result:?}");
+        assert_eq!(
+            *w.violations.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+            [],
+            "tables freed after the SMMU could walk them, with no invalidation ({frames_allowed} frames)"
+        );
+        assert_eq!(raw_words(&t), before, "a failed map changes nothing");
+        assert_eq!((w.frames.live_blocks(), t.tables()), (live, 3));
+        w.unwatch();
+        drop(t);
+        assert_eq!(w.frames.live_blocks(), 0);
+    }
 }
