@@ -153,8 +153,10 @@ pub enum MapError {
     },
     /// No memory for a table.
     NoMemory(AllocError),
-    /// The range cuts a block mapping, and splitting it in place is disabled (an SMMU with IDR3.BBML = 0 needs
-    /// break-before-make: unmap the whole block and map the rest again).
+    /// The range cuts a block mapping, and splitting it in place is not allowed: replacing a valid block by a table
+    /// in one store is legal only on an SMMU with IDR3.BBML = 2 (see [`IoPageTable::set_bbm_level`]). Below that
+    /// the architecture needs break-before-make (or, with BBML = 1, the nT sequence, not implemented here): unmap
+    /// the whole block, invalidate, and map the parts to keep.
     WouldSplitBlock {
         /// An address where the range cuts a block.
         iova: u64,
@@ -188,7 +190,7 @@ impl fmt::Display for MapError {
             MapError::WouldSplitBlock { iova } => {
                 write!(
                     f,
-                    "{iova:#x} cuts a block mapping, and splitting in place needs IDR3.BBML >= 1"
+                    "{iova:#x} cuts a block mapping, and splitting it in place needs IDR3.BBML = 2"
                 )
             }
         }
@@ -337,15 +339,23 @@ impl<A: FrameAllocator> IoPageTable<A> {
             allocator,
             coherency,
             tables: 1,
-            split_blocks: true,
+            split_blocks: false,
         })
     }
 
-    /// Whether an unmap or protect that cuts a block may replace the block by a table in place (default: yes).
-    /// The SMMU allows that only with IDR3.BBML >= 1 (`Features::bbm_level`): pass `false` for an SMMU without it,
-    /// and such requests fail with [`MapError::WouldSplitBlock`] instead.
-    pub fn set_block_splitting(&mut self, allowed: bool) {
-        self.split_blocks = allowed;
+    /// Tells the table the SMMU's IDR3.BBML (`Features::bbm_level`), which decides whether an unmap or protect
+    /// that cuts a block may replace the block by a table of the same mappings in one store. Only BBML = 2
+    /// allows that (the SMMU then never sees a TLB conflict and uses either translation); with BBML 0 or 1
+    /// (and before this is called: the default is off) such requests fail with [`MapError::WouldSplitBlock`] and
+    /// change nothing. BBML = 1 would allow the nT sequence (the block rewritten with nT = 1, TLBI and CMD_SYNC,
+    /// then the table), which this driver does not implement.
+    pub fn set_bbm_level(&mut self, bbml: u8) {
+        self.split_blocks = bbml == 2;
+    }
+
+    /// Whether blocks are split in place (see [`IoPageTable::set_bbm_level`]).
+    pub fn splits_blocks(&self) -> bool {
+        self.split_blocks
     }
 
     /// The format.
@@ -672,12 +682,17 @@ impl<A: FrameAllocator> IoPageTable<A> {
         }
     }
 
-    /// Unmaps every mapping inside `[iova, iova + size)`, splitting a block that straddles an end, and returns the
-    /// bytes unmapped. What to invalidate and the tables that emptied go to `gather`.
+    /// Unmaps every mapping inside `[iova, iova + size)` and returns the bytes unmapped. A block that straddles an
+    /// end is split in place only when [`IoPageTable::set_bbm_level`] allowed it (BBML = 2).
+    ///
+    /// The caller invalidates: the removed translations (and any unlinked table's span, for walk caches) are
+    /// added to `gather`, and the SMMU may keep using them until the caller has issued that invalidation and its
+    /// CMD_SYNC has completed (`ActiveSmmu::flush` does both). Tables that emptied are unlinked but not freed:
+    /// they go back to the allocator only through [`IoPageTable::release`], to be called after that completion.
     ///
     /// # Errors
-    /// [`MapError::Unaligned`], [`MapError::InputOutOfRange`], [`MapError::NoMemory`] (for splitting a block);
-    /// nothing is unmapped then.
+    /// [`MapError::Unaligned`], [`MapError::InputOutOfRange`], [`MapError::WouldSplitBlock`] (a cut block without
+    /// BBML = 2), [`MapError::NoMemory`] (for splitting a block); nothing changes then, `gather` included.
     pub fn unmap(&mut self, iova: u64, size: u64, gather: &mut Gather) -> Result<u64, MapError> {
         self.change(iova, size, gather, None)
     }

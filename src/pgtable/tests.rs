@@ -171,6 +171,7 @@ fn no_memory_for_tables_changes_nothing() {
 fn partial_unmap_splits_a_block_and_empty_tables_are_released_after_invalidation() {
     let frames: &'static HeapFrames = std::boxed::Box::leak(std::boxed::Box::default());
     let mut t = IoPageTable::new(format(Stage::Two, Granule::Size4K, 40), frames, true).unwrap();
+    t.set_bbm_level(2);
     t.map(0x4000_0000, 0x4000_0000, 1 << 30, RW).unwrap();
     assert_eq!(t.tables(), 1, "one 1 GiB block in the root");
     let mut g = Gather::default();
@@ -481,6 +482,7 @@ proptest::proptest! {
 fn sixteen_and_sixty_four_kib_granules() {
     for (granule, block) in [(Granule::Size16K, 32u64 << 20), (Granule::Size64K, 512u64 << 20)] {
         let mut t = table(Stage::Two, granule, 42);
+        t.set_bbm_level(2);
         let page = granule.size();
         t.map(block, 2 * block, block + page, RW).unwrap();
         let mut sizes = Vec::new();
@@ -505,6 +507,7 @@ fn sixteen_and_sixty_four_kib_granules() {
 #[test]
 fn protect_changes_permissions_in_place_and_gathers_them() {
     let mut t = table(Stage::Two, Granule::Size4K, 40);
+    t.set_bbm_level(2);
     t.map(0x4000_0000, 0x4000_0000, 0x20_0000 + 0x2000, RW).unwrap();
     let ro = Prot::READ | Prot::CACHEABLE;
     let mut g = Gather::default();
@@ -529,24 +532,37 @@ fn protect_changes_permissions_in_place_and_gathers_them() {
 }
 
 #[test]
-fn block_splitting_can_be_refused_for_smmus_without_bbml() {
-    let mut t = table(Stage::One, Granule::Size4K, 39);
-    t.map(0x20_0000, 0x20_0000, 0x20_0000, RW).unwrap();
-    t.set_block_splitting(false);
-    let mut g = Gather::default();
-    assert_eq!(
-        t.unmap(0x20_0000, 0x1000, &mut g),
-        Err(MapError::WouldSplitBlock { iova: 0x20_1000 })
-    );
-    assert_eq!(
-        t.protect(0x20_1000, 0x1000, RW, &mut g),
-        Err(MapError::WouldSplitBlock { iova: 0x20_1000 })
-    );
-    assert!(g.is_empty());
-    assert_eq!(t.iova_to_phys(0x20_0000), Some(0x20_0000));
-    // The whole block is fine.
-    assert_eq!(t.unmap(0x20_0000, 0x20_0000, &mut g), Ok(0x20_0000));
-    t.release(g);
+fn block_splitting_is_off_by_default_and_allowed_only_with_bbml_2() {
+    for bbml in [None, Some(0), Some(1), Some(3), Some(2)] {
+        let mut t = table(Stage::One, Granule::Size4K, 39);
+        t.map(0x20_0000, 0x20_0000, 0x20_0000, RW).unwrap();
+        if let Some(level) = bbml {
+            t.set_bbm_level(level);
+        }
+        let before = raw_words(&t);
+        let mut g = Gather::default();
+        if bbml == Some(2) {
+            assert!(t.splits_blocks());
+            assert_eq!(t.unmap(0x20_0000, 0x1000, &mut g), Ok(0x1000));
+            assert_eq!(t.iova_to_phys(0x20_1000), Some(0x20_1000), "split in place");
+            t.release(g);
+            continue;
+        }
+        assert!(!t.splits_blocks(), "BBML {bbml:?}");
+        assert_eq!(
+            t.unmap(0x20_0000, 0x1000, &mut g),
+            Err(MapError::WouldSplitBlock { iova: 0x20_1000 })
+        );
+        assert_eq!(
+            t.protect(0x20_1000, 0x1000, RW, &mut g),
+            Err(MapError::WouldSplitBlock { iova: 0x20_1000 })
+        );
+        assert!(g.is_empty());
+        assert_eq!(raw_words(&t), before, "nothing changed");
+        // The whole block is fine.
+        assert_eq!(t.unmap(0x20_0000, 0x20_0000, &mut g), Ok(0x20_0000));
+        t.release(g);
+    }
 }
 
 #[test]

@@ -213,7 +213,8 @@ fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage, nested: bool)
     let output_bits = features.oas_bits.min(48);
     let input_bits = if stage == Stage::One { 39 } else { 40.min(output_bits) };
     let mut table = new_table(stage, input_bits, output_bits, features.coherent)?;
-    table.set_block_splitting(features.bbm_level >= 1);
+    // Blocks are split in place only on an SMMU with BBML = 2; otherwise a cut block is refused.
+    table.set_bbm_level(features.bbm_level);
     let (source, destination, alternate) = (page()?, page()?, page()?);
     let rw = Prot::READ | Prot::WRITE | Prot::CACHEABLE;
     table
