@@ -13,7 +13,7 @@ use core::fmt;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-pub use self::desc::{Prot, Stage};
+pub use self::desc::{MemoryType, Prot, Stage};
 pub use crate::hw::command::Granule;
 use crate::mem::{AllocError, Coherency, DmaBlock, FrameAllocator, PhysAddr, write_barrier};
 
@@ -144,7 +144,9 @@ pub enum MapError {
         /// The size.
         size: u64,
     },
-    /// The protection cannot be expressed (stage 1 without READ, or nothing allowed).
+    /// The protection cannot be expressed (stage 1 without READ; neither READ nor WRITE at stage 2; PRIVILEGED at
+    /// stage 2 or in the EL2 regime; MMIO together with CACHEABLE), or, from [`IoPageTable::protect`], it would
+    /// change the memory type of a live mapping (that needs break-before-make: unmap, invalidate, map again).
     BadProt(Prot),
     /// Part of the range is already mapped.
     Overlap {
@@ -697,25 +699,46 @@ impl<A: FrameAllocator> IoPageTable<A> {
         self.change(iova, size, gather, None)
     }
 
-    /// Gives every mapping inside `[iova, iova + size)` the protection `prot` (splitting a block that straddles an
-    /// end), and returns the bytes of mappings changed. The translations whose protection changed go to `gather`:
-    /// a reduction is in force only after the caller's invalidation.
+    /// Gives every mapping inside `[iova, iova + size)` the protection `prot` and returns the bytes of mappings
+    /// changed. A block that straddles an end is split in place only when [`IoPageTable::set_bbm_level`] allowed
+    /// it (BBML = 2). Only permissions change in place: the memory type (Device, Normal non-cacheable, Normal
+    /// cacheable) of a live mapping is never changed, as that needs break-before-make.
+    ///
+    /// The caller invalidates: the translations whose protection changed go to `gather`, and a reduction is in
+    /// force only once the caller's invalidation for it has completed (`ActiveSmmu::flush`).
     ///
     /// # Errors
-    /// [`MapError::Unaligned`], [`MapError::InputOutOfRange`], [`MapError::BadProt`], [`MapError::NoMemory`] (for
-    /// splitting a block); nothing changes then.
+    /// [`MapError::Unaligned`], [`MapError::InputOutOfRange`], [`MapError::BadProt`] (inexpressible, or another
+    /// memory type than a mapping in the range has), [`MapError::WouldSplitBlock`], [`MapError::NoMemory`] (for
+    /// splitting a block); nothing changes then, `gather` included.
     pub fn protect(&mut self, iova: u64, size: u64, prot: Prot, gather: &mut Gather) -> Result<u64, MapError> {
         if !self.expressible(prot) {
+            return Err(MapError::BadProt(prot));
+        }
+        self.check_range(iova, size)?;
+        // A memory-type change on a live leaf needs break-before-make: refuse it before anything changes.
+        let (stage, wanted) = (self.format.stage, MemoryType::of(prot));
+        let mut other_type = false;
+        self.visit(
+            self.geometry.start_level,
+            self.root_entries(),
+            0,
+            &mut |_, d| other_type |= Some(desc::memory_type(stage, d)) != wanted,
+            Some((iova, iova + size)),
+        );
+        if other_type {
             return Err(MapError::BadProt(prot));
         }
         self.change(iova, size, gather, Some(prot))
     }
 
     fn expressible(&self, prot: Prot) -> bool {
-        match self.format.stage {
-            Stage::One => prot.contains(Prot::READ),
-            Stage::Two => prot.intersects(Prot::READ | Prot::WRITE) && !prot.contains(Prot::PRIVILEGED),
-        }
+        MemoryType::of(prot).is_some()
+            && match self.format.stage {
+                Stage::One => prot.contains(Prot::READ),
+                Stage::OneEl2 => prot.contains(Prot::READ) && !prot.contains(Prot::PRIVILEGED),
+                Stage::Two => prot.intersects(Prot::READ | Prot::WRITE) && !prot.contains(Prot::PRIVILEGED),
+            }
     }
 
     fn change(&mut self, iova: u64, size: u64, gather: &mut Gather, reprotect: Option<Prot>) -> Result<u64, MapError> {
@@ -868,13 +891,13 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 let Some(table) = reserve.pop() else { continue };
                 let sub = entries_of(table.virt, 1 << self.geometry.level_bits);
                 let child_shift = self.geometry.entry_shift(level + 1);
-                let prot = desc::prot(self.format.stage, d);
+                // The block's own attribute bits, copied (not re-derived from a `Prot`), with the page bit at
+                // level 3.
+                let attributes = (d & !desc::OUTPUT_ADDRESS & !desc::TABLE_OR_PAGE)
+                    | if level + 1 == 3 { desc::TABLE_OR_PAGE } else { 0 };
                 for (j, e) in sub.iter().enumerate() {
                     let out = desc::address(d) + ((j as u64) << child_shift);
-                    e.store(
-                        desc::leaf(self.format.stage, out, prot, level + 1 == 3),
-                        Ordering::Relaxed,
-                    );
+                    e.store(attributes | out, Ordering::Relaxed);
                 }
                 self.coherency.clean(table.virt.as_ptr(), table.size);
                 write_barrier();
@@ -1072,7 +1095,19 @@ impl<A: FrameAllocator> IoPageTable<A> {
 
     /// Calls `f` for every mapping (page or block), in address order.
     pub fn walk(&self, mut f: impl FnMut(Mapping)) {
-        self.visit(self.geometry.start_level, self.root_entries(), 0, &mut f, None);
+        let stage = self.format.stage;
+        self.visit(
+            self.geometry.start_level,
+            self.root_entries(),
+            0,
+            &mut |m, d| {
+                f(Mapping {
+                    prot: desc::prot(stage, d),
+                    ..m
+                })
+            },
+            None,
+        );
     }
 
     fn visit(
@@ -1080,7 +1115,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
         level: u8,
         entries: &[AtomicU64],
         base: u64,
-        f: &mut dyn FnMut(Mapping),
+        f: &mut dyn FnMut(Mapping, u64),
         within: Option<(u64, u64)>,
     ) {
         let shift = self.geometry.entry_shift(level);
@@ -1101,12 +1136,15 @@ impl<A: FrameAllocator> IoPageTable<A> {
                     self.visit(level + 1, next, iova, f, within);
                 }
             } else {
-                f(Mapping {
-                    iova,
-                    pa: desc::address(d),
-                    size,
-                    prot: desc::prot(self.format.stage, d),
-                });
+                f(
+                    Mapping {
+                        iova,
+                        pa: desc::address(d),
+                        size,
+                        prot: Prot::empty(),
+                    },
+                    d,
+                );
             }
         }
     }

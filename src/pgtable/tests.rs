@@ -394,6 +394,7 @@ fn run(stage: Stage, ops: Vec<Op>) {
     let frames: &'static HeapFrames = std::boxed::Box::leak(std::boxed::Box::default());
     let bits = if stage == Stage::One { 39 } else { 40 };
     let mut t = IoPageTable::new(format(stage, Granule::Size4K, bits), frames, true).unwrap();
+    t.set_bbm_level(2);
     let mut model: BTreeMap<u64, u64> = BTreeMap::new();
     let mut prots: BTreeMap<u64, Prot> = BTreeMap::new();
     for op in ops {
@@ -692,5 +693,116 @@ fn a_failed_map_frees_no_table_the_smmu_may_have_walked() {
         w.unwatch();
         drop(t);
         assert_eq!(w.frames.live_blocks(), 0);
+    }
+}
+
+#[test]
+fn protect_refuses_a_memory_type_change_and_changes_nothing() {
+    let nc = Prot::READ | Prot::WRITE;
+    let mmio = Prot::READ | Prot::WRITE | Prot::MMIO;
+    for stage in [Stage::One, Stage::Two] {
+        let mut t = table(stage, Granule::Size4K, 39);
+        t.set_bbm_level(2);
+        t.map(0x20_0000, 0x20_0000, 0x20_0000, RW).unwrap();
+        t.map(0x40_0000, 0x40_0000, 0x1000, mmio).unwrap();
+        let before = raw_words(&t);
+        let mut g = Gather::default();
+        // Normal WB -> NC or Device, Device -> Normal: all break-before-make, all refused before any change (not
+        // even the block that the range cuts is split).
+        for (iova, size, prot) in [
+            (0x20_0000, 0x20_0000, nc),
+            (0x20_1000, 0x1000, mmio),
+            (0x40_0000, 0x1000, RW),
+            (0x3f_f000, 0x2000, RW | Prot::EXEC),
+        ] {
+            assert_eq!(
+                t.protect(iova, size, prot, &mut g),
+                Err(MapError::BadProt(prot)),
+                "{stage:?} {iova:#x}"
+            );
+        }
+        assert!(g.is_empty());
+        assert_eq!(raw_words(&t), before, "nothing changed");
+        // Permissions alone still change in place, within a memory type.
+        assert_eq!(t.protect(0x40_0000, 0x1000, Prot::READ | Prot::MMIO, &mut g), Ok(0x1000));
+        assert_eq!(t.translate(0x40_0000), Some((0x40_0000, Prot::READ | Prot::MMIO)));
+        t.release(g);
+        // Both memory flags at once are refused everywhere.
+        let both = Prot::READ | Prot::MMIO | Prot::CACHEABLE;
+        assert_eq!(t.map(0x80_0000, 0, 0x1000, both), Err(MapError::BadProt(both)));
+    }
+}
+
+#[test]
+fn mappings_without_cacheable_are_normal_non_cacheable_and_mmio_is_device() {
+    // Read back from the raw descriptors with the architecture's field positions, not through `desc`.
+    for stage in [Stage::One, Stage::Two] {
+        let mut t = table(stage, Granule::Size4K, 39);
+        t.map(0x1000, 0x1000, 0x1000, Prot::READ | Prot::WRITE).unwrap();
+        t.map(0x2000, 0x2000, 0x1000, Prot::READ | Prot::WRITE | Prot::MMIO).unwrap();
+        t.map(0x3000, 0x3000, 0x1000, RW).unwrap();
+        let leaves: Vec<u64> = raw_words(&t)
+            .into_iter()
+            .filter(|&(_, i, d)| d & 3 == 3 && (1..=3).contains(&i) && d & 0xffff_ffff_f000 == (i as u64) << 12)
+            .map(|(_, _, d)| d)
+            .collect();
+        assert_eq!(leaves.len(), 3, "{stage:?}");
+        let attr = |d: u64| match stage {
+            // AttrIndx [4:2] through the CD's MAIR byte.
+            Stage::One | Stage::OneEl2 => (desc::MAIR >> (8 * ((d >> 2) & 0b111))) & 0xff,
+            // MemAttr [5:2].
+            Stage::Two => (d >> 2) & 0b1111,
+        };
+        let expected = match stage {
+            Stage::Two => [0b0101, 0b0001, 0b1111],
+            _ => [0x44, 0x04, 0xff],
+        };
+        assert_eq!(leaves.iter().map(|&d| attr(d)).collect::<Vec<_>>(), expected, "{stage:?}");
+        assert_eq!(
+            leaves.iter().map(|&d| (d >> 8) & 0b11).collect::<Vec<_>>(),
+            [0b10, 0b10, 0b11],
+            "SH: outer for NC and Device, inner for WB"
+        );
+    }
+}
+
+#[test]
+fn a_split_copies_the_blocks_attribute_bits() {
+    let mut t = table(Stage::One, Granule::Size4K, 39);
+    t.set_bbm_level(2);
+    t.map(0x20_0000, 0x60_0000, 0x20_0000, RW).unwrap();
+    // Give the block a bit no `Prot` stands for (software bit 55, ignored by the walk): a split must keep it.
+    let root = t.root_entries()[0].load(Ordering::Relaxed);
+    let l2 = desc::address(root);
+    let block = t.table_entries(2, l2).unwrap()[1].load(Ordering::Relaxed) | 1 << 55;
+    t.table_entries(2, l2).unwrap()[1].store(block, Ordering::Relaxed);
+    let mut g = Gather::default();
+    assert_eq!(t.unmap(0x20_0000, 0x1000, &mut g), Ok(0x1000));
+    let link = t.table_entries(2, l2).unwrap()[1].load(Ordering::Relaxed);
+    let l3 = t.table_entries(3, desc::address(link)).unwrap();
+    for (j, e) in l3.iter().enumerate().skip(1) {
+        let expected = (block & !0x0000_ffff_ffff_f000) | 0b10 | (0x60_0000 + ((j as u64) << 12));
+        assert_eq!(e.load(Ordering::Relaxed), expected, "page {j}");
+    }
+    t.release(g);
+}
+
+#[test]
+fn el2_stage1_tables_leave_pxn_clear_and_refuse_privileged() {
+    let mut t = table(Stage::OneEl2, Granule::Size4K, 39);
+    t.map(0, 0, 0x2000, Prot::READ | Prot::EXEC | Prot::CACHEABLE).unwrap();
+    t.map(0x2000, 0x2000, 0x1000, RW).unwrap();
+    let privileged = RW | Prot::PRIVILEGED;
+    assert_eq!(t.map(0x4000, 0, 0x1000, privileged), Err(MapError::BadProt(privileged)));
+    let leaves: Vec<u64> = raw_words(&t)
+        .into_iter()
+        .filter(|&(_, i, d)| d & 3 == 3 && i < 3 && d & 0xffff_ffff_f000 == (i as u64) << 12)
+        .map(|(_, _, d)| d)
+        .collect();
+    assert_eq!(leaves.len(), 3);
+    for (i, d) in leaves.into_iter().enumerate() {
+        assert_eq!(d & (1 << 53), 0, "PXN is RES0 in the EL2 regime");
+        assert_eq!(d & (1 << 54) != 0, i == 2, "bit 54 is XN");
+        assert_ne!(d & (1 << 6), 0, "AP[1] is RES1");
     }
 }
