@@ -868,9 +868,8 @@ impl<A: FrameAllocator> IoPageTable<A> {
                     self.store(entry, 0);
                     // The whole subtree goes: count its leaves and collect its tables without rewriting them.
                     let (bytes, smallest) = self.reclaim(level + 1, d, gather);
-                    if bytes > 0 {
-                        gather.add(entry_base, entry_size, smallest);
-                    }
+                    // Always: walk caches may hold the unlinked table even if it mapped nothing.
+                    gather.add(entry_base, entry_size, smallest);
                     unmapped += bytes;
                 } else {
                     // Cleaned with the rest of the run after the loop; ordered by the barrier that ends `unmap`.

@@ -327,6 +327,11 @@ fn decode(frames: &HeapFrames, root: u64, geometry: &Geometry) -> BTreeMap<u64, 
         };
         let shift = g.granule_bits as u64 + g.level_bits as u64 * (3 - level as u64);
         let words = frames.virt(table) as *const u64;
+        if level != g.start_level {
+            // SAFETY: a live table of `entries` descriptors.
+            let valid = (0..entries).any(|i| unsafe { words.add(i).read() } & 1 != 0);
+            assert!(valid, "a linked level-{level} table at {table:#x} is empty");
+        }
         for i in 0..entries {
             // SAFETY: a live table of `entries` descriptors.
             let d = unsafe { words.add(i).read() };
@@ -805,4 +810,20 @@ fn el2_stage1_tables_leave_pxn_clear_and_refuse_privileged() {
         assert_eq!(d & (1 << 54) != 0, i == 2, "bit 54 is XN");
         assert_ne!(d & (1 << 6), 0, "AP[1] is RES1");
     }
+}
+
+#[test]
+fn unlinking_an_empty_table_still_gathers_its_span() {
+    let mut t = table(Stage::One, Granule::Size4K, 39);
+    t.map(0x20_0000, 0x20_0000, 0x1000, RW).unwrap();
+    // Empty the last-level table behind the table code's back: whatever its contents, the SMMU's walk caches
+    // may hold the table, so unlinking it must be invalidated over its span.
+    let root = t.root_entries()[0].load(Ordering::Relaxed);
+    let link = t.table_entries(2, desc::address(root)).unwrap()[1].load(Ordering::Relaxed);
+    t.table_entries(3, desc::address(link)).unwrap()[0].store(0, Ordering::Relaxed);
+    let mut g = Gather::default();
+    assert_eq!(t.unmap(0x20_0000, 0x20_0000, &mut g), Ok(0));
+    assert!(g.tables_unlinked);
+    assert!(g.start <= 0x20_0000 && g.end >= 0x40_0000, "{g:?}");
+    t.release(g);
 }
