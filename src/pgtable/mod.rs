@@ -284,7 +284,9 @@ impl Pool {
     fn push(&mut self, table: DmaBlock, full: bool) {
         let head = if full { &mut self.overwrite } else { &mut self.zeroed };
         let link = entries_of(table.virt, 2);
-        let (phys, virt) = head.take().map_or((0, 0), |next| (next.phys.0, next.virt.as_ptr() as u64));
+        let (phys, virt) = head
+            .take()
+            .map_or((0, 0), |next| (next.phys.0, next.virt.as_ptr() as u64));
         link[0].store(phys, Ordering::Relaxed);
         link[1].store(virt, Ordering::Relaxed);
         *head = Some(table);
@@ -506,7 +508,10 @@ impl<A: FrameAllocator> IoPageTable<A> {
             prot,
             &mut pool,
         );
-        debug_assert!(pool.zeroed.is_none() && pool.overwrite.is_none(), "tables counted exactly");
+        debug_assert!(
+            pool.zeroed.is_none() && pool.overwrite.is_none(),
+            "tables counted exactly"
+        );
         self.free_pool(&mut pool);
         write_barrier();
         Ok(())
@@ -526,7 +531,16 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// (output from `pa` at `start`) touches, become leaves in one run: the entries wholly covered, when leaves
     /// are allowed at `level` and the output is aligned to an entry. An empty range when none.
     #[allow(clippy::too_many_arguments)]
-    fn leaf_run(&self, level: u8, table_base: u64, first: usize, last: usize, start: u64, end: u64, pa: u64) -> (usize, usize) {
+    fn leaf_run(
+        &self,
+        level: u8,
+        table_base: u64,
+        first: usize,
+        last: usize,
+        start: u64,
+        end: u64,
+        pa: u64,
+    ) -> (usize, usize) {
         let shift = self.geometry.entry_shift(level);
         let leaf_here = level == 3 || self.geometry.block_allowed(level);
         let run_start = if start == table_base + ((first as u64) << shift) {
@@ -649,7 +663,16 @@ impl<A: FrameAllocator> IoPageTable<A> {
             let to = end.min(entry_base + entry_size);
             let d = entry.load(Ordering::Acquire);
             if desc::is_table(d, level) {
-                self.map_in(level + 1, desc::address(d), entry_base, from, to, output(from), prot, pool);
+                self.map_in(
+                    level + 1,
+                    desc::address(d),
+                    entry_base,
+                    from,
+                    to,
+                    output(from),
+                    prot,
+                    pool,
+                );
                 continue;
             }
             // Below an invalid entry (`map` checked that nothing is mapped here) a new table, filled before it is
