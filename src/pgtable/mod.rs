@@ -1,11 +1,32 @@
-//! IO page tables in the VMSAv8-64 format the SMMU walks: stage 1 (VA → IPA/PA, for CDs) and stage 2
-//! (IPA → PA, for STEs), 4 KiB, 16 KiB or 64 KiB granules, the largest naturally aligned blocks, tables from the
-//! caller's [`FrameAllocator`], and invalidation gathered for the command queue.
+//! IO page tables in the VMSAv8-64 format the SMMU walks: stage 1 (VA → IPA/PA, for CDs; the NS-EL1 regime, or
+//! the EL2 regime with [`Stage::OneEl2`]) and stage 2 (IPA → PA, for STEs), 4 KiB, 16 KiB or 64 KiB granules, the
+//! largest naturally aligned blocks, tables from the caller's [`FrameAllocator`], and invalidation gathered for
+//! the command queue.
 //!
 //! The SMMU may walk a table at any moment: descriptors are written with single 64-bit stores, a new table's
-//! contents before the descriptor that points to it; a table that becomes empty is unlinked and handed to the
-//! [`Gather`], and goes back to the allocator only through [`IoPageTable::release`], after the caller has issued
-//! the invalidation that covers walks through it.
+//! contents before the descriptor that points to it.
+//!
+//! **Who invalidates.** This module never issues a command. [`IoPageTable::map`] only fills invalid entries,
+//! which needs no invalidation. [`IoPageTable::unmap`] and [`IoPageTable::protect`] add what they removed or
+//! changed to a [`Gather`]; the caller must issue the TLB invalidation it describes (leaf-only unless
+//! [`Gather::tables_unlinked`], walk caches too then) and wait for its CMD_SYNC (`ActiveSmmu::flush` does both,
+//! then calls [`IoPageTable::release`]). Until then the SMMU may still use the old translations. A table that
+//! becomes empty is unlinked and handed to the [`Gather`], and goes back to the allocator only through
+//! [`IoPageTable::release`], after that invalidation has completed; if it fails, do not release the gather (leak
+//! it) rather than free tables the SMMU may still walk.
+//!
+//! **What a failed operation leaves.** Nothing: every error is returned before the first store. `map`
+//! allocates all the tables it needs first, and gives them back on [`MapError::NoMemory`]; `unmap` and
+//! `protect` allocate the tables a block split needs first, and check every refusal
+//! ([`MapError::WouldSplitBlock`], a memory-type change) before changing anything.
+//!
+//! **Block splitting.** A block that an unmap or protect cuts is replaced in place by a table only on an SMMU
+//! with IDR3.BBML = 2 ([`IoPageTable::set_bbm_level`]); otherwise (the default) the request is refused with
+//! [`MapError::WouldSplitBlock`]. The BBML = 1 nT sequence is not implemented.
+//!
+//! **Memory types.** [`Prot::CACHEABLE`]: Normal write-back; [`Prot::MMIO`]: Device-nGnRE; neither: Normal
+//! non-cacheable (stage 1 through [`desc::MAIR`], which the CD must program; stage 2 MemAttr 0b0101). A live
+//! mapping's memory type never changes in place (break-before-make: unmap, invalidate, map).
 
 pub mod desc;
 
