@@ -228,6 +228,7 @@ fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage, nested: bool)
     let mut cd_table = None;
     let mut parent = None;
     let (ste, tlb) = match stage {
+        Stage::OneEl2 => fail!("stage 1 of the EL2 regime is not exercised by this scenario"),
         Stage::One => {
             let asid = s.allocate_asid().or_else(|e| fail!("{e}"))?;
             let mut cds = match CdTable::new(CdTableFormat::Linear { ssid_bits: 0 }, &Frames, features.coherent) {
@@ -284,7 +285,7 @@ fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage, nested: bool)
         "  {}: {input_bits}-bit input from level {} ({} root entries), STE {:?} in {} sync(s)",
         match (stage, nested) {
             (_, true) => "nested (stage 1 inside an identity stage 2 of RAM)",
-            (Stage::One, false) => "stage 1",
+            (Stage::One | Stage::OneEl2, false) => "stage 1",
             (Stage::Two, false) => "stage 2",
         },
         geometry.start_level,
