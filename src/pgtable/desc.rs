@@ -14,18 +14,58 @@ bitflags! {
         const WRITE = 1 << 1;
         /// Instruction fetches.
         const EXEC = 1 << 2;
-        /// Normal write-back cacheable memory; without it, Device-nGnRE (MMIO).
+        /// Normal inner and outer write-back cacheable memory (inner shareable). Without it and without
+        /// [`Prot::MMIO`], Normal non-cacheable memory.
         const CACHEABLE = 1 << 3;
-        /// Stage 1 only: only privileged transactions may use the mapping.
+        /// Stage 1 of the NS-EL1 regime only ([`Stage::One`]): only privileged transactions may use the mapping.
         const PRIVILEGED = 1 << 4;
+        /// Device-nGnRE memory, for MMIO (registers, doorbells). Never together with [`Prot::CACHEABLE`].
+        const MMIO = 1 << 5;
     }
 }
 
-/// Which translation stage a table serves.
+/// The memory type a protection selects (Linux's `arm_lpae_prot_to_pte` makes the same three-way choice).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemoryType {
+    /// Device-nGnRE ([`Prot::MMIO`]).
+    Device,
+    /// Normal inner/outer write-back ([`Prot::CACHEABLE`]).
+    NormalCacheable,
+    /// Normal inner/outer non-cacheable (neither flag).
+    NormalNonCacheable,
+}
+
+impl MemoryType {
+    /// The memory type of `prot`, or `None` when it asks for both [`Prot::MMIO`] and [`Prot::CACHEABLE`].
+    pub fn of(prot: Prot) -> Option<Self> {
+        match (prot.contains(Prot::MMIO), prot.contains(Prot::CACHEABLE)) {
+            (true, true) => None,
+            (true, false) => Some(MemoryType::Device),
+            (false, true) => Some(MemoryType::NormalCacheable),
+            (false, false) => Some(MemoryType::NormalNonCacheable),
+        }
+    }
+
+    /// The flags of [`Prot`] that select this type.
+    pub fn prot(self) -> Prot {
+        match self {
+            MemoryType::Device => Prot::MMIO,
+            MemoryType::NormalCacheable => Prot::CACHEABLE,
+            MemoryType::NormalNonCacheable => Prot::empty(),
+        }
+    }
+}
+
+/// Which translation stage (and, for stage 1, which translation regime) a table serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
-    /// Stage 1: VA → IPA (or PA), attributes through the CD's MAIR.
+    /// Stage 1 of the NS-EL1 regime (STE.STRW = NS-EL1, the default): VA → IPA (or PA), attributes through the
+    /// CD's MAIR, PXN (bit 53) and UXN (bit 54), privileged and unprivileged access, nG set (ASID-tagged).
     One,
+    /// Stage 1 of the EL2 regime without E2H (STE.STRW = EL2): as [`Stage::One`], but with one exception level:
+    /// bit 53 (PXN) is RES0 and bit 54 is XN, AP\[1\] is RES1 (so [`Prot::PRIVILEGED`] cannot be expressed), and
+    /// nG is left clear (the regime has no ASIDs).
+    OneEl2,
     /// Stage 2: IPA → PA, attributes in the descriptor (MemAttr).
     Two,
 }
@@ -46,7 +86,7 @@ pub const S2_MEMATTR: u64 = 0b1111 << 2;
 pub const S2_AP_READ: u64 = 1 << 6;
 /// Stage 2 S2AP\[1\], bit 7: writes allowed.
 pub const S2_AP_WRITE: u64 = 1 << 7;
-/// SH, bits \[9:8\]: shareability (0b11 inner).
+/// SH, bits \[9:8\]: shareability ([`SH_INNER`] or [`SH_OUTER`]).
 pub const SH: u64 = 0b11 << 8;
 /// AF, bit 10: access flag.
 pub const AF: u64 = 1 << 10;
@@ -63,6 +103,14 @@ pub const S2_XN: u64 = 0b11 << 53;
 /// Output address bits \[47:12\] (the granule's low bits are zero in any aligned output address).
 pub const OUTPUT_ADDRESS: u64 = ((1 << 48) - 1) & !0xfff;
 
+/// Stage 1 (EL2 regime) XN, bit 54.
+pub const S1_EL2_XN: u64 = 1 << 54;
+/// SH value of inner shareable (Normal cacheable memory).
+pub const SH_INNER: u64 = 0b11 << 8;
+/// SH value of outer shareable (Device and Normal non-cacheable memory, which the architecture treats as outer
+/// shareable whatever SH says; written so that the descriptor says what applies).
+pub const SH_OUTER: u64 = 0b10 << 8;
+
 /// MAIR attribute index of Device-nGnRE memory in the MAIR this driver puts in its CDs.
 pub const MAIR_INDEX_DEVICE: u64 = 0;
 /// MAIR attribute index of Normal write-back read/write-allocate memory.
@@ -75,26 +123,43 @@ pub const MAIR: u64 = 0x04 | 0xff << 8 | 0x44 << 16;
 pub const S2_MEMATTR_DEVICE: u64 = 0b0001;
 /// Stage 2 MemAttr of Normal inner/outer write-back.
 pub const S2_MEMATTR_NORMAL: u64 = 0b1111;
+/// Stage 2 MemAttr of Normal inner/outer non-cacheable.
+pub const S2_MEMATTR_NON_CACHEABLE: u64 = 0b0101;
 
 /// A leaf (page or block) descriptor mapping `output` with `prot`. `page` selects the level-3 encoding. The caller
-/// checks alignment and the output size; bits outside [`OUTPUT_ADDRESS`] are dropped.
+/// checks alignment, the output size and that `prot` is expressible (one [`MemoryType`]; stage 1 with READ; no
+/// PRIVILEGED at stage 2 or in the EL2 regime): an inexpressible `prot` encodes Device memory. Bits outside
+/// [`OUTPUT_ADDRESS`] are dropped.
 pub fn leaf(stage: Stage, output: u64, prot: Prot, page: bool) -> u64 {
-    let mut d = VALID | AF | SH | (output & OUTPUT_ADDRESS);
+    let mut d = VALID | AF | (output & OUTPUT_ADDRESS);
     if page {
         d |= TABLE_OR_PAGE;
     }
-    let cacheable = prot.contains(Prot::CACHEABLE);
+    let memory = MemoryType::of(prot).unwrap_or(MemoryType::Device);
+    d |= if memory == MemoryType::NormalCacheable {
+        SH_INNER
+    } else {
+        SH_OUTER
+    };
     match stage {
-        Stage::One => {
-            d |= S1_NOT_GLOBAL
-                | (if cacheable {
-                    MAIR_INDEX_NORMAL
-                } else {
-                    MAIR_INDEX_DEVICE
-                }) << 2;
+        Stage::One | Stage::OneEl2 => {
+            d |= match memory {
+                MemoryType::Device => MAIR_INDEX_DEVICE,
+                MemoryType::NormalCacheable => MAIR_INDEX_NORMAL,
+                MemoryType::NormalNonCacheable => MAIR_INDEX_NON_CACHEABLE,
+            } << 2;
             if !prot.contains(Prot::WRITE) {
                 d |= S1_AP_READ_ONLY;
             }
+            if stage == Stage::OneEl2 {
+                // AP[1] is RES1, PXN RES0, bit 54 is XN; no ASIDs, so nG stays clear.
+                d |= S1_AP_UNPRIVILEGED;
+                if !prot.contains(Prot::EXEC) {
+                    d |= S1_EL2_XN;
+                }
+                return d;
+            }
+            d |= S1_NOT_GLOBAL;
             if !prot.contains(Prot::PRIVILEGED) {
                 d |= S1_AP_UNPRIVILEGED;
             }
@@ -105,11 +170,11 @@ pub fn leaf(stage: Stage, output: u64, prot: Prot, page: bool) -> u64 {
             };
         }
         Stage::Two => {
-            d |= (if cacheable {
-                S2_MEMATTR_NORMAL
-            } else {
-                S2_MEMATTR_DEVICE
-            }) << 2;
+            d |= match memory {
+                MemoryType::Device => S2_MEMATTR_DEVICE,
+                MemoryType::NormalCacheable => S2_MEMATTR_NORMAL,
+                MemoryType::NormalNonCacheable => S2_MEMATTR_NON_CACHEABLE,
+            } << 2;
             if prot.contains(Prot::READ) {
                 d |= S2_AP_READ;
             }
@@ -122,6 +187,22 @@ pub fn leaf(stage: Stage, output: u64, prot: Prot, page: bool) -> u64 {
         }
     }
     d
+}
+
+/// The memory type a leaf descriptor of `stage` selects (as [`leaf`] encodes it).
+pub fn memory_type(stage: Stage, d: u64) -> MemoryType {
+    match stage {
+        Stage::One | Stage::OneEl2 => match (d & S1_ATTR_INDEX) >> 2 {
+            MAIR_INDEX_NORMAL => MemoryType::NormalCacheable,
+            MAIR_INDEX_NON_CACHEABLE => MemoryType::NormalNonCacheable,
+            _ => MemoryType::Device,
+        },
+        Stage::Two => match (d & S2_MEMATTR) >> 2 {
+            S2_MEMATTR_NORMAL => MemoryType::NormalCacheable,
+            S2_MEMATTR_NON_CACHEABLE => MemoryType::NormalNonCacheable,
+            _ => MemoryType::Device,
+        },
+    }
 }
 
 /// Software bit 56 of a table descriptor (bits \[58:51\] of table descriptors are IGNORED by the table walk at
@@ -152,18 +233,21 @@ pub fn address(d: u64) -> u64 {
 
 /// The protection a leaf grants (the inverse of [`leaf`] for the encodings it produces).
 pub fn prot(stage: Stage, d: u64) -> Prot {
-    let mut p = Prot::empty();
+    let mut p = memory_type(stage, d).prot();
     match stage {
-        Stage::One => {
+        Stage::One | Stage::OneEl2 => {
             p |= Prot::READ;
             if d & S1_AP_READ_ONLY == 0 {
                 p |= Prot::WRITE;
             }
+            if stage == Stage::OneEl2 {
+                if d & S1_EL2_XN == 0 {
+                    p |= Prot::EXEC;
+                }
+                return p;
+            }
             if d & S1_AP_UNPRIVILEGED == 0 {
                 p |= Prot::PRIVILEGED;
-            }
-            if (d >> 2) & 0b111 != MAIR_INDEX_DEVICE {
-                p |= Prot::CACHEABLE;
             }
             let privileged = d & S1_AP_UNPRIVILEGED == 0;
             if (privileged && d & S1_PXN == 0) || (!privileged && d & S1_UXN == 0) {
@@ -179,9 +263,6 @@ pub fn prot(stage: Stage, d: u64) -> Prot {
             }
             if d & S2_XN == 0 {
                 p |= Prot::EXEC;
-            }
-            if (d >> 2) & 0b1111 != S2_MEMATTR_DEVICE {
-                p |= Prot::CACHEABLE;
             }
         }
     }
@@ -205,11 +286,16 @@ mod tests {
             d,
             0b11 | 1 << 2 | 1 << 6 | 0b11 << 8 | 1 << 10 | 1 << 11 | 0x4123_4000 | 1 << 53 | 1 << 54
         );
-        // Read-only device, privileged, block: AttrIndx 0, AP[2]=1, AP[1]=0.
-        let d = leaf(Stage::One, 0x4000_0000, Prot::READ | Prot::PRIVILEGED, false);
+        // Read-only device, privileged, block: AttrIndx 0, AP[2]=1, AP[1]=0, SH 10 (outer).
+        let d = leaf(
+            Stage::One,
+            0x4000_0000,
+            Prot::READ | Prot::PRIVILEGED | Prot::MMIO,
+            false,
+        );
         assert_eq!(
             d,
-            0b01 | 1 << 7 | 0b11 << 8 | 1 << 10 | 1 << 11 | 0x4000_0000 | 1 << 53 | 1 << 54
+            0b01 | 1 << 7 | 0b10 << 8 | 1 << 10 | 1 << 11 | 0x4000_0000 | 1 << 53 | 1 << 54
         );
         // Privileged executable: UXN only.
         let d = leaf(
@@ -234,9 +320,9 @@ mod tests {
             d,
             0b11 | 0b1111 << 2 | 0b11 << 6 | 0b11 << 8 | 1 << 10 | 0x8000_1000 | 0b10 << 53
         );
-        // Write-only device block, executable: MemAttr 0001, S2AP 10, XN 00.
-        let d = leaf(Stage::Two, 0x20_0000, Prot::WRITE | Prot::EXEC, false);
-        assert_eq!(d, 0b01 | 0b0001 << 2 | 0b10 << 6 | 0b11 << 8 | 1 << 10 | 0x20_0000);
+        // Write-only device block, executable: MemAttr 0001, S2AP 10, SH 10, XN 00.
+        let d = leaf(Stage::Two, 0x20_0000, Prot::WRITE | Prot::EXEC | Prot::MMIO, false);
+        assert_eq!(d, 0b01 | 0b0001 << 2 | 0b10 << 6 | 0b10 << 8 | 1 << 10 | 0x20_0000);
     }
 
     #[test]
@@ -249,13 +335,49 @@ mod tests {
     }
 
     #[test]
+    fn without_cacheable_memory_is_normal_non_cacheable_and_mmio_is_device() {
+        // Stage 1: AttrIndx 2 (MAIR byte 0x44, Normal inner/outer NC), SH 10; MMIO: AttrIndx 0 (0x04, nGnRE).
+        let nc = leaf(Stage::One, 0x1000, Prot::READ | Prot::WRITE, true);
+        assert_eq!((nc >> 2) & 0b111, 2);
+        assert_eq!((MAIR >> (8 * ((nc >> 2) & 0b111))) & 0xff, 0x44);
+        assert_eq!((nc >> 8) & 0b11, 0b10);
+        let mmio = leaf(Stage::One, 0x1000, Prot::READ | Prot::WRITE | Prot::MMIO, true);
+        assert_eq!((MAIR >> (8 * ((mmio >> 2) & 0b111))) & 0xff, 0x04);
+        // Stage 2 MemAttr: 0b0101 Normal NC, 0b0001 Device-nGnRE, 0b1111 Normal WB (SH 11).
+        let nc = leaf(Stage::Two, 0x1000, Prot::READ | Prot::WRITE, true);
+        assert_eq!(((nc >> 2) & 0b1111, (nc >> 8) & 0b11), (0b0101, 0b10));
+        let mmio = leaf(Stage::Two, 0x1000, Prot::READ | Prot::MMIO, true);
+        assert_eq!((mmio >> 2) & 0b1111, 0b0001);
+        let wb = leaf(Stage::Two, 0x1000, Prot::READ | Prot::CACHEABLE, true);
+        assert_eq!(((wb >> 2) & 0b1111, (wb >> 8) & 0b11), (0b1111, 0b11));
+        assert_eq!(MemoryType::of(Prot::MMIO | Prot::CACHEABLE), None);
+    }
+
+    #[test]
+    fn el2_stage1_leaves_keep_pxn_clear_and_use_bit_54_as_xn() {
+        for exec in [false, true] {
+            let p = Prot::READ | Prot::WRITE | Prot::CACHEABLE | if exec { Prot::EXEC } else { Prot::empty() };
+            let d = leaf(Stage::OneEl2, 0x8000, p, true);
+            assert_eq!(d & (1 << 53), 0, "PXN is RES0 in the EL2 regime");
+            assert_eq!(d & (1 << 54) != 0, !exec, "bit 54 is XN");
+            assert_ne!(d & (1 << 6), 0, "AP[1] is RES1");
+            assert_eq!(d & (1 << 11), 0, "no ASID: nG clear");
+            assert_eq!(prot(Stage::OneEl2, d), p);
+        }
+    }
+
+    #[test]
     fn prot_round_trips() {
-        for bits in 0..32u8 {
+        for bits in 0..64u8 {
             let p = Prot::from_bits_truncate(bits);
+            if MemoryType::of(p).is_none() {
+                continue;
+            }
             let s2 = p - Prot::PRIVILEGED;
             assert_eq!(prot(Stage::Two, leaf(Stage::Two, 0, s2, true)), s2, "{s2:?}");
             if p.contains(Prot::READ) {
                 assert_eq!(prot(Stage::One, leaf(Stage::One, 0, p, true)), p, "{p:?}");
+                assert_eq!(prot(Stage::OneEl2, leaf(Stage::OneEl2, 0, s2, true)), s2, "{s2:?}");
             }
         }
     }

@@ -1,11 +1,32 @@
-//! IO page tables in the VMSAv8-64 format the SMMU walks: stage 1 (VA → IPA/PA, for CDs) and stage 2
-//! (IPA → PA, for STEs), 4 KiB, 16 KiB or 64 KiB granules, the largest naturally aligned blocks, tables from the
-//! caller's [`FrameAllocator`], and invalidation gathered for the command queue.
+//! IO page tables in the VMSAv8-64 format the SMMU walks: stage 1 (VA → IPA/PA, for CDs; the NS-EL1 regime, or
+//! the EL2 regime with [`Stage::OneEl2`]) and stage 2 (IPA → PA, for STEs), 4 KiB, 16 KiB or 64 KiB granules, the
+//! largest naturally aligned blocks, tables from the caller's [`FrameAllocator`], and invalidation gathered for
+//! the command queue.
 //!
 //! The SMMU may walk a table at any moment: descriptors are written with single 64-bit stores, a new table's
-//! contents before the descriptor that points to it; a table that becomes empty is unlinked and handed to the
-//! [`Gather`], and goes back to the allocator only through [`IoPageTable::release`], after the caller has issued
-//! the invalidation that covers walks through it.
+//! contents before the descriptor that points to it.
+//!
+//! **Who invalidates.** This module never issues a command. [`IoPageTable::map`] only fills invalid entries,
+//! which needs no invalidation. [`IoPageTable::unmap`] and [`IoPageTable::protect`] add what they removed or
+//! changed to a [`Gather`]; the caller must issue the TLB invalidation it describes (leaf-only unless
+//! [`Gather::tables_unlinked`], walk caches too then) and wait for its CMD_SYNC (`ActiveSmmu::flush` does both,
+//! then calls [`IoPageTable::release`]). Until then the SMMU may still use the old translations. A table that
+//! becomes empty is unlinked and handed to the [`Gather`], and goes back to the allocator only through
+//! [`IoPageTable::release`], after that invalidation has completed; if it fails, do not release the gather (leak
+//! it) rather than free tables the SMMU may still walk.
+//!
+//! **What a failed operation leaves.** Nothing: every error is returned before the first store. `map`
+//! allocates all the tables it needs first, and gives them back on [`MapError::NoMemory`]; `unmap` and
+//! `protect` allocate the tables a block split needs first, and check every refusal
+//! ([`MapError::WouldSplitBlock`], a memory-type change) before changing anything.
+//!
+//! **Block splitting.** A block that an unmap or protect cuts is replaced in place by a table only on an SMMU
+//! with IDR3.BBML = 2 ([`IoPageTable::set_bbm_level`]); otherwise (the default) the request is refused with
+//! [`MapError::WouldSplitBlock`]. The BBML = 1 nT sequence is not implemented.
+//!
+//! **Memory types.** [`Prot::CACHEABLE`]: Normal write-back; [`Prot::MMIO`]: Device-nGnRE; neither: Normal
+//! non-cacheable (stage 1 through [`desc::MAIR`], which the CD must program; stage 2 MemAttr 0b0101). A live
+//! mapping's memory type never changes in place (break-before-make: unmap, invalidate, map).
 
 pub mod desc;
 
@@ -13,7 +34,7 @@ use core::fmt;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-pub use self::desc::{Prot, Stage};
+pub use self::desc::{MemoryType, Prot, Stage};
 pub use crate::hw::command::Granule;
 use crate::mem::{AllocError, Coherency, DmaBlock, FrameAllocator, PhysAddr, write_barrier};
 
@@ -144,7 +165,9 @@ pub enum MapError {
         /// The size.
         size: u64,
     },
-    /// The protection cannot be expressed (stage 1 without READ, or nothing allowed).
+    /// The protection cannot be expressed (stage 1 without READ; neither READ nor WRITE at stage 2; PRIVILEGED at
+    /// stage 2 or in the EL2 regime; MMIO together with CACHEABLE), or, from [`IoPageTable::protect`], it would
+    /// change the memory type of a live mapping (that needs break-before-make: unmap, invalidate, map again).
     BadProt(Prot),
     /// Part of the range is already mapped.
     Overlap {
@@ -153,8 +176,10 @@ pub enum MapError {
     },
     /// No memory for a table.
     NoMemory(AllocError),
-    /// The range cuts a block mapping, and splitting it in place is disabled (an SMMU with IDR3.BBML = 0 needs
-    /// break-before-make: unmap the whole block and map the rest again).
+    /// The range cuts a block mapping, and splitting it in place is not allowed: replacing a valid block by a table
+    /// in one store is legal only on an SMMU with IDR3.BBML = 2 (see [`IoPageTable::set_bbm_level`]). Below that
+    /// the architecture needs break-before-make (or, with BBML = 1, the nT sequence, not implemented here): unmap
+    /// the whole block, invalidate, and map the parts to keep.
     WouldSplitBlock {
         /// An address where the range cuts a block.
         iova: u64,
@@ -188,7 +213,7 @@ impl fmt::Display for MapError {
             MapError::WouldSplitBlock { iova } => {
                 write!(
                     f,
-                    "{iova:#x} cuts a block mapping, and splitting in place needs IDR3.BBML >= 1"
+                    "{iova:#x} cuts a block mapping, and splitting it in place needs IDR3.BBML = 2"
                 )
             }
         }
@@ -268,6 +293,41 @@ impl Gather {
 /// in the level-2 table's own first word. Bit 0 stays clear: a link is never a valid descriptor.
 const LINK_SUBTREE: u64 = 1 << 1;
 
+/// Frames `map` allocated before writing anything, chained through their first two words (the next frame's
+/// physical and CPU addresses), one chain of zeroed frames and one of frames to be overwritten whole.
+#[derive(Default)]
+struct Pool {
+    zeroed: Option<DmaBlock>,
+    overwrite: Option<DmaBlock>,
+}
+
+impl Pool {
+    fn push(&mut self, table: DmaBlock, full: bool) {
+        let head = if full { &mut self.overwrite } else { &mut self.zeroed };
+        let link = entries_of(table.virt, 2);
+        let (phys, virt) = head
+            .take()
+            .map_or((0, 0), |next| (next.phys.0, next.virt.as_ptr() as u64));
+        link[0].store(phys, Ordering::Relaxed);
+        link[1].store(virt, Ordering::Relaxed);
+        *head = Some(table);
+    }
+
+    /// The next frame, its link words zeroed again.
+    fn pop(&mut self, full: bool) -> Option<DmaBlock> {
+        let head = if full { &mut self.overwrite } else { &mut self.zeroed };
+        let table = head.take()?;
+        let link = entries_of(table.virt, 2);
+        let (phys, virt) = (link[0].swap(0, Ordering::Relaxed), link[1].swap(0, Ordering::Relaxed));
+        *head = NonNull::new(virt as *mut u8).map(|virt| DmaBlock {
+            phys: PhysAddr(phys),
+            virt,
+            size: table.size,
+        });
+        Some(table)
+    }
+}
+
 /// An IO page table.
 pub struct IoPageTable<A: FrameAllocator> {
     format: Format,
@@ -304,15 +364,23 @@ impl<A: FrameAllocator> IoPageTable<A> {
             allocator,
             coherency,
             tables: 1,
-            split_blocks: true,
+            split_blocks: false,
         })
     }
 
-    /// Whether an unmap or protect that cuts a block may replace the block by a table in place (default: yes).
-    /// The SMMU allows that only with IDR3.BBML >= 1 (`Features::bbm_level`): pass `false` for an SMMU without it,
-    /// and such requests fail with [`MapError::WouldSplitBlock`] instead.
-    pub fn set_block_splitting(&mut self, allowed: bool) {
-        self.split_blocks = allowed;
+    /// Tells the table the SMMU's IDR3.BBML (`Features::bbm_level`), which decides whether an unmap or protect
+    /// that cuts a block may replace the block by a table of the same mappings in one store. Only BBML = 2
+    /// allows that (the SMMU then never sees a TLB conflict and uses either translation); with BBML 0 or 1
+    /// (and before this is called: the default is off) such requests fail with [`MapError::WouldSplitBlock`] and
+    /// change nothing. BBML = 1 would allow the nT sequence (the block rewritten with nT = 1, TLBI and CMD_SYNC,
+    /// then the table), which this driver does not implement.
+    pub fn set_bbm_level(&mut self, bbml: u8) {
+        self.split_blocks = bbml == 2;
+    }
+
+    /// Whether blocks are split in place (see [`IoPageTable::set_bbm_level`]).
+    pub fn splits_blocks(&self) -> bool {
+        self.split_blocks
     }
 
     /// The format.
@@ -396,9 +464,16 @@ impl<A: FrameAllocator> IoPageTable<A> {
 
     /// Maps `[iova, iova + size)` to `[pa, pa + size)` with `prot`, using the largest blocks that alignment allows.
     ///
+    /// Every table the mapping needs is allocated before anything is written, so a failure leaves the tables
+    /// exactly as they were: nothing was linked, so nothing needs invalidating and no table the SMMU may have
+    /// walked is freed. A successful map only adds translations where there were none: it needs no invalidation
+    /// (the SMMU caches no invalid entries in the formats used here), and publishes its descriptors with a
+    /// barrier before it returns.
+    ///
     /// # Errors
-    /// [`MapError::Unaligned`], [`MapError::InputOutOfRange`], [`MapError::OutputOutOfRange`],
-    /// [`MapError::BadProt`], [`MapError::Overlap`], [`MapError::NoMemory`]; nothing is mapped then.
+    /// [`MapError::Unaligned`], [`MapError::InputOutOfRange`], [`MapError::OutputOutOfRange`] (the whole output
+    /// range must fit), [`MapError::BadProt`], [`MapError::Overlap`], [`MapError::NoMemory`]; nothing changes then
+    /// (the allocator has every frame back).
     pub fn map(&mut self, iova: u64, pa: u64, size: u64, prot: Prot) -> Result<(), MapError> {
         self.check_range(iova, size)?;
         if !pa.is_multiple_of(1 << self.geometry.granule_bits) {
@@ -414,9 +489,37 @@ impl<A: FrameAllocator> IoPageTable<A> {
         if let Some(mapped) = self.first_mapped(iova, size) {
             return Err(MapError::Overlap { iova: mapped });
         }
-        let mut reached = iova;
+        let root = self.root_entries();
+        let mut needed = (0, 0);
+        self.tables_needed(
+            self.geometry.start_level,
+            Some(root),
+            0,
+            iova,
+            iova + size,
+            pa,
+            &mut needed,
+        )?;
+        let mut pool = Pool::default();
+        let granule = 1usize << self.geometry.granule_bits;
+        for full in [false, true] {
+            for _ in 0..if full { needed.1 } else { needed.0 } {
+                let table = if full {
+                    self.allocator.allocate_for_overwrite(granule, granule)
+                } else {
+                    self.allocator.allocate_zeroed(granule, granule)
+                };
+                match table {
+                    Ok(table) => pool.push(table, full),
+                    Err(e) => {
+                        self.free_pool(&mut pool);
+                        return Err(MapError::NoMemory(e));
+                    }
+                }
+            }
+        }
         let root = self.root.phys.0;
-        let result = self.map_in(
+        self.map_in(
             self.geometry.start_level,
             root,
             0,
@@ -424,51 +527,43 @@ impl<A: FrameAllocator> IoPageTable<A> {
             iova + size,
             pa,
             prot,
-            &mut reached,
+            &mut pool,
         );
-        if let Err(e) = result {
-            // Undo what was mapped; nothing of it has been handed to the caller.
-            if reached > iova {
-                let mut gather = Gather::default();
-                let _ = self.unmap(iova, reached - iova, &mut gather);
-                self.release(gather);
-            }
-            return Err(e);
-        }
+        debug_assert!(
+            pool.zeroed.is_none() && pool.overwrite.is_none(),
+            "tables counted exactly"
+        );
+        self.free_pool(&mut pool);
         write_barrier();
         Ok(())
     }
 
-    /// Maps `[start, end)` (output from `pa` at `start`) inside the table at `table_phys` (covering from
-    /// `table_base`) in one pass over its entries: leaves where an entry is covered and aligned (blocks where the
-    /// level allows them), tables below otherwise. `reached` advances as mappings are written, for rollback.
+    /// Gives the frames left in `pool` (never linked) back to the allocator.
+    fn free_pool(&mut self, pool: &mut Pool) {
+        for full in [false, true] {
+            while let Some(table) = pool.pop(full) {
+                // SAFETY: allocated from this allocator by `map` and never linked: nothing can reach it.
+                unsafe { self.allocator.free(table) };
+            }
+        }
+    }
+
+    /// Which entries of a table covering from `table_base`, of those from `first` to `last` that `[start, end)`
+    /// (output from `pa` at `start`) touches, become leaves in one run: the entries wholly covered, when leaves
+    /// are allowed at `level` and the output is aligned to an entry. An empty range when none.
     #[allow(clippy::too_many_arguments)]
-    fn map_in(
-        &mut self,
+    fn leaf_run(
+        &self,
         level: u8,
-        table_phys: u64,
         table_base: u64,
+        first: usize,
+        last: usize,
         start: u64,
         end: u64,
         pa: u64,
-        prot: Prot,
-        reached: &mut u64,
-    ) -> Result<(), MapError> {
+    ) -> (usize, usize) {
         let shift = self.geometry.entry_shift(level);
-        let entry_size = 1u64 << shift;
-        let count = self.geometry.entries(level);
-        let virt = self
-            .allocator
-            .phys_to_virt(PhysAddr(table_phys))
-            .ok_or(MapError::NoMemory(AllocError::OutOfMemory { size: 0 }))?;
-        let entries = entries_of(virt, count);
-        let first = ((start - table_base) >> shift) as usize;
-        let last = (((end - 1) - table_base) >> shift) as usize;
         let leaf_here = level == 3 || self.geometry.block_allowed(level);
-        // The descriptor of output address 0 at this level: each leaf adds its output address.
-        let template = desc::leaf(self.format.stage, 0, prot, level == 3);
-        let output = |va: u64| pa + (va - start);
-        // Fast path: entries wholly covered, with aligned outputs, become leaves in one run of stores.
         let run_start = if start == table_base + ((first as u64) << shift) {
             first
         } else {
@@ -479,17 +574,94 @@ impl<A: FrameAllocator> IoPageTable<A> {
         } else {
             last
         };
-        let aligned = output(table_base + ((run_start as u64) << shift)).is_multiple_of(entry_size);
-        let (run_start, run_end) = if leaf_here && aligned && run_start < run_end {
+        let output = pa + (table_base + ((run_start as u64) << shift)).wrapping_sub(start);
+        if leaf_here && run_start < run_end && output.is_multiple_of(1 << shift) {
             (run_start, run_end)
         } else {
             (0, 0)
+        }
+    }
+
+    /// Counts the tables `map_in` will create for `[start, end)` (output from `pa`) below the table `entries`
+    /// (`None`: a table still to be created, all invalid) covering from `table_base`: `needed.0` zeroed ones,
+    /// `needed.1` last-level tables that the map fills whole.
+    ///
+    /// # Errors
+    /// [`MapError::NoMemory`] when the allocator does not know a table's physical address (a broken allocator).
+    #[allow(clippy::too_many_arguments)]
+    fn tables_needed(
+        &self,
+        level: u8,
+        entries: Option<&[AtomicU64]>,
+        table_base: u64,
+        start: u64,
+        end: u64,
+        pa: u64,
+        needed: &mut (usize, usize),
+    ) -> Result<(), MapError> {
+        let shift = self.geometry.entry_shift(level);
+        let entry_size = 1u64 << shift;
+        let first = ((start - table_base) >> shift) as usize;
+        let last = (((end - 1) - table_base) >> shift) as usize;
+        let run = self.leaf_run(level, table_base, first, last, start, end, pa);
+        for i in first..=last {
+            if (run.0..run.1).contains(&i) {
+                continue;
+            }
+            let entry_base = table_base + ((i as u64) << shift);
+            let (from, to) = (start.max(entry_base), end.min(entry_base + entry_size));
+            let output = pa + (from - start);
+            let d = entries.map_or(0, |e| e[i].load(Ordering::Acquire));
+            if desc::is_table(d, level) {
+                let next = self
+                    .table_entries(level + 1, desc::address(d))
+                    .ok_or(MapError::NoMemory(AllocError::OutOfMemory { size: 0 }))?;
+                self.tables_needed(level + 1, Some(next), entry_base, from, to, output, needed)?;
+            } else if level + 1 == 3 && from == entry_base && to == entry_base + entry_size {
+                needed.1 += 1;
+            } else {
+                needed.0 += 1;
+                self.tables_needed(level + 1, None, entry_base, from, to, output, needed)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Maps `[start, end)` (output from `pa` at `start`) inside the table at `table_phys` (covering from
+    /// `table_base`) in one pass over its entries: leaves where an entry is covered and aligned (blocks where the
+    /// level allows them), tables below otherwise, taken from `pool` (which `tables_needed` sized) and filled
+    /// before they are linked.
+    #[allow(clippy::too_many_arguments)]
+    fn map_in(
+        &mut self,
+        level: u8,
+        table_phys: u64,
+        table_base: u64,
+        start: u64,
+        end: u64,
+        pa: u64,
+        prot: Prot,
+        pool: &mut Pool,
+    ) {
+        let shift = self.geometry.entry_shift(level);
+        let entry_size = 1u64 << shift;
+        let count = self.geometry.entries(level);
+        let Some(virt) = self.allocator.phys_to_virt(PhysAddr(table_phys)) else {
+            // `tables_needed` found every existing table: unreachable with an allocator that keeps its word.
+            return;
         };
+        let entries = entries_of(virt, count);
+        let first = ((start - table_base) >> shift) as usize;
+        let last = (((end - 1) - table_base) >> shift) as usize;
+        // The descriptor of output address 0 at this level: each leaf adds its output address.
+        let template = desc::leaf(self.format.stage, 0, prot, level == 3);
+        let output = |va: u64| pa + (va - start);
+        // Fast path: entries wholly covered, with aligned outputs, become leaves in one run of stores.
+        let (run_start, run_end) = self.leaf_run(level, table_base, first, last, start, end, pa);
         let mut i = first;
         while i <= last {
             let entry_base = table_base + ((i as u64) << shift);
             if i == run_start && run_start < run_end {
-                // Written when reached, so that `reached` always bounds what a rollback must undo.
                 let first_output = output(entry_base);
                 let run = &entries[run_start..run_end];
                 let words = run.as_ptr() as *mut u64;
@@ -503,7 +675,6 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 }
                 self.coherency
                     .clean(entries[run_start..].as_ptr().cast(), (run_end - run_start) * 8);
-                *reached = table_base + ((run_end as u64) << shift);
                 i = run_end;
                 continue;
             }
@@ -512,27 +683,29 @@ impl<A: FrameAllocator> IoPageTable<A> {
             let from = start.max(entry_base);
             let to = end.min(entry_base + entry_size);
             let d = entry.load(Ordering::Acquire);
-            // Below a table entry, map into it; below an invalid one (`map` checked that nothing is mapped here)
-            // build a new table, filled before it is linked, so that a failure below leaves nothing the SMMU
-            // could have walked.
-            let size = 1usize << self.geometry.granule_bits;
-            // A new last-level table whose whole span is mapped: every entry a page, written here in one pass
-            // (so its frame need not be zeroed first), and marked full.
-            let full =
-                !desc::is_table(d, level) && level + 1 == 3 && from == entry_base && to == entry_base + entry_size;
-            let new = if desc::is_table(d, level) {
-                None
-            } else {
-                let table = if full {
-                    self.allocator.allocate_for_overwrite(size, size)
-                } else {
-                    self.allocator.allocate_zeroed(size, size)
-                }
-                .map_err(MapError::NoMemory)?;
-                self.tables += 1;
-                Some(table)
+            if desc::is_table(d, level) {
+                self.map_in(
+                    level + 1,
+                    desc::address(d),
+                    entry_base,
+                    from,
+                    to,
+                    output(from),
+                    prot,
+                    pool,
+                );
+                continue;
+            }
+            // Below an invalid entry (`map` checked that nothing is mapped here) a new table, filled before it is
+            // linked. A new last-level table whose whole span is mapped: every entry a page, written here in one
+            // pass (so its frame need not be zeroed first), and marked full.
+            let full = level + 1 == 3 && from == entry_base && to == entry_base + entry_size;
+            let Some(table) = pool.pop(full) else {
+                // `tables_needed` counted every table: unreachable.
+                return;
             };
-            if let (true, Some(table)) = (full, &new) {
+            self.tables += 1;
+            if full {
                 let page = 1u64 << self.geometry.granule_bits;
                 let mut d = desc::leaf(self.format.stage, output(from), prot, true);
                 // SAFETY: the new table's entries, 8-byte aligned and initialised (any content); nothing else
@@ -545,58 +718,71 @@ impl<A: FrameAllocator> IoPageTable<A> {
                     d += page;
                 }
             } else {
-                let next = new.as_ref().map_or(desc::address(d), |t| t.phys.0);
-                let before = *reached;
-                if let Err(e) = self.map_in(level + 1, next, entry_base, from, to, output(from), prot, reached) {
-                    if let Some(table) = new {
-                        // Nothing of the new subtree was published: free it now, and roll back only what was
-                        // linked.
-                        self.discard(level + 1, table);
-                        *reached = before;
-                    }
-                    return Err(e);
-                }
+                self.map_in(level + 1, table.phys.0, entry_base, from, to, output(from), prot, pool);
             }
-            let Some(table) = new else { continue };
-            self.coherency.clean(table.virt.as_ptr(), size);
+            self.coherency.clean(table.virt.as_ptr(), table.size);
             let link = desc::table(table.phys.0) | if full { desc::SW_TABLE_FULL } else { 0 };
             // The filled table must be visible before the descriptor that points to it.
             write_barrier();
             self.store(entry, link);
-            *reached = (*reached).max(to);
         }
-        Ok(())
     }
 
-    /// Unmaps every mapping inside `[iova, iova + size)`, splitting a block that straddles an end, and returns the
-    /// bytes unmapped. What to invalidate and the tables that emptied go to `gather`.
+    /// Unmaps every mapping inside `[iova, iova + size)` and returns the bytes unmapped. A block that straddles an
+    /// end is split in place only when [`IoPageTable::set_bbm_level`] allowed it (BBML = 2).
+    ///
+    /// The caller invalidates: the removed translations (and any unlinked table's span, for walk caches) are
+    /// added to `gather`, and the SMMU may keep using them until the caller has issued that invalidation and its
+    /// CMD_SYNC has completed (`ActiveSmmu::flush` does both). Tables that emptied are unlinked but not freed:
+    /// they go back to the allocator only through [`IoPageTable::release`], to be called after that completion.
     ///
     /// # Errors
-    /// [`MapError::Unaligned`], [`MapError::InputOutOfRange`], [`MapError::NoMemory`] (for splitting a block);
-    /// nothing is unmapped then.
+    /// [`MapError::Unaligned`], [`MapError::InputOutOfRange`], [`MapError::WouldSplitBlock`] (a cut block without
+    /// BBML = 2), [`MapError::NoMemory`] (for splitting a block); nothing changes then, `gather` included.
     pub fn unmap(&mut self, iova: u64, size: u64, gather: &mut Gather) -> Result<u64, MapError> {
         self.change(iova, size, gather, None)
     }
 
-    /// Gives every mapping inside `[iova, iova + size)` the protection `prot` (splitting a block that straddles an
-    /// end), and returns the bytes of mappings changed. The translations whose protection changed go to `gather`:
-    /// a reduction is in force only after the caller's invalidation.
+    /// Gives every mapping inside `[iova, iova + size)` the protection `prot` and returns the bytes of mappings
+    /// changed. A block that straddles an end is split in place only when [`IoPageTable::set_bbm_level`] allowed
+    /// it (BBML = 2). Only permissions change in place: the memory type (Device, Normal non-cacheable, Normal
+    /// cacheable) of a live mapping is never changed, as that needs break-before-make.
+    ///
+    /// The caller invalidates: the translations whose protection changed go to `gather`, and a reduction is in
+    /// force only once the caller's invalidation for it has completed (`ActiveSmmu::flush`).
     ///
     /// # Errors
-    /// [`MapError::Unaligned`], [`MapError::InputOutOfRange`], [`MapError::BadProt`], [`MapError::NoMemory`] (for
-    /// splitting a block); nothing changes then.
+    /// [`MapError::Unaligned`], [`MapError::InputOutOfRange`], [`MapError::BadProt`] (inexpressible, or another
+    /// memory type than a mapping in the range has), [`MapError::WouldSplitBlock`], [`MapError::NoMemory`] (for
+    /// splitting a block); nothing changes then, `gather` included.
     pub fn protect(&mut self, iova: u64, size: u64, prot: Prot, gather: &mut Gather) -> Result<u64, MapError> {
         if !self.expressible(prot) {
+            return Err(MapError::BadProt(prot));
+        }
+        self.check_range(iova, size)?;
+        // A memory-type change on a live leaf needs break-before-make: refuse it before anything changes.
+        let (stage, wanted) = (self.format.stage, MemoryType::of(prot));
+        let mut other_type = false;
+        self.visit(
+            self.geometry.start_level,
+            self.root_entries(),
+            0,
+            &mut |_, d| other_type |= Some(desc::memory_type(stage, d)) != wanted,
+            Some((iova, iova + size)),
+        );
+        if other_type {
             return Err(MapError::BadProt(prot));
         }
         self.change(iova, size, gather, Some(prot))
     }
 
     fn expressible(&self, prot: Prot) -> bool {
-        match self.format.stage {
-            Stage::One => prot.contains(Prot::READ),
-            Stage::Two => prot.intersects(Prot::READ | Prot::WRITE) && !prot.contains(Prot::PRIVILEGED),
-        }
+        MemoryType::of(prot).is_some()
+            && match self.format.stage {
+                Stage::One => prot.contains(Prot::READ),
+                Stage::OneEl2 => prot.contains(Prot::READ) && !prot.contains(Prot::PRIVILEGED),
+                Stage::Two => prot.intersects(Prot::READ | Prot::WRITE) && !prot.contains(Prot::PRIVILEGED),
+            }
     }
 
     fn change(&mut self, iova: u64, size: u64, gather: &mut Gather, reprotect: Option<Prot>) -> Result<u64, MapError> {
@@ -726,9 +912,8 @@ impl<A: FrameAllocator> IoPageTable<A> {
                     self.store(entry, 0);
                     // The whole subtree goes: count its leaves and collect its tables without rewriting them.
                     let (bytes, smallest) = self.reclaim(level + 1, d, gather);
-                    if bytes > 0 {
-                        gather.add(entry_base, entry_size, smallest);
-                    }
+                    // Always: walk caches may hold the unlinked table even if it mapped nothing.
+                    gather.add(entry_base, entry_size, smallest);
                     unmapped += bytes;
                 } else {
                     // Cleaned with the rest of the run after the loop; ordered by the barrier that ends `unmap`.
@@ -749,13 +934,13 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 let Some(table) = reserve.pop() else { continue };
                 let sub = entries_of(table.virt, 1 << self.geometry.level_bits);
                 let child_shift = self.geometry.entry_shift(level + 1);
-                let prot = desc::prot(self.format.stage, d);
+                // The block's own attribute bits, copied (not re-derived from a `Prot`), with the page bit at
+                // level 3.
+                let attributes = (d & !desc::OUTPUT_ADDRESS & !desc::TABLE_OR_PAGE)
+                    | if level + 1 == 3 { desc::TABLE_OR_PAGE } else { 0 };
                 for (j, e) in sub.iter().enumerate() {
                     let out = desc::address(d) + ((j as u64) << child_shift);
-                    e.store(
-                        desc::leaf(self.format.stage, out, prot, level + 1 == 3),
-                        Ordering::Relaxed,
-                    );
+                    e.store(attributes | out, Ordering::Relaxed);
                 }
                 self.coherency.clean(table.virt.as_ptr(), table.size);
                 write_barrier();
@@ -777,32 +962,6 @@ impl<A: FrameAllocator> IoPageTable<A> {
             gather.add_run(cleared.0, cleared.1, shift, cleared.2);
         }
         unmapped
-    }
-
-    /// Frees a table that was never linked, with every table below it.
-    fn discard(&mut self, level: u8, table: DmaBlock) {
-        if level < 3 {
-            let size = 1usize << self.geometry.granule_bits;
-            for e in entries_of(table.virt, 1 << self.geometry.level_bits) {
-                let d = e.load(Ordering::Relaxed);
-                if desc::is_table(d, level)
-                    && let Some(virt) = self.allocator.phys_to_virt(PhysAddr(desc::address(d)))
-                {
-                    self.discard(
-                        level + 1,
-                        DmaBlock {
-                            phys: PhysAddr(desc::address(d)),
-                            virt,
-                            size,
-                        },
-                    );
-                }
-            }
-        }
-        self.tables -= 1;
-        // SAFETY: allocated by `map_in` from this allocator and never linked, so neither the SMMU nor any walk
-        // can reach it.
-        unsafe { self.allocator.free(table) };
     }
 
     /// Whether the (non-root) table at `table_phys` holds no valid entry.
@@ -979,7 +1138,19 @@ impl<A: FrameAllocator> IoPageTable<A> {
 
     /// Calls `f` for every mapping (page or block), in address order.
     pub fn walk(&self, mut f: impl FnMut(Mapping)) {
-        self.visit(self.geometry.start_level, self.root_entries(), 0, &mut f, None);
+        let stage = self.format.stage;
+        self.visit(
+            self.geometry.start_level,
+            self.root_entries(),
+            0,
+            &mut |m, d| {
+                f(Mapping {
+                    prot: desc::prot(stage, d),
+                    ..m
+                })
+            },
+            None,
+        );
     }
 
     fn visit(
@@ -987,7 +1158,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
         level: u8,
         entries: &[AtomicU64],
         base: u64,
-        f: &mut dyn FnMut(Mapping),
+        f: &mut dyn FnMut(Mapping, u64),
         within: Option<(u64, u64)>,
     ) {
         let shift = self.geometry.entry_shift(level);
@@ -1008,12 +1179,15 @@ impl<A: FrameAllocator> IoPageTable<A> {
                     self.visit(level + 1, next, iova, f, within);
                 }
             } else {
-                f(Mapping {
-                    iova,
-                    pa: desc::address(d),
-                    size,
-                    prot: desc::prot(self.format.stage, d),
-                });
+                f(
+                    Mapping {
+                        iova,
+                        pa: desc::address(d),
+                        size,
+                        prot: Prot::empty(),
+                    },
+                    d,
+                );
             }
         }
     }

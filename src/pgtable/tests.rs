@@ -137,6 +137,14 @@ fn bad_inputs_change_nothing() {
             size: 0x1000
         })
     );
+    // The whole output range must fit, not only its start.
+    assert_eq!(
+        t.map(0, (1 << 44) - 0x1000, 0x2000, RW),
+        Err(MapError::OutputOutOfRange {
+            pa: (1 << 44) - 0x1000,
+            size: 0x2000
+        })
+    );
     assert_eq!(t.map(0, 0, 0x1000, Prot::WRITE), Err(MapError::BadProt(Prot::WRITE)));
     assert_eq!(
         t.map(0xf_f000, 0, 0x2000, RW),
@@ -171,6 +179,7 @@ fn no_memory_for_tables_changes_nothing() {
 fn partial_unmap_splits_a_block_and_empty_tables_are_released_after_invalidation() {
     let frames: &'static HeapFrames = std::boxed::Box::leak(std::boxed::Box::default());
     let mut t = IoPageTable::new(format(Stage::Two, Granule::Size4K, 40), frames, true).unwrap();
+    t.set_bbm_level(2);
     t.map(0x4000_0000, 0x4000_0000, 1 << 30, RW).unwrap();
     assert_eq!(t.tables(), 1, "one 1 GiB block in the root");
     let mut g = Gather::default();
@@ -297,11 +306,40 @@ fn full_tables_in_every_granule_and_root_level() {
     }
 }
 
-/// Decodes raw table memory per the VMSAv8-64 format, independently of `desc`: returns page → output page for
-/// every 4 KiB page mapped.
-fn decode(frames: &HeapFrames, root: u64, geometry: &Geometry) -> BTreeMap<u64, u64> {
+/// Every descriptor of every table reachable from the root, in walk order (table address, index, word).
+fn raw_words<A: FrameAllocator>(t: &IoPageTable<A>) -> Vec<(u64, usize, u64)> {
+    fn go<A: FrameAllocator>(t: &IoPageTable<A>, level: u8, phys: u64, out: &mut Vec<(u64, usize, u64)>) {
+        let entries = t.table_entries(level, phys).unwrap();
+        for (i, e) in entries.iter().enumerate() {
+            let d = e.load(Ordering::Relaxed);
+            out.push((phys, i, d));
+            if level < 3 && d & 3 == 3 {
+                go(t, level + 1, d & 0x0000_ffff_ffff_f000, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    go(t, t.geometry().start_level, t.root().0, &mut out);
+    out
+}
+
+/// One leaf found in raw table memory: the output of the page, where its leaf starts, the leaf's size, and the
+/// raw descriptor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Leaf {
+    out: u64,
+    base: u64,
+    size: u64,
+    raw: u64,
+}
+
+/// Decodes raw table memory per the VMSAv8-64 format, independently of `desc`, walking from `root` at the start
+/// level and with the root size that `g` gives: every 4 KiB page mapped, with its leaf. Asserts the invariants
+/// the SMMU relies on: no linked table is empty, a table marked full holds only pages, AF is set, level-3
+/// descriptors are pages.
+fn leaves(frames: &HeapFrames, root: u64, g: &Geometry) -> BTreeMap<u64, Leaf> {
     let mut out = BTreeMap::new();
-    fn go(frames: &HeapFrames, table: u64, level: u8, base: u64, g: &Geometry, out: &mut BTreeMap<u64, u64>) {
+    fn go(frames: &HeapFrames, table: u64, level: u8, base: u64, g: &Geometry, out: &mut BTreeMap<u64, Leaf>) {
         let entries = if level == g.start_level {
             g.root_entries
         } else {
@@ -309,6 +347,11 @@ fn decode(frames: &HeapFrames, root: u64, geometry: &Geometry) -> BTreeMap<u64, 
         };
         let shift = g.granule_bits as u64 + g.level_bits as u64 * (3 - level as u64);
         let words = frames.virt(table) as *const u64;
+        if level != g.start_level {
+            // SAFETY: a live table of `entries` descriptors.
+            let valid = (0..entries).any(|i| unsafe { words.add(i).read() } & 1 != 0);
+            assert!(valid, "a linked level-{level} table at {table:#x} is empty");
+        }
         for i in 0..entries {
             // SAFETY: a live table of `entries` descriptors.
             let d = unsafe { words.add(i).read() };
@@ -333,72 +376,272 @@ fn decode(frames: &HeapFrames, root: u64, geometry: &Geometry) -> BTreeMap<u64, 
                 assert!(level == 3 || d & 2 == 0, "level-3 descriptors must be pages");
                 assert_ne!(d & (1 << 10), 0, "AF set");
                 for p in 0..(1u64 << (shift - 12)) {
-                    out.insert(va + (p << 12), oa + (p << 12));
+                    let leaf = Leaf {
+                        out: oa + (p << 12),
+                        base: va,
+                        size: 1 << shift,
+                        raw: d,
+                    };
+                    out.insert(va + (p << 12), leaf);
                 }
             }
         }
     }
-    go(frames, root, geometry.start_level, 0, geometry, &mut out);
+    go(frames, root, g.start_level, 0, g, &mut out);
     out
+}
+
+/// [`leaves`], as page → output page.
+fn decode(frames: &HeapFrames, root: u64, geometry: &Geometry) -> BTreeMap<u64, u64> {
+    leaves(frames, root, geometry)
+        .into_iter()
+        .map(|(page, leaf)| (page, leaf.out))
+        .collect()
+}
+
+/// What the architecture says a leaf for `prot` holds, from the descriptor formats (not from `desc`): the memory
+/// attribute (stage 1: the MAIR byte its AttrIndx selects; stage 2: MemAttr), SH, the access permission bits
+/// \[7:6\], and the execute-never bits \[54:53\].
+fn expected_attributes(stage: Stage, prot: Prot) -> (u64, u64, u64, u64) {
+    let (write, read, exec) = (
+        prot.contains(Prot::WRITE),
+        prot.contains(Prot::READ),
+        prot.contains(Prot::EXEC),
+    );
+    let sh = if prot.contains(Prot::CACHEABLE) { 0b11 } else { 0b10 };
+    match stage {
+        // MAIR bytes: 0xff Normal WB RW-allocate, 0x44 Normal NC, 0x04 Device-nGnRE. AP[2:1] = read-only, EL0;
+        // unprivileged executable: PXN only.
+        Stage::One => {
+            let attr = if prot.contains(Prot::MMIO) {
+                0x04
+            } else if prot.contains(Prot::CACHEABLE) {
+                0xff
+            } else {
+                0x44
+            };
+            (attr, sh, u64::from(!write) << 1 | 1, if exec { 0b01 } else { 0b11 })
+        }
+        Stage::OneEl2 => unreachable!(),
+        // MemAttr 0b1111 WB, 0b0101 NC, 0b0001 Device-nGnRE; S2AP = W:R; XN 0b10 never executable.
+        Stage::Two => {
+            let attr = if prot.contains(Prot::MMIO) {
+                0b0001
+            } else if prot.contains(Prot::CACHEABLE) {
+                0b1111
+            } else {
+                0b0101
+            };
+            (
+                attr,
+                sh,
+                u64::from(write) << 1 | u64::from(read),
+                if exec { 0 } else { 0b10 },
+            )
+        }
+    }
+}
+
+fn attributes(stage: Stage, d: u64) -> (u64, u64, u64, u64) {
+    let attr = match stage {
+        Stage::Two => (d >> 2) & 0b1111,
+        _ => (desc::MAIR >> (8 * ((d >> 2) & 0b111))) & 0xff,
+    };
+    (attr, (d >> 8) & 0b11, (d >> 6) & 0b11, (d >> 53) & 0b11)
+}
+
+/// Where an operation aims: at a page of an existing mapping (picked by index among the mapped pages, then moved
+/// by `shift` pages, so that ranges start inside, before and after mappings and cut blocks), or anywhere in the
+/// window.
+#[derive(Clone, Copy, Debug)]
+enum Target {
+    Mapped { pick: usize, shift: i64 },
+    Anywhere { page: u64 },
 }
 
 #[derive(Clone, Debug)]
 enum Op {
-    Map { page: u64, pages: u64, out: u64 },
-    Unmap { page: u64, pages: u64 },
-    Protect { page: u64, pages: u64, read_only: bool },
+    Map {
+        page: u64,
+        pages: u64,
+        out: u64,
+        prot: usize,
+    },
+    Unmap {
+        at: Target,
+        pages: u64,
+    },
+    Protect {
+        at: Target,
+        pages: u64,
+        prot: usize,
+    },
+    /// The allocation after `after` more succeed fails (once): in the next operation that allocates.
+    FailAllocation {
+        after: usize,
+    },
 }
+
+/// The protections the property tests use: every memory type, read-only and read-write, executable or not.
+const PROTS: [Prot; 6] = [
+    RW,
+    Prot::READ.union(Prot::CACHEABLE),
+    Prot::READ.union(Prot::WRITE),
+    Prot::READ.union(Prot::WRITE).union(Prot::MMIO),
+    Prot::READ.union(Prot::MMIO),
+    RW.union(Prot::EXEC),
+];
+
+/// The window operations draw from, in pages: 64 MiB across the 1 GiB boundary, so that level-2 tables empty and
+/// go too, and two of them exist at once.
+const WINDOW_START: u64 = (1 << 18) - (1 << 13);
+const WINDOW_PAGES: u64 = 1 << 14;
 
 fn op() -> impl proptest::strategy::Strategy<Value = Op> {
     use proptest::prelude::*;
-    // A 4 GiB window in pages; sizes favour block-sized runs.
+    // Sizes favour block-sized runs and small cuts.
     let pages = prop_oneof![1u64..8, Just(512u64), Just(1024u64), 1u64..2048];
+    let target = prop_oneof![
+        4 => (any::<usize>(), prop_oneof![Just(0i64), -4i64..4, -600i64..600])
+            .prop_map(|(pick, shift)| Target::Mapped { pick, shift }),
+        1 => (0..WINDOW_PAGES).prop_map(|page| Target::Anywhere { page: WINDOW_START + page }),
+    ];
     prop_oneof![
         // The output is aligned like the input (blocks where possible) or one page off (only pages: whole
         // last-level tables filled by `map`).
-        (0u64..(1 << 20), pages.clone(), 0u64..(1 << 20), any::<bool>()).prop_map(|(page, pages, out, skew)| {
-            Op::Map {
-                page: page & !((pages.next_power_of_two() - 1) & 0x3ffff),
-                pages,
-                out: (out & !((pages.next_power_of_two() - 1) & 0x3ffff)) + u64::from(skew),
+        3 => (0..WINDOW_PAGES, pages.clone(), 0u64..(1 << 20), any::<bool>(), 0..PROTS.len()).prop_map(
+            |(page, pages, out, skew, prot)| {
+                let align = (pages.next_power_of_two() - 1) & 0x1ff;
+                Op::Map {
+                    page: WINDOW_START + (page & !align),
+                    pages,
+                    out: (out & !align) + u64::from(skew),
+                    prot,
+                }
             }
-        }),
-        (0u64..(1 << 20), pages.clone()).prop_map(|(page, pages)| Op::Unmap { page, pages }),
-        (0u64..(1 << 20), pages, any::<bool>()).prop_map(|(page, pages, read_only)| Op::Protect {
-            page,
-            pages,
-            read_only
-        }),
+        ),
+        3 => (target.clone(), pages.clone()).prop_map(|(at, pages)| Op::Unmap { at, pages }),
+        2 => (target, pages, 0..PROTS.len()).prop_map(|(at, pages, prot)| Op::Protect { at, pages, prot }),
+        1 => (0usize..4).prop_map(|after| Op::FailAllocation { after }),
     ]
 }
 
-fn run(stage: Stage, ops: Vec<Op>) {
-    let frames: &'static HeapFrames = std::boxed::Box::leak(std::boxed::Box::default());
+/// What the generators hit, counted by [`run`] on its thread.
+#[derive(Clone, Copy, Debug, Default)]
+struct Hits {
+    unmaps: u32,
+    unmaps_hit: u32,
+    protects: u32,
+    protects_hit: u32,
+    splits: u32,
+    refused_splits: u32,
+    tables_freed: u32,
+    failed_allocations: u32,
+}
+
+std::thread_local! {
+    static HITS: core::cell::Cell<Hits> = core::cell::Cell::new(Hits::default());
+}
+
+fn count(f: impl FnOnce(&mut Hits)) {
+    HITS.with(|h| {
+        let mut hits = h.get();
+        f(&mut hits);
+        h.set(hits);
+    });
+}
+
+/// Whether `[iova, iova + size)` cuts a leaf bigger than a page: a leaf holds `iova` (or the page at the end)
+/// without starting there.
+fn cuts_a_block(leaves: &BTreeMap<u64, Leaf>, iova: u64, size: u64) -> bool {
+    [iova, iova + size]
+        .iter()
+        .any(|&a| leaves.get(&a).is_some_and(|leaf| leaf.base != a))
+}
+
+/// Runs `ops` on a fresh table of `stage` (4 KiB granule), checking after each against a model of pages: the raw
+/// tables (through an independent decoder, attributes included), the errors, the gathers, that a failed
+/// operation changes nothing, and (through [`Witness`]) that no table is freed while the SMMU could still walk
+/// it.
+fn run(stage: Stage, split_blocks: bool, ops: Vec<Op>) {
+    let w = Witness::new(HeapFrames::default());
     let bits = if stage == Stage::One { 39 } else { 40 };
-    let mut t = IoPageTable::new(format(stage, Granule::Size4K, bits), frames, true).unwrap();
-    let mut model: BTreeMap<u64, u64> = BTreeMap::new();
-    let mut prots: BTreeMap<u64, Prot> = BTreeMap::new();
+    let mut t = IoPageTable::new(format(stage, Granule::Size4K, bits), w, true).unwrap();
+    if split_blocks {
+        t.set_bbm_level(2);
+    }
+    w.watch(&t);
+    let mut model: BTreeMap<u64, (u64, Prot)> = BTreeMap::new();
+    let aim = |model: &BTreeMap<u64, (u64, Prot)>, at: Target| match at {
+        Target::Mapped { pick, shift } if !model.is_empty() => {
+            let page = model.keys().nth(pick % model.len()).unwrap() >> 12;
+            page.saturating_add_signed(shift).max(1)
+        }
+        Target::Mapped { pick, .. } => WINDOW_START + (pick as u64 % WINDOW_PAGES),
+        Target::Anywhere { page } => page,
+    };
     for op in ops {
+        let before = raw_words(&t);
+        let (live, tables) = (w.frames.live_blocks(), t.tables());
+        let raw = leaves(&w.frames, t.root().0, t.geometry());
+        let armed = w.fail_in.load(std::sync::atomic::Ordering::Relaxed) != usize::MAX;
+        // Whether `result` is an injected allocation failure, after checking that it changed nothing.
+        let failed = |t: &IoPageTable<&Witness>, result: &Result<u64, MapError>| {
+            if matches!(result, Err(MapError::NoMemory(_))) {
+                assert!(armed, "{result:?} without an injected failure");
+                assert_eq!(raw_words(t), before, "a failed operation changes nothing");
+                assert_eq!((w.frames.live_blocks(), t.tables()), (live, tables));
+                count(|h| h.failed_allocations += 1);
+                return true;
+            }
+            false
+        };
         match op {
-            Op::Map { page, pages, out } => {
-                let (iova, pa, size) = (page << 12, out << 12, pages << 12);
+            Op::FailAllocation { after } => {
+                w.fail_in.store(after, std::sync::atomic::Ordering::Relaxed);
+            }
+            Op::Map { page, pages, out, prot } => {
+                let (iova, pa, size, prot) = (page << 12, out << 12, pages << 12, PROTS[prot]);
                 let overlaps = model.range(iova..iova + size).next().is_some();
-                let result = t.map(iova, pa, size, RW);
+                let result = t.map(iova, pa, size, prot);
                 if overlaps {
                     assert!(matches!(result, Err(MapError::Overlap { .. })), "{result:?}");
-                } else {
+                } else if !failed(&t, &result.map(|()| 0)) {
                     result.unwrap();
                     for p in 0..pages {
-                        model.insert(iova + (p << 12), pa + (p << 12));
-                        prots.insert(iova + (p << 12), RW);
+                        model.insert(iova + (p << 12), (pa + (p << 12), prot));
                     }
                 }
             }
-            Op::Unmap { page, pages } => {
-                let (iova, size) = (page << 12, pages << 12);
+            Op::Unmap { at, pages } => {
+                let (iova, size) = (aim(&model, at) << 12, pages << 12);
                 let expected = model.range(iova..iova + size).count() as u64 * 4096;
+                count(|h| {
+                    h.unmaps += 1;
+                    h.unmaps_hit += u32::from(expected > 0);
+                });
+                let cuts = cuts_a_block(&raw, iova, size);
                 let mut g = Gather::default();
-                assert_eq!(t.unmap(iova, size, &mut g), Ok(expected));
+                let result = t.unmap(iova, size, &mut g);
+                if !split_blocks && cuts {
+                    assert!(
+                        matches!(result, Err(MapError::WouldSplitBlock { iova: a }) if a == iova || a == iova + size),
+                        "{result:?}"
+                    );
+                    assert_eq!(raw_words(&t), before, "a refused split changes nothing");
+                    assert!(g.is_empty());
+                    count(|h| h.refused_splits += 1);
+                    continue;
+                }
+                if failed(&t, &result) {
+                    assert!(cuts && g.is_empty());
+                    continue;
+                }
+                assert_eq!(result, Ok(expected));
+                count(|h| {
+                    h.splits += u32::from(cuts);
+                    h.tables_freed += g.freed_tables();
+                });
                 if expected > 0 {
                     // The invalidation range covers every page that was mapped and is gone.
                     let lo = *model.range(iova..iova + size).next().unwrap().0;
@@ -411,59 +654,143 @@ fn run(stage: Stage, ops: Vec<Op>) {
                     );
                 }
                 model.retain(|k, _| *k < iova || *k >= iova + size);
-                prots.retain(|k, _| *k < iova || *k >= iova + size);
+                w.invalidated();
                 t.release(g);
             }
-            Op::Protect { page, pages, read_only } => {
-                let (iova, size) = (page << 12, pages << 12);
-                let prot = if read_only { Prot::READ | Prot::CACHEABLE } else { RW };
-                let expected = model.range(iova..iova + size).count() as u64 * 4096;
+            Op::Protect { at, pages, prot } => {
+                let (iova, size, prot) = (aim(&model, at) << 12, pages << 12, PROTS[prot]);
+                let touched: Vec<(u64, Prot)> = model.range(iova..iova + size).map(|(&k, &(_, p))| (k, p)).collect();
+                count(|h| {
+                    h.protects += 1;
+                    h.protects_hit += u32::from(!touched.is_empty());
+                });
+                let memory = |p: Prot| p & (Prot::MMIO | Prot::CACHEABLE);
+                let other_type = touched.iter().any(|&(_, p)| memory(p) != memory(prot));
+                let cuts = cuts_a_block(&raw, iova, size);
                 let mut g = Gather::default();
-                assert_eq!(t.protect(iova, size, prot, &mut g), Ok(expected));
-                for (_, p) in prots.range_mut(iova..iova + size) {
-                    *p = prot;
+                let result = t.protect(iova, size, prot, &mut g);
+                if other_type || (!split_blocks && cuts) {
+                    if other_type {
+                        assert_eq!(result, Err(MapError::BadProt(prot)));
+                    } else {
+                        assert!(
+                            matches!(result, Err(MapError::WouldSplitBlock { iova: a }) if a == iova || a == iova + size),
+                            "{result:?}"
+                        );
+                    }
+                    assert_eq!(raw_words(&t), before, "a refused protect changes nothing");
+                    assert!(g.is_empty());
+                    continue;
                 }
+                if failed(&t, &result) {
+                    continue;
+                }
+                assert_eq!(result, Ok(touched.len() as u64 * 4096));
+                count(|h| h.splits += u32::from(cuts));
+                // Every page whose protection changed is in the invalidation range.
+                for &(page, old) in &touched {
+                    if old != prot {
+                        assert!(g.start <= page && page + 4096 <= g.end, "gather {g:?} misses {page:#x}");
+                    }
+                    model.get_mut(&page).unwrap().1 = prot;
+                }
+                w.invalidated();
                 t.release(g);
             }
         }
+        let raw = leaves(&w.frames, t.root().0, t.geometry());
         assert_eq!(
-            decode(frames, t.root().0, t.geometry()),
-            model,
+            raw.iter().map(|(&k, l)| (k, l.out)).collect::<BTreeMap<_, _>>(),
+            model.iter().map(|(&k, &(out, _))| (k, out)).collect::<BTreeMap<_, _>>(),
             "raw tables agree with the model"
         );
+        for (page, leaf) in &raw {
+            assert_eq!(
+                attributes(stage, leaf.raw),
+                expected_attributes(stage, model[page].1),
+                "attributes of {page:#x}"
+            );
+        }
+        assert_eq!(
+            *w.violations.lock().unwrap(),
+            [],
+            "a table was freed while the SMMU could walk it"
+        );
     }
-    for (&iova, &pa) in model.iter().step_by(7) {
-        assert_eq!(t.translate(iova + 0x123), Some((pa + 0x123, prots[&iova])));
+    w.fail_in.store(usize::MAX, std::sync::atomic::Ordering::Relaxed);
+    for (&iova, &(pa, prot)) in model.iter().step_by(7) {
+        assert_eq!(t.translate(iova + 0x123), Some((pa + 0x123, prot)));
     }
     let mut walked = 0;
     t.walk(|m| walked += m.size / 4096);
     assert_eq!(walked, model.len() as u64);
     let mut g = Gather::default();
     t.unmap(0, 1 << bits, &mut g).unwrap();
+    w.invalidated();
     t.release(g);
     assert_eq!(t.tables(), 1, "only the root is left");
+    assert_eq!(*w.violations.lock().unwrap(), []);
+    w.unwatch();
     drop(t);
-    assert_eq!(frames.live_blocks(), 0);
+    assert_eq!(w.frames.live_blocks(), 0);
+}
+
+/// The property tests' configuration: a fixed seed and 48 cases, so CI runs the same cases every time. For a
+/// longer random run, override either through proptest's variables, e.g.
+/// `PROPTEST_CASES=5000 PROPTEST_RNG_SEED=$RANDOM cargo test -p smmuv3 --lib pgtable -- matches_the_model`.
+fn config() -> proptest::test_runner::Config {
+    let mut config = proptest::test_runner::Config::default();
+    if std::env::var_os("PROPTEST_CASES").is_none() {
+        config.cases = 48;
+    }
+    if std::env::var_os("PROPTEST_RNG_SEED").is_none() {
+        config.rng_seed = proptest::test_runner::RngSeed::Fixed(0x5eed_0013);
+    }
+    config
 }
 
 proptest::proptest! {
-    #![proptest_config(proptest::test_runner::Config { cases: 32, ..Default::default() })]
+    #![proptest_config(config())]
 
     #[test]
-    fn stage1_matches_the_model(ops in proptest::collection::vec(op(), 1..24)) {
-        run(Stage::One, ops);
+    fn stage1_matches_the_model(split in proptest::bool::ANY, ops in proptest::collection::vec(op(), 1..32)) {
+        run(Stage::One, split, ops);
     }
 
     #[test]
-    fn stage2_matches_the_model(ops in proptest::collection::vec(op(), 1..24)) {
-        run(Stage::Two, ops);
+    fn stage2_matches_the_model(split in proptest::bool::ANY, ops in proptest::collection::vec(op(), 1..32)) {
+        run(Stage::Two, split, ops);
     }
+}
+
+#[test]
+fn the_generators_hit_their_targets() {
+    use proptest::strategy::{Strategy, ValueTree};
+    let mut runner = proptest::test_runner::TestRunner::new(config());
+    HITS.with(|h| h.set(Hits::default()));
+    let cases = 48;
+    for i in 0..cases {
+        let ops = proptest::collection::vec(op(), 1..32)
+            .new_tree(&mut runner)
+            .unwrap()
+            .current();
+        run(if i % 2 == 0 { Stage::One } else { Stage::Two }, i % 4 < 2, ops);
+    }
+    let h = HITS.with(|h| h.get());
+    std::println!("generator hits over {cases} sequences: {h:?}");
+    assert!(h.unmaps_hit * 2 > h.unmaps, "most unmaps hit a mapping: {h:?}");
+    assert!(h.protects_hit * 2 > h.protects, "most protects hit a mapping: {h:?}");
+    assert!(
+        h.splits > 0 && h.refused_splits > 0 && h.tables_freed > 0 && h.failed_allocations > 0,
+        "{h:?}"
+    );
 }
 
 #[test]
 fn sixteen_and_sixty_four_kib_granules() {
     for (granule, block) in [(Granule::Size16K, 32u64 << 20), (Granule::Size64K, 512u64 << 20)] {
         let mut t = table(Stage::Two, granule, 42);
+        t.set_bbm_level(2);
         let page = granule.size();
         t.map(block, 2 * block, block + page, RW).unwrap();
         let mut sizes = Vec::new();
@@ -488,6 +815,7 @@ fn sixteen_and_sixty_four_kib_granules() {
 #[test]
 fn protect_changes_permissions_in_place_and_gathers_them() {
     let mut t = table(Stage::Two, Granule::Size4K, 40);
+    t.set_bbm_level(2);
     t.map(0x4000_0000, 0x4000_0000, 0x20_0000 + 0x2000, RW).unwrap();
     let ro = Prot::READ | Prot::CACHEABLE;
     let mut g = Gather::default();
@@ -512,24 +840,37 @@ fn protect_changes_permissions_in_place_and_gathers_them() {
 }
 
 #[test]
-fn block_splitting_can_be_refused_for_smmus_without_bbml() {
-    let mut t = table(Stage::One, Granule::Size4K, 39);
-    t.map(0x20_0000, 0x20_0000, 0x20_0000, RW).unwrap();
-    t.set_block_splitting(false);
-    let mut g = Gather::default();
-    assert_eq!(
-        t.unmap(0x20_0000, 0x1000, &mut g),
-        Err(MapError::WouldSplitBlock { iova: 0x20_1000 })
-    );
-    assert_eq!(
-        t.protect(0x20_1000, 0x1000, RW, &mut g),
-        Err(MapError::WouldSplitBlock { iova: 0x20_1000 })
-    );
-    assert!(g.is_empty());
-    assert_eq!(t.iova_to_phys(0x20_0000), Some(0x20_0000));
-    // The whole block is fine.
-    assert_eq!(t.unmap(0x20_0000, 0x20_0000, &mut g), Ok(0x20_0000));
-    t.release(g);
+fn block_splitting_is_off_by_default_and_allowed_only_with_bbml_2() {
+    for bbml in [None, Some(0), Some(1), Some(3), Some(2)] {
+        let mut t = table(Stage::One, Granule::Size4K, 39);
+        t.map(0x20_0000, 0x20_0000, 0x20_0000, RW).unwrap();
+        if let Some(level) = bbml {
+            t.set_bbm_level(level);
+        }
+        let before = raw_words(&t);
+        let mut g = Gather::default();
+        if bbml == Some(2) {
+            assert!(t.splits_blocks());
+            assert_eq!(t.unmap(0x20_0000, 0x1000, &mut g), Ok(0x1000));
+            assert_eq!(t.iova_to_phys(0x20_1000), Some(0x20_1000), "split in place");
+            t.release(g);
+            continue;
+        }
+        assert!(!t.splits_blocks(), "BBML {bbml:?}");
+        assert_eq!(
+            t.unmap(0x20_0000, 0x1000, &mut g),
+            Err(MapError::WouldSplitBlock { iova: 0x20_1000 })
+        );
+        assert_eq!(
+            t.protect(0x20_1000, 0x1000, RW, &mut g),
+            Err(MapError::WouldSplitBlock { iova: 0x20_1000 })
+        );
+        assert!(g.is_empty());
+        assert_eq!(raw_words(&t), before, "nothing changed");
+        // The whole block is fine.
+        assert_eq!(t.unmap(0x20_0000, 0x20_0000, &mut g), Ok(0x20_0000));
+        t.release(g);
+    }
 }
 
 #[test]
@@ -542,4 +883,412 @@ fn no_memory_below_a_new_table_leaves_no_table_behind() {
     assert!(matches!(error, Err(MapError::NoMemory(_))), "{error:?}");
     assert_eq!((t.tables(), frames.live_blocks()), (1, 1));
     assert_eq!(decode(frames, t.root().0, t.geometry()), BTreeMap::new());
+}
+
+/// A frame allocator that plays the SMMU's walker: at every allocation and free it walks the live tables from the
+/// root it watches and remembers every table it found linked; freeing one of those before the test declares an
+/// invalidation complete ([`Witness::invalidated`]) is recorded as a violation.
+struct Witness {
+    frames: HeapFrames,
+    watch: std::sync::Mutex<Option<(u64, Geometry)>>,
+    seen: std::sync::Mutex<std::collections::BTreeSet<u64>>,
+    violations: std::sync::Mutex<Vec<u64>>,
+    /// Allocations left to succeed before one fails (once); `usize::MAX`: none fails.
+    fail_in: std::sync::atomic::AtomicUsize,
+}
+
+impl Witness {
+    fn new(frames: HeapFrames) -> &'static Self {
+        std::boxed::Box::leak(std::boxed::Box::new(Witness {
+            frames,
+            watch: std::sync::Mutex::new(None),
+            seen: std::sync::Mutex::new(std::collections::BTreeSet::new()),
+            violations: std::sync::Mutex::new(Vec::new()),
+            fail_in: std::sync::atomic::AtomicUsize::new(usize::MAX),
+        }))
+    }
+
+    fn watch<A: FrameAllocator>(&self, t: &IoPageTable<A>) {
+        *self.watch.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((t.root().0, *t.geometry()));
+        self.invalidated();
+    }
+
+    fn unwatch(&self) {
+        *self.watch.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+
+    /// The tables linked now (the root excluded), walked from the raw memory.
+    fn linked(&self) -> std::collections::BTreeSet<u64> {
+        let mut out = std::collections::BTreeSet::new();
+        let Some((root, g)) = *self.watch.lock().unwrap_or_else(std::sync::PoisonError::into_inner) else {
+            return out;
+        };
+        fn go(w: &Witness, table: u64, level: u8, g: &Geometry, out: &mut std::collections::BTreeSet<u64>) {
+            let count = if level == g.start_level {
+                g.root_entries
+            } else {
+                1 << g.level_bits
+            };
+            let Some(words) = w.frames.phys_to_virt(PhysAddr(table)) else {
+                return;
+            };
+            let words = words.as_ptr() as *const u64;
+            for i in 0..count {
+                // SAFETY: a live table of `count` descriptors.
+                let d = unsafe { words.add(i).read() };
+                if level < 3 && d & 3 == 3 {
+                    let child = d & 0x0000_ffff_ffff_f000;
+                    out.insert(child);
+                    go(w, child, level + 1, g, out);
+                }
+            }
+        }
+        go(self, root, g.start_level, &g, &mut out);
+        out
+    }
+
+    fn observe(&self) {
+        if std::thread::panicking() {
+            // A test already failed; its unwinding drops the table.
+            return;
+        }
+        let linked = self.linked();
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(linked);
+    }
+
+    /// Fails this allocation if it is the one [`Witness::fail_in`] names.
+    fn injected_failure(&self, size: usize) -> Result<(), AllocError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        match self.fail_in.load(Relaxed) {
+            usize::MAX => Ok(()),
+            0 => {
+                self.fail_in.store(usize::MAX, Relaxed);
+                Err(AllocError::OutOfMemory { size })
+            }
+            n => {
+                self.fail_in.store(n - 1, Relaxed);
+                Ok(())
+            }
+        }
+    }
+
+    /// An invalidation covering every walk has completed: only what is linked now can be cached.
+    fn invalidated(&self) {
+        *self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = self.linked();
+    }
+}
+
+// SAFETY: forwards to `HeapFrames`, which upholds the contract; the walks only read live tables.
+unsafe impl FrameAllocator for Witness {
+    fn allocate_zeroed(&self, size: usize, align: usize) -> Result<DmaBlock, AllocError> {
+        self.observe();
+        self.injected_failure(size)?;
+        self.frames.allocate_zeroed(size, align)
+    }
+
+    fn allocate_for_overwrite(&self, size: usize, align: usize) -> Result<DmaBlock, AllocError> {
+        self.observe();
+        self.injected_failure(size)?;
+        self.frames.allocate_for_overwrite(size, align)
+    }
+
+    unsafe fn free(&self, block: DmaBlock) {
+        self.observe();
+        if self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&block.phys.0)
+        {
+            self.violations
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(block.phys.0);
+        }
+        // SAFETY: the caller's guarantee, passed on.
+        unsafe { self.frames.free(block) }
+    }
+
+    fn phys_to_virt(&self, phys: PhysAddr) -> Option<NonNull<u8>> {
+        self.frames.phys_to_virt(phys)
+    }
+}
+
+#[test]
+fn a_failed_map_frees_no_table_the_smmu_may_have_walked() {
+    // A page at 0 first, so the level-2 table is live when `map` needs three full last-level tables below it:
+    // root, level 2 and the page's table, then room for none, one or two of the three.
+    for frames_allowed in [3usize, 4, 5] {
+        let w = Witness::new(HeapFrames::with_limit(frames_allowed * 4096));
+        let mut t = IoPageTable::new(format(Stage::One, Granule::Size4K, 39), w, true).unwrap();
+        t.map(0, 0, 0x1000, RW).unwrap();
+        w.watch(&t);
+        let (before, live) = (raw_words(&t), w.frames.live_blocks());
+        let result = t.map(0x20_0000, 0x1000, 0x60_0000, RW);
+        assert!(matches!(result, Err(MapError::NoMemory(_))), "{result:?}");
+        assert_eq!(
+            *w.violations.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+            [],
+            "tables freed after the SMMU could walk them, with no invalidation ({frames_allowed} frames)"
+        );
+        assert_eq!(raw_words(&t), before, "a failed map changes nothing");
+        assert_eq!((w.frames.live_blocks(), t.tables()), (live, 3));
+        w.unwatch();
+        drop(t);
+        assert_eq!(w.frames.live_blocks(), 0);
+    }
+}
+
+#[test]
+fn protect_refuses_a_memory_type_change_and_changes_nothing() {
+    let nc = Prot::READ | Prot::WRITE;
+    let mmio = Prot::READ | Prot::WRITE | Prot::MMIO;
+    for stage in [Stage::One, Stage::Two] {
+        let mut t = table(stage, Granule::Size4K, 39);
+        t.set_bbm_level(2);
+        t.map(0x20_0000, 0x20_0000, 0x20_0000, RW).unwrap();
+        t.map(0x40_0000, 0x40_0000, 0x1000, mmio).unwrap();
+        let before = raw_words(&t);
+        let mut g = Gather::default();
+        // Normal WB -> NC or Device, Device -> Normal: all break-before-make, all refused before any change (not
+        // even the block that the range cuts is split).
+        for (iova, size, prot) in [
+            (0x20_0000, 0x20_0000, nc),
+            (0x20_1000, 0x1000, mmio),
+            (0x40_0000, 0x1000, RW),
+            (0x3f_f000, 0x2000, RW | Prot::EXEC),
+        ] {
+            assert_eq!(
+                t.protect(iova, size, prot, &mut g),
+                Err(MapError::BadProt(prot)),
+                "{stage:?} {iova:#x}"
+            );
+        }
+        assert!(g.is_empty());
+        assert_eq!(raw_words(&t), before, "nothing changed");
+        // Permissions alone still change in place, within a memory type.
+        assert_eq!(
+            t.protect(0x40_0000, 0x1000, Prot::READ | Prot::MMIO, &mut g),
+            Ok(0x1000)
+        );
+        assert_eq!(t.translate(0x40_0000), Some((0x40_0000, Prot::READ | Prot::MMIO)));
+        t.release(g);
+        // Both memory flags at once are refused everywhere.
+        let both = Prot::READ | Prot::MMIO | Prot::CACHEABLE;
+        assert_eq!(t.map(0x80_0000, 0, 0x1000, both), Err(MapError::BadProt(both)));
+    }
+}
+
+#[test]
+fn mappings_without_cacheable_are_normal_non_cacheable_and_mmio_is_device() {
+    // Read back from the raw descriptors with the architecture's field positions, not through `desc`.
+    for stage in [Stage::One, Stage::Two] {
+        let mut t = table(stage, Granule::Size4K, 39);
+        t.map(0x1000, 0x1000, 0x1000, Prot::READ | Prot::WRITE).unwrap();
+        t.map(0x2000, 0x2000, 0x1000, Prot::READ | Prot::WRITE | Prot::MMIO)
+            .unwrap();
+        t.map(0x3000, 0x3000, 0x1000, RW).unwrap();
+        let leaves: Vec<u64> = raw_words(&t)
+            .into_iter()
+            .filter(|&(_, i, d)| d & 3 == 3 && (1..=3).contains(&i) && d & 0xffff_ffff_f000 == (i as u64) << 12)
+            .map(|(_, _, d)| d)
+            .collect();
+        assert_eq!(leaves.len(), 3, "{stage:?}");
+        let attr = |d: u64| match stage {
+            // AttrIndx [4:2] through the CD's MAIR byte.
+            Stage::One | Stage::OneEl2 => (desc::MAIR >> (8 * ((d >> 2) & 0b111))) & 0xff,
+            // MemAttr [5:2].
+            Stage::Two => (d >> 2) & 0b1111,
+        };
+        let expected = match stage {
+            Stage::Two => [0b0101, 0b0001, 0b1111],
+            _ => [0x44, 0x04, 0xff],
+        };
+        assert_eq!(
+            leaves.iter().map(|&d| attr(d)).collect::<Vec<_>>(),
+            expected,
+            "{stage:?}"
+        );
+        assert_eq!(
+            leaves.iter().map(|&d| (d >> 8) & 0b11).collect::<Vec<_>>(),
+            [0b10, 0b10, 0b11],
+            "SH: outer for NC and Device, inner for WB"
+        );
+    }
+}
+
+#[test]
+fn a_split_copies_the_blocks_attribute_bits() {
+    let mut t = table(Stage::One, Granule::Size4K, 39);
+    t.set_bbm_level(2);
+    t.map(0x20_0000, 0x60_0000, 0x20_0000, RW).unwrap();
+    // Give the block a bit no `Prot` stands for (software bit 55, ignored by the walk): a split must keep it.
+    let root = t.root_entries()[0].load(Ordering::Relaxed);
+    let l2 = desc::address(root);
+    let block = t.table_entries(2, l2).unwrap()[1].load(Ordering::Relaxed) | 1 << 55;
+    t.table_entries(2, l2).unwrap()[1].store(block, Ordering::Relaxed);
+    let mut g = Gather::default();
+    assert_eq!(t.unmap(0x20_0000, 0x1000, &mut g), Ok(0x1000));
+    let link = t.table_entries(2, l2).unwrap()[1].load(Ordering::Relaxed);
+    let l3 = t.table_entries(3, desc::address(link)).unwrap();
+    for (j, e) in l3.iter().enumerate().skip(1) {
+        let expected = (block & !0x0000_ffff_ffff_f000) | 0b10 | (0x60_0000 + ((j as u64) << 12));
+        assert_eq!(e.load(Ordering::Relaxed), expected, "page {j}");
+    }
+    t.release(g);
+}
+
+#[test]
+fn el2_stage1_tables_leave_pxn_clear_and_refuse_privileged() {
+    let mut t = table(Stage::OneEl2, Granule::Size4K, 39);
+    t.map(0, 0, 0x2000, Prot::READ | Prot::EXEC | Prot::CACHEABLE).unwrap();
+    t.map(0x2000, 0x2000, 0x1000, RW).unwrap();
+    let privileged = RW | Prot::PRIVILEGED;
+    assert_eq!(t.map(0x4000, 0, 0x1000, privileged), Err(MapError::BadProt(privileged)));
+    let leaves: Vec<u64> = raw_words(&t)
+        .into_iter()
+        .filter(|&(_, i, d)| d & 3 == 3 && i < 3 && d & 0xffff_ffff_f000 == (i as u64) << 12)
+        .map(|(_, _, d)| d)
+        .collect();
+    assert_eq!(leaves.len(), 3);
+    for (i, d) in leaves.into_iter().enumerate() {
+        assert_eq!(d & (1 << 53), 0, "PXN is RES0 in the EL2 regime");
+        assert_eq!(d & (1 << 54) != 0, i == 2, "bit 54 is XN");
+        assert_ne!(d & (1 << 6), 0, "AP[1] is RES1");
+    }
+}
+
+#[test]
+fn unlinking_an_empty_table_still_gathers_its_span() {
+    let mut t = table(Stage::One, Granule::Size4K, 39);
+    t.map(0x20_0000, 0x20_0000, 0x1000, RW).unwrap();
+    // Empty the last-level table behind the table code's back: whatever its contents, the SMMU's walk caches
+    // may hold the table, so unlinking it must be invalidated over its span.
+    let root = t.root_entries()[0].load(Ordering::Relaxed);
+    let link = t.table_entries(2, desc::address(root)).unwrap()[1].load(Ordering::Relaxed);
+    t.table_entries(3, desc::address(link)).unwrap()[0].store(0, Ordering::Relaxed);
+    let mut g = Gather::default();
+    assert_eq!(t.unmap(0x20_0000, 0x20_0000, &mut g), Ok(0));
+    assert!(g.tables_unlinked);
+    assert!(g.start <= 0x20_0000 && g.end >= 0x40_0000, "{g:?}");
+    t.release(g);
+}
+
+/// The starting level the SMMU derives from STE.S2SL0 and the granule (IHI 0070 STE.S2SL0, as VTCR_EL2.SL0 in the
+/// Arm ARM, without 52-bit addressing): 4 KiB: 0 → level 2, 1 → 1, 2 → 0; 16 KiB and 64 KiB: 0 → level 3, 1 → 2,
+/// 2 → 1 (16 KiB: 3 → 0).
+fn s2_start_level(granule: Granule, sl0: u8) -> u8 {
+    match (granule, sl0) {
+        (Granule::Size4K, 0..=2) => 2 - sl0,
+        (Granule::Size16K, 0..=3) | (Granule::Size64K, 0..=2) => 3 - sl0,
+        _ => panic!("S2SL0 {sl0} is reserved for {granule:?}"),
+    }
+}
+
+#[test]
+fn stage2_walks_from_the_level_s2sl0_names_in_every_granule() {
+    // For every granule and IPA size, the SMMU walks from the level S2SL0 names, with a root of as many entries as
+    // the input bits above that level's entries resolve (concatenated tables: at most 16 granules' worth). Walk
+    // the raw tables that way, independently of the table's own geometry.
+    for granule in [Granule::Size4K, Granule::Size16K, Granule::Size64K] {
+        let g = granule.log2();
+        for input_bits in 32..=48u8 {
+            let f = Format {
+                stage: Stage::Two,
+                granule,
+                input_bits,
+                output_bits: 48,
+            };
+            let frames: &'static HeapFrames = std::boxed::Box::leak(std::boxed::Box::default());
+            let mut t = IoPageTable::new(f, frames, true).unwrap();
+            let sl0 = t.geometry().s2_sl0();
+            let start = s2_start_level(granule, sl0);
+            let start_shift = g + (g - 3) * (3 - start);
+            assert!(
+                input_bits > start_shift,
+                "{granule:?} {input_bits}: the root resolves no bits"
+            );
+            let root_bits = input_bits - start_shift;
+            assert!(
+                root_bits <= (g - 3) + 4,
+                "{granule:?} {input_bits}: more than 16 concatenated tables"
+            );
+            let independent = Geometry {
+                granule_bits: g,
+                level_bits: g - 3,
+                start_level: start,
+                root_entries: 1 << root_bits,
+            };
+            let page = 1u64 << g;
+            let top = (1u64 << input_bits) - page;
+            for (i, iova) in [0, page * 3, 1 << (input_bits - 1), top].into_iter().enumerate() {
+                t.map(iova, (i as u64 + 1) << 32, page, RW).unwrap();
+            }
+            let raw = decode(frames, t.root().0, &independent);
+            for (i, iova) in [0, page * 3, 1 << (input_bits - 1), top].into_iter().enumerate() {
+                assert_eq!(
+                    raw.get(&iova),
+                    Some(&((i as u64 + 1) << 32)),
+                    "{granule:?} {input_bits}-bit IPA, S2SL0 {sl0}"
+                );
+            }
+            assert_eq!(raw.len() as u64, 4 * page / 4096);
+        }
+    }
+}
+
+#[test]
+fn an_allocation_failure_at_any_point_changes_nothing() {
+    // Operations that allocate several tables, from an empty and from a populated table: let the n-th
+    // allocation fail, for every n until the operation succeeds.
+    type Setup = fn(&mut IoPageTable<&'static Witness>);
+    type Step = fn(&mut IoPageTable<&'static Witness>) -> Result<u64, MapError>;
+    let empty: Setup = |_| {};
+    let populated: Setup = |t| {
+        t.map(0x4000_0000, 0x4000_0000, 1 << 30, RW).unwrap();
+        t.map(0x20_0000, 0x1000, 0x1000, RW).unwrap();
+    };
+    let steps: [(Setup, Step); 5] = [
+        (empty, |t| t.map(0x1ff000, 0x1ff000, 0x20_2000, RW).map(|()| 0)),
+        (empty, |t| t.map(0x3fe0_0000, 0x1000, 0x40_0000, RW).map(|()| 0)),
+        (populated, |t| t.map(0x8000_1000, 0x1000, 0x40_0000, RW).map(|()| 0)),
+        (populated, |t| t.unmap(0x4000_1000, 0x3fff_e000, &mut Gather::default())),
+        (populated, |t| {
+            t.protect(
+                0x4010_0000,
+                0x1000,
+                Prot::READ | Prot::CACHEABLE,
+                &mut Gather::default(),
+            )
+        }),
+    ];
+    for (n, (setup, step)) in steps.into_iter().enumerate() {
+        for fail_at in 0.. {
+            let w = Witness::new(HeapFrames::default());
+            let mut t = IoPageTable::new(format(Stage::Two, Granule::Size4K, 40), w, true).unwrap();
+            t.set_bbm_level(2);
+            setup(&mut t);
+            w.watch(&t);
+            let (before, live, tables) = (raw_words(&t), w.frames.live_blocks(), t.tables());
+            w.fail_in.store(fail_at, std::sync::atomic::Ordering::Relaxed);
+            let result = step(&mut t);
+            let fired = w.fail_in.load(std::sync::atomic::Ordering::Relaxed) == usize::MAX;
+            assert_eq!(*w.violations.lock().unwrap(), []);
+            w.unwatch();
+            if !fired {
+                assert!(result.is_ok(), "step {n}: {result:?}");
+                assert!(fail_at > 0, "step {n} allocates");
+                break;
+            }
+            assert!(
+                matches!(result, Err(MapError::NoMemory(_))),
+                "step {n}, allocation {fail_at}: {result:?}"
+            );
+            assert_eq!(raw_words(&t), before, "step {n}, allocation {fail_at}");
+            assert_eq!((w.frames.live_blocks(), t.tables()), (live, tables));
+        }
+    }
 }

@@ -217,7 +217,8 @@ fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage, nested: bool)
     let output_bits = features.oas_bits.min(48);
     let input_bits = if stage == Stage::One { 39 } else { 40.min(output_bits) };
     let mut table = new_table(stage, input_bits, output_bits, features.coherent)?;
-    table.set_block_splitting(features.bbm_level >= 1);
+    // Blocks are split in place only on an SMMU with BBML = 2; otherwise a cut block is refused.
+    table.set_bbm_level(features.bbm_level);
     let (source, destination, alternate) = (page()?, page()?, page()?);
     let rw = Prot::READ | Prot::WRITE | Prot::CACHEABLE;
     table
@@ -231,6 +232,7 @@ fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage, nested: bool)
     let mut cd_table = None;
     let mut parent = None;
     let (ste, tlb) = match stage {
+        Stage::OneEl2 => fail!("stage 1 of the EL2 regime is not exercised by this scenario"),
         Stage::One => {
             let asid = s.allocate_asid().or_else(|e| fail!("{e}"))?;
             let mut cds = match CdTable::new(CdTableFormat::Linear { ssid_bits: 0 }, &Frames, features.coherent) {
@@ -292,7 +294,7 @@ fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage, nested: bool)
         "  {}: {input_bits}-bit input from level {} ({} root entries), STE {:?} in {} sync(s)",
         match (stage, nested) {
             (_, true) => "nested (stage 1 inside an identity stage 2 of RAM)",
-            (Stage::One, false) => "stage 1",
+            (Stage::One | Stage::OneEl2, false) => "stage 1",
             (Stage::Two, false) => "stage 2",
         },
         geometry.start_level,
