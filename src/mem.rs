@@ -62,6 +62,11 @@ impl fmt::Display for AllocError {
 /// [`FrameAllocator::allocate_for_overwrite`]: initialised, any content), aligned to at least `align` in physical
 /// address, exclusively owned by the caller until freed, readable and writable by the CPU at `virt` (normal
 /// memory, mapped cacheable when the SMMU is coherent) and reachable by the SMMU at `phys`.
+///
+/// A block may come with dirty lines in the CPU's caches (the zeroing, or an earlier user): for a non-coherent
+/// SMMU the driver itself cleans every block the SMMU reads (stream table, CD tables, page tables, command queue)
+/// to the point of coherency before the SMMU can reach it, and cleans *and invalidates* the event queue, which the
+/// SMMU writes, before giving the SMMU its base, so that no dirty line can later be evicted over a record.
 pub unsafe trait FrameAllocator {
     /// Allocates `size` zeroed bytes aligned to `align` (a power of two).
     ///
