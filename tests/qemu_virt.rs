@@ -99,3 +99,47 @@ fn edu_cannot_reach_ram_without_translation_under_its_default_mask() {
 fn psci_reset_and_power_off_through_qemus_psci() {
     smmuv3_harness::assert_psci_reset_and_power_off(Board::QemuVirt);
 }
+
+/// A run without semihosting, as on a real board: no FATAL exception on the exit call; it prints the RESULT line
+/// and QEMU exits by itself (PSCI SYSTEM_OFF, status 0).
+fn boot_without_semihosting(scenarios: &[&str]) -> smmuv3_harness::Outcome {
+    let mut run = Run::new(Board::QemuVirt, Stage::Nested, scenarios);
+    run.semihosting = false;
+    run.timeout = std::time::Duration::from_secs(60);
+    let outcome = run.boot();
+    assert!(!outcome.timed_out, "QEMU exits by itself\n{}", outcome.report());
+    assert_eq!(outcome.exit_code, Some(0), "PSCI SYSTEM_OFF\n{}", outcome.report());
+    assert!(!outcome.console.contains("FATAL"), "{}", outcome.report());
+    assert!(!outcome.console.contains("exception"), "{}", outcome.report());
+    outcome.assert_console_shows(&[
+        "semihosting: absent",
+        "the RESULT line is the verdict",
+        "powering off through PSCI SYSTEM_OFF",
+    ]);
+    outcome
+}
+
+#[test]
+fn without_semihosting_a_passing_run_says_result_pass_and_powers_off() {
+    let outcome = boot_without_semihosting(&["probe", "edu-ident"]);
+    outcome.assert_passed(&["probe", "edu-ident"]);
+    outcome.assert_console_shows(&["\nRESULT PASS 2/2\n"]);
+    eprintln!("without semihosting: powered off after {:?}", outcome.elapsed);
+}
+
+#[test]
+fn without_semihosting_a_failing_run_says_result_fail_and_powers_off() {
+    let outcome = boot_without_semihosting(&["probe", "no-such-scenario"]);
+    outcome.assert_console_shows(&["\nRESULT FAIL 1/2\n"]);
+    // QEMU's status is 0 (PSCI SYSTEM_OFF cannot carry one): the host's verdict reads the RESULT line.
+    let verdict = outcome.verdict().unwrap_err();
+    assert!(verdict.contains("no-such-scenario"), "{verdict}");
+}
+
+/// With semihosting the RESULT line is printed too, before the exit status.
+#[test]
+fn with_semihosting_the_result_line_precedes_the_exit_status() {
+    let outcome = boot(Stage::Nested, &["probe", "no-such-scenario"]);
+    outcome.assert_console_shows(&["semihosting: present", "\nRESULT FAIL 1/2\n"]);
+    assert_eq!(outcome.exit_code, Some(1), "{}", outcome.report());
+}

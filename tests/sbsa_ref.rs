@@ -106,3 +106,22 @@ fn the_el3_stub_reports_an_unexpected_exception() {
         outcome.report()
     );
 }
+
+/// Without semihosting sbsa-ref has no configuration (it travels on the semihosting command line), so the demo
+/// runs with the firmware's defaults; the run must still end by itself through the EL3 stub's PSCI SYSTEM_OFF with
+/// a RESULT line over the six demo scenarios, and no FATAL exception on the exit call.
+#[test]
+fn without_semihosting_sbsa_ref_prints_its_result_and_powers_off() {
+    let mut run = Run::new(BOARD, Stage::Nested, &[]);
+    run.semihosting = false;
+    let outcome = run.boot();
+    assert!(!outcome.timed_out, "QEMU exits by itself\n{}", outcome.report());
+    assert_eq!(outcome.exit_code, Some(0), "{}", outcome.report());
+    assert!(!outcome.console.contains("FATAL"), "{}", outcome.report());
+    assert!(!outcome.console.contains("exception"), "{}", outcome.report());
+    outcome.assert_console_shows(&["semihosting: absent", "powering off through PSCI SYSTEM_OFF"]);
+    let result = outcome.result().expect("a RESULT line");
+    let passed = outcome.scenarios().iter().filter(|s| s.result.is_ok()).count();
+    assert_eq!((result.passed, result.asked), (passed, 6), "{}", outcome.report());
+    assert_eq!(result.pass, passed == 6, "{}", outcome.report());
+}

@@ -23,6 +23,8 @@ pub const SCENARIOS_KEY: &str = "opt/smmuv3/scenarios";
 pub const STAGE_KEY: &str = "opt/smmuv3/stage";
 /// fw_cfg file giving edu's DMA mask.
 pub const EDU_DMA_MASK_KEY: &str = "opt/smmuv3/edu-dma-mask";
+/// The scenarios the firmware runs when it is told none (its `DEFAULT_SCENARIOS`): the demo.
+pub const DEFAULT_SCENARIOS: [&str; 6] = ["probe", "edu-ident", "init", "abort-default", "bypass", "pgtable-dma"];
 /// The edu DMA mask virt runs use unless told otherwise: 40 bits, enough to reach its RAM without translation.
 pub const DEFAULT_EDU_DMA_MASK: u64 = 0xff_ffff_ffff;
 
@@ -220,6 +222,12 @@ pub struct Run {
     pub extra_args: Vec<String>,
     /// Copy the console to this process's stdout as it arrives.
     pub echo: bool,
+    /// Give the machine semihosting (`-semihosting-config enable=on,…`). Without it the firmware cannot return an
+    /// exit status: it prints its RESULT line and powers off through PSCI. sbsa-ref then gets no configuration
+    /// either (it travels on the semihosting command line), so it runs the default scenarios.
+    pub semihosting: bool,
+    /// virt's `gic-version` (3, which the firmware drives; 2, which it does not, so the SMMU is polled).
+    pub gic_version: u8,
 }
 
 /// The trace events every test records: the SMMU's event records and command errors.
@@ -240,6 +248,19 @@ impl Run {
             settings: Vec::new(),
             extra_args: Vec::new(),
             echo: false,
+            semihosting: true,
+            gic_version: 3,
+        }
+    }
+
+    /// The scenarios the firmware will run: those named, or the default list when none are, or when the board
+    /// cannot be told (sbsa-ref without semihosting).
+    pub fn asked_scenarios(&self) -> Vec<String> {
+        let told = !self.scenarios.is_empty() && (self.semihosting || self.board == Board::QemuVirt);
+        if told {
+            self.scenarios.clone()
+        } else {
+            DEFAULT_SCENARIOS.iter().map(|s| s.to_string()).collect()
         }
     }
 
@@ -262,7 +283,13 @@ impl Run {
                     // Newer machine versions always present both stages; only virt-9.1 honours the property.
                     Stage::One | Stage::Two => "virt-9.1",
                 };
-                c.args(["-M", &format!("{machine},virtualization=on,iommu=smmuv3,gic-version=3")]);
+                c.args([
+                    "-M",
+                    &format!(
+                        "{machine},virtualization=on,iommu=smmuv3,gic-version={}",
+                        self.gic_version
+                    ),
+                ]);
                 c.args(["-global", &format!("arm-smmuv3.stage={}", self.stage.name())]);
                 c.args(["-cpu", "max", "-m", "1G", "-smp", "1"]);
                 c.args(["-device", &format!("loader,file={},cpu-num=0", firmware.display())]);
@@ -282,7 +309,9 @@ impl Run {
                 for (name, value) in &self.settings {
                     c.args(["-fw_cfg", &format!("name=opt/smmuv3/{name},string={value}")]);
                 }
-                c.args(["-semihosting-config", "enable=on,target=native"]);
+                if self.semihosting {
+                    c.args(["-semihosting-config", "enable=on,target=native"]);
+                }
             }
             Board::SbsaRef => {
                 // One CPU (the others would spin in empty flash); no fw_cfg: the configuration travels on the
@@ -303,7 +332,9 @@ impl Run {
                 for (name, value) in &self.settings {
                     semihosting.push_str(&format!(",arg={name}={value}"));
                 }
-                c.args(["-semihosting-config", &semihosting]);
+                if self.semihosting {
+                    c.args(["-semihosting-config", &semihosting]);
+                }
             }
         }
         c.args([
@@ -402,6 +433,7 @@ impl Run {
             .unwrap_or_default();
         let console = console.lock().unwrap_or_else(|e| e.into_inner()).clone();
         Ok(Outcome {
+            asked: self.asked_scenarios(),
             commandline,
             console,
             stderr,
@@ -423,9 +455,66 @@ pub struct ScenarioResult {
     pub result: Result<(), String>,
 }
 
+/// The firmware's summary line, `RESULT PASS|FAIL <passed>/<asked>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunResult {
+    /// PASS (the run's status was 0) or FAIL.
+    pub pass: bool,
+    /// Scenarios that passed.
+    pub passed: usize,
+    /// Scenarios asked for.
+    pub asked: usize,
+}
+
+impl fmt::Display for RunResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let verdict = if self.pass { "PASS" } else { "FAIL" };
+        write!(f, "RESULT {verdict} {}/{}", self.passed, self.asked)
+    }
+}
+
+/// Parses the last `RESULT PASS|FAIL <passed>/<asked>` line of console text (the exact form; anything else on the
+/// line makes it no RESULT line).
+pub fn run_result(console: &str) -> Option<RunResult> {
+    console.lines().rev().find_map(|line| {
+        let mut words = line.trim_end_matches('\r').strip_prefix("RESULT ")?.split(' ');
+        let pass = match words.next()? {
+            "PASS" => true,
+            "FAIL" => false,
+            _ => return None,
+        };
+        let (passed, asked) = words.next()?.split_once('/')?;
+        if words.next().is_some() {
+            return None;
+        }
+        Some(RunResult {
+            pass,
+            passed: passed.parse().ok()?,
+            asked: asked.parse().ok()?,
+        })
+    })
+}
+
+/// The names in `asked` that printed no SCENARIO line, counting repeats: a name asked twice needs two lines.
+pub fn missing_scenarios(asked: &[String], results: &[ScenarioResult]) -> Vec<String> {
+    let mut unclaimed: Vec<&str> = results.iter().map(|r| r.name.as_str()).collect();
+    let mut missing = Vec::new();
+    for name in asked {
+        match unclaimed.iter().position(|n| n == name) {
+            Some(i) => {
+                unclaimed.swap_remove(i);
+            }
+            None => missing.push(name.clone()),
+        }
+    }
+    missing
+}
+
 /// What a run produced.
 #[derive(Clone, Debug)]
 pub struct Outcome {
+    /// The scenarios the run asked for ([`Run::asked_scenarios`]).
+    pub asked: Vec<String>,
     /// The QEMU command line, for reports.
     pub commandline: String,
     /// Everything the firmware printed.
@@ -486,6 +575,61 @@ impl Outcome {
             .collect()
     }
 
+    /// The summary line, if the firmware printed one.
+    pub fn result(&self) -> Option<RunResult> {
+        run_result(&self.console)
+    }
+
+    /// The scenarios asked for that printed no SCENARIO line.
+    pub fn missing_scenarios(&self) -> Vec<String> {
+        missing_scenarios(&self.asked, &self.scenarios())
+    }
+
+    /// Whether the run passed, judged as a host must when the exit status may not carry the verdict (no
+    /// semihosting): QEMU exited by itself with status 0, every scenario asked printed a SCENARIO line and none
+    /// failed, and the firmware's RESULT line says PASS for all of them.
+    ///
+    /// # Errors
+    /// What went wrong, first found first.
+    pub fn verdict(&self) -> Result<(), String> {
+        if self.timed_out {
+            return Err(format!("QEMU did not exit within {:?}", self.elapsed));
+        }
+        match self.exit_code {
+            Some(0) => {}
+            Some(code) => return Err(format!("the firmware exited with status {code}")),
+            None => return Err("QEMU was killed by a signal".into()),
+        }
+        let missing = self.missing_scenarios();
+        if !missing.is_empty() {
+            return Err(format!(
+                "{} of {} scenario(s) asked printed no SCENARIO line: {}",
+                missing.len(),
+                self.asked.len(),
+                missing.join(", ")
+            ));
+        }
+        let failed: Vec<String> = self
+            .scenarios()
+            .into_iter()
+            .filter(|s| s.result.is_err())
+            .map(|s| s.name)
+            .collect();
+        if !failed.is_empty() {
+            return Err(format!("failed scenario(s): {}", failed.join(", ")));
+        }
+        let expected = RunResult {
+            pass: true,
+            passed: self.asked.len(),
+            asked: self.asked.len(),
+        };
+        match self.result() {
+            Some(result) if result == expected => Ok(()),
+            Some(result) => Err(format!("the firmware says {result}, expected {expected}")),
+            None => Err("the firmware printed no RESULT line".into()),
+        }
+    }
+
     /// The command errors QEMU traced (`smmuv3_cmdq_consume_error` lines).
     pub fn command_errors(&self) -> Vec<String> {
         self.trace
@@ -514,8 +658,9 @@ impl Outcome {
     /// A report of the run for a failing assertion.
     pub fn report(&self) -> String {
         format!(
-            "command: {}\nexit: {:?} (timed out: {}) after {:?}\n--- console ---\n{}--- QEMU stderr ---\n{}\n--- trace ({}) ---\n{}",
+            "command: {}\nasked: {}\nexit: {:?} (timed out: {}) after {:?}\n--- console ---\n{}--- QEMU stderr ---\n{}\n--- trace ({}) ---\n{}",
             self.commandline,
+            self.asked.join(","),
             self.exit_code,
             self.timed_out,
             self.elapsed,
@@ -560,6 +705,9 @@ impl Outcome {
         let failed: Vec<_> = self.scenarios().into_iter().filter(|s| s.result.is_err()).collect();
         assert!(failed.is_empty(), "failed scenarios: {failed:?}\n{}", self.report());
         assert_eq!(self.exit_code, Some(0), "firmware exit status\n{}", self.report());
+        if let Err(why) = self.verdict() {
+            panic!("{why}\n{}", self.report());
+        }
         let errors = self.command_errors();
         assert_eq!(
             errors.len(),
@@ -601,4 +749,121 @@ pub fn assert_psci_reset_and_power_off(board: Board) {
         "two boots\n{}",
         outcome.report()
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(asked: &[&str], console: &str, exit_code: Option<i32>) -> Outcome {
+        Outcome {
+            asked: asked.iter().map(|s| s.to_string()).collect(),
+            commandline: String::new(),
+            console: console.to_string(),
+            stderr: String::new(),
+            exit_code,
+            timed_out: false,
+            elapsed: Duration::from_secs(1),
+            trace: String::new(),
+            trace_file: None,
+        }
+    }
+
+    #[test]
+    fn a_run_that_printed_fewer_scenario_lines_than_asked_fails() {
+        // The old firmware cut a long list at 512 bytes and still exited 0 with a clean summary.
+        let console = "SCENARIO probe PASS (1 us)\nSCENARIO init PASS (2 us)\nRESULT PASS 2/2\n";
+        let run = outcome(&["probe", "init", "bypass"], console, Some(0));
+        assert_eq!(run.missing_scenarios(), ["bypass"]);
+        let why = run.verdict().unwrap_err();
+        assert!(
+            why.contains("1 of 3 scenario(s) asked printed no SCENARIO line: bypass"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn a_name_asked_twice_needs_two_scenario_lines() {
+        let asked: Vec<String> = ["probe", "probe"].iter().map(|s| s.to_string()).collect();
+        let one = scenario_results("SCENARIO probe PASS (1 us)\n");
+        assert_eq!(missing_scenarios(&asked, &one), ["probe"]);
+        let two = scenario_results("SCENARIO probe PASS (1 us)\nSCENARIO probe PASS (1 us)\n");
+        assert!(missing_scenarios(&asked, &two).is_empty());
+    }
+
+    #[test]
+    fn a_complete_run_with_result_pass_passes() {
+        let console = "SCENARIO probe PASS (1 us)\nSCENARIO init PASS (2 us)\nRESULT PASS 2/2\n";
+        assert_eq!(outcome(&["probe", "init"], console, Some(0)).verdict(), Ok(()));
+    }
+
+    #[test]
+    fn result_fail_is_a_failure_even_when_qemu_exits_0() {
+        // Without semihosting PSCI SYSTEM_OFF ends every run with status 0: the RESULT line is the verdict.
+        let console = "SCENARIO probe PASS (1 us)\nSCENARIO x FAIL: unknown scenario 'x'\nRESULT FAIL 1/2\n";
+        let why = outcome(&["probe", "x"], console, Some(0)).verdict().unwrap_err();
+        assert!(why.contains("failed scenario(s): x"), "{why}");
+        let console = "SCENARIO probe PASS (1 us)\nRESULT FAIL 1/1\n";
+        let why = outcome(&["probe"], console, Some(0)).verdict().unwrap_err();
+        assert!(why.contains("says RESULT FAIL 1/1, expected RESULT PASS 1/1"), "{why}");
+    }
+
+    #[test]
+    fn a_run_without_a_result_line_fails() {
+        let why = outcome(&["probe"], "SCENARIO probe PASS (1 us)\n", Some(0))
+            .verdict()
+            .unwrap_err();
+        assert!(why.contains("no RESULT line"), "{why}");
+    }
+
+    #[test]
+    fn the_result_line_is_parsed_only_in_its_exact_form() {
+        assert_eq!(
+            run_result("x\nRESULT PASS 6/6\n"),
+            Some(RunResult {
+                pass: true,
+                passed: 6,
+                asked: 6
+            })
+        );
+        assert_eq!(
+            run_result("RESULT FAIL 0/0"),
+            Some(RunResult {
+                pass: false,
+                passed: 0,
+                asked: 0
+            })
+        );
+        assert_eq!(run_result("RESULT PASS 6/6 extra"), None);
+        assert_eq!(run_result("RESULT OK 6/6"), None);
+        assert_eq!(run_result("  RESULT PASS 6/6"), None);
+        assert_eq!(
+            RunResult {
+                pass: false,
+                passed: 1,
+                asked: 2
+            }
+            .to_string(),
+            "RESULT FAIL 1/2"
+        );
+    }
+
+    #[test]
+    fn a_run_without_semihosting_leaves_the_option_out() {
+        for board in Board::ALL {
+            let mut run = Run::new(board, Stage::Nested, &["probe"]);
+            let has = |run: &Run| {
+                run.command(Path::new("fw.elf"))
+                    .get_args()
+                    .any(|a| a == "-semihosting-config")
+            };
+            assert!(has(&run));
+            run.semihosting = false;
+            assert!(!has(&run), "{board:?}");
+        }
+        // sbsa-ref's configuration travels on the semihosting command line: without it the default list runs.
+        let mut run = Run::new(Board::SbsaRef, Stage::Nested, &["probe"]);
+        run.semihosting = false;
+        assert_eq!(run.asked_scenarios(), DEFAULT_SCENARIOS);
+    }
 }
