@@ -100,6 +100,55 @@ fn psci_reset_and_power_off_through_qemus_psci() {
     smmuv3_harness::assert_psci_reset_and_power_off(Board::QemuVirt);
 }
 
+/// `n` copies of `name`: a scenario list of a chosen length.
+fn repeated(name: &'static str, n: usize) -> Vec<&'static str> {
+    vec![name; n]
+}
+
+/// The firmware once read at most 512 bytes of the list and ran what was left, exiting 0: now the whole file is
+/// read, so every one of 120 names (719 bytes) prints its line and the RESULT line counts them all.
+#[test]
+fn a_scenario_list_longer_than_512_bytes_runs_every_name() {
+    let names = repeated("probe", 120);
+    assert!(names.join(",").len() > 512);
+    let outcome = boot(Stage::Nested, &names);
+    outcome.assert_passed(&["probe"]);
+    assert_eq!(outcome.scenarios().len(), 120, "{}", outcome.report());
+    outcome.assert_console_shows(&["\nRESULT PASS 120/120\n"]);
+}
+
+/// A list larger than the firmware's 4 KiB buffer is refused, naming its size and the limit, before any scenario.
+#[test]
+fn an_oversize_scenario_list_is_refused_naming_its_size_and_the_limit() {
+    let names = repeated("probe", 700);
+    let bytes = names.join(",").len();
+    assert_eq!(bytes, 4199);
+    let outcome = boot(Stage::Nested, &names);
+    outcome.assert_console_shows(&[
+        "FATAL: configuration: opt/smmuv3/scenarios is 4199 bytes, more than the firmware's limit of 4096 bytes",
+        "\nRESULT FAIL 0/0\n",
+    ]);
+    assert!(outcome.scenarios().is_empty(), "{}", outcome.report());
+    assert_eq!(outcome.exit_code, Some(2), "{}", outcome.report());
+}
+
+/// A list with no name in it (separators only, or a blank) is an error, not a run of nothing that exits 0.
+#[test]
+fn a_scenario_list_without_names_is_an_error() {
+    // QEMU's option parser turns ",,,," into the file ",,".
+    for list in [",,,,", " "] {
+        let mut run = Run::new(Board::QemuVirt, Stage::Nested, &[]);
+        run.settings.push(("scenarios".into(), list.into()));
+        let outcome = run.boot();
+        outcome.assert_console_shows(&[
+            "FATAL: configuration: the scenario list (opt/smmuv3/scenarios) names no scenario",
+            "\nRESULT FAIL 0/0\n",
+        ]);
+        assert!(outcome.scenarios().is_empty(), "{}", outcome.report());
+        assert_eq!(outcome.exit_code, Some(2), "{list:?}\n{}", outcome.report());
+    }
+}
+
 /// A run without semihosting, as on a real board: no FATAL exception on the exit call; it prints the RESULT line
 /// and QEMU exits by itself (PSCI SYSTEM_OFF, status 0).
 fn boot_without_semihosting(scenarios: &[&str]) -> smmuv3_harness::Outcome {
