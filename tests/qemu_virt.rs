@@ -192,3 +192,22 @@ fn with_semihosting_the_result_line_precedes_the_exit_status() {
     outcome.assert_console_shows(&["semihosting: present", "\nRESULT FAIL 1/2\n"]);
     assert_eq!(outcome.exit_code, Some(1), "{}", outcome.report());
 }
+
+/// On `gic-version=2`, which the firmware does not drive, the boot says once that the SMMU is polled, and the
+/// interrupt-driven scenarios still pass by polling.
+#[test]
+fn gic_version_2_is_said_once_at_boot() {
+    let mut run = Run::new(Board::QemuVirt, Stage::Nested, &["abort-default", "bypass"]);
+    run.gic_version = 2;
+    let outcome = run.boot();
+    outcome.assert_passed_provoking(
+        &["abort-default", "bypass"],
+        |e| (e.contains("_C_BAD_STE ") || e.contains("_C_BAD_STREAMID ")) && e.ends_with("sid=0x10"),
+        0,
+    );
+    let line = "GIC: version 2 not driven; SMMU interrupts polled";
+    assert_eq!(outcome.console.matches(line).count(), 1, "{}", outcome.report());
+    let said = outcome.console.find(line).unwrap();
+    let first_scenario = outcome.console.find("SCENARIO ").unwrap();
+    assert!(said < first_scenario, "said at boot\n{}", outcome.report());
+}

@@ -228,6 +228,10 @@ pub fn run<B: Board>(board: &B) -> ! {
             ),
             Err(e) => fatal("interrupt controller", &e),
         }
+    } else if fdt.as_ref().is_some_and(dt::has_gic_v2) {
+        println!("GIC: version 2 not driven; SMMU interrupts polled");
+    } else {
+        println!("GIC: none described; SMMU interrupts polled");
     }
 
     let config = board.config(&platform).unwrap_or_else(|e| fatal("configuration", &e));
