@@ -6,7 +6,7 @@
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
-use smmuv3_harness::{Board, Run, Stage, build_firmware, ensure_qemu};
+use smmuv3_harness::{Board, GERROR_TRACE_EVENT, Outcome, Run, Stage, build_firmware, ensure_qemu};
 
 const USAGE: &str = "\
 usage: cargo xtask <command>
@@ -14,8 +14,9 @@ usage: cargo xtask <command>
 commands:
   qemu [--board qemu-virt|sbsa-ref] [--stage 1|2|nested] [--scenarios a,b] [--timeout SECONDS] [-- EXTRA QEMU ARGS]
         build the firmware and boot it under QEMU (default: board qemu-virt, stage nested, the firmware's default
-        scenarios); exits with the firmware's status (0 when every scenario passed). sbsa-ref's SMMU is always
-        nested
+        scenarios); exits 0 when every scenario asked printed SCENARIO … PASS and the firmware's RESULT line says
+        PASS, else with the firmware's status (or 1). sbsa-ref's SMMU is always nested. A `-D FILE` among the
+        extra arguments keeps QEMU's trace (with the SMMU events the summary counts) in FILE
   test  check the prerequisites (installing QEMU from Debian bookworm-backports when root), then run
         rustfmt --check, every host and QEMU test, and clippy for the host and aarch64-unknown-none
   build build the firmware of every board (release, aarch64-unknown-none)
@@ -95,40 +96,63 @@ fn qemu(args: &[String]) -> Result<ExitCode, String> {
     run.timeout = timeout;
     run.extra_args = extra;
     run.echo = true;
-    eprintln!("xtask: {:?}", run.command(&firmware));
+    run.trace_events.push(GERROR_TRACE_EVENT.into());
+    let (command, trace_file) = run.traced_command(&firmware)?;
+    eprintln!("xtask: {command:?}");
     let outcome = run.execute(&firmware)?;
     eprint!("{}", outcome.stderr);
-    let events = outcome.smmu_events();
-    let errors = outcome.command_errors();
-    if !events.is_empty() || !errors.is_empty() {
-        eprintln!(
-            "xtask: the emulated SMMU recorded {} event(s), {} command error(s):",
-            events.len(),
-            errors.len()
-        );
-        // Identical lines once, with their count: a faulting DMA records one event per 4 bytes.
-        let mut distinct: Vec<(&String, usize)> = Vec::new();
-        for line in events.iter().chain(&errors) {
-            match distinct.iter_mut().find(|(l, _)| *l == line) {
-                Some((_, n)) => *n += 1,
-                None => distinct.push((line, 1)),
-            }
-        }
-        for (line, n) in distinct {
-            eprintln!("  {n} x {line}");
-        }
+    for line in trace_summary(&outcome) {
+        eprintln!("{line}");
+    }
+    if let Some(file) = &trace_file {
+        let whose = if run.user_trace_file().is_some() {
+            "your -D file"
+        } else {
+            "the harness's file"
+        };
+        eprintln!("xtask: QEMU's trace went to {} ({whose})", file.display());
     }
     if outcome.timed_out {
         return Err(format!("QEMU did not exit within {timeout:?}"));
     }
-    match outcome.exit_code {
-        Some(0) => Ok(ExitCode::SUCCESS),
-        Some(code) => {
-            eprintln!("xtask: firmware exited with status {code}");
+    match outcome.verdict() {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(why) => {
+            eprintln!("xtask: the run failed: {why}");
+            let code = outcome.exit_code.unwrap_or(1);
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(1).max(1)))
         }
-        None => Err("QEMU was killed by a signal".into()),
     }
+}
+
+/// The summary of what the emulated SMMU saw: events, command errors and global errors raised, identical lines
+/// once with their count (a faulting DMA records one event per 4 bytes). Empty when it saw none.
+fn trace_summary(outcome: &Outcome) -> Vec<String> {
+    let events = outcome.smmu_events();
+    let errors = outcome.command_errors();
+    let gerrors: Vec<String> = outcome
+        .gerror_writes()
+        .into_iter()
+        .map(|l| format!("{GERROR_TRACE_EVENT} {l}"))
+        .collect();
+    if events.is_empty() && errors.is_empty() && gerrors.is_empty() {
+        return Vec::new();
+    }
+    let mut lines = vec![format!(
+        "xtask: the emulated SMMU recorded {} event(s), {} command error(s), {} GERROR write(s):",
+        events.len(),
+        errors.len(),
+        gerrors.len()
+    )];
+    let mut distinct: Vec<(&String, usize)> = Vec::new();
+    for line in events.iter().chain(&errors).chain(&gerrors) {
+        match distinct.iter_mut().find(|(l, _)| *l == line) {
+            Some((_, n)) => *n += 1,
+            None => distinct.push((line, 1)),
+        }
+    }
+    lines.extend(distinct.into_iter().map(|(line, n)| format!("  {n} x {line}")));
+    lines
 }
 
 fn cargo() -> Command {
@@ -281,4 +305,47 @@ fn bench(args: &[String]) -> Result<ExitCode, String> {
         }
     );
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(trace: &str) -> Outcome {
+        Outcome {
+            asked: Vec::new(),
+            commandline: String::new(),
+            console: String::new(),
+            stderr: String::new(),
+            exit_code: Some(0),
+            timed_out: false,
+            elapsed: Duration::from_secs(1),
+            trace: trace.into(),
+            trace_file: None,
+        }
+    }
+
+    #[test]
+    fn the_summary_counts_gerror_writes() {
+        let summary = trace_summary(&outcome(
+            "1@2.3:smmuv3_cmdq_consume_error CMD_TLBI_NH_ASID (cons=3): CERROR_ILL\n\
+             1@2.4:smmuv3_write_gerror toggled=0x1, new GERROR=0x1\n\
+             1@2.5:smmuv3_write_gerrorn acked=0x1, new GERRORN=0x1\n",
+        ));
+        assert_eq!(
+            summary[0],
+            "xtask: the emulated SMMU recorded 0 event(s), 1 command error(s), 1 GERROR write(s):"
+        );
+        assert!(
+            summary.contains(&"  1 x smmuv3_write_gerror toggled=0x1, new GERROR=0x1".to_string()),
+            "{summary:?}"
+        );
+    }
+
+    #[test]
+    fn a_trace_with_only_gerror_writes_still_gets_a_summary() {
+        let summary = trace_summary(&outcome("smmuv3_write_gerror toggled=0x4, new GERROR=0x4\n"));
+        assert_eq!(summary.len(), 2, "{summary:?}");
+        assert!(trace_summary(&outcome("")).is_empty());
+    }
 }

@@ -25,6 +25,8 @@ pub const STAGE_KEY: &str = "opt/smmuv3/stage";
 pub const EDU_DMA_MASK_KEY: &str = "opt/smmuv3/edu-dma-mask";
 /// The scenarios the firmware runs when it is told none (its `DEFAULT_SCENARIOS`): the demo.
 pub const DEFAULT_SCENARIOS: [&str; 6] = ["probe", "edu-ident", "init", "abort-default", "bypass", "pgtable-dma"];
+/// The trace event QEMU's SMMU emits when it raises a global error (`toggled=…, new GERROR=…`).
+pub const GERROR_TRACE_EVENT: &str = "smmuv3_write_gerror";
 /// The edu DMA mask virt runs use unless told otherwise: 40 bits, enough to reach its RAM without translation.
 pub const DEFAULT_EDU_DMA_MASK: u64 = 0xff_ffff_ffff;
 
@@ -218,7 +220,8 @@ pub struct Run {
     /// Further firmware settings by short name (fw_cfg `opt/smmuv3/<name>` on virt, `<name>=<value>` on the
     /// semihosting command line elsewhere), e.g. `("exit", "psci-off")`.
     pub settings: Vec<(String, String)>,
-    /// Further QEMU arguments.
+    /// Further QEMU arguments. A `-D FILE` among them is honoured: QEMU's trace goes there (and is read back from
+    /// there) instead of to the harness's own file.
     pub extra_args: Vec<String>,
     /// Copy the console to this process's stdout as it arrives.
     pub echo: bool,
@@ -356,32 +359,63 @@ impl Run {
         self.execute(&firmware(self.board)).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// The trace file the user named with `-D FILE` (or `-D=FILE`, `--D FILE`) among [`Run::extra_args`].
+    pub fn user_trace_file(&self) -> Option<PathBuf> {
+        let mut args = self.extra_args.iter();
+        let mut found = None;
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "-D" | "--D" => found = args.next().map(PathBuf::from),
+                other => {
+                    if let Some(file) = other.strip_prefix("-D=").or_else(|| other.strip_prefix("--D=")) {
+                        found = Some(PathBuf::from(file));
+                    }
+                }
+            }
+        }
+        found
+    }
+
+    /// The full QEMU command line ([`Run::command`] with the trace events enabled) and where the trace goes: the
+    /// user's `-D` file when [`Run::extra_args`] names one (then no second `-D` is added, so the user's wins), else
+    /// a file under `target/qemu-traces/`. `None` when nothing is traced.
+    ///
+    /// # Errors
+    /// When the trace directory cannot be created.
+    pub fn traced_command(&self, firmware: &Path) -> Result<(Command, Option<PathBuf>), String> {
+        let mut command = self.command(firmware);
+        if let Some(file) = self.user_trace_file() {
+            for event in &self.trace_events {
+                command.args(["-trace", &format!("enable={event}")]);
+            }
+            return Ok((command, Some(file)));
+        }
+        if self.trace_events.is_empty() {
+            return Ok((command, None));
+        }
+        let dir = workspace_root().join("target/qemu-traces");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let file = dir.join(format!(
+            "{}-{}-{}-{:?}.log",
+            self.board.name(),
+            self.stage.name(),
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_file(&file);
+        for event in &self.trace_events {
+            command.args(["-trace", &format!("enable={event}")]);
+        }
+        command.args(["-D", &file.display().to_string()]);
+        Ok((command, Some(file)))
+    }
+
     /// Boots QEMU and waits for it to exit or for the timeout (then kills it).
     ///
     /// # Errors
     /// When QEMU cannot be started.
     pub fn execute(&self, firmware: &Path) -> Result<Outcome, String> {
-        let trace_file = if self.trace_events.is_empty() {
-            None
-        } else {
-            let dir = workspace_root().join("target/qemu-traces");
-            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            Some(dir.join(format!(
-                "{}-{}-{}-{:?}.log",
-                self.board.name(),
-                self.stage.name(),
-                std::process::id(),
-                std::thread::current().id()
-            )))
-        };
-        let mut command = self.command(firmware);
-        if let Some(file) = &trace_file {
-            let _ = std::fs::remove_file(file);
-            for event in &self.trace_events {
-                command.args(["-trace", &format!("enable={event}")]);
-            }
-            command.args(["-D", &file.display().to_string()]);
-        }
+        let (mut command, trace_file) = self.traced_command(firmware)?;
         let commandline = format!("{command:?}");
         let mut child = command
             .stdin(Stdio::null())
@@ -630,6 +664,16 @@ impl Outcome {
         }
     }
 
+    /// The global errors QEMU's SMMU raised (`smmuv3_write_gerror` lines; not the acknowledgements,
+    /// `smmuv3_write_gerrorn`).
+    pub fn gerror_writes(&self) -> Vec<String> {
+        let prefix = format!("{GERROR_TRACE_EVENT} ");
+        self.trace
+            .lines()
+            .filter_map(|l| l.split_once(prefix.as_str()).map(|(_, rest)| rest.trim().to_string()))
+            .collect()
+    }
+
     /// The command errors QEMU traced (`smmuv3_cmdq_consume_error` lines).
     pub fn command_errors(&self) -> Vec<String> {
         self.trace
@@ -845,6 +889,47 @@ mod tests {
             }
             .to_string(),
             "RESULT FAIL 1/2"
+        );
+    }
+
+    #[test]
+    fn the_users_trace_file_wins_over_the_harness_one() {
+        let mut run = Run::new(Board::QemuVirt, Stage::Nested, &["probe"]);
+        run.extra_args = vec!["-D".into(), "/tmp/mine.log".into(), "-d".into(), "guest_errors".into()];
+        assert_eq!(run.user_trace_file(), Some(PathBuf::from("/tmp/mine.log")));
+        let (command, file) = run.traced_command(Path::new("fw.elf")).unwrap();
+        assert_eq!(file, Some(PathBuf::from("/tmp/mine.log")));
+        let args: Vec<String> = command.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert_eq!(args.iter().filter(|a| *a == "-D").count(), 1, "{args:?}");
+        let d = args.iter().position(|a| a == "-D").unwrap();
+        assert_eq!(args[d + 1], "/tmp/mine.log");
+        // The harness's events are still enabled, into the user's file.
+        assert!(args.contains(&"enable=smmuv3_record_event".to_string()), "{args:?}");
+        run.extra_args = vec!["-D=/tmp/other.log".into()];
+        assert_eq!(run.user_trace_file(), Some(PathBuf::from("/tmp/other.log")));
+    }
+
+    #[test]
+    fn without_a_user_trace_file_the_harness_names_one() {
+        let run = Run::new(Board::QemuVirt, Stage::Nested, &["probe"]);
+        assert_eq!(run.user_trace_file(), None);
+        let (command, file) = run.traced_command(Path::new("fw.elf")).unwrap();
+        let file = file.unwrap();
+        assert!(file.starts_with(workspace_root().join("target/qemu-traces")));
+        let args: Vec<String> = command.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert_eq!(args.iter().filter(|a| *a == "-D").count(), 1, "{args:?}");
+    }
+
+    #[test]
+    fn gerror_writes_are_counted_apart_from_their_acknowledgements() {
+        let mut run = outcome(&[], "", Some(0));
+        run.trace = "123@1.000001:smmuv3_write_gerror toggled=0x1, new GERROR=0x1\n\
+                     123@1.000002:smmuv3_write_gerrorn acked=0x1, new GERRORN=0x1\n\
+                     smmuv3_write_gerror toggled=0x4, new GERROR=0x5\n"
+            .into();
+        assert_eq!(
+            run.gerror_writes(),
+            ["toggled=0x1, new GERROR=0x1", "toggled=0x4, new GERROR=0x5"]
         );
     }
 
