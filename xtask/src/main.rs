@@ -89,6 +89,7 @@ fn qemu(args: &[String]) -> Result<ExitCode, String> {
     }
     board.check_stage(stage)?;
     ensure_qemu(true)?;
+    ensure_firmware_target()?;
     eprintln!("xtask: building the {} firmware", board.name());
     let firmware = build_firmware(board)?;
     let names: Vec<&str> = scenarios.iter().map(String::as_str).collect();
@@ -155,6 +156,71 @@ fn trace_summary(outcome: &Outcome) -> Vec<String> {
     lines
 }
 
+/// The target the firmware is built for.
+const FIRMWARE_TARGET: &str = "aarch64-unknown-none";
+
+/// What to do about the firmware's target before a build.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum TargetStep {
+    /// The toolchain has it.
+    Present,
+    /// rustup can add it: `rustup target add aarch64-unknown-none`.
+    Add,
+    /// Missing and no rustup to add it: the message says what to run.
+    Missing(String),
+}
+
+/// Decides [`TargetStep`] from `rustup target list --installed` (`None` when rustup is absent) and whether the
+/// toolchain's sysroot has the target's library directory (how a toolchain without rustup shows it).
+fn target_step(rustup_installed: Option<&str>, in_sysroot: bool) -> TargetStep {
+    match rustup_installed {
+        Some(list) if list.lines().any(|l| l.trim() == FIRMWARE_TARGET) => TargetStep::Present,
+        Some(_) => TargetStep::Add,
+        None if in_sysroot => TargetStep::Present,
+        None => TargetStep::Missing(format!(
+            "the Rust toolchain lacks the {FIRMWARE_TARGET} target and rustup is not available to add it: run \
+             `rustup target add {FIRMWARE_TARGET}` (with rustup) or install that target's standard library for \
+             this toolchain"
+        )),
+    }
+}
+
+/// Adds the firmware's target to the project's toolchain (`rust-toolchain.toml`) when it lacks it, as `qemu` and
+/// `test` install QEMU: rustup, when it exists, already picked that toolchain for this process.
+fn ensure_firmware_target() -> Result<(), String> {
+    let root = smmuv3_harness::workspace_root();
+    let rustup = Command::new("rustup")
+        .current_dir(&root)
+        .args(["target", "list", "--installed"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    let in_sysroot = Command::new("rustc")
+        .current_dir(&root)
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()
+        .map(|o| {
+            std::path::Path::new(String::from_utf8_lossy(&o.stdout).trim())
+                .join("lib/rustlib")
+                .join(FIRMWARE_TARGET)
+                .join("lib")
+                .is_dir()
+        })
+        .unwrap_or(false);
+    match target_step(rustup.as_deref(), in_sysroot) {
+        TargetStep::Present => Ok(()),
+        TargetStep::Add => {
+            eprintln!("xtask: the toolchain lacks {FIRMWARE_TARGET}; adding it through rustup");
+            let mut add = Command::new("rustup");
+            add.args(["target", "add", FIRMWARE_TARGET]);
+            step("rustup target add", add)
+        }
+        TargetStep::Missing(why) => Err(why),
+    }
+}
+
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
@@ -187,6 +253,7 @@ fn test(args: &[String]) -> Result<ExitCode, String> {
         return Err(format!("`test` takes no arguments (got {a:?})"));
     }
     let info = ensure_qemu(true)?;
+    ensure_firmware_target()?;
     eprintln!(
         "xtask: QEMU {}.{}.{} with a nesting SMMUv3 (IDR0 {:#010x})",
         info.version.0, info.version.1, info.version.2, info.nested_idr0
@@ -223,6 +290,7 @@ fn test(args: &[String]) -> Result<ExitCode, String> {
 }
 
 fn build() -> Result<ExitCode, String> {
+    ensure_firmware_target()?;
     for board in Board::ALL {
         let path = build_firmware(board)?;
         println!("{}: {}", board.name(), path.display());
@@ -323,6 +391,28 @@ mod tests {
             trace: trace.into(),
             trace_file: None,
         }
+    }
+
+    #[test]
+    fn a_toolchain_without_the_firmware_target_gets_it_added() {
+        assert_eq!(target_step(Some("x86_64-unknown-linux-gnu\n"), false), TargetStep::Add);
+        assert_eq!(target_step(Some(""), false), TargetStep::Add);
+    }
+
+    #[test]
+    fn a_toolchain_with_the_firmware_target_is_left_alone() {
+        let list = "aarch64-unknown-none\nx86_64-unknown-linux-gnu\n";
+        assert_eq!(target_step(Some(list), false), TargetStep::Present);
+        // Without rustup, the sysroot decides.
+        assert_eq!(target_step(None, true), TargetStep::Present);
+    }
+
+    #[test]
+    fn without_rustup_a_missing_target_names_the_command() {
+        let TargetStep::Missing(why) = target_step(None, false) else {
+            panic!("expected Missing")
+        };
+        assert!(why.contains("rustup target add aarch64-unknown-none"), "{why}");
     }
 
     #[test]
