@@ -106,3 +106,54 @@ fn the_el3_stub_reports_an_unexpected_exception() {
         outcome.report()
     );
 }
+
+/// The semihosting command line is read whole (up to 4 KiB): a list longer than the old 512-byte buffer runs
+/// every name (the old firmware fell back to the demo).
+#[test]
+fn a_semihosting_list_longer_than_512_bytes_runs_every_name() {
+    let names = vec!["probe"; 120];
+    let outcome = boot(&names);
+    outcome.assert_passed(&["probe"]);
+    assert_eq!(outcome.scenarios().len(), 120, "{}", outcome.report());
+    outcome.assert_console_shows(&["\nRESULT PASS 120/120\n"]);
+}
+
+/// A command line longer than the firmware's 4 KiB buffer is refused (SYS_GET_CMDLINE does not say its size).
+#[test]
+fn an_oversize_semihosting_command_line_is_refused_naming_the_limit() {
+    let outcome = boot(&vec!["probe"; 700]);
+    outcome.assert_console_shows(&[
+        "FATAL: configuration: the semihosting command line is longer than the firmware's limit of 4096 bytes",
+        "\nRESULT FAIL 0/0\n",
+    ]);
+    assert!(outcome.scenarios().is_empty(), "{}", outcome.report());
+    assert_eq!(outcome.exit_code, Some(2), "{}", outcome.report());
+}
+
+#[test]
+fn an_empty_semihosting_list_is_an_error() {
+    let mut run = Run::new(BOARD, Stage::Nested, &[]);
+    run.settings.push(("scenarios".into(), ",,".into()));
+    let outcome = run.boot();
+    outcome.assert_console_shows(&["names no scenario", "\nRESULT FAIL 0/0\n"]);
+    assert_eq!(outcome.exit_code, Some(2), "{}", outcome.report());
+}
+
+/// Without semihosting sbsa-ref has no configuration (it travels on the semihosting command line), so the demo
+/// runs with the firmware's defaults; the run must still end by itself through the EL3 stub's PSCI SYSTEM_OFF with
+/// a RESULT line over the six demo scenarios, and no FATAL exception on the exit call.
+#[test]
+fn without_semihosting_sbsa_ref_prints_its_result_and_powers_off() {
+    let mut run = Run::new(BOARD, Stage::Nested, &[]);
+    run.semihosting = false;
+    let outcome = run.boot();
+    assert!(!outcome.timed_out, "QEMU exits by itself\n{}", outcome.report());
+    assert_eq!(outcome.exit_code, Some(0), "{}", outcome.report());
+    assert!(!outcome.console.contains("FATAL"), "{}", outcome.report());
+    assert!(!outcome.console.contains("exception"), "{}", outcome.report());
+    outcome.assert_console_shows(&["semihosting: absent", "powering off through PSCI SYSTEM_OFF"]);
+    let result = outcome.result().expect("a RESULT line");
+    let passed = outcome.scenarios().iter().filter(|s| s.result.is_ok()).count();
+    assert_eq!((result.passed, result.asked), (passed, 6), "{}", outcome.report());
+    assert_eq!(result.pass, passed == 6, "{}", outcome.report());
+}

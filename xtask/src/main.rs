@@ -6,7 +6,7 @@
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
-use smmuv3_harness::{Board, Run, Stage, build_firmware, ensure_qemu};
+use smmuv3_harness::{Board, GERROR_TRACE_EVENT, Outcome, Run, Stage, build_firmware, ensure_qemu};
 
 const USAGE: &str = "\
 usage: cargo xtask <command>
@@ -14,8 +14,9 @@ usage: cargo xtask <command>
 commands:
   qemu [--board qemu-virt|sbsa-ref] [--stage 1|2|nested] [--scenarios a,b] [--timeout SECONDS] [-- EXTRA QEMU ARGS]
         build the firmware and boot it under QEMU (default: board qemu-virt, stage nested, the firmware's default
-        scenarios); exits with the firmware's status (0 when every scenario passed). sbsa-ref's SMMU is always
-        nested
+        scenarios); exits 0 when every scenario asked printed SCENARIO … PASS and the firmware's RESULT line says
+        PASS, else with the firmware's status (or 1). sbsa-ref's SMMU is always nested. A `-D FILE` among the
+        extra arguments keeps QEMU's trace (with the SMMU events the summary counts) in FILE
   test  check the prerequisites (installing QEMU from Debian bookworm-backports when root), then run
         rustfmt --check, every host and QEMU test, and clippy for the host and aarch64-unknown-none
   build build the firmware of every board (release, aarch64-unknown-none)
@@ -88,6 +89,7 @@ fn qemu(args: &[String]) -> Result<ExitCode, String> {
     }
     board.check_stage(stage)?;
     ensure_qemu(true)?;
+    ensure_firmware_target()?;
     eprintln!("xtask: building the {} firmware", board.name());
     let firmware = build_firmware(board)?;
     let names: Vec<&str> = scenarios.iter().map(String::as_str).collect();
@@ -95,39 +97,127 @@ fn qemu(args: &[String]) -> Result<ExitCode, String> {
     run.timeout = timeout;
     run.extra_args = extra;
     run.echo = true;
-    eprintln!("xtask: {:?}", run.command(&firmware));
+    run.trace_events.push(GERROR_TRACE_EVENT.into());
+    let (command, trace_file) = run.traced_command(&firmware)?;
+    eprintln!("xtask: {command:?}");
     let outcome = run.execute(&firmware)?;
     eprint!("{}", outcome.stderr);
-    let events = outcome.smmu_events();
-    let errors = outcome.command_errors();
-    if !events.is_empty() || !errors.is_empty() {
-        eprintln!(
-            "xtask: the emulated SMMU recorded {} event(s), {} command error(s):",
-            events.len(),
-            errors.len()
-        );
-        // Identical lines once, with their count: a faulting DMA records one event per 4 bytes.
-        let mut distinct: Vec<(&String, usize)> = Vec::new();
-        for line in events.iter().chain(&errors) {
-            match distinct.iter_mut().find(|(l, _)| *l == line) {
-                Some((_, n)) => *n += 1,
-                None => distinct.push((line, 1)),
-            }
-        }
-        for (line, n) in distinct {
-            eprintln!("  {n} x {line}");
-        }
+    for line in trace_summary(&outcome) {
+        eprintln!("{line}");
+    }
+    if let Some(file) = &trace_file {
+        let whose = if run.user_trace_file().is_some() {
+            "your -D file"
+        } else {
+            "the harness's file"
+        };
+        eprintln!("xtask: QEMU's trace went to {} ({whose})", file.display());
     }
     if outcome.timed_out {
         return Err(format!("QEMU did not exit within {timeout:?}"));
     }
-    match outcome.exit_code {
-        Some(0) => Ok(ExitCode::SUCCESS),
-        Some(code) => {
-            eprintln!("xtask: firmware exited with status {code}");
+    match outcome.verdict() {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(why) => {
+            eprintln!("xtask: the run failed: {why}");
+            let code = outcome.exit_code.unwrap_or(1);
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(1).max(1)))
         }
-        None => Err("QEMU was killed by a signal".into()),
+    }
+}
+
+/// The summary of what the emulated SMMU saw: events, command errors and global errors raised, identical lines
+/// once with their count (a faulting DMA records one event per 4 bytes). Empty when it saw none.
+fn trace_summary(outcome: &Outcome) -> Vec<String> {
+    let events = outcome.smmu_events();
+    let errors = outcome.command_errors();
+    let gerrors: Vec<String> = outcome
+        .gerror_writes()
+        .into_iter()
+        .map(|l| format!("{GERROR_TRACE_EVENT} {l}"))
+        .collect();
+    if events.is_empty() && errors.is_empty() && gerrors.is_empty() {
+        return Vec::new();
+    }
+    let mut lines = vec![format!(
+        "xtask: the emulated SMMU recorded {} event(s), {} command error(s), {} GERROR write(s):",
+        events.len(),
+        errors.len(),
+        gerrors.len()
+    )];
+    let mut distinct: Vec<(&String, usize)> = Vec::new();
+    for line in events.iter().chain(&errors).chain(&gerrors) {
+        match distinct.iter_mut().find(|(l, _)| *l == line) {
+            Some((_, n)) => *n += 1,
+            None => distinct.push((line, 1)),
+        }
+    }
+    lines.extend(distinct.into_iter().map(|(line, n)| format!("  {n} x {line}")));
+    lines
+}
+
+/// The target the firmware is built for.
+const FIRMWARE_TARGET: &str = "aarch64-unknown-none";
+
+/// What to do about the firmware's target before a build.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum TargetStep {
+    /// The toolchain has it.
+    Present,
+    /// rustup can add it: `rustup target add aarch64-unknown-none`.
+    Add,
+    /// Missing and no rustup to add it: the message says what to run.
+    Missing(String),
+}
+
+/// Decides [`TargetStep`] from `rustup target list --installed` (`None` when rustup is absent) and whether the
+/// toolchain's sysroot has the target's library directory (how a toolchain without rustup shows it).
+fn target_step(rustup_installed: Option<&str>, in_sysroot: bool) -> TargetStep {
+    match rustup_installed {
+        Some(list) if list.lines().any(|l| l.trim() == FIRMWARE_TARGET) => TargetStep::Present,
+        Some(_) => TargetStep::Add,
+        None if in_sysroot => TargetStep::Present,
+        None => TargetStep::Missing(format!(
+            "the Rust toolchain lacks the {FIRMWARE_TARGET} target and rustup is not available to add it: run \
+             `rustup target add {FIRMWARE_TARGET}` (with rustup) or install that target's standard library for \
+             this toolchain"
+        )),
+    }
+}
+
+/// Adds the firmware's target to the project's toolchain (`rust-toolchain.toml`) when it lacks it, as `qemu` and
+/// `test` install QEMU: rustup, when it exists, already picked that toolchain for this process.
+fn ensure_firmware_target() -> Result<(), String> {
+    let root = smmuv3_harness::workspace_root();
+    let rustup = Command::new("rustup")
+        .current_dir(&root)
+        .args(["target", "list", "--installed"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+    let in_sysroot = Command::new("rustc")
+        .current_dir(&root)
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()
+        .map(|o| {
+            std::path::Path::new(String::from_utf8_lossy(&o.stdout).trim())
+                .join("lib/rustlib")
+                .join(FIRMWARE_TARGET)
+                .join("lib")
+                .is_dir()
+        })
+        .unwrap_or(false);
+    match target_step(rustup.as_deref(), in_sysroot) {
+        TargetStep::Present => Ok(()),
+        TargetStep::Add => {
+            eprintln!("xtask: the toolchain lacks {FIRMWARE_TARGET}; adding it through rustup");
+            let mut add = Command::new("rustup");
+            add.args(["target", "add", FIRMWARE_TARGET]);
+            step("rustup target add", add)
+        }
+        TargetStep::Missing(why) => Err(why),
     }
 }
 
@@ -163,6 +253,7 @@ fn test(args: &[String]) -> Result<ExitCode, String> {
         return Err(format!("`test` takes no arguments (got {a:?})"));
     }
     let info = ensure_qemu(true)?;
+    ensure_firmware_target()?;
     eprintln!(
         "xtask: QEMU {}.{}.{} with a nesting SMMUv3 (IDR0 {:#010x})",
         info.version.0, info.version.1, info.version.2, info.nested_idr0
@@ -199,6 +290,7 @@ fn test(args: &[String]) -> Result<ExitCode, String> {
 }
 
 fn build() -> Result<ExitCode, String> {
+    ensure_firmware_target()?;
     for board in Board::ALL {
         let path = build_firmware(board)?;
         println!("{}: {}", board.name(), path.display());
@@ -281,4 +373,69 @@ fn bench(args: &[String]) -> Result<ExitCode, String> {
         }
     );
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(trace: &str) -> Outcome {
+        Outcome {
+            asked: Vec::new(),
+            commandline: String::new(),
+            console: String::new(),
+            stderr: String::new(),
+            exit_code: Some(0),
+            timed_out: false,
+            elapsed: Duration::from_secs(1),
+            trace: trace.into(),
+            trace_file: None,
+        }
+    }
+
+    #[test]
+    fn a_toolchain_without_the_firmware_target_gets_it_added() {
+        assert_eq!(target_step(Some("x86_64-unknown-linux-gnu\n"), false), TargetStep::Add);
+        assert_eq!(target_step(Some(""), false), TargetStep::Add);
+    }
+
+    #[test]
+    fn a_toolchain_with_the_firmware_target_is_left_alone() {
+        let list = "aarch64-unknown-none\nx86_64-unknown-linux-gnu\n";
+        assert_eq!(target_step(Some(list), false), TargetStep::Present);
+        // Without rustup, the sysroot decides.
+        assert_eq!(target_step(None, true), TargetStep::Present);
+    }
+
+    #[test]
+    fn without_rustup_a_missing_target_names_the_command() {
+        let TargetStep::Missing(why) = target_step(None, false) else {
+            panic!("expected Missing")
+        };
+        assert!(why.contains("rustup target add aarch64-unknown-none"), "{why}");
+    }
+
+    #[test]
+    fn the_summary_counts_gerror_writes() {
+        let summary = trace_summary(&outcome(
+            "1@2.3:smmuv3_cmdq_consume_error CMD_TLBI_NH_ASID (cons=3): CERROR_ILL\n\
+             1@2.4:smmuv3_write_gerror toggled=0x1, new GERROR=0x1\n\
+             1@2.5:smmuv3_write_gerrorn acked=0x1, new GERRORN=0x1\n",
+        ));
+        assert_eq!(
+            summary[0],
+            "xtask: the emulated SMMU recorded 0 event(s), 1 command error(s), 1 GERROR write(s):"
+        );
+        assert!(
+            summary.contains(&"  1 x smmuv3_write_gerror toggled=0x1, new GERROR=0x1".to_string()),
+            "{summary:?}"
+        );
+    }
+
+    #[test]
+    fn a_trace_with_only_gerror_writes_still_gets_a_summary() {
+        let summary = trace_summary(&outcome("smmuv3_write_gerror toggled=0x4, new GERROR=0x4\n"));
+        assert_eq!(summary.len(), 2, "{summary:?}");
+        assert!(trace_summary(&outcome("")).is_empty());
+    }
 }

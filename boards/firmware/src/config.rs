@@ -28,6 +28,9 @@ pub const EXIT_KEY: &str = "opt/smmuv3/exit";
 /// 4 GiB, so every queue, table and DMA buffer the scenarios use lies there (the run fails at boot when RAM does
 /// not reach that high); `off` (the default) allocates from the end of the image upwards.
 pub const DMA_ABOVE_4G_KEY: &str = "opt/smmuv3/dma-above-4g";
+/// The longest scenario list (and semihosting command line) the firmware takes, in bytes. The firmware has no
+/// allocator: the list is read whole into a buffer of this size, and a longer one is refused rather than cut.
+pub const MAX_LIST_BYTES: usize = 4096;
 
 /// The scenarios run when the host names none: the demo.
 pub const DEFAULT_SCENARIOS: &str = "probe,edu-ident,init,abort-default,bypass,pgtable-dma";
@@ -36,7 +39,7 @@ pub const DEFAULT_SCENARIOS: &str = "probe,edu-ident,init,abort-default,bypass,p
 #[derive(Clone, Debug)]
 pub struct Config {
     /// Scenario names separated by `,` (or spaces, `;`, `:`).
-    pub scenarios: heapless::String<512>,
+    pub scenarios: heapless::String<MAX_LIST_BYTES>,
     /// The stages QEMU was started with, when the host says.
     pub expected_stages: Option<Stages>,
     /// edu's DMA mask.
@@ -65,11 +68,15 @@ impl Default for Config {
 impl Config {
     /// The scenario names, in order.
     pub fn scenario_names(&self) -> impl Iterator<Item = &str> {
-        self.scenarios
-            .split([',', ' ', ';', ':', '\n'])
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
+        names(&self.scenarios)
     }
+}
+
+/// The names in a scenario list, in order.
+fn names(list: &str) -> impl Iterator<Item = &str> {
+    list.split([',', ' ', ';', ':', '\n'])
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
 }
 
 /// The stages by the names of QEMU's `arm-smmuv3.stage` property (and `cargo xtask --stage`): `1`, `2`, `nested`.
@@ -95,6 +102,17 @@ fn parse_u64(text: &str) -> Option<u64> {
 pub enum ConfigError {
     /// A value is not what its key expects.
     BadValue(&'static str),
+    /// A file (or the semihosting command line) is longer than the firmware reads: refused, never cut.
+    TooLong {
+        /// What was too long.
+        what: &'static str,
+        /// Its size in bytes, when the source says (fw_cfg's directory does; semihosting does not).
+        size: Option<usize>,
+        /// The firmware's limit in bytes.
+        limit: usize,
+    },
+    /// The scenario list names no scenario (empty, blanks or separators only).
+    EmptyScenarioList,
 }
 
 impl core::fmt::Display for ConfigError {
@@ -102,6 +120,24 @@ impl core::fmt::Display for ConfigError {
         match self {
             ConfigError::BadValue(key) => {
                 write!(f, "setting {key} has a value the firmware cannot use")
+            }
+            ConfigError::TooLong {
+                what,
+                size: Some(size),
+                limit,
+            } => write!(
+                f,
+                "{what} is {size} bytes, more than the firmware's limit of {limit} bytes"
+            ),
+            ConfigError::TooLong {
+                what,
+                size: None,
+                limit,
+            } => {
+                write!(f, "{what} is longer than the firmware's limit of {limit} bytes")
+            }
+            ConfigError::EmptyScenarioList => {
+                write!(f, "the scenario list ({SCENARIOS_KEY}) names no scenario")
             }
         }
     }
@@ -117,7 +153,14 @@ impl Config {
         let value = value.trim_end_matches('\0').trim();
         match name {
             "scenarios" => {
-                self.scenarios = heapless::String::from_str(value).map_err(|_| ConfigError::BadValue(SCENARIOS_KEY))?;
+                if names(value).next().is_none() {
+                    return Err(ConfigError::EmptyScenarioList);
+                }
+                self.scenarios = heapless::String::from_str(value).map_err(|_| ConfigError::TooLong {
+                    what: SCENARIOS_KEY,
+                    size: Some(value.len()),
+                    limit: MAX_LIST_BYTES,
+                })?;
             }
             "stage" => {
                 self.expected_stages = Some(stages_from_name(value).ok_or(ConfigError::BadValue(STAGE_KEY))?);
@@ -152,10 +195,12 @@ impl Config {
     }
 }
 
-/// Reads the configuration from the fw_cfg device at `base`; missing files keep their defaults.
+/// Reads the configuration from the fw_cfg device at `base`; missing files keep their defaults. Each file is read
+/// whole, by the size its directory entry gives.
 ///
 /// # Errors
-/// [`ConfigError::BadValue`] for a file whose content does not parse.
+/// [`ConfigError::BadValue`] for a file whose content does not parse, [`ConfigError::TooLong`] for a file larger
+/// than [`MAX_LIST_BYTES`], [`ConfigError::EmptyScenarioList`] for a scenario list without a name.
 ///
 /// # Safety
 /// `base` must be QEMU's fw_cfg MMIO device, identity-mapped as device memory, used by nothing else.
@@ -165,7 +210,7 @@ pub unsafe fn from_fw_cfg(base: usize) -> Result<Config, ConfigError> {
     let Some(mut fw_cfg) = (unsafe { FwCfg::new(base) }) else {
         return Ok(config);
     };
-    let mut buffer = [0u8; 512];
+    let mut buffer = [0u8; MAX_LIST_BYTES];
     for key in [
         SCENARIOS_KEY,
         STAGE_KEY,
@@ -175,6 +220,13 @@ pub unsafe fn from_fw_cfg(base: usize) -> Result<Config, ConfigError> {
         DMA_ABOVE_4G_KEY,
     ] {
         let Some(file) = fw_cfg.find(key) else { continue };
+        if file.size as usize > buffer.len() {
+            return Err(ConfigError::TooLong {
+                what: key,
+                size: Some(file.size as usize),
+                limit: buffer.len(),
+            });
+        }
         let len = fw_cfg.read_file(file, &mut buffer);
         let text = core::str::from_utf8(&buffer[..len]).map_err(|_| ConfigError::BadValue(key))?;
         config.set(key.trim_start_matches(KEY_PREFIX), text)?;
@@ -183,15 +235,28 @@ pub unsafe fn from_fw_cfg(base: usize) -> Result<Config, ConfigError> {
 }
 
 /// Reads the configuration from the semihosting command line, for boards without fw_cfg: arguments of the form
-/// `scenarios=a,b`, `stage=nested`, `edu-dma-mask=0x…`, `coherency=non-coherent`, `exit=psci-off`, `dma-above-4g=on` (QEMU: `-semihosting-config enable=on,arg=…`); other
-/// arguments (the program name) are ignored, missing settings keep their defaults.
+/// `scenarios=a,b`, `stage=nested`, `edu-dma-mask=0x…`, `coherency=non-coherent`, `exit=psci-off`, `dma-above-4g=on`
+/// (QEMU: `-semihosting-config enable=on,arg=…`); other arguments (the program name) are ignored, missing settings
+/// keep their defaults, and so does everything when the machine has no semihosting
+/// ([`crate::finish::semihosting_absent`]).
 ///
 /// # Errors
-/// [`ConfigError::BadValue`] for a setting whose value does not parse or is not UTF-8.
+/// [`ConfigError::BadValue`] for a setting whose value does not parse or is not UTF-8; [`ConfigError::TooLong`]
+/// when the host refuses the command line because it does not fit [`MAX_LIST_BYTES`] (SYS_GET_CMDLINE does not say
+/// how long it is); [`ConfigError::EmptyScenarioList`] for a scenario list without a name.
 pub fn from_semihosting() -> Result<Config, ConfigError> {
     let mut config = Config::default();
-    let Ok(args) = semihosting::experimental::env::args::<512>() else {
-        return Ok(config);
+    let args = match semihosting::experimental::env::args::<MAX_LIST_BYTES>() {
+        Ok(args) => args,
+        Err(_) if crate::finish::semihosting_absent() => return Ok(config),
+        // QEMU answers SYS_GET_CMDLINE with an error exactly when the line does not fit the buffer.
+        Err(_) => {
+            return Err(ConfigError::TooLong {
+                what: "the semihosting command line",
+                size: None,
+                limit: MAX_LIST_BYTES,
+            });
+        }
     };
     for arg in &args {
         let arg = arg.map_err(|_| ConfigError::BadValue("semihosting command line"))?;

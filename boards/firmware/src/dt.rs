@@ -285,6 +285,19 @@ pub fn fw_cfg(fdt: &Fdt) -> Option<Region> {
     first_reg(&fdt.find_compatible(&["qemu,fw-cfg-mmio"])?)
 }
 
+/// Whether the tree describes a GICv2 (`arm,cortex-a15-gic`, `arm,gic-400` and kin), which the firmware does not
+/// drive: QEMU virt's `gic-version=2`.
+pub fn has_gic_v2(fdt: &Fdt) -> bool {
+    fdt.find_compatible(&[
+        "arm,cortex-a15-gic",
+        "arm,cortex-a9-gic",
+        "arm,cortex-a7-gic",
+        "arm,gic-400",
+        "arm,arm11mp-gic",
+    ])
+    .is_some()
+}
+
 /// The GICv3 (`arm,gic-v3`), if described.
 pub fn gic(fdt: &Fdt) -> Option<Gic> {
     let node = fdt.find_compatible(&["arm,gic-v3"])?;

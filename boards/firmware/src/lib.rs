@@ -9,6 +9,7 @@ pub mod console;
 pub mod dt;
 pub mod edu;
 pub mod exceptions;
+pub mod finish;
 pub mod frames;
 pub mod fw_cfg;
 pub mod irq;
@@ -35,15 +36,18 @@ unsafe extern "C" {
 
 static EXITING: AtomicBool = AtomicBool::new(false);
 
-/// Ends the run, handing `code` to the host through semihosting (0: every scenario passed).
+/// Ends the run: prints the RESULT line ([`finish::report`]), then hands `code` to the host through semihosting
+/// (0: every scenario passed), or, on a machine without semihosting, powers off through PSCI (or parks the CPU).
 pub fn exit(code: i32) -> ! {
+    finish::report(code == 0);
     if EXITING.swap(true, Ordering::SeqCst) {
-        // Semihosting itself faulted (QEMU started without -semihosting-config): nothing left to report to.
-        println!("FATAL: cannot exit through semihosting; halting");
-        loop {
-            aarch64_cpu::asm::wfe();
-        }
+        // The way out itself failed (PSCI SYSTEM_OFF returned, or faulted): nothing left to report to.
+        finish::park("FATAL: the run cannot exit; parking the CPU")
     }
+    if finish::semihosting_absent() {
+        finish::without_semihosting()
+    }
+    // Should semihosting be absent after all, the call traps and the exception handler ends the run without it.
     semihosting::process::exit(code)
 }
 
@@ -145,6 +149,11 @@ pub fn run<B: Board>(board: &B) -> ! {
     unsafe { console::init(uart.base as usize) };
     println!();
     println!("smmuv3 firmware on {} at EL{}", B::NAME, CurrentEL.read(CurrentEL::EL));
+    if finish::probe_semihosting() {
+        println!("semihosting: present; the run ends with its exit status");
+    } else {
+        println!("semihosting: absent; the run ends with its RESULT line and PSCI SYSTEM_OFF (or a low-power park)");
+    }
     let fdt = match fdt {
         Some(Ok(fdt)) => {
             println!("device tree: {} bytes", fdt.total_size());
@@ -227,6 +236,10 @@ pub fn run<B: Board>(board: &B) -> ! {
             ),
             Err(e) => fatal("interrupt controller", &e),
         }
+    } else if fdt.as_ref().is_some_and(dt::has_gic_v2) {
+        println!("GIC: version 2 not driven; SMMU interrupts polled");
+    } else {
+        println!("GIC: none described; SMMU interrupts polled");
     }
 
     let config = board.config(&platform).unwrap_or_else(|e| fatal("configuration", &e));
@@ -278,6 +291,7 @@ pub fn run<B: Board>(board: &B) -> ! {
     };
     let failed = scenarios::run_all(&mut context);
     if failed == 0 && config.power_off {
+        finish::report(true);
         power::system_off()
     }
     exit(if failed == 0 { 0 } else { 1 })

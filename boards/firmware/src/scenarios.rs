@@ -63,6 +63,7 @@ mod translate;
 pub fn run_all(context: &mut Context) -> usize {
     let mut failed = 0;
     let mut count = 0;
+    crate::finish::set_asked(context.config.scenario_names().count());
     for name in context.config.scenario_names() {
         count += 1;
         let start = time::ticks();
@@ -80,7 +81,10 @@ pub fn run_all(context: &mut Context) -> usize {
         };
         let micros = time::to_us(time::ticks() - start);
         match outcome {
-            Ok(()) => println!("SCENARIO {name} PASS ({micros} us)"),
+            Ok(()) => {
+                crate::finish::record_pass();
+                println!("SCENARIO {name} PASS ({micros} us)");
+            }
             Err(reason) => {
                 failed += 1;
                 println!("SCENARIO {name} FAIL: {reason}");

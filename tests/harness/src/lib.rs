@@ -23,6 +23,10 @@ pub const SCENARIOS_KEY: &str = "opt/smmuv3/scenarios";
 pub const STAGE_KEY: &str = "opt/smmuv3/stage";
 /// fw_cfg file giving edu's DMA mask.
 pub const EDU_DMA_MASK_KEY: &str = "opt/smmuv3/edu-dma-mask";
+/// The scenarios the firmware runs when it is told none (its `DEFAULT_SCENARIOS`): the demo.
+pub const DEFAULT_SCENARIOS: [&str; 6] = ["probe", "edu-ident", "init", "abort-default", "bypass", "pgtable-dma"];
+/// The trace event QEMU's SMMU emits when it raises a global error (`toggled=…, new GERROR=…`).
+pub const GERROR_TRACE_EVENT: &str = "smmuv3_write_gerror";
 /// The edu DMA mask virt runs use unless told otherwise: 40 bits, enough to reach its RAM without translation.
 pub const DEFAULT_EDU_DMA_MASK: u64 = 0xff_ffff_ffff;
 
@@ -253,10 +257,17 @@ pub struct Run {
     /// Further firmware settings by short name (fw_cfg `opt/smmuv3/<name>` on virt, `<name>=<value>` on the
     /// semihosting command line elsewhere), e.g. `("exit", "psci-off")`.
     pub settings: Vec<(String, String)>,
-    /// Further QEMU arguments.
+    /// Further QEMU arguments. A `-D FILE` among them is honoured: QEMU's trace goes there (and is read back from
+    /// there) instead of to the harness's own file.
     pub extra_args: Vec<String>,
     /// Copy the console to this process's stdout as it arrives.
     pub echo: bool,
+    /// Give the machine semihosting (`-semihosting-config enable=on,…`). Without it the firmware cannot return an
+    /// exit status: it prints its RESULT line and powers off through PSCI. sbsa-ref then gets no configuration
+    /// either (it travels on the semihosting command line), so it runs the default scenarios.
+    pub semihosting: bool,
+    /// virt's `gic-version` (3, which the firmware drives; 2, which it does not, so the SMMU is polled).
+    pub gic_version: u8,
 }
 
 /// The trace events every test records: the SMMU's event records and command errors.
@@ -279,6 +290,19 @@ impl Run {
             settings: Vec::new(),
             extra_args: Vec::new(),
             echo: false,
+            semihosting: true,
+            gic_version: 3,
+        }
+    }
+
+    /// The scenarios the firmware will run: those named, or the default list when none are, or when the board
+    /// cannot be told (sbsa-ref without semihosting).
+    pub fn asked_scenarios(&self) -> Vec<String> {
+        let told = !self.scenarios.is_empty() && (self.semihosting || self.board == Board::QemuVirt);
+        if told {
+            self.scenarios.clone()
+        } else {
+            DEFAULT_SCENARIOS.iter().map(|s| s.to_string()).collect()
         }
     }
 
@@ -300,7 +324,13 @@ impl Run {
                     // Newer machine versions always present both stages; only virt-9.1 honours the property.
                     Stage::One | Stage::Two => "virt-9.1",
                 };
-                c.args(["-M", &format!("{machine},virtualization=on,iommu=smmuv3,gic-version=3")]);
+                c.args([
+                    "-M",
+                    &format!(
+                        "{machine},virtualization=on,iommu=smmuv3,gic-version={}",
+                        self.gic_version
+                    ),
+                ]);
                 c.args(["-global", &format!("arm-smmuv3.stage={}", self.stage.name())]);
                 c.args(["-cpu", "max", "-m", &self.memory, "-smp", "1"]);
                 c.args(["-device", &format!("loader,file={},cpu-num=0", firmware.display())]);
@@ -322,7 +352,9 @@ impl Run {
                 for (name, value) in &self.settings {
                     c.args(["-fw_cfg", &format!("name=opt/smmuv3/{name},string={value}")]);
                 }
-                c.args(["-semihosting-config", "enable=on,target=native"]);
+                if self.semihosting {
+                    c.args(["-semihosting-config", "enable=on,target=native"]);
+                }
             }
             Board::SbsaRef => {
                 // One CPU (the others would spin in empty flash); no fw_cfg: the configuration travels on the
@@ -345,7 +377,9 @@ impl Run {
                 for (name, value) in &self.settings {
                     semihosting.push_str(&format!(",arg={name}={value}"));
                 }
-                c.args(["-semihosting-config", &semihosting]);
+                if self.semihosting {
+                    c.args(["-semihosting-config", &semihosting]);
+                }
             }
         }
         c.args([
@@ -367,32 +401,63 @@ impl Run {
         self.execute(&firmware(self.board)).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// The trace file the user named with `-D FILE` (or `-D=FILE`, `--D FILE`) among [`Run::extra_args`].
+    pub fn user_trace_file(&self) -> Option<PathBuf> {
+        let mut args = self.extra_args.iter();
+        let mut found = None;
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "-D" | "--D" => found = args.next().map(PathBuf::from),
+                other => {
+                    if let Some(file) = other.strip_prefix("-D=").or_else(|| other.strip_prefix("--D=")) {
+                        found = Some(PathBuf::from(file));
+                    }
+                }
+            }
+        }
+        found
+    }
+
+    /// The full QEMU command line ([`Run::command`] with the trace events enabled) and where the trace goes: the
+    /// user's `-D` file when [`Run::extra_args`] names one (then no second `-D` is added, so the user's wins), else
+    /// a file under `target/qemu-traces/`. `None` when nothing is traced.
+    ///
+    /// # Errors
+    /// When the trace directory cannot be created.
+    pub fn traced_command(&self, firmware: &Path) -> Result<(Command, Option<PathBuf>), String> {
+        let mut command = self.command(firmware);
+        if let Some(file) = self.user_trace_file() {
+            for event in &self.trace_events {
+                command.args(["-trace", &format!("enable={event}")]);
+            }
+            return Ok((command, Some(file)));
+        }
+        if self.trace_events.is_empty() {
+            return Ok((command, None));
+        }
+        let dir = workspace_root().join("target/qemu-traces");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let file = dir.join(format!(
+            "{}-{}-{}-{:?}.log",
+            self.board.name(),
+            self.stage.name(),
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_file(&file);
+        for event in &self.trace_events {
+            command.args(["-trace", &format!("enable={event}")]);
+        }
+        command.args(["-D", &file.display().to_string()]);
+        Ok((command, Some(file)))
+    }
+
     /// Boots QEMU and waits for it to exit or for the timeout (then kills it).
     ///
     /// # Errors
     /// When QEMU cannot be started.
     pub fn execute(&self, firmware: &Path) -> Result<Outcome, String> {
-        let trace_file = if self.trace_events.is_empty() {
-            None
-        } else {
-            let dir = workspace_root().join("target/qemu-traces");
-            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            Some(dir.join(format!(
-                "{}-{}-{}-{:?}.log",
-                self.board.name(),
-                self.stage.name(),
-                std::process::id(),
-                std::thread::current().id()
-            )))
-        };
-        let mut command = self.command(firmware);
-        if let Some(file) = &trace_file {
-            let _ = std::fs::remove_file(file);
-            for event in &self.trace_events {
-                command.args(["-trace", &format!("enable={event}")]);
-            }
-            command.args(["-D", &file.display().to_string()]);
-        }
+        let (mut command, trace_file) = self.traced_command(firmware)?;
         let commandline = format!("{command:?}");
         let mut child = command
             .stdin(Stdio::null())
@@ -444,6 +509,7 @@ impl Run {
             .unwrap_or_default();
         let console = console.lock().unwrap_or_else(|e| e.into_inner()).clone();
         Ok(Outcome {
+            asked: self.asked_scenarios(),
             commandline,
             console,
             stderr,
@@ -465,9 +531,66 @@ pub struct ScenarioResult {
     pub result: Result<(), String>,
 }
 
+/// The firmware's summary line, `RESULT PASS|FAIL <passed>/<asked>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunResult {
+    /// PASS (the run's status was 0) or FAIL.
+    pub pass: bool,
+    /// Scenarios that passed.
+    pub passed: usize,
+    /// Scenarios asked for.
+    pub asked: usize,
+}
+
+impl fmt::Display for RunResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let verdict = if self.pass { "PASS" } else { "FAIL" };
+        write!(f, "RESULT {verdict} {}/{}", self.passed, self.asked)
+    }
+}
+
+/// Parses the last `RESULT PASS|FAIL <passed>/<asked>` line of console text (the exact form; anything else on the
+/// line makes it no RESULT line).
+pub fn run_result(console: &str) -> Option<RunResult> {
+    console.lines().rev().find_map(|line| {
+        let mut words = line.trim_end_matches('\r').strip_prefix("RESULT ")?.split(' ');
+        let pass = match words.next()? {
+            "PASS" => true,
+            "FAIL" => false,
+            _ => return None,
+        };
+        let (passed, asked) = words.next()?.split_once('/')?;
+        if words.next().is_some() {
+            return None;
+        }
+        Some(RunResult {
+            pass,
+            passed: passed.parse().ok()?,
+            asked: asked.parse().ok()?,
+        })
+    })
+}
+
+/// The names in `asked` that printed no SCENARIO line, counting repeats: a name asked twice needs two lines.
+pub fn missing_scenarios(asked: &[String], results: &[ScenarioResult]) -> Vec<String> {
+    let mut unclaimed: Vec<&str> = results.iter().map(|r| r.name.as_str()).collect();
+    let mut missing = Vec::new();
+    for name in asked {
+        match unclaimed.iter().position(|n| n == name) {
+            Some(i) => {
+                unclaimed.swap_remove(i);
+            }
+            None => missing.push(name.clone()),
+        }
+    }
+    missing
+}
+
 /// What a run produced.
 #[derive(Clone, Debug)]
 pub struct Outcome {
+    /// The scenarios the run asked for ([`Run::asked_scenarios`]).
+    pub asked: Vec<String>,
     /// The QEMU command line, for reports.
     pub commandline: String,
     /// Everything the firmware printed.
@@ -528,6 +651,71 @@ impl Outcome {
             .collect()
     }
 
+    /// The summary line, if the firmware printed one.
+    pub fn result(&self) -> Option<RunResult> {
+        run_result(&self.console)
+    }
+
+    /// The scenarios asked for that printed no SCENARIO line.
+    pub fn missing_scenarios(&self) -> Vec<String> {
+        missing_scenarios(&self.asked, &self.scenarios())
+    }
+
+    /// Whether the run passed, judged as a host must when the exit status may not carry the verdict (no
+    /// semihosting): QEMU exited by itself with status 0, every scenario asked printed a SCENARIO line and none
+    /// failed, and the firmware's RESULT line says PASS for all of them.
+    ///
+    /// # Errors
+    /// What went wrong, first found first.
+    pub fn verdict(&self) -> Result<(), String> {
+        if self.timed_out {
+            return Err(format!("QEMU did not exit within {:?}", self.elapsed));
+        }
+        match self.exit_code {
+            Some(0) => {}
+            Some(code) => return Err(format!("the firmware exited with status {code}")),
+            None => return Err("QEMU was killed by a signal".into()),
+        }
+        let missing = self.missing_scenarios();
+        if !missing.is_empty() {
+            return Err(format!(
+                "{} of {} scenario(s) asked printed no SCENARIO line: {}",
+                missing.len(),
+                self.asked.len(),
+                missing.join(", ")
+            ));
+        }
+        let failed: Vec<String> = self
+            .scenarios()
+            .into_iter()
+            .filter(|s| s.result.is_err())
+            .map(|s| s.name)
+            .collect();
+        if !failed.is_empty() {
+            return Err(format!("failed scenario(s): {}", failed.join(", ")));
+        }
+        let expected = RunResult {
+            pass: true,
+            passed: self.asked.len(),
+            asked: self.asked.len(),
+        };
+        match self.result() {
+            Some(result) if result == expected => Ok(()),
+            Some(result) => Err(format!("the firmware says {result}, expected {expected}")),
+            None => Err("the firmware printed no RESULT line".into()),
+        }
+    }
+
+    /// The global errors QEMU's SMMU raised (`smmuv3_write_gerror` lines; not the acknowledgements,
+    /// `smmuv3_write_gerrorn`).
+    pub fn gerror_writes(&self) -> Vec<String> {
+        let prefix = format!("{GERROR_TRACE_EVENT} ");
+        self.trace
+            .lines()
+            .filter_map(|l| l.split_once(prefix.as_str()).map(|(_, rest)| rest.trim().to_string()))
+            .collect()
+    }
+
     /// The command errors QEMU traced (`smmuv3_cmdq_consume_error` lines).
     pub fn command_errors(&self) -> Vec<String> {
         self.trace
@@ -556,8 +744,9 @@ impl Outcome {
     /// A report of the run for a failing assertion.
     pub fn report(&self) -> String {
         format!(
-            "command: {}\nexit: {:?} (timed out: {}) after {:?}\n--- console ---\n{}--- QEMU stderr ---\n{}\n--- trace ({}) ---\n{}",
+            "command: {}\nasked: {}\nexit: {:?} (timed out: {}) after {:?}\n--- console ---\n{}--- QEMU stderr ---\n{}\n--- trace ({}) ---\n{}",
             self.commandline,
+            self.asked.join(","),
             self.exit_code,
             self.timed_out,
             self.elapsed,
@@ -602,6 +791,9 @@ impl Outcome {
         let failed: Vec<_> = self.scenarios().into_iter().filter(|s| s.result.is_err()).collect();
         assert!(failed.is_empty(), "failed scenarios: {failed:?}\n{}", self.report());
         assert_eq!(self.exit_code, Some(0), "firmware exit status\n{}", self.report());
+        if let Err(why) = self.verdict() {
+            panic!("{why}\n{}", self.report());
+        }
         let errors = self.command_errors();
         assert_eq!(
             errors.len(),
@@ -643,4 +835,162 @@ pub fn assert_psci_reset_and_power_off(board: Board) {
         "two boots\n{}",
         outcome.report()
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(asked: &[&str], console: &str, exit_code: Option<i32>) -> Outcome {
+        Outcome {
+            asked: asked.iter().map(|s| s.to_string()).collect(),
+            commandline: String::new(),
+            console: console.to_string(),
+            stderr: String::new(),
+            exit_code,
+            timed_out: false,
+            elapsed: Duration::from_secs(1),
+            trace: String::new(),
+            trace_file: None,
+        }
+    }
+
+    #[test]
+    fn a_run_that_printed_fewer_scenario_lines_than_asked_fails() {
+        // The old firmware cut a long list at 512 bytes and still exited 0 with a clean summary.
+        let console = "SCENARIO probe PASS (1 us)\nSCENARIO init PASS (2 us)\nRESULT PASS 2/2\n";
+        let run = outcome(&["probe", "init", "bypass"], console, Some(0));
+        assert_eq!(run.missing_scenarios(), ["bypass"]);
+        let why = run.verdict().unwrap_err();
+        assert!(
+            why.contains("1 of 3 scenario(s) asked printed no SCENARIO line: bypass"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn a_name_asked_twice_needs_two_scenario_lines() {
+        let asked: Vec<String> = ["probe", "probe"].iter().map(|s| s.to_string()).collect();
+        let one = scenario_results("SCENARIO probe PASS (1 us)\n");
+        assert_eq!(missing_scenarios(&asked, &one), ["probe"]);
+        let two = scenario_results("SCENARIO probe PASS (1 us)\nSCENARIO probe PASS (1 us)\n");
+        assert!(missing_scenarios(&asked, &two).is_empty());
+    }
+
+    #[test]
+    fn a_complete_run_with_result_pass_passes() {
+        let console = "SCENARIO probe PASS (1 us)\nSCENARIO init PASS (2 us)\nRESULT PASS 2/2\n";
+        assert_eq!(outcome(&["probe", "init"], console, Some(0)).verdict(), Ok(()));
+    }
+
+    #[test]
+    fn result_fail_is_a_failure_even_when_qemu_exits_0() {
+        // Without semihosting PSCI SYSTEM_OFF ends every run with status 0: the RESULT line is the verdict.
+        let console = "SCENARIO probe PASS (1 us)\nSCENARIO x FAIL: unknown scenario 'x'\nRESULT FAIL 1/2\n";
+        let why = outcome(&["probe", "x"], console, Some(0)).verdict().unwrap_err();
+        assert!(why.contains("failed scenario(s): x"), "{why}");
+        let console = "SCENARIO probe PASS (1 us)\nRESULT FAIL 1/1\n";
+        let why = outcome(&["probe"], console, Some(0)).verdict().unwrap_err();
+        assert!(why.contains("says RESULT FAIL 1/1, expected RESULT PASS 1/1"), "{why}");
+    }
+
+    #[test]
+    fn a_run_without_a_result_line_fails() {
+        let why = outcome(&["probe"], "SCENARIO probe PASS (1 us)\n", Some(0))
+            .verdict()
+            .unwrap_err();
+        assert!(why.contains("no RESULT line"), "{why}");
+    }
+
+    #[test]
+    fn the_result_line_is_parsed_only_in_its_exact_form() {
+        assert_eq!(
+            run_result("x\nRESULT PASS 6/6\n"),
+            Some(RunResult {
+                pass: true,
+                passed: 6,
+                asked: 6
+            })
+        );
+        assert_eq!(
+            run_result("RESULT FAIL 0/0"),
+            Some(RunResult {
+                pass: false,
+                passed: 0,
+                asked: 0
+            })
+        );
+        assert_eq!(run_result("RESULT PASS 6/6 extra"), None);
+        assert_eq!(run_result("RESULT OK 6/6"), None);
+        assert_eq!(run_result("  RESULT PASS 6/6"), None);
+        assert_eq!(
+            RunResult {
+                pass: false,
+                passed: 1,
+                asked: 2
+            }
+            .to_string(),
+            "RESULT FAIL 1/2"
+        );
+    }
+
+    #[test]
+    fn the_users_trace_file_wins_over_the_harness_one() {
+        let mut run = Run::new(Board::QemuVirt, Stage::Nested, &["probe"]);
+        run.extra_args = vec!["-D".into(), "/tmp/mine.log".into(), "-d".into(), "guest_errors".into()];
+        assert_eq!(run.user_trace_file(), Some(PathBuf::from("/tmp/mine.log")));
+        let (command, file) = run.traced_command(Path::new("fw.elf")).unwrap();
+        assert_eq!(file, Some(PathBuf::from("/tmp/mine.log")));
+        let args: Vec<String> = command.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert_eq!(args.iter().filter(|a| *a == "-D").count(), 1, "{args:?}");
+        let d = args.iter().position(|a| a == "-D").unwrap();
+        assert_eq!(args[d + 1], "/tmp/mine.log");
+        // The harness's events are still enabled, into the user's file.
+        assert!(args.contains(&"enable=smmuv3_record_event".to_string()), "{args:?}");
+        run.extra_args = vec!["-D=/tmp/other.log".into()];
+        assert_eq!(run.user_trace_file(), Some(PathBuf::from("/tmp/other.log")));
+    }
+
+    #[test]
+    fn without_a_user_trace_file_the_harness_names_one() {
+        let run = Run::new(Board::QemuVirt, Stage::Nested, &["probe"]);
+        assert_eq!(run.user_trace_file(), None);
+        let (command, file) = run.traced_command(Path::new("fw.elf")).unwrap();
+        let file = file.unwrap();
+        assert!(file.starts_with(workspace_root().join("target/qemu-traces")));
+        let args: Vec<String> = command.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert_eq!(args.iter().filter(|a| *a == "-D").count(), 1, "{args:?}");
+    }
+
+    #[test]
+    fn gerror_writes_are_counted_apart_from_their_acknowledgements() {
+        let mut run = outcome(&[], "", Some(0));
+        run.trace = "123@1.000001:smmuv3_write_gerror toggled=0x1, new GERROR=0x1\n\
+                     123@1.000002:smmuv3_write_gerrorn acked=0x1, new GERRORN=0x1\n\
+                     smmuv3_write_gerror toggled=0x4, new GERROR=0x5\n"
+            .into();
+        assert_eq!(
+            run.gerror_writes(),
+            ["toggled=0x1, new GERROR=0x1", "toggled=0x4, new GERROR=0x5"]
+        );
+    }
+
+    #[test]
+    fn a_run_without_semihosting_leaves_the_option_out() {
+        for board in Board::ALL {
+            let mut run = Run::new(board, Stage::Nested, &["probe"]);
+            let has = |run: &Run| {
+                run.command(Path::new("fw.elf"))
+                    .get_args()
+                    .any(|a| a == "-semihosting-config")
+            };
+            assert!(has(&run));
+            run.semihosting = false;
+            assert!(!has(&run), "{board:?}");
+        }
+        // sbsa-ref's configuration travels on the semihosting command line: without it the default list runs.
+        let mut run = Run::new(Board::SbsaRef, Stage::Nested, &["probe"]);
+        run.semihosting = false;
+        assert_eq!(run.asked_scenarios(), DEFAULT_SCENARIOS);
+    }
 }
