@@ -7,6 +7,7 @@ use core::sync::atomic::Ordering;
 use tock_registers::interfaces::{ReadWriteable, Readable, Writeable};
 
 use crate::deadline::{Deadline, TimedOut};
+use crate::domain::{DEFAULT_DOMAINS, Domains};
 use crate::features::{Features, Quirks};
 use crate::hitless::{self, EntryState, EntryWriter, UpdateFailed, UpdateKind};
 use crate::hw::command::{Command, SyncCompletion, TlbiRange, plan_range_invalidation};
@@ -235,16 +236,18 @@ impl fmt::Display for GlobalError {
     }
 }
 
-/// An initialised SMMU (SMMUEN = 1), every stream aborting until something is attached.
-pub struct ActiveSmmu<A: FrameAllocator> {
-    smmu: Smmu,
+/// An initialised SMMU (SMMUEN = 1), every stream aborting until something is attached, with room for `D` domains
+/// (see [`crate::domain`]).
+pub struct ActiveSmmu<A: FrameAllocator, const D: usize = DEFAULT_DOMAINS> {
+    pub(crate) smmu: Smmu,
     allocator: A,
     streams: StreamTable,
-    cmdq: CommandQueue,
-    evtq: EventQueue,
+    pub(crate) cmdq: CommandQueue,
+    pub(crate) evtq: EventQueue,
     asids: IdAllocator,
     vmids: IdAllocator,
-    pending_overflow: Option<Overflow>,
+    pub(crate) pending_overflow: Option<Overflow>,
+    pub(crate) domains: Domains<D>,
 }
 
 fn handshake<T: Copy + PartialEq + Into<u32>>(
@@ -288,6 +291,18 @@ impl Smmu {
     /// [`InitError::Timeout`] for a register handshake that never completes and [`InitError::Invalidation`];
     /// after a timeout the SMMU is left disabled with GBPA.ABORT set where that much succeeded.
     pub fn init<A: FrameAllocator>(self, allocator: A, options: &InitOptions) -> Result<ActiveSmmu<A>, InitError> {
+        self.init_with_capacity::<A, DEFAULT_DOMAINS>(allocator, options)
+    }
+
+    /// As [`Smmu::init`], with room for `D` domains instead of [`DEFAULT_DOMAINS`].
+    ///
+    /// # Errors
+    /// As [`Smmu::init`].
+    pub fn init_with_capacity<A: FrameAllocator, const D: usize>(
+        self,
+        allocator: A,
+        options: &InitOptions,
+    ) -> Result<ActiveSmmu<A, D>, InitError> {
         let features = *self.features();
         if features.queues_preset || features.tables_preset {
             return Err(InitError::PresetBases);
@@ -414,6 +429,7 @@ impl Smmu {
             asids: IdAllocator::new(features.asid_bits),
             vmids: IdAllocator::new(features.vmid_bits),
             pending_overflow: None,
+            domains: Domains::new(),
         };
         // 8. Forget everything the SMMU may have cached from before.
         active.invalidate_all().map_err(InitError::Invalidation)?;
@@ -423,7 +439,7 @@ impl Smmu {
     }
 }
 
-impl<A: FrameAllocator> ActiveSmmu<A> {
+impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// What the SMMU implements.
     pub fn features(&self) -> &Features {
         self.smmu.features()
@@ -607,61 +623,7 @@ impl<A: FrameAllocator> ActiveSmmu<A> {
         gather: &Gather,
         context: TlbContext,
     ) -> Result<BatchReport, CommandQueueError> {
-        let leaf = !gather.tables_unlinked;
-        let one = |address: u64, range: Option<TlbiRange>| match context {
-            TlbContext::Stage1 { asid, vmid } => Command::TlbiNhVa {
-                vmid,
-                asid,
-                address,
-                leaf,
-                range,
-            },
-            TlbContext::Stage1El2 => Command::TlbiEl2Va {
-                asid: 0,
-                address,
-                leaf,
-                range,
-            },
-            TlbContext::Stage2 { vmid, .. } => Command::TlbiS2Ipa {
-                vmid,
-                address,
-                leaf,
-                range,
-            },
-        };
-        let whole = match context {
-            TlbContext::Stage1 { asid, vmid } => Command::TlbiNhAsid { vmid, asid },
-            TlbContext::Stage1El2 => Command::TlbiEl2All,
-            TlbContext::Stage2 { vmid, .. } => Command::TlbiS12Vmall { vmid },
-        };
-        let mut batch = Batch::new();
-        let granules = gather.size() / granule.size();
-        let ranged = if self.features().range_invalidation {
-            plan_range_invalidation(gather.start, gather.size(), granule, 0).ok()
-        } else {
-            None
-        };
-        match ranged {
-            Some(plan) if plan.clone().count() < BATCH_CAPACITY - 2 => {
-                for piece in plan {
-                    batch.push(&one(piece.address, piece.range))?;
-                }
-            }
-            _ if granules <= u64::from(PER_GRANULE_LIMIT) => {
-                for i in 0..granules {
-                    batch.push(&one(gather.start + i * granule.size(), None))?;
-                }
-            }
-            _ => batch.push(&whole)?,
-        }
-        if let TlbContext::Stage2 { vmid, nested: true } = context {
-            // The stage-2 invalidation completes before the combined entries go (see `flush`).
-            batch.push(&Command::Sync {
-                completion: SyncCompletion::None,
-            })?;
-            batch.push(&Command::TlbiNhAll { vmid })?;
-        }
-        self.submit(&batch)
+        invalidate_gather(&mut self.cmdq, &self.smmu, granule, gather, context)
     }
 
     /// Reads the global errors, acknowledges the recoverable ones and reports them. An event queue abort is
@@ -722,6 +684,16 @@ impl<A: FrameAllocator> ActiveSmmu<A> {
     /// [`IdError::WrongState`] / [`IdError::OutOfRange`] for an ASID that is not allocated; nothing changes.
     pub fn free_asid(&mut self, asid: u16) -> Result<(), IdError> {
         self.asids.free(asid)
+    }
+
+    /// ASIDs allocated now (the reserved ASID 0 not counted).
+    pub fn asids_in_use(&self) -> u32 {
+        self.asids.in_use() - 1
+    }
+
+    /// VMIDs allocated now (the reserved VMID 0 not counted).
+    pub fn vmids_in_use(&self) -> u32 {
+        self.vmids.in_use() - 1
     }
 
     /// Allocates a VMID (8 or 16 bits as IDR0.VMID16 says; 0 is reserved).
@@ -792,6 +764,71 @@ impl<A: FrameAllocator> ActiveSmmu<A> {
     }
 }
 
+/// Issues the TLB invalidation that covers `gather` (see [`ActiveSmmu::flush`]) and waits for it.
+pub(crate) fn invalidate_gather(
+    cmdq: &mut CommandQueue,
+    smmu: &Smmu,
+    granule: crate::pgtable::Granule,
+    gather: &Gather,
+    context: TlbContext,
+) -> Result<BatchReport, CommandQueueError> {
+    let leaf = !gather.tables_unlinked;
+    let one = |address: u64, range: Option<TlbiRange>| match context {
+        TlbContext::Stage1 { asid, vmid } => Command::TlbiNhVa {
+            vmid,
+            asid,
+            address,
+            leaf,
+            range,
+        },
+        TlbContext::Stage1El2 => Command::TlbiEl2Va {
+            asid: 0,
+            address,
+            leaf,
+            range,
+        },
+        TlbContext::Stage2 { vmid, .. } => Command::TlbiS2Ipa {
+            vmid,
+            address,
+            leaf,
+            range,
+        },
+    };
+    let whole = match context {
+        TlbContext::Stage1 { asid, vmid } => Command::TlbiNhAsid { vmid, asid },
+        TlbContext::Stage1El2 => Command::TlbiEl2All,
+        TlbContext::Stage2 { vmid, .. } => Command::TlbiS12Vmall { vmid },
+    };
+    let mut batch = Batch::new();
+    let granules = gather.size() / granule.size();
+    let ranged = if smmu.features().range_invalidation {
+        plan_range_invalidation(gather.start, gather.size(), granule, 0).ok()
+    } else {
+        None
+    };
+    match ranged {
+        Some(plan) if plan.clone().count() < BATCH_CAPACITY - 2 => {
+            for piece in plan {
+                batch.push(&one(piece.address, piece.range))?;
+            }
+        }
+        _ if granules <= u64::from(PER_GRANULE_LIMIT) => {
+            for i in 0..granules {
+                batch.push(&one(gather.start + i * granule.size(), None))?;
+            }
+        }
+        _ => batch.push(&whole)?,
+    }
+    if let TlbContext::Stage2 { vmid, nested: true } = context {
+        // The stage-2 invalidation completes before the combined entries go (see `flush`).
+        batch.push(&Command::Sync {
+            completion: SyncCompletion::None,
+        })?;
+        batch.push(&Command::TlbiNhAll { vmid })?;
+    }
+    cmdq.submit(smmu.regs(), batch.words(), true)
+}
+
 /// The configuration chosen at init, for the console.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Configuration {
@@ -842,7 +879,7 @@ impl fmt::Display for Configuration {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! The whole driver against a small model of an SMMU on the host: a thread that acknowledges CR0, IRQ_CTRL
     //! and GBPA updates and consumes commands, recording what it saw when translation was switched on.
     extern crate std;
@@ -857,7 +894,7 @@ mod tests {
     use std::vec::Vec;
 
     /// QEMU's nested SMMU: IDR0, IDR1 (SIDSIZE 16, queues 2^19), IDR3, IDR5 (OAS 44, 4K/16K/64K), AIDR v3.1.
-    const IDRS: [(usize, u32); 5] = [
+    pub(crate) const IDRS: [(usize, u32); 5] = [
         (0x00, 0x0d44_101b),
         (0x04, 0x0273_0010),
         (0x0c, 0x1414),
@@ -866,40 +903,49 @@ mod tests {
     ];
 
     #[derive(Default, Debug)]
-    struct Seen {
+    pub(crate) struct Seen {
         /// At the first CR0 write with SMMUEN: GBPA.ABORT, STRTAB_BASE, and the opcodes consumed so far.
         at_enable: Option<(bool, u64, Vec<u8>)>,
         /// CR0ACK when IRQ_CTRL was first seen non-zero.
         cr0ack_at_irq_enable: Option<u32>,
-        consumed: Vec<u8>,
+        pub(crate) consumed: Vec<u8>,
     }
 
-    struct Model {
-        base: usize,
+    pub(crate) struct Model {
+        pub(crate) base: usize,
         layout: Layout,
         stop: Arc<AtomicBool>,
-        seen: Arc<Mutex<Seen>>,
+        pub(crate) seen: Arc<Mutex<Seen>>,
         /// An opcode the model refuses as illegal (CERROR_ILL), 0 for none.
-        refuse: Arc<AtomicU8>,
+        pub(crate) refuse: Arc<AtomicU8>,
         thread: Option<std::thread::JoinHandle<()>>,
     }
 
-    fn reg32(base: usize, offset: usize) -> *mut u32 {
+    pub(crate) fn reg32(base: usize, offset: usize) -> *mut u32 {
         (base + offset) as *mut u32
     }
 
     impl Model {
-        fn start(frames: &'static HeapFrames) -> Model {
+        pub(crate) fn start(frames: &'static HeapFrames) -> Model {
             Model::start_with(frames, IDRS[0].1)
         }
 
         /// A model whose IDR0 reads `idr0` (the other ID registers as QEMU's).
-        fn start_with(frames: &'static HeapFrames, idr0: u32) -> Model {
+        pub(crate) fn start_with(frames: &'static HeapFrames, idr0: u32) -> Model {
+            Model::start_with_idrs(frames, idr0, IDRS[1].1)
+        }
+
+        /// A model whose IDR0 and IDR1 read `idr0` and `idr1` (the other ID registers as QEMU's).
+        pub(crate) fn start_with_idrs(frames: &'static HeapFrames, idr0: u32, idr1: u32) -> Model {
             let layout = Layout::from_size_align(0x2_0000, 0x1_0000).unwrap();
             // SAFETY: non-zero size.
             let base = unsafe { alloc_zeroed(layout) } as usize;
             for (offset, value) in IDRS {
-                let value = if offset == 0 { idr0 } else { value };
+                let value = match offset {
+                    0 => idr0,
+                    4 => idr1,
+                    _ => value,
+                };
                 // SAFETY: inside the block.
                 unsafe { reg32(base, offset).write_volatile(value) };
             }
@@ -971,7 +1017,7 @@ mod tests {
             }
         }
 
-        fn smmu(&self) -> Smmu {
+        pub(crate) fn smmu(&self) -> Smmu {
             // SAFETY: the block models pages 0 and 1 and lives as long as the model.
             unsafe { Smmu::probe(NonNull::new(self.base as *mut u8).unwrap(), 0x2_0000) }.unwrap()
         }
@@ -993,7 +1039,7 @@ mod tests {
         }
     }
 
-    fn frames() -> &'static HeapFrames {
+    pub(crate) fn frames() -> &'static HeapFrames {
         std::boxed::Box::leak(std::boxed::Box::default())
     }
 

@@ -8,6 +8,7 @@ pub mod active;
 pub mod board;
 pub mod ctx;
 pub mod deadline;
+pub mod domain;
 pub mod features;
 pub mod hitless;
 pub mod hw;
@@ -23,6 +24,11 @@ pub(crate) mod testing;
 
 pub use active::{ActiveSmmu, InitError, InitOptions, InterruptSources};
 pub use board::{IommuMap, SmmuDescription, SmmuInterrupts};
+pub use domain::{
+    DomainError, DomainId, DomainKind, DomainMemory, Fault, FaultReport, GuestInvalidation, GuestStage1, Stage1Options,
+    Stage2Options,
+};
 pub use features::{Features, IdRegisters, Quirks, Stages};
 pub use mem::{DmaBlock, FrameAllocator, PhysAddr};
+pub use pgtable::Prot;
 pub use smmu::{ProbeError, Smmu};

@@ -1,0 +1,1889 @@
+//! Domains: the product surface. A hypervisor creates stage-1, stage-2 and nested domains, attaches streams (and,
+//! for stage 1, substreams) to them, maps and unmaps, reads their faults and frees them, without encoding an STE, a
+//! CD or a TLBI. A domain owns its page tables, its ASID or VMID and (for stage 1) the CD its streams use, and
+//! issues every invalidation the architecture requires itself:
+//!
+//! | operation | what the domain issues |
+//! |---|---|
+//! | `map` | nothing: only invalid entries are filled, which no SMMU caches |
+//! | `unmap`, `protect` | TLBI by range (RIL) or per granule, or the whole ASID/VMID, then one CMD_SYNC; a stage-2 parent of nested domains adds CMD_SYNC, TLBI_NH_ALL, CMD_SYNC; unlinked tables are freed only after |
+//! | `attach` | the STE through the hitless writer (CFGI_STE + CMD_SYNC per step) |
+//! | `attach_substream`, `detach_substream` | the CD, then CFGI_CD + CMD_SYNC |
+//! | `detach` | the STE to abort (CFGI_STE + CMD_SYNC), CFGI_CD_ALL + CMD_SYNC before the stream's CD table is freed; the last detach from a domain drops its TLB entries |
+//! | `free` | TLBI_NH_ASID / TLBI_EL2_ALL / TLBI_S12_VMALL / TLBI_NH_ALL + CMD_SYNC, then tables and IDs |
+//!
+//! **Storage.** The driver has no allocator, so domains live in a fixed-capacity table inside
+//! [`ActiveSmmu`] (`D` slots, [`DEFAULT_DOMAINS`] unless [`Smmu::init_with_capacity`] says otherwise). A caller
+//! holds a [`DomainId`]: a slot index and the slot's generation. Freeing a domain bumps its slot's generation, so
+//! a stale handle is refused with [`DomainError::StaleDomain`], never a use-after-free. The table (rather than
+//! caller-owned domain objects) is what lets the driver route a fault record to the domain its stream is attached
+//! to, find every nested domain under a stage-2 parent when the parent changes, and (live update) enumerate what
+//! to preserve.
+//!
+//! **Memory.** Each domain takes its page tables (and its streams' CD tables) from the [`DomainMemory`] given at
+//! creation, so that a domain meant to survive a live update can take them from the handover pool and others from
+//! ordinary memory.
+//!
+//! **Nested domains** follow iommufd's nested HWPT: the stage-2 part is a stage-2 domain the hypervisor owns (the
+//! parent; several nested domains may share one and its VMID), the stage-1 part belongs to a guest, whose CD table
+//! and stage-1 tables live in guest memory and are given as IPAs ([`GuestStage1`]).
+
+use core::fmt;
+
+use crate::active::{ActiveSmmu, AttachError, GlobalError, InvalidationError, TlbContext, invalidate_gather};
+use crate::ctx::{CdTable, CdTableError, CdTableFormat};
+use crate::features::StallModel;
+use crate::hw::cd::{self, Cd, CdConfig};
+use crate::hw::command::Command;
+use crate::hw::event::Event;
+use crate::hw::ste::{self, CdTableLayout, DefaultSubstream, EntryError, Stage1Config, Stage2Config, StallRule, Ste};
+use crate::ids::IdError;
+use crate::mem::{FrameAllocator, PhysAddr};
+use crate::pgtable::{Format, Gather, Granule, IoPageTable, MapError, Prot, Stage};
+use crate::queue::cmdq::{Batch, CommandQueueError};
+use crate::stream::StreamError;
+
+#[allow(unused_imports)] // Named in the docs.
+use crate::smmu::Smmu;
+
+/// Domains an [`ActiveSmmu`] holds unless [`Smmu::init_with_capacity`] chooses another number.
+pub const DEFAULT_DOMAINS: usize = 16;
+/// Streams (and substreams) one domain may have attached at once.
+pub const MAX_ATTACHMENTS: usize = 8;
+/// Streams the SMMU may have attached to domains at once.
+pub const MAX_ATTACHED_STREAMS: usize = 64;
+/// Substreams (besides substream 0) one stream may have attached.
+pub const MAX_SUBSTREAMS_PER_STREAM: usize = 7;
+/// SubstreamID bits of the CD table a stream gets when attached to a stage-1 domain (capped by IDR1.SSIDSIZE).
+pub const STREAM_SSID_BITS: u8 = 3;
+/// Faults a domain's report keeps (later ones are counted in [`FaultReport::lost`]).
+pub const FAULT_REPORT_CAPACITY: usize = 8;
+
+/// Where a domain's tables come from: a frame allocator that lives as long as the firmware.
+pub type DomainMemory = &'static dyn FrameAllocator;
+
+/// A handle to a domain: its slot and the slot's generation. Copyable; stale once the domain is freed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DomainId {
+    index: u16,
+    generation: u32,
+}
+
+impl DomainId {
+    /// The slot index (for display and tests).
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+}
+
+impl fmt::Display for DomainId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "domain {}.{}", self.index, self.generation)
+    }
+}
+
+/// What a domain translates with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DomainKind {
+    /// Stage 1 only: a CD, an ASID, stage-1 tables.
+    Stage1,
+    /// Stage 2 only: a VMID and stage-2 tables.
+    Stage2,
+    /// A guest's stage 1 inside a stage-2 parent.
+    Nested,
+}
+
+impl fmt::Display for DomainKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DomainKind::Stage1 => "stage 1",
+            DomainKind::Stage2 => "stage 2",
+            DomainKind::Nested => "nested",
+        })
+    }
+}
+
+/// How to build a stage-1 domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stage1Options {
+    /// Input (IOVA) bits: 25..=48.
+    pub input_bits: u8,
+    /// The EL2 translation regime (STE.STRW = EL2) instead of NS-EL1; needs IDR0.HYP.
+    pub el2: bool,
+}
+
+impl Default for Stage1Options {
+    fn default() -> Self {
+        Stage1Options {
+            input_bits: 48,
+            el2: false,
+        }
+    }
+}
+
+/// How to build a stage-2 domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stage2Options {
+    /// Input (IPA) bits: 32..=the SMMU's output size (at most 48). A level-1 root of up to 16 concatenated tables
+    /// is used where it saves a level.
+    pub input_bits: u8,
+}
+
+/// The stage-1 part of a nested domain: the guest's CD table, at an IPA the parent's stage 2 translates, and the
+/// STE's stage-1 fields the guest chose (as iommufd's nested HWPT carries them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestStage1 {
+    /// IPA of the guest's CD table (S1ContextPtr), 64-byte aligned.
+    pub cd_table: u64,
+    /// S1CDMax: log2 of the CDs in it (0: one CD).
+    pub cd_max_log2: u8,
+    /// S1Fmt.
+    pub layout: CdTableLayout,
+    /// S1DSS.
+    pub default_substream: DefaultSubstream,
+}
+
+/// A guest's stage-1 invalidation, issued for a nested domain under its parent's VMID.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestInvalidation {
+    /// One address of one guest ASID (TLBI_NH_VA).
+    Address {
+        /// Guest ASID.
+        asid: u16,
+        /// VA, granule-aligned.
+        address: u64,
+        /// Last-level entries only.
+        leaf: bool,
+    },
+    /// One guest ASID (TLBI_NH_ASID).
+    Asid(u16),
+    /// Every stage-1 entry under the parent's VMID (TLBI_NH_ALL).
+    All,
+    /// A CD of the guest's CD table, for every stream attached to the domain (CFGI_CD).
+    Cd {
+        /// SubstreamID.
+        ssid: u32,
+    },
+}
+
+/// One fault a domain's streams took.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    /// The event's architectural name (`F_TRANSLATION`, `F_PERMISSION`, ...).
+    pub kind: &'static str,
+    /// StreamID.
+    pub stream: u32,
+    /// SubstreamID, when the transaction had one.
+    pub substream: Option<u32>,
+    /// The input address (IOVA, or IPA for a stage-2-only stream), where the record has one.
+    pub address: Option<u64>,
+    /// The stage that faulted, for translation faults.
+    pub stage: Option<FaultStage>,
+    /// A write (false: a read), for translation faults.
+    pub write: Option<bool>,
+}
+
+impl Fault {
+    fn of(event: &Event) -> Option<Fault> {
+        let t = event.translation_fault();
+        Some(Fault {
+            kind: event.name(),
+            stream: event.stream_id()?,
+            substream: event.substream_id(),
+            address: event.address(),
+            stage: t.map(|t| t.stage),
+            write: t.map(|t| !t.access.read),
+        })
+    }
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} stream {:#x}", self.kind, self.stream)?;
+        if let Some(ssid) = self.substream {
+            write!(f, " substream {ssid:#x}")?;
+        }
+        if let Some(a) = self.address {
+            write!(f, " at {a:#x}")?;
+        }
+        if let Some(w) = self.write {
+            f.write_str(if w { " write" } else { " read" })?;
+        }
+        Ok(())
+    }
+}
+
+/// A bounded record of faults: the first [`FAULT_REPORT_CAPACITY`], and how many more were lost.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FaultReport {
+    /// The faults kept, oldest first.
+    pub faults: heapless::Vec<Fault, FAULT_REPORT_CAPACITY>,
+    /// Faults that did not fit.
+    pub lost: u32,
+}
+
+impl FaultReport {
+    fn push(&mut self, fault: Fault) {
+        if self.faults.push(fault).is_err() {
+            self.lost = self.lost.saturating_add(1);
+        }
+    }
+
+    /// Faults seen in all (kept and lost).
+    pub fn total(&self) -> u32 {
+        self.faults.len() as u32 + self.lost
+    }
+
+    /// Faults of `kind` among those kept.
+    pub fn count(&self, kind: &str) -> usize {
+        self.faults.iter().filter(|f| f.kind == kind).count()
+    }
+}
+
+/// Why a domain operation failed. Every operation that returns an error changed nothing, except where the
+/// variant says otherwise (a failed invalidation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DomainError {
+    /// The handle names a domain that was freed (or never existed).
+    StaleDomain(DomainId),
+    /// Every domain slot is in use.
+    NoDomainSlot {
+        /// The capacity.
+        capacity: usize,
+    },
+    /// A fixed-capacity list is full.
+    TooMany(&'static str),
+    /// The operation needs another kind of domain.
+    WrongKind {
+        /// The domain.
+        domain: DomainId,
+        /// Its kind.
+        kind: DomainKind,
+        /// What the operation needs.
+        wanted: &'static str,
+    },
+    /// The SMMU cannot do this (a stage it lacks, no substreams, a stall model the driver does not serve).
+    Unsupported(&'static str),
+    /// The stream cannot be reached (beyond the stream table).
+    Stream(StreamError),
+    /// The stream is attached to a domain already: detach it first.
+    StreamInUse {
+        /// StreamID.
+        sid: u32,
+        /// Where it is attached.
+        domain: DomainId,
+    },
+    /// The stream (or substream) is not attached.
+    NotAttached {
+        /// StreamID.
+        sid: u32,
+        /// SubstreamID, for a substream.
+        ssid: Option<u32>,
+    },
+    /// The SubstreamID is 0 (the stream's own attachment) or beyond the stream's CD table.
+    BadSubstream {
+        /// SubstreamID.
+        ssid: u32,
+        /// SubstreamID bits of the stream's CD table.
+        ssid_bits: u8,
+    },
+    /// The domain still has streams attached (`free`).
+    StillAttached {
+        /// The domain.
+        domain: DomainId,
+        /// How many attachments.
+        attachments: usize,
+    },
+    /// The stage-2 domain is the parent of nested domains (`free`).
+    HasNestedDomains {
+        /// The domain.
+        domain: DomainId,
+        /// How many.
+        children: u16,
+    },
+    /// A page-table operation refused (unaligned, out of the input range, overlapping, no memory, ...).
+    Map(MapError),
+    /// No ASID or VMID left.
+    Id(IdError),
+    /// An STE or CD could not be built.
+    Entry(EntryError),
+    /// A CD table could not be had or written.
+    CdTable(CdTableError),
+    /// The STE could not be installed.
+    Attach(AttachError),
+    /// An invalidation failed. The change it covered is made (the tables or entries are written) but may not be
+    /// in force; for unmap and protect the unlinked tables are kept and flushed again by the domain's next
+    /// operation.
+    Invalidation(InvalidationError),
+}
+
+impl fmt::Display for DomainError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DomainError::StaleDomain(d) => write!(f, "{d} was freed (stale handle)"),
+            DomainError::NoDomainSlot { capacity } => write!(f, "all {capacity} domain slots are in use"),
+            DomainError::TooMany(what) => write!(f, "too many {what}"),
+            DomainError::WrongKind { domain, kind, wanted } => {
+                write!(f, "{domain} is a {kind} domain; this needs {wanted}")
+            }
+            DomainError::Unsupported(what) => write!(f, "the SMMU cannot do this: {what}"),
+            DomainError::Stream(e) => write!(f, "{e}"),
+            DomainError::StreamInUse { sid, domain } => {
+                write!(f, "stream {sid:#x} is attached to {domain}: detach it first")
+            }
+            DomainError::NotAttached { sid, ssid: None } => write!(f, "stream {sid:#x} is not attached"),
+            DomainError::NotAttached { sid, ssid: Some(ssid) } => {
+                write!(f, "substream {ssid:#x} of stream {sid:#x} is not attached")
+            }
+            DomainError::BadSubstream { ssid, ssid_bits } => write!(
+                f,
+                "SubstreamID {ssid:#x} is 0 or beyond the stream's {ssid_bits}-bit CD table"
+            ),
+            DomainError::StillAttached { domain, attachments } => {
+                write!(f, "{domain} still has {attachments} attachment(s): detach them first")
+            }
+            DomainError::HasNestedDomains { domain, children } => {
+                write!(
+                    f,
+                    "{domain} is the stage-2 parent of {children} nested domain(s): free them first"
+                )
+            }
+            DomainError::Map(e) => write!(f, "{e}"),
+            DomainError::Id(e) => write!(f, "{e}"),
+            DomainError::Entry(e) => write!(f, "{e}"),
+            DomainError::CdTable(e) => write!(f, "{e}"),
+            DomainError::Attach(e) => write!(f, "{e}"),
+            DomainError::Invalidation(e) => write!(f, "invalidation failed: {e}"),
+        }
+    }
+}
+
+impl From<MapError> for DomainError {
+    fn from(e: MapError) -> Self {
+        DomainError::Map(e)
+    }
+}
+
+impl From<CommandQueueError> for DomainError {
+    fn from(e: CommandQueueError) -> Self {
+        DomainError::Invalidation(InvalidationError::Queue(e))
+    }
+}
+
+/// The translation a domain owns.
+pub(crate) enum Translation {
+    Stage1 {
+        table: IoPageTable<DomainMemory>,
+        asid: u16,
+        cd: Cd,
+        el2: bool,
+    },
+    Stage2 {
+        table: IoPageTable<DomainMemory>,
+        vmid: u16,
+        config: Stage2Config,
+        children: u16,
+    },
+    Nested {
+        parent: DomainId,
+        guest: GuestStage1,
+    },
+}
+
+/// One live domain.
+pub(crate) struct DomainState {
+    pub(crate) translation: Translation,
+    pub(crate) memory: DomainMemory,
+    /// (StreamID, SubstreamID) pairs attached; SubstreamID 0 for the whole stream.
+    pub(crate) attachments: heapless::Vec<(u32, u32), MAX_ATTACHMENTS>,
+    pub(crate) faults: FaultReport,
+    /// A gather whose invalidation failed: flushed again before the next operation.
+    pub(crate) unflushed: Option<Gather>,
+}
+
+impl DomainState {
+    fn kind(&self) -> DomainKind {
+        match self.translation {
+            Translation::Stage1 { .. } => DomainKind::Stage1,
+            Translation::Stage2 { .. } => DomainKind::Stage2,
+            Translation::Nested { .. } => DomainKind::Nested,
+        }
+    }
+}
+
+/// A slot of the domain table.
+pub(crate) struct Slot {
+    generation: u32,
+    pub(crate) state: Option<DomainState>,
+}
+
+/// A stream attached to a domain.
+pub(crate) struct StreamRecord {
+    pub(crate) sid: u32,
+    pub(crate) domain: DomainId,
+    /// The stream's CD table (stage-1 domains): CD 0 is the domain's, others are substreams'.
+    pub(crate) cd_table: Option<CdTable>,
+    pub(crate) substreams: heapless::Vec<(u32, DomainId), MAX_SUBSTREAMS_PER_STREAM>,
+}
+
+/// The driver's domain bookkeeping: the slots, the attached streams, and the faults of unattached streams.
+pub(crate) struct Domains<const D: usize> {
+    pub(crate) slots: [Slot; D],
+    pub(crate) streams: heapless::Vec<StreamRecord, MAX_ATTACHED_STREAMS>,
+    pub(crate) unattached_faults: FaultReport,
+}
+
+impl<const D: usize> Domains<D> {
+    pub(crate) fn new() -> Self {
+        Domains {
+            slots: core::array::from_fn(|_| Slot {
+                generation: 0,
+                state: None,
+            }),
+            streams: heapless::Vec::new(),
+            unattached_faults: FaultReport::default(),
+        }
+    }
+
+    fn get(&self, id: DomainId) -> Result<&DomainState, DomainError> {
+        self.slots
+            .get(usize::from(id.index))
+            .filter(|s| s.generation == id.generation)
+            .and_then(|s| s.state.as_ref())
+            .ok_or(DomainError::StaleDomain(id))
+    }
+
+    fn get_mut(&mut self, id: DomainId) -> Result<&mut DomainState, DomainError> {
+        self.slots
+            .get_mut(usize::from(id.index))
+            .filter(|s| s.generation == id.generation)
+            .and_then(|s| s.state.as_mut())
+            .ok_or(DomainError::StaleDomain(id))
+    }
+
+    /// Fails with [`DomainError::NoDomainSlot`] when no slot is free (checked before anything is allocated).
+    fn check_free_slot(&self) -> Result<(), DomainError> {
+        match self.slots.iter().any(|s| s.state.is_none()) {
+            true => Ok(()),
+            false => Err(DomainError::NoDomainSlot { capacity: D }),
+        }
+    }
+
+    /// Puts `state` in a free slot; [`Domains::check_free_slot`] said there is one.
+    fn insert(&mut self, state: DomainState) -> DomainId {
+        let index = self.slots.iter().position(|s| s.state.is_none()).unwrap_or(0);
+        let slot = &mut self.slots[index];
+        debug_assert!(slot.state.is_none());
+        slot.state = Some(state);
+        DomainId {
+            index: index as u16,
+            generation: slot.generation,
+        }
+    }
+
+    fn stream(&self, sid: u32) -> Option<usize> {
+        self.streams.iter().position(|r| r.sid == sid)
+    }
+
+    /// The domain a fault of (sid, ssid) belongs to.
+    fn route(&self, sid: u32, ssid: Option<u32>) -> Option<DomainId> {
+        let record = &self.streams[self.stream(sid)?];
+        match ssid {
+            Some(ssid) if ssid != 0 => record
+                .substreams
+                .iter()
+                .find(|(s, _)| *s == ssid)
+                .map(|(_, d)| *d)
+                .or(Some(record.domain)),
+            _ => Some(record.domain),
+        }
+    }
+}
+
+/// STE.S2PS / CD.IPS for an output size.
+fn size_encoding(bits: u8) -> u8 {
+    match bits {
+        0..=32 => 0,
+        33..=36 => 1,
+        37..=40 => 2,
+        41..=42 => 3,
+        43..=44 => 4,
+        45..=48 => 5,
+        _ => 6,
+    }
+}
+
+impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
+    fn walk_attributes(&self) -> (ste::Cacheability, ste::Shareability) {
+        ste::walk_attributes(self.features().coherent)
+    }
+
+    fn output_bits(&self) -> u8 {
+        self.features().oas_bits.min(48)
+    }
+
+    fn stalls_forced(&self) -> Result<(), DomainError> {
+        match self.features().entry_rules().stall {
+            StallRule::Forced => Err(DomainError::Unsupported(
+                "stalling is forced (IDR0.STALL_MODEL = 0b10) and this driver does not resume stalled transactions",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn new_table(
+        &self,
+        memory: DomainMemory,
+        stage: Stage,
+        input_bits: u8,
+    ) -> Result<IoPageTable<DomainMemory>, DomainError> {
+        let format = Format {
+            stage,
+            granule: Granule::Size4K,
+            input_bits,
+            output_bits: self.output_bits(),
+        };
+        let mut table = IoPageTable::new(format, memory, self.features().coherent)?;
+        table.set_bbm_level(self.features().bbm_level);
+        Ok(table)
+    }
+
+    /// Creates a stage-1 domain: an ASID, an empty stage-1 table of `options.input_bits` from `memory`, and the
+    /// CD its streams will use (NS-EL1, or EL2 with `options.el2`).
+    ///
+    /// # Errors
+    /// [`DomainError::Unsupported`] without stage 1 (or EL2 without IDR0.HYP, or forced stalling),
+    /// [`DomainError::Map`] for a bad input size or no memory, [`DomainError::Id`] without a free ASID,
+    /// [`DomainError::NoDomainSlot`]. Nothing is allocated then.
+    pub fn create_stage1(&mut self, memory: DomainMemory, options: Stage1Options) -> Result<DomainId, DomainError> {
+        let features = *self.features();
+        if !features.stage1 {
+            return Err(DomainError::Unsupported("no stage 1 (IDR0.S1P = 0)"));
+        }
+        if options.el2 && !features.hyp {
+            return Err(DomainError::Unsupported("EL2 stage 1 needs EL2 contexts (IDR0.HYP)"));
+        }
+        self.stalls_forced()?;
+        self.domains.check_free_slot()?;
+        let stage = if options.el2 { Stage::OneEl2 } else { Stage::One };
+        let table = self.new_table(memory, stage, options.input_bits)?;
+        let asid = match self.allocate_asid() {
+            Ok(a) => a,
+            Err(e) => return Err(DomainError::Id(e)),
+        };
+        let (cacheability, shareability) = self.walk_attributes();
+        let cd = Cd::new(
+            &CdConfig {
+                asid,
+                table: table.root(),
+                t0sz: 64 - options.input_bits,
+                granule: cd::Granule::Size4K,
+                ips: size_encoding(self.output_bits()),
+                cacheability,
+                shareability,
+                mair: crate::pgtable::desc::MAIR,
+                record_faults: true,
+                abort_on_fault: true,
+                stall: false,
+                private_asid: true,
+            },
+            &features.entry_rules(),
+        );
+        let cd = match cd {
+            Ok(cd) => cd,
+            Err(e) => {
+                let _ = self.free_asid(asid);
+                return Err(DomainError::Entry(e));
+            }
+        };
+        let state = DomainState {
+            translation: Translation::Stage1 {
+                table,
+                asid,
+                cd,
+                el2: options.el2,
+            },
+            memory,
+            attachments: heapless::Vec::new(),
+            faults: FaultReport::default(),
+            unflushed: None,
+        };
+        Ok(self.domains.insert(state))
+    }
+
+    /// Creates a stage-2 domain: a VMID and an empty stage-2 table of `options.input_bits` from `memory`.
+    ///
+    /// # Errors
+    /// As [`ActiveSmmu::create_stage1`] (stage 2, a VMID).
+    pub fn create_stage2(&mut self, memory: DomainMemory, options: Stage2Options) -> Result<DomainId, DomainError> {
+        let features = *self.features();
+        if !features.stage2 {
+            return Err(DomainError::Unsupported("no stage 2 (IDR0.S2P = 0)"));
+        }
+        self.stalls_forced()?;
+        self.domains.check_free_slot()?;
+        let table = self.new_table(memory, Stage::Two, options.input_bits)?;
+        let vmid = self.allocate_vmid().map_err(DomainError::Id)?;
+        let (cacheability, shareability) = self.walk_attributes();
+        let format = *table.format();
+        let config = Stage2Config {
+            vmid,
+            t0sz: 64 - format.input_bits,
+            sl0: table.geometry().s2_sl0(),
+            granule: ste::Granule::Size4K,
+            ps: size_encoding(format.output_bits),
+            cacheability,
+            shareability,
+            table: table.root(),
+            access_flag_fault_disable: false,
+            protected_table_walk: false,
+            stall: false,
+            record_faults: true,
+        };
+        let state = DomainState {
+            translation: Translation::Stage2 {
+                table,
+                vmid,
+                config,
+                children: 0,
+            },
+            memory,
+            attachments: heapless::Vec::new(),
+            faults: FaultReport::default(),
+            unflushed: None,
+        };
+        Ok(self.domains.insert(state))
+    }
+
+    /// Creates a nested domain: the guest's stage 1 (`guest`, its CD table at an IPA) inside the stage-2 domain
+    /// `parent`, whose VMID it shares. The parent cannot be freed while nested domains use it.
+    ///
+    /// # Errors
+    /// [`DomainError::Unsupported`] on an SMMU that cannot nest (both stages and no erratum against it),
+    /// [`DomainError::StaleDomain`] / [`DomainError::WrongKind`] for a parent that is not a live stage-2 domain,
+    /// [`DomainError::Unsupported`] for a guest CD table the SMMU cannot index (more substreams than SSIDSIZE),
+    /// [`DomainError::NoDomainSlot`].
+    pub fn create_nested(&mut self, parent: DomainId, guest: GuestStage1) -> Result<DomainId, DomainError> {
+        let features = *self.features();
+        if !features.nesting {
+            return Err(DomainError::Unsupported("no nested translation on this SMMU"));
+        }
+        if guest.cd_max_log2 > features.ssid_bits {
+            return Err(DomainError::Unsupported(
+                "the guest's CD table has more substreams than IDR1.SSIDSIZE",
+            ));
+        }
+        if !guest.cd_table.is_multiple_of(64) {
+            return Err(DomainError::Entry(EntryError::Misaligned {
+                field: "S1ContextPtr",
+                address: guest.cd_table,
+                alignment: 64,
+            }));
+        }
+        let state = self.domains.get(parent)?;
+        let memory = state.memory;
+        if !matches!(state.translation, Translation::Stage2 { .. }) {
+            return Err(DomainError::WrongKind {
+                domain: parent,
+                kind: state.kind(),
+                wanted: "a stage-2 parent",
+            });
+        }
+        self.domains.check_free_slot()?;
+        let id = self.domains.insert(DomainState {
+            translation: Translation::Nested { parent, guest },
+            memory,
+            attachments: heapless::Vec::new(),
+            faults: FaultReport::default(),
+            unflushed: None,
+        });
+        if let Ok(DomainState {
+            translation: Translation::Stage2 { children, .. },
+            ..
+        }) = self.domains.get_mut(parent)
+        {
+            *children += 1;
+        }
+        Ok(id)
+    }
+
+    fn release_ids(&mut self, state: &DomainState) {
+        match state.translation {
+            Translation::Stage1 { asid, .. } => {
+                let _ = self.free_asid(asid);
+            }
+            Translation::Stage2 { vmid, .. } => {
+                let _ = self.free_vmid(vmid);
+            }
+            Translation::Nested { .. } => {}
+        }
+    }
+
+    /// The kind of `domain`.
+    ///
+    /// # Errors
+    /// [`DomainError::StaleDomain`].
+    pub fn domain_kind(&self, domain: DomainId) -> Result<DomainKind, DomainError> {
+        Ok(self.domains.get(domain)?.kind())
+    }
+
+    /// The (StreamID, SubstreamID) pairs attached to `domain` (SubstreamID 0: the whole stream).
+    ///
+    /// # Errors
+    /// [`DomainError::StaleDomain`].
+    pub fn attachments(&self, domain: DomainId) -> Result<&[(u32, u32)], DomainError> {
+        Ok(&self.domains.get(domain)?.attachments)
+    }
+
+    /// The page table of a stage-1 or stage-2 domain (for inspection: its format, geometry, tables).
+    ///
+    /// # Errors
+    /// [`DomainError::StaleDomain`], [`DomainError::WrongKind`] for a nested domain (the guest owns its tables).
+    pub fn domain_table(&self, domain: DomainId) -> Result<&IoPageTable<DomainMemory>, DomainError> {
+        let state = self.domains.get(domain)?;
+        match &state.translation {
+            Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => Ok(table),
+            Translation::Nested { .. } => Err(DomainError::WrongKind {
+                domain,
+                kind: DomainKind::Nested,
+                wanted: "a stage-1 or stage-2 domain (a nested domain's stage 1 belongs to its guest)",
+            }),
+        }
+    }
+
+    /// The STE `domain` gives a stream, with `cd_table` for a stage-1 domain.
+    fn domain_ste(&self, domain: DomainId, cd_table: Option<&CdTable>) -> Result<Ste, DomainError> {
+        let features = *self.features();
+        let rules = features.entry_rules();
+        let (cacheability, shareability) = self.walk_attributes();
+        let stall_disable = features.stall_model == StallModel::StallAndTerminate;
+        let state = self.domains.get(domain)?;
+        let ste = match &state.translation {
+            Translation::Stage1 { el2, .. } => {
+                let Some(cds) = cd_table else {
+                    return Err(DomainError::Unsupported("a stage-1 stream needs its CD table"));
+                };
+                let bits = cds.format().ssid_bits();
+                Ste::stage1(
+                    &Stage1Config {
+                        cd_table: cds.base(),
+                        cd_max_log2: bits,
+                        layout: CdTableLayout::Linear,
+                        default_substream: if bits > 0 {
+                            DefaultSubstream::Substream0
+                        } else {
+                            DefaultSubstream::Terminate
+                        },
+                        cacheability,
+                        shareability,
+                        stall_disable,
+                        el2: *el2,
+                    },
+                    &rules,
+                )
+            }
+            Translation::Stage2 { config, .. } => Ste::stage2(config, &rules),
+            Translation::Nested { parent, guest } => {
+                let Translation::Stage2 { config, .. } = &self.domains.get(*parent)?.translation else {
+                    return Err(DomainError::StaleDomain(*parent));
+                };
+                Ste::nested(
+                    &Stage1Config {
+                        cd_table: PhysAddr(guest.cd_table),
+                        cd_max_log2: guest.cd_max_log2,
+                        layout: guest.layout,
+                        default_substream: guest.default_substream,
+                        cacheability,
+                        shareability,
+                        stall_disable,
+                        el2: false,
+                    },
+                    config,
+                    &rules,
+                )
+            }
+        };
+        ste.map_err(DomainError::Entry)
+    }
+
+    /// Attaches the whole stream `sid` to `domain`: its STE is written (hitlessly where the architecture allows)
+    /// and invalidated. A stage-1 domain's stream gets a CD table of its own (from the domain's memory) with the
+    /// domain's CD at substream 0 and room for [`STREAM_SSID_BITS`] bits of substreams where the SMMU has them.
+    ///
+    /// # Errors
+    /// [`DomainError::StaleDomain`], [`DomainError::StreamInUse`] when the stream is attached anywhere,
+    /// [`DomainError::Stream`] for a StreamID beyond the table, [`DomainError::TooMany`], [`DomainError::CdTable`],
+    /// [`DomainError::Entry`]: nothing changed then. [`DomainError::Attach`] when an STE invalidation failed: the
+    /// STE is left as the error says and the stream is not recorded as attached (detach it to clean up).
+    pub fn attach(&mut self, domain: DomainId, sid: u32) -> Result<(), DomainError> {
+        let state = self.domains.get(domain)?;
+        if let Some(i) = self.domains.stream(sid) {
+            return Err(DomainError::StreamInUse {
+                sid,
+                domain: self.domains.streams[i].domain,
+            });
+        }
+        if self.domains.streams.is_full() {
+            return Err(DomainError::TooMany("attached streams"));
+        }
+        if state.attachments.is_full() {
+            return Err(DomainError::TooMany("attachments of the domain"));
+        }
+        let sid_bits = self.stream_sid_bits();
+        if sid_bits < 32 && sid >> sid_bits != 0 {
+            return Err(DomainError::Stream(StreamError::UnknownStream { sid, sid_bits }));
+        }
+        let memory = state.memory;
+        let cd_table = match &state.translation {
+            Translation::Stage1 { cd, .. } => {
+                let cd = *cd;
+                let bits = STREAM_SSID_BITS.min(self.features().ssid_bits);
+                let mut table = CdTable::new(
+                    CdTableFormat::Linear { ssid_bits: bits },
+                    &memory,
+                    self.features().coherent,
+                )
+                .map_err(DomainError::CdTable)?;
+                // No STE points to the table yet: nothing to invalidate while it is written.
+                if let Err(e) = table.write(0, &cd, &memory, |_| Ok(())) {
+                    // SAFETY: never referenced by an STE.
+                    unsafe { table.free(&memory) };
+                    return Err(DomainError::CdTable(e));
+                }
+                Some(table)
+            }
+            _ => None,
+        };
+        let ste = match self.domain_ste(domain, cd_table.as_ref()) {
+            Ok(ste) => ste,
+            Err(e) => {
+                if let Some(t) = cd_table {
+                    // SAFETY: never referenced by an STE.
+                    unsafe { t.free(&memory) };
+                }
+                return Err(e);
+            }
+        };
+        if let Err(e) = self.install_ste(sid, &ste) {
+            if let (Some(t), AttachError::Stream(_) | AttachError::Queue(_)) = (cd_table, e) {
+                // SAFETY: the STE was not written, so nothing references the table.
+                unsafe { t.free(&memory) };
+            }
+            // After a failed invalidation the STE may reference the table: it is leaked rather than freed.
+            return Err(DomainError::Attach(e));
+        }
+        let record = StreamRecord {
+            sid,
+            domain,
+            cd_table,
+            substreams: heapless::Vec::new(),
+        };
+        // Room was checked above.
+        let _ = self.domains.streams.push(record);
+        if let Ok(state) = self.domains.get_mut(domain) {
+            let _ = state.attachments.push((sid, 0));
+        }
+        Ok(())
+    }
+
+    fn stream_sid_bits(&self) -> u8 {
+        match self.stream_table_format() {
+            crate::stream::StreamTableFormat::Linear { sid_bits }
+            | crate::stream::StreamTableFormat::TwoLevel { sid_bits, .. } => sid_bits,
+        }
+    }
+
+    /// Attaches substream `ssid` of stream `sid` to the stage-1 domain `domain`: the domain's CD goes into the
+    /// stream's CD table at `ssid`, then CFGI_CD + CMD_SYNC. The stream must be attached (at substream 0) to a
+    /// stage-1 domain already.
+    ///
+    /// # Errors
+    /// [`DomainError::StaleDomain`], [`DomainError::WrongKind`] for a domain that is not stage 1,
+    /// [`DomainError::NotAttached`] for a stream without a stage-1 attachment, [`DomainError::BadSubstream`] for
+    /// SubstreamID 0 or one beyond the stream's CD table (on an SMMU without substreams, every one),
+    /// [`DomainError::StreamInUse`] for a substream attached already, [`DomainError::TooMany`]: nothing changed.
+    /// [`DomainError::CdTable`] when the CD's invalidation failed (the CD is written).
+    pub fn attach_substream(&mut self, domain: DomainId, sid: u32, ssid: u32) -> Result<(), DomainError> {
+        let state = self.domains.get(domain)?;
+        let Translation::Stage1 { cd, .. } = state.translation else {
+            return Err(DomainError::WrongKind {
+                domain,
+                kind: state.kind(),
+                wanted: "a stage-1 domain",
+            });
+        };
+        if state.attachments.is_full() {
+            return Err(DomainError::TooMany("attachments of the domain"));
+        }
+        let Some(index) = self.domains.stream(sid) else {
+            return Err(DomainError::NotAttached { sid, ssid: None });
+        };
+        let record = &self.domains.streams[index];
+        let Some(table) = record.cd_table.as_ref() else {
+            return Err(DomainError::NotAttached { sid, ssid: None });
+        };
+        let ssid_bits = table.format().ssid_bits();
+        if ssid == 0 || (ssid_bits < 32 && ssid >> ssid_bits != 0) {
+            return Err(DomainError::BadSubstream { ssid, ssid_bits });
+        }
+        if let Some((_, d)) = record.substreams.iter().find(|(s, _)| *s == ssid) {
+            return Err(DomainError::StreamInUse { sid, domain: *d });
+        }
+        if record.substreams.is_full() {
+            return Err(DomainError::TooMany("substreams of the stream"));
+        }
+        self.write_stream_cd(index, ssid, &cd)?;
+        let _ = self.domains.streams[index].substreams.push((ssid, domain));
+        if let Ok(state) = self.domains.get_mut(domain) {
+            let _ = state.attachments.push((sid, ssid));
+        }
+        Ok(())
+    }
+
+    /// Writes `cd` at `ssid` of stream record `index`'s CD table, invalidating with CFGI_CD + CMD_SYNC.
+    fn write_stream_cd(&mut self, index: usize, ssid: u32, cd: &Cd) -> Result<(), DomainError> {
+        let sid = self.domains.streams[index].sid;
+        let memory = self.domains.get(self.domains.streams[index].domain)?.memory;
+        // The CD table and the command queue are different fields: borrow them apart.
+        let ActiveSmmu {
+            smmu, cmdq, domains, ..
+        } = self;
+        let regs = smmu.regs();
+        let Some(table) = domains.streams[index].cd_table.as_mut() else {
+            return Err(DomainError::NotAttached { sid, ssid: Some(ssid) });
+        };
+        table
+            .write(ssid, cd, &memory, |leaf| {
+                let words = [Command::CfgiCd { sid, ssid, leaf }
+                    .encode()
+                    .map_err(CommandQueueError::Encoding)?];
+                cmdq.submit(regs, &words, true).map(drop)
+            })
+            .map(drop)
+            .map_err(DomainError::CdTable)
+    }
+
+    /// Detaches substream `ssid` of stream `sid`: its CD is made invalid (CFGI_CD + CMD_SYNC).
+    ///
+    /// # Errors
+    /// [`DomainError::NotAttached`]; [`DomainError::CdTable`] when the invalidation failed (the CD is invalid in
+    /// memory, the substream is no longer recorded).
+    pub fn detach_substream(&mut self, sid: u32, ssid: u32) -> Result<(), DomainError> {
+        let not_attached = DomainError::NotAttached { sid, ssid: Some(ssid) };
+        let index = self.domains.stream(sid).ok_or(not_attached)?;
+        let position = self.domains.streams[index]
+            .substreams
+            .iter()
+            .position(|(s, _)| *s == ssid)
+            .ok_or(not_attached)?;
+        let (_, domain) = self.domains.streams[index].substreams.swap_remove(position);
+        if let Ok(state) = self.domains.get_mut(domain) {
+            state.attachments.retain(|a| *a != (sid, ssid));
+        }
+        let result = self.write_stream_cd(index, ssid, &Cd::invalid());
+        self.after_last_detach(domain)?;
+        result
+    }
+
+    /// Detaches stream `sid` from its domain: its substreams' CDs are cleared, its STE made to abort (CFGI_STE +
+    /// CMD_SYNC), its CD table's cached CDs invalidated (CFGI_CD_ALL + CMD_SYNC) before the table is freed. When the
+    /// domain has no attachment left, its TLB entries are dropped too.
+    ///
+    /// # Errors
+    /// [`DomainError::NotAttached`] (nothing changes). [`DomainError::Attach`] / [`DomainError::Invalidation`] when
+    /// an invalidation failed: the stream is no longer recorded as attached, and its CD table is kept (leaked)
+    /// since the SMMU may still read it.
+    pub fn detach(&mut self, sid: u32) -> Result<(), DomainError> {
+        let index = self
+            .domains
+            .stream(sid)
+            .ok_or(DomainError::NotAttached { sid, ssid: None })?;
+        while let Some(&(ssid, _)) = self.domains.streams[index].substreams.last() {
+            self.detach_substream(sid, ssid)?;
+        }
+        let record = self.domains.streams.swap_remove(index);
+        let domain = record.domain;
+        let memory = self.domains.get(domain).map(|s| s.memory).ok();
+        if let Ok(state) = self.domains.get_mut(domain) {
+            state.attachments.retain(|a| *a != (sid, 0));
+        }
+        let aborted = self.attach_abort(sid).map(drop).map_err(DomainError::Attach);
+        let cds_invalidated = aborted.and_then(|()| {
+            let mut batch = Batch::new();
+            if record.cd_table.is_some() {
+                batch.push(&Command::CfgiCdAll { sid })?;
+                self.submit(&batch)?;
+            }
+            Ok(())
+        });
+        match (cds_invalidated, record.cd_table, memory) {
+            (Ok(()), Some(table), Some(memory)) => {
+                // SAFETY: the STE no longer points to the table and that was invalidated, as were the CDs cached
+                // from it; the table came from the domain's memory.
+                unsafe { table.free(&memory) };
+            }
+            (Err(e), ..) => return Err(e),
+            _ => {}
+        }
+        self.after_last_detach(domain)
+    }
+
+    /// When `domain` has no attachment left, drops its TLB entries (its IDs stay allocated until `free`).
+    fn after_last_detach(&mut self, domain: DomainId) -> Result<(), DomainError> {
+        let Ok(state) = self.domains.get(domain) else {
+            return Ok(());
+        };
+        if !state.attachments.is_empty() {
+            return Ok(());
+        }
+        let command = self.whole_domain_invalidation(domain)?;
+        let mut batch = Batch::new();
+        batch.push(&command)?;
+        self.submit(&batch)?;
+        Ok(())
+    }
+
+    /// The command that drops every TLB entry `domain` may have.
+    fn whole_domain_invalidation(&self, domain: DomainId) -> Result<Command, DomainError> {
+        let state = self.domains.get(domain)?;
+        Ok(match &state.translation {
+            Translation::Stage1 { el2: true, .. } => Command::TlbiEl2All,
+            Translation::Stage1 { asid, .. } => Command::TlbiNhAsid { vmid: 0, asid: *asid },
+            Translation::Stage2 { vmid, .. } => Command::TlbiS12Vmall { vmid: *vmid },
+            Translation::Nested { parent, .. } => match &self.domains.get(*parent)?.translation {
+                Translation::Stage2 { vmid, .. } => Command::TlbiNhAll { vmid: *vmid },
+                _ => return Err(DomainError::StaleDomain(*parent)),
+            },
+        })
+    }
+
+    /// The TLB context of a stage-1 or stage-2 domain's table.
+    fn tlb_context(state: &DomainState) -> Option<TlbContext> {
+        match &state.translation {
+            Translation::Stage1 { el2: true, .. } => Some(TlbContext::Stage1El2),
+            Translation::Stage1 { asid, .. } => Some(TlbContext::Stage1 { asid: *asid, vmid: 0 }),
+            Translation::Stage2 { vmid, children, .. } => Some(TlbContext::Stage2 {
+                vmid: *vmid,
+                nested: *children > 0,
+            }),
+            Translation::Nested { .. } => None,
+        }
+    }
+
+    /// Takes the table of a stage-1 or stage-2 domain out of its slot for an operation that also needs the
+    /// command queue (put back by [`ActiveSmmu::put_table`]).
+    fn paging_domain(&mut self, domain: DomainId) -> Result<&mut DomainState, DomainError> {
+        let state = self.domains.get_mut(domain)?;
+        if matches!(state.translation, Translation::Nested { .. }) {
+            return Err(DomainError::WrongKind {
+                domain,
+                kind: DomainKind::Nested,
+                wanted: "a stage-1 or stage-2 domain (a nested domain's stage 1 belongs to its guest)",
+            });
+        }
+        Ok(state)
+    }
+
+    /// Flushes `gather` for `domain` (see [`ActiveSmmu::flush`]), keeping it in the domain when the invalidation
+    /// fails.
+    fn flush_domain(&mut self, domain: DomainId, gather: Gather) -> Result<(), DomainError> {
+        let ActiveSmmu {
+            smmu, cmdq, domains, ..
+        } = self;
+        let state = domains.get_mut(domain)?;
+        let context = Self::tlb_context(state).ok_or(DomainError::StaleDomain(domain))?;
+        let table = match &mut state.translation {
+            Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table,
+            Translation::Nested { .. } => return Err(DomainError::StaleDomain(domain)),
+        };
+        if gather.is_empty() {
+            table.release(gather);
+            return Ok(());
+        }
+        match invalidate_gather(cmdq, smmu, table.format().granule, &gather, context) {
+            Ok(_) => {
+                // Only now can no walk reach the unlinked tables.
+                table.release(gather);
+                Ok(())
+            }
+            Err(error) => {
+                state.unflushed = Some(gather);
+                Err(DomainError::Invalidation(InvalidationError::Queue(error)))
+            }
+        }
+    }
+
+    /// Retries an invalidation that failed before.
+    fn settle(&mut self, domain: DomainId) -> Result<(), DomainError> {
+        let pending = self.paging_domain(domain)?.unflushed.take();
+        match pending {
+            Some(gather) => self.flush_domain(domain, gather),
+            None => Ok(()),
+        }
+    }
+
+    /// Maps `[iova, iova + size)` to `[pa, pa + size)` with `prot` in a stage-1 or stage-2 domain, with the largest
+    /// blocks that fit. No invalidation is needed (only invalid entries are filled).
+    ///
+    /// # Errors
+    /// [`DomainError::StaleDomain`], [`DomainError::WrongKind`] for a nested domain, [`DomainError::Map`] for an
+    /// unaligned or out-of-range range (the domain's input size, the SMMU's output size), an overlap with what is
+    /// mapped, a bad `prot`, or no memory: nothing changes then.
+    pub fn map(&mut self, domain: DomainId, iova: u64, pa: u64, size: u64, prot: Prot) -> Result<(), DomainError> {
+        self.settle(domain)?;
+        match &mut self.paging_domain(domain)?.translation {
+            Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => {
+                table.map(iova, pa, size, prot).map_err(DomainError::Map)
+            }
+            Translation::Nested { .. } => Err(DomainError::StaleDomain(domain)),
+        }
+    }
+
+    /// Unmaps `[iova, iova + size)` and invalidates what changed (one CMD_SYNC; for a stage-2 parent of nested
+    /// domains, their combined entries too). Returns the bytes that were mapped.
+    ///
+    /// # Errors
+    /// As [`ActiveSmmu::map`] (nothing changes), and [`DomainError::Invalidation`] when the invalidation failed:
+    /// the entries are cleared and the unlinked tables kept until the domain's next operation flushes them again.
+    pub fn unmap(&mut self, domain: DomainId, iova: u64, size: u64) -> Result<u64, DomainError> {
+        self.settle(domain)?;
+        let mut gather = Gather::default();
+        let bytes = match &mut self.paging_domain(domain)?.translation {
+            Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => {
+                table.unmap(iova, size, &mut gather)?
+            }
+            Translation::Nested { .. } => return Err(DomainError::StaleDomain(domain)),
+        };
+        self.flush_domain(domain, gather)?;
+        Ok(bytes)
+    }
+
+    /// Changes the permissions of what is mapped in `[iova, iova + size)` to `prot` (never the memory type) and
+    /// invalidates what changed. Returns the bytes changed.
+    ///
+    /// # Errors
+    /// As [`ActiveSmmu::unmap`].
+    pub fn protect(&mut self, domain: DomainId, iova: u64, size: u64, prot: Prot) -> Result<u64, DomainError> {
+        self.settle(domain)?;
+        let mut gather = Gather::default();
+        let bytes = match &mut self.paging_domain(domain)?.translation {
+            Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => {
+                table.protect(iova, size, prot, &mut gather)?
+            }
+            Translation::Nested { .. } => return Err(DomainError::StaleDomain(domain)),
+        };
+        self.flush_domain(domain, gather)?;
+        Ok(bytes)
+    }
+
+    /// The output address `iova` translates to in a stage-1 or stage-2 domain, or `None` where nothing is mapped.
+    ///
+    /// # Errors
+    /// [`DomainError::StaleDomain`], [`DomainError::WrongKind`] for a nested domain.
+    pub fn iova_to_phys(&self, domain: DomainId, iova: u64) -> Result<Option<u64>, DomainError> {
+        Ok(self.domain_table(domain)?.iova_to_phys(iova))
+    }
+
+    /// Issues a guest's stage-1 invalidation for a nested domain (under its parent's VMID), with a CMD_SYNC.
+    ///
+    /// # Errors
+    /// [`DomainError::StaleDomain`], [`DomainError::WrongKind`] for a domain that is not nested,
+    /// [`DomainError::Invalidation`].
+    pub fn invalidate_guest(&mut self, domain: DomainId, what: GuestInvalidation) -> Result<(), DomainError> {
+        let state = self.domains.get(domain)?;
+        let Translation::Nested { parent, .. } = state.translation else {
+            return Err(DomainError::WrongKind {
+                domain,
+                kind: state.kind(),
+                wanted: "a nested domain",
+            });
+        };
+        let Translation::Stage2 { vmid, .. } = self.domains.get(parent)?.translation else {
+            return Err(DomainError::StaleDomain(parent));
+        };
+        let mut batch = Batch::new();
+        match what {
+            GuestInvalidation::Address { asid, address, leaf } => batch.push(&Command::TlbiNhVa {
+                vmid,
+                asid,
+                address,
+                leaf,
+                range: None,
+            })?,
+            GuestInvalidation::Asid(asid) => batch.push(&Command::TlbiNhAsid { vmid, asid })?,
+            GuestInvalidation::All => batch.push(&Command::TlbiNhAll { vmid })?,
+            GuestInvalidation::Cd { ssid } => {
+                // At most MAX_ATTACHMENTS streams: one batch holds them.
+                for &(sid, _) in state.attachments.iter() {
+                    batch.push(&Command::CfgiCd { sid, ssid, leaf: true })?;
+                }
+            }
+        }
+        self.submit(&batch)?;
+        Ok(())
+    }
+
+    /// Frees `domain`: its TLB entries are dropped (and the CMD_SYNC waited for) before its tables go back to its
+    /// memory and its ASID or VMID is freed. The handle (and every copy of it) is stale afterwards.
+    ///
+    /// # Errors
+    /// [`DomainError::StaleDomain`], [`DomainError::StillAttached`] while streams are attached,
+    /// [`DomainError::HasNestedDomains`] for a stage-2 parent in use: nothing changes. [`DomainError::Invalidation`]
+    /// when the invalidation failed: the domain is kept as it was.
+    pub fn free_domain(&mut self, domain: DomainId) -> Result<(), DomainError> {
+        let state = self.domains.get(domain)?;
+        if !state.attachments.is_empty() {
+            return Err(DomainError::StillAttached {
+                domain,
+                attachments: state.attachments.len(),
+            });
+        }
+        if let Translation::Stage2 { children, .. } = state.translation
+            && children > 0
+        {
+            return Err(DomainError::HasNestedDomains { domain, children });
+        }
+        let command = self.whole_domain_invalidation(domain)?;
+        let mut batch = Batch::new();
+        batch.push(&command)?;
+        self.submit(&batch)?;
+        let slot = &mut self.domains.slots[usize::from(domain.index)];
+        let Some(state) = slot.state.take() else {
+            return Err(DomainError::StaleDomain(domain));
+        };
+        slot.generation = slot.generation.wrapping_add(1);
+        self.release_ids(&state);
+        match state.translation {
+            Translation::Nested { parent, .. } => {
+                if let Ok(DomainState {
+                    translation: Translation::Stage2 { children, .. },
+                    ..
+                }) = self.domains.get_mut(parent)
+                {
+                    *children -= 1;
+                }
+            }
+            Translation::Stage1 { mut table, .. } | Translation::Stage2 { mut table, .. } => {
+                if let Some(gather) = state.unflushed {
+                    // The whole-domain invalidation above covered it.
+                    table.release(gather);
+                }
+                // Dropping the table returns its frames: nothing can walk it after the invalidation.
+                drop(table);
+            }
+        }
+        Ok(())
+    }
+
+    /// The faults routed to `domain` since it was created or last cleared.
+    ///
+    /// # Errors
+    /// [`DomainError::StaleDomain`].
+    pub fn domain_faults(&self, domain: DomainId) -> Result<&FaultReport, DomainError> {
+        Ok(&self.domains.get(domain)?.faults)
+    }
+
+    /// Clears `domain`'s fault report and returns what it held.
+    ///
+    /// # Errors
+    /// [`DomainError::StaleDomain`].
+    pub fn clear_domain_faults(&mut self, domain: DomainId) -> Result<FaultReport, DomainError> {
+        Ok(core::mem::take(&mut self.domains.get_mut(domain)?.faults))
+    }
+
+    /// Faults of streams attached to no domain (and records without a StreamID), SMMU-wide.
+    pub fn unattached_faults(&self) -> &FaultReport {
+        &self.domains.unattached_faults
+    }
+
+    /// Clears the SMMU-wide report of unattached streams' faults and returns what it held.
+    pub fn clear_unattached_faults(&mut self) -> FaultReport {
+        core::mem::take(&mut self.domains.unattached_faults)
+    }
+
+    /// Drains the event queue (as [`ActiveSmmu::drain_events`], until it is empty) and routes every record to the
+    /// report of the domain its stream (and substream) is attached to, or to the SMMU-wide report. `also` sees
+    /// each typed event too.
+    ///
+    /// # Errors
+    /// [`crate::active::GlobalError::ServiceFailure`].
+    pub fn drain_faults(
+        &mut self,
+        mut also: impl FnMut(&Event),
+    ) -> Result<crate::queue::evtq::DrainReport, GlobalError> {
+        let mut total = crate::queue::evtq::DrainReport::default();
+        loop {
+            self.handle_global_errors()?;
+            let ActiveSmmu {
+                smmu,
+                evtq,
+                domains,
+                pending_overflow,
+                ..
+            } = self;
+            let mut report = evtq.drain(smmu.page1_regs(), |event| {
+                also(&event);
+                match Fault::of(&event) {
+                    Some(fault) => match domains.route(fault.stream, fault.substream) {
+                        Some(id) => match domains.get_mut(id) {
+                            Ok(state) => state.faults.push(fault),
+                            Err(_) => domains.unattached_faults.push(fault),
+                        },
+                        None => domains.unattached_faults.push(fault),
+                    },
+                    // Records without a StreamID (IMPLEMENTATION DEFINED ones) are only counted.
+                    None => domains.unattached_faults.lost = domains.unattached_faults.lost.saturating_add(1),
+                }
+            });
+            if report.overflow.is_none() {
+                report.overflow = pending_overflow.take();
+            }
+            total.events += report.events;
+            total.overflow = total.overflow.or(report.overflow);
+            if !report.pending {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+/// Which stage a [`Fault`] was taken at (so a caller of the domain API needs nothing from [`crate::hw`]).
+pub use crate::hw::event::Stage as FaultStage;
+
+#[cfg(test)]
+mod tests {
+    //! Domains against the SMMU model of `active`'s tests: every operation's commands (the model records the
+    //! opcodes it consumes), the entries it writes, every misuse error, stale handles and fault routing.
+    extern crate std;
+
+    use super::*;
+    use crate::active::tests::{IDRS, Model, frames, reg32};
+    use crate::hw::command::opcode;
+    use crate::hw::ste::Config;
+    use crate::testing::HeapFrames;
+    use crate::{ActiveSmmu, InitOptions};
+    use core::sync::atomic::Ordering;
+    use std::vec::Vec;
+
+    const RW: Prot = Prot::READ.union(Prot::WRITE).union(Prot::CACHEABLE);
+    const SID: u32 = 0x10;
+
+    fn memory(frames: &'static HeapFrames) -> DomainMemory {
+        frames
+    }
+
+    fn consumed(model: &Model) -> usize {
+        model.seen.lock().unwrap().consumed.len()
+    }
+
+    fn since(model: &Model, from: usize) -> Vec<u8> {
+        model.seen.lock().unwrap().consumed[from..].to_vec()
+    }
+
+    fn smmu(model: &Model, frames: &'static HeapFrames) -> ActiveSmmu<&'static HeapFrames> {
+        model.smmu().init(frames, &InitOptions::default()).unwrap()
+    }
+
+    fn s1(smmu: &mut ActiveSmmu<&'static HeapFrames>, frames: &'static HeapFrames) -> DomainId {
+        smmu.create_stage1(
+            memory(frames),
+            Stage1Options {
+                input_bits: 39,
+                el2: false,
+            },
+        )
+        .unwrap()
+    }
+
+    fn s2(smmu: &mut ActiveSmmu<&'static HeapFrames>, frames: &'static HeapFrames) -> DomainId {
+        smmu.create_stage2(memory(frames), Stage2Options { input_bits: 40 })
+            .unwrap()
+    }
+
+    #[test]
+    fn a_stage1_domain_issues_every_invalidation_itself() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = smmu(&model, frames);
+        // The stream's level-2 span of the stream table stays once allocated: allocate it before counting.
+        smmu.attach_abort(SID).unwrap();
+        let baseline = frames.live_blocks();
+        let d = s1(&mut smmu, frames);
+        assert_eq!(smmu.domain_kind(d), Ok(DomainKind::Stage1));
+        smmu.map(d, 0x40_0000, 0x8000_0000, 0x4000, RW).unwrap();
+        assert_eq!(smmu.iova_to_phys(d, 0x40_1234), Ok(Some(0x8000_1234)));
+
+        let before = consumed(&model);
+        smmu.attach(d, SID).unwrap();
+        let ste = smmu.ste(SID).unwrap();
+        assert_eq!(ste.config(), Config::Stage1);
+        assert!(
+            since(&model, before)
+                .iter()
+                .all(|&op| op == opcode::CFGI_STE || op == opcode::SYNC)
+        );
+        assert_eq!(smmu.attachments(d), Ok(&[(SID, 0)][..]));
+
+        // Unmap: one range TLBI by ASID (RIL) and one CMD_SYNC, nothing else.
+        let before = consumed(&model);
+        assert_eq!(smmu.unmap(d, 0x40_1000, 0x1000), Ok(0x1000));
+        assert_eq!(since(&model, before), [opcode::TLBI_NH_VA, opcode::SYNC]);
+        assert_eq!(smmu.iova_to_phys(d, 0x40_1000), Ok(None));
+        // Protect likewise.
+        let before = consumed(&model);
+        assert_eq!(
+            smmu.protect(d, 0x40_0000, 0x1000, Prot::READ | Prot::CACHEABLE),
+            Ok(0x1000)
+        );
+        assert_eq!(since(&model, before), [opcode::TLBI_NH_VA, opcode::SYNC]);
+        // Map needs none.
+        let before = consumed(&model);
+        smmu.map(d, 0x40_1000, 0x9000_0000, 0x1000, RW).unwrap();
+        assert_eq!(since(&model, before), []);
+
+        // Detach: STE to abort, the stream's cached CDs, then (last attachment) the domain's TLB entries.
+        let before = consumed(&model);
+        smmu.detach(SID).unwrap();
+        assert_eq!(smmu.ste(SID).unwrap().config(), Config::Abort);
+        let ops = since(&model, before);
+        assert_eq!(
+            &ops[ops.len() - 4..],
+            [opcode::CFGI_CD_ALL, opcode::SYNC, opcode::TLBI_NH_ASID, opcode::SYNC]
+        );
+        assert!(
+            ops[..ops.len() - 4]
+                .iter()
+                .all(|&op| op == opcode::CFGI_STE || op == opcode::SYNC)
+        );
+
+        // Free: the ASID's entries go (with their CMD_SYNC) before the tables and the ASID.
+        let before = consumed(&model);
+        smmu.free_domain(d).unwrap();
+        assert_eq!(since(&model, before), [opcode::TLBI_NH_ASID, opcode::SYNC]);
+        assert_eq!(frames.live_blocks(), baseline, "tables and CD table returned");
+        // The ASID is free again: the next domain gets it.
+        let again = s1(&mut smmu, frames);
+        assert_ne!(again, d, "a new generation");
+    }
+
+    #[test]
+    fn a_stale_handle_is_an_error_for_every_operation() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = smmu(&model, frames);
+        let d = s1(&mut smmu, frames);
+        smmu.free_domain(d).unwrap();
+        // The slot is reused by the next domain: the old handle must still be refused.
+        let reused = s1(&mut smmu, frames);
+        assert_eq!(reused.index(), d.index());
+        let stale = Err(DomainError::StaleDomain(d));
+        assert_eq!(smmu.domain_kind(d), stale.map(|()| DomainKind::Stage1));
+        assert_eq!(smmu.map(d, 0, 0, 0x1000, RW), stale);
+        assert_eq!(smmu.unmap(d, 0, 0x1000), stale.map(|()| 0));
+        assert_eq!(smmu.protect(d, 0, 0x1000, RW), stale.map(|()| 0));
+        assert_eq!(smmu.iova_to_phys(d, 0), stale.map(|()| None));
+        assert_eq!(smmu.attach(d, SID), stale);
+        assert_eq!(smmu.attach_substream(d, SID, 1), stale);
+        assert_eq!(smmu.free_domain(d), stale);
+        assert!(smmu.domain_faults(d).is_err());
+        assert_eq!(smmu.create_nested(d, GUEST).err(), Some(DomainError::StaleDomain(d)));
+        // The live domain in that slot is untouched.
+        smmu.map(reused, 0, 0x8000_0000, 0x1000, RW).unwrap();
+        assert_eq!(smmu.iova_to_phys(reused, 0), Ok(Some(0x8000_0000)));
+    }
+
+    const GUEST: GuestStage1 = GuestStage1 {
+        cd_table: 0x4000_0000,
+        cd_max_log2: 0,
+        layout: CdTableLayout::Linear,
+        default_substream: DefaultSubstream::Terminate,
+    };
+
+    #[test]
+    fn a_stage2_domain_and_its_nested_domains() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = smmu(&model, frames);
+        let parent = s2(&mut smmu, frames);
+        smmu.map(parent, 0x4000_0000, 0x8000_0000, 0x20_0000, RW).unwrap();
+        let nested = smmu.create_nested(parent, GUEST).unwrap();
+        assert_eq!(smmu.domain_kind(nested), Ok(DomainKind::Nested));
+        smmu.attach(nested, SID).unwrap();
+        let ste = smmu.ste(SID).unwrap();
+        assert_eq!(ste.config(), Config::Nested);
+        assert_eq!(
+            ste.cd_table(),
+            PhysAddr(GUEST.cd_table),
+            "S1ContextPtr is the guest's IPA"
+        );
+        let Translation::Stage2 { vmid, .. } = smmu.domains.get(parent).unwrap().translation else {
+            unreachable!()
+        };
+        assert_eq!(ste.vmid(), vmid, "the parent's VMID");
+        assert_eq!(ste.s2_table(), smmu.domain_table(parent).unwrap().root());
+
+        // A stage-2 change under a live nested domain: S2 by IPA, CMD_SYNC, then the combined entries, CMD_SYNC.
+        let before = consumed(&model);
+        smmu.unmap(parent, 0x4000_0000, 0x1000).unwrap();
+        let ops = since(&model, before);
+        assert_eq!(
+            ops,
+            [opcode::TLBI_S2_IPA, opcode::SYNC, opcode::TLBI_NH_ALL, opcode::SYNC],
+            "split 2 MiB block? {ops:?}"
+        );
+
+        // The guest owns the stage 1: no map on the nested domain; guest invalidations go under the VMID.
+        assert!(matches!(
+            smmu.map(nested, 0, 0, 0x1000, RW),
+            Err(DomainError::WrongKind {
+                kind: DomainKind::Nested,
+                ..
+            })
+        ));
+        let before = consumed(&model);
+        smmu.invalidate_guest(nested, GuestInvalidation::Asid(7)).unwrap();
+        smmu.invalidate_guest(nested, GuestInvalidation::Cd { ssid: 0 })
+            .unwrap();
+        assert_eq!(
+            since(&model, before),
+            [opcode::TLBI_NH_ASID, opcode::SYNC, opcode::CFGI_CD, opcode::SYNC]
+        );
+
+        // The parent cannot go while a nested domain uses it; a nested domain cannot be a parent.
+        assert_eq!(
+            smmu.free_domain(parent),
+            Err(DomainError::HasNestedDomains {
+                domain: parent,
+                children: 1
+            })
+        );
+        assert!(matches!(
+            smmu.create_nested(nested, GUEST),
+            Err(DomainError::WrongKind {
+                wanted: "a stage-2 parent",
+                ..
+            })
+        ));
+        smmu.detach(SID).unwrap();
+        let before = consumed(&model);
+        smmu.free_domain(nested).unwrap();
+        assert_eq!(since(&model, before), [opcode::TLBI_NH_ALL, opcode::SYNC]);
+        let before = consumed(&model);
+        smmu.free_domain(parent).unwrap();
+        assert_eq!(since(&model, before), [opcode::TLBI_S12_VMALL, opcode::SYNC]);
+    }
+
+    #[test]
+    fn without_nested_domains_a_stage2_change_is_one_sync() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = smmu(&model, frames);
+        let d = s2(&mut smmu, frames);
+        smmu.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+        smmu.attach(d, SID).unwrap();
+        assert_eq!(smmu.ste(SID).unwrap().config(), Config::Stage2);
+        let before = consumed(&model);
+        smmu.unmap(d, 0x1000, 0x1000).unwrap();
+        assert_eq!(since(&model, before), [opcode::TLBI_S2_IPA, opcode::SYNC]);
+    }
+
+    #[test]
+    fn misuse_is_refused_and_changes_nothing() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = smmu(&model, frames);
+        let a = s1(&mut smmu, frames);
+        let b = s2(&mut smmu, frames);
+        smmu.attach(a, SID).unwrap();
+        let ste = smmu.ste(SID).unwrap();
+        let before = consumed(&model);
+
+        // A stream attached elsewhere.
+        assert_eq!(
+            smmu.attach(b, SID),
+            Err(DomainError::StreamInUse { sid: SID, domain: a })
+        );
+        assert_eq!(
+            smmu.attach(a, SID),
+            Err(DomainError::StreamInUse { sid: SID, domain: a })
+        );
+        // A stream beyond the table (16 SID bits on the model).
+        assert!(matches!(smmu.attach(b, 1 << 16), Err(DomainError::Stream(_))));
+        // Free while attached.
+        assert_eq!(
+            smmu.free_domain(a),
+            Err(DomainError::StillAttached {
+                domain: a,
+                attachments: 1
+            })
+        );
+        // Wrong kinds.
+        assert!(matches!(
+            smmu.attach_substream(b, SID, 1),
+            Err(DomainError::WrongKind {
+                kind: DomainKind::Stage2,
+                ..
+            })
+        ));
+        assert!(matches!(
+            smmu.create_nested(a, GUEST),
+            Err(DomainError::WrongKind {
+                kind: DomainKind::Stage1,
+                ..
+            })
+        ));
+        // No substreams on this SMMU (SSIDSIZE 0): every SubstreamID is beyond the stream's CD table.
+        assert_eq!(
+            smmu.attach_substream(a, SID, 1),
+            Err(DomainError::BadSubstream { ssid: 1, ssid_bits: 0 })
+        );
+        // IOVAs outside the domain's 39-bit input range, and unaligned ones.
+        assert!(matches!(
+            smmu.map(a, 1 << 39, 0x8000_0000, 0x1000, RW),
+            Err(DomainError::Map(MapError::InputOutOfRange { .. }))
+        ));
+        assert!(matches!(
+            smmu.map(a, 0x800, 0x8000_0000, 0x1000, RW),
+            Err(DomainError::Map(_))
+        ));
+        // Overlap.
+        smmu.map(a, 0, 0x8000_0000, 0x1000, RW).unwrap();
+        assert!(matches!(
+            smmu.map(a, 0, 0x9000_0000, 0x1000, RW),
+            Err(DomainError::Map(MapError::Overlap { .. }))
+        ));
+        assert_eq!(
+            smmu.iova_to_phys(a, 0),
+            Ok(Some(0x8000_0000)),
+            "the first mapping stays"
+        );
+        // Unknown streams.
+        assert_eq!(
+            smmu.detach(0x11),
+            Err(DomainError::NotAttached { sid: 0x11, ssid: None })
+        );
+        assert_eq!(
+            smmu.detach_substream(SID, 3),
+            Err(DomainError::NotAttached {
+                sid: SID,
+                ssid: Some(3)
+            })
+        );
+        assert_eq!(smmu.ste(SID), Ok(ste), "the STE is as it was");
+        assert_eq!(since(&model, before), [], "no command was issued");
+        // A nested domain on an SMMU that cannot nest.
+        let guest = GuestStage1 {
+            cd_table: 0x4000_0020,
+            ..GUEST
+        };
+        assert!(
+            matches!(smmu.create_nested(b, guest), Err(DomainError::Entry(_))),
+            "misaligned CD table IPA"
+        );
+    }
+
+    #[test]
+    fn capacity_is_a_clear_error_and_a_failed_creation_leaks_no_id() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu: ActiveSmmu<&'static HeapFrames, 3> = model
+            .smmu()
+            .init_with_capacity(frames, &InitOptions::default())
+            .unwrap();
+        let baseline = frames.live_blocks();
+        for round in 0..5 {
+            let ids: Vec<DomainId> = (0..3)
+                .map(|_| smmu.create_stage1(memory(frames), Stage1Options::default()).unwrap())
+                .collect();
+            assert_eq!(
+                smmu.create_stage1(memory(frames), Stage1Options::default()),
+                Err(DomainError::NoDomainSlot { capacity: 3 })
+            );
+            // The refused creation gave its ASID back: three in use, never more.
+            assert_eq!(smmu.asids_in_use(), 3, "round {round}");
+            for id in ids {
+                smmu.free_domain(id).unwrap();
+            }
+            assert_eq!(frames.live_blocks(), baseline, "round {round}: every table returned");
+        }
+    }
+
+    #[test]
+    fn substreams_get_their_own_cds_and_their_faults() {
+        let frames = frames();
+        // SSIDSIZE 5 (IDR1[10:6]).
+        let model = Model::start_with_idrs(frames, IDRS[0].1, IDRS[1].1 | 5 << 6);
+        let mut smmu = smmu(&model, frames);
+        let whole = s1(&mut smmu, frames);
+        let sub = s1(&mut smmu, frames);
+        smmu.attach(whole, SID).unwrap();
+        let before = consumed(&model);
+        smmu.attach_substream(sub, SID, 3).unwrap();
+        // Invalid -> valid: qwords 1..7, CFGI_CD + CMD_SYNC, then qword 0 (V), CFGI_CD + CMD_SYNC.
+        assert_eq!(
+            since(&model, before),
+            [opcode::CFGI_CD, opcode::SYNC, opcode::CFGI_CD, opcode::SYNC]
+        );
+        assert_eq!(smmu.attachments(sub), Ok(&[(SID, 3)][..]));
+        let record = &smmu.domains.streams[0];
+        let table = record.cd_table.as_ref().unwrap();
+        assert_eq!(table.format().ssid_bits(), STREAM_SSID_BITS);
+        let asid_of = |d| match smmu.domains.get(d).unwrap().translation {
+            Translation::Stage1 { asid, .. } => asid,
+            _ => unreachable!(),
+        };
+        assert_eq!(table.read(3).unwrap().asid(), asid_of(sub));
+        assert_eq!(table.read(0).unwrap().asid(), asid_of(whole));
+        assert_eq!(
+            smmu.ste(SID).unwrap().0[0] >> 59 & 0x1f,
+            u64::from(STREAM_SSID_BITS),
+            "S1CDMax"
+        );
+        // Substream 0 is the stream's own; beyond the table is refused; a used one too.
+        assert!(matches!(
+            smmu.attach_substream(sub, SID, 0),
+            Err(DomainError::BadSubstream { .. })
+        ));
+        assert!(matches!(
+            smmu.attach_substream(sub, SID, 8),
+            Err(DomainError::BadSubstream { .. })
+        ));
+        assert_eq!(
+            smmu.attach_substream(whole, SID, 3),
+            Err(DomainError::StreamInUse { sid: SID, domain: sub })
+        );
+
+        // Faults route by (stream, substream).
+        inject(
+            &model,
+            &smmu,
+            frames,
+            &[fault(SID, Some(3), 0x1000, true), fault(SID, None, 0x2000, false)],
+        );
+        smmu.drain_faults(|_| {}).unwrap();
+        let f = smmu.domain_faults(sub).unwrap();
+        assert_eq!(f.faults.len(), 1);
+        assert_eq!(
+            (f.faults[0].substream, f.faults[0].address, f.faults[0].write),
+            (Some(3), Some(0x1000), Some(true))
+        );
+        assert_eq!(smmu.domain_faults(whole).unwrap().faults[0].address, Some(0x2000));
+
+        // Detaching the substream clears its CD; the domain's last detach drops its TLB entries.
+        let before = consumed(&model);
+        smmu.detach_substream(SID, 3).unwrap();
+        // Valid -> invalid: V first, then the rest (two CFGI_CD rounds), then the TLBI.
+        assert_eq!(
+            since(&model, before),
+            [
+                opcode::CFGI_CD,
+                opcode::SYNC,
+                opcode::CFGI_CD,
+                opcode::SYNC,
+                opcode::TLBI_NH_ASID,
+                opcode::SYNC
+            ]
+        );
+        assert!(
+            !smmu.domains.streams[0]
+                .cd_table
+                .as_ref()
+                .unwrap()
+                .read(3)
+                .unwrap()
+                .is_valid()
+        );
+        // Detaching the stream clears what substreams are left first.
+        smmu.attach_substream(sub, SID, 5).unwrap();
+        smmu.detach(SID).unwrap();
+        assert_eq!(smmu.attachments(sub), Ok(&[][..]));
+        assert!(smmu.domains.streams.is_empty());
+    }
+
+    /// A hand-assembled F_TRANSLATION record (IHI 0070 7.3.11): number 0x10, SSV [11], SubstreamID [31:12],
+    /// StreamID [63:32]; RnW [99]; InputAddr [191:128].
+    fn fault(sid: u32, ssid: Option<u32>, address: u64, write: bool) -> [u64; 4] {
+        let ssv = ssid.map_or(0, |s| 1 << 11 | u64::from(s) << 12);
+        let rnw = if write { 0 } else { 1 << 35 };
+        [0x10 | ssv | u64::from(sid) << 32, rnw, address, 0]
+    }
+
+    /// Plays the SMMU writing `records` into the event queue and advancing EVENTQ_PROD.
+    fn inject(model: &Model, smmu: &ActiveSmmu<&'static HeapFrames>, frames: &HeapFrames, records: &[[u64; 4]]) {
+        let base = frames.virt(smmu.configuration().eventq_base) as *mut u64;
+        let prod_register = reg32(model.base, 0x1_00a8);
+        // SAFETY: the model's register block and the driver's event queue are live.
+        unsafe {
+            let mut prod = prod_register.read_volatile();
+            for r in records {
+                let index = (prod & 0xff) as usize;
+                for (i, w) in r.iter().enumerate() {
+                    base.add(index * 4 + i).write_volatile(*w);
+                }
+                prod = (prod + 1) & 0x1ff;
+            }
+            prod_register.write_volatile(prod);
+        }
+    }
+
+    #[test]
+    fn faults_go_to_the_domain_of_their_stream_or_the_smmu_wide_report() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = smmu(&model, frames);
+        let a = s1(&mut smmu, frames);
+        let b = s2(&mut smmu, frames);
+        smmu.attach(a, 0x10).unwrap();
+        smmu.attach(b, 0x18).unwrap();
+        let records: Vec<[u64; 4]> = (0..12)
+            .map(|i| fault(if i % 2 == 0 { 0x10 } else { 0x18 }, None, 0x1000 * i, true))
+            .chain([fault(0x99, None, 0x5000, false)])
+            .collect();
+        inject(&model, &smmu, frames, &records);
+        let mut typed = 0;
+        let report = smmu.drain_faults(|_| typed += 1).unwrap();
+        assert_eq!((report.events, typed), (13, 13), "typed events stay available");
+        let fa = smmu.domain_faults(a).unwrap().clone();
+        assert_eq!((fa.faults.len(), fa.lost), (6, 0));
+        assert!(fa.faults.iter().all(|f| f.stream == 0x10 && f.kind == "F_TRANSLATION"));
+        assert_eq!(fa.faults[1].address, Some(0x2000));
+        assert_eq!(smmu.domain_faults(b).unwrap().total(), 6);
+        assert_eq!(smmu.unattached_faults().faults[0].stream, 0x99);
+        // Bounded: more faults than the report holds are counted as lost.
+        let more: Vec<[u64; 4]> = (0..FAULT_REPORT_CAPACITY as u64)
+            .map(|i| fault(0x10, None, i << 12, true))
+            .collect();
+        inject(&model, &smmu, frames, &more);
+        smmu.drain_faults(|_| {}).unwrap();
+        let fa = smmu.clear_domain_faults(a).unwrap();
+        assert_eq!((fa.faults.len(), fa.lost), (FAULT_REPORT_CAPACITY, 6));
+        assert_eq!(smmu.domain_faults(a).unwrap().total(), 0, "cleared");
+        // After detach, the stream's faults are nobody's.
+        smmu.detach(0x10).unwrap();
+        inject(&model, &smmu, frames, &[fault(0x10, None, 0, true)]);
+        smmu.drain_faults(|_| {}).unwrap();
+        assert_eq!(smmu.domain_faults(a).unwrap().total(), 0);
+        assert_eq!(smmu.clear_unattached_faults().total(), 2);
+    }
+
+    #[test]
+    fn a_failed_unmap_invalidation_keeps_the_tables_until_the_next_operation() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = smmu(&model, frames);
+        let d = s1(&mut smmu, frames);
+        smmu.map(d, 0x40_0000, 0x8000_0000, 0x4000, RW).unwrap();
+        let live = frames.live_blocks();
+        model.refuse.store(opcode::TLBI_NH_VA, Ordering::SeqCst);
+        assert!(matches!(
+            smmu.unmap(d, 0x40_0000, 0x4000),
+            Err(DomainError::Invalidation(_))
+        ));
+        assert_eq!(frames.live_blocks(), live, "the emptied tables are not freed");
+        model.refuse.store(0, Ordering::SeqCst);
+        // The next operation flushes them first.
+        let before = consumed(&model);
+        smmu.map(d, 0x80_0000, 0x8000_0000, 0x1000, RW).unwrap();
+        assert_eq!(since(&model, before)[..2], [opcode::TLBI_NH_VA, opcode::SYNC]);
+    }
+}
