@@ -500,6 +500,68 @@ impl<const D: usize> Domains<D> {
     }
 }
 
+/// A guest's stage-1 context as a guest's own driver builds it: a CD table with one CD for the guest's stage-1
+/// table, in guest memory. For hypervisor firmware that plays the guest in tests (a real guest builds these itself,
+/// and the hypervisor only learns [`GuestContext::stage1`]).
+pub struct GuestContext {
+    /// The CD table, at an IPA of guest memory.
+    pub cd_table: CdTable,
+    /// What the hypervisor passes to [`ActiveSmmu::create_nested`].
+    pub stage1: GuestStage1,
+}
+
+impl GuestContext {
+    /// Builds the context for `table` (a stage-1 table whose memory reports IPAs as its physical addresses) with
+    /// the guest's `asid`, its CD table from `memory` (the same guest memory), walk attributes and output size
+    /// as `features` require.
+    ///
+    /// # Errors
+    /// [`DomainError::CdTable`] without memory, [`DomainError::Entry`] for a CD the SMMU would refuse (an ASID
+    /// beyond its width, forced stalling).
+    pub fn build<M: FrameAllocator>(
+        features: &crate::features::Features,
+        memory: &M,
+        table: &IoPageTable<M>,
+        asid: u16,
+    ) -> Result<GuestContext, DomainError> {
+        let format = table.format();
+        let (cacheability, shareability) = ste::walk_attributes(features.coherent);
+        let cd = Cd::new(
+            &CdConfig {
+                asid,
+                table: table.root(),
+                t0sz: 64 - format.input_bits,
+                granule: cd::Granule::Size4K,
+                ips: size_encoding(format.output_bits),
+                cacheability,
+                shareability,
+                mair: crate::pgtable::desc::MAIR,
+                record_faults: true,
+                abort_on_fault: true,
+                stall: false,
+                private_asid: true,
+            },
+            &features.entry_rules(),
+        )
+        .map_err(DomainError::Entry)?;
+        let mut cd_table = CdTable::new(CdTableFormat::Linear { ssid_bits: 0 }, memory, features.coherent)
+            .map_err(DomainError::CdTable)?;
+        // No STE points to it yet: nothing to invalidate.
+        if let Err(e) = cd_table.write(0, &cd, memory, |_| Ok(())) {
+            // SAFETY: never referenced by an STE.
+            unsafe { cd_table.free(memory) };
+            return Err(DomainError::CdTable(e));
+        }
+        let stage1 = GuestStage1 {
+            cd_table: cd_table.base().0,
+            cd_max_log2: 0,
+            layout: CdTableLayout::Linear,
+            default_substream: DefaultSubstream::Terminate,
+        };
+        Ok(GuestContext { cd_table, stage1 })
+    }
+}
+
 /// STE.S2PS / CD.IPS for an output size.
 fn size_encoding(bits: u8) -> u8 {
     match bits {

@@ -25,8 +25,8 @@ pub(crate) mod testing;
 pub use active::{ActiveSmmu, InitError, InitOptions, InterruptSources};
 pub use board::{IommuMap, SmmuDescription, SmmuInterrupts};
 pub use domain::{
-    DomainError, DomainId, DomainKind, DomainMemory, Fault, FaultReport, GuestInvalidation, GuestStage1, Stage1Options,
-    Stage2Options,
+    DomainError, DomainId, DomainKind, DomainMemory, Fault, FaultReport, GuestContext, GuestInvalidation, GuestStage1,
+    Stage1Options, Stage2Options,
 };
 pub use features::{Features, IdRegisters, Quirks, Stages};
 pub use mem::{DmaBlock, FrameAllocator, PhysAddr};

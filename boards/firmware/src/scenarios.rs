@@ -52,11 +52,21 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("cmdq-error", core_smmu::cmdq_error),
     ("evtq-overflow", core_smmu::evtq_overflow),
     ("pgtable-dma", translate::pgtable_dma),
+    ("s1-dma", domains::s1_dma),
+    ("s2-dma", domains::s2_dma),
+    ("nested-dma", domains::nested_dma),
+    ("unmapped-fault", domains::unmapped_fault),
+    ("readonly-fault", domains::readonly_fault),
+    ("unmap-invalidate", domains::unmap_invalidate),
+    ("detach-aborts", domains::detach_aborts),
+    ("isolation", domains::isolation),
+    ("block-mappings", domains::block_mappings),
     ("psci-reset", psci_reset),
     ("el3-fault-report", el3_fault_report),
 ];
 
 mod core_smmu;
+mod domains;
 mod translate;
 
 /// Runs the named scenarios in order; returns how many failed.

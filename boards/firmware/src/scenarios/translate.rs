@@ -1,21 +1,16 @@
-//! `pgtable-dma`: edu's DMA through IO page tables built by the driver, for every stage the SMMU has: a
-//! round trip through translated addresses, an unmap whose invalidation must reach the SMMU's TLB (QEMU caches
-//! translations, so a missing TLBI lets the DMA through and fails the scenario), the fault the SMMU records for
-//! the unmapped address, and a remap to another page.
+//! `pgtable-dma`: edu's DMA through IO page tables, for every stage the SMMU has, through domains only: a round
+//! trip through translated addresses, an unmap whose invalidation the domain issues (the DMA must then fault, and
+//! the domain's report shows it), a remap to another page, and a read-only protect (writes fault with
+//! F_PERMISSION, reads work). On a nesting SMMU a third pass runs both stages on one stream: the firmware plays a
+//! guest whose stage-1 table and CD sit at IPAs that an identity stage 2 of RAM translates, and the guest's own
+//! changes go with the guest's invalidations.
 
 use core::fmt::Write;
 
-use smmuv3::active::TlbContext;
-use smmuv3::ctx::{CdTable, CdTableFormat};
-use smmuv3::features::StallModel;
-use smmuv3::hw::cd::{self, Cd, CdConfig};
-use smmuv3::hw::command::Command;
-use smmuv3::hw::event::Event;
-use smmuv3::hw::ste::{self, CdTableLayout, DefaultSubstream, Stage1Config, Stage2Config, Ste};
-use smmuv3::pgtable::{Format, Gather, Granule, IoPageTable, Prot, Stage, desc};
-use smmuv3::queue::cmdq::Batch;
+use smmuv3::pgtable::{Format, Gather, Granule, IoPageTable, Stage};
+use smmuv3::{DomainId, FaultReport, GuestContext, GuestInvalidation, Prot, Stage1Options, Stage2Options};
 
-use super::core_smmu::{Session, edu_stream, expect_quiet, start};
+use super::core_smmu::{Session, edu_stream, start};
 use super::{Context, Failure};
 use crate::edu::{Direction, Edu};
 use crate::frames::{self, Frames};
@@ -25,19 +20,10 @@ use crate::println;
 const IOVA_SOURCE: u64 = 0x0bad_0000;
 const IOVA_DESTINATION: u64 = 0x0bad_1000;
 const LEN: usize = 256;
+const RW: Prot = Prot::READ.union(Prot::WRITE).union(Prot::CACHEABLE);
 
-/// The OAS encoding of STE.S2PS / CD.IPS.
-fn size_encoding(bits: u8) -> u8 {
-    match bits {
-        0..=32 => 0,
-        33..=36 => 1,
-        37..=40 => 2,
-        41..=42 => 3,
-        43..=44 => 4,
-        45..=48 => 5,
-        _ => 6,
-    }
-}
+/// The frame pool as the domains' memory.
+static POOL: Frames = Frames;
 
 fn page() -> Result<u64, Failure> {
     match frames::alloc(4096, 4096) {
@@ -62,78 +48,67 @@ fn pattern(i: usize) -> u8 {
     (i as u8).wrapping_mul(13).wrapping_add(0x5d)
 }
 
-/// The translation faults recorded for `sid` at `iova`, and any other event.
-fn faults_at(s: &mut Session, sid: u32, iova: u64, permission: bool) -> Result<(u32, u32), Failure> {
-    let (mut at, mut other) = (0, 0);
-    loop {
-        let report = s.drain_events(|e: Event| {
-            let is_fault = if permission {
-                matches!(e, Event::FPermission(p) if !p.fault.access.read)
-            } else {
-                matches!(e, Event::FTranslation(_))
-            };
-            if is_fault && e.stream_id() == Some(sid) && e.address().is_some_and(|a| a & !0xfff == iova) {
-                at += 1;
-            } else {
-                other += 1;
-                println!("  unexpected event: {e}");
-            }
-        });
-        match report {
-            Ok(r) if r.pending => {}
-            Ok(_) => return Ok((at, other)),
-            Err(e) => fail!("{e}"),
-        }
+/// The faults routed to `domain` since the last call (none may go elsewhere).
+fn faults(s: &mut Session, domain: DomainId) -> Result<FaultReport, Failure> {
+    s.drain_faults(|_| {}).or_else(|e| fail!("{e}"))?;
+    let elsewhere = s.clear_unattached_faults();
+    if elsewhere.total() != 0 {
+        fail!("{} fault(s) of unattached streams", elsewhere.total())
     }
+    s.clear_domain_faults(domain).or_else(|e| fail!("{e}"))
 }
 
-/// Has edu write to `IOVA_DESTINATION`, which must not reach `pa` (filled with `canary`): the SMMU must abort the
-/// writes and record only translation faults (or, with `permission`, write permission faults) there. Returns how
-/// many it recorded.
+/// Has edu write to `IOVA_DESTINATION`, which must not reach `pa`: the domain must record only write faults of
+/// `kind` there. Returns how many.
 fn expect_blocked_write(
     s: &mut Session,
     edu: &Edu,
+    domain: DomainId,
     sid: u32,
     pa: u64,
-    canary: u8,
-    permission: bool,
+    kind: &str,
 ) -> Result<u32, Failure> {
-    fill(pa, |_| canary);
+    fill(pa, |_| 0xc3);
     edu.dma(Direction::FromDevice, IOVA_DESTINATION, 0, LEN as u64)
         .or_else(|e| fail!("{e}"))?;
-    if (0..4096).any(|i| byte(pa, i) != canary) {
+    if (0..4096).any(|i| byte(pa, i) != 0xc3) {
         fail!("edu's write reached PA {pa:#x}: the SMMU used a stale or too permissive translation")
     }
-    let kind = if permission {
-        "F_PERMISSION (write)"
-    } else {
-        "F_TRANSLATION"
+    let report = faults(s, domain)?;
+    let at = |f: &&smmuv3::Fault| {
+        f.kind == kind
+            && f.stream == sid
+            && f.write == Some(true)
+            && f.address.is_some_and(|a| a & !0xfff == IOVA_DESTINATION)
     };
-    let (faults, unexpected) = faults_at(s, sid, IOVA_DESTINATION, permission)?;
-    if faults == 0 || unexpected != 0 {
-        fail!("{faults} {kind} at {IOVA_DESTINATION:#x}, {unexpected} other event(s)")
+    let matching = report.faults.iter().filter(at).count();
+    if matching == 0 || matching != report.faults.len() {
+        fail!(
+            "{matching} {kind} at {IOVA_DESTINATION:#x} among {} fault(s) in {domain}",
+            report.total()
+        )
     }
-    Ok(faults)
+    Ok(report.total())
 }
 
-/// `pgtable-dma`, for each stage the SMMU implements.
+/// `pgtable-dma`, for each stage the SMMU implements, and nested where it can nest.
 pub fn pgtable_dma(context: &mut Context) -> Result<(), Failure> {
     let (edu, sid) = edu_stream(context)?;
-    let stages = {
+    let features = {
         let s = start(context, &smmuv3::InitOptions::default())?;
-        s.features().stages()
+        *s.features()
     };
     let mut ran = 0;
-    for stage in [Stage::One, Stage::Two] {
-        if (stage == Stage::One && !stages.stage1) || (stage == Stage::Two && !stages.stage2) {
-            continue;
-        }
-        translate(context, &edu, sid, stage, false)?;
+    if features.stage1 {
+        translate(context, &edu, sid, Pass::Stage1)?;
         ran += 1;
     }
-    if stages.nested {
-        // Both stages for one stream: the stage-1 tables (and the CD) sit at IPAs that stage 2 translates.
-        translate(context, &edu, sid, Stage::One, true)?;
+    if features.stage2 {
+        translate(context, &edu, sid, Pass::Stage2)?;
+        ran += 1;
+    }
+    if features.nesting {
+        translate(context, &edu, sid, Pass::Nested)?;
     }
     if ran == 0 {
         fail!("the SMMU translates at no stage")
@@ -141,166 +116,125 @@ pub fn pgtable_dma(context: &mut Context) -> Result<(), Failure> {
     Ok(())
 }
 
-/// An empty 4 KiB-granule page table of `stage` from the frame pool.
-fn new_table(stage: Stage, input_bits: u8, output_bits: u8, coherent: bool) -> Result<IoPageTable<Frames>, Failure> {
-    let format = Format {
-        stage,
-        granule: Granule::Size4K,
-        input_bits,
-        output_bits,
-    };
-    match IoPageTable::new(format, Frames, coherent) {
-        Ok(t) => Ok(t),
-        Err(e) => fail!("{e}"),
-    }
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    Stage1,
+    Stage2,
+    Nested,
 }
 
-/// The stage-2 half of a nested configuration: RAM mapped IPA = PA with the largest blocks, and the STE fields.
-fn nested_stage2(context: &Context, s: &mut Session) -> Result<(IoPageTable<Frames>, Stage2Config), Failure> {
-    let features = *s.features();
-    let output_bits = features.oas_bits.min(48);
-    // IPA = PA for all of RAM: 40 bits (a level-1 root of 2 concatenated tables) where RAM lies below 1 TiB, the
-    // whole output size (a level-0 root) where it lies higher, as on sbsa-ref. Not 41-43 bits: QEMU 10.0 walks
-    // only the first table of a concatenated stage-2 root (it masks the table index off the base address), and
-    // sbsa-ref's RAM would sit in the third.
-    let ram_top = context.platform.memory.iter().map(|b| b.end() - 1).max().unwrap_or(0);
-    let ram_bits = (64 - ram_top.leading_zeros()) as u8;
-    let input_bits = if ram_bits <= 40 {
-        40.min(output_bits)
-    } else {
-        output_bits
-    };
-    if ram_bits > input_bits {
-        fail!("RAM up to {ram_top:#x} is beyond the SMMU's {output_bits}-bit output size")
-    }
-    let mut table = new_table(Stage::Two, input_bits, output_bits, features.coherent)?;
-    for bank in &context.platform.memory {
-        table
-            .map(
-                bank.base,
-                bank.base,
-                bank.size,
-                Prot::READ | Prot::WRITE | Prot::CACHEABLE,
-            )
-            .or_else(|e| fail!("stage-2 map of RAM {bank}: {e}"))?;
-    }
-    let vmid = s.allocate_vmid().or_else(|e| fail!("{e}"))?;
-    let config = stage2_config(&table, vmid, features.coherent);
-    Ok((table, config))
+/// Where the translation of a pass lives: a domain's own table, or (nested) the guest's.
+struct Guest {
+    table: IoPageTable<Frames>,
+    context: GuestContext,
+    parent: DomainId,
 }
 
-/// The STE's stage-2 fields for `table` (4 KiB granule) with `vmid`; faults are recorded.
-fn stage2_config(table: &IoPageTable<Frames>, vmid: u16, coherent: bool) -> Stage2Config {
-    let format = table.format();
-    let (cacheability, shareability) = ste::walk_attributes(coherent);
-    Stage2Config {
-        vmid,
-        t0sz: 64 - format.input_bits,
-        sl0: table.geometry().s2_sl0(),
-        granule: ste::Granule::Size4K,
-        ps: size_encoding(format.output_bits),
-        cacheability,
-        shareability,
-        table: table.root(),
-        access_flag_fault_disable: false,
-        protected_table_walk: false,
-        stall: false,
-        record_faults: true,
-    }
-}
-
-fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage, nested: bool) -> Result<(), Failure> {
+fn translate(context: &Context, edu: &Edu, sid: u32, pass: Pass) -> Result<(), Failure> {
     let mut s = start(context, &smmuv3::InitOptions::default())?;
     let features = *s.features();
-    let rules = features.entry_rules();
-    let (cacheability, shareability) = ste::walk_attributes(features.coherent);
-    let output_bits = features.oas_bits.min(48);
-    let input_bits = if stage == Stage::One { 39 } else { 40.min(output_bits) };
-    let mut table = new_table(stage, input_bits, output_bits, features.coherent)?;
-    // Blocks are split in place only on an SMMU with BBML = 2; otherwise a cut block is refused.
-    table.set_bbm_level(features.bbm_level);
     let (source, destination, alternate) = (page()?, page()?, page()?);
-    let rw = Prot::READ | Prot::WRITE | Prot::CACHEABLE;
-    table
-        .map(IOVA_SOURCE, source, 4096, rw)
-        .or_else(|e| fail!("map: {e}"))?;
-    table
-        .map(IOVA_DESTINATION, destination, 4096, rw)
-        .or_else(|e| fail!("map: {e}"))?;
-
-    // The context: a CD (stage 1) or the STE's stage-2 fields.
-    let mut cd_table = None;
-    let mut parent = None;
-    let (ste, tlb) = match stage {
-        Stage::OneEl2 => fail!("stage 1 of the EL2 regime is not exercised by this scenario"),
-        Stage::One => {
-            let asid = s.allocate_asid().or_else(|e| fail!("{e}"))?;
-            let mut cds = match CdTable::new(CdTableFormat::Linear { ssid_bits: 0 }, &Frames, features.coherent) {
-                Ok(t) => t,
-                Err(e) => fail!("{e}"),
-            };
-            let cd = Cd::new(
-                &CdConfig {
-                    asid,
-                    table: table.root(),
-                    t0sz: 64 - input_bits,
-                    granule: cd::Granule::Size4K,
-                    ips: size_encoding(output_bits),
-                    cacheability,
-                    shareability,
-                    mair: desc::MAIR,
-                    record_faults: true,
-                    abort_on_fault: true,
-                    stall: false,
-                    private_asid: true,
-                },
-                &rules,
-            )
-            .or_else(|e| fail!("CD: {e}"))?;
-            // No STE points to the table yet: nothing to invalidate while it is written.
-            cds.write(0, &cd, &Frames, |_| Ok(()))
-                .or_else(|e| fail!("CD table: {e}"))?;
-            let s1 = Stage1Config {
-                cd_table: cds.base(),
-                cd_max_log2: 0,
-                layout: CdTableLayout::Linear,
-                default_substream: DefaultSubstream::Terminate,
-                cacheability,
-                shareability,
-                stall_disable: features.stall_model == StallModel::StallAndTerminate,
-                el2: false,
-            };
-            cd_table = Some(cds);
-            if nested {
-                let (s2_table, s2) = nested_stage2(context, &mut s)?;
-                parent = Some(s2_table);
-                let ste = Ste::nested(&s1, &s2, &rules).or_else(|e| fail!("STE: {e}"))?;
-                (ste, TlbContext::Stage1 { asid, vmid: s2.vmid })
-            } else {
-                let ste = Ste::stage1(&s1, &rules).or_else(|e| fail!("STE: {e}"))?;
-                (ste, TlbContext::Stage1 { asid, vmid: 0 })
-            }
+    let (domain, guest) = match pass {
+        Pass::Stage1 => {
+            let d = s
+                .create_stage1(
+                    &POOL,
+                    Stage1Options {
+                        input_bits: 39,
+                        el2: false,
+                    },
+                )
+                .or_else(|e| fail!("{e}"))?;
+            (d, None)
         }
-        Stage::Two => {
-            let vmid = s.allocate_vmid().or_else(|e| fail!("{e}"))?;
-            let ste =
-                Ste::stage2(&stage2_config(&table, vmid, features.coherent), &rules).or_else(|e| fail!("STE: {e}"))?;
-            (ste, TlbContext::Stage2 { vmid, nested: false })
+        Pass::Stage2 => {
+            let d = s
+                .create_stage2(
+                    &POOL,
+                    Stage2Options {
+                        input_bits: 40.min(features.oas_bits),
+                    },
+                )
+                .or_else(|e| fail!("{e}"))?;
+            (d, None)
+        }
+        Pass::Nested => {
+            // The hypervisor's stage 2: IPA = PA for all of RAM. 40 bits (a level-1 root of 2 concatenated
+            // tables) where RAM lies below 1 TiB, the whole output size (a level-0 root) where it lies higher, as
+            // on sbsa-ref: QEMU 10.0 walks only the first table of a concatenated stage-2 root.
+            let ram_top = context.platform.memory.iter().map(|b| b.end() - 1).max().unwrap_or(0);
+            let ram_bits = (64 - ram_top.leading_zeros()) as u8;
+            let output_bits = features.oas_bits.min(48);
+            let input_bits = if ram_bits <= 40 {
+                40.min(output_bits)
+            } else {
+                output_bits
+            };
+            if ram_bits > input_bits {
+                fail!("RAM up to {ram_top:#x} is beyond the SMMU's {output_bits}-bit output size")
+            }
+            let parent = s
+                .create_stage2(&POOL, Stage2Options { input_bits })
+                .or_else(|e| fail!("{e}"))?;
+            for bank in &context.platform.memory {
+                s.map(parent, bank.base, bank.base, bank.size, RW)
+                    .or_else(|e| fail!("stage-2 map of RAM {bank}: {e}"))?;
+            }
+            // The guest: its stage-1 table and CD in RAM (IPA = PA).
+            let format = Format {
+                stage: Stage::One,
+                granule: Granule::Size4K,
+                input_bits: 39,
+                output_bits: input_bits,
+            };
+            let table = IoPageTable::new(format, Frames, features.coherent).or_else(|e| fail!("guest table: {e}"))?;
+            let guest_context = GuestContext::build(&features, &Frames, &table, 1).or_else(|e| fail!("{e}"))?;
+            let d = s
+                .create_nested(parent, guest_context.stage1)
+                .or_else(|e| fail!("{e}"))?;
+            (
+                d,
+                Some(Guest {
+                    table,
+                    context: guest_context,
+                    parent,
+                }),
+            )
         }
     };
-    let installed = s.install_ste(sid, &ste).or_else(|e| fail!("{e}"))?;
-    let geometry = table.geometry();
+    let mut guest = guest;
+    // Maps through the domain, or (nested) the guest's table and its invalidation.
+    let map = |s: &mut Session, guest: &mut Option<Guest>, iova: u64, pa: u64, prot: Prot| -> Result<(), Failure> {
+        match guest {
+            Some(g) => g.table.map(iova, pa, 4096, prot).or_else(|e| fail!("guest map: {e}")),
+            None => s.map(domain, iova, pa, 4096, prot).or_else(|e| fail!("map: {e}")),
+        }
+    };
+    map(&mut s, &mut guest, IOVA_SOURCE, source, RW)?;
+    map(&mut s, &mut guest, IOVA_DESTINATION, destination, RW)?;
+    s.attach(domain, sid).or_else(|e| fail!("attach: {e}"))?;
+    let (input_bits, start_level, root_entries) = match &guest {
+        Some(g) => (
+            g.table.format().input_bits,
+            g.table.geometry().start_level,
+            g.table.geometry().root_entries,
+        ),
+        None => {
+            let t = s.domain_table(domain).or_else(|e| fail!("{e}"))?;
+            (
+                t.format().input_bits,
+                t.geometry().start_level,
+                t.geometry().root_entries,
+            )
+        }
+    };
     println!(
-        "  {}: {input_bits}-bit input from level {} ({} root entries), STE {:?} in {} sync(s)",
-        match (stage, nested) {
-            (_, true) => "nested (stage 1 inside an identity stage 2 of RAM)",
-            (Stage::One | Stage::OneEl2, false) => "stage 1",
-            (Stage::Two, false) => "stage 2",
-        },
-        geometry.start_level,
-        geometry.root_entries,
-        installed.kind,
-        installed.syncs
+        "  {} {domain}: {input_bits}-bit input from level {start_level} ({root_entries} root entries), stream {sid:#x} attached",
+        match pass {
+            Pass::Nested => "nested (stage 1 inside an identity stage 2 of RAM)",
+            Pass::Stage1 => "stage 1",
+            Pass::Stage2 => "stage 2",
+        }
     );
 
     // Round trip through translated addresses.
@@ -320,25 +254,36 @@ fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage, nested: bool)
         "  {LEN} bytes IOVA {IOVA_SOURCE:#x} (PA {source:#x}) -> edu -> IOVA {IOVA_DESTINATION:#x} (PA {destination:#x}), verified"
     );
 
-    // Unmap the destination and invalidate: the DMA must now fault.
-    let mut gather = Gather::default();
-    let unmapped = table
-        .unmap(IOVA_DESTINATION, 4096, &mut gather)
-        .or_else(|e| fail!("unmap: {e}"))?;
-    let flush = s
-        .flush(&mut table, gather, tlb)
-        .or_else(|e| fail!("invalidation: {e}"))?;
+    // Unmap the destination (the domain invalidates; a guest invalidates its own): the DMA must now fault.
+    match &mut guest {
+        Some(g) => {
+            let mut gather = Gather::default();
+            g.table
+                .unmap(IOVA_DESTINATION, 4096, &mut gather)
+                .or_else(|e| fail!("guest unmap: {e}"))?;
+            s.invalidate_guest(
+                domain,
+                GuestInvalidation::Address {
+                    asid: 1,
+                    address: IOVA_DESTINATION,
+                    leaf: !gather.tables_unlinked,
+                },
+            )
+            .or_else(|e| fail!("{e}"))?;
+            g.table.release(gather);
+        }
+        None => {
+            s.unmap(domain, IOVA_DESTINATION, 4096)
+                .or_else(|e| fail!("unmap: {e}"))?;
+        }
+    }
+    let n = expect_blocked_write(&mut s, edu, domain, sid, destination, "F_TRANSLATION")?;
     println!(
-        "  unmapped {unmapped:#x} bytes; invalidation: {} command(s), {} PROD write(s)",
-        flush.commands, flush.prod_writes
+        "  after unmap: DMA aborted, {n} F_TRANSLATION fault(s) at IOVA {IOVA_DESTINATION:#x} in {domain}'s report"
     );
-    let faults = expect_blocked_write(&mut s, edu, sid, destination, 0xc3, false)?;
-    println!("  after unmap: DMA aborted, {faults} F_TRANSLATION event(s) at IOVA {IOVA_DESTINATION:#x}");
 
     // Map the address to an alternate page: the DMA lands there.
-    table
-        .map(IOVA_DESTINATION, alternate, 4096, rw)
-        .or_else(|e| fail!("remap: {e}"))?;
+    map(&mut s, &mut guest, IOVA_DESTINATION, alternate, RW)?;
     fill(alternate, |_| 0);
     edu.dma(Direction::FromDevice, IOVA_DESTINATION, 0, LEN as u64)
         .or_else(|e| fail!("{e}"))?;
@@ -351,45 +296,39 @@ fn translate(context: &Context, edu: &Edu, sid: u32, stage: Stage, nested: bool)
     println!("  remapped IOVA {IOVA_DESTINATION:#x} -> PA {alternate:#x}: verified");
 
     // Make it read-only: edu's writes fault with F_PERMISSION, its reads still work.
-    let mut gather = Gather::default();
     let read_only = Prot::READ | Prot::CACHEABLE;
-    table
-        .protect(IOVA_DESTINATION, 4096, read_only, &mut gather)
-        .or_else(|e| fail!("protect: {e}"))?;
-    s.flush(&mut table, gather, tlb)
-        .or_else(|e| fail!("invalidation: {e}"))?;
-    let faults = expect_blocked_write(&mut s, edu, sid, alternate, 0x77, true)?;
+    match &mut guest {
+        Some(g) => {
+            let mut gather = Gather::default();
+            g.table
+                .protect(IOVA_DESTINATION, 4096, read_only, &mut gather)
+                .or_else(|e| fail!("guest protect: {e}"))?;
+            s.invalidate_guest(domain, GuestInvalidation::Asid(1))
+                .or_else(|e| fail!("{e}"))?;
+            g.table.release(gather);
+        }
+        None => {
+            s.protect(domain, IOVA_DESTINATION, 4096, read_only)
+                .or_else(|e| fail!("protect: {e}"))?;
+        }
+    }
+    let n = expect_blocked_write(&mut s, edu, domain, sid, alternate, "F_PERMISSION")?;
     edu.dma(Direction::ToDevice, IOVA_DESTINATION, 0, LEN as u64)
         .or_else(|e| fail!("{e}"))?;
-    expect_quiet(&mut s, "read through a read-only mapping")?;
-    println!("  read-only IOVA {IOVA_DESTINATION:#x}: writes abort with {faults} F_PERMISSION event(s), reads work");
+    let quiet = faults(&mut s, domain)?;
+    if quiet.total() != 0 {
+        fail!("a read through a read-only mapping faulted: {:?}", quiet.faults.first())
+    }
+    println!("  read-only IOVA {IOVA_DESTINATION:#x}: writes abort with {n} F_PERMISSION fault(s), reads work");
 
-    // Detach: abort the stream, drop the context's TLB entries, then the tables may go.
-    s.attach_abort(sid).or_else(|e| fail!("{e}"))?;
-    let mut batch = Batch::new();
-    let command = match tlb {
-        TlbContext::Stage1 { asid, vmid } => Command::TlbiNhAsid { vmid, asid },
-        TlbContext::Stage1El2 => Command::TlbiEl2All,
-        TlbContext::Stage2 { vmid, .. } => Command::TlbiS12Vmall { vmid },
-    };
-    batch.push(&command).or_else(|e| fail!("{e}"))?;
-    s.submit(&batch).or_else(|e| fail!("{e}"))?;
-    if let (Some(_), TlbContext::Stage1 { vmid, .. }) = (&parent, tlb) {
-        let mut batch = Batch::new();
-        batch.push(&Command::TlbiS12Vmall { vmid }).or_else(|e| fail!("{e}"))?;
-        s.submit(&batch).or_else(|e| fail!("{e}"))?;
-        s.free_vmid(vmid).or_else(|e| fail!("{e}"))?;
+    // Detach and free: the domain invalidates before its tables and IDs go.
+    s.detach(sid).or_else(|e| fail!("detach: {e}"))?;
+    s.free_domain(domain).or_else(|e| fail!("free: {e}"))?;
+    if let Some(g) = guest {
+        s.free_domain(g.parent).or_else(|e| fail!("free the parent: {e}"))?;
+        // SAFETY: no STE points to the guest's CD table any more (detached and invalidated).
+        unsafe { g.context.cd_table.free(&Frames) };
+        drop(g.table);
     }
-    drop(table);
-    drop(parent);
-    if let Some(cds) = cd_table {
-        // SAFETY: no STE points to the CD table any more, and that was invalidated.
-        unsafe { cds.free(&Frames) };
-    }
-    match tlb {
-        TlbContext::Stage1 { asid, .. } => s.free_asid(asid).or_else(|e| fail!("{e}"))?,
-        TlbContext::Stage1El2 => {}
-        TlbContext::Stage2 { vmid, .. } => s.free_vmid(vmid).or_else(|e| fail!("{e}"))?,
-    }
-    expect_quiet(&mut s, "after detach")
+    Ok(())
 }
