@@ -11,13 +11,13 @@ pub struct TimedOut;
 pub struct Deadline {
     #[cfg(target_arch = "aarch64")]
     end: u64,
-    #[cfg(all(not(target_arch = "aarch64"), test))]
+    #[cfg(all(not(target_arch = "aarch64"), any(test, feature = "std")))]
     end: std::time::Instant,
-    #[cfg(all(not(target_arch = "aarch64"), not(test)))]
+    #[cfg(all(not(target_arch = "aarch64"), not(any(test, feature = "std"))))]
     remaining: u64,
 }
 
-#[cfg(all(not(target_arch = "aarch64"), test))]
+#[cfg(all(not(target_arch = "aarch64"), any(test, feature = "std")))]
 extern crate std;
 
 #[cfg(target_arch = "aarch64")]
@@ -36,13 +36,13 @@ impl Deadline {
                 end: now.saturating_add(micros.saturating_mul(frequency) / 1_000_000),
             }
         }
-        #[cfg(all(not(target_arch = "aarch64"), test))]
+        #[cfg(all(not(target_arch = "aarch64"), any(test, feature = "std")))]
         {
             Deadline {
                 end: std::time::Instant::now() + std::time::Duration::from_micros(micros),
             }
         }
-        #[cfg(all(not(target_arch = "aarch64"), not(test)))]
+        #[cfg(all(not(target_arch = "aarch64"), not(any(test, feature = "std"))))]
         {
             Deadline { remaining: micros }
         }
@@ -54,11 +54,11 @@ impl Deadline {
         {
             counter().0 >= self.end
         }
-        #[cfg(all(not(target_arch = "aarch64"), test))]
+        #[cfg(all(not(target_arch = "aarch64"), any(test, feature = "std")))]
         {
             std::time::Instant::now() >= self.end
         }
-        #[cfg(all(not(target_arch = "aarch64"), not(test)))]
+        #[cfg(all(not(target_arch = "aarch64"), not(any(test, feature = "std"))))]
         {
             if self.remaining == 0 {
                 return true;

@@ -429,6 +429,8 @@ pub(crate) struct StreamRecord {
 /// The driver's domain bookkeeping: the slots, the attached streams, and the faults of unattached streams.
 pub(crate) struct Domains<const D: usize> {
     pub(crate) slots: [Slot; D],
+    /// The free slots, as a stack: creating and freeing a domain costs the same however full the table is.
+    free: heapless::Vec<u16, D>,
     pub(crate) streams: heapless::Vec<StreamRecord, MAX_ATTACHED_STREAMS>,
     pub(crate) unattached_faults: FaultReport,
 }
@@ -440,6 +442,8 @@ impl<const D: usize> Domains<D> {
                 generation: 0,
                 state: None,
             }),
+            // Lowest index on top, so the first domain gets slot 0.
+            free: (0..D as u16).rev().collect(),
             streams: heapless::Vec::new(),
             unattached_faults: FaultReport::default(),
         }
@@ -463,22 +467,38 @@ impl<const D: usize> Domains<D> {
 
     /// Fails with [`DomainError::NoDomainSlot`] when no slot is free (checked before anything is allocated).
     fn check_free_slot(&self) -> Result<(), DomainError> {
-        match self.slots.iter().any(|s| s.state.is_none()) {
-            true => Ok(()),
-            false => Err(DomainError::NoDomainSlot { capacity: D }),
+        match self.free.is_empty() {
+            false => Ok(()),
+            true => Err(DomainError::NoDomainSlot { capacity: D }),
         }
     }
 
-    /// Puts `state` in a free slot; [`Domains::check_free_slot`] said there is one.
+    /// Puts `state` in a free slot, which [`Domains::check_free_slot`] said there is (O(1)).
     fn insert(&mut self, state: DomainState) -> DomainId {
-        let index = self.slots.iter().position(|s| s.state.is_none()).unwrap_or(0);
-        let slot = &mut self.slots[index];
+        let index = self
+            .free
+            .pop()
+            .unwrap_or_else(|| unreachable!("checked by check_free_slot"));
+        let slot = &mut self.slots[usize::from(index)];
         debug_assert!(slot.state.is_none());
         slot.state = Some(state);
         DomainId {
-            index: index as u16,
+            index,
             generation: slot.generation,
         }
+    }
+
+    /// Empties `id`'s slot, makes every handle to it stale and puts the slot back on the free stack (O(1)).
+    fn remove(&mut self, id: DomainId) -> Option<DomainState> {
+        let slot = self
+            .slots
+            .get_mut(usize::from(id.index))
+            .filter(|s| s.generation == id.generation)?;
+        let state = slot.state.take()?;
+        slot.generation = slot.generation.wrapping_add(1);
+        // The slot was taken from the stack, so there is room for it.
+        let _ = self.free.push(id.index);
+        Some(state)
     }
 
     fn stream(&self, sid: u32) -> Option<usize> {
@@ -1309,11 +1329,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         let mut batch = Batch::new();
         batch.push(&command)?;
         self.submit(&batch)?;
-        let slot = &mut self.domains.slots[usize::from(domain.index)];
-        let Some(state) = slot.state.take() else {
+        let Some(state) = self.domains.remove(domain) else {
             return Err(DomainError::StaleDomain(domain));
         };
-        slot.generation = slot.generation.wrapping_add(1);
         self.release_ids(&state);
         match state.translation {
             Translation::Nested { parent, .. } => {

@@ -372,7 +372,33 @@ fn bench(args: &[String]) -> Result<ExitCode, String> {
             ""
         }
     );
+    bench_domains(quick)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The domain table's cost at both ends of its capacity (`benches/domains.rs`).
+fn bench_domains(quick: bool) -> Result<(), String> {
+    let mut command = cargo();
+    command.args(["bench", "-p", "smmuv3", "--bench", "domains", "--"]);
+    if quick {
+        command.args(["--warm-up-time", "1", "--measurement-time", "2", "--sample-size", "10"]);
+    }
+    step("domain benchmarks", command)?;
+    let empty = criterion_mean("domain_create_free", "empty_table");
+    let full = criterion_mean("domain_create_free", "full_table");
+    println!();
+    println!("| benchmark | empty domain table | 63 of 64 slots taken | full / empty |");
+    println!("|---|---|---|---|");
+    println!(
+        "| create + free a stage-1 domain (with its TLBI + CMD_SYNC) | {} | {} | {} |",
+        format_ns(empty),
+        format_ns(full),
+        match (empty, full) {
+            (Some(e), Some(f)) if e > 0.0 => format!("{:.2}x", f / e),
+            _ => "-".into(),
+        }
+    );
+    Ok(())
 }
 
 #[cfg(test)]
