@@ -52,12 +52,14 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("cmdq-error", core_smmu::cmdq_error),
     ("evtq-overflow", core_smmu::evtq_overflow),
     ("pgtable-dma", translate::pgtable_dma),
+    ("virtio-dma", virtio_dma::virtio_dma),
     ("psci-reset", psci_reset),
     ("el3-fault-report", el3_fault_report),
 ];
 
 mod core_smmu;
 mod translate;
+pub mod virtio_dma;
 
 /// Runs the named scenarios in order; returns how many failed.
 pub fn run_all(context: &mut Context) -> usize {
