@@ -18,6 +18,7 @@ pub mod pci;
 pub mod power;
 pub mod scenarios;
 pub mod time;
+pub mod virtio;
 
 use core::sync::atomic::{AtomicBool, Ordering};
 

@@ -61,6 +61,7 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("detach-aborts", domains::detach_aborts),
     ("isolation", domains::isolation),
     ("block-mappings", domains::block_mappings),
+    ("virtio-dma", virtio_dma::virtio_dma),
     ("psci-reset", psci_reset),
     ("el3-fault-report", el3_fault_report),
 ];
@@ -68,6 +69,7 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
 mod core_smmu;
 mod domains;
 mod translate;
+pub mod virtio_dma;
 
 /// Runs the named scenarios in order; returns how many failed.
 pub fn run_all(context: &mut Context) -> usize {

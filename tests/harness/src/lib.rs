@@ -98,6 +98,16 @@ impl Board {
         }
     }
 
+    /// The PCI slot the runs give a virtio-blk disk ([`Run::virtio_disk`]): the one after edu's.
+    pub fn virtio_device(self) -> u8 {
+        self.edu_device() + 1
+    }
+
+    /// The virtio-blk disk's StreamID: its requester ID (bus 0).
+    pub fn virtio_stream_id(self) -> u32 {
+        u32::from(self.virtio_device()) << 3
+    }
+
     /// edu's StreamID: its requester ID (bus 0), as both boards map requester IDs to StreamIDs one to one.
     pub fn edu_stream_id(self) -> u32 {
         u32::from(self.edu_device()) << 3
@@ -143,6 +153,89 @@ impl EduPlacement {
                 edu("bus=smmuv3-down,addr=0.0".into()),
             ],
         }
+    }
+}
+
+/// A raw disk image for the `virtio-dma` scenario, under `target/virtio-disks/`, and the contract with it: the
+/// host writes [`VirtioDisk::host_byte`] into sector [`VirtioDisk::HOST_SECTOR`] (every other sector zero), the
+/// firmware writes [`VirtioDisk::written_byte`] into [`VirtioDisk::WRITE_COUNT`] sectors from
+/// [`VirtioDisk::WRITE_SECTOR`] on (the firmware's `scenarios/virtio_dma.rs` holds the same constants).
+#[derive(Debug)]
+pub struct VirtioDisk {
+    /// The image file (removed on drop).
+    pub path: PathBuf,
+}
+
+impl VirtioDisk {
+    /// Sector size.
+    pub const SECTOR: usize = 512;
+    /// Sectors in the image (1 MiB).
+    pub const SECTORS: usize = 2048;
+    /// The sector the host pre-fills.
+    pub const HOST_SECTOR: usize = 100;
+    /// The first sector the firmware writes.
+    pub const WRITE_SECTOR: usize = 8;
+    /// How many sectors it writes.
+    pub const WRITE_COUNT: usize = 4;
+
+    /// Byte `i` of the host's sector: a signature, then a counting pattern.
+    pub fn host_byte(i: usize) -> u8 {
+        const SIGNATURE: &[u8; 16] = b"smmuv3 host disk";
+        match SIGNATURE.get(i) {
+            Some(&b) => b,
+            None => (i as u8).wrapping_mul(29).wrapping_add(0x47) ^ ((i >> 8) as u8),
+        }
+    }
+
+    /// Byte `i` of sector `sector` as the firmware writes it.
+    pub fn written_byte(sector: usize, i: usize) -> u8 {
+        (i as u8).wrapping_mul(7) ^ ((i >> 8) as u8).wrapping_mul(0x5f) ^ (sector as u8).wrapping_mul(0x3b) ^ 0xa5
+    }
+
+    /// Creates a fresh image named after `tag`, this process and thread.
+    ///
+    /// # Panics
+    /// When the file cannot be written.
+    pub fn create(tag: &str) -> VirtioDisk {
+        let dir = workspace_root().join("target/virtio-disks");
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let path = dir.join(format!(
+            "{tag}-{}-{:?}.img",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let mut image = vec![0u8; Self::SECTORS * Self::SECTOR];
+        let host = &mut image[Self::HOST_SECTOR * Self::SECTOR..][..Self::SECTOR];
+        for (i, b) in host.iter_mut().enumerate() {
+            *b = Self::host_byte(i);
+        }
+        std::fs::write(&path, &image).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        VirtioDisk { path }
+    }
+
+    /// Reads sector `sector` of the image back (after the run).
+    ///
+    /// # Panics
+    /// When the file cannot be read or is too short.
+    pub fn sector(&self, sector: usize) -> Vec<u8> {
+        let image = std::fs::read(&self.path).unwrap_or_else(|e| panic!("{}: {e}", self.path.display()));
+        image[sector * Self::SECTOR..][..Self::SECTOR].to_vec()
+    }
+
+    /// Whether the firmware's sectors hold its pattern in the image.
+    pub fn holds_written_pattern(&self) -> bool {
+        (Self::WRITE_SECTOR..Self::WRITE_SECTOR + Self::WRITE_COUNT).all(|s| {
+            self.sector(s)
+                .iter()
+                .enumerate()
+                .all(|(i, &b)| b == Self::written_byte(s, i))
+        })
+    }
+}
+
+impl Drop for VirtioDisk {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -248,6 +341,9 @@ pub struct Run {
     pub edu_dma_mask: u64,
     /// The edu devices and where they sit (one on the root bus by default).
     pub edus: Vec<EduPlacement>,
+    /// A raw disk image to attach as a `virtio-blk-pci` device with `iommu_platform=on` (its DMA goes through the
+    /// SMMU) at the board's [`Board::virtio_device`] slot; see [`VirtioDisk`].
+    pub virtio_disk: Option<PathBuf>,
     /// Guest RAM (`-m`), `1G` by default.
     pub memory: String,
     /// Wall-clock bound for the whole run.
@@ -284,6 +380,7 @@ impl Run {
             expected_stage: Some(stage),
             edu_dma_mask: board.default_edu_dma_mask(),
             edus: vec![EduPlacement::RootBus],
+            virtio_disk: None,
             memory: "1G".into(),
             timeout: Duration::from_secs(120),
             trace_events: SMMU_ERROR_TRACE_EVENTS.iter().map(|s| s.to_string()).collect(),
@@ -314,6 +411,24 @@ impl Run {
             .collect()
     }
 
+    /// The `-drive` and `-device` arguments of the run's virtio-blk disk, if it has one. `disable-legacy=on` leaves
+    /// only the virtio 1.0 interface (device 1af4:1042, no I/O BAR); `iommu_platform=on` makes QEMU send the
+    /// device's DMA (rings and buffers) through the SMMU.
+    fn virtio_args(&self) -> Vec<String> {
+        let Some(image) = &self.virtio_disk else {
+            return Vec::new();
+        };
+        vec![
+            "-drive".into(),
+            format!("if=none,id=smmuv3-vdisk,format=raw,file={}", image.display()),
+            "-device".into(),
+            format!(
+                "virtio-blk-pci,drive=smmuv3-vdisk,iommu_platform=on,disable-legacy=on,addr={}.0",
+                self.board.virtio_device()
+            ),
+        ]
+    }
+
     /// The QEMU command line (without the trace file, which [`Run::execute`] adds).
     pub fn command(&self, firmware: &Path) -> Command {
         let mut c = Command::new(QEMU);
@@ -337,6 +452,7 @@ impl Run {
                 for device in self.edu_devices() {
                     c.args(["-device", &device]);
                 }
+                c.args(self.virtio_args());
                 if !self.scenarios.is_empty() {
                     // QEMU's option parser takes ",," for a literal comma.
                     let list = self.scenarios.join(",,");
@@ -366,6 +482,7 @@ impl Run {
                 for device in self.edu_devices() {
                     c.args(["-device", &device]);
                 }
+                c.args(self.virtio_args());
                 let mut semihosting = String::from("enable=on,target=native,arg=sbsa-ref");
                 if !self.scenarios.is_empty() {
                     semihosting.push_str(&format!(",arg=scenarios={}", self.scenarios.join(",,")));
@@ -973,6 +1090,42 @@ mod tests {
             run.gerror_writes(),
             ["toggled=0x1, new GERROR=0x1", "toggled=0x4, new GERROR=0x5"]
         );
+    }
+
+    #[test]
+    fn a_virtio_disk_becomes_an_iommu_platform_device_at_the_next_slot() {
+        for board in Board::ALL {
+            let mut run = Run::new(board, Stage::Nested, &["virtio-dma"]);
+            let args = |run: &Run| -> Vec<String> {
+                run.command(Path::new("fw.elf"))
+                    .get_args()
+                    .map(|a| a.to_string_lossy().into_owned())
+                    .collect()
+            };
+            assert!(!args(&run).iter().any(|a| a.starts_with("virtio-blk-pci")));
+            run.virtio_disk = Some(PathBuf::from("/tmp/disk.img"));
+            let args = args(&run);
+            assert!(args.contains(&"if=none,id=smmuv3-vdisk,format=raw,file=/tmp/disk.img".to_string()));
+            let device = format!(
+                "virtio-blk-pci,drive=smmuv3-vdisk,iommu_platform=on,disable-legacy=on,addr={}.0",
+                board.edu_device() + 1
+            );
+            assert!(args.contains(&device), "{args:?}");
+            assert_eq!(board.virtio_stream_id(), board.edu_stream_id() + 8);
+        }
+    }
+
+    #[test]
+    fn a_virtio_disk_image_holds_the_host_pattern_only_where_agreed() {
+        let disk = VirtioDisk::create("harness-unit");
+        let host = disk.sector(VirtioDisk::HOST_SECTOR);
+        assert_eq!(&host[..16], b"smmuv3 host disk");
+        assert!(host.iter().enumerate().all(|(i, &b)| b == VirtioDisk::host_byte(i)));
+        assert!(disk.sector(VirtioDisk::WRITE_SECTOR).iter().all(|&b| b == 0));
+        assert!(!disk.holds_written_pattern());
+        let path = disk.path.clone();
+        drop(disk);
+        assert!(!path.exists());
     }
 
     #[test]
