@@ -402,6 +402,16 @@ pub(crate) struct DomainState {
 }
 
 impl DomainState {
+    fn new(translation: Translation, memory: DomainMemory) -> Self {
+        DomainState {
+            translation,
+            memory,
+            attachments: heapless::Vec::new(),
+            faults: FaultReport::default(),
+            unflushed: None,
+        }
+    }
+
     fn kind(&self) -> DomainKind {
         match self.translation {
             Translation::Stage1 { .. } => DomainKind::Stage1,
@@ -678,18 +688,15 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 return Err(DomainError::Entry(e));
             }
         };
-        let state = DomainState {
-            translation: Translation::Stage1 {
+        let state = DomainState::new(
+            Translation::Stage1 {
                 table,
                 asid,
                 cd,
                 el2: options.el2,
             },
             memory,
-            attachments: heapless::Vec::new(),
-            faults: FaultReport::default(),
-            unflushed: None,
-        };
+        );
         Ok(self.domains.insert(state))
     }
 
@@ -722,18 +729,15 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             stall: false,
             record_faults: true,
         };
-        let state = DomainState {
-            translation: Translation::Stage2 {
+        let state = DomainState::new(
+            Translation::Stage2 {
                 table,
                 vmid,
                 config,
                 children: 0,
             },
             memory,
-            attachments: heapless::Vec::new(),
-            faults: FaultReport::default(),
-            unflushed: None,
-        };
+        );
         Ok(self.domains.insert(state))
     }
 
@@ -772,13 +776,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             });
         }
         self.domains.check_free_slot()?;
-        let id = self.domains.insert(DomainState {
-            translation: Translation::Nested { parent, guest },
-            memory,
-            attachments: heapless::Vec::new(),
-            faults: FaultReport::default(),
-            unflushed: None,
-        });
+        let id = self
+            .domains
+            .insert(DomainState::new(Translation::Nested { parent, guest }, memory));
         if let Ok(DomainState {
             translation: Translation::Stage2 { children, .. },
             ..
@@ -1965,5 +1965,35 @@ mod tests {
         let before = consumed(&model);
         smmu.map(d, 0x80_0000, 0x8000_0000, 0x1000, RW).unwrap();
         assert_eq!(since(&model, before)[..2], [opcode::TLBI_NH_VA, opcode::SYNC]);
+    }
+
+    #[test]
+    fn what_the_smmu_lacks_is_unsupported_and_allocates_nothing() {
+        let frames = frames();
+        // QEMU's stage-1-only SMMU (IDR0 0x0D44101A: S2P = 0).
+        let model = Model::start_with(frames, 0x0d44_101a);
+        let mut smmu = smmu(&model, frames);
+        let live = frames.live_blocks();
+        assert!(matches!(
+            smmu.create_stage2(memory(frames), Stage2Options { input_bits: 40 }),
+            Err(DomainError::Unsupported(_))
+        ));
+        let el2 = Stage1Options {
+            input_bits: 39,
+            el2: true,
+        };
+        assert!(
+            matches!(
+                smmu.create_stage1(memory(frames), el2),
+                Err(DomainError::Unsupported(_))
+            ),
+            "no IDR0.HYP"
+        );
+        let d = s1(&mut smmu, frames);
+        let error = smmu.create_nested(d, GUEST).unwrap_err();
+        assert!(matches!(error, DomainError::Unsupported(_)), "{error}");
+        assert_eq!((smmu.asids_in_use(), smmu.vmids_in_use()), (1, 0));
+        smmu.free_domain(d).unwrap();
+        assert_eq!(frames.live_blocks(), live);
     }
 }

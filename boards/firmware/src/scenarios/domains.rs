@@ -26,34 +26,34 @@ use crate::frames::{self, Frames};
 use crate::{println, time};
 
 /// The frame pool as every domain's memory.
-static POOL: Frames = Frames;
+pub(super) static POOL: Frames = Frames;
 
 fn memory() -> DomainMemory {
     &POOL
 }
 
 /// Device addresses (below edu's default 28-bit DMA mask, far from the physical pages behind them).
-const IOVA_SOURCE: u64 = 0x0bad_0000;
-const IOVA_DESTINATION: u64 = 0x0bad_1000;
-const LEN: usize = 256;
-const RW: Prot = Prot::READ.union(Prot::WRITE).union(Prot::CACHEABLE);
+pub(super) const IOVA_SOURCE: u64 = 0x0bad_0000;
+pub(super) const IOVA_DESTINATION: u64 = 0x0bad_1000;
+pub(super) const LEN: usize = 256;
+pub(super) const RW: Prot = Prot::READ.union(Prot::WRITE).union(Prot::CACHEABLE);
 const RO: Prot = Prot::READ.union(Prot::CACHEABLE);
 
-fn page() -> Result<u64, Failure> {
+pub(super) fn page() -> Result<u64, Failure> {
     match frames::alloc(4096, 4096) {
         Ok(a) => Ok(a as u64),
         Err(e) => fail!("{e}"),
     }
 }
 
-fn fill(pa: u64, f: impl Fn(usize) -> u8) {
+pub(super) fn fill(pa: u64, f: impl Fn(usize) -> u8) {
     for i in 0..4096 {
         // SAFETY: `pa` is an identity-mapped page this scenario owns.
         unsafe { core::ptr::write_volatile((pa as *mut u8).add(i), f(i)) };
     }
 }
 
-fn byte(pa: u64, i: usize) -> u8 {
+pub(super) fn byte(pa: u64, i: usize) -> u8 {
     // SAFETY: as in `fill`.
     unsafe { core::ptr::read_volatile((pa as *const u8).add(i)) }
 }
@@ -100,7 +100,7 @@ fn preferred_kind(s: &Session) -> DomainKind {
 }
 
 /// Drains the event queue into the domains' reports and takes `domain`'s; fails on faults routed elsewhere.
-fn take_faults(s: &mut Session, domain: DomainId) -> Result<FaultReport, Failure> {
+pub(super) fn take_faults(s: &mut Session, domain: DomainId) -> Result<FaultReport, Failure> {
     s.drain_faults(|_| {}).or_else(|e| fail!("{e}"))?;
     let elsewhere = s.clear_unattached_faults();
     if elsewhere.total() != 0 {
@@ -115,7 +115,7 @@ fn take_faults(s: &mut Session, domain: DomainId) -> Result<FaultReport, Failure
 
 /// Has edu write `LEN` bytes to `iova`, which must not reach `pa` (filled with `canary`); the domain must record
 /// only faults of `kind` for `sid` at `iova`, with the write flag. Returns how many.
-fn expect_blocked_write(
+pub(super) fn expect_blocked_write(
     s: &mut Session,
     edu: &Edu,
     domain: DomainId,

@@ -8,87 +8,19 @@
 use core::fmt::Write;
 
 use smmuv3::pgtable::{Format, Gather, Granule, IoPageTable, Stage};
-use smmuv3::{DomainId, FaultReport, GuestContext, GuestInvalidation, Prot, Stage1Options, Stage2Options};
+use smmuv3::{DomainId, GuestContext, GuestInvalidation, Prot, Stage1Options, Stage2Options};
 
 use super::core_smmu::{Session, edu_stream, start};
+use super::domains::{
+    IOVA_DESTINATION, IOVA_SOURCE, LEN, POOL, RW, byte, expect_blocked_write, fill, page, take_faults,
+};
 use super::{Context, Failure};
 use crate::edu::{Direction, Edu};
-use crate::frames::{self, Frames};
+use crate::frames::Frames;
 use crate::println;
-
-/// Device addresses edu uses (below its default 28-bit DMA mask, far from the physical pages behind them).
-const IOVA_SOURCE: u64 = 0x0bad_0000;
-const IOVA_DESTINATION: u64 = 0x0bad_1000;
-const LEN: usize = 256;
-const RW: Prot = Prot::READ.union(Prot::WRITE).union(Prot::CACHEABLE);
-
-/// The frame pool as the domains' memory.
-static POOL: Frames = Frames;
-
-fn page() -> Result<u64, Failure> {
-    match frames::alloc(4096, 4096) {
-        Ok(a) => Ok(a as u64),
-        Err(e) => fail!("{e}"),
-    }
-}
-
-fn fill(pa: u64, f: impl Fn(usize) -> u8) {
-    for i in 0..4096 {
-        // SAFETY: `pa` is an identity-mapped page this scenario owns.
-        unsafe { core::ptr::write_volatile((pa as *mut u8).add(i), f(i)) };
-    }
-}
-
-fn byte(pa: u64, i: usize) -> u8 {
-    // SAFETY: as in `fill`.
-    unsafe { core::ptr::read_volatile((pa as *const u8).add(i)) }
-}
 
 fn pattern(i: usize) -> u8 {
     (i as u8).wrapping_mul(13).wrapping_add(0x5d)
-}
-
-/// The faults routed to `domain` since the last call (none may go elsewhere).
-fn faults(s: &mut Session, domain: DomainId) -> Result<FaultReport, Failure> {
-    s.drain_faults(|_| {}).or_else(|e| fail!("{e}"))?;
-    let elsewhere = s.clear_unattached_faults();
-    if elsewhere.total() != 0 {
-        fail!("{} fault(s) of unattached streams", elsewhere.total())
-    }
-    s.clear_domain_faults(domain).or_else(|e| fail!("{e}"))
-}
-
-/// Has edu write to `IOVA_DESTINATION`, which must not reach `pa`: the domain must record only write faults of
-/// `kind` there. Returns how many.
-fn expect_blocked_write(
-    s: &mut Session,
-    edu: &Edu,
-    domain: DomainId,
-    sid: u32,
-    pa: u64,
-    kind: &str,
-) -> Result<u32, Failure> {
-    fill(pa, |_| 0xc3);
-    edu.dma(Direction::FromDevice, IOVA_DESTINATION, 0, LEN as u64)
-        .or_else(|e| fail!("{e}"))?;
-    if (0..4096).any(|i| byte(pa, i) != 0xc3) {
-        fail!("edu's write reached PA {pa:#x}: the SMMU used a stale or too permissive translation")
-    }
-    let report = faults(s, domain)?;
-    let at = |f: &&smmuv3::Fault| {
-        f.kind == kind
-            && f.stream == sid
-            && f.write == Some(true)
-            && f.address.is_some_and(|a| a & !0xfff == IOVA_DESTINATION)
-    };
-    let matching = report.faults.iter().filter(at).count();
-    if matching == 0 || matching != report.faults.len() {
-        fail!(
-            "{matching} {kind} at {IOVA_DESTINATION:#x} among {} fault(s) in {domain}",
-            report.total()
-        )
-    }
-    Ok(report.total())
 }
 
 /// `pgtable-dma`, for each stage the SMMU implements, and nested where it can nest.
@@ -277,7 +209,7 @@ fn translate(context: &Context, edu: &Edu, sid: u32, pass: Pass) -> Result<(), F
                 .or_else(|e| fail!("unmap: {e}"))?;
         }
     }
-    let n = expect_blocked_write(&mut s, edu, domain, sid, destination, "F_TRANSLATION")?;
+    let n = expect_blocked_write(&mut s, edu, domain, sid, IOVA_DESTINATION, destination, "F_TRANSLATION")?;
     println!(
         "  after unmap: DMA aborted, {n} F_TRANSLATION fault(s) at IOVA {IOVA_DESTINATION:#x} in {domain}'s report"
     );
@@ -312,10 +244,10 @@ fn translate(context: &Context, edu: &Edu, sid: u32, pass: Pass) -> Result<(), F
                 .or_else(|e| fail!("protect: {e}"))?;
         }
     }
-    let n = expect_blocked_write(&mut s, edu, domain, sid, alternate, "F_PERMISSION")?;
+    let n = expect_blocked_write(&mut s, edu, domain, sid, IOVA_DESTINATION, alternate, "F_PERMISSION")?;
     edu.dma(Direction::ToDevice, IOVA_DESTINATION, 0, LEN as u64)
         .or_else(|e| fail!("{e}"))?;
-    let quiet = faults(&mut s, domain)?;
+    let quiet = take_faults(&mut s, domain)?;
     if quiet.total() != 0 {
         fail!("a read through a read-only mapping faulted: {:?}", quiet.faults.first())
     }
