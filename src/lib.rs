@@ -10,6 +10,7 @@ pub mod ctx;
 pub mod deadline;
 pub mod domain;
 pub mod features;
+pub mod handover;
 pub mod hitless;
 pub mod hw;
 pub mod ids;

@@ -1,0 +1,155 @@
+//! Live update: domains preserved under caller-chosen 64-bit tokens, recorded in a reserved handover region, and
+//! rebuilt by token after a warm reset or a jump into a new image.
+//!
+//! This module holds the records' in-memory form, shared by the encoder/validator ([`format`]) and the driver's
+//! preserve/restore path. The byte format itself is documented in `docs/handover.md`.
+
+pub mod format;
+
+/// Domains one handover region can describe per SMMU instance.
+pub const MAX_RECORDS: usize = 32;
+/// SMMU instances one region can describe.
+pub const MAX_INSTANCES: usize = 4;
+/// Streams (and substreams) one record can name.
+pub const MAX_STREAMS: usize = 8;
+/// Pool extents one record can own.
+pub const MAX_EXTENTS: usize = 8;
+
+/// A range of physical memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Extent {
+    /// First byte.
+    pub base: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+impl Extent {
+    /// One past the last byte, or `None` when it wraps.
+    pub fn end(&self) -> Option<u64> {
+        self.base.checked_add(self.len)
+    }
+
+    /// Whether `[base, base + len)` lies inside this extent.
+    pub fn contains(&self, base: u64, len: u64) -> bool {
+        match (self.end(), base.checked_add(len)) {
+            (Some(end), Some(e)) => base >= self.base && e <= end,
+            _ => false,
+        }
+    }
+
+    /// Whether the two extents share a byte.
+    pub fn overlaps(&self, other: &Extent) -> bool {
+        match (self.end(), other.end()) {
+            (Some(a), Some(b)) => self.base < b && other.base < a,
+            _ => true,
+        }
+    }
+}
+
+/// Which SMMU a set of records belongs to, as probed when they were written. The next image compares it with what
+/// it probes: a region written for another SMMU (another base, other ID registers) is refused.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SmmuIdentity {
+    /// Register base (physical).
+    pub base: u64,
+    /// SMMU_IDR0..5 as probed.
+    pub idr: [u32; 6],
+    /// SMMU_IIDR as probed.
+    pub iidr: u32,
+    /// The stream table the SMMU used: its base (physical), format (0 linear, 1 two-level), StreamID bits and split.
+    pub strtab_base: u64,
+    /// Stream table format: 0 linear, 1 2-level.
+    pub strtab_format: u8,
+    /// StreamID bits the stream table covers.
+    pub strtab_sid_bits: u8,
+    /// 2-level split (0 for linear).
+    pub strtab_split: u8,
+}
+
+/// What a preserved domain is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum RecordKind {
+    /// A stage-1 domain (NS-EL1).
+    Stage1 = 1,
+    /// A stage-2 domain.
+    Stage2 = 2,
+    /// A nested domain: a guest's stage 1 inside a stage-2 parent, named by the parent's token.
+    Nested = 3,
+    /// A stage-1 domain of the EL2 regime.
+    Stage1El2 = 4,
+}
+
+/// A page table's root and shape: what adopting it in place needs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableShape {
+    /// Physical address of the root table.
+    pub root: u64,
+    /// log2 of the granule: 12, 14 or 16.
+    pub granule_log2: u8,
+    /// Input (IOVA / IPA) bits.
+    pub input_bits: u8,
+    /// Output bits.
+    pub output_bits: u8,
+    /// Level of the root (0..=3).
+    pub start_level: u8,
+}
+
+/// One attached stream (or substream) of a preserved domain.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamRecord {
+    /// StreamID.
+    pub sid: u32,
+    /// SubstreamID; 0 for the whole stream.
+    pub ssid: u32,
+    /// Physical address of the stream's CD table (stage-1 domains; 0 otherwise).
+    pub cd_table: u64,
+    /// SubstreamID bits of that CD table.
+    pub cd_ssid_bits: u8,
+}
+
+/// The guest's stage-1 context of a nested domain, as [`crate::domain::GuestStage1`] carries it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuestRecord {
+    /// IPA of the guest's CD table.
+    pub cd_table_ipa: u64,
+    /// S1CDMax.
+    pub cd_max_log2: u8,
+    /// S1Fmt (0 linear, 1 2-level 4K, 2 2-level 64K).
+    pub layout: u8,
+    /// S1DSS (0 terminate, 1 bypass, 2 substream 0).
+    pub default_substream: u8,
+}
+
+/// One preserved domain, decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DomainRecord {
+    /// The caller's token.
+    pub token: u64,
+    /// What it is.
+    pub kind: RecordKind,
+    /// ASID (stage 1 and EL2 stage 1; 0 otherwise).
+    pub asid: u16,
+    /// VMID (stage 2; a nested domain's is its parent's; 0 for stage 1).
+    pub vmid: u16,
+    /// The page table (stage 1 and stage 2; `None` for nested: the guest owns its stage 1).
+    pub table: Option<TableShape>,
+    /// The stage-2 parent's token (nested only).
+    pub parent_token: Option<u64>,
+    /// The guest's stage-1 context (nested only).
+    pub guest: Option<GuestRecord>,
+    /// The streams attached at hand-off.
+    pub streams: heapless::Vec<StreamRecord, MAX_STREAMS>,
+    /// The pool memory the domain owns (its tables and CD tables lie inside).
+    pub extents: heapless::Vec<Extent, MAX_EXTENTS>,
+}
+
+/// One SMMU's part of a region, decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstanceRecords {
+    /// The SMMU the records belong to.
+    pub identity: SmmuIdentity,
+    /// Its preserved domains.
+    pub records: heapless::Vec<DomainRecord, MAX_RECORDS>,
+}
