@@ -82,6 +82,8 @@ pub enum CdTableError {
     NoMemory(AllocError),
     /// An invalidation of the hitless writer failed; it stopped there, leaving the CD as this says.
     Invalidation(UpdateFailed<CommandQueueError>),
+    /// A CD table to adopt is 2-level, or not inside memory the allocator reaches.
+    NotAdoptable(PhysAddr),
 }
 
 impl fmt::Display for CdTableError {
@@ -91,6 +93,12 @@ impl fmt::Display for CdTableError {
                 write!(f, "SubstreamID {ssid:#x} is beyond the {ssid_bits}-bit CD table")
             }
             CdTableError::NoMemory(e) => write!(f, "CD table: {e}"),
+            CdTableError::NotAdoptable(base) => {
+                write!(
+                    f,
+                    "the CD table at {base} cannot be adopted (2-level, or outside the allocator's memory)"
+                )
+            }
             CdTableError::Invalidation(e) => write!(
                 f,
                 "CD invalidation failed after {} sync(s), the CD is left {}: {}",
@@ -144,6 +152,25 @@ impl CdTable {
             Coherency { coherent },
         )
         .map_err(CdTableError::NoMemory)?;
+        Ok(CdTable { format, table })
+    }
+
+    /// Adopts the linear CD table at `base` that a previous image left (a live update), in place: nothing is
+    /// written or copied.
+    ///
+    /// # Errors
+    /// [`CdTableError::NotAdoptable`] for a 2-level format, or a table `allocator` cannot reach whole.
+    pub fn adopt(
+        format: CdTableFormat,
+        base: PhysAddr,
+        allocator: &impl FrameAllocator,
+        coherent: bool,
+    ) -> Result<Self, CdTableError> {
+        let CdTableFormat::Linear { ssid_bits } = format else {
+            return Err(CdTableError::NotAdoptable(base));
+        };
+        let table = EntryTable::adopt_linear(ssid_bits, base, Cd::invalid().0, allocator, Coherency { coherent })
+            .ok_or(CdTableError::NotAdoptable(base))?;
         Ok(CdTable { format, table })
     }
 

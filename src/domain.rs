@@ -56,6 +56,8 @@ pub const MAX_ATTACHED_STREAMS: usize = 64;
 pub const MAX_SUBSTREAMS_PER_STREAM: usize = 7;
 /// SubstreamID bits of the CD table a stream gets when attached to a stage-1 domain (capped by IDR1.SSIDSIZE).
 pub const STREAM_SSID_BITS: u8 = 3;
+/// Domains that can be preserved at once (the token index's capacity; a power of two).
+pub const MAX_PRESERVED: usize = 32;
 /// Faults a domain's report keeps (later ones are counted in [`FaultReport::lost`]).
 pub const FAULT_REPORT_CAPACITY: usize = 8;
 
@@ -311,6 +313,43 @@ pub enum DomainError {
     CdTable(CdTableError),
     /// The STE could not be installed.
     Attach(AttachError),
+    /// Another domain is preserved under this token.
+    TokenInUse {
+        /// The token.
+        token: u64,
+        /// The domain preserved under it.
+        domain: DomainId,
+    },
+    /// The domain is preserved already, under another token.
+    AlreadyPreserved {
+        /// The domain.
+        domain: DomainId,
+        /// Its token.
+        token: u64,
+    },
+    /// No domain is preserved under this token.
+    UnknownToken(u64),
+    /// The domain's memory would not survive a live update: create it with a handover arena.
+    NotHandoverMemory(DomainId),
+    /// A nested domain's stage-2 parent must be preserved first.
+    ParentNotPreserved {
+        /// The nested domain.
+        domain: DomainId,
+        /// Its parent.
+        parent: DomainId,
+    },
+    /// A preserved parent cannot be unpreserved while nested domains under it are preserved.
+    NestedStillPreserved {
+        /// The parent's token.
+        token: u64,
+    },
+    /// The domain is preserved: unpreserve it before freeing it.
+    Preserved {
+        /// The domain.
+        domain: DomainId,
+        /// Its token.
+        token: u64,
+    },
     /// An invalidation failed. The change it covered is made (the tables or entries are written) but may not be
     /// in force; for unmap and protect the unlinked tables are kept and flushed again by the domain's next
     /// operation.
@@ -354,6 +393,28 @@ impl fmt::Display for DomainError {
             DomainError::CdTable(e) => write!(f, "{e}"),
             DomainError::Attach(e) => write!(f, "{e}"),
             DomainError::Invalidation(e) => write!(f, "invalidation failed: {e}"),
+            DomainError::TokenInUse { token, domain } => write!(f, "token {token:#x} is in use by {domain}"),
+            DomainError::AlreadyPreserved { domain, token } => {
+                write!(f, "{domain} is preserved already, under token {token:#x}")
+            }
+            DomainError::UnknownToken(token) => write!(f, "no domain is preserved under token {token:#x}"),
+            DomainError::NotHandoverMemory(d) => write!(
+                f,
+                "{d} takes its tables from memory that does not survive a live update: create it with a handover arena"
+            ),
+            DomainError::ParentNotPreserved { domain, parent } => {
+                write!(f, "{domain}'s stage-2 parent {parent} must be preserved first")
+            }
+            DomainError::NestedStillPreserved { token } => write!(
+                f,
+                "nested domains under the parent preserved as {token:#x} are preserved: unpreserve them first"
+            ),
+            DomainError::Preserved { domain, token } => {
+                write!(
+                    f,
+                    "{domain} is preserved under token {token:#x}: unpreserve it before freeing it"
+                )
+            }
         }
     }
 }
@@ -399,6 +460,8 @@ pub(crate) struct DomainState {
     pub(crate) faults: FaultReport,
     /// A gather whose invalidation failed: flushed again before the next operation.
     pub(crate) unflushed: Option<Gather>,
+    /// The token the domain is preserved under.
+    pub(crate) token: Option<u64>,
 }
 
 impl DomainState {
@@ -409,6 +472,7 @@ impl DomainState {
             attachments: heapless::Vec::new(),
             faults: FaultReport::default(),
             unflushed: None,
+            token: None,
         }
     }
 
@@ -443,6 +507,8 @@ pub(crate) struct Domains<const D: usize> {
     free: heapless::Vec<u16, D>,
     pub(crate) streams: heapless::Vec<StreamRecord, MAX_ATTACHED_STREAMS>,
     pub(crate) unattached_faults: FaultReport,
+    /// Preserved domains by token: collisions are found in O(1), never by a scan.
+    pub(crate) tokens: heapless::index_map::FnvIndexMap<u64, DomainId, MAX_PRESERVED>,
 }
 
 impl<const D: usize> Domains<D> {
@@ -456,10 +522,11 @@ impl<const D: usize> Domains<D> {
             free: (0..D as u16).rev().collect(),
             streams: heapless::Vec::new(),
             unattached_faults: FaultReport::default(),
+            tokens: heapless::index_map::FnvIndexMap::new(),
         }
     }
 
-    fn get(&self, id: DomainId) -> Result<&DomainState, DomainError> {
+    pub(crate) fn get(&self, id: DomainId) -> Result<&DomainState, DomainError> {
         self.slots
             .get(usize::from(id.index))
             .filter(|s| s.generation == id.generation)
@@ -467,7 +534,7 @@ impl<const D: usize> Domains<D> {
             .ok_or(DomainError::StaleDomain(id))
     }
 
-    fn get_mut(&mut self, id: DomainId) -> Result<&mut DomainState, DomainError> {
+    pub(crate) fn get_mut(&mut self, id: DomainId) -> Result<&mut DomainState, DomainError> {
         self.slots
             .get_mut(usize::from(id.index))
             .filter(|s| s.generation == id.generation)
@@ -1325,6 +1392,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         {
             return Err(DomainError::HasNestedDomains { domain, children });
         }
+        if let Some(token) = state.token {
+            return Err(DomainError::Preserved { domain, token });
+        }
         let command = self.whole_domain_invalidation(domain)?;
         let mut batch = Batch::new();
         batch.push(&command)?;
@@ -1353,6 +1423,81 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             }
         }
         Ok(())
+    }
+
+    /// Preserves `domain` under `token` for a live update: [`ActiveSmmu::handover_records`] will record it, and
+    /// the next image rebuilds it by this token. The domain stays fully usable (map, unmap, attach, detach); what
+    /// is recorded is its state when the handover is prepared. A stage-1 or stage-2 domain must have been created
+    /// with a handover arena as its memory; a nested domain's stage-2 parent must be preserved first (its record
+    /// names the parent by token).
+    ///
+    /// # Errors
+    /// [`DomainError::StaleDomain`], [`DomainError::TokenInUse`] (found in O(1) through the token index),
+    /// [`DomainError::AlreadyPreserved`], [`DomainError::NotHandoverMemory`], [`DomainError::ParentNotPreserved`],
+    /// [`DomainError::TooMany`] beyond [`MAX_PRESERVED`]. Nothing changes then.
+    pub fn preserve(&mut self, domain: DomainId, token: u64) -> Result<(), DomainError> {
+        let state = self.domains.get(domain)?;
+        if let Some(&holder) = self.domains.tokens.get(&token) {
+            return Err(DomainError::TokenInUse { token, domain: holder });
+        }
+        if let Some(token) = state.token {
+            return Err(DomainError::AlreadyPreserved { domain, token });
+        }
+        match state.translation {
+            Translation::Nested { parent, .. } => {
+                if self.domains.get(parent)?.token.is_none() {
+                    return Err(DomainError::ParentNotPreserved { domain, parent });
+                }
+            }
+            _ => {
+                if state.memory.handover_extent().is_none() {
+                    return Err(DomainError::NotHandoverMemory(domain));
+                }
+            }
+        }
+        if self.domains.tokens.insert(token, domain).is_err() {
+            return Err(DomainError::TooMany("preserved domains"));
+        }
+        self.domains.get_mut(domain)?.token = Some(token);
+        Ok(())
+    }
+
+    /// Drops the preservation of the domain preserved under `token`: it is no longer recorded for a live update
+    /// (the domain itself is untouched). Returns the domain.
+    ///
+    /// # Errors
+    /// [`DomainError::UnknownToken`]; [`DomainError::NestedStillPreserved`] for a stage-2 parent whose nested
+    /// domains are preserved. Nothing changes then.
+    pub fn unpreserve(&mut self, token: u64) -> Result<DomainId, DomainError> {
+        let domain = *self
+            .domains
+            .tokens
+            .get(&token)
+            .ok_or(DomainError::UnknownToken(token))?;
+        let nested_preserved = self.domains.slots.iter().filter_map(|s| s.state.as_ref()).any(|s| {
+            s.token.is_some() && matches!(s.translation, Translation::Nested { parent, .. } if parent == domain)
+        });
+        if nested_preserved {
+            return Err(DomainError::NestedStillPreserved { token });
+        }
+        self.domains.tokens.swap_remove(&token);
+        if let Ok(state) = self.domains.get_mut(domain) {
+            state.token = None;
+        }
+        Ok(domain)
+    }
+
+    /// The domain preserved under `token`, if any (O(1)).
+    pub fn preserved(&self, token: u64) -> Option<DomainId> {
+        self.domains.tokens.get(&token).copied()
+    }
+
+    /// The token `domain` is preserved under, if any.
+    ///
+    /// # Errors
+    /// [`DomainError::StaleDomain`].
+    pub fn token_of(&self, domain: DomainId) -> Result<Option<u64>, DomainError> {
+        Ok(self.domains.get(domain)?.token)
     }
 
     /// The faults routed to `domain` since it was created or last cleared.
@@ -1995,5 +2140,94 @@ mod tests {
         assert_eq!((smmu.asids_in_use(), smmu.vmids_in_use()), (1, 0));
         smmu.free_domain(d).unwrap();
         assert_eq!(frames.live_blocks(), live);
+    }
+
+    /// A handover pool over leaked host memory, for domains to preserve.
+    fn handover_pool() -> &'static crate::handover::pool::HandoverPool {
+        use crate::handover::pool::{ARENAS, HandoverPool, METADATA_BYTES};
+        let bytes = METADATA_BYTES as usize + ARENAS * 256 * 1024;
+        let memory: &'static mut [u64] = std::boxed::Box::leak(std::vec![0u64; bytes / 8].into_boxed_slice());
+        let pool: &'static HandoverPool = std::boxed::Box::leak(std::boxed::Box::new(HandoverPool::new()));
+        let region = crate::handover::Extent {
+            base: 0x80_0000_0000,
+            len: bytes as u64,
+        };
+        // SAFETY: leaked, zeroed, used by nothing else.
+        unsafe { pool.set_up(region, core::ptr::NonNull::new(memory.as_mut_ptr().cast()).unwrap()) }.unwrap();
+        pool
+    }
+
+    #[test]
+    fn tokens_collide_in_the_index_and_preservation_never_outlives_its_domain() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = smmu(&model, frames);
+        let pool = handover_pool();
+        let arena: DomainMemory = pool.take_arena().unwrap();
+        let a = smmu
+            .create_stage1(
+                arena,
+                Stage1Options {
+                    input_bits: 39,
+                    el2: false,
+                },
+            )
+            .unwrap();
+        let parent = smmu
+            .create_stage2(pool.take_arena().unwrap(), Stage2Options { input_bits: 40 })
+            .unwrap();
+        let ordinary = s1(&mut smmu, frames);
+        // Ordinary memory would not survive.
+        assert_eq!(
+            smmu.preserve(ordinary, 9),
+            Err(DomainError::NotHandoverMemory(ordinary))
+        );
+        smmu.preserve(a, 0xa).unwrap();
+        assert_eq!(smmu.preserved(0xa), Some(a));
+        assert_eq!(smmu.token_of(a), Ok(Some(0xa)));
+        // Collision: nothing changes.
+        assert_eq!(
+            smmu.preserve(parent, 0xa),
+            Err(DomainError::TokenInUse { token: 0xa, domain: a })
+        );
+        assert_eq!(smmu.token_of(parent), Ok(None));
+        assert_eq!(
+            smmu.preserve(a, 0xb),
+            Err(DomainError::AlreadyPreserved { domain: a, token: 0xa })
+        );
+        // A nested domain needs its parent preserved first.
+        let nested = smmu.create_nested(parent, GUEST).unwrap();
+        assert_eq!(
+            smmu.preserve(nested, 0xc),
+            Err(DomainError::ParentNotPreserved { domain: nested, parent })
+        );
+        smmu.preserve(parent, 0x5).unwrap();
+        smmu.preserve(nested, 0xc).unwrap();
+        assert_eq!(
+            smmu.unpreserve(0x5),
+            Err(DomainError::NestedStillPreserved { token: 0x5 })
+        );
+        // A preserved domain stays usable.
+        smmu.map(a, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+        smmu.attach(a, SID).unwrap();
+        smmu.unmap(a, 0x1000, 0x1000).unwrap();
+        smmu.detach(SID).unwrap();
+        // Freeing a preserved domain is refused; after unpreserve the token is gone and free works.
+        assert_eq!(
+            smmu.free_domain(a),
+            Err(DomainError::Preserved { domain: a, token: 0xa })
+        );
+        assert_eq!(smmu.unpreserve(0xa), Ok(a));
+        assert_eq!(smmu.preserved(0xa), None);
+        assert_eq!(smmu.unpreserve(0xa), Err(DomainError::UnknownToken(0xa)));
+        smmu.free_domain(a).unwrap();
+        // The token is free for another domain.
+        let b = smmu
+            .create_stage1(pool.take_arena().unwrap(), Stage1Options::default())
+            .unwrap();
+        smmu.preserve(b, 0xa).unwrap();
+        assert_eq!(smmu.preserved(0xa), Some(b));
+        assert_eq!(smmu.unpreserve(0xc), Ok(nested));
+        assert_eq!(smmu.unpreserve(0x5), Ok(parent));
     }
 }

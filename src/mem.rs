@@ -95,6 +95,13 @@ pub unsafe trait FrameAllocator {
     /// The CPU address of `phys`, which lies inside a block this allocator handed out and has not taken back
     /// (page-table walks follow physical addresses found in descriptors). Returns `None` for any other address.
     fn phys_to_virt(&self, phys: PhysAddr) -> Option<NonNull<u8>>;
+
+    /// For memory that survives a live update (an arena of the handover pool): the one extent holding everything
+    /// this allocator has handed out. `None` (the default) for ordinary memory, which a domain to be preserved
+    /// must not use.
+    fn handover_extent(&self) -> Option<crate::handover::Extent> {
+        None
+    }
 }
 
 // SAFETY: forwards to `T`, which upholds the contract.
@@ -114,6 +121,10 @@ unsafe impl<T: FrameAllocator + ?Sized> FrameAllocator for &T {
 
     fn phys_to_virt(&self, phys: PhysAddr) -> Option<NonNull<u8>> {
         (**self).phys_to_virt(phys)
+    }
+
+    fn handover_extent(&self) -> Option<crate::handover::Extent> {
+        (**self).handover_extent()
     }
 }
 

@@ -49,6 +49,30 @@ fn fill(block: &DmaBlock, initial: &[u64; 8]) {
 }
 
 impl EntryTable {
+    /// Adopts the linear table of `2^entry_bits` entries at `base` that a previous image left (a live update):
+    /// nothing is written. `None` when `allocator` cannot reach the whole table.
+    pub(crate) fn adopt_linear(
+        entry_bits: u8,
+        base: PhysAddr,
+        initial: [u64; 8],
+        allocator: &impl FrameAllocator,
+        coherency: Coherency,
+    ) -> Option<Self> {
+        let size = ENTRY_BYTES << entry_bits;
+        let virt = allocator.phys_to_virt(base)?;
+        // The last byte must be the allocator's too (one block, so the range between is).
+        allocator.phys_to_virt(PhysAddr(base.0 + size as u64 - 1))?;
+        Some(EntryTable {
+            entry_bits,
+            level1: None,
+            base: DmaBlock { phys: base, virt, size },
+            leaves: None,
+            initial,
+            coherency,
+            allocated_leaves: 0,
+        })
+    }
+
     /// A table of `2^entry_bits` entries, linear or (with `level1`) 2-level, every entry `initial`.
     pub(crate) fn new(
         entry_bits: u8,

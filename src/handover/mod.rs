@@ -5,6 +5,8 @@
 //! preserve/restore path. The byte format itself is documented in `docs/handover.md`.
 
 pub mod format;
+pub mod live;
+pub mod pool;
 
 /// Domains one handover region can describe per SMMU instance.
 pub const MAX_RECORDS: usize = 32;

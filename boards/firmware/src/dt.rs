@@ -330,6 +330,10 @@ pub struct StaticDescription {
     pub fw_cfg: Option<Region>,
     /// The interrupt controller.
     pub gic: Option<Gic>,
+    /// Bytes the board reserves for the live-update handover region: the top of the RAM bank holding the image,
+    /// just below the reset note (see `power`), kept out of the frame pool from the first boot so that the next
+    /// image finds it untouched. 0: no handover region.
+    pub handover_bytes: u64,
 }
 
 /// The tree's answer when it has one, else the board's; a malformed tree entry is an error, not a fallback.

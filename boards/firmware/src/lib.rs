@@ -12,6 +12,7 @@ pub mod exceptions;
 pub mod finish;
 pub mod frames;
 pub mod fw_cfg;
+pub mod handover;
 pub mod irq;
 pub mod mmu;
 pub mod pci;
@@ -207,10 +208,15 @@ pub fn run<B: Board>(board: &B) -> ! {
     if scratch <= free_start as usize {
         fatal("memory", &"no RAM after the image");
     }
+    // Below the scratch area, the live-update handover region the board reserves: never in the frame pool.
+    let handover_start = scratch.saturating_sub(description.handover_bytes as usize) & !0xfff;
+    if handover_start <= free_start as usize {
+        fatal("memory", &"no RAM after the image for the handover region");
+    }
     // SAFETY: everything past the image in its bank is unused RAM (the DTB sits below the image), mapped by the
-    // boot page table; the pool and the scratch area do not overlap.
+    // boot page table; the pool, the handover region and the scratch area do not overlap.
     unsafe {
-        frames::init(free_start as usize, scratch);
+        frames::init(free_start as usize, handover_start);
         power::set_scratch(scratch);
     }
 
@@ -221,6 +227,27 @@ pub fn run<B: Board>(board: &B) -> ! {
         "EL2 MMU: identity map of the platform active; {} KiB of frames free",
         frames::remaining() / 1024
     );
+    if description.handover_bytes > 0 {
+        let region = smmuv3::handover::Extent {
+            base: handover_start as u64,
+            len: (scratch - handover_start) as u64,
+        };
+        // SAFETY: the region is RAM kept out of the frame pool and used by nothing else; RAM is identity-mapped.
+        let set_up = unsafe {
+            handover::POOL.set_up(
+                region,
+                core::ptr::NonNull::new(handover_start as *mut u8).unwrap_or(core::ptr::NonNull::dangling()),
+            )
+        };
+        match set_up {
+            Ok(()) => println!(
+                "handover region: {:#x}..{:#x}, kept out of the frame pool",
+                region.base,
+                region.base + region.len
+            ),
+            Err(e) => fatal("handover region", &e),
+        }
+    }
 
     if let Some(gic) = &platform.gic {
         // SAFETY: the GIC is identity-mapped as device memory and only the interrupt module drives it.

@@ -9,7 +9,7 @@
 use aarch64_rt::{entry, exception_handlers};
 use smmuv3_firmware::boot::{self, GIB, Table};
 use smmuv3_firmware::config::{self, Config, ConfigError};
-use smmuv3_firmware::dt::Platform;
+use smmuv3_firmware::dt::{Platform, StaticDescription};
 use smmuv3_firmware::exceptions::Exceptions;
 use smmuv3_firmware::{Board, el2_boot_map_48, mmu};
 
@@ -38,6 +38,14 @@ impl Board for QemuVirt {
 
     fn device_tree(&self) -> Option<usize> {
         Some(DTB_ADDRESS)
+    }
+
+    /// Everything comes from the tree, except the handover region (QEMU's tree has no `/reserved-memory`).
+    fn description(&self) -> StaticDescription {
+        StaticDescription {
+            handover_bytes: smmuv3_firmware::handover::REGION_BYTES,
+            ..StaticDescription::default()
+        }
     }
 
     fn config(&self, platform: &Platform) -> Result<Config, ConfigError> {

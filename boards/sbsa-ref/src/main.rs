@@ -95,6 +95,7 @@ impl Board for SbsaRef {
         let _ = windows.push(window(WindowKind::Mem64, MMIO64, MMIO64.0));
         let _ = windows.push(window(WindowKind::Io, PIO, 0));
         StaticDescription {
+            handover_bytes: smmuv3_firmware::handover::REGION_BYTES,
             uart: Some(Region {
                 base: UART,
                 size: 0x1000,

@@ -1,0 +1,175 @@
+//! The driver's side of a live update: what the preserved domains look like as records ([`super::DomainRecord`]),
+//! and writing them into the handover region.
+
+use super::{
+    DomainRecord, Extent, GuestRecord, InstanceRecords, MAX_RECORDS, RecordKind, SmmuIdentity, StreamRecord, TableShape,
+};
+use crate::active::ActiveSmmu;
+use crate::domain::{DomainId, Translation};
+use crate::hw::ste::{CdTableLayout, DefaultSubstream};
+use crate::mem::FrameAllocator;
+use crate::pgtable::IoPageTable;
+use crate::stream::StreamTableFormat;
+
+/// Why the preserved domains cannot be recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordError {
+    /// More preserved domains, streams or extents than a record holds.
+    TooMany(&'static str),
+    /// A preserved domain's memory is not (any longer) a handover arena.
+    NotHandoverMemory(DomainId),
+    /// A nested domain's parent is not preserved (cannot happen through the API; reported, not assumed).
+    ParentNotPreserved(DomainId),
+}
+
+impl core::fmt::Display for RecordError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            RecordError::TooMany(what) => write!(f, "too many {what} for a handover record"),
+            RecordError::NotHandoverMemory(d) => write!(f, "{d}'s memory is not a handover arena"),
+            RecordError::ParentNotPreserved(d) => write!(f, "{d}'s stage-2 parent is not preserved"),
+        }
+    }
+}
+
+fn shape<A: FrameAllocator>(table: &IoPageTable<A>) -> TableShape {
+    let format = table.format();
+    TableShape {
+        root: table.root().0,
+        granule_log2: format.granule.log2(),
+        input_bits: format.input_bits,
+        output_bits: format.output_bits,
+        start_level: table.geometry().start_level,
+    }
+}
+
+impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
+    /// This SMMU as a record names it: `register_base` (the physical base the board gave), the ID registers as
+    /// probed, and the stream table's geometry.
+    pub fn handover_identity(&self, register_base: u64) -> SmmuIdentity {
+        let raw = self.features().raw;
+        let (strtab_format, strtab_sid_bits, strtab_split) = match self.stream_table_format() {
+            StreamTableFormat::Linear { sid_bits } => (0, sid_bits, 0),
+            StreamTableFormat::TwoLevel { sid_bits, split } => (1, sid_bits, split),
+        };
+        SmmuIdentity {
+            base: register_base,
+            idr: raw.idr,
+            iidr: raw.iidr,
+            strtab_base: self.configuration().stream_table_base,
+            strtab_format,
+            strtab_sid_bits,
+            strtab_split,
+        }
+    }
+
+    /// The records of every preserved domain as they stand now (parents before the nested domains under them).
+    ///
+    /// # Errors
+    /// [`RecordError`]; nothing is written anywhere.
+    pub fn handover_records(&self, register_base: u64) -> Result<InstanceRecords, RecordError> {
+        let mut records: heapless::Vec<DomainRecord, MAX_RECORDS> = heapless::Vec::new();
+        // Parents (stage 1 and stage 2) first, then nested domains, so a reader meets a parent before its children.
+        for nested_pass in [false, true] {
+            for (&token, &id) in self.domains.tokens.iter() {
+                let Ok(state) = self.domains.get(id) else { continue };
+                let is_nested = matches!(state.translation, Translation::Nested { .. });
+                if is_nested != nested_pass {
+                    continue;
+                }
+                let mut record = DomainRecord {
+                    token,
+                    kind: RecordKind::Stage1,
+                    asid: 0,
+                    vmid: 0,
+                    table: None,
+                    parent_token: None,
+                    guest: None,
+                    streams: heapless::Vec::new(),
+                    extents: heapless::Vec::new(),
+                };
+                match &state.translation {
+                    Translation::Stage1 { table, asid, el2, .. } => {
+                        record.kind = if *el2 {
+                            RecordKind::Stage1El2
+                        } else {
+                            RecordKind::Stage1
+                        };
+                        record.asid = *asid;
+                        record.table = Some(shape(table));
+                    }
+                    Translation::Stage2 { table, vmid, .. } => {
+                        record.kind = RecordKind::Stage2;
+                        record.vmid = *vmid;
+                        record.table = Some(shape(table));
+                    }
+                    Translation::Nested { parent, guest } => {
+                        let parent_state = self
+                            .domains
+                            .get(*parent)
+                            .map_err(|_| RecordError::ParentNotPreserved(id))?;
+                        let Translation::Stage2 { vmid, .. } = parent_state.translation else {
+                            return Err(RecordError::ParentNotPreserved(id));
+                        };
+                        record.kind = RecordKind::Nested;
+                        record.vmid = vmid;
+                        record.parent_token = Some(parent_state.token.ok_or(RecordError::ParentNotPreserved(id))?);
+                        record.guest = Some(GuestRecord {
+                            cd_table_ipa: guest.cd_table,
+                            cd_max_log2: guest.cd_max_log2,
+                            layout: match guest.layout {
+                                CdTableLayout::Linear => 0,
+                                CdTableLayout::TwoLevel4K => 1,
+                                CdTableLayout::TwoLevel64K => 2,
+                            },
+                            default_substream: match guest.default_substream {
+                                DefaultSubstream::Terminate => 0,
+                                DefaultSubstream::Bypass => 1,
+                                DefaultSubstream::Substream0 => 2,
+                            },
+                        });
+                    }
+                }
+                if !is_nested {
+                    let extent = state
+                        .memory
+                        .handover_extent()
+                        .ok_or(RecordError::NotHandoverMemory(id))?;
+                    if extent.len > 0 {
+                        let _ = record.extents.push(extent);
+                    }
+                }
+                for &(sid, ssid) in state.attachments.iter() {
+                    let cd_table = self
+                        .domains
+                        .streams
+                        .iter()
+                        .find(|r| r.sid == sid)
+                        .and_then(|r| r.cd_table.as_ref());
+                    let stream = StreamRecord {
+                        sid,
+                        ssid,
+                        cd_table: cd_table.map_or(0, |t| t.base().0),
+                        cd_ssid_bits: cd_table.map_or(0, |t| t.format().ssid_bits()),
+                    };
+                    record
+                        .streams
+                        .push(stream)
+                        .map_err(|_| RecordError::TooMany("streams"))?;
+                }
+                records
+                    .push(record)
+                    .map_err(|_| RecordError::TooMany("preserved domains"))?;
+            }
+        }
+        Ok(InstanceRecords {
+            identity: self.handover_identity(register_base),
+            records,
+        })
+    }
+}
+
+/// The extent of everything `records` own, for tests and tools: each record's extents.
+pub fn owned_extents(records: &InstanceRecords) -> impl Iterator<Item = &Extent> {
+    records.records.iter().flat_map(|r| r.extents.iter())
+}

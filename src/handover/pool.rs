@@ -1,0 +1,426 @@
+//! The handover pool: memory inside the reserved handover region from which preserved domains take their page
+//! tables and CD tables, so that they survive a warm reset (or a jump into a new image) where they are, and the
+//! next image adopts them in place.
+//!
+//! The region is split once: its first [`METADATA_BYTES`] hold the records ([`super::format`]); the rest is the
+//! pool, cut into [`ARENAS`] equal arenas. A domain meant to be preserved is created with an arena as its
+//! [`crate::domain::DomainMemory`]; the arena hands out frames front to back (reusing freed single frames), so the
+//! memory a domain owns is one extent: the arena's base up to what it has used. That extent goes into the domain's
+//! record; after the hand-off the next image gives the arena back the same extent ([`HandoverPool::adopt`]) before
+//! it adopts the tables inside it, and so never hands that memory out again until `finish` releases it.
+
+use core::ptr::NonNull;
+
+use spin::Mutex;
+
+use super::Extent;
+use crate::mem::{AllocError, DmaBlock, FrameAllocator, PhysAddr};
+
+/// Bytes at the start of the region for the header and records.
+pub const METADATA_BYTES: u64 = 64 << 10;
+/// Arenas the pool is cut into (at most this many preserved domains own memory).
+pub const ARENAS: usize = 16;
+/// Freed single frames an arena remembers for reuse (more are left unused until the arena is released).
+pub const ARENA_FREE_FRAMES: usize = 256;
+const FRAME: u64 = 4096;
+
+/// Why the pool cannot be set up or used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolError {
+    /// The region is too small (or misaligned) for the metadata and [`ARENAS`] arenas of at least a frame each.
+    RegionTooSmall(Extent),
+    /// The pool was set up already.
+    AlreadySetUp,
+    /// The pool is not set up.
+    NotSetUp,
+    /// Every arena is taken.
+    NoFreeArena,
+    /// An extent to adopt is not the start of an arena, or runs past it.
+    NotAnArena(Extent),
+    /// The arena of an extent to adopt is in use.
+    ArenaInUse(Extent),
+}
+
+impl core::fmt::Display for PoolError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            PoolError::RegionTooSmall(e) => write!(
+                f,
+                "handover region {:#x}+{:#x} is too small or misaligned for its records and {ARENAS} arenas",
+                e.base, e.len
+            ),
+            PoolError::AlreadySetUp => f.write_str("the handover pool is set up already"),
+            PoolError::NotSetUp => f.write_str("the handover pool is not set up"),
+            PoolError::NoFreeArena => write!(f, "all {ARENAS} handover arenas are in use"),
+            PoolError::NotAnArena(e) => write!(f, "extent {:#x}+{:#x} is not an arena's", e.base, e.len),
+            PoolError::ArenaInUse(e) => write!(f, "the arena of extent {:#x}+{:#x} is in use", e.base, e.len),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Layout {
+    /// The whole region (physical).
+    region: Extent,
+    /// CPU address of the region's first byte.
+    virt: usize,
+    /// Bytes per arena.
+    arena_bytes: u64,
+}
+
+impl Layout {
+    fn pool(&self) -> Extent {
+        Extent {
+            base: self.region.base + METADATA_BYTES,
+            len: self.arena_bytes * ARENAS as u64,
+        }
+    }
+
+    fn arena_base(&self, index: usize) -> u64 {
+        self.pool().base + self.arena_bytes * index as u64
+    }
+
+    fn virt_of(&self, phys: u64) -> usize {
+        self.virt + (phys - self.region.base) as usize
+    }
+}
+
+struct ArenaState {
+    in_use: bool,
+    /// Bytes handed out front to back from the arena's base.
+    used: u64,
+    free: heapless::Vec<u64, ARENA_FREE_FRAMES>,
+}
+
+/// One arena: a domain's memory.
+pub struct HandoverArena {
+    index: usize,
+    layout: Mutex<Option<Layout>>,
+    state: Mutex<ArenaState>,
+}
+
+/// The handover region's pool. Lives in a `static`; set up once per boot with [`HandoverPool::set_up`].
+pub struct HandoverPool {
+    layout: Mutex<Option<Layout>>,
+    arenas: [HandoverArena; ARENAS],
+}
+
+impl Default for HandoverPool {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HandoverPool {
+    /// An empty, not yet set up pool (usable in a `static`).
+    pub const fn new() -> Self {
+        const fn arena(index: usize) -> HandoverArena {
+            HandoverArena {
+                index,
+                layout: Mutex::new(None),
+                state: Mutex::new(ArenaState {
+                    in_use: false,
+                    used: 0,
+                    free: heapless::Vec::new(),
+                }),
+            }
+        }
+        HandoverPool {
+            layout: Mutex::new(None),
+            arenas: [
+                arena(0),
+                arena(1),
+                arena(2),
+                arena(3),
+                arena(4),
+                arena(5),
+                arena(6),
+                arena(7),
+                arena(8),
+                arena(9),
+                arena(10),
+                arena(11),
+                arena(12),
+                arena(13),
+                arena(14),
+                arena(15),
+            ],
+        }
+    }
+
+    /// Sets the pool up over the reserved region `region` (physical, 4 KiB aligned), which the CPU reaches at
+    /// `virt`. Every arena starts free and empty; an image that restores then [`HandoverPool::adopt`]s the extents
+    /// its records name.
+    ///
+    /// # Errors
+    /// [`PoolError::RegionTooSmall`], [`PoolError::AlreadySetUp`].
+    ///
+    /// # Safety
+    /// The region must be RAM reserved for this purpose (never handed to any other allocator), mapped at `virt`
+    /// as normal memory for the life of the program, and used by nothing else.
+    pub unsafe fn set_up(&self, region: Extent, virt: NonNull<u8>) -> Result<(), PoolError> {
+        let mut layout = self.layout.lock();
+        if layout.is_some() {
+            return Err(PoolError::AlreadySetUp);
+        }
+        let aligned = region.base.is_multiple_of(FRAME) && region.end().is_some();
+        let arena_bytes = (region.len.saturating_sub(METADATA_BYTES) / ARENAS as u64) & !(FRAME - 1);
+        if !aligned || arena_bytes < FRAME {
+            return Err(PoolError::RegionTooSmall(region));
+        }
+        let l = Layout {
+            region,
+            virt: virt.as_ptr() as usize,
+            arena_bytes,
+        };
+        *layout = Some(l);
+        for arena in &self.arenas {
+            *arena.layout.lock() = Some(l);
+        }
+        Ok(())
+    }
+
+    fn layout(&self) -> Result<Layout, PoolError> {
+        self.layout.lock().ok_or(PoolError::NotSetUp)
+    }
+
+    /// The region (physical).
+    ///
+    /// # Errors
+    /// [`PoolError::NotSetUp`].
+    pub fn region(&self) -> Result<Extent, PoolError> {
+        Ok(self.layout()?.region)
+    }
+
+    /// The pool's extent: the region less its metadata.
+    ///
+    /// # Errors
+    /// [`PoolError::NotSetUp`].
+    pub fn pool(&self) -> Result<Extent, PoolError> {
+        Ok(self.layout()?.pool())
+    }
+
+    /// The metadata area (the region's first [`METADATA_BYTES`]) as bytes.
+    ///
+    /// # Errors
+    /// [`PoolError::NotSetUp`].
+    ///
+    /// # Safety
+    /// No other reference to the metadata area may be live while the returned slice is.
+    #[allow(clippy::mut_from_ref)] // The memory is the region's, not `self`'s; exclusivity is the caller's contract.
+    pub unsafe fn metadata(&self) -> Result<&mut [u8], PoolError> {
+        let l = self.layout()?;
+        // SAFETY: `set_up`'s contract maps the region at `virt`; the caller guarantees exclusivity.
+        Ok(unsafe { core::slice::from_raw_parts_mut(l.virt as *mut u8, METADATA_BYTES as usize) })
+    }
+
+    /// Takes a free arena, empty, for a domain meant to be preserved.
+    ///
+    /// # Errors
+    /// [`PoolError::NotSetUp`], [`PoolError::NoFreeArena`].
+    pub fn take_arena(&'static self) -> Result<&'static HandoverArena, PoolError> {
+        self.layout()?;
+        for arena in &self.arenas {
+            let mut s = arena.state.lock();
+            if !s.in_use {
+                s.in_use = true;
+                s.used = 0;
+                s.free.clear();
+                return Ok(arena);
+            }
+        }
+        Err(PoolError::NoFreeArena)
+    }
+
+    /// Takes the arena whose used extent a record names (after a hand-off): the arena is in use again with
+    /// `extent` used, so nothing in it is handed out twice.
+    ///
+    /// # Errors
+    /// [`PoolError::NotAnArena`] for an extent that does not start at an arena's base or runs past it,
+    /// [`PoolError::ArenaInUse`], [`PoolError::NotSetUp`].
+    pub fn adopt(&'static self, extent: Extent) -> Result<&'static HandoverArena, PoolError> {
+        let l = self.layout()?;
+        let pool = l.pool();
+        let offset = extent
+            .base
+            .checked_sub(pool.base)
+            .ok_or(PoolError::NotAnArena(extent))?;
+        let index = (offset / l.arena_bytes) as usize;
+        if !offset.is_multiple_of(l.arena_bytes)
+            || index >= ARENAS
+            || extent.len > l.arena_bytes
+            || !extent.len.is_multiple_of(FRAME)
+        {
+            return Err(PoolError::NotAnArena(extent));
+        }
+        let arena = &self.arenas[index];
+        let mut s = arena.state.lock();
+        if s.in_use {
+            return Err(PoolError::ArenaInUse(extent));
+        }
+        s.in_use = true;
+        s.used = extent.len;
+        s.free.clear();
+        Ok(arena)
+    }
+
+    /// Gives an arena back, empty. The caller must have freed (or abandoned, with no walk able to reach it)
+    /// everything in it.
+    pub fn release(&self, arena: &HandoverArena) {
+        let mut s = arena.state.lock();
+        s.in_use = false;
+        s.used = 0;
+        s.free.clear();
+    }
+
+    /// Arenas in use now.
+    pub fn arenas_in_use(&self) -> usize {
+        self.arenas.iter().filter(|a| a.state.lock().in_use).count()
+    }
+}
+
+impl HandoverArena {
+    /// The memory this arena has handed out: its base up to the end of what it has used (possibly empty).
+    pub fn extent(&self) -> Option<Extent> {
+        let l = (*self.layout.lock())?;
+        Some(Extent {
+            base: l.arena_base(self.index),
+            len: self.state.lock().used,
+        })
+    }
+}
+
+// SAFETY: blocks are carved from the arena's part of the reserved region (set up as RAM used by nothing else),
+// front to back, never overlapping; zeroed on allocation; physical = region base + offset, reached at the matching
+// CPU address.
+unsafe impl FrameAllocator for HandoverArena {
+    fn allocate_zeroed(&self, size: usize, align: usize) -> Result<DmaBlock, AllocError> {
+        if size == 0 || !align.is_power_of_two() {
+            return Err(AllocError::BadRequest { size, align });
+        }
+        let l = (*self.layout.lock()).ok_or(AllocError::OutOfMemory { size })?;
+        let base = l.arena_base(self.index);
+        let mut s = self.state.lock();
+        let phys = match s.free.pop() {
+            Some(frame) if size as u64 <= FRAME && align as u64 <= FRAME => frame,
+            popped => {
+                if let Some(frame) = popped {
+                    let _ = s.free.push(frame);
+                }
+                let start = (base + s.used).next_multiple_of(align.max(FRAME as usize) as u64);
+                let end = start + (size as u64).next_multiple_of(FRAME);
+                if end > base + l.arena_bytes {
+                    return Err(AllocError::OutOfMemory { size });
+                }
+                s.used = end - base;
+                start
+            }
+        };
+        let virt = NonNull::new(l.virt_of(phys) as *mut u8).ok_or(AllocError::OutOfMemory { size })?;
+        // SAFETY: inside the arena's part of the region, which the CPU reaches at `virt` (set_up's contract), and
+        // handed out to nobody else.
+        unsafe { virt.as_ptr().write_bytes(0, size) };
+        Ok(DmaBlock {
+            phys: PhysAddr(phys),
+            virt,
+            size,
+        })
+    }
+
+    unsafe fn free(&self, block: DmaBlock) {
+        // Single frames are reused; larger blocks stay used until the arena is released.
+        if block.size as u64 <= FRAME {
+            let _ = self.state.lock().free.push(block.phys.0);
+        }
+    }
+
+    fn phys_to_virt(&self, phys: PhysAddr) -> Option<NonNull<u8>> {
+        let l = (*self.layout.lock())?;
+        let base = l.arena_base(self.index);
+        let used = self.state.lock().used;
+        (phys.0 >= base && phys.0 < base + used).then(|| NonNull::new(l.virt_of(phys.0) as *mut u8))?
+    }
+
+    fn handover_extent(&self) -> Option<Extent> {
+        self.extent()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+
+    use super::*;
+    use std::boxed::Box;
+
+    fn pool(bytes: usize) -> (&'static HandoverPool, Extent) {
+        let memory: &'static mut [u64] = Box::leak(std::vec![0u64; bytes / 8].into_boxed_slice());
+        let virt = NonNull::new(memory.as_mut_ptr().cast::<u8>()).unwrap();
+        // A physical base far from the CPU address, 4 KiB aligned.
+        let region = Extent {
+            base: 0x80_0000_0000,
+            len: bytes as u64,
+        };
+        let pool: &'static HandoverPool = Box::leak(Box::new(HandoverPool::new()));
+        // SAFETY: leaked, zeroed, used by nothing else.
+        unsafe { pool.set_up(region, virt) }.unwrap();
+        (pool, region)
+    }
+
+    #[test]
+    fn arenas_partition_the_pool_and_record_what_they_used() {
+        let (pool, region) = pool(METADATA_BYTES as usize + ARENAS * 64 * 1024);
+        assert_eq!(pool.pool().unwrap().base, region.base + METADATA_BYTES);
+        let a = pool.take_arena().unwrap();
+        let b = pool.take_arena().unwrap();
+        let x = a.allocate_zeroed(4096, 4096).unwrap();
+        let y = a.allocate_zeroed(8192, 8192).unwrap();
+        let z = b.allocate_zeroed(4096, 4096).unwrap();
+        assert_eq!(x.phys.0, pool.pool().unwrap().base);
+        assert_eq!(y.phys.0 % 8192, 0);
+        assert_eq!(a.extent().unwrap().base, x.phys.0);
+        assert_eq!(a.extent().unwrap().len, y.phys.0 + 8192 - x.phys.0);
+        assert!(!a.extent().unwrap().overlaps(&b.extent().unwrap()));
+        assert_eq!(z.phys.0, pool.pool().unwrap().base + 64 * 1024);
+        assert_eq!(a.phys_to_virt(x.phys), Some(x.virt));
+        assert_eq!(a.phys_to_virt(z.phys), None, "not this arena's");
+        // A freed frame is reused; the extent does not grow.
+        let used = a.extent().unwrap();
+        // SAFETY: nothing uses it.
+        unsafe { a.free(x) };
+        assert_eq!(a.allocate_zeroed(4096, 4096).unwrap().phys.0, used.base);
+        assert_eq!(a.extent().unwrap(), used);
+        // Full.
+        assert!(a.allocate_zeroed(64 * 1024, 4096).is_err());
+    }
+
+    #[test]
+    fn an_adopted_arena_hands_out_nothing_it_used_before() {
+        let (pool, _) = pool(METADATA_BYTES as usize + ARENAS * 64 * 1024);
+        let a = pool.take_arena().unwrap();
+        a.allocate_zeroed(3 * 4096, 4096).unwrap();
+        let extent = a.extent().unwrap();
+        // The next image: the same region, a fresh pool.
+        pool.release(a);
+        let adopted = pool.adopt(extent).unwrap();
+        assert_eq!(adopted.extent(), Some(extent));
+        let next = adopted.allocate_zeroed(4096, 4096).unwrap();
+        assert_eq!(next.phys.0, extent.base + extent.len);
+        assert_eq!(pool.adopt(extent).err(), Some(PoolError::ArenaInUse(extent)));
+        let inside = Extent {
+            base: extent.base + 4096,
+            len: 4096,
+        };
+        assert_eq!(pool.adopt(inside).err(), Some(PoolError::NotAnArena(inside)));
+    }
+
+    #[test]
+    fn arenas_run_out_clearly() {
+        let (pool, _) = pool(METADATA_BYTES as usize + ARENAS * 4096);
+        for _ in 0..ARENAS {
+            pool.take_arena().unwrap();
+        }
+        assert_eq!(pool.take_arena().err(), Some(PoolError::NoFreeArena));
+        assert_eq!(pool.arenas_in_use(), ARENAS);
+    }
+}
