@@ -304,11 +304,13 @@ impl Gather {
         self.freed
     }
 
+    #[inline]
     fn add(&mut self, iova: u64, size: u64, shift: u8) {
         self.add_run(iova, iova + size, shift, 1);
     }
 
     /// `leaves` leaves of `1 << shift` bytes each, together spanning `[start, end)`.
+    #[inline]
     fn add_run(&mut self, start: u64, end: u64, shift: u8, leaves: u32) {
         if self.end == self.start {
             (self.start, self.end, self.leaf_shift) = (start, end, shift);
@@ -375,6 +377,11 @@ pub struct IoPageTable<A: FrameAllocator> {
     empty: u32,
     /// How many of those may stay linked before the single-page unmap trims (see `set_lazy_free_limit`).
     lazy_limit: u32,
+    /// The protection of the last single-page map (checked expressible) and its page descriptor template, so that
+    /// repeated maps with one protection neither re-check nor re-encode it. Starts as `Prot::empty()`, which is
+    /// never expressible, so the first map takes the checked path.
+    last_prot: Prot,
+    last_template: u64,
 }
 
 /// The default of [`IoPageTable::set_lazy_free_limit`]: one level-2 table's worth of 4 KiB last-level tables.
@@ -408,6 +415,8 @@ impl<A: FrameAllocator> IoPageTable<A> {
             split_blocks: false,
             empty: 0,
             lazy_limit: DEFAULT_LAZY_FREE_LIMIT,
+            last_prot: Prot::empty(),
+            last_template: 0,
         })
     }
 
@@ -506,15 +515,16 @@ impl<A: FrameAllocator> IoPageTable<A> {
 
     /// Maps one granule at `iova` (checked by `map`): one descent from the root, the leaf slot itself as the
     /// overlap check, the missing tables (at most one per level) allocated before anything is written.
-    fn map_page(&mut self, iova: u64, pa: u64, prot: Prot) -> Result<(), MapError> {
+    #[inline]
+    fn map_page(&mut self, iova: u64, pa: u64, template: u64) -> Result<(), MapError> {
         let g = self.geometry;
-        let template = desc::leaf(self.format.stage, 0, prot, true);
-        // The descriptor that names the table at each level (none for the root).
-        let mut parents: [Option<&AtomicU64>; 4] = [None; 4];
+        // The descriptor that names the current table (none for the root).
+        let mut parent: Option<&AtomicU64> = None;
         let mut level = g.start_level;
         let mut entries = entries_of(self.root.virt, g.root_entries);
+        let (mut shift, mut mask) = (g.entry_shift(level), g.root_entries - 1);
         let slot = loop {
-            let slot = &entries[g.index(level, iova)];
+            let slot = &entries[(iova >> shift) as usize & mask];
             let d = slot.load(Ordering::Relaxed);
             if level == 3 || !desc::is_table(d, level) {
                 if desc::is_valid(d) {
@@ -527,107 +537,145 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 // A table the allocator does not know: a broken allocator (as `tables_needed` reports it).
                 return Err(MapError::NoMemory(AllocError::OutOfMemory { size: 0 }));
             };
-            parents[usize::from(level)] = Some(slot);
+            parent = Some(slot);
             entries = entries_of(virt, 1 << g.level_bits);
             level += 1;
+            (shift, mask) = (shift - g.level_bits, (1 << g.level_bits) - 1);
         };
-        let mut word = template | pa;
-        if level < 3 {
-            // Tables from `level + 1` down to the last level, allocated first so that a failure changes nothing,
-            // then filled bottom-up (each holds one entry) before the top one is linked.
-            let granule = 1usize << g.granule_bits;
-            let mut new: heapless::Vec<DmaBlock, 3> = heapless::Vec::new();
-            for _ in level..3 {
-                match self.allocator.allocate_zeroed(granule, granule) {
-                    Ok(t) => {
-                        let _ = new.push(t);
-                    }
-                    Err(e) => {
-                        for t in new {
-                            // SAFETY: never published.
-                            unsafe { self.allocator.free(t) };
-                        }
-                        return Err(MapError::NoMemory(e));
-                    }
-                }
-            }
-            for (k, table) in new.into_iter().enumerate().rev() {
-                let table_level = level + 1 + k as u8;
-                entries_of(table.virt, 1 << g.level_bits)[g.index(table_level, iova)].store(word, Ordering::Relaxed);
-                self.coherency.clean(table.virt.as_ptr(), table.size);
-                word = self.with_count(desc::table(table.phys.0), table_level, 1);
-                self.tables += 1;
-            }
-            // The new tables' contents before the descriptor that links them.
-            write_barrier();
-        }
+        let word = if level < 3 {
+            self.new_tables(level, iova, template | pa)?
+        } else {
+            template | pa
+        };
         self.store(slot, word);
-        if level > g.start_level
-            && let Some(parent) = parents[usize::from(level - 1)]
-        {
-            self.set_count(parent, level, desc::count(parent.load(Ordering::Relaxed)) + 1);
+        if let Some(parent) = parent {
+            // The current table gained an entry.
+            let p = parent.load(Ordering::Relaxed);
+            let n = desc::count(p);
+            if level == 3 && n == 0 {
+                self.empty = self.empty.saturating_sub(1);
+            }
+            parent.store(self.with_count(p, level, n + 1), Ordering::Relaxed);
         }
         write_barrier();
         Ok(())
     }
 
+    /// The tables from `level + 1` down to the last level that a page at `iova` needs below an invalid entry at
+    /// `level`, holding `leaf`: allocated first, so that a failure changes nothing (every frame goes back), then
+    /// filled bottom-up (each holds one entry), cleaned, and ordered before the descriptor that will link them,
+    /// which is returned.
+    #[inline(never)]
+    fn new_tables(&mut self, level: u8, iova: u64, leaf: u64) -> Result<u64, MapError> {
+        let g = self.geometry;
+        let granule = 1usize << g.granule_bits;
+        let mut new: heapless::Vec<DmaBlock, 3> = heapless::Vec::new();
+        for _ in level..3 {
+            match self.allocator.allocate_zeroed(granule, granule) {
+                Ok(t) => {
+                    let _ = new.push(t);
+                }
+                Err(e) => {
+                    for t in new {
+                        // SAFETY: never published.
+                        unsafe { self.allocator.free(t) };
+                    }
+                    return Err(MapError::NoMemory(e));
+                }
+            }
+        }
+        let mut word = leaf;
+        for (k, table) in new.into_iter().enumerate().rev() {
+            let table_level = level + 1 + k as u8;
+            entries_of(table.virt, 1 << g.level_bits)[g.index(table_level, iova)].store(word, Ordering::Relaxed);
+            self.coherency.clean(table.virt.as_ptr(), table.size);
+            word = self.with_count(desc::table(table.phys.0), table_level, 1);
+            self.tables += 1;
+        }
+        // The new tables' contents before the descriptor that links them.
+        write_barrier();
+        Ok(word)
+    }
+
     /// Unmaps the granule at `iova` (checked by `unmap`) with one descent from the root: `None` when a block maps
     /// it (the range path splits or refuses it). A last-level table that this empties stays linked and waits
     /// for [`IoPageTable::trim`], unless more than the lazy-free limit already wait: then this trims.
+    #[inline]
     fn unmap_page(&mut self, iova: u64, gather: &mut Gather) -> Option<u64> {
         let g = self.geometry;
-        let mut parents: [Option<&AtomicU64>; 4] = [None; 4];
+        let mut parent: Option<&AtomicU64> = None;
         let mut level = g.start_level;
         let mut entries = entries_of(self.root.virt, g.root_entries);
+        let (mut shift, mut mask) = (g.entry_shift(level), g.root_entries - 1);
         loop {
-            let slot = &entries[g.index(level, iova)];
+            let slot = &entries[(iova >> shift) as usize & mask];
             let d = slot.load(Ordering::Relaxed);
             if !desc::is_valid(d) {
                 return Some(0);
             }
-            if level < 3 && !desc::is_table(d, level) {
+            if level == 3 {
+                break;
+            }
+            if !desc::is_table(d, level) {
                 return None;
             }
-            if level == 3 {
-                self.store(slot, 0);
-                gather.add(iova, 1 << g.granule_bits, g.granule_bits);
-                if let Some(parent) = parents[2] {
-                    let p = parent.load(Ordering::Relaxed);
-                    let left = desc::count(p).saturating_sub(1);
-                    self.set_count(parent, 3, left);
-                    if left == 0 {
-                        self.note_empty(&parents);
-                    }
-                }
-                if self.empty > self.lazy_limit {
-                    self.trim(gather);
-                }
-                return Some(1 << g.granule_bits);
-            }
             let virt = self.allocator.phys_to_virt(PhysAddr(desc::address(d)))?;
-            parents[usize::from(level)] = Some(slot);
+            parent = Some(slot);
             entries = entries_of(virt, 1 << g.level_bits);
             level += 1;
+            (shift, mask) = (shift - g.level_bits, (1 << g.level_bits) - 1);
         }
+        let slot = &entries[(iova >> shift) as usize & mask];
+        self.store(slot, 0);
+        gather.add(iova, 1 << g.granule_bits, g.granule_bits);
+        if let Some(parent) = parent {
+            // One entry fewer: the count goes down (a borrow-free subtraction in its low bits when they are not
+            // zero) and the table is no longer full.
+            let p = parent.load(Ordering::Relaxed) & !desc::SW_TABLE_FULL;
+            let p = if p & desc::SW_COUNT_LOW != 0 {
+                p - (1 << 2)
+            } else {
+                desc::with_count(p, desc::count(p).saturating_sub(1))
+            };
+            parent.store(p, Ordering::Relaxed);
+            if p & (desc::SW_COUNT_LOW | desc::SW_COUNT_HIGH) == 0 {
+                self.note_empty(iova);
+            }
+        }
+        if self.empty > self.lazy_limit {
+            self.trim(gather);
+        }
+        Some(1 << g.granule_bits)
     }
 
-    /// The last-level table that `parents[2]` names has just emptied: mark it and its ancestors' descriptors as
-    /// leading to a trim candidate (stopping at the first already marked: a mark implies its ancestors' marks),
-    /// and count it.
-    #[inline]
-    fn note_empty(&mut self, parents: &[Option<&AtomicU64>; 4]) {
+    /// The last-level table for `iova` has just emptied: mark its descriptor and its ancestors' as leading to a
+    /// trim candidate (bottom-up, stopping at the first already marked: a mark implies its ancestors' marks), and
+    /// count it.
+    #[inline(never)]
+    fn note_empty(&mut self, iova: u64) {
         self.empty += 1;
-        for parent in parents[usize::from(self.geometry.start_level)..3]
-            .iter()
-            .rev()
-            .flatten()
-        {
-            let d = parent.load(Ordering::Relaxed);
+        let g = self.geometry;
+        let mut path: heapless::Vec<&AtomicU64, 3> = heapless::Vec::new();
+        let mut entries = entries_of(self.root.virt, g.root_entries);
+        for level in g.start_level..3 {
+            let slot = &entries[g.index(level, iova)];
+            let d = slot.load(Ordering::Relaxed);
+            if !desc::is_table(d, level) {
+                return;
+            }
+            let _ = path.push(slot);
+            let Some(virt) = self.allocator.phys_to_virt(PhysAddr(desc::address(d))) else {
+                return;
+            };
+            entries = entries_of(virt, 1 << g.level_bits);
+        }
+        for slot in path.iter().rev() {
+            let d = slot.load(Ordering::Relaxed);
             if d & desc::SW_TRIM_CANDIDATE != 0 {
                 break;
             }
             // A bit the walk ignores: no maintenance, no barrier (as `set_count`).
-            parent.store(d | desc::SW_TRIM_CANDIDATE, Ordering::Relaxed);
+            slot.store(d | desc::SW_TRIM_CANDIDATE, Ordering::Relaxed);
         }
     }
 
@@ -789,7 +837,25 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// [`MapError::Unaligned`], [`MapError::InputOutOfRange`], [`MapError::OutputOutOfRange`] (the whole output
     /// range must fit), [`MapError::BadProt`], [`MapError::Overlap`], [`MapError::NoMemory`]; nothing changes then
     /// (the allocator has every frame back).
+    #[inline]
     pub fn map(&mut self, iova: u64, pa: u64, size: u64, prot: Prot) -> Result<(), MapError> {
+        let granule = 1u64 << self.geometry.granule_bits;
+        if size == granule
+            && (iova | pa) & (granule - 1) == 0
+            && iova >> self.format.input_bits == 0
+            && pa >> self.format.output_bits == 0
+            && prot == self.last_prot
+        {
+            // One granule, aligned, inside both address spaces, with the protection of the previous map (already
+            // checked): the checks below would all pass.
+            return self.map_page(iova, pa, self.last_template);
+        }
+        self.map_range(iova, pa, size, prot)
+    }
+
+    /// `map`, every check in order, then the single-page path or the range path.
+    #[inline(never)]
+    fn map_range(&mut self, iova: u64, pa: u64, size: u64, prot: Prot) -> Result<(), MapError> {
         self.check_range(iova, size)?;
         if !pa.is_multiple_of(1 << self.geometry.granule_bits) {
             return Err(MapError::Unaligned { iova: pa, size });
@@ -802,7 +868,9 @@ impl<A: FrameAllocator> IoPageTable<A> {
             return Err(MapError::BadProt(prot));
         }
         if size == 1 << self.geometry.granule_bits {
-            return self.map_page(iova, pa, prot);
+            self.last_template = desc::leaf(self.format.stage, 0, prot, true);
+            self.last_prot = prot;
+            return self.map_page(iova, pa, self.last_template);
         }
         if let Some(mapped) = self.first_mapped(iova, size) {
             return Err(MapError::Overlap { iova: mapped });
@@ -1100,12 +1168,15 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// # Errors
     /// [`MapError::Unaligned`], [`MapError::InputOutOfRange`], [`MapError::WouldSplitBlock`] (a cut block without
     /// BBML = 2), [`MapError::NoMemory`] (for splitting a block); nothing changes then, `gather` included.
+    #[inline]
     pub fn unmap(&mut self, iova: u64, size: u64, gather: &mut Gather) -> Result<u64, MapError> {
-        if size == 1 << self.geometry.granule_bits {
-            self.check_range(iova, size)?;
-            if let Some(bytes) = self.unmap_page(iova, gather) {
-                return Ok(bytes);
-            }
+        let granule = 1u64 << self.geometry.granule_bits;
+        if size == granule
+            && iova & (granule - 1) == 0
+            && iova >> self.format.input_bits == 0
+            && let Some(bytes) = self.unmap_page(iova, gather)
+        {
+            return Ok(bytes);
         }
         self.change(iova, size, gather, None)
     }
@@ -1152,6 +1223,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             }
     }
 
+    #[inline(never)]
     fn change(&mut self, iova: u64, size: u64, gather: &mut Gather, reprotect: Option<Prot>) -> Result<u64, MapError> {
         self.check_range(iova, size)?;
         // Splitting the blocks that straddle the range's ends needs at most one table per level below each:
@@ -1433,7 +1505,15 @@ impl<A: FrameAllocator> IoPageTable<A> {
 
     /// Gives the tables `gather` collected back to the allocator. Call it only after the invalidation for
     /// `gather` has completed (CMD_SYNC consumed), so that no walk can still reach them.
+    #[inline]
     pub fn release(&mut self, gather: Gather) {
+        if gather.freed_head != 0 {
+            self.free_chain(gather.freed_head);
+        }
+    }
+
+    #[inline(never)]
+    fn free_chain(&mut self, head: u64) {
         let size = 1usize << self.geometry.granule_bits;
         let free = |phys: u64, virt: NonNull<u8>| {
             // SAFETY: the table was allocated by this page table with this size, unlinked, and the caller has
@@ -1446,7 +1526,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 })
             }
         };
-        let mut next = gather.freed_head;
+        let mut next = head;
         while next != 0 {
             let phys = next & !LINK_SUBTREE;
             let Some(virt) = self.allocator.phys_to_virt(PhysAddr(phys)) else {
