@@ -52,11 +52,13 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("cmdq-error", core_smmu::cmdq_error),
     ("evtq-overflow", core_smmu::evtq_overflow),
     ("pgtable-dma", translate::pgtable_dma),
+    ("dma-map-bench", dma_map_bench::dma_map_bench),
     ("psci-reset", psci_reset),
     ("el3-fault-report", el3_fault_report),
 ];
 
 mod core_smmu;
+mod dma_map_bench;
 mod translate;
 
 /// Runs the named scenarios in order; returns how many failed.
