@@ -15,10 +15,11 @@
 //! **Live-entry counts.** Every table descriptor carries the number of valid entries of the table it names, in
 //! bits the walk ignores (\[11:2\] and \[55:51\], [`desc::count`]), so "is this table empty / full" never
 //! scans a table. [`desc::SW_TABLE_FULL`] is set exactly when a last-level table's count is its size. The counts
-//! live in the tables' own memory: tables preserved across a live update keep them, and an adopting image needs
-//! only the number of emptied tables waiting for a trim back (or calls [`IoPageTable::recount`], which rebuilds
-//! every count from the entries, for tables written by other code). Changing a count rewrites only ignored bits
-//! of a live descriptor: one 64-bit store, no cache maintenance, no barrier.
+//! live in the tables' own memory: tables preserved across a live update keep them (and their trim marks), so an
+//! adopting image trusts them as they are; the one in-memory number, how many emptied tables wait for a trim, is
+//! rebuilt by [`IoPageTable::recount`] when the table is adopted, which also rebuilds every count, full bit and
+//! mark from the entries (one read of each table) for tables written by other code. Changing a count rewrites
+//! only ignored bits of a live descriptor: one 64-bit store, no cache maintenance, no barrier.
 //!
 //! **Lazy freeing.** A last-level table that a single-page unmap empties stays linked (a later map there reuses
 //! it) and its descriptor, with its ancestors', is marked ([`desc::SW_TRIM_CANDIDATE`]). [`IoPageTable::trim`],
@@ -469,8 +470,12 @@ impl<A: FrameAllocator> IoPageTable<A> {
         entries_of(self.root.virt, self.geometry.root_entries)
     }
 
+    /// Writes a descriptor the SMMU may walk: one single-copy-atomic 64-bit store (relaxed: the order against the
+    /// SMMU comes from the explicit barriers, before a table link and before the command queue's PROD write),
+    /// cleaned to the point of coherency for a non-coherent SMMU.
+    #[inline]
     fn store(&self, entry: &AtomicU64, value: u64) {
-        entry.store(value, Ordering::Release);
+        entry.store(value, Ordering::Relaxed);
         self.coherency.clean(core::ptr::from_ref(entry).cast(), 8);
     }
 
