@@ -451,7 +451,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
         self.root.phys
     }
 
-    /// Tables in use, the root included.
+    /// Tables in use, the root included (emptied tables waiting for a trim too).
     pub fn tables(&self) -> u32 {
         self.tables
     }
@@ -508,7 +508,9 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// Sets how many emptied last-level tables may stay linked (see [`IoPageTable::trim`]) before the single-page
     /// unmap trims by itself, into the gather it was given (checked at every single-page unmap that removes a
     /// page, so a lower limit takes effect there or at the next trim). 0 frees every emptied table at the unmap
-    /// that emptied it (as the range path does). The default is [`DEFAULT_LAZY_FREE_LIMIT`].
+    /// that emptied it (as the range path does). The default is [`DEFAULT_LAZY_FREE_LIMIT`]. When that unmap
+    /// trims, its gather also spans the trimmed tables, so its invalidation may be wider (up to the whole ASID or
+    /// VMID when they lie far apart).
     pub fn set_lazy_free_limit(&mut self, tables: u32) {
         self.lazy_limit = tables;
     }
