@@ -10,6 +10,7 @@
 use std::cell::{Cell, RefCell};
 use std::hint::black_box;
 use std::ptr::NonNull;
+use std::time::{Duration, Instant};
 
 use aarch64_paging::Mapping;
 use aarch64_paging::descriptor::{El23Attributes, PhysicalAddress};
@@ -81,6 +82,7 @@ unsafe impl FrameAllocator for Pool {
         self.free.borrow_mut().push((block.phys.0 - PHYS_BASE) as usize);
     }
 
+    #[inline]
     fn phys_to_virt(&self, phys: PhysAddr) -> Option<NonNull<u8>> {
         let offset = phys.0.checked_sub(PHYS_BASE)? as usize;
         // SAFETY: inside the arena when below its size.
@@ -257,6 +259,26 @@ fn random(c: &mut Criterion) {
         })
     });
     drop(t);
+    // The same, ending each iteration with a trim (and its release): every emptied table is freed, and allocated
+    // (zeroed) again by the next iteration's maps. Not in the printed table; it shows what lazy freeing saves.
+    let mut t = ours(&pool);
+    group.bench_function("ours_trimmed", |b| {
+        b.iter(|| {
+            for &p in &order {
+                t.map(GIB + p * PAGE as u64, 2 * GIB + p * PAGE as u64, PAGE as u64, RW)
+                    .unwrap();
+            }
+            for &p in &order {
+                let mut gather = Gather::default();
+                t.unmap(GIB + p * PAGE as u64, PAGE as u64, &mut gather).unwrap();
+                t.release(gather);
+            }
+            let mut gather = Gather::default();
+            t.trim(&mut gather);
+            t.release(gather);
+        })
+    });
+    drop(t);
     let mut peer = Mapping::new(PeerPool(&pool), 1, El2);
     group.bench_function("peer_pool", |b| {
         b.iter(|| {
@@ -327,5 +349,138 @@ fn random(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bulk, random);
+/// A fixed-seed shuffle of `0..n`.
+fn shuffled(n: u64, mut state: u64) -> Vec<u64> {
+    let mut o: Vec<u64> = (0..n).collect();
+    for i in (1..o.len()).rev() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        o.swap(i, (state % (i as u64 + 1)) as usize);
+    }
+    o
+}
+
+/// Operations timed together in `iter_custom` (the clock read costs about as much as one operation, so each
+/// batch of single-page operations is timed as a whole, and the other phase runs untimed between batches).
+const BATCH: usize = 256;
+
+/// The dma_map path: one page mapped or unmapped at a random IOVA of a populated 1 GiB range (every even page
+/// mapped, so every last-level table exists and none ever empties), each phase timed alone; and the same page
+/// mapped and unmapped again and again (hot). Ours includes the `Gather` and `release` a caller runs around an
+/// unmap; the peer unmaps by writing an invalid entry.
+fn single(c: &mut Criterion) {
+    let pool = Pool::new(64 << 20);
+    let pages = GIB / PAGE as u64;
+    // Odd pages, in random order: unmapped, so the map phase can map each.
+    let targets: Vec<u64> = shuffled(pages / 2, 0x9e37_79b9_7f4a_7c15)
+        .into_iter()
+        .map(|k| 2 * k + 1)
+        .collect();
+    let iova = |p: u64| GIB + p * PAGE as u64;
+    let pa = |p: u64| 2 * GIB + p * PAGE as u64;
+
+    let mut t = ours(&pool);
+    for p in (0..pages).step_by(2) {
+        t.map(iova(p), pa(p), PAGE as u64, RW).unwrap();
+    }
+    let mut peer = Mapping::new(PeerPool(&pool), 1, El2);
+    for p in (0..pages).step_by(2) {
+        let range = MemoryRegion::new(iova(p) as usize, iova(p) as usize + PAGE);
+        peer.map_range(&range, PhysicalAddress(pa(p) as usize), PEER_RW, Constraints::empty())
+            .unwrap();
+    }
+    let peer_map = |peer: &mut Mapping<PeerPool, El2>, p: u64, attributes: El23Attributes| {
+        let range = MemoryRegion::new(iova(p) as usize, iova(p) as usize + PAGE);
+        peer.map_range(
+            &range,
+            PhysicalAddress(pa(p) as usize),
+            attributes,
+            Constraints::empty(),
+        )
+        .unwrap();
+    };
+    let ours_unmap = |t: &mut IoPageTable<&Pool>, p: u64| {
+        let mut gather = Gather::default();
+        black_box(t.unmap(iova(p), PAGE as u64, &mut gather).unwrap());
+        t.release(gather);
+    };
+    // Runs `iters` operations in batches at successive targets: `before` on each (untimed), `timed` on each,
+    // timed per batch, then `after` on each (untimed).
+    #[allow(clippy::too_many_arguments)]
+    fn batches<T>(
+        iters: u64,
+        next: &mut usize,
+        targets: &[u64],
+        state: &mut T,
+        mut before: impl FnMut(&mut T, u64),
+        mut timed: impl FnMut(&mut T, u64),
+        mut after: impl FnMut(&mut T, u64),
+    ) -> Duration {
+        let mut total = Duration::ZERO;
+        let mut left = iters as usize;
+        while left > 0 {
+            let n = left.min(BATCH);
+            if *next + n > targets.len() {
+                *next = 0;
+            }
+            let batch = &targets[*next..*next + n];
+            *next += n;
+            for &p in batch {
+                before(state, p);
+            }
+            let start = Instant::now();
+            for &p in batch {
+                timed(state, p);
+            }
+            total += start.elapsed();
+            for &p in batch {
+                after(state, p);
+            }
+            left -= n;
+        }
+        total
+    }
+    let ours_map = |t: &mut IoPageTable<&Pool>, p: u64| t.map(iova(p), pa(p), PAGE as u64, RW).unwrap();
+    let peer_unmap = |m: &mut Mapping<PeerPool, El2>, p: u64| peer_map(m, p, El23Attributes::empty());
+    let peer_remap = |m: &mut Mapping<PeerPool, El2>, p: u64| peer_map(m, p, PEER_RW);
+    fn nothing<T>(_: &mut T, _: u64) {}
+
+    let mut group = c.benchmark_group("map_one_4k");
+    let mut next = 0;
+    group.bench_function("ours", |b| {
+        b.iter_custom(|iters| batches(iters, &mut next, &targets, &mut t, nothing, ours_map, ours_unmap))
+    });
+    group.bench_function("peer_pool", |b| {
+        b.iter_custom(|iters| batches(iters, &mut next, &targets, &mut peer, nothing, peer_remap, peer_unmap))
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("unmap_one_4k");
+    group.bench_function("ours", |b| {
+        b.iter_custom(|iters| batches(iters, &mut next, &targets, &mut t, ours_map, ours_unmap, nothing))
+    });
+    group.bench_function("peer_pool", |b| {
+        b.iter_custom(|iters| batches(iters, &mut next, &targets, &mut peer, peer_remap, peer_unmap, nothing))
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("map_unmap_same_4k");
+    let hot = targets[0];
+    group.bench_function("ours", |b| {
+        b.iter(|| {
+            t.map(iova(hot), pa(hot), PAGE as u64, RW).unwrap();
+            ours_unmap(&mut t, hot);
+        })
+    });
+    group.bench_function("peer_pool", |b| {
+        b.iter(|| {
+            peer_map(&mut peer, hot, PEER_RW);
+            peer_map(&mut peer, hot, El23Attributes::empty());
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bulk, single, random);
 criterion_main!(benches);

@@ -1307,6 +1307,56 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         Ok(bytes)
     }
 
+    /// The first half of [`ActiveSmmu::unmap`], for callers that batch invalidations (Linux's unmap_fast +
+    /// iotlb_sync): clears the entries of `[iova, iova + size)` and collects what changed into `gather`, issuing
+    /// nothing. Until [`ActiveSmmu::sync_domain`] completes, the SMMU may still use the old translations: the caller
+    /// must not reuse the unmapped memory before then. Returns the bytes that were mapped.
+    ///
+    /// # Errors
+    /// As [`ActiveSmmu::map`]; nothing changes then.
+    pub fn unmap_deferred(
+        &mut self,
+        domain: DomainId,
+        iova: u64,
+        size: u64,
+        gather: &mut Gather,
+    ) -> Result<u64, DomainError> {
+        self.settle(domain)?;
+        match &mut self.paging_domain(domain)?.translation {
+            Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => {
+                table.unmap(iova, size, gather).map_err(DomainError::Map)
+            }
+            Translation::Nested { .. } => Err(DomainError::StaleDomain(domain)),
+        }
+    }
+
+    /// The second half: invalidates what `gather` collected for `domain` (one CMD_SYNC) and only then frees the
+    /// tables it unlinked.
+    ///
+    /// # Errors
+    /// [`DomainError::StaleDomain`], [`DomainError::WrongKind`]; [`DomainError::Invalidation`] when the
+    /// invalidation failed: the gather is kept in the domain and flushed again by its next operation.
+    pub fn sync_domain(&mut self, domain: DomainId, gather: Gather) -> Result<(), DomainError> {
+        self.paging_domain(domain)?;
+        self.flush_domain(domain, gather)
+    }
+
+    /// Unlinks the tables that single-page unmaps left empty (they stay linked until a trim, so the next DMA
+    /// nearby reuses them), invalidates, and frees them. Returns how many were freed.
+    ///
+    /// # Errors
+    /// As [`ActiveSmmu::sync_domain`].
+    pub fn trim_domain(&mut self, domain: DomainId) -> Result<u32, DomainError> {
+        self.settle(domain)?;
+        let mut gather = Gather::default();
+        let trimmed = match &mut self.paging_domain(domain)?.translation {
+            Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table.trim(&mut gather),
+            Translation::Nested { .. } => return Err(DomainError::StaleDomain(domain)),
+        };
+        self.flush_domain(domain, gather)?;
+        Ok(trimmed)
+    }
+
     /// Changes the permissions of what is mapped in `[iova, iova + size)` to `prot` (never the memory type) and
     /// invalidates what changed. Returns the bytes changed.
     ///
@@ -2229,5 +2279,39 @@ mod tests {
         assert_eq!(smmu.preserved(0xa), Some(b));
         assert_eq!(smmu.unpreserve(0xc), Ok(nested));
         assert_eq!(smmu.unpreserve(0x5), Ok(parent));
+    }
+
+    #[test]
+    fn deferred_unmaps_invalidate_only_at_sync_and_trim_frees_emptied_tables() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = smmu(&model, frames);
+        let d = s1(&mut smmu, frames);
+        smmu.map(d, 0x20_0000, 0x8000_0000, 0x1000, RW).unwrap();
+        smmu.map(d, 0x40_0000, 0x8000_1000, 0x1000, RW).unwrap();
+        let tables = smmu.domain_table(d).unwrap().tables();
+        let before = consumed(&model);
+        let mut gather = Gather::default();
+        assert_eq!(smmu.unmap_deferred(d, 0x20_0000, 0x1000, &mut gather), Ok(0x1000));
+        assert_eq!(since(&model, before), [], "nothing issued before the sync");
+        smmu.sync_domain(d, gather).unwrap();
+        assert_eq!(since(&model, before), [opcode::TLBI_NH_VA, opcode::SYNC]);
+        // The single-page unmap left its last-level table linked (empty) until a trim.
+        assert_eq!(smmu.domain_table(d).unwrap().tables(), tables);
+        let before = consumed(&model);
+        assert_eq!(smmu.trim_domain(d), Ok(1));
+        assert_eq!(smmu.domain_table(d).unwrap().tables(), tables - 1);
+        let ops = since(&model, before);
+        assert_eq!(ops.last(), Some(&opcode::SYNC));
+        assert!(
+            ops.contains(&opcode::TLBI_NH_VA) || ops.contains(&opcode::TLBI_NH_ASID),
+            "{ops:?}"
+        );
+        assert_eq!(
+            smmu.iova_to_phys(d, 0x40_0000),
+            Ok(Some(0x8000_1000)),
+            "the other mapping stays"
+        );
+        assert_eq!(smmu.trim_domain(d), Ok(0), "nothing left to trim");
     }
 }

@@ -106,19 +106,23 @@ pub unsafe trait FrameAllocator {
 
 // SAFETY: forwards to `T`, which upholds the contract.
 unsafe impl<T: FrameAllocator + ?Sized> FrameAllocator for &T {
+    #[inline]
     fn allocate_zeroed(&self, size: usize, align: usize) -> Result<DmaBlock, AllocError> {
         (**self).allocate_zeroed(size, align)
     }
 
+    #[inline]
     fn allocate_for_overwrite(&self, size: usize, align: usize) -> Result<DmaBlock, AllocError> {
         (**self).allocate_for_overwrite(size, align)
     }
 
+    #[inline]
     unsafe fn free(&self, block: DmaBlock) {
         // SAFETY: the caller's guarantee, passed on.
         unsafe { (**self).free(block) }
     }
 
+    #[inline]
     fn phys_to_virt(&self, phys: PhysAddr) -> Option<NonNull<u8>> {
         (**self).phys_to_virt(phys)
     }

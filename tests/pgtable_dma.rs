@@ -49,6 +49,31 @@ fn translated_dma_on_both_stages_of_a_nesting_smmu() {
     pgtable_dma(Stage::Nested);
 }
 
+/// `dma-map-bench`: map a page, edu DMA through it, unmap and invalidate, many times, with no SMMU event; it prints
+/// its cost split into page-table work and invalidation. Only that the split is reported is checked: QEMU's timing
+/// is not hardware's, so no number is judged here.
+#[test]
+fn dma_map_bench_runs_and_reports_its_cost_split() {
+    let outcome = Run::new(Board::QemuVirt, Stage::Nested, &["dma-map-bench"]).boot();
+    outcome.assert_passed(&["dma-map-bench"]);
+    let split = outcome
+        .console
+        .lines()
+        .find(|l| l.trim_start().starts_with("dma-map-bench: per round: page tables"));
+    assert!(
+        split.is_some_and(|l| l.contains("ticks (map") && l.contains("invalidation") && l.contains("Hz")),
+        "the cost split line\n{}",
+        outcome.report()
+    );
+    for line in outcome
+        .console
+        .lines()
+        .filter(|l| l.contains("rounds") || l.contains("dma-map-bench"))
+    {
+        eprintln!("{line}");
+    }
+}
+
 /// Every physical address the console reports after `marker` (queues, tables, DMA buffers): `PA 0x…` and
 /// `at 0x…` values.
 fn reported_addresses(console: &str) -> Vec<u64> {

@@ -207,9 +207,33 @@ pub fn memory_type(stage: Stage, d: u64) -> MemoryType {
 
 /// Software bit 56 of a table descriptor (bits \[58:51\] of table descriptors are IGNORED by the table walk at
 /// both stages, VMSAv8-64): set on the descriptor of a last-level table whose every entry is a valid page, so that
-/// an unmap removing the whole table counts its pages without reading them. Set only by `map` on a table it
-/// filled completely; cleared before any of that table's entries is removed.
+/// an unmap removing the whole table counts its pages without reading them. Always equal to "the descriptor's
+/// [`count`] is the table's number of entries" for a last-level table, and never set on other tables.
 pub const SW_TABLE_FULL: u64 = 1 << 56;
+
+/// Software bit 57 of a table descriptor: the table it names emptied on the single-page unmap path and is recorded
+/// as a candidate for the next trim (`IoPageTable::trim`). Set only while the table's position is in the page
+/// table's candidate list.
+pub const SW_TRIM_CANDIDATE: u64 = 1 << 57;
+/// Low part of the live-entry count of the table a table descriptor names: bits \[11:2\], IGNORED by the walk in a
+/// table descriptor (VMSAv8-64, without FEAT_LPA2's DS = 1 and without FEAT_HAFT, neither of which this driver
+/// enables).
+pub const SW_COUNT_LOW: u64 = 0x3ff << 2;
+/// High part of the count: bits \[55:51\], IGNORED in a table descriptor.
+pub const SW_COUNT_HIGH: u64 = 0x1f << 51;
+/// The largest count the descriptor holds (15 bits: a 64 KiB granule's 8192 entries fit).
+pub const SW_COUNT_MAX: usize = (1 << 15) - 1;
+
+/// The live-entry count a table descriptor carries: how many valid entries the table it names holds.
+pub fn count(d: u64) -> usize {
+    (((d & SW_COUNT_LOW) >> 2) | ((d & SW_COUNT_HIGH) >> (51 - 10))) as usize
+}
+
+/// `d` with its count replaced by `n` (at most [`SW_COUNT_MAX`]; higher bits are dropped).
+pub fn with_count(d: u64, n: usize) -> u64 {
+    let n = n as u64;
+    (d & !(SW_COUNT_LOW | SW_COUNT_HIGH)) | ((n << 2) & SW_COUNT_LOW) | ((n << (51 - 10)) & SW_COUNT_HIGH)
+}
 
 /// A table descriptor pointing to the next-level table at `table`.
 pub fn table(table: u64) -> u64 {
@@ -380,6 +404,24 @@ mod tests {
                 assert_eq!(prot(Stage::OneEl2, leaf(Stage::OneEl2, 0, s2, true)), s2, "{s2:?}");
             }
         }
+    }
+
+    #[test]
+    fn counts_live_in_ignored_bits_only() {
+        let t = table(0x4567_8000) | SW_TABLE_FULL;
+        for n in [0, 1, 511, 512, 1023, 1024, 2048, 8192, SW_COUNT_MAX] {
+            let d = with_count(t, n);
+            assert_eq!(count(d), n);
+            assert_eq!(d & !(SW_COUNT_LOW | SW_COUNT_HIGH), t, "only the count's bits change");
+            assert_eq!(address(d), 0x4567_8000);
+            assert!(is_table(d, 2));
+        }
+        // Bits [11:2] and [55:51] of a table descriptor, clear of the full and candidate bits.
+        assert_eq!(SW_COUNT_LOW | SW_COUNT_HIGH, 0x00f8_0000_0000_0ffc);
+        assert_eq!(
+            (SW_COUNT_LOW | SW_COUNT_HIGH) & (SW_TABLE_FULL | SW_TRIM_CANDIDATE | OUTPUT_ADDRESS),
+            0
+        );
     }
 
     #[test]

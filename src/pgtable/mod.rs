@@ -6,12 +6,47 @@
 //! The SMMU may walk a table at any moment: descriptors are written with single 64-bit stores, a new table's
 //! contents before the descriptor that points to it.
 //!
+//! **The single-page path** (Linux's `dma_map_page` / `dma_unmap_page`). [`IoPageTable::map`] and
+//! [`IoPageTable::unmap`] of exactly one granule descend once from the root: the leaf slot itself is the overlap
+//! check, the leaf is built from one template, and no range planning or boundary walk runs. Only a block met on
+//! the way sends an unmap to the range path (which splits or refuses it); a map allocates the missing tables (one
+//! per level at most) before writing anything.
+//!
+//! **Live-entry counts.** Every table descriptor carries the number of valid entries of the table it names, in
+//! bits the walk ignores (\[11:2\] and \[55:51\], [`desc::count`]), so "is this table empty / full" never
+//! scans a table. [`desc::SW_TABLE_FULL`] is set exactly when a last-level table's count is its size. The counts
+//! live in the tables' own memory: tables preserved across a live update keep them (and their trim marks), so an
+//! adopting image trusts them as they are; the one in-memory number, how many emptied tables wait for a trim, is
+//! rebuilt by [`IoPageTable::recount`] when the table is adopted, which also rebuilds every count, full bit and
+//! mark from the entries (one read of each table) for tables written by other code. Changing a count rewrites
+//! only ignored bits of a live descriptor: one 64-bit store, no cache maintenance, no barrier.
+//!
+//! **Lazy freeing.** A last-level table that a single-page unmap empties stays linked (a later map there reuses
+//! it) and its descriptor, with its ancestors', is marked ([`desc::SW_TRIM_CANDIDATE`]). [`IoPageTable::trim`],
+//! and every range unmap, unlink the marked tables still empty (and the tables above them that empty in turn)
+//! into the [`Gather`], to be freed by [`IoPageTable::release`] after the invalidation, like any unlinked table.
+//! A single-page unmap trims by itself, into its own gather, when more than the lazy-free limit
+//! ([`IoPageTable::set_lazy_free_limit`], default [`DEFAULT_LAZY_FREE_LIMIT`]) are waiting. **Memory bound:** at
+//! any moment the tables in use are at most those the live mappings need, plus `limit` emptied last-level tables
+//! and the tables above them that only they keep alive: at most `limit × (levels below the root)` extra frames
+//! (4 KiB granule, limit 512: at most 2 MiB of emptied last-level tables, plus their ancestors); after a trim
+//! (and its flush and release), none.
+//!
+//! **Ordering the caller provides.** The page-table code issues at most these barriers: one DMB OSHST between a
+//! new table's contents and the descriptor that links it, and one at the end of `map` (new translations are
+//! visible before the caller starts a DMA through them). `unmap`, `protect` and `trim` end without a barrier: the
+//! caller's invalidation must order their descriptor stores before the command queue's PROD write, which the
+//! command queue does (DMB OSHST before every PROD write; `ActiveSmmu::flush`). For a coherent SMMU that single
+//! barrier is all an unmap needs; for a non-coherent one each store is also cleaned to the point of coherency
+//! (with its DSB) as it is made.
+//!
 //! **Who invalidates.** This module never issues a command. [`IoPageTable::map`] only fills invalid entries,
 //! which needs no invalidation. [`IoPageTable::unmap`] and [`IoPageTable::protect`] add what they removed or
 //! changed to a [`Gather`]; the caller must issue the TLB invalidation it describes (leaf-only unless
 //! [`Gather::tables_unlinked`], walk caches too then) and wait for its CMD_SYNC (`ActiveSmmu::flush` does both,
 //! then calls [`IoPageTable::release`]). Until then the SMMU may still use the old translations. A table that
-//! becomes empty is unlinked and handed to the [`Gather`], and goes back to the allocator only through
+//! becomes empty (on a range unmap, or at a trim) is unlinked and handed to the [`Gather`], and goes back to the
+//! allocator only through
 //! [`IoPageTable::release`], after that invalidation has completed; if it fails, do not release the gather (leak
 //! it) rather than free tables the SMMU may still walk.
 //!
@@ -270,11 +305,13 @@ impl Gather {
         self.freed
     }
 
+    #[inline]
     fn add(&mut self, iova: u64, size: u64, shift: u8) {
         self.add_run(iova, iova + size, shift, 1);
     }
 
     /// `leaves` leaves of `1 << shift` bytes each, together spanning `[start, end)`.
+    #[inline]
     fn add_run(&mut self, start: u64, end: u64, shift: u8, leaves: u32) {
         if self.end == self.start {
             (self.start, self.end, self.leaf_shift) = (start, end, shift);
@@ -337,7 +374,19 @@ pub struct IoPageTable<A: FrameAllocator> {
     coherency: Coherency,
     tables: u32,
     split_blocks: bool,
+    /// Linked last-level tables whose count is zero (emptied by the single-page unmap, waiting for a trim).
+    empty: u32,
+    /// How many of those may stay linked before the single-page unmap trims (see `set_lazy_free_limit`).
+    lazy_limit: u32,
+    /// The protection of the last single-page map (checked expressible) and its page descriptor template, so that
+    /// repeated maps with one protection neither re-check nor re-encode it. Starts as `Prot::empty()`, which is
+    /// never expressible, so the first map takes the checked path.
+    last_prot: Prot,
+    last_template: u64,
 }
+
+/// The default of [`IoPageTable::set_lazy_free_limit`]: one level-2 table's worth of 4 KiB last-level tables.
+pub const DEFAULT_LAZY_FREE_LIMIT: u32 = 512;
 
 /// A table's entries.
 fn entries_of<'a>(virt: NonNull<u8>, count: usize) -> &'a [AtomicU64] {
@@ -365,6 +414,10 @@ impl<A: FrameAllocator> IoPageTable<A> {
             coherency,
             tables: 1,
             split_blocks: false,
+            empty: 0,
+            lazy_limit: DEFAULT_LAZY_FREE_LIMIT,
+            last_prot: Prot::empty(),
+            last_template: 0,
         })
     }
 
@@ -398,7 +451,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
         self.root.phys
     }
 
-    /// Tables in use, the root included.
+    /// Tables in use, the root included (emptied tables waiting for a trim too).
     pub fn tables(&self) -> u32 {
         self.tables
     }
@@ -417,9 +470,326 @@ impl<A: FrameAllocator> IoPageTable<A> {
         entries_of(self.root.virt, self.geometry.root_entries)
     }
 
+    /// Writes a descriptor the SMMU may walk: one single-copy-atomic 64-bit store (relaxed: the order against the
+    /// SMMU comes from the explicit barriers, before a table link and before the command queue's PROD write),
+    /// cleaned to the point of coherency for a non-coherent SMMU.
+    #[inline]
     fn store(&self, entry: &AtomicU64, value: u64) {
-        entry.store(value, Ordering::Release);
+        entry.store(value, Ordering::Relaxed);
         self.coherency.clean(core::ptr::from_ref(entry).cast(), 8);
+    }
+
+    /// `d` (a table descriptor naming a table at `child_level`) with the count `n`, and the full bit set exactly
+    /// when a last-level table's every entry is valid. Other software bits are kept.
+    fn with_count(&self, d: u64, child_level: u8, n: usize) -> u64 {
+        let full = child_level == 3 && n == 1 << self.geometry.level_bits;
+        desc::with_count(d & !desc::SW_TABLE_FULL, n) | if full { desc::SW_TABLE_FULL } else { 0 }
+    }
+
+    /// Sets the count of the table that the table descriptor in `entry` names (at `child_level`) to `n`. Only
+    /// bits the walk ignores change, so the store needs no cache maintenance and no barrier: the SMMU sees the
+    /// old or the new word, and both name the same table.
+    fn set_count(&mut self, entry: &AtomicU64, child_level: u8, n: usize) {
+        let d = entry.load(Ordering::Relaxed);
+        if child_level == 3 && desc::count(d) == 0 && n > 0 {
+            self.empty = self.empty.saturating_sub(1);
+        }
+        entry.store(self.with_count(d, child_level, n), Ordering::Relaxed);
+    }
+
+    /// The table descriptor `d` (naming a table at `child_level`) is going: if it named a last-level table left
+    /// empty by `unmap_page`, that table no longer waits for a trim.
+    fn forget_if_empty(&mut self, d: u64, child_level: u8) {
+        if child_level == 3 && desc::is_valid(d) && desc::count(d) == 0 {
+            self.empty = self.empty.saturating_sub(1);
+        }
+    }
+
+    /// Sets how many emptied last-level tables may stay linked (see [`IoPageTable::trim`]) before the single-page
+    /// unmap trims by itself, into the gather it was given (checked at every single-page unmap that removes a
+    /// page, so a lower limit takes effect there or at the next trim). 0 frees every emptied table at the unmap
+    /// that emptied it (as the range path does). The default is [`DEFAULT_LAZY_FREE_LIMIT`]. When that unmap
+    /// trims, its gather also spans the trimmed tables, so its invalidation may be wider (up to the whole ASID or
+    /// VMID when they lie far apart).
+    pub fn set_lazy_free_limit(&mut self, tables: u32) {
+        self.lazy_limit = tables;
+    }
+
+    /// Emptied last-level tables still linked, waiting for the next [`IoPageTable::trim`].
+    pub fn empty_tables(&self) -> u32 {
+        self.empty
+    }
+
+    /// Maps one granule at `iova` (checked by `map`): one descent from the root, the leaf slot itself as the
+    /// overlap check, the missing tables (at most one per level) allocated before anything is written.
+    #[inline]
+    fn map_page(&mut self, iova: u64, pa: u64, template: u64) -> Result<(), MapError> {
+        let g = self.geometry;
+        // The descriptor that names the current table (none for the root).
+        let mut parent: Option<&AtomicU64> = None;
+        let mut level = g.start_level;
+        let mut entries = entries_of(self.root.virt, g.root_entries);
+        let (mut shift, mut mask) = (g.entry_shift(level), g.root_entries - 1);
+        let slot = loop {
+            let slot = &entries[(iova >> shift) as usize & mask];
+            let d = slot.load(Ordering::Relaxed);
+            if level == 3 || !desc::is_table(d, level) {
+                if desc::is_valid(d) {
+                    // A page, or a block that maps it.
+                    return Err(MapError::Overlap { iova });
+                }
+                break slot;
+            }
+            let Some(virt) = self.allocator.phys_to_virt(PhysAddr(desc::address(d))) else {
+                // A table the allocator does not know: a broken allocator (as `tables_needed` reports it).
+                return Err(MapError::NoMemory(AllocError::OutOfMemory { size: 0 }));
+            };
+            parent = Some(slot);
+            entries = entries_of(virt, 1 << g.level_bits);
+            level += 1;
+            (shift, mask) = (shift - g.level_bits, (1 << g.level_bits) - 1);
+        };
+        let word = if level < 3 {
+            self.new_tables(level, iova, template | pa)?
+        } else {
+            template | pa
+        };
+        self.store(slot, word);
+        if let Some(parent) = parent {
+            // The current table gained an entry.
+            let p = parent.load(Ordering::Relaxed);
+            let n = desc::count(p);
+            if level == 3 && n == 0 {
+                self.empty = self.empty.saturating_sub(1);
+            }
+            parent.store(self.with_count(p, level, n + 1), Ordering::Relaxed);
+        }
+        write_barrier();
+        Ok(())
+    }
+
+    /// The tables from `level + 1` down to the last level that a page at `iova` needs below an invalid entry at
+    /// `level`, holding `leaf`: allocated first, so that a failure changes nothing (every frame goes back), then
+    /// filled bottom-up (each holds one entry), cleaned, and ordered before the descriptor that will link them,
+    /// which is returned.
+    #[inline(never)]
+    fn new_tables(&mut self, level: u8, iova: u64, leaf: u64) -> Result<u64, MapError> {
+        let g = self.geometry;
+        let granule = 1usize << g.granule_bits;
+        let mut new: heapless::Vec<DmaBlock, 3> = heapless::Vec::new();
+        for _ in level..3 {
+            match self.allocator.allocate_zeroed(granule, granule) {
+                Ok(t) => {
+                    let _ = new.push(t);
+                }
+                Err(e) => {
+                    for t in new {
+                        // SAFETY: never published.
+                        unsafe { self.allocator.free(t) };
+                    }
+                    return Err(MapError::NoMemory(e));
+                }
+            }
+        }
+        let mut word = leaf;
+        for (k, table) in new.into_iter().enumerate().rev() {
+            let table_level = level + 1 + k as u8;
+            entries_of(table.virt, 1 << g.level_bits)[g.index(table_level, iova)].store(word, Ordering::Relaxed);
+            self.coherency.clean(table.virt.as_ptr(), table.size);
+            word = self.with_count(desc::table(table.phys.0), table_level, 1);
+            self.tables += 1;
+        }
+        // The new tables' contents before the descriptor that links them.
+        write_barrier();
+        Ok(word)
+    }
+
+    /// Unmaps the granule at `iova` (checked by `unmap`) with one descent from the root: `None` when a block maps
+    /// it (the range path splits or refuses it). A last-level table that this empties stays linked and waits
+    /// for [`IoPageTable::trim`], unless more than the lazy-free limit already wait: then this trims.
+    #[inline]
+    fn unmap_page(&mut self, iova: u64, gather: &mut Gather) -> Option<u64> {
+        let g = self.geometry;
+        let mut parent: Option<&AtomicU64> = None;
+        let mut level = g.start_level;
+        let mut entries = entries_of(self.root.virt, g.root_entries);
+        let (mut shift, mut mask) = (g.entry_shift(level), g.root_entries - 1);
+        loop {
+            let slot = &entries[(iova >> shift) as usize & mask];
+            let d = slot.load(Ordering::Relaxed);
+            if !desc::is_valid(d) {
+                return Some(0);
+            }
+            if level == 3 {
+                break;
+            }
+            if !desc::is_table(d, level) {
+                return None;
+            }
+            let virt = self.allocator.phys_to_virt(PhysAddr(desc::address(d)))?;
+            parent = Some(slot);
+            entries = entries_of(virt, 1 << g.level_bits);
+            level += 1;
+            (shift, mask) = (shift - g.level_bits, (1 << g.level_bits) - 1);
+        }
+        let slot = &entries[(iova >> shift) as usize & mask];
+        self.store(slot, 0);
+        gather.add(iova, 1 << g.granule_bits, g.granule_bits);
+        if let Some(parent) = parent {
+            // One entry fewer: the count goes down (a borrow-free subtraction in its low bits when they are not
+            // zero) and the table is no longer full.
+            let p = parent.load(Ordering::Relaxed) & !desc::SW_TABLE_FULL;
+            let p = if p & desc::SW_COUNT_LOW != 0 {
+                p - (1 << 2)
+            } else {
+                desc::with_count(p, desc::count(p).saturating_sub(1))
+            };
+            parent.store(p, Ordering::Relaxed);
+            if p & (desc::SW_COUNT_LOW | desc::SW_COUNT_HIGH) == 0 {
+                self.note_empty(iova);
+            }
+        }
+        if self.empty > self.lazy_limit {
+            self.trim(gather);
+        }
+        Some(1 << g.granule_bits)
+    }
+
+    /// The last-level table for `iova` has just emptied: mark its descriptor and its ancestors' as leading to a
+    /// trim candidate (bottom-up, stopping at the first already marked: a mark implies its ancestors' marks), and
+    /// count it.
+    #[inline(never)]
+    fn note_empty(&mut self, iova: u64) {
+        self.empty += 1;
+        let g = self.geometry;
+        let mut path: heapless::Vec<&AtomicU64, 3> = heapless::Vec::new();
+        let mut entries = entries_of(self.root.virt, g.root_entries);
+        for level in g.start_level..3 {
+            let slot = &entries[g.index(level, iova)];
+            let d = slot.load(Ordering::Relaxed);
+            if !desc::is_table(d, level) {
+                return;
+            }
+            let _ = path.push(slot);
+            let Some(virt) = self.allocator.phys_to_virt(PhysAddr(desc::address(d))) else {
+                return;
+            };
+            entries = entries_of(virt, 1 << g.level_bits);
+        }
+        for slot in path.iter().rev() {
+            let d = slot.load(Ordering::Relaxed);
+            if d & desc::SW_TRIM_CANDIDATE != 0 {
+                break;
+            }
+            // A bit the walk ignores: no maintenance, no barrier (as `set_count`).
+            slot.store(d | desc::SW_TRIM_CANDIDATE, Ordering::Relaxed);
+        }
+    }
+
+    /// Unlinks every table that maps nothing (last-level tables emptied by single-page unmaps, and the tables
+    /// above them that empty in turn) into `gather`, and returns how many tables it unlinked. As with
+    /// [`IoPageTable::unmap`], the tables go back to the allocator only through [`IoPageTable::release`] after
+    /// the caller's invalidation of `gather` has completed (walk caches included: [`Gather::tables_unlinked`]).
+    /// Every range unmap (one of more than a granule, or one that meets a block) trims too, into its own gather.
+    ///
+    /// Cost: it visits only the tables whose descriptors lead to an emptied table (software bit 57,
+    /// [`desc::SW_TRIM_CANDIDATE`]); nothing when none is waiting.
+    pub fn trim(&mut self, gather: &mut Gather) -> u32 {
+        if self.empty == 0 {
+            return 0;
+        }
+        let before = gather.freed;
+        let (start, root) = (self.geometry.start_level, self.root.phys.0);
+        self.trim_in(start, root, 0, gather);
+        self.empty = 0;
+        gather.freed - before
+    }
+
+    /// Rebuilds the software state this driver keeps in table descriptors (each table's live-entry count, the
+    /// full bit, the trim marks) and the number of emptied tables waiting for a trim, from the entries
+    /// themselves. Tables this driver built carry that state in their descriptors, so a table preserved across
+    /// a live update needs only the waiting count back; tables written by other code (or whose software bits
+    /// were lost) need this whole pass before any other operation. It reads every table once and writes only
+    /// bits the walk ignores.
+    pub fn recount(&mut self) {
+        self.empty = 0;
+        let (start, root) = (self.geometry.start_level, self.root.phys.0);
+        self.recount_in(start, root);
+    }
+
+    /// Recounts below the table at `table_phys` (at `level`): its valid entries, and whether an empty table lies
+    /// below it.
+    fn recount_in(&mut self, level: u8, table_phys: u64) -> (usize, bool) {
+        let Some(virt) = self.allocator.phys_to_virt(PhysAddr(table_phys)) else {
+            return (0, false);
+        };
+        let entries = entries_of(virt, self.geometry.entries(level));
+        let (mut valid, mut empty_below) = (0, false);
+        for entry in entries {
+            let d = entry.load(Ordering::Relaxed);
+            if !desc::is_valid(d) {
+                continue;
+            }
+            valid += 1;
+            if !desc::is_table(d, level) {
+                continue;
+            }
+            let (n, below) = if level + 1 < 3 {
+                self.recount_in(level + 1, desc::address(d))
+            } else {
+                let child = self.allocator.phys_to_virt(PhysAddr(desc::address(d))).map_or(0, |c| {
+                    entries_of(c, 1 << self.geometry.level_bits)
+                        .iter()
+                        .filter(|e| desc::is_valid(e.load(Ordering::Relaxed)))
+                        .count()
+                });
+                (child, false)
+            };
+            if n == 0 {
+                self.empty += 1;
+            }
+            let mark = n == 0 || below;
+            let d = self.with_count(d & !desc::SW_TRIM_CANDIDATE, level + 1, n);
+            entry.store(if mark { d | desc::SW_TRIM_CANDIDATE } else { d }, Ordering::Relaxed);
+            empty_below |= mark;
+        }
+        (valid, empty_below)
+    }
+
+    /// Trims below the table at `table_phys` (at `level`, covering from `table_base`); returns how many of its
+    /// entries it removed.
+    fn trim_in(&mut self, level: u8, table_phys: u64, table_base: u64, gather: &mut Gather) -> usize {
+        let Some(virt) = self.allocator.phys_to_virt(PhysAddr(table_phys)) else {
+            return 0;
+        };
+        let entries = entries_of(virt, self.geometry.entries(level));
+        let shift = self.geometry.entry_shift(level);
+        let mut removed = 0;
+        for (i, entry) in entries.iter().enumerate() {
+            let d = entry.load(Ordering::Relaxed);
+            if !desc::is_table(d, level) || d & desc::SW_TRIM_CANDIDATE == 0 {
+                continue;
+            }
+            let entry_base = table_base + ((i as u64) << shift);
+            let mut left = desc::count(d);
+            if level + 1 < 3 {
+                left = left.saturating_sub(self.trim_in(level + 1, desc::address(d), entry_base, gather));
+            }
+            if left == 0 {
+                self.forget_if_empty(d, level + 1);
+                self.store(entry, 0);
+                self.free_later(desc::address(d), gather);
+                // Walk caches may hold the unlinked table: its span is invalidated, though nothing is mapped there.
+                gather.add_run(entry_base, entry_base + (1 << shift), self.geometry.granule_bits, 0);
+                removed += 1;
+            } else {
+                entry.store(
+                    self.with_count(d & !desc::SW_TRIM_CANDIDATE, level + 1, left),
+                    Ordering::Relaxed,
+                );
+            }
+        }
+        removed
     }
 
     fn check_range(&self, iova: u64, size: u64) -> Result<(), MapError> {
@@ -474,7 +844,25 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// [`MapError::Unaligned`], [`MapError::InputOutOfRange`], [`MapError::OutputOutOfRange`] (the whole output
     /// range must fit), [`MapError::BadProt`], [`MapError::Overlap`], [`MapError::NoMemory`]; nothing changes then
     /// (the allocator has every frame back).
+    #[inline]
     pub fn map(&mut self, iova: u64, pa: u64, size: u64, prot: Prot) -> Result<(), MapError> {
+        let granule = 1u64 << self.geometry.granule_bits;
+        if size == granule
+            && (iova | pa) & (granule - 1) == 0
+            && iova >> self.format.input_bits == 0
+            && pa >> self.format.output_bits == 0
+            && prot == self.last_prot
+        {
+            // One granule, aligned, inside both address spaces, with the protection of the previous map (already
+            // checked): the checks below would all pass.
+            return self.map_page(iova, pa, self.last_template);
+        }
+        self.map_range(iova, pa, size, prot)
+    }
+
+    /// `map`, every check in order, then the single-page path or the range path.
+    #[inline(never)]
+    fn map_range(&mut self, iova: u64, pa: u64, size: u64, prot: Prot) -> Result<(), MapError> {
         self.check_range(iova, size)?;
         if !pa.is_multiple_of(1 << self.geometry.granule_bits) {
             return Err(MapError::Unaligned { iova: pa, size });
@@ -485,6 +873,11 @@ impl<A: FrameAllocator> IoPageTable<A> {
         }
         if !self.expressible(prot) {
             return Err(MapError::BadProt(prot));
+        }
+        if size == 1 << self.geometry.granule_bits {
+            self.last_template = desc::leaf(self.format.stage, 0, prot, true);
+            self.last_prot = prot;
+            return self.map_page(iova, pa, self.last_template);
         }
         if let Some(mapped) = self.first_mapped(iova, size) {
             return Err(MapError::Overlap { iova: mapped });
@@ -630,7 +1023,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// Maps `[start, end)` (output from `pa` at `start`) inside the table at `table_phys` (covering from
     /// `table_base`) in one pass over its entries: leaves where an entry is covered and aligned (blocks where the
     /// level allows them), tables below otherwise, taken from `pool` (which `tables_needed` sized) and filled
-    /// before they are linked.
+    /// before they are linked. Returns how many of the table's entries became valid (for its count).
     #[allow(clippy::too_many_arguments)]
     fn map_in(
         &mut self,
@@ -642,13 +1035,13 @@ impl<A: FrameAllocator> IoPageTable<A> {
         pa: u64,
         prot: Prot,
         pool: &mut Pool,
-    ) {
+    ) -> usize {
         let shift = self.geometry.entry_shift(level);
         let entry_size = 1u64 << shift;
         let count = self.geometry.entries(level);
         let Some(virt) = self.allocator.phys_to_virt(PhysAddr(table_phys)) else {
             // `tables_needed` found every existing table: unreachable with an allocator that keeps its word.
-            return;
+            return 0;
         };
         let entries = entries_of(virt, count);
         let first = ((start - table_base) >> shift) as usize;
@@ -658,10 +1051,43 @@ impl<A: FrameAllocator> IoPageTable<A> {
         let output = |va: u64| pa + (va - start);
         // Fast path: entries wholly covered, with aligned outputs, become leaves in one run of stores.
         let (run_start, run_end) = self.leaf_run(level, table_base, first, last, start, end, pa);
+        let mut added = 0;
         let mut i = first;
         while i <= last {
             let entry_base = table_base + ((i as u64) << shift);
             if i == run_start && run_start < run_end {
+                if self.empty > 0
+                    && entries[run_start..run_end]
+                        .iter()
+                        .any(|e| desc::is_valid(e.load(Ordering::Relaxed)))
+                {
+                    // Tables that `unmap_page` emptied are still linked inside the run (`map` found nothing
+                    // mapped, so every valid entry here leads only to them): a leaf must not replace a linked
+                    // table without an invalidation, so map into them instead. That needs no new table: the run
+                    // covers them whole, with aligned output, so their entries become leaves too.
+                    for (k, e) in entries.iter().enumerate().take(run_end).skip(run_start) {
+                        let base = table_base + ((k as u64) << shift);
+                        let d = e.load(Ordering::Relaxed);
+                        if desc::is_table(d, level) {
+                            let more = self.map_in(
+                                level + 1,
+                                desc::address(d),
+                                base,
+                                base,
+                                base + entry_size,
+                                output(base),
+                                prot,
+                                pool,
+                            );
+                            self.set_count(e, level + 1, desc::count(d) + more);
+                        } else {
+                            self.store(e, template | output(base));
+                            added += 1;
+                        }
+                    }
+                    i = run_end;
+                    continue;
+                }
                 let first_output = output(entry_base);
                 let run = &entries[run_start..run_end];
                 let words = run.as_ptr() as *mut u64;
@@ -675,6 +1101,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 }
                 self.coherency
                     .clean(entries[run_start..].as_ptr().cast(), (run_end - run_start) * 8);
+                added += run_end - run_start;
                 i = run_end;
                 continue;
             }
@@ -684,7 +1111,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             let to = end.min(entry_base + entry_size);
             let d = entry.load(Ordering::Acquire);
             if desc::is_table(d, level) {
-                self.map_in(
+                let more = self.map_in(
                     level + 1,
                     desc::address(d),
                     entry_base,
@@ -694,6 +1121,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
                     prot,
                     pool,
                 );
+                self.set_count(entry, level + 1, desc::count(d) + more);
                 continue;
             }
             // Below an invalid entry (`map` checked that nothing is mapped here) a new table, filled before it is
@@ -702,10 +1130,12 @@ impl<A: FrameAllocator> IoPageTable<A> {
             let full = level + 1 == 3 && from == entry_base && to == entry_base + entry_size;
             let Some(table) = pool.pop(full) else {
                 // `tables_needed` counted every table: unreachable.
-                return;
+                return added;
             };
             self.tables += 1;
-            if full {
+            added += 1;
+            let entries_below = 1usize << self.geometry.level_bits;
+            let count = if full {
                 let page = 1u64 << self.geometry.granule_bits;
                 let mut d = desc::leaf(self.format.stage, output(from), prot, true);
                 // SAFETY: the new table's entries, 8-byte aligned and initialised (any content); nothing else
@@ -717,15 +1147,17 @@ impl<A: FrameAllocator> IoPageTable<A> {
                     *w = d;
                     d += page;
                 }
+                entries_below
             } else {
-                self.map_in(level + 1, table.phys.0, entry_base, from, to, output(from), prot, pool);
-            }
+                self.map_in(level + 1, table.phys.0, entry_base, from, to, output(from), prot, pool)
+            };
             self.coherency.clean(table.virt.as_ptr(), table.size);
-            let link = desc::table(table.phys.0) | if full { desc::SW_TABLE_FULL } else { 0 };
+            let link = self.with_count(desc::table(table.phys.0), level + 1, count);
             // The filled table must be visible before the descriptor that points to it.
             write_barrier();
             self.store(entry, link);
         }
+        added
     }
 
     /// Unmaps every mapping inside `[iova, iova + size)` and returns the bytes unmapped. A block that straddles an
@@ -736,10 +1168,23 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// CMD_SYNC has completed (`ActiveSmmu::flush` does both). Tables that emptied are unlinked but not freed:
     /// they go back to the allocator only through [`IoPageTable::release`], to be called after that completion.
     ///
+    /// An unmap of exactly one granule takes the single-page path: a last-level table it empties stays linked
+    /// until the next [`IoPageTable::trim`] (or range unmap), unless the lazy-free limit is exceeded. Any other
+    /// unmap also trims. Returns 0 (and gathers nothing) where nothing was mapped.
+    ///
     /// # Errors
     /// [`MapError::Unaligned`], [`MapError::InputOutOfRange`], [`MapError::WouldSplitBlock`] (a cut block without
     /// BBML = 2), [`MapError::NoMemory`] (for splitting a block); nothing changes then, `gather` included.
+    #[inline]
     pub fn unmap(&mut self, iova: u64, size: u64, gather: &mut Gather) -> Result<u64, MapError> {
+        let granule = 1u64 << self.geometry.granule_bits;
+        if size == granule
+            && iova & (granule - 1) == 0
+            && iova >> self.format.input_bits == 0
+            && let Some(bytes) = self.unmap_page(iova, gather)
+        {
+            return Ok(bytes);
+        }
         self.change(iova, size, gather, None)
     }
 
@@ -785,6 +1230,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             }
     }
 
+    #[inline(never)]
     fn change(&mut self, iova: u64, size: u64, gather: &mut Gather, reprotect: Option<Prot>) -> Result<u64, MapError> {
         self.check_range(iova, size)?;
         // Splitting the blocks that straddle the range's ends needs at most one table per level below each:
@@ -815,7 +1261,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             }
         }
         let root = self.root.phys.0;
-        let unmapped = self.change_in(
+        let (unmapped, _) = self.change_in(
             self.geometry.start_level,
             root,
             0,
@@ -829,7 +1275,11 @@ impl<A: FrameAllocator> IoPageTable<A> {
             // SAFETY: never published.
             unsafe { self.allocator.free(t) };
         }
-        write_barrier();
+        if reprotect.is_none() {
+            self.trim(gather);
+        }
+        // No barrier here: the caller's invalidation orders these stores before its command queue's PROD write
+        // (see the module documentation).
         Ok(unmapped)
     }
 
@@ -861,6 +1311,9 @@ impl<A: FrameAllocator> IoPageTable<A> {
         }
     }
 
+    /// Unmaps (or, with `reprotect`, reprotects) `[start, end)` inside the table at `table_phys` (covering from
+    /// `table_base`). Returns the bytes of mappings removed or changed, and how many of the table's entries became
+    /// invalid (for its count).
     #[allow(clippy::too_many_arguments)]
     fn change_in(
         &mut self,
@@ -872,14 +1325,15 @@ impl<A: FrameAllocator> IoPageTable<A> {
         gather: &mut Gather,
         reserve: &mut heapless::Vec<DmaBlock, 8>,
         reprotect: Option<Prot>,
-    ) -> u64 {
+    ) -> (u64, usize) {
         let shift = self.geometry.entry_shift(level);
         let entry_size = 1u64 << shift;
         let count = self.geometry.entries(level);
         let Some(virt) = self.allocator.phys_to_virt(PhysAddr(table_phys)) else {
-            return 0;
+            return (0, 0);
         };
         let entries = entries_of(virt, count);
+        let mut removed = 0;
         let table_end = table_base.saturating_add(entry_size * count as u64);
         let first = ((start.max(table_base) - table_base) >> shift) as usize;
         let last = (((end.min(table_end) - 1) - table_base) >> shift) as usize;
@@ -908,7 +1362,9 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 continue;
             }
             if covered && reprotect.is_none() {
+                removed += 1;
                 if desc::is_table(d, level) {
+                    self.forget_if_empty(d, level + 1);
                     self.store(entry, 0);
                     // The whole subtree goes: count its leaves and collect its tables without rewriting them.
                     let (bytes, smallest) = self.reclaim(level + 1, d, gather);
@@ -923,12 +1379,8 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 }
                 continue;
             }
-            let next = if desc::is_table(d, level) {
-                if reprotect.is_none() && d & desc::SW_TABLE_FULL != 0 {
-                    // Some of its pages are about to go.
-                    self.store(entry, d & !desc::SW_TABLE_FULL);
-                }
-                desc::address(d)
+            let (next, before) = if desc::is_table(d, level) {
+                (desc::address(d), desc::count(d))
             } else {
                 // A block straddling the range: replace it with a table of the same mappings, then recurse.
                 let Some(table) = reserve.pop() else { continue };
@@ -944,16 +1396,25 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 }
                 self.coherency.clean(table.virt.as_ptr(), table.size);
                 write_barrier();
-                self.store(entry, desc::table(table.phys.0));
+                self.store(entry, self.with_count(desc::table(table.phys.0), level + 1, sub.len()));
                 self.tables += 1;
                 // The block's translation is replaced: the TLB may hold it.
                 gather.add(entry_base, entry_size, shift);
-                table.phys.0
+                (table.phys.0, sub.len())
             };
-            unmapped += self.change_in(level + 1, next, entry_base, start, end, gather, reserve, reprotect);
-            if reprotect.is_none() && self.is_empty_table(next) {
+            let (bytes, gone) = self.change_in(level + 1, next, entry_base, start, end, gather, reserve, reprotect);
+            unmapped += bytes;
+            let after = before.saturating_sub(gone);
+            if reprotect.is_none() && after == 0 {
+                // Emptied now, or already empty (left linked by `unmap_page`): unlinked, and its span invalidated
+                // for the walk caches even if nothing below it was mapped.
+                self.forget_if_empty(entry.load(Ordering::Relaxed), level + 1);
                 self.store(entry, 0);
                 self.free_later(next, gather);
+                gather.add_run(entry_base, entry_base + entry_size, self.geometry.granule_bits, 0);
+                removed += 1;
+            } else if gone > 0 {
+                self.set_count(entry, level + 1, after);
             }
         }
         if cleared.2 > 0 {
@@ -961,22 +1422,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             self.coherency.clean(run.as_ptr().cast(), run.len() * 8);
             gather.add_run(cleared.0, cleared.1, shift, cleared.2);
         }
-        unmapped
-    }
-
-    /// Whether the (non-root) table at `table_phys` holds no valid entry.
-    fn is_empty_table(&self, table_phys: u64) -> bool {
-        let Some(virt) = self.allocator.phys_to_virt(PhysAddr(table_phys)) else {
-            return false;
-        };
-        let count = 1usize << self.geometry.level_bits;
-        // SAFETY: a live table of this page table; nothing writes it while `&mut self` is held (the SMMU only
-        // reads descriptors: hardware updates are not enabled). Plain reads let the scan use wide loads.
-        let words = unsafe { core::slice::from_raw_parts(virt.as_ptr() as *const u64, count) };
-        // Wide chunks, stopping at the first one with a valid entry.
-        words
-            .chunks(16)
-            .all(|chunk| chunk.iter().fold(0, |acc, d| acc | d) == 0)
+        (unmapped, removed)
     }
 
     /// Bytes mapped below the unlinked table that the table descriptor `link` names, and the smallest leaf's
@@ -1000,6 +1446,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
         for e in entries {
             let d = e.load(Ordering::Relaxed);
             if desc::is_table(d, level) && level == 2 {
+                self.forget_if_empty(d, 3);
                 if let Some(child) = self.allocator.phys_to_virt(PhysAddr(desc::address(d))) {
                     bytes += self.pages_in(d, entries_of(child, entries.len()));
                     smallest = smallest.min(self.geometry.entry_shift(3));
@@ -1065,7 +1512,15 @@ impl<A: FrameAllocator> IoPageTable<A> {
 
     /// Gives the tables `gather` collected back to the allocator. Call it only after the invalidation for
     /// `gather` has completed (CMD_SYNC consumed), so that no walk can still reach them.
+    #[inline]
     pub fn release(&mut self, gather: Gather) {
+        if gather.freed_head != 0 {
+            self.free_chain(gather.freed_head);
+        }
+    }
+
+    #[inline(never)]
+    fn free_chain(&mut self, head: u64) {
         let size = 1usize << self.geometry.granule_bits;
         let free = |phys: u64, virt: NonNull<u8>| {
             // SAFETY: the table was allocated by this page table with this size, unlinked, and the caller has
@@ -1078,7 +1533,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 })
             }
         };
-        let mut next = gather.freed_head;
+        let mut next = head;
         while next != 0 {
             let phys = next & !LINK_SUBTREE;
             let Some(virt) = self.allocator.phys_to_virt(PhysAddr(phys)) else {

@@ -335,11 +335,51 @@ struct Leaf {
 
 /// Decodes raw table memory per the VMSAv8-64 format, independently of `desc`, walking from `root` at the start
 /// level and with the root size that `g` gives: every 4 KiB page mapped, with its leaf. Asserts the invariants
-/// the SMMU relies on: no linked table is empty, a table marked full holds only pages, AF is set, level-3
-/// descriptors are pages.
+/// the SMMU relies on: a table marked full holds only pages, AF is set, level-3 descriptors are pages; and the
+/// software state kept in table descriptors: each one's count (bits \[11:2\] low, \[55:51\] high) is the number
+/// of valid entries of the table it names, the full bit (56) is set exactly when a last-level table's count is
+/// its size, and a linked table is empty only if it is a last-level table marked as a trim candidate (bit 57)
+/// with every ancestor's descriptor marked too.
 fn leaves(frames: &HeapFrames, root: u64, g: &Geometry) -> BTreeMap<u64, Leaf> {
     let mut out = BTreeMap::new();
-    fn go(frames: &HeapFrames, table: u64, level: u8, base: u64, g: &Geometry, out: &mut BTreeMap<u64, Leaf>) {
+    go(frames, root, g.start_level, 0, g, &mut out, None, true);
+    out
+}
+
+/// Linked tables that map nothing (always last-level tables waiting for a trim, per [`leaves`]).
+fn linked_empty_tables(frames: &HeapFrames, root: u64, g: &Geometry) -> usize {
+    fn walk(frames: &HeapFrames, table: u64, level: u8, g: &Geometry) -> usize {
+        let entries = if level == g.start_level {
+            g.root_entries
+        } else {
+            1 << g.level_bits
+        };
+        let words = frames.virt(table) as *const u64;
+        // SAFETY: a live table of `entries` descriptors.
+        let all: Vec<u64> = (0..entries).map(|i| unsafe { words.add(i).read() }).collect();
+        let mut n = usize::from(level != g.start_level && all.iter().all(|d| d & 1 == 0));
+        for d in all {
+            if level < 3 && d & 3 == 3 {
+                n += walk(frames, d & 0x0000_ffff_ffff_f000, level + 1, g);
+            }
+        }
+        n
+    }
+    walk(frames, root, g.start_level, g)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn go(
+    frames: &HeapFrames,
+    table: u64,
+    level: u8,
+    base: u64,
+    g: &Geometry,
+    out: &mut BTreeMap<u64, Leaf>,
+    link: Option<u64>,
+    ancestors_marked: bool,
+) {
+    {
         let entries = if level == g.start_level {
             g.root_entries
         } else {
@@ -347,10 +387,24 @@ fn leaves(frames: &HeapFrames, root: u64, g: &Geometry) -> BTreeMap<u64, Leaf> {
         };
         let shift = g.granule_bits as u64 + g.level_bits as u64 * (3 - level as u64);
         let words = frames.virt(table) as *const u64;
-        if level != g.start_level {
+        if let Some(link) = link {
             // SAFETY: a live table of `entries` descriptors.
-            let valid = (0..entries).any(|i| unsafe { words.add(i).read() } & 1 != 0);
-            assert!(valid, "a linked level-{level} table at {table:#x} is empty");
+            let valid = (0..entries)
+                .filter(|&i| unsafe { words.add(i).read() } & 1 != 0)
+                .count() as u64;
+            let count = ((link >> 2) & 0x3ff) | (((link >> 51) & 0x1f) << 10);
+            assert_eq!(count, valid, "the count of the level-{level} table at {table:#x}");
+            assert_eq!(
+                link & (1 << 56) != 0,
+                level == 3 && valid == entries as u64,
+                "the full bit of the level-{level} table at {table:#x} ({valid} valid entries)"
+            );
+            if valid == 0 {
+                assert!(
+                    level == 3 && link & (1 << 57) != 0 && ancestors_marked,
+                    "a linked level-{level} table at {table:#x} is empty and not waiting for a trim"
+                );
+            }
         }
         for i in 0..entries {
             // SAFETY: a live table of `entries` descriptors.
@@ -371,7 +425,8 @@ fn leaves(frames: &HeapFrames, root: u64, g: &Geometry) -> BTreeMap<u64, Leaf> {
                         assert_eq!(e & 3, 3, "entry {j} of a full table is a page");
                     }
                 }
-                go(frames, oa, level + 1, va, g, out);
+                let marked = link.is_none_or(|l| ancestors_marked && l & (1 << 57) != 0);
+                go(frames, oa, level + 1, va, g, out, Some(d), marked);
             } else {
                 assert!(level == 3 || d & 2 == 0, "level-3 descriptors must be pages");
                 assert_ne!(d & (1 << 10), 0, "AF set");
@@ -387,8 +442,6 @@ fn leaves(frames: &HeapFrames, root: u64, g: &Geometry) -> BTreeMap<u64, Leaf> {
             }
         }
     }
-    go(frames, root, g.start_level, 0, g, &mut out);
-    out
 }
 
 /// [`leaves`], as page → output page.
@@ -480,6 +533,19 @@ enum Op {
     FailAllocation {
         after: usize,
     },
+    /// `trim`, then the invalidation and `release`.
+    Trim,
+    /// Single-page unmaps of each page of `pages` from `at` (aligned down to a last-level table's span when
+    /// `table_aligned`), skipping pages inside blocks: empties tables on the single-page path.
+    UnmapEach {
+        at: Target,
+        pages: u64,
+        table_aligned: bool,
+    },
+    /// `set_lazy_free_limit`.
+    LazyLimit {
+        tables: u32,
+    },
 }
 
 /// The protections the property tests use: every memory type, read-only and read-write, executable or not.
@@ -500,16 +566,17 @@ const WINDOW_PAGES: u64 = 1 << 14;
 fn op() -> impl proptest::strategy::Strategy<Value = Op> {
     use proptest::prelude::*;
     // Sizes favour block-sized runs and small cuts.
-    let pages = prop_oneof![1u64..8, Just(512u64), Just(1024u64), 1u64..2048];
+    // Single pages (the dma_map fast path) often.
+    let pages = prop_oneof![3 => Just(1u64), 1 => 1u64..8, 1 => Just(512u64), 1 => Just(1024u64), 1 => 1u64..2048];
     let target = prop_oneof![
-        4 => (any::<usize>(), prop_oneof![Just(0i64), -4i64..4, -600i64..600])
+        4 => (any::<usize>(), prop_oneof![3 => Just(0i64), 1 => -4i64..4, 1 => -600i64..600])
             .prop_map(|(pick, shift)| Target::Mapped { pick, shift }),
         1 => (0..WINDOW_PAGES).prop_map(|page| Target::Anywhere { page: WINDOW_START + page }),
     ];
     prop_oneof![
         // The output is aligned like the input (blocks where possible) or one page off (only pages: whole
         // last-level tables filled by `map`).
-        3 => (0..WINDOW_PAGES, pages.clone(), 0u64..(1 << 20), any::<bool>(), 0..PROTS.len()).prop_map(
+        4 => (0..WINDOW_PAGES, pages.clone(), 0u64..(1 << 20), any::<bool>(), 0..PROTS.len()).prop_map(
             |(page, pages, out, skew, prot)| {
                 let align = (pages.next_power_of_two() - 1) & 0x1ff;
                 Op::Map {
@@ -521,8 +588,14 @@ fn op() -> impl proptest::strategy::Strategy<Value = Op> {
             }
         ),
         3 => (target.clone(), pages.clone()).prop_map(|(at, pages)| Op::Unmap { at, pages }),
-        2 => (target, pages, 0..PROTS.len()).prop_map(|(at, pages, prot)| Op::Protect { at, pages, prot }),
+        2 => (target.clone(), prop_oneof![1u64..8, Just(512u64), Just(1024u64), 1u64..2048], 0..PROTS.len())
+            .prop_map(|(at, pages, prot)| Op::Protect { at, pages, prot }),
         1 => (0usize..4).prop_map(|after| Op::FailAllocation { after }),
+        1 => Just(Op::Trim),
+        1 => (target, prop_oneof![1u64..16, Just(512u64), 1u64..1024], any::<bool>())
+            .prop_map(|(at, pages, table_aligned)| Op::UnmapEach { at, pages, table_aligned }),
+        1 => prop_oneof![Just(0u32), Just(1), Just(3), Just(DEFAULT_LAZY_FREE_LIMIT)]
+            .prop_map(|tables| Op::LazyLimit { tables }),
     ]
 }
 
@@ -537,6 +610,16 @@ struct Hits {
     refused_splits: u32,
     tables_freed: u32,
     failed_allocations: u32,
+    /// Single-page maps that succeeded / failed for an injected allocation failure.
+    page_maps: u32,
+    page_maps_failed: u32,
+    /// Single-page unmaps that removed a page.
+    page_unmaps_hit: u32,
+    /// Unmaps after which more emptied tables wait than before (lazy freeing).
+    left_empty: u32,
+    /// Trims that unlinked tables, and tables the single-page unmap's own trim (over the limit) unlinked.
+    trims_unlinked: u32,
+    limit_trims: u32,
 }
 
 std::thread_local! {
@@ -585,6 +668,7 @@ fn run(stage: Stage, split_blocks: bool, ops: Vec<Op>) {
         let (live, tables) = (w.frames.live_blocks(), t.tables());
         let raw = leaves(&w.frames, t.root().0, t.geometry());
         let armed = w.fail_in.load(std::sync::atomic::Ordering::Relaxed) != usize::MAX;
+        let empty_before = t.empty_tables();
         // Whether `result` is an injected allocation failure, after checking that it changed nothing.
         let failed = |t: &IoPageTable<&Witness>, result: &Result<u64, MapError>| {
             if matches!(result, Err(MapError::NoMemory(_))) {
@@ -600,14 +684,67 @@ fn run(stage: Stage, split_blocks: bool, ops: Vec<Op>) {
             Op::FailAllocation { after } => {
                 w.fail_in.store(after, std::sync::atomic::Ordering::Relaxed);
             }
+            Op::LazyLimit { tables } => t.set_lazy_free_limit(tables),
+            Op::UnmapEach {
+                at,
+                pages,
+                table_aligned,
+            } => {
+                let first = aim(&model, at) & if table_aligned { !511 } else { !0 };
+                for page in (first..first + pages).map(|p| p << 12) {
+                    if page >= 1 << bits || raw.get(&page).is_some_and(|leaf| leaf.size > 4096) {
+                        continue;
+                    }
+                    let expected = if model.remove(&page).is_some() { 4096 } else { 0 };
+                    let empty_before = t.empty_tables();
+                    let mut g = Gather::default();
+                    assert_eq!(t.unmap(page, 4096, &mut g), Ok(expected), "{page:#x}");
+                    if expected > 0 {
+                        assert!(g.start <= page && page + 4096 <= g.end, "{g:?}");
+                        assert!(t.empty_tables() <= t.lazy_limit);
+                        count(|h| {
+                            h.page_unmaps_hit += 1;
+                            h.left_empty += u32::from(t.empty_tables() > empty_before);
+                            h.limit_trims += u32::from(g.freed_tables() > 0);
+                        });
+                    }
+                    assert_eq!(t.translate(page), None);
+                    w.invalidated();
+                    t.release(g);
+                }
+            }
+            Op::Trim => {
+                let mut g = Gather::default();
+                let waiting = t.empty_tables();
+                let unlinked = t.trim(&mut g);
+                assert_eq!(t.empty_tables(), 0);
+                assert_eq!(
+                    linked_empty_tables(&w.frames, t.root().0, t.geometry()),
+                    0,
+                    "nothing empty is left"
+                );
+                assert!(unlinked as usize >= waiting as usize, "{unlinked} < {waiting}");
+                assert_eq!(g.freed_tables(), unlinked);
+                assert_eq!(g.tables_unlinked, unlinked > 0);
+                assert_eq!(g.leaves, 0, "a trim removes no translation");
+                assert_eq!(raw_words(&t).len() < before.len(), unlinked > 0);
+                assert_eq!(w.frames.live_blocks(), live, "nothing is freed before the invalidation");
+                count(|h| h.trims_unlinked += u32::from(unlinked > 0));
+                w.invalidated();
+                t.release(g);
+                assert_eq!(w.frames.live_blocks(), live - unlinked as usize);
+            }
             Op::Map { page, pages, out, prot } => {
                 let (iova, pa, size, prot) = (page << 12, out << 12, pages << 12, PROTS[prot]);
                 let overlaps = model.range(iova..iova + size).next().is_some();
                 let result = t.map(iova, pa, size, prot);
                 if overlaps {
                     assert!(matches!(result, Err(MapError::Overlap { .. })), "{result:?}");
-                } else if !failed(&t, &result.map(|()| 0)) {
+                } else if failed(&t, &result.map(|()| 0)) {
+                    count(|h| h.page_maps_failed += u32::from(pages == 1));
+                } else {
                     result.unwrap();
+                    count(|h| h.page_maps += u32::from(pages == 1));
                     for p in 0..pages {
                         model.insert(iova + (p << 12), (pa + (p << 12), prot));
                     }
@@ -638,10 +775,24 @@ fn run(stage: Stage, split_blocks: bool, ops: Vec<Op>) {
                     continue;
                 }
                 assert_eq!(result, Ok(expected));
+                let limit_trim = pages == 1 && !cuts && g.freed_tables() > 0;
                 count(|h| {
                     h.splits += u32::from(cuts);
                     h.tables_freed += g.freed_tables();
+                    h.page_unmaps_hit += u32::from(pages == 1 && expected > 0);
+                    h.left_empty += u32::from(t.empty_tables() > empty_before);
+                    h.limit_trims += u32::from(limit_trim);
                 });
+                if pages != 1 || cuts {
+                    assert_eq!(t.empty_tables(), 0, "a range unmap trims");
+                } else if expected > 0 {
+                    assert!(
+                        t.empty_tables() <= t.lazy_limit,
+                        "at most the limit wait after a single-page unmap: {} > {}",
+                        t.empty_tables(),
+                        t.lazy_limit
+                    );
+                }
                 if expected > 0 {
                     // The invalidation range covers every page that was mapped and is gone.
                     let lo = *model.range(iova..iova + size).next().unwrap().0;
@@ -716,6 +867,8 @@ fn run(stage: Stage, split_blocks: bool, ops: Vec<Op>) {
             [],
             "a table was freed while the SMMU could walk it"
         );
+        let empty = linked_empty_tables(&w.frames, t.root().0, t.geometry());
+        assert_eq!(t.empty_tables() as usize, empty, "emptied tables waiting for a trim");
     }
     w.fail_in.store(usize::MAX, std::sync::atomic::Ordering::Relaxed);
     for (&iova, &(pa, prot)) in model.iter().step_by(7) {
@@ -783,6 +936,14 @@ fn the_generators_hit_their_targets() {
     assert!(
         h.splits > 0 && h.refused_splits > 0 && h.tables_freed > 0 && h.failed_allocations > 0,
         "{h:?}"
+    );
+    assert!(
+        h.page_maps > 0 && h.page_maps_failed > 0 && h.page_unmaps_hit > 0,
+        "the single-page paths run, and fail: {h:?}"
+    );
+    assert!(
+        h.left_empty > 0 && h.trims_unlinked > 0 && h.limit_trims > 0,
+        "tables are left empty, trimmed, and trimmed over the limit: {h:?}"
     );
 }
 
@@ -1251,7 +1412,12 @@ fn an_allocation_failure_at_any_point_changes_nothing() {
         t.map(0x4000_0000, 0x4000_0000, 1 << 30, RW).unwrap();
         t.map(0x20_0000, 0x1000, 0x1000, RW).unwrap();
     };
-    let steps: [(Setup, Step); 5] = [
+    let steps: [(Setup, Step); 7] = [
+        // The single-page path: two new tables below the root, then one.
+        (empty, |t| t.map(0x7f_0000_0000, 0x1000, 0x1000, RW).map(|()| 0)),
+        (populated, |t| {
+            t.map(0x4020_0000 - 0x1000 + (1 << 30), 0x1000, 0x1000, RW).map(|()| 0)
+        }),
         (empty, |t| t.map(0x1ff000, 0x1ff000, 0x20_2000, RW).map(|()| 0)),
         (empty, |t| t.map(0x3fe0_0000, 0x1000, 0x40_0000, RW).map(|()| 0)),
         (populated, |t| t.map(0x8000_1000, 0x1000, 0x40_0000, RW).map(|()| 0)),
@@ -1290,5 +1456,186 @@ fn an_allocation_failure_at_any_point_changes_nothing() {
             assert_eq!(raw_words(&t), before, "step {n}, allocation {fail_at}");
             assert_eq!((w.frames.live_blocks(), t.tables()), (live, tables));
         }
+    }
+}
+
+#[test]
+fn a_single_page_unmap_leaves_its_empty_table_linked_until_a_trim() {
+    let w = Witness::new(HeapFrames::default());
+    let mut t = IoPageTable::new(format(Stage::One, Granule::Size4K, 39), w, true).unwrap();
+    w.watch(&t);
+    t.map(0x4020_3000, 0x9000, 0x1000, RW).unwrap();
+    assert_eq!(t.tables(), 3, "root, level 2, level 3");
+    let mut g = Gather::default();
+    assert_eq!(t.unmap(0x4020_3000, 0x1000, &mut g), Ok(0x1000));
+    assert_eq!(
+        (g.start, g.end, g.leaves, g.tables_unlinked),
+        (0x4020_3000, 0x4020_4000, 1, false)
+    );
+    assert_eq!((t.tables(), t.empty_tables()), (3, 1), "the emptied table stays linked");
+    w.invalidated();
+    t.release(g);
+    // Mapping there again reuses it: no allocation, counts back up.
+    let live = w.frames.live_blocks();
+    t.map(0x4020_5000, 0x9000, 0x1000, RW).unwrap();
+    assert_eq!((w.frames.live_blocks(), t.empty_tables()), (live, 0));
+    let mut g = Gather::default();
+    assert_eq!(t.unmap(0x4020_5000, 0x1000, &mut g), Ok(0x1000));
+    w.invalidated();
+    t.release(g);
+    // The trim unlinks the last-level table and the level-2 table above it, which emptied in turn, into the
+    // gather; they are freed only by `release`, after the walk-cache invalidation of their spans.
+    let mut g = Gather::default();
+    assert_eq!(t.trim(&mut g), 2);
+    assert!(
+        g.tables_unlinked && g.start <= 0x4000_0000 && g.end >= 0x8000_0000,
+        "{g:?}"
+    );
+    assert_eq!((t.tables(), t.empty_tables(), w.frames.live_blocks()), (1, 0, live));
+    assert_eq!(linked_empty_tables(&w.frames, t.root().0, t.geometry()), 0);
+    w.invalidated();
+    t.release(g);
+    assert_eq!(w.frames.live_blocks(), live - 2);
+    // Nothing waiting: a trim does nothing.
+    let mut g = Gather::default();
+    assert_eq!(t.trim(&mut g), 0);
+    assert!(g.is_empty());
+    assert_eq!(*w.violations.lock().unwrap(), []);
+    w.unwatch();
+}
+
+#[test]
+fn the_lazy_free_limit_bounds_the_tables_left_empty() {
+    let mut t = table(Stage::Two, Granule::Size4K, 40);
+    t.set_lazy_free_limit(2);
+    let mut g = Gather::default();
+    for k in 0..3u64 {
+        let iova = k << 21;
+        t.map(iova, iova, 0x1000, RW).unwrap();
+        t.unmap(iova, 0x1000, &mut g).unwrap();
+    }
+    // The third emptied table went over the limit: that unmap trimmed all three (and the level-2 table).
+    assert_eq!((t.empty_tables(), g.freed_tables(), t.tables()), (0, 4, 1));
+    t.release(g);
+    t.set_lazy_free_limit(0);
+    let mut g = Gather::default();
+    t.map(0x1000, 0x1000, 0x1000, RW).unwrap();
+    t.unmap(0x1000, 0x1000, &mut g).unwrap();
+    assert_eq!((t.empty_tables(), g.freed_tables()), (0, 2), "limit 0: freed at once");
+    t.release(g);
+}
+
+#[test]
+fn a_range_unmap_trims_and_a_range_map_fills_an_emptied_table_instead_of_covering_it() {
+    let frames: &'static HeapFrames = std::boxed::Box::leak(std::boxed::Box::default());
+    let mut t = IoPageTable::new(format(Stage::One, Granule::Size4K, 39), frames, true).unwrap();
+    t.map(0x20_0000, 0x20_0000, 0x1000, RW).unwrap();
+    let mut g = Gather::default();
+    t.unmap(0x20_0000, 0x1000, &mut g).unwrap();
+    t.release(g);
+    assert_eq!(t.empty_tables(), 1);
+    // A 2 MiB-aligned range over the emptied table: no block may replace the linked table (that would need an
+    // invalidation map cannot issue), so its pages go into the table, which is now full.
+    let live = frames.live_blocks();
+    t.map(0x20_0000, 0x4000_0000, 0x40_0000, RW).unwrap();
+    assert_eq!(
+        (t.empty_tables(), frames.live_blocks()),
+        (0, live),
+        "no table allocated"
+    );
+    let mut sizes = Vec::new();
+    t.walk(|m| sizes.push(m.size));
+    assert_eq!(
+        sizes.iter().filter(|&&s| s == 4096).count(),
+        512,
+        "pages in the old table"
+    );
+    assert_eq!(
+        sizes.iter().filter(|&&s| s == 2 << 20).count(),
+        1,
+        "a block where no table was"
+    );
+    // Counts and the full bit agree with the entries (the decoder checks them).
+    let _ = leaves(frames, t.root().0, t.geometry());
+    // A range unmap elsewhere trims what single-page unmaps emptied.
+    let mut g = Gather::default();
+    t.map(0x4000_0000, 0, 0x1000, RW).unwrap();
+    t.unmap(0x4000_0000, 0x1000, &mut g).unwrap();
+    assert_eq!(t.empty_tables(), 1);
+    assert_eq!(t.unmap(0x20_0000, 0x2000, &mut g), Ok(0x2000));
+    assert_eq!(t.empty_tables(), 0);
+    assert_eq!(g.freed_tables(), 2, "the emptied table and its level-2 table");
+    t.release(g);
+}
+
+#[test]
+fn recount_rebuilds_counts_marks_and_the_waiting_tables() {
+    let frames: &'static HeapFrames = std::boxed::Box::leak(std::boxed::Box::default());
+    let mut t = IoPageTable::new(format(Stage::One, Granule::Size4K, 39), frames, true).unwrap();
+    t.map(0x20_0000, 0x1000, 0x40_0000, RW).unwrap();
+    t.map(0x4000_0000, 0, 0x1000, RW).unwrap();
+    let mut g = Gather::default();
+    t.unmap(0x4000_0000, 0x1000, &mut g).unwrap();
+    t.release(g);
+    let expected = raw_words(&t);
+    // Tables written by code that kept no counts: every table descriptor's software bits cleared.
+    fn clear<A: FrameAllocator>(t: &IoPageTable<A>, level: u8, phys: u64) {
+        for e in t.table_entries(level, phys).unwrap() {
+            let d = e.load(Ordering::Relaxed);
+            if desc::is_table(d, level) {
+                e.store(desc::table(desc::address(d)), Ordering::Relaxed);
+                clear(t, level + 1, desc::address(d));
+            }
+        }
+    }
+    clear(&t, t.geometry().start_level, t.root().0);
+    t.empty = 0;
+    assert_ne!(raw_words(&t), expected);
+    t.recount();
+    assert_eq!(
+        raw_words(&t),
+        expected,
+        "counts, full bits and trim marks as the table kept them"
+    );
+    assert_eq!(t.empty_tables(), 1);
+}
+
+#[test]
+fn single_pages_in_every_granule_keep_counts_through_a_full_table() {
+    for (stage, granule, bits) in [
+        (Stage::One, Granule::Size4K, 48),
+        (Stage::Two, Granule::Size16K, 40),
+        (Stage::One, Granule::Size64K, 42),
+        (Stage::Two, Granule::Size64K, 44),
+    ] {
+        let frames: &'static HeapFrames = std::boxed::Box::leak(std::boxed::Box::default());
+        let mut t = IoPageTable::new(format(stage, granule, bits), frames, true).unwrap();
+        let g = *t.geometry();
+        let page = 1u64 << g.granule_bits;
+        let span = page << g.level_bits;
+        let what = std::format!("{stage:?} {granule:?} {bits}");
+        // A full last-level table (count 512, 2048 or 8192: the 64 KiB count needs the high bits), written by the
+        // range path with the output one page off so no block fits.
+        t.map(span, span + page, span, RW).unwrap();
+        let mut g0 = Gather::default();
+        // Single pages out of it, then back in, then all out one by one.
+        assert_eq!(t.unmap(span + 3 * page, page, &mut g0), Ok(page), "{what}");
+        let _ = leaves(frames, t.root().0, &g);
+        t.map(span + 3 * page, span + 4 * page, page, RW).unwrap();
+        let _ = leaves(frames, t.root().0, &g);
+        for k in 0..span / page {
+            assert_eq!(t.unmap(span + k * page, page, &mut g0), Ok(page), "{what}");
+        }
+        assert_eq!(t.empty_tables(), 1, "{what}");
+        let _ = leaves(frames, t.root().0, &g);
+        t.release(g0);
+        let mut g1 = Gather::default();
+        assert!(t.trim(&mut g1) >= 1, "{what}");
+        t.release(g1);
+        assert_eq!(
+            (t.tables(), linked_empty_tables(frames, t.root().0, &g)),
+            (1, 0),
+            "{what}"
+        );
     }
 }

@@ -299,16 +299,23 @@ fn build() -> Result<ExitCode, String> {
 }
 
 /// The benchmark groups and the rows of the table `bench` prints.
-const BENCH_GROUPS: [(&str, &str); 4] = [
+const BENCH_GROUPS: [(&str, &str); 7] = [
     ("map_unmap_1g_4k", "map + unmap 1 GiB as 4 KiB pages"),
     ("map_unmap_1g_2m", "map + unmap 1 GiB as 2 MiB blocks"),
+    ("map_one_4k", "map one 4 KiB page (random IOVA)"),
+    ("unmap_one_4k", "unmap one 4 KiB page (random IOVA)"),
+    ("map_unmap_same_4k", "map + unmap the same 4 KiB page"),
     ("random_4k", "map + unmap 4096 random 4 KiB pages"),
     ("iova_to_phys", "4096 random lookups in 1 GiB of pages"),
 ];
 
 /// Reads criterion's mean point estimate (ns) of `group/function`.
 fn criterion_mean(group: &str, function: &str) -> Option<f64> {
-    let path = smmuv3_harness::workspace_root().join(format!("target/criterion/{group}/{function}/new/estimates.json"));
+    // Criterion writes below the cargo target directory, which CARGO_TARGET_DIR may move.
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| smmuv3_harness::workspace_root().join("target"));
+    let path = target.join(format!("criterion/{group}/{function}/new/estimates.json"));
     let text = std::fs::read_to_string(path).ok()?;
     let mean = &text[text.find("\"mean\"")?..];
     let estimate = &mean[mean.find("\"point_estimate\":")? + "\"point_estimate\":".len()..];
@@ -364,8 +371,9 @@ fn bench(args: &[String]) -> Result<ExitCode, String> {
     }
     println!();
     println!(
-        "(criterion mean per iteration{}; aarch64-paging unmaps by writing invalid entries and keeps its tables, this \
-         driver frees empty tables)",
+        "(criterion mean per iteration{}; single-page rows: per operation, in a populated 1 GiB range, the other \
+         phase untimed; aarch64-paging unmaps by writing invalid entries and keeps its tables, this driver frees \
+         empty tables: at once on range unmaps, lazily (at the next trim) after single-page unmaps)",
         if quick {
             ", --quick: 1 s warm-up, 2 s measurement, 10 samples"
         } else {

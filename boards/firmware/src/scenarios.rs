@@ -62,11 +62,13 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("isolation", domains::isolation),
     ("block-mappings", domains::block_mappings),
     ("virtio-dma", virtio_dma::virtio_dma),
+    ("dma-map-bench", dma_map_bench::dma_map_bench),
     ("psci-reset", psci_reset),
     ("el3-fault-report", el3_fault_report),
 ];
 
 mod core_smmu;
+mod dma_map_bench;
 mod domains;
 mod translate;
 pub mod virtio_dma;
