@@ -211,6 +211,8 @@ pub enum MapError {
     },
     /// No memory for a table.
     NoMemory(AllocError),
+    /// A root table to adopt is misaligned or not (wholly) inside memory the allocator reaches.
+    NotAdoptable(PhysAddr),
     /// The range cuts a block mapping, and splitting it in place is not allowed: replacing a valid block by a table
     /// in one store is legal only on an SMMU with IDR3.BBML = 2 (see [`IoPageTable::set_bbm_level`]). Below that
     /// the architecture needs break-before-make (or, with BBML = 1, the nT sequence, not implemented here): unmap
@@ -245,6 +247,10 @@ impl fmt::Display for MapError {
             MapError::BadProt(p) => write!(f, "protection {p:?} cannot be expressed"),
             MapError::Overlap { iova } => write!(f, "{iova:#x} is already mapped"),
             MapError::NoMemory(e) => write!(f, "page table: {e}"),
+            MapError::NotAdoptable(root) => write!(
+                f,
+                "the root table at {root} cannot be adopted (misaligned, or outside the allocator's memory)"
+            ),
             MapError::WouldSplitBlock { iova } => {
                 write!(
                     f,
@@ -385,6 +391,15 @@ pub struct IoPageTable<A: FrameAllocator> {
     last_template: u64,
 }
 
+/// What [`IoPageTable::adopt`] takes from a record instead of walking the tables.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AdoptedCounts {
+    /// Tables in use, the root included ([`IoPageTable::tables`]).
+    pub tables: u32,
+    /// Emptied last-level tables waiting for a trim ([`IoPageTable::empty_tables`]).
+    pub empty: u32,
+}
+
 /// The default of [`IoPageTable::set_lazy_free_limit`]: one level-2 table's worth of 4 KiB last-level tables.
 pub const DEFAULT_LAZY_FREE_LIMIT: u32 = 512;
 
@@ -419,6 +434,50 @@ impl<A: FrameAllocator> IoPageTable<A> {
             last_prot: Prot::empty(),
             last_template: 0,
         })
+    }
+
+    /// Adopts, in place, the table of `format` whose root a previous image left at `root` (a live update): nothing
+    /// is copied or written. With `counts` (the numbers the previous image recorded: [`IoPageTable::tables`] and
+    /// [`IoPageTable::empty_tables`]) nothing is read either, since every table's live-entry count travels in its
+    /// descriptor; without them the tables are walked once ([`IoPageTable::recount`]) to rebuild them.
+    ///
+    /// # Errors
+    /// [`MapError::BadFormat`]; [`MapError::NotAdoptable`] when `allocator` does not reach the whole root table.
+    pub fn adopt(
+        format: Format,
+        root: PhysAddr,
+        allocator: A,
+        coherent: bool,
+        counts: Option<AdoptedCounts>,
+    ) -> Result<Self, MapError> {
+        let geometry = Geometry::of(&format)?;
+        let size = (geometry.root_entries * 8).max(1 << geometry.granule_bits);
+        let aligned = root.0.is_multiple_of(size as u64);
+        let virt = allocator
+            .phys_to_virt(root)
+            .filter(|_| aligned && allocator.phys_to_virt(PhysAddr(root.0 + size as u64 - 1)).is_some())
+            .ok_or(MapError::NotAdoptable(root))?;
+        let mut table = IoPageTable {
+            format,
+            geometry,
+            root: DmaBlock { phys: root, virt, size },
+            allocator,
+            coherency: Coherency { coherent },
+            tables: 1,
+            split_blocks: false,
+            empty: 0,
+            lazy_limit: DEFAULT_LAZY_FREE_LIMIT,
+            last_prot: Prot::empty(),
+            last_template: 0,
+        };
+        match counts {
+            Some(c) => {
+                table.tables = c.tables.max(1);
+                table.empty = c.empty;
+            }
+            None => table.recount(),
+        }
+        Ok(table)
     }
 
     /// Tells the table the SMMU's IDR3.BBML (`Features::bbm_level`), which decides whether an unmap or protect
@@ -713,6 +772,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// bits the walk ignores.
     pub fn recount(&mut self) {
         self.empty = 0;
+        self.tables = 1;
         let (start, root) = (self.geometry.start_level, self.root.phys.0);
         self.recount_in(start, root);
     }
@@ -734,6 +794,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             if !desc::is_table(d, level) {
                 continue;
             }
+            self.tables += 1;
             let (n, below) = if level + 1 < 3 {
                 self.recount_in(level + 1, desc::address(d))
             } else {

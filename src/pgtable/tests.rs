@@ -1639,3 +1639,72 @@ fn single_pages_in_every_granule_keep_counts_through_a_full_table() {
         );
     }
 }
+
+/// A live update adopts a table in place: with the recorded counts nothing is read; without them one walk
+/// rebuilds the same numbers; either way the adopted table translates as the old one did and keeps working.
+#[test]
+fn an_adopted_table_translates_as_before_and_keeps_its_counts() {
+    let frames: &'static HeapFrames = std::boxed::Box::leak(std::boxed::Box::default());
+    let f = format(Stage::One, Granule::Size4K, 39);
+    let mut old = IoPageTable::new(f, frames, true).unwrap();
+    let rw = Prot::READ | Prot::WRITE | Prot::CACHEABLE;
+    old.map(0x4000_0000, 0x8000_0000, 0x40_0000, rw).unwrap();
+    for page in 0..8 {
+        old.map(0x1000_0000 + page * 0x1000, 0x9000_0000 + page * 0x1000, 0x1000, rw)
+            .unwrap();
+    }
+    // Single-page unmaps empty one last-level table, left linked for a trim.
+    for page in 0..8 {
+        let mut g = Gather::default();
+        old.unmap(0x1000_0000 + page * 0x1000, 0x1000, &mut g).unwrap();
+        old.release(g);
+    }
+    old.map(0x2000_0000, 0xa000_0000, 0x1000, rw).unwrap();
+    let counts = AdoptedCounts {
+        tables: old.tables(),
+        empty: old.empty_tables(),
+    };
+    assert_eq!(counts.empty, 1);
+    let root = old.root();
+    let before: Vec<_> = [0x4000_0000u64, 0x403f_f000, 0x1000_0000, 0x2000_0000]
+        .iter()
+        .map(|&iova| old.iova_to_phys(iova))
+        .collect();
+    let raw = raw_words(&old);
+    // The old image is gone without freeing anything.
+    core::mem::forget(old);
+
+    let mut walked = IoPageTable::adopt(f, root, frames, true, None).unwrap();
+    assert_eq!(
+        (walked.tables(), walked.empty_tables()),
+        (counts.tables, counts.empty),
+        "one walk rebuilds the counts"
+    );
+    assert_eq!(raw_words(&walked), raw, "the walk wrote only what was there");
+    core::mem::forget(core::mem::replace(
+        &mut walked,
+        IoPageTable::new(f, frames, true).unwrap(),
+    ));
+
+    let mut adopted = IoPageTable::adopt(f, root, frames, true, Some(counts)).unwrap();
+    let after: Vec<_> = [0x4000_0000u64, 0x403f_f000, 0x1000_0000, 0x2000_0000]
+        .iter()
+        .map(|&iova| adopted.iova_to_phys(iova))
+        .collect();
+    assert_eq!(after, before);
+    // It keeps working: the emptied table trims, new mappings land, unmaps free.
+    let mut g = Gather::default();
+    assert_eq!(adopted.trim(&mut g), 1);
+    adopted.release(g);
+    adopted.map(0x3000_0000, 0xb000_0000, 0x1000, rw).unwrap();
+    assert_eq!(adopted.iova_to_phys(0x3000_0000), Some(0xb000_0000));
+    // A root the allocator does not reach, or misaligned, is refused.
+    assert!(matches!(
+        IoPageTable::adopt(f, PhysAddr(0x1000), frames, true, None),
+        Err(MapError::NotAdoptable(_))
+    ));
+    assert!(matches!(
+        IoPageTable::adopt(f, PhysAddr(root.0 + 8), frames, true, None),
+        Err(MapError::NotAdoptable(_))
+    ));
+}
