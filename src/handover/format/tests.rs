@@ -200,6 +200,8 @@ fn the_layout_is_the_documented_one() {
     assert_eq!(offset_of!(RawStream, cd_format), 17);
     assert_eq!(offset_of!(RawRecord, extents), 256);
     assert_eq!(MAX_REGION_SIZE, 96 + 4 * 64 + 128 * 384);
+    // docs/handover.md tells callers how large the decoded form is.
+    assert!(size_of::<Decoded>() <= 53 * 1024, "{}", size_of::<Decoded>());
 }
 
 #[test]
