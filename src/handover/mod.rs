@@ -109,6 +109,9 @@ pub struct StreamRecord {
     pub cd_table: u64,
     /// SubstreamID bits of that CD table.
     pub cd_ssid_bits: u8,
+    /// Whether that CD table is 2-level (S1Fmt 0b10, 1024-CD leaves): then only its level-1 table's size is known
+    /// from the record; `false` for a linear table (and for streams without a CD table).
+    pub cd_two_level: bool,
 }
 
 /// The guest's stage-1 context of a nested domain, as [`crate::domain::GuestStage1`] carries it.

@@ -1,7 +1,10 @@
-//! Project automation: `cargo xtask qemu` (the demo), `cargo xtask test` (everything CI checks), `cargo xtask build`.
+//! Project automation: `cargo xtask qemu` (the demo), `cargo xtask test` (everything CI checks), `cargo xtask build`,
+//! `cargo xtask fuzz` (the handover decoder's fuzzer), `cargo xtask handover-dump FILE`.
 //!
 //! Argument parsing is hand-written on purpose: four flags do not justify a dependency tree in the tool every
 //! developer and CI build first.
+
+mod dump;
 
 use std::process::{Command, ExitCode};
 use std::time::Duration;
@@ -22,7 +25,15 @@ commands:
   build build the firmware of every board (release, aarch64-unknown-none)
   bench [--quick]
         run the page-table benchmarks (criterion, host, release) and print ours / aarch64-paging / memset with the
-        ratios; --quick keeps the whole run to a few minutes";
+        ratios; --quick keeps the whole run to a few minutes
+  fuzz [--seconds N] [--seed S]
+        fuzz the handover region decoder (stable Rust, release build) for N seconds (default 180): mutated valid
+        regions and random bytes; prints cases per second and the refusals by cause, saves failing inputs under
+        target/fuzz-failures and exits 1 when a case failed (a panic, a valid region refused, or a region
+        accepted with memory outside its pool)
+  handover-dump FILE
+        decode a raw handover region dump with the pool its own header names, print the header, each SMMU
+        instance's identity and each record, and what validation concluded (exit 1 when it refused the region)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -31,6 +42,8 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("build") => build(),
         Some("bench") => bench(&args[1..]),
+        Some("fuzz") => fuzz(&args[1..]),
+        Some("handover-dump") => handover_dump(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(ExitCode::SUCCESS)
@@ -264,6 +277,7 @@ fn test(args: &[String]) -> Result<ExitCode, String> {
     let mut tests = cargo();
     tests.args(["test", "--workspace"]).args(FIRMWARE_EXCLUDES);
     step("host and QEMU tests", tests)?;
+    step("handover fuzzer smoke run", fuzz_command(FUZZ_SMOKE_SECONDS, None))?;
     let mut host = cargo();
     host.args(["clippy", "--workspace", "--all-targets"])
         .args(FIRMWARE_EXCLUDES);
@@ -287,6 +301,50 @@ fn test(args: &[String]) -> Result<ExitCode, String> {
     step("rustdoc", doc)?;
     eprintln!("xtask: all checks passed");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Seconds of the fuzzer's smoke run in `test`.
+const FUZZ_SMOKE_SECONDS: u64 = 5;
+/// Seconds of `fuzz` when `--seconds` is not given.
+const FUZZ_DEFAULT_SECONDS: u64 = 180;
+
+/// The fuzzer's command line (release build: the smoke run's throughput matters more than its build time).
+fn fuzz_command(seconds: u64, seed: Option<&str>) -> Command {
+    let mut command = cargo();
+    command.args(["run", "--release", "-q", "-p", "smmuv3-fuzz", "--", "--seconds"]);
+    command.arg(seconds.to_string());
+    if let Some(seed) = seed {
+        command.args(["--seed", seed]);
+    }
+    command
+}
+
+fn fuzz(args: &[String]) -> Result<ExitCode, String> {
+    let mut seconds = FUZZ_DEFAULT_SECONDS;
+    let mut seed = None;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--seconds" => {
+                let s = value(&mut it, arg)?;
+                seconds = s.parse().map_err(|_| format!("bad --seconds {s:?}"))?;
+            }
+            "--seed" => seed = Some(value(&mut it, arg)?),
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    step("handover fuzzer", fuzz_command(seconds, seed))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn handover_dump(args: &[String]) -> Result<ExitCode, String> {
+    let [file] = args else {
+        return Err(format!("`handover-dump` takes one file (got {args:?})\n{USAGE}"));
+    };
+    let bytes = std::fs::read(file).map_err(|e| format!("{file}: {e}"))?;
+    let (text, accepted) = dump::dump(&bytes);
+    print!("{text}");
+    Ok(if accepted { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn build() -> Result<ExitCode, String> {

@@ -1,0 +1,238 @@
+//! A stable-Rust fuzzer for the handover region decoder: valid regions from the format's sample generator,
+//! mutated (bit flips, interesting values in whole fields, copies between records, splices, count and length edits
+//! with and without the CRC fixed up, truncation, records dropped or duplicated), plus random bytes with and
+//! without a valid magic. Every case is fixed by `(seed, index)`, so a failure replays exactly.
+//!
+//! A case fails when `decode` panics, when it refuses an unmutated valid region, or when it accepts a region whose
+//! tables, CD tables or extents leave the pool (or overlap), as [`sample::check_accepted`] judges independently.
+
+use std::collections::BTreeMap;
+use std::panic::{self, AssertUnwindSafe};
+use std::time::{Duration, Instant};
+
+use smmuv3::handover::format::sample::{self, POOL, REGION, Rng};
+use smmuv3::handover::format::{MAGIC, VERSION, decode, encode};
+use smmuv3::handover::{MAX_RECORDS, format::HandoverError};
+
+/// A failing case: how to replay it and the bytes that failed.
+#[derive(Clone, Debug)]
+pub struct Failure {
+    /// The run's seed.
+    pub seed: u64,
+    /// The case's index in the run.
+    pub index: u64,
+    /// What went wrong.
+    pub what: String,
+    /// The region bytes given to `decode`.
+    pub input: Vec<u8>,
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    /// Cases run.
+    pub execs: u64,
+    /// Regions `decode` accepted (mutated or not).
+    pub accepted: u64,
+    /// Refusals by error variant.
+    pub refused: BTreeMap<&'static str, u64>,
+    /// Failing cases (at most the run's limit).
+    pub failures: Vec<Failure>,
+    /// Time spent.
+    pub elapsed: Duration,
+}
+
+impl Stats {
+    /// Cases per second.
+    pub fn rate(&self) -> f64 {
+        self.execs as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// The name of an error's variant, for the statistics.
+pub fn variant(e: &HandoverError) -> &'static str {
+    use HandoverError as E;
+    match e {
+        E::Truncated { .. } => "Truncated",
+        E::BadMagic { .. } => "BadMagic",
+        E::UnknownVersion { .. } => "UnknownVersion",
+        E::LengthMismatch { .. } => "LengthMismatch",
+        E::BadCrc { .. } => "BadCrc",
+        E::ReservedNonZero { .. } => "ReservedNonZero",
+        E::TooManyInstances { .. } => "TooManyInstances",
+        E::TooManyRecords { .. } => "TooManyRecords",
+        E::RecordCountMismatch { .. } => "RecordCountMismatch",
+        E::DuplicateInstance { .. } => "DuplicateInstance",
+        E::BadStreamTable { .. } => "BadStreamTable",
+        E::BadRegion { .. } => "BadRegion",
+        E::PoolMismatch { .. } => "PoolMismatch",
+        E::BadKind { .. } => "BadKind",
+        E::BadFlags { .. } => "BadFlags",
+        E::TooManyEntries { .. } => "TooManyEntries",
+        E::BadTableShape { .. } => "BadTableShape",
+        E::BadValue { .. } => "BadValue",
+        E::Misaligned { .. } => "Misaligned",
+        E::OutsidePool { .. } => "OutsidePool",
+        E::OutsideOwnExtents { .. } => "OutsideOwnExtents",
+        E::Overlap { .. } => "Overlap",
+        E::OverlapsRegion { .. } => "OverlapsRegion",
+        E::DuplicateToken(_) => "DuplicateToken",
+        E::MissingParent { .. } => "MissingParent",
+        E::ParentNotStage2 { .. } => "ParentNotStage2",
+        E::ParentVmidMismatch { .. } => "ParentVmidMismatch",
+        E::DuplicateStream { .. } => "DuplicateStream",
+        E::StreamOutOfRange { .. } => "StreamOutOfRange",
+        E::DuplicateAsid { .. } => "DuplicateAsid",
+        E::DuplicateVmid { .. } => "DuplicateVmid",
+        E::IdentityMismatch { .. } => "IdentityMismatch",
+    }
+}
+
+/// Builds case `index` of a run with `seed` into `buf` and returns its length and whether it is an unmutated valid
+/// region (which `decode` must accept).
+pub fn build_case(seed: u64, index: u64, buf: &mut [u8]) -> (usize, bool) {
+    let mut rng = Rng::new(seed ^ index.wrapping_mul(0xd134_2543_de82_ef95));
+    match rng.below(16) {
+        0 => {
+            // Random bytes.
+            let len = rng.below(4096).min(buf.len() as u64) as usize;
+            buf[..len].iter_mut().for_each(|b| *b = rng.next_u64() as u8);
+            (len, false)
+        }
+        1 | 2 => {
+            // Random bytes behind a valid magic and version, sealed or not.
+            let len = (12 + rng.below(4096) as usize).min(buf.len());
+            buf[..len].iter_mut().for_each(|b| *b = rng.next_u64() as u8);
+            buf[..8].copy_from_slice(&MAGIC);
+            buf[8..12].copy_from_slice(&VERSION.to_le_bytes());
+            if rng.chance(1, 2) {
+                sample::reseal(&mut buf[..len]);
+            }
+            (len, false)
+        }
+        _ => {
+            let max = [1, 4, 8, MAX_RECORDS][rng.below(4) as usize];
+            let instances = sample::instances(&mut rng, max);
+            let Ok(len) = encode(&instances, rng.next_u64(), REGION, POOL, buf) else {
+                return (0, false);
+            };
+            if rng.chance(1, 16) {
+                return (len, true);
+            }
+            // A donor for splices: this region, or another sample.
+            let donor: Vec<u8> = if rng.chance(1, 2) {
+                buf[..len].to_vec()
+            } else {
+                let mut other = vec![0; sample::BUFFER_SIZE];
+                let others = sample::instances(&mut rng, 8);
+                match encode(&others, 1, REGION, POOL, &mut other) {
+                    Ok(n) => other[..n].to_vec(),
+                    Err(_) => Vec::new(),
+                }
+            };
+            let mut len = len;
+            for _ in 0..1 + rng.below(3) {
+                len = sample::mutate(buf, len, &donor, &mut rng);
+            }
+            (len, false)
+        }
+    }
+}
+
+/// Runs one case; `Err` says why it failed.
+pub fn run_case(seed: u64, index: u64, buf: &mut [u8], stats: &mut Stats) -> Result<(), String> {
+    let (len, valid) = build_case(seed, index, buf);
+    let input = &buf[..len];
+    let result = panic::catch_unwind(AssertUnwindSafe(|| decode(input, POOL)));
+    match result {
+        Err(payload) => {
+            let why = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(format!("decode panicked: {why}"))
+        }
+        Ok(Ok(decoded)) => {
+            stats.accepted += 1;
+            sample::check_accepted(&decoded, POOL)
+                .map_err(|(what, token)| format!("accepted a bad region: {what} (record {token:#x})"))
+        }
+        Ok(Err(e)) if valid => Err(format!("refused a valid region: {e}")),
+        Ok(Err(e)) => {
+            *stats.refused.entry(variant(&e)).or_default() += 1;
+            Ok(())
+        }
+    }
+}
+
+/// Runs cases from index 0 until `duration` has passed (checking the clock every 64 cases) or `max_failures`
+/// cases failed.
+pub fn run(seed: u64, duration: Duration, max_failures: usize) -> Stats {
+    let mut stats = Stats::default();
+    let mut buf = vec![0u8; sample::BUFFER_SIZE];
+    let start = Instant::now();
+    let hook = panic::take_hook();
+    panic::set_hook(Box::new(|_| {}));
+    let mut index = 0u64;
+    loop {
+        if index.is_multiple_of(64) && start.elapsed() >= duration {
+            break;
+        }
+        if let Err(what) = run_case(seed, index, &mut buf, &mut stats) {
+            let (len, _) = build_case(seed, index, &mut buf);
+            stats.failures.push(Failure {
+                seed,
+                index,
+                what,
+                input: buf[..len].to_vec(),
+            });
+            if stats.failures.len() >= max_failures {
+                index += 1;
+                break;
+            }
+        }
+        index += 1;
+    }
+    panic::set_hook(hook);
+    stats.execs = index;
+    stats.elapsed = start.elapsed();
+    stats
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_short_run_fails_nothing_and_reaches_the_deep_checks() {
+        let stats = run(1, Duration::from_millis(1500), 1);
+        assert!(stats.failures.is_empty(), "{:?}", stats.failures[0]);
+        assert!(stats.accepted > 0);
+        for deep in [
+            "BadCrc",
+            "ReservedNonZero",
+            "OutsidePool",
+            "Overlap",
+            "DuplicateToken",
+            "DuplicateStream",
+            "BadTableShape",
+        ] {
+            assert!(
+                stats.refused.contains_key(deep),
+                "{deep} never reached: {:?}",
+                stats.refused
+            );
+        }
+    }
+
+    #[test]
+    fn cases_replay_exactly() {
+        let (mut a, mut b) = (vec![0u8; sample::BUFFER_SIZE], vec![0u8; sample::BUFFER_SIZE]);
+        for index in 0..50 {
+            let (la, _) = build_case(9, index, &mut a);
+            let (lb, _) = build_case(9, index, &mut b);
+            assert_eq!(a[..la], b[..lb]);
+        }
+    }
+}

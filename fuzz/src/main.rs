@@ -1,0 +1,105 @@
+//! `smmuv3-fuzz [--seconds N] [--seed S] [--out DIR]`: fuzzes the handover decoder for N seconds (default 180)
+//! and prints its throughput and what it found; failing inputs go to DIR (default `target/fuzz-failures`).
+//! `smmuv3-fuzz --replay FILE` decodes one saved input; `smmuv3-fuzz --sample FILE [--seed S]` writes a valid
+//! sample region (for `cargo xtask handover-dump`). Exit status 1 when a case failed.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use smmuv3::handover::format::sample::{self, POOL, REGION, Rng};
+use smmuv3::handover::format::{decode, encode};
+
+/// The seed of a run when none is given.
+const DEFAULT_SEED: u64 = 0x5eed_0017;
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(code) => code,
+        Err(why) => {
+            eprintln!("smmuv3-fuzz: {why}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse(flag: &str, v: Option<String>) -> Result<u64, String> {
+    let v = v.ok_or_else(|| format!("{flag} needs a value"))?;
+    match v.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => v.parse().ok(),
+    }
+    .ok_or_else(|| format!("bad {flag} {v:?}"))
+}
+
+fn real_main() -> Result<ExitCode, String> {
+    let mut seconds = 180u64;
+    let mut seed = DEFAULT_SEED;
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
+    let mut out = target.join("fuzz-failures");
+    let mut sample_file = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--seconds" => seconds = parse("--seconds", args.next())?,
+            "--seed" => seed = parse("--seed", args.next())?,
+            "--out" => out = PathBuf::from(args.next().ok_or("--out needs a value")?),
+            "--sample" => sample_file = Some(args.next().ok_or("--sample needs a file")?),
+            "--replay" => {
+                let file = args.next().ok_or("--replay needs a file")?;
+                let bytes = std::fs::read(&file).map_err(|e| format!("{file}: {e}"))?;
+                return Ok(match decode(&bytes, POOL) {
+                    Ok(d) => {
+                        println!("accepted: {d:#x?}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        println!("refused: {e}");
+                        ExitCode::SUCCESS
+                    }
+                });
+            }
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    if let Some(file) = sample_file {
+        let instances = sample::instances(&mut Rng::new(seed), 4);
+        let mut buf = vec![0u8; sample::BUFFER_SIZE];
+        let n = encode(&instances, seed, REGION, POOL, &mut buf).map_err(|e| e.to_string())?;
+        std::fs::write(&file, &buf[..n]).map_err(|e| format!("{file}: {e}"))?;
+        println!("{file}: a valid {n}-byte region");
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!("smmuv3-fuzz: seed {seed:#x}, {seconds} s");
+    let stats = smmuv3_fuzz::run(seed, Duration::from_secs(seconds), 10);
+    println!(
+        "smmuv3-fuzz: {} cases in {:.1} s ({:.0} per second), {} accepted, {} failed",
+        stats.execs,
+        stats.elapsed.as_secs_f64(),
+        stats.rate(),
+        stats.accepted,
+        stats.failures.len()
+    );
+    let mut refused: Vec<_> = stats.refused.iter().collect();
+    refused.sort_by(|a, b| b.1.cmp(a.1));
+    println!("refused by cause ({} distinct):", refused.len());
+    for (name, n) in refused {
+        println!("  {n:>10} {name}");
+    }
+    if stats.failures.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    for f in &stats.failures {
+        let path = out.join(format!("case-{:x}-{}.bin", f.seed, f.index));
+        std::fs::write(&path, &f.input).map_err(|e| format!("{}: {e}", path.display()))?;
+        println!(
+            "FAILED case {} (seed {:#x}): {} -> {}",
+            f.index,
+            f.seed,
+            f.what,
+            path.display()
+        );
+    }
+    Ok(ExitCode::FAILURE)
+}
