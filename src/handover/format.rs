@@ -104,7 +104,8 @@ struct RawTable {
     input_bits: u8,
     output_bits: u8,
     start_level: u8,
-    reserved: U32,
+    tables: U16,
+    empty: U16,
 }
 
 #[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
@@ -738,7 +739,8 @@ fn raw_record(r: &DomainRecord) -> RawRecord {
             input_bits: t.input_bits,
             output_bits: t.output_bits,
             start_level: t.start_level,
-            reserved: U32::ZERO,
+            tables: U16::new(t.tables),
+            empty: U16::new(t.empty),
         };
     }
     if let Some(p) = r.parent_token {
@@ -1263,8 +1265,12 @@ fn decode_record(
     if flags & FLAG_TABLE == 0 && raw.table.as_bytes().iter().any(|&b| b != 0) {
         return Err(nonzero("table of a record without table", table_at));
     }
-    if raw.table.reserved != U32::ZERO {
-        return Err(nonzero("table reserved", table_at + offset_of!(RawTable, reserved)));
+    if raw.table.empty.get() > raw.table.tables.get() {
+        return Err(HandoverError::BadValue {
+            token: raw.token.get(),
+            what: "table.empty (more emptied tables than tables)",
+            value: u64::from(raw.table.empty.get()),
+        });
     }
     let guest_at = offset + offset_of!(RawRecord, guest);
     if flags & FLAG_GUEST == 0 && raw.guest.as_bytes().iter().any(|&b| b != 0) {
@@ -1311,6 +1317,8 @@ fn decode_record(
             input_bits: t.input_bits,
             output_bits: t.output_bits,
             start_level: t.start_level,
+            tables: t.tables.get(),
+            empty: t.empty.get(),
         };
         let len = table_bytes(&shape, kind == RecordKind::Stage2)
             .map_err(|(what, value)| HandoverError::BadTableShape { token, what, value })?;

@@ -40,6 +40,13 @@ fn shape<A: FrameAllocator>(table: &IoPageTable<A>) -> TableShape {
         input_bits: format.input_bits,
         output_bits: format.output_bits,
         start_level: table.geometry().start_level,
+        // Past u16 the counts are not recorded (0): the next image recounts.
+        tables: u16::try_from(table.tables()).unwrap_or(0),
+        empty: if table.tables() > u32::from(u16::MAX) {
+            0
+        } else {
+            u16::try_from(table.empty_tables()).unwrap_or(0)
+        },
     }
 }
 
@@ -151,6 +158,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                         ssid,
                         cd_table: cd_table.map_or(0, |t| t.base().0),
                         cd_ssid_bits: cd_table.map_or(0, |t| t.format().ssid_bits()),
+                        cd_two_level: false,
                     };
                     record
                         .streams

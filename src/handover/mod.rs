@@ -96,6 +96,11 @@ pub struct TableShape {
     pub output_bits: u8,
     /// Level of the root (0..=3).
     pub start_level: u8,
+    /// Tables in use, the root included, when the handover was prepared (0: not recorded, the next image walks
+    /// the tables once to count them).
+    pub tables: u16,
+    /// Emptied last-level tables waiting for a trim then (at most `tables`).
+    pub empty: u16,
 }
 
 /// One attached stream (or substream) of a preserved domain.

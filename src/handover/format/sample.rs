@@ -124,12 +124,19 @@ pub fn instances(rng: &mut Rng, max_records: usize) -> heapless::Vec<InstanceRec
             let table = (!nested).then(|| {
                 let shapes = if stage1 { STAGE1_SHAPES } else { STAGE2_SHAPES };
                 let (granule_log2, input_bits, output_bits, start_level) = shapes[rng.below(4) as usize];
+                let tables = rng.below(600) as u16;
                 TableShape {
                     root: extents[0].base,
                     granule_log2,
                     input_bits,
                     output_bits,
                     start_level,
+                    tables,
+                    empty: if tables == 0 {
+                        0
+                    } else {
+                        rng.below(u64::from(tables)) as u16
+                    },
                 }
             });
             let mut streams = heapless::Vec::new();

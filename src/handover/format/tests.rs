@@ -38,6 +38,8 @@ fn shape(root: u64, granule_log2: u8, input_bits: u8, output_bits: u8, start_lev
         input_bits,
         output_bits,
         start_level,
+        tables: 3,
+        empty: 1,
     }
 }
 
@@ -190,7 +192,8 @@ fn the_layout_is_the_documented_one() {
     assert_eq!(offset_of!(RawRecord, reserved0), 22);
     assert_eq!(offset_of!(RawRecord, parent_token), 24);
     assert_eq!(offset_of!(RawRecord, table), 32);
-    assert_eq!(offset_of!(RawTable, reserved), 12);
+    assert_eq!(offset_of!(RawTable, tables), 12);
+    assert_eq!(offset_of!(RawTable, empty), 14);
     assert_eq!(offset_of!(RawRecord, guest), 48);
     assert_eq!(offset_of!(RawGuest, reserved), 11);
     assert_eq!(offset_of!(RawRecord, streams), 64);
@@ -581,12 +584,10 @@ fn record_field_errors_name_what_is_wrong() {
             ..
         })
     ));
+    // More emptied tables than tables (the fixture records 3 tables, 1 empty): empty's high byte set.
     assert!(matches!(
         decode_poked(|b| b[rec(0) + 47] = 1),
-        Err(HandoverError::ReservedNonZero {
-            what: "table reserved",
-            ..
-        })
+        Err(HandoverError::BadValue { what, .. }) if what.starts_with("table.empty")
     ));
     assert!(matches!(
         decode_poked(|b| b[rec(0) + 50] = 1),
