@@ -179,7 +179,10 @@ pub fn run(seed: u64, duration: Duration, max_failures: usize) -> Stats {
         if index.is_multiple_of(64) && start.elapsed() >= duration {
             break;
         }
-        if let Err(what) = run_case(seed, index, &mut buf, &mut stats) {
+        // A panic in the case generator itself is a failure too (the hook above is silent), never a silent stop.
+        let outcome = panic::catch_unwind(AssertUnwindSafe(|| run_case(seed, index, &mut buf, &mut stats)))
+            .unwrap_or_else(|_| Err("the case generator panicked".into()));
+        if let Err(what) = outcome {
             let (len, _) = build_case(seed, index, &mut buf);
             stats.failures.push(Failure {
                 seed,

@@ -296,7 +296,10 @@ pub fn mutate(buf: &mut [u8], mut len: usize, donor: &[u8], rng: &mut Rng) -> us
                     0 => 0,
                     1 => u64::MAX,
                     2 => rng.below(64),
-                    3 => POOL.base + rng.below(POOL.len + 2 * CHUNK).wrapping_sub(CHUNK),
+                    3 => POOL
+                        .base
+                        .wrapping_add(rng.below(POOL.len + 2 * CHUNK))
+                        .wrapping_sub(CHUNK),
                     4 => {
                         // The same field of another record: duplicates and overlaps.
                         let from = record(rng) + field + slot;
