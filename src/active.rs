@@ -686,6 +686,16 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         self.asids.free(asid)
     }
 
+    /// Marks `asid` allocated (a restore reserving what a record names).
+    pub(crate) fn claim_asid(&mut self, asid: u16) -> Result<(), IdError> {
+        self.asids.claim(asid)
+    }
+
+    /// Marks `vmid` allocated (a restore reserving what a record names).
+    pub(crate) fn claim_vmid(&mut self, vmid: u16) -> Result<(), IdError> {
+        self.vmids.claim(vmid)
+    }
+
     /// ASIDs allocated now (the reserved ASID 0 not counted).
     pub fn asids_in_use(&self) -> u32 {
         self.asids.in_use() - 1

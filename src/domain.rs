@@ -465,7 +465,7 @@ pub(crate) struct DomainState {
 }
 
 impl DomainState {
-    fn new(translation: Translation, memory: DomainMemory) -> Self {
+    pub(crate) fn new(translation: Translation, memory: DomainMemory) -> Self {
         DomainState {
             translation,
             memory,
@@ -509,6 +509,12 @@ pub(crate) struct Domains<const D: usize> {
     pub(crate) unattached_faults: FaultReport,
     /// Preserved domains by token: collisions are found in O(1), never by a scan.
     pub(crate) tokens: heapless::index_map::FnvIndexMap<u64, DomainId, MAX_PRESERVED>,
+    /// Domains a restore rebuilt, by token, until retrieved or freed by `finish_handover` (with their arena).
+    pub(crate) restored: heapless::index_map::FnvIndexMap<
+        u64,
+        (DomainId, Option<&'static crate::handover::pool::HandoverArena>),
+        MAX_PRESERVED,
+    >,
 }
 
 impl<const D: usize> Domains<D> {
@@ -523,6 +529,7 @@ impl<const D: usize> Domains<D> {
             streams: heapless::Vec::new(),
             unattached_faults: FaultReport::default(),
             tokens: heapless::index_map::FnvIndexMap::new(),
+            restored: heapless::index_map::FnvIndexMap::new(),
         }
     }
 
@@ -543,7 +550,7 @@ impl<const D: usize> Domains<D> {
     }
 
     /// Fails with [`DomainError::NoDomainSlot`] when no slot is free (checked before anything is allocated).
-    fn check_free_slot(&self) -> Result<(), DomainError> {
+    pub(crate) fn check_free_slot(&self) -> Result<(), DomainError> {
         match self.free.is_empty() {
             false => Ok(()),
             true => Err(DomainError::NoDomainSlot { capacity: D }),
@@ -551,7 +558,7 @@ impl<const D: usize> Domains<D> {
     }
 
     /// Puts `state` in a free slot, which [`Domains::check_free_slot`] said there is (O(1)).
-    fn insert(&mut self, state: DomainState) -> DomainId {
+    pub(crate) fn insert(&mut self, state: DomainState) -> DomainId {
         let index = self
             .free
             .pop()
@@ -707,6 +714,57 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         Ok(table)
     }
 
+    /// The CD of a stage-1 domain with `asid` and `table`.
+    pub(crate) fn stage1_cd(&self, asid: u16, table: &IoPageTable<DomainMemory>) -> Result<Cd, EntryError> {
+        let (cacheability, shareability) = self.walk_attributes();
+        let format = table.format();
+        Cd::new(
+            &CdConfig {
+                asid,
+                table: table.root(),
+                t0sz: 64 - format.input_bits,
+                granule: match format.granule {
+                    Granule::Size4K => cd::Granule::Size4K,
+                    Granule::Size16K => cd::Granule::Size16K,
+                    Granule::Size64K => cd::Granule::Size64K,
+                },
+                ips: size_encoding(format.output_bits),
+                cacheability,
+                shareability,
+                mair: crate::pgtable::desc::MAIR,
+                record_faults: true,
+                abort_on_fault: true,
+                stall: false,
+                private_asid: true,
+            },
+            &self.features().entry_rules(),
+        )
+    }
+
+    /// The STE's stage-2 fields of a stage-2 domain with `vmid` and `table`.
+    pub(crate) fn stage2_config(&self, vmid: u16, table: &IoPageTable<DomainMemory>) -> Stage2Config {
+        let (cacheability, shareability) = self.walk_attributes();
+        let format = *table.format();
+        Stage2Config {
+            vmid,
+            t0sz: 64 - format.input_bits,
+            sl0: table.geometry().s2_sl0(),
+            granule: match format.granule {
+                Granule::Size4K => ste::Granule::Size4K,
+                Granule::Size16K => ste::Granule::Size16K,
+                Granule::Size64K => ste::Granule::Size64K,
+            },
+            ps: size_encoding(format.output_bits),
+            cacheability,
+            shareability,
+            table: table.root(),
+            access_flag_fault_disable: false,
+            protected_table_walk: false,
+            stall: false,
+            record_faults: true,
+        }
+    }
+
     /// Creates a stage-1 domain: an ASID, an empty stage-1 table of `options.input_bits` from `memory`, and the
     /// CD its streams will use (NS-EL1, or EL2 with `options.el2`).
     ///
@@ -730,25 +788,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             Ok(a) => a,
             Err(e) => return Err(DomainError::Id(e)),
         };
-        let (cacheability, shareability) = self.walk_attributes();
-        let cd = Cd::new(
-            &CdConfig {
-                asid,
-                table: table.root(),
-                t0sz: 64 - options.input_bits,
-                granule: cd::Granule::Size4K,
-                ips: size_encoding(self.output_bits()),
-                cacheability,
-                shareability,
-                mair: crate::pgtable::desc::MAIR,
-                record_faults: true,
-                abort_on_fault: true,
-                stall: false,
-                private_asid: true,
-            },
-            &features.entry_rules(),
-        );
-        let cd = match cd {
+        let cd = match self.stage1_cd(asid, &table) {
             Ok(cd) => cd,
             Err(e) => {
                 let _ = self.free_asid(asid);
@@ -780,22 +820,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         self.domains.check_free_slot()?;
         let table = self.new_table(memory, Stage::Two, options.input_bits)?;
         let vmid = self.allocate_vmid().map_err(DomainError::Id)?;
-        let (cacheability, shareability) = self.walk_attributes();
-        let format = *table.format();
-        let config = Stage2Config {
-            vmid,
-            t0sz: 64 - format.input_bits,
-            sl0: table.geometry().s2_sl0(),
-            granule: ste::Granule::Size4K,
-            ps: size_encoding(format.output_bits),
-            cacheability,
-            shareability,
-            table: table.root(),
-            access_flag_fault_disable: false,
-            protected_table_walk: false,
-            stall: false,
-            record_faults: true,
-        };
+        let config = self.stage2_config(vmid, &table);
         let state = DomainState::new(
             Translation::Stage2 {
                 table,
@@ -901,7 +926,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     }
 
     /// The STE `domain` gives a stream, with `cd_table` for a stage-1 domain.
-    fn domain_ste(&self, domain: DomainId, cd_table: Option<&CdTable>) -> Result<Ste, DomainError> {
+    pub(crate) fn domain_ste(&self, domain: DomainId, cd_table: Option<&CdTable>) -> Result<Ste, DomainError> {
         let features = *self.features();
         let rules = features.entry_rules();
         let (cacheability, shareability) = self.walk_attributes();
@@ -1470,6 +1495,8 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 }
                 // Dropping the table returns its frames: nothing can walk it after the invalidation.
                 drop(table);
+                // Memory this domain owned alone (a handover arena) is free for another domain.
+                state.memory.retire();
             }
         }
         Ok(())

@@ -102,6 +102,10 @@ pub unsafe trait FrameAllocator {
     fn handover_extent(&self) -> Option<crate::handover::Extent> {
         None
     }
+
+    /// Called when the domain that owned this allocator alone is freed, after everything it allocated went back:
+    /// an arena of the handover pool becomes free for another domain. Nothing (the default) for shared memory.
+    fn retire(&self) {}
 }
 
 // SAFETY: forwards to `T`, which upholds the contract.
@@ -129,6 +133,10 @@ unsafe impl<T: FrameAllocator + ?Sized> FrameAllocator for &T {
 
     fn handover_extent(&self) -> Option<crate::handover::Extent> {
         (**self).handover_extent()
+    }
+
+    fn retire(&self) {
+        (**self).retire()
     }
 }
 

@@ -192,6 +192,18 @@ impl HandoverPool {
         Ok(self.layout()?.region)
     }
 
+    /// The metadata area: the region's first [`METADATA_BYTES`], where the header and records live.
+    ///
+    /// # Errors
+    /// [`PoolError::NotSetUp`].
+    pub fn metadata_extent(&self) -> Result<Extent, PoolError> {
+        let l = self.layout()?;
+        Ok(Extent {
+            base: l.region.base,
+            len: METADATA_BYTES,
+        })
+    }
+
     /// The pool's extent: the region less its metadata.
     ///
     /// # Errors
@@ -264,13 +276,9 @@ impl HandoverPool {
         Ok(arena)
     }
 
-    /// Gives an arena back, empty. The caller must have freed (or abandoned, with no walk able to reach it)
-    /// everything in it.
+    /// Gives an arena back, empty (as [`HandoverArena::release`]).
     pub fn release(&self, arena: &HandoverArena) {
-        let mut s = arena.state.lock();
-        s.in_use = false;
-        s.used = 0;
-        s.free.clear();
+        arena.release();
     }
 
     /// Arenas in use now.
@@ -280,6 +288,15 @@ impl HandoverPool {
 }
 
 impl HandoverArena {
+    /// Gives the arena back to its pool, empty. Everything in it must have been freed (or abandoned with no walk
+    /// able to reach it). Freeing the domain that owns the arena does this ([`FrameAllocator::retire`]).
+    pub fn release(&self) {
+        let mut s = self.state.lock();
+        s.in_use = false;
+        s.used = 0;
+        s.free.clear();
+    }
+
     /// The memory this arena has handed out: its base up to the end of what it has used (possibly empty).
     pub fn extent(&self) -> Option<Extent> {
         let l = (*self.layout.lock())?;
@@ -343,6 +360,10 @@ unsafe impl FrameAllocator for HandoverArena {
 
     fn handover_extent(&self) -> Option<Extent> {
         self.extent()
+    }
+
+    fn retire(&self) {
+        self.release();
     }
 }
 

@@ -1,0 +1,776 @@
+//! Live update, both ends: [`ActiveSmmu::prepare_handover`] writes the preserved domains' records into the
+//! handover region; after a warm reset the next image's [`ActiveSmmu::restore_handover`] validates the region
+//! completely, then rebuilds the domains (their IDs reserved, their page tables and CD tables adopted in place, their
+//! streams' STEs installed), [`ActiveSmmu::retrieve`] hands them out by token, and [`ActiveSmmu::finish_handover`]
+//! frees whatever nobody claimed and re-arms the region empty.
+
+use super::format::{self, FormatError, HandoverError};
+use super::pool::{HandoverArena, HandoverPool, METADATA_BYTES, PoolError};
+use super::{Extent, InstanceRecords, MAX_INSTANCES, RecordKind};
+use crate::active::{ActiveSmmu, AttachError};
+use crate::ctx::{CdTable, CdTableError, CdTableFormat};
+use crate::domain::{DomainError, DomainId, DomainMemory, DomainState, GuestStage1, StreamRecord, Translation};
+use crate::hw::ste::{CdTableLayout, DefaultSubstream};
+use crate::ids::IdError;
+use crate::mem::{Coherency, FrameAllocator, PhysAddr};
+use crate::pgtable::{AdoptedCounts, Format, Granule, IoPageTable, MapError, Stage};
+
+/// Why the handover could not be prepared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrepareError {
+    /// The pool is not set up.
+    Pool(PoolError),
+    /// The preserved domains do not fit a record.
+    Records(super::live::RecordError),
+    /// The region is too small for the records.
+    Format(FormatError),
+    /// The region written does not read back as valid (it was then invalidated).
+    SelfCheck(HandoverError),
+}
+
+impl core::fmt::Display for PrepareError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            PrepareError::Pool(e) => write!(f, "handover: {e}"),
+            PrepareError::Records(e) => write!(f, "handover: {e}"),
+            PrepareError::Format(e) => write!(f, "handover: {e}"),
+            PrepareError::SelfCheck(e) => write!(f, "handover: the region written does not validate: {e}"),
+        }
+    }
+}
+
+/// Why a restore refused the region. Everything is checked before anything changes: the SMMU is then up with
+/// every stream aborting, nothing mapped, and the region's bytes untouched for diagnosis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestoreError {
+    /// The pool is not set up.
+    Pool(PoolError),
+    /// The region does not validate (corrupt, torn, another version, outside the pool, ...).
+    Region(HandoverError),
+    /// The region was written for another SMMU (or this one with other ID registers).
+    Identity(HandoverError),
+    /// A record needs more than this SMMU offers (an ASID, VMID, StreamID or substream width).
+    BeyondLimits {
+        /// The record.
+        token: u64,
+        /// What.
+        what: &'static str,
+        /// The value.
+        value: u64,
+    },
+    /// Rebuilding failed after validation (cannot happen for a region that validated; reported, not assumed).
+    /// Every stream it touched aborts again.
+    Rebuild {
+        /// The record.
+        token: u64,
+        /// What failed.
+        what: RebuildFailure,
+    },
+}
+
+/// What failed while rebuilding a validated record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RebuildFailure {
+    /// Its arena.
+    Pool(PoolError),
+    /// Its ASID or VMID.
+    Id(IdError),
+    /// Its page table.
+    Table(MapError),
+    /// A stream's CD table.
+    CdTable(CdTableError),
+    /// An STE.
+    Attach(AttachError),
+    /// The domain table.
+    Domain(DomainError),
+}
+
+impl core::fmt::Display for RestoreError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            RestoreError::Pool(e) => write!(f, "restore: {e}"),
+            RestoreError::Region(e) => write!(f, "restore: the handover region is refused: {e}"),
+            RestoreError::Identity(e) => write!(f, "restore: the handover region is for another SMMU: {e}"),
+            RestoreError::BeyondLimits { token, what, value } => {
+                write!(
+                    f,
+                    "restore: record {token:#x} needs {what} {value:#x}, beyond this SMMU"
+                )
+            }
+            RestoreError::Rebuild { token, what } => {
+                write!(f, "restore: record {token:#x} could not be rebuilt: {what:?}")
+            }
+        }
+    }
+}
+
+/// What a restore found and rebuilt.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RestoreReport {
+    /// The region's generation.
+    pub generation: u64,
+    /// Domains rebuilt (waiting for [`ActiveSmmu::retrieve`]).
+    pub domains: u32,
+    /// Streams (and substreams) whose STE or CD was reinstalled.
+    pub streams: u32,
+    /// Page tables adopted without a walk (their counts were recorded).
+    pub adopted_without_walk: u32,
+}
+
+/// What [`ActiveSmmu::finish_handover`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FinishReport {
+    /// Restored domains nobody retrieved, freed (their streams aborting, their memory back in the pool).
+    pub unclaimed: u32,
+}
+
+fn layout_of(layout: u8) -> CdTableLayout {
+    match layout {
+        1 => CdTableLayout::TwoLevel4K,
+        2 => CdTableLayout::TwoLevel64K,
+        _ => CdTableLayout::Linear,
+    }
+}
+
+fn dss_of(dss: u8) -> DefaultSubstream {
+    match dss {
+        1 => DefaultSubstream::Bypass,
+        2 => DefaultSubstream::Substream0,
+        _ => DefaultSubstream::Terminate,
+    }
+}
+
+/// Cleans `[ptr, ptr + len)` to the point of coherency whatever the SMMU's coherency: what a warm reset must find
+/// in memory, not in a cache that the reset may discard.
+fn clean_to_memory(ptr: *const u8, len: usize) {
+    Coherency { coherent: false }.clean(ptr, len);
+}
+
+impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
+    /// Writes the records of every preserved domain (as they stand now) into the handover region of `pool`, the
+    /// header last, and cleans the region and every preserved domain's memory to the point of coherency, so that a
+    /// warm reset finds them in memory. Translation keeps running meanwhile, and the domains stay usable (prepare
+    /// again after changing them). Records of other SMMUs already in the region are kept. `register_base` is this
+    /// SMMU's physical register base, which names it in the region.
+    ///
+    /// # Errors
+    /// [`PrepareError`]; on [`PrepareError::SelfCheck`] the region is invalidated (its magic cleared).
+    pub fn prepare_handover(
+        &self,
+        pool: &HandoverPool,
+        register_base: u64,
+        generation: u64,
+    ) -> Result<usize, PrepareError> {
+        let region = pool.metadata_extent().map_err(PrepareError::Pool)?;
+        let pool_extent = pool.pool().map_err(PrepareError::Pool)?;
+        let ours = self.handover_records(register_base).map_err(PrepareError::Records)?;
+        // SAFETY: the driver holds the only reference to the metadata while it writes it.
+        let bytes = unsafe { pool.metadata() }.map_err(PrepareError::Pool)?;
+        let mut instances: heapless::Vec<InstanceRecords, MAX_INSTANCES> = heapless::Vec::new();
+        if let Ok(previous) = format::decode(bytes, pool_extent) {
+            for other in previous
+                .instances
+                .into_iter()
+                .filter(|i| i.identity.base != register_base)
+            {
+                let _ = instances.push(other);
+            }
+        }
+        instances.push(ours).map_err(|_| {
+            PrepareError::Format(FormatError::TooManyInstances {
+                count: MAX_INSTANCES + 1,
+                max: MAX_INSTANCES,
+            })
+        })?;
+        let written =
+            format::encode(&instances, generation, region, pool_extent, bytes).map_err(PrepareError::Format)?;
+        if let Err(e) = format::decode(&bytes[..written], pool_extent) {
+            bytes[0] = 0;
+            clean_to_memory(bytes.as_ptr(), 64);
+            return Err(PrepareError::SelfCheck(e));
+        }
+        clean_to_memory(bytes.as_ptr(), written);
+        for record in instances.iter().flat_map(|i| i.records.iter()) {
+            for extent in &record.extents {
+                if let Some(virt) = self.extent_virt(pool, extent) {
+                    clean_to_memory(virt, extent.len as usize);
+                }
+            }
+        }
+        Ok(written)
+    }
+
+    fn extent_virt(&self, pool: &HandoverPool, extent: &Extent) -> Option<*const u8> {
+        let region = pool.region().ok()?;
+        // SAFETY: the metadata pointer is the region's first byte; only its address is used.
+        let base = unsafe { pool.metadata() }.ok()?.as_ptr();
+        extent
+            .base
+            .checked_sub(region.base)
+            .filter(|o| o + extent.len <= region.len)
+            .map(|o| base.wrapping_add(o as usize))
+    }
+
+    /// After a warm reset (or in a new image), with this SMMU just initialised (every stream aborting): validates
+    /// the handover region of `pool` completely (see `docs/handover.md`), checks that it was written for this SMMU
+    /// (`register_base` and the ID registers) and that every ID and StreamID fits it, and only then rebuilds this
+    /// SMMU's preserved domains: each arena taken back, each ASID/VMID reserved as recorded (no STE or CD is
+    /// scanned), each page table and CD table adopted in place (no copy; no walk where the counts were recorded),
+    /// each stream's STE installed. The domains wait for [`ActiveSmmu::retrieve`]; [`ActiveSmmu::finish_handover`]
+    /// frees the rest. A region that was never written (or re-armed empty) restores nothing.
+    ///
+    /// # Errors
+    /// [`RestoreError`]: nothing was rebuilt (every stream aborts), and the region is untouched.
+    pub fn restore_handover(
+        &mut self,
+        pool: &'static HandoverPool,
+        register_base: u64,
+    ) -> Result<RestoreReport, RestoreError> {
+        let pool_extent = pool.pool().map_err(RestoreError::Pool)?;
+        // SAFETY: read only, and nothing writes the metadata during the restore.
+        let bytes: &[u8] = unsafe { pool.metadata() }.map_err(RestoreError::Pool)?;
+        if bytes[..8].iter().all(|&b| b == 0) {
+            return Ok(RestoreReport::default());
+        }
+        let decoded = format::decode(bytes, pool_extent).map_err(RestoreError::Region)?;
+        let mut report = RestoreReport {
+            generation: decoded.generation,
+            ..RestoreReport::default()
+        };
+        let Some(instance) = decoded.instances.iter().find(|i| i.identity.base == register_base) else {
+            return Ok(report);
+        };
+        let probed = self.handover_identity(register_base);
+        format::validate_identity(&instance.identity, &probed).map_err(RestoreError::Identity)?;
+        self.check_limits(instance)?;
+
+        // Rebuild: stage-1 and stage-2 domains, then nested ones, then every stream, then substreams.
+        let mut touched: heapless::Vec<u32, 64> = heapless::Vec::new();
+        let result = self.rebuild(pool, instance, &mut report, &mut touched);
+        if let Err(e) = result {
+            // Cannot happen for a validated region; leave every stream aborting and nothing retrievable.
+            for &sid in &touched {
+                let _ = self.attach_abort(sid);
+            }
+            self.domains.restored.clear();
+            return Err(e);
+        }
+        Ok(report)
+    }
+
+    fn check_limits(&self, instance: &InstanceRecords) -> Result<(), RestoreError> {
+        let f = *self.features();
+        let sid_bits = match self.stream_table_format() {
+            crate::stream::StreamTableFormat::Linear { sid_bits }
+            | crate::stream::StreamTableFormat::TwoLevel { sid_bits, .. } => sid_bits,
+        };
+        for r in &instance.records {
+            let beyond = |what, value: u64| RestoreError::BeyondLimits {
+                token: r.token,
+                what,
+                value,
+            };
+            if u32::from(r.asid) >> f.asid_bits != 0 {
+                return Err(beyond("ASID", r.asid.into()));
+            }
+            if u32::from(r.vmid) >> f.vmid_bits != 0 {
+                return Err(beyond("VMID", r.vmid.into()));
+            }
+            let stage1 = matches!(r.kind, RecordKind::Stage1 | RecordKind::Stage1El2 | RecordKind::Nested);
+            let stage2 = matches!(r.kind, RecordKind::Stage2 | RecordKind::Nested);
+            if (stage1 && !f.stage1) || (stage2 && !f.stage2) || (r.kind == RecordKind::Nested && !f.nesting) {
+                return Err(beyond("a stage this SMMU lacks, kind", r.kind as u64));
+            }
+            if r.kind == RecordKind::Stage1El2 && !f.hyp {
+                return Err(beyond("EL2 contexts, kind", r.kind as u64));
+            }
+            for s in &r.streams {
+                if sid_bits < 32 && s.sid >> sid_bits != 0 {
+                    return Err(beyond("StreamID", s.sid.into()));
+                }
+                if s.cd_ssid_bits > f.ssid_bits || s.cd_two_level {
+                    return Err(beyond("a CD table of SubstreamID bits", s.cd_ssid_bits.into()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn rebuild(
+        &mut self,
+        pool: &'static HandoverPool,
+        instance: &InstanceRecords,
+        report: &mut RestoreReport,
+        touched: &mut heapless::Vec<u32, 64>,
+    ) -> Result<(), RestoreError> {
+        let coherent = self.features().coherent;
+        let bbml = self.features().bbm_level;
+        for nested_pass in [false, true] {
+            for r in instance
+                .records
+                .iter()
+                .filter(|r| (r.kind == RecordKind::Nested) == nested_pass)
+            {
+                let fail = |what| RestoreError::Rebuild { token: r.token, what };
+                let (translation, memory, arena): (Translation, DomainMemory, Option<&'static HandoverArena>) =
+                    match (r.kind, r.table) {
+                        (RecordKind::Nested, _) => {
+                            let (parent, _) = *self.domains.restored.get(&r.parent_token.unwrap_or(0)).ok_or(fail(
+                                RebuildFailure::Domain(DomainError::UnknownToken(r.parent_token.unwrap_or(0))),
+                            ))?;
+                            let memory = self
+                                .domains
+                                .get(parent)
+                                .map_err(|e| fail(RebuildFailure::Domain(e)))?
+                                .memory;
+                            let g = r.guest.unwrap_or_default();
+                            let guest = GuestStage1 {
+                                cd_table: g.cd_table_ipa,
+                                cd_max_log2: g.cd_max_log2,
+                                layout: layout_of(g.layout),
+                                default_substream: dss_of(g.default_substream),
+                            };
+                            (Translation::Nested { parent, guest }, memory, None)
+                        }
+                        (_, Some(shape)) => {
+                            let extent = r.extents.first().copied().unwrap_or_default();
+                            let arena = pool.adopt(extent).map_err(|e| fail(RebuildFailure::Pool(e)))?;
+                            let memory: DomainMemory = arena;
+                            let stage = match r.kind {
+                                RecordKind::Stage2 => Stage::Two,
+                                RecordKind::Stage1El2 => Stage::OneEl2,
+                                _ => Stage::One,
+                            };
+                            let granule = match shape.granule_log2 {
+                                14 => Granule::Size16K,
+                                16 => Granule::Size64K,
+                                _ => Granule::Size4K,
+                            };
+                            let counts = (shape.tables > 0).then_some(AdoptedCounts {
+                                tables: shape.tables.into(),
+                                empty: shape.empty.into(),
+                            });
+                            report.adopted_without_walk += u32::from(counts.is_some());
+                            let format = Format {
+                                stage,
+                                granule,
+                                input_bits: shape.input_bits,
+                                output_bits: shape.output_bits,
+                            };
+                            let mut table = IoPageTable::adopt(format, PhysAddr(shape.root), memory, coherent, counts)
+                                .map_err(|e| {
+                                    arena.release();
+                                    fail(RebuildFailure::Table(e))
+                                })?;
+                            table.set_bbm_level(bbml);
+                            let translation = if stage == Stage::Two {
+                                self.claim_vmid(r.vmid).map_err(|e| fail(RebuildFailure::Id(e)))?;
+                                let config = self.stage2_config(r.vmid, &table);
+                                Translation::Stage2 {
+                                    table,
+                                    vmid: r.vmid,
+                                    config,
+                                    children: 0,
+                                }
+                            } else {
+                                self.claim_asid(r.asid).map_err(|e| fail(RebuildFailure::Id(e)))?;
+                                let cd = self
+                                    .stage1_cd(r.asid, &table)
+                                    .map_err(|e| fail(RebuildFailure::Domain(DomainError::Entry(e))))?;
+                                Translation::Stage1 {
+                                    table,
+                                    asid: r.asid,
+                                    cd,
+                                    el2: stage == Stage::OneEl2,
+                                }
+                            };
+                            (translation, memory, Some(arena))
+                        }
+                        (_, None) => return Err(fail(RebuildFailure::Domain(DomainError::UnknownToken(r.token)))),
+                    };
+                let parent = match translation {
+                    Translation::Nested { parent, .. } => Some(parent),
+                    _ => None,
+                };
+                self.domains
+                    .check_free_slot()
+                    .map_err(|e| fail(RebuildFailure::Domain(e)))?;
+                let id = self.domains.insert(DomainState::new(translation, memory));
+                if let Some(parent) = parent
+                    && let Ok(DomainState {
+                        translation: Translation::Stage2 { children, .. },
+                        ..
+                    }) = self.domains.get_mut(parent)
+                {
+                    *children += 1;
+                }
+                self.domains
+                    .restored
+                    .insert(r.token, (id, arena))
+                    .map_err(|_| fail(RebuildFailure::Domain(DomainError::TooMany("restored domains"))))?;
+                report.domains += 1;
+            }
+        }
+        // Streams: the whole-stream attachments (with their adopted CD tables), then substreams.
+        for substreams in [false, true] {
+            for r in &instance.records {
+                let fail = |what| RestoreError::Rebuild { token: r.token, what };
+                let (id, _) = self
+                    .domains
+                    .restored
+                    .get(&r.token)
+                    .copied()
+                    .ok_or(fail(RebuildFailure::Domain(DomainError::UnknownToken(r.token))))?;
+                for s in r.streams.iter().filter(|s| (s.ssid != 0) == substreams) {
+                    if substreams {
+                        // The CD is in the stream's adopted CD table already; only the bookkeeping is rebuilt.
+                        let index = self.domains.streams.iter().position(|x| x.sid == s.sid).ok_or(fail(
+                            RebuildFailure::Domain(DomainError::NotAttached { sid: s.sid, ssid: None }),
+                        ))?;
+                        let _ = self.domains.streams[index].substreams.push((s.ssid, id));
+                    } else {
+                        let memory = self
+                            .domains
+                            .get(id)
+                            .map_err(|e| fail(RebuildFailure::Domain(e)))?
+                            .memory;
+                        let cd_table = if s.cd_table != 0 {
+                            Some(
+                                CdTable::adopt(
+                                    CdTableFormat::Linear {
+                                        ssid_bits: s.cd_ssid_bits,
+                                    },
+                                    PhysAddr(s.cd_table),
+                                    &memory,
+                                    coherent,
+                                )
+                                .map_err(|e| fail(RebuildFailure::CdTable(e)))?,
+                            )
+                        } else {
+                            None
+                        };
+                        let ste = self
+                            .domain_ste(id, cd_table.as_ref())
+                            .map_err(|e| fail(RebuildFailure::Domain(e)))?;
+                        let _ = touched.push(s.sid);
+                        self.install_ste(s.sid, &ste)
+                            .map_err(|e| fail(RebuildFailure::Attach(e)))?;
+                        self.domains
+                            .streams
+                            .push(StreamRecord {
+                                sid: s.sid,
+                                domain: id,
+                                cd_table,
+                                substreams: heapless::Vec::new(),
+                            })
+                            .map_err(|_| fail(RebuildFailure::Domain(DomainError::TooMany("attached streams"))))?;
+                    }
+                    if let Ok(state) = self.domains.get_mut(id) {
+                        let _ = state.attachments.push((s.sid, s.ssid));
+                    }
+                    report.streams += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The domain restored under `token`, handed to the caller (once): it is then an ordinary live domain (preserve
+    /// it again for the next hand-off).
+    ///
+    /// # Errors
+    /// [`DomainError::UnknownToken`] when no restored domain waits under `token` (never preserved, unpreserved
+    /// before the hand-off, already retrieved, or freed by [`ActiveSmmu::finish_handover`]).
+    pub fn retrieve(&mut self, token: u64) -> Result<DomainId, DomainError> {
+        self.domains
+            .restored
+            .swap_remove(&token)
+            .map(|(id, _)| id)
+            .ok_or(DomainError::UnknownToken(token))
+    }
+
+    /// Ends the hand-off: every restored domain nobody retrieved is detached (its streams abort), its TLB entries
+    /// invalidated, its memory given back to the pool; then this SMMU's records are removed from the region (the
+    /// region re-armed without them; other SMMUs' records stay).
+    ///
+    /// # Errors
+    /// [`DomainError`] from detaching or freeing (an invalidation that failed); the domains not yet freed stay
+    /// waiting, and the region is not re-armed.
+    pub fn finish_handover(&mut self, pool: &HandoverPool, register_base: u64) -> Result<FinishReport, DomainError> {
+        let mut report = FinishReport::default();
+        // Nested domains before their parents.
+        for nested_pass in [true, false] {
+            let waiting: heapless::Vec<(u64, DomainId), { crate::domain::MAX_PRESERVED }> = self
+                .domains
+                .restored
+                .iter()
+                .filter(|(_, (id, _))| {
+                    self.domains
+                        .get(*id)
+                        .is_ok_and(|s| matches!(s.translation, Translation::Nested { .. }) == nested_pass)
+                })
+                .map(|(t, (id, _))| (*t, *id))
+                .collect();
+            for (token, id) in waiting {
+                let attachments: heapless::Vec<(u32, u32), { crate::domain::MAX_ATTACHMENTS }> =
+                    self.domains.get(id).map(|s| s.attachments.clone()).unwrap_or_default();
+                for &(sid, ssid) in attachments.iter().filter(|(_, ssid)| *ssid != 0) {
+                    self.detach_substream(sid, ssid)?;
+                }
+                for &(sid, _) in attachments.iter().filter(|(_, ssid)| *ssid == 0) {
+                    self.detach(sid)?;
+                }
+                self.free_domain(id)?;
+                self.domains.restored.swap_remove(&token);
+                report.unclaimed += 1;
+            }
+        }
+        // Re-arm: the region without this SMMU's records.
+        if let (Ok(region), Ok(pool_extent)) = (pool.metadata_extent(), pool.pool()) {
+            // SAFETY: the driver holds the only reference to the metadata while it writes it.
+            if let Ok(bytes) = unsafe { pool.metadata() } {
+                let mut keep: heapless::Vec<InstanceRecords, MAX_INSTANCES> = heapless::Vec::new();
+                let mut generation = 0;
+                if let Ok(previous) = format::decode(bytes, pool_extent) {
+                    generation = previous.generation;
+                    for other in previous
+                        .instances
+                        .into_iter()
+                        .filter(|i| i.identity.base != register_base)
+                    {
+                        let _ = keep.push(other);
+                    }
+                }
+                if let Ok(written) = format::encode(&keep, generation + 1, region, pool_extent, bytes) {
+                    clean_to_memory(bytes.as_ptr(), written);
+                }
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// The metadata area's size, for callers that dump it.
+pub const REGION_METADATA_BYTES: u64 = METADATA_BYTES;
+
+#[cfg(test)]
+mod tests {
+    //! A live update on the host: one SMMU model's domains preserved and prepared, the "reset" (the old driver
+    //! forgotten, a new pool object over the same region memory, a new SMMU model), then restore, retrieve and
+    //! finish, against the same page tables in place.
+    extern crate std;
+
+    use super::*;
+    use crate::active::tests::{Model, frames};
+    use crate::domain::{Stage1Options, Stage2Options};
+    use crate::handover::pool::ARENAS;
+    use crate::hw::ste::Config;
+    use crate::pgtable::Prot;
+    use crate::testing::HeapFrames;
+    use crate::{ActiveSmmu, InitOptions};
+    use core::ptr::NonNull;
+    use std::boxed::Box;
+
+    const BASE: u64 = 0x905_0000;
+    const RW: Prot = Prot::READ.union(Prot::WRITE).union(Prot::CACHEABLE);
+
+    /// Region memory that outlives both "images", and a fresh pool object over it per image.
+    struct Region {
+        memory: &'static mut [u64],
+        extent: Extent,
+    }
+
+    impl Region {
+        fn new() -> Region {
+            let bytes = METADATA_BYTES as usize + ARENAS * 256 * 1024;
+            Region {
+                memory: Box::leak(std::vec![0u64; bytes / 8].into_boxed_slice()),
+                extent: Extent {
+                    base: 0x80_0000_0000,
+                    len: bytes as u64,
+                },
+            }
+        }
+
+        fn pool(&mut self) -> &'static HandoverPool {
+            let pool: &'static HandoverPool = Box::leak(Box::new(HandoverPool::new()));
+            // SAFETY: leaked memory used by nothing else (the previous "image" is forgotten).
+            unsafe { pool.set_up(self.extent, NonNull::new(self.memory.as_mut_ptr().cast()).unwrap()) }.unwrap();
+            pool
+        }
+
+        fn byte(&mut self, offset: usize) -> &mut u8 {
+            // SAFETY: inside the leaked block.
+            unsafe { &mut *self.memory.as_mut_ptr().cast::<u8>().add(offset) }
+        }
+    }
+
+    fn boot(model: &Model, frames: &'static HeapFrames) -> ActiveSmmu<&'static HeapFrames> {
+        model.smmu().init(frames, &InitOptions::default()).unwrap()
+    }
+
+    /// The first image: a stage-1 domain (stream 0x10), a stage-2 parent with a nested domain (stream 0x18), a
+    /// stage-1 domain preserved and then unpreserved, and one preserved but never retrieved (stream 0x20).
+    fn first_image(region: &mut Region, frames: &'static HeapFrames) {
+        let model = Model::start(frames);
+        let mut smmu = boot(&model, frames);
+        let pool = region.pool();
+        let s1 = smmu
+            .create_stage1(
+                pool.take_arena().unwrap(),
+                Stage1Options {
+                    input_bits: 39,
+                    el2: false,
+                },
+            )
+            .unwrap();
+        smmu.map(s1, 0x1000, 0x8000_0000, 0x2000, RW).unwrap();
+        smmu.map(s1, 0x4000_0000, 0x9000_0000, 0x20_0000, RW).unwrap();
+        smmu.attach(s1, 0x10).unwrap();
+        let parent = smmu
+            .create_stage2(pool.take_arena().unwrap(), Stage2Options { input_bits: 40 })
+            .unwrap();
+        smmu.map(parent, 0x4000_0000, 0x4000_0000, 0x4000_0000, RW).unwrap();
+        let guest = crate::domain::GuestStage1 {
+            cd_table: 0x4800_0000,
+            cd_max_log2: 0,
+            layout: CdTableLayout::Linear,
+            default_substream: DefaultSubstream::Terminate,
+        };
+        let nested = smmu.create_nested(parent, guest).unwrap();
+        smmu.attach(nested, 0x18).unwrap();
+        let dropped = smmu
+            .create_stage1(pool.take_arena().unwrap(), Stage1Options::default())
+            .unwrap();
+        let unclaimed = smmu
+            .create_stage2(pool.take_arena().unwrap(), Stage2Options { input_bits: 40 })
+            .unwrap();
+        smmu.map(unclaimed, 0, 0x8000_0000, 0x1000, RW).unwrap();
+        smmu.attach(unclaimed, 0x20).unwrap();
+        smmu.preserve(s1, 0x51).unwrap();
+        smmu.preserve(parent, 0x52).unwrap();
+        smmu.preserve(nested, 0x53).unwrap();
+        smmu.preserve(dropped, 0x54).unwrap();
+        smmu.preserve(unclaimed, 0x55).unwrap();
+        smmu.unpreserve(0x54).unwrap();
+        // Mutations after preserve are what is restored: the state at prepare.
+        smmu.unmap(s1, 0x2000, 0x1000).unwrap();
+        smmu.map(s1, 0x3000, 0x8000_3000, 0x1000, RW).unwrap();
+        let written = smmu.prepare_handover(pool, BASE, 7).unwrap();
+        assert!(written > 0);
+        // The reset: nothing is freed, the SMMU model goes away.
+        core::mem::forget(smmu);
+        drop(model);
+    }
+
+    #[test]
+    fn preserved_domains_come_back_by_token_with_their_tables_in_place() {
+        let frames = frames();
+        let mut region = Region::new();
+        first_image(&mut region, frames);
+
+        let model = Model::start(frames);
+        let mut smmu = boot(&model, frames);
+        let pool = region.pool();
+        let before = model.seen.lock().unwrap().consumed.len();
+        let report = smmu.restore_handover(pool, BASE).unwrap();
+        assert_eq!((report.generation, report.domains, report.streams), (7, 4, 3));
+        assert_eq!(report.adopted_without_walk, 3, "counts recorded: no walk");
+        // No STE or CD was scanned: the IDs come from the records.
+        assert_eq!((smmu.asids_in_use(), smmu.vmids_in_use()), (1, 2));
+        let ops = model.seen.lock().unwrap().consumed[before..].to_vec();
+        assert!(
+            ops.iter()
+                .all(|&op| op == crate::hw::command::opcode::CFGI_STE || op == crate::hw::command::opcode::SYNC)
+        );
+
+        let s1 = smmu.retrieve(0x51).unwrap();
+        assert_eq!(smmu.iova_to_phys(s1, 0x1000), Ok(Some(0x8000_0000)));
+        assert_eq!(smmu.iova_to_phys(s1, 0x2000), Ok(None), "unmapped after preserve: gone");
+        assert_eq!(
+            smmu.iova_to_phys(s1, 0x3000),
+            Ok(Some(0x8000_3000)),
+            "mapped after preserve: there"
+        );
+        assert_eq!(smmu.iova_to_phys(s1, 0x401f_f000), Ok(Some(0x901f_f000)));
+        assert_eq!(smmu.ste(0x10).unwrap().config(), Config::Stage1);
+        assert_eq!(smmu.retrieve(0x51), Err(DomainError::UnknownToken(0x51)), "once");
+        assert_eq!(
+            smmu.retrieve(0x54),
+            Err(DomainError::UnknownToken(0x54)),
+            "unpreserved: not restored"
+        );
+        let parent = smmu.retrieve(0x52).unwrap();
+        let nested = smmu.retrieve(0x53).unwrap();
+        assert_eq!(smmu.ste(0x18).unwrap().config(), Config::Nested);
+        assert_eq!(smmu.ste(0x18).unwrap().cd_table(), PhysAddr(0x4800_0000));
+        assert_eq!(smmu.attachments(nested), Ok(&[(0x18, 0)][..]));
+        // The restored domains work: map, unmap (with invalidation), and the parent cannot go before its child.
+        smmu.map(s1, 0x5000, 0x8000_5000, 0x1000, RW).unwrap();
+        assert_eq!(smmu.unmap(s1, 0x1000, 0x1000), Ok(0x1000));
+        assert!(matches!(
+            smmu.free_domain(parent),
+            Err(DomainError::HasNestedDomains { .. })
+        ));
+
+        // finish: the unclaimed domain's stream aborts, its arena is free again, the region is re-armed empty.
+        assert_eq!(smmu.ste(0x20).unwrap().config(), Config::Stage2);
+        let in_use = pool.arenas_in_use();
+        assert_eq!(smmu.finish_handover(pool, BASE), Ok(FinishReport { unclaimed: 1 }));
+        assert_eq!(smmu.ste(0x20).unwrap().config(), Config::Abort);
+        assert_eq!(pool.arenas_in_use(), in_use - 1);
+        assert_eq!(
+            smmu.restore_handover(pool, BASE).map(|r| r.domains),
+            Ok(0),
+            "nothing left to restore"
+        );
+    }
+
+    #[test]
+    fn a_corrupt_region_is_refused_whole_and_left_untouched() {
+        let frames = frames();
+        let mut region = Region::new();
+        first_image(&mut region, frames);
+        // One flipped bit in a record.
+        *region.byte(200) ^= 0x10;
+        let snapshot: std::vec::Vec<u8> = (0..4096).map(|i| *region.byte(i)).collect();
+
+        let model = Model::start(frames);
+        let mut smmu = boot(&model, frames);
+        let pool = region.pool();
+        let error = smmu.restore_handover(pool, BASE).unwrap_err();
+        assert!(
+            matches!(error, RestoreError::Region(HandoverError::BadCrc { .. })),
+            "{error}"
+        );
+        assert_eq!(smmu.retrieve(0x51), Err(DomainError::UnknownToken(0x51)));
+        for sid in [0x10, 0x18, 0x20] {
+            assert_ne!(smmu.ste(sid).map(|s| s.config()), Ok(Config::Stage1));
+        }
+        assert_eq!(pool.arenas_in_use(), 0, "no arena taken back");
+        let after: std::vec::Vec<u8> = (0..4096).map(|i| *region.byte(i)).collect();
+        assert_eq!(after, snapshot, "the region's bytes are left for diagnosis");
+    }
+
+    #[test]
+    fn a_region_for_another_smmu_is_refused() {
+        let frames = frames();
+        let mut region = Region::new();
+        first_image(&mut region, frames);
+        // The same base, another SMMU: a stage-1-only model (IDR0 differs).
+        let model = Model::start_with(frames, 0x0d44_101a);
+        let mut smmu = boot(&model, frames);
+        let pool = region.pool();
+        let error = smmu.restore_handover(pool, BASE).unwrap_err();
+        assert!(matches!(error, RestoreError::Identity(_)), "{error}");
+        // Records for another base are simply not ours.
+        let model2 = Model::start(frames);
+        let mut other = boot(&model2, frames);
+        assert_eq!(
+            other
+                .restore_handover(region.pool(), BASE + 0x1_0000)
+                .map(|r| r.domains),
+            Ok(0)
+        );
+    }
+}
