@@ -96,3 +96,64 @@ pub fn set_reset_note(note: Option<ResetNote>) {
         unsafe { core::arch::asm!("dc civac, {}", "dsb sy", in(reg) pointer, options(nostack, preserves_flags)) };
     }
 }
+
+/// What a live-update scenario leaves for the next boot, beside the reset note (at scratch + 4 KiB): where to resume
+/// the scenario list, the counts so far, and the scenario's own data (physical addresses, tokens, counts).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LiveUpdateNote {
+    /// [`LiveUpdateNote::MAGIC`] when valid.
+    pub magic: u64,
+    /// Position of the scenario in the list that resumes after the reset.
+    pub index: u32,
+    /// Scenarios that passed and failed before the reset (so the RESULT line counts the whole list).
+    pub passed: u32,
+    /// As `passed`.
+    pub failed: u32,
+    /// The scenario's phase: 1 before the reset.
+    pub phase: u32,
+    /// The scenario's data.
+    pub data: [u64; 16],
+}
+
+impl LiveUpdateNote {
+    /// "SMMUv3LU".
+    pub const MAGIC: u64 = u64::from_le_bytes(*b"SMMUv3LU");
+}
+
+fn live_update_pointer() -> Option<*mut LiveUpdateNote> {
+    let address = SCRATCH.load(Ordering::SeqCst);
+    (address != 0).then_some((address + 4096) as *mut LiveUpdateNote)
+}
+
+/// The live-update note the previous boot left, if any.
+pub fn live_update_note() -> Option<LiveUpdateNote> {
+    // SAFETY: `set_scratch`'s caller guarantees the area (64 KiB, the note at 4 KiB in); plain data, read volatile
+    // because the previous boot wrote it.
+    let note = unsafe { live_update_pointer()?.read_volatile() };
+    (note.magic == LiveUpdateNote::MAGIC).then_some(note)
+}
+
+/// Leaves `note` for the next boot (or clears it), cleaned to memory so a reset finds it.
+pub fn set_live_update_note(note: Option<LiveUpdateNote>) {
+    if let Some(pointer) = live_update_pointer() {
+        let value = note.unwrap_or(LiveUpdateNote {
+            magic: 0,
+            index: 0,
+            passed: 0,
+            failed: 0,
+            phase: 0,
+            data: [0; 16],
+        });
+        // SAFETY: as in `live_update_note`.
+        unsafe { pointer.write_volatile(value) };
+        for offset in (0..core::mem::size_of::<LiveUpdateNote>()).step_by(64) {
+            // SAFETY: cleaning lines of mapped RAM has no other effect.
+            unsafe {
+                core::arch::asm!("dc civac, {}", in(reg) pointer.cast::<u8>().add(offset), options(nostack, preserves_flags))
+            };
+        }
+        // SAFETY: a barrier only.
+        unsafe { core::arch::asm!("dsb sy", options(nostack, preserves_flags)) };
+    }
+}

@@ -63,6 +63,14 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("block-mappings", domains::block_mappings),
     ("virtio-dma", virtio_dma::virtio_dma),
     ("dma-map-bench", dma_map_bench::dma_map_bench),
+    ("lu-s1", live_update::lu_s1),
+    ("lu-s2", live_update::lu_s2),
+    ("lu-nested", live_update::lu_nested),
+    ("lu-mutate", live_update::lu_mutate),
+    ("lu-unclaimed", live_update::lu_unclaimed),
+    ("lu-unpreserved", live_update::lu_unpreserved),
+    ("lu-collision", live_update::lu_collision),
+    ("lu-corrupt", live_update::lu_corrupt),
     ("psci-reset", psci_reset),
     ("el3-fault-report", el3_fault_report),
 ];
@@ -70,15 +78,37 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
 mod core_smmu;
 mod dma_map_bench;
 mod domains;
+mod live_update;
 mod translate;
 pub mod virtio_dma;
+
+/// The running scenario's position in the list, and the counts before it (what a live-update scenario leaves in
+/// its note, so the list resumes after the reset).
+pub(crate) static LIST_POSITION: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+pub(crate) static PASSED_SO_FAR: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+pub(crate) static FAILED_SO_FAR: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
 
 /// Runs the named scenarios in order; returns how many failed.
 pub fn run_all(context: &mut Context) -> usize {
     let mut failed = 0;
     let mut count = 0;
     crate::finish::set_asked(context.config.scenario_names().count());
-    for name in context.config.scenario_names() {
+    // After a live-update scenario's reset, the list resumes at that scenario with the counts of the first boot.
+    let resume = power::live_update_note();
+    if let Some(note) = resume {
+        failed = note.failed as usize;
+        count = note.index as usize;
+        for _ in 0..note.passed {
+            crate::finish::record_pass();
+        }
+    }
+    for (index, name) in context.config.scenario_names().enumerate() {
+        if resume.is_some_and(|note| index < note.index as usize) {
+            continue;
+        }
+        LIST_POSITION.store(index, core::sync::atomic::Ordering::Relaxed);
+        PASSED_SO_FAR.store(count - failed, core::sync::atomic::Ordering::Relaxed);
+        FAILED_SO_FAR.store(failed, core::sync::atomic::Ordering::Relaxed);
         count += 1;
         let start = time::ticks();
         let outcome = match SCENARIOS.iter().find(|(n, _)| *n == name) {

@@ -37,7 +37,7 @@ pub(super) const IOVA_SOURCE: u64 = 0x0bad_0000;
 pub(super) const IOVA_DESTINATION: u64 = 0x0bad_1000;
 pub(super) const LEN: usize = 256;
 pub(super) const RW: Prot = Prot::READ.union(Prot::WRITE).union(Prot::CACHEABLE);
-const RO: Prot = Prot::READ.union(Prot::CACHEABLE);
+pub(super) const RO: Prot = Prot::READ.union(Prot::CACHEABLE);
 
 pub(super) fn page() -> Result<u64, Failure> {
     match frames::alloc(4096, 4096) {
@@ -58,13 +58,13 @@ pub(super) fn byte(pa: u64, i: usize) -> u8 {
     unsafe { core::ptr::read_volatile((pa as *const u8).add(i)) }
 }
 
-fn pattern(seed: u8) -> impl Fn(usize) -> u8 {
+pub(super) fn pattern(seed: u8) -> impl Fn(usize) -> u8 {
     move |i| (i as u8).wrapping_mul(13).wrapping_add(seed)
 }
 
 /// Fails unless the first `LEN` bytes at `pa` follow `pattern(seed)` and the rest of the page still holds
 /// `untouched`.
-fn check_landed(pa: u64, seed: u8, untouched: u8, what: &str) -> Result<(), Failure> {
+pub(super) fn check_landed(pa: u64, seed: u8, untouched: u8, what: &str) -> Result<(), Failure> {
     let p = pattern(seed);
     if let Some(i) = (0..4096).find(|&i| byte(pa, i) != if i < LEN { p(i) } else { untouched }) {
         fail!("{what}: byte {i} of PA {pa:#x} is {:#x}", byte(pa, i))
@@ -220,11 +220,11 @@ pub fn s2_dma(context: &mut Context) -> Result<(), Failure> {
 /// Guest memory as the guest sees it: frames of one block from the pool, whose "physical" addresses are IPAs
 /// (`ipa_base` + offset into the block). The guest's page-table code and its CD table come from here, so every
 /// pointer in them is an IPA, which the hypervisor's stage 2 translates to the block.
-struct GuestMemory {
-    pa: u64,
-    ipa: u64,
-    size: u64,
-    next: core::cell::Cell<u64>,
+pub(super) struct GuestMemory {
+    pub(super) pa: u64,
+    pub(super) ipa: u64,
+    pub(super) size: u64,
+    pub(super) next: core::cell::Cell<u64>,
 }
 
 // SAFETY: blocks are disjoint, 4 KiB-aligned pieces of one zeroed, identity-mapped block this memory owns for the

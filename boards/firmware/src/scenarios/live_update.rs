@@ -1,0 +1,598 @@
+//! The live-update scenarios, each across a real PSCI SYSTEM_RESET within one QEMU run. The first boot builds
+//! domains in handover arenas (tables and the DMA buffers alike, so that both survive), proves DMA through them,
+//! preserves them under tokens, prepares the handover region and resets, leaving a note (in the reset-persistent
+//! scratch RAM) that makes the scenario list resume at the same scenario. The second boot initialises the SMMU
+//! (every stream aborting), restores, retrieves by token, and checks with real DMA that the same data lands at the
+//! same physical addresses, then finishes the hand-off.
+//!
+//! - `lu-s1`, `lu-s2`: a stage-1 or stage-2 domain.
+//! - `lu-nested`: a stage-2 parent and a nested domain whose guest stage 1 lives in the parent's arena.
+//! - `lu-mutate`: a map and an unmap after `preserve`: the new mapping works after the restore, the removed one
+//!   faults.
+//! - `lu-unclaimed`: a preserved domain never retrieved: after `finish` its stream aborts and its arena is free.
+//! - `lu-unpreserved`: preserved, then unpreserved before the reset: not restored, its stream aborts.
+//! - `lu-collision`: a second domain under a token in use is refused and changes nothing; both domains come back
+//!   under their own tokens.
+//! - `lu-corrupt`: a bit of the region flipped before the reset: the restore refuses it with the reason, every
+//!   stream aborts (DMA blocked), the region's bytes stay for diagnosis until `finish` re-arms it.
+
+use core::fmt::Write;
+
+use smmuv3::handover::pool::HandoverArena;
+use smmuv3::mem::FrameAllocator;
+use smmuv3::pgtable::{Format, Granule, IoPageTable, Stage};
+use smmuv3::{DomainId, DomainKind, GuestContext, Stage1Options, Stage2Options};
+
+use super::core_smmu::{Session, edu_stream, start};
+use super::domains::{
+    GuestMemory, IOVA_DESTINATION, IOVA_SOURCE, LEN, RW, byte, check_landed, expect_blocked_write, fill, pattern,
+};
+use super::{Context, FAILED_SO_FAR, Failure, LIST_POSITION, PASSED_SO_FAR};
+use crate::edu::{Direction, Edu};
+use crate::handover::POOL;
+use crate::power::{self, LiveUpdateNote};
+use crate::{println, time};
+
+const TOKEN: u64 = 0x1d0_0000_0000_0001;
+const IOVA_NEW: u64 = 0x0bad_2000;
+
+/// The note this scenario left before the reset, if the list resumed here (consumed: a second reset starts over).
+fn after_reset() -> Option<LiveUpdateNote> {
+    let note = power::live_update_note()?;
+    let here = LIST_POSITION.load(core::sync::atomic::Ordering::Relaxed);
+    if note.index as usize != here {
+        return None;
+    }
+    power::set_live_update_note(None);
+    Some(note)
+}
+
+/// Leaves `data` for the second boot, keeps the SMMU running (no shutdown) and resets.
+fn reset_with(session: Session, data: [u64; 16]) -> ! {
+    use core::sync::atomic::Ordering::Relaxed;
+    power::set_live_update_note(Some(LiveUpdateNote {
+        magic: LiveUpdateNote::MAGIC,
+        index: LIST_POSITION.load(Relaxed) as u32,
+        passed: PASSED_SO_FAR.load(Relaxed) as u32,
+        failed: FAILED_SO_FAR.load(Relaxed) as u32,
+        phase: 1,
+        data,
+    }));
+    println!("  handover prepared; resetting with the SMMU translating");
+    core::mem::forget(session);
+    power::system_reset()
+}
+
+fn arena() -> Result<&'static HandoverArena, Failure> {
+    POOL.take_arena().or_else(|e| fail!("{e}"))
+}
+
+/// A page from `arena` (physical = virtual in this firmware).
+fn arena_page(arena: &HandoverArena) -> Result<u64, Failure> {
+    match arena.allocate_zeroed(4096, 4096) {
+        Ok(b) => Ok(b.phys.0),
+        Err(e) => fail!("{e}"),
+    }
+}
+
+fn create(s: &mut Session, kind: DomainKind, arena: &'static HandoverArena) -> Result<DomainId, Failure> {
+    let ipa_bits = 40.min(s.features().oas_bits);
+    match kind {
+        DomainKind::Stage1 => s.create_stage1(
+            arena,
+            Stage1Options {
+                input_bits: 39,
+                el2: false,
+            },
+        ),
+        _ => s.create_stage2(arena, Stage2Options { input_bits: ipa_bits }),
+    }
+    .or_else(|e| fail!("create a {kind} domain: {e}"))
+}
+
+fn smmu_base(context: &Context) -> u64 {
+    context.platform.smmu.base
+}
+
+/// Round trip through `domain`: edu reads `IOVA_SOURCE`, writes `iova`, which must land at `pa`.
+fn dma(edu: &Edu, source: u64, iova: u64, pa: u64, seed: u8) -> Result<(), Failure> {
+    fill(source, pattern(seed));
+    fill(pa, |_| 0xee);
+    edu.dma(Direction::ToDevice, IOVA_SOURCE, 0, LEN as u64)
+        .or_else(|e| fail!("RAM -> edu: {e}"))?;
+    edu.dma(Direction::FromDevice, iova, 0, LEN as u64)
+        .or_else(|e| fail!("edu -> RAM: {e}"))?;
+    check_landed(pa, seed, 0xee, "DMA")
+}
+
+/// The second boot's start: restore, and report what came back.
+fn restore(context: &Context, s: &mut Session) -> Result<smmuv3::handover::restore::RestoreReport, Failure> {
+    let t0 = time::ticks();
+    let report = s
+        .restore_handover(&POOL, smmu_base(context))
+        .or_else(|e| fail!("{e}"))?;
+    println!(
+        "  restored generation {}: {} domain(s), {} stream(s), {} table(s) adopted without a walk, in {} us",
+        report.generation,
+        report.domains,
+        report.streams,
+        report.adopted_without_walk,
+        time::to_us(time::ticks() - t0)
+    );
+    Ok(report)
+}
+
+fn finish(context: &Context, s: &mut Session) -> Result<u32, Failure> {
+    let r = s
+        .finish_handover(&POOL, smmu_base(context))
+        .or_else(|e| fail!("finish: {e}"))?;
+    Ok(r.unclaimed)
+}
+
+fn single(context: &mut Context, kind: DomainKind) -> Result<(), Failure> {
+    let (edu, sid) = edu_stream(context)?;
+    let mut s = start(context, &smmuv3::InitOptions::default())?;
+    let has = if kind == DomainKind::Stage1 {
+        s.features().stage1
+    } else {
+        s.features().stage2
+    };
+    if !has {
+        fail!("the SMMU has no {kind}")
+    }
+    match after_reset() {
+        None => {
+            let a = arena()?;
+            let domain = create(&mut s, kind, a)?;
+            let (source, destination) = (arena_page(a)?, arena_page(a)?);
+            s.map(domain, IOVA_SOURCE, source, 4096, RW).or_else(|e| fail!("{e}"))?;
+            s.map(domain, IOVA_DESTINATION, destination, 4096, RW)
+                .or_else(|e| fail!("{e}"))?;
+            s.attach(domain, sid).or_else(|e| fail!("{e}"))?;
+            dma(&edu, source, IOVA_DESTINATION, destination, 0x31)?;
+            let tables = s.domain_table(domain).or_else(|e| fail!("{e}"))?.tables();
+            s.preserve(domain, TOKEN).or_else(|e| fail!("{e}"))?;
+            let bytes = s
+                .prepare_handover(&POOL, smmu_base(context), 1)
+                .or_else(|e| fail!("{e}"))?;
+            println!(
+                "  {domain} ({kind}) preserved as {TOKEN:#x}: IOVA {IOVA_DESTINATION:#x} -> PA {destination:#x}, {tables} table(s), {bytes} bytes of records"
+            );
+            reset_with(
+                s,
+                [
+                    source,
+                    destination,
+                    u64::from(tables),
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                ],
+            )
+        }
+        Some(note) => {
+            let [source, destination, tables, ..] = note.data;
+            let report = restore(context, &mut s)?;
+            if report.domains != 1 {
+                fail!("{} domains restored, 1 preserved", report.domains)
+            }
+            let domain = s.retrieve(TOKEN).or_else(|e| fail!("retrieve: {e}"))?;
+            if s.iova_to_phys(domain, IOVA_DESTINATION).ok().flatten() != Some(destination) {
+                fail!("IOVA {IOVA_DESTINATION:#x} no longer maps PA {destination:#x}")
+            }
+            let now = s.domain_table(domain).or_else(|e| fail!("{e}"))?.tables();
+            if u64::from(now) != tables {
+                fail!("{now} table(s) after the restore, {tables} before")
+            }
+            dma(&edu, source, IOVA_DESTINATION, destination, 0x32)?;
+            if finish(context, &mut s)? != 0 {
+                fail!("finish found unclaimed domains")
+            }
+            println!(
+                "  after the reset: {domain} ({kind}) retrieved by {TOKEN:#x}; the same IOVA lands at the same PA {destination:#x} ({now} table(s), as before)"
+            );
+            s.detach(sid).or_else(|e| fail!("{e}"))?;
+            s.free_domain(domain).or_else(|e| fail!("{e}"))
+        }
+    }
+}
+
+/// `lu-s1`.
+pub fn lu_s1(context: &mut Context) -> Result<(), Failure> {
+    single(context, DomainKind::Stage1)
+}
+
+/// `lu-s2`.
+pub fn lu_s2(context: &mut Context) -> Result<(), Failure> {
+    single(context, DomainKind::Stage2)
+}
+
+const GUEST_IPA: u64 = 0x8000_0000;
+const GUEST_BYTES: u64 = 32 * 4096;
+
+/// `lu-nested`: a stage-2 parent and a nested domain, the guest's stage 1 in the parent's arena.
+pub fn lu_nested(context: &mut Context) -> Result<(), Failure> {
+    let (edu, sid) = edu_stream(context)?;
+    let mut s = start(context, &smmuv3::InitOptions::default())?;
+    let features = *s.features();
+    if !features.nesting {
+        fail!("the SMMU cannot nest")
+    }
+    let ram_top = context.platform.memory.iter().map(|b| b.end() - 1).max().unwrap_or(0);
+    let ipa_bits = if 64 - ram_top.leading_zeros() <= 40 {
+        40.min(features.oas_bits)
+    } else {
+        features.oas_bits.min(48)
+    };
+    match after_reset() {
+        None => {
+            let a = arena()?;
+            let parent = s
+                .create_stage2(a, Stage2Options { input_bits: ipa_bits })
+                .or_else(|e| fail!("{e}"))?;
+            // Guest RAM: a block of the parent's arena, at IPA 0x8000_0000.
+            let guest_pa = match a.allocate_zeroed(GUEST_BYTES as usize, 4096) {
+                Ok(b) => b.phys.0,
+                Err(e) => fail!("{e}"),
+            };
+            s.map(parent, GUEST_IPA, guest_pa, GUEST_BYTES, RW)
+                .or_else(|e| fail!("{e}"))?;
+            let guest = GuestMemory {
+                pa: guest_pa,
+                ipa: GUEST_IPA,
+                size: GUEST_BYTES,
+                next: core::cell::Cell::new(0),
+            };
+            let page = |g: &GuestMemory| {
+                g.allocate_zeroed(4096, 4096)
+                    .map(|b| (b.phys.0, b.virt.as_ptr() as u64))
+            };
+            let ((source_ipa, source), (destination_ipa, destination)) = match (page(&guest), page(&guest)) {
+                (Ok(x), Ok(y)) => (x, y),
+                _ => fail!("guest memory exhausted"),
+            };
+            let format = Format {
+                stage: Stage::One,
+                granule: Granule::Size4K,
+                input_bits: 39,
+                output_bits: ipa_bits,
+            };
+            let mut table = IoPageTable::new(format, &guest, features.coherent).or_else(|e| fail!("{e}"))?;
+            table.map(IOVA_SOURCE, source_ipa, 4096, RW).or_else(|e| fail!("{e}"))?;
+            table
+                .map(IOVA_DESTINATION, destination_ipa, 4096, RW)
+                .or_else(|e| fail!("{e}"))?;
+            let guest_context = GuestContext::build(&features, &&guest, &table, 9).or_else(|e| fail!("{e}"))?;
+            let nested = s
+                .create_nested(parent, guest_context.stage1)
+                .or_else(|e| fail!("{e}"))?;
+            s.attach(nested, sid).or_else(|e| fail!("{e}"))?;
+            dma(&edu, source, IOVA_DESTINATION, destination, 0x41)?;
+            s.preserve(parent, TOKEN).or_else(|e| fail!("{e}"))?;
+            s.preserve(nested, TOKEN + 1).or_else(|e| fail!("{e}"))?;
+            s.prepare_handover(&POOL, smmu_base(context), 1)
+                .or_else(|e| fail!("{e}"))?;
+            println!(
+                "  {nested} (nested in {parent}) preserved as {:#x} (parent {TOKEN:#x}): IOVA {IOVA_DESTINATION:#x} -> IPA {destination_ipa:#x} -> PA {destination:#x}",
+                TOKEN + 1
+            );
+            // The guest's tables and CD table live in the arena and must outlive this boot: the table object is
+            // forgotten, not dropped (a CdTable frees nothing when dropped).
+            core::mem::forget(table);
+            let _ = guest_context;
+            reset_with(
+                s,
+                [
+                    source,
+                    destination,
+                    destination_ipa,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                ],
+            )
+        }
+        Some(note) => {
+            let [source, destination, destination_ipa, ..] = note.data;
+            let report = restore(context, &mut s)?;
+            if report.domains != 2 {
+                fail!("{} domains restored, 2 preserved", report.domains)
+            }
+            let parent = s.retrieve(TOKEN).or_else(|e| fail!("{e}"))?;
+            let nested = s.retrieve(TOKEN + 1).or_else(|e| fail!("{e}"))?;
+            dma(&edu, source, IOVA_DESTINATION, destination, 0x42)?;
+            finish(context, &mut s)?;
+            println!(
+                "  after the reset: {nested} (nested in {parent}) retrieved; IOVA {IOVA_DESTINATION:#x} -> IPA {destination_ipa:#x} -> PA {destination:#x} again"
+            );
+            s.detach(sid).or_else(|e| fail!("{e}"))?;
+            s.free_domain(nested).or_else(|e| fail!("{e}"))?;
+            s.free_domain(parent).or_else(|e| fail!("{e}"))
+        }
+    }
+}
+
+/// `lu-mutate`: changes after `preserve` are what comes back.
+pub fn lu_mutate(context: &mut Context) -> Result<(), Failure> {
+    let (edu, sid) = edu_stream(context)?;
+    let mut s = start(context, &smmuv3::InitOptions::default())?;
+    let kind = if s.features().stage1 {
+        DomainKind::Stage1
+    } else {
+        DomainKind::Stage2
+    };
+    match after_reset() {
+        None => {
+            let a = arena()?;
+            let domain = create(&mut s, kind, a)?;
+            let (source, removed, added) = (arena_page(a)?, arena_page(a)?, arena_page(a)?);
+            s.map(domain, IOVA_SOURCE, source, 4096, RW).or_else(|e| fail!("{e}"))?;
+            s.map(domain, IOVA_DESTINATION, removed, 4096, RW)
+                .or_else(|e| fail!("{e}"))?;
+            s.attach(domain, sid).or_else(|e| fail!("{e}"))?;
+            s.preserve(domain, TOKEN).or_else(|e| fail!("{e}"))?;
+            // After preserve the domain stays usable: unmap one page, map another.
+            s.unmap(domain, IOVA_DESTINATION, 4096).or_else(|e| fail!("{e}"))?;
+            s.map(domain, IOVA_NEW, added, 4096, RW).or_else(|e| fail!("{e}"))?;
+            dma(&edu, source, IOVA_NEW, added, 0x51)?;
+            s.prepare_handover(&POOL, smmu_base(context), 1)
+                .or_else(|e| fail!("{e}"))?;
+            println!(
+                "  {domain} preserved, then IOVA {IOVA_DESTINATION:#x} unmapped and IOVA {IOVA_NEW:#x} -> PA {added:#x} mapped"
+            );
+            reset_with(s, [source, removed, added, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+        }
+        Some(note) => {
+            let [source, removed, added, ..] = note.data;
+            restore(context, &mut s)?;
+            let domain = s.retrieve(TOKEN).or_else(|e| fail!("{e}"))?;
+            dma(&edu, source, IOVA_NEW, added, 0x52)?;
+            let n = expect_blocked_write(&mut s, &edu, domain, sid, IOVA_DESTINATION, removed, "F_TRANSLATION")?;
+            finish(context, &mut s)?;
+            println!(
+                "  after the reset: IOVA {IOVA_NEW:#x} (mapped after preserve) lands at PA {added:#x}; IOVA {IOVA_DESTINATION:#x} (unmapped after preserve) faults ({n} F_TRANSLATION in {domain}'s report)"
+            );
+            s.detach(sid).or_else(|e| fail!("{e}"))?;
+            s.free_domain(domain).or_else(|e| fail!("{e}"))
+        }
+    }
+}
+
+/// Fails unless edu's write to `iova` is blocked (`pa` keeps its canary): the stream aborts.
+fn expect_aborted(edu: &Edu, iova: u64, pa: u64) -> Result<(), Failure> {
+    fill(pa, |_| 0xc3);
+    edu.dma(Direction::FromDevice, iova, 0, LEN as u64)
+        .or_else(|e| fail!("{e}"))?;
+    if (0..4096).any(|i| byte(pa, i) != 0xc3) {
+        fail!("a write to IOVA {iova:#x} reached PA {pa:#x}: the stream does not abort")
+    }
+    Ok(())
+}
+
+/// The first boot of `lu-unclaimed` and `lu-unpreserved`: a domain with edu's stream, preserved (and, for
+/// `unpreserve`, unpreserved), prepared, reset.
+fn preserve_and_reset(context: &Context, edu: &Edu, sid: u32, mut s: Session, unpreserve: bool) -> Result<(), Failure> {
+    let kind = if s.features().stage1 {
+        DomainKind::Stage1
+    } else {
+        DomainKind::Stage2
+    };
+    let a = arena()?;
+    let domain = create(&mut s, kind, a)?;
+    let (source, destination) = (arena_page(a)?, arena_page(a)?);
+    s.map(domain, IOVA_SOURCE, source, 4096, RW).or_else(|e| fail!("{e}"))?;
+    s.map(domain, IOVA_DESTINATION, destination, 4096, RW)
+        .or_else(|e| fail!("{e}"))?;
+    s.attach(domain, sid).or_else(|e| fail!("{e}"))?;
+    dma(edu, source, IOVA_DESTINATION, destination, 0x61)?;
+    s.preserve(domain, TOKEN).or_else(|e| fail!("{e}"))?;
+    if unpreserve {
+        s.unpreserve(TOKEN).or_else(|e| fail!("{e}"))?;
+    }
+    s.prepare_handover(&POOL, smmu_base(context), 1)
+        .or_else(|e| fail!("{e}"))?;
+    reset_with(
+        s,
+        [
+            source,
+            destination,
+            POOL.arenas_in_use() as u64,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ],
+    )
+}
+
+/// `lu-unclaimed`.
+pub fn lu_unclaimed(context: &mut Context) -> Result<(), Failure> {
+    let (edu, sid) = edu_stream(context)?;
+    let mut s = start(context, &smmuv3::InitOptions::default())?;
+    let Some(note) = after_reset() else {
+        return preserve_and_reset(context, &edu, sid, s, false);
+    };
+    let [_, destination, ..] = note.data;
+    restore(context, &mut s)?;
+    let in_use = POOL.arenas_in_use();
+    // Until finish, the preserved stream translates as before.
+    let unclaimed = finish(context, &mut s)?;
+    if unclaimed != 1 || POOL.arenas_in_use() != in_use - 1 {
+        fail!(
+            "finish freed {unclaimed} domain(s); arenas in use {} -> {}",
+            in_use,
+            POOL.arenas_in_use()
+        )
+    }
+    expect_aborted(&edu, IOVA_DESTINATION, destination)?;
+    if s.retrieve(TOKEN).is_ok() {
+        fail!("the token survived finish")
+    }
+    println!(
+        "  after the reset: {TOKEN:#x} never retrieved; finish freed it: stream {sid:#x} aborts, its arena is free again"
+    );
+    Ok(())
+}
+
+/// `lu-unpreserved`.
+pub fn lu_unpreserved(context: &mut Context) -> Result<(), Failure> {
+    let (edu, sid) = edu_stream(context)?;
+    let mut s = start(context, &smmuv3::InitOptions::default())?;
+    let Some(note) = after_reset() else {
+        return preserve_and_reset(context, &edu, sid, s, true);
+    };
+    let [_, destination, ..] = note.data;
+    let report = restore(context, &mut s)?;
+    if report.domains != 0 {
+        fail!("{} domain(s) restored though unpreserved", report.domains)
+    }
+    if let Ok(d) = s.retrieve(TOKEN) {
+        fail!("{d} came back under an unpreserved token")
+    }
+    expect_aborted(&edu, IOVA_DESTINATION, destination)?;
+    finish(context, &mut s)?;
+    println!("  after the reset: {TOKEN:#x} (unpreserved before the reset) was not restored; stream {sid:#x} aborts");
+    Ok(())
+}
+
+/// `lu-collision`.
+pub fn lu_collision(context: &mut Context) -> Result<(), Failure> {
+    let (edu, sid) = edu_stream(context)?;
+    let mut s = start(context, &smmuv3::InitOptions::default())?;
+    let kind = if s.features().stage1 {
+        DomainKind::Stage1
+    } else {
+        DomainKind::Stage2
+    };
+    match after_reset() {
+        None => {
+            let (a, b) = (arena()?, arena()?);
+            let first = create(&mut s, kind, a)?;
+            let second = create(&mut s, kind, b)?;
+            let (source, page_a, page_b) = (arena_page(a)?, arena_page(a)?, arena_page(b)?);
+            s.map(first, IOVA_SOURCE, source, 4096, RW).or_else(|e| fail!("{e}"))?;
+            s.map(first, IOVA_DESTINATION, page_a, 4096, RW)
+                .or_else(|e| fail!("{e}"))?;
+            s.map(second, IOVA_DESTINATION, page_b, 4096, RW)
+                .or_else(|e| fail!("{e}"))?;
+            s.attach(first, sid).or_else(|e| fail!("{e}"))?;
+            s.preserve(first, TOKEN).or_else(|e| fail!("{e}"))?;
+            match s.preserve(second, TOKEN) {
+                Err(smmuv3::DomainError::TokenInUse { domain, .. }) if domain == first => {
+                    println!("  preserving {second} under {TOKEN:#x}: refused, the token is {first}'s (O(1) index)");
+                }
+                other => fail!("a second domain under {TOKEN:#x}: {other:?}"),
+            }
+            if s.token_of(second).ok().flatten().is_some() {
+                fail!("the refused preserve changed the second domain")
+            }
+            s.preserve(second, TOKEN + 1).or_else(|e| fail!("{e}"))?;
+            s.prepare_handover(&POOL, smmu_base(context), 1)
+                .or_else(|e| fail!("{e}"))?;
+            reset_with(s, [source, page_a, page_b, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+        }
+        Some(note) => {
+            let [source, page_a, page_b, ..] = note.data;
+            restore(context, &mut s)?;
+            let first = s.retrieve(TOKEN).or_else(|e| fail!("{e}"))?;
+            let second = s.retrieve(TOKEN + 1).or_else(|e| fail!("{e}"))?;
+            for (d, pa) in [(first, page_a), (second, page_b)] {
+                if s.iova_to_phys(d, IOVA_DESTINATION).ok().flatten() != Some(pa) {
+                    fail!("{d} does not map IOVA {IOVA_DESTINATION:#x} to PA {pa:#x}")
+                }
+            }
+            dma(&edu, source, IOVA_DESTINATION, page_a, 0x71)?;
+            finish(context, &mut s)?;
+            println!(
+                "  after the reset: {TOKEN:#x} -> {first} (PA {page_a:#x}), {:#x} -> {second} (PA {page_b:#x})",
+                TOKEN + 1
+            );
+            s.detach(sid).or_else(|e| fail!("{e}"))?;
+            s.free_domain(first).or_else(|e| fail!("{e}"))?;
+            s.free_domain(second).or_else(|e| fail!("{e}"))
+        }
+    }
+}
+
+/// `lu-corrupt`.
+pub fn lu_corrupt(context: &mut Context) -> Result<(), Failure> {
+    let (edu, sid) = edu_stream(context)?;
+    let mut s = start(context, &smmuv3::InitOptions::default())?;
+    let kind = if s.features().stage1 {
+        DomainKind::Stage1
+    } else {
+        DomainKind::Stage2
+    };
+    match after_reset() {
+        None => {
+            let a = arena()?;
+            let domain = create(&mut s, kind, a)?;
+            let (source, destination) = (arena_page(a)?, arena_page(a)?);
+            s.map(domain, IOVA_SOURCE, source, 4096, RW).or_else(|e| fail!("{e}"))?;
+            s.map(domain, IOVA_DESTINATION, destination, 4096, RW)
+                .or_else(|e| fail!("{e}"))?;
+            s.attach(domain, sid).or_else(|e| fail!("{e}"))?;
+            s.preserve(domain, TOKEN).or_else(|e| fail!("{e}"))?;
+            s.prepare_handover(&POOL, smmu_base(context), 1)
+                .or_else(|e| fail!("{e}"))?;
+            // One bit of the first record flipped, as a stray write would.
+            let Ok(region) = POOL.region() else {
+                fail!("no handover region")
+            };
+            let byte_address = region.base + 200;
+            // SAFETY: inside the reserved region, which only the handover code uses; identity-mapped RAM.
+            unsafe {
+                let p = byte_address as *mut u8;
+                p.write_volatile(p.read_volatile() ^ 0x10);
+                core::arch::asm!("dc civac, {}", "dsb sy", in(reg) p, options(nostack, preserves_flags));
+            }
+            println!("  bit 4 of region byte 200 flipped after prepare");
+            reset_with(s, [source, destination, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+        }
+        Some(note) => {
+            let [_, destination, ..] = note.data;
+            let error = match s.restore_handover(&POOL, smmu_base(context)) {
+                Err(e) => e,
+                Ok(r) => fail!("a corrupt region restored {} domain(s)", r.domains),
+            };
+            println!("  after the reset: {error}");
+            expect_aborted(&edu, IOVA_DESTINATION, destination)?;
+            if s.retrieve(TOKEN).is_ok() {
+                fail!("a domain came back from a corrupt region")
+            }
+            // After diagnosis, finish re-arms the region empty.
+            finish(context, &mut s)?;
+            println!("  every stream aborts (DMA blocked), nothing retrievable; finish re-armed the region");
+            Ok(())
+        }
+    }
+}
