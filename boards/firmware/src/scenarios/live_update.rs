@@ -63,6 +63,13 @@ fn reset_with(session: Session, data: [u64; 16]) -> ! {
     power::system_reset()
 }
 
+/// A note's data: `values`, then zeros.
+fn note_data(values: &[u64]) -> [u64; 16] {
+    let mut data = [0; 16];
+    data[..values.len()].copy_from_slice(values);
+    data
+}
+
 fn arena() -> Result<&'static HandoverArena, Failure> {
     POOL.take_arena().or_else(|e| fail!("{e}"))
 }
@@ -158,30 +165,12 @@ fn single(context: &mut Context, kind: DomainKind) -> Result<(), Failure> {
             println!(
                 "  {domain} ({kind}) preserved as {TOKEN:#x}: IOVA {IOVA_DESTINATION:#x} -> PA {destination:#x}, {tables} table(s), {bytes} bytes of records"
             );
-            reset_with(
-                s,
-                [
-                    source,
-                    destination,
-                    u64::from(tables),
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                ],
-            )
+            // The last good DMA before the hand-off: the blackout runs from here to the first good one after.
+            let last_good = time::ticks();
+            reset_with(s, note_data(&[source, destination, u64::from(tables), last_good]))
         }
         Some(note) => {
-            let [source, destination, tables, ..] = note.data;
+            let [source, destination, tables, last_good, ..] = note.data;
             let report = restore(context, &mut s)?;
             if report.domains != 1 {
                 fail!("{} domains restored, 1 preserved", report.domains)
@@ -195,6 +184,17 @@ fn single(context: &mut Context, kind: DomainKind) -> Result<(), Failure> {
                 fail!("{now} table(s) after the restore, {tables} before")
             }
             dma(&edu, source, IOVA_DESTINATION, destination, 0x32)?;
+            let first_good = time::ticks();
+            // QEMU's counter keeps running across SYSTEM_RESET; were it reset, the difference would say nothing.
+            match first_good.checked_sub(last_good) {
+                Some(blackout) => println!(
+                    "  blackout (warm reset): from the last good DMA before to the first good DMA after: {} us (the reboot, the firmware's own boot, the restore, and edu's 100 ms DMA timer)",
+                    time::to_us(blackout)
+                ),
+                None => {
+                    println!("  blackout: the generic timer restarted at the reset, so it cannot be measured across it")
+                }
+            }
             if finish(context, &mut s)? != 0 {
                 fail!("finish found unclaimed domains")
             }
@@ -290,27 +290,7 @@ pub fn lu_nested(context: &mut Context) -> Result<(), Failure> {
             // forgotten, not dropped (a CdTable frees nothing when dropped).
             core::mem::forget(table);
             let _ = guest_context;
-            reset_with(
-                s,
-                [
-                    source,
-                    destination,
-                    destination_ipa,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                ],
-            )
+            reset_with(s, note_data(&[source, destination, destination_ipa]))
         }
         Some(note) => {
             let [source, destination, destination_ipa, ..] = note.data;
@@ -360,7 +340,7 @@ pub fn lu_mutate(context: &mut Context) -> Result<(), Failure> {
             println!(
                 "  {domain} preserved, then IOVA {IOVA_DESTINATION:#x} unmapped and IOVA {IOVA_NEW:#x} -> PA {added:#x} mapped"
             );
-            reset_with(s, [source, removed, added, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+            reset_with(s, note_data(&[source, removed, added]))
         }
         Some(note) => {
             let [source, removed, added, ..] = note.data;
@@ -411,27 +391,7 @@ fn preserve_and_reset(context: &Context, edu: &Edu, sid: u32, mut s: Session, un
     }
     s.prepare_handover(&POOL, smmu_base(context), 1)
         .or_else(|e| fail!("{e}"))?;
-    reset_with(
-        s,
-        [
-            source,
-            destination,
-            POOL.arenas_in_use() as u64,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-        ],
-    )
+    reset_with(s, note_data(&[source, destination, POOL.arenas_in_use() as u64]))
 }
 
 /// `lu-unclaimed`.
@@ -518,7 +478,7 @@ pub fn lu_collision(context: &mut Context) -> Result<(), Failure> {
             s.preserve(second, TOKEN + 1).or_else(|e| fail!("{e}"))?;
             s.prepare_handover(&POOL, smmu_base(context), 1)
                 .or_else(|e| fail!("{e}"))?;
-            reset_with(s, [source, page_a, page_b, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+            reset_with(s, note_data(&[source, page_a, page_b]))
         }
         Some(note) => {
             let [source, page_a, page_b, ..] = note.data;
@@ -576,7 +536,7 @@ pub fn lu_corrupt(context: &mut Context) -> Result<(), Failure> {
                 core::arch::asm!("dc civac, {}", "dsb sy", in(reg) p, options(nostack, preserves_flags));
             }
             println!("  bit 4 of region byte 200 flipped after prepare");
-            reset_with(s, [source, destination, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+            reset_with(s, note_data(&[source, destination]))
         }
         Some(note) => {
             let [_, destination, ..] = note.data;
