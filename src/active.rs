@@ -15,7 +15,7 @@ use crate::hw::event::{Event, GlobalErrors};
 use crate::hw::regs::{CR0, CR1, CR2, GBPA, STRTAB_BASE_CFG, SmmuPage0, cmdq_base, strtab_base, written_queue_base};
 use crate::hw::ste::Ste;
 use crate::ids::{IdAllocator, IdError};
-use crate::mem::{AllocError, Coherency, FrameAllocator, write_barrier};
+use crate::mem::{AllocError, Coherency, FrameAllocator, PhysAddr, write_barrier};
 use crate::pgtable::{Gather, IoPageTable};
 use crate::queue::cmdq::{
     BATCH_CAPACITY, Batch, BatchReport, COMMAND_BYTES, CommandQueue, CommandQueueError, MMU700_COMMANDS_PER_SYNC,
@@ -120,6 +120,15 @@ pub enum InitError {
     PresetBases,
     /// The initial invalidation failed.
     Invalidation(CommandQueueError),
+    /// A hand-off with the SMMU running was asked of an SMMU that is not translating (SMMUEN = 0).
+    NotRunning,
+    /// The running SMMU's stream table is not where the caller said, or not reachable through its allocator.
+    StreamTableNotAdoptable {
+        /// STRTAB_BASE's address as the SMMU holds it.
+        running: u64,
+        /// Where the caller said it is.
+        expected: u64,
+    },
 }
 
 impl fmt::Display for InitError {
@@ -134,6 +143,11 @@ impl fmt::Display for InitError {
             }
             InitError::PresetBases => f.write_str("SMMU init: preset table/queue bases are not supported"),
             InitError::Invalidation(e) => write!(f, "SMMU init: initial invalidation failed: {e}"),
+            InitError::NotRunning => f.write_str("SMMU hand-off: the SMMU is not translating (SMMUEN = 0)"),
+            InitError::StreamTableNotAdoptable { running, expected } => write!(
+                f,
+                "SMMU hand-off: the running stream table at {running:#x} is not the one expected at {expected:#x} (or not reachable)"
+            ),
         }
     }
 }
@@ -292,6 +306,106 @@ impl Smmu {
     /// after a timeout the SMMU is left disabled with GBPA.ABORT set where that much succeeded.
     pub fn init<A: FrameAllocator>(self, allocator: A, options: &InitOptions) -> Result<ActiveSmmu<A>, InitError> {
         self.init_with_capacity::<A, DEFAULT_DOMAINS>(allocator, options)
+    }
+
+    /// Takes over an SMMU that a previous image left translating (SMMUEN = 1), without a moment of bypass or
+    /// abort for the streams it serves: translation is never turned off and STRTAB_BASE (which must not be
+    /// rewritten while SMMUEN = 1) is adopted as found, at `strtab_base` with `format`, reached through
+    /// `allocator` (the handover arena the previous image's SMMU took its memory from). The queues are turned off,
+    /// global errors latched before acknowledged, the queues given fresh bases from `allocator` and turned on
+    /// again, the interrupts of `options` enabled, and the cached configurations and TLB entries invalidated
+    /// (the STEs and tables they came from are unchanged). Streams that nobody will restore keep their STEs until
+    /// [`ActiveSmmu::abort_streams_except`] aborts them.
+    ///
+    /// # Errors
+    /// [`InitError::NotRunning`], [`InitError::StreamTableNotAdoptable`], [`InitError::NoMemory`] for the queues
+    /// (nothing changed on the SMMU then), [`InitError::Timeout`], [`InitError::Invalidation`].
+    pub fn adopt_running<A: FrameAllocator>(
+        self,
+        allocator: A,
+        options: &InitOptions,
+        format: StreamTableFormat,
+        strtab_base: u64,
+    ) -> Result<ActiveSmmu<A>, InitError> {
+        let features = *self.features();
+        if !self.is_enabled() {
+            return Err(InitError::NotRunning);
+        }
+        let coherency = Coherency {
+            coherent: features.coherent,
+        };
+        let regs = self.regs();
+        let running = regs.strtab_base.get() & 0x000f_ffff_ffff_ffc0;
+        let streams = StreamTable::adopt(format, PhysAddr(strtab_base), &allocator, coherency)
+            .filter(|_| running == strtab_base)
+            .ok_or(InitError::StreamTableNotAdoptable {
+                running,
+                expected: strtab_base,
+            })?;
+        let cmdq_log2 = features.cmdq_log2_max.min(options.cmdq_log2_max);
+        let evtq_log2 = features.eventq_log2_max.min(options.eventq_log2_max);
+        let cmdq_bytes = COMMAND_BYTES << cmdq_log2;
+        let evtq_bytes = EVENT_BYTES << evtq_log2;
+        let cmdq_memory = allocator
+            .allocate_zeroed(cmdq_bytes, cmdq_bytes.max(32))
+            .map_err(InitError::NoMemory)?;
+        let evtq_memory = match allocator.allocate_zeroed(evtq_bytes, evtq_bytes.max(32)) {
+            Ok(m) => m,
+            Err(e) => {
+                // SAFETY: never shared with the SMMU.
+                unsafe { allocator.free(cmdq_memory) };
+                return Err(InitError::NoMemory(e));
+            }
+        };
+        let (Ok(cmdq_geometry), Ok(evtq_geometry)) = (QueueGeometry::new(cmdq_log2), QueueGeometry::new(evtq_log2))
+        else {
+            unreachable!("queue sizes are checked at probe")
+        };
+        let mut cmdq = CommandQueue::new(cmdq_memory, cmdq_geometry, coherency);
+        if features.quirks.contains(Quirks::CMDQ_SYNC_EVERY_63) {
+            cmdq.limit_commands_per_sync(MMU700_COMMANDS_PER_SYNC);
+        }
+        let evtq = EventQueue::new(evtq_memory, evtq_geometry, coherency);
+
+        // Queues and interrupts off, translation on throughout.
+        regs.irq_ctrl.set(0);
+        handshake("IRQ_CTRLACK", || regs.irq_ctrlack.get(), |v| v == 0)?;
+        set_cr0(regs, CR0::SMMUEN::SET.value)?;
+        // Global errors the previous image left latched (a stale CMDQ_ERR would stall the new queue).
+        regs.gerrorn.set(regs.gerror.get());
+        write_barrier();
+        regs.cmdq_base.set(cmdq_base(cmdq.memory().phys.0, cmdq_log2));
+        regs.cmdq_prod.set(0);
+        regs.cmdq_cons.set(0);
+        regs.eventq_base
+            .set(written_queue_base(evtq.memory().phys.0, evtq_log2));
+        let page1 = self.page1_regs();
+        page1.eventq_prod.set(0);
+        page1.eventq_cons.set(0);
+        let on = CR0::SMMUEN::SET.value | CR0::CMDQEN::SET.value | CR0::EVENTQEN::SET.value;
+        set_cr0(regs, on)?;
+        if !options.interrupts.is_empty() {
+            if features.msi {
+                regs.gerror_irq_cfg0.set(0);
+                regs.eventq_irq_cfg0.set(0);
+            }
+            let wanted = options.interrupts.bits();
+            regs.irq_ctrl.set(wanted);
+            handshake("IRQ_CTRLACK", || regs.irq_ctrlack.get(), |v| v == wanted)?;
+        }
+        let mut active = ActiveSmmu {
+            smmu: self,
+            allocator,
+            streams,
+            cmdq,
+            evtq,
+            asids: IdAllocator::new(features.asid_bits),
+            vmids: IdAllocator::new(features.vmid_bits),
+            pending_overflow: None,
+            domains: Domains::new(),
+        };
+        active.invalidate_all().map_err(InitError::Invalidation)?;
+        Ok(active)
     }
 
     /// As [`Smmu::init`], with room for `D` domains instead of [`DEFAULT_DOMAINS`].
@@ -515,6 +629,32 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             syncs: writer.syncs,
             new_span: slot.new_span,
         })
+    }
+
+    /// Makes every stream whose STE exists abort, except those `keep` names (after a hand-off with the SMMU
+    /// running: the streams no record names). Returns how many were changed.
+    ///
+    /// # Errors
+    /// As [`ActiveSmmu::install_ste`].
+    pub fn abort_streams_except(&mut self, keep: impl Fn(u32) -> bool) -> Result<u32, AttachError> {
+        let mut changed = 0;
+        let sid_bits = self.streams.format().sid_bits();
+        for sid in 0..(1u64 << sid_bits) {
+            let sid = sid as u32;
+            if keep(sid) {
+                continue;
+            }
+            let live = match self.streams.read(sid) {
+                Ok(ste) => ste,
+                Err(_) => continue,
+            };
+            if live == Ste::invalid() || live == Ste::abort() {
+                continue;
+            }
+            self.attach_abort(sid)?;
+            changed += 1;
+        }
+        Ok(changed)
     }
 
     /// The STE currently installed for `sid` (all zero, i.e. invalid, for an unallocated level-2 span).
@@ -918,6 +1058,9 @@ pub(crate) mod tests {
         at_enable: Option<(bool, u64, Vec<u8>)>,
         /// CR0ACK when IRQ_CTRL was first seen non-zero.
         cr0ack_at_irq_enable: Option<u32>,
+        /// CR0.SMMUEN went from 1 to 0 at some point.
+        pub(crate) smmuen_dropped: bool,
+        smmuen_was_on: bool,
         pub(crate) consumed: Vec<u8>,
     }
 
@@ -928,6 +1071,8 @@ pub(crate) mod tests {
         pub(crate) seen: Arc<Mutex<Seen>>,
         /// An opcode the model refuses as illegal (CERROR_ILL), 0 for none.
         pub(crate) refuse: Arc<AtomicU8>,
+        /// Memory outside the heap frames the queues may live in: (physical base, CPU address, length).
+        pub(crate) window: Arc<Mutex<Option<(u64, usize, u64)>>>,
         thread: Option<std::thread::JoinHandle<()>>,
     }
 
@@ -962,7 +1107,13 @@ pub(crate) mod tests {
             let stop = Arc::new(AtomicBool::new(false));
             let seen = Arc::new(Mutex::new(Seen::default()));
             let refuse = Arc::new(AtomicU8::new(0));
-            let (stop2, seen2, refuse2) = (Arc::clone(&stop), Arc::clone(&seen), Arc::clone(&refuse));
+            let window: Arc<Mutex<Option<(u64, usize, u64)>>> = Arc::new(Mutex::new(None));
+            let (stop2, seen2, refuse2, window2) = (
+                Arc::clone(&stop),
+                Arc::clone(&seen),
+                Arc::clone(&refuse),
+                Arc::clone(&window),
+            );
             let thread = std::thread::spawn(move || {
                 let r = |o| {
                     // SAFETY: inside the live block (joined before it is freed).
@@ -975,6 +1126,14 @@ pub(crate) mod tests {
                 let mut cons = 0u32;
                 while !stop2.load(Ordering::SeqCst) {
                     let cr0 = r(0x20);
+                    {
+                        let mut s = seen2.lock().unwrap();
+                        if cr0 & 1 != 0 {
+                            s.smmuen_was_on = true;
+                        } else if s.smmuen_was_on {
+                            s.smmuen_dropped = true;
+                        }
+                    }
                     if cr0 & 1 != 0 && r(0x24) & 1 == 0 {
                         let strtab = u64::from(r(0x80)) | u64::from(r(0x84)) << 32;
                         let mut s = seen2.lock().unwrap();
@@ -996,7 +1155,13 @@ pub(crate) mod tests {
                     if cr0 & (1 << 3) != 0 && !error_pending {
                         let base_reg = u64::from(r(0x90)) | u64::from(r(0x94)) << 32;
                         let log2 = (base_reg & 0x1f) as u32;
-                        let queue = frames.virt(base_reg & (((1 << 52) - 1) & !0x1f)) as *const u64;
+                        let phys = base_reg & (((1 << 52) - 1) & !0x1f);
+                        let queue = match *window2.lock().unwrap() {
+                            Some((base, virt, len)) if (base..base + len).contains(&phys) => {
+                                (virt + (phys - base) as usize) as *const u64
+                            }
+                            _ => frames.virt(phys) as *const u64,
+                        };
                         let prod = r(0x98);
                         let mask = (2u32 << log2) - 1;
                         while cons & mask != prod & mask {
@@ -1023,6 +1188,7 @@ pub(crate) mod tests {
                 stop,
                 seen,
                 refuse,
+                window,
                 thread: Some(thread),
             }
         }

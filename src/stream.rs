@@ -143,6 +143,26 @@ impl StreamTable {
         Ok(StreamTable { format, table })
     }
 
+    /// Adopts the stream table of `format` at `base` that a running SMMU uses (a hand-off with SMMUEN kept 1):
+    /// nothing the SMMU reads is written. `None` when `allocator` does not reach it whole.
+    pub(crate) fn adopt(
+        format: StreamTableFormat,
+        base: PhysAddr,
+        allocator: &impl FrameAllocator,
+        coherency: Coherency,
+    ) -> Option<Self> {
+        let level1 = match format {
+            StreamTableFormat::Linear { .. } => None,
+            StreamTableFormat::TwoLevel { split, .. } => Some(Level1 {
+                leaf_bits: split,
+                descriptor: span_descriptor,
+                address_mask: ste::L1_DESCRIPTOR_L2PTR_MASK,
+            }),
+        };
+        let table = EntryTable::adopt(format.sid_bits(), level1, base, Ste::abort().0, allocator, coherency)?;
+        Some(StreamTable { format, table })
+    }
+
     pub(crate) fn format(&self) -> StreamTableFormat {
         self.format
     }

@@ -73,6 +73,63 @@ impl EntryTable {
         })
     }
 
+    /// Adopts the linear or (with `level1`) 2-level table at `base` that a previous image left live (a hand-off with
+    /// the SMMU running): nothing the SMMU reads is written. For a 2-level table the level-1 descriptors are read
+    /// to find the leaves, whose CPU addresses go into a new array from `allocator`. `None` when `allocator`
+    /// cannot reach the table or one of its leaves (or has no memory for that array).
+    pub(crate) fn adopt(
+        entry_bits: u8,
+        level1: Option<Level1>,
+        base: PhysAddr,
+        initial: [u64; 8],
+        allocator: &impl FrameAllocator,
+        coherency: Coherency,
+    ) -> Option<Self> {
+        let Some(l1) = level1 else {
+            return Self::adopt_linear(entry_bits, base, initial, allocator, coherency);
+        };
+        let size = 8usize << (entry_bits - l1.leaf_bits);
+        let virt = allocator.phys_to_virt(base)?;
+        allocator.phys_to_virt(PhysAddr(base.0 + size as u64 - 1))?;
+        let base = DmaBlock { phys: base, virt, size };
+        let leaves = allocator.allocate_zeroed(size, 8).ok()?;
+        let mut allocated_leaves = 0;
+        {
+            // SAFETY: both blocks are live; the level-1 array is read with single-copy-atomic loads.
+            let (descriptors, pointers) = unsafe { (base.words(), leaves.words()) };
+            for (descriptor, pointer) in descriptors.iter().zip(pointers) {
+                let leaf = descriptor.load(Ordering::Relaxed) & l1.address_mask;
+                if leaf == 0 {
+                    continue;
+                }
+                let leaf_size = (ENTRY_BYTES << l1.leaf_bits) as u64;
+                let cpu = allocator
+                    .phys_to_virt(PhysAddr(leaf))
+                    .filter(|_| allocator.phys_to_virt(PhysAddr(leaf + leaf_size - 1)).is_some());
+                match cpu {
+                    Some(cpu) => {
+                        pointer.store(cpu.as_ptr() as u64, Ordering::Relaxed);
+                        allocated_leaves += 1;
+                    }
+                    None => {
+                        // SAFETY: allocated above, never shared.
+                        unsafe { allocator.free(leaves) };
+                        return None;
+                    }
+                }
+            }
+        }
+        Some(EntryTable {
+            entry_bits,
+            level1: Some(l1),
+            base,
+            leaves: Some(leaves),
+            initial,
+            coherency,
+            allocated_leaves,
+        })
+    }
+
     /// A table of `2^entry_bits` entries, linear or (with `level1`) 2-level, every entry `initial`.
     pub(crate) fn new(
         entry_bits: u8,

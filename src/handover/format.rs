@@ -93,7 +93,7 @@ struct RawIdentity {
     strtab_split: u8,
     reserved0: u8,
     reserved1: U32,
-    reserved2: U64,
+    core_len: U64,
 }
 
 #[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
@@ -838,7 +838,7 @@ pub fn encode(
             strtab_split: id.strtab_split,
             reserved0: 0,
             reserved1: U32::ZERO,
-            reserved2: U64::ZERO,
+            core_len: U64::new(id.core_len),
         };
         out[offset..offset + IDENTITY_SIZE].copy_from_slice(raw.as_bytes());
         offset += IDENTITY_SIZE;
@@ -1050,6 +1050,7 @@ fn decode_v1(bytes: &[u8], pool: Extent) -> Result<Decoded, HandoverError> {
         check_instance(&inst.records)?;
     }
     check_overlaps(&decoded.instances)?;
+    check_core_extents(&decoded.instances, pool)?;
     Ok(decoded)
 }
 
@@ -1064,12 +1065,6 @@ fn decode_identity(raw: &RawIdentity, instance: usize, offset: usize) -> Result<
         return Err(nonzero(
             "identity reserved1",
             offset + offset_of!(RawIdentity, reserved1),
-        ));
-    }
-    if raw.reserved2 != U64::ZERO {
-        return Err(nonzero(
-            "identity reserved2",
-            offset + offset_of!(RawIdentity, reserved2),
         ));
     }
     let bad = |what, value: u64| HandoverError::BadStreamTable { instance, what, value };
@@ -1097,6 +1092,7 @@ fn decode_identity(raw: &RawIdentity, instance: usize, offset: usize) -> Result<
         strtab_format: raw.strtab_format,
         strtab_sid_bits: raw.strtab_sid_bits,
         strtab_split: raw.strtab_split,
+        core_len: raw.core_len.get(),
     })
 }
 
@@ -1498,6 +1494,44 @@ fn check_instance(records: &[DomainRecord]) -> Result<(), HandoverError> {
                 token_a: pair[0].2,
                 token_b: pair[1].2,
             });
+        }
+    }
+    Ok(())
+}
+
+/// An SMMU left running keeps its own structures (stream table, spans) in the pool from `strtab_base` for
+/// `core_len` bytes: inside the pool, and shared with no record's extent.
+fn check_core_extents(instances: &[InstanceRecords], pool: Extent) -> Result<(), HandoverError> {
+    for inst in instances {
+        let id = &inst.identity;
+        if id.core_len == 0 {
+            continue;
+        }
+        let core = Extent {
+            base: id.strtab_base,
+            len: id.core_len,
+        };
+        if !pool.contains(core.base, core.len) {
+            return Err(HandoverError::OutsidePool {
+                token: 0,
+                what: "the running SMMU's structures (identity core_len)",
+                address: core.base,
+                len: core.len,
+            });
+        }
+        for other in instances {
+            for r in &other.records {
+                for e in &r.extents {
+                    if e.overlaps(&core) {
+                        return Err(HandoverError::Overlap {
+                            token_a: 0,
+                            a: core,
+                            token_b: r.token,
+                            b: *e,
+                        });
+                    }
+                }
+            }
         }
     }
     Ok(())

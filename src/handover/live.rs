@@ -52,7 +52,8 @@ fn shape<A: FrameAllocator>(table: &IoPageTable<A>) -> TableShape {
 
 impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// This SMMU as a record names it: `register_base` (the physical base the board gave), the ID registers as
-    /// probed, and the stream table's geometry.
+    /// probed, the stream table's geometry, and (when the SMMU's own memory is a handover arena that starts with
+    /// the stream table, for a hand-off with the SMMU running) how much of that arena it uses.
     pub fn handover_identity(&self, register_base: u64) -> SmmuIdentity {
         let raw = self.features().raw;
         let (strtab_format, strtab_sid_bits, strtab_split) = match self.stream_table_format() {
@@ -67,6 +68,11 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             strtab_format,
             strtab_sid_bits,
             strtab_split,
+            core_len: self
+                .allocator()
+                .handover_extent()
+                .filter(|e| e.base == self.configuration().stream_table_base)
+                .map_or(0, |e| e.len),
         }
     }
 

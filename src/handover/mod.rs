@@ -68,6 +68,10 @@ pub struct SmmuIdentity {
     pub strtab_sid_bits: u8,
     /// 2-level split (0 for linear).
     pub strtab_split: u8,
+    /// For a hand-off with the SMMU left running: the bytes, from `strtab_base`, of the handover arena holding
+    /// the SMMU's own structures (the stream table first, then its level-2 spans), which the next image adopts
+    /// as found. 0 when the stream table is not in the pool (a warm reset re-creates it).
+    pub core_len: u64,
 }
 
 /// What a preserved domain is.

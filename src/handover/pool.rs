@@ -276,6 +276,19 @@ impl HandoverPool {
         Ok(arena)
     }
 
+    /// Forgets everything a previous image left in this pool's statics (a new image entered without a reset,
+    /// whose `.data` keeps the old values): not set up, every arena free.
+    ///
+    /// # Safety
+    /// Nothing may use the pool or its arenas from before.
+    pub unsafe fn forget_previous_image(&self) {
+        *self.layout.lock() = None;
+        for arena in &self.arenas {
+            *arena.layout.lock() = None;
+            arena.release();
+        }
+    }
+
     /// Gives an arena back, empty (as [`HandoverArena::release`]).
     pub fn release(&self, arena: &HandoverArena) {
         arena.release();

@@ -14,6 +14,7 @@ use crate::hw::ste::{CdTableLayout, DefaultSubstream};
 use crate::ids::IdError;
 use crate::mem::{Coherency, FrameAllocator, PhysAddr};
 use crate::pgtable::{AdoptedCounts, Format, Granule, IoPageTable, MapError, Stage};
+use crate::stream::StreamTableFormat;
 
 /// Why the handover could not be prepared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,6 +145,49 @@ fn dss_of(dss: u8) -> DefaultSubstream {
 /// in memory, not in a cache that the reset may discard.
 fn clean_to_memory(ptr: *const u8, len: usize) {
     Coherency { coherent: false }.clean(ptr, len);
+}
+
+/// For a hand-off with the SMMU left running: what the previous image recorded about this SMMU (found by
+/// `register_base` in the validated region): the running stream table's place and format, and the arena its
+/// structures live in, taken back whole so nothing in it is handed out again. Give the arena and the stream table
+/// to [`crate::Smmu::adopt_running`].
+///
+/// # Errors
+/// [`RestoreError::Pool`], [`RestoreError::Region`] for a region that does not validate (then the SMMU cannot be
+/// taken over as it runs: stop it and initialise it), `Ok(None)` when the region names no running SMMU at
+/// `register_base`.
+pub fn running_smmu(
+    pool: &'static HandoverPool,
+    register_base: u64,
+) -> Result<Option<(StreamTableFormat, u64, &'static HandoverArena)>, RestoreError> {
+    let pool_extent = pool.pool().map_err(RestoreError::Pool)?;
+    // SAFETY: read only.
+    let bytes: &[u8] = unsafe { pool.metadata() }.map_err(RestoreError::Pool)?;
+    let decoded = format::decode(bytes, pool_extent).map_err(RestoreError::Region)?;
+    let Some(id) = decoded
+        .instances
+        .iter()
+        .map(|i| i.identity)
+        .find(|id| id.base == register_base && id.core_len != 0)
+    else {
+        return Ok(None);
+    };
+    let format = match id.strtab_format {
+        1 => StreamTableFormat::TwoLevel {
+            sid_bits: id.strtab_sid_bits,
+            split: id.strtab_split,
+        },
+        _ => StreamTableFormat::Linear {
+            sid_bits: id.strtab_sid_bits,
+        },
+    };
+    let arena = pool
+        .adopt(Extent {
+            base: id.strtab_base,
+            len: id.core_len,
+        })
+        .map_err(RestoreError::Pool)?;
+    Ok(Some((format, id.strtab_base, arena)))
 }
 
 impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
@@ -475,6 +519,18 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         Ok(())
     }
 
+    /// After a hand-off with the SMMU running ([`crate::Smmu::adopt_running`] then
+    /// [`ActiveSmmu::restore_handover`]): makes every stream that no restored domain holds abort. Returns how many
+    /// STEs changed.
+    ///
+    /// # Errors
+    /// As [`ActiveSmmu::install_ste`].
+    pub fn abort_unrestored_streams(&mut self) -> Result<u32, AttachError> {
+        let keep: heapless::Vec<u32, { crate::domain::MAX_ATTACHED_STREAMS }> =
+            self.domains.streams.iter().map(|r| r.sid).collect();
+        self.abort_streams_except(|sid| keep.contains(&sid))
+    }
+
     /// The domain restored under `token`, handed to the caller (once): it is then an ordinary live domain (preserve
     /// it again for the next hand-off).
     ///
@@ -771,6 +827,73 @@ mod tests {
                 .restore_handover(region.pool(), BASE + 0x1_0000)
                 .map(|r| r.domains),
             Ok(0)
+        );
+    }
+
+    #[test]
+    fn a_hand_off_with_the_smmu_running_never_turns_translation_off() {
+        use crate::handover::pool::HandoverArena;
+        let frames = frames();
+        let mut region = Region::new();
+        let model = Model::start(frames);
+        let pool = region.pool();
+        *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
+        let core = pool.take_arena().unwrap();
+        let mut first: ActiveSmmu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
+        let d = first
+            .create_stage1(
+                pool.take_arena().unwrap(),
+                Stage1Options {
+                    input_bits: 39,
+                    el2: false,
+                },
+            )
+            .unwrap();
+        first.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+        first.attach(d, 0x10).unwrap();
+        first.attach_bypass(0x30).unwrap();
+        first.preserve(d, 0x77).unwrap();
+        first.prepare_handover(pool, BASE, 3).unwrap();
+        let strtab = first.configuration().stream_table_base;
+        let format = first.stream_table_format();
+        assert!(matches!(format, StreamTableFormat::TwoLevel { .. }));
+        let ste = first.ste(0x10).unwrap();
+        core::mem::forget(first);
+
+        // The next image: the same SMMU, still translating; where its structures are comes from the region.
+        let pool = region.pool();
+        let (recorded_format, recorded_strtab, core) = running_smmu(pool, BASE).unwrap().unwrap();
+        assert_eq!((recorded_format, recorded_strtab), (format, strtab));
+        let mut next = model
+            .smmu()
+            .adopt_running(core, &InitOptions::default(), format, strtab)
+            .unwrap();
+        assert_eq!(next.ste(0x10), Ok(ste), "the running stream table adopted as found");
+        let report = next.restore_handover(pool, BASE).unwrap();
+        assert_eq!((report.domains, report.streams), (1, 1));
+        assert_eq!(
+            next.ste(0x10),
+            Ok(ste),
+            "the restored STE is the one the SMMU was using: nothing rewritten"
+        );
+        assert_eq!(next.ste(0x30).unwrap().config(), Config::Bypass, "until aborted");
+        assert_eq!(next.abort_unrestored_streams(), Ok(1));
+        assert_eq!(next.ste(0x30).unwrap().config(), Config::Abort);
+        let d = next.retrieve(0x77).unwrap();
+        assert_eq!(next.iova_to_phys(d, 0x1000), Ok(Some(0x8000_0000)));
+        assert!(
+            !model.seen.lock().unwrap().smmuen_dropped,
+            "translation never turned off"
+        );
+        // A stream table elsewhere than the SMMU's is refused.
+        core::mem::forget(next);
+        let error = model
+            .smmu()
+            .adopt_running(core, &InitOptions::default(), format, strtab + 0x1000)
+            .err();
+        assert!(
+            matches!(error, Some(crate::InitError::StreamTableNotAdoptable { .. })),
+            "{error:?}"
         );
     }
 }

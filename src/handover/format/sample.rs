@@ -81,6 +81,7 @@ pub fn instances(rng: &mut Rng, max_records: usize) -> heapless::Vec<InstanceRec
             strtab_format: 1,
             strtab_sid_bits: 16,
             strtab_split: 8,
+            core_len: 0,
         };
         let mut records: heapless::Vec<DomainRecord, MAX_RECORDS> = heapless::Vec::new();
         let n = rng.below(max_records.min(MAX_RECORDS) as u64 + 1) as usize;
