@@ -74,3 +74,24 @@ fn live_update_on_sbsa_ref() {
     let outcome = r.boot();
     assert_reset_and_restored(&outcome, &scenarios);
 }
+
+/// `lu-noreset`: the hand-off without a reset, the SMMU left translating; a DMA in flight across it and one issued
+/// during the restore land, with no SMMU event at all.
+#[test]
+fn a_hand_off_with_the_smmu_running_loses_no_dma() {
+    for (board, stage) in [
+        (Board::QemuVirt, Stage::Nested),
+        (Board::QemuVirt, Stage::One),
+        (Board::SbsaRef, Stage::Nested),
+    ] {
+        let outcome = run(board, stage, &["lu-noreset"]);
+        outcome.assert_passed(&["lu-noreset"]);
+        assert_eq!(
+            outcome.console.matches("handing off to a new image").count(),
+            1,
+            "{}",
+            outcome.report()
+        );
+        outcome.assert_console_shows(&["both DMAs landed, 0 faulted"]);
+    }
+}

@@ -191,6 +191,16 @@ impl Edu {
     /// # Errors
     /// [`EduError::BufferRange`] or [`EduError::BeyondDmaMask`] before anything is started; [`EduError::Timeout`].
     pub fn dma(&self, direction: Direction, bus_address: u64, offset: u64, len: u64) -> Result<(), EduError> {
+        self.start_dma(direction, bus_address, offset, len)?;
+        self.wait_dma()
+    }
+
+    /// Starts a DMA as [`Edu::dma`] does, without waiting for it (edu completes it on its 100 ms timer): a DMA in
+    /// flight across a hand-off. [`Edu::wait_dma`] waits for it.
+    ///
+    /// # Errors
+    /// As [`Edu::dma`], but no [`EduError::Timeout`] for the transfer itself.
+    pub fn start_dma(&self, direction: Direction, bus_address: u64, offset: u64, len: u64) -> Result<(), EduError> {
         if len == 0 || offset.checked_add(len).is_none_or(|end| end > BUFFER_SIZE) {
             return Err(EduError::BufferRange { offset, len });
         }
@@ -217,6 +227,14 @@ impl Edu {
         self.write64(reg::DMA_DESTINATION, destination);
         self.write64(reg::DMA_COUNT, len);
         self.write64(reg::DMA_COMMAND, command);
+        Ok(())
+    }
+
+    /// Waits (up to 2 s) for the DMA in flight, if any, to complete.
+    ///
+    /// # Errors
+    /// [`EduError::Timeout`].
+    pub fn wait_dma(&self) -> Result<(), EduError> {
         let deadline = time::deadline_us(2_000_000);
         while self.read64(reg::DMA_COMMAND) & reg::DMA_START != 0 {
             if time::expired(deadline) {

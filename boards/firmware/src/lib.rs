@@ -12,6 +12,7 @@ pub mod exceptions;
 pub mod finish;
 pub mod frames;
 pub mod fw_cfg;
+pub mod handoff;
 pub mod handover;
 pub mod irq;
 pub mod mmu;
@@ -232,8 +233,11 @@ pub fn run<B: Board>(board: &B) -> ! {
             base: handover_start as u64,
             len: (scratch - handover_start) as u64,
         };
-        // SAFETY: the region is RAM kept out of the frame pool and used by nothing else; RAM is identity-mapped.
+        // SAFETY: at boot nothing uses the pool yet; a previous image entered without a reset (a hand-off) left its
+        // values in `.data`, which this forgets. The region is RAM kept out of the frame pool and used by nothing
+        // else; RAM is identity-mapped.
         let set_up = unsafe {
+            handover::POOL.forget_previous_image();
             handover::POOL.set_up(
                 region,
                 core::ptr::NonNull::new(handover_start as *mut u8).unwrap_or(core::ptr::NonNull::dangling()),

@@ -556,3 +556,117 @@ pub fn lu_corrupt(context: &mut Context) -> Result<(), Failure> {
         }
     }
 }
+
+/// `lu-noreset`: a hand-off to a new image with the SMMU left translating (the same binary entered again). The
+/// first image's SMMU and its stream table live in a handover arena; a DMA it starts completes after the hand-off,
+/// another starts while the new image takes the SMMU over; both must land, with no fault and translation never
+/// turned off.
+pub fn lu_noreset(context: &mut Context) -> Result<(), Failure> {
+    use smmuv3::ActiveSmmu;
+    use smmuv3::handover::restore::running_smmu;
+    let (edu, sid) = edu_stream(context)?;
+    let base = smmu_base(context);
+    let Some(note) = after_reset() else {
+        let smmu = super::smmu(context)?;
+        let core = arena()?;
+        let mut s: ActiveSmmu<&'static HandoverArena> = smmu
+            .init(core, &smmuv3::InitOptions::default())
+            .or_else(|e| fail!("{e}"))?;
+        let kind = if s.features().stage1 {
+            DomainKind::Stage1
+        } else {
+            DomainKind::Stage2
+        };
+        let a = arena()?;
+        let ipa_bits = 40.min(s.features().oas_bits);
+        let domain = match kind {
+            DomainKind::Stage1 => s.create_stage1(
+                a,
+                Stage1Options {
+                    input_bits: 39,
+                    el2: false,
+                },
+            ),
+            _ => s.create_stage2(a, Stage2Options { input_bits: ipa_bits }),
+        }
+        .or_else(|e| fail!("{e}"))?;
+        let (source, destination) = (arena_page(a)?, arena_page(a)?);
+        s.map(domain, IOVA_SOURCE, source, 4096, RW).or_else(|e| fail!("{e}"))?;
+        s.map(domain, IOVA_DESTINATION, destination, 4096, RW)
+            .or_else(|e| fail!("{e}"))?;
+        s.attach(domain, sid).or_else(|e| fail!("{e}"))?;
+        dma(&edu, source, IOVA_DESTINATION, destination, 0x81)?;
+        s.preserve(domain, TOKEN).or_else(|e| fail!("{e}"))?;
+        s.prepare_handover(&POOL, base, 1).or_else(|e| fail!("{e}"))?;
+        // A DMA in flight across the hand-off: edu writes its buffer (the pattern) to the destination.
+        fill(destination, |_| 0xee);
+        let last_good = time::ticks();
+        edu.start_dma(Direction::FromDevice, IOVA_DESTINATION, 0, LEN as u64)
+            .or_else(|e| fail!("{e}"))?;
+        println!(
+            "  {domain} ({kind}) preserved; stream table in a handover arena; a DMA to IOVA {IOVA_DESTINATION:#x} in flight"
+        );
+        use core::sync::atomic::Ordering::Relaxed;
+        power::set_live_update_note(Some(LiveUpdateNote {
+            magic: LiveUpdateNote::MAGIC,
+            index: LIST_POSITION.load(Relaxed) as u32,
+            passed: PASSED_SO_FAR.load(Relaxed) as u32,
+            failed: FAILED_SO_FAR.load(Relaxed) as u32,
+            phase: 1,
+            data: note_data(&[source, destination, last_good]),
+        }));
+        core::mem::forget(s);
+        crate::handoff::reenter()
+    };
+    let [source, destination, last_good, ..] = note.data;
+    let smmu = super::smmu(context)?;
+    if !smmu.is_enabled() {
+        fail!("the SMMU is not translating after the hand-off")
+    }
+    let Some((format, strtab, core)) = running_smmu(&POOL, base).or_else(|e| fail!("{e}"))? else {
+        fail!("the handover region names no running SMMU")
+    };
+    let t0 = time::ticks();
+    let mut s = smmu
+        .adopt_running(core, &smmuv3::InitOptions::default(), format, strtab)
+        .or_else(|e| fail!("{e}"))?;
+    let adopt_ticks = time::ticks() - t0;
+    // The DMA started before the hand-off lands.
+    edu.wait_dma().or_else(|e| fail!("{e}"))?;
+    check_landed(destination, 0x81, 0xee, "the DMA in flight across the hand-off")?;
+    // Another starts while the new image restores.
+    fill(source, |_| 0xee);
+    edu.start_dma(Direction::FromDevice, IOVA_SOURCE, 0, LEN as u64)
+        .or_else(|e| fail!("{e}"))?;
+    let t1 = time::ticks();
+    let report = s.restore_handover(&POOL, base).or_else(|e| fail!("{e}"))?;
+    let aborted = s.abort_unrestored_streams().or_else(|e| fail!("{e}"))?;
+    let restored_ticks = time::ticks() - t1;
+    edu.wait_dma().or_else(|e| fail!("{e}"))?;
+    check_landed(source, 0x81, 0xee, "the DMA issued during the restore")?;
+    let first_good = time::ticks();
+    let domain = s.retrieve(TOKEN).or_else(|e| fail!("{e}"))?;
+    s.drain_faults(|_| {}).or_else(|e| fail!("{e}"))?;
+    let faults = s.domain_faults(domain).map(|f| f.total()).unwrap_or(0) + s.clear_unattached_faults().total();
+    if faults != 0 {
+        fail!("{faults} fault(s) across the hand-off")
+    }
+    s.finish_handover(&POOL, base).or_else(|e| fail!("{e}"))?;
+    println!(
+        "  new image: SMMU adopted translating in {} us, {} domain(s) and {} stream(s) restored and {aborted} other stream(s) aborted in {} us; both DMAs landed, 0 faulted; from the last good DMA issued before to the next verified after: {} us (edu's two 100 ms timers included)",
+        time::to_us(adopt_ticks),
+        report.domains,
+        report.streams,
+        time::to_us(restored_ticks),
+        time::to_us(first_good.saturating_sub(last_good))
+    );
+    s.detach(sid).or_else(|e| fail!("{e}"))?;
+    s.free_domain(domain).or_else(|e| fail!("{e}"))?;
+    match s.shutdown(true) {
+        Ok(_) => {
+            core.release();
+            Ok(())
+        }
+        Err(e) => fail!("{e}"),
+    }
+}
