@@ -639,20 +639,27 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     pub fn abort_streams_except(&mut self, keep: impl Fn(u32) -> bool) -> Result<u32, AttachError> {
         let mut changed = 0;
         let sid_bits = self.streams.format().sid_bits();
-        for sid in 0..(1u64 << sid_bits) {
-            let sid = sid as u32;
-            if keep(sid) {
+        let span = self.streams.span_len();
+        // Only the spans that exist hold STEs: the others are skipped whole.
+        for first in (0..(1u64 << sid_bits)).step_by(span as usize) {
+            if !self.streams.exists(first as u32) {
                 continue;
             }
-            let live = match self.streams.read(sid) {
-                Ok(ste) => ste,
-                Err(_) => continue,
-            };
-            if live == Ste::invalid() || live == Ste::abort() {
-                continue;
+            for sid in first..first + span {
+                let sid = sid as u32;
+                if keep(sid) {
+                    continue;
+                }
+                let live = match self.streams.read(sid) {
+                    Ok(ste) => ste,
+                    Err(_) => continue,
+                };
+                if live == Ste::invalid() || live == Ste::abort() {
+                    continue;
+                }
+                self.attach_abort(sid)?;
+                changed += 1;
             }
-            self.attach_abort(sid)?;
-            changed += 1;
         }
         Ok(changed)
     }

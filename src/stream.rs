@@ -163,6 +163,19 @@ impl StreamTable {
         Some(StreamTable { format, table })
     }
 
+    /// StreamIDs per level-2 span (the whole table when linear).
+    pub(crate) fn span_len(&self) -> u64 {
+        match self.format {
+            StreamTableFormat::Linear { sid_bits } => 1 << sid_bits,
+            StreamTableFormat::TwoLevel { split, .. } => 1 << split,
+        }
+    }
+
+    /// Whether `sid`'s STE exists (in the linear table, or in an allocated level-2 span).
+    pub(crate) fn exists(&self, sid: u32) -> bool {
+        self.table.contains(sid) && self.table.entry(sid).is_some()
+    }
+
     pub(crate) fn format(&self) -> StreamTableFormat {
         self.format
     }
