@@ -291,6 +291,77 @@ fn set_global_abort(regs: &SmmuPage0) -> Result<(), InitError> {
     handshake("GBPA", || regs.gbpa.get(), |v| v & GBPA::UPDATE::SET.value == 0)
 }
 
+/// The command and event queues, allocated from `allocator` and sized by `features` within `options`: memory
+/// only, nothing on the SMMU.
+fn allocate_queues<A: FrameAllocator>(
+    allocator: &A,
+    features: &Features,
+    options: &InitOptions,
+) -> Result<(CommandQueue, EventQueue, u8, u8), AllocError> {
+    let coherency = Coherency {
+        coherent: features.coherent,
+    };
+    let cmdq_log2 = features.cmdq_log2_max.min(options.cmdq_log2_max);
+    let evtq_log2 = features.eventq_log2_max.min(options.eventq_log2_max);
+    let cmdq_bytes = COMMAND_BYTES << cmdq_log2;
+    let evtq_bytes = EVENT_BYTES << evtq_log2;
+    let cmdq_memory = allocator.allocate_zeroed(cmdq_bytes, cmdq_bytes.max(32))?;
+    let evtq_memory = match allocator.allocate_zeroed(evtq_bytes, evtq_bytes.max(32)) {
+        Ok(m) => m,
+        Err(e) => {
+            // SAFETY: allocated just above and never shared with the SMMU.
+            unsafe { allocator.free(cmdq_memory) };
+            return Err(e);
+        }
+    };
+    // IDR1 sizes were checked at probe (at most 19), so the geometries exist.
+    let (Ok(cmdq_geometry), Ok(evtq_geometry)) = (QueueGeometry::new(cmdq_log2), QueueGeometry::new(evtq_log2)) else {
+        unreachable!("queue sizes are checked at probe")
+    };
+    let mut cmdq = CommandQueue::new(cmdq_memory, cmdq_geometry, coherency);
+    if features.quirks.contains(Quirks::CMDQ_SYNC_EVERY_63) {
+        cmdq.limit_commands_per_sync(MMU700_COMMANDS_PER_SYNC);
+    }
+    let evtq = EventQueue::new(evtq_memory, evtq_geometry, coherency);
+    Ok((cmdq, evtq, cmdq_log2, evtq_log2))
+}
+
+/// Gives the (disabled) queues their bases, empty, then turns them on with `cr0` (SMMUEN as it is to stay).
+fn program_queues(
+    smmu: &Smmu,
+    cmdq: &CommandQueue,
+    evtq: &EventQueue,
+    (cmdq_log2, evtq_log2): (u8, u8),
+    cr0: u32,
+) -> Result<(), InitError> {
+    let regs = smmu.regs();
+    write_barrier();
+    regs.cmdq_base.set(cmdq_base(cmdq.memory().phys.0, cmdq_log2));
+    regs.cmdq_prod.set(0);
+    regs.cmdq_cons.set(0);
+    regs.eventq_base
+        .set(written_queue_base(evtq.memory().phys.0, evtq_log2));
+    let page1 = smmu.page1_regs();
+    page1.eventq_prod.set(0);
+    page1.eventq_cons.set(0);
+    set_cr0(regs, cr0 | CR0::CMDQEN::SET.value | CR0::EVENTQEN::SET.value)
+}
+
+/// The interrupts the caller asked for, as wired lines: an SMMU with MSIs sends one only to a non-zero IRQ_CFG0
+/// address, so clearing those selects the wires.
+fn enable_interrupts(regs: &SmmuPage0, features: &Features, options: &InitOptions) -> Result<(), InitError> {
+    if options.interrupts.is_empty() {
+        return Ok(());
+    }
+    if features.msi {
+        regs.gerror_irq_cfg0.set(0);
+        regs.eventq_irq_cfg0.set(0);
+    }
+    let wanted = options.interrupts.bits();
+    regs.irq_ctrl.set(wanted);
+    handshake("IRQ_CTRLACK", || regs.irq_ctrlack.get(), |v| v == wanted)
+}
+
 impl Smmu {
     /// Initialises the SMMU in the architecture's order and enables translation with every stream aborting:
     /// GBPA.ABORT = 1 (so nothing bypasses while it is reprogrammed), SMMUEN and the queues off, interrupts off,
@@ -342,57 +413,16 @@ impl Smmu {
                 running,
                 expected: strtab_base,
             })?;
-        let cmdq_log2 = features.cmdq_log2_max.min(options.cmdq_log2_max);
-        let evtq_log2 = features.eventq_log2_max.min(options.eventq_log2_max);
-        let cmdq_bytes = COMMAND_BYTES << cmdq_log2;
-        let evtq_bytes = EVENT_BYTES << evtq_log2;
-        let cmdq_memory = allocator
-            .allocate_zeroed(cmdq_bytes, cmdq_bytes.max(32))
-            .map_err(InitError::NoMemory)?;
-        let evtq_memory = match allocator.allocate_zeroed(evtq_bytes, evtq_bytes.max(32)) {
-            Ok(m) => m,
-            Err(e) => {
-                // SAFETY: never shared with the SMMU.
-                unsafe { allocator.free(cmdq_memory) };
-                return Err(InitError::NoMemory(e));
-            }
-        };
-        let (Ok(cmdq_geometry), Ok(evtq_geometry)) = (QueueGeometry::new(cmdq_log2), QueueGeometry::new(evtq_log2))
-        else {
-            unreachable!("queue sizes are checked at probe")
-        };
-        let mut cmdq = CommandQueue::new(cmdq_memory, cmdq_geometry, coherency);
-        if features.quirks.contains(Quirks::CMDQ_SYNC_EVERY_63) {
-            cmdq.limit_commands_per_sync(MMU700_COMMANDS_PER_SYNC);
-        }
-        let evtq = EventQueue::new(evtq_memory, evtq_geometry, coherency);
-
+        let (cmdq, evtq, cmdq_log2, evtq_log2) =
+            allocate_queues(&allocator, &features, options).map_err(InitError::NoMemory)?;
         // Queues and interrupts off, translation on throughout.
         regs.irq_ctrl.set(0);
         handshake("IRQ_CTRLACK", || regs.irq_ctrlack.get(), |v| v == 0)?;
         set_cr0(regs, CR0::SMMUEN::SET.value)?;
         // Global errors the previous image left latched (a stale CMDQ_ERR would stall the new queue).
         regs.gerrorn.set(regs.gerror.get());
-        write_barrier();
-        regs.cmdq_base.set(cmdq_base(cmdq.memory().phys.0, cmdq_log2));
-        regs.cmdq_prod.set(0);
-        regs.cmdq_cons.set(0);
-        regs.eventq_base
-            .set(written_queue_base(evtq.memory().phys.0, evtq_log2));
-        let page1 = self.page1_regs();
-        page1.eventq_prod.set(0);
-        page1.eventq_cons.set(0);
-        let on = CR0::SMMUEN::SET.value | CR0::CMDQEN::SET.value | CR0::EVENTQEN::SET.value;
-        set_cr0(regs, on)?;
-        if !options.interrupts.is_empty() {
-            if features.msi {
-                regs.gerror_irq_cfg0.set(0);
-                regs.eventq_irq_cfg0.set(0);
-            }
-            let wanted = options.interrupts.bits();
-            regs.irq_ctrl.set(wanted);
-            handshake("IRQ_CTRLACK", || regs.irq_ctrlack.get(), |v| v == wanted)?;
-        }
+        program_queues(&self, &cmdq, &evtq, (cmdq_log2, evtq_log2), CR0::SMMUEN::SET.value)?;
+        enable_interrupts(regs, &features, options)?;
         let mut active = ActiveSmmu {
             smmu: self,
             allocator,
@@ -434,24 +464,8 @@ impl Smmu {
                 StreamTableFormat::choose(features.sid_bits, false, options.max_sid_bits.min(features.sid_bits))
             }
         };
-        let cmdq_log2 = features.cmdq_log2_max.min(options.cmdq_log2_max);
-        let evtq_log2 = features.eventq_log2_max.min(options.eventq_log2_max);
         let streams = StreamTable::new(format, &allocator, coherency).map_err(InitError::NoMemory)?;
-        let cmdq_bytes = COMMAND_BYTES << cmdq_log2;
-        let evtq_bytes = EVENT_BYTES << evtq_log2;
-        let queues = allocator
-            .allocate_zeroed(cmdq_bytes, cmdq_bytes.max(32))
-            .and_then(|cmdq| {
-                match allocator.allocate_zeroed(evtq_bytes, evtq_bytes.max(32)) {
-                    Ok(evtq) => Ok((cmdq, evtq)),
-                    Err(e) => {
-                        // SAFETY: allocated just above and never shared with the SMMU.
-                        unsafe { allocator.free(cmdq) };
-                        Err(e)
-                    }
-                }
-            });
-        let (cmdq_memory, evtq_memory) = match queues {
+        let (cmdq, evtq, cmdq_log2, evtq_log2) = match allocate_queues(&allocator, &features, options) {
             Ok(q) => q,
             Err(e) => {
                 // SAFETY: the table was never handed to the SMMU.
@@ -459,16 +473,6 @@ impl Smmu {
                 return Err(InitError::NoMemory(e));
             }
         };
-        // IDR1 sizes were checked at probe (at most 19), so the geometries exist.
-        let (Ok(cmdq_geometry), Ok(evtq_geometry)) = (QueueGeometry::new(cmdq_log2), QueueGeometry::new(evtq_log2))
-        else {
-            unreachable!("queue sizes are checked at probe")
-        };
-        let mut cmdq = CommandQueue::new(cmdq_memory, cmdq_geometry, coherency);
-        if features.quirks.contains(Quirks::CMDQ_SYNC_EVERY_63) {
-            cmdq.limit_commands_per_sync(MMU700_COMMANDS_PER_SYNC);
-        }
-        let evtq = EventQueue::new(evtq_memory, evtq_geometry, coherency);
 
         let regs = self.regs();
         // 1. Nothing may bypass while the SMMU is reprogrammed.
@@ -511,28 +515,10 @@ impl Smmu {
         });
         // Record C_BAD_STREAMID for streams beyond the table; private TLB maintenance (no broadcast TLBI).
         regs.cr2.write(CR2::RECINVSID::SET + CR2::PTM::SET);
-        // 7. Queues.
-        regs.cmdq_base.set(cmdq_base(cmdq.memory().phys.0, cmdq_log2));
-        regs.cmdq_prod.set(0);
-        regs.cmdq_cons.set(0);
-        regs.eventq_base
-            .set(written_queue_base(evtq.memory().phys.0, evtq_log2));
-        let page1 = self.page1_regs();
-        page1.eventq_prod.set(0);
-        page1.eventq_cons.set(0);
+        // 7. Queues, then (7a) the interrupts the caller asked for.
+        program_queues(&self, &cmdq, &evtq, (cmdq_log2, evtq_log2), 0)?;
+        enable_interrupts(regs, &features, options)?;
         let queues = CR0::CMDQEN::SET.value | CR0::EVENTQEN::SET.value;
-        set_cr0(regs, queues)?;
-        // 7a. Interrupts the caller asked for, as wired lines: an SMMU with MSIs sends one only to a non-zero
-        // IRQ_CFG0 address, so clearing those selects the wires.
-        if !options.interrupts.is_empty() {
-            if features.msi {
-                regs.gerror_irq_cfg0.set(0);
-                regs.eventq_irq_cfg0.set(0);
-            }
-            let wanted = options.interrupts.bits();
-            regs.irq_ctrl.set(wanted);
-            handshake("IRQ_CTRLACK", || regs.irq_ctrlack.get(), |v| v == wanted)?;
-        }
 
         let mut active = ActiveSmmu {
             smmu: self,
