@@ -25,7 +25,8 @@ commands:
   build build the firmware of every board (release, aarch64-unknown-none)
   bench [--quick]
         run the page-table benchmarks (criterion, host, release) and print ours / aarch64-paging / memset with the
-        ratios; --quick keeps the whole run to a few minutes
+        ratios, then the domain-table and live-update benchmarks (preserve, prepare_handover, restore against
+        what each scales with); --quick keeps the whole run to a few minutes
   fuzz [--seconds N] [--seed S]
         fuzz the handover region decoder (stable Rust, release build) for N seconds (default 180): mutated valid
         regions and random bytes; prints cases per second and the refusals by cause, saves failing inputs under
@@ -369,14 +370,24 @@ const BENCH_GROUPS: [(&str, &str); 7] = [
 
 /// Reads criterion's mean point estimate (ns) of `group/function`.
 fn criterion_mean(group: &str, function: &str) -> Option<f64> {
+    criterion_estimate(group, function, "mean")
+}
+
+/// Reads criterion's median point estimate (ns) of `group/function`.
+fn criterion_median(group: &str, function: &str) -> Option<f64> {
+    criterion_estimate(group, function, "median")
+}
+
+/// Reads criterion's point estimate (ns) of `statistic` ("mean", "median") for `group/function`.
+fn criterion_estimate(group: &str, function: &str, statistic: &str) -> Option<f64> {
     // Criterion writes below the cargo target directory, which CARGO_TARGET_DIR may move.
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| smmuv3_harness::workspace_root().join("target"));
     let path = target.join(format!("criterion/{group}/{function}/new/estimates.json"));
     let text = std::fs::read_to_string(path).ok()?;
-    let mean = &text[text.find("\"mean\"")?..];
-    let estimate = &mean[mean.find("\"point_estimate\":")? + "\"point_estimate\":".len()..];
+    let section = &text[text.find(&format!("\"{statistic}\""))?..];
+    let estimate = &section[section.find("\"point_estimate\":")? + "\"point_estimate\":".len()..];
     let end = estimate.find([',', '}'])?;
     estimate[..end].trim().parse().ok()
 }
@@ -439,6 +450,7 @@ fn bench(args: &[String]) -> Result<ExitCode, String> {
         }
     );
     bench_domains(quick)?;
+    bench_live_update(quick)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -463,6 +475,112 @@ fn bench_domains(quick: bool) -> Result<(), String> {
             (Some(e), Some(f)) if e > 0.0 => format!("{:.2}x", f / e),
             _ => "-".into(),
         }
+    );
+    Ok(())
+}
+
+/// Live update's cost against what it scales with (`benches/live_update.rs`): `preserve` against the domains
+/// already preserved, `prepare_handover` against the domains it records, a whole restore against the size the
+/// restored domain maps. Medians: the timed sections wait on the fake SMMU thread, and on a loaded host a
+/// descheduled thread inflates a few samples by an order of magnitude.
+fn bench_live_update(quick: bool) -> Result<(), String> {
+    let mut command = cargo();
+    command.args(["bench", "-p", "smmuv3", "--bench", "live_update", "--"]);
+    if quick {
+        command.args(["--warm-up-time", "1", "--measurement-time", "2", "--sample-size", "10"]);
+    }
+    step("live-update benchmarks", command)?;
+    // Per group: what its first row is (for the ratio column), then each row's label and criterion path.
+    let groups: [(&str, &[(&str, &str)]); 3] = [
+        (
+            "1 domain",
+            &[
+                ("preserve, 1 domain preserved", "preserve/preserve/1"),
+                ("preserve, 15 domains preserved", "preserve/preserve/15"),
+            ],
+        ),
+        (
+            "1 domain",
+            &[
+                ("prepare_handover, 1 domain", "preserve/prepare_handover/1"),
+                ("prepare_handover, 15 domains", "preserve/prepare_handover/15"),
+            ],
+        ),
+        (
+            "4 KiB",
+            &[
+                (
+                    "restore + retrieve + finish, 4 KiB mapped",
+                    "restore/restore_retrieve_finish/4KiB",
+                ),
+                (
+                    "restore + retrieve + finish, 2 MiB mapped",
+                    "restore/restore_retrieve_finish/2MiB",
+                ),
+                (
+                    "restore + retrieve + finish, 64 MiB mapped",
+                    "restore/restore_retrieve_finish/64MiB",
+                ),
+                (
+                    "restore + retrieve + finish, 1 GiB mapped",
+                    "restore/restore_retrieve_finish/1GiB",
+                ),
+            ],
+        ),
+    ];
+    let median = |path: &str| {
+        let (group, function) = path.split_once('/')?;
+        criterion_median(group, function)
+    };
+    println!();
+    println!("| benchmark | time | ratio to the first row of its group |");
+    println!("|---|---|---|");
+    for (first_name, rows) in groups {
+        let first = median(rows[0].1);
+        for (label, path) in rows {
+            let time = median(path);
+            let ratio = match (time, first) {
+                (Some(t), Some(f)) if f > 0.0 => format!("{:.2}x of {first_name}", t / f),
+                _ => "-".into(),
+            };
+            println!("| {label} | {} | {ratio} |", format_ns(time));
+        }
+    }
+    let times = |paths: &[&str]| {
+        paths
+            .iter()
+            .map(|p| format_ns(median(p)))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    println!();
+    println!(
+        "(criterion median per operation{}; a fake SMMU thread acknowledges the commands; preserve timed alone \
+         (the two clock reads around it: {}), unpreserve untimed; preserve + unpreserve timed together: {} with \
+         1 / 4 / 8 / 15 preserved; prepare_handover encodes every \
+         record and decodes the region back, so it grows with the domains (on aarch64 it also cleans their memory to \
+         the point of coherency, a no-op on the host); restore: one stage-1 domain with one stream, its table of 4 KiB \
+         pages adopted in place from recorded counts (no table read), the region's bytes and a fresh driver set \
+         up untimed before each iteration; decode + validate of that region alone: {} for 4 KiB / 2 MiB / 64 MiB / \
+         1 GiB mapped)",
+        if quick {
+            ", --quick: 1 s warm-up, 2 s measurement, 10 samples"
+        } else {
+            ""
+        },
+        times(&["preserve/clock_overhead"]),
+        times(&[
+            "preserve/preserve_unpreserve/1",
+            "preserve/preserve_unpreserve/4",
+            "preserve/preserve_unpreserve/8",
+            "preserve/preserve_unpreserve/15",
+        ]),
+        times(&[
+            "restore/decode/4KiB",
+            "restore/decode/2MiB",
+            "restore/decode/64MiB",
+            "restore/decode/1GiB"
+        ]),
     );
     Ok(())
 }

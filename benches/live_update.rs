@@ -1,0 +1,369 @@
+//! Live update cost (issue #17): `preserve` against the number of domains already preserved (the token index is
+//! O(1), so it should be flat), `prepare_handover` against the number of preserved domains (linear by nature: one
+//! record per domain is encoded and then decoded back as a self-check), and a whole restore (`restore_handover` +
+//! `retrieve` + `finish_handover`) against the size one preserved stage-1 domain maps as 4 KiB pages (flat: the
+//! recorded table counts let the next image adopt the tables in place without reading them). `cargo xtask bench`
+//! prints the table.
+//!
+//! The SMMU is a small fake (a thread that acknowledges CR0, GBPA and IRQ_CTRL writes and consumes commands), as in
+//! `benches/domains.rs`, so the numbers are the driver's work plus its CMD_SYNC round trips through shared memory.
+//! On the host the cache maintenance to the point of coherency is a no-op; on aarch64 `prepare_handover` also
+//! cleans every preserved byte (linear in the preserved memory).
+
+// criterion_group! generates an undocumented public function.
+#![allow(missing_docs)]
+
+use std::alloc::{Layout, alloc_zeroed};
+use std::hint::black_box;
+use std::ptr::NonNull;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use smmuv3::handover::Extent;
+use smmuv3::handover::format;
+use smmuv3::handover::pool::{HandoverPool, METADATA_BYTES};
+use smmuv3::mem::{AllocError, DmaBlock, FrameAllocator, PhysAddr};
+use smmuv3::{ActiveSmmu, DomainId, InitOptions, Prot, Smmu, Stage1Options};
+
+/// Domains the driver has room for (more than the 16 arenas can back).
+const CAPACITY: usize = 32;
+/// The SMMU's register base as the records name it (any fixed value: the fake has no physical address).
+const REGISTER_BASE: u64 = 0x905_0000;
+/// The handover region: 64 KiB of records and 16 arenas of 4 MiB (1 GiB of 4 KiB pages needs about 2 MiB + 8 KiB
+/// of page tables).
+const REGION_BYTES: usize = (64 << 10) + 16 * (4 << 20);
+/// The region's physical base (the fake SMMU reads no page table, so any 4 KiB-aligned value does).
+const REGION_PHYS: u64 = 0x80_0000_0000;
+const RW: Prot = Prot::READ.union(Prot::WRITE).union(Prot::CACHEABLE);
+const STAGE1: Stage1Options = Stage1Options {
+    input_bits: 39,
+    el2: false,
+};
+const SID: u32 = 0x10;
+const TOKEN: u64 = 0x51;
+
+/// Heap frames, physical = virtual (the fake SMMU reads the queue at the address the driver wrote).
+struct HeapFrames {
+    live: Mutex<Vec<(usize, Layout)>>,
+}
+
+// SAFETY: blocks come zeroed from the global allocator with the requested alignment and stay until freed.
+unsafe impl FrameAllocator for HeapFrames {
+    fn allocate_zeroed(&self, size: usize, align: usize) -> Result<DmaBlock, AllocError> {
+        let layout = Layout::from_size_align(size, align.max(8)).map_err(|_| AllocError::BadRequest { size, align })?;
+        // SAFETY: non-zero size (the driver never asks for zero bytes).
+        let p = unsafe { alloc_zeroed(layout) };
+        let virt = NonNull::new(p).ok_or(AllocError::OutOfMemory { size })?;
+        self.live.lock().unwrap().push((p as usize, layout));
+        Ok(DmaBlock {
+            phys: PhysAddr(p as u64),
+            virt,
+            size,
+        })
+    }
+
+    unsafe fn free(&self, block: DmaBlock) {
+        let mut live = self.live.lock().unwrap();
+        let i = live
+            .iter()
+            .position(|(a, _)| *a == block.virt.as_ptr() as usize)
+            .unwrap();
+        let (address, layout) = live.swap_remove(i);
+        // SAFETY: allocated above with this layout, and the caller no longer uses it.
+        unsafe { std::alloc::dealloc(address as *mut u8, layout) };
+    }
+
+    fn phys_to_virt(&self, phys: PhysAddr) -> Option<NonNull<u8>> {
+        NonNull::new(phys.0 as *mut u8)
+    }
+}
+
+type Active = ActiveSmmu<&'static HeapFrames, CAPACITY>;
+
+fn reg(base: usize, offset: usize) -> *mut u32 {
+    (base + offset) as *mut u32
+}
+
+/// Set while nothing timed talks to the SMMU (preserve, prepare_handover): the fake then sleeps instead of
+/// spinning, so that it does not compete with the measured thread for a core.
+static PAUSE: AtomicBool = AtomicBool::new(false);
+
+/// Starts the fake SMMU over a leaked register block (QEMU's nested SMMU's ID registers) and returns its base.
+fn fake_smmu(stop: &'static AtomicBool) -> usize {
+    let layout = Layout::from_size_align(0x2_0000, 0x1_0000).unwrap();
+    // SAFETY: non-zero size; leaked for the benchmark's life.
+    let base = unsafe { alloc_zeroed(layout) } as usize;
+    for (offset, value) in [
+        (0x00, 0x0d44_101b_u32),
+        (0x04, 0x0273_0010),
+        (0x0c, 0x1414),
+        (0x14, 0x74),
+        (0x1c, 1),
+    ] {
+        // SAFETY: inside the block.
+        unsafe { reg(base, offset).write_volatile(value) };
+    }
+    std::thread::spawn(move || {
+        let r = |o| {
+            // SAFETY: inside the leaked register block.
+            unsafe { reg(base, o).read_volatile() }
+        };
+        let w = |o, v| {
+            // SAFETY: as above.
+            unsafe { reg(base, o).write_volatile(v) }
+        };
+        while !stop.load(Ordering::Relaxed) {
+            if PAUSE.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            w(0x24, r(0x20));
+            w(0x54, r(0x50));
+            let gbpa = r(0x44);
+            if gbpa & (1 << 31) != 0 {
+                w(0x44, gbpa & !(1 << 31));
+            }
+            // Consume every command: CONS := PROD.
+            w(0x9c, r(0x98));
+            std::hint::spin_loop();
+        }
+    });
+    base
+}
+
+/// The handover region: leaked, pre-touched memory that outlives every "image", with one pool over it. Each
+/// "image" of the restore benchmark starts with every arena free again (the previous one freed its domain), which
+/// is the state a fresh pool over the same memory starts in.
+struct Region {
+    /// The region's first byte (the pool and the driver reach the memory through this pointer too).
+    memory: NonNull<u8>,
+    pool: &'static HandoverPool,
+}
+
+impl Region {
+    fn new() -> Region {
+        let memory: &'static mut [u8] = Box::leak(vec![0u8; REGION_BYTES].into_boxed_slice());
+        // Pre-touch: no page fault inside a timed section.
+        for page in memory.chunks_mut(4096) {
+            page[0] = 1;
+            page[0] = black_box(0);
+        }
+        let pool: &'static HandoverPool = Box::leak(Box::new(HandoverPool::new()));
+        let extent = Extent {
+            base: REGION_PHYS,
+            len: REGION_BYTES as u64,
+        };
+        let memory = NonNull::new(memory.as_mut_ptr()).unwrap();
+        // SAFETY: leaked memory used by nothing else, reached at this address for the program's life.
+        unsafe { pool.set_up(extent, memory) }.unwrap();
+        Region { memory, pool }
+    }
+
+    /// The bytes of `extent` (physical, inside the region), while no driver is running (between "images").
+    fn bytes(&mut self, extent: Extent) -> &mut [u8] {
+        let start = (extent.base - REGION_PHYS) as usize;
+        assert!(start + extent.len as usize <= REGION_BYTES);
+        // SAFETY: inside the leaked region (checked above); `&mut self` and the callers' use between images keep
+        // every other access away while the slice lives.
+        unsafe { std::slice::from_raw_parts_mut(self.memory.as_ptr().add(start), extent.len as usize) }
+    }
+}
+
+/// What the restore benchmark copies back before every iteration: the records and the domain's memory as the first
+/// image left them.
+struct Snapshot {
+    metadata: Vec<u8>,
+    extent: Extent,
+    tables: Vec<u8>,
+}
+
+/// A stage-1 domain in a fresh arena with `pages` 4 KiB pages mapped (the output address is 4 KiB off a 2 MiB
+/// boundary, so no block fits).
+fn stage1_with_pages(smmu: &mut Active, pool: &'static HandoverPool, pages: u64) -> DomainId {
+    let d = smmu.create_stage1(pool.take_arena().unwrap(), STAGE1).unwrap();
+    smmu.map(d, 0x4000_0000, 0x8_0000_1000, pages << 12, RW).unwrap();
+    d
+}
+
+fn bench_preserve(c: &mut Criterion, smmu: &mut Active, region: &Region) {
+    let pool = region.pool;
+    let mut group = c.benchmark_group("preserve");
+    // 16 arenas: up to 15 preserved plus the one being preserved.
+    let domains: Vec<DomainId> = (0..16).map(|_| stage1_with_pages(smmu, pool, 4)).collect();
+    let (measured, others) = domains.split_last().unwrap();
+    let measured = *measured;
+    let mut preserved = 0;
+    // Nothing below waits for the SMMU until the domains are freed.
+    PAUSE.store(true, Ordering::Relaxed);
+    // What the two clock reads around each timed preserve cost by themselves.
+    group.bench_function("clock_overhead", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let start = Instant::now();
+                total += black_box(start).elapsed();
+            }
+            total
+        })
+    });
+    for n in [1usize, 4, 8, 15] {
+        while preserved < n {
+            smmu.preserve(others[preserved], 0x1000 + preserved as u64).unwrap();
+            preserved += 1;
+        }
+        // Only preserve is timed; unpreserve puts the state back.
+        group.bench_function(BenchmarkId::new("preserve", n), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let start = Instant::now();
+                    smmu.preserve(black_box(measured), black_box(TOKEN)).unwrap();
+                    total += start.elapsed();
+                    smmu.unpreserve(TOKEN).unwrap();
+                }
+                total
+            })
+        });
+        group.bench_function(BenchmarkId::new("preserve_unpreserve", n), |b| {
+            b.iter(|| {
+                smmu.preserve(black_box(measured), black_box(TOKEN)).unwrap();
+                smmu.unpreserve(black_box(TOKEN)).unwrap()
+            })
+        });
+        if n == 1 || n == 15 {
+            let mut generation = 0;
+            group.bench_function(BenchmarkId::new("prepare_handover", n), |b| {
+                b.iter(|| {
+                    generation += 1;
+                    smmu.prepare_handover(pool, REGISTER_BASE, black_box(generation))
+                        .unwrap()
+                })
+            });
+        }
+    }
+    group.finish();
+    PAUSE.store(false, Ordering::Relaxed);
+    for i in 0..preserved {
+        smmu.unpreserve(0x1000 + i as u64).unwrap();
+    }
+    for d in domains {
+        smmu.free_domain(d).unwrap();
+    }
+    assert_eq!(pool.arenas_in_use(), 0);
+}
+
+/// The first image for one size: the domain mapped, its stream attached, preserved and prepared; the region's
+/// bytes are saved; then the domain is freed (untimed teardown, its arena free again) and the SMMU shut down.
+fn first_image(smmu: Smmu, frames: &'static HeapFrames, region: &mut Region, pages: u64) -> (Smmu, Snapshot) {
+    let pool = region.pool;
+    let mut active: Active = smmu.init_with_capacity(frames, &InitOptions::default()).unwrap();
+    let d = stage1_with_pages(&mut active, pool, pages);
+    active.attach(d, SID).unwrap();
+    active.preserve(d, TOKEN).unwrap();
+    active.prepare_handover(pool, REGISTER_BASE, 1).unwrap();
+    let extent = memory_extent(&active, d);
+    // 4 KiB pages: one last-level table per 2 MiB at least (blocks would need none).
+    assert!(extent.len >= pages.div_ceil(512) * 4096, "{extent:?}");
+    let last = 0x4000_0000 + ((pages - 1) << 12);
+    assert_eq!(
+        active.iova_to_phys(d, last),
+        Ok(Some(last - 0x4000_0000 + 0x8_0000_1000))
+    );
+    let metadata = region.bytes(pool.metadata_extent().unwrap()).to_vec();
+    let tables = region.bytes(extent).to_vec();
+    active.unpreserve(TOKEN).unwrap();
+    active.detach(SID).unwrap();
+    active.free_domain(d).unwrap();
+    assert_eq!(pool.arenas_in_use(), 0);
+    (
+        active.shutdown(false).unwrap(),
+        Snapshot {
+            metadata,
+            extent,
+            tables,
+        },
+    )
+}
+
+/// The extent of a preserved domain's memory, as its record names it.
+fn memory_extent(smmu: &Active, d: DomainId) -> Extent {
+    let token = smmu.token_of(d).unwrap().unwrap();
+    let records = smmu.handover_records(REGISTER_BASE).unwrap();
+    let record = records.records.iter().find(|r| r.token == token).unwrap();
+    assert_eq!(record.extents.len(), 1);
+    record.extents[0]
+}
+
+fn bench_restore(c: &mut Criterion, mut smmu: Smmu, frames: &'static HeapFrames, region: &mut Region) -> Smmu {
+    let pool = region.pool;
+    let pool_extent = pool.pool().unwrap();
+    let metadata_extent = pool.metadata_extent().unwrap();
+    let mut group = c.benchmark_group("restore");
+    for (label, pages) in [("4KiB", 1u64), ("2MiB", 512), ("64MiB", 64 << 8), ("1GiB", 1 << 18)] {
+        let (s, snapshot) = first_image(smmu, frames, region, pages);
+        smmu = s;
+        let mut spare = Some(smmu);
+        group.bench_function(BenchmarkId::new("restore_retrieve_finish", label), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    // The reset (untimed): the region's bytes as the first image left them, a fresh driver.
+                    region.bytes(metadata_extent).copy_from_slice(&snapshot.metadata);
+                    region.bytes(snapshot.extent).copy_from_slice(&snapshot.tables);
+                    let mut active: Active = spare
+                        .take()
+                        .unwrap()
+                        .init_with_capacity(frames, &InitOptions::default())
+                        .unwrap();
+                    let start = Instant::now();
+                    let report = active.restore_handover(pool, REGISTER_BASE).unwrap();
+                    let d = active.retrieve(TOKEN).unwrap();
+                    let finish = active.finish_handover(pool, REGISTER_BASE).unwrap();
+                    total += start.elapsed();
+                    assert_eq!(
+                        (report.domains, report.adopted_without_walk, finish.unclaimed),
+                        (1, 1, 0)
+                    );
+                    // Teardown (untimed): the domain freed, its arena free again, the SMMU off.
+                    active.detach(SID).unwrap();
+                    active.free_domain(d).unwrap();
+                    spare = Some(active.shutdown(false).unwrap());
+                }
+                total
+            })
+        });
+        smmu = spare.take().unwrap();
+        group.bench_function(BenchmarkId::new("decode", label), |b| {
+            b.iter(|| format::decode(black_box(&snapshot.metadata), pool_extent).unwrap())
+        });
+    }
+    group.finish();
+    smmu
+}
+
+fn bench_live_update(c: &mut Criterion) {
+    static STOP: AtomicBool = AtomicBool::new(false);
+    let frames: &'static HeapFrames = Box::leak(Box::new(HeapFrames {
+        live: Mutex::new(Vec::new()),
+    }));
+    let base = fake_smmu(&STOP);
+    // SAFETY: the block models the SMMU's two register pages for the benchmark's life.
+    let smmu = unsafe { Smmu::probe(NonNull::new(base as *mut u8).unwrap(), 0x2_0000) }.unwrap();
+    let mut region = Region::new();
+    assert_eq!(region.pool.metadata_extent().unwrap().len, METADATA_BYTES);
+
+    let mut active: Active = smmu.init_with_capacity(frames, &InitOptions::default()).unwrap();
+    bench_preserve(c, &mut active, &region);
+    let smmu = active.shutdown(false).unwrap();
+    let _smmu = bench_restore(c, smmu, frames, &mut region);
+    STOP.store(true, Ordering::Relaxed);
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default();
+    targets = bench_live_update
+}
+criterion_main!(benches);
