@@ -68,7 +68,16 @@ fn every_live_update_scenario_on_a_nesting_smmu() {
 
 #[test]
 fn live_update_on_sbsa_ref() {
-    let scenarios = ["lu-s1", "lu-nested", "lu-mutate", "lu-corrupt"];
+    let scenarios = [
+        "lu-s1",
+        "lu-s2",
+        "lu-nested",
+        "lu-mutate",
+        "lu-unclaimed",
+        "lu-unpreserved",
+        "lu-collision",
+        "lu-corrupt",
+    ];
     let mut r = Run::new(Board::SbsaRef, Stage::Nested, &scenarios);
     r.timeout = std::time::Duration::from_secs(240);
     let outcome = r.boot();
