@@ -122,7 +122,8 @@ pub enum InitError {
     Invalidation(CommandQueueError),
     /// A hand-off with the SMMU running was asked of an SMMU that is not translating (SMMUEN = 0).
     NotRunning,
-    /// The running SMMU's stream table is not where the caller said, or not reachable through its allocator.
+    /// The running SMMU's stream table is not where (or not of the format) the caller said, not reachable through
+    /// its allocator, or the SMMU runs with CR2.E2H set.
     StreamTableNotAdoptable {
         /// STRTAB_BASE's address as the SMMU holds it.
         running: u64,
@@ -407,8 +408,19 @@ impl Smmu {
         };
         let regs = self.regs();
         let running = regs.strtab_base.get() & 0x000f_ffff_ffff_ffc0;
+        // STRTAB_BASE_CFG, CR1 and CR2 cannot change while SMMUEN = 1: the running values must be the ones this
+        // driver programs (the format the record names; no E2H, whose EL2 regime this driver does not drive).
+        let cfg = regs.strtab_base_cfg.extract();
+        let (fmt, log2size, split) = match format {
+            StreamTableFormat::Linear { sid_bits } => (0, sid_bits, cfg.read(STRTAB_BASE_CFG::SPLIT) as u8),
+            StreamTableFormat::TwoLevel { sid_bits, split } => (1, sid_bits, split),
+        };
+        let matches = cfg.read(STRTAB_BASE_CFG::FMT) == fmt
+            && cfg.read(STRTAB_BASE_CFG::LOG2SIZE) as u8 == log2size
+            && cfg.read(STRTAB_BASE_CFG::SPLIT) as u8 == split
+            && !regs.cr2.is_set(CR2::E2H);
         let streams = StreamTable::adopt(format, PhysAddr(strtab_base), &allocator, coherency)
-            .filter(|_| running == strtab_base)
+            .filter(|_| running == strtab_base && matches)
             .ok_or(InitError::StreamTableNotAdoptable {
                 running,
                 expected: strtab_base,

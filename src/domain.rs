@@ -329,6 +329,8 @@ pub enum DomainError {
     },
     /// No domain is preserved under this token.
     UnknownToken(u64),
+    /// The memory given is a handover arena another domain owns already (one domain per arena).
+    MemoryOwned,
     /// The domain's memory would not survive a live update: create it with a handover arena.
     NotHandoverMemory(DomainId),
     /// A nested domain's stage-2 parent must be preserved first.
@@ -398,6 +400,9 @@ impl fmt::Display for DomainError {
                 write!(f, "{domain} is preserved already, under token {token:#x}")
             }
             DomainError::UnknownToken(token) => write!(f, "no domain is preserved under token {token:#x}"),
+            DomainError::MemoryOwned => {
+                f.write_str("that handover arena belongs to another domain: take one per domain")
+            }
             DomainError::NotHandoverMemory(d) => write!(
                 f,
                 "{d} takes its tables from memory that does not survive a live update: create it with a handover arena"
@@ -572,8 +577,13 @@ impl<const D: usize> Domains<D> {
         }
     }
 
+    /// Slots free now.
+    pub(crate) fn free_slots(&self) -> usize {
+        self.free.len()
+    }
+
     /// Empties `id`'s slot, makes every handle to it stale and puts the slot back on the free stack (O(1)).
-    fn remove(&mut self, id: DomainId) -> Option<DomainState> {
+    pub(crate) fn remove(&mut self, id: DomainId) -> Option<DomainState> {
         let slot = self
             .slots
             .get_mut(usize::from(id.index))
@@ -771,7 +781,8 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// # Errors
     /// [`DomainError::Unsupported`] without stage 1 (or EL2 without IDR0.HYP, or forced stalling),
     /// [`DomainError::Map`] for a bad input size or no memory, [`DomainError::Id`] without a free ASID,
-    /// [`DomainError::NoDomainSlot`]. Nothing is allocated then.
+    /// [`DomainError::NoDomainSlot`], [`DomainError::MemoryOwned`] for a handover arena another domain owns.
+    /// Nothing is allocated then.
     pub fn create_stage1(&mut self, memory: DomainMemory, options: Stage1Options) -> Result<DomainId, DomainError> {
         let features = *self.features();
         if !features.stage1 {
@@ -795,6 +806,10 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 return Err(DomainError::Entry(e));
             }
         };
+        if !memory.take_ownership() {
+            let _ = self.free_asid(asid);
+            return Err(DomainError::MemoryOwned);
+        }
         let state = DomainState::new(
             Translation::Stage1 {
                 table,
@@ -821,6 +836,10 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         let table = self.new_table(memory, Stage::Two, options.input_bits)?;
         let vmid = self.allocate_vmid().map_err(DomainError::Id)?;
         let config = self.stage2_config(vmid, &table);
+        if !memory.take_ownership() {
+            let _ = self.free_vmid(vmid);
+            return Err(DomainError::MemoryOwned);
+        }
         let state = DomainState::new(
             Translation::Stage2 {
                 table,
@@ -988,7 +1007,8 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// [`DomainError::StaleDomain`], [`DomainError::StreamInUse`] when the stream is attached anywhere,
     /// [`DomainError::Stream`] for a StreamID beyond the table, [`DomainError::TooMany`], [`DomainError::CdTable`],
     /// [`DomainError::Entry`]: nothing changed then. [`DomainError::Attach`] when an STE invalidation failed: the
-    /// STE is left as the error says and the stream is not recorded as attached (detach it to clean up).
+    /// STE is left as the error says and the stream is recorded as attached (so the domain cannot be freed under
+    /// it); `detach` cleans up.
     pub fn attach(&mut self, domain: DomainId, sid: u32) -> Result<(), DomainError> {
         let state = self.domains.get(domain)?;
         if let Some(i) = self.domains.stream(sid) {
@@ -1039,11 +1059,22 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             }
         };
         if let Err(e) = self.install_ste(sid, &ste) {
-            if let (Some(t), AttachError::Stream(_) | AttachError::Queue(_)) = (cd_table, e) {
+            if let AttachError::Invalidation(_) = e {
+                // The STE may reference the domain (and its CD table) now: record the stream as attached, so that
+                // the domain cannot be freed under it and `detach` can clean up.
+                let _ = self.domains.streams.push(StreamRecord {
+                    sid,
+                    domain,
+                    cd_table,
+                    substreams: heapless::Vec::new(),
+                });
+                if let Ok(state) = self.domains.get_mut(domain) {
+                    let _ = state.attachments.push((sid, 0));
+                }
+            } else if let Some(t) = cd_table {
                 // SAFETY: the STE was not written, so nothing references the table.
                 unsafe { t.free(&memory) };
             }
-            // After a failed invalidation the STE may reference the table: it is leaked rather than freed.
             return Err(DomainError::Attach(e));
         }
         let record = StreamRecord {
@@ -1140,8 +1171,8 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// Detaches substream `ssid` of stream `sid`: its CD is made invalid (CFGI_CD + CMD_SYNC).
     ///
     /// # Errors
-    /// [`DomainError::NotAttached`]; [`DomainError::CdTable`] when the invalidation failed (the CD is invalid in
-    /// memory, the substream is no longer recorded).
+    /// [`DomainError::NotAttached`]; [`DomainError::CdTable`] when the invalidation failed: the substream stays
+    /// recorded (its domain cannot be freed) and the detach can be tried again.
     pub fn detach_substream(&mut self, sid: u32, ssid: u32) -> Result<(), DomainError> {
         let not_attached = DomainError::NotAttached { sid, ssid: Some(ssid) };
         let index = self.domains.stream(sid).ok_or(not_attached)?;
@@ -1150,13 +1181,13 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             .iter()
             .position(|(s, _)| *s == ssid)
             .ok_or(not_attached)?;
+        // The CD invalid and invalidated first: until then the substream stays recorded.
+        self.write_stream_cd(index, ssid, &Cd::invalid())?;
         let (_, domain) = self.domains.streams[index].substreams.swap_remove(position);
         if let Ok(state) = self.domains.get_mut(domain) {
             state.attachments.retain(|a| *a != (sid, ssid));
         }
-        let result = self.write_stream_cd(index, ssid, &Cd::invalid());
-        self.after_last_detach(domain)?;
-        result
+        self.after_last_detach(domain)
     }
 
     /// Detaches stream `sid` from its domain: its substreams' CDs are cleared, its STE made to abort (CFGI_STE +
@@ -1165,8 +1196,8 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     ///
     /// # Errors
     /// [`DomainError::NotAttached`] (nothing changes). [`DomainError::Attach`] / [`DomainError::Invalidation`] when
-    /// an invalidation failed: the stream is no longer recorded as attached, and its CD table is kept (leaked)
-    /// since the SMMU may still read it.
+    /// an invalidation failed: the stream stays recorded as attached (so its domain cannot be freed while the SMMU
+    /// may still use it) and the detach can be tried again.
     pub fn detach(&mut self, sid: u32) -> Result<(), DomainError> {
         let index = self
             .domains
@@ -1175,29 +1206,24 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         while let Some(&(ssid, _)) = self.domains.streams[index].substreams.last() {
             self.detach_substream(sid, ssid)?;
         }
+        // The STE to abort and the stream's cached CDs invalidated first: until both completed the stream stays
+        // recorded (so its domain cannot be freed), and a failed detach can simply be tried again.
+        self.attach_abort(sid).map_err(DomainError::Attach)?;
+        if self.domains.streams[index].cd_table.is_some() {
+            let mut batch = Batch::new();
+            batch.push(&Command::CfgiCdAll { sid })?;
+            self.submit(&batch)?;
+        }
         let record = self.domains.streams.swap_remove(index);
         let domain = record.domain;
         let memory = self.domains.get(domain).map(|s| s.memory).ok();
         if let Ok(state) = self.domains.get_mut(domain) {
             state.attachments.retain(|a| *a != (sid, 0));
         }
-        let aborted = self.attach_abort(sid).map(drop).map_err(DomainError::Attach);
-        let cds_invalidated = aborted.and_then(|()| {
-            let mut batch = Batch::new();
-            if record.cd_table.is_some() {
-                batch.push(&Command::CfgiCdAll { sid })?;
-                self.submit(&batch)?;
-            }
-            Ok(())
-        });
-        match (cds_invalidated, record.cd_table, memory) {
-            (Ok(()), Some(table), Some(memory)) => {
-                // SAFETY: the STE no longer points to the table and that was invalidated, as were the CDs cached
-                // from it; the table came from the domain's memory.
-                unsafe { table.free(&memory) };
-            }
-            (Err(e), ..) => return Err(e),
-            _ => {}
+        if let (Some(table), Some(memory)) = (record.cd_table, memory) {
+            // SAFETY: the STE no longer points to the table and that was invalidated, as were the CDs cached from
+            // it; the table came from the domain's memory.
+            unsafe { table.free(&memory) };
         }
         self.after_last_detach(domain)
     }
@@ -2340,5 +2366,46 @@ mod tests {
             "the other mapping stays"
         );
         assert_eq!(smmu.trim_domain(d), Ok(0), "nothing left to trim");
+    }
+
+    #[test]
+    fn a_failed_detach_keeps_the_stream_so_its_domain_cannot_be_freed_under_it() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = smmu(&model, frames);
+        let d = s1(&mut smmu, frames);
+        smmu.attach(d, SID).unwrap();
+        model.refuse.store(opcode::CFGI_STE, Ordering::SeqCst);
+        assert!(matches!(smmu.detach(SID), Err(DomainError::Attach(_))));
+        assert_eq!(smmu.attachments(d), Ok(&[(SID, 0)][..]), "still recorded");
+        assert!(matches!(smmu.free_domain(d), Err(DomainError::StillAttached { .. })));
+        model.refuse.store(0, Ordering::SeqCst);
+        smmu.detach(SID).unwrap();
+        smmu.free_domain(d).unwrap();
+        // A failed attach records the stream, so detach can clean up and free waits for it.
+        let d = s1(&mut smmu, frames);
+        model.refuse.store(opcode::CFGI_STE, Ordering::SeqCst);
+        assert!(matches!(smmu.attach(d, SID), Err(DomainError::Attach(_))));
+        assert!(matches!(smmu.free_domain(d), Err(DomainError::StillAttached { .. })));
+        model.refuse.store(0, Ordering::SeqCst);
+        smmu.detach(SID).unwrap();
+        smmu.free_domain(d).unwrap();
+    }
+
+    #[test]
+    fn a_handover_arena_serves_one_domain() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = smmu(&model, frames);
+        let pool = handover_pool();
+        let arena = pool.take_arena().unwrap();
+        let d = smmu.create_stage1(arena, Stage1Options::default()).unwrap();
+        assert_eq!(
+            smmu.create_stage2(arena, Stage2Options { input_bits: 40 }),
+            Err(DomainError::MemoryOwned)
+        );
+        assert_eq!(smmu.vmids_in_use(), 0, "the refused creation gave its VMID back");
+        smmu.free_domain(d).unwrap();
+        assert_eq!(pool.arenas_in_use(), 0, "freeing the owner retires the arena");
     }
 }

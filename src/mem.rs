@@ -106,6 +106,19 @@ pub unsafe trait FrameAllocator {
     /// Called when the domain that owned this allocator alone is freed, after everything it allocated went back:
     /// an arena of the handover pool becomes free for another domain. Nothing (the default) for shared memory.
     fn retire(&self) {}
+
+    /// Claims this allocator for one domain: memory meant for a single owner (a handover arena) answers `false`
+    /// when a domain owns it already. Shared memory (the default) always answers `true`.
+    fn take_ownership(&self) -> bool {
+        true
+    }
+
+    /// From now until the hand-off, hand out nothing: what is recorded for a live update must not grow after the
+    /// records were written. Nothing (the default) for memory that does not survive a live update.
+    fn seal(&self) {}
+
+    /// Undoes [`FrameAllocator::seal`] (the hand-off was cancelled).
+    fn unseal(&self) {}
 }
 
 // SAFETY: forwards to `T`, which upholds the contract.
@@ -137,6 +150,18 @@ unsafe impl<T: FrameAllocator + ?Sized> FrameAllocator for &T {
 
     fn retire(&self) {
         (**self).retire()
+    }
+
+    fn take_ownership(&self) -> bool {
+        (**self).take_ownership()
+    }
+
+    fn seal(&self) {
+        (**self).seal()
+    }
+
+    fn unseal(&self) {
+        (**self).unseal()
     }
 }
 

@@ -20,6 +20,16 @@ pub enum RecordError {
     NotHandoverMemory(DomainId),
     /// A nested domain's parent is not preserved (cannot happen through the API; reported, not assumed).
     ParentNotPreserved(DomainId),
+    /// The domain is attached to a substream of a stream whose CD table belongs to another domain: only
+    /// substreams of the domain's own streams can be handed over.
+    SubstreamOfAnotherDomain {
+        /// The domain.
+        domain: DomainId,
+        /// StreamID.
+        sid: u32,
+        /// SubstreamID.
+        ssid: u32,
+    },
 }
 
 impl core::fmt::Display for RecordError {
@@ -28,6 +38,10 @@ impl core::fmt::Display for RecordError {
             RecordError::TooMany(what) => write!(f, "too many {what} for a handover record"),
             RecordError::NotHandoverMemory(d) => write!(f, "{d}'s memory is not a handover arena"),
             RecordError::ParentNotPreserved(d) => write!(f, "{d}'s stage-2 parent is not preserved"),
+            RecordError::SubstreamOfAnotherDomain { domain, sid, ssid } => write!(
+                f,
+                "{domain} holds substream {ssid:#x} of stream {sid:#x}, whose CD table is another domain's: not preservable"
+            ),
         }
     }
 }
@@ -153,12 +167,11 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                     }
                 }
                 for &(sid, ssid) in state.attachments.iter() {
-                    let cd_table = self
-                        .domains
-                        .streams
-                        .iter()
-                        .find(|r| r.sid == sid)
-                        .and_then(|r| r.cd_table.as_ref());
+                    let owner = self.domains.streams.iter().find(|r| r.sid == sid);
+                    if ssid != 0 && owner.is_some_and(|r| r.domain != id) {
+                        return Err(RecordError::SubstreamOfAnotherDomain { domain: id, sid, ssid });
+                    }
+                    let cd_table = owner.and_then(|r| r.cd_table.as_ref());
                     let stream = StreamRecord {
                         sid,
                         ssid,

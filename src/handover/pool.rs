@@ -87,6 +87,10 @@ impl Layout {
 
 struct ArenaState {
     in_use: bool,
+    /// A domain owns it (one domain per arena).
+    owned: bool,
+    /// Nothing may be handed out until the hand-off (the records were written).
+    sealed: bool,
     /// Bytes handed out front to back from the arena's base.
     used: u64,
     free: heapless::Vec<u64, ARENA_FREE_FRAMES>,
@@ -120,6 +124,8 @@ impl HandoverPool {
                 layout: Mutex::new(None),
                 state: Mutex::new(ArenaState {
                     in_use: false,
+                    owned: false,
+                    sealed: false,
                     used: 0,
                     free: heapless::Vec::new(),
                 }),
@@ -236,6 +242,8 @@ impl HandoverPool {
             let mut s = arena.state.lock();
             if !s.in_use {
                 s.in_use = true;
+                s.owned = false;
+                s.sealed = false;
                 s.used = 0;
                 s.free.clear();
                 return Ok(arena);
@@ -271,6 +279,8 @@ impl HandoverPool {
             return Err(PoolError::ArenaInUse(extent));
         }
         s.in_use = true;
+        s.owned = false;
+        s.sealed = false;
         s.used = extent.len;
         s.free.clear();
         Ok(arena)
@@ -287,6 +297,21 @@ impl HandoverPool {
             *arena.layout.lock() = None;
             arena.release();
         }
+    }
+
+    /// Whether [`HandoverPool::adopt`] would take `extent` (the start of a free arena, no longer than it).
+    pub fn adoptable(&self, extent: Extent) -> bool {
+        let Ok(l) = self.layout() else { return false };
+        let pool = l.pool();
+        let Some(offset) = extent.base.checked_sub(pool.base) else {
+            return false;
+        };
+        let index = (offset / l.arena_bytes) as usize;
+        offset.is_multiple_of(l.arena_bytes)
+            && index < ARENAS
+            && extent.len <= l.arena_bytes
+            && extent.len.is_multiple_of(FRAME)
+            && !self.arenas[index].state.lock().in_use
     }
 
     /// Gives an arena back, empty (as [`HandoverArena::release`]).
@@ -306,6 +331,8 @@ impl HandoverArena {
     pub fn release(&self) {
         let mut s = self.state.lock();
         s.in_use = false;
+        s.owned = false;
+        s.sealed = false;
         s.used = 0;
         s.free.clear();
     }
@@ -331,6 +358,9 @@ unsafe impl FrameAllocator for HandoverArena {
         let l = (*self.layout.lock()).ok_or(AllocError::OutOfMemory { size })?;
         let base = l.arena_base(self.index);
         let mut s = self.state.lock();
+        if s.sealed {
+            return Err(AllocError::OutOfMemory { size });
+        }
         let phys = match s.free.pop() {
             Some(frame) if size as u64 <= FRAME && align as u64 <= FRAME => frame,
             popped => {
@@ -377,6 +407,19 @@ unsafe impl FrameAllocator for HandoverArena {
 
     fn retire(&self) {
         self.release();
+    }
+
+    fn take_ownership(&self) -> bool {
+        let mut s = self.state.lock();
+        !core::mem::replace(&mut s.owned, true)
+    }
+
+    fn seal(&self) {
+        self.state.lock().sealed = true;
+    }
+
+    fn unseal(&self) {
+        self.state.lock().sealed = false;
     }
 }
 

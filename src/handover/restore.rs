@@ -27,6 +27,9 @@ pub enum PrepareError {
     Format(FormatError),
     /// The region written does not read back as valid (it was then invalidated).
     SelfCheck(HandoverError),
+    /// The region holds records that do not validate (other SMMUs' among them, perhaps): they are not silently
+    /// dropped. Restore (or finish) first, which re-arms the region.
+    ExistingRegion(HandoverError),
 }
 
 impl core::fmt::Display for PrepareError {
@@ -36,6 +39,12 @@ impl core::fmt::Display for PrepareError {
             PrepareError::Records(e) => write!(f, "handover: {e}"),
             PrepareError::Format(e) => write!(f, "handover: {e}"),
             PrepareError::SelfCheck(e) => write!(f, "handover: the region written does not validate: {e}"),
+            PrepareError::ExistingRegion(e) => {
+                write!(
+                    f,
+                    "handover: the region already holds records that do not validate ({e}); not overwritten"
+                )
+            }
         }
     }
 }
@@ -211,7 +220,8 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         // SAFETY: the driver holds the only reference to the metadata while it writes it.
         let bytes = unsafe { pool.metadata() }.map_err(PrepareError::Pool)?;
         let mut instances: heapless::Vec<InstanceRecords, MAX_INSTANCES> = heapless::Vec::new();
-        if let Ok(previous) = format::decode(bytes, pool_extent) {
+        if bytes[..8].iter().any(|&b| b != 0) {
+            let previous = format::decode(bytes, pool_extent).map_err(PrepareError::ExistingRegion)?;
             for other in previous
                 .instances
                 .into_iter()
@@ -234,6 +244,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             return Err(PrepareError::SelfCheck(e));
         }
         clean_to_memory(bytes.as_ptr(), written);
+        // What is recorded must not grow until the hand-off: the preserved domains' arenas (and this SMMU's own,
+        // when it is one) hand out nothing more. Mapping where tables exist, unmapping and protecting still work.
+        self.seal_preserved(true);
         for record in instances.iter().flat_map(|i| i.records.iter()) {
             for extent in &record.extents {
                 if let Some(virt) = self.extent_virt(pool, extent) {
@@ -242,6 +255,37 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             }
         }
         Ok(written)
+    }
+
+    /// Seals (or unseals) the memory of every preserved domain and this SMMU's own.
+    fn seal_preserved(&self, seal: bool) {
+        for (_, &id) in self.domains.tokens.iter() {
+            if let Ok(state) = self.domains.get(id)
+                && !matches!(state.translation, Translation::Nested { .. })
+            {
+                if seal {
+                    state.memory.seal();
+                } else {
+                    state.memory.unseal();
+                }
+            }
+        }
+        if seal {
+            self.allocator().seal();
+        } else {
+            self.allocator().unseal();
+        }
+    }
+
+    /// Cancels a prepared hand-off: the preserved domains' memory (and this SMMU's) hands out memory again, and
+    /// this SMMU's records are removed from the region, so the next boot restores nothing of them. The domains stay
+    /// preserved (prepare again for the next hand-off).
+    ///
+    /// # Errors
+    /// [`PrepareError::Pool`] when the pool is not set up.
+    pub fn cancel_handover(&self, pool: &HandoverPool, register_base: u64) -> Result<(), PrepareError> {
+        self.seal_preserved(false);
+        rearm_without(pool, register_base).map_err(PrepareError::Pool)
     }
 
     fn extent_virt(&self, pool: &HandoverPool, extent: &Extent) -> Option<*const u8> {
@@ -286,24 +330,54 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         };
         let probed = self.handover_identity(register_base);
         format::validate_identity(&instance.identity, &probed).map_err(RestoreError::Identity)?;
-        self.check_limits(instance)?;
+        self.check_limits(pool, instance)?;
 
         // Rebuild: stage-1 and stage-2 domains, then nested ones, then every stream, then substreams.
         let mut touched: heapless::Vec<u32, 64> = heapless::Vec::new();
         let result = self.rebuild(pool, instance, &mut report, &mut touched);
         if let Err(e) = result {
-            // Cannot happen for a validated region; leave every stream aborting and nothing retrievable.
+            // Not expected once `check_limits` passed; undo everything: every touched stream aborting, the
+            // domains gone (their memory abandoned, not freed: the SMMU may have walked it), IDs and arenas back.
             for &sid in &touched {
                 let _ = self.attach_abort(sid);
             }
+            self.domains.streams.retain(|r| !touched.contains(&r.sid));
+            let restored: heapless::Vec<(DomainId, Option<&'static HandoverArena>), { crate::domain::MAX_PRESERVED }> =
+                self.domains.restored.values().copied().collect();
             self.domains.restored.clear();
+            for (id, arena) in restored {
+                if let Some(state) = self.domains.remove(id) {
+                    match &state.translation {
+                        Translation::Stage1 { asid, .. } => {
+                            let _ = self.free_asid(*asid);
+                        }
+                        Translation::Stage2 { vmid, .. } => {
+                            let _ = self.free_vmid(*vmid);
+                        }
+                        Translation::Nested { .. } => {}
+                    }
+                    core::mem::forget(state);
+                }
+                if let Some(arena) = arena {
+                    arena.release();
+                }
+            }
+            let _ = self.invalidate_all();
             return Err(e);
         }
         Ok(report)
     }
 
-    fn check_limits(&self, instance: &InstanceRecords) -> Result<(), RestoreError> {
+    fn check_limits(&self, pool: &HandoverPool, instance: &InstanceRecords) -> Result<(), RestoreError> {
         let f = *self.features();
+        let first = instance.records.first().map_or(0, |r| r.token);
+        if instance.records.len() > self.domains.free_slots() {
+            return Err(RestoreError::BeyondLimits {
+                token: first,
+                what: "more domains than free slots",
+                value: instance.records.len() as u64,
+            });
+        }
         let sid_bits = match self.stream_table_format() {
             crate::stream::StreamTableFormat::Linear { sid_bits }
             | crate::stream::StreamTableFormat::TwoLevel { sid_bits, .. } => sid_bits,
@@ -328,7 +402,35 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             if r.kind == RecordKind::Stage1El2 && !f.hyp {
                 return Err(beyond("EL2 contexts, kind", r.kind as u64));
             }
+            // One ASID allocator serves both stage-1 regimes.
+            let stage1_only = |k| matches!(k, RecordKind::Stage1 | RecordKind::Stage1El2);
+            if stage1_only(r.kind)
+                && instance
+                    .records
+                    .iter()
+                    .any(|x| x.token != r.token && stage1_only(x.kind) && x.asid == r.asid)
+            {
+                return Err(beyond("an ASID another stage-1 record uses too", r.asid.into()));
+            }
+            // Each domain's memory is one arena, taken back whole (nested domains own none).
+            if r.kind != RecordKind::Nested {
+                match r.extents.as_slice() {
+                    [extent] if pool.adoptable(*extent) => {}
+                    [extent] => return Err(beyond("an extent that is not a free arena's, at", extent.base)),
+                    other => return Err(beyond("one extent, not", other.len() as u64)),
+                }
+            }
             for s in &r.streams {
+                let whole_stream = instance
+                    .records
+                    .iter()
+                    .any(|x| x.streams.iter().any(|y| y.sid == s.sid && y.ssid == 0));
+                if s.ssid != 0 && !whole_stream {
+                    return Err(beyond(
+                        "a substream of a stream no record holds, StreamID",
+                        s.sid.into(),
+                    ));
+                }
                 if sid_bits < 32 && s.sid >> sid_bits != 0 {
                     return Err(beyond("StreamID", s.sid.into()));
                 }
@@ -379,6 +481,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                         (_, Some(shape)) => {
                             let extent = r.extents.first().copied().unwrap_or_default();
                             let arena = pool.adopt(extent).map_err(|e| fail(RebuildFailure::Pool(e)))?;
+                            arena.take_ownership();
                             let memory: DomainMemory = arena;
                             let stage = match r.kind {
                                 RecordKind::Stage2 => Stage::Two,
@@ -479,17 +582,35 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                             .map_err(|e| fail(RebuildFailure::Domain(e)))?
                             .memory;
                         let cd_table = if s.cd_table != 0 {
-                            Some(
-                                CdTable::adopt(
-                                    CdTableFormat::Linear {
-                                        ssid_bits: s.cd_ssid_bits,
-                                    },
-                                    PhysAddr(s.cd_table),
-                                    &memory,
-                                    coherent,
-                                )
-                                .map_err(|e| fail(RebuildFailure::CdTable(e)))?,
+                            let mut table = CdTable::adopt(
+                                CdTableFormat::Linear {
+                                    ssid_bits: s.cd_ssid_bits,
+                                },
+                                PhysAddr(s.cd_table),
+                                &memory,
+                                coherent,
                             )
+                            .map_err(|e| fail(RebuildFailure::CdTable(e)))?;
+                            // CDs of substreams no record names (attached to a domain that was not preserved)
+                            // must not come back: invalid, and invalidated where the SMMU may have them cached.
+                            let sid = s.sid;
+                            for ssid in 1..(1u32 << s.cd_ssid_bits) {
+                                let named = instance
+                                    .records
+                                    .iter()
+                                    .any(|x| x.streams.iter().any(|y| y.sid == sid && y.ssid == ssid));
+                                if named || !table.read(ssid).is_ok_and(|cd| cd.is_valid()) {
+                                    continue;
+                                }
+                                table
+                                    .write(ssid, &crate::hw::cd::Cd::invalid(), &memory, |leaf| {
+                                        let mut batch = crate::queue::cmdq::Batch::new();
+                                        batch.push(&crate::hw::command::Command::CfgiCd { sid, ssid, leaf })?;
+                                        self.submit(&batch).map(drop)
+                                    })
+                                    .map_err(|e| fail(RebuildFailure::CdTable(e)))?;
+                            }
+                            Some(table)
                         } else {
                             None
                         };
@@ -520,15 +641,20 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     }
 
     /// After a hand-off with the SMMU running ([`crate::Smmu::adopt_running`] then
-    /// [`ActiveSmmu::restore_handover`]): makes every stream that no restored domain holds abort. Returns how many
-    /// STEs changed.
+    /// [`ActiveSmmu::restore_handover`]): makes every stream that no restored domain holds abort, then invalidates
+    /// every cached configuration and TLB entry (those streams may have cached translations under IDs this image
+    /// will reuse). Call it before allocating any ASID or VMID. Returns how many STEs changed.
     ///
     /// # Errors
     /// As [`ActiveSmmu::install_ste`].
     pub fn abort_unrestored_streams(&mut self) -> Result<u32, AttachError> {
         let keep: heapless::Vec<u32, { crate::domain::MAX_ATTACHED_STREAMS }> =
             self.domains.streams.iter().map(|r| r.sid).collect();
-        self.abort_streams_except(|sid| keep.contains(&sid))
+        let aborted = self.abort_streams_except(|sid| keep.contains(&sid))?;
+        // Until now those streams translated with the old image's contexts and may have filled the TLB under
+        // ASIDs and VMIDs this image considers free: drop every such entry before any is allocated again.
+        self.invalidate_all().map_err(AttachError::Queue)?;
+        Ok(aborted)
     }
 
     /// The domain restored under `token`, handed to the caller (once): it is then an ordinary live domain (preserve
@@ -568,6 +694,15 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 .map(|(t, (id, _))| (*t, *id))
                 .collect();
             for (token, id) in waiting {
+                // A parent whose nested domain was retrieved stays: the live nested domain needs its stage 2.
+                if let Ok(DomainState {
+                    translation: Translation::Stage2 { children, .. },
+                    ..
+                }) = self.domains.get(id)
+                    && *children > 0
+                {
+                    continue;
+                }
                 let attachments: heapless::Vec<(u32, u32), { crate::domain::MAX_ATTACHMENTS }> =
                     self.domains.get(id).map(|s| s.attachments.clone()).unwrap_or_default();
                 for &(sid, ssid) in attachments.iter().filter(|(_, ssid)| *ssid != 0) {
@@ -582,28 +717,34 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             }
         }
         // Re-arm: the region without this SMMU's records.
-        if let (Ok(region), Ok(pool_extent)) = (pool.metadata_extent(), pool.pool()) {
-            // SAFETY: the driver holds the only reference to the metadata while it writes it.
-            if let Ok(bytes) = unsafe { pool.metadata() } {
-                let mut keep: heapless::Vec<InstanceRecords, MAX_INSTANCES> = heapless::Vec::new();
-                let mut generation = 0;
-                if let Ok(previous) = format::decode(bytes, pool_extent) {
-                    generation = previous.generation;
-                    for other in previous
-                        .instances
-                        .into_iter()
-                        .filter(|i| i.identity.base != register_base)
-                    {
-                        let _ = keep.push(other);
-                    }
-                }
-                if let Ok(written) = format::encode(&keep, generation + 1, region, pool_extent, bytes) {
-                    clean_to_memory(bytes.as_ptr(), written);
-                }
-            }
-        }
+        let _ = rearm_without(pool, register_base);
         Ok(report)
     }
+}
+
+/// Rewrites the region without the records of the SMMU at `register_base` (others' stay; a region that does not
+/// validate is re-armed empty), under the next generation, cleaned to memory.
+fn rearm_without(pool: &HandoverPool, register_base: u64) -> Result<(), PoolError> {
+    let region = pool.metadata_extent()?;
+    let pool_extent = pool.pool()?;
+    // SAFETY: the driver holds the only reference to the metadata while it writes it.
+    let bytes = unsafe { pool.metadata() }?;
+    let mut keep: heapless::Vec<InstanceRecords, MAX_INSTANCES> = heapless::Vec::new();
+    let mut generation = 0;
+    if let Ok(previous) = format::decode(bytes, pool_extent) {
+        generation = previous.generation;
+        for other in previous
+            .instances
+            .into_iter()
+            .filter(|i| i.identity.base != register_base)
+        {
+            let _ = keep.push(other);
+        }
+    }
+    if let Ok(written) = format::encode(&keep, generation + 1, region, pool_extent, bytes) {
+        clean_to_memory(bytes.as_ptr(), written);
+    }
+    Ok(())
 }
 
 /// The metadata area's size, for callers that dump it.
@@ -895,5 +1036,72 @@ mod tests {
             matches!(error, Some(crate::InitError::StreamTableNotAdoptable { .. })),
             "{error:?}"
         );
+    }
+
+    #[test]
+    fn after_prepare_nothing_recorded_grows_until_the_hand_off_is_cancelled() {
+        let frames = frames();
+        let mut region = Region::new();
+        let model = Model::start(frames);
+        let mut smmu = boot(&model, frames);
+        let pool = region.pool();
+        let d = smmu
+            .create_stage1(
+                pool.take_arena().unwrap(),
+                Stage1Options {
+                    input_bits: 39,
+                    el2: false,
+                },
+            )
+            .unwrap();
+        smmu.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+        smmu.preserve(d, 9).unwrap();
+        smmu.prepare_handover(pool, BASE, 1).unwrap();
+        // Where the tables exist a map still works; one that needs a new table is refused, nothing changed.
+        smmu.map(d, 0x2000, 0x8000_1000, 0x1000, RW).unwrap();
+        assert!(matches!(
+            smmu.map(d, 0x4000_0000, 0x8000_2000, 0x1000, RW),
+            Err(DomainError::Map(MapError::NoMemory(_)))
+        ));
+        assert_eq!(smmu.unmap(d, 0x2000, 0x1000), Ok(0x1000));
+        // Cancelled: memory again, and the region no longer names this SMMU's domains.
+        smmu.cancel_handover(pool, BASE).unwrap();
+        smmu.map(d, 0x4000_0000, 0x8000_2000, 0x1000, RW).unwrap();
+        assert_eq!(smmu.restore_handover(pool, BASE).map(|r| r.domains), Ok(0));
+    }
+
+    #[test]
+    fn a_region_beyond_this_image_is_refused_before_anything_changes() {
+        let frames = frames();
+        let mut region = Region::new();
+        first_image(&mut region, frames);
+        // The next image keeps only 2 domain slots: 4 records cannot be rebuilt.
+        let model = Model::start(frames);
+        let mut smmu: ActiveSmmu<&'static HeapFrames, 2> = model
+            .smmu()
+            .init_with_capacity(frames, &InitOptions::default())
+            .unwrap();
+        let pool = region.pool();
+        let error = smmu.restore_handover(pool, BASE).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                RestoreError::BeyondLimits {
+                    what: "more domains than free slots",
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        assert_eq!(
+            (pool.arenas_in_use(), smmu.asids_in_use(), smmu.vmids_in_use()),
+            (0, 0, 0)
+        );
+        assert_ne!(
+            smmu.ste(0x10).map(|s| s.config()),
+            Ok(Config::Stage1),
+            "no STE installed"
+        );
+        assert!(smmu.retrieve(0x51).is_err());
     }
 }
