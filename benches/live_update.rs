@@ -13,18 +13,18 @@
 // criterion_group! generates an undocumented public function.
 #![allow(missing_docs)]
 
-use std::alloc::{Layout, alloc_zeroed};
+mod common;
+
 use std::hint::black_box;
 use std::ptr::NonNull;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::{HeapFrames, fake_smmu};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use smmuv3::handover::Extent;
 use smmuv3::handover::format;
 use smmuv3::handover::pool::{HandoverPool, METADATA_BYTES};
-use smmuv3::mem::{AllocError, DmaBlock, FrameAllocator, PhysAddr};
 use smmuv3::{ActiveSmmu, DomainId, InitOptions, Prot, Smmu, Stage1Options};
 
 /// Domains the driver has room for (more than the 16 arenas can back).
@@ -44,94 +44,11 @@ const STAGE1: Stage1Options = Stage1Options {
 const SID: u32 = 0x10;
 const TOKEN: u64 = 0x51;
 
-/// Heap frames, physical = virtual (the fake SMMU reads the queue at the address the driver wrote).
-struct HeapFrames {
-    live: Mutex<Vec<(usize, Layout)>>,
-}
-
-// SAFETY: blocks come zeroed from the global allocator with the requested alignment and stay until freed.
-unsafe impl FrameAllocator for HeapFrames {
-    fn allocate_zeroed(&self, size: usize, align: usize) -> Result<DmaBlock, AllocError> {
-        let layout = Layout::from_size_align(size, align.max(8)).map_err(|_| AllocError::BadRequest { size, align })?;
-        // SAFETY: non-zero size (the driver never asks for zero bytes).
-        let p = unsafe { alloc_zeroed(layout) };
-        let virt = NonNull::new(p).ok_or(AllocError::OutOfMemory { size })?;
-        self.live.lock().unwrap().push((p as usize, layout));
-        Ok(DmaBlock {
-            phys: PhysAddr(p as u64),
-            virt,
-            size,
-        })
-    }
-
-    unsafe fn free(&self, block: DmaBlock) {
-        let mut live = self.live.lock().unwrap();
-        let i = live
-            .iter()
-            .position(|(a, _)| *a == block.virt.as_ptr() as usize)
-            .unwrap();
-        let (address, layout) = live.swap_remove(i);
-        // SAFETY: allocated above with this layout, and the caller no longer uses it.
-        unsafe { std::alloc::dealloc(address as *mut u8, layout) };
-    }
-
-    fn phys_to_virt(&self, phys: PhysAddr) -> Option<NonNull<u8>> {
-        NonNull::new(phys.0 as *mut u8)
-    }
-}
-
 type Active = ActiveSmmu<&'static HeapFrames, CAPACITY>;
-
-fn reg(base: usize, offset: usize) -> *mut u32 {
-    (base + offset) as *mut u32
-}
 
 /// Set while nothing timed talks to the SMMU (preserve, prepare_handover): the fake then sleeps instead of
 /// spinning, so that it does not compete with the measured thread for a core.
 static PAUSE: AtomicBool = AtomicBool::new(false);
-
-/// Starts the fake SMMU over a leaked register block (QEMU's nested SMMU's ID registers) and returns its base.
-fn fake_smmu(stop: &'static AtomicBool) -> usize {
-    let layout = Layout::from_size_align(0x2_0000, 0x1_0000).unwrap();
-    // SAFETY: non-zero size; leaked for the benchmark's life.
-    let base = unsafe { alloc_zeroed(layout) } as usize;
-    for (offset, value) in [
-        (0x00, 0x0d44_101b_u32),
-        (0x04, 0x0273_0010),
-        (0x0c, 0x1414),
-        (0x14, 0x74),
-        (0x1c, 1),
-    ] {
-        // SAFETY: inside the block.
-        unsafe { reg(base, offset).write_volatile(value) };
-    }
-    std::thread::spawn(move || {
-        let r = |o| {
-            // SAFETY: inside the leaked register block.
-            unsafe { reg(base, o).read_volatile() }
-        };
-        let w = |o, v| {
-            // SAFETY: as above.
-            unsafe { reg(base, o).write_volatile(v) }
-        };
-        while !stop.load(Ordering::Relaxed) {
-            if PAUSE.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(1));
-                continue;
-            }
-            w(0x24, r(0x20));
-            w(0x54, r(0x50));
-            let gbpa = r(0x44);
-            if gbpa & (1 << 31) != 0 {
-                w(0x44, gbpa & !(1 << 31));
-            }
-            // Consume every command: CONS := PROD.
-            w(0x9c, r(0x98));
-            std::hint::spin_loop();
-        }
-    });
-    base
-}
 
 /// The handover region: leaked, pre-touched memory that outlives every "image", with one pool over it. Each
 /// "image" of the restore benchmark starts with every arena free again (the previous one freed its domain), which
@@ -345,10 +262,8 @@ fn bench_restore(c: &mut Criterion, mut smmu: Smmu, frames: &'static HeapFrames,
 
 fn bench_live_update(c: &mut Criterion) {
     static STOP: AtomicBool = AtomicBool::new(false);
-    let frames: &'static HeapFrames = Box::leak(Box::new(HeapFrames {
-        live: Mutex::new(Vec::new()),
-    }));
-    let base = fake_smmu(&STOP);
+    let frames = HeapFrames::leaked();
+    let base = fake_smmu(&STOP, &PAUSE);
     // SAFETY: the block models the SMMU's two register pages for the benchmark's life.
     let smmu = unsafe { Smmu::probe(NonNull::new(base as *mut u8).unwrap(), 0x2_0000) }.unwrap();
     let mut region = Region::new();
