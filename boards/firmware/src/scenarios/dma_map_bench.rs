@@ -36,11 +36,7 @@ pub fn dma_map_bench(context: &mut Context) -> Result<(), Failure> {
     let (edu, sid) = edu_stream(context)?;
     let mut s = start(context, &smmuv3::InitOptions::default())?;
     // A domain (stage 1 where the SMMU has it), the stream attached: the domain owns the STE, CD and IDs.
-    let kind = if s.features().stage1 {
-        DomainKind::Stage1
-    } else {
-        DomainKind::Stage2
-    };
+    let kind = super::domains::preferred_kind(s.features());
     let ipa_bits = 40.min(s.features().oas_bits);
     let domain = match kind {
         DomainKind::Stage1 => s.create_stage1(

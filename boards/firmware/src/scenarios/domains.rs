@@ -91,8 +91,8 @@ fn create(s: &mut Session, kind: DomainKind) -> Result<DomainId, Failure> {
 }
 
 /// Stage 1 where the SMMU has it, else stage 2.
-fn preferred_kind(s: &Session) -> DomainKind {
-    if s.features().stage1 {
+pub(super) fn preferred_kind(features: &smmuv3::Features) -> DomainKind {
+    if features.stage1 {
         DomainKind::Stage1
     } else {
         DomainKind::Stage2
@@ -261,6 +261,43 @@ unsafe impl FrameAllocator for GuestMemory {
     }
 }
 
+/// A guest's stage 1 over its memory: see [`guest_stage1`].
+pub(super) struct GuestPages<'g> {
+    pub(super) table: IoPageTable<&'g GuestMemory>,
+    /// The page at [`IOVA_SOURCE`]: (IPA, PA).
+    pub(super) source: (u64, u64),
+    /// The page at [`IOVA_DESTINATION`]: (IPA, PA).
+    pub(super) destination: (u64, u64),
+}
+
+/// A guest's stage 1 over `guest`: two zeroed data pages and a 4 KiB-granule table of 39 input bits and `ipa_bits`
+/// output bits that maps [`IOVA_SOURCE`] and [`IOVA_DESTINATION`] to them.
+pub(super) fn guest_stage1(guest: &GuestMemory, coherent: bool, ipa_bits: u8) -> Result<GuestPages<'_>, Failure> {
+    let page = |g: &GuestMemory| {
+        g.allocate_zeroed(4096, 4096)
+            .map(|b| (b.phys.0, b.virt.as_ptr() as u64))
+    };
+    let (source, destination) = match (page(guest), page(guest)) {
+        (Ok(a), Ok(b)) => (a, b),
+        _ => fail!("guest memory exhausted"),
+    };
+    let format = Format {
+        stage: Stage::One,
+        granule: Granule::Size4K,
+        input_bits: 39,
+        output_bits: ipa_bits,
+    };
+    let mut table = IoPageTable::new(format, guest, coherent).or_else(|e| fail!("guest table: {e}"))?;
+    for (iova, (ipa, _)) in [(IOVA_SOURCE, source), (IOVA_DESTINATION, destination)] {
+        table.map(iova, ipa, 4096, RW).or_else(|e| fail!("guest map: {e}"))?;
+    }
+    Ok(GuestPages {
+        table,
+        source,
+        destination,
+    })
+}
+
 /// Where the guest's memory sits in its IPA space, and how much of it there is.
 const GUEST_IPA: u64 = 0x8000_0000;
 const GUEST_BYTES: u64 = 64 * 4096;
@@ -304,26 +341,11 @@ pub fn nested_dma(context: &mut Context) -> Result<(), Failure> {
         .or_else(|e| fail!("stage-2 map: {e}"))?;
 
     // The guest: its data pages, its stage-1 table and CD table, all in its memory (IPAs).
-    let data = |g: &GuestMemory| {
-        g.allocate_zeroed(4096, 4096)
-            .map(|b| (b.phys.0, b.virt.as_ptr() as u64))
-    };
-    let ((source_ipa, source_pa), (destination_ipa, destination_pa)) = match (data(&guest), data(&guest)) {
-        (Ok(a), Ok(b)) => (a, b),
-        _ => fail!("guest memory exhausted"),
-    };
-    let format = Format {
-        stage: Stage::One,
-        granule: Granule::Size4K,
-        input_bits: 39,
-        output_bits: ipa_bits,
-    };
-    let mut guest_table = IoPageTable::new(format, &guest, features.coherent).or_else(|e| fail!("guest table: {e}"))?;
-    for (iova, ipa) in [(IOVA_SOURCE, source_ipa), (IOVA_DESTINATION, destination_ipa)] {
-        guest_table
-            .map(iova, ipa, 4096, RW)
-            .or_else(|e| fail!("guest map: {e}"))?;
-    }
+    let GuestPages {
+        table: guest_table,
+        source: (_, source_pa),
+        destination: (destination_ipa, destination_pa),
+    } = guest_stage1(&guest, features.coherent, ipa_bits)?;
     let guest_context = GuestContext::build(&features, &&guest, &guest_table, 7).or_else(|e| fail!("guest CD: {e}"))?;
 
     // The hypervisor's nested domain, from what the guest tells it.
@@ -421,7 +443,7 @@ pub fn nested_dma(context: &mut Context) -> Result<(), Failure> {
 pub fn unmapped_fault(context: &mut Context) -> Result<(), Failure> {
     let (edu, sid) = edu_stream(context)?;
     let mut s = start(context, &smmuv3::InitOptions::default())?;
-    let kind = preferred_kind(&s);
+    let kind = preferred_kind(s.features());
     let domain = create(&mut s, kind)?;
     let source = page()?;
     s.map(domain, IOVA_SOURCE, source, 4096, RW)
@@ -439,7 +461,7 @@ pub fn unmapped_fault(context: &mut Context) -> Result<(), Failure> {
 pub fn readonly_fault(context: &mut Context) -> Result<(), Failure> {
     let (edu, sid) = edu_stream(context)?;
     let mut s = start(context, &smmuv3::InitOptions::default())?;
-    let kind = preferred_kind(&s);
+    let kind = preferred_kind(s.features());
     let domain = create(&mut s, kind)?;
     let page_pa = page()?;
     s.map(domain, IOVA_DESTINATION, page_pa, 4096, RO)
@@ -463,7 +485,7 @@ pub fn readonly_fault(context: &mut Context) -> Result<(), Failure> {
 pub fn unmap_invalidate(context: &mut Context) -> Result<(), Failure> {
     let (edu, sid) = edu_stream(context)?;
     let mut s = start(context, &smmuv3::InitOptions::default())?;
-    let kind = preferred_kind(&s);
+    let kind = preferred_kind(s.features());
     let m = round_trip(&mut s, &edu, sid, kind, 0x61)?;
     let unmapped = s
         .unmap(m.domain, IOVA_DESTINATION, 4096)
@@ -492,7 +514,7 @@ pub fn unmap_invalidate(context: &mut Context) -> Result<(), Failure> {
 pub fn detach_aborts(context: &mut Context) -> Result<(), Failure> {
     let (edu, sid) = edu_stream(context)?;
     let mut s = start(context, &smmuv3::InitOptions::default())?;
-    let kind = preferred_kind(&s);
+    let kind = preferred_kind(s.features());
     let m = round_trip(&mut s, &edu, sid, kind, 0x17)?;
     s.detach(sid).or_else(|e| fail!("detach: {e}"))?;
     fill(m.destination, |_| 0xc3);
@@ -530,7 +552,7 @@ pub fn isolation(context: &mut Context) -> Result<(), Failure> {
         let _ = devices.push((edu, sid));
     }
     let mut s = start(context, &smmuv3::InitOptions::default())?;
-    let kind = preferred_kind(&s);
+    let kind = preferred_kind(s.features());
     let mut mapped: heapless::Vec<Mapped, 2> = heapless::Vec::new();
     for (i, (edu, sid)) in devices.iter().enumerate() {
         let _ = mapped.push(round_trip(&mut s, edu, *sid, kind, 0x30 + i as u8)?);
@@ -588,7 +610,7 @@ pub fn block_mappings(context: &mut Context) -> Result<(), Failure> {
     const GIB: u64 = 1 << 30;
     let (edu, sid) = edu_stream(context)?;
     let mut s = start(context, &smmuv3::InitOptions::default())?;
-    let kind = preferred_kind(&s);
+    let kind = preferred_kind(s.features());
     let domain = create(&mut s, kind)?;
     // 4 MiB of RAM, 2 MiB aligned: two 2 MiB blocks at IOVA 0x4000_0000.
     let buffer = match frames::alloc(2 * MIB2 as usize, MIB2 as usize) {

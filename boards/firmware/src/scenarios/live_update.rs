@@ -20,12 +20,12 @@ use core::fmt::Write;
 
 use smmuv3::handover::pool::HandoverArena;
 use smmuv3::mem::FrameAllocator;
-use smmuv3::pgtable::{Format, Granule, IoPageTable, Stage};
 use smmuv3::{DomainId, DomainKind, GuestContext, Stage1Options, Stage2Options};
 
 use super::core_smmu::{Session, edu_stream, start};
 use super::domains::{
-    GuestMemory, IOVA_DESTINATION, IOVA_SOURCE, LEN, RW, byte, check_landed, expect_blocked_write, fill, pattern,
+    GuestMemory, GuestPages, IOVA_DESTINATION, IOVA_SOURCE, LEN, RW, byte, check_landed, expect_blocked_write, fill,
+    guest_stage1, pattern,
 };
 use super::{Context, FAILED_SO_FAR, Failure, LIST_POSITION, PASSED_SO_FAR};
 use crate::edu::{Direction, Edu};
@@ -253,25 +253,11 @@ pub fn lu_nested(context: &mut Context) -> Result<(), Failure> {
                 size: GUEST_BYTES,
                 next: core::cell::Cell::new(0),
             };
-            let page = |g: &GuestMemory| {
-                g.allocate_zeroed(4096, 4096)
-                    .map(|b| (b.phys.0, b.virt.as_ptr() as u64))
-            };
-            let ((source_ipa, source), (destination_ipa, destination)) = match (page(&guest), page(&guest)) {
-                (Ok(x), Ok(y)) => (x, y),
-                _ => fail!("guest memory exhausted"),
-            };
-            let format = Format {
-                stage: Stage::One,
-                granule: Granule::Size4K,
-                input_bits: 39,
-                output_bits: ipa_bits,
-            };
-            let mut table = IoPageTable::new(format, &guest, features.coherent).or_else(|e| fail!("{e}"))?;
-            table.map(IOVA_SOURCE, source_ipa, 4096, RW).or_else(|e| fail!("{e}"))?;
-            table
-                .map(IOVA_DESTINATION, destination_ipa, 4096, RW)
-                .or_else(|e| fail!("{e}"))?;
+            let GuestPages {
+                table,
+                source: (_, source),
+                destination: (destination_ipa, destination),
+            } = guest_stage1(&guest, features.coherent, ipa_bits)?;
             let guest_context = GuestContext::build(&features, &&guest, &table, 9).or_else(|e| fail!("{e}"))?;
             let nested = s
                 .create_nested(parent, guest_context.stage1)
@@ -316,11 +302,7 @@ pub fn lu_nested(context: &mut Context) -> Result<(), Failure> {
 pub fn lu_mutate(context: &mut Context) -> Result<(), Failure> {
     let (edu, sid) = edu_stream(context)?;
     let mut s = start(context, &smmuv3::InitOptions::default())?;
-    let kind = if s.features().stage1 {
-        DomainKind::Stage1
-    } else {
-        DomainKind::Stage2
-    };
+    let kind = super::domains::preferred_kind(s.features());
     match after_reset() {
         None => {
             let a = arena()?;
@@ -372,11 +354,7 @@ fn expect_aborted(edu: &Edu, iova: u64, pa: u64) -> Result<(), Failure> {
 /// The first boot of `lu-unclaimed` and `lu-unpreserved`: a domain with edu's stream, preserved (and, for
 /// `unpreserve`, unpreserved), prepared, reset.
 fn preserve_and_reset(context: &Context, edu: &Edu, sid: u32, mut s: Session, unpreserve: bool) -> Result<(), Failure> {
-    let kind = if s.features().stage1 {
-        DomainKind::Stage1
-    } else {
-        DomainKind::Stage2
-    };
+    let kind = super::domains::preferred_kind(s.features());
     let a = arena()?;
     let domain = create(&mut s, kind, a)?;
     let (source, destination) = (arena_page(a)?, arena_page(a)?);
@@ -448,11 +426,7 @@ pub fn lu_unpreserved(context: &mut Context) -> Result<(), Failure> {
 pub fn lu_collision(context: &mut Context) -> Result<(), Failure> {
     let (edu, sid) = edu_stream(context)?;
     let mut s = start(context, &smmuv3::InitOptions::default())?;
-    let kind = if s.features().stage1 {
-        DomainKind::Stage1
-    } else {
-        DomainKind::Stage2
-    };
+    let kind = super::domains::preferred_kind(s.features());
     match after_reset() {
         None => {
             let (a, b) = (arena()?, arena()?);
@@ -507,11 +481,7 @@ pub fn lu_collision(context: &mut Context) -> Result<(), Failure> {
 pub fn lu_corrupt(context: &mut Context) -> Result<(), Failure> {
     let (edu, sid) = edu_stream(context)?;
     let mut s = start(context, &smmuv3::InitOptions::default())?;
-    let kind = if s.features().stage1 {
-        DomainKind::Stage1
-    } else {
-        DomainKind::Stage2
-    };
+    let kind = super::domains::preferred_kind(s.features());
     match after_reset() {
         None => {
             let a = arena()?;
@@ -572,11 +542,7 @@ pub fn lu_noreset(context: &mut Context) -> Result<(), Failure> {
         let mut s: ActiveSmmu<&'static HandoverArena> = smmu
             .init(core, &smmuv3::InitOptions::default())
             .or_else(|e| fail!("{e}"))?;
-        let kind = if s.features().stage1 {
-            DomainKind::Stage1
-        } else {
-            DomainKind::Stage2
-        };
+        let kind = super::domains::preferred_kind(s.features());
         let a = arena()?;
         let ipa_bits = 40.min(s.features().oas_bits);
         let domain = match kind {
