@@ -793,33 +793,21 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         }
         self.stalls_forced()?;
         self.domains.check_free_slot()?;
-        let stage = if options.el2 { Stage::OneEl2 } else { Stage::One };
-        let table = self.new_table(memory, stage, options.input_bits)?;
-        let asid = match self.allocate_asid() {
-            Ok(a) => a,
-            Err(e) => return Err(DomainError::Id(e)),
-        };
-        let cd = match self.stage1_cd(asid, &table) {
-            Ok(cd) => cd,
-            Err(e) => {
-                let _ = self.free_asid(asid);
-                return Err(DomainError::Entry(e));
-            }
-        };
-        if !memory.take_ownership() {
-            let _ = self.free_asid(asid);
-            return Err(DomainError::MemoryOwned);
-        }
-        let state = DomainState::new(
-            Translation::Stage1 {
+        self.create_claimed(memory, |smmu| {
+            let stage = if options.el2 { Stage::OneEl2 } else { Stage::One };
+            let table = smmu.new_table(memory, stage, options.input_bits)?;
+            let asid = smmu.allocate_asid().map_err(DomainError::Id)?;
+            let cd = smmu.stage1_cd(asid, &table).map_err(|e| {
+                let _ = smmu.free_asid(asid);
+                DomainError::Entry(e)
+            })?;
+            Ok(Translation::Stage1 {
                 table,
                 asid,
                 cd,
                 el2: options.el2,
-            },
-            memory,
-        );
-        Ok(self.domains.insert(state))
+            })
+        })
     }
 
     /// Creates a stage-2 domain: a VMID and an empty stage-2 table of `options.input_bits` from `memory`.
@@ -833,23 +821,37 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         }
         self.stalls_forced()?;
         self.domains.check_free_slot()?;
-        let table = self.new_table(memory, Stage::Two, options.input_bits)?;
-        let vmid = self.allocate_vmid().map_err(DomainError::Id)?;
-        let config = self.stage2_config(vmid, &table);
-        if !memory.take_ownership() {
-            let _ = self.free_vmid(vmid);
-            return Err(DomainError::MemoryOwned);
-        }
-        let state = DomainState::new(
-            Translation::Stage2 {
+        self.create_claimed(memory, |smmu| {
+            let table = smmu.new_table(memory, Stage::Two, options.input_bits)?;
+            let vmid = smmu.allocate_vmid().map_err(DomainError::Id)?;
+            let config = smmu.stage2_config(vmid, &table);
+            Ok(Translation::Stage2 {
                 table,
                 vmid,
                 config,
                 children: 0,
-            },
-            memory,
-        );
-        Ok(self.domains.insert(state))
+            })
+        })
+    }
+
+    /// Claims `memory` for a new domain, builds its translation with `build` and records it. When the memory is a
+    /// handover arena another domain owns, nothing is allocated; when `build` fails (having given back what it
+    /// took), so does the claim.
+    fn create_claimed(
+        &mut self,
+        memory: DomainMemory,
+        build: impl FnOnce(&mut Self) -> Result<Translation, DomainError>,
+    ) -> Result<DomainId, DomainError> {
+        if !memory.take_ownership() {
+            return Err(DomainError::MemoryOwned);
+        }
+        match build(self) {
+            Ok(translation) => Ok(self.domains.insert(DomainState::new(translation, memory))),
+            Err(e) => {
+                memory.give_up_ownership();
+                Err(e)
+            }
+        }
     }
 
     /// Creates a nested domain: the guest's stage 1 (`guest`, its CD table at an IPA) inside the stage-2 domain
@@ -2400,11 +2402,31 @@ mod tests {
         let pool = handover_pool();
         let arena = pool.take_arena().unwrap();
         let d = smmu.create_stage1(arena, Stage1Options::default()).unwrap();
+        let used = arena.extent().unwrap().len;
         assert_eq!(
             smmu.create_stage2(arena, Stage2Options { input_bits: 40 }),
             Err(DomainError::MemoryOwned)
         );
         assert_eq!(smmu.vmids_in_use(), 0, "the refused creation gave its VMID back");
+        assert_eq!(
+            arena.extent().unwrap().len,
+            used,
+            "the refused creation allocated nothing from the arena"
+        );
+        // A creation that fails after the claim gives the claim back: the arena still serves a domain.
+        let other = pool.take_arena().unwrap();
+        assert!(matches!(
+            smmu.create_stage1(
+                other,
+                Stage1Options {
+                    input_bits: 70,
+                    el2: false
+                }
+            ),
+            Err(DomainError::Map(_))
+        ));
+        let e = smmu.create_stage1(other, Stage1Options::default()).unwrap();
+        smmu.free_domain(e).unwrap();
         smmu.free_domain(d).unwrap();
         assert_eq!(pool.arenas_in_use(), 0, "freeing the owner retires the arena");
     }

@@ -113,6 +113,10 @@ pub unsafe trait FrameAllocator {
         true
     }
 
+    /// Undoes a successful [`FrameAllocator::take_ownership`] whose domain was never created (its creation failed
+    /// after the claim, and everything it allocated went back). Nothing (the default) for shared memory.
+    fn give_up_ownership(&self) {}
+
     /// From now until the hand-off, hand out nothing: what is recorded for a live update must not grow after the
     /// records were written. Nothing (the default) for memory that does not survive a live update.
     fn seal(&self) {}
@@ -154,6 +158,10 @@ unsafe impl<T: FrameAllocator + ?Sized> FrameAllocator for &T {
 
     fn take_ownership(&self) -> bool {
         (**self).take_ownership()
+    }
+
+    fn give_up_ownership(&self) {
+        (**self).give_up_ownership()
     }
 
     fn seal(&self) {

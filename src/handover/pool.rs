@@ -414,6 +414,10 @@ unsafe impl FrameAllocator for HandoverArena {
         !core::mem::replace(&mut s.owned, true)
     }
 
+    fn give_up_ownership(&self) {
+        self.state.lock().owned = false;
+    }
+
     fn seal(&self) {
         self.state.lock().sealed = true;
     }
