@@ -6,6 +6,8 @@
 
 use crate::println;
 
+// SAFETY: symbols the linker script defines at the image's first byte and at the DMA region; only their addresses
+// are taken, never their contents read.
 unsafe extern "C" {
     static text_begin: u8;
     static dma_region: u8;
