@@ -435,17 +435,7 @@ impl Smmu {
         regs.gerrorn.set(regs.gerror.get());
         program_queues(&self, &cmdq, &evtq, (cmdq_log2, evtq_log2), CR0::SMMUEN::SET.value)?;
         enable_interrupts(regs, &features, options)?;
-        let mut active = ActiveSmmu {
-            smmu: self,
-            allocator,
-            streams,
-            cmdq,
-            evtq,
-            asids: IdAllocator::new(features.asid_bits),
-            vmids: IdAllocator::new(features.vmid_bits),
-            pending_overflow: None,
-            domains: Domains::new(),
-        };
+        let mut active = ActiveSmmu::assemble(self, allocator, streams, cmdq, evtq);
         active.invalidate_all().map_err(InitError::Invalidation)?;
         Ok(active)
     }
@@ -532,17 +522,7 @@ impl Smmu {
         enable_interrupts(regs, &features, options)?;
         let queues = CR0::CMDQEN::SET.value | CR0::EVENTQEN::SET.value;
 
-        let mut active = ActiveSmmu {
-            smmu: self,
-            allocator,
-            streams,
-            cmdq,
-            evtq,
-            asids: IdAllocator::new(features.asid_bits),
-            vmids: IdAllocator::new(features.vmid_bits),
-            pending_overflow: None,
-            domains: Domains::new(),
-        };
+        let mut active = ActiveSmmu::assemble(self, allocator, streams, cmdq, evtq);
         // 8. Forget everything the SMMU may have cached from before.
         active.invalidate_all().map_err(InitError::Invalidation)?;
         // 9. Translate.
@@ -552,6 +532,22 @@ impl Smmu {
 }
 
 impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
+    /// The driver's state over an SMMU whose queues are programmed: no IDs taken, no domains.
+    fn assemble(smmu: Smmu, allocator: A, streams: StreamTable, cmdq: CommandQueue, evtq: EventQueue) -> Self {
+        let features = *smmu.features();
+        ActiveSmmu {
+            smmu,
+            allocator,
+            streams,
+            cmdq,
+            evtq,
+            asids: IdAllocator::new(features.asid_bits),
+            vmids: IdAllocator::new(features.vmid_bits),
+            pending_overflow: None,
+            domains: Domains::new(),
+        }
+    }
+
     /// What the SMMU implements.
     pub fn features(&self) -> &Features {
         self.smmu.features()
