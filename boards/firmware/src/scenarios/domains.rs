@@ -318,6 +318,9 @@ pub fn nested_dma(context: &mut Context) -> Result<(), Failure> {
         Ok(a) => a as u64,
         Err(e) => fail!("{e}"),
     };
+    if guest_pa == GUEST_IPA {
+        fail!("the guest's block landed at PA {guest_pa:#x}, its own IPA: stage 2 would be the identity")
+    }
     let guest = GuestMemory {
         pa: guest_pa,
         ipa: GUEST_IPA,
@@ -468,6 +471,14 @@ pub fn readonly_fault(context: &mut Context) -> Result<(), Failure> {
         .or_else(|e| fail!("map: {e}"))?;
     s.attach(domain, sid).or_else(|e| fail!("attach: {e}"))?;
     let n = expect_blocked_write(&mut s, &edu, domain, sid, IOVA_DESTINATION, page_pa, "F_PERMISSION")?;
+    // A read-write page to see what edu holds: first it loads other bytes from there, so that only the read
+    // through the read-only mapping can put the pattern in its buffer.
+    let out_pa = page()?;
+    s.map(domain, IOVA_SOURCE, out_pa, 4096, RW)
+        .or_else(|e| fail!("map: {e}"))?;
+    fill(out_pa, |_| 0x11);
+    edu.dma(Direction::ToDevice, IOVA_SOURCE, 0, LEN as u64)
+        .or_else(|e| fail!("{e}"))?;
     fill(page_pa, pattern(0x44));
     edu.dma(Direction::ToDevice, IOVA_DESTINATION, 0, LEN as u64)
         .or_else(|e| fail!("read through the read-only mapping: {e}"))?;
@@ -475,8 +486,13 @@ pub fn readonly_fault(context: &mut Context) -> Result<(), Failure> {
     if quiet.total() != 0 {
         fail!("a read through a read-only mapping faulted: {:?}", quiet.faults.first())
     }
+    // What edu read comes back out through the read-write page: the read really fetched the data.
+    fill(out_pa, |_| 0xee);
+    edu.dma(Direction::FromDevice, IOVA_SOURCE, 0, LEN as u64)
+        .or_else(|e| fail!("{e}"))?;
+    check_landed(out_pa, 0x44, 0xee, "the data read through the read-only mapping")?;
     println!(
-        "  {domain} ({kind}): read-only IOVA {IOVA_DESTINATION:#x}: writes abort with {n} F_PERMISSION fault(s), reads work"
+        "  {domain} ({kind}): read-only IOVA {IOVA_DESTINATION:#x}: writes abort with {n} F_PERMISSION fault(s), reads fetch the page"
     );
     detach_and_free(&mut s, sid, domain)
 }
@@ -640,7 +656,20 @@ pub fn block_mappings(context: &mut Context) -> Result<(), Failure> {
     let source = page()?;
     s.map(domain, IOVA_SOURCE, source, 4096, RW)
         .or_else(|e| fail!("map: {e}"))?;
-    let tables = s.domain_table(domain).or_else(|e| fail!("{e}"))?.tables();
+    let table = s.domain_table(domain).or_else(|e| fail!("{e}"))?;
+    let tables = table.tables();
+    // The tables themselves: the 4 MiB as two 2 MiB leaves, the GiB as one 1 GiB leaf (not pages).
+    let (mut blocks_2m, mut blocks_1g) = (0, 0);
+    table.walk(|m| {
+        if m.size == MIB2 && (IOVA_2M..IOVA_2M + 2 * MIB2).contains(&m.iova) {
+            blocks_2m += 1;
+        } else if m.size == GIB && m.iova == IOVA_1G {
+            blocks_1g += 1;
+        }
+    });
+    if blocks_2m != 2 || blocks_1g != usize::from(gib.is_some()) {
+        fail!("{blocks_2m} 2 MiB and {blocks_1g} 1 GiB leaves where the blocks were mapped")
+    }
     s.attach(domain, sid).or_else(|e| fail!("attach: {e}"))?;
     // Writes at several offsets through the blocks: each lands at the matching PA.
     let mut offsets: heapless::Vec<(u64, u64), 8> = heapless::Vec::new();
@@ -671,6 +700,9 @@ pub fn block_mappings(context: &mut Context) -> Result<(), Failure> {
     // A partial unmap inside a 2 MiB block.
     let hole = IOVA_2M + MIB2 + 0x3000;
     match s.unmap(domain, hole, 4096) {
+        Ok(_) if s.features().bbm_level != 2 => {
+            fail!("a block was split with IDR3.BBML = {}", s.features().bbm_level)
+        }
         Ok(_) => {
             let n = expect_blocked_write(&mut s, &edu, domain, sid, hole, buffer + MIB2 + 0x3000, "F_TRANSLATION")?;
             fill(buffer + MIB2 + 0x4000, |_| 0xee);

@@ -119,7 +119,7 @@ fn restore(context: &Context, s: &mut Session) -> Result<smmuv3::handover::resto
         .restore_handover(&POOL, smmu_base(context))
         .or_else(|e| fail!("{e}"))?;
     println!(
-        "  restored generation {}: {} domain(s), {} stream(s), {} table(s) adopted without a walk, in {} us",
+        "  restored generation {}: {} domain(s), {} stream(s), {} page table(s) adopted without a walk, in {} us",
         report.generation,
         report.domains,
         report.streams,
@@ -157,6 +157,8 @@ fn single(context: &mut Context, kind: DomainKind) -> Result<(), Failure> {
                 .or_else(|e| fail!("{e}"))?;
             s.attach(domain, sid).or_else(|e| fail!("{e}"))?;
             dma(&edu, source, IOVA_DESTINATION, destination, 0x31)?;
+            // The last good DMA before the hand-off: the blackout runs from here to the first good one after.
+            let last_good = time::ticks();
             let tables = s.domain_table(domain).or_else(|e| fail!("{e}"))?.tables();
             s.preserve(domain, TOKEN).or_else(|e| fail!("{e}"))?;
             let bytes = s
@@ -165,8 +167,6 @@ fn single(context: &mut Context, kind: DomainKind) -> Result<(), Failure> {
             println!(
                 "  {domain} ({kind}) preserved as {TOKEN:#x}: IOVA {IOVA_DESTINATION:#x} -> PA {destination:#x}, {tables} table(s), {bytes} bytes of records"
             );
-            // The last good DMA before the hand-off: the blackout runs from here to the first good one after.
-            let last_good = time::ticks();
             reset_with(s, note_data(&[source, destination, u64::from(tables), last_good]))
         }
         Some(note) => {
@@ -195,9 +195,7 @@ fn single(context: &mut Context, kind: DomainKind) -> Result<(), Failure> {
                     println!("  blackout: the generic timer restarted at the reset, so it cannot be measured across it")
                 }
             }
-            if finish(context, &mut s)? != 0 {
-                fail!("finish found unclaimed domains")
-            }
+            finish_all_claimed(context, &mut s)?;
             println!(
                 "  after the reset: {domain} ({kind}) retrieved by {TOKEN:#x}; the same IOVA lands at the same PA {destination:#x} ({now} table(s), as before)"
             );
@@ -247,6 +245,9 @@ pub fn lu_nested(context: &mut Context) -> Result<(), Failure> {
             };
             s.map(parent, GUEST_IPA, guest_pa, GUEST_BYTES, RW)
                 .or_else(|e| fail!("{e}"))?;
+            if guest_pa == GUEST_IPA {
+                fail!("the guest's block landed at PA {guest_pa:#x}, its own IPA: stage 2 would be the identity")
+            }
             let guest = GuestMemory {
                 pa: guest_pa,
                 ipa: GUEST_IPA,
@@ -287,7 +288,7 @@ pub fn lu_nested(context: &mut Context) -> Result<(), Failure> {
             let parent = s.retrieve(TOKEN).or_else(|e| fail!("{e}"))?;
             let nested = s.retrieve(TOKEN + 1).or_else(|e| fail!("{e}"))?;
             dma(&edu, source, IOVA_DESTINATION, destination, 0x42)?;
-            finish(context, &mut s)?;
+            finish_all_claimed(context, &mut s)?;
             println!(
                 "  after the reset: {nested} (nested in {parent}) retrieved; IOVA {IOVA_DESTINATION:#x} -> IPA {destination_ipa:#x} -> PA {destination:#x} again"
             );
@@ -330,7 +331,7 @@ pub fn lu_mutate(context: &mut Context) -> Result<(), Failure> {
             let domain = s.retrieve(TOKEN).or_else(|e| fail!("{e}"))?;
             dma(&edu, source, IOVA_NEW, added, 0x52)?;
             let n = expect_blocked_write(&mut s, &edu, domain, sid, IOVA_DESTINATION, removed, "F_TRANSLATION")?;
-            finish(context, &mut s)?;
+            finish_all_claimed(context, &mut s)?;
             println!(
                 "  after the reset: IOVA {IOVA_NEW:#x} (mapped after preserve) lands at PA {added:#x}; IOVA {IOVA_DESTINATION:#x} (unmapped after preserve) faults ({n} F_TRANSLATION in {domain}'s report)"
             );
@@ -349,6 +350,29 @@ fn expect_aborted(edu: &Edu, iova: u64, pa: u64) -> Result<(), Failure> {
         fail!("a write to IOVA {iova:#x} reached PA {pa:#x}: the stream does not abort")
     }
     Ok(())
+}
+
+/// The positive control of an abort check: the same stream, attached to a new domain, does translate (edu works;
+/// the abort seen before was the SMMU's). Leaves the stream detached and the domain freed.
+fn translates_again(s: &mut Session, edu: &Edu, sid: u32) -> Result<(), Failure> {
+    let a = arena()?;
+    let domain = create(s, super::domains::preferred_kind(s.features()), a)?;
+    let (source, destination) = (arena_page(a)?, arena_page(a)?);
+    s.map(domain, IOVA_SOURCE, source, 4096, RW).or_else(|e| fail!("{e}"))?;
+    s.map(domain, IOVA_DESTINATION, destination, 4096, RW)
+        .or_else(|e| fail!("{e}"))?;
+    s.attach(domain, sid).or_else(|e| fail!("{e}"))?;
+    dma(edu, source, IOVA_DESTINATION, destination, 0x6e)?;
+    s.detach(sid).or_else(|e| fail!("{e}"))?;
+    s.free_domain(domain).or_else(|e| fail!("{e}"))
+}
+
+/// [`finish`], which must find no unclaimed domain.
+fn finish_all_claimed(context: &Context, s: &mut Session) -> Result<(), Failure> {
+    match finish(context, s)? {
+        0 => Ok(()),
+        n => fail!("finish found {n} unclaimed domain(s)"),
+    }
 }
 
 /// The first boot of `lu-unclaimed` and `lu-unpreserved`: a domain with edu's stream, preserved (and, for
@@ -379,10 +403,11 @@ pub fn lu_unclaimed(context: &mut Context) -> Result<(), Failure> {
     let Some(note) = after_reset() else {
         return preserve_and_reset(context, &edu, sid, s, false);
     };
-    let [_, destination, ..] = note.data;
+    let [source, destination, ..] = note.data;
     restore(context, &mut s)?;
     let in_use = POOL.arenas_in_use();
     // Until finish, the preserved stream translates as before.
+    dma(&edu, source, IOVA_DESTINATION, destination, 0x62)?;
     let unclaimed = finish(context, &mut s)?;
     if unclaimed != 1 || POOL.arenas_in_use() != in_use - 1 {
         fail!(
@@ -395,6 +420,7 @@ pub fn lu_unclaimed(context: &mut Context) -> Result<(), Failure> {
     if s.retrieve(TOKEN).is_ok() {
         fail!("the token survived finish")
     }
+    translates_again(&mut s, &edu, sid)?;
     println!(
         "  after the reset: {TOKEN:#x} never retrieved; finish freed it: stream {sid:#x} aborts, its arena is free again"
     );
@@ -417,7 +443,8 @@ pub fn lu_unpreserved(context: &mut Context) -> Result<(), Failure> {
         fail!("{d} came back under an unpreserved token")
     }
     expect_aborted(&edu, IOVA_DESTINATION, destination)?;
-    finish(context, &mut s)?;
+    finish_all_claimed(context, &mut s)?;
+    translates_again(&mut s, &edu, sid)?;
     println!("  after the reset: {TOKEN:#x} (unpreserved before the reset) was not restored; stream {sid:#x} aborts");
     Ok(())
 }
@@ -465,7 +492,7 @@ pub fn lu_collision(context: &mut Context) -> Result<(), Failure> {
                 }
             }
             dma(&edu, source, IOVA_DESTINATION, page_a, 0x71)?;
-            finish(context, &mut s)?;
+            finish_all_claimed(context, &mut s)?;
             println!(
                 "  after the reset: {TOKEN:#x} -> {first} (PA {page_a:#x}), {:#x} -> {second} (PA {page_b:#x})",
                 TOKEN + 1
@@ -520,7 +547,8 @@ pub fn lu_corrupt(context: &mut Context) -> Result<(), Failure> {
                 fail!("a domain came back from a corrupt region")
             }
             // After diagnosis, finish re-arms the region empty.
-            finish(context, &mut s)?;
+            finish_all_claimed(context, &mut s)?;
+            translates_again(&mut s, &edu, sid)?;
             println!("  every stream aborts (DMA blocked), nothing retrievable; finish re-armed the region");
             Ok(())
         }
@@ -613,7 +641,7 @@ pub fn lu_noreset(context: &mut Context) -> Result<(), Failure> {
     let first_good = time::ticks();
     let domain = s.retrieve(TOKEN).or_else(|e| fail!("{e}"))?;
     s.drain_faults(|_| {}).or_else(|e| fail!("{e}"))?;
-    let faults = s.domain_faults(domain).map(|f| f.total()).unwrap_or(0) + s.clear_unattached_faults().total();
+    let faults = s.domain_faults(domain).or_else(|e| fail!("{e}"))?.total() + s.clear_unattached_faults().total();
     if faults != 0 {
         fail!("{faults} fault(s) across the hand-off")
     }

@@ -251,7 +251,20 @@ fn translate(context: &Context, edu: &Edu, sid: u32, pass: Pass) -> Result<(), F
     if quiet.total() != 0 {
         fail!("a read through a read-only mapping faulted: {:?}", quiet.faults.first())
     }
-    println!("  read-only IOVA {IOVA_DESTINATION:#x}: writes abort with {n} F_PERMISSION fault(s), reads work");
+    // What edu read (the 0xc3 canary the blocked write left in place of the pattern edu held) comes back out
+    // through the read-write source page: the read really fetched the data.
+    fill(source, |_| 0xee);
+    edu.dma(Direction::FromDevice, IOVA_SOURCE, 0, LEN as u64)
+        .or_else(|e| fail!("{e}"))?;
+    if let Some(i) = (0..4096).find(|&i| byte(source, i) != if i < LEN { 0xc3 } else { 0xee }) {
+        fail!(
+            "the data read through the read-only mapping: byte {i} of PA {source:#x} is {:#x}",
+            byte(source, i)
+        )
+    }
+    println!(
+        "  read-only IOVA {IOVA_DESTINATION:#x}: writes abort with {n} F_PERMISSION fault(s), reads fetch the page"
+    );
 
     // Detach and free: the domain invalidates before its tables and IDs go.
     s.detach(sid).or_else(|e| fail!("detach: {e}"))?;
