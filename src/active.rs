@@ -1036,7 +1036,7 @@ pub(crate) mod tests {
     extern crate std;
 
     use super::*;
-    use crate::hw::command::opcode;
+    use crate::hw::command::{opcode, opcode_of};
     use crate::testing::HeapFrames;
     use core::ptr::NonNull;
     use std::alloc::{Layout, alloc_zeroed, dealloc};
@@ -1063,6 +1063,73 @@ pub(crate) mod tests {
         pub(crate) smmuen_dropped: bool,
         smmuen_was_on: bool,
         pub(crate) consumed: Vec<u8>,
+        /// The whole commands consumed (index for index with `consumed`), for tests that check their fields.
+        pub(crate) commands: Vec<[u64; 2]>,
+    }
+
+    /// A consumed command with the fields that say what it invalidates (leaf, range and SYNC completion
+    /// ignored), for tests that check an operation invalidated exactly the right stream, ASID, VMID or address.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(crate) enum Issued {
+        Ste { sid: u32 },
+        Cd { sid: u32, ssid: u32 },
+        CdAll { sid: u32 },
+        CfgiAll,
+        NhAll { vmid: u16 },
+        NhAsid { vmid: u16, asid: u16 },
+        NhVa { vmid: u16, asid: u16, address: u64 },
+        El2All,
+        El2Va { address: u64 },
+        S12Vmall { vmid: u16 },
+        S2Ipa { vmid: u16, address: u64 },
+        NsnhAll,
+        Sync,
+        Other(u8),
+    }
+
+    impl Issued {
+        pub(crate) fn decode(words: [u64; 2]) -> Issued {
+            let sid = (words[0] >> 32) as u32;
+            let ssid = ((words[0] >> 12) & 0xf_ffff) as u32;
+            let vmid = (words[0] >> 32) as u16;
+            let asid = (words[0] >> 48) as u16;
+            let address = words[1] & !0xfff;
+            match opcode_of(&words) {
+                opcode::CFGI_STE => Issued::Ste { sid },
+                opcode::CFGI_ALL => Issued::CfgiAll,
+                opcode::CFGI_CD => Issued::Cd { sid, ssid },
+                opcode::CFGI_CD_ALL => Issued::CdAll { sid },
+                opcode::TLBI_NH_ALL => Issued::NhAll { vmid },
+                opcode::TLBI_NH_ASID => Issued::NhAsid { vmid, asid },
+                opcode::TLBI_NH_VA => Issued::NhVa { vmid, asid, address },
+                opcode::TLBI_EL2_ALL => Issued::El2All,
+                opcode::TLBI_EL2_VA => Issued::El2Va { address },
+                opcode::TLBI_S12_VMALL => Issued::S12Vmall { vmid },
+                opcode::TLBI_S2_IPA => Issued::S2Ipa {
+                    vmid,
+                    address: address & ((1 << 56) - 1),
+                },
+                opcode::TLBI_NSNH_ALL => Issued::NsnhAll,
+                opcode::SYNC => Issued::Sync,
+                op => Issued::Other(op),
+            }
+        }
+    }
+
+    /// An STE install: CFGI_STE of `sid` alone, each followed by its CMD_SYNC.
+    pub(crate) fn assert_ste_steps(issued: &[Issued], sid: u32) {
+        assert!(!issued.is_empty() && issued.len().is_multiple_of(2), "{issued:?}");
+        for pair in issued.chunks(2) {
+            assert_eq!(pair, [Issued::Ste { sid }, Issued::Sync], "{issued:?}");
+        }
+    }
+
+    /// The commands the model consumed from index `from` on, decoded.
+    pub(crate) fn issued_since(model: &Model, from: usize) -> Vec<Issued> {
+        model.seen.lock().unwrap().commands[from..]
+            .iter()
+            .map(|&w| Issued::decode(w))
+            .collect()
     }
 
     pub(crate) struct Model {
@@ -1125,6 +1192,7 @@ pub(crate) mod tests {
                     unsafe { reg32(base, o).write_volatile(v) }
                 };
                 let mut cons = 0u32;
+                let mut last_base = 0u64;
                 while !stop2.load(Ordering::SeqCst) {
                     let cr0 = r(0x20);
                     {
@@ -1165,17 +1233,32 @@ pub(crate) mod tests {
                         };
                         let prod = r(0x98);
                         let mask = (2u32 << log2) - 1;
+                        if base_reg != last_base {
+                            // A queue (re)programmed, as by `adopt_running`: consume from the CONS it was given.
+                            last_base = base_reg;
+                            cons = r(0x9c) & mask;
+                        }
                         while cons & mask != prod & mask {
                             let index = (cons & ((1 << log2) - 1)) as usize;
                             // SAFETY: the queue is live while the driver runs.
-                            let op = unsafe { queue.add(index * 2).read_volatile() } as u8;
+                            let words = unsafe {
+                                [
+                                    queue.add(index * 2).read_volatile(),
+                                    queue.add(index * 2 + 1).read_volatile(),
+                                ]
+                            };
+                            let op = words[0] as u8;
                             if op != 0 && op == refuse2.load(Ordering::SeqCst) {
                                 // CERROR_ILL at CONS, GERROR.CMDQ_ERR raised.
                                 w(0x9c, cons | 1 << 24);
                                 w(0x60, r(0x64) ^ 1);
                                 break;
                             }
-                            seen2.lock().unwrap().consumed.push(op);
+                            {
+                                let mut s = seen2.lock().unwrap();
+                                s.consumed.push(op);
+                                s.commands.push(words);
+                            }
                             cons = (cons + 1) & mask;
                             w(0x9c, cons);
                         }
@@ -1398,6 +1481,17 @@ pub(crate) mod tests {
             .flush(&mut table, gather, TlbContext::Stage1 { asid: 3, vmid: 0 })
             .unwrap();
         assert_eq!(consumed(&model, before), [opcode::TLBI_NH_VA, opcode::SYNC]);
+        assert_eq!(
+            issued_since(&model, before),
+            [
+                Issued::NhVa {
+                    vmid: 0,
+                    asid: 3,
+                    address: 0x40_0000
+                },
+                Issued::Sync
+            ]
+        );
         assert_eq!(report.syncs, 1);
 
         // The rest: the level-3 and level-2 tables are unlinked, freed only by the flush.
@@ -1417,6 +1511,14 @@ pub(crate) mod tests {
             "nested: the stage-2 invalidation completes before the combined entries go"
         );
         assert!(ops[..ops.len() - 3].iter().all(|&op| op == opcode::TLBI_S2_IPA));
+        let issued = issued_since(&model, before);
+        assert!(
+            issued[..issued.len() - 3]
+                .iter()
+                .all(|i| matches!(*i, Issued::S2Ipa { vmid: 5, address } if address < 0x4000_0000)),
+            "{issued:?}"
+        );
+        assert_eq!(issued[issued.len() - 2], Issued::NhAll { vmid: 5 });
 
         // Nothing gathered: nothing issued.
         let before = model.seen.lock().unwrap().consumed.len();

@@ -758,7 +758,7 @@ mod tests {
     extern crate std;
 
     use super::*;
-    use crate::active::tests::{Model, frames};
+    use crate::active::tests::{Issued, Model, assert_ste_steps, frames, issued_since};
     use crate::domain::{Stage1Options, Stage2Options};
     use crate::handover::pool::ARENAS;
     use crate::hw::ste::Config;
@@ -1005,11 +1005,18 @@ mod tests {
         let pool = region.pool();
         let (recorded_format, recorded_strtab, core) = running_smmu(pool, BASE).unwrap().unwrap();
         assert_eq!((recorded_format, recorded_strtab), (format, strtab));
+        let before = model.seen.lock().unwrap().consumed.len();
         let mut next = model
             .smmu()
             .adopt_running(core, &InitOptions::default(), format, strtab)
             .unwrap();
+        // Whatever the old image left cached goes: every configuration and TLB entry (no EL2 contexts here).
+        assert_eq!(
+            issued_since(&model, before),
+            [Issued::CfgiAll, Issued::NsnhAll, Issued::Sync]
+        );
         assert_eq!(next.ste(0x10), Ok(ste), "the running stream table adopted as found");
+        let before = model.seen.lock().unwrap().consumed.len();
         let report = next.restore_handover(pool, BASE).unwrap();
         assert_eq!((report.domains, report.streams), (1, 1));
         assert_eq!(
@@ -1017,9 +1024,20 @@ mod tests {
             Ok(ste),
             "the restored STE is the one the SMMU was using: nothing rewritten"
         );
+        assert_eq!(
+            issued_since(&model, before),
+            [],
+            "nothing rewritten, nothing invalidated"
+        );
         assert_eq!(next.ste(0x30).unwrap().config(), Config::Bypass, "until aborted");
+        let before = model.seen.lock().unwrap().consumed.len();
         assert_eq!(next.abort_unrestored_streams(), Ok(1));
         assert_eq!(next.ste(0x30).unwrap().config(), Config::Abort);
+        // The unrestored stream's STE (and only it), then everything it may have cached under IDs this image reuses.
+        let issued = issued_since(&model, before);
+        let (ste_steps, rest) = issued.split_at(issued.len() - 3);
+        assert_ste_steps(ste_steps, 0x30);
+        assert_eq!(rest, [Issued::CfgiAll, Issued::NsnhAll, Issued::Sync]);
         let d = next.retrieve(0x77).unwrap();
         assert_eq!(next.iova_to_phys(d, 0x1000), Ok(Some(0x8000_0000)));
         assert!(
@@ -1103,5 +1121,129 @@ mod tests {
             "no STE installed"
         );
         assert!(smmu.retrieve(0x51).is_err());
+    }
+
+    fn vmid_of(smmu: &ActiveSmmu<&'static HeapFrames>, token: u64) -> u16 {
+        let (id, _) = smmu.domains.restored.get(&token).copied().unwrap();
+        match smmu.domains.get(id).unwrap().translation {
+            Translation::Stage2 { vmid, .. } => vmid,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn restore_and_finish_invalidate_exactly_the_restored_streams_and_the_freed_ids() {
+        let frames = frames();
+        let mut region = Region::new();
+        first_image(&mut region, frames);
+
+        let model = Model::start(frames);
+        let mut smmu = boot(&model, frames);
+        let pool = region.pool();
+        let before = model.seen.lock().unwrap().consumed.len();
+        smmu.restore_handover(pool, BASE).unwrap();
+        // After a reset (init invalidated everything): each restored stream's STE, nothing else.
+        let issued = issued_since(&model, before);
+        let mut sids: std::vec::Vec<u32> = std::vec::Vec::new();
+        for pair in issued.chunks(2) {
+            match pair {
+                [Issued::Ste { sid }, Issued::Sync] => sids.push(*sid),
+                _ => panic!("{issued:?}"),
+            }
+        }
+        sids.sort_unstable();
+        sids.dedup();
+        assert_eq!(sids, [0x10, 0x18, 0x20]);
+
+        // Only the stage-1 domain is claimed: finish frees the nested domain, then its parent and the other stage 2.
+        let parent_vmid = vmid_of(&smmu, 0x52);
+        let unclaimed_vmid = vmid_of(&smmu, 0x55);
+        assert_ne!(parent_vmid, unclaimed_vmid);
+        smmu.retrieve(0x51).unwrap();
+        let vmids = smmu.vmids_in_use();
+        let before = model.seen.lock().unwrap().consumed.len();
+        assert_eq!(smmu.finish_handover(pool, BASE), Ok(FinishReport { unclaimed: 3 }));
+        assert_eq!(
+            smmu.vmids_in_use(),
+            vmids - 2,
+            "both VMIDs freed, after their invalidation"
+        );
+        let issued = issued_since(&model, before);
+        // Nested (stream 0x18): its STE, its combined entries (last detach), again when freed.
+        let steps = issued
+            .iter()
+            .take_while(|i| **i == Issued::Ste { sid: 0x18 } || **i == Issued::Sync);
+        let n = steps.count();
+        assert_ste_steps(&issued[..n], 0x18);
+        let nested = [
+            Issued::NhAll { vmid: parent_vmid },
+            Issued::Sync,
+            Issued::NhAll { vmid: parent_vmid },
+            Issued::Sync,
+        ];
+        assert_eq!(issued[n..n + 4], nested, "{issued:?}");
+        let rest = &issued[n + 4..];
+        // The parent (no stream left): its VMID. The unclaimed stage 2 (stream 0x20): its STE, its VMID on the last
+        // detach, again when freed. In either order.
+        let parent = [Issued::S12Vmall { vmid: parent_vmid }, Issued::Sync];
+        let first = if rest.starts_with(&parent) {
+            &rest[2..]
+        } else {
+            assert!(rest.ends_with(&parent), "{issued:?}");
+            &rest[..rest.len() - 2]
+        };
+        let (ste_steps, ids) = first.split_at(first.len() - 4);
+        assert_ste_steps(ste_steps, 0x20);
+        assert_eq!(
+            ids,
+            [
+                Issued::S12Vmall { vmid: unclaimed_vmid },
+                Issued::Sync,
+                Issued::S12Vmall { vmid: unclaimed_vmid },
+                Issued::Sync
+            ],
+            "{issued:?}"
+        );
+    }
+
+    #[test]
+    fn a_restored_cd_table_loses_the_substreams_no_record_names_with_their_cfgi_cd() {
+        // SSIDSIZE 5 (IDR1[10:6]) in both images.
+        let idr1 = crate::active::tests::IDRS[1].1 | 5 << 6;
+        let idr0 = crate::active::tests::IDRS[0].1;
+        let frames = frames();
+        let mut region = Region::new();
+        {
+            let model = Model::start_with_idrs(frames, idr0, idr1);
+            let mut smmu = boot(&model, frames);
+            let pool = region.pool();
+            let whole = smmu
+                .create_stage1(pool.take_arena().unwrap(), Stage1Options::default())
+                .unwrap();
+            let dropped = smmu.create_stage1(frames, Stage1Options::default()).unwrap();
+            smmu.attach(whole, 0x10).unwrap();
+            smmu.attach_substream(dropped, 0x10, 3).unwrap();
+            smmu.preserve(whole, 0x61).unwrap();
+            smmu.prepare_handover(pool, BASE, 1).unwrap();
+            core::mem::forget(smmu);
+            drop(model);
+        }
+        let model = Model::start_with_idrs(frames, idr0, idr1);
+        let mut smmu = boot(&model, frames);
+        let pool = region.pool();
+        let before = model.seen.lock().unwrap().consumed.len();
+        let report = smmu.restore_handover(pool, BASE).unwrap();
+        assert_eq!((report.domains, report.streams), (1, 1));
+        // Substream 3 (its domain not preserved): its CD made invalid, V first then the rest, each CFGI_CD of
+        // (0x10, 3) + CMD_SYNC; then the stream's STE.
+        let issued = issued_since(&model, before);
+        let cd = [
+            Issued::Cd { sid: 0x10, ssid: 3 },
+            Issued::Sync,
+            Issued::Cd { sid: 0x10, ssid: 3 },
+            Issued::Sync,
+        ];
+        assert_eq!(issued[..4], cd, "{issued:?}");
+        assert_ste_steps(&issued[4..], 0x10);
     }
 }
