@@ -42,18 +42,21 @@ fn lu_s2_on_a_stage_2_smmu() {
     assert_reset_and_restored(&outcome, &["lu-s2"]);
 }
 
+/// Every scenario that goes through a warm reset (all but `lu-noreset`).
+const ACROSS_A_RESET: [&str; 8] = [
+    "lu-s1",
+    "lu-s2",
+    "lu-nested",
+    "lu-mutate",
+    "lu-unclaimed",
+    "lu-unpreserved",
+    "lu-collision",
+    "lu-corrupt",
+];
+
 #[test]
 fn every_live_update_scenario_on_a_nesting_smmu() {
-    let scenarios = [
-        "lu-s1",
-        "lu-s2",
-        "lu-nested",
-        "lu-mutate",
-        "lu-unclaimed",
-        "lu-unpreserved",
-        "lu-collision",
-        "lu-corrupt",
-    ];
+    let scenarios = ACROSS_A_RESET;
     let mut r = Run::new(Board::QemuVirt, Stage::Nested, &scenarios);
     r.timeout = std::time::Duration::from_secs(240);
     let outcome = r.boot();
@@ -71,16 +74,7 @@ fn every_live_update_scenario_on_a_nesting_smmu() {
 
 #[test]
 fn live_update_on_sbsa_ref() {
-    let scenarios = [
-        "lu-s1",
-        "lu-s2",
-        "lu-nested",
-        "lu-mutate",
-        "lu-unclaimed",
-        "lu-unpreserved",
-        "lu-collision",
-        "lu-corrupt",
-    ];
+    let scenarios = ACROSS_A_RESET;
     let mut r = Run::new(Board::SbsaRef, Stage::Nested, &scenarios);
     r.timeout = std::time::Duration::from_secs(240);
     let outcome = r.boot();
