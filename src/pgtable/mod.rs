@@ -361,7 +361,12 @@ impl Pool {
         let head = if full { &mut self.overwrite } else { &mut self.zeroed };
         let table = head.take()?;
         let link = entries_of(table.virt, 2);
-        let (phys, virt) = (link[0].swap(0, Ordering::Relaxed), link[1].swap(0, Ordering::Relaxed));
+        // Plain loads and stores: a swap is a locked read-modify-write on x86 (it drains the store buffer full of
+        // the previous table's entries) and an exclusive pair or LDADD-class atomic on Arm, and nothing else can
+        // touch a frame on this chain.
+        let (phys, virt) = (link[0].load(Ordering::Relaxed), link[1].load(Ordering::Relaxed));
+        link[0].store(0, Ordering::Relaxed);
+        link[1].store(0, Ordering::Relaxed);
         *head = NonNull::new(virt as *mut u8).map(|virt| DmaBlock {
             phys: PhysAddr(phys),
             virt,
