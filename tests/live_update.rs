@@ -98,6 +98,41 @@ fn a_hand_off_with_the_smmu_running_loses_no_dma() {
             "{}",
             outcome.report()
         );
-        outcome.assert_console_shows(&["both DMAs landed, 0 faulted"]);
+        // A genuinely separate binary (linked into the second image slot) took over.
+        outcome.assert_console_shows(&[
+            "handing off to a new image (a separate binary at",
+            "running in a separate image at",
+            "both DMAs landed, 0 faulted",
+        ]);
     }
+}
+
+/// Without a second image the firmware hands off to itself, entered again (its `.data` as the first run left it).
+#[test]
+fn a_hand_off_to_the_same_binary_entered_again_loses_no_dma() {
+    let mut r = Run::new(Board::QemuVirt, Stage::Nested, &["lu-noreset"]);
+    r.next_image = false;
+    let outcome = r.boot();
+    outcome.assert_passed(&["lu-noreset"]);
+    outcome.assert_console_shows(&[
+        "handing off to a new image (the same binary entered again)",
+        "running in the same image at",
+        "both DMAs landed, 0 faulted",
+    ]);
+}
+
+/// Told a second image waits when none was loaded, the first image refuses to jump into empty RAM: the scenario
+/// fails with the reason, the SMMU untouched.
+#[test]
+fn a_hand_off_to_an_empty_second_slot_is_refused() {
+    let mut r = Run::new(Board::QemuVirt, Stage::Nested, &["lu-noreset"]);
+    r.next_image = false;
+    r.settings.push(("next-image".into(), "on".into()));
+    let outcome = r.boot();
+    outcome.assert_console_shows(&[
+        "the second image slot holds no image",
+        "SCENARIO lu-noreset FAIL",
+        "\nRESULT FAIL 0/1\n",
+    ]);
+    assert!(!outcome.console.contains("handing off"), "{}", outcome.report());
 }

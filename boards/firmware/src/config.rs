@@ -28,6 +28,10 @@ pub const EXIT_KEY: &str = "opt/smmuv3/exit";
 /// 4 GiB, so every queue, table and DMA buffer the scenarios use lies there (the run fails at boot when RAM does
 /// not reach that high); `off` (the default) allocates from the end of the image upwards.
 pub const DMA_ABOVE_4G_KEY: &str = "opt/smmuv3/dma-above-4g";
+/// fw_cfg file saying a second image waits in the second image slot (the same firmware linked there, loaded with
+/// `-device loader`): `on` makes `lu-noreset` hand off to it, a genuinely separate binary; `off` (the default)
+/// enters this binary again.
+pub const NEXT_IMAGE_KEY: &str = "opt/smmuv3/next-image";
 /// The longest scenario list (and semihosting command line) the firmware takes, in bytes. The firmware has no
 /// allocator: the list is read whole into a buffer of this size, and a longer one is refused rather than cut.
 pub const MAX_LIST_BYTES: usize = 4096;
@@ -50,6 +54,8 @@ pub struct Config {
     pub non_coherent: bool,
     /// Allocate every frame at or above 4 GiB.
     pub dma_above_4g: bool,
+    /// A second image waits in the second image slot ([`NEXT_IMAGE_KEY`]).
+    pub next_image: bool,
 }
 
 impl Default for Config {
@@ -61,6 +67,7 @@ impl Default for Config {
             power_off: false,
             non_coherent: false,
             dma_above_4g: false,
+            next_image: false,
         }
     }
 }
@@ -144,7 +151,7 @@ impl core::fmt::Display for ConfigError {
 }
 
 impl Config {
-    /// Sets one setting by its short name (`scenarios`, `stage`, `edu-dma-mask`, `coherency`, `exit`, `dma-above-4g`: the fw_cfg key without its
+    /// Sets one setting by its short name (`scenarios`, `stage`, `edu-dma-mask`, `coherency`, `exit`, `dma-above-4g`, `next-image`: the fw_cfg key without its
     /// `opt/smmuv3/` prefix); unknown names are ignored.
     ///
     /// # Errors
@@ -180,6 +187,13 @@ impl Config {
                     "on" => true,
                     "off" => false,
                     _ => return Err(ConfigError::BadValue(DMA_ABOVE_4G_KEY)),
+                };
+            }
+            "next-image" => {
+                self.next_image = match value {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(ConfigError::BadValue(NEXT_IMAGE_KEY)),
                 };
             }
             "exit" => {
@@ -218,6 +232,7 @@ pub unsafe fn from_fw_cfg(base: usize) -> Result<Config, ConfigError> {
         COHERENCY_KEY,
         EXIT_KEY,
         DMA_ABOVE_4G_KEY,
+        NEXT_IMAGE_KEY,
     ] {
         let Some(file) = fw_cfg.find(key) else { continue };
         if file.size as usize > buffer.len() {
@@ -235,7 +250,7 @@ pub unsafe fn from_fw_cfg(base: usize) -> Result<Config, ConfigError> {
 }
 
 /// Reads the configuration from the semihosting command line, for boards without fw_cfg: arguments of the form
-/// `scenarios=a,b`, `stage=nested`, `edu-dma-mask=0x…`, `coherency=non-coherent`, `exit=psci-off`, `dma-above-4g=on`
+/// `scenarios=a,b`, `stage=nested`, `edu-dma-mask=0x…`, `coherency=non-coherent`, `exit=psci-off`, `dma-above-4g=on`, `next-image=on`
 /// (QEMU: `-semihosting-config enable=on,arg=…`); other arguments (the program name) are ignored, missing settings
 /// keep their defaults, and so does everything when the machine has no semihosting
 /// ([`crate::finish::semihosting_absent`]).

@@ -1,16 +1,21 @@
-//! Hand-off to a new image without a reset: the same binary entered again at aarch64-rt's `entry`, as a new image
-//! would be, with the SMMU left translating. Interrupts masked, the image and the handover region cleaned and
-//! invalidated from the caches by address, then the MMU and data cache off, the EL2 TLB invalidated, and a branch to
-//! `entry` (which turns the MMU on again with the boot map, zeroes `.bss` and starts over; `.data` keeps this
-//! image's values, so the new image relies only on `.bss` and the handover region).
+//! Hand-off to a new image without a reset, with the SMMU left translating: either a genuinely separate binary (the
+//! same firmware linked into the second image slot, loaded beside this one with `-device loader`; the board's
+//! linker script names the slots) or, without one, this binary entered again at aarch64-rt's `entry`. Interrupts
+//! masked; this image, the handover region and the new image's slot cleaned and invalidated from the caches by
+//! address; then the MMU and data cache off, the EL2 TLB and instruction cache invalidated, and a branch to the
+//! new image's first byte, its EL2 entry (which turns the MMU on with its own boot map, zeroes its `.bss` and
+//! starts). Entered again, this binary's `.data` keeps its values, so a new image relies only on `.bss` and the
+//! handover region; the separate binary proves it, as it shares no address with this one.
 
 use crate::println;
 
-// SAFETY: symbols the linker script defines at the image's first byte and at the DMA region; only their addresses
-// are taken, never their contents read.
+// SAFETY: symbols the linker scripts define at the image's first byte, at the DMA region and at the image slots;
+// only their addresses are taken, never their contents read.
 unsafe extern "C" {
     static text_begin: u8;
     static dma_region: u8;
+    static second_image_slot: u8;
+    static image_slots_end: u8;
 }
 
 /// Cleans and invalidates `[start, end)` by address (DC CIVAC), to the point of coherency.
@@ -29,22 +34,72 @@ fn clean_invalidate(start: usize, end: usize) {
     unsafe { core::arch::asm!("dsb sy", options(nostack, preserves_flags)) };
 }
 
-/// Enters this binary again as a new image, keeping the SMMU (and whatever DMA is in flight) running.
-pub fn reenter() -> ! {
-    println!("handing off to a new image (the same binary entered again), the SMMU left translating");
+/// This image's first byte (its EL2 entry).
+pub fn this_image() -> usize {
+    // SAFETY: only the symbol's address is used.
+    core::ptr::addr_of!(text_begin) as usize
+}
+
+/// Where a hand-off goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NextImage {
+    /// This binary, entered again at its first byte.
+    ThisOne,
+    /// The separate binary loaded in the second image slot, at this address (its first byte).
+    SecondSlot(usize),
+}
+
+/// The image to hand off to: the second image slot when the host says an image waits there (`next-image=on`),
+/// else this binary. This binary when it is itself the second image.
+///
+/// # Errors
+/// When the host says an image waits in the slot but its first instruction is zero (nothing was loaded there).
+pub fn next_image(separate: bool) -> Result<NextImage, &'static str> {
+    // Only the symbol's address is used.
+    let slot = core::ptr::addr_of!(second_image_slot) as usize;
+    if !separate || slot == this_image() {
+        return Ok(NextImage::ThisOne);
+    }
+    // SAFETY: the slot is RAM the identity map covers and the frame pool never hands out; reading its first
+    // word has no side effect.
+    let first = unsafe { (slot as *const u32).read_volatile() };
+    if first == 0 {
+        return Err("next-image=on, but the second image slot holds no image (its first instruction is 0)");
+    }
+    Ok(NextImage::SecondSlot(slot))
+}
+
+/// Hands off to `next`, keeping the SMMU (and whatever DMA is in flight) running.
+pub fn hand_off(next: NextImage) -> ! {
     // Only the symbols' addresses are used.
-    let (image_start, image_end) = (
-        core::ptr::addr_of!(text_begin) as usize,
-        core::ptr::addr_of!(dma_region) as usize,
-    );
+    let (image_start, image_end) = (this_image(), core::ptr::addr_of!(dma_region) as usize);
+    let target = match next {
+        NextImage::ThisOne => {
+            println!("handing off to a new image (the same binary entered again), the SMMU left translating");
+            image_start
+        }
+        NextImage::SecondSlot(address) => {
+            println!(
+                "handing off to a new image (a separate binary at {address:#x}; this one is at {image_start:#x}), \
+                 the SMMU left translating"
+            );
+            address
+        }
+    };
     // SAFETY: masking interrupts only.
     unsafe { core::arch::asm!("msr daifset, #0xf", options(nomem, nostack, preserves_flags)) };
     clean_invalidate(image_start, image_end);
     if let Some(region) = crate::handover::region() {
         clean_invalidate(region.base as usize, (region.base + region.len) as usize);
     }
+    if target != image_start {
+        // The new image was loaded into memory this one never wrote, but this one's cacheable identity map may
+        // hold lines of it (speculation): none may outlive the switch.
+        // Only the symbol's address is used.
+        clean_invalidate(target, core::ptr::addr_of!(image_slots_end) as usize);
+    }
     // SAFETY: the code runs from identity-mapped memory, so turning the MMU off keeps fetching the same
-    // instructions; nothing below touches the stack or memory until `entry`, which starts the image afresh.
+    // instructions; nothing below touches the stack or memory until the new image's entry, which starts afresh.
     unsafe {
         core::arch::asm!(
             "mrs x9, sctlr_el2",
@@ -57,9 +112,8 @@ pub fn reenter() -> ! {
             "ic iallu",
             "dsb sy",
             "isb",
-            "adrp x9, entry",
-            "add x9, x9, :lo12:entry",
-            "br x9",
+            "br x10",
+            in("x10") target,
             options(noreturn)
         )
     }

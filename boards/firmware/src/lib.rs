@@ -35,6 +35,7 @@ unsafe extern "C" {
     static rodata_begin: u8;
     static rodata_end: u8;
     static dma_region: u8;
+    static image_slots_end: u8;
 }
 
 static EXITING: AtomicBool = AtomicBool::new(false);
@@ -194,9 +195,10 @@ pub fn run<B: Board>(board: &B) -> ! {
         );
     }
 
-    // Free RAM: from the end of the image to the end of the bank that holds it.
-    // SAFETY: only the symbol's address is used.
-    let free_start = symbol(unsafe { &dma_region }) as u64;
+    // Free RAM: from the end of the image, and of the second image slot a hand-off test loads another image in
+    // (see the board's linker script), to the end of the bank that holds it.
+    // SAFETY: only the symbols' addresses are used.
+    let free_start = symbol(unsafe { &dma_region }).max(symbol(unsafe { &image_slots_end })) as u64;
     let bank = platform
         .memory
         .iter()

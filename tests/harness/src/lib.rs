@@ -364,6 +364,10 @@ pub struct Run {
     pub semihosting: bool,
     /// virt's `gic-version` (3, which the firmware drives; 2, which it does not, so the SMMU is polled).
     pub gic_version: u8,
+    /// Load the second image (`<board>-next`, the same firmware linked into the second image slot) beside the
+    /// first and tell the firmware (`next-image=on`), so that a hand-off (`lu-noreset`) goes to a separate binary;
+    /// without it the firmware enters itself again. On by default.
+    pub next_image: bool,
 }
 
 /// The trace events every test records: the SMMU's event records and command errors.
@@ -389,6 +393,7 @@ impl Run {
             echo: false,
             semihosting: true,
             gic_version: 3,
+            next_image: true,
         }
     }
 
@@ -429,9 +434,22 @@ impl Run {
         ]
     }
 
+    /// The second image beside `firmware` (`<name>-next` in the same directory), when [`Run::next_image`] asks for
+    /// it and it exists.
+    fn second_image(&self, firmware: &Path) -> Option<PathBuf> {
+        let name = firmware.file_name()?.to_str()?;
+        let next = firmware.with_file_name(format!("{name}-next"));
+        (self.next_image && next.is_file()).then_some(next)
+    }
+
     /// The QEMU command line (without the trace file, which [`Run::execute`] adds).
     pub fn command(&self, firmware: &Path) -> Command {
         let mut c = Command::new(QEMU);
+        let mut settings = self.settings.clone();
+        let second = self.second_image(firmware);
+        if second.is_some() {
+            settings.push(("next-image".into(), "on".into()));
+        }
         match self.board {
             Board::QemuVirt => {
                 let machine = match self.stage {
@@ -449,6 +467,10 @@ impl Run {
                 c.args(["-global", &format!("arm-smmuv3.stage={}", self.stage.name())]);
                 c.args(["-cpu", "max", "-m", &self.memory, "-smp", "1"]);
                 c.args(["-device", &format!("loader,file={},cpu-num=0", firmware.display())]);
+                if let Some(next) = &second {
+                    // Without `cpu-num` the loader only copies the ELF into RAM: the first image starts it.
+                    c.args(["-device", &format!("loader,file={}", next.display())]);
+                }
                 for device in self.edu_devices() {
                     c.args(["-device", &device]);
                 }
@@ -465,7 +487,7 @@ impl Run {
                     "-fw_cfg",
                     &format!("name={EDU_DMA_MASK_KEY},string={:#x}", self.edu_dma_mask),
                 ]);
-                for (name, value) in &self.settings {
+                for (name, value) in &settings {
                     c.args(["-fw_cfg", &format!("name=opt/smmuv3/{name},string={value}")]);
                 }
                 if self.semihosting {
@@ -479,6 +501,10 @@ impl Run {
                 c.args(["-M", "sbsa-ref", "-cpu", "max", "-m", &self.memory, "-smp", "1"]);
                 c.args(["-global", "bochs-display.romfile="]);
                 c.args(["-device", &format!("loader,file={},cpu-num=0", firmware.display())]);
+                if let Some(next) = &second {
+                    // Without `cpu-num` the loader only copies the ELF into RAM: the first image starts it.
+                    c.args(["-device", &format!("loader,file={}", next.display())]);
+                }
                 for device in self.edu_devices() {
                     c.args(["-device", &device]);
                 }
@@ -491,7 +517,7 @@ impl Run {
                     semihosting.push_str(&format!(",arg=stage={}", s.name()));
                 }
                 semihosting.push_str(&format!(",arg=edu-dma-mask={:#x}", self.edu_dma_mask));
-                for (name, value) in &self.settings {
+                for (name, value) in &settings {
                     semihosting.push_str(&format!(",arg={name}={value}"));
                 }
                 if self.semihosting {

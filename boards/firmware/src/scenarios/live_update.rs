@@ -555,16 +555,17 @@ pub fn lu_corrupt(context: &mut Context) -> Result<(), Failure> {
     }
 }
 
-/// `lu-noreset`: a hand-off to a new image with the SMMU left translating (the same binary entered again). The
-/// first image's SMMU and its stream table live in a handover arena; a DMA it starts completes after the hand-off,
-/// another starts while the new image takes the SMMU over; both must land, with no fault and translation never
-/// turned off.
+/// `lu-noreset`: a hand-off to a new image with the SMMU left translating: the separate binary in the second image
+/// slot when the host loaded one (`next-image=on`), else the same binary entered again. The first image's SMMU and
+/// its stream table live in a handover arena; a DMA it starts completes after the hand-off, another starts while
+/// the new image takes the SMMU over; both must land, with no fault and translation never turned off.
 pub fn lu_noreset(context: &mut Context) -> Result<(), Failure> {
     use smmuv3::ActiveSmmu;
     use smmuv3::handover::restore::running_smmu;
     let (edu, sid) = edu_stream(context)?;
     let base = smmu_base(context);
     let Some(note) = after_reset() else {
+        let next = crate::handoff::next_image(context.config.next_image).or_else(|e| fail!("{e}"))?;
         let smmu = super::smmu(context)?;
         let core = arena()?;
         let mut s: ActiveSmmu<&'static HandoverArena> = smmu
@@ -607,12 +608,20 @@ pub fn lu_noreset(context: &mut Context) -> Result<(), Failure> {
             passed: PASSED_SO_FAR.load(Relaxed) as u32,
             failed: FAILED_SO_FAR.load(Relaxed) as u32,
             phase: 1,
-            data: note_data(&[source, destination, last_good]),
+            data: note_data(&[source, destination, last_good, crate::handoff::this_image() as u64]),
         }));
         core::mem::forget(s);
-        crate::handoff::reenter()
+        crate::handoff::hand_off(next)
     };
-    let [source, destination, last_good, ..] = note.data;
+    let [source, destination, last_good, previous_image, ..] = note.data;
+    let here = crate::handoff::this_image() as u64;
+    if here != previous_image {
+        println!("  running in a separate image at {here:#x}, handed off from the image at {previous_image:#x}");
+    } else if context.config.next_image {
+        fail!("the hand-off to the second image slot came back to the image at {here:#x}")
+    } else {
+        println!("  running in the same image at {here:#x}, entered again");
+    }
     let smmu = super::smmu(context)?;
     if !smmu.is_enabled() {
         fail!("the SMMU is not translating after the hand-off")

@@ -1,0 +1,57 @@
+// The qemu-virt firmware's items, shared by the two binaries (`main.rs` in the first image slot, `next.rs` in the
+// second; see `build.rs`).
+
+use aarch64_rt::{entry, exception_handlers};
+use smmuv3_firmware::boot::{self, GIB, Table};
+use smmuv3_firmware::config::{self, Config, ConfigError};
+use smmuv3_firmware::dt::{Platform, StaticDescription};
+use smmuv3_firmware::exceptions::Exceptions;
+use smmuv3_firmware::{Board, el2_boot_map_48, mmu};
+
+/// QEMU places the DTB at the start of RAM when the firmware is loaded with `-device loader`.
+const DTB_ADDRESS: usize = 0x4000_0000;
+
+// The boot map (1 GiB blocks): the low 1 GiB of devices (UART, SMMU, fw_cfg, GIC, PCI windows), the first 1 GiB
+// of RAM (image, DTB, stack), and the high ECAM at 256 GiB. `run` replaces it with a map built from the device
+// tree. The shared 48-bit boot map rather than aarch64-rt's `initial_pagetable!`, whose EL2 routine writes
+// PARange into the wrong TCR_EL2 field.
+static BOOT_LOW: Table = Table::EMPTY
+    .with_block(0, 0, mmu::DEVICE)
+    .with_block(1, GIB, boot::MEMORY)
+    .with_block(256, 256 * GIB, mmu::DEVICE);
+el2_boot_map_48!(0 => BOOT_LOW);
+
+exception_handlers!(Exceptions);
+// 512 KiB of stack: an initialised SMMU handle (with its ASID and VMID bitmaps) is some 17 KiB and scenarios move
+// a few of them; there is no guard page, so an overflow would corrupt memory silently rather than fault.
+entry!(main, 128);
+
+struct QemuVirt;
+
+impl Board for QemuVirt {
+    const NAME: &'static str = "QEMU virt";
+
+    fn device_tree(&self) -> Option<usize> {
+        Some(DTB_ADDRESS)
+    }
+
+    /// Everything comes from the tree, except the handover region (QEMU's tree has no `/reserved-memory`).
+    fn description(&self) -> StaticDescription {
+        StaticDescription {
+            handover_bytes: smmuv3_firmware::handover::REGION_BYTES,
+            ..StaticDescription::default()
+        }
+    }
+
+    fn config(&self, platform: &Platform) -> Result<Config, ConfigError> {
+        match platform.fw_cfg {
+            // SAFETY: the fw_cfg device the tree names is identity-mapped as device memory and used only here.
+            Some(region) => unsafe { config::from_fw_cfg(region.base as usize) },
+            None => Ok(Config::default()),
+        }
+    }
+}
+
+fn main(_x0: u64, _x1: u64, _x2: u64, _x3: u64) -> ! {
+    smmuv3_firmware::run(&QemuVirt)
+}
