@@ -380,7 +380,8 @@ pub struct IoPageTable<A: FrameAllocator> {
     coherency: Coherency,
     tables: u32,
     split_blocks: bool,
-    /// Linked last-level tables whose count is zero (emptied by the single-page unmap, waiting for a trim).
+    /// Linked tables whose count is zero, waiting for a trim: last-level tables emptied by the single-page unmap,
+    /// and any table `recount` found empty (other code may leave an empty table at any level).
     empty: u32,
     /// How many of those may stay linked before the single-page unmap trims (see `set_lazy_free_limit`).
     lazy_limit: u32,
@@ -550,16 +551,16 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// old or the new word, and both name the same table.
     fn set_count(&mut self, entry: &AtomicU64, child_level: u8, n: usize) {
         let d = entry.load(Ordering::Relaxed);
-        if child_level == 3 && desc::count(d) == 0 && n > 0 {
+        if desc::count(d) == 0 && n > 0 {
             self.empty = self.empty.saturating_sub(1);
         }
         entry.store(self.with_count(d, child_level, n), Ordering::Relaxed);
     }
 
-    /// The table descriptor `d` (naming a table at `child_level`) is going: if it named a last-level table left
-    /// empty by `unmap_page`, that table no longer waits for a trim.
-    fn forget_if_empty(&mut self, d: u64, child_level: u8) {
-        if child_level == 3 && desc::is_valid(d) && desc::count(d) == 0 {
+    /// The table descriptor `d` is going: if it named an empty table (a last-level table left empty by
+    /// `unmap_page`, or any table `recount` found empty), that table no longer waits for a trim.
+    fn forget_if_empty(&mut self, d: u64) {
+        if desc::is_valid(d) && desc::count(d) == 0 {
             self.empty = self.empty.saturating_sub(1);
         }
     }
@@ -574,7 +575,8 @@ impl<A: FrameAllocator> IoPageTable<A> {
         self.lazy_limit = tables;
     }
 
-    /// Emptied last-level tables still linked, waiting for the next [`IoPageTable::trim`].
+    /// Emptied tables still linked, waiting for the next [`IoPageTable::trim`]: last-level tables emptied by
+    /// single-page unmaps, and any table [`IoPageTable::recount`] found empty.
     pub fn empty_tables(&self) -> u32 {
         self.empty
     }
@@ -618,7 +620,8 @@ impl<A: FrameAllocator> IoPageTable<A> {
             // The current table gained an entry.
             let p = parent.load(Ordering::Relaxed);
             let n = desc::count(p);
-            if level == 3 && n == 0 {
+            if n == 0 {
+                // It was empty and waiting for a trim (emptied by `unmap_page`, or found empty by `recount`).
                 self.empty = self.empty.saturating_sub(1);
             }
             parent.store(self.with_count(p, level, n + 1), Ordering::Relaxed);
@@ -837,7 +840,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 left = left.saturating_sub(self.trim_in(level + 1, desc::address(d), entry_base, gather));
             }
             if left == 0 {
-                self.forget_if_empty(d, level + 1);
+                self.forget_if_empty(d);
                 self.store(entry, 0);
                 self.free_later(desc::address(d), gather);
                 // Walk caches may hold the unlinked table: its span is invalidated, though nothing is mapped there.
@@ -1425,7 +1428,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             if covered && reprotect.is_none() {
                 removed += 1;
                 if desc::is_table(d, level) {
-                    self.forget_if_empty(d, level + 1);
+                    self.forget_if_empty(d);
                     self.store(entry, 0);
                     // The whole subtree goes: count its leaves and collect its tables without rewriting them.
                     let (bytes, smallest) = self.reclaim(level + 1, d, gather);
@@ -1469,7 +1472,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             if reprotect.is_none() && after == 0 {
                 // Emptied now, or already empty (left linked by `unmap_page`): unlinked, and its span invalidated
                 // for the walk caches even if nothing below it was mapped.
-                self.forget_if_empty(entry.load(Ordering::Relaxed), level + 1);
+                self.forget_if_empty(entry.load(Ordering::Relaxed));
                 self.store(entry, 0);
                 self.free_later(next, gather);
                 gather.add_run(entry_base, entry_base + entry_size, self.geometry.granule_bits, 0);
@@ -1507,7 +1510,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
         for e in entries {
             let d = e.load(Ordering::Relaxed);
             if desc::is_table(d, level) && level == 2 {
-                self.forget_if_empty(d, 3);
+                self.forget_if_empty(d);
                 if let Some(child) = self.allocator.phys_to_virt(PhysAddr(desc::address(d))) {
                     bytes += self.pages_in(d, entries_of(child, entries.len()));
                     smallest = smallest.min(self.geometry.entry_shift(3));
@@ -1515,6 +1518,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
                     self.tables -= 1;
                 }
             } else if desc::is_table(d, level) {
+                self.forget_if_empty(d);
                 let (b, s) = self.reclaim(level + 1, d, gather);
                 bytes += b;
                 smallest = smallest.min(s);

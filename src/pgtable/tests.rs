@@ -1709,6 +1709,54 @@ fn an_adopted_table_translates_as_before_and_keeps_its_counts() {
     ));
 }
 
+/// Tables written by other code may hold a linked level-2 table with no entries (its last-level tables freed,
+/// itself left): `recount` counts it among the tables waiting for a trim, and mapping into it, on either path,
+/// must take it off that count again, as for an emptied last-level table.
+#[test]
+fn a_recounted_empty_level_2_table_leaves_the_waiting_count_when_it_fills() {
+    for single_page in [true, false] {
+        let w = Witness::new(HeapFrames::default());
+        let mut t = IoPageTable::new(format(Stage::One, Granule::Size4K, 39), w, true).unwrap();
+        t.map(0x4000_0000, 0x1000, 0x1000, RW).unwrap();
+        t.map(0x8000_0000, 0x2000, 0x1000, RW).unwrap();
+        // What other code left: the level-2 table of 1 GiB keeps no entry (its last-level table freed), and no
+        // descriptor carries software bits.
+        let root = t.root_entries();
+        let l2 = desc::address(root[1].load(Ordering::Relaxed));
+        let l2_entries = t.table_entries(2, l2).unwrap();
+        let l3 = desc::address(l2_entries[0].load(Ordering::Relaxed));
+        l2_entries[0].store(0, Ordering::Relaxed);
+        // SAFETY: the last-level table is unlinked and nothing walks it.
+        unsafe {
+            w.free(DmaBlock {
+                phys: PhysAddr(l3),
+                virt: w.phys_to_virt(PhysAddr(l3)).unwrap(),
+                size: 4096,
+            })
+        };
+        for e in root {
+            let d = e.load(Ordering::Relaxed);
+            if desc::is_table(d, 1) {
+                e.store(desc::table(desc::address(d)), Ordering::Relaxed);
+            }
+        }
+        t.recount();
+        let linked = |t: &IoPageTable<&Witness>| linked_empty_tables(&w.frames, t.root().0, t.geometry());
+        assert_eq!((t.empty_tables() as usize, t.tables()), (linked(&t), 4));
+        // Mapping into the empty level-2 table: it is no longer empty, and nothing else is.
+        if single_page {
+            t.map(0x4000_0000, 0x3000, 0x1000, RW).unwrap();
+        } else {
+            t.map(0x4000_0000, 0x3000, 0x2000, RW).unwrap();
+        }
+        assert_eq!(linked(&t), 0);
+        assert_eq!(t.empty_tables(), 0, "single page: {single_page}");
+        let mut g = Gather::default();
+        assert_eq!(t.trim(&mut g), 0);
+        t.release(g);
+    }
+}
+
 /// The shapes the mixed-path model runs on: every granule and stage, start levels 0 to 3, concatenated stage-2
 /// roots (at level 1, 2 and 3), and windows at the middle and at the very top of the input range.
 const SHAPES: [(Stage, Granule, u8); 10] = [
