@@ -386,9 +386,10 @@ pub struct IoPageTable<A: FrameAllocator> {
     /// How many of those may stay linked before the single-page unmap trims (see `set_lazy_free_limit`).
     lazy_limit: u32,
     /// The protection of the last single-page map (checked expressible) and its page descriptor template, so that
-    /// repeated maps with one protection neither re-check nor re-encode it. Starts as `Prot::empty()`, which is
-    /// never expressible, so the first map takes the checked path.
-    last_prot: Prot,
+    /// repeated maps with one protection neither re-check nor re-encode it. Starts as `None`, which no protection
+    /// equals, so the first map takes the checked path (any `Prot` value, `Prot::empty()` included, may be asked
+    /// for, so none can serve as the "nothing checked yet" mark).
+    last_prot: Option<Prot>,
     last_template: u64,
 }
 
@@ -432,7 +433,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             split_blocks: false,
             empty: 0,
             lazy_limit: DEFAULT_LAZY_FREE_LIMIT,
-            last_prot: Prot::empty(),
+            last_prot: None,
             last_template: 0,
         })
     }
@@ -468,7 +469,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             split_blocks: false,
             empty: 0,
             lazy_limit: DEFAULT_LAZY_FREE_LIMIT,
-            last_prot: Prot::empty(),
+            last_prot: None,
             last_template: 0,
         };
         match counts {
@@ -915,7 +916,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             && (iova | pa) & (granule - 1) == 0
             && iova >> self.format.input_bits == 0
             && pa >> self.format.output_bits == 0
-            && prot == self.last_prot
+            && Some(prot) == self.last_prot
         {
             // One granule, aligned, inside both address spaces, with the protection of the previous map (already
             // checked): the checks below would all pass.
@@ -940,7 +941,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
         }
         if size == 1 << self.geometry.granule_bits {
             self.last_template = desc::leaf(self.format.stage, 0, prot, true);
-            self.last_prot = prot;
+            self.last_prot = Some(prot);
             return self.map_page(iova, pa, self.last_template);
         }
         if let Some(mapped) = self.first_mapped(iova, size) {

@@ -1757,6 +1757,41 @@ fn a_recounted_empty_level_2_table_leaves_the_waiting_count_when_it_fills() {
     }
 }
 
+/// No protection at all is inexpressible at every stage: a single-page map with it is refused like any other
+/// inexpressible one, before anything is written, on a new table, an adopted one, and after earlier maps.
+#[test]
+fn a_single_page_map_without_protection_is_refused() {
+    for stage in [Stage::One, Stage::OneEl2, Stage::Two] {
+        let w = Witness::new(HeapFrames::default());
+        let f = format(stage, Granule::Size4K, 39);
+        let mut t = IoPageTable::new(f, w, true).unwrap();
+        let check = |t: &mut IoPageTable<&Witness>| {
+            let (before, live) = (raw_words(t), w.frames.live_blocks());
+            assert_eq!(
+                t.map(0x4000_3000, 0x8000, 0x1000, Prot::empty()),
+                Err(MapError::BadProt(Prot::empty())),
+                "{stage:?}"
+            );
+            assert!(raw_words(t) == before, "{stage:?}: a refused map changes nothing");
+            assert_eq!((w.frames.live_blocks(), t.translate(0x4000_3000)), (live, None));
+        };
+        check(&mut t);
+        t.map(0x1000, 0x1000, 0x1000, RW).unwrap();
+        check(&mut t);
+        let (root, counts) = (
+            t.root(),
+            AdoptedCounts {
+                tables: t.tables(),
+                empty: t.empty_tables(),
+            },
+        );
+        core::mem::forget(t);
+        let mut t = IoPageTable::adopt(f, root, w, true, Some(counts)).unwrap();
+        check(&mut t);
+        let _ = leaves(&w.frames, t.root().0, t.geometry());
+    }
+}
+
 /// The shapes the mixed-path model runs on: every granule and stage, start levels 0 to 3, concatenated stage-2
 /// roots (at level 1, 2 and 3), and windows at the middle and at the very top of the input range.
 const SHAPES: [(Stage, Granule, u8); 10] = [
