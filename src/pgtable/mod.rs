@@ -288,9 +288,9 @@ pub struct Gather {
     pub leaf_shift: u8,
     /// Tables were unlinked: the invalidation must cover walk caches too (not leaf-only).
     pub tables_unlinked: bool,
-    /// Unlinked tables, chained through a word of each (a granule-aligned physical address, tagged with
-    /// [`LINK_SUBTREE`] for a level-2 table that goes with its last-level tables; never a valid descriptor should
-    /// the SMMU still walk the table before the invalidation).
+    /// Unlinked tables, chained through a word of each (a granule-aligned physical address tagged with
+    /// [`LINK_PRESENT`], and with [`LINK_SUBTREE`] for a level-2 table that goes with its last-level tables; 0 ends
+    /// the chain; never a valid descriptor should the SMMU still walk the table before the invalidation).
     freed_head: u64,
     freed: u32,
 }
@@ -335,6 +335,10 @@ impl Gather {
 /// first last-level table when entry 0 names one (so the level-2 table keeps every pointer to its children), else
 /// in the level-2 table's own first word. Bit 0 stays clear: a link is never a valid descriptor.
 const LINK_SUBTREE: u64 = 1 << 1;
+
+/// Tag (bit 2) of every link in [`Gather`]'s chain: a table may sit at physical address 0, so the address alone
+/// cannot tell a link from the chain's end (0).
+const LINK_PRESENT: u64 = 1 << 2;
 
 /// Frames `map` allocated before writing anything, chained through their first two words (the next frame's
 /// physical and CPU addresses), one chain of zeroed frames and one of frames to be overwritten whole.
@@ -1530,7 +1534,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
         if level == 2 {
             self.subtree_link_slot(entries, virt)
                 .store(gather.freed_head, Ordering::Relaxed);
-            gather.freed_head = table_phys | LINK_SUBTREE;
+            gather.freed_head = table_phys | LINK_SUBTREE | LINK_PRESENT;
             gather.freed += 1;
             gather.tables_unlinked = true;
             self.tables -= 1;
@@ -1569,7 +1573,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
         if let Some(virt) = self.allocator.phys_to_virt(PhysAddr(table_phys)) {
             // Chain through the first word: the table is unlinked, and a link is never a valid descriptor.
             entries_of(virt, 1)[0].store(gather.freed_head, Ordering::Relaxed);
-            gather.freed_head = table_phys;
+            gather.freed_head = table_phys | LINK_PRESENT;
             gather.freed += 1;
             gather.tables_unlinked = true;
             self.tables -= 1;
@@ -1601,7 +1605,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
         };
         let mut next = head;
         while next != 0 {
-            let phys = next & !LINK_SUBTREE;
+            let phys = next & !(LINK_SUBTREE | LINK_PRESENT);
             let Some(virt) = self.allocator.phys_to_virt(PhysAddr(phys)) else {
                 break;
             };

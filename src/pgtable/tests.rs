@@ -1792,6 +1792,98 @@ fn a_single_page_map_without_protection_is_refused() {
     }
 }
 
+/// [`HeapFrames`], except that the `nth` block handed out gets physical address 0 (memory starting at address 0
+/// is common outside QEMU's boards).
+struct FrameAtZero {
+    frames: HeapFrames,
+    nth: usize,
+    handed: std::sync::atomic::AtomicUsize,
+    /// The block at 0: its `HeapFrames` physical address, CPU address and size.
+    zero: std::sync::Mutex<Option<(u64, usize, usize)>>,
+}
+
+impl FrameAtZero {
+    fn place(&self, block: DmaBlock) -> DmaBlock {
+        if self.handed.fetch_add(1, std::sync::atomic::Ordering::Relaxed) != self.nth {
+            return block;
+        }
+        *self.zero.lock().unwrap() = Some((block.phys.0, block.virt.as_ptr() as usize, block.size));
+        DmaBlock {
+            phys: PhysAddr(0),
+            ..block
+        }
+    }
+}
+
+// SAFETY: forwards to `HeapFrames`, renaming one block's physical address consistently in every method.
+unsafe impl FrameAllocator for FrameAtZero {
+    fn allocate_zeroed(&self, size: usize, align: usize) -> Result<DmaBlock, AllocError> {
+        self.frames.allocate_zeroed(size, align).map(|b| self.place(b))
+    }
+
+    fn allocate_for_overwrite(&self, size: usize, align: usize) -> Result<DmaBlock, AllocError> {
+        self.frames.allocate_for_overwrite(size, align).map(|b| self.place(b))
+    }
+
+    unsafe fn free(&self, block: DmaBlock) {
+        let phys = if block.phys.0 == 0 {
+            self.zero.lock().unwrap().take().expect("the block at 0 is live").0
+        } else {
+            block.phys.0
+        };
+        // SAFETY: the caller's guarantee, passed on with the block's own physical address.
+        unsafe {
+            self.frames.free(DmaBlock {
+                phys: PhysAddr(phys),
+                ..block
+            })
+        }
+    }
+
+    fn phys_to_virt(&self, phys: PhysAddr) -> Option<NonNull<u8>> {
+        match *self.zero.lock().unwrap() {
+            Some((_, virt, size)) if (phys.0 as usize) < size => NonNull::new((virt + phys.0 as usize) as *mut u8),
+            _ => self.frames.phys_to_virt(phys),
+        }
+    }
+}
+
+/// A table at physical address 0 is a table like any other: unlinked, it goes back to the allocator at
+/// `release` with the rest of its gather (a trim's, a range unmap's, a whole subtree's).
+#[test]
+fn a_table_at_physical_address_zero_is_released_like_any_other() {
+    // Allocation 1 is the level-2 table (0: the root, 2: the last-level table).
+    for how in ["trim", "unmap", "subtree"] {
+        let frames: &'static FrameAtZero = std::boxed::Box::leak(std::boxed::Box::new(FrameAtZero {
+            frames: HeapFrames::default(),
+            nth: 1,
+            handed: std::sync::atomic::AtomicUsize::new(0),
+            zero: std::sync::Mutex::new(None),
+        }));
+        let mut t = IoPageTable::new(format(Stage::One, Granule::Size4K, 39), frames, true).unwrap();
+        t.map(0x4000_0000, 0x1000, 0x1000, RW).unwrap();
+        assert_eq!(desc::address(t.root_entries()[1].load(Ordering::Relaxed)), 0);
+        assert_eq!(t.translate(0x4000_0000), Some((0x1000, RW)));
+        let mut g = Gather::default();
+        match how {
+            "trim" => {
+                t.unmap(0x4000_0000, 0x1000, &mut g).unwrap();
+                assert_eq!(t.trim(&mut g), 2);
+            }
+            "unmap" => {
+                assert_eq!(t.unmap(0x4000_0000, 0x2000, &mut g), Ok(0x1000));
+            }
+            _ => {
+                t.map(0x4000_0000 + (1 << 21), 0x1000, 0x1000, RW).unwrap();
+                assert_eq!(t.unmap(0x4000_0000, 1 << 30, &mut g), Ok(0x2000));
+            }
+        }
+        assert_eq!(t.tables(), 1, "{how}");
+        t.release(g);
+        assert_eq!(frames.frames.live_blocks(), 1, "{how}: only the root is left");
+    }
+}
+
 /// The shapes the mixed-path model runs on: every granule and stage, start levels 0 to 3, concatenated stage-2
 /// roots (at level 1, 2 and 3), and windows at the middle and at the very top of the input range.
 const SHAPES: [(Stage, Granule, u8); 10] = [
