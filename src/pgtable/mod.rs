@@ -288,9 +288,9 @@ pub struct Gather {
     pub leaf_shift: u8,
     /// Tables were unlinked: the invalidation must cover walk caches too (not leaf-only).
     pub tables_unlinked: bool,
-    /// Unlinked tables, chained through a word of each (a granule-aligned physical address, tagged with
-    /// [`LINK_SUBTREE`] for a level-2 table that goes with its last-level tables; never a valid descriptor should
-    /// the SMMU still walk the table before the invalidation).
+    /// Unlinked tables, chained through a word of each (a granule-aligned physical address tagged with
+    /// [`LINK_PRESENT`], and with [`LINK_SUBTREE`] for a level-2 table that goes with its last-level tables; 0 ends
+    /// the chain; never a valid descriptor should the SMMU still walk the table before the invalidation).
     freed_head: u64,
     freed: u32,
 }
@@ -335,6 +335,10 @@ impl Gather {
 /// first last-level table when entry 0 names one (so the level-2 table keeps every pointer to its children), else
 /// in the level-2 table's own first word. Bit 0 stays clear: a link is never a valid descriptor.
 const LINK_SUBTREE: u64 = 1 << 1;
+
+/// Tag (bit 2) of every link in [`Gather`]'s chain: a table may sit at physical address 0, so the address alone
+/// cannot tell a link from the chain's end (0).
+const LINK_PRESENT: u64 = 1 << 2;
 
 /// Frames `map` allocated before writing anything, chained through their first two words (the next frame's
 /// physical and CPU addresses), one chain of zeroed frames and one of frames to be overwritten whole.
@@ -385,14 +389,16 @@ pub struct IoPageTable<A: FrameAllocator> {
     coherency: Coherency,
     tables: u32,
     split_blocks: bool,
-    /// Linked last-level tables whose count is zero (emptied by the single-page unmap, waiting for a trim).
+    /// Linked tables whose count is zero, waiting for a trim: last-level tables emptied by the single-page unmap,
+    /// and any table `recount` found empty (other code may leave an empty table at any level).
     empty: u32,
     /// How many of those may stay linked before the single-page unmap trims (see `set_lazy_free_limit`).
     lazy_limit: u32,
     /// The protection of the last single-page map (checked expressible) and its page descriptor template, so that
-    /// repeated maps with one protection neither re-check nor re-encode it. Starts as `Prot::empty()`, which is
-    /// never expressible, so the first map takes the checked path.
-    last_prot: Prot,
+    /// repeated maps with one protection neither re-check nor re-encode it. Starts as `None`, which no protection
+    /// equals, so the first map takes the checked path (any `Prot` value, `Prot::empty()` included, may be asked
+    /// for, so none can serve as the "nothing checked yet" mark).
+    last_prot: Option<Prot>,
     last_template: u64,
 }
 
@@ -436,7 +442,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             split_blocks: false,
             empty: 0,
             lazy_limit: DEFAULT_LAZY_FREE_LIMIT,
-            last_prot: Prot::empty(),
+            last_prot: None,
             last_template: 0,
         })
     }
@@ -472,7 +478,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             split_blocks: false,
             empty: 0,
             lazy_limit: DEFAULT_LAZY_FREE_LIMIT,
-            last_prot: Prot::empty(),
+            last_prot: None,
             last_template: 0,
         };
         match counts {
@@ -555,16 +561,16 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// old or the new word, and both name the same table.
     fn set_count(&mut self, entry: &AtomicU64, child_level: u8, n: usize) {
         let d = entry.load(Ordering::Relaxed);
-        if child_level == 3 && desc::count(d) == 0 && n > 0 {
+        if desc::count(d) == 0 && n > 0 {
             self.empty = self.empty.saturating_sub(1);
         }
         entry.store(self.with_count(d, child_level, n), Ordering::Relaxed);
     }
 
-    /// The table descriptor `d` (naming a table at `child_level`) is going: if it named a last-level table left
-    /// empty by `unmap_page`, that table no longer waits for a trim.
-    fn forget_if_empty(&mut self, d: u64, child_level: u8) {
-        if child_level == 3 && desc::is_valid(d) && desc::count(d) == 0 {
+    /// The table descriptor `d` is going: if it named an empty table (a last-level table left empty by
+    /// `unmap_page`, or any table `recount` found empty), that table no longer waits for a trim.
+    fn forget_if_empty(&mut self, d: u64) {
+        if desc::is_valid(d) && desc::count(d) == 0 {
             self.empty = self.empty.saturating_sub(1);
         }
     }
@@ -579,7 +585,8 @@ impl<A: FrameAllocator> IoPageTable<A> {
         self.lazy_limit = tables;
     }
 
-    /// Emptied last-level tables still linked, waiting for the next [`IoPageTable::trim`].
+    /// Emptied tables still linked, waiting for the next [`IoPageTable::trim`]: last-level tables emptied by
+    /// single-page unmaps, and any table [`IoPageTable::recount`] found empty.
     pub fn empty_tables(&self) -> u32 {
         self.empty
     }
@@ -623,7 +630,8 @@ impl<A: FrameAllocator> IoPageTable<A> {
             // The current table gained an entry.
             let p = parent.load(Ordering::Relaxed);
             let n = desc::count(p);
-            if level == 3 && n == 0 {
+            if n == 0 {
+                // It was empty and waiting for a trim (emptied by `unmap_page`, or found empty by `recount`).
                 self.empty = self.empty.saturating_sub(1);
             }
             parent.store(self.with_count(p, level, n + 1), Ordering::Relaxed);
@@ -842,7 +850,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 left = left.saturating_sub(self.trim_in(level + 1, desc::address(d), entry_base, gather));
             }
             if left == 0 {
-                self.forget_if_empty(d, level + 1);
+                self.forget_if_empty(d);
                 self.store(entry, 0);
                 self.free_later(desc::address(d), gather);
                 // Walk caches may hold the unlinked table: its span is invalidated, though nothing is mapped there.
@@ -917,7 +925,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             && (iova | pa) & (granule - 1) == 0
             && iova >> self.format.input_bits == 0
             && pa >> self.format.output_bits == 0
-            && prot == self.last_prot
+            && Some(prot) == self.last_prot
         {
             // One granule, aligned, inside both address spaces, with the protection of the previous map (already
             // checked): the checks below would all pass.
@@ -942,7 +950,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
         }
         if size == 1 << self.geometry.granule_bits {
             self.last_template = desc::leaf(self.format.stage, 0, prot, true);
-            self.last_prot = prot;
+            self.last_prot = Some(prot);
             return self.map_page(iova, pa, self.last_template);
         }
         if let Some(mapped) = self.first_mapped(iova, size) {
@@ -1430,7 +1438,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             if covered && reprotect.is_none() {
                 removed += 1;
                 if desc::is_table(d, level) {
-                    self.forget_if_empty(d, level + 1);
+                    self.forget_if_empty(d);
                     self.store(entry, 0);
                     // The whole subtree goes: count its leaves and collect its tables without rewriting them.
                     let (bytes, smallest) = self.reclaim(level + 1, d, gather);
@@ -1474,7 +1482,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             if reprotect.is_none() && after == 0 {
                 // Emptied now, or already empty (left linked by `unmap_page`): unlinked, and its span invalidated
                 // for the walk caches even if nothing below it was mapped.
-                self.forget_if_empty(entry.load(Ordering::Relaxed), level + 1);
+                self.forget_if_empty(entry.load(Ordering::Relaxed));
                 self.store(entry, 0);
                 self.free_later(next, gather);
                 gather.add_run(entry_base, entry_base + entry_size, self.geometry.granule_bits, 0);
@@ -1512,7 +1520,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
         for e in entries {
             let d = e.load(Ordering::Relaxed);
             if desc::is_table(d, level) && level == 2 {
-                self.forget_if_empty(d, 3);
+                self.forget_if_empty(d);
                 if let Some(child) = self.allocator.phys_to_virt(PhysAddr(desc::address(d))) {
                     bytes += self.pages_in(d, entries_of(child, entries.len()));
                     smallest = smallest.min(self.geometry.entry_shift(3));
@@ -1520,6 +1528,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
                     self.tables -= 1;
                 }
             } else if desc::is_table(d, level) {
+                self.forget_if_empty(d);
                 let (b, s) = self.reclaim(level + 1, d, gather);
                 bytes += b;
                 smallest = smallest.min(s);
@@ -1530,7 +1539,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
         if level == 2 {
             self.subtree_link_slot(entries, virt)
                 .store(gather.freed_head, Ordering::Relaxed);
-            gather.freed_head = table_phys | LINK_SUBTREE;
+            gather.freed_head = table_phys | LINK_SUBTREE | LINK_PRESENT;
             gather.freed += 1;
             gather.tables_unlinked = true;
             self.tables -= 1;
@@ -1569,7 +1578,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
         if let Some(virt) = self.allocator.phys_to_virt(PhysAddr(table_phys)) {
             // Chain through the first word: the table is unlinked, and a link is never a valid descriptor.
             entries_of(virt, 1)[0].store(gather.freed_head, Ordering::Relaxed);
-            gather.freed_head = table_phys;
+            gather.freed_head = table_phys | LINK_PRESENT;
             gather.freed += 1;
             gather.tables_unlinked = true;
             self.tables -= 1;
@@ -1601,7 +1610,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
         };
         let mut next = head;
         while next != 0 {
-            let phys = next & !LINK_SUBTREE;
+            let phys = next & !(LINK_SUBTREE | LINK_PRESENT);
             let Some(virt) = self.allocator.phys_to_virt(PhysAddr(phys)) else {
                 break;
             };
