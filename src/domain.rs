@@ -1363,7 +1363,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// The first half of [`ActiveSmmu::unmap`], for callers that batch invalidations (Linux's unmap_fast +
     /// iotlb_sync): clears the entries of `[iova, iova + size)` and collects what changed into `gather`, issuing
     /// nothing. Until [`ActiveSmmu::sync_domain`] completes, the SMMU may still use the old translations: the caller
-    /// must not reuse the unmapped memory before then. Returns the bytes that were mapped.
+    /// must not reuse the unmapped memory before then, and a new mapping of the same IOVAs may not be seen (the
+    /// walk cache may still name a table this unmap unlinked) before then either. Returns the bytes that were
+    /// mapped.
     ///
     /// # Errors
     /// As [`ActiveSmmu::map`]; nothing changes then.

@@ -41,7 +41,10 @@
 //! (with its DSB) as it is made.
 //!
 //! **Who invalidates.** This module never issues a command. [`IoPageTable::map`] only fills invalid entries,
-//! which needs no invalidation. [`IoPageTable::unmap`] and [`IoPageTable::protect`] add what they removed or
+//! which needs no invalidation, with one ordering rule: where an unmap or trim unlinked a table and its [`Gather`]
+//! is not flushed yet, the SMMU's walk cache may still point at the old (empty, not yet freed) table, so a new
+//! mapping there is seen only once that gather is flushed (a DMA before may fault; never a wrong translation).
+//! [`IoPageTable::unmap`] and [`IoPageTable::protect`] add what they removed or
 //! changed to a [`Gather`]; the caller must issue the TLB invalidation it describes (leaf-only unless
 //! [`Gather::tables_unlinked`], walk caches too then) and wait for its CMD_SYNC (`ActiveSmmu::flush` does both,
 //! then calls [`IoPageTable::release`]). Until then the SMMU may still use the old translations. A table that
@@ -211,7 +214,8 @@ pub enum MapError {
     },
     /// No memory for a table.
     NoMemory(AllocError),
-    /// A root table to adopt is misaligned or not (wholly) inside memory the allocator reaches.
+    /// A root table to adopt is misaligned or not (wholly) inside memory the allocator reaches, or a table below
+    /// it to recount is not inside that memory.
     NotAdoptable(PhysAddr),
     /// The range cuts a block mapping, and splitting it in place is not allowed: replacing a valid block by a table
     /// in one store is legal only on an SMMU with IDR3.BBML = 2 (see [`IoPageTable::set_bbm_level`]). Below that
@@ -247,9 +251,9 @@ impl fmt::Display for MapError {
             MapError::BadProt(p) => write!(f, "protection {p:?} cannot be expressed"),
             MapError::Overlap { iova } => write!(f, "{iova:#x} is already mapped"),
             MapError::NoMemory(e) => write!(f, "page table: {e}"),
-            MapError::NotAdoptable(root) => write!(
+            MapError::NotAdoptable(table) => write!(
                 f,
-                "the root table at {root} cannot be adopted (misaligned, or outside the allocator's memory)"
+                "the table at {table} cannot be adopted (misaligned, or outside the allocator's memory)"
             ),
             MapError::WouldSplitBlock { iova } => {
                 write!(
@@ -453,7 +457,8 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// descriptor; without them the tables are walked once ([`IoPageTable::recount`]) to rebuild them.
     ///
     /// # Errors
-    /// [`MapError::BadFormat`]; [`MapError::NotAdoptable`] when `allocator` does not reach the whole root table.
+    /// [`MapError::BadFormat`]; [`MapError::NotAdoptable`] when `allocator` does not reach the whole root table
+    /// (or, without `counts`, a table below it).
     pub fn adopt(
         format: Format,
         root: PhysAddr,
@@ -486,7 +491,13 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 table.tables = c.tables.max(1);
                 table.empty = c.empty;
             }
-            None => table.recount(),
+            None => {
+                if let Err(e) = table.recount() {
+                    // The tables stay their previous owner's: dropping `table` would free them.
+                    core::mem::forget(table);
+                    return Err(e);
+                }
+            }
         }
         Ok(table)
     }
@@ -781,13 +792,39 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// full bit, the trim marks) and the number of emptied tables waiting for a trim, from the entries
     /// themselves. Tables this driver built carry that state in their descriptors, so a table preserved across
     /// a live update needs only the waiting count back; tables written by other code (or whose software bits
-    /// were lost) need this whole pass before any other operation. It reads every table once and writes only
-    /// bits the walk ignores.
-    pub fn recount(&mut self) {
+    /// were lost) need this whole pass before any other operation. It reads every table twice (first only to
+    /// check that the allocator reaches each one) and writes only bits the walk ignores.
+    ///
+    /// # Errors
+    /// [`MapError::NotAdoptable`] with the first table below the root that the allocator cannot reach (its count
+    /// cannot be known, and a table taken for empty would be trimmed with its mappings); nothing changes then.
+    pub fn recount(&mut self) -> Result<(), MapError> {
+        let (start, root) = (self.geometry.start_level, self.root.phys.0);
+        self.reachable(start, root)?;
         self.empty = 0;
         self.tables = 1;
-        let (start, root) = (self.geometry.start_level, self.root.phys.0);
         self.recount_in(start, root);
+        Ok(())
+    }
+
+    /// Checks that every table below the table at `table_phys` (at `level`, itself reachable) is reachable.
+    fn reachable(&self, level: u8, table_phys: u64) -> Result<(), MapError> {
+        let Some(virt) = self.allocator.phys_to_virt(PhysAddr(table_phys)) else {
+            return Err(MapError::NotAdoptable(PhysAddr(table_phys)));
+        };
+        for entry in entries_of(virt, self.geometry.entries(level)) {
+            let d = entry.load(Ordering::Relaxed);
+            if !desc::is_table(d, level) {
+                continue;
+            }
+            let child = desc::address(d);
+            if level + 1 < 3 {
+                self.reachable(level + 1, child)?;
+            } else if self.allocator.phys_to_virt(PhysAddr(child)).is_none() {
+                return Err(MapError::NotAdoptable(PhysAddr(child)));
+            }
+        }
+        Ok(())
     }
 
     /// Recounts below the table at `table_phys` (at `level`): its valid entries, and whether an empty table lies
@@ -912,7 +949,9 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// exactly as they were: nothing was linked, so nothing needs invalidating and no table the SMMU may have
     /// walked is freed. A successful map only adds translations where there were none: it needs no invalidation
     /// (the SMMU caches no invalid entries in the formats used here), and publishes its descriptors with a
-    /// barrier before it returns.
+    /// barrier before it returns. Where an unflushed [`Gather`] holds a table unlinked from this range (an unmap,
+    /// or a trim, including the one a single-page unmap runs past the lazy-free limit), the SMMU may walk that old
+    /// table until the gather's invalidation completes: flush it before relying on the new mapping.
     ///
     /// # Errors
     /// [`MapError::Unaligned`], [`MapError::InputOutOfRange`], [`MapError::OutputOutOfRange`] (the whole output

@@ -1591,13 +1591,54 @@ fn recount_rebuilds_counts_marks_and_the_waiting_tables() {
     clear(&t, t.geometry().start_level, t.root().0);
     t.empty = 0;
     assert_ne!(raw_words(&t), expected);
-    t.recount();
+    t.recount().unwrap();
     assert_eq!(
         raw_words(&t),
         expected,
         "counts, full bits and trim marks as the table kept them"
     );
     assert_eq!(t.empty_tables(), 1);
+}
+
+/// A table the allocator cannot reach has no knowable count: taken for empty, the next trim would unlink it with
+/// its mappings. Recount refuses before writing anything.
+#[test]
+fn recount_refuses_a_table_the_allocator_cannot_reach() {
+    let frames: &'static HeapFrames = std::boxed::Box::leak(std::boxed::Box::default());
+    let mut t = IoPageTable::new(format(Stage::One, Granule::Size4K, 39), frames, true).unwrap();
+    t.map(0x20_0000, 0x1000, 0x40_0000, RW).unwrap();
+    t.map(0x4000_0000, 0x80_0000, 0x1000, RW).unwrap();
+    // The last-level table of 0x4000_0000 moved (by other code) to memory this allocator does not know.
+    let root = t.root().0;
+    let l1 = t.table_entries(1, root).unwrap()[1].load(Ordering::Relaxed);
+    let l2 = &t.table_entries(2, desc::address(l1)).unwrap()[0];
+    let (stray, original) = (0xdead_0000, l2.load(Ordering::Relaxed));
+    l2.store(
+        desc::table(stray) | (l2.load(Ordering::Relaxed) & !desc::table(desc::address(l2.load(Ordering::Relaxed)))),
+        Ordering::Relaxed,
+    );
+    // The words recount would rewrite: the root's and the level-2 tables' (whose descriptors carry the counts).
+    let words = |t: &IoPageTable<&HeapFrames>| -> std::vec::Vec<u64> {
+        let mut words = std::vec::Vec::new();
+        for e in t.table_entries(1, root).unwrap() {
+            let d = e.load(Ordering::Relaxed);
+            words.push(d);
+            if desc::is_table(d, 1) {
+                let below = t.table_entries(2, desc::address(d)).unwrap();
+                words.extend(below.iter().map(|e| e.load(Ordering::Relaxed)));
+            }
+        }
+        words
+    };
+    let before = (words(&t), t.tables(), t.empty_tables());
+    assert_eq!(t.recount(), Err(MapError::NotAdoptable(PhysAddr(stray))));
+    assert_eq!((words(&t), t.tables(), t.empty_tables()), before, "nothing changed");
+    // Adopting without counts refuses the same way.
+    let adopted = IoPageTable::adopt(*t.format(), PhysAddr(root), frames, true, None);
+    assert_eq!(adopted.err(), Some(MapError::NotAdoptable(PhysAddr(stray))));
+    // The refused adoption freed none of the tables it did not take.
+    assert_eq!(t.iova_to_phys(0x20_0000), Some(0x1000));
+    t.table_entries(2, desc::address(l1)).unwrap()[0].store(original, Ordering::Relaxed);
 }
 
 #[test]
@@ -1740,7 +1781,7 @@ fn a_recounted_empty_level_2_table_leaves_the_waiting_count_when_it_fills() {
                 e.store(desc::table(desc::address(d)), Ordering::Relaxed);
             }
         }
-        t.recount();
+        t.recount().unwrap();
         let linked = |t: &IoPageTable<&Witness>| linked_empty_tables(&w.frames, t.root().0, t.geometry());
         assert_eq!((t.empty_tables() as usize, t.tables()), (linked(&t), 4));
         // Mapping into the empty level-2 table: it is no longer empty, and nothing else is.
