@@ -392,19 +392,7 @@ fn go(
             let valid = (0..entries)
                 .filter(|&i| unsafe { words.add(i).read() } & 1 != 0)
                 .count() as u64;
-            let count = ((link >> 2) & 0x3ff) | (((link >> 51) & 0x1f) << 10);
-            assert_eq!(count, valid, "the count of the level-{level} table at {table:#x}");
-            assert_eq!(
-                link & (1 << 56) != 0,
-                level == 3 && valid == entries as u64,
-                "the full bit of the level-{level} table at {table:#x} ({valid} valid entries)"
-            );
-            if valid == 0 {
-                assert!(
-                    level == 3 && link & (1 << 57) != 0 && ancestors_marked,
-                    "a linked level-{level} table at {table:#x} is empty and not waiting for a trim"
-                );
-            }
+            assert_link_state(link, level, valid, entries, ancestors_marked, table);
         }
         for i in 0..entries {
             // SAFETY: a live table of `entries` descriptors.
@@ -441,6 +429,26 @@ fn go(
                 }
             }
         }
+    }
+}
+
+/// Asserts the software state that `link`, the descriptor naming the level-`level` table at `table` (`valid` of
+/// its `entries` entries valid), keeps: its count (bits \[11:2\] low, \[55:51\] high) is `valid`, the full bit
+/// (56) is set exactly on a full last-level table, and an empty table is a last-level table marked as a trim
+/// candidate (bit 57) whose ancestors are all marked (`marked`).
+fn assert_link_state(link: u64, level: u8, valid: u64, entries: usize, marked: bool, table: u64) {
+    let count = ((link >> 2) & 0x3ff) | (((link >> 51) & 0x1f) << 10);
+    assert_eq!(count, valid, "the count of the level-{level} table at {table:#x}");
+    assert_eq!(
+        link & (1 << 56) != 0,
+        level == 3 && valid == entries as u64,
+        "the full bit of the level-{level} table at {table:#x} ({valid} valid entries)"
+    );
+    if valid == 0 {
+        assert!(
+            level == 3 && marked && link & (1 << 57) != 0,
+            "a linked level-{level} table at {table:#x} is empty and not waiting for a trim"
+        );
     }
 }
 
@@ -2011,19 +2019,9 @@ fn decode_shape(frames: &HeapFrames, root: u64, g: &Geometry) -> (Vec<(u64, u64,
         let all: Vec<u64> = (0..entries).map(|i| unsafe { words.add(i).read() }).collect();
         let valid = all.iter().filter(|&&d| d & 1 != 0).count() as u64;
         if let Some(link) = link {
-            let count = ((link >> 2) & 0x3ff) | (((link >> 51) & 0x1f) << 10);
-            assert_eq!(count, valid, "count of the level-{level} table at {base:#x}");
-            assert_eq!(
-                link & (1 << 56) != 0,
-                level == 3 && valid == entries as u64,
-                "full bit of the level-{level} table at {base:#x}"
-            );
+            assert_link_state(link, level, valid, entries, marked, table);
             if valid == 0 {
                 out.2 += 1;
-                assert!(
-                    level == 3 && marked && link & (1 << 57) != 0,
-                    "an empty linked level-{level} table at {base:#x} not waiting for a trim"
-                );
             }
         }
         let granule_mask = (1u64 << g.granule_bits) - 1;
