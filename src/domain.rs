@@ -345,6 +345,12 @@ pub enum DomainError {
         /// The parent's token.
         token: u64,
     },
+    /// A hand-off is prepared with the domain recorded (its memory sealed): `cancel_handover` before
+    /// unpreserving it.
+    HandoverPrepared {
+        /// The token.
+        token: u64,
+    },
     /// The domain is preserved: unpreserve it before freeing it.
     Preserved {
         /// The domain.
@@ -413,6 +419,10 @@ impl fmt::Display for DomainError {
             DomainError::NestedStillPreserved { token } => write!(
                 f,
                 "nested domains under the parent preserved as {token:#x} are preserved: unpreserve them first"
+            ),
+            DomainError::HandoverPrepared { token } => write!(
+                f,
+                "the hand-off is prepared with token {token:#x} recorded: cancel it before unpreserving"
             ),
             DomainError::Preserved { domain, token } => {
                 write!(
@@ -1574,13 +1584,18 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     ///
     /// # Errors
     /// [`DomainError::UnknownToken`]; [`DomainError::NestedStillPreserved`] for a stage-2 parent whose nested
-    /// domains are preserved. Nothing changes then.
+    /// domains are preserved; [`DomainError::HandoverPrepared`] between `prepare_handover` and `cancel_handover`
+    /// (the region records the domain, and unpreserving cannot take the record back). Nothing changes then.
     pub fn unpreserve(&mut self, token: u64) -> Result<DomainId, DomainError> {
         let domain = *self
             .domains
             .tokens
             .get(&token)
             .ok_or(DomainError::UnknownToken(token))?;
+        // A nested domain's memory is its parent's, sealed with it.
+        if self.domains.get(domain).is_ok_and(|s| s.memory.sealed()) {
+            return Err(DomainError::HandoverPrepared { token });
+        }
         let nested_preserved = self.domains.slots.iter().filter_map(|s| s.state.as_ref()).any(|s| {
             s.token.is_some() && matches!(s.translation, Translation::Nested { parent, .. } if parent == domain)
         });

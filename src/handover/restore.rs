@@ -1335,4 +1335,57 @@ mod tests {
         smmu.map(mine, 0, 0x8000_0000, 0x1000, RW).unwrap();
         smmu.free_domain(mine).unwrap();
     }
+
+    #[test]
+    fn a_prepared_domain_is_unpreserved_only_after_the_hand_off_is_cancelled() {
+        let frames = frames();
+        let mut region = Region::new();
+        let model = Model::start(frames);
+        let mut smmu = boot(&model, frames);
+        let pool = region.pool();
+        let d = smmu
+            .create_stage1(
+                pool.take_arena().unwrap(),
+                Stage1Options {
+                    input_bits: 39,
+                    el2: false,
+                },
+            )
+            .unwrap();
+        smmu.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+        let parent = smmu
+            .create_stage2(pool.take_arena().unwrap(), Stage2Options { input_bits: 40 })
+            .unwrap();
+        let guest = crate::domain::GuestStage1 {
+            cd_table: 0x4800_0000,
+            cd_max_log2: 0,
+            layout: CdTableLayout::Linear,
+            default_substream: DefaultSubstream::Terminate,
+        };
+        let nested = smmu.create_nested(parent, guest).unwrap();
+        smmu.preserve(d, 9).unwrap();
+        smmu.preserve(parent, 10).unwrap();
+        smmu.preserve(nested, 11).unwrap();
+        smmu.prepare_handover(pool, BASE, 1).unwrap();
+        // The region records them: unpreserving now would leave a record of a domain that may be freed (and its
+        // arena sealed for good). Refused, nothing changed.
+        for token in [9, 11] {
+            assert_eq!(smmu.unpreserve(token), Err(DomainError::HandoverPrepared { token }));
+        }
+        assert_eq!((smmu.preserved(9), smmu.preserved(11)), (Some(d), Some(nested)));
+        assert!(matches!(smmu.free_domain(d), Err(DomainError::Preserved { .. })));
+        // Cancelled: unpreserve works, and the domain's memory hands out tables again.
+        smmu.cancel_handover(pool, BASE).unwrap();
+        assert_eq!(smmu.unpreserve(9), Ok(d));
+        assert_eq!(smmu.unpreserve(11), Ok(nested));
+        smmu.map(d, 0x4000_0000, 0x8000_2000, 0x1000, RW).unwrap();
+        smmu.free_domain(d).unwrap();
+        // Prepared again, the other way round: preserve, prepare, cancel, unpreserve, prepare records nothing of it.
+        smmu.preserve(nested, 11).unwrap();
+        smmu.prepare_handover(pool, BASE, 2).unwrap();
+        smmu.cancel_handover(pool, BASE).unwrap();
+        smmu.unpreserve(11).unwrap();
+        smmu.unpreserve(10).unwrap();
+        smmu.map(parent, 0x4000_0000, 0x8000_2000, 0x1000, RW).unwrap();
+    }
 }
