@@ -162,6 +162,8 @@ fn bench_preserve(c: &mut Criterion, smmu: &mut Active, region: &Region) {
     }
     group.finish();
     PAUSE.store(false, Ordering::Relaxed);
+    // The prepared hand-off records them: cancelled before they are unpreserved.
+    smmu.cancel_handover(pool, REGISTER_BASE).unwrap();
     for i in 0..preserved {
         smmu.unpreserve(0x1000 + i as u64).unwrap();
     }
@@ -190,6 +192,7 @@ fn first_image(smmu: Smmu, frames: &'static HeapFrames, region: &mut Region, pag
     );
     let metadata = region.bytes(pool.metadata_extent().unwrap()).to_vec();
     let tables = region.bytes(extent).to_vec();
+    active.cancel_handover(pool, REGISTER_BASE).unwrap();
     active.unpreserve(TOKEN).unwrap();
     active.detach(SID).unwrap();
     active.free_domain(d).unwrap();

@@ -345,6 +345,12 @@ pub enum DomainError {
         /// The parent's token.
         token: u64,
     },
+    /// A hand-off is prepared with the domain recorded (its memory sealed): `cancel_handover` before
+    /// unpreserving it.
+    HandoverPrepared {
+        /// The token.
+        token: u64,
+    },
     /// The domain is preserved: unpreserve it before freeing it.
     Preserved {
         /// The domain.
@@ -413,6 +419,10 @@ impl fmt::Display for DomainError {
             DomainError::NestedStillPreserved { token } => write!(
                 f,
                 "nested domains under the parent preserved as {token:#x} are preserved: unpreserve them first"
+            ),
+            DomainError::HandoverPrepared { token } => write!(
+                f,
+                "the hand-off is prepared with token {token:#x} recorded: cancel it before unpreserving"
             ),
             DomainError::Preserved { domain, token } => {
                 write!(
@@ -1309,6 +1319,15 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 Ok(())
             }
             Err(error) => {
+                // Another failed invalidation may be waiting (a deferred unmap's gather synced after it): keep
+                // both, or the older one's IOVAs would never be invalidated nor its tables freed.
+                let gather = match state.unflushed.take() {
+                    Some(mut pending) => {
+                        table.merge(&mut pending, gather);
+                        pending
+                    }
+                    None => gather,
+                };
                 state.unflushed = Some(gather);
                 Err(DomainError::Invalidation(InvalidationError::Queue(error)))
             }
@@ -1574,13 +1593,18 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     ///
     /// # Errors
     /// [`DomainError::UnknownToken`]; [`DomainError::NestedStillPreserved`] for a stage-2 parent whose nested
-    /// domains are preserved. Nothing changes then.
+    /// domains are preserved; [`DomainError::HandoverPrepared`] between `prepare_handover` and `cancel_handover`
+    /// (the region records the domain, and unpreserving cannot take the record back). Nothing changes then.
     pub fn unpreserve(&mut self, token: u64) -> Result<DomainId, DomainError> {
         let domain = *self
             .domains
             .tokens
             .get(&token)
             .ok_or(DomainError::UnknownToken(token))?;
+        // A nested domain's memory is its parent's, sealed with it.
+        if self.domains.get(domain).is_ok_and(|s| s.memory.sealed()) {
+            return Err(DomainError::HandoverPrepared { token });
+        }
         let nested_preserved = self.domains.slots.iter().filter_map(|s| s.state.as_ref()).any(|s| {
             s.token.is_some() && matches!(s.translation, Translation::Nested { parent, .. } if parent == domain)
         });
@@ -2218,6 +2242,55 @@ mod tests {
         let before = consumed(&model);
         smmu.map(d, 0x80_0000, 0x8000_0000, 0x1000, RW).unwrap();
         assert_eq!(since(&model, before)[..2], [opcode::TLBI_NH_VA, opcode::SYNC]);
+    }
+
+    #[test]
+    fn a_failed_sync_keeps_the_unmap_invalidation_that_failed_before_it() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = smmu(&model, frames);
+        let d = s1(&mut smmu, frames);
+        let asid = asid_of(&smmu, d);
+        // One last-level table in each of two 2 MiB ranges; each unmap below unlinks one (a page at 0 keeps
+        // their level-2 table).
+        smmu.map(d, 0, 0x8000_0000, 0x1000, RW).unwrap();
+        smmu.map(d, 0x40_0000, 0x8000_0000, 0x1000, RW).unwrap();
+        smmu.map(d, 0x80_0000, 0x9000_0000, 0x1000, RW).unwrap();
+        let live = frames.live_blocks();
+        let mut deferred = Gather::default();
+        smmu.unmap_deferred(d, 0x80_0000, 0x20_0000, &mut deferred).unwrap();
+        model.refuse.store(opcode::TLBI_NH_VA, Ordering::SeqCst);
+        // This unmap's invalidation fails and is kept; so does the deferred one's.
+        assert!(matches!(
+            smmu.unmap(d, 0x40_0000, 0x20_0000),
+            Err(DomainError::Invalidation(_))
+        ));
+        assert!(matches!(
+            smmu.sync_domain(d, deferred),
+            Err(DomainError::Invalidation(_))
+        ));
+        assert_eq!(frames.live_blocks(), live, "no unlinked table freed yet");
+        model.refuse.store(0, Ordering::SeqCst);
+        // The next operation flushes both: neither IOVA may stay in the TLB, and both tables are freed after.
+        let before = consumed(&model);
+        smmu.map(d, 0xc0_0000, 0x8000_0000, 0x1000, RW).unwrap();
+        // One range invalidation over both (RIL): its pieces, then the CMD_SYNC.
+        let mut expected: Vec<Issued> =
+            crate::hw::command::plan_range_invalidation(0x40_0000, 0x60_0000, Granule::Size4K, 0)
+                .unwrap()
+                .map(|piece| Issued::NhVa {
+                    vmid: 0,
+                    asid,
+                    address: piece.address,
+                })
+                .collect();
+        expected.push(Issued::Sync);
+        assert_eq!(issued_since(&model, before), expected);
+        assert_eq!(
+            frames.live_blocks(),
+            live - 2 + 1,
+            "both unlinked tables freed; one new"
+        );
     }
 
     #[test]

@@ -123,6 +123,11 @@ pub unsafe trait FrameAllocator {
 
     /// Undoes [`FrameAllocator::seal`] (the hand-off was cancelled).
     fn unseal(&self) {}
+
+    /// Whether [`FrameAllocator::seal`] is in force (a hand-off is prepared with this memory recorded).
+    fn sealed(&self) -> bool {
+        false
+    }
 }
 
 // SAFETY: forwards to `T`, which upholds the contract.
@@ -170,6 +175,10 @@ unsafe impl<T: FrameAllocator + ?Sized> FrameAllocator for &T {
 
     fn unseal(&self) {
         (**self).unseal()
+    }
+
+    fn sealed(&self) -> bool {
+        (**self).sealed()
     }
 }
 

@@ -425,6 +425,10 @@ unsafe impl FrameAllocator for HandoverArena {
     fn unseal(&self) {
         self.state.lock().sealed = false;
     }
+
+    fn sealed(&self) -> bool {
+        self.state.lock().sealed
+    }
 }
 
 #[cfg(test)]

@@ -347,15 +347,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             self.domains.restored.clear();
             for (id, arena) in restored {
                 if let Some(state) = self.domains.remove(id) {
-                    match &state.translation {
-                        Translation::Stage1 { asid, .. } => {
-                            let _ = self.free_asid(*asid);
-                        }
-                        Translation::Stage2 { vmid, .. } => {
-                            let _ = self.free_vmid(*vmid);
-                        }
-                        Translation::Nested { .. } => {}
-                    }
+                    self.release_restored_ids(&state);
                     core::mem::forget(state);
                 }
                 if let Some(arena) = arena {
@@ -366,6 +358,19 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             return Err(e);
         }
         Ok(report)
+    }
+
+    /// Frees the ASID or VMID a rebuilt (or half-rebuilt) domain claimed.
+    fn release_restored_ids(&mut self, state: &DomainState) {
+        match &state.translation {
+            Translation::Stage1 { asid, .. } => {
+                let _ = self.free_asid(*asid);
+            }
+            Translation::Stage2 { vmid, .. } => {
+                let _ = self.free_vmid(*vmid);
+            }
+            Translation::Nested { .. } => {}
+        }
     }
 
     fn check_limits(&self, pool: &HandoverPool, instance: &InstanceRecords) -> Result<(), RestoreError> {
@@ -510,8 +515,17 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                                     fail(RebuildFailure::Table(e))
                                 })?;
                             table.set_bbm_level(bbml);
+                            // A failure from here on is this record's alone to undo (it is not in `restored` yet):
+                            // the table abandoned in place (the SMMU may walk it), the ID and the arena given back.
+                            let abandon = |table: IoPageTable<DomainMemory>| {
+                                core::mem::forget(table);
+                                arena.release();
+                            };
                             let translation = if stage == Stage::Two {
-                                self.claim_vmid(r.vmid).map_err(|e| fail(RebuildFailure::Id(e)))?;
+                                if let Err(e) = self.claim_vmid(r.vmid) {
+                                    abandon(table);
+                                    return Err(fail(RebuildFailure::Id(e)));
+                                }
                                 let config = self.stage2_config(r.vmid, &table);
                                 Translation::Stage2 {
                                     table,
@@ -520,10 +534,18 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                                     children: 0,
                                 }
                             } else {
-                                self.claim_asid(r.asid).map_err(|e| fail(RebuildFailure::Id(e)))?;
-                                let cd = self
-                                    .stage1_cd(r.asid, &table)
-                                    .map_err(|e| fail(RebuildFailure::Domain(DomainError::Entry(e))))?;
+                                if let Err(e) = self.claim_asid(r.asid) {
+                                    abandon(table);
+                                    return Err(fail(RebuildFailure::Id(e)));
+                                }
+                                let cd = match self.stage1_cd(r.asid, &table) {
+                                    Ok(cd) => cd,
+                                    Err(e) => {
+                                        let _ = self.free_asid(r.asid);
+                                        abandon(table);
+                                        return Err(fail(RebuildFailure::Domain(DomainError::Entry(e))));
+                                    }
+                                };
                                 Translation::Stage1 {
                                     table,
                                     asid: r.asid,
@@ -539,9 +561,16 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                     Translation::Nested { parent, .. } => Some(parent),
                     _ => None,
                 };
-                self.domains
-                    .check_free_slot()
-                    .map_err(|e| fail(RebuildFailure::Domain(e)))?;
+                if let Err(e) = self.domains.check_free_slot() {
+                    // As above: this record's ID and arena back, its table abandoned in place.
+                    let state = DomainState::new(translation, memory);
+                    self.release_restored_ids(&state);
+                    core::mem::forget(state);
+                    if let Some(arena) = arena {
+                        arena.release();
+                    }
+                    return Err(fail(RebuildFailure::Domain(e)));
+                }
                 let id = self.domains.insert(DomainState::new(translation, memory));
                 if let Some(parent) = parent
                     && let Ok(DomainState {
@@ -1245,5 +1274,118 @@ mod tests {
         ];
         assert_eq!(issued[..4], cd, "{issued:?}");
         assert_ste_steps(&issued[4..], 0x10);
+    }
+    #[test]
+    fn a_restore_that_fails_half_way_leaks_no_arena_and_no_id() {
+        let frames = frames();
+        let mut region = Region::new();
+        {
+            let model = Model::start(frames);
+            let mut smmu = boot(&model, frames);
+            let pool = region.pool();
+            let parent = smmu
+                .create_stage2(pool.take_arena().unwrap(), Stage2Options { input_bits: 40 })
+                .unwrap();
+            let d = smmu
+                .create_stage1(
+                    pool.take_arena().unwrap(),
+                    Stage1Options {
+                        input_bits: 39,
+                        el2: false,
+                    },
+                )
+                .unwrap();
+            smmu.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+            smmu.attach(d, 0x10).unwrap();
+            // The stage-2 record first: it is rebuilt before the stage-1 one fails.
+            smmu.preserve(parent, 0x62).unwrap();
+            smmu.preserve(d, 0x61).unwrap();
+            smmu.prepare_handover(pool, BASE, 1).unwrap();
+            core::mem::forget(smmu);
+            drop(model);
+        }
+        let model = Model::start(frames);
+        let mut smmu = boot(&model, frames);
+        let pool = region.pool();
+        // This image took the recorded ASID before restoring: the stage-1 record cannot claim it.
+        let mine = smmu.create_stage1(frames, Stage1Options::default()).unwrap();
+        assert_eq!((smmu.asids_in_use(), smmu.vmids_in_use()), (1, 0));
+        let error = smmu.restore_handover(pool, BASE).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                RestoreError::Rebuild { token: 0x61, .. } | RestoreError::BeyondLimits { token: 0x61, .. }
+            ),
+            "{error}"
+        );
+        assert_eq!(pool.arenas_in_use(), 0, "every arena taken back is given back");
+        assert_eq!((smmu.asids_in_use(), smmu.vmids_in_use()), (1, 0), "no ID kept");
+        assert_eq!(
+            smmu.domains.free_slots(),
+            crate::domain::DEFAULT_DOMAINS - 1,
+            "no slot kept"
+        );
+        assert!(smmu.retrieve(0x61).is_err() && smmu.retrieve(0x62).is_err());
+        assert_ne!(
+            smmu.ste(0x10).map(|s| s.config()),
+            Ok(Config::Stage1),
+            "no STE installed"
+        );
+        // This image's own domain is untouched.
+        smmu.map(mine, 0, 0x8000_0000, 0x1000, RW).unwrap();
+        smmu.free_domain(mine).unwrap();
+    }
+
+    #[test]
+    fn a_prepared_domain_is_unpreserved_only_after_the_hand_off_is_cancelled() {
+        let frames = frames();
+        let mut region = Region::new();
+        let model = Model::start(frames);
+        let mut smmu = boot(&model, frames);
+        let pool = region.pool();
+        let d = smmu
+            .create_stage1(
+                pool.take_arena().unwrap(),
+                Stage1Options {
+                    input_bits: 39,
+                    el2: false,
+                },
+            )
+            .unwrap();
+        smmu.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+        let parent = smmu
+            .create_stage2(pool.take_arena().unwrap(), Stage2Options { input_bits: 40 })
+            .unwrap();
+        let guest = crate::domain::GuestStage1 {
+            cd_table: 0x4800_0000,
+            cd_max_log2: 0,
+            layout: CdTableLayout::Linear,
+            default_substream: DefaultSubstream::Terminate,
+        };
+        let nested = smmu.create_nested(parent, guest).unwrap();
+        smmu.preserve(d, 9).unwrap();
+        smmu.preserve(parent, 10).unwrap();
+        smmu.preserve(nested, 11).unwrap();
+        smmu.prepare_handover(pool, BASE, 1).unwrap();
+        // The region records them: unpreserving now would leave a record of a domain that may be freed (and its
+        // arena sealed for good). Refused, nothing changed.
+        for token in [9, 11] {
+            assert_eq!(smmu.unpreserve(token), Err(DomainError::HandoverPrepared { token }));
+        }
+        assert_eq!((smmu.preserved(9), smmu.preserved(11)), (Some(d), Some(nested)));
+        assert!(matches!(smmu.free_domain(d), Err(DomainError::Preserved { .. })));
+        // Cancelled: unpreserve works, and the domain's memory hands out tables again.
+        smmu.cancel_handover(pool, BASE).unwrap();
+        assert_eq!(smmu.unpreserve(9), Ok(d));
+        assert_eq!(smmu.unpreserve(11), Ok(nested));
+        smmu.map(d, 0x4000_0000, 0x8000_2000, 0x1000, RW).unwrap();
+        smmu.free_domain(d).unwrap();
+        // Prepared again, the other way round: preserve, prepare, cancel, unpreserve, prepare records nothing of it.
+        smmu.preserve(nested, 11).unwrap();
+        smmu.prepare_handover(pool, BASE, 2).unwrap();
+        smmu.cancel_handover(pool, BASE).unwrap();
+        smmu.unpreserve(11).unwrap();
+        smmu.unpreserve(10).unwrap();
+        smmu.map(parent, 0x4000_0000, 0x8000_2000, 0x1000, RW).unwrap();
     }
 }

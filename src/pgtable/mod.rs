@@ -1624,6 +1624,45 @@ impl<A: FrameAllocator> IoPageTable<A> {
         }
     }
 
+    /// Moves what `other` collected (its range and its unlinked tables) into `into`, so that one invalidation and
+    /// one [`IoPageTable::release`] cover both. Both gathers must come from this page table.
+    pub fn merge(&self, into: &mut Gather, other: Gather) {
+        if other.end != other.start {
+            into.add_run(other.start, other.end, other.leaf_shift, other.leaves);
+        } else {
+            into.leaves += other.leaves;
+        }
+        into.tables_unlinked |= other.tables_unlinked;
+        if other.freed_head == 0 {
+            return;
+        }
+        if into.freed_head != 0 {
+            // `other`'s chain goes in front: its last link (0 now) names `into`'s first table.
+            let mut link = other.freed_head;
+            loop {
+                let phys = link & !(LINK_SUBTREE | LINK_PRESENT);
+                let Some(virt) = self.allocator.phys_to_virt(PhysAddr(phys)) else {
+                    // Not this table's memory (cannot happen): keep `into`'s chain rather than lose it.
+                    return;
+                };
+                let entries = entries_of(virt, 1 << self.geometry.level_bits);
+                let slot = if link & LINK_SUBTREE != 0 {
+                    self.subtree_link_slot(entries, virt)
+                } else {
+                    &entries[0]
+                };
+                let next = slot.load(Ordering::Relaxed);
+                if next == 0 {
+                    slot.store(into.freed_head, Ordering::Relaxed);
+                    break;
+                }
+                link = next;
+            }
+        }
+        into.freed_head = other.freed_head;
+        into.freed += other.freed;
+    }
+
     /// Gives the tables `gather` collected back to the allocator. Call it only after the invalidation for
     /// `gather` has completed (CMD_SYNC consumed), so that no walk can still reach them.
     #[inline]
