@@ -345,8 +345,9 @@ pub enum DomainError {
         /// The parent's token.
         token: u64,
     },
-    /// A hand-off is prepared with the domain recorded (its memory sealed): `cancel_handover` before
-    /// unpreserving it.
+    /// A hand-off is prepared with the domain recorded (its memory sealed): the record must stay what the next
+    /// image restores, so the domain is frozen (no map, unmap, protect, trim, attach or detach, no unpreserve)
+    /// until `cancel_handover`, or the hand-off.
     HandoverPrepared {
         /// The token.
         token: u64,
@@ -422,7 +423,8 @@ impl fmt::Display for DomainError {
             ),
             DomainError::HandoverPrepared { token } => write!(
                 f,
-                "the hand-off is prepared with token {token:#x} recorded: cancel it before unpreserving"
+                "the hand-off is prepared with the domain of token {token:#x} recorded: cancel it before changing \
+                 or unpreserving that domain"
             ),
             DomainError::Preserved { domain, token } => {
                 write!(
@@ -1018,10 +1020,12 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// # Errors
     /// [`DomainError::StaleDomain`], [`DomainError::StreamInUse`] when the stream is attached anywhere,
     /// [`DomainError::Stream`] for a StreamID beyond the table, [`DomainError::TooMany`], [`DomainError::CdTable`],
-    /// [`DomainError::Entry`]: nothing changed then. [`DomainError::Attach`] when an STE invalidation failed: the
+    /// [`DomainError::Entry`], [`DomainError::HandoverPrepared`] (a preserved domain while a prepared hand-off
+    /// records it): nothing changed then. [`DomainError::Attach`] when an STE invalidation failed: the
     /// STE is left as the error says and the stream is recorded as attached (so the domain cannot be freed under
     /// it); `detach` cleans up.
     pub fn attach(&mut self, domain: DomainId, sid: u32) -> Result<(), DomainError> {
+        self.unfrozen(domain)?;
         let state = self.domains.get(domain)?;
         if let Some(i) = self.domains.stream(sid) {
             return Err(DomainError::StreamInUse {
@@ -1118,9 +1122,11 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// [`DomainError::StaleDomain`], [`DomainError::WrongKind`] for a domain that is not stage 1,
     /// [`DomainError::NotAttached`] for a stream without a stage-1 attachment, [`DomainError::BadSubstream`] for
     /// SubstreamID 0 or one beyond the stream's CD table (on an SMMU without substreams, every one),
-    /// [`DomainError::StreamInUse`] for a substream attached already, [`DomainError::TooMany`]: nothing changed.
+    /// [`DomainError::StreamInUse`] for a substream attached already, [`DomainError::TooMany`],
+    /// [`DomainError::HandoverPrepared`]: nothing changed.
     /// [`DomainError::CdTable`] when the CD's invalidation failed (the CD is written).
     pub fn attach_substream(&mut self, domain: DomainId, sid: u32, ssid: u32) -> Result<(), DomainError> {
+        self.unfrozen(domain)?;
         let state = self.domains.get(domain)?;
         let Translation::Stage1 { cd, .. } = state.translation else {
             return Err(DomainError::WrongKind {
@@ -1183,7 +1189,8 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// Detaches substream `ssid` of stream `sid`: its CD is made invalid (CFGI_CD + CMD_SYNC).
     ///
     /// # Errors
-    /// [`DomainError::NotAttached`]; [`DomainError::CdTable`] when the invalidation failed: the substream stays
+    /// [`DomainError::NotAttached`]; [`DomainError::HandoverPrepared`] (nothing changes); [`DomainError::CdTable`]
+    /// when the invalidation failed: the substream stays
     /// recorded (its domain cannot be freed) and the detach can be tried again.
     pub fn detach_substream(&mut self, sid: u32, ssid: u32) -> Result<(), DomainError> {
         let not_attached = DomainError::NotAttached { sid, ssid: Some(ssid) };
@@ -1193,6 +1200,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             .iter()
             .position(|(s, _)| *s == ssid)
             .ok_or(not_attached)?;
+        self.unfrozen(self.domains.streams[index].substreams[position].1)?;
         // The CD invalid and invalidated first: until then the substream stays recorded.
         self.write_stream_cd(index, ssid, &Cd::invalid())?;
         let (_, domain) = self.domains.streams[index].substreams.swap_remove(position);
@@ -1207,7 +1215,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// domain has no attachment left, its TLB entries are dropped too.
     ///
     /// # Errors
-    /// [`DomainError::NotAttached`] (nothing changes). [`DomainError::Attach`] / [`DomainError::Invalidation`] when
+    /// [`DomainError::NotAttached`], [`DomainError::HandoverPrepared`] when the stream's domain (or a substream's)
+    /// is preserved and a prepared hand-off records it (nothing changes). [`DomainError::Attach`] /
+    /// [`DomainError::Invalidation`] when
     /// an invalidation failed: the stream stays recorded as attached (so its domain cannot be freed while the SMMU
     /// may still use it) and the detach can be tried again.
     pub fn detach(&mut self, sid: u32) -> Result<(), DomainError> {
@@ -1215,6 +1225,10 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             .domains
             .stream(sid)
             .ok_or(DomainError::NotAttached { sid, ssid: None })?;
+        self.unfrozen(self.domains.streams[index].domain)?;
+        for &(_, domain) in &self.domains.streams[index].substreams {
+            self.unfrozen(domain)?;
+        }
         while let Some(&(ssid, _)) = self.domains.streams[index].substreams.last() {
             self.detach_substream(sid, ssid)?;
         }
@@ -1343,14 +1357,29 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         }
     }
 
+    /// Refuses a change to `domain` while a prepared hand-off records it: from `prepare_handover` to
+    /// `cancel_handover` (or the hand-off) a preserved domain is frozen, so that the next image restores exactly
+    /// the recorded streams, tables and counts.
+    fn unfrozen(&self, domain: DomainId) -> Result<(), DomainError> {
+        match self.domains.get(domain)? {
+            s if s.memory.sealed() => match s.token {
+                Some(token) => Err(DomainError::HandoverPrepared { token }),
+                None => Ok(()),
+            },
+            _ => Ok(()),
+        }
+    }
+
     /// Maps `[iova, iova + size)` to `[pa, pa + size)` with `prot` in a stage-1 or stage-2 domain, with the largest
     /// blocks that fit. No invalidation is needed (only invalid entries are filled).
     ///
     /// # Errors
     /// [`DomainError::StaleDomain`], [`DomainError::WrongKind`] for a nested domain, [`DomainError::Map`] for an
     /// unaligned or out-of-range range (the domain's input size, the SMMU's output size), an overlap with what is
-    /// mapped, a bad `prot`, or no memory: nothing changes then.
+    /// mapped, a bad `prot`, or no memory, [`DomainError::HandoverPrepared`] for a preserved domain while a
+    /// prepared hand-off records it: nothing changes then.
     pub fn map(&mut self, domain: DomainId, iova: u64, pa: u64, size: u64, prot: Prot) -> Result<(), DomainError> {
+        self.unfrozen(domain)?;
         self.settle(domain)?;
         match &mut self.paging_domain(domain)?.translation {
             Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => {
@@ -1367,6 +1396,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// As [`ActiveSmmu::map`] (nothing changes), and [`DomainError::Invalidation`] when the invalidation failed:
     /// the entries are cleared and the unlinked tables kept until the domain's next operation flushes them again.
     pub fn unmap(&mut self, domain: DomainId, iova: u64, size: u64) -> Result<u64, DomainError> {
+        self.unfrozen(domain)?;
         self.settle(domain)?;
         let mut gather = Gather::default();
         let bytes = match &mut self.paging_domain(domain)?.translation {
@@ -1395,6 +1425,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         size: u64,
         gather: &mut Gather,
     ) -> Result<u64, DomainError> {
+        self.unfrozen(domain)?;
         self.settle(domain)?;
         match &mut self.paging_domain(domain)?.translation {
             Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => {
@@ -1421,6 +1452,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// # Errors
     /// As [`ActiveSmmu::sync_domain`].
     pub fn trim_domain(&mut self, domain: DomainId) -> Result<u32, DomainError> {
+        self.unfrozen(domain)?;
         self.settle(domain)?;
         let mut gather = Gather::default();
         let trimmed = match &mut self.paging_domain(domain)?.translation {
@@ -1437,6 +1469,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// # Errors
     /// As [`ActiveSmmu::unmap`].
     pub fn protect(&mut self, domain: DomainId, iova: u64, size: u64, prot: Prot) -> Result<u64, DomainError> {
+        self.unfrozen(domain)?;
         self.settle(domain)?;
         let mut gather = Gather::default();
         let bytes = match &mut self.paging_domain(domain)?.translation {

@@ -202,8 +202,10 @@ pub fn running_smmu(
 impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// Writes the records of every preserved domain (as they stand now) into the handover region of `pool`, the
     /// header last, and cleans the region and every preserved domain's memory to the point of coherency, so that a
-    /// warm reset finds them in memory. Translation keeps running meanwhile, and the domains stay usable (prepare
-    /// again after changing them). Records of other SMMUs already in the region are kept. `register_base` is this
+    /// warm reset finds them in memory. Translation keeps running meanwhile; the preserved domains are frozen until
+    /// [`ActiveSmmu::cancel_handover`] or the hand-off (map, unmap, protect, trim, attach, detach and unpreserve
+    /// return `DomainError::HandoverPrepared`), so the records stay what the next image restores: to change one,
+    /// cancel, change, and prepare again. Other domains stay usable. Records of other SMMUs already in the region are kept. `register_base` is this
     /// SMMU's physical register base, which names it in the region.
     ///
     /// # Errors
@@ -244,8 +246,8 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             return Err(PrepareError::SelfCheck(e));
         }
         clean_to_memory(bytes.as_ptr(), written);
-        // What is recorded must not grow until the hand-off: the preserved domains' arenas (and this SMMU's own,
-        // when it is one) hand out nothing more. Mapping where tables exist, unmapping and protecting still work.
+        // What is recorded must not change until the hand-off: the preserved domains' arenas (and this SMMU's own,
+        // when it is one) hand out nothing more, and the domains refuse changes while their memory is sealed.
         self.seal_preserved(true);
         for record in instances.iter().flat_map(|i| i.records.iter()) {
             for extent in &record.extents {
@@ -1092,9 +1094,10 @@ mod tests {
         let model = Model::start(frames);
         let mut smmu = boot(&model, frames);
         let pool = region.pool();
+        let arena = pool.take_arena().unwrap();
         let d = smmu
             .create_stage1(
-                pool.take_arena().unwrap(),
+                arena,
                 Stage1Options {
                     input_bits: 39,
                     el2: false,
@@ -1104,13 +1107,13 @@ mod tests {
         smmu.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
         smmu.preserve(d, 9).unwrap();
         smmu.prepare_handover(pool, BASE, 1).unwrap();
-        // Where the tables exist a map still works; one that needs a new table is refused, nothing changed.
-        smmu.map(d, 0x2000, 0x8000_1000, 0x1000, RW).unwrap();
+        // The domain is frozen (see `a_prepared_domain_is_frozen_until_the_hand_off_is_cancelled`), and its
+        // memory hands out nothing, whoever asks.
+        assert!(crate::mem::FrameAllocator::allocate_zeroed(&arena, 4096, 4096).is_err());
         assert!(matches!(
             smmu.map(d, 0x4000_0000, 0x8000_2000, 0x1000, RW),
-            Err(DomainError::Map(MapError::NoMemory(_)))
+            Err(DomainError::HandoverPrepared { token: 9 })
         ));
-        assert_eq!(smmu.unmap(d, 0x2000, 0x1000), Ok(0x1000));
         // Cancelled: memory again, and the region no longer names this SMMU's domains.
         smmu.cancel_handover(pool, BASE).unwrap();
         smmu.map(d, 0x4000_0000, 0x8000_2000, 0x1000, RW).unwrap();
@@ -1334,6 +1337,48 @@ mod tests {
         // This image's own domain is untouched.
         smmu.map(mine, 0, 0x8000_0000, 0x1000, RW).unwrap();
         smmu.free_domain(mine).unwrap();
+    }
+
+    /// From prepare to cancel, a preserved domain is frozen: what the next image restores is what the region
+    /// records (a detach would come back attached, a trim would leave the recorded table count wrong). A domain
+    /// that is not preserved stays usable, and cancel thaws them all.
+    #[test]
+    fn a_prepared_domain_is_frozen_until_the_hand_off_is_cancelled() {
+        let frames = frames();
+        let mut region = Region::new();
+        let model = Model::start(frames);
+        let mut smmu = boot(&model, frames);
+        let pool = region.pool();
+        let options = Stage1Options {
+            input_bits: 39,
+            el2: false,
+        };
+        let d = smmu.create_stage1(pool.take_arena().unwrap(), options).unwrap();
+        let other = smmu.create_stage1(pool.take_arena().unwrap(), options).unwrap();
+        smmu.map(d, 0x1000, 0x8000_0000, 0x2000, RW).unwrap();
+        smmu.attach(d, 0x10).unwrap();
+        smmu.preserve(d, 9).unwrap();
+        smmu.prepare_handover(pool, BASE, 1).unwrap();
+        let frozen = Err(DomainError::HandoverPrepared { token: 9 });
+        assert_eq!(smmu.map(d, 0x4000, 0x8000_4000, 0x1000, RW), frozen);
+        assert_eq!(smmu.unmap(d, 0x1000, 0x1000).map(|_| ()), frozen);
+        let mut gather = crate::pgtable::Gather::default();
+        assert_eq!(smmu.unmap_deferred(d, 0x1000, 0x1000, &mut gather).map(|_| ()), frozen);
+        assert!(gather.is_empty());
+        assert_eq!(smmu.protect(d, 0x1000, 0x1000, Prot::READ).map(|_| ()), frozen);
+        assert_eq!(smmu.trim_domain(d).map(|_| ()), frozen);
+        assert_eq!(smmu.detach(0x10), frozen);
+        assert_eq!(smmu.attach(d, 0x11), frozen);
+        assert_eq!(smmu.iova_to_phys(d, 0x2000), Ok(Some(0x8000_1000)), "nothing changed");
+        assert_eq!(smmu.ste(0x10).map(|s| s.config()), Ok(Config::Stage1), "still attached");
+        // Not preserved: usable.
+        smmu.map(other, 0x1000, 0x8000_8000, 0x1000, RW).unwrap();
+        smmu.attach(other, 0x11).unwrap();
+        smmu.detach(0x11).unwrap();
+        // Cancelled: usable again.
+        smmu.cancel_handover(pool, BASE).unwrap();
+        smmu.unmap(d, 0x1000, 0x1000).unwrap();
+        smmu.detach(0x10).unwrap();
     }
 
     #[test]
