@@ -832,6 +832,16 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         self.asids.claim(asid)
     }
 
+    /// Whether `asid` is allocated here (0, reserved, always is).
+    pub(crate) fn asid_taken(&self, asid: u16) -> bool {
+        self.asids.is_allocated(asid)
+    }
+
+    /// Whether `vmid` is allocated here (0, reserved, always is).
+    pub(crate) fn vmid_taken(&self, vmid: u16) -> bool {
+        self.vmids.is_allocated(vmid)
+    }
+
     /// Marks `vmid` allocated (a restore reserving what a record names).
     pub(crate) fn claim_vmid(&mut self, vmid: u16) -> Result<(), IdError> {
         self.vmids.claim(vmid)

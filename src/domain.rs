@@ -607,7 +607,7 @@ impl<const D: usize> Domains<D> {
         Some(state)
     }
 
-    fn stream(&self, sid: u32) -> Option<usize> {
+    pub(crate) fn stream(&self, sid: u32) -> Option<usize> {
         self.streams.iter().position(|r| r.sid == sid)
     }
 

@@ -91,6 +91,11 @@ impl IdAllocator {
         self.used
     }
 
+    /// Whether `id` is allocated (0, reserved, always is); `false` beyond the allocator's width.
+    pub fn is_allocated(&self, id: u16) -> bool {
+        u32::from(id) < self.capacity() && self.is_set(u32::from(id))
+    }
+
     fn is_set(&self, id: u32) -> bool {
         self.map[(id / 64) as usize] & (1 << (id % 64)) != 0
     }
@@ -183,6 +188,19 @@ mod tests {
         assert_eq!(a.allocate(), Err(IdError::Exhausted { bits: 8 }));
         a.free(77).unwrap();
         assert_eq!(a.allocate(), Ok(77));
+    }
+
+    /// A restore checks recorded IDs with this: 0 (reserved) always counts as taken, so a record naming it is
+    /// refused before anything changes.
+    #[test]
+    fn zero_is_always_allocated_and_ids_beyond_the_width_never() {
+        let mut a = IdAllocator::new(8);
+        assert!(a.is_allocated(0));
+        assert!(!a.is_allocated(1) && !a.is_allocated(256));
+        a.claim(1).unwrap();
+        assert!(a.is_allocated(1));
+        a.free(1).unwrap();
+        assert!(!a.is_allocated(1));
     }
 
     #[test]
