@@ -333,8 +333,11 @@ impl CommandQueue {
             .peekable();
         let deadline = Deadline::after_micros(COMPLETION_TIMEOUT_US);
         while entries.peek().is_some() {
-            // Wait for room.
-            let cons = self.wait(regs, &mut report, deadline, |g, prod, cons| !g.is_full(prod, cons))?;
+            // Wait for room. A CONS the driver's PROD cannot have (more than a queue ahead of it) is neither
+            // full nor has a free slot: keep waiting for it to make sense, until the deadline.
+            let cons = self.wait(regs, &mut report, deadline, |g, prod, cons| {
+                g.free_slots(prod, cons).is_some_and(|free| free > 0)
+            })?;
             let free = self.geometry.free_slots(self.prod, cons).unwrap_or(0) as usize;
             for words in entries.by_ref().take(free) {
                 self.write_slot(self.geometry.index(self.prod), words);
@@ -627,5 +630,24 @@ mod tests {
             q.submit(&regs, &[cfgi(1)], true).unwrap_err(),
             CommandQueueError::ServiceFailure
         );
+    }
+
+    #[test]
+    fn a_cons_ahead_of_prod_times_out_instead_of_spinning() {
+        // CMDQ_CONS reads as a position the driver's PROD cannot have (more than one queue ahead of it): the
+        // queue is not full, yet it has no free slot either. The submission must end at its deadline.
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let frames = HeapFrames::default();
+            let mut q = queue(&frames, 2);
+            let regs = zeroed_page0();
+            // Four entries (positions modulo 8): PROD 0, CONS 3 is five entries "ahead".
+            regs.cmdq_cons.set(3);
+            let _ = done.send(q.submit(&regs, &[cfgi(1)], true));
+        });
+        let result = finished
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("submit spun past its deadline");
+        assert_eq!(result, Err(CommandQueueError::Timeout { cons: 3, prod: 0 }));
     }
 }
