@@ -17,8 +17,8 @@ pub(crate) const ENTRY_BYTES: usize = 64;
 pub(crate) struct Level1 {
     /// log2 of entries per leaf.
     pub(crate) leaf_bits: u8,
-    /// The descriptor of a leaf at a physical address.
-    pub(crate) descriptor: fn(PhysAddr) -> u64,
+    /// The descriptor of a leaf at a physical address, given `leaf_bits`.
+    pub(crate) descriptor: fn(PhysAddr, u8) -> u64,
     /// The leaf address field of a descriptor.
     pub(crate) address_mask: u64,
 }
@@ -230,7 +230,7 @@ impl EntryTable {
         write_barrier();
         // SAFETY: live block, atomic access; the SMMU reads the descriptor as one 64-bit word.
         let descriptors = unsafe { self.base.words() };
-        descriptors[slot].store((l1.descriptor)(leaf.phys), Ordering::Release);
+        descriptors[slot].store((l1.descriptor)(leaf.phys, l1.leaf_bits), Ordering::Release);
         self.coherency.clean(core::ptr::from_ref(&descriptors[slot]).cast(), 8);
         self.allocated_leaves += 1;
         // The leaf stays allocated for the table's life: `leaves` holds its CPU address, the descriptor its
