@@ -72,8 +72,8 @@ impl fmt::Display for StreamTableFormat {
                 f,
                 "2-level, {sid_bits} SID bits, split {split}: {} level-1 descriptors ({} KiB), level-2 spans of {} \
                  STEs ({} KiB) allocated on first use",
-                1u64 << (sid_bits - split),
-                (8usize << (sid_bits - split)) / 1024,
+                1u64 << sid_bits.saturating_sub(split),
+                crate::table::level1_bytes(sid_bits, split) / 1024,
                 1u32 << split,
                 (STE_BYTES << split) / 1024
             ),
@@ -346,5 +346,26 @@ mod tests {
             // SAFETY: no SMMU reads it.
             unsafe { table.free(&frames) };
         }
+    }
+
+    #[test]
+    fn a_two_level_table_narrower_than_its_split_has_one_level1_descriptor() {
+        // IHI 0070 (STRTAB_BASE_CFG): with SPLIT >= LOG2SIZE the level-1 table has MAX(1, 2^(LOG2SIZE - SPLIT)) = 1
+        // descriptor, whose span holds the 2^LOG2SIZE usable STEs. A running SMMU adopted as found may be set up
+        // so (SIDSIZE 5, SPLIT 8).
+        let frames = HeapFrames::default();
+        let format = StreamTableFormat::TwoLevel { sid_bits: 5, split: 8 };
+        extern crate std;
+        let text = std::format!("{format}");
+        assert!(text.contains(" 1 level-1 descriptors"), "{text}");
+        let mut table = StreamTable::new(format, &frames, COHERENT).unwrap();
+        assert_eq!(table.read(31), Ok(Ste::invalid()));
+        assert!(table.slot(31, &frames).unwrap().new_span);
+        assert_eq!(table.table.descriptor(31) & ste::L1_DESCRIPTOR_SPAN, 9);
+        assert_eq!(table.read(31), Ok(Ste::abort()));
+        assert_eq!(table.read(32), Err(StreamError::UnknownStream { sid: 32, sid_bits: 5 }));
+        // SAFETY: no SMMU reads it.
+        unsafe { table.free(&frames) };
+        assert_eq!(frames.live_blocks(), 0);
     }
 }

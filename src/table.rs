@@ -36,6 +36,13 @@ pub(crate) struct EntryTable {
     allocated_leaves: u32,
 }
 
+/// Bytes of the level-1 array of a table of `2^entry_bits` entries in leaves of `2^leaf_bits`: one 8-byte
+/// descriptor per leaf, and at least one (IHI 0070, STRTAB_BASE_CFG: MAX(1, 2^(LOG2SIZE - SPLIT)) descriptors, a
+/// table narrower than its split being one partly usable leaf).
+pub(crate) const fn level1_bytes(entry_bits: u8, leaf_bits: u8) -> usize {
+    8usize << entry_bits.saturating_sub(leaf_bits)
+}
+
 fn fill(block: &DmaBlock, initial: &[u64; 8]) {
     if *initial == [0; 8] {
         return; // allocations are zeroed
@@ -88,7 +95,7 @@ impl EntryTable {
         let Some(l1) = level1 else {
             return Self::adopt_linear(entry_bits, base, initial, allocator, coherency);
         };
-        let size = 8usize << (entry_bits - l1.leaf_bits);
+        let size = level1_bytes(entry_bits, l1.leaf_bits);
         let virt = allocator.phys_to_virt(base)?;
         allocator.phys_to_virt(PhysAddr(base.0 + size as u64 - 1))?;
         let base = DmaBlock { phys: base, virt, size };
@@ -146,7 +153,7 @@ impl EntryTable {
                 (base, None)
             }
             Some(l1) => {
-                let size = 8usize << (entry_bits - l1.leaf_bits);
+                let size = level1_bytes(entry_bits, l1.leaf_bits);
                 let base = allocator.allocate_zeroed(size, size.max(64))?;
                 match allocator.allocate_zeroed(size, 8) {
                     Ok(leaves) => (base, Some(leaves)),
