@@ -125,7 +125,7 @@ pub struct CdWriteReport {
     pub new_leaf: bool,
 }
 
-fn leaf_descriptor(leaf: PhysAddr) -> u64 {
+fn leaf_descriptor(leaf: PhysAddr, _leaf_bits: u8) -> u64 {
     // Leaves are allocated aligned to their size (64 KiB), so the encoding cannot fail.
     cd::l1_cd_descriptor(leaf).unwrap_or(0)
 }

@@ -72,8 +72,8 @@ impl fmt::Display for StreamTableFormat {
                 f,
                 "2-level, {sid_bits} SID bits, split {split}: {} level-1 descriptors ({} KiB), level-2 spans of {} \
                  STEs ({} KiB) allocated on first use",
-                1u64 << (sid_bits - split),
-                (8usize << (sid_bits - split)) / 1024,
+                1u64 << sid_bits.saturating_sub(split),
+                crate::table::level1_bytes(sid_bits, split) / 1024,
                 1u32 << split,
                 (STE_BYTES << split) / 1024
             ),
@@ -119,9 +119,10 @@ pub(crate) struct Slot<'a> {
     pub(crate) new_span: bool,
 }
 
-fn span_descriptor(span: PhysAddr) -> u64 {
-    // Spans are allocated aligned to their size, so the encoding cannot fail.
-    ste::l1_descriptor(span, SPLIT + 1).unwrap_or(0)
+fn span_descriptor(span: PhysAddr, split: u8) -> u64 {
+    // A span of 2^split STEs has Span = split + 1 (the table's split, which an adopted table need not share with
+    // SPLIT). Spans are allocated aligned to their size, so the encoding cannot fail.
+    ste::l1_descriptor(span, split + 1).unwrap_or(0)
 }
 
 impl StreamTable {
@@ -323,5 +324,48 @@ mod tests {
         assert_eq!(table.allocated_spans(), 1);
         // SAFETY: no SMMU reads it.
         unsafe { table.free(&frames) };
+    }
+
+    #[test]
+    fn a_span_descriptor_follows_the_tables_split_not_the_default() {
+        // A 2-level table of another split (one adopted from a running SMMU whose STRTAB_BASE_CFG.SPLIT is 6 or
+        // 10): a span allocated here holds 2^split STEs, and its level-1 descriptor must say so (Span = split + 1),
+        // or the SMMU reads past the span (split < 8) or reports C_BAD_STREAMID for its upper STEs (split > 8).
+        let frames = HeapFrames::default();
+        for split in [6u8, 10] {
+            let format = StreamTableFormat::TwoLevel { sid_bits: 16, split };
+            let mut table = StreamTable::new(format, &frames, COHERENT).unwrap();
+            let top = 0xffff;
+            table.slot(top, &frames).unwrap();
+            let l1 = table.table.descriptor(top);
+            assert_eq!(l1 & ste::L1_DESCRIPTOR_SPAN, u64::from(split) + 1, "split {split}");
+            // The STE of the last StreamID is the last one of its span.
+            let span = frames.virt(l1 & ste::L1_DESCRIPTOR_L2PTR_MASK) as *const u64;
+            // SAFETY: the span is live and holds 2^split STEs.
+            assert_eq!(unsafe { span.add(((1 << split) - 1) * 8).read() }, Ste::abort().0[0]);
+            // SAFETY: no SMMU reads it.
+            unsafe { table.free(&frames) };
+        }
+    }
+
+    #[test]
+    fn a_two_level_table_narrower_than_its_split_has_one_level1_descriptor() {
+        // IHI 0070 (STRTAB_BASE_CFG): with SPLIT >= LOG2SIZE the level-1 table has MAX(1, 2^(LOG2SIZE - SPLIT)) = 1
+        // descriptor, whose span holds the 2^LOG2SIZE usable STEs. A running SMMU adopted as found may be set up
+        // so (SIDSIZE 5, SPLIT 8).
+        let frames = HeapFrames::default();
+        let format = StreamTableFormat::TwoLevel { sid_bits: 5, split: 8 };
+        extern crate std;
+        let text = std::format!("{format}");
+        assert!(text.contains(" 1 level-1 descriptors"), "{text}");
+        let mut table = StreamTable::new(format, &frames, COHERENT).unwrap();
+        assert_eq!(table.read(31), Ok(Ste::invalid()));
+        assert!(table.slot(31, &frames).unwrap().new_span);
+        assert_eq!(table.table.descriptor(31) & ste::L1_DESCRIPTOR_SPAN, 9);
+        assert_eq!(table.read(31), Ok(Ste::abort()));
+        assert_eq!(table.read(32), Err(StreamError::UnknownStream { sid: 32, sid_bits: 5 }));
+        // SAFETY: no SMMU reads it.
+        unsafe { table.free(&frames) };
+        assert_eq!(frames.live_blocks(), 0);
     }
 }

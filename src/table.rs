@@ -17,8 +17,8 @@ pub(crate) const ENTRY_BYTES: usize = 64;
 pub(crate) struct Level1 {
     /// log2 of entries per leaf.
     pub(crate) leaf_bits: u8,
-    /// The descriptor of a leaf at a physical address.
-    pub(crate) descriptor: fn(PhysAddr) -> u64,
+    /// The descriptor of a leaf at a physical address, given `leaf_bits`.
+    pub(crate) descriptor: fn(PhysAddr, u8) -> u64,
     /// The leaf address field of a descriptor.
     pub(crate) address_mask: u64,
 }
@@ -34,6 +34,13 @@ pub(crate) struct EntryTable {
     initial: [u64; 8],
     coherency: Coherency,
     allocated_leaves: u32,
+}
+
+/// Bytes of the level-1 array of a table of `2^entry_bits` entries in leaves of `2^leaf_bits`: one 8-byte
+/// descriptor per leaf, and at least one (IHI 0070, STRTAB_BASE_CFG: MAX(1, 2^(LOG2SIZE - SPLIT)) descriptors, a
+/// table narrower than its split being one partly usable leaf).
+pub(crate) const fn level1_bytes(entry_bits: u8, leaf_bits: u8) -> usize {
+    8usize << entry_bits.saturating_sub(leaf_bits)
 }
 
 fn fill(block: &DmaBlock, initial: &[u64; 8]) {
@@ -88,7 +95,7 @@ impl EntryTable {
         let Some(l1) = level1 else {
             return Self::adopt_linear(entry_bits, base, initial, allocator, coherency);
         };
-        let size = 8usize << (entry_bits - l1.leaf_bits);
+        let size = level1_bytes(entry_bits, l1.leaf_bits);
         let virt = allocator.phys_to_virt(base)?;
         allocator.phys_to_virt(PhysAddr(base.0 + size as u64 - 1))?;
         let base = DmaBlock { phys: base, virt, size };
@@ -146,7 +153,7 @@ impl EntryTable {
                 (base, None)
             }
             Some(l1) => {
-                let size = 8usize << (entry_bits - l1.leaf_bits);
+                let size = level1_bytes(entry_bits, l1.leaf_bits);
                 let base = allocator.allocate_zeroed(size, size.max(64))?;
                 match allocator.allocate_zeroed(size, 8) {
                     Ok(leaves) => (base, Some(leaves)),
@@ -230,7 +237,7 @@ impl EntryTable {
         write_barrier();
         // SAFETY: live block, atomic access; the SMMU reads the descriptor as one 64-bit word.
         let descriptors = unsafe { self.base.words() };
-        descriptors[slot].store((l1.descriptor)(leaf.phys), Ordering::Release);
+        descriptors[slot].store((l1.descriptor)(leaf.phys, l1.leaf_bits), Ordering::Release);
         self.coherency.clean(core::ptr::from_ref(&descriptors[slot]).cast(), 8);
         self.allocated_leaves += 1;
         // The leaf stays allocated for the table's life: `leaves` holds its CPU address, the descriptor its

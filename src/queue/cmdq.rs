@@ -94,6 +94,12 @@ pub struct BatchReport {
 pub enum CommandQueueError {
     /// A command has a field the architecture cannot encode; nothing was written.
     Encoding(CommandError),
+    /// A command was pushed onto a [`Batch`] that already holds `capacity` commands; the batch is unchanged (submit
+    /// it, then push again).
+    BatchFull {
+        /// [`BATCH_CAPACITY`].
+        capacity: usize,
+    },
     /// The SMMU did not consume the queue in time (CONS stuck at `cons`).
     Timeout {
         /// CMDQ_CONS when the driver gave up.
@@ -118,6 +124,9 @@ impl fmt::Display for CommandQueueError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             CommandQueueError::Encoding(e) => write!(f, "command not encodable: {e}"),
+            CommandQueueError::BatchFull { capacity } => {
+                write!(f, "command batch full ({capacity} commands): submit it first")
+            }
             CommandQueueError::Timeout { cons, prod } => {
                 write!(f, "command queue stuck: CONS {cons:#x}, PROD {prod:#x}")
             }
@@ -153,17 +162,23 @@ impl Batch {
     /// Encodes and appends `command`.
     ///
     /// # Errors
-    /// [`CommandQueueError::Encoding`] for a command with an unencodable field; the batch is unchanged. A full
-    /// batch is not an error here: [`Batch::is_full`] tells the caller to submit first.
+    /// [`CommandQueueError::Encoding`] for a command with an unencodable field, [`CommandQueueError::BatchFull`]
+    /// when the batch already holds [`BATCH_CAPACITY`] commands ([`Batch::is_full`]: submit first); the batch is
+    /// unchanged then.
     pub fn push(&mut self, command: &Command) -> Result<(), CommandQueueError> {
         let words = command.encode().map_err(CommandQueueError::Encoding)?;
-        self.push_words(words);
-        Ok(())
+        self.push_words(words)
     }
 
     /// Appends a raw command (for commands this driver does not model, and for tests that inject bad ones).
-    pub fn push_words(&mut self, words: [u64; 2]) {
-        let _ = self.words.push(words);
+    ///
+    /// # Errors
+    /// [`CommandQueueError::BatchFull`] when the batch already holds [`BATCH_CAPACITY`] commands; it is unchanged
+    /// then.
+    pub fn push_words(&mut self, words: [u64; 2]) -> Result<(), CommandQueueError> {
+        self.words.push(words).map_err(|_| CommandQueueError::BatchFull {
+            capacity: BATCH_CAPACITY,
+        })
     }
 
     /// Whether the batch holds [`BATCH_CAPACITY`] commands.
@@ -333,8 +348,11 @@ impl CommandQueue {
             .peekable();
         let deadline = Deadline::after_micros(COMPLETION_TIMEOUT_US);
         while entries.peek().is_some() {
-            // Wait for room.
-            let cons = self.wait(regs, &mut report, deadline, |g, prod, cons| !g.is_full(prod, cons))?;
+            // Wait for room. A CONS the driver's PROD cannot have (more than a queue ahead of it) is neither
+            // full nor has a free slot: keep waiting for it to make sense, until the deadline.
+            let cons = self.wait(regs, &mut report, deadline, |g, prod, cons| {
+                g.free_slots(prod, cons).is_some_and(|free| free > 0)
+            })?;
             let free = self.geometry.free_slots(self.prod, cons).unwrap_or(0) as usize;
             for words in entries.by_ref().take(free) {
                 self.write_slot(self.geometry.index(self.prod), words);
@@ -627,5 +645,49 @@ mod tests {
             q.submit(&regs, &[cfgi(1)], true).unwrap_err(),
             CommandQueueError::ServiceFailure
         );
+    }
+
+    #[test]
+    fn a_cons_ahead_of_prod_times_out_instead_of_spinning() {
+        // CMDQ_CONS reads as a position the driver's PROD cannot have (more than one queue ahead of it): the
+        // queue is not full, yet it has no free slot either. The submission must end at its deadline.
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let frames = HeapFrames::default();
+            let mut q = queue(&frames, 2);
+            let regs = zeroed_page0();
+            // Four entries (positions modulo 8): PROD 0, CONS 3 is five entries "ahead".
+            regs.cmdq_cons.set(3);
+            let _ = done.send(q.submit(&regs, &[cfgi(1)], true));
+        });
+        let result = finished
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("submit spun past its deadline");
+        assert_eq!(result, Err(CommandQueueError::Timeout { cons: 3, prod: 0 }));
+    }
+
+    #[test]
+    fn a_command_pushed_onto_a_full_batch_is_refused_not_dropped() {
+        let mut batch = Batch::new();
+        for sid in 0..BATCH_CAPACITY as u32 {
+            batch.push(&Command::CfgiSte { sid, leaf: true }).unwrap();
+        }
+        assert!(batch.is_full());
+        // The 65th command does not fit: the caller must hear so (and submit first), or the invalidation it
+        // stands for silently never happens.
+        assert_eq!(
+            batch.push(&Command::TlbiNsnhAll),
+            Err(CommandQueueError::BatchFull {
+                capacity: BATCH_CAPACITY
+            })
+        );
+        assert_eq!(
+            batch.push_words(cfgi(99)),
+            Err(CommandQueueError::BatchFull {
+                capacity: BATCH_CAPACITY
+            })
+        );
+        assert_eq!(batch.len(), BATCH_CAPACITY);
+        assert_eq!(batch.words()[BATCH_CAPACITY - 1], cfgi(BATCH_CAPACITY as u32 - 1));
     }
 }

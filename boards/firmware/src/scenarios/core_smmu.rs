@@ -404,7 +404,7 @@ pub fn cmdq_error(context: &mut Context) -> Result<(), Failure> {
     let mut s = start(context, &InitOptions::default())?;
     let mut batch = Batch::new();
     batch.push(&Command::CfgiAll).or_else(|e| fail!("{e}"))?;
-    batch.push_words([ILLEGAL_OPCODE, 0]);
+    batch.push_words([ILLEGAL_OPCODE, 0]).or_else(|e| fail!("{e}"))?;
     batch.push(&Command::TlbiNsnhAll).or_else(|e| fail!("{e}"))?;
     batch.push(&Command::CfgiAll).or_else(|e| fail!("{e}"))?;
     // The batch completes past the refused command, and the submission reports it as an error: what the
