@@ -61,7 +61,8 @@ impl fmt::Display for CdTableFormat {
             CdTableFormat::TwoLevel { ssid_bits } => write!(
                 f,
                 "2-level CD table: {} level-1 descriptors, leaves of {} CDs",
-                1u32 << (ssid_bits - CD_SPLIT),
+                // A table narrower than a leaf still has one level-1 descriptor.
+                1u32 << ssid_bits.saturating_sub(CD_SPLIT),
                 1u32 << CD_SPLIT
             ),
         }
@@ -270,6 +271,12 @@ mod tests {
 
     fn cd(asid: u16) -> Cd {
         Cd::new(&CdConfig { asid, ..cd::EXAMPLE }, &crate::hw::ste::EXAMPLE_RULES).unwrap()
+    }
+
+    #[test]
+    fn a_two_level_format_narrower_than_a_leaf_displays_one_descriptor() {
+        let text = std::format!("{}", CdTableFormat::TwoLevel { ssid_bits: 6 });
+        assert!(text.contains("1 level-1 descriptors"), "{text}");
     }
 
     #[test]
