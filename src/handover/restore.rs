@@ -715,7 +715,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
 
     /// Ends the hand-off: every restored domain nobody retrieved is detached (its streams abort), its TLB entries
     /// invalidated, its memory given back to the pool; then this SMMU's records are removed from the region (the
-    /// region re-armed without them; other SMMUs' records stay).
+    /// region re-armed without them; other SMMUs' records stay). A stage-2 parent whose nested domain was
+    /// retrieved is the exception: the live nested domain translates through it, so it stays as it is, and
+    /// retrievable under its token (retrieve it to own it, and free it after its nested domains).
     ///
     /// # Errors
     /// [`DomainError`] from detaching or freeing (an invalidation that failed); the domains not yet freed stay
