@@ -1377,7 +1377,8 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// [`DomainError::StaleDomain`], [`DomainError::WrongKind`] for a nested domain, [`DomainError::Map`] for an
     /// unaligned or out-of-range range (the domain's input size, the SMMU's output size), an overlap with what is
     /// mapped, a bad `prot`, or no memory, [`DomainError::HandoverPrepared`] for a preserved domain while a
-    /// prepared hand-off records it: nothing changes then.
+    /// prepared hand-off records it: nothing changes then. [`DomainError::Invalidation`] when the domain's earlier
+    /// failed invalidation, retried first, fails again: nothing is mapped and the gather stays for the next retry.
     pub fn map(&mut self, domain: DomainId, iova: u64, pa: u64, size: u64, prot: Prot) -> Result<(), DomainError> {
         self.unfrozen(domain)?;
         self.settle(domain)?;
@@ -1534,8 +1535,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     ///
     /// # Errors
     /// [`DomainError::StaleDomain`], [`DomainError::StillAttached`] while streams are attached,
-    /// [`DomainError::HasNestedDomains`] for a stage-2 parent in use: nothing changes. [`DomainError::Invalidation`]
-    /// when the invalidation failed: the domain is kept as it was.
+    /// [`DomainError::HasNestedDomains`] for a stage-2 parent in use, [`DomainError::Preserved`] for a preserved
+    /// domain (unpreserve it first): nothing changes. [`DomainError::Invalidation`] when the invalidation failed:
+    /// the domain is kept as it was.
     pub fn free_domain(&mut self, domain: DomainId) -> Result<(), DomainError> {
         let state = self.domains.get(domain)?;
         if !state.attachments.is_empty() {

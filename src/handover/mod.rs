@@ -33,7 +33,7 @@ impl Extent {
         self.base.checked_add(self.len)
     }
 
-    /// Whether `[base, base + len)` lies inside this extent.
+    /// Whether `[base, base + len)` lies inside this extent (`false` when either range wraps).
     pub fn contains(&self, base: u64, len: u64) -> bool {
         match (self.end(), base.checked_add(len)) {
             (Some(end), Some(e)) => base >= self.base && e <= end,
@@ -41,7 +41,7 @@ impl Extent {
         }
     }
 
-    /// Whether the two extents share a byte.
+    /// Whether the two extents share a byte (`true` when either wraps).
     pub fn overlaps(&self, other: &Extent) -> bool {
         match (self.end(), other.end()) {
             (Some(a), Some(b)) => self.base < b && other.base < a,
