@@ -327,6 +327,21 @@ fn allocate_queues<A: FrameAllocator>(
     Ok((cmdq, evtq, cmdq_log2, evtq_log2))
 }
 
+/// Whether SMMU_CR1 makes the SMMU's accesses to its tables and queues cacheable and shareable (so, on a coherent
+/// interconnect, snooping the CPU caches); non-cacheable or non-shareable accesses go to memory.
+fn cr1_snoops(cr1: tock_registers::LocalRegisterCopy<u32, CR1::Register>) -> bool {
+    [
+        CR1::QUEUE_IC,
+        CR1::QUEUE_OC,
+        CR1::TABLE_IC,
+        CR1::TABLE_OC,
+        CR1::QUEUE_SH,
+        CR1::TABLE_SH,
+    ]
+    .into_iter()
+    .all(|field| cr1.read(field) != 0)
+}
+
 /// Gives the (disabled) queues their bases, empty, then turns them on with `cr0` (SMMUEN as it is to stay).
 fn program_queues(
     smmu: &Smmu,
@@ -387,22 +402,29 @@ impl Smmu {
     /// global errors latched before acknowledged, the queues given fresh bases from `allocator` and turned on
     /// again, the interrupts of `options` enabled, and the cached configurations and TLB entries invalidated
     /// (the STEs and tables they came from are unchanged). Streams that nobody will restore keep their STEs until
-    /// [`ActiveSmmu::abort_streams_except`] aborts them.
+    /// [`ActiveSmmu::abort_streams_except`] aborts them. When the running SMMU_CR1 makes the SMMU's own accesses
+    /// non-cacheable, the SMMU is treated as non-coherent ([`Features::coherent`] false) whatever the board said.
     ///
     /// # Errors
     /// [`InitError::NotRunning`], [`InitError::StreamTableNotAdoptable`], [`InitError::NoMemory`] for the queues
     /// (nothing changed on the SMMU then), [`InitError::Timeout`], [`InitError::Invalidation`].
     pub fn adopt_running<A: FrameAllocator>(
-        self,
+        mut self,
         allocator: A,
         options: &InitOptions,
         format: StreamTableFormat,
         strtab_base: u64,
     ) -> Result<ActiveSmmu<A>, InitError> {
-        let features = *self.features();
         if !self.is_enabled() {
             return Err(InitError::NotRunning);
         }
+        // CR1 cannot change while SMMUEN = 1: if the previous image made the SMMU's own accesses non-cacheable,
+        // they do not snoop the CPU caches whatever this image was told, and everything the CPU writes for the SMMU
+        // must be cleaned (and the event queue invalidated) as for a non-coherent SMMU.
+        if self.features().coherent && !cr1_snoops(self.regs().cr1.extract()) {
+            self.apply_board_coherency(false);
+        }
+        let features = *self.features();
         let coherency = Coherency {
             coherent: features.coherent,
         };

@@ -1504,4 +1504,44 @@ mod tests {
         );
         core::mem::forget(smmu);
     }
+
+    #[test]
+    fn an_smmu_left_running_with_non_cacheable_walks_is_maintained_by_the_next_image() {
+        use crate::handover::pool::HandoverArena;
+        use crate::mem::{Maintenance, maintenance_log};
+        let frames = frames();
+        let mut region = Region::new();
+        let model = Model::start(frames);
+        let pool = region.pool();
+        *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
+        // The first image treats the SMMU as non-coherent: CR1 non-cacheable, which cannot change while SMMUEN = 1.
+        let mut smmu = model.smmu();
+        smmu.apply_board_coherency(false);
+        let first: ActiveSmmu<&'static HandoverArena> =
+            smmu.init(pool.take_arena().unwrap(), &InitOptions::default()).unwrap();
+        first.prepare_handover(pool, BASE, 1).unwrap();
+        let (strtab, format) = (first.configuration().stream_table_base, first.stream_table_format());
+        core::mem::forget(first);
+
+        // The next image does not know (IDR0.COHACC = 1, no board override): the running CR1 decides.
+        let pool = region.pool();
+        let (_, _, core) = running_smmu(pool, BASE).unwrap().unwrap();
+        let mut next = model
+            .smmu()
+            .adopt_running(core, &InitOptions::default(), format, strtab)
+            .unwrap();
+        assert!(
+            !next.features().coherent,
+            "the SMMU reads its tables and queues non-cacheable: the CPU must clean what it writes"
+        );
+        maintenance_log::take();
+        next.attach_bypass(0x30).unwrap();
+        let log = maintenance_log::take();
+        assert!(
+            log.iter()
+                .any(|&(kind, _, len)| kind == Maintenance::Clean && len == 64),
+            "the STE is cleaned before its CFGI_STE: {log:?}"
+        );
+        core::mem::forget(next);
+    }
 }
