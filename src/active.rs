@@ -15,7 +15,7 @@ use crate::hw::event::{Event, GlobalErrors};
 use crate::hw::regs::{CR0, CR1, CR2, GBPA, STRTAB_BASE_CFG, SmmuPage0, cmdq_base, strtab_base, written_queue_base};
 use crate::hw::ste::Ste;
 use crate::ids::{IdAllocator, IdError};
-use crate::mem::{AllocError, Coherency, FrameAllocator, PhysAddr, write_barrier};
+use crate::mem::{AllocError, Coherency, FrameAllocator, MAX_WRITEBACK_GRANULE, PhysAddr, write_barrier};
 use crate::pgtable::{Gather, IoPageTable};
 use crate::queue::cmdq::{
     BATCH_CAPACITY, Batch, BatchReport, COMMAND_BYTES, CommandQueue, CommandQueueError, MMU700_COMMANDS_PER_SYNC,
@@ -307,7 +307,10 @@ fn allocate_queues<A: FrameAllocator>(
     let cmdq_bytes = COMMAND_BYTES << cmdq_log2;
     let evtq_bytes = EVENT_BYTES << evtq_log2;
     let cmdq_memory = allocator.allocate_zeroed(cmdq_bytes, cmdq_bytes.max(32))?;
-    let evtq_memory = match allocator.allocate_zeroed(evtq_bytes, evtq_bytes.max(32)) {
+    // The SMMU writes the event queue: its block spans whole writeback granules, so that no line of it is shared
+    // with memory the CPU writes, whose write-back would land on records a non-coherent SMMU wrote.
+    let evtq_block = evtq_bytes.max(MAX_WRITEBACK_GRANULE);
+    let evtq_memory = match allocator.allocate_zeroed(evtq_block, evtq_block) {
         Ok(m) => m,
         Err(e) => {
             // SAFETY: allocated just above and never shared with the SMMU.
@@ -1696,5 +1699,40 @@ pub(crate) mod tests {
         let ops = model.seen.lock().unwrap().consumed[before..].to_vec();
         let runs: Vec<usize> = ops.split(|&op| op == opcode::SYNC).map(<[u8]>::len).collect();
         assert_eq!(runs, [63, 1, 0], "never more than 63 commands without a CMD_SYNC");
+    }
+
+    #[test]
+    fn a_small_event_queue_shares_no_cache_line_with_memory_the_cpu_writes() {
+        // The SMMU writes the event queue; a non-coherent SMMU's records would be overwritten by the write-back of
+        // a dirty line the CPU shares with them (a command, an STE of a neighbouring block). Whatever its size, the
+        // queue's block spans whole lines of the largest cache writeback granule (CTR_EL0.CWG, at most 2 KiB).
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = model.smmu();
+        smmu.apply_board_coherency(false);
+        let features = *smmu.features();
+        for log2 in [0u8, 1, 4, 6] {
+            let options = InitOptions {
+                eventq_log2_max: log2,
+                cmdq_log2_max: log2,
+                ..InitOptions::default()
+            };
+            let (cmdq, evtq, _, evtq_log2) = allocate_queues(&frames, &features, &options).unwrap();
+            assert_eq!(evtq_log2, log2);
+            let block = evtq.memory();
+            assert!(
+                block.phys.0.is_multiple_of(MAX_WRITEBACK_GRANULE as u64)
+                    && block.size.is_multiple_of(MAX_WRITEBACK_GRANULE),
+                "{log2}: event queue block at {:#x}, {:#x} bytes",
+                block.phys.0,
+                block.size
+            );
+            assert_eq!(evtq.geometry().entries(), 1 << log2, "the queue itself keeps its size");
+            // SAFETY: never given to the SMMU.
+            unsafe {
+                frames.free(cmdq.into_memory());
+                frames.free(evtq.into_memory());
+            }
+        }
     }
 }
