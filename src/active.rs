@@ -15,7 +15,7 @@ use crate::hw::event::{Event, GlobalErrors};
 use crate::hw::regs::{CR0, CR1, CR2, GBPA, STRTAB_BASE_CFG, SmmuPage0, cmdq_base, strtab_base, written_queue_base};
 use crate::hw::ste::Ste;
 use crate::ids::{IdAllocator, IdError};
-use crate::mem::{AllocError, Coherency, FrameAllocator, PhysAddr, write_barrier};
+use crate::mem::{AllocError, Coherency, FrameAllocator, MAX_WRITEBACK_GRANULE, PhysAddr, write_barrier};
 use crate::pgtable::{Gather, IoPageTable};
 use crate::queue::cmdq::{
     BATCH_CAPACITY, Batch, BatchReport, COMMAND_BYTES, CommandQueue, CommandQueueError, MMU700_COMMANDS_PER_SYNC,
@@ -307,7 +307,10 @@ fn allocate_queues<A: FrameAllocator>(
     let cmdq_bytes = COMMAND_BYTES << cmdq_log2;
     let evtq_bytes = EVENT_BYTES << evtq_log2;
     let cmdq_memory = allocator.allocate_zeroed(cmdq_bytes, cmdq_bytes.max(32))?;
-    let evtq_memory = match allocator.allocate_zeroed(evtq_bytes, evtq_bytes.max(32)) {
+    // The SMMU writes the event queue: its block spans whole writeback granules, so that no line of it is shared
+    // with memory the CPU writes, whose write-back would land on records a non-coherent SMMU wrote.
+    let evtq_block = evtq_bytes.max(MAX_WRITEBACK_GRANULE);
+    let evtq_memory = match allocator.allocate_zeroed(evtq_block, evtq_block) {
         Ok(m) => m,
         Err(e) => {
             // SAFETY: allocated just above and never shared with the SMMU.
@@ -325,6 +328,21 @@ fn allocate_queues<A: FrameAllocator>(
     }
     let evtq = EventQueue::new(evtq_memory, evtq_geometry, coherency);
     Ok((cmdq, evtq, cmdq_log2, evtq_log2))
+}
+
+/// Whether SMMU_CR1 makes the SMMU's accesses to its tables and queues cacheable and shareable (so, on a coherent
+/// interconnect, snooping the CPU caches); non-cacheable or non-shareable accesses go to memory.
+fn cr1_snoops(cr1: tock_registers::LocalRegisterCopy<u32, CR1::Register>) -> bool {
+    [
+        CR1::QUEUE_IC,
+        CR1::QUEUE_OC,
+        CR1::TABLE_IC,
+        CR1::TABLE_OC,
+        CR1::QUEUE_SH,
+        CR1::TABLE_SH,
+    ]
+    .into_iter()
+    .all(|field| cr1.read(field) != 0)
 }
 
 /// Gives the (disabled) queues their bases, empty, then turns them on with `cr0` (SMMUEN as it is to stay).
@@ -387,22 +405,29 @@ impl Smmu {
     /// global errors latched before acknowledged, the queues given fresh bases from `allocator` and turned on
     /// again, the interrupts of `options` enabled, and the cached configurations and TLB entries invalidated
     /// (the STEs and tables they came from are unchanged). Streams that nobody will restore keep their STEs until
-    /// [`ActiveSmmu::abort_streams_except`] aborts them.
+    /// [`ActiveSmmu::abort_streams_except`] aborts them. When the running SMMU_CR1 makes the SMMU's own accesses
+    /// non-cacheable, the SMMU is treated as non-coherent ([`Features::coherent`] false) whatever the board said.
     ///
     /// # Errors
     /// [`InitError::NotRunning`], [`InitError::StreamTableNotAdoptable`], [`InitError::NoMemory`] for the queues
     /// (nothing changed on the SMMU then), [`InitError::Timeout`], [`InitError::Invalidation`].
     pub fn adopt_running<A: FrameAllocator>(
-        self,
+        mut self,
         allocator: A,
         options: &InitOptions,
         format: StreamTableFormat,
         strtab_base: u64,
     ) -> Result<ActiveSmmu<A>, InitError> {
-        let features = *self.features();
         if !self.is_enabled() {
             return Err(InitError::NotRunning);
         }
+        // CR1 cannot change while SMMUEN = 1: if the previous image made the SMMU's own accesses non-cacheable,
+        // they do not snoop the CPU caches whatever this image was told, and everything the CPU writes for the SMMU
+        // must be cleaned (and the event queue invalidated) as for a non-coherent SMMU.
+        if self.features().coherent && !cr1_snoops(self.regs().cr1.extract()) {
+            self.apply_board_coherency(false);
+        }
+        let features = *self.features();
         let coherency = Coherency {
             coherent: features.coherent,
         };
@@ -1674,5 +1699,40 @@ pub(crate) mod tests {
         let ops = model.seen.lock().unwrap().consumed[before..].to_vec();
         let runs: Vec<usize> = ops.split(|&op| op == opcode::SYNC).map(<[u8]>::len).collect();
         assert_eq!(runs, [63, 1, 0], "never more than 63 commands without a CMD_SYNC");
+    }
+
+    #[test]
+    fn a_small_event_queue_shares_no_cache_line_with_memory_the_cpu_writes() {
+        // The SMMU writes the event queue; a non-coherent SMMU's records would be overwritten by the write-back of
+        // a dirty line the CPU shares with them (a command, an STE of a neighbouring block). Whatever its size, the
+        // queue's block spans whole lines of the largest cache writeback granule (CTR_EL0.CWG, at most 2 KiB).
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = model.smmu();
+        smmu.apply_board_coherency(false);
+        let features = *smmu.features();
+        for log2 in [0u8, 1, 4, 6] {
+            let options = InitOptions {
+                eventq_log2_max: log2,
+                cmdq_log2_max: log2,
+                ..InitOptions::default()
+            };
+            let (cmdq, evtq, _, evtq_log2) = allocate_queues(&frames, &features, &options).unwrap();
+            assert_eq!(evtq_log2, log2);
+            let block = evtq.memory();
+            assert!(
+                block.phys.0.is_multiple_of(MAX_WRITEBACK_GRANULE as u64)
+                    && block.size.is_multiple_of(MAX_WRITEBACK_GRANULE),
+                "{log2}: event queue block at {:#x}, {:#x} bytes",
+                block.phys.0,
+                block.size
+            );
+            assert_eq!(evtq.geometry().entries(), 1 << log2, "the queue itself keeps its size");
+            // SAFETY: never given to the SMMU.
+            unsafe {
+                frames.free(cmdq.into_memory());
+                frames.free(evtq.into_memory());
+            }
+        }
     }
 }

@@ -253,6 +253,11 @@ impl HostBarrier {
     }
 }
 
+/// The largest cache writeback granule the architecture allows (CTR_EL0.CWG at most 0b1001: 2 KiB). A block the SMMU
+/// writes that spans whole granules of this size shares no cache line with anything else, so no dirty line of
+/// other memory can be written back over what a non-coherent SMMU wrote.
+pub(crate) const MAX_WRITEBACK_GRANULE: usize = 2048;
+
 /// Cache maintenance for an SMMU whose table walks and queue accesses do not snoop the CPU caches
 /// (IDR0.COHACC = 0, or a board that does not declare `dma-coherent`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -201,8 +201,8 @@ pub fn running_smmu(
 
 impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// Writes the records of every preserved domain (as they stand now) into the handover region of `pool`, the
-    /// header last, and cleans the region and every preserved domain's memory to the point of coherency, so that a
-    /// warm reset finds them in memory. Translation keeps running meanwhile; the preserved domains are frozen until
+    /// header last, and cleans the region, every preserved domain's memory and (for a hand-off with the SMMU
+    /// running) this SMMU's own arena to the point of coherency, so that a warm reset finds them in memory. Translation keeps running meanwhile; the preserved domains are frozen until
     /// [`ActiveSmmu::cancel_handover`] or the hand-off (map, unmap, protect, trim, attach, detach and unpreserve
     /// return `DomainError::HandoverPrepared`), so the records stay what the next image restores: to change one,
     /// cancel, change, and prepare again. Other domains stay usable. Records of other SMMUs already in the region are kept. `register_base` is this
@@ -249,11 +249,20 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         // What is recorded must not change until the hand-off: the preserved domains' arenas (and this SMMU's own,
         // when it is one) hand out nothing more, and the domains refuse changes while their memory is sealed.
         self.seal_preserved(true);
-        for record in instances.iter().flat_map(|i| i.records.iter()) {
-            for extent in &record.extents {
-                if let Some(virt) = self.extent_virt(pool, extent) {
-                    clean_to_memory(virt, extent.len as usize);
-                }
+        // Every arena the next image adopts: the preserved domains', and (for a hand-off with the SMMU running)
+        // the SMMU's own, whose stream table and level-2 spans the next image reads in place. A coherent SMMU's
+        // structures were never cleaned as they were written.
+        let cores = instances.iter().map(|i| Extent {
+            base: i.identity.strtab_base,
+            len: i.identity.core_len,
+        });
+        for extent in instances
+            .iter()
+            .flat_map(|i| i.records.iter().flat_map(|r| r.extents.iter().copied()))
+            .chain(cores.filter(|e| e.len != 0))
+        {
+            if let Some(virt) = self.extent_virt(pool, &extent) {
+                clean_to_memory(virt, extent.len as usize);
             }
         }
         Ok(written)
@@ -1461,5 +1470,80 @@ mod tests {
         smmu.unpreserve(11).unwrap();
         smmu.unpreserve(10).unwrap();
         smmu.map(parent, 0x4000_0000, 0x8000_2000, 0x1000, RW).unwrap();
+    }
+
+    #[test]
+    fn prepare_cleans_the_smmus_own_arena_for_a_hand_off_with_the_smmu_running() {
+        use crate::handover::pool::HandoverArena;
+        use crate::mem::{Maintenance, maintenance_log};
+        let frames = frames();
+        let mut region = Region::new();
+        let model = Model::start(frames);
+        let pool = region.pool();
+        *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
+        let core = pool.take_arena().unwrap();
+        // A coherent SMMU: nothing was cleaned as it was written, so only prepare can put it in memory.
+        let mut smmu: ActiveSmmu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
+        assert!(smmu.features().coherent);
+        let d = smmu
+            .create_stage1(pool.take_arena().unwrap(), Stage1Options::default())
+            .unwrap();
+        smmu.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+        smmu.attach(d, 0x10).unwrap();
+        smmu.preserve(d, 0x77).unwrap();
+        let identity = smmu.handover_identity(BASE);
+        assert!(
+            identity.core_len > 0,
+            "the stream table is in the pool: the next image adopts it"
+        );
+        maintenance_log::take();
+        smmu.prepare_handover(pool, BASE, 1).unwrap();
+        let log = maintenance_log::take();
+        let virt = region.memory.as_ptr() as usize + (identity.strtab_base - region.extent.base) as usize;
+        assert!(
+            maintenance_log::covers(&log, Maintenance::Clean, virt, identity.core_len as usize),
+            "the stream table and its spans, which the next image reads, are cleaned to memory"
+        );
+        core::mem::forget(smmu);
+    }
+
+    #[test]
+    fn an_smmu_left_running_with_non_cacheable_walks_is_maintained_by_the_next_image() {
+        use crate::handover::pool::HandoverArena;
+        use crate::mem::{Maintenance, maintenance_log};
+        let frames = frames();
+        let mut region = Region::new();
+        let model = Model::start(frames);
+        let pool = region.pool();
+        *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
+        // The first image treats the SMMU as non-coherent: CR1 non-cacheable, which cannot change while SMMUEN = 1.
+        let mut smmu = model.smmu();
+        smmu.apply_board_coherency(false);
+        let first: ActiveSmmu<&'static HandoverArena> =
+            smmu.init(pool.take_arena().unwrap(), &InitOptions::default()).unwrap();
+        first.prepare_handover(pool, BASE, 1).unwrap();
+        let (strtab, format) = (first.configuration().stream_table_base, first.stream_table_format());
+        core::mem::forget(first);
+
+        // The next image does not know (IDR0.COHACC = 1, no board override): the running CR1 decides.
+        let pool = region.pool();
+        let (_, _, core) = running_smmu(pool, BASE).unwrap().unwrap();
+        let mut next = model
+            .smmu()
+            .adopt_running(core, &InitOptions::default(), format, strtab)
+            .unwrap();
+        assert!(
+            !next.features().coherent,
+            "the SMMU reads its tables and queues non-cacheable: the CPU must clean what it writes"
+        );
+        maintenance_log::take();
+        next.attach_bypass(0x30).unwrap();
+        let log = maintenance_log::take();
+        assert!(
+            log.iter()
+                .any(|&(kind, _, len)| kind == Maintenance::Clean && len == 64),
+            "the STE is cleaned before its CFGI_STE: {log:?}"
+        );
+        core::mem::forget(next);
     }
 }
