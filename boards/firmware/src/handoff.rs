@@ -18,8 +18,9 @@ unsafe extern "C" {
     static image_slots_end: u8;
 }
 
-/// Cleans and invalidates `[start, end)` by address (DC CIVAC), to the point of coherency.
-fn clean_invalidate(start: usize, end: usize) {
+/// Cleans and invalidates `[start, end)` by address (DC CIVAC, at the line size CTR_EL0.DminLine gives), to the
+/// point of coherency, then a DSB SY.
+pub(crate) fn clean_invalidate(start: usize, end: usize) {
     let ctr: u64;
     // SAFETY: reading CTR_EL0 has no side effects.
     unsafe { core::arch::asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack, preserves_flags)) };

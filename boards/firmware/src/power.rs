@@ -147,13 +147,8 @@ pub fn set_live_update_note(note: Option<LiveUpdateNote>) {
         });
         // SAFETY: as in `live_update_note`.
         unsafe { pointer.write_volatile(value) };
-        for offset in (0..core::mem::size_of::<LiveUpdateNote>()).step_by(64) {
-            // SAFETY: cleaning lines of mapped RAM has no other effect.
-            unsafe {
-                core::arch::asm!("dc civac, {}", in(reg) pointer.cast::<u8>().add(offset), options(nostack, preserves_flags))
-            };
-        }
-        // SAFETY: a barrier only.
-        unsafe { core::arch::asm!("dsb sy", options(nostack, preserves_flags)) };
+        // Every line of it, at this CPU's line size (CTR_EL0.DminLine), then a DSB.
+        let start = pointer as usize;
+        crate::handoff::clean_invalidate(start, start + core::mem::size_of::<LiveUpdateNote>());
     }
 }
