@@ -20,16 +20,18 @@ use super::{
 
 /// The first eight bytes of a region.
 pub const MAGIC: [u8; 8] = *b"SMMU3HND";
-/// The format version [`encode`] writes.
-pub const VERSION: u32 = 1;
+/// The format version [`encode`] writes. Version 2: the preserved page tables carry their live-entry counts in
+/// table-descriptor bits \[11:2\] and \[55:52\] (version 1 used \[55:51\], and bit 51 is RES0): a version-1
+/// region's tables would be misread, so it is refused.
+pub const VERSION: u32 = 2;
 /// Every version [`decode`] reads (the oldest first).
-pub const KNOWN_VERSIONS: &[u32] = &[1];
+pub const KNOWN_VERSIONS: &[u32] = &[2];
 
-/// Bytes of the header (version 1).
+/// Bytes of the header (versions 1 and 2).
 pub const HEADER_SIZE: usize = size_of::<RawHeader>();
-/// Bytes of one SMMU instance's identity (version 1).
+/// Bytes of one SMMU instance's identity (versions 1 and 2).
 pub const IDENTITY_SIZE: usize = size_of::<RawIdentity>();
-/// Bytes of one record (version 1).
+/// Bytes of one record (versions 1 and 2).
 pub const RECORD_SIZE: usize = size_of::<RawRecord>();
 /// Bytes of a region that holds every record it can: [`MAX_INSTANCES`] instances of [`MAX_RECORDS`] records.
 pub const MAX_REGION_SIZE: usize = region_size(MAX_INSTANCES, MAX_INSTANCES * MAX_RECORDS);
@@ -925,7 +927,8 @@ pub fn decode(bytes: &[u8], pool: Extent) -> Result<Decoded, HandoverError> {
         }
     };
     match version {
-        1 => decode_v1(bytes, pool),
+        // Version 2 has version 1's byte layout; only the page tables' count bits moved.
+        2 => decode_v1(bytes, pool),
         found => Err(HandoverError::UnknownVersion {
             found,
             known: KNOWN_VERSIONS,

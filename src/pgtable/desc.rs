@@ -205,8 +205,8 @@ pub fn memory_type(stage: Stage, d: u64) -> MemoryType {
     }
 }
 
-/// Software bit 56 of a table descriptor (bits \[58:51\] of table descriptors are IGNORED by the table walk at
-/// both stages, VMSAv8-64): set on the descriptor of a last-level table whose every entry is a valid page, so that
+/// Software bit 56 of a table descriptor (bits \[58:52\] of table descriptors are IGNORED by the table walk at
+/// both stages, VMSAv8-64; bits \[51:48\] are RES0, kept for output address bits, so this driver leaves them 0): set on the descriptor of a last-level table whose every entry is a valid page, so that
 /// an unmap removing the whole table counts its pages without reading them. Always equal to "the descriptor's
 /// [`count`] is the table's number of entries" for a last-level table, and never set on other tables.
 pub const SW_TABLE_FULL: u64 = 1 << 56;
@@ -219,20 +219,21 @@ pub const SW_TRIM_CANDIDATE: u64 = 1 << 57;
 /// table descriptor (VMSAv8-64, without FEAT_LPA2's DS = 1 and without FEAT_HAFT, neither of which this driver
 /// enables).
 pub const SW_COUNT_LOW: u64 = 0x3ff << 2;
-/// High part of the count: bits \[55:51\], IGNORED in a table descriptor.
-pub const SW_COUNT_HIGH: u64 = 0x1f << 51;
-/// The largest count the descriptor holds (15 bits: a 64 KiB granule's 8192 entries fit).
-pub const SW_COUNT_MAX: usize = (1 << 15) - 1;
+/// High part of the count: bits \[55:52\], IGNORED in a table descriptor (bit 51 is RES0 there: an SMMU may take it
+/// for an output address bit).
+pub const SW_COUNT_HIGH: u64 = 0xf << 52;
+/// The largest count the descriptor holds (14 bits: a 64 KiB granule's 8192 entries fit).
+pub const SW_COUNT_MAX: usize = (1 << 14) - 1;
 
 /// The live-entry count a table descriptor carries: how many valid entries the table it names holds.
 pub fn count(d: u64) -> usize {
-    (((d & SW_COUNT_LOW) >> 2) | ((d & SW_COUNT_HIGH) >> (51 - 10))) as usize
+    (((d & SW_COUNT_LOW) >> 2) | ((d & SW_COUNT_HIGH) >> (52 - 10))) as usize
 }
 
 /// `d` with its count replaced by `n` (at most [`SW_COUNT_MAX`]; higher bits are dropped).
 pub fn with_count(d: u64, n: usize) -> u64 {
     let n = n as u64;
-    (d & !(SW_COUNT_LOW | SW_COUNT_HIGH)) | ((n << 2) & SW_COUNT_LOW) | ((n << (51 - 10)) & SW_COUNT_HIGH)
+    (d & !(SW_COUNT_LOW | SW_COUNT_HIGH)) | ((n << 2) & SW_COUNT_LOW) | ((n << (52 - 10)) & SW_COUNT_HIGH)
 }
 
 /// A table descriptor pointing to the next-level table at `table`.
@@ -416,8 +417,9 @@ mod tests {
             assert_eq!(address(d), 0x4567_8000);
             assert!(is_table(d, 2));
         }
-        // Bits [11:2] and [55:51] of a table descriptor, clear of the full and candidate bits.
-        assert_eq!(SW_COUNT_LOW | SW_COUNT_HIGH, 0x00f8_0000_0000_0ffc);
+        // Bits [11:2] and [55:52] of a table descriptor, clear of the full and candidate bits and of the RES0
+        // bits [51:48].
+        assert_eq!(SW_COUNT_LOW | SW_COUNT_HIGH, 0x00f0_0000_0000_0ffc);
         assert_eq!(
             (SW_COUNT_LOW | SW_COUNT_HIGH) & (SW_TABLE_FULL | SW_TRIM_CANDIDATE | OUTPUT_ADDRESS),
             0

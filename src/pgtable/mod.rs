@@ -13,7 +13,7 @@
 //! per level at most) before writing anything.
 //!
 //! **Live-entry counts.** Every table descriptor carries the number of valid entries of the table it names, in
-//! bits the walk ignores (\[11:2\] and \[55:51\], [`desc::count`]), so "is this table empty / full" never
+//! bits the walk ignores (\[11:2\] and \[55:52\], [`desc::count`]), so "is this table empty / full" never
 //! scans a table. [`desc::SW_TABLE_FULL`] is set exactly when a last-level table's count is its size. The counts
 //! live in the tables' own memory: tables preserved across a live update keep them (and their trim marks), so an
 //! adopting image trusts them as they are; the one in-memory number, how many emptied tables wait for a trim, is

@@ -336,7 +336,7 @@ struct Leaf {
 /// Decodes raw table memory per the VMSAv8-64 format, independently of `desc`, walking from `root` at the start
 /// level and with the root size that `g` gives: every 4 KiB page mapped, with its leaf. Asserts the invariants
 /// the SMMU relies on: a table marked full holds only pages, AF is set, level-3 descriptors are pages; and the
-/// software state kept in table descriptors: each one's count (bits \[11:2\] low, \[55:51\] high) is the number
+/// software state kept in table descriptors: each one's count (bits \[11:2\] low, \[55:52\] high) is the number
 /// of valid entries of the table it names, the full bit (56) is set exactly when a last-level table's count is
 /// its size, and a linked table is empty only if it is a last-level table marked as a trim candidate (bit 57)
 /// with every ancestor's descriptor marked too.
@@ -433,11 +433,11 @@ fn go(
 }
 
 /// Asserts the software state that `link`, the descriptor naming the level-`level` table at `table` (`valid` of
-/// its `entries` entries valid), keeps: its count (bits \[11:2\] low, \[55:51\] high) is `valid`, the full bit
+/// its `entries` entries valid), keeps: its count (bits \[11:2\] low, \[55:52\] high) is `valid`, the full bit
 /// (56) is set exactly on a full last-level table, and an empty table is a last-level table marked as a trim
 /// candidate (bit 57) whose ancestors are all marked (`marked`).
 fn assert_link_state(link: u64, level: u8, valid: u64, entries: usize, marked: bool, table: u64) {
-    let count = ((link >> 2) & 0x3ff) | (((link >> 51) & 0x1f) << 10);
+    let count = ((link >> 2) & 0x3ff) | (((link >> 52) & 0xf) << 10);
     assert_eq!(count, valid, "the count of the level-{level} table at {table:#x}");
     assert_eq!(
         link & (1 << 56) != 0,
@@ -1993,7 +1993,7 @@ enum MixOp {
 
 /// What the raw tables hold, decoded from the architecture's format (not through `desc`): the leaves (input,
 /// size, output), the tables linked below the root, and the linked tables that map nothing. Asserts the
-/// software state in every table descriptor: the count (bits \[11:2\] and \[55:51\]) is the number of valid
+/// software state in every table descriptor: the count (bits \[11:2\] and \[55:52\]) is the number of valid
 /// entries, bit 56 is set exactly on a full last-level table, and an empty linked table is a last-level table
 /// whose descriptor and every ancestor's carry bit 57.
 fn decode_shape(frames: &HeapFrames, root: u64, g: &Geometry) -> (Vec<(u64, u64, u64)>, usize, usize) {

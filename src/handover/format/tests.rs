@@ -368,10 +368,15 @@ fn header_errors_name_what_is_wrong() {
     assert!(matches!(e, HandoverError::BadMagic { .. }));
     assert!(e.to_string().contains("magic"), "{e}");
     let mut b = bytes.clone();
-    put(&mut b, 8, &2u32.to_le_bytes());
+    put(&mut b, 8, &3u32.to_le_bytes());
     let e = decode(&b, POOL).unwrap_err();
-    assert_eq!(e, HandoverError::UnknownVersion { found: 2, known: &[1] });
-    assert!(e.to_string().contains("version 2"), "{e}");
+    assert_eq!(e, HandoverError::UnknownVersion { found: 3, known: &[2] });
+    assert!(e.to_string().contains("version 3"), "{e}");
+    // Version 1 put table counts in bit 51, which this driver no longer reads: refused.
+    let mut b = bytes.clone();
+    put(&mut b, 8, &1u32.to_le_bytes());
+    let e = decode(&b, POOL).unwrap_err();
+    assert_eq!(e, HandoverError::UnknownVersion { found: 1, known: &[2] });
     let mut b = bytes.clone();
     b[200] ^= 1;
     let e = decode(&b, POOL).unwrap_err();
@@ -1077,7 +1082,7 @@ fn peek_header_reads_a_refused_region() {
     let mut bytes = encode_vec(&fixture(), 42);
     bytes[300] ^= 0xff;
     let h = peek_header(&bytes).unwrap();
-    assert_eq!((h.magic, h.version, h.generation), (MAGIC, 1, 42));
+    assert_eq!((h.magic, h.version, h.generation), (MAGIC, VERSION, 42));
     assert_eq!(
         (h.instance_count, h.record_count, h.total_len),
         (2, 5, region_size(2, 5) as u64)
