@@ -657,7 +657,7 @@ impl GuestContext {
                 asid,
                 table: table.root(),
                 t0sz: 64 - format.input_bits,
-                granule: cd::Granule::Size4K,
+                granule: cd_granule(format.granule),
                 ips: size_encoding(format.output_bits),
                 cacheability,
                 shareability,
@@ -685,6 +685,15 @@ impl GuestContext {
             default_substream: DefaultSubstream::Terminate,
         };
         Ok(GuestContext { cd_table, stage1 })
+    }
+}
+
+/// CD.TG0 for a table's granule.
+fn cd_granule(granule: Granule) -> cd::Granule {
+    match granule {
+        Granule::Size4K => cd::Granule::Size4K,
+        Granule::Size16K => cd::Granule::Size16K,
+        Granule::Size64K => cd::Granule::Size64K,
     }
 }
 
@@ -745,11 +754,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 asid,
                 table: table.root(),
                 t0sz: 64 - format.input_bits,
-                granule: match format.granule {
-                    Granule::Size4K => cd::Granule::Size4K,
-                    Granule::Size16K => cd::Granule::Size16K,
-                    Granule::Size64K => cd::Granule::Size64K,
-                },
+                granule: cd_granule(format.granule),
                 ips: size_encoding(format.output_bits),
                 cacheability,
                 shareability,
@@ -2884,5 +2889,32 @@ mod tests {
         let before = consumed(&model);
         smmu.free_domain(d).unwrap();
         assert_eq!(issued_since(&model, before), [Issued::El2All, Issued::Sync]);
+    }
+
+    #[test]
+    fn a_guest_context_cd_names_its_tables_granule() {
+        // CD TG0, bits [7:6]: 0b00 4 KiB, 0b01 64 KiB, 0b10 16 KiB (IHI 0070 CD.TG0, as TCR_EL1.TG0). T0SZ
+        // [5:0] is 64 - the VA bits; IPS [34:32] 0b101 for a 48-bit output.
+        let frames = frames();
+        let model = Model::start(frames);
+        let smmu = smmu(&model, frames);
+        for (granule, tg0) in [
+            (Granule::Size4K, 0b00),
+            (Granule::Size16K, 0b10),
+            (Granule::Size64K, 0b01),
+        ] {
+            let format = Format {
+                stage: Stage::One,
+                granule,
+                input_bits: 42,
+                output_bits: 48,
+            };
+            let table = IoPageTable::new(format, frames, true).unwrap();
+            let guest = GuestContext::build(smmu.features(), &frames, &table, 3).unwrap();
+            let q0 = guest.cd_table.read(0).unwrap().0[0];
+            assert_eq!((q0 >> 6) & 0b11, tg0, "{granule:?}");
+            assert_eq!(q0 & 0x3f, 22, "{granule:?}");
+            assert_eq!((q0 >> 32) & 0b111, 0b101, "{granule:?}");
+        }
     }
 }

@@ -70,6 +70,28 @@ fn geometry_follows_the_architecture() {
     );
 }
 
+#[test]
+fn a_52_bit_output_is_refused_in_every_granule() {
+    // A 52-bit OA would put OA[51:48] in descriptor bits [15:12] (64 KiB, FEAT_LPA; the leaf and table encoders
+    // keep only bits [47:12]) or OA[51:50] in bits [9:8] (4/16 KiB, FEAT_LPA2 with DS = 1, inside the
+    // live-entry count's bits [11:2] of table descriptors): the format is refused instead.
+    for granule in [Granule::Size4K, Granule::Size16K, Granule::Size64K] {
+        for output_bits in [49, 52] {
+            let f = Format {
+                output_bits,
+                ..format(Stage::One, granule, 48)
+            };
+            assert_eq!(
+                Geometry::of(&f),
+                Err(MapError::BadFormat {
+                    input_bits: 48,
+                    output_bits
+                })
+            );
+        }
+    }
+}
+
 fn table(stage: Stage, granule: Granule, bits: u8) -> IoPageTable<&'static HeapFrames> {
     let frames: &'static HeapFrames = std::boxed::Box::leak(std::boxed::Box::default());
     IoPageTable::new(format(stage, granule, bits), frames, true).unwrap()
