@@ -438,11 +438,10 @@ mod tests {
             assert_eq!(d & 0x000f_ffff_ffff_f000, 0x0000_ffff_ffff_0000, "{stage:?}");
         }
         assert_eq!(table(top) & 0x000f_ffff_ffff_f000, 0x0000_ffff_ffff_0000);
-        // A count, even the largest, stays out of the address bits, bits [50:48] (RES0 in a table descriptor
-        // without FEAT_LPA2) and the 64 KiB granule's bits [15:12]. (Bit 51, its lowest high bit, is IGNORED in
-        // table descriptors of the current Arm ARM, which lists bits [58:51] so; Armv8.0 listed it RES0.)
+        // A count, even the largest, stays out of the address bits, bits [51:48] (RES0 in a table descriptor:
+        // Armv8.0 lists only [58:52] as IGNORED) and the 64 KiB granule's bits [15:12].
         let t = with_count(table(top), SW_COUNT_MAX);
-        assert_eq!(t & 0x0007_ffff_ffff_f000, 0x0000_ffff_ffff_0000);
+        assert_eq!(t & 0x000f_ffff_ffff_f000, 0x0000_ffff_ffff_0000);
         assert_eq!(t & 0xf000, 0);
         // Bits the driver's leaves never set: bits [51:48], the software bits [58:55], PBHA [62:59], bit 63 and
         // (stage 1) NS, bit 5 (stage 2's bit 5 is MemAttr[3]).
