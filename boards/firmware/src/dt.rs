@@ -67,6 +67,18 @@ pub struct PcieHost {
     pub windows: heapless::Vec<PciWindow, 4>,
     /// Requester ID to StreamID map (empty when the tree gives none: then no requester is behind the SMMU).
     pub iommu_map: IommuMap,
+    /// The tree's `iommu-map-mask`: ANDed with a requester ID before it is looked up in `iommu_map` (`None`: the
+    /// whole requester ID is used).
+    pub iommu_map_mask: Option<u32>,
+}
+
+impl PcieHost {
+    /// The StreamID of requester ID `rid`: masked by `iommu-map-mask` when the tree gives one, then looked up in
+    /// the `iommu-map` (PCI `iommu-map` binding). `None` when no range covers it.
+    pub fn stream_id(&self, rid: u32) -> Option<u32> {
+        self.iommu_map
+            .stream_id(self.iommu_map_mask.map_or(rid, |mask| rid & mask))
+    }
 }
 
 /// A GICv3.
@@ -218,11 +230,11 @@ pub fn smmu(fdt: &Fdt) -> Result<SmmuDescription, DtError> {
     })
 }
 
-/// The `pci-host-ecam-generic` node: ECAM, bus range, windows and `iommu-map`.
+/// The `pci-host-ecam-generic` node: ECAM, bus range, windows, `iommu-map` and `iommu-map-mask`.
 ///
 /// # Errors
-/// [`DtError::Missing`] without such a node, [`DtError::Malformed`] for a `ranges` or `iommu-map` of the wrong
-/// length.
+/// [`DtError::Missing`] without such a node, [`DtError::Malformed`] for a `ranges`, `iommu-map` or
+/// `iommu-map-mask` of the wrong length.
 pub fn pcie(fdt: &Fdt) -> Result<PcieHost, DtError> {
     let node = fdt
         .find_compatible(&["pci-host-ecam-generic"])
@@ -276,6 +288,13 @@ pub fn pcie(fdt: &Fdt) -> Result<PcieHost, DtError> {
                 })
                 .map_err(|_| DtError::Malformed("iommu-map (too many ranges)"))?;
         }
+    }
+    if let Some(mask) = node.property("iommu-map-mask") {
+        // One cell.
+        if mask.value.len() != 4 {
+            return Err(DtError::Malformed("iommu-map-mask"));
+        }
+        host.iommu_map_mask = cells(mask.value).next();
     }
     Ok(host)
 }
