@@ -61,7 +61,7 @@ pub struct PciWindow {
 pub struct PcieHost {
     /// The ECAM (configuration space) region.
     pub ecam: Region,
-    /// First and last bus number.
+    /// First and last bus number: the tree's `bus-range`, cut to the buses the ECAM region covers.
     pub bus_range: (u8, u8),
     /// Address windows.
     pub windows: heapless::Vec<PciWindow, 4>,
@@ -233,8 +233,9 @@ pub fn smmu(fdt: &Fdt) -> Result<SmmuDescription, DtError> {
 /// The `pci-host-ecam-generic` node: ECAM, bus range, windows, `iommu-map` and `iommu-map-mask`.
 ///
 /// # Errors
-/// [`DtError::Missing`] without such a node, [`DtError::Malformed`] for a `ranges`, `iommu-map` or
-/// `iommu-map-mask` of the wrong length.
+/// [`DtError::Missing`] without such a node, [`DtError::Malformed`] for a `bus-range`, `ranges`, `iommu-map` or
+/// `iommu-map-mask` of the wrong length, a `bus-range` whose start is past its end, or an ECAM `reg` smaller
+/// than one bus.
 pub fn pcie(fdt: &Fdt) -> Result<PcieHost, DtError> {
     let node = fdt
         .find_compatible(&["pci-host-ecam-generic"])
@@ -243,13 +244,27 @@ pub fn pcie(fdt: &Fdt) -> Result<PcieHost, DtError> {
         ecam: first_reg(&node).ok_or(DtError::Missing("ECAM reg"))?,
         ..Default::default()
     };
-    host.bus_range = match node
-        .property("bus-range")
-        .map(|p| cells(p.value).collect::<heapless::Vec<u32, 2>>())
-    {
-        Some(r) if r.len() == 2 => (r[0].min(255) as u8, r[1].min(255) as u8),
-        _ => (0, ((host.ecam.size >> 20).saturating_sub(1)).min(255) as u8),
+    // ECAM gives each bus 1 MiB, from the first bus of the range on.
+    let ecam_buses = host.ecam.size >> 20;
+    if ecam_buses == 0 {
+        return Err(DtError::Malformed("ECAM reg (smaller than one bus)"));
+    }
+    host.bus_range = match node.property("bus-range").map(|p| p.value) {
+        Some(value) if value.len() == 8 => {
+            let mut r = cells(value);
+            let (first, last) = (r.next().unwrap_or(0), r.next().unwrap_or(0));
+            if first > last || first > 255 {
+                return Err(DtError::Malformed("bus-range"));
+            }
+            (first as u8, last.min(255) as u8)
+        }
+        Some(_) => return Err(DtError::Malformed("bus-range")),
+        None => (0, 255),
     };
+    // An ECAM region that covers only part of the bus range limits it: configuration accesses to the buses
+    // beyond it would land outside the region (Linux cuts the range the same way).
+    let last_covered = u64::from(host.bus_range.0) + ecam_buses - 1;
+    host.bus_range.1 = host.bus_range.1.min(last_covered.min(255) as u8);
     let parent_address_cells = fdt.root().cell_sizes().address_cells;
     let size_cells = node.cell_sizes().size_cells;
     if let Some(ranges) = node.property("ranges") {
