@@ -265,7 +265,12 @@ pub fn pcie(fdt: &Fdt) -> Result<PcieHost, DtError> {
     // beyond it would land outside the region (Linux cuts the range the same way).
     let last_covered = u64::from(host.bus_range.0) + ecam_buses - 1;
     host.bus_range.1 = host.bus_range.1.min(last_covered.min(255) as u8);
-    let parent_address_cells = fdt.root().cell_sizes().address_cells;
+    // `ranges` gives CPU addresses in the #address-cells of the host's parent, which need not be the root (a host
+    // under a `/soc` bus node): the first `reg` entry, written in those cells, tells how many there are.
+    let parent_address_cells = node
+        .raw_reg()
+        .and_then(|mut r| r.next())
+        .map_or(fdt.root().cell_sizes().address_cells, |r| r.address.len() / 4);
     let size_cells = node.cell_sizes().size_cells;
     if let Some(ranges) = node.property("ranges") {
         let all: heapless::Vec<u32, 64> = cells(ranges.value).collect();
