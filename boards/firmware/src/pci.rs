@@ -17,6 +17,15 @@ mod cfg {
     pub const CLASS_REVISION: usize = 0x08;
     pub const HEADER_TYPE_DWORD: usize = 0x0c;
     pub const BAR0: usize = 0x10;
+    /// Status register (upper half of the COMMAND dword) bit 4: the function has a capability list.
+    pub const STATUS_CAPABILITIES: u32 = 1 << (16 + 4);
+    /// Offset of the capability list's first entry.
+    pub const CAPABILITIES_POINTER: usize = 0x34;
+    /// Capability ID of the PCI Express capability.
+    pub const CAP_ID_PCIE: u32 = 0x10;
+    /// PCI Express capability, Device/Port Type: Root Port, Downstream Port of a switch, PCI/PCI-X to PCIe
+    /// bridge: ports whose secondary side is a PCIe link, with only device 0 on it.
+    pub const PORT_TYPES_WITH_ONE_DEVICE: [u32; 3] = [0x4, 0x6, 0x8];
     pub const COMMAND_MEMORY: u32 = 1 << 1;
     pub const COMMAND_BUS_MASTER: u32 = 1 << 2;
     /// Type 1 header: primary, secondary, subordinate bus numbers and the secondary latency timer.
@@ -178,6 +187,27 @@ impl Ecam {
         self.write(bdf, cfg::COMMAND, command | bits);
     }
 
+    /// The Device/Port Type of the function's PCI Express capability (PCIe base spec 7.5.3.2), or `None` for a
+    /// conventional PCI function.
+    fn pcie_port_type(&self, bdf: Bdf) -> Option<u32> {
+        if self.read(bdf, cfg::COMMAND) & cfg::STATUS_CAPABILITIES == 0 {
+            return None;
+        }
+        let mut next = self.read(bdf, cfg::CAPABILITIES_POINTER) & 0xfc;
+        // Bounded: at most 48 capabilities fit in the 192 bytes after the header, a malformed list may loop.
+        for _ in 0..48 {
+            if next < 0x40 {
+                return None;
+            }
+            let header = self.read(bdf, next as usize);
+            if header & 0xff == cfg::CAP_ID_PCIE {
+                return Some((header >> 20) & 0xf);
+            }
+            next = (header >> 8) & 0xfc;
+        }
+        None
+    }
+
     /// Enables memory decoding and bus mastering (so the function may DMA).
     pub fn enable_memory_and_bus_master(&self, bdf: Bdf) {
         self.enable(bdf, cfg::COMMAND_MEMORY | cfg::COMMAND_BUS_MASTER);
@@ -260,14 +290,16 @@ pub fn enumerate(ecam: &Ecam, host: &PcieHost) -> Result<Functions, PciError> {
         mem64: window(WindowKind::Mem64).map(|w| WindowAllocator::new(w, MEM64_MAPPED)),
         found: Functions::new(),
     };
-    e.scan_bus(host.bus_range.0)?;
+    e.scan_bus(host.bus_range.0, 32)?;
     Ok(e.found)
 }
 
 impl Enumeration<'_> {
-    fn scan_bus(&mut self, bus: u8) -> Result<(), PciError> {
+    /// Scans devices `0..devices` of `bus`: all 32 on the root bus and behind conventional bridges and switch
+    /// upstream ports, only device 0 on the link behind a PCIe downstream port.
+    fn scan_bus(&mut self, bus: u8, devices: u8) -> Result<(), PciError> {
         let ecam = self.ecam;
-        for device in 0..32u8 {
+        for device in 0..devices {
             for function in 0..8u8 {
                 let bdf = Bdf { bus, device, function };
                 let id = ecam.read(bdf, cfg::VENDOR_DEVICE);
@@ -325,7 +357,14 @@ impl Enumeration<'_> {
         ecam.write(bdf, cfg::BUS_NUMBERS, numbers(self.last_bus));
         let memory_start = self.mem32.as_mut().map(WindowAllocator::align_for_bridge);
         let prefetch_start = self.mem64.as_mut().map(WindowAllocator::align_for_bridge);
-        self.scan_bus(secondary)?;
+        // A PCIe link carries only device 0: a host whose ports do not filter Type 0 configuration requests by
+        // device number shows that device at all 32 numbers, and each copy would get its BARs again (Linux's
+        // `only_one_child`). Functions beyond 7 of an ARI device stay hidden: ARI forwarding is not enabled.
+        let devices = match ecam.pcie_port_type(bdf) {
+            Some(t) if cfg::PORT_TYPES_WITH_ONE_DEVICE.contains(&t) => 1,
+            _ => 32,
+        };
+        self.scan_bus(secondary, devices)?;
         let subordinate = self.next_bus;
         ecam.write(bdf, cfg::BUS_NUMBERS, numbers(subordinate));
         // I/O forwarding off (base above limit).
