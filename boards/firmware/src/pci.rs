@@ -9,6 +9,7 @@
 use core::fmt;
 
 use crate::dt::{PciWindow, PcieHost, WindowKind};
+use crate::time;
 
 /// Configuration space offsets (PCI Local Bus 3.0, type 0 header).
 mod cfg {
@@ -187,6 +188,26 @@ impl Ecam {
         self.write(bdf, cfg::COMMAND, command | bits);
     }
 
+    /// The vendor and device ID dword of the function at `bdf`, or `None` when no function is there: vendor 0xffff
+    /// (all-ones, the answer to a request nothing claims) or 0x0000 (no valid vendor, what some hosts return
+    /// instead). A function still coming out of reset may answer the vendor ID read with 0x0001, Configuration
+    /// Request Retry Status (when earlier firmware enabled CRS Software Visibility in its root port): it is asked
+    /// again for up to the 1 s a function may take to become ready (PCIe base spec 6.6.1), and then counted absent.
+    fn probe(&self, bdf: Bdf) -> Option<u32> {
+        let mut id = self.read(bdf, cfg::VENDOR_DEVICE);
+        if id & 0xffff == 0x0001 {
+            let deadline = time::deadline_us(1_000_000);
+            while id & 0xffff == 0x0001 && !time::expired(deadline) {
+                core::hint::spin_loop();
+                id = self.read(bdf, cfg::VENDOR_DEVICE);
+            }
+        }
+        match id & 0xffff {
+            0xffff | 0x0000 | 0x0001 => None,
+            _ => Some(id),
+        }
+    }
+
     /// The Device/Port Type of the function's PCI Express capability (PCIe base spec 7.5.3.2), or `None` for a
     /// conventional PCI function.
     fn pcie_port_type(&self, bdf: Bdf) -> Option<u32> {
@@ -302,13 +323,12 @@ impl Enumeration<'_> {
         for device in 0..devices {
             for function in 0..8u8 {
                 let bdf = Bdf { bus, device, function };
-                let id = ecam.read(bdf, cfg::VENDOR_DEVICE);
-                if id & 0xffff == 0xffff {
+                let Some(id) = ecam.probe(bdf) else {
                     if function == 0 {
                         break;
                     }
                     continue;
-                }
+                };
                 let header = (ecam.read(bdf, cfg::HEADER_TYPE_DWORD) >> 16) & 0xff;
                 let mut f = Function {
                     bdf,
