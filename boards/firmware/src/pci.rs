@@ -235,6 +235,33 @@ impl Ecam {
     }
 }
 
+/// Calls `visit` with the location, vendor and device ID dword, and header type of every function on devices
+/// `0..devices` of `bus`, in order; functions 1 to 7 only of a multi-function device (header type bit 7).
+fn each_function(
+    ecam: &Ecam,
+    bus: u8,
+    devices: u8,
+    mut visit: impl FnMut(Bdf, u32, u32) -> Result<(), PciError>,
+) -> Result<(), PciError> {
+    for device in 0..devices {
+        for function in 0..8u8 {
+            let bdf = Bdf { bus, device, function };
+            let Some(id) = ecam.probe(bdf) else {
+                if function == 0 {
+                    break;
+                }
+                continue;
+            };
+            let header = (ecam.read(bdf, cfg::HEADER_TYPE_DWORD) >> 16) & 0xff;
+            visit(bdf, id, header)?;
+            if function == 0 && header & 0x80 == 0 {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Bump allocator over one window.
 struct WindowAllocator {
     window: PciWindow,
@@ -320,45 +347,41 @@ impl Enumeration<'_> {
     /// upstream ports, only device 0 on the link behind a PCIe downstream port.
     fn scan_bus(&mut self, bus: u8, devices: u8) -> Result<(), PciError> {
         let ecam = self.ecam;
-        for device in 0..devices {
-            for function in 0..8u8 {
-                let bdf = Bdf { bus, device, function };
-                let Some(id) = ecam.probe(bdf) else {
-                    if function == 0 {
-                        break;
-                    }
-                    continue;
-                };
-                let header = (ecam.read(bdf, cfg::HEADER_TYPE_DWORD) >> 16) & 0xff;
-                let mut f = Function {
-                    bdf,
-                    vendor: id as u16,
-                    device: (id >> 16) as u16,
-                    class_revision: ecam.read(bdf, cfg::CLASS_REVISION),
-                    bars: [None; 6],
-                    bridge: None,
-                };
-                match header & 0x7f {
-                    0 => self.assign_bars(&mut f, 6)?,
-                    1 => {
-                        self.assign_bars(&mut f, 2)?;
-                        f.bridge = Some(self.configure_bridge(bdf)?);
-                    }
-                    _ => {}
-                }
-                // What lies behind a bridge was found while configuring it: list the bridge before it.
-                let behind = |g: &Function| {
-                    f.bridge
-                        .is_some_and(|b| (b.secondary..=b.subordinate).contains(&g.bdf.bus))
-                };
-                let position = self.found.iter().position(behind).unwrap_or(self.found.len());
-                self.found.insert(position, f).map_err(|_| PciError::TooManyFunctions)?;
-                if function == 0 && header & 0x80 == 0 {
-                    break;
-                }
+        // Bridges here may still carry bus numbers from earlier firmware that overlap those given below: a
+        // sibling not yet renumbered would claim configuration requests meant for buses behind the first. Stop
+        // them all forwarding before any is scanned behind (Linux's first pass does the same).
+        each_function(ecam, bus, devices, |bdf, _, header| {
+            if header & 0x7f == 1 {
+                let numbers = ecam.read(bdf, cfg::BUS_NUMBERS);
+                ecam.write(bdf, cfg::BUS_NUMBERS, numbers & 0xff00_0000);
             }
-        }
-        Ok(())
+            Ok(())
+        })?;
+        each_function(ecam, bus, devices, |bdf, id, header| {
+            let mut f = Function {
+                bdf,
+                vendor: id as u16,
+                device: (id >> 16) as u16,
+                class_revision: ecam.read(bdf, cfg::CLASS_REVISION),
+                bars: [None; 6],
+                bridge: None,
+            };
+            match header & 0x7f {
+                0 => self.assign_bars(&mut f, 6)?,
+                1 => {
+                    self.assign_bars(&mut f, 2)?;
+                    f.bridge = Some(self.configure_bridge(bdf)?);
+                }
+                _ => {}
+            }
+            // What lies behind a bridge was found while configuring it: list the bridge before it.
+            let behind = |g: &Function| {
+                f.bridge
+                    .is_some_and(|b| (b.secondary..=b.subordinate).contains(&g.bdf.bus))
+            };
+            let position = self.found.iter().position(behind).unwrap_or(self.found.len());
+            self.found.insert(position, f).map_err(|_| PciError::TooManyFunctions)
+        })
     }
 
     /// Numbers the bridge's buses, scans behind it, and opens its windows over what was assigned there.
