@@ -273,12 +273,13 @@ pub fn pcie(fdt: &Fdt) -> Result<PcieHost, DtError> {
         .map_or(fdt.root().cell_sizes().address_cells, |r| r.address.len() / 4);
     let size_cells = node.cell_sizes().size_cells;
     if let Some(ranges) = node.property("ranges") {
-        let all: heapless::Vec<u32, 64> = cells(ranges.value).collect();
-        let stride = 3 + parent_address_cells + size_cells;
-        if !all.len().is_multiple_of(stride) {
+        // Entries are taken one at a time: a long `ranges` must not overflow a fixed buffer.
+        let stride = 4 * (3 + parent_address_cells + size_cells);
+        if parent_address_cells > 2 || size_cells > 2 || !ranges.value.len().is_multiple_of(stride) {
             return Err(DtError::Malformed("ranges"));
         }
-        for e in all.chunks_exact(stride) {
+        for entry in ranges.value.chunks_exact(stride) {
+            let e: heapless::Vec<u32, 7> = cells(entry).collect();
             let kind = match (e[0] >> 24) & 0x3 {
                 1 => WindowKind::Io,
                 2 => WindowKind::Mem32,
@@ -295,11 +296,11 @@ pub fn pcie(fdt: &Fdt) -> Result<PcieHost, DtError> {
         }
     }
     if let Some(map) = node.property("iommu-map") {
-        let all: heapless::Vec<u32, 64> = cells(map.value).collect();
-        if !all.len().is_multiple_of(4) {
+        if !map.value.len().is_multiple_of(16) {
             return Err(DtError::Malformed("iommu-map"));
         }
-        for e in all.chunks_exact(4) {
+        for entry in map.value.chunks_exact(16) {
+            let e: heapless::Vec<u32, 4> = cells(entry).collect();
             host.iommu_map
                 .push(IommuMapEntry {
                     rid_base: e[0],
