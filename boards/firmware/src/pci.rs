@@ -313,8 +313,11 @@ struct Enumeration<'a> {
     /// Non-prefetchable BARs, and 32-bit prefetchable ones, come from the 32-bit window.
     mem32: Option<WindowAllocator>,
     /// 64-bit prefetchable BARs come from the first [`MEM64_MAPPED`] bytes of the 64-bit window (or the 32-bit
-    /// window when the host has none).
+    /// window when the host has none, or a bridge above them no 64-bit prefetchable window).
     mem64: Option<WindowAllocator>,
+    /// Whether every bridge above the bus being scanned has a 64-bit prefetchable window, so that a BAR there may
+    /// be given a [`Self::mem64`] address: a bridge with a 32-bit prefetchable window, or none, cannot forward it.
+    mem64_reachable: bool,
     found: Functions,
 }
 
@@ -336,6 +339,7 @@ pub fn enumerate(ecam: &Ecam, host: &PcieHost) -> Result<Functions, PciError> {
         next_bus: host.bus_range.0,
         mem32: window(WindowKind::Mem32).map(|w| WindowAllocator::new(w, u64::MAX)),
         mem64: window(WindowKind::Mem64).map(|w| WindowAllocator::new(w, MEM64_MAPPED)),
+        mem64_reachable: true,
         found: Functions::new(),
     };
     e.scan_bus(host.bus_range.0, 32)?;
@@ -399,7 +403,17 @@ impl Enumeration<'_> {
         let numbers = |subordinate: u8| u32::from(bdf.bus) | u32::from(secondary) << 8 | u32::from(subordinate) << 16;
         ecam.write(bdf, cfg::BUS_NUMBERS, numbers(self.last_bus));
         let memory_start = self.mem32.as_mut().map(WindowAllocator::align_for_bridge);
-        let prefetch_start = self.mem64.as_mut().map(WindowAllocator::align_for_bridge);
+        // Bits [3:0] of the prefetchable base are read-only, 0001b for a 64-bit window; 0000b means a 32-bit one,
+        // and the whole register reads 0 when the bridge has no prefetchable window (PCI-to-PCI Bridge
+        // Architecture spec). Below such a bridge, 64-bit prefetchable BARs take 32-bit addresses in its memory
+        // window instead.
+        let prefetch64 = ecam.read(bdf, cfg::PREFETCH_BASE_LIMIT) & 0xf == 0x1;
+        let outer_reachable = self.mem64_reachable;
+        self.mem64_reachable &= prefetch64;
+        let prefetch_start = match self.mem64.as_mut() {
+            Some(a) if self.mem64_reachable => Some(a.align_for_bridge()),
+            _ => None,
+        };
         // A PCIe link carries only device 0: a host whose ports do not filter Type 0 configuration requests by
         // device number shows that device at all 32 numbers, and each copy would get its BARs again (Linux's
         // `only_one_child`). Functions beyond 7 of an ARI device stay hidden: ARI forwarding is not enabled.
@@ -408,6 +422,7 @@ impl Enumeration<'_> {
             _ => 32,
         };
         self.scan_bus(secondary, devices)?;
+        self.mem64_reachable = outer_reachable;
         let subordinate = self.next_bus;
         ecam.write(bdf, cfg::BUS_NUMBERS, numbers(subordinate));
         // I/O forwarding off (base above limit).
@@ -487,7 +502,7 @@ impl Enumeration<'_> {
                 continue;
             }
             let size = (!mask).wrapping_add(1);
-            let allocator = if is64 && prefetchable && self.mem64.is_some() {
+            let allocator = if is64 && prefetchable && self.mem64_reachable && self.mem64.is_some() {
                 self.mem64.as_mut()
             } else {
                 self.mem32.as_mut()
