@@ -487,6 +487,12 @@ impl Enumeration<'_> {
                 continue;
             }
             let is64 = (original >> 1) & 0x3 == 0x2;
+            if is64 && index + 1 == count {
+                // A 64-bit BAR in the last slot (BAR5, a bridge's BAR1) has no upper half: sizing one would write
+                // all-ones to the register after the BARs (a bridge's bus numbers). Malformed: left alone.
+                index += 1;
+                continue;
+            }
             let prefetchable = original & 0x8 != 0;
             ecam.write(bdf, offset, 0xffff_ffff);
             let mut mask = u64::from(ecam.read(bdf, offset) & !0xf);
