@@ -61,12 +61,24 @@ pub struct PciWindow {
 pub struct PcieHost {
     /// The ECAM (configuration space) region.
     pub ecam: Region,
-    /// First and last bus number.
+    /// First and last bus number: the tree's `bus-range`, cut to the buses the ECAM region covers.
     pub bus_range: (u8, u8),
     /// Address windows.
     pub windows: heapless::Vec<PciWindow, 4>,
     /// Requester ID to StreamID map (empty when the tree gives none: then no requester is behind the SMMU).
     pub iommu_map: IommuMap,
+    /// The tree's `iommu-map-mask`: ANDed with a requester ID before it is looked up in `iommu_map` (`None`: the
+    /// whole requester ID is used).
+    pub iommu_map_mask: Option<u32>,
+}
+
+impl PcieHost {
+    /// The StreamID of requester ID `rid`: masked by `iommu-map-mask` when the tree gives one, then looked up in
+    /// the `iommu-map` (PCI `iommu-map` binding). `None` when no range covers it.
+    pub fn stream_id(&self, rid: u32) -> Option<u32> {
+        self.iommu_map
+            .stream_id(self.iommu_map_mask.map_or(rid, |mask| rid & mask))
+    }
 }
 
 /// A GICv3.
@@ -218,11 +230,12 @@ pub fn smmu(fdt: &Fdt) -> Result<SmmuDescription, DtError> {
     })
 }
 
-/// The `pci-host-ecam-generic` node: ECAM, bus range, windows and `iommu-map`.
+/// The `pci-host-ecam-generic` node: ECAM, bus range, windows, `iommu-map` and `iommu-map-mask`.
 ///
 /// # Errors
-/// [`DtError::Missing`] without such a node, [`DtError::Malformed`] for a `ranges` or `iommu-map` of the wrong
-/// length.
+/// [`DtError::Missing`] without such a node, [`DtError::Malformed`] for a `bus-range`, `ranges`, `iommu-map` or
+/// `iommu-map-mask` of the wrong length, a `bus-range` whose start is past its end, or an ECAM `reg` smaller
+/// than one bus.
 pub fn pcie(fdt: &Fdt) -> Result<PcieHost, DtError> {
     let node = fdt
         .find_compatible(&["pci-host-ecam-generic"])
@@ -231,22 +244,42 @@ pub fn pcie(fdt: &Fdt) -> Result<PcieHost, DtError> {
         ecam: first_reg(&node).ok_or(DtError::Missing("ECAM reg"))?,
         ..Default::default()
     };
-    host.bus_range = match node
-        .property("bus-range")
-        .map(|p| cells(p.value).collect::<heapless::Vec<u32, 2>>())
-    {
-        Some(r) if r.len() == 2 => (r[0].min(255) as u8, r[1].min(255) as u8),
-        _ => (0, ((host.ecam.size >> 20).saturating_sub(1)).min(255) as u8),
+    // ECAM gives each bus 1 MiB, from the first bus of the range on.
+    let ecam_buses = host.ecam.size >> 20;
+    if ecam_buses == 0 {
+        return Err(DtError::Malformed("ECAM reg (smaller than one bus)"));
+    }
+    host.bus_range = match node.property("bus-range").map(|p| p.value) {
+        Some(value) if value.len() == 8 => {
+            let mut r = cells(value);
+            let (first, last) = (r.next().unwrap_or(0), r.next().unwrap_or(0));
+            if first > last || first > 255 {
+                return Err(DtError::Malformed("bus-range"));
+            }
+            (first as u8, last.min(255) as u8)
+        }
+        Some(_) => return Err(DtError::Malformed("bus-range")),
+        None => (0, 255),
     };
-    let parent_address_cells = fdt.root().cell_sizes().address_cells;
+    // An ECAM region that covers only part of the bus range limits it: configuration accesses to the buses
+    // beyond it would land outside the region (Linux cuts the range the same way).
+    let last_covered = u64::from(host.bus_range.0) + ecam_buses - 1;
+    host.bus_range.1 = host.bus_range.1.min(last_covered.min(255) as u8);
+    // `ranges` gives CPU addresses in the #address-cells of the host's parent, which need not be the root (a host
+    // under a `/soc` bus node): the first `reg` entry, written in those cells, tells how many there are.
+    let parent_address_cells = node
+        .raw_reg()
+        .and_then(|mut r| r.next())
+        .map_or(fdt.root().cell_sizes().address_cells, |r| r.address.len() / 4);
     let size_cells = node.cell_sizes().size_cells;
     if let Some(ranges) = node.property("ranges") {
-        let all: heapless::Vec<u32, 64> = cells(ranges.value).collect();
-        let stride = 3 + parent_address_cells + size_cells;
-        if !all.len().is_multiple_of(stride) {
+        // Entries are taken one at a time: a long `ranges` must not overflow a fixed buffer.
+        let stride = 4 * (3 + parent_address_cells + size_cells);
+        if parent_address_cells > 2 || size_cells > 2 || !ranges.value.len().is_multiple_of(stride) {
             return Err(DtError::Malformed("ranges"));
         }
-        for e in all.chunks_exact(stride) {
+        for entry in ranges.value.chunks_exact(stride) {
+            let e: heapless::Vec<u32, 7> = cells(entry).collect();
             let kind = match (e[0] >> 24) & 0x3 {
                 1 => WindowKind::Io,
                 2 => WindowKind::Mem32,
@@ -263,11 +296,11 @@ pub fn pcie(fdt: &Fdt) -> Result<PcieHost, DtError> {
         }
     }
     if let Some(map) = node.property("iommu-map") {
-        let all: heapless::Vec<u32, 64> = cells(map.value).collect();
-        if !all.len().is_multiple_of(4) {
+        if !map.value.len().is_multiple_of(16) {
             return Err(DtError::Malformed("iommu-map"));
         }
-        for e in all.chunks_exact(4) {
+        for entry in map.value.chunks_exact(16) {
+            let e: heapless::Vec<u32, 4> = cells(entry).collect();
             host.iommu_map
                 .push(IommuMapEntry {
                     rid_base: e[0],
@@ -276,6 +309,13 @@ pub fn pcie(fdt: &Fdt) -> Result<PcieHost, DtError> {
                 })
                 .map_err(|_| DtError::Malformed("iommu-map (too many ranges)"))?;
         }
+    }
+    if let Some(mask) = node.property("iommu-map-mask") {
+        // One cell.
+        if mask.value.len() != 4 {
+            return Err(DtError::Malformed("iommu-map-mask"));
+        }
+        host.iommu_map_mask = cells(mask.value).next();
     }
     Ok(host)
 }

@@ -194,6 +194,9 @@ pub fn run<B: Board>(board: &B) -> ! {
             e.sid_base
         );
     }
+    if let Some(mask) = platform.pcie.iommu_map_mask {
+        println!("  iommu-map-mask: {mask:#x}");
+    }
 
     // Free RAM: from the end of the image, and of the second image slot a hand-off test loads another image in
     // (see the board's linker script), to the end of the bank that holds it.
@@ -288,7 +291,7 @@ pub fn run<B: Board>(board: &B) -> ! {
     let ecam = unsafe { pci::Ecam::new(&platform.pcie) };
     let functions = pci::enumerate(&ecam, &platform.pcie).unwrap_or_else(|e| fatal("PCI", &e));
     for f in &functions {
-        let sid = platform.pcie.iommu_map.stream_id(f.bdf.requester_id());
+        let sid = platform.pcie.stream_id(f.bdf.requester_id());
         print!(
             "PCI {} {:04x}:{:04x} class {:06x} SID {:?}",
             f.bdf,

@@ -9,6 +9,7 @@
 use core::fmt;
 
 use crate::dt::{PciWindow, PcieHost, WindowKind};
+use crate::time;
 
 /// Configuration space offsets (PCI Local Bus 3.0, type 0 header).
 mod cfg {
@@ -17,6 +18,15 @@ mod cfg {
     pub const CLASS_REVISION: usize = 0x08;
     pub const HEADER_TYPE_DWORD: usize = 0x0c;
     pub const BAR0: usize = 0x10;
+    /// Status register (upper half of the COMMAND dword) bit 4: the function has a capability list.
+    pub const STATUS_CAPABILITIES: u32 = 1 << (16 + 4);
+    /// Offset of the capability list's first entry.
+    pub const CAPABILITIES_POINTER: usize = 0x34;
+    /// Capability ID of the PCI Express capability.
+    pub const CAP_ID_PCIE: u32 = 0x10;
+    /// PCI Express capability, Device/Port Type: Root Port, Downstream Port of a switch, PCI/PCI-X to PCIe
+    /// bridge: ports whose secondary side is a PCIe link, with only device 0 on it.
+    pub const PORT_TYPES_WITH_ONE_DEVICE: [u32; 3] = [0x4, 0x6, 0x8];
     pub const COMMAND_MEMORY: u32 = 1 << 1;
     pub const COMMAND_BUS_MASTER: u32 = 1 << 2;
     /// Type 1 header: primary, secondary, subordinate bus numbers and the secondary latency timer.
@@ -178,10 +188,78 @@ impl Ecam {
         self.write(bdf, cfg::COMMAND, command | bits);
     }
 
+    /// The vendor and device ID dword of the function at `bdf`, or `None` when no function is there: vendor 0xffff
+    /// (all-ones, the answer to a request nothing claims) or 0x0000 (no valid vendor, what some hosts return
+    /// instead). A function still coming out of reset may answer the vendor ID read with 0x0001, Configuration
+    /// Request Retry Status (when earlier firmware enabled CRS Software Visibility in its root port): it is asked
+    /// again for up to the 1 s a function may take to become ready (PCIe base spec 6.6.1), and then counted absent.
+    fn probe(&self, bdf: Bdf) -> Option<u32> {
+        let mut id = self.read(bdf, cfg::VENDOR_DEVICE);
+        if id & 0xffff == 0x0001 {
+            let deadline = time::deadline_us(1_000_000);
+            while id & 0xffff == 0x0001 && !time::expired(deadline) {
+                core::hint::spin_loop();
+                id = self.read(bdf, cfg::VENDOR_DEVICE);
+            }
+        }
+        match id & 0xffff {
+            0xffff | 0x0000 | 0x0001 => None,
+            _ => Some(id),
+        }
+    }
+
+    /// The Device/Port Type of the function's PCI Express capability (PCIe base spec 7.5.3.2), or `None` for a
+    /// conventional PCI function.
+    fn pcie_port_type(&self, bdf: Bdf) -> Option<u32> {
+        if self.read(bdf, cfg::COMMAND) & cfg::STATUS_CAPABILITIES == 0 {
+            return None;
+        }
+        let mut next = self.read(bdf, cfg::CAPABILITIES_POINTER) & 0xfc;
+        // Bounded: at most 48 capabilities fit in the 192 bytes after the header, a malformed list may loop.
+        for _ in 0..48 {
+            if next < 0x40 {
+                return None;
+            }
+            let header = self.read(bdf, next as usize);
+            if header & 0xff == cfg::CAP_ID_PCIE {
+                return Some((header >> 20) & 0xf);
+            }
+            next = (header >> 8) & 0xfc;
+        }
+        None
+    }
+
     /// Enables memory decoding and bus mastering (so the function may DMA).
     pub fn enable_memory_and_bus_master(&self, bdf: Bdf) {
         self.enable(bdf, cfg::COMMAND_MEMORY | cfg::COMMAND_BUS_MASTER);
     }
+}
+
+/// Calls `visit` with the location, vendor and device ID dword, and header type of every function on devices
+/// `0..devices` of `bus`, in order; functions 1 to 7 only of a multi-function device (header type bit 7).
+fn each_function(
+    ecam: &Ecam,
+    bus: u8,
+    devices: u8,
+    mut visit: impl FnMut(Bdf, u32, u32) -> Result<(), PciError>,
+) -> Result<(), PciError> {
+    for device in 0..devices {
+        for function in 0..8u8 {
+            let bdf = Bdf { bus, device, function };
+            let Some(id) = ecam.probe(bdf) else {
+                if function == 0 {
+                    break;
+                }
+                continue;
+            };
+            let header = (ecam.read(bdf, cfg::HEADER_TYPE_DWORD) >> 16) & 0xff;
+            visit(bdf, id, header)?;
+            if function == 0 && header & 0x80 == 0 {
+                break;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Bump allocator over one window.
@@ -235,8 +313,11 @@ struct Enumeration<'a> {
     /// Non-prefetchable BARs, and 32-bit prefetchable ones, come from the 32-bit window.
     mem32: Option<WindowAllocator>,
     /// 64-bit prefetchable BARs come from the first [`MEM64_MAPPED`] bytes of the 64-bit window (or the 32-bit
-    /// window when the host has none).
+    /// window when the host has none, or a bridge above them no 64-bit prefetchable window).
     mem64: Option<WindowAllocator>,
+    /// Whether every bridge above the bus being scanned has a 64-bit prefetchable window, so that a BAR there may
+    /// be given a [`Self::mem64`] address: a bridge with a 32-bit prefetchable window, or none, cannot forward it.
+    mem64_reachable: bool,
     found: Functions,
 }
 
@@ -258,55 +339,53 @@ pub fn enumerate(ecam: &Ecam, host: &PcieHost) -> Result<Functions, PciError> {
         next_bus: host.bus_range.0,
         mem32: window(WindowKind::Mem32).map(|w| WindowAllocator::new(w, u64::MAX)),
         mem64: window(WindowKind::Mem64).map(|w| WindowAllocator::new(w, MEM64_MAPPED)),
+        mem64_reachable: true,
         found: Functions::new(),
     };
-    e.scan_bus(host.bus_range.0)?;
+    e.scan_bus(host.bus_range.0, 32)?;
     Ok(e.found)
 }
 
 impl Enumeration<'_> {
-    fn scan_bus(&mut self, bus: u8) -> Result<(), PciError> {
+    /// Scans devices `0..devices` of `bus`: all 32 on the root bus and behind conventional bridges and switch
+    /// upstream ports, only device 0 on the link behind a PCIe downstream port.
+    fn scan_bus(&mut self, bus: u8, devices: u8) -> Result<(), PciError> {
         let ecam = self.ecam;
-        for device in 0..32u8 {
-            for function in 0..8u8 {
-                let bdf = Bdf { bus, device, function };
-                let id = ecam.read(bdf, cfg::VENDOR_DEVICE);
-                if id & 0xffff == 0xffff {
-                    if function == 0 {
-                        break;
-                    }
-                    continue;
-                }
-                let header = (ecam.read(bdf, cfg::HEADER_TYPE_DWORD) >> 16) & 0xff;
-                let mut f = Function {
-                    bdf,
-                    vendor: id as u16,
-                    device: (id >> 16) as u16,
-                    class_revision: ecam.read(bdf, cfg::CLASS_REVISION),
-                    bars: [None; 6],
-                    bridge: None,
-                };
-                match header & 0x7f {
-                    0 => self.assign_bars(&mut f, 6)?,
-                    1 => {
-                        self.assign_bars(&mut f, 2)?;
-                        f.bridge = Some(self.configure_bridge(bdf)?);
-                    }
-                    _ => {}
-                }
-                // What lies behind a bridge was found while configuring it: list the bridge before it.
-                let behind = |g: &Function| {
-                    f.bridge
-                        .is_some_and(|b| (b.secondary..=b.subordinate).contains(&g.bdf.bus))
-                };
-                let position = self.found.iter().position(behind).unwrap_or(self.found.len());
-                self.found.insert(position, f).map_err(|_| PciError::TooManyFunctions)?;
-                if function == 0 && header & 0x80 == 0 {
-                    break;
-                }
+        // Bridges here may still carry bus numbers from earlier firmware that overlap those given below: a
+        // sibling not yet renumbered would claim configuration requests meant for buses behind the first. Stop
+        // them all forwarding before any is scanned behind (Linux's first pass does the same).
+        each_function(ecam, bus, devices, |bdf, _, header| {
+            if header & 0x7f == 1 {
+                let numbers = ecam.read(bdf, cfg::BUS_NUMBERS);
+                ecam.write(bdf, cfg::BUS_NUMBERS, numbers & 0xff00_0000);
             }
-        }
-        Ok(())
+            Ok(())
+        })?;
+        each_function(ecam, bus, devices, |bdf, id, header| {
+            let mut f = Function {
+                bdf,
+                vendor: id as u16,
+                device: (id >> 16) as u16,
+                class_revision: ecam.read(bdf, cfg::CLASS_REVISION),
+                bars: [None; 6],
+                bridge: None,
+            };
+            match header & 0x7f {
+                0 => self.assign_bars(&mut f, 6)?,
+                1 => {
+                    self.assign_bars(&mut f, 2)?;
+                    f.bridge = Some(self.configure_bridge(bdf)?);
+                }
+                _ => {}
+            }
+            // What lies behind a bridge was found while configuring it: list the bridge before it.
+            let behind = |g: &Function| {
+                f.bridge
+                    .is_some_and(|b| (b.secondary..=b.subordinate).contains(&g.bdf.bus))
+            };
+            let position = self.found.iter().position(behind).unwrap_or(self.found.len());
+            self.found.insert(position, f).map_err(|_| PciError::TooManyFunctions)
+        })
     }
 
     /// Numbers the bridge's buses, scans behind it, and opens its windows over what was assigned there.
@@ -324,8 +403,26 @@ impl Enumeration<'_> {
         let numbers = |subordinate: u8| u32::from(bdf.bus) | u32::from(secondary) << 8 | u32::from(subordinate) << 16;
         ecam.write(bdf, cfg::BUS_NUMBERS, numbers(self.last_bus));
         let memory_start = self.mem32.as_mut().map(WindowAllocator::align_for_bridge);
-        let prefetch_start = self.mem64.as_mut().map(WindowAllocator::align_for_bridge);
-        self.scan_bus(secondary)?;
+        // Bits [3:0] of the prefetchable base are read-only, 0001b for a 64-bit window; 0000b means a 32-bit one,
+        // and the whole register reads 0 when the bridge has no prefetchable window (PCI-to-PCI Bridge
+        // Architecture spec). Below such a bridge, 64-bit prefetchable BARs take 32-bit addresses in its memory
+        // window instead.
+        let prefetch64 = ecam.read(bdf, cfg::PREFETCH_BASE_LIMIT) & 0xf == 0x1;
+        let outer_reachable = self.mem64_reachable;
+        self.mem64_reachable &= prefetch64;
+        let prefetch_start = match self.mem64.as_mut() {
+            Some(a) if self.mem64_reachable => Some(a.align_for_bridge()),
+            _ => None,
+        };
+        // A PCIe link carries only device 0: a host whose ports do not filter Type 0 configuration requests by
+        // device number shows that device at all 32 numbers, and each copy would get its BARs again (Linux's
+        // `only_one_child`). Functions beyond 7 of an ARI device stay hidden: ARI forwarding is not enabled.
+        let devices = match ecam.pcie_port_type(bdf) {
+            Some(t) if cfg::PORT_TYPES_WITH_ONE_DEVICE.contains(&t) => 1,
+            _ => 32,
+        };
+        self.scan_bus(secondary, devices)?;
+        self.mem64_reachable = outer_reachable;
         let subordinate = self.next_bus;
         ecam.write(bdf, cfg::BUS_NUMBERS, numbers(subordinate));
         // I/O forwarding off (base above limit).
@@ -390,6 +487,12 @@ impl Enumeration<'_> {
                 continue;
             }
             let is64 = (original >> 1) & 0x3 == 0x2;
+            if is64 && index + 1 == count {
+                // A 64-bit BAR in the last slot (BAR5, a bridge's BAR1) has no upper half: sizing one would write
+                // all-ones to the register after the BARs (a bridge's bus numbers). Malformed: left alone.
+                index += 1;
+                continue;
+            }
             let prefetchable = original & 0x8 != 0;
             ecam.write(bdf, offset, 0xffff_ffff);
             let mut mask = u64::from(ecam.read(bdf, offset) & !0xf);
@@ -405,7 +508,7 @@ impl Enumeration<'_> {
                 continue;
             }
             let size = (!mask).wrapping_add(1);
-            let allocator = if is64 && prefetchable && self.mem64.is_some() {
+            let allocator = if is64 && prefetchable && self.mem64_reachable && self.mem64.is_some() {
                 self.mem64.as_mut()
             } else {
                 self.mem32.as_mut()

@@ -333,7 +333,7 @@ fn edu_ident(context: &mut Context) -> Result<(), Failure> {
     for f in edu_functions(context) {
         let edu = open_edu(context, f)?;
         let rid = edu.bdf().requester_id();
-        let Some(sid) = context.platform.pcie.iommu_map.stream_id(rid) else {
+        let Some(sid) = context.platform.pcie.stream_id(rid) else {
             fail!(
                 "edu at {}: requester ID {rid:#x} has no StreamID in the iommu-map",
                 edu.bdf()

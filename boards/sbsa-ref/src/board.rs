@@ -110,6 +110,7 @@ impl Board for SbsaRef {
                 bus_range: (0, 255),
                 windows,
                 iommu_map,
+                iommu_map_mask: None,
             }),
             gic: Some(Gic {
                 distributor: Region {

@@ -213,7 +213,7 @@ pub(super) fn expect_quiet(session: &mut Session, what: &str) -> Result<(), Fail
 pub(super) fn edu_stream(context: &Context) -> Result<(Edu, u32), Failure> {
     let edu = find_edu(context)?;
     let rid = edu.bdf().requester_id();
-    let Some(sid) = context.platform.pcie.iommu_map.stream_id(rid) else {
+    let Some(sid) = context.platform.pcie.stream_id(rid) else {
         fail!(
             "edu {} (requester ID {rid:#x}) is not behind the SMMU (iommu-map)",
             edu.bdf()
@@ -242,7 +242,7 @@ pub fn init(context: &mut Context) -> Result<(), Failure> {
             f.stream_table_two_level
         )
     }
-    let sid = context.platform.pcie.iommu_map.stream_id(0x10).unwrap_or(0x10);
+    let sid = context.platform.pcie.stream_id(0x10).unwrap_or(0x10);
     let first = s.attach_abort(sid).or_else(|e| fail!("attach_abort({sid:#x}): {e}"))?;
     println!(
         "  attach_abort({sid:#x}): {:?}, {} sync(s), new level-2 span: {}",

@@ -562,7 +562,7 @@ pub fn isolation(context: &mut Context) -> Result<(), Failure> {
     let mut devices: heapless::Vec<(Edu, u32), 2> = heapless::Vec::new();
     for f in edus {
         let edu = open_edu(context, f)?;
-        let Some(sid) = context.platform.pcie.iommu_map.stream_id(edu.bdf().requester_id()) else {
+        let Some(sid) = context.platform.pcie.stream_id(edu.bdf().requester_id()) else {
             fail!("edu {} is not behind the SMMU", edu.bdf())
         };
         let _ = devices.push((edu, sid));

@@ -129,7 +129,7 @@ pub fn virtio_dma(context: &mut Context) -> Result<(), Failure> {
     let function = *block_function(context)?;
     let bdf = function.bdf;
     let rid = bdf.requester_id();
-    let Some(sid) = context.platform.pcie.iommu_map.stream_id(rid) else {
+    let Some(sid) = context.platform.pcie.stream_id(rid) else {
         fail!("virtio-blk {bdf} (requester ID {rid:#x}) is not behind the SMMU (iommu-map)")
     };
     let mut s = start(context, &InitOptions::default())?;
