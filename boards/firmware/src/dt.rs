@@ -192,14 +192,33 @@ pub fn console(fdt: &Fdt) -> Result<Region, DtError> {
     first_reg(&node).ok_or(DtError::Missing("PL011 reg"))
 }
 
-/// The `arm,smmu-v3` node: registers, interrupts by name, coherency.
+/// The SMMUv3 the scenarios drive: the one the PCIe host's `iommu-map` names (its first entry's phandle), where
+/// the tree has several; else the tree's first `arm,smmu-v3` node.
+fn smmu_node<'b, 'a>(fdt: &'b Fdt<'a>) -> Option<FdtNode<'b, 'a>> {
+    let named = fdt
+        .find_compatible(&["pci-host-ecam-generic"])
+        .and_then(|host| host.property("iommu-map"))
+        .and_then(|map| cells(map.value).nth(1))
+        .and_then(|phandle| fdt.find_phandle(phandle))
+        .filter(|node| {
+            node.compatible()
+                .is_some_and(|c| c.all().any(|name| name == "arm,smmu-v3"))
+        });
+    named.or_else(|| fdt.find_compatible(&["arm,smmu-v3"]))
+}
+
+/// The phandle of [`smmu_node`], when the node has one.
+fn smmu_phandle(fdt: &Fdt) -> Option<u32> {
+    smmu_node(fdt)?.property("phandle").and_then(|p| cells(p.value).next())
+}
+
+/// The `arm,smmu-v3` node (the PCIe host's, where the tree has several): registers, interrupts by name,
+/// coherency.
 ///
 /// # Errors
 /// [`DtError::Missing`] when the tree describes no SMMUv3.
 pub fn smmu(fdt: &Fdt) -> Result<SmmuDescription, DtError> {
-    let node = fdt
-        .find_compatible(&["arm,smmu-v3"])
-        .ok_or(DtError::Missing("arm,smmu-v3 node"))?;
+    let node = smmu_node(fdt).ok_or(DtError::Missing("arm,smmu-v3 node"))?;
     let reg = first_reg(&node).ok_or(DtError::Missing("SMMU reg"))?;
     let mut interrupts = SmmuInterrupts::default();
     let cells_per_irq = node.interrupt_parent().and_then(|p| p.interrupt_cells()).unwrap_or(3);
@@ -230,7 +249,8 @@ pub fn smmu(fdt: &Fdt) -> Result<SmmuDescription, DtError> {
     })
 }
 
-/// The `pci-host-ecam-generic` node: ECAM, bus range, windows, `iommu-map` and `iommu-map-mask`.
+/// The `pci-host-ecam-generic` node: ECAM, bus range, windows, `iommu-map` (its entries for the SMMU [`smmu`]
+/// picks) and `iommu-map-mask`.
 ///
 /// # Errors
 /// [`DtError::Missing`] without such a node, [`DtError::Malformed`] for a `bus-range`, `ranges`, `iommu-map` or
@@ -299,8 +319,14 @@ pub fn pcie(fdt: &Fdt) -> Result<PcieHost, DtError> {
         if !map.value.len().is_multiple_of(16) {
             return Err(DtError::Malformed("iommu-map"));
         }
+        // Entries are <rid-base iommu-phandle sid-base length> (#iommu-cells = 1): those naming another IOMMU
+        // give no StreamID of this SMMU.
+        let ours = smmu_phandle(fdt);
         for entry in map.value.chunks_exact(16) {
             let e: heapless::Vec<u32, 4> = cells(entry).collect();
+            if ours.is_some_and(|phandle| phandle != e[1]) {
+                continue;
+            }
             host.iommu_map
                 .push(IommuMapEntry {
                     rid_base: e[0],
