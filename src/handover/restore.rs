@@ -859,21 +859,22 @@ mod tests {
         model.smmu().init(frames, &InitOptions::default()).unwrap()
     }
 
+    /// A stage-1 domain (39-bit input, EL1&0 regime) in a fresh handover arena.
+    fn arena_stage1(smmu: &mut ActiveSmmu<&'static HeapFrames>, pool: &'static HandoverPool) -> DomainId {
+        let options = Stage1Options {
+            input_bits: 39,
+            el2: false,
+        };
+        smmu.create_stage1(pool.take_arena().unwrap(), options).unwrap()
+    }
+
     /// The first image: a stage-1 domain (stream 0x10), a stage-2 parent with a nested domain (stream 0x18), a
     /// stage-1 domain preserved and then unpreserved, and one preserved but never retrieved (stream 0x20).
     fn first_image(region: &mut Region, frames: &'static HeapFrames) {
         let model = Model::start(frames);
         let mut smmu = boot(&model, frames);
         let pool = region.pool();
-        let s1 = smmu
-            .create_stage1(
-                pool.take_arena().unwrap(),
-                Stage1Options {
-                    input_bits: 39,
-                    el2: false,
-                },
-            )
-            .unwrap();
+        let s1 = arena_stage1(&mut smmu, pool);
         smmu.map(s1, 0x1000, 0x8000_0000, 0x2000, RW).unwrap();
         smmu.map(s1, 0x4000_0000, 0x9000_0000, 0x20_0000, RW).unwrap();
         smmu.attach(s1, 0x10).unwrap();
@@ -1311,15 +1312,7 @@ mod tests {
             let parent = smmu
                 .create_stage2(pool.take_arena().unwrap(), Stage2Options { input_bits: 40 })
                 .unwrap();
-            let d = smmu
-                .create_stage1(
-                    pool.take_arena().unwrap(),
-                    Stage1Options {
-                        input_bits: 39,
-                        el2: false,
-                    },
-                )
-                .unwrap();
+            let d = arena_stage1(&mut smmu, pool);
             smmu.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
             smmu.attach(d, 0x10).unwrap();
             // The stage-2 record first: it is rebuilt before the stage-1 one fails.
@@ -1426,15 +1419,7 @@ mod tests {
         let model = Model::start(frames);
         let mut smmu = boot(&model, frames);
         let pool = region.pool();
-        let d = smmu
-            .create_stage1(
-                pool.take_arena().unwrap(),
-                Stage1Options {
-                    input_bits: 39,
-                    el2: false,
-                },
-            )
-            .unwrap();
+        let d = arena_stage1(&mut smmu, pool);
         smmu.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
         let parent = smmu
             .create_stage2(pool.take_arena().unwrap(), Stage2Options { input_bits: 40 })
