@@ -107,17 +107,45 @@ impl IdentityMap {
         )
     }
 
-    /// Switches TTBR0_EL2 to this map and invalidates the EL2 TLB.
+    /// Switches TTBR0_EL2 to this map and invalidates the EL2 TLB, with the MMU off for the switch.
+    ///
+    /// The boot map and this one translate the same addresses differently (1 GiB blocks there, pages and smaller
+    /// blocks with other permissions here). Changing TTBR0_EL2 with the MMU on would let the TLB hold entries of
+    /// both maps for one address until the TLBI completes, a break-before-make violation the Arm ARM allows to end
+    /// in a TLB conflict abort or an unpredictable translation. So, as pKVM does when it replaces its EL2 tables:
+    /// MMU off (the code runs identity-mapped, so it keeps fetching the same instructions), new TTBR0_EL2, TLBI
+    /// ALLE2, MMU on again. Nothing between the two SCTLR_EL2 writes touches memory, so no access sees the
+    /// non-cacheable view of RAM the MMU-off state gives.
     ///
     /// # Safety
     /// The map must cover everything the program touches (image, stack, console, devices) with attributes that
     /// keep Rust's aliasing guarantees, and it must outlive its use: keep it alive for the rest of the run (the
     /// firmware's `main` never returns, so a local there does).
     pub unsafe fn activate(&self) {
-        // SAFETY: the caller guarantees coverage and lifetime. The TLBI drops entries of the boot map.
+        let root = self.mapping.root_address().0;
+        // What `Mapping::activate` would record: later changes to the map then follow break-before-make.
+        self.mapping.mark_active();
+        // SAFETY: the caller guarantees coverage and lifetime. The DSB makes the table writes (cacheable, like the
+        // table walks TCR_EL2 asks for) complete before any walk of the new map; SCTLR_EL2 is restored as it was.
         unsafe {
-            self.mapping.activate();
-            core::arch::asm!("tlbi alle2", "dsb ish", "isb", options(nostack, preserves_flags));
+            core::arch::asm!(
+                "dsb ish",
+                "mrs {sctlr}, sctlr_el2",
+                "bic {off}, {sctlr}, #1",
+                "msr sctlr_el2, {off}",
+                "isb",
+                "msr ttbr0_el2, {root}",
+                "isb",
+                "tlbi alle2",
+                "dsb ish",
+                "isb",
+                "msr sctlr_el2, {sctlr}",
+                "isb",
+                root = in(reg) root,
+                sctlr = out(reg) _,
+                off = out(reg) _,
+                options(nostack, preserves_flags),
+            );
         }
     }
 }
