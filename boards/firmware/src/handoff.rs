@@ -1,11 +1,11 @@
 //! Hand-off to a new image without a reset, with the SMMU left translating: either a genuinely separate binary (the
-//! same firmware linked into the second image slot, loaded beside this one with `-device loader`; the board's
-//! linker script names the slots) or, without one, this binary entered again at aarch64-rt's `entry`. Interrupts
-//! masked; this image, the handover region and the new image's slot cleaned and invalidated from the caches by
-//! address; then the MMU and data cache off, the EL2 TLB and instruction cache invalidated, and a branch to the
-//! new image's first byte, its EL2 entry (which turns the MMU on with its own boot map, zeroes its `.bss` and
-//! starts). Entered again, this binary's `.data` keeps its values, so a new image relies only on `.bss` and the
-//! handover region; the separate binary proves it, as it shares no address with this one.
+//! same firmware linked into the second image slot, loaded beside this one with `-device loader`; the board's linker
+//! script names the slots) or, without one, this binary entered again at aarch64-rt's `entry`. Interrupts masked; this
+//! image, the handover region and the new image's slot cleaned and invalidated from the caches by address; then the MMU
+//! and data cache off, this image (its stack) cleaned and invalidated once more, the EL2 TLB and instruction cache
+//! invalidated, and a branch to the new image's first byte, its EL2 entry (which turns the MMU on with its own boot
+//! map, zeroes its `.bss` and starts). Entered again, this binary's `.data` keeps its values, so a new image relies
+//! only on `.bss` and the handover region; the separate binary proves it, as it shares no address with this one.
 
 use crate::println;
 
@@ -101,6 +101,11 @@ pub fn hand_off(next: NextImage) -> ! {
     }
     // SAFETY: the code runs from identity-mapped memory, so turning the MMU off keeps fetching the same
     // instructions; nothing below touches the stack or memory until the new image's entry, which starts afresh.
+    // The compiler's code between the cleans above and this block may still have written the stack (spills, the
+    // epilogue of a call), leaving dirty lines that a later eviction would write over whatever the new image
+    // stores there with its MMU off. So, once the MMU and data cache are off (no data access allocates a line
+    // any more), the image, which holds the stack, `.data` and `.bss`, is cleaned and invalidated again by
+    // address, as TF-A does for its stack on power-down.
     unsafe {
         core::arch::asm!(
             "mrs x9, sctlr_el2",
@@ -108,6 +113,21 @@ pub fn hand_off(next: NextImage) -> ! {
             "bic x9, x9, #(1 << 2)",
             "msr sctlr_el2, x9",
             "isb",
+            // Line size: 4 << CTR_EL0.DminLine bytes.
+            "mrs x9, ctr_el0",
+            "ubfx x9, x9, #16, #4",
+            "mov x13, #4",
+            "lsl x9, x13, x9",
+            "sub x13, x9, #1",
+            "bic x11, x11, x13",
+            "0:",
+            "cmp x11, x12",
+            "b.hs 1f",
+            "dc civac, x11",
+            "add x11, x11, x9",
+            "b 0b",
+            "1:",
+            "dsb sy",
             "tlbi alle2",
             "dsb sy",
             "ic iallu",
@@ -115,6 +135,8 @@ pub fn hand_off(next: NextImage) -> ! {
             "isb",
             "br x10",
             in("x10") target,
+            in("x11") image_start,
+            in("x12") image_end,
             options(noreturn)
         )
     }
