@@ -611,6 +611,21 @@ impl<const D: usize> Domains<D> {
         self.streams.iter().position(|r| r.sid == sid)
     }
 
+    /// Files `event` in the report of the domain its (stream, substream) is attached to now, or the SMMU-wide one.
+    fn file(&mut self, event: &Event) {
+        match Fault::of(event) {
+            Some(fault) => match self.route(fault.stream, fault.substream) {
+                Some(id) => match self.get_mut(id) {
+                    Ok(state) => state.faults.push(fault),
+                    Err(_) => self.unattached_faults.push(fault),
+                },
+                None => self.unattached_faults.push(fault),
+            },
+            // Records without a StreamID (IMPLEMENTATION DEFINED ones) are only counted.
+            None => self.unattached_faults.lost = self.unattached_faults.lost.saturating_add(1),
+        }
+    }
+
     /// The domain a fault of (sid, ssid) belongs to.
     fn route(&self, sid: u32, ssid: Option<u32>) -> Option<DomainId> {
         let record = &self.streams[self.stream(sid)?];
@@ -1208,6 +1223,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         self.unfrozen(self.domains.streams[index].substreams[position].1)?;
         // The CD invalid and invalidated first: until then the substream stays recorded.
         self.write_stream_cd(index, ssid, &Cd::invalid())?;
+        self.file_queued_faults();
         let (_, domain) = self.domains.streams[index].substreams.swap_remove(position);
         if let Ok(state) = self.domains.get_mut(domain) {
             state.attachments.retain(|a| *a != (sid, ssid));
@@ -1217,7 +1233,8 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
 
     /// Detaches stream `sid` from its domain: its substreams' CDs are cleared, its STE made to abort (CFGI_STE +
     /// CMD_SYNC), its CD table's cached CDs invalidated (CFGI_CD_ALL + CMD_SYNC) before the table is freed. When the
-    /// domain has no attachment left, its TLB entries are dropped too.
+    /// domain has no attachment left, its TLB entries are dropped too. Records already in the event queue are filed
+    /// (in the domain the stream was attached to) before the stream is forgotten.
     ///
     /// # Errors
     /// [`DomainError::NotAttached`], [`DomainError::HandoverPrepared`] when the stream's domain (or a substream's)
@@ -1245,6 +1262,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             batch.push(&Command::CfgiCdAll { sid })?;
             self.submit(&batch)?;
         }
+        self.file_queued_faults();
         let record = self.domains.streams.swap_remove(index);
         let domain = record.domain;
         let memory = self.domains.get(domain).map(|s| s.memory).ok();
@@ -1257,6 +1275,26 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             unsafe { table.free(&memory) };
         }
         self.after_last_detach(domain)
+    }
+
+    /// Files the records already in the event queue while their stream's routing still says whose they are: called
+    /// by a detach once the STE (or CD) no longer translates for the old domain and that was synced, before the
+    /// routing record goes, so that a fault taken before the detach is not filed under nobody, or under the domain
+    /// the stream is attached to next. One bounded drain holds every record the queue can (a queue's worth); an
+    /// overflow it sees is kept for the next [`ActiveSmmu::drain_faults`] / [`ActiveSmmu::drain_events`]. The
+    /// records are not handed to a `drain_faults` callback.
+    fn file_queued_faults(&mut self) {
+        let ActiveSmmu {
+            smmu,
+            evtq,
+            domains,
+            pending_overflow,
+            ..
+        } = self;
+        let report = evtq.drain(smmu.page1_regs(), |event| domains.file(&event));
+        if report.overflow.is_some() && pending_overflow.is_none() {
+            *pending_overflow = report.overflow;
+        }
     }
 
     /// When `domain` has no attachment left, drops its TLB entries (its IDs stay allocated until `free`).
@@ -1719,17 +1757,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             } = self;
             let mut report = evtq.drain(smmu.page1_regs(), |event| {
                 also(&event);
-                match Fault::of(&event) {
-                    Some(fault) => match domains.route(fault.stream, fault.substream) {
-                        Some(id) => match domains.get_mut(id) {
-                            Ok(state) => state.faults.push(fault),
-                            Err(_) => domains.unattached_faults.push(fault),
-                        },
-                        None => domains.unattached_faults.push(fault),
-                    },
-                    // Records without a StreamID (IMPLEMENTATION DEFINED ones) are only counted.
-                    None => domains.unattached_faults.lost = domains.unattached_faults.lost.saturating_add(1),
-                }
+                domains.file(&event);
             });
             if report.overflow.is_none() {
                 report.overflow = pending_overflow.take();
@@ -2261,6 +2289,39 @@ mod tests {
         smmu.drain_faults(|_| {}).unwrap();
         assert_eq!(smmu.domain_faults(a).unwrap().total(), 0);
         assert_eq!(smmu.clear_unattached_faults().total(), 2);
+    }
+
+    #[test]
+    fn faults_taken_before_a_detach_stay_with_the_domain_they_were_taken_in() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = smmu(&model, frames);
+        let a = s1(&mut smmu, frames);
+        let b = s1(&mut smmu, frames);
+        smmu.attach(a, SID).unwrap();
+        // Taken while the stream was a's, not drained before it moved to b.
+        inject(&model, &smmu, frames, &[fault(SID, None, 0xa000, true)]);
+        smmu.detach(SID).unwrap();
+        smmu.attach(b, SID).unwrap();
+        smmu.drain_faults(|_| {}).unwrap();
+        assert_eq!(
+            smmu.domain_faults(b).unwrap().total(),
+            0,
+            "b never owned the stream when the fault was taken"
+        );
+        assert_eq!(smmu.domain_faults(a).unwrap().faults[0].address, Some(0xa000));
+        // The same for a substream.
+        let model2 = Model::start_with_idrs(frames, IDRS[0].1, IDRS[1].1 | 5 << 6);
+        let mut smmu2 = model2.smmu().init(frames, &InitOptions::default()).unwrap();
+        let (w, x, y) = (s1(&mut smmu2, frames), s1(&mut smmu2, frames), s1(&mut smmu2, frames));
+        smmu2.attach(w, SID).unwrap();
+        smmu2.attach_substream(x, SID, 3).unwrap();
+        inject(&model2, &smmu2, frames, &[fault(SID, Some(3), 0x3000, false)]);
+        smmu2.detach_substream(SID, 3).unwrap();
+        smmu2.attach_substream(y, SID, 3).unwrap();
+        smmu2.drain_faults(|_| {}).unwrap();
+        assert_eq!(smmu2.domain_faults(y).unwrap().total(), 0);
+        assert_eq!(smmu2.domain_faults(x).unwrap().total(), 1);
     }
 
     #[test]
