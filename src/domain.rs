@@ -231,9 +231,9 @@ impl FaultReport {
         }
     }
 
-    /// Faults seen in all (kept and lost).
+    /// Faults seen in all (kept and lost), saturating at `u32::MAX` as [`FaultReport::lost`] does.
     pub fn total(&self) -> u32 {
-        self.faults.len() as u32 + self.lost
+        (self.faults.len() as u32).saturating_add(self.lost)
     }
 
     /// Faults of `kind` among those kept.
@@ -2289,6 +2289,20 @@ mod tests {
         smmu.drain_faults(|_| {}).unwrap();
         assert_eq!(smmu.domain_faults(a).unwrap().total(), 0);
         assert_eq!(smmu.clear_unattached_faults().total(), 2);
+    }
+
+    #[test]
+    fn a_full_report_with_a_saturated_lost_count_totals_without_overflowing() {
+        let mut report = FaultReport::default();
+        let f = Fault::of(&Event::decode(&fault(SID, None, 0, true))).unwrap();
+        for _ in 0..FAULT_REPORT_CAPACITY {
+            report.push(f);
+        }
+        report.lost = u32::MAX - 1;
+        report.push(f);
+        report.push(f);
+        assert_eq!(report.lost, u32::MAX, "saturated");
+        assert_eq!(report.total(), u32::MAX);
     }
 
     #[test]
