@@ -1759,9 +1759,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 also(&event);
                 domains.file(&event);
             });
-            if report.overflow.is_none() {
-                report.overflow = pending_overflow.take();
-            }
+            // Taken whether or not OVFLG said so too: left behind, it would report a loss again on a later drain.
+            let pending = pending_overflow.take();
+            report.overflow = report.overflow.or(pending);
             total.events += report.events;
             total.overflow = total.overflow.or(report.overflow);
             if !report.pending {
@@ -2303,6 +2303,28 @@ mod tests {
         report.push(f);
         assert_eq!(report.lost, u32::MAX, "saturated");
         assert_eq!(report.total(), u32::MAX);
+    }
+
+    #[test]
+    fn an_overflow_signalled_both_ways_is_reported_by_one_drain_only() {
+        use crate::hw::event::GlobalErrors;
+        use crate::queue::evtq::Overflow;
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = smmu(&model, frames);
+        // The SMMU toggles EVENTQ_PROD.OVFLG and also raises GERROR.EVENTQ_ABT_ERR for the same loss.
+        let prod = reg32(model.base, 0x1_00a8);
+        // SAFETY: the model's live register block.
+        unsafe {
+            prod.write_volatile(prod.read_volatile() ^ 1 << 31);
+            reg32(model.base, 0x60).write_volatile(GlobalErrors::EVENTQ_ABT_ERR.bits());
+        }
+        assert!(smmu.drain_faults(|_| {}).unwrap().overflow.is_some());
+        assert_eq!(
+            smmu.drain_faults(|_| {}).unwrap().overflow,
+            None::<Overflow>,
+            "nothing was lost since the last drain"
+        );
     }
 
     #[test]
