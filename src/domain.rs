@@ -181,6 +181,11 @@ pub struct Fault {
     pub address: Option<u64>,
     /// The stage that faulted, for translation faults.
     pub stage: Option<FaultStage>,
+    /// The IPA of a stage-2 fault (translation faults and TLB conflicts with S2 set): what the stage-2 table lacks
+    /// or refused. For a nested domain's stage-1 walk that faulted at stage 2 this is the CD's or the stage-1
+    /// descriptor's IPA (or the transaction's), where [`Fault::address`] is the guest's VA. `None` for stage 1,
+    /// where the record leaves it UNKNOWN.
+    pub ipa: Option<u64>,
     /// A write (false: a read), for translation faults.
     pub write: Option<bool>,
 }
@@ -194,6 +199,7 @@ impl Fault {
             substream: event.substream_id(),
             address: event.address(),
             stage: t.map(|t| t.stage),
+            ipa: event.ipa(),
             write: t.map(|t| !t.access.read),
         })
     }
@@ -207,6 +213,9 @@ impl fmt::Display for Fault {
         }
         if let Some(a) = self.address {
             write!(f, " at {a:#x}")?;
+        }
+        if let Some(ipa) = self.ipa {
+            write!(f, " ipa {ipa:#x}")?;
         }
         if let Some(w) = self.write {
             f.write_str(if w { " write" } else { " read" })?;
@@ -2325,6 +2334,34 @@ mod tests {
             None::<Overflow>,
             "nothing was lost since the last drain"
         );
+    }
+
+    #[test]
+    fn a_stage2_fault_in_a_nested_walk_reports_its_ipa() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = smmu(&model, frames);
+        let parent = s2(&mut smmu, frames);
+        let nested = smmu.create_nested(parent, GUEST).unwrap();
+        smmu.attach(nested, SID).unwrap();
+        // The guest's stage-1 descriptor fetch missed at stage 2: S2 [103], CLASS TT [105:104] = 1, InputAddr the
+        // guest VA, IPA[55:12] at [247:204] the descriptor's IPA.
+        let mut s2_fault = fault(SID, None, 0xdead_0000, false);
+        s2_fault[1] |= 1 << 39 | 1 << 40;
+        s2_fault[3] = 0x4123_4000;
+        // A stage-1 fault: its IPA field is UNKNOWN.
+        let mut s1_fault = fault(SID, None, 0xbeef_0000, true);
+        s1_fault[3] = 0x7777_7000;
+        inject(&model, &smmu, frames, &[s2_fault, s1_fault]);
+        smmu.drain_faults(|_| {}).unwrap();
+        let f = smmu.domain_faults(nested).unwrap();
+        assert_eq!(f.faults.len(), 2);
+        assert_eq!(
+            (f.faults[0].stage, f.faults[0].address, f.faults[0].ipa),
+            (Some(FaultStage::Two), Some(0xdead_0000), Some(0x4123_4000)),
+            "the IPA the stage-2 table lacks, not only the guest VA"
+        );
+        assert_eq!((f.faults[1].stage, f.faults[1].ipa), (Some(FaultStage::One), None));
     }
 
     #[test]
