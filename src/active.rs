@@ -4,7 +4,7 @@
 use core::fmt;
 use core::sync::atomic::Ordering;
 
-use tock_registers::interfaces::{ReadWriteable, Readable, Writeable};
+use tock_registers::interfaces::{Readable, Writeable};
 
 use crate::deadline::{Deadline, TimedOut};
 use crate::domain::{DEFAULT_DOMAINS, Domains};
@@ -813,9 +813,10 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         if !recoverable.is_empty() {
             regs.gerrorn
                 .set(crate::hw::event::acknowledge(gerror, gerrorn, recoverable));
-            // An event queue abort may disable the queue on some implementations: turn it back on.
+            // An event queue abort may disable the queue on some implementations: turn it back on, and wait for
+            // CR0ACK (bounded; on a timeout the next call tries again, as CR0ACK.EVENTQEN still reads 0).
             if !regs.cr0ack.is_set(CR0::EVENTQEN) {
-                regs.cr0.modify(CR0::EVENTQEN::SET);
+                let _ = set_cr0(regs, regs.cr0.get() | CR0::EVENTQEN::SET.value);
             }
         }
         Ok(active)
@@ -1467,8 +1468,27 @@ pub(crate) mod tests {
             smmu.handle_global_errors().unwrap().is_empty(),
             "acknowledged through GERRORN"
         );
-        // Service failure is fatal, with a message that says so.
-        model.set_gerror(GlobalErrors::EVENTQ_ABT_ERR.bits() | GlobalErrors::SFM_ERR.bits());
+        // An implementation that turned the event queue off on the abort: it is turned back on, and the call
+        // returns only once CR0ACK says so.
+        let regs = smmu.smmu.regs();
+        regs.cr0.set(regs.cr0.get() & !CR0::EVENTQEN::SET.value);
+        while regs.cr0ack.is_set(CR0::EVENTQEN) {
+            std::thread::yield_now();
+        }
+        // (A GERROR bit is active while it differs from GERRORN's: toggled back, the abort is active again.)
+        model.set_gerror(0);
+        assert!(
+            smmu.handle_global_errors()
+                .unwrap()
+                .contains(GlobalErrors::EVENTQ_ABT_ERR)
+        );
+        assert!(
+            smmu.smmu.regs().cr0ack.is_set(CR0::EVENTQEN),
+            "the event queue is on again"
+        );
+        smmu.drain_events(|_| {}).unwrap();
+        // Service failure is fatal, with a message that says so (the abort bit left as acknowledged).
+        model.set_gerror(GlobalErrors::SFM_ERR.bits());
         let error = smmu.handle_global_errors().unwrap_err();
         assert_eq!(error, GlobalError::ServiceFailure(GlobalErrors::SFM_ERR));
         assert!(std::format!("{error}").contains("needs a reset"));
