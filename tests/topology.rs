@@ -58,3 +58,12 @@ fn translation_works_for_an_edu_behind_a_switch() {
         "bypass STE for 0x300",
     ]);
 }
+
+/// A hand-off with the SMMU running and edu behind a switch: the DMA in flight across it and one issued during
+/// the restore must both land although the new image enumerates the bridges again.
+#[test]
+fn a_hand_off_keeps_dma_flowing_behind_a_switch() {
+    let outcome = boot(&[EduPlacement::Switch], &["lu-noreset"]);
+    outcome.assert_passed(&["lu-noreset"]);
+    outcome.assert_console_shows(&["running in a separate image at", "both DMAs landed, 0 faulted"]);
+}
