@@ -60,7 +60,8 @@ impl fmt::Display for AllocError {
 /// # Safety
 /// Implementations must return blocks that are physically contiguous, zero-filled (except from
 /// [`FrameAllocator::allocate_for_overwrite`]: initialised, any content), aligned to at least `align` in physical
-/// address, exclusively owned by the caller until freed, readable and writable by the CPU at `virt` (normal
+/// address (and at `virt` to at least the smaller of `align` and 8: the driver views blocks as `AtomicU64`s),
+/// exclusively owned by the caller until freed, readable and writable by the CPU at `virt` (normal
 /// memory, mapped cacheable when the SMMU is coherent) and reachable by the SMMU at `phys`.
 ///
 /// A block may come with dirty lines in the CPU's caches (the zeroing, or an earlier user): for a non-coherent

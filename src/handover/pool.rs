@@ -27,7 +27,7 @@ const FRAME: u64 = 4096;
 /// Why the pool cannot be set up or used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PoolError {
-    /// The region is too small (or misaligned) for the metadata and [`ARENAS`] arenas of at least a frame each.
+    /// The region is too small (or misaligned, physically or at its CPU address) for the metadata and [`ARENAS`] arenas of at least a frame each.
     RegionTooSmall(Extent),
     /// The pool was set up already.
     AlreadySetUp,
@@ -159,7 +159,7 @@ impl HandoverPool {
     /// its records name.
     ///
     /// # Errors
-    /// [`PoolError::RegionTooSmall`], [`PoolError::AlreadySetUp`].
+    /// [`PoolError::RegionTooSmall`] (also for a `virt` that is not 8-byte aligned), [`PoolError::AlreadySetUp`].
     ///
     /// # Safety
     /// The region must be RAM reserved for this purpose (never handed to any other allocator), mapped at `virt`
@@ -169,7 +169,10 @@ impl HandoverPool {
         if layout.is_some() {
             return Err(PoolError::AlreadySetUp);
         }
-        let aligned = region.base.is_multiple_of(FRAME) && region.end().is_some();
+        // Blocks are handed out at `virt` + a multiple of a frame and viewed as `AtomicU64`s: `virt` must be
+        // 8-byte aligned.
+        let aligned =
+            region.base.is_multiple_of(FRAME) && (virt.as_ptr() as usize).is_multiple_of(8) && region.end().is_some();
         let arena_bytes = (region.len.saturating_sub(METADATA_BYTES) / ARENAS as u64) & !(FRAME - 1);
         if !aligned || arena_bytes < FRAME {
             return Err(PoolError::RegionTooSmall(region));
@@ -477,6 +480,22 @@ mod tests {
         assert_eq!(a.extent().unwrap(), used);
         // Full.
         assert!(a.allocate_zeroed(64 * 1024, 4096).is_err());
+    }
+
+    #[test]
+    fn a_cpu_address_that_is_not_8_byte_aligned_is_refused() {
+        let memory: &'static mut [u64] = Box::leak(std::vec![0u64; 128 << 10].into_boxed_slice());
+        let virt = NonNull::new(memory.as_mut_ptr().cast::<u8>().wrapping_add(4)).unwrap();
+        let region = Extent {
+            base: 0x80_0000_0000,
+            len: 512 << 10,
+        };
+        let pool = HandoverPool::new();
+        assert_eq!(
+            // SAFETY: leaked, used by nothing else; refused before anything is written.
+            unsafe { pool.set_up(region, virt) },
+            Err(PoolError::RegionTooSmall(region))
+        );
     }
 
     #[test]
