@@ -1632,7 +1632,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 // Dropping the table returns its frames: nothing can walk it after the invalidation.
                 drop(table);
                 // Memory this domain owned alone (a handover arena) is free for another domain.
-                state.memory.retire();
+                // SAFETY: the domain has no attachments (checked above), so its streams' CD tables went back at
+                // detach; its TLB entries are gone and its page table went back just above.
+                unsafe { state.memory.retire() };
             }
         }
         Ok(())

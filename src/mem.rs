@@ -106,7 +106,11 @@ pub unsafe trait FrameAllocator {
 
     /// Called when the domain that owned this allocator alone is freed, after everything it allocated went back:
     /// an arena of the handover pool becomes free for another domain. Nothing (the default) for shared memory.
-    fn retire(&self) {}
+    ///
+    /// # Safety
+    /// Nothing (CPU or SMMU) may access a block this allocator handed out afterwards: an implementation may hand
+    /// all of its memory out again.
+    unsafe fn retire(&self) {}
 
     /// Claims this allocator for one domain: memory meant for a single owner (a handover arena) answers `false`
     /// when a domain owns it already. Shared memory (the default) always answers `true`.
@@ -158,8 +162,9 @@ unsafe impl<T: FrameAllocator + ?Sized> FrameAllocator for &T {
         (**self).handover_extent()
     }
 
-    fn retire(&self) {
-        (**self).retire()
+    unsafe fn retire(&self) {
+        // SAFETY: the caller's guarantee, passed on.
+        unsafe { (**self).retire() }
     }
 
     fn take_ownership(&self) -> bool {

@@ -298,7 +298,8 @@ impl HandoverPool {
         *self.layout.lock() = None;
         for arena in &self.arenas {
             *arena.layout.lock() = None;
-            arena.release();
+            // SAFETY: the caller's guarantee: nothing uses the arenas from before.
+            unsafe { arena.release() };
         }
     }
 
@@ -318,8 +319,12 @@ impl HandoverPool {
     }
 
     /// Gives an arena back, empty (as [`HandoverArena::release`]).
-    pub fn release(&self, arena: &HandoverArena) {
-        arena.release();
+    ///
+    /// # Safety
+    /// As [`HandoverArena::release`].
+    pub unsafe fn release(&self, arena: &HandoverArena) {
+        // SAFETY: the caller's guarantee, passed on.
+        unsafe { arena.release() };
     }
 
     /// Arenas in use now.
@@ -329,9 +334,14 @@ impl HandoverPool {
 }
 
 impl HandoverArena {
-    /// Gives the arena back to its pool, empty. Everything in it must have been freed (or abandoned with no walk
-    /// able to reach it). Freeing the domain that owns the arena does this ([`FrameAllocator::retire`]).
-    pub fn release(&self) {
+    /// Gives the arena back to its pool, empty. Freeing the domain that owns the arena does this
+    /// ([`FrameAllocator::retire`]).
+    ///
+    /// # Safety
+    /// Nothing (CPU or SMMU) may access a block this arena handed out (or adopted) afterwards: everything in it
+    /// was freed, or abandoned with no reference and no walk able to reach it. The arena hands the same memory out
+    /// again, zeroed.
+    pub unsafe fn release(&self) {
         let mut s = self.state.lock();
         s.in_use = false;
         s.owned = false;
@@ -408,8 +418,9 @@ unsafe impl FrameAllocator for HandoverArena {
         self.extent()
     }
 
-    fn retire(&self) {
-        self.release();
+    unsafe fn retire(&self) {
+        // SAFETY: `retire`'s contract: nothing accesses what this arena handed out.
+        unsafe { self.release() };
     }
 
     fn take_ownership(&self) -> bool {
@@ -505,7 +516,8 @@ mod tests {
         a.allocate_zeroed(3 * 4096, 4096).unwrap();
         let extent = a.extent().unwrap();
         // The next image: the same region, a fresh pool.
-        pool.release(a);
+        // SAFETY: nothing this arena handed out is used again.
+        unsafe { pool.release(a) };
         let adopted = pool.adopt(extent).unwrap();
         assert_eq!(adopted.extent(), Some(extent));
         let next = adopted.allocate_zeroed(4096, 4096).unwrap();

@@ -362,7 +362,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                     core::mem::forget(state);
                 }
                 if let Some(arena) = arena {
-                    arena.release();
+                    // SAFETY: the domain's state was forgotten (no reference into the arena is left) and every
+                    // stream it served aborts; the invalidation below completes before anything is taken anew.
+                    unsafe { arena.release() };
                 }
             }
             let _ = self.invalidate_all();
@@ -533,7 +535,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                             };
                             let mut table = IoPageTable::adopt(format, PhysAddr(shape.root), memory, coherent, counts)
                                 .map_err(|e| {
-                                    arena.release();
+                                    // SAFETY: nothing was built on the arena, and no stream reaches its memory:
+                                    // streams are installed only once every domain is rebuilt.
+                                    unsafe { arena.release() };
                                     fail(RebuildFailure::Table(e))
                                 })?;
                             table.set_bbm_level(bbml);
@@ -541,7 +545,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                             // the table abandoned in place (the SMMU may walk it), the ID and the arena given back.
                             let abandon = |table: IoPageTable<DomainMemory>| {
                                 core::mem::forget(table);
-                                arena.release();
+                                // SAFETY: the table is forgotten, so no reference into the arena is left, and no
+                                // stream reaches it: streams are installed only once every domain is rebuilt.
+                                unsafe { arena.release() };
                             };
                             let translation = if stage == Stage::Two {
                                 if let Err(e) = self.claim_vmid(r.vmid) {
@@ -589,7 +595,8 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                     self.release_restored_ids(&state);
                     core::mem::forget(state);
                     if let Some(arena) = arena {
-                        arena.release();
+                        // SAFETY: as in `abandon` above.
+                        unsafe { arena.release() };
                     }
                     return Err(fail(RebuildFailure::Domain(e)));
                 }
