@@ -106,7 +106,34 @@ pub struct HandoverArena {
 /// The handover region's pool. Lives in a `static`; set up once per boot with [`HandoverPool::set_up`].
 pub struct HandoverPool {
     layout: Mutex<Option<Layout>>,
+    /// Held while the driver reads or writes the metadata area ([`HandoverPool::lock_metadata`]), so that two
+    /// SMMUs sharing the pool (on two CPUs) never touch the records at once.
+    metadata_lock: Mutex<()>,
     arenas: [HandoverArena; ARENAS],
+}
+
+/// The metadata area of a [`HandoverPool`] (the region's first [`METADATA_BYTES`]), with the pool's metadata lock
+/// held until it is dropped.
+pub struct MetadataGuard<'a> {
+    _lock: spin::MutexGuard<'a, ()>,
+    bytes: *mut u8,
+}
+
+impl core::ops::Deref for MetadataGuard<'_> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `set_up`'s contract maps the metadata area at `bytes` for the pool alone; the lock this guard
+        // holds keeps every other user of `lock_metadata` out while the borrow of the guard lasts.
+        unsafe { core::slice::from_raw_parts(self.bytes, METADATA_BYTES as usize) }
+    }
+}
+
+impl core::ops::DerefMut for MetadataGuard<'_> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`; `&mut self` makes this the guard's only live view.
+        unsafe { core::slice::from_raw_parts_mut(self.bytes, METADATA_BYTES as usize) }
+    }
 }
 
 impl Default for HandoverPool {
@@ -133,6 +160,7 @@ impl HandoverPool {
         }
         HandoverPool {
             layout: Mutex::new(None),
+            metadata_lock: Mutex::new(()),
             arenas: [
                 arena(0),
                 arena(1),
@@ -221,13 +249,37 @@ impl HandoverPool {
         Ok(self.layout()?.pool())
     }
 
-    /// The metadata area (the region's first [`METADATA_BYTES`]) as bytes.
+    /// The metadata area (the region's first [`METADATA_BYTES`]), locked: other callers of this method (another
+    /// SMMU's prepare, restore or finish on another CPU) wait until the guard is dropped. Spins while another
+    /// holds it; never take it twice on one CPU.
+    ///
+    /// # Errors
+    /// [`PoolError::NotSetUp`].
+    pub fn lock_metadata(&self) -> Result<MetadataGuard<'_>, PoolError> {
+        let l = self.layout()?;
+        Ok(MetadataGuard {
+            _lock: self.metadata_lock.lock(),
+            bytes: l.virt as *mut u8,
+        })
+    }
+
+    /// The CPU address of the metadata area's first byte (the region's), for address arithmetic only.
+    ///
+    /// # Errors
+    /// [`PoolError::NotSetUp`].
+    pub fn metadata_address(&self) -> Result<*const u8, PoolError> {
+        Ok(self.layout()?.virt as *const u8)
+    }
+
+    /// The metadata area (the region's first [`METADATA_BYTES`]) as bytes, without the lock
+    /// ([`HandoverPool::lock_metadata`] is the safe way).
     ///
     /// # Errors
     /// [`PoolError::NotSetUp`].
     ///
     /// # Safety
-    /// No other reference to the metadata area may be live while the returned slice is.
+    /// No other reference to the metadata area may be live while the returned slice is, and no
+    /// [`MetadataGuard`] either.
     #[allow(clippy::mut_from_ref)] // The memory is the region's, not `self`'s; exclusivity is the caller's contract.
     pub unsafe fn metadata(&self) -> Result<&mut [u8], PoolError> {
         let l = self.layout()?;
@@ -464,6 +516,27 @@ mod tests {
         // SAFETY: leaked, zeroed, used by nothing else.
         unsafe { pool.set_up(region, virt) }.unwrap();
         (pool, region)
+    }
+
+    /// Two SMMUs sharing the pool on two CPUs take turns with the records: a second `lock_metadata` waits for
+    /// the first guard.
+    #[test]
+    fn the_metadata_is_locked_while_a_guard_lives() {
+        use core::sync::atomic::{AtomicBool, Ordering};
+        let (pool, _) = pool(8 << 20);
+        static TOOK_IT: AtomicBool = AtomicBool::new(false);
+        let mut guard = pool.lock_metadata().unwrap();
+        guard[0] = 0x5a;
+        let other = std::thread::spawn(move || {
+            let bytes = pool.lock_metadata().unwrap();
+            TOOK_IT.store(true, Ordering::SeqCst);
+            bytes[0]
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!TOOK_IT.load(Ordering::SeqCst), "the second caller waits");
+        guard[0] = 0xa5;
+        drop(guard);
+        assert_eq!(other.join().unwrap(), 0xa5, "and sees the first one's writes");
     }
 
     #[test]

@@ -170,9 +170,10 @@ pub fn running_smmu(
     register_base: u64,
 ) -> Result<Option<(StreamTableFormat, u64, &'static HandoverArena)>, RestoreError> {
     let pool_extent = pool.pool().map_err(RestoreError::Pool)?;
-    // SAFETY: read only.
-    let bytes: &[u8] = unsafe { pool.metadata() }.map_err(RestoreError::Pool)?;
-    let decoded = format::decode(bytes, pool_extent).map_err(RestoreError::Region)?;
+    let decoded = {
+        let bytes = pool.lock_metadata().map_err(RestoreError::Pool)?;
+        format::decode(&bytes, pool_extent).map_err(RestoreError::Region)?
+    };
     let Some(id) = decoded
         .instances
         .iter()
@@ -219,8 +220,8 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         let region = pool.metadata_extent().map_err(PrepareError::Pool)?;
         let pool_extent = pool.pool().map_err(PrepareError::Pool)?;
         let ours = self.handover_records(register_base).map_err(PrepareError::Records)?;
-        // SAFETY: the driver holds the only reference to the metadata while it writes it.
-        let bytes = unsafe { pool.metadata() }.map_err(PrepareError::Pool)?;
+        let mut guard = pool.lock_metadata().map_err(PrepareError::Pool)?;
+        let bytes: &mut [u8] = &mut guard;
         let mut instances: heapless::Vec<InstanceRecords, MAX_INSTANCES> = heapless::Vec::new();
         if bytes[..8].iter().any(|&b| b != 0) {
             let previous = format::decode(bytes, pool_extent).map_err(PrepareError::ExistingRegion)?;
@@ -301,8 +302,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
 
     fn extent_virt(&self, pool: &HandoverPool, extent: &Extent) -> Option<*const u8> {
         let region = pool.region().ok()?;
-        // SAFETY: the metadata pointer is the region's first byte; only its address is used.
-        let base = unsafe { pool.metadata() }.ok()?.as_ptr();
+        let base = pool.metadata_address().ok()?;
         extent
             .base
             .checked_sub(region.base)
@@ -326,12 +326,13 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         register_base: u64,
     ) -> Result<RestoreReport, RestoreError> {
         let pool_extent = pool.pool().map_err(RestoreError::Pool)?;
-        // SAFETY: read only, and nothing writes the metadata during the restore.
-        let bytes: &[u8] = unsafe { pool.metadata() }.map_err(RestoreError::Pool)?;
-        if bytes[..8].iter().all(|&b| b == 0) {
-            return Ok(RestoreReport::default());
-        }
-        let decoded = format::decode(bytes, pool_extent).map_err(RestoreError::Region)?;
+        let decoded = {
+            let bytes = pool.lock_metadata().map_err(RestoreError::Pool)?;
+            if bytes[..8].iter().all(|&b| b == 0) {
+                return Ok(RestoreReport::default());
+            }
+            format::decode(&bytes, pool_extent).map_err(RestoreError::Region)?
+        };
         let mut report = RestoreReport {
             generation: decoded.generation,
             ..RestoreReport::default()
@@ -787,8 +788,8 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
 fn rearm_without(pool: &HandoverPool, register_base: u64) -> Result<(), PoolError> {
     let region = pool.metadata_extent()?;
     let pool_extent = pool.pool()?;
-    // SAFETY: the driver holds the only reference to the metadata while it writes it.
-    let bytes = unsafe { pool.metadata() }?;
+    let mut guard = pool.lock_metadata()?;
+    let bytes: &mut [u8] = &mut guard;
     let mut keep: heapless::Vec<InstanceRecords, MAX_INSTANCES> = heapless::Vec::new();
     let mut generation = 0;
     if let Ok(previous) = format::decode(bytes, pool_extent) {
