@@ -674,26 +674,7 @@ impl GuestContext {
         table: &IoPageTable<M>,
         asid: u16,
     ) -> Result<GuestContext, DomainError> {
-        let format = table.format();
-        let (cacheability, shareability) = ste::walk_attributes(features.coherent);
-        let cd = Cd::new(
-            &CdConfig {
-                asid,
-                table: table.root(),
-                t0sz: 64 - format.input_bits,
-                granule: cd_granule(format.granule),
-                ips: size_encoding(format.output_bits),
-                cacheability,
-                shareability,
-                mair: crate::pgtable::desc::MAIR,
-                record_faults: true,
-                abort_on_fault: true,
-                stall: false,
-                private_asid: true,
-            },
-            &features.entry_rules(),
-        )
-        .map_err(DomainError::Entry)?;
+        let cd = stage1_cd(features, asid, table).map_err(DomainError::Entry)?;
         let mut cd_table = CdTable::new(CdTableFormat::Linear { ssid_bits: 0 }, memory, features.coherent)
             .map_err(DomainError::CdTable)?;
         // No STE points to it yet: nothing to invalidate.
@@ -710,6 +691,33 @@ impl GuestContext {
         };
         Ok(GuestContext { cd_table, stage1 })
     }
+}
+/// The CD of a stage-1 context with `asid` and `table` (a domain's, or a guest context the driver builds): walks
+/// with the SMMU's attributes, the driver's MAIR, faults recorded and aborted, never stalled.
+fn stage1_cd<M: FrameAllocator>(
+    features: &crate::features::Features,
+    asid: u16,
+    table: &IoPageTable<M>,
+) -> Result<Cd, EntryError> {
+    let format = table.format();
+    let (cacheability, shareability) = ste::walk_attributes(features.coherent);
+    Cd::new(
+        &CdConfig {
+            asid,
+            table: table.root(),
+            t0sz: 64 - format.input_bits,
+            granule: cd_granule(format.granule),
+            ips: size_encoding(format.output_bits),
+            cacheability,
+            shareability,
+            mair: crate::pgtable::desc::MAIR,
+            record_faults: true,
+            abort_on_fault: true,
+            stall: false,
+            private_asid: true,
+        },
+        &features.entry_rules(),
+    )
 }
 
 /// CD.TG0 for a table's granule.
@@ -771,25 +779,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
 
     /// The CD of a stage-1 domain with `asid` and `table`.
     pub(crate) fn stage1_cd(&self, asid: u16, table: &IoPageTable<DomainMemory>) -> Result<Cd, EntryError> {
-        let (cacheability, shareability) = self.walk_attributes();
-        let format = table.format();
-        Cd::new(
-            &CdConfig {
-                asid,
-                table: table.root(),
-                t0sz: 64 - format.input_bits,
-                granule: cd_granule(format.granule),
-                ips: size_encoding(format.output_bits),
-                cacheability,
-                shareability,
-                mair: crate::pgtable::desc::MAIR,
-                record_faults: true,
-                abort_on_fault: true,
-                stall: false,
-                private_asid: true,
-            },
-            &self.features().entry_rules(),
-        )
+        stage1_cd(self.features(), asid, table)
     }
 
     /// The STE's stage-2 fields of a stage-2 domain with `vmid` and `table`.
