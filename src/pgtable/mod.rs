@@ -655,25 +655,31 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// `level`, holding `leaf`: allocated first, so that a failure changes nothing (every frame goes back), then
     /// filled bottom-up (each holds one entry), cleaned, and ordered before the descriptor that will link them,
     /// which is returned.
-    #[inline(never)]
-    fn new_tables(&mut self, level: u8, iova: u64, leaf: u64) -> Result<u64, MapError> {
-        let g = self.geometry;
-        let granule = 1usize << g.granule_bits;
-        let mut new: heapless::Vec<DmaBlock, 3> = heapless::Vec::new();
-        for _ in level..3 {
+    /// `n` (at most `N`) zeroed frames of a granule each, or none: on a failure the ones already allocated go back.
+    fn zeroed_frames<const N: usize>(&self, n: usize) -> Result<heapless::Vec<DmaBlock, N>, MapError> {
+        let granule = 1usize << self.geometry.granule_bits;
+        let mut frames = heapless::Vec::new();
+        for _ in 0..n.min(N) {
             match self.allocator.allocate_zeroed(granule, granule) {
                 Ok(t) => {
-                    let _ = new.push(t);
+                    let _ = frames.push(t);
                 }
                 Err(e) => {
-                    for t in new {
-                        // SAFETY: never published.
+                    for t in frames {
+                        // SAFETY: just allocated here, never published.
                         unsafe { self.allocator.free(t) };
                     }
                     return Err(MapError::NoMemory(e));
                 }
             }
         }
+        Ok(frames)
+    }
+
+    #[inline(never)]
+    fn new_tables(&mut self, level: u8, iova: u64, leaf: u64) -> Result<u64, MapError> {
+        let g = self.geometry;
+        let new: heapless::Vec<DmaBlock, 3> = self.zeroed_frames(usize::from(3 - level))?;
         let mut word = leaf;
         for (k, table) in new.into_iter().enumerate().rev() {
             let table_level = level + 1 + k as u8;
@@ -1357,22 +1363,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             };
             return Err(MapError::WouldSplitBlock { iova: cut });
         }
-        let mut reserve: heapless::Vec<DmaBlock, 8> = heapless::Vec::new();
-        for _ in 0..needed {
-            let granule = 1usize << self.geometry.granule_bits;
-            match self.allocator.allocate_zeroed(granule, granule) {
-                Ok(t) => {
-                    let _ = reserve.push(t);
-                }
-                Err(e) => {
-                    for t in reserve {
-                        // SAFETY: never published.
-                        unsafe { self.allocator.free(t) };
-                    }
-                    return Err(MapError::NoMemory(e));
-                }
-            }
-        }
+        let mut reserve: heapless::Vec<DmaBlock, 8> = self.zeroed_frames(needed)?;
         let root = self.root.phys.0;
         let (unmapped, _) = self.change_in(
             self.geometry.start_level,
