@@ -125,6 +125,18 @@ fn span_descriptor(span: PhysAddr, split: u8) -> u64 {
     ste::l1_descriptor(span, split + 1).unwrap_or(0)
 }
 
+/// The level-1 layout of `format`: none for a linear table, spans of `split` bits for a 2-level one.
+fn level1_of(format: StreamTableFormat) -> Option<Level1> {
+    match format {
+        StreamTableFormat::Linear { .. } => None,
+        StreamTableFormat::TwoLevel { split, .. } => Some(Level1 {
+            leaf_bits: split,
+            descriptor: span_descriptor,
+            address_mask: ste::L1_DESCRIPTOR_L2PTR_MASK,
+        }),
+    }
+}
+
 impl StreamTable {
     /// Allocates the table; every STE of a linear table (and of each level-2 span, later) aborts.
     pub(crate) fn new(
@@ -132,14 +144,7 @@ impl StreamTable {
         allocator: &impl FrameAllocator,
         coherency: Coherency,
     ) -> Result<Self, AllocError> {
-        let level1 = match format {
-            StreamTableFormat::Linear { .. } => None,
-            StreamTableFormat::TwoLevel { split, .. } => Some(Level1 {
-                leaf_bits: split,
-                descriptor: span_descriptor,
-                address_mask: ste::L1_DESCRIPTOR_L2PTR_MASK,
-            }),
-        };
+        let level1 = level1_of(format);
         let table = EntryTable::new(format.sid_bits(), level1, Ste::abort().0, allocator, coherency)?;
         Ok(StreamTable { format, table })
     }
@@ -152,14 +157,7 @@ impl StreamTable {
         allocator: &impl FrameAllocator,
         coherency: Coherency,
     ) -> Option<Self> {
-        let level1 = match format {
-            StreamTableFormat::Linear { .. } => None,
-            StreamTableFormat::TwoLevel { split, .. } => Some(Level1 {
-                leaf_bits: split,
-                descriptor: span_descriptor,
-                address_mask: ste::L1_DESCRIPTOR_L2PTR_MASK,
-            }),
-        };
+        let level1 = level1_of(format);
         let table = EntryTable::adopt(format.sid_bits(), level1, base, Ste::abort().0, allocator, coherency)?;
         Some(StreamTable { format, table })
     }
