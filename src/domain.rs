@@ -1403,11 +1403,11 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// `cancel_handover` (or the hand-off) a preserved domain is frozen, so that the next image restores exactly
     /// the recorded streams, tables and counts.
     fn unfrozen(&self, domain: DomainId) -> Result<(), DomainError> {
-        match self.domains.get(domain)? {
-            s if s.memory.sealed() => match s.token {
-                Some(token) => Err(DomainError::HandoverPrepared { token }),
-                None => Ok(()),
-            },
+        // The token first: most domains are not preserved, and asking an arena whether it is sealed takes its lock
+        // (this runs on every map and unmap).
+        let s = self.domains.get(domain)?;
+        match s.token {
+            Some(token) if s.memory.sealed() => Err(DomainError::HandoverPrepared { token }),
             _ => Ok(()),
         }
     }
