@@ -800,7 +800,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             shareability,
             table: table.root(),
             access_flag_fault_disable: false,
-            protected_table_walk: false,
+            // A stage-1 walk or CD fetch that reaches Device memory at stage 2 faults (as Linux sets it): a guest
+            // cannot aim its CD table or tables at a passthrough BAR and make the SMMU read MMIO.
+            protected_table_walk: true,
             stall: false,
             record_faults: true,
         }
@@ -2011,6 +2013,27 @@ mod tests {
         let before = consumed(&model);
         smmu.unmap(d, 0x1000, 0x1000).unwrap();
         assert_eq!(since(&model, before), [opcode::TLBI_S2_IPA, opcode::SYNC]);
+    }
+
+    /// STE.S2PTW (qword 2, bit 54), as Linux sets it: a stage-1 walk or CD fetch that lands on Device memory at
+    /// stage 2 faults, so a guest cannot aim its CD table or stage-1 tables at a passthrough BAR and make the SMMU
+    /// read MMIO with side effects.
+    #[test]
+    fn stage2_and_nested_stes_protect_table_walks_from_device_memory() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = smmu(&model, frames);
+        let parent = s2(&mut smmu, frames);
+        smmu.attach(parent, SID).unwrap();
+        let ste = smmu.ste(SID).unwrap();
+        assert_eq!(ste.config(), Config::Stage2);
+        assert_ne!(ste.0[2] & ste::Q2_S2PTW, 0, "stage 2: {:#x}", ste.0[2]);
+        smmu.detach(SID).unwrap();
+        let nested = smmu.create_nested(parent, GUEST).unwrap();
+        smmu.attach(nested, SID).unwrap();
+        let ste = smmu.ste(SID).unwrap();
+        assert_eq!(ste.config(), Config::Nested);
+        assert_ne!(ste.0[2] & ste::Q2_S2PTW, 0, "nested: {:#x}", ste.0[2]);
     }
 
     #[test]

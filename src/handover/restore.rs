@@ -963,6 +963,10 @@ mod tests {
         let nested = smmu.retrieve(0x53).unwrap();
         assert_eq!(smmu.ste(0x18).unwrap().config(), Config::Nested);
         assert_eq!(smmu.ste(0x18).unwrap().cd_table(), PhysAddr(0x4800_0000));
+        // Rebuilt through the same stage-2 configuration as a new attach: protected table walks (S2PTW).
+        for sid in [0x18, 0x20] {
+            assert_ne!(smmu.ste(sid).unwrap().0[2] & crate::hw::ste::Q2_S2PTW, 0, "{sid:#x}");
+        }
         assert_eq!(smmu.attachments(nested), Ok(&[(0x18, 0)][..]));
         // The restored domains work: map, unmap (with invalidation), and the parent cannot go before its child.
         smmu.map(s1, 0x5000, 0x8000_5000, 0x1000, RW).unwrap();
