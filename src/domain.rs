@@ -163,9 +163,15 @@ pub enum GuestInvalidation {
     All,
     /// A CD of the guest's CD table, for every stream attached to the domain (CFGI_CD).
     Cd {
-        /// SubstreamID.
+        /// SubstreamID: an index of the guest's CD table (below 2^S1CDMax).
         ssid: u32,
+        /// Leaf = 1: only the CD. With a two-level guest CD table, Leaf = 0 also drops the cached level-1
+        /// descriptor that leads to it (after the guest changed that descriptor).
+        leaf: bool,
     },
+    /// Every CD cached from the guest's CD table (both levels), for every stream attached to the domain
+    /// (CFGI_CD_ALL): after the guest rewrote its table wholesale.
+    CdAll,
 }
 
 /// One fault a domain's streams took.
@@ -1535,14 +1541,16 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         Ok(self.domain_table(domain)?.iova_to_phys(iova))
     }
 
-    /// Issues a guest's stage-1 invalidation for a nested domain (under its parent's VMID), with a CMD_SYNC.
+    /// Issues a guest's stage-1 invalidation for a nested domain (under its parent's VMID), with a CMD_SYNC. The CD
+    /// forms ([`GuestInvalidation::Cd`], [`GuestInvalidation::CdAll`]) go to every stream attached to the domain.
     ///
     /// # Errors
     /// [`DomainError::StaleDomain`], [`DomainError::WrongKind`] for a domain that is not nested,
-    /// [`DomainError::Invalidation`].
+    /// [`DomainError::BadSubstream`] for a CD beyond the guest's CD table (2^S1CDMax entries): nothing is issued
+    /// then. [`DomainError::Invalidation`].
     pub fn invalidate_guest(&mut self, domain: DomainId, what: GuestInvalidation) -> Result<(), DomainError> {
         let state = self.domains.get(domain)?;
-        let Translation::Nested { parent, .. } = state.translation else {
+        let Translation::Nested { parent, guest } = state.translation else {
             return Err(DomainError::WrongKind {
                 domain,
                 kind: state.kind(),
@@ -1552,6 +1560,14 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         let Translation::Stage2 { vmid, .. } = self.domains.get(parent)?.translation else {
             return Err(DomainError::StaleDomain(parent));
         };
+        if let GuestInvalidation::Cd { ssid, .. } = what
+            && ssid >> guest.cd_max_log2 != 0
+        {
+            return Err(DomainError::BadSubstream {
+                ssid,
+                ssid_bits: guest.cd_max_log2,
+            });
+        }
         let mut batch = Batch::new();
         match what {
             GuestInvalidation::Address { asid, address, leaf } => batch.push(&Command::TlbiNhVa {
@@ -1563,10 +1579,15 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             })?,
             GuestInvalidation::Asid(asid) => batch.push(&Command::TlbiNhAsid { vmid, asid })?,
             GuestInvalidation::All => batch.push(&Command::TlbiNhAll { vmid })?,
-            GuestInvalidation::Cd { ssid } => {
+            GuestInvalidation::Cd { ssid, leaf } => {
                 // At most MAX_ATTACHMENTS streams: one batch holds them.
                 for &(sid, _) in state.attachments.iter() {
-                    batch.push(&Command::CfgiCd { sid, ssid, leaf: true })?;
+                    batch.push(&Command::CfgiCd { sid, ssid, leaf })?;
+                }
+            }
+            GuestInvalidation::CdAll => {
+                for &(sid, _) in state.attachments.iter() {
+                    batch.push(&Command::CfgiCdAll { sid })?;
                 }
             }
         }
@@ -1970,7 +1991,7 @@ mod tests {
         ));
         let before = consumed(&model);
         smmu.invalidate_guest(nested, GuestInvalidation::Asid(7)).unwrap();
-        smmu.invalidate_guest(nested, GuestInvalidation::Cd { ssid: 0 })
+        smmu.invalidate_guest(nested, GuestInvalidation::Cd { ssid: 0, leaf: true })
             .unwrap();
         assert_eq!(
             since(&model, before),
@@ -2898,7 +2919,7 @@ mod tests {
         .unwrap();
         smmu.invalidate_guest(nested, GuestInvalidation::Asid(7)).unwrap();
         smmu.invalidate_guest(nested, GuestInvalidation::All).unwrap();
-        smmu.invalidate_guest(nested, GuestInvalidation::Cd { ssid: 0 })
+        smmu.invalidate_guest(nested, GuestInvalidation::Cd { ssid: 0, leaf: true })
             .unwrap();
         assert_eq!(
             issued_since(&model, before),
@@ -2933,6 +2954,70 @@ mod tests {
         smmu.free_domain(parent).unwrap();
         assert_eq!(issued_since(&model, before), [Issued::S12Vmall { vmid }, Issued::Sync]);
         assert_eq!(smmu.vmids_in_use(), in_use - 1, "the invalidated VMID is the one freed");
+    }
+
+    /// A guest may use a two-level CD table: invalidating one of its CDs after changing a level-1 descriptor needs
+    /// CFGI_CD with Leaf = 0, and a guest that rewrote its table wholesale asks for CFGI_CD_ALL. Both go to every
+    /// stream attached to the nested domain; a SubstreamID beyond the guest's table is refused, nothing issued.
+    #[test]
+    fn guest_cd_invalidations_carry_the_leaf_flag_and_cover_the_whole_table() {
+        let frames = frames();
+        // IDR1.SSIDSIZE (bits [10:6]) = 8: substreams, so a 256-entry two-level guest CD table is accepted.
+        let model = Model::start_with_idrs(frames, IDRS[0].1, IDRS[1].1 | 8 << 6);
+        let mut smmu = smmu(&model, frames);
+        let parent = s2(&mut smmu, frames);
+        let guest = GuestStage1 {
+            cd_max_log2: 8,
+            layout: CdTableLayout::TwoLevel4K,
+            ..GUEST
+        };
+        let nested = smmu.create_nested(parent, guest).unwrap();
+        smmu.attach(nested, SID).unwrap();
+        smmu.attach(nested, SID + 1).unwrap();
+        let raw_since = |from: usize| model.seen.lock().unwrap().commands[from..].to_vec();
+
+        for leaf in [false, true] {
+            let before = consumed(&model);
+            smmu.invalidate_guest(nested, GuestInvalidation::Cd { ssid: 0x45, leaf })
+                .unwrap();
+            assert_eq!(
+                issued_since(&model, before),
+                [
+                    Issued::Cd { sid: SID, ssid: 0x45 },
+                    Issued::Cd {
+                        sid: SID + 1,
+                        ssid: 0x45
+                    },
+                    Issued::Sync
+                ]
+            );
+            // CMD_CFGI_CD.Leaf is bit 0 of the second word.
+            let words = raw_since(before);
+            assert!(words[..2].iter().all(|w| w[1] & 1 == u64::from(leaf)), "{words:x?}");
+        }
+
+        let before = consumed(&model);
+        smmu.invalidate_guest(nested, GuestInvalidation::CdAll).unwrap();
+        assert_eq!(
+            issued_since(&model, before),
+            [Issued::CdAll { sid: SID }, Issued::CdAll { sid: SID + 1 }, Issued::Sync]
+        );
+
+        let before = consumed(&model);
+        assert_eq!(
+            smmu.invalidate_guest(
+                nested,
+                GuestInvalidation::Cd {
+                    ssid: 0x100,
+                    leaf: true
+                }
+            ),
+            Err(DomainError::BadSubstream {
+                ssid: 0x100,
+                ssid_bits: 8
+            })
+        );
+        assert_eq!(issued_since(&model, before), []);
     }
 
     #[test]
