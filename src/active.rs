@@ -7,7 +7,7 @@ use core::sync::atomic::Ordering;
 use tock_registers::interfaces::{Readable, Writeable};
 
 use crate::deadline::{Deadline, TimedOut};
-use crate::domain::{DEFAULT_DOMAINS, Domains};
+use crate::domain::{DEFAULT_DOMAINS, DomainId, Domains};
 use crate::features::{Features, Quirks};
 use crate::hitless::{self, EntryState, EntryWriter, UpdateFailed, UpdateKind};
 use crate::hw::command::{Command, SyncCompletion, TlbiRange, plan_range_invalidation};
@@ -164,6 +164,13 @@ pub enum AttachError {
     /// there: the STE in memory holds [`UpdateFailed::left`], a configuration the SMMU may read safely, but the
     /// SMMU may still be using the one the last completed sync announced.
     Invalidation(UpdateFailed<CommandQueueError>),
+    /// The stream is attached to a domain, which owns its STE: detach it first. Nothing was written.
+    StreamInUse {
+        /// StreamID.
+        sid: u32,
+        /// The domain it is attached to.
+        domain: DomainId,
+    },
 }
 
 impl fmt::Display for AttachError {
@@ -176,6 +183,12 @@ impl fmt::Display for AttachError {
                 "STE invalidation failed after {} sync(s); the STE is left {}: {}",
                 e.syncs, e.left, e.error
             ),
+            AttachError::StreamInUse { sid, domain } => {
+                write!(
+                    f,
+                    "stream {sid:#x} is attached to {domain}, which owns its STE: detach it first"
+                )
+            }
         }
     }
 }
@@ -611,11 +624,22 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// Installs `ste` for `sid` through the hitless writer: the SMMU never sees an entry that is illegal or more
     /// permissive than the old or the new one; each step is followed by CFGI_STE + CMD_SYNC.
     ///
+    /// Crate-private, and blind to the domain bookkeeping: its callers (domains attaching and detaching, a
+    /// restore) keep that bookkeeping themselves. An STE written from outside could name a live domain's VMID or
+    /// CD table, or replace the STE of a stream a domain owns; safe code outside uses a domain,
+    /// [`ActiveSmmu::attach_abort`] or [`ActiveSmmu::attach_bypass`].
+    ///
+    /// ```compile_fail,E0624
+    /// fn raw<A: smmuv3::FrameAllocator>(smmu: &mut smmuv3::ActiveSmmu<A>) {
+    ///     let _ = smmu.install_ste(0x10, &smmuv3::hw::ste::Ste::abort());
+    /// }
+    /// ```
+    ///
     /// # Errors
     /// [`AttachError::Stream`] for a StreamID beyond the table or no memory for its level-2 span (nothing
     /// changes then); [`AttachError::Invalidation`] when an invalidation fails: the writer stops at that step and
     /// says what the STE holds.
-    pub fn install_ste(&mut self, sid: u32, ste: &Ste) -> Result<InstallReport, AttachError> {
+    pub(crate) fn install_ste(&mut self, sid: u32, ste: &Ste) -> Result<InstallReport, AttachError> {
         let coherency = self.streams.coherency();
         let slot = self.streams.slot(sid, &self.allocator).map_err(AttachError::Stream)?;
         let live: [u64; 8] = core::array::from_fn(|i| slot.words[i].load(Ordering::Relaxed));
@@ -650,12 +674,30 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         })
     }
 
+    /// Fails with [`AttachError::StreamInUse`] when `sid` is attached to a domain (which owns its STE).
+    fn unowned(&self, sid: u32) -> Result<(), AttachError> {
+        match self.domains.stream(sid) {
+            Some(i) => Err(AttachError::StreamInUse {
+                sid,
+                domain: self.domains.streams[i].domain,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Makes every stream whose STE exists abort, except those `keep` names (after a hand-off with the SMMU
     /// running: the streams no record names). Returns how many were changed.
     ///
     /// # Errors
-    /// As [`ActiveSmmu::install_ste`].
+    /// [`AttachError::StreamInUse`] when a stream attached to a domain is not kept (detach it first): nothing
+    /// changes then. Otherwise as [`ActiveSmmu::attach_abort`]: the streams before the failing one abort.
     pub fn abort_streams_except(&mut self, keep: impl Fn(u32) -> bool) -> Result<u32, AttachError> {
+        if let Some(r) = self.domains.streams.iter().find(|r| !keep(r.sid)) {
+            return Err(AttachError::StreamInUse {
+                sid: r.sid,
+                domain: r.domain,
+            });
+        }
         let mut changed = 0;
         let sid_bits = self.streams.format().sid_bits();
         let span = self.streams.span_len();
@@ -676,7 +718,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 if live == Ste::invalid() || live == Ste::abort() {
                     continue;
                 }
-                self.attach_abort(sid)?;
+                self.abort_stream(sid)?;
                 changed += 1;
             }
         }
@@ -691,11 +733,21 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         self.streams.read(sid)
     }
 
-    /// Makes `sid` abort every transaction, silently (no event).
+    /// Makes `sid` abort every transaction, silently (no event). For a stream no domain holds (a domain's stream
+    /// aborts when it is detached).
     ///
     /// # Errors
-    /// As [`ActiveSmmu::install_ste`].
+    /// [`AttachError::StreamInUse`] for a stream attached to a domain, and [`AttachError::Stream`] for a
+    /// StreamID beyond the table or no memory for its level-2 span: nothing changes then.
+    /// [`AttachError::Invalidation`] when an invalidation fails: the STE is left as the error says.
     pub fn attach_abort(&mut self, sid: u32) -> Result<InstallReport, AttachError> {
+        self.unowned(sid)?;
+        self.abort_stream(sid)
+    }
+
+    /// Makes `sid` abort, whether or not a domain holds it: for the crate's own paths that keep the bookkeeping
+    /// (a detach, a restore undoing itself).
+    pub(crate) fn abort_stream(&mut self, sid: u32) -> Result<InstallReport, AttachError> {
         self.install_ste(sid, &Ste::abort())
     }
 
@@ -703,8 +755,10 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// memory.
     ///
     /// # Errors
-    /// As [`ActiveSmmu::install_ste`].
+    /// As [`ActiveSmmu::attach_abort`]: a stream attached to a domain is refused with
+    /// [`AttachError::StreamInUse`].
     pub fn attach_bypass(&mut self, sid: u32) -> Result<InstallReport, AttachError> {
+        self.unowned(sid)?;
         let bypass = Ste::bypass_for(&self.features().entry_rules());
         self.install_ste(sid, &bypass)
     }
@@ -712,7 +766,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// Submits a batch and a CMD_SYNC, and waits for completion. A command the SMMU could not fetch
     /// (CERROR_ABT) is fetched again; one it refuses as illegal (CERROR_ILL) is replaced with a CMD_SYNC so the
     /// rest of the batch completes, and the submission then fails. On an SMMU with
-    /// [`crate::features::Quirks::CMDQ_SYNC_EVERY_63`] a CMD_SYNC is inserted after every 63 commands.
+    /// [`crate::features::Quirks::CMDQ_SYNC_EVERY_63`] a CMD_SYNC is inserted after every 63 commands. Public for
+    /// experts: commands invalidate, prefetch or synchronise, so an extra batch costs time but cannot change what
+    /// a domain translates.
     ///
     /// # Errors
     /// [`CommandQueueError::Refused`] (after the rest of the batch completed) when a command was illegal,
@@ -845,11 +901,22 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         self.asids.allocate()
     }
 
-    /// Frees an ASID.
+    /// Frees an ASID taken with [`ActiveSmmu::allocate_asid`]. A domain's ASID goes back when the domain is freed,
+    /// after its TLB entries: freeing it here would let a later allocation hand it out while the domain still uses
+    /// it.
     ///
     /// # Errors
-    /// [`IdError::WrongState`] / [`IdError::OutOfRange`] for an ASID that is not allocated; nothing changes.
+    /// [`IdError::Owned`] for an ASID a live domain owns, [`IdError::WrongState`] / [`IdError::OutOfRange`] for an
+    /// ASID that is not allocated; nothing changes.
     pub fn free_asid(&mut self, asid: u16) -> Result<(), IdError> {
+        if self.domains.owns_asid(asid) {
+            return Err(IdError::Owned { id: asid });
+        }
+        self.asids.free(asid)
+    }
+
+    /// Frees an ASID whatever owns it: for a domain that is going (or was never recorded).
+    pub(crate) fn release_asid(&mut self, asid: u16) -> Result<(), IdError> {
         self.asids.free(asid)
     }
 
@@ -891,11 +958,19 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         self.vmids.allocate()
     }
 
-    /// Frees a VMID.
+    /// Frees a VMID taken with [`ActiveSmmu::allocate_vmid`] (a domain's goes back when the domain is freed).
     ///
     /// # Errors
-    /// As [`ActiveSmmu::free_asid`].
+    /// As [`ActiveSmmu::free_asid`]: [`IdError::Owned`] for a VMID a live stage-2 domain owns.
     pub fn free_vmid(&mut self, vmid: u16) -> Result<(), IdError> {
+        if self.domains.owns_vmid(vmid) {
+            return Err(IdError::Owned { id: vmid });
+        }
+        self.vmids.free(vmid)
+    }
+
+    /// Frees a VMID whatever owns it: for a domain that is going (or was never recorded).
+    pub(crate) fn release_vmid(&mut self, vmid: u16) -> Result<(), IdError> {
         self.vmids.free(vmid)
     }
 

@@ -626,6 +626,22 @@ impl<const D: usize> Domains<D> {
         self.streams.iter().position(|r| r.sid == sid)
     }
 
+    /// Whether a live stage-1 domain uses `asid` (one pass over the slots: for the raw ID calls, not a hot path).
+    pub(crate) fn owns_asid(&self, asid: u16) -> bool {
+        self.slots
+            .iter()
+            .filter_map(|s| s.state.as_ref())
+            .any(|s| matches!(s.translation, Translation::Stage1 { asid: a, .. } if a == asid))
+    }
+
+    /// Whether a live stage-2 domain uses `vmid` (its nested domains share it).
+    pub(crate) fn owns_vmid(&self, vmid: u16) -> bool {
+        self.slots
+            .iter()
+            .filter_map(|s| s.state.as_ref())
+            .any(|s| matches!(s.translation, Translation::Stage2 { vmid: v, .. } if v == vmid))
+    }
+
     /// Files `event` in the report of the domain its (stream, substream) is attached to now, or the SMMU-wide one.
     fn file(&mut self, event: &Event) {
         match Fault::of(event) {
@@ -837,7 +853,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             let table = smmu.new_table(memory, stage, options.input_bits)?;
             let asid = smmu.allocate_asid().map_err(DomainError::Id)?;
             let cd = smmu.stage1_cd(asid, &table).map_err(|e| {
-                let _ = smmu.free_asid(asid);
+                let _ = smmu.release_asid(asid);
                 DomainError::Entry(e)
             })?;
             Ok(Translation::Stage1 {
@@ -944,10 +960,10 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     fn release_ids(&mut self, state: &DomainState) {
         match state.translation {
             Translation::Stage1 { asid, .. } => {
-                let _ = self.free_asid(asid);
+                let _ = self.release_asid(asid);
             }
             Translation::Stage2 { vmid, .. } => {
-                let _ = self.free_vmid(vmid);
+                let _ = self.release_vmid(vmid);
             }
             Translation::Nested { .. } => {}
         }
@@ -1263,7 +1279,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         }
         // The STE to abort and the stream's cached CDs invalidated first: until both completed the stream stays
         // recorded (so its domain cannot be freed), and a failed detach can simply be tried again.
-        self.attach_abort(sid).map_err(DomainError::Attach)?;
+        self.abort_stream(sid).map_err(DomainError::Attach)?;
         if self.domains.streams[index].cd_table.is_some() {
             let mut batch = Batch::new();
             batch.push(&Command::CfgiCdAll { sid })?;
@@ -2176,6 +2192,85 @@ mod tests {
             }
             assert_eq!(frames.live_blocks(), baseline, "round {round}: every table returned");
         }
+    }
+
+    /// The raw ID calls cannot take an ID from a live domain: freeing one is refused and changes nothing, so no
+    /// later allocation (raw or a new domain's) hands it out while the domain still tags TLB entries with it.
+    #[test]
+    fn freeing_a_live_domains_asid_or_vmid_is_refused_and_no_later_create_reuses_it() {
+        let frames = frames();
+        // IDR0.ASID16 (bit 12) and VMID16 (bit 18) clear: 8-bit IDs, quick to exhaust.
+        let model = Model::start_with(frames, IDRS[0].1 & !(1 << 12 | 1 << 18));
+        let mut smmu = smmu(&model, frames);
+        let d = s1(&mut smmu, frames);
+        let e = s2(&mut smmu, frames);
+        let (asid, vmid) = (asid_of(&smmu, d), vmid_of(&smmu, e));
+        let in_use = (smmu.asids_in_use(), smmu.vmids_in_use());
+        assert_eq!(smmu.free_asid(asid), Err(IdError::Owned { id: asid }));
+        assert_eq!(smmu.free_vmid(vmid), Err(IdError::Owned { id: vmid }));
+        assert_eq!((smmu.asids_in_use(), smmu.vmids_in_use()), in_use, "nothing freed");
+
+        // Every other ID taken raw: the domains' IDs are not among them.
+        let raw_asids: Vec<u16> = core::iter::from_fn(|| smmu.allocate_asid().ok()).collect();
+        let raw_vmids: Vec<u16> = core::iter::from_fn(|| smmu.allocate_vmid().ok()).collect();
+        assert_eq!((raw_asids.len(), raw_vmids.len()), (254, 254));
+        assert!(!raw_asids.contains(&asid) && !raw_vmids.contains(&vmid));
+        // Refused again with every other ID taken: a new domain finds none rather than the live domain's.
+        assert_eq!(smmu.free_asid(asid), Err(IdError::Owned { id: asid }));
+        assert_eq!(smmu.free_vmid(vmid), Err(IdError::Owned { id: vmid }));
+        let exhausted = Err(DomainError::Id(IdError::Exhausted { bits: 8 }));
+        assert_eq!(smmu.create_stage1(memory(frames), Stage1Options::default()), exhausted);
+        assert_eq!(
+            smmu.create_stage2(memory(frames), Stage2Options { input_bits: 40 }),
+            exhausted
+        );
+
+        // A raw ID is the caller's own: freed, and the next domain gets it.
+        smmu.free_asid(raw_asids[7]).unwrap();
+        smmu.free_vmid(raw_vmids[7]).unwrap();
+        let d2 = s1(&mut smmu, frames);
+        let e2 = s2(&mut smmu, frames);
+        assert_eq!((asid_of(&smmu, d2), vmid_of(&smmu, e2)), (raw_asids[7], raw_vmids[7]));
+        // A freed domain's ID goes back with it (and is then the caller's to allocate, not to free).
+        smmu.free_domain(d).unwrap();
+        smmu.free_domain(e).unwrap();
+        assert_eq!(
+            smmu.free_asid(asid),
+            Err(IdError::WrongState {
+                id: asid,
+                allocated: false
+            })
+        );
+        assert_eq!((smmu.allocate_asid(), smmu.allocate_vmid()), (Ok(asid), Ok(vmid)));
+    }
+
+    /// A stream attached to a domain has its STE written by the domain alone: the raw STE calls refuse it (and
+    /// change nothing), so a bypass cannot replace a domain's translation behind its back.
+    #[test]
+    fn raw_ste_calls_refuse_a_stream_a_domain_owns() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = smmu(&model, frames);
+        let d = s1(&mut smmu, frames);
+        smmu.attach(d, SID).unwrap();
+        let ste = smmu.ste(SID).unwrap();
+        let before = consumed(&model);
+        let in_use = Some(AttachError::StreamInUse { sid: SID, domain: d });
+        assert_eq!(smmu.attach_bypass(SID).err(), in_use);
+        assert_eq!(smmu.attach_abort(SID).err(), in_use);
+        assert_eq!(smmu.abort_streams_except(|sid| sid == SID), Ok(0), "kept by the caller");
+        assert_eq!(smmu.abort_streams_except(|_| false).err(), in_use);
+        assert_eq!(smmu.ste(SID), Ok(ste), "the domain's STE is as it was");
+        assert_eq!(since(&model, before), [], "no command was issued");
+        assert_eq!(smmu.attachments(d), Ok(&[(SID, 0)][..]));
+
+        // Detached, the stream is the caller's again.
+        smmu.detach(SID).unwrap();
+        smmu.attach_bypass(SID).unwrap();
+        assert_eq!(smmu.ste(SID).unwrap().config(), Config::Bypass);
+        smmu.attach_bypass(SID + 1).unwrap();
+        assert_eq!(smmu.abort_streams_except(|_| false), Ok(2));
+        assert_eq!(smmu.ste(SID).unwrap().config(), Config::Abort);
     }
 
     #[test]

@@ -24,6 +24,12 @@ pub enum IdError {
         /// Whether it is currently allocated.
         allocated: bool,
     },
+    /// The identifier belongs to a live domain (on `ActiveSmmu::free_asid` / `free_vmid`): it goes back when the
+    /// domain is freed, after its TLB entries.
+    Owned {
+        /// The identifier.
+        id: u16,
+    },
 }
 
 impl fmt::Display for IdError {
@@ -33,6 +39,12 @@ impl fmt::Display for IdError {
             IdError::OutOfRange { id, bits } => write!(f, "identifier {id:#x} does not fit {bits} bits"),
             IdError::WrongState { id, allocated: true } => write!(f, "identifier {id:#x} is already allocated"),
             IdError::WrongState { id, allocated: false } => write!(f, "identifier {id:#x} is not allocated"),
+            IdError::Owned { id } => {
+                write!(
+                    f,
+                    "identifier {id:#x} belongs to a live domain: free the domain, not the identifier"
+                )
+            }
         }
     }
 }

@@ -351,7 +351,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             // Not expected once `check_limits` passed; undo everything: every touched stream aborting, the
             // domains gone (their memory abandoned, not freed: the SMMU may have walked it), IDs and arenas back.
             for &sid in &touched {
-                let _ = self.attach_abort(sid);
+                let _ = self.abort_stream(sid);
             }
             self.domains.streams.retain(|r| !touched.contains(&r.sid));
             let restored: heapless::Vec<(DomainId, Option<&'static HandoverArena>), { crate::domain::MAX_PRESERVED }> =
@@ -705,7 +705,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// will reuse). Call it before allocating any ASID or VMID. Returns how many STEs changed.
     ///
     /// # Errors
-    /// As [`ActiveSmmu::install_ste`].
+    /// As [`ActiveSmmu::attach_abort`].
     pub fn abort_unrestored_streams(&mut self) -> Result<u32, AttachError> {
         let keep: heapless::Vec<u32, { crate::domain::MAX_ATTACHED_STREAMS }> =
             self.domains.streams.iter().map(|r| r.sid).collect();
