@@ -27,6 +27,16 @@
 //! **Nested domains** follow iommufd's nested HWPT: the stage-2 part is a stage-2 domain the hypervisor owns (the
 //! parent; several nested domains may share one and its VMID), the stage-1 part belongs to a guest, whose CD table
 //! and stage-1 tables live in guest memory and are given as IPAs ([`GuestStage1`]).
+//!
+//! **EL2 stage-1 domains** ([`Stage1Options::el2`]: STE.STRW = EL2, without E2H) translate in a regime without
+//! ASIDs, where every context's TLB entries match every other's (IHI 0070 §3.17). So at most one EL2 domain is *in
+//! use*, i.e. has a stream or substream attached, at a time: any number may exist, but attaching another while one
+//! is in use is refused with [`DomainError::El2DomainInUse`]. Its last detach drops every EL2 entry (TLBI_EL2_ALL +
+//! CMD_SYNC) before the next one can be attached; when that invalidation failed, the next EL2 attach issues it
+//! first. A stream's substreams use the stream's regime ([`DomainError::RegimeMismatch`]). An EL2 domain is
+//! invalidated with the EL2 commands only: TLBI_EL2_VA (by range where IDR3.RIL) for unmap, protect and trim,
+//! TLBI_EL2_ALL for the last detach and free, never TLBI_NH_*. It still holds an ASID, which its CD carries and
+//! the EL2 regime does not tag entries with.
 
 use core::fmt;
 
@@ -110,7 +120,8 @@ impl fmt::Display for DomainKind {
 pub struct Stage1Options {
     /// Input (IOVA) bits: 25..=48.
     pub input_bits: u8,
-    /// The EL2 translation regime (STE.STRW = EL2) instead of NS-EL1; needs IDR0.HYP.
+    /// The EL2 translation regime (STE.STRW = EL2) instead of NS-EL1; needs IDR0.HYP. One EL2 domain is in use
+    /// at a time (see the [module docs](self)).
     pub el2: bool,
 }
 
@@ -290,6 +301,25 @@ pub enum DomainError {
         /// Where it is attached.
         domain: DomainId,
     },
+    /// Another EL2 stage-1 domain is in use (has a stream or substream attached). The EL2 regime has no ASIDs,
+    /// so every EL2 context's TLB entries match every other's (IHI 0070 §3.17): one EL2 domain is in use at a
+    /// time. Detach the holder's streams first.
+    El2DomainInUse {
+        /// The EL2 domain being attached.
+        domain: DomainId,
+        /// The EL2 domain in use.
+        holder: DomainId,
+    },
+    /// A substream must use its stream's translation regime (the STE's STRW): an EL2 domain on an NS-EL1 stream,
+    /// or the reverse, would be walked and invalidated in the wrong regime.
+    RegimeMismatch {
+        /// StreamID.
+        sid: u32,
+        /// SubstreamID.
+        ssid: u32,
+        /// Whether the stream translates in the EL2 regime (else NS-EL1).
+        stream_el2: bool,
+    },
     /// The stream (or substream) is not attached.
     NotAttached {
         /// StreamID.
@@ -393,6 +423,23 @@ impl fmt::Display for DomainError {
             DomainError::Stream(e) => write!(f, "{e}"),
             DomainError::StreamInUse { sid, domain } => {
                 write!(f, "stream {sid:#x} is attached to {domain}: detach it first")
+            }
+            DomainError::El2DomainInUse { domain, holder } => write!(
+                f,
+                "{holder} is the EL2 stage-1 domain in use (EL2 has no ASIDs: one EL2 domain at a time); detach it \
+                 before attaching {domain}"
+            ),
+            DomainError::RegimeMismatch { sid, ssid, stream_el2 } => {
+                let (stream, other) = if *stream_el2 {
+                    ("EL2", "NS-EL1")
+                } else {
+                    ("NS-EL1", "EL2")
+                };
+                write!(
+                    f,
+                    "stream {sid:#x} translates in the {stream} regime: its substream {ssid:#x} cannot take an \
+                     {other} domain"
+                )
             }
             DomainError::NotAttached { sid, ssid: None } => write!(f, "stream {sid:#x} is not attached"),
             DomainError::NotAttached { sid, ssid: Some(ssid) } => {
@@ -508,6 +555,11 @@ impl DomainState {
         }
     }
 
+    /// Whether this is a stage-1 domain of the EL2 regime.
+    pub(crate) fn is_el2(&self) -> bool {
+        matches!(self.translation, Translation::Stage1 { el2: true, .. })
+    }
+
     fn kind(&self) -> DomainKind {
         match self.translation {
             Translation::Stage1 { .. } => DomainKind::Stage1,
@@ -547,6 +599,9 @@ pub(crate) struct Domains<const D: usize> {
         (DomainId, Option<&'static crate::handover::pool::HandoverArena>),
         MAX_PRESERVED,
     >,
+    /// An EL2 stage-1 domain's last detach could not drop its TLB entries (TLBI_EL2_ALL failed): they may still be
+    /// cached, and would match any EL2 context, so the next EL2 domain to be attached drops them first.
+    pub(crate) el2_stale: bool,
 }
 
 impl<const D: usize> Domains<D> {
@@ -562,6 +617,7 @@ impl<const D: usize> Domains<D> {
             unattached_faults: FaultReport::default(),
             tokens: heapless::index_map::FnvIndexMap::new(),
             restored: heapless::index_map::FnvIndexMap::new(),
+            el2_stale: false,
         }
     }
 
@@ -624,6 +680,19 @@ impl<const D: usize> Domains<D> {
 
     pub(crate) fn stream(&self, sid: u32) -> Option<usize> {
         self.streams.iter().position(|r| r.sid == sid)
+    }
+
+    /// The EL2 stage-1 domain (other than `except`) that has a stream or substream attached, if any (one pass over
+    /// the slots: for attach and restore, not a hot path).
+    pub(crate) fn el2_in_use(&self, except: Option<DomainId>) -> Option<DomainId> {
+        self.slots.iter().enumerate().find_map(|(index, slot)| {
+            let state = slot.state.as_ref()?;
+            let id = DomainId {
+                index: index as u16,
+                generation: slot.generation,
+            };
+            (Some(id) != except && state.is_el2() && !state.attachments.is_empty()).then_some(id)
+        })
     }
 
     /// Whether a live stage-1 domain uses `asid` (one pass over the slots: for the raw ID calls, not a hot path).
@@ -1064,7 +1133,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// [`DomainError::StaleDomain`], [`DomainError::StreamInUse`] when the stream is attached anywhere,
     /// [`DomainError::Stream`] for a StreamID beyond the table, [`DomainError::TooMany`], [`DomainError::CdTable`],
     /// [`DomainError::Entry`], [`DomainError::HandoverPrepared`] (a preserved domain while a prepared hand-off
-    /// records it): nothing changed then. [`DomainError::Attach`] when an STE invalidation failed: the
+    /// records it), [`DomainError::El2DomainInUse`] for an EL2 stage-1 domain while another is in use: nothing
+    /// changed then. [`DomainError::Invalidation`] when the TLBI_EL2_ALL owed by an earlier failed EL2 detach
+    /// fails again (nothing written). [`DomainError::Attach`] when an STE invalidation failed: the
     /// STE is left as the error says and the stream is recorded as attached (so the domain cannot be freed under
     /// it); `detach` cleans up.
     pub fn attach(&mut self, domain: DomainId, sid: u32) -> Result<(), DomainError> {
@@ -1086,6 +1157,8 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         if sid_bits < 32 && sid >> sid_bits != 0 {
             return Err(DomainError::Stream(StreamError::UnknownStream { sid, sid_bits }));
         }
+        self.enter_el2(domain)?;
+        let state = self.domains.get(domain)?;
         let memory = state.memory;
         let cd_table = match &state.translation {
             Translation::Stage1 { cd, .. } => {
@@ -1166,7 +1239,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// [`DomainError::NotAttached`] for a stream without a stage-1 attachment, [`DomainError::BadSubstream`] for
     /// SubstreamID 0 or one beyond the stream's CD table (on an SMMU without substreams, every one),
     /// [`DomainError::StreamInUse`] for a substream attached already, [`DomainError::TooMany`],
-    /// [`DomainError::HandoverPrepared`]: nothing changed.
+    /// [`DomainError::HandoverPrepared`], [`DomainError::RegimeMismatch`] for a domain of another regime than the
+    /// stream's (EL2 and NS-EL1 do not mix), [`DomainError::El2DomainInUse`]: nothing changed.
+    /// [`DomainError::Invalidation`] as for [`ActiveSmmu::attach`].
     /// [`DomainError::CdTable`] when the CD's invalidation failed (the CD is written).
     pub fn attach_substream(&mut self, domain: DomainId, sid: u32, ssid: u32) -> Result<(), DomainError> {
         self.unfrozen(domain)?;
@@ -1198,6 +1273,11 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         if record.substreams.is_full() {
             return Err(DomainError::TooMany("substreams of the stream"));
         }
+        let stream_el2 = self.domains.get(record.domain)?.is_el2();
+        if stream_el2 != state.is_el2() {
+            return Err(DomainError::RegimeMismatch { sid, ssid, stream_el2 });
+        }
+        self.enter_el2(domain)?;
         self.write_stream_cd(index, ssid, &cd)?;
         let _ = self.domains.streams[index].substreams.push((ssid, domain));
         if let Ok(state) = self.domains.get_mut(domain) {
@@ -1328,10 +1408,35 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         if !state.attachments.is_empty() {
             return Ok(());
         }
+        let el2 = state.is_el2();
         let command = self.whole_domain_invalidation(domain)?;
         let mut batch = Batch::new();
         batch.push(&command)?;
-        self.submit(&batch)?;
+        let done = self.submit(&batch);
+        if el2 {
+            // EL2 entries match every EL2 context: until dropped, they stand in the way of the next EL2 domain.
+            self.domains.el2_stale = done.is_err();
+        }
+        done?;
+        Ok(())
+    }
+
+    /// Before an EL2 stage-1 domain's stream or substream is attached: refuses it while another EL2 domain is in
+    /// use (EL2 has no ASIDs, so the two would share TLB entries), and drops the EL2 entries a previous domain may
+    /// have left when its last detach's invalidation failed (TLBI_EL2_ALL + CMD_SYNC). Nothing for other domains.
+    fn enter_el2(&mut self, domain: DomainId) -> Result<(), DomainError> {
+        if !self.domains.get(domain)?.is_el2() {
+            return Ok(());
+        }
+        if let Some(holder) = self.domains.el2_in_use(Some(domain)) {
+            return Err(DomainError::El2DomainInUse { domain, holder });
+        }
+        if self.domains.el2_stale {
+            let mut batch = Batch::new();
+            batch.push(&Command::TlbiEl2All)?;
+            self.submit(&batch)?;
+            self.domains.el2_stale = false;
+        }
         Ok(())
     }
 
@@ -1639,6 +1744,10 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         let mut batch = Batch::new();
         batch.push(&command)?;
         self.submit(&batch)?;
+        if command == Command::TlbiEl2All {
+            // Every EL2 entry is gone, a previous domain's stale ones too.
+            self.domains.el2_stale = false;
+        }
         let Some(state) = self.domains.remove(domain) else {
             return Err(DomainError::StaleDomain(domain));
         };
@@ -3181,31 +3290,83 @@ mod tests {
         );
     }
 
+    /// IDR0.HYP (bit 9): EL2 contexts; IDR1.SSIDSIZE 5: substreams.
+    fn el2_model(frames: &'static HeapFrames) -> Model {
+        Model::start_with_idrs(frames, IDRS[0].1 | 1 << 9, IDRS[1].1 | 5 << 6)
+    }
+
+    fn el2(smmu: &mut ActiveSmmu<&'static HeapFrames>, frames: &'static HeapFrames) -> DomainId {
+        smmu.create_stage1(
+            memory(frames),
+            Stage1Options {
+                input_bits: 39,
+                el2: true,
+            },
+        )
+        .unwrap()
+    }
+
+    /// The EL2 regime (STE.STRW = EL2, no E2H) has no ASIDs (IHI 0070 §3.17): its entries are invalidated only by
+    /// the EL2 commands, on every path, and never by TLBI_NH_*, which misses them.
     #[test]
     fn an_el2_stage1_domain_is_invalidated_with_el2_commands() {
         let frames = frames();
-        // IDR0.HYP (bit 9): EL2 contexts.
-        let model = Model::start_with(frames, IDRS[0].1 | 1 << 9);
+        let model = el2_model(frames);
         let mut smmu = smmu(&model, frames);
-        let d = smmu
-            .create_stage1(
-                memory(frames),
-                Stage1Options {
-                    input_bits: 39,
-                    el2: true,
-                },
-            )
-            .unwrap();
-        smmu.map(d, 0x40_0000, 0x8000_0000, 0x2000, RW).unwrap();
+        let d = el2(&mut smmu, frames);
+        smmu.map(d, 0x40_0000, 0x8000_0000, 0x8000, RW).unwrap();
+        smmu.map(d, 0x20_0000, 0x9000_0000, 0x1000, RW).unwrap();
         let before = consumed(&model);
         smmu.attach(d, SID).unwrap();
         assert_ste_steps(&issued_since(&model, before), SID);
+        assert_eq!(smmu.ste(SID).unwrap().0[1] >> 30 & 0b11, 0b10, "STRW = EL2");
+        let el2_va = |address| [Issued::El2Va { address }, Issued::Sync];
+
         let before = consumed(&model);
         smmu.unmap(d, 0x40_1000, 0x1000).unwrap();
-        assert_eq!(
-            issued_since(&model, before),
-            [Issued::El2Va { address: 0x40_1000 }, Issued::Sync]
+        assert_eq!(issued_since(&model, before), el2_va(0x40_1000));
+        // A range: one TLBI_EL2_VA with a range (IDR3.RIL).
+        let before = consumed(&model);
+        smmu.unmap(d, 0x40_4000, 0x4000).unwrap();
+        assert_eq!(issued_since(&model, before), el2_va(0x40_4000));
+        let before = consumed(&model);
+        smmu.protect(d, 0x40_2000, 0x1000, Prot::READ | Prot::CACHEABLE)
+            .unwrap();
+        assert_eq!(issued_since(&model, before), el2_va(0x40_2000));
+        let before = consumed(&model);
+        let mut gather = Gather::default();
+        smmu.unmap_deferred(d, 0x40_3000, 0x1000, &mut gather).unwrap();
+        assert_eq!(issued_since(&model, before), []);
+        smmu.sync_domain(d, gather).unwrap();
+        assert_eq!(issued_since(&model, before), el2_va(0x40_3000));
+        // Trim: the emptied table at 0x20_0000 unlinked, invalidated (non-leaf) in the EL2 regime.
+        smmu.unmap(d, 0x20_0000, 0x1000).unwrap();
+        let before = consumed(&model);
+        assert_eq!(smmu.trim_domain(d), Ok(1));
+        let issued = issued_since(&model, before);
+        assert_eq!(issued.last(), Some(&Issued::Sync), "{issued:?}");
+        assert!(issued.len() > 1, "{issued:?}");
+        assert!(
+            issued[..issued.len() - 1].iter().all(|i| match *i {
+                Issued::El2Va { address } => (0x20_0000..0x40_0000).contains(&address),
+                Issued::El2All => true,
+                _ => false,
+            }),
+            "{issued:?}"
         );
+
+        // A substream of the same domain: its CD, and its detach leaves the stream attached (no TLBI).
+        let before = consumed(&model);
+        smmu.attach_substream(d, SID, 2).unwrap();
+        smmu.detach_substream(SID, 2).unwrap();
+        assert!(
+            issued_since(&model, before)
+                .iter()
+                .all(|i| matches!(i, Issued::Cd { sid: SID, ssid: 2 } | Issued::Sync)),
+            "{:?}",
+            issued_since(&model, before)
+        );
+
         let before = consumed(&model);
         smmu.detach(SID).unwrap();
         let issued = issued_since(&model, before);
@@ -3218,6 +3379,113 @@ mod tests {
         let before = consumed(&model);
         smmu.free_domain(d).unwrap();
         assert_eq!(issued_since(&model, before), [Issued::El2All, Issued::Sync]);
+    }
+
+    /// EL2 entries carry no ASID, so two EL2 domains in use at once would hit each other's entries: while one has
+    /// an attachment (stream or substream), attaching another is refused and changes nothing; once it is
+    /// detached, the next one may be attached (its entries were dropped by that last detach).
+    #[test]
+    fn one_el2_stage1_domain_is_in_use_at_a_time() {
+        let frames = frames();
+        let model = el2_model(frames);
+        let mut smmu = smmu(&model, frames);
+        let a = el2(&mut smmu, frames);
+        let b = el2(&mut smmu, frames);
+        let el1 = s1(&mut smmu, frames);
+        smmu.attach(a, SID).unwrap();
+        smmu.attach(a, SID + 1).unwrap();
+        let (before, ste) = (consumed(&model), smmu.ste(SID + 2));
+        let in_use = Err(DomainError::El2DomainInUse { domain: b, holder: a });
+        assert_eq!(smmu.attach(b, SID + 2), in_use);
+        assert_eq!(smmu.ste(SID + 2), ste, "nothing written");
+        assert_eq!(smmu.attachments(b), Ok(&[][..]));
+        assert_eq!(issued_since(&model, before), []);
+        // NS-EL1 domains are tagged by ASID: they are not concerned.
+        smmu.attach(el1, SID + 2).unwrap();
+
+        // Still in use through one stream.
+        smmu.detach(SID).unwrap();
+        assert_eq!(smmu.attach(b, SID), in_use);
+        // No longer in use: b may take over, its first attach needs nothing more than a's last detach issued.
+        let before = consumed(&model);
+        smmu.detach(SID + 1).unwrap();
+        let issued = issued_since(&model, before);
+        assert_eq!(issued[issued.len() - 2..], [Issued::El2All, Issued::Sync]);
+        let before = consumed(&model);
+        smmu.attach(b, SID).unwrap();
+        assert_ste_steps(&issued_since(&model, before), SID);
+        assert_eq!(
+            smmu.attach(a, SID + 1),
+            Err(DomainError::El2DomainInUse { domain: a, holder: b })
+        );
+        // a may exist (and be freed) meanwhile.
+        smmu.free_domain(a).unwrap();
+    }
+
+    /// When the last detach's TLBI_EL2_ALL failed, the previous EL2 domain's entries may still be cached: the
+    /// next EL2 domain's attach drops them (TLBI_EL2_ALL + CMD_SYNC) before its STE is written.
+    #[test]
+    fn switching_el2_domains_after_a_failed_invalidation_drops_the_old_entries_first() {
+        let frames = frames();
+        let model = el2_model(frames);
+        let mut smmu = smmu(&model, frames);
+        let a = el2(&mut smmu, frames);
+        let b = el2(&mut smmu, frames);
+        smmu.attach(a, SID).unwrap();
+        model.refuse.store(opcode::TLBI_EL2_ALL, Ordering::SeqCst);
+        assert!(matches!(smmu.detach(SID), Err(DomainError::Invalidation(_))));
+        model.refuse.store(0, Ordering::SeqCst);
+        assert_eq!(smmu.attachments(a), Ok(&[][..]), "the stream itself is detached");
+
+        let before = consumed(&model);
+        smmu.attach(b, SID + 1).unwrap();
+        let issued = issued_since(&model, before);
+        assert_eq!(issued[..2], [Issued::El2All, Issued::Sync], "{issued:?}");
+        assert_ste_steps(&issued[2..], SID + 1);
+        // Done once: b's next attach needs none.
+        let before = consumed(&model);
+        smmu.attach(b, SID + 2).unwrap();
+        assert_ste_steps(&issued_since(&model, before), SID + 2);
+    }
+
+    /// A stream's STE fixes its regime (STRW) for all its substreams: an EL2 domain's CD under an NS-EL1 stream
+    /// would be walked as NS-EL1 and invalidated by the wrong commands, and the reverse. Both are refused, nothing
+    /// written.
+    #[test]
+    fn a_streams_substreams_all_use_its_regime() {
+        let frames = frames();
+        let model = el2_model(frames);
+        let mut smmu = smmu(&model, frames);
+        let el1 = s1(&mut smmu, frames);
+        let other_el1 = s1(&mut smmu, frames);
+        let el2 = el2(&mut smmu, frames);
+        smmu.attach(el1, SID).unwrap();
+        let before = consumed(&model);
+        assert_eq!(
+            smmu.attach_substream(el2, SID, 1),
+            Err(DomainError::RegimeMismatch {
+                sid: SID,
+                ssid: 1,
+                stream_el2: false
+            })
+        );
+        assert_eq!(issued_since(&model, before), []);
+        assert_eq!(smmu.attachments(el2), Ok(&[][..]));
+        smmu.attach_substream(other_el1, SID, 1).unwrap();
+
+        smmu.attach(el2, SID + 1).unwrap();
+        let before = consumed(&model);
+        assert_eq!(
+            smmu.attach_substream(el1, SID + 1, 1),
+            Err(DomainError::RegimeMismatch {
+                sid: SID + 1,
+                ssid: 1,
+                stream_el2: true
+            })
+        );
+        assert_eq!(issued_since(&model, before), []);
+        assert_eq!(smmu.attachments(el1), Ok(&[(SID, 0)][..]));
+        smmu.attach_substream(el2, SID + 1, 1).unwrap();
     }
 
     #[test]
