@@ -421,6 +421,26 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             if r.kind == RecordKind::Stage1El2 && !f.hyp {
                 return Err(beyond("EL2 contexts, kind", r.kind as u64));
             }
+            // One EL2 stage-1 domain in use at a time (EL2 has no ASIDs): a record's with streams neither beside
+            // one this image has in use nor beside another record's.
+            if r.kind == RecordKind::Stage1El2 && !r.streams.is_empty() {
+                if self.domains.el2_in_use(None).is_some() {
+                    return Err(beyond(
+                        "its EL2 stage-1 domain in use while this image has one in use, streams",
+                        r.streams.len() as u64,
+                    ));
+                }
+                if instance
+                    .records
+                    .iter()
+                    .any(|x| x.token != r.token && x.kind == RecordKind::Stage1El2 && !x.streams.is_empty())
+                {
+                    return Err(beyond(
+                        "its EL2 stage-1 domain in use beside another record's, streams",
+                        r.streams.len() as u64,
+                    ));
+                }
+            }
             // The IDs a record's domain owns must be free here (0 is reserved, never a domain's), and its streams
             // unattached: checked now, so that a restore into an image that already uses them changes nothing.
             if matches!(r.kind, RecordKind::Stage1 | RecordKind::Stage1El2) && self.asid_taken(r.asid) {
@@ -1380,6 +1400,110 @@ mod tests {
         );
         smmu.detach(0x10).unwrap();
         smmu.free_domain(mine).unwrap();
+    }
+
+    /// An SMMU with EL2 contexts (IDR0.HYP), for EL2 stage-1 domains.
+    fn el2_model(frames: &'static HeapFrames) -> Model {
+        Model::start_with(frames, crate::active::tests::IDRS[0].1 | 1 << 9)
+    }
+
+    const EL2: Stage1Options = Stage1Options {
+        input_bits: 39,
+        el2: true,
+    };
+
+    /// A first image with EL2 domain 0x71 attached to stream 0x10 and, when `second` (an image that broke the
+    /// one-in-use rule: simulated by hiding 0x71's regime while 0x72 attaches), EL2 domain 0x72 on stream 0x11.
+    fn el2_first_image(region: &mut Region, frames: &'static HeapFrames, second: bool) {
+        let model = el2_model(frames);
+        let mut smmu = boot(&model, frames);
+        let pool = region.pool();
+        let a = smmu.create_stage1(pool.take_arena().unwrap(), EL2).unwrap();
+        smmu.map(a, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+        smmu.attach(a, 0x10).unwrap();
+        smmu.preserve(a, 0x71).unwrap();
+        if second {
+            let b = smmu.create_stage1(pool.take_arena().unwrap(), EL2).unwrap();
+            let set_el2 = |smmu: &mut ActiveSmmu<&'static HeapFrames>, value: bool| {
+                if let Translation::Stage1 { el2, .. } = &mut smmu.domains.get_mut(a).unwrap().translation {
+                    *el2 = value;
+                }
+            };
+            set_el2(&mut smmu, false);
+            smmu.attach(b, 0x11).unwrap();
+            set_el2(&mut smmu, true);
+            smmu.preserve(b, 0x72).unwrap();
+        }
+        smmu.prepare_handover(pool, BASE, 1).unwrap();
+        core::mem::forget(smmu);
+        drop(model);
+    }
+
+    /// One EL2 stage-1 domain in use at a time holds across a live update: a record's EL2 domain with streams is
+    /// not restored beside one this image has in use, nor beside another record's; refused before anything
+    /// changes.
+    #[test]
+    fn a_restore_never_puts_two_el2_domains_in_use() {
+        let frames = frames();
+        let mut region = Region::new();
+        el2_first_image(&mut region, frames, false);
+        let model = el2_model(frames);
+        let mut smmu = boot(&model, frames);
+        let pool = region.pool();
+        // This image's domain on another ASID than the record's (1), so that only the EL2 rule stands in the way.
+        let spare = smmu.allocate_asid().unwrap();
+        let mine = smmu.create_stage1(frames, EL2).unwrap();
+        smmu.free_asid(spare).unwrap();
+        smmu.attach(mine, 0x11).unwrap();
+        let error = smmu.restore_handover(pool, BASE).unwrap_err();
+        assert!(
+            matches!(error, RestoreError::BeyondLimits { token: 0x71, what, .. } if what.contains("EL2")),
+            "{error}"
+        );
+        assert_eq!(pool.arenas_in_use(), 0);
+        assert_ne!(
+            smmu.ste(0x10).map(|s| s.config()),
+            Ok(Config::Stage1),
+            "no STE installed"
+        );
+        assert_eq!(
+            smmu.attachments(mine),
+            Ok(&[(0x11, 0)][..]),
+            "this image's domain untouched"
+        );
+        core::mem::forget(smmu);
+        drop(model);
+
+        // Restored into an image without one in use, the restored domain is the EL2 domain in use.
+        let model = el2_model(frames);
+        let mut smmu = boot(&model, frames);
+        let pool = region.pool();
+        smmu.restore_handover(pool, BASE).unwrap();
+        let restored = smmu.retrieve(0x71).unwrap();
+        let mine = smmu.create_stage1(frames, EL2).unwrap();
+        assert_eq!(
+            smmu.attach(mine, 0x11),
+            Err(DomainError::El2DomainInUse {
+                domain: mine,
+                holder: restored
+            })
+        );
+        core::mem::forget(smmu);
+        drop(model);
+
+        // Two records' EL2 domains in use: neither is restored.
+        let mut region = Region::new();
+        el2_first_image(&mut region, frames, true);
+        let model = el2_model(frames);
+        let mut smmu = boot(&model, frames);
+        let pool = region.pool();
+        let error = smmu.restore_handover(pool, BASE).unwrap_err();
+        assert!(
+            matches!(error, RestoreError::BeyondLimits { what, .. } if what.contains("another record")),
+            "{error}"
+        );
+        assert_eq!(pool.arenas_in_use(), 0);
+        assert!(smmu.retrieve(0x71).is_err() && smmu.retrieve(0x72).is_err());
     }
 
     /// From prepare to cancel, a preserved domain is frozen: what the next image restores is what the region
