@@ -158,12 +158,12 @@ fn bench_preserve(c: &mut Criterion, smmu: &mut Active, region: &Region) {
                         .unwrap()
                 })
             });
+            // A prepared hand-off refuses further preserves (the region is written): cancelled before the next n.
+            smmu.cancel_handover(pool, REGISTER_BASE).unwrap();
         }
     }
     group.finish();
     PAUSE.store(false, Ordering::Relaxed);
-    // The prepared hand-off records them: cancelled before they are unpreserved.
-    smmu.cancel_handover(pool, REGISTER_BASE).unwrap();
     for i in 0..preserved {
         smmu.unpreserve(0x1000 + i as u64).unwrap();
     }

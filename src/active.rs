@@ -103,6 +103,21 @@ pub enum StreamTableChoice {
     Linear,
 }
 
+/// What the previous image recorded about an SMMU it left translating (from the handover region, see
+/// [`crate::handover::restore::running_smmu`]): [`Smmu::adopt_running`] adopts nothing unless the running SMMU is
+/// this one, with this stream table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunningSmmu {
+    /// SMMU_IDR0..5 as the previous image probed them.
+    pub idr: [u32; 6],
+    /// SMMU_IIDR as the previous image probed it.
+    pub iidr: u32,
+    /// The format of the stream table the SMMU runs with.
+    pub format: StreamTableFormat,
+    /// Its base (physical).
+    pub strtab_base: u64,
+}
+
 /// Why [`Smmu::init`] failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InitError {
@@ -130,6 +145,15 @@ pub enum InitError {
         /// Where the caller said it is.
         expected: u64,
     },
+    /// The running SMMU is not the one the previous image recorded: an ID register reads otherwise.
+    IdentityMismatch {
+        /// The register (`IDR0`..`IDR5`, `IIDR`).
+        register: &'static str,
+        /// Its value as recorded.
+        recorded: u32,
+        /// Its value as this image probed it.
+        probed: u32,
+    },
 }
 
 impl fmt::Display for InitError {
@@ -148,6 +172,14 @@ impl fmt::Display for InitError {
             InitError::StreamTableNotAdoptable { running, expected } => write!(
                 f,
                 "SMMU hand-off: the running stream table at {running:#x} is not the one expected at {expected:#x} (or not reachable)"
+            ),
+            InitError::IdentityMismatch {
+                register,
+                recorded,
+                probed,
+            } => write!(
+                f,
+                "SMMU hand-off: not the SMMU the previous image left running: {register} recorded {recorded:#x}, probed {probed:#x}"
             ),
         }
     }
@@ -276,6 +308,9 @@ pub struct ActiveSmmu<A: FrameAllocator, const D: usize = DEFAULT_DOMAINS> {
     vmids: IdAllocator,
     pub(crate) pending_overflow: Option<Overflow>,
     pub(crate) domains: Domains<D>,
+    /// Adopted from a previous image ([`Smmu::adopt_running`]): STEs that image left may still be live, so a
+    /// refused restore must make every stream but this image's own abort. Cleared once they are aborted.
+    pub(crate) inherited_stes: bool,
 }
 
 fn handshake<T: Copy + PartialEq + Into<u32>>(
@@ -299,10 +334,31 @@ fn set_cr0(regs: &SmmuPage0, value: u32) -> Result<(), InitError> {
 
 /// GBPA update protocol: wait for UPDATE = 0, write with UPDATE = 1, wait for UPDATE = 0.
 fn set_global_abort(regs: &SmmuPage0) -> Result<(), InitError> {
+    write_gbpa_abort(regs, true)
+}
+
+/// GBPA.ABORT = `abort` through the update protocol, the other fields kept.
+fn write_gbpa_abort(regs: &SmmuPage0, abort: bool) -> Result<(), InitError> {
     handshake("GBPA", || regs.gbpa.get(), |v| v & GBPA::UPDATE::SET.value == 0)?;
-    let value = regs.gbpa.get() | GBPA::ABORT::SET.value | GBPA::UPDATE::SET.value;
+    let kept = regs.gbpa.get() & !GBPA::ABORT::SET.value;
+    let value = kept | if abort { GBPA::ABORT::SET.value } else { 0 } | GBPA::UPDATE::SET.value;
     regs.gbpa.set(value);
     handshake("GBPA", || regs.gbpa.get(), |v| v & GBPA::UPDATE::SET.value == 0)
+}
+
+/// What STRTAB_BASE_CFG.FMT, LOG2SIZE and SPLIT describe; `None` for a reserved format.
+fn programmed_format(
+    cfg: tock_registers::LocalRegisterCopy<u32, STRTAB_BASE_CFG::Register>,
+) -> Option<StreamTableFormat> {
+    let sid_bits = cfg.read(STRTAB_BASE_CFG::LOG2SIZE) as u8;
+    match cfg.read(STRTAB_BASE_CFG::FMT) {
+        0 => Some(StreamTableFormat::Linear { sid_bits }),
+        1 => Some(StreamTableFormat::TwoLevel {
+            sid_bits,
+            split: cfg.read(STRTAB_BASE_CFG::SPLIT) as u8,
+        }),
+        _ => None,
+    }
 }
 
 /// The command and event queues, allocated from `allocator` and sized by `features` within `options`: memory
@@ -411,28 +467,101 @@ impl Smmu {
         self.init_with_capacity::<A, DEFAULT_DOMAINS>(allocator, options)
     }
 
-    /// Takes over an SMMU that a previous image left translating (SMMUEN = 1), without a moment of bypass or
-    /// abort for the streams it serves: translation is never turned off and STRTAB_BASE (which must not be
-    /// rewritten while SMMUEN = 1) is adopted as found, at `strtab_base` with `format`, reached through
-    /// `allocator` (the handover arena the previous image's SMMU took its memory from). The queues are turned off,
-    /// global errors latched before acknowledged, the queues given fresh bases from `allocator` and turned on
-    /// again, the interrupts of `options` enabled, and the cached configurations and TLB entries invalidated
-    /// (the STEs and tables they came from are unchanged). Streams that nobody will restore keep their STEs until
-    /// [`ActiveSmmu::abort_streams_except`] aborts them. When the running SMMU_CR1 makes the SMMU's own accesses
-    /// non-cacheable, the SMMU is treated as non-coherent ([`Features::coherent`] false) whatever the board said.
+    /// Makes incoming transactions abort (`abort`) or bypass while translation is off: SMMU_GBPA.ABORT through the
+    /// update protocol (wait for UPDATE = 0, write with UPDATE = 1, wait for it to clear), the other GBPA fields
+    /// kept. SMMUEN is not touched; while translation is on, GBPA has no effect. An SMMU leaves reset with
+    /// GBPA.ABORT IMPLEMENTATION DEFINED (0 on QEMU: DMA bypasses), so a board sets it before any PCI function or
+    /// bridge may master the bus, and bypass is only ever an explicit request.
     ///
     /// # Errors
-    /// [`InitError::NotRunning`], [`InitError::StreamTableNotAdoptable`], [`InitError::NoMemory`] for the queues
-    /// (nothing changed on the SMMU then), [`InitError::Timeout`], [`InitError::Invalidation`].
+    /// [`InitError::Timeout`] when GBPA.UPDATE does not clear.
+    pub fn set_gbpa_abort(&self, abort: bool) -> Result<(), InitError> {
+        write_gbpa_abort(self.regs(), abort)
+    }
+
+    /// Turns translation off with every incoming transaction aborting: GBPA.ABORT = 1 first (so that nothing
+    /// bypasses once SMMUEN drops), then interrupts, SMMUEN and the queues off, each acknowledged. The SMMU then
+    /// walks no table and fetches no command; its memory is not freed (see [`ActiveSmmu::shutdown`] for that). What
+    /// a refused hand-off falls back to when the streams cannot be aborted one by one.
+    ///
+    /// # Errors
+    /// [`InitError::Timeout`] for a handshake that does not complete (the steps before it took effect).
+    pub fn disable_aborting(&self) -> Result<(), InitError> {
+        let regs = self.regs();
+        set_global_abort(regs)?;
+        regs.irq_ctrl.set(0);
+        handshake("IRQ_CTRLACK", || regs.irq_ctrlack.get(), |v| v == 0)?;
+        set_cr0(regs, 0)
+    }
+
+    /// The stream table the SMMU holds now, as read back: STRTAB_BASE's address and STRTAB_BASE_CFG's format
+    /// (`None` for a reserved format). For a translating SMMU, the table it walks.
+    pub fn programmed_stream_table(&self) -> (u64, Option<StreamTableFormat>) {
+        let regs = self.regs();
+        (
+            regs.strtab_base.get() & 0x000f_ffff_ffff_ffc0,
+            programmed_format(regs.strtab_base_cfg.extract()),
+        )
+    }
+
+    /// Whether this is the SMMU `running` describes, translating as recorded: SMMUEN on, IDR0..5 and IIDR as
+    /// recorded, STRTAB_BASE and STRTAB_BASE_CFG read back as the recorded stream table, and CR2.E2H clear (an EL2
+    /// regime this driver does not drive; STRTAB_BASE_CFG, CR1 and CR2 cannot change while SMMUEN = 1).
+    fn check_running(&self, running: &RunningSmmu) -> Result<(), InitError> {
+        if !self.is_enabled() {
+            return Err(InitError::NotRunning);
+        }
+        const IDR: [&str; 6] = ["IDR0", "IDR1", "IDR2", "IDR3", "IDR4", "IDR5"];
+        let raw = self.features().raw;
+        let recorded = running.idr.iter().chain([&running.iidr]);
+        let probed = raw.idr.iter().chain([&raw.iidr]);
+        for ((register, &recorded), &probed) in IDR.iter().chain(&["IIDR"]).zip(recorded).zip(probed) {
+            if recorded != probed {
+                return Err(InitError::IdentityMismatch {
+                    register,
+                    recorded,
+                    probed,
+                });
+            }
+        }
+        let (base, format) = self.programmed_stream_table();
+        if base != running.strtab_base || format != Some(running.format) || self.regs().cr2.is_set(CR2::E2H) {
+            return Err(InitError::StreamTableNotAdoptable {
+                running: base,
+                expected: running.strtab_base,
+            });
+        }
+        Ok(())
+    }
+
+    /// Takes over an SMMU that a previous image left translating (SMMUEN = 1), without a moment of bypass or
+    /// abort for the streams it serves: translation is never turned off and STRTAB_BASE (which must not be
+    /// rewritten while SMMUEN = 1) is adopted as found, reached through `allocator` (the handover arena the previous
+    /// image's SMMU took its memory from). Nothing is adopted unless the SMMU is the one `running` describes (what
+    /// the previous image recorded): SMMUEN on, IDR0..5 and IIDR as recorded, STRTAB_BASE and STRTAB_BASE_CFG read
+    /// back as the recorded stream table, CR2.E2H clear. The queues are
+    /// turned off, global errors latched before acknowledged, the queues given fresh bases from `allocator` and
+    /// turned on again, the interrupts of `options` enabled, and the cached configurations and TLB entries
+    /// invalidated (the STEs and tables they came from are unchanged). Streams that nobody will restore keep their
+    /// STEs until [`ActiveSmmu::abort_streams_except`] aborts them (a refused restore aborts them all). When the
+    /// running SMMU_CR1 makes the SMMU's own accesses non-cacheable, the SMMU is treated as non-coherent
+    /// ([`Features::coherent`] false) whatever the board said.
+    ///
+    /// # Errors
+    /// [`InitError::NotRunning`], [`InitError::IdentityMismatch`], [`InitError::StreamTableNotAdoptable`],
+    /// [`InitError::NoMemory`] for the queues, [`InitError::Timeout`], [`InitError::Invalidation`]. On every error
+    /// the SMMU is left as [`Smmu::disable_aborting`] leaves it (as far as its handshakes complete): translation
+    /// off, every incoming transaction aborting. The previous image's STEs walk memory this image has not taken
+    /// back, so nothing may translate through them; initialise the SMMU afresh.
     pub fn adopt_running<A: FrameAllocator>(
         mut self,
         allocator: A,
         options: &InitOptions,
-        format: StreamTableFormat,
-        strtab_base: u64,
+        running: &RunningSmmu,
     ) -> Result<ActiveSmmu<A>, InitError> {
-        if !self.is_enabled() {
-            return Err(InitError::NotRunning);
+        if let Err(e) = self.check_running(running) {
+            let _ = self.disable_aborting();
+            return Err(e);
         }
         // CR1 cannot change while SMMUEN = 1: if the previous image made the SMMU's own accesses non-cacheable,
         // they do not snoop the CPU caches whatever this image was told, and everything the CPU writes for the SMMU
@@ -444,37 +573,42 @@ impl Smmu {
         let coherency = Coherency {
             coherent: features.coherent,
         };
-        let regs = self.regs();
-        let running = regs.strtab_base.get() & 0x000f_ffff_ffff_ffc0;
-        // STRTAB_BASE_CFG, CR1 and CR2 cannot change while SMMUEN = 1: the running values must be the ones this
-        // driver programs (the format the record names; no E2H, whose EL2 regime this driver does not drive).
-        let cfg = regs.strtab_base_cfg.extract();
-        let (fmt, log2size, split) = match format {
-            StreamTableFormat::Linear { sid_bits } => (0, sid_bits, cfg.read(STRTAB_BASE_CFG::SPLIT) as u8),
-            StreamTableFormat::TwoLevel { sid_bits, split } => (1, sid_bits, split),
+        let Some(streams) = StreamTable::adopt(running.format, PhysAddr(running.strtab_base), &allocator, coherency)
+        else {
+            let _ = self.disable_aborting();
+            return Err(InitError::StreamTableNotAdoptable {
+                running: running.strtab_base,
+                expected: running.strtab_base,
+            });
         };
-        let matches = cfg.read(STRTAB_BASE_CFG::FMT) == fmt
-            && cfg.read(STRTAB_BASE_CFG::LOG2SIZE) as u8 == log2size
-            && cfg.read(STRTAB_BASE_CFG::SPLIT) as u8 == split
-            && !regs.cr2.is_set(CR2::E2H);
-        let streams = StreamTable::adopt(format, PhysAddr(strtab_base), &allocator, coherency)
-            .filter(|_| running == strtab_base && matches)
-            .ok_or(InitError::StreamTableNotAdoptable {
-                running,
-                expected: strtab_base,
-            })?;
-        let (cmdq, evtq, cmdq_log2, evtq_log2) =
-            allocate_queues(&allocator, &features, options).map_err(InitError::NoMemory)?;
+        let (cmdq, evtq, cmdq_log2, evtq_log2) = match allocate_queues(&allocator, &features, options) {
+            Ok(queues) => queues,
+            Err(e) => {
+                let _ = self.disable_aborting();
+                return Err(InitError::NoMemory(e));
+            }
+        };
         // Queues and interrupts off, translation on throughout.
-        regs.irq_ctrl.set(0);
-        handshake("IRQ_CTRLACK", || regs.irq_ctrlack.get(), |v| v == 0)?;
-        set_cr0(regs, CR0::SMMUEN::SET.value)?;
-        // Global errors the previous image left latched (a stale CMDQ_ERR would stall the new queue).
-        regs.gerrorn.set(regs.gerror.get());
-        program_queues(&self, &cmdq, &evtq, (cmdq_log2, evtq_log2), CR0::SMMUEN::SET.value)?;
-        enable_interrupts(regs, &features, options)?;
+        let programmed = (|| {
+            let regs = self.regs();
+            regs.irq_ctrl.set(0);
+            handshake("IRQ_CTRLACK", || regs.irq_ctrlack.get(), |v| v == 0)?;
+            set_cr0(regs, CR0::SMMUEN::SET.value)?;
+            // Global errors the previous image left latched (a stale CMDQ_ERR would stall the new queue).
+            regs.gerrorn.set(regs.gerror.get());
+            program_queues(&self, &cmdq, &evtq, (cmdq_log2, evtq_log2), CR0::SMMUEN::SET.value)?;
+            enable_interrupts(regs, &features, options)
+        })();
+        if let Err(e) = programmed {
+            let _ = self.disable_aborting();
+            return Err(e);
+        }
         let mut active = ActiveSmmu::assemble(self, allocator, streams, cmdq, evtq);
-        active.invalidate_all().map_err(InitError::Invalidation)?;
+        active.inherited_stes = true;
+        if let Err(e) = active.invalidate_all() {
+            let _ = active.smmu.disable_aborting();
+            return Err(InitError::Invalidation(e));
+        }
         Ok(active)
     }
 
@@ -583,6 +717,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             vmids: IdAllocator::new(features.vmid_bits),
             pending_overflow: None,
             domains: Domains::new(),
+            inherited_stes: false,
         }
     }
 
@@ -1176,6 +1311,9 @@ pub(crate) mod tests {
         pub(crate) consumed: Vec<u8>,
         /// The whole commands consumed (index for index with `consumed`), for tests that check their fields.
         pub(crate) commands: Vec<[u64; 2]>,
+        /// What [`Model::probe`] returned as each command was consumed (index for index with `commands`; `None`
+        /// without a probe): the state of the driver's memory while a command was in flight.
+        pub(crate) probed: Vec<Option<usize>>,
     }
 
     /// A consumed command with the fields that say what it invalidates (leaf, range and SYNC completion
@@ -1252,8 +1390,13 @@ pub(crate) mod tests {
         pub(crate) refuse: Arc<AtomicU8>,
         /// Memory outside the heap frames the queues may live in: (physical base, CPU address, length).
         pub(crate) window: Arc<Mutex<Option<(u64, usize, u64)>>>,
+        /// Called as each command is consumed (while the driver waits for it), its answer kept in `Seen::probed`.
+        pub(crate) probe: Probe,
         thread: Option<std::thread::JoinHandle<()>>,
     }
+
+    /// A question the model asks as it consumes each command, e.g. how many handover arenas are in use.
+    pub(crate) type Probe = Arc<Mutex<Option<std::boxed::Box<dyn Fn() -> usize + Send>>>>;
 
     pub(crate) fn reg32(base: usize, offset: usize) -> *mut u32 {
         (base + offset) as *mut u32
@@ -1287,11 +1430,13 @@ pub(crate) mod tests {
             let seen = Arc::new(Mutex::new(Seen::default()));
             let refuse = Arc::new(AtomicU8::new(0));
             let window: Arc<Mutex<Option<(u64, usize, u64)>>> = Arc::new(Mutex::new(None));
-            let (stop2, seen2, refuse2, window2) = (
+            let probe: Probe = Arc::new(Mutex::new(None));
+            let (stop2, seen2, refuse2, window2, probe2) = (
                 Arc::clone(&stop),
                 Arc::clone(&seen),
                 Arc::clone(&refuse),
                 Arc::clone(&window),
+                Arc::clone(&probe),
             );
             let thread = std::thread::spawn(move || {
                 let r = |o| {
@@ -1365,10 +1510,12 @@ pub(crate) mod tests {
                                 w(0x60, r(0x64) ^ 1);
                                 break;
                             }
+                            let probed = probe2.lock().unwrap().as_ref().map(|f| f());
                             {
                                 let mut s = seen2.lock().unwrap();
                                 s.consumed.push(op);
                                 s.commands.push(words);
+                                s.probed.push(probed);
                             }
                             cons = (cons + 1) & mask;
                             w(0x9c, cons);
@@ -1384,6 +1531,7 @@ pub(crate) mod tests {
                 seen,
                 refuse,
                 window,
+                probe,
                 thread: Some(thread),
             }
         }

@@ -397,6 +397,9 @@ pub enum DomainError {
         /// The token.
         token: u64,
     },
+    /// The memory given is sealed by a prepared hand-off (the SMMU's own arena, or a preserved domain's): it hands
+    /// out nothing until `cancel_handover`, or the hand-off.
+    MemorySealed,
     /// The domain is preserved: unpreserve it before freeing it.
     Preserved {
         /// The domain.
@@ -487,6 +490,9 @@ impl fmt::Display for DomainError {
                 f,
                 "the hand-off is prepared with the domain of token {token:#x} recorded: cancel it before changing \
                  or unpreserving that domain"
+            ),
+            DomainError::MemorySealed => f.write_str(
+                "that memory is sealed by a prepared hand-off: it hands out nothing until the hand-off is cancelled",
             ),
             DomainError::Preserved { domain, token } => {
                 write!(
@@ -602,6 +608,11 @@ pub(crate) struct Domains<const D: usize> {
     /// An EL2 stage-1 domain's last detach could not drop its TLB entries (TLBI_EL2_ALL failed): they may still be
     /// cached, and would match any EL2 context, so the next EL2 domain to be attached drops them first.
     pub(crate) el2_stale: bool,
+    /// The generation of the records a prepared hand-off wrote (`prepare_handover`, which takes `&self`), until
+    /// `cancel_handover`: no domain can be preserved or unpreserved meanwhile (see `crate::handover`).
+    pub(crate) prepared: spin::Mutex<Option<u64>>,
+    /// The generation of the records a restore rebuilt, until `finish_handover` ends that hand-off.
+    pub(crate) restored_generation: Option<u64>,
 }
 
 impl<const D: usize> Domains<D> {
@@ -618,7 +629,14 @@ impl<const D: usize> Domains<D> {
             tokens: heapless::index_map::FnvIndexMap::new(),
             restored: heapless::index_map::FnvIndexMap::new(),
             el2_stale: false,
+            prepared: spin::Mutex::new(None),
+            restored_generation: None,
         }
+    }
+
+    /// Whether a prepared hand-off records this SMMU's preserved domains now.
+    pub(crate) fn handover_prepared(&self) -> bool {
+        self.prepared.lock().is_some()
     }
 
     pub(crate) fn get(&self, id: DomainId) -> Result<&DomainState, DomainError> {
@@ -966,6 +984,11 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         memory: DomainMemory,
         build: impl FnOnce(&mut Self) -> Result<Translation, DomainError>,
     ) -> Result<DomainId, DomainError> {
+        // A sealed arena (a preserved domain's or the SMMU's own, while a hand-off is prepared) hands out nothing:
+        // refused as such, not as the allocation failure it would become.
+        if memory.sealed() {
+            return Err(DomainError::MemorySealed);
+        }
         if !memory.take_ownership() {
             return Err(DomainError::MemoryOwned);
         }
@@ -1787,10 +1810,19 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// # Errors
     /// [`DomainError::StaleDomain`], [`DomainError::TokenInUse`] (found in O(1) through the token index),
     /// [`DomainError::AlreadyPreserved`], [`DomainError::NotHandoverMemory`], [`DomainError::ParentNotPreserved`],
-    /// [`DomainError::TooMany`] beyond [`MAX_PRESERVED`]. Nothing changes then.
+    /// [`DomainError::TooMany`] beyond [`MAX_PRESERVED`]; [`DomainError::HandoverPrepared`] between
+    /// `prepare_handover` and `cancel_handover` (the region is written: a domain preserved now would silently not
+    /// come back); [`DomainError::TokenInUse`] also for a token a restored domain still waits under (until
+    /// `retrieve` or `finish_handover`). Nothing changes then.
     pub fn preserve(&mut self, domain: DomainId, token: u64) -> Result<(), DomainError> {
         let state = self.domains.get(domain)?;
+        if self.domains.handover_prepared() {
+            return Err(DomainError::HandoverPrepared { token });
+        }
         if let Some(&holder) = self.domains.tokens.get(&token) {
+            return Err(DomainError::TokenInUse { token, domain: holder });
+        }
+        if let Some(&(holder, _)) = self.domains.restored.get(&token) {
             return Err(DomainError::TokenInUse { token, domain: holder });
         }
         if let Some(token) = state.token {
@@ -1828,8 +1860,8 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             .tokens
             .get(&token)
             .ok_or(DomainError::UnknownToken(token))?;
-        // A nested domain's memory is its parent's, sealed with it.
-        if self.domains.get(domain).is_ok_and(|s| s.memory.sealed()) {
+        // The region records every preserved domain while a hand-off is prepared.
+        if self.domains.handover_prepared() {
             return Err(DomainError::HandoverPrepared { token });
         }
         let nested_preserved = self.domains.slots.iter().filter_map(|s| s.state.as_ref()).any(|s| {

@@ -136,3 +136,59 @@ fn a_hand_off_to_an_empty_second_slot_is_refused() {
     ]);
     assert!(!outcome.console.contains("handing off"), "{}", outcome.report());
 }
+
+/// `lu-adopt-refused`: a hand-off with the SMMU left translating whose restore is refused (the record's ASID
+/// rewritten to the reserved 0, the CRC fixed, so that the restore's own checks refuse it). The new image adopts
+/// the SMMU (its identity and stream table as recorded), the restore refuses, and before it returns every stream
+/// aborts: edu's writes land neither at the old physical addresses nor at PA = IOVA. An aborting STE records no
+/// event, so none may appear.
+#[test]
+fn a_refused_restore_after_a_running_hand_off_lets_no_dma_land() {
+    for board in [Board::QemuVirt, Board::SbsaRef] {
+        let outcome = run(board, Stage::Nested, &["lu-adopt-refused"]);
+        outcome.assert_passed(&["lu-adopt-refused"]);
+        outcome.assert_console_shows(&[
+            "handing off to a new image (a separate binary at",
+            "rewritten to 0 (the driver's reserved ID) and the CRC fixed",
+            "SMMU adopted translating stream",
+            "needs an ASID reserved or taken in this image 0x0",
+            "every stream aborts (its STE rewritten, CFGI_ALL, CMD_SYNC); 0 bytes of edu's DMA landed",
+        ]);
+    }
+}
+
+/// `lu-dma-across-reset`: edu's DMA to IOVA X (a canary page's address) is in flight across a warm reset, and the
+/// next boot turns bus mastering on before it touches the SMMU: the boot made the SMMU abort incoming DMA before
+/// PCI enumeration, so the DMA aborts instead of landing at PA = X (it did land there before the boot did so). On
+/// virt, on sbsa-ref (whose boot starts at EL3), and on virt with every frame above 4 GiB (`dma-above-4g`).
+///
+/// edu completes a DMA on a 100 ms timer: should the machine be so loaded that the next boot reaches the scenario
+/// after it fired (with bus mastering still off), the run shows nothing, says so, and is run again (at most
+/// twice more). A DMA that landed at PA = X fails at once.
+#[test]
+fn a_dma_in_flight_across_a_warm_reset_never_lands_at_pa_equal_iova() {
+    let scenario = ["lu-dma-across-reset"];
+    let mut above_4g = Run::new(Board::QemuVirt, Stage::Nested, &scenario);
+    above_4g.memory = "8G".into();
+    above_4g.settings.push(("dma-above-4g".into(), "on".into()));
+    for r in [
+        Run::new(Board::QemuVirt, Stage::Nested, &scenario),
+        Run::new(Board::SbsaRef, Stage::Nested, &scenario),
+        above_4g,
+    ] {
+        let mut outcome = r.boot();
+        for _ in 0..2 {
+            if !outcome.console.contains("nothing shown") {
+                break;
+            }
+            outcome = r.boot();
+        }
+        outcome.assert_passed(&scenario);
+        outcome.assert_console_shows(&[
+            "SMMU: incoming DMA aborts before PCI enumeration (GBPA.ABORT 1, SMMUEN 0)",
+            "a DMA to IOVA",
+            "resetting through PSCI SYSTEM_RESET",
+            "still in flight; it aborted: PA = IOVA",
+        ]);
+    }
+}

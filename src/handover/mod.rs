@@ -3,6 +3,24 @@
 //!
 //! This module holds the records' in-memory form, shared by the encoder/validator ([`format`]) and the driver's
 //! preserve/restore path. The byte format itself is documented in `docs/handover.md`.
+//!
+//! # The lifecycle: one state machine
+//!
+//! Each [`crate::ActiveSmmu`] is in one phase ([`restore::HandoverPhase`], from
+//! [`crate::ActiveSmmu::handover_phase`]); each domain is unpreserved, preserved under a token, or (in the next
+//! image) restored and waiting under its token. Every call the table does not allow is a typed error that changes
+//! nothing.
+//!
+//! | phase | allowed (→ next phase) | refused |
+//! |---|---|---|
+//! | `Idle` | `preserve`, `unpreserve`; `prepare_handover` → `Prepared`; `restore_handover` → `Restored` when the region holds this SMMU's records (else stays `Idle`; a refusal stays `Idle`, region untouched); `finish_handover` (re-arms the region without this SMMU's records: declines them) | `cancel_handover`: `PrepareError::NotPrepared` |
+//! | `Prepared` | `prepare_handover` again (records rewritten); `cancel_handover` → `Idle`; changes to domains that are not preserved | `preserve`, `unpreserve`: `DomainError::HandoverPrepared`; map, unmap, protect, trim, attach, detach of a preserved domain: `HandoverPrepared`; `free_domain` of one: `DomainError::Preserved`; a domain created with sealed memory: `DomainError::MemorySealed`; `restore_handover`: `RestoreError::HandoverPrepared`; `finish_handover`: `FinishError::HandoverPrepared` |
+//! | `Restored` | `retrieve` (each token once); `finish_handover` → `Idle` (a failed finish stays `Restored`: finish again) | `restore_handover`: `RestoreError::AlreadyRestored`; `prepare_handover`: `PrepareError::RestoreNotFinished`; `cancel_handover`: `NotPrepared`; `preserve` under a token a restored domain waits under: `DomainError::TokenInUse` |
+//!
+//! A successful restore consumes the records (the region is re-armed without this SMMU's): a record restores once,
+//! so a domain retrieved and freed (its memory handed out again) can never come back, in this image or after
+//! another reset. Only `prepare_handover` writes records again. A refused restore leaves nothing translating: see
+//! [`crate::ActiveSmmu::restore_handover`].
 
 pub mod format;
 pub mod live;

@@ -6,14 +6,15 @@
 
 use super::format::{self, FormatError, HandoverError};
 use super::pool::{HandoverArena, HandoverPool, METADATA_BYTES, PoolError};
-use super::{Extent, InstanceRecords, MAX_INSTANCES, RecordKind};
-use crate::active::{ActiveSmmu, AttachError};
+use super::{Extent, InstanceRecords, MAX_INSTANCES, MAX_RECORDS, MAX_STREAMS, RecordKind, SmmuIdentity};
+use crate::active::{ActiveSmmu, AttachError, RunningSmmu};
 use crate::ctx::{CdTable, CdTableError, CdTableFormat};
 use crate::domain::{DomainError, DomainId, DomainMemory, DomainState, GuestStage1, StreamRecord, Translation};
 use crate::hw::ste::{CdTableLayout, DefaultSubstream};
 use crate::ids::IdError;
 use crate::mem::{Coherency, FrameAllocator, PhysAddr};
 use crate::pgtable::{AdoptedCounts, Format, Granule, IoPageTable, MapError, Stage};
+use crate::smmu::Smmu;
 use crate::stream::StreamTableFormat;
 
 /// Why the handover could not be prepared.
@@ -30,6 +31,15 @@ pub enum PrepareError {
     /// The region holds records that do not validate (other SMMUs' among them, perhaps): they are not silently
     /// dropped. Restore (or finish) first, which re-arms the region.
     ExistingRegion(HandoverError),
+    /// A restore of the records of `generation` is not finished: the domains it rebuilt that nobody retrieved
+    /// would be neither handed out nor recorded. Call [`ActiveSmmu::finish_handover`] first.
+    RestoreNotFinished {
+        /// The restored records' generation.
+        generation: u64,
+    },
+    /// [`ActiveSmmu::cancel_handover`] without a prepared hand-off: cancelling would remove records this image did
+    /// not write (a previous image's, not yet restored).
+    NotPrepared,
 }
 
 impl core::fmt::Display for PrepareError {
@@ -45,14 +55,31 @@ impl core::fmt::Display for PrepareError {
                     "handover: the region already holds records that do not validate ({e}); not overwritten"
                 )
             }
+            PrepareError::RestoreNotFinished { generation } => write!(
+                f,
+                "handover: the restore of generation {generation} is not finished: finish it before preparing another"
+            ),
+            PrepareError::NotPrepared => f.write_str("handover: no hand-off is prepared: nothing to cancel"),
         }
     }
 }
 
-/// Why a restore refused the region. Everything is checked before anything changes: the SMMU is then up with
-/// every stream aborting, nothing mapped, and the region's bytes untouched for diagnosis.
+/// Why a restore refused the region (or was asked at the wrong time). A refusal leaves nothing translating: see
+/// [`ActiveSmmu::restore_handover`]; the region's bytes stay untouched for diagnosis.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RestoreError {
+    /// This driver restored the records of `generation` already (and consumed them): a record restores once, so a
+    /// domain retrieved and freed since can never come back. Nothing changed.
+    AlreadyRestored {
+        /// The generation restored.
+        generation: u64,
+    },
+    /// This driver prepared a hand-off (records of `generation`): restoring them here would take back arenas its
+    /// own domains use. Cancel it first. Nothing changed.
+    HandoverPrepared {
+        /// The prepared records' generation.
+        generation: u64,
+    },
     /// The pool is not set up.
     Pool(PoolError),
     /// The region does not validate (corrupt, torn, another version, outside the pool, ...).
@@ -98,6 +125,14 @@ pub enum RebuildFailure {
 impl core::fmt::Display for RestoreError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
+            RestoreError::AlreadyRestored { generation } => write!(
+                f,
+                "restore: the records of generation {generation} were restored already (a record restores once)"
+            ),
+            RestoreError::HandoverPrepared { generation } => write!(
+                f,
+                "restore: this driver prepared a hand-off (generation {generation}): cancel it before restoring"
+            ),
             RestoreError::Pool(e) => write!(f, "restore: {e}"),
             RestoreError::Region(e) => write!(f, "restore: the handover region is refused: {e}"),
             RestoreError::Identity(e) => write!(f, "restore: the handover region is for another SMMU: {e}"),
@@ -134,6 +169,67 @@ pub struct FinishReport {
     pub unclaimed: u32,
 }
 
+/// Why [`ActiveSmmu::finish_handover`] did not finish.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishError {
+    /// A hand-off is prepared (records of `generation`): finishing would remove the records the next image needs.
+    /// Nothing changed.
+    HandoverPrepared {
+        /// The prepared records' generation.
+        generation: u64,
+    },
+    /// Detaching or freeing an unclaimed domain failed (an invalidation): the domains not yet freed stay waiting,
+    /// and the hand-off stays restored; finish again.
+    Domain(DomainError),
+}
+
+impl core::fmt::Display for FinishError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            FinishError::HandoverPrepared { generation } => write!(
+                f,
+                "finish: a hand-off is prepared (generation {generation}): finishing would remove its records"
+            ),
+            FinishError::Domain(e) => write!(f, "finish: {e}"),
+        }
+    }
+}
+
+impl From<DomainError> for FinishError {
+    fn from(e: DomainError) -> Self {
+        FinishError::Domain(e)
+    }
+}
+
+/// Where one SMMU's driver is in a live update (the states of the table in [`crate::handover`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandoverPhase {
+    /// Nothing prepared, nothing restored and waiting: domains are preserved and unpreserved freely.
+    Idle,
+    /// [`ActiveSmmu::prepare_handover`] wrote records of `generation`: the preserved domains are frozen and no
+    /// domain is preserved or unpreserved until [`ActiveSmmu::cancel_handover`] or the hand-off.
+    Prepared {
+        /// The records' generation.
+        generation: u64,
+    },
+    /// [`ActiveSmmu::restore_handover`] rebuilt (and consumed) records of `generation`: their domains wait for
+    /// [`ActiveSmmu::retrieve`] until [`ActiveSmmu::finish_handover`].
+    Restored {
+        /// The records' generation.
+        generation: u64,
+    },
+}
+
+/// What a restore took before it succeeded or was refused: the streams whose STEs it installed and the arenas it
+/// took back. A refusal aborts the former before it gives the latter back.
+#[derive(Default)]
+struct Taken {
+    /// Streams whose STE the rebuild installed (at most every stream of every record).
+    streams: heapless::Vec<u32, { MAX_RECORDS * MAX_STREAMS }>,
+    /// Arenas taken back from the pool (at most one per record).
+    arenas: heapless::Vec<&'static HandoverArena, MAX_RECORDS>,
+}
+
 fn layout_of(layout: u8) -> CdTableLayout {
     match layout {
         1 => CdTableLayout::TwoLevel4K,
@@ -156,19 +252,36 @@ fn clean_to_memory(ptr: *const u8, len: usize) {
     Coherency { coherent: false }.clean(ptr, len);
 }
 
-/// For a hand-off with the SMMU left running: what the previous image recorded about this SMMU (found by
-/// `register_base` in the validated region): the running stream table's place and format, and the arena its
-/// structures live in, taken back whole so nothing in it is handed out again. Give the arena and the stream table
-/// to [`crate::Smmu::adopt_running`].
+/// For a hand-off with the SMMU left running: what the previous image recorded about `smmu` (found by
+/// `register_base` in the validated region), checked against `smmu` itself before anything is adopted: its ID
+/// registers (IDR0..5, IIDR, as [`format::validate_identity`] compares them) and the stream table it really runs
+/// with (STRTAB_BASE and STRTAB_BASE_CFG read back). Then the arena of its structures is taken back whole, so
+/// nothing in it is handed out again. Give the arena and the recorded SMMU to [`crate::Smmu::adopt_running`].
 ///
 /// # Errors
-/// [`RestoreError::Pool`], [`RestoreError::Region`] for a region that does not validate (then the SMMU cannot be
-/// taken over as it runs: stop it and initialise it), `Ok(None)` when the region names no running SMMU at
-/// `register_base`.
+/// [`RestoreError::Pool`]; [`RestoreError::Region`] for a region that does not validate;
+/// [`RestoreError::Identity`] for another SMMU, or one whose stream table is not the recorded one
+/// ([`HandoverError::IdentityMismatch`] naming `STRTAB_BASE` or `STRTAB_BASE_CFG`). `Ok(None)` when the region names
+/// no running SMMU at `register_base`. In every case but `Ok(Some(..))` the running SMMU cannot be taken over, and
+/// its STEs walk memory this image has not taken back: it is left as [`Smmu::disable_aborting`] leaves it
+/// (translation off, every incoming transaction aborting); initialise it afresh.
 pub fn running_smmu(
     pool: &'static HandoverPool,
+    smmu: &Smmu,
     register_base: u64,
-) -> Result<Option<(StreamTableFormat, u64, &'static HandoverArena)>, RestoreError> {
+) -> Result<Option<(RunningSmmu, &'static HandoverArena)>, RestoreError> {
+    let found = running_record(pool, smmu, register_base);
+    if !matches!(found, Ok(Some(_))) {
+        let _ = smmu.disable_aborting();
+    }
+    found
+}
+
+fn running_record(
+    pool: &'static HandoverPool,
+    smmu: &Smmu,
+    register_base: u64,
+) -> Result<Option<(RunningSmmu, &'static HandoverArena)>, RestoreError> {
     let pool_extent = pool.pool().map_err(RestoreError::Pool)?;
     let decoded = {
         let bytes = pool.lock_metadata().map_err(RestoreError::Pool)?;
@@ -182,6 +295,14 @@ pub fn running_smmu(
     else {
         return Ok(None);
     };
+    let raw = smmu.features().raw;
+    let probed = SmmuIdentity {
+        base: register_base,
+        idr: raw.idr,
+        iidr: raw.iidr,
+        ..SmmuIdentity::default()
+    };
+    format::validate_identity(&id, &probed).map_err(RestoreError::Identity)?;
     let format = match id.strtab_format {
         1 => StreamTableFormat::TwoLevel {
             sid_bits: id.strtab_sid_bits,
@@ -191,13 +312,33 @@ pub fn running_smmu(
             sid_bits: id.strtab_sid_bits,
         },
     };
+    let mismatch = |what, recorded: u64, probed: u64| {
+        RestoreError::Identity(HandoverError::IdentityMismatch { what, recorded, probed })
+    };
+    let (strtab_base, programmed) = smmu.programmed_stream_table();
+    if strtab_base != id.strtab_base {
+        return Err(mismatch("STRTAB_BASE", id.strtab_base, strtab_base));
+    }
+    if programmed != Some(format) {
+        // STRTAB_BASE_CFG's layout: LOG2SIZE [5:0], SPLIT [10:6], FMT [17:16].
+        let recorded =
+            u64::from(id.strtab_sid_bits) | u64::from(id.strtab_split) << 6 | u64::from(id.strtab_format) << 16;
+        let probed = u64::from(tock_registers::interfaces::Readable::get(&smmu.regs().strtab_base_cfg));
+        return Err(mismatch("STRTAB_BASE_CFG", recorded, probed));
+    }
     let arena = pool
         .adopt(Extent {
             base: id.strtab_base,
             len: id.core_len,
         })
         .map_err(RestoreError::Pool)?;
-    Ok(Some((format, id.strtab_base, arena)))
+    let running = RunningSmmu {
+        idr: id.idr,
+        iidr: id.iidr,
+        format,
+        strtab_base: id.strtab_base,
+    };
+    Ok(Some((running, arena)))
 }
 
 impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
@@ -211,12 +352,17 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     ///
     /// # Errors
     /// [`PrepareError`]; on [`PrepareError::SelfCheck`] the region is invalidated (its magic cleared).
+    /// [`PrepareError::RestoreNotFinished`] while a restore waits for [`ActiveSmmu::finish_handover`] (nothing
+    /// changed then).
     pub fn prepare_handover(
         &self,
         pool: &HandoverPool,
         register_base: u64,
         generation: u64,
     ) -> Result<usize, PrepareError> {
+        if let Some(generation) = self.domains.restored_generation {
+            return Err(PrepareError::RestoreNotFinished { generation });
+        }
         let region = pool.metadata_extent().map_err(PrepareError::Pool)?;
         let pool_extent = pool.pool().map_err(PrepareError::Pool)?;
         let ours = self.handover_records(register_base).map_err(PrepareError::Records)?;
@@ -248,8 +394,10 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         }
         clean_to_memory(bytes.as_ptr(), written);
         // What is recorded must not change until the hand-off: the preserved domains' arenas (and this SMMU's own,
-        // when it is one) hand out nothing more, and the domains refuse changes while their memory is sealed.
+        // when it is one) hand out nothing more, the domains refuse changes while their memory is sealed, and no
+        // domain is preserved or unpreserved.
         self.seal_preserved(true);
+        *self.domains.prepared.lock() = Some(generation);
         // Every arena the next image adopts: the preserved domains', and (for a hand-off with the SMMU running)
         // the SMMU's own, whose stream table and level-2 spans the next image reads in place. A coherent SMMU's
         // structures were never cleaned as they were written.
@@ -294,10 +442,27 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// preserved (prepare again for the next hand-off).
     ///
     /// # Errors
-    /// [`PrepareError::Pool`] when the pool is not set up.
+    /// [`PrepareError::NotPrepared`] without a prepared hand-off (the region's records may be a previous image's,
+    /// still to restore), [`PrepareError::Pool`] when the pool is not set up. Nothing changed then.
     pub fn cancel_handover(&self, pool: &HandoverPool, register_base: u64) -> Result<(), PrepareError> {
+        if !self.domains.handover_prepared() {
+            return Err(PrepareError::NotPrepared);
+        }
+        pool.metadata_extent().map_err(PrepareError::Pool)?;
         self.seal_preserved(false);
+        *self.domains.prepared.lock() = None;
         rearm_without(pool, register_base).map_err(PrepareError::Pool)
+    }
+
+    /// Where this driver is in a live update (see the table in [`crate::handover`]).
+    pub fn handover_phase(&self) -> HandoverPhase {
+        if let Some(generation) = *self.domains.prepared.lock() {
+            HandoverPhase::Prepared { generation }
+        } else if let Some(generation) = self.domains.restored_generation {
+            HandoverPhase::Restored { generation }
+        } else {
+            HandoverPhase::Idle
+        }
     }
 
     fn extent_virt(&self, pool: &HandoverPool, extent: &Extent) -> Option<*const u8> {
@@ -310,26 +475,73 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             .map(|o| base.wrapping_add(o as usize))
     }
 
-    /// After a warm reset (or in a new image), with this SMMU just initialised (every stream aborting): validates
-    /// the handover region of `pool` completely (see `docs/handover.md`), checks that it was written for this SMMU
-    /// (`register_base` and the ID registers) and that every ID and StreamID fits it, and only then rebuilds this
-    /// SMMU's preserved domains: each arena taken back, each ASID/VMID reserved as recorded (no STE or CD is
-    /// scanned), each page table and CD table adopted in place (no copy; no walk where the counts were recorded),
-    /// each stream's STE installed. The domains wait for [`ActiveSmmu::retrieve`]; [`ActiveSmmu::finish_handover`]
-    /// frees the rest. A region that was never written (or re-armed empty) restores nothing.
+    /// After a warm reset (or in a new image), with this SMMU just initialised (every stream aborting) or adopted
+    /// running ([`crate::Smmu::adopt_running`]): validates the handover region of `pool` completely (see
+    /// `docs/handover.md`), checks that it was written for this SMMU (`register_base` and the ID registers) and that
+    /// every ID and StreamID fits it, and only then rebuilds this SMMU's preserved domains: each arena taken back,
+    /// each ASID/VMID reserved as recorded (no STE or CD is scanned), each page table and CD table adopted in place
+    /// (no copy; no walk where the counts were recorded), each stream's STE installed. The domains wait for
+    /// [`ActiveSmmu::retrieve`]; [`ActiveSmmu::finish_handover`] frees the rest. The records are consumed: the
+    /// region is re-armed without this SMMU's (a record restores once, so a domain retrieved and freed since can
+    /// never come back, not even after another reset). A region that was never written (or re-armed without this
+    /// SMMU's records) restores nothing.
     ///
     /// # Errors
-    /// [`RestoreError`]: nothing was rebuilt (every stream aborts), and the region is untouched.
+    /// [`RestoreError::AlreadyRestored`] and [`RestoreError::HandoverPrepared`] (see the table in
+    /// [`crate::handover`]): nothing changed. Any other error is a refusal, and every refusal leaves through one
+    /// exit, whatever check refused: every stream the rebuild installed aborts again (its STE rewritten, CFGI_STE,
+    /// CMD_SYNC); on an SMMU adopted running, every stream that is not this image's own aborts (the previous image's
+    /// STEs may be live); then CFGI_ALL, TLBI of every regime and CMD_SYNC; only then do the arenas taken back
+    /// return to the pool (their memory handed out again) and the IDs claimed return to their allocators. The
+    /// region is untouched. Should an abort or the invalidation fail (the command queue dead), translation is turned
+    /// off with every incoming transaction aborting ([`crate::Smmu::disable_aborting`]): [`ActiveSmmu::is_enabled`]
+    /// then reads `false`, and the caller shuts the SMMU down (`shutdown(false)`, GBPA.ABORT = 1) and initialises it
+    /// afresh; should even that fail (`is_enabled` still `true`), nothing is given back (the arenas stay taken, the
+    /// IDs claimed) and the caller must stop the SMMU by other means (GBPA.ABORT = 1, SMMUEN = 0) before it trusts
+    /// that memory.
     pub fn restore_handover(
         &mut self,
         pool: &'static HandoverPool,
         register_base: u64,
     ) -> Result<RestoreReport, RestoreError> {
+        // Asked at the wrong point of the lifecycle: refused before anything is looked at.
+        if let Some(generation) = self.domains.restored_generation {
+            return Err(RestoreError::AlreadyRestored { generation });
+        }
+        if let Some(generation) = *self.domains.prepared.lock() {
+            return Err(RestoreError::HandoverPrepared { generation });
+        }
+        let mut taken = Taken::default();
+        match self.restore_records(pool, register_base, &mut taken) {
+            Ok((report, found)) => {
+                if found {
+                    self.domains.restored_generation = Some(report.generation);
+                    // Consumed: what was rebuilt is this image's now (its tables change in place), so the records
+                    // must never rebuild it again.
+                    let _ = rearm_without(pool, register_base);
+                }
+                Ok(report)
+            }
+            Err(e) => {
+                self.contain_refused_restore(&taken);
+                Err(e)
+            }
+        }
+    }
+
+    /// The restore proper; any error it returns goes through [`ActiveSmmu::contain_refused_restore`]. Returns the
+    /// report and whether the region held records of this SMMU.
+    fn restore_records(
+        &mut self,
+        pool: &'static HandoverPool,
+        register_base: u64,
+        taken: &mut Taken,
+    ) -> Result<(RestoreReport, bool), RestoreError> {
         let pool_extent = pool.pool().map_err(RestoreError::Pool)?;
         let decoded = {
             let bytes = pool.lock_metadata().map_err(RestoreError::Pool)?;
             if bytes[..8].iter().all(|&b| b == 0) {
-                return Ok(RestoreReport::default());
+                return Ok((RestoreReport::default(), false));
             }
             format::decode(&bytes, pool_extent).map_err(RestoreError::Region)?
         };
@@ -338,50 +550,67 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             ..RestoreReport::default()
         };
         let Some(instance) = decoded.instances.iter().find(|i| i.identity.base == register_base) else {
-            return Ok(report);
+            return Ok((report, false));
         };
         let probed = self.handover_identity(register_base);
         format::validate_identity(&instance.identity, &probed).map_err(RestoreError::Identity)?;
         self.check_limits(pool, instance)?;
-
         // Rebuild: stage-1 and stage-2 domains, then nested ones, then every stream, then substreams.
-        let mut touched: heapless::Vec<u32, 64> = heapless::Vec::new();
-        let result = self.rebuild(pool, instance, &mut report, &mut touched);
-        if let Err(e) = result {
-            // Not expected once `check_limits` passed; undo everything: every touched stream aborting, the
-            // domains gone (their memory abandoned, not freed: the SMMU may have walked it), IDs and arenas back.
-            for &sid in &touched {
-                let _ = self.abort_stream(sid);
-            }
-            self.domains.streams.retain(|r| !touched.contains(&r.sid));
-            let restored: heapless::Vec<(DomainId, Option<&'static HandoverArena>), { crate::domain::MAX_PRESERVED }> =
-                self.domains.restored.values().copied().collect();
-            self.domains.restored.clear();
-            for (id, arena) in restored {
-                if let Some(state) = self.domains.remove(id) {
-                    self.release_restored_ids(&state);
-                    core::mem::forget(state);
-                }
-                if let Some(arena) = arena {
-                    // SAFETY: the domain's state was forgotten (no reference into the arena is left) and every
-                    // stream it served aborts; the invalidation below completes before anything is taken anew.
-                    unsafe { arena.release() };
-                }
-            }
-            let _ = self.invalidate_all();
-            return Err(e);
+        self.rebuild(pool, instance, &mut report, taken)?;
+        Ok((report, true))
+    }
+
+    /// The single exit of a refused restore (see [`ActiveSmmu::restore_handover`]'s errors): contains every stream
+    /// that may translate through what the restore took or the previous image left, then gives back what the
+    /// restore took, and only when the containment is known to hold.
+    fn contain_refused_restore(&mut self, taken: &Taken) {
+        let mut contained = true;
+        for &sid in &taken.streams {
+            contained &= self.abort_stream(sid).is_ok();
         }
-        Ok(report)
+        self.domains.streams.retain(|r| !taken.streams.contains(&r.sid));
+        if self.inherited_stes {
+            let own: heapless::Vec<u32, { crate::domain::MAX_ATTACHED_STREAMS }> =
+                self.domains.streams.iter().map(|r| r.sid).collect();
+            match self.abort_streams_except(|sid| own.contains(&sid)) {
+                Ok(_) => self.inherited_stes = false,
+                Err(_) => contained = false,
+            }
+        }
+        contained &= self.invalidate_all().is_ok();
+        if !contained {
+            contained = self.smmu.disable_aborting().is_ok();
+        }
+        // The rebuilt domains are forgotten, their tables abandoned in place (the SMMU may have walked them).
+        let restored: heapless::Vec<DomainId, { crate::domain::MAX_PRESERVED }> =
+            self.domains.restored.values().map(|&(id, _)| id).collect();
+        self.domains.restored.clear();
+        for id in restored {
+            if let Some(state) = self.domains.remove(id) {
+                if contained {
+                    self.release_restored_ids(&state);
+                }
+                core::mem::forget(state);
+            }
+        }
+        if contained {
+            for arena in &taken.arenas {
+                // SAFETY: every stream that could reach the arena aborts (or translation is off) and the
+                // invalidation of every cached configuration and TLB entry completed; the domains built on it were
+                // forgotten, so no reference into it is left.
+                unsafe { arena.release() };
+            }
+        }
     }
 
     /// Frees the ASID or VMID a rebuilt (or half-rebuilt) domain claimed.
     fn release_restored_ids(&mut self, state: &DomainState) {
         match &state.translation {
             Translation::Stage1 { asid, .. } => {
-                let _ = self.free_asid(*asid);
+                let _ = self.release_asid(*asid);
             }
             Translation::Stage2 { vmid, .. } => {
-                let _ = self.free_vmid(*vmid);
+                let _ = self.release_vmid(*vmid);
             }
             Translation::Nested { .. } => {}
         }
@@ -497,7 +726,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         pool: &'static HandoverPool,
         instance: &InstanceRecords,
         report: &mut RestoreReport,
-        touched: &mut heapless::Vec<u32, 64>,
+        taken: &mut Taken,
     ) -> Result<(), RestoreError> {
         let coherent = self.features().coherent;
         let bbml = self.features().bbm_level;
@@ -531,6 +760,8 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                         (_, Some(shape)) => {
                             let extent = r.extents.first().copied().unwrap_or_default();
                             let arena = pool.adopt(extent).map_err(|e| fail(RebuildFailure::Pool(e)))?;
+                            // Given back only by the refusal's exit, once no stream can reach it.
+                            let _ = taken.arenas.push(arena);
                             arena.take_ownership();
                             let memory: DomainMemory = arena;
                             let stage = match r.kind {
@@ -555,21 +786,12 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                                 output_bits: shape.output_bits,
                             };
                             let mut table = IoPageTable::adopt(format, PhysAddr(shape.root), memory, coherent, counts)
-                                .map_err(|e| {
-                                    // SAFETY: nothing was built on the arena, and no stream reaches its memory:
-                                    // streams are installed only once every domain is rebuilt.
-                                    unsafe { arena.release() };
-                                    fail(RebuildFailure::Table(e))
-                                })?;
+                                .map_err(|e| fail(RebuildFailure::Table(e)))?;
                             table.set_bbm_level(bbml);
                             // A failure from here on is this record's alone to undo (it is not in `restored` yet):
-                            // the table abandoned in place (the SMMU may walk it), the ID and the arena given back.
-                            let abandon = |table: IoPageTable<DomainMemory>| {
-                                core::mem::forget(table);
-                                // SAFETY: the table is forgotten, so no reference into the arena is left, and no
-                                // stream reaches it: streams are installed only once every domain is rebuilt.
-                                unsafe { arena.release() };
-                            };
+                            // the table abandoned in place (the SMMU may walk it: a previous image's STE may still
+                            // name it), the ID given back; the arena goes back with the refusal's exit.
+                            let abandon = |table: IoPageTable<DomainMemory>| core::mem::forget(table);
                             let translation = if stage == Stage::Two {
                                 if let Err(e) = self.claim_vmid(r.vmid) {
                                     abandon(table);
@@ -590,7 +812,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                                 let cd = match self.stage1_cd(r.asid, &table) {
                                     Ok(cd) => cd,
                                     Err(e) => {
-                                        let _ = self.free_asid(r.asid);
+                                        let _ = self.release_asid(r.asid);
                                         abandon(table);
                                         return Err(fail(RebuildFailure::Domain(DomainError::Entry(e))));
                                     }
@@ -611,14 +833,10 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                     _ => None,
                 };
                 if let Err(e) = self.domains.check_free_slot() {
-                    // As above: this record's ID and arena back, its table abandoned in place.
+                    // As above: this record's ID back, its table abandoned in place.
                     let state = DomainState::new(translation, memory);
                     self.release_restored_ids(&state);
                     core::mem::forget(state);
-                    if let Some(arena) = arena {
-                        // SAFETY: as in `abandon` above.
-                        unsafe { arena.release() };
-                    }
                     return Err(fail(RebuildFailure::Domain(e)));
                 }
                 let id = self.domains.insert(DomainState::new(translation, memory));
@@ -630,10 +848,14 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 {
                     *children += 1;
                 }
-                self.domains
-                    .restored
-                    .insert(r.token, (id, arena))
-                    .map_err(|_| fail(RebuildFailure::Domain(DomainError::TooMany("restored domains"))))?;
+                if self.domains.restored.insert(r.token, (id, arena)).is_err() {
+                    // Not in `restored`, so the refusal's exit would not find it: forgotten here.
+                    if let Some(state) = self.domains.remove(id) {
+                        self.release_restored_ids(&state);
+                        core::mem::forget(state);
+                    }
+                    return Err(fail(RebuildFailure::Domain(DomainError::TooMany("restored domains"))));
+                }
                 report.domains += 1;
             }
         }
@@ -696,7 +918,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                         let ste = self
                             .domain_ste(id, cd_table.as_ref())
                             .map_err(|e| fail(RebuildFailure::Domain(e)))?;
-                        let _ = touched.push(s.sid);
+                        let _ = taken.streams.push(s.sid);
                         self.install_ste(s.sid, &ste)
                             .map_err(|e| fail(RebuildFailure::Attach(e)))?;
                         self.domains
@@ -733,6 +955,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         // Until now those streams translated with the old image's contexts and may have filled the TLB under
         // ASIDs and VMIDs this image considers free: drop every such entry before any is allocated again.
         self.invalidate_all().map_err(AttachError::Queue)?;
+        self.inherited_stes = false;
         Ok(aborted)
     }
 
@@ -756,10 +979,18 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// retrieved is the exception: the live nested domain translates through it, so it stays as it is, and
     /// retrievable under its token (retrieve it to own it, and free it after its nested domains).
     ///
+    /// Without a restore (a region refused, or a hand-off this image declines) it only re-arms the region without
+    /// this SMMU's records. A restore consumed them already, so finishing it twice, or after a failed finish,
+    /// re-arms nothing of value and frees what still waits.
+    ///
     /// # Errors
-    /// [`DomainError`] from detaching or freeing (an invalidation that failed); the domains not yet freed stay
-    /// waiting, and the region is not re-armed.
-    pub fn finish_handover(&mut self, pool: &HandoverPool, register_base: u64) -> Result<FinishReport, DomainError> {
+    /// [`FinishError::HandoverPrepared`] while this driver has a hand-off prepared (nothing changed);
+    /// [`FinishError::Domain`] from detaching or freeing (an invalidation that failed): the domains not yet freed
+    /// stay waiting and the hand-off stays restored (finish again).
+    pub fn finish_handover(&mut self, pool: &HandoverPool, register_base: u64) -> Result<FinishReport, FinishError> {
+        if let Some(generation) = *self.domains.prepared.lock() {
+            return Err(FinishError::HandoverPrepared { generation });
+        }
         let mut report = FinishReport::default();
         // Nested domains before their parents.
         for nested_pass in [true, false] {
@@ -799,6 +1030,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         }
         // Re-arm: the region without this SMMU's records.
         let _ = rearm_without(pool, register_base);
+        self.domains.restored_generation = None;
         Ok(report)
     }
 }
@@ -822,8 +1054,13 @@ fn rearm_without(pool: &HandoverPool, register_base: u64) -> Result<(), PoolErro
             let _ = keep.push(other);
         }
     }
-    if let Ok(written) = format::encode(&keep, generation + 1, region, pool_extent, bytes) {
-        clean_to_memory(bytes.as_ptr(), written);
+    match format::encode(&keep, generation.wrapping_add(1), region, pool_extent, bytes) {
+        Ok(written) => clean_to_memory(bytes.as_ptr(), written),
+        Err(_) => {
+            // Cannot happen (fewer records than were decoded); were it to, no record of this SMMU may survive.
+            bytes[..8].fill(0);
+            clean_to_memory(bytes.as_ptr(), 64);
+        }
     }
     Ok(())
 }
@@ -1089,12 +1326,12 @@ mod tests {
 
         // The next image: the same SMMU, still translating; where its structures are comes from the region.
         let pool = region.pool();
-        let (recorded_format, recorded_strtab, core) = running_smmu(pool, BASE).unwrap().unwrap();
-        assert_eq!((recorded_format, recorded_strtab), (format, strtab));
+        let (running, core) = running_smmu(pool, &model.smmu(), BASE).unwrap().unwrap();
+        assert_eq!((running.format, running.strtab_base), (format, strtab));
         let before = model.seen.lock().unwrap().consumed.len();
         let mut next = model
             .smmu()
-            .adopt_running(core, &InitOptions::default(), format, strtab)
+            .adopt_running(core, &InitOptions::default(), &running)
             .unwrap();
         // Whatever the old image left cached goes: every configuration and TLB entry (no EL2 contexts here).
         assert_eq!(
@@ -1134,7 +1371,14 @@ mod tests {
         core::mem::forget(next);
         let error = model
             .smmu()
-            .adopt_running(core, &InitOptions::default(), format, strtab + 0x1000)
+            .adopt_running(
+                core,
+                &InitOptions::default(),
+                &RunningSmmu {
+                    strtab_base: strtab + 0x1000,
+                    ..running
+                },
+            )
             .err();
         assert!(
             matches!(error, Some(crate::InitError::StreamTableNotAdoptable { .. })),
@@ -1643,15 +1887,14 @@ mod tests {
         let first: ActiveSmmu<&'static HandoverArena> =
             smmu.init(pool.take_arena().unwrap(), &InitOptions::default()).unwrap();
         first.prepare_handover(pool, BASE, 1).unwrap();
-        let (strtab, format) = (first.configuration().stream_table_base, first.stream_table_format());
         core::mem::forget(first);
 
         // The next image does not know (IDR0.COHACC = 1, no board override): the running CR1 decides.
         let pool = region.pool();
-        let (_, _, core) = running_smmu(pool, BASE).unwrap().unwrap();
+        let (running, core) = running_smmu(pool, &model.smmu(), BASE).unwrap().unwrap();
         let mut next = model
             .smmu()
-            .adopt_running(core, &InitOptions::default(), format, strtab)
+            .adopt_running(core, &InitOptions::default(), &running)
             .unwrap();
         assert!(
             !next.features().coherent,
@@ -1666,5 +1909,520 @@ mod tests {
             "the STE is cleaned before its CFGI_STE: {log:?}"
         );
         core::mem::forget(next);
+    }
+
+    /// Rewrites the region's records with `change` applied and the CRC recomputed: a corruption only checks
+    /// deeper than the CRC can find.
+    fn tamper(pool: &HandoverPool, change: impl FnOnce(&mut InstanceRecords)) {
+        let region = pool.metadata_extent().unwrap();
+        let pool_extent = pool.pool().unwrap();
+        let mut bytes = pool.lock_metadata().unwrap();
+        let mut decoded = format::decode(&bytes, pool_extent).unwrap();
+        change(&mut decoded.instances[0]);
+        format::encode(&decoded.instances, decoded.generation, region, pool_extent, &mut bytes).unwrap();
+    }
+
+    /// SMMU_CR0 and SMMU_GBPA as the model holds them.
+    fn cr0_and_gbpa(model: &Model) -> (u32, u32) {
+        let read = |offset| {
+            // SAFETY: the model's live register block.
+            unsafe { crate::active::tests::reg32(model.base, offset).read_volatile() }
+        };
+        (read(0x20), read(0x44))
+    }
+
+    /// Translation off and every incoming transaction aborting: CR0.SMMUEN = 0 and GBPA.ABORT = 1.
+    fn disabled_aborting(model: &Model) -> bool {
+        let (cr0, gbpa) = cr0_and_gbpa(model);
+        cr0 & 1 == 0 && gbpa & (1 << 20) != 0
+    }
+
+    /// Every STE of the span that holds StreamIDs 0..256 aborts (an invalid STE aborts too, with C_BAD_STE).
+    fn every_ste_aborts<A: FrameAllocator>(smmu: &ActiveSmmu<A>) -> bool {
+        (0..256).all(|sid| matches!(smmu.ste(sid).map(|s| s.config()), Ok(Config::Abort | Config::Invalid)))
+    }
+
+    /// A first image that hands off with its SMMU running: its structures in a handover arena, a stage-1 domain
+    /// (ASID recorded) in another attached to stream 0x10, stream 0x30 bypassing; preserved as 0x77, prepared,
+    /// forgotten. The model keeps running for the next image.
+    fn running_first_image(region: &mut Region, frames: &'static HeapFrames) -> Model {
+        use crate::handover::pool::HandoverArena;
+        let model = Model::start(frames);
+        let pool = region.pool();
+        *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
+        let core = pool.take_arena().unwrap();
+        let mut first: ActiveSmmu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
+        let options = Stage1Options {
+            input_bits: 39,
+            el2: false,
+        };
+        let d = first.create_stage1(pool.take_arena().unwrap(), options).unwrap();
+        first.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+        first.attach(d, 0x10).unwrap();
+        first.attach_bypass(0x30).unwrap();
+        first.preserve(d, 0x77).unwrap();
+        first.prepare_handover(pool, BASE, 3).unwrap();
+        core::mem::forget(first);
+        model
+    }
+
+    #[test]
+    fn adopt_running_refuses_another_smmu_and_leaves_it_disabled_with_every_transaction_aborting() {
+        let frames = frames();
+        let mut region = Region::new();
+        let model = running_first_image(&mut region, frames);
+        let pool = region.pool();
+        let (running, core) = running_smmu(pool, &model.smmu(), BASE).unwrap().unwrap();
+        // Another SMMU than the recorded one (its IIDR differs): nothing adopted, translation off, DMA aborting.
+        let other = RunningSmmu {
+            iidr: running.iidr ^ 0x43b,
+            ..running
+        };
+        let error = model.smmu().adopt_running(core, &InitOptions::default(), &other).err();
+        assert_eq!(
+            error,
+            Some(crate::InitError::IdentityMismatch {
+                register: "IIDR",
+                recorded: running.iidr ^ 0x43b,
+                probed: running.iidr
+            })
+        );
+        assert!(disabled_aborting(&model), "{:x?}", cr0_and_gbpa(&model));
+    }
+
+    #[test]
+    fn running_smmu_checks_the_id_registers_and_the_stream_table_the_smmu_runs_with() {
+        let frames = frames();
+        let mut region = Region::new();
+        let model = running_first_image(&mut region, frames);
+        let write = |offset, value| {
+            // SAFETY: the model's live register block.
+            unsafe { crate::active::tests::reg32(model.base, offset).write_volatile(value) }
+        };
+        let read = |offset| {
+            // SAFETY: as above.
+            unsafe { crate::active::tests::reg32(model.base, offset).read_volatile() }
+        };
+        let pool = region.pool();
+        // Another implementation behind the same base (IIDR at 0x18): refused before any arena is taken back.
+        write(0x18, 0x43b);
+        let error = running_smmu(pool, &model.smmu(), BASE).err();
+        assert!(
+            matches!(
+                error,
+                Some(RestoreError::Identity(HandoverError::IdentityMismatch {
+                    what: "IIDR",
+                    recorded: 0,
+                    probed: 0x43b
+                }))
+            ),
+            "{error:?}"
+        );
+        assert!(disabled_aborting(&model), "{:x?}", cr0_and_gbpa(&model));
+        assert_eq!(pool.arenas_in_use(), 0, "nothing taken back");
+        // The same SMMU, translating again, but walking another stream table than the recorded one.
+        write(0x18, 0);
+        write(0x20, 0xd);
+        let strtab = read(0x80);
+        write(0x80, strtab + 0x1000);
+        let error = running_smmu(pool, &model.smmu(), BASE).err();
+        assert!(
+            matches!(
+                error,
+                Some(RestoreError::Identity(HandoverError::IdentityMismatch {
+                    what: "STRTAB_BASE",
+                    ..
+                }))
+            ),
+            "{error:?}"
+        );
+        assert!(disabled_aborting(&model));
+        // Another format: STRTAB_BASE_CFG.LOG2SIZE one bit short.
+        write(0x80, strtab);
+        write(0x20, 0xd);
+        let cfg = read(0x88);
+        write(0x88, cfg - 1);
+        let error = running_smmu(pool, &model.smmu(), BASE).err();
+        assert!(
+            matches!(
+                error,
+                Some(RestoreError::Identity(HandoverError::IdentityMismatch {
+                    what: "STRTAB_BASE_CFG",
+                    ..
+                }))
+            ),
+            "{error:?}"
+        );
+        assert!(disabled_aborting(&model));
+        assert_eq!(pool.arenas_in_use(), 0);
+        // As recorded: found, its arena taken back.
+        write(0x88, cfg);
+        write(0x20, 0xd);
+        assert!(running_smmu(pool, &model.smmu(), BASE).unwrap().is_some());
+        assert_eq!(pool.arenas_in_use(), 1);
+    }
+
+    /// A running hand-off whose restore is refused by a check of the records (the recorded ASID is taken in the new
+    /// image): the STEs the previous image left (stream 0x10 translating through the refused domain, 0x30
+    /// bypassing) all abort, then everything cached is invalidated, before the restore returns.
+    #[test]
+    fn a_refused_restore_of_an_adopted_smmu_aborts_every_stream_the_previous_image_left() {
+        let frames = frames();
+        let mut region = Region::new();
+        let model = running_first_image(&mut region, frames);
+        let pool = region.pool();
+        let (running, core) = running_smmu(pool, &model.smmu(), BASE).unwrap().unwrap();
+        let mut next = model
+            .smmu()
+            .adopt_running(core, &InitOptions::default(), &running)
+            .unwrap();
+        assert_eq!(next.ste(0x10).map(|s| s.config()), Ok(Config::Stage1));
+        let recorded = {
+            let bytes = pool.lock_metadata().unwrap();
+            format::decode(&bytes, pool.pool().unwrap()).unwrap().instances[0].records[0].asid
+        };
+        assert_eq!(next.allocate_asid(), Ok(recorded), "this image takes the recorded ASID");
+        let before = model.seen.lock().unwrap().commands.len();
+        let error = next.restore_handover(pool, BASE).unwrap_err();
+        assert!(
+            matches!(error, RestoreError::BeyondLimits { token: 0x77, what, .. } if what.contains("ASID")),
+            "{error}"
+        );
+        assert!(every_ste_aborts(&next), "every stream aborts");
+        let issued = issued_since(&model, before);
+        let (steps, invalidation) = issued.split_at(issued.len() - 3);
+        assert_eq!(
+            invalidation,
+            [Issued::CfgiAll, Issued::NsnhAll, Issued::Sync],
+            "{issued:?}"
+        );
+        let (first, second) = steps.split_at(steps.iter().position(|i| *i == Issued::Ste { sid: 0x30 }).unwrap());
+        assert_ste_steps(first, 0x10);
+        assert_ste_steps(second, 0x30);
+        assert!(
+            next.is_enabled(),
+            "the aborts completed: translation stays on for this image's own streams"
+        );
+        assert_eq!(pool.arenas_in_use(), 1, "only the SMMU's own arena is taken");
+        core::mem::forget(next);
+    }
+
+    /// The record's page table, rewritten so that only a walk finds it broken (its table count cleared, so the
+    /// rebuild walks it; a table descriptor pointing outside the domain's arena): the rebuild fails after it took
+    /// the domain's arena back.
+    fn break_the_recorded_table(region: &mut Region, pool: &HandoverPool) {
+        let mut root = 0;
+        tamper(pool, |instance| {
+            let table = instance.records[0].table.as_mut().unwrap();
+            root = table.root;
+            (table.tables, table.empty) = (0, 0);
+        });
+        // IOVA 0x1000: entry 0 of the level-1 root, a table descriptor.
+        let index = ((root - region.extent.base) / 8) as usize;
+        assert_eq!(region.memory[index] & 0b11, 0b11);
+        region.memory[index] = 0x1_0000_0000 | 0b11;
+    }
+
+    /// A running hand-off whose rebuild fails after it took an arena back: the previous image's STEs (one of which
+    /// walks that arena) abort and CFGI_ALL + CMD_SYNC complete while the arena is still taken; it goes back to the
+    /// pool only then.
+    #[test]
+    fn a_refused_rebuild_gives_its_arenas_back_only_after_every_stream_aborts_and_cfgi_all() {
+        let frames = frames();
+        let mut region = Region::new();
+        let model = running_first_image(&mut region, frames);
+        let pool = region.pool();
+        break_the_recorded_table(&mut region, pool);
+        let (running, core) = running_smmu(pool, &model.smmu(), BASE).unwrap().unwrap();
+        let mut next = model
+            .smmu()
+            .adopt_running(core, &InitOptions::default(), &running)
+            .unwrap();
+        *model.probe.lock().unwrap() = Some(Box::new(move || pool.arenas_in_use()));
+        let before = model.seen.lock().unwrap().commands.len();
+        let error = next.restore_handover(pool, BASE).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                RestoreError::Rebuild {
+                    token: 0x77,
+                    what: RebuildFailure::Table(MapError::NotAdoptable(_))
+                }
+            ),
+            "{error}"
+        );
+        assert!(every_ste_aborts(&next));
+        let issued = issued_since(&model, before);
+        let probed = model.seen.lock().unwrap().probed[before..].to_vec();
+        assert_eq!(
+            issued[issued.len() - 3..],
+            [Issued::CfgiAll, Issued::NsnhAll, Issued::Sync],
+            "{issued:?}"
+        );
+        assert!(issued.contains(&Issued::Ste { sid: 0x10 }), "{issued:?}");
+        assert!(
+            probed.iter().all(|&p| p == Some(2)),
+            "the SMMU's arena and the domain's stay taken until the last CMD_SYNC: {probed:?}"
+        );
+        assert_eq!(pool.arenas_in_use(), 1, "the domain's arena is back afterwards");
+        core::mem::forget(next);
+    }
+
+    /// The same with the command queue refusing every CFGI_STE: the streams cannot be aborted one by one, so the
+    /// refusal turns translation off with every incoming transaction aborting (GBPA.ABORT = 1), and says so through
+    /// `is_enabled`.
+    #[test]
+    fn a_refused_restore_whose_aborts_fail_turns_the_smmu_off_with_gbpa_abort() {
+        let frames = frames();
+        let mut region = Region::new();
+        let model = running_first_image(&mut region, frames);
+        let pool = region.pool();
+        break_the_recorded_table(&mut region, pool);
+        let (running, core) = running_smmu(pool, &model.smmu(), BASE).unwrap().unwrap();
+        let mut next = model
+            .smmu()
+            .adopt_running(core, &InitOptions::default(), &running)
+            .unwrap();
+        model.refuse.store(
+            crate::hw::command::opcode::CFGI_STE,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        assert!(next.restore_handover(pool, BASE).is_err());
+        assert!(!next.is_enabled());
+        assert!(disabled_aborting(&model), "{:x?}", cr0_and_gbpa(&model));
+        assert_eq!(
+            pool.arenas_in_use(),
+            1,
+            "the domain's arena is back only because translation is off"
+        );
+        core::mem::forget(next);
+    }
+
+    /// After a warm reset, a rebuild that fails after it took an arena back (a substream's CD invalidation
+    /// refused): CFGI_ALL + CMD_SYNC complete while the arena is taken, and it goes back only then.
+    #[test]
+    fn after_a_warm_reset_a_refused_rebuild_invalidates_everything_before_its_arena_goes_back() {
+        let idr1 = crate::active::tests::IDRS[1].1 | 5 << 6;
+        let idr0 = crate::active::tests::IDRS[0].1;
+        let frames = frames();
+        let mut region = Region::new();
+        {
+            let model = Model::start_with_idrs(frames, idr0, idr1);
+            let mut smmu = boot(&model, frames);
+            let pool = region.pool();
+            let whole = smmu
+                .create_stage1(pool.take_arena().unwrap(), Stage1Options::default())
+                .unwrap();
+            let dropped = smmu.create_stage1(frames, Stage1Options::default()).unwrap();
+            smmu.attach(whole, 0x10).unwrap();
+            smmu.attach_substream(dropped, 0x10, 3).unwrap();
+            smmu.preserve(whole, 0x61).unwrap();
+            smmu.prepare_handover(pool, BASE, 1).unwrap();
+            core::mem::forget(smmu);
+        }
+        let model = Model::start_with_idrs(frames, idr0, idr1);
+        let mut smmu = boot(&model, frames);
+        let pool = region.pool();
+        *model.probe.lock().unwrap() = Some(Box::new(move || pool.arenas_in_use()));
+        model
+            .refuse
+            .store(crate::hw::command::opcode::CFGI_CD, std::sync::atomic::Ordering::SeqCst);
+        let before = model.seen.lock().unwrap().commands.len();
+        let error = smmu.restore_handover(pool, BASE).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                RestoreError::Rebuild {
+                    token: 0x61,
+                    what: RebuildFailure::CdTable(_)
+                }
+            ),
+            "{error}"
+        );
+        let issued = issued_since(&model, before);
+        let probed = model.seen.lock().unwrap().probed[before..].to_vec();
+        let n = issued.len();
+        assert_eq!(
+            issued[n - 3..],
+            [Issued::CfgiAll, Issued::NsnhAll, Issued::Sync],
+            "{issued:?}"
+        );
+        assert_eq!(
+            probed[n - 3..],
+            [Some(1); 3],
+            "the arena is taken until the last CMD_SYNC"
+        );
+        assert_eq!(pool.arenas_in_use(), 0);
+        assert!(every_ste_aborts(&smmu));
+        assert!(smmu.retrieve(0x61).is_err());
+    }
+
+    /// The live-update lifecycle (the table in `crate::handover`): every transition it forbids is a typed error
+    /// that changes nothing.
+    #[test]
+    fn every_forbidden_handover_transition_is_a_typed_error_that_changes_nothing() {
+        let frames = frames();
+        let mut region = Region::new();
+        let model = Model::start(frames);
+        let mut smmu = boot(&model, frames);
+        let pool = region.pool();
+        let d = arena_stage1(&mut smmu, pool);
+        smmu.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+        smmu.attach(d, 0x10).unwrap();
+        let late = arena_stage1(&mut smmu, pool);
+        assert_eq!(smmu.handover_phase(), HandoverPhase::Idle);
+        // Idle: nothing to cancel (the region may hold a previous image's records, still to restore).
+        assert_eq!(smmu.cancel_handover(pool, BASE), Err(PrepareError::NotPrepared));
+        smmu.preserve(d, 0x51).unwrap();
+        smmu.prepare_handover(pool, BASE, 5).unwrap();
+        assert_eq!(smmu.handover_phase(), HandoverPhase::Prepared { generation: 5 });
+        // Prepared: a domain preserved now would not be in the records, and vanish in the next image.
+        assert_eq!(
+            smmu.preserve(late, 0x52),
+            Err(DomainError::HandoverPrepared { token: 0x52 })
+        );
+        assert_eq!((smmu.preserved(0x52), smmu.token_of(late)), (None, Ok(None)));
+        assert_eq!(
+            smmu.unpreserve(0x51),
+            Err(DomainError::HandoverPrepared { token: 0x51 })
+        );
+        assert_eq!(
+            smmu.restore_handover(pool, BASE).err(),
+            Some(RestoreError::HandoverPrepared { generation: 5 })
+        );
+        assert_eq!(
+            smmu.finish_handover(pool, BASE),
+            Err(FinishError::HandoverPrepared { generation: 5 })
+        );
+        assert_eq!(smmu.handover_phase(), HandoverPhase::Prepared { generation: 5 });
+        let snapshot: std::vec::Vec<u8> = (0..4096).map(|i| *region.byte(i)).collect();
+        // Cancelled and prepared again: the region records what is preserved now.
+        smmu.cancel_handover(pool, BASE).unwrap();
+        smmu.preserve(late, 0x52).unwrap();
+        smmu.unpreserve(0x52).unwrap();
+        smmu.prepare_handover(pool, BASE, 5).unwrap();
+        let again: std::vec::Vec<u8> = (0..4096).map(|i| *region.byte(i)).collect();
+        assert_eq!(again, snapshot, "the refused calls changed nothing the records say");
+        core::mem::forget(smmu);
+        drop(model);
+
+        // The next image.
+        let model = Model::start(frames);
+        let mut smmu = boot(&model, frames);
+        let pool = region.pool();
+        assert_eq!(smmu.restore_handover(pool, BASE).map(|r| r.domains), Ok(1));
+        assert_eq!(smmu.handover_phase(), HandoverPhase::Restored { generation: 5 });
+        let mine = smmu.create_stage1(frames, Stage1Options::default()).unwrap();
+        // Restored: no second restore, no prepare before finish, no cancel, no token a waiting domain holds.
+        assert_eq!(
+            smmu.restore_handover(pool, BASE).err(),
+            Some(RestoreError::AlreadyRestored { generation: 5 })
+        );
+        assert_eq!(
+            smmu.prepare_handover(pool, BASE, 6),
+            Err(PrepareError::RestoreNotFinished { generation: 5 })
+        );
+        assert_eq!(smmu.cancel_handover(pool, BASE), Err(PrepareError::NotPrepared));
+        let waiting = smmu.domains.restored.get(&0x51).unwrap().0;
+        assert_eq!(
+            smmu.preserve(mine, 0x51),
+            Err(DomainError::TokenInUse {
+                token: 0x51,
+                domain: waiting
+            })
+        );
+        assert_eq!(smmu.token_of(mine), Ok(None));
+        // Retrieved and freed: the record can never bring it back.
+        let d = smmu.retrieve(0x51).unwrap();
+        smmu.detach(0x10).unwrap();
+        smmu.free_domain(d).unwrap();
+        assert_eq!(
+            smmu.restore_handover(pool, BASE).err(),
+            Some(RestoreError::AlreadyRestored { generation: 5 })
+        );
+        assert_eq!(pool.arenas_in_use(), 0, "nothing taken back again");
+        assert_ne!(smmu.ste(0x10).map(|s| s.config()), Ok(Config::Stage1));
+        // Not even another driver over the same region (a second image, or this one reset before finishing): the
+        // restore consumed the records.
+        let model2 = Model::start(frames);
+        let mut other = boot(&model2, frames);
+        assert_eq!(other.restore_handover(pool, BASE).map(|r| r.domains), Ok(0));
+        assert_eq!(other.handover_phase(), HandoverPhase::Idle);
+        assert_eq!(smmu.finish_handover(pool, BASE), Ok(FinishReport { unclaimed: 0 }));
+        assert_eq!(smmu.handover_phase(), HandoverPhase::Idle);
+        assert_eq!(smmu.restore_handover(pool, BASE).map(|r| r.domains), Ok(0));
+        smmu.free_domain(mine).unwrap();
+    }
+
+    /// A finish that fails half way (the invalidation of the second unclaimed domain refused) keeps that domain
+    /// waiting and the hand-off restored (no second restore); finishing again frees it; a reset at any point
+    /// restores nothing again.
+    #[test]
+    fn a_finish_that_fails_half_way_stays_restored_until_finished_again() {
+        let frames = frames();
+        let mut region = Region::new();
+        {
+            let model = Model::start(frames);
+            let mut smmu = boot(&model, frames);
+            let pool = region.pool();
+            let s1 = arena_stage1(&mut smmu, pool);
+            smmu.attach(s1, 0x10).unwrap();
+            let s2 = smmu
+                .create_stage2(pool.take_arena().unwrap(), Stage2Options { input_bits: 40 })
+                .unwrap();
+            smmu.attach(s2, 0x20).unwrap();
+            smmu.preserve(s1, 0x51).unwrap();
+            smmu.preserve(s2, 0x52).unwrap();
+            smmu.prepare_handover(pool, BASE, 8).unwrap();
+            core::mem::forget(smmu);
+        }
+        let model = Model::start(frames);
+        let mut smmu = boot(&model, frames);
+        let pool = region.pool();
+        assert_eq!(smmu.restore_handover(pool, BASE).map(|r| r.domains), Ok(2));
+        // The stage-2 domain's VMID invalidation is refused: the stage-1 one is freed, the stage-2 one waits.
+        model.refuse.store(
+            crate::hw::command::opcode::TLBI_S12_VMALL,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        assert!(matches!(smmu.finish_handover(pool, BASE), Err(FinishError::Domain(_))));
+        assert_eq!(smmu.handover_phase(), HandoverPhase::Restored { generation: 8 });
+        assert!(smmu.domains.restored.contains_key(&0x52) && !smmu.domains.restored.contains_key(&0x51));
+        assert_eq!(
+            smmu.restore_handover(pool, BASE).err(),
+            Some(RestoreError::AlreadyRestored { generation: 8 })
+        );
+        assert_eq!(pool.arenas_in_use(), 1, "the freed domain's arena is not taken back");
+        // A reset now: the next image finds nothing to restore.
+        let model2 = Model::start(frames);
+        let mut other = boot(&model2, frames);
+        assert_eq!(other.restore_handover(region.pool(), BASE).map(|r| r.domains), Ok(0));
+        // The queue works again: finishing frees what waits.
+        model.refuse.store(0, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(smmu.finish_handover(pool, BASE), Ok(FinishReport { unclaimed: 1 }));
+        assert_eq!(smmu.handover_phase(), HandoverPhase::Idle);
+        assert_eq!(pool.arenas_in_use(), 0);
+    }
+
+    /// While a hand-off is prepared, the SMMU's own arena (it holds the stream table the next image adopts) is
+    /// sealed: a domain created with it is refused as such, not as the allocation failure it would become.
+    #[test]
+    fn a_domain_cannot_be_created_with_memory_a_prepared_hand_off_sealed() {
+        use crate::handover::pool::HandoverArena;
+        let frames = frames();
+        let mut region = Region::new();
+        let model = Model::start(frames);
+        let pool = region.pool();
+        *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
+        let core = pool.take_arena().unwrap();
+        let mut smmu: ActiveSmmu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
+        smmu.prepare_handover(pool, BASE, 1).unwrap();
+        assert_eq!(
+            smmu.create_stage1(core, Stage1Options::default()),
+            Err(DomainError::MemorySealed)
+        );
+        assert_eq!(smmu.domains.free_slots(), crate::domain::DEFAULT_DOMAINS);
+        smmu.cancel_handover(pool, BASE).unwrap();
+        core::mem::forget(smmu);
     }
 }

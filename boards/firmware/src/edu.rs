@@ -230,6 +230,11 @@ impl Edu {
         Ok(())
     }
 
+    /// Whether a DMA is in flight (the command register's start bit: edu clears it when its timer fires).
+    pub fn dma_in_flight(&self) -> bool {
+        self.read64(reg::DMA_COMMAND) & reg::DMA_START != 0
+    }
+
     /// Waits (up to 2 s) for the DMA in flight, if any, to complete.
     ///
     /// # Errors

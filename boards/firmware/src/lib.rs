@@ -141,6 +141,31 @@ fn build_identity_map(platform: &Platform) -> IdentityMap {
     map
 }
 
+/// Makes the SMMU abort incoming DMA (GBPA.ABORT = 1) before PCI enumeration gives any bridge (or a driver any
+/// function) bus mastering, on every boot: an SMMU leaves reset with GBPA.ABORT IMPLEMENTATION DEFINED (QEMU: 0,
+/// bypass), and a DMA that was in flight across a warm reset lands as soon as bus mastering is on, at PA = IOVA
+/// were the SMMU bypassing. An SMMU a previous image left translating (a hand-off) keeps translating: GBPA applies
+/// only once translation is off. Translation is the scenarios' business; bypass is only ever asked for.
+fn block_dma_before_pci(platform: &Platform) {
+    let Some(base) = core::ptr::NonNull::new(platform.smmu.base as *mut u8) else {
+        fatal("SMMU", &"at address 0: DMA cannot be blocked before PCI enumeration")
+    };
+    // SAFETY: the identity map covers the SMMU's register space as device memory; nothing else drives the SMMU
+    // during the boot, and the handle is dropped before any scenario probes it again.
+    let smmu = unsafe { smmuv3::Smmu::probe(base, platform.smmu.size) }.unwrap_or_else(|e| fatal("SMMU probe", &e));
+    if let Err(e) = smmu.set_gbpa_abort(true) {
+        fatal("SMMU GBPA.ABORT before PCI enumeration", &e)
+    }
+    println!(
+        "SMMU: incoming DMA aborts before PCI enumeration (GBPA.ABORT 1{})",
+        if smmu.is_enabled() {
+            "; SMMUEN 1: translating as the previous image left it"
+        } else {
+            ", SMMUEN 0"
+        }
+    );
+}
+
 /// The firmware after the board's entry: discovery, MMU, PCI, scenarios, exit. Never returns.
 pub fn run<B: Board>(board: &B) -> ! {
     // SAFETY: the board names where its DTB is; the boot page table maps it as normal memory.
@@ -233,6 +258,7 @@ pub fn run<B: Board>(board: &B) -> ! {
         "EL2 MMU: identity map of the platform active; {} KiB of frames free",
         frames::remaining() / 1024
     );
+    block_dma_before_pci(&platform);
     if description.handover_bytes > 0 {
         let region = smmuv3::handover::Extent {
             base: handover_start as u64,

@@ -72,6 +72,17 @@ pub unsafe fn set_scratch(address: usize) {
     SCRATCH.store(address as u64, Ordering::SeqCst);
 }
 
+/// Pages of the scratch area clear of the notes (from 32 KiB in), for a scenario's canaries that must keep their
+/// contents across a reset and that nothing else allocates.
+pub const SCRATCH_PAGES: usize = 8;
+
+/// The physical (= virtual) address of scratch page `n` (below [`SCRATCH_PAGES`]); `None` without a scratch area
+/// or beyond.
+pub fn scratch_page(n: usize) -> Option<u64> {
+    let address = SCRATCH.load(Ordering::SeqCst);
+    (address != 0 && n < SCRATCH_PAGES).then_some(address + (32 << 10) + 4096 * n as u64)
+}
+
 fn note_pointer() -> Option<*mut ResetNote> {
     let address = SCRATCH.load(Ordering::SeqCst);
     (address != 0).then_some(address as *mut ResetNote)

@@ -72,6 +72,8 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("lu-collision", live_update::lu_collision),
     ("lu-corrupt", live_update::lu_corrupt),
     ("lu-noreset", live_update::lu_noreset),
+    ("lu-adopt-refused", lu_isolation::lu_adopt_refused),
+    ("lu-dma-across-reset", lu_isolation::lu_dma_across_reset),
     ("psci-reset", psci_reset),
     ("el3-fault-report", el3_fault_report),
 ];
@@ -80,6 +82,7 @@ mod core_smmu;
 mod dma_map_bench;
 mod domains;
 mod live_update;
+mod lu_isolation;
 mod translate;
 pub mod virtio_dma;
 
@@ -318,17 +321,27 @@ fn peek(page: u64, i: usize) -> u8 {
 
 /// `edu-ident`: every edu device in the topology (on the root bus, behind root ports and switches) answers
 /// (ident, liveness, factorial) and its DMA engine moves a pattern from RAM into its buffer and back to another RAM
-/// page, through the SMMU in its reset state (translation disabled, global bypass), so the bus addresses are
-/// physical addresses. One line per device gives its bus:device.function, requester ID and StreamID.
+/// page, through the SMMU with translation disabled and global bypass asked for explicitly (the boot leaves
+/// incoming DMA aborting), so the bus addresses are physical addresses; DMA aborts again afterwards. One line per
+/// device gives its bus:device.function, requester ID and StreamID.
 fn edu_ident(context: &mut Context) -> Result<(), Failure> {
     let smmu = smmu(context)?;
-    if smmu.is_enabled() || smmu.global_bypass_aborts() {
+    if smmu.is_enabled() || !smmu.global_bypass_aborts() {
         fail!(
-            "the SMMU is not in global bypass (SMMUEN {}, GBPA.ABORT {})",
+            "the SMMU is not as the boot left it, disabled and aborting (SMMUEN {}, GBPA.ABORT {})",
             smmu.is_enabled() as u8,
             smmu.global_bypass_aborts() as u8
         )
     }
+    smmu.set_gbpa_abort(false).or_else(|e| fail!("{e}"))?;
+    let identified = identify_each_edu(context);
+    let aborting = smmu.set_gbpa_abort(true);
+    identified?;
+    aborting.or_else(|e| fail!("{e}"))
+}
+
+/// [`edu_ident`]'s work, with the SMMU bypassing.
+fn identify_each_edu(context: &Context) -> Result<(), Failure> {
     let mut count = 0;
     for f in edu_functions(context) {
         let edu = open_edu(context, f)?;
@@ -435,7 +448,7 @@ fn psci_reset(context: &mut Context) -> Result<(), Failure> {
     }
     println!(
         "  back after PSCI SYSTEM_RESET: the note left at timer {} survived in RAM, the SMMU is in its reset state \
-         (SMMUEN 0, GBPA.ABORT {})",
+         (SMMUEN 0; GBPA.ABORT {}, as this boot set it before PCI enumeration)",
         note.ticks,
         smmu.global_bypass_aborts() as u8
     );

@@ -18,7 +18,8 @@ use crate::edu::Edu;
 use crate::frames::Frames;
 use crate::{irq, println};
 
-/// An initialised SMMU, shut down when the scenario ends, however it ends.
+/// An initialised SMMU, shut down when the scenario ends, however it ends: back to the state the boot left it in,
+/// translation off with every incoming transaction aborting (GBPA.ABORT = 1).
 pub(super) struct Session {
     active: Option<ActiveSmmu<Frames>>,
     /// The SMMU's interrupt lines as the GIC delivers them (none when the board has no GIC or no lines).
@@ -45,7 +46,7 @@ impl DerefMut for Session {
 impl Drop for Session {
     fn drop(&mut self) {
         if let Some(active) = self.active.take()
-            && let Err(e) = active.shutdown(true)
+            && let Err(e) = active.shutdown(false)
         {
             println!("  SMMU shutdown failed: {e}");
         }

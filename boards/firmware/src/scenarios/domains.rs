@@ -28,7 +28,7 @@ use crate::{println, time};
 /// The frame pool as every domain's memory.
 pub(super) static POOL: Frames = Frames;
 
-fn memory() -> DomainMemory {
+pub(super) fn memory() -> DomainMemory {
     &POOL
 }
 

@@ -33,11 +33,11 @@ use crate::handover::POOL;
 use crate::power::{self, LiveUpdateNote};
 use crate::{println, time};
 
-const TOKEN: u64 = 0x1d0_0000_0000_0001;
+pub(super) const TOKEN: u64 = 0x1d0_0000_0000_0001;
 const IOVA_NEW: u64 = 0x0bad_2000;
 
 /// The note this scenario left before the reset, if the list resumed here (consumed: a second reset starts over).
-fn after_reset() -> Option<LiveUpdateNote> {
+pub(super) fn after_reset() -> Option<LiveUpdateNote> {
     let note = power::live_update_note()?;
     let here = LIST_POSITION.load(core::sync::atomic::Ordering::Relaxed);
     if note.index as usize != here {
@@ -64,18 +64,18 @@ fn reset_with(session: Session, data: [u64; 16]) -> ! {
 }
 
 /// A note's data: `values`, then zeros.
-fn note_data(values: &[u64]) -> [u64; 16] {
+pub(super) fn note_data(values: &[u64]) -> [u64; 16] {
     let mut data = [0; 16];
     data[..values.len()].copy_from_slice(values);
     data
 }
 
-fn arena() -> Result<&'static HandoverArena, Failure> {
+pub(super) fn arena() -> Result<&'static HandoverArena, Failure> {
     POOL.take_arena().or_else(|e| fail!("{e}"))
 }
 
 /// A page from `arena` (physical = virtual in this firmware).
-fn arena_page(arena: &HandoverArena) -> Result<u64, Failure> {
+pub(super) fn arena_page(arena: &HandoverArena) -> Result<u64, Failure> {
     match arena.allocate_zeroed(4096, 4096) {
         Ok(b) => Ok(b.phys.0),
         Err(e) => fail!("{e}"),
@@ -97,12 +97,12 @@ fn create(s: &mut Session, kind: DomainKind, arena: &'static HandoverArena) -> R
     .or_else(|e| fail!("create a {kind} domain: {e}"))
 }
 
-fn smmu_base(context: &Context) -> u64 {
+pub(super) fn smmu_base(context: &Context) -> u64 {
     context.platform.smmu.base
 }
 
 /// Round trip through `domain`: edu reads `IOVA_SOURCE`, writes `iova`, which must land at `pa`.
-fn dma(edu: &Edu, source: u64, iova: u64, pa: u64, seed: u8) -> Result<(), Failure> {
+pub(super) fn dma(edu: &Edu, source: u64, iova: u64, pa: u64, seed: u8) -> Result<(), Failure> {
     fill(source, pattern(seed));
     fill(pa, |_| 0xee);
     edu.dma(Direction::ToDevice, IOVA_SOURCE, 0, LEN as u64)
@@ -626,12 +626,12 @@ pub fn lu_noreset(context: &mut Context) -> Result<(), Failure> {
     if !smmu.is_enabled() {
         fail!("the SMMU is not translating after the hand-off")
     }
-    let Some((format, strtab, core)) = running_smmu(&POOL, base).or_else(|e| fail!("{e}"))? else {
+    let Some((running, core)) = running_smmu(&POOL, &smmu, base).or_else(|e| fail!("{e}"))? else {
         fail!("the handover region names no running SMMU")
     };
     let t0 = time::ticks();
     let mut s = smmu
-        .adopt_running(core, &smmuv3::InitOptions::default(), format, strtab)
+        .adopt_running(core, &smmuv3::InitOptions::default(), &running)
         .or_else(|e| fail!("{e}"))?;
     let adopt_ticks = time::ticks() - t0;
     // The DMA started before the hand-off lands.
@@ -665,7 +665,7 @@ pub fn lu_noreset(context: &mut Context) -> Result<(), Failure> {
     );
     s.detach(sid).or_else(|e| fail!("{e}"))?;
     s.free_domain(domain).or_else(|e| fail!("{e}"))?;
-    match s.shutdown(true) {
+    match s.shutdown(false) {
         Ok(_) => {
             // SAFETY: the SMMU is off (the shutdown succeeded) and its tables and queues, the blocks it took from this
             // arena, went back to it.
