@@ -182,10 +182,17 @@ pub enum MapError {
         /// Output bits asked for.
         output_bits: u8,
     },
-    /// An address or size is not a multiple of the granule, or the size is zero.
+    /// The input address or the size is not a multiple of the granule, or the size is zero.
     Unaligned {
         /// The IOVA.
         iova: u64,
+        /// The size.
+        size: u64,
+    },
+    /// The output (physical) address is not a multiple of the granule.
+    UnalignedOutput {
+        /// The physical address.
+        pa: u64,
         /// The size.
         size: u64,
     },
@@ -241,6 +248,9 @@ impl fmt::Display for MapError {
             }
             MapError::Unaligned { iova, size } => {
                 write!(f, "range {iova:#x}+{size:#x} is empty or not aligned to the granule")
+            }
+            MapError::UnalignedOutput { pa, size } => {
+                write!(f, "output {pa:#x}+{size:#x} is not aligned to the granule")
             }
             MapError::InputOutOfRange { iova, size } => {
                 write!(f, "range {iova:#x}+{size:#x} is beyond the input address space")
@@ -960,9 +970,10 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// table until the gather's invalidation completes: flush it before relying on the new mapping.
     ///
     /// # Errors
-    /// [`MapError::Unaligned`], [`MapError::InputOutOfRange`], [`MapError::OutputOutOfRange`] (the whole output
-    /// range must fit), [`MapError::BadProt`], [`MapError::Overlap`], [`MapError::NoMemory`]; nothing changes then
-    /// (the allocator has every frame back).
+    /// [`MapError::Unaligned`] (the IOVA or the size), [`MapError::UnalignedOutput`] (the physical address),
+    /// [`MapError::InputOutOfRange`], [`MapError::OutputOutOfRange`] (the whole output range must fit),
+    /// [`MapError::BadProt`], [`MapError::Overlap`], [`MapError::NoMemory`]; nothing changes then (the allocator
+    /// has every frame back).
     #[inline]
     pub fn map(&mut self, iova: u64, pa: u64, size: u64, prot: Prot) -> Result<(), MapError> {
         let granule = 1u64 << self.geometry.granule_bits;
@@ -984,7 +995,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
     fn map_range(&mut self, iova: u64, pa: u64, size: u64, prot: Prot) -> Result<(), MapError> {
         self.check_range(iova, size)?;
         if !pa.is_multiple_of(1 << self.geometry.granule_bits) {
-            return Err(MapError::Unaligned { iova: pa, size });
+            return Err(MapError::UnalignedOutput { pa, size });
         }
         match pa.checked_add(size) {
             Some(end) if end <= 1 << self.format.output_bits => {}

@@ -140,8 +140,8 @@ fn bad_inputs_change_nothing() {
     );
     assert_eq!(
         t.map(0x1000, 0x800, 0x1000, RW),
-        Err(MapError::Unaligned {
-            iova: 0x800,
+        Err(MapError::UnalignedOutput {
+            pa: 0x800,
             size: 0x1000
         })
     );
@@ -2370,4 +2370,28 @@ proptest::proptest! {
     ) {
         run_mixed(SHAPES[shape], top, split, ops);
     }
+}
+
+#[test]
+fn a_misaligned_output_address_is_reported_as_the_output() {
+    let mut t = table(Stage::One, Granule::Size4K, 39);
+    // Range path (two pages), then the single-page path once its protection is known.
+    let range = t.map(0x1000, 0x8000_0800, 0x2000, RW);
+    assert_eq!(
+        range,
+        Err(MapError::UnalignedOutput {
+            pa: 0x8000_0800,
+            size: 0x2000
+        })
+    );
+    t.map(0x10_0000, 0x8000_0000, 0x1000, RW).unwrap();
+    let page = t.map(0x1000, 0x8000_0800, 0x1000, RW);
+    assert_eq!(
+        page,
+        Err(MapError::UnalignedOutput {
+            pa: 0x8000_0800,
+            size: 0x1000
+        })
+    );
+    assert_eq!(t.iova_to_phys(0x1000), None);
 }
