@@ -15,7 +15,9 @@
 //! **Storage.** The driver has no allocator, so domains live in a fixed-capacity table inside
 //! [`ActiveSmmu`] (`D` slots, [`DEFAULT_DOMAINS`] unless [`Smmu::init_with_capacity`] says otherwise). A caller
 //! holds a [`DomainId`]: a slot index and the slot's generation. Freeing a domain bumps its slot's generation, so
-//! a stale handle is refused with [`DomainError::StaleDomain`], never a use-after-free. The table (rather than
+//! a stale handle is refused with [`DomainError::StaleDomain`], never a use-after-free. A handle never becomes
+//! valid again: the generation is 64 bits wide (a slot freed once a nanosecond would take 584 years to exhaust
+//! it), and a slot whose generation would wrap is retired, never handed out again. The table (rather than
 //! caller-owned domain objects) is what lets the driver route a fault record to the domain its stream is attached
 //! to, find every nested domain under a stage-2 parent when the parent changes, and (live update) enumerate what
 //! to preserve.
@@ -68,7 +70,7 @@ pub type DomainMemory = &'static dyn FrameAllocator;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DomainId {
     index: u16,
-    generation: u32,
+    generation: u64,
 }
 
 impl DomainId {
@@ -513,7 +515,7 @@ impl DomainState {
 
 /// A slot of the domain table.
 pub(crate) struct Slot {
-    generation: u32,
+    generation: u64,
     pub(crate) state: Option<DomainState>,
 }
 
@@ -603,16 +605,21 @@ impl<const D: usize> Domains<D> {
         self.free.len()
     }
 
-    /// Empties `id`'s slot, makes every handle to it stale and puts the slot back on the free stack (O(1)).
+    /// Empties `id`'s slot, makes every handle to it stale and puts the slot back on the free stack (O(1)), unless
+    /// its generation is the last one: the slot is retired then.
     pub(crate) fn remove(&mut self, id: DomainId) -> Option<DomainState> {
         let slot = self
             .slots
             .get_mut(usize::from(id.index))
             .filter(|s| s.generation == id.generation)?;
         let state = slot.state.take()?;
-        slot.generation = slot.generation.wrapping_add(1);
-        // The slot was taken from the stack, so there is room for it.
-        let _ = self.free.push(id.index);
+        // A generation is never handed out twice: a slot whose generation would wrap is retired (left off the
+        // free stack for good), as unreachable as that is with 64 bits.
+        if let Some(next) = slot.generation.checked_add(1) {
+            slot.generation = next;
+            // The slot was taken from the stack, so there is room for it.
+            let _ = self.free.push(id.index);
+        }
         Some(state)
     }
 
@@ -3042,5 +3049,25 @@ mod tests {
             assert_eq!(q0 & 0x3f, 22, "{granule:?}");
             assert_eq!((q0 >> 32) & 0b111, 0b101, "{granule:?}");
         }
+    }
+
+    #[test]
+    fn a_domain_handle_never_becomes_valid_again() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = smmu(&model, frames);
+        let first = s1(&mut smmu, frames);
+        smmu.free_domain(first).unwrap();
+        // Slot 0 has been reused until its generation is the last one.
+        smmu.domains.slots[0].generation = u64::MAX;
+        let last = s1(&mut smmu, frames);
+        assert_eq!(last.index(), 0);
+        smmu.free_domain(last).unwrap();
+        let next = s1(&mut smmu, frames);
+        assert_ne!(next, first, "{next} was handed out before");
+        assert_eq!(smmu.domain_kind(first), Err(DomainError::StaleDomain(first)));
+        assert_eq!(smmu.domain_kind(last), Err(DomainError::StaleDomain(last)));
+        assert_eq!(next.index(), 1, "slot 0 is retired");
+        assert_eq!(smmu.domains.free_slots(), DEFAULT_DOMAINS - 2);
     }
 }
