@@ -363,6 +363,12 @@ pub enum DomainError {
         /// The token.
         token: u64,
     },
+    /// The gather was filled by another domain's unmap (or directly from another page table): refused, nothing
+    /// issued, nothing freed, the gather left as it was.
+    ForeignGather {
+        /// The domain it was handed to.
+        domain: DomainId,
+    },
     /// The domain is preserved: unpreserve it before freeing it.
     Preserved {
         /// The domain.
@@ -413,6 +419,7 @@ impl fmt::Display for DomainError {
             DomainError::CdTable(e) => write!(f, "{e}"),
             DomainError::Attach(e) => write!(f, "{e}"),
             DomainError::Invalidation(e) => write!(f, "invalidation failed: {e}"),
+            DomainError::ForeignGather { domain } => write!(f, "the gather handed to {domain} is another's"),
             DomainError::TokenInUse { token, domain } => write!(f, "token {token:#x} is in use by {domain}"),
             DomainError::AlreadyPreserved { domain, token } => {
                 write!(f, "{domain} is preserved already, under token {token:#x}")
@@ -1360,7 +1367,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     }
 
     /// Flushes `gather` for `domain` (see [`ActiveSmmu::flush`]), keeping it in the domain when the invalidation
-    /// fails.
+    /// fails. A gather another table filled is refused before anything is issued.
     fn flush_domain(&mut self, domain: DomainId, gather: Gather) -> Result<(), DomainError> {
         let ActiveSmmu {
             smmu, cmdq, domains, ..
@@ -1371,29 +1378,30 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table,
             Translation::Nested { .. } => return Err(DomainError::StaleDomain(domain)),
         };
-        if gather.is_empty() {
-            table.release(gather);
-            return Ok(());
+        if !table.owns(&gather) {
+            return Err(DomainError::ForeignGather { domain });
         }
-        match invalidate_gather(cmdq, smmu, table.format().granule, &gather, context) {
-            Ok(_) => {
-                // Only now can no walk reach the unlinked tables.
-                table.release(gather);
-                Ok(())
-            }
-            Err(error) => {
-                // Another failed invalidation may be waiting (a deferred unmap's gather synced after it): keep
-                // both, or the older one's IOVAs would never be invalidated nor its tables freed.
-                let gather = match state.unflushed.take() {
-                    Some(mut pending) => {
-                        table.merge(&mut pending, gather);
-                        pending
-                    }
-                    None => gather,
-                };
-                state.unflushed = Some(gather);
-                Err(DomainError::Invalidation(InvalidationError::Queue(error)))
-            }
+        if !gather.is_empty()
+            && let Err(error) = invalidate_gather(cmdq, smmu, table.format().granule, &gather, context)
+        {
+            // Another failed invalidation may be waiting (a deferred unmap's gather synced after it): keep
+            // both, or the older one's IOVAs would never be invalidated nor its tables freed. Both are this
+            // table's (checked above, and `unflushed` only ever holds its gathers), so the merge takes them.
+            let gather = match state.unflushed.take() {
+                Some(mut pending) => {
+                    table.merge_owned(&mut pending, gather);
+                    pending
+                }
+                None => gather,
+            };
+            state.unflushed = Some(gather);
+            return Err(DomainError::Invalidation(InvalidationError::Queue(error)));
+        }
+        // SAFETY: the invalidation covering `gather` has completed with its CMD_SYNC (or the gather is empty: it
+        // unlinked nothing), so no walk can reach its tables any more.
+        match unsafe { table.release(gather) } {
+            Ok(()) => Ok(()),
+            Err(_) => Err(DomainError::ForeignGather { domain }),
         }
     }
 
@@ -1464,10 +1472,11 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// nothing. Until [`ActiveSmmu::sync_domain`] completes, the SMMU may still use the old translations: the caller
     /// must not reuse the unmapped memory before then, and a new mapping of the same IOVAs may not be seen (the
     /// walk cache may still name a table this unmap unlinked) before then either. Returns the bytes that were
-    /// mapped.
+    /// mapped. Several calls may collect into one gather; the first ties it to this domain.
     ///
     /// # Errors
-    /// As [`ActiveSmmu::map`]; nothing changes then.
+    /// As [`ActiveSmmu::map`]; [`DomainError::ForeignGather`] for a gather another domain (or table) filled.
+    /// Nothing changes then.
     pub fn unmap_deferred(
         &mut self,
         domain: DomainId,
@@ -1477,22 +1486,34 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     ) -> Result<u64, DomainError> {
         self.unfrozen(domain)?;
         self.settle(domain)?;
-        match &mut self.paging_domain(domain)?.translation {
-            Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => {
-                table.unmap(iova, size, gather).map_err(DomainError::Map)
-            }
-            Translation::Nested { .. } => Err(DomainError::StaleDomain(domain)),
+        let table = match &mut self.paging_domain(domain)?.translation {
+            Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table,
+            Translation::Nested { .. } => return Err(DomainError::StaleDomain(domain)),
+        };
+        if !table.owns(gather) {
+            return Err(DomainError::ForeignGather { domain });
         }
+        Ok(table.unmap(iova, size, gather)?)
     }
 
     /// The second half: invalidates what `gather` collected for `domain` (one CMD_SYNC) and only then frees the
-    /// tables it unlinked.
+    /// tables it unlinked. `gather` is left empty, ready for reuse with any domain.
     ///
     /// # Errors
-    /// [`DomainError::StaleDomain`], [`DomainError::WrongKind`]; [`DomainError::Invalidation`] when the
-    /// invalidation failed: the gather is kept in the domain and flushed again by its next operation.
-    pub fn sync_domain(&mut self, domain: DomainId, gather: Gather) -> Result<(), DomainError> {
-        self.paging_domain(domain)?;
+    /// [`DomainError::StaleDomain`], [`DomainError::WrongKind`]; [`DomainError::ForeignGather`] for a gather
+    /// another domain (or table) filled: nothing is issued or freed, and `gather` is left as it was.
+    /// [`DomainError::Invalidation`] when the invalidation failed: the gather is taken into the domain and flushed
+    /// again by its next operation.
+    pub fn sync_domain(&mut self, domain: DomainId, gather: &mut Gather) -> Result<(), DomainError> {
+        let state = self.paging_domain(domain)?;
+        let owned = match &state.translation {
+            Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table.owns(gather),
+            Translation::Nested { .. } => false,
+        };
+        if !owned {
+            return Err(DomainError::ForeignGather { domain });
+        }
+        let gather = core::mem::take(gather);
         self.flush_domain(domain, gather)
     }
 
@@ -1506,7 +1527,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         self.settle(domain)?;
         let mut gather = Gather::default();
         let trimmed = match &mut self.paging_domain(domain)?.translation {
-            Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table.trim(&mut gather),
+            Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table.trim(&mut gather)?,
             Translation::Nested { .. } => return Err(DomainError::StaleDomain(domain)),
         };
         self.flush_domain(domain, gather)?;
@@ -1623,8 +1644,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             }
             Translation::Stage1 { mut table, .. } | Translation::Stage2 { mut table, .. } => {
                 if let Some(gather) = state.unflushed {
-                    // The whole-domain invalidation above covered it.
-                    table.release(gather);
+                    // SAFETY: the whole-domain invalidation above covered it, and its CMD_SYNC completed. A
+                    // refusal cannot happen (`unflushed` holds only this table's gathers); its tables would leak.
+                    let _ = unsafe { table.release(gather) };
                 }
                 // Dropping the table returns its frames: nothing can walk it after the invalidation.
                 drop(table);
@@ -2439,7 +2461,7 @@ mod tests {
             Err(DomainError::Invalidation(_))
         ));
         assert!(matches!(
-            smmu.sync_domain(d, deferred),
+            smmu.sync_domain(d, &mut deferred),
             Err(DomainError::Invalidation(_))
         ));
         assert_eq!(frames.live_blocks(), live, "no unlinked table freed yet");
@@ -2598,7 +2620,7 @@ mod tests {
         let mut gather = Gather::default();
         assert_eq!(smmu.unmap_deferred(d, 0x20_0000, 0x1000, &mut gather), Ok(0x1000));
         assert_eq!(since(&model, before), [], "nothing issued before the sync");
-        smmu.sync_domain(d, gather).unwrap();
+        smmu.sync_domain(d, &mut gather).unwrap();
         assert_eq!(since(&model, before), [opcode::TLBI_NH_VA, opcode::SYNC]);
         // The single-page unmap left its last-level table linked (empty) until a trim.
         assert_eq!(smmu.domain_table(d).unwrap().tables(), tables);
@@ -2752,7 +2774,7 @@ mod tests {
         let mut gather = Gather::default();
         smmu.unmap_deferred(d, 0x40_3000, 0x1000, &mut gather).unwrap();
         assert_eq!(issued_since(&model, before), []);
-        smmu.sync_domain(d, gather).unwrap();
+        smmu.sync_domain(d, &mut gather).unwrap();
         assert_eq!(
             issued_since(&model, before),
             [
@@ -3049,6 +3071,52 @@ mod tests {
             assert_eq!(q0 & 0x3f, 22, "{granule:?}");
             assert_eq!((q0 >> 32) & 0b111, 0b101, "{granule:?}");
         }
+    }
+
+    #[test]
+    fn sync_domain_refuses_a_gather_another_domain_filled() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = smmu(&model, frames);
+        let a = s1(&mut smmu, frames);
+        let b = s1(&mut smmu, frames);
+        // A page at 0 keeps a's level-2 table: the unmap below unlinks one last-level table.
+        smmu.map(a, 0, 0x8000_0000, 0x1000, RW).unwrap();
+        smmu.map(a, 0x20_0000, 0x8000_1000, 0x2000, RW).unwrap();
+        smmu.map(b, 0x20_0000, 0x9000_0000, 0x2000, RW).unwrap();
+        let mut g = Gather::default();
+        assert_eq!(smmu.unmap_deferred(a, 0x20_0000, 0x2000, &mut g), Ok(0x2000));
+        assert_eq!(g.freed_tables(), 1);
+        let live = frames.live_blocks();
+        let before = consumed(&model);
+        assert_eq!(
+            smmu.sync_domain(b, &mut g),
+            Err(DomainError::ForeignGather { domain: b })
+        );
+        assert_eq!(issued_since(&model, before), [], "b gets no command");
+        assert_eq!(frames.live_blocks(), live, "a's unlinked table is not freed");
+        // b's own unmaps refuse it too, and the gather is left as it was: a still syncs it.
+        assert_eq!(
+            smmu.unmap_deferred(b, 0x20_0000, 0x1000, &mut g),
+            Err(DomainError::ForeignGather { domain: b })
+        );
+        assert_eq!(smmu.iova_to_phys(b, 0x20_0000), Ok(Some(0x9000_0000)));
+        assert_eq!(g.freed_tables(), 1);
+        let asid = asid_of(&smmu, a);
+        smmu.sync_domain(a, &mut g).unwrap();
+        let mut expected: Vec<Issued> =
+            crate::hw::command::plan_range_invalidation(0x20_0000, 0x20_0000, Granule::Size4K, 0)
+                .unwrap()
+                .map(|piece| Issued::NhVa {
+                    vmid: 0,
+                    asid,
+                    address: piece.address,
+                })
+                .collect();
+        expected.push(Issued::Sync);
+        assert_eq!(issued_since(&model, before), expected);
+        assert_eq!(frames.live_blocks(), live - 1, "freed after a's invalidation");
+        assert!(g.is_empty() && g.owner().is_none(), "synced: empty, reusable");
     }
 
     #[test]

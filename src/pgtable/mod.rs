@@ -49,9 +49,10 @@
 //! [`Gather::tables_unlinked`], walk caches too then) and wait for its CMD_SYNC (`ActiveSmmu::flush` does both,
 //! then calls [`IoPageTable::release`]). Until then the SMMU may still use the old translations. A table that
 //! becomes empty (on a range unmap, or at a trim) is unlinked and handed to the [`Gather`], and goes back to the
-//! allocator only through
-//! [`IoPageTable::release`], after that invalidation has completed; if it fails, do not release the gather (leak
-//! it) rather than free tables the SMMU may still walk.
+//! allocator only through [`IoPageTable::release`] (an `unsafe fn`: its caller vouches for that invalidation),
+//! after that invalidation has completed; if it fails, do not release the gather (leak it) rather than free
+//! tables the SMMU may still walk. A gather is stamped with the [`TableId`] of the table that filled it, and every
+//! other table refuses it.
 //!
 //! **What a failed operation leaves.** Nothing: every error is returned before the first store. `map`
 //! allocates all the tables it needs first, and gives them back on [`MapError::NoMemory`]; `unmap` and
@@ -232,6 +233,13 @@ pub enum MapError {
         /// An address where the range cuts a block.
         iova: u64,
     },
+    /// The [`Gather`] was filled by another page table: its contents are that table's to invalidate and release.
+    ForeignGather {
+        /// The table that filled the gather.
+        owner: TableId,
+        /// The table it was handed to.
+        table: TableId,
+    },
 }
 
 impl fmt::Display for MapError {
@@ -271,6 +279,50 @@ impl fmt::Display for MapError {
                     "{iova:#x} cuts a block mapping, and splitting it in place needs IDR3.BBML = 2"
                 )
             }
+            MapError::ForeignGather { owner, table } => {
+                write!(f, "a gather filled by {owner} was handed to {table}")
+            }
+        }
+    }
+}
+
+/// The identity of an [`IoPageTable`], unique among every table created or adopted since the program started
+/// (a global counter, never reused), so that a [`Gather`] names the one table whose unlinked tables it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TableId(u64);
+
+impl TableId {
+    /// The next identity. A 64-bit counter: at one table a nanosecond it would take 584 years to wrap, so it
+    /// never hands out an identity twice. 0 is never handed out (it marks a gather no table has used yet).
+    fn next() -> TableId {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        // Relaxed: only the uniqueness of the values matters, which the atomic read-modify-write gives.
+        TableId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl fmt::Display for TableId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "page table #{}", self.0)
+    }
+}
+
+/// A [`Gather`] refused by a page table other than the one that filled it ([`IoPageTable::release`],
+/// [`IoPageTable::merge`]). Nothing changed: the gather comes back whole, still owing its invalidation, and its
+/// tables stay unfreed.
+#[derive(Debug)]
+pub struct ForeignGather {
+    /// The table that refused it.
+    pub table: TableId,
+    /// The gather, unchanged.
+    pub gather: Gather,
+}
+
+impl fmt::Display for ForeignGather {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.gather.owner() {
+            Some(owner) => write!(f, "a gather filled by {owner} was handed to {}", self.table),
+            None => write!(f, "a gather was handed to {}", self.table),
         }
     }
 }
@@ -290,23 +342,46 @@ pub struct Mapping {
 
 /// What an unmap (or any change that removes translations) leaves for the caller to invalidate, and the tables
 /// that may be freed once that invalidation has completed.
+///
+/// A gather cannot be forged: its fields are private, only [`IoPageTable::unmap`], [`IoPageTable::protect`] and
+/// [`IoPageTable::trim`] fill it, and the first of them to use it stamps it with its table's [`TableId`]. From
+/// then on every other table refuses it ([`MapError::ForeignGather`], [`ForeignGather`]), so one table's unlinked
+/// tables never go back through another's [`IoPageTable::release`], and no range or flag can be edited to
+/// skip the invalidation that must come before they are freed:
+///
+/// ```compile_fail
+/// let mut gather = smmuv3::pgtable::Gather::default();
+/// // Private: a gather cannot be told that no table was unlinked, or that it covers nothing.
+/// gather.tables_unlinked = false;
+/// gather.end = gather.start;
+/// ```
+///
+/// What it holds is read through its accessors:
+///
+/// ```
+/// let gather = smmuv3::pgtable::Gather::default();
+/// assert!(gather.is_empty() && gather.owner().is_none());
+/// assert_eq!((gather.start(), gather.end(), gather.leaves(), gather.tables_unlinked()), (0, 0, 0, false));
+/// ```
 #[derive(Debug, Default)]
 pub struct Gather {
     /// The lowest input address whose translation was removed.
-    pub start: u64,
+    start: u64,
     /// One past the highest.
-    pub end: u64,
+    end: u64,
     /// Leaf descriptors cleared.
-    pub leaves: u32,
+    leaves: u32,
     /// The smallest leaf size cleared (log2), for the invalidation's granule and level hint.
-    pub leaf_shift: u8,
+    leaf_shift: u8,
     /// Tables were unlinked: the invalidation must cover walk caches too (not leaf-only).
-    pub tables_unlinked: bool,
+    tables_unlinked: bool,
     /// Unlinked tables, chained through a word of each (a granule-aligned physical address tagged with
     /// [`LINK_PRESENT`], and with [`LINK_SUBTREE`] for a level-2 table that goes with its last-level tables; 0 ends
     /// the chain; never a valid descriptor should the SMMU still walk the table before the invalidation).
     freed_head: u64,
     freed: u32,
+    /// The [`TableId`] of the table that used the gather first; 0 until then.
+    owner: u64,
 }
 
 impl Gather {
@@ -315,14 +390,44 @@ impl Gather {
         self.end == self.start && !self.tables_unlinked
     }
 
+    /// The lowest input address to invalidate.
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+
+    /// One past the highest input address to invalidate.
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
     /// Bytes of input address space to invalidate.
     pub fn size(&self) -> u64 {
         self.end - self.start
     }
 
+    /// Leaf descriptors removed or changed.
+    pub fn leaves(&self) -> u32 {
+        self.leaves
+    }
+
+    /// The smallest leaf size removed or changed (log2), for the invalidation's granule and level hint.
+    pub fn leaf_shift(&self) -> u8 {
+        self.leaf_shift
+    }
+
+    /// Whether tables were unlinked: the invalidation must then cover walk caches too (not leaf-only).
+    pub fn tables_unlinked(&self) -> bool {
+        self.tables_unlinked
+    }
+
     /// Tables waiting for [`IoPageTable::release`].
     pub fn freed_tables(&self) -> u32 {
         self.freed
+    }
+
+    /// The table that filled the gather, `None` before any table used it.
+    pub fn owner(&self) -> Option<TableId> {
+        (self.owner != 0).then_some(TableId(self.owner))
     }
 
     #[inline]
@@ -396,6 +501,8 @@ impl Pool {
 
 /// An IO page table.
 pub struct IoPageTable<A: FrameAllocator> {
+    /// This table's identity, stamped on the gathers it fills.
+    id: TableId,
     format: Format,
     geometry: Geometry,
     root: DmaBlock,
@@ -447,6 +554,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
         let coherency = Coherency { coherent };
         coherency.clean(root.virt.as_ptr(), root.size);
         Ok(IoPageTable {
+            id: TableId::next(),
             format,
             geometry,
             root,
@@ -484,6 +592,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             .filter(|_| aligned && allocator.phys_to_virt(PhysAddr(root.0 + size as u64 - 1)).is_some())
             .ok_or(MapError::NotAdoptable(root))?;
         let mut table = IoPageTable {
+            id: TableId::next(),
             format,
             geometry,
             root: DmaBlock { phys: root, virt, size },
@@ -525,6 +634,28 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// Whether blocks are split in place (see [`IoPageTable::set_bbm_level`]).
     pub fn splits_blocks(&self) -> bool {
         self.split_blocks
+    }
+
+    /// This table's identity: unique, never reused (a table adopted after a live update gets a new one).
+    pub fn id(&self) -> TableId {
+        self.id
+    }
+
+    /// Whether `gather` may be handed to this table: no table has used it yet, or this one filled it.
+    pub fn owns(&self, gather: &Gather) -> bool {
+        gather.owner == 0 || gather.owner == self.id.0
+    }
+
+    /// Refuses a gather another table filled; nothing changes then.
+    #[inline]
+    fn check_owner(&self, gather: &Gather) -> Result<(), MapError> {
+        match self.owns(gather) {
+            true => Ok(()),
+            false => Err(MapError::ForeignGather {
+                owner: TableId(gather.owner),
+                table: self.id,
+            }),
+        }
     }
 
     /// The format.
@@ -749,7 +880,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             }
         }
         if self.empty > self.lazy_limit {
-            self.trim(gather);
+            self.trim_in_place(gather);
         }
         Some(1 << g.granule_bits)
     }
@@ -793,7 +924,17 @@ impl<A: FrameAllocator> IoPageTable<A> {
     ///
     /// Cost: it visits only the tables whose descriptors lead to an emptied table (software bit 57,
     /// [`desc::SW_TRIM_CANDIDATE`]); nothing when none is waiting.
-    pub fn trim(&mut self, gather: &mut Gather) -> u32 {
+    ///
+    /// # Errors
+    /// [`MapError::ForeignGather`] for a gather another table filled; nothing changes then.
+    pub fn trim(&mut self, gather: &mut Gather) -> Result<u32, MapError> {
+        self.check_owner(gather)?;
+        gather.owner = self.id.0;
+        Ok(self.trim_in_place(gather))
+    }
+
+    /// `trim` into a gather already checked to be this table's.
+    fn trim_in_place(&mut self, gather: &mut Gather) -> u32 {
         if self.empty == 0 {
             return 0;
         }
@@ -1297,6 +1438,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// added to `gather`, and the SMMU may keep using them until the caller has issued that invalidation and its
     /// CMD_SYNC has completed (`ActiveSmmu::flush` does both). Tables that emptied are unlinked but not freed:
     /// they go back to the allocator only through [`IoPageTable::release`], to be called after that completion.
+    /// The first use stamps `gather` with this table's identity (see [`Gather`]).
     ///
     /// An unmap of exactly one granule takes the single-page path: a last-level table it empties stays linked
     /// until the next [`IoPageTable::trim`] (or range unmap), unless the lazy-free limit is exceeded. Any other
@@ -1304,18 +1446,23 @@ impl<A: FrameAllocator> IoPageTable<A> {
     ///
     /// # Errors
     /// [`MapError::Unaligned`], [`MapError::InputOutOfRange`], [`MapError::WouldSplitBlock`] (a cut block without
-    /// BBML = 2), [`MapError::NoMemory`] (for splitting a block); nothing changes then, `gather` included.
+    /// BBML = 2), [`MapError::NoMemory`] (for splitting a block), [`MapError::ForeignGather`] (a gather another
+    /// table filled); nothing changes then, `gather` included.
     #[inline]
     pub fn unmap(&mut self, iova: u64, size: u64, gather: &mut Gather) -> Result<u64, MapError> {
+        self.check_owner(gather)?;
         let granule = 1u64 << self.geometry.granule_bits;
         if size == granule
             && iova & (granule - 1) == 0
             && iova >> self.format.input_bits == 0
             && let Some(bytes) = self.unmap_page(iova, gather)
         {
+            gather.owner = self.id.0;
             return Ok(bytes);
         }
-        self.change(iova, size, gather, None)
+        let bytes = self.change(iova, size, gather, None)?;
+        gather.owner = self.id.0;
+        Ok(bytes)
     }
 
     /// Gives every mapping inside `[iova, iova + size)` the protection `prot` and returns the bytes of mappings
@@ -1329,8 +1476,9 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// # Errors
     /// [`MapError::Unaligned`], [`MapError::InputOutOfRange`], [`MapError::BadProt`] (inexpressible, or another
     /// memory type than a mapping in the range has), [`MapError::WouldSplitBlock`], [`MapError::NoMemory`] (for
-    /// splitting a block); nothing changes then, `gather` included.
+    /// splitting a block), [`MapError::ForeignGather`]; nothing changes then, `gather` included.
     pub fn protect(&mut self, iova: u64, size: u64, prot: Prot, gather: &mut Gather) -> Result<u64, MapError> {
+        self.check_owner(gather)?;
         if !self.expressible(prot) {
             return Err(MapError::BadProt(prot));
         }
@@ -1348,7 +1496,9 @@ impl<A: FrameAllocator> IoPageTable<A> {
         if other_type {
             return Err(MapError::BadProt(prot));
         }
-        self.change(iova, size, gather, Some(prot))
+        let bytes = self.change(iova, size, gather, Some(prot))?;
+        gather.owner = self.id.0;
+        Ok(bytes)
     }
 
     fn expressible(&self, prot: Prot) -> bool {
@@ -1391,7 +1541,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             unsafe { self.allocator.free(t) };
         }
         if reprotect.is_none() {
-            self.trim(gather);
+            self.trim_in_place(gather);
         }
         // No barrier here: the caller's invalidation orders these stores before its command queue's PROD write
         // (see the module documentation).
@@ -1627,8 +1777,25 @@ impl<A: FrameAllocator> IoPageTable<A> {
     }
 
     /// Moves what `other` collected (its range and its unlinked tables) into `into`, so that one invalidation and
-    /// one [`IoPageTable::release`] cover both. Both gathers must come from this page table.
-    pub fn merge(&self, into: &mut Gather, other: Gather) {
+    /// one [`IoPageTable::release`] cover both. `into` is stamped as this table's.
+    ///
+    /// # Errors
+    /// [`ForeignGather`] when either gather was filled by another table: nothing changes, and `other` comes back.
+    pub fn merge(&self, into: &mut Gather, other: Gather) -> Result<(), ForeignGather> {
+        if !self.owns(into) || !self.owns(&other) {
+            return Err(ForeignGather {
+                table: self.id,
+                gather: other,
+            });
+        }
+        self.merge_owned(into, other);
+        Ok(())
+    }
+
+    /// [`IoPageTable::merge`] of two gathers the caller has checked are this table's ([`IoPageTable::owns`]).
+    pub(crate) fn merge_owned(&self, into: &mut Gather, other: Gather) {
+        debug_assert!(self.owns(into) && self.owns(&other));
+        into.owner = self.id.0;
         if other.end != other.start {
             into.add_run(other.start, other.end, other.leaf_shift, other.leaves);
         } else {
@@ -1665,13 +1832,27 @@ impl<A: FrameAllocator> IoPageTable<A> {
         into.freed += other.freed;
     }
 
-    /// Gives the tables `gather` collected back to the allocator. Call it only after the invalidation for
-    /// `gather` has completed (CMD_SYNC consumed), so that no walk can still reach them.
+    /// Gives the tables `gather` collected back to the allocator. `ActiveSmmu::flush` (and every domain operation)
+    /// calls it after the invalidation that covers `gather` has completed; call it directly only for a table no
+    /// SMMU walks, or after issuing that invalidation yourself.
+    ///
+    /// # Safety
+    /// The invalidation that covers `gather` (by address over its span, or the whole ASID, VMID or regime; not
+    /// leaf-only when [`Gather::tables_unlinked`]) has been issued for every SMMU that may walk this table, and a
+    /// CMD_SYNC after it has completed: otherwise a walk cache may still name a freed table, which the allocator
+    /// may hand out and a walk then read as descriptors.
+    ///
+    /// # Errors
+    /// [`ForeignGather`] for a gather another table filled: nothing is freed, and the gather comes back.
     #[inline]
-    pub fn release(&mut self, gather: Gather) {
+    pub unsafe fn release(&mut self, gather: Gather) -> Result<(), ForeignGather> {
+        if !self.owns(&gather) {
+            return Err(ForeignGather { table: self.id, gather });
+        }
         if gather.freed_head != 0 {
             self.free_chain(gather.freed_head);
         }
+        Ok(())
     }
 
     #[inline(never)]
