@@ -26,7 +26,10 @@
 //! and every range unmap, unlink the marked tables still empty (and the tables above them that empty in turn)
 //! into the [`Gather`], to be freed by [`IoPageTable::release`] after the invalidation, like any unlinked table.
 //! A single-page unmap trims by itself, into its own gather, when more than the lazy-free limit
-//! ([`IoPageTable::set_lazy_free_limit`], default [`DEFAULT_LAZY_FREE_LIMIT`]) are waiting. **Memory bound:** at
+//! ([`IoPageTable::set_lazy_free_limit`], default [`DEFAULT_LAZY_FREE_LIMIT`]) are waiting
+//! ([`IoPageTable::trim_due`]). [`IoPageTable::unmap_without_trim`] never trims, for a gather whose invalidation
+//! is deferred: its caller trims into a gather of its own and flushes that at once (the domain's `unmap_deferred`
+//! does), so a deferred gather never holds tables a trim unlinked far from its range. **Memory bound:** at
 //! any moment the tables in use are at most those the live mappings need, plus `limit` emptied last-level tables
 //! and the tables above them that only they keep alive: at most `limit × (levels below the root)` extra frames
 //! (4 KiB granule, limit 512: at most 2 MiB of emptied last-level tables, plus their ancestors); after a trim
@@ -40,19 +43,23 @@
 //! barrier is all an unmap needs; for a non-coherent one each store is also cleaned to the point of coherency
 //! (with its DSB) as it is made.
 //!
-//! **Who invalidates.** This module never issues a command. [`IoPageTable::map`] only fills invalid entries,
-//! which needs no invalidation, with one ordering rule: where an unmap or trim unlinked a table and its [`Gather`]
-//! is not flushed yet, the SMMU's walk cache may still point at the old (empty, not yet freed) table, so a new
-//! mapping there is seen only once that gather is flushed (a DMA before may fault; never a wrong translation).
-//! [`IoPageTable::unmap`] and [`IoPageTable::protect`] add what they removed or
-//! changed to a [`Gather`]; the caller must issue the TLB invalidation it describes (leaf-only unless
-//! [`Gather::tables_unlinked`], walk caches too then) and wait for its CMD_SYNC (`ActiveSmmu::flush` does both,
-//! then calls [`IoPageTable::release`]). Until then the SMMU may still use the old translations. A table that
-//! becomes empty (on a range unmap, or at a trim) is unlinked and handed to the [`Gather`], and goes back to the
-//! allocator only through [`IoPageTable::release`] (an `unsafe fn`: its caller vouches for that invalidation),
-//! after that invalidation has completed; if it fails, do not release the gather (leak it) rather than free
-//! tables the SMMU may still walk. A gather is stamped with the [`TableId`] of the table that filled it, and every
-//! other table refuses it.
+//! **Who invalidates.** This module never issues a command. [`IoPageTable::unmap`] and [`IoPageTable::protect`]
+//! add what they removed or changed to a [`Gather`]; the caller must issue the TLB invalidation it describes
+//! (leaf-only unless [`Gather::tables_unlinked`], walk caches too then) and wait for its CMD_SYNC
+//! (`ActiveSmmu::flush` does both, then calls [`IoPageTable::release`]). Until then the SMMU may still use the
+//! old translations. A table that an unmap empties (or that a range unmap removes whole, **with its leaves left
+//! in place**: clearing them would cost a write per entry) or that a trim finds empty is unlinked and handed to
+//! the [`Gather`], and goes back to the allocator only through [`IoPageTable::release`] (an `unsafe fn`: its
+//! caller vouches for that invalidation), after that invalidation has completed; if it fails, do not release the
+//! gather (leak it) rather than free tables the SMMU may still walk. A gather is stamped with the [`TableId`] of
+//! the table that filled it, and every other table refuses it.
+//!
+//! **What an unflushed gather allows.** [`IoPageTable::map`] only fills invalid entries, which needs no
+//! invalidation, except over the span of a gather not flushed yet: there the TLB may still hold the old
+//! translations and a walk cache may still name an unlinked table, whose leaves (after a range unmap) still
+//! hold the old output addresses, so a DMA meant for a new mapping there could reach the old memory. Do not map
+//! over an unflushed gather's span ([`Gather::start`]..[`Gather::end`]: the domain API refuses it), nor reuse the
+//! memory it unmapped, until its flush has completed. Everything else is allowed.
 //!
 //! **What a failed operation leaves.** Nothing: every error is returned before the first store. `map`
 //! allocates all the tables it needs first, and gives them back on [`MapError::NoMemory`]; `unmap` and
@@ -382,6 +389,9 @@ pub struct Gather {
     freed: u32,
     /// The [`TableId`] of the table that used the gather first; 0 until then.
     owner: u64,
+    /// A number the owner's caller inside the crate may keep with the gather: the domain layer records in which
+    /// of its epochs it counted the gather as a pending deferred unmap (0: not counted).
+    pub(crate) ticket: u64,
 }
 
 impl Gather {
@@ -836,9 +846,10 @@ impl<A: FrameAllocator> IoPageTable<A> {
 
     /// Unmaps the granule at `iova` (checked by `unmap`) with one descent from the root: `None` when a block maps
     /// it (the range path splits or refuses it). A last-level table that this empties stays linked and waits
-    /// for [`IoPageTable::trim`], unless more than the lazy-free limit already wait: then this trims.
+    /// for [`IoPageTable::trim`], unless more than the lazy-free limit already wait: then this trims, when
+    /// `TRIM`.
     #[inline]
-    fn unmap_page(&mut self, iova: u64, gather: &mut Gather) -> Option<u64> {
+    fn unmap_page<const TRIM: bool>(&mut self, iova: u64, gather: &mut Gather) -> Option<u64> {
         let g = self.geometry;
         let mut parent: Option<&AtomicU64> = None;
         let mut level = g.start_level;
@@ -879,7 +890,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 self.note_empty(iova);
             }
         }
-        if self.empty > self.lazy_limit {
+        if TRIM && self.trim_due() {
             self.trim_in_place(gather);
         }
         Some(1 << g.granule_bits)
@@ -920,7 +931,8 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// above them that empty in turn) into `gather`, and returns how many tables it unlinked. As with
     /// [`IoPageTable::unmap`], the tables go back to the allocator only through [`IoPageTable::release`] after
     /// the caller's invalidation of `gather` has completed (walk caches included: [`Gather::tables_unlinked`]).
-    /// Every range unmap (one of more than a granule, or one that meets a block) trims too, into its own gather.
+    /// Every range unmap through [`IoPageTable::unmap`] (one of more than a granule, or one that meets a block)
+    /// trims too, into its own gather.
     ///
     /// Cost: it visits only the tables whose descriptors lead to an emptied table (software bit 57,
     /// [`desc::SW_TRIM_CANDIDATE`]); nothing when none is waiting.
@@ -931,6 +943,13 @@ impl<A: FrameAllocator> IoPageTable<A> {
         self.check_owner(gather)?;
         gather.owner = self.id.0;
         Ok(self.trim_in_place(gather))
+    }
+
+    /// Whether more emptied tables wait than the lazy-free limit allows: the single-page [`IoPageTable::unmap`]
+    /// trims then; after [`IoPageTable::unmap_without_trim`] the caller should [`IoPageTable::trim`] (into a
+    /// gather of its own, flushed at once).
+    pub fn trim_due(&self) -> bool {
+        self.empty > self.lazy_limit
     }
 
     /// `trim` into a gather already checked to be this table's.
@@ -1106,9 +1125,10 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// exactly as they were: nothing was linked, so nothing needs invalidating and no table the SMMU may have
     /// walked is freed. A successful map only adds translations where there were none: it needs no invalidation
     /// (the SMMU caches no invalid entries in the formats used here), and publishes its descriptors with a
-    /// barrier before it returns. Where an unflushed [`Gather`] holds a table unlinked from this range (an unmap,
-    /// or a trim, including the one a single-page unmap runs past the lazy-free limit), the SMMU may walk that old
-    /// table until the gather's invalidation completes: flush it before relying on the new mapping.
+    /// barrier before it returns. Over the span of a [`Gather`] not flushed yet (an unmap, or a trim, including
+    /// the one a single-page unmap runs past the lazy-free limit) the SMMU may still use the old translations,
+    /// through its TLB or through a walk cache naming a table that gather unlinked (whose leaves a range unmap
+    /// left in place): flush that gather before mapping there (see the module documentation).
     ///
     /// # Errors
     /// [`MapError::Unaligned`] (the IOVA or the size), [`MapError::UnalignedOutput`] (the physical address),
@@ -1450,17 +1470,34 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// table filled); nothing changes then, `gather` included.
     #[inline]
     pub fn unmap(&mut self, iova: u64, size: u64, gather: &mut Gather) -> Result<u64, MapError> {
+        self.unmap_in::<true>(iova, size, gather)
+    }
+
+    /// [`IoPageTable::unmap`] without any trim: `gather` gets only what the range itself removes (with the tables
+    /// the range empties, unlinked as by `unmap`, and their spans), never a table that a trim unlinked elsewhere; a
+    /// single-page unmap leaves the table it empties linked even past the lazy-free limit, and the caller trims
+    /// when [`IoPageTable::trim_due`] says so. For a gather whose invalidation is deferred.
+    ///
+    /// # Errors
+    /// As [`IoPageTable::unmap`].
+    #[inline]
+    pub fn unmap_without_trim(&mut self, iova: u64, size: u64, gather: &mut Gather) -> Result<u64, MapError> {
+        self.unmap_in::<false>(iova, size, gather)
+    }
+
+    #[inline(always)]
+    fn unmap_in<const TRIM: bool>(&mut self, iova: u64, size: u64, gather: &mut Gather) -> Result<u64, MapError> {
         self.check_owner(gather)?;
         let granule = 1u64 << self.geometry.granule_bits;
         if size == granule
             && iova & (granule - 1) == 0
             && iova >> self.format.input_bits == 0
-            && let Some(bytes) = self.unmap_page(iova, gather)
+            && let Some(bytes) = self.unmap_page::<TRIM>(iova, gather)
         {
             gather.owner = self.id.0;
             return Ok(bytes);
         }
-        let bytes = self.change(iova, size, gather, None)?;
+        let bytes = self.change(iova, size, gather, None, TRIM)?;
         gather.owner = self.id.0;
         Ok(bytes)
     }
@@ -1496,7 +1533,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
         if other_type {
             return Err(MapError::BadProt(prot));
         }
-        let bytes = self.change(iova, size, gather, Some(prot))?;
+        let bytes = self.change(iova, size, gather, Some(prot), false)?;
         gather.owner = self.id.0;
         Ok(bytes)
     }
@@ -1511,7 +1548,14 @@ impl<A: FrameAllocator> IoPageTable<A> {
     }
 
     #[inline(never)]
-    fn change(&mut self, iova: u64, size: u64, gather: &mut Gather, reprotect: Option<Prot>) -> Result<u64, MapError> {
+    fn change(
+        &mut self,
+        iova: u64,
+        size: u64,
+        gather: &mut Gather,
+        reprotect: Option<Prot>,
+        trim: bool,
+    ) -> Result<u64, MapError> {
         self.check_range(iova, size)?;
         // Splitting the blocks that straddle the range's ends needs at most one table per level below each:
         // allocate them first, so that running out of memory changes nothing.
@@ -1540,7 +1584,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             // SAFETY: never published.
             unsafe { self.allocator.free(t) };
         }
-        if reprotect.is_none() {
+        if trim {
             self.trim_in_place(gather);
         }
         // No barrier here: the caller's invalidation orders these stores before its command queue's PROD write

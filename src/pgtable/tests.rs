@@ -1562,6 +1562,31 @@ fn the_lazy_free_limit_bounds_the_tables_left_empty() {
 }
 
 #[test]
+fn an_unmap_without_trim_leaves_emptied_tables_for_the_callers_own_trim() {
+    let mut t = table(Stage::Two, Granule::Size4K, 40);
+    t.set_lazy_free_limit(0);
+    for k in 1..3u64 {
+        t.map(k << 21, k << 21, 0x1000, RW).unwrap();
+    }
+    t.map(0, 0, 0x1000, RW).unwrap();
+    let mut g = Gather::default();
+    // Past the limit, a single page and a range elsewhere: neither gathers a trim.
+    t.unmap_without_trim(1 << 21, 0x1000, &mut g).unwrap();
+    assert_eq!((g.freed_tables(), t.empty_tables(), t.trim_due()), (0, 1, true));
+    let mut range = Gather::default();
+    t.unmap_without_trim(2 << 21, 0x2000, &mut range).unwrap();
+    assert_eq!(range.freed_tables(), 1, "only the table the range emptied");
+    assert_eq!((range.start(), range.end()), (2 << 21, 3 << 21), "{range:?}");
+    assert_eq!(t.empty_tables(), 1, "the table emptied before is still linked");
+    let mut trimmed = Gather::default();
+    assert_eq!(t.trim(&mut trimmed), Ok(1));
+    assert!(!t.trim_due());
+    release(&mut t, g);
+    release(&mut t, range);
+    release(&mut t, trimmed);
+}
+
+#[test]
 fn a_range_unmap_trims_and_a_range_map_fills_an_emptied_table_instead_of_covering_it() {
     let frames: &'static HeapFrames = std::boxed::Box::leak(std::boxed::Box::default());
     let mut t = IoPageTable::new(format(Stage::One, Granule::Size4K, 39), frames, true).unwrap();
