@@ -16,7 +16,7 @@ use crate::hw::regs::{CR0, CR1, CR2, GBPA, STRTAB_BASE_CFG, SmmuPage0, cmdq_base
 use crate::hw::ste::Ste;
 use crate::ids::{IdAllocator, IdError};
 use crate::mem::{AllocError, Coherency, FrameAllocator, MAX_WRITEBACK_GRANULE, PhysAddr, write_barrier};
-use crate::pgtable::{Gather, IoPageTable};
+use crate::pgtable::{Gather, IoPageTable, TableId};
 use crate::queue::cmdq::{
     BATCH_CAPACITY, Batch, BatchReport, COMMAND_BYTES, CommandQueue, CommandQueueError, MMU700_COMMANDS_PER_SYNC,
 };
@@ -232,6 +232,14 @@ pub enum InvalidationError {
     Queue(CommandQueueError),
     /// [`TlbContext::Stage1El2`] on an SMMU without EL2 contexts (IDR0.HYP = 0); nothing was issued.
     NoEl2Contexts,
+    /// The gather was filled by another page table than the one given ([`ActiveSmmu::flush`]): nothing was
+    /// issued and nothing freed.
+    ForeignGather {
+        /// The table that filled the gather.
+        owner: TableId,
+        /// The table given with it.
+        table: TableId,
+    },
 }
 
 impl fmt::Display for InvalidationError {
@@ -240,6 +248,9 @@ impl fmt::Display for InvalidationError {
             InvalidationError::Queue(e) => write!(f, "{e}"),
             InvalidationError::NoEl2Contexts => {
                 f.write_str("an EL2 stage-1 context on an SMMU without EL2 contexts (IDR0.HYP = 0)")
+            }
+            InvalidationError::ForeignGather { owner, table } => {
+                write!(f, "a gather filled by {owner} was flushed with {table}")
             }
         }
     }
@@ -942,33 +953,56 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// what was unmapped).
     ///
     /// # Errors
-    /// [`FlushError`] when the invalidation failed (a refused command, a timeout, service failure) or, for
-    /// [`TlbContext::Stage1El2`], the SMMU has no EL2 contexts. The tables are then **not** released: the error
-    /// hands the gather back.
+    /// [`FlushError`] when the invalidation failed (a refused command, a timeout, service failure), for
+    /// [`TlbContext::Stage1El2`] when the SMMU has no EL2 contexts, or with
+    /// [`InvalidationError::ForeignGather`] when another table than `table` filled `gather` (nothing issued). The
+    /// tables are then **not** released: the error hands the gather back.
     pub fn flush<T: FrameAllocator>(
         &mut self,
         table: &mut IoPageTable<T>,
         gather: Gather,
         context: TlbContext,
     ) -> Result<BatchReport, FlushError> {
-        if gather.is_empty() {
-            table.release(gather);
-            return Ok(BatchReport::default());
+        if let Some(owner) = gather.owner()
+            && !table.owns(&gather)
+        {
+            return Err(FlushError {
+                error: InvalidationError::ForeignGather {
+                    owner,
+                    table: table.id(),
+                },
+                gather,
+            });
         }
-        if context == TlbContext::Stage1El2 && !self.features().hyp {
+        let report = if gather.is_empty() {
+            BatchReport::default()
+        } else if context == TlbContext::Stage1El2 && !self.features().hyp {
             return Err(FlushError {
                 error: InvalidationError::NoEl2Contexts,
                 gather,
             });
-        }
-        match self.invalidation(table.format().granule, &gather, context) {
-            Ok(report) => {
-                table.release(gather);
-                Ok(report)
+        } else {
+            match self.invalidation(table.format().granule, &gather, context) {
+                Ok(report) => report,
+                Err(error) => {
+                    return Err(FlushError {
+                        error: InvalidationError::Queue(error),
+                        gather,
+                    });
+                }
             }
-            Err(error) => Err(FlushError {
-                error: InvalidationError::Queue(error),
-                gather,
+        };
+        // SAFETY: the invalidation covering `gather` (walk caches included when it unlinked tables) has completed
+        // with its CMD_SYNC, or the gather is empty (it unlinked nothing).
+        match unsafe { table.release(gather) } {
+            Ok(()) => Ok(report),
+            // Checked above; kept as an error rather than a panic.
+            Err(refused) => Err(FlushError {
+                error: InvalidationError::ForeignGather {
+                    owner: refused.gather.owner().unwrap_or(refused.table),
+                    table: refused.table,
+                },
+                gather: refused.gather,
             }),
         }
     }
@@ -1169,7 +1203,7 @@ pub(crate) fn invalidate_gather(
     gather: &Gather,
     context: TlbContext,
 ) -> Result<BatchReport, CommandQueueError> {
-    let leaf = !gather.tables_unlinked;
+    let leaf = !gather.tables_unlinked();
     let one = |address: u64, range: Option<TlbiRange>| match context {
         TlbContext::Stage1 { asid, vmid } => Command::TlbiNhVa {
             vmid,
@@ -1199,7 +1233,7 @@ pub(crate) fn invalidate_gather(
     let mut batch = Batch::new();
     let granules = gather.size() / granule.size();
     let ranged = if smmu.features().range_invalidation {
-        plan_range_invalidation(gather.start, gather.size(), granule, 0).ok()
+        plan_range_invalidation(gather.start(), gather.size(), granule, 0).ok()
     } else {
         None
     };
@@ -1211,7 +1245,7 @@ pub(crate) fn invalidate_gather(
         }
         _ if granules <= u64::from(PER_GRANULE_LIMIT) => {
             for i in 0..granules {
-                batch.push(&one(gather.start + i * granule.size(), None))?;
+                batch.push(&one(gather.start() + i * granule.size(), None))?;
             }
         }
         _ => batch.push(&whole)?,
@@ -1852,6 +1886,37 @@ pub(crate) mod tests {
         model.refuse.store(0, Ordering::SeqCst);
         smmu.flush(&mut table, error.gather, context).unwrap();
         assert_eq!(frames.live_blocks(), live - 2);
+    }
+
+    #[test]
+    fn flush_refuses_a_gather_another_table_filled() {
+        use crate::pgtable::Gather;
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
+        let mut a = stage1_table(frames);
+        let mut b = stage1_table(frames);
+        let mut gather = Gather::default();
+        a.unmap(0x40_0000, 16 * 4096, &mut gather).unwrap();
+        assert_eq!(gather.freed_tables(), 2);
+        let live = frames.live_blocks();
+        let before = model.seen.lock().unwrap().consumed.len();
+        let context = TlbContext::Stage1 { asid: 3, vmid: 0 };
+        let refused = smmu.flush(&mut b, gather, context).unwrap_err();
+        assert_eq!(
+            refused.error,
+            InvalidationError::ForeignGather {
+                owner: a.id(),
+                table: b.id()
+            }
+        );
+        assert_eq!(model.seen.lock().unwrap().consumed.len(), before, "nothing issued");
+        assert_eq!(frames.live_blocks(), live, "a's tables are not freed through b");
+        // The gather comes back whole: flushed with its own table, it is invalidated, then freed.
+        assert_eq!(refused.gather.freed_tables(), 2);
+        smmu.flush(&mut a, refused.gather, context).unwrap();
+        assert_eq!(frames.live_blocks(), live - 2);
+        assert!(model.seen.lock().unwrap().consumed.len() > before);
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! |---|---|
 //! | `map` | nothing: only invalid entries are filled, which no SMMU caches |
 //! | `unmap`, `protect` | TLBI by range (RIL) or per granule, or the whole ASID/VMID, then one CMD_SYNC; a stage-2 parent of nested domains adds CMD_SYNC, TLBI_NH_ALL, CMD_SYNC; unlinked tables are freed only after |
+//! | `unmap_deferred` | nothing (`sync_domain` issues what `unmap` would); a lazy trim past the limit gets its own TLBI + CMD_SYNC |
+//! | `invalidate_domain` | TLBI_NH_ASID / TLBI_EL2_ALL / TLBI_S12_VMALL + CMD_SYNC |
 //! | `attach` | the STE through the hitless writer (CFGI_STE + CMD_SYNC per step) |
 //! | `attach_substream`, `detach_substream` | the CD, then CFGI_CD + CMD_SYNC |
 //! | `detach` | the STE to abort (CFGI_STE + CMD_SYNC), CFGI_CD_ALL + CMD_SYNC before the stream's CD table is freed; the last detach from a domain drops its TLB entries |
@@ -15,7 +17,9 @@
 //! **Storage.** The driver has no allocator, so domains live in a fixed-capacity table inside
 //! [`ActiveSmmu`] (`D` slots, [`DEFAULT_DOMAINS`] unless [`Smmu::init_with_capacity`] says otherwise). A caller
 //! holds a [`DomainId`]: a slot index and the slot's generation. Freeing a domain bumps its slot's generation, so
-//! a stale handle is refused with [`DomainError::StaleDomain`], never a use-after-free. The table (rather than
+//! a stale handle is refused with [`DomainError::StaleDomain`], never a use-after-free. A handle never becomes
+//! valid again: the generation is 64 bits wide (a slot freed once a nanosecond would take 584 years to exhaust
+//! it), and a slot whose generation would wrap is retired, never handed out again. The table (rather than
 //! caller-owned domain objects) is what lets the driver route a fault record to the domain its stream is attached
 //! to, find every nested domain under a stage-2 parent when the parent changes, and (live update) enumerate what
 //! to preserve.
@@ -78,7 +82,7 @@ pub type DomainMemory = &'static dyn FrameAllocator;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DomainId {
     index: u16,
-    generation: u32,
+    generation: u64,
 }
 
 impl DomainId {
@@ -400,6 +404,24 @@ pub enum DomainError {
     /// The memory given is sealed by a prepared hand-off (the SMMU's own arena, or a preserved domain's): it hands
     /// out nothing until `cancel_handover`, or the hand-off.
     MemorySealed,
+    /// The gather was filled by another domain's unmap (or directly from another page table): refused, nothing
+    /// issued, nothing freed, the gather left as it was.
+    ForeignGather {
+        /// The domain it was handed to.
+        domain: DomainId,
+    },
+    /// The range overlaps what a deferred unmap of this domain removed and no `sync_domain` has invalidated yet:
+    /// the SMMU may still use the old translations there (its TLB, or a walk cache naming an unlinked table
+    /// whose leaves still hold the old output addresses). Sync the pending gathers, or call
+    /// `invalidate_domain`, first. Nothing changed.
+    PendingInvalidation {
+        /// The first address of the range inside the pending span.
+        iova: u64,
+        /// The pending span: the union of the spans of the domain's unsynced deferred unmaps.
+        start: u64,
+        /// One past its end.
+        end: u64,
+    },
     /// The domain is preserved: unpreserve it before freeing it.
     Preserved {
         /// The domain.
@@ -467,6 +489,11 @@ impl fmt::Display for DomainError {
             DomainError::CdTable(e) => write!(f, "{e}"),
             DomainError::Attach(e) => write!(f, "{e}"),
             DomainError::Invalidation(e) => write!(f, "invalidation failed: {e}"),
+            DomainError::ForeignGather { domain } => write!(f, "the gather handed to {domain} is another's"),
+            DomainError::PendingInvalidation { iova, start, end } => write!(
+                f,
+                "{iova:#x} lies in {start:#x}..{end:#x}, which a deferred unmap removed and no sync has invalidated yet"
+            ),
             DomainError::TokenInUse { token, domain } => write!(f, "token {token:#x} is in use by {domain}"),
             DomainError::AlreadyPreserved { domain, token } => {
                 write!(f, "{domain} is preserved already, under token {token:#x}")
@@ -545,6 +572,8 @@ pub(crate) struct DomainState {
     pub(crate) faults: FaultReport,
     /// A gather whose invalidation failed: flushed again before the next operation.
     pub(crate) unflushed: Option<Gather>,
+    /// The deferred unmaps whose gathers are not synced yet: `map` refuses their span.
+    pub(crate) pending: PendingUnmaps,
     /// The token the domain is preserved under.
     pub(crate) token: Option<u64>,
 }
@@ -557,6 +586,7 @@ impl DomainState {
             attachments: heapless::Vec::new(),
             faults: FaultReport::default(),
             unflushed: None,
+            pending: PendingUnmaps::NONE,
             token: None,
         }
     }
@@ -575,9 +605,82 @@ impl DomainState {
     }
 }
 
+/// What a domain's deferred unmaps left for `sync_domain`: how many gathers are outstanding and the union of their
+/// spans. A union cannot lose one gather's part, so the span is cleared only when the last outstanding gather is
+/// synced, or by `invalidate_domain`, which covers them all and starts a new epoch (a gather counted in an older
+/// epoch is no longer counted when it is synced).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PendingUnmaps {
+    /// Gathers counted in this epoch and not synced yet.
+    gathers: u32,
+    /// The union of their spans; `start == end` when there is none.
+    start: u64,
+    end: u64,
+    /// The epoch, from 1 (a gather's ticket 0 means "not counted").
+    epoch: u64,
+}
+
+impl PendingUnmaps {
+    const NONE: PendingUnmaps = PendingUnmaps {
+        gathers: 0,
+        start: 0,
+        end: 0,
+        epoch: 1,
+    };
+
+    /// `gather` was just filled by a deferred unmap: counted once per epoch, its span added.
+    fn add(&mut self, gather: &mut Gather) {
+        if gather.is_empty() {
+            return;
+        }
+        if gather.ticket != self.epoch {
+            gather.ticket = self.epoch;
+            self.gathers += 1;
+        }
+        let (start, end) = (gather.start(), gather.end());
+        if self.start == self.end {
+            (self.start, self.end) = (start, end);
+        } else if start != end {
+            (self.start, self.end) = (self.start.min(start), self.end.max(end));
+        }
+    }
+
+    /// `gather` is being synced: the span is cleared with the last gather counted in this epoch.
+    fn remove(&mut self, gather: &Gather) {
+        if gather.is_empty() || gather.ticket != self.epoch {
+            return;
+        }
+        self.gathers = self.gathers.saturating_sub(1);
+        if self.gathers == 0 {
+            (self.start, self.end) = (0, 0);
+        }
+    }
+
+    /// A whole-domain invalidation covered every outstanding gather.
+    fn clear(&mut self) {
+        *self = PendingUnmaps {
+            epoch: self.epoch.wrapping_add(1).max(1),
+            ..PendingUnmaps::NONE
+        };
+    }
+
+    /// Refuses `[iova, iova + size)` where it overlaps the pending span.
+    #[inline]
+    fn check(&self, iova: u64, size: u64) -> Result<(), DomainError> {
+        if iova < self.end && self.start < iova.saturating_add(size) {
+            return Err(DomainError::PendingInvalidation {
+                iova: iova.max(self.start),
+                start: self.start,
+                end: self.end,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// A slot of the domain table.
 pub(crate) struct Slot {
-    generation: u32,
+    generation: u64,
     pub(crate) state: Option<DomainState>,
 }
 
@@ -683,16 +786,21 @@ impl<const D: usize> Domains<D> {
         self.free.len()
     }
 
-    /// Empties `id`'s slot, makes every handle to it stale and puts the slot back on the free stack (O(1)).
+    /// Empties `id`'s slot, makes every handle to it stale and puts the slot back on the free stack (O(1)), unless
+    /// its generation is the last one: the slot is retired then.
     pub(crate) fn remove(&mut self, id: DomainId) -> Option<DomainState> {
         let slot = self
             .slots
             .get_mut(usize::from(id.index))
             .filter(|s| s.generation == id.generation)?;
         let state = slot.state.take()?;
-        slot.generation = slot.generation.wrapping_add(1);
-        // The slot was taken from the stack, so there is room for it.
-        let _ = self.free.push(id.index);
+        // A generation is never handed out twice: a slot whose generation would wrap is retired (left off the
+        // free stack for good), as unreachable as that is with 64 bits.
+        if let Some(next) = slot.generation.checked_add(1) {
+            slot.generation = next;
+            // The slot was taken from the stack, so there is room for it.
+            let _ = self.free.push(id.index);
+        }
         Some(state)
     }
 
@@ -1505,7 +1613,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     }
 
     /// Flushes `gather` for `domain` (see [`ActiveSmmu::flush`]), keeping it in the domain when the invalidation
-    /// fails.
+    /// fails. A gather another table filled is refused before anything is issued.
     fn flush_domain(&mut self, domain: DomainId, gather: Gather) -> Result<(), DomainError> {
         let ActiveSmmu {
             smmu, cmdq, domains, ..
@@ -1516,29 +1624,30 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table,
             Translation::Nested { .. } => return Err(DomainError::StaleDomain(domain)),
         };
-        if gather.is_empty() {
-            table.release(gather);
-            return Ok(());
+        if !table.owns(&gather) {
+            return Err(DomainError::ForeignGather { domain });
         }
-        match invalidate_gather(cmdq, smmu, table.format().granule, &gather, context) {
-            Ok(_) => {
-                // Only now can no walk reach the unlinked tables.
-                table.release(gather);
-                Ok(())
-            }
-            Err(error) => {
-                // Another failed invalidation may be waiting (a deferred unmap's gather synced after it): keep
-                // both, or the older one's IOVAs would never be invalidated nor its tables freed.
-                let gather = match state.unflushed.take() {
-                    Some(mut pending) => {
-                        table.merge(&mut pending, gather);
-                        pending
-                    }
-                    None => gather,
-                };
-                state.unflushed = Some(gather);
-                Err(DomainError::Invalidation(InvalidationError::Queue(error)))
-            }
+        if !gather.is_empty()
+            && let Err(error) = invalidate_gather(cmdq, smmu, table.format().granule, &gather, context)
+        {
+            // Another failed invalidation may be waiting (a deferred unmap's gather synced after it): keep
+            // both, or the older one's IOVAs would never be invalidated nor its tables freed. Both are this
+            // table's (checked above, and `unflushed` only ever holds its gathers), so the merge takes them.
+            let gather = match state.unflushed.take() {
+                Some(mut pending) => {
+                    table.merge_owned(&mut pending, gather);
+                    pending
+                }
+                None => gather,
+            };
+            state.unflushed = Some(gather);
+            return Err(DomainError::Invalidation(InvalidationError::Queue(error)));
+        }
+        // SAFETY: the invalidation covering `gather` has completed with its CMD_SYNC (or the gather is empty: it
+        // unlinked nothing), so no walk can reach its tables any more.
+        match unsafe { table.release(gather) } {
+            Ok(()) => Ok(()),
+            Err(_) => Err(DomainError::ForeignGather { domain }),
         }
     }
 
@@ -1570,13 +1679,16 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// # Errors
     /// [`DomainError::StaleDomain`], [`DomainError::WrongKind`] for a nested domain, [`DomainError::Map`] for an
     /// unaligned or out-of-range range (the domain's input size, the SMMU's output size), an overlap with what is
-    /// mapped, a bad `prot`, or no memory, [`DomainError::HandoverPrepared`] for a preserved domain while a
+    /// mapped, a bad `prot`, or no memory, [`DomainError::PendingInvalidation`] for a range that overlaps the span
+    /// of a deferred unmap not synced yet, [`DomainError::HandoverPrepared`] for a preserved domain while a
     /// prepared hand-off records it: nothing changes then. [`DomainError::Invalidation`] when the domain's earlier
     /// failed invalidation, retried first, fails again: nothing is mapped and the gather stays for the next retry.
     pub fn map(&mut self, domain: DomainId, iova: u64, pa: u64, size: u64, prot: Prot) -> Result<(), DomainError> {
         self.unfrozen(domain)?;
         self.settle(domain)?;
-        match &mut self.paging_domain(domain)?.translation {
+        let state = self.paging_domain(domain)?;
+        state.pending.check(iova, size)?;
+        match &mut state.translation {
             Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => {
                 table.map(iova, pa, size, prot).map_err(DomainError::Map)
             }
@@ -1606,13 +1718,34 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
 
     /// The first half of [`ActiveSmmu::unmap`], for callers that batch invalidations (Linux's unmap_fast +
     /// iotlb_sync): clears the entries of `[iova, iova + size)` and collects what changed into `gather`, issuing
-    /// nothing. Until [`ActiveSmmu::sync_domain`] completes, the SMMU may still use the old translations: the caller
-    /// must not reuse the unmapped memory before then, and a new mapping of the same IOVAs may not be seen (the
-    /// walk cache may still name a table this unmap unlinked) before then either. Returns the bytes that were
-    /// mapped.
+    /// nothing for them. Returns the bytes that were mapped. Several calls may collect into one gather; the first
+    /// ties it to this domain.
+    ///
+    /// **What a pending gather allows.** Until [`ActiveSmmu::sync_domain`] has completed for it, the SMMU may
+    /// still translate through what the unmap removed: the TLB may hold the old translations, and a walk cache
+    /// may name a table the unmap unlinked, whose leaves still hold the old output addresses. So, until then:
+    /// - the caller must not reuse the memory that was mapped there (a DMA may still reach it);
+    /// - [`ActiveSmmu::map`] refuses any range that overlaps the gather's span (the unmapped range, widened to
+    ///   the whole span of every table it unlinked) with [`DomainError::PendingInvalidation`]: a new mapping
+    ///   there could be bypassed by the stale entries and a DMA meant for it reach the old memory. The domain
+    ///   keeps one span for all its unsynced gathers (their union), cleared when the last of them is synced.
+    ///   Everything else (maps elsewhere, unmaps, protects, more deferred unmaps) works as usual;
+    /// - the tables the unmap unlinked stay allocated, owned by the gather.
+    ///
+    /// A lazy trim never goes into `gather`: when this unmap leaves more emptied tables than the lazy-free limit
+    /// allows, the trim is flushed inside the call (its own TLBI, CMD_SYNC, then its tables are freed).
+    ///
+    /// **Dropping a gather** without syncing it leaks its tables (safe: nothing frees them while a walk may
+    /// reach them) and leaves its span refused for maps until [`ActiveSmmu::invalidate_domain`], which
+    /// invalidates the whole domain and clears the span of every gather outstanding then, or until the domain
+    /// is freed (a gather outstanding then can no longer be synced: its tables leak). A live update records the
+    /// domain's tables as they are and not its pending gathers: sync them before preparing a hand-off.
     ///
     /// # Errors
-    /// As [`ActiveSmmu::map`]; nothing changes then.
+    /// As [`ActiveSmmu::map`]; [`DomainError::ForeignGather`] for a gather another domain (or table) filled.
+    /// Nothing changes then. [`DomainError::Invalidation`] when the flush of a lazy trim failed: the unmap is done
+    /// and in `gather` (sync it as usual), and the trim's gather is kept in the domain and flushed again by its
+    /// next operation.
     pub fn unmap_deferred(
         &mut self,
         domain: DomainId,
@@ -1622,23 +1755,65 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     ) -> Result<u64, DomainError> {
         self.unfrozen(domain)?;
         self.settle(domain)?;
-        match &mut self.paging_domain(domain)?.translation {
-            Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => {
-                table.unmap(iova, size, gather).map_err(DomainError::Map)
-            }
-            Translation::Nested { .. } => Err(DomainError::StaleDomain(domain)),
+        let state = self.paging_domain(domain)?;
+        let table = match &mut state.translation {
+            Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table,
+            Translation::Nested { .. } => return Err(DomainError::StaleDomain(domain)),
+        };
+        if !table.owns(gather) {
+            return Err(DomainError::ForeignGather { domain });
         }
+        let bytes = table.unmap_without_trim(iova, size, gather)?;
+        let mut trimmed = Gather::default();
+        if table.trim_due() {
+            table.trim(&mut trimmed)?;
+        }
+        state.pending.add(gather);
+        if !trimmed.is_empty() {
+            self.flush_domain(domain, trimmed)?;
+        }
+        Ok(bytes)
     }
 
     /// The second half: invalidates what `gather` collected for `domain` (one CMD_SYNC) and only then frees the
-    /// tables it unlinked.
+    /// tables it unlinked. `gather` is left empty, ready for reuse with any domain. Once the last of the domain's
+    /// pending gathers is synced, maps over their span are allowed again (see [`ActiveSmmu::unmap_deferred`]).
     ///
     /// # Errors
-    /// [`DomainError::StaleDomain`], [`DomainError::WrongKind`]; [`DomainError::Invalidation`] when the
-    /// invalidation failed: the gather is kept in the domain and flushed again by its next operation.
-    pub fn sync_domain(&mut self, domain: DomainId, gather: Gather) -> Result<(), DomainError> {
-        self.paging_domain(domain)?;
+    /// [`DomainError::StaleDomain`], [`DomainError::WrongKind`]; [`DomainError::ForeignGather`] for a gather
+    /// another domain (or table) filled: nothing is issued or freed, and `gather` is left as it was.
+    /// [`DomainError::Invalidation`] when the invalidation failed: the gather is taken into the domain and flushed
+    /// again by its next operation (which fails while that flush fails, so no map can race it).
+    pub fn sync_domain(&mut self, domain: DomainId, gather: &mut Gather) -> Result<(), DomainError> {
+        let state = self.paging_domain(domain)?;
+        let owned = match &state.translation {
+            Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table.owns(gather),
+            Translation::Nested { .. } => false,
+        };
+        if !owned {
+            return Err(DomainError::ForeignGather { domain });
+        }
+        let gather = core::mem::take(gather);
+        state.pending.remove(&gather);
         self.flush_domain(domain, gather)
+    }
+
+    /// Drops every TLB and walk-cache entry of a stage-1 or stage-2 domain (TLBI_NH_ASID, TLBI_EL2_ALL or
+    /// TLBI_S12_VMALL, then CMD_SYNC) and so ends what its deferred unmaps left pending: maps over their span are
+    /// allowed again. The way out for a gather dropped without [`ActiveSmmu::sync_domain`]. Gathers still held
+    /// keep their tables; syncing them later invalidates their span once more and frees the tables.
+    ///
+    /// # Errors
+    /// [`DomainError::StaleDomain`], [`DomainError::WrongKind`] for a nested domain; [`DomainError::Invalidation`]
+    /// when the invalidation (or the retry of an earlier failed one) failed: the span stays refused.
+    pub fn invalidate_domain(&mut self, domain: DomainId) -> Result<(), DomainError> {
+        self.settle(domain)?;
+        let command = self.whole_domain_invalidation(domain)?;
+        let mut batch = Batch::new();
+        batch.push(&command)?;
+        self.submit(&batch)?;
+        self.paging_domain(domain)?.pending.clear();
+        Ok(())
     }
 
     /// Unlinks the tables that single-page unmaps left empty (they stay linked until a trim, so the next DMA
@@ -1651,7 +1826,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         self.settle(domain)?;
         let mut gather = Gather::default();
         let trimmed = match &mut self.paging_domain(domain)?.translation {
-            Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table.trim(&mut gather),
+            Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table.trim(&mut gather)?,
             Translation::Nested { .. } => return Err(DomainError::StaleDomain(domain)),
         };
         self.flush_domain(domain, gather)?;
@@ -1787,8 +1962,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             }
             Translation::Stage1 { mut table, .. } | Translation::Stage2 { mut table, .. } => {
                 if let Some(gather) = state.unflushed {
-                    // The whole-domain invalidation above covered it.
-                    table.release(gather);
+                    // SAFETY: the whole-domain invalidation above covered it, and its CMD_SYNC completed. A
+                    // refusal cannot happen (`unflushed` holds only this table's gathers); its tables would leak.
+                    let _ = unsafe { table.release(gather) };
                 }
                 // Dropping the table returns its frames: nothing can walk it after the invalidation.
                 drop(table);
@@ -2712,7 +2888,7 @@ mod tests {
             Err(DomainError::Invalidation(_))
         ));
         assert!(matches!(
-            smmu.sync_domain(d, deferred),
+            smmu.sync_domain(d, &mut deferred),
             Err(DomainError::Invalidation(_))
         ));
         assert_eq!(frames.live_blocks(), live, "no unlinked table freed yet");
@@ -2871,7 +3047,7 @@ mod tests {
         let mut gather = Gather::default();
         assert_eq!(smmu.unmap_deferred(d, 0x20_0000, 0x1000, &mut gather), Ok(0x1000));
         assert_eq!(since(&model, before), [], "nothing issued before the sync");
-        smmu.sync_domain(d, gather).unwrap();
+        smmu.sync_domain(d, &mut gather).unwrap();
         assert_eq!(since(&model, before), [opcode::TLBI_NH_VA, opcode::SYNC]);
         // The single-page unmap left its last-level table linked (empty) until a trim.
         assert_eq!(smmu.domain_table(d).unwrap().tables(), tables);
@@ -3025,7 +3201,7 @@ mod tests {
         let mut gather = Gather::default();
         smmu.unmap_deferred(d, 0x40_3000, 0x1000, &mut gather).unwrap();
         assert_eq!(issued_since(&model, before), []);
-        smmu.sync_domain(d, gather).unwrap();
+        smmu.sync_domain(d, &mut gather).unwrap();
         assert_eq!(
             issued_since(&model, before),
             [
@@ -3369,7 +3545,7 @@ mod tests {
         let mut gather = Gather::default();
         smmu.unmap_deferred(d, 0x40_3000, 0x1000, &mut gather).unwrap();
         assert_eq!(issued_since(&model, before), []);
-        smmu.sync_domain(d, gather).unwrap();
+        smmu.sync_domain(d, &mut gather).unwrap();
         assert_eq!(issued_since(&model, before), el2_va(0x40_3000));
         // Trim: the emptied table at 0x20_0000 unlinked, invalidated (non-leaf) in the EL2 regime.
         smmu.unmap(d, 0x20_0000, 0x1000).unwrap();
@@ -3545,5 +3721,227 @@ mod tests {
             assert_eq!(q0 & 0x3f, 22, "{granule:?}");
             assert_eq!((q0 >> 32) & 0b111, 0b101, "{granule:?}");
         }
+    }
+
+    /// The page table of a stage-1 or stage-2 domain, for tests that change its settings.
+    fn table_of<'a>(smmu: &'a mut ActiveSmmu<&'static HeapFrames>, d: DomainId) -> &'a mut IoPageTable<DomainMemory> {
+        match &mut smmu.domains.get_mut(d).unwrap().translation {
+            Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table,
+            Translation::Nested { .. } => unreachable!(),
+        }
+    }
+
+    /// The Leaf bit (word 1, bit 0) of every TLBI consumed since `from`.
+    fn leaf_bits_since(model: &Model, from: usize) -> Vec<bool> {
+        let seen = model.seen.lock().unwrap();
+        seen.commands[from..]
+            .iter()
+            .filter(|w| !matches!(Issued::decode(**w), Issued::Sync))
+            .map(|w| w[1] & 1 != 0)
+            .collect()
+    }
+
+    #[test]
+    fn sync_domain_refuses_a_gather_another_domain_filled() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = smmu(&model, frames);
+        let a = s1(&mut smmu, frames);
+        let b = s1(&mut smmu, frames);
+        // A page at 0 keeps a's level-2 table: the unmap below unlinks one last-level table.
+        smmu.map(a, 0, 0x8000_0000, 0x1000, RW).unwrap();
+        smmu.map(a, 0x20_0000, 0x8000_1000, 0x2000, RW).unwrap();
+        smmu.map(b, 0x20_0000, 0x9000_0000, 0x2000, RW).unwrap();
+        let mut g = Gather::default();
+        assert_eq!(smmu.unmap_deferred(a, 0x20_0000, 0x2000, &mut g), Ok(0x2000));
+        assert_eq!(g.freed_tables(), 1);
+        let live = frames.live_blocks();
+        let before = consumed(&model);
+        assert_eq!(
+            smmu.sync_domain(b, &mut g),
+            Err(DomainError::ForeignGather { domain: b })
+        );
+        assert_eq!(issued_since(&model, before), [], "b gets no command");
+        assert_eq!(frames.live_blocks(), live, "a's unlinked table is not freed");
+        // b's own unmaps refuse it too, and the gather is left as it was: a still syncs it.
+        assert_eq!(
+            smmu.unmap_deferred(b, 0x20_0000, 0x1000, &mut g),
+            Err(DomainError::ForeignGather { domain: b })
+        );
+        assert_eq!(smmu.iova_to_phys(b, 0x20_0000), Ok(Some(0x9000_0000)));
+        assert_eq!(g.freed_tables(), 1);
+        let asid = asid_of(&smmu, a);
+        smmu.sync_domain(a, &mut g).unwrap();
+        let mut expected: Vec<Issued> =
+            crate::hw::command::plan_range_invalidation(0x20_0000, 0x20_0000, Granule::Size4K, 0)
+                .unwrap()
+                .map(|piece| Issued::NhVa {
+                    vmid: 0,
+                    asid,
+                    address: piece.address,
+                })
+                .collect();
+        expected.push(Issued::Sync);
+        assert_eq!(issued_since(&model, before), expected);
+        assert_eq!(frames.live_blocks(), live - 1, "freed after a's invalidation");
+        assert!(g.is_empty() && g.owner().is_none(), "synced: empty, reusable");
+    }
+
+    #[test]
+    fn an_over_limit_trim_in_a_deferred_unmap_is_flushed_inside_the_call() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = smmu(&model, frames);
+        let d = s1(&mut smmu, frames);
+        let asid = asid_of(&smmu, d);
+        table_of(&mut smmu, d).set_lazy_free_limit(1);
+        // A page at 0 keeps the level-2 table; one page in each of two last-level tables.
+        smmu.map(d, 0, 0x8000_0000, 0x1000, RW).unwrap();
+        smmu.map(d, 0x20_0000, 0x8000_1000, 0x1000, RW).unwrap();
+        smmu.map(d, 0x40_0000, 0x8000_2000, 0x1000, RW).unwrap();
+        let live = frames.live_blocks();
+        let before = consumed(&model);
+        let mut g = Gather::default();
+        // The first emptied table stays linked (at the limit); the second goes over it: a trim of both.
+        assert_eq!(smmu.unmap_deferred(d, 0x20_0000, 0x1000, &mut g), Ok(0x1000));
+        assert_eq!(issued_since(&model, before), []);
+        assert_eq!(smmu.unmap_deferred(d, 0x40_0000, 0x1000, &mut g), Ok(0x1000));
+        assert_eq!(g.freed_tables(), 0, "the gather returned holds no unlinked table");
+        // The trim was flushed inside the call: a walk-cache invalidation (not leaf-only) of both tables' spans
+        // under the domain's ASID, its CMD_SYNC, and only then were the two tables freed.
+        let mut expected: Vec<Issued> =
+            crate::hw::command::plan_range_invalidation(0x20_0000, 0x40_0000, Granule::Size4K, 0)
+                .unwrap()
+                .map(|piece| Issued::NhVa {
+                    vmid: 0,
+                    asid,
+                    address: piece.address,
+                })
+                .collect();
+        expected.push(Issued::Sync);
+        assert_eq!(issued_since(&model, before), expected);
+        assert!(leaf_bits_since(&model, before).iter().all(|leaf| !leaf));
+        assert_eq!(frames.live_blocks(), live - 2);
+        assert_eq!(smmu.domain_table(d).unwrap().empty_tables(), 0);
+        // What is left for the sync: the two pages, leaf-only.
+        let before = consumed(&model);
+        smmu.sync_domain(d, &mut g).unwrap();
+        let mut expected: Vec<Issued> =
+            crate::hw::command::plan_range_invalidation(0x20_0000, 0x20_1000, Granule::Size4K, 0)
+                .unwrap()
+                .map(|piece| Issued::NhVa {
+                    vmid: 0,
+                    asid,
+                    address: piece.address,
+                })
+                .collect();
+        expected.push(Issued::Sync);
+        assert_eq!(issued_since(&model, before), expected);
+        assert!(leaf_bits_since(&model, before).iter().all(|leaf| *leaf));
+    }
+
+    #[test]
+    fn a_map_over_a_pending_deferred_unmap_is_refused_until_the_sync() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = smmu(&model, frames);
+        let d = s1(&mut smmu, frames);
+        smmu.map(d, 0, 0x8000_0000, 0x1000, RW).unwrap();
+        smmu.map(d, 0x20_0000, 0x8000_1000, 0x2000, RW).unwrap();
+        let mut g = Gather::default();
+        // A range unmap: the last-level table is unlinked with its leaves in place, and the walk cache may still
+        // name it (and the TLB the old translations) until the sync.
+        assert_eq!(smmu.unmap_deferred(d, 0x20_0000, 0x2000, &mut g), Ok(0x2000));
+        let live = frames.live_blocks();
+        // Anywhere in the unlinked table's span (a walk cache may name it for any address there), and a range
+        // that reaches into it from below.
+        let pending = |iova| {
+            Err(DomainError::PendingInvalidation {
+                iova,
+                start: 0x20_0000,
+                end: 0x40_0000,
+            })
+        };
+        for iova in [0x20_0000, 0x20_1000, 0x3f_f000] {
+            assert_eq!(smmu.map(d, iova, 0x9000_0000, 0x1000, RW), pending(iova));
+        }
+        assert_eq!(smmu.map(d, 0x1f_e000, 0x9000_0000, 0x4000, RW), pending(0x20_0000));
+        assert_eq!(frames.live_blocks(), live, "nothing allocated");
+        assert_eq!(smmu.iova_to_phys(d, 0x20_0000), Ok(None));
+        assert_eq!(smmu.iova_to_phys(d, 0x1f_e000), Ok(None));
+        // Elsewhere: allowed.
+        smmu.map(d, 0x40_0000, 0x9000_0000, 0x1000, RW).unwrap();
+        smmu.sync_domain(d, &mut g).unwrap();
+        smmu.map(d, 0x20_0000, 0x9000_1000, 0x1000, RW).unwrap();
+        assert_eq!(smmu.iova_to_phys(d, 0x20_0000), Ok(Some(0x9000_1000)));
+    }
+
+    #[test]
+    fn the_pending_span_clears_with_the_last_gather_or_a_whole_domain_invalidation() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = smmu(&model, frames);
+        let d = s1(&mut smmu, frames);
+        let asid = asid_of(&smmu, d);
+        for k in 0..4u64 {
+            smmu.map(d, k << 21, 0x8000_0000 + (k << 12), 0x1000, RW).unwrap();
+        }
+        let refused = |smmu: &mut ActiveSmmu<&'static HeapFrames>, iova| {
+            matches!(
+                smmu.map(d, iova, 0x9000_0000, 0x1000, RW),
+                Err(DomainError::PendingInvalidation { .. })
+            )
+        };
+        // Two gathers outstanding: syncing one keeps the other's part of the span refused.
+        let (mut g1, mut g2) = (Gather::default(), Gather::default());
+        smmu.unmap_deferred(d, 0x20_0000, 0x1000, &mut g1).unwrap();
+        smmu.unmap_deferred(d, 0x40_0000, 0x1000, &mut g2).unwrap();
+        smmu.sync_domain(d, &mut g1).unwrap();
+        assert!(refused(&mut smmu, 0x40_0000));
+        smmu.sync_domain(d, &mut g2).unwrap();
+        assert!(!refused(&mut smmu, 0x40_0000), "the last one synced: cleared");
+        // A dropped gather keeps its span refused until the whole domain is invalidated.
+        {
+            let mut dropped = Gather::default();
+            smmu.unmap_deferred(d, 0x60_0000, 0x1000, &mut dropped).unwrap();
+        }
+        assert!(refused(&mut smmu, 0x60_0000));
+        let before = consumed(&model);
+        smmu.invalidate_domain(d).unwrap();
+        assert_eq!(
+            issued_since(&model, before),
+            [Issued::NhAsid { vmid: 0, asid }, Issued::Sync]
+        );
+        assert!(!refused(&mut smmu, 0x60_0000));
+        // A gather counted before that invalidation no longer counts: syncing it does not clear the span of one
+        // taken after.
+        let (mut old, mut new) = (Gather::default(), Gather::default());
+        smmu.unmap_deferred(d, 0x20_0000, 0x1000, &mut old).unwrap();
+        smmu.invalidate_domain(d).unwrap();
+        smmu.unmap_deferred(d, 0x40_0000, 0x1000, &mut new).unwrap();
+        smmu.sync_domain(d, &mut old).unwrap();
+        assert!(refused(&mut smmu, 0x40_0000));
+        smmu.sync_domain(d, &mut new).unwrap();
+        assert!(!refused(&mut smmu, 0x40_0000));
+    }
+
+    #[test]
+    fn a_domain_handle_never_becomes_valid_again() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = smmu(&model, frames);
+        let first = s1(&mut smmu, frames);
+        smmu.free_domain(first).unwrap();
+        // Slot 0 has been reused until its generation is the last one.
+        smmu.domains.slots[0].generation = u64::MAX;
+        let last = s1(&mut smmu, frames);
+        assert_eq!(last.index(), 0);
+        smmu.free_domain(last).unwrap();
+        let next = s1(&mut smmu, frames);
+        assert_ne!(next, first, "{next} was handed out before");
+        assert_eq!(smmu.domain_kind(first), Err(DomainError::StaleDomain(first)));
+        assert_eq!(smmu.domain_kind(last), Err(DomainError::StaleDomain(last)));
+        assert_eq!(next.index(), 1, "slot 0 is retired");
+        assert_eq!(smmu.domains.free_slots(), DEFAULT_DOMAINS - 2);
     }
 }

@@ -26,7 +26,10 @@
 //! and every range unmap, unlink the marked tables still empty (and the tables above them that empty in turn)
 //! into the [`Gather`], to be freed by [`IoPageTable::release`] after the invalidation, like any unlinked table.
 //! A single-page unmap trims by itself, into its own gather, when more than the lazy-free limit
-//! ([`IoPageTable::set_lazy_free_limit`], default [`DEFAULT_LAZY_FREE_LIMIT`]) are waiting. **Memory bound:** at
+//! ([`IoPageTable::set_lazy_free_limit`], default [`DEFAULT_LAZY_FREE_LIMIT`]) are waiting
+//! ([`IoPageTable::trim_due`]). [`IoPageTable::unmap_without_trim`] never trims, for a gather whose invalidation
+//! is deferred: its caller trims into a gather of its own and flushes that at once (the domain's `unmap_deferred`
+//! does), so a deferred gather never holds tables a trim unlinked far from its range. **Memory bound:** at
 //! any moment the tables in use are at most those the live mappings need, plus `limit` emptied last-level tables
 //! and the tables above them that only they keep alive: at most `limit × (levels below the root)` extra frames
 //! (4 KiB granule, limit 512: at most 2 MiB of emptied last-level tables, plus their ancestors); after a trim
@@ -40,18 +43,23 @@
 //! barrier is all an unmap needs; for a non-coherent one each store is also cleaned to the point of coherency
 //! (with its DSB) as it is made.
 //!
-//! **Who invalidates.** This module never issues a command. [`IoPageTable::map`] only fills invalid entries,
-//! which needs no invalidation, with one ordering rule: where an unmap or trim unlinked a table and its [`Gather`]
-//! is not flushed yet, the SMMU's walk cache may still point at the old (empty, not yet freed) table, so a new
-//! mapping there is seen only once that gather is flushed (a DMA before may fault; never a wrong translation).
-//! [`IoPageTable::unmap`] and [`IoPageTable::protect`] add what they removed or
-//! changed to a [`Gather`]; the caller must issue the TLB invalidation it describes (leaf-only unless
-//! [`Gather::tables_unlinked`], walk caches too then) and wait for its CMD_SYNC (`ActiveSmmu::flush` does both,
-//! then calls [`IoPageTable::release`]). Until then the SMMU may still use the old translations. A table that
-//! becomes empty (on a range unmap, or at a trim) is unlinked and handed to the [`Gather`], and goes back to the
-//! allocator only through
-//! [`IoPageTable::release`], after that invalidation has completed; if it fails, do not release the gather (leak
-//! it) rather than free tables the SMMU may still walk.
+//! **Who invalidates.** This module never issues a command. [`IoPageTable::unmap`] and [`IoPageTable::protect`]
+//! add what they removed or changed to a [`Gather`]; the caller must issue the TLB invalidation it describes
+//! (leaf-only unless [`Gather::tables_unlinked`], walk caches too then) and wait for its CMD_SYNC
+//! (`ActiveSmmu::flush` does both, then calls [`IoPageTable::release`]). Until then the SMMU may still use the
+//! old translations. A table that an unmap empties (or that a range unmap removes whole, **with its leaves left
+//! in place**: clearing them would cost a write per entry) or that a trim finds empty is unlinked and handed to
+//! the [`Gather`], and goes back to the allocator only through [`IoPageTable::release`] (an `unsafe fn`: its
+//! caller vouches for that invalidation), after that invalidation has completed; if it fails, do not release the
+//! gather (leak it) rather than free tables the SMMU may still walk. A gather is stamped with the [`TableId`] of
+//! the table that filled it, and every other table refuses it.
+//!
+//! **What an unflushed gather allows.** [`IoPageTable::map`] only fills invalid entries, which needs no
+//! invalidation, except over the span of a gather not flushed yet: there the TLB may still hold the old
+//! translations and a walk cache may still name an unlinked table, whose leaves (after a range unmap) still
+//! hold the old output addresses, so a DMA meant for a new mapping there could reach the old memory. Do not map
+//! over an unflushed gather's span ([`Gather::start`]..[`Gather::end`]: the domain API refuses it), nor reuse the
+//! memory it unmapped, until its flush has completed. Everything else is allowed.
 //!
 //! **What a failed operation leaves.** Nothing: every error is returned before the first store. `map`
 //! allocates all the tables it needs first, and gives them back on [`MapError::NoMemory`]; `unmap` and
@@ -182,10 +190,17 @@ pub enum MapError {
         /// Output bits asked for.
         output_bits: u8,
     },
-    /// An address or size is not a multiple of the granule, or the size is zero.
+    /// The input address or the size is not a multiple of the granule, or the size is zero.
     Unaligned {
         /// The IOVA.
         iova: u64,
+        /// The size.
+        size: u64,
+    },
+    /// The output (physical) address is not a multiple of the granule.
+    UnalignedOutput {
+        /// The physical address.
+        pa: u64,
         /// The size.
         size: u64,
     },
@@ -225,6 +240,13 @@ pub enum MapError {
         /// An address where the range cuts a block.
         iova: u64,
     },
+    /// The [`Gather`] was filled by another page table: its contents are that table's to invalidate and release.
+    ForeignGather {
+        /// The table that filled the gather.
+        owner: TableId,
+        /// The table it was handed to.
+        table: TableId,
+    },
 }
 
 impl fmt::Display for MapError {
@@ -241,6 +263,9 @@ impl fmt::Display for MapError {
             }
             MapError::Unaligned { iova, size } => {
                 write!(f, "range {iova:#x}+{size:#x} is empty or not aligned to the granule")
+            }
+            MapError::UnalignedOutput { pa, size } => {
+                write!(f, "output {pa:#x}+{size:#x} is not aligned to the granule")
             }
             MapError::InputOutOfRange { iova, size } => {
                 write!(f, "range {iova:#x}+{size:#x} is beyond the input address space")
@@ -261,6 +286,50 @@ impl fmt::Display for MapError {
                     "{iova:#x} cuts a block mapping, and splitting it in place needs IDR3.BBML = 2"
                 )
             }
+            MapError::ForeignGather { owner, table } => {
+                write!(f, "a gather filled by {owner} was handed to {table}")
+            }
+        }
+    }
+}
+
+/// The identity of an [`IoPageTable`], unique among every table created or adopted since the program started
+/// (a global counter, never reused), so that a [`Gather`] names the one table whose unlinked tables it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TableId(u64);
+
+impl TableId {
+    /// The next identity. A 64-bit counter: at one table a nanosecond it would take 584 years to wrap, so it
+    /// never hands out an identity twice. 0 is never handed out (it marks a gather no table has used yet).
+    fn next() -> TableId {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        // Relaxed: only the uniqueness of the values matters, which the atomic read-modify-write gives.
+        TableId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl fmt::Display for TableId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "page table #{}", self.0)
+    }
+}
+
+/// A [`Gather`] refused by a page table other than the one that filled it ([`IoPageTable::release`],
+/// [`IoPageTable::merge`]). Nothing changed: the gather comes back whole, still owing its invalidation, and its
+/// tables stay unfreed.
+#[derive(Debug)]
+pub struct ForeignGather {
+    /// The table that refused it.
+    pub table: TableId,
+    /// The gather, unchanged.
+    pub gather: Gather,
+}
+
+impl fmt::Display for ForeignGather {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.gather.owner() {
+            Some(owner) => write!(f, "a gather filled by {owner} was handed to {}", self.table),
+            None => write!(f, "a gather was handed to {}", self.table),
         }
     }
 }
@@ -280,23 +349,49 @@ pub struct Mapping {
 
 /// What an unmap (or any change that removes translations) leaves for the caller to invalidate, and the tables
 /// that may be freed once that invalidation has completed.
+///
+/// A gather cannot be forged: its fields are private, only [`IoPageTable::unmap`], [`IoPageTable::protect`] and
+/// [`IoPageTable::trim`] fill it, and the first of them to use it stamps it with its table's [`TableId`]. From
+/// then on every other table refuses it ([`MapError::ForeignGather`], [`ForeignGather`]), so one table's unlinked
+/// tables never go back through another's [`IoPageTable::release`], and no range or flag can be edited to
+/// skip the invalidation that must come before they are freed:
+///
+/// ```compile_fail
+/// let mut gather = smmuv3::pgtable::Gather::default();
+/// // Private: a gather cannot be told that no table was unlinked, or that it covers nothing.
+/// gather.tables_unlinked = false;
+/// gather.end = gather.start;
+/// ```
+///
+/// What it holds is read through its accessors:
+///
+/// ```
+/// let gather = smmuv3::pgtable::Gather::default();
+/// assert!(gather.is_empty() && gather.owner().is_none());
+/// assert_eq!((gather.start(), gather.end(), gather.leaves(), gather.tables_unlinked()), (0, 0, 0, false));
+/// ```
 #[derive(Debug, Default)]
 pub struct Gather {
     /// The lowest input address whose translation was removed.
-    pub start: u64,
+    start: u64,
     /// One past the highest.
-    pub end: u64,
+    end: u64,
     /// Leaf descriptors cleared.
-    pub leaves: u32,
+    leaves: u32,
     /// The smallest leaf size cleared (log2), for the invalidation's granule and level hint.
-    pub leaf_shift: u8,
+    leaf_shift: u8,
     /// Tables were unlinked: the invalidation must cover walk caches too (not leaf-only).
-    pub tables_unlinked: bool,
+    tables_unlinked: bool,
     /// Unlinked tables, chained through a word of each (a granule-aligned physical address tagged with
     /// [`LINK_PRESENT`], and with [`LINK_SUBTREE`] for a level-2 table that goes with its last-level tables; 0 ends
     /// the chain; never a valid descriptor should the SMMU still walk the table before the invalidation).
     freed_head: u64,
     freed: u32,
+    /// The [`TableId`] of the table that used the gather first; 0 until then.
+    owner: u64,
+    /// A number the owner's caller inside the crate may keep with the gather: the domain layer records in which
+    /// of its epochs it counted the gather as a pending deferred unmap (0: not counted).
+    pub(crate) ticket: u64,
 }
 
 impl Gather {
@@ -305,14 +400,44 @@ impl Gather {
         self.end == self.start && !self.tables_unlinked
     }
 
+    /// The lowest input address to invalidate.
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+
+    /// One past the highest input address to invalidate.
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
     /// Bytes of input address space to invalidate.
     pub fn size(&self) -> u64 {
         self.end - self.start
     }
 
+    /// Leaf descriptors removed or changed.
+    pub fn leaves(&self) -> u32 {
+        self.leaves
+    }
+
+    /// The smallest leaf size removed or changed (log2), for the invalidation's granule and level hint.
+    pub fn leaf_shift(&self) -> u8 {
+        self.leaf_shift
+    }
+
+    /// Whether tables were unlinked: the invalidation must then cover walk caches too (not leaf-only).
+    pub fn tables_unlinked(&self) -> bool {
+        self.tables_unlinked
+    }
+
     /// Tables waiting for [`IoPageTable::release`].
     pub fn freed_tables(&self) -> u32 {
         self.freed
+    }
+
+    /// The table that filled the gather, `None` before any table used it.
+    pub fn owner(&self) -> Option<TableId> {
+        (self.owner != 0).then_some(TableId(self.owner))
     }
 
     #[inline]
@@ -386,6 +511,8 @@ impl Pool {
 
 /// An IO page table.
 pub struct IoPageTable<A: FrameAllocator> {
+    /// This table's identity, stamped on the gathers it fills.
+    id: TableId,
     format: Format,
     geometry: Geometry,
     root: DmaBlock,
@@ -437,6 +564,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
         let coherency = Coherency { coherent };
         coherency.clean(root.virt.as_ptr(), root.size);
         Ok(IoPageTable {
+            id: TableId::next(),
             format,
             geometry,
             root,
@@ -474,6 +602,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             .filter(|_| aligned && allocator.phys_to_virt(PhysAddr(root.0 + size as u64 - 1)).is_some())
             .ok_or(MapError::NotAdoptable(root))?;
         let mut table = IoPageTable {
+            id: TableId::next(),
             format,
             geometry,
             root: DmaBlock { phys: root, virt, size },
@@ -515,6 +644,28 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// Whether blocks are split in place (see [`IoPageTable::set_bbm_level`]).
     pub fn splits_blocks(&self) -> bool {
         self.split_blocks
+    }
+
+    /// This table's identity: unique, never reused (a table adopted after a live update gets a new one).
+    pub fn id(&self) -> TableId {
+        self.id
+    }
+
+    /// Whether `gather` may be handed to this table: no table has used it yet, or this one filled it.
+    pub fn owns(&self, gather: &Gather) -> bool {
+        gather.owner == 0 || gather.owner == self.id.0
+    }
+
+    /// Refuses a gather another table filled; nothing changes then.
+    #[inline]
+    fn check_owner(&self, gather: &Gather) -> Result<(), MapError> {
+        match self.owns(gather) {
+            true => Ok(()),
+            false => Err(MapError::ForeignGather {
+                owner: TableId(gather.owner),
+                table: self.id,
+            }),
+        }
     }
 
     /// The format.
@@ -695,9 +846,10 @@ impl<A: FrameAllocator> IoPageTable<A> {
 
     /// Unmaps the granule at `iova` (checked by `unmap`) with one descent from the root: `None` when a block maps
     /// it (the range path splits or refuses it). A last-level table that this empties stays linked and waits
-    /// for [`IoPageTable::trim`], unless more than the lazy-free limit already wait: then this trims.
+    /// for [`IoPageTable::trim`], unless more than the lazy-free limit already wait: then this trims, when
+    /// `TRIM`.
     #[inline]
-    fn unmap_page(&mut self, iova: u64, gather: &mut Gather) -> Option<u64> {
+    fn unmap_page<const TRIM: bool>(&mut self, iova: u64, gather: &mut Gather) -> Option<u64> {
         let g = self.geometry;
         let mut parent: Option<&AtomicU64> = None;
         let mut level = g.start_level;
@@ -738,8 +890,8 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 self.note_empty(iova);
             }
         }
-        if self.empty > self.lazy_limit {
-            self.trim(gather);
+        if TRIM && self.trim_due() {
+            self.trim_in_place(gather);
         }
         Some(1 << g.granule_bits)
     }
@@ -779,11 +931,29 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// above them that empty in turn) into `gather`, and returns how many tables it unlinked. As with
     /// [`IoPageTable::unmap`], the tables go back to the allocator only through [`IoPageTable::release`] after
     /// the caller's invalidation of `gather` has completed (walk caches included: [`Gather::tables_unlinked`]).
-    /// Every range unmap (one of more than a granule, or one that meets a block) trims too, into its own gather.
+    /// Every range unmap through [`IoPageTable::unmap`] (one of more than a granule, or one that meets a block)
+    /// trims too, into its own gather.
     ///
     /// Cost: it visits only the tables whose descriptors lead to an emptied table (software bit 57,
     /// [`desc::SW_TRIM_CANDIDATE`]); nothing when none is waiting.
-    pub fn trim(&mut self, gather: &mut Gather) -> u32 {
+    ///
+    /// # Errors
+    /// [`MapError::ForeignGather`] for a gather another table filled; nothing changes then.
+    pub fn trim(&mut self, gather: &mut Gather) -> Result<u32, MapError> {
+        self.check_owner(gather)?;
+        gather.owner = self.id.0;
+        Ok(self.trim_in_place(gather))
+    }
+
+    /// Whether more emptied tables wait than the lazy-free limit allows: the single-page [`IoPageTable::unmap`]
+    /// trims then; after [`IoPageTable::unmap_without_trim`] the caller should [`IoPageTable::trim`] (into a
+    /// gather of its own, flushed at once).
+    pub fn trim_due(&self) -> bool {
+        self.empty > self.lazy_limit
+    }
+
+    /// `trim` into a gather already checked to be this table's.
+    fn trim_in_place(&mut self, gather: &mut Gather) -> u32 {
         if self.empty == 0 {
             return 0;
         }
@@ -955,14 +1125,16 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// exactly as they were: nothing was linked, so nothing needs invalidating and no table the SMMU may have
     /// walked is freed. A successful map only adds translations where there were none: it needs no invalidation
     /// (the SMMU caches no invalid entries in the formats used here), and publishes its descriptors with a
-    /// barrier before it returns. Where an unflushed [`Gather`] holds a table unlinked from this range (an unmap,
-    /// or a trim, including the one a single-page unmap runs past the lazy-free limit), the SMMU may walk that old
-    /// table until the gather's invalidation completes: flush it before relying on the new mapping.
+    /// barrier before it returns. Over the span of a [`Gather`] not flushed yet (an unmap, or a trim, including
+    /// the one a single-page unmap runs past the lazy-free limit) the SMMU may still use the old translations,
+    /// through its TLB or through a walk cache naming a table that gather unlinked (whose leaves a range unmap
+    /// left in place): flush that gather before mapping there (see the module documentation).
     ///
     /// # Errors
-    /// [`MapError::Unaligned`], [`MapError::InputOutOfRange`], [`MapError::OutputOutOfRange`] (the whole output
-    /// range must fit), [`MapError::BadProt`], [`MapError::Overlap`], [`MapError::NoMemory`]; nothing changes then
-    /// (the allocator has every frame back).
+    /// [`MapError::Unaligned`] (the IOVA or the size), [`MapError::UnalignedOutput`] (the physical address),
+    /// [`MapError::InputOutOfRange`], [`MapError::OutputOutOfRange`] (the whole output range must fit),
+    /// [`MapError::BadProt`], [`MapError::Overlap`], [`MapError::NoMemory`]; nothing changes then (the allocator
+    /// has every frame back).
     #[inline]
     pub fn map(&mut self, iova: u64, pa: u64, size: u64, prot: Prot) -> Result<(), MapError> {
         let granule = 1u64 << self.geometry.granule_bits;
@@ -984,7 +1156,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
     fn map_range(&mut self, iova: u64, pa: u64, size: u64, prot: Prot) -> Result<(), MapError> {
         self.check_range(iova, size)?;
         if !pa.is_multiple_of(1 << self.geometry.granule_bits) {
-            return Err(MapError::Unaligned { iova: pa, size });
+            return Err(MapError::UnalignedOutput { pa, size });
         }
         match pa.checked_add(size) {
             Some(end) if end <= 1 << self.format.output_bits => {}
@@ -1286,6 +1458,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// added to `gather`, and the SMMU may keep using them until the caller has issued that invalidation and its
     /// CMD_SYNC has completed (`ActiveSmmu::flush` does both). Tables that emptied are unlinked but not freed:
     /// they go back to the allocator only through [`IoPageTable::release`], to be called after that completion.
+    /// The first use stamps `gather` with this table's identity (see [`Gather`]).
     ///
     /// An unmap of exactly one granule takes the single-page path: a last-level table it empties stays linked
     /// until the next [`IoPageTable::trim`] (or range unmap), unless the lazy-free limit is exceeded. Any other
@@ -1293,18 +1466,40 @@ impl<A: FrameAllocator> IoPageTable<A> {
     ///
     /// # Errors
     /// [`MapError::Unaligned`], [`MapError::InputOutOfRange`], [`MapError::WouldSplitBlock`] (a cut block without
-    /// BBML = 2), [`MapError::NoMemory`] (for splitting a block); nothing changes then, `gather` included.
+    /// BBML = 2), [`MapError::NoMemory`] (for splitting a block), [`MapError::ForeignGather`] (a gather another
+    /// table filled); nothing changes then, `gather` included.
     #[inline]
     pub fn unmap(&mut self, iova: u64, size: u64, gather: &mut Gather) -> Result<u64, MapError> {
+        self.unmap_in::<true>(iova, size, gather)
+    }
+
+    /// [`IoPageTable::unmap`] without any trim: `gather` gets only what the range itself removes (with the tables
+    /// the range empties, unlinked as by `unmap`, and their spans), never a table that a trim unlinked elsewhere; a
+    /// single-page unmap leaves the table it empties linked even past the lazy-free limit, and the caller trims
+    /// when [`IoPageTable::trim_due`] says so. For a gather whose invalidation is deferred.
+    ///
+    /// # Errors
+    /// As [`IoPageTable::unmap`].
+    #[inline]
+    pub fn unmap_without_trim(&mut self, iova: u64, size: u64, gather: &mut Gather) -> Result<u64, MapError> {
+        self.unmap_in::<false>(iova, size, gather)
+    }
+
+    #[inline(always)]
+    fn unmap_in<const TRIM: bool>(&mut self, iova: u64, size: u64, gather: &mut Gather) -> Result<u64, MapError> {
+        self.check_owner(gather)?;
         let granule = 1u64 << self.geometry.granule_bits;
         if size == granule
             && iova & (granule - 1) == 0
             && iova >> self.format.input_bits == 0
-            && let Some(bytes) = self.unmap_page(iova, gather)
+            && let Some(bytes) = self.unmap_page::<TRIM>(iova, gather)
         {
+            gather.owner = self.id.0;
             return Ok(bytes);
         }
-        self.change(iova, size, gather, None)
+        let bytes = self.change(iova, size, gather, None, TRIM)?;
+        gather.owner = self.id.0;
+        Ok(bytes)
     }
 
     /// Gives every mapping inside `[iova, iova + size)` the protection `prot` and returns the bytes of mappings
@@ -1318,8 +1513,9 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// # Errors
     /// [`MapError::Unaligned`], [`MapError::InputOutOfRange`], [`MapError::BadProt`] (inexpressible, or another
     /// memory type than a mapping in the range has), [`MapError::WouldSplitBlock`], [`MapError::NoMemory`] (for
-    /// splitting a block); nothing changes then, `gather` included.
+    /// splitting a block), [`MapError::ForeignGather`]; nothing changes then, `gather` included.
     pub fn protect(&mut self, iova: u64, size: u64, prot: Prot, gather: &mut Gather) -> Result<u64, MapError> {
+        self.check_owner(gather)?;
         if !self.expressible(prot) {
             return Err(MapError::BadProt(prot));
         }
@@ -1337,7 +1533,9 @@ impl<A: FrameAllocator> IoPageTable<A> {
         if other_type {
             return Err(MapError::BadProt(prot));
         }
-        self.change(iova, size, gather, Some(prot))
+        let bytes = self.change(iova, size, gather, Some(prot), false)?;
+        gather.owner = self.id.0;
+        Ok(bytes)
     }
 
     fn expressible(&self, prot: Prot) -> bool {
@@ -1350,7 +1548,14 @@ impl<A: FrameAllocator> IoPageTable<A> {
     }
 
     #[inline(never)]
-    fn change(&mut self, iova: u64, size: u64, gather: &mut Gather, reprotect: Option<Prot>) -> Result<u64, MapError> {
+    fn change(
+        &mut self,
+        iova: u64,
+        size: u64,
+        gather: &mut Gather,
+        reprotect: Option<Prot>,
+        trim: bool,
+    ) -> Result<u64, MapError> {
         self.check_range(iova, size)?;
         // Splitting the blocks that straddle the range's ends needs at most one table per level below each:
         // allocate them first, so that running out of memory changes nothing.
@@ -1379,8 +1584,8 @@ impl<A: FrameAllocator> IoPageTable<A> {
             // SAFETY: never published.
             unsafe { self.allocator.free(t) };
         }
-        if reprotect.is_none() {
-            self.trim(gather);
+        if trim {
+            self.trim_in_place(gather);
         }
         // No barrier here: the caller's invalidation orders these stores before its command queue's PROD write
         // (see the module documentation).
@@ -1616,8 +1821,25 @@ impl<A: FrameAllocator> IoPageTable<A> {
     }
 
     /// Moves what `other` collected (its range and its unlinked tables) into `into`, so that one invalidation and
-    /// one [`IoPageTable::release`] cover both. Both gathers must come from this page table.
-    pub fn merge(&self, into: &mut Gather, other: Gather) {
+    /// one [`IoPageTable::release`] cover both. `into` is stamped as this table's.
+    ///
+    /// # Errors
+    /// [`ForeignGather`] when either gather was filled by another table: nothing changes, and `other` comes back.
+    pub fn merge(&self, into: &mut Gather, other: Gather) -> Result<(), ForeignGather> {
+        if !self.owns(into) || !self.owns(&other) {
+            return Err(ForeignGather {
+                table: self.id,
+                gather: other,
+            });
+        }
+        self.merge_owned(into, other);
+        Ok(())
+    }
+
+    /// [`IoPageTable::merge`] of two gathers the caller has checked are this table's ([`IoPageTable::owns`]).
+    pub(crate) fn merge_owned(&self, into: &mut Gather, other: Gather) {
+        debug_assert!(self.owns(into) && self.owns(&other));
+        into.owner = self.id.0;
         if other.end != other.start {
             into.add_run(other.start, other.end, other.leaf_shift, other.leaves);
         } else {
@@ -1654,13 +1876,27 @@ impl<A: FrameAllocator> IoPageTable<A> {
         into.freed += other.freed;
     }
 
-    /// Gives the tables `gather` collected back to the allocator. Call it only after the invalidation for
-    /// `gather` has completed (CMD_SYNC consumed), so that no walk can still reach them.
+    /// Gives the tables `gather` collected back to the allocator. `ActiveSmmu::flush` (and every domain operation)
+    /// calls it after the invalidation that covers `gather` has completed; call it directly only for a table no
+    /// SMMU walks, or after issuing that invalidation yourself.
+    ///
+    /// # Safety
+    /// The invalidation that covers `gather` (by address over its span, or the whole ASID, VMID or regime; not
+    /// leaf-only when [`Gather::tables_unlinked`]) has been issued for every SMMU that may walk this table, and a
+    /// CMD_SYNC after it has completed: otherwise a walk cache may still name a freed table, which the allocator
+    /// may hand out and a walk then read as descriptors.
+    ///
+    /// # Errors
+    /// [`ForeignGather`] for a gather another table filled: nothing is freed, and the gather comes back.
     #[inline]
-    pub fn release(&mut self, gather: Gather) {
+    pub unsafe fn release(&mut self, gather: Gather) -> Result<(), ForeignGather> {
+        if !self.owns(&gather) {
+            return Err(ForeignGather { table: self.id, gather });
+        }
         if gather.freed_head != 0 {
             self.free_chain(gather.freed_head);
         }
+        Ok(())
     }
 
     #[inline(never)]

@@ -92,6 +92,12 @@ fn a_52_bit_output_is_refused_in_every_granule() {
     }
 }
 
+/// [`IoPageTable::release`] in host tests, where no SMMU walks the tables (so no invalidation is owed first).
+fn release<A: FrameAllocator>(t: &mut IoPageTable<A>, g: Gather) {
+    // SAFETY: no SMMU walks the tables of a host test.
+    unsafe { t.release(g) }.unwrap();
+}
+
 fn table(stage: Stage, granule: Granule, bits: u8) -> IoPageTable<&'static HeapFrames> {
     let frames: &'static HeapFrames = std::boxed::Box::leak(std::boxed::Box::default());
     IoPageTable::new(format(stage, granule, bits), frames, true).unwrap()
@@ -140,8 +146,8 @@ fn bad_inputs_change_nothing() {
     );
     assert_eq!(
         t.map(0x1000, 0x800, 0x1000, RW),
-        Err(MapError::Unaligned {
-            iova: 0x800,
+        Err(MapError::UnalignedOutput {
+            pa: 0x800,
             size: 0x1000
         })
     );
@@ -212,13 +218,13 @@ fn partial_unmap_splits_a_block_and_empty_tables_are_released_after_invalidation
     assert_eq!(t.iova_to_phys(0x4000_2000), Some(0x4000_2000));
     assert_eq!(t.iova_to_phys(0x7fff_f000), Some(0x7fff_f000));
     assert!(g.start <= 0x4000_1000 && g.end >= 0x4000_2000);
-    t.release(g);
+    release(&mut t, g);
     // Unmap everything: all tables below the root are collected, freed only on release.
     let mut g = Gather::default();
     assert_eq!(t.unmap(0x4000_0000, 1 << 30, &mut g), Ok((1 << 30) - 0x1000));
     assert_eq!((g.freed_tables(), g.tables_unlinked), (2, true));
     let live = frames.live_blocks();
-    t.release(g);
+    release(&mut t, g);
     assert_eq!(frames.live_blocks(), live - 2);
     drop(t);
     assert_eq!(frames.live_blocks(), 0);
@@ -246,7 +252,7 @@ fn full_last_level_tables_are_counted_without_reading_and_freed_as_one_subtree()
     assert_eq!(t.unmap(0x30_0000, 0x1000, &mut g), Ok(0x1000));
     assert_eq!(level2(&t, 1) & desc::SW_TABLE_FULL, 0, "no longer full");
     assert_ne!(level2(&t, 2) & desc::SW_TABLE_FULL, 0, "the other table is untouched");
-    t.release(g);
+    release(&mut t, g);
     // Unmapping the whole 1 GiB removes the level-2 table and both last-level tables: one full, counted from
     // its mark, one with a hole, counted from its entries; one link in the gather, three tables freed.
     let tables = t.tables();
@@ -256,7 +262,7 @@ fn full_last_level_tables_are_counted_without_reading_and_freed_as_one_subtree()
     assert_eq!((g.freed_tables(), g.leaf_shift), (3, 12));
     assert_eq!(t.tables(), tables - 3);
     assert_eq!(frames.live_blocks(), live, "nothing is freed before the invalidation");
-    t.release(g);
+    release(&mut t, g);
     assert_eq!(frames.live_blocks(), live - 3);
     assert_eq!(t.iova_to_phys(0x20_0000), None);
     drop(t);
@@ -321,7 +327,7 @@ fn full_tables_in_every_granule_and_root_level() {
             Ok(span),
             "{stage:?} {granule:?} {bits}"
         );
-        t.release(gather);
+        release(&mut t, gather);
         assert!(decode(frames, t.root().0, &g).is_empty());
         drop(t);
         assert_eq!(frames.live_blocks(), 0);
@@ -740,13 +746,13 @@ fn run(stage: Stage, split_blocks: bool, ops: Vec<Op>) {
                     }
                     assert_eq!(t.translate(page), None);
                     w.invalidated();
-                    t.release(g);
+                    release(&mut t, g);
                 }
             }
             Op::Trim => {
                 let mut g = Gather::default();
                 let waiting = t.empty_tables();
-                let unlinked = t.trim(&mut g);
+                let unlinked = t.trim(&mut g).unwrap();
                 assert_eq!(t.empty_tables(), 0);
                 assert_eq!(
                     linked_empty_tables(&w.frames, t.root().0, t.geometry()),
@@ -761,7 +767,7 @@ fn run(stage: Stage, split_blocks: bool, ops: Vec<Op>) {
                 assert_eq!(w.frames.live_blocks(), live, "nothing is freed before the invalidation");
                 count(|h| h.trims_unlinked += u32::from(unlinked > 0));
                 w.invalidated();
-                t.release(g);
+                release(&mut t, g);
                 assert_eq!(w.frames.live_blocks(), live - unlinked as usize);
             }
             Op::Map { page, pages, out, prot } => {
@@ -836,7 +842,7 @@ fn run(stage: Stage, split_blocks: bool, ops: Vec<Op>) {
                 }
                 model.retain(|k, _| *k < iova || *k >= iova + size);
                 w.invalidated();
-                t.release(g);
+                release(&mut t, g);
             }
             Op::Protect { at, pages, prot } => {
                 let (iova, size, prot) = (aim(&model, at) << 12, pages << 12, PROTS[prot]);
@@ -876,7 +882,7 @@ fn run(stage: Stage, split_blocks: bool, ops: Vec<Op>) {
                     model.get_mut(&page).unwrap().1 = prot;
                 }
                 w.invalidated();
-                t.release(g);
+                release(&mut t, g);
             }
         }
         let raw = leaves(&w.frames, t.root().0, t.geometry());
@@ -910,7 +916,7 @@ fn run(stage: Stage, split_blocks: bool, ops: Vec<Op>) {
     let mut g = Gather::default();
     t.unmap(0, 1 << bits, &mut g).unwrap();
     w.invalidated();
-    t.release(g);
+    release(&mut t, g);
     assert_eq!(t.tables(), 1, "only the root is left");
     assert_eq!(*w.violations.lock().unwrap(), []);
     w.unwatch();
@@ -999,7 +1005,7 @@ fn sixteen_and_sixty_four_kib_granules() {
         assert_eq!(t.unmap(block, page, &mut g), Ok(page), "split the block");
         assert_eq!(t.iova_to_phys(block), None);
         assert_eq!(t.iova_to_phys(block + page), Some(2 * block + page));
-        t.release(g);
+        release(&mut t, g);
     }
 }
 
@@ -1017,7 +1023,7 @@ fn protect_changes_permissions_in_place_and_gathers_them() {
     assert_eq!(t.translate(0x4020_0000), Some((0x4020_0000, ro)));
     assert_eq!(t.translate(0x4020_1000), Some((0x4020_1000, RW)));
     assert!(g.start <= 0x4000_1000 && g.end >= 0x4020_1000, "{g:?}");
-    t.release(g);
+    release(&mut t, g);
     // The same protection again changes nothing to invalidate.
     let mut g = Gather::default();
     assert_eq!(t.protect(0x4000_1000, 0x1000, ro, &mut g), Ok(0x1000));
@@ -1044,7 +1050,7 @@ fn block_splitting_is_off_by_default_and_allowed_only_with_bbml_2() {
             assert!(t.splits_blocks());
             assert_eq!(t.unmap(0x20_0000, 0x1000, &mut g), Ok(0x1000));
             assert_eq!(t.iova_to_phys(0x20_1000), Some(0x20_1000), "split in place");
-            t.release(g);
+            release(&mut t, g);
             continue;
         }
         assert!(!t.splits_blocks(), "BBML {bbml:?}");
@@ -1060,7 +1066,7 @@ fn block_splitting_is_off_by_default_and_allowed_only_with_bbml_2() {
         assert_eq!(raw_words(&t), before, "nothing changed");
         // The whole block is fine.
         assert_eq!(t.unmap(0x20_0000, 0x20_0000, &mut g), Ok(0x20_0000));
-        t.release(g);
+        release(&mut t, g);
     }
 }
 
@@ -1266,7 +1272,7 @@ fn protect_refuses_a_memory_type_change_and_changes_nothing() {
             Ok(0x1000)
         );
         assert_eq!(t.translate(0x40_0000), Some((0x40_0000, Prot::READ | Prot::MMIO)));
-        t.release(g);
+        release(&mut t, g);
         // Both memory flags at once are refused everywhere.
         let both = Prot::READ | Prot::MMIO | Prot::CACHEABLE;
         assert_eq!(t.map(0x80_0000, 0, 0x1000, both), Err(MapError::BadProt(both)));
@@ -1329,7 +1335,7 @@ fn a_split_copies_the_blocks_attribute_bits() {
         let expected = (block & !0x0000_ffff_ffff_f000) | 0b10 | (0x60_0000 + ((j as u64) << 12));
         assert_eq!(e.load(Ordering::Relaxed), expected, "page {j}");
     }
-    t.release(g);
+    release(&mut t, g);
 }
 
 #[test]
@@ -1365,7 +1371,7 @@ fn unlinking_an_empty_table_still_gathers_its_span() {
     assert_eq!(t.unmap(0x20_0000, 0x20_0000, &mut g), Ok(0));
     assert!(g.tables_unlinked);
     assert!(g.start <= 0x20_0000 && g.end >= 0x40_0000, "{g:?}");
-    t.release(g);
+    release(&mut t, g);
 }
 
 /// The starting level the SMMU derives from STE.S2SL0 and the granule (IHI 0070 STE.S2SL0, as VTCR_EL2.SL0 in the
@@ -1504,7 +1510,7 @@ fn a_single_page_unmap_leaves_its_empty_table_linked_until_a_trim() {
     );
     assert_eq!((t.tables(), t.empty_tables()), (3, 1), "the emptied table stays linked");
     w.invalidated();
-    t.release(g);
+    release(&mut t, g);
     // Mapping there again reuses it: no allocation, counts back up.
     let live = w.frames.live_blocks();
     t.map(0x4020_5000, 0x9000, 0x1000, RW).unwrap();
@@ -1512,11 +1518,11 @@ fn a_single_page_unmap_leaves_its_empty_table_linked_until_a_trim() {
     let mut g = Gather::default();
     assert_eq!(t.unmap(0x4020_5000, 0x1000, &mut g), Ok(0x1000));
     w.invalidated();
-    t.release(g);
+    release(&mut t, g);
     // The trim unlinks the last-level table and the level-2 table above it, which emptied in turn, into the
     // gather; they are freed only by `release`, after the walk-cache invalidation of their spans.
     let mut g = Gather::default();
-    assert_eq!(t.trim(&mut g), 2);
+    assert_eq!(t.trim(&mut g).unwrap(), 2);
     assert!(
         g.tables_unlinked && g.start <= 0x4000_0000 && g.end >= 0x8000_0000,
         "{g:?}"
@@ -1524,11 +1530,11 @@ fn a_single_page_unmap_leaves_its_empty_table_linked_until_a_trim() {
     assert_eq!((t.tables(), t.empty_tables(), w.frames.live_blocks()), (1, 0, live));
     assert_eq!(linked_empty_tables(&w.frames, t.root().0, t.geometry()), 0);
     w.invalidated();
-    t.release(g);
+    release(&mut t, g);
     assert_eq!(w.frames.live_blocks(), live - 2);
     // Nothing waiting: a trim does nothing.
     let mut g = Gather::default();
-    assert_eq!(t.trim(&mut g), 0);
+    assert_eq!(t.trim(&mut g).unwrap(), 0);
     assert!(g.is_empty());
     assert_eq!(*w.violations.lock().unwrap(), []);
     w.unwatch();
@@ -1546,13 +1552,38 @@ fn the_lazy_free_limit_bounds_the_tables_left_empty() {
     }
     // The third emptied table went over the limit: that unmap trimmed all three (and the level-2 table).
     assert_eq!((t.empty_tables(), g.freed_tables(), t.tables()), (0, 4, 1));
-    t.release(g);
+    release(&mut t, g);
     t.set_lazy_free_limit(0);
     let mut g = Gather::default();
     t.map(0x1000, 0x1000, 0x1000, RW).unwrap();
     t.unmap(0x1000, 0x1000, &mut g).unwrap();
     assert_eq!((t.empty_tables(), g.freed_tables()), (0, 2), "limit 0: freed at once");
-    t.release(g);
+    release(&mut t, g);
+}
+
+#[test]
+fn an_unmap_without_trim_leaves_emptied_tables_for_the_callers_own_trim() {
+    let mut t = table(Stage::Two, Granule::Size4K, 40);
+    t.set_lazy_free_limit(0);
+    for k in 1..3u64 {
+        t.map(k << 21, k << 21, 0x1000, RW).unwrap();
+    }
+    t.map(0, 0, 0x1000, RW).unwrap();
+    let mut g = Gather::default();
+    // Past the limit, a single page and a range elsewhere: neither gathers a trim.
+    t.unmap_without_trim(1 << 21, 0x1000, &mut g).unwrap();
+    assert_eq!((g.freed_tables(), t.empty_tables(), t.trim_due()), (0, 1, true));
+    let mut range = Gather::default();
+    t.unmap_without_trim(2 << 21, 0x2000, &mut range).unwrap();
+    assert_eq!(range.freed_tables(), 1, "only the table the range emptied");
+    assert_eq!((range.start(), range.end()), (2 << 21, 3 << 21), "{range:?}");
+    assert_eq!(t.empty_tables(), 1, "the table emptied before is still linked");
+    let mut trimmed = Gather::default();
+    assert_eq!(t.trim(&mut trimmed), Ok(1));
+    assert!(!t.trim_due());
+    release(&mut t, g);
+    release(&mut t, range);
+    release(&mut t, trimmed);
 }
 
 #[test]
@@ -1562,7 +1593,7 @@ fn a_range_unmap_trims_and_a_range_map_fills_an_emptied_table_instead_of_coverin
     t.map(0x20_0000, 0x20_0000, 0x1000, RW).unwrap();
     let mut g = Gather::default();
     t.unmap(0x20_0000, 0x1000, &mut g).unwrap();
-    t.release(g);
+    release(&mut t, g);
     assert_eq!(t.empty_tables(), 1);
     // A 2 MiB-aligned range over the emptied table: no block may replace the linked table (that would need an
     // invalidation map cannot issue), so its pages go into the table, which is now full.
@@ -1595,7 +1626,7 @@ fn a_range_unmap_trims_and_a_range_map_fills_an_emptied_table_instead_of_coverin
     assert_eq!(t.unmap(0x20_0000, 0x2000, &mut g), Ok(0x2000));
     assert_eq!(t.empty_tables(), 0);
     assert_eq!(g.freed_tables(), 2, "the emptied table and its level-2 table");
-    t.release(g);
+    release(&mut t, g);
 }
 
 #[test]
@@ -1606,7 +1637,7 @@ fn recount_rebuilds_counts_marks_and_the_waiting_tables() {
     t.map(0x4000_0000, 0, 0x1000, RW).unwrap();
     let mut g = Gather::default();
     t.unmap(0x4000_0000, 0x1000, &mut g).unwrap();
-    t.release(g);
+    release(&mut t, g);
     let expected = raw_words(&t);
     // Tables written by code that kept no counts: every table descriptor's software bits cleared.
     fn clear<A: FrameAllocator>(t: &IoPageTable<A>, level: u8, phys: u64) {
@@ -1699,10 +1730,10 @@ fn single_pages_in_every_granule_keep_counts_through_a_full_table() {
         }
         assert_eq!(t.empty_tables(), 1, "{what}");
         let _ = leaves(frames, t.root().0, &g);
-        t.release(g0);
+        release(&mut t, g0);
         let mut g1 = Gather::default();
-        assert!(t.trim(&mut g1) >= 1, "{what}");
-        t.release(g1);
+        assert!(t.trim(&mut g1).unwrap() >= 1, "{what}");
+        release(&mut t, g1);
         assert_eq!(
             (t.tables(), linked_empty_tables(frames, t.root().0, &g)),
             (1, 0),
@@ -1728,7 +1759,7 @@ fn an_adopted_table_translates_as_before_and_keeps_its_counts() {
     for page in 0..8 {
         let mut g = Gather::default();
         old.unmap(0x1000_0000 + page * 0x1000, 0x1000, &mut g).unwrap();
-        old.release(g);
+        release(&mut old, g);
     }
     old.map(0x2000_0000, 0xa000_0000, 0x1000, rw).unwrap();
     let counts = AdoptedCounts {
@@ -1765,8 +1796,8 @@ fn an_adopted_table_translates_as_before_and_keeps_its_counts() {
     assert_eq!(after, before);
     // It keeps working: the emptied table trims, new mappings land, unmaps free.
     let mut g = Gather::default();
-    assert_eq!(adopted.trim(&mut g), 1);
-    adopted.release(g);
+    assert_eq!(adopted.trim(&mut g).unwrap(), 1);
+    release(&mut adopted, g);
     adopted.map(0x3000_0000, 0xb000_0000, 0x1000, rw).unwrap();
     assert_eq!(adopted.iova_to_phys(0x3000_0000), Some(0xb000_0000));
     // A root the allocator does not reach, or misaligned, is refused.
@@ -1823,8 +1854,8 @@ fn a_recounted_empty_level_2_table_leaves_the_waiting_count_when_it_fills() {
         assert_eq!(linked(&t), 0);
         assert_eq!(t.empty_tables(), 0, "single page: {single_page}");
         let mut g = Gather::default();
-        assert_eq!(t.trim(&mut g), 0);
-        t.release(g);
+        assert_eq!(t.trim(&mut g).unwrap(), 0);
+        release(&mut t, g);
     }
 }
 
@@ -1939,7 +1970,7 @@ fn a_table_at_physical_address_zero_is_released_like_any_other() {
         match how {
             "trim" => {
                 t.unmap(0x4000_0000, 0x1000, &mut g).unwrap();
-                assert_eq!(t.trim(&mut g), 2);
+                assert_eq!(t.trim(&mut g).unwrap(), 2);
             }
             "unmap" => {
                 assert_eq!(t.unmap(0x4000_0000, 0x2000, &mut g), Ok(0x1000));
@@ -1950,7 +1981,7 @@ fn a_table_at_physical_address_zero_is_released_like_any_other() {
             }
         }
         assert_eq!(t.tables(), 1, "{how}");
-        t.release(g);
+        release(&mut t, g);
         assert_eq!(frames.frames.live_blocks(), 1, "{how}: only the root is left");
     }
 }
@@ -2194,7 +2225,7 @@ fn run_mixed(shape: (Stage, Granule, u8), top: bool, split_blocks: bool, ops: Ve
                 }
                 model.retain(|&k, _| k < at || k >= at + pages);
                 w.invalidated();
-                t.release(gather);
+                release(&mut t, gather);
             }
             MixOp::UnmapEach { at, pages } => {
                 let (at, pages) = clamp(at, scale(pages));
@@ -2224,7 +2255,7 @@ fn run_mixed(shape: (Stage, Granule, u8), top: bool, split_blocks: bool, ops: Ve
                     if gather.freed_tables() > 0 {
                         w.invalidated();
                     }
-                    t.release(gather);
+                    release(&mut t, gather);
                 }
             }
             MixOp::Protect { at, pages, prot } => {
@@ -2249,14 +2280,14 @@ fn run_mixed(shape: (Stage, Granule, u8), top: bool, split_blocks: bool, ops: Ve
                     model.get_mut(&k).unwrap().1 = prot;
                 }
                 w.invalidated();
-                t.release(gather);
+                release(&mut t, gather);
             }
             MixOp::Trim => {
                 let mut gather = Gather::default();
-                t.trim(&mut gather);
+                t.trim(&mut gather).unwrap();
                 assert_eq!(t.empty_tables(), 0, "{what}");
                 w.invalidated();
-                t.release(gather);
+                release(&mut t, gather);
                 assert_eq!(
                     decode_shape(&w.frames, t.root().0, &g).2,
                     0,
@@ -2322,7 +2353,7 @@ fn run_mixed(shape: (Stage, Granule, u8), top: bool, split_blocks: bool, ops: Ve
     let mut gather = Gather::default();
     t.unmap(0, 1 << bits, &mut gather).unwrap();
     w.invalidated();
-    t.release(gather);
+    release(&mut t, gather);
     assert_eq!(t.tables(), 1, "{what}: only the root is left");
     w.unwatch();
     drop(t);
@@ -2370,4 +2401,71 @@ proptest::proptest! {
     ) {
         run_mixed(SHAPES[shape], top, split, ops);
     }
+}
+
+#[test]
+fn a_gather_is_refused_by_every_table_but_the_one_that_filled_it() {
+    let frames: &'static HeapFrames = std::boxed::Box::leak(std::boxed::Box::default());
+    let mut a = IoPageTable::new(format(Stage::One, Granule::Size4K, 39), frames, true).unwrap();
+    let mut b = IoPageTable::new(format(Stage::One, Granule::Size4K, 39), frames, true).unwrap();
+    a.map(0x20_0000, 0x8000_0000, 0x2000, RW).unwrap();
+    b.map(0x20_0000, 0x9000_0000, 0x2000, RW).unwrap();
+    let mut g = Gather::default();
+    assert_eq!(a.unmap(0x20_0000, 0x2000, &mut g), Ok(0x2000));
+    assert_eq!(g.freed_tables(), 2, "a's last-level and level-2 tables, unlinked");
+    assert_eq!(g.owner(), Some(a.id()));
+    let live = frames.live_blocks();
+    // b neither adds to a's gather, nor merges it, nor frees a's tables.
+    let foreign = MapError::ForeignGather {
+        owner: a.id(),
+        table: b.id(),
+    };
+    assert_eq!(b.unmap(0x20_0000, 0x1000, &mut g), Err(foreign));
+    assert_eq!(b.protect(0x20_0000, 0x1000, Prot::READ, &mut g), Err(foreign));
+    assert_eq!(b.trim(&mut g), Err(foreign));
+    assert_eq!(b.iova_to_phys(0x20_0000), Some(0x9000_0000), "b unchanged");
+    let mut into = Gather::default();
+    let refused = b.merge(&mut into, g).unwrap_err();
+    assert!(into.is_empty() && into.owner().is_none(), "nothing merged");
+    // SAFETY: refused before anything is freed (and no SMMU walks these tables).
+    let refused = unsafe { b.release(refused.gather) }.unwrap_err();
+    assert_eq!(refused.table, b.id());
+    let g = refused.gather;
+    assert_eq!(
+        (g.freed_tables(), g.start(), g.end()),
+        (2, 0, 1 << 30),
+        "handed back whole"
+    );
+    assert_eq!(frames.live_blocks(), live, "a's tables are not b's to free");
+    release(&mut a, g);
+    assert_eq!(frames.live_blocks(), live - 2);
+    // An unused gather is anyone's until its first use.
+    let mut g = Gather::default();
+    b.unmap(0x20_0000, 0x1000, &mut g).unwrap();
+    assert_eq!(g.owner(), Some(b.id()));
+    assert_ne!(a.id(), b.id());
+}
+
+#[test]
+fn a_misaligned_output_address_is_reported_as_the_output() {
+    let mut t = table(Stage::One, Granule::Size4K, 39);
+    // Range path (two pages), then the single-page path once its protection is known.
+    let range = t.map(0x1000, 0x8000_0800, 0x2000, RW);
+    assert_eq!(
+        range,
+        Err(MapError::UnalignedOutput {
+            pa: 0x8000_0800,
+            size: 0x2000
+        })
+    );
+    t.map(0x10_0000, 0x8000_0000, 0x1000, RW).unwrap();
+    let page = t.map(0x1000, 0x8000_0800, 0x1000, RW);
+    assert_eq!(
+        page,
+        Err(MapError::UnalignedOutput {
+            pa: 0x8000_0800,
+            size: 0x1000
+        })
+    );
+    assert_eq!(t.iova_to_phys(0x1000), None);
 }

@@ -86,7 +86,7 @@ pub fn dma_map_bench(context: &mut Context) -> Result<(), Failure> {
             .unmap_deferred(domain, iova, 4096, &mut gather)
             .or_else(|e| fail!("round {round}: unmap: {e}"))?;
         let t1 = time::ticks();
-        s.sync_domain(domain, gather)
+        s.sync_domain(domain, &mut gather)
             .or_else(|e| fail!("round {round}: invalidation: {e}"))?;
         let t2 = time::ticks();
         if round > 0 {

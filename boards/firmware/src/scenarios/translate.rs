@@ -193,16 +193,20 @@ fn translate(context: &Context, edu: &Edu, sid: u32, pass: Pass) -> Result<(), F
             g.table
                 .unmap(IOVA_DESTINATION, 4096, &mut gather)
                 .or_else(|e| fail!("guest unmap: {e}"))?;
-            s.invalidate_guest(
-                domain,
+            // The page's TLB entry, or the whole ASID should the unmap have unlinked a table (its walk-cache
+            // entries may name it at any address of its span).
+            let invalidation = if gather.tables_unlinked() {
+                GuestInvalidation::Asid(1)
+            } else {
                 GuestInvalidation::Address {
                     asid: 1,
                     address: IOVA_DESTINATION,
-                    leaf: !gather.tables_unlinked,
-                },
-            )
-            .or_else(|e| fail!("{e}"))?;
-            g.table.release(gather);
+                    leaf: true,
+                }
+            };
+            s.invalidate_guest(domain, invalidation).or_else(|e| fail!("{e}"))?;
+            // SAFETY: the invalidation above covers the gather and waited for its CMD_SYNC.
+            unsafe { g.table.release(gather) }.or_else(|e| fail!("guest release: {e}"))?;
         }
         None => {
             s.unmap(domain, IOVA_DESTINATION, 4096)
@@ -237,7 +241,8 @@ fn translate(context: &Context, edu: &Edu, sid: u32, pass: Pass) -> Result<(), F
                 .or_else(|e| fail!("guest protect: {e}"))?;
             s.invalidate_guest(domain, GuestInvalidation::Asid(1))
                 .or_else(|e| fail!("{e}"))?;
-            g.table.release(gather);
+            // SAFETY: the whole ASID was invalidated, and its CMD_SYNC waited for.
+            unsafe { g.table.release(gather) }.or_else(|e| fail!("guest release: {e}"))?;
         }
         None => {
             s.protect(domain, IOVA_DESTINATION, 4096, read_only)
