@@ -3944,4 +3944,29 @@ mod tests {
         assert_eq!(next.index(), 1, "slot 0 is retired");
         assert_eq!(smmu.domains.free_slots(), DEFAULT_DOMAINS - 2);
     }
+
+    /// Review finding 1 (issue #21, item 1: "never release a table except after the invalidation that covers it").
+    /// Dropping an `ActiveSmmu` is a safe call. It must not give a domain's page tables back to the allocator
+    /// while the SMMU still translates through them (SMMUEN = 1, the STE naming the CD that names the table):
+    /// the allocator would hand those frames out again, and a walk would read whatever is written there next.
+    #[test]
+    fn finding1_dropping_the_smmu_never_frees_tables_it_still_walks() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = smmu(&model, frames);
+        let d = s1(&mut smmu, frames);
+        smmu.map(d, 0x40_0000, 0x8000_0000, 0x1000, RW).unwrap();
+        smmu.attach(d, SID).unwrap();
+        assert_eq!(smmu.ste(SID).unwrap().config(), Config::Stage1);
+        let root = smmu.domain_table(d).unwrap().root();
+        assert!(frames.phys_to_virt(root).is_some());
+        drop(smmu);
+        // SAFETY: the model's live register block.
+        let translating = unsafe { reg32(model.base, 0x20).read_volatile() } & 1 != 0;
+        let root_freed = frames.phys_to_virt(root).is_none();
+        assert!(
+            !(translating && root_freed),
+            "SMMUEN = 1 and stream {SID:#x} still walks the table at {root}, which went back to the allocator"
+        );
+    }
 }
