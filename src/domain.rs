@@ -3969,4 +3969,47 @@ mod tests {
             "SMMUEN = 1 and stream {SID:#x} still walks the table at {root}, which went back to the allocator"
         );
     }
+
+    /// Review finding 2. `ActiveSmmu::submit` is public and safe, and says an extra batch "cannot change what a
+    /// domain translates". A CMD_SYNC with an MSI completion (SIG_IRQ, MSIAddress != 0) is a 32-bit write the SMMU
+    /// itself performs to any physical address on an SMMU with IDR0.MSI: here into a live page table's first
+    /// descriptor (the low word of a descriptor: valid, table/page bit, attributes and output address bits
+    /// [31:12]), i.e. a new translation to memory no domain maps. Such a command must never reach the queue from
+    /// safe code (through `Batch::push` or `Batch::push_words`).
+    #[test]
+    fn finding2_a_public_batch_cannot_make_the_smmu_write_memory() {
+        use crate::hw::command::{Shareability, SyncCompletion};
+        let frames = frames();
+        // IDR0.MSI (bit 13): the SMMU performs CMD_SYNC's MSI write.
+        let model = Model::start_with(frames, IDRS[0].1 | 1 << 13);
+        let mut smmu = smmu(&model, frames);
+        assert!(smmu.features().msi);
+        let d = s1(&mut smmu, frames);
+        smmu.map(d, 0x40_0000, 0x8000_0000, 0x1000, RW).unwrap();
+        smmu.attach(d, SID).unwrap();
+        let root = smmu.domain_table(d).unwrap().root().0;
+        let mut batch = Batch::new();
+        batch
+            .push(&Command::Sync {
+                completion: SyncCompletion::Msi {
+                    address: root,
+                    // A table descriptor naming PA 0x4000_0000.
+                    data: 0x4000_0003,
+                    shareability: Shareability::InnerShareable,
+                    attributes: 0xf,
+                },
+            })
+            .unwrap();
+        let before = model.seen.lock().unwrap().commands.len();
+        let submitted = smmu.submit(&batch);
+        let msi_writes = model.seen.lock().unwrap().commands[before..]
+            .iter()
+            .filter(|w| w[0] as u8 == opcode::SYNC && (w[0] >> 12) & 0b11 == 0b01 && w[1] & !0b11 != 0)
+            .count();
+        assert!(
+            submitted.is_err() && msi_writes == 0,
+            "safe code made the SMMU write {:#x} to the page table at {root:#x} ({msi_writes} MSI write(s), {submitted:?})",
+            0x4000_0003
+        );
+    }
 }
