@@ -4012,4 +4012,48 @@ mod tests {
             0x4000_0003
         );
     }
+
+    /// Review finding 3. `attach_substream` whose second CFGI_CD fails returns `DomainError::CdTable` with the
+    /// domain's CD written and valid in the stream's CD table (the hitless writer stops after setting V), but the
+    /// substream is not recorded. Nothing then stops `free_domain`: the domain's page tables go back to the
+    /// allocator and its ASID is free again, while the valid CD at that substream still names both. (`attach`
+    /// records the stream on the same kind of failure "so that the domain cannot be freed under it".)
+    #[test]
+    fn finding3_a_substream_cd_left_valid_by_a_failed_attach_keeps_its_domain_from_being_freed() {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicUsize;
+        let frames = frames();
+        // SSIDSIZE 5 (IDR1[10:6]).
+        let model = Model::start_with_idrs(frames, IDRS[0].1, IDRS[1].1 | 5 << 6);
+        let mut smmu = smmu(&model, frames);
+        let whole = s1(&mut smmu, frames);
+        let sub = s1(&mut smmu, frames);
+        smmu.map(sub, 0x40_0000, 0x8000_0000, 0x1000, RW).unwrap();
+        smmu.attach(whole, SID).unwrap();
+        let root = smmu.domain_table(sub).unwrap().root();
+        // The first CFGI_CD + CMD_SYNC (qwords 1..7 written) complete; from then on CFGI_CD is refused, so the
+        // step that sets V cannot be invalidated.
+        let consumed_so_far = Arc::new(AtomicUsize::new(0));
+        let (count, refuse) = (Arc::clone(&consumed_so_far), Arc::clone(&model.refuse));
+        *model.probe.lock().unwrap() = Some(std::boxed::Box::new(move || {
+            if count.fetch_add(1, Ordering::SeqCst) == 1 {
+                refuse.store(opcode::CFGI_CD, Ordering::SeqCst);
+            }
+            0
+        }));
+        let attached = smmu.attach_substream(sub, SID, 3);
+        *model.probe.lock().unwrap() = None;
+        model.refuse.store(0, Ordering::SeqCst);
+        assert!(matches!(attached, Err(DomainError::CdTable(_))), "{attached:?}");
+        let index = smmu.domains.stream(SID).unwrap();
+        let cd = smmu.domains.streams[index].cd_table.as_ref().unwrap().read(3).unwrap();
+        let freed = smmu.free_domain(sub);
+        assert!(
+            !(cd.is_valid() && freed.is_ok()),
+            "substream 3 of stream {SID:#x} keeps a valid CD (ASID {}) naming the table at {root}, and its domain was \
+             freed: the table is back in the allocator ({}), the ASID free for the next domain",
+            cd.asid(),
+            frames.phys_to_virt(root).is_none()
+        );
+    }
 }
