@@ -2425,4 +2425,70 @@ mod tests {
         smmu.cancel_handover(pool, BASE).unwrap();
         core::mem::forget(smmu);
     }
+
+    /// The ASID of a stage-1 domain.
+    fn stage1_asid<A: FrameAllocator>(smmu: &ActiveSmmu<A>, d: DomainId) -> u16 {
+        match smmu.domains.get(d).unwrap().translation {
+            Translation::Stage1 { asid, .. } => asid,
+            _ => unreachable!(),
+        }
+    }
+
+    /// Review finding 4. A hand-off with the SMMU running, through the whole documented lifecycle
+    /// (`running_smmu`, `adopt_running`, `restore_handover`, `retrieve`, `finish_handover`): the previous image's
+    /// stream that no record names (0x20, a domain that was not preserved) keeps its live stage-1 STE, whose CD
+    /// uses an ASID this image's allocator considers free. The next domain this image creates gets that ASID
+    /// and is attached elsewhere: both streams then translate under the same (VMID 0, ASID) tag, so each may hit
+    /// the other's TLB entries (the old device reaching the new domain's memory, the new device the old
+    /// domain's). Nothing but a call the docs ask for (`abort_unrestored_streams`) prevents it.
+    #[test]
+    fn finding4_after_a_running_hand_off_no_new_domain_shares_an_asid_with_a_stream_the_previous_image_left() {
+        use crate::handover::pool::HandoverArena;
+        let frames = frames();
+        let mut region = Region::new();
+        let model = Model::start(frames);
+        let pool = region.pool();
+        *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
+        let core = pool.take_arena().unwrap();
+        let mut first: ActiveSmmu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
+        let options = Stage1Options {
+            input_bits: 39,
+            el2: false,
+        };
+        let kept = first.create_stage1(pool.take_arena().unwrap(), options).unwrap();
+        first.map(kept, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+        first.attach(kept, 0x10).unwrap();
+        // Not preserved: its tables in ordinary memory, its stream live at the hand-off.
+        let left = first.create_stage1(frames, options).unwrap();
+        first.map(left, 0x1000, 0x9000_0000, 0x1000, RW).unwrap();
+        first.attach(left, 0x20).unwrap();
+        let left_asid = stage1_asid(&first, left);
+        first.preserve(kept, 0x77).unwrap();
+        first.prepare_handover(pool, BASE, 3).unwrap();
+        core::mem::forget(first);
+
+        let pool = region.pool();
+        let (running, core) = running_smmu(pool, &model.smmu(), BASE).unwrap().unwrap();
+        let mut next = model
+            .smmu()
+            .adopt_running(core, &InitOptions::default(), &running)
+            .unwrap();
+        next.restore_handover(pool, BASE).unwrap();
+        let d = next.retrieve(0x77).unwrap();
+        next.finish_handover(pool, BASE).unwrap();
+        assert_eq!(next.handover_phase(), HandoverPhase::Idle);
+        assert_eq!(next.iova_to_phys(d, 0x1000), Ok(Some(0x8000_0000)));
+        // The hand-off is over. A new domain on another stream.
+        let fresh = next.create_stage1(frames, options).unwrap();
+        next.map(fresh, 0x1000, 0xa000_0000, 0x1000, RW).unwrap();
+        next.attach(fresh, 0x40).unwrap();
+        let fresh_asid = stage1_asid(&next, fresh);
+        let inherited_live = next.ste(0x20).map(|s| s.config()) == Ok(Config::Stage1);
+        assert!(
+            !(inherited_live && fresh_asid == left_asid),
+            "stream 0x20 (the previous image's, unrestored) still translates with ASID {left_asid}, which the new \
+             domain on stream 0x40 was given"
+        );
+        core::mem::forget(next);
+    }
 }
