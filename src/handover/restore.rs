@@ -2491,4 +2491,69 @@ mod tests {
         );
         core::mem::forget(next);
     }
+
+    /// Review finding 5 (issue #21 item 2, "a stream's substreams all use its regime", against a region whose CRC
+    /// is valid). `prepare_handover` records a substream only in the record of the domain that holds the whole
+    /// stream (`RecordError::SubstreamOfAnotherDomain`), but the restore only checks that *some* record holds
+    /// it. So records in which an EL2 stage-1 domain holds substream 3 of a stream whose whole-stream record is
+    /// an NS-EL1 domain are accepted: the STE keeps STRW = NS-EL1, the EL2 domain is booked on that substream, and
+    /// whatever it translates there is cached as NS-EL1 entries while every invalidation of the EL2 domain (its
+    /// unmaps, its free) is TLBI_EL2_*, which misses them. The restore must refuse such records.
+    #[test]
+    fn finding5_a_restore_refuses_a_substream_of_a_stream_another_record_holds() {
+        // IDR0.HYP (EL2 contexts) and SSIDSIZE 5.
+        let (idr0, idr1) = (
+            crate::active::tests::IDRS[0].1 | 1 << 9,
+            crate::active::tests::IDRS[1].1 | 5 << 6,
+        );
+        let frames = frames();
+        let mut region = Region::new();
+        {
+            let model = Model::start_with_idrs(frames, idr0, idr1);
+            let mut smmu = boot(&model, frames);
+            let pool = region.pool();
+            let whole = arena_stage1(&mut smmu, pool);
+            let el2 = smmu
+                .create_stage1(
+                    pool.take_arena().unwrap(),
+                    Stage1Options {
+                        input_bits: 39,
+                        el2: true,
+                    },
+                )
+                .unwrap();
+            smmu.map(el2, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+            smmu.attach(whole, 0x10).unwrap();
+            smmu.attach(el2, 0x11).unwrap();
+            smmu.preserve(whole, 0x61).unwrap();
+            smmu.preserve(el2, 0x62).unwrap();
+            smmu.prepare_handover(pool, BASE, 1).unwrap();
+            core::mem::forget(smmu);
+        }
+        // A region with a valid CRC in which the EL2 domain holds substream 3 of the NS-EL1 domain's stream.
+        tamper(region.pool(), |instance| {
+            let record = instance.records.iter_mut().find(|r| r.token == 0x62).unwrap();
+            assert_eq!(record.kind, RecordKind::Stage1El2);
+            let stream = &mut record.streams[0];
+            (stream.sid, stream.ssid) = (0x10, 3);
+        });
+        let model = Model::start_with_idrs(frames, idr0, idr1);
+        let mut smmu = boot(&model, frames);
+        let pool = region.pool();
+        let restored = smmu.restore_handover(pool, BASE);
+        if restored.is_ok() {
+            let strw = smmu.ste(0x10).unwrap().0[1] >> 30 & 0b11;
+            let d = smmu.retrieve(0x62).unwrap();
+            let attachments = smmu.attachments(d).unwrap().to_vec();
+            let before = model.seen.lock().unwrap().commands.len();
+            smmu.unmap(d, 0x1000, 0x1000).unwrap();
+            let issued = issued_since(&model, before);
+            core::mem::forget(smmu);
+            panic!(
+                "restored the EL2 domain on {attachments:x?}, a substream of stream 0x10 whose STE has STRW \
+                 {strw:#b} (NS-EL1); its unmap invalidates only {issued:x?}"
+            );
+        }
+        core::mem::forget(smmu);
+    }
 }
