@@ -2556,4 +2556,42 @@ mod tests {
         }
         core::mem::forget(smmu);
     }
+
+    /// Review finding 6 (issue #21 item 2: "an EL2 entry left cached when another EL2 domain attaches"). When an
+    /// EL2 domain's last detach cannot drop its entries (TLBI_EL2_ALL fails), `el2_stale` makes the next EL2
+    /// attach issue TLBI_EL2_ALL first. A restore that installs a record's EL2 stream does not: the restored EL2
+    /// domain's stream starts translating while the previous EL2 domain's entries, which match every EL2 context,
+    /// may still be cached, so its DMA can use them and reach the other domain's memory.
+    #[test]
+    fn finding6_a_restored_el2_stream_is_installed_only_after_stale_el2_entries_are_dropped() {
+        let frames = frames();
+        let mut region = Region::new();
+        el2_first_image(&mut region, frames, false);
+        let model = el2_model(frames);
+        let mut smmu = boot(&model, frames);
+        let pool = region.pool();
+        // This image's EL2 domain, on another ASID than the record's, attached, then detached while TLBI_EL2_ALL
+        // is refused: its EL2 entries may stay cached.
+        let spare = smmu.allocate_asid().unwrap();
+        let mine = smmu.create_stage1(frames, EL2).unwrap();
+        smmu.free_asid(spare).unwrap();
+        smmu.map(mine, 0x1000, 0x9000_0000, 0x1000, RW).unwrap();
+        smmu.attach(mine, 0x11).unwrap();
+        model.refuse.store(
+            crate::hw::command::opcode::TLBI_EL2_ALL,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        assert!(smmu.detach(0x11).is_err());
+        model.refuse.store(0, std::sync::atomic::Ordering::SeqCst);
+        assert!(smmu.domains.el2_stale, "the EL2 entries of {mine} may still be cached");
+        let before = model.seen.lock().unwrap().commands.len();
+        smmu.restore_handover(pool, BASE).unwrap();
+        let issued = issued_since(&model, before);
+        let installed = issued.iter().position(|i| *i == Issued::Ste { sid: 0x10 }).unwrap();
+        assert!(
+            issued[..installed].contains(&Issued::El2All),
+            "the restored EL2 stream 0x10 was installed with the stale EL2 entries still cached: {issued:?}"
+        );
+        core::mem::forget(smmu);
+    }
 }
