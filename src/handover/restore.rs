@@ -2594,4 +2594,41 @@ mod tests {
         );
         core::mem::forget(smmu);
     }
+
+    /// Review finding 7. `finish_handover` keeps a restored stage-2 parent whose nested domain was retrieved (the
+    /// live nested domain translates through it), waiting in `restored` after the phase is back to `Idle`. A
+    /// later restore that is refused (here a pool that is not set up; a corrupt region does the same) goes through
+    /// `contain_refused_restore`, which forgets *every* domain in `restored`, this earlier hand-off's parent
+    /// included, and gives back its VMID, while the retrieved nested domain's STE still translates with that VMID
+    /// and that parent's stage-2 table. The next stage-2 domain may get the VMID (shared TLB entries), and the
+    /// nested domain can no longer be freed (its parent is stale).
+    #[test]
+    fn finding7_a_refused_restore_never_takes_away_a_parent_an_earlier_hand_off_left_to_a_live_nested_domain() {
+        let frames = frames();
+        let mut region = Region::new();
+        first_image(&mut region, frames);
+        let model = Model::start(frames);
+        let mut smmu = boot(&model, frames);
+        let pool = region.pool();
+        smmu.restore_handover(pool, BASE).unwrap();
+        let nested = smmu.retrieve(0x53).unwrap();
+        smmu.finish_handover(pool, BASE).unwrap();
+        assert_eq!(smmu.handover_phase(), HandoverPhase::Idle);
+        assert!(smmu.domains.restored.contains_key(&0x52), "the parent stays for its nested domain");
+        let ste = smmu.ste(0x18).unwrap();
+        assert_eq!(ste.config(), Config::Nested);
+        let vmid = ste.vmid();
+        assert!(smmu.vmid_taken(vmid));
+        // A restore refused for a reason that has nothing to do with that parent.
+        let unset: &'static HandoverPool = Box::leak(Box::new(HandoverPool::new()));
+        assert!(matches!(smmu.restore_handover(unset, BASE), Err(RestoreError::Pool(_))));
+        let still_nested = smmu.ste(0x18).map(|s| s.config()) == Ok(Config::Nested);
+        assert!(
+            !still_nested || (smmu.vmid_taken(vmid) && smmu.retrieve(0x52).is_ok()),
+            "stream 0x18 still translates nested with VMID {vmid}, whose parent was forgotten (VMID free again: {})",
+            !smmu.vmid_taken(vmid)
+        );
+        let _ = nested;
+        core::mem::forget(smmu);
+    }
 }
