@@ -2043,4 +2043,39 @@ pub(crate) mod tests {
             }
         }
     }
+
+    /// Review finding 8 (same root cause as finding 1, on a documented error path). `shutdown` says that when the
+    /// SMMU does not acknowledge, "the memory is then kept (leaked), since the SMMU may still read it". The stream
+    /// table and queues are, but `shutdown` consumed the `ActiveSmmu`, and its `?` drops the domains: every
+    /// domain's page tables go back to the allocator while SMMUEN is still 1 and the STEs name them.
+    #[test]
+    fn finding8_a_shutdown_that_times_out_keeps_the_page_tables_the_smmu_may_still_walk() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
+        let d = smmu
+            .create_stage1(
+                frames,
+                crate::domain::Stage1Options {
+                    input_bits: 39,
+                    el2: false,
+                },
+            )
+            .unwrap();
+        smmu.map(d, 0x40_0000, 0x8000_0000, 0x1000, crate::pgtable::Prot::READ | crate::pgtable::Prot::WRITE)
+            .unwrap();
+        smmu.attach(d, 0x10).unwrap();
+        let root = smmu.domain_table(d).unwrap().root();
+        // The SMMU stops answering (its registers keep their values; no handshake completes).
+        model.stop.store(true, Ordering::SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let error = smmu.shutdown(false).err();
+        assert!(matches!(error, Some(InitError::Timeout { .. })), "{error:?}");
+        // SAFETY: the model's register block, still allocated.
+        let translating = unsafe { reg32(model.base, 0x20).read_volatile() } & 1 != 0;
+        assert!(
+            !(translating && frames.phys_to_virt(root).is_none()),
+            "the shutdown timed out with SMMUEN = 1, and stream 0x10's page table at {root} went back to the allocator"
+        );
+    }
 }
