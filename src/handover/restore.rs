@@ -2631,4 +2631,39 @@ mod tests {
         let _ = nested;
         core::mem::forget(smmu);
     }
+
+    /// Review finding 9. An SMMU whose own structures (stream table, its level-2 spans, the queues, and the
+    /// driver's own array of span pointers) come from a handover arena (as for a hand-off with the SMMU running)
+    /// does not claim that arena, so a domain can be created with it (only a prepared hand-off refuses that, as
+    /// `MemorySealed`). Freeing that domain retires the arena: the pool takes it back and hands it out again,
+    /// zeroed, while the SMMU is still translating through the stream table in it. (Letting the next domain map
+    /// in the reused arena aborts this test binary: the driver's span-pointer array is overwritten by page-table
+    /// descriptors and `EntryTable::entry` builds a slice from one, table.rs:209; a descriptor written over a live
+    /// STE is read by the SMMU as that STE.)
+    #[test]
+    fn finding9_a_domain_never_frees_the_arena_that_holds_the_smmus_own_stream_table() {
+        use crate::handover::pool::HandoverArena;
+        let frames = frames();
+        let mut region = Region::new();
+        let model = Model::start(frames);
+        let pool = region.pool();
+        *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
+        let core = pool.take_arena().unwrap();
+        let mut smmu: ActiveSmmu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
+        let strtab = smmu.configuration().stream_table_base;
+        let other = smmu.create_stage1(frames, Stage1Options::default()).unwrap();
+        smmu.attach(other, 0x10).unwrap();
+        assert_eq!(smmu.ste(0x10).map(|s| s.config()), Ok(Config::Stage1));
+        assert_eq!(pool.arenas_in_use(), 1, "the SMMU's own arena");
+        if let Ok(d) = smmu.create_stage1(core, Stage1Options::default()) {
+            smmu.map(d, 0, 0x8000_0000, 0x1000, RW).unwrap();
+            smmu.free_domain(d).unwrap();
+        }
+        assert_eq!(
+            pool.arenas_in_use(),
+            1,
+            "the arena holding the live stream table at {strtab:#x} went back to the pool, to be handed out again zeroed"
+        );
+        core::mem::forget(smmu);
+    }
 }
