@@ -2062,8 +2062,14 @@ pub(crate) mod tests {
                 },
             )
             .unwrap();
-        smmu.map(d, 0x40_0000, 0x8000_0000, 0x1000, crate::pgtable::Prot::READ | crate::pgtable::Prot::WRITE)
-            .unwrap();
+        smmu.map(
+            d,
+            0x40_0000,
+            0x8000_0000,
+            0x1000,
+            crate::pgtable::Prot::READ | crate::pgtable::Prot::WRITE,
+        )
+        .unwrap();
         smmu.attach(d, 0x10).unwrap();
         let root = smmu.domain_table(d).unwrap().root();
         // The SMMU stops answering (its registers keep their values; no handshake completes).

@@ -2614,7 +2614,10 @@ mod tests {
         let nested = smmu.retrieve(0x53).unwrap();
         smmu.finish_handover(pool, BASE).unwrap();
         assert_eq!(smmu.handover_phase(), HandoverPhase::Idle);
-        assert!(smmu.domains.restored.contains_key(&0x52), "the parent stays for its nested domain");
+        assert!(
+            smmu.domains.restored.contains_key(&0x52),
+            "the parent stays for its nested domain"
+        );
         let ste = smmu.ste(0x18).unwrap();
         assert_eq!(ste.config(), Config::Nested);
         let vmid = ste.vmid();
