@@ -309,6 +309,13 @@ impl fmt::Display for GlobalError {
 
 /// An initialised SMMU (SMMUEN = 1), every stream aborting until something is attached, with room for `D` domains
 /// (see [`crate::domain`]).
+///
+/// **Dropping it** (a plain drop, a `?` past it) turns translation off with every incoming transaction aborting
+/// ([`Smmu::disable_aborting`]: GBPA.ABORT = 1, then SMMUEN = 0): nothing may translate through memory that nobody
+/// manages any more. The domains' page tables go back to their memory only once SMMUEN = 0 is acknowledged; when
+/// the SMMU does not acknowledge, they are leaked, since it may still walk them. The stream table, the queues and
+/// the streams' CD tables are leaked either way ([`ActiveSmmu::shutdown`] gives the first two back). To leave the
+/// SMMU translating for the next image (a hand-off with the SMMU running), `core::mem::forget` the driver instead.
 pub struct ActiveSmmu<A: FrameAllocator, const D: usize = DEFAULT_DOMAINS> {
     pub(crate) smmu: Smmu,
     allocator: A,
@@ -1144,13 +1151,16 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     }
 
     /// Turns interrupts, translation and the queues off and leaves incoming transactions to GBPA: aborting, or bypassing
-    /// when `bypass` (the state QEMU resets to). The tables and queues go back to the allocator.
+    /// when `bypass` (the state QEMU resets to). The stream table and queues go back to the allocator (which no
+    /// longer belongs to the SMMU, see [`FrameAllocator::take_ownership`]), every domain's page tables to its memory.
     ///
     /// # Errors
-    /// [`InitError::Timeout`] when the SMMU does not acknowledge; the memory is then kept (leaked), since the SMMU
-    /// may still read it.
+    /// [`InitError::Timeout`] when the SMMU does not acknowledge; the memory is then kept (leaked), the domains'
+    /// page tables included, since the SMMU may still read it.
     pub fn shutdown(self, bypass: bool) -> Result<Smmu, InitError> {
-        let regs = self.smmu.regs();
+        // This function decides what is freed, not `Drop`: on an error everything is leaked.
+        let this = core::mem::ManuallyDrop::new(self);
+        let regs = this.smmu.regs();
         set_global_abort(regs)?;
         regs.irq_ctrl.set(0);
         handshake("IRQ_CTRLACK", || regs.irq_ctrlack.get(), |v| v == 0)?;
@@ -1161,14 +1171,19 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 .set((regs.gbpa.get() & !GBPA::ABORT::SET.value) | GBPA::UPDATE::SET.value);
             handshake("GBPA", || regs.gbpa.get(), |v| v & GBPA::UPDATE::SET.value == 0)?;
         }
-        let ActiveSmmu {
-            smmu,
-            allocator,
-            streams,
-            cmdq,
-            evtq,
-            ..
-        } = self;
+        // SAFETY: `this` is never used again and never dropped (`ManuallyDrop`), and each field that owns anything
+        // is moved out exactly once, here; the others (the ID allocators, the overflow, the flags) are plain values
+        // without drop glue.
+        let (smmu, allocator, streams, cmdq, evtq, domains) = unsafe {
+            (
+                core::ptr::read(&this.smmu),
+                core::ptr::read(&this.allocator),
+                core::ptr::read(&this.streams),
+                core::ptr::read(&this.cmdq),
+                core::ptr::read(&this.evtq),
+                core::ptr::read(&this.domains),
+            )
+        };
         // SAFETY: SMMUEN, CMDQEN and EVENTQEN are acknowledged off, so the SMMU no longer touches this memory;
         // all of it came from `allocator`.
         unsafe {
@@ -1176,6 +1191,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             allocator.free(cmdq.into_memory());
             allocator.free(evtq.into_memory());
         }
+        // Translation is off: no walk reaches a domain's tables any more, and they go back to their memory.
+        drop(domains);
+        allocator.give_up_ownership();
         Ok(smmu)
     }
 
@@ -1191,6 +1209,18 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             coherent: self.features().coherent,
             asid_bits: self.asids.bits(),
             vmid_bits: self.vmids.bits(),
+        }
+    }
+}
+
+impl<A: FrameAllocator, const D: usize> Drop for ActiveSmmu<A, D> {
+    /// Translation off, every incoming transaction aborting; the domains' page tables leaked unless SMMUEN = 0 is
+    /// acknowledged (see [`ActiveSmmu`]).
+    fn drop(&mut self) {
+        let off = self.smmu.disable_aborting().is_ok() && !self.smmu.is_enabled();
+        if !off {
+            // The SMMU may still walk them: never back to an allocator that would hand them out again.
+            self.domains.abandon_tables();
         }
     }
 }
@@ -2042,6 +2072,56 @@ pub(crate) mod tests {
                 frames.free(evtq.into_memory());
             }
         }
+    }
+
+    /// Dropping the driver turns translation off with every incoming transaction aborting (GBPA.ABORT = 1 before
+    /// SMMUEN = 0), and only once SMMUEN = 0 is acknowledged do the domains' page tables go back to their memory.
+    /// An SMMU that does not acknowledge keeps translating, so its tables stay allocated (leaked).
+    #[test]
+    fn dropping_the_driver_turns_translation_off_aborting_before_any_page_table_goes_back() {
+        let frames = frames();
+        let rw = crate::pgtable::Prot::READ | crate::pgtable::Prot::WRITE;
+        let options = crate::domain::Stage1Options {
+            input_bits: 39,
+            el2: false,
+        };
+        let root_of = |smmu: &mut ActiveSmmu<&'static HeapFrames>| {
+            let d = smmu.create_stage1(frames, options).unwrap();
+            smmu.map(d, 0x40_0000, 0x8000_0000, 0x1000, rw).unwrap();
+            smmu.attach(d, 0x10).unwrap();
+            smmu.domain_table(d).unwrap().root()
+        };
+        let registers = |model: &Model| {
+            // SAFETY: the model's live register block.
+            unsafe {
+                (
+                    reg32(model.base, 0x20).read_volatile(),
+                    reg32(model.base, 0x44).read_volatile(),
+                )
+            }
+        };
+
+        let model = Model::start(frames);
+        let mut smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
+        let root = root_of(&mut smmu);
+        drop(smmu);
+        let (cr0, gbpa) = registers(&model);
+        assert_eq!(cr0, 0, "translation, the queues and nothing else");
+        assert_ne!(gbpa & GBPA::ABORT::SET.value, 0, "incoming transactions abort");
+        assert!(frames.phys_to_virt(root).is_none(), "back once translation is off");
+
+        let model = Model::start(frames);
+        let mut smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
+        let root = root_of(&mut smmu);
+        model.stop.store(true, Ordering::SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        drop(smmu);
+        assert_ne!(
+            registers(&model).0 & 1,
+            0,
+            "still translating: the SMMU did not acknowledge"
+        );
+        assert!(frames.phys_to_virt(root).is_some(), "the table it may walk is kept");
     }
 
     /// Review finding 8 (same root cause as finding 1, on a documented error path). `shutdown` says that when the

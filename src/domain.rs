@@ -781,6 +781,16 @@ impl<const D: usize> Domains<D> {
         }
     }
 
+    /// Forgets every domain, its page tables and the gathers it holds left where they are (never freed): for an
+    /// SMMU that may still walk them (see `ActiveSmmu`'s drop).
+    pub(crate) fn abandon_tables(&mut self) {
+        for slot in &mut self.slots {
+            if let Some(state) = slot.state.take() {
+                core::mem::forget(state);
+            }
+        }
+    }
+
     /// Slots free now.
     pub(crate) fn free_slots(&self) -> usize {
         self.free.len()
