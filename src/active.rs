@@ -145,6 +145,10 @@ pub enum InitError {
         /// Where the caller said it is.
         expected: u64,
     },
+    /// The allocator is memory for a single owner (a handover arena) that a domain or another SMMU owns already
+    /// ([`FrameAllocator::take_ownership`]): the SMMU's own structures cannot share it, since freeing that domain
+    /// would hand the memory out again under the SMMU. Nothing was allocated or written.
+    MemoryOwned,
     /// The running SMMU is not the one the previous image recorded: an ID register reads otherwise.
     IdentityMismatch {
         /// The register (`IDR0`..`IDR5`, `IIDR`).
@@ -169,6 +173,9 @@ impl fmt::Display for InitError {
             InitError::PresetBases => f.write_str("SMMU init: preset table/queue bases are not supported"),
             InitError::Invalidation(e) => write!(f, "SMMU init: initial invalidation failed: {e}"),
             InitError::NotRunning => f.write_str("SMMU hand-off: the SMMU is not translating (SMMUEN = 0)"),
+            InitError::MemoryOwned => {
+                f.write_str("SMMU init: its memory (a handover arena) is owned already, by a domain or another SMMU")
+            }
             InitError::StreamTableNotAdoptable { running, expected } => write!(
                 f,
                 "SMMU hand-off: the running stream table at {running:#x} is not the one expected at {expected:#x} (or not reachable)"
@@ -475,9 +482,12 @@ impl Smmu {
     /// event queues, the interrupts of [`InitOptions::interrupts`] (none by default), a full invalidation (CFGI_ALL, TLBI_EL2_ALL when EL2 contexts exist,
     /// TLBI_NSNH_ALL, CMD_SYNC), then SMMUEN.
     ///
-    /// Memory comes from `allocator`, which the returned handle keeps.
+    /// Memory comes from `allocator`, which the returned handle keeps and owns
+    /// ([`FrameAllocator::take_ownership`]): a domain cannot be created on memory for a single owner (a handover
+    /// arena) that holds the SMMU's own structures, since freeing the domain would give that memory back.
     ///
     /// # Errors
+    /// [`InitError::MemoryOwned`] for an allocator a domain or another SMMU owns (nothing done),
     /// [`InitError::NoMemory`] (everything allocated so far is freed), [`InitError::PresetBases`],
     /// [`InitError::Timeout`] for a register handshake that never completes and [`InitError::Invalidation`];
     /// after a timeout the SMMU is left disabled with GBPA.ABORT set where that much succeeded.
@@ -555,7 +565,8 @@ impl Smmu {
     /// Takes over an SMMU that a previous image left translating (SMMUEN = 1), without a moment of bypass or
     /// abort for the streams it serves: translation is never turned off and STRTAB_BASE (which must not be
     /// rewritten while SMMUEN = 1) is adopted as found, reached through `allocator` (the handover arena the previous
-    /// image's SMMU took its memory from). Nothing is adopted unless the SMMU is the one `running` describes (what
+    /// image's SMMU took its memory from, which the returned handle then owns, as [`Smmu::init`]'s). Nothing is
+    /// adopted unless the SMMU is the one `running` describes (what
     /// the previous image recorded): SMMUEN on, IDR0..5 and IIDR as recorded, STRTAB_BASE and STRTAB_BASE_CFG read
     /// back as the recorded stream table, CR2.E2H clear. The queues are
     /// turned off, global errors latched before acknowledged, the queues given fresh bases from `allocator` and
@@ -566,11 +577,12 @@ impl Smmu {
     /// ([`Features::coherent`] false) whatever the board said.
     ///
     /// # Errors
-    /// [`InitError::NotRunning`], [`InitError::IdentityMismatch`], [`InitError::StreamTableNotAdoptable`],
-    /// [`InitError::NoMemory`] for the queues, [`InitError::Timeout`], [`InitError::Invalidation`]. On every error
-    /// the SMMU is left as [`Smmu::disable_aborting`] leaves it (as far as its handshakes complete): translation
-    /// off, every incoming transaction aborting. The previous image's STEs walk memory this image has not taken
-    /// back, so nothing may translate through them; initialise the SMMU afresh.
+    /// [`InitError::NotRunning`], [`InitError::IdentityMismatch`], [`InitError::MemoryOwned`],
+    /// [`InitError::StreamTableNotAdoptable`], [`InitError::NoMemory`] for the queues, [`InitError::Timeout`],
+    /// [`InitError::Invalidation`]. On every error the SMMU is left as [`Smmu::disable_aborting`] leaves it (as far
+    /// as its handshakes complete): translation off, every incoming transaction aborting. The previous image's STEs
+    /// walk memory this image has not taken back, so nothing may translate through them; initialise the SMMU
+    /// afresh. `allocator` stays owned only when translation could not be turned off.
     pub fn adopt_running<A: FrameAllocator>(
         mut self,
         allocator: A,
@@ -581,6 +593,19 @@ impl Smmu {
             let _ = self.disable_aborting();
             return Err(e);
         }
+        // The SMMU's memory is its own, as for `init`.
+        if !allocator.take_ownership() {
+            let _ = self.disable_aborting();
+            return Err(InitError::MemoryOwned);
+        }
+        // On a refusal from here on: translation off, and the memory no longer the SMMU's once it is.
+        let refuse = |smmu: &Smmu, allocator: &A, e: InitError| {
+            let _ = smmu.disable_aborting();
+            if !smmu.is_enabled() {
+                allocator.give_up_ownership();
+            }
+            Err(e)
+        };
         // CR1 cannot change while SMMUEN = 1: if the previous image made the SMMU's own accesses non-cacheable,
         // they do not snoop the CPU caches whatever this image was told, and everything the CPU writes for the SMMU
         // must be cleaned (and the event queue invalidated) as for a non-coherent SMMU.
@@ -593,18 +618,15 @@ impl Smmu {
         };
         let Some(streams) = StreamTable::adopt(running.format, PhysAddr(running.strtab_base), &allocator, coherency)
         else {
-            let _ = self.disable_aborting();
-            return Err(InitError::StreamTableNotAdoptable {
+            let e = InitError::StreamTableNotAdoptable {
                 running: running.strtab_base,
                 expected: running.strtab_base,
-            });
+            };
+            return refuse(&self, &allocator, e);
         };
         let (cmdq, evtq, cmdq_log2, evtq_log2) = match allocate_queues(&allocator, &features, options) {
             Ok(queues) => queues,
-            Err(e) => {
-                let _ = self.disable_aborting();
-                return Err(InitError::NoMemory(e));
-            }
+            Err(e) => return refuse(&self, &allocator, InitError::NoMemory(e)),
         };
         // Queues and interrupts off, translation on throughout.
         let programmed = (|| {
@@ -618,14 +640,13 @@ impl Smmu {
             enable_interrupts(regs, &features, options)
         })();
         if let Err(e) = programmed {
-            let _ = self.disable_aborting();
-            return Err(e);
+            return refuse(&self, &allocator, e);
         }
         let mut active = ActiveSmmu::assemble(self, allocator, streams, cmdq, evtq);
         active.inherited_stes = true;
         if let Err(e) = active.invalidate_all() {
-            let _ = active.smmu.disable_aborting();
-            return Err(InitError::Invalidation(e));
+            // `active` has no domain yet; its drop turns translation off once more.
+            return refuse(&active.smmu, &active.allocator, InitError::Invalidation(e));
         }
         Ok(active)
     }
@@ -646,6 +667,10 @@ impl Smmu {
         let coherency = Coherency {
             coherent: features.coherent,
         };
+        // The SMMU's memory is its own: no domain may take it (and give it back when freed).
+        if !allocator.take_ownership() {
+            return Err(InitError::MemoryOwned);
+        }
 
         // Memory first, so that a shortage changes nothing on the SMMU.
         let format = match options.stream_table {
@@ -656,12 +681,19 @@ impl Smmu {
                 StreamTableFormat::choose(features.sid_bits, false, options.max_sid_bits.min(features.sid_bits))
             }
         };
-        let streams = StreamTable::new(format, &allocator, coherency).map_err(InitError::NoMemory)?;
+        let streams = match StreamTable::new(format, &allocator, coherency) {
+            Ok(streams) => streams,
+            Err(e) => {
+                allocator.give_up_ownership();
+                return Err(InitError::NoMemory(e));
+            }
+        };
         let (cmdq, evtq, cmdq_log2, evtq_log2) = match allocate_queues(&allocator, &features, options) {
             Ok(q) => q,
             Err(e) => {
                 // SAFETY: the table was never handed to the SMMU.
                 unsafe { streams.free(&allocator) };
+                allocator.give_up_ownership();
                 return Err(InitError::NoMemory(e));
             }
         };

@@ -3139,6 +3139,43 @@ mod tests {
         assert_eq!(pool.arenas_in_use(), 0, "freeing the owner retires the arena");
     }
 
+    /// The SMMU's own memory is its alone: an arena holding its stream table and queues serves no domain (whose
+    /// free would retire the arena, handing it out again under the SMMU), an arena a domain owns cannot hold an
+    /// SMMU's structures, and a shutdown gives the arena up.
+    #[test]
+    fn an_arena_holding_the_smmus_own_structures_serves_no_domain() {
+        let frames = frames();
+        let pool = handover_pool();
+        let region = pool.region().unwrap();
+        let model = Model::start(frames);
+        *model.window.lock().unwrap() = Some((region.base, pool.metadata_address().unwrap() as usize, region.len));
+        let owned = pool.take_arena().unwrap();
+        let mut first = smmu(&model, frames);
+        let d = first.create_stage1(owned, Stage1Options::default()).unwrap();
+        drop(first);
+        assert_eq!(
+            model.smmu().init(owned, &crate::InitOptions::default()).err(),
+            Some(crate::InitError::MemoryOwned),
+            "{d}'s arena"
+        );
+        let core = pool.take_arena().unwrap();
+        let mut on_arena = model.smmu().init(core, &crate::InitOptions::default()).unwrap();
+        assert_eq!(
+            on_arena.create_stage1(core, Stage1Options::default()),
+            Err(DomainError::MemoryOwned)
+        );
+        assert_eq!(on_arena.domains.free_slots(), DEFAULT_DOMAINS, "nothing created");
+        on_arena.shutdown(false).unwrap();
+        let mut smmu = smmu(&model, frames);
+        let d = smmu.create_stage1(core, Stage1Options::default()).unwrap();
+        smmu.free_domain(d).unwrap();
+        assert_eq!(
+            pool.arenas_in_use(),
+            1,
+            "only the first domain's arena, which it never freed"
+        );
+    }
+
     // Field-level checks: the SMMU model of QEMU 10.0 never hits in its IOTLB, so only these tests catch an
     // invalidation of the wrong stream, ASID, VMID or address (or none at all).
 
