@@ -952,13 +952,32 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// (CERROR_ABT) is fetched again; one it refuses as illegal (CERROR_ILL) is replaced with a CMD_SYNC so the
     /// rest of the batch completes, and the submission then fails. On an SMMU with
     /// [`crate::features::Quirks::CMDQ_SYNC_EVERY_63`] a CMD_SYNC is inserted after every 63 commands. Public for
-    /// experts: commands invalidate, prefetch or synchronise, so an extra batch costs time but cannot change what
-    /// a domain translates.
+    /// experts: every command is vetted first ([`crate::hw::command::vet`]) so that it can only invalidate,
+    /// prefetch or synchronise: an extra batch costs time but cannot change what a domain translates, nor make the
+    /// SMMU write memory (a CMD_SYNC with an MSI is refused).
     ///
     /// # Errors
+    /// [`CommandQueueError::NotAllowed`] for a command the vetting refuses (nothing is written),
     /// [`CommandQueueError::Refused`] (after the rest of the batch completed) when a command was illegal,
     /// [`CommandQueueError::Timeout`] when the SMMU stops consuming, [`CommandQueueError::ServiceFailure`].
     pub fn submit(&mut self, batch: &Batch) -> Result<BatchReport, CommandQueueError> {
+        for (index, words) in batch.words().iter().enumerate() {
+            crate::hw::command::vet(words).map_err(|reason| CommandQueueError::NotAllowed { index, reason })?;
+        }
+        self.cmdq.submit(self.smmu.regs(), batch.words(), true)
+    }
+
+    /// [`ActiveSmmu::submit`] without the vetting: any command, for tests that inject one the SMMU must refuse
+    /// (a reserved opcode) and for commands this driver does not model.
+    ///
+    /// # Safety
+    /// No command of `batch` may make the SMMU write memory the caller does not own for that purpose (a CMD_SYNC's
+    /// MSI), nor change what a stream translates or what a device caches (ATS, PRI and stall commands): the driver
+    /// cannot tell what they do.
+    ///
+    /// # Errors
+    /// As [`ActiveSmmu::submit`], without [`CommandQueueError::NotAllowed`].
+    pub unsafe fn submit_unvetted(&mut self, batch: &Batch) -> Result<BatchReport, CommandQueueError> {
         self.cmdq.submit(self.smmu.regs(), batch.words(), true)
     }
 
@@ -2104,6 +2123,40 @@ pub(crate) mod tests {
                 frames.free(evtq.into_memory());
             }
         }
+    }
+
+    /// The public `submit` vets the whole batch before it writes any of it: a reserved opcode (or an MSI) is
+    /// refused and the SMMU sees nothing; `submit_unvetted` queues it, and the SMMU refuses it (CERROR_ILL).
+    #[test]
+    fn submit_vets_the_whole_batch_before_writing_any_of_it() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
+        let mut batch = Batch::new();
+        batch.push(&Command::CfgiAll).unwrap();
+        batch.push_words([0x7f, 0]).unwrap();
+        batch.push(&Command::TlbiNsnhAll).unwrap();
+        let before = model.seen.lock().unwrap().commands.len();
+        assert_eq!(
+            smmu.submit(&batch),
+            Err(CommandQueueError::NotAllowed {
+                index: 1,
+                reason: crate::hw::command::Unvetted::Unmodelled { opcode: 0x7f }
+            })
+        );
+        assert_eq!(issued_since(&model, before), [], "nothing of the batch written");
+        model.refuse.store(0x7f, Ordering::SeqCst);
+        // SAFETY: CFGI_ALL, TLBI_NSNH_ALL and a reserved opcode the model refuses: nothing writes memory.
+        let submitted = unsafe { smmu.submit_unvetted(&batch) };
+        assert!(
+            matches!(submitted, Err(CommandQueueError::Refused { count: 1, .. })),
+            "{submitted:?}"
+        );
+        assert_eq!(
+            issued_since(&model, before)[..2],
+            [Issued::CfgiAll, Issued::Sync],
+            "the refused command replaced with a CMD_SYNC"
+        );
     }
 
     /// Dropping the driver turns translation off with every incoming transaction aborting (GBPA.ABORT = 1 before
