@@ -1383,7 +1383,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// [`DomainError::HandoverPrepared`], [`DomainError::RegimeMismatch`] for a domain of another regime than the
     /// stream's (EL2 and NS-EL1 do not mix), [`DomainError::El2DomainInUse`]: nothing changed.
     /// [`DomainError::Invalidation`] as for [`ActiveSmmu::attach`].
-    /// [`DomainError::CdTable`] when the CD's invalidation failed (the CD is written).
+    /// [`DomainError::CdTable`] when the CD's invalidation failed: the writer stopped at that step (the error says
+    /// what the CD holds) and the substream is recorded as attached, so that its domain cannot be freed while the
+    /// SMMU may use the CD; [`ActiveSmmu::detach_substream`] cleans up.
     pub fn attach_substream(&mut self, domain: DomainId, sid: u32, ssid: u32) -> Result<(), DomainError> {
         self.unfrozen(domain)?;
         let state = self.domains.get(domain)?;
@@ -1419,12 +1421,20 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             return Err(DomainError::RegimeMismatch { sid, ssid, stream_el2 });
         }
         self.enter_el2(domain)?;
-        self.write_stream_cd(index, ssid, &cd)?;
+        let written = self.write_stream_cd(index, ssid, &cd);
+        if let Err(e) = written
+            && !matches!(e, DomainError::CdTable(CdTableError::Invalidation(_)))
+        {
+            return Err(e);
+        }
+        // Recorded even when an invalidation failed: the CD may be valid in memory (and fetched) and name the
+        // domain's table and ASID, so the domain must not be freed under it; `detach_substream` cleans up. Room was
+        // checked above.
         let _ = self.domains.streams[index].substreams.push((ssid, domain));
         if let Ok(state) = self.domains.get_mut(domain) {
             let _ = state.attachments.push((sid, ssid));
         }
-        Ok(())
+        written
     }
 
     /// Writes `cd` at `ssid` of stream record `index`'s CD table, invalidating with CFGI_CD + CMD_SYNC.
@@ -3990,6 +4000,61 @@ mod tests {
         assert_eq!(smmu.domain_kind(last), Err(DomainError::StaleDomain(last)));
         assert_eq!(next.index(), 1, "slot 0 is retired");
         assert_eq!(smmu.domains.free_slots(), DEFAULT_DOMAINS - 2);
+    }
+
+    /// A substream whose attach failed at an invalidation is recorded: its domain cannot be freed, and
+    /// `detach_substream` makes the CD invalid (CFGI_CD + CMD_SYNC) and drops the domain's TLB entries, after which
+    /// the domain can go.
+    #[test]
+    fn a_substream_left_by_a_failed_attach_is_cleaned_up_by_its_detach() {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicUsize;
+        let frames = frames();
+        // SSIDSIZE 5 (IDR1[10:6]).
+        let model = Model::start_with_idrs(frames, IDRS[0].1, IDRS[1].1 | 5 << 6);
+        let mut smmu = smmu(&model, frames);
+        let whole = s1(&mut smmu, frames);
+        let sub = s1(&mut smmu, frames);
+        smmu.attach(whole, SID).unwrap();
+        // The second CFGI_CD (the one after V is set) is refused.
+        let consumed_so_far = Arc::new(AtomicUsize::new(0));
+        let (count, refuse) = (Arc::clone(&consumed_so_far), Arc::clone(&model.refuse));
+        *model.probe.lock().unwrap() = Some(std::boxed::Box::new(move || {
+            if count.fetch_add(1, Ordering::SeqCst) == 1 {
+                refuse.store(opcode::CFGI_CD, Ordering::SeqCst);
+            }
+            0
+        }));
+        assert!(matches!(
+            smmu.attach_substream(sub, SID, 3),
+            Err(DomainError::CdTable(CdTableError::Invalidation(_)))
+        ));
+        *model.probe.lock().unwrap() = None;
+        model.refuse.store(0, Ordering::SeqCst);
+        assert_eq!(smmu.attachments(sub), Ok(&[(SID, 3)][..]));
+        assert!(matches!(
+            smmu.free_domain(sub),
+            Err(DomainError::StillAttached { attachments: 1, .. })
+        ));
+        let asid = asid_of(&smmu, sub);
+        let before = model.seen.lock().unwrap().commands.len();
+        smmu.detach_substream(SID, 3).unwrap();
+        assert_eq!(
+            issued_since(&model, before),
+            [
+                // V = 0 first, then the rest of the CD cleared, each step invalidated.
+                Issued::Cd { sid: SID, ssid: 3 },
+                Issued::Sync,
+                Issued::Cd { sid: SID, ssid: 3 },
+                Issued::Sync,
+                Issued::NhAsid { vmid: 0, asid },
+                Issued::Sync
+            ]
+        );
+        let index = smmu.domains.stream(SID).unwrap();
+        let cd = smmu.domains.streams[index].cd_table.as_ref().unwrap().read(3).unwrap();
+        assert!(!cd.is_valid());
+        smmu.free_domain(sub).unwrap();
     }
 
     /// Review finding 1 (issue #21, item 1: "never release a table except after the invalidation that covers it").
