@@ -572,7 +572,8 @@ impl Smmu {
     /// turned off, global errors latched before acknowledged, the queues given fresh bases from `allocator` and
     /// turned on again, the interrupts of `options` enabled, and the cached configurations and TLB entries
     /// invalidated (the STEs and tables they came from are unchanged). Streams that nobody will restore keep their
-    /// STEs until [`ActiveSmmu::abort_streams_except`] aborts them (a refused restore aborts them all). When the
+    /// STEs until [`ActiveSmmu::restore_handover`] (or [`ActiveSmmu::abort_unrestored_streams`]) aborts them, and
+    /// until then no ASID or VMID is allocated (a refused restore aborts them all). When the
     /// running SMMU_CR1 makes the SMMU's own accesses non-cacheable, the SMMU is treated as non-coherent
     /// ([`Features::coherent`] false) whatever the board said.
     ///
@@ -1123,8 +1124,12 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// Allocates an ASID (8 or 16 bits as IDR0.ASID16 says; 0 is reserved).
     ///
     /// # Errors
-    /// [`IdError::Exhausted`].
+    /// [`IdError::Exhausted`]; [`IdError::HandOffUnsettled`] on an SMMU adopted running until the hand-off is
+    /// restored (or its unrestored streams aborted): a stream the previous image left may use any ASID.
     pub fn allocate_asid(&mut self) -> Result<u16, IdError> {
+        if self.inherited_stes {
+            return Err(IdError::HandOffUnsettled);
+        }
         self.asids.allocate()
     }
 
@@ -1180,8 +1185,11 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// Allocates a VMID (8 or 16 bits as IDR0.VMID16 says; 0 is reserved).
     ///
     /// # Errors
-    /// [`IdError::Exhausted`].
+    /// As [`ActiveSmmu::allocate_asid`].
     pub fn allocate_vmid(&mut self) -> Result<u16, IdError> {
+        if self.inherited_stes {
+            return Err(IdError::HandOffUnsettled);
+        }
         self.vmids.allocate()
     }
 

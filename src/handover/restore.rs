@@ -95,6 +95,10 @@ pub enum RestoreError {
         /// The value.
         value: u64,
     },
+    /// After a hand-off with the SMMU running: a stream the previous image left translating, which no record
+    /// names, could not be made to abort (or the invalidation that follows failed). Its STE may be live, with an
+    /// ASID or VMID this image would hand out again.
+    UnrestoredStreams(AttachError),
     /// Rebuilding failed after validation (cannot happen for a region that validated; reported, not assumed).
     /// Every stream it touched aborts again.
     Rebuild {
@@ -142,6 +146,10 @@ impl core::fmt::Display for RestoreError {
                     "restore: record {token:#x} needs {what} {value:#x}, beyond this SMMU"
                 )
             }
+            RestoreError::UnrestoredStreams(e) => write!(
+                f,
+                "restore: a stream the previous image left translating could not be made to abort: {e}"
+            ),
             RestoreError::Rebuild { token, what } => {
                 write!(f, "restore: record {token:#x} could not be rebuilt: {what:?}")
             }
@@ -160,6 +168,9 @@ pub struct RestoreReport {
     pub streams: u32,
     /// Page tables adopted without a walk (their counts were recorded).
     pub adopted_without_walk: u32,
+    /// After a hand-off with the SMMU running: streams the previous image left translating that no record names,
+    /// made to abort before the restore returned (0 after a warm reset).
+    pub aborted: u32,
 }
 
 /// What [`ActiveSmmu::finish_handover`] did.
@@ -486,9 +497,17 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// never come back, not even after another reset). A region that was never written (or re-armed without this
     /// SMMU's records) restores nothing.
     ///
+    /// On an SMMU adopted running, a restore that succeeds (records found or not) settles the hand-off before it
+    /// returns: every stream no restored domain holds aborts (the previous image's that no record names, and any
+    /// this image set to bypass or abort meanwhile), then CFGI_ALL, the TLBIs of every regime and CMD_SYNC drop what
+    /// they may have cached ([`RestoreReport::aborted`] counts them). Until then no ASID or VMID is allocated
+    /// ([`crate::ids::IdError::HandOffUnsettled`]), so no domain of this image can share an ID with a stream the
+    /// previous image left translating.
+    ///
     /// # Errors
     /// [`RestoreError::AlreadyRestored`] and [`RestoreError::HandoverPrepared`] (see the table in
-    /// [`crate::handover`]): nothing changed. Any other error is a refusal, and every refusal leaves through one
+    /// [`crate::handover`]): nothing changed. [`RestoreError::UnrestoredStreams`] when settling an adopted SMMU's
+    /// streams failed. Any other error is a refusal too, and every refusal leaves through one
     /// exit, whatever check refused: every stream the rebuild installed aborts again (its STE rewritten, CFGI_STE,
     /// CMD_SYNC); on an SMMU adopted running, every stream that is not this image's own aborts (the previous image's
     /// STEs may be live); then CFGI_ALL, TLBI of every regime and CMD_SYNC; only then do the arenas taken back
@@ -512,7 +531,13 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             return Err(RestoreError::HandoverPrepared { generation });
         }
         let mut taken = Taken::default();
-        match self.restore_records(pool, register_base, &mut taken) {
+        let restored = self
+            .restore_records(pool, register_base, &mut taken)
+            .and_then(|(mut report, found)| {
+                report.aborted = self.abort_inherited_streams()?;
+                Ok((report, found))
+            });
+        match restored {
             Ok((report, found)) => {
                 if found {
                     self.domains.restored_generation = Some(report.generation);
@@ -527,6 +552,15 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 Err(e)
             }
         }
+    }
+
+    /// On an SMMU adopted running whose inherited STEs are not settled yet: makes every stream no domain holds
+    /// abort and invalidates everything (see [`ActiveSmmu::abort_unrestored_streams`]). Returns how many aborted.
+    fn abort_inherited_streams(&mut self) -> Result<u32, RestoreError> {
+        if !self.inherited_stes {
+            return Ok(0);
+        }
+        self.abort_unrestored_streams().map_err(RestoreError::UnrestoredStreams)
     }
 
     /// The restore proper; any error it returns goes through [`ActiveSmmu::contain_refused_restore`]. Returns the
@@ -941,10 +975,11 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         Ok(())
     }
 
-    /// After a hand-off with the SMMU running ([`crate::Smmu::adopt_running`] then
-    /// [`ActiveSmmu::restore_handover`]): makes every stream that no restored domain holds abort, then invalidates
-    /// every cached configuration and TLB entry (those streams may have cached translations under IDs this image
-    /// will reuse). Call it before allocating any ASID or VMID. Returns how many STEs changed.
+    /// After a hand-off with the SMMU running ([`crate::Smmu::adopt_running`]): makes every stream that no restored
+    /// domain holds abort, then invalidates every cached configuration and TLB entry (those streams may have cached
+    /// translations under IDs this image will reuse), and lets IDs be allocated again. A successful
+    /// [`ActiveSmmu::restore_handover`] does this itself; call it to settle an adopted SMMU without restoring.
+    /// Returns how many STEs changed.
     ///
     /// # Errors
     /// As [`ActiveSmmu::attach_abort`].
@@ -1339,28 +1374,28 @@ mod tests {
             [Issued::CfgiAll, Issued::NsnhAll, Issued::Sync]
         );
         assert_eq!(next.ste(0x10), Ok(ste), "the running stream table adopted as found");
+        assert_eq!(next.ste(0x30).unwrap().config(), Config::Bypass, "until the restore");
+        assert_eq!(
+            next.allocate_asid(),
+            Err(crate::ids::IdError::HandOffUnsettled),
+            "nothing allocated while the previous image's streams may use any ID"
+        );
         let before = model.seen.lock().unwrap().consumed.len();
         let report = next.restore_handover(pool, BASE).unwrap();
-        assert_eq!((report.domains, report.streams), (1, 1));
+        assert_eq!((report.domains, report.streams, report.aborted), (1, 1, 1));
         assert_eq!(
             next.ste(0x10),
             Ok(ste),
             "the restored STE is the one the SMMU was using: nothing rewritten"
         );
-        assert_eq!(
-            issued_since(&model, before),
-            [],
-            "nothing rewritten, nothing invalidated"
-        );
-        assert_eq!(next.ste(0x30).unwrap().config(), Config::Bypass, "until aborted");
-        let before = model.seen.lock().unwrap().consumed.len();
-        assert_eq!(next.abort_unrestored_streams(), Ok(1));
         assert_eq!(next.ste(0x30).unwrap().config(), Config::Abort);
-        // The unrestored stream's STE (and only it), then everything it may have cached under IDs this image reuses.
+        // Before the restore returns: the unrestored stream's STE (and only it), then everything it may have cached
+        // under IDs this image reuses.
         let issued = issued_since(&model, before);
         let (ste_steps, rest) = issued.split_at(issued.len() - 3);
         assert_ste_steps(ste_steps, 0x30);
         assert_eq!(rest, [Issued::CfgiAll, Issued::NsnhAll, Issued::Sync]);
+        assert_eq!(next.abort_unrestored_streams(), Ok(0), "nothing left to abort");
         let d = next.retrieve(0x77).unwrap();
         assert_eq!(next.iova_to_phys(d, 0x1000), Ok(Some(0x8000_0000)));
         assert!(
@@ -2081,7 +2116,10 @@ mod tests {
             let bytes = pool.lock_metadata().unwrap();
             format::decode(&bytes, pool.pool().unwrap()).unwrap().instances[0].records[0].asid
         };
-        assert_eq!(next.allocate_asid(), Ok(recorded), "this image takes the recorded ASID");
+        // Nothing is allocated until the hand-off is settled; a claim (as another restore's) takes the recorded
+        // ASID.
+        assert_eq!(next.allocate_asid(), Err(IdError::HandOffUnsettled));
+        next.claim_asid(recorded).unwrap();
         let before = model.seen.lock().unwrap().commands.len();
         let error = next.restore_handover(pool, BASE).unwrap_err();
         assert!(
@@ -2104,6 +2142,36 @@ mod tests {
             "the aborts completed: translation stays on for this image's own streams"
         );
         assert_eq!(pool.arenas_in_use(), 1, "only the SMMU's own arena is taken");
+        core::mem::forget(next);
+    }
+
+    /// A running hand-off whose restore rebuilt its record but cannot make the previous image's other stream abort
+    /// (CFGI_STE refused): the restore is refused as a whole, through the refusal's one exit: the rebuilt domain is
+    /// forgotten, its arena back only once translation is off with every transaction aborting.
+    #[test]
+    fn a_restore_that_cannot_abort_the_previous_images_other_streams_is_refused_whole() {
+        use crate::hw::command::opcode;
+        use std::sync::atomic::Ordering;
+        let frames = frames();
+        let mut region = Region::new();
+        let model = running_first_image(&mut region, frames);
+        let pool = region.pool();
+        let (running, core) = running_smmu(pool, &model.smmu(), BASE).unwrap().unwrap();
+        let mut next = model
+            .smmu()
+            .adopt_running(core, &InitOptions::default(), &running)
+            .unwrap();
+        model.refuse.store(opcode::CFGI_STE, Ordering::SeqCst);
+        let error = next.restore_handover(pool, BASE).unwrap_err();
+        model.refuse.store(0, Ordering::SeqCst);
+        assert!(
+            matches!(error, RestoreError::UnrestoredStreams(AttachError::Invalidation(_))),
+            "{error}"
+        );
+        assert_eq!(next.retrieve(0x77), Err(DomainError::UnknownToken(0x77)));
+        assert_eq!(next.handover_phase(), HandoverPhase::Idle);
+        assert!(disabled_aborting(&model), "{:x?}", cr0_and_gbpa(&model));
+        assert_eq!(pool.arenas_in_use(), 1, "only the SMMU's own arena");
         core::mem::forget(next);
     }
 
