@@ -1575,7 +1575,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// Before an EL2 stage-1 domain's stream or substream is attached: refuses it while another EL2 domain is in
     /// use (EL2 has no ASIDs, so the two would share TLB entries), and drops the EL2 entries a previous domain may
     /// have left when its last detach's invalidation failed (TLBI_EL2_ALL + CMD_SYNC). Nothing for other domains.
-    fn enter_el2(&mut self, domain: DomainId) -> Result<(), DomainError> {
+    pub(crate) fn enter_el2(&mut self, domain: DomainId) -> Result<(), DomainError> {
         if !self.domains.get(domain)?.is_el2() {
             return Ok(());
         }

@@ -239,6 +239,9 @@ struct Taken {
     streams: heapless::Vec<u32, { MAX_RECORDS * MAX_STREAMS }>,
     /// Arenas taken back from the pool (at most one per record).
     arenas: heapless::Vec<&'static HandoverArena, MAX_RECORDS>,
+    /// The tokens of the domains the rebuild put in `restored` (a refusal forgets these, and only these: an
+    /// earlier hand-off may have left a parent there for a live nested domain).
+    domains: heapless::Vec<u64, MAX_RECORDS>,
 }
 
 fn layout_of(layout: u8) -> CdTableLayout {
@@ -615,11 +618,12 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         if !contained {
             contained = self.smmu.disable_aborting().is_ok();
         }
-        // The rebuilt domains are forgotten, their tables abandoned in place (the SMMU may have walked them).
-        let restored: heapless::Vec<DomainId, { crate::domain::MAX_PRESERVED }> =
-            self.domains.restored.values().map(|&(id, _)| id).collect();
-        self.domains.restored.clear();
-        for id in restored {
+        // The domains this restore rebuilt are forgotten, their tables abandoned in place (the SMMU may have walked
+        // them). Only those: a parent an earlier hand-off left for a live nested domain stays.
+        for token in &taken.domains {
+            let Some((id, _)) = self.domains.restored.swap_remove(token) else {
+                continue;
+            };
             if let Some(state) = self.domains.remove(id) {
                 if contained {
                     self.release_restored_ids(&state);
@@ -715,6 +719,11 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             if let Some(s) = r.streams.iter().find(|s| self.domains.stream(s.sid).is_some()) {
                 return Err(beyond("a StreamID attached in this image", s.sid.into()));
             }
+            // A token names one domain: not one this image preserved, nor one an earlier restore left waiting (a
+            // parent kept for a live nested domain), whose entry the rebuild would otherwise overwrite.
+            if self.domains.restored.contains_key(&r.token) || self.domains.tokens.contains_key(&r.token) {
+                return Err(beyond("a token a domain of this image holds, token", r.token));
+            }
             // One ASID allocator serves both stage-1 regimes.
             let stage1_only = |k| matches!(k, RecordKind::Stage1 | RecordKind::Stage1El2);
             if stage1_only(r.kind)
@@ -734,13 +743,12 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 }
             }
             for s in &r.streams {
-                let whole_stream = instance
-                    .records
-                    .iter()
-                    .any(|x| x.streams.iter().any(|y| y.sid == s.sid && y.ssid == 0));
+                // A substream comes back only with its whole stream, in the same record (as `prepare_handover`
+                // records them): the stream's CD table and regime (EL2 or NS-EL1) are that domain's.
+                let whole_stream = r.streams.iter().any(|y| y.sid == s.sid && y.ssid == 0);
                 if s.ssid != 0 && !whole_stream {
                     return Err(beyond(
-                        "a substream of a stream no record holds, StreamID",
+                        "a substream of a stream its own record does not hold, StreamID",
                         s.sid.into(),
                     ));
                 }
@@ -882,14 +890,29 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 {
                     *children += 1;
                 }
-                if self.domains.restored.insert(r.token, (id, arena)).is_err() {
+                // Never over another domain's entry (`check_limits` refused such a token already).
+                let refused = match self.domains.restored.get(&r.token) {
+                    Some(&(holder, _)) => Some(DomainError::TokenInUse {
+                        token: r.token,
+                        domain: holder,
+                    }),
+                    None => self
+                        .domains
+                        .restored
+                        .insert(r.token, (id, arena))
+                        .err()
+                        .map(|_| DomainError::TooMany("restored domains")),
+                };
+                if let Some(e) = refused {
                     // Not in `restored`, so the refusal's exit would not find it: forgotten here.
                     if let Some(state) = self.domains.remove(id) {
                         self.release_restored_ids(&state);
                         core::mem::forget(state);
                     }
-                    return Err(fail(RebuildFailure::Domain(DomainError::TooMany("restored domains"))));
+                    return Err(fail(RebuildFailure::Domain(e)));
                 }
+                // Room: at most one per record.
+                let _ = taken.domains.push(r.token);
                 report.domains += 1;
             }
         }
@@ -952,6 +975,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                         let ste = self
                             .domain_ste(id, cd_table.as_ref())
                             .map_err(|e| fail(RebuildFailure::Domain(e)))?;
+                        // An EL2 stream, as an EL2 attach: stale EL2 entries dropped first (they match any EL2
+                        // context).
+                        self.enter_el2(id).map_err(|e| fail(RebuildFailure::Domain(e)))?;
                         let _ = taken.streams.push(s.sid);
                         self.install_ste(s.sid, &ste)
                             .map_err(|e| fail(RebuildFailure::Attach(e)))?;
@@ -2173,6 +2199,44 @@ mod tests {
         assert!(disabled_aborting(&model), "{:x?}", cr0_and_gbpa(&model));
         assert_eq!(pool.arenas_in_use(), 1, "only the SMMU's own arena");
         core::mem::forget(next);
+    }
+
+    /// A token names one domain: a restore whose record reuses the token of a parent an earlier hand-off left
+    /// waiting (for its live nested domain) is refused before anything changes, and the parent stays.
+    #[test]
+    fn a_restore_never_reuses_the_token_of_a_domain_an_earlier_hand_off_left_waiting() {
+        let frames = frames();
+        let mut region = Region::new();
+        first_image(&mut region, frames);
+        let model = Model::start(frames);
+        let mut smmu = boot(&model, frames);
+        let pool = region.pool();
+        smmu.restore_handover(pool, BASE).unwrap();
+        smmu.retrieve(0x53).unwrap();
+        smmu.finish_handover(pool, BASE).unwrap();
+        assert!(smmu.domains.restored.contains_key(&0x52), "kept for its nested domain");
+        // Another region whose one record (a stage-1 domain on a free stream, with a free ASID) reuses 0x52.
+        let mut other = Region::new();
+        {
+            let model = Model::start(frames);
+            let mut first = boot(&model, frames);
+            let pool = other.pool();
+            let d = arena_stage1(&mut first, pool);
+            first.attach(d, 0x40).unwrap();
+            first.preserve(d, 0x52).unwrap();
+            first.prepare_handover(pool, BASE, 9).unwrap();
+            core::mem::forget(first);
+        }
+        let error = smmu.restore_handover(other.pool(), BASE).unwrap_err();
+        assert!(
+            matches!(error, RestoreError::BeyondLimits { token: 0x52, what, .. } if what.contains("token")),
+            "{error}"
+        );
+        assert_eq!(smmu.ste(0x40).map(|s| s.config()), Ok(Config::Abort));
+        assert_eq!(smmu.ste(0x18).map(|s| s.config()), Ok(Config::Nested));
+        let parent = smmu.retrieve(0x52).unwrap();
+        assert_eq!(smmu.domain_kind(parent), Ok(crate::DomainKind::Stage2));
+        core::mem::forget(smmu);
     }
 
     /// The record's page table, rewritten so that only a walk finds it broken (its table count cleared, so the
