@@ -138,7 +138,8 @@ pub enum InitError {
     /// A hand-off with the SMMU running was asked of an SMMU that is not translating (SMMUEN = 0).
     NotRunning,
     /// The running SMMU's stream table is not where (or not of the format) the caller said, not reachable through
-    /// its allocator, or the SMMU runs with CR2.E2H set.
+    /// its allocator (or holds a level-1 descriptor this driver would not have written, which the SMMU could follow
+    /// to STEs the driver cannot reach), or the SMMU runs with CR2.E2H set.
     StreamTableNotAdoptable {
         /// STRTAB_BASE's address as the SMMU holds it.
         running: u64,

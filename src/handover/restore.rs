@@ -2027,6 +2027,31 @@ mod tests {
         model
     }
 
+    /// A level-1 stream table descriptor the SMMU would follow but the driver cannot (Span != 0 with L2Ptr = 0:
+    /// 256 streams walking STEs at PA 0, which no abort would reach) makes the stream table not adoptable: the SMMU
+    /// is left disabled with every transaction aborting.
+    #[test]
+    fn adopt_running_refuses_a_level1_descriptor_it_would_not_have_written() {
+        let frames = frames();
+        let mut region = Region::new();
+        let model = running_first_image(&mut region, frames);
+        let pool = region.pool();
+        let (running, core) = running_smmu(pool, &model.smmu(), BASE).unwrap().unwrap();
+        // The descriptor of StreamIDs 0x100..0x200, never allocated: Span = SPLIT + 1, L2Ptr = 0.
+        let index = ((running.strtab_base - region.extent.base) / 8) as usize + 1;
+        assert_eq!(region.memory[index], 0);
+        region.memory[index] = u64::from(crate::stream::SPLIT) + 1;
+        let error = model
+            .smmu()
+            .adopt_running(core, &InitOptions::default(), &running)
+            .err();
+        assert!(
+            matches!(error, Some(crate::InitError::StreamTableNotAdoptable { .. })),
+            "{error:?}"
+        );
+        assert!(disabled_aborting(&model), "{:x?}", cr0_and_gbpa(&model));
+    }
+
     #[test]
     fn adopt_running_refuses_another_smmu_and_leaves_it_disabled_with_every_transaction_aborting() {
         let frames = frames();
