@@ -634,7 +634,7 @@ impl PendingUnmaps {
             return;
         }
         if gather.ticket != self.epoch {
-            gather.ticket = self.epoch;
+            (gather.ticket, gather.counted) = (self.epoch, 1);
             self.gathers += 1;
         }
         let (start, end) = (gather.start(), gather.end());
@@ -645,12 +645,13 @@ impl PendingUnmaps {
         }
     }
 
-    /// `gather` is being synced: the span is cleared with the last gather counted in this epoch.
+    /// `gather` is being synced: the span is cleared with the last gather counted in this epoch (a gather others
+    /// were merged into stands for them all).
     fn remove(&mut self, gather: &Gather) {
         if gather.is_empty() || gather.ticket != self.epoch {
             return;
         }
-        self.gathers = self.gathers.saturating_sub(1);
+        self.gathers = self.gathers.saturating_sub(gather.counted);
         if self.gathers == 0 {
             (self.start, self.end) = (0, 0);
         }
@@ -3980,6 +3981,72 @@ mod tests {
         assert!(refused(&mut smmu, 0x40_0000));
         smmu.sync_domain(d, &mut new).unwrap();
         assert!(!refused(&mut smmu, 0x40_0000));
+    }
+
+    /// Gathers merged through the table (which `domain_table` hands out) stand for every deferred unmap they
+    /// hold: syncing the merged one clears the pending span, as syncing each would have (it was left refused for
+    /// good, one count per merged gather never taken back).
+    #[test]
+    fn a_merged_gather_uncounts_every_deferred_unmap_it_holds_when_synced() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = smmu(&model, frames);
+        let d = s1(&mut smmu, frames);
+        let asid = asid_of(&smmu, d);
+        let refused = |smmu: &mut ActiveSmmu<&'static HeapFrames>, iova| {
+            matches!(
+                smmu.map(d, iova, 0x9000_0000, 0x1000, RW),
+                Err(DomainError::PendingInvalidation { .. })
+            )
+        };
+        let (a, b) = (0x100_0000, 0x120_0000);
+        let fresh = |smmu: &mut ActiveSmmu<&'static HeapFrames>| {
+            for iova in [a, b] {
+                smmu.map(d, iova, 0x8800_0000, 0x1000, RW).unwrap();
+            }
+        };
+        fresh(&mut smmu);
+        let (mut g1, mut g2) = (Gather::default(), Gather::default());
+        smmu.unmap_deferred(d, a, 0x1000, &mut g1).unwrap();
+        smmu.unmap_deferred(d, b, 0x1000, &mut g2).unwrap();
+        smmu.domain_table(d).unwrap().merge(&mut g1, g2).unwrap();
+        let before = consumed(&model);
+        smmu.sync_domain(d, &mut g1).unwrap();
+        // Both pages in one invalidation (range TLBIs over the gather's span), one CMD_SYNC.
+        let issued = issued_since(&model, before);
+        assert_eq!(
+            issued.first(),
+            Some(&Issued::NhVa {
+                vmid: 0,
+                asid,
+                address: a
+            }),
+            "{issued:?}"
+        );
+        assert_eq!(issued.iter().filter(|i| **i == Issued::Sync).count(), 1, "{issued:?}");
+        assert_eq!(issued.last(), Some(&Issued::Sync));
+        assert!(!refused(&mut smmu, b), "both synced: cleared");
+        smmu.unmap(d, b, 0x1000).unwrap();
+        // An older epoch's gather merged into a newer one's counts as the newer alone, and the other way round.
+        for older_into_newer in [true, false] {
+            fresh(&mut smmu);
+            let (mut old, mut new) = (Gather::default(), Gather::default());
+            smmu.unmap_deferred(d, a, 0x1000, &mut old).unwrap();
+            smmu.invalidate_domain(d).unwrap();
+            smmu.unmap_deferred(d, b, 0x1000, &mut new).unwrap();
+            assert!(refused(&mut smmu, b));
+            let table = smmu.domain_table(d).unwrap();
+            let mut merged = if older_into_newer {
+                table.merge(&mut new, old).unwrap();
+                new
+            } else {
+                table.merge(&mut old, new).unwrap();
+                old
+            };
+            smmu.sync_domain(d, &mut merged).unwrap();
+            assert!(!refused(&mut smmu, b), "{older_into_newer}");
+            smmu.unmap(d, b, 0x1000).unwrap();
+        }
     }
 
     #[test]
