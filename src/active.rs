@@ -491,7 +491,8 @@ impl Smmu {
     /// [`InitError::MemoryOwned`] for an allocator a domain or another SMMU owns (nothing done),
     /// [`InitError::NoMemory`] (everything allocated so far is freed), [`InitError::PresetBases`],
     /// [`InitError::Timeout`] for a register handshake that never completes and [`InitError::Invalidation`];
-    /// after a timeout the SMMU is left disabled with GBPA.ABORT set where that much succeeded.
+    /// after a timeout the SMMU is left disabled with GBPA.ABORT set where that much succeeded, and its memory
+    /// kept (the allocator stays owned), since the SMMU may have been given it.
     pub fn init<A: FrameAllocator>(self, allocator: A, options: &InitOptions) -> Result<ActiveSmmu<A>, InitError> {
         self.init_with_capacity::<A, DEFAULT_DOMAINS>(allocator, options)
     }

@@ -1041,7 +1041,8 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     ///
     /// # Errors
     /// [`DomainError::Unsupported`] without stage 1 (or EL2 without IDR0.HYP, or forced stalling),
-    /// [`DomainError::Map`] for a bad input size or no memory, [`DomainError::Id`] without a free ASID,
+    /// [`DomainError::Map`] for a bad input size or no memory, [`DomainError::Id`] without a free ASID (or
+    /// [`IdError::HandOffUnsettled`] on an SMMU adopted running whose hand-off is not restored yet),
     /// [`DomainError::NoDomainSlot`], [`DomainError::MemoryOwned`] for a handover arena another domain owns.
     /// Nothing is allocated then.
     pub fn create_stage1(&mut self, memory: DomainMemory, options: Stage1Options) -> Result<DomainId, DomainError> {
