@@ -138,13 +138,18 @@ pub enum InitError {
     /// A hand-off with the SMMU running was asked of an SMMU that is not translating (SMMUEN = 0).
     NotRunning,
     /// The running SMMU's stream table is not where (or not of the format) the caller said, not reachable through
-    /// its allocator, or the SMMU runs with CR2.E2H set.
+    /// its allocator (or holds a level-1 descriptor this driver would not have written, which the SMMU could follow
+    /// to STEs the driver cannot reach), or the SMMU runs with CR2.E2H set.
     StreamTableNotAdoptable {
         /// STRTAB_BASE's address as the SMMU holds it.
         running: u64,
         /// Where the caller said it is.
         expected: u64,
     },
+    /// The allocator is memory for a single owner (a handover arena) that a domain or another SMMU owns already
+    /// ([`FrameAllocator::take_ownership`]): the SMMU's own structures cannot share it, since freeing that domain
+    /// would hand the memory out again under the SMMU. Nothing was allocated or written.
+    MemoryOwned,
     /// The running SMMU is not the one the previous image recorded: an ID register reads otherwise.
     IdentityMismatch {
         /// The register (`IDR0`..`IDR5`, `IIDR`).
@@ -169,6 +174,9 @@ impl fmt::Display for InitError {
             InitError::PresetBases => f.write_str("SMMU init: preset table/queue bases are not supported"),
             InitError::Invalidation(e) => write!(f, "SMMU init: initial invalidation failed: {e}"),
             InitError::NotRunning => f.write_str("SMMU hand-off: the SMMU is not translating (SMMUEN = 0)"),
+            InitError::MemoryOwned => {
+                f.write_str("SMMU init: its memory (a handover arena) is owned already, by a domain or another SMMU")
+            }
             InitError::StreamTableNotAdoptable { running, expected } => write!(
                 f,
                 "SMMU hand-off: the running stream table at {running:#x} is not the one expected at {expected:#x} (or not reachable)"
@@ -309,6 +317,13 @@ impl fmt::Display for GlobalError {
 
 /// An initialised SMMU (SMMUEN = 1), every stream aborting until something is attached, with room for `D` domains
 /// (see [`crate::domain`]).
+///
+/// **Dropping it** (a plain drop, a `?` past it) turns translation off with every incoming transaction aborting
+/// ([`Smmu::disable_aborting`]: GBPA.ABORT = 1, then SMMUEN = 0): nothing may translate through memory that nobody
+/// manages any more. The domains' page tables go back to their memory only once SMMUEN = 0 is acknowledged; when
+/// the SMMU does not acknowledge, they are leaked, since it may still walk them. The stream table, the queues and
+/// the streams' CD tables are leaked either way ([`ActiveSmmu::shutdown`] gives the first two back). To leave the
+/// SMMU translating for the next image (a hand-off with the SMMU running), `core::mem::forget` the driver instead.
 pub struct ActiveSmmu<A: FrameAllocator, const D: usize = DEFAULT_DOMAINS> {
     pub(crate) smmu: Smmu,
     allocator: A,
@@ -468,12 +483,16 @@ impl Smmu {
     /// event queues, the interrupts of [`InitOptions::interrupts`] (none by default), a full invalidation (CFGI_ALL, TLBI_EL2_ALL when EL2 contexts exist,
     /// TLBI_NSNH_ALL, CMD_SYNC), then SMMUEN.
     ///
-    /// Memory comes from `allocator`, which the returned handle keeps.
+    /// Memory comes from `allocator`, which the returned handle keeps and owns
+    /// ([`FrameAllocator::take_ownership`]): a domain cannot be created on memory for a single owner (a handover
+    /// arena) that holds the SMMU's own structures, since freeing the domain would give that memory back.
     ///
     /// # Errors
+    /// [`InitError::MemoryOwned`] for an allocator a domain or another SMMU owns (nothing done),
     /// [`InitError::NoMemory`] (everything allocated so far is freed), [`InitError::PresetBases`],
     /// [`InitError::Timeout`] for a register handshake that never completes and [`InitError::Invalidation`];
-    /// after a timeout the SMMU is left disabled with GBPA.ABORT set where that much succeeded.
+    /// after a timeout the SMMU is left disabled with GBPA.ABORT set where that much succeeded, and its memory
+    /// kept (the allocator stays owned), since the SMMU may have been given it.
     pub fn init<A: FrameAllocator>(self, allocator: A, options: &InitOptions) -> Result<ActiveSmmu<A>, InitError> {
         self.init_with_capacity::<A, DEFAULT_DOMAINS>(allocator, options)
     }
@@ -548,22 +567,25 @@ impl Smmu {
     /// Takes over an SMMU that a previous image left translating (SMMUEN = 1), without a moment of bypass or
     /// abort for the streams it serves: translation is never turned off and STRTAB_BASE (which must not be
     /// rewritten while SMMUEN = 1) is adopted as found, reached through `allocator` (the handover arena the previous
-    /// image's SMMU took its memory from). Nothing is adopted unless the SMMU is the one `running` describes (what
+    /// image's SMMU took its memory from, which the returned handle then owns, as [`Smmu::init`]'s). Nothing is
+    /// adopted unless the SMMU is the one `running` describes (what
     /// the previous image recorded): SMMUEN on, IDR0..5 and IIDR as recorded, STRTAB_BASE and STRTAB_BASE_CFG read
     /// back as the recorded stream table, CR2.E2H clear. The queues are
     /// turned off, global errors latched before acknowledged, the queues given fresh bases from `allocator` and
     /// turned on again, the interrupts of `options` enabled, and the cached configurations and TLB entries
     /// invalidated (the STEs and tables they came from are unchanged). Streams that nobody will restore keep their
-    /// STEs until [`ActiveSmmu::abort_streams_except`] aborts them (a refused restore aborts them all). When the
+    /// STEs until [`ActiveSmmu::restore_handover`] (or [`ActiveSmmu::abort_unrestored_streams`]) aborts them, and
+    /// until then no ASID or VMID is allocated (a refused restore aborts them all). When the
     /// running SMMU_CR1 makes the SMMU's own accesses non-cacheable, the SMMU is treated as non-coherent
     /// ([`Features::coherent`] false) whatever the board said.
     ///
     /// # Errors
-    /// [`InitError::NotRunning`], [`InitError::IdentityMismatch`], [`InitError::StreamTableNotAdoptable`],
-    /// [`InitError::NoMemory`] for the queues, [`InitError::Timeout`], [`InitError::Invalidation`]. On every error
-    /// the SMMU is left as [`Smmu::disable_aborting`] leaves it (as far as its handshakes complete): translation
-    /// off, every incoming transaction aborting. The previous image's STEs walk memory this image has not taken
-    /// back, so nothing may translate through them; initialise the SMMU afresh.
+    /// [`InitError::NotRunning`], [`InitError::IdentityMismatch`], [`InitError::MemoryOwned`],
+    /// [`InitError::StreamTableNotAdoptable`], [`InitError::NoMemory`] for the queues, [`InitError::Timeout`],
+    /// [`InitError::Invalidation`]. On every error the SMMU is left as [`Smmu::disable_aborting`] leaves it (as far
+    /// as its handshakes complete): translation off, every incoming transaction aborting. The previous image's STEs
+    /// walk memory this image has not taken back, so nothing may translate through them; initialise the SMMU
+    /// afresh. `allocator` stays owned only when translation could not be turned off.
     pub fn adopt_running<A: FrameAllocator>(
         mut self,
         allocator: A,
@@ -574,6 +596,19 @@ impl Smmu {
             let _ = self.disable_aborting();
             return Err(e);
         }
+        // The SMMU's memory is its own, as for `init`.
+        if !allocator.take_ownership() {
+            let _ = self.disable_aborting();
+            return Err(InitError::MemoryOwned);
+        }
+        // On a refusal from here on: translation off, and the memory no longer the SMMU's once it is.
+        let refuse = |smmu: &Smmu, allocator: &A, e: InitError| {
+            let _ = smmu.disable_aborting();
+            if !smmu.is_enabled() {
+                allocator.give_up_ownership();
+            }
+            Err(e)
+        };
         // CR1 cannot change while SMMUEN = 1: if the previous image made the SMMU's own accesses non-cacheable,
         // they do not snoop the CPU caches whatever this image was told, and everything the CPU writes for the SMMU
         // must be cleaned (and the event queue invalidated) as for a non-coherent SMMU.
@@ -586,18 +621,15 @@ impl Smmu {
         };
         let Some(streams) = StreamTable::adopt(running.format, PhysAddr(running.strtab_base), &allocator, coherency)
         else {
-            let _ = self.disable_aborting();
-            return Err(InitError::StreamTableNotAdoptable {
+            let e = InitError::StreamTableNotAdoptable {
                 running: running.strtab_base,
                 expected: running.strtab_base,
-            });
+            };
+            return refuse(&self, &allocator, e);
         };
         let (cmdq, evtq, cmdq_log2, evtq_log2) = match allocate_queues(&allocator, &features, options) {
             Ok(queues) => queues,
-            Err(e) => {
-                let _ = self.disable_aborting();
-                return Err(InitError::NoMemory(e));
-            }
+            Err(e) => return refuse(&self, &allocator, InitError::NoMemory(e)),
         };
         // Queues and interrupts off, translation on throughout.
         let programmed = (|| {
@@ -611,14 +643,13 @@ impl Smmu {
             enable_interrupts(regs, &features, options)
         })();
         if let Err(e) = programmed {
-            let _ = self.disable_aborting();
-            return Err(e);
+            return refuse(&self, &allocator, e);
         }
         let mut active = ActiveSmmu::assemble(self, allocator, streams, cmdq, evtq);
         active.inherited_stes = true;
         if let Err(e) = active.invalidate_all() {
-            let _ = active.smmu.disable_aborting();
-            return Err(InitError::Invalidation(e));
+            // `active` has no domain yet; its drop turns translation off once more.
+            return refuse(&active.smmu, &active.allocator, InitError::Invalidation(e));
         }
         Ok(active)
     }
@@ -639,6 +670,10 @@ impl Smmu {
         let coherency = Coherency {
             coherent: features.coherent,
         };
+        // The SMMU's memory is its own: no domain may take it (and give it back when freed).
+        if !allocator.take_ownership() {
+            return Err(InitError::MemoryOwned);
+        }
 
         // Memory first, so that a shortage changes nothing on the SMMU.
         let format = match options.stream_table {
@@ -649,12 +684,19 @@ impl Smmu {
                 StreamTableFormat::choose(features.sid_bits, false, options.max_sid_bits.min(features.sid_bits))
             }
         };
-        let streams = StreamTable::new(format, &allocator, coherency).map_err(InitError::NoMemory)?;
+        let streams = match StreamTable::new(format, &allocator, coherency) {
+            Ok(streams) => streams,
+            Err(e) => {
+                allocator.give_up_ownership();
+                return Err(InitError::NoMemory(e));
+            }
+        };
         let (cmdq, evtq, cmdq_log2, evtq_log2) = match allocate_queues(&allocator, &features, options) {
             Ok(q) => q,
             Err(e) => {
                 // SAFETY: the table was never handed to the SMMU.
                 unsafe { streams.free(&allocator) };
+                allocator.give_up_ownership();
                 return Err(InitError::NoMemory(e));
             }
         };
@@ -913,13 +955,32 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// (CERROR_ABT) is fetched again; one it refuses as illegal (CERROR_ILL) is replaced with a CMD_SYNC so the
     /// rest of the batch completes, and the submission then fails. On an SMMU with
     /// [`crate::features::Quirks::CMDQ_SYNC_EVERY_63`] a CMD_SYNC is inserted after every 63 commands. Public for
-    /// experts: commands invalidate, prefetch or synchronise, so an extra batch costs time but cannot change what
-    /// a domain translates.
+    /// experts: every command is vetted first ([`crate::hw::command::vet`]) so that it can only invalidate,
+    /// prefetch or synchronise: an extra batch costs time but cannot change what a domain translates, nor make the
+    /// SMMU write memory (a CMD_SYNC with an MSI is refused).
     ///
     /// # Errors
+    /// [`CommandQueueError::NotAllowed`] for a command the vetting refuses (nothing is written),
     /// [`CommandQueueError::Refused`] (after the rest of the batch completed) when a command was illegal,
     /// [`CommandQueueError::Timeout`] when the SMMU stops consuming, [`CommandQueueError::ServiceFailure`].
     pub fn submit(&mut self, batch: &Batch) -> Result<BatchReport, CommandQueueError> {
+        for (index, words) in batch.words().iter().enumerate() {
+            crate::hw::command::vet(words).map_err(|reason| CommandQueueError::NotAllowed { index, reason })?;
+        }
+        self.cmdq.submit(self.smmu.regs(), batch.words(), true)
+    }
+
+    /// [`ActiveSmmu::submit`] without the vetting: any command, for tests that inject one the SMMU must refuse
+    /// (a reserved opcode) and for commands this driver does not model.
+    ///
+    /// # Safety
+    /// No command of `batch` may make the SMMU write memory the caller does not own for that purpose (a CMD_SYNC's
+    /// MSI), nor change what a stream translates or what a device caches (ATS, PRI and stall commands): the driver
+    /// cannot tell what they do.
+    ///
+    /// # Errors
+    /// As [`ActiveSmmu::submit`], without [`CommandQueueError::NotAllowed`].
+    pub unsafe fn submit_unvetted(&mut self, batch: &Batch) -> Result<BatchReport, CommandQueueError> {
         self.cmdq.submit(self.smmu.regs(), batch.words(), true)
     }
 
@@ -1065,8 +1126,12 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// Allocates an ASID (8 or 16 bits as IDR0.ASID16 says; 0 is reserved).
     ///
     /// # Errors
-    /// [`IdError::Exhausted`].
+    /// [`IdError::Exhausted`]; [`IdError::HandOffUnsettled`] on an SMMU adopted running until the hand-off is
+    /// restored (or its unrestored streams aborted): a stream the previous image left may use any ASID.
     pub fn allocate_asid(&mut self) -> Result<u16, IdError> {
+        if self.inherited_stes {
+            return Err(IdError::HandOffUnsettled);
+        }
         self.asids.allocate()
     }
 
@@ -1122,8 +1187,11 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// Allocates a VMID (8 or 16 bits as IDR0.VMID16 says; 0 is reserved).
     ///
     /// # Errors
-    /// [`IdError::Exhausted`].
+    /// As [`ActiveSmmu::allocate_asid`].
     pub fn allocate_vmid(&mut self) -> Result<u16, IdError> {
+        if self.inherited_stes {
+            return Err(IdError::HandOffUnsettled);
+        }
         self.vmids.allocate()
     }
 
@@ -1144,13 +1212,16 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     }
 
     /// Turns interrupts, translation and the queues off and leaves incoming transactions to GBPA: aborting, or bypassing
-    /// when `bypass` (the state QEMU resets to). The tables and queues go back to the allocator.
+    /// when `bypass` (the state QEMU resets to). The stream table and queues go back to the allocator (which no
+    /// longer belongs to the SMMU, see [`FrameAllocator::take_ownership`]), every domain's page tables to its memory.
     ///
     /// # Errors
-    /// [`InitError::Timeout`] when the SMMU does not acknowledge; the memory is then kept (leaked), since the SMMU
-    /// may still read it.
+    /// [`InitError::Timeout`] when the SMMU does not acknowledge; the memory is then kept (leaked), the domains'
+    /// page tables included, since the SMMU may still read it.
     pub fn shutdown(self, bypass: bool) -> Result<Smmu, InitError> {
-        let regs = self.smmu.regs();
+        // This function decides what is freed, not `Drop`: on an error everything is leaked.
+        let this = core::mem::ManuallyDrop::new(self);
+        let regs = this.smmu.regs();
         set_global_abort(regs)?;
         regs.irq_ctrl.set(0);
         handshake("IRQ_CTRLACK", || regs.irq_ctrlack.get(), |v| v == 0)?;
@@ -1161,14 +1232,19 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 .set((regs.gbpa.get() & !GBPA::ABORT::SET.value) | GBPA::UPDATE::SET.value);
             handshake("GBPA", || regs.gbpa.get(), |v| v & GBPA::UPDATE::SET.value == 0)?;
         }
-        let ActiveSmmu {
-            smmu,
-            allocator,
-            streams,
-            cmdq,
-            evtq,
-            ..
-        } = self;
+        // SAFETY: `this` is never used again and never dropped (`ManuallyDrop`), and each field that owns anything
+        // is moved out exactly once, here; the others (the ID allocators, the overflow, the flags) are plain values
+        // without drop glue.
+        let (smmu, allocator, streams, cmdq, evtq, domains) = unsafe {
+            (
+                core::ptr::read(&this.smmu),
+                core::ptr::read(&this.allocator),
+                core::ptr::read(&this.streams),
+                core::ptr::read(&this.cmdq),
+                core::ptr::read(&this.evtq),
+                core::ptr::read(&this.domains),
+            )
+        };
         // SAFETY: SMMUEN, CMDQEN and EVENTQEN are acknowledged off, so the SMMU no longer touches this memory;
         // all of it came from `allocator`.
         unsafe {
@@ -1176,6 +1252,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             allocator.free(cmdq.into_memory());
             allocator.free(evtq.into_memory());
         }
+        // Translation is off: no walk reaches a domain's tables any more, and they go back to their memory.
+        drop(domains);
+        allocator.give_up_ownership();
         Ok(smmu)
     }
 
@@ -1191,6 +1270,18 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             coherent: self.features().coherent,
             asid_bits: self.asids.bits(),
             vmid_bits: self.vmids.bits(),
+        }
+    }
+}
+
+impl<A: FrameAllocator, const D: usize> Drop for ActiveSmmu<A, D> {
+    /// Translation off, every incoming transaction aborting; the domains' page tables leaked unless SMMUEN = 0 is
+    /// acknowledged (see [`ActiveSmmu`]).
+    fn drop(&mut self) {
+        let off = self.smmu.disable_aborting().is_ok() && !self.smmu.is_enabled();
+        if !off {
+            // The SMMU may still walk them: never back to an allocator that would hand them out again.
+            self.domains.abandon_tables();
         }
     }
 }
@@ -2042,5 +2133,130 @@ pub(crate) mod tests {
                 frames.free(evtq.into_memory());
             }
         }
+    }
+
+    /// The public `submit` vets the whole batch before it writes any of it: a reserved opcode (or an MSI) is
+    /// refused and the SMMU sees nothing; `submit_unvetted` queues it, and the SMMU refuses it (CERROR_ILL).
+    #[test]
+    fn submit_vets_the_whole_batch_before_writing_any_of_it() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
+        let mut batch = Batch::new();
+        batch.push(&Command::CfgiAll).unwrap();
+        batch.push_words([0x7f, 0]).unwrap();
+        batch.push(&Command::TlbiNsnhAll).unwrap();
+        let before = model.seen.lock().unwrap().commands.len();
+        assert_eq!(
+            smmu.submit(&batch),
+            Err(CommandQueueError::NotAllowed {
+                index: 1,
+                reason: crate::hw::command::Unvetted::Unmodelled { opcode: 0x7f }
+            })
+        );
+        assert_eq!(issued_since(&model, before), [], "nothing of the batch written");
+        model.refuse.store(0x7f, Ordering::SeqCst);
+        // SAFETY: CFGI_ALL, TLBI_NSNH_ALL and a reserved opcode the model refuses: nothing writes memory.
+        let submitted = unsafe { smmu.submit_unvetted(&batch) };
+        assert!(
+            matches!(submitted, Err(CommandQueueError::Refused { count: 1, .. })),
+            "{submitted:?}"
+        );
+        assert_eq!(
+            issued_since(&model, before)[..2],
+            [Issued::CfgiAll, Issued::Sync],
+            "the refused command replaced with a CMD_SYNC"
+        );
+    }
+
+    /// Dropping the driver turns translation off with every incoming transaction aborting (GBPA.ABORT = 1 before
+    /// SMMUEN = 0), and only once SMMUEN = 0 is acknowledged do the domains' page tables go back to their memory.
+    /// An SMMU that does not acknowledge keeps translating, so its tables stay allocated (leaked).
+    #[test]
+    fn dropping_the_driver_turns_translation_off_aborting_before_any_page_table_goes_back() {
+        let frames = frames();
+        let rw = crate::pgtable::Prot::READ | crate::pgtable::Prot::WRITE;
+        let options = crate::domain::Stage1Options {
+            input_bits: 39,
+            el2: false,
+        };
+        let root_of = |smmu: &mut ActiveSmmu<&'static HeapFrames>| {
+            let d = smmu.create_stage1(frames, options).unwrap();
+            smmu.map(d, 0x40_0000, 0x8000_0000, 0x1000, rw).unwrap();
+            smmu.attach(d, 0x10).unwrap();
+            smmu.domain_table(d).unwrap().root()
+        };
+        let registers = |model: &Model| {
+            // SAFETY: the model's live register block.
+            unsafe {
+                (
+                    reg32(model.base, 0x20).read_volatile(),
+                    reg32(model.base, 0x44).read_volatile(),
+                )
+            }
+        };
+
+        let model = Model::start(frames);
+        let mut smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
+        let root = root_of(&mut smmu);
+        drop(smmu);
+        let (cr0, gbpa) = registers(&model);
+        assert_eq!(cr0, 0, "translation, the queues and nothing else");
+        assert_ne!(gbpa & GBPA::ABORT::SET.value, 0, "incoming transactions abort");
+        assert!(frames.phys_to_virt(root).is_none(), "back once translation is off");
+
+        let model = Model::start(frames);
+        let mut smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
+        let root = root_of(&mut smmu);
+        model.stop.store(true, Ordering::SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        drop(smmu);
+        assert_ne!(
+            registers(&model).0 & 1,
+            0,
+            "still translating: the SMMU did not acknowledge"
+        );
+        assert!(frames.phys_to_virt(root).is_some(), "the table it may walk is kept");
+    }
+
+    /// Review finding 8 (same root cause as finding 1, on a documented error path). `shutdown` says that when the
+    /// SMMU does not acknowledge, "the memory is then kept (leaked), since the SMMU may still read it". The stream
+    /// table and queues are, but `shutdown` consumed the `ActiveSmmu`, and its `?` drops the domains: every
+    /// domain's page tables go back to the allocator while SMMUEN is still 1 and the STEs name them.
+    #[test]
+    fn finding8_a_shutdown_that_times_out_keeps_the_page_tables_the_smmu_may_still_walk() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
+        let d = smmu
+            .create_stage1(
+                frames,
+                crate::domain::Stage1Options {
+                    input_bits: 39,
+                    el2: false,
+                },
+            )
+            .unwrap();
+        smmu.map(
+            d,
+            0x40_0000,
+            0x8000_0000,
+            0x1000,
+            crate::pgtable::Prot::READ | crate::pgtable::Prot::WRITE,
+        )
+        .unwrap();
+        smmu.attach(d, 0x10).unwrap();
+        let root = smmu.domain_table(d).unwrap().root();
+        // The SMMU stops answering (its registers keep their values; no handshake completes).
+        model.stop.store(true, Ordering::SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let error = smmu.shutdown(false).err();
+        assert!(matches!(error, Some(InitError::Timeout { .. })), "{error:?}");
+        // SAFETY: the model's register block, still allocated.
+        let translating = unsafe { reg32(model.base, 0x20).read_volatile() } & 1 != 0;
+        assert!(
+            !(translating && frames.phys_to_virt(root).is_none()),
+            "the shutdown timed out with SMMUEN = 1, and stream 0x10's page table at {root} went back to the allocator"
+        );
     }
 }

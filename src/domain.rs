@@ -634,7 +634,7 @@ impl PendingUnmaps {
             return;
         }
         if gather.ticket != self.epoch {
-            gather.ticket = self.epoch;
+            (gather.ticket, gather.counted) = (self.epoch, 1);
             self.gathers += 1;
         }
         let (start, end) = (gather.start(), gather.end());
@@ -645,12 +645,13 @@ impl PendingUnmaps {
         }
     }
 
-    /// `gather` is being synced: the span is cleared with the last gather counted in this epoch.
+    /// `gather` is being synced: the span is cleared with the last gather counted in this epoch (a gather others
+    /// were merged into stands for them all).
     fn remove(&mut self, gather: &Gather) {
         if gather.is_empty() || gather.ticket != self.epoch {
             return;
         }
-        self.gathers = self.gathers.saturating_sub(1);
+        self.gathers = self.gathers.saturating_sub(gather.counted);
         if self.gathers == 0 {
             (self.start, self.end) = (0, 0);
         }
@@ -778,6 +779,16 @@ impl<const D: usize> Domains<D> {
         DomainId {
             index,
             generation: slot.generation,
+        }
+    }
+
+    /// Forgets every domain, its page tables and the gathers it holds left where they are (never freed): for an
+    /// SMMU that may still walk them (see `ActiveSmmu`'s drop).
+    pub(crate) fn abandon_tables(&mut self) {
+        for slot in &mut self.slots {
+            if let Some(state) = slot.state.take() {
+                core::mem::forget(state);
+            }
         }
     }
 
@@ -1030,7 +1041,8 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     ///
     /// # Errors
     /// [`DomainError::Unsupported`] without stage 1 (or EL2 without IDR0.HYP, or forced stalling),
-    /// [`DomainError::Map`] for a bad input size or no memory, [`DomainError::Id`] without a free ASID,
+    /// [`DomainError::Map`] for a bad input size or no memory, [`DomainError::Id`] without a free ASID (or
+    /// [`IdError::HandOffUnsettled`] on an SMMU adopted running whose hand-off is not restored yet),
     /// [`DomainError::NoDomainSlot`], [`DomainError::MemoryOwned`] for a handover arena another domain owns.
     /// Nothing is allocated then.
     pub fn create_stage1(&mut self, memory: DomainMemory, options: Stage1Options) -> Result<DomainId, DomainError> {
@@ -1373,7 +1385,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// [`DomainError::HandoverPrepared`], [`DomainError::RegimeMismatch`] for a domain of another regime than the
     /// stream's (EL2 and NS-EL1 do not mix), [`DomainError::El2DomainInUse`]: nothing changed.
     /// [`DomainError::Invalidation`] as for [`ActiveSmmu::attach`].
-    /// [`DomainError::CdTable`] when the CD's invalidation failed (the CD is written).
+    /// [`DomainError::CdTable`] when the CD's invalidation failed: the writer stopped at that step (the error says
+    /// what the CD holds) and the substream is recorded as attached, so that its domain cannot be freed while the
+    /// SMMU may use the CD; [`ActiveSmmu::detach_substream`] cleans up.
     pub fn attach_substream(&mut self, domain: DomainId, sid: u32, ssid: u32) -> Result<(), DomainError> {
         self.unfrozen(domain)?;
         let state = self.domains.get(domain)?;
@@ -1409,12 +1423,20 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             return Err(DomainError::RegimeMismatch { sid, ssid, stream_el2 });
         }
         self.enter_el2(domain)?;
-        self.write_stream_cd(index, ssid, &cd)?;
+        let written = self.write_stream_cd(index, ssid, &cd);
+        if let Err(e) = written
+            && !matches!(e, DomainError::CdTable(CdTableError::Invalidation(_)))
+        {
+            return Err(e);
+        }
+        // Recorded even when an invalidation failed: the CD may be valid in memory (and fetched) and name the
+        // domain's table and ASID, so the domain must not be freed under it; `detach_substream` cleans up. Room was
+        // checked above.
         let _ = self.domains.streams[index].substreams.push((ssid, domain));
         if let Ok(state) = self.domains.get_mut(domain) {
             let _ = state.attachments.push((sid, ssid));
         }
-        Ok(())
+        written
     }
 
     /// Writes `cd` at `ssid` of stream record `index`'s CD table, invalidating with CFGI_CD + CMD_SYNC.
@@ -1555,7 +1577,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// Before an EL2 stage-1 domain's stream or substream is attached: refuses it while another EL2 domain is in
     /// use (EL2 has no ASIDs, so the two would share TLB entries), and drops the EL2 entries a previous domain may
     /// have left when its last detach's invalidation failed (TLBI_EL2_ALL + CMD_SYNC). Nothing for other domains.
-    fn enter_el2(&mut self, domain: DomainId) -> Result<(), DomainError> {
+    pub(crate) fn enter_el2(&mut self, domain: DomainId) -> Result<(), DomainError> {
         if !self.domains.get(domain)?.is_el2() {
             return Ok(());
         }
@@ -3129,6 +3151,43 @@ mod tests {
         assert_eq!(pool.arenas_in_use(), 0, "freeing the owner retires the arena");
     }
 
+    /// The SMMU's own memory is its alone: an arena holding its stream table and queues serves no domain (whose
+    /// free would retire the arena, handing it out again under the SMMU), an arena a domain owns cannot hold an
+    /// SMMU's structures, and a shutdown gives the arena up.
+    #[test]
+    fn an_arena_holding_the_smmus_own_structures_serves_no_domain() {
+        let frames = frames();
+        let pool = handover_pool();
+        let region = pool.region().unwrap();
+        let model = Model::start(frames);
+        *model.window.lock().unwrap() = Some((region.base, pool.metadata_address().unwrap() as usize, region.len));
+        let owned = pool.take_arena().unwrap();
+        let mut first = smmu(&model, frames);
+        let d = first.create_stage1(owned, Stage1Options::default()).unwrap();
+        drop(first);
+        assert_eq!(
+            model.smmu().init(owned, &crate::InitOptions::default()).err(),
+            Some(crate::InitError::MemoryOwned),
+            "{d}'s arena"
+        );
+        let core = pool.take_arena().unwrap();
+        let mut on_arena = model.smmu().init(core, &crate::InitOptions::default()).unwrap();
+        assert_eq!(
+            on_arena.create_stage1(core, Stage1Options::default()),
+            Err(DomainError::MemoryOwned)
+        );
+        assert_eq!(on_arena.domains.free_slots(), DEFAULT_DOMAINS, "nothing created");
+        on_arena.shutdown(false).unwrap();
+        let mut smmu = smmu(&model, frames);
+        let d = smmu.create_stage1(core, Stage1Options::default()).unwrap();
+        smmu.free_domain(d).unwrap();
+        assert_eq!(
+            pool.arenas_in_use(),
+            1,
+            "only the first domain's arena, which it never freed"
+        );
+    }
+
     // Field-level checks: the SMMU model of QEMU 10.0 never hits in its IOTLB, so only these tests catch an
     // invalidation of the wrong stream, ASID, VMID or address (or none at all).
 
@@ -3925,6 +3984,72 @@ mod tests {
         assert!(!refused(&mut smmu, 0x40_0000));
     }
 
+    /// Gathers merged through the table (which `domain_table` hands out) stand for every deferred unmap they
+    /// hold: syncing the merged one clears the pending span, as syncing each would have (it was left refused for
+    /// good, one count per merged gather never taken back).
+    #[test]
+    fn a_merged_gather_uncounts_every_deferred_unmap_it_holds_when_synced() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = smmu(&model, frames);
+        let d = s1(&mut smmu, frames);
+        let asid = asid_of(&smmu, d);
+        let refused = |smmu: &mut ActiveSmmu<&'static HeapFrames>, iova| {
+            matches!(
+                smmu.map(d, iova, 0x9000_0000, 0x1000, RW),
+                Err(DomainError::PendingInvalidation { .. })
+            )
+        };
+        let (a, b) = (0x100_0000, 0x120_0000);
+        let fresh = |smmu: &mut ActiveSmmu<&'static HeapFrames>| {
+            for iova in [a, b] {
+                smmu.map(d, iova, 0x8800_0000, 0x1000, RW).unwrap();
+            }
+        };
+        fresh(&mut smmu);
+        let (mut g1, mut g2) = (Gather::default(), Gather::default());
+        smmu.unmap_deferred(d, a, 0x1000, &mut g1).unwrap();
+        smmu.unmap_deferred(d, b, 0x1000, &mut g2).unwrap();
+        smmu.domain_table(d).unwrap().merge(&mut g1, g2).unwrap();
+        let before = consumed(&model);
+        smmu.sync_domain(d, &mut g1).unwrap();
+        // Both pages in one invalidation (range TLBIs over the gather's span), one CMD_SYNC.
+        let issued = issued_since(&model, before);
+        assert_eq!(
+            issued.first(),
+            Some(&Issued::NhVa {
+                vmid: 0,
+                asid,
+                address: a
+            }),
+            "{issued:?}"
+        );
+        assert_eq!(issued.iter().filter(|i| **i == Issued::Sync).count(), 1, "{issued:?}");
+        assert_eq!(issued.last(), Some(&Issued::Sync));
+        assert!(!refused(&mut smmu, b), "both synced: cleared");
+        smmu.unmap(d, b, 0x1000).unwrap();
+        // An older epoch's gather merged into a newer one's counts as the newer alone, and the other way round.
+        for older_into_newer in [true, false] {
+            fresh(&mut smmu);
+            let (mut old, mut new) = (Gather::default(), Gather::default());
+            smmu.unmap_deferred(d, a, 0x1000, &mut old).unwrap();
+            smmu.invalidate_domain(d).unwrap();
+            smmu.unmap_deferred(d, b, 0x1000, &mut new).unwrap();
+            assert!(refused(&mut smmu, b));
+            let table = smmu.domain_table(d).unwrap();
+            let mut merged = if older_into_newer {
+                table.merge(&mut new, old).unwrap();
+                new
+            } else {
+                table.merge(&mut old, new).unwrap();
+                old
+            };
+            smmu.sync_domain(d, &mut merged).unwrap();
+            assert!(!refused(&mut smmu, b), "{older_into_newer}");
+            smmu.unmap(d, b, 0x1000).unwrap();
+        }
+    }
+
     #[test]
     fn a_domain_handle_never_becomes_valid_again() {
         let frames = frames();
@@ -3943,5 +4068,172 @@ mod tests {
         assert_eq!(smmu.domain_kind(last), Err(DomainError::StaleDomain(last)));
         assert_eq!(next.index(), 1, "slot 0 is retired");
         assert_eq!(smmu.domains.free_slots(), DEFAULT_DOMAINS - 2);
+    }
+
+    /// A substream whose attach failed at an invalidation is recorded: its domain cannot be freed, and
+    /// `detach_substream` makes the CD invalid (CFGI_CD + CMD_SYNC) and drops the domain's TLB entries, after which
+    /// the domain can go.
+    #[test]
+    fn a_substream_left_by_a_failed_attach_is_cleaned_up_by_its_detach() {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicUsize;
+        let frames = frames();
+        // SSIDSIZE 5 (IDR1[10:6]).
+        let model = Model::start_with_idrs(frames, IDRS[0].1, IDRS[1].1 | 5 << 6);
+        let mut smmu = smmu(&model, frames);
+        let whole = s1(&mut smmu, frames);
+        let sub = s1(&mut smmu, frames);
+        smmu.attach(whole, SID).unwrap();
+        // The second CFGI_CD (the one after V is set) is refused.
+        let consumed_so_far = Arc::new(AtomicUsize::new(0));
+        let (count, refuse) = (Arc::clone(&consumed_so_far), Arc::clone(&model.refuse));
+        *model.probe.lock().unwrap() = Some(std::boxed::Box::new(move || {
+            if count.fetch_add(1, Ordering::SeqCst) == 1 {
+                refuse.store(opcode::CFGI_CD, Ordering::SeqCst);
+            }
+            0
+        }));
+        assert!(matches!(
+            smmu.attach_substream(sub, SID, 3),
+            Err(DomainError::CdTable(CdTableError::Invalidation(_)))
+        ));
+        *model.probe.lock().unwrap() = None;
+        model.refuse.store(0, Ordering::SeqCst);
+        assert_eq!(smmu.attachments(sub), Ok(&[(SID, 3)][..]));
+        assert!(matches!(
+            smmu.free_domain(sub),
+            Err(DomainError::StillAttached { attachments: 1, .. })
+        ));
+        let asid = asid_of(&smmu, sub);
+        let before = model.seen.lock().unwrap().commands.len();
+        smmu.detach_substream(SID, 3).unwrap();
+        assert_eq!(
+            issued_since(&model, before),
+            [
+                // V = 0 first, then the rest of the CD cleared, each step invalidated.
+                Issued::Cd { sid: SID, ssid: 3 },
+                Issued::Sync,
+                Issued::Cd { sid: SID, ssid: 3 },
+                Issued::Sync,
+                Issued::NhAsid { vmid: 0, asid },
+                Issued::Sync
+            ]
+        );
+        let index = smmu.domains.stream(SID).unwrap();
+        let cd = smmu.domains.streams[index].cd_table.as_ref().unwrap().read(3).unwrap();
+        assert!(!cd.is_valid());
+        smmu.free_domain(sub).unwrap();
+    }
+
+    /// Review finding 1 (issue #21, item 1: "never release a table except after the invalidation that covers it").
+    /// Dropping an `ActiveSmmu` is a safe call. It must not give a domain's page tables back to the allocator
+    /// while the SMMU still translates through them (SMMUEN = 1, the STE naming the CD that names the table):
+    /// the allocator would hand those frames out again, and a walk would read whatever is written there next.
+    #[test]
+    fn finding1_dropping_the_smmu_never_frees_tables_it_still_walks() {
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = smmu(&model, frames);
+        let d = s1(&mut smmu, frames);
+        smmu.map(d, 0x40_0000, 0x8000_0000, 0x1000, RW).unwrap();
+        smmu.attach(d, SID).unwrap();
+        assert_eq!(smmu.ste(SID).unwrap().config(), Config::Stage1);
+        let root = smmu.domain_table(d).unwrap().root();
+        assert!(frames.phys_to_virt(root).is_some());
+        drop(smmu);
+        // SAFETY: the model's live register block.
+        let translating = unsafe { reg32(model.base, 0x20).read_volatile() } & 1 != 0;
+        let root_freed = frames.phys_to_virt(root).is_none();
+        assert!(
+            !(translating && root_freed),
+            "SMMUEN = 1 and stream {SID:#x} still walks the table at {root}, which went back to the allocator"
+        );
+    }
+
+    /// Review finding 2. `ActiveSmmu::submit` is public and safe, and says an extra batch "cannot change what a
+    /// domain translates". A CMD_SYNC with an MSI completion (SIG_IRQ, MSIAddress != 0) is a 32-bit write the SMMU
+    /// itself performs to any physical address on an SMMU with IDR0.MSI: here into a live page table's first
+    /// descriptor (the low word of a descriptor: valid, table/page bit, attributes and output address bits
+    /// [31:12]), i.e. a new translation to memory no domain maps. Such a command must never reach the queue from
+    /// safe code (through `Batch::push` or `Batch::push_words`).
+    #[test]
+    fn finding2_a_public_batch_cannot_make_the_smmu_write_memory() {
+        use crate::hw::command::{Shareability, SyncCompletion};
+        let frames = frames();
+        // IDR0.MSI (bit 13): the SMMU performs CMD_SYNC's MSI write.
+        let model = Model::start_with(frames, IDRS[0].1 | 1 << 13);
+        let mut smmu = smmu(&model, frames);
+        assert!(smmu.features().msi);
+        let d = s1(&mut smmu, frames);
+        smmu.map(d, 0x40_0000, 0x8000_0000, 0x1000, RW).unwrap();
+        smmu.attach(d, SID).unwrap();
+        let root = smmu.domain_table(d).unwrap().root().0;
+        let mut batch = Batch::new();
+        batch
+            .push(&Command::Sync {
+                completion: SyncCompletion::Msi {
+                    address: root,
+                    // A table descriptor naming PA 0x4000_0000.
+                    data: 0x4000_0003,
+                    shareability: Shareability::InnerShareable,
+                    attributes: 0xf,
+                },
+            })
+            .unwrap();
+        let before = model.seen.lock().unwrap().commands.len();
+        let submitted = smmu.submit(&batch);
+        let msi_writes = model.seen.lock().unwrap().commands[before..]
+            .iter()
+            .filter(|w| w[0] as u8 == opcode::SYNC && (w[0] >> 12) & 0b11 == 0b01 && w[1] & !0b11 != 0)
+            .count();
+        assert!(
+            submitted.is_err() && msi_writes == 0,
+            "safe code made the SMMU write {:#x} to the page table at {root:#x} ({msi_writes} MSI write(s), {submitted:?})",
+            0x4000_0003
+        );
+    }
+
+    /// Review finding 3. `attach_substream` whose second CFGI_CD fails returns `DomainError::CdTable` with the
+    /// domain's CD written and valid in the stream's CD table (the hitless writer stops after setting V), but the
+    /// substream is not recorded. Nothing then stops `free_domain`: the domain's page tables go back to the
+    /// allocator and its ASID is free again, while the valid CD at that substream still names both. (`attach`
+    /// records the stream on the same kind of failure "so that the domain cannot be freed under it".)
+    #[test]
+    fn finding3_a_substream_cd_left_valid_by_a_failed_attach_keeps_its_domain_from_being_freed() {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicUsize;
+        let frames = frames();
+        // SSIDSIZE 5 (IDR1[10:6]).
+        let model = Model::start_with_idrs(frames, IDRS[0].1, IDRS[1].1 | 5 << 6);
+        let mut smmu = smmu(&model, frames);
+        let whole = s1(&mut smmu, frames);
+        let sub = s1(&mut smmu, frames);
+        smmu.map(sub, 0x40_0000, 0x8000_0000, 0x1000, RW).unwrap();
+        smmu.attach(whole, SID).unwrap();
+        let root = smmu.domain_table(sub).unwrap().root();
+        // The first CFGI_CD + CMD_SYNC (qwords 1..7 written) complete; from then on CFGI_CD is refused, so the
+        // step that sets V cannot be invalidated.
+        let consumed_so_far = Arc::new(AtomicUsize::new(0));
+        let (count, refuse) = (Arc::clone(&consumed_so_far), Arc::clone(&model.refuse));
+        *model.probe.lock().unwrap() = Some(std::boxed::Box::new(move || {
+            if count.fetch_add(1, Ordering::SeqCst) == 1 {
+                refuse.store(opcode::CFGI_CD, Ordering::SeqCst);
+            }
+            0
+        }));
+        let attached = smmu.attach_substream(sub, SID, 3);
+        *model.probe.lock().unwrap() = None;
+        model.refuse.store(0, Ordering::SeqCst);
+        assert!(matches!(attached, Err(DomainError::CdTable(_))), "{attached:?}");
+        let index = smmu.domains.stream(SID).unwrap();
+        let cd = smmu.domains.streams[index].cd_table.as_ref().unwrap().read(3).unwrap();
+        let freed = smmu.free_domain(sub);
+        assert!(
+            !(cd.is_valid() && freed.is_ok()),
+            "substream 3 of stream {SID:#x} keeps a valid CD (ASID {}) naming the table at {root}, and its domain was \
+             freed: the table is back in the allocator ({}), the ASID free for the next domain",
+            cd.asid(),
+            frames.phys_to_virt(root).is_none()
+        );
     }
 }

@@ -30,6 +30,10 @@ pub enum IdError {
         /// The identifier.
         id: u16,
     },
+    /// Nothing is allocated on an SMMU adopted running (`Smmu::adopt_running`) until the hand-off is settled
+    /// (`ActiveSmmu::restore_handover`, or `ActiveSmmu::abort_unrestored_streams`): the previous image's STEs may
+    /// still translate with IDs this image does not know to be taken.
+    HandOffUnsettled,
 }
 
 impl fmt::Display for IdError {
@@ -39,6 +43,10 @@ impl fmt::Display for IdError {
             IdError::OutOfRange { id, bits } => write!(f, "identifier {id:#x} does not fit {bits} bits"),
             IdError::WrongState { id, allocated: true } => write!(f, "identifier {id:#x} is already allocated"),
             IdError::WrongState { id, allocated: false } => write!(f, "identifier {id:#x} is not allocated"),
+            IdError::HandOffUnsettled => f.write_str(
+                "the SMMU was adopted running and the previous image's streams may use any identifier: restore the \
+                 hand-off (or abort the unrestored streams) first",
+            ),
             IdError::Owned { id } => {
                 write!(
                     f,

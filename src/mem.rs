@@ -112,14 +112,16 @@ pub unsafe trait FrameAllocator {
     /// all of its memory out again.
     unsafe fn retire(&self) {}
 
-    /// Claims this allocator for one domain: memory meant for a single owner (a handover arena) answers `false`
-    /// when a domain owns it already. Shared memory (the default) always answers `true`.
+    /// Claims this allocator for one owner, a domain or an SMMU's own structures (`Smmu::init`,
+    /// `Smmu::adopt_running`): memory meant for a single owner (a handover arena) answers `false` when it is owned
+    /// already. Shared memory (the default) always answers `true`.
     fn take_ownership(&self) -> bool {
         true
     }
 
-    /// Undoes a successful [`FrameAllocator::take_ownership`] whose domain was never created (its creation failed
-    /// after the claim, and everything it allocated went back). Nothing (the default) for shared memory.
+    /// Undoes a successful [`FrameAllocator::take_ownership`] whose owner was never created (its creation failed
+    /// after the claim, and everything it allocated went back) or is gone without retiring the memory (an SMMU
+    /// shut down). Nothing (the default) for shared memory.
     fn give_up_ownership(&self) {}
 
     /// From now until the hand-off, hand out nothing: what is recorded for a live update must not grow after the

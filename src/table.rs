@@ -83,7 +83,8 @@ impl EntryTable {
     /// Adopts the linear or (with `level1`) 2-level table at `base` that a previous image left live (a hand-off with
     /// the SMMU running): nothing the SMMU reads is written. For a 2-level table the level-1 descriptors are read
     /// to find the leaves, whose CPU addresses go into a new array from `allocator`. `None` when `allocator`
-    /// cannot reach the table or one of its leaves (or has no memory for that array).
+    /// cannot reach the table or one of its leaves, when a non-zero level-1 descriptor is not exactly the one this
+    /// driver writes for its leaf (`level1.descriptor`), or when there is no memory for that array.
     pub(crate) fn adopt(
         entry_bits: u8,
         level1: Option<Level1>,
@@ -105,13 +106,18 @@ impl EntryTable {
             // SAFETY: both blocks are live; the level-1 array is read with single-copy-atomic loads.
             let (descriptors, pointers) = unsafe { (base.words(), leaves.words()) };
             for (descriptor, pointer) in descriptors.iter().zip(pointers) {
-                let leaf = descriptor.load(Ordering::Relaxed) & l1.address_mask;
-                if leaf == 0 {
+                let word = descriptor.load(Ordering::Relaxed);
+                if word == 0 {
                     continue;
                 }
+                // Anything else must be exactly the descriptor this driver writes for a leaf it reaches: a
+                // descriptor the SMMU may follow to a leaf the driver does not know (L2Ptr = 0 with Span != 0, a
+                // misaligned or wider span) would leave streams translating that no abort can reach.
+                let leaf = word & l1.address_mask;
                 let leaf_size = (ENTRY_BYTES << l1.leaf_bits) as u64;
                 let cpu = allocator
                     .phys_to_virt(PhysAddr(leaf))
+                    .filter(|_| word == (l1.descriptor)(PhysAddr(leaf), l1.leaf_bits))
                     .filter(|_| allocator.phys_to_virt(PhysAddr(leaf + leaf_size - 1)).is_some());
                 match cpu {
                     Some(cpu) => {

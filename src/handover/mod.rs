@@ -21,6 +21,11 @@
 //! so a domain retrieved and freed (its memory handed out again) can never come back, in this image or after
 //! another reset. Only `prepare_handover` writes records again. A refused restore leaves nothing translating: see
 //! [`crate::ActiveSmmu::restore_handover`].
+//!
+//! On an SMMU adopted running ([`crate::Smmu::adopt_running`]) no ASID or VMID is allocated, so no domain created
+//! (`IdError::HandOffUnsettled`), until the hand-off is settled: a successful `restore_handover` (records found or
+//! not) makes every stream no restored domain holds abort and invalidates everything before it returns
+//! (`abort_unrestored_streams` does the same without a restore).
 
 pub mod format;
 pub mod live;

@@ -95,6 +95,10 @@ pub enum RestoreError {
         /// The value.
         value: u64,
     },
+    /// After a hand-off with the SMMU running: a stream the previous image left translating, which no record
+    /// names, could not be made to abort (or the invalidation that follows failed). Its STE may be live, with an
+    /// ASID or VMID this image would hand out again.
+    UnrestoredStreams(AttachError),
     /// Rebuilding failed after validation (cannot happen for a region that validated; reported, not assumed).
     /// Every stream it touched aborts again.
     Rebuild {
@@ -142,6 +146,10 @@ impl core::fmt::Display for RestoreError {
                     "restore: record {token:#x} needs {what} {value:#x}, beyond this SMMU"
                 )
             }
+            RestoreError::UnrestoredStreams(e) => write!(
+                f,
+                "restore: a stream the previous image left translating could not be made to abort: {e}"
+            ),
             RestoreError::Rebuild { token, what } => {
                 write!(f, "restore: record {token:#x} could not be rebuilt: {what:?}")
             }
@@ -160,6 +168,9 @@ pub struct RestoreReport {
     pub streams: u32,
     /// Page tables adopted without a walk (their counts were recorded).
     pub adopted_without_walk: u32,
+    /// After a hand-off with the SMMU running: streams the previous image left translating that no record names,
+    /// made to abort before the restore returned (0 after a warm reset).
+    pub aborted: u32,
 }
 
 /// What [`ActiveSmmu::finish_handover`] did.
@@ -228,6 +239,9 @@ struct Taken {
     streams: heapless::Vec<u32, { MAX_RECORDS * MAX_STREAMS }>,
     /// Arenas taken back from the pool (at most one per record).
     arenas: heapless::Vec<&'static HandoverArena, MAX_RECORDS>,
+    /// The tokens of the domains the rebuild put in `restored` (a refusal forgets these, and only these: an
+    /// earlier hand-off may have left a parent there for a live nested domain).
+    domains: heapless::Vec<u64, MAX_RECORDS>,
 }
 
 fn layout_of(layout: u8) -> CdTableLayout {
@@ -486,9 +500,17 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// never come back, not even after another reset). A region that was never written (or re-armed without this
     /// SMMU's records) restores nothing.
     ///
+    /// On an SMMU adopted running, a restore that succeeds (records found or not) settles the hand-off before it
+    /// returns: every stream no restored domain holds aborts (the previous image's that no record names, and any
+    /// this image set to bypass or abort meanwhile), then CFGI_ALL, the TLBIs of every regime and CMD_SYNC drop what
+    /// they may have cached ([`RestoreReport::aborted`] counts them). Until then no ASID or VMID is allocated
+    /// ([`crate::ids::IdError::HandOffUnsettled`]), so no domain of this image can share an ID with a stream the
+    /// previous image left translating.
+    ///
     /// # Errors
     /// [`RestoreError::AlreadyRestored`] and [`RestoreError::HandoverPrepared`] (see the table in
-    /// [`crate::handover`]): nothing changed. Any other error is a refusal, and every refusal leaves through one
+    /// [`crate::handover`]): nothing changed. [`RestoreError::UnrestoredStreams`] when settling an adopted SMMU's
+    /// streams failed. Any other error is a refusal too, and every refusal leaves through one
     /// exit, whatever check refused: every stream the rebuild installed aborts again (its STE rewritten, CFGI_STE,
     /// CMD_SYNC); on an SMMU adopted running, every stream that is not this image's own aborts (the previous image's
     /// STEs may be live); then CFGI_ALL, TLBI of every regime and CMD_SYNC; only then do the arenas taken back
@@ -512,7 +534,13 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             return Err(RestoreError::HandoverPrepared { generation });
         }
         let mut taken = Taken::default();
-        match self.restore_records(pool, register_base, &mut taken) {
+        let restored = self
+            .restore_records(pool, register_base, &mut taken)
+            .and_then(|(mut report, found)| {
+                report.aborted = self.abort_inherited_streams()?;
+                Ok((report, found))
+            });
+        match restored {
             Ok((report, found)) => {
                 if found {
                     self.domains.restored_generation = Some(report.generation);
@@ -527,6 +555,15 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 Err(e)
             }
         }
+    }
+
+    /// On an SMMU adopted running whose inherited STEs are not settled yet: makes every stream no domain holds
+    /// abort and invalidates everything (see [`ActiveSmmu::abort_unrestored_streams`]). Returns how many aborted.
+    fn abort_inherited_streams(&mut self) -> Result<u32, RestoreError> {
+        if !self.inherited_stes {
+            return Ok(0);
+        }
+        self.abort_unrestored_streams().map_err(RestoreError::UnrestoredStreams)
     }
 
     /// The restore proper; any error it returns goes through [`ActiveSmmu::contain_refused_restore`]. Returns the
@@ -581,11 +618,12 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         if !contained {
             contained = self.smmu.disable_aborting().is_ok();
         }
-        // The rebuilt domains are forgotten, their tables abandoned in place (the SMMU may have walked them).
-        let restored: heapless::Vec<DomainId, { crate::domain::MAX_PRESERVED }> =
-            self.domains.restored.values().map(|&(id, _)| id).collect();
-        self.domains.restored.clear();
-        for id in restored {
+        // The domains this restore rebuilt are forgotten, their tables abandoned in place (the SMMU may have walked
+        // them). Only those: a parent an earlier hand-off left for a live nested domain stays.
+        for token in &taken.domains {
+            let Some((id, _)) = self.domains.restored.swap_remove(token) else {
+                continue;
+            };
             if let Some(state) = self.domains.remove(id) {
                 if contained {
                     self.release_restored_ids(&state);
@@ -681,6 +719,11 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             if let Some(s) = r.streams.iter().find(|s| self.domains.stream(s.sid).is_some()) {
                 return Err(beyond("a StreamID attached in this image", s.sid.into()));
             }
+            // A token names one domain: not one this image preserved, nor one an earlier restore left waiting (a
+            // parent kept for a live nested domain), whose entry the rebuild would otherwise overwrite.
+            if self.domains.restored.contains_key(&r.token) || self.domains.tokens.contains_key(&r.token) {
+                return Err(beyond("a token a domain of this image holds, token", r.token));
+            }
             // One ASID allocator serves both stage-1 regimes.
             let stage1_only = |k| matches!(k, RecordKind::Stage1 | RecordKind::Stage1El2);
             if stage1_only(r.kind)
@@ -700,13 +743,12 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 }
             }
             for s in &r.streams {
-                let whole_stream = instance
-                    .records
-                    .iter()
-                    .any(|x| x.streams.iter().any(|y| y.sid == s.sid && y.ssid == 0));
+                // A substream comes back only with its whole stream, in the same record (as `prepare_handover`
+                // records them): the stream's CD table and regime (EL2 or NS-EL1) are that domain's.
+                let whole_stream = r.streams.iter().any(|y| y.sid == s.sid && y.ssid == 0);
                 if s.ssid != 0 && !whole_stream {
                     return Err(beyond(
-                        "a substream of a stream no record holds, StreamID",
+                        "a substream of a stream its own record does not hold, StreamID",
                         s.sid.into(),
                     ));
                 }
@@ -848,14 +890,29 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 {
                     *children += 1;
                 }
-                if self.domains.restored.insert(r.token, (id, arena)).is_err() {
+                // Never over another domain's entry (`check_limits` refused such a token already).
+                let refused = match self.domains.restored.get(&r.token) {
+                    Some(&(holder, _)) => Some(DomainError::TokenInUse {
+                        token: r.token,
+                        domain: holder,
+                    }),
+                    None => self
+                        .domains
+                        .restored
+                        .insert(r.token, (id, arena))
+                        .err()
+                        .map(|_| DomainError::TooMany("restored domains")),
+                };
+                if let Some(e) = refused {
                     // Not in `restored`, so the refusal's exit would not find it: forgotten here.
                     if let Some(state) = self.domains.remove(id) {
                         self.release_restored_ids(&state);
                         core::mem::forget(state);
                     }
-                    return Err(fail(RebuildFailure::Domain(DomainError::TooMany("restored domains"))));
+                    return Err(fail(RebuildFailure::Domain(e)));
                 }
+                // Room: at most one per record.
+                let _ = taken.domains.push(r.token);
                 report.domains += 1;
             }
         }
@@ -918,6 +975,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                         let ste = self
                             .domain_ste(id, cd_table.as_ref())
                             .map_err(|e| fail(RebuildFailure::Domain(e)))?;
+                        // An EL2 stream, as an EL2 attach: stale EL2 entries dropped first (they match any EL2
+                        // context).
+                        self.enter_el2(id).map_err(|e| fail(RebuildFailure::Domain(e)))?;
                         let _ = taken.streams.push(s.sid);
                         self.install_ste(s.sid, &ste)
                             .map_err(|e| fail(RebuildFailure::Attach(e)))?;
@@ -941,10 +1001,11 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         Ok(())
     }
 
-    /// After a hand-off with the SMMU running ([`crate::Smmu::adopt_running`] then
-    /// [`ActiveSmmu::restore_handover`]): makes every stream that no restored domain holds abort, then invalidates
-    /// every cached configuration and TLB entry (those streams may have cached translations under IDs this image
-    /// will reuse). Call it before allocating any ASID or VMID. Returns how many STEs changed.
+    /// After a hand-off with the SMMU running ([`crate::Smmu::adopt_running`]): makes every stream that no restored
+    /// domain holds abort, then invalidates every cached configuration and TLB entry (those streams may have cached
+    /// translations under IDs this image will reuse), and lets IDs be allocated again. A successful
+    /// [`ActiveSmmu::restore_handover`] does this itself; call it to settle an adopted SMMU without restoring.
+    /// Returns how many STEs changed.
     ///
     /// # Errors
     /// As [`ActiveSmmu::attach_abort`].
@@ -1339,28 +1400,28 @@ mod tests {
             [Issued::CfgiAll, Issued::NsnhAll, Issued::Sync]
         );
         assert_eq!(next.ste(0x10), Ok(ste), "the running stream table adopted as found");
+        assert_eq!(next.ste(0x30).unwrap().config(), Config::Bypass, "until the restore");
+        assert_eq!(
+            next.allocate_asid(),
+            Err(crate::ids::IdError::HandOffUnsettled),
+            "nothing allocated while the previous image's streams may use any ID"
+        );
         let before = model.seen.lock().unwrap().consumed.len();
         let report = next.restore_handover(pool, BASE).unwrap();
-        assert_eq!((report.domains, report.streams), (1, 1));
+        assert_eq!((report.domains, report.streams, report.aborted), (1, 1, 1));
         assert_eq!(
             next.ste(0x10),
             Ok(ste),
             "the restored STE is the one the SMMU was using: nothing rewritten"
         );
-        assert_eq!(
-            issued_since(&model, before),
-            [],
-            "nothing rewritten, nothing invalidated"
-        );
-        assert_eq!(next.ste(0x30).unwrap().config(), Config::Bypass, "until aborted");
-        let before = model.seen.lock().unwrap().consumed.len();
-        assert_eq!(next.abort_unrestored_streams(), Ok(1));
         assert_eq!(next.ste(0x30).unwrap().config(), Config::Abort);
-        // The unrestored stream's STE (and only it), then everything it may have cached under IDs this image reuses.
+        // Before the restore returns: the unrestored stream's STE (and only it), then everything it may have cached
+        // under IDs this image reuses.
         let issued = issued_since(&model, before);
         let (ste_steps, rest) = issued.split_at(issued.len() - 3);
         assert_ste_steps(ste_steps, 0x30);
         assert_eq!(rest, [Issued::CfgiAll, Issued::NsnhAll, Issued::Sync]);
+        assert_eq!(next.abort_unrestored_streams(), Ok(0), "nothing left to abort");
         let d = next.retrieve(0x77).unwrap();
         assert_eq!(next.iova_to_phys(d, 0x1000), Ok(Some(0x8000_0000)));
         assert!(
@@ -1966,6 +2027,31 @@ mod tests {
         model
     }
 
+    /// A level-1 stream table descriptor the SMMU would follow but the driver cannot (Span != 0 with L2Ptr = 0:
+    /// 256 streams walking STEs at PA 0, which no abort would reach) makes the stream table not adoptable: the SMMU
+    /// is left disabled with every transaction aborting.
+    #[test]
+    fn adopt_running_refuses_a_level1_descriptor_it_would_not_have_written() {
+        let frames = frames();
+        let mut region = Region::new();
+        let model = running_first_image(&mut region, frames);
+        let pool = region.pool();
+        let (running, core) = running_smmu(pool, &model.smmu(), BASE).unwrap().unwrap();
+        // The descriptor of StreamIDs 0x100..0x200, never allocated: Span = SPLIT + 1, L2Ptr = 0.
+        let index = ((running.strtab_base - region.extent.base) / 8) as usize + 1;
+        assert_eq!(region.memory[index], 0);
+        region.memory[index] = u64::from(crate::stream::SPLIT) + 1;
+        let error = model
+            .smmu()
+            .adopt_running(core, &InitOptions::default(), &running)
+            .err();
+        assert!(
+            matches!(error, Some(crate::InitError::StreamTableNotAdoptable { .. })),
+            "{error:?}"
+        );
+        assert!(disabled_aborting(&model), "{:x?}", cr0_and_gbpa(&model));
+    }
+
     #[test]
     fn adopt_running_refuses_another_smmu_and_leaves_it_disabled_with_every_transaction_aborting() {
         let frames = frames();
@@ -2081,7 +2167,10 @@ mod tests {
             let bytes = pool.lock_metadata().unwrap();
             format::decode(&bytes, pool.pool().unwrap()).unwrap().instances[0].records[0].asid
         };
-        assert_eq!(next.allocate_asid(), Ok(recorded), "this image takes the recorded ASID");
+        // Nothing is allocated until the hand-off is settled; a claim (as another restore's) takes the recorded
+        // ASID.
+        assert_eq!(next.allocate_asid(), Err(IdError::HandOffUnsettled));
+        next.claim_asid(recorded).unwrap();
         let before = model.seen.lock().unwrap().commands.len();
         let error = next.restore_handover(pool, BASE).unwrap_err();
         assert!(
@@ -2105,6 +2194,74 @@ mod tests {
         );
         assert_eq!(pool.arenas_in_use(), 1, "only the SMMU's own arena is taken");
         core::mem::forget(next);
+    }
+
+    /// A running hand-off whose restore rebuilt its record but cannot make the previous image's other stream abort
+    /// (CFGI_STE refused): the restore is refused as a whole, through the refusal's one exit: the rebuilt domain is
+    /// forgotten, its arena back only once translation is off with every transaction aborting.
+    #[test]
+    fn a_restore_that_cannot_abort_the_previous_images_other_streams_is_refused_whole() {
+        use crate::hw::command::opcode;
+        use std::sync::atomic::Ordering;
+        let frames = frames();
+        let mut region = Region::new();
+        let model = running_first_image(&mut region, frames);
+        let pool = region.pool();
+        let (running, core) = running_smmu(pool, &model.smmu(), BASE).unwrap().unwrap();
+        let mut next = model
+            .smmu()
+            .adopt_running(core, &InitOptions::default(), &running)
+            .unwrap();
+        model.refuse.store(opcode::CFGI_STE, Ordering::SeqCst);
+        let error = next.restore_handover(pool, BASE).unwrap_err();
+        model.refuse.store(0, Ordering::SeqCst);
+        assert!(
+            matches!(error, RestoreError::UnrestoredStreams(AttachError::Invalidation(_))),
+            "{error}"
+        );
+        assert_eq!(next.retrieve(0x77), Err(DomainError::UnknownToken(0x77)));
+        assert_eq!(next.handover_phase(), HandoverPhase::Idle);
+        assert!(disabled_aborting(&model), "{:x?}", cr0_and_gbpa(&model));
+        assert_eq!(pool.arenas_in_use(), 1, "only the SMMU's own arena");
+        core::mem::forget(next);
+    }
+
+    /// A token names one domain: a restore whose record reuses the token of a parent an earlier hand-off left
+    /// waiting (for its live nested domain) is refused before anything changes, and the parent stays.
+    #[test]
+    fn a_restore_never_reuses_the_token_of_a_domain_an_earlier_hand_off_left_waiting() {
+        let frames = frames();
+        let mut region = Region::new();
+        first_image(&mut region, frames);
+        let model = Model::start(frames);
+        let mut smmu = boot(&model, frames);
+        let pool = region.pool();
+        smmu.restore_handover(pool, BASE).unwrap();
+        smmu.retrieve(0x53).unwrap();
+        smmu.finish_handover(pool, BASE).unwrap();
+        assert!(smmu.domains.restored.contains_key(&0x52), "kept for its nested domain");
+        // Another region whose one record (a stage-1 domain on a free stream, with a free ASID) reuses 0x52.
+        let mut other = Region::new();
+        {
+            let model = Model::start(frames);
+            let mut first = boot(&model, frames);
+            let pool = other.pool();
+            let d = arena_stage1(&mut first, pool);
+            first.attach(d, 0x40).unwrap();
+            first.preserve(d, 0x52).unwrap();
+            first.prepare_handover(pool, BASE, 9).unwrap();
+            core::mem::forget(first);
+        }
+        let error = smmu.restore_handover(other.pool(), BASE).unwrap_err();
+        assert!(
+            matches!(error, RestoreError::BeyondLimits { token: 0x52, what, .. } if what.contains("token")),
+            "{error}"
+        );
+        assert_eq!(smmu.ste(0x40).map(|s| s.config()), Ok(Config::Abort));
+        assert_eq!(smmu.ste(0x18).map(|s| s.config()), Ok(Config::Nested));
+        let parent = smmu.retrieve(0x52).unwrap();
+        assert_eq!(smmu.domain_kind(parent), Ok(crate::DomainKind::Stage2));
+        core::mem::forget(smmu);
     }
 
     /// The record's page table, rewritten so that only a walk finds it broken (its table count cleared, so the
@@ -2423,6 +2580,250 @@ mod tests {
         );
         assert_eq!(smmu.domains.free_slots(), crate::domain::DEFAULT_DOMAINS);
         smmu.cancel_handover(pool, BASE).unwrap();
+        core::mem::forget(smmu);
+    }
+
+    /// The ASID of a stage-1 domain.
+    fn stage1_asid<A: FrameAllocator>(smmu: &ActiveSmmu<A>, d: DomainId) -> u16 {
+        match smmu.domains.get(d).unwrap().translation {
+            Translation::Stage1 { asid, .. } => asid,
+            _ => unreachable!(),
+        }
+    }
+
+    /// Review finding 4. A hand-off with the SMMU running, through the whole documented lifecycle
+    /// (`running_smmu`, `adopt_running`, `restore_handover`, `retrieve`, `finish_handover`): the previous image's
+    /// stream that no record names (0x20, a domain that was not preserved) keeps its live stage-1 STE, whose CD
+    /// uses an ASID this image's allocator considers free. The next domain this image creates gets that ASID
+    /// and is attached elsewhere: both streams then translate under the same (VMID 0, ASID) tag, so each may hit
+    /// the other's TLB entries (the old device reaching the new domain's memory, the new device the old
+    /// domain's). Nothing but a call the docs ask for (`abort_unrestored_streams`) prevents it.
+    #[test]
+    fn finding4_after_a_running_hand_off_no_new_domain_shares_an_asid_with_a_stream_the_previous_image_left() {
+        use crate::handover::pool::HandoverArena;
+        let frames = frames();
+        let mut region = Region::new();
+        let model = Model::start(frames);
+        let pool = region.pool();
+        *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
+        let core = pool.take_arena().unwrap();
+        let mut first: ActiveSmmu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
+        let options = Stage1Options {
+            input_bits: 39,
+            el2: false,
+        };
+        let kept = first.create_stage1(pool.take_arena().unwrap(), options).unwrap();
+        first.map(kept, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+        first.attach(kept, 0x10).unwrap();
+        // Not preserved: its tables in ordinary memory, its stream live at the hand-off.
+        let left = first.create_stage1(frames, options).unwrap();
+        first.map(left, 0x1000, 0x9000_0000, 0x1000, RW).unwrap();
+        first.attach(left, 0x20).unwrap();
+        let left_asid = stage1_asid(&first, left);
+        first.preserve(kept, 0x77).unwrap();
+        first.prepare_handover(pool, BASE, 3).unwrap();
+        core::mem::forget(first);
+
+        let pool = region.pool();
+        let (running, core) = running_smmu(pool, &model.smmu(), BASE).unwrap().unwrap();
+        let mut next = model
+            .smmu()
+            .adopt_running(core, &InitOptions::default(), &running)
+            .unwrap();
+        next.restore_handover(pool, BASE).unwrap();
+        let d = next.retrieve(0x77).unwrap();
+        next.finish_handover(pool, BASE).unwrap();
+        assert_eq!(next.handover_phase(), HandoverPhase::Idle);
+        assert_eq!(next.iova_to_phys(d, 0x1000), Ok(Some(0x8000_0000)));
+        // The hand-off is over. A new domain on another stream.
+        let fresh = next.create_stage1(frames, options).unwrap();
+        next.map(fresh, 0x1000, 0xa000_0000, 0x1000, RW).unwrap();
+        next.attach(fresh, 0x40).unwrap();
+        let fresh_asid = stage1_asid(&next, fresh);
+        let inherited_live = next.ste(0x20).map(|s| s.config()) == Ok(Config::Stage1);
+        assert!(
+            !(inherited_live && fresh_asid == left_asid),
+            "stream 0x20 (the previous image's, unrestored) still translates with ASID {left_asid}, which the new \
+             domain on stream 0x40 was given"
+        );
+        core::mem::forget(next);
+    }
+
+    /// Review finding 5 (issue #21 item 2, "a stream's substreams all use its regime", against a region whose CRC
+    /// is valid). `prepare_handover` records a substream only in the record of the domain that holds the whole
+    /// stream (`RecordError::SubstreamOfAnotherDomain`), but the restore only checks that *some* record holds
+    /// it. So records in which an EL2 stage-1 domain holds substream 3 of a stream whose whole-stream record is
+    /// an NS-EL1 domain are accepted: the STE keeps STRW = NS-EL1, the EL2 domain is booked on that substream, and
+    /// whatever it translates there is cached as NS-EL1 entries while every invalidation of the EL2 domain (its
+    /// unmaps, its free) is TLBI_EL2_*, which misses them. The restore must refuse such records.
+    #[test]
+    fn finding5_a_restore_refuses_a_substream_of_a_stream_another_record_holds() {
+        // IDR0.HYP (EL2 contexts) and SSIDSIZE 5.
+        let (idr0, idr1) = (
+            crate::active::tests::IDRS[0].1 | 1 << 9,
+            crate::active::tests::IDRS[1].1 | 5 << 6,
+        );
+        let frames = frames();
+        let mut region = Region::new();
+        {
+            let model = Model::start_with_idrs(frames, idr0, idr1);
+            let mut smmu = boot(&model, frames);
+            let pool = region.pool();
+            let whole = arena_stage1(&mut smmu, pool);
+            let el2 = smmu
+                .create_stage1(
+                    pool.take_arena().unwrap(),
+                    Stage1Options {
+                        input_bits: 39,
+                        el2: true,
+                    },
+                )
+                .unwrap();
+            smmu.map(el2, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+            smmu.attach(whole, 0x10).unwrap();
+            smmu.attach(el2, 0x11).unwrap();
+            smmu.preserve(whole, 0x61).unwrap();
+            smmu.preserve(el2, 0x62).unwrap();
+            smmu.prepare_handover(pool, BASE, 1).unwrap();
+            core::mem::forget(smmu);
+        }
+        // A region with a valid CRC in which the EL2 domain holds substream 3 of the NS-EL1 domain's stream.
+        tamper(region.pool(), |instance| {
+            let record = instance.records.iter_mut().find(|r| r.token == 0x62).unwrap();
+            assert_eq!(record.kind, RecordKind::Stage1El2);
+            let stream = &mut record.streams[0];
+            (stream.sid, stream.ssid) = (0x10, 3);
+        });
+        let model = Model::start_with_idrs(frames, idr0, idr1);
+        let mut smmu = boot(&model, frames);
+        let pool = region.pool();
+        let restored = smmu.restore_handover(pool, BASE);
+        if restored.is_ok() {
+            let strw = smmu.ste(0x10).unwrap().0[1] >> 30 & 0b11;
+            let d = smmu.retrieve(0x62).unwrap();
+            let attachments = smmu.attachments(d).unwrap().to_vec();
+            let before = model.seen.lock().unwrap().commands.len();
+            smmu.unmap(d, 0x1000, 0x1000).unwrap();
+            let issued = issued_since(&model, before);
+            core::mem::forget(smmu);
+            panic!(
+                "restored the EL2 domain on {attachments:x?}, a substream of stream 0x10 whose STE has STRW \
+                 {strw:#b} (NS-EL1); its unmap invalidates only {issued:x?}"
+            );
+        }
+        core::mem::forget(smmu);
+    }
+
+    /// Review finding 6 (issue #21 item 2: "an EL2 entry left cached when another EL2 domain attaches"). When an
+    /// EL2 domain's last detach cannot drop its entries (TLBI_EL2_ALL fails), `el2_stale` makes the next EL2
+    /// attach issue TLBI_EL2_ALL first. A restore that installs a record's EL2 stream does not: the restored EL2
+    /// domain's stream starts translating while the previous EL2 domain's entries, which match every EL2 context,
+    /// may still be cached, so its DMA can use them and reach the other domain's memory.
+    #[test]
+    fn finding6_a_restored_el2_stream_is_installed_only_after_stale_el2_entries_are_dropped() {
+        let frames = frames();
+        let mut region = Region::new();
+        el2_first_image(&mut region, frames, false);
+        let model = el2_model(frames);
+        let mut smmu = boot(&model, frames);
+        let pool = region.pool();
+        // This image's EL2 domain, on another ASID than the record's, attached, then detached while TLBI_EL2_ALL
+        // is refused: its EL2 entries may stay cached.
+        let spare = smmu.allocate_asid().unwrap();
+        let mine = smmu.create_stage1(frames, EL2).unwrap();
+        smmu.free_asid(spare).unwrap();
+        smmu.map(mine, 0x1000, 0x9000_0000, 0x1000, RW).unwrap();
+        smmu.attach(mine, 0x11).unwrap();
+        model.refuse.store(
+            crate::hw::command::opcode::TLBI_EL2_ALL,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        assert!(smmu.detach(0x11).is_err());
+        model.refuse.store(0, std::sync::atomic::Ordering::SeqCst);
+        assert!(smmu.domains.el2_stale, "the EL2 entries of {mine} may still be cached");
+        let before = model.seen.lock().unwrap().commands.len();
+        smmu.restore_handover(pool, BASE).unwrap();
+        let issued = issued_since(&model, before);
+        let installed = issued.iter().position(|i| *i == Issued::Ste { sid: 0x10 }).unwrap();
+        assert!(
+            issued[..installed].contains(&Issued::El2All),
+            "the restored EL2 stream 0x10 was installed with the stale EL2 entries still cached: {issued:?}"
+        );
+        core::mem::forget(smmu);
+    }
+
+    /// Review finding 7. `finish_handover` keeps a restored stage-2 parent whose nested domain was retrieved (the
+    /// live nested domain translates through it), waiting in `restored` after the phase is back to `Idle`. A
+    /// later restore that is refused (here a pool that is not set up; a corrupt region does the same) goes through
+    /// `contain_refused_restore`, which forgets *every* domain in `restored`, this earlier hand-off's parent
+    /// included, and gives back its VMID, while the retrieved nested domain's STE still translates with that VMID
+    /// and that parent's stage-2 table. The next stage-2 domain may get the VMID (shared TLB entries), and the
+    /// nested domain can no longer be freed (its parent is stale).
+    #[test]
+    fn finding7_a_refused_restore_never_takes_away_a_parent_an_earlier_hand_off_left_to_a_live_nested_domain() {
+        let frames = frames();
+        let mut region = Region::new();
+        first_image(&mut region, frames);
+        let model = Model::start(frames);
+        let mut smmu = boot(&model, frames);
+        let pool = region.pool();
+        smmu.restore_handover(pool, BASE).unwrap();
+        let nested = smmu.retrieve(0x53).unwrap();
+        smmu.finish_handover(pool, BASE).unwrap();
+        assert_eq!(smmu.handover_phase(), HandoverPhase::Idle);
+        assert!(
+            smmu.domains.restored.contains_key(&0x52),
+            "the parent stays for its nested domain"
+        );
+        let ste = smmu.ste(0x18).unwrap();
+        assert_eq!(ste.config(), Config::Nested);
+        let vmid = ste.vmid();
+        assert!(smmu.vmid_taken(vmid));
+        // A restore refused for a reason that has nothing to do with that parent.
+        let unset: &'static HandoverPool = Box::leak(Box::new(HandoverPool::new()));
+        assert!(matches!(smmu.restore_handover(unset, BASE), Err(RestoreError::Pool(_))));
+        let still_nested = smmu.ste(0x18).map(|s| s.config()) == Ok(Config::Nested);
+        assert!(
+            !still_nested || (smmu.vmid_taken(vmid) && smmu.retrieve(0x52).is_ok()),
+            "stream 0x18 still translates nested with VMID {vmid}, whose parent was forgotten (VMID free again: {})",
+            !smmu.vmid_taken(vmid)
+        );
+        let _ = nested;
+        core::mem::forget(smmu);
+    }
+
+    /// Review finding 9. An SMMU whose own structures (stream table, its level-2 spans, the queues, and the
+    /// driver's own array of span pointers) come from a handover arena (as for a hand-off with the SMMU running)
+    /// does not claim that arena, so a domain can be created with it (only a prepared hand-off refuses that, as
+    /// `MemorySealed`). Freeing that domain retires the arena: the pool takes it back and hands it out again,
+    /// zeroed, while the SMMU is still translating through the stream table in it. (Letting the next domain map
+    /// in the reused arena aborts this test binary: the driver's span-pointer array is overwritten by page-table
+    /// descriptors and `EntryTable::entry` builds a slice from one, table.rs:209; a descriptor written over a live
+    /// STE is read by the SMMU as that STE.)
+    #[test]
+    fn finding9_a_domain_never_frees_the_arena_that_holds_the_smmus_own_stream_table() {
+        use crate::handover::pool::HandoverArena;
+        let frames = frames();
+        let mut region = Region::new();
+        let model = Model::start(frames);
+        let pool = region.pool();
+        *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
+        let core = pool.take_arena().unwrap();
+        let mut smmu: ActiveSmmu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
+        let strtab = smmu.configuration().stream_table_base;
+        let other = smmu.create_stage1(frames, Stage1Options::default()).unwrap();
+        smmu.attach(other, 0x10).unwrap();
+        assert_eq!(smmu.ste(0x10).map(|s| s.config()), Ok(Config::Stage1));
+        assert_eq!(pool.arenas_in_use(), 1, "the SMMU's own arena");
+        if let Ok(d) = smmu.create_stage1(core, Stage1Options::default()) {
+            smmu.map(d, 0, 0x8000_0000, 0x1000, RW).unwrap();
+            smmu.free_domain(d).unwrap();
+        }
+        assert_eq!(
+            pool.arenas_in_use(),
+            1,
+            "the arena holding the live stream table at {strtab:#x} went back to the pool, to be handed out again zeroed"
+        );
         core::mem::forget(smmu);
     }
 }

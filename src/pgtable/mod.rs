@@ -390,8 +390,11 @@ pub struct Gather {
     /// The [`TableId`] of the table that used the gather first; 0 until then.
     owner: u64,
     /// A number the owner's caller inside the crate may keep with the gather: the domain layer records in which
-    /// of its epochs it counted the gather as a pending deferred unmap (0: not counted).
+    /// of its epochs it counted the gather as a pending deferred unmap (0: not counted). Epochs only grow.
     pub(crate) ticket: u64,
+    /// How many gathers counted in epoch `ticket` this one stands for: 1 when counted, more once others counted
+    /// in the same epoch were merged into it ([`IoPageTable::merge`]), so that syncing it uncounts them all.
+    pub(crate) counted: u32,
 }
 
 impl Gather {
@@ -1840,6 +1843,13 @@ impl<A: FrameAllocator> IoPageTable<A> {
     pub(crate) fn merge_owned(&self, into: &mut Gather, other: Gather) {
         debug_assert!(self.owns(into) && self.owns(&other));
         into.owner = self.id.0;
+        // The count of the newer epoch survives (an older epoch's gathers no longer count); within one epoch the
+        // merged gathers add up.
+        match into.ticket.cmp(&other.ticket) {
+            core::cmp::Ordering::Less => (into.ticket, into.counted) = (other.ticket, other.counted),
+            core::cmp::Ordering::Equal => into.counted = into.counted.saturating_add(other.counted),
+            core::cmp::Ordering::Greater => {}
+        }
         if other.end != other.start {
             into.add_run(other.start, other.end, other.leaf_shift, other.leaves);
         } else {

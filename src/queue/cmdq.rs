@@ -118,6 +118,14 @@ pub enum CommandQueueError {
         /// Commands refused in all.
         count: u32,
     },
+    /// [`crate::ActiveSmmu::submit`] refused the command at `index` of the batch: it may do more than invalidate,
+    /// prefetch or synchronise (see [`crate::hw::command::vet`]). Nothing of the batch was written.
+    NotAllowed {
+        /// Its index in the batch.
+        index: usize,
+        /// What it would do.
+        reason: crate::hw::command::Unvetted,
+    },
 }
 
 impl fmt::Display for CommandQueueError {
@@ -135,6 +143,9 @@ impl fmt::Display for CommandQueueError {
             }
             CommandQueueError::Refused { first, count } => {
                 write!(f, "{count} command(s) refused, the first: {first}")
+            }
+            CommandQueueError::NotAllowed { index, reason } => {
+                write!(f, "command {index} of the batch not submitted, nor the rest: {reason}")
             }
         }
     }
