@@ -72,6 +72,15 @@ fn bench_map_one<const D: usize>(
     const RW: Prot = Prot::READ.union(Prot::WRITE).union(Prot::CACHEABLE);
     const IOVA: u64 = 0x4000_0000;
     const PA: u64 = 0x8_0000_0000;
+    // What a board declares (the handover region, the frame pool, the image): each map checks its output against
+    // every one of them.
+    for (base, len) in [
+        (0x4000_0000, 0x1000_0000),
+        (0x7e00_0000, 0x200_0000),
+        (0x1_0000_0000, 0x4000_0000),
+    ] {
+        smmu.protect_memory(smmuv3::handover::Extent { base, len }).unwrap();
+    }
     let d = smmu.create_stage1(memory, options).unwrap();
     // Every last-level table of the range exists (one page mapped in each), so a map allocates nothing.
     for t in 0..512u64 {

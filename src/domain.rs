@@ -372,6 +372,16 @@ pub enum DomainError {
     /// in force; for unmap and protect the unlinked tables are kept and flushed again by the domain's next
     /// operation.
     Invalidation(InvalidationError),
+    /// The output range of a map shares a byte with memory declared protected (`ActiveSmmu::protect_memory`:
+    /// the handover region, the driver's tables and queues): no device may be given it.
+    ProtectedOutput {
+        /// The output address asked for.
+        pa: u64,
+        /// The size asked for.
+        size: u64,
+        /// The protected extent it reaches.
+        protected: crate::handover::Extent,
+    },
 }
 
 impl fmt::Display for DomainError {
@@ -441,6 +451,12 @@ impl fmt::Display for DomainError {
                     "{domain} is preserved under token {token:#x}: unpreserve it before freeing it"
                 )
             }
+            DomainError::ProtectedOutput { pa, size, protected } => write!(
+                f,
+                "output {pa:#x}+{size:#x} reaches protected memory {:#x}+{:#x} (the handover region or the \
+                 driver's own tables and queues): no device may be given it",
+                protected.base, protected.len
+            ),
         }
     }
 }
@@ -541,6 +557,8 @@ pub(crate) struct Domains<const D: usize> {
         (DomainId, Option<&'static crate::handover::pool::HandoverArena>),
         MAX_PRESERVED,
     >,
+    /// Memory no mapping may reach (`ActiveSmmu::protect_memory`).
+    pub(crate) protected: crate::protected::ProtectedMemory,
 }
 
 impl<const D: usize> Domains<D> {
@@ -556,6 +574,7 @@ impl<const D: usize> Domains<D> {
             unattached_faults: FaultReport::default(),
             tokens: heapless::index_map::FnvIndexMap::new(),
             restored: heapless::index_map::FnvIndexMap::new(),
+            protected: crate::protected::ProtectedMemory::new(),
         }
     }
 
@@ -1419,10 +1438,16 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// [`DomainError::StaleDomain`], [`DomainError::WrongKind`] for a nested domain, [`DomainError::Map`] for an
     /// unaligned or out-of-range range (the domain's input size, the SMMU's output size), an overlap with what is
     /// mapped, a bad `prot`, or no memory, [`DomainError::HandoverPrepared`] for a preserved domain while a
-    /// prepared hand-off records it: nothing changes then. [`DomainError::Invalidation`] when the domain's earlier
-    /// failed invalidation, retried first, fails again: nothing is mapped and the gather stays for the next retry.
+    /// prepared hand-off records it, [`DomainError::ProtectedOutput`] for an output range that reaches memory
+    /// declared with [`ActiveSmmu::protect_memory`]: nothing changes then. [`DomainError::Invalidation`] when the
+    /// domain's earlier failed invalidation, retried first, fails again: nothing is mapped and the gather stays
+    /// for the next retry.
     pub fn map(&mut self, domain: DomainId, iova: u64, pa: u64, size: u64, prot: Prot) -> Result<(), DomainError> {
         self.unfrozen(domain)?;
+        // No device may be given the handover region or the driver's own tables and queues.
+        if let Some(protected) = self.domains.protected.overlapping(pa, size) {
+            return Err(DomainError::ProtectedOutput { pa, size, protected });
+        }
         self.settle(domain)?;
         match &mut self.paging_domain(domain)?.translation {
             Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => {
