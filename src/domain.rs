@@ -718,12 +718,22 @@ fn stage1_cd<M: FrameAllocator>(
     asid: u16,
     table: &IoPageTable<M>,
 ) -> Result<Cd, EntryError> {
-    let format = table.format();
+    stage1_cd_of(features, asid, table.format(), table.root())
+}
+
+/// The CD of a stage-1 domain with `asid` whose table of `format` has its root at `root` (what a restore compares
+/// an adopted CD with, before any table is adopted).
+pub(crate) fn stage1_cd_of(
+    features: &crate::features::Features,
+    asid: u16,
+    format: &Format,
+    root: PhysAddr,
+) -> Result<Cd, EntryError> {
     let (cacheability, shareability) = ste::walk_attributes(features.coherent);
     Cd::new(
         &CdConfig {
             asid,
-            table: table.root(),
+            table: root,
             t0sz: 64 - format.input_bits,
             granule: cd_granule(format.granule),
             ips: size_encoding(format.output_bits),

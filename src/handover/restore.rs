@@ -6,6 +6,7 @@
 
 use super::format::{self, FormatError, HandoverError};
 use super::pool::{HandoverArena, HandoverPool, METADATA_BYTES, PoolError};
+use super::verify::{Outputs, Refusal, RestoreOptions, VerifyFailure, verify_instance};
 use super::{Extent, InstanceRecords, MAX_INSTANCES, RecordKind};
 use crate::active::{ActiveSmmu, AttachError};
 use crate::ctx::{CdTable, CdTableError, CdTableFormat};
@@ -30,6 +31,31 @@ pub enum PrepareError {
     /// The region holds records that do not validate (other SMMUs' among them, perhaps): they are not silently
     /// dropped. Restore (or finish) first, which re-arms the region.
     ExistingRegion(HandoverError),
+    /// A preserved domain maps memory outside every range the caller says survives the hand-off: the next image
+    /// would give a device memory it may use for anything.
+    NotSurviving {
+        /// The domain's token.
+        token: u64,
+        /// The input address of the mapping.
+        iova: u64,
+        /// Its output address.
+        output: u64,
+        /// Its size.
+        size: u64,
+    },
+    /// A preserved domain maps the handover region or memory declared protected (which the next image refuses).
+    ProtectedOutput {
+        /// The domain's token.
+        token: u64,
+        /// The input address of the mapping.
+        iova: u64,
+        /// Its output address.
+        output: u64,
+        /// Its size.
+        size: u64,
+        /// The protected extent it reaches.
+        protected: Extent,
+    },
 }
 
 impl core::fmt::Display for PrepareError {
@@ -45,6 +71,28 @@ impl core::fmt::Display for PrepareError {
                     "handover: the region already holds records that do not validate ({e}); not overwritten"
                 )
             }
+            PrepareError::NotSurviving {
+                token,
+                iova,
+                output,
+                size,
+            } => write!(
+                f,
+                "handover: domain {token:#x} maps IOVA {iova:#x} to {output:#x}+{size:#x}, memory that does not survive \
+                 the hand-off"
+            ),
+            PrepareError::ProtectedOutput {
+                token,
+                iova,
+                output,
+                size,
+                protected,
+            } => write!(
+                f,
+                "handover: domain {token:#x} maps IOVA {iova:#x} to {output:#x}+{size:#x}, inside protected memory \
+                 {:#x}+{:#x}",
+                protected.base, protected.len
+            ),
         }
     }
 }
@@ -67,6 +115,14 @@ pub enum RestoreError {
         what: &'static str,
         /// The value.
         value: u64,
+    },
+    /// A record's preserved memory does not say what the record says (its page table, its CDs): found by
+    /// verification, before anything was installed ([`super::verify`]).
+    Verify {
+        /// The record.
+        token: u64,
+        /// What is wrong, and where.
+        what: VerifyFailure,
     },
     /// Rebuilding failed after validation (cannot happen for a region that validated; reported, not assumed).
     /// Every stream it touched aborts again.
@@ -107,6 +163,7 @@ impl core::fmt::Display for RestoreError {
                     "restore: record {token:#x} needs {what} {value:#x}, beyond this SMMU"
                 )
             }
+            RestoreError::Verify { token, what } => write!(f, "restore: record {token:#x} refused: {what}"),
             RestoreError::Rebuild { token, what } => {
                 write!(f, "restore: record {token:#x} could not be rebuilt: {what:?}")
             }
@@ -209,16 +266,26 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// cancel, change, and prepare again. Other domains stay usable. Records of other SMMUs already in the region are kept. `register_base` is this
     /// SMMU's physical register base, which names it in the region.
     ///
+    /// `surviving` is the memory that survives the hand-off as it is (RAM the next image does not reuse for
+    /// anything but what the preserved devices reach; what it declares DMA-able to its restore): every page and
+    /// block of every preserved domain must map memory inside one of these ranges, and outside the handover
+    /// region and the memory declared with [`ActiveSmmu::protect_memory`] (which the next image's restore
+    /// refuses). Each preserved table is walked once for this.
+    ///
     /// # Errors
-    /// [`PrepareError`]; on [`PrepareError::SelfCheck`] the region is invalidated (its magic cleared).
+    /// [`PrepareError::NotSurviving`], [`PrepareError::ProtectedOutput`] naming the domain and the mapping, before
+    /// anything is written; [`PrepareError`]; on [`PrepareError::SelfCheck`] the region is invalidated (its magic
+    /// cleared).
     pub fn prepare_handover(
         &self,
         pool: &HandoverPool,
         register_base: u64,
         generation: u64,
+        surviving: &[Extent],
     ) -> Result<usize, PrepareError> {
         let region = pool.metadata_extent().map_err(PrepareError::Pool)?;
         let pool_extent = pool.pool().map_err(PrepareError::Pool)?;
+        self.check_preserved_outputs(pool, surviving)?;
         let ours = self.handover_records(register_base).map_err(PrepareError::Records)?;
         let mut guard = pool.lock_metadata().map_err(PrepareError::Pool)?;
         let bytes: &mut [u8] = &mut guard;
@@ -269,6 +336,49 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         Ok(written)
     }
 
+    /// Checks that every leaf of every preserved domain maps memory inside `surviving` and outside the region and
+    /// protected memory: the first that does not is the error.
+    fn check_preserved_outputs(&self, pool: &HandoverPool, surviving: &[Extent]) -> Result<(), PrepareError> {
+        let outputs = Outputs {
+            dma: surviving,
+            region: pool.region().map_err(PrepareError::Pool)?,
+            protected: self.domains.protected.extents(),
+        };
+        for (&token, &id) in self.domains.tokens.iter() {
+            let Ok(state) = self.domains.get(id) else { continue };
+            let (Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. }) = &state.translation else {
+                continue;
+            };
+            let mut first = None;
+            table.walk(|m| {
+                if first.is_none()
+                    && let Err(refusal) = outputs.judge(m.pa, m.size)
+                {
+                    first = Some((m, refusal));
+                }
+            });
+            if let Some((m, refusal)) = first {
+                let (iova, output, size) = (m.iova, m.pa, m.size);
+                return Err(match refusal {
+                    Refusal::Protected(protected) => PrepareError::ProtectedOutput {
+                        token,
+                        iova,
+                        output,
+                        size,
+                        protected,
+                    },
+                    Refusal::Outside => PrepareError::NotSurviving {
+                        token,
+                        iova,
+                        output,
+                        size,
+                    },
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Seals (or unseals) the memory of every preserved domain and this SMMU's own.
     fn seal_preserved(&self, seal: bool) {
         for (_, &id) in self.domains.tokens.iter() {
@@ -312,18 +422,26 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
 
     /// After a warm reset (or in a new image), with this SMMU just initialised (every stream aborting): validates
     /// the handover region of `pool` completely (see `docs/handover.md`), checks that it was written for this SMMU
-    /// (`register_base` and the ID registers) and that every ID and StreamID fits it, and only then rebuilds this
-    /// SMMU's preserved domains: each arena taken back, each ASID/VMID reserved as recorded (no STE or CD is
-    /// scanned), each page table and CD table adopted in place (no copy; no walk where the counts were recorded),
-    /// each stream's STE installed. The domains wait for [`ActiveSmmu::retrieve`]; [`ActiveSmmu::finish_handover`]
-    /// frees the rest. A region that was never written (or re-armed empty) restores nothing.
+    /// (`register_base` and the ID registers) and that every ID and StreamID fits it, verifies the preserved
+    /// memory the records name (with [`Verification::Full`](super::verify::Verification), the default: every
+    /// page table walked from its root, every leaf inside `options.dma_memory` and outside the region and the
+    /// memory declared with [`ActiveSmmu::protect_memory`], every live-entry count as walked; in every mode each
+    /// adopted CD equal to the one the driver builds), and only then rebuilds this SMMU's preserved domains: each
+    /// arena taken back, each ASID/VMID reserved as recorded (no STE or CD is scanned), each page table and CD
+    /// table adopted in place (no copy), each stream's STE installed. The domains wait for
+    /// [`ActiveSmmu::retrieve`]; [`ActiveSmmu::finish_handover`] frees the rest. A region that was never written
+    /// (or re-armed empty) restores nothing. On success the region (`pool`'s) is declared protected memory, so no
+    /// later `map` can give it to a device.
     ///
     /// # Errors
-    /// [`RestoreError`]: nothing was rebuilt (every stream aborts), and the region is untouched.
+    /// [`RestoreError`] ([`RestoreError::Verify`] names the record, the address and what its memory gets wrong):
+    /// nothing was rebuilt (every stream aborts), and the region is untouched. [`RestoreError::BeyondLimits`] also
+    /// when no protected-memory slot is left for the region.
     pub fn restore_handover(
         &mut self,
         pool: &'static HandoverPool,
         register_base: u64,
+        options: &RestoreOptions<'_>,
     ) -> Result<RestoreReport, RestoreError> {
         let pool_extent = pool.pool().map_err(RestoreError::Pool)?;
         let decoded = {
@@ -343,6 +461,20 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         let probed = self.handover_identity(register_base);
         format::validate_identity(&instance.identity, &probed).map_err(RestoreError::Identity)?;
         self.check_limits(pool, instance)?;
+        let region = pool.region().map_err(RestoreError::Pool)?;
+        let mut protected = self.domains.protected.clone();
+        protected.add(region).map_err(|_| RestoreError::BeyondLimits {
+            token: instance.records.first().map_or(0, |r| r.token),
+            what: "a free protected-memory slot for the handover region, of",
+            value: crate::protected::MAX_PROTECTED as u64,
+        })?;
+        let outputs = Outputs {
+            dma: options.dma_memory,
+            region,
+            protected: protected.extents(),
+        };
+        verify_instance(self.features(), pool, instance, &outputs, options.verify)
+            .map_err(|(token, what)| RestoreError::Verify { token, what })?;
 
         // Rebuild: stage-1 and stage-2 domains, then nested ones, then every stream, then substreams.
         let mut touched: heapless::Vec<u32, 64> = heapless::Vec::new();
@@ -371,6 +503,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             let _ = self.invalidate_all();
             return Err(e);
         }
+        self.domains.protected = protected;
         Ok(report)
     }
 
@@ -812,7 +945,7 @@ fn rearm_without(pool: &HandoverPool, register_base: u64) -> Result<(), PoolErro
 pub const REGION_METADATA_BYTES: u64 = METADATA_BYTES;
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! A live update on the host: one SMMU model's domains preserved and prepared, the "reset" (the old driver
     //! forgotten, a new pool object over the same region memory, a new SMMU model), then restore, retrieve and
     //! finish, against the same page tables in place.
@@ -829,17 +962,22 @@ mod tests {
     use core::ptr::NonNull;
     use std::boxed::Box;
 
-    const BASE: u64 = 0x905_0000;
-    const RW: Prot = Prot::READ.union(Prot::WRITE).union(Prot::CACHEABLE);
+    pub(crate) const BASE: u64 = 0x905_0000;
+    /// The whole 48-bit output space declared DMA-able (less the region and protected memory, as always): the
+    /// tests of the restore itself, not of what the leaves reach.
+    pub(crate) const ANYWHERE: RestoreOptions<'static> = RestoreOptions::new(SURVIVING);
+    /// What survives a hand-off in these tests: as above.
+    pub(crate) const SURVIVING: &[Extent] = &[Extent { base: 0, len: 1 << 48 }];
+    pub(crate) const RW: Prot = Prot::READ.union(Prot::WRITE).union(Prot::CACHEABLE);
 
     /// Region memory that outlives both "images", and a fresh pool object over it per image.
-    struct Region {
-        memory: &'static mut [u64],
-        extent: Extent,
+    pub(crate) struct Region {
+        pub(crate) memory: &'static mut [u64],
+        pub(crate) extent: Extent,
     }
 
     impl Region {
-        fn new() -> Region {
+        pub(crate) fn new() -> Region {
             let bytes = METADATA_BYTES as usize + ARENAS * 256 * 1024;
             Region {
                 memory: Box::leak(std::vec![0u64; bytes / 8].into_boxed_slice()),
@@ -850,7 +988,7 @@ mod tests {
             }
         }
 
-        fn pool(&mut self) -> &'static HandoverPool {
+        pub(crate) fn pool(&mut self) -> &'static HandoverPool {
             let pool: &'static HandoverPool = Box::leak(Box::new(HandoverPool::new()));
             // SAFETY: leaked memory used by nothing else (the previous "image" is forgotten).
             unsafe { pool.set_up(self.extent, NonNull::new(self.memory.as_mut_ptr().cast()).unwrap()) }.unwrap();
@@ -863,12 +1001,12 @@ mod tests {
         }
     }
 
-    fn boot(model: &Model, frames: &'static HeapFrames) -> ActiveSmmu<&'static HeapFrames> {
+    pub(crate) fn boot(model: &Model, frames: &'static HeapFrames) -> ActiveSmmu<&'static HeapFrames> {
         model.smmu().init(frames, &InitOptions::default()).unwrap()
     }
 
     /// A stage-1 domain (39-bit input, EL1&0 regime) in a fresh handover arena.
-    fn arena_stage1(smmu: &mut ActiveSmmu<&'static HeapFrames>, pool: &'static HandoverPool) -> DomainId {
+    pub(crate) fn arena_stage1(smmu: &mut ActiveSmmu<&'static HeapFrames>, pool: &'static HandoverPool) -> DomainId {
         let options = Stage1Options {
             input_bits: 39,
             el2: false,
@@ -915,7 +1053,7 @@ mod tests {
         // Mutations after preserve are what is restored: the state at prepare.
         smmu.unmap(s1, 0x2000, 0x1000).unwrap();
         smmu.map(s1, 0x3000, 0x8000_3000, 0x1000, RW).unwrap();
-        let written = smmu.prepare_handover(pool, BASE, 7).unwrap();
+        let written = smmu.prepare_handover(pool, BASE, 7, SURVIVING).unwrap();
         assert!(written > 0);
         // The reset: nothing is freed, the SMMU model goes away.
         core::mem::forget(smmu);
@@ -932,7 +1070,7 @@ mod tests {
         let mut smmu = boot(&model, frames);
         let pool = region.pool();
         let before = model.seen.lock().unwrap().consumed.len();
-        let report = smmu.restore_handover(pool, BASE).unwrap();
+        let report = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap();
         assert_eq!((report.generation, report.domains, report.streams), (7, 4, 3));
         assert_eq!(report.adopted_without_walk, 3, "counts recorded: no walk");
         // No STE or CD was scanned: the IDs come from the records.
@@ -979,7 +1117,7 @@ mod tests {
         assert_eq!(smmu.ste(0x20).unwrap().config(), Config::Abort);
         assert_eq!(pool.arenas_in_use(), in_use - 1);
         assert_eq!(
-            smmu.restore_handover(pool, BASE).map(|r| r.domains),
+            smmu.restore_handover(pool, BASE, &ANYWHERE).map(|r| r.domains),
             Ok(0),
             "nothing left to restore"
         );
@@ -997,7 +1135,7 @@ mod tests {
         let model = Model::start(frames);
         let mut smmu = boot(&model, frames);
         let pool = region.pool();
-        let error = smmu.restore_handover(pool, BASE).unwrap_err();
+        let error = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
         assert!(
             matches!(error, RestoreError::Region(HandoverError::BadCrc { .. })),
             "{error}"
@@ -1020,14 +1158,14 @@ mod tests {
         let model = Model::start_with(frames, 0x0d44_101a);
         let mut smmu = boot(&model, frames);
         let pool = region.pool();
-        let error = smmu.restore_handover(pool, BASE).unwrap_err();
+        let error = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
         assert!(matches!(error, RestoreError::Identity(_)), "{error}");
         // Records for another base are simply not ours.
         let model2 = Model::start(frames);
         let mut other = boot(&model2, frames);
         assert_eq!(
             other
-                .restore_handover(region.pool(), BASE + 0x1_0000)
+                .restore_handover(region.pool(), BASE + 0x1_0000, &ANYWHERE)
                 .map(|r| r.domains),
             Ok(0)
         );
@@ -1056,7 +1194,7 @@ mod tests {
         first.attach(d, 0x10).unwrap();
         first.attach_bypass(0x30).unwrap();
         first.preserve(d, 0x77).unwrap();
-        first.prepare_handover(pool, BASE, 3).unwrap();
+        first.prepare_handover(pool, BASE, 3, SURVIVING).unwrap();
         let strtab = first.configuration().stream_table_base;
         let format = first.stream_table_format();
         assert!(matches!(format, StreamTableFormat::TwoLevel { .. }));
@@ -1079,7 +1217,7 @@ mod tests {
         );
         assert_eq!(next.ste(0x10), Ok(ste), "the running stream table adopted as found");
         let before = model.seen.lock().unwrap().consumed.len();
-        let report = next.restore_handover(pool, BASE).unwrap();
+        let report = next.restore_handover(pool, BASE, &ANYWHERE).unwrap();
         assert_eq!((report.domains, report.streams), (1, 1));
         assert_eq!(
             next.ste(0x10),
@@ -1137,7 +1275,7 @@ mod tests {
             .unwrap();
         smmu.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
         smmu.preserve(d, 9).unwrap();
-        smmu.prepare_handover(pool, BASE, 1).unwrap();
+        smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
         // The domain is frozen (see `a_prepared_domain_is_frozen_until_the_hand_off_is_cancelled`), and its
         // memory hands out nothing, whoever asks.
         assert!(crate::mem::FrameAllocator::allocate_zeroed(&arena, 4096, 4096).is_err());
@@ -1148,7 +1286,7 @@ mod tests {
         // Cancelled: memory again, and the region no longer names this SMMU's domains.
         smmu.cancel_handover(pool, BASE).unwrap();
         smmu.map(d, 0x4000_0000, 0x8000_2000, 0x1000, RW).unwrap();
-        assert_eq!(smmu.restore_handover(pool, BASE).map(|r| r.domains), Ok(0));
+        assert_eq!(smmu.restore_handover(pool, BASE, &ANYWHERE).map(|r| r.domains), Ok(0));
     }
 
     #[test]
@@ -1163,7 +1301,7 @@ mod tests {
             .init_with_capacity(frames, &InitOptions::default())
             .unwrap();
         let pool = region.pool();
-        let error = smmu.restore_handover(pool, BASE).unwrap_err();
+        let error = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
         assert!(
             matches!(
                 error,
@@ -1204,7 +1342,7 @@ mod tests {
         let mut smmu = boot(&model, frames);
         let pool = region.pool();
         let before = model.seen.lock().unwrap().consumed.len();
-        smmu.restore_handover(pool, BASE).unwrap();
+        smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap();
         // After a reset (init invalidated everything): each restored stream's STE, nothing else.
         let issued = issued_since(&model, before);
         let mut sids: std::vec::Vec<u32> = std::vec::Vec::new();
@@ -1287,7 +1425,7 @@ mod tests {
             smmu.attach(whole, 0x10).unwrap();
             smmu.attach_substream(dropped, 0x10, 3).unwrap();
             smmu.preserve(whole, 0x61).unwrap();
-            smmu.prepare_handover(pool, BASE, 1).unwrap();
+            smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
             core::mem::forget(smmu);
             drop(model);
         }
@@ -1295,7 +1433,7 @@ mod tests {
         let mut smmu = boot(&model, frames);
         let pool = region.pool();
         let before = model.seen.lock().unwrap().consumed.len();
-        let report = smmu.restore_handover(pool, BASE).unwrap();
+        let report = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap();
         assert_eq!((report.domains, report.streams), (1, 1));
         // Substream 3 (its domain not preserved): its CD made invalid, V first then the rest, each CFGI_CD of
         // (0x10, 3) + CMD_SYNC; then the stream's STE.
@@ -1326,7 +1464,7 @@ mod tests {
             // The stage-2 record first: it is rebuilt before the stage-1 one fails.
             smmu.preserve(parent, 0x62).unwrap();
             smmu.preserve(d, 0x61).unwrap();
-            smmu.prepare_handover(pool, BASE, 1).unwrap();
+            smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
             core::mem::forget(smmu);
             drop(model);
         }
@@ -1336,7 +1474,7 @@ mod tests {
         // This image took the recorded ASID before restoring: the stage-1 record cannot claim it.
         let mine = smmu.create_stage1(frames, Stage1Options::default()).unwrap();
         assert_eq!((smmu.asids_in_use(), smmu.vmids_in_use()), (1, 0));
-        let error = smmu.restore_handover(pool, BASE).unwrap_err();
+        let error = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
         // Found while validating, before anything changed (the rebuild's own undo stays as a second line).
         assert!(
             matches!(error, RestoreError::BeyondLimits { token: 0x61, .. }),
@@ -1363,7 +1501,7 @@ mod tests {
         let mine = smmu.create_stage1(frames, Stage1Options::default()).unwrap();
         smmu.free_asid(recorded_asid).unwrap();
         smmu.attach(mine, 0x10).unwrap();
-        let error = smmu.restore_handover(pool, BASE).unwrap_err();
+        let error = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
         assert!(
             matches!(error, RestoreError::BeyondLimits { token: 0x61, what, value: 0x10 } if what.contains("StreamID")),
             "{error}"
@@ -1397,7 +1535,7 @@ mod tests {
         smmu.map(d, 0x1000, 0x8000_0000, 0x2000, RW).unwrap();
         smmu.attach(d, 0x10).unwrap();
         smmu.preserve(d, 9).unwrap();
-        smmu.prepare_handover(pool, BASE, 1).unwrap();
+        smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
         let frozen = Err(DomainError::HandoverPrepared { token: 9 });
         assert_eq!(smmu.map(d, 0x4000, 0x8000_4000, 0x1000, RW), frozen);
         assert_eq!(smmu.unmap(d, 0x1000, 0x1000).map(|_| ()), frozen);
@@ -1442,7 +1580,7 @@ mod tests {
         smmu.preserve(d, 9).unwrap();
         smmu.preserve(parent, 10).unwrap();
         smmu.preserve(nested, 11).unwrap();
-        smmu.prepare_handover(pool, BASE, 1).unwrap();
+        smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
         // The region records them: unpreserving now would leave a record of a domain that may be freed (and its
         // arena sealed for good). Refused, nothing changed.
         for token in [9, 11] {
@@ -1458,7 +1596,7 @@ mod tests {
         smmu.free_domain(d).unwrap();
         // Prepared again, the other way round: preserve, prepare, cancel, unpreserve, prepare records nothing of it.
         smmu.preserve(nested, 11).unwrap();
-        smmu.prepare_handover(pool, BASE, 2).unwrap();
+        smmu.prepare_handover(pool, BASE, 2, SURVIVING).unwrap();
         smmu.cancel_handover(pool, BASE).unwrap();
         smmu.unpreserve(11).unwrap();
         smmu.unpreserve(10).unwrap();
@@ -1490,7 +1628,7 @@ mod tests {
             "the stream table is in the pool: the next image adopts it"
         );
         maintenance_log::take();
-        smmu.prepare_handover(pool, BASE, 1).unwrap();
+        smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
         let log = maintenance_log::take();
         let virt = region.memory.as_ptr() as usize + (identity.strtab_base - region.extent.base) as usize;
         assert!(
@@ -1514,7 +1652,7 @@ mod tests {
         smmu.apply_board_coherency(false);
         let first: ActiveSmmu<&'static HandoverArena> =
             smmu.init(pool.take_arena().unwrap(), &InitOptions::default()).unwrap();
-        first.prepare_handover(pool, BASE, 1).unwrap();
+        first.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
         let (strtab, format) = (first.configuration().stream_table_base, first.stream_table_format());
         core::mem::forget(first);
 
