@@ -732,10 +732,7 @@ pub(crate) fn verify_instance(
 ) -> Result<(), (u64, VerifyFailure)> {
     for r in &instance.records {
         let Some(shape) = r.table else { continue };
-        let stage1 = matches!(r.kind, RecordKind::Stage1 | RecordKind::Stage1El2);
-        if stage1 {
-            verify_cds(features, pool, instance, r, &shape).map_err(|e| (r.token, e))?;
-        }
+        // The table first (the CD names its root), then the CDs.
         if verify == Verification::Full {
             let mut cd_tables = r
                 .streams
@@ -746,6 +743,9 @@ pub(crate) fn verify_instance(
                     len: 64 << s.cd_ssid_bits,
                 });
             verify_table(pool, r, &shape, &mut cd_tables, outputs).map_err(|e| (r.token, e))?;
+        }
+        if matches!(r.kind, RecordKind::Stage1 | RecordKind::Stage1El2) {
+            verify_cds(features, pool, instance, r, &shape).map_err(|e| (r.token, e))?;
         }
     }
     Ok(())
