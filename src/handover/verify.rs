@@ -457,7 +457,9 @@ impl<'a> Walk<'a> {
             let child = desc::address(d);
             self.claim(entry, child, self.granule())?;
             let (walked, below) = if level + 1 == 3 {
-                (self.leaf_table(child, child_entries)?, false)
+                // A descriptor that says its table is full lets the walk try the cheapest pass first.
+                let full = self.counts && d & desc::SW_TABLE_FULL != 0;
+                (self.leaf_table(child, child_entries, full)?, false)
             } else {
                 self.table(level + 1, child, child_entries)?
             };
@@ -546,15 +548,29 @@ impl<'a> Walk<'a> {
     /// summary fails does a second pass find the exact lowest and highest outputs, and only when their range fails
     /// is each leaf checked alone (naming the first bad one, or passing outputs spread over several DMA-able
     /// extents).
-    fn leaf_table(&mut self, phys: u64, n: usize) -> Result<usize, VerifyFailure> {
+    ///
+    /// With `full` (its descriptor says every entry is valid) the first pass gathers only the union and the
+    /// intersection; the count is then the table's size if the intersection has the valid bit, and the general
+    /// pass runs when it does not.
+    fn leaf_table(&mut self, phys: u64, n: usize, full: bool) -> Result<usize, VerifyFailure> {
         let entries = self.entries(phys, n);
         let (mut valid, mut union, mut common) = (0u64, 0u64, u64::MAX);
-        for &d in entries {
-            let v = d & desc::VALID;
-            valid += v;
-            union |= d;
-            // An invalid entry (v = 0) leaves the intersection alone: d | all ones.
-            common &= d | v.wrapping_sub(1);
+        if full {
+            for &d in entries {
+                union |= d;
+                common &= d;
+            }
+            valid = if common & desc::VALID != 0 { n as u64 } else { 0 };
+        }
+        if valid == 0 {
+            (union, common) = (0, u64::MAX);
+            for &d in entries {
+                let v = d & desc::VALID;
+                valid += v;
+                union |= d;
+                // An invalid entry (v = 0) leaves the intersection alone: d | all ones.
+                common &= d | v.wrapping_sub(1);
+            }
         }
         if valid == 0 {
             return Ok(0);
@@ -646,7 +662,7 @@ fn verify_table(
     };
     walk.claim(root, root, root_size)?;
     if geometry.start_level == 3 {
-        walk.leaf_table(root, geometry.root_entries)?;
+        walk.leaf_table(root, geometry.root_entries, false)?;
     } else {
         walk.table(geometry.start_level, root, geometry.root_entries)?;
     }
