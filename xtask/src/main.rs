@@ -25,13 +25,16 @@ commands:
   build build the firmware of every board (release, aarch64-unknown-none)
   bench [--quick]
         run the page-table benchmarks (criterion, host, release) and print ours / aarch64-paging / memset with the
-        ratios, then the domain-table and live-update benchmarks (preserve, prepare_handover, restore against
-        what each scales with); --quick keeps the whole run to a few minutes
+        ratios, then the domain-table and live-update benchmarks (preserve, prepare_handover, a verified and a
+        trusted restore against what each scales with, and a plain read of the same table bytes); --quick keeps
+        the whole run to a few minutes
   fuzz [--seconds N] [--seed S]
-        fuzz the handover region decoder (stable Rust, release build) for N seconds (default 180): mutated valid
-        regions and random bytes; prints cases per second and the refusals by cause, saves failing inputs under
-        target/fuzz-failures and exits 1 when a case failed (a panic, a valid region refused, or a region
-        accepted with memory outside its pool)
+        fuzz live update (stable Rust, release build) for N seconds (default 180), half on the handover region
+        decoder (mutated valid regions and random bytes), half on whole restores of a real first image's region
+        with its records and preserved tables and CDs mutated; prints cases per second and the refusals by
+        cause, saves failing inputs under target/fuzz-failures and exits 1 when a case failed (a panic, a valid
+        region refused, a region accepted with memory outside its pool, or a restore accepted whose installed
+        STEs lead a walk outside its domain's extents or the memory declared DMA-able)
   handover-dump FILE
         decode a raw handover region dump with the pool its own header names, print the header, each SMMU
         instance's identity and each record, and what validation concluded (exit 1 when it refused the region)";
