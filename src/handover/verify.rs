@@ -183,6 +183,14 @@ pub enum VerifyFailure {
     },
     /// The CD the driver would build for the record could not be built.
     CdBuild(EntryError),
+    /// A nested record's guest context cannot go into an STE of this SMMU (what `create_nested` and `attach`
+    /// refuse): found before any STE is written rather than half-way through the rebuild.
+    GuestContext {
+        /// What.
+        what: &'static str,
+        /// The value.
+        value: u64,
+    },
     /// An adopted CD differs from the one the driver builds for the record.
     CdMismatch {
         /// StreamID.
@@ -291,6 +299,7 @@ impl fmt::Display for VerifyFailure {
                 )
             }
             V::CdBuild(e) => write!(f, "its CD cannot be built: {e}"),
+            V::GuestContext { what, value } => write!(f, "its guest context has {what} ({value:#x})"),
             V::CdMismatch {
                 sid,
                 ssid,
@@ -747,6 +756,18 @@ pub(crate) fn verify_instance(
     verify: Verification,
 ) -> Result<(), (u64, VerifyFailure)> {
     for r in &instance.records {
+        if let Some(g) = r.guest {
+            let bad = |what, value| (r.token, VerifyFailure::GuestContext { what, value });
+            if g.cd_max_log2 > features.ssid_bits {
+                return Err(bad(
+                    "an S1CDMax beyond this SMMU's SubstreamID bits",
+                    g.cd_max_log2.into(),
+                ));
+            }
+            if !r.streams.is_empty() && g.cd_table_ipa >> 52 != 0 {
+                return Err(bad("a CD table IPA beyond S1ContextPtr's 52 bits", g.cd_table_ipa));
+            }
+        }
         let Some(shape) = r.table else { continue };
         // The table first (the CD names its root), then the CDs.
         if verify == Verification::Full {
@@ -1271,6 +1292,57 @@ mod tests {
         assert_eq!(result, Ok(2));
         assert_ne!(smmu.ste(0).map(|s| s.config()), Ok(Config::Stage1));
         assert_ne!(smmu.ste(0).map(|s| s.config()), Ok(Config::Stage2));
+        core::mem::forget(smmu);
+    }
+
+    #[test]
+    fn a_nested_guest_context_no_ste_can_hold_is_refused_before_the_rebuild() {
+        // A stage-2 parent and a nested domain (stream 0x18) preserved; the nested record's guest CD table IPA
+        // then set beyond S1ContextPtr's 52 bits, the CRC fixed: the records validate, but no STE can hold it.
+        let frames = frames();
+        let mut region = Region::new();
+        {
+            let model = Model::start(frames);
+            let mut smmu = boot(&model, frames);
+            let pool = region.pool();
+            let parent = smmu
+                .create_stage2(pool.take_arena().unwrap(), Stage2Options { input_bits: 40 })
+                .unwrap();
+            smmu.map(parent, 0x4000_0000, 0x4000_0000, 0x20_0000, RW).unwrap();
+            let guest = crate::domain::GuestStage1 {
+                cd_table: 0x4800_0000,
+                cd_max_log2: 0,
+                layout: crate::hw::ste::CdTableLayout::Linear,
+                default_substream: crate::hw::ste::DefaultSubstream::Terminate,
+            };
+            let nested = smmu.create_nested(parent, guest).unwrap();
+            smmu.attach(nested, 0x18).unwrap();
+            smmu.preserve(parent, S2).unwrap();
+            smmu.preserve(nested, S1).unwrap();
+            smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
+            core::mem::forget(smmu);
+        }
+        {
+            let pool = region.pool();
+            let mut bytes = pool.lock_metadata().unwrap();
+            // Header 96 bytes, one identity of 64, the parent's record of 384, then the nested record's guest IPA
+            // at offset 48.
+            let at = 96 + 64 + 384 + 48;
+            assert_eq!(bytes[at..at + 8], 0x4800_0000u64.to_le_bytes());
+            bytes[at..at + 8].copy_from_slice(&(1u64 << 52).to_le_bytes());
+            crate::handover::format::sample::reseal(&mut bytes);
+        }
+        let (result, smmu, _model) = restore(&mut region, frames, &RestoreOptions::new(DMA), &[]);
+        assert!(
+            matches!(
+                result,
+                Err(RestoreError::Verify {
+                    token: S1,
+                    what: VerifyFailure::GuestContext { value, .. }
+                }) if value == 1 << 52
+            ),
+            "{result:?}"
+        );
         core::mem::forget(smmu);
     }
 
