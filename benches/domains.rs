@@ -2,7 +2,8 @@
 //! holds all but one domain (capacity 64). The driver keeps its free slots on a stack, so the two should cost the
 //! same; `cargo xtask bench` prints their ratio. The SMMU is a small fake (a thread that acknowledges CR0, GBPA and
 //! IRQ_CTRL writes and consumes commands), so the numbers are the driver's work plus one TLBI + CMD_SYNC round
-//! trip through shared memory.
+//! trip through shared memory. Also the single-page map through a domain (`ActiveSmmu::map`, which adds the
+//! domain's own checks to the page table's), timed in batches of pages with the unmap untimed.
 
 // criterion_group! generates an undocumented public function.
 #![allow(missing_docs)]
@@ -12,10 +13,11 @@ mod common;
 use std::hint::black_box;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use common::{HeapFrames, fake_smmu};
 use criterion::{Criterion, criterion_group, criterion_main};
-use smmuv3::{ActiveSmmu, DomainMemory, InitOptions, Smmu, Stage1Options};
+use smmuv3::{ActiveSmmu, DomainMemory, InitOptions, Prot, Smmu, Stage1Options};
 
 const CAPACITY: usize = 64;
 
@@ -53,7 +55,70 @@ fn bench_domains(c: &mut Criterion) {
     for d in held {
         smmu.free_domain(d).unwrap();
     }
+    bench_map_one(c, &mut smmu, memory, options);
     STOP.store(true, Ordering::Relaxed);
+}
+
+/// Pages mapped one by one per timed batch (then unmapped as one range, untimed).
+const BATCH: u64 = 256;
+
+/// `ActiveSmmu::map` of one 4 KiB page, at successive IOVAs of a 1 GiB range whose last-level tables exist.
+fn bench_map_one<const D: usize>(
+    c: &mut Criterion,
+    smmu: &mut ActiveSmmu<&'static HeapFrames, D>,
+    memory: DomainMemory,
+    options: Stage1Options,
+) {
+    const RW: Prot = Prot::READ.union(Prot::WRITE).union(Prot::CACHEABLE);
+    const IOVA: u64 = 0x4000_0000;
+    const PA: u64 = 0x8_0000_0000;
+    // What a board declares (the handover region, the frame pool, the image): each map checks its output against
+    // every one of them.
+    for (base, len) in [
+        (0x4000_0000, 0x1000_0000),
+        (0x7e00_0000, 0x200_0000),
+        (0x1_0000_0000, 0x4000_0000),
+    ] {
+        smmu.protect_memory(smmuv3::handover::Extent { base, len }).unwrap();
+    }
+    let d = smmu.create_stage1(memory, options).unwrap();
+    // Every last-level table of the range exists (one page mapped in each), so a map allocates nothing.
+    for t in 0..512u64 {
+        smmu.map(d, IOVA + (t << 21) + 0x1f_f000, PA + (t << 21) + 0x1f_f000, 0x1000, RW)
+            .unwrap();
+    }
+    let mut group = c.benchmark_group("domain_map_one_4k");
+    let mut next = 0u64;
+    group.bench_function("ours", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            let mut left = iters;
+            while left > 0 {
+                let n = left.min(BATCH);
+                // Pages 0..511 of each 2 MiB (the last one stays mapped), in order.
+                if (next % 511) + n > 511 {
+                    next += 511 - next % 511;
+                }
+                if next + n > 511 * 512 {
+                    next = 0;
+                }
+                let first = IOVA + ((next / 511) << 21) + ((next % 511) << 12);
+                let pa = PA + (first - IOVA);
+                let start = Instant::now();
+                for k in 0..n {
+                    smmu.map(d, black_box(first + (k << 12)), pa + (k << 12), 0x1000, RW)
+                        .unwrap();
+                }
+                total += start.elapsed();
+                smmu.unmap(d, first, n << 12).unwrap();
+                next += n;
+                left -= n;
+            }
+            total
+        })
+    });
+    group.finish();
+    smmu.free_domain(d).unwrap();
 }
 
 criterion_group! {

@@ -433,6 +433,16 @@ pub enum DomainError {
     /// in force; for unmap and protect the unlinked tables are kept and flushed again by the domain's next
     /// operation.
     Invalidation(InvalidationError),
+    /// The output range of a map shares a byte with memory declared protected (`ActiveSmmu::protect_memory`:
+    /// the handover region, the driver's tables and queues): no device may be given it.
+    ProtectedOutput {
+        /// The output address asked for.
+        pa: u64,
+        /// The size asked for.
+        size: u64,
+        /// The protected extent it reaches.
+        protected: crate::handover::Extent,
+    },
 }
 
 impl fmt::Display for DomainError {
@@ -527,6 +537,12 @@ impl fmt::Display for DomainError {
                     "{domain} is preserved under token {token:#x}: unpreserve it before freeing it"
                 )
             }
+            DomainError::ProtectedOutput { pa, size, protected } => write!(
+                f,
+                "output {pa:#x}+{size:#x} reaches protected memory {:#x}+{:#x} (the handover region or the \
+                 driver's own tables and queues): no device may be given it",
+                protected.base, protected.len
+            ),
         }
     }
 }
@@ -717,6 +733,8 @@ pub(crate) struct Domains<const D: usize> {
     pub(crate) prepared: spin::Mutex<Option<u64>>,
     /// The generation of the records a restore rebuilt, until `finish_handover` ends that hand-off.
     pub(crate) restored_generation: Option<u64>,
+    /// Memory no mapping may reach (`ActiveSmmu::protect_memory`).
+    pub(crate) protected: crate::protected::ProtectedMemory,
 }
 
 impl<const D: usize> Domains<D> {
@@ -735,6 +753,7 @@ impl<const D: usize> Domains<D> {
             el2_stale: false,
             prepared: spin::Mutex::new(None),
             restored_generation: None,
+            protected: crate::protected::ProtectedMemory::new(),
         }
     }
 
@@ -927,12 +946,22 @@ fn stage1_cd<M: FrameAllocator>(
     asid: u16,
     table: &IoPageTable<M>,
 ) -> Result<Cd, EntryError> {
-    let format = table.format();
+    stage1_cd_of(features, asid, table.format(), table.root())
+}
+
+/// The CD of a stage-1 domain with `asid` whose table of `format` has its root at `root` (what a restore compares
+/// an adopted CD with, before any table is adopted).
+pub(crate) fn stage1_cd_of(
+    features: &crate::features::Features,
+    asid: u16,
+    format: &Format,
+    root: PhysAddr,
+) -> Result<Cd, EntryError> {
     let (cacheability, shareability) = ste::walk_attributes(features.coherent);
     Cd::new(
         &CdConfig {
             asid,
-            table: table.root(),
+            table: root,
             t0sz: 64 - format.input_bits,
             granule: cd_granule(format.granule),
             ips: size_encoding(format.output_bits),
@@ -1703,10 +1732,16 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// unaligned or out-of-range range (the domain's input size, the SMMU's output size), an overlap with what is
     /// mapped, a bad `prot`, or no memory, [`DomainError::PendingInvalidation`] for a range that overlaps the span
     /// of a deferred unmap not synced yet, [`DomainError::HandoverPrepared`] for a preserved domain while a
-    /// prepared hand-off records it: nothing changes then. [`DomainError::Invalidation`] when the domain's earlier
-    /// failed invalidation, retried first, fails again: nothing is mapped and the gather stays for the next retry.
+    /// prepared hand-off records it, [`DomainError::ProtectedOutput`] for an output range that reaches memory
+    /// declared with [`ActiveSmmu::protect_memory`]: nothing changes then. [`DomainError::Invalidation`] when the
+    /// domain's earlier failed invalidation, retried first, fails again: nothing is mapped and the gather stays
+    /// for the next retry.
     pub fn map(&mut self, domain: DomainId, iova: u64, pa: u64, size: u64, prot: Prot) -> Result<(), DomainError> {
         self.unfrozen(domain)?;
+        // No device may be given the handover region or the driver's own tables and queues.
+        if let Some(protected) = self.domains.protected.overlapping(pa, size) {
+            return Err(DomainError::ProtectedOutput { pa, size, protected });
+        }
         self.settle(domain)?;
         let state = self.paging_domain(domain)?;
         state.pending.check(iova, size)?;

@@ -16,6 +16,7 @@ pub mod hw;
 pub mod ids;
 pub mod mem;
 pub mod pgtable;
+pub mod protected;
 pub mod queue;
 pub mod smmu;
 pub mod stream;

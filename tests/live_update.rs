@@ -81,6 +81,33 @@ fn live_update_on_sbsa_ref() {
     assert_reset_and_restored(&outcome, &scenarios);
 }
 
+/// `lu-tampered`: preserved memory rewritten behind an intact region (a table descriptor aimed at a forged table in
+/// DMA memory, a CD word) is refused by the next boot's verification, naming the descriptor; edu's stream aborts
+/// (its canary and the region untouched) and the event queue shows the blocked writes, on virt and on sbsa-ref.
+#[test]
+fn tampered_preserved_memory_is_refused_by_verification_and_the_stream_aborts() {
+    for board in [Board::QemuVirt, Board::SbsaRef] {
+        let outcome = run(board, Stage::Nested, &["lu-tampered"]);
+        assert_reset_and_restored(&outcome, &["lu-tampered"]);
+        outcome.assert_console_shows(&[
+            "the region still validates (its CRC holds)",
+            "after the reset: restore: record 0x1d0000000000001 refused: descriptor at 0x",
+            ", outside its own extent",
+            "the canary at PA",
+            "and the region untouched; the event queue recorded",
+        ]);
+        let sid = format!(" sid={:#x}", board.edu_stream_id());
+        assert!(
+            outcome
+                .smmu_events()
+                .iter()
+                .any(|e| e.starts_with("SMMU_EVT_C_BAD_") && e.ends_with(&sid)),
+            "QEMU traced the blocked writes of edu's stream\n{}",
+            outcome.report()
+        );
+    }
+}
+
 /// `lu-noreset`: the hand-off without a reset, the SMMU left translating; a DMA in flight across it and one issued
 /// during the restore land, with no SMMU event at all.
 #[test]

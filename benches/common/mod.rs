@@ -1,6 +1,7 @@
-//! What the host benchmarks that drive a whole `ActiveSmmu` share: heap frames with physical = virtual, and a fake
-//! SMMU (a thread that acknowledges CR0, GBPA and IRQ_CTRL writes and consumes commands) over a leaked register
-//! block carrying the ID registers of QEMU's nested SMMU.
+//! What the host benchmarks that drive a whole `ActiveSmmu` share (and the fuzzer's restore target, which includes
+//! this file): heap frames with physical = virtual, and a fake SMMU (a thread that acknowledges CR0, GBPA and
+//! IRQ_CTRL writes and consumes commands) over a leaked register block carrying the ID registers of QEMU's nested
+//! SMMU.
 
 use std::alloc::{Layout, alloc_zeroed};
 use std::ptr::NonNull;

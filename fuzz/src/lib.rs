@@ -1,10 +1,20 @@
-//! A stable-Rust fuzzer for the handover region decoder: valid regions from the format's sample generator,
-//! mutated (bit flips, interesting values in whole fields, copies between records, splices, count and length edits
-//! with and without the CRC fixed up, truncation, records dropped or duplicated), plus random bytes with and
-//! without a valid magic. Every case is fixed by `(seed, index)`, so a failure replays exactly.
+//! A stable-Rust fuzzer for live update, two targets, half the run each:
 //!
-//! A case fails when `decode` panics, when it refuses an unmutated valid region, or when it accepts a region whose
-//! tables, CD tables or extents leave the pool (or overlap), as [`sample::check_accepted`] judges independently.
+//! - **decode**: the handover region decoder on valid regions from the format's sample generator, mutated (bit
+//!   flips, interesting values in whole fields, copies between records, splices, count and length edits with and
+//!   without the CRC fixed up, truncation, records dropped or duplicated), plus random bytes with and without a
+//!   valid magic. A case fails when `decode` panics, when it refuses an unmutated valid region, or when it accepts
+//!   a region whose tables, CD tables or extents leave the pool (or overlap), as [`sample::check_accepted`] judges
+//!   independently.
+//! - **restore** ([`restore`]): a whole `restore_handover` against a fake SMMU, over a region a real first image
+//!   wrote, with the preserved memory (page-table descriptors, whole tables, CD words) and the records (CRC fixed
+//!   or not) mutated. A case fails on a panic, an unmutated region refused, or a restore accepted whose installed
+//!   STEs lead a walk outside its domain's extents or outside the memory declared DMA-able, as an independent
+//!   walker judges.
+//!
+//! Every case is fixed by `(seed, index)`, so a failure replays exactly.
+
+pub mod restore;
 
 use std::collections::BTreeMap;
 use std::panic::{self, AssertUnwindSafe};
@@ -30,7 +40,7 @@ pub struct Failure {
 /// What a run did.
 #[derive(Clone, Debug, Default)]
 pub struct Stats {
-    /// Cases run.
+    /// Decoder cases run.
     pub execs: u64,
     /// Regions `decode` accepted (mutated or not).
     pub accepted: u64,
@@ -38,14 +48,23 @@ pub struct Stats {
     pub refused: BTreeMap<&'static str, u64>,
     /// Failing cases (at most the run's limit).
     pub failures: Vec<Failure>,
-    /// Time spent.
+    /// Time spent on decoder cases.
     pub elapsed: Duration,
+    /// The restore target's cases.
+    pub restore: restore::RestoreStats,
+    /// Time spent on restore cases.
+    pub restore_elapsed: Duration,
 }
 
 impl Stats {
-    /// Cases per second.
+    /// Decoder cases per second.
     pub fn rate(&self) -> f64 {
         self.execs as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Restore cases per second.
+    pub fn restore_rate(&self) -> f64 {
+        self.restore.execs as f64 / self.restore_elapsed.as_secs_f64().max(1e-9)
     }
 }
 
@@ -166,9 +185,60 @@ pub fn run_case(seed: u64, index: u64, buf: &mut [u8], stats: &mut Stats) -> Res
     }
 }
 
-/// Runs cases from index 0 until `duration` has passed (checking the clock every 64 cases) or `max_failures`
-/// cases failed.
+/// Runs decoder cases from index 0 for half of `duration`, then restore cases from index 0 for the other half
+/// (checking the clock every 64 and every 8 cases), or until `max_failures` cases failed.
 pub fn run(seed: u64, duration: Duration, max_failures: usize) -> Stats {
+    let mut stats = run_decode(seed, duration / 2, max_failures);
+    if stats.failures.len() < max_failures {
+        run_restore(seed, duration / 2, max_failures - stats.failures.len(), &mut stats);
+    }
+    stats
+}
+
+/// Runs restore cases from index 0 for `duration`, adding to `stats`.
+pub fn run_restore(seed: u64, duration: Duration, max_failures: usize, stats: &mut Stats) {
+    let world = restore::World::new();
+    let start = Instant::now();
+    let hook = panic::take_hook();
+    panic::set_hook(Box::new(|_| {}));
+    let mut failed = 0;
+    let mut index = 0u64;
+    loop {
+        if index.is_multiple_of(8) && start.elapsed() >= duration {
+            break;
+        }
+        let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
+            restore::run_case(&world, seed, index, &mut stats.restore)
+        }))
+        .unwrap_or_else(|payload| {
+            let why = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(format!("restore panicked: {why}"))
+        });
+        if let Err(what) = outcome {
+            stats.failures.push(Failure {
+                seed,
+                index,
+                what: format!("restore case: {what}"),
+                input: world.mutated_region(seed, index),
+            });
+            failed += 1;
+            if failed >= max_failures {
+                break;
+            }
+        }
+        index += 1;
+    }
+    panic::set_hook(hook);
+    stats.restore_elapsed = start.elapsed();
+}
+
+/// Runs decoder cases from index 0 until `duration` has passed (checking the clock every 64 cases) or
+/// `max_failures` cases failed.
+pub fn run_decode(seed: u64, duration: Duration, max_failures: usize) -> Stats {
     let mut stats = Stats::default();
     let mut buf = vec![0u8; sample::BUFFER_SIZE];
     let start = Instant::now();
@@ -209,7 +279,7 @@ mod tests {
 
     #[test]
     fn a_short_run_fails_nothing_and_reaches_the_deep_checks() {
-        let stats = run(1, Duration::from_millis(1500), 1);
+        let stats = run_decode(1, Duration::from_millis(1500), 1);
         assert!(stats.failures.is_empty(), "{:?}", stats.failures[0]);
         assert!(stats.accepted > 0);
         for deep in [
@@ -237,5 +307,32 @@ mod tests {
             let (lb, _) = build_case(9, index, &mut b);
             assert_eq!(a[..la], b[..lb]);
         }
+    }
+
+    #[test]
+    fn a_short_restore_run_fails_nothing_and_reaches_the_verification() {
+        let mut stats = Stats::default();
+        run_restore(3, Duration::from_millis(3000), 1, &mut stats);
+        assert!(stats.failures.is_empty(), "{:?}", stats.failures[0].what);
+        assert!(stats.restore.accepted > 0, "{:?}", stats.restore);
+        for deep in [
+            "Verify:TableOutsideExtent",
+            "Verify:CountMismatch",
+            "Verify:CdMismatch",
+            "Region:BadCrc",
+        ] {
+            assert!(
+                stats.restore.refused.contains_key(deep),
+                "{deep} never reached: {:?}",
+                stats.restore.refused
+            );
+        }
+    }
+
+    #[test]
+    fn restore_cases_replay_exactly() {
+        let world = restore::World::new();
+        assert_eq!(world.mutated_region(5, 17), world.mutated_region(5, 17));
+        assert_ne!(world.mutated_region(5, 17), world.mutated_region(5, 18));
     }
 }

@@ -1,7 +1,8 @@
-//! `smmuv3-fuzz [--seconds N] [--seed S] [--out DIR]`: fuzzes the handover decoder for N seconds (default 180)
-//! and prints its throughput and what it found; failing inputs go to DIR (default `target/fuzz-failures`).
-//! `smmuv3-fuzz --replay FILE` decodes one saved input; `smmuv3-fuzz --sample FILE [--seed S]` writes a valid
-//! sample region (for `cargo xtask handover-dump`). Exit status 1 when a case failed.
+//! `smmuv3-fuzz [--seconds N] [--seed S] [--out DIR]`: fuzzes the handover decoder, then restore (half the time
+//! each), for N seconds (default 180) and prints their throughput and what they found; failing inputs go to DIR
+//! (default `target/fuzz-failures`). `smmuv3-fuzz --replay FILE` decodes one saved decoder input;
+//! `smmuv3-fuzz --replay-restore SEED INDEX` runs one restore case again; `smmuv3-fuzz --sample FILE [--seed S]`
+//! writes a valid sample region (for `cargo xtask handover-dump`). Exit status 1 when a case failed.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,6 +46,22 @@ fn real_main() -> Result<ExitCode, String> {
             "--seed" => seed = parse("--seed", args.next())?,
             "--out" => out = PathBuf::from(args.next().ok_or("--out needs a value")?),
             "--sample" => sample_file = Some(args.next().ok_or("--sample needs a file")?),
+            "--replay-restore" => {
+                let seed = parse("--replay-restore", args.next())?;
+                let index = parse("--replay-restore", args.next())?;
+                let world = smmuv3_fuzz::restore::World::new();
+                let mut stats = smmuv3_fuzz::restore::RestoreStats::default();
+                return Ok(match smmuv3_fuzz::restore::run_case(&world, seed, index, &mut stats) {
+                    Ok(()) => {
+                        println!("restore case {index} (seed {seed:#x}) passes: {stats:?}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(why) => {
+                        println!("restore case {index} (seed {seed:#x}) fails: {why}");
+                        ExitCode::FAILURE
+                    }
+                });
+            }
             "--replay" => {
                 let file = args.next().ok_or("--replay needs a file")?;
                 let bytes = std::fs::read(&file).map_err(|e| format!("{file}: {e}"))?;
@@ -73,12 +90,11 @@ fn real_main() -> Result<ExitCode, String> {
     eprintln!("smmuv3-fuzz: seed {seed:#x}, {seconds} s");
     let stats = smmuv3_fuzz::run(seed, Duration::from_secs(seconds), 10);
     println!(
-        "smmuv3-fuzz: {} cases in {:.1} s ({:.0} per second), {} accepted, {} failed",
+        "smmuv3-fuzz decode: {} cases in {:.1} s ({:.0} per second), {} accepted",
         stats.execs,
         stats.elapsed.as_secs_f64(),
         stats.rate(),
-        stats.accepted,
-        stats.failures.len()
+        stats.accepted
     );
     let mut refused: Vec<_> = stats.refused.iter().collect();
     refused.sort_by(|a, b| b.1.cmp(a.1));
@@ -86,12 +102,31 @@ fn real_main() -> Result<ExitCode, String> {
     for (name, n) in refused {
         println!("  {n:>10} {name}");
     }
+    println!(
+        "smmuv3-fuzz restore: {} cases in {:.1} s ({:.0} per second), {} accepted and judged safe",
+        stats.restore.execs,
+        stats.restore_elapsed.as_secs_f64(),
+        stats.restore_rate(),
+        stats.restore.accepted
+    );
+    let mut refused: Vec<_> = stats.restore.refused.iter().collect();
+    refused.sort_by(|a, b| b.1.cmp(a.1));
+    println!("restore refused by cause ({} distinct):", refused.len());
+    for (name, n) in refused {
+        println!("  {n:>10} {name}");
+    }
+    println!("smmuv3-fuzz: {} case(s) failed", stats.failures.len());
     if stats.failures.is_empty() {
         return Ok(ExitCode::SUCCESS);
     }
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     for f in &stats.failures {
-        let path = out.join(format!("case-{:x}-{}.bin", f.seed, f.index));
+        let target = if f.what.starts_with("restore case") {
+            "restore"
+        } else {
+            "decode"
+        };
+        let path = out.join(format!("{target}-case-{:x}-{}.bin", f.seed, f.index));
         std::fs::write(&path, &f.input).map_err(|e| format!("{}: {e}", path.display()))?;
         println!(
             "FAILED case {} (seed {:#x}): {} -> {}",

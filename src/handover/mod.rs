@@ -31,6 +31,7 @@ pub mod format;
 pub mod live;
 pub mod pool;
 pub mod restore;
+pub mod verify;
 
 /// Domains one handover region can describe per SMMU instance.
 pub const MAX_RECORDS: usize = 32;

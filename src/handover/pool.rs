@@ -287,6 +287,24 @@ impl HandoverPool {
         Ok(unsafe { core::slice::from_raw_parts_mut(l.virt as *mut u8, METADATA_BYTES as usize) })
     }
 
+    /// The words of `extent` (8-byte aligned, wholly inside the pool), read where they are: how a restore examines
+    /// the memory a record names before it adopts it. `None` for an extent that is misaligned or not inside the
+    /// pool.
+    ///
+    /// # Safety
+    /// Nothing may write `extent` while the returned slice lives: no arena in use may hand out any of it (a
+    /// record's arena is free until the restore adopts it; the SMMU only reads it).
+    pub(crate) unsafe fn preserved_words(&self, extent: Extent) -> Option<&[u64]> {
+        let l = self.layout().ok()?;
+        if !l.pool().contains(extent.base, extent.len) || !extent.base.is_multiple_of(8) {
+            return None;
+        }
+        let words = usize::try_from(extent.len / 8).ok()?;
+        // SAFETY: inside the region, which `set_up`'s contract maps at `virt` (8-byte aligned) for the program's
+        // life; the caller guarantees that nothing writes it meanwhile.
+        Some(unsafe { core::slice::from_raw_parts(l.virt_of(extent.base) as *const u64, words) })
+    }
+
     /// Takes a free arena, empty, for a domain meant to be preserved.
     ///
     /// # Errors

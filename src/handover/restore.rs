@@ -6,6 +6,7 @@
 
 use super::format::{self, FormatError, HandoverError};
 use super::pool::{HandoverArena, HandoverPool, METADATA_BYTES, PoolError};
+use super::verify::{Outputs, Refusal, RestoreOptions, VerifyFailure, verify_instance};
 use super::{Extent, InstanceRecords, MAX_INSTANCES, MAX_RECORDS, MAX_STREAMS, RecordKind, SmmuIdentity};
 use crate::active::{ActiveSmmu, AttachError, RunningSmmu};
 use crate::ctx::{CdTable, CdTableError, CdTableFormat};
@@ -40,6 +41,31 @@ pub enum PrepareError {
     /// [`ActiveSmmu::cancel_handover`] without a prepared hand-off: cancelling would remove records this image did
     /// not write (a previous image's, not yet restored).
     NotPrepared,
+    /// A preserved domain maps memory outside every range the caller says survives the hand-off: the next image
+    /// would give a device memory it may use for anything.
+    NotSurviving {
+        /// The domain's token.
+        token: u64,
+        /// The input address of the mapping.
+        iova: u64,
+        /// Its output address.
+        output: u64,
+        /// Its size.
+        size: u64,
+    },
+    /// A preserved domain maps the handover region or memory declared protected (which the next image refuses).
+    ProtectedOutput {
+        /// The domain's token.
+        token: u64,
+        /// The input address of the mapping.
+        iova: u64,
+        /// Its output address.
+        output: u64,
+        /// Its size.
+        size: u64,
+        /// The protected extent it reaches.
+        protected: Extent,
+    },
 }
 
 impl core::fmt::Display for PrepareError {
@@ -60,6 +86,28 @@ impl core::fmt::Display for PrepareError {
                 "handover: the restore of generation {generation} is not finished: finish it before preparing another"
             ),
             PrepareError::NotPrepared => f.write_str("handover: no hand-off is prepared: nothing to cancel"),
+            PrepareError::NotSurviving {
+                token,
+                iova,
+                output,
+                size,
+            } => write!(
+                f,
+                "handover: domain {token:#x} maps IOVA {iova:#x} to {output:#x}+{size:#x}, memory that does not survive \
+                 the hand-off"
+            ),
+            PrepareError::ProtectedOutput {
+                token,
+                iova,
+                output,
+                size,
+                protected,
+            } => write!(
+                f,
+                "handover: domain {token:#x} maps IOVA {iova:#x} to {output:#x}+{size:#x}, inside protected memory \
+                 {:#x}+{:#x}",
+                protected.base, protected.len
+            ),
         }
     }
 }
@@ -99,6 +147,14 @@ pub enum RestoreError {
     /// names, could not be made to abort (or the invalidation that follows failed). Its STE may be live, with an
     /// ASID or VMID this image would hand out again.
     UnrestoredStreams(AttachError),
+    /// A record's preserved memory does not say what the record says (its page table, its CDs): found by
+    /// verification, before anything was installed ([`super::verify`]).
+    Verify {
+        /// The record.
+        token: u64,
+        /// What is wrong, and where.
+        what: VerifyFailure,
+    },
     /// Rebuilding failed after validation (cannot happen for a region that validated; reported, not assumed).
     /// Every stream it touched aborts again.
     Rebuild {
@@ -150,6 +206,7 @@ impl core::fmt::Display for RestoreError {
                 f,
                 "restore: a stream the previous image left translating could not be made to abort: {e}"
             ),
+            RestoreError::Verify { token, what } => write!(f, "restore: record {token:#x} refused: {what}"),
             RestoreError::Rebuild { token, what } => {
                 write!(f, "restore: record {token:#x} could not be rebuilt: {what:?}")
             }
@@ -364,21 +421,30 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// cancel, change, and prepare again. Other domains stay usable. Records of other SMMUs already in the region are kept. `register_base` is this
     /// SMMU's physical register base, which names it in the region.
     ///
+    /// `surviving` is the memory that survives the hand-off as it is (RAM the next image does not reuse for
+    /// anything but what the preserved devices reach; what it declares DMA-able to its restore): every page and
+    /// block of every preserved domain must map memory inside one of these ranges, and outside the handover
+    /// region and the memory declared with [`ActiveSmmu::protect_memory`] (which the next image's restore
+    /// refuses). Each preserved table is walked once for this.
+    ///
     /// # Errors
-    /// [`PrepareError`]; on [`PrepareError::SelfCheck`] the region is invalidated (its magic cleared).
-    /// [`PrepareError::RestoreNotFinished`] while a restore waits for [`ActiveSmmu::finish_handover`] (nothing
-    /// changed then).
+    /// [`PrepareError::NotSurviving`], [`PrepareError::ProtectedOutput`] naming the domain and the mapping, before
+    /// anything is written; [`PrepareError::RestoreNotFinished`] while a restore waits for
+    /// [`ActiveSmmu::finish_handover`] (nothing changed then); [`PrepareError`]; on [`PrepareError::SelfCheck`] the
+    /// region is invalidated (its magic cleared).
     pub fn prepare_handover(
         &self,
         pool: &HandoverPool,
         register_base: u64,
         generation: u64,
+        surviving: &[Extent],
     ) -> Result<usize, PrepareError> {
         if let Some(generation) = self.domains.restored_generation {
             return Err(PrepareError::RestoreNotFinished { generation });
         }
         let region = pool.metadata_extent().map_err(PrepareError::Pool)?;
         let pool_extent = pool.pool().map_err(PrepareError::Pool)?;
+        self.check_preserved_outputs(pool, surviving)?;
         let ours = self.handover_records(register_base).map_err(PrepareError::Records)?;
         let mut guard = pool.lock_metadata().map_err(PrepareError::Pool)?;
         let bytes: &mut [u8] = &mut guard;
@@ -429,6 +495,49 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             }
         }
         Ok(written)
+    }
+
+    /// Checks that every leaf of every preserved domain maps memory inside `surviving` and outside the region and
+    /// protected memory: the first that does not is the error.
+    fn check_preserved_outputs(&self, pool: &HandoverPool, surviving: &[Extent]) -> Result<(), PrepareError> {
+        let outputs = Outputs {
+            dma: surviving,
+            region: pool.region().map_err(PrepareError::Pool)?,
+            protected: self.domains.protected.extents(),
+        };
+        for (&token, &id) in self.domains.tokens.iter() {
+            let Ok(state) = self.domains.get(id) else { continue };
+            let (Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. }) = &state.translation else {
+                continue;
+            };
+            let mut first = None;
+            table.walk(|m| {
+                if first.is_none()
+                    && let Err(refusal) = outputs.judge(m.pa, m.size)
+                {
+                    first = Some((m, refusal));
+                }
+            });
+            if let Some((m, refusal)) = first {
+                let (iova, output, size) = (m.iova, m.pa, m.size);
+                return Err(match refusal {
+                    Refusal::Protected(protected) => PrepareError::ProtectedOutput {
+                        token,
+                        iova,
+                        output,
+                        size,
+                        protected,
+                    },
+                    Refusal::Outside => PrepareError::NotSurviving {
+                        token,
+                        iova,
+                        output,
+                        size,
+                    },
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Seals (or unseals) the memory of every preserved domain and this SMMU's own.
@@ -492,13 +601,18 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// After a warm reset (or in a new image), with this SMMU just initialised (every stream aborting) or adopted
     /// running ([`crate::Smmu::adopt_running`]): validates the handover region of `pool` completely (see
     /// `docs/handover.md`), checks that it was written for this SMMU (`register_base` and the ID registers) and that
-    /// every ID and StreamID fits it, and only then rebuilds this SMMU's preserved domains: each arena taken back,
+    /// every ID and StreamID fits it, verifies the preserved memory the records name (with
+    /// [`Verification::Full`](super::verify::Verification), the default: every page table walked from its root,
+    /// every leaf inside `options.dma_memory` and outside the region and the memory declared with
+    /// [`ActiveSmmu::protect_memory`], every live-entry count as walked; in every mode each adopted CD equal to the
+    /// one the driver builds), and only then rebuilds this SMMU's preserved domains: each arena taken back,
     /// each ASID/VMID reserved as recorded (no STE or CD is scanned), each page table and CD table adopted in place
-    /// (no copy; no walk where the counts were recorded), each stream's STE installed. The domains wait for
+    /// (no copy), each stream's STE installed. The domains wait for
     /// [`ActiveSmmu::retrieve`]; [`ActiveSmmu::finish_handover`] frees the rest. The records are consumed: the
     /// region is re-armed without this SMMU's (a record restores once, so a domain retrieved and freed since can
     /// never come back, not even after another reset). A region that was never written (or re-armed without this
-    /// SMMU's records) restores nothing.
+    /// SMMU's records) restores nothing. On success the region (`pool`'s) is declared protected memory, so no later
+    /// `map` can give it to a device.
     ///
     /// On an SMMU adopted running, a restore that succeeds (records found or not) settles the hand-off before it
     /// returns: every stream no restored domain holds aborts (the previous image's that no record names, and any
@@ -510,7 +624,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// # Errors
     /// [`RestoreError::AlreadyRestored`] and [`RestoreError::HandoverPrepared`] (see the table in
     /// [`crate::handover`]): nothing changed. [`RestoreError::UnrestoredStreams`] when settling an adopted SMMU's
-    /// streams failed. Any other error is a refusal too, and every refusal leaves through one
+    /// streams failed. [`RestoreError::Verify`] names the record, the address and what its memory gets wrong;
+    /// [`RestoreError::BeyondLimits`] also when no protected-memory slot is left for the region. Any other error is
+    /// a refusal too, and every refusal leaves through one
     /// exit, whatever check refused: every stream the rebuild installed aborts again (its STE rewritten, CFGI_STE,
     /// CMD_SYNC); on an SMMU adopted running, every stream that is not this image's own aborts (the previous image's
     /// STEs may be live); then CFGI_ALL, TLBI of every regime and CMD_SYNC; only then do the arenas taken back
@@ -525,6 +641,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         &mut self,
         pool: &'static HandoverPool,
         register_base: u64,
+        options: &RestoreOptions<'_>,
     ) -> Result<RestoreReport, RestoreError> {
         // Asked at the wrong point of the lifecycle: refused before anything is looked at.
         if let Some(generation) = self.domains.restored_generation {
@@ -534,12 +651,12 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             return Err(RestoreError::HandoverPrepared { generation });
         }
         let mut taken = Taken::default();
-        let restored = self
-            .restore_records(pool, register_base, &mut taken)
-            .and_then(|(mut report, found)| {
-                report.aborted = self.abort_inherited_streams()?;
-                Ok((report, found))
-            });
+        let restored =
+            self.restore_records(pool, register_base, options, &mut taken)
+                .and_then(|(mut report, found)| {
+                    report.aborted = self.abort_inherited_streams()?;
+                    Ok((report, found))
+                });
         match restored {
             Ok((report, found)) => {
                 if found {
@@ -572,6 +689,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         &mut self,
         pool: &'static HandoverPool,
         register_base: u64,
+        options: &RestoreOptions<'_>,
         taken: &mut Taken,
     ) -> Result<(RestoreReport, bool), RestoreError> {
         let pool_extent = pool.pool().map_err(RestoreError::Pool)?;
@@ -592,8 +710,24 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         let probed = self.handover_identity(register_base);
         format::validate_identity(&instance.identity, &probed).map_err(RestoreError::Identity)?;
         self.check_limits(pool, instance)?;
+        let region = pool.region().map_err(RestoreError::Pool)?;
+        let mut protected = self.domains.protected.clone();
+        protected.add(region).map_err(|_| RestoreError::BeyondLimits {
+            token: instance.records.first().map_or(0, |r| r.token),
+            what: "a free protected-memory slot for the handover region, of",
+            value: crate::protected::MAX_PROTECTED as u64,
+        })?;
+        let outputs = Outputs {
+            dma: options.dma_memory,
+            region,
+            protected: protected.extents(),
+        };
+        verify_instance(self.features(), pool, instance, &outputs, options.verify)
+            .map_err(|(token, what)| RestoreError::Verify { token, what })?;
+
         // Rebuild: stage-1 and stage-2 domains, then nested ones, then every stream, then substreams.
         self.rebuild(pool, instance, &mut report, taken)?;
+        self.domains.protected = protected;
         Ok((report, true))
     }
 
@@ -601,6 +735,11 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// that may translate through what the restore took or the previous image left, then gives back what the
     /// restore took, and only when the containment is known to hold.
     fn contain_refused_restore(&mut self, taken: &Taken) {
+        // Refused before the rebuild took anything, on an SMMU this image initialised: nothing translates through
+        // the restore, so there is nothing to contain (and nothing is issued).
+        if taken.streams.is_empty() && taken.arenas.is_empty() && taken.domains.is_empty() && !self.inherited_stes {
+            return;
+        }
         let mut contained = true;
         for &sid in &taken.streams {
             contained &= self.abort_stream(sid).is_ok();
@@ -1130,7 +1269,7 @@ fn rearm_without(pool: &HandoverPool, register_base: u64) -> Result<(), PoolErro
 pub const REGION_METADATA_BYTES: u64 = METADATA_BYTES;
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! A live update on the host: one SMMU model's domains preserved and prepared, the "reset" (the old driver
     //! forgotten, a new pool object over the same region memory, a new SMMU model), then restore, retrieve and
     //! finish, against the same page tables in place.
@@ -1147,17 +1286,22 @@ mod tests {
     use core::ptr::NonNull;
     use std::boxed::Box;
 
-    const BASE: u64 = 0x905_0000;
-    const RW: Prot = Prot::READ.union(Prot::WRITE).union(Prot::CACHEABLE);
+    pub(crate) const BASE: u64 = 0x905_0000;
+    /// The whole 48-bit output space declared DMA-able (less the region and protected memory, as always): the
+    /// tests of the restore itself, not of what the leaves reach.
+    pub(crate) const ANYWHERE: RestoreOptions<'static> = RestoreOptions::new(SURVIVING);
+    /// What survives a hand-off in these tests: as above.
+    pub(crate) const SURVIVING: &[Extent] = &[Extent { base: 0, len: 1 << 48 }];
+    pub(crate) const RW: Prot = Prot::READ.union(Prot::WRITE).union(Prot::CACHEABLE);
 
     /// Region memory that outlives both "images", and a fresh pool object over it per image.
-    struct Region {
-        memory: &'static mut [u64],
-        extent: Extent,
+    pub(crate) struct Region {
+        pub(crate) memory: &'static mut [u64],
+        pub(crate) extent: Extent,
     }
 
     impl Region {
-        fn new() -> Region {
+        pub(crate) fn new() -> Region {
             let bytes = METADATA_BYTES as usize + ARENAS * 256 * 1024;
             Region {
                 memory: Box::leak(std::vec![0u64; bytes / 8].into_boxed_slice()),
@@ -1168,7 +1312,7 @@ mod tests {
             }
         }
 
-        fn pool(&mut self) -> &'static HandoverPool {
+        pub(crate) fn pool(&mut self) -> &'static HandoverPool {
             let pool: &'static HandoverPool = Box::leak(Box::new(HandoverPool::new()));
             // SAFETY: leaked memory used by nothing else (the previous "image" is forgotten).
             unsafe { pool.set_up(self.extent, NonNull::new(self.memory.as_mut_ptr().cast()).unwrap()) }.unwrap();
@@ -1181,12 +1325,12 @@ mod tests {
         }
     }
 
-    fn boot(model: &Model, frames: &'static HeapFrames) -> ActiveSmmu<&'static HeapFrames> {
+    pub(crate) fn boot(model: &Model, frames: &'static HeapFrames) -> ActiveSmmu<&'static HeapFrames> {
         model.smmu().init(frames, &InitOptions::default()).unwrap()
     }
 
     /// A stage-1 domain (39-bit input, EL1&0 regime) in a fresh handover arena.
-    fn arena_stage1(smmu: &mut ActiveSmmu<&'static HeapFrames>, pool: &'static HandoverPool) -> DomainId {
+    pub(crate) fn arena_stage1(smmu: &mut ActiveSmmu<&'static HeapFrames>, pool: &'static HandoverPool) -> DomainId {
         let options = Stage1Options {
             input_bits: 39,
             el2: false,
@@ -1233,7 +1377,7 @@ mod tests {
         // Mutations after preserve are what is restored: the state at prepare.
         smmu.unmap(s1, 0x2000, 0x1000).unwrap();
         smmu.map(s1, 0x3000, 0x8000_3000, 0x1000, RW).unwrap();
-        let written = smmu.prepare_handover(pool, BASE, 7).unwrap();
+        let written = smmu.prepare_handover(pool, BASE, 7, SURVIVING).unwrap();
         assert!(written > 0);
         // The reset: nothing is freed, the SMMU model goes away.
         core::mem::forget(smmu);
@@ -1250,7 +1394,7 @@ mod tests {
         let mut smmu = boot(&model, frames);
         let pool = region.pool();
         let before = model.seen.lock().unwrap().consumed.len();
-        let report = smmu.restore_handover(pool, BASE).unwrap();
+        let report = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap();
         assert_eq!((report.generation, report.domains, report.streams), (7, 4, 3));
         assert_eq!(report.adopted_without_walk, 3, "counts recorded: no walk");
         // No STE or CD was scanned: the IDs come from the records.
@@ -1301,7 +1445,7 @@ mod tests {
         assert_eq!(smmu.ste(0x20).unwrap().config(), Config::Abort);
         assert_eq!(pool.arenas_in_use(), in_use - 1);
         assert_eq!(
-            smmu.restore_handover(pool, BASE).map(|r| r.domains),
+            smmu.restore_handover(pool, BASE, &ANYWHERE).map(|r| r.domains),
             Ok(0),
             "nothing left to restore"
         );
@@ -1319,7 +1463,7 @@ mod tests {
         let model = Model::start(frames);
         let mut smmu = boot(&model, frames);
         let pool = region.pool();
-        let error = smmu.restore_handover(pool, BASE).unwrap_err();
+        let error = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
         assert!(
             matches!(error, RestoreError::Region(HandoverError::BadCrc { .. })),
             "{error}"
@@ -1342,14 +1486,14 @@ mod tests {
         let model = Model::start_with(frames, 0x0d44_101a);
         let mut smmu = boot(&model, frames);
         let pool = region.pool();
-        let error = smmu.restore_handover(pool, BASE).unwrap_err();
+        let error = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
         assert!(matches!(error, RestoreError::Identity(_)), "{error}");
         // Records for another base are simply not ours.
         let model2 = Model::start(frames);
         let mut other = boot(&model2, frames);
         assert_eq!(
             other
-                .restore_handover(region.pool(), BASE + 0x1_0000)
+                .restore_handover(region.pool(), BASE + 0x1_0000, &ANYWHERE)
                 .map(|r| r.domains),
             Ok(0)
         );
@@ -1378,7 +1522,7 @@ mod tests {
         first.attach(d, 0x10).unwrap();
         first.attach_bypass(0x30).unwrap();
         first.preserve(d, 0x77).unwrap();
-        first.prepare_handover(pool, BASE, 3).unwrap();
+        first.prepare_handover(pool, BASE, 3, SURVIVING).unwrap();
         let strtab = first.configuration().stream_table_base;
         let format = first.stream_table_format();
         assert!(matches!(format, StreamTableFormat::TwoLevel { .. }));
@@ -1407,7 +1551,7 @@ mod tests {
             "nothing allocated while the previous image's streams may use any ID"
         );
         let before = model.seen.lock().unwrap().consumed.len();
-        let report = next.restore_handover(pool, BASE).unwrap();
+        let report = next.restore_handover(pool, BASE, &ANYWHERE).unwrap();
         assert_eq!((report.domains, report.streams, report.aborted), (1, 1, 1));
         assert_eq!(
             next.ste(0x10),
@@ -1466,7 +1610,7 @@ mod tests {
             .unwrap();
         smmu.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
         smmu.preserve(d, 9).unwrap();
-        smmu.prepare_handover(pool, BASE, 1).unwrap();
+        smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
         // The domain is frozen (see `a_prepared_domain_is_frozen_until_the_hand_off_is_cancelled`), and its
         // memory hands out nothing, whoever asks.
         assert!(crate::mem::FrameAllocator::allocate_zeroed(&arena, 4096, 4096).is_err());
@@ -1477,7 +1621,7 @@ mod tests {
         // Cancelled: memory again, and the region no longer names this SMMU's domains.
         smmu.cancel_handover(pool, BASE).unwrap();
         smmu.map(d, 0x4000_0000, 0x8000_2000, 0x1000, RW).unwrap();
-        assert_eq!(smmu.restore_handover(pool, BASE).map(|r| r.domains), Ok(0));
+        assert_eq!(smmu.restore_handover(pool, BASE, &ANYWHERE).map(|r| r.domains), Ok(0));
     }
 
     #[test]
@@ -1492,7 +1636,7 @@ mod tests {
             .init_with_capacity(frames, &InitOptions::default())
             .unwrap();
         let pool = region.pool();
-        let error = smmu.restore_handover(pool, BASE).unwrap_err();
+        let error = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
         assert!(
             matches!(
                 error,
@@ -1533,7 +1677,7 @@ mod tests {
         let mut smmu = boot(&model, frames);
         let pool = region.pool();
         let before = model.seen.lock().unwrap().consumed.len();
-        smmu.restore_handover(pool, BASE).unwrap();
+        smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap();
         // After a reset (init invalidated everything): each restored stream's STE, nothing else.
         let issued = issued_since(&model, before);
         let mut sids: std::vec::Vec<u32> = std::vec::Vec::new();
@@ -1616,7 +1760,7 @@ mod tests {
             smmu.attach(whole, 0x10).unwrap();
             smmu.attach_substream(dropped, 0x10, 3).unwrap();
             smmu.preserve(whole, 0x61).unwrap();
-            smmu.prepare_handover(pool, BASE, 1).unwrap();
+            smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
             core::mem::forget(smmu);
             drop(model);
         }
@@ -1624,7 +1768,7 @@ mod tests {
         let mut smmu = boot(&model, frames);
         let pool = region.pool();
         let before = model.seen.lock().unwrap().consumed.len();
-        let report = smmu.restore_handover(pool, BASE).unwrap();
+        let report = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap();
         assert_eq!((report.domains, report.streams), (1, 1));
         // Substream 3 (its domain not preserved): its CD made invalid, V first then the rest, each CFGI_CD of
         // (0x10, 3) + CMD_SYNC; then the stream's STE.
@@ -1655,7 +1799,7 @@ mod tests {
             // The stage-2 record first: it is rebuilt before the stage-1 one fails.
             smmu.preserve(parent, 0x62).unwrap();
             smmu.preserve(d, 0x61).unwrap();
-            smmu.prepare_handover(pool, BASE, 1).unwrap();
+            smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
             core::mem::forget(smmu);
             drop(model);
         }
@@ -1665,7 +1809,7 @@ mod tests {
         // This image took the recorded ASID before restoring: the stage-1 record cannot claim it.
         let mine = smmu.create_stage1(frames, Stage1Options::default()).unwrap();
         assert_eq!((smmu.asids_in_use(), smmu.vmids_in_use()), (1, 0));
-        let error = smmu.restore_handover(pool, BASE).unwrap_err();
+        let error = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
         // Found while validating, before anything changed (the rebuild's own undo stays as a second line).
         assert!(
             matches!(error, RestoreError::BeyondLimits { token: 0x61, .. }),
@@ -1692,7 +1836,7 @@ mod tests {
         let mine = smmu.create_stage1(frames, Stage1Options::default()).unwrap();
         smmu.free_asid(recorded_asid).unwrap();
         smmu.attach(mine, 0x10).unwrap();
-        let error = smmu.restore_handover(pool, BASE).unwrap_err();
+        let error = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
         assert!(
             matches!(error, RestoreError::BeyondLimits { token: 0x61, what, value: 0x10 } if what.contains("StreamID")),
             "{error}"
@@ -1739,7 +1883,7 @@ mod tests {
             set_el2(&mut smmu, true);
             smmu.preserve(b, 0x72).unwrap();
         }
-        smmu.prepare_handover(pool, BASE, 1).unwrap();
+        smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
         core::mem::forget(smmu);
         drop(model);
     }
@@ -1760,7 +1904,7 @@ mod tests {
         let mine = smmu.create_stage1(frames, EL2).unwrap();
         smmu.free_asid(spare).unwrap();
         smmu.attach(mine, 0x11).unwrap();
-        let error = smmu.restore_handover(pool, BASE).unwrap_err();
+        let error = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
         assert!(
             matches!(error, RestoreError::BeyondLimits { token: 0x71, what, .. } if what.contains("EL2")),
             "{error}"
@@ -1783,7 +1927,7 @@ mod tests {
         let model = el2_model(frames);
         let mut smmu = boot(&model, frames);
         let pool = region.pool();
-        smmu.restore_handover(pool, BASE).unwrap();
+        smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap();
         let restored = smmu.retrieve(0x71).unwrap();
         let mine = smmu.create_stage1(frames, EL2).unwrap();
         assert_eq!(
@@ -1802,7 +1946,7 @@ mod tests {
         let model = el2_model(frames);
         let mut smmu = boot(&model, frames);
         let pool = region.pool();
-        let error = smmu.restore_handover(pool, BASE).unwrap_err();
+        let error = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
         assert!(
             matches!(error, RestoreError::BeyondLimits { what, .. } if what.contains("another record")),
             "{error}"
@@ -1830,7 +1974,7 @@ mod tests {
         smmu.map(d, 0x1000, 0x8000_0000, 0x2000, RW).unwrap();
         smmu.attach(d, 0x10).unwrap();
         smmu.preserve(d, 9).unwrap();
-        smmu.prepare_handover(pool, BASE, 1).unwrap();
+        smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
         let frozen = Err(DomainError::HandoverPrepared { token: 9 });
         assert_eq!(smmu.map(d, 0x4000, 0x8000_4000, 0x1000, RW), frozen);
         assert_eq!(smmu.unmap(d, 0x1000, 0x1000).map(|_| ()), frozen);
@@ -1875,7 +2019,7 @@ mod tests {
         smmu.preserve(d, 9).unwrap();
         smmu.preserve(parent, 10).unwrap();
         smmu.preserve(nested, 11).unwrap();
-        smmu.prepare_handover(pool, BASE, 1).unwrap();
+        smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
         // The region records them: unpreserving now would leave a record of a domain that may be freed (and its
         // arena sealed for good). Refused, nothing changed.
         for token in [9, 11] {
@@ -1891,7 +2035,7 @@ mod tests {
         smmu.free_domain(d).unwrap();
         // Prepared again, the other way round: preserve, prepare, cancel, unpreserve, prepare records nothing of it.
         smmu.preserve(nested, 11).unwrap();
-        smmu.prepare_handover(pool, BASE, 2).unwrap();
+        smmu.prepare_handover(pool, BASE, 2, SURVIVING).unwrap();
         smmu.cancel_handover(pool, BASE).unwrap();
         smmu.unpreserve(11).unwrap();
         smmu.unpreserve(10).unwrap();
@@ -1923,7 +2067,7 @@ mod tests {
             "the stream table is in the pool: the next image adopts it"
         );
         maintenance_log::take();
-        smmu.prepare_handover(pool, BASE, 1).unwrap();
+        smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
         let log = maintenance_log::take();
         let virt = region.memory.as_ptr() as usize + (identity.strtab_base - region.extent.base) as usize;
         assert!(
@@ -1947,7 +2091,7 @@ mod tests {
         smmu.apply_board_coherency(false);
         let first: ActiveSmmu<&'static HandoverArena> =
             smmu.init(pool.take_arena().unwrap(), &InitOptions::default()).unwrap();
-        first.prepare_handover(pool, BASE, 1).unwrap();
+        first.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
         core::mem::forget(first);
 
         // The next image does not know (IDR0.COHACC = 1, no board override): the running CR1 decides.
@@ -2022,7 +2166,7 @@ mod tests {
         first.attach(d, 0x10).unwrap();
         first.attach_bypass(0x30).unwrap();
         first.preserve(d, 0x77).unwrap();
-        first.prepare_handover(pool, BASE, 3).unwrap();
+        first.prepare_handover(pool, BASE, 3, SURVIVING).unwrap();
         core::mem::forget(first);
         model
     }
@@ -2172,7 +2316,7 @@ mod tests {
         assert_eq!(next.allocate_asid(), Err(IdError::HandOffUnsettled));
         next.claim_asid(recorded).unwrap();
         let before = model.seen.lock().unwrap().commands.len();
-        let error = next.restore_handover(pool, BASE).unwrap_err();
+        let error = next.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
         assert!(
             matches!(error, RestoreError::BeyondLimits { token: 0x77, what, .. } if what.contains("ASID")),
             "{error}"
@@ -2213,7 +2357,7 @@ mod tests {
             .adopt_running(core, &InitOptions::default(), &running)
             .unwrap();
         model.refuse.store(opcode::CFGI_STE, Ordering::SeqCst);
-        let error = next.restore_handover(pool, BASE).unwrap_err();
+        let error = next.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
         model.refuse.store(0, Ordering::SeqCst);
         assert!(
             matches!(error, RestoreError::UnrestoredStreams(AttachError::Invalidation(_))),
@@ -2236,7 +2380,7 @@ mod tests {
         let model = Model::start(frames);
         let mut smmu = boot(&model, frames);
         let pool = region.pool();
-        smmu.restore_handover(pool, BASE).unwrap();
+        smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap();
         smmu.retrieve(0x53).unwrap();
         smmu.finish_handover(pool, BASE).unwrap();
         assert!(smmu.domains.restored.contains_key(&0x52), "kept for its nested domain");
@@ -2249,10 +2393,10 @@ mod tests {
             let d = arena_stage1(&mut first, pool);
             first.attach(d, 0x40).unwrap();
             first.preserve(d, 0x52).unwrap();
-            first.prepare_handover(pool, BASE, 9).unwrap();
+            first.prepare_handover(pool, BASE, 9, SURVIVING).unwrap();
             core::mem::forget(first);
         }
-        let error = smmu.restore_handover(other.pool(), BASE).unwrap_err();
+        let error = smmu.restore_handover(other.pool(), BASE, &ANYWHERE).unwrap_err();
         assert!(
             matches!(error, RestoreError::BeyondLimits { token: 0x52, what, .. } if what.contains("token")),
             "{error}"
@@ -2297,7 +2441,13 @@ mod tests {
             .unwrap();
         *model.probe.lock().unwrap() = Some(Box::new(move || pool.arenas_in_use()));
         let before = model.seen.lock().unwrap().commands.len();
-        let error = next.restore_handover(pool, BASE).unwrap_err();
+        // Trusting the recorded tables, so that the broken one is found by the rebuild (after its arena was taken),
+        // not by verification before it.
+        let trusted = RestoreOptions {
+            verify: super::super::verify::Verification::TrustRecordedTables,
+            ..ANYWHERE
+        };
+        let error = next.restore_handover(pool, BASE, &trusted).unwrap_err();
         assert!(
             matches!(
                 error,
@@ -2344,7 +2494,7 @@ mod tests {
             crate::hw::command::opcode::CFGI_STE,
             std::sync::atomic::Ordering::SeqCst,
         );
-        assert!(next.restore_handover(pool, BASE).is_err());
+        assert!(next.restore_handover(pool, BASE, &ANYWHERE).is_err());
         assert!(!next.is_enabled());
         assert!(disabled_aborting(&model), "{:x?}", cr0_and_gbpa(&model));
         assert_eq!(
@@ -2374,7 +2524,7 @@ mod tests {
             smmu.attach(whole, 0x10).unwrap();
             smmu.attach_substream(dropped, 0x10, 3).unwrap();
             smmu.preserve(whole, 0x61).unwrap();
-            smmu.prepare_handover(pool, BASE, 1).unwrap();
+            smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
             core::mem::forget(smmu);
         }
         let model = Model::start_with_idrs(frames, idr0, idr1);
@@ -2385,7 +2535,7 @@ mod tests {
             .refuse
             .store(crate::hw::command::opcode::CFGI_CD, std::sync::atomic::Ordering::SeqCst);
         let before = model.seen.lock().unwrap().commands.len();
-        let error = smmu.restore_handover(pool, BASE).unwrap_err();
+        let error = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
         assert!(
             matches!(
                 error,
@@ -2431,7 +2581,7 @@ mod tests {
         // Idle: nothing to cancel (the region may hold a previous image's records, still to restore).
         assert_eq!(smmu.cancel_handover(pool, BASE), Err(PrepareError::NotPrepared));
         smmu.preserve(d, 0x51).unwrap();
-        smmu.prepare_handover(pool, BASE, 5).unwrap();
+        smmu.prepare_handover(pool, BASE, 5, SURVIVING).unwrap();
         assert_eq!(smmu.handover_phase(), HandoverPhase::Prepared { generation: 5 });
         // Prepared: a domain preserved now would not be in the records, and vanish in the next image.
         assert_eq!(
@@ -2444,7 +2594,7 @@ mod tests {
             Err(DomainError::HandoverPrepared { token: 0x51 })
         );
         assert_eq!(
-            smmu.restore_handover(pool, BASE).err(),
+            smmu.restore_handover(pool, BASE, &ANYWHERE).err(),
             Some(RestoreError::HandoverPrepared { generation: 5 })
         );
         assert_eq!(
@@ -2457,7 +2607,7 @@ mod tests {
         smmu.cancel_handover(pool, BASE).unwrap();
         smmu.preserve(late, 0x52).unwrap();
         smmu.unpreserve(0x52).unwrap();
-        smmu.prepare_handover(pool, BASE, 5).unwrap();
+        smmu.prepare_handover(pool, BASE, 5, SURVIVING).unwrap();
         let again: std::vec::Vec<u8> = (0..4096).map(|i| *region.byte(i)).collect();
         assert_eq!(again, snapshot, "the refused calls changed nothing the records say");
         core::mem::forget(smmu);
@@ -2467,16 +2617,16 @@ mod tests {
         let model = Model::start(frames);
         let mut smmu = boot(&model, frames);
         let pool = region.pool();
-        assert_eq!(smmu.restore_handover(pool, BASE).map(|r| r.domains), Ok(1));
+        assert_eq!(smmu.restore_handover(pool, BASE, &ANYWHERE).map(|r| r.domains), Ok(1));
         assert_eq!(smmu.handover_phase(), HandoverPhase::Restored { generation: 5 });
         let mine = smmu.create_stage1(frames, Stage1Options::default()).unwrap();
         // Restored: no second restore, no prepare before finish, no cancel, no token a waiting domain holds.
         assert_eq!(
-            smmu.restore_handover(pool, BASE).err(),
+            smmu.restore_handover(pool, BASE, &ANYWHERE).err(),
             Some(RestoreError::AlreadyRestored { generation: 5 })
         );
         assert_eq!(
-            smmu.prepare_handover(pool, BASE, 6),
+            smmu.prepare_handover(pool, BASE, 6, SURVIVING),
             Err(PrepareError::RestoreNotFinished { generation: 5 })
         );
         assert_eq!(smmu.cancel_handover(pool, BASE), Err(PrepareError::NotPrepared));
@@ -2494,7 +2644,7 @@ mod tests {
         smmu.detach(0x10).unwrap();
         smmu.free_domain(d).unwrap();
         assert_eq!(
-            smmu.restore_handover(pool, BASE).err(),
+            smmu.restore_handover(pool, BASE, &ANYWHERE).err(),
             Some(RestoreError::AlreadyRestored { generation: 5 })
         );
         assert_eq!(pool.arenas_in_use(), 0, "nothing taken back again");
@@ -2503,11 +2653,11 @@ mod tests {
         // restore consumed the records.
         let model2 = Model::start(frames);
         let mut other = boot(&model2, frames);
-        assert_eq!(other.restore_handover(pool, BASE).map(|r| r.domains), Ok(0));
+        assert_eq!(other.restore_handover(pool, BASE, &ANYWHERE).map(|r| r.domains), Ok(0));
         assert_eq!(other.handover_phase(), HandoverPhase::Idle);
         assert_eq!(smmu.finish_handover(pool, BASE), Ok(FinishReport { unclaimed: 0 }));
         assert_eq!(smmu.handover_phase(), HandoverPhase::Idle);
-        assert_eq!(smmu.restore_handover(pool, BASE).map(|r| r.domains), Ok(0));
+        assert_eq!(smmu.restore_handover(pool, BASE, &ANYWHERE).map(|r| r.domains), Ok(0));
         smmu.free_domain(mine).unwrap();
     }
 
@@ -2530,13 +2680,13 @@ mod tests {
             smmu.attach(s2, 0x20).unwrap();
             smmu.preserve(s1, 0x51).unwrap();
             smmu.preserve(s2, 0x52).unwrap();
-            smmu.prepare_handover(pool, BASE, 8).unwrap();
+            smmu.prepare_handover(pool, BASE, 8, SURVIVING).unwrap();
             core::mem::forget(smmu);
         }
         let model = Model::start(frames);
         let mut smmu = boot(&model, frames);
         let pool = region.pool();
-        assert_eq!(smmu.restore_handover(pool, BASE).map(|r| r.domains), Ok(2));
+        assert_eq!(smmu.restore_handover(pool, BASE, &ANYWHERE).map(|r| r.domains), Ok(2));
         // The stage-2 domain's VMID invalidation is refused: the stage-1 one is freed, the stage-2 one waits.
         model.refuse.store(
             crate::hw::command::opcode::TLBI_S12_VMALL,
@@ -2546,14 +2696,19 @@ mod tests {
         assert_eq!(smmu.handover_phase(), HandoverPhase::Restored { generation: 8 });
         assert!(smmu.domains.restored.contains_key(&0x52) && !smmu.domains.restored.contains_key(&0x51));
         assert_eq!(
-            smmu.restore_handover(pool, BASE).err(),
+            smmu.restore_handover(pool, BASE, &ANYWHERE).err(),
             Some(RestoreError::AlreadyRestored { generation: 8 })
         );
         assert_eq!(pool.arenas_in_use(), 1, "the freed domain's arena is not taken back");
         // A reset now: the next image finds nothing to restore.
         let model2 = Model::start(frames);
         let mut other = boot(&model2, frames);
-        assert_eq!(other.restore_handover(region.pool(), BASE).map(|r| r.domains), Ok(0));
+        assert_eq!(
+            other
+                .restore_handover(region.pool(), BASE, &ANYWHERE)
+                .map(|r| r.domains),
+            Ok(0)
+        );
         // The queue works again: finishing frees what waits.
         model.refuse.store(0, std::sync::atomic::Ordering::SeqCst);
         assert_eq!(smmu.finish_handover(pool, BASE), Ok(FinishReport { unclaimed: 1 }));
@@ -2573,7 +2728,7 @@ mod tests {
         *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
         let core = pool.take_arena().unwrap();
         let mut smmu: ActiveSmmu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
-        smmu.prepare_handover(pool, BASE, 1).unwrap();
+        smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
         assert_eq!(
             smmu.create_stage1(core, Stage1Options::default()),
             Err(DomainError::MemorySealed)
@@ -2621,7 +2776,7 @@ mod tests {
         first.attach(left, 0x20).unwrap();
         let left_asid = stage1_asid(&first, left);
         first.preserve(kept, 0x77).unwrap();
-        first.prepare_handover(pool, BASE, 3).unwrap();
+        first.prepare_handover(pool, BASE, 3, SURVIVING).unwrap();
         core::mem::forget(first);
 
         let pool = region.pool();
@@ -2630,7 +2785,7 @@ mod tests {
             .smmu()
             .adopt_running(core, &InitOptions::default(), &running)
             .unwrap();
-        next.restore_handover(pool, BASE).unwrap();
+        next.restore_handover(pool, BASE, &ANYWHERE).unwrap();
         let d = next.retrieve(0x77).unwrap();
         next.finish_handover(pool, BASE).unwrap();
         assert_eq!(next.handover_phase(), HandoverPhase::Idle);
@@ -2684,7 +2839,7 @@ mod tests {
             smmu.attach(el2, 0x11).unwrap();
             smmu.preserve(whole, 0x61).unwrap();
             smmu.preserve(el2, 0x62).unwrap();
-            smmu.prepare_handover(pool, BASE, 1).unwrap();
+            smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
             core::mem::forget(smmu);
         }
         // A region with a valid CRC in which the EL2 domain holds substream 3 of the NS-EL1 domain's stream.
@@ -2697,7 +2852,7 @@ mod tests {
         let model = Model::start_with_idrs(frames, idr0, idr1);
         let mut smmu = boot(&model, frames);
         let pool = region.pool();
-        let restored = smmu.restore_handover(pool, BASE);
+        let restored = smmu.restore_handover(pool, BASE, &ANYWHERE);
         if restored.is_ok() {
             let strw = smmu.ste(0x10).unwrap().0[1] >> 30 & 0b11;
             let d = smmu.retrieve(0x62).unwrap();
@@ -2742,7 +2897,7 @@ mod tests {
         model.refuse.store(0, std::sync::atomic::Ordering::SeqCst);
         assert!(smmu.domains.el2_stale, "the EL2 entries of {mine} may still be cached");
         let before = model.seen.lock().unwrap().commands.len();
-        smmu.restore_handover(pool, BASE).unwrap();
+        smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap();
         let issued = issued_since(&model, before);
         let installed = issued.iter().position(|i| *i == Issued::Ste { sid: 0x10 }).unwrap();
         assert!(
@@ -2767,7 +2922,7 @@ mod tests {
         let model = Model::start(frames);
         let mut smmu = boot(&model, frames);
         let pool = region.pool();
-        smmu.restore_handover(pool, BASE).unwrap();
+        smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap();
         let nested = smmu.retrieve(0x53).unwrap();
         smmu.finish_handover(pool, BASE).unwrap();
         assert_eq!(smmu.handover_phase(), HandoverPhase::Idle);
@@ -2781,7 +2936,10 @@ mod tests {
         assert!(smmu.vmid_taken(vmid));
         // A restore refused for a reason that has nothing to do with that parent.
         let unset: &'static HandoverPool = Box::leak(Box::new(HandoverPool::new()));
-        assert!(matches!(smmu.restore_handover(unset, BASE), Err(RestoreError::Pool(_))));
+        assert!(matches!(
+            smmu.restore_handover(unset, BASE, &ANYWHERE),
+            Err(RestoreError::Pool(_))
+        ));
         let still_nested = smmu.ste(0x18).map(|s| s.config()) == Ok(Config::Nested);
         assert!(
             !still_nested || (smmu.vmid_taken(vmid) && smmu.retrieve(0x52).is_ok()),

@@ -1,5 +1,13 @@
 //! Physical frames for the firmware: a pool over the RAM the image does not use, handing out zeroed, aligned,
-//! physically contiguous blocks. RAM is identity-mapped, so a frame's virtual address is its physical address.
+//! physically contiguous blocks, and beside it a smaller pool of DMA buffers. RAM is identity-mapped, so a frame's
+//! virtual address is its physical address.
+//!
+//! **What a device may be given.** The frame pool holds what the driver reads (stream tables, queues, the tables of
+//! domains that are not preserved) and the EL2 page tables; the DMA pool holds only buffers devices read and write
+//! (and a guest's memory, its own tables included), and is what the live-update scenarios declare DMA-able, while
+//! they declare the image, the frame pool and the handover region protected ([`layout`]). The scenarios written
+//! before the DMA pool existed still take their buffers from the frame pool and declare nothing (`block-mappings`
+//! and `pgtable-dma`'s nested pass map whole RAM banks on purpose).
 
 use spin::mutex::SpinMutex;
 
@@ -32,6 +40,62 @@ static POOL: SpinMutex<FramePool> = SpinMutex::new(FramePool {
     free: heapless::Vec::new(),
 });
 
+/// The DMA buffers' pool.
+static DMA: SpinMutex<FramePool> = SpinMutex::new(FramePool {
+    next: 0,
+    end: 0,
+    free: heapless::Vec::new(),
+});
+
+/// How [`crate::run`] laid RAM out at boot (the same at every boot, so a warm reset finds it unchanged).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Layout {
+    /// From the RAM bank's base to the frame pool: the device tree, both image slots, their data and stacks.
+    pub image: smmuv3::handover::Extent,
+    /// The frame pool ([`alloc`], [`Frames`]).
+    pub frames: smmuv3::handover::Extent,
+    /// The DMA buffers' pool ([`alloc_dma`]).
+    pub dma: smmuv3::handover::Extent,
+    /// From the DMA pool to the end of the bank: the handover region and the notes a boot leaves the next.
+    pub reserved: smmuv3::handover::Extent,
+}
+
+static LAYOUT: SpinMutex<Layout> = SpinMutex::new(Layout {
+    image: smmuv3::handover::Extent { base: 0, len: 0 },
+    frames: smmuv3::handover::Extent { base: 0, len: 0 },
+    dma: smmuv3::handover::Extent { base: 0, len: 0 },
+    reserved: smmuv3::handover::Extent { base: 0, len: 0 },
+});
+
+/// Records the layout (once, at boot).
+pub fn set_layout(layout: Layout) {
+    *LAYOUT.lock() = layout;
+}
+
+/// The RAM layout of this boot.
+pub fn layout() -> Layout {
+    *LAYOUT.lock()
+}
+
+/// Hands the RAM range `start..end` to the DMA buffers' pool. Called once at boot.
+///
+/// # Safety
+/// As [`init`].
+pub unsafe fn init_dma(start: usize, end: usize) {
+    let mut pool = DMA.lock();
+    pool.next = start.next_multiple_of(FRAME_SIZE);
+    pool.end = end;
+    pool.free.clear();
+}
+
+/// As [`alloc`], from the DMA buffers' pool.
+///
+/// # Errors
+/// [`OutOfFrames`] when the pool cannot satisfy the request; nothing is allocated then.
+pub fn alloc_dma(size: usize, align: usize) -> Result<usize, OutOfFrames> {
+    alloc_from(&DMA, size, align)
+}
+
 /// Hands the RAM range `start..end` to the pool. Called once at boot.
 ///
 /// # Safety
@@ -49,9 +113,13 @@ pub unsafe fn init(start: usize, end: usize) {
 /// # Errors
 /// [`OutOfFrames`] when the pool cannot satisfy the request; nothing is allocated then.
 pub fn alloc(size: usize, align: usize) -> Result<usize, OutOfFrames> {
+    alloc_from(&POOL, size, align)
+}
+
+fn alloc_from(pool: &SpinMutex<FramePool>, size: usize, align: usize) -> Result<usize, OutOfFrames> {
     let size = size.max(1).next_multiple_of(FRAME_SIZE);
     let align = align.max(FRAME_SIZE);
-    let mut pool = POOL.lock();
+    let mut pool = pool.lock();
     let addr = if size == FRAME_SIZE && align == FRAME_SIZE && !pool.free.is_empty() {
         pool.free.pop().unwrap_or_default()
     } else {
@@ -65,7 +133,7 @@ pub fn alloc(size: usize, align: usize) -> Result<usize, OutOfFrames> {
         }
     };
     drop(pool);
-    // SAFETY: the range was just taken from the pool, which owns identity-mapped RAM no one else uses.
+    // SAFETY: the range was just taken from a pool, which owns identity-mapped RAM no one else uses.
     unsafe { core::ptr::write_bytes(addr as *mut u8, 0, size) };
     Ok(addr)
 }

@@ -40,6 +40,9 @@ unsafe extern "C" {
 
 static EXITING: AtomicBool = AtomicBool::new(false);
 
+/// Bytes of RAM below the handover region kept for DMA buffers (see [`frames`]).
+const DMA_POOL_BYTES: usize = 16 << 20;
+
 /// Ends the run: prints the RESULT line ([`finish::report`]), then hands `code` to the host through semihosting
 /// (0: every scenario passed), or, on a machine without semihosting, powers off through PSCI (or parks the CPU).
 pub fn exit(code: i32) -> ! {
@@ -241,15 +244,31 @@ pub fn run<B: Board>(board: &B) -> ! {
     }
     // Below the scratch area, the live-update handover region the board reserves: never in the frame pool.
     let handover_start = scratch.saturating_sub(description.handover_bytes as usize) & !0xfff;
-    if handover_start <= free_start as usize {
-        fatal("memory", &"no RAM after the image for the handover region");
+    // Below it, the DMA buffers' own pool (see `frames`): the only memory the live-update scenarios give devices.
+    let dma_start = handover_start.saturating_sub(DMA_POOL_BYTES) & !0x1f_ffff;
+    if dma_start <= free_start as usize {
+        fatal(
+            "memory",
+            &"no RAM after the image for the DMA pool and the handover region",
+        );
     }
     // SAFETY: everything past the image in its bank is unused RAM (the DTB sits below the image), mapped by the
-    // boot page table; the pool, the handover region and the scratch area do not overlap.
+    // boot page table; the pools, the handover region and the scratch area do not overlap.
     unsafe {
-        frames::init(free_start as usize, handover_start);
+        frames::init(free_start as usize, dma_start);
+        frames::init_dma(dma_start, handover_start);
         power::set_scratch(scratch);
     }
+    let extent = |start: usize, end: usize| smmuv3::handover::Extent {
+        base: start as u64,
+        len: (end - start) as u64,
+    };
+    frames::set_layout(frames::Layout {
+        image: extent(bank.base as usize, free_start as usize),
+        frames: extent(free_start as usize, dma_start),
+        dma: extent(dma_start, handover_start),
+        reserved: extent(handover_start, bank.end() as usize),
+    });
 
     let map = build_identity_map(&platform);
     // SAFETY: the map covers RAM (image, stack, DTB, pool) and every device used from now on.

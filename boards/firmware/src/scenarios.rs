@@ -71,6 +71,7 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("lu-unpreserved", live_update::lu_unpreserved),
     ("lu-collision", live_update::lu_collision),
     ("lu-corrupt", live_update::lu_corrupt),
+    ("lu-tampered", live_update::lu_tampered),
     ("lu-noreset", live_update::lu_noreset),
     ("lu-adopt-refused", lu_isolation::lu_adopt_refused),
     ("lu-dma-across-reset", lu_isolation::lu_dma_across_reset),

@@ -1,12 +1,13 @@
 //! The live-update scenarios, each across a real PSCI SYSTEM_RESET within one QEMU run. The first boot builds
-//! domains in handover arenas (tables and the DMA buffers alike, so that both survive), proves DMA through them,
+//! domains in handover arenas (their tables), with their DMA buffers in the firmware's DMA pool (RAM that survives
+//! the reset too, and the only memory either boot declares DMA-able: see `frames`), proves DMA through them,
 //! preserves them under tokens, prepares the handover region and resets, leaving a note (in the reset-persistent
 //! scratch RAM) that makes the scenario list resume at the same scenario. The second boot initialises the SMMU
 //! (every stream aborting), restores, retrieves by token, and checks with real DMA that the same data lands at the
 //! same physical addresses, then finishes the hand-off.
 //!
 //! - `lu-s1`, `lu-s2`: a stage-1 or stage-2 domain.
-//! - `lu-nested`: a stage-2 parent and a nested domain whose guest stage 1 lives in the parent's arena.
+//! - `lu-nested`: a stage-2 parent and a nested domain whose guest stage 1 lives in guest memory (DMA pool).
 //! - `lu-mutate`: a map and an unmap after `preserve`: the new mapping works after the restore, the removed one
 //!   faults.
 //! - `lu-unclaimed`: a preserved domain never retrieved: after `finish` its stream aborts and its arena is free.
@@ -15,12 +16,18 @@
 //!   under their own tokens.
 //! - `lu-corrupt`: a bit of the region flipped before the reset: the restore refuses it with the reason, every
 //!   stream aborts (DMA blocked), the region's bytes stay for diagnosis until `finish` re-arms it.
+//! - `lu-tampered`: the region intact (its CRC holds), the preserved memory rewritten before the reset: a table
+//!   descriptor aimed at a forged table in DMA memory (which maps edu's IOVA onto the region) and a CD word. The
+//!   restore's verification refuses it naming the descriptor, edu's stream aborts (its canary and the region are
+//!   untouched) and the event queue records the blocked writes.
 
 use core::fmt::Write;
 
+use smmuv3::handover::Extent;
 use smmuv3::handover::pool::HandoverArena;
+use smmuv3::handover::verify::RestoreOptions;
 use smmuv3::mem::FrameAllocator;
-use smmuv3::{DomainId, DomainKind, GuestContext, Stage1Options, Stage2Options};
+use smmuv3::{ActiveSmmu, DomainId, DomainKind, GuestContext, Stage1Options, Stage2Options};
 
 use super::core_smmu::{Session, edu_stream, start};
 use super::domains::{
@@ -74,12 +81,35 @@ pub(super) fn arena() -> Result<&'static HandoverArena, Failure> {
     POOL.take_arena().or_else(|e| fail!("{e}"))
 }
 
-/// A page from `arena` (physical = virtual in this firmware).
-pub(super) fn arena_page(arena: &HandoverArena) -> Result<u64, Failure> {
-    match arena.allocate_zeroed(4096, 4096) {
-        Ok(b) => Ok(b.phys.0),
+/// A DMA buffer page (physical = virtual in this firmware), from the DMA pool: RAM that survives the reset and
+/// that the next boot declares DMA-able (never a handover arena: no device may be given the region).
+pub(super) fn dma_page() -> Result<u64, Failure> {
+    match crate::frames::alloc_dma(4096, 4096) {
+        Ok(a) => Ok(a as u64),
         Err(e) => fail!("{e}"),
     }
+}
+
+/// What survives the hand-off for devices, and what the next boot declares DMA-able: the DMA pool.
+pub(super) fn surviving() -> [Extent; 1] {
+    [crate::frames::layout().dma]
+}
+
+/// Declares the memory no device may be given: the image, the frame pool (the SMMU's own tables and queues) and
+/// the handover region with the boot notes.
+fn declare<A: FrameAllocator, const D: usize>(s: &mut ActiveSmmu<A, D>) -> Result<(), Failure> {
+    let layout = crate::frames::layout();
+    for extent in [layout.image, layout.frames, layout.reserved] {
+        s.protect_memory(extent).or_else(|e| fail!("{e}"))?;
+    }
+    Ok(())
+}
+
+/// The SMMU initialised (every stream aborting), the memory no device may be given declared.
+fn start_lu(context: &Context) -> Result<Session, Failure> {
+    let mut s = start(context, &smmuv3::InitOptions::default())?;
+    declare(&mut s)?;
+    Ok(s)
 }
 
 fn create(s: &mut Session, kind: DomainKind, arena: &'static HandoverArena) -> Result<DomainId, Failure> {
@@ -116,7 +146,7 @@ pub(super) fn dma(edu: &Edu, source: u64, iova: u64, pa: u64, seed: u8) -> Resul
 fn restore(context: &Context, s: &mut Session) -> Result<smmuv3::handover::restore::RestoreReport, Failure> {
     let t0 = time::ticks();
     let report = s
-        .restore_handover(&POOL, smmu_base(context))
+        .restore_handover(&POOL, smmu_base(context), &RestoreOptions::new(&surviving()))
         .or_else(|e| fail!("{e}"))?;
     println!(
         "  restored generation {}: {} domain(s), {} stream(s), {} page table(s) adopted without a walk, in {} us",
@@ -138,7 +168,7 @@ fn finish(context: &Context, s: &mut Session) -> Result<u32, Failure> {
 
 fn single(context: &mut Context, kind: DomainKind) -> Result<(), Failure> {
     let (edu, sid) = edu_stream(context)?;
-    let mut s = start(context, &smmuv3::InitOptions::default())?;
+    let mut s = start_lu(context)?;
     let has = if kind == DomainKind::Stage1 {
         s.features().stage1
     } else {
@@ -151,7 +181,7 @@ fn single(context: &mut Context, kind: DomainKind) -> Result<(), Failure> {
         None => {
             let a = arena()?;
             let domain = create(&mut s, kind, a)?;
-            let (source, destination) = (arena_page(a)?, arena_page(a)?);
+            let (source, destination) = (dma_page()?, dma_page()?);
             s.map(domain, IOVA_SOURCE, source, 4096, RW).or_else(|e| fail!("{e}"))?;
             s.map(domain, IOVA_DESTINATION, destination, 4096, RW)
                 .or_else(|e| fail!("{e}"))?;
@@ -162,7 +192,7 @@ fn single(context: &mut Context, kind: DomainKind) -> Result<(), Failure> {
             let tables = s.domain_table(domain).or_else(|e| fail!("{e}"))?.tables();
             s.preserve(domain, TOKEN).or_else(|e| fail!("{e}"))?;
             let bytes = s
-                .prepare_handover(&POOL, smmu_base(context), 1)
+                .prepare_handover(&POOL, smmu_base(context), 1, &surviving())
                 .or_else(|e| fail!("{e}"))?;
             println!(
                 "  {domain} ({kind}) preserved as {TOKEN:#x}: IOVA {IOVA_DESTINATION:#x} -> PA {destination:#x}, {tables} table(s), {bytes} bytes of records"
@@ -221,7 +251,7 @@ const GUEST_BYTES: u64 = 32 * 4096;
 /// `lu-nested`: a stage-2 parent and a nested domain, the guest's stage 1 in the parent's arena.
 pub fn lu_nested(context: &mut Context) -> Result<(), Failure> {
     let (edu, sid) = edu_stream(context)?;
-    let mut s = start(context, &smmuv3::InitOptions::default())?;
+    let mut s = start_lu(context)?;
     let features = *s.features();
     if !features.nesting {
         fail!("the SMMU cannot nest")
@@ -238,9 +268,9 @@ pub fn lu_nested(context: &mut Context) -> Result<(), Failure> {
             let parent = s
                 .create_stage2(a, Stage2Options { input_bits: ipa_bits })
                 .or_else(|e| fail!("{e}"))?;
-            // Guest RAM: a block of the parent's arena, at IPA 0x8000_0000.
-            let guest_pa = match a.allocate_zeroed(GUEST_BYTES as usize, 4096) {
-                Ok(b) => b.phys.0,
+            // Guest RAM (its tables and CD table included): a block of the DMA pool, at IPA 0x8000_0000.
+            let guest_pa = match crate::frames::alloc_dma(GUEST_BYTES as usize, 4096) {
+                Ok(a) => a as u64,
                 Err(e) => fail!("{e}"),
             };
             s.map(parent, GUEST_IPA, guest_pa, GUEST_BYTES, RW)
@@ -267,13 +297,13 @@ pub fn lu_nested(context: &mut Context) -> Result<(), Failure> {
             dma(&edu, source, IOVA_DESTINATION, destination, 0x41)?;
             s.preserve(parent, TOKEN).or_else(|e| fail!("{e}"))?;
             s.preserve(nested, TOKEN + 1).or_else(|e| fail!("{e}"))?;
-            s.prepare_handover(&POOL, smmu_base(context), 1)
+            s.prepare_handover(&POOL, smmu_base(context), 1, &surviving())
                 .or_else(|e| fail!("{e}"))?;
             println!(
                 "  {nested} (nested in {parent}) preserved as {:#x} (parent {TOKEN:#x}): IOVA {IOVA_DESTINATION:#x} -> IPA {destination_ipa:#x} -> PA {destination:#x}",
                 TOKEN + 1
             );
-            // The guest's tables and CD table live in the arena and must outlive this boot: the table object is
+            // The guest's tables and CD table live in guest memory and must outlive this boot: the table object is
             // forgotten, not dropped (a CdTable frees nothing when dropped).
             core::mem::forget(table);
             let _ = guest_context;
@@ -302,13 +332,13 @@ pub fn lu_nested(context: &mut Context) -> Result<(), Failure> {
 /// `lu-mutate`: changes after `preserve` are what comes back.
 pub fn lu_mutate(context: &mut Context) -> Result<(), Failure> {
     let (edu, sid) = edu_stream(context)?;
-    let mut s = start(context, &smmuv3::InitOptions::default())?;
+    let mut s = start_lu(context)?;
     let kind = super::domains::preferred_kind(s.features());
     match after_reset() {
         None => {
             let a = arena()?;
             let domain = create(&mut s, kind, a)?;
-            let (source, removed, added) = (arena_page(a)?, arena_page(a)?, arena_page(a)?);
+            let (source, removed, added) = (dma_page()?, dma_page()?, dma_page()?);
             s.map(domain, IOVA_SOURCE, source, 4096, RW).or_else(|e| fail!("{e}"))?;
             s.map(domain, IOVA_DESTINATION, removed, 4096, RW)
                 .or_else(|e| fail!("{e}"))?;
@@ -318,7 +348,7 @@ pub fn lu_mutate(context: &mut Context) -> Result<(), Failure> {
             s.unmap(domain, IOVA_DESTINATION, 4096).or_else(|e| fail!("{e}"))?;
             s.map(domain, IOVA_NEW, added, 4096, RW).or_else(|e| fail!("{e}"))?;
             dma(&edu, source, IOVA_NEW, added, 0x51)?;
-            s.prepare_handover(&POOL, smmu_base(context), 1)
+            s.prepare_handover(&POOL, smmu_base(context), 1, &surviving())
                 .or_else(|e| fail!("{e}"))?;
             println!(
                 "  {domain} preserved, then IOVA {IOVA_DESTINATION:#x} unmapped and IOVA {IOVA_NEW:#x} -> PA {added:#x} mapped"
@@ -357,7 +387,7 @@ fn expect_aborted(edu: &Edu, iova: u64, pa: u64) -> Result<(), Failure> {
 fn translates_again(s: &mut Session, edu: &Edu, sid: u32) -> Result<(), Failure> {
     let a = arena()?;
     let domain = create(s, super::domains::preferred_kind(s.features()), a)?;
-    let (source, destination) = (arena_page(a)?, arena_page(a)?);
+    let (source, destination) = (dma_page()?, dma_page()?);
     s.map(domain, IOVA_SOURCE, source, 4096, RW).or_else(|e| fail!("{e}"))?;
     s.map(domain, IOVA_DESTINATION, destination, 4096, RW)
         .or_else(|e| fail!("{e}"))?;
@@ -381,7 +411,7 @@ fn preserve_and_reset(context: &Context, edu: &Edu, sid: u32, mut s: Session, un
     let kind = super::domains::preferred_kind(s.features());
     let a = arena()?;
     let domain = create(&mut s, kind, a)?;
-    let (source, destination) = (arena_page(a)?, arena_page(a)?);
+    let (source, destination) = (dma_page()?, dma_page()?);
     s.map(domain, IOVA_SOURCE, source, 4096, RW).or_else(|e| fail!("{e}"))?;
     s.map(domain, IOVA_DESTINATION, destination, 4096, RW)
         .or_else(|e| fail!("{e}"))?;
@@ -391,7 +421,7 @@ fn preserve_and_reset(context: &Context, edu: &Edu, sid: u32, mut s: Session, un
     if unpreserve {
         s.unpreserve(TOKEN).or_else(|e| fail!("{e}"))?;
     }
-    s.prepare_handover(&POOL, smmu_base(context), 1)
+    s.prepare_handover(&POOL, smmu_base(context), 1, &surviving())
         .or_else(|e| fail!("{e}"))?;
     reset_with(s, note_data(&[source, destination, POOL.arenas_in_use() as u64]))
 }
@@ -399,7 +429,7 @@ fn preserve_and_reset(context: &Context, edu: &Edu, sid: u32, mut s: Session, un
 /// `lu-unclaimed`.
 pub fn lu_unclaimed(context: &mut Context) -> Result<(), Failure> {
     let (edu, sid) = edu_stream(context)?;
-    let mut s = start(context, &smmuv3::InitOptions::default())?;
+    let mut s = start_lu(context)?;
     let Some(note) = after_reset() else {
         return preserve_and_reset(context, &edu, sid, s, false);
     };
@@ -430,7 +460,7 @@ pub fn lu_unclaimed(context: &mut Context) -> Result<(), Failure> {
 /// `lu-unpreserved`.
 pub fn lu_unpreserved(context: &mut Context) -> Result<(), Failure> {
     let (edu, sid) = edu_stream(context)?;
-    let mut s = start(context, &smmuv3::InitOptions::default())?;
+    let mut s = start_lu(context)?;
     let Some(note) = after_reset() else {
         return preserve_and_reset(context, &edu, sid, s, true);
     };
@@ -452,14 +482,14 @@ pub fn lu_unpreserved(context: &mut Context) -> Result<(), Failure> {
 /// `lu-collision`.
 pub fn lu_collision(context: &mut Context) -> Result<(), Failure> {
     let (edu, sid) = edu_stream(context)?;
-    let mut s = start(context, &smmuv3::InitOptions::default())?;
+    let mut s = start_lu(context)?;
     let kind = super::domains::preferred_kind(s.features());
     match after_reset() {
         None => {
             let (a, b) = (arena()?, arena()?);
             let first = create(&mut s, kind, a)?;
             let second = create(&mut s, kind, b)?;
-            let (source, page_a, page_b) = (arena_page(a)?, arena_page(a)?, arena_page(b)?);
+            let (source, page_a, page_b) = (dma_page()?, dma_page()?, dma_page()?);
             s.map(first, IOVA_SOURCE, source, 4096, RW).or_else(|e| fail!("{e}"))?;
             s.map(first, IOVA_DESTINATION, page_a, 4096, RW)
                 .or_else(|e| fail!("{e}"))?;
@@ -477,7 +507,7 @@ pub fn lu_collision(context: &mut Context) -> Result<(), Failure> {
                 fail!("the refused preserve changed the second domain")
             }
             s.preserve(second, TOKEN + 1).or_else(|e| fail!("{e}"))?;
-            s.prepare_handover(&POOL, smmu_base(context), 1)
+            s.prepare_handover(&POOL, smmu_base(context), 1, &surviving())
                 .or_else(|e| fail!("{e}"))?;
             reset_with(s, note_data(&[source, page_a, page_b]))
         }
@@ -507,19 +537,19 @@ pub fn lu_collision(context: &mut Context) -> Result<(), Failure> {
 /// `lu-corrupt`.
 pub fn lu_corrupt(context: &mut Context) -> Result<(), Failure> {
     let (edu, sid) = edu_stream(context)?;
-    let mut s = start(context, &smmuv3::InitOptions::default())?;
+    let mut s = start_lu(context)?;
     let kind = super::domains::preferred_kind(s.features());
     match after_reset() {
         None => {
             let a = arena()?;
             let domain = create(&mut s, kind, a)?;
-            let (source, destination) = (arena_page(a)?, arena_page(a)?);
+            let (source, destination) = (dma_page()?, dma_page()?);
             s.map(domain, IOVA_SOURCE, source, 4096, RW).or_else(|e| fail!("{e}"))?;
             s.map(domain, IOVA_DESTINATION, destination, 4096, RW)
                 .or_else(|e| fail!("{e}"))?;
             s.attach(domain, sid).or_else(|e| fail!("{e}"))?;
             s.preserve(domain, TOKEN).or_else(|e| fail!("{e}"))?;
-            s.prepare_handover(&POOL, smmu_base(context), 1)
+            s.prepare_handover(&POOL, smmu_base(context), 1, &surviving())
                 .or_else(|e| fail!("{e}"))?;
             // One bit of the first record flipped, as a stray write would.
             let Ok(region) = POOL.region() else {
@@ -537,7 +567,7 @@ pub fn lu_corrupt(context: &mut Context) -> Result<(), Failure> {
         }
         Some(note) => {
             let [_, destination, ..] = note.data;
-            let error = match s.restore_handover(&POOL, smmu_base(context)) {
+            let error = match s.restore_handover(&POOL, smmu_base(context), &RestoreOptions::new(&surviving())) {
                 Err(e) => e,
                 Ok(r) => fail!("a corrupt region restored {} domain(s)", r.domains),
             };
@@ -555,12 +585,131 @@ pub fn lu_corrupt(context: &mut Context) -> Result<(), Failure> {
     }
 }
 
+/// Rewrites the word at `address` (identity-mapped RAM this scenario owns or the handover region) with `f` and
+/// cleans it to the point of coherency, as a stray or hostile write before the reset would leave it.
+fn rewrite(address: u64, f: impl FnOnce(u64) -> u64) {
+    let p = address as *mut u64;
+    // SAFETY: the caller's address: an aligned word of identity-mapped RAM that nothing else uses meanwhile (the
+    // preserved domains are frozen by `prepare_handover`; the SMMU only reads it).
+    unsafe {
+        p.write_volatile(f(p.read_volatile()));
+        core::arch::asm!("dc civac, {}", "dsb sy", in(reg) p, options(nostack, preserves_flags));
+    }
+}
+
+/// `lu-tampered`.
+pub fn lu_tampered(context: &mut Context) -> Result<(), Failure> {
+    use smmuv3::handover::restore::RestoreError;
+    use smmuv3::handover::verify::VerifyFailure;
+    use smmuv3::pgtable::{Stage, desc};
+    let (edu, sid) = edu_stream(context)?;
+    let mut s = start_lu(context)?;
+    if !s.features().stage1 {
+        fail!("the SMMU has no stage 1 (the scenario rewrites a CD)")
+    }
+    let Ok(region) = POOL.region() else {
+        fail!("no handover region")
+    };
+    let base = smmu_base(context);
+    let Some(note) = after_reset() else {
+        let a = arena()?;
+        let domain = create(&mut s, DomainKind::Stage1, a)?;
+        let (source, destination, forged) = (dma_page()?, dma_page()?, dma_page()?);
+        s.map(domain, IOVA_SOURCE, source, 4096, RW).or_else(|e| fail!("{e}"))?;
+        s.map(domain, IOVA_DESTINATION, destination, 4096, RW)
+            .or_else(|e| fail!("{e}"))?;
+        s.attach(domain, sid).or_else(|e| fail!("{e}"))?;
+        dma(&edu, source, IOVA_DESTINATION, destination, 0x91)?;
+        s.preserve(domain, TOKEN).or_else(|e| fail!("{e}"))?;
+        s.prepare_handover(&POOL, base, 1, &surviving())
+            .or_else(|e| fail!("{e}"))?;
+        // The table descriptor naming the last-level table of IOVA_DESTINATION (the walk's level 2).
+        let table = s.domain_table(domain).or_else(|e| fail!("{e}"))?;
+        let g = *table.geometry();
+        let (mut at, mut level) = (table.root().0, g.start_level);
+        let entry = loop {
+            let entry = at + 8 * ((IOVA_DESTINATION >> g.entry_shift(level)) & ((1 << g.level_bits) - 1));
+            if level == 2 {
+                break entry;
+            }
+            // SAFETY: a descriptor of the domain's live table, identity-mapped; read only.
+            at = desc::address(unsafe { (entry as *const u64).read_volatile() });
+            level += 1;
+        };
+        let records = s.handover_records(base).or_else(|e| fail!("{e}"))?;
+        let Some(cd) = records
+            .records
+            .first()
+            .and_then(|r| r.streams.first())
+            .map(|s| s.cd_table)
+        else {
+            fail!("the record names no CD table")
+        };
+        // A forged last-level table in DMA memory that maps edu's IOVA onto the handover region's first page (the
+        // records): what a device that could write its own tables would build.
+        let index = (IOVA_DESTINATION >> g.entry_shift(3)) & ((1 << g.level_bits) - 1);
+        rewrite(forged + 8 * index, |_| desc::leaf(Stage::One, region.base, RW, true));
+        rewrite(entry, |d| (d & !desc::OUTPUT_ADDRESS) | forged);
+        // EPD1 cleared: walks through TTB1 (which the driver never uses) allowed.
+        rewrite(cd, |w| w ^ smmuv3::hw::cd::Q0_EPD1);
+        let valid = {
+            let bytes = POOL.lock_metadata().or_else(|e| fail!("{e}"))?;
+            let pool = POOL.pool().or_else(|e| fail!("{e}"))?;
+            smmuv3::handover::format::decode(&bytes, pool).is_ok()
+        };
+        if !valid {
+            fail!("the region no longer validates: only the preserved memory was to change")
+        }
+        println!(
+            "  after prepare: the descriptor at {entry:#x} now names a forged table at {forged:#x} (DMA memory) mapping IOVA {IOVA_DESTINATION:#x} onto the region at {:#x}, and EPD1 of the CD at {cd:#x} is cleared; the region still validates (its CRC holds)",
+            region.base
+        );
+        reset_with(s, note_data(&[destination, entry, forged]))
+    };
+    let [destination, entry, forged, ..] = note.data;
+    let error = match s.restore_handover(&POOL, base, &RestoreOptions::new(&surviving())) {
+        Err(e) => e,
+        Ok(r) => fail!("the tampered memory restored {} domain(s)", r.domains),
+    };
+    println!("  after the reset: {error}");
+    match error {
+        RestoreError::Verify {
+            token: TOKEN,
+            what: VerifyFailure::TableOutsideExtent { entry: e, table },
+        } if e == entry && table == forged => {}
+        other => fail!("refused, but not for the forged table descriptor at {entry:#x}: {other}"),
+    }
+    let mut records = [0u8; LEN];
+    records.copy_from_slice(&POOL.lock_metadata().or_else(|e| fail!("{e}"))?[..LEN]);
+    expect_aborted(&edu, IOVA_DESTINATION, destination)?;
+    if POOL.lock_metadata().or_else(|e| fail!("{e}"))?[..LEN] != records {
+        fail!("edu's write reached the handover region")
+    }
+    // The blocked writes are in the event queue, for edu's stream.
+    s.drain_faults(|_| {}).or_else(|e| fail!("{e}"))?;
+    let report = s.clear_unattached_faults();
+    let Some(kind) = report.faults.iter().find(|f| f.stream == sid).map(|f| f.kind) else {
+        fail!("no event recorded for stream {sid:#x} ({} in all)", report.total())
+    };
+    if let Some(other) = report.faults.iter().find(|f| f.stream != sid) {
+        fail!("an event for another stream: {other:?}")
+    }
+    if s.retrieve(TOKEN).is_ok() {
+        fail!("a domain came back from tampered memory")
+    }
+    println!(
+        "  edu's write to IOVA {IOVA_DESTINATION:#x} blocked: the canary at PA {destination:#x} and the region untouched; the event queue recorded {} record(s), {kind} for stream {sid:#x}",
+        report.total()
+    );
+    finish_all_claimed(context, &mut s)?;
+    translates_again(&mut s, &edu, sid)
+}
+
 /// `lu-noreset`: a hand-off to a new image with the SMMU left translating: the separate binary in the second image
 /// slot when the host loaded one (`next-image=on`), else the same binary entered again. The first image's SMMU and
 /// its stream table live in a handover arena; a DMA it starts completes after the hand-off, another starts while
 /// the new image takes the SMMU over; both must land, with no fault and translation never turned off.
 pub fn lu_noreset(context: &mut Context) -> Result<(), Failure> {
-    use smmuv3::ActiveSmmu;
     use smmuv3::handover::restore::running_smmu;
     let (edu, sid) = edu_stream(context)?;
     let base = smmu_base(context);
@@ -571,6 +720,7 @@ pub fn lu_noreset(context: &mut Context) -> Result<(), Failure> {
         let mut s: ActiveSmmu<&'static HandoverArena> = smmu
             .init(core, &smmuv3::InitOptions::default())
             .or_else(|e| fail!("{e}"))?;
+        declare(&mut s)?;
         let kind = super::domains::preferred_kind(s.features());
         let a = arena()?;
         let ipa_bits = 40.min(s.features().oas_bits);
@@ -585,14 +735,15 @@ pub fn lu_noreset(context: &mut Context) -> Result<(), Failure> {
             _ => s.create_stage2(a, Stage2Options { input_bits: ipa_bits }),
         }
         .or_else(|e| fail!("{e}"))?;
-        let (source, destination) = (arena_page(a)?, arena_page(a)?);
+        let (source, destination) = (dma_page()?, dma_page()?);
         s.map(domain, IOVA_SOURCE, source, 4096, RW).or_else(|e| fail!("{e}"))?;
         s.map(domain, IOVA_DESTINATION, destination, 4096, RW)
             .or_else(|e| fail!("{e}"))?;
         s.attach(domain, sid).or_else(|e| fail!("{e}"))?;
         dma(&edu, source, IOVA_DESTINATION, destination, 0x81)?;
         s.preserve(domain, TOKEN).or_else(|e| fail!("{e}"))?;
-        s.prepare_handover(&POOL, base, 1).or_else(|e| fail!("{e}"))?;
+        s.prepare_handover(&POOL, base, 1, &surviving())
+            .or_else(|e| fail!("{e}"))?;
         // A DMA in flight across the hand-off: edu writes its buffer (the pattern) to the destination.
         fill(destination, |_| 0xee);
         let last_good = time::ticks();
@@ -633,6 +784,7 @@ pub fn lu_noreset(context: &mut Context) -> Result<(), Failure> {
     let mut s = smmu
         .adopt_running(core, &smmuv3::InitOptions::default(), &running)
         .or_else(|e| fail!("{e}"))?;
+    declare(&mut s)?;
     let adopt_ticks = time::ticks() - t0;
     // The DMA started before the hand-off lands.
     edu.wait_dma().or_else(|e| fail!("{e}"))?;
@@ -642,7 +794,9 @@ pub fn lu_noreset(context: &mut Context) -> Result<(), Failure> {
     edu.start_dma(Direction::FromDevice, IOVA_SOURCE, 0, LEN as u64)
         .or_else(|e| fail!("{e}"))?;
     let t1 = time::ticks();
-    let report = s.restore_handover(&POOL, base).or_else(|e| fail!("{e}"))?;
+    let report = s
+        .restore_handover(&POOL, base, &RestoreOptions::new(&surviving()))
+        .or_else(|e| fail!("{e}"))?;
     // The streams no record names abort inside the restore.
     let aborted = report.aborted;
     let restored_ticks = time::ticks() - t1;

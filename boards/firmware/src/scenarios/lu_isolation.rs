@@ -9,12 +9,13 @@ use core::fmt::Write;
 
 use smmuv3::handover::pool::HandoverArena;
 use smmuv3::handover::restore::running_smmu;
+use smmuv3::handover::verify::RestoreOptions;
 use smmuv3::hw::ste::Config;
 use smmuv3::{ActiveSmmu, DomainKind, Stage1Options, Stage2Options};
 
 use super::core_smmu::{edu_stream, start};
 use super::domains::{IOVA_DESTINATION, IOVA_SOURCE, LEN, RW, byte, fill, memory, pattern};
-use super::live_update::{TOKEN, after_reset, arena, arena_page, dma, note_data, smmu_base};
+use super::live_update::{TOKEN, after_reset, arena, dma, dma_page, note_data, smmu_base, surviving};
 use super::{Context, FAILED_SO_FAR, Failure, LIST_POSITION, PASSED_SO_FAR};
 use crate::edu::Direction;
 use crate::handover::POOL;
@@ -125,14 +126,15 @@ pub fn lu_adopt_refused(context: &mut Context) -> Result<(), Failure> {
             _ => s.create_stage2(a, Stage2Options { input_bits }),
         }
         .or_else(|e| fail!("{e}"))?;
-        let (source, old_x, old_destination) = (arena_page(a)?, arena_page(a)?, arena_page(a)?);
+        let (source, old_x, old_destination) = (dma_page()?, dma_page()?, dma_page()?);
         for (iova, pa) in [(IOVA_SOURCE, source), (x, old_x), (IOVA_DESTINATION, old_destination)] {
             s.map(domain, iova, pa, 4096, RW).or_else(|e| fail!("{e}"))?;
         }
         s.attach(domain, sid).or_else(|e| fail!("{e}"))?;
         dma(&edu, source, x, old_x, 0x91)?;
         s.preserve(domain, TOKEN).or_else(|e| fail!("{e}"))?;
-        s.prepare_handover(&POOL, base, 1).or_else(|e| fail!("{e}"))?;
+        s.prepare_handover(&POOL, base, 1, &surviving())
+            .or_else(|e| fail!("{e}"))?;
         println!(
             "  {domain} ({kind}) translates stream {sid:#x}: IOVA {x:#x} (a canary page's PA) -> PA {old_x:#x}, verified; preserved as {TOKEN:#x}"
         );
@@ -169,7 +171,7 @@ pub fn lu_adopt_refused(context: &mut Context) -> Result<(), Failure> {
         fail!("the adopted SMMU does not translate stream {sid:#x} as the first image left it ({before:?})")
     }
     let t0 = time::ticks();
-    let error = match s.restore_handover(&POOL, base) {
+    let error = match s.restore_handover(&POOL, base, &RestoreOptions::new(&surviving())) {
         Ok(report) => fail!("the rewritten record was restored ({} domain(s))", report.domains),
         Err(e) => e,
     };
