@@ -518,14 +518,11 @@ fn extents_of<'a>(instance: &'a InstanceRecords, r: &'a DomainRecord) -> &'a [Ex
 }
 
 /// The oracle, over what `active` installed from the region as it now reads.
-fn judge(world: &World, active: &Active) -> Result<(), String> {
-    // A region that does not decode (never written, or re-armed: restore accepts it and restores nothing) or that
-    // names no instance of this SMMU: nothing may translate.
-    let decoded = decode(
-        world.bytes(REGION_PHYS, METADATA_BYTES as usize),
-        world.pool.pool().unwrap(),
-    )
-    .ok();
+fn judge(world: &World, region: &[u8], active: &Active) -> Result<(), String> {
+    // `region` is the region as the restore found it (a successful restore consumes its records). One that does
+    // not decode (never written, or re-armed: restore accepts it and restores nothing) or that names no instance
+    // of this SMMU: nothing may translate.
+    let decoded = decode(region, world.pool.pool().unwrap()).ok();
     let none = InstanceRecords {
         identity: Default::default(),
         records: heapless::Vec::new(),
@@ -695,10 +692,11 @@ pub fn run_case(world: &World, seed: u64, index: u64, stats: &mut RestoreStats) 
     let mutated = world.mutate(&mut rng);
     stats.execs += 1;
     let mut active = init(world)?;
+    let region = world.bytes(REGION_PHYS, METADATA_BYTES as usize).to_vec();
     match active.restore_handover(world.pool, REGISTER_BASE, &RestoreOptions::new(&DMA_MEMORY)) {
         Ok(_) => {
             stats.accepted += 1;
-            if let Err(why) = judge(world, &active) {
+            if let Err(why) = judge(world, &region, &active) {
                 // Its tables may be anything: never dropped.
                 core::mem::forget(active);
                 return Err(format!("accepted, but {why}"));
