@@ -673,6 +673,11 @@ impl PendingUnmaps {
         }
     }
 
+    /// Whether a deferred unmap of the domain waits for its sync (or a whole-domain invalidation).
+    pub(crate) fn outstanding(&self) -> bool {
+        self.gathers > 0
+    }
+
     /// A whole-domain invalidation covered every outstanding gather.
     fn clear(&mut self) {
         *self = PendingUnmaps {

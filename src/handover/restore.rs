@@ -41,6 +41,13 @@ pub enum PrepareError {
     /// [`ActiveSmmu::cancel_handover`] without a prepared hand-off: cancelling would remove records this image did
     /// not write (a previous image's, not yet restored).
     NotPrepared,
+    /// A preserved domain has an unmap whose invalidation has not completed: a deferred unmap not synced (sync it,
+    /// or `invalidate_domain`), or an invalidation that failed (retried by the domain's next operation). Nothing
+    /// was written.
+    PendingInvalidation {
+        /// The domain's token.
+        token: u64,
+    },
     /// A preserved domain maps memory outside every range the caller says survives the hand-off: the next image
     /// would give a device memory it may use for anything.
     NotSurviving {
@@ -86,6 +93,10 @@ impl core::fmt::Display for PrepareError {
                 "handover: the restore of generation {generation} is not finished: finish it before preparing another"
             ),
             PrepareError::NotPrepared => f.write_str("handover: no hand-off is prepared: nothing to cancel"),
+            PrepareError::PendingInvalidation { token } => write!(
+                f,
+                "handover: domain {token:#x} has an unmap whose invalidation has not completed: sync it first"
+            ),
             PrepareError::NotSurviving {
                 token,
                 iova,
@@ -510,6 +521,12 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             let (Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. }) = &state.translation else {
                 continue;
             };
+            // The tables are recorded as they are, not what the SMMU may still cache: an unmap whose invalidation
+            // has not completed would leave the next image (a running hand-off keeps the TLB) translating what the
+            // records say is unmapped, and mapping over it again.
+            if state.pending.outstanding() || state.unflushed.is_some() {
+                return Err(PrepareError::PendingInvalidation { token });
+            }
             let mut first = None;
             table.walk(|m| {
                 if first.is_none()
@@ -1995,6 +2012,39 @@ pub(crate) mod tests {
         smmu.cancel_handover(pool, BASE).unwrap();
         smmu.unmap(d, 0x1000, 0x1000).unwrap();
         smmu.detach(0x10).unwrap();
+    }
+
+    /// The records say what the tables hold, not what the SMMU may still cache: a preserved domain with a deferred
+    /// unmap not synced (its old translations may still be in the TLB) is not recorded, and nothing is written;
+    /// once synced it is.
+    #[test]
+    fn a_preserved_domain_with_an_unsynced_deferred_unmap_is_not_prepared() {
+        let frames = frames();
+        let mut region = Region::new();
+        let model = Model::start(frames);
+        let mut smmu = boot(&model, frames);
+        let pool = region.pool();
+        let options = Stage1Options {
+            input_bits: 39,
+            el2: false,
+        };
+        let d = smmu.create_stage1(pool.take_arena().unwrap(), options).unwrap();
+        smmu.map(d, 0x1000, 0x8000_0000, 0x2000, RW).unwrap();
+        smmu.attach(d, 0x10).unwrap();
+        smmu.preserve(d, 9).unwrap();
+        let mut gather = crate::pgtable::Gather::default();
+        smmu.unmap_deferred(d, 0x1000, 0x1000, &mut gather).unwrap();
+        assert_eq!(
+            smmu.prepare_handover(pool, BASE, 1, SURVIVING),
+            Err(PrepareError::PendingInvalidation { token: 9 })
+        );
+        assert!(
+            pool.lock_metadata().unwrap()[..8].iter().all(|&b| b == 0),
+            "nothing written"
+        );
+        assert_eq!(smmu.handover_phase(), HandoverPhase::Idle);
+        smmu.sync_domain(d, &mut gather).unwrap();
+        assert!(smmu.prepare_handover(pool, BASE, 1, SURVIVING).is_ok());
     }
 
     #[test]
