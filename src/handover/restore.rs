@@ -1197,7 +1197,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// retrievable under its token (retrieve it to own it, and free it after its nested domains).
     ///
     /// Without a restore (a region refused, or a hand-off this image declines) it only re-arms the region without
-    /// this SMMU's records. A restore consumed them already, so finishing it twice, or after a failed finish,
+    /// this SMMU's records; on an SMMU adopted running it first makes every stream the previous image left abort
+    /// and invalidates everything, as a restore would have (the re-armed region no longer keeps the memory those
+    /// streams walk from being handed out again). A restore consumed them already, so finishing it twice, or after a failed finish,
     /// re-arms nothing of value and frees what still waits.
     ///
     /// # Errors
@@ -1207,6 +1209,12 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     pub fn finish_handover(&mut self, pool: &HandoverPool, register_base: u64) -> Result<FinishReport, FinishError> {
         if let Some(generation) = *self.domains.prepared.lock() {
             return Err(FinishError::HandoverPrepared { generation });
+        }
+        // An SMMU adopted running and never restored: the previous image's STEs still walk memory the re-armed
+        // region stops naming (the pool hands it out again): they abort, and every cached entry goes, first.
+        if self.inherited_stes {
+            self.abort_unrestored_streams()
+                .map_err(|e| FinishError::Domain(DomainError::Attach(e)))?;
         }
         let mut report = FinishReport::default();
         // Nested domains before their parents.
@@ -2219,6 +2227,44 @@ pub(crate) mod tests {
         first.prepare_handover(pool, BASE, 3, SURVIVING).unwrap();
         core::mem::forget(first);
         model
+    }
+
+    /// A running hand-off the new image declines (finish without a restore): the previous image's streams abort and
+    /// everything cached is invalidated before the region is re-armed (which frees the memory they walk), and IDs
+    /// can be allocated afterwards.
+    #[test]
+    fn finishing_an_adopted_smmu_without_a_restore_aborts_what_the_previous_image_left() {
+        let frames = frames();
+        let mut region = Region::new();
+        let model = running_first_image(&mut region, frames);
+        let pool = region.pool();
+        let (running, core) = running_smmu(pool, &model.smmu(), BASE).unwrap().unwrap();
+        let mut next = model
+            .smmu()
+            .adopt_running(core, &InitOptions::default(), &running)
+            .unwrap();
+        assert_eq!(next.ste(0x10).unwrap().config(), Config::Stage1);
+        let before = model.seen.lock().unwrap().consumed.len();
+        next.finish_handover(pool, BASE).unwrap();
+        for sid in [0x10, 0x30] {
+            assert_eq!(next.ste(sid).unwrap().config(), Config::Abort, "stream {sid:#x}");
+        }
+        // Each STE to abort (two hitless steps for the translating one), then every cached entry dropped.
+        assert_eq!(
+            issued_since(&model, before),
+            [
+                Issued::Ste { sid: 0x10 },
+                Issued::Sync,
+                Issued::Ste { sid: 0x10 },
+                Issued::Sync,
+                Issued::Ste { sid: 0x30 },
+                Issued::Sync,
+                Issued::CfgiAll,
+                Issued::NsnhAll,
+                Issued::Sync
+            ]
+        );
+        assert!(next.allocate_asid().is_ok(), "the hand-off is settled");
     }
 
     /// A level-1 stream table descriptor the SMMU would follow but the driver cannot (Span != 0 with L2Ptr = 0:
