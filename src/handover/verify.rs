@@ -1459,4 +1459,60 @@ mod tests {
             core::mem::forget(smmu);
         }
     }
+
+    /// Replaces the one occurrence of `old` (as a little-endian u64 at an 8-byte aligned offset) in the region's
+    /// records by `new` and fixes the CRC: what anyone who can write the region does.
+    fn rewrite_record_word(region: &mut Region, old: u64, new: u64) {
+        let pool = region.pool();
+        let mut bytes = pool.lock_metadata().unwrap();
+        let at: std::vec::Vec<usize> = (0..bytes.len() / 8)
+            .map(|i| i * 8)
+            .filter(|&i| bytes[i..i + 8] == old.to_le_bytes())
+            .collect();
+        assert_eq!(at.len(), 1, "{old:#x} found once in the records");
+        bytes[at[0]..at[0] + 8].copy_from_slice(&new.to_le_bytes());
+        assert!(crate::handover::format::sample::reseal(&mut bytes));
+    }
+
+    #[test]
+    fn review_a_cd_table_not_at_the_start_of_a_frame_is_refused() {
+        // The stream's CD copied, word for word, to the last 64 bytes of its own frame, and the record made to
+        // name it there (CRC fixed). Decode wants 64-byte alignment only; verification compares the CD (equal) and
+        // keeps page tables off its 64 bytes, and nothing else looks at the frame. Accepted, a detach then gives
+        // the CD table's block back to the arena, whose free list takes any block up to a frame as a frame: the
+        // next table the domain allocates is the misaligned `cd_table`, zeroed across the following frame, and
+        // its table descriptor (address bits [47:12]) names the frame below it, so the SMMU walks bytes that
+        // nothing verified (in the attack, anything the attacker left there) instead of what the driver writes.
+        let frames = frames();
+        let mut region = Region::new();
+        let p = first_image(&mut region, frames);
+        let moved = p.cd_table + 0x1000 - 64;
+        for w in 0..8 {
+            *word(&mut region, moved + 8 * w) = *word(&mut region, p.cd_table + 8 * w);
+        }
+        rewrite_record_word(&mut region, p.cd_table, moved);
+        let (result, mut smmu, _model) = restore(&mut region, frames, &RestoreOptions::new(DMA), &[]);
+        if result.is_ok() {
+            // The consequence, with safe calls only.
+            let d = smmu.retrieve(S1).unwrap();
+            smmu.detach(0x10).unwrap();
+            // IOVA 0x40_0000 needs a new last-level table under the level-2 table of 0x1000.
+            smmu.map(d, 0x40_0000, 0x8000_8000, 0x1000, RW).unwrap();
+            let driver = smmu.iova_to_phys(d, 0x40_0000);
+            // The tables are abandoned as they stand (dropping the driver would walk them).
+            core::mem::forget(smmu);
+            let at = slot(&mut region, p.s1_root, 0, 0x40_0000, 2);
+            let link = *word(&mut region, at);
+            let at = slot(&mut region, p.s1_root, 0, 0x40_0000, 3);
+            let leaf = *word(&mut region, at);
+            panic!(
+                "accepted: the map of IOVA 0x40_0000 (to 0x8000_8000) linked a table whose descriptor {link:#x} \
+                 makes the SMMU walk {:#x} (the frame of the misaligned CD table {moved:#x}), whose entry for the \
+                 IOVA is {leaf:#x}, not the page mapped (the driver itself now reads {driver:?})",
+                desc::address(link)
+            );
+        }
+        assert!(result.is_err(), "{result:?}");
+        core::mem::forget(smmu);
+    }
 }
