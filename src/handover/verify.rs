@@ -1515,4 +1515,60 @@ mod tests {
         assert!(result.is_err(), "{result:?}");
         core::mem::forget(smmu);
     }
+
+    #[test]
+    fn review_two_streams_naming_one_cd_table_are_refused() {
+        // A stage-1 domain attached to streams 0x10 and 0x11 (a CD table each), preserved; then the record of
+        // stream 0x11 made to name stream 0x10's CD table (CRC fixed). Both CDs compare equal to the domain's, so
+        // the restore adopts one CD table twice. A detach of 0x10 then frees it into the arena while stream
+        // 0x11's STE still points at it, and the domain's next table is allocated there: the SMMU reads a page
+        // table (whose words a guest chooses through its mappings) as stream 0x11's CD.
+        let frames = frames();
+        let mut region = Region::new();
+        let (root, cd_10, cd_11) = {
+            let model = Model::start(frames);
+            let mut smmu = boot(&model, frames);
+            let pool = region.pool();
+            let d = smmu
+                .create_stage1(
+                    pool.take_arena().unwrap(),
+                    Stage1Options {
+                        input_bits: 48,
+                        el2: false,
+                    },
+                )
+                .unwrap();
+            smmu.map(d, 0x1000, 0x8000_0000, 0x2000, RW).unwrap();
+            smmu.attach(d, 0x10).unwrap();
+            smmu.attach(d, 0x11).unwrap();
+            smmu.preserve(d, S1).unwrap();
+            smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
+            let streams = smmu.handover_records(BASE).unwrap().records[0].streams.clone();
+            let cd = |sid| streams.iter().find(|s| s.sid == sid).unwrap().cd_table;
+            let root = smmu.domain_table(d).unwrap().root().0;
+            let cds = (cd(0x10), cd(0x11));
+            core::mem::forget(smmu);
+            (root, cds.0, cds.1)
+        };
+        rewrite_record_word(&mut region, cd_11, cd_10);
+        let (result, mut smmu, _model) = restore(&mut region, frames, &RestoreOptions::new(DMA), &[]);
+        if result.is_ok() {
+            let d = smmu.retrieve(S1).unwrap();
+            assert_eq!(smmu.ste(0x11).unwrap().cd_table().0, cd_10);
+            smmu.detach(0x10).unwrap();
+            // IOVA 0x40_0000 needs a new last-level table.
+            smmu.map(d, 0x40_0000, 0x8000_8000, 0x1000, RW).unwrap();
+            let ste_cd = smmu.ste(0x11).unwrap().cd_table().0;
+            core::mem::forget(smmu);
+            let at = slot(&mut region, root, 0, 0x40_0000, 2);
+            let table = desc::address(*word(&mut region, at));
+            panic!(
+                "accepted: after detaching stream 0x10, stream 0x11's STE still names CD table {ste_cd:#x}, now the \
+                 domain's last-level table {table:#x} (its first entry {:#x} is what the SMMU reads as CD word 0)",
+                *word(&mut region, table)
+            );
+        }
+        assert!(result.is_err(), "{result:?}");
+        core::mem::forget(smmu);
+    }
 }
