@@ -1571,4 +1571,36 @@ mod tests {
         assert!(result.is_err(), "{result:?}");
         core::mem::forget(smmu);
     }
+
+    #[test]
+    fn review_a_global_leaf_in_an_asid_tagged_stage1_table_is_refused() {
+        // The NS-EL1 stage-1 domain's page at IOVA 0x1000 with nG cleared (CRC untouched: only preserved memory
+        // changes). Its output is inside the DMA-able memory, so the walk accepts it; but the driver writes nG = 1
+        // in every leaf of such a domain, and a global entry matches every ASID: once the SMMU caches it, a DMA
+        // at IOVA 0x1000 from any other stage-1 stream (any other ASID, same VMID) translates to this domain's
+        // page, and the ASID-wide invalidation that frees the domain (TLBI_NH_ASID) does not remove it.
+        let mut leaf = 0;
+        let frames = frames();
+        let mut region = Region::new();
+        let p = first_image(&mut region, frames);
+        let at = slot(&mut region, p.s1_root, 0, 0x1000, 3);
+        assert_ne!(*word(&mut region, at) & desc::S1_NOT_GLOBAL, 0, "the driver wrote nG");
+        *word(&mut region, at) &= !desc::S1_NOT_GLOBAL;
+        let (result, mut smmu, model) = restore(&mut region, frames, &RestoreOptions::new(DMA), &[]);
+        if result.is_ok() {
+            leaf = *word(&mut region, at);
+            let d = smmu.retrieve(S1).unwrap();
+            smmu.detach(0x10).unwrap();
+            let before = model.seen.lock().unwrap().consumed.len();
+            smmu.free_domain(d).unwrap();
+            let issued = issued_since(&model, before);
+            core::mem::forget(smmu);
+            panic!(
+                "accepted: the leaf of IOVA 0x1000 is {leaf:#x} (nG = 0, global: it matches every ASID); freeing \
+                 the domain issued only {issued:?}, which leaves global entries cached"
+            );
+        }
+        assert!(result.is_err(), "{result:?} {leaf:#x}");
+        core::mem::forget(smmu);
+    }
 }
