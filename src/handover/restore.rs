@@ -3080,4 +3080,44 @@ pub(crate) mod tests {
         );
         core::mem::forget(smmu);
     }
+
+    /// Review 2: a running stream table whose level-1 descriptor for StreamIDs 0x100..0x200 is a copy of the one
+    /// for 0x0..0x100 (both name the span of the restored stream 0x10: each exactly the descriptor the driver
+    /// writes for that span, so `StreamTable::adopt` takes it). Adopted and restored, StreamIDs 0x10 and 0x110
+    /// share one STE: whatever this image installs for one is what the other translates with, so attaching a
+    /// domain to 0x110 (another device, another owner) redirects the restored domain's device 0x10 to it.
+    #[test]
+    fn review_a_running_stream_table_whose_level1_descriptors_share_a_span_is_not_adopted() {
+        let frames = frames();
+        let mut region = Region::new();
+        let model = running_first_image(&mut region, frames);
+        let pool = region.pool();
+        let (running, core) = running_smmu(pool, &model.smmu(), BASE).unwrap().unwrap();
+        let index = ((running.strtab_base - region.extent.base) / 8) as usize;
+        assert_ne!(region.memory[index], 0, "the span of 0x0..0x100 exists");
+        assert_eq!(region.memory[index + 1], 0);
+        region.memory[index + 1] = region.memory[index];
+        let adopted = model.smmu().adopt_running(core, &InitOptions::default(), &running);
+        if let Ok(mut next) = adopted {
+            if next.restore_handover(pool, BASE, &ANYWHERE).is_err() {
+                core::mem::forget(next);
+                return;
+            }
+            let restored = next.ste(0x10).unwrap().config();
+            let d = next.retrieve(0x77).unwrap();
+            assert_eq!(next.iova_to_phys(d, 0x1000), Ok(Some(0x8000_0000)));
+            // Another domain, for another device.
+            let other = next.create_stage2(frames, Stage2Options { input_bits: 40 }).unwrap();
+            next.attach(other, 0x110).unwrap();
+            let (ste_10, ste_110) = (next.ste(0x10).unwrap(), next.ste(0x110).unwrap());
+            core::mem::forget(next);
+            assert_ne!(
+                ste_10,
+                ste_110,
+                "accepted: stream 0x10, attached to the restored stage-1 domain 0x77 (its STE {restored:?} once \
+                 the restore returned), now translates with the STE installed for stream 0x110 ({:?})",
+                ste_10.config()
+            );
+        }
+    }
 }
