@@ -3120,4 +3120,45 @@ pub(crate) mod tests {
             );
         }
     }
+
+    /// Review 2: the threat model says a device whose stream the previous image left translating across a running
+    /// hand-off "reaches only what those STEs map, which that image's `prepare_handover` checked". But
+    /// `prepare_handover` checks only the preserved domains: the first image's stream 0x30 bypasses (every byte,
+    /// the handover region and its arenas included) from the prepare until the next image's restore aborts it, and
+    /// the restore then adopts whatever that device wrote into the records and the preserved memory.
+    #[test]
+    fn review_a_running_hand_off_leaves_no_unchecked_stream_translating_after_prepare() {
+        use crate::handover::pool::HandoverArena;
+        let frames = frames();
+        let mut region = Region::new();
+        let model = Model::start(frames);
+        let pool = region.pool();
+        *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
+        let core = pool.take_arena().unwrap();
+        let mut first: ActiveSmmu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
+        let d = arena_stage1_on(&mut first, pool);
+        first.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+        first.attach(d, 0x10).unwrap();
+        first.attach_bypass(0x30).unwrap();
+        first.preserve(d, 0x77).unwrap();
+        let prepared = first.prepare_handover(pool, BASE, 3, SURVIVING);
+        let left = first.ste(0x30).unwrap().config();
+        core::mem::forget(first);
+        assert!(
+            prepared.is_err() || !matches!(left, Config::Bypass | Config::Stage1 | Config::Stage2 | Config::Nested),
+            "prepared ({prepared:?}) with stream 0x30 left {left:?} across the hand-off, unchecked: its device can \
+             write the region and the preserved arenas before the next image restores them"
+        );
+    }
+
+    fn arena_stage1_on(
+        smmu: &mut ActiveSmmu<&'static crate::handover::pool::HandoverArena>,
+        pool: &'static HandoverPool,
+    ) -> DomainId {
+        let options = Stage1Options {
+            input_bits: 39,
+            el2: false,
+        };
+        smmu.create_stage1(pool.take_arena().unwrap(), options).unwrap()
+    }
 }
