@@ -10,7 +10,7 @@
 
 use core::fmt;
 
-use super::pool::HandoverPool;
+use super::pool::{FRAME, HandoverPool};
 use super::{DomainRecord, Extent, InstanceRecords, MAX_STREAMS, RecordKind, TableShape};
 use crate::features::Features;
 use crate::hw::ste::EntryError;
@@ -172,6 +172,26 @@ pub enum VerifyFailure {
         /// The one the stream's record names.
         stream: u64,
     },
+    /// A stream's CD table is not where the driver allocates one: at the start of a frame of its domain's arena,
+    /// aligned to its size (at least [`FRAME`] bytes). Adopted elsewhere, a detach would give its block back
+    /// as a frame it does not start.
+    CdTableMisplaced {
+        /// StreamID.
+        sid: u32,
+        /// The CD table.
+        cd_table: u64,
+    },
+    /// A stream's CD table does not have its frames to itself: another stream's CD table (two streams naming one
+    /// table included) or the domain's root table shares one. Adopted, a detach of one stream would free the
+    /// table (or the frame) under the other's live STE.
+    CdTableOverlap {
+        /// StreamID.
+        sid: u32,
+        /// The CD table.
+        cd_table: u64,
+        /// The CD table or root table it shares a frame with.
+        other: u64,
+    },
     /// A CD does not lie in the pool.
     CdOutsidePool {
         /// StreamID.
@@ -292,6 +312,15 @@ impl fmt::Display for VerifyFailure {
                 f,
                 "stream {sid:#x} substream {ssid:#x} names CD table {recorded:#x}, its stream's record {stream:#x}"
             ),
+            V::CdTableMisplaced { sid, cd_table } => write!(
+                f,
+                "the CD table of stream {sid:#x} at {cd_table:#x} does not start a frame aligned to its size, as the \
+                 driver allocates one"
+            ),
+            V::CdTableOverlap { sid, cd_table, other } => write!(
+                f,
+                "the CD table of stream {sid:#x} at {cd_table:#x} shares a frame with the table at {other:#x}"
+            ),
             V::CdOutsidePool { sid, ssid, cd } => {
                 write!(
                     f,
@@ -392,7 +421,7 @@ struct Walk<'a> {
     geometry: Geometry,
     /// One bit per granule of the extent (counted from the granule holding its first byte): a table lives there.
     visited: &'a mut [u64],
-    /// The CD tables inside the extent: no page table may share a byte with them.
+    /// The frames of the CD tables inside the extent: no page table may share a byte with them.
     cd_tables: heapless::Vec<Extent, MAX_STREAMS>,
     outputs: &'a Outputs<'a>,
     /// The record carries counts: check every descriptor's against its table.
@@ -606,6 +635,11 @@ impl<'a> Walk<'a> {
     }
 }
 
+/// Bytes of the root table of `geometry` (what the walk claims: a granule at least).
+fn root_size(geometry: &Geometry) -> u64 {
+    ((geometry.root_entries * 8) as u64).max(1 << geometry.granule_bits)
+}
+
 /// The format a record's table has.
 pub(crate) fn table_format(kind: RecordKind, shape: &TableShape) -> Format {
     Format {
@@ -625,13 +659,13 @@ pub(crate) fn table_format(kind: RecordKind, shape: &TableShape) -> Format {
 }
 
 /// Walks the page table of `record` (a stage-1 or stage-2 record with one extent, as `check_limits` ensures) in
-/// `pool`: see [`VerifyFailure`]. `cd_tables` are the CD tables inside the record's extent (no page table may
-/// share their granules).
+/// `pool`: see [`VerifyFailure`]. `cd_tables` are the frames of the CD tables inside the record's extent (no page
+/// table may share them).
 fn verify_table(
     pool: &HandoverPool,
     record: &DomainRecord,
     shape: &TableShape,
-    cd_tables: &mut dyn Iterator<Item = Extent>,
+    cd_tables: &[Extent],
     outputs: &Outputs<'_>,
 ) -> Result<(), VerifyFailure> {
     let format = table_format(record.kind, shape);
@@ -647,7 +681,7 @@ fn verify_table(
     if extent.len > max {
         return Err(VerifyFailure::ExtentTooLarge { extent, max });
     }
-    let root_size = ((geometry.root_entries * 8) as u64).max(1 << geometry.granule_bits);
+    let root_size = root_size(&geometry);
     let root = shape.root;
     if !root.is_multiple_of(root_size) || !extent.contains(root, root_size) {
         return Err(VerifyFailure::BadRoot { root, size: root_size });
@@ -663,7 +697,7 @@ fn verify_table(
         extent,
         geometry,
         visited: &mut visited[..(granules as usize).div_ceil(64)],
-        cd_tables: cd_tables.filter(|c| c.overlaps(&extent)).collect(),
+        cd_tables: cd_tables.iter().copied().filter(|c| c.overlaps(&extent)).collect(),
         outputs,
         counts: shape.tables != 0,
         tables: 1,
@@ -693,6 +727,52 @@ fn verify_table(
         }
     }
     Ok(())
+}
+
+/// The frames of every CD table `record`'s whole streams name (substreams name their stream's), each checked to be
+/// where the driver allocates a CD table from the domain's arena: at the start of a frame, aligned to its size (a
+/// block of the arena starts a frame aligned as asked), inside the record's extent, and sharing no frame with
+/// another stream's CD table or with the root table. The page-table walk then keeps every other table off these
+/// frames. Checked in every verification mode: a CD table adopted twice, or not starting its frame, is freed by a
+/// detach as a frame it does not own.
+fn cd_table_frames(
+    record: &DomainRecord,
+    shape: &TableShape,
+) -> Result<heapless::Vec<Extent, MAX_STREAMS>, VerifyFailure> {
+    let extent = record.extents.first().copied().unwrap_or_default();
+    let geometry = Geometry::of(&table_format(record.kind, shape)).map_err(VerifyFailure::Format)?;
+    let root = Extent {
+        base: shape.root,
+        len: root_size(&geometry),
+    };
+    let mut frames: heapless::Vec<(u32, Extent), MAX_STREAMS> = heapless::Vec::new();
+    for s in record.streams.iter().filter(|s| s.ssid == 0 && s.cd_table != 0) {
+        let size = 64u64 << s.cd_ssid_bits;
+        let table = Extent {
+            base: s.cd_table,
+            len: size.next_multiple_of(FRAME),
+        };
+        if !s.cd_table.is_multiple_of(size.max(FRAME)) || !extent.contains(table.base, table.len) {
+            return Err(VerifyFailure::CdTableMisplaced {
+                sid: s.sid,
+                cd_table: s.cd_table,
+            });
+        }
+        let overlap = |other| VerifyFailure::CdTableOverlap {
+            sid: s.sid,
+            cd_table: s.cd_table,
+            other,
+        };
+        if let Some((_, other)) = frames.iter().find(|(_, f)| f.overlaps(&table)) {
+            return Err(overlap(other.base));
+        }
+        if table.overlaps(&root) {
+            return Err(overlap(shape.root));
+        }
+        // Room: at most one per stream slot.
+        let _ = frames.push((s.sid, table));
+    }
+    Ok(frames.into_iter().map(|(_, f)| f).collect())
 }
 
 /// Compares the CD of every stream of the stage-1 `record` with the one the driver builds for it
@@ -769,17 +849,12 @@ pub(crate) fn verify_instance(
             }
         }
         let Some(shape) = r.table else { continue };
+        // The frames of the record's CD tables (in every mode): each table where the driver allocates one, with
+        // its frames to itself.
+        let cd_tables = cd_table_frames(r, &shape).map_err(|e| (r.token, e))?;
         // The table first (the CD names its root), then the CDs.
         if verify == Verification::Full {
-            let mut cd_tables = r
-                .streams
-                .iter()
-                .filter(|s| s.ssid == 0 && s.cd_table != 0)
-                .map(|s| Extent {
-                    base: s.cd_table,
-                    len: 64 << s.cd_ssid_bits,
-                });
-            verify_table(pool, r, &shape, &mut cd_tables, outputs).map_err(|e| (r.token, e))?;
+            verify_table(pool, r, &shape, &cd_tables, outputs).map_err(|e| (r.token, e))?;
         }
         if matches!(r.kind, RecordKind::Stage1 | RecordKind::Stage1El2) {
             verify_cds(features, pool, instance, r, &shape).map_err(|e| (r.token, e))?;
@@ -1513,6 +1588,17 @@ mod tests {
             );
         }
         assert!(result.is_err(), "{result:?}");
+        // Refused as a CD table the driver would not have placed there, before anything is installed.
+        assert_eq!(
+            result.map_err(verify_error),
+            Err((
+                S1,
+                VerifyFailure::CdTableMisplaced {
+                    sid: 0x10,
+                    cd_table: moved
+                }
+            ))
+        );
         core::mem::forget(smmu);
     }
 
@@ -1569,6 +1655,18 @@ mod tests {
             );
         }
         assert!(result.is_err(), "{result:?}");
+        // Refused as a CD table sharing its frame, in every verification mode (see the test below).
+        assert_eq!(
+            result.map_err(verify_error),
+            Err((
+                S1,
+                VerifyFailure::CdTableOverlap {
+                    sid: 0x11,
+                    cd_table: cd_10,
+                    other: cd_10
+                }
+            ))
+        );
         core::mem::forget(smmu);
     }
 
@@ -1602,5 +1700,71 @@ mod tests {
         }
         assert!(result.is_err(), "{result:?} {leaf:#x}");
         core::mem::forget(smmu);
+    }
+
+    /// Findings 1 and 2 in the trusted mode too: the page tables are taken as recorded, but the CD tables are still
+    /// placed and kept apart (a CD table named twice, one over the root table, one not starting its frame).
+    #[test]
+    fn cd_tables_are_placed_and_kept_apart_in_every_verification_mode() {
+        let trusted = RestoreOptions {
+            dma_memory: DMA,
+            verify: Verification::TrustRecordedTables,
+        };
+        let frames = frames();
+        for case in 0..3 {
+            let mut region = Region::new();
+            let (root, cd_10, cd_11) = {
+                let model = Model::start(frames);
+                let mut smmu = boot(&model, frames);
+                let pool = region.pool();
+                let d = smmu
+                    .create_stage1(pool.take_arena().unwrap(), Stage1Options::default())
+                    .unwrap();
+                smmu.map(d, 0x1000, 0x8000_0000, 0x2000, RW).unwrap();
+                smmu.attach(d, 0x10).unwrap();
+                smmu.attach(d, 0x11).unwrap();
+                smmu.preserve(d, S1).unwrap();
+                smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
+                let streams = smmu.handover_records(BASE).unwrap().records[0].streams.clone();
+                let cd = |sid| streams.iter().find(|s| s.sid == sid).unwrap().cd_table;
+                let root = smmu.domain_table(d).unwrap().root().0;
+                let cds = (cd(0x10), cd(0x11));
+                core::mem::forget(smmu);
+                (root, cds.0, cds.1)
+            };
+            let expected = match case {
+                0 => {
+                    rewrite_record_word(&mut region, cd_11, cd_10);
+                    VerifyFailure::CdTableOverlap {
+                        sid: 0x11,
+                        cd_table: cd_10,
+                        other: cd_10,
+                    }
+                }
+                1 => {
+                    // The root's CD words copied over the root's first entries would be a CD that compares
+                    // equal; the frame check refuses it before any CD is read.
+                    rewrite_record_word(&mut region, cd_11, root);
+                    VerifyFailure::CdTableOverlap {
+                        sid: 0x11,
+                        cd_table: root,
+                        other: root,
+                    }
+                }
+                _ => {
+                    for w in 0..8 {
+                        *word(&mut region, cd_11 + 0x40 + 8 * w) = *word(&mut region, cd_11 + 8 * w);
+                    }
+                    rewrite_record_word(&mut region, cd_11, cd_11 + 0x40);
+                    VerifyFailure::CdTableMisplaced {
+                        sid: 0x11,
+                        cd_table: cd_11 + 0x40,
+                    }
+                }
+            };
+            let (result, smmu, _model) = restore(&mut region, frames, &trusted, &[]);
+            core::mem::forget(smmu);
+            assert_eq!(result.map_err(verify_error), Err((S1, expected)), "case {case}");
+        }
     }
 }
