@@ -355,6 +355,10 @@ const LEAF_ADDRESS: u64 = ((1 << 52) - 1) & !0xfff;
 /// Leaf bits this driver never sets: the contiguous hint (a misprogrammed contiguous run may translate with
 /// another entry's output) and output bits \[51:48\].
 const FORBIDDEN_LEAF: u64 = desc::CONTIGUOUS | 0xf << 48;
+/// What a leaf whose attribute bits this driver never writes is refused as.
+const NOT_A_DRIVER_LEAF: &str = "attribute bits this driver never writes for this stage (nG, AP/S2AP, XN, \
+                                 AttrIndx/MemAttr, SH, AF, NS, software or PBHA bits): not the leaf it builds for \
+                                 the protection these bits grant";
 /// Every bit this driver sets in a table descriptor.
 const TABLE_BITS: u64 = desc::VALID
     | desc::TABLE_OR_PAGE
@@ -418,6 +422,11 @@ struct Walk<'a> {
     /// The record's extent, as words.
     words: &'a [u64],
     extent: Extent,
+    /// The table's stage (and regime): which leaf encodings the driver writes.
+    stage: Stage,
+    /// The attribute bits of the last last-level table found uniform and a driver page's (most tables of a
+    /// domain share one protection: the check then costs one comparison per table).
+    page_attributes: u64,
     geometry: Geometry,
     /// One bit per granule of the extent (counted from the granule holding its first byte): a table lives there.
     visited: &'a mut [u64],
@@ -554,6 +563,9 @@ impl<'a> Walk<'a> {
         if !output.is_multiple_of(size) {
             return Err(bad("a block output not aligned to its size (RES0 bits set)"));
         }
+        if !desc::is_driver_leaf(self.stage, d, false) {
+            return Err(bad(NOT_A_DRIVER_LEAF));
+        }
         self.outputs.check(entry, output, size)
     }
 
@@ -577,15 +589,20 @@ impl<'a> Walk<'a> {
         if !output.is_multiple_of(self.granule()) {
             return Err(bad("output address bits below the granule"));
         }
+        if !desc::is_driver_leaf(self.stage, d, true) {
+            return Err(bad(NOT_A_DRIVER_LEAF));
+        }
         self.outputs.check(entry, output, self.granule())
     }
 
     /// Walks the last-level table at `phys` (`n` entries) and returns its valid entries. One pass gathers the
     /// count, the union of every entry's bits and the intersection of the valid entries' bits: every valid output
-    /// then lies between the intersection's address bits and the union's, a hull checked at once. Only when that
-    /// summary fails does a second pass find the exact lowest and highest outputs, and only when their range fails
-    /// is each leaf checked alone (naming the first bad one, or passing outputs spread over several DMA-able
-    /// extents).
+    /// then lies between the intersection's address bits and the union's, a hull checked at once; and where union
+    /// and intersection agree outside the address bits, every leaf carries the same attribute bits, which are
+    /// checked once to be a page this driver writes ([`desc::is_driver_leaf`]). Only when that summary fails does a
+    /// second pass find the exact lowest and highest outputs, and only when their range fails (or the attributes
+    /// differ between leaves) is each leaf checked alone (naming the first bad one, or passing outputs spread over
+    /// several DMA-able extents, or leaves of several protections).
     ///
     /// With `full` (its descriptor says every entry is valid) the first pass gathers only the union and the
     /// intersection; the count is then the table's size if the intersection has the valid bit, and the general
@@ -614,7 +631,15 @@ impl<'a> Walk<'a> {
             return Ok(0);
         }
         let granule = self.granule();
-        let clean = common & desc::TABLE_OR_PAGE != 0 && union & (FORBIDDEN_LEAF | (LEAF_ADDRESS & (granule - 1))) == 0;
+        // One attribute pattern for every leaf (invalid entries included in the union: the driver leaves them
+        // zero), and that pattern a page's this driver writes; no output bit below the granule or above 47.
+        let attributes = common & !LEAF_ADDRESS;
+        let uniform = (union ^ common) & !LEAF_ADDRESS == 0
+            && (attributes == self.page_attributes || desc::is_driver_leaf(self.stage, attributes, true));
+        if uniform {
+            self.page_attributes = attributes;
+        }
+        let clean = uniform && union & (FORBIDDEN_LEAF | (LEAF_ADDRESS & (granule - 1))) == 0;
         let (low, high) = (common & LEAF_ADDRESS, union & LEAF_ADDRESS);
         if clean && self.outputs.judge(low, high - low + granule).is_ok() {
             return Ok(valid as usize);
@@ -695,6 +720,9 @@ fn verify_table(
     let mut walk = Walk {
         words,
         extent,
+        stage: format.stage,
+        // No attribute pattern is all zero (a valid page has bits [1:0] set): nothing matches until one is checked.
+        page_attributes: 0,
         geometry,
         visited: &mut visited[..(granules as usize).div_ceil(64)],
         cd_tables: cd_tables.iter().copied().filter(|c| c.overlaps(&extent)).collect(),
@@ -1699,7 +1727,94 @@ mod tests {
             );
         }
         assert!(result.is_err(), "{result:?} {leaf:#x}");
+        match result.map_err(verify_error) {
+            Err((
+                S1,
+                VerifyFailure::BadDescriptor {
+                    entry, level: 3, what, ..
+                },
+            )) => {
+                assert_eq!((entry, what), (at, NOT_A_DRIVER_LEAF));
+            }
+            other => panic!("{other:?}"),
+        }
         core::mem::forget(smmu);
+    }
+
+    /// Finding 4 beyond nG: every attribute bit of a leaf is what the driver writes for the protection it grants,
+    /// at every level and stage, whether one leaf of a table differs (the per-leaf check) or every leaf of it does
+    /// alike (the per-table summary, which must not take a uniform pattern for a good one).
+    #[test]
+    fn a_leaf_with_attribute_bits_the_driver_never_writes_is_refused() {
+        let cases: [(&str, u64, u8, u64, bool); 9] = [
+            // (what, IOVA, level, bits flipped, on every leaf of its table)
+            ("stage 1: AF clear", 0x1000, 3, desc::AF, false),
+            ("stage 1: PBHA bit 59 on every leaf", 0x1000, 3, 1 << 59, true),
+            ("stage 1: nG clear on every leaf", 0x1000, 3, desc::S1_NOT_GLOBAL, true),
+            (
+                "stage 1: AttrIndx 3 (no MAIR byte the CD sets)",
+                0x2000,
+                3,
+                0b011 << 2,
+                false,
+            ),
+            ("stage 1: NS", 0x20_0000, 3, 1 << 5, false),
+            (
+                "stage 1: a global 2 MiB block",
+                0x4000_0000,
+                2,
+                desc::S1_NOT_GLOBAL,
+                false,
+            ),
+            ("stage 2: nG's bit (RES0 here)", 0x1000, 3, 1 << 11, false),
+            (
+                "stage 2: neither read nor write",
+                0x1000,
+                3,
+                desc::S2_AP_READ | desc::S2_AP_WRITE,
+                false,
+            ),
+            (
+                "stage 2: a 1 GiB block with a software bit",
+                0x4000_0000,
+                1,
+                1 << 55,
+                false,
+            ),
+        ];
+        for (what, iova, level, bits, whole_table) in cases {
+            let mut at = 0;
+            let stage2 = what.starts_with("stage 2");
+            let e = refused(|r, p| {
+                let (root, start) = if stage2 { (p.s2_root, 1) } else { (p.s1_root, 0) };
+                at = slot(r, root, start, iova, level);
+                let entries = if whole_table { 512 } else { 1 };
+                let first = if whole_table { at & !0xfff } else { at };
+                for k in 0..entries {
+                    let e = first + 8 * k;
+                    if desc::is_valid(*word(r, e)) {
+                        *word(r, e) ^= bits;
+                    }
+                }
+            });
+            let token = if stage2 { S2 } else { S1 };
+            match verify_error(e) {
+                (
+                    t,
+                    VerifyFailure::BadDescriptor {
+                        entry,
+                        level: l,
+                        what: why,
+                        ..
+                    },
+                ) if t == token => {
+                    // The first bad leaf of the table is named: the table's first valid one when all changed.
+                    let expected = if whole_table { at & !0xfff | 8 } else { at };
+                    assert_eq!((entry, l, why), (expected, level, NOT_A_DRIVER_LEAF), "{what}");
+                }
+                other => panic!("{what}: {other:?}"),
+            }
+        }
     }
 
     /// Findings 1 and 2 in the trusted mode too: the page tables are taken as recorded, but the CD tables are still
