@@ -139,7 +139,8 @@ pub enum InitError {
     NotRunning,
     /// The running SMMU's stream table is not where (or not of the format) the caller said, not reachable through
     /// its allocator (or holds a level-1 descriptor this driver would not have written, which the SMMU could follow
-    /// to STEs the driver cannot reach), or the SMMU runs with CR2.E2H set.
+    /// to STEs the driver cannot reach, or two descriptors naming one level-2 span, or a span over the level-1
+    /// table), or the SMMU runs with CR2.E2H set.
     StreamTableNotAdoptable {
         /// STRTAB_BASE's address as the SMMU holds it.
         running: u64,
@@ -570,7 +571,9 @@ impl Smmu {
     /// image's SMMU took its memory from, which the returned handle then owns, as [`Smmu::init`]'s). Nothing is
     /// adopted unless the SMMU is the one `running` describes (what
     /// the previous image recorded): SMMUEN on, IDR0..5 and IIDR as recorded, STRTAB_BASE and STRTAB_BASE_CFG read
-    /// back as the recorded stream table, CR2.E2H clear. The queues are
+    /// back as the recorded stream table, CR2.E2H clear; and, for a 2-level table, every level-1 descriptor the one
+    /// this driver writes for a span `allocator` reaches, no span named twice, none over the level-1 table. The
+    /// queues are
     /// turned off, global errors latched before acknowledged, the queues given fresh bases from `allocator` and
     /// turned on again, the interrupts of `options` enabled, and the cached configurations and TLB entries
     /// invalidated (the STEs and tables they came from are unchanged). Streams that nobody will restore keep their

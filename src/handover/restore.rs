@@ -3098,6 +3098,7 @@ pub(crate) mod tests {
         assert_eq!(region.memory[index + 1], 0);
         region.memory[index + 1] = region.memory[index];
         let adopted = model.smmu().adopt_running(core, &InitOptions::default(), &running);
+        let refused = adopted.as_ref().err().copied();
         if let Ok(mut next) = adopted {
             if next.restore_handover(pool, BASE, &ANYWHERE).is_err() {
                 core::mem::forget(next);
@@ -3119,6 +3120,41 @@ pub(crate) mod tests {
                 ste_10.config()
             );
         }
+        // Refused as the other refusals of `adopt_running` are: the SMMU disabled, every transaction aborting.
+        assert!(
+            matches!(refused, Some(crate::InitError::StreamTableNotAdoptable { .. })),
+            "refused as a stream table not adoptable: {refused:?}"
+        );
+        assert!(disabled_aborting(&model), "{:x?}", cr0_and_gbpa(&model));
+    }
+
+    /// Finding 3's other half: a level-1 descriptor naming, as a span, memory over the level-1 table itself (the
+    /// table is 16 KiB-aligned as a span is: the descriptor is exactly the one the driver writes for a span
+    /// there), so the SMMU would read level-1 descriptors as STEs and STE writes would rewrite descriptors.
+    #[test]
+    fn a_running_stream_table_whose_span_overlaps_its_level1_table_is_not_adopted() {
+        let frames = frames();
+        let mut region = Region::new();
+        let model = running_first_image(&mut region, frames);
+        let pool = region.pool();
+        let (running, core) = running_smmu(pool, &model.smmu(), BASE).unwrap().unwrap();
+        let crate::stream::StreamTableFormat::TwoLevel { split, .. } = running.format else {
+            panic!("a 2-level stream table: {:?}", running.format);
+        };
+        let over = crate::hw::ste::l1_descriptor(PhysAddr(running.strtab_base), split + 1).unwrap();
+        let index = ((running.strtab_base - region.extent.base) / 8) as usize;
+        region.memory[index + 1] = over;
+        let adopted = model.smmu().adopt_running(core, &InitOptions::default(), &running);
+        assert!(
+            matches!(
+                adopted.as_ref().err(),
+                Some(crate::InitError::StreamTableNotAdoptable { .. })
+            ),
+            "{:?}",
+            adopted.as_ref().err()
+        );
+        core::mem::forget(adopted);
+        assert!(disabled_aborting(&model), "{:x?}", cr0_and_gbpa(&model));
     }
 
     /// Review 2: the threat model says a device whose stream the previous image left translating across a running
