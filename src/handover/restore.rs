@@ -820,6 +820,30 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 value: instance.records.len() as u64,
             });
         }
+        // The rebuild records each whole stream beside the ones attached here, and each domain beside those an
+        // earlier hand-off left waiting: both must fit now, before any STE is installed.
+        let streams = instance
+            .records
+            .iter()
+            .flat_map(|r| r.streams.iter())
+            .filter(|s| s.ssid == 0)
+            .count()
+            + self.domains.streams.len();
+        if streams > crate::domain::MAX_ATTACHED_STREAMS {
+            return Err(RestoreError::BeyondLimits {
+                token: first,
+                what: "more streams than this image can attach, with those attached already",
+                value: streams as u64,
+            });
+        }
+        let waiting = instance.records.len() + self.domains.restored.len();
+        if waiting > crate::domain::MAX_PRESERVED {
+            return Err(RestoreError::BeyondLimits {
+                token: first,
+                what: "more restored domains than can wait, with those an earlier hand-off left",
+                value: waiting as u64,
+            });
+        }
         let sid_bits = match self.stream_table_format() {
             crate::stream::StreamTableFormat::Linear { sid_bits }
             | crate::stream::StreamTableFormat::TwoLevel { sid_bits, .. } => sid_bits,
@@ -1682,6 +1706,55 @@ pub(crate) mod tests {
             "no STE installed"
         );
         assert!(smmu.retrieve(0x51).is_err());
+    }
+
+    /// Suspicion 6: a region whose streams do not fit this image's stream records ([`MAX_ATTACHED_STREAMS`] with
+    /// the ones it has attached) is refused by `check_limits`, before anything is installed, not half-way through
+    /// the rebuild after STEs were written.
+    ///
+    /// [`MAX_ATTACHED_STREAMS`]: crate::domain::MAX_ATTACHED_STREAMS
+    #[test]
+    fn a_region_with_more_streams_than_this_image_can_hold_is_refused_before_any_ste_is_written() {
+        use crate::domain::{MAX_ATTACHED_STREAMS, MAX_ATTACHMENTS};
+        let frames = frames();
+        let mut region = Region::new();
+        {
+            let model = Model::start(frames);
+            let mut smmu = boot(&model, frames);
+            let pool = region.pool();
+            let d = smmu
+                .create_stage2(pool.take_arena().unwrap(), Stage2Options { input_bits: 40 })
+                .unwrap();
+            smmu.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+            smmu.attach(d, 0x10).unwrap();
+            smmu.preserve(d, 0x61).unwrap();
+            smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
+            core::mem::forget(smmu);
+        }
+        // The next image has every stream record in use already (stage-1 domains: no VMID shared with the record).
+        let model = Model::start(frames);
+        let mut smmu = boot(&model, frames);
+        for k in 0..MAX_ATTACHED_STREAMS / MAX_ATTACHMENTS {
+            let d = smmu.create_stage1(frames, Stage1Options::default()).unwrap();
+            for j in 0..MAX_ATTACHMENTS {
+                smmu.attach(d, (0x100 + k * MAX_ATTACHMENTS + j) as u32).unwrap();
+            }
+        }
+        let pool = region.pool();
+        let before = model.seen.lock().unwrap().consumed.len();
+        let error = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
+        assert_eq!(
+            error,
+            RestoreError::BeyondLimits {
+                token: 0x61,
+                what: "more streams than this image can attach, with those attached already",
+                value: MAX_ATTACHED_STREAMS as u64 + 1
+            }
+        );
+        assert_eq!(issued_since(&model, before), [], "nothing installed, nothing to undo");
+        assert_eq!(pool.arenas_in_use(), 0);
+        assert_ne!(smmu.ste(0x10).map(|s| s.config()), Ok(Config::Stage2));
+        core::mem::forget(smmu);
     }
 
     fn vmid_of(smmu: &ActiveSmmu<&'static HeapFrames>, token: u64) -> u16 {
