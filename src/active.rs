@@ -212,6 +212,12 @@ pub enum AttachError {
         /// The domain it is attached to.
         domain: DomainId,
     },
+    /// A hand-off with the SMMU left running is prepared (records of `generation`): no stream may start bypassing
+    /// (or translating) until it is cancelled; making one abort stays allowed. Nothing was written.
+    StreamsFrozen {
+        /// The prepared records' generation.
+        generation: u64,
+    },
 }
 
 impl fmt::Display for AttachError {
@@ -230,6 +236,10 @@ impl fmt::Display for AttachError {
                     "stream {sid:#x} is attached to {domain}, which owns its STE: detach it first"
                 )
             }
+            AttachError::StreamsFrozen { generation } => write!(
+                f,
+                "a hand-off with the SMMU running is prepared (generation {generation}): no stream may start                  bypassing until it is cancelled"
+            ),
         }
     }
 }
@@ -916,6 +926,27 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         Ok(changed)
     }
 
+    /// The first stream, in StreamID order, whose STE exists and neither aborts nor is invalid (it bypasses or
+    /// translates), among those `keep` does not name.
+    pub(crate) fn first_live_stream_except(&self, keep: impl Fn(u32) -> bool) -> Option<u32> {
+        let sid_bits = self.streams.format().sid_bits();
+        let span = self.streams.span_len();
+        (0..(1u64 << sid_bits))
+            .step_by(span as usize)
+            .filter(|&first| self.streams.exists(first as u32))
+            .flat_map(|first| first..first + span)
+            .map(|sid| sid as u32)
+            .filter(|&sid| !keep(sid))
+            .find(|&sid| {
+                self.streams.read(sid).is_ok_and(|live| {
+                    !matches!(
+                        live.config(),
+                        crate::hw::ste::Config::Abort | crate::hw::ste::Config::Invalid
+                    )
+                })
+            })
+    }
+
     /// The STE currently installed for `sid` (all zero, i.e. invalid, for an unallocated level-2 span).
     ///
     /// # Errors
@@ -947,8 +978,13 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     ///
     /// # Errors
     /// As [`ActiveSmmu::attach_abort`]: a stream attached to a domain is refused with
-    /// [`AttachError::StreamInUse`].
+    /// [`AttachError::StreamInUse`]. [`AttachError::StreamsFrozen`] while a hand-off with the SMMU left running is
+    /// prepared (a bypassing device could write the handover region and the preserved memory before the next
+    /// image takes them over). Nothing changes then.
     pub fn attach_bypass(&mut self, sid: u32) -> Result<InstallReport, AttachError> {
+        if let Some(generation) = self.domains.streams_frozen() {
+            return Err(AttachError::StreamsFrozen { generation });
+        }
         self.unowned(sid)?;
         let bypass = Ste::bypass_for(&self.features().entry_rules());
         self.install_ste(sid, &bypass)

@@ -10,7 +10,9 @@ use super::verify::{Outputs, Refusal, RestoreOptions, VerifyFailure, verify_inst
 use super::{Extent, InstanceRecords, MAX_INSTANCES, MAX_RECORDS, MAX_STREAMS, RecordKind, SmmuIdentity};
 use crate::active::{ActiveSmmu, AttachError, RunningSmmu};
 use crate::ctx::{CdTable, CdTableError, CdTableFormat};
-use crate::domain::{DomainError, DomainId, DomainMemory, DomainState, GuestStage1, StreamRecord, Translation};
+use crate::domain::{
+    DomainError, DomainId, DomainMemory, DomainState, GuestStage1, Prepared, StreamRecord, Translation,
+};
 use crate::hw::ste::{CdTableLayout, DefaultSubstream};
 use crate::ids::IdError;
 use crate::mem::{Coherency, FrameAllocator, PhysAddr};
@@ -47,6 +49,18 @@ pub enum PrepareError {
     PendingInvalidation {
         /// The domain's token.
         token: u64,
+    },
+    /// For a hand-off with the SMMU left running (its own structures in a handover arena): stream `sid`
+    /// (substream `ssid`; 0 for the whole stream) bypasses, or translates through a domain that is not preserved
+    /// (or through an STE a previous image left). It would go on doing so across the hand-off, through nothing a
+    /// record describes or `prepare_handover` checked, its device able to write the handover region and the
+    /// preserved memory before the next image takes them over. Detach it, or make it abort
+    /// ([`ActiveSmmu::attach_abort`]), first. Nothing was written.
+    UnpreservedStream {
+        /// StreamID.
+        sid: u32,
+        /// SubstreamID (0: the whole stream).
+        ssid: u32,
     },
     /// A preserved domain maps memory outside every range the caller says survives the hand-off: the next image
     /// would give a device memory it may use for anything.
@@ -96,6 +110,11 @@ impl core::fmt::Display for PrepareError {
             PrepareError::PendingInvalidation { token } => write!(
                 f,
                 "handover: domain {token:#x} has an unmap whose invalidation has not completed: sync it first"
+            ),
+            PrepareError::UnpreservedStream { sid, ssid } => write!(
+                f,
+                "handover: stream {sid:#x} (substream {ssid:#x}) bypasses or translates through a domain that is not \
+                 preserved, across a hand-off with the SMMU running: detach it or make it abort first"
             ),
             PrepareError::NotSurviving {
                 token,
@@ -432,6 +451,16 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// cancel, change, and prepare again. Other domains stay usable. Records of other SMMUs already in the region are kept. `register_base` is this
     /// SMMU's physical register base, which names it in the region.
     ///
+    /// For a hand-off with the SMMU left running (this SMMU's own structures are in a handover arena: the record
+    /// names them, and the next image adopts the SMMU translating), every stream that translates across it must
+    /// be one the records describe: every stream that does not abort must be attached to a preserved domain, and
+    /// so must its substreams. While such a hand-off is prepared the stream configuration is frozen too: `attach`,
+    /// `attach_substream` (to any domain) and `attach_bypass` return `StreamsFrozen`; detaching a stream of a
+    /// domain that is not preserved and making a stream abort stay allowed. After a warm reset nothing the
+    /// previous image installed translates (the next image starts with every stream aborting), so a hand-off
+    /// through a reset checks no stream: the devices of streams live between the prepare and the reset can write
+    /// memory meanwhile, which the restore's verification covers.
+    ///
     /// `surviving` is the memory that survives the hand-off as it is (RAM the next image does not reuse for
     /// anything but what the preserved devices reach; what it declares DMA-able to its restore): every page and
     /// block of every preserved domain must map memory inside one of these ranges, and outside the handover
@@ -439,7 +468,8 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// refuses). Each preserved table is walked once for this.
     ///
     /// # Errors
-    /// [`PrepareError::NotSurviving`], [`PrepareError::ProtectedOutput`] naming the domain and the mapping, before
+    /// [`PrepareError::NotSurviving`], [`PrepareError::ProtectedOutput`] naming the domain and the mapping, and
+    /// (for a hand-off with the SMMU left running) [`PrepareError::UnpreservedStream`] naming the stream, before
     /// anything is written; [`PrepareError::RestoreNotFinished`] while a restore waits for
     /// [`ActiveSmmu::finish_handover`] (nothing changed then); [`PrepareError`]; on [`PrepareError::SelfCheck`] the
     /// region is invalidated (its magic cleared).
@@ -457,6 +487,12 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         let pool_extent = pool.pool().map_err(PrepareError::Pool)?;
         self.check_preserved_outputs(pool, surviving)?;
         let ours = self.handover_records(register_base).map_err(PrepareError::Records)?;
+        // With the SMMU left running, whatever translates now goes on translating until the next image restores:
+        // only the preserved domains' streams may.
+        let running = ours.identity.core_len != 0;
+        if running {
+            self.check_streams_preserved()?;
+        }
         let mut guard = pool.lock_metadata().map_err(PrepareError::Pool)?;
         let bytes: &mut [u8] = &mut guard;
         let mut instances: heapless::Vec<InstanceRecords, MAX_INSTANCES> = heapless::Vec::new();
@@ -488,7 +524,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         // when it is one) hand out nothing more, the domains refuse changes while their memory is sealed, and no
         // domain is preserved or unpreserved.
         self.seal_preserved(true);
-        *self.domains.prepared.lock() = Some(generation);
+        *self.domains.prepared.lock() = Some(Prepared { generation, running });
         // Every arena the next image adopts: the preserved domains', and (for a hand-off with the SMMU running)
         // the SMMU's own, whose stream table and level-2 spans the next image reads in place. A coherent SMMU's
         // structures were never cleaned as they were written.
@@ -506,6 +542,25 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             }
         }
         Ok(written)
+    }
+
+    /// For a hand-off with the SMMU left running: checks that every stream that does not abort translates through
+    /// a preserved domain, and so does each of its substreams; the first that does not is the error (a stream
+    /// that bypasses, one attached to a domain that is not preserved, an STE a previous image left).
+    fn check_streams_preserved(&self) -> Result<(), PrepareError> {
+        let preserved = |d: DomainId| self.domains.get(d).is_ok_and(|s| s.token.is_some());
+        for r in self.domains.streams.iter() {
+            if !preserved(r.domain) {
+                return Err(PrepareError::UnpreservedStream { sid: r.sid, ssid: 0 });
+            }
+            if let Some(&(ssid, _)) = r.substreams.iter().find(|(_, d)| !preserved(*d)) {
+                return Err(PrepareError::UnpreservedStream { sid: r.sid, ssid });
+            }
+        }
+        match self.first_live_stream_except(|sid| self.domains.stream(sid).is_some()) {
+            Some(sid) => Err(PrepareError::UnpreservedStream { sid, ssid: 0 }),
+            None => Ok(()),
+        }
     }
 
     /// Checks that every leaf of every preserved domain maps memory inside `surviving` and outside the region and
@@ -577,9 +632,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         }
     }
 
-    /// Cancels a prepared hand-off: the preserved domains' memory (and this SMMU's) hands out memory again, and
-    /// this SMMU's records are removed from the region, so the next boot restores nothing of them. The domains stay
-    /// preserved (prepare again for the next hand-off).
+    /// Cancels a prepared hand-off: the preserved domains' memory (and this SMMU's) hands out memory again, the
+    /// stream configuration is no longer frozen, and this SMMU's records are removed from the region, so the next
+    /// boot restores nothing of them. The domains stay preserved (prepare again for the next hand-off).
     ///
     /// # Errors
     /// [`PrepareError::NotPrepared`] without a prepared hand-off (the region's records may be a previous image's,
@@ -596,7 +651,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
 
     /// Where this driver is in a live update (see the table in [`crate::handover`]).
     pub fn handover_phase(&self) -> HandoverPhase {
-        if let Some(generation) = *self.domains.prepared.lock() {
+        if let Some(generation) = self.domains.prepared_generation() {
             HandoverPhase::Prepared { generation }
         } else if let Some(generation) = self.domains.restored_generation {
             HandoverPhase::Restored { generation }
@@ -664,7 +719,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         if let Some(generation) = self.domains.restored_generation {
             return Err(RestoreError::AlreadyRestored { generation });
         }
-        if let Some(generation) = *self.domains.prepared.lock() {
+        if let Some(generation) = self.domains.prepared_generation() {
             return Err(RestoreError::HandoverPrepared { generation });
         }
         let mut taken = Taken::default();
@@ -1231,7 +1286,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// [`FinishError::Domain`] from detaching or freeing (an invalidation that failed): the domains not yet freed
     /// stay waiting and the hand-off stays restored (finish again).
     pub fn finish_handover(&mut self, pool: &HandoverPool, register_base: u64) -> Result<FinishReport, FinishError> {
-        if let Some(generation) = *self.domains.prepared.lock() {
+        if let Some(generation) = self.domains.prepared_generation() {
             return Err(FinishError::HandoverPrepared { generation });
         }
         // An SMMU adopted running and never restored: the previous image's STEs still walk memory the re-armed
@@ -1385,6 +1440,25 @@ pub(crate) mod tests {
             el2: false,
         };
         smmu.create_stage1(pool.take_arena().unwrap(), options).unwrap()
+    }
+
+    /// Makes `sid` bypass on a driver whose running hand-off is prepared, writing its STE through the crate's
+    /// own path (`install_ste`, blind to the freeze): the state a previous image leaves when it is not this driver
+    /// (or an older one), whose `prepare_handover` refuses a bypassing stream (`PrepareError::UnpreservedStream`)
+    /// and whose `attach_bypass` is frozen meanwhile. The next image must contain it all the same.
+    pub(crate) fn leave_bypassing<A: FrameAllocator>(smmu: &mut ActiveSmmu<A>, sid: u32) {
+        let bypass = crate::hw::ste::Ste::bypass_for(&smmu.features().entry_rules());
+        smmu.install_ste(sid, &bypass).unwrap();
+    }
+
+    /// Runs `f` with the stream configuration of a prepared running hand-off unfrozen, then freezes it again: as
+    /// [`leave_bypassing`], the state a previous image that is not this driver may leave (streams translating
+    /// through domains no record describes), built after this driver's `prepare_handover`, which refuses it.
+    fn as_another_driver<A: FrameAllocator, R>(smmu: &mut ActiveSmmu<A>, f: impl FnOnce(&mut ActiveSmmu<A>) -> R) -> R {
+        let prepared = smmu.domains.prepared.lock().take();
+        let result = f(smmu);
+        *smmu.domains.prepared.lock() = prepared;
+        result
     }
 
     /// The first image: a stage-1 domain (stream 0x10), a stage-2 parent with a nested domain (stream 0x18), a
@@ -1569,9 +1643,11 @@ pub(crate) mod tests {
             .unwrap();
         first.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
         first.attach(d, 0x10).unwrap();
-        first.attach_bypass(0x30).unwrap();
         first.preserve(d, 0x77).unwrap();
         first.prepare_handover(pool, BASE, 3, SURVIVING).unwrap();
+        // Stream 0x30 bypassing across the hand-off: what a previous image that is not this driver may leave (this
+        // one refuses to prepare with it), written after the prepare; the next image must abort it.
+        leave_bypassing(&mut first, 0x30);
         let strtab = first.configuration().stream_table_base;
         let format = first.stream_table_format();
         assert!(matches!(format, StreamTableFormat::TwoLevel { .. }));
@@ -2280,7 +2356,9 @@ pub(crate) mod tests {
 
     /// A first image that hands off with its SMMU running: its structures in a handover arena, a stage-1 domain
     /// (ASID recorded) in another attached to stream 0x10, stream 0x30 bypassing; preserved as 0x77, prepared,
-    /// forgotten. The model keeps running for the next image.
+    /// forgotten. The model keeps running for the next image. Stream 0x30's bypass is written after the prepare
+    /// ([`leave_bypassing`]): this driver refuses to prepare a running hand-off with it, but a previous image
+    /// need not be this driver, and the next image's containment is what these tests prove.
     fn running_first_image(region: &mut Region, frames: &'static HeapFrames) -> Model {
         use crate::handover::pool::HandoverArena;
         let model = Model::start(frames);
@@ -2295,9 +2373,9 @@ pub(crate) mod tests {
         let d = first.create_stage1(pool.take_arena().unwrap(), options).unwrap();
         first.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
         first.attach(d, 0x10).unwrap();
-        first.attach_bypass(0x30).unwrap();
         first.preserve(d, 0x77).unwrap();
         first.prepare_handover(pool, BASE, 3, SURVIVING).unwrap();
+        leave_bypassing(&mut first, 0x30);
         core::mem::forget(first);
         model
     }
@@ -2939,13 +3017,19 @@ pub(crate) mod tests {
         let kept = first.create_stage1(pool.take_arena().unwrap(), options).unwrap();
         first.map(kept, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
         first.attach(kept, 0x10).unwrap();
-        // Not preserved: its tables in ordinary memory, its stream live at the hand-off.
+        // Not preserved: its tables in ordinary memory, its stream live at the hand-off. This driver refuses to
+        // prepare a running hand-off with such a stream (`PrepareError::UnpreservedStream`), so it is attached
+        // after the prepare, as a previous image that is not this driver may leave it.
         let left = first.create_stage1(frames, options).unwrap();
         first.map(left, 0x1000, 0x9000_0000, 0x1000, RW).unwrap();
-        first.attach(left, 0x20).unwrap();
         let left_asid = stage1_asid(&first, left);
         first.preserve(kept, 0x77).unwrap();
         first.prepare_handover(pool, BASE, 3, SURVIVING).unwrap();
+        assert_eq!(
+            first.attach(left, 0x20),
+            Err(DomainError::StreamsFrozen { generation: 3 })
+        );
+        as_another_driver(&mut first, |first| first.attach(left, 0x20)).unwrap();
         core::mem::forget(first);
 
         let pool = region.pool();
@@ -3258,6 +3342,98 @@ pub(crate) mod tests {
             "prepared ({prepared:?}) with stream 0x30 left {left:?} across the hand-off, unchecked: its device can \
              write the region and the preserved arenas before the next image restores them"
         );
+        // Refused naming the stream, with nothing written.
+        assert_eq!(prepared, Err(PrepareError::UnpreservedStream { sid: 0x30, ssid: 0 }));
+        assert!(pool.lock_metadata().unwrap().iter().all(|&b| b == 0), "nothing written");
+    }
+
+    /// Finding 5, the rest of the rule: for a running hand-off, a stream attached to a domain that is not preserved,
+    /// and a substream of a preserved stream attached to one, are refused too (each named); once they are detached
+    /// (or made to abort) the hand-off is prepared, and from then on the stream configuration is frozen: no attach
+    /// to any domain, no substream, no bypass (each a typed error that changes nothing, no command issued), while
+    /// making a stream abort stays allowed; cancelling unfreezes it. A hand-off through a warm reset freezes no
+    /// stream.
+    #[test]
+    fn a_running_hand_off_translates_only_preserved_streams_and_freezes_the_stream_configuration() {
+        use crate::handover::pool::HandoverArena;
+        // SSIDSIZE 5 (IDR1[10:6]): substreams exist.
+        let idr1 = crate::active::tests::IDRS[1].1 | 5 << 6;
+        let idr0 = crate::active::tests::IDRS[0].1;
+        let frames = frames();
+        let mut region = Region::new();
+        let model = Model::start_with_idrs(frames, idr0, idr1);
+        let pool = region.pool();
+        *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
+        let core = pool.take_arena().unwrap();
+        let mut first: ActiveSmmu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
+        let d = arena_stage1_on(&mut first, pool);
+        first.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+        first.attach(d, 0x10).unwrap();
+        first.preserve(d, 0x77).unwrap();
+        let other = first.create_stage1(frames, Stage1Options::default()).unwrap();
+        first.attach(other, 0x20).unwrap();
+        first.attach_substream(other, 0x10, 3).unwrap();
+        let nothing_written = |pool: &HandoverPool| pool.lock_metadata().unwrap().iter().all(|&b| b == 0);
+        assert_eq!(
+            first.prepare_handover(pool, BASE, 3, SURVIVING),
+            Err(PrepareError::UnpreservedStream { sid: 0x10, ssid: 3 })
+        );
+        first.detach_substream(0x10, 3).unwrap();
+        assert_eq!(
+            first.prepare_handover(pool, BASE, 3, SURVIVING),
+            Err(PrepareError::UnpreservedStream { sid: 0x20, ssid: 0 })
+        );
+        assert!(nothing_written(pool));
+        first.detach(0x20).unwrap();
+        first.prepare_handover(pool, BASE, 3, SURVIVING).unwrap();
+        assert_eq!(first.handover_phase(), HandoverPhase::Prepared { generation: 3 });
+
+        // Frozen: nothing issued, nothing changed.
+        let before = model.seen.lock().unwrap().consumed.len();
+        let frozen = DomainError::StreamsFrozen { generation: 3 };
+        assert_eq!(first.attach(other, 0x20), Err(frozen));
+        assert_eq!(first.attach_substream(other, 0x10, 3), Err(frozen));
+        assert_eq!(
+            first.attach_bypass(0x30).err(),
+            Some(AttachError::StreamsFrozen { generation: 3 })
+        );
+        assert_eq!(
+            first.attach(d, 0x11),
+            Err(DomainError::HandoverPrepared { token: 0x77 })
+        );
+        assert_eq!(issued_since(&model, before), [], "nothing issued");
+        for sid in [0x11, 0x20, 0x30] {
+            assert_eq!(first.ste(sid).unwrap().config(), Config::Abort, "stream {sid:#x}");
+        }
+        assert_eq!(first.attachments(other), Ok(&[][..]));
+        for e in [
+            std::format!("{frozen}"),
+            std::format!("{}", AttachError::StreamsFrozen { generation: 3 }),
+        ] {
+            assert!(e.contains("generation 3"), "{e}");
+        }
+        // Aborting stays allowed.
+        first.attach_abort(0x40).unwrap();
+        // Cancelled: the configuration is free again (and a warm-reset hand-off below freezes nothing).
+        first.cancel_handover(pool, BASE).unwrap();
+        first.attach_bypass(0x30).unwrap();
+        first.attach_abort(0x30).unwrap();
+        core::mem::forget(first);
+
+        // Through a warm reset (the SMMU's structures not in an arena): nothing translates across it, so streams
+        // are neither checked nor frozen.
+        let model = Model::start(frames);
+        let mut smmu = boot(&model, frames);
+        let pool = Region::new().pool();
+        let kept = arena_stage1(&mut smmu, pool);
+        smmu.attach(kept, 0x10).unwrap();
+        smmu.preserve(kept, 0x78).unwrap();
+        smmu.attach_bypass(0x30).unwrap();
+        smmu.prepare_handover(pool, BASE, 4, SURVIVING).unwrap();
+        let not_preserved = smmu.create_stage1(frames, Stage1Options::default()).unwrap();
+        smmu.attach(not_preserved, 0x20).unwrap();
+        smmu.attach_bypass(0x31).unwrap();
+        core::mem::forget(smmu);
     }
 
     fn arena_stage1_on(
