@@ -132,40 +132,41 @@ impl EntryTable {
         let leaf_size = (ENTRY_BYTES << l1.leaf_bits) as u64;
         let overlaps =
             |leaf: u64, block: &DmaBlock| leaf < block.phys.0 + block.size as u64 && block.phys.0 < leaf + leaf_size;
-        // SAFETY: both blocks are live; the level-1 array is read with single-copy-atomic loads, and `leaves` was
-        // just allocated for this table alone.
-        let (descriptors, pointers) = unsafe { (base.words(), leaves.words()) };
-        // First pass: each descriptor checked, and the physical address of its leaf noted in `pointers`.
-        for (descriptor, pointer) in descriptors.iter().zip(pointers) {
-            let word = descriptor.load(Ordering::Relaxed);
-            if word == 0 {
-                continue;
+        // SAFETY: live block; the level-1 array is read with single-copy-atomic loads.
+        let descriptors = unsafe { base.words() };
+        {
+            // SAFETY: `leaves` was just allocated (live, 8-byte aligned, `size` bytes) for this table alone and is
+            // shared with nothing yet: this plain view is its only reference until the block ends.
+            let noted = unsafe { core::slice::from_raw_parts_mut(leaves.virt.as_ptr().cast::<u64>(), leaves.size / 8) };
+            // First pass: each descriptor checked, and the physical address of its leaf noted.
+            for (descriptor, note) in descriptors.iter().zip(noted.iter_mut()) {
+                let word = descriptor.load(Ordering::Relaxed);
+                if word == 0 {
+                    continue;
+                }
+                // Anything else must be exactly the descriptor this driver writes for a leaf it reaches: a
+                // descriptor the SMMU may follow to a leaf the driver does not know (L2Ptr = 0 with Span != 0, a
+                // misaligned or wider span) would leave streams translating that no abort can reach.
+                let leaf = word & l1.address_mask;
+                let reachable = word == (l1.descriptor)(PhysAddr(leaf), l1.leaf_bits)
+                    && allocator.phys_to_virt(PhysAddr(leaf)).is_some()
+                    && allocator.phys_to_virt(PhysAddr(leaf + leaf_size - 1)).is_some();
+                if !reachable || overlaps(leaf, base) || overlaps(leaf, leaves) {
+                    return None;
+                }
+                // Bit 0 marks a leaf (leaves are aligned), so that a leaf at physical address 0 is noted too.
+                *note = leaf | 1;
             }
-            // Anything else must be exactly the descriptor this driver writes for a leaf it reaches: a descriptor
-            // the SMMU may follow to a leaf the driver does not know (L2Ptr = 0 with Span != 0, a misaligned or
-            // wider span) would leave streams translating that no abort can reach.
-            let leaf = word & l1.address_mask;
-            let reachable = word == (l1.descriptor)(PhysAddr(leaf), l1.leaf_bits)
-                && allocator.phys_to_virt(PhysAddr(leaf)).is_some()
-                && allocator.phys_to_virt(PhysAddr(leaf + leaf_size - 1)).is_some();
-            if !reachable || overlaps(leaf, base) || overlaps(leaf, leaves) {
+            // No leaf named twice: the noted addresses sorted, neighbours compared. Sorting loses which descriptor
+            // named which leaf; the second pass reads the descriptors again.
+            noted.sort_unstable();
+            if noted.windows(2).any(|w| w[0] != 0 && w[0] == w[1]) {
                 return None;
             }
-            // Bit 0 marks a leaf (leaves are aligned), so that a leaf at physical address 0 is noted too.
-            pointer.store(leaf | 1, Ordering::Relaxed);
+            noted.fill(0);
         }
-        // No leaf named twice: the noted addresses sorted (in place: nothing else uses the array yet), neighbours
-        // compared. Sorting loses which descriptor named which leaf; the second pass reads the descriptors again.
-        // SAFETY: `leaves` is live, 8-byte aligned, `size` bytes, and this is its only reference from here to the
-        // second pass (`pointers` is not used again before it).
-        let noted = unsafe { core::slice::from_raw_parts_mut(leaves.virt.as_ptr().cast::<u64>(), leaves.size / 8) };
-        noted.sort_unstable();
-        if noted.windows(2).any(|w| w[0] != 0 && w[0] == w[1]) {
-            return None;
-        }
-        noted.fill(0);
         // Second pass: the CPU address of each leaf, at its descriptor's index.
-        // SAFETY: as above; the mutable view ended with the fill.
+        // SAFETY: live block, accessed atomically from here on (the plain view above has ended).
         let pointers = unsafe { leaves.words() };
         let mut allocated = 0;
         for (descriptor, pointer) in descriptors.iter().zip(pointers) {
