@@ -238,7 +238,8 @@ impl fmt::Display for AttachError {
             }
             AttachError::StreamsFrozen { generation } => write!(
                 f,
-                "a hand-off with the SMMU running is prepared (generation {generation}): no stream may start                  bypassing until it is cancelled"
+                "a hand-off with the SMMU running is prepared (generation {generation}): no stream may start \
+                 bypassing until it is cancelled"
             ),
         }
     }

@@ -541,7 +541,8 @@ impl fmt::Display for DomainError {
             ),
             DomainError::StreamsFrozen { generation } => write!(
                 f,
-                "a hand-off with the SMMU running is prepared (generation {generation}): no stream may start                  translating until it is cancelled"
+                "a hand-off with the SMMU running is prepared (generation {generation}): no stream may start \
+                 translating until it is cancelled"
             ),
             DomainError::Preserved { domain, token } => {
                 write!(

@@ -305,7 +305,8 @@ pub enum HandoverPhase {
     /// Nothing prepared, nothing restored and waiting: domains are preserved and unpreserved freely.
     Idle,
     /// [`ActiveSmmu::prepare_handover`] wrote records of `generation`: the preserved domains are frozen and no
-    /// domain is preserved or unpreserved until [`ActiveSmmu::cancel_handover`] or the hand-off.
+    /// domain is preserved or unpreserved until [`ActiveSmmu::cancel_handover`] or the hand-off; with the SMMU left
+    /// running, no stream starts translating or bypassing either (`StreamsFrozen`).
     Prepared {
         /// The records' generation.
         generation: u64,

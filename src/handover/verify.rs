@@ -773,7 +773,7 @@ fn cd_table_frames(
         base: shape.root,
         len: root_size(&geometry),
     };
-    let mut frames: heapless::Vec<(u32, Extent), MAX_STREAMS> = heapless::Vec::new();
+    let mut frames: heapless::Vec<Extent, MAX_STREAMS> = heapless::Vec::new();
     for s in record.streams.iter().filter(|s| s.ssid == 0 && s.cd_table != 0) {
         let size = 64u64 << s.cd_ssid_bits;
         let table = Extent {
@@ -791,16 +791,16 @@ fn cd_table_frames(
             cd_table: s.cd_table,
             other,
         };
-        if let Some((_, other)) = frames.iter().find(|(_, f)| f.overlaps(&table)) {
+        if let Some(other) = frames.iter().find(|f| f.overlaps(&table)) {
             return Err(overlap(other.base));
         }
         if table.overlaps(&root) {
             return Err(overlap(shape.root));
         }
         // Room: at most one per stream slot.
-        let _ = frames.push((s.sid, table));
+        let _ = frames.push(table);
     }
-    Ok(frames.into_iter().map(|(_, f)| f).collect())
+    Ok(frames)
 }
 
 /// Compares the CD of every stream of the stage-1 `record` with the one the driver builds for it
