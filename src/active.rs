@@ -139,7 +139,8 @@ pub enum InitError {
     NotRunning,
     /// The running SMMU's stream table is not where (or not of the format) the caller said, not reachable through
     /// its allocator (or holds a level-1 descriptor this driver would not have written, which the SMMU could follow
-    /// to STEs the driver cannot reach), or the SMMU runs with CR2.E2H set.
+    /// to STEs the driver cannot reach, or two descriptors naming one level-2 span, or a span over the level-1
+    /// table), or the SMMU runs with CR2.E2H set.
     StreamTableNotAdoptable {
         /// STRTAB_BASE's address as the SMMU holds it.
         running: u64,
@@ -211,6 +212,12 @@ pub enum AttachError {
         /// The domain it is attached to.
         domain: DomainId,
     },
+    /// A hand-off with the SMMU left running is prepared (records of `generation`): no stream may start bypassing
+    /// (or translating) until it is cancelled; making one abort stays allowed. Nothing was written.
+    StreamsFrozen {
+        /// The prepared records' generation.
+        generation: u64,
+    },
 }
 
 impl fmt::Display for AttachError {
@@ -229,6 +236,11 @@ impl fmt::Display for AttachError {
                     "stream {sid:#x} is attached to {domain}, which owns its STE: detach it first"
                 )
             }
+            AttachError::StreamsFrozen { generation } => write!(
+                f,
+                "a hand-off with the SMMU running is prepared (generation {generation}): no stream may start \
+                 bypassing until it is cancelled"
+            ),
         }
     }
 }
@@ -570,7 +582,9 @@ impl Smmu {
     /// image's SMMU took its memory from, which the returned handle then owns, as [`Smmu::init`]'s). Nothing is
     /// adopted unless the SMMU is the one `running` describes (what
     /// the previous image recorded): SMMUEN on, IDR0..5 and IIDR as recorded, STRTAB_BASE and STRTAB_BASE_CFG read
-    /// back as the recorded stream table, CR2.E2H clear. The queues are
+    /// back as the recorded stream table, CR2.E2H clear; and, for a 2-level table, every level-1 descriptor the one
+    /// this driver writes for a span `allocator` reaches, no span named twice, none over the level-1 table. The
+    /// queues are
     /// turned off, global errors latched before acknowledged, the queues given fresh bases from `allocator` and
     /// turned on again, the interrupts of `options` enabled, and the cached configurations and TLB entries
     /// invalidated (the STEs and tables they came from are unchanged). Streams that nobody will restore keep their
@@ -913,6 +927,27 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         Ok(changed)
     }
 
+    /// The first stream, in StreamID order, whose STE exists and neither aborts nor is invalid (it bypasses or
+    /// translates), among those `keep` does not name.
+    pub(crate) fn first_live_stream_except(&self, keep: impl Fn(u32) -> bool) -> Option<u32> {
+        let sid_bits = self.streams.format().sid_bits();
+        let span = self.streams.span_len();
+        (0..(1u64 << sid_bits))
+            .step_by(span as usize)
+            .filter(|&first| self.streams.exists(first as u32))
+            .flat_map(|first| first..first + span)
+            .map(|sid| sid as u32)
+            .filter(|&sid| !keep(sid))
+            .find(|&sid| {
+                self.streams.read(sid).is_ok_and(|live| {
+                    !matches!(
+                        live.config(),
+                        crate::hw::ste::Config::Abort | crate::hw::ste::Config::Invalid
+                    )
+                })
+            })
+    }
+
     /// The STE currently installed for `sid` (all zero, i.e. invalid, for an unallocated level-2 span).
     ///
     /// # Errors
@@ -944,8 +979,13 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     ///
     /// # Errors
     /// As [`ActiveSmmu::attach_abort`]: a stream attached to a domain is refused with
-    /// [`AttachError::StreamInUse`].
+    /// [`AttachError::StreamInUse`]. [`AttachError::StreamsFrozen`] while a hand-off with the SMMU left running is
+    /// prepared (a bypassing device could write the handover region and the preserved memory before the next
+    /// image takes them over). Nothing changes then.
     pub fn attach_bypass(&mut self, sid: u32) -> Result<InstallReport, AttachError> {
+        if let Some(generation) = self.domains.streams_frozen() {
+            return Err(AttachError::StreamsFrozen { generation });
+        }
         self.unowned(sid)?;
         let bypass = Ste::bypass_for(&self.features().entry_rules());
         self.install_ste(sid, &bypass)

@@ -404,6 +404,14 @@ pub enum DomainError {
     /// The memory given is sealed by a prepared hand-off (the SMMU's own arena, or a preserved domain's): it hands
     /// out nothing until `cancel_handover`, or the hand-off.
     MemorySealed,
+    /// A hand-off with the SMMU left running is prepared (records of `generation`): the stream configuration is
+    /// frozen, so no stream may start translating (through any domain) until `cancel_handover`, or the hand-off.
+    /// The next image takes over exactly the streams `prepare_handover` checked. Detaching (the stream then
+    /// aborts) stays allowed. Nothing changed.
+    StreamsFrozen {
+        /// The prepared records' generation.
+        generation: u64,
+    },
     /// The gather was filled by another domain's unmap (or directly from another page table): refused, nothing
     /// issued, nothing freed, the gather left as it was.
     ForeignGather {
@@ -530,6 +538,11 @@ impl fmt::Display for DomainError {
             ),
             DomainError::MemorySealed => f.write_str(
                 "that memory is sealed by a prepared hand-off: it hands out nothing until the hand-off is cancelled",
+            ),
+            DomainError::StreamsFrozen { generation } => write!(
+                f,
+                "a hand-off with the SMMU running is prepared (generation {generation}): no stream may start \
+                 translating until it is cancelled"
             ),
             DomainError::Preserved { domain, token } => {
                 write!(
@@ -715,6 +728,16 @@ pub(crate) struct StreamRecord {
     pub(crate) substreams: heapless::Vec<(u32, DomainId), MAX_SUBSTREAMS_PER_STREAM>,
 }
 
+/// A prepared hand-off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Prepared {
+    /// The records' generation.
+    pub(crate) generation: u64,
+    /// The SMMU is left running across it (its own structures are in a handover arena): the stream configuration
+    /// is frozen until it is cancelled.
+    pub(crate) running: bool,
+}
+
 /// The driver's domain bookkeeping: the slots, the attached streams, and the faults of unattached streams.
 pub(crate) struct Domains<const D: usize> {
     pub(crate) slots: [Slot; D],
@@ -733,9 +756,10 @@ pub(crate) struct Domains<const D: usize> {
     /// An EL2 stage-1 domain's last detach could not drop its TLB entries (TLBI_EL2_ALL failed): they may still be
     /// cached, and would match any EL2 context, so the next EL2 domain to be attached drops them first.
     pub(crate) el2_stale: bool,
-    /// The generation of the records a prepared hand-off wrote (`prepare_handover`, which takes `&self`), until
-    /// `cancel_handover`: no domain can be preserved or unpreserved meanwhile (see `crate::handover`).
-    pub(crate) prepared: spin::Mutex<Option<u64>>,
+    /// The hand-off `prepare_handover` (which takes `&self`) prepared, until `cancel_handover`: no domain can be
+    /// preserved or unpreserved meanwhile (see `crate::handover`), and with the SMMU left running no stream may
+    /// start translating or bypassing.
+    pub(crate) prepared: spin::Mutex<Option<Prepared>>,
     /// The generation of the records a restore rebuilt, until `finish_handover` ends that hand-off.
     pub(crate) restored_generation: Option<u64>,
     /// Memory no mapping may reach (`ActiveSmmu::protect_memory`).
@@ -765,6 +789,17 @@ impl<const D: usize> Domains<D> {
     /// Whether a prepared hand-off records this SMMU's preserved domains now.
     pub(crate) fn handover_prepared(&self) -> bool {
         self.prepared.lock().is_some()
+    }
+
+    /// The generation of the prepared hand-off's records, if one is prepared.
+    pub(crate) fn prepared_generation(&self) -> Option<u64> {
+        self.prepared.lock().map(|p| p.generation)
+    }
+
+    /// The generation of a prepared hand-off with the SMMU left running: while there is one, no stream may start
+    /// translating or bypassing (`DomainError::StreamsFrozen`, `AttachError::StreamsFrozen`).
+    pub(crate) fn streams_frozen(&self) -> Option<u64> {
+        self.prepared.lock().filter(|p| p.running).map(|p| p.generation)
     }
 
     pub(crate) fn get(&self, id: DomainId) -> Result<&DomainState, DomainError> {
@@ -1310,13 +1345,15 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// [`DomainError::StaleDomain`], [`DomainError::StreamInUse`] when the stream is attached anywhere,
     /// [`DomainError::Stream`] for a StreamID beyond the table, [`DomainError::TooMany`], [`DomainError::CdTable`],
     /// [`DomainError::Entry`], [`DomainError::HandoverPrepared`] (a preserved domain while a prepared hand-off
-    /// records it), [`DomainError::El2DomainInUse`] for an EL2 stage-1 domain while another is in use: nothing
+    /// records it), [`DomainError::StreamsFrozen`] (any domain while a hand-off with the SMMU left running is
+    /// prepared), [`DomainError::El2DomainInUse`] for an EL2 stage-1 domain while another is in use: nothing
     /// changed then. [`DomainError::Invalidation`] when the TLBI_EL2_ALL owed by an earlier failed EL2 detach
     /// fails again (nothing written). [`DomainError::Attach`] when an STE invalidation failed: the
     /// STE is left as the error says and the stream is recorded as attached (so the domain cannot be freed under
     /// it); `detach` cleans up.
     pub fn attach(&mut self, domain: DomainId, sid: u32) -> Result<(), DomainError> {
         self.unfrozen(domain)?;
+        self.streams_unfrozen()?;
         let state = self.domains.get(domain)?;
         if let Some(i) = self.domains.stream(sid) {
             return Err(DomainError::StreamInUse {
@@ -1416,14 +1453,16 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// [`DomainError::NotAttached`] for a stream without a stage-1 attachment, [`DomainError::BadSubstream`] for
     /// SubstreamID 0 or one beyond the stream's CD table (on an SMMU without substreams, every one),
     /// [`DomainError::StreamInUse`] for a substream attached already, [`DomainError::TooMany`],
-    /// [`DomainError::HandoverPrepared`], [`DomainError::RegimeMismatch`] for a domain of another regime than the
-    /// stream's (EL2 and NS-EL1 do not mix), [`DomainError::El2DomainInUse`]: nothing changed.
+    /// [`DomainError::HandoverPrepared`], [`DomainError::StreamsFrozen`], [`DomainError::RegimeMismatch`] for a
+    /// domain of another regime than the stream's (EL2 and NS-EL1 do not mix), [`DomainError::El2DomainInUse`]:
+    /// nothing changed.
     /// [`DomainError::Invalidation`] as for [`ActiveSmmu::attach`].
     /// [`DomainError::CdTable`] when the CD's invalidation failed: the writer stopped at that step (the error says
     /// what the CD holds) and the substream is recorded as attached, so that its domain cannot be freed while the
     /// SMMU may use the CD; [`ActiveSmmu::detach_substream`] cleans up.
     pub fn attach_substream(&mut self, domain: DomainId, sid: u32, ssid: u32) -> Result<(), DomainError> {
         self.unfrozen(domain)?;
+        self.streams_unfrozen()?;
         let state = self.domains.get(domain)?;
         let Translation::Stage1 { cd, .. } = state.translation else {
             return Err(DomainError::WrongKind {
@@ -1726,6 +1765,15 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         match s.token {
             Some(token) if s.memory.sealed() => Err(DomainError::HandoverPrepared { token }),
             _ => Ok(()),
+        }
+    }
+
+    /// Refuses to make a stream (or substream) translate while a hand-off with the SMMU left running is prepared:
+    /// the next image takes over the streams as `prepare_handover` checked them.
+    fn streams_unfrozen(&self) -> Result<(), DomainError> {
+        match self.domains.streams_frozen() {
+            Some(generation) => Err(DomainError::StreamsFrozen { generation }),
+            None => Ok(()),
         }
     }
 

@@ -84,7 +84,8 @@ impl EntryTable {
     /// the SMMU running): nothing the SMMU reads is written. For a 2-level table the level-1 descriptors are read
     /// to find the leaves, whose CPU addresses go into a new array from `allocator`. `None` when `allocator`
     /// cannot reach the table or one of its leaves, when a non-zero level-1 descriptor is not exactly the one this
-    /// driver writes for its leaf (`level1.descriptor`), or when there is no memory for that array.
+    /// driver writes for its leaf (`level1.descriptor`), when two descriptors name one leaf or a leaf overlaps the
+    /// level-1 table (or the new array), or when there is no memory for that array.
     pub(crate) fn adopt(
         entry_bits: u8,
         level1: Option<Level1>,
@@ -101,11 +102,44 @@ impl EntryTable {
         allocator.phys_to_virt(PhysAddr(base.0 + size as u64 - 1))?;
         let base = DmaBlock { phys: base, virt, size };
         let leaves = allocator.allocate_zeroed(size, 8).ok()?;
-        let mut allocated_leaves = 0;
+        let adopted = Self::adopt_leaves(&base, &leaves, l1, allocator);
+        match adopted {
+            Some(allocated_leaves) => Some(EntryTable {
+                entry_bits,
+                level1: Some(l1),
+                base,
+                leaves: Some(leaves),
+                initial,
+                coherency,
+                allocated_leaves,
+            }),
+            None => {
+                // SAFETY: allocated above, never shared.
+                unsafe { allocator.free(leaves) };
+                None
+            }
+        }
+    }
+
+    /// Fills `leaves` (zeroed, one word per level-1 descriptor) with the CPU address of each leaf the level-1 array
+    /// `base` names, and returns how many there are: `None` when a descriptor is not one this driver writes for a
+    /// leaf `allocator` reaches whole, or when the leaves are not disjoint from each other, from the level-1 array
+    /// and from `leaves`. Leaves are aligned to their (common) size, so two of them either coincide or are
+    /// disjoint: two descriptors naming one leaf would make two StreamIDs share every STE of it (whatever this
+    /// image installs for one, the other translates with), and a leaf over the level-1 array would have the SMMU
+    /// read descriptors as STEs.
+    fn adopt_leaves(base: &DmaBlock, leaves: &DmaBlock, l1: Level1, allocator: &impl FrameAllocator) -> Option<u32> {
+        let leaf_size = (ENTRY_BYTES << l1.leaf_bits) as u64;
+        let overlaps =
+            |leaf: u64, block: &DmaBlock| leaf < block.phys.0 + block.size as u64 && block.phys.0 < leaf + leaf_size;
+        // SAFETY: live block; the level-1 array is read with single-copy-atomic loads.
+        let descriptors = unsafe { base.words() };
         {
-            // SAFETY: both blocks are live; the level-1 array is read with single-copy-atomic loads.
-            let (descriptors, pointers) = unsafe { (base.words(), leaves.words()) };
-            for (descriptor, pointer) in descriptors.iter().zip(pointers) {
+            // SAFETY: `leaves` was just allocated (live, 8-byte aligned, `size` bytes) for this table alone and is
+            // shared with nothing yet: this plain view is its only reference until the block ends.
+            let noted = unsafe { core::slice::from_raw_parts_mut(leaves.virt.as_ptr().cast::<u64>(), leaves.size / 8) };
+            // First pass: each descriptor checked, and the physical address of its leaf noted.
+            for (descriptor, note) in descriptors.iter().zip(noted.iter_mut()) {
                 let word = descriptor.load(Ordering::Relaxed);
                 if word == 0 {
                     continue;
@@ -114,33 +148,37 @@ impl EntryTable {
                 // descriptor the SMMU may follow to a leaf the driver does not know (L2Ptr = 0 with Span != 0, a
                 // misaligned or wider span) would leave streams translating that no abort can reach.
                 let leaf = word & l1.address_mask;
-                let leaf_size = (ENTRY_BYTES << l1.leaf_bits) as u64;
-                let cpu = allocator
-                    .phys_to_virt(PhysAddr(leaf))
-                    .filter(|_| word == (l1.descriptor)(PhysAddr(leaf), l1.leaf_bits))
-                    .filter(|_| allocator.phys_to_virt(PhysAddr(leaf + leaf_size - 1)).is_some());
-                match cpu {
-                    Some(cpu) => {
-                        pointer.store(cpu.as_ptr() as u64, Ordering::Relaxed);
-                        allocated_leaves += 1;
-                    }
-                    None => {
-                        // SAFETY: allocated above, never shared.
-                        unsafe { allocator.free(leaves) };
-                        return None;
-                    }
+                let reachable = word == (l1.descriptor)(PhysAddr(leaf), l1.leaf_bits)
+                    && allocator.phys_to_virt(PhysAddr(leaf)).is_some()
+                    && allocator.phys_to_virt(PhysAddr(leaf + leaf_size - 1)).is_some();
+                if !reachable || overlaps(leaf, base) || overlaps(leaf, leaves) {
+                    return None;
                 }
+                // Bit 0 marks a leaf (leaves are aligned), so that a leaf at physical address 0 is noted too.
+                *note = leaf | 1;
             }
+            // No leaf named twice: the noted addresses sorted, neighbours compared. Sorting loses which descriptor
+            // named which leaf; the second pass reads the descriptors again.
+            noted.sort_unstable();
+            if noted.windows(2).any(|w| w[0] != 0 && w[0] == w[1]) {
+                return None;
+            }
+            noted.fill(0);
         }
-        Some(EntryTable {
-            entry_bits,
-            level1: Some(l1),
-            base,
-            leaves: Some(leaves),
-            initial,
-            coherency,
-            allocated_leaves,
-        })
+        // Second pass: the CPU address of each leaf, at its descriptor's index.
+        // SAFETY: live block, accessed atomically from here on (the plain view above has ended).
+        let pointers = unsafe { leaves.words() };
+        let mut allocated = 0;
+        for (descriptor, pointer) in descriptors.iter().zip(pointers) {
+            let word = descriptor.load(Ordering::Relaxed);
+            if word == 0 {
+                continue;
+            }
+            let cpu = allocator.phys_to_virt(PhysAddr(word & l1.address_mask))?;
+            pointer.store(cpu.as_ptr() as u64, Ordering::Relaxed);
+            allocated += 1;
+        }
+        Some(allocated)
     }
 
     /// A table of `2^entry_bits` entries, linear or (with `level1`) 2-level, every entry `initial`.

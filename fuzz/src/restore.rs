@@ -4,7 +4,9 @@
 //!
 //! The oracle: whatever `restore_handover` accepts, every walk the SMMU could make from every installed STE (its
 //! CDs, their TTB0 and TTB1, the stage-2 table) reads tables only inside the extents of the domain whose record
-//! names the stream (or substream), and every page or block it reaches lies inside the memory declared DMA-able.
+//! names the stream (or substream), and every page or block it reaches lies inside the memory declared DMA-able,
+//! through a non-global leaf wherever the stream's stage 1 is ASID-tagged (NS-EL1); every CD table an STE names
+//! starts a frame that no other stream's CD table shares.
 //! The walker interprets the STE and CD fields itself (T0SZ, TG0, EPD0/EPD1, S2T0SZ, S2SL0, S2TG, Config), as the
 //! architecture defines them, and trusts nothing the driver's verifier computed; what it cannot interpret is a
 //! failure. An unmutated region must be accepted.
@@ -183,6 +185,7 @@ impl World {
                 extents: &r.extents,
                 seen: HashSet::new(),
                 found: Some(&mut descriptors),
+                tagged: r.kind == smmuv3::handover::RecordKind::Stage1,
             };
             walker.table(shape.root, start, entries, g).unwrap();
         }
@@ -428,6 +431,9 @@ struct Walker<'a> {
     seen: HashSet<(u64, u8)>,
     /// When set, collects the address of every valid descriptor (building the world).
     found: Option<&'a mut Vec<u64>>,
+    /// An ASID-tagged (NS-EL1 stage-1) walk: every leaf must be non-global (nG, bit 11), or it would match every
+    /// ASID and outlive the domain's ASID invalidation.
+    tagged: bool,
 }
 
 impl Walker<'_> {
@@ -478,6 +484,11 @@ impl Walker<'_> {
     }
 
     fn leaf(&self, at: u64, d: u64, shift: u8, g: u8) -> Result<(), String> {
+        if self.tagged && d & (1 << 11) == 0 {
+            return Err(format!(
+                "leaf {at:#x} = {d:#x} is global (nG = 0) in an ASID-tagged stage 1"
+            ));
+        }
         if d & desc::CONTIGUOUS != 0 {
             return Err(format!("leaf {at:#x} = {d:#x} with the contiguous hint"));
         }
@@ -531,6 +542,7 @@ fn judge(world: &World, region: &[u8], active: &Active) -> Result<(), String> {
         .as_ref()
         .and_then(|d| d.instances.iter().find(|i| i.identity.base == REGISTER_BASE))
         .unwrap_or(&none);
+    let mut cd_tables: Vec<(u32, u64)> = Vec::new();
     for sid in 0..1u32 << SID_BITS {
         let ste = active.ste(sid).map_err(|e| format!("STE {sid:#x}: {e}"))?.0;
         if ste[0] & 1 == 0 {
@@ -565,6 +577,7 @@ fn judge(world: &World, region: &[u8], active: &Active) -> Result<(), String> {
                 extents: extents_of(instance, record),
                 seen: HashSet::new(),
                 found: None,
+                tagged: false,
             };
             w.table(root, start, entries, g)
                 .map_err(|e| format!("stream {sid:#x} stage 2: {e}"))?;
@@ -575,6 +588,22 @@ fn judge(world: &World, region: &[u8], active: &Active) -> Result<(), String> {
                 return Err(format!("stream {sid:#x}: a 2-level CD table"));
             }
             let cd_table = ste[0] & ((1 << 52) - 1) & !0x3f;
+            // A CD table is a block of its domain's arena: it starts a frame, and no other stream's STE names a
+            // table in that frame (a detach would free it under the other).
+            if cd_table % 4096 != 0 {
+                return Err(format!(
+                    "stream {sid:#x}: CD table {cd_table:#x} does not start a frame"
+                ));
+            }
+            if let Some(other) = cd_tables.iter().find(|(_, t)| *t >> 12 == cd_table >> 12) {
+                return Err(format!(
+                    "streams {:#x} and {sid:#x} name CD tables in one frame ({:#x}, {cd_table:#x})",
+                    other.0, other.1
+                ));
+            }
+            cd_tables.push((sid, cd_table));
+            // The stream's regime: STRW (STE word 1, bits [31:30]) = 0b10 is EL2 (no ASIDs), else NS-EL1.
+            let tagged = (ste[1] >> 30) & 0b11 != 0b10;
             for ssid in 0..1u32 << cdmax {
                 let cd_at = cd_table + 64 * u64::from(ssid);
                 if !extents_of(instance, record).iter().any(|e| e.contains(cd_at, 64)) {
@@ -626,6 +655,7 @@ fn judge(world: &World, region: &[u8], active: &Active) -> Result<(), String> {
                         extents: extents_of(instance, r),
                         seen: HashSet::new(),
                         found: None,
+                        tagged,
                     };
                     w.table(root, start, entries, g)
                         .map_err(|e| format!("stream {sid:#x} CD {ssid} TTB{n}: {e}"))?;

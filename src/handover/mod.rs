@@ -14,13 +14,17 @@
 //! | phase | allowed (→ next phase) | refused |
 //! |---|---|---|
 //! | `Idle` | `preserve`, `unpreserve`; `prepare_handover` → `Prepared`; `restore_handover` → `Restored` when the region holds this SMMU's records (else stays `Idle`; a refusal stays `Idle`, region untouched); `finish_handover` (re-arms the region without this SMMU's records: declines them) | `cancel_handover`: `PrepareError::NotPrepared` |
-//! | `Prepared` | `prepare_handover` again (records rewritten); `cancel_handover` → `Idle`; changes to domains that are not preserved | `preserve`, `unpreserve`: `DomainError::HandoverPrepared`; map, unmap, protect, trim, attach, detach of a preserved domain: `HandoverPrepared`; `free_domain` of one: `DomainError::Preserved`; a domain created with sealed memory: `DomainError::MemorySealed`; `restore_handover`: `RestoreError::HandoverPrepared`; `finish_handover`: `FinishError::HandoverPrepared` |
+//! | `Prepared` | `prepare_handover` again (records rewritten); `cancel_handover` → `Idle`; changes to domains that are not preserved (with the SMMU left running: but no attach); making a stream abort | `preserve`, `unpreserve`: `DomainError::HandoverPrepared`; map, unmap, protect, trim, attach, detach of a preserved domain: `HandoverPrepared`; `free_domain` of one: `DomainError::Preserved`; a domain created with sealed memory: `DomainError::MemorySealed`; with the SMMU left running, `attach` and `attach_substream` to any domain: `DomainError::StreamsFrozen`, `attach_bypass`: `AttachError::StreamsFrozen`; `restore_handover`: `RestoreError::HandoverPrepared`; `finish_handover`: `FinishError::HandoverPrepared` |
 //! | `Restored` | `retrieve` (each token once); `finish_handover` → `Idle` (a failed finish stays `Restored`: finish again) | `restore_handover`: `RestoreError::AlreadyRestored`; `prepare_handover`: `PrepareError::RestoreNotFinished`; `cancel_handover`: `NotPrepared`; `preserve` under a token a restored domain waits under: `DomainError::TokenInUse` |
 //!
 //! A successful restore consumes the records (the region is re-armed without this SMMU's): a record restores once,
 //! so a domain retrieved and freed (its memory handed out again) can never come back, in this image or after
 //! another reset. Only `prepare_handover` writes records again. A refused restore leaves nothing translating: see
 //! [`crate::ActiveSmmu::restore_handover`].
+//!
+//! A hand-off with the SMMU left running (its own structures in a handover arena) is prepared only while every
+//! stream that does not abort translates through a preserved domain (`PrepareError::UnpreservedStream` names the
+//! first that does not), and from then on no stream starts translating or bypassing until it is cancelled.
 //!
 //! On an SMMU adopted running ([`crate::Smmu::adopt_running`]) no ASID or VMID is allocated, so no domain created
 //! (`IdError::HandOffUnsettled`), until the hand-off is settled: a successful `restore_handover` (records found or

@@ -22,7 +22,9 @@ pub const METADATA_BYTES: u64 = 64 << 10;
 pub const ARENAS: usize = 16;
 /// Freed single frames an arena remembers for reuse (more are left unused until the arena is released).
 pub const ARENA_FREE_FRAMES: usize = 256;
-const FRAME: u64 = 4096;
+/// The unit an arena hands out: every block starts a frame (aligned to its size, at least a frame) and takes whole
+/// frames.
+pub const FRAME: u64 = 4096;
 
 /// Why the pool cannot be set up or used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -445,7 +447,8 @@ unsafe impl FrameAllocator for HandoverArena {
             return Err(AllocError::OutOfMemory { size });
         }
         let phys = match s.free.pop() {
-            Some(frame) if size as u64 <= FRAME && align as u64 <= FRAME => frame,
+            // Only whole frames of this arena ever enter the free list (see `free`).
+            Some(frame) if size as u64 <= FRAME && align as u64 <= FRAME && frame.is_multiple_of(FRAME) => frame,
             popped => {
                 if let Some(frame) = popped {
                     let _ = s.free.push(frame);
@@ -459,6 +462,12 @@ unsafe impl FrameAllocator for HandoverArena {
                 start
             }
         };
+        // Every block starts a frame, aligned as asked: a table descriptor (address bits [47:12]) or a CD table
+        // pointer then names exactly the block.
+        debug_assert!(
+            phys.is_multiple_of((align as u64).max(FRAME)),
+            "{phys:#x} for alignment {align:#x}"
+        );
         let virt = NonNull::new(l.virt_of(phys) as *mut u8).ok_or(AllocError::OutOfMemory { size })?;
         // SAFETY: inside the arena's part of the region, which the CPU reaches at `virt` (set_up's contract), and
         // handed out to nobody else.
@@ -471,9 +480,22 @@ unsafe impl FrameAllocator for HandoverArena {
     }
 
     unsafe fn free(&self, block: DmaBlock) {
-        // Single frames are reused; larger blocks stay used until the arena is released.
-        if block.size as u64 <= FRAME {
-            let _ = self.state.lock().free.push(block.phys.0);
+        // Single frames are reused; larger blocks stay used until the arena is released. Only a block this arena
+        // can have handed out as one frame goes back on the free list: frame-aligned, inside what it used, at the
+        // CPU address it maps that frame to, and not on the list already. Anything else (a block misplaced by
+        // adopted memory, say a CD table that did not start its frame) is leaked rather than handed out again as
+        // a frame it does not start, or twice.
+        let Some(l) = *self.layout.lock() else { return };
+        let base = l.arena_base(self.index);
+        let phys = block.phys.0;
+        let mut s = self.state.lock();
+        let whole_frame = block.size as u64 <= FRAME
+            && phys.is_multiple_of(FRAME)
+            && phys >= base
+            && phys < base + s.used
+            && block.virt.as_ptr() as usize == l.virt_of(phys);
+        if whole_frame && !s.free.contains(&phys) {
+            let _ = s.free.push(phys);
         }
     }
 
@@ -582,6 +604,43 @@ mod tests {
         assert_eq!(a.extent().unwrap(), used);
         // Full.
         assert!(a.allocate_zeroed(64 * 1024, 4096).is_err());
+    }
+
+    /// The second line of defence behind a restore's CD-table checks: a block that does not start a frame of the
+    /// arena (a CD table adopted at the end of its frame), or a frame freed twice, never goes back on the free
+    /// list, so every block handed out still starts its own frame.
+    #[test]
+    fn only_whole_frames_this_arena_handed_out_are_reused() {
+        let (pool, _) = pool(METADATA_BYTES as usize + ARENAS * 64 * 1024);
+        let a = pool.take_arena().unwrap();
+        let x = a.allocate_zeroed(4096, 4096).unwrap();
+        let y = a.allocate_zeroed(4096, 4096).unwrap();
+        let y_phys = y.phys;
+        let misplaced = DmaBlock {
+            phys: PhysAddr(x.phys.0 + 4096 - 64),
+            // SAFETY: inside the block `x`.
+            virt: NonNull::new(unsafe { x.virt.as_ptr().add(4096 - 64) }).unwrap(),
+            size: 64,
+        };
+        // SAFETY: nothing uses the blocks (the misplaced one is refused; `y` is freed twice on purpose).
+        unsafe {
+            a.free(misplaced);
+            a.free(DmaBlock { ..y });
+            a.free(y);
+        }
+        let used = a.extent().unwrap();
+        assert_eq!(
+            a.allocate_zeroed(64, 64).unwrap().phys,
+            y_phys,
+            "the frame freed (once)"
+        );
+        let next = a.allocate_zeroed(64, 64).unwrap();
+        assert_eq!(
+            next.phys.0,
+            used.base + used.len,
+            "a fresh frame: nothing misplaced, nothing twice"
+        );
+        assert!(next.phys.0.is_multiple_of(FRAME));
     }
 
     #[test]

@@ -10,7 +10,9 @@ use super::verify::{Outputs, Refusal, RestoreOptions, VerifyFailure, verify_inst
 use super::{Extent, InstanceRecords, MAX_INSTANCES, MAX_RECORDS, MAX_STREAMS, RecordKind, SmmuIdentity};
 use crate::active::{ActiveSmmu, AttachError, RunningSmmu};
 use crate::ctx::{CdTable, CdTableError, CdTableFormat};
-use crate::domain::{DomainError, DomainId, DomainMemory, DomainState, GuestStage1, StreamRecord, Translation};
+use crate::domain::{
+    DomainError, DomainId, DomainMemory, DomainState, GuestStage1, Prepared, StreamRecord, Translation,
+};
 use crate::hw::ste::{CdTableLayout, DefaultSubstream};
 use crate::ids::IdError;
 use crate::mem::{Coherency, FrameAllocator, PhysAddr};
@@ -47,6 +49,18 @@ pub enum PrepareError {
     PendingInvalidation {
         /// The domain's token.
         token: u64,
+    },
+    /// For a hand-off with the SMMU left running (its own structures in a handover arena): stream `sid`
+    /// (substream `ssid`; 0 for the whole stream) bypasses, or translates through a domain that is not preserved
+    /// (or through an STE a previous image left). It would go on doing so across the hand-off, through nothing a
+    /// record describes or `prepare_handover` checked, its device able to write the handover region and the
+    /// preserved memory before the next image takes them over. Detach it, or make it abort
+    /// ([`ActiveSmmu::attach_abort`]), first. Nothing was written.
+    UnpreservedStream {
+        /// StreamID.
+        sid: u32,
+        /// SubstreamID (0: the whole stream).
+        ssid: u32,
     },
     /// A preserved domain maps memory outside every range the caller says survives the hand-off: the next image
     /// would give a device memory it may use for anything.
@@ -96,6 +110,11 @@ impl core::fmt::Display for PrepareError {
             PrepareError::PendingInvalidation { token } => write!(
                 f,
                 "handover: domain {token:#x} has an unmap whose invalidation has not completed: sync it first"
+            ),
+            PrepareError::UnpreservedStream { sid, ssid } => write!(
+                f,
+                "handover: stream {sid:#x} (substream {ssid:#x}) bypasses or translates through a domain that is not \
+                 preserved, across a hand-off with the SMMU running: detach it or make it abort first"
             ),
             PrepareError::NotSurviving {
                 token,
@@ -286,7 +305,8 @@ pub enum HandoverPhase {
     /// Nothing prepared, nothing restored and waiting: domains are preserved and unpreserved freely.
     Idle,
     /// [`ActiveSmmu::prepare_handover`] wrote records of `generation`: the preserved domains are frozen and no
-    /// domain is preserved or unpreserved until [`ActiveSmmu::cancel_handover`] or the hand-off.
+    /// domain is preserved or unpreserved until [`ActiveSmmu::cancel_handover`] or the hand-off; with the SMMU left
+    /// running, no stream starts translating or bypassing either (`StreamsFrozen`).
     Prepared {
         /// The records' generation.
         generation: u64,
@@ -432,6 +452,16 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// cancel, change, and prepare again. Other domains stay usable. Records of other SMMUs already in the region are kept. `register_base` is this
     /// SMMU's physical register base, which names it in the region.
     ///
+    /// For a hand-off with the SMMU left running (this SMMU's own structures are in a handover arena: the record
+    /// names them, and the next image adopts the SMMU translating), every stream that translates across it must
+    /// be one the records describe: every stream that does not abort must be attached to a preserved domain, and
+    /// so must its substreams. While such a hand-off is prepared the stream configuration is frozen too: `attach`,
+    /// `attach_substream` (to any domain) and `attach_bypass` return `StreamsFrozen`; detaching a stream of a
+    /// domain that is not preserved and making a stream abort stay allowed. After a warm reset nothing the
+    /// previous image installed translates (the next image starts with every stream aborting), so a hand-off
+    /// through a reset checks no stream: the devices of streams live between the prepare and the reset can write
+    /// memory meanwhile, which the restore's verification covers.
+    ///
     /// `surviving` is the memory that survives the hand-off as it is (RAM the next image does not reuse for
     /// anything but what the preserved devices reach; what it declares DMA-able to its restore): every page and
     /// block of every preserved domain must map memory inside one of these ranges, and outside the handover
@@ -439,7 +469,8 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// refuses). Each preserved table is walked once for this.
     ///
     /// # Errors
-    /// [`PrepareError::NotSurviving`], [`PrepareError::ProtectedOutput`] naming the domain and the mapping, before
+    /// [`PrepareError::NotSurviving`], [`PrepareError::ProtectedOutput`] naming the domain and the mapping, and
+    /// (for a hand-off with the SMMU left running) [`PrepareError::UnpreservedStream`] naming the stream, before
     /// anything is written; [`PrepareError::RestoreNotFinished`] while a restore waits for
     /// [`ActiveSmmu::finish_handover`] (nothing changed then); [`PrepareError`]; on [`PrepareError::SelfCheck`] the
     /// region is invalidated (its magic cleared).
@@ -457,6 +488,12 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         let pool_extent = pool.pool().map_err(PrepareError::Pool)?;
         self.check_preserved_outputs(pool, surviving)?;
         let ours = self.handover_records(register_base).map_err(PrepareError::Records)?;
+        // With the SMMU left running, whatever translates now goes on translating until the next image restores:
+        // only the preserved domains' streams may.
+        let running = ours.identity.core_len != 0;
+        if running {
+            self.check_streams_preserved()?;
+        }
         let mut guard = pool.lock_metadata().map_err(PrepareError::Pool)?;
         let bytes: &mut [u8] = &mut guard;
         let mut instances: heapless::Vec<InstanceRecords, MAX_INSTANCES> = heapless::Vec::new();
@@ -488,7 +525,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         // when it is one) hand out nothing more, the domains refuse changes while their memory is sealed, and no
         // domain is preserved or unpreserved.
         self.seal_preserved(true);
-        *self.domains.prepared.lock() = Some(generation);
+        *self.domains.prepared.lock() = Some(Prepared { generation, running });
         // Every arena the next image adopts: the preserved domains', and (for a hand-off with the SMMU running)
         // the SMMU's own, whose stream table and level-2 spans the next image reads in place. A coherent SMMU's
         // structures were never cleaned as they were written.
@@ -506,6 +543,25 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             }
         }
         Ok(written)
+    }
+
+    /// For a hand-off with the SMMU left running: checks that every stream that does not abort translates through
+    /// a preserved domain, and so does each of its substreams; the first that does not is the error (a stream
+    /// that bypasses, one attached to a domain that is not preserved, an STE a previous image left).
+    fn check_streams_preserved(&self) -> Result<(), PrepareError> {
+        let preserved = |d: DomainId| self.domains.get(d).is_ok_and(|s| s.token.is_some());
+        for r in self.domains.streams.iter() {
+            if !preserved(r.domain) {
+                return Err(PrepareError::UnpreservedStream { sid: r.sid, ssid: 0 });
+            }
+            if let Some(&(ssid, _)) = r.substreams.iter().find(|(_, d)| !preserved(*d)) {
+                return Err(PrepareError::UnpreservedStream { sid: r.sid, ssid });
+            }
+        }
+        match self.first_live_stream_except(|sid| self.domains.stream(sid).is_some()) {
+            Some(sid) => Err(PrepareError::UnpreservedStream { sid, ssid: 0 }),
+            None => Ok(()),
+        }
     }
 
     /// Checks that every leaf of every preserved domain maps memory inside `surviving` and outside the region and
@@ -577,9 +633,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         }
     }
 
-    /// Cancels a prepared hand-off: the preserved domains' memory (and this SMMU's) hands out memory again, and
-    /// this SMMU's records are removed from the region, so the next boot restores nothing of them. The domains stay
-    /// preserved (prepare again for the next hand-off).
+    /// Cancels a prepared hand-off: the preserved domains' memory (and this SMMU's) hands out memory again, the
+    /// stream configuration is no longer frozen, and this SMMU's records are removed from the region, so the next
+    /// boot restores nothing of them. The domains stay preserved (prepare again for the next hand-off).
     ///
     /// # Errors
     /// [`PrepareError::NotPrepared`] without a prepared hand-off (the region's records may be a previous image's,
@@ -596,7 +652,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
 
     /// Where this driver is in a live update (see the table in [`crate::handover`]).
     pub fn handover_phase(&self) -> HandoverPhase {
-        if let Some(generation) = *self.domains.prepared.lock() {
+        if let Some(generation) = self.domains.prepared_generation() {
             HandoverPhase::Prepared { generation }
         } else if let Some(generation) = self.domains.restored_generation {
             HandoverPhase::Restored { generation }
@@ -664,7 +720,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         if let Some(generation) = self.domains.restored_generation {
             return Err(RestoreError::AlreadyRestored { generation });
         }
-        if let Some(generation) = *self.domains.prepared.lock() {
+        if let Some(generation) = self.domains.prepared_generation() {
             return Err(RestoreError::HandoverPrepared { generation });
         }
         let mut taken = Taken::default();
@@ -818,6 +874,30 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 token: first,
                 what: "more domains than free slots",
                 value: instance.records.len() as u64,
+            });
+        }
+        // The rebuild records each whole stream beside the ones attached here, and each domain beside those an
+        // earlier hand-off left waiting: both must fit now, before any STE is installed.
+        let streams = instance
+            .records
+            .iter()
+            .flat_map(|r| r.streams.iter())
+            .filter(|s| s.ssid == 0)
+            .count()
+            + self.domains.streams.len();
+        if streams > crate::domain::MAX_ATTACHED_STREAMS {
+            return Err(RestoreError::BeyondLimits {
+                token: first,
+                what: "more streams than this image can attach, with those attached already",
+                value: streams as u64,
+            });
+        }
+        let waiting = instance.records.len() + self.domains.restored.len();
+        if waiting > crate::domain::MAX_PRESERVED {
+            return Err(RestoreError::BeyondLimits {
+                token: first,
+                what: "more restored domains than can wait, with those an earlier hand-off left",
+                value: waiting as u64,
             });
         }
         let sid_bits = match self.stream_table_format() {
@@ -1207,7 +1287,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// [`FinishError::Domain`] from detaching or freeing (an invalidation that failed): the domains not yet freed
     /// stay waiting and the hand-off stays restored (finish again).
     pub fn finish_handover(&mut self, pool: &HandoverPool, register_base: u64) -> Result<FinishReport, FinishError> {
-        if let Some(generation) = *self.domains.prepared.lock() {
+        if let Some(generation) = self.domains.prepared_generation() {
             return Err(FinishError::HandoverPrepared { generation });
         }
         // An SMMU adopted running and never restored: the previous image's STEs still walk memory the re-armed
@@ -1361,6 +1441,25 @@ pub(crate) mod tests {
             el2: false,
         };
         smmu.create_stage1(pool.take_arena().unwrap(), options).unwrap()
+    }
+
+    /// Makes `sid` bypass on a driver whose running hand-off is prepared, writing its STE through the crate's
+    /// own path (`install_ste`, blind to the freeze): the state a previous image leaves when it is not this driver
+    /// (or an older one), whose `prepare_handover` refuses a bypassing stream (`PrepareError::UnpreservedStream`)
+    /// and whose `attach_bypass` is frozen meanwhile. The next image must contain it all the same.
+    pub(crate) fn leave_bypassing<A: FrameAllocator>(smmu: &mut ActiveSmmu<A>, sid: u32) {
+        let bypass = crate::hw::ste::Ste::bypass_for(&smmu.features().entry_rules());
+        smmu.install_ste(sid, &bypass).unwrap();
+    }
+
+    /// Runs `f` with the stream configuration of a prepared running hand-off unfrozen, then freezes it again: as
+    /// [`leave_bypassing`], the state a previous image that is not this driver may leave (streams translating
+    /// through domains no record describes), built after this driver's `prepare_handover`, which refuses it.
+    fn as_another_driver<A: FrameAllocator, R>(smmu: &mut ActiveSmmu<A>, f: impl FnOnce(&mut ActiveSmmu<A>) -> R) -> R {
+        let prepared = smmu.domains.prepared.lock().take();
+        let result = f(smmu);
+        *smmu.domains.prepared.lock() = prepared;
+        result
     }
 
     /// The first image: a stage-1 domain (stream 0x10), a stage-2 parent with a nested domain (stream 0x18), a
@@ -1545,9 +1644,11 @@ pub(crate) mod tests {
             .unwrap();
         first.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
         first.attach(d, 0x10).unwrap();
-        first.attach_bypass(0x30).unwrap();
         first.preserve(d, 0x77).unwrap();
         first.prepare_handover(pool, BASE, 3, SURVIVING).unwrap();
+        // Stream 0x30 bypassing across the hand-off: what a previous image that is not this driver may leave (this
+        // one refuses to prepare with it), written after the prepare; the next image must abort it.
+        leave_bypassing(&mut first, 0x30);
         let strtab = first.configuration().stream_table_base;
         let format = first.stream_table_format();
         assert!(matches!(format, StreamTableFormat::TwoLevel { .. }));
@@ -1682,6 +1783,55 @@ pub(crate) mod tests {
             "no STE installed"
         );
         assert!(smmu.retrieve(0x51).is_err());
+    }
+
+    /// Suspicion 6: a region whose streams do not fit this image's stream records ([`MAX_ATTACHED_STREAMS`] with
+    /// the ones it has attached) is refused by `check_limits`, before anything is installed, not half-way through
+    /// the rebuild after STEs were written.
+    ///
+    /// [`MAX_ATTACHED_STREAMS`]: crate::domain::MAX_ATTACHED_STREAMS
+    #[test]
+    fn a_region_with_more_streams_than_this_image_can_hold_is_refused_before_any_ste_is_written() {
+        use crate::domain::{MAX_ATTACHED_STREAMS, MAX_ATTACHMENTS};
+        let frames = frames();
+        let mut region = Region::new();
+        {
+            let model = Model::start(frames);
+            let mut smmu = boot(&model, frames);
+            let pool = region.pool();
+            let d = smmu
+                .create_stage2(pool.take_arena().unwrap(), Stage2Options { input_bits: 40 })
+                .unwrap();
+            smmu.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+            smmu.attach(d, 0x10).unwrap();
+            smmu.preserve(d, 0x61).unwrap();
+            smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
+            core::mem::forget(smmu);
+        }
+        // The next image has every stream record in use already (stage-1 domains: no VMID shared with the record).
+        let model = Model::start(frames);
+        let mut smmu = boot(&model, frames);
+        for k in 0..MAX_ATTACHED_STREAMS / MAX_ATTACHMENTS {
+            let d = smmu.create_stage1(frames, Stage1Options::default()).unwrap();
+            for j in 0..MAX_ATTACHMENTS {
+                smmu.attach(d, (0x100 + k * MAX_ATTACHMENTS + j) as u32).unwrap();
+            }
+        }
+        let pool = region.pool();
+        let before = model.seen.lock().unwrap().consumed.len();
+        let error = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
+        assert_eq!(
+            error,
+            RestoreError::BeyondLimits {
+                token: 0x61,
+                what: "more streams than this image can attach, with those attached already",
+                value: MAX_ATTACHED_STREAMS as u64 + 1
+            }
+        );
+        assert_eq!(issued_since(&model, before), [], "nothing installed, nothing to undo");
+        assert_eq!(pool.arenas_in_use(), 0);
+        assert_ne!(smmu.ste(0x10).map(|s| s.config()), Ok(Config::Stage2));
+        core::mem::forget(smmu);
     }
 
     fn vmid_of(smmu: &ActiveSmmu<&'static HeapFrames>, token: u64) -> u16 {
@@ -2207,7 +2357,9 @@ pub(crate) mod tests {
 
     /// A first image that hands off with its SMMU running: its structures in a handover arena, a stage-1 domain
     /// (ASID recorded) in another attached to stream 0x10, stream 0x30 bypassing; preserved as 0x77, prepared,
-    /// forgotten. The model keeps running for the next image.
+    /// forgotten. The model keeps running for the next image. Stream 0x30's bypass is written after the prepare
+    /// ([`leave_bypassing`]): this driver refuses to prepare a running hand-off with it, but a previous image
+    /// need not be this driver, and the next image's containment is what these tests prove.
     fn running_first_image(region: &mut Region, frames: &'static HeapFrames) -> Model {
         use crate::handover::pool::HandoverArena;
         let model = Model::start(frames);
@@ -2222,9 +2374,9 @@ pub(crate) mod tests {
         let d = first.create_stage1(pool.take_arena().unwrap(), options).unwrap();
         first.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
         first.attach(d, 0x10).unwrap();
-        first.attach_bypass(0x30).unwrap();
         first.preserve(d, 0x77).unwrap();
         first.prepare_handover(pool, BASE, 3, SURVIVING).unwrap();
+        leave_bypassing(&mut first, 0x30);
         core::mem::forget(first);
         model
     }
@@ -2866,13 +3018,19 @@ pub(crate) mod tests {
         let kept = first.create_stage1(pool.take_arena().unwrap(), options).unwrap();
         first.map(kept, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
         first.attach(kept, 0x10).unwrap();
-        // Not preserved: its tables in ordinary memory, its stream live at the hand-off.
+        // Not preserved: its tables in ordinary memory, its stream live at the hand-off. This driver refuses to
+        // prepare a running hand-off with such a stream (`PrepareError::UnpreservedStream`), so it is attached
+        // after the prepare, as a previous image that is not this driver may leave it.
         let left = first.create_stage1(frames, options).unwrap();
         first.map(left, 0x1000, 0x9000_0000, 0x1000, RW).unwrap();
-        first.attach(left, 0x20).unwrap();
         let left_asid = stage1_asid(&first, left);
         first.preserve(kept, 0x77).unwrap();
         first.prepare_handover(pool, BASE, 3, SURVIVING).unwrap();
+        assert_eq!(
+            first.attach(left, 0x20),
+            Err(DomainError::StreamsFrozen { generation: 3 })
+        );
+        as_another_driver(&mut first, |first| first.attach(left, 0x20)).unwrap();
         core::mem::forget(first);
 
         let pool = region.pool();
@@ -3079,5 +3237,214 @@ pub(crate) mod tests {
             "the arena holding the live stream table at {strtab:#x} went back to the pool, to be handed out again zeroed"
         );
         core::mem::forget(smmu);
+    }
+
+    /// Review 2: a running stream table whose level-1 descriptor for StreamIDs 0x100..0x200 is a copy of the one
+    /// for 0x0..0x100 (both name the span of the restored stream 0x10: each exactly the descriptor the driver
+    /// writes for that span, so `StreamTable::adopt` takes it). Adopted and restored, StreamIDs 0x10 and 0x110
+    /// share one STE: whatever this image installs for one is what the other translates with, so attaching a
+    /// domain to 0x110 (another device, another owner) redirects the restored domain's device 0x10 to it.
+    #[test]
+    fn review_a_running_stream_table_whose_level1_descriptors_share_a_span_is_not_adopted() {
+        let frames = frames();
+        let mut region = Region::new();
+        let model = running_first_image(&mut region, frames);
+        let pool = region.pool();
+        let (running, core) = running_smmu(pool, &model.smmu(), BASE).unwrap().unwrap();
+        let index = ((running.strtab_base - region.extent.base) / 8) as usize;
+        assert_ne!(region.memory[index], 0, "the span of 0x0..0x100 exists");
+        assert_eq!(region.memory[index + 1], 0);
+        region.memory[index + 1] = region.memory[index];
+        let adopted = model.smmu().adopt_running(core, &InitOptions::default(), &running);
+        let refused = adopted.as_ref().err().copied();
+        if let Ok(mut next) = adopted {
+            if next.restore_handover(pool, BASE, &ANYWHERE).is_err() {
+                core::mem::forget(next);
+                return;
+            }
+            let restored = next.ste(0x10).unwrap().config();
+            let d = next.retrieve(0x77).unwrap();
+            assert_eq!(next.iova_to_phys(d, 0x1000), Ok(Some(0x8000_0000)));
+            // Another domain, for another device.
+            let other = next.create_stage2(frames, Stage2Options { input_bits: 40 }).unwrap();
+            next.attach(other, 0x110).unwrap();
+            let (ste_10, ste_110) = (next.ste(0x10).unwrap(), next.ste(0x110).unwrap());
+            core::mem::forget(next);
+            assert_ne!(
+                ste_10,
+                ste_110,
+                "accepted: stream 0x10, attached to the restored stage-1 domain 0x77 (its STE {restored:?} once \
+                 the restore returned), now translates with the STE installed for stream 0x110 ({:?})",
+                ste_10.config()
+            );
+        }
+        // Refused as the other refusals of `adopt_running` are: the SMMU disabled, every transaction aborting.
+        assert!(
+            matches!(refused, Some(crate::InitError::StreamTableNotAdoptable { .. })),
+            "refused as a stream table not adoptable: {refused:?}"
+        );
+        assert!(disabled_aborting(&model), "{:x?}", cr0_and_gbpa(&model));
+    }
+
+    /// Finding 3's other half: a level-1 descriptor naming, as a span, memory over the level-1 table itself (the
+    /// table is 16 KiB-aligned as a span is: the descriptor is exactly the one the driver writes for a span
+    /// there), so the SMMU would read level-1 descriptors as STEs and STE writes would rewrite descriptors.
+    #[test]
+    fn a_running_stream_table_whose_span_overlaps_its_level1_table_is_not_adopted() {
+        let frames = frames();
+        let mut region = Region::new();
+        let model = running_first_image(&mut region, frames);
+        let pool = region.pool();
+        let (running, core) = running_smmu(pool, &model.smmu(), BASE).unwrap().unwrap();
+        let crate::stream::StreamTableFormat::TwoLevel { split, .. } = running.format else {
+            panic!("a 2-level stream table: {:?}", running.format);
+        };
+        let over = crate::hw::ste::l1_descriptor(PhysAddr(running.strtab_base), split + 1).unwrap();
+        let index = ((running.strtab_base - region.extent.base) / 8) as usize;
+        region.memory[index + 1] = over;
+        let adopted = model.smmu().adopt_running(core, &InitOptions::default(), &running);
+        assert!(
+            matches!(
+                adopted.as_ref().err(),
+                Some(crate::InitError::StreamTableNotAdoptable { .. })
+            ),
+            "{:?}",
+            adopted.as_ref().err()
+        );
+        core::mem::forget(adopted);
+        assert!(disabled_aborting(&model), "{:x?}", cr0_and_gbpa(&model));
+    }
+
+    /// Review 2: the threat model says a device whose stream the previous image left translating across a running
+    /// hand-off "reaches only what those STEs map, which that image's `prepare_handover` checked". But
+    /// `prepare_handover` checks only the preserved domains: the first image's stream 0x30 bypasses (every byte,
+    /// the handover region and its arenas included) from the prepare until the next image's restore aborts it, and
+    /// the restore then adopts whatever that device wrote into the records and the preserved memory.
+    #[test]
+    fn review_a_running_hand_off_leaves_no_unchecked_stream_translating_after_prepare() {
+        use crate::handover::pool::HandoverArena;
+        let frames = frames();
+        let mut region = Region::new();
+        let model = Model::start(frames);
+        let pool = region.pool();
+        *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
+        let core = pool.take_arena().unwrap();
+        let mut first: ActiveSmmu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
+        let d = arena_stage1_on(&mut first, pool);
+        first.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+        first.attach(d, 0x10).unwrap();
+        first.attach_bypass(0x30).unwrap();
+        first.preserve(d, 0x77).unwrap();
+        let prepared = first.prepare_handover(pool, BASE, 3, SURVIVING);
+        let left = first.ste(0x30).unwrap().config();
+        core::mem::forget(first);
+        assert!(
+            prepared.is_err() || !matches!(left, Config::Bypass | Config::Stage1 | Config::Stage2 | Config::Nested),
+            "prepared ({prepared:?}) with stream 0x30 left {left:?} across the hand-off, unchecked: its device can \
+             write the region and the preserved arenas before the next image restores them"
+        );
+        // Refused naming the stream, with nothing written.
+        assert_eq!(prepared, Err(PrepareError::UnpreservedStream { sid: 0x30, ssid: 0 }));
+        assert!(pool.lock_metadata().unwrap().iter().all(|&b| b == 0), "nothing written");
+    }
+
+    /// Finding 5, the rest of the rule: for a running hand-off, a stream attached to a domain that is not preserved,
+    /// and a substream of a preserved stream attached to one, are refused too (each named); once they are detached
+    /// (or made to abort) the hand-off is prepared, and from then on the stream configuration is frozen: no attach
+    /// to any domain, no substream, no bypass (each a typed error that changes nothing, no command issued), while
+    /// making a stream abort stays allowed; cancelling unfreezes it. A hand-off through a warm reset freezes no
+    /// stream.
+    #[test]
+    fn a_running_hand_off_translates_only_preserved_streams_and_freezes_the_stream_configuration() {
+        use crate::handover::pool::HandoverArena;
+        // SSIDSIZE 5 (IDR1[10:6]): substreams exist.
+        let idr1 = crate::active::tests::IDRS[1].1 | 5 << 6;
+        let idr0 = crate::active::tests::IDRS[0].1;
+        let frames = frames();
+        let mut region = Region::new();
+        let model = Model::start_with_idrs(frames, idr0, idr1);
+        let pool = region.pool();
+        *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
+        let core = pool.take_arena().unwrap();
+        let mut first: ActiveSmmu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
+        let d = arena_stage1_on(&mut first, pool);
+        first.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+        first.attach(d, 0x10).unwrap();
+        first.preserve(d, 0x77).unwrap();
+        let other = first.create_stage1(frames, Stage1Options::default()).unwrap();
+        first.attach(other, 0x20).unwrap();
+        first.attach_substream(other, 0x10, 3).unwrap();
+        let nothing_written = |pool: &HandoverPool| pool.lock_metadata().unwrap().iter().all(|&b| b == 0);
+        assert_eq!(
+            first.prepare_handover(pool, BASE, 3, SURVIVING),
+            Err(PrepareError::UnpreservedStream { sid: 0x10, ssid: 3 })
+        );
+        first.detach_substream(0x10, 3).unwrap();
+        assert_eq!(
+            first.prepare_handover(pool, BASE, 3, SURVIVING),
+            Err(PrepareError::UnpreservedStream { sid: 0x20, ssid: 0 })
+        );
+        assert!(nothing_written(pool));
+        first.detach(0x20).unwrap();
+        first.prepare_handover(pool, BASE, 3, SURVIVING).unwrap();
+        assert_eq!(first.handover_phase(), HandoverPhase::Prepared { generation: 3 });
+
+        // Frozen: nothing issued, nothing changed.
+        let before = model.seen.lock().unwrap().consumed.len();
+        let frozen = DomainError::StreamsFrozen { generation: 3 };
+        assert_eq!(first.attach(other, 0x20), Err(frozen));
+        assert_eq!(first.attach_substream(other, 0x10, 3), Err(frozen));
+        assert_eq!(
+            first.attach_bypass(0x30).err(),
+            Some(AttachError::StreamsFrozen { generation: 3 })
+        );
+        assert_eq!(
+            first.attach(d, 0x11),
+            Err(DomainError::HandoverPrepared { token: 0x77 })
+        );
+        assert_eq!(issued_since(&model, before), [], "nothing issued");
+        for sid in [0x11, 0x20, 0x30] {
+            assert_eq!(first.ste(sid).unwrap().config(), Config::Abort, "stream {sid:#x}");
+        }
+        assert_eq!(first.attachments(other), Ok(&[][..]));
+        for e in [
+            std::format!("{frozen}"),
+            std::format!("{}", AttachError::StreamsFrozen { generation: 3 }),
+        ] {
+            assert!(e.contains("generation 3"), "{e}");
+        }
+        // Aborting stays allowed.
+        first.attach_abort(0x40).unwrap();
+        // Cancelled: the configuration is free again (and a warm-reset hand-off below freezes nothing).
+        first.cancel_handover(pool, BASE).unwrap();
+        first.attach_bypass(0x30).unwrap();
+        first.attach_abort(0x30).unwrap();
+        core::mem::forget(first);
+
+        // Through a warm reset (the SMMU's structures not in an arena): nothing translates across it, so streams
+        // are neither checked nor frozen.
+        let model = Model::start(frames);
+        let mut smmu = boot(&model, frames);
+        let pool = Region::new().pool();
+        let kept = arena_stage1(&mut smmu, pool);
+        smmu.attach(kept, 0x10).unwrap();
+        smmu.preserve(kept, 0x78).unwrap();
+        smmu.attach_bypass(0x30).unwrap();
+        smmu.prepare_handover(pool, BASE, 4, SURVIVING).unwrap();
+        let not_preserved = smmu.create_stage1(frames, Stage1Options::default()).unwrap();
+        smmu.attach(not_preserved, 0x20).unwrap();
+        smmu.attach_bypass(0x31).unwrap();
+        core::mem::forget(smmu);
+    }
+
+    fn arena_stage1_on(
+        smmu: &mut ActiveSmmu<&'static crate::handover::pool::HandoverArena>,
+        pool: &'static HandoverPool,
+    ) -> DomainId {
+        let options = Stage1Options {
+            input_bits: 39,
+            el2: false,
+        };
+        smmu.create_stage1(pool.take_arena().unwrap(), options).unwrap()
     }
 }

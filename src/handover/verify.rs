@@ -10,7 +10,7 @@
 
 use core::fmt;
 
-use super::pool::HandoverPool;
+use super::pool::{FRAME, HandoverPool};
 use super::{DomainRecord, Extent, InstanceRecords, MAX_STREAMS, RecordKind, TableShape};
 use crate::features::Features;
 use crate::hw::ste::EntryError;
@@ -172,6 +172,26 @@ pub enum VerifyFailure {
         /// The one the stream's record names.
         stream: u64,
     },
+    /// A stream's CD table is not where the driver allocates one: at the start of a frame of its domain's arena,
+    /// aligned to its size (at least [`FRAME`] bytes). Adopted elsewhere, a detach would give its block back
+    /// as a frame it does not start.
+    CdTableMisplaced {
+        /// StreamID.
+        sid: u32,
+        /// The CD table.
+        cd_table: u64,
+    },
+    /// A stream's CD table does not have its frames to itself: another stream's CD table (two streams naming one
+    /// table included) or the domain's root table shares one. Adopted, a detach of one stream would free the
+    /// table (or the frame) under the other's live STE.
+    CdTableOverlap {
+        /// StreamID.
+        sid: u32,
+        /// The CD table.
+        cd_table: u64,
+        /// The CD table or root table it shares a frame with.
+        other: u64,
+    },
     /// A CD does not lie in the pool.
     CdOutsidePool {
         /// StreamID.
@@ -292,6 +312,15 @@ impl fmt::Display for VerifyFailure {
                 f,
                 "stream {sid:#x} substream {ssid:#x} names CD table {recorded:#x}, its stream's record {stream:#x}"
             ),
+            V::CdTableMisplaced { sid, cd_table } => write!(
+                f,
+                "the CD table of stream {sid:#x} at {cd_table:#x} does not start a frame aligned to its size, as the \
+                 driver allocates one"
+            ),
+            V::CdTableOverlap { sid, cd_table, other } => write!(
+                f,
+                "the CD table of stream {sid:#x} at {cd_table:#x} shares a frame with the table at {other:#x}"
+            ),
             V::CdOutsidePool { sid, ssid, cd } => {
                 write!(
                     f,
@@ -326,6 +355,10 @@ const LEAF_ADDRESS: u64 = ((1 << 52) - 1) & !0xfff;
 /// Leaf bits this driver never sets: the contiguous hint (a misprogrammed contiguous run may translate with
 /// another entry's output) and output bits \[51:48\].
 const FORBIDDEN_LEAF: u64 = desc::CONTIGUOUS | 0xf << 48;
+/// What a leaf whose attribute bits this driver never writes is refused as.
+const NOT_A_DRIVER_LEAF: &str = "attribute bits this driver never writes for this stage (nG, AP/S2AP, XN, \
+                                 AttrIndx/MemAttr, SH, AF, NS, software or PBHA bits): not the leaf it builds for \
+                                 the protection these bits grant";
 /// Every bit this driver sets in a table descriptor.
 const TABLE_BITS: u64 = desc::VALID
     | desc::TABLE_OR_PAGE
@@ -389,10 +422,15 @@ struct Walk<'a> {
     /// The record's extent, as words.
     words: &'a [u64],
     extent: Extent,
+    /// The table's stage (and regime): which leaf encodings the driver writes.
+    stage: Stage,
+    /// The attribute bits of the last last-level table found uniform and a driver page's (most tables of a
+    /// domain share one protection: the check then costs one comparison per table).
+    page_attributes: u64,
     geometry: Geometry,
     /// One bit per granule of the extent (counted from the granule holding its first byte): a table lives there.
     visited: &'a mut [u64],
-    /// The CD tables inside the extent: no page table may share a byte with them.
+    /// The frames of the CD tables inside the extent: no page table may share a byte with them.
     cd_tables: heapless::Vec<Extent, MAX_STREAMS>,
     outputs: &'a Outputs<'a>,
     /// The record carries counts: check every descriptor's against its table.
@@ -525,6 +563,9 @@ impl<'a> Walk<'a> {
         if !output.is_multiple_of(size) {
             return Err(bad("a block output not aligned to its size (RES0 bits set)"));
         }
+        if !desc::is_driver_leaf(self.stage, d, false) {
+            return Err(bad(NOT_A_DRIVER_LEAF));
+        }
         self.outputs.check(entry, output, size)
     }
 
@@ -548,15 +589,20 @@ impl<'a> Walk<'a> {
         if !output.is_multiple_of(self.granule()) {
             return Err(bad("output address bits below the granule"));
         }
+        if !desc::is_driver_leaf(self.stage, d, true) {
+            return Err(bad(NOT_A_DRIVER_LEAF));
+        }
         self.outputs.check(entry, output, self.granule())
     }
 
     /// Walks the last-level table at `phys` (`n` entries) and returns its valid entries. One pass gathers the
     /// count, the union of every entry's bits and the intersection of the valid entries' bits: every valid output
-    /// then lies between the intersection's address bits and the union's, a hull checked at once. Only when that
-    /// summary fails does a second pass find the exact lowest and highest outputs, and only when their range fails
-    /// is each leaf checked alone (naming the first bad one, or passing outputs spread over several DMA-able
-    /// extents).
+    /// then lies between the intersection's address bits and the union's, a hull checked at once; and where union
+    /// and intersection agree outside the address bits, every leaf carries the same attribute bits, which are
+    /// checked once to be a page this driver writes ([`desc::is_driver_leaf`]). Only when that summary fails does a
+    /// second pass find the exact lowest and highest outputs, and only when their range fails (or the attributes
+    /// differ between leaves) is each leaf checked alone (naming the first bad one, or passing outputs spread over
+    /// several DMA-able extents, or leaves of several protections).
     ///
     /// With `full` (its descriptor says every entry is valid) the first pass gathers only the union and the
     /// intersection; the count is then the table's size if the intersection has the valid bit, and the general
@@ -585,7 +631,15 @@ impl<'a> Walk<'a> {
             return Ok(0);
         }
         let granule = self.granule();
-        let clean = common & desc::TABLE_OR_PAGE != 0 && union & (FORBIDDEN_LEAF | (LEAF_ADDRESS & (granule - 1))) == 0;
+        // One attribute pattern for every leaf (invalid entries included in the union: the driver leaves them
+        // zero), and that pattern a page's this driver writes; no output bit below the granule or above 47.
+        let attributes = common & !LEAF_ADDRESS;
+        let uniform = (union ^ common) & !LEAF_ADDRESS == 0
+            && (attributes == self.page_attributes || desc::is_driver_leaf(self.stage, attributes, true));
+        if uniform {
+            self.page_attributes = attributes;
+        }
+        let clean = uniform && union & (FORBIDDEN_LEAF | (LEAF_ADDRESS & (granule - 1))) == 0;
         let (low, high) = (common & LEAF_ADDRESS, union & LEAF_ADDRESS);
         if clean && self.outputs.judge(low, high - low + granule).is_ok() {
             return Ok(valid as usize);
@@ -604,6 +658,11 @@ impl<'a> Walk<'a> {
         }
         Ok(valid as usize)
     }
+}
+
+/// Bytes of the root table of `geometry` (what the walk claims: a granule at least).
+fn root_size(geometry: &Geometry) -> u64 {
+    ((geometry.root_entries * 8) as u64).max(1 << geometry.granule_bits)
 }
 
 /// The format a record's table has.
@@ -625,13 +684,13 @@ pub(crate) fn table_format(kind: RecordKind, shape: &TableShape) -> Format {
 }
 
 /// Walks the page table of `record` (a stage-1 or stage-2 record with one extent, as `check_limits` ensures) in
-/// `pool`: see [`VerifyFailure`]. `cd_tables` are the CD tables inside the record's extent (no page table may
-/// share their granules).
+/// `pool`: see [`VerifyFailure`]. `cd_tables` are the frames of the CD tables inside the record's extent (no page
+/// table may share them).
 fn verify_table(
     pool: &HandoverPool,
     record: &DomainRecord,
     shape: &TableShape,
-    cd_tables: &mut dyn Iterator<Item = Extent>,
+    cd_tables: &[Extent],
     outputs: &Outputs<'_>,
 ) -> Result<(), VerifyFailure> {
     let format = table_format(record.kind, shape);
@@ -647,7 +706,7 @@ fn verify_table(
     if extent.len > max {
         return Err(VerifyFailure::ExtentTooLarge { extent, max });
     }
-    let root_size = ((geometry.root_entries * 8) as u64).max(1 << geometry.granule_bits);
+    let root_size = root_size(&geometry);
     let root = shape.root;
     if !root.is_multiple_of(root_size) || !extent.contains(root, root_size) {
         return Err(VerifyFailure::BadRoot { root, size: root_size });
@@ -661,9 +720,12 @@ fn verify_table(
     let mut walk = Walk {
         words,
         extent,
+        stage: format.stage,
+        // No attribute pattern is all zero (a valid page has bits [1:0] set): nothing matches until one is checked.
+        page_attributes: 0,
         geometry,
         visited: &mut visited[..(granules as usize).div_ceil(64)],
-        cd_tables: cd_tables.filter(|c| c.overlaps(&extent)).collect(),
+        cd_tables: cd_tables.iter().copied().filter(|c| c.overlaps(&extent)).collect(),
         outputs,
         counts: shape.tables != 0,
         tables: 1,
@@ -693,6 +755,52 @@ fn verify_table(
         }
     }
     Ok(())
+}
+
+/// The frames of every CD table `record`'s whole streams name (substreams name their stream's), each checked to be
+/// where the driver allocates a CD table from the domain's arena: at the start of a frame, aligned to its size (a
+/// block of the arena starts a frame aligned as asked), inside the record's extent, and sharing no frame with
+/// another stream's CD table or with the root table. The page-table walk then keeps every other table off these
+/// frames. Checked in every verification mode: a CD table adopted twice, or not starting its frame, is freed by a
+/// detach as a frame it does not own.
+fn cd_table_frames(
+    record: &DomainRecord,
+    shape: &TableShape,
+) -> Result<heapless::Vec<Extent, MAX_STREAMS>, VerifyFailure> {
+    let extent = record.extents.first().copied().unwrap_or_default();
+    let geometry = Geometry::of(&table_format(record.kind, shape)).map_err(VerifyFailure::Format)?;
+    let root = Extent {
+        base: shape.root,
+        len: root_size(&geometry),
+    };
+    let mut frames: heapless::Vec<Extent, MAX_STREAMS> = heapless::Vec::new();
+    for s in record.streams.iter().filter(|s| s.ssid == 0 && s.cd_table != 0) {
+        let size = 64u64 << s.cd_ssid_bits;
+        let table = Extent {
+            base: s.cd_table,
+            len: size.next_multiple_of(FRAME),
+        };
+        if !s.cd_table.is_multiple_of(size.max(FRAME)) || !extent.contains(table.base, table.len) {
+            return Err(VerifyFailure::CdTableMisplaced {
+                sid: s.sid,
+                cd_table: s.cd_table,
+            });
+        }
+        let overlap = |other| VerifyFailure::CdTableOverlap {
+            sid: s.sid,
+            cd_table: s.cd_table,
+            other,
+        };
+        if let Some(other) = frames.iter().find(|f| f.overlaps(&table)) {
+            return Err(overlap(other.base));
+        }
+        if table.overlaps(&root) {
+            return Err(overlap(shape.root));
+        }
+        // Room: at most one per stream slot.
+        let _ = frames.push(table);
+    }
+    Ok(frames)
 }
 
 /// Compares the CD of every stream of the stage-1 `record` with the one the driver builds for it
@@ -769,17 +877,12 @@ pub(crate) fn verify_instance(
             }
         }
         let Some(shape) = r.table else { continue };
+        // The frames of the record's CD tables (in every mode): each table where the driver allocates one, with
+        // its frames to itself.
+        let cd_tables = cd_table_frames(r, &shape).map_err(|e| (r.token, e))?;
         // The table first (the CD names its root), then the CDs.
         if verify == Verification::Full {
-            let mut cd_tables = r
-                .streams
-                .iter()
-                .filter(|s| s.ssid == 0 && s.cd_table != 0)
-                .map(|s| Extent {
-                    base: s.cd_table,
-                    len: 64 << s.cd_ssid_bits,
-                });
-            verify_table(pool, r, &shape, &mut cd_tables, outputs).map_err(|e| (r.token, e))?;
+            verify_table(pool, r, &shape, &cd_tables, outputs).map_err(|e| (r.token, e))?;
         }
         if matches!(r.kind, RecordKind::Stage1 | RecordKind::Stage1El2) {
             verify_cds(features, pool, instance, r, &shape).map_err(|e| (r.token, e))?;
@@ -1457,6 +1560,326 @@ mod tests {
                 proptest::prop_assert_eq!(smmu.iova_to_phys(d, i), Ok(Some(pa)));
             }
             core::mem::forget(smmu);
+        }
+    }
+
+    /// Replaces the one occurrence of `old` (as a little-endian u64 at an 8-byte aligned offset) in the region's
+    /// records by `new` and fixes the CRC: what anyone who can write the region does.
+    fn rewrite_record_word(region: &mut Region, old: u64, new: u64) {
+        let pool = region.pool();
+        let mut bytes = pool.lock_metadata().unwrap();
+        let at: std::vec::Vec<usize> = (0..bytes.len() / 8)
+            .map(|i| i * 8)
+            .filter(|&i| bytes[i..i + 8] == old.to_le_bytes())
+            .collect();
+        assert_eq!(at.len(), 1, "{old:#x} found once in the records");
+        bytes[at[0]..at[0] + 8].copy_from_slice(&new.to_le_bytes());
+        assert!(crate::handover::format::sample::reseal(&mut bytes));
+    }
+
+    #[test]
+    fn review_a_cd_table_not_at_the_start_of_a_frame_is_refused() {
+        // The stream's CD copied, word for word, to the last 64 bytes of its own frame, and the record made to
+        // name it there (CRC fixed). Decode wants 64-byte alignment only; verification compares the CD (equal) and
+        // keeps page tables off its 64 bytes, and nothing else looks at the frame. Accepted, a detach then gives
+        // the CD table's block back to the arena, whose free list takes any block up to a frame as a frame: the
+        // next table the domain allocates is the misaligned `cd_table`, zeroed across the following frame, and
+        // its table descriptor (address bits [47:12]) names the frame below it, so the SMMU walks bytes that
+        // nothing verified (in the attack, anything the attacker left there) instead of what the driver writes.
+        let frames = frames();
+        let mut region = Region::new();
+        let p = first_image(&mut region, frames);
+        let moved = p.cd_table + 0x1000 - 64;
+        for w in 0..8 {
+            *word(&mut region, moved + 8 * w) = *word(&mut region, p.cd_table + 8 * w);
+        }
+        rewrite_record_word(&mut region, p.cd_table, moved);
+        let (result, mut smmu, _model) = restore(&mut region, frames, &RestoreOptions::new(DMA), &[]);
+        if result.is_ok() {
+            // The consequence, with safe calls only.
+            let d = smmu.retrieve(S1).unwrap();
+            smmu.detach(0x10).unwrap();
+            // IOVA 0x40_0000 needs a new last-level table under the level-2 table of 0x1000.
+            smmu.map(d, 0x40_0000, 0x8000_8000, 0x1000, RW).unwrap();
+            let driver = smmu.iova_to_phys(d, 0x40_0000);
+            // The tables are abandoned as they stand (dropping the driver would walk them).
+            core::mem::forget(smmu);
+            let at = slot(&mut region, p.s1_root, 0, 0x40_0000, 2);
+            let link = *word(&mut region, at);
+            let at = slot(&mut region, p.s1_root, 0, 0x40_0000, 3);
+            let leaf = *word(&mut region, at);
+            panic!(
+                "accepted: the map of IOVA 0x40_0000 (to 0x8000_8000) linked a table whose descriptor {link:#x} \
+                 makes the SMMU walk {:#x} (the frame of the misaligned CD table {moved:#x}), whose entry for the \
+                 IOVA is {leaf:#x}, not the page mapped (the driver itself now reads {driver:?})",
+                desc::address(link)
+            );
+        }
+        assert!(result.is_err(), "{result:?}");
+        // Refused as a CD table the driver would not have placed there, before anything is installed.
+        assert_eq!(
+            result.map_err(verify_error),
+            Err((
+                S1,
+                VerifyFailure::CdTableMisplaced {
+                    sid: 0x10,
+                    cd_table: moved
+                }
+            ))
+        );
+        core::mem::forget(smmu);
+    }
+
+    #[test]
+    fn review_two_streams_naming_one_cd_table_are_refused() {
+        // A stage-1 domain attached to streams 0x10 and 0x11 (a CD table each), preserved; then the record of
+        // stream 0x11 made to name stream 0x10's CD table (CRC fixed). Both CDs compare equal to the domain's, so
+        // the restore adopts one CD table twice. A detach of 0x10 then frees it into the arena while stream
+        // 0x11's STE still points at it, and the domain's next table is allocated there: the SMMU reads a page
+        // table (whose words a guest chooses through its mappings) as stream 0x11's CD.
+        let frames = frames();
+        let mut region = Region::new();
+        let (root, cd_10, cd_11) = {
+            let model = Model::start(frames);
+            let mut smmu = boot(&model, frames);
+            let pool = region.pool();
+            let d = smmu
+                .create_stage1(
+                    pool.take_arena().unwrap(),
+                    Stage1Options {
+                        input_bits: 48,
+                        el2: false,
+                    },
+                )
+                .unwrap();
+            smmu.map(d, 0x1000, 0x8000_0000, 0x2000, RW).unwrap();
+            smmu.attach(d, 0x10).unwrap();
+            smmu.attach(d, 0x11).unwrap();
+            smmu.preserve(d, S1).unwrap();
+            smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
+            let streams = smmu.handover_records(BASE).unwrap().records[0].streams.clone();
+            let cd = |sid| streams.iter().find(|s| s.sid == sid).unwrap().cd_table;
+            let root = smmu.domain_table(d).unwrap().root().0;
+            let cds = (cd(0x10), cd(0x11));
+            core::mem::forget(smmu);
+            (root, cds.0, cds.1)
+        };
+        rewrite_record_word(&mut region, cd_11, cd_10);
+        let (result, mut smmu, _model) = restore(&mut region, frames, &RestoreOptions::new(DMA), &[]);
+        if result.is_ok() {
+            let d = smmu.retrieve(S1).unwrap();
+            assert_eq!(smmu.ste(0x11).unwrap().cd_table().0, cd_10);
+            smmu.detach(0x10).unwrap();
+            // IOVA 0x40_0000 needs a new last-level table.
+            smmu.map(d, 0x40_0000, 0x8000_8000, 0x1000, RW).unwrap();
+            let ste_cd = smmu.ste(0x11).unwrap().cd_table().0;
+            core::mem::forget(smmu);
+            let at = slot(&mut region, root, 0, 0x40_0000, 2);
+            let table = desc::address(*word(&mut region, at));
+            panic!(
+                "accepted: after detaching stream 0x10, stream 0x11's STE still names CD table {ste_cd:#x}, now the \
+                 domain's last-level table {table:#x} (its first entry {:#x} is what the SMMU reads as CD word 0)",
+                *word(&mut region, table)
+            );
+        }
+        assert!(result.is_err(), "{result:?}");
+        // Refused as a CD table sharing its frame, in every verification mode (see the test below).
+        assert_eq!(
+            result.map_err(verify_error),
+            Err((
+                S1,
+                VerifyFailure::CdTableOverlap {
+                    sid: 0x11,
+                    cd_table: cd_10,
+                    other: cd_10
+                }
+            ))
+        );
+        core::mem::forget(smmu);
+    }
+
+    #[test]
+    fn review_a_global_leaf_in_an_asid_tagged_stage1_table_is_refused() {
+        // The NS-EL1 stage-1 domain's page at IOVA 0x1000 with nG cleared (CRC untouched: only preserved memory
+        // changes). Its output is inside the DMA-able memory, so the walk accepts it; but the driver writes nG = 1
+        // in every leaf of such a domain, and a global entry matches every ASID: once the SMMU caches it, a DMA
+        // at IOVA 0x1000 from any other stage-1 stream (any other ASID, same VMID) translates to this domain's
+        // page, and the ASID-wide invalidation that frees the domain (TLBI_NH_ASID) does not remove it.
+        let mut leaf = 0;
+        let frames = frames();
+        let mut region = Region::new();
+        let p = first_image(&mut region, frames);
+        let at = slot(&mut region, p.s1_root, 0, 0x1000, 3);
+        assert_ne!(*word(&mut region, at) & desc::S1_NOT_GLOBAL, 0, "the driver wrote nG");
+        *word(&mut region, at) &= !desc::S1_NOT_GLOBAL;
+        let (result, mut smmu, model) = restore(&mut region, frames, &RestoreOptions::new(DMA), &[]);
+        if result.is_ok() {
+            leaf = *word(&mut region, at);
+            let d = smmu.retrieve(S1).unwrap();
+            smmu.detach(0x10).unwrap();
+            let before = model.seen.lock().unwrap().consumed.len();
+            smmu.free_domain(d).unwrap();
+            let issued = issued_since(&model, before);
+            core::mem::forget(smmu);
+            panic!(
+                "accepted: the leaf of IOVA 0x1000 is {leaf:#x} (nG = 0, global: it matches every ASID); freeing \
+                 the domain issued only {issued:?}, which leaves global entries cached"
+            );
+        }
+        assert!(result.is_err(), "{result:?} {leaf:#x}");
+        match result.map_err(verify_error) {
+            Err((
+                S1,
+                VerifyFailure::BadDescriptor {
+                    entry, level: 3, what, ..
+                },
+            )) => {
+                assert_eq!((entry, what), (at, NOT_A_DRIVER_LEAF));
+            }
+            other => panic!("{other:?}"),
+        }
+        core::mem::forget(smmu);
+    }
+
+    /// Finding 4 beyond nG: every attribute bit of a leaf is what the driver writes for the protection it grants,
+    /// at every level and stage, whether one leaf of a table differs (the per-leaf check) or every leaf of it does
+    /// alike (the per-table summary, which must not take a uniform pattern for a good one).
+    #[test]
+    fn a_leaf_with_attribute_bits_the_driver_never_writes_is_refused() {
+        let cases: [(&str, u64, u8, u64, bool); 9] = [
+            // (what, IOVA, level, bits flipped, on every leaf of its table)
+            ("stage 1: AF clear", 0x1000, 3, desc::AF, false),
+            ("stage 1: PBHA bit 59 on every leaf", 0x1000, 3, 1 << 59, true),
+            ("stage 1: nG clear on every leaf", 0x1000, 3, desc::S1_NOT_GLOBAL, true),
+            (
+                "stage 1: AttrIndx 3 (no MAIR byte the CD sets)",
+                0x2000,
+                3,
+                0b011 << 2,
+                false,
+            ),
+            ("stage 1: NS", 0x20_0000, 3, 1 << 5, false),
+            (
+                "stage 1: a global 2 MiB block",
+                0x4000_0000,
+                2,
+                desc::S1_NOT_GLOBAL,
+                false,
+            ),
+            ("stage 2: nG's bit (RES0 here)", 0x1000, 3, 1 << 11, false),
+            (
+                "stage 2: neither read nor write",
+                0x1000,
+                3,
+                desc::S2_AP_READ | desc::S2_AP_WRITE,
+                false,
+            ),
+            (
+                "stage 2: a 1 GiB block with a software bit",
+                0x4000_0000,
+                1,
+                1 << 55,
+                false,
+            ),
+        ];
+        for (what, iova, level, bits, whole_table) in cases {
+            let mut at = 0;
+            let stage2 = what.starts_with("stage 2");
+            let e = refused(|r, p| {
+                let (root, start) = if stage2 { (p.s2_root, 1) } else { (p.s1_root, 0) };
+                at = slot(r, root, start, iova, level);
+                let entries = if whole_table { 512 } else { 1 };
+                let first = if whole_table { at & !0xfff } else { at };
+                for k in 0..entries {
+                    let e = first + 8 * k;
+                    if desc::is_valid(*word(r, e)) {
+                        *word(r, e) ^= bits;
+                    }
+                }
+            });
+            let token = if stage2 { S2 } else { S1 };
+            match verify_error(e) {
+                (
+                    t,
+                    VerifyFailure::BadDescriptor {
+                        entry,
+                        level: l,
+                        what: why,
+                        ..
+                    },
+                ) if t == token => {
+                    // The first bad leaf of the table is named: the table's first valid one when all changed.
+                    let expected = if whole_table { at & !0xfff | 8 } else { at };
+                    assert_eq!((entry, l, why), (expected, level, NOT_A_DRIVER_LEAF), "{what}");
+                }
+                other => panic!("{what}: {other:?}"),
+            }
+        }
+    }
+
+    /// Findings 1 and 2 in the trusted mode too: the page tables are taken as recorded, but the CD tables are still
+    /// placed and kept apart (a CD table named twice, one over the root table, one not starting its frame).
+    #[test]
+    fn cd_tables_are_placed_and_kept_apart_in_every_verification_mode() {
+        let trusted = RestoreOptions {
+            dma_memory: DMA,
+            verify: Verification::TrustRecordedTables,
+        };
+        let frames = frames();
+        for case in 0..3 {
+            let mut region = Region::new();
+            let (root, cd_10, cd_11) = {
+                let model = Model::start(frames);
+                let mut smmu = boot(&model, frames);
+                let pool = region.pool();
+                let d = smmu
+                    .create_stage1(pool.take_arena().unwrap(), Stage1Options::default())
+                    .unwrap();
+                smmu.map(d, 0x1000, 0x8000_0000, 0x2000, RW).unwrap();
+                smmu.attach(d, 0x10).unwrap();
+                smmu.attach(d, 0x11).unwrap();
+                smmu.preserve(d, S1).unwrap();
+                smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
+                let streams = smmu.handover_records(BASE).unwrap().records[0].streams.clone();
+                let cd = |sid| streams.iter().find(|s| s.sid == sid).unwrap().cd_table;
+                let root = smmu.domain_table(d).unwrap().root().0;
+                let cds = (cd(0x10), cd(0x11));
+                core::mem::forget(smmu);
+                (root, cds.0, cds.1)
+            };
+            let expected = match case {
+                0 => {
+                    rewrite_record_word(&mut region, cd_11, cd_10);
+                    VerifyFailure::CdTableOverlap {
+                        sid: 0x11,
+                        cd_table: cd_10,
+                        other: cd_10,
+                    }
+                }
+                1 => {
+                    // The root's CD words copied over the root's first entries would be a CD that compares
+                    // equal; the frame check refuses it before any CD is read.
+                    rewrite_record_word(&mut region, cd_11, root);
+                    VerifyFailure::CdTableOverlap {
+                        sid: 0x11,
+                        cd_table: root,
+                        other: root,
+                    }
+                }
+                _ => {
+                    for w in 0..8 {
+                        *word(&mut region, cd_11 + 0x40 + 8 * w) = *word(&mut region, cd_11 + 8 * w);
+                    }
+                    rewrite_record_word(&mut region, cd_11, cd_11 + 0x40);
+                    VerifyFailure::CdTableMisplaced {
+                        sid: 0x11,
+                        cd_table: cd_11 + 0x40,
+                    }
+                }
+            };
+            let (result, smmu, _model) = restore(&mut region, frames, &trusted, &[]);
+            core::mem::forget(smmu);
+            assert_eq!(result.map_err(verify_error), Err((S1, expected)), "case {case}");
         }
     }
 }

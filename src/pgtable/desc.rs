@@ -189,6 +189,29 @@ pub fn leaf(stage: Stage, output: u64, prot: Prot, page: bool) -> u64 {
     d
 }
 
+/// Whether `prot` is a protection [`leaf`] encodes faithfully for `stage` (what a page table accepts in `map` and
+/// `protect`): one memory type; at stage 1 with [`Prot::READ`]; never [`Prot::PRIVILEGED`] at stage 2 or in the
+/// EL2 regime; at stage 2 with [`Prot::READ`] or [`Prot::WRITE`].
+pub fn expressible(stage: Stage, prot: Prot) -> bool {
+    MemoryType::of(prot).is_some()
+        && match stage {
+            Stage::One => prot.contains(Prot::READ),
+            Stage::OneEl2 => prot.contains(Prot::READ) && !prot.contains(Prot::PRIVILEGED),
+            Stage::Two => prot.intersects(Prot::READ | Prot::WRITE) && !prot.contains(Prot::PRIVILEGED),
+        }
+}
+
+/// Whether `d` is a leaf (a page when `page`, else a block) exactly as this driver writes one for `stage`: equal,
+/// bit for bit, to [`leaf`] of its own output address (bits \[47:12\]) and of the protection it grants ([`prot`]),
+/// that protection [`expressible`]. Every attribute bit is covered: AttrIndx / MemAttr, AP / S2AP, SH, AF, nG (set
+/// in every NS-EL1 stage-1 leaf, clear in the EL2 regime's and at stage 2), PXN/UXN/XN, the contiguous hint,
+/// output bits \[51:48\], the software and PBHA bits \[63:55\] and the NS bit, which this driver never sets. The
+/// output address's alignment to the granule or block is not judged here.
+pub fn is_driver_leaf(stage: Stage, d: u64, page: bool) -> bool {
+    let p = prot(stage, d);
+    expressible(stage, p) && leaf(stage, d & OUTPUT_ADDRESS, p, page) == d
+}
+
 /// The memory type a leaf descriptor of `stage` selects (as [`leaf`] encodes it).
 pub fn memory_type(stage: Stage, d: u64) -> MemoryType {
     match stage {
@@ -452,6 +475,49 @@ mod tests {
                 assert_eq!(d & (ns | 0xf << 48 | 0x1ff << 55), 0, "{stage:?} {bits:#x}");
             }
         }
+    }
+
+    #[test]
+    fn every_leaf_the_driver_writes_is_a_driver_leaf_and_no_single_bit_change_of_one_is() {
+        for stage in [Stage::One, Stage::OneEl2, Stage::Two] {
+            for bits in 0..64u8 {
+                let p = Prot::from_bits_truncate(bits);
+                if !expressible(stage, p) {
+                    continue;
+                }
+                for page in [false, true] {
+                    let d = leaf(stage, 0x8000_0000, p, page);
+                    assert!(is_driver_leaf(stage, d, page), "{stage:?} {p:?}");
+                    assert!(
+                        !is_driver_leaf(stage, d, !page),
+                        "{stage:?} {p:?}: the other level's encoding"
+                    );
+                    for bit in (0..64).filter(|b| !(12..48).contains(b)) {
+                        let flipped = d ^ (1 << bit);
+                        // Flipping an attribute bit either leaves the encoding of another expressible protection
+                        // (a different, equally valid leaf) or one this driver never writes.
+                        if is_driver_leaf(stage, flipped, page) {
+                            assert_ne!(prot(stage, flipped), p, "{stage:?} {p:?} bit {bit}");
+                        }
+                    }
+                }
+            }
+        }
+        // What the review found: a global (nG = 0) NS-EL1 stage-1 leaf; and the bits no protection explains.
+        let d = leaf(Stage::One, 0x1000, Prot::READ | Prot::WRITE | Prot::CACHEABLE, true);
+        assert!(!is_driver_leaf(Stage::One, d & !S1_NOT_GLOBAL, true));
+        for extra in [AF, 1 << 5, 1 << 55, 0xf << 59, 1 << 63, CONTIGUOUS, 1 << 48] {
+            let without = if d & extra != 0 { d & !extra } else { d | extra };
+            assert!(!is_driver_leaf(Stage::One, without, true), "{extra:#x}");
+        }
+        // The EL2 regime's leaves are global by design, stage 2 has no nG.
+        let el2 = leaf(Stage::OneEl2, 0x1000, Prot::READ, true);
+        assert!(is_driver_leaf(Stage::OneEl2, el2, true));
+        assert!(!is_driver_leaf(Stage::OneEl2, el2 | S1_NOT_GLOBAL, true));
+        let s2 = leaf(Stage::Two, 0x1000, Prot::READ, true);
+        assert!(!is_driver_leaf(Stage::Two, s2 | 1 << 11, true));
+        // Stage 2 with neither read nor write: an encoding `leaf` produces but `map` refuses.
+        assert!(!is_driver_leaf(Stage::Two, s2 & !S2_AP_READ, true));
     }
 
     #[test]

@@ -1542,12 +1542,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
     }
 
     fn expressible(&self, prot: Prot) -> bool {
-        MemoryType::of(prot).is_some()
-            && match self.format.stage {
-                Stage::One => prot.contains(Prot::READ),
-                Stage::OneEl2 => prot.contains(Prot::READ) && !prot.contains(Prot::PRIVILEGED),
-                Stage::Two => prot.intersects(Prot::READ | Prot::WRITE) && !prot.contains(Prot::PRIVILEGED),
-            }
+        desc::expressible(self.format.stage, prot)
     }
 
     #[inline(never)]
