@@ -197,6 +197,18 @@ pub fn run(seed: u64, duration: Duration, max_failures: usize) -> Stats {
 
 /// Runs restore cases from index 0 for `duration`, adding to `stats`.
 pub fn run_restore(seed: u64, duration: Duration, max_failures: usize, stats: &mut Stats) {
+    run_restore_until(seed, max_failures, stats, |index, start| {
+        index.is_multiple_of(8) && start.elapsed() >= duration
+    });
+}
+
+/// Runs restore cases `0..cases` of `seed` (a deterministic run, whatever the machine's speed), as
+/// [`run_restore`] does otherwise.
+pub fn run_restore_cases(seed: u64, cases: u64, max_failures: usize, stats: &mut Stats) {
+    run_restore_until(seed, max_failures, stats, |index, _| index >= cases);
+}
+
+fn run_restore_until(seed: u64, max_failures: usize, stats: &mut Stats, done: impl Fn(u64, Instant) -> bool) {
     let world = restore::World::new();
     let start = Instant::now();
     let hook = panic::take_hook();
@@ -204,7 +216,7 @@ pub fn run_restore(seed: u64, duration: Duration, max_failures: usize, stats: &m
     let mut failed = 0;
     let mut index = 0u64;
     loop {
-        if index.is_multiple_of(8) && start.elapsed() >= duration {
+        if done(index, start) {
             break;
         }
         let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
@@ -309,10 +321,14 @@ mod tests {
         }
     }
 
+    /// Restore cases the smoke test runs: seed 3 reaches every check it names by case 145.
+    const RESTORE_CASES: u64 = 400;
+
     #[test]
     fn a_short_restore_run_fails_nothing_and_reaches_the_verification() {
         let mut stats = Stats::default();
-        run_restore(3, Duration::from_millis(3000), 1, &mut stats);
+        // A fixed number of cases, so the test reaches the same checks however busy the machine is.
+        run_restore_cases(3, RESTORE_CASES, 1, &mut stats);
         assert!(stats.failures.is_empty(), "{:?}", stats.failures[0].what);
         assert!(stats.restore.accepted > 0, "{:?}", stats.restore);
         for deep in [
