@@ -449,7 +449,7 @@ pub enum DomainError {
         /// The size asked for.
         size: u64,
         /// The protected extent it reaches.
-        protected: crate::handover::Extent,
+        protected: crate::mem::Extent,
     },
 }
 
@@ -3061,7 +3061,7 @@ mod tests {
         let bytes = METADATA_BYTES as usize + ARENAS * 256 * 1024;
         let memory: &'static mut [u64] = std::boxed::Box::leak(std::vec![0u64; bytes / 8].into_boxed_slice());
         let pool: &'static HandoverPool = std::boxed::Box::leak(std::boxed::Box::new(HandoverPool::new()));
-        let region = crate::handover::Extent {
+        let region = crate::mem::Extent {
             base: 0x80_0000_0000,
             len: bytes as u64,
         };

@@ -16,6 +16,38 @@ impl fmt::Display for PhysAddr {
     }
 }
 
+/// A range of physical memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Extent {
+    /// First byte.
+    pub base: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+impl Extent {
+    /// One past the last byte, or `None` when it wraps.
+    pub fn end(&self) -> Option<u64> {
+        self.base.checked_add(self.len)
+    }
+
+    /// Whether `[base, base + len)` lies inside this extent (`false` when either range wraps).
+    pub fn contains(&self, base: u64, len: u64) -> bool {
+        match (self.end(), base.checked_add(len)) {
+            (Some(end), Some(e)) => base >= self.base && e <= end,
+            _ => false,
+        }
+    }
+
+    /// Whether the two extents share a byte (`true` when either wraps).
+    pub fn overlaps(&self, other: &Extent) -> bool {
+        match (self.end(), other.end()) {
+            (Some(a), Some(b)) => self.base < b && other.base < a,
+            _ => true,
+        }
+    }
+}
+
 /// A block of memory shared with the SMMU: its physical address and where the CPU reaches it.
 #[derive(Debug, PartialEq, Eq)]
 pub struct DmaBlock {
@@ -100,7 +132,7 @@ pub unsafe trait FrameAllocator {
     /// For memory that survives a live update (an arena of the handover pool): the one extent holding everything
     /// this allocator has handed out. `None` (the default) for ordinary memory, which a domain to be preserved
     /// must not use.
-    fn handover_extent(&self) -> Option<crate::handover::Extent> {
+    fn handover_extent(&self) -> Option<Extent> {
         None
     }
 
@@ -160,7 +192,7 @@ unsafe impl<T: FrameAllocator + ?Sized> FrameAllocator for &T {
         (**self).phys_to_virt(phys)
     }
 
-    fn handover_extent(&self) -> Option<crate::handover::Extent> {
+    fn handover_extent(&self) -> Option<Extent> {
         (**self).handover_extent()
     }
 

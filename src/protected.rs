@@ -7,7 +7,7 @@
 use core::fmt;
 
 use crate::active::ActiveSmmu;
-use crate::handover::Extent;
+use crate::mem::Extent;
 use crate::mem::FrameAllocator;
 
 /// Protected extents one SMMU keeps: a check against each runs on every `map`, so the list stays short.

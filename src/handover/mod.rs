@@ -46,37 +46,8 @@ pub const MAX_STREAMS: usize = 8;
 /// Pool extents one record can own.
 pub const MAX_EXTENTS: usize = 8;
 
-/// A range of physical memory.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Extent {
-    /// First byte.
-    pub base: u64,
-    /// Length in bytes.
-    pub len: u64,
-}
-
-impl Extent {
-    /// One past the last byte, or `None` when it wraps.
-    pub fn end(&self) -> Option<u64> {
-        self.base.checked_add(self.len)
-    }
-
-    /// Whether `[base, base + len)` lies inside this extent (`false` when either range wraps).
-    pub fn contains(&self, base: u64, len: u64) -> bool {
-        match (self.end(), base.checked_add(len)) {
-            (Some(end), Some(e)) => base >= self.base && e <= end,
-            _ => false,
-        }
-    }
-
-    /// Whether the two extents share a byte (`true` when either wraps).
-    pub fn overlaps(&self, other: &Extent) -> bool {
-        match (self.end(), other.end()) {
-            (Some(a), Some(b)) => self.base < b && other.base < a,
-            _ => true,
-        }
-    }
-}
+/// A range of physical memory (defined with the frames it describes, in [`crate::mem`]).
+pub use crate::mem::Extent;
 
 /// Which SMMU a set of records belongs to, as probed when they were written. The next image compares it with what
 /// it probes: a region written for another SMMU (another base, other ID registers) is refused.
