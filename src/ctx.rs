@@ -1,17 +1,18 @@
 //! Context-descriptor tables for substreams: linear, or 2-level with 1024-CD leaf tables (the STE's S1Fmt
 //! "64KB leaf" format) allocated when a SubstreamID first gets a CD. CDs are installed through the hitless writer;
-//! the caller's `sync` issues CFGI_CD for every stream using the table, then CMD_SYNC.
+//! the caller's `sync` issues CFGI_CD for every stream using the table, then CMD_SYNC (the table issues no command
+//! itself: a failed `sync` comes back as the caller's own error, inside [`CdTableError::Invalidation`]).
 //!
 //! QEMU's SMMU implements no substreams (IDR1.SSIDSIZE = 0): there a table holds exactly one CD, and the
 //! multi-entry formats are proven by the host tests below.
 
+use core::convert::Infallible;
 use core::fmt;
 use core::sync::atomic::Ordering;
 
 use crate::hitless::{self, UpdateFailed, UpdateKind};
 use crate::hw::cd::{self, Cd};
 use crate::mem::{AllocError, Coherency, FrameAllocator, PhysAddr};
-use crate::queue::cmdq::CommandQueueError;
 use crate::table::{EntryTable, Level1, SlotWriter};
 
 /// Bytes per CD.
@@ -69,9 +70,11 @@ impl fmt::Display for CdTableFormat {
     }
 }
 
-/// Why a CD could not be installed.
+/// Why a CD could not be installed. `E` is the error of the caller's invalidation (`sync`), for
+/// [`CdTableError::Invalidation`]; the calls that invalidate nothing return `CdTableError` (`E` = [`Infallible`]),
+/// which [`CdTableError::widen`] turns into any other.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CdTableError {
+pub enum CdTableError<E = Infallible> {
     /// The SubstreamID is beyond the table.
     UnknownSubstream {
         /// The SubstreamID.
@@ -82,12 +85,25 @@ pub enum CdTableError {
     /// No memory for the table or a leaf.
     NoMemory(AllocError),
     /// An invalidation of the hitless writer failed; it stopped there, leaving the CD as this says.
-    Invalidation(UpdateFailed<CommandQueueError>),
+    Invalidation(UpdateFailed<E>),
     /// A CD table to adopt is 2-level, or not inside memory the allocator reaches.
     NotAdoptable(PhysAddr),
 }
 
-impl fmt::Display for CdTableError {
+impl CdTableError {
+    /// The same error as one of a call that invalidates with `E` (a refusal of a call that issues nothing is never
+    /// [`CdTableError::Invalidation`]).
+    pub fn widen<E>(self) -> CdTableError<E> {
+        match self {
+            CdTableError::UnknownSubstream { ssid, ssid_bits } => CdTableError::UnknownSubstream { ssid, ssid_bits },
+            CdTableError::NoMemory(e) => CdTableError::NoMemory(e),
+            CdTableError::NotAdoptable(base) => CdTableError::NotAdoptable(base),
+            CdTableError::Invalidation(failed) => match failed.error {},
+        }
+    }
+}
+
+impl<E: fmt::Display> fmt::Display for CdTableError<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             CdTableError::UnknownSubstream { ssid, ssid_bits } => {
@@ -213,14 +229,14 @@ impl CdTable {
     /// # Errors
     /// [`CdTableError::UnknownSubstream`], [`CdTableError::NoMemory`] for a leaf; nothing changes then.
     /// [`CdTableError::Invalidation`] when `sync` fails: nothing is written after it.
-    pub fn write(
+    pub fn write<E>(
         &mut self,
         ssid: u32,
         target: &Cd,
         allocator: &impl FrameAllocator,
-        mut sync: impl FnMut(bool) -> Result<(), CommandQueueError>,
-    ) -> Result<CdWriteReport, CdTableError> {
-        self.check(ssid)?;
+        mut sync: impl FnMut(bool) -> Result<(), E>,
+    ) -> Result<CdWriteReport, CdTableError<E>> {
+        self.check(ssid).map_err(CdTableError::widen)?;
         if self.table.entry(ssid).is_none() && *target == Cd::invalid() {
             // Nothing to clear where no leaf exists.
             return Ok(CdWriteReport {
@@ -305,7 +321,7 @@ mod tests {
         let report = table
             .write(0, &cd(5), &frames, |leaf| {
                 syncs.push(leaf);
-                Ok(())
+                Ok::<(), Infallible>(())
             })
             .unwrap();
         assert_eq!(
@@ -315,7 +331,7 @@ mod tests {
         assert_eq!(syncs, [true, true], "CFGI_CD with Leaf: only the CD changed");
         assert_eq!(table.read(0), Ok(cd(5)));
         assert_eq!(
-            table.write(1, &cd(5), &frames, |_| Ok(())),
+            table.write(1, &cd(5), &frames, |_| Ok::<(), Infallible>(())),
             Err(CdTableError::UnknownSubstream { ssid: 1, ssid_bits: 0 })
         );
         // SAFETY: nothing points to it.
@@ -329,7 +345,9 @@ mod tests {
         let mut table = CdTable::new(CdTableFormat::TwoLevel { ssid_bits: 16 }, &frames, true).unwrap();
         // Clearing a CD whose leaf does not exist allocates nothing.
         let r = table
-            .write(0x4321, &Cd::invalid(), &frames, |_| panic!("no sync needed"))
+            .write(0x4321, &Cd::invalid(), &frames, |_| -> Result<(), Infallible> {
+                panic!("no sync needed")
+            })
             .unwrap();
         assert_eq!((r.kind, r.new_leaf), (UpdateKind::NoChange, false));
         assert_eq!(frames.live_blocks(), 2);
@@ -337,7 +355,7 @@ mod tests {
         let r = table
             .write(0x4321, &cd(9), &frames, |leaf| {
                 syncs.push(leaf);
-                Ok(())
+                Ok::<(), Infallible>(())
             })
             .unwrap();
         assert!(r.new_leaf);
@@ -355,15 +373,21 @@ mod tests {
         let r = table
             .write(0x4322, &cd(10), &frames, |leaf| {
                 syncs.push(leaf);
-                Ok(())
+                Ok::<(), Infallible>(())
             })
             .unwrap();
         assert!(!r.new_leaf);
         assert!(syncs.iter().all(|leaf| *leaf));
         // ASID change of a live CD: one qword, one sync.
-        assert_eq!(table.write(0x4322, &cd(11), &frames, |_| Ok(())).unwrap().syncs, 1);
         assert_eq!(
-            table.write(0x1_0000, &cd(1), &frames, |_| Ok(())),
+            table
+                .write(0x4322, &cd(11), &frames, |_| Ok::<(), Infallible>(()))
+                .unwrap()
+                .syncs,
+            1
+        );
+        assert_eq!(
+            table.write(0x1_0000, &cd(1), &frames, |_| Ok::<(), Infallible>(())),
             Err(CdTableError::UnknownSubstream {
                 ssid: 0x1_0000,
                 ssid_bits: 16
@@ -378,7 +402,9 @@ mod tests {
     fn no_memory_for_a_leaf_changes_nothing() {
         let frames = HeapFrames::with_limit(2 * 512);
         let mut table = CdTable::new(CdTableFormat::TwoLevel { ssid_bits: 16 }, &frames, true).unwrap();
-        let error = table.write(7, &cd(1), &frames, |_| panic!("nothing written"));
+        let error = table.write(7, &cd(1), &frames, |_| -> Result<(), Infallible> {
+            panic!("nothing written")
+        });
         assert!(matches!(error, Err(CdTableError::NoMemory(_))), "{error:?}");
         assert_eq!(table.read(7), Ok(Cd::invalid()));
         // SAFETY: nothing points to it.

@@ -359,7 +359,7 @@ pub enum DomainError {
     /// An STE or CD could not be built.
     Entry(EntryError),
     /// A CD table could not be had or written.
-    CdTable(CdTableError),
+    CdTable(CdTableError<CommandQueueError>),
     /// The STE could not be installed.
     Attach(AttachError),
     /// Another domain is preserved under this token.
@@ -963,7 +963,7 @@ impl GuestContext {
     ) -> Result<GuestContext, DomainError> {
         let cd = stage1_cd(features, asid, table).map_err(DomainError::Entry)?;
         let mut cd_table = CdTable::new(CdTableFormat::Linear { ssid_bits: 0 }, memory, features.coherent)
-            .map_err(DomainError::CdTable)?;
+            .map_err(|e| DomainError::CdTable(e.widen()))?;
         // No STE points to it yet: nothing to invalidate.
         if let Err(e) = cd_table.write(0, &cd, memory, |_| Ok(())) {
             // SAFETY: never referenced by an STE.
@@ -1383,7 +1383,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                     &memory,
                     self.features().coherent,
                 )
-                .map_err(DomainError::CdTable)?;
+                .map_err(|e| DomainError::CdTable(e.widen()))?;
                 // No STE points to the table yet: nothing to invalidate while it is written.
                 if let Err(e) = table.write(0, &cd, &memory, |_| Ok(())) {
                     // SAFETY: never referenced by an STE.

@@ -17,6 +17,7 @@ use crate::hw::ste::{CdTableLayout, DefaultSubstream};
 use crate::ids::IdError;
 use crate::mem::{Coherency, FrameAllocator, PhysAddr};
 use crate::pgtable::{AdoptedCounts, Format, Granule, IoPageTable, MapError, Stage};
+use crate::queue::cmdq::CommandQueueError;
 use crate::smmu::Smmu;
 use crate::stream::StreamTableFormat;
 
@@ -205,7 +206,7 @@ pub enum RebuildFailure {
     /// Its page table.
     Table(MapError),
     /// A stream's CD table.
-    CdTable(CdTableError),
+    CdTable(CdTableError<CommandQueueError>),
     /// An STE.
     Attach(AttachError),
     /// The domain table.
@@ -1184,7 +1185,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                                 &memory,
                                 coherent,
                             )
-                            .map_err(|e| fail(RebuildFailure::CdTable(e)))?;
+                            .map_err(|e| fail(RebuildFailure::CdTable(e.widen())))?;
                             // CDs of substreams no record names (attached to a domain that was not preserved)
                             // must not come back: invalid, and invalidated where the SMMU may have them cached.
                             let sid = s.sid;
