@@ -1,6 +1,38 @@
-//! ASID and VMID allocators: bitmaps over the width the SMMU implements (8 or 16 bits), with capacity errors.
+//! Identifiers: ASID and VMID allocators (bitmaps over the width the SMMU implements, 8 or 16 bits, with capacity
+//! errors), and the handle naming a domain.
 
 use core::fmt;
+
+/// A handle to a domain: its slot and the slot's generation. Copyable; stale once the domain is freed (the domain
+/// table in [`crate::domain`] hands them out and checks them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DomainId {
+    index: u16,
+    generation: u64,
+}
+
+impl DomainId {
+    /// The handle of slot `index` at `generation` (the domain table's to hand out).
+    pub(crate) const fn new(index: u16, generation: u64) -> Self {
+        DomainId { index, generation }
+    }
+
+    /// The slot's generation this handle names.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The slot index (for display and tests).
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+}
+
+impl fmt::Display for DomainId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "domain {}.{}", self.index, self.generation)
+    }
+}
 
 /// Why an identifier could not be allocated or freed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

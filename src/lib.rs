@@ -4,12 +4,10 @@
 //! own constants) and it finds everything else in the SMMU's ID registers.
 #![no_std]
 
-pub mod active;
 pub mod board;
 pub mod ctx;
 pub mod deadline;
 pub mod domain;
-pub mod features;
 pub mod handover;
 pub mod hitless;
 pub mod hw;
@@ -24,13 +22,13 @@ mod table;
 #[cfg(test)]
 pub(crate) mod testing;
 
-pub use active::{ActiveSmmu, InitError, InitOptions, InterruptSources};
 pub use board::{IommuMap, SmmuDescription, SmmuInterrupts};
 pub use domain::{
-    DomainError, DomainId, DomainKind, DomainMemory, Fault, FaultReport, GuestContext, GuestInvalidation, GuestStage1,
-    Stage1Options, Stage2Options,
+    ActiveSmmu, DomainError, DomainId, DomainKind, DomainMemory, Fault, FaultReport, GuestContext, GuestInvalidation,
+    GuestStage1, Stage1Options, Stage2Options,
 };
-pub use features::{Features, IdRegisters, Quirks, Stages};
 pub use mem::{DmaBlock, FrameAllocator, PhysAddr};
 pub use pgtable::Prot;
-pub use smmu::{ProbeError, Smmu};
+/// The ID registers decoded (kept at the crate root, where it was before the SMMU core had a folder).
+pub use smmu::features;
+pub use smmu::{Features, IdRegisters, InitError, InitOptions, InterruptSources, ProbeError, Quirks, Smmu, Stages};

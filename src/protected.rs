@@ -1,19 +1,17 @@
 //! Memory no device may ever be given: the handover region (its records and the preserved domains' tables) and
 //! the memory the driver takes its stream table, CD tables, page tables and queues from. A device that could
 //! write them could rewrite its own translations (or, through a handover region, the next image's). The board
-//! declares these extents ([`crate::ActiveSmmu::protect_memory`]); `map` refuses any output range that touches
+//! declares these extents (`protect_memory`); `map` refuses any output range that touches
 //! one, and a restore refuses preserved tables whose leaves do.
 
 use core::fmt;
 
-use crate::active::ActiveSmmu;
 use crate::mem::Extent;
-use crate::mem::FrameAllocator;
 
 /// Protected extents one SMMU keeps: a check against each runs on every `map`, so the list stays short.
 pub const MAX_PROTECTED: usize = 8;
 
-/// Why [`ActiveSmmu::protect_memory`] refused an extent. Nothing changed.
+/// Why `protect_memory` refused an extent. Nothing changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProtectError {
     /// The extent is empty or wraps past the end of the address space.
@@ -86,36 +84,14 @@ impl ProtectedMemory {
     }
 }
 
-impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
-    /// Declares `extent` (physical) as memory no device may be given: the handover region, the memory the
-    /// driver's allocator hands out for the stream table, CD tables, page tables and queues, the image itself.
-    /// From then on [`ActiveSmmu::map`] refuses any output range that shares a byte with it
-    /// (`DomainError::ProtectedOutput`), and a restore refuses preserved tables whose leaves reach it. Declare
-    /// them before mapping anything: mappings made earlier are not re-examined (a restore and
-    /// [`ActiveSmmu::prepare_handover`] examine every preserved leaf). [`ActiveSmmu::restore_handover`] declares
-    /// its pool's region by itself. Declaring an extent that one already declared holds changes nothing.
-    ///
-    /// # Errors
-    /// [`ProtectError::BadExtent`] for an empty or wrapping extent, [`ProtectError::Full`] when
-    /// [`MAX_PROTECTED`] are declared already; nothing changes then.
-    pub fn protect_memory(&mut self, extent: Extent) -> Result<(), ProtectError> {
-        self.domains.protected.add(extent)
-    }
-
-    /// The extents declared with [`ActiveSmmu::protect_memory`] (and by a restore, its pool's region).
-    pub fn protected_memory(&self) -> &[Extent] {
-        self.domains.protected.extents()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     extern crate std;
 
     use super::*;
-    use crate::active::tests::{Model, frames};
     use crate::domain::{DomainError, Stage1Options, Stage2Options};
     use crate::pgtable::Prot;
+    use crate::smmu::tests::{Model, frames};
     use crate::{ActiveSmmu, InitOptions};
 
     const RW: Prot = Prot::READ.union(Prot::WRITE).union(Prot::CACHEABLE);

@@ -4,7 +4,7 @@
 use super::{
     DomainRecord, Extent, GuestRecord, InstanceRecords, MAX_RECORDS, RecordKind, SmmuIdentity, StreamRecord, TableShape,
 };
-use crate::active::ActiveSmmu;
+use crate::domain::ActiveSmmu;
 use crate::domain::{DomainId, Translation};
 use crate::hw::ste::{CdTableLayout, DefaultSubstream};
 use crate::mem::FrameAllocator;

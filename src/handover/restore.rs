@@ -8,8 +8,8 @@ use super::format::{self, FormatError, HandoverError};
 use super::pool::{HandoverArena, HandoverPool, METADATA_BYTES, PoolError};
 use super::verify::{Outputs, Refusal, RestoreOptions, VerifyFailure, verify_instance};
 use super::{Extent, InstanceRecords, MAX_INSTANCES, MAX_RECORDS, MAX_STREAMS, RecordKind, SmmuIdentity};
-use crate::active::{ActiveSmmu, AttachError, RunningSmmu};
 use crate::ctx::{CdTable, CdTableError, CdTableFormat};
+use crate::domain::ActiveSmmu;
 use crate::domain::{
     DomainError, DomainId, DomainMemory, DomainState, GuestStage1, Prepared, StreamRecord, Translation,
 };
@@ -19,6 +19,7 @@ use crate::mem::{Coherency, FrameAllocator, PhysAddr};
 use crate::pgtable::{AdoptedCounts, Format, Granule, IoPageTable, MapError, Stage};
 use crate::queue::cmdq::CommandQueueError;
 use crate::smmu::Smmu;
+use crate::smmu::{AttachError, RunningSmmu};
 use crate::stream::StreamTableFormat;
 
 /// Why the handover could not be prepared.
@@ -559,7 +560,10 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 return Err(PrepareError::UnpreservedStream { sid: r.sid, ssid });
             }
         }
-        match self.first_live_stream_except(|sid| self.domains.stream(sid).is_some()) {
+        match self
+            .core
+            .first_live_stream_except(|sid| self.domains.stream(sid).is_some())
+        {
             Some(sid) => Err(PrepareError::UnpreservedStream { sid, ssid: 0 }),
             None => Ok(()),
         }
@@ -751,7 +755,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// On an SMMU adopted running whose inherited STEs are not settled yet: makes every stream no domain holds
     /// abort and invalidates everything (see [`ActiveSmmu::abort_unrestored_streams`]). Returns how many aborted.
     fn abort_inherited_streams(&mut self) -> Result<u32, RestoreError> {
-        if !self.inherited_stes {
+        if !self.core.inherited_stes {
             return Ok(0);
         }
         self.abort_unrestored_streams().map_err(RestoreError::UnrestoredStreams)
@@ -811,30 +815,31 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     fn contain_refused_restore(&mut self, taken: &Taken) {
         // Refused before the rebuild took anything, on an SMMU this image initialised: nothing translates through
         // the restore, so there is nothing to contain (and nothing is issued).
-        if taken.streams.is_empty() && taken.arenas.is_empty() && taken.domains.is_empty() && !self.inherited_stes {
+        if taken.streams.is_empty() && taken.arenas.is_empty() && taken.domains.is_empty() && !self.core.inherited_stes
+        {
             return;
         }
         let mut contained = true;
         for &sid in &taken.streams {
-            contained &= self.abort_stream(sid).is_ok();
+            contained &= self.core.abort_stream(sid).is_ok();
         }
         self.domains.streams.retain(|r| !taken.streams.contains(&r.sid));
-        if self.inherited_stes {
+        if self.core.inherited_stes {
             let own: heapless::Vec<u32, { crate::domain::MAX_ATTACHED_STREAMS }> =
                 self.domains.streams.iter().map(|r| r.sid).collect();
             match self.abort_streams_except(|sid| own.contains(&sid)) {
-                Ok(_) => self.inherited_stes = false,
+                Ok(_) => self.core.inherited_stes = false,
                 Err(_) => contained = false,
             }
         }
-        contained &= self.invalidate_all().is_ok();
+        contained &= self.core.invalidate_all().is_ok();
         if !contained {
-            contained = self.smmu.disable_aborting().is_ok();
+            contained = self.core.smmu.disable_aborting().is_ok();
         }
         // The domains this restore rebuilt are forgotten, their tables abandoned in place (the SMMU may have walked
         // them). Only those: a parent an earlier hand-off left for a live nested domain stays.
         for token in &taken.domains {
-            let Some((id, _)) = self.domains.restored.swap_remove(token) else {
+            let Some(id) = self.domains.restored.swap_remove(token) else {
                 continue;
             };
             if let Some(state) = self.domains.remove(id) {
@@ -858,10 +863,10 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     fn release_restored_ids(&mut self, state: &DomainState) {
         match &state.translation {
             Translation::Stage1 { asid, .. } => {
-                let _ = self.release_asid(*asid);
+                let _ = self.core.release_asid(*asid);
             }
             Translation::Stage2 { vmid, .. } => {
-                let _ = self.release_vmid(*vmid);
+                let _ = self.core.release_vmid(*vmid);
             }
             Translation::Nested { .. } => {}
         }
@@ -947,10 +952,10 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             }
             // The IDs a record's domain owns must be free here (0 is reserved, never a domain's), and its streams
             // unattached: checked now, so that a restore into an image that already uses them changes nothing.
-            if matches!(r.kind, RecordKind::Stage1 | RecordKind::Stage1El2) && self.asid_taken(r.asid) {
+            if matches!(r.kind, RecordKind::Stage1 | RecordKind::Stage1El2) && self.core.asid_taken(r.asid) {
                 return Err(beyond("an ASID reserved or taken in this image", r.asid.into()));
             }
-            if r.kind == RecordKind::Stage2 && self.vmid_taken(r.vmid) {
+            if r.kind == RecordKind::Stage2 && self.core.vmid_taken(r.vmid) {
                 return Err(beyond("a VMID reserved or taken in this image", r.vmid.into()));
             }
             if let Some(s) = r.streams.iter().find(|s| self.domains.stream(s.sid).is_some()) {
@@ -1016,97 +1021,96 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 .filter(|r| (r.kind == RecordKind::Nested) == nested_pass)
             {
                 let fail = |what| RestoreError::Rebuild { token: r.token, what };
-                let (translation, memory, arena): (Translation, DomainMemory, Option<&'static HandoverArena>) =
-                    match (r.kind, r.table) {
-                        (RecordKind::Nested, _) => {
-                            let (parent, _) = *self.domains.restored.get(&r.parent_token.unwrap_or(0)).ok_or(fail(
-                                RebuildFailure::Domain(DomainError::UnknownToken(r.parent_token.unwrap_or(0))),
-                            ))?;
-                            let memory = self
-                                .domains
-                                .get(parent)
-                                .map_err(|e| fail(RebuildFailure::Domain(e)))?
-                                .memory;
-                            let g = r.guest.unwrap_or_default();
-                            let guest = GuestStage1 {
-                                cd_table: g.cd_table_ipa,
-                                cd_max_log2: g.cd_max_log2,
-                                layout: layout_of(g.layout),
-                                default_substream: dss_of(g.default_substream),
-                            };
-                            (Translation::Nested { parent, guest }, memory, None)
-                        }
-                        (_, Some(shape)) => {
-                            let extent = r.extents.first().copied().unwrap_or_default();
-                            let arena = pool.adopt(extent).map_err(|e| fail(RebuildFailure::Pool(e)))?;
-                            // Given back only by the refusal's exit, once no stream can reach it.
-                            let _ = taken.arenas.push(arena);
-                            arena.take_ownership();
-                            let memory: DomainMemory = arena;
-                            let stage = match r.kind {
-                                RecordKind::Stage2 => Stage::Two,
-                                RecordKind::Stage1El2 => Stage::OneEl2,
-                                _ => Stage::One,
-                            };
-                            let granule = match shape.granule_log2 {
-                                14 => Granule::Size16K,
-                                16 => Granule::Size64K,
-                                _ => Granule::Size4K,
-                            };
-                            let counts = (shape.tables > 0).then_some(AdoptedCounts {
-                                tables: shape.tables.into(),
-                                empty: shape.empty.into(),
-                            });
-                            report.adopted_without_walk += u32::from(counts.is_some());
-                            let format = Format {
-                                stage,
-                                granule,
-                                input_bits: shape.input_bits,
-                                output_bits: shape.output_bits,
-                            };
-                            let mut table = IoPageTable::adopt(format, PhysAddr(shape.root), memory, coherent, counts)
-                                .map_err(|e| fail(RebuildFailure::Table(e)))?;
-                            table.set_bbm_level(bbml);
-                            // A failure from here on is this record's alone to undo (it is not in `restored` yet):
-                            // the table abandoned in place (the SMMU may walk it: a previous image's STE may still
-                            // name it), the ID given back; the arena goes back with the refusal's exit.
-                            let abandon = |table: IoPageTable<DomainMemory>| core::mem::forget(table);
-                            let translation = if stage == Stage::Two {
-                                if let Err(e) = self.claim_vmid(r.vmid) {
+                let (translation, memory): (Translation, DomainMemory) = match (r.kind, r.table) {
+                    (RecordKind::Nested, _) => {
+                        let parent = *self.domains.restored.get(&r.parent_token.unwrap_or(0)).ok_or(fail(
+                            RebuildFailure::Domain(DomainError::UnknownToken(r.parent_token.unwrap_or(0))),
+                        ))?;
+                        let memory = self
+                            .domains
+                            .get(parent)
+                            .map_err(|e| fail(RebuildFailure::Domain(e)))?
+                            .memory;
+                        let g = r.guest.unwrap_or_default();
+                        let guest = GuestStage1 {
+                            cd_table: g.cd_table_ipa,
+                            cd_max_log2: g.cd_max_log2,
+                            layout: layout_of(g.layout),
+                            default_substream: dss_of(g.default_substream),
+                        };
+                        (Translation::Nested { parent, guest }, memory)
+                    }
+                    (_, Some(shape)) => {
+                        let extent = r.extents.first().copied().unwrap_or_default();
+                        let arena = pool.adopt(extent).map_err(|e| fail(RebuildFailure::Pool(e)))?;
+                        // Given back only by the refusal's exit, once no stream can reach it.
+                        let _ = taken.arenas.push(arena);
+                        arena.take_ownership();
+                        let memory: DomainMemory = arena;
+                        let stage = match r.kind {
+                            RecordKind::Stage2 => Stage::Two,
+                            RecordKind::Stage1El2 => Stage::OneEl2,
+                            _ => Stage::One,
+                        };
+                        let granule = match shape.granule_log2 {
+                            14 => Granule::Size16K,
+                            16 => Granule::Size64K,
+                            _ => Granule::Size4K,
+                        };
+                        let counts = (shape.tables > 0).then_some(AdoptedCounts {
+                            tables: shape.tables.into(),
+                            empty: shape.empty.into(),
+                        });
+                        report.adopted_without_walk += u32::from(counts.is_some());
+                        let format = Format {
+                            stage,
+                            granule,
+                            input_bits: shape.input_bits,
+                            output_bits: shape.output_bits,
+                        };
+                        let mut table = IoPageTable::adopt(format, PhysAddr(shape.root), memory, coherent, counts)
+                            .map_err(|e| fail(RebuildFailure::Table(e)))?;
+                        table.set_bbm_level(bbml);
+                        // A failure from here on is this record's alone to undo (it is not in `restored` yet):
+                        // the table abandoned in place (the SMMU may walk it: a previous image's STE may still
+                        // name it), the ID given back; the arena goes back with the refusal's exit.
+                        let abandon = |table: IoPageTable<DomainMemory>| core::mem::forget(table);
+                        let translation = if stage == Stage::Two {
+                            if let Err(e) = self.core.claim_vmid(r.vmid) {
+                                abandon(table);
+                                return Err(fail(RebuildFailure::Id(e)));
+                            }
+                            let config = self.stage2_config(r.vmid, &table);
+                            Translation::Stage2 {
+                                table,
+                                vmid: r.vmid,
+                                config,
+                                children: 0,
+                            }
+                        } else {
+                            if let Err(e) = self.core.claim_asid(r.asid) {
+                                abandon(table);
+                                return Err(fail(RebuildFailure::Id(e)));
+                            }
+                            let cd = match self.stage1_cd(r.asid, &table) {
+                                Ok(cd) => cd,
+                                Err(e) => {
+                                    let _ = self.core.release_asid(r.asid);
                                     abandon(table);
-                                    return Err(fail(RebuildFailure::Id(e)));
-                                }
-                                let config = self.stage2_config(r.vmid, &table);
-                                Translation::Stage2 {
-                                    table,
-                                    vmid: r.vmid,
-                                    config,
-                                    children: 0,
-                                }
-                            } else {
-                                if let Err(e) = self.claim_asid(r.asid) {
-                                    abandon(table);
-                                    return Err(fail(RebuildFailure::Id(e)));
-                                }
-                                let cd = match self.stage1_cd(r.asid, &table) {
-                                    Ok(cd) => cd,
-                                    Err(e) => {
-                                        let _ = self.release_asid(r.asid);
-                                        abandon(table);
-                                        return Err(fail(RebuildFailure::Domain(DomainError::Entry(e))));
-                                    }
-                                };
-                                Translation::Stage1 {
-                                    table,
-                                    asid: r.asid,
-                                    cd,
-                                    el2: stage == Stage::OneEl2,
+                                    return Err(fail(RebuildFailure::Domain(DomainError::Entry(e))));
                                 }
                             };
-                            (translation, memory, Some(arena))
-                        }
-                        (_, None) => return Err(fail(RebuildFailure::Domain(DomainError::UnknownToken(r.token)))),
-                    };
+                            Translation::Stage1 {
+                                table,
+                                asid: r.asid,
+                                cd,
+                                el2: stage == Stage::OneEl2,
+                            }
+                        };
+                        (translation, memory)
+                    }
+                    (_, None) => return Err(fail(RebuildFailure::Domain(DomainError::UnknownToken(r.token)))),
+                };
                 let parent = match translation {
                     Translation::Nested { parent, .. } => Some(parent),
                     _ => None,
@@ -1129,14 +1133,14 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 }
                 // Never over another domain's entry (`check_limits` refused such a token already).
                 let refused = match self.domains.restored.get(&r.token) {
-                    Some(&(holder, _)) => Some(DomainError::TokenInUse {
+                    Some(&holder) => Some(DomainError::TokenInUse {
                         token: r.token,
                         domain: holder,
                     }),
                     None => self
                         .domains
                         .restored
-                        .insert(r.token, (id, arena))
+                        .insert(r.token, id)
                         .err()
                         .map(|_| DomainError::TooMany("restored domains")),
                 };
@@ -1157,7 +1161,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         for substreams in [false, true] {
             for r in &instance.records {
                 let fail = |what| RestoreError::Rebuild { token: r.token, what };
-                let (id, _) = self
+                let id = self
                     .domains
                     .restored
                     .get(&r.token)
@@ -1216,7 +1220,8 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                         // context).
                         self.enter_el2(id).map_err(|e| fail(RebuildFailure::Domain(e)))?;
                         let _ = taken.streams.push(s.sid);
-                        self.install_ste(s.sid, &ste)
+                        self.core
+                            .install_ste(s.sid, &ste)
                             .map_err(|e| fail(RebuildFailure::Attach(e)))?;
                         self.domains
                             .streams
@@ -1252,8 +1257,8 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         let aborted = self.abort_streams_except(|sid| keep.contains(&sid))?;
         // Until now those streams translated with the old image's contexts and may have filled the TLB under
         // ASIDs and VMIDs this image considers free: drop every such entry before any is allocated again.
-        self.invalidate_all().map_err(AttachError::Queue)?;
-        self.inherited_stes = false;
+        self.core.invalidate_all().map_err(AttachError::Queue)?;
+        self.core.inherited_stes = false;
         Ok(aborted)
     }
 
@@ -1267,7 +1272,6 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         self.domains
             .restored
             .swap_remove(&token)
-            .map(|(id, _)| id)
             .ok_or(DomainError::UnknownToken(token))
     }
 
@@ -1293,7 +1297,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         }
         // An SMMU adopted running and never restored: the previous image's STEs still walk memory the re-armed
         // region stops naming (the pool hands it out again): they abort, and every cached entry goes, first.
-        if self.inherited_stes {
+        if self.core.inherited_stes {
             self.abort_unrestored_streams()
                 .map_err(|e| FinishError::Domain(DomainError::Attach(e)))?;
         }
@@ -1304,12 +1308,12 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 .domains
                 .restored
                 .iter()
-                .filter(|(_, (id, _))| {
+                .filter(|(_, id)| {
                     self.domains
-                        .get(*id)
+                        .get(**id)
                         .is_ok_and(|s| matches!(s.translation, Translation::Nested { .. }) == nested_pass)
                 })
-                .map(|(t, (id, _))| (*t, *id))
+                .map(|(t, id)| (*t, *id))
                 .collect();
             for (token, id) in waiting {
                 // A parent whose nested domain was retrieved stays: the live nested domain needs its stage 2.
@@ -1382,11 +1386,11 @@ pub(crate) mod tests {
     extern crate std;
 
     use super::*;
-    use crate::active::tests::{Issued, Model, assert_ste_steps, frames, issued_since};
     use crate::domain::{Stage1Options, Stage2Options};
     use crate::handover::pool::ARENAS;
     use crate::hw::ste::Config;
     use crate::pgtable::Prot;
+    use crate::smmu::tests::{Issued, Model, assert_ste_steps, frames, issued_since};
     use crate::testing::HeapFrames;
     use crate::{ActiveSmmu, InitOptions};
     use core::ptr::NonNull;
@@ -1450,7 +1454,7 @@ pub(crate) mod tests {
     /// and whose `attach_bypass` is frozen meanwhile. The next image must contain it all the same.
     pub(crate) fn leave_bypassing<A: FrameAllocator>(smmu: &mut ActiveSmmu<A>, sid: u32) {
         let bypass = crate::hw::ste::Ste::bypass_for(&smmu.features().entry_rules());
-        smmu.install_ste(sid, &bypass).unwrap();
+        smmu.core.install_ste(sid, &bypass).unwrap();
     }
 
     /// Runs `f` with the stream configuration of a prepared running hand-off unfrozen, then freezes it again: as
@@ -1836,7 +1840,7 @@ pub(crate) mod tests {
     }
 
     fn vmid_of(smmu: &ActiveSmmu<&'static HeapFrames>, token: u64) -> u16 {
-        let (id, _) = smmu.domains.restored.get(&token).copied().unwrap();
+        let id = smmu.domains.restored.get(&token).copied().unwrap();
         match smmu.domains.get(id).unwrap().translation {
             Translation::Stage2 { vmid, .. } => vmid,
             _ => unreachable!(),
@@ -1921,8 +1925,8 @@ pub(crate) mod tests {
     #[test]
     fn a_restored_cd_table_loses_the_substreams_no_record_names_with_their_cfgi_cd() {
         // SSIDSIZE 5 (IDR1[10:6]) in both images.
-        let idr1 = crate::active::tests::IDRS[1].1 | 5 << 6;
-        let idr0 = crate::active::tests::IDRS[0].1;
+        let idr1 = crate::smmu::tests::IDRS[1].1 | 5 << 6;
+        let idr0 = crate::smmu::tests::IDRS[0].1;
         let frames = frames();
         let mut region = Region::new();
         {
@@ -2029,7 +2033,7 @@ pub(crate) mod tests {
 
     /// An SMMU with EL2 contexts (IDR0.HYP), for EL2 stage-1 domains.
     fn el2_model(frames: &'static HeapFrames) -> Model {
-        Model::start_with(frames, crate::active::tests::IDRS[0].1 | 1 << 9)
+        Model::start_with(frames, crate::smmu::tests::IDRS[0].1 | 1 << 9)
     }
 
     const EL2: Stage1Options = Stage1Options {
@@ -2340,7 +2344,7 @@ pub(crate) mod tests {
     fn cr0_and_gbpa(model: &Model) -> (u32, u32) {
         let read = |offset| {
             // SAFETY: the model's live register block.
-            unsafe { crate::active::tests::reg32(model.base, offset).read_volatile() }
+            unsafe { crate::smmu::tests::reg32(model.base, offset).read_volatile() }
         };
         (read(0x20), read(0x44))
     }
@@ -2476,11 +2480,11 @@ pub(crate) mod tests {
         let model = running_first_image(&mut region, frames);
         let write = |offset, value| {
             // SAFETY: the model's live register block.
-            unsafe { crate::active::tests::reg32(model.base, offset).write_volatile(value) }
+            unsafe { crate::smmu::tests::reg32(model.base, offset).write_volatile(value) }
         };
         let read = |offset| {
             // SAFETY: as above.
-            unsafe { crate::active::tests::reg32(model.base, offset).read_volatile() }
+            unsafe { crate::smmu::tests::reg32(model.base, offset).read_volatile() }
         };
         let pool = region.pool();
         // Another implementation behind the same base (IIDR at 0x18): refused before any arena is taken back.
@@ -2563,7 +2567,7 @@ pub(crate) mod tests {
         // Nothing is allocated until the hand-off is settled; a claim (as another restore's) takes the recorded
         // ASID.
         assert_eq!(next.allocate_asid(), Err(IdError::HandOffUnsettled));
-        next.claim_asid(recorded).unwrap();
+        next.core.claim_asid(recorded).unwrap();
         let before = model.seen.lock().unwrap().commands.len();
         let error = next.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
         assert!(
@@ -2758,8 +2762,8 @@ pub(crate) mod tests {
     /// refused): CFGI_ALL + CMD_SYNC complete while the arena is taken, and it goes back only then.
     #[test]
     fn after_a_warm_reset_a_refused_rebuild_invalidates_everything_before_its_arena_goes_back() {
-        let idr1 = crate::active::tests::IDRS[1].1 | 5 << 6;
-        let idr0 = crate::active::tests::IDRS[0].1;
+        let idr1 = crate::smmu::tests::IDRS[1].1 | 5 << 6;
+        let idr0 = crate::smmu::tests::IDRS[0].1;
         let frames = frames();
         let mut region = Region::new();
         {
@@ -2879,7 +2883,7 @@ pub(crate) mod tests {
             Err(PrepareError::RestoreNotFinished { generation: 5 })
         );
         assert_eq!(smmu.cancel_handover(pool, BASE), Err(PrepareError::NotPrepared));
-        let waiting = smmu.domains.restored.get(&0x51).unwrap().0;
+        let waiting = *smmu.domains.restored.get(&0x51).unwrap();
         assert_eq!(
             smmu.preserve(mine, 0x51),
             Err(DomainError::TokenInUse {
@@ -3070,8 +3074,8 @@ pub(crate) mod tests {
     fn finding5_a_restore_refuses_a_substream_of_a_stream_another_record_holds() {
         // IDR0.HYP (EL2 contexts) and SSIDSIZE 5.
         let (idr0, idr1) = (
-            crate::active::tests::IDRS[0].1 | 1 << 9,
-            crate::active::tests::IDRS[1].1 | 5 << 6,
+            crate::smmu::tests::IDRS[0].1 | 1 << 9,
+            crate::smmu::tests::IDRS[1].1 | 5 << 6,
         );
         let frames = frames();
         let mut region = Region::new();
@@ -3188,7 +3192,7 @@ pub(crate) mod tests {
         let ste = smmu.ste(0x18).unwrap();
         assert_eq!(ste.config(), Config::Nested);
         let vmid = ste.vmid();
-        assert!(smmu.vmid_taken(vmid));
+        assert!(smmu.core.vmid_taken(vmid));
         // A restore refused for a reason that has nothing to do with that parent.
         let unset: &'static HandoverPool = Box::leak(Box::new(HandoverPool::new()));
         assert!(matches!(
@@ -3197,9 +3201,9 @@ pub(crate) mod tests {
         ));
         let still_nested = smmu.ste(0x18).map(|s| s.config()) == Ok(Config::Nested);
         assert!(
-            !still_nested || (smmu.vmid_taken(vmid) && smmu.retrieve(0x52).is_ok()),
+            !still_nested || (smmu.core.vmid_taken(vmid) && smmu.retrieve(0x52).is_ok()),
             "stream 0x18 still translates nested with VMID {vmid}, whose parent was forgotten (VMID free again: {})",
-            !smmu.vmid_taken(vmid)
+            !smmu.core.vmid_taken(vmid)
         );
         let _ = nested;
         core::mem::forget(smmu);
@@ -3359,8 +3363,8 @@ pub(crate) mod tests {
     fn a_running_hand_off_translates_only_preserved_streams_and_freezes_the_stream_configuration() {
         use crate::handover::pool::HandoverArena;
         // SSIDSIZE 5 (IDR1[10:6]): substreams exist.
-        let idr1 = crate::active::tests::IDRS[1].1 | 5 << 6;
-        let idr0 = crate::active::tests::IDRS[0].1;
+        let idr1 = crate::smmu::tests::IDRS[1].1 | 5 << 6;
+        let idr0 = crate::smmu::tests::IDRS[0].1;
         let frames = frames();
         let mut region = Region::new();
         let model = Model::start_with_idrs(frames, idr0, idr1);

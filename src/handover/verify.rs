@@ -12,10 +12,10 @@ use core::fmt;
 
 use super::pool::{FRAME, HandoverPool};
 use super::{DomainRecord, Extent, InstanceRecords, MAX_STREAMS, RecordKind, TableShape};
-use crate::features::Features;
 use crate::hw::ste::EntryError;
 use crate::mem::PhysAddr;
 use crate::pgtable::{Format, Geometry, Granule, MapError, Stage, desc};
+use crate::smmu::features::Features;
 
 /// How much of the preserved memory [`crate::ActiveSmmu::restore_handover`] examines.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -900,12 +900,12 @@ mod tests {
     extern crate std;
 
     use super::*;
-    use crate::active::tests::{Model, frames, issued_since};
     use crate::domain::{DomainId, Stage2Options};
     use crate::handover::restore::RestoreError;
     use crate::handover::restore::tests::{BASE, RW, Region, SURVIVING, boot};
     use crate::hw::ste::Config;
     use crate::pgtable::Prot;
+    use crate::smmu::tests::{Model, frames, issued_since};
     use crate::testing::HeapFrames;
     use crate::{ActiveSmmu, Stage1Options};
 

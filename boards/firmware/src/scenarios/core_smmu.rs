@@ -5,13 +5,13 @@
 use core::fmt::Write;
 use core::ops::{Deref, DerefMut};
 
-use smmuv3::active::{ActiveSmmu, InitOptions, InterruptSources};
 use smmuv3::hw::command::Command;
 use smmuv3::hw::event::Event;
 use smmuv3::hw::ste::Ste;
 use smmuv3::queue::cmdq::{Batch, CommandQueueError};
 use smmuv3::queue::evtq::{DrainReport, Overflow};
 use smmuv3::stream::StreamTableFormat;
+use smmuv3::{ActiveSmmu, InitOptions, InterruptSources};
 
 use super::{Context, Failure, dma_onto_canary, find_edu, round_trip, smmu};
 use crate::edu::Edu;

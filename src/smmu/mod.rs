@@ -1,12 +1,42 @@
-//! The driver's handle on one SMMU instance.
+//! One SMMU: probed ([`Smmu`]: its registers and what it implements), then initialised into the core every layer
+//! above builds on (`SmmuCore`: the stream table, the command and event queues, the ASID/VMID allocators), with
+//! STE and CD installation, invalidation, event draining and global-error handling. Nothing here knows a domain.
+//!
+//! | file | what |
+//! |---|---|
+//! | `mod.rs` | probe: [`Smmu`], [`ProbeError`] |
+//! | `features.rs` | the ID registers decoded: [`Features`] |
+//! | `init.rs` | init in the architecture's order, adopting a running SMMU, turning translation off, shutdown |
+//! | `state.rs` | what an initialised SMMU owns, and its ASIDs and VMIDs |
+//! | `install.rs` | STEs and CDs through the hitless writer |
+//! | `invalidate.rs` | TLB invalidation of a gather, whole-SMMU invalidation, command batches |
+//! | `events.rs` | event draining and global errors |
 
 use core::fmt;
 use core::ptr::NonNull;
 
 use tock_registers::interfaces::Readable;
 
-use crate::features::{Features, IdRegisters, Stages, TableEndianness};
+mod events;
+pub mod features;
+pub(crate) mod init;
+mod install;
+mod invalidate;
+mod state;
+#[cfg(test)]
+pub(crate) mod tests;
+
+pub use events::GlobalError;
+pub use features::{Features, IdRegisters, Quirks, Stages};
+pub use init::{
+    Configuration, HANDSHAKE_TIMEOUT_US, InitError, InitOptions, InterruptSources, RunningSmmu, StreamTableChoice,
+};
+pub use install::{AttachError, InstallReport};
+pub use invalidate::{FlushError, InvalidationError, PER_GRANULE_LIMIT, TlbContext};
+pub(crate) use state::SmmuCore;
+
 use crate::hw::regs::{CR0, GBPA, PAGE1_QUEUES_OFFSET, REGISTER_SPACE_SIZE, SmmuPage0, SmmuPage1Queues};
+use features::TableEndianness;
 
 /// Why the driver refuses an SMMU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -236,7 +266,7 @@ impl Smmu {
 }
 
 #[cfg(test)]
-mod tests {
+mod probe_tests {
     extern crate std;
     use std::string::ToString;
 

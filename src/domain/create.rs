@@ -1,0 +1,255 @@
+//! Creating and freeing domains: stage 1, stage 2 and nested, each with its IDs, tables and memory.
+
+use crate::hw::command::Command;
+use crate::hw::ste::EntryError;
+use crate::ids::DomainId;
+use crate::mem::FrameAllocator;
+use crate::pgtable::{IoPageTable, Stage};
+use crate::queue::cmdq::Batch;
+
+use super::{
+    ActiveSmmu, DomainError, DomainKind, DomainMemory, DomainState, GuestStage1, Stage1Options, Stage2Options,
+    Translation,
+};
+
+impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
+    /// Creates a stage-1 domain: an ASID, an empty stage-1 table of `options.input_bits` from `memory`, and the
+    /// CD its streams will use (NS-EL1, or EL2 with `options.el2`).
+    ///
+    /// # Errors
+    /// [`DomainError::Unsupported`] without stage 1 (or EL2 without IDR0.HYP, or forced stalling),
+    /// [`DomainError::Map`] for a bad input size or no memory, [`DomainError::Id`] without a free ASID (or
+    /// [`IdError::HandOffUnsettled`](crate::ids::IdError::HandOffUnsettled) on an SMMU adopted running whose hand-off is not restored yet),
+    /// [`DomainError::NoDomainSlot`], [`DomainError::MemoryOwned`] for a handover arena another domain owns.
+    /// Nothing is allocated then.
+    pub fn create_stage1(&mut self, memory: DomainMemory, options: Stage1Options) -> Result<DomainId, DomainError> {
+        let features = *self.features();
+        if !features.stage1 {
+            return Err(DomainError::Unsupported("no stage 1 (IDR0.S1P = 0)"));
+        }
+        if options.el2 && !features.hyp {
+            return Err(DomainError::Unsupported("EL2 stage 1 needs EL2 contexts (IDR0.HYP)"));
+        }
+        self.stalls_forced()?;
+        self.domains.check_free_slot()?;
+        self.create_claimed(memory, |smmu| {
+            let stage = if options.el2 { Stage::OneEl2 } else { Stage::One };
+            let table = smmu.new_table(memory, stage, options.input_bits)?;
+            let asid = smmu.allocate_asid().map_err(DomainError::Id)?;
+            let cd = smmu.stage1_cd(asid, &table).map_err(|e| {
+                let _ = smmu.core.release_asid(asid);
+                DomainError::Entry(e)
+            })?;
+            Ok(Translation::Stage1 {
+                table,
+                asid,
+                cd,
+                el2: options.el2,
+            })
+        })
+    }
+
+    /// Creates a stage-2 domain: a VMID and an empty stage-2 table of `options.input_bits` from `memory`.
+    ///
+    /// # Errors
+    /// As [`ActiveSmmu::create_stage1`] (stage 2, a VMID).
+    pub fn create_stage2(&mut self, memory: DomainMemory, options: Stage2Options) -> Result<DomainId, DomainError> {
+        let features = *self.features();
+        if !features.stage2 {
+            return Err(DomainError::Unsupported("no stage 2 (IDR0.S2P = 0)"));
+        }
+        self.stalls_forced()?;
+        self.domains.check_free_slot()?;
+        self.create_claimed(memory, |smmu| {
+            let table = smmu.new_table(memory, Stage::Two, options.input_bits)?;
+            let vmid = smmu.allocate_vmid().map_err(DomainError::Id)?;
+            let config = smmu.stage2_config(vmid, &table);
+            Ok(Translation::Stage2 {
+                table,
+                vmid,
+                config,
+                children: 0,
+            })
+        })
+    }
+
+    /// Claims `memory` for a new domain, builds its translation with `build` and records it. When the memory is a
+    /// handover arena another domain owns, nothing is allocated; when `build` fails (having given back what it
+    /// took), so does the claim.
+    pub(super) fn create_claimed(
+        &mut self,
+        memory: DomainMemory,
+        build: impl FnOnce(&mut Self) -> Result<Translation, DomainError>,
+    ) -> Result<DomainId, DomainError> {
+        // A sealed arena (a preserved domain's or the SMMU's own, while a hand-off is prepared) hands out nothing:
+        // refused as such, not as the allocation failure it would become.
+        if memory.sealed() {
+            return Err(DomainError::MemorySealed);
+        }
+        if !memory.take_ownership() {
+            return Err(DomainError::MemoryOwned);
+        }
+        match build(self) {
+            Ok(translation) => Ok(self.domains.insert(DomainState::new(translation, memory))),
+            Err(e) => {
+                memory.give_up_ownership();
+                Err(e)
+            }
+        }
+    }
+
+    /// Creates a nested domain: the guest's stage 1 (`guest`, its CD table at an IPA) inside the stage-2 domain
+    /// `parent`, whose VMID it shares. The parent cannot be freed while nested domains use it.
+    ///
+    /// # Errors
+    /// [`DomainError::Unsupported`] on an SMMU that cannot nest (both stages and no erratum against it),
+    /// [`DomainError::StaleDomain`] / [`DomainError::WrongKind`] for a parent that is not a live stage-2 domain,
+    /// [`DomainError::Unsupported`] for a guest CD table the SMMU cannot index (more substreams than SSIDSIZE),
+    /// [`DomainError::NoDomainSlot`].
+    pub fn create_nested(&mut self, parent: DomainId, guest: GuestStage1) -> Result<DomainId, DomainError> {
+        let features = *self.features();
+        if !features.nesting {
+            return Err(DomainError::Unsupported("no nested translation on this SMMU"));
+        }
+        if guest.cd_max_log2 > features.ssid_bits {
+            return Err(DomainError::Unsupported(
+                "the guest's CD table has more substreams than IDR1.SSIDSIZE",
+            ));
+        }
+        if !guest.cd_table.is_multiple_of(64) {
+            return Err(DomainError::Entry(EntryError::Misaligned {
+                field: "S1ContextPtr",
+                address: guest.cd_table,
+                alignment: 64,
+            }));
+        }
+        let state = self.domains.get(parent)?;
+        let memory = state.memory;
+        if !matches!(state.translation, Translation::Stage2 { .. }) {
+            return Err(DomainError::WrongKind {
+                domain: parent,
+                kind: state.kind(),
+                wanted: "a stage-2 parent",
+            });
+        }
+        self.domains.check_free_slot()?;
+        let id = self
+            .domains
+            .insert(DomainState::new(Translation::Nested { parent, guest }, memory));
+        if let Ok(DomainState {
+            translation: Translation::Stage2 { children, .. },
+            ..
+        }) = self.domains.get_mut(parent)
+        {
+            *children += 1;
+        }
+        Ok(id)
+    }
+
+    pub(super) fn release_ids(&mut self, state: &DomainState) {
+        match state.translation {
+            Translation::Stage1 { asid, .. } => {
+                let _ = self.core.release_asid(asid);
+            }
+            Translation::Stage2 { vmid, .. } => {
+                let _ = self.core.release_vmid(vmid);
+            }
+            Translation::Nested { .. } => {}
+        }
+    }
+
+    /// The kind of `domain`.
+    ///
+    /// # Errors
+    /// [`DomainError::StaleDomain`].
+    pub fn domain_kind(&self, domain: DomainId) -> Result<DomainKind, DomainError> {
+        Ok(self.domains.get(domain)?.kind())
+    }
+
+    /// The (StreamID, SubstreamID) pairs attached to `domain` (SubstreamID 0: the whole stream).
+    ///
+    /// # Errors
+    /// [`DomainError::StaleDomain`].
+    pub fn attachments(&self, domain: DomainId) -> Result<&[(u32, u32)], DomainError> {
+        Ok(&self.domains.get(domain)?.attachments)
+    }
+
+    /// The page table of a stage-1 or stage-2 domain (for inspection: its format, geometry, tables).
+    ///
+    /// # Errors
+    /// [`DomainError::StaleDomain`], [`DomainError::WrongKind`] for a nested domain (the guest owns its tables).
+    pub fn domain_table(&self, domain: DomainId) -> Result<&IoPageTable<DomainMemory>, DomainError> {
+        let state = self.domains.get(domain)?;
+        match &state.translation {
+            Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => Ok(table),
+            Translation::Nested { .. } => Err(DomainError::WrongKind {
+                domain,
+                kind: DomainKind::Nested,
+                wanted: "a stage-1 or stage-2 domain (a nested domain's stage 1 belongs to its guest)",
+            }),
+        }
+    }
+
+    /// Frees `domain`: its TLB entries are dropped (and the CMD_SYNC waited for) before its tables go back to its
+    /// memory and its ASID or VMID is freed. The handle (and every copy of it) is stale afterwards.
+    ///
+    /// # Errors
+    /// [`DomainError::StaleDomain`], [`DomainError::StillAttached`] while streams are attached,
+    /// [`DomainError::HasNestedDomains`] for a stage-2 parent in use, [`DomainError::Preserved`] for a preserved
+    /// domain (unpreserve it first): nothing changes. [`DomainError::Invalidation`] when the invalidation failed:
+    /// the domain is kept as it was.
+    pub fn free_domain(&mut self, domain: DomainId) -> Result<(), DomainError> {
+        let state = self.domains.get(domain)?;
+        if !state.attachments.is_empty() {
+            return Err(DomainError::StillAttached {
+                domain,
+                attachments: state.attachments.len(),
+            });
+        }
+        if let Translation::Stage2 { children, .. } = state.translation
+            && children > 0
+        {
+            return Err(DomainError::HasNestedDomains { domain, children });
+        }
+        if let Some(token) = state.token {
+            return Err(DomainError::Preserved { domain, token });
+        }
+        let command = self.whole_domain_invalidation(domain)?;
+        let mut batch = Batch::new();
+        batch.push(&command)?;
+        self.core.submit(&batch)?;
+        if command == Command::TlbiEl2All {
+            // Every EL2 entry is gone, a previous domain's stale ones too.
+            self.domains.el2_stale = false;
+        }
+        let Some(state) = self.domains.remove(domain) else {
+            return Err(DomainError::StaleDomain(domain));
+        };
+        self.release_ids(&state);
+        match state.translation {
+            Translation::Nested { parent, .. } => {
+                if let Ok(DomainState {
+                    translation: Translation::Stage2 { children, .. },
+                    ..
+                }) = self.domains.get_mut(parent)
+                {
+                    *children -= 1;
+                }
+            }
+            Translation::Stage1 { mut table, .. } | Translation::Stage2 { mut table, .. } => {
+                if let Some(gather) = state.unflushed {
+                    // SAFETY: the whole-domain invalidation above covered it, and its CMD_SYNC completed. A
+                    // refusal cannot happen (`unflushed` holds only this table's gathers); its tables would leak.
+                    let _ = unsafe { table.release(gather) };
+                }
+                // Dropping the table returns its frames: nothing can walk it after the invalidation.
+                drop(table);
+                // Memory this domain owned alone (a handover arena) is free for another domain.
+                // SAFETY: the domain has no attachments (checked above), so its streams' CD tables went back at
+                // detach; its TLB entries are gone and its page table went back just above.
+                unsafe { state.memory.retire() };
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,382 @@
+//! Mapping and unmapping in a domain, with every invalidation the architecture requires issued by the domain
+//! itself: unmap, deferred unmaps and their sync, trim, protect, a guest's own invalidations; and the memory no
+//! mapping may reach.
+
+use crate::hw::command::Command;
+use crate::ids::DomainId;
+use crate::mem::{Extent, FrameAllocator};
+use crate::pgtable::{Gather, Prot};
+use crate::protected::ProtectError;
+use crate::queue::cmdq::Batch;
+use crate::smmu::{InvalidationError, TlbContext};
+
+use super::{ActiveSmmu, DomainError, DomainKind, DomainState, GuestInvalidation, Translation};
+
+impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
+    /// The command that drops every TLB entry `domain` may have.
+    pub(super) fn whole_domain_invalidation(&self, domain: DomainId) -> Result<Command, DomainError> {
+        let state = self.domains.get(domain)?;
+        Ok(match &state.translation {
+            Translation::Stage1 { el2: true, .. } => Command::TlbiEl2All,
+            Translation::Stage1 { asid, .. } => Command::TlbiNhAsid { vmid: 0, asid: *asid },
+            Translation::Stage2 { vmid, .. } => Command::TlbiS12Vmall { vmid: *vmid },
+            Translation::Nested { parent, .. } => match &self.domains.get(*parent)?.translation {
+                Translation::Stage2 { vmid, .. } => Command::TlbiNhAll { vmid: *vmid },
+                _ => return Err(DomainError::StaleDomain(*parent)),
+            },
+        })
+    }
+
+    /// The TLB context of a stage-1 or stage-2 domain's table.
+    pub(super) fn tlb_context(state: &DomainState) -> Option<TlbContext> {
+        match &state.translation {
+            Translation::Stage1 { el2: true, .. } => Some(TlbContext::Stage1El2),
+            Translation::Stage1 { asid, .. } => Some(TlbContext::Stage1 { asid: *asid, vmid: 0 }),
+            Translation::Stage2 { vmid, children, .. } => Some(TlbContext::Stage2 {
+                vmid: *vmid,
+                nested: *children > 0,
+            }),
+            Translation::Nested { .. } => None,
+        }
+    }
+
+    /// Takes the table of a stage-1 or stage-2 domain out of its slot for an operation that also needs the
+    /// command queue (put back by [`ActiveSmmu::put_table`]).
+    pub(super) fn paging_domain(&mut self, domain: DomainId) -> Result<&mut DomainState, DomainError> {
+        let state = self.domains.get_mut(domain)?;
+        if matches!(state.translation, Translation::Nested { .. }) {
+            return Err(DomainError::WrongKind {
+                domain,
+                kind: DomainKind::Nested,
+                wanted: "a stage-1 or stage-2 domain (a nested domain's stage 1 belongs to its guest)",
+            });
+        }
+        Ok(state)
+    }
+
+    /// Flushes `gather` for `domain` (see [`ActiveSmmu::flush`]), keeping it in the domain when the invalidation
+    /// fails. A gather another table filled is refused before anything is issued.
+    pub(super) fn flush_domain(&mut self, domain: DomainId, gather: Gather) -> Result<(), DomainError> {
+        let ActiveSmmu { core, domains } = self;
+        let state = domains.get_mut(domain)?;
+        let context = Self::tlb_context(state).ok_or(DomainError::StaleDomain(domain))?;
+        let table = match &mut state.translation {
+            Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table,
+            Translation::Nested { .. } => return Err(DomainError::StaleDomain(domain)),
+        };
+        if !table.owns(&gather) {
+            return Err(DomainError::ForeignGather { domain });
+        }
+        if !gather.is_empty()
+            && let Err(error) = core.invalidate_gather(table.format().granule, &gather, context)
+        {
+            // Another failed invalidation may be waiting (a deferred unmap's gather synced after it): keep
+            // both, or the older one's IOVAs would never be invalidated nor its tables freed. Both are this
+            // table's (checked above, and `unflushed` only ever holds its gathers), so the merge takes them.
+            let gather = match state.unflushed.take() {
+                Some(mut pending) => {
+                    table.merge_owned(&mut pending, gather);
+                    pending
+                }
+                None => gather,
+            };
+            state.unflushed = Some(gather);
+            return Err(DomainError::Invalidation(InvalidationError::Queue(error)));
+        }
+        // SAFETY: the invalidation covering `gather` has completed with its CMD_SYNC (or the gather is empty: it
+        // unlinked nothing), so no walk can reach its tables any more.
+        match unsafe { table.release(gather) } {
+            Ok(()) => Ok(()),
+            Err(_) => Err(DomainError::ForeignGather { domain }),
+        }
+    }
+
+    /// Retries an invalidation that failed before.
+    pub(super) fn settle(&mut self, domain: DomainId) -> Result<(), DomainError> {
+        let pending = self.paging_domain(domain)?.unflushed.take();
+        match pending {
+            Some(gather) => self.flush_domain(domain, gather),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses a change to `domain` while a prepared hand-off records it: from `prepare_handover` to
+    /// `cancel_handover` (or the hand-off) a preserved domain is frozen, so that the next image restores exactly
+    /// the recorded streams, tables and counts.
+    pub(super) fn unfrozen(&self, domain: DomainId) -> Result<(), DomainError> {
+        // The token first: most domains are not preserved, and asking an arena whether it is sealed takes its lock
+        // (this runs on every map and unmap).
+        let s = self.domains.get(domain)?;
+        match s.token {
+            Some(token) if s.memory.sealed() => Err(DomainError::HandoverPrepared { token }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Maps `[iova, iova + size)` to `[pa, pa + size)` with `prot` in a stage-1 or stage-2 domain, with the largest
+    /// blocks that fit. No invalidation is needed (only invalid entries are filled).
+    ///
+    /// # Errors
+    /// [`DomainError::StaleDomain`], [`DomainError::WrongKind`] for a nested domain, [`DomainError::Map`] for an
+    /// unaligned or out-of-range range (the domain's input size, the SMMU's output size), an overlap with what is
+    /// mapped, a bad `prot`, or no memory, [`DomainError::PendingInvalidation`] for a range that overlaps the span
+    /// of a deferred unmap not synced yet, [`DomainError::HandoverPrepared`] for a preserved domain while a
+    /// prepared hand-off records it, [`DomainError::ProtectedOutput`] for an output range that reaches memory
+    /// declared with [`ActiveSmmu::protect_memory`]: nothing changes then. [`DomainError::Invalidation`] when the
+    /// domain's earlier failed invalidation, retried first, fails again: nothing is mapped and the gather stays
+    /// for the next retry.
+    pub fn map(&mut self, domain: DomainId, iova: u64, pa: u64, size: u64, prot: Prot) -> Result<(), DomainError> {
+        self.unfrozen(domain)?;
+        // No device may be given the handover region or the driver's own tables and queues.
+        if let Some(protected) = self.domains.protected.overlapping(pa, size) {
+            return Err(DomainError::ProtectedOutput { pa, size, protected });
+        }
+        self.settle(domain)?;
+        let state = self.paging_domain(domain)?;
+        state.pending.check(iova, size)?;
+        match &mut state.translation {
+            Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => {
+                table.map(iova, pa, size, prot).map_err(DomainError::Map)
+            }
+            Translation::Nested { .. } => Err(DomainError::StaleDomain(domain)),
+        }
+    }
+
+    /// Unmaps `[iova, iova + size)` and invalidates what changed (one CMD_SYNC; for a stage-2 parent of nested
+    /// domains, their combined entries too). Returns the bytes that were mapped.
+    ///
+    /// # Errors
+    /// As [`ActiveSmmu::map`] (nothing changes), and [`DomainError::Invalidation`] when the invalidation failed:
+    /// the entries are cleared and the unlinked tables kept until the domain's next operation flushes them again.
+    pub fn unmap(&mut self, domain: DomainId, iova: u64, size: u64) -> Result<u64, DomainError> {
+        self.unfrozen(domain)?;
+        self.settle(domain)?;
+        let mut gather = Gather::default();
+        let bytes = match &mut self.paging_domain(domain)?.translation {
+            Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => {
+                table.unmap(iova, size, &mut gather)?
+            }
+            Translation::Nested { .. } => return Err(DomainError::StaleDomain(domain)),
+        };
+        self.flush_domain(domain, gather)?;
+        Ok(bytes)
+    }
+
+    /// The first half of [`ActiveSmmu::unmap`], for callers that batch invalidations (Linux's unmap_fast +
+    /// iotlb_sync): clears the entries of `[iova, iova + size)` and collects what changed into `gather`, issuing
+    /// nothing for them. Returns the bytes that were mapped. Several calls may collect into one gather; the first
+    /// ties it to this domain.
+    ///
+    /// **What a pending gather allows.** Until [`ActiveSmmu::sync_domain`] has completed for it, the SMMU may
+    /// still translate through what the unmap removed: the TLB may hold the old translations, and a walk cache
+    /// may name a table the unmap unlinked, whose leaves still hold the old output addresses. So, until then:
+    /// - the caller must not reuse the memory that was mapped there (a DMA may still reach it);
+    /// - [`ActiveSmmu::map`] refuses any range that overlaps the gather's span (the unmapped range, widened to
+    ///   the whole span of every table it unlinked) with [`DomainError::PendingInvalidation`]: a new mapping
+    ///   there could be bypassed by the stale entries and a DMA meant for it reach the old memory. The domain
+    ///   keeps one span for all its unsynced gathers (their union), cleared when the last of them is synced.
+    ///   Everything else (maps elsewhere, unmaps, protects, more deferred unmaps) works as usual;
+    /// - the tables the unmap unlinked stay allocated, owned by the gather.
+    ///
+    /// A lazy trim never goes into `gather`: when this unmap leaves more emptied tables than the lazy-free limit
+    /// allows, the trim is flushed inside the call (its own TLBI, CMD_SYNC, then its tables are freed).
+    ///
+    /// **Dropping a gather** without syncing it leaks its tables (safe: nothing frees them while a walk may
+    /// reach them) and leaves its span refused for maps until [`ActiveSmmu::invalidate_domain`], which
+    /// invalidates the whole domain and clears the span of every gather outstanding then, or until the domain
+    /// is freed (a gather outstanding then can no longer be synced: its tables leak). A live update records the
+    /// domain's tables as they are and not its pending gathers: sync them before preparing a hand-off.
+    ///
+    /// # Errors
+    /// As [`ActiveSmmu::map`]; [`DomainError::ForeignGather`] for a gather another domain (or table) filled.
+    /// Nothing changes then. [`DomainError::Invalidation`] when the flush of a lazy trim failed: the unmap is done
+    /// and in `gather` (sync it as usual), and the trim's gather is kept in the domain and flushed again by its
+    /// next operation.
+    pub fn unmap_deferred(
+        &mut self,
+        domain: DomainId,
+        iova: u64,
+        size: u64,
+        gather: &mut Gather,
+    ) -> Result<u64, DomainError> {
+        self.unfrozen(domain)?;
+        self.settle(domain)?;
+        let state = self.paging_domain(domain)?;
+        let table = match &mut state.translation {
+            Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table,
+            Translation::Nested { .. } => return Err(DomainError::StaleDomain(domain)),
+        };
+        if !table.owns(gather) {
+            return Err(DomainError::ForeignGather { domain });
+        }
+        let bytes = table.unmap_without_trim(iova, size, gather)?;
+        let mut trimmed = Gather::default();
+        if table.trim_due() {
+            table.trim(&mut trimmed)?;
+        }
+        state.pending.add(gather);
+        if !trimmed.is_empty() {
+            self.flush_domain(domain, trimmed)?;
+        }
+        Ok(bytes)
+    }
+
+    /// The second half: invalidates what `gather` collected for `domain` (one CMD_SYNC) and only then frees the
+    /// tables it unlinked. `gather` is left empty, ready for reuse with any domain. Once the last of the domain's
+    /// pending gathers is synced, maps over their span are allowed again (see [`ActiveSmmu::unmap_deferred`]).
+    ///
+    /// # Errors
+    /// [`DomainError::StaleDomain`], [`DomainError::WrongKind`]; [`DomainError::ForeignGather`] for a gather
+    /// another domain (or table) filled: nothing is issued or freed, and `gather` is left as it was.
+    /// [`DomainError::Invalidation`] when the invalidation failed: the gather is taken into the domain and flushed
+    /// again by its next operation (which fails while that flush fails, so no map can race it).
+    pub fn sync_domain(&mut self, domain: DomainId, gather: &mut Gather) -> Result<(), DomainError> {
+        let state = self.paging_domain(domain)?;
+        let owned = match &state.translation {
+            Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table.owns(gather),
+            Translation::Nested { .. } => false,
+        };
+        if !owned {
+            return Err(DomainError::ForeignGather { domain });
+        }
+        let gather = core::mem::take(gather);
+        state.pending.remove(&gather);
+        self.flush_domain(domain, gather)
+    }
+
+    /// Drops every TLB and walk-cache entry of a stage-1 or stage-2 domain (TLBI_NH_ASID, TLBI_EL2_ALL or
+    /// TLBI_S12_VMALL, then CMD_SYNC) and so ends what its deferred unmaps left pending: maps over their span are
+    /// allowed again. The way out for a gather dropped without [`ActiveSmmu::sync_domain`]. Gathers still held
+    /// keep their tables; syncing them later invalidates their span once more and frees the tables.
+    ///
+    /// # Errors
+    /// [`DomainError::StaleDomain`], [`DomainError::WrongKind`] for a nested domain; [`DomainError::Invalidation`]
+    /// when the invalidation (or the retry of an earlier failed one) failed: the span stays refused.
+    pub fn invalidate_domain(&mut self, domain: DomainId) -> Result<(), DomainError> {
+        self.settle(domain)?;
+        let command = self.whole_domain_invalidation(domain)?;
+        let mut batch = Batch::new();
+        batch.push(&command)?;
+        self.core.submit(&batch)?;
+        self.paging_domain(domain)?.pending.clear();
+        Ok(())
+    }
+
+    /// Unlinks the tables that single-page unmaps left empty (they stay linked until a trim, so the next DMA
+    /// nearby reuses them), invalidates, and frees them. Returns how many were freed.
+    ///
+    /// # Errors
+    /// As [`ActiveSmmu::sync_domain`].
+    pub fn trim_domain(&mut self, domain: DomainId) -> Result<u32, DomainError> {
+        self.unfrozen(domain)?;
+        self.settle(domain)?;
+        let mut gather = Gather::default();
+        let trimmed = match &mut self.paging_domain(domain)?.translation {
+            Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table.trim(&mut gather)?,
+            Translation::Nested { .. } => return Err(DomainError::StaleDomain(domain)),
+        };
+        self.flush_domain(domain, gather)?;
+        Ok(trimmed)
+    }
+
+    /// Changes the permissions of what is mapped in `[iova, iova + size)` to `prot` (never the memory type) and
+    /// invalidates what changed. Returns the bytes changed.
+    ///
+    /// # Errors
+    /// As [`ActiveSmmu::unmap`].
+    pub fn protect(&mut self, domain: DomainId, iova: u64, size: u64, prot: Prot) -> Result<u64, DomainError> {
+        self.unfrozen(domain)?;
+        self.settle(domain)?;
+        let mut gather = Gather::default();
+        let bytes = match &mut self.paging_domain(domain)?.translation {
+            Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => {
+                table.protect(iova, size, prot, &mut gather)?
+            }
+            Translation::Nested { .. } => return Err(DomainError::StaleDomain(domain)),
+        };
+        self.flush_domain(domain, gather)?;
+        Ok(bytes)
+    }
+
+    /// The output address `iova` translates to in a stage-1 or stage-2 domain, or `None` where nothing is mapped.
+    ///
+    /// # Errors
+    /// [`DomainError::StaleDomain`], [`DomainError::WrongKind`] for a nested domain.
+    pub fn iova_to_phys(&self, domain: DomainId, iova: u64) -> Result<Option<u64>, DomainError> {
+        Ok(self.domain_table(domain)?.iova_to_phys(iova))
+    }
+
+    /// Issues a guest's stage-1 invalidation for a nested domain (under its parent's VMID), with a CMD_SYNC. The CD
+    /// forms ([`GuestInvalidation::Cd`], [`GuestInvalidation::CdAll`]) go to every stream attached to the domain.
+    ///
+    /// # Errors
+    /// [`DomainError::StaleDomain`], [`DomainError::WrongKind`] for a domain that is not nested,
+    /// [`DomainError::BadSubstream`] for a CD beyond the guest's CD table (2^S1CDMax entries): nothing is issued
+    /// then. [`DomainError::Invalidation`].
+    pub fn invalidate_guest(&mut self, domain: DomainId, what: GuestInvalidation) -> Result<(), DomainError> {
+        let state = self.domains.get(domain)?;
+        let Translation::Nested { parent, guest } = state.translation else {
+            return Err(DomainError::WrongKind {
+                domain,
+                kind: state.kind(),
+                wanted: "a nested domain",
+            });
+        };
+        let Translation::Stage2 { vmid, .. } = self.domains.get(parent)?.translation else {
+            return Err(DomainError::StaleDomain(parent));
+        };
+        if let GuestInvalidation::Cd { ssid, .. } = what
+            && ssid >> guest.cd_max_log2 != 0
+        {
+            return Err(DomainError::BadSubstream {
+                ssid,
+                ssid_bits: guest.cd_max_log2,
+            });
+        }
+        let mut batch = Batch::new();
+        match what {
+            GuestInvalidation::Address { asid, address, leaf } => batch.push(&Command::TlbiNhVa {
+                vmid,
+                asid,
+                address,
+                leaf,
+                range: None,
+            })?,
+            GuestInvalidation::Asid(asid) => batch.push(&Command::TlbiNhAsid { vmid, asid })?,
+            GuestInvalidation::All => batch.push(&Command::TlbiNhAll { vmid })?,
+            GuestInvalidation::Cd { ssid, leaf } => {
+                // At most MAX_ATTACHMENTS streams: one batch holds them.
+                for &(sid, _) in state.attachments.iter() {
+                    batch.push(&Command::CfgiCd { sid, ssid, leaf })?;
+                }
+            }
+            GuestInvalidation::CdAll => {
+                for &(sid, _) in state.attachments.iter() {
+                    batch.push(&Command::CfgiCdAll { sid })?;
+                }
+            }
+        }
+        self.core.submit(&batch)?;
+        Ok(())
+    }
+
+    /// Declares `extent` (physical) as memory no device may be given: the handover region, the memory the
+    /// driver's allocator hands out for the stream table, CD tables, page tables and queues, the image itself.
+    /// From then on [`ActiveSmmu::map`] refuses any output range that shares a byte with it
+    /// (`DomainError::ProtectedOutput`), and a restore refuses preserved tables whose leaves reach it. Declare
+    /// them before mapping anything: mappings made earlier are not re-examined (a restore and
+    /// [`ActiveSmmu::prepare_handover`] examine every preserved leaf). [`ActiveSmmu::restore_handover`] declares
+    /// its pool's region by itself. Declaring an extent that one already declared holds changes nothing.
+    ///
+    /// # Errors
+    /// [`ProtectError::BadExtent`] for an empty or wrapping extent, [`ProtectError::Full`] when
+    /// [`MAX_PROTECTED`](crate::protected::MAX_PROTECTED) are declared already; nothing changes then.
+    pub fn protect_memory(&mut self, extent: Extent) -> Result<(), ProtectError> {
+        self.domains.protected.add(extent)
+    }
+
+    /// The extents declared with [`ActiveSmmu::protect_memory`] (and by a restore, its pool's region).
+    pub fn protected_memory(&self) -> &[Extent] {
+        self.domains.protected.extents()
+    }
+}

@@ -1,0 +1,235 @@
+//! Domains: the product surface. A hypervisor creates stage-1, stage-2 and nested domains, attaches streams (and,
+//! for stage 1, substreams) to them, maps and unmaps, reads their faults and frees them, without encoding an STE, a
+//! CD or a TLBI. A domain owns its page tables, its ASID or VMID and (for stage 1) the CD its streams use, and
+//! issues every invalidation the architecture requires itself:
+//!
+//! | operation | what the domain issues |
+//! |---|---|
+//! | `map` | nothing: only invalid entries are filled, which no SMMU caches |
+//! | `unmap`, `protect` | TLBI by range (RIL) or per granule, or the whole ASID/VMID, then one CMD_SYNC; a stage-2 parent of nested domains adds CMD_SYNC, TLBI_NH_ALL, CMD_SYNC; unlinked tables are freed only after |
+//! | `unmap_deferred` | nothing (`sync_domain` issues what `unmap` would); a lazy trim past the limit gets its own TLBI + CMD_SYNC |
+//! | `invalidate_domain` | TLBI_NH_ASID / TLBI_EL2_ALL / TLBI_S12_VMALL + CMD_SYNC |
+//! | `attach` | the STE through the hitless writer (CFGI_STE + CMD_SYNC per step) |
+//! | `attach_substream`, `detach_substream` | the CD, then CFGI_CD + CMD_SYNC |
+//! | `detach` | the STE to abort (CFGI_STE + CMD_SYNC), CFGI_CD_ALL + CMD_SYNC before the stream's CD table is freed; the last detach from a domain drops its TLB entries |
+//! | `free` | TLBI_NH_ASID / TLBI_EL2_ALL / TLBI_S12_VMALL / TLBI_NH_ALL + CMD_SYNC, then tables and IDs |
+//!
+//! **Storage.** The driver has no allocator, so domains live in a fixed-capacity table inside
+//! [`ActiveSmmu`] (`D` slots, [`DEFAULT_DOMAINS`] unless [`Smmu::init_with_capacity`] says otherwise). A caller
+//! holds a [`DomainId`]: a slot index and the slot's generation. Freeing a domain bumps its slot's generation, so
+//! a stale handle is refused with [`DomainError::StaleDomain`], never a use-after-free. A handle never becomes
+//! valid again: the generation is 64 bits wide (a slot freed once a nanosecond would take 584 years to exhaust
+//! it), and a slot whose generation would wrap is retired, never handed out again. The table (rather than
+//! caller-owned domain objects) is what lets the driver route a fault record to the domain its stream is attached
+//! to, find every nested domain under a stage-2 parent when the parent changes, and (live update) enumerate what
+//! to preserve.
+//!
+//! **Memory.** Each domain takes its page tables (and its streams' CD tables) from the [`DomainMemory`] given at
+//! creation, so that a domain meant to survive a live update can take them from the handover pool and others from
+//! ordinary memory.
+//!
+//! **Nested domains** follow iommufd's nested HWPT: the stage-2 part is a stage-2 domain the hypervisor owns (the
+//! parent; several nested domains may share one and its VMID), the stage-1 part belongs to a guest, whose CD table
+//! and stage-1 tables live in guest memory and are given as IPAs ([`GuestStage1`]).
+//!
+//! **EL2 stage-1 domains** ([`Stage1Options::el2`]: STE.STRW = EL2, without E2H) translate in a regime without
+//! ASIDs, where every context's TLB entries match every other's (IHI 0070 §3.17). So at most one EL2 domain is *in
+//! use*, i.e. has a stream or substream attached, at a time: any number may exist, but attaching another while one
+//! is in use is refused with [`DomainError::El2DomainInUse`]. Its last detach drops every EL2 entry (TLBI_EL2_ALL +
+//! CMD_SYNC) before the next one can be attached; when that invalidation failed, the next EL2 attach issues it
+//! first. A stream's substreams use the stream's regime ([`DomainError::RegimeMismatch`]). An EL2 domain is
+//! invalidated with the EL2 commands only: TLBI_EL2_VA (by range where IDR3.RIL) for unmap, protect and trim,
+//! TLBI_EL2_ALL for the last detach and free, never TLBI_NH_*. It still holds an ASID, which its CD carries and
+//! the EL2 regime does not tag entries with.
+//!
+//! | file | what |
+//! |---|---|
+//! | `mod.rs` | the public type, [`ActiveSmmu`]: an initialised SMMU and its domain table |
+//! | `raw.rs` | the SMMU's raw calls (STEs, commands, IDs), refused where they would undercut a domain |
+//! | `types.rs`, `error.rs` | what a domain user names, and why an operation failed |
+//! | `table.rs` | the domain table: slots and generations, attached streams, tokens |
+//! | `entries.rs` | the CDs and STEs a domain gives its streams |
+//! | `create.rs` | creating and freeing domains |
+//! | `attach.rs` | attaching and detaching streams and substreams |
+//! | `map.rs` | map, unmap, protect and their invalidations; protected memory |
+//! | `preserve.rs` | tokens for a live update |
+//! | `fault.rs` | faults filed per domain |
+
+use crate::mem::FrameAllocator;
+use crate::smmu::{InitError, InitOptions, RunningSmmu, Smmu, SmmuCore};
+
+mod attach;
+mod create;
+mod entries;
+mod error;
+mod fault;
+mod map;
+mod preserve;
+mod raw;
+mod table;
+#[cfg(test)]
+pub(crate) mod tests;
+mod types;
+
+pub use crate::ids::DomainId;
+pub use entries::GuestContext;
+pub(crate) use entries::stage1_cd_of;
+pub use error::DomainError;
+pub use fault::{Fault, FaultReport, FaultStage};
+pub(crate) use table::{DomainState, Domains, Prepared, StreamRecord, Translation};
+pub use types::{DomainKind, DomainMemory, GuestInvalidation, GuestStage1, Stage1Options, Stage2Options};
+
+/// Domains an [`ActiveSmmu`] holds unless [`Smmu::init_with_capacity`] chooses another number.
+pub const DEFAULT_DOMAINS: usize = 16;
+/// Streams (and substreams) one domain may have attached at once.
+pub const MAX_ATTACHMENTS: usize = 8;
+/// Streams the SMMU may have attached to domains at once.
+pub const MAX_ATTACHED_STREAMS: usize = 64;
+/// Substreams (besides substream 0) one stream may have attached.
+pub const MAX_SUBSTREAMS_PER_STREAM: usize = 7;
+/// SubstreamID bits of the CD table a stream gets when attached to a stage-1 domain (capped by IDR1.SSIDSIZE).
+pub const STREAM_SSID_BITS: u8 = 3;
+/// Domains that can be preserved at once (the token index's capacity; a power of two).
+pub const MAX_PRESERVED: usize = 32;
+/// Faults a domain's report keeps (later ones are counted in [`FaultReport::lost`]).
+pub const FAULT_REPORT_CAPACITY: usize = 8;
+
+/// An initialised SMMU (SMMUEN = 1), every stream aborting until something is attached, with room for `D` domains:
+/// the type a hypervisor drives (see the [module docs](self)).
+///
+/// **Dropping it** (a plain drop, a `?` past it) turns translation off with every incoming transaction aborting
+/// ([`Smmu::disable_aborting`]: GBPA.ABORT = 1, then SMMUEN = 0): nothing may translate through memory that nobody
+/// manages any more. The domains' page tables go back to their memory only once SMMUEN = 0 is acknowledged; when
+/// the SMMU does not acknowledge, they are leaked, since it may still walk them. The stream table, the queues and
+/// the streams' CD tables are leaked either way ([`ActiveSmmu::shutdown`] gives the first two back). To leave the
+/// SMMU translating for the next image (a hand-off with the SMMU running), `core::mem::forget` the driver instead.
+///
+/// STEs are written by the driver alone: there is no public call that installs one.
+///
+/// ```compile_fail,E0599
+/// fn raw<A: smmuv3::FrameAllocator>(smmu: &mut smmuv3::ActiveSmmu<A>) {
+///     let _ = smmu.install_ste(0x10, &smmuv3::hw::ste::Ste::abort());
+/// }
+/// ```
+pub struct ActiveSmmu<A: FrameAllocator, const D: usize = DEFAULT_DOMAINS> {
+    /// The SMMU: its registers, stream table, queues and IDs.
+    pub(crate) core: SmmuCore<A>,
+    /// The domains and what they own.
+    pub(crate) domains: Domains<D>,
+}
+
+impl Smmu {
+    /// Initialises the SMMU in the architecture's order and enables translation with every stream aborting:
+    /// GBPA.ABORT = 1 (so nothing bypasses while it is reprogrammed), SMMUEN and the queues off, interrupts off,
+    /// global errors acknowledged, the stream table (see [`StreamTableFormat::choose`](crate::stream::StreamTableFormat::choose)), CR1/CR2, the command and
+    /// event queues, the interrupts of [`InitOptions::interrupts`] (none by default), a full invalidation (CFGI_ALL, TLBI_EL2_ALL when EL2 contexts exist,
+    /// TLBI_NSNH_ALL, CMD_SYNC), then SMMUEN.
+    ///
+    /// Memory comes from `allocator`, which the returned handle keeps and owns
+    /// ([`FrameAllocator::take_ownership`]): a domain cannot be created on memory for a single owner (a handover
+    /// arena) that holds the SMMU's own structures, since freeing the domain would give that memory back.
+    ///
+    /// # Errors
+    /// [`InitError::MemoryOwned`] for an allocator a domain or another SMMU owns (nothing done),
+    /// [`InitError::NoMemory`] (everything allocated so far is freed), [`InitError::PresetBases`],
+    /// [`InitError::Timeout`] for a register handshake that never completes and [`InitError::Invalidation`];
+    /// after a timeout the SMMU is left disabled with GBPA.ABORT set where that much succeeded, and its memory
+    /// kept (the allocator stays owned), since the SMMU may have been given it.
+    pub fn init<A: FrameAllocator>(self, allocator: A, options: &InitOptions) -> Result<ActiveSmmu<A>, InitError> {
+        self.init_with_capacity::<A, DEFAULT_DOMAINS>(allocator, options)
+    }
+
+    /// As [`Smmu::init`], with room for `D` domains instead of [`DEFAULT_DOMAINS`].
+    ///
+    /// # Errors
+    /// As [`Smmu::init`].
+    pub fn init_with_capacity<A: FrameAllocator, const D: usize>(
+        self,
+        allocator: A,
+        options: &InitOptions,
+    ) -> Result<ActiveSmmu<A, D>, InitError> {
+        Ok(ActiveSmmu::over(self.start(allocator, options)?))
+    }
+
+    /// Takes over an SMMU that a previous image left translating (SMMUEN = 1), without a moment of bypass or
+    /// abort for the streams it serves: translation is never turned off and STRTAB_BASE (which must not be
+    /// rewritten while SMMUEN = 1) is adopted as found, reached through `allocator` (the handover arena the previous
+    /// image's SMMU took its memory from, which the returned handle then owns, as [`Smmu::init`]'s). Nothing is
+    /// adopted unless the SMMU is the one `running` describes (what
+    /// the previous image recorded): SMMUEN on, IDR0..5 and IIDR as recorded, STRTAB_BASE and STRTAB_BASE_CFG read
+    /// back as the recorded stream table, CR2.E2H clear; and, for a 2-level table, every level-1 descriptor the one
+    /// this driver writes for a span `allocator` reaches, no span named twice, none over the level-1 table. The
+    /// queues are
+    /// turned off, global errors latched before acknowledged, the queues given fresh bases from `allocator` and
+    /// turned on again, the interrupts of `options` enabled, and the cached configurations and TLB entries
+    /// invalidated (the STEs and tables they came from are unchanged). Streams that nobody will restore keep their
+    /// STEs until [`ActiveSmmu::restore_handover`] (or [`ActiveSmmu::abort_unrestored_streams`]) aborts them, and
+    /// until then no ASID or VMID is allocated (a refused restore aborts them all). When the
+    /// running SMMU_CR1 makes the SMMU's own accesses non-cacheable, the SMMU is treated as non-coherent
+    /// ([`Features::coherent`](crate::smmu::Features::coherent) false) whatever the board said.
+    ///
+    /// # Errors
+    /// [`InitError::NotRunning`], [`InitError::IdentityMismatch`], [`InitError::MemoryOwned`],
+    /// [`InitError::StreamTableNotAdoptable`], [`InitError::NoMemory`] for the queues, [`InitError::Timeout`],
+    /// [`InitError::Invalidation`]. On every error the SMMU is left as [`Smmu::disable_aborting`] leaves it (as far
+    /// as its handshakes complete): translation off, every incoming transaction aborting. The previous image's STEs
+    /// walk memory this image has not taken back, so nothing may translate through them; initialise the SMMU
+    /// afresh. `allocator` stays owned only when translation could not be turned off.
+    pub fn adopt_running<A: FrameAllocator>(
+        self,
+        allocator: A,
+        options: &InitOptions,
+        running: &RunningSmmu,
+    ) -> Result<ActiveSmmu<A>, InitError> {
+        Ok(ActiveSmmu::over(self.take_over(allocator, options, running)?))
+    }
+}
+
+impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
+    /// The driver over an initialised SMMU: no domains yet.
+    fn over(core: SmmuCore<A>) -> Self {
+        ActiveSmmu {
+            core,
+            domains: Domains::new(),
+        }
+    }
+
+    /// Turns interrupts, translation and the queues off and leaves incoming transactions to GBPA: aborting, or bypassing
+    /// when `bypass` (the state QEMU resets to). The stream table and queues go back to the allocator (which no
+    /// longer belongs to the SMMU, see [`FrameAllocator::take_ownership`]), every domain's page tables to its memory.
+    ///
+    /// # Errors
+    /// [`InitError::Timeout`] when the SMMU does not acknowledge; the memory is then kept (leaked), the domains'
+    /// page tables included, since the SMMU may still read it.
+    pub fn shutdown(self, bypass: bool) -> Result<Smmu, InitError> {
+        // This function decides what is freed, not `Drop`: on an error everything is leaked.
+        let this = core::mem::ManuallyDrop::new(self);
+        // SAFETY: `this` is never used again and never dropped (`ManuallyDrop`), and each field is moved out exactly
+        // once, here.
+        let (core, domains) = unsafe { (core::ptr::read(&this.core), core::ptr::read(&this.domains)) };
+        match core.shutdown(bypass) {
+            Ok(smmu) => {
+                // Translation is off: no walk reaches a domain's tables any more, and they go back to their memory.
+                drop(domains);
+                Ok(smmu)
+            }
+            Err(e) => {
+                // The SMMU may still read them.
+                core::mem::forget(domains);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl<A: FrameAllocator, const D: usize> Drop for ActiveSmmu<A, D> {
+    /// Translation off, every incoming transaction aborting; the domains' page tables leaked unless SMMUEN = 0 is
+    /// acknowledged (see [`ActiveSmmu`]).
+    fn drop(&mut self) {
+        let off = self.core.smmu.disable_aborting().is_ok() && !self.core.smmu.is_enabled();
+        if !off {
+            // The SMMU may still walk them: never back to an allocator that would hand them out again.
+            self.domains.abandon_tables();
+        }
+    }
+}

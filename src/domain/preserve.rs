@@ -1,0 +1,98 @@
+//! Preserving domains under tokens for a live update: the token index (collisions found in O(1)), nested domains
+//! after their parents, nothing preserved or unpreserved while a hand-off is prepared.
+
+use crate::ids::DomainId;
+use crate::mem::FrameAllocator;
+
+use super::{ActiveSmmu, DomainError, Translation};
+
+impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
+    /// Preserves `domain` under `token` for a live update: [`ActiveSmmu::handover_records`] will record it, and
+    /// the next image rebuilds it by this token. The domain stays fully usable (map, unmap, attach, detach); what
+    /// is recorded is its state when the handover is prepared. A stage-1 or stage-2 domain must have been created
+    /// with a handover arena as its memory; a nested domain's stage-2 parent must be preserved first (its record
+    /// names the parent by token).
+    ///
+    /// # Errors
+    /// [`DomainError::StaleDomain`], [`DomainError::TokenInUse`] (found in O(1) through the token index),
+    /// [`DomainError::AlreadyPreserved`], [`DomainError::NotHandoverMemory`], [`DomainError::ParentNotPreserved`],
+    /// [`DomainError::TooMany`] beyond [`MAX_PRESERVED`](super::MAX_PRESERVED); [`DomainError::HandoverPrepared`] between
+    /// `prepare_handover` and `cancel_handover` (the region is written: a domain preserved now would silently not
+    /// come back); [`DomainError::TokenInUse`] also for a token a restored domain still waits under (until
+    /// `retrieve` or `finish_handover`). Nothing changes then.
+    pub fn preserve(&mut self, domain: DomainId, token: u64) -> Result<(), DomainError> {
+        let state = self.domains.get(domain)?;
+        if self.domains.handover_prepared() {
+            return Err(DomainError::HandoverPrepared { token });
+        }
+        if let Some(&holder) = self.domains.tokens.get(&token) {
+            return Err(DomainError::TokenInUse { token, domain: holder });
+        }
+        if let Some(&holder) = self.domains.restored.get(&token) {
+            return Err(DomainError::TokenInUse { token, domain: holder });
+        }
+        if let Some(token) = state.token {
+            return Err(DomainError::AlreadyPreserved { domain, token });
+        }
+        match state.translation {
+            Translation::Nested { parent, .. } => {
+                if self.domains.get(parent)?.token.is_none() {
+                    return Err(DomainError::ParentNotPreserved { domain, parent });
+                }
+            }
+            _ => {
+                if state.memory.handover_extent().is_none() {
+                    return Err(DomainError::NotHandoverMemory(domain));
+                }
+            }
+        }
+        if self.domains.tokens.insert(token, domain).is_err() {
+            return Err(DomainError::TooMany("preserved domains"));
+        }
+        self.domains.get_mut(domain)?.token = Some(token);
+        Ok(())
+    }
+
+    /// Drops the preservation of the domain preserved under `token`: it is no longer recorded for a live update
+    /// (the domain itself is untouched). Returns the domain.
+    ///
+    /// # Errors
+    /// [`DomainError::UnknownToken`]; [`DomainError::NestedStillPreserved`] for a stage-2 parent whose nested
+    /// domains are preserved; [`DomainError::HandoverPrepared`] between `prepare_handover` and `cancel_handover`
+    /// (the region records the domain, and unpreserving cannot take the record back). Nothing changes then.
+    pub fn unpreserve(&mut self, token: u64) -> Result<DomainId, DomainError> {
+        let domain = *self
+            .domains
+            .tokens
+            .get(&token)
+            .ok_or(DomainError::UnknownToken(token))?;
+        // The region records every preserved domain while a hand-off is prepared.
+        if self.domains.handover_prepared() {
+            return Err(DomainError::HandoverPrepared { token });
+        }
+        let nested_preserved = self.domains.slots.iter().filter_map(|s| s.state.as_ref()).any(|s| {
+            s.token.is_some() && matches!(s.translation, Translation::Nested { parent, .. } if parent == domain)
+        });
+        if nested_preserved {
+            return Err(DomainError::NestedStillPreserved { token });
+        }
+        self.domains.tokens.swap_remove(&token);
+        if let Ok(state) = self.domains.get_mut(domain) {
+            state.token = None;
+        }
+        Ok(domain)
+    }
+
+    /// The domain preserved under `token`, if any (O(1)).
+    pub fn preserved(&self, token: u64) -> Option<DomainId> {
+        self.domains.tokens.get(&token).copied()
+    }
+
+    /// The token `domain` is preserved under, if any.
+    ///
+    /// # Errors
+    /// [`DomainError::StaleDomain`].
+    pub fn token_of(&self, domain: DomainId) -> Result<Option<u64>, DomainError> {
+        Ok(self.domains.get(domain)?.token)
+    }
+}

@@ -1,0 +1,340 @@
+//! The domain table: fixed slots with generations, the live domains' state, the streams attached to them, the
+//! token index of preserved domains, and the state of a hand-off prepared or restored.
+
+use crate::ctx::CdTable;
+use crate::hw::cd::Cd;
+use crate::hw::ste::Stage2Config;
+use crate::ids::DomainId;
+use crate::pgtable::{Gather, IoPageTable};
+use crate::protected::ProtectedMemory;
+
+use super::{
+    DomainError, DomainKind, DomainMemory, FaultReport, GuestStage1, MAX_ATTACHED_STREAMS, MAX_ATTACHMENTS,
+    MAX_PRESERVED, MAX_SUBSTREAMS_PER_STREAM,
+};
+
+/// The translation a domain owns.
+pub(crate) enum Translation {
+    Stage1 {
+        table: IoPageTable<DomainMemory>,
+        asid: u16,
+        cd: Cd,
+        el2: bool,
+    },
+    Stage2 {
+        table: IoPageTable<DomainMemory>,
+        vmid: u16,
+        config: Stage2Config,
+        children: u16,
+    },
+    Nested {
+        parent: DomainId,
+        guest: GuestStage1,
+    },
+}
+
+/// One live domain.
+pub(crate) struct DomainState {
+    pub(crate) translation: Translation,
+    pub(crate) memory: DomainMemory,
+    /// (StreamID, SubstreamID) pairs attached; SubstreamID 0 for the whole stream.
+    pub(crate) attachments: heapless::Vec<(u32, u32), MAX_ATTACHMENTS>,
+    pub(crate) faults: FaultReport,
+    /// A gather whose invalidation failed: flushed again before the next operation.
+    pub(crate) unflushed: Option<Gather>,
+    /// The deferred unmaps whose gathers are not synced yet: `map` refuses their span.
+    pub(crate) pending: PendingUnmaps,
+    /// The token the domain is preserved under.
+    pub(crate) token: Option<u64>,
+}
+
+impl DomainState {
+    pub(crate) fn new(translation: Translation, memory: DomainMemory) -> Self {
+        DomainState {
+            translation,
+            memory,
+            attachments: heapless::Vec::new(),
+            faults: FaultReport::default(),
+            unflushed: None,
+            pending: PendingUnmaps::NONE,
+            token: None,
+        }
+    }
+
+    /// Whether this is a stage-1 domain of the EL2 regime.
+    pub(crate) fn is_el2(&self) -> bool {
+        matches!(self.translation, Translation::Stage1 { el2: true, .. })
+    }
+
+    pub(crate) fn kind(&self) -> DomainKind {
+        match self.translation {
+            Translation::Stage1 { .. } => DomainKind::Stage1,
+            Translation::Stage2 { .. } => DomainKind::Stage2,
+            Translation::Nested { .. } => DomainKind::Nested,
+        }
+    }
+}
+
+/// What a domain's deferred unmaps left for `sync_domain`: how many gathers are outstanding and the union of their
+/// spans. A union cannot lose one gather's part, so the span is cleared only when the last outstanding gather is
+/// synced, or by `invalidate_domain`, which covers them all and starts a new epoch (a gather counted in an older
+/// epoch is no longer counted when it is synced).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PendingUnmaps {
+    /// Gathers counted in this epoch and not synced yet.
+    gathers: u32,
+    /// The union of their spans; `start == end` when there is none.
+    start: u64,
+    end: u64,
+    /// The epoch, from 1 (a gather's ticket 0 means "not counted").
+    epoch: u64,
+}
+
+impl PendingUnmaps {
+    pub(crate) const NONE: PendingUnmaps = PendingUnmaps {
+        gathers: 0,
+        start: 0,
+        end: 0,
+        epoch: 1,
+    };
+
+    /// `gather` was just filled by a deferred unmap: counted once per epoch, its span added.
+    pub(crate) fn add(&mut self, gather: &mut Gather) {
+        if gather.is_empty() {
+            return;
+        }
+        if gather.ticket != self.epoch {
+            (gather.ticket, gather.counted) = (self.epoch, 1);
+            self.gathers += 1;
+        }
+        let (start, end) = (gather.start(), gather.end());
+        if self.start == self.end {
+            (self.start, self.end) = (start, end);
+        } else if start != end {
+            (self.start, self.end) = (self.start.min(start), self.end.max(end));
+        }
+    }
+
+    /// `gather` is being synced: the span is cleared with the last gather counted in this epoch (a gather others
+    /// were merged into stands for them all).
+    pub(crate) fn remove(&mut self, gather: &Gather) {
+        if gather.is_empty() || gather.ticket != self.epoch {
+            return;
+        }
+        self.gathers = self.gathers.saturating_sub(gather.counted);
+        if self.gathers == 0 {
+            (self.start, self.end) = (0, 0);
+        }
+    }
+
+    /// Whether a deferred unmap of the domain waits for its sync (or a whole-domain invalidation).
+    pub(crate) fn outstanding(&self) -> bool {
+        self.gathers > 0
+    }
+
+    /// A whole-domain invalidation covered every outstanding gather.
+    pub(crate) fn clear(&mut self) {
+        *self = PendingUnmaps {
+            epoch: self.epoch.wrapping_add(1).max(1),
+            ..PendingUnmaps::NONE
+        };
+    }
+
+    /// Refuses `[iova, iova + size)` where it overlaps the pending span.
+    #[inline]
+    pub(crate) fn check(&self, iova: u64, size: u64) -> Result<(), DomainError> {
+        if iova < self.end && self.start < iova.saturating_add(size) {
+            return Err(DomainError::PendingInvalidation {
+                iova: iova.max(self.start),
+                start: self.start,
+                end: self.end,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A slot of the domain table.
+pub(crate) struct Slot {
+    pub(crate) generation: u64,
+    pub(crate) state: Option<DomainState>,
+}
+
+/// A stream attached to a domain.
+pub(crate) struct StreamRecord {
+    pub(crate) sid: u32,
+    pub(crate) domain: DomainId,
+    /// The stream's CD table (stage-1 domains): CD 0 is the domain's, others are substreams'.
+    pub(crate) cd_table: Option<CdTable>,
+    pub(crate) substreams: heapless::Vec<(u32, DomainId), MAX_SUBSTREAMS_PER_STREAM>,
+}
+
+/// A prepared hand-off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Prepared {
+    /// The records' generation.
+    pub(crate) generation: u64,
+    /// The SMMU is left running across it (its own structures are in a handover arena): the stream configuration
+    /// is frozen until it is cancelled.
+    pub(crate) running: bool,
+}
+
+/// The driver's domain bookkeeping: the slots, the attached streams, and the faults of unattached streams.
+pub(crate) struct Domains<const D: usize> {
+    pub(crate) slots: [Slot; D],
+    /// The free slots, as a stack: creating and freeing a domain costs the same however full the table is.
+    free: heapless::Vec<u16, D>,
+    pub(crate) streams: heapless::Vec<StreamRecord, MAX_ATTACHED_STREAMS>,
+    pub(crate) unattached_faults: FaultReport,
+    /// Preserved domains by token: collisions are found in O(1), never by a scan.
+    pub(crate) tokens: heapless::index_map::FnvIndexMap<u64, DomainId, MAX_PRESERVED>,
+    /// Domains a restore rebuilt, by token, until retrieved or freed by `finish_handover` (with their arena).
+    pub(crate) restored: heapless::index_map::FnvIndexMap<u64, DomainId, MAX_PRESERVED>,
+    /// An EL2 stage-1 domain's last detach could not drop its TLB entries (TLBI_EL2_ALL failed): they may still be
+    /// cached, and would match any EL2 context, so the next EL2 domain to be attached drops them first.
+    pub(crate) el2_stale: bool,
+    /// The hand-off `prepare_handover` (which takes `&self`) prepared, until `cancel_handover`: no domain can be
+    /// preserved or unpreserved meanwhile (see `crate::handover`), and with the SMMU left running no stream may
+    /// start translating or bypassing.
+    pub(crate) prepared: spin::Mutex<Option<Prepared>>,
+    /// The generation of the records a restore rebuilt, until `finish_handover` ends that hand-off.
+    pub(crate) restored_generation: Option<u64>,
+    /// Memory no mapping may reach (`ActiveSmmu::protect_memory`).
+    pub(crate) protected: ProtectedMemory,
+}
+
+impl<const D: usize> Domains<D> {
+    pub(crate) fn new() -> Self {
+        Domains {
+            slots: core::array::from_fn(|_| Slot {
+                generation: 0,
+                state: None,
+            }),
+            // Lowest index on top, so the first domain gets slot 0.
+            free: (0..D as u16).rev().collect(),
+            streams: heapless::Vec::new(),
+            unattached_faults: FaultReport::default(),
+            tokens: heapless::index_map::FnvIndexMap::new(),
+            restored: heapless::index_map::FnvIndexMap::new(),
+            el2_stale: false,
+            prepared: spin::Mutex::new(None),
+            restored_generation: None,
+            protected: ProtectedMemory::new(),
+        }
+    }
+
+    /// Whether a prepared hand-off records this SMMU's preserved domains now.
+    pub(crate) fn handover_prepared(&self) -> bool {
+        self.prepared.lock().is_some()
+    }
+
+    /// The generation of the prepared hand-off's records, if one is prepared.
+    pub(crate) fn prepared_generation(&self) -> Option<u64> {
+        self.prepared.lock().map(|p| p.generation)
+    }
+
+    /// The generation of a prepared hand-off with the SMMU left running: while there is one, no stream may start
+    /// translating or bypassing (`DomainError::StreamsFrozen`, `AttachError::StreamsFrozen`).
+    pub(crate) fn streams_frozen(&self) -> Option<u64> {
+        self.prepared.lock().filter(|p| p.running).map(|p| p.generation)
+    }
+
+    pub(crate) fn get(&self, id: DomainId) -> Result<&DomainState, DomainError> {
+        self.slots
+            .get(usize::from(id.index()))
+            .filter(|s| s.generation == id.generation())
+            .and_then(|s| s.state.as_ref())
+            .ok_or(DomainError::StaleDomain(id))
+    }
+
+    pub(crate) fn get_mut(&mut self, id: DomainId) -> Result<&mut DomainState, DomainError> {
+        self.slots
+            .get_mut(usize::from(id.index()))
+            .filter(|s| s.generation == id.generation())
+            .and_then(|s| s.state.as_mut())
+            .ok_or(DomainError::StaleDomain(id))
+    }
+
+    /// Fails with [`DomainError::NoDomainSlot`] when no slot is free (checked before anything is allocated).
+    pub(crate) fn check_free_slot(&self) -> Result<(), DomainError> {
+        match self.free.is_empty() {
+            false => Ok(()),
+            true => Err(DomainError::NoDomainSlot { capacity: D }),
+        }
+    }
+
+    /// Puts `state` in a free slot, which [`Domains::check_free_slot`] said there is (O(1)).
+    pub(crate) fn insert(&mut self, state: DomainState) -> DomainId {
+        let index = self
+            .free
+            .pop()
+            .unwrap_or_else(|| unreachable!("checked by check_free_slot"));
+        let slot = &mut self.slots[usize::from(index)];
+        debug_assert!(slot.state.is_none());
+        slot.state = Some(state);
+        DomainId::new(index, slot.generation)
+    }
+
+    /// Forgets every domain, its page tables and the gathers it holds left where they are (never freed): for an
+    /// SMMU that may still walk them (see `ActiveSmmu`'s drop).
+    pub(crate) fn abandon_tables(&mut self) {
+        for slot in &mut self.slots {
+            if let Some(state) = slot.state.take() {
+                core::mem::forget(state);
+            }
+        }
+    }
+
+    /// Slots free now.
+    pub(crate) fn free_slots(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Empties `id`'s slot, makes every handle to it stale and puts the slot back on the free stack (O(1)), unless
+    /// its generation is the last one: the slot is retired then.
+    pub(crate) fn remove(&mut self, id: DomainId) -> Option<DomainState> {
+        let slot = self
+            .slots
+            .get_mut(usize::from(id.index()))
+            .filter(|s| s.generation == id.generation())?;
+        let state = slot.state.take()?;
+        // A generation is never handed out twice: a slot whose generation would wrap is retired (left off the
+        // free stack for good), as unreachable as that is with 64 bits.
+        if let Some(next) = slot.generation.checked_add(1) {
+            slot.generation = next;
+            // The slot was taken from the stack, so there is room for it.
+            let _ = self.free.push(id.index());
+        }
+        Some(state)
+    }
+
+    pub(crate) fn stream(&self, sid: u32) -> Option<usize> {
+        self.streams.iter().position(|r| r.sid == sid)
+    }
+
+    /// The EL2 stage-1 domain (other than `except`) that has a stream or substream attached, if any (one pass over
+    /// the slots: for attach and restore, not a hot path).
+    pub(crate) fn el2_in_use(&self, except: Option<DomainId>) -> Option<DomainId> {
+        self.slots.iter().enumerate().find_map(|(index, slot)| {
+            let state = slot.state.as_ref()?;
+            let id = DomainId::new(index as u16, slot.generation);
+            (Some(id) != except && state.is_el2() && !state.attachments.is_empty()).then_some(id)
+        })
+    }
+
+    /// Whether a live stage-1 domain uses `asid` (one pass over the slots: for the raw ID calls, not a hot path).
+    pub(crate) fn owns_asid(&self, asid: u16) -> bool {
+        self.slots
+            .iter()
+            .filter_map(|s| s.state.as_ref())
+            .any(|s| matches!(s.translation, Translation::Stage1 { asid: a, .. } if a == asid))
+    }
+
+    /// Whether a live stage-2 domain uses `vmid` (its nested domains share it).
+    pub(crate) fn owns_vmid(&self, vmid: u16) -> bool {
+        self.slots
+            .iter()
+            .filter_map(|s| s.state.as_ref())
+            .any(|s| matches!(s.translation, Translation::Stage2 { vmid: v, .. } if v == vmid))
+    }
+}
