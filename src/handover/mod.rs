@@ -31,9 +31,11 @@
 //! not) makes every stream no restored domain holds abort and invalidates everything before it returns
 //! (`abort_unrestored_streams` does the same without a restore).
 
+mod finish;
 pub mod format;
 pub mod live;
 pub mod pool;
+mod prepare;
 pub mod restore;
 pub mod verify;
 
@@ -166,4 +168,10 @@ pub struct InstanceRecords {
     pub identity: SmmuIdentity,
     /// Its preserved domains.
     pub records: heapless::Vec<DomainRecord, MAX_RECORDS>,
+}
+
+/// Cleans `[ptr, ptr + len)` to the point of coherency whatever the SMMU's coherency: what a warm reset must find
+/// in memory, not in a cache that the reset may discard.
+pub(crate) fn clean_to_memory(ptr: *const u8, len: usize) {
+    crate::mem::Coherency { coherent: false }.clean(ptr, len);
 }

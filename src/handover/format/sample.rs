@@ -1,12 +1,14 @@
 //! Valid sample regions, a mutator for them and the pool invariant: shared by the format's tests, the stable fuzzer
 //! (`fuzz/`) and tools. Built for the crate's tests and with the `sample` feature only.
 
+use super::decode::{cd_table_bytes, table_bytes};
 use super::{
     CRC_OFFSET, HEADER_SIZE, IDENTITY_SIZE, MAX_REGION_SIZE, RECORD_SIZE, RawHeader, RawIdentity, RawRecord, RawStream,
-    RawTable, cd_table_bytes, checksum, table_bytes,
+    RawTable, checksum,
 };
-use super::{Decoded, DomainRecord, Extent, GuestRecord, InstanceRecords, MAX_EXTENTS, MAX_INSTANCES};
-use super::{MAX_RECORDS, MAX_STREAMS, RecordKind, SmmuIdentity, StreamRecord, TableShape};
+use super::{Decoded, DomainRecord, Extent, InstanceRecords, MAX_EXTENTS, MAX_INSTANCES};
+use super::{MAX_RECORDS, MAX_STREAMS, SmmuIdentity};
+use crate::handover::{GuestRecord, RecordKind, StreamRecord, TableShape};
 use core::mem::offset_of;
 
 /// The pool of every sample (256 MiB).

@@ -10,6 +10,7 @@ use std::vec::Vec;
 
 use super::sample::{self, POOL, REGION, Rng};
 use super::*;
+use crate::handover::{GuestRecord, RecordKind, StreamRecord, TableShape};
 
 const P: u64 = POOL.base;
 

@@ -1,0 +1,686 @@
+//! Decoding a region with full validation, in the documented order: magic and version, lengths, CRC, reserved
+//! fields, each identity and record, then what records say about each other (tokens, parents, extents).
+
+use zerocopy::FromBytes;
+
+use super::super::{
+    DomainRecord, Extent, GuestRecord, InstanceRecords, MAX_EXTENTS, MAX_INSTANCES, MAX_RECORDS, MAX_STREAMS,
+    RecordKind, SmmuIdentity, StreamRecord, TableShape,
+};
+use super::*;
+
+/// Decodes and validates a region (see `docs/handover.md` for the full list of checks): `bytes` starts at the
+/// region's first byte and may run past its end; `pool` is the memory this boot kept aside for the preserved
+/// domains. Nothing is returned unless every check passes, so every table, CD table and extent of the result lies
+/// inside `pool`.
+///
+/// # Errors
+///
+/// The first check that fails, as a [`HandoverError`] carrying the offending values: [`HandoverError::BadMagic`]
+/// for a region never written (or torn before its header), [`HandoverError::UnknownVersion`] for a format this
+/// image does not read, [`HandoverError::Truncated`], [`HandoverError::BadCrc`] for a torn or corrupted write, and
+/// the structural errors for records that are intact but inconsistent.
+pub fn decode(bytes: &[u8], pool: Extent) -> Result<Decoded, HandoverError> {
+    // Magic and version come first, at fixed offsets in every version.
+    let magic: [u8; 8] = match bytes.get(..8).and_then(|b| b.try_into().ok()) {
+        Some(m) => m,
+        None => {
+            return Err(HandoverError::Truncated {
+                needed: HEADER_SIZE as u64,
+                have: bytes.len() as u64,
+            });
+        }
+    };
+    if magic != MAGIC {
+        return Err(HandoverError::BadMagic { found: magic });
+    }
+    let version = match bytes.get(8..12) {
+        Some(v) => u32::from_le_bytes([v[0], v[1], v[2], v[3]]),
+        None => {
+            return Err(HandoverError::Truncated {
+                needed: HEADER_SIZE as u64,
+                have: bytes.len() as u64,
+            });
+        }
+    };
+    match version {
+        // Version 2 has version 1's byte layout; only the page tables' count bits moved.
+        2 => decode_v1(bytes, pool),
+        found => Err(HandoverError::UnknownVersion {
+            found,
+            known: KNOWN_VERSIONS,
+        }),
+    }
+}
+
+fn nonzero(what: &'static str, offset: usize) -> HandoverError {
+    HandoverError::ReservedNonZero {
+        what,
+        offset: offset as u64,
+    }
+}
+
+fn decode_v1(bytes: &[u8], pool: Extent) -> Result<Decoded, HandoverError> {
+    let header = raw_header(bytes)?;
+    let instance_count = header.instance_count.get();
+    let record_count = header.record_count.get();
+    if instance_count as usize > MAX_INSTANCES {
+        return Err(HandoverError::TooManyInstances {
+            count: instance_count,
+            max: MAX_INSTANCES,
+        });
+    }
+    if record_count as usize > MAX_INSTANCES * MAX_RECORDS {
+        return Err(HandoverError::TooManyRecords {
+            instance: None,
+            count: record_count,
+            max: MAX_INSTANCES * MAX_RECORDS,
+        });
+    }
+    let expected = region_size(instance_count as usize, record_count as usize);
+    let stated = header.total_len.get();
+    if stated != expected as u64 {
+        return Err(HandoverError::LengthMismatch {
+            stated,
+            expected: expected as u64,
+        });
+    }
+    let region_bytes = bytes.get(..expected).ok_or(HandoverError::Truncated {
+        needed: stated,
+        have: bytes.len() as u64,
+    })?;
+    let computed = checksum(&region_bytes[..HEADER_SIZE], &region_bytes[HEADER_SIZE..]);
+    if computed != header.crc32c.get() {
+        return Err(HandoverError::BadCrc {
+            stored: header.crc32c.get(),
+            computed,
+        });
+    }
+    if header.reserved.as_bytes().iter().any(|&b| b != 0) {
+        return Err(nonzero("header reserved", offset_of!(RawHeader, reserved)));
+    }
+    let region = header.region.get();
+    if region.end().is_none() || region.len < stated {
+        return Err(HandoverError::BadRegion { region, needed: stated });
+    }
+    let recorded_pool = header.pool.get();
+    if recorded_pool != pool {
+        return Err(HandoverError::PoolMismatch {
+            recorded: recorded_pool,
+            expected: pool,
+        });
+    }
+
+    let mut decoded = Decoded {
+        generation: header.generation.get(),
+        region,
+        pool,
+        instances: heapless::Vec::new(),
+    };
+    let mut counts = [0usize; MAX_INSTANCES];
+    let mut sum = 0u64;
+    for (i, slot) in counts.iter_mut().enumerate().take(instance_count as usize) {
+        let offset = HEADER_SIZE + i * IDENTITY_SIZE;
+        let raw = RawIdentity::read_from_bytes(&region_bytes[offset..offset + IDENTITY_SIZE]).map_err(|_| {
+            HandoverError::Truncated {
+                needed: stated,
+                have: bytes.len() as u64,
+            }
+        })?;
+        let identity = decode_identity(&raw, i, offset)?;
+        if decoded.instances.iter().any(|inst| inst.identity.base == identity.base) {
+            return Err(HandoverError::DuplicateInstance { base: identity.base });
+        }
+        let count = raw.record_count.get();
+        if count as usize > MAX_RECORDS {
+            return Err(HandoverError::TooManyRecords {
+                instance: Some(i),
+                count,
+                max: MAX_RECORDS,
+            });
+        }
+        *slot = count as usize;
+        sum += u64::from(count);
+        // At most MAX_INSTANCES identities: the header's count was checked.
+        let _ = decoded.instances.push(InstanceRecords {
+            identity,
+            records: heapless::Vec::new(),
+        });
+    }
+    if sum != u64::from(record_count) {
+        return Err(HandoverError::RecordCountMismatch {
+            header: record_count,
+            instances: sum,
+        });
+    }
+    let mut offset = HEADER_SIZE + instance_count as usize * IDENTITY_SIZE;
+    for (i, inst) in decoded.instances.iter_mut().enumerate() {
+        for _ in 0..counts[i] {
+            let raw = RawRecord::read_from_bytes(&region_bytes[offset..offset + RECORD_SIZE]).map_err(|_| {
+                HandoverError::Truncated {
+                    needed: stated,
+                    have: bytes.len() as u64,
+                }
+            })?;
+            let record = decode_record(&raw, offset, pool, region, inst.identity.strtab_sid_bits)?;
+            // counts[i] <= MAX_RECORDS was checked.
+            let _ = inst.records.push(record);
+            offset += RECORD_SIZE;
+        }
+        check_instance(&inst.records)?;
+    }
+    check_overlaps(&decoded.instances)?;
+    check_core_extents(&decoded.instances, pool)?;
+    Ok(decoded)
+}
+
+fn decode_identity(raw: &RawIdentity, instance: usize, offset: usize) -> Result<SmmuIdentity, HandoverError> {
+    if raw.reserved0 != 0 {
+        return Err(nonzero(
+            "identity reserved0",
+            offset + offset_of!(RawIdentity, reserved0),
+        ));
+    }
+    if raw.reserved1 != U32::ZERO {
+        return Err(nonzero(
+            "identity reserved1",
+            offset + offset_of!(RawIdentity, reserved1),
+        ));
+    }
+    let bad = |what, value: u64| HandoverError::BadStreamTable { instance, what, value };
+    let sid_bits = raw.strtab_sid_bits;
+    if sid_bits > 32 {
+        return Err(bad("StreamID bits (at most 32)", sid_bits.into()));
+    }
+    match raw.strtab_format {
+        0 if raw.strtab_split != 0 => return Err(bad("split of a linear table (must be 0)", raw.strtab_split.into())),
+        0 => {}
+        1 if !matches!(raw.strtab_split, 6 | 8 | 10) => {
+            return Err(bad("2-level split (6, 8 or 10)", raw.strtab_split.into()));
+        }
+        1 => {}
+        other => return Err(bad("format (0 linear, 1 2-level)", other.into())),
+    }
+    if !raw.strtab_base.get().is_multiple_of(64) {
+        return Err(bad("base (64-byte aligned)", raw.strtab_base.get()));
+    }
+    Ok(SmmuIdentity {
+        base: raw.base.get(),
+        idr: raw.idr.map(|r| r.get()),
+        iidr: raw.iidr.get(),
+        strtab_base: raw.strtab_base.get(),
+        strtab_format: raw.strtab_format,
+        strtab_sid_bits: raw.strtab_sid_bits,
+        strtab_split: raw.strtab_split,
+        core_len: raw.core_len.get(),
+    })
+}
+
+fn record_kind(kind: u32) -> Option<RecordKind> {
+    Some(match kind {
+        1 => RecordKind::Stage1,
+        2 => RecordKind::Stage2,
+        3 => RecordKind::Nested,
+        4 => RecordKind::Stage1El2,
+        _ => return None,
+    })
+}
+
+/// Bytes of a root table of `shape`, or the constraint it breaks and the offending value. A stage-2 root may be up
+/// to 16 concatenated tables.
+pub(super) fn table_bytes(shape: &TableShape, stage2: bool) -> Result<u64, (&'static str, u64)> {
+    let g = shape.granule_log2;
+    if !matches!(g, 12 | 14 | 16) {
+        return Err(("granule log2 (12, 14 or 16)", g.into()));
+    }
+    if !(25..=48).contains(&shape.input_bits) {
+        return Err(("input bits (25..=48)", shape.input_bits.into()));
+    }
+    if !(32..=52).contains(&shape.output_bits) {
+        return Err(("output bits (32..=52)", shape.output_bits.into()));
+    }
+    if shape.start_level > 3 {
+        return Err(("start level (0..=3)", shape.start_level.into()));
+    }
+    let stride = i32::from(g) - 3;
+    let root_bits = i32::from(shape.input_bits) - i32::from(g) - (3 - i32::from(shape.start_level)) * stride;
+    let max = if stage2 { stride + 4 } else { stride };
+    if root_bits < 1 || root_bits > max {
+        return Err((
+            "start level inconsistent with granule and input bits",
+            shape.start_level.into(),
+        ));
+    }
+    Ok(8u64 << root_bits)
+}
+
+/// Bytes of a CD table (of its level-1 table when 2-level).
+pub(super) fn cd_table_bytes(ssid_bits: u8, two_level: bool) -> u64 {
+    if two_level {
+        8u64 << (ssid_bits - CD_SPLIT)
+    } else {
+        CD_BYTES << ssid_bits
+    }
+}
+
+/// Checks a table at `address` of `len` bytes: aligned, inside the pool, inside one of `extents`.
+fn check_table(
+    token: u64,
+    what: &'static str,
+    address: u64,
+    len: u64,
+    align: u64,
+    pool: Extent,
+    extents: &[Extent],
+) -> Result<(), HandoverError> {
+    if !address.is_multiple_of(align) {
+        return Err(HandoverError::Misaligned {
+            token,
+            what,
+            address,
+            align,
+        });
+    }
+    if !pool.contains(address, len) {
+        return Err(HandoverError::OutsidePool {
+            token,
+            what,
+            address,
+            len,
+        });
+    }
+    if !extents.iter().any(|e| e.contains(address, len)) {
+        return Err(HandoverError::OutsideOwnExtents {
+            token,
+            what,
+            address,
+            len,
+        });
+    }
+    Ok(())
+}
+
+fn decode_record(
+    raw: &RawRecord,
+    offset: usize,
+    pool: Extent,
+    region: Extent,
+    sid_bits: u8,
+) -> Result<DomainRecord, HandoverError> {
+    let token = raw.token.get();
+    let kind_value = raw.kind.get();
+    let kind = record_kind(kind_value).ok_or(HandoverError::BadKind {
+        token,
+        kind: kind_value,
+    })?;
+    let flags = raw.flags.get();
+    let expected = match kind {
+        RecordKind::Nested => FLAG_PARENT | FLAG_GUEST,
+        RecordKind::Stage1 | RecordKind::Stage2 | RecordKind::Stage1El2 => FLAG_TABLE,
+    };
+    if flags != expected {
+        return Err(HandoverError::BadFlags {
+            token,
+            kind: kind_value,
+            flags,
+        });
+    }
+    if raw.reserved0 != [0; 2] {
+        return Err(nonzero("record reserved0", offset + offset_of!(RawRecord, reserved0)));
+    }
+    let stage1 = matches!(kind, RecordKind::Stage1 | RecordKind::Stage1El2);
+    let (asid, vmid) = (raw.asid.get(), raw.vmid.get());
+    if stage1 && vmid != 0 {
+        return Err(nonzero(
+            "VMID of a stage-1 record",
+            offset + offset_of!(RawRecord, vmid),
+        ));
+    }
+    if !stage1 && asid != 0 {
+        return Err(nonzero(
+            "ASID of a stage-2 or nested record",
+            offset + offset_of!(RawRecord, asid),
+        ));
+    }
+    let (stream_count, extent_count) = (raw.stream_count, raw.extent_count);
+    if stream_count as usize > MAX_STREAMS {
+        return Err(HandoverError::TooManyEntries {
+            token,
+            what: "streams",
+            count: stream_count,
+            max: MAX_STREAMS,
+        });
+    }
+    if extent_count as usize > MAX_EXTENTS {
+        return Err(HandoverError::TooManyEntries {
+            token,
+            what: "extents",
+            count: extent_count,
+            max: MAX_EXTENTS,
+        });
+    }
+    let streams_at = offset + offset_of!(RawRecord, streams);
+    let extents_at = offset + offset_of!(RawRecord, extents);
+    for (i, s) in raw.streams.iter().enumerate().skip(stream_count as usize) {
+        if s.as_bytes().iter().any(|&b| b != 0) {
+            return Err(nonzero("unused stream slot", streams_at + i * size_of::<RawStream>()));
+        }
+    }
+    for (i, e) in raw.extents.iter().enumerate().skip(extent_count as usize) {
+        if e.as_bytes().iter().any(|&b| b != 0) {
+            return Err(nonzero("unused extent slot", extents_at + i * size_of::<RawExtent>()));
+        }
+    }
+    if flags & FLAG_PARENT == 0 && raw.parent_token != U64::ZERO {
+        return Err(nonzero(
+            "parent token of a record without parent",
+            offset + offset_of!(RawRecord, parent_token),
+        ));
+    }
+    let table_at = offset + offset_of!(RawRecord, table);
+    if flags & FLAG_TABLE == 0 && raw.table.as_bytes().iter().any(|&b| b != 0) {
+        return Err(nonzero("table of a record without table", table_at));
+    }
+    if raw.table.empty.get() > raw.table.tables.get() {
+        return Err(HandoverError::BadValue {
+            token: raw.token.get(),
+            what: "table.empty (more emptied tables than tables)",
+            value: u64::from(raw.table.empty.get()),
+        });
+    }
+    let guest_at = offset + offset_of!(RawRecord, guest);
+    if flags & FLAG_GUEST == 0 && raw.guest.as_bytes().iter().any(|&b| b != 0) {
+        return Err(nonzero("guest context of a record without guest", guest_at));
+    }
+    if raw.guest.reserved != [0; 5] {
+        return Err(nonzero("guest reserved", guest_at + offset_of!(RawGuest, reserved)));
+    }
+
+    let mut extents = heapless::Vec::new();
+    for e in &raw.extents[..extent_count as usize] {
+        let e = e.get();
+        if e.len == 0 {
+            return Err(HandoverError::BadValue {
+                token,
+                what: "extent length (must not be 0)",
+                value: 0,
+            });
+        }
+        if !pool.contains(e.base, e.len) {
+            return Err(HandoverError::OutsidePool {
+                token,
+                what: "extent",
+                address: e.base,
+                len: e.len,
+            });
+        }
+        if e.overlaps(&region) {
+            return Err(HandoverError::OverlapsRegion {
+                token,
+                extent: e,
+                region,
+            });
+        }
+        // At most MAX_EXTENTS: checked above.
+        let _ = extents.push(e);
+    }
+
+    let table = if flags & FLAG_TABLE != 0 {
+        let t = &raw.table;
+        let shape = TableShape {
+            root: t.root.get(),
+            granule_log2: t.granule_log2,
+            input_bits: t.input_bits,
+            output_bits: t.output_bits,
+            start_level: t.start_level,
+            tables: t.tables.get(),
+            empty: t.empty.get(),
+        };
+        let len = table_bytes(&shape, kind == RecordKind::Stage2)
+            .map_err(|(what, value)| HandoverError::BadTableShape { token, what, value })?;
+        check_table(token, "root table", shape.root, len, len, pool, &extents)?;
+        Some(shape)
+    } else {
+        None
+    };
+
+    let guest = if flags & FLAG_GUEST != 0 {
+        let g = &raw.guest;
+        let bad = |what, value: u8| HandoverError::BadValue {
+            token,
+            what,
+            value: value.into(),
+        };
+        if g.cd_max_log2 > MAX_SSID_BITS {
+            return Err(bad("guest S1CDMax (at most 20)", g.cd_max_log2));
+        }
+        if g.layout > 2 {
+            return Err(bad("guest S1Fmt (0, 1 or 2)", g.layout));
+        }
+        if g.default_substream > 2 {
+            return Err(bad("guest S1DSS (0, 1 or 2)", g.default_substream));
+        }
+        let ipa = g.cd_table_ipa.get();
+        if !ipa.is_multiple_of(CD_BYTES) {
+            return Err(HandoverError::Misaligned {
+                token,
+                what: "guest CD table (IPA)",
+                address: ipa,
+                align: CD_BYTES,
+            });
+        }
+        Some(GuestRecord {
+            cd_table_ipa: ipa,
+            cd_max_log2: g.cd_max_log2,
+            layout: g.layout,
+            default_substream: g.default_substream,
+        })
+    } else {
+        None
+    };
+
+    let mut streams = heapless::Vec::new();
+    for (i, s) in raw.streams[..stream_count as usize].iter().enumerate() {
+        let at = streams_at + i * size_of::<RawStream>();
+        if s.reserved != [0; 6] {
+            return Err(nonzero("stream reserved", at + offset_of!(RawStream, reserved)));
+        }
+        let (sid, ssid, cd_table) = (s.sid.get(), s.ssid.get(), s.cd_table.get());
+        if sid_bits < 32 && sid >> sid_bits != 0 {
+            return Err(HandoverError::StreamOutOfRange { token, sid, sid_bits });
+        }
+        let bad = |what, value: u64| HandoverError::BadValue { token, what, value };
+        if stage1 {
+            if cd_table == 0 {
+                return Err(bad("CD table of a stage-1 stream (must not be 0)", 0));
+            }
+            if s.cd_ssid_bits > MAX_SSID_BITS {
+                return Err(bad("CD table SubstreamID bits (at most 20)", s.cd_ssid_bits.into()));
+            }
+            let two_level = match s.cd_format {
+                0 => false,
+                1 if s.cd_ssid_bits > CD_SPLIT => true,
+                1 => {
+                    return Err(bad(
+                        "SubstreamID bits of a 2-level CD table (above 10)",
+                        s.cd_ssid_bits.into(),
+                    ));
+                }
+                other => return Err(bad("CD table format (0 linear, 1 2-level)", other.into())),
+            };
+            if u64::from(ssid) >> s.cd_ssid_bits != 0 {
+                return Err(bad("SubstreamID beyond its CD table", ssid.into()));
+            }
+            let len = cd_table_bytes(s.cd_ssid_bits, two_level);
+            check_table(token, "CD table", cd_table, len, CD_BYTES, pool, &extents)?;
+            let _ = streams.push(StreamRecord {
+                sid,
+                ssid,
+                cd_table,
+                cd_ssid_bits: s.cd_ssid_bits,
+                cd_two_level: two_level,
+            });
+        } else {
+            if cd_table != 0 || s.cd_ssid_bits != 0 || s.cd_format != 0 {
+                return Err(nonzero(
+                    "CD table of a stage-2 or nested stream",
+                    at + offset_of!(RawStream, cd_table),
+                ));
+            }
+            if ssid != 0 {
+                return Err(bad(
+                    "SubstreamID of a stage-2 or nested stream (must be 0)",
+                    ssid.into(),
+                ));
+            }
+            let _ = streams.push(StreamRecord {
+                sid,
+                ..StreamRecord::default()
+            });
+        }
+    }
+
+    Ok(DomainRecord {
+        token,
+        kind,
+        asid,
+        vmid,
+        table,
+        parent_token: (flags & FLAG_PARENT != 0).then(|| raw.parent_token.get()),
+        guest,
+        streams,
+        extents,
+    })
+}
+
+/// The checks across one instance's records: tokens, parents, streams, ASIDs and VMIDs.
+fn check_instance(records: &[DomainRecord]) -> Result<(), HandoverError> {
+    for (i, a) in records.iter().enumerate() {
+        for b in &records[i + 1..] {
+            if a.token == b.token {
+                return Err(HandoverError::DuplicateToken(a.token));
+            }
+            let same_regime = a.kind == b.kind;
+            if same_regime && matches!(a.kind, RecordKind::Stage1 | RecordKind::Stage1El2) && a.asid == b.asid {
+                return Err(HandoverError::DuplicateAsid {
+                    asid: a.asid,
+                    token_a: a.token,
+                    token_b: b.token,
+                });
+            }
+            if same_regime && a.kind == RecordKind::Stage2 && a.vmid == b.vmid {
+                return Err(HandoverError::DuplicateVmid {
+                    vmid: a.vmid,
+                    token_a: a.token,
+                    token_b: b.token,
+                });
+            }
+        }
+    }
+    for r in records {
+        let Some(parent) = r.parent_token else { continue };
+        let p = records
+            .iter()
+            .find(|p| p.token == parent)
+            .ok_or(HandoverError::MissingParent { token: r.token, parent })?;
+        if p.kind != RecordKind::Stage2 {
+            return Err(HandoverError::ParentNotStage2 {
+                token: r.token,
+                parent,
+                kind: p.kind,
+            });
+        }
+        if p.vmid != r.vmid {
+            return Err(HandoverError::ParentVmidMismatch {
+                token: r.token,
+                vmid: r.vmid,
+                parent_vmid: p.vmid,
+            });
+        }
+    }
+    // Streams: sorted, duplicates are neighbours.
+    let mut streams: heapless::Vec<(u32, u32, u64), { MAX_RECORDS * MAX_STREAMS }> = heapless::Vec::new();
+    for r in records {
+        for s in &r.streams {
+            let _ = streams.push((s.sid, s.ssid, r.token));
+        }
+    }
+    streams.sort_unstable();
+    for pair in streams.windows(2) {
+        if pair[0].0 == pair[1].0 && pair[0].1 == pair[1].1 {
+            return Err(HandoverError::DuplicateStream {
+                sid: pair[0].0,
+                ssid: pair[0].1,
+                token_a: pair[0].2,
+                token_b: pair[1].2,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// An SMMU left running keeps its own structures (stream table, spans) in the pool from `strtab_base` for
+/// `core_len` bytes: inside the pool, and shared with no record's extent.
+fn check_core_extents(instances: &[InstanceRecords], pool: Extent) -> Result<(), HandoverError> {
+    for inst in instances {
+        let id = &inst.identity;
+        if id.core_len == 0 {
+            continue;
+        }
+        let core = Extent {
+            base: id.strtab_base,
+            len: id.core_len,
+        };
+        if !pool.contains(core.base, core.len) {
+            return Err(HandoverError::OutsidePool {
+                token: 0,
+                what: "the running SMMU's structures (identity core_len)",
+                address: core.base,
+                len: core.len,
+            });
+        }
+        for other in instances {
+            for r in &other.records {
+                for e in &r.extents {
+                    if e.overlaps(&core) {
+                        return Err(HandoverError::Overlap {
+                            token_a: 0,
+                            a: core,
+                            token_b: r.token,
+                            b: *e,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// No extent shares a byte with another, in any record of any instance. Extents are non-empty and do not wrap
+/// (checked before): sorted by base, any overlap shows between neighbours.
+fn check_overlaps(instances: &[InstanceRecords]) -> Result<(), HandoverError> {
+    const ALL: usize = MAX_INSTANCES * MAX_RECORDS * MAX_EXTENTS;
+    // (instance, record, extent) packed in 16 bits.
+    let at = |key: u16| {
+        let r = &instances[usize::from(key >> 8)].records[usize::from((key >> 3) & 0x1f)];
+        (r.token, r.extents[usize::from(key & 7)])
+    };
+    let mut keys: heapless::Vec<u16, ALL> = heapless::Vec::new();
+    for (i, inst) in instances.iter().enumerate() {
+        for (r, record) in inst.records.iter().enumerate() {
+            for e in 0..record.extents.len() {
+                let _ = keys.push(((i as u16) << 8) | ((r as u16) << 3) | e as u16);
+            }
+        }
+    }
+    keys.sort_unstable_by_key(|&k| at(k).1.base);
+    for pair in keys.windows(2) {
+        let (token_a, a) = at(pair[0]);
+        let (token_b, b) = at(pair[1]);
+        if a.overlaps(&b) {
+            return Err(HandoverError::Overlap { token_a, a, token_b, b });
+        }
+    }
+    Ok(())
+}
