@@ -17,14 +17,24 @@ impl<A: FrameAllocator> IoPageTable<A> {
     }
 
     pub(super) fn free_later(&mut self, table_phys: u64, gather: &mut Gather) {
-        if let Some(virt) = self.allocator.phys_to_virt(PhysAddr(table_phys)) {
-            // Chain through the first word: the table is unlinked, and a link is never a valid descriptor.
-            entries_of(virt, 1)[0].store(gather.freed_head, Ordering::Relaxed);
-            gather.freed_head = table_phys | LINK_PRESENT;
-            gather.freed += 1;
-            gather.tables_unlinked = true;
-            self.tables -= 1;
+        if self.chain_unlinked(table_phys, gather) {
+            self.tables.decrement();
         }
+    }
+
+    /// Puts the unlinked table at `table_phys` on `gather`'s chain; false when the allocator does not know it.
+    pub(super) fn chain_unlinked(&self, table_phys: u64, gather: &mut Gather) -> bool {
+        let Some(virt) = self.allocator.phys_to_virt(PhysAddr(table_phys)) else {
+            return false;
+        };
+        // Chain through the first word: the table is unlinked, and a link is never a valid descriptor. No CPU
+        // writes an unlinked table any more (a concurrent map writes only after reserving an entry in a linked
+        // table, an unmap only over a valid leaf, and an unlinked table holds none), though one may still read it.
+        entries_of(virt, 1)[0].store(gather.freed_head, Ordering::Relaxed);
+        gather.freed_head = table_phys | LINK_PRESENT;
+        gather.freed += 1;
+        gather.tables_unlinked = true;
+        true
     }
 
     /// Moves what `other` collected (its range and its unlinked tables) into `into`, so that one invalidation and

@@ -85,7 +85,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             let n = desc::count(p);
             if n == 0 {
                 // It was empty and waiting for a trim (emptied by `unmap_page`, or found empty by `recount`).
-                self.empty = self.empty.saturating_sub(1);
+                self.empty.decrement();
             }
             parent.store(self.with_count(p, level, n + 1), Ordering::Relaxed);
         }
@@ -115,24 +115,72 @@ impl<A: FrameAllocator> IoPageTable<A> {
     }
 
     /// The tables from `level + 1` down to the last level that a page at `iova` needs below an invalid entry at
-    /// `level`, holding `leaf`: allocated first, so that a failure changes nothing (every frame goes back), then
-    /// filled bottom-up (each holds one entry), cleaned, and ordered before the descriptor that will link them,
-    /// which is returned.
+    /// `level`, holding `leaf` (see [`IoPageTable::chain`]); the descriptor that will link them is returned.
     #[inline(never)]
     pub(super) fn new_tables(&mut self, level: u8, iova: u64, leaf: u64) -> Result<u64, MapError> {
+        let (word, frames) = self.chain(level, iova, 3, leaf, 1)?;
+        self.tables.add(frames.len() as u32);
+        Ok(word)
+    }
+
+    /// The tables from `level + 1` down to `leaf_level` below an invalid entry at `level`, the one at
+    /// `leaf_level` holding `n` leaves from `va` (`first_leaf`, then one entry further each), the others one table
+    /// descriptor each: allocated first, so that a failure changes nothing (every frame goes back), then filled
+    /// bottom-up with their counts, cleaned, and ordered (DMB OSHST) before the descriptor that will link them,
+    /// which is returned with the frames (nothing refers to them yet: a caller that cannot link them frees them).
+    /// A last-level table that the leaves fill whole is not zeroed first.
+    pub(super) fn chain(
+        &self,
+        level: u8,
+        va: u64,
+        leaf_level: u8,
+        first_leaf: u64,
+        n: usize,
+    ) -> Result<(u64, Frames), MapError> {
         let g = self.geometry;
-        let new: heapless::Vec<DmaBlock, 3> = self.zeroed_frames(usize::from(3 - level))?;
-        let mut word = leaf;
-        for (k, table) in new.into_iter().enumerate().rev() {
+        let entries = 1usize << g.level_bits;
+        let whole = leaf_level == 3 && n == entries;
+        let levels = usize::from(leaf_level - level);
+        let mut frames: Frames = self.zeroed_frames(levels - usize::from(whole))?;
+        if whole {
+            let granule = 1usize << g.granule_bits;
+            match self.allocator.allocate_for_overwrite(granule, granule) {
+                Ok(t) => {
+                    let _ = frames.push(t);
+                }
+                Err(e) => {
+                    self.free_frames(frames);
+                    return Err(MapError::NoMemory(e));
+                }
+            }
+        }
+        let mut word = 0;
+        for (k, table) in frames.iter().enumerate().rev() {
             let table_level = level + 1 + k as u8;
-            entries_of(table.virt, 1 << g.level_bits)[g.index(table_level, iova)].store(word, Ordering::Relaxed);
+            let slots = entries_of(table.virt, entries);
+            let index = g.index(table_level, va);
+            let count = if table_level == leaf_level {
+                // Nothing refers to the new table yet.
+                fill(&slots[index..index + n], first_leaf, 1 << g.entry_shift(leaf_level));
+                n
+            } else {
+                slots[index].store(word, Ordering::Relaxed);
+                1
+            };
             self.coherency.clean(table.virt.as_ptr(), table.size);
-            word = self.with_count(desc::table(table.phys.0), table_level, 1);
-            self.tables += 1;
+            word = self.with_count(desc::table(table.phys.0), table_level, count);
         }
         // The new tables' contents before the descriptor that links them.
         write_barrier();
-        Ok(word)
+        Ok((word, frames))
+    }
+
+    /// Gives back frames never linked.
+    pub(super) fn free_frames(&self, frames: Frames) {
+        for t in frames {
+            // SAFETY: allocated from this allocator and never published: nothing can reach it.
+            unsafe { self.allocator.free(t) };
+        }
     }
 
     pub(super) fn check_range(&self, iova: u64, size: u64) -> Result<(), MapError> {
@@ -410,7 +458,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
         while i <= last {
             let entry_base = table_base + ((i as u64) << shift);
             if i == run_start && run_start < run_end {
-                if self.empty > 0
+                if self.empty.signed() > 0
                     && entries[run_start..run_end]
                         .iter()
                         .any(|e| desc::is_valid(e.load(Ordering::Relaxed)))
@@ -443,16 +491,8 @@ impl<A: FrameAllocator> IoPageTable<A> {
                     continue;
                 }
                 let first_output = output(entry_base);
-                let run = &entries[run_start..run_end];
-                let words = run.as_ptr() as *mut u64;
-                for k in 0..run.len() {
-                    // SAFETY: `k` indexes the run, entries of a live table owned by this page table (which `&mut
-                    // self` keeps from any other CPU-side access). Plain stores let the compiler write several
-                    // entries per instruction; every entry is 8-byte aligned, and the architecture makes each
-                    // 64-bit element of a wider aligned store single-copy atomic, so the SMMU sees every entry
-                    // either invalid (as it was) or whole.
-                    unsafe { words.add(k).write(template | (first_output + k as u64 * entry_size)) };
-                }
+                // Entries of a live table that `&mut self` keeps from any other CPU-side access.
+                fill(&entries[run_start..run_end], template | first_output, entry_size);
                 self.coherency
                     .clean(entries[run_start..].as_ptr().cast(), (run_end - run_start) * 8);
                 added += run_end - run_start;
@@ -486,21 +526,17 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 // `tables_needed` counted every table: unreachable.
                 return added;
             };
-            self.tables += 1;
+            self.tables.add(1);
             added += 1;
             let entries_below = 1usize << self.geometry.level_bits;
             let count = if full {
                 let page = 1u64 << self.geometry.granule_bits;
-                let mut d = desc::leaf(self.format.stage, output(from), prot, true);
-                // SAFETY: the new table's entries, 8-byte aligned and initialised (any content); nothing else
-                // refers to the table yet, so a plain mutable view is exclusive.
-                let words = unsafe {
-                    core::slice::from_raw_parts_mut(table.virt.as_ptr().cast::<u64>(), 1 << self.geometry.level_bits)
-                };
-                for w in words {
-                    *w = d;
-                    d += page;
-                }
+                // A new table: nothing else refers to it yet.
+                fill(
+                    entries_of(table.virt, entries_below),
+                    desc::leaf(self.format.stage, output(from), prot, true),
+                    page,
+                );
                 entries_below
             } else {
                 self.map_in(level + 1, table.phys.0, entry_base, from, to, output(from), prot, pool)

@@ -77,17 +77,18 @@
 pub mod desc;
 mod gather;
 mod map;
+mod shared;
 mod trim;
 mod unmap;
 mod walk;
 
 use core::fmt;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicU64, Ordering};
 
 pub use self::desc::{MemoryType, Prot, Stage};
 pub use crate::hw::command::Granule;
 use crate::mem::{AllocError, Coherency, DmaBlock, FrameAllocator, PhysAddr, write_barrier};
+use crate::sync::{AtomicU32, AtomicU64, Ordering};
 
 /// The shape of a table: stage, granule, and the input and output sizes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -245,6 +246,12 @@ pub enum MapError {
         /// An address where the range cuts a block.
         iova: u64,
     },
+    /// A concurrent path ([`IoPageTable::unmap_page_shared`]) met a block mapping that the page lies in: removing
+    /// part of a block splits it, a structural change that only the exclusive [`IoPageTable::unmap`] makes.
+    NeedsExclusive {
+        /// The page asked for.
+        iova: u64,
+    },
     /// The [`Gather`] was filled by another page table: its contents are that table's to invalidate and release.
     ForeignGather {
         /// The table that filled the gather.
@@ -291,6 +298,12 @@ impl fmt::Display for MapError {
                     "{iova:#x} cuts a block mapping, and splitting it in place needs IDR3.BBML = 2"
                 )
             }
+            MapError::NeedsExclusive { iova } => {
+                write!(
+                    f,
+                    "{iova:#x} lies in a block mapping: unmapping part of it needs exclusive access"
+                )
+            }
             MapError::ForeignGather { owner, table } => {
                 write!(f, "a gather filled by {owner} was handed to {table}")
             }
@@ -307,9 +320,10 @@ impl TableId {
     /// The next identity. A 64-bit counter: at one table a nanosecond it would take 584 years to wrap, so it
     /// never hands out an identity twice. 0 is never handed out (it marks a gather no table has used yet).
     fn next() -> TableId {
-        static NEXT: AtomicU64 = AtomicU64::new(1);
+        // `core`'s atomic (a static), never a loom one: no protocol depends on it.
+        static NEXT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(1);
         // Relaxed: only the uniqueness of the values matters, which the atomic read-modify-write gives.
-        TableId(NEXT.fetch_add(1, Ordering::Relaxed))
+        TableId(NEXT.fetch_add(1, core::sync::atomic::Ordering::Relaxed))
     }
 }
 
@@ -486,11 +500,13 @@ pub struct IoPageTable<A: FrameAllocator> {
     root: DmaBlock,
     allocator: A,
     coherency: Coherency,
-    tables: u32,
+    /// Tables in use, the root included.
+    tables: Counter,
     split_blocks: bool,
     /// Linked tables whose count is zero, waiting for a trim: last-level tables emptied by the single-page unmap,
-    /// and any table `recount` found empty (other code may leave an empty table at any level).
-    empty: u32,
+    /// and any table `recount` found empty or that a concurrent path left empty (other code may leave an empty
+    /// table at any level).
+    empty: Counter,
     /// How many of those may stay linked before the single-page unmap trims (see `set_lazy_free_limit`).
     lazy_limit: u32,
     /// The protection of the last single-page map (checked expressible) and its page descriptor template, so that
@@ -512,6 +528,112 @@ pub struct AdoptedCounts {
 
 /// The default of [`IoPageTable::set_lazy_free_limit`]: one level-2 table's worth of 4 KiB last-level tables.
 pub const DEFAULT_LAZY_FREE_LIMIT: u32 = 512;
+
+/// A number the table keeps beside its descriptors (tables in use, emptied tables waiting for a trim): an atomic,
+/// so that the concurrent paths ([`IoPageTable::map_shared`], [`IoPageTable::unmap_page_shared`],
+/// [`IoPageTable::trim_shared`]) change it through `&self`, while the exclusive paths (`&mut self`, where nothing
+/// else can touch it) use a plain load and store rather than a locked read-modify-write.
+///
+/// Every access is `Relaxed`: these are statistics and a trim signal, and no memory is reached through them. On
+/// the concurrent paths the increments and decrements of one table's transitions may land in either order (a map
+/// refilling a table may decrement `empty` before the unmap that emptied it increments it), so the value is read
+/// as a signed number that can be briefly negative ([`Counter::signed`]); once the concurrent operations are over,
+/// it is exact.
+struct Counter(AtomicU32);
+
+impl Counter {
+    fn new(value: u32) -> Self {
+        Counter(AtomicU32::new(value))
+    }
+
+    /// The value, as a signed number (briefly negative while concurrent operations are in flight).
+    #[inline]
+    fn signed(&self) -> i32 {
+        self.0.load(Ordering::Relaxed) as i32
+    }
+
+    /// The value, 0 while it is briefly negative.
+    #[inline]
+    fn get(&self) -> u32 {
+        self.signed().max(0) as u32
+    }
+
+    /// Sets the value (exclusive access).
+    #[inline]
+    fn set(&mut self, value: u32) {
+        self.0.store(value, Ordering::Relaxed);
+    }
+
+    /// Adds `n` (exclusive access: a plain load and store).
+    #[inline]
+    fn add(&mut self, n: u32) {
+        self.0
+            .store(self.0.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+    }
+
+    /// Subtracts 1 unless the value is already 0 or below (exclusive access).
+    #[inline]
+    fn decrement(&mut self) {
+        let v = self.signed();
+        if v > 0 {
+            self.0.store(v as u32 - 1, Ordering::Relaxed);
+        }
+    }
+
+    /// Adds `n` (any number of CPUs at once: an atomic read-modify-write, wrapping).
+    #[inline]
+    fn add_shared(&self, n: u32) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Subtracts `n` (any number of CPUs at once: wrapping, so the value may be briefly negative).
+    #[inline]
+    fn sub_shared(&self, n: u32) {
+        self.0.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+/// Writes `first`, `first + step`, `first + 2 * step`, ... into `entries`, which no other CPU accesses: a table
+/// not linked yet, or entries of a live table that `&mut self` keeps from every other CPU-side access.
+#[inline(always)]
+fn fill(entries: &[AtomicU64], first: u64, step: u64) {
+    #[cfg(not(all(loom, test)))]
+    {
+        let words = entries.as_ptr() as *mut u64;
+        for k in 0..entries.len() {
+            // SAFETY: `k` indexes `entries`, which the caller has to itself (see above). Plain stores let the
+            // compiler write several entries per instruction; every entry is 8-byte aligned, and the architecture
+            // makes each 64-bit element of a wider aligned store single-copy atomic, so the SMMU sees every entry
+            // either as it was or whole.
+            unsafe { words.add(k).write(first + k as u64 * step) };
+        }
+    }
+    // Under loom the entries are loom's atomics, not plain words.
+    #[cfg(all(loom, test))]
+    for (k, e) in entries.iter().enumerate() {
+        e.store(first + k as u64 * step, Ordering::Relaxed);
+    }
+}
+
+/// How many of `entries` are valid, in a table no other CPU writes (`&mut self`, or unlinked).
+#[inline]
+fn count_valid(entries: &[AtomicU64]) -> u64 {
+    #[cfg(not(all(loom, test)))]
+    {
+        // SAFETY: live entries that nothing writes meanwhile (see above; the SMMU only reads descriptors:
+        // hardware updates are not enabled). Plain reads let the count use wide loads.
+        let words = unsafe { core::slice::from_raw_parts(entries.as_ptr() as *const u64, entries.len()) };
+        words.iter().map(|d| d & desc::VALID).sum::<u64>()
+    }
+    #[cfg(all(loom, test))]
+    entries
+        .iter()
+        .map(|e| e.load(Ordering::Relaxed) & desc::VALID)
+        .sum::<u64>()
+}
+
+/// Frames a walk allocates below one entry: at most one per level below the root.
+type Frames = heapless::Vec<DmaBlock, 3>;
 
 /// A table's entries.
 fn entries_of<'a>(virt: NonNull<u8>, count: usize) -> &'a [AtomicU64] {
@@ -538,9 +660,9 @@ impl<A: FrameAllocator> IoPageTable<A> {
             root,
             allocator,
             coherency,
-            tables: 1,
+            tables: Counter::new(1),
             split_blocks: false,
-            empty: 0,
+            empty: Counter::new(0),
             lazy_limit: DEFAULT_LAZY_FREE_LIMIT,
             last_prot: None,
             last_template: 0,
@@ -576,17 +698,17 @@ impl<A: FrameAllocator> IoPageTable<A> {
             root: DmaBlock { phys: root, virt, size },
             allocator,
             coherency: Coherency { coherent },
-            tables: 1,
+            tables: Counter::new(1),
             split_blocks: false,
-            empty: 0,
+            empty: Counter::new(0),
             lazy_limit: DEFAULT_LAZY_FREE_LIMIT,
             last_prot: None,
             last_template: 0,
         };
         match counts {
             Some(c) => {
-                table.tables = c.tables.max(1);
-                table.empty = c.empty;
+                table.tables.set(c.tables.max(1));
+                table.empty.set(c.empty);
             }
             None => {
                 if let Err(e) = table.recount() {
@@ -653,7 +775,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
 
     /// Tables in use, the root included (emptied tables waiting for a trim too).
     pub fn tables(&self) -> u32 {
-        self.tables
+        self.tables.get()
     }
 
     /// The allocator.
@@ -692,7 +814,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
     fn set_count(&mut self, entry: &AtomicU64, child_level: u8, n: usize) {
         let d = entry.load(Ordering::Relaxed);
         if desc::count(d) == 0 && n > 0 {
-            self.empty = self.empty.saturating_sub(1);
+            self.empty.decrement();
         }
         entry.store(self.with_count(d, child_level, n), Ordering::Relaxed);
     }
@@ -701,7 +823,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// `unmap_page`, or any table `recount` found empty), that table no longer waits for a trim.
     fn forget_if_empty(&mut self, d: u64) {
         if desc::is_valid(d) && desc::count(d) == 0 {
-            self.empty = self.empty.saturating_sub(1);
+            self.empty.decrement();
         }
     }
 
@@ -718,7 +840,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// Emptied tables still linked, waiting for the next [`IoPageTable::trim`]: last-level tables emptied by
     /// single-page unmaps, and any table [`IoPageTable::recount`] found empty.
     pub fn empty_tables(&self) -> u32 {
-        self.empty
+        self.empty.get()
     }
 }
 
@@ -758,5 +880,9 @@ impl<A: FrameAllocator> Drop for IoPageTable<A> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
+mod concurrent_tests;
+#[cfg(all(test, loom))]
+mod loom_models;
+#[cfg(all(test, not(loom)))]
 mod tests;

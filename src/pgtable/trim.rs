@@ -9,7 +9,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// count it.
     #[inline(never)]
     pub(super) fn note_empty(&mut self, iova: u64) {
-        self.empty += 1;
+        self.empty.add(1);
         let g = self.geometry;
         let mut path: heapless::Vec<&AtomicU64, 3> = heapless::Vec::new();
         let mut entries = entries_of(self.root.virt, g.root_entries);
@@ -57,18 +57,18 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// trims then; after [`IoPageTable::unmap_without_trim`] the caller should [`IoPageTable::trim`] (into a
     /// gather of its own, flushed at once).
     pub fn trim_due(&self) -> bool {
-        self.empty > self.lazy_limit
+        self.empty.signed() > self.lazy_limit as i32
     }
 
     /// `trim` into a gather already checked to be this table's.
     pub(super) fn trim_in_place(&mut self, gather: &mut Gather) -> u32 {
-        if self.empty == 0 {
+        if self.empty.signed() <= 0 {
             return 0;
         }
         let before = gather.freed;
         let (start, root) = (self.geometry.start_level, self.root.phys.0);
         self.trim_in(start, root, 0, gather);
-        self.empty = 0;
+        self.empty.set(0);
         gather.freed - before
     }
 
@@ -85,8 +85,8 @@ impl<A: FrameAllocator> IoPageTable<A> {
     pub fn recount(&mut self) -> Result<(), MapError> {
         let (start, root) = (self.geometry.start_level, self.root.phys.0);
         self.reachable(start, root)?;
-        self.empty = 0;
-        self.tables = 1;
+        self.empty.set(0);
+        self.tables.set(1);
         self.recount_in(start, root);
         Ok(())
     }
@@ -128,7 +128,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             if !desc::is_table(d, level) {
                 continue;
             }
-            self.tables += 1;
+            self.tables.add(1);
             let (n, below) = if level + 1 < 3 {
                 self.recount_in(level + 1, desc::address(d))
             } else {
@@ -141,7 +141,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 (child, false)
             };
             if n == 0 {
-                self.empty += 1;
+                self.empty.add(1);
             }
             let mark = n == 0 || below;
             let d = self.with_count(d & !desc::SW_TRIM_CANDIDATE, level + 1, n);

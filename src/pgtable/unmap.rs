@@ -311,7 +311,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 self.coherency.clean(table.virt.as_ptr(), table.size);
                 write_barrier();
                 self.store(entry, self.with_count(desc::table(table.phys.0), level + 1, sub.len()));
-                self.tables += 1;
+                self.tables.add(1);
                 // The block's translation is replaced: the TLB may hold it.
                 gather.add(entry_base, entry_size, shift);
                 (table.phys.0, sub.len())
@@ -365,7 +365,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
                     bytes += self.pages_in(d, entries_of(child, entries.len()));
                     smallest = smallest.min(self.geometry.entry_shift(3));
                     gather.freed += 1;
-                    self.tables -= 1;
+                    self.tables.decrement();
                 }
             } else if desc::is_table(d, level) {
                 self.forget_if_empty(d);
@@ -382,7 +382,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             gather.freed_head = table_phys | LINK_SUBTREE | LINK_PRESENT;
             gather.freed += 1;
             gather.tables_unlinked = true;
-            self.tables -= 1;
+            self.tables.decrement();
         } else {
             self.free_later(table_phys, gather);
         }
@@ -395,9 +395,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
         if link & desc::SW_TABLE_FULL != 0 {
             return (entries.len() as u64) << shift;
         }
-        // SAFETY: a live, unlinked table of this page table; nothing writes it while `&mut self` is held (the SMMU
-        // only reads descriptors: hardware updates are not enabled). Plain reads let the count use wide loads.
-        let words = unsafe { core::slice::from_raw_parts(entries.as_ptr() as *const u64, entries.len()) };
-        words.iter().map(|d| d & desc::VALID).sum::<u64>() << shift
+        // A live, unlinked table of this page table; nothing writes it while `&mut self` is held.
+        count_valid(entries) << shift
     }
 }
