@@ -880,6 +880,8 @@ impl<A: FrameAllocator> Drop for IoPageTable<A> {
     }
 }
 
+#[cfg(test)]
+mod checks;
 #[cfg(all(test, not(loom)))]
 mod concurrent_tests;
 #[cfg(all(test, loom))]
