@@ -1650,7 +1650,7 @@ fn recount_rebuilds_counts_marks_and_the_waiting_tables() {
         }
     }
     clear(&t, t.geometry().start_level, t.root().0);
-    t.empty = 0;
+    t.empty.set(0);
     assert_ne!(raw_words(&t), expected);
     t.recount().unwrap();
     assert_eq!(

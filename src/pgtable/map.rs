@@ -1,0 +1,552 @@
+//! Mapping: the single-page path (one descent, the leaf slot as the overlap check) and the range path (tables
+//! counted and allocated first, then filled in one pass, blocks where alignment allows).
+
+use super::*;
+
+/// Frames `map` allocated before writing anything, chained through their first two words (the next frame's
+/// physical and CPU addresses), one chain of zeroed frames and one of frames to be overwritten whole.
+#[derive(Default)]
+struct Pool {
+    zeroed: Option<DmaBlock>,
+    overwrite: Option<DmaBlock>,
+}
+
+impl Pool {
+    fn push(&mut self, table: DmaBlock, full: bool) {
+        let head = if full { &mut self.overwrite } else { &mut self.zeroed };
+        let link = entries_of(table.virt, 2);
+        let (phys, virt) = head
+            .take()
+            .map_or((0, 0), |next| (next.phys.0, next.virt.as_ptr() as u64));
+        link[0].store(phys, Ordering::Relaxed);
+        link[1].store(virt, Ordering::Relaxed);
+        *head = Some(table);
+    }
+
+    /// The next frame, its link words zeroed again.
+    fn pop(&mut self, full: bool) -> Option<DmaBlock> {
+        let head = if full { &mut self.overwrite } else { &mut self.zeroed };
+        let table = head.take()?;
+        let link = entries_of(table.virt, 2);
+        // Plain loads and stores: a swap is a locked read-modify-write on x86 (it drains the store buffer full of
+        // the previous table's entries) and an exclusive pair or LDADD-class atomic on Arm, and nothing else can
+        // touch a frame on this chain.
+        let (phys, virt) = (link[0].load(Ordering::Relaxed), link[1].load(Ordering::Relaxed));
+        link[0].store(0, Ordering::Relaxed);
+        link[1].store(0, Ordering::Relaxed);
+        *head = NonNull::new(virt as *mut u8).map(|virt| DmaBlock {
+            phys: PhysAddr(phys),
+            virt,
+            size: table.size,
+        });
+        Some(table)
+    }
+}
+
+impl<A: FrameAllocator> IoPageTable<A> {
+    /// Maps one granule at `iova` (checked by `map`): one descent from the root, the leaf slot itself as the
+    /// overlap check, the missing tables (at most one per level) allocated before anything is written.
+    #[inline]
+    pub(super) fn map_page(&mut self, iova: u64, pa: u64, template: u64) -> Result<(), MapError> {
+        let g = self.geometry;
+        // The descriptor that names the current table (none for the root).
+        let mut parent: Option<&AtomicU64> = None;
+        let mut level = g.start_level;
+        let mut entries = entries_of(self.root.virt, g.root_entries);
+        let (mut shift, mut mask) = (g.entry_shift(level), g.root_entries - 1);
+        let slot = loop {
+            let slot = &entries[(iova >> shift) as usize & mask];
+            let d = slot.load(Ordering::Relaxed);
+            if level == 3 || !desc::is_table(d, level) {
+                if desc::is_valid(d) {
+                    // A page, or a block that maps it.
+                    return Err(MapError::Overlap { iova });
+                }
+                break slot;
+            }
+            let Some(virt) = self.allocator.phys_to_virt(PhysAddr(desc::address(d))) else {
+                // A table the allocator does not know: a broken allocator (as `tables_needed` reports it).
+                return Err(MapError::NoMemory(AllocError::OutOfMemory { size: 0 }));
+            };
+            parent = Some(slot);
+            entries = entries_of(virt, 1 << g.level_bits);
+            level += 1;
+            (shift, mask) = (shift - g.level_bits, (1 << g.level_bits) - 1);
+        };
+        let word = if level < 3 {
+            self.new_tables(level, iova, template | pa)?
+        } else {
+            template | pa
+        };
+        self.store(slot, word);
+        if let Some(parent) = parent {
+            // The current table gained an entry.
+            let p = parent.load(Ordering::Relaxed);
+            let n = desc::count(p);
+            if n == 0 {
+                // It was empty and waiting for a trim (emptied by `unmap_page`, or found empty by `recount`).
+                self.empty.decrement();
+            }
+            parent.store(self.with_count(p, level, n + 1), Ordering::Relaxed);
+        }
+        write_barrier();
+        Ok(())
+    }
+
+    /// `n` (at most `N`) zeroed frames of a granule each, or none: on a failure the ones already allocated go back.
+    pub(super) fn zeroed_frames<const N: usize>(&self, n: usize) -> Result<heapless::Vec<DmaBlock, N>, MapError> {
+        let granule = 1usize << self.geometry.granule_bits;
+        let mut frames = heapless::Vec::new();
+        for _ in 0..n.min(N) {
+            match self.allocator.allocate_zeroed(granule, granule) {
+                Ok(t) => {
+                    let _ = frames.push(t);
+                }
+                Err(e) => {
+                    for t in frames {
+                        // SAFETY: just allocated here, never published.
+                        unsafe { self.allocator.free(t) };
+                    }
+                    return Err(MapError::NoMemory(e));
+                }
+            }
+        }
+        Ok(frames)
+    }
+
+    /// The tables from `level + 1` down to the last level that a page at `iova` needs below an invalid entry at
+    /// `level`, holding `leaf` (see [`IoPageTable::chain`]); the descriptor that will link them is returned.
+    #[inline(never)]
+    pub(super) fn new_tables(&mut self, level: u8, iova: u64, leaf: u64) -> Result<u64, MapError> {
+        let (word, frames) = self.chain(level, iova, 3, leaf, 1)?;
+        self.tables.add(frames.len() as u32);
+        Ok(word)
+    }
+
+    /// The tables from `level + 1` down to `leaf_level` below an invalid entry at `level`, the one at
+    /// `leaf_level` holding `n` leaves from `va` (`first_leaf`, then one entry further each), the others one table
+    /// descriptor each: allocated first, so that a failure changes nothing (every frame goes back), then filled
+    /// bottom-up with their counts, cleaned, and ordered (DMB OSHST) before the descriptor that will link them,
+    /// which is returned with the frames (nothing refers to them yet: a caller that cannot link them frees them).
+    /// A last-level table that the leaves fill whole is not zeroed first.
+    pub(super) fn chain(
+        &self,
+        level: u8,
+        va: u64,
+        leaf_level: u8,
+        first_leaf: u64,
+        n: usize,
+    ) -> Result<(u64, Frames), MapError> {
+        let g = self.geometry;
+        let entries = 1usize << g.level_bits;
+        let whole = leaf_level == 3 && n == entries;
+        let levels = usize::from(leaf_level - level);
+        let mut frames: Frames = self.zeroed_frames(levels - usize::from(whole))?;
+        if whole {
+            let granule = 1usize << g.granule_bits;
+            match self.allocator.allocate_for_overwrite(granule, granule) {
+                Ok(t) => {
+                    let _ = frames.push(t);
+                }
+                Err(e) => {
+                    self.free_frames(frames);
+                    return Err(MapError::NoMemory(e));
+                }
+            }
+        }
+        let mut word = 0;
+        for (k, table) in frames.iter().enumerate().rev() {
+            let table_level = level + 1 + k as u8;
+            let slots = entries_of(table.virt, entries);
+            let index = g.index(table_level, va);
+            let count = if table_level == leaf_level {
+                // Nothing refers to the new table yet.
+                fill(&slots[index..index + n], first_leaf, 1 << g.entry_shift(leaf_level));
+                n
+            } else {
+                slots[index].store(word, Ordering::Relaxed);
+                1
+            };
+            self.coherency.clean(table.virt.as_ptr(), table.size);
+            word = self.with_count(desc::table(table.phys.0), table_level, count);
+        }
+        // The new tables' contents before the descriptor that links them.
+        write_barrier();
+        Ok((word, frames))
+    }
+
+    /// Gives back frames never linked.
+    pub(super) fn free_frames(&self, frames: Frames) {
+        for t in frames {
+            // SAFETY: allocated from this allocator and never published: nothing can reach it.
+            unsafe { self.allocator.free(t) };
+        }
+    }
+
+    pub(super) fn check_range(&self, iova: u64, size: u64) -> Result<(), MapError> {
+        let granule = 1u64 << self.geometry.granule_bits;
+        if size == 0 || !iova.is_multiple_of(granule) || !size.is_multiple_of(granule) {
+            return Err(MapError::Unaligned { iova, size });
+        }
+        match iova.checked_add(size) {
+            Some(end) if end <= 1 << self.format.input_bits => Ok(()),
+            _ => Err(MapError::InputOutOfRange { iova, size }),
+        }
+    }
+
+    /// The first mapped address in `[iova, iova + size)`, if any.
+    pub(super) fn first_mapped(&self, iova: u64, size: u64) -> Option<u64> {
+        self.first_mapped_in(self.geometry.start_level, self.root_entries(), 0, iova, iova + size)
+    }
+
+    /// The first mapped address of `[start, end)` under a table covering from `base`, visiting only the entries
+    /// that overlap the range.
+    pub(super) fn first_mapped_in(
+        &self,
+        level: u8,
+        entries: &[AtomicU64],
+        base: u64,
+        start: u64,
+        end: u64,
+    ) -> Option<u64> {
+        let shift = self.geometry.entry_shift(level);
+        let first = ((start - base) >> shift) as usize;
+        let last = (((end - 1) - base) >> shift) as usize;
+        for (i, e) in entries.iter().enumerate().take(last + 1).skip(first) {
+            let d = e.load(Ordering::Acquire);
+            if !desc::is_valid(d) {
+                continue;
+            }
+            let entry_base = base + ((i as u64) << shift);
+            let (from, to) = (start.max(entry_base), end.min(entry_base + (1 << shift)));
+            if !desc::is_table(d, level) {
+                return Some(from);
+            }
+            let next = self.table_entries(level + 1, desc::address(d))?;
+            if let Some(found) = self.first_mapped_in(level + 1, next, entry_base, from, to) {
+                return Some(found);
+            }
+        }
+        None
+    }
+
+    /// Maps `[iova, iova + size)` to `[pa, pa + size)` with `prot`, using the largest blocks that alignment allows.
+    ///
+    /// Every table the mapping needs is allocated before anything is written, so a failure leaves the tables
+    /// exactly as they were: nothing was linked, so nothing needs invalidating and no table the SMMU may have
+    /// walked is freed. A successful map only adds translations where there were none: it needs no invalidation
+    /// (the SMMU caches no invalid entries in the formats used here), and publishes its descriptors with a
+    /// barrier before it returns. Over the span of a [`Gather`] not flushed yet (an unmap, or a trim, including
+    /// the one a single-page unmap runs past the lazy-free limit) the SMMU may still use the old translations,
+    /// through its TLB or through a walk cache naming a table that gather unlinked (whose leaves a range unmap
+    /// left in place): flush that gather before mapping there (see the module documentation).
+    ///
+    /// # Errors
+    /// [`MapError::Unaligned`] (the IOVA or the size), [`MapError::UnalignedOutput`] (the physical address),
+    /// [`MapError::InputOutOfRange`], [`MapError::OutputOutOfRange`] (the whole output range must fit),
+    /// [`MapError::BadProt`], [`MapError::Overlap`], [`MapError::NoMemory`]; nothing changes then (the allocator
+    /// has every frame back).
+    #[inline]
+    pub fn map(&mut self, iova: u64, pa: u64, size: u64, prot: Prot) -> Result<(), MapError> {
+        let granule = 1u64 << self.geometry.granule_bits;
+        if size == granule
+            && (iova | pa) & (granule - 1) == 0
+            && iova >> self.format.input_bits == 0
+            && pa >> self.format.output_bits == 0
+            && Some(prot) == self.last_prot
+        {
+            // One granule, aligned, inside both address spaces, with the protection of the previous map (already
+            // checked): the checks below would all pass.
+            return self.map_page(iova, pa, self.last_template);
+        }
+        self.map_range(iova, pa, size, prot)
+    }
+
+    /// `map`, every check in order, then the single-page path or the range path.
+    #[inline(never)]
+    pub(super) fn map_range(&mut self, iova: u64, pa: u64, size: u64, prot: Prot) -> Result<(), MapError> {
+        self.check_range(iova, size)?;
+        if !pa.is_multiple_of(1 << self.geometry.granule_bits) {
+            return Err(MapError::UnalignedOutput { pa, size });
+        }
+        match pa.checked_add(size) {
+            Some(end) if end <= 1 << self.format.output_bits => {}
+            _ => return Err(MapError::OutputOutOfRange { pa, size }),
+        }
+        if !self.expressible(prot) {
+            return Err(MapError::BadProt(prot));
+        }
+        if size == 1 << self.geometry.granule_bits {
+            self.last_template = desc::leaf(self.format.stage, 0, prot, true);
+            self.last_prot = Some(prot);
+            return self.map_page(iova, pa, self.last_template);
+        }
+        if let Some(mapped) = self.first_mapped(iova, size) {
+            return Err(MapError::Overlap { iova: mapped });
+        }
+        let root = self.root_entries();
+        let mut needed = (0, 0);
+        self.tables_needed(
+            self.geometry.start_level,
+            Some(root),
+            0,
+            iova,
+            iova + size,
+            pa,
+            &mut needed,
+        )?;
+        let mut pool = Pool::default();
+        let granule = 1usize << self.geometry.granule_bits;
+        for full in [false, true] {
+            for _ in 0..if full { needed.1 } else { needed.0 } {
+                let table = if full {
+                    self.allocator.allocate_for_overwrite(granule, granule)
+                } else {
+                    self.allocator.allocate_zeroed(granule, granule)
+                };
+                match table {
+                    Ok(table) => pool.push(table, full),
+                    Err(e) => {
+                        self.free_pool(&mut pool);
+                        return Err(MapError::NoMemory(e));
+                    }
+                }
+            }
+        }
+        let root = self.root.phys.0;
+        self.map_in(
+            self.geometry.start_level,
+            root,
+            0,
+            iova,
+            iova + size,
+            pa,
+            prot,
+            &mut pool,
+        );
+        debug_assert!(
+            pool.zeroed.is_none() && pool.overwrite.is_none(),
+            "tables counted exactly"
+        );
+        self.free_pool(&mut pool);
+        write_barrier();
+        Ok(())
+    }
+
+    /// Gives the frames left in `pool` (never linked) back to the allocator.
+    fn free_pool(&mut self, pool: &mut Pool) {
+        for full in [false, true] {
+            while let Some(table) = pool.pop(full) {
+                // SAFETY: allocated from this allocator by `map` and never linked: nothing can reach it.
+                unsafe { self.allocator.free(table) };
+            }
+        }
+    }
+
+    /// Which entries of a table covering from `table_base`, of those from `first` to `last` that `[start, end)`
+    /// (output from `pa` at `start`) touches, become leaves in one run: the entries wholly covered, when leaves
+    /// are allowed at `level` and the output is aligned to an entry. An empty range when none.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn leaf_run(
+        &self,
+        level: u8,
+        table_base: u64,
+        first: usize,
+        last: usize,
+        start: u64,
+        end: u64,
+        pa: u64,
+    ) -> (usize, usize) {
+        let shift = self.geometry.entry_shift(level);
+        let leaf_here = level == 3 || self.geometry.block_allowed(level);
+        let run_start = if start == table_base + ((first as u64) << shift) {
+            first
+        } else {
+            first + 1
+        };
+        let run_end = if end == table_base + ((last as u64 + 1) << shift) {
+            last + 1
+        } else {
+            last
+        };
+        let output = pa + (table_base + ((run_start as u64) << shift)).wrapping_sub(start);
+        if leaf_here && run_start < run_end && output.is_multiple_of(1 << shift) {
+            (run_start, run_end)
+        } else {
+            (0, 0)
+        }
+    }
+
+    /// Counts the tables `map_in` will create for `[start, end)` (output from `pa`) below the table `entries`
+    /// (`None`: a table still to be created, all invalid) covering from `table_base`: `needed.0` zeroed ones,
+    /// `needed.1` last-level tables that the map fills whole.
+    ///
+    /// # Errors
+    /// [`MapError::NoMemory`] when the allocator does not know a table's physical address (a broken allocator).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn tables_needed(
+        &self,
+        level: u8,
+        entries: Option<&[AtomicU64]>,
+        table_base: u64,
+        start: u64,
+        end: u64,
+        pa: u64,
+        needed: &mut (usize, usize),
+    ) -> Result<(), MapError> {
+        let shift = self.geometry.entry_shift(level);
+        let entry_size = 1u64 << shift;
+        let first = ((start - table_base) >> shift) as usize;
+        let last = (((end - 1) - table_base) >> shift) as usize;
+        let run = self.leaf_run(level, table_base, first, last, start, end, pa);
+        for i in first..=last {
+            if (run.0..run.1).contains(&i) {
+                continue;
+            }
+            let entry_base = table_base + ((i as u64) << shift);
+            let (from, to) = (start.max(entry_base), end.min(entry_base + entry_size));
+            let output = pa + (from - start);
+            let d = entries.map_or(0, |e| e[i].load(Ordering::Acquire));
+            if desc::is_table(d, level) {
+                let next = self
+                    .table_entries(level + 1, desc::address(d))
+                    .ok_or(MapError::NoMemory(AllocError::OutOfMemory { size: 0 }))?;
+                self.tables_needed(level + 1, Some(next), entry_base, from, to, output, needed)?;
+            } else if level + 1 == 3 && from == entry_base && to == entry_base + entry_size {
+                needed.1 += 1;
+            } else {
+                needed.0 += 1;
+                self.tables_needed(level + 1, None, entry_base, from, to, output, needed)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Maps `[start, end)` (output from `pa` at `start`) inside the table at `table_phys` (covering from
+    /// `table_base`) in one pass over its entries: leaves where an entry is covered and aligned (blocks where the
+    /// level allows them), tables below otherwise, taken from `pool` (which `tables_needed` sized) and filled
+    /// before they are linked. Returns how many of the table's entries became valid (for its count).
+    #[allow(clippy::too_many_arguments)]
+    fn map_in(
+        &mut self,
+        level: u8,
+        table_phys: u64,
+        table_base: u64,
+        start: u64,
+        end: u64,
+        pa: u64,
+        prot: Prot,
+        pool: &mut Pool,
+    ) -> usize {
+        let shift = self.geometry.entry_shift(level);
+        let entry_size = 1u64 << shift;
+        let count = self.geometry.entries(level);
+        let Some(virt) = self.allocator.phys_to_virt(PhysAddr(table_phys)) else {
+            // `tables_needed` found every existing table: unreachable with an allocator that keeps its word.
+            return 0;
+        };
+        let entries = entries_of(virt, count);
+        let first = ((start - table_base) >> shift) as usize;
+        let last = (((end - 1) - table_base) >> shift) as usize;
+        // The descriptor of output address 0 at this level: each leaf adds its output address.
+        let template = desc::leaf(self.format.stage, 0, prot, level == 3);
+        let output = |va: u64| pa + (va - start);
+        // Fast path: entries wholly covered, with aligned outputs, become leaves in one run of stores.
+        let (run_start, run_end) = self.leaf_run(level, table_base, first, last, start, end, pa);
+        let mut added = 0;
+        let mut i = first;
+        while i <= last {
+            let entry_base = table_base + ((i as u64) << shift);
+            if i == run_start && run_start < run_end {
+                if self.empty.signed() > 0
+                    && entries[run_start..run_end]
+                        .iter()
+                        .any(|e| desc::is_valid(e.load(Ordering::Relaxed)))
+                {
+                    // Tables that `unmap_page` emptied are still linked inside the run (`map` found nothing
+                    // mapped, so every valid entry here leads only to them): a leaf must not replace a linked
+                    // table without an invalidation, so map into them instead. That needs no new table: the run
+                    // covers them whole, with aligned output, so their entries become leaves too.
+                    for (k, e) in entries.iter().enumerate().take(run_end).skip(run_start) {
+                        let base = table_base + ((k as u64) << shift);
+                        let d = e.load(Ordering::Relaxed);
+                        if desc::is_table(d, level) {
+                            let more = self.map_in(
+                                level + 1,
+                                desc::address(d),
+                                base,
+                                base,
+                                base + entry_size,
+                                output(base),
+                                prot,
+                                pool,
+                            );
+                            self.set_count(e, level + 1, desc::count(d) + more);
+                        } else {
+                            self.store(e, template | output(base));
+                            added += 1;
+                        }
+                    }
+                    i = run_end;
+                    continue;
+                }
+                let first_output = output(entry_base);
+                // Entries of a live table that `&mut self` keeps from any other CPU-side access.
+                fill(&entries[run_start..run_end], template | first_output, entry_size);
+                self.coherency
+                    .clean(entries[run_start..].as_ptr().cast(), (run_end - run_start) * 8);
+                added += run_end - run_start;
+                i = run_end;
+                continue;
+            }
+            let entry = &entries[i];
+            i += 1;
+            let from = start.max(entry_base);
+            let to = end.min(entry_base + entry_size);
+            let d = entry.load(Ordering::Acquire);
+            if desc::is_table(d, level) {
+                let more = self.map_in(
+                    level + 1,
+                    desc::address(d),
+                    entry_base,
+                    from,
+                    to,
+                    output(from),
+                    prot,
+                    pool,
+                );
+                self.set_count(entry, level + 1, desc::count(d) + more);
+                continue;
+            }
+            // Below an invalid entry (`map` checked that nothing is mapped here) a new table, filled before it is
+            // linked. A new last-level table whose whole span is mapped: every entry a page, written here in one
+            // pass (so its frame need not be zeroed first), and marked full.
+            let full = level + 1 == 3 && from == entry_base && to == entry_base + entry_size;
+            let Some(table) = pool.pop(full) else {
+                // `tables_needed` counted every table: unreachable.
+                return added;
+            };
+            self.tables.add(1);
+            added += 1;
+            let entries_below = 1usize << self.geometry.level_bits;
+            let count = if full {
+                let page = 1u64 << self.geometry.granule_bits;
+                // A new table: nothing else refers to it yet.
+                fill(
+                    entries_of(table.virt, entries_below),
+                    desc::leaf(self.format.stage, output(from), prot, true),
+                    page,
+                );
+                entries_below
+            } else {
+                self.map_in(level + 1, table.phys.0, entry_base, from, to, output(from), prot, pool)
+            };
+            self.coherency.clean(table.virt.as_ptr(), table.size);
+            let link = self.with_count(desc::table(table.phys.0), level + 1, count);
+            // The filled table must be visible before the descriptor that points to it.
+            write_barrier();
+            self.store(entry, link);
+        }
+        added
+    }
+}

@@ -1,0 +1,401 @@
+//! Unmapping and reprotecting: the single-page path, and the range path that splits blocks (BBML = 2), unlinks
+//! emptied tables into the gather and counts the pages of whole subtrees without rewriting them.
+
+use super::*;
+
+impl<A: FrameAllocator> IoPageTable<A> {
+    /// Unmaps the granule at `iova` (checked by `unmap`) with one descent from the root: `None` when a block maps
+    /// it (the range path splits or refuses it). A last-level table that this empties stays linked and waits
+    /// for [`IoPageTable::trim`], unless more than the lazy-free limit already wait: then this trims, when
+    /// `TRIM`.
+    #[inline]
+    pub(super) fn unmap_page<const TRIM: bool>(&mut self, iova: u64, gather: &mut Gather) -> Option<u64> {
+        let g = self.geometry;
+        let mut parent: Option<&AtomicU64> = None;
+        let mut level = g.start_level;
+        let mut entries = entries_of(self.root.virt, g.root_entries);
+        let (mut shift, mut mask) = (g.entry_shift(level), g.root_entries - 1);
+        loop {
+            let slot = &entries[(iova >> shift) as usize & mask];
+            let d = slot.load(Ordering::Relaxed);
+            if !desc::is_valid(d) {
+                return Some(0);
+            }
+            if level == 3 {
+                break;
+            }
+            if !desc::is_table(d, level) {
+                return None;
+            }
+            let virt = self.allocator.phys_to_virt(PhysAddr(desc::address(d)))?;
+            parent = Some(slot);
+            entries = entries_of(virt, 1 << g.level_bits);
+            level += 1;
+            (shift, mask) = (shift - g.level_bits, (1 << g.level_bits) - 1);
+        }
+        let slot = &entries[(iova >> shift) as usize & mask];
+        self.store(slot, 0);
+        gather.add(iova, 1 << g.granule_bits, g.granule_bits);
+        if let Some(parent) = parent {
+            // One entry fewer: the count goes down (a borrow-free subtraction in its low bits when they are not
+            // zero) and the table is no longer full.
+            let p = parent.load(Ordering::Relaxed) & !desc::SW_TABLE_FULL;
+            let p = if p & desc::SW_COUNT_LOW != 0 {
+                p - (1 << 2)
+            } else {
+                desc::with_count(p, desc::count(p).saturating_sub(1))
+            };
+            parent.store(p, Ordering::Relaxed);
+            if p & (desc::SW_COUNT_LOW | desc::SW_COUNT_HIGH) == 0 {
+                self.note_empty(iova);
+            }
+        }
+        if TRIM && self.trim_due() {
+            self.trim_in_place(gather);
+        }
+        Some(1 << g.granule_bits)
+    }
+
+    /// Unmaps every mapping inside `[iova, iova + size)` and returns the bytes unmapped. A block that straddles an
+    /// end is split in place only when [`IoPageTable::set_bbm_level`] allowed it (BBML = 2).
+    ///
+    /// The caller invalidates: the removed translations (and any unlinked table's span, for walk caches) are
+    /// added to `gather`, and the SMMU may keep using them until the caller has issued that invalidation and its
+    /// CMD_SYNC has completed (`ActiveSmmu::flush` does both). Tables that emptied are unlinked but not freed:
+    /// they go back to the allocator only through [`IoPageTable::release`], to be called after that completion.
+    /// The first use stamps `gather` with this table's identity (see [`Gather`]).
+    ///
+    /// An unmap of exactly one granule takes the single-page path: a last-level table it empties stays linked
+    /// until the next [`IoPageTable::trim`] (or range unmap), unless the lazy-free limit is exceeded. Any other
+    /// unmap also trims. Returns 0 (and gathers nothing) where nothing was mapped.
+    ///
+    /// # Errors
+    /// [`MapError::Unaligned`], [`MapError::InputOutOfRange`], [`MapError::WouldSplitBlock`] (a cut block without
+    /// BBML = 2), [`MapError::NoMemory`] (for splitting a block), [`MapError::ForeignGather`] (a gather another
+    /// table filled); nothing changes then, `gather` included.
+    #[inline]
+    pub fn unmap(&mut self, iova: u64, size: u64, gather: &mut Gather) -> Result<u64, MapError> {
+        self.unmap_in::<true>(iova, size, gather)
+    }
+
+    /// [`IoPageTable::unmap`] without any trim: `gather` gets only what the range itself removes (with the tables
+    /// the range empties, unlinked as by `unmap`, and their spans), never a table that a trim unlinked elsewhere; a
+    /// single-page unmap leaves the table it empties linked even past the lazy-free limit, and the caller trims
+    /// when [`IoPageTable::trim_due`] says so. For a gather whose invalidation is deferred.
+    ///
+    /// # Errors
+    /// As [`IoPageTable::unmap`].
+    #[inline]
+    pub fn unmap_without_trim(&mut self, iova: u64, size: u64, gather: &mut Gather) -> Result<u64, MapError> {
+        self.unmap_in::<false>(iova, size, gather)
+    }
+
+    #[inline(always)]
+    pub(super) fn unmap_in<const TRIM: bool>(
+        &mut self,
+        iova: u64,
+        size: u64,
+        gather: &mut Gather,
+    ) -> Result<u64, MapError> {
+        self.check_owner(gather)?;
+        let granule = 1u64 << self.geometry.granule_bits;
+        if size == granule
+            && iova & (granule - 1) == 0
+            && iova >> self.format.input_bits == 0
+            && let Some(bytes) = self.unmap_page::<TRIM>(iova, gather)
+        {
+            gather.owner = self.id.0;
+            return Ok(bytes);
+        }
+        let bytes = self.change(iova, size, gather, None, TRIM)?;
+        gather.owner = self.id.0;
+        Ok(bytes)
+    }
+
+    /// Gives every mapping inside `[iova, iova + size)` the protection `prot` and returns the bytes of mappings
+    /// changed. A block that straddles an end is split in place only when [`IoPageTable::set_bbm_level`] allowed
+    /// it (BBML = 2). Only permissions change in place: the memory type (Device, Normal non-cacheable, Normal
+    /// cacheable) of a live mapping is never changed, as that needs break-before-make.
+    ///
+    /// The caller invalidates: the translations whose protection changed go to `gather`, and a reduction is in
+    /// force only once the caller's invalidation for it has completed (`ActiveSmmu::flush`).
+    ///
+    /// # Errors
+    /// [`MapError::Unaligned`], [`MapError::InputOutOfRange`], [`MapError::BadProt`] (inexpressible, or another
+    /// memory type than a mapping in the range has), [`MapError::WouldSplitBlock`], [`MapError::NoMemory`] (for
+    /// splitting a block), [`MapError::ForeignGather`]; nothing changes then, `gather` included.
+    pub fn protect(&mut self, iova: u64, size: u64, prot: Prot, gather: &mut Gather) -> Result<u64, MapError> {
+        self.check_owner(gather)?;
+        if !self.expressible(prot) {
+            return Err(MapError::BadProt(prot));
+        }
+        self.check_range(iova, size)?;
+        // A memory-type change on a live leaf needs break-before-make: refuse it before anything changes.
+        let (stage, wanted) = (self.format.stage, MemoryType::of(prot));
+        let mut other_type = false;
+        self.visit(
+            self.geometry.start_level,
+            self.root_entries(),
+            0,
+            &mut |_, d| other_type |= Some(desc::memory_type(stage, d)) != wanted,
+            Some((iova, iova + size)),
+        );
+        if other_type {
+            return Err(MapError::BadProt(prot));
+        }
+        let bytes = self.change(iova, size, gather, Some(prot), false)?;
+        gather.owner = self.id.0;
+        Ok(bytes)
+    }
+
+    pub(super) fn expressible(&self, prot: Prot) -> bool {
+        desc::expressible(self.format.stage, prot)
+    }
+
+    #[inline(never)]
+    pub(super) fn change(
+        &mut self,
+        iova: u64,
+        size: u64,
+        gather: &mut Gather,
+        reprotect: Option<Prot>,
+        trim: bool,
+    ) -> Result<u64, MapError> {
+        self.check_range(iova, size)?;
+        // Splitting the blocks that straddle the range's ends needs at most one table per level below each:
+        // allocate them first, so that running out of memory changes nothing.
+        let needed = self.splits_needed(iova) + self.splits_needed(iova + size);
+        if needed > 0 && !self.split_blocks {
+            let cut = if self.splits_needed(iova) > 0 {
+                iova
+            } else {
+                iova + size
+            };
+            return Err(MapError::WouldSplitBlock { iova: cut });
+        }
+        let mut reserve: heapless::Vec<DmaBlock, 8> = self.zeroed_frames(needed)?;
+        let root = self.root.phys.0;
+        let (unmapped, _) = self.change_in(
+            self.geometry.start_level,
+            root,
+            0,
+            iova,
+            iova + size,
+            gather,
+            &mut reserve,
+            reprotect,
+        );
+        for t in reserve {
+            // SAFETY: never published.
+            unsafe { self.allocator.free(t) };
+        }
+        if trim {
+            self.trim_in_place(gather);
+        }
+        // No barrier here: the caller's invalidation orders these stores before its command queue's PROD write
+        // (see the module documentation).
+        Ok(unmapped)
+    }
+
+    /// Tables needed to split the block (if any) that maps `address` without starting at it.
+    pub(super) fn splits_needed(&self, address: u64) -> usize {
+        let mut level = self.geometry.start_level;
+        let mut phys = self.root.phys.0;
+        loop {
+            let Some(entries) = self.table_entries(level, phys) else {
+                return 0;
+            };
+            let Some(entry) = entries.get(self.geometry.index(level, address)) else {
+                return 0;
+            };
+            let d = entry.load(Ordering::Acquire);
+            if desc::is_table(d, level) {
+                phys = desc::address(d);
+                level += 1;
+                continue;
+            }
+            if !desc::is_valid(d) || level == 3 || address.is_multiple_of(1 << self.geometry.entry_shift(level)) {
+                return 0;
+            }
+            // Split down to the level whose entries the address is aligned to.
+            let target = (level + 1..=3)
+                .find(|&l| address.is_multiple_of(1 << self.geometry.entry_shift(l)))
+                .unwrap_or(3);
+            return usize::from(target - level);
+        }
+    }
+
+    /// Unmaps (or, with `reprotect`, reprotects) `[start, end)` inside the table at `table_phys` (covering from
+    /// `table_base`). Returns the bytes of mappings removed or changed, and how many of the table's entries became
+    /// invalid (for its count).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn change_in(
+        &mut self,
+        level: u8,
+        table_phys: u64,
+        table_base: u64,
+        start: u64,
+        end: u64,
+        gather: &mut Gather,
+        reserve: &mut heapless::Vec<DmaBlock, 8>,
+        reprotect: Option<Prot>,
+    ) -> (u64, usize) {
+        let shift = self.geometry.entry_shift(level);
+        let entry_size = 1u64 << shift;
+        let count = self.geometry.entries(level);
+        let Some(virt) = self.allocator.phys_to_virt(PhysAddr(table_phys)) else {
+            return (0, 0);
+        };
+        let entries = entries_of(virt, count);
+        let mut removed = 0;
+        let table_end = table_base.saturating_add(entry_size * count as u64);
+        let first = ((start.max(table_base) - table_base) >> shift) as usize;
+        let last = (((end.min(table_end) - 1) - table_base) >> shift) as usize;
+        let mut unmapped = 0;
+        // Leaves cleared in this table: the lowest address, one past the highest, how many. They are cleaned and
+        // gathered once, after the loop.
+        let mut cleared = (u64::MAX, 0, 0);
+        for (i, entry) in entries.iter().enumerate().take(last + 1).skip(first) {
+            let entry_base = table_base + ((i as u64) << shift);
+            let d = entry.load(Ordering::Acquire);
+            if !desc::is_valid(d) {
+                continue;
+            }
+            let covered = start <= entry_base && entry_base + entry_size <= end;
+            if covered
+                && !desc::is_table(d, level)
+                && let Some(prot) = reprotect
+            {
+                // A leaf inside the range keeps its output address and level, with the new protection.
+                let new = desc::leaf(self.format.stage, desc::address(d), prot, level == 3);
+                if new != d {
+                    self.store(entry, new);
+                    gather.add(entry_base, entry_size, shift);
+                }
+                unmapped += entry_size;
+                continue;
+            }
+            if covered && reprotect.is_none() {
+                removed += 1;
+                if desc::is_table(d, level) {
+                    self.forget_if_empty(d);
+                    self.store(entry, 0);
+                    // The whole subtree goes: count its leaves and collect its tables without rewriting them.
+                    let (bytes, smallest) = self.reclaim(level + 1, d, gather);
+                    // Always: walk caches may hold the unlinked table even if it mapped nothing.
+                    gather.add(entry_base, entry_size, smallest);
+                    unmapped += bytes;
+                } else {
+                    // Cleaned with the rest of the run after the loop; ordered by the barrier that ends `unmap`.
+                    entry.store(0, Ordering::Relaxed);
+                    cleared = (cleared.0.min(entry_base), entry_base + entry_size, cleared.2 + 1);
+                    unmapped += entry_size;
+                }
+                continue;
+            }
+            let (next, before) = if desc::is_table(d, level) {
+                (desc::address(d), desc::count(d))
+            } else {
+                // A block straddling the range: replace it with a table of the same mappings, then recurse.
+                let Some(table) = reserve.pop() else { continue };
+                let sub = entries_of(table.virt, 1 << self.geometry.level_bits);
+                let child_shift = self.geometry.entry_shift(level + 1);
+                // The block's own attribute bits, copied (not re-derived from a `Prot`), with the page bit at
+                // level 3.
+                let attributes = (d & !desc::OUTPUT_ADDRESS & !desc::TABLE_OR_PAGE)
+                    | if level + 1 == 3 { desc::TABLE_OR_PAGE } else { 0 };
+                for (j, e) in sub.iter().enumerate() {
+                    let out = desc::address(d) + ((j as u64) << child_shift);
+                    e.store(attributes | out, Ordering::Relaxed);
+                }
+                self.coherency.clean(table.virt.as_ptr(), table.size);
+                write_barrier();
+                self.store(entry, self.with_count(desc::table(table.phys.0), level + 1, sub.len()));
+                self.tables.add(1);
+                // The block's translation is replaced: the TLB may hold it.
+                gather.add(entry_base, entry_size, shift);
+                (table.phys.0, sub.len())
+            };
+            let (bytes, gone) = self.change_in(level + 1, next, entry_base, start, end, gather, reserve, reprotect);
+            unmapped += bytes;
+            let after = before.saturating_sub(gone);
+            if reprotect.is_none() && after == 0 {
+                // Emptied now, or already empty (left linked by `unmap_page`): unlinked, and its span invalidated
+                // for the walk caches even if nothing below it was mapped.
+                self.forget_if_empty(entry.load(Ordering::Relaxed));
+                self.store(entry, 0);
+                self.free_later(next, gather);
+                gather.add_run(entry_base, entry_base + entry_size, self.geometry.granule_bits, 0);
+                removed += 1;
+            } else if gone > 0 {
+                self.set_count(entry, level + 1, after);
+            }
+        }
+        if cleared.2 > 0 {
+            let run = &entries[first..=last];
+            self.coherency.clean(run.as_ptr().cast(), run.len() * 8);
+            gather.add_run(cleared.0, cleared.1, shift, cleared.2);
+        }
+        (unmapped, removed)
+    }
+
+    /// Bytes mapped below the unlinked table that the table descriptor `link` names, and the smallest leaf's
+    /// shift; the table and its subtables go to `gather`. A level-2 table goes as one link with its last-level
+    /// tables (see [`LINK_SUBTREE`]), which are counted without being written, and without being read when their
+    /// descriptor says they are full.
+    pub(super) fn reclaim(&mut self, level: u8, link: u64, gather: &mut Gather) -> (u64, u8) {
+        let table_phys = desc::address(link);
+        let shift = self.geometry.entry_shift(level);
+        let Some(virt) = self.allocator.phys_to_virt(PhysAddr(table_phys)) else {
+            return (0, shift);
+        };
+        let entries = entries_of(virt, 1 << self.geometry.level_bits);
+        if level == 3 {
+            let bytes = self.pages_in(link, entries);
+            self.free_later(table_phys, gather);
+            return (bytes, shift);
+        }
+        let mut bytes = 0;
+        let mut smallest = shift;
+        for e in entries {
+            let d = e.load(Ordering::Relaxed);
+            if desc::is_table(d, level) && level == 2 {
+                self.forget_if_empty(d);
+                if let Some(child) = self.allocator.phys_to_virt(PhysAddr(desc::address(d))) {
+                    bytes += self.pages_in(d, entries_of(child, entries.len()));
+                    smallest = smallest.min(self.geometry.entry_shift(3));
+                    gather.freed += 1;
+                    self.tables.decrement();
+                }
+            } else if desc::is_table(d, level) {
+                self.forget_if_empty(d);
+                let (b, s) = self.reclaim(level + 1, d, gather);
+                bytes += b;
+                smallest = smallest.min(s);
+            } else if desc::is_valid(d) {
+                bytes += 1 << shift;
+            }
+        }
+        if level == 2 {
+            self.subtree_link_slot(entries, virt)
+                .store(gather.freed_head, Ordering::Relaxed);
+            gather.freed_head = table_phys | LINK_SUBTREE | LINK_PRESENT;
+            gather.freed += 1;
+            gather.tables_unlinked = true;
+            self.tables.decrement();
+        } else {
+            self.free_later(table_phys, gather);
+        }
+        (bytes, smallest)
+    }
+
+    /// Bytes the last-level table `entries`, named by the table descriptor `link`, maps.
+    pub(super) fn pages_in(&self, link: u64, entries: &[AtomicU64]) -> u64 {
+        let shift = self.geometry.entry_shift(3);
+        if link & desc::SW_TABLE_FULL != 0 {
+            return (entries.len() as u64) << shift;
+        }
+        // A live, unlinked table of this page table; nothing writes it while `&mut self` is held.
+        count_valid(entries) << shift
+    }
+}

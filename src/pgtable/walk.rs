@@ -1,0 +1,89 @@
+//! Reading a table: translation of one address, and a walk over every mapping.
+
+use super::*;
+
+impl<A: FrameAllocator> IoPageTable<A> {
+    /// The output address `iova` translates to, and the protection, if it is mapped.
+    pub fn translate(&self, iova: u64) -> Option<(u64, Prot)> {
+        if iova >> self.format.input_bits != 0 {
+            return None;
+        }
+        let mut level = self.geometry.start_level;
+        let mut phys = self.root.phys.0;
+        loop {
+            let entries = self.table_entries(level, phys)?;
+            let d = entries[self.geometry.index(level, iova)].load(Ordering::Acquire);
+            if !desc::is_valid(d) {
+                return None;
+            }
+            if desc::is_table(d, level) {
+                phys = desc::address(d);
+                level += 1;
+                continue;
+            }
+            let offset = iova & ((1 << self.geometry.entry_shift(level)) - 1);
+            return Some((desc::address(d) + offset, desc::prot(self.format.stage, d)));
+        }
+    }
+
+    /// The output address `iova` translates to, if it is mapped.
+    pub fn iova_to_phys(&self, iova: u64) -> Option<u64> {
+        self.translate(iova).map(|(pa, _)| pa)
+    }
+
+    /// Calls `f` for every mapping (page or block), in address order.
+    pub fn walk(&self, mut f: impl FnMut(Mapping)) {
+        let stage = self.format.stage;
+        self.visit(
+            self.geometry.start_level,
+            self.root_entries(),
+            0,
+            &mut |m, d| {
+                f(Mapping {
+                    prot: desc::prot(stage, d),
+                    ..m
+                })
+            },
+            None,
+        );
+    }
+
+    pub(super) fn visit(
+        &self,
+        level: u8,
+        entries: &[AtomicU64],
+        base: u64,
+        f: &mut dyn FnMut(Mapping, u64),
+        within: Option<(u64, u64)>,
+    ) {
+        let shift = self.geometry.entry_shift(level);
+        for (i, e) in entries.iter().enumerate() {
+            let iova = base + ((i as u64) << shift);
+            let size = 1u64 << shift;
+            if let Some((start, end)) = within
+                && (iova + size <= start || end <= iova)
+            {
+                continue;
+            }
+            let d = e.load(Ordering::Acquire);
+            if !desc::is_valid(d) {
+                continue;
+            }
+            if desc::is_table(d, level) {
+                if let Some(next) = self.table_entries(level + 1, desc::address(d)) {
+                    self.visit(level + 1, next, iova, f, within);
+                }
+            } else {
+                f(
+                    Mapping {
+                        iova,
+                        pa: desc::address(d),
+                        size,
+                        prot: Prot::empty(),
+                    },
+                    d,
+                );
+            }
+        }
+    }
+}
