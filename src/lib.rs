@@ -20,6 +20,7 @@ pub mod protected;
 pub mod queue;
 pub mod smmu;
 pub mod stream;
+mod sync;
 mod table;
 #[cfg(test)]
 pub(crate) mod testing;

@@ -27,6 +27,15 @@ pub struct DmaBlock {
     pub size: usize,
 }
 
+// SAFETY: a `DmaBlock` is the driver's own block of memory (handed over by a `FrameAllocator`, whose contract makes
+// it exclusively the owner's until freed), not a reference into someone else's data: moving it to another CPU moves
+// that ownership. The pointer is only a handle; every access through it is made by the code that owns the block, with
+// atomics where several CPUs or the SMMU may touch it (`DmaBlock::words`).
+unsafe impl Send for DmaBlock {}
+// SAFETY: sharing `&DmaBlock` only shares the handle (its fields are read-only through `&`); the memory itself is
+// reached through `DmaBlock::words`, whose contract requires atomic access, or by the owner through `&mut`.
+unsafe impl Sync for DmaBlock {}
+
 /// Why memory could not be had.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AllocError {
