@@ -1,23 +1,28 @@
 //! Bounded waits. Every poll of the SMMU ends with an error after a time bound, never a hang: on AArch64 the bound
 //! is measured with the generic timer (CNTPCT_EL0 / CNTFRQ_EL0); in host tests with the host clock; on any other
-//! target with an iteration count (one poll per microsecond of budget).
+//! target with an iteration count (one poll per microsecond of budget). Loom models count polls too: a model must
+//! be deterministic, and a wait that never ends in one of its interleavings should fail as a timeout.
 
 /// A wait ran out of time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TimedOut;
+
+/// Polls a host build makes (yielding between them) before it sleeps between polls.
+#[cfg(all(not(target_arch = "aarch64"), any(test, feature = "std"), not(all(loom, test))))]
+const HOST_SPINS_BEFORE_SLEEP: u32 = 64;
 
 /// A point in time after which a wait gives up.
 #[derive(Clone, Copy, Debug)]
 pub struct Deadline {
     #[cfg(target_arch = "aarch64")]
     end: u64,
-    #[cfg(all(not(target_arch = "aarch64"), any(test, feature = "std")))]
+    #[cfg(all(not(target_arch = "aarch64"), any(test, feature = "std"), not(all(loom, test))))]
     end: std::time::Instant,
-    #[cfg(all(not(target_arch = "aarch64"), not(any(test, feature = "std"))))]
+    #[cfg(all(not(target_arch = "aarch64"), any(not(any(test, feature = "std")), all(loom, test))))]
     remaining: u64,
 }
 
-#[cfg(all(not(target_arch = "aarch64"), any(test, feature = "std")))]
+#[cfg(all(not(target_arch = "aarch64"), any(test, feature = "std"), not(all(loom, test))))]
 extern crate std;
 
 #[cfg(target_arch = "aarch64")]
@@ -36,13 +41,13 @@ impl Deadline {
                 end: now.saturating_add(micros.saturating_mul(frequency) / 1_000_000),
             }
         }
-        #[cfg(all(not(target_arch = "aarch64"), any(test, feature = "std")))]
+        #[cfg(all(not(target_arch = "aarch64"), any(test, feature = "std"), not(all(loom, test))))]
         {
             Deadline {
                 end: std::time::Instant::now() + std::time::Duration::from_micros(micros),
             }
         }
-        #[cfg(all(not(target_arch = "aarch64"), not(any(test, feature = "std"))))]
+        #[cfg(all(not(target_arch = "aarch64"), any(not(any(test, feature = "std")), all(loom, test))))]
         {
             Deadline { remaining: micros }
         }
@@ -54,11 +59,11 @@ impl Deadline {
         {
             counter().0 >= self.end
         }
-        #[cfg(all(not(target_arch = "aarch64"), any(test, feature = "std")))]
+        #[cfg(all(not(target_arch = "aarch64"), any(test, feature = "std"), not(all(loom, test))))]
         {
             std::time::Instant::now() >= self.end
         }
-        #[cfg(all(not(target_arch = "aarch64"), not(any(test, feature = "std"))))]
+        #[cfg(all(not(target_arch = "aarch64"), any(not(any(test, feature = "std")), all(loom, test))))]
         {
             if self.remaining == 0 {
                 return true;
@@ -73,6 +78,8 @@ impl Deadline {
     /// # Errors
     /// [`TimedOut`] when the deadline passed first.
     pub fn poll<T>(mut self, mut condition: impl FnMut() -> Option<T>) -> Result<T, TimedOut> {
+        #[cfg(all(not(target_arch = "aarch64"), any(test, feature = "std"), not(all(loom, test))))]
+        let mut polls = 0u32;
         loop {
             if let Some(value) = condition() {
                 return Ok(value);
@@ -81,7 +88,17 @@ impl Deadline {
                 // One last look: the condition may have become true while this CPU was elsewhere.
                 return condition().ok_or(TimedOut);
             }
-            core::hint::spin_loop();
+            // On a host (tests, benchmarks: more threads than cores) a long wait sleeps between polls, so that
+            // waiters do not keep the thread they wait for (a fake SMMU, another submitter) off the processor.
+            #[cfg(all(not(target_arch = "aarch64"), any(test, feature = "std"), not(all(loom, test))))]
+            {
+                polls = polls.saturating_add(1);
+                if polls > HOST_SPINS_BEFORE_SLEEP {
+                    std::thread::sleep(std::time::Duration::from_micros(5));
+                    continue;
+                }
+            }
+            crate::sync::spin_loop();
         }
     }
 }

@@ -232,7 +232,9 @@ pub(super) fn allocate_queues<A: FrameAllocator>(
     let (Ok(cmdq_geometry), Ok(evtq_geometry)) = (QueueGeometry::new(cmdq_log2), QueueGeometry::new(evtq_log2)) else {
         unreachable!("queue sizes are checked at probe")
     };
-    let mut cmdq = CommandQueue::new(cmdq_memory, cmdq_geometry, coherency);
+    // SAFETY: a live block of the queue's size from the allocator (8-byte aligned and exclusively ours by its
+    // contract), owned by the queue until `into_memory`.
+    let mut cmdq = unsafe { CommandQueue::new(cmdq_memory, cmdq_geometry, coherency.coherent) };
     if features.quirks.contains(Quirks::CMDQ_SYNC_EVERY_63) {
         cmdq.limit_commands_per_sync(MMU700_COMMANDS_PER_SYNC);
     }
