@@ -1206,4 +1206,56 @@ mod tests {
         run.semihosting = false;
         assert_eq!(run.asked_scenarios(), DEFAULT_SCENARIOS);
     }
+
+    #[test]
+    fn smp_gives_qemu_the_cpus_and_tells_the_firmware() {
+        let args = |run: &Run, firmware: &Path| -> Vec<String> {
+            run.command(firmware)
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect()
+        };
+        let smp_value = |args: &[String]| args[args.iter().position(|a| a == "-smp").unwrap() + 1].clone();
+        // An ELF header whose entry is 0x10000200000 (the sbsa-ref image's EL3 stub sits at its start).
+        let dir = workspace_root().join("target/harness-unit");
+        std::fs::create_dir_all(&dir).unwrap();
+        let elf = dir.join(format!("entry-{}.elf", std::process::id()));
+        let mut header = vec![0u8; 64];
+        header[..4].copy_from_slice(b"\x7fELF");
+        header[4] = 2;
+        header[5] = 1;
+        header[24..32].copy_from_slice(&0x100_0020_0000u64.to_le_bytes());
+        std::fs::write(&elf, &header).unwrap();
+        assert_eq!(elf_entry(&elf), Some(0x100_0020_0000));
+        for board in Board::ALL {
+            let mut run = Run::new(board, Stage::Nested, &["smp-hello"]);
+            let single = args(&run, &elf);
+            assert_eq!(smp_value(&single), "1");
+            assert!(!single.iter().any(|a| a.contains("cpus=")), "{single:?}");
+            assert!(!single.iter().any(|a| a.starts_with("loader,addr=")), "{single:?}");
+            run.smp = 4;
+            let four = args(&run, &elf);
+            assert_eq!(smp_value(&four), "4");
+            let loaders: Vec<&String> = four.iter().filter(|a| a.starts_with("loader,addr=")).collect();
+            match board {
+                Board::QemuVirt => {
+                    // QEMU's own PSCI keeps the secondaries off until CPU_ON.
+                    assert!(loaders.is_empty(), "{four:?}");
+                    assert!(four.contains(&"name=opt/smmuv3/cpus,string=4".to_string()), "{four:?}");
+                }
+                Board::SbsaRef => {
+                    assert_eq!(
+                        loaders,
+                        [1, 2, 3]
+                            .map(|cpu| format!("loader,addr=0x10000200000,cpu-num={cpu}"))
+                            .iter()
+                            .collect::<Vec<_>>()
+                    );
+                    assert!(four.iter().any(|a| a.contains(",arg=cpus=4")), "{four:?}");
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&elf);
+        assert_eq!(elf_entry(Path::new("/nonexistent")), None);
+    }
 }
