@@ -234,8 +234,12 @@ pub fn quiesce_this_cpu(cpu: usize) {
 /// Sends [`PING_SGI`] to CPU `cpu` (counted by the handler there, like every interrupt).
 ///
 /// # Errors
-/// [`IrqError::NoCpu`] for a CPU that is not online; [`IrqError::Gic`] when the GIC refuses.
+/// [`IrqError::NoGic`] before [`init`] (without a GICv3 the instruction would not exist); [`IrqError::NoCpu`] for a
+/// CPU that is not online; [`IrqError::Gic`] when the GIC refuses.
 pub fn send_sgi(cpu: usize) -> Result<(), IrqError> {
+    if GIC.lock().is_none() {
+        return Err(IrqError::NoGic);
+    }
     if !smp::is_online(cpu) || cpu >= smp::cpu_count() {
         return Err(IrqError::NoCpu(cpu));
     }
