@@ -15,9 +15,11 @@ const USAGE: &str = "\
 usage: cargo xtask <command>
 
 commands:
-  qemu [--board qemu-virt|sbsa-ref] [--stage 1|2|nested] [--scenarios a,b] [--timeout SECONDS] [-- EXTRA QEMU ARGS]
-        build the firmware and boot it under QEMU (default: board qemu-virt, stage nested, the firmware's default
-        scenarios); exits 0 when every scenario asked printed SCENARIO … PASS and the firmware's RESULT line says
+  qemu [--board qemu-virt|sbsa-ref] [--stage 1|2|nested] [--smp N] [--scenarios a,b] [--timeout SECONDS]
+       [-- EXTRA QEMU ARGS]
+        build the firmware and boot it under QEMU (default: board qemu-virt, stage nested, 1 CPU, the firmware's
+        default scenarios); --smp N gives the machine N CPUs (1-8), which the scenarios that use every CPU start
+        through PSCI CPU_ON (smp-hello); exits 0 when every scenario asked printed SCENARIO … PASS and the firmware's RESULT line says
         PASS, else with the firmware's status (or 1). sbsa-ref's SMMU is always nested. A `-D FILE` among the
         extra arguments keeps QEMU's trace (with the SMMU events the summary counts) in FILE
   test  check the prerequisites (installing QEMU from Debian bookworm-backports when root), then run
@@ -75,6 +77,7 @@ fn qemu(args: &[String]) -> Result<ExitCode, String> {
     let mut stage = Stage::Nested;
     let mut scenarios: Vec<String> = Vec::new();
     let mut timeout = Duration::from_secs(300);
+    let mut smp = 1;
     let mut extra = Vec::new();
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -99,6 +102,10 @@ fn qemu(args: &[String]) -> Result<ExitCode, String> {
                 let s = value(&mut it, arg)?;
                 timeout = Duration::from_secs(s.parse().map_err(|_| format!("bad --timeout {s:?}"))?);
             }
+            "--smp" => {
+                let s = value(&mut it, arg)?;
+                smp = parse_smp(s)?;
+            }
             "--" => {
                 extra.extend(it.by_ref().cloned());
             }
@@ -113,6 +120,7 @@ fn qemu(args: &[String]) -> Result<ExitCode, String> {
     let names: Vec<&str> = scenarios.iter().map(String::as_str).collect();
     let mut run = Run::new(board, stage, &names);
     run.timeout = timeout;
+    run.smp = smp;
     run.extra_args = extra;
     run.echo = true;
     run.trace_events.push(GERROR_TRACE_EVENT.into());
@@ -141,6 +149,17 @@ fn qemu(args: &[String]) -> Result<ExitCode, String> {
             let code = outcome.exit_code.unwrap_or(1);
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(1).max(1)))
         }
+    }
+}
+
+/// The most CPUs `--smp` gives a machine: the firmware drives up to 8.
+const MAX_SMP: usize = 8;
+
+/// Parses a `--smp` value: 1 to [`MAX_SMP`].
+fn parse_smp(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if (1..=MAX_SMP).contains(&n) => Ok(n),
+        _ => Err(format!("bad --smp {text:?} (1 to {MAX_SMP} CPUs)")),
     }
 }
 
@@ -786,5 +805,16 @@ mod tests {
         let summary = trace_summary(&outcome("smmuv3_write_gerror toggled=0x4, new GERROR=0x4\n"));
         assert_eq!(summary.len(), 2, "{summary:?}");
         assert!(trace_summary(&outcome("")).is_empty());
+    }
+
+    #[test]
+    fn smp_takes_one_to_eight_cpus() {
+        assert_eq!(parse_smp("1"), Ok(1));
+        assert_eq!(parse_smp("4"), Ok(4));
+        assert_eq!(parse_smp("8"), Ok(8));
+        for bad in ["0", "9", "four", "-1", ""] {
+            let why = parse_smp(bad).unwrap_err();
+            assert!(why.contains("1 to 8 CPUs"), "{why}");
+        }
     }
 }

@@ -1,14 +1,19 @@
 //! Boot code for boards that need more than aarch64-rt's defaults, written once for every such board:
 //!
 //! - [`el3_boot_stub!`]: for a CPU that starts at EL3 with no firmware underneath (QEMU sbsa-ref, and many boards'
-//!   boot ROMs). It parks secondary CPUs, installs EL3 vectors, gives non-secure EL2 the GIC, the FPU and the
-//!   timers (CNTFRQ_EL0 from the board), drops to non-secure EL2 at aarch64-rt's `entry`, and stays resident as a
-//!   minimal PSCI service for a single-CPU firmware: an SMC from EL2 for PSCI_VERSION (1.1), PSCI_FEATURES,
-//!   SYSTEM_OFF or SYSTEM_RESET is answered at EL3, the last two by the 32-bit register writes the board names (its
-//!   reset controller is usually secure-only). Every other function, including the CPU_ON, CPU_OFF, CPU_SUSPEND
-//!   and AFFINITY_INFO that a full PSCI 1.1 implementation must have, returns NOT_SUPPORTED (PSCI_FEATURES says
-//!   so too). It assumes the non-VHE EL2 layouts (FEAT_E2H0: HCR_EL2.E2H may be 0), and does no CPU-specific
-//!   setup, errata work or system-counter enabling (CNTCR.EN): add those for a board that needs them.
+//!   boot ROMs). Every CPU that enters it sets up its own EL3 state; the boot CPU (affinity 0.0.0.0) gives
+//!   non-secure EL2 the GIC, the FPU and the timers (CNTFRQ_EL0 from the board) and drops to non-secure EL2 at
+//!   aarch64-rt's `entry`; every other CPU registers itself in a mailbox and waits there (WFE) until a PSCI
+//!   CPU_ON names it. The stub stays resident as a minimal PSCI service: an SMC from EL2 for PSCI_VERSION (1.1),
+//!   PSCI_FEATURES, CPU_ON (64-bit), CPU_OFF, AFFINITY_INFO (64-bit), SYSTEM_OFF or SYSTEM_RESET is answered at
+//!   EL3, the last two by the 32-bit register writes the board names (its reset controller is usually
+//!   secure-only). CPU_ON drops the named CPU to non-secure EL2h at the requested entry with the context in x0,
+//!   as the boot CPU is dropped; CPU_OFF sends the calling CPU back to its mailbox. Every other function (among
+//!   them CPU_SUSPEND, which a full PSCI 1.1 implementation must have) returns NOT_SUPPORTED, and PSCI_FEATURES
+//!   says so too. CPUs are numbered by affinity ([`el3_cpu_slot`]: up to [`EL3_CPUS`] CPUs, Aff0 0..=7 in
+//!   Aff1 0 or 1, Aff2 = Aff3 = 0, as QEMU numbers its CPUs); a CPU outside that range is parked for good.
+//!   It assumes the non-VHE EL2 layouts (FEAT_E2H0: HCR_EL2.E2H may be 0), and does no CPU-specific setup,
+//!   errata work or system-counter enabling (CNTCR.EN): add those for a board that needs them.
 //! - [`el2_boot_map_48!`]: an `enable_mmu` for aarch64-rt's entry with 48-bit virtual addresses (level-0 root),
 //!   for boards whose RAM lies beyond the 512 GiB that aarch64-rt's single-table boot map reaches.
 //!
@@ -73,10 +78,16 @@ pub const ICC_SRE_EL3_ALL: u64 = 0xf;
 /// GICD_CTLR.DS: disable security, so non-secure EL2 may program the whole GIC.
 pub const GICD_CTLR_DS: u32 = 1 << 6;
 
-/// PSCI function IDs the EL3 stub answers (SMC32 calling convention, PSCI 1.1, DEN 0022).
+/// PSCI function IDs the EL3 stub answers (SMC32 and SMC64 calling conventions, PSCI 1.1, DEN 0022).
 pub mod psci {
     /// PSCI_VERSION.
     pub const VERSION: u32 = 0x8400_0000;
+    /// CPU_OFF.
+    pub const CPU_OFF: u32 = 0x8400_0002;
+    /// CPU_ON, SMC64.
+    pub const CPU_ON_64: u32 = 0xc400_0003;
+    /// AFFINITY_INFO, SMC64.
+    pub const AFFINITY_INFO_64: u32 = 0xc400_0004;
     /// SYSTEM_OFF.
     pub const SYSTEM_OFF: u32 = 0x8400_0008;
     /// SYSTEM_RESET.
@@ -87,7 +98,65 @@ pub mod psci {
     pub const STUB_VERSION: u32 = 0x0001_0001;
     /// NOT_SUPPORTED.
     pub const NOT_SUPPORTED: i32 = -1;
+    /// INVALID_PARAMETERS.
+    pub const INVALID_PARAMETERS: i32 = -2;
+    /// ALREADY_ON.
+    pub const ALREADY_ON: i32 = -4;
+    /// ON_PENDING.
+    pub const ON_PENDING: i32 = -5;
 }
+
+/// How many CPUs the EL3 stub serves (mailbox slots; see [`el3_cpu_slot`]).
+pub const EL3_CPUS: usize = 16;
+/// MPIDR bits that put a CPU outside the stub's numbering: Aff0 >= 8, Aff1 >= 2, any Aff2 or Aff3 (MPIDR bits
+/// 3-7, 9-23 and 32-39; bits 24-31, MT, U and RES1, do not matter).
+pub const EL3_BAD_AFFINITY: u64 = 0xff_00ff_fef8;
+/// Bytes of EL3 stack per CPU: the SMC service saves four registers, the fault report two.
+pub const EL3_STACK_BYTES: usize = 512;
+
+/// The mailbox slot of the CPU with affinity `mpidr` in the EL3 stub: Aff1 * 8 + Aff0, for Aff0 0..=7, Aff1 0
+/// or 1 and Aff2 = Aff3 = 0 (QEMU's numbering: CPU n has Aff0 = n % 8, Aff1 = n / 8); `None` outside that. The
+/// stub's assembly computes the same.
+pub const fn el3_cpu_slot(mpidr: u64) -> Option<usize> {
+    if mpidr & EL3_BAD_AFFINITY != 0 {
+        None
+    } else {
+        Some(((mpidr >> 5) & 8 | mpidr & 7) as usize)
+    }
+}
+
+/// A CPU's power state in the EL3 stub's mailbox, as AFFINITY_INFO returns it (0 ON, 1 OFF, 2 ON_PENDING), and
+/// one value of the stub's own: absent (no CPU with that affinity has entered the stub).
+pub mod cpu_state {
+    /// Running in the non-secure world.
+    pub const ON: u64 = 0;
+    /// Waiting in its mailbox for CPU_ON.
+    pub const OFF: u64 = 1;
+    /// CPU_ON was accepted; the CPU has not left its mailbox yet.
+    pub const ON_PENDING: u64 = 2;
+    /// No CPU has registered in this slot.
+    pub const ABSENT: u64 = 3;
+}
+
+/// The EL3 stub's mailboxes, one per CPU slot: `[state, entry, context, unused]` (32 bytes each). Only EL3 reads
+/// and writes them, with its MMU off (so non-cacheable); the alignment keeps them off every cache line EL2 writes
+/// (2 KiB: the largest cache writeback granule), so no dirty line of EL2's can be written back over them.
+#[repr(C, align(2048))]
+pub struct El3Mailbox(pub [[u64; 4]; EL3_CPUS]);
+
+impl El3Mailbox {
+    /// At boot: the boot CPU (slot 0) ON, every other slot absent until its CPU enters the stub.
+    pub const INITIAL: El3Mailbox = {
+        let mut slots = [[cpu_state::ABSENT, 0, 0, 0]; EL3_CPUS];
+        slots[0][0] = cpu_state::ON;
+        El3Mailbox(slots)
+    };
+}
+
+/// The EL3 stub's stacks, [`EL3_STACK_BYTES`] per CPU slot, page-aligned so that no line is shared with memory
+/// EL2 writes.
+#[repr(C, align(4096))]
+pub struct El3Stacks(pub [u8; EL3_CPUS * EL3_STACK_BYTES]);
 
 /// The assembler macro both boot routines use: `mov_i xN, CONSTANT` loads a 64-bit constant.
 #[doc(hidden)]
@@ -106,7 +175,9 @@ macro_rules! __asm_mov_i {
 }
 
 /// Instantiates the EL3 boot stub (see the module documentation) with the board's constants. The image's ELF
-/// entry must be `el3_entry` (`-C link-arg=--entry=el3_entry`).
+/// entry must be `el3_entry` (`-C link-arg=--entry=el3_entry`), and every CPU of the machine should start there
+/// (on QEMU: `-device loader,addr=<el3_entry>,cpu-num=N` for each secondary CPU N): a CPU that never enters the
+/// stub stays absent, and CPU_ON for it returns INVALID_PARAMETERS.
 ///
 /// ```ignore
 /// smmuv3_firmware::el3_boot_stub! {
@@ -119,6 +190,10 @@ macro_rules! __asm_mov_i {
 /// ```
 /// An unexpected exception at EL3 prints `EL3: unexpected exception, ESR_EL3=…` on the PL011 at `uart` and ends
 /// the run through semihosting with status 5.
+///
+/// What the stub does not arbitrate: two CPUs asking CPU_ON for the same target at the same moment may both be
+/// told SUCCESS (its mailboxes are plain non-cacheable memory, without exclusives). The firmware starts every
+/// secondary from the boot CPU.
 #[macro_export]
 macro_rules! el3_boot_stub {
     (
@@ -128,25 +203,63 @@ macro_rules! el3_boot_stub {
         system_off: ($off_register:expr, $off_value:expr),
         system_reset: ($reset_register:expr, $reset_value:expr) $(,)?
     ) => {
-        /// The EL3 stub's stack: only its fault report uses it (the SMC service touches no memory).
-        // SAFETY (attributes): `el3_stack` is defined only here, the macro is instantiated once per binary, and
+        /// The EL3 stub's stacks, one per CPU slot: the SMC service and the fault report use them.
+        // SAFETY (attributes): `el3_stacks` is defined only here, the macro is instantiated once per binary, and
         // `.stack.*` is aarch64-rt's NOLOAD stack region, which nothing else overlaps.
         #[unsafe(link_section = ".stack.el3")]
-        #[unsafe(export_name = "el3_stack")]
-        static mut EL3_STACK: [u64; 512] = [0; 512];
+        #[unsafe(export_name = "el3_stacks")]
+        static mut EL3_STACKS: $crate::boot::El3Stacks =
+            $crate::boot::El3Stacks([0; $crate::boot::EL3_CPUS * $crate::boot::EL3_STACK_BYTES]);
+
+        /// The CPUs' mailboxes (state, entry, context), read and written at EL3 only.
+        // SAFETY (attributes): `el3_mailbox` is defined only here, once per binary; in `.data` so that the loader
+        // (and every reset, which reloads the image) sets its initial states, and aarch64-rt never zeroes it.
+        #[unsafe(link_section = ".data.el3_mailbox")]
+        #[unsafe(export_name = "el3_mailbox")]
+        static mut EL3_MAILBOX: $crate::boot::El3Mailbox = $crate::boot::El3Mailbox::INITIAL;
 
         core::arch::global_asm!(
             $crate::__asm_mov_i!(),
+            // `el3_slot out, mpidr, tmp`: out = the CPU's mailbox slot (Aff1 * 8 + Aff0), or {cpus} when the
+            // affinity is outside the stub's numbering (see `boot::el3_cpu_slot`). Flags and tmp clobbered.
+            ".macro el3_slot, out:req, mpidr:req, tmp:req",
+            "mov_i \\tmp, {bad_affinity}",
+            "tst \\mpidr, \\tmp",
+            "and \\tmp, \\mpidr, #7",
+            "ubfx \\out, \\mpidr, #8, #1",
+            "orr \\out, \\tmp, \\out, lsl #3",
+            "mov \\tmp, #{cpus}",
+            "csel \\out, \\out, \\tmp, eq",
+            ".endm",
+            // `el3_stack slot, tmp`: sp = the top of that slot's EL3 stack.
+            ".macro el3_stack, slot:req, tmp:req",
+            "adrp \\tmp, el3_stacks",
+            "add \\tmp, \\tmp, :lo12:el3_stacks",
+            "add \\tmp, \\tmp, \\slot, lsl #{stack_shift}",
+            "add sp, \\tmp, #{stack_bytes}",
+            ".endm",
+            // EL2's registers whose reset values are UNKNOWN, written before every drop to EL2 (x9 clobbered).
+            ".macro el2_registers",
+            "mov_i x9, {hcr}",
+            "msr hcr_el2, x9",
+            "mov_i x9, {cptr2}",
+            "msr cptr_el2, x9",
+            "mov_i x9, {sctlr2}",
+            "msr sctlr_el2, x9",
+            // Timers: no virtual offset, EL1 counter access.
+            "msr cntvoff_el2, xzr",
+            "mov x9, #3",
+            "msr cnthctl_el2, x9",
+            "msr vttbr_el2, xzr",
+            ".endm",
             ".section .init.el3, \"ax\"",
             ".global el3_entry",
             "el3_entry:",
-            // Only the CPU with affinity 0.0.0.0 boots; the others wait forever.
-            "mrs x9, mpidr_el1",
-            "and x10, x9, #0xffffff",
-            "lsr x9, x9, #32",
-            "and x9, x9, #0xff",
-            "orr x9, x9, x10",
-            "cbnz x9, 90f",
+            // Every CPU: its slot (x20) and mailbox (x21); a CPU outside the numbering waits forever.
+            "mrs x19, mpidr_el1",
+            "el3_slot x20, x19, x9",
+            "cmp x20, #{cpus}",
+            "b.hs 79f",
             // EL3 itself: MMU and caches off, little-endian, no alignment checks (SCTLR_EL3's RES1 bits only).
             "mov_i x9, {sctlr3}",
             "msr sctlr_el3, x9",
@@ -154,40 +267,33 @@ macro_rules! el3_boot_stub {
             "adrp x9, el3_vectors",
             "add x9, x9, :lo12:el3_vectors",
             "msr vbar_el3, x9",
-            "adrp x9, el3_stack",
-            "add x9, x9, :lo12:el3_stack",
-            "add sp, x9, #4096",
+            "el3_stack x20, x9",
             // FP/SIMD, debug and PMU untrapped at EL3; non-secure EL2, AArch64.
             "msr cptr_el3, xzr",
             "msr mdcr_el3, xzr",
             "mov_i x9, {scr}",
             "msr scr_el3, x9",
-            // GIC: system registers for the lower ELs, one security state (so EL2 owns the distributor).
+            // GIC: system registers for the lower ELs (a per-CPU register).
             "mov x9, #{sre}",
             "msr icc_sre_el3, x9",
             "isb",
+            // The counter's frequency (a per-CPU register, writable only here).
+            "mov_i x9, {frequency}",
+            "msr cntfrq_el0, x9",
+            "adrp x21, el3_mailbox",
+            "add x21, x21, :lo12:el3_mailbox",
+            "add x21, x21, x20, lsl #5",
+            "cbnz x20, 70f",
+            // The boot CPU: one security state in the GIC (so EL2 owns the distributor); GICD_CTLR.RWP (bit 31)
+            // tracks the write to DS.
             "mov_i x9, {gicd}",
             "ldr w10, [x9]",
             "orr w10, w10, #{ds}",
             "str w10, [x9]",
-            // GICD_CTLR.RWP (bit 31) tracks the write to DS.
             "87:",
             "ldr w10, [x9]",
             "tbnz w10, #31, 87b",
-            // EL2's registers whose reset values are UNKNOWN.
-            "mov_i x9, {hcr}",
-            "msr hcr_el2, x9",
-            "mov_i x9, {cptr2}",
-            "msr cptr_el2, x9",
-            "mov_i x9, {sctlr2}",
-            "msr sctlr_el2, x9",
-            // Timers: the counter's frequency (writable only here), no virtual offset, EL1 counter access.
-            "mov_i x9, {frequency}",
-            "msr cntfrq_el0, x9",
-            "msr cntvoff_el2, xzr",
-            "mov x9, #3",
-            "msr cnthctl_el2, x9",
-            "msr vttbr_el2, xzr",
+            "el2_registers",
             // Drop to EL2h at aarch64-rt's entry, registers clean.
             "mov x9, #{spsr}",
             "msr spsr_el3, x9",
@@ -200,9 +306,39 @@ macro_rules! el3_boot_stub {
             "mov x3, xzr",
             "isb",
             "eret",
-            "90:",
+            // A secondary CPU: registers itself (absent -> off) once, then waits in its mailbox.
+            "70:",
+            "ldr x9, [x21]",
+            "cmp x9, #{absent}",
+            "b.ne el3_wait_for_cpu_on",
+            "mov x9, #{off}",
+            "str x9, [x21]",
+            "dsb sy",
+            // Waits for CPU_ON (x20: slot, x21: mailbox; the stack is this CPU's), then drops to EL2h at the
+            // entry with the context in x0. CPU_OFF comes back here.
+            "el3_wait_for_cpu_on:",
+            "ldr x9, [x21]",
+            "cmp x9, #{on_pending}",
+            "b.eq 72f",
             "wfe",
-            "b 90b",
+            "b el3_wait_for_cpu_on",
+            "72:",
+            "ldr x0, [x21, #16]",
+            "ldr x22, [x21, #8]",
+            "str xzr, [x21]",
+            "dsb sy",
+            "el2_registers",
+            "mov x9, #{spsr}",
+            "msr spsr_el3, x9",
+            "msr elr_el3, x22",
+            "mov x1, xzr",
+            "mov x2, xzr",
+            "mov x3, xzr",
+            "isb",
+            "eret",
+            "79:",
+            "wfe",
+            "b 79b",
             // The vector table: everything is unexpected but an SMC from the lower ELs.
             ".section .text.el3_vectors, \"ax\"",
             ".balign 2048",
@@ -217,11 +353,13 @@ macro_rules! el3_boot_stub {
             ".balign 128",
             "b 91f",
             ".endr",
-            // SMC from EL2/EL1 (AArch64): PSCI on w0, result in x0; x9 kept in TPIDR_EL3 (no memory: EL3 runs with
-            // its MMU off, so its view of RAM would not be the caller's cacheable one), everything else untouched.
-            // The power paths never return and may clobber x10.
+            // SMC from EL2/EL1 (AArch64): PSCI on w0, arguments in x1-x3, result in x0; x9-x12 saved on this
+            // CPU's EL3 stack, every other register untouched. The EL3 stub reads no memory of the caller's (its
+            // MMU is off, so its view of RAM would not be the caller's cacheable one): only its own mailboxes
+            // and stack. The power paths never return and may clobber anything.
             "92:",
-            "msr tpidr_el3, x9",
+            "stp x9, x10, [sp, #-32]!",
+            "stp x11, x12, [sp, #16]",
             "mrs x9, esr_el3",
             "ubfx x9, x9, #26, #6",
             "cmp x9, #0x17",
@@ -238,15 +376,25 @@ macro_rules! el3_boot_stub {
             "mov_i x9, {system_reset}",
             "cmp w0, w9",
             "b.eq 96f",
+            "mov_i x9, {cpu_on}",
+            "cmp w0, w9",
+            "b.eq 60f",
+            "mov_i x9, {cpu_off}",
+            "cmp w0, w9",
+            "b.eq 65f",
+            "mov_i x9, {affinity_info}",
+            "cmp w0, w9",
+            "b.eq 67f",
             "97:",
-            "mov x0, #-1",
+            "mov x0, #{not_supported}",
             "98:",
-            "mrs x9, tpidr_el3",
+            "ldp x11, x12, [sp, #16]",
+            "ldp x9, x10, [sp], #32",
             "eret",
             "93:",
             "mov_i x0, {stub_version}",
             "b 98b",
-            // PSCI_FEATURES(x1): 0 for the four functions served here, NOT_SUPPORTED otherwise.
+            // PSCI_FEATURES(x1): 0 for the functions served here, NOT_SUPPORTED otherwise.
             "94:",
             "mov_i x9, {psci_version}",
             "cmp w1, w9",
@@ -260,9 +408,80 @@ macro_rules! el3_boot_stub {
             "mov_i x9, {system_reset}",
             "cmp w1, w9",
             "b.eq 99f",
+            "mov_i x9, {cpu_on}",
+            "cmp w1, w9",
+            "b.eq 99f",
+            "mov_i x9, {cpu_off}",
+            "cmp w1, w9",
+            "b.eq 99f",
+            "mov_i x9, {affinity_info}",
+            "cmp w1, w9",
+            "b.eq 99f",
             "b 97b",
             "99:",
             "mov x0, xzr",
+            "b 98b",
+            // CPU_ON(x1 target, x2 entry, x3 context): an OFF target gets its entry and context, then ON_PENDING
+            // and an event; an absent or unnumbered one is INVALID_PARAMETERS.
+            "60:",
+            "el3_slot x9, x1, x10",
+            "cmp x9, #{cpus}",
+            "b.hs 61f",
+            "adrp x10, el3_mailbox",
+            "add x10, x10, :lo12:el3_mailbox",
+            "add x10, x10, x9, lsl #5",
+            "ldr x11, [x10]",
+            "cmp x11, #{off}",
+            "b.eq 62f",
+            "cmp x11, #{on}",
+            "b.eq 63f",
+            "cmp x11, #{on_pending}",
+            "b.eq 64f",
+            "61:",
+            "mov x0, #{invalid_parameters}",
+            "b 98b",
+            "63:",
+            "mov x0, #{already_on}",
+            "b 98b",
+            "64:",
+            "mov x0, #{on_pending_error}",
+            "b 98b",
+            "62:",
+            "str x2, [x10, #8]",
+            "str x3, [x10, #16]",
+            "dsb sy",
+            "mov x11, #{on_pending}",
+            "str x11, [x10]",
+            "dsb sy",
+            "sev",
+            "mov x0, xzr",
+            "b 98b",
+            // CPU_OFF: the calling CPU goes back to its mailbox, OFF, with a fresh EL3 stack (never returns).
+            "65:",
+            "mrs x9, mpidr_el1",
+            "el3_slot x20, x9, x10",
+            "cmp x20, #{cpus}",
+            "b.hs 79b",
+            "adrp x21, el3_mailbox",
+            "add x21, x21, :lo12:el3_mailbox",
+            "add x21, x21, x20, lsl #5",
+            "mov x9, #{off}",
+            "str x9, [x21]",
+            "dsb sy",
+            "el3_stack x20, x9",
+            "b el3_wait_for_cpu_on",
+            // AFFINITY_INFO(x1 target, x2 lowest level 0): the target's state, which is the PSCI encoding.
+            "67:",
+            "cbnz x2, 61b",
+            "el3_slot x9, x1, x10",
+            "cmp x9, #{cpus}",
+            "b.hs 61b",
+            "adrp x10, el3_mailbox",
+            "add x10, x10, :lo12:el3_mailbox",
+            "add x10, x10, x9, lsl #5",
+            "ldr x0, [x10]",
+            "cmp x0, #{absent}",
+            "b.eq 61b",
             "b 98b",
             "95:",
             "mov_i x9, {off_register}",
@@ -278,12 +497,15 @@ macro_rules! el3_boot_stub {
             "88:",
             "wfi",
             "b 88b",
-            // Unexpected: report ESR_EL3 on the UART, then exit through semihosting with status 5. The stack starts
-            // afresh and any further exception halts, so that a HLT without a semihosting host cannot loop.
+            // Unexpected: report ESR_EL3 on the UART, then exit through semihosting with status 5. This CPU's stack
+            // starts afresh (slot 0's for an unnumbered CPU) and any further exception halts, so that a HLT without
+            // a semihosting host cannot loop.
             "91:",
-            "adrp x9, el3_stack",
-            "add x9, x9, :lo12:el3_stack",
-            "add sp, x9, #4096",
+            "mrs x9, mpidr_el1",
+            "el3_slot x10, x9, x11",
+            "cmp x10, #{cpus}",
+            "csel x10, x10, xzr, lo",
+            "el3_stack x10, x9",
             "adrp x9, el3_halt_vectors",
             "add x9, x9, :lo12:el3_halt_vectors",
             "msr vbar_el3, x9",
@@ -331,6 +553,9 @@ macro_rules! el3_boot_stub {
             ".balign 128",
             "b 88b",
             ".endr",
+            ".purgem el2_registers",
+            ".purgem el3_stack",
+            ".purgem el3_slot",
             ".purgem mov_i",
             scr = const $crate::boot::SCR_EL3_NS_EL2,
             sctlr3 = const $crate::boot::SCTLR_EL3_RES1,
@@ -342,11 +567,26 @@ macro_rules! el3_boot_stub {
             cptr2 = const $crate::boot::CPTR_EL2_RES1,
             sctlr2 = const $crate::boot::SCTLR_EL2_RES1,
             spsr = const $crate::boot::SPSR_EL2H_MASKED,
+            cpus = const $crate::boot::EL3_CPUS,
+            bad_affinity = const $crate::boot::EL3_BAD_AFFINITY,
+            stack_shift = const $crate::boot::EL3_STACK_BYTES.trailing_zeros(),
+            stack_bytes = const $crate::boot::EL3_STACK_BYTES,
+            on = const $crate::boot::cpu_state::ON,
+            off = const $crate::boot::cpu_state::OFF,
+            on_pending = const $crate::boot::cpu_state::ON_PENDING,
+            absent = const $crate::boot::cpu_state::ABSENT,
             psci_version = const $crate::boot::psci::VERSION,
             psci_features = const $crate::boot::psci::FEATURES,
             system_off = const $crate::boot::psci::SYSTEM_OFF,
             system_reset = const $crate::boot::psci::SYSTEM_RESET,
+            cpu_on = const $crate::boot::psci::CPU_ON_64,
+            cpu_off = const $crate::boot::psci::CPU_OFF,
+            affinity_info = const $crate::boot::psci::AFFINITY_INFO_64,
             stub_version = const $crate::boot::psci::STUB_VERSION,
+            not_supported = const $crate::boot::psci::NOT_SUPPORTED,
+            invalid_parameters = const $crate::boot::psci::INVALID_PARAMETERS,
+            already_on = const $crate::boot::psci::ALREADY_ON,
+            on_pending_error = const $crate::boot::psci::ON_PENDING,
             off_register = const $off_register,
             off_value = const $off_value,
             reset_register = const $reset_register,

@@ -32,6 +32,9 @@ pub const DMA_ABOVE_4G_KEY: &str = "opt/smmuv3/dma-above-4g";
 /// `-device loader`): `on` makes `lu-noreset` hand off to it, a genuinely separate binary; `off` (the default)
 /// enters this binary again.
 pub const NEXT_IMAGE_KEY: &str = "opt/smmuv3/next-image";
+/// fw_cfg file giving the number of CPUs the host started QEMU with (`-smp`), which scenarios that use every CPU
+/// check against the CPUs the device tree lists.
+pub const CPUS_KEY: &str = "opt/smmuv3/cpus";
 /// The longest scenario list (and semihosting command line) the firmware takes, in bytes. The firmware has no
 /// allocator: the list is read whole into a buffer of this size, and a longer one is refused rather than cut.
 pub const MAX_LIST_BYTES: usize = 4096;
@@ -56,6 +59,8 @@ pub struct Config {
     pub dma_above_4g: bool,
     /// A second image waits in the second image slot ([`NEXT_IMAGE_KEY`]).
     pub next_image: bool,
+    /// The CPUs the host started the machine with ([`CPUS_KEY`]), when it says.
+    pub expected_cpus: Option<usize>,
 }
 
 impl Default for Config {
@@ -68,6 +73,7 @@ impl Default for Config {
             non_coherent: false,
             dma_above_4g: false,
             next_image: false,
+            expected_cpus: None,
         }
     }
 }
@@ -151,7 +157,7 @@ impl core::fmt::Display for ConfigError {
 }
 
 impl Config {
-    /// Sets one setting by its short name (`scenarios`, `stage`, `edu-dma-mask`, `coherency`, `exit`, `dma-above-4g`, `next-image`: the fw_cfg key without its
+    /// Sets one setting by its short name (`scenarios`, `stage`, `edu-dma-mask`, `coherency`, `exit`, `dma-above-4g`, `next-image`, `cpus`: the fw_cfg key without its
     /// `opt/smmuv3/` prefix); unknown names are ignored.
     ///
     /// # Errors
@@ -196,6 +202,13 @@ impl Config {
                     _ => return Err(ConfigError::BadValue(NEXT_IMAGE_KEY)),
                 };
             }
+            "cpus" => {
+                let cpus = parse_u64(value)
+                    .and_then(|n| usize::try_from(n).ok())
+                    .filter(|&n| n > 0)
+                    .ok_or(ConfigError::BadValue(CPUS_KEY))?;
+                self.expected_cpus = Some(cpus);
+            }
             "exit" => {
                 self.power_off = match value {
                     "semihosting" => false,
@@ -233,6 +246,7 @@ pub unsafe fn from_fw_cfg(base: usize) -> Result<Config, ConfigError> {
         EXIT_KEY,
         DMA_ABOVE_4G_KEY,
         NEXT_IMAGE_KEY,
+        CPUS_KEY,
     ] {
         let Some(file) = fw_cfg.find(key) else { continue };
         if file.size as usize > buffer.len() {
@@ -250,8 +264,8 @@ pub unsafe fn from_fw_cfg(base: usize) -> Result<Config, ConfigError> {
 }
 
 /// Reads the configuration from the semihosting command line, for boards without fw_cfg: arguments of the form
-/// `scenarios=a,b`, `stage=nested`, `edu-dma-mask=0x…`, `coherency=non-coherent`, `exit=psci-off`, `dma-above-4g=on`, `next-image=on`
-/// (QEMU: `-semihosting-config enable=on,arg=…`); other arguments (the program name) are ignored, missing settings
+/// `scenarios=a,b`, `stage=nested`, `edu-dma-mask=0x…`, `coherency=non-coherent`, `exit=psci-off`, `dma-above-4g=on`, `next-image=on`,
+/// `cpus=4` (QEMU: `-semihosting-config enable=on,arg=…`); other arguments (the program name) are ignored, missing settings
 /// keep their defaults, and so does everything when the machine has no semihosting
 /// ([`crate::finish::semihosting_absent`]).
 ///

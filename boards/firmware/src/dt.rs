@@ -1,5 +1,5 @@
 //! Discovery from the flattened device tree: memory, console, SMMU, PCIe host (ECAM, windows, `iommu-map`),
-//! fw_cfg and GIC. A board whose tree is silent about a device fills the same [`Platform`] from its constants.
+//! fw_cfg, GIC and CPUs. A board whose tree is silent about a device fills the same [`Platform`] from its constants.
 
 use core::fmt;
 
@@ -105,7 +105,13 @@ pub struct Platform {
     pub fw_cfg: Option<Region>,
     /// The interrupt controller, when the tree names one.
     pub gic: Option<Gic>,
+    /// The CPUs' affinities (the `reg` of each `/cpus/cpu@…`, MPIDR format), in tree order; empty when neither the
+    /// tree nor the board lists them (then the boot CPU runs alone).
+    pub cpus: Cpus,
 }
+
+/// The CPUs a platform lists, by affinity (MPIDR format), at most [`crate::smp::MAX_CPUS`].
+pub type Cpus = heapless::Vec<u64, { crate::smp::MAX_CPUS }>;
 
 /// Why the device tree could not be used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -396,6 +402,8 @@ pub struct StaticDescription {
     pub fw_cfg: Option<Region>,
     /// The interrupt controller.
     pub gic: Option<Gic>,
+    /// The CPUs' affinities (MPIDR format), when the tree does not list them.
+    pub cpus: Cpus,
     /// Bytes the board reserves for the live-update handover region: the top of the RAM bank holding the image,
     /// just below the reset note (see `power`), kept out of the frame pool from the first boot so that the next
     /// image finds it untouched. 0: no handover region.
@@ -432,5 +440,48 @@ pub fn platform(fdt: Option<&Fdt>, board: &StaticDescription) -> Result<Platform
         pcie: pick(fdt.map(pcie), board.pcie.clone(), "pci-host-ecam-generic node")?,
         fw_cfg: fdt.and_then(fw_cfg).or(board.fw_cfg),
         gic: fdt.and_then(gic).or(board.gic),
+        cpus: pick(fdt.map(cpus), Some(board.cpus.clone()), "CPUs")?,
     })
+}
+
+/// The CPUs under `/cpus`: each `cpu` node's `reg` (one or two cells, as `/cpus`'s `#address-cells` says), in tree
+/// order, skipping nodes whose `status` is not `okay`; at most [`crate::smp::MAX_CPUS`] (the rest are left out).
+///
+/// # Errors
+/// [`DtError::Missing`] without `/cpus` or without a CPU in it (the board's list then applies);
+/// [`DtError::Malformed`] for a `reg` that is not one address.
+pub fn cpus(fdt: &Fdt) -> Result<Cpus, DtError> {
+    let parent = fdt.find_node("/cpus").ok_or(DtError::Missing("/cpus"))?;
+    let cells = parent
+        .property("#address-cells")
+        .and_then(|p| p.as_usize())
+        .unwrap_or(2);
+    let mut list = Cpus::new();
+    for node in parent.children() {
+        if node.name.split('@').next() != Some("cpu") {
+            continue;
+        }
+        if node
+            .property("status")
+            .and_then(|p| p.as_str())
+            .is_some_and(|status| status != "okay" && status != "ok")
+        {
+            continue;
+        }
+        let Some(reg) = node.property("reg") else {
+            return Err(DtError::Malformed("a /cpus/cpu node without reg"));
+        };
+        let affinity = match (cells, reg.value.len()) {
+            (1, 4) => u64::from(u32::from_be_bytes(reg.value.try_into().unwrap_or_default())),
+            (2, 8) => u64::from_be_bytes(reg.value.try_into().unwrap_or_default()),
+            _ => return Err(DtError::Malformed("a /cpus/cpu reg that is not one address")),
+        };
+        if list.push(affinity).is_err() {
+            break;
+        }
+    }
+    if list.is_empty() {
+        return Err(DtError::Missing("a CPU under /cpus"));
+    }
+    Ok(list)
 }

@@ -19,6 +19,7 @@ pub mod mmu;
 pub mod pci;
 pub mod power;
 pub mod scenarios;
+pub mod smp;
 pub mod time;
 pub mod virtio;
 
@@ -277,6 +278,12 @@ pub fn run<B: Board>(board: &B) -> ! {
         "EL2 MMU: identity map of the platform active; {} KiB of frames free",
         frames::remaining() / 1024
     );
+    smp::init(&platform.cpus);
+    print!("CPUs: {} (MPIDR", smp::cpu_count());
+    for cpu in 0..smp::cpu_count() {
+        print!(" {:#x}", smp::mpidr(cpu));
+    }
+    println!("); this is CPU 0, the others start through PSCI CPU_ON when a scenario asks");
     block_dma_before_pci(&platform);
     if description.handover_bytes > 0 {
         let region = smmuv3::handover::Extent {

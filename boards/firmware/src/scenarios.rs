@@ -77,6 +77,7 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("lu-dma-across-reset", lu_isolation::lu_dma_across_reset),
     ("psci-reset", psci_reset),
     ("el3-fault-report", el3_fault_report),
+    ("smp-hello", smp_hello::smp_hello),
 ];
 
 mod core_smmu;
@@ -84,6 +85,7 @@ mod dma_map_bench;
 mod domains;
 mod live_update;
 mod lu_isolation;
+mod smp_hello;
 mod translate;
 pub mod virtio_dma;
 

@@ -4,8 +4,9 @@
 //! from the static description below, taken from QEMU's `hw/arm/sbsa-ref.c` memory map and interrupt table.
 //!
 //! Known to work: QEMU 10.0 (`-M sbsa-ref -cpu max -smp 1 -m 1G`, firmware loaded with
-//! `-device loader,file=…,cpu-num=0`, `-global bochs-display.romfile=` when the VGA BIOS is not installed);
-//! see `cargo xtask qemu --board sbsa-ref`.
+//! `-device loader,file=…,cpu-num=0`, `-global bochs-display.romfile=` when the VGA BIOS is not installed; with
+//! `-smp N`, `-device loader,addr=<el3_entry>,cpu-num=K` for each secondary K, which then waits in the EL3 stub for
+//! PSCI CPU_ON); see `cargo xtask qemu --board sbsa-ref [--smp N]`.
 #![no_std]
 #![no_main]
 

@@ -364,6 +364,10 @@ pub struct Run {
     pub semihosting: bool,
     /// virt's `gic-version` (3, which the firmware drives; 2, which it does not, so the SMMU is polled).
     pub gic_version: u8,
+    /// CPUs (`-smp`), 1 by default. With more, the firmware is told how many (`cpus=N`), and on sbsa-ref, where
+    /// QEMU starts every CPU at reset, each secondary is pointed at the firmware's ELF entry (its EL3 stub) with
+    /// `-device loader,addr=<entry>,cpu-num=N`, where it waits for PSCI CPU_ON.
+    pub smp: usize,
     /// Load the second image (`<board>-next`, the same firmware linked into the second image slot) beside the
     /// first and tell the firmware (`next-image=on`), so that a hand-off (`lu-noreset`) goes to a separate binary;
     /// without it the firmware enters itself again. On by default.
@@ -394,6 +398,7 @@ impl Run {
             semihosting: true,
             gic_version: 3,
             next_image: true,
+            smp: 1,
         }
     }
 
@@ -450,6 +455,10 @@ impl Run {
         if second.is_some() {
             settings.push(("next-image".into(), "on".into()));
         }
+        let smp = self.smp.max(1);
+        if smp > 1 {
+            settings.push(("cpus".into(), smp.to_string()));
+        }
         match self.board {
             Board::QemuVirt => {
                 let machine = match self.stage {
@@ -465,7 +474,7 @@ impl Run {
                     ),
                 ]);
                 c.args(["-global", &format!("arm-smmuv3.stage={}", self.stage.name())]);
-                c.args(["-cpu", "max", "-m", &self.memory, "-smp", "1"]);
+                c.args(["-cpu", "max", "-m", &self.memory, "-smp", &smp.to_string()]);
                 c.args(["-device", &format!("loader,file={},cpu-num=0", firmware.display())]);
                 if let Some(next) = &second {
                     // Without `cpu-num` the loader only copies the ELF into RAM: the first image starts it.
@@ -495,12 +504,29 @@ impl Run {
                 }
             }
             Board::SbsaRef => {
-                // One CPU (the others would spin in empty flash); no fw_cfg: the configuration travels on the
-                // semihosting command line. The machine always adds a bochs-display, whose VGA BIOS Debian ships
-                // in another package: without a ROM file it works the same for this firmware.
-                c.args(["-M", "sbsa-ref", "-cpu", "max", "-m", &self.memory, "-smp", "1"]);
+                // No fw_cfg: the configuration travels on the semihosting command line. The machine always adds a
+                // bochs-display, whose VGA BIOS Debian ships in another package: without a ROM file it works the
+                // same for this firmware.
+                c.args([
+                    "-M",
+                    "sbsa-ref",
+                    "-cpu",
+                    "max",
+                    "-m",
+                    &self.memory,
+                    "-smp",
+                    &smp.to_string(),
+                ]);
                 c.args(["-global", "bochs-display.romfile="]);
                 c.args(["-device", &format!("loader,file={},cpu-num=0", firmware.display())]);
+                // QEMU starts every CPU at reset (no PSCI of its own here): the secondaries at the ELF's entry, the
+                // EL3 stub, which keeps them until CPU_ON (without this they would spin in empty flash).
+                if smp > 1 {
+                    let entry = elf_entry(firmware).unwrap_or(0);
+                    for cpu in 1..smp {
+                        c.args(["-device", &format!("loader,addr={entry:#x},cpu-num={cpu}")]);
+                    }
+                }
                 if let Some(next) = &second {
                     // Without `cpu-num` the loader only copies the ELF into RAM: the first image starts it.
                     c.args(["-device", &format!("loader,file={}", next.display())]);
@@ -663,6 +689,14 @@ impl Run {
             trace_file,
         })
     }
+}
+
+/// The entry point of a 64-bit little-endian ELF file (`e_entry`), `None` when the file is not one.
+pub fn elf_entry(path: &Path) -> Option<u64> {
+    let mut header = [0u8; 32];
+    std::fs::File::open(path).ok()?.read_exact(&mut header).ok()?;
+    let is_elf64_le = header.starts_with(b"\x7fELF") && header[4] == 2 && header[5] == 1;
+    is_elf64_le.then(|| u64::from_le_bytes(header[24..32].try_into().unwrap_or_default()))
 }
 
 /// One `SCENARIO <name> PASS|FAIL: <reason>` line.
@@ -1171,5 +1205,57 @@ mod tests {
         let mut run = Run::new(Board::SbsaRef, Stage::Nested, &["probe"]);
         run.semihosting = false;
         assert_eq!(run.asked_scenarios(), DEFAULT_SCENARIOS);
+    }
+
+    #[test]
+    fn smp_gives_qemu_the_cpus_and_tells_the_firmware() {
+        let args = |run: &Run, firmware: &Path| -> Vec<String> {
+            run.command(firmware)
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect()
+        };
+        let smp_value = |args: &[String]| args[args.iter().position(|a| a == "-smp").unwrap() + 1].clone();
+        // An ELF header whose entry is 0x10000200000 (the sbsa-ref image's EL3 stub sits at its start).
+        let dir = workspace_root().join("target/harness-unit");
+        std::fs::create_dir_all(&dir).unwrap();
+        let elf = dir.join(format!("entry-{}.elf", std::process::id()));
+        let mut header = vec![0u8; 64];
+        header[..4].copy_from_slice(b"\x7fELF");
+        header[4] = 2;
+        header[5] = 1;
+        header[24..32].copy_from_slice(&0x100_0020_0000u64.to_le_bytes());
+        std::fs::write(&elf, &header).unwrap();
+        assert_eq!(elf_entry(&elf), Some(0x100_0020_0000));
+        for board in Board::ALL {
+            let mut run = Run::new(board, Stage::Nested, &["smp-hello"]);
+            let single = args(&run, &elf);
+            assert_eq!(smp_value(&single), "1");
+            assert!(!single.iter().any(|a| a.contains("cpus=")), "{single:?}");
+            assert!(!single.iter().any(|a| a.starts_with("loader,addr=")), "{single:?}");
+            run.smp = 4;
+            let four = args(&run, &elf);
+            assert_eq!(smp_value(&four), "4");
+            let loaders: Vec<&String> = four.iter().filter(|a| a.starts_with("loader,addr=")).collect();
+            match board {
+                Board::QemuVirt => {
+                    // QEMU's own PSCI keeps the secondaries off until CPU_ON.
+                    assert!(loaders.is_empty(), "{four:?}");
+                    assert!(four.contains(&"name=opt/smmuv3/cpus,string=4".to_string()), "{four:?}");
+                }
+                Board::SbsaRef => {
+                    assert_eq!(
+                        loaders,
+                        [1, 2, 3]
+                            .map(|cpu| format!("loader,addr=0x10000200000,cpu-num={cpu}"))
+                            .iter()
+                            .collect::<Vec<_>>()
+                    );
+                    assert!(four.iter().any(|a| a.contains(",arg=cpus=4")), "{four:?}");
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&elf);
+        assert_eq!(elf_entry(Path::new("/nonexistent")), None);
     }
 }
