@@ -7,7 +7,7 @@ use core::fmt::Write;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use aarch64_cpu::registers::{CurrentEL, MAIR_EL2, Readable, SCTLR_EL2, TCR_EL2, TTBR0_EL2, VBAR_EL2};
-use smmuv3::active::InitOptions;
+use smmuv3::InitOptions;
 
 use super::core_smmu::{Session, edu_stream, expect_quiet, start};
 use super::{Context, Failure, dma_onto_canary};
