@@ -3,6 +3,12 @@
 
 use core::fmt;
 
+mod atomic;
+#[cfg(all(loom, test))]
+mod loom_models;
+
+pub(crate) use atomic::AtomicIdAllocator;
+
 /// A handle to a domain: its slot and the slot's generation. Copyable; stale once the domain is freed (the domain
 /// table in [`crate::domain`] hands them out and checks them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -281,7 +281,10 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// records are not handed to a `drain_faults` callback.
     pub(super) fn file_queued_faults(&mut self) {
         let ActiveSmmu { core, domains } = self;
-        core.drain_queued(|event| domains.file(&event));
+        core.drain_queued(|event| {
+            domains.file(&event);
+            true
+        });
     }
 
     /// When `domain` has no attachment left, drops its TLB entries (its IDs stay allocated until `free`).

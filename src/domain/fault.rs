@@ -1,6 +1,7 @@
 //! Faults filed per domain: every event record routed to the report of the domain its stream (and substream) is
 //! attached to, or to the SMMU-wide report, drained until the queue is empty.
 
+use crate::smmu::Drainer;
 use core::fmt;
 
 use crate::hw::event::Event;
@@ -169,9 +170,10 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             let ActiveSmmu { core, domains } = self;
             // Takes a pending overflow whether or not OVFLG said so too: left behind, it would report a loss again
             // on a later drain.
-            let report = core.drain_events(|event| {
+            let report = core.drain_events(Drainer::Thread, |event| {
                 also(&event);
                 domains.file(&event);
+                true
             })?;
             total.events += report.events;
             total.overflow = total.overflow.or(report.overflow);

@@ -202,8 +202,11 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     ///
     /// # Errors
     /// [`GlobalError::ServiceFailure`] as [`ActiveSmmu::handle_global_errors`].
-    pub fn drain_events(&mut self, sink: impl FnMut(Event)) -> Result<DrainReport, GlobalError> {
-        self.core.drain_events(sink)
+    pub fn drain_events(&mut self, mut sink: impl FnMut(Event)) -> Result<DrainReport, GlobalError> {
+        self.core.drain_events(crate::smmu::Drainer::Thread, |event| {
+            sink(event);
+            true
+        })
     }
 
     /// Allocates an ASID (8 or 16 bits as IDR0.ASID16 says; 0 is reserved).

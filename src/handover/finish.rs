@@ -82,7 +82,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         }
         // An SMMU adopted running and never restored: the previous image's STEs still walk memory the re-armed
         // region stops naming (the pool hands it out again): they abort, and every cached entry goes, first.
-        if self.core.inherited_stes {
+        if self.core.inherited_stes() {
             self.abort_unrestored_streams()
                 .map_err(|e| FinishError::Domain(DomainError::Attach(e)))?;
         }

@@ -339,7 +339,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// On an SMMU adopted running whose inherited STEs are not settled yet: makes every stream no domain holds
     /// abort and invalidates everything (see [`ActiveSmmu::abort_unrestored_streams`]). Returns how many aborted.
     fn abort_inherited_streams(&mut self) -> Result<u32, RestoreError> {
-        if !self.core.inherited_stes {
+        if !self.core.inherited_stes() {
             return Ok(0);
         }
         self.abort_unrestored_streams().map_err(RestoreError::UnrestoredStreams)
@@ -399,7 +399,10 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     fn contain_refused_restore(&mut self, taken: &Taken) {
         // Refused before the rebuild took anything, on an SMMU this image initialised: nothing translates through
         // the restore, so there is nothing to contain (and nothing is issued).
-        if taken.streams.is_empty() && taken.arenas.is_empty() && taken.domains.is_empty() && !self.core.inherited_stes
+        if taken.streams.is_empty()
+            && taken.arenas.is_empty()
+            && taken.domains.is_empty()
+            && !self.core.inherited_stes()
         {
             return;
         }
@@ -408,11 +411,11 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             contained &= self.core.abort_stream(sid).is_ok();
         }
         self.domains.streams.retain(|r| !taken.streams.contains(&r.sid));
-        if self.core.inherited_stes {
+        if self.core.inherited_stes() {
             let own: heapless::Vec<u32, { crate::domain::MAX_ATTACHED_STREAMS }> =
                 self.domains.streams.iter().map(|r| r.sid).collect();
             match self.abort_streams_except(|sid| own.contains(&sid)) {
-                Ok(_) => self.core.inherited_stes = false,
+                Ok(_) => self.core.set_inherited_stes(false),
                 Err(_) => contained = false,
             }
         }
@@ -842,7 +845,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         // Until now those streams translated with the old image's contexts and may have filled the TLB under
         // ASIDs and VMIDs this image considers free: drop every such entry before any is allocated again.
         self.core.invalidate_all().map_err(AttachError::Queue)?;
-        self.core.inherited_stes = false;
+        self.core.set_inherited_stes(false);
         Ok(aborted)
     }
 }

@@ -92,7 +92,11 @@ impl EventQueue {
     /// empty *after* CONS was written: the event-queue interrupt fires only when the queue goes from empty to
     /// non-empty, so a record that arrives between the PROD read and the CONS write would otherwise sit there with
     /// no further interrupt. Bounded by [`DRAIN_BOUND_QUEUES`] queues' worth of records.
-    pub(crate) fn drain(&mut self, page1: &SmmuPage1Queues, mut sink: impl FnMut(Event)) -> DrainReport {
+    ///
+    /// A `sink` that answers `false` did not take the record (it could not file it now, e.g. a lock it only tries
+    /// was held): the drain stops there, the record stays in the queue for the next drain, and the report says
+    /// [`DrainReport::pending`].
+    pub(crate) fn drain(&mut self, page1: &SmmuPage1Queues, mut sink: impl FnMut(Event) -> bool) -> DrainReport {
         let mut report = DrainReport::default();
         let budget = DRAIN_BOUND_QUEUES * self.geometry.entries();
         loop {
@@ -119,7 +123,10 @@ impl EventQueue {
                 self.coherency
                     .clean_invalidate(core::ptr::from_ref(&record[0]).cast(), EVENT_BYTES);
                 let raw: [u64; 4] = core::array::from_fn(|i| record[i].load(Ordering::Relaxed));
-                sink(Event::decode(&raw));
+                if !sink(Event::decode(&raw)) {
+                    report.pending = true;
+                    break;
+                }
                 report.events += 1;
                 self.cons = self.geometry.advance(self.cons, 1);
             }
@@ -129,6 +136,9 @@ impl EventQueue {
             self.cons = (self.cons & !(1 << 31)) | ack;
             full_barrier();
             page1.eventq_cons.set(self.cons);
+            if report.pending {
+                return report;
+            }
         }
     }
 }
@@ -197,7 +207,10 @@ mod tests {
             for i in 0..3 {
                 p.push(&page1, kind::C_BAD_STE, round * 10 + i);
             }
-            let report = q.drain(&page1, |e| seen.push(e.stream_id().unwrap()));
+            let report = q.drain(&page1, |e| {
+                seen.push(e.stream_id().unwrap());
+                true
+            });
             assert_eq!(
                 report,
                 DrainReport {
@@ -224,7 +237,14 @@ mod tests {
             p.push(&page1, kind::F_TRANSLATION, i);
         }
         let mut n = 0;
-        assert_eq!(q.drain(&page1, |_| n += 1).events, 8);
+        assert_eq!(
+            q.drain(&page1, |_| {
+                n += 1;
+                true
+            })
+            .events,
+            8
+        );
         assert_eq!(n, 8);
     }
 
@@ -234,7 +254,7 @@ mod tests {
         let (mut q, mut p, page1) = setup(&frames, 2);
         p.push(&page1, kind::C_BAD_STE, 1);
         p.overflow(&page1);
-        let report = q.drain(&page1, |_| {});
+        let report = q.drain(&page1, |_| true);
         assert_eq!(
             report,
             DrainReport {
@@ -244,10 +264,10 @@ mod tests {
             }
         );
         assert_eq!(page1.eventq_cons.get() >> 31, 1, "OVACKFLG copied from OVFLG");
-        assert_eq!(q.drain(&page1, |_| {}), DrainReport::default());
+        assert_eq!(q.drain(&page1, |_| true), DrainReport::default());
         // A second overflow toggles the flag back.
         p.overflow(&page1);
-        assert_eq!(q.drain(&page1, |_| {}).overflow, Some(Overflow::ProdOverflowFlag));
+        assert_eq!(q.drain(&page1, |_| true).overflow, Some(Overflow::ProdOverflowFlag));
         assert_eq!(page1.eventq_cons.get() >> 31, 0);
     }
     #[test]
@@ -267,6 +287,7 @@ mod tests {
                 p.push(&page1, kind::F_TRANSLATION, 4);
             }
             seen.push(sid);
+            true
         });
         assert_eq!(seen, [1, 2, 3, 4]);
         assert_eq!((report.events, report.pending), (4, false));
@@ -275,6 +296,33 @@ mod tests {
             p.prod,
             "the queue is empty after the last CONS write"
         );
+    }
+
+    /// A sink that cannot file a record now leaves it (and those after it) in the queue for the next drain: no
+    /// record is lost or filed twice.
+    #[test]
+    fn a_refused_record_stays_for_the_next_drain() {
+        let frames = HeapFrames::default();
+        let (mut q, mut p, page1) = setup(&frames, 3);
+        for sid in 1..=3 {
+            p.push(&page1, kind::C_BAD_STE, sid);
+        }
+        let mut seen = Vec::new();
+        let report = q.drain(&page1, |e| {
+            let sid = e.stream_id().unwrap();
+            if sid == 2 {
+                return false;
+            }
+            seen.push(sid);
+            true
+        });
+        assert_eq!((report.events, report.pending), (1, true));
+        let report = q.drain(&page1, |e| {
+            seen.push(e.stream_id().unwrap());
+            true
+        });
+        assert_eq!((report.events, report.pending), (2, false));
+        assert_eq!(seen, [1, 2, 3]);
     }
 
     #[test]
@@ -287,11 +335,12 @@ mod tests {
         let report = q.drain(&page1, |_| {
             n += 1;
             p.push(&page1, kind::C_BAD_STE, n);
+            true
         });
         assert_eq!(report.events, DRAIN_BOUND_QUEUES * 4);
         assert!(report.pending, "records were left: the caller must drain again");
         assert_eq!(
-            q.drain(&page1, |_| {}).events,
+            q.drain(&page1, |_| true).events,
             1,
             "the one left is found by the next drain"
         );

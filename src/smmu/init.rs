@@ -419,8 +419,8 @@ impl Smmu {
         if let Err(e) = programmed {
             return refuse(&self, &allocator, e);
         }
-        let mut active = SmmuCore::assemble(self, allocator, streams, cmdq, evtq);
-        active.inherited_stes = true;
+        let active = SmmuCore::assemble(self, allocator, streams, cmdq, evtq);
+        active.set_inherited_stes(true);
         if let Err(e) = active.invalidate_all() {
             // `active` has no domain yet; its drop turns translation off once more.
             return refuse(&active.smmu, &active.allocator, InitError::Invalidation(e));
@@ -518,7 +518,7 @@ impl Smmu {
         enable_interrupts(regs, &features, options)?;
         let queues = CR0::CMDQEN::SET.value | CR0::EVENTQEN::SET.value;
 
-        let mut active = SmmuCore::assemble(self, allocator, streams, cmdq, evtq);
+        let active = SmmuCore::assemble(self, allocator, streams, cmdq, evtq);
         // 8. Forget everything the SMMU may have cached from before.
         active.invalidate_all().map_err(InitError::Invalidation)?;
         // 9. Translate.
@@ -556,9 +556,9 @@ impl<A: FrameAllocator> SmmuCore<A> {
             (
                 core::ptr::read(&this.smmu),
                 core::ptr::read(&this.allocator),
-                core::ptr::read(&this.streams),
+                core::ptr::read(&this.streams).into_inner(),
                 core::ptr::read(&this.cmdq),
-                core::ptr::read(&this.evtq),
+                core::ptr::read(&this.evtq).into_inner().queue,
             )
         };
         // SAFETY: SMMUEN, CMDQEN and EVENTQEN are acknowledged off, so the SMMU no longer touches this memory;
@@ -574,13 +574,14 @@ impl<A: FrameAllocator> SmmuCore<A> {
 
     /// A printable summary of the configuration chosen at init.
     pub fn configuration(&self) -> Configuration {
+        let (streams, evtq) = (self.streams.lock(), self.evtq.lock());
         Configuration {
-            stream_table: self.streams.format(),
-            stream_table_base: self.streams.base().0,
+            stream_table: streams.format(),
+            stream_table_base: streams.base().0,
             cmdq_entries: self.cmdq.geometry().entries(),
             cmdq_base: self.cmdq.memory().phys.0,
-            eventq_entries: self.evtq.geometry().entries(),
-            eventq_base: self.evtq.memory().phys.0,
+            eventq_entries: evtq.queue.geometry().entries(),
+            eventq_base: evtq.queue.memory().phys.0,
             coherent: self.features().coherent,
             asid_bits: self.asids.bits(),
             vmid_bits: self.vmids.bits(),

@@ -92,9 +92,12 @@ impl<A: FrameAllocator> SmmuCore<A> {
     /// [`AttachError::Stream`] for a StreamID beyond the table or no memory for its level-2 span (nothing
     /// changes then); [`AttachError::Invalidation`] when an invalidation fails: the writer stops at that step and
     /// says what the STE holds.
-    pub(crate) fn install_ste(&mut self, sid: u32, ste: &Ste) -> Result<InstallReport, AttachError> {
-        let coherency = self.streams.coherency();
-        let slot = self.streams.slot(sid, &self.allocator).map_err(AttachError::Stream)?;
+    pub(crate) fn install_ste(&self, sid: u32, ste: &Ste) -> Result<InstallReport, AttachError> {
+        // Held until the entry is written and every step invalidated: another writer of this entry (or of a new
+        // span's level-1 descriptor) waits, so the SMMU only ever sees the hitless writer's sequence.
+        let mut streams = self.streams.lock();
+        let coherency = streams.coherency();
+        let slot = streams.slot(sid, &self.allocator).map_err(AttachError::Stream)?;
         let live: [u64; 8] = core::array::from_fn(|i| slot.words[i].load(Ordering::Relaxed));
         let invalidate = Command::CfgiSte {
             sid,
@@ -102,7 +105,7 @@ impl<A: FrameAllocator> SmmuCore<A> {
         }
         .encode()
         .map_err(|e| AttachError::Queue(CommandQueueError::Encoding(e)))?;
-        let (cmdq, regs) = (&mut self.cmdq, self.smmu.regs());
+        let (cmdq, regs) = (&self.cmdq, self.smmu.regs());
         let mut writer = SlotWriter {
             words: slot.words,
             coherency,
@@ -133,13 +136,15 @@ impl<A: FrameAllocator> SmmuCore<A> {
     /// # Errors
     /// As [`SmmuCore::abort_stream`]: the streams before the failing one abort. Whether a stream may be changed
     /// (a domain's) is the caller's to check.
-    pub(crate) fn abort_streams_except(&mut self, keep: impl Fn(u32) -> bool) -> Result<u32, AttachError> {
+    pub(crate) fn abort_streams_except(&self, keep: impl Fn(u32) -> bool) -> Result<u32, AttachError> {
         let mut changed = 0;
-        let sid_bits = self.streams.format().sid_bits();
-        let span = self.streams.span_len();
+        let (sid_bits, span) = {
+            let streams = self.streams.lock();
+            (streams.format().sid_bits(), streams.span_len())
+        };
         // Only the spans that exist hold STEs: the others are skipped whole.
         for first in (0..(1u64 << sid_bits)).step_by(span as usize) {
-            if !self.streams.exists(first as u32) {
+            if !self.streams.lock().exists(first as u32) {
                 continue;
             }
             for sid in first..first + span {
@@ -147,7 +152,7 @@ impl<A: FrameAllocator> SmmuCore<A> {
                 if keep(sid) {
                     continue;
                 }
-                let live = match self.streams.read(sid) {
+                let live = match self.streams.lock().read(sid) {
                     Ok(ste) => ste,
                     Err(_) => continue,
                 };
@@ -164,16 +169,17 @@ impl<A: FrameAllocator> SmmuCore<A> {
     /// The first stream, in StreamID order, whose STE exists and neither aborts nor is invalid (it bypasses or
     /// translates), among those `keep` does not name.
     pub(crate) fn first_live_stream_except(&self, keep: impl Fn(u32) -> bool) -> Option<u32> {
-        let sid_bits = self.streams.format().sid_bits();
-        let span = self.streams.span_len();
+        let streams = self.streams.lock();
+        let sid_bits = streams.format().sid_bits();
+        let span = streams.span_len();
         (0..(1u64 << sid_bits))
             .step_by(span as usize)
-            .filter(|&first| self.streams.exists(first as u32))
+            .filter(|&first| streams.exists(first as u32))
             .flat_map(|first| first..first + span)
             .map(|sid| sid as u32)
             .filter(|&sid| !keep(sid))
             .find(|&sid| {
-                self.streams.read(sid).is_ok_and(|live| {
+                streams.read(sid).is_ok_and(|live| {
                     !matches!(
                         live.config(),
                         crate::hw::ste::Config::Abort | crate::hw::ste::Config::Invalid
@@ -187,18 +193,18 @@ impl<A: FrameAllocator> SmmuCore<A> {
     /// # Errors
     /// [`StreamError::UnknownStream`] for a StreamID beyond the table.
     pub(crate) fn ste(&self, sid: u32) -> Result<Ste, StreamError> {
-        self.streams.read(sid)
+        self.streams.lock().read(sid)
     }
 
     /// Makes `sid` abort, whether or not a domain holds it: for the crate's own paths that keep the bookkeeping
     /// (a detach, a restore undoing itself).
-    pub(crate) fn abort_stream(&mut self, sid: u32) -> Result<InstallReport, AttachError> {
+    pub(crate) fn abort_stream(&self, sid: u32) -> Result<InstallReport, AttachError> {
         self.install_ste(sid, &Ste::abort())
     }
 
     /// Lets `sid`'s transactions through untranslated, whoever holds it: for callers that checked (a bypassed
     /// device reaches all of memory).
-    pub(crate) fn bypass_stream(&mut self, sid: u32) -> Result<InstallReport, AttachError> {
+    pub(crate) fn bypass_stream(&self, sid: u32) -> Result<InstallReport, AttachError> {
         let bypass = Ste::bypass_for(&self.features().entry_rules());
         self.install_ste(sid, &bypass)
     }
@@ -209,14 +215,14 @@ impl<A: FrameAllocator> SmmuCore<A> {
     /// # Errors
     /// As [`CdTable::write`], with the command queue's error for a failed invalidation.
     pub(crate) fn install_cd(
-        &mut self,
+        &self,
         table: &mut CdTable,
         sid: u32,
         ssid: u32,
         cd: &Cd,
         memory: &impl FrameAllocator,
     ) -> Result<CdWriteReport, CdTableError<CommandQueueError>> {
-        let (cmdq, regs) = (&mut self.cmdq, self.smmu.regs());
+        let (cmdq, regs) = (&self.cmdq, self.smmu.regs());
         table.write(ssid, cd, memory, |leaf| {
             let words = [Command::CfgiCd { sid, ssid, leaf }
                 .encode()

@@ -101,7 +101,7 @@ impl<A: FrameAllocator> SmmuCore<A> {
     /// [`CommandQueueError::NotAllowed`] for a command the vetting refuses (nothing is written),
     /// [`CommandQueueError::Refused`] (after the rest of the batch completed) when a command was illegal,
     /// [`CommandQueueError::Timeout`] when the SMMU stops consuming, [`CommandQueueError::ServiceFailure`].
-    pub(crate) fn submit(&mut self, batch: &Batch) -> Result<BatchReport, CommandQueueError> {
+    pub(crate) fn submit(&self, batch: &Batch) -> Result<BatchReport, CommandQueueError> {
         for (index, words) in batch.words().iter().enumerate() {
             crate::hw::command::vet(words).map_err(|reason| CommandQueueError::NotAllowed { index, reason })?;
         }
@@ -118,7 +118,7 @@ impl<A: FrameAllocator> SmmuCore<A> {
     ///
     /// # Errors
     /// As [`SmmuCore::submit`], without [`CommandQueueError::NotAllowed`].
-    pub(crate) unsafe fn submit_unvetted(&mut self, batch: &Batch) -> Result<BatchReport, CommandQueueError> {
+    pub(crate) unsafe fn submit_unvetted(&self, batch: &Batch) -> Result<BatchReport, CommandQueueError> {
         self.cmdq.submit(self.smmu.regs(), batch.words(), true)
     }
 
@@ -127,7 +127,7 @@ impl<A: FrameAllocator> SmmuCore<A> {
     ///
     /// # Errors
     /// As [`SmmuCore::submit`].
-    pub(crate) fn invalidate_all(&mut self) -> Result<BatchReport, CommandQueueError> {
+    pub(crate) fn invalidate_all(&self) -> Result<BatchReport, CommandQueueError> {
         let mut batch = Batch::new();
         batch.push(&Command::CfgiAll)?;
         if self.features().hyp {
@@ -157,7 +157,7 @@ impl<A: FrameAllocator> SmmuCore<A> {
     /// [`InvalidationError::ForeignGather`] when another table than `table` filled `gather` (nothing issued). The
     /// tables are then **not** released: the error hands the gather back.
     pub(crate) fn flush<T: FrameAllocator>(
-        &mut self,
+        &self,
         table: &mut IoPageTable<T>,
         gather: Gather,
         context: TlbContext,
@@ -208,18 +208,18 @@ impl<A: FrameAllocator> SmmuCore<A> {
 
     /// Issues the TLB invalidation that covers `gather` and waits for it.
     pub(crate) fn invalidate_gather(
-        &mut self,
+        &self,
         granule: Granule,
         gather: &Gather,
         context: TlbContext,
     ) -> Result<BatchReport, CommandQueueError> {
-        gather_invalidation(&mut self.cmdq, &self.smmu, granule, gather, context)
+        gather_invalidation(&self.cmdq, &self.smmu, granule, gather, context)
     }
 }
 
 /// Issues the TLB invalidation that covers `gather` (see [`ActiveSmmu::flush`](crate::ActiveSmmu::flush)) and waits for it.
 fn gather_invalidation(
-    cmdq: &mut CommandQueue,
+    cmdq: &CommandQueue,
     smmu: &Smmu,
     granule: Granule,
     gather: &Gather,

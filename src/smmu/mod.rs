@@ -26,6 +26,7 @@ mod state;
 #[cfg(test)]
 pub(crate) mod tests;
 
+pub(crate) use events::Drainer;
 pub use events::GlobalError;
 pub use features::{Features, IdRegisters, Quirks, Stages};
 pub use init::{
@@ -131,6 +132,12 @@ pub struct Smmu {
 // SAFETY: `Smmu` holds MMIO pointers to a device, not to Rust data; moving it to another CPU is sound, and every
 // access goes through `&self`/`&mut self` so the usual borrow rules serialise them.
 unsafe impl Send for Smmu {}
+
+// SAFETY: `&Smmu` gives MMIO reads and writes of single registers (volatile, each single-copy atomic on the
+// device); no Rust data is shared through the pointers. Which CPU may write which register when is decided by the
+// owners above (the command queue's protocol, the stream table's and event queue's locks, init and shutdown
+// through `self`), never by this type.
+unsafe impl Sync for Smmu {}
 
 impl Smmu {
     /// Reads the ID registers of the SMMU whose register space (pages 0 and 1) is mapped at `registers` as

@@ -1,8 +1,25 @@
 //! What an initialised SMMU owns: its registers, the memory its own structures come from, the stream table, the
 //! command and event queues and the ASID/VMID allocators. The layers above (domains, live update) keep their own
 //! bookkeeping and call in here; nothing here knows a domain.
+//!
+//! **Concurrency.** Every operation takes `&self`, from any CPU. The parts and what guards them:
+//! - the stream table: one `spin::Mutex`, held while one STE is written through the hitless writer and each of
+//!   its CFGI_STE + CMD_SYNC steps completes (and while the level-2 span it needs is allocated): two writers of one
+//!   entry would interleave their hitless steps, and the SMMU must never see a torn or half-invalidated entry;
+//! - the command queue: no lock (its own multi-producer protocol, `crate::queue::cmdq`);
+//! - the ASID and VMID allocators: no lock (atomic bitmaps, `crate::ids::AtomicIdAllocator`);
+//! - the event queue and the overflow it last reported: one `spin::Mutex` that interrupt context only
+//!   `try_lock`s. A failed try sets `drain_again`; the holder clears it before each pass and, on finding it set
+//!   after a pass, drains once more before unlocking (and once more after, if it was set between its last look
+//!   and the unlock), so no record announced by an interrupt waits for the next one;
+//! - `inherited_stes`: an atomic flag.
+//!
+//! Lock order inside the core: the stream table's lock is never held while the event queue's is taken, nor the
+//! reverse; neither is held while calling out of the core.
 
-use crate::ids::{IdAllocator, IdError};
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use crate::ids::{AtomicIdAllocator, IdError};
 use crate::mem::FrameAllocator;
 use crate::queue::cmdq::CommandQueue;
 use crate::queue::evtq::{EventQueue, Overflow};
@@ -19,17 +36,28 @@ use super::features::Features;
 pub(crate) struct SmmuCore<A: FrameAllocator> {
     pub(crate) smmu: Smmu,
     pub(super) allocator: A,
-    pub(super) streams: StreamTable,
+    /// The stream table: held across one STE's hitless write and its invalidations (see the module docs).
+    pub(super) streams: spin::Mutex<StreamTable>,
     pub(super) cmdq: CommandQueue,
-    pub(super) evtq: EventQueue,
-    pub(super) asids: IdAllocator,
-    pub(super) vmids: IdAllocator,
-    /// An event-queue abort (GERROR.EVENTQ_ABT_ERR) seen but not reported yet: the next drain reports it.
-    pub(super) pending_overflow: Option<Overflow>,
+    /// The event queue: interrupt context only `try_lock`s it (see the module docs).
+    pub(super) evtq: spin::Mutex<EventState>,
+    /// A drain found the event queue's lock taken: its holder drains once more before it lets go.
+    pub(super) drain_again: AtomicBool,
+    /// GERROR.EVENTQ_ABT_ERR acknowledged and not reported yet: the next drain reports it as an overflow.
+    pub(super) abort_seen: AtomicBool,
+    pub(super) asids: AtomicIdAllocator,
+    pub(super) vmids: AtomicIdAllocator,
     /// Adopted from a previous image ([`Smmu::adopt_running`]): STEs that image left may still be live, so a
     /// refused restore must make every stream but this image's own abort, and no ID is handed out. Cleared once
-    /// they are aborted.
-    pub(crate) inherited_stes: bool,
+    /// they are aborted (`Release`, read with `Acquire`: a CPU that sees it cleared sees the aborting STEs).
+    pub(crate) inherited_stes: AtomicBool,
+}
+
+/// The event queue and what its drains remember, behind one lock.
+pub(crate) struct EventState {
+    pub(super) queue: EventQueue,
+    /// An event-queue abort (GERROR.EVENTQ_ABT_ERR) seen but not reported yet: the next drain reports it.
+    pub(super) pending_overflow: Option<Overflow>,
 }
 
 impl<A: FrameAllocator> SmmuCore<A> {
@@ -45,13 +73,17 @@ impl<A: FrameAllocator> SmmuCore<A> {
         SmmuCore {
             smmu,
             allocator,
-            streams,
+            streams: spin::Mutex::new(streams),
             cmdq,
-            evtq,
-            asids: IdAllocator::new(features.asid_bits),
-            vmids: IdAllocator::new(features.vmid_bits),
-            pending_overflow: None,
-            inherited_stes: false,
+            evtq: spin::Mutex::new(EventState {
+                queue: evtq,
+                pending_overflow: None,
+            }),
+            drain_again: AtomicBool::new(false),
+            abort_seen: AtomicBool::new(false),
+            asids: AtomicIdAllocator::new(features.asid_bits),
+            vmids: AtomicIdAllocator::new(features.vmid_bits),
+            inherited_stes: AtomicBool::new(false),
         }
     }
 
@@ -62,12 +94,12 @@ impl<A: FrameAllocator> SmmuCore<A> {
 
     /// The stream table format chosen at init.
     pub fn stream_table_format(&self) -> StreamTableFormat {
-        self.streams.format()
+        self.streams.lock().format()
     }
 
     /// Level-2 stream table spans allocated so far (2-level tables only).
     pub fn allocated_spans(&self) -> u32 {
-        self.streams.allocated_spans()
+        self.streams.lock().allocated_spans()
     }
 
     /// Command queue entries.
@@ -77,12 +109,22 @@ impl<A: FrameAllocator> SmmuCore<A> {
 
     /// Event queue entries.
     pub fn eventq_entries(&self) -> u32 {
-        self.evtq.geometry().entries()
+        self.evtq.lock().queue.geometry().entries()
     }
 
     /// The allocator the SMMU's memory comes from.
     pub fn allocator(&self) -> &A {
         &self.allocator
+    }
+
+    /// Whether STEs a previous image left may still be live (see `inherited_stes`).
+    pub(crate) fn inherited_stes(&self) -> bool {
+        self.inherited_stes.load(Ordering::Acquire)
+    }
+
+    /// The previous image's STEs are all aborted or restored (or, `true`: adopted again).
+    pub(crate) fn set_inherited_stes(&self, inherited: bool) {
+        self.inherited_stes.store(inherited, Ordering::Release);
     }
 
     /// Whether translation is on (CR0ACK.SMMUEN).
@@ -95,20 +137,20 @@ impl<A: FrameAllocator> SmmuCore<A> {
     /// # Errors
     /// [`IdError::Exhausted`]; [`IdError::HandOffUnsettled`] on an SMMU adopted running until the hand-off is
     /// restored (or its unrestored streams aborted): a stream the previous image left may use any ASID.
-    pub fn allocate_asid(&mut self) -> Result<u16, IdError> {
-        if self.inherited_stes {
+    pub fn allocate_asid(&self) -> Result<u16, IdError> {
+        if self.inherited_stes() {
             return Err(IdError::HandOffUnsettled);
         }
         self.asids.allocate()
     }
 
     /// Frees an ASID whatever owns it: for a domain that is going (or was never recorded).
-    pub(crate) fn release_asid(&mut self, asid: u16) -> Result<(), IdError> {
+    pub(crate) fn release_asid(&self, asid: u16) -> Result<(), IdError> {
         self.asids.free(asid)
     }
 
     /// Marks `asid` allocated (a restore reserving what a record names).
-    pub(crate) fn claim_asid(&mut self, asid: u16) -> Result<(), IdError> {
+    pub(crate) fn claim_asid(&self, asid: u16) -> Result<(), IdError> {
         self.asids.claim(asid)
     }
 
@@ -123,7 +165,7 @@ impl<A: FrameAllocator> SmmuCore<A> {
     }
 
     /// Marks `vmid` allocated (a restore reserving what a record names).
-    pub(crate) fn claim_vmid(&mut self, vmid: u16) -> Result<(), IdError> {
+    pub(crate) fn claim_vmid(&self, vmid: u16) -> Result<(), IdError> {
         self.vmids.claim(vmid)
     }
 
@@ -141,15 +183,15 @@ impl<A: FrameAllocator> SmmuCore<A> {
     ///
     /// # Errors
     /// As [`SmmuCore::allocate_asid`].
-    pub fn allocate_vmid(&mut self) -> Result<u16, IdError> {
-        if self.inherited_stes {
+    pub fn allocate_vmid(&self) -> Result<u16, IdError> {
+        if self.inherited_stes() {
             return Err(IdError::HandOffUnsettled);
         }
         self.vmids.allocate()
     }
 
     /// Frees a VMID whatever owns it: for a domain that is going (or was never recorded).
-    pub(crate) fn release_vmid(&mut self, vmid: u16) -> Result<(), IdError> {
+    pub(crate) fn release_vmid(&self, vmid: u16) -> Result<(), IdError> {
         self.vmids.free(vmid)
     }
 }

@@ -449,6 +449,13 @@ impl CommandQueue {
         Ok(())
     }
 
+    /// The lock every GERRORN write is made under (the recovery lock): the SMMU core acknowledges the other global
+    /// errors under it, so that its write of GERRORN never undoes a recovering CPU's acknowledgement of CMDQ_ERR
+    /// (or the reverse). `None` while another CPU holds it: the caller tries again later.
+    pub(crate) fn try_lock_gerrorn(&self) -> Option<impl Sized + '_> {
+        self.faults.try_lock()
+    }
+
     fn timeout<R: CommandQueueRegisters + ?Sized>(&self, regs: &R) -> CommandQueueError {
         CommandQueueError::Timeout {
             cons: regs.read_cons(),
