@@ -62,14 +62,14 @@ pub enum IdError {
         /// Whether it is currently allocated.
         allocated: bool,
     },
-    /// The identifier belongs to a live domain (on `ActiveSmmu::free_asid` / `free_vmid`): it goes back when the
+    /// The identifier belongs to a live domain (on `Iommu::free_asid` / `free_vmid`): it goes back when the
     /// domain is freed, after its TLB entries.
     Owned {
         /// The identifier.
         id: u16,
     },
     /// Nothing is allocated on an SMMU adopted running (`Smmu::adopt_running`) until the hand-off is settled
-    /// (`ActiveSmmu::restore_handover`, or `ActiveSmmu::abort_unrestored_streams`): the previous image's STEs may
+    /// (`Iommu::restore_handover`, or `Iommu::abort_unrestored_streams`): the previous image's STEs may
     /// still translate with IDs this image does not know to be taken.
     HandOffUnsettled,
 }

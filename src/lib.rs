@@ -25,8 +25,8 @@ pub(crate) mod testing;
 
 pub use board::{IommuMap, SmmuDescription, SmmuInterrupts};
 pub use domain::{
-    ActiveSmmu, DomainError, DomainId, DomainKind, DomainMemory, Fault, FaultReport, GuestContext, GuestInvalidation,
-    GuestStage1, Stage1Options, Stage2Options,
+    DomainError, DomainId, DomainKind, DomainMemory, Fault, FaultReport, GuestContext, GuestInvalidation, GuestStage1,
+    Iommu, Stage1Options, Stage2Options,
 };
 pub use mem::{DmaBlock, FrameAllocator, PhysAddr};
 pub use pgtable::Prot;

@@ -109,7 +109,7 @@ impl fmt::Display for AllocError {
 /// SMMU the driver itself cleans every block the SMMU reads (stream table, CD tables, page tables, command queue)
 /// to the point of coherency before the SMMU can reach it, and cleans *and invalidates* the event queue, which the
 /// SMMU writes, before giving the SMMU its base, so that no dirty line can later be evicted over a record.
-pub unsafe trait FrameAllocator {
+pub unsafe trait FrameAllocator: Sync {
     /// Allocates `size` zeroed bytes aligned to `align` (a power of two).
     ///
     /// # Errors

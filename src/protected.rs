@@ -92,7 +92,7 @@ mod tests {
     use crate::domain::{DomainError, Stage1Options, Stage2Options};
     use crate::pgtable::Prot;
     use crate::smmu::tests::{Model, frames};
-    use crate::{ActiveSmmu, InitOptions};
+    use crate::{InitOptions, Iommu};
 
     const RW: Prot = Prot::READ.union(Prot::WRITE).union(Prot::CACHEABLE);
 
@@ -100,7 +100,7 @@ mod tests {
     fn map_refuses_an_output_range_reaching_protected_memory_and_changes_nothing() {
         let frames = frames();
         let model = Model::start(frames);
-        let mut smmu: ActiveSmmu<_> = model.smmu().init(frames, &InitOptions::default()).unwrap();
+        let smmu: Iommu<_> = model.smmu().init(frames, &InitOptions::default()).unwrap();
         let tables = Extent {
             base: 0x4000_0000,
             len: 0x10_0000,

@@ -10,9 +10,10 @@ use crate::queue::cmdq::Batch;
 use crate::smmu::AttachError;
 use crate::stream::StreamError;
 
-use super::{ActiveSmmu, DomainError, STREAM_SSID_BITS, StreamRecord, Translation};
+use super::table::Book;
+use super::{DomainError, Iommu, STREAM_SSID_BITS, StreamRecord, Translation};
 
-impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
+impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// Attaches the whole stream `sid` to `domain`: its STE is written (hitlessly where the architecture allows)
     /// and invalidated. A stage-1 domain's stream gets a CD table of its own (from the domain's memory) with the
     /// domain's CD at substream 0 and room for [`STREAM_SSID_BITS`] bits of substreams where the SMMU has them.
@@ -27,32 +28,37 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// fails again (nothing written). [`DomainError::Attach`] when an STE invalidation failed: the
     /// STE is left as the error says and the stream is recorded as attached (so the domain cannot be freed under
     /// it); `detach` cleans up.
-    pub fn attach(&mut self, domain: DomainId, sid: u32) -> Result<(), DomainError> {
+    pub fn attach(&self, domain: DomainId, sid: u32) -> Result<(), DomainError> {
+        let mut book = self.domains.book.lock();
         self.unfrozen(domain)?;
         self.streams_unfrozen()?;
-        let state = self.domains.get(domain)?;
-        if let Some(i) = self.domains.stream(sid) {
+        if let Some(i) = book.stream(sid) {
             return Err(DomainError::StreamInUse {
                 sid,
-                domain: self.domains.streams[i].domain,
+                domain: book.streams[i].domain,
             });
         }
-        if self.domains.streams.is_full() {
+        if book.streams.is_full() {
             return Err(DomainError::TooMany("attached streams"));
         }
-        if state.attachments.is_full() {
+        if self.domains.get(domain)?.attachments.is_full() {
             return Err(DomainError::TooMany("attachments of the domain"));
         }
         let sid_bits = self.stream_sid_bits();
         if sid_bits < 32 && sid >> sid_bits != 0 {
             return Err(DomainError::Stream(StreamError::UnknownStream { sid, sid_bits }));
         }
-        self.enter_el2(domain)?;
-        let state = self.domains.get(domain)?;
-        let memory = state.memory;
-        let cd_table = match &state.translation {
-            Translation::Stage1 { cd, .. } => {
-                let cd = *cd;
+        self.enter_el2(&mut book, domain)?;
+        let (memory, stage1_cd) = {
+            let state = self.domains.get(domain)?;
+            let cd = match &state.translation {
+                Translation::Stage1 { cd, .. } => Some(*cd),
+                _ => None,
+            };
+            (state.memory, cd)
+        };
+        let cd_table = match stage1_cd {
+            Some(cd) => {
                 let bits = STREAM_SSID_BITS.min(self.features().ssid_bits);
                 let mut table = CdTable::new(
                     CdTableFormat::Linear { ssid_bits: bits },
@@ -68,7 +74,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 }
                 Some(table)
             }
-            _ => None,
+            None => None,
         };
         let ste = match self.domain_ste(domain, cd_table.as_ref()) {
             Ok(ste) => ste,
@@ -84,13 +90,13 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             if let AttachError::Invalidation(_) = e {
                 // The STE may reference the domain (and its CD table) now: record the stream as attached, so that
                 // the domain cannot be freed under it and `detach` can clean up.
-                let _ = self.domains.streams.push(StreamRecord {
+                let _ = book.streams.push(StreamRecord {
                     sid,
                     domain,
                     cd_table,
                     substreams: heapless::Vec::new(),
                 });
-                if let Ok(state) = self.domains.get_mut(domain) {
+                if let Ok(mut state) = self.domains.get_mut(domain) {
                     let _ = state.attachments.push((sid, 0));
                 }
             } else if let Some(t) = cd_table {
@@ -106,8 +112,8 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             substreams: heapless::Vec::new(),
         };
         // Room was checked above.
-        let _ = self.domains.streams.push(record);
-        if let Ok(state) = self.domains.get_mut(domain) {
+        let _ = book.streams.push(record);
+        if let Ok(mut state) = self.domains.get_mut(domain) {
             let _ = state.attachments.push((sid, 0));
         }
         Ok(())
@@ -132,28 +138,32 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// [`DomainError::HandoverPrepared`], [`DomainError::StreamsFrozen`], [`DomainError::RegimeMismatch`] for a
     /// domain of another regime than the stream's (EL2 and NS-EL1 do not mix), [`DomainError::El2DomainInUse`]:
     /// nothing changed.
-    /// [`DomainError::Invalidation`] as for [`ActiveSmmu::attach`].
+    /// [`DomainError::Invalidation`] as for [`Iommu::attach`].
     /// [`DomainError::CdTable`] when the CD's invalidation failed: the writer stopped at that step (the error says
     /// what the CD holds) and the substream is recorded as attached, so that its domain cannot be freed while the
-    /// SMMU may use the CD; [`ActiveSmmu::detach_substream`] cleans up.
-    pub fn attach_substream(&mut self, domain: DomainId, sid: u32, ssid: u32) -> Result<(), DomainError> {
+    /// SMMU may use the CD; [`Iommu::detach_substream`] cleans up.
+    pub fn attach_substream(&self, domain: DomainId, sid: u32, ssid: u32) -> Result<(), DomainError> {
+        let mut book = self.domains.book.lock();
         self.unfrozen(domain)?;
         self.streams_unfrozen()?;
-        let state = self.domains.get(domain)?;
-        let Translation::Stage1 { cd, .. } = state.translation else {
-            return Err(DomainError::WrongKind {
-                domain,
-                kind: state.kind(),
-                wanted: "a stage-1 domain",
-            });
+        let (cd, el2) = {
+            let state = self.domains.get(domain)?;
+            let Translation::Stage1 { cd, .. } = state.translation else {
+                return Err(DomainError::WrongKind {
+                    domain,
+                    kind: state.kind(),
+                    wanted: "a stage-1 domain",
+                });
+            };
+            if state.attachments.is_full() {
+                return Err(DomainError::TooMany("attachments of the domain"));
+            }
+            (cd, state.is_el2())
         };
-        if state.attachments.is_full() {
-            return Err(DomainError::TooMany("attachments of the domain"));
-        }
-        let Some(index) = self.domains.stream(sid) else {
+        let Some(index) = book.stream(sid) else {
             return Err(DomainError::NotAttached { sid, ssid: None });
         };
-        let record = &self.domains.streams[index];
+        let record = &book.streams[index];
         let Some(table) = record.cd_table.as_ref() else {
             return Err(DomainError::NotAttached { sid, ssid: None });
         };
@@ -168,11 +178,11 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             return Err(DomainError::TooMany("substreams of the stream"));
         }
         let stream_el2 = self.domains.get(record.domain)?.is_el2();
-        if stream_el2 != state.is_el2() {
+        if stream_el2 != el2 {
             return Err(DomainError::RegimeMismatch { sid, ssid, stream_el2 });
         }
-        self.enter_el2(domain)?;
-        let written = self.write_stream_cd(index, ssid, &cd);
+        self.enter_el2(&mut book, domain)?;
+        let written = self.write_stream_cd(&mut book, index, ssid, &cd);
         if let Err(e) = written
             && !matches!(e, DomainError::CdTable(CdTableError::Invalidation(_)))
         {
@@ -181,23 +191,28 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         // Recorded even when an invalidation failed: the CD may be valid in memory (and fetched) and name the
         // domain's table and ASID, so the domain must not be freed under it; `detach_substream` cleans up. Room was
         // checked above.
-        let _ = self.domains.streams[index].substreams.push((ssid, domain));
-        if let Ok(state) = self.domains.get_mut(domain) {
+        let _ = book.streams[index].substreams.push((ssid, domain));
+        if let Ok(mut state) = self.domains.get_mut(domain) {
             let _ = state.attachments.push((sid, ssid));
         }
         written
     }
 
     /// Writes `cd` at `ssid` of stream record `index`'s CD table, invalidating with CFGI_CD + CMD_SYNC.
-    pub(super) fn write_stream_cd(&mut self, index: usize, ssid: u32, cd: &Cd) -> Result<(), DomainError> {
-        let sid = self.domains.streams[index].sid;
-        let memory = self.domains.get(self.domains.streams[index].domain)?.memory;
-        // The CD table and the SMMU core are different fields: borrow them apart.
-        let ActiveSmmu { core, domains } = self;
-        let Some(table) = domains.streams[index].cd_table.as_mut() else {
+    pub(super) fn write_stream_cd(
+        &self,
+        book: &mut Book<D>,
+        index: usize,
+        ssid: u32,
+        cd: &Cd,
+    ) -> Result<(), DomainError> {
+        let sid = book.streams[index].sid;
+        let memory = self.domains.get(book.streams[index].domain)?.memory;
+        let Some(table) = book.streams[index].cd_table.as_mut() else {
             return Err(DomainError::NotAttached { sid, ssid: Some(ssid) });
         };
-        core.install_cd(table, sid, ssid, cd, &memory)
+        self.core
+            .install_cd(table, sid, ssid, cd, &memory)
             .map(drop)
             .map_err(DomainError::CdTable)
     }
@@ -208,23 +223,28 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// [`DomainError::NotAttached`]; [`DomainError::HandoverPrepared`] (nothing changes); [`DomainError::CdTable`]
     /// when the invalidation failed: the substream stays
     /// recorded (its domain cannot be freed) and the detach can be tried again.
-    pub fn detach_substream(&mut self, sid: u32, ssid: u32) -> Result<(), DomainError> {
+    pub fn detach_substream(&self, sid: u32, ssid: u32) -> Result<(), DomainError> {
+        let mut book = self.domains.book.lock();
+        self.detach_substream_locked(&mut book, sid, ssid)
+    }
+
+    fn detach_substream_locked(&self, book: &mut Book<D>, sid: u32, ssid: u32) -> Result<(), DomainError> {
         let not_attached = DomainError::NotAttached { sid, ssid: Some(ssid) };
-        let index = self.domains.stream(sid).ok_or(not_attached)?;
-        let position = self.domains.streams[index]
+        let index = book.stream(sid).ok_or(not_attached)?;
+        let position = book.streams[index]
             .substreams
             .iter()
             .position(|(s, _)| *s == ssid)
             .ok_or(not_attached)?;
-        self.unfrozen(self.domains.streams[index].substreams[position].1)?;
+        self.unfrozen(book.streams[index].substreams[position].1)?;
         // The CD invalid and invalidated first: until then the substream stays recorded.
-        self.write_stream_cd(index, ssid, &Cd::invalid())?;
-        self.file_queued_faults();
-        let (_, domain) = self.domains.streams[index].substreams.swap_remove(position);
-        if let Ok(state) = self.domains.get_mut(domain) {
+        self.write_stream_cd(book, index, ssid, &Cd::invalid())?;
+        self.file_queued_faults(book);
+        let (_, domain) = book.streams[index].substreams.swap_remove(position);
+        if let Ok(mut state) = self.domains.get_mut(domain) {
             state.attachments.retain(|a| *a != (sid, ssid));
         }
-        self.after_last_detach(domain)
+        self.after_last_detach(book, domain)
     }
 
     /// Detaches stream `sid` from its domain: its substreams' CDs are cleared, its STE made to abort (CFGI_STE +
@@ -238,31 +258,30 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// [`DomainError::Invalidation`] when
     /// an invalidation failed: the stream stays recorded as attached (so its domain cannot be freed while the SMMU
     /// may still use it) and the detach can be tried again.
-    pub fn detach(&mut self, sid: u32) -> Result<(), DomainError> {
-        let index = self
-            .domains
-            .stream(sid)
-            .ok_or(DomainError::NotAttached { sid, ssid: None })?;
-        self.unfrozen(self.domains.streams[index].domain)?;
-        for &(_, domain) in &self.domains.streams[index].substreams {
+    pub fn detach(&self, sid: u32) -> Result<(), DomainError> {
+        let mut book = self.domains.book.lock();
+        let book = &mut *book;
+        let index = book.stream(sid).ok_or(DomainError::NotAttached { sid, ssid: None })?;
+        self.unfrozen(book.streams[index].domain)?;
+        for &(_, domain) in &book.streams[index].substreams {
             self.unfrozen(domain)?;
         }
-        while let Some(&(ssid, _)) = self.domains.streams[index].substreams.last() {
-            self.detach_substream(sid, ssid)?;
+        while let Some(&(ssid, _)) = book.streams[index].substreams.last() {
+            self.detach_substream_locked(book, sid, ssid)?;
         }
         // The STE to abort and the stream's cached CDs invalidated first: until both completed the stream stays
         // recorded (so its domain cannot be freed), and a failed detach can simply be tried again.
         self.core.abort_stream(sid).map_err(DomainError::Attach)?;
-        if self.domains.streams[index].cd_table.is_some() {
+        if book.streams[index].cd_table.is_some() {
             let mut batch = Batch::new();
             batch.push(&Command::CfgiCdAll { sid })?;
             self.core.submit(&batch)?;
         }
-        self.file_queued_faults();
-        let record = self.domains.streams.swap_remove(index);
+        self.file_queued_faults(book);
+        let record = book.streams.swap_remove(index);
         let domain = record.domain;
         let memory = self.domains.get(domain).map(|s| s.memory).ok();
-        if let Ok(state) = self.domains.get_mut(domain) {
+        if let Ok(mut state) = self.domains.get_mut(domain) {
             state.attachments.retain(|a| *a != (sid, 0));
         }
         if let (Some(table), Some(memory)) = (record.cd_table, memory) {
@@ -270,25 +289,22 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             // it; the table came from the domain's memory.
             unsafe { table.free(&memory) };
         }
-        self.after_last_detach(domain)
+        self.after_last_detach(book, domain)
     }
 
     /// Files the records already in the event queue while their stream's routing still says whose they are: called
     /// by a detach once the STE (or CD) no longer translates for the old domain and that was synced, before the
     /// routing record goes, so that a fault taken before the detach is not filed under nobody, or under the domain
     /// the stream is attached to next. One bounded drain holds every record the queue can (a queue's worth); an
-    /// overflow it sees is kept for the next [`ActiveSmmu::drain_faults`] / [`ActiveSmmu::drain_events`]. The
+    /// overflow it sees is kept for the next [`Iommu::drain_faults`] / [`Iommu::drain_events`]. The
     /// records are not handed to a `drain_faults` callback.
-    pub(super) fn file_queued_faults(&mut self) {
-        let ActiveSmmu { core, domains } = self;
-        core.drain_queued(|event| {
-            domains.file(&event);
-            true
-        });
+    pub(super) fn file_queued_faults(&self, book: &Book<D>) {
+        self.core
+            .drain_queued(|event| self.domains.file(book, &event, crate::smmu::Drainer::Thread));
     }
 
     /// When `domain` has no attachment left, drops its TLB entries (its IDs stay allocated until `free`).
-    pub(super) fn after_last_detach(&mut self, domain: DomainId) -> Result<(), DomainError> {
+    pub(super) fn after_last_detach(&self, book: &mut Book<D>, domain: DomainId) -> Result<(), DomainError> {
         let Ok(state) = self.domains.get(domain) else {
             return Ok(());
         };
@@ -296,13 +312,14 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             return Ok(());
         }
         let el2 = state.is_el2();
+        drop(state);
         let command = self.whole_domain_invalidation(domain)?;
         let mut batch = Batch::new();
         batch.push(&command)?;
         let done = self.core.submit(&batch);
         if el2 {
             // EL2 entries match every EL2 context: until dropped, they stand in the way of the next EL2 domain.
-            self.domains.el2_stale = done.is_err();
+            book.el2_stale = done.is_err();
         }
         done?;
         Ok(())
@@ -311,18 +328,18 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// Before an EL2 stage-1 domain's stream or substream is attached: refuses it while another EL2 domain is in
     /// use (EL2 has no ASIDs, so the two would share TLB entries), and drops the EL2 entries a previous domain may
     /// have left when its last detach's invalidation failed (TLBI_EL2_ALL + CMD_SYNC). Nothing for other domains.
-    pub(crate) fn enter_el2(&mut self, domain: DomainId) -> Result<(), DomainError> {
+    pub(crate) fn enter_el2(&self, book: &mut Book<D>, domain: DomainId) -> Result<(), DomainError> {
         if !self.domains.get(domain)?.is_el2() {
             return Ok(());
         }
         if let Some(holder) = self.domains.el2_in_use(Some(domain)) {
             return Err(DomainError::El2DomainInUse { domain, holder });
         }
-        if self.domains.el2_stale {
+        if book.el2_stale {
             let mut batch = Batch::new();
             batch.push(&Command::TlbiEl2All)?;
             self.core.submit(&batch)?;
-            self.domains.el2_stale = false;
+            book.el2_stale = false;
         }
         Ok(())
     }

@@ -8,11 +8,10 @@ use crate::pgtable::{IoPageTable, Stage};
 use crate::queue::cmdq::Batch;
 
 use super::{
-    ActiveSmmu, DomainError, DomainKind, DomainMemory, DomainState, GuestStage1, Stage1Options, Stage2Options,
-    Translation,
+    DomainError, DomainKind, DomainMemory, DomainState, GuestStage1, Iommu, Stage1Options, Stage2Options, Translation,
 };
 
-impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
+impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// Creates a stage-1 domain: an ASID, an empty stage-1 table of `options.input_bits` from `memory`, and the
     /// CD its streams will use (NS-EL1, or EL2 with `options.el2`).
     ///
@@ -22,7 +21,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// [`IdError::HandOffUnsettled`](crate::ids::IdError::HandOffUnsettled) on an SMMU adopted running whose hand-off is not restored yet),
     /// [`DomainError::NoDomainSlot`], [`DomainError::MemoryOwned`] for a handover arena another domain owns.
     /// Nothing is allocated then.
-    pub fn create_stage1(&mut self, memory: DomainMemory, options: Stage1Options) -> Result<DomainId, DomainError> {
+    pub fn create_stage1(&self, memory: DomainMemory, options: Stage1Options) -> Result<DomainId, DomainError> {
         let features = *self.features();
         if !features.stage1 {
             return Err(DomainError::Unsupported("no stage 1 (IDR0.S1P = 0)"));
@@ -31,7 +30,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             return Err(DomainError::Unsupported("EL2 stage 1 needs EL2 contexts (IDR0.HYP)"));
         }
         self.stalls_forced()?;
-        self.domains.check_free_slot()?;
+        self.domains.book.lock().check_free_slot()?;
         self.create_claimed(memory, |smmu| {
             let stage = if options.el2 { Stage::OneEl2 } else { Stage::One };
             let table = smmu.new_table(memory, stage, options.input_bits)?;
@@ -52,14 +51,14 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// Creates a stage-2 domain: a VMID and an empty stage-2 table of `options.input_bits` from `memory`.
     ///
     /// # Errors
-    /// As [`ActiveSmmu::create_stage1`] (stage 2, a VMID).
-    pub fn create_stage2(&mut self, memory: DomainMemory, options: Stage2Options) -> Result<DomainId, DomainError> {
+    /// As [`Iommu::create_stage1`] (stage 2, a VMID).
+    pub fn create_stage2(&self, memory: DomainMemory, options: Stage2Options) -> Result<DomainId, DomainError> {
         let features = *self.features();
         if !features.stage2 {
             return Err(DomainError::Unsupported("no stage 2 (IDR0.S2P = 0)"));
         }
         self.stalls_forced()?;
-        self.domains.check_free_slot()?;
+        self.domains.book.lock().check_free_slot()?;
         self.create_claimed(memory, |smmu| {
             let table = smmu.new_table(memory, Stage::Two, options.input_bits)?;
             let vmid = smmu.allocate_vmid().map_err(DomainError::Id)?;
@@ -77,9 +76,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// handover arena another domain owns, nothing is allocated; when `build` fails (having given back what it
     /// took), so does the claim.
     pub(super) fn create_claimed(
-        &mut self,
+        &self,
         memory: DomainMemory,
-        build: impl FnOnce(&mut Self) -> Result<Translation, DomainError>,
+        build: impl FnOnce(&Self) -> Result<Translation, DomainError>,
     ) -> Result<DomainId, DomainError> {
         // A sealed arena (a preserved domain's or the SMMU's own, while a hand-off is prepared) hands out nothing:
         // refused as such, not as the allocation failure it would become.
@@ -89,13 +88,20 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         if !memory.take_ownership() {
             return Err(DomainError::MemoryOwned);
         }
-        match build(self) {
-            Ok(translation) => Ok(self.domains.insert(DomainState::new(translation, memory))),
-            Err(e) => {
-                memory.give_up_ownership();
-                Err(e)
-            }
-        }
+        // Built without any lock of the domain table (tables, IDs and the CD come from their own allocators):
+        // only the slot is taken under the bookkeeping's lock.
+        let translation = build(self).inspect_err(|_| memory.give_up_ownership())?;
+        let inserted = {
+            let mut book = self.domains.book.lock();
+            self.domains.insert(&mut book, DomainState::new(translation, memory))
+        };
+        inserted.map_err(|state| {
+            // The last slot went to another CPU's domain meanwhile: undo.
+            self.release_ids(&state);
+            drop(state);
+            memory.give_up_ownership();
+            DomainError::NoDomainSlot { capacity: D }
+        })
     }
 
     /// Creates a nested domain: the guest's stage 1 (`guest`, its CD table at an IPA) inside the stage-2 domain
@@ -106,7 +112,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// [`DomainError::StaleDomain`] / [`DomainError::WrongKind`] for a parent that is not a live stage-2 domain,
     /// [`DomainError::Unsupported`] for a guest CD table the SMMU cannot index (more substreams than SSIDSIZE),
     /// [`DomainError::NoDomainSlot`].
-    pub fn create_nested(&mut self, parent: DomainId, guest: GuestStage1) -> Result<DomainId, DomainError> {
+    pub fn create_nested(&self, parent: DomainId, guest: GuestStage1) -> Result<DomainId, DomainError> {
         let features = *self.features();
         if !features.nesting {
             return Err(DomainError::Unsupported("no nested translation on this SMMU"));
@@ -123,30 +129,30 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 alignment: 64,
             }));
         }
-        let state = self.domains.get(parent)?;
+        // The parent's write lock across the insertion: a parent cannot be freed with a child being added.
+        let mut book = self.domains.book.lock();
+        let mut state = self.domains.get_mut(parent)?;
         let memory = state.memory;
-        if !matches!(state.translation, Translation::Stage2 { .. }) {
+        let Translation::Stage2 { children, .. } = &mut state.translation else {
             return Err(DomainError::WrongKind {
                 domain: parent,
                 kind: state.kind(),
                 wanted: "a stage-2 parent",
             });
-        }
-        self.domains.check_free_slot()?;
+        };
+        book.check_free_slot()?;
         let id = self
             .domains
-            .insert(DomainState::new(Translation::Nested { parent, guest }, memory));
-        if let Ok(DomainState {
-            translation: Translation::Stage2 { children, .. },
-            ..
-        }) = self.domains.get_mut(parent)
-        {
-            *children += 1;
-        }
+            .insert(
+                &mut book,
+                DomainState::new(Translation::Nested { parent, guest }, memory),
+            )
+            .map_err(|_| DomainError::NoDomainSlot { capacity: D })?;
+        *children += 1;
         Ok(id)
     }
 
-    pub(super) fn release_ids(&mut self, state: &DomainState) {
+    pub(super) fn release_ids(&self, state: &DomainState) {
         match state.translation {
             Translation::Stage1 { asid, .. } => {
                 let _ = self.core.release_asid(asid);
@@ -170,18 +176,21 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     ///
     /// # Errors
     /// [`DomainError::StaleDomain`].
-    pub fn attachments(&self, domain: DomainId) -> Result<&[(u32, u32)], DomainError> {
-        Ok(&self.domains.get(domain)?.attachments)
+    pub fn attachments(
+        &self,
+        domain: DomainId,
+    ) -> Result<heapless::Vec<(u32, u32), { super::MAX_ATTACHMENTS }>, DomainError> {
+        Ok(self.domains.get(domain)?.attachments.clone())
     }
 
     /// The page table of a stage-1 or stage-2 domain (for inspection: its format, geometry, tables).
     ///
     /// # Errors
     /// [`DomainError::StaleDomain`], [`DomainError::WrongKind`] for a nested domain (the guest owns its tables).
-    pub fn domain_table(&self, domain: DomainId) -> Result<&IoPageTable<DomainMemory>, DomainError> {
+    pub fn domain_table(&self, domain: DomainId) -> Result<TableRef<'_>, DomainError> {
         let state = self.domains.get(domain)?;
         match &state.translation {
-            Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => Ok(table),
+            Translation::Stage1 { .. } | Translation::Stage2 { .. } => Ok(TableRef(state)),
             Translation::Nested { .. } => Err(DomainError::WrongKind {
                 domain,
                 kind: DomainKind::Nested,
@@ -198,7 +207,8 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// [`DomainError::HasNestedDomains`] for a stage-2 parent in use, [`DomainError::Preserved`] for a preserved
     /// domain (unpreserve it first): nothing changes. [`DomainError::Invalidation`] when the invalidation failed:
     /// the domain is kept as it was.
-    pub fn free_domain(&mut self, domain: DomainId) -> Result<(), DomainError> {
+    pub fn free_domain(&self, domain: DomainId) -> Result<(), DomainError> {
+        let mut book = self.domains.book.lock();
         let state = self.domains.get(domain)?;
         if !state.attachments.is_empty() {
             return Err(DomainError::StillAttached {
@@ -214,24 +224,23 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         if let Some(token) = state.token {
             return Err(DomainError::Preserved { domain, token });
         }
+        drop(state);
         let command = self.whole_domain_invalidation(domain)?;
         let mut batch = Batch::new();
         batch.push(&command)?;
         self.core.submit(&batch)?;
         if command == Command::TlbiEl2All {
             // Every EL2 entry is gone, a previous domain's stale ones too.
-            self.domains.el2_stale = false;
+            book.el2_stale = false;
         }
-        let Some(state) = self.domains.remove(domain) else {
+        let Some(state) = self.domains.remove(&mut book, domain) else {
             return Err(DomainError::StaleDomain(domain));
         };
         self.release_ids(&state);
         match state.translation {
             Translation::Nested { parent, .. } => {
-                if let Ok(DomainState {
-                    translation: Translation::Stage2 { children, .. },
-                    ..
-                }) = self.domains.get_mut(parent)
+                if let Ok(mut parent) = self.domains.get_mut(parent)
+                    && let Translation::Stage2 { children, .. } = &mut parent.translation
                 {
                     *children -= 1;
                 }
@@ -251,5 +260,20 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             }
         }
         Ok(())
+    }
+}
+
+/// A stage-1 or stage-2 domain's page table, read-locked (see [`Iommu::domain_table`]): the domain's
+/// structural operations wait while it is held, so hold it briefly and never across a call on the same domain.
+pub struct TableRef<'a>(super::table::StateRef<'a>);
+
+impl core::ops::Deref for TableRef<'_> {
+    type Target = IoPageTable<DomainMemory>;
+    fn deref(&self) -> &IoPageTable<DomainMemory> {
+        match &self.0.translation {
+            Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table,
+            // Made only over a stage-1 or stage-2 domain, which stays one while the guard lives.
+            Translation::Nested { .. } => unreachable!("a TableRef is made over a paging domain"),
+        }
     }
 }

@@ -9,7 +9,7 @@ use crate::mem::{FrameAllocator, PhysAddr};
 use crate::pgtable::{Format, Granule, IoPageTable, Stage};
 use crate::smmu::features::{Features, StallModel};
 
-use super::{ActiveSmmu, DomainError, DomainMemory, GuestStage1, Translation};
+use super::{DomainError, DomainMemory, GuestStage1, Iommu, Translation};
 
 /// A guest's stage-1 context as a guest's own driver builds it: a CD table with one CD for the guest's stage-1
 /// table, in guest memory. For hypervisor firmware that plays the guest in tests (a real guest builds these itself,
@@ -17,7 +17,7 @@ use super::{ActiveSmmu, DomainError, DomainMemory, GuestStage1, Translation};
 pub struct GuestContext {
     /// The CD table, at an IPA of guest memory.
     pub cd_table: CdTable,
-    /// What the hypervisor passes to [`ActiveSmmu::create_nested`].
+    /// What the hypervisor passes to [`Iommu::create_nested`].
     pub stage1: GuestStage1,
 }
 
@@ -109,7 +109,7 @@ pub(super) fn size_encoding(bits: u8) -> u8 {
     }
 }
 
-impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
+impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     pub(super) fn walk_attributes(&self) -> (ste::Cacheability, ste::Shareability) {
         ste::walk_attributes(self.features().coherent)
     }

@@ -181,7 +181,7 @@ pub enum DomainError {
     /// in force; for unmap and protect the unlinked tables are kept and flushed again by the domain's next
     /// operation.
     Invalidation(InvalidationError),
-    /// The output range of a map shares a byte with memory declared protected (`ActiveSmmu::protect_memory`:
+    /// The output range of a map shares a byte with memory declared protected (`Iommu::protect_memory`:
     /// the handover region, the driver's tables and queues): no device may be given it.
     ProtectedOutput {
         /// The output address asked for.

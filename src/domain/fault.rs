@@ -9,7 +9,10 @@ use crate::ids::DomainId;
 use crate::mem::FrameAllocator;
 use crate::smmu::GlobalError;
 
-use super::{ActiveSmmu, DomainError, Domains, FAULT_REPORT_CAPACITY};
+use crate::sync::Ordering;
+
+use super::table::Book;
+use super::{DomainError, Domains, FAULT_REPORT_CAPACITY, Iommu};
 
 /// Which stage a [`Fault`] was taken at (so a caller of the domain API needs nothing from [`crate::hw`]).
 pub use crate::hw::event::Stage as FaultStage;
@@ -97,23 +100,57 @@ impl FaultReport {
     }
 }
 
-impl<const D: usize> Domains<D> {
-    /// Files `event` in the report of the domain its (stream, substream) is attached to now, or the SMMU-wide one.
-    pub(super) fn file(&mut self, event: &Event) {
-        match Fault::of(event) {
-            Some(fault) => match self.route(fault.stream, fault.substream) {
-                Some(id) => match self.get_mut(id) {
-                    Ok(state) => state.faults.push(fault),
-                    Err(_) => self.unattached_faults.push(fault),
-                },
-                None => self.unattached_faults.push(fault),
-            },
-            // Records without a StreamID (IMPLEMENTATION DEFINED ones) are only counted.
-            None => self.unattached_faults.lost = self.unattached_faults.lost.saturating_add(1),
-        }
+/// Whether a fault filer may wait for the locks it takes: a thread may, interrupt context only tries them.
+fn take<T>(lock: &spin::Mutex<T>, who: Drainer) -> Option<spin::MutexGuard<'_, T>> {
+    match who {
+        Drainer::Thread => Some(lock.lock()),
+        // A few tries: the holders' critical sections are a copy or a push (on another CPU they end quickly; on
+        // this one, never while this interrupt runs, hence the bound).
+        Drainer::Interrupt => (0..64).find_map(|_| {
+            let guard = lock.try_lock();
+            if guard.is_none() {
+                core::hint::spin_loop();
+            }
+            guard
+        }),
     }
+}
 
-    /// The domain a fault of (sid, ssid) belongs to.
+impl<const D: usize> Domains<D> {
+    /// Files `event` under the domain of its stream (and substream) as `book` routes it, or in the SMMU-wide
+    /// report. Returns `false` (nothing filed) when a report's lock could not be taken (interrupt context only):
+    /// the record then stays in the event queue for a later drain.
+    pub(super) fn file(&self, book: &Book<D>, event: &Event, who: Drainer) -> bool {
+        let Some(fault) = Fault::of(event) else {
+            // Records without a StreamID (IMPLEMENTATION DEFINED ones) are only counted.
+            let Some(mut report) = take(&self.unattached_faults, who) else {
+                return false;
+            };
+            report.lost = report.lost.saturating_add(1);
+            return true;
+        };
+        if let Some(id) = book.route(fault.stream, fault.substream)
+            && let Some(slot) = self.slots.get(usize::from(id.index()))
+        {
+            let Some(mut report) = take(&slot.faults, who) else {
+                return false;
+            };
+            // Acquire: pairs with the Release of a domain going (see `Slot::generation`).
+            if slot.generation.load(Ordering::Acquire) == id.generation() {
+                report.push(fault);
+                return true;
+            }
+        }
+        let Some(mut report) = take(&self.unattached_faults, who) else {
+            return false;
+        };
+        report.push(fault);
+        true
+    }
+}
+
+impl<const D: usize> Book<D> {
+    /// The domain `sid` (and `ssid`) is attached to.
     pub(super) fn route(&self, sid: u32, ssid: Option<u32>) -> Option<DomainId> {
         let record = &self.streams[self.stream(sid)?];
         match ssid {
@@ -128,58 +165,92 @@ impl<const D: usize> Domains<D> {
     }
 }
 
-impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
-    /// The faults routed to `domain` since it was created or last cleared.
+impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
+    /// The faults filed for `domain` so far (a copy: the report keeps them until cleared).
     ///
     /// # Errors
     /// [`DomainError::StaleDomain`].
-    pub fn domain_faults(&self, domain: DomainId) -> Result<&FaultReport, DomainError> {
-        Ok(&self.domains.get(domain)?.faults)
+    pub fn domain_faults(&self, domain: DomainId) -> Result<FaultReport, DomainError> {
+        drop(self.domains.get(domain)?);
+        Ok(self.domain_fault_slot(domain)?.faults.lock().clone())
+    }
+
+    fn domain_fault_slot(&self, domain: DomainId) -> Result<&super::table::Slot, DomainError> {
+        self.domains
+            .slots
+            .get(usize::from(domain.index()))
+            .ok_or(DomainError::StaleDomain(domain))
     }
 
     /// Clears `domain`'s fault report and returns what it held.
     ///
     /// # Errors
     /// [`DomainError::StaleDomain`].
-    pub fn clear_domain_faults(&mut self, domain: DomainId) -> Result<FaultReport, DomainError> {
-        Ok(core::mem::take(&mut self.domains.get_mut(domain)?.faults))
+    pub fn clear_domain_faults(&self, domain: DomainId) -> Result<FaultReport, DomainError> {
+        let state = self.domains.get(domain)?;
+        let taken = core::mem::take(&mut *self.domain_fault_slot(domain)?.faults.lock());
+        drop(state);
+        Ok(taken)
     }
 
-    /// Faults of streams attached to no domain (and records without a StreamID), SMMU-wide.
-    pub fn unattached_faults(&self) -> &FaultReport {
-        &self.domains.unattached_faults
+    /// The faults of streams no domain holds (and records without a StreamID, counted as lost): a copy.
+    pub fn unattached_faults(&self) -> FaultReport {
+        self.domains.unattached_faults.lock().clone()
     }
 
     /// Clears the SMMU-wide report of unattached streams' faults and returns what it held.
-    pub fn clear_unattached_faults(&mut self) -> FaultReport {
-        core::mem::take(&mut self.domains.unattached_faults)
+    pub fn clear_unattached_faults(&self) -> FaultReport {
+        core::mem::take(&mut *self.domains.unattached_faults.lock())
     }
 
-    /// Drains the event queue (as [`ActiveSmmu::drain_events`], until it is empty) and routes every record to the
-    /// report of the domain its stream (and substream) is attached to, or to the SMMU-wide report. `also` sees
-    /// each typed event too.
+    /// Drains the event queue (until it is empty) and routes every record to the report of the domain its stream
+    /// (and substream) is attached to, or to the SMMU-wide report. `also` sees each typed event too. Thread
+    /// context: it waits for the bookkeeping lock and the event queue's (interrupt context uses
+    /// [`Iommu::handle_interrupt`]).
     ///
     /// # Errors
     /// [`GlobalError::ServiceFailure`].
-    pub fn drain_faults(
-        &mut self,
-        mut also: impl FnMut(&Event),
-    ) -> Result<crate::queue::evtq::DrainReport, GlobalError> {
+    pub fn drain_faults(&self, mut also: impl FnMut(&Event)) -> Result<crate::queue::evtq::DrainReport, GlobalError> {
         let mut total = crate::queue::evtq::DrainReport::default();
         loop {
-            let ActiveSmmu { core, domains } = self;
+            // The lock order: the bookkeeping (routing) before the event queue.
+            let book = self.domains.book.lock();
             // Takes a pending overflow whether or not OVFLG said so too: left behind, it would report a loss again
             // on a later drain.
-            let report = core.drain_events(Drainer::Thread, |event| {
+            let report = self.core.drain_events(Drainer::Thread, |event| {
                 also(&event);
-                domains.file(&event);
-                true
+                self.domains.file(&book, &event, Drainer::Thread)
             })?;
+            drop(book);
             total.events += report.events;
             total.overflow = total.overflow.or(report.overflow);
             if !report.pending {
                 return Ok(total);
             }
         }
+    }
+
+    /// The SMMU's event-queue (or global-error) interrupt, on whichever CPU took it: files the faults the event
+    /// queue holds under their domains, without ever waiting for a lock (see "Interrupt context" in
+    /// [`Iommu`]'s docs). Each record is filed exactly once; a record it cannot file now (a lock held, by
+    /// this CPU's interrupted code or briefly by another CPU) stays in the queue and the report says
+    /// [`DrainReport::pending`](crate::queue::evtq::DrainReport::pending): a later call, or
+    /// [`Iommu::drain_faults`] from a thread, files it.
+    ///
+    /// # Errors
+    /// [`GlobalError::ServiceFailure`].
+    pub fn handle_interrupt(&self) -> Result<crate::queue::evtq::DrainReport, GlobalError> {
+        let Some(book) = self.domains.book.try_lock() else {
+            // A structural operation holds the routing: leave the records, say so. Global errors are still
+            // acknowledged (that path never waits).
+            self.core.handle_global_errors()?;
+            return Ok(crate::queue::evtq::DrainReport {
+                pending: true,
+                ..Default::default()
+            });
+        };
+        self.core.drain_events(Drainer::Interrupt, |event| {
+            self.domains.file(&book, &event, Drainer::Interrupt)
+        })
     }
 }

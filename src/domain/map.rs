@@ -10,12 +10,19 @@ use crate::protected::ProtectError;
 use crate::queue::cmdq::Batch;
 use crate::smmu::{InvalidationError, TlbContext};
 
-use super::{ActiveSmmu, DomainError, DomainKind, DomainState, GuestInvalidation, Translation};
+use super::table::StateMut;
+use super::{DomainError, DomainKind, DomainState, GuestInvalidation, Iommu, Translation};
 
-impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
+impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// The command that drops every TLB entry `domain` may have.
     pub(super) fn whole_domain_invalidation(&self, domain: DomainId) -> Result<Command, DomainError> {
         let state = self.domains.get(domain)?;
+        self.whole_invalidation_of(&state)
+    }
+
+    /// As [`Iommu::whole_domain_invalidation`], for a domain the caller holds (a nested domain's parent is
+    /// read-locked briefly).
+    pub(super) fn whole_invalidation_of(&self, state: &DomainState) -> Result<Command, DomainError> {
         Ok(match &state.translation {
             Translation::Stage1 { el2: true, .. } => Command::TlbiEl2All,
             Translation::Stage1 { asid, .. } => Command::TlbiNhAsid { vmid: 0, asid: *asid },
@@ -41,8 +48,8 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     }
 
     /// Takes the table of a stage-1 or stage-2 domain out of its slot for an operation that also needs the
-    /// command queue (put back by [`ActiveSmmu::put_table`]).
-    pub(super) fn paging_domain(&mut self, domain: DomainId) -> Result<&mut DomainState, DomainError> {
+    /// command queue (put back by [`Iommu::put_table`]).
+    pub(super) fn paging_domain(&self, domain: DomainId) -> Result<StateMut<'_>, DomainError> {
         let state = self.domains.get_mut(domain)?;
         if matches!(state.translation, Translation::Nested { .. }) {
             return Err(DomainError::WrongKind {
@@ -54,11 +61,15 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         Ok(state)
     }
 
-    /// Flushes `gather` for `domain` (see [`ActiveSmmu::flush`]), keeping it in the domain when the invalidation
+    /// Flushes `gather` for `domain` (see [`Iommu::flush`]), keeping it in the domain when the invalidation
     /// fails. A gather another table filled is refused before anything is issued.
-    pub(super) fn flush_domain(&mut self, domain: DomainId, gather: Gather) -> Result<(), DomainError> {
-        let ActiveSmmu { core, domains } = self;
-        let state = domains.get_mut(domain)?;
+    pub(super) fn flush_domain(
+        &self,
+        state: &mut DomainState,
+        domain: DomainId,
+        gather: Gather,
+    ) -> Result<(), DomainError> {
+        let core = &self.core;
         let context = Self::tlb_context(state).ok_or(DomainError::StaleDomain(domain))?;
         let table = match &mut state.translation {
             Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table,
@@ -92,10 +103,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     }
 
     /// Retries an invalidation that failed before.
-    pub(super) fn settle(&mut self, domain: DomainId) -> Result<(), DomainError> {
-        let pending = self.paging_domain(domain)?.unflushed.take();
-        match pending {
-            Some(gather) => self.flush_domain(domain, gather),
+    pub(super) fn settle(&self, state: &mut DomainState, domain: DomainId) -> Result<(), DomainError> {
+        match state.unflushed.take() {
+            Some(gather) => self.flush_domain(state, domain, gather),
             None => Ok(()),
         }
     }
@@ -104,9 +114,15 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// `cancel_handover` (or the hand-off) a preserved domain is frozen, so that the next image restores exactly
     /// the recorded streams, tables and counts.
     pub(super) fn unfrozen(&self, domain: DomainId) -> Result<(), DomainError> {
+        Self::unfrozen_state(&*self.domains.get(domain)?)
+    }
+
+    /// As [`Iommu::unfrozen`], for a domain the caller holds. Checked under the domain's lock: a hand-off is
+    /// prepared (and the domain sealed) under its write lock, so an operation that saw it unfrozen completes before
+    /// the records are written.
+    pub(super) fn unfrozen_state(s: &DomainState) -> Result<(), DomainError> {
         // The token first: most domains are not preserved, and asking an arena whether it is sealed takes its lock
         // (this runs on every map and unmap).
-        let s = self.domains.get(domain)?;
         match s.token {
             Some(token) if s.memory.sealed() => Err(DomainError::HandoverPrepared { token }),
             _ => Ok(()),
@@ -122,17 +138,17 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// mapped, a bad `prot`, or no memory, [`DomainError::PendingInvalidation`] for a range that overlaps the span
     /// of a deferred unmap not synced yet, [`DomainError::HandoverPrepared`] for a preserved domain while a
     /// prepared hand-off records it, [`DomainError::ProtectedOutput`] for an output range that reaches memory
-    /// declared with [`ActiveSmmu::protect_memory`]: nothing changes then. [`DomainError::Invalidation`] when the
+    /// declared with [`Iommu::protect_memory`]: nothing changes then. [`DomainError::Invalidation`] when the
     /// domain's earlier failed invalidation, retried first, fails again: nothing is mapped and the gather stays
     /// for the next retry.
-    pub fn map(&mut self, domain: DomainId, iova: u64, pa: u64, size: u64, prot: Prot) -> Result<(), DomainError> {
-        self.unfrozen(domain)?;
+    pub fn map(&self, domain: DomainId, iova: u64, pa: u64, size: u64, prot: Prot) -> Result<(), DomainError> {
+        let mut state = self.paging_domain(domain)?;
+        Self::unfrozen_state(&state)?;
         // No device may be given the handover region or the driver's own tables and queues.
-        if let Some(protected) = self.domains.protected.overlapping(pa, size) {
+        if let Some(protected) = self.domains.protected.read().overlapping(pa, size) {
             return Err(DomainError::ProtectedOutput { pa, size, protected });
         }
-        self.settle(domain)?;
-        let state = self.paging_domain(domain)?;
+        self.settle(&mut state, domain)?;
         state.pending.check(iova, size)?;
         match &mut state.translation {
             Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => {
@@ -146,32 +162,33 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// domains, their combined entries too). Returns the bytes that were mapped.
     ///
     /// # Errors
-    /// As [`ActiveSmmu::map`] (nothing changes), and [`DomainError::Invalidation`] when the invalidation failed:
+    /// As [`Iommu::map`] (nothing changes), and [`DomainError::Invalidation`] when the invalidation failed:
     /// the entries are cleared and the unlinked tables kept until the domain's next operation flushes them again.
-    pub fn unmap(&mut self, domain: DomainId, iova: u64, size: u64) -> Result<u64, DomainError> {
-        self.unfrozen(domain)?;
-        self.settle(domain)?;
+    pub fn unmap(&self, domain: DomainId, iova: u64, size: u64) -> Result<u64, DomainError> {
+        let mut state = self.paging_domain(domain)?;
+        Self::unfrozen_state(&state)?;
+        self.settle(&mut state, domain)?;
         let mut gather = Gather::default();
-        let bytes = match &mut self.paging_domain(domain)?.translation {
+        let bytes = match &mut state.translation {
             Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => {
                 table.unmap(iova, size, &mut gather)?
             }
             Translation::Nested { .. } => return Err(DomainError::StaleDomain(domain)),
         };
-        self.flush_domain(domain, gather)?;
+        self.flush_domain(&mut state, domain, gather)?;
         Ok(bytes)
     }
 
-    /// The first half of [`ActiveSmmu::unmap`], for callers that batch invalidations (Linux's unmap_fast +
+    /// The first half of [`Iommu::unmap`], for callers that batch invalidations (Linux's unmap_fast +
     /// iotlb_sync): clears the entries of `[iova, iova + size)` and collects what changed into `gather`, issuing
     /// nothing for them. Returns the bytes that were mapped. Several calls may collect into one gather; the first
     /// ties it to this domain.
     ///
-    /// **What a pending gather allows.** Until [`ActiveSmmu::sync_domain`] has completed for it, the SMMU may
+    /// **What a pending gather allows.** Until [`Iommu::sync_domain`] has completed for it, the SMMU may
     /// still translate through what the unmap removed: the TLB may hold the old translations, and a walk cache
     /// may name a table the unmap unlinked, whose leaves still hold the old output addresses. So, until then:
     /// - the caller must not reuse the memory that was mapped there (a DMA may still reach it);
-    /// - [`ActiveSmmu::map`] refuses any range that overlaps the gather's span (the unmapped range, widened to
+    /// - [`Iommu::map`] refuses any range that overlaps the gather's span (the unmapped range, widened to
     ///   the whole span of every table it unlinked) with [`DomainError::PendingInvalidation`]: a new mapping
     ///   there could be bypassed by the stale entries and a DMA meant for it reach the old memory. The domain
     ///   keeps one span for all its unsynced gathers (their union), cleared when the last of them is synced.
@@ -182,26 +199,27 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// allows, the trim is flushed inside the call (its own TLBI, CMD_SYNC, then its tables are freed).
     ///
     /// **Dropping a gather** without syncing it leaks its tables (safe: nothing frees them while a walk may
-    /// reach them) and leaves its span refused for maps until [`ActiveSmmu::invalidate_domain`], which
+    /// reach them) and leaves its span refused for maps until [`Iommu::invalidate_domain`], which
     /// invalidates the whole domain and clears the span of every gather outstanding then, or until the domain
     /// is freed (a gather outstanding then can no longer be synced: its tables leak). A live update records the
     /// domain's tables as they are and not its pending gathers: sync them before preparing a hand-off.
     ///
     /// # Errors
-    /// As [`ActiveSmmu::map`]; [`DomainError::ForeignGather`] for a gather another domain (or table) filled.
+    /// As [`Iommu::map`]; [`DomainError::ForeignGather`] for a gather another domain (or table) filled.
     /// Nothing changes then. [`DomainError::Invalidation`] when the flush of a lazy trim failed: the unmap is done
     /// and in `gather` (sync it as usual), and the trim's gather is kept in the domain and flushed again by its
     /// next operation.
     pub fn unmap_deferred(
-        &mut self,
+        &self,
         domain: DomainId,
         iova: u64,
         size: u64,
         gather: &mut Gather,
     ) -> Result<u64, DomainError> {
-        self.unfrozen(domain)?;
-        self.settle(domain)?;
-        let state = self.paging_domain(domain)?;
+        let mut state = self.paging_domain(domain)?;
+        Self::unfrozen_state(&state)?;
+        self.settle(&mut state, domain)?;
+        let state = &mut *state;
         let table = match &mut state.translation {
             Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table,
             Translation::Nested { .. } => return Err(DomainError::StaleDomain(domain)),
@@ -216,22 +234,22 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         }
         state.pending.add(gather);
         if !trimmed.is_empty() {
-            self.flush_domain(domain, trimmed)?;
+            self.flush_domain(state, domain, trimmed)?;
         }
         Ok(bytes)
     }
 
     /// The second half: invalidates what `gather` collected for `domain` (one CMD_SYNC) and only then frees the
     /// tables it unlinked. `gather` is left empty, ready for reuse with any domain. Once the last of the domain's
-    /// pending gathers is synced, maps over their span are allowed again (see [`ActiveSmmu::unmap_deferred`]).
+    /// pending gathers is synced, maps over their span are allowed again (see [`Iommu::unmap_deferred`]).
     ///
     /// # Errors
     /// [`DomainError::StaleDomain`], [`DomainError::WrongKind`]; [`DomainError::ForeignGather`] for a gather
     /// another domain (or table) filled: nothing is issued or freed, and `gather` is left as it was.
     /// [`DomainError::Invalidation`] when the invalidation failed: the gather is taken into the domain and flushed
     /// again by its next operation (which fails while that flush fails, so no map can race it).
-    pub fn sync_domain(&mut self, domain: DomainId, gather: &mut Gather) -> Result<(), DomainError> {
-        let state = self.paging_domain(domain)?;
+    pub fn sync_domain(&self, domain: DomainId, gather: &mut Gather) -> Result<(), DomainError> {
+        let mut state = self.paging_domain(domain)?;
         let owned = match &state.translation {
             Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table.owns(gather),
             Translation::Nested { .. } => false,
@@ -241,24 +259,25 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         }
         let gather = core::mem::take(gather);
         state.pending.remove(&gather);
-        self.flush_domain(domain, gather)
+        self.flush_domain(&mut state, domain, gather)
     }
 
     /// Drops every TLB and walk-cache entry of a stage-1 or stage-2 domain (TLBI_NH_ASID, TLBI_EL2_ALL or
     /// TLBI_S12_VMALL, then CMD_SYNC) and so ends what its deferred unmaps left pending: maps over their span are
-    /// allowed again. The way out for a gather dropped without [`ActiveSmmu::sync_domain`]. Gathers still held
+    /// allowed again. The way out for a gather dropped without [`Iommu::sync_domain`]. Gathers still held
     /// keep their tables; syncing them later invalidates their span once more and frees the tables.
     ///
     /// # Errors
     /// [`DomainError::StaleDomain`], [`DomainError::WrongKind`] for a nested domain; [`DomainError::Invalidation`]
     /// when the invalidation (or the retry of an earlier failed one) failed: the span stays refused.
-    pub fn invalidate_domain(&mut self, domain: DomainId) -> Result<(), DomainError> {
-        self.settle(domain)?;
-        let command = self.whole_domain_invalidation(domain)?;
+    pub fn invalidate_domain(&self, domain: DomainId) -> Result<(), DomainError> {
+        let mut state = self.paging_domain(domain)?;
+        self.settle(&mut state, domain)?;
+        let command = self.whole_invalidation_of(&state)?;
         let mut batch = Batch::new();
         batch.push(&command)?;
         self.core.submit(&batch)?;
-        self.paging_domain(domain)?.pending.clear();
+        state.pending.clear();
         Ok(())
     }
 
@@ -266,16 +285,17 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// nearby reuses them), invalidates, and frees them. Returns how many were freed.
     ///
     /// # Errors
-    /// As [`ActiveSmmu::sync_domain`].
-    pub fn trim_domain(&mut self, domain: DomainId) -> Result<u32, DomainError> {
-        self.unfrozen(domain)?;
-        self.settle(domain)?;
+    /// As [`Iommu::sync_domain`].
+    pub fn trim_domain(&self, domain: DomainId) -> Result<u32, DomainError> {
+        let mut state = self.paging_domain(domain)?;
+        Self::unfrozen_state(&state)?;
+        self.settle(&mut state, domain)?;
         let mut gather = Gather::default();
-        let trimmed = match &mut self.paging_domain(domain)?.translation {
+        let trimmed = match &mut state.translation {
             Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table.trim(&mut gather)?,
             Translation::Nested { .. } => return Err(DomainError::StaleDomain(domain)),
         };
-        self.flush_domain(domain, gather)?;
+        self.flush_domain(&mut state, domain, gather)?;
         Ok(trimmed)
     }
 
@@ -283,18 +303,19 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// invalidates what changed. Returns the bytes changed.
     ///
     /// # Errors
-    /// As [`ActiveSmmu::unmap`].
-    pub fn protect(&mut self, domain: DomainId, iova: u64, size: u64, prot: Prot) -> Result<u64, DomainError> {
-        self.unfrozen(domain)?;
-        self.settle(domain)?;
+    /// As [`Iommu::unmap`].
+    pub fn protect(&self, domain: DomainId, iova: u64, size: u64, prot: Prot) -> Result<u64, DomainError> {
+        let mut state = self.paging_domain(domain)?;
+        Self::unfrozen_state(&state)?;
+        self.settle(&mut state, domain)?;
         let mut gather = Gather::default();
-        let bytes = match &mut self.paging_domain(domain)?.translation {
+        let bytes = match &mut state.translation {
             Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => {
                 table.protect(iova, size, prot, &mut gather)?
             }
             Translation::Nested { .. } => return Err(DomainError::StaleDomain(domain)),
         };
-        self.flush_domain(domain, gather)?;
+        self.flush_domain(&mut state, domain, gather)?;
         Ok(bytes)
     }
 
@@ -313,7 +334,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// [`DomainError::StaleDomain`], [`DomainError::WrongKind`] for a domain that is not nested,
     /// [`DomainError::BadSubstream`] for a CD beyond the guest's CD table (2^S1CDMax entries): nothing is issued
     /// then. [`DomainError::Invalidation`].
-    pub fn invalidate_guest(&mut self, domain: DomainId, what: GuestInvalidation) -> Result<(), DomainError> {
+    pub fn invalidate_guest(&self, domain: DomainId, what: GuestInvalidation) -> Result<(), DomainError> {
         let state = self.domains.get(domain)?;
         let Translation::Nested { parent, guest } = state.translation else {
             return Err(DomainError::WrongKind {
@@ -362,21 +383,21 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
 
     /// Declares `extent` (physical) as memory no device may be given: the handover region, the memory the
     /// driver's allocator hands out for the stream table, CD tables, page tables and queues, the image itself.
-    /// From then on [`ActiveSmmu::map`] refuses any output range that shares a byte with it
+    /// From then on [`Iommu::map`] refuses any output range that shares a byte with it
     /// (`DomainError::ProtectedOutput`), and a restore refuses preserved tables whose leaves reach it. Declare
     /// them before mapping anything: mappings made earlier are not re-examined (a restore and
-    /// [`ActiveSmmu::prepare_handover`] examine every preserved leaf). [`ActiveSmmu::restore_handover`] declares
+    /// [`Iommu::prepare_handover`] examine every preserved leaf). [`Iommu::restore_handover`] declares
     /// its pool's region by itself. Declaring an extent that one already declared holds changes nothing.
     ///
     /// # Errors
     /// [`ProtectError::BadExtent`] for an empty or wrapping extent, [`ProtectError::Full`] when
     /// [`MAX_PROTECTED`](crate::protected::MAX_PROTECTED) are declared already; nothing changes then.
-    pub fn protect_memory(&mut self, extent: Extent) -> Result<(), ProtectError> {
-        self.domains.protected.add(extent)
+    pub fn protect_memory(&self, extent: Extent) -> Result<(), ProtectError> {
+        self.domains.protected.write().add(extent)
     }
 
-    /// The extents declared with [`ActiveSmmu::protect_memory`] (and by a restore, its pool's region).
-    pub fn protected_memory(&self) -> &[Extent] {
-        self.domains.protected.extents()
+    /// The extents declared with [`Iommu::protect_memory`] (and by a restore, its pool's region): a copy.
+    pub fn protected_memory(&self) -> heapless::Vec<Extent, { crate::protected::MAX_PROTECTED }> {
+        self.domains.protected.read().extents().iter().copied().collect()
     }
 }

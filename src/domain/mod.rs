@@ -15,7 +15,7 @@
 //! | `free` | TLBI_NH_ASID / TLBI_EL2_ALL / TLBI_S12_VMALL / TLBI_NH_ALL + CMD_SYNC, then tables and IDs |
 //!
 //! **Storage.** The driver has no allocator, so domains live in a fixed-capacity table inside
-//! [`ActiveSmmu`] (`D` slots, [`DEFAULT_DOMAINS`] unless [`Smmu::init_with_capacity`] says otherwise). A caller
+//! [`Iommu`] (`D` slots, [`DEFAULT_DOMAINS`] unless [`Smmu::init_with_capacity`] says otherwise). A caller
 //! holds a [`DomainId`]: a slot index and the slot's generation. Freeing a domain bumps its slot's generation, so
 //! a stale handle is refused with [`DomainError::StaleDomain`], never a use-after-free. A handle never becomes
 //! valid again: the generation is 64 bits wide (a slot freed once a nanosecond would take 584 years to exhaust
@@ -42,9 +42,33 @@
 //! TLBI_EL2_ALL for the last detach and free, never TLBI_NH_*. It still holds an ASID, which its CD carries and
 //! the EL2 regime does not tag entries with.
 //!
+//! # Concurrency
+//!
+//! [`Iommu`] is `Send + Sync` because its parts are, and every operation takes `&self`: a hypervisor keeps one in
+//! a `static` and calls it from every CPU. The locks (all `spin`, each held briefly; none is held while waiting
+//! for anything but the command queue or another lock below it in the order):
+//!
+//! | lock | guards | taken by |
+//! |---|---|---|
+//! | `book` (`spin::Mutex`) | the bookkeeping every domain shares: free slots, attached streams (routing, ownership, CD tables), tokens, restored domains, the EL2 debt, the restored generation | the structural operations: create (only to take a slot), attach, detach, free, preserve, unpreserve, the hand-off; a drain (routing) |
+//! | a slot's `state` (`spin::RwLock`, one per domain) | the domain: its page table, IDs, attachments, pending gathers, token | map, unmap, protect, trim, deferred unmaps and syncs, invalidations: that domain's only; the structural operations for the domains they change |
+//! | `prepared` (`spin::Mutex`) | the hand-off's phase | checks of it; `prepare_handover` and `cancel_handover` |
+//! | `protected` (`spin::RwLock`) | memory no mapping may reach | read by every map |
+//! | the stream table (core) | the STEs, and each STE's hitless write with its CFGI_STE + CMD_SYNC | attach, detach, the raw entry calls, restore |
+//! | the event queue (core) | the queue and its overflow | drains (interrupt context only tries it) |
+//! | a slot's `faults`, `unattached_faults` (`spin::Mutex`) | fault reports | filing (interrupt context only tries them), reading and clearing |
+//!
+//! **The lock order** (a lock is only ever taken while holding locks above it): `book` → slot `state` locks (more
+//! than one only under `book`, then in ascending slot order) → `prepared` → `protected` → the stream table or the
+//! event queue (never both) → fault reports. The command queue takes no lock (its multi-producer protocol,
+//! [`crate::queue::cmdq`]); ASIDs and VMIDs are atomic bitmaps. Map and unmap hold one slot lock and nothing
+//! above it, so they never wait for another domain's operations: operations on different domains meet only at the
+//! command queue and (attach, detach) at the stream table's STE writes and the bookkeeping that records them.
+//! Interrupt context never waits for any lock (see [`Iommu`], "Interrupt context").
+//!
 //! | file | what |
 //! |---|---|
-//! | `mod.rs` | the public type, [`ActiveSmmu`]: an initialised SMMU and its domain table |
+//! | `mod.rs` | the public type, [`Iommu`]: an initialised SMMU and its domain table |
 //! | `raw.rs` | the SMMU's raw calls (STEs, commands, IDs), refused where they would undercut a domain |
 //! | `types.rs`, `error.rs` | what a domain user names, and why an operation failed |
 //! | `table.rs` | the domain table: slots and generations, attached streams, tokens |
@@ -76,10 +100,10 @@ pub use entries::GuestContext;
 pub(crate) use entries::stage1_cd_of;
 pub use error::DomainError;
 pub use fault::{Fault, FaultReport, FaultStage};
-pub(crate) use table::{DomainState, Domains, Prepared, StreamRecord, Translation};
+pub(crate) use table::{Book, DomainState, Domains, Prepared, StreamRecord, Translation};
 pub use types::{DomainKind, DomainMemory, GuestInvalidation, GuestStage1, Stage1Options, Stage2Options};
 
-/// Domains an [`ActiveSmmu`] holds unless [`Smmu::init_with_capacity`] chooses another number.
+/// Domains an [`Iommu`] holds unless [`Smmu::init_with_capacity`] chooses another number.
 pub const DEFAULT_DOMAINS: usize = 16;
 /// Streams (and substreams) one domain may have attached at once.
 pub const MAX_ATTACHMENTS: usize = 8;
@@ -101,22 +125,71 @@ pub const FAULT_REPORT_CAPACITY: usize = 8;
 /// ([`Smmu::disable_aborting`]: GBPA.ABORT = 1, then SMMUEN = 0): nothing may translate through memory that nobody
 /// manages any more. The domains' page tables go back to their memory only once SMMUEN = 0 is acknowledged; when
 /// the SMMU does not acknowledge, they are leaked, since it may still walk them. The stream table, the queues and
-/// the streams' CD tables are leaked either way ([`ActiveSmmu::shutdown`] gives the first two back). To leave the
+/// the streams' CD tables are leaked either way ([`Iommu::shutdown`] gives the first two back). To leave the
 /// SMMU translating for the next image (a hand-off with the SMMU running), `core::mem::forget` the driver instead.
 ///
 /// STEs are written by the driver alone: there is no public call that installs one.
 ///
+/// # Sharing it between CPUs
+///
+/// `Iommu` is `Send + Sync` and every operation takes `&self` (see the [module docs](self#concurrency) for the
+/// locks and their order). A hypervisor keeps it in a `static`:
+///
+/// ```no_run
+/// use smmuv3::{FrameAllocator, Iommu, InitOptions, Smmu};
+///
+/// // Any allocator that lives as long as the firmware (every `FrameAllocator` is `Sync`).
+/// fn frames() -> &'static (dyn FrameAllocator + Sync) {
+///     unimplemented!("the board's frame pool")
+/// }
+///
+/// static IOMMU: spin::Once<Iommu<&'static (dyn FrameAllocator + Sync)>> = spin::Once::new();
+///
+/// fn boot(registers: core::ptr::NonNull<u8>) {
+///     // SAFETY (the board's): `registers` maps the SMMU's 128 KiB of registers as device memory.
+///     let smmu = unsafe { Smmu::probe(registers, 0x2_0000) }.unwrap();
+///     IOMMU.call_once(|| smmu.init(frames(), &InitOptions::default()).unwrap());
+/// }
+///
+/// // On any CPU, at once:
+/// fn dma_map(domain: smmuv3::DomainId, iova: u64, pa: u64) -> Result<(), smmuv3::DomainError> {
+///     IOMMU.get().unwrap().map(domain, iova, pa, 4096, smmuv3::Prot::READ | smmuv3::Prot::WRITE)
+/// }
+/// ```
+///
+/// # Interrupt context
+///
+/// An interrupt may stop a CPU inside any call, holding any lock; so in interrupt context only calls that never
+/// wait for a lock are safe:
+/// - [`Iommu::handle_interrupt`]: drains the event queue and files each fault under its domain, only *trying*
+///   every lock; what it cannot file now stays in the queue (`pending`) for a later call or a thread's
+///   [`Iommu::drain_faults`], never lost or filed twice;
+/// - reading what needs no lock: [`Iommu::features`], [`Iommu::is_enabled`].
+///
+/// Never from interrupt context: a command submission of any kind (a submit interrupted mid-write on the same CPU
+/// would deadlock the queue's publication order), map, unmap, protect, attach, detach, create, free, preserve,
+/// the hand-off, [`Iommu::drain_faults`], [`Iommu::domain_faults`] (each may wait for a lock the interrupted code
+/// holds).
+///
 /// ```compile_fail,E0599
-/// fn raw<A: smmuv3::FrameAllocator>(smmu: &mut smmuv3::ActiveSmmu<A>) {
+/// fn raw<A: smmuv3::FrameAllocator>(smmu: &mut smmuv3::Iommu<A>) {
 ///     let _ = smmu.install_ste(0x10, &smmuv3::hw::ste::Ste::abort());
 /// }
 /// ```
-pub struct ActiveSmmu<A: FrameAllocator, const D: usize = DEFAULT_DOMAINS> {
+pub struct Iommu<A: FrameAllocator, const D: usize = DEFAULT_DOMAINS> {
     /// The SMMU: its registers, stream table, queues and IDs.
     pub(crate) core: SmmuCore<A>,
     /// The domains and what they own.
     pub(crate) domains: Domains<D>,
 }
+
+// `Iommu` is shared by every CPU because its parts are `Send + Sync` (no `unsafe impl` on it): checked here for
+// the allocator type a hypervisor stores it with.
+const _: fn() = || {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Iommu<DomainMemory>>();
+    shareable::<Iommu<&'static (dyn FrameAllocator + Sync), 4>>();
+};
 
 impl Smmu {
     /// Initialises the SMMU in the architecture's order and enables translation with every stream aborting:
@@ -135,7 +208,7 @@ impl Smmu {
     /// [`InitError::Timeout`] for a register handshake that never completes and [`InitError::Invalidation`];
     /// after a timeout the SMMU is left disabled with GBPA.ABORT set where that much succeeded, and its memory
     /// kept (the allocator stays owned), since the SMMU may have been given it.
-    pub fn init<A: FrameAllocator>(self, allocator: A, options: &InitOptions) -> Result<ActiveSmmu<A>, InitError> {
+    pub fn init<A: FrameAllocator>(self, allocator: A, options: &InitOptions) -> Result<Iommu<A>, InitError> {
         self.init_with_capacity::<A, DEFAULT_DOMAINS>(allocator, options)
     }
 
@@ -147,8 +220,8 @@ impl Smmu {
         self,
         allocator: A,
         options: &InitOptions,
-    ) -> Result<ActiveSmmu<A, D>, InitError> {
-        Ok(ActiveSmmu::over(self.start(allocator, options)?))
+    ) -> Result<Iommu<A, D>, InitError> {
+        Ok(Iommu::over(self.start(allocator, options)?))
     }
 
     /// Takes over an SMMU that a previous image left translating (SMMUEN = 1), without a moment of bypass or
@@ -163,7 +236,7 @@ impl Smmu {
     /// turned off, global errors latched before acknowledged, the queues given fresh bases from `allocator` and
     /// turned on again, the interrupts of `options` enabled, and the cached configurations and TLB entries
     /// invalidated (the STEs and tables they came from are unchanged). Streams that nobody will restore keep their
-    /// STEs until [`ActiveSmmu::restore_handover`] (or [`ActiveSmmu::abort_unrestored_streams`]) aborts them, and
+    /// STEs until [`Iommu::restore_handover`] (or [`Iommu::abort_unrestored_streams`]) aborts them, and
     /// until then no ASID or VMID is allocated (a refused restore aborts them all). When the
     /// running SMMU_CR1 makes the SMMU's own accesses non-cacheable, the SMMU is treated as non-coherent
     /// ([`Features::coherent`](crate::smmu::Features::coherent) false) whatever the board said.
@@ -180,15 +253,15 @@ impl Smmu {
         allocator: A,
         options: &InitOptions,
         running: &RunningSmmu,
-    ) -> Result<ActiveSmmu<A>, InitError> {
-        Ok(ActiveSmmu::over(self.take_over(allocator, options, running)?))
+    ) -> Result<Iommu<A>, InitError> {
+        Ok(Iommu::over(self.take_over(allocator, options, running)?))
     }
 }
 
-impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
+impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// The driver over an initialised SMMU: no domains yet.
     fn over(core: SmmuCore<A>) -> Self {
-        ActiveSmmu {
+        Iommu {
             core,
             domains: Domains::new(),
         }
@@ -222,9 +295,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     }
 }
 
-impl<A: FrameAllocator, const D: usize> Drop for ActiveSmmu<A, D> {
+impl<A: FrameAllocator, const D: usize> Drop for Iommu<A, D> {
     /// Translation off, every incoming transaction aborting; the domains' page tables leaked unless SMMUEN = 0 is
-    /// acknowledged (see [`ActiveSmmu`]).
+    /// acknowledged (see [`Iommu`]).
     fn drop(&mut self) {
         let off = self.core.smmu.disable_aborting().is_ok() && !self.core.smmu.is_enabled();
         if !off {

@@ -4,10 +4,10 @@
 use crate::ids::DomainId;
 use crate::mem::FrameAllocator;
 
-use super::{ActiveSmmu, DomainError, Translation};
+use super::{DomainError, Iommu, Translation};
 
-impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
-    /// Preserves `domain` under `token` for a live update: [`ActiveSmmu::handover_records`] will record it, and
+impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
+    /// Preserves `domain` under `token` for a live update: [`Iommu::handover_records`] will record it, and
     /// the next image rebuilds it by this token. The domain stays fully usable (map, unmap, attach, detach); what
     /// is recorded is its state when the handover is prepared. A stage-1 or stage-2 domain must have been created
     /// with a handover arena as its memory; a nested domain's stage-2 parent must be preserved first (its record
@@ -20,15 +20,16 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// `prepare_handover` and `cancel_handover` (the region is written: a domain preserved now would silently not
     /// come back); [`DomainError::TokenInUse`] also for a token a restored domain still waits under (until
     /// `retrieve` or `finish_handover`). Nothing changes then.
-    pub fn preserve(&mut self, domain: DomainId, token: u64) -> Result<(), DomainError> {
+    pub fn preserve(&self, domain: DomainId, token: u64) -> Result<(), DomainError> {
+        let mut book = self.domains.book.lock();
         let state = self.domains.get(domain)?;
         if self.domains.handover_prepared() {
             return Err(DomainError::HandoverPrepared { token });
         }
-        if let Some(&holder) = self.domains.tokens.get(&token) {
+        if let Some(&holder) = book.tokens.get(&token) {
             return Err(DomainError::TokenInUse { token, domain: holder });
         }
-        if let Some(&holder) = self.domains.restored.get(&token) {
+        if let Some(&holder) = book.restored.get(&token) {
             return Err(DomainError::TokenInUse { token, domain: holder });
         }
         if let Some(token) = state.token {
@@ -46,7 +47,8 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 }
             }
         }
-        if self.domains.tokens.insert(token, domain).is_err() {
+        drop(state);
+        if book.tokens.insert(token, domain).is_err() {
             return Err(DomainError::TooMany("preserved domains"));
         }
         self.domains.get_mut(domain)?.token = Some(token);
@@ -60,24 +62,23 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// [`DomainError::UnknownToken`]; [`DomainError::NestedStillPreserved`] for a stage-2 parent whose nested
     /// domains are preserved; [`DomainError::HandoverPrepared`] between `prepare_handover` and `cancel_handover`
     /// (the region records the domain, and unpreserving cannot take the record back). Nothing changes then.
-    pub fn unpreserve(&mut self, token: u64) -> Result<DomainId, DomainError> {
-        let domain = *self
-            .domains
-            .tokens
-            .get(&token)
-            .ok_or(DomainError::UnknownToken(token))?;
+    pub fn unpreserve(&self, token: u64) -> Result<DomainId, DomainError> {
+        let mut book = self.domains.book.lock();
+        let domain = *book.tokens.get(&token).ok_or(DomainError::UnknownToken(token))?;
         // The region records every preserved domain while a hand-off is prepared.
         if self.domains.handover_prepared() {
             return Err(DomainError::HandoverPrepared { token });
         }
-        let nested_preserved = self.domains.slots.iter().filter_map(|s| s.state.as_ref()).any(|s| {
-            s.token.is_some() && matches!(s.translation, Translation::Nested { parent, .. } if parent == domain)
+        let nested_preserved = book.tokens.values().any(|&id| {
+            self.domains.get(id).is_ok_and(|s| {
+                s.token.is_some() && matches!(s.translation, Translation::Nested { parent, .. } if parent == domain)
+            })
         });
         if nested_preserved {
             return Err(DomainError::NestedStillPreserved { token });
         }
-        self.domains.tokens.swap_remove(&token);
-        if let Ok(state) = self.domains.get_mut(domain) {
+        book.tokens.swap_remove(&token);
+        if let Ok(mut state) = self.domains.get_mut(domain) {
             state.token = None;
         }
         Ok(domain)
@@ -85,7 +86,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
 
     /// The domain preserved under `token`, if any (O(1)).
     pub fn preserved(&self, token: u64) -> Option<DomainId> {
-        self.domains.tokens.get(&token).copied()
+        self.domains.book.lock().tokens.get(&token).copied()
     }
 
     /// The token `domain` is preserved under, if any.

@@ -13,9 +13,9 @@ use crate::smmu::features::Features;
 use crate::smmu::{AttachError, Configuration, FlushError, GlobalError, InstallReport, TlbContext};
 use crate::stream::{StreamError, StreamTableFormat};
 
-use super::ActiveSmmu;
+use super::Iommu;
 
-impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
+impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// What the SMMU implements.
     pub fn features(&self) -> &Features {
         self.core.features()
@@ -57,11 +57,11 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     }
 
     /// Fails with [`AttachError::StreamInUse`] when `sid` is attached to a domain (which owns its STE).
-    pub(super) fn unowned(&self, sid: u32) -> Result<(), AttachError> {
-        match self.domains.stream(sid) {
+    pub(super) fn unowned_in(book: &super::table::Book<D>, sid: u32) -> Result<(), AttachError> {
+        match book.stream(sid) {
             Some(i) => Err(AttachError::StreamInUse {
                 sid,
-                domain: self.domains.streams[i].domain,
+                domain: book.streams[i].domain,
             }),
             None => Ok(()),
         }
@@ -72,9 +72,11 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     ///
     /// # Errors
     /// [`AttachError::StreamInUse`] when a stream attached to a domain is not kept (detach it first): nothing
-    /// changes then. Otherwise as [`ActiveSmmu::attach_abort`]: the streams before the failing one abort.
-    pub fn abort_streams_except(&mut self, keep: impl Fn(u32) -> bool) -> Result<u32, AttachError> {
-        if let Some(r) = self.domains.streams.iter().find(|r| !keep(r.sid)) {
+    /// changes then. Otherwise as [`Iommu::attach_abort`]: the streams before the failing one abort.
+    pub fn abort_streams_except(&self, keep: impl Fn(u32) -> bool) -> Result<u32, AttachError> {
+        // The bookkeeping held throughout: no stream can be attached meanwhile.
+        let book = self.domains.book.lock();
+        if let Some(r) = book.streams.iter().find(|r| !keep(r.sid)) {
             return Err(AttachError::StreamInUse {
                 sid: r.sid,
                 domain: r.domain,
@@ -98,8 +100,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// [`AttachError::StreamInUse`] for a stream attached to a domain, and [`AttachError::Stream`] for a
     /// StreamID beyond the table or no memory for its level-2 span: nothing changes then.
     /// [`AttachError::Invalidation`] when an invalidation fails: the STE is left as the error says.
-    pub fn attach_abort(&mut self, sid: u32) -> Result<InstallReport, AttachError> {
-        self.unowned(sid)?;
+    pub fn attach_abort(&self, sid: u32) -> Result<InstallReport, AttachError> {
+        let book = self.domains.book.lock();
+        Self::unowned_in(&book, sid)?;
         self.core.abort_stream(sid)
     }
 
@@ -107,15 +110,16 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// memory.
     ///
     /// # Errors
-    /// As [`ActiveSmmu::attach_abort`]: a stream attached to a domain is refused with
+    /// As [`Iommu::attach_abort`]: a stream attached to a domain is refused with
     /// [`AttachError::StreamInUse`]. [`AttachError::StreamsFrozen`] while a hand-off with the SMMU left running is
     /// prepared (a bypassing device could write the handover region and the preserved memory before the next
     /// image takes them over). Nothing changes then.
-    pub fn attach_bypass(&mut self, sid: u32) -> Result<InstallReport, AttachError> {
+    pub fn attach_bypass(&self, sid: u32) -> Result<InstallReport, AttachError> {
         if let Some(generation) = self.domains.streams_frozen() {
             return Err(AttachError::StreamsFrozen { generation });
         }
-        self.unowned(sid)?;
+        let book = self.domains.book.lock();
+        Self::unowned_in(&book, sid)?;
         self.core.bypass_stream(sid)
     }
 
@@ -131,11 +135,11 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// [`CommandQueueError::NotAllowed`] for a command the vetting refuses (nothing is written),
     /// [`CommandQueueError::Refused`] (after the rest of the batch completed) when a command was illegal,
     /// [`CommandQueueError::Timeout`] when the SMMU stops consuming, [`CommandQueueError::ServiceFailure`].
-    pub fn submit(&mut self, batch: &Batch) -> Result<BatchReport, CommandQueueError> {
+    pub fn submit(&self, batch: &Batch) -> Result<BatchReport, CommandQueueError> {
         self.core.submit(batch)
     }
 
-    /// [`ActiveSmmu::submit`] without the vetting: any command, for tests that inject one the SMMU must refuse
+    /// [`Iommu::submit`] without the vetting: any command, for tests that inject one the SMMU must refuse
     /// (a reserved opcode) and for commands this driver does not model.
     ///
     /// # Safety
@@ -144,8 +148,8 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// cannot tell what they do.
     ///
     /// # Errors
-    /// As [`ActiveSmmu::submit`], without [`CommandQueueError::NotAllowed`].
-    pub unsafe fn submit_unvetted(&mut self, batch: &Batch) -> Result<BatchReport, CommandQueueError> {
+    /// As [`Iommu::submit`], without [`CommandQueueError::NotAllowed`].
+    pub unsafe fn submit_unvetted(&self, batch: &Batch) -> Result<BatchReport, CommandQueueError> {
         // SAFETY: the caller's guarantee, passed on.
         unsafe { self.core.submit_unvetted(batch) }
     }
@@ -154,8 +158,8 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// contexts), TLBI_NSNH_ALL, CMD_SYNC.
     ///
     /// # Errors
-    /// As [`ActiveSmmu::submit`].
-    pub fn invalidate_all(&mut self) -> Result<BatchReport, CommandQueueError> {
+    /// As [`Iommu::submit`].
+    pub fn invalidate_all(&self) -> Result<BatchReport, CommandQueueError> {
         self.core.invalidate_all()
     }
 
@@ -188,12 +192,12 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     }
 
     /// Reads the global errors, acknowledges the recoverable ones and reports them. An event queue abort is
-    /// remembered as an overflow for the next [`ActiveSmmu::drain_events`]. Command errors are recovered by the
+    /// remembered as an overflow for the next [`Iommu::drain_events`]. Command errors are recovered by the
     /// command queue itself while it waits.
     ///
     /// # Errors
     /// [`GlobalError::ServiceFailure`] when GERROR.SFM_ERR is active (not acknowledged: the SMMU needs a reset).
-    pub fn handle_global_errors(&mut self) -> Result<GlobalErrors, GlobalError> {
+    pub fn handle_global_errors(&self) -> Result<GlobalErrors, GlobalError> {
         self.core.handle_global_errors()
     }
 
@@ -201,8 +205,8 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// signalled them (EVENTQ_PROD.OVFLG or GERROR.EVENTQ_ABT_ERR).
     ///
     /// # Errors
-    /// [`GlobalError::ServiceFailure`] as [`ActiveSmmu::handle_global_errors`].
-    pub fn drain_events(&mut self, mut sink: impl FnMut(Event)) -> Result<DrainReport, GlobalError> {
+    /// [`GlobalError::ServiceFailure`] as [`Iommu::handle_global_errors`].
+    pub fn drain_events(&self, mut sink: impl FnMut(Event)) -> Result<DrainReport, GlobalError> {
         self.core.drain_events(crate::smmu::Drainer::Thread, |event| {
             sink(event);
             true
@@ -214,18 +218,18 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// # Errors
     /// [`IdError::Exhausted`]; [`IdError::HandOffUnsettled`] on an SMMU adopted running until the hand-off is
     /// restored (or its unrestored streams aborted): a stream the previous image left may use any ASID.
-    pub fn allocate_asid(&mut self) -> Result<u16, IdError> {
+    pub fn allocate_asid(&self) -> Result<u16, IdError> {
         self.core.allocate_asid()
     }
 
-    /// Frees an ASID taken with [`ActiveSmmu::allocate_asid`]. A domain's ASID goes back when the domain is freed,
+    /// Frees an ASID taken with [`Iommu::allocate_asid`]. A domain's ASID goes back when the domain is freed,
     /// after its TLB entries: freeing it here would let a later allocation hand it out while the domain still uses
     /// it.
     ///
     /// # Errors
     /// [`IdError::Owned`] for an ASID a live domain owns, [`IdError::WrongState`] / [`IdError::OutOfRange`] for an
     /// ASID that is not allocated; nothing changes.
-    pub fn free_asid(&mut self, asid: u16) -> Result<(), IdError> {
+    pub fn free_asid(&self, asid: u16) -> Result<(), IdError> {
         if self.domains.owns_asid(asid) {
             return Err(IdError::Owned { id: asid });
         }
@@ -235,16 +239,16 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// Allocates a VMID (8 or 16 bits as IDR0.VMID16 says; 0 is reserved).
     ///
     /// # Errors
-    /// As [`ActiveSmmu::allocate_asid`].
-    pub fn allocate_vmid(&mut self) -> Result<u16, IdError> {
+    /// As [`Iommu::allocate_asid`].
+    pub fn allocate_vmid(&self) -> Result<u16, IdError> {
         self.core.allocate_vmid()
     }
 
-    /// Frees a VMID taken with [`ActiveSmmu::allocate_vmid`] (a domain's goes back when the domain is freed).
+    /// Frees a VMID taken with [`Iommu::allocate_vmid`] (a domain's goes back when the domain is freed).
     ///
     /// # Errors
-    /// As [`ActiveSmmu::free_asid`]: [`IdError::Owned`] for a VMID a live stage-2 domain owns.
-    pub fn free_vmid(&mut self, vmid: u16) -> Result<(), IdError> {
+    /// As [`Iommu::free_asid`]: [`IdError::Owned`] for a VMID a live stage-2 domain owns.
+    pub fn free_vmid(&self, vmid: u16) -> Result<(), IdError> {
         if self.domains.owns_vmid(vmid) {
             return Err(IdError::Owned { id: vmid });
         }

@@ -1,5 +1,6 @@
 //! The domain table: fixed slots with generations, the live domains' state, the streams attached to them, the
-//! token index of preserved domains, and the state of a hand-off prepared or restored.
+//! token index of preserved domains, and the state of a hand-off prepared or restored. What each lock guards and
+//! the order they are taken in are in the [module docs](super#concurrency).
 
 use crate::ctx::CdTable;
 use crate::hw::cd::Cd;
@@ -7,6 +8,7 @@ use crate::hw::ste::Stage2Config;
 use crate::ids::DomainId;
 use crate::pgtable::{Gather, IoPageTable};
 use crate::protected::ProtectedMemory;
+use crate::sync::{AtomicU64, Ordering};
 
 use super::{
     DomainError, DomainKind, DomainMemory, FaultReport, GuestStage1, MAX_ATTACHED_STREAMS, MAX_ATTACHMENTS,
@@ -39,7 +41,6 @@ pub(crate) struct DomainState {
     pub(crate) memory: DomainMemory,
     /// (StreamID, SubstreamID) pairs attached; SubstreamID 0 for the whole stream.
     pub(crate) attachments: heapless::Vec<(u32, u32), MAX_ATTACHMENTS>,
-    pub(crate) faults: FaultReport,
     /// A gather whose invalidation failed: flushed again before the next operation.
     pub(crate) unflushed: Option<Gather>,
     /// The deferred unmaps whose gathers are not synced yet: `map` refuses their span.
@@ -54,7 +55,6 @@ impl DomainState {
             translation,
             memory,
             attachments: heapless::Vec::new(),
-            faults: FaultReport::default(),
             unflushed: None,
             pending: PendingUnmaps::NONE,
             token: None,
@@ -156,8 +156,50 @@ impl PendingUnmaps {
 
 /// A slot of the domain table.
 pub(crate) struct Slot {
-    pub(crate) generation: u64,
-    pub(crate) state: Option<DomainState>,
+    /// The generation a handle must name. Changed only under `state`'s write lock (when the domain goes), read
+    /// under it by every operation and without it (`Acquire`) by a fault being filed, which then files under
+    /// `faults`: the domain that goes clears `faults` after the change (`Release`), so a fault filed for it either
+    /// lands before the clear or sees the new generation.
+    pub(crate) generation: AtomicU64,
+    /// The domain: map and unmap take it for reading (step by step, the page table's concurrent paths), the
+    /// structural operations for writing.
+    pub(crate) state: spin::RwLock<Option<DomainState>>,
+    /// The faults filed for the domain: a leaf lock (nothing is taken while holding it), only tried from interrupt
+    /// context.
+    pub(crate) faults: spin::Mutex<FaultReport>,
+}
+
+/// A live domain, read-locked.
+pub(crate) struct StateRef<'a>(spin::RwLockReadGuard<'a, Option<DomainState>>);
+
+impl core::ops::Deref for StateRef<'_> {
+    type Target = DomainState;
+    fn deref(&self) -> &DomainState {
+        // Made only over a slot holding a domain, which cannot change while the guard lives.
+        self.0
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("a StateRef is made over a live domain"))
+    }
+}
+
+/// A live domain, write-locked.
+pub(crate) struct StateMut<'a>(spin::RwLockWriteGuard<'a, Option<DomainState>>);
+
+impl core::ops::Deref for StateMut<'_> {
+    type Target = DomainState;
+    fn deref(&self) -> &DomainState {
+        self.0
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("a StateMut is made over a live domain"))
+    }
+}
+
+impl core::ops::DerefMut for StateMut<'_> {
+    fn deref_mut(&mut self) -> &mut DomainState {
+        self.0
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("a StateMut is made over a live domain"))
+    }
 }
 
 /// A stream attached to a domain.
@@ -179,13 +221,14 @@ pub(crate) struct Prepared {
     pub(crate) running: bool,
 }
 
-/// The driver's domain bookkeeping: the slots, the attached streams, and the faults of unattached streams.
-pub(crate) struct Domains<const D: usize> {
-    pub(crate) slots: [Slot; D],
+/// The bookkeeping shared by every domain, behind one lock (the first in the lock order): the free slots, the
+/// attached streams (routing and ownership, their CD tables), the token index, the restored domains, the EL2 rule's
+/// debt and the restored hand-off's generation. Held by structural operations (create's slot reservation, attach,
+/// detach, free, preserve, the hand-off), never by map and unmap.
+pub(crate) struct Book<const D: usize> {
     /// The free slots, as a stack: creating and freeing a domain costs the same however full the table is.
     free: heapless::Vec<u16, D>,
     pub(crate) streams: heapless::Vec<StreamRecord, MAX_ATTACHED_STREAMS>,
-    pub(crate) unattached_faults: FaultReport,
     /// Preserved domains by token: collisions are found in O(1), never by a scan.
     pub(crate) tokens: heapless::index_map::FnvIndexMap<u64, DomainId, MAX_PRESERVED>,
     /// Domains a restore rebuilt, by token, until retrieved or freed by `finish_handover` (with their arena).
@@ -193,33 +236,67 @@ pub(crate) struct Domains<const D: usize> {
     /// An EL2 stage-1 domain's last detach could not drop its TLB entries (TLBI_EL2_ALL failed): they may still be
     /// cached, and would match any EL2 context, so the next EL2 domain to be attached drops them first.
     pub(crate) el2_stale: bool,
-    /// The hand-off `prepare_handover` (which takes `&self`) prepared, until `cancel_handover`: no domain can be
-    /// preserved or unpreserved meanwhile (see `crate::handover`), and with the SMMU left running no stream may
-    /// start translating or bypassing.
-    pub(crate) prepared: spin::Mutex<Option<Prepared>>,
     /// The generation of the records a restore rebuilt, until `finish_handover` ends that hand-off.
     pub(crate) restored_generation: Option<u64>,
-    /// Memory no mapping may reach (`ActiveSmmu::protect_memory`).
-    pub(crate) protected: ProtectedMemory,
+}
+
+impl<const D: usize> Book<D> {
+    pub(crate) fn stream(&self, sid: u32) -> Option<usize> {
+        self.streams.iter().position(|r| r.sid == sid)
+    }
+
+    /// Fails with [`DomainError::NoDomainSlot`] when no slot is free.
+    pub(crate) fn check_free_slot(&self) -> Result<(), DomainError> {
+        match self.free.is_empty() {
+            false => Ok(()),
+            true => Err(DomainError::NoDomainSlot { capacity: D }),
+        }
+    }
+
+    /// Slots free now.
+    pub(crate) fn free_slots(&self) -> usize {
+        self.free.len()
+    }
+}
+
+/// A prepared hand-off, or none: `Domains::prepared`.
+pub(crate) type PreparedState = Option<Prepared>;
+
+/// The driver's domain bookkeeping: the slots (each behind its own lock), the shared bookkeeping ([`Book`]), the
+/// hand-off state, protected memory and the faults of unattached streams.
+pub(crate) struct Domains<const D: usize> {
+    pub(crate) slots: [Slot; D],
+    pub(crate) book: spin::Mutex<Book<D>>,
+    /// The hand-off `prepare_handover` prepared, until `cancel_handover`: no domain can be preserved or
+    /// unpreserved meanwhile (see `crate::handover`), and with the SMMU left running no stream may start
+    /// translating or bypassing.
+    pub(crate) prepared: spin::Mutex<PreparedState>,
+    /// Memory no mapping may reach (`Iommu::protect_memory`): read by every map.
+    pub(crate) protected: spin::RwLock<ProtectedMemory>,
+    /// The faults of streams no domain holds: a leaf lock, as a slot's.
+    pub(crate) unattached_faults: spin::Mutex<FaultReport>,
 }
 
 impl<const D: usize> Domains<D> {
     pub(crate) fn new() -> Self {
         Domains {
             slots: core::array::from_fn(|_| Slot {
-                generation: 0,
-                state: None,
+                generation: AtomicU64::new(0),
+                state: spin::RwLock::new(None),
+                faults: spin::Mutex::new(FaultReport::default()),
             }),
-            // Lowest index on top, so the first domain gets slot 0.
-            free: (0..D as u16).rev().collect(),
-            streams: heapless::Vec::new(),
-            unattached_faults: FaultReport::default(),
-            tokens: heapless::index_map::FnvIndexMap::new(),
-            restored: heapless::index_map::FnvIndexMap::new(),
-            el2_stale: false,
+            book: spin::Mutex::new(Book {
+                // Lowest index on top, so the first domain gets slot 0.
+                free: (0..D as u16).rev().collect(),
+                streams: heapless::Vec::new(),
+                tokens: heapless::index_map::FnvIndexMap::new(),
+                restored: heapless::index_map::FnvIndexMap::new(),
+                el2_stale: false,
+                restored_generation: None,
+            }),
             prepared: spin::Mutex::new(None),
-            restored_generation: None,
-            protected: ProtectedMemory::new(),
+            protected: spin::RwLock::new(ProtectedMemory::new()),
+            unattached_faults: spin::Mutex::new(FaultReport::default()),
         }
     }
 
@@ -239,102 +316,107 @@ impl<const D: usize> Domains<D> {
         self.prepared.lock().filter(|p| p.running).map(|p| p.generation)
     }
 
-    pub(crate) fn get(&self, id: DomainId) -> Result<&DomainState, DomainError> {
+    fn slot(&self, id: DomainId) -> Result<&Slot, DomainError> {
         self.slots
             .get(usize::from(id.index()))
-            .filter(|s| s.generation == id.generation())
-            .and_then(|s| s.state.as_ref())
             .ok_or(DomainError::StaleDomain(id))
     }
 
-    pub(crate) fn get_mut(&mut self, id: DomainId) -> Result<&mut DomainState, DomainError> {
-        self.slots
-            .get_mut(usize::from(id.index()))
-            .filter(|s| s.generation == id.generation())
-            .and_then(|s| s.state.as_mut())
-            .ok_or(DomainError::StaleDomain(id))
-    }
-
-    /// Fails with [`DomainError::NoDomainSlot`] when no slot is free (checked before anything is allocated).
-    pub(crate) fn check_free_slot(&self) -> Result<(), DomainError> {
-        match self.free.is_empty() {
-            false => Ok(()),
-            true => Err(DomainError::NoDomainSlot { capacity: D }),
+    /// `id`'s domain, read-locked. The caller must not hold `id`'s lock already (for writing: a deadlock).
+    pub(crate) fn get(&self, id: DomainId) -> Result<StateRef<'_>, DomainError> {
+        let slot = self.slot(id)?;
+        let guard = slot.state.read();
+        // Relaxed: the generation changes only under the write lock, which this read lock excludes.
+        if guard.is_none() || slot.generation.load(Ordering::Relaxed) != id.generation() {
+            return Err(DomainError::StaleDomain(id));
         }
+        Ok(StateRef(guard))
     }
 
-    /// Puts `state` in a free slot, which [`Domains::check_free_slot`] said there is (O(1)).
-    pub(crate) fn insert(&mut self, state: DomainState) -> DomainId {
-        let index = self
-            .free
-            .pop()
-            .unwrap_or_else(|| unreachable!("checked by check_free_slot"));
-        let slot = &mut self.slots[usize::from(index)];
-        debug_assert!(slot.state.is_none());
-        slot.state = Some(state);
-        DomainId::new(index, slot.generation)
+    /// `id`'s domain, write-locked. The caller must not hold `id`'s lock already.
+    pub(crate) fn get_mut(&self, id: DomainId) -> Result<StateMut<'_>, DomainError> {
+        let slot = self.slot(id)?;
+        let guard = slot.state.write();
+        if guard.is_none() || slot.generation.load(Ordering::Relaxed) != id.generation() {
+            return Err(DomainError::StaleDomain(id));
+        }
+        Ok(StateMut(guard))
+    }
+
+    /// Puts `state` in a free slot, which the caller (holding `book`) checked there is (O(1)); gives it back when
+    /// there is none.
+    // Given back by value: there is no heap to box it in, and the caller must undo what it built.
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn insert(&self, book: &mut Book<D>, state: DomainState) -> Result<DomainId, DomainState> {
+        let Some(index) = book.free.pop() else {
+            return Err(state);
+        };
+        let slot = &self.slots[usize::from(index)];
+        let mut guard = slot.state.write();
+        debug_assert!(guard.is_none());
+        *guard = Some(state);
+        Ok(DomainId::new(index, slot.generation.load(Ordering::Relaxed)))
     }
 
     /// Forgets every domain, its page tables and the gathers it holds left where they are (never freed): for an
-    /// SMMU that may still walk them (see `ActiveSmmu`'s drop).
+    /// SMMU that may still walk them (see `Iommu`'s drop).
     pub(crate) fn abandon_tables(&mut self) {
         for slot in &mut self.slots {
-            if let Some(state) = slot.state.take() {
+            if let Some(state) = slot.state.get_mut().take() {
                 core::mem::forget(state);
             }
         }
     }
 
-    /// Slots free now.
-    pub(crate) fn free_slots(&self) -> usize {
-        self.free.len()
-    }
-
     /// Empties `id`'s slot, makes every handle to it stale and puts the slot back on the free stack (O(1)), unless
-    /// its generation is the last one: the slot is retired then.
-    pub(crate) fn remove(&mut self, id: DomainId) -> Option<DomainState> {
-        let slot = self
-            .slots
-            .get_mut(usize::from(id.index()))
-            .filter(|s| s.generation == id.generation())?;
-        let state = slot.state.take()?;
+    /// its generation is the last one: the slot is retired then. Its fault report is cleared.
+    pub(crate) fn remove(&self, book: &mut Book<D>, id: DomainId) -> Option<DomainState> {
+        let slot = self.slot(id).ok()?;
+        let mut guard = slot.state.write();
+        if slot.generation.load(Ordering::Relaxed) != id.generation() {
+            return None;
+        }
+        let state = guard.take()?;
         // A generation is never handed out twice: a slot whose generation would wrap is retired (left off the
         // free stack for good), as unreachable as that is with 64 bits.
-        if let Some(next) = slot.generation.checked_add(1) {
-            slot.generation = next;
+        let next = id.generation().checked_add(1);
+        // Release: a fault filed after seeing the new generation goes elsewhere (see `Slot::generation`).
+        slot.generation
+            .store(next.unwrap_or(id.generation()), Ordering::Release);
+        *slot.faults.lock() = FaultReport::default();
+        drop(guard);
+        if next.is_some() {
             // The slot was taken from the stack, so there is room for it.
-            let _ = self.free.push(id.index());
+            let _ = book.free.push(id.index());
+        } else {
+            // Retired: the handle stays stale because the slot stays empty for good.
         }
         Some(state)
     }
 
-    pub(crate) fn stream(&self, sid: u32) -> Option<usize> {
-        self.streams.iter().position(|r| r.sid == sid)
-    }
-
     /// The EL2 stage-1 domain (other than `except`) that has a stream or substream attached, if any (one pass over
-    /// the slots: for attach and restore, not a hot path).
+    /// the slots, each read-locked in turn: for attach and restore, not a hot path). The caller must not hold a
+    /// slot's write lock.
     pub(crate) fn el2_in_use(&self, except: Option<DomainId>) -> Option<DomainId> {
         self.slots.iter().enumerate().find_map(|(index, slot)| {
-            let state = slot.state.as_ref()?;
-            let id = DomainId::new(index as u16, slot.generation);
+            let guard = slot.state.read();
+            let state = guard.as_ref()?;
+            let id = DomainId::new(index as u16, slot.generation.load(Ordering::Relaxed));
             (Some(id) != except && state.is_el2() && !state.attachments.is_empty()).then_some(id)
         })
     }
 
     /// Whether a live stage-1 domain uses `asid` (one pass over the slots: for the raw ID calls, not a hot path).
     pub(crate) fn owns_asid(&self, asid: u16) -> bool {
-        self.slots
-            .iter()
-            .filter_map(|s| s.state.as_ref())
-            .any(|s| matches!(s.translation, Translation::Stage1 { asid: a, .. } if a == asid))
+        self.slots.iter().any(|slot| {
+            matches!(&*slot.state.read(), Some(DomainState { translation: Translation::Stage1 { asid: a, .. }, .. }) if *a == asid)
+        })
     }
 
     /// Whether a live stage-2 domain uses `vmid` (its nested domains share it).
     pub(crate) fn owns_vmid(&self, vmid: u16) -> bool {
-        self.slots
-            .iter()
-            .filter_map(|s| s.state.as_ref())
-            .any(|s| matches!(s.translation, Translation::Stage2 { vmid: v, .. } if v == vmid))
+        self.slots.iter().any(|slot| {
+            matches!(&*slot.state.read(), Some(DomainState { translation: Translation::Stage2 { vmid: v, .. }, .. }) if *v == vmid)
+        })
     }
 }

@@ -7,7 +7,7 @@ use crate::hw::ste::{CdTableLayout, DefaultSubstream};
 use crate::mem::FrameAllocator;
 
 /// Where a domain's tables come from: a frame allocator that lives as long as the firmware.
-pub type DomainMemory = &'static dyn FrameAllocator;
+pub type DomainMemory = &'static (dyn FrameAllocator + Sync);
 
 /// What a domain translates with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,20 +1,20 @@
-//! After a live update's restore: [`ActiveSmmu::retrieve`] hands out the rebuilt domains by token, and
-//! [`ActiveSmmu::finish_handover`] frees whatever nobody claimed and re-arms the region.
+//! After a live update's restore: [`Iommu::retrieve`] hands out the rebuilt domains by token, and
+//! [`Iommu::finish_handover`] frees whatever nobody claimed and re-arms the region.
 
 use super::format;
 use super::pool::{HandoverPool, METADATA_BYTES, PoolError};
 use super::{InstanceRecords, MAX_INSTANCES, clean_to_memory};
-use crate::domain::{ActiveSmmu, DomainError, DomainId, DomainState, Translation};
+use crate::domain::{DomainError, DomainId, Iommu, Translation};
 use crate::mem::FrameAllocator;
 
-/// What [`ActiveSmmu::finish_handover`] did.
+/// What [`Iommu::finish_handover`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FinishReport {
     /// Restored domains nobody retrieved, freed (their streams aborting, their memory back in the pool).
     pub unclaimed: u32,
 }
 
-/// Why [`ActiveSmmu::finish_handover`] did not finish.
+/// Why [`Iommu::finish_handover`] did not finish.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FinishError {
     /// A hand-off is prepared (records of `generation`): finishing would remove the records the next image needs.
@@ -46,15 +46,17 @@ impl From<DomainError> for FinishError {
     }
 }
 
-impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
+impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// The domain restored under `token`, handed to the caller (once): it is then an ordinary live domain (preserve
     /// it again for the next hand-off).
     ///
     /// # Errors
     /// [`DomainError::UnknownToken`] when no restored domain waits under `token` (never preserved, unpreserved
-    /// before the hand-off, already retrieved, or freed by [`ActiveSmmu::finish_handover`]).
-    pub fn retrieve(&mut self, token: u64) -> Result<DomainId, DomainError> {
+    /// before the hand-off, already retrieved, or freed by [`Iommu::finish_handover`]).
+    pub fn retrieve(&self, token: u64) -> Result<DomainId, DomainError> {
         self.domains
+            .book
+            .lock()
             .restored
             .swap_remove(&token)
             .ok_or(DomainError::UnknownToken(token))
@@ -76,7 +78,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// [`FinishError::HandoverPrepared`] while this driver has a hand-off prepared (nothing changed);
     /// [`FinishError::Domain`] from detaching or freeing (an invalidation that failed): the domains not yet freed
     /// stay waiting and the hand-off stays restored (finish again).
-    pub fn finish_handover(&mut self, pool: &HandoverPool, register_base: u64) -> Result<FinishReport, FinishError> {
+    pub fn finish_handover(&self, pool: &HandoverPool, register_base: u64) -> Result<FinishReport, FinishError> {
         if let Some(generation) = self.domains.prepared_generation() {
             return Err(FinishError::HandoverPrepared { generation });
         }
@@ -89,8 +91,11 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         let mut report = FinishReport::default();
         // Nested domains before their parents.
         for nested_pass in [true, false] {
+            // Each step below takes the bookkeeping itself: the list is taken under it, then let go.
             let waiting: heapless::Vec<(u64, DomainId), { crate::domain::MAX_PRESERVED }> = self
                 .domains
+                .book
+                .lock()
                 .restored
                 .iter()
                 .filter(|(_, id)| {
@@ -102,11 +107,10 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 .collect();
             for (token, id) in waiting {
                 // A parent whose nested domain was retrieved stays: the live nested domain needs its stage 2.
-                if let Ok(DomainState {
-                    translation: Translation::Stage2 { children, .. },
-                    ..
-                }) = self.domains.get(id)
-                    && *children > 0
+                if self
+                    .domains
+                    .get(id)
+                    .is_ok_and(|s| matches!(s.translation, Translation::Stage2 { children, .. } if children > 0))
                 {
                     continue;
                 }
@@ -119,13 +123,13 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                     self.detach(sid)?;
                 }
                 self.free_domain(id)?;
-                self.domains.restored.swap_remove(&token);
+                self.domains.book.lock().restored.swap_remove(&token);
                 report.unclaimed += 1;
             }
         }
         // Re-arm: the region without this SMMU's records.
         let _ = rearm_without(pool, register_base);
-        self.domains.restored_generation = None;
+        self.domains.book.lock().restored_generation = None;
         Ok(report)
     }
 }

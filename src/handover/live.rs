@@ -4,8 +4,8 @@
 use super::{
     DomainRecord, Extent, GuestRecord, InstanceRecords, MAX_RECORDS, RecordKind, SmmuIdentity, StreamRecord, TableShape,
 };
-use crate::domain::ActiveSmmu;
-use crate::domain::{DomainId, Translation};
+use crate::domain::Iommu;
+use crate::domain::{Book, DomainId, DomainState, MAX_PRESERVED, Translation};
 use crate::hw::ste::{CdTableLayout, DefaultSubstream};
 use crate::mem::FrameAllocator;
 use crate::pgtable::IoPageTable;
@@ -64,7 +64,7 @@ fn shape<A: FrameAllocator>(table: &IoPageTable<A>) -> TableShape {
     }
 }
 
-impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
+impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// This SMMU as a record names it: `register_base` (the physical base the board gave), the ID registers as
     /// probed, the stream table's geometry, and (when the SMMU's own memory is a handover arena that starts with
     /// the stream table, for a hand-off with the SMMU running) how much of that arena it uses.
@@ -95,11 +95,31 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// # Errors
     /// [`RecordError`]; nothing is written anywhere.
     pub fn handover_records(&self, register_base: u64) -> Result<InstanceRecords, RecordError> {
+        let book = self.domains.book.lock();
+        // Read-locked in slot order (the lock order), all at once: the records are one consistent picture.
+        let guards = preserved_in_slot_order(&book)
+            .into_iter()
+            .filter_map(|id| Some((id, self.domains.get(id).ok()?)))
+            .collect::<heapless::Vec<_, MAX_PRESERVED>>();
+        let states: heapless::Vec<(DomainId, &DomainState), MAX_PRESERVED> =
+            guards.iter().map(|(id, g)| (*id, &**g)).collect();
+        self.records_locked(&book, &states, register_base)
+    }
+
+    /// [`Iommu::handover_records`] under the bookkeeping the caller holds, of the preserved domains in
+    /// `states` (which the caller holds locked).
+    pub(crate) fn records_locked(
+        &self,
+        book: &Book<D>,
+        states: &[(DomainId, &DomainState)],
+        register_base: u64,
+    ) -> Result<InstanceRecords, RecordError> {
+        let held = |id: DomainId| states.iter().find(|(x, _)| *x == id).map(|(_, s)| *s);
         let mut records: heapless::Vec<DomainRecord, MAX_RECORDS> = heapless::Vec::new();
         // Parents (stage 1 and stage 2) first, then nested domains, so a reader meets a parent before its children.
         for nested_pass in [false, true] {
-            for (&token, &id) in self.domains.tokens.iter() {
-                let Ok(state) = self.domains.get(id) else { continue };
+            for (&token, &id) in book.tokens.iter() {
+                let Some(state) = held(id) else { continue };
                 let is_nested = matches!(state.translation, Translation::Nested { .. });
                 if is_nested != nested_pass {
                     continue;
@@ -131,10 +151,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                         record.table = Some(shape(table));
                     }
                     Translation::Nested { parent, guest } => {
-                        let parent_state = self
-                            .domains
-                            .get(*parent)
-                            .map_err(|_| RecordError::ParentNotPreserved(id))?;
+                        let parent_state = held(*parent).ok_or(RecordError::ParentNotPreserved(id))?;
                         let Translation::Stage2 { vmid, .. } = parent_state.translation else {
                             return Err(RecordError::ParentNotPreserved(id));
                         };
@@ -167,7 +184,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                     }
                 }
                 for &(sid, ssid) in state.attachments.iter() {
-                    let owner = self.domains.streams.iter().find(|r| r.sid == sid);
+                    let owner = book.streams.iter().find(|r| r.sid == sid);
                     if ssid != 0 && owner.is_some_and(|r| r.domain != id) {
                         return Err(RecordError::SubstreamOfAnotherDomain { domain: id, sid, ssid });
                     }
@@ -199,4 +216,11 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
 /// The extent of everything `records` own, for tests and tools: each record's extents.
 pub fn owned_extents(records: &InstanceRecords) -> impl Iterator<Item = &Extent> {
     records.records.iter().flat_map(|r| r.extents.iter())
+}
+
+/// The preserved domains of `book`, in slot order: the order their locks are taken in when several are held.
+pub(crate) fn preserved_in_slot_order<const D: usize>(book: &Book<D>) -> heapless::Vec<DomainId, MAX_PRESERVED> {
+    let mut ids: heapless::Vec<DomainId, MAX_PRESERVED> = book.tokens.values().copied().collect();
+    ids.sort_unstable_by_key(|id| id.index());
+    ids
 }

@@ -6,8 +6,8 @@
 //!
 //! # The lifecycle: one state machine
 //!
-//! Each [`crate::ActiveSmmu`] is in one phase ([`restore::HandoverPhase`], from
-//! [`crate::ActiveSmmu::handover_phase`]); each domain is unpreserved, preserved under a token, or (in the next
+//! Each [`crate::Iommu`] is in one phase ([`restore::HandoverPhase`], from
+//! [`crate::Iommu::handover_phase`]); each domain is unpreserved, preserved under a token, or (in the next
 //! image) restored and waiting under its token. Every call the table does not allow is a typed error that changes
 //! nothing.
 //!
@@ -20,7 +20,7 @@
 //! A successful restore consumes the records (the region is re-armed without this SMMU's): a record restores once,
 //! so a domain retrieved and freed (its memory handed out again) can never come back, in this image or after
 //! another reset. Only `prepare_handover` writes records again. A refused restore leaves nothing translating: see
-//! [`crate::ActiveSmmu::restore_handover`].
+//! [`crate::Iommu::restore_handover`].
 //!
 //! A hand-off with the SMMU left running (its own structures in a handover arena) is prepared only while every
 //! stream that does not abort translates through a preserved domain (`PrepareError::UnpreservedStream` names the

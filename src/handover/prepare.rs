@@ -1,12 +1,13 @@
-//! Before a live update: [`ActiveSmmu::prepare_handover`] writes the preserved domains' records into the handover
-//! region and freezes what it recorded until [`ActiveSmmu::cancel_handover`] or the hand-off.
+//! Before a live update: [`Iommu::prepare_handover`] writes the preserved domains' records into the handover
+//! region and freezes what it recorded until [`Iommu::cancel_handover`] or the hand-off.
 
 use super::finish::rearm_without;
 use super::format::{self, FormatError, HandoverError};
+use super::live::preserved_in_slot_order;
 use super::pool::{HandoverPool, PoolError};
 use super::verify::{Outputs, Refusal};
 use super::{Extent, InstanceRecords, MAX_INSTANCES, clean_to_memory};
-use crate::domain::{ActiveSmmu, DomainId, Prepared, Translation};
+use crate::domain::{Book, DomainId, DomainState, Iommu, MAX_PRESERVED, Prepared, Translation};
 use crate::mem::FrameAllocator;
 
 /// Why the handover could not be prepared.
@@ -24,12 +25,12 @@ pub enum PrepareError {
     /// dropped. Restore (or finish) first, which re-arms the region.
     ExistingRegion(HandoverError),
     /// A restore of the records of `generation` is not finished: the domains it rebuilt that nobody retrieved
-    /// would be neither handed out nor recorded. Call [`ActiveSmmu::finish_handover`] first.
+    /// would be neither handed out nor recorded. Call [`Iommu::finish_handover`] first.
     RestoreNotFinished {
         /// The restored records' generation.
         generation: u64,
     },
-    /// [`ActiveSmmu::cancel_handover`] without a prepared hand-off: cancelling would remove records this image did
+    /// [`Iommu::cancel_handover`] without a prepared hand-off: cancelling would remove records this image did
     /// not write (a previous image's, not yet restored).
     NotPrepared,
     /// A preserved domain has an unmap whose invalidation has not completed: a deferred unmap not synced (sync it,
@@ -44,7 +45,7 @@ pub enum PrepareError {
     /// (or through an STE a previous image left). It would go on doing so across the hand-off, through nothing a
     /// record describes or `prepare_handover` checked, its device able to write the handover region and the
     /// preserved memory before the next image takes them over. Detach it, or make it abort
-    /// ([`ActiveSmmu::attach_abort`]), first. Nothing was written.
+    /// ([`Iommu::attach_abort`]), first. Nothing was written.
     UnpreservedStream {
         /// StreamID.
         sid: u32,
@@ -136,26 +137,26 @@ impl core::fmt::Display for PrepareError {
 pub enum HandoverPhase {
     /// Nothing prepared, nothing restored and waiting: domains are preserved and unpreserved freely.
     Idle,
-    /// [`ActiveSmmu::prepare_handover`] wrote records of `generation`: the preserved domains are frozen and no
-    /// domain is preserved or unpreserved until [`ActiveSmmu::cancel_handover`] or the hand-off; with the SMMU left
+    /// [`Iommu::prepare_handover`] wrote records of `generation`: the preserved domains are frozen and no
+    /// domain is preserved or unpreserved until [`Iommu::cancel_handover`] or the hand-off; with the SMMU left
     /// running, no stream starts translating or bypassing either (`StreamsFrozen`).
     Prepared {
         /// The records' generation.
         generation: u64,
     },
-    /// [`ActiveSmmu::restore_handover`] rebuilt (and consumed) records of `generation`: their domains wait for
-    /// [`ActiveSmmu::retrieve`] until [`ActiveSmmu::finish_handover`].
+    /// [`Iommu::restore_handover`] rebuilt (and consumed) records of `generation`: their domains wait for
+    /// [`Iommu::retrieve`] until [`Iommu::finish_handover`].
     Restored {
         /// The records' generation.
         generation: u64,
     },
 }
 
-impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
+impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// Writes the records of every preserved domain (as they stand now) into the handover region of `pool`, the
     /// header last, and cleans the region, every preserved domain's memory and (for a hand-off with the SMMU
     /// running) this SMMU's own arena to the point of coherency, so that a warm reset finds them in memory. Translation keeps running meanwhile; the preserved domains are frozen until
-    /// [`ActiveSmmu::cancel_handover`] or the hand-off (map, unmap, protect, trim, attach, detach and unpreserve
+    /// [`Iommu::cancel_handover`] or the hand-off (map, unmap, protect, trim, attach, detach and unpreserve
     /// return `DomainError::HandoverPrepared`), so the records stay what the next image restores: to change one,
     /// cancel, change, and prepare again. Other domains stay usable. Records of other SMMUs already in the region are kept. `register_base` is this
     /// SMMU's physical register base, which names it in the region.
@@ -173,14 +174,14 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// `surviving` is the memory that survives the hand-off as it is (RAM the next image does not reuse for
     /// anything but what the preserved devices reach; what it declares DMA-able to its restore): every page and
     /// block of every preserved domain must map memory inside one of these ranges, and outside the handover
-    /// region and the memory declared with [`ActiveSmmu::protect_memory`] (which the next image's restore
+    /// region and the memory declared with [`Iommu::protect_memory`] (which the next image's restore
     /// refuses). Each preserved table is walked once for this.
     ///
     /// # Errors
     /// [`PrepareError::NotSurviving`], [`PrepareError::ProtectedOutput`] naming the domain and the mapping, and
     /// (for a hand-off with the SMMU left running) [`PrepareError::UnpreservedStream`] naming the stream, before
     /// anything is written; [`PrepareError::RestoreNotFinished`] while a restore waits for
-    /// [`ActiveSmmu::finish_handover`] (nothing changed then); [`PrepareError`]; on [`PrepareError::SelfCheck`] the
+    /// [`Iommu::finish_handover`] (nothing changed then); [`PrepareError`]; on [`PrepareError::SelfCheck`] the
     /// region is invalidated (its magic cleared).
     pub fn prepare_handover(
         &self,
@@ -189,18 +190,33 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         generation: u64,
         surviving: &[Extent],
     ) -> Result<usize, PrepareError> {
-        if let Some(generation) = self.domains.restored_generation {
+        // The freeze is atomic: with the bookkeeping held (no attach, detach, preserve or free meanwhile), every
+        // preserved domain is write-locked in slot order (the lock order), so an operation in flight on one of
+        // them has finished (and is recorded) or starts after the seal below and fails with `HandoverPrepared`.
+        // Everything is checked, recorded and sealed under those locks; they go at the end of this function.
+        let book = self.domains.book.lock();
+        if let Some(generation) = book.restored_generation {
             return Err(PrepareError::RestoreNotFinished { generation });
         }
+        let mut guards: heapless::Vec<_, MAX_PRESERVED> = heapless::Vec::new();
+        for id in preserved_in_slot_order(&book) {
+            if let Ok(guard) = self.domains.get_mut(id) {
+                let _ = guards.push((id, guard));
+            }
+        }
+        let states: heapless::Vec<(DomainId, &DomainState), MAX_PRESERVED> =
+            guards.iter().map(|(id, g)| (*id, &**g)).collect();
         let region = pool.metadata_extent().map_err(PrepareError::Pool)?;
         let pool_extent = pool.pool().map_err(PrepareError::Pool)?;
-        self.check_preserved_outputs(pool, surviving)?;
-        let ours = self.handover_records(register_base).map_err(PrepareError::Records)?;
+        self.check_preserved_outputs(&states, pool, surviving)?;
+        let ours = self
+            .records_locked(&book, &states, register_base)
+            .map_err(PrepareError::Records)?;
         // With the SMMU left running, whatever translates now goes on translating until the next image restores:
         // only the preserved domains' streams may.
         let running = ours.identity.core_len != 0;
         if running {
-            self.check_streams_preserved()?;
+            self.check_streams_preserved(&book)?;
         }
         let mut guard = pool.lock_metadata().map_err(PrepareError::Pool)?;
         let bytes: &mut [u8] = &mut guard;
@@ -232,7 +248,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         // What is recorded must not change until the hand-off: the preserved domains' arenas (and this SMMU's own,
         // when it is one) hand out nothing more, the domains refuse changes while their memory is sealed, and no
         // domain is preserved or unpreserved.
-        self.seal_preserved(true);
+        self.seal_preserved(&states, true);
         *self.domains.prepared.lock() = Some(Prepared { generation, running });
         // Every arena the next image adopts: the preserved domains', and (for a hand-off with the SMMU running)
         // the SMMU's own, whose stream table and level-2 spans the next image reads in place. A coherent SMMU's
@@ -256,9 +272,10 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// For a hand-off with the SMMU left running: checks that every stream that does not abort translates through
     /// a preserved domain, and so does each of its substreams; the first that does not is the error (a stream
     /// that bypasses, one attached to a domain that is not preserved, an STE a previous image left).
-    fn check_streams_preserved(&self) -> Result<(), PrepareError> {
-        let preserved = |d: DomainId| self.domains.get(d).is_ok_and(|s| s.token.is_some());
-        for r in self.domains.streams.iter() {
+    fn check_streams_preserved(&self, book: &Book<D>) -> Result<(), PrepareError> {
+        // A domain is preserved exactly when the token index names it (without its lock: the caller may hold it).
+        let preserved = |d: DomainId| book.tokens.values().any(|&x| x == d);
+        for r in book.streams.iter() {
             if !preserved(r.domain) {
                 return Err(PrepareError::UnpreservedStream { sid: r.sid, ssid: 0 });
             }
@@ -266,10 +283,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 return Err(PrepareError::UnpreservedStream { sid: r.sid, ssid });
             }
         }
-        match self
-            .core
-            .first_live_stream_except(|sid| self.domains.stream(sid).is_some())
-        {
+        match self.core.first_live_stream_except(|sid| book.stream(sid).is_some()) {
             Some(sid) => Err(PrepareError::UnpreservedStream { sid, ssid: 0 }),
             None => Ok(()),
         }
@@ -277,14 +291,20 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
 
     /// Checks that every leaf of every preserved domain maps memory inside `surviving` and outside the region and
     /// protected memory: the first that does not is the error.
-    fn check_preserved_outputs(&self, pool: &HandoverPool, surviving: &[Extent]) -> Result<(), PrepareError> {
+    fn check_preserved_outputs(
+        &self,
+        states: &[(DomainId, &DomainState)],
+        pool: &HandoverPool,
+        surviving: &[Extent],
+    ) -> Result<(), PrepareError> {
+        let protected = self.domains.protected.read();
         let outputs = Outputs {
             dma: surviving,
             region: pool.region().map_err(PrepareError::Pool)?,
-            protected: self.domains.protected.extents(),
+            protected: protected.extents(),
         };
-        for (&token, &id) in self.domains.tokens.iter() {
-            let Ok(state) = self.domains.get(id) else { continue };
+        for &(_, state) in states {
+            let Some(token) = state.token else { continue };
             let (Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. }) = &state.translation else {
                 continue;
             };
@@ -325,11 +345,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     }
 
     /// Seals (or unseals) the memory of every preserved domain and this SMMU's own.
-    fn seal_preserved(&self, seal: bool) {
-        for (_, &id) in self.domains.tokens.iter() {
-            if let Ok(state) = self.domains.get(id)
-                && !matches!(state.translation, Translation::Nested { .. })
-            {
+    fn seal_preserved(&self, states: &[(DomainId, &DomainState)], seal: bool) {
+        for &(_, state) in states {
+            if !matches!(state.translation, Translation::Nested { .. }) {
                 if seal {
                     state.memory.seal();
                 } else {
@@ -356,7 +374,14 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             return Err(PrepareError::NotPrepared);
         }
         pool.metadata_extent().map_err(PrepareError::Pool)?;
-        self.seal_preserved(false);
+        let book = self.domains.book.lock();
+        let guards: heapless::Vec<_, MAX_PRESERVED> = preserved_in_slot_order(&book)
+            .into_iter()
+            .filter_map(|id| Some((id, self.domains.get(id).ok()?)))
+            .collect();
+        let states: heapless::Vec<(DomainId, &DomainState), MAX_PRESERVED> =
+            guards.iter().map(|(id, g)| (*id, &**g)).collect();
+        self.seal_preserved(&states, false);
         *self.domains.prepared.lock() = None;
         rearm_without(pool, register_base).map_err(PrepareError::Pool)
     }
@@ -365,7 +390,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     pub fn handover_phase(&self) -> HandoverPhase {
         if let Some(generation) = self.domains.prepared_generation() {
             HandoverPhase::Prepared { generation }
-        } else if let Some(generation) = self.domains.restored_generation {
+        } else if let Some(generation) = self.domains.book.lock().restored_generation {
             HandoverPhase::Restored { generation }
         } else {
             HandoverPhase::Idle

@@ -1,4 +1,4 @@
-//! Live update, the next image: [`ActiveSmmu::restore_handover`] validates the region completely, verifies the
+//! Live update, the next image: [`Iommu::restore_handover`] validates the region completely, verifies the
 //! preserved memory, then rebuilds the domains (their IDs reserved, their page tables and CD tables adopted in
 //! place, their streams' STEs installed); [`running_smmu`] finds an SMMU the previous image left translating.
 //! The two other steps of a hand-off live beside it (`prepare.rs`, `finish.rs`); their types are re-exported here,
@@ -10,7 +10,7 @@ use super::pool::{HandoverArena, HandoverPool, PoolError};
 use super::verify::{Outputs, RestoreOptions, VerifyFailure, verify_instance};
 use super::{Extent, InstanceRecords, MAX_RECORDS, MAX_STREAMS, RecordKind, SmmuIdentity};
 use crate::ctx::{CdTable, CdTableError, CdTableFormat};
-use crate::domain::{ActiveSmmu, DomainError, DomainMemory, DomainState, GuestStage1, StreamRecord, Translation};
+use crate::domain::{Book, DomainError, DomainMemory, DomainState, GuestStage1, Iommu, StreamRecord, Translation};
 use crate::hw::ste::{CdTableLayout, DefaultSubstream};
 use crate::ids::IdError;
 use crate::mem::{FrameAllocator, PhysAddr};
@@ -24,7 +24,7 @@ pub use super::finish::{FinishError, FinishReport, REGION_METADATA_BYTES};
 pub use super::prepare::{HandoverPhase, PrepareError};
 
 /// Why a restore refused the region (or was asked at the wrong time). A refusal leaves nothing translating: see
-/// [`ActiveSmmu::restore_handover`]; the region's bytes stay untouched for diagnosis.
+/// [`Iommu::restore_handover`]; the region's bytes stay untouched for diagnosis.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RestoreError {
     /// This driver restored the records of `generation` already (and consumed them): a record restores once, so a
@@ -130,7 +130,7 @@ impl core::fmt::Display for RestoreError {
 pub struct RestoreReport {
     /// The region's generation.
     pub generation: u64,
-    /// Domains rebuilt (waiting for [`ActiveSmmu::retrieve`]).
+    /// Domains rebuilt (waiting for [`Iommu::retrieve`]).
     pub domains: u32,
     /// Streams (and substreams) whose STE or CD was reinstalled.
     pub streams: u32,
@@ -259,18 +259,18 @@ fn running_record(
     Ok(Some((running, arena)))
 }
 
-impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
+impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// After a warm reset (or in a new image), with this SMMU just initialised (every stream aborting) or adopted
     /// running ([`crate::Smmu::adopt_running`]): validates the handover region of `pool` completely (see
     /// `docs/handover.md`), checks that it was written for this SMMU (`register_base` and the ID registers) and that
     /// every ID and StreamID fits it, verifies the preserved memory the records name (with
     /// [`Verification::Full`](super::verify::Verification), the default: every page table walked from its root,
     /// every leaf inside `options.dma_memory` and outside the region and the memory declared with
-    /// [`ActiveSmmu::protect_memory`], every live-entry count as walked; in every mode each adopted CD equal to the
+    /// [`Iommu::protect_memory`], every live-entry count as walked; in every mode each adopted CD equal to the
     /// one the driver builds), and only then rebuilds this SMMU's preserved domains: each arena taken back,
     /// each ASID/VMID reserved as recorded (no STE or CD is scanned), each page table and CD table adopted in place
     /// (no copy), each stream's STE installed. The domains wait for
-    /// [`ActiveSmmu::retrieve`]; [`ActiveSmmu::finish_handover`] frees the rest. The records are consumed: the
+    /// [`Iommu::retrieve`]; [`Iommu::finish_handover`] frees the rest. The records are consumed: the
     /// region is re-armed without this SMMU's (a record restores once, so a domain retrieved and freed since can
     /// never come back, not even after another reset). A region that was never written (or re-armed without this
     /// SMMU's records) restores nothing. On success the region (`pool`'s) is declared protected memory, so no later
@@ -294,35 +294,38 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// STEs may be live); then CFGI_ALL, TLBI of every regime and CMD_SYNC; only then do the arenas taken back
     /// return to the pool (their memory handed out again) and the IDs claimed return to their allocators. The
     /// region is untouched. Should an abort or the invalidation fail (the command queue dead), translation is turned
-    /// off with every incoming transaction aborting ([`crate::Smmu::disable_aborting`]): [`ActiveSmmu::is_enabled`]
+    /// off with every incoming transaction aborting ([`crate::Smmu::disable_aborting`]): [`Iommu::is_enabled`]
     /// then reads `false`, and the caller shuts the SMMU down (`shutdown(false)`, GBPA.ABORT = 1) and initialises it
     /// afresh; should even that fail (`is_enabled` still `true`), nothing is given back (the arenas stay taken, the
     /// IDs claimed) and the caller must stop the SMMU by other means (GBPA.ABORT = 1, SMMUEN = 0) before it trusts
     /// that memory.
     pub fn restore_handover(
-        &mut self,
+        &self,
         pool: &'static HandoverPool,
         register_base: u64,
         options: &RestoreOptions<'_>,
     ) -> Result<RestoreReport, RestoreError> {
+        // The whole restore holds the bookkeeping (a boot-time operation: nothing else attaches meanwhile).
+        let mut book = self.domains.book.lock();
+        let book = &mut *book;
         // Asked at the wrong point of the lifecycle: refused before anything is looked at.
-        if let Some(generation) = self.domains.restored_generation {
+        if let Some(generation) = book.restored_generation {
             return Err(RestoreError::AlreadyRestored { generation });
         }
         if let Some(generation) = self.domains.prepared_generation() {
             return Err(RestoreError::HandoverPrepared { generation });
         }
         let mut taken = Taken::default();
-        let restored =
-            self.restore_records(pool, register_base, options, &mut taken)
-                .and_then(|(mut report, found)| {
-                    report.aborted = self.abort_inherited_streams()?;
-                    Ok((report, found))
-                });
+        let restored = self
+            .restore_records(book, pool, register_base, options, &mut taken)
+            .and_then(|(mut report, found)| {
+                report.aborted = self.abort_inherited_streams(book)?;
+                Ok((report, found))
+            });
         match restored {
             Ok((report, found)) => {
                 if found {
-                    self.domains.restored_generation = Some(report.generation);
+                    book.restored_generation = Some(report.generation);
                     // Consumed: what was rebuilt is this image's now (its tables change in place), so the records
                     // must never rebuild it again.
                     let _ = rearm_without(pool, register_base);
@@ -330,25 +333,27 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 Ok(report)
             }
             Err(e) => {
-                self.contain_refused_restore(&taken);
+                self.contain_refused_restore(book, &taken);
                 Err(e)
             }
         }
     }
 
     /// On an SMMU adopted running whose inherited STEs are not settled yet: makes every stream no domain holds
-    /// abort and invalidates everything (see [`ActiveSmmu::abort_unrestored_streams`]). Returns how many aborted.
-    fn abort_inherited_streams(&mut self) -> Result<u32, RestoreError> {
+    /// abort and invalidates everything (see [`Iommu::abort_unrestored_streams`]). Returns how many aborted.
+    fn abort_inherited_streams(&self, book: &Book<D>) -> Result<u32, RestoreError> {
         if !self.core.inherited_stes() {
             return Ok(0);
         }
-        self.abort_unrestored_streams().map_err(RestoreError::UnrestoredStreams)
+        self.abort_unrestored_locked(book)
+            .map_err(RestoreError::UnrestoredStreams)
     }
 
-    /// The restore proper; any error it returns goes through [`ActiveSmmu::contain_refused_restore`]. Returns the
+    /// The restore proper; any error it returns goes through [`Iommu::contain_refused_restore`]. Returns the
     /// report and whether the region held records of this SMMU.
     fn restore_records(
-        &mut self,
+        &self,
+        book: &mut Book<D>,
         pool: &'static HandoverPool,
         register_base: u64,
         options: &RestoreOptions<'_>,
@@ -371,9 +376,9 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         };
         let probed = self.handover_identity(register_base);
         format::validate_identity(&instance.identity, &probed).map_err(RestoreError::Identity)?;
-        self.check_limits(pool, instance)?;
+        self.check_limits(book, pool, instance)?;
         let region = pool.region().map_err(RestoreError::Pool)?;
-        let mut protected = self.domains.protected.clone();
+        let mut protected = self.domains.protected.read().clone();
         protected.add(region).map_err(|_| RestoreError::BeyondLimits {
             token: instance.records.first().map_or(0, |r| r.token),
             what: "a free protected-memory slot for the handover region, of",
@@ -388,15 +393,15 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             .map_err(|(token, what)| RestoreError::Verify { token, what })?;
 
         // Rebuild: stage-1 and stage-2 domains, then nested ones, then every stream, then substreams.
-        self.rebuild(pool, instance, &mut report, taken)?;
-        self.domains.protected = protected;
+        self.rebuild(book, pool, instance, &mut report, taken)?;
+        *self.domains.protected.write() = protected;
         Ok((report, true))
     }
 
-    /// The single exit of a refused restore (see [`ActiveSmmu::restore_handover`]'s errors): contains every stream
+    /// The single exit of a refused restore (see [`Iommu::restore_handover`]'s errors): contains every stream
     /// that may translate through what the restore took or the previous image left, then gives back what the
     /// restore took, and only when the containment is known to hold.
-    fn contain_refused_restore(&mut self, taken: &Taken) {
+    fn contain_refused_restore(&self, book: &mut Book<D>, taken: &Taken) {
         // Refused before the rebuild took anything, on an SMMU this image initialised: nothing translates through
         // the restore, so there is nothing to contain (and nothing is issued).
         if taken.streams.is_empty()
@@ -410,11 +415,12 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         for &sid in &taken.streams {
             contained &= self.core.abort_stream(sid).is_ok();
         }
-        self.domains.streams.retain(|r| !taken.streams.contains(&r.sid));
+        book.streams.retain(|r| !taken.streams.contains(&r.sid));
         if self.core.inherited_stes() {
             let own: heapless::Vec<u32, { crate::domain::MAX_ATTACHED_STREAMS }> =
-                self.domains.streams.iter().map(|r| r.sid).collect();
-            match self.abort_streams_except(|sid| own.contains(&sid)) {
+                book.streams.iter().map(|r| r.sid).collect();
+            // Every stream a domain holds is among `own`: the raw abort cannot undercut one.
+            match self.core.abort_streams_except(|sid| own.contains(&sid)) {
                 Ok(_) => self.core.set_inherited_stes(false),
                 Err(_) => contained = false,
             }
@@ -426,10 +432,10 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         // The domains this restore rebuilt are forgotten, their tables abandoned in place (the SMMU may have walked
         // them). Only those: a parent an earlier hand-off left for a live nested domain stays.
         for token in &taken.domains {
-            let Some(id) = self.domains.restored.swap_remove(token) else {
+            let Some(id) = book.restored.swap_remove(token) else {
                 continue;
             };
-            if let Some(state) = self.domains.remove(id) {
+            if let Some(state) = self.domains.remove(book, id) {
                 if contained {
                     self.release_restored_ids(&state);
                 }
@@ -447,7 +453,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     }
 
     /// Frees the ASID or VMID a rebuilt (or half-rebuilt) domain claimed.
-    fn release_restored_ids(&mut self, state: &DomainState) {
+    fn release_restored_ids(&self, state: &DomainState) {
         match &state.translation {
             Translation::Stage1 { asid, .. } => {
                 let _ = self.core.release_asid(*asid);
@@ -459,10 +465,15 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         }
     }
 
-    fn check_limits(&self, pool: &HandoverPool, instance: &InstanceRecords) -> Result<(), RestoreError> {
+    fn check_limits(
+        &self,
+        book: &Book<D>,
+        pool: &HandoverPool,
+        instance: &InstanceRecords,
+    ) -> Result<(), RestoreError> {
         let f = *self.features();
         let first = instance.records.first().map_or(0, |r| r.token);
-        if instance.records.len() > self.domains.free_slots() {
+        if instance.records.len() > book.free_slots() {
             return Err(RestoreError::BeyondLimits {
                 token: first,
                 what: "more domains than free slots",
@@ -477,7 +488,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             .flat_map(|r| r.streams.iter())
             .filter(|s| s.ssid == 0)
             .count()
-            + self.domains.streams.len();
+            + book.streams.len();
         if streams > crate::domain::MAX_ATTACHED_STREAMS {
             return Err(RestoreError::BeyondLimits {
                 token: first,
@@ -485,7 +496,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 value: streams as u64,
             });
         }
-        let waiting = instance.records.len() + self.domains.restored.len();
+        let waiting = instance.records.len() + book.restored.len();
         if waiting > crate::domain::MAX_PRESERVED {
             return Err(RestoreError::BeyondLimits {
                 token: first,
@@ -545,12 +556,12 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
             if r.kind == RecordKind::Stage2 && self.core.vmid_taken(r.vmid) {
                 return Err(beyond("a VMID reserved or taken in this image", r.vmid.into()));
             }
-            if let Some(s) = r.streams.iter().find(|s| self.domains.stream(s.sid).is_some()) {
+            if let Some(s) = r.streams.iter().find(|s| book.stream(s.sid).is_some()) {
                 return Err(beyond("a StreamID attached in this image", s.sid.into()));
             }
             // A token names one domain: not one this image preserved, nor one an earlier restore left waiting (a
             // parent kept for a live nested domain), whose entry the rebuild would otherwise overwrite.
-            if self.domains.restored.contains_key(&r.token) || self.domains.tokens.contains_key(&r.token) {
+            if book.restored.contains_key(&r.token) || book.tokens.contains_key(&r.token) {
                 return Err(beyond("a token a domain of this image holds, token", r.token));
             }
             // One ASID allocator serves both stage-1 regimes.
@@ -593,7 +604,8 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     }
 
     fn rebuild(
-        &mut self,
+        &self,
+        book: &mut Book<D>,
         pool: &'static HandoverPool,
         instance: &InstanceRecords,
         report: &mut RestoreReport,
@@ -608,124 +620,130 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 .filter(|r| (r.kind == RecordKind::Nested) == nested_pass)
             {
                 let fail = |what| RestoreError::Rebuild { token: r.token, what };
-                let (translation, memory): (Translation, DomainMemory) = match (r.kind, r.table) {
-                    (RecordKind::Nested, _) => {
-                        let parent = *self.domains.restored.get(&r.parent_token.unwrap_or(0)).ok_or(fail(
-                            RebuildFailure::Domain(DomainError::UnknownToken(r.parent_token.unwrap_or(0))),
-                        ))?;
-                        let memory = self
-                            .domains
-                            .get(parent)
-                            .map_err(|e| fail(RebuildFailure::Domain(e)))?
-                            .memory;
-                        let g = r.guest.unwrap_or_default();
-                        let guest = GuestStage1 {
-                            cd_table: g.cd_table_ipa,
-                            cd_max_log2: g.cd_max_log2,
-                            layout: layout_of(g.layout),
-                            default_substream: dss_of(g.default_substream),
-                        };
-                        (Translation::Nested { parent, guest }, memory)
-                    }
-                    (_, Some(shape)) => {
-                        let extent = r.extents.first().copied().unwrap_or_default();
-                        let arena = pool.adopt(extent).map_err(|e| fail(RebuildFailure::Pool(e)))?;
-                        // Given back only by the refusal's exit, once no stream can reach it.
-                        let _ = taken.arenas.push(arena);
-                        arena.take_ownership();
-                        let memory: DomainMemory = arena;
-                        let stage = match r.kind {
-                            RecordKind::Stage2 => Stage::Two,
-                            RecordKind::Stage1El2 => Stage::OneEl2,
-                            _ => Stage::One,
-                        };
-                        let granule = match shape.granule_log2 {
-                            14 => Granule::Size16K,
-                            16 => Granule::Size64K,
-                            _ => Granule::Size4K,
-                        };
-                        let counts = (shape.tables > 0).then_some(AdoptedCounts {
-                            tables: shape.tables.into(),
-                            empty: shape.empty.into(),
-                        });
-                        report.adopted_without_walk += u32::from(counts.is_some());
-                        let format = Format {
-                            stage,
-                            granule,
-                            input_bits: shape.input_bits,
-                            output_bits: shape.output_bits,
-                        };
-                        let mut table = IoPageTable::adopt(format, PhysAddr(shape.root), memory, coherent, counts)
-                            .map_err(|e| fail(RebuildFailure::Table(e)))?;
-                        table.set_bbm_level(bbml);
-                        // A failure from here on is this record's alone to undo (it is not in `restored` yet):
-                        // the table abandoned in place (the SMMU may walk it: a previous image's STE may still
-                        // name it), the ID given back; the arena goes back with the refusal's exit.
-                        let abandon = |table: IoPageTable<DomainMemory>| core::mem::forget(table);
-                        let translation = if stage == Stage::Two {
-                            if let Err(e) = self.core.claim_vmid(r.vmid) {
-                                abandon(table);
-                                return Err(fail(RebuildFailure::Id(e)));
-                            }
-                            let config = self.stage2_config(r.vmid, &table);
-                            Translation::Stage2 {
-                                table,
-                                vmid: r.vmid,
-                                config,
-                                children: 0,
-                            }
-                        } else {
-                            if let Err(e) = self.core.claim_asid(r.asid) {
-                                abandon(table);
-                                return Err(fail(RebuildFailure::Id(e)));
-                            }
-                            let cd = match self.stage1_cd(r.asid, &table) {
-                                Ok(cd) => cd,
-                                Err(e) => {
-                                    let _ = self.core.release_asid(r.asid);
+                let (translation, memory): (Translation, DomainMemory) =
+                    match (r.kind, r.table) {
+                        (RecordKind::Nested, _) => {
+                            let parent = *book.restored.get(&r.parent_token.unwrap_or(0)).ok_or(fail(
+                                RebuildFailure::Domain(DomainError::UnknownToken(r.parent_token.unwrap_or(0))),
+                            ))?;
+                            let memory = self
+                                .domains
+                                .get(parent)
+                                .map_err(|e| fail(RebuildFailure::Domain(e)))?
+                                .memory;
+                            let g = r.guest.unwrap_or_default();
+                            let guest = GuestStage1 {
+                                cd_table: g.cd_table_ipa,
+                                cd_max_log2: g.cd_max_log2,
+                                layout: layout_of(g.layout),
+                                default_substream: dss_of(g.default_substream),
+                            };
+                            (Translation::Nested { parent, guest }, memory)
+                        }
+                        (_, Some(shape)) => {
+                            let extent = r.extents.first().copied().unwrap_or_default();
+                            let arena = pool.adopt(extent).map_err(|e| fail(RebuildFailure::Pool(e)))?;
+                            // Given back only by the refusal's exit, once no stream can reach it.
+                            let _ = taken.arenas.push(arena);
+                            arena.take_ownership();
+                            let memory: DomainMemory = arena;
+                            let stage = match r.kind {
+                                RecordKind::Stage2 => Stage::Two,
+                                RecordKind::Stage1El2 => Stage::OneEl2,
+                                _ => Stage::One,
+                            };
+                            let granule = match shape.granule_log2 {
+                                14 => Granule::Size16K,
+                                16 => Granule::Size64K,
+                                _ => Granule::Size4K,
+                            };
+                            let counts = (shape.tables > 0).then_some(AdoptedCounts {
+                                tables: shape.tables.into(),
+                                empty: shape.empty.into(),
+                            });
+                            report.adopted_without_walk += u32::from(counts.is_some());
+                            let format = Format {
+                                stage,
+                                granule,
+                                input_bits: shape.input_bits,
+                                output_bits: shape.output_bits,
+                            };
+                            let mut table = IoPageTable::adopt(format, PhysAddr(shape.root), memory, coherent, counts)
+                                .map_err(|e| fail(RebuildFailure::Table(e)))?;
+                            table.set_bbm_level(bbml);
+                            // A failure from here on is this record's alone to undo (it is not in `restored` yet):
+                            // the table abandoned in place (the SMMU may walk it: a previous image's STE may still
+                            // name it), the ID given back; the arena goes back with the refusal's exit.
+                            let abandon = |table: IoPageTable<DomainMemory>| core::mem::forget(table);
+                            let translation = if stage == Stage::Two {
+                                if let Err(e) = self.core.claim_vmid(r.vmid) {
                                     abandon(table);
-                                    return Err(fail(RebuildFailure::Domain(DomainError::Entry(e))));
+                                    return Err(fail(RebuildFailure::Id(e)));
+                                }
+                                let config = self.stage2_config(r.vmid, &table);
+                                Translation::Stage2 {
+                                    table,
+                                    vmid: r.vmid,
+                                    config,
+                                    children: 0,
+                                }
+                            } else {
+                                if let Err(e) = self.core.claim_asid(r.asid) {
+                                    abandon(table);
+                                    return Err(fail(RebuildFailure::Id(e)));
+                                }
+                                let cd = match self.stage1_cd(r.asid, &table) {
+                                    Ok(cd) => cd,
+                                    Err(e) => {
+                                        let _ = self.core.release_asid(r.asid);
+                                        abandon(table);
+                                        return Err(fail(RebuildFailure::Domain(DomainError::Entry(e))));
+                                    }
+                                };
+                                Translation::Stage1 {
+                                    table,
+                                    asid: r.asid,
+                                    cd,
+                                    el2: stage == Stage::OneEl2,
                                 }
                             };
-                            Translation::Stage1 {
-                                table,
-                                asid: r.asid,
-                                cd,
-                                el2: stage == Stage::OneEl2,
-                            }
-                        };
-                        (translation, memory)
-                    }
-                    (_, None) => return Err(fail(RebuildFailure::Domain(DomainError::UnknownToken(r.token)))),
-                };
+                            (translation, memory)
+                        }
+                        (_, None) => return Err(fail(RebuildFailure::Domain(DomainError::UnknownToken(r.token)))),
+                    };
                 let parent = match translation {
                     Translation::Nested { parent, .. } => Some(parent),
                     _ => None,
                 };
-                if let Err(e) = self.domains.check_free_slot() {
+                if let Err(e) = book.check_free_slot() {
                     // As above: this record's ID back, its table abandoned in place.
                     let state = DomainState::new(translation, memory);
                     self.release_restored_ids(&state);
                     core::mem::forget(state);
                     return Err(fail(RebuildFailure::Domain(e)));
                 }
-                let id = self.domains.insert(DomainState::new(translation, memory));
+                let id = match self.domains.insert(book, DomainState::new(translation, memory)) {
+                    Ok(id) => id,
+                    Err(state) => {
+                        // Checked above; kept as an error rather than a panic.
+                        self.release_restored_ids(&state);
+                        core::mem::forget(state);
+                        return Err(fail(RebuildFailure::Domain(DomainError::NoDomainSlot { capacity: D })));
+                    }
+                };
                 if let Some(parent) = parent
-                    && let Ok(DomainState {
-                        translation: Translation::Stage2 { children, .. },
-                        ..
-                    }) = self.domains.get_mut(parent)
+                    && let Ok(mut parent) = self.domains.get_mut(parent)
+                    && let Translation::Stage2 { children, .. } = &mut parent.translation
                 {
                     *children += 1;
                 }
                 // Never over another domain's entry (`check_limits` refused such a token already).
-                let refused = match self.domains.restored.get(&r.token) {
+                let refused = match book.restored.get(&r.token) {
                     Some(&holder) => Some(DomainError::TokenInUse {
                         token: r.token,
                         domain: holder,
                     }),
-                    None => self
-                        .domains
+                    None => book
                         .restored
                         .insert(r.token, id)
                         .err()
@@ -733,7 +751,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 };
                 if let Some(e) = refused {
                     // Not in `restored`, so the refusal's exit would not find it: forgotten here.
-                    if let Some(state) = self.domains.remove(id) {
+                    if let Some(state) = self.domains.remove(book, id) {
                         self.release_restored_ids(&state);
                         core::mem::forget(state);
                     }
@@ -748,8 +766,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
         for substreams in [false, true] {
             for r in &instance.records {
                 let fail = |what| RestoreError::Rebuild { token: r.token, what };
-                let id = self
-                    .domains
+                let id = book
                     .restored
                     .get(&r.token)
                     .copied()
@@ -757,10 +774,15 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                 for s in r.streams.iter().filter(|s| (s.ssid != 0) == substreams) {
                     if substreams {
                         // The CD is in the stream's adopted CD table already; only the bookkeeping is rebuilt.
-                        let index = self.domains.streams.iter().position(|x| x.sid == s.sid).ok_or(fail(
-                            RebuildFailure::Domain(DomainError::NotAttached { sid: s.sid, ssid: None }),
-                        ))?;
-                        let _ = self.domains.streams[index].substreams.push((s.ssid, id));
+                        let index =
+                            book.streams
+                                .iter()
+                                .position(|x| x.sid == s.sid)
+                                .ok_or(fail(RebuildFailure::Domain(DomainError::NotAttached {
+                                    sid: s.sid,
+                                    ssid: None,
+                                })))?;
+                        let _ = book.streams[index].substreams.push((s.ssid, id));
                     } else {
                         let memory = self
                             .domains
@@ -805,13 +827,12 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                             .map_err(|e| fail(RebuildFailure::Domain(e)))?;
                         // An EL2 stream, as an EL2 attach: stale EL2 entries dropped first (they match any EL2
                         // context).
-                        self.enter_el2(id).map_err(|e| fail(RebuildFailure::Domain(e)))?;
+                        self.enter_el2(book, id).map_err(|e| fail(RebuildFailure::Domain(e)))?;
                         let _ = taken.streams.push(s.sid);
                         self.core
                             .install_ste(s.sid, &ste)
                             .map_err(|e| fail(RebuildFailure::Attach(e)))?;
-                        self.domains
-                            .streams
+                        book.streams
                             .push(StreamRecord {
                                 sid: s.sid,
                                 domain: id,
@@ -820,7 +841,7 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
                             })
                             .map_err(|_| fail(RebuildFailure::Domain(DomainError::TooMany("attached streams"))))?;
                     }
-                    if let Ok(state) = self.domains.get_mut(id) {
+                    if let Ok(mut state) = self.domains.get_mut(id) {
                         let _ = state.attachments.push((s.sid, s.ssid));
                     }
                     report.streams += 1;
@@ -833,15 +854,22 @@ impl<A: FrameAllocator, const D: usize> ActiveSmmu<A, D> {
     /// After a hand-off with the SMMU running ([`crate::Smmu::adopt_running`]): makes every stream that no restored
     /// domain holds abort, then invalidates every cached configuration and TLB entry (those streams may have cached
     /// translations under IDs this image will reuse), and lets IDs be allocated again. A successful
-    /// [`ActiveSmmu::restore_handover`] does this itself; call it to settle an adopted SMMU without restoring.
+    /// [`Iommu::restore_handover`] does this itself; call it to settle an adopted SMMU without restoring.
     /// Returns how many STEs changed.
     ///
     /// # Errors
-    /// As [`ActiveSmmu::attach_abort`].
-    pub fn abort_unrestored_streams(&mut self) -> Result<u32, AttachError> {
+    /// As [`Iommu::attach_abort`].
+    pub fn abort_unrestored_streams(&self) -> Result<u32, AttachError> {
+        let book = self.domains.book.lock();
+        self.abort_unrestored_locked(&book)
+    }
+
+    /// [`Iommu::abort_unrestored_streams`] under the bookkeeping the caller holds.
+    fn abort_unrestored_locked(&self, book: &Book<D>) -> Result<u32, AttachError> {
         let keep: heapless::Vec<u32, { crate::domain::MAX_ATTACHED_STREAMS }> =
-            self.domains.streams.iter().map(|r| r.sid).collect();
-        let aborted = self.abort_streams_except(|sid| keep.contains(&sid))?;
+            book.streams.iter().map(|r| r.sid).collect();
+        // Every stream a domain holds is kept: the raw abort cannot undercut one.
+        let aborted = self.core.abort_streams_except(|sid| keep.contains(&sid))?;
         // Until now those streams translated with the old image's contexts and may have filled the TLB under
         // ASIDs and VMIDs this image considers free: drop every such entry before any is allocated again.
         self.core.invalidate_all().map_err(AttachError::Queue)?;

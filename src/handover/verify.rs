@@ -17,7 +17,7 @@ use crate::mem::PhysAddr;
 use crate::pgtable::{Format, Geometry, Granule, MapError, Stage, desc};
 use crate::smmu::features::Features;
 
-/// How much of the preserved memory [`crate::ActiveSmmu::restore_handover`] examines.
+/// How much of the preserved memory [`crate::Iommu::restore_handover`] examines.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Verification {
     /// Every preserved page table is walked from its root before anything is installed (the default): see
@@ -38,7 +38,7 @@ pub enum Verification {
 pub struct RestoreOptions<'a> {
     /// The memory devices may be given (physical): every leaf of a preserved table must lie inside one of these
     /// extents, and outside the handover region and every extent declared with
-    /// [`crate::ActiveSmmu::protect_memory`].
+    /// [`crate::Iommu::protect_memory`].
     pub dma_memory: &'a [Extent],
     /// How much to examine.
     pub verify: Verification,

@@ -100,7 +100,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
         into.freed += other.freed;
     }
 
-    /// Gives the tables `gather` collected back to the allocator. `ActiveSmmu::flush` (and every domain operation)
+    /// Gives the tables `gather` collected back to the allocator. `Iommu::flush` (and every domain operation)
     /// calls it after the invalidation that covers `gather` has completed; call it directly only for a table no
     /// SMMU walks, or after issuing that invalidation yourself.
     ///

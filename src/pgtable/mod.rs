@@ -39,14 +39,14 @@
 //! new table's contents and the descriptor that links it, and one at the end of `map` (new translations are
 //! visible before the caller starts a DMA through them). `unmap`, `protect` and `trim` end without a barrier: the
 //! caller's invalidation must order their descriptor stores before the command queue's PROD write, which the
-//! command queue does (DMB OSHST before every PROD write; `ActiveSmmu::flush`). For a coherent SMMU that single
+//! command queue does (DMB OSHST before every PROD write; `Iommu::flush`). For a coherent SMMU that single
 //! barrier is all an unmap needs; for a non-coherent one each store is also cleaned to the point of coherency
 //! (with its DSB) as it is made.
 //!
 //! **Who invalidates.** This module never issues a command. [`IoPageTable::unmap`] and [`IoPageTable::protect`]
 //! add what they removed or changed to a [`Gather`]; the caller must issue the TLB invalidation it describes
 //! (leaf-only unless [`Gather::tables_unlinked`], walk caches too then) and wait for its CMD_SYNC
-//! (`ActiveSmmu::flush` does both, then calls [`IoPageTable::release`]). Until then the SMMU may still use the
+//! (`Iommu::flush` does both, then calls [`IoPageTable::release`]). Until then the SMMU may still use the
 //! old translations. A table that an unmap empties (or that a range unmap removes whole, **with its leaves left
 //! in place**: clearing them would cost a write per entry) or that a trim finds empty is unlinked and handed to
 //! the [`Gather`], and goes back to the allocator only through [`IoPageTable::release`] (an `unsafe fn`: its

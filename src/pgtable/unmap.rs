@@ -61,7 +61,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
     ///
     /// The caller invalidates: the removed translations (and any unlinked table's span, for walk caches) are
     /// added to `gather`, and the SMMU may keep using them until the caller has issued that invalidation and its
-    /// CMD_SYNC has completed (`ActiveSmmu::flush` does both). Tables that emptied are unlinked but not freed:
+    /// CMD_SYNC has completed (`Iommu::flush` does both). Tables that emptied are unlinked but not freed:
     /// they go back to the allocator only through [`IoPageTable::release`], to be called after that completion.
     /// The first use stamps `gather` with this table's identity (see [`Gather`]).
     ///
@@ -118,7 +118,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// cacheable) of a live mapping is never changed, as that needs break-before-make.
     ///
     /// The caller invalidates: the translations whose protection changed go to `gather`, and a reduction is in
-    /// force only once the caller's invalidation for it has completed (`ActiveSmmu::flush`).
+    /// force only once the caller's invalidation for it has completed (`Iommu::flush`).
     ///
     /// # Errors
     /// [`MapError::Unaligned`], [`MapError::InputOutOfRange`], [`MapError::BadProt`] (inexpressible, or another

@@ -305,7 +305,7 @@ impl Smmu {
 
     /// Turns translation off with every incoming transaction aborting: GBPA.ABORT = 1 first (so that nothing
     /// bypasses once SMMUEN drops), then interrupts, SMMUEN and the queues off, each acknowledged. The SMMU then
-    /// walks no table and fetches no command; its memory is not freed (see [`ActiveSmmu::shutdown`](crate::ActiveSmmu::shutdown) for that). What
+    /// walks no table and fetches no command; its memory is not freed (see [`Iommu::shutdown`](crate::Iommu::shutdown) for that). What
     /// a refused hand-off falls back to when the streams cannot be aborted one by one.
     ///
     /// # Errors

@@ -17,7 +17,7 @@ use crate::queue::cmdq::Batch;
 use crate::smmu::AttachError;
 use crate::smmu::tests::{IDRS, Issued, Model, assert_ste_steps, frames, issued_since, reg32};
 use crate::testing::HeapFrames;
-use crate::{ActiveSmmu, InitOptions};
+use crate::{InitOptions, Iommu};
 use core::sync::atomic::Ordering;
 use std::vec::Vec;
 
@@ -36,11 +36,11 @@ fn since(model: &Model, from: usize) -> Vec<u8> {
     model.seen.lock().unwrap().consumed[from..].to_vec()
 }
 
-fn smmu(model: &Model, frames: &'static HeapFrames) -> ActiveSmmu<&'static HeapFrames> {
+fn smmu(model: &Model, frames: &'static HeapFrames) -> Iommu<&'static HeapFrames> {
     model.smmu().init(frames, &InitOptions::default()).unwrap()
 }
 
-fn s1(smmu: &mut ActiveSmmu<&'static HeapFrames>, frames: &'static HeapFrames) -> DomainId {
+fn s1(smmu: &mut Iommu<&'static HeapFrames>, frames: &'static HeapFrames) -> DomainId {
     smmu.create_stage1(
         memory(frames),
         Stage1Options {
@@ -51,7 +51,7 @@ fn s1(smmu: &mut ActiveSmmu<&'static HeapFrames>, frames: &'static HeapFrames) -
     .unwrap()
 }
 
-fn s2(smmu: &mut ActiveSmmu<&'static HeapFrames>, frames: &'static HeapFrames) -> DomainId {
+fn s2(smmu: &mut Iommu<&'static HeapFrames>, frames: &'static HeapFrames) -> DomainId {
     smmu.create_stage2(memory(frames), Stage2Options { input_bits: 40 })
         .unwrap()
 }
@@ -78,7 +78,7 @@ fn a_stage1_domain_issues_every_invalidation_itself() {
             .iter()
             .all(|&op| op == opcode::CFGI_STE || op == opcode::SYNC)
     );
-    assert_eq!(smmu.attachments(d), Ok(&[(SID, 0)][..]));
+    assert_eq!(smmu.attachments(d).as_deref(), Ok(&[(SID, 0)][..]));
 
     // Unmap: one range TLBI by ASID (RIL) and one CMD_SYNC, nothing else.
     let before = consumed(&model);
@@ -363,7 +363,7 @@ fn misuse_is_refused_and_changes_nothing() {
 fn capacity_is_a_clear_error_and_a_failed_creation_leaks_no_id() {
     let frames = frames();
     let model = Model::start(frames);
-    let mut smmu: ActiveSmmu<&'static HeapFrames, 3> = model
+    let smmu: Iommu<&'static HeapFrames, 3> = model
         .smmu()
         .init_with_capacity(frames, &InitOptions::default())
         .unwrap();
@@ -453,7 +453,7 @@ fn raw_ste_calls_refuse_a_stream_a_domain_owns() {
     assert_eq!(smmu.abort_streams_except(|_| false).err(), in_use);
     assert_eq!(smmu.ste(SID), Ok(ste), "the domain's STE is as it was");
     assert_eq!(since(&model, before), [], "no command was issued");
-    assert_eq!(smmu.attachments(d), Ok(&[(SID, 0)][..]));
+    assert_eq!(smmu.attachments(d).as_deref(), Ok(&[(SID, 0)][..]));
 
     // Detached, the stream is the caller's again.
     smmu.detach(SID).unwrap();
@@ -480,8 +480,9 @@ fn substreams_get_their_own_cds_and_their_faults() {
         since(&model, before),
         [opcode::CFGI_CD, opcode::SYNC, opcode::CFGI_CD, opcode::SYNC]
     );
-    assert_eq!(smmu.attachments(sub), Ok(&[(SID, 3)][..]));
-    let record = &smmu.domains.streams[0];
+    assert_eq!(smmu.attachments(sub).as_deref(), Ok(&[(SID, 3)][..]));
+    let book = smmu.domains.book.lock();
+    let record = &book.streams[0];
     let table = record.cd_table.as_ref().unwrap();
     assert_eq!(table.format().ssid_bits(), STREAM_SSID_BITS);
     let asid_of = |d| match smmu.domains.get(d).unwrap().translation {
@@ -495,6 +496,7 @@ fn substreams_get_their_own_cds_and_their_faults() {
         u64::from(STREAM_SSID_BITS),
         "S1CDMax"
     );
+    drop(book);
     // Substream 0 is the stream's own; beyond the table is refused; a used one too.
     assert!(matches!(
         smmu.attach_substream(sub, SID, 0),
@@ -541,7 +543,7 @@ fn substreams_get_their_own_cds_and_their_faults() {
         ]
     );
     assert!(
-        !smmu.domains.streams[0]
+        !smmu.domains.book.lock().streams[0]
             .cd_table
             .as_ref()
             .unwrap()
@@ -552,8 +554,8 @@ fn substreams_get_their_own_cds_and_their_faults() {
     // Detaching the stream clears what substreams are left first.
     smmu.attach_substream(sub, SID, 5).unwrap();
     smmu.detach(SID).unwrap();
-    assert_eq!(smmu.attachments(sub), Ok(&[][..]));
-    assert!(smmu.domains.streams.is_empty());
+    assert_eq!(smmu.attachments(sub).as_deref(), Ok(&[][..]));
+    assert!(smmu.domains.book.lock().streams.is_empty());
 }
 
 /// A hand-assembled F_TRANSLATION record (IHI 0070 7.3.11): number 0x10, SSV [11], SubstreamID [31:12],
@@ -565,7 +567,7 @@ fn fault(sid: u32, ssid: Option<u32>, address: u64, write: bool) -> [u64; 4] {
 }
 
 /// Plays the SMMU writing `records` into the event queue and advancing EVENTQ_PROD.
-fn inject(model: &Model, smmu: &ActiveSmmu<&'static HeapFrames>, frames: &HeapFrames, records: &[[u64; 4]]) {
+fn inject(model: &Model, smmu: &Iommu<&'static HeapFrames>, frames: &HeapFrames, records: &[[u64; 4]]) {
     let base = frames.virt(smmu.configuration().eventq_base) as *mut u64;
     let prod_register = reg32(model.base, 0x1_00a8);
     // SAFETY: the model's register block and the driver's event queue are live.
@@ -642,7 +644,7 @@ fn an_overflow_signalled_both_ways_is_reported_by_one_drain_only() {
     use crate::queue::evtq::Overflow;
     let frames = frames();
     let model = Model::start(frames);
-    let mut smmu = smmu(&model, frames);
+    let smmu = smmu(&model, frames);
     // The SMMU toggles EVENTQ_PROD.OVFLG and also raises GERROR.EVENTQ_ABT_ERR for the same loss.
     let prod = reg32(model.base, 0x1_00a8);
     // SAFETY: the model's live register block.
@@ -951,7 +953,7 @@ fn a_failed_detach_keeps_the_stream_so_its_domain_cannot_be_freed_under_it() {
     smmu.attach(d, SID).unwrap();
     model.refuse.store(opcode::CFGI_STE, Ordering::SeqCst);
     assert!(matches!(smmu.detach(SID), Err(DomainError::Attach(_))));
-    assert_eq!(smmu.attachments(d), Ok(&[(SID, 0)][..]), "still recorded");
+    assert_eq!(smmu.attachments(d).as_deref(), Ok(&[(SID, 0)][..]), "still recorded");
     assert!(matches!(smmu.free_domain(d), Err(DomainError::StillAttached { .. })));
     model.refuse.store(0, Ordering::SeqCst);
     smmu.detach(SID).unwrap();
@@ -970,7 +972,7 @@ fn a_failed_detach_keeps_the_stream_so_its_domain_cannot_be_freed_under_it() {
 fn a_handover_arena_serves_one_domain() {
     let frames = frames();
     let model = Model::start(frames);
-    let mut smmu = smmu(&model, frames);
+    let smmu = smmu(&model, frames);
     let pool = handover_pool();
     let arena = pool.take_arena().unwrap();
     let d = smmu.create_stage1(arena, Stage1Options::default()).unwrap();
@@ -1014,7 +1016,7 @@ fn an_arena_holding_the_smmus_own_structures_serves_no_domain() {
     let model = Model::start(frames);
     *model.window.lock().unwrap() = Some((region.base, pool.metadata_address().unwrap() as usize, region.len));
     let owned = pool.take_arena().unwrap();
-    let mut first = smmu(&model, frames);
+    let first = smmu(&model, frames);
     let d = first.create_stage1(owned, Stage1Options::default()).unwrap();
     drop(first);
     assert_eq!(
@@ -1023,14 +1025,18 @@ fn an_arena_holding_the_smmus_own_structures_serves_no_domain() {
         "{d}'s arena"
     );
     let core = pool.take_arena().unwrap();
-    let mut on_arena = model.smmu().init(core, &crate::InitOptions::default()).unwrap();
+    let on_arena = model.smmu().init(core, &crate::InitOptions::default()).unwrap();
     assert_eq!(
         on_arena.create_stage1(core, Stage1Options::default()),
         Err(DomainError::MemoryOwned)
     );
-    assert_eq!(on_arena.domains.free_slots(), DEFAULT_DOMAINS, "nothing created");
+    assert_eq!(
+        on_arena.domains.book.lock().free_slots(),
+        DEFAULT_DOMAINS,
+        "nothing created"
+    );
     on_arena.shutdown(false).unwrap();
-    let mut smmu = smmu(&model, frames);
+    let smmu = smmu(&model, frames);
     let d = smmu.create_stage1(core, Stage1Options::default()).unwrap();
     smmu.free_domain(d).unwrap();
     assert_eq!(
@@ -1043,14 +1049,14 @@ fn an_arena_holding_the_smmus_own_structures_serves_no_domain() {
 // Field-level checks: the SMMU model of QEMU 10.0 never hits in its IOTLB, so only these tests catch an
 // invalidation of the wrong stream, ASID, VMID or address (or none at all).
 
-fn asid_of(smmu: &ActiveSmmu<&'static HeapFrames>, d: DomainId) -> u16 {
+fn asid_of(smmu: &Iommu<&'static HeapFrames>, d: DomainId) -> u16 {
     match smmu.domains.get(d).unwrap().translation {
         Translation::Stage1 { asid, .. } => asid,
         _ => unreachable!(),
     }
 }
 
-fn vmid_of(smmu: &ActiveSmmu<&'static HeapFrames>, d: DomainId) -> u16 {
+fn vmid_of(smmu: &Iommu<&'static HeapFrames>, d: DomainId) -> u16 {
     match smmu.domains.get(d).unwrap().translation {
         Translation::Stage2 { vmid, .. } => vmid,
         _ => unreachable!(),
@@ -1414,7 +1420,7 @@ fn el2_model(frames: &'static HeapFrames) -> Model {
     Model::start_with_idrs(frames, IDRS[0].1 | 1 << 9, IDRS[1].1 | 5 << 6)
 }
 
-fn el2(smmu: &mut ActiveSmmu<&'static HeapFrames>, frames: &'static HeapFrames) -> DomainId {
+fn el2(smmu: &mut Iommu<&'static HeapFrames>, frames: &'static HeapFrames) -> DomainId {
     smmu.create_stage1(
         memory(frames),
         Stage1Options {
@@ -1517,7 +1523,7 @@ fn one_el2_stage1_domain_is_in_use_at_a_time() {
     let in_use = Err(DomainError::El2DomainInUse { domain: b, holder: a });
     assert_eq!(smmu.attach(b, SID + 2), in_use);
     assert_eq!(smmu.ste(SID + 2), ste, "nothing written");
-    assert_eq!(smmu.attachments(b), Ok(&[][..]));
+    assert_eq!(smmu.attachments(b).as_deref(), Ok(&[][..]));
     assert_eq!(issued_since(&model, before), []);
     // NS-EL1 domains are tagged by ASID: they are not concerned.
     smmu.attach(el1, SID + 2).unwrap();
@@ -1554,7 +1560,11 @@ fn switching_el2_domains_after_a_failed_invalidation_drops_the_old_entries_first
     model.refuse.store(opcode::TLBI_EL2_ALL, Ordering::SeqCst);
     assert!(matches!(smmu.detach(SID), Err(DomainError::Invalidation(_))));
     model.refuse.store(0, Ordering::SeqCst);
-    assert_eq!(smmu.attachments(a), Ok(&[][..]), "the stream itself is detached");
+    assert_eq!(
+        smmu.attachments(a).as_deref(),
+        Ok(&[][..]),
+        "the stream itself is detached"
+    );
 
     let before = consumed(&model);
     smmu.attach(b, SID + 1).unwrap();
@@ -1589,7 +1599,7 @@ fn a_streams_substreams_all_use_its_regime() {
         })
     );
     assert_eq!(issued_since(&model, before), []);
-    assert_eq!(smmu.attachments(el2), Ok(&[][..]));
+    assert_eq!(smmu.attachments(el2).as_deref(), Ok(&[][..]));
     smmu.attach_substream(other_el1, SID, 1).unwrap();
 
     smmu.attach(el2, SID + 1).unwrap();
@@ -1603,7 +1613,7 @@ fn a_streams_substreams_all_use_its_regime() {
         })
     );
     assert_eq!(issued_since(&model, before), []);
-    assert_eq!(smmu.attachments(el1), Ok(&[(SID, 0)][..]));
+    assert_eq!(smmu.attachments(el1).as_deref(), Ok(&[(SID, 0)][..]));
     smmu.attach_substream(el2, SID + 1, 1).unwrap();
 }
 
@@ -1635,8 +1645,9 @@ fn a_guest_context_cd_names_its_tables_granule() {
 }
 
 /// The page table of a stage-1 or stage-2 domain, for tests that change its settings.
-fn table_of<'a>(smmu: &'a mut ActiveSmmu<&'static HeapFrames>, d: DomainId) -> &'a mut IoPageTable<DomainMemory> {
-    match &mut smmu.domains.get_mut(d).unwrap().translation {
+fn table_of<'a>(smmu: &'a mut Iommu<&'static HeapFrames>, d: DomainId) -> &'a mut IoPageTable<DomainMemory> {
+    let slot = &mut smmu.domains.slots[usize::from(d.index())];
+    match &mut slot.state.get_mut().as_mut().unwrap().translation {
         Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table,
         Translation::Nested { .. } => unreachable!(),
     }
@@ -1797,7 +1808,7 @@ fn the_pending_span_clears_with_the_last_gather_or_a_whole_domain_invalidation()
     for k in 0..4u64 {
         smmu.map(d, k << 21, 0x8000_0000 + (k << 12), 0x1000, RW).unwrap();
     }
-    let refused = |smmu: &mut ActiveSmmu<&'static HeapFrames>, iova| {
+    let refused = |smmu: &mut Iommu<&'static HeapFrames>, iova| {
         matches!(
             smmu.map(d, iova, 0x9000_0000, 0x1000, RW),
             Err(DomainError::PendingInvalidation { .. })
@@ -1846,14 +1857,14 @@ fn a_merged_gather_uncounts_every_deferred_unmap_it_holds_when_synced() {
     let mut smmu = smmu(&model, frames);
     let d = s1(&mut smmu, frames);
     let asid = asid_of(&smmu, d);
-    let refused = |smmu: &mut ActiveSmmu<&'static HeapFrames>, iova| {
+    let refused = |smmu: &mut Iommu<&'static HeapFrames>, iova| {
         matches!(
             smmu.map(d, iova, 0x9000_0000, 0x1000, RW),
             Err(DomainError::PendingInvalidation { .. })
         )
     };
     let (a, b) = (0x100_0000, 0x120_0000);
-    let fresh = |smmu: &mut ActiveSmmu<&'static HeapFrames>| {
+    let fresh = |smmu: &mut Iommu<&'static HeapFrames>| {
         for iova in [a, b] {
             smmu.map(d, iova, 0x8800_0000, 0x1000, RW).unwrap();
         }
@@ -1896,6 +1907,7 @@ fn a_merged_gather_uncounts_every_deferred_unmap_it_holds_when_synced() {
             table.merge(&mut old, new).unwrap();
             old
         };
+        drop(table);
         smmu.sync_domain(d, &mut merged).unwrap();
         assert!(!refused(&mut smmu, b), "{older_into_newer}");
         smmu.unmap(d, b, 0x1000).unwrap();
@@ -1910,7 +1922,9 @@ fn a_domain_handle_never_becomes_valid_again() {
     let first = s1(&mut smmu, frames);
     smmu.free_domain(first).unwrap();
     // Slot 0 has been reused until its generation is the last one.
-    smmu.domains.slots[0].generation = u64::MAX;
+    smmu.domains.slots[0]
+        .generation
+        .store(u64::MAX, crate::sync::Ordering::Relaxed);
     let last = s1(&mut smmu, frames);
     assert_eq!(last.index(), 0);
     smmu.free_domain(last).unwrap();
@@ -1919,7 +1933,7 @@ fn a_domain_handle_never_becomes_valid_again() {
     assert_eq!(smmu.domain_kind(first), Err(DomainError::StaleDomain(first)));
     assert_eq!(smmu.domain_kind(last), Err(DomainError::StaleDomain(last)));
     assert_eq!(next.index(), 1, "slot 0 is retired");
-    assert_eq!(smmu.domains.free_slots(), DEFAULT_DOMAINS - 2);
+    assert_eq!(smmu.domains.book.lock().free_slots(), DEFAULT_DOMAINS - 2);
 }
 
 /// A substream whose attach failed at an invalidation is recorded: its domain cannot be freed, and
@@ -1951,7 +1965,7 @@ fn a_substream_left_by_a_failed_attach_is_cleaned_up_by_its_detach() {
     ));
     *model.probe.lock().unwrap() = None;
     model.refuse.store(0, Ordering::SeqCst);
-    assert_eq!(smmu.attachments(sub), Ok(&[(SID, 3)][..]));
+    assert_eq!(smmu.attachments(sub).as_deref(), Ok(&[(SID, 3)][..]));
     assert!(matches!(
         smmu.free_domain(sub),
         Err(DomainError::StillAttached { attachments: 1, .. })
@@ -1971,14 +1985,19 @@ fn a_substream_left_by_a_failed_attach_is_cleaned_up_by_its_detach() {
             Issued::Sync
         ]
     );
-    let index = smmu.domains.stream(SID).unwrap();
-    let cd = smmu.domains.streams[index].cd_table.as_ref().unwrap().read(3).unwrap();
+    let index = smmu.domains.book.lock().stream(SID).unwrap();
+    let cd = smmu.domains.book.lock().streams[index]
+        .cd_table
+        .as_ref()
+        .unwrap()
+        .read(3)
+        .unwrap();
     assert!(!cd.is_valid());
     smmu.free_domain(sub).unwrap();
 }
 
 /// Review finding 1 (issue #21, item 1: "never release a table except after the invalidation that covers it").
-/// Dropping an `ActiveSmmu` is a safe call. It must not give a domain's page tables back to the allocator
+/// Dropping an `Iommu` is a safe call. It must not give a domain's page tables back to the allocator
 /// while the SMMU still translates through them (SMMUEN = 1, the STE naming the CD that names the table):
 /// the allocator would hand those frames out again, and a walk would read whatever is written there next.
 #[test]
@@ -2002,7 +2021,7 @@ fn finding1_dropping_the_smmu_never_frees_tables_it_still_walks() {
     );
 }
 
-/// Review finding 2. `ActiveSmmu::submit` is public and safe, and says an extra batch "cannot change what a
+/// Review finding 2. `Iommu::submit` is public and safe, and says an extra batch "cannot change what a
 /// domain translates". A CMD_SYNC with an MSI completion (SIG_IRQ, MSIAddress != 0) is a 32-bit write the SMMU
 /// itself performs to any physical address on an SMMU with IDR0.MSI: here into a live page table's first
 /// descriptor (the low word of a descriptor: valid, table/page bit, attributes and output address bits
@@ -2077,8 +2096,13 @@ fn finding3_a_substream_cd_left_valid_by_a_failed_attach_keeps_its_domain_from_b
     *model.probe.lock().unwrap() = None;
     model.refuse.store(0, Ordering::SeqCst);
     assert!(matches!(attached, Err(DomainError::CdTable(_))), "{attached:?}");
-    let index = smmu.domains.stream(SID).unwrap();
-    let cd = smmu.domains.streams[index].cd_table.as_ref().unwrap().read(3).unwrap();
+    let index = smmu.domains.book.lock().stream(SID).unwrap();
+    let cd = smmu.domains.book.lock().streams[index]
+        .cd_table
+        .as_ref()
+        .unwrap()
+        .read(3)
+        .unwrap();
     let freed = smmu.free_domain(sub);
     assert!(
         !(cd.is_valid() && freed.is_ok()),

@@ -11,7 +11,7 @@ use crate::hw::ste::Config;
 use crate::pgtable::Prot;
 use crate::smmu::tests::{Issued, Model, assert_ste_steps, frames, issued_since};
 use crate::testing::HeapFrames;
-use crate::{ActiveSmmu, InitOptions};
+use crate::{InitOptions, Iommu};
 use core::ptr::NonNull;
 use std::boxed::Box;
 
@@ -54,12 +54,12 @@ impl Region {
     }
 }
 
-pub(crate) fn boot(model: &Model, frames: &'static HeapFrames) -> ActiveSmmu<&'static HeapFrames> {
+pub(crate) fn boot(model: &Model, frames: &'static HeapFrames) -> Iommu<&'static HeapFrames> {
     model.smmu().init(frames, &InitOptions::default()).unwrap()
 }
 
 /// A stage-1 domain (39-bit input, EL1&0 regime) in a fresh handover arena.
-pub(crate) fn arena_stage1(smmu: &mut ActiveSmmu<&'static HeapFrames>, pool: &'static HandoverPool) -> DomainId {
+pub(crate) fn arena_stage1(smmu: &mut Iommu<&'static HeapFrames>, pool: &'static HandoverPool) -> DomainId {
     let options = Stage1Options {
         input_bits: 39,
         el2: false,
@@ -71,7 +71,7 @@ pub(crate) fn arena_stage1(smmu: &mut ActiveSmmu<&'static HeapFrames>, pool: &'s
 /// own path (`install_ste`, blind to the freeze): the state a previous image leaves when it is not this driver
 /// (or an older one), whose `prepare_handover` refuses a bypassing stream (`PrepareError::UnpreservedStream`)
 /// and whose `attach_bypass` is frozen meanwhile. The next image must contain it all the same.
-pub(crate) fn leave_bypassing<A: FrameAllocator>(smmu: &mut ActiveSmmu<A>, sid: u32) {
+pub(crate) fn leave_bypassing<A: FrameAllocator>(smmu: &mut Iommu<A>, sid: u32) {
     let bypass = crate::hw::ste::Ste::bypass_for(&smmu.features().entry_rules());
     smmu.core.install_ste(sid, &bypass).unwrap();
 }
@@ -79,7 +79,7 @@ pub(crate) fn leave_bypassing<A: FrameAllocator>(smmu: &mut ActiveSmmu<A>, sid: 
 /// Runs `f` with the stream configuration of a prepared running hand-off unfrozen, then freezes it again: as
 /// [`leave_bypassing`], the state a previous image that is not this driver may leave (streams translating
 /// through domains no record describes), built after this driver's `prepare_handover`, which refuses it.
-fn as_another_driver<A: FrameAllocator, R>(smmu: &mut ActiveSmmu<A>, f: impl FnOnce(&mut ActiveSmmu<A>) -> R) -> R {
+fn as_another_driver<A: FrameAllocator, R>(smmu: &mut Iommu<A>, f: impl FnOnce(&mut Iommu<A>) -> R) -> R {
     let prepared = smmu.domains.prepared.lock().take();
     let result = f(smmu);
     *smmu.domains.prepared.lock() = prepared;
@@ -139,7 +139,7 @@ fn preserved_domains_come_back_by_token_with_their_tables_in_place() {
     first_image(&mut region, frames);
 
     let model = Model::start(frames);
-    let mut smmu = boot(&model, frames);
+    let smmu = boot(&model, frames);
     let pool = region.pool();
     let before = model.seen.lock().unwrap().consumed.len();
     let report = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap();
@@ -177,7 +177,7 @@ fn preserved_domains_come_back_by_token_with_their_tables_in_place() {
     for sid in [0x18, 0x20] {
         assert_ne!(smmu.ste(sid).unwrap().0[2] & crate::hw::ste::Q2_S2PTW, 0, "{sid:#x}");
     }
-    assert_eq!(smmu.attachments(nested), Ok(&[(0x18, 0)][..]));
+    assert_eq!(smmu.attachments(nested).as_deref(), Ok(&[(0x18, 0)][..]));
     // The restored domains work: map, unmap (with invalidation), and the parent cannot go before its child.
     smmu.map(s1, 0x5000, 0x8000_5000, 0x1000, RW).unwrap();
     assert_eq!(smmu.unmap(s1, 0x1000, 0x1000), Ok(0x1000));
@@ -209,7 +209,7 @@ fn a_corrupt_region_is_refused_whole_and_left_untouched() {
     let snapshot: std::vec::Vec<u8> = (0..4096).map(|i| *region.byte(i)).collect();
 
     let model = Model::start(frames);
-    let mut smmu = boot(&model, frames);
+    let smmu = boot(&model, frames);
     let pool = region.pool();
     let error = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
     assert!(
@@ -232,13 +232,13 @@ fn a_region_for_another_smmu_is_refused() {
     first_image(&mut region, frames);
     // The same base, another SMMU: a stage-1-only model (IDR0 differs).
     let model = Model::start_with(frames, 0x0d44_101a);
-    let mut smmu = boot(&model, frames);
+    let smmu = boot(&model, frames);
     let pool = region.pool();
     let error = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
     assert!(matches!(error, RestoreError::Identity(_)), "{error}");
     // Records for another base are simply not ours.
     let model2 = Model::start(frames);
-    let mut other = boot(&model2, frames);
+    let other = boot(&model2, frames);
     assert_eq!(
         other
             .restore_handover(region.pool(), BASE + 0x1_0000, &ANYWHERE)
@@ -256,7 +256,7 @@ fn a_hand_off_with_the_smmu_running_never_turns_translation_off() {
     let pool = region.pool();
     *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
     let core = pool.take_arena().unwrap();
-    let mut first: ActiveSmmu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
+    let mut first: Iommu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
     let d = first
         .create_stage1(
             pool.take_arena().unwrap(),
@@ -284,7 +284,7 @@ fn a_hand_off_with_the_smmu_running_never_turns_translation_off() {
     let (running, core) = running_smmu(pool, &model.smmu(), BASE).unwrap().unwrap();
     assert_eq!((running.format, running.strtab_base), (format, strtab));
     let before = model.seen.lock().unwrap().consumed.len();
-    let mut next = model
+    let next = model
         .smmu()
         .adopt_running(core, &InitOptions::default(), &running)
         .unwrap();
@@ -346,7 +346,7 @@ fn after_prepare_nothing_recorded_grows_until_the_hand_off_is_cancelled() {
     let frames = frames();
     let mut region = Region::new();
     let model = Model::start(frames);
-    let mut smmu = boot(&model, frames);
+    let smmu = boot(&model, frames);
     let pool = region.pool();
     let arena = pool.take_arena().unwrap();
     let d = smmu
@@ -381,7 +381,7 @@ fn a_region_beyond_this_image_is_refused_before_anything_changes() {
     first_image(&mut region, frames);
     // The next image keeps only 2 domain slots: 4 records cannot be rebuilt.
     let model = Model::start(frames);
-    let mut smmu: ActiveSmmu<&'static HeapFrames, 2> = model
+    let smmu: Iommu<&'static HeapFrames, 2> = model
         .smmu()
         .init_with_capacity(frames, &InitOptions::default())
         .unwrap();
@@ -421,7 +421,7 @@ fn a_region_with_more_streams_than_this_image_can_hold_is_refused_before_any_ste
     let mut region = Region::new();
     {
         let model = Model::start(frames);
-        let mut smmu = boot(&model, frames);
+        let smmu = boot(&model, frames);
         let pool = region.pool();
         let d = smmu
             .create_stage2(pool.take_arena().unwrap(), Stage2Options { input_bits: 40 })
@@ -434,7 +434,7 @@ fn a_region_with_more_streams_than_this_image_can_hold_is_refused_before_any_ste
     }
     // The next image has every stream record in use already (stage-1 domains: no VMID shared with the record).
     let model = Model::start(frames);
-    let mut smmu = boot(&model, frames);
+    let smmu = boot(&model, frames);
     for k in 0..MAX_ATTACHED_STREAMS / MAX_ATTACHMENTS {
         let d = smmu.create_stage1(frames, Stage1Options::default()).unwrap();
         for j in 0..MAX_ATTACHMENTS {
@@ -458,8 +458,8 @@ fn a_region_with_more_streams_than_this_image_can_hold_is_refused_before_any_ste
     core::mem::forget(smmu);
 }
 
-fn vmid_of(smmu: &ActiveSmmu<&'static HeapFrames>, token: u64) -> u16 {
-    let id = smmu.domains.restored.get(&token).copied().unwrap();
+fn vmid_of(smmu: &Iommu<&'static HeapFrames>, token: u64) -> u16 {
+    let id = smmu.domains.book.lock().restored.get(&token).copied().unwrap();
     match smmu.domains.get(id).unwrap().translation {
         Translation::Stage2 { vmid, .. } => vmid,
         _ => unreachable!(),
@@ -473,7 +473,7 @@ fn restore_and_finish_invalidate_exactly_the_restored_streams_and_the_freed_ids(
     first_image(&mut region, frames);
 
     let model = Model::start(frames);
-    let mut smmu = boot(&model, frames);
+    let smmu = boot(&model, frames);
     let pool = region.pool();
     let before = model.seen.lock().unwrap().consumed.len();
     smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap();
@@ -550,7 +550,7 @@ fn a_restored_cd_table_loses_the_substreams_no_record_names_with_their_cfgi_cd()
     let mut region = Region::new();
     {
         let model = Model::start_with_idrs(frames, idr0, idr1);
-        let mut smmu = boot(&model, frames);
+        let smmu = boot(&model, frames);
         let pool = region.pool();
         let whole = smmu
             .create_stage1(pool.take_arena().unwrap(), Stage1Options::default())
@@ -564,7 +564,7 @@ fn a_restored_cd_table_loses_the_substreams_no_record_names_with_their_cfgi_cd()
         drop(model);
     }
     let model = Model::start_with_idrs(frames, idr0, idr1);
-    let mut smmu = boot(&model, frames);
+    let smmu = boot(&model, frames);
     let pool = region.pool();
     let before = model.seen.lock().unwrap().consumed.len();
     let report = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap();
@@ -603,7 +603,7 @@ fn a_restore_into_an_image_that_took_a_recorded_id_or_stream_changes_nothing() {
         drop(model);
     }
     let model = Model::start(frames);
-    let mut smmu = boot(&model, frames);
+    let smmu = boot(&model, frames);
     let pool = region.pool();
     // This image took the recorded ASID before restoring: the stage-1 record cannot claim it.
     let mine = smmu.create_stage1(frames, Stage1Options::default()).unwrap();
@@ -617,7 +617,7 @@ fn a_restore_into_an_image_that_took_a_recorded_id_or_stream_changes_nothing() {
     assert_eq!(pool.arenas_in_use(), 0, "every arena taken back is given back");
     assert_eq!((smmu.asids_in_use(), smmu.vmids_in_use()), (1, 0), "no ID kept");
     assert_eq!(
-        smmu.domains.free_slots(),
+        smmu.domains.book.lock().free_slots(),
         crate::domain::DEFAULT_DOMAINS - 1,
         "no slot kept"
     );
@@ -672,7 +672,7 @@ fn el2_first_image(region: &mut Region, frames: &'static HeapFrames, second: boo
     smmu.preserve(a, 0x71).unwrap();
     if second {
         let b = smmu.create_stage1(pool.take_arena().unwrap(), EL2).unwrap();
-        let set_el2 = |smmu: &mut ActiveSmmu<&'static HeapFrames>, value: bool| {
+        let set_el2 = |smmu: &mut Iommu<&'static HeapFrames>, value: bool| {
             if let Translation::Stage1 { el2, .. } = &mut smmu.domains.get_mut(a).unwrap().translation {
                 *el2 = value;
             }
@@ -696,7 +696,7 @@ fn a_restore_never_puts_two_el2_domains_in_use() {
     let mut region = Region::new();
     el2_first_image(&mut region, frames, false);
     let model = el2_model(frames);
-    let mut smmu = boot(&model, frames);
+    let smmu = boot(&model, frames);
     let pool = region.pool();
     // This image's domain on another ASID than the record's (1), so that only the EL2 rule stands in the way.
     let spare = smmu.allocate_asid().unwrap();
@@ -715,7 +715,7 @@ fn a_restore_never_puts_two_el2_domains_in_use() {
         "no STE installed"
     );
     assert_eq!(
-        smmu.attachments(mine),
+        smmu.attachments(mine).as_deref(),
         Ok(&[(0x11, 0)][..]),
         "this image's domain untouched"
     );
@@ -724,7 +724,7 @@ fn a_restore_never_puts_two_el2_domains_in_use() {
 
     // Restored into an image without one in use, the restored domain is the EL2 domain in use.
     let model = el2_model(frames);
-    let mut smmu = boot(&model, frames);
+    let smmu = boot(&model, frames);
     let pool = region.pool();
     smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap();
     let restored = smmu.retrieve(0x71).unwrap();
@@ -743,7 +743,7 @@ fn a_restore_never_puts_two_el2_domains_in_use() {
     let mut region = Region::new();
     el2_first_image(&mut region, frames, true);
     let model = el2_model(frames);
-    let mut smmu = boot(&model, frames);
+    let smmu = boot(&model, frames);
     let pool = region.pool();
     let error = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
     assert!(
@@ -762,7 +762,7 @@ fn a_prepared_domain_is_frozen_until_the_hand_off_is_cancelled() {
     let frames = frames();
     let mut region = Region::new();
     let model = Model::start(frames);
-    let mut smmu = boot(&model, frames);
+    let smmu = boot(&model, frames);
     let pool = region.pool();
     let options = Stage1Options {
         input_bits: 39,
@@ -804,7 +804,7 @@ fn a_preserved_domain_with_an_unsynced_deferred_unmap_is_not_prepared() {
     let frames = frames();
     let mut region = Region::new();
     let model = Model::start(frames);
-    let mut smmu = boot(&model, frames);
+    let smmu = boot(&model, frames);
     let pool = region.pool();
     let options = Stage1Options {
         input_bits: 39,
@@ -885,7 +885,7 @@ fn prepare_cleans_the_smmus_own_arena_for_a_hand_off_with_the_smmu_running() {
     *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
     let core = pool.take_arena().unwrap();
     // A coherent SMMU: nothing was cleaned as it was written, so only prepare can put it in memory.
-    let mut smmu: ActiveSmmu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
+    let smmu: Iommu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
     assert!(smmu.features().coherent);
     let d = smmu
         .create_stage1(pool.take_arena().unwrap(), Stage1Options::default())
@@ -921,15 +921,14 @@ fn an_smmu_left_running_with_non_cacheable_walks_is_maintained_by_the_next_image
     // The first image treats the SMMU as non-coherent: CR1 non-cacheable, which cannot change while SMMUEN = 1.
     let mut smmu = model.smmu();
     smmu.apply_board_coherency(false);
-    let first: ActiveSmmu<&'static HandoverArena> =
-        smmu.init(pool.take_arena().unwrap(), &InitOptions::default()).unwrap();
+    let first: Iommu<&'static HandoverArena> = smmu.init(pool.take_arena().unwrap(), &InitOptions::default()).unwrap();
     first.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
     core::mem::forget(first);
 
     // The next image does not know (IDR0.COHACC = 1, no board override): the running CR1 decides.
     let pool = region.pool();
     let (running, core) = running_smmu(pool, &model.smmu(), BASE).unwrap().unwrap();
-    let mut next = model
+    let next = model
         .smmu()
         .adopt_running(core, &InitOptions::default(), &running)
         .unwrap();
@@ -975,7 +974,7 @@ fn disabled_aborting(model: &Model) -> bool {
 }
 
 /// Every STE of the span that holds StreamIDs 0..256 aborts (an invalid STE aborts too, with C_BAD_STE).
-fn every_ste_aborts<A: FrameAllocator>(smmu: &ActiveSmmu<A>) -> bool {
+fn every_ste_aborts<A: FrameAllocator>(smmu: &Iommu<A>) -> bool {
     (0..256).all(|sid| matches!(smmu.ste(sid).map(|s| s.config()), Ok(Config::Abort | Config::Invalid)))
 }
 
@@ -990,7 +989,7 @@ fn running_first_image(region: &mut Region, frames: &'static HeapFrames) -> Mode
     let pool = region.pool();
     *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
     let core = pool.take_arena().unwrap();
-    let mut first: ActiveSmmu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
+    let mut first: Iommu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
     let options = Stage1Options {
         input_bits: 39,
         el2: false,
@@ -1015,7 +1014,7 @@ fn finishing_an_adopted_smmu_without_a_restore_aborts_what_the_previous_image_le
     let model = running_first_image(&mut region, frames);
     let pool = region.pool();
     let (running, core) = running_smmu(pool, &model.smmu(), BASE).unwrap().unwrap();
-    let mut next = model
+    let next = model
         .smmu()
         .adopt_running(core, &InitOptions::default(), &running)
         .unwrap();
@@ -1174,7 +1173,7 @@ fn a_refused_restore_of_an_adopted_smmu_aborts_every_stream_the_previous_image_l
     let model = running_first_image(&mut region, frames);
     let pool = region.pool();
     let (running, core) = running_smmu(pool, &model.smmu(), BASE).unwrap().unwrap();
-    let mut next = model
+    let next = model
         .smmu()
         .adopt_running(core, &InitOptions::default(), &running)
         .unwrap();
@@ -1224,7 +1223,7 @@ fn a_restore_that_cannot_abort_the_previous_images_other_streams_is_refused_whol
     let model = running_first_image(&mut region, frames);
     let pool = region.pool();
     let (running, core) = running_smmu(pool, &model.smmu(), BASE).unwrap().unwrap();
-    let mut next = model
+    let next = model
         .smmu()
         .adopt_running(core, &InitOptions::default(), &running)
         .unwrap();
@@ -1250,12 +1249,15 @@ fn a_restore_never_reuses_the_token_of_a_domain_an_earlier_hand_off_left_waiting
     let mut region = Region::new();
     first_image(&mut region, frames);
     let model = Model::start(frames);
-    let mut smmu = boot(&model, frames);
+    let smmu = boot(&model, frames);
     let pool = region.pool();
     smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap();
     smmu.retrieve(0x53).unwrap();
     smmu.finish_handover(pool, BASE).unwrap();
-    assert!(smmu.domains.restored.contains_key(&0x52), "kept for its nested domain");
+    assert!(
+        smmu.domains.book.lock().restored.contains_key(&0x52),
+        "kept for its nested domain"
+    );
     // Another region whose one record (a stage-1 domain on a free stream, with a free ASID) reuses 0x52.
     let mut other = Region::new();
     {
@@ -1307,7 +1309,7 @@ fn a_refused_rebuild_gives_its_arenas_back_only_after_every_stream_aborts_and_cf
     let pool = region.pool();
     break_the_recorded_table(&mut region, pool);
     let (running, core) = running_smmu(pool, &model.smmu(), BASE).unwrap().unwrap();
-    let mut next = model
+    let next = model
         .smmu()
         .adopt_running(core, &InitOptions::default(), &running)
         .unwrap();
@@ -1358,7 +1360,7 @@ fn a_refused_restore_whose_aborts_fail_turns_the_smmu_off_with_gbpa_abort() {
     let pool = region.pool();
     break_the_recorded_table(&mut region, pool);
     let (running, core) = running_smmu(pool, &model.smmu(), BASE).unwrap().unwrap();
-    let mut next = model
+    let next = model
         .smmu()
         .adopt_running(core, &InitOptions::default(), &running)
         .unwrap();
@@ -1387,7 +1389,7 @@ fn after_a_warm_reset_a_refused_rebuild_invalidates_everything_before_its_arena_
     let mut region = Region::new();
     {
         let model = Model::start_with_idrs(frames, idr0, idr1);
-        let mut smmu = boot(&model, frames);
+        let smmu = boot(&model, frames);
         let pool = region.pool();
         let whole = smmu
             .create_stage1(pool.take_arena().unwrap(), Stage1Options::default())
@@ -1400,7 +1402,7 @@ fn after_a_warm_reset_a_refused_rebuild_invalidates_everything_before_its_arena_
         core::mem::forget(smmu);
     }
     let model = Model::start_with_idrs(frames, idr0, idr1);
-    let mut smmu = boot(&model, frames);
+    let smmu = boot(&model, frames);
     let pool = region.pool();
     *model.probe.lock().unwrap() = Some(Box::new(move || pool.arenas_in_use()));
     model
@@ -1487,7 +1489,7 @@ fn every_forbidden_handover_transition_is_a_typed_error_that_changes_nothing() {
 
     // The next image.
     let model = Model::start(frames);
-    let mut smmu = boot(&model, frames);
+    let smmu = boot(&model, frames);
     let pool = region.pool();
     assert_eq!(smmu.restore_handover(pool, BASE, &ANYWHERE).map(|r| r.domains), Ok(1));
     assert_eq!(smmu.handover_phase(), HandoverPhase::Restored { generation: 5 });
@@ -1502,7 +1504,7 @@ fn every_forbidden_handover_transition_is_a_typed_error_that_changes_nothing() {
         Err(PrepareError::RestoreNotFinished { generation: 5 })
     );
     assert_eq!(smmu.cancel_handover(pool, BASE), Err(PrepareError::NotPrepared));
-    let waiting = *smmu.domains.restored.get(&0x51).unwrap();
+    let waiting = *smmu.domains.book.lock().restored.get(&0x51).unwrap();
     assert_eq!(
         smmu.preserve(mine, 0x51),
         Err(DomainError::TokenInUse {
@@ -1524,7 +1526,7 @@ fn every_forbidden_handover_transition_is_a_typed_error_that_changes_nothing() {
     // Not even another driver over the same region (a second image, or this one reset before finishing): the
     // restore consumed the records.
     let model2 = Model::start(frames);
-    let mut other = boot(&model2, frames);
+    let other = boot(&model2, frames);
     assert_eq!(other.restore_handover(pool, BASE, &ANYWHERE).map(|r| r.domains), Ok(0));
     assert_eq!(other.handover_phase(), HandoverPhase::Idle);
     assert_eq!(smmu.finish_handover(pool, BASE), Ok(FinishReport { unclaimed: 0 }));
@@ -1556,7 +1558,7 @@ fn a_finish_that_fails_half_way_stays_restored_until_finished_again() {
         core::mem::forget(smmu);
     }
     let model = Model::start(frames);
-    let mut smmu = boot(&model, frames);
+    let smmu = boot(&model, frames);
     let pool = region.pool();
     assert_eq!(smmu.restore_handover(pool, BASE, &ANYWHERE).map(|r| r.domains), Ok(2));
     // The stage-2 domain's VMID invalidation is refused: the stage-1 one is freed, the stage-2 one waits.
@@ -1566,7 +1568,9 @@ fn a_finish_that_fails_half_way_stays_restored_until_finished_again() {
     );
     assert!(matches!(smmu.finish_handover(pool, BASE), Err(FinishError::Domain(_))));
     assert_eq!(smmu.handover_phase(), HandoverPhase::Restored { generation: 8 });
-    assert!(smmu.domains.restored.contains_key(&0x52) && !smmu.domains.restored.contains_key(&0x51));
+    assert!(
+        smmu.domains.book.lock().restored.contains_key(&0x52) && !smmu.domains.book.lock().restored.contains_key(&0x51)
+    );
     assert_eq!(
         smmu.restore_handover(pool, BASE, &ANYWHERE).err(),
         Some(RestoreError::AlreadyRestored { generation: 8 })
@@ -1574,7 +1578,7 @@ fn a_finish_that_fails_half_way_stays_restored_until_finished_again() {
     assert_eq!(pool.arenas_in_use(), 1, "the freed domain's arena is not taken back");
     // A reset now: the next image finds nothing to restore.
     let model2 = Model::start(frames);
-    let mut other = boot(&model2, frames);
+    let other = boot(&model2, frames);
     assert_eq!(
         other
             .restore_handover(region.pool(), BASE, &ANYWHERE)
@@ -1599,19 +1603,19 @@ fn a_domain_cannot_be_created_with_memory_a_prepared_hand_off_sealed() {
     let pool = region.pool();
     *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
     let core = pool.take_arena().unwrap();
-    let mut smmu: ActiveSmmu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
+    let smmu: Iommu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
     smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
     assert_eq!(
         smmu.create_stage1(core, Stage1Options::default()),
         Err(DomainError::MemorySealed)
     );
-    assert_eq!(smmu.domains.free_slots(), crate::domain::DEFAULT_DOMAINS);
+    assert_eq!(smmu.domains.book.lock().free_slots(), crate::domain::DEFAULT_DOMAINS);
     smmu.cancel_handover(pool, BASE).unwrap();
     core::mem::forget(smmu);
 }
 
 /// The ASID of a stage-1 domain.
-fn stage1_asid<A: FrameAllocator>(smmu: &ActiveSmmu<A>, d: DomainId) -> u16 {
+fn stage1_asid<A: FrameAllocator>(smmu: &Iommu<A>, d: DomainId) -> u16 {
     match smmu.domains.get(d).unwrap().translation {
         Translation::Stage1 { asid, .. } => asid,
         _ => unreachable!(),
@@ -1634,7 +1638,7 @@ fn finding4_after_a_running_hand_off_no_new_domain_shares_an_asid_with_a_stream_
     let pool = region.pool();
     *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
     let core = pool.take_arena().unwrap();
-    let mut first: ActiveSmmu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
+    let mut first: Iommu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
     let options = Stage1Options {
         input_bits: 39,
         el2: false,
@@ -1659,7 +1663,7 @@ fn finding4_after_a_running_hand_off_no_new_domain_shares_an_asid_with_a_stream_
 
     let pool = region.pool();
     let (running, core) = running_smmu(pool, &model.smmu(), BASE).unwrap().unwrap();
-    let mut next = model
+    let next = model
         .smmu()
         .adopt_running(core, &InitOptions::default(), &running)
         .unwrap();
@@ -1728,7 +1732,7 @@ fn finding5_a_restore_refuses_a_substream_of_a_stream_another_record_holds() {
         (stream.sid, stream.ssid) = (0x10, 3);
     });
     let model = Model::start_with_idrs(frames, idr0, idr1);
-    let mut smmu = boot(&model, frames);
+    let smmu = boot(&model, frames);
     let pool = region.pool();
     let restored = smmu.restore_handover(pool, BASE, &ANYWHERE);
     if restored.is_ok() {
@@ -1758,7 +1762,7 @@ fn finding6_a_restored_el2_stream_is_installed_only_after_stale_el2_entries_are_
     let mut region = Region::new();
     el2_first_image(&mut region, frames, false);
     let model = el2_model(frames);
-    let mut smmu = boot(&model, frames);
+    let smmu = boot(&model, frames);
     let pool = region.pool();
     // This image's EL2 domain, on another ASID than the record's, attached, then detached while TLBI_EL2_ALL
     // is refused: its EL2 entries may stay cached.
@@ -1773,7 +1777,10 @@ fn finding6_a_restored_el2_stream_is_installed_only_after_stale_el2_entries_are_
     );
     assert!(smmu.detach(0x11).is_err());
     model.refuse.store(0, std::sync::atomic::Ordering::SeqCst);
-    assert!(smmu.domains.el2_stale, "the EL2 entries of {mine} may still be cached");
+    assert!(
+        smmu.domains.book.lock().el2_stale,
+        "the EL2 entries of {mine} may still be cached"
+    );
     let before = model.seen.lock().unwrap().commands.len();
     smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap();
     let issued = issued_since(&model, before);
@@ -1798,14 +1805,14 @@ fn finding7_a_refused_restore_never_takes_away_a_parent_an_earlier_hand_off_left
     let mut region = Region::new();
     first_image(&mut region, frames);
     let model = Model::start(frames);
-    let mut smmu = boot(&model, frames);
+    let smmu = boot(&model, frames);
     let pool = region.pool();
     smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap();
     let nested = smmu.retrieve(0x53).unwrap();
     smmu.finish_handover(pool, BASE).unwrap();
     assert_eq!(smmu.handover_phase(), HandoverPhase::Idle);
     assert!(
-        smmu.domains.restored.contains_key(&0x52),
+        smmu.domains.book.lock().restored.contains_key(&0x52),
         "the parent stays for its nested domain"
     );
     let ste = smmu.ste(0x18).unwrap();
@@ -1845,7 +1852,7 @@ fn finding9_a_domain_never_frees_the_arena_that_holds_the_smmus_own_stream_table
     let pool = region.pool();
     *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
     let core = pool.take_arena().unwrap();
-    let mut smmu: ActiveSmmu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
+    let smmu: Iommu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
     let strtab = smmu.configuration().stream_table_base;
     let other = smmu.create_stage1(frames, Stage1Options::default()).unwrap();
     smmu.attach(other, 0x10).unwrap();
@@ -1881,7 +1888,7 @@ fn review_a_running_stream_table_whose_level1_descriptors_share_a_span_is_not_ad
     region.memory[index + 1] = region.memory[index];
     let adopted = model.smmu().adopt_running(core, &InitOptions::default(), &running);
     let refused = adopted.as_ref().err().copied();
-    if let Ok(mut next) = adopted {
+    if let Ok(next) = adopted {
         if next.restore_handover(pool, BASE, &ANYWHERE).is_err() {
             core::mem::forget(next);
             return;
@@ -1953,7 +1960,7 @@ fn review_a_running_hand_off_leaves_no_unchecked_stream_translating_after_prepar
     let pool = region.pool();
     *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
     let core = pool.take_arena().unwrap();
-    let mut first: ActiveSmmu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
+    let mut first: Iommu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
     let d = arena_stage1_on(&mut first, pool);
     first.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
     first.attach(d, 0x10).unwrap();
@@ -1990,7 +1997,7 @@ fn a_running_hand_off_translates_only_preserved_streams_and_freezes_the_stream_c
     let pool = region.pool();
     *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
     let core = pool.take_arena().unwrap();
-    let mut first: ActiveSmmu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
+    let mut first: Iommu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
     let d = arena_stage1_on(&mut first, pool);
     first.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
     first.attach(d, 0x10).unwrap();
@@ -2030,7 +2037,7 @@ fn a_running_hand_off_translates_only_preserved_streams_and_freezes_the_stream_c
     for sid in [0x11, 0x20, 0x30] {
         assert_eq!(first.ste(sid).unwrap().config(), Config::Abort, "stream {sid:#x}");
     }
-    assert_eq!(first.attachments(other), Ok(&[][..]));
+    assert_eq!(first.attachments(other).as_deref(), Ok(&[][..]));
     for e in [
         std::format!("{frozen}"),
         std::format!("{}", AttachError::StreamsFrozen { generation: 3 }),
@@ -2062,7 +2069,7 @@ fn a_running_hand_off_translates_only_preserved_streams_and_freezes_the_stream_c
 }
 
 fn arena_stage1_on(
-    smmu: &mut ActiveSmmu<&'static crate::handover::pool::HandoverArena>,
+    smmu: &mut Iommu<&'static crate::handover::pool::HandoverArena>,
     pool: &'static HandoverPool,
 ) -> DomainId {
     let options = Stage1Options {

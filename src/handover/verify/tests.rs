@@ -12,7 +12,7 @@ use crate::hw::ste::Config;
 use crate::pgtable::Prot;
 use crate::smmu::tests::{Model, frames, issued_since};
 use crate::testing::HeapFrames;
-use crate::{ActiveSmmu, Stage1Options};
+use crate::{Iommu, Stage1Options};
 
 /// Memory these tests declare DMA-able: 2 GiB from 0x4000_0000.
 const DMA: &[Extent] = &[Extent {
@@ -36,7 +36,7 @@ struct Preserved {
 /// 1 GiB block at 0x4000_0000; both preserved and prepared.
 fn first_image(region: &mut Region, frames: &'static HeapFrames) -> Preserved {
     let model = Model::start(frames);
-    let mut smmu = boot(&model, frames);
+    let smmu = boot(&model, frames);
     let pool = region.pool();
     let s1 = smmu
         .create_stage1(
@@ -96,9 +96,9 @@ fn restore(
     frames: &'static HeapFrames,
     options: &RestoreOptions<'_>,
     declare: &[Extent],
-) -> (Result<u32, RestoreError>, ActiveSmmu<&'static HeapFrames>, Model) {
+) -> (Result<u32, RestoreError>, Iommu<&'static HeapFrames>, Model) {
     let model = Model::start(frames);
-    let mut smmu = boot(&model, frames);
+    let smmu = boot(&model, frames);
     for &e in declare {
         smmu.protect_memory(e).unwrap();
     }
@@ -147,7 +147,7 @@ fn untouched_preserved_memory_is_verified_and_restored() {
     let frames = frames();
     let mut region = Region::new();
     first_image(&mut region, frames);
-    let (result, mut smmu, _model) = restore(&mut region, frames, &RestoreOptions::new(DMA), &[]);
+    let (result, smmu, _model) = restore(&mut region, frames, &RestoreOptions::new(DMA), &[]);
     assert_eq!(result, Ok(2));
     let s1 = smmu.retrieve(S1).unwrap();
     assert_eq!(smmu.iova_to_phys(s1, 0x4010_0000), Ok(Some(0x9010_0000)));
@@ -467,7 +467,7 @@ fn a_restore_declares_the_region_protected_memory() {
     let frames = frames();
     let mut region = Region::new();
     first_image(&mut region, frames);
-    let (result, mut smmu, _model) = restore(&mut region, frames, &RestoreOptions::new(DMA), &[]);
+    let (result, smmu, _model) = restore(&mut region, frames, &RestoreOptions::new(DMA), &[]);
     assert_eq!(result, Ok(2));
     let d = smmu.retrieve(S1).unwrap();
     let inside = region.extent.base + 0x10_0000;
@@ -511,7 +511,7 @@ fn a_nested_guest_context_no_ste_can_hold_is_refused_before_the_rebuild() {
     let mut region = Region::new();
     {
         let model = Model::start(frames);
-        let mut smmu = boot(&model, frames);
+        let smmu = boot(&model, frames);
         let pool = region.pool();
         let parent = smmu
             .create_stage2(pool.take_arena().unwrap(), Stage2Options { input_bits: 40 })
@@ -560,7 +560,7 @@ fn prepare_refuses_a_preserved_domain_mapping_memory_that_does_not_survive_or_is
     let frames = frames();
     let mut region = Region::new();
     let model = Model::start(frames);
-    let mut smmu = boot(&model, frames);
+    let smmu = boot(&model, frames);
     let pool = region.pool();
     let surviving = [Extent {
         base: 0x8000_0000,
@@ -629,7 +629,7 @@ proptest::proptest! {
         let mut expected = std::collections::BTreeMap::new();
         {
             let model = Model::start(frames);
-            let mut smmu = boot(&model, frames);
+            let smmu = boot(&model, frames);
             let pool = region.pool();
             let d = smmu.create_stage1(pool.take_arena().unwrap(), Stage1Options::default()).unwrap();
             for &(kind, p, n) in &ops {
@@ -658,7 +658,7 @@ proptest::proptest! {
             smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
             core::mem::forget(smmu);
         }
-        let (result, mut smmu, _model) = restore(&mut region, frames, &RestoreOptions::new(SURVIVING), &[]);
+        let (result, smmu, _model) = restore(&mut region, frames, &RestoreOptions::new(SURVIVING), &[]);
         proptest::prop_assert_eq!(result, Ok(1));
         let d = smmu.retrieve(S1).unwrap();
         for (&i, &pa) in &expected {
@@ -699,7 +699,7 @@ fn review_a_cd_table_not_at_the_start_of_a_frame_is_refused() {
         *word(&mut region, moved + 8 * w) = *word(&mut region, p.cd_table + 8 * w);
     }
     rewrite_record_word(&mut region, p.cd_table, moved);
-    let (result, mut smmu, _model) = restore(&mut region, frames, &RestoreOptions::new(DMA), &[]);
+    let (result, smmu, _model) = restore(&mut region, frames, &RestoreOptions::new(DMA), &[]);
     if result.is_ok() {
         // The consequence, with safe calls only.
         let d = smmu.retrieve(S1).unwrap();
@@ -746,7 +746,7 @@ fn review_two_streams_naming_one_cd_table_are_refused() {
     let mut region = Region::new();
     let (root, cd_10, cd_11) = {
         let model = Model::start(frames);
-        let mut smmu = boot(&model, frames);
+        let smmu = boot(&model, frames);
         let pool = region.pool();
         let d = smmu
             .create_stage1(
@@ -770,7 +770,7 @@ fn review_two_streams_naming_one_cd_table_are_refused() {
         (root, cds.0, cds.1)
     };
     rewrite_record_word(&mut region, cd_11, cd_10);
-    let (result, mut smmu, _model) = restore(&mut region, frames, &RestoreOptions::new(DMA), &[]);
+    let (result, smmu, _model) = restore(&mut region, frames, &RestoreOptions::new(DMA), &[]);
     if result.is_ok() {
         let d = smmu.retrieve(S1).unwrap();
         assert_eq!(smmu.ste(0x11).unwrap().cd_table().0, cd_10);
@@ -817,7 +817,7 @@ fn review_a_global_leaf_in_an_asid_tagged_stage1_table_is_refused() {
     let at = slot(&mut region, p.s1_root, 0, 0x1000, 3);
     assert_ne!(*word(&mut region, at) & desc::S1_NOT_GLOBAL, 0, "the driver wrote nG");
     *word(&mut region, at) &= !desc::S1_NOT_GLOBAL;
-    let (result, mut smmu, model) = restore(&mut region, frames, &RestoreOptions::new(DMA), &[]);
+    let (result, smmu, model) = restore(&mut region, frames, &RestoreOptions::new(DMA), &[]);
     if result.is_ok() {
         leaf = *word(&mut region, at);
         let d = smmu.retrieve(S1).unwrap();
@@ -935,7 +935,7 @@ fn cd_tables_are_placed_and_kept_apart_in_every_verification_mode() {
         let mut region = Region::new();
         let (root, cd_10, cd_11) = {
             let model = Model::start(frames);
-            let mut smmu = boot(&model, frames);
+            let smmu = boot(&model, frames);
             let pool = region.pool();
             let d = smmu
                 .create_stage1(pool.take_arena().unwrap(), Stage1Options::default())

@@ -869,7 +869,7 @@ fn plan_max_pieces() {
     assert_eq!(plan.count(), 8);
 }
 
-/// What `ActiveSmmu::submit` lets code outside the driver queue: every opcode [`Command`] models, CMD_SYNC only
+/// What `Iommu::submit` lets code outside the driver queue: every opcode [`Command`] models, CMD_SYNC only
 /// with a completion that writes nothing. Checked over all 256 opcodes, with the CS and MSIAddress bits taken
 /// from IHI 0070 (CS [13:12]; MSIAddress [119:66]), not from the constants above.
 #[test]

@@ -16,7 +16,7 @@ use crate::queue::evtq::Overflow;
 use crate::smmu::*;
 use crate::stream::{StreamError, StreamTableFormat};
 use crate::testing::HeapFrames;
-use crate::{ActiveSmmu, FrameAllocator};
+use crate::{FrameAllocator, Iommu};
 use core::sync::atomic::Ordering;
 use std::vec::Vec;
 use tock_registers::interfaces::{Readable, Writeable};
@@ -25,7 +25,7 @@ use tock_registers::interfaces::{Readable, Writeable};
 fn init_follows_the_architecture_order_and_attaches() {
     let frames = frames();
     let model = Model::start(frames);
-    let mut smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
+    let smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
     let (abort, strtab, consumed) = model.seen.lock().unwrap().at_enable.clone().expect("SMMUEN was set");
     assert!(abort, "GBPA.ABORT set before translation was enabled");
     assert_eq!(strtab & !0x3f & ((1 << 52) - 1), smmu.configuration().stream_table_base);
@@ -141,7 +141,7 @@ fn the_boards_coherency_decides_the_smmus_attributes() {
 fn global_errors() {
     let frames = frames();
     let model = Model::start(frames);
-    let mut smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
+    let smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
     // An event queue abort is acknowledged and reported as lost events.
     model.set_gerror(GlobalErrors::EVENTQ_ABT_ERR.bits());
     let report = smmu.drain_events(|_| panic!("no records")).unwrap();
@@ -349,7 +349,7 @@ fn a_failed_ste_invalidation_stops_the_hitless_writer() {
     use crate::hw::ste::{Config, EXAMPLE_S2, Ste};
     let frames = frames();
     let model = Model::start(frames);
-    let mut smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
+    let smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
     smmu.attach_abort(0x10).unwrap();
     // abort -> stage 2 takes two steps: the qwords abort does not read (sync), then qword 0 (sync). The first
     // CFGI_STE is refused: the writer must not go on to qword 0.
@@ -424,7 +424,7 @@ fn an_mmu700_gets_a_cmd_sync_within_every_63_commands() {
     let model = Model::start(frames);
     // SAFETY: inside the live block (IIDR at 0x18; the model never writes it).
     unsafe { reg32(model.base, 0x18).write_volatile(0x487 << 20 | 0x43b) };
-    let mut smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
+    let smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
     assert!(smmu.features().quirks.contains(Quirks::CMDQ_SYNC_EVERY_63));
     let before = model.seen.lock().unwrap().consumed.len();
     let mut batch = Batch::new();
@@ -479,7 +479,7 @@ fn a_small_event_queue_shares_no_cache_line_with_memory_the_cpu_writes() {
 fn submit_vets_the_whole_batch_before_writing_any_of_it() {
     let frames = frames();
     let model = Model::start(frames);
-    let mut smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
+    let smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
     let mut batch = Batch::new();
     batch.push(&Command::CfgiAll).unwrap();
     batch.push_words([0x7f, 0]).unwrap();
@@ -518,7 +518,7 @@ fn dropping_the_driver_turns_translation_off_aborting_before_any_page_table_goes
         input_bits: 39,
         el2: false,
     };
-    let root_of = |smmu: &mut ActiveSmmu<&'static HeapFrames>| {
+    let root_of = |smmu: &mut Iommu<&'static HeapFrames>| {
         let d = smmu.create_stage1(frames, options).unwrap();
         smmu.map(d, 0x40_0000, 0x8000_0000, 0x1000, rw).unwrap();
         smmu.attach(d, 0x10).unwrap();
@@ -559,13 +559,13 @@ fn dropping_the_driver_turns_translation_off_aborting_before_any_page_table_goes
 
 /// Review finding 8 (same root cause as finding 1, on a documented error path). `shutdown` says that when the
 /// SMMU does not acknowledge, "the memory is then kept (leaked), since the SMMU may still read it". The stream
-/// table and queues are, but `shutdown` consumed the `ActiveSmmu`, and its `?` drops the domains: every
+/// table and queues are, but `shutdown` consumed the `Iommu`, and its `?` drops the domains: every
 /// domain's page tables go back to the allocator while SMMUEN is still 1 and the STEs name them.
 #[test]
 fn finding8_a_shutdown_that_times_out_keeps_the_page_tables_the_smmu_may_still_walk() {
     let frames = frames();
     let model = Model::start(frames);
-    let mut smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
+    let smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
     let d = smmu
         .create_stage1(
             frames,
