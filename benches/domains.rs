@@ -2,7 +2,7 @@
 //! holds all but one domain (capacity 64). The driver keeps its free slots on a stack, so the two should cost the
 //! same; `cargo xtask bench` prints their ratio. The SMMU is a small fake (a thread that acknowledges CR0, GBPA and
 //! IRQ_CTRL writes and consumes commands), so the numbers are the driver's work plus one TLBI + CMD_SYNC round
-//! trip through shared memory. Also the single-page map through a domain (`ActiveSmmu::map`, which adds the
+//! trip through shared memory. Also the single-page map through a domain (`Iommu::map`, which adds the
 //! domain's own checks to the page table's), timed in batches of pages with the unmap untimed.
 
 // criterion_group! generates an undocumented public function.
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::{HeapFrames, fake_smmu};
 use criterion::{Criterion, criterion_group, criterion_main};
-use smmuv3::{ActiveSmmu, DomainMemory, InitOptions, Prot, Smmu, Stage1Options};
+use smmuv3::{DomainMemory, InitOptions, Iommu, Prot, Smmu, Stage1Options};
 
 const CAPACITY: usize = 64;
 
@@ -29,7 +29,7 @@ fn bench_domains(c: &mut Criterion) {
     let base = fake_smmu(&STOP, &NEVER);
     // SAFETY: the block models the SMMU's two register pages for the benchmark's life.
     let smmu = unsafe { Smmu::probe(NonNull::new(base as *mut u8).unwrap(), 0x2_0000) }.unwrap();
-    let mut smmu: ActiveSmmu<&'static HeapFrames, CAPACITY> =
+    let mut smmu: Iommu<&'static HeapFrames, CAPACITY> =
         smmu.init_with_capacity(frames, &InitOptions::default()).unwrap();
     let options = Stage1Options {
         input_bits: 39,
@@ -62,10 +62,10 @@ fn bench_domains(c: &mut Criterion) {
 /// Pages mapped one by one per timed batch (then unmapped as one range, untimed).
 const BATCH: u64 = 256;
 
-/// `ActiveSmmu::map` of one 4 KiB page, at successive IOVAs of a 1 GiB range whose last-level tables exist.
+/// `Iommu::map` of one 4 KiB page, at successive IOVAs of a 1 GiB range whose last-level tables exist.
 fn bench_map_one<const D: usize>(
     c: &mut Criterion,
-    smmu: &mut ActiveSmmu<&'static HeapFrames, D>,
+    smmu: &mut Iommu<&'static HeapFrames, D>,
     memory: DomainMemory,
     options: Stage1Options,
 ) {

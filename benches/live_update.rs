@@ -27,7 +27,7 @@ use smmuv3::handover::Extent;
 use smmuv3::handover::format;
 use smmuv3::handover::pool::{HandoverPool, METADATA_BYTES};
 use smmuv3::handover::verify::{RestoreOptions, Verification};
-use smmuv3::{ActiveSmmu, DomainId, InitOptions, Prot, Smmu, Stage1Options};
+use smmuv3::{DomainId, InitOptions, Iommu, Prot, Smmu, Stage1Options};
 
 /// Domains the driver has room for (more than the 16 arenas can back).
 const CAPACITY: usize = 32;
@@ -52,7 +52,7 @@ const DMA_MEMORY: [Extent; 1] = [Extent {
     len: 0x8000_0000,
 }];
 
-type Active = ActiveSmmu<&'static HeapFrames, CAPACITY>;
+type Active = Iommu<&'static HeapFrames, CAPACITY>;
 
 /// Set while nothing timed talks to the SMMU (preserve, prepare_handover): the fake then sleeps instead of
 /// spinning, so that it does not compete with the measured thread for a core.
@@ -266,7 +266,7 @@ fn bench_restore(c: &mut Criterion, mut smmu: Smmu, frames: &'static HeapFrames,
                             // The reset (untimed): the region's bytes as the first image left them, a fresh driver.
                             region.bytes(metadata_extent).copy_from_slice(&snapshot.metadata);
                             region.bytes(snapshot.extent).copy_from_slice(&snapshot.tables);
-                            let mut active: Active = spare
+                            let active: Active = spare
                                 .take()
                                 .unwrap()
                                 .init_with_capacity(frames, &InitOptions::default())

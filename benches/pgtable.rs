@@ -7,9 +7,10 @@
 // criterion_group! generates an undocumented public function.
 #![allow(missing_docs)]
 
-use std::cell::{Cell, RefCell};
 use std::hint::black_box;
 use std::ptr::NonNull;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use aarch64_paging::Mapping;
@@ -26,11 +27,14 @@ const PHYS_BASE: u64 = 1 << 40;
 const GIB: u64 = 1 << 30;
 
 /// A pre-touched arena of page-aligned frames: bump allocation, a free list of single frames.
+///
+/// `Sync` as every `FrameAllocator` is (its parts are: the arena is named by its address, the counters are atomic,
+/// the free list behind a mutex nobody contends in these single-threaded rows).
 struct Pool {
-    base: *mut u8,
+    base: usize,
     size: usize,
-    next: Cell<usize>,
-    free: RefCell<Vec<usize>>,
+    next: AtomicUsize,
+    free: Mutex<Vec<usize>>,
 }
 
 impl Pool {
@@ -45,25 +49,28 @@ impl Pool {
             unsafe { base.add(offset).write_volatile(0) };
         }
         Pool {
-            base,
+            base: base as usize,
             size,
-            next: Cell::new(0),
-            free: RefCell::new(Vec::new()),
+            next: AtomicUsize::new(0),
+            free: Mutex::new(Vec::new()),
         }
+    }
+
+    fn base(&self) -> *mut u8 {
+        self.base as *mut u8
     }
 
     /// A frame, zeroed unless `for_overwrite` (its user writes every byte before reading any).
     fn frame(&self, for_overwrite: bool) -> usize {
-        if let Some(offset) = self.free.borrow_mut().pop() {
+        if let Some(offset) = self.free.lock().unwrap().pop() {
             if !for_overwrite {
                 // SAFETY: a frame of the arena; tables must come back zeroed.
-                unsafe { self.base.add(offset).write_bytes(0, PAGE) };
+                unsafe { self.base().add(offset).write_bytes(0, PAGE) };
             }
             return offset;
         }
-        let offset = self.next.get();
+        let offset = self.next.fetch_add(PAGE, Ordering::Relaxed);
         assert!(offset + PAGE <= self.size, "pool exhausted");
-        self.next.set(offset + PAGE);
         offset
     }
 }
@@ -79,14 +86,14 @@ unsafe impl FrameAllocator for Pool {
     }
 
     unsafe fn free(&self, block: DmaBlock) {
-        self.free.borrow_mut().push((block.phys.0 - PHYS_BASE) as usize);
+        self.free.lock().unwrap().push((block.phys.0 - PHYS_BASE) as usize);
     }
 
     #[inline]
     fn phys_to_virt(&self, phys: PhysAddr) -> Option<NonNull<u8>> {
         let offset = phys.0.checked_sub(PHYS_BASE)? as usize;
         // SAFETY: inside the arena when below its size.
-        (offset < self.size).then(|| NonNull::new(unsafe { self.base.add(offset) }).unwrap())
+        (offset < self.size).then(|| NonNull::new(unsafe { self.base().add(offset) }).unwrap())
     }
 }
 
@@ -97,7 +104,7 @@ impl Pool {
         }
         let offset = self.frame(for_overwrite);
         // SAFETY: inside the arena.
-        let virt = NonNull::new(unsafe { self.base.add(offset) }).unwrap();
+        let virt = NonNull::new(unsafe { self.base().add(offset) }).unwrap();
         Ok(DmaBlock {
             phys: PhysAddr(PHYS_BASE + offset as u64),
             virt,
@@ -113,18 +120,18 @@ impl Translation<El23Attributes> for PeerPool<'_> {
     fn allocate_table(&mut self) -> (NonNull<PageTable<El23Attributes>>, PhysicalAddress) {
         let offset = self.0.frame(false);
         // SAFETY: inside the arena.
-        let virt = NonNull::new(unsafe { self.0.base.add(offset) }).unwrap().cast();
+        let virt = NonNull::new(unsafe { self.0.base().add(offset) }).unwrap().cast();
         (virt, PhysicalAddress(PHYS_BASE as usize + offset))
     }
 
     unsafe fn deallocate_table(&mut self, table: NonNull<PageTable<El23Attributes>>) {
-        let offset = table.as_ptr() as usize - self.0.base as usize;
-        self.0.free.borrow_mut().push(offset);
+        let offset = table.as_ptr() as usize - self.0.base;
+        self.0.free.lock().unwrap().push(offset);
     }
 
     fn physical_to_virtual(&self, pa: PhysicalAddress) -> NonNull<PageTable<El23Attributes>> {
         // SAFETY: inside the arena.
-        NonNull::new(unsafe { self.0.base.add(pa.0 - PHYS_BASE as usize) })
+        NonNull::new(unsafe { self.0.base().add(pa.0 - PHYS_BASE as usize) })
             .unwrap()
             .cast()
     }

@@ -1,4 +1,4 @@
-//! What the host benchmarks that drive a whole `ActiveSmmu` share (and the fuzzer's restore target, which includes
+//! What the host benchmarks that drive a whole `Iommu` share (and the fuzzer's restore target, which includes
 //! this file): heap frames with physical = virtual, and a fake SMMU (a thread that acknowledges CR0, GBPA and
 //! IRQ_CTRL writes and consumes commands) over a leaked register block carrying the ID registers of QEMU's nested
 //! SMMU.

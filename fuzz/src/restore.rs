@@ -22,7 +22,7 @@ use smmuv3::handover::restore::RestoreError;
 use smmuv3::handover::verify::RestoreOptions;
 use smmuv3::handover::{DomainRecord, Extent, InstanceRecords};
 use smmuv3::pgtable::desc;
-use smmuv3::{ActiveSmmu, DomainId, GuestStage1, InitOptions, Prot, Smmu, Stage1Options, Stage2Options};
+use smmuv3::{DomainId, GuestStage1, InitOptions, Iommu, Prot, Smmu, Stage1Options, Stage2Options};
 
 #[path = "../../benches/common/mod.rs"]
 #[allow(dead_code)]
@@ -47,7 +47,7 @@ const RW: Prot = Prot::READ.union(Prot::WRITE).union(Prot::CACHEABLE);
 /// Where the records start in the region (one instance).
 const RECORDS_AT: usize = 96 + 64;
 
-type Active = ActiveSmmu<&'static HeapFrames>;
+type Active = Iommu<&'static HeapFrames>;
 
 /// The first image's region and preserved memory, and where its descriptors and CDs are.
 pub struct World {
@@ -66,9 +66,6 @@ pub struct World {
     /// Records with a table: their index in the region.
     tabled: Vec<usize>,
 }
-
-// SAFETY: the world's memory is leaked and only one thread runs cases.
-unsafe impl Send for World {}
 
 fn options() -> InitOptions {
     InitOptions {
@@ -101,7 +98,7 @@ impl World {
             tabled: Vec::new(),
         };
         world.set_up_pool();
-        let mut smmu = init(&world).unwrap();
+        let smmu = init(&world).unwrap();
         let base = DMA_MEMORY[0].base;
         let arena = || pool.take_arena().unwrap();
         let s1 = smmu
@@ -721,7 +718,7 @@ pub fn run_case(world: &World, seed: u64, index: u64, stats: &mut RestoreStats) 
     world.reset();
     let mutated = world.mutate(&mut rng);
     stats.execs += 1;
-    let mut active = init(world)?;
+    let active = init(world)?;
     let region = world.bytes(REGION_PHYS, METADATA_BYTES as usize).to_vec();
     match active.restore_handover(world.pool, REGISTER_BASE, &RestoreOptions::new(&DMA_MEMORY)) {
         Ok(_) => {

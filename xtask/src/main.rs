@@ -554,7 +554,7 @@ fn bench_domains(quick: bool) -> Result<(), String> {
     println!("| benchmark | time |");
     println!("|---|---|");
     println!(
-        "| map one 4 KiB page through a domain (`ActiveSmmu::map`, 3 protected extents declared) | {} |",
+        "| map one 4 KiB page through a domain (`Iommu::map`, 3 protected extents declared) | {} |",
         format_ns(criterion_mean("domain_map_one_4k", "ours"))
     );
     Ok(())

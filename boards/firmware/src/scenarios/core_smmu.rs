@@ -11,7 +11,7 @@ use smmuv3::hw::ste::Ste;
 use smmuv3::queue::cmdq::{Batch, CommandQueueError};
 use smmuv3::queue::evtq::{DrainReport, Overflow};
 use smmuv3::stream::StreamTableFormat;
-use smmuv3::{ActiveSmmu, InitOptions, InterruptSources};
+use smmuv3::{InitOptions, InterruptSources, Iommu};
 
 use super::{Context, Failure, dma_onto_canary, find_edu, round_trip, smmu};
 use crate::edu::Edu;
@@ -21,13 +21,13 @@ use crate::{irq, println};
 /// An initialised SMMU, shut down when the scenario ends, however it ends: back to the state the boot left it in,
 /// translation off with every incoming transaction aborting (GBPA.ABORT = 1).
 pub(super) struct Session {
-    active: Option<ActiveSmmu<Frames>>,
+    active: Option<Iommu<Frames>>,
     /// The SMMU's interrupt lines as the GIC delivers them (none when the board has no GIC or no lines).
     pub(super) lines: Lines,
 }
 
 impl Deref for Session {
-    type Target = ActiveSmmu<Frames>;
+    type Target = Iommu<Frames>;
     fn deref(&self) -> &Self::Target {
         self.active
             .as_ref()

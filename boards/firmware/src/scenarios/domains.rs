@@ -14,6 +14,7 @@
 //!   splits a block where IDR3.BBML allows it.
 
 use core::fmt::Write;
+use core::sync::atomic::Ordering;
 
 use smmuv3::mem::{AllocError, DmaBlock, FrameAllocator, PhysAddr};
 use smmuv3::pgtable::{Format, Granule, IoPageTable, Stage};
@@ -224,7 +225,7 @@ pub(super) struct GuestMemory {
     pub(super) pa: u64,
     pub(super) ipa: u64,
     pub(super) size: u64,
-    pub(super) next: core::cell::Cell<u64>,
+    pub(super) next: core::sync::atomic::AtomicU64,
 }
 
 // SAFETY: blocks are disjoint, 4 KiB-aligned pieces of one zeroed, identity-mapped block this memory owns for the
@@ -235,12 +236,16 @@ unsafe impl FrameAllocator for GuestMemory {
         if size == 0 || !align.is_power_of_two() {
             return Err(AllocError::BadRequest { size, align });
         }
-        let offset = self.next.get().next_multiple_of(align.max(4096) as u64);
-        let end = offset + (size as u64).next_multiple_of(4096);
-        if end > self.size {
-            return Err(AllocError::OutOfMemory { size });
-        }
-        self.next.set(end);
+        // Relaxed: a bump counter (each block is disjoint whoever wins); the blocks' contents are ordered by
+        // whatever hands them to another CPU.
+        let mut offset = 0;
+        self.next
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |next| {
+                offset = next.next_multiple_of(align.max(4096) as u64);
+                let end = offset + (size as u64).next_multiple_of(4096);
+                (end <= self.size).then_some(end)
+            })
+            .map_err(|_| AllocError::OutOfMemory { size })?;
         let virt = core::ptr::NonNull::new((self.pa + offset) as *mut u8).ok_or(AllocError::OutOfMemory { size })?;
         // SAFETY: inside the block, which the pool zeroed and nothing else uses.
         unsafe { virt.as_ptr().write_bytes(0, size) };
@@ -325,7 +330,7 @@ pub fn nested_dma(context: &mut Context) -> Result<(), Failure> {
         pa: guest_pa,
         ipa: GUEST_IPA,
         size: GUEST_BYTES,
-        next: core::cell::Cell::new(0),
+        next: core::sync::atomic::AtomicU64::new(0),
     };
     // The hypervisor's stage 2: guest IPAs -> the block. A 40-bit IPA space (a level-1 root of two concatenated
     // tables) where RAM lies below 1 TiB; where it lies higher (sbsa-ref) the whole output size from level 0, as
@@ -667,6 +672,8 @@ pub fn block_mappings(context: &mut Context) -> Result<(), Failure> {
             blocks_1g += 1;
         }
     });
+    // The table's read lock goes before the domain is used again.
+    drop(table);
     if blocks_2m != 2 || blocks_1g != usize::from(gib.is_some()) {
         fail!("{blocks_2m} 2 MiB and {blocks_1g} 1 GiB leaves where the blocks were mapped")
     }

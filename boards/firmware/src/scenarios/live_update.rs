@@ -27,7 +27,7 @@ use smmuv3::handover::Extent;
 use smmuv3::handover::pool::HandoverArena;
 use smmuv3::handover::verify::RestoreOptions;
 use smmuv3::mem::FrameAllocator;
-use smmuv3::{ActiveSmmu, DomainId, DomainKind, GuestContext, Stage1Options, Stage2Options};
+use smmuv3::{DomainId, DomainKind, GuestContext, Iommu, Stage1Options, Stage2Options};
 
 use super::core_smmu::{Session, edu_stream, start};
 use super::domains::{
@@ -97,7 +97,7 @@ pub(super) fn surviving() -> [Extent; 1] {
 
 /// Declares the memory no device may be given: the image, the frame pool (the SMMU's own tables and queues) and
 /// the handover region with the boot notes.
-fn declare<A: FrameAllocator, const D: usize>(s: &mut ActiveSmmu<A, D>) -> Result<(), Failure> {
+fn declare<A: FrameAllocator, const D: usize>(s: &mut Iommu<A, D>) -> Result<(), Failure> {
     let layout = crate::frames::layout();
     for extent in [layout.image, layout.frames, layout.reserved] {
         s.protect_memory(extent).or_else(|e| fail!("{e}"))?;
@@ -282,7 +282,7 @@ pub fn lu_nested(context: &mut Context) -> Result<(), Failure> {
                 pa: guest_pa,
                 ipa: GUEST_IPA,
                 size: GUEST_BYTES,
-                next: core::cell::Cell::new(0),
+                next: core::sync::atomic::AtomicU64::new(0),
             };
             let GuestPages {
                 table,
@@ -636,6 +636,7 @@ pub fn lu_tampered(context: &mut Context) -> Result<(), Failure> {
             at = desc::address(unsafe { (entry as *const u64).read_volatile() });
             level += 1;
         };
+        drop(table);
         let records = s.handover_records(base).or_else(|e| fail!("{e}"))?;
         let Some(cd) = records
             .records
@@ -717,7 +718,7 @@ pub fn lu_noreset(context: &mut Context) -> Result<(), Failure> {
         let next = crate::handoff::next_image(context.config.next_image).or_else(|e| fail!("{e}"))?;
         let smmu = super::smmu(context)?;
         let core = arena()?;
-        let mut s: ActiveSmmu<&'static HandoverArena> = smmu
+        let mut s: Iommu<&'static HandoverArena> = smmu
             .init(core, &smmuv3::InitOptions::default())
             .or_else(|e| fail!("{e}"))?;
         declare(&mut s)?;

@@ -11,7 +11,7 @@ use smmuv3::handover::pool::HandoverArena;
 use smmuv3::handover::restore::running_smmu;
 use smmuv3::handover::verify::RestoreOptions;
 use smmuv3::hw::ste::Config;
-use smmuv3::{ActiveSmmu, DomainKind, Stage1Options, Stage2Options};
+use smmuv3::{DomainKind, Iommu, Stage1Options, Stage2Options};
 
 use super::core_smmu::{edu_stream, start};
 use super::domains::{IOVA_DESTINATION, IOVA_SOURCE, LEN, RW, byte, fill, memory, pattern};
@@ -114,7 +114,7 @@ pub fn lu_adopt_refused(context: &mut Context) -> Result<(), Failure> {
         let next = handoff::next_image(context.config.next_image).or_else(|e| fail!("{e}"))?;
         let smmu = super::smmu(context)?;
         let core = arena()?;
-        let mut s: ActiveSmmu<&'static HandoverArena> = smmu
+        let s: Iommu<&'static HandoverArena> = smmu
             .init(core, &smmuv3::InitOptions::default())
             .or_else(|e| fail!("{e}"))?;
         let kind = super::domains::preferred_kind(s.features());
@@ -163,7 +163,7 @@ pub fn lu_adopt_refused(context: &mut Context) -> Result<(), Failure> {
     let Some((running, core)) = running_smmu(&POOL, &smmu, base).or_else(|e| fail!("{e}"))? else {
         fail!("the handover region names no running SMMU")
     };
-    let mut s = smmu
+    let s = smmu
         .adopt_running(core, &smmuv3::InitOptions::default(), &running)
         .or_else(|e| fail!("{e}"))?;
     let before = s.ste(sid).map(|ste| ste.config()).or_else(|e| fail!("{e}"))?;
@@ -231,7 +231,7 @@ pub fn lu_adopt_refused(context: &mut Context) -> Result<(), Failure> {
 pub fn lu_dma_across_reset(context: &mut Context) -> Result<(), Failure> {
     let Some(note) = after_reset() else {
         let (edu, sid) = edu_stream(context)?;
-        let mut s = start(context, &smmuv3::InitOptions::default())?;
+        let s = start(context, &smmuv3::InitOptions::default())?;
         let kind = super::domains::preferred_kind(s.features());
         let (x, t) = (scratch_page(0)?, scratch_page(1)?);
         let input_bits = input_bits_for(kind, x, s.features().oas_bits);
