@@ -10,7 +10,7 @@ use crate::protected::ProtectError;
 use crate::queue::cmdq::Batch;
 use crate::smmu::{InvalidationError, TlbContext};
 
-use super::table::StateMut;
+use super::table::{StateMut, StateRef};
 use super::{DomainError, DomainKind, DomainState, GuestInvalidation, Iommu, Translation};
 
 impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
@@ -141,21 +141,119 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// declared with [`Iommu::protect_memory`]: nothing changes then. [`DomainError::Invalidation`] when the
     /// domain's earlier failed invalidation, retried first, fails again: nothing is mapped and the gather stays
     /// for the next retry.
+    ///
+    /// **Concurrency.** Takes the domain's read lock only: maps (and single-page unmaps) of one domain run on
+    /// every CPU at once through the page table's compare-and-swap paths. Of two overlapping maps one wins, the
+    /// other fails with [`MapError::Overlap`](crate::pgtable::MapError::Overlap) and leaves nothing of its own
+    /// behind (leaves it installed before it lost are removed and invalidated again), never a torn table.
     pub fn map(&self, domain: DomainId, iova: u64, pa: u64, size: u64, prot: Prot) -> Result<(), DomainError> {
-        let mut state = self.paging_domain(domain)?;
+        let state = self.settled_for_reading(domain)?;
         Self::unfrozen_state(&state)?;
         // No device may be given the handover region or the driver's own tables and queues.
         if let Some(protected) = self.domains.protected.read().overlapping(pa, size) {
             return Err(DomainError::ProtectedOutput { pa, size, protected });
         }
-        self.settle(&mut state, domain)?;
         state.pending.check(iova, size)?;
-        match &mut state.translation {
-            Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => {
-                table.map(iova, pa, size, prot).map_err(DomainError::Map)
-            }
-            Translation::Nested { .. } => Err(DomainError::StaleDomain(domain)),
+        let table = match &state.translation {
+            Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table,
+            Translation::Nested { .. } => return Err(DomainError::StaleDomain(domain)),
+        };
+        let mut undone = Gather::default();
+        let mapped = table.map_shared(iova, pa, size, prot, &mut undone);
+        if !undone.is_empty() {
+            // Lost a race part-way: the leaves it had installed are gone again, and the SMMU may have cached them.
+            self.flush_shared(state, domain, undone)?;
         }
+        mapped.map_err(DomainError::Map)
+    }
+
+    /// `domain`'s state read-locked, after retrying (under the write lock) an invalidation that failed before.
+    fn settled_for_reading(&self, domain: DomainId) -> Result<StateRef<'_>, DomainError> {
+        loop {
+            let state = self.domains.get(domain)?;
+            if matches!(state.translation, Translation::Nested { .. }) {
+                return Err(DomainError::WrongKind {
+                    domain,
+                    kind: DomainKind::Nested,
+                    wanted: "a stage-1 or stage-2 domain (a nested domain's stage 1 belongs to its guest)",
+                });
+            }
+            if state.unflushed.is_none() {
+                return Ok(state);
+            }
+            drop(state);
+            let mut state = self.paging_domain(domain)?;
+            self.settle(&mut state, domain)?;
+        }
+    }
+
+    /// Invalidates a gather the concurrent paths filled (leaves only: they unlink no table) under the domain's
+    /// read lock; when that fails, the gather is kept in the domain (under its write lock) for the next operation.
+    fn flush_shared(&self, state: StateRef<'_>, domain: DomainId, gather: Gather) -> Result<(), DomainError> {
+        let context = Self::tlb_context(&state).ok_or(DomainError::StaleDomain(domain))?;
+        let granule = match &state.translation {
+            Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table.format().granule,
+            Translation::Nested { .. } => return Err(DomainError::StaleDomain(domain)),
+        };
+        debug_assert_eq!(gather.freed_tables(), 0, "the concurrent paths unlink no table");
+        let Err(error) = self.core.invalidate_gather(granule, &gather, context) else {
+            // Nothing to release: the gather holds no table.
+            return Ok(());
+        };
+        drop(state);
+        let mut state = self.paging_domain(domain)?;
+        let state = &mut *state;
+        if let Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } = &mut state.translation {
+            let gather = match state.unflushed.take() {
+                Some(mut pending) => {
+                    table.merge_owned(&mut pending, gather);
+                    pending
+                }
+                None => gather,
+            };
+            state.unflushed = Some(gather);
+        }
+        Err(DomainError::Invalidation(InvalidationError::Queue(error)))
+    }
+
+    /// A single-page unmap through the concurrent path under the domain's read lock: `None` when the request
+    /// needs the exclusive path (a range, a block to split, a failed invalidation to retry, a nested domain).
+    fn unmap_page_concurrently(&self, domain: DomainId, iova: u64, size: u64) -> Result<Option<u64>, DomainError> {
+        let state = self.domains.get(domain)?;
+        let table = match &state.translation {
+            Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table,
+            Translation::Nested { .. } => return Ok(None),
+        };
+        if state.unflushed.is_some() || size != table.format().granule.size() {
+            return Ok(None);
+        }
+        Self::unfrozen_state(&state)?;
+        let mut gather = Gather::default();
+        let bytes = match table.unmap_page_shared(iova, &mut gather) {
+            Ok(bytes) => bytes,
+            Err(crate::pgtable::MapError::NeedsExclusive { .. }) => return Ok(None),
+            Err(e) => return Err(DomainError::Map(e)),
+        };
+        let trim_due = table.trim_due();
+        if !gather.is_empty() {
+            self.flush_shared(state, domain, gather)?;
+        } else {
+            drop(state);
+        }
+        if trim_due {
+            // Emptied tables past the lazy-free limit: trimmed exclusively (a trim widens the invalidation).
+            let mut state = self.paging_domain(domain)?;
+            let mut trimmed = Gather::default();
+            if let Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } = &mut state.translation
+                && table.trim_due()
+            {
+                table.trim(&mut trimmed)?;
+            }
+            if !trimmed.is_empty() {
+                self.flush_domain(&mut state, domain, trimmed)?;
+            }
+        }
+        Ok(Some(bytes))
     }
 
     /// Unmaps `[iova, iova + size)` and invalidates what changed (one CMD_SYNC; for a stage-2 parent of nested
@@ -164,7 +262,14 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// # Errors
     /// As [`Iommu::map`] (nothing changes), and [`DomainError::Invalidation`] when the invalidation failed:
     /// the entries are cleared and the unlinked tables kept until the domain's next operation flushes them again.
+    ///
+    /// **Concurrency.** A single page (one granule) is unmapped under the domain's read lock, concurrently with
+    /// maps and other single-page unmaps (of two unmaps of one page exactly one removes it; the other returns 0);
+    /// a range, a page inside a block (split first) and a trim take the write lock.
     pub fn unmap(&self, domain: DomainId, iova: u64, size: u64) -> Result<u64, DomainError> {
+        if let Some(bytes) = self.unmap_page_concurrently(domain, iova, size)? {
+            return Ok(bytes);
+        }
         let mut state = self.paging_domain(domain)?;
         Self::unfrozen_state(&state)?;
         self.settle(&mut state, domain)?;

@@ -2112,3 +2112,4 @@ fn finding3_a_substream_cd_left_valid_by_a_failed_attach_keeps_its_domain_from_b
         frames.phys_to_virt(root).is_none()
     );
 }
+mod concurrent;
