@@ -22,9 +22,12 @@ static BOOT_LOW: Table = Table::EMPTY
 el2_boot_map_48!(0 => BOOT_LOW);
 
 exception_handlers!(Exceptions);
-// 512 KiB of stack: an initialised SMMU handle (with its ASID and VMID bitmaps) is some 17 KiB and scenarios move
-// a few of them; there is no guard page, so an overflow would corrupt memory silently rather than fault.
-entry!(main, 128);
+// 1 MiB of stack: an initialised SMMU handle (`Iommu`, with its domain table and ASID/VMID bitmaps) is some 58 KiB,
+// and the hand-off scenarios hold two of them besides the region's decoder: `lu-noreset`'s own frame is 232 KiB
+// (the two images' handles no longer share a stack slot since the handle became `Sync`), `finish_handover`'s re-arm
+// 156 KiB, the decoder 52 KiB, which overran 512 KiB into the BSS (the pool's arenas) below. There is no guard
+// page, so an overflow would corrupt memory silently rather than fault.
+entry!(main, 256);
 
 struct QemuVirt;
 

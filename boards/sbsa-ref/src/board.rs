@@ -54,8 +54,8 @@ el3_boot_stub! {
 }
 
 exception_handlers!(Exceptions);
-// 512 KiB of stack, as on virt.
-entry!(main, 128);
+// 1 MiB of stack, as on virt (see there why).
+entry!(main, 256);
 
 struct SbsaRef;
 
