@@ -26,7 +26,7 @@ pub(crate) mod testing;
 pub use board::{IommuMap, SmmuDescription, SmmuInterrupts};
 pub use domain::{
     DomainError, DomainId, DomainKind, DomainMemory, Fault, FaultReport, GuestContext, GuestInvalidation, GuestStage1,
-    Iommu, Stage1Options, Stage2Options,
+    Iommu, LowLevel, Stage1Options, Stage2Options,
 };
 pub use mem::{DmaBlock, FrameAllocator, PhysAddr};
 pub use pgtable::Prot;

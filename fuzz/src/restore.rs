@@ -541,7 +541,7 @@ fn judge(world: &World, region: &[u8], active: &Active) -> Result<(), String> {
         .unwrap_or(&none);
     let mut cd_tables: Vec<(u32, u64)> = Vec::new();
     for sid in 0..1u32 << SID_BITS {
-        let ste = active.ste(sid).map_err(|e| format!("STE {sid:#x}: {e}"))?.0;
+        let ste = active.low_level().ste(sid).map_err(|e| format!("STE {sid:#x}: {e}"))?.0;
         if ste[0] & 1 == 0 {
             continue;
         }

@@ -296,7 +296,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// by a detach once the STE (or CD) no longer translates for the old domain and that was synced, before the
     /// routing record goes, so that a fault taken before the detach is not filed under nobody, or under the domain
     /// the stream is attached to next. One bounded drain holds every record the queue can (a queue's worth); an
-    /// overflow it sees is kept for the next [`Iommu::drain_faults`] / [`Iommu::drain_events`]. The
+    /// overflow it sees is kept for the next [`Iommu::drain_faults`] / [`LowLevel::drain_events`](crate::LowLevel::drain_events). The
     /// records are not handed to a `drain_faults` callback.
     pub(super) fn file_queued_faults(&self, book: &Book<D>) {
         self.core
@@ -313,7 +313,9 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         }
         let el2 = state.is_el2();
         drop(state);
-        let command = self.whole_domain_invalidation(domain)?;
+        let Some(command) = self.whole_domain_invalidation(domain)? else {
+            return Ok(());
+        };
         let mut batch = Batch::new();
         batch.push(&command)?;
         let done = self.core.submit(&batch);

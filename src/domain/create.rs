@@ -7,6 +7,7 @@ use crate::mem::FrameAllocator;
 use crate::pgtable::{IoPageTable, Stage};
 use crate::queue::cmdq::Batch;
 
+use super::table::Fixed;
 use super::{
     DomainError, DomainKind, DomainMemory, DomainState, GuestStage1, Iommu, Stage1Options, Stage2Options, Translation,
 };
@@ -34,7 +35,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         self.create_claimed(memory, |smmu| {
             let stage = if options.el2 { Stage::OneEl2 } else { Stage::One };
             let table = smmu.new_table(memory, stage, options.input_bits)?;
-            let asid = smmu.allocate_asid().map_err(DomainError::Id)?;
+            let asid = smmu.core.allocate_asid().map_err(DomainError::Id)?;
             let cd = smmu.stage1_cd(asid, &table).map_err(|e| {
                 let _ = smmu.core.release_asid(asid);
                 DomainError::Entry(e)
@@ -61,7 +62,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         self.domains.book.lock().check_free_slot()?;
         self.create_claimed(memory, |smmu| {
             let table = smmu.new_table(memory, Stage::Two, options.input_bits)?;
-            let vmid = smmu.allocate_vmid().map_err(DomainError::Id)?;
+            let vmid = smmu.core.allocate_vmid().map_err(DomainError::Id)?;
             let config = smmu.stage2_config(vmid, &table);
             Ok(Translation::Stage2 {
                 table,
@@ -152,6 +153,76 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         Ok(id)
     }
 
+    /// Creates a blocked domain: every stream attached to it aborts (its STE's Config = abort), as an unattached
+    /// stream does, but owned by a domain (so no raw call can change it, and `attach` works the same for every
+    /// kind). Nothing is allocated.
+    ///
+    /// # Errors
+    /// [`DomainError::NoDomainSlot`].
+    pub fn create_blocked(&self) -> Result<DomainId, DomainError> {
+        self.create_fixed(Fixed::Blocked)
+    }
+
+    /// Creates a bypass domain: every stream attached to it bypasses translation (STE.Config = bypass), its
+    /// device reaching all of physical memory. An explicit opt-in, for devices the hypervisor trusts as it trusts
+    /// itself.
+    ///
+    /// # Safety
+    /// A device attached to it can read and write any memory, the hypervisor's, the driver's tables and every
+    /// other domain's included: the caller must trust every device it attaches (and what controls it) with all of
+    /// it. Nothing else this driver guarantees holds for those devices.
+    ///
+    /// # Errors
+    /// [`DomainError::NoDomainSlot`].
+    pub unsafe fn create_bypass(&self) -> Result<DomainId, DomainError> {
+        self.create_fixed(Fixed::Bypass)
+    }
+
+    fn create_fixed(&self, kind: Fixed) -> Result<DomainId, DomainError> {
+        let mut book = self.domains.book.lock();
+        book.check_free_slot()?;
+        self.domains
+            .insert(&mut book, DomainState::new(Translation::Fixed(kind), &NO_MEMORY))
+            .map_err(|_| DomainError::NoDomainSlot { capacity: D })
+    }
+
+    /// Creates an identity domain: `ranges` (RAM the devices may reach, physical) mapped 1:1 through a real
+    /// stage-2 table (`stage2`, as a stage-2 domain's with the SMMU's output size, at most 48 bits) or stage-1
+    /// table (48-bit input), from `memory`; everything else faults. Its mappings are fixed: map, unmap, protect and
+    /// trim are refused ([`DomainError::WrongKind`]); attach works as for any domain.
+    ///
+    /// # Errors
+    /// As [`Iommu::create_stage1`] / [`Iommu::create_stage2`], and as [`Iommu::map`] for a range (one that
+    /// reaches protected memory, is unaligned, or beyond the input size): the domain is freed again then.
+    pub fn create_identity(
+        &self,
+        memory: DomainMemory,
+        stage2: bool,
+        ranges: &[crate::mem::Extent],
+    ) -> Result<DomainId, DomainError> {
+        let domain = if stage2 {
+            let input_bits = self.features().oas_bits.clamp(32, 48);
+            self.create_stage2(memory, Stage2Options { input_bits })?
+        } else {
+            self.create_stage1(
+                memory,
+                Stage1Options {
+                    input_bits: 48,
+                    el2: false,
+                },
+            )?
+        };
+        let prot = crate::pgtable::Prot::READ | crate::pgtable::Prot::WRITE | crate::pgtable::Prot::CACHEABLE;
+        for range in ranges {
+            if let Err(e) = self.map(domain, range.base, range.base, range.len, prot) {
+                let _ = self.free_domain(domain);
+                return Err(e);
+            }
+        }
+        self.domains.get_mut(domain)?.identity = true;
+        Ok(domain)
+    }
+
     pub(super) fn release_ids(&self, state: &DomainState) {
         match state.translation {
             Translation::Stage1 { asid, .. } => {
@@ -160,7 +231,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             Translation::Stage2 { vmid, .. } => {
                 let _ = self.core.release_vmid(vmid);
             }
-            Translation::Nested { .. } => {}
+            Translation::Nested { .. } | Translation::Fixed(_) => {}
         }
     }
 
@@ -191,9 +262,9 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         let state = self.domains.get(domain)?;
         match &state.translation {
             Translation::Stage1 { .. } | Translation::Stage2 { .. } => Ok(TableRef(state)),
-            Translation::Nested { .. } => Err(DomainError::WrongKind {
+            Translation::Nested { .. } | Translation::Fixed(_) => Err(DomainError::WrongKind {
                 domain,
-                kind: DomainKind::Nested,
+                kind: state.kind(),
                 wanted: "a stage-1 or stage-2 domain (a nested domain's stage 1 belongs to its guest)",
             }),
         }
@@ -226,10 +297,12 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         }
         drop(state);
         let command = self.whole_domain_invalidation(domain)?;
-        let mut batch = Batch::new();
-        batch.push(&command)?;
-        self.core.submit(&batch)?;
-        if command == Command::TlbiEl2All {
+        if let Some(command) = command {
+            let mut batch = Batch::new();
+            batch.push(&command)?;
+            self.core.submit(&batch)?;
+        }
+        if command == Some(Command::TlbiEl2All) {
             // Every EL2 entry is gone, a previous domain's stale ones too.
             book.el2_stale = false;
         }
@@ -258,6 +331,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                 // detach; its TLB entries are gone and its page table went back just above.
                 unsafe { state.memory.retire() };
             }
+            Translation::Fixed(_) => {}
         }
         Ok(())
     }
@@ -273,7 +347,27 @@ impl core::ops::Deref for TableRef<'_> {
         match &self.0.translation {
             Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table,
             // Made only over a stage-1 or stage-2 domain, which stays one while the guard lives.
-            Translation::Nested { .. } => unreachable!("a TableRef is made over a paging domain"),
+            Translation::Nested { .. } | Translation::Fixed(_) => {
+                unreachable!("a TableRef is made over a paging domain")
+            }
         }
+    }
+}
+
+/// The memory of a domain without a table (blocked, bypass): hands out nothing.
+struct NoMemory;
+
+static NO_MEMORY: NoMemory = NoMemory;
+
+// SAFETY: hands out no block, so there is nothing to uphold.
+unsafe impl crate::mem::FrameAllocator for NoMemory {
+    fn allocate_zeroed(&self, size: usize, _align: usize) -> Result<crate::mem::DmaBlock, crate::mem::AllocError> {
+        Err(crate::mem::AllocError::OutOfMemory { size })
+    }
+
+    unsafe fn free(&self, _block: crate::mem::DmaBlock) {}
+
+    fn phys_to_virt(&self, _phys: crate::mem::PhysAddr) -> Option<core::ptr::NonNull<u8>> {
+        None
     }
 }

@@ -183,6 +183,8 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         let stall_disable = features.stall_model == StallModel::StallAndTerminate;
         let state = self.domains.get(domain)?;
         let ste = match &state.translation {
+            Translation::Fixed(super::table::Fixed::Blocked) => Ok(Ste::abort()),
+            Translation::Fixed(super::table::Fixed::Bypass) => Ok(Ste::bypass_for(&rules)),
             Translation::Stage1 { el2, .. } => {
                 let Some(cds) = cd_table else {
                     return Err(DomainError::Unsupported("a stage-1 stream needs its CD table"));

@@ -15,15 +15,16 @@ use super::{DomainError, DomainKind, DomainState, GuestInvalidation, Iommu, Tran
 
 impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// The command that drops every TLB entry `domain` may have.
-    pub(super) fn whole_domain_invalidation(&self, domain: DomainId) -> Result<Command, DomainError> {
+    pub(super) fn whole_domain_invalidation(&self, domain: DomainId) -> Result<Option<Command>, DomainError> {
         let state = self.domains.get(domain)?;
         self.whole_invalidation_of(&state)
     }
 
     /// As [`Iommu::whole_domain_invalidation`], for a domain the caller holds (a nested domain's parent is
     /// read-locked briefly).
-    pub(super) fn whole_invalidation_of(&self, state: &DomainState) -> Result<Command, DomainError> {
-        Ok(match &state.translation {
+    /// `None` for a domain without a table (blocked, bypass): nothing of it is cached.
+    pub(super) fn whole_invalidation_of(&self, state: &DomainState) -> Result<Option<Command>, DomainError> {
+        Ok(Some(match &state.translation {
             Translation::Stage1 { el2: true, .. } => Command::TlbiEl2All,
             Translation::Stage1 { asid, .. } => Command::TlbiNhAsid { vmid: 0, asid: *asid },
             Translation::Stage2 { vmid, .. } => Command::TlbiS12Vmall { vmid: *vmid },
@@ -31,7 +32,8 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                 Translation::Stage2 { vmid, .. } => Command::TlbiNhAll { vmid: *vmid },
                 _ => return Err(DomainError::StaleDomain(*parent)),
             },
-        })
+            Translation::Fixed(_) => return Ok(None),
+        }))
     }
 
     /// The TLB context of a stage-1 or stage-2 domain's table.
@@ -43,7 +45,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                 vmid: *vmid,
                 nested: *children > 0,
             }),
-            Translation::Nested { .. } => None,
+            Translation::Nested { .. } | Translation::Fixed(_) => None,
         }
     }
 
@@ -51,10 +53,10 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// command queue (put back by [`Iommu::put_table`]).
     pub(super) fn paging_domain(&self, domain: DomainId) -> Result<StateMut<'_>, DomainError> {
         let state = self.domains.get_mut(domain)?;
-        if matches!(state.translation, Translation::Nested { .. }) {
+        if matches!(state.translation, Translation::Nested { .. } | Translation::Fixed(_)) {
             return Err(DomainError::WrongKind {
                 domain,
-                kind: DomainKind::Nested,
+                kind: state.kind(),
                 wanted: "a stage-1 or stage-2 domain (a nested domain's stage 1 belongs to its guest)",
             });
         }
@@ -73,7 +75,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         let context = Self::tlb_context(state).ok_or(DomainError::StaleDomain(domain))?;
         let table = match &mut state.translation {
             Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table,
-            Translation::Nested { .. } => return Err(DomainError::StaleDomain(domain)),
+            Translation::Nested { .. } | Translation::Fixed(_) => return Err(DomainError::StaleDomain(domain)),
         };
         if !table.owns(&gather) {
             return Err(DomainError::ForeignGather { domain });
@@ -120,6 +122,18 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// As [`Iommu::unfrozen`], for a domain the caller holds. Checked under the domain's lock: a hand-off is
     /// prepared (and the domain sealed) under its write lock, so an operation that saw it unfrozen completes before
     /// the records are written.
+    /// Refuses to change the mappings of an identity domain: they are what it was created with.
+    pub(super) fn mappable(s: &DomainState, domain: DomainId) -> Result<(), DomainError> {
+        match s.identity {
+            true => Err(DomainError::WrongKind {
+                domain,
+                kind: DomainKind::Identity,
+                wanted: "a stage-1 or stage-2 domain whose mappings change (an identity domain's are fixed)",
+            }),
+            false => Ok(()),
+        }
+    }
+
     pub(super) fn unfrozen_state(s: &DomainState) -> Result<(), DomainError> {
         // The token first: most domains are not preserved, and asking an arena whether it is sealed takes its lock
         // (this runs on every map and unmap).
@@ -148,6 +162,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// behind (leaves it installed before it lost are removed and invalidated again), never a torn table.
     pub fn map(&self, domain: DomainId, iova: u64, pa: u64, size: u64, prot: Prot) -> Result<(), DomainError> {
         let state = self.settled_for_reading(domain)?;
+        Self::mappable(&state, domain)?;
         Self::unfrozen_state(&state)?;
         // No device may be given the handover region or the driver's own tables and queues.
         if let Some(protected) = self.domains.protected.read().overlapping(pa, size) {
@@ -156,7 +171,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         state.pending.check(iova, size)?;
         let table = match &state.translation {
             Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table,
-            Translation::Nested { .. } => return Err(DomainError::StaleDomain(domain)),
+            Translation::Nested { .. } | Translation::Fixed(_) => return Err(DomainError::StaleDomain(domain)),
         };
         let mut undone = Gather::default();
         let mapped = table.map_shared(iova, pa, size, prot, &mut undone);
@@ -171,10 +186,10 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     fn settled_for_reading(&self, domain: DomainId) -> Result<StateRef<'_>, DomainError> {
         loop {
             let state = self.domains.get(domain)?;
-            if matches!(state.translation, Translation::Nested { .. }) {
+            if matches!(state.translation, Translation::Nested { .. } | Translation::Fixed(_)) {
                 return Err(DomainError::WrongKind {
                     domain,
-                    kind: DomainKind::Nested,
+                    kind: state.kind(),
                     wanted: "a stage-1 or stage-2 domain (a nested domain's stage 1 belongs to its guest)",
                 });
             }
@@ -193,7 +208,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         let context = Self::tlb_context(&state).ok_or(DomainError::StaleDomain(domain))?;
         let granule = match &state.translation {
             Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table.format().granule,
-            Translation::Nested { .. } => return Err(DomainError::StaleDomain(domain)),
+            Translation::Nested { .. } | Translation::Fixed(_) => return Err(DomainError::StaleDomain(domain)),
         };
         debug_assert_eq!(gather.freed_tables(), 0, "the concurrent paths unlink no table");
         let Err(error) = self.core.invalidate_gather(granule, &gather, context) else {
@@ -222,11 +237,12 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         let state = self.domains.get(domain)?;
         let table = match &state.translation {
             Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table,
-            Translation::Nested { .. } => return Ok(None),
+            Translation::Nested { .. } | Translation::Fixed(_) => return Ok(None),
         };
         if state.unflushed.is_some() || size != table.format().granule.size() {
             return Ok(None);
         }
+        Self::mappable(&state, domain)?;
         Self::unfrozen_state(&state)?;
         let mut gather = Gather::default();
         let bytes = match table.unmap_page_shared(iova, &mut gather) {
@@ -271,6 +287,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             return Ok(bytes);
         }
         let mut state = self.paging_domain(domain)?;
+        Self::mappable(&state, domain)?;
         Self::unfrozen_state(&state)?;
         self.settle(&mut state, domain)?;
         let mut gather = Gather::default();
@@ -278,7 +295,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => {
                 table.unmap(iova, size, &mut gather)?
             }
-            Translation::Nested { .. } => return Err(DomainError::StaleDomain(domain)),
+            Translation::Nested { .. } | Translation::Fixed(_) => return Err(DomainError::StaleDomain(domain)),
         };
         self.flush_domain(&mut state, domain, gather)?;
         Ok(bytes)
@@ -322,12 +339,13 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         gather: &mut Gather,
     ) -> Result<u64, DomainError> {
         let mut state = self.paging_domain(domain)?;
+        Self::mappable(&state, domain)?;
         Self::unfrozen_state(&state)?;
         self.settle(&mut state, domain)?;
         let state = &mut *state;
         let table = match &mut state.translation {
             Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table,
-            Translation::Nested { .. } => return Err(DomainError::StaleDomain(domain)),
+            Translation::Nested { .. } | Translation::Fixed(_) => return Err(DomainError::StaleDomain(domain)),
         };
         if !table.owns(gather) {
             return Err(DomainError::ForeignGather { domain });
@@ -357,7 +375,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         let mut state = self.paging_domain(domain)?;
         let owned = match &state.translation {
             Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table.owns(gather),
-            Translation::Nested { .. } => false,
+            Translation::Nested { .. } | Translation::Fixed(_) => false,
         };
         if !owned {
             return Err(DomainError::ForeignGather { domain });
@@ -380,7 +398,9 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         self.settle(&mut state, domain)?;
         let command = self.whole_invalidation_of(&state)?;
         let mut batch = Batch::new();
-        batch.push(&command)?;
+        if let Some(command) = command {
+            batch.push(&command)?;
+        }
         self.core.submit(&batch)?;
         state.pending.clear();
         Ok(())
@@ -393,12 +413,13 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// As [`Iommu::sync_domain`].
     pub fn trim_domain(&self, domain: DomainId) -> Result<u32, DomainError> {
         let mut state = self.paging_domain(domain)?;
+        Self::mappable(&state, domain)?;
         Self::unfrozen_state(&state)?;
         self.settle(&mut state, domain)?;
         let mut gather = Gather::default();
         let trimmed = match &mut state.translation {
             Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table.trim(&mut gather)?,
-            Translation::Nested { .. } => return Err(DomainError::StaleDomain(domain)),
+            Translation::Nested { .. } | Translation::Fixed(_) => return Err(DomainError::StaleDomain(domain)),
         };
         self.flush_domain(&mut state, domain, gather)?;
         Ok(trimmed)
@@ -411,6 +432,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// As [`Iommu::unmap`].
     pub fn protect(&self, domain: DomainId, iova: u64, size: u64, prot: Prot) -> Result<u64, DomainError> {
         let mut state = self.paging_domain(domain)?;
+        Self::mappable(&state, domain)?;
         Self::unfrozen_state(&state)?;
         self.settle(&mut state, domain)?;
         let mut gather = Gather::default();
@@ -418,7 +440,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => {
                 table.protect(iova, size, prot, &mut gather)?
             }
-            Translation::Nested { .. } => return Err(DomainError::StaleDomain(domain)),
+            Translation::Nested { .. } | Translation::Fixed(_) => return Err(DomainError::StaleDomain(domain)),
         };
         self.flush_domain(&mut state, domain, gather)?;
         Ok(bytes)

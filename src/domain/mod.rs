@@ -69,7 +69,7 @@
 //! | file | what |
 //! |---|---|
 //! | `mod.rs` | the public type, [`Iommu`]: an initialised SMMU and its domain table |
-//! | `raw.rs` | the SMMU's raw calls (STEs, commands, IDs), refused where they would undercut a domain |
+//! | `raw.rs` | the SMMU's information, and its raw calls (STEs, commands, IDs) behind [`Iommu::low_level`], refused where they would undercut a domain |
 //! | `types.rs`, `error.rs` | what a domain user names, and why an operation failed |
 //! | `table.rs` | the domain table: slots and generations, attached streams, tokens |
 //! | `entries.rs` | the CDs and STEs a domain gives its streams |
@@ -100,6 +100,7 @@ pub use entries::GuestContext;
 pub(crate) use entries::stage1_cd_of;
 pub use error::DomainError;
 pub use fault::{Fault, FaultReport, FaultStage};
+pub use raw::LowLevel;
 pub(crate) use table::{Book, DomainState, Domains, Prepared, StreamRecord, Translation};
 pub use types::{DomainKind, DomainMemory, GuestInvalidation, GuestStage1, Stage1Options, Stage2Options};
 
@@ -164,6 +165,7 @@ pub const FAULT_REPORT_CAPACITY: usize = 8;
 /// - [`Iommu::handle_interrupt`]: drains the event queue and files each fault under its domain, only *trying*
 ///   every lock; what it cannot file now stays in the queue (`pending`) for a later call or a thread's
 ///   [`Iommu::drain_faults`], never lost or filed twice;
+/// - [`Iommu::handle_global_errors`] (the global-error interrupt): GERRORN is written under a lock it only tries;
 /// - reading what needs no lock: [`Iommu::features`], [`Iommu::is_enabled`].
 ///
 /// Never from interrupt context: a command submission of any kind (a submit interrupted mid-write on the same CPU

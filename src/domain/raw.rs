@@ -67,22 +67,66 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         }
     }
 
+    /// Reads the global errors, acknowledges the recoverable ones and reports them. An event queue abort is
+    /// remembered as an overflow for the next [`LowLevel::drain_events`](crate::LowLevel::drain_events). Command errors are recovered by the
+    /// command queue itself while it waits.
+    ///
+    /// # Errors
+    /// [`GlobalError::ServiceFailure`] when GERROR.SFM_ERR is active (not acknowledged: the SMMU needs a reset).
+    pub fn handle_global_errors(&self) -> Result<GlobalErrors, GlobalError> {
+        self.core.handle_global_errors()
+    }
+
+    /// ASIDs allocated now (the reserved ASID 0 not counted).
+    pub fn asids_in_use(&self) -> u32 {
+        self.core.asids_in_use()
+    }
+
+    /// VMIDs allocated now (the reserved VMID 0 not counted).
+    pub fn vmids_in_use(&self) -> u32 {
+        self.core.vmids_in_use()
+    }
+
+    /// The low-level handle: raw STEs, command batches, ASIDs and VMIDs, raw event draining, for experts and
+    /// tests. **It can break isolation**: what it does is blind to the domains' bookkeeping except where each call
+    /// says it refuses (a stream a domain holds keeps its STE, an ID a live domain owns stays allocated), and the
+    /// calls that can hand a device memory it must not reach are `unsafe`. A hypervisor that uses domains never
+    /// needs it.
+    pub fn low_level(&self) -> LowLevel<'_, A, D> {
+        LowLevel { iommu: self }
+    }
+}
+
+/// The low-level calls of an [`Iommu`] ([`Iommu::low_level`]): raw STEs, command batches, IDs and event draining.
+/// Each is refused where it would undercut a domain; [`LowLevel::attach_bypass`] and
+/// [`LowLevel::submit_unvetted`] are `unsafe`, as they can break isolation. Not for interrupt context.
+///
+/// ```compile_fail,E0133
+/// fn raw<A: smmuv3::FrameAllocator>(iommu: &smmuv3::Iommu<A>) {
+///     let _ = iommu.low_level().attach_bypass(0x10); // bypass needs `unsafe`: the device reaches all memory
+/// }
+/// ```
+pub struct LowLevel<'a, A: FrameAllocator, const D: usize> {
+    iommu: &'a Iommu<A, D>,
+}
+
+impl<A: FrameAllocator, const D: usize> LowLevel<'_, A, D> {
     /// Makes every stream whose STE exists abort, except those `keep` names (after a hand-off with the SMMU
     /// running: the streams no record names). Returns how many were changed.
     ///
     /// # Errors
     /// [`AttachError::StreamInUse`] when a stream attached to a domain is not kept (detach it first): nothing
-    /// changes then. Otherwise as [`Iommu::attach_abort`]: the streams before the failing one abort.
+    /// changes then. Otherwise as [`LowLevel::attach_abort`](crate::LowLevel::attach_abort): the streams before the failing one abort.
     pub fn abort_streams_except(&self, keep: impl Fn(u32) -> bool) -> Result<u32, AttachError> {
         // The bookkeeping held throughout: no stream can be attached meanwhile.
-        let book = self.domains.book.lock();
+        let book = self.iommu.domains.book.lock();
         if let Some(r) = book.streams.iter().find(|r| !keep(r.sid)) {
             return Err(AttachError::StreamInUse {
                 sid: r.sid,
                 domain: r.domain,
             });
         }
-        self.core.abort_streams_except(keep)
+        self.iommu.core.abort_streams_except(keep)
     }
 
     /// The STE currently installed for `sid` (all zero, i.e. invalid, for an unallocated level-2 span).
@@ -90,7 +134,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// # Errors
     /// [`StreamError::UnknownStream`] for a StreamID beyond the table.
     pub fn ste(&self, sid: u32) -> Result<Ste, StreamError> {
-        self.core.ste(sid)
+        self.iommu.core.ste(sid)
     }
 
     /// Makes `sid` abort every transaction, silently (no event). For a stream no domain holds (a domain's stream
@@ -101,26 +145,31 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// StreamID beyond the table or no memory for its level-2 span: nothing changes then.
     /// [`AttachError::Invalidation`] when an invalidation fails: the STE is left as the error says.
     pub fn attach_abort(&self, sid: u32) -> Result<InstallReport, AttachError> {
-        let book = self.domains.book.lock();
-        Self::unowned_in(&book, sid)?;
-        self.core.abort_stream(sid)
+        let book = self.iommu.domains.book.lock();
+        Iommu::<A, D>::unowned_in(&book, sid)?;
+        self.iommu.core.abort_stream(sid)
     }
 
     /// Lets `sid`'s transactions through untranslated. Only on explicit request: a bypassed device reaches all of
     /// memory.
     ///
     /// # Errors
-    /// As [`Iommu::attach_abort`]: a stream attached to a domain is refused with
+    /// As [`LowLevel::attach_abort`](crate::LowLevel::attach_abort): a stream attached to a domain is refused with
     /// [`AttachError::StreamInUse`]. [`AttachError::StreamsFrozen`] while a hand-off with the SMMU left running is
     /// prepared (a bypassing device could write the handover region and the preserved memory before the next
     /// image takes them over). Nothing changes then.
-    pub fn attach_bypass(&self, sid: u32) -> Result<InstallReport, AttachError> {
-        if let Some(generation) = self.domains.streams_frozen() {
+    ///
+    /// # Safety
+    /// The device behind `sid` can then read and write any memory, the hypervisor's, the driver's tables and
+    /// every domain's included: the caller must trust it (and whatever controls it) with all of it. A bypass
+    /// domain ([`Iommu::create_bypass`]) is the same opt-in with the domain bookkeeping kept.
+    pub unsafe fn attach_bypass(&self, sid: u32) -> Result<InstallReport, AttachError> {
+        if let Some(generation) = self.iommu.domains.streams_frozen() {
             return Err(AttachError::StreamsFrozen { generation });
         }
-        let book = self.domains.book.lock();
-        Self::unowned_in(&book, sid)?;
-        self.core.bypass_stream(sid)
+        let book = self.iommu.domains.book.lock();
+        Iommu::<A, D>::unowned_in(&book, sid)?;
+        self.iommu.core.bypass_stream(sid)
     }
 
     /// Submits a batch and a CMD_SYNC, and waits for completion. A command the SMMU could not fetch
@@ -136,10 +185,10 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// [`CommandQueueError::Refused`] (after the rest of the batch completed) when a command was illegal,
     /// [`CommandQueueError::Timeout`] when the SMMU stops consuming, [`CommandQueueError::ServiceFailure`].
     pub fn submit(&self, batch: &Batch) -> Result<BatchReport, CommandQueueError> {
-        self.core.submit(batch)
+        self.iommu.core.submit(batch)
     }
 
-    /// [`Iommu::submit`] without the vetting: any command, for tests that inject one the SMMU must refuse
+    /// [`LowLevel::submit`](crate::LowLevel::submit) without the vetting: any command, for tests that inject one the SMMU must refuse
     /// (a reserved opcode) and for commands this driver does not model.
     ///
     /// # Safety
@@ -148,19 +197,19 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// cannot tell what they do.
     ///
     /// # Errors
-    /// As [`Iommu::submit`], without [`CommandQueueError::NotAllowed`].
+    /// As [`LowLevel::submit`](crate::LowLevel::submit), without [`CommandQueueError::NotAllowed`].
     pub unsafe fn submit_unvetted(&self, batch: &Batch) -> Result<BatchReport, CommandQueueError> {
         // SAFETY: the caller's guarantee, passed on.
-        unsafe { self.core.submit_unvetted(batch) }
+        unsafe { self.iommu.core.submit_unvetted(batch) }
     }
 
     /// Invalidates every cached configuration and TLB entry: CFGI_ALL, TLBI_EL2_ALL (when the SMMU has EL2
     /// contexts), TLBI_NSNH_ALL, CMD_SYNC.
     ///
     /// # Errors
-    /// As [`Iommu::submit`].
+    /// As [`LowLevel::submit`](crate::LowLevel::submit).
     pub fn invalidate_all(&self) -> Result<BatchReport, CommandQueueError> {
-        self.core.invalidate_all()
+        self.iommu.core.invalidate_all()
     }
 
     /// Invalidates what `gather` collected from `table` for `context`, waits for it to complete (CMD_SYNC), then
@@ -188,17 +237,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         gather: Gather,
         context: TlbContext,
     ) -> Result<BatchReport, FlushError> {
-        self.core.flush(table, gather, context)
-    }
-
-    /// Reads the global errors, acknowledges the recoverable ones and reports them. An event queue abort is
-    /// remembered as an overflow for the next [`Iommu::drain_events`]. Command errors are recovered by the
-    /// command queue itself while it waits.
-    ///
-    /// # Errors
-    /// [`GlobalError::ServiceFailure`] when GERROR.SFM_ERR is active (not acknowledged: the SMMU needs a reset).
-    pub fn handle_global_errors(&self) -> Result<GlobalErrors, GlobalError> {
-        self.core.handle_global_errors()
+        self.iommu.core.flush(table, gather, context)
     }
 
     /// Consumes every event the SMMU recorded, handing each to `sink`, and reports lost events however the SMMU
@@ -207,7 +246,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// # Errors
     /// [`GlobalError::ServiceFailure`] as [`Iommu::handle_global_errors`].
     pub fn drain_events(&self, mut sink: impl FnMut(Event)) -> Result<DrainReport, GlobalError> {
-        self.core.drain_events(crate::smmu::Drainer::Thread, |event| {
+        self.iommu.core.drain_events(crate::smmu::Drainer::Thread, |event| {
             sink(event);
             true
         })
@@ -219,10 +258,10 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// [`IdError::Exhausted`]; [`IdError::HandOffUnsettled`] on an SMMU adopted running until the hand-off is
     /// restored (or its unrestored streams aborted): a stream the previous image left may use any ASID.
     pub fn allocate_asid(&self) -> Result<u16, IdError> {
-        self.core.allocate_asid()
+        self.iommu.core.allocate_asid()
     }
 
-    /// Frees an ASID taken with [`Iommu::allocate_asid`]. A domain's ASID goes back when the domain is freed,
+    /// Frees an ASID taken with [`LowLevel::allocate_asid`](crate::LowLevel::allocate_asid). A domain's ASID goes back when the domain is freed,
     /// after its TLB entries: freeing it here would let a later allocation hand it out while the domain still uses
     /// it.
     ///
@@ -230,38 +269,28 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// [`IdError::Owned`] for an ASID a live domain owns, [`IdError::WrongState`] / [`IdError::OutOfRange`] for an
     /// ASID that is not allocated; nothing changes.
     pub fn free_asid(&self, asid: u16) -> Result<(), IdError> {
-        if self.domains.owns_asid(asid) {
+        if self.iommu.domains.owns_asid(asid) {
             return Err(IdError::Owned { id: asid });
         }
-        self.core.release_asid(asid)
+        self.iommu.core.release_asid(asid)
     }
 
     /// Allocates a VMID (8 or 16 bits as IDR0.VMID16 says; 0 is reserved).
     ///
     /// # Errors
-    /// As [`Iommu::allocate_asid`].
+    /// As [`LowLevel::allocate_asid`](crate::LowLevel::allocate_asid).
     pub fn allocate_vmid(&self) -> Result<u16, IdError> {
-        self.core.allocate_vmid()
+        self.iommu.core.allocate_vmid()
     }
 
-    /// Frees a VMID taken with [`Iommu::allocate_vmid`] (a domain's goes back when the domain is freed).
+    /// Frees a VMID taken with [`LowLevel::allocate_vmid`](crate::LowLevel::allocate_vmid) (a domain's goes back when the domain is freed).
     ///
     /// # Errors
-    /// As [`Iommu::free_asid`]: [`IdError::Owned`] for a VMID a live stage-2 domain owns.
+    /// As [`LowLevel::free_asid`](crate::LowLevel::free_asid): [`IdError::Owned`] for a VMID a live stage-2 domain owns.
     pub fn free_vmid(&self, vmid: u16) -> Result<(), IdError> {
-        if self.domains.owns_vmid(vmid) {
+        if self.iommu.domains.owns_vmid(vmid) {
             return Err(IdError::Owned { id: vmid });
         }
-        self.core.release_vmid(vmid)
-    }
-
-    /// ASIDs allocated now (the reserved ASID 0 not counted).
-    pub fn asids_in_use(&self) -> u32 {
-        self.core.asids_in_use()
-    }
-
-    /// VMIDs allocated now (the reserved VMID 0 not counted).
-    pub fn vmids_in_use(&self) -> u32 {
-        self.core.vmids_in_use()
+        self.iommu.core.release_vmid(vmid)
     }
 }

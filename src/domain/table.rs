@@ -33,6 +33,17 @@ pub(crate) enum Translation {
         parent: DomainId,
         guest: GuestStage1,
     },
+    /// No table: every stream attached aborts, or bypasses.
+    Fixed(Fixed),
+}
+
+/// The domains without a table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fixed {
+    /// Every transaction aborts (STE.Config = abort).
+    Blocked,
+    /// Every transaction bypasses translation (STE.Config = bypass): the devices reach all memory.
+    Bypass,
 }
 
 /// One live domain.
@@ -47,6 +58,8 @@ pub(crate) struct DomainState {
     pub(crate) pending: PendingUnmaps,
     /// The token the domain is preserved under.
     pub(crate) token: Option<u64>,
+    /// An identity domain: its table maps the RAM it was created with 1:1, and nothing changes it.
+    pub(crate) identity: bool,
 }
 
 impl DomainState {
@@ -58,6 +71,7 @@ impl DomainState {
             unflushed: None,
             pending: PendingUnmaps::NONE,
             token: None,
+            identity: false,
         }
     }
 
@@ -68,9 +82,12 @@ impl DomainState {
 
     pub(crate) fn kind(&self) -> DomainKind {
         match self.translation {
+            _ if self.identity => DomainKind::Identity,
             Translation::Stage1 { .. } => DomainKind::Stage1,
             Translation::Stage2 { .. } => DomainKind::Stage2,
             Translation::Nested { .. } => DomainKind::Nested,
+            Translation::Fixed(Fixed::Blocked) => DomainKind::Blocked,
+            Translation::Fixed(Fixed::Bypass) => DomainKind::Bypass,
         }
     }
 }

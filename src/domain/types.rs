@@ -18,6 +18,13 @@ pub enum DomainKind {
     Stage2,
     /// A guest's stage 1 inside a stage-2 parent.
     Nested,
+    /// No translation: every stream attached aborts.
+    Blocked,
+    /// No translation: every stream attached bypasses (reaches all memory); an explicit opt-in
+    /// (`Iommu::create_bypass`, `unsafe`).
+    Bypass,
+    /// Given RAM ranges mapped 1:1 through a stage-1 or stage-2 table (everything else faults), fixed at creation.
+    Identity,
 }
 
 impl fmt::Display for DomainKind {
@@ -26,6 +33,9 @@ impl fmt::Display for DomainKind {
             DomainKind::Stage1 => "stage 1",
             DomainKind::Stage2 => "stage 2",
             DomainKind::Nested => "nested",
+            DomainKind::Blocked => "blocked",
+            DomainKind::Bypass => "bypass",
+            DomainKind::Identity => "identity",
         })
     }
 }

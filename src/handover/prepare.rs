@@ -45,7 +45,7 @@ pub enum PrepareError {
     /// (or through an STE a previous image left). It would go on doing so across the hand-off, through nothing a
     /// record describes or `prepare_handover` checked, its device able to write the handover region and the
     /// preserved memory before the next image takes them over. Detach it, or make it abort
-    /// ([`Iommu::attach_abort`]), first. Nothing was written.
+    /// ([`LowLevel::attach_abort`](crate::LowLevel::attach_abort)), first. Nothing was written.
     UnpreservedStream {
         /// StreamID.
         sid: u32,

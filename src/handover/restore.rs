@@ -461,7 +461,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             Translation::Stage2 { vmid, .. } => {
                 let _ = self.core.release_vmid(*vmid);
             }
-            Translation::Nested { .. } => {}
+            Translation::Nested { .. } | Translation::Fixed(_) => {}
         }
     }
 
@@ -814,7 +814,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                                     .write(ssid, &crate::hw::cd::Cd::invalid(), &memory, |leaf| {
                                         let mut batch = crate::queue::cmdq::Batch::new();
                                         batch.push(&crate::hw::command::Command::CfgiCd { sid, ssid, leaf })?;
-                                        self.submit(&batch).map(drop)
+                                        self.core.submit(&batch).map(drop)
                                     })
                                     .map_err(|e| fail(RebuildFailure::CdTable(e)))?;
                             }
@@ -858,7 +858,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// Returns how many STEs changed.
     ///
     /// # Errors
-    /// As [`Iommu::attach_abort`].
+    /// As [`LowLevel::attach_abort`](crate::LowLevel::attach_abort).
     pub fn abort_unrestored_streams(&self) -> Result<u32, AttachError> {
         let book = self.domains.book.lock();
         self.abort_unrestored_locked(&book)

@@ -10,7 +10,7 @@ use crate::queue::cmdq::{BATCH_CAPACITY, Batch, BatchReport, CommandQueue, Comma
 
 use super::{Smmu, SmmuCore};
 
-/// Above this many granules without range invalidation, [`Iommu::flush`](crate::Iommu::flush) invalidates the whole ASID or VMID.
+/// Above this many granules without range invalidation, [`LowLevel::flush`](crate::LowLevel::flush) invalidates the whole ASID or VMID.
 pub const PER_GRANULE_LIMIT: u32 = 32;
 
 /// Whose TLB entries a page-table change affects.
@@ -42,7 +42,7 @@ pub enum InvalidationError {
     Queue(CommandQueueError),
     /// [`TlbContext::Stage1El2`] on an SMMU without EL2 contexts (IDR0.HYP = 0); nothing was issued.
     NoEl2Contexts,
-    /// The gather was filled by another page table than the one given ([`Iommu::flush`](crate::Iommu::flush)): nothing was
+    /// The gather was filled by another page table than the one given ([`LowLevel::flush`](crate::LowLevel::flush)): nothing was
     /// issued and nothing freed.
     ForeignGather {
         /// The table that filled the gather.
@@ -66,7 +66,7 @@ impl fmt::Display for InvalidationError {
     }
 }
 
-/// Why [`Iommu::flush`](crate::Iommu::flush) failed. The gathered tables were not released: they are handed back in
+/// Why [`LowLevel::flush`](crate::LowLevel::flush) failed. The gathered tables were not released: they are handed back in
 /// [`FlushError::gather`], still owned by the caller, since a walk may still reach them. Flushing that gather again
 /// (once the queue works) completes the job; dropping it leaks the tables, which is safe.
 #[derive(Debug)]
@@ -217,7 +217,7 @@ impl<A: FrameAllocator> SmmuCore<A> {
     }
 }
 
-/// Issues the TLB invalidation that covers `gather` (see [`Iommu::flush`](crate::Iommu::flush)) and waits for it.
+/// Issues the TLB invalidation that covers `gather` (see [`LowLevel::flush`](crate::LowLevel::flush)) and waits for it.
 fn gather_invalidation(
     cmdq: &CommandQueue,
     smmu: &Smmu,

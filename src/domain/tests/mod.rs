@@ -62,7 +62,7 @@ fn a_stage1_domain_issues_every_invalidation_itself() {
     let model = Model::start(frames);
     let mut smmu = smmu(&model, frames);
     // The stream's level-2 span of the stream table stays once allocated: allocate it before counting.
-    smmu.attach_abort(SID).unwrap();
+    smmu.low_level().attach_abort(SID).unwrap();
     let baseline = frames.live_blocks();
     let d = s1(&mut smmu, frames);
     assert_eq!(smmu.domain_kind(d), Ok(DomainKind::Stage1));
@@ -71,7 +71,7 @@ fn a_stage1_domain_issues_every_invalidation_itself() {
 
     let before = consumed(&model);
     smmu.attach(d, SID).unwrap();
-    let ste = smmu.ste(SID).unwrap();
+    let ste = smmu.low_level().ste(SID).unwrap();
     assert_eq!(ste.config(), Config::Stage1);
     assert!(
         since(&model, before)
@@ -100,7 +100,7 @@ fn a_stage1_domain_issues_every_invalidation_itself() {
     // Detach: STE to abort, the stream's cached CDs, then (last attachment) the domain's TLB entries.
     let before = consumed(&model);
     smmu.detach(SID).unwrap();
-    assert_eq!(smmu.ste(SID).unwrap().config(), Config::Abort);
+    assert_eq!(smmu.low_level().ste(SID).unwrap().config(), Config::Abort);
     let ops = since(&model, before);
     assert_eq!(
         &ops[ops.len() - 4..],
@@ -165,7 +165,7 @@ fn a_stage2_domain_and_its_nested_domains() {
     let nested = smmu.create_nested(parent, GUEST).unwrap();
     assert_eq!(smmu.domain_kind(nested), Ok(DomainKind::Nested));
     smmu.attach(nested, SID).unwrap();
-    let ste = smmu.ste(SID).unwrap();
+    let ste = smmu.low_level().ste(SID).unwrap();
     assert_eq!(ste.config(), Config::Nested);
     assert_eq!(
         ste.cd_table(),
@@ -237,7 +237,7 @@ fn without_nested_domains_a_stage2_change_is_one_sync() {
     let d = s2(&mut smmu, frames);
     smmu.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
     smmu.attach(d, SID).unwrap();
-    assert_eq!(smmu.ste(SID).unwrap().config(), Config::Stage2);
+    assert_eq!(smmu.low_level().ste(SID).unwrap().config(), Config::Stage2);
     let before = consumed(&model);
     smmu.unmap(d, 0x1000, 0x1000).unwrap();
     assert_eq!(since(&model, before), [opcode::TLBI_S2_IPA, opcode::SYNC]);
@@ -253,13 +253,13 @@ fn stage2_and_nested_stes_protect_table_walks_from_device_memory() {
     let mut smmu = smmu(&model, frames);
     let parent = s2(&mut smmu, frames);
     smmu.attach(parent, SID).unwrap();
-    let ste = smmu.ste(SID).unwrap();
+    let ste = smmu.low_level().ste(SID).unwrap();
     assert_eq!(ste.config(), Config::Stage2);
     assert_ne!(ste.0[2] & ste::Q2_S2PTW, 0, "stage 2: {:#x}", ste.0[2]);
     smmu.detach(SID).unwrap();
     let nested = smmu.create_nested(parent, GUEST).unwrap();
     smmu.attach(nested, SID).unwrap();
-    let ste = smmu.ste(SID).unwrap();
+    let ste = smmu.low_level().ste(SID).unwrap();
     assert_eq!(ste.config(), Config::Nested);
     assert_ne!(ste.0[2] & ste::Q2_S2PTW, 0, "nested: {:#x}", ste.0[2]);
 }
@@ -272,7 +272,7 @@ fn misuse_is_refused_and_changes_nothing() {
     let a = s1(&mut smmu, frames);
     let b = s2(&mut smmu, frames);
     smmu.attach(a, SID).unwrap();
-    let ste = smmu.ste(SID).unwrap();
+    let ste = smmu.low_level().ste(SID).unwrap();
     let before = consumed(&model);
 
     // A stream attached elsewhere.
@@ -346,7 +346,7 @@ fn misuse_is_refused_and_changes_nothing() {
             ssid: Some(3)
         })
     );
-    assert_eq!(smmu.ste(SID), Ok(ste), "the STE is as it was");
+    assert_eq!(smmu.low_level().ste(SID), Ok(ste), "the STE is as it was");
     assert_eq!(since(&model, before), [], "no command was issued");
     // A nested domain on an SMMU that cannot nest.
     let guest = GuestStage1 {
@@ -397,18 +397,18 @@ fn freeing_a_live_domains_asid_or_vmid_is_refused_and_no_later_create_reuses_it(
     let e = s2(&mut smmu, frames);
     let (asid, vmid) = (asid_of(&smmu, d), vmid_of(&smmu, e));
     let in_use = (smmu.asids_in_use(), smmu.vmids_in_use());
-    assert_eq!(smmu.free_asid(asid), Err(IdError::Owned { id: asid }));
-    assert_eq!(smmu.free_vmid(vmid), Err(IdError::Owned { id: vmid }));
+    assert_eq!(smmu.low_level().free_asid(asid), Err(IdError::Owned { id: asid }));
+    assert_eq!(smmu.low_level().free_vmid(vmid), Err(IdError::Owned { id: vmid }));
     assert_eq!((smmu.asids_in_use(), smmu.vmids_in_use()), in_use, "nothing freed");
 
     // Every other ID taken raw: the domains' IDs are not among them.
-    let raw_asids: Vec<u16> = core::iter::from_fn(|| smmu.allocate_asid().ok()).collect();
-    let raw_vmids: Vec<u16> = core::iter::from_fn(|| smmu.allocate_vmid().ok()).collect();
+    let raw_asids: Vec<u16> = core::iter::from_fn(|| smmu.low_level().allocate_asid().ok()).collect();
+    let raw_vmids: Vec<u16> = core::iter::from_fn(|| smmu.low_level().allocate_vmid().ok()).collect();
     assert_eq!((raw_asids.len(), raw_vmids.len()), (254, 254));
     assert!(!raw_asids.contains(&asid) && !raw_vmids.contains(&vmid));
     // Refused again with every other ID taken: a new domain finds none rather than the live domain's.
-    assert_eq!(smmu.free_asid(asid), Err(IdError::Owned { id: asid }));
-    assert_eq!(smmu.free_vmid(vmid), Err(IdError::Owned { id: vmid }));
+    assert_eq!(smmu.low_level().free_asid(asid), Err(IdError::Owned { id: asid }));
+    assert_eq!(smmu.low_level().free_vmid(vmid), Err(IdError::Owned { id: vmid }));
     let exhausted = Err(DomainError::Id(IdError::Exhausted { bits: 8 }));
     assert_eq!(smmu.create_stage1(memory(frames), Stage1Options::default()), exhausted);
     assert_eq!(
@@ -417,8 +417,8 @@ fn freeing_a_live_domains_asid_or_vmid_is_refused_and_no_later_create_reuses_it(
     );
 
     // A raw ID is the caller's own: freed, and the next domain gets it.
-    smmu.free_asid(raw_asids[7]).unwrap();
-    smmu.free_vmid(raw_vmids[7]).unwrap();
+    smmu.low_level().free_asid(raw_asids[7]).unwrap();
+    smmu.low_level().free_vmid(raw_vmids[7]).unwrap();
     let d2 = s1(&mut smmu, frames);
     let e2 = s2(&mut smmu, frames);
     assert_eq!((asid_of(&smmu, d2), vmid_of(&smmu, e2)), (raw_asids[7], raw_vmids[7]));
@@ -426,13 +426,16 @@ fn freeing_a_live_domains_asid_or_vmid_is_refused_and_no_later_create_reuses_it(
     smmu.free_domain(d).unwrap();
     smmu.free_domain(e).unwrap();
     assert_eq!(
-        smmu.free_asid(asid),
+        smmu.low_level().free_asid(asid),
         Err(IdError::WrongState {
             id: asid,
             allocated: false
         })
     );
-    assert_eq!((smmu.allocate_asid(), smmu.allocate_vmid()), (Ok(asid), Ok(vmid)));
+    assert_eq!(
+        (smmu.low_level().allocate_asid(), smmu.low_level().allocate_vmid()),
+        (Ok(asid), Ok(vmid))
+    );
 }
 
 /// A stream attached to a domain has its STE written by the domain alone: the raw STE calls refuse it (and
@@ -444,24 +447,31 @@ fn raw_ste_calls_refuse_a_stream_a_domain_owns() {
     let mut smmu = smmu(&model, frames);
     let d = s1(&mut smmu, frames);
     smmu.attach(d, SID).unwrap();
-    let ste = smmu.ste(SID).unwrap();
+    let ste = smmu.low_level().ste(SID).unwrap();
     let before = consumed(&model);
     let in_use = Some(AttachError::StreamInUse { sid: SID, domain: d });
-    assert_eq!(smmu.attach_bypass(SID).err(), in_use);
-    assert_eq!(smmu.attach_abort(SID).err(), in_use);
-    assert_eq!(smmu.abort_streams_except(|sid| sid == SID), Ok(0), "kept by the caller");
-    assert_eq!(smmu.abort_streams_except(|_| false).err(), in_use);
-    assert_eq!(smmu.ste(SID), Ok(ste), "the domain's STE is as it was");
+    // SAFETY: the device behind the stream is trusted with all memory (a test of bypass).
+    assert_eq!(unsafe { smmu.low_level().attach_bypass(SID) }.err(), in_use);
+    assert_eq!(smmu.low_level().attach_abort(SID).err(), in_use);
+    assert_eq!(
+        smmu.low_level().abort_streams_except(|sid| sid == SID),
+        Ok(0),
+        "kept by the caller"
+    );
+    assert_eq!(smmu.low_level().abort_streams_except(|_| false).err(), in_use);
+    assert_eq!(smmu.low_level().ste(SID), Ok(ste), "the domain's STE is as it was");
     assert_eq!(since(&model, before), [], "no command was issued");
     assert_eq!(smmu.attachments(d).as_deref(), Ok(&[(SID, 0)][..]));
 
     // Detached, the stream is the caller's again.
     smmu.detach(SID).unwrap();
-    smmu.attach_bypass(SID).unwrap();
-    assert_eq!(smmu.ste(SID).unwrap().config(), Config::Bypass);
-    smmu.attach_bypass(SID + 1).unwrap();
-    assert_eq!(smmu.abort_streams_except(|_| false), Ok(2));
-    assert_eq!(smmu.ste(SID).unwrap().config(), Config::Abort);
+    // SAFETY: the device behind the stream is trusted with all memory (a test of bypass).
+    unsafe { smmu.low_level().attach_bypass(SID) }.unwrap();
+    assert_eq!(smmu.low_level().ste(SID).unwrap().config(), Config::Bypass);
+    // SAFETY: the device behind the stream is trusted with all memory (a test of bypass).
+    unsafe { smmu.low_level().attach_bypass(SID + 1) }.unwrap();
+    assert_eq!(smmu.low_level().abort_streams_except(|_| false), Ok(2));
+    assert_eq!(smmu.low_level().ste(SID).unwrap().config(), Config::Abort);
 }
 
 #[test]
@@ -492,7 +502,7 @@ fn substreams_get_their_own_cds_and_their_faults() {
     assert_eq!(table.read(3).unwrap().asid(), asid_of(sub));
     assert_eq!(table.read(0).unwrap().asid(), asid_of(whole));
     assert_eq!(
-        smmu.ste(SID).unwrap().0[0] >> 59 & 0x1f,
+        smmu.low_level().ste(SID).unwrap().0[0] >> 59 & 0x1f,
         u64::from(STREAM_SSID_BITS),
         "S1CDMax"
     );
@@ -1068,7 +1078,7 @@ fn every_stage1_invalidation_names_the_stream_the_asid_and_the_address() {
     let frames = frames();
     let model = Model::start(frames);
     let mut smmu = smmu(&model, frames);
-    smmu.attach_abort(SID).unwrap();
+    smmu.low_level().attach_abort(SID).unwrap();
     // Another domain first, so that a wrong ASID would show.
     let other = s1(&mut smmu, frames);
     let d = s1(&mut smmu, frames);
@@ -1444,7 +1454,7 @@ fn an_el2_stage1_domain_is_invalidated_with_el2_commands() {
     let before = consumed(&model);
     smmu.attach(d, SID).unwrap();
     assert_ste_steps(&issued_since(&model, before), SID);
-    assert_eq!(smmu.ste(SID).unwrap().0[1] >> 30 & 0b11, 0b10, "STRW = EL2");
+    assert_eq!(smmu.low_level().ste(SID).unwrap().0[1] >> 30 & 0b11, 0b10, "STRW = EL2");
     let el2_va = |address| [Issued::El2Va { address }, Issued::Sync];
 
     let before = consumed(&model);
@@ -1519,10 +1529,10 @@ fn one_el2_stage1_domain_is_in_use_at_a_time() {
     let el1 = s1(&mut smmu, frames);
     smmu.attach(a, SID).unwrap();
     smmu.attach(a, SID + 1).unwrap();
-    let (before, ste) = (consumed(&model), smmu.ste(SID + 2));
+    let (before, ste) = (consumed(&model), smmu.low_level().ste(SID + 2));
     let in_use = Err(DomainError::El2DomainInUse { domain: b, holder: a });
     assert_eq!(smmu.attach(b, SID + 2), in_use);
-    assert_eq!(smmu.ste(SID + 2), ste, "nothing written");
+    assert_eq!(smmu.low_level().ste(SID + 2), ste, "nothing written");
     assert_eq!(smmu.attachments(b).as_deref(), Ok(&[][..]));
     assert_eq!(issued_since(&model, before), []);
     // NS-EL1 domains are tagged by ASID: they are not concerned.
@@ -1649,7 +1659,7 @@ fn table_of<'a>(smmu: &'a mut Iommu<&'static HeapFrames>, d: DomainId) -> &'a mu
     let slot = &mut smmu.domains.slots[usize::from(d.index())];
     match &mut slot.state.get_mut().as_mut().unwrap().translation {
         Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table,
-        Translation::Nested { .. } => unreachable!(),
+        Translation::Nested { .. } | Translation::Fixed(_) => unreachable!(),
     }
 }
 
@@ -2008,7 +2018,7 @@ fn finding1_dropping_the_smmu_never_frees_tables_it_still_walks() {
     let d = s1(&mut smmu, frames);
     smmu.map(d, 0x40_0000, 0x8000_0000, 0x1000, RW).unwrap();
     smmu.attach(d, SID).unwrap();
-    assert_eq!(smmu.ste(SID).unwrap().config(), Config::Stage1);
+    assert_eq!(smmu.low_level().ste(SID).unwrap().config(), Config::Stage1);
     let root = smmu.domain_table(d).unwrap().root();
     assert!(frames.phys_to_virt(root).is_some());
     drop(smmu);
@@ -2052,7 +2062,7 @@ fn finding2_a_public_batch_cannot_make_the_smmu_write_memory() {
         })
         .unwrap();
     let before = model.seen.lock().unwrap().commands.len();
-    let submitted = smmu.submit(&batch);
+    let submitted = smmu.low_level().submit(&batch);
     let msi_writes = model.seen.lock().unwrap().commands[before..]
         .iter()
         .filter(|w| w[0] as u8 == opcode::SYNC && (w[0] >> 12) & 0b11 == 0b01 && w[1] & !0b11 != 0)
@@ -2113,3 +2123,4 @@ fn finding3_a_substream_cd_left_valid_by_a_failed_attach_keeps_its_domain_from_b
     );
 }
 mod concurrent;
+mod kinds;

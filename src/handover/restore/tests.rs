@@ -162,7 +162,7 @@ fn preserved_domains_come_back_by_token_with_their_tables_in_place() {
         "mapped after preserve: there"
     );
     assert_eq!(smmu.iova_to_phys(s1, 0x401f_f000), Ok(Some(0x901f_f000)));
-    assert_eq!(smmu.ste(0x10).unwrap().config(), Config::Stage1);
+    assert_eq!(smmu.low_level().ste(0x10).unwrap().config(), Config::Stage1);
     assert_eq!(smmu.retrieve(0x51), Err(DomainError::UnknownToken(0x51)), "once");
     assert_eq!(
         smmu.retrieve(0x54),
@@ -171,11 +171,15 @@ fn preserved_domains_come_back_by_token_with_their_tables_in_place() {
     );
     let parent = smmu.retrieve(0x52).unwrap();
     let nested = smmu.retrieve(0x53).unwrap();
-    assert_eq!(smmu.ste(0x18).unwrap().config(), Config::Nested);
-    assert_eq!(smmu.ste(0x18).unwrap().cd_table(), PhysAddr(0x4800_0000));
+    assert_eq!(smmu.low_level().ste(0x18).unwrap().config(), Config::Nested);
+    assert_eq!(smmu.low_level().ste(0x18).unwrap().cd_table(), PhysAddr(0x4800_0000));
     // Rebuilt through the same stage-2 configuration as a new attach: protected table walks (S2PTW).
     for sid in [0x18, 0x20] {
-        assert_ne!(smmu.ste(sid).unwrap().0[2] & crate::hw::ste::Q2_S2PTW, 0, "{sid:#x}");
+        assert_ne!(
+            smmu.low_level().ste(sid).unwrap().0[2] & crate::hw::ste::Q2_S2PTW,
+            0,
+            "{sid:#x}"
+        );
     }
     assert_eq!(smmu.attachments(nested).as_deref(), Ok(&[(0x18, 0)][..]));
     // The restored domains work: map, unmap (with invalidation), and the parent cannot go before its child.
@@ -187,10 +191,10 @@ fn preserved_domains_come_back_by_token_with_their_tables_in_place() {
     ));
 
     // finish: the unclaimed domain's stream aborts, its arena is free again, the region is re-armed empty.
-    assert_eq!(smmu.ste(0x20).unwrap().config(), Config::Stage2);
+    assert_eq!(smmu.low_level().ste(0x20).unwrap().config(), Config::Stage2);
     let in_use = pool.arenas_in_use();
     assert_eq!(smmu.finish_handover(pool, BASE), Ok(FinishReport { unclaimed: 1 }));
-    assert_eq!(smmu.ste(0x20).unwrap().config(), Config::Abort);
+    assert_eq!(smmu.low_level().ste(0x20).unwrap().config(), Config::Abort);
     assert_eq!(pool.arenas_in_use(), in_use - 1);
     assert_eq!(
         smmu.restore_handover(pool, BASE, &ANYWHERE).map(|r| r.domains),
@@ -218,7 +222,7 @@ fn a_corrupt_region_is_refused_whole_and_left_untouched() {
     );
     assert_eq!(smmu.retrieve(0x51), Err(DomainError::UnknownToken(0x51)));
     for sid in [0x10, 0x18, 0x20] {
-        assert_ne!(smmu.ste(sid).map(|s| s.config()), Ok(Config::Stage1));
+        assert_ne!(smmu.low_level().ste(sid).map(|s| s.config()), Ok(Config::Stage1));
     }
     assert_eq!(pool.arenas_in_use(), 0, "no arena taken back");
     let after: std::vec::Vec<u8> = (0..4096).map(|i| *region.byte(i)).collect();
@@ -276,7 +280,7 @@ fn a_hand_off_with_the_smmu_running_never_turns_translation_off() {
     let strtab = first.configuration().stream_table_base;
     let format = first.stream_table_format();
     assert!(matches!(format, StreamTableFormat::TwoLevel { .. }));
-    let ste = first.ste(0x10).unwrap();
+    let ste = first.low_level().ste(0x10).unwrap();
     core::mem::forget(first);
 
     // The next image: the same SMMU, still translating; where its structures are comes from the region.
@@ -293,10 +297,18 @@ fn a_hand_off_with_the_smmu_running_never_turns_translation_off() {
         issued_since(&model, before),
         [Issued::CfgiAll, Issued::NsnhAll, Issued::Sync]
     );
-    assert_eq!(next.ste(0x10), Ok(ste), "the running stream table adopted as found");
-    assert_eq!(next.ste(0x30).unwrap().config(), Config::Bypass, "until the restore");
     assert_eq!(
-        next.allocate_asid(),
+        next.low_level().ste(0x10),
+        Ok(ste),
+        "the running stream table adopted as found"
+    );
+    assert_eq!(
+        next.low_level().ste(0x30).unwrap().config(),
+        Config::Bypass,
+        "until the restore"
+    );
+    assert_eq!(
+        next.low_level().allocate_asid(),
         Err(crate::ids::IdError::HandOffUnsettled),
         "nothing allocated while the previous image's streams may use any ID"
     );
@@ -304,11 +316,11 @@ fn a_hand_off_with_the_smmu_running_never_turns_translation_off() {
     let report = next.restore_handover(pool, BASE, &ANYWHERE).unwrap();
     assert_eq!((report.domains, report.streams, report.aborted), (1, 1, 1));
     assert_eq!(
-        next.ste(0x10),
+        next.low_level().ste(0x10),
         Ok(ste),
         "the restored STE is the one the SMMU was using: nothing rewritten"
     );
-    assert_eq!(next.ste(0x30).unwrap().config(), Config::Abort);
+    assert_eq!(next.low_level().ste(0x30).unwrap().config(), Config::Abort);
     // Before the restore returns: the unrestored stream's STE (and only it), then everything it may have cached
     // under IDs this image reuses.
     let issued = issued_since(&model, before);
@@ -402,7 +414,7 @@ fn a_region_beyond_this_image_is_refused_before_anything_changes() {
         (0, 0, 0)
     );
     assert_ne!(
-        smmu.ste(0x10).map(|s| s.config()),
+        smmu.low_level().ste(0x10).map(|s| s.config()),
         Ok(Config::Stage1),
         "no STE installed"
     );
@@ -454,7 +466,7 @@ fn a_region_with_more_streams_than_this_image_can_hold_is_refused_before_any_ste
     );
     assert_eq!(issued_since(&model, before), [], "nothing installed, nothing to undo");
     assert_eq!(pool.arenas_in_use(), 0);
-    assert_ne!(smmu.ste(0x10).map(|s| s.config()), Ok(Config::Stage2));
+    assert_ne!(smmu.low_level().ste(0x10).map(|s| s.config()), Ok(Config::Stage2));
     core::mem::forget(smmu);
 }
 
@@ -623,7 +635,7 @@ fn a_restore_into_an_image_that_took_a_recorded_id_or_stream_changes_nothing() {
     );
     assert!(smmu.retrieve(0x61).is_err() && smmu.retrieve(0x62).is_err());
     assert_ne!(
-        smmu.ste(0x10).map(|s| s.config()),
+        smmu.low_level().ste(0x10).map(|s| s.config()),
         Ok(Config::Stage1),
         "no STE installed"
     );
@@ -631,9 +643,9 @@ fn a_restore_into_an_image_that_took_a_recorded_id_or_stream_changes_nothing() {
     smmu.map(mine, 0, 0x8000_0000, 0x1000, RW).unwrap();
     smmu.free_domain(mine).unwrap();
     // The same with the recorded ID free but the recorded stream attached here: refused, this image's STE kept.
-    let recorded_asid = smmu.allocate_asid().unwrap();
+    let recorded_asid = smmu.low_level().allocate_asid().unwrap();
     let mine = smmu.create_stage1(frames, Stage1Options::default()).unwrap();
-    smmu.free_asid(recorded_asid).unwrap();
+    smmu.low_level().free_asid(recorded_asid).unwrap();
     smmu.attach(mine, 0x10).unwrap();
     let error = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
     assert!(
@@ -642,7 +654,7 @@ fn a_restore_into_an_image_that_took_a_recorded_id_or_stream_changes_nothing() {
     );
     assert_eq!(pool.arenas_in_use(), 0);
     assert_eq!(
-        smmu.ste(0x10).map(|s| s.config()),
+        smmu.low_level().ste(0x10).map(|s| s.config()),
         Ok(Config::Stage1),
         "this image's attachment kept"
     );
@@ -699,9 +711,9 @@ fn a_restore_never_puts_two_el2_domains_in_use() {
     let smmu = boot(&model, frames);
     let pool = region.pool();
     // This image's domain on another ASID than the record's (1), so that only the EL2 rule stands in the way.
-    let spare = smmu.allocate_asid().unwrap();
+    let spare = smmu.low_level().allocate_asid().unwrap();
     let mine = smmu.create_stage1(frames, EL2).unwrap();
-    smmu.free_asid(spare).unwrap();
+    smmu.low_level().free_asid(spare).unwrap();
     smmu.attach(mine, 0x11).unwrap();
     let error = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
     assert!(
@@ -710,7 +722,7 @@ fn a_restore_never_puts_two_el2_domains_in_use() {
     );
     assert_eq!(pool.arenas_in_use(), 0);
     assert_ne!(
-        smmu.ste(0x10).map(|s| s.config()),
+        smmu.low_level().ste(0x10).map(|s| s.config()),
         Ok(Config::Stage1),
         "no STE installed"
     );
@@ -785,7 +797,11 @@ fn a_prepared_domain_is_frozen_until_the_hand_off_is_cancelled() {
     assert_eq!(smmu.detach(0x10), frozen);
     assert_eq!(smmu.attach(d, 0x11), frozen);
     assert_eq!(smmu.iova_to_phys(d, 0x2000), Ok(Some(0x8000_1000)), "nothing changed");
-    assert_eq!(smmu.ste(0x10).map(|s| s.config()), Ok(Config::Stage1), "still attached");
+    assert_eq!(
+        smmu.low_level().ste(0x10).map(|s| s.config()),
+        Ok(Config::Stage1),
+        "still attached"
+    );
     // Not preserved: usable.
     smmu.map(other, 0x1000, 0x8000_8000, 0x1000, RW).unwrap();
     smmu.attach(other, 0x11).unwrap();
@@ -937,7 +953,8 @@ fn an_smmu_left_running_with_non_cacheable_walks_is_maintained_by_the_next_image
         "the SMMU reads its tables and queues non-cacheable: the CPU must clean what it writes"
     );
     maintenance_log::take();
-    next.attach_bypass(0x30).unwrap();
+    // SAFETY: the device behind the stream is trusted with all memory (a test of bypass).
+    unsafe { next.low_level().attach_bypass(0x30) }.unwrap();
     let log = maintenance_log::take();
     assert!(
         log.iter()
@@ -975,7 +992,12 @@ fn disabled_aborting(model: &Model) -> bool {
 
 /// Every STE of the span that holds StreamIDs 0..256 aborts (an invalid STE aborts too, with C_BAD_STE).
 fn every_ste_aborts<A: FrameAllocator>(smmu: &Iommu<A>) -> bool {
-    (0..256).all(|sid| matches!(smmu.ste(sid).map(|s| s.config()), Ok(Config::Abort | Config::Invalid)))
+    (0..256).all(|sid| {
+        matches!(
+            smmu.low_level().ste(sid).map(|s| s.config()),
+            Ok(Config::Abort | Config::Invalid)
+        )
+    })
 }
 
 /// A first image that hands off with its SMMU running: its structures in a handover arena, a stage-1 domain
@@ -1018,11 +1040,15 @@ fn finishing_an_adopted_smmu_without_a_restore_aborts_what_the_previous_image_le
         .smmu()
         .adopt_running(core, &InitOptions::default(), &running)
         .unwrap();
-    assert_eq!(next.ste(0x10).unwrap().config(), Config::Stage1);
+    assert_eq!(next.low_level().ste(0x10).unwrap().config(), Config::Stage1);
     let before = model.seen.lock().unwrap().consumed.len();
     next.finish_handover(pool, BASE).unwrap();
     for sid in [0x10, 0x30] {
-        assert_eq!(next.ste(sid).unwrap().config(), Config::Abort, "stream {sid:#x}");
+        assert_eq!(
+            next.low_level().ste(sid).unwrap().config(),
+            Config::Abort,
+            "stream {sid:#x}"
+        );
     }
     // Each STE to abort (two hitless steps for the translating one), then every cached entry dropped.
     assert_eq!(
@@ -1039,7 +1065,7 @@ fn finishing_an_adopted_smmu_without_a_restore_aborts_what_the_previous_image_le
             Issued::Sync
         ]
     );
-    assert!(next.allocate_asid().is_ok(), "the hand-off is settled");
+    assert!(next.low_level().allocate_asid().is_ok(), "the hand-off is settled");
 }
 
 /// A level-1 stream table descriptor the SMMU would follow but the driver cannot (Span != 0 with L2Ptr = 0:
@@ -1177,14 +1203,14 @@ fn a_refused_restore_of_an_adopted_smmu_aborts_every_stream_the_previous_image_l
         .smmu()
         .adopt_running(core, &InitOptions::default(), &running)
         .unwrap();
-    assert_eq!(next.ste(0x10).map(|s| s.config()), Ok(Config::Stage1));
+    assert_eq!(next.low_level().ste(0x10).map(|s| s.config()), Ok(Config::Stage1));
     let recorded = {
         let bytes = pool.lock_metadata().unwrap();
         format::decode(&bytes, pool.pool().unwrap()).unwrap().instances[0].records[0].asid
     };
     // Nothing is allocated until the hand-off is settled; a claim (as another restore's) takes the recorded
     // ASID.
-    assert_eq!(next.allocate_asid(), Err(IdError::HandOffUnsettled));
+    assert_eq!(next.low_level().allocate_asid(), Err(IdError::HandOffUnsettled));
     next.core.claim_asid(recorded).unwrap();
     let before = model.seen.lock().unwrap().commands.len();
     let error = next.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
@@ -1275,8 +1301,8 @@ fn a_restore_never_reuses_the_token_of_a_domain_an_earlier_hand_off_left_waiting
         matches!(error, RestoreError::BeyondLimits { token: 0x52, what, .. } if what.contains("token")),
         "{error}"
     );
-    assert_eq!(smmu.ste(0x40).map(|s| s.config()), Ok(Config::Abort));
-    assert_eq!(smmu.ste(0x18).map(|s| s.config()), Ok(Config::Nested));
+    assert_eq!(smmu.low_level().ste(0x40).map(|s| s.config()), Ok(Config::Abort));
+    assert_eq!(smmu.low_level().ste(0x18).map(|s| s.config()), Ok(Config::Nested));
     let parent = smmu.retrieve(0x52).unwrap();
     assert_eq!(smmu.domain_kind(parent), Ok(crate::DomainKind::Stage2));
     core::mem::forget(smmu);
@@ -1522,7 +1548,7 @@ fn every_forbidden_handover_transition_is_a_typed_error_that_changes_nothing() {
         Some(RestoreError::AlreadyRestored { generation: 5 })
     );
     assert_eq!(pool.arenas_in_use(), 0, "nothing taken back again");
-    assert_ne!(smmu.ste(0x10).map(|s| s.config()), Ok(Config::Stage1));
+    assert_ne!(smmu.low_level().ste(0x10).map(|s| s.config()), Ok(Config::Stage1));
     // Not even another driver over the same region (a second image, or this one reset before finishing): the
     // restore consumed the records.
     let model2 = Model::start(frames);
@@ -1677,7 +1703,7 @@ fn finding4_after_a_running_hand_off_no_new_domain_shares_an_asid_with_a_stream_
     next.map(fresh, 0x1000, 0xa000_0000, 0x1000, RW).unwrap();
     next.attach(fresh, 0x40).unwrap();
     let fresh_asid = stage1_asid(&next, fresh);
-    let inherited_live = next.ste(0x20).map(|s| s.config()) == Ok(Config::Stage1);
+    let inherited_live = next.low_level().ste(0x20).map(|s| s.config()) == Ok(Config::Stage1);
     assert!(
         !(inherited_live && fresh_asid == left_asid),
         "stream 0x20 (the previous image's, unrestored) still translates with ASID {left_asid}, which the new \
@@ -1736,7 +1762,7 @@ fn finding5_a_restore_refuses_a_substream_of_a_stream_another_record_holds() {
     let pool = region.pool();
     let restored = smmu.restore_handover(pool, BASE, &ANYWHERE);
     if restored.is_ok() {
-        let strw = smmu.ste(0x10).unwrap().0[1] >> 30 & 0b11;
+        let strw = smmu.low_level().ste(0x10).unwrap().0[1] >> 30 & 0b11;
         let d = smmu.retrieve(0x62).unwrap();
         let attachments = smmu.attachments(d).unwrap().to_vec();
         let before = model.seen.lock().unwrap().commands.len();
@@ -1766,9 +1792,9 @@ fn finding6_a_restored_el2_stream_is_installed_only_after_stale_el2_entries_are_
     let pool = region.pool();
     // This image's EL2 domain, on another ASID than the record's, attached, then detached while TLBI_EL2_ALL
     // is refused: its EL2 entries may stay cached.
-    let spare = smmu.allocate_asid().unwrap();
+    let spare = smmu.low_level().allocate_asid().unwrap();
     let mine = smmu.create_stage1(frames, EL2).unwrap();
-    smmu.free_asid(spare).unwrap();
+    smmu.low_level().free_asid(spare).unwrap();
     smmu.map(mine, 0x1000, 0x9000_0000, 0x1000, RW).unwrap();
     smmu.attach(mine, 0x11).unwrap();
     model.refuse.store(
@@ -1815,7 +1841,7 @@ fn finding7_a_refused_restore_never_takes_away_a_parent_an_earlier_hand_off_left
         smmu.domains.book.lock().restored.contains_key(&0x52),
         "the parent stays for its nested domain"
     );
-    let ste = smmu.ste(0x18).unwrap();
+    let ste = smmu.low_level().ste(0x18).unwrap();
     assert_eq!(ste.config(), Config::Nested);
     let vmid = ste.vmid();
     assert!(smmu.core.vmid_taken(vmid));
@@ -1825,7 +1851,7 @@ fn finding7_a_refused_restore_never_takes_away_a_parent_an_earlier_hand_off_left
         smmu.restore_handover(unset, BASE, &ANYWHERE),
         Err(RestoreError::Pool(_))
     ));
-    let still_nested = smmu.ste(0x18).map(|s| s.config()) == Ok(Config::Nested);
+    let still_nested = smmu.low_level().ste(0x18).map(|s| s.config()) == Ok(Config::Nested);
     assert!(
         !still_nested || (smmu.core.vmid_taken(vmid) && smmu.retrieve(0x52).is_ok()),
         "stream 0x18 still translates nested with VMID {vmid}, whose parent was forgotten (VMID free again: {})",
@@ -1856,7 +1882,7 @@ fn finding9_a_domain_never_frees_the_arena_that_holds_the_smmus_own_stream_table
     let strtab = smmu.configuration().stream_table_base;
     let other = smmu.create_stage1(frames, Stage1Options::default()).unwrap();
     smmu.attach(other, 0x10).unwrap();
-    assert_eq!(smmu.ste(0x10).map(|s| s.config()), Ok(Config::Stage1));
+    assert_eq!(smmu.low_level().ste(0x10).map(|s| s.config()), Ok(Config::Stage1));
     assert_eq!(pool.arenas_in_use(), 1, "the SMMU's own arena");
     if let Ok(d) = smmu.create_stage1(core, Stage1Options::default()) {
         smmu.map(d, 0, 0x8000_0000, 0x1000, RW).unwrap();
@@ -1893,13 +1919,16 @@ fn review_a_running_stream_table_whose_level1_descriptors_share_a_span_is_not_ad
             core::mem::forget(next);
             return;
         }
-        let restored = next.ste(0x10).unwrap().config();
+        let restored = next.low_level().ste(0x10).unwrap().config();
         let d = next.retrieve(0x77).unwrap();
         assert_eq!(next.iova_to_phys(d, 0x1000), Ok(Some(0x8000_0000)));
         // Another domain, for another device.
         let other = next.create_stage2(frames, Stage2Options { input_bits: 40 }).unwrap();
         next.attach(other, 0x110).unwrap();
-        let (ste_10, ste_110) = (next.ste(0x10).unwrap(), next.ste(0x110).unwrap());
+        let (ste_10, ste_110) = (
+            next.low_level().ste(0x10).unwrap(),
+            next.low_level().ste(0x110).unwrap(),
+        );
         core::mem::forget(next);
         assert_ne!(
             ste_10,
@@ -1964,10 +1993,11 @@ fn review_a_running_hand_off_leaves_no_unchecked_stream_translating_after_prepar
     let d = arena_stage1_on(&mut first, pool);
     first.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
     first.attach(d, 0x10).unwrap();
-    first.attach_bypass(0x30).unwrap();
+    // SAFETY: the device behind the stream is trusted with all memory (a test of bypass).
+    unsafe { first.low_level().attach_bypass(0x30) }.unwrap();
     first.preserve(d, 0x77).unwrap();
     let prepared = first.prepare_handover(pool, BASE, 3, SURVIVING);
-    let left = first.ste(0x30).unwrap().config();
+    let left = first.low_level().ste(0x30).unwrap().config();
     core::mem::forget(first);
     assert!(
         prepared.is_err() || !matches!(left, Config::Bypass | Config::Stage1 | Config::Stage2 | Config::Nested),
@@ -2026,7 +2056,8 @@ fn a_running_hand_off_translates_only_preserved_streams_and_freezes_the_stream_c
     assert_eq!(first.attach(other, 0x20), Err(frozen));
     assert_eq!(first.attach_substream(other, 0x10, 3), Err(frozen));
     assert_eq!(
-        first.attach_bypass(0x30).err(),
+        // SAFETY: the device behind the stream is trusted with all memory (a test of bypass).
+        unsafe { first.low_level().attach_bypass(0x30) }.err(),
         Some(AttachError::StreamsFrozen { generation: 3 })
     );
     assert_eq!(
@@ -2035,7 +2066,11 @@ fn a_running_hand_off_translates_only_preserved_streams_and_freezes_the_stream_c
     );
     assert_eq!(issued_since(&model, before), [], "nothing issued");
     for sid in [0x11, 0x20, 0x30] {
-        assert_eq!(first.ste(sid).unwrap().config(), Config::Abort, "stream {sid:#x}");
+        assert_eq!(
+            first.low_level().ste(sid).unwrap().config(),
+            Config::Abort,
+            "stream {sid:#x}"
+        );
     }
     assert_eq!(first.attachments(other).as_deref(), Ok(&[][..]));
     for e in [
@@ -2045,11 +2080,12 @@ fn a_running_hand_off_translates_only_preserved_streams_and_freezes_the_stream_c
         assert!(e.contains("generation 3"), "{e}");
     }
     // Aborting stays allowed.
-    first.attach_abort(0x40).unwrap();
+    first.low_level().attach_abort(0x40).unwrap();
     // Cancelled: the configuration is free again (and a warm-reset hand-off below freezes nothing).
     first.cancel_handover(pool, BASE).unwrap();
-    first.attach_bypass(0x30).unwrap();
-    first.attach_abort(0x30).unwrap();
+    // SAFETY: the device behind the stream is trusted with all memory (a test of bypass).
+    unsafe { first.low_level().attach_bypass(0x30) }.unwrap();
+    first.low_level().attach_abort(0x30).unwrap();
     core::mem::forget(first);
 
     // Through a warm reset (the SMMU's structures not in an arena): nothing translates across it, so streams
@@ -2060,11 +2096,13 @@ fn a_running_hand_off_translates_only_preserved_streams_and_freezes_the_stream_c
     let kept = arena_stage1(&mut smmu, pool);
     smmu.attach(kept, 0x10).unwrap();
     smmu.preserve(kept, 0x78).unwrap();
-    smmu.attach_bypass(0x30).unwrap();
+    // SAFETY: the device behind the stream is trusted with all memory (a test of bypass).
+    unsafe { smmu.low_level().attach_bypass(0x30) }.unwrap();
     smmu.prepare_handover(pool, BASE, 4, SURVIVING).unwrap();
     let not_preserved = smmu.create_stage1(frames, Stage1Options::default()).unwrap();
     smmu.attach(not_preserved, 0x20).unwrap();
-    smmu.attach_bypass(0x31).unwrap();
+    // SAFETY: the device behind the stream is trusted with all memory (a test of bypass).
+    unsafe { smmu.low_level().attach_bypass(0x31) }.unwrap();
     core::mem::forget(smmu);
 }
 

@@ -115,7 +115,10 @@ fn restore(
         assert_eq!((smmu.asids_in_use(), smmu.vmids_in_use()), (0, 0), "no ID taken");
         for sid in [0x10, 0x20] {
             assert!(
-                !matches!(smmu.ste(sid).map(|s| s.config()), Ok(Config::Stage1 | Config::Stage2)),
+                !matches!(
+                    smmu.low_level().ste(sid).map(|s| s.config()),
+                    Ok(Config::Stage1 | Config::Stage2)
+                ),
                 "stream {sid:#x} translates nothing"
             );
         }
@@ -151,7 +154,7 @@ fn untouched_preserved_memory_is_verified_and_restored() {
     assert_eq!(result, Ok(2));
     let s1 = smmu.retrieve(S1).unwrap();
     assert_eq!(smmu.iova_to_phys(s1, 0x4010_0000), Ok(Some(0x9010_0000)));
-    assert_eq!(smmu.ste(0x10).unwrap().config(), Config::Stage1);
+    assert_eq!(smmu.low_level().ste(0x10).unwrap().config(), Config::Stage1);
     core::mem::forget(smmu);
 }
 
@@ -498,8 +501,8 @@ fn no_unused_stream_slot_is_taken_as_stream_id_0() {
     assert_eq!(streams, [0x10, 0x20]);
     let (result, smmu, _model) = restore(&mut region, frames, &RestoreOptions::new(DMA), &[]);
     assert_eq!(result, Ok(2));
-    assert_ne!(smmu.ste(0).map(|s| s.config()), Ok(Config::Stage1));
-    assert_ne!(smmu.ste(0).map(|s| s.config()), Ok(Config::Stage2));
+    assert_ne!(smmu.low_level().ste(0).map(|s| s.config()), Ok(Config::Stage1));
+    assert_ne!(smmu.low_level().ste(0).map(|s| s.config()), Ok(Config::Stage2));
     core::mem::forget(smmu);
 }
 
@@ -773,11 +776,11 @@ fn review_two_streams_naming_one_cd_table_are_refused() {
     let (result, smmu, _model) = restore(&mut region, frames, &RestoreOptions::new(DMA), &[]);
     if result.is_ok() {
         let d = smmu.retrieve(S1).unwrap();
-        assert_eq!(smmu.ste(0x11).unwrap().cd_table().0, cd_10);
+        assert_eq!(smmu.low_level().ste(0x11).unwrap().cd_table().0, cd_10);
         smmu.detach(0x10).unwrap();
         // IOVA 0x40_0000 needs a new last-level table.
         smmu.map(d, 0x40_0000, 0x8000_8000, 0x1000, RW).unwrap();
-        let ste_cd = smmu.ste(0x11).unwrap().cd_table().0;
+        let ste_cd = smmu.low_level().ste(0x11).unwrap().cd_table().0;
         core::mem::forget(smmu);
         let at = slot(&mut region, root, 0, 0x40_0000, 2);
         let table = desc::address(*word(&mut region, at));

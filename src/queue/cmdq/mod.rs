@@ -171,7 +171,7 @@ pub enum CommandQueueError {
         /// Records overwritten unread.
         lost: u64,
     },
-    /// [`crate::Iommu::submit`] refused the command at `index` of the batch: it may do more than invalidate,
+    /// [`crate::LowLevel::submit`] refused the command at `index` of the batch: it may do more than invalidate,
     /// prefetch or synchronise (see [`crate::hw::command::vet`]). Nothing of the batch was written.
     NotAllowed {
         /// Its index in the batch.

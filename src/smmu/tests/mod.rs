@@ -49,21 +49,34 @@ fn init_follows_the_architecture_order_and_attaches() {
     ));
     assert_eq!((smmu.cmdq_entries(), smmu.eventq_entries()), (256, 256));
 
-    let report = smmu.attach_bypass(0x10).unwrap();
+    // SAFETY: the device behind the stream is trusted with all memory (a test of bypass).
+    let report = unsafe { smmu.low_level().attach_bypass(0x10) }.unwrap();
     assert!(report.new_span);
-    assert_eq!(smmu.ste(0x10), Ok(Ste::bypass_for(&smmu.features().entry_rules())));
-    assert_eq!(smmu.ste(0x11), Ok(Ste::abort()), "the rest of the new span aborts");
-    assert_eq!(smmu.ste(0x110), Ok(Ste::invalid()), "other spans do not exist yet");
-    assert_eq!(smmu.attach_bypass(0x10).unwrap().syncs, 0);
     assert_eq!(
-        smmu.attach_abort(1 << 16),
+        smmu.low_level().ste(0x10),
+        Ok(Ste::bypass_for(&smmu.features().entry_rules()))
+    );
+    assert_eq!(
+        smmu.low_level().ste(0x11),
+        Ok(Ste::abort()),
+        "the rest of the new span aborts"
+    );
+    assert_eq!(
+        smmu.low_level().ste(0x110),
+        Ok(Ste::invalid()),
+        "other spans do not exist yet"
+    );
+    // SAFETY: the device behind the stream is trusted with all memory (a test of bypass).
+    assert_eq!(unsafe { smmu.low_level().attach_bypass(0x10) }.unwrap().syncs, 0);
+    assert_eq!(
+        smmu.low_level().attach_abort(1 << 16),
         Err(AttachError::Stream(StreamError::UnknownStream {
             sid: 1 << 16,
             sid_bits: 16
         }))
     );
     let before = model.seen.lock().unwrap().consumed.len();
-    smmu.attach_abort(0x10).unwrap();
+    smmu.low_level().attach_abort(0x10).unwrap();
     let consumed = model.seen.lock().unwrap().consumed[before..].to_vec();
     assert_eq!(
         consumed,
@@ -71,11 +84,11 @@ fn init_follows_the_architecture_order_and_attaches() {
         "bypass -> abort: one qword (QEMU has no IDR1.ATTR_TYPES_OVR, so bypass has no SHCFG to clear)"
     );
 
-    let asid = smmu.allocate_asid().unwrap();
-    let vmid = smmu.allocate_vmid().unwrap();
+    let asid = smmu.low_level().allocate_asid().unwrap();
+    let vmid = smmu.low_level().allocate_vmid().unwrap();
     assert_eq!((asid, vmid), (1, 1));
-    assert_eq!(smmu.free_asid(asid), Ok(()));
-    assert!(smmu.free_vmid(2).is_err());
+    assert_eq!(smmu.low_level().free_asid(asid), Ok(()));
+    assert!(smmu.low_level().free_vmid(2).is_err());
 
     let smmu = smmu.shutdown(true).unwrap();
     assert!(!smmu.is_enabled());
@@ -144,7 +157,7 @@ fn global_errors() {
     let smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
     // An event queue abort is acknowledged and reported as lost events.
     model.set_gerror(GlobalErrors::EVENTQ_ABT_ERR.bits());
-    let report = smmu.drain_events(|_| panic!("no records")).unwrap();
+    let report = smmu.low_level().drain_events(|_| panic!("no records")).unwrap();
     assert_eq!(report.overflow, Some(Overflow::EventQueueAbort));
     assert!(
         smmu.handle_global_errors().unwrap().is_empty(),
@@ -168,7 +181,7 @@ fn global_errors() {
         smmu.core.smmu.regs().cr0ack.is_set(CR0::EVENTQEN),
         "the event queue is on again"
     );
-    smmu.drain_events(|_| {}).unwrap();
+    smmu.low_level().drain_events(|_| {}).unwrap();
     // Service failure is fatal, with a message that says so (the abort bit left as acknowledged).
     model.set_gerror(GlobalErrors::SFM_ERR.bits());
     let error = smmu.handle_global_errors().unwrap_err();
@@ -198,7 +211,7 @@ fn flush_issues_the_least_invalidation_then_releases_tables() {
     use crate::pgtable::{Format, Gather, Granule, IoPageTable, Prot, Stage};
     let frames = frames();
     let model = Model::start(frames);
-    let mut smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
+    let smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
     let rw = Prot::READ | Prot::WRITE | Prot::CACHEABLE;
     let format = Format {
         stage: Stage::One,
@@ -215,6 +228,7 @@ fn flush_issues_the_least_invalidation_then_releases_tables() {
     let mut gather = Gather::default();
     table.unmap(0x40_0000, 4 * 4096, &mut gather).unwrap();
     let report = smmu
+        .low_level()
         .flush(&mut table, gather, TlbContext::Stage1 { asid: 3, vmid: 0 })
         .unwrap();
     assert_eq!(consumed(&model, before), [opcode::TLBI_NH_VA, opcode::SYNC]);
@@ -237,7 +251,8 @@ fn flush_issues_the_least_invalidation_then_releases_tables() {
     table.unmap(0x40_0000, 16 * 4096, &mut gather).unwrap();
     assert_eq!(gather.freed_tables(), 2);
     let live = frames.live_blocks();
-    smmu.flush(&mut table, gather, TlbContext::Stage2 { vmid: 5, nested: true })
+    smmu.low_level()
+        .flush(&mut table, gather, TlbContext::Stage2 { vmid: 5, nested: true })
         .unwrap();
     assert_eq!(frames.live_blocks(), live - 2);
     let ops = consumed(&model, before);
@@ -259,7 +274,8 @@ fn flush_issues_the_least_invalidation_then_releases_tables() {
 
     // Nothing gathered: nothing issued.
     let before = model.seen.lock().unwrap().consumed.len();
-    smmu.flush(&mut table, Gather::default(), TlbContext::Stage1 { asid: 3, vmid: 0 })
+    smmu.low_level()
+        .flush(&mut table, Gather::default(), TlbContext::Stage1 { asid: 3, vmid: 0 })
         .unwrap();
     assert_eq!(consumed(&model, before), []);
 }
@@ -289,7 +305,7 @@ fn flush_keeps_the_unlinked_tables_when_the_invalidation_fails() {
     use crate::pgtable::Gather;
     let frames = frames();
     let model = Model::start(frames);
-    let mut smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
+    let smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
     let mut table = stage1_table(frames);
     let mut gather = Gather::default();
     table.unmap(0x40_0000, 16 * 4096, &mut gather).unwrap();
@@ -297,7 +313,7 @@ fn flush_keeps_the_unlinked_tables_when_the_invalidation_fails() {
     let live = frames.live_blocks();
     model.refuse.store(opcode::TLBI_NH_VA, Ordering::SeqCst);
     let context = TlbContext::Stage1 { asid: 3, vmid: 0 };
-    let error = smmu.flush(&mut table, gather, context).unwrap_err();
+    let error = smmu.low_level().flush(&mut table, gather, context).unwrap_err();
     assert!(
         matches!(
             error.error,
@@ -309,7 +325,7 @@ fn flush_keeps_the_unlinked_tables_when_the_invalidation_fails() {
     assert_eq!(error.gather.freed_tables(), 2, "the tables come back to the caller");
     // Once the SMMU takes the command, the same gather completes the job.
     model.refuse.store(0, Ordering::SeqCst);
-    smmu.flush(&mut table, error.gather, context).unwrap();
+    smmu.low_level().flush(&mut table, error.gather, context).unwrap();
     assert_eq!(frames.live_blocks(), live - 2);
 }
 
@@ -318,7 +334,7 @@ fn flush_refuses_a_gather_another_table_filled() {
     use crate::pgtable::Gather;
     let frames = frames();
     let model = Model::start(frames);
-    let mut smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
+    let smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
     let mut a = stage1_table(frames);
     let mut b = stage1_table(frames);
     let mut gather = Gather::default();
@@ -327,7 +343,7 @@ fn flush_refuses_a_gather_another_table_filled() {
     let live = frames.live_blocks();
     let before = model.seen.lock().unwrap().consumed.len();
     let context = TlbContext::Stage1 { asid: 3, vmid: 0 };
-    let refused = smmu.flush(&mut b, gather, context).unwrap_err();
+    let refused = smmu.low_level().flush(&mut b, gather, context).unwrap_err();
     assert_eq!(
         refused.error,
         InvalidationError::ForeignGather {
@@ -339,7 +355,7 @@ fn flush_refuses_a_gather_another_table_filled() {
     assert_eq!(frames.live_blocks(), live, "a's tables are not freed through b");
     // The gather comes back whole: flushed with its own table, it is invalidated, then freed.
     assert_eq!(refused.gather.freed_tables(), 2);
-    smmu.flush(&mut a, refused.gather, context).unwrap();
+    smmu.low_level().flush(&mut a, refused.gather, context).unwrap();
     assert_eq!(frames.live_blocks(), live - 2);
     assert!(model.seen.lock().unwrap().consumed.len() > before);
 }
@@ -350,7 +366,7 @@ fn a_failed_ste_invalidation_stops_the_hitless_writer() {
     let frames = frames();
     let model = Model::start(frames);
     let smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
-    smmu.attach_abort(0x10).unwrap();
+    smmu.low_level().attach_abort(0x10).unwrap();
     // abort -> stage 2 takes two steps: the qwords abort does not read (sync), then qword 0 (sync). The first
     // CFGI_STE is refused: the writer must not go on to qword 0.
     model.refuse.store(opcode::CFGI_STE, Ordering::SeqCst);
@@ -361,7 +377,7 @@ fn a_failed_ste_invalidation_stops_the_hitless_writer() {
     };
     assert_eq!((failed.syncs, failed.left), (0, EntryState::Old));
     assert!(matches!(failed.error, CommandQueueError::Refused { .. }));
-    let left = smmu.ste(0x10).unwrap();
+    let left = smmu.low_level().ste(0x10).unwrap();
     assert_eq!(left.config(), Config::Abort, "qword 0 untouched after the failed sync");
     assert_eq!(left.0[1..], target.0[1..], "what the first step wrote stays");
     assert!(std::format!("{error}").contains("the old configuration"));
@@ -371,7 +387,7 @@ fn a_failed_ste_invalidation_stops_the_hitless_writer() {
         1,
         "the rest, on retry"
     );
-    assert_eq!(smmu.ste(0x10), Ok(target));
+    assert_eq!(smmu.low_level().ste(0x10), Ok(target));
 }
 
 #[test]
@@ -395,12 +411,15 @@ fn el2_stage1_is_invalidated_with_el2_commands_only_where_the_smmu_has_el2_conte
     let frames = frames();
     // QEMU's SMMU has no IDR0.HYP: an EL2 context is refused, and nothing is issued.
     let model = Model::start(frames);
-    let mut smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
+    let smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
     let mut table = stage1_table(frames);
     let mut gather = Gather::default();
     table.unmap(0x40_0000, 4096, &mut gather).unwrap();
     let before = model.seen.lock().unwrap().consumed.len();
-    let error = smmu.flush(&mut table, gather, TlbContext::Stage1El2).unwrap_err();
+    let error = smmu
+        .low_level()
+        .flush(&mut table, gather, TlbContext::Stage1El2)
+        .unwrap_err();
     assert_eq!(error.error, InvalidationError::NoEl2Contexts);
     assert_eq!(model.seen.lock().unwrap().consumed.len(), before);
     smmu.shutdown(false).unwrap();
@@ -408,11 +427,13 @@ fn el2_stage1_is_invalidated_with_el2_commands_only_where_the_smmu_has_el2_conte
 
     // With IDR0.HYP (bit 9): TLBI_EL2_VA, and init's invalidation includes TLBI_EL2_ALL.
     let model = Model::start_with(frames, IDRS[0].1 | 1 << 9);
-    let mut smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
+    let smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
     let at_init = model.seen.lock().unwrap().consumed.clone();
     assert!(at_init.contains(&opcode::TLBI_EL2_ALL));
     let before = at_init.len();
-    smmu.flush(&mut table, error.gather, TlbContext::Stage1El2).unwrap();
+    smmu.low_level()
+        .flush(&mut table, error.gather, TlbContext::Stage1El2)
+        .unwrap();
     let ops = model.seen.lock().unwrap().consumed[before..].to_vec();
     assert_eq!(ops, [opcode::TLBI_EL2_VA, opcode::SYNC]);
 }
@@ -431,7 +452,7 @@ fn an_mmu700_gets_a_cmd_sync_within_every_63_commands() {
     while !batch.is_full() {
         batch.push(&Command::CfgiSte { sid: 1, leaf: true }).unwrap();
     }
-    let report = smmu.submit(&batch).unwrap();
+    let report = smmu.low_level().submit(&batch).unwrap();
     assert_eq!((report.commands, report.syncs), (66, 2));
     let ops = model.seen.lock().unwrap().consumed[before..].to_vec();
     let runs: Vec<usize> = ops.split(|&op| op == opcode::SYNC).map(<[u8]>::len).collect();
@@ -486,7 +507,7 @@ fn submit_vets_the_whole_batch_before_writing_any_of_it() {
     batch.push(&Command::TlbiNsnhAll).unwrap();
     let before = model.seen.lock().unwrap().commands.len();
     assert_eq!(
-        smmu.submit(&batch),
+        smmu.low_level().submit(&batch),
         Err(CommandQueueError::NotAllowed {
             index: 1,
             reason: crate::hw::command::Unvetted::Unmodelled { opcode: 0x7f }
@@ -495,7 +516,7 @@ fn submit_vets_the_whole_batch_before_writing_any_of_it() {
     assert_eq!(issued_since(&model, before), [], "nothing of the batch written");
     model.refuse.store(0x7f, Ordering::SeqCst);
     // SAFETY: CFGI_ALL, TLBI_NSNH_ALL and a reserved opcode the model refuses: nothing writes memory.
-    let submitted = unsafe { smmu.submit_unvetted(&batch) };
+    let submitted = unsafe { smmu.low_level().submit_unvetted(&batch) };
     assert!(
         matches!(submitted, Err(CommandQueueError::Refused { count: 1, .. })),
         "{submitted:?}"

@@ -169,7 +169,7 @@ pub(super) fn drain(session: &mut Session, sid: Option<u32>) -> Result<Drained, 
     let mut d = Drained::default();
     // A drain stops at its bound with `pending` when records keep arriving: drain until it does not.
     loop {
-        let report = session.drain_events(|event| {
+        let report = session.low_level().drain_events(|event| {
             let bad = matches!(event.name(), "C_BAD_STE" | "C_BAD_STREAMID");
             if bad && sid.is_some() && event.stream_id() == sid {
                 d.bad_stream += 1;
@@ -244,7 +244,10 @@ pub fn init(context: &mut Context) -> Result<(), Failure> {
         )
     }
     let sid = context.platform.pcie.stream_id(0x10).unwrap_or(0x10);
-    let first = s.attach_abort(sid).or_else(|e| fail!("attach_abort({sid:#x}): {e}"))?;
+    let first = s
+        .low_level()
+        .attach_abort(sid)
+        .or_else(|e| fail!("attach_abort({sid:#x}): {e}"))?;
     println!(
         "  attach_abort({sid:#x}): {:?}, {} sync(s), new level-2 span: {}",
         first.kind, first.syncs, first.new_span
@@ -255,12 +258,12 @@ pub fn init(context: &mut Context) -> Result<(), Failure> {
             s.allocated_spans()
         )
     }
-    match s.ste(sid) {
+    match s.low_level().ste(sid) {
         Ok(ste) if ste == Ste::abort() => {}
         Ok(ste) => fail!("STE {sid:#x} reads back {:x?}", ste.0),
         Err(e) => fail!("{e}"),
     }
-    let again = s.attach_abort(sid).or_else(|e| fail!("{e}"))?;
+    let again = s.low_level().attach_abort(sid).or_else(|e| fail!("{e}"))?;
     if again.syncs != 0 {
         fail!("rewriting an identical STE cost {} syncs", again.syncs)
     }
@@ -275,7 +278,7 @@ pub fn init(context: &mut Context) -> Result<(), Failure> {
             .or_else(|e| fail!("{e}"))?;
     }
     batch.push(&Command::TlbiNsnhAll).or_else(|e| fail!("{e}"))?;
-    let report = s.submit(&batch).or_else(|e| fail!("batch: {e}"))?;
+    let report = s.low_level().submit(&batch).or_else(|e| fail!("batch: {e}"))?;
     println!(
         "  batch: {} commands ({} CMD_SYNC) with {} PROD write(s), {} MMIO write(s) in all",
         report.commands, report.syncs, report.prod_writes, report.mmio_writes
@@ -288,7 +291,9 @@ pub fn init(context: &mut Context) -> Result<(), Failure> {
         )
     }
     measure_batching(&mut s, sid)?;
-    s.invalidate_all().or_else(|e| fail!("invalidate all: {e}"))?;
+    s.low_level()
+        .invalidate_all()
+        .or_else(|e| fail!("invalidate all: {e}"))?;
     s.lines.expect_none("after init")?;
     expect_quiet(&mut s, "after init")
 }
@@ -308,7 +313,7 @@ fn measure_batching(s: &mut Session, sid: u32) -> Result<(), Failure> {
         for i in 0..N {
             let mut one = Batch::new();
             one.push(&command(i)).or_else(|e| fail!("{e}"))?;
-            single_writes += s.submit(&one).or_else(|e| fail!("{e}"))?.mmio_writes;
+            single_writes += s.low_level().submit(&one).or_else(|e| fail!("{e}"))?.mmio_writes;
         }
         single_ticks += crate::time::ticks() - start;
         let start = crate::time::ticks();
@@ -316,7 +321,7 @@ fn measure_batching(s: &mut Session, sid: u32) -> Result<(), Failure> {
         for i in 0..N {
             batch.push(&command(i)).or_else(|e| fail!("{e}"))?;
         }
-        batch_writes += s.submit(&batch).or_else(|e| fail!("{e}"))?.mmio_writes;
+        batch_writes += s.low_level().submit(&batch).or_else(|e| fail!("{e}"))?.mmio_writes;
         batch_ticks += crate::time::ticks() - start;
     }
     let per_command = |ticks: u64| crate::time::to_us(ticks * 1000) / u64::from(N * ROUNDS);
@@ -356,7 +361,7 @@ pub fn abort_default(context: &mut Context) -> Result<(), Failure> {
             d.other
         )
     }
-    s.attach_abort(sid).or_else(|e| fail!("{e}"))?;
+    s.low_level().attach_abort(sid).or_else(|e| fail!("{e}"))?;
     let (intact, _) = dma_onto_canary(&edu, 256, 0x3a)?;
     if !intact {
         fail!("edu wrote through an aborting STE")
@@ -371,13 +376,14 @@ pub fn abort_default(context: &mut Context) -> Result<(), Failure> {
 pub fn bypass(context: &mut Context) -> Result<(), Failure> {
     let mut s = start(context, &InitOptions::default())?;
     let (edu, sid) = edu_stream(context)?;
-    let r = s.attach_bypass(sid).or_else(|e| fail!("{e}"))?;
+    // SAFETY: the device behind the stream is trusted with all memory (a test of bypass).
+    let r = unsafe { s.low_level().attach_bypass(sid) }.or_else(|e| fail!("{e}"))?;
     let (from, to) = round_trip(&edu, 256)?;
     println!(
         "  bypass STE for {sid:#x} ({:?}, {} sync(s)): 256 bytes {from:#x} -> edu -> {to:#x}, verified",
         r.kind, r.syncs
     );
-    let r = s.attach_abort(sid).or_else(|e| fail!("{e}"))?;
+    let r = s.low_level().attach_abort(sid).or_else(|e| fail!("{e}"))?;
     let (intact, _) = dma_onto_canary(&edu, 256, 0x4b)?;
     if !intact {
         fail!(
@@ -386,7 +392,8 @@ pub fn bypass(context: &mut Context) -> Result<(), Failure> {
             r.syncs
         )
     }
-    s.attach_bypass(sid).or_else(|e| fail!("{e}"))?;
+    // SAFETY: the device behind the stream is trusted with all memory (a test of bypass).
+    unsafe { s.low_level().attach_bypass(sid) }.or_else(|e| fail!("{e}"))?;
     round_trip(&edu, 256)?;
     println!(
         "  bypass -> abort ({:?}, {} syncs): DMA aborted; -> bypass: DMA verified again",
@@ -411,12 +418,15 @@ pub fn cmdq_error(context: &mut Context) -> Result<(), Failure> {
     // The batch completes past the refused command, and the submission reports it as an error: what the
     // command was for did not happen.
     // The vetted `submit` refuses a reserved opcode before the SMMU sees it.
-    if !matches!(s.submit(&batch), Err(CommandQueueError::NotAllowed { index: 1, .. })) {
+    if !matches!(
+        s.low_level().submit(&batch),
+        Err(CommandQueueError::NotAllowed { index: 1, .. })
+    ) {
         fail!("submit queued a reserved opcode")
     }
     // SAFETY: the commands are CFGI_ALL, TLBI_NSNH_ALL and a reserved opcode, which the SMMU refuses (CERROR_ILL):
     // none writes memory or changes a translation.
-    let (fault, count) = match unsafe { s.submit_unvetted(&batch) } {
+    let (fault, count) = match unsafe { s.low_level().submit_unvetted(&batch) } {
         Err(CommandQueueError::Refused { first, count }) => (first, count),
         Err(e) => fail!("batch with an illegal command: {e}"),
         Ok(report) => fail!(
@@ -431,8 +441,12 @@ pub fn cmdq_error(context: &mut Context) -> Result<(), Failure> {
         fail!("expected one CERROR_ILL on opcode {ILLEGAL_OPCODE:#x}, got {count} fault(s), the first {fault}")
     }
     // The queue goes on: a clean batch and an STE write (CFGI_STE + CMD_SYNC) complete without faults.
-    s.invalidate_all().or_else(|e| fail!("after the error: {e}"))?;
-    s.attach_abort(0).or_else(|e| fail!("STE write after the error: {e}"))?;
+    s.low_level()
+        .invalidate_all()
+        .or_else(|e| fail!("after the error: {e}"))?;
+    s.low_level()
+        .attach_abort(0)
+        .or_else(|e| fail!("STE write after the error: {e}"))?;
     println!("  CERROR_ILL reported and skipped; the later commands completed, the submission failed with it");
     expect_quiet(&mut s, "after the command error")
 }
@@ -500,7 +514,8 @@ pub fn evtq_overflow(context: &mut Context) -> Result<(), Failure> {
         "  after the overflow: {} new event(s) recorded, no loss",
         d.report.events
     );
-    s.attach_bypass(sid).or_else(|e| fail!("{e}"))?;
+    // SAFETY: the device behind the stream is trusted with all memory (a test of bypass).
+    unsafe { s.low_level().attach_bypass(sid) }.or_else(|e| fail!("{e}"))?;
     round_trip(&edu, 64)?;
     println!("  bypassed DMA after the overflow verified");
     expect_quiet(&mut s, "after overflow")

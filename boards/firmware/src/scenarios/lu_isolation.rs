@@ -166,7 +166,11 @@ pub fn lu_adopt_refused(context: &mut Context) -> Result<(), Failure> {
     let s = smmu
         .adopt_running(core, &smmuv3::InitOptions::default(), &running)
         .or_else(|e| fail!("{e}"))?;
-    let before = s.ste(sid).map(|ste| ste.config()).or_else(|e| fail!("{e}"))?;
+    let before = s
+        .low_level()
+        .ste(sid)
+        .map(|ste| ste.config())
+        .or_else(|e| fail!("{e}"))?;
     if !matches!(before, Config::Stage1 | Config::Stage2) {
         fail!("the adopted SMMU does not translate stream {sid:#x} as the first image left it ({before:?})")
     }
@@ -181,7 +185,7 @@ pub fn lu_adopt_refused(context: &mut Context) -> Result<(), Failure> {
     // translation off with GBPA.ABORT = 1 (is_enabled reads false); whatever happened, the SMMU ends this
     // scenario disabled and aborting.
     let contained = if s.is_enabled() {
-        match s.ste(sid).map(|ste| ste.config()) {
+        match s.low_level().ste(sid).map(|ste| ste.config()) {
             Ok(Config::Abort) => "stream aborts (its STE rewritten, CFGI_ALL, CMD_SYNC)",
             other => fail!("after the refusal stream {sid:#x} is {other:?}, not aborting"),
         }

@@ -220,7 +220,7 @@ fn taken(intid: u32, total: usize) -> [u32; MAX_CPUS] {
 fn drain_quietly(s: &mut Session, sid: u32) -> Result<(u32, u32), Failure> {
     let (mut bad, mut other) = (0, 0);
     loop {
-        let report = s.drain_events(|event| {
+        let report = s.low_level().drain_events(|event| {
             if matches!(event.name(), "C_BAD_STE" | "C_BAD_STREAMID") && event.stream_id() == Some(sid) {
                 bad += 1;
             } else {
