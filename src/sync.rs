@@ -5,6 +5,10 @@
 //! table entries a loom model allocates as loom atomics; the command queue's reservation, publication, completion,
 //! recovery lock and fault log, whose DMA block a loom model replaces with its own storage). Anything else stays on
 //! `core` atomics.
+//!
+//! [`Mutex`] is the same for the short locks a loom model must see: `spin::Mutex` in the driver, loom's mutex in a
+//! model (a model's threads would spin forever on a lock loom cannot see being let go). The domain table's fault
+//! reports use it.
 
 // Each protocol uses some of these.
 #![allow(unused_imports)]
@@ -38,4 +42,32 @@ extern crate std;
 pub(crate) fn delay_point() {
     #[cfg(all(loom, test))]
     loom::thread::yield_now();
+}
+
+#[cfg(not(all(loom, test)))]
+pub(crate) use spin::{Mutex, MutexGuard};
+
+#[cfg(all(loom, test))]
+pub(crate) use loom_mutex::{Mutex, MutexGuard};
+
+/// `spin::Mutex`'s interface over loom's mutex.
+#[cfg(all(loom, test))]
+mod loom_mutex {
+    pub(crate) type MutexGuard<'a, T> = loom::sync::MutexGuard<'a, T>;
+
+    pub(crate) struct Mutex<T>(loom::sync::Mutex<T>);
+
+    impl<T> Mutex<T> {
+        pub(crate) fn new(value: T) -> Self {
+            Mutex(loom::sync::Mutex::new(value))
+        }
+
+        pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+            self.0.lock().unwrap()
+        }
+
+        pub(crate) fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
+            self.0.try_lock().ok()
+        }
+    }
 }

@@ -355,9 +355,9 @@ impl core::ops::Deref for TableRef<'_> {
 }
 
 /// The memory of a domain without a table (blocked, bypass): hands out nothing.
-struct NoMemory;
+pub(super) struct NoMemory;
 
-static NO_MEMORY: NoMemory = NoMemory;
+pub(super) static NO_MEMORY: NoMemory = NoMemory;
 
 // SAFETY: hands out no block, so there is nothing to uphold.
 unsafe impl crate::mem::FrameAllocator for NoMemory {

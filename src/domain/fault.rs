@@ -100,16 +100,23 @@ impl FaultReport {
     }
 }
 
+/// How often interrupt context tries a fault report's lock before it leaves the record in the queue (a loom model
+/// keeps the exploration small).
+#[cfg(not(all(loom, test)))]
+const INTERRUPT_TRIES: usize = 64;
+#[cfg(all(loom, test))]
+const INTERRUPT_TRIES: usize = 2;
+
 /// Whether a fault filer may wait for the locks it takes: a thread may, interrupt context only tries them.
-fn take<T>(lock: &spin::Mutex<T>, who: Drainer) -> Option<spin::MutexGuard<'_, T>> {
+fn take<T>(lock: &crate::sync::Mutex<T>, who: Drainer) -> Option<crate::sync::MutexGuard<'_, T>> {
     match who {
         Drainer::Thread => Some(lock.lock()),
         // A few tries: the holders' critical sections are a copy or a push (on another CPU they end quickly; on
         // this one, never while this interrupt runs, hence the bound).
-        Drainer::Interrupt => (0..64).find_map(|_| {
+        Drainer::Interrupt => (0..INTERRUPT_TRIES).find_map(|_| {
             let guard = lock.try_lock();
             if guard.is_none() {
-                core::hint::spin_loop();
+                crate::sync::spin_loop();
             }
             guard
         }),

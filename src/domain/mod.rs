@@ -87,6 +87,8 @@ mod create;
 mod entries;
 mod error;
 mod fault;
+#[cfg(all(loom, test))]
+mod loom_models;
 mod map;
 mod preserve;
 mod raw;

@@ -183,7 +183,7 @@ pub(crate) struct Slot {
     pub(crate) state: spin::RwLock<Option<DomainState>>,
     /// The faults filed for the domain: a leaf lock (nothing is taken while holding it), only tried from interrupt
     /// context.
-    pub(crate) faults: spin::Mutex<FaultReport>,
+    pub(crate) faults: crate::sync::Mutex<FaultReport>,
 }
 
 /// A live domain, read-locked.
@@ -291,7 +291,7 @@ pub(crate) struct Domains<const D: usize> {
     /// Memory no mapping may reach (`Iommu::protect_memory`): read by every map.
     pub(crate) protected: spin::RwLock<ProtectedMemory>,
     /// The faults of streams no domain holds: a leaf lock, as a slot's.
-    pub(crate) unattached_faults: spin::Mutex<FaultReport>,
+    pub(crate) unattached_faults: crate::sync::Mutex<FaultReport>,
 }
 
 impl<const D: usize> Domains<D> {
@@ -300,7 +300,7 @@ impl<const D: usize> Domains<D> {
             slots: core::array::from_fn(|_| Slot {
                 generation: AtomicU64::new(0),
                 state: spin::RwLock::new(None),
-                faults: spin::Mutex::new(FaultReport::default()),
+                faults: crate::sync::Mutex::new(FaultReport::default()),
             }),
             book: spin::Mutex::new(Book {
                 // Lowest index on top, so the first domain gets slot 0.
@@ -313,7 +313,7 @@ impl<const D: usize> Domains<D> {
             }),
             prepared: spin::Mutex::new(None),
             protected: spin::RwLock::new(ProtectedMemory::new()),
-            unattached_faults: spin::Mutex::new(FaultReport::default()),
+            unattached_faults: crate::sync::Mutex::new(FaultReport::default()),
         }
     }
 

@@ -301,7 +301,10 @@ fn test(args: &[String]) -> Result<ExitCode, String> {
     let mut tests = cargo();
     tests.args(["test", "--workspace"]).args(FIRMWARE_EXCLUDES);
     step("host and QEMU tests", tests)?;
-    step("loom models (command queue, page tables)", loom_command())?;
+    step(
+        "loom models (command queue, page tables, ID allocators, domain slots)",
+        loom_command(),
+    )?;
     step("handover fuzzer smoke run", fuzz_command(FUZZ_SMOKE_SECONDS, None))?;
     let mut host = cargo();
     host.args(["clippy", "--workspace", "--all-targets"])
@@ -331,7 +334,7 @@ fn test(args: &[String]) -> Result<ExitCode, String> {
 /// Seconds of preemption-bounded search per loom model in `test` (after its exhaustive search without preemption).
 const LOOM_MODEL_SECONDS: u64 = 3;
 
-/// The loom models (`src/queue/cmdq/loom_models.rs`, `src/pgtable/loom_models.rs`): the library's tests built with `--cfg loom`, in their own target
+/// The loom models (`src/queue/cmdq/loom_models.rs`, `src/pgtable/loom_models.rs`, `src/ids/loom_models.rs`, `src/domain/loom_models.rs`): the library's tests built with `--cfg loom`, in their own target
 /// directory so that the normal build is not rebuilt, with the preemption bound and search time bounded.
 fn loom_command() -> Command {
     let mut command = cargo();
