@@ -29,7 +29,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// STE is left as the error says and the stream is recorded as attached (so the domain cannot be freed under
     /// it); `detach` cleans up.
     pub fn attach(&self, domain: DomainId, sid: u32) -> Result<(), DomainError> {
-        let mut book = self.domains.book.lock();
+        let mut book = self.book();
         self.unfrozen(domain)?;
         self.streams_unfrozen()?;
         if let Some(i) = book.stream(sid) {
@@ -143,7 +143,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// what the CD holds) and the substream is recorded as attached, so that its domain cannot be freed while the
     /// SMMU may use the CD; [`Iommu::detach_substream`] cleans up.
     pub fn attach_substream(&self, domain: DomainId, sid: u32, ssid: u32) -> Result<(), DomainError> {
-        let mut book = self.domains.book.lock();
+        let mut book = self.book();
         self.unfrozen(domain)?;
         self.streams_unfrozen()?;
         let (cd, el2) = {
@@ -224,7 +224,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// when the invalidation failed: the substream stays
     /// recorded (its domain cannot be freed) and the detach can be tried again.
     pub fn detach_substream(&self, sid: u32, ssid: u32) -> Result<(), DomainError> {
-        let mut book = self.domains.book.lock();
+        let mut book = self.book();
         self.detach_substream_locked(&mut book, sid, ssid)
     }
 
@@ -259,7 +259,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// an invalidation failed: the stream stays recorded as attached (so its domain cannot be freed while the SMMU
     /// may still use it) and the detach can be tried again.
     pub fn detach(&self, sid: u32) -> Result<(), DomainError> {
-        let mut book = self.domains.book.lock();
+        let mut book = self.book();
         let book = &mut *book;
         let index = book.stream(sid).ok_or(DomainError::NotAttached { sid, ssid: None })?;
         self.unfrozen(book.streams[index].domain)?;

@@ -31,7 +31,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             return Err(DomainError::Unsupported("EL2 stage 1 needs EL2 contexts (IDR0.HYP)"));
         }
         self.stalls_forced()?;
-        self.domains.book.lock().check_free_slot()?;
+        self.book().check_free_slot()?;
         self.create_claimed(memory, |smmu| {
             let stage = if options.el2 { Stage::OneEl2 } else { Stage::One };
             let table = smmu.new_table(memory, stage, options.input_bits)?;
@@ -59,7 +59,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             return Err(DomainError::Unsupported("no stage 2 (IDR0.S2P = 0)"));
         }
         self.stalls_forced()?;
-        self.domains.book.lock().check_free_slot()?;
+        self.book().check_free_slot()?;
         self.create_claimed(memory, |smmu| {
             let table = smmu.new_table(memory, Stage::Two, options.input_bits)?;
             let vmid = smmu.core.allocate_vmid().map_err(DomainError::Id)?;
@@ -93,7 +93,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         // only the slot is taken under the bookkeeping's lock.
         let translation = build(self).inspect_err(|_| memory.give_up_ownership())?;
         let inserted = {
-            let mut book = self.domains.book.lock();
+            let mut book = self.book();
             self.domains.insert(&mut book, DomainState::new(translation, memory))
         };
         inserted.map_err(|state| {
@@ -131,7 +131,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             }));
         }
         // The parent's write lock across the insertion: a parent cannot be freed with a child being added.
-        let mut book = self.domains.book.lock();
+        let mut book = self.book();
         let mut state = self.domains.get_mut(parent)?;
         let memory = state.memory;
         let Translation::Stage2 { children, .. } = &mut state.translation else {
@@ -179,7 +179,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     }
 
     fn create_fixed(&self, kind: Fixed) -> Result<DomainId, DomainError> {
-        let mut book = self.domains.book.lock();
+        let mut book = self.book();
         book.check_free_slot()?;
         self.domains
             .insert(&mut book, DomainState::new(Translation::Fixed(kind), &NO_MEMORY))
@@ -279,7 +279,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// domain (unpreserve it first): nothing changes. [`DomainError::Invalidation`] when the invalidation failed:
     /// the domain is kept as it was.
     pub fn free_domain(&self, domain: DomainId) -> Result<(), DomainError> {
-        let mut book = self.domains.book.lock();
+        let mut book = self.book();
         let state = self.domains.get(domain)?;
         if !state.attachments.is_empty() {
             return Err(DomainError::StillAttached {

@@ -248,8 +248,10 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// [`GlobalError::ServiceFailure`].
     pub fn handle_interrupt(&self) -> Result<crate::queue::evtq::DrainReport, GlobalError> {
         let Some(book) = self.domains.book.try_lock() else {
-            // A structural operation holds the routing: leave the records, say so. Global errors are still
-            // acknowledged (that path never waits).
+            // A structural operation holds the routing: leave the records, say so, and have the holder file them
+            // before it lets go (see `BookGuard`). Global errors are still acknowledged (that path never waits).
+            // Release: pairs with the holder's Acquire swap.
+            self.domains.faults_waiting.store(true, Ordering::Release);
             self.core.handle_global_errors()?;
             return Ok(crate::queue::evtq::DrainReport {
                 pending: true,
@@ -259,5 +261,66 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         self.core.drain_events(Drainer::Interrupt, |event| {
             self.domains.file(&book, &event, Drainer::Interrupt)
         })
+    }
+}
+
+/// The bookkeeping, locked by a thread (`Iommu::book`): letting go of it, the holder first files the faults an
+/// interrupt could not file because it held the routing (`handle_interrupt` found the lock taken), so a record
+/// waits no longer than one structural operation.
+pub(crate) struct BookGuard<'a, A: FrameAllocator, const D: usize> {
+    iommu: &'a Iommu<A, D>,
+    guard: Option<spin::MutexGuard<'a, Book<D>>>,
+}
+
+impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
+    /// The bookkeeping, locked (thread context only: it waits).
+    pub(crate) fn book(&self) -> BookGuard<'_, A, D> {
+        BookGuard {
+            iommu: self,
+            guard: Some(self.domains.book.lock()),
+        }
+    }
+}
+
+impl<A: FrameAllocator, const D: usize> core::ops::Deref for BookGuard<'_, A, D> {
+    type Target = Book<D>;
+    fn deref(&self) -> &Book<D> {
+        self.guard
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("held until dropped"))
+    }
+}
+
+impl<A: FrameAllocator, const D: usize> core::ops::DerefMut for BookGuard<'_, A, D> {
+    fn deref_mut(&mut self) -> &mut Book<D> {
+        self.guard
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("held until dropped"))
+    }
+}
+
+impl<A: FrameAllocator, const D: usize> Drop for BookGuard<'_, A, D> {
+    fn drop(&mut self) {
+        let (iommu, mut guard) = (self.iommu, self.guard.take());
+        loop {
+            if let Some(book) = &guard
+                && iommu.domains.faults_waiting.swap(false, Ordering::Acquire)
+            {
+                // The lock order: the bookkeeping, then the event queue, then the reports.
+                iommu
+                    .core
+                    .drain_queued(|event| iommu.domains.file(book, &event, Drainer::Thread));
+            }
+            drop(guard);
+            // An interrupt that failed between the swap and the unlock: file its records now, unless another
+            // thread took the lock meanwhile (its own guard files them).
+            if !iommu.domains.faults_waiting.load(Ordering::Acquire) {
+                return;
+            }
+            match iommu.domains.book.try_lock() {
+                Some(again) => guard = Some(again),
+                None => return,
+            }
+        }
     }
 }

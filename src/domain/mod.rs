@@ -167,8 +167,9 @@ pub const FAULT_REPORT_CAPACITY: usize = 8;
 /// An interrupt may stop a CPU inside any call, holding any lock; so in interrupt context only calls that never
 /// wait for a lock are safe:
 /// - [`Iommu::handle_interrupt`]: drains the event queue and files each fault under its domain, only *trying*
-///   every lock; what it cannot file now stays in the queue (`pending`) for a later call or a thread's
-///   [`Iommu::drain_faults`], never lost or filed twice;
+///   every lock; what it cannot file now stays in the queue (`pending`), never lost or filed twice: when the
+///   bookkeeping (the routing) was held, its holder files the records as it lets go; otherwise a later call or a
+///   thread's [`Iommu::drain_faults`] does;
 /// - [`Iommu::handle_global_errors`] (the global-error interrupt): GERRORN is written under a lock it only tries;
 /// - reading what needs no lock: [`Iommu::features`], [`Iommu::is_enabled`].
 ///

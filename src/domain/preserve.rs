@@ -21,7 +21,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// come back); [`DomainError::TokenInUse`] also for a token a restored domain still waits under (until
     /// `retrieve` or `finish_handover`). Nothing changes then.
     pub fn preserve(&self, domain: DomainId, token: u64) -> Result<(), DomainError> {
-        let mut book = self.domains.book.lock();
+        let mut book = self.book();
         let state = self.domains.get(domain)?;
         if self.domains.handover_prepared() {
             return Err(DomainError::HandoverPrepared { token });
@@ -63,7 +63,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// domains are preserved; [`DomainError::HandoverPrepared`] between `prepare_handover` and `cancel_handover`
     /// (the region records the domain, and unpreserving cannot take the record back). Nothing changes then.
     pub fn unpreserve(&self, token: u64) -> Result<DomainId, DomainError> {
-        let mut book = self.domains.book.lock();
+        let mut book = self.book();
         let domain = *book.tokens.get(&token).ok_or(DomainError::UnknownToken(token))?;
         // The region records every preserved domain while a hand-off is prepared.
         if self.domains.handover_prepared() {
@@ -86,7 +86,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
 
     /// The domain preserved under `token`, if any (O(1)).
     pub fn preserved(&self, token: u64) -> Option<DomainId> {
-        self.domains.book.lock().tokens.get(&token).copied()
+        self.book().tokens.get(&token).copied()
     }
 
     /// The token `domain` is preserved under, if any.

@@ -119,7 +119,7 @@ impl<A: FrameAllocator, const D: usize> LowLevel<'_, A, D> {
     /// changes then. Otherwise as [`LowLevel::attach_abort`](crate::LowLevel::attach_abort): the streams before the failing one abort.
     pub fn abort_streams_except(&self, keep: impl Fn(u32) -> bool) -> Result<u32, AttachError> {
         // The bookkeeping held throughout: no stream can be attached meanwhile.
-        let book = self.iommu.domains.book.lock();
+        let book = self.iommu.book();
         if let Some(r) = book.streams.iter().find(|r| !keep(r.sid)) {
             return Err(AttachError::StreamInUse {
                 sid: r.sid,
@@ -145,7 +145,7 @@ impl<A: FrameAllocator, const D: usize> LowLevel<'_, A, D> {
     /// StreamID beyond the table or no memory for its level-2 span: nothing changes then.
     /// [`AttachError::Invalidation`] when an invalidation fails: the STE is left as the error says.
     pub fn attach_abort(&self, sid: u32) -> Result<InstallReport, AttachError> {
-        let book = self.iommu.domains.book.lock();
+        let book = self.iommu.book();
         Iommu::<A, D>::unowned_in(&book, sid)?;
         self.iommu.core.abort_stream(sid)
     }
@@ -167,7 +167,7 @@ impl<A: FrameAllocator, const D: usize> LowLevel<'_, A, D> {
         if let Some(generation) = self.iommu.domains.streams_frozen() {
             return Err(AttachError::StreamsFrozen { generation });
         }
-        let book = self.iommu.domains.book.lock();
+        let book = self.iommu.book();
         Iommu::<A, D>::unowned_in(&book, sid)?;
         self.iommu.core.bypass_stream(sid)
     }

@@ -292,6 +292,9 @@ pub(crate) struct Domains<const D: usize> {
     pub(crate) protected: spin::RwLock<ProtectedMemory>,
     /// The faults of streams no domain holds: a leaf lock, as a slot's.
     pub(crate) unattached_faults: crate::sync::Mutex<FaultReport>,
+    /// An interrupt found `book` taken and left records in the event queue: its holder files them before it lets
+    /// go (`BookGuard`).
+    pub(crate) faults_waiting: crate::sync::AtomicBool,
 }
 
 impl<const D: usize> Domains<D> {
@@ -314,6 +317,7 @@ impl<const D: usize> Domains<D> {
             prepared: spin::Mutex::new(None),
             protected: spin::RwLock::new(ProtectedMemory::new()),
             unattached_faults: crate::sync::Mutex::new(FaultReport::default()),
+            faults_waiting: crate::sync::AtomicBool::new(false),
         }
     }
 

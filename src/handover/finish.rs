@@ -123,13 +123,13 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                     self.detach(sid)?;
                 }
                 self.free_domain(id)?;
-                self.domains.book.lock().restored.swap_remove(&token);
+                self.book().restored.swap_remove(&token);
                 report.unclaimed += 1;
             }
         }
         // Re-arm: the region without this SMMU's records.
         let _ = rearm_without(pool, register_base);
-        self.domains.book.lock().restored_generation = None;
+        self.book().restored_generation = None;
         Ok(report)
     }
 }

@@ -95,7 +95,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// # Errors
     /// [`RecordError`]; nothing is written anywhere.
     pub fn handover_records(&self, register_base: u64) -> Result<InstanceRecords, RecordError> {
-        let book = self.domains.book.lock();
+        let book = self.book();
         // Read-locked in slot order (the lock order), all at once: the records are one consistent picture.
         let guards = preserved_in_slot_order(&book)
             .into_iter()

@@ -194,7 +194,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         // preserved domain is write-locked in slot order (the lock order), so an operation in flight on one of
         // them has finished (and is recorded) or starts after the seal below and fails with `HandoverPrepared`.
         // Everything is checked, recorded and sealed under those locks; they go at the end of this function.
-        let book = self.domains.book.lock();
+        let book = self.book();
         if let Some(generation) = book.restored_generation {
             return Err(PrepareError::RestoreNotFinished { generation });
         }
@@ -374,7 +374,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             return Err(PrepareError::NotPrepared);
         }
         pool.metadata_extent().map_err(PrepareError::Pool)?;
-        let book = self.domains.book.lock();
+        let book = self.book();
         let guards: heapless::Vec<_, MAX_PRESERVED> = preserved_in_slot_order(&book)
             .into_iter()
             .filter_map(|id| Some((id, self.domains.get(id).ok()?)))
@@ -390,7 +390,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     pub fn handover_phase(&self) -> HandoverPhase {
         if let Some(generation) = self.domains.prepared_generation() {
             HandoverPhase::Prepared { generation }
-        } else if let Some(generation) = self.domains.book.lock().restored_generation {
+        } else if let Some(generation) = self.book().restored_generation {
             HandoverPhase::Restored { generation }
         } else {
             HandoverPhase::Idle

@@ -306,7 +306,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         options: &RestoreOptions<'_>,
     ) -> Result<RestoreReport, RestoreError> {
         // The whole restore holds the bookkeeping (a boot-time operation: nothing else attaches meanwhile).
-        let mut book = self.domains.book.lock();
+        let mut book = self.book();
         let book = &mut *book;
         // Asked at the wrong point of the lifecycle: refused before anything is looked at.
         if let Some(generation) = book.restored_generation {
@@ -860,7 +860,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// # Errors
     /// As [`LowLevel::attach_abort`](crate::LowLevel::attach_abort).
     pub fn abort_unrestored_streams(&self) -> Result<u32, AttachError> {
-        let book = self.domains.book.lock();
+        let book = self.book();
         self.abort_unrestored_locked(&book)
     }
 

@@ -143,9 +143,10 @@ fn faults_drained_in_interrupt_context_while_others_map_are_filed_once() {
     assert_eq!(smmu.unattached_faults().total(), 0);
 }
 
-/// Interrupt context never waits: with the routing held (as by an attach on another CPU, or the code the
-/// interrupt stopped) or the event queue's lock held, `handle_interrupt` files nothing, says so, and leaves the
-/// records for the next drain, which files each once.
+/// Interrupt context never waits: with the routing held (as by an attach on another CPU, or by the code the
+/// interrupt stopped) `handle_interrupt` files nothing and says so, and the holder files the records before it lets
+/// go of the routing; with a fault report's lock held, the record stays in the queue for the next drain. Each is
+/// filed once.
 #[test]
 fn an_interrupt_that_finds_a_lock_taken_leaves_the_records_queued() {
     let frames = frames();
@@ -159,11 +160,23 @@ fn an_interrupt_that_finds_a_lock_taken_leaves_the_records_queued() {
         frames,
         &[fault(SID, None, 0x1000, true), fault(SID, None, 0x2000, false)],
     );
-    let book = smmu.domains.book.lock();
+    let book = smmu.book();
     let report = smmu.handle_interrupt().unwrap();
     assert!(report.pending && report.events == 0, "{report:?}");
+    assert_eq!(smmu.domain_faults(a).unwrap().total(), 0);
     drop(book);
+    assert_eq!(
+        smmu.domain_faults(a).unwrap().total(),
+        2,
+        "filed by the routing's holder as it let go"
+    );
     // The fault report's own lock taken (a reader on this CPU): the first record waits in the queue.
+    inject(
+        &model,
+        &smmu,
+        frames,
+        &[fault(SID, None, 0x3000, true), fault(SID, None, 0x4000, false)],
+    );
     let slot = &smmu.domains.slots[usize::from(a.index())];
     let held = slot.faults.lock();
     let report = smmu.handle_interrupt().unwrap();
@@ -171,7 +184,7 @@ fn an_interrupt_that_finds_a_lock_taken_leaves_the_records_queued() {
     drop(held);
     let report = smmu.handle_interrupt().unwrap();
     assert_eq!((report.events, report.pending), (2, false));
-    assert_eq!(smmu.domain_faults(a).unwrap().total(), 2);
+    assert_eq!(smmu.domain_faults(a).unwrap().total(), 4);
     assert_eq!(smmu.drain_faults(|_| {}).unwrap().events, 0, "filed once");
 }
 
