@@ -150,11 +150,18 @@ impl<A: FrameAllocator> SmmuCore<A> {
     /// Files the records in the event queue with `sink`, without looking at global errors (a detach filing what
     /// its stream left): one bounded drain, which holds every record the queue can. An overflow it sees is kept for
     /// the next [`SmmuCore::drain_events`]. Thread context only (it waits for the event queue's lock).
-    pub(crate) fn drain_queued(&self, sink: impl FnMut(Event) -> bool) {
+    /// An interrupt that found the lock taken meanwhile (the drain-again flag) is honoured before the lock goes.
+    pub(crate) fn drain_queued(&self, mut sink: impl FnMut(Event) -> bool) {
         let mut state = self.evtq.lock();
-        let report = state.queue.drain(self.smmu.page1_regs(), sink);
-        if report.overflow.is_some() && state.pending_overflow.is_none() {
-            state.pending_overflow = report.overflow;
+        loop {
+            self.drain_again.store(false, Ordering::Release);
+            let report = state.queue.drain(self.smmu.page1_regs(), &mut sink);
+            if report.overflow.is_some() && state.pending_overflow.is_none() {
+                state.pending_overflow = report.overflow;
+            }
+            if report.pending || !self.drain_again.load(Ordering::Acquire) {
+                return;
+            }
         }
     }
 }

@@ -40,9 +40,9 @@ pub(crate) struct SmmuCore<A: FrameAllocator> {
     pub(super) streams: spin::Mutex<StreamTable>,
     pub(super) cmdq: CommandQueue,
     /// The event queue: interrupt context only `try_lock`s it (see the module docs).
-    pub(super) evtq: spin::Mutex<EventState>,
+    pub(crate) evtq: spin::Mutex<EventState>,
     /// A drain found the event queue's lock taken: its holder drains once more before it lets go.
-    pub(super) drain_again: AtomicBool,
+    pub(crate) drain_again: AtomicBool,
     /// GERROR.EVENTQ_ABT_ERR acknowledged and not reported yet: the next drain reports it as an overflow.
     pub(super) abort_seen: AtomicBool,
     pub(super) asids: AtomicIdAllocator,

@@ -188,6 +188,29 @@ fn an_interrupt_that_finds_a_lock_taken_leaves_the_records_queued() {
     assert_eq!(smmu.drain_faults(|_| {}).unwrap().events, 0, "filed once");
 }
 
+/// The event queue's lock held (a thread draining, on this CPU or another): an interrupt's drain takes nothing,
+/// sets the drain-again flag, and the holder's next pass files the records.
+#[test]
+fn an_interrupt_that_finds_the_event_queue_taken_asks_its_holder_to_drain_again() {
+    let frames = frames();
+    let model = Model::start(frames);
+    let mut smmu = smmu(&model, frames);
+    let a = s1(&mut smmu, frames);
+    smmu.attach(a, SID).unwrap();
+    inject(&model, &smmu, frames, &[fault(SID, None, 0x1000, true)]);
+    let held = smmu.core.evtq.lock();
+    let report = smmu.handle_interrupt().unwrap();
+    assert!(report.pending && report.events == 0, "{report:?}");
+    assert!(
+        smmu.core.drain_again.load(Ordering::Acquire),
+        "the holder is asked to drain again"
+    );
+    drop(held);
+    assert_eq!(smmu.drain_faults(|_| {}).unwrap().events, 1);
+    assert!(!smmu.core.drain_again.load(Ordering::Acquire));
+    assert_eq!(smmu.domain_faults(a).unwrap().total(), 1);
+}
+
 /// `prepare_handover` while other threads map in the preserved domain: each map either finished before the
 /// freeze (and is in the table the records describe) or fails with `HandoverPrepared` after it; the records equal
 /// the table, and nothing changes it until the hand-off is cancelled.
