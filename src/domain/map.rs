@@ -106,6 +106,19 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
 
     /// Retries an invalidation that failed before.
     pub(super) fn settle(&self, state: &mut DomainState, domain: DomainId) -> Result<(), DomainError> {
+        // A gather the concurrent paths parked joins the one kept here (both are this table's).
+        if let Some(parked) = state.shared_unflushed.get_mut().take()
+            && let Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } = &state.translation
+        {
+            let gather = match state.unflushed.take() {
+                Some(mut pending) => {
+                    table.merge_owned(&mut pending, parked);
+                    pending
+                }
+                None => parked,
+            };
+            state.unflushed = Some(gather);
+        }
         match state.unflushed.take() {
             Some(gather) => self.flush_domain(state, domain, gather),
             None => Ok(()),
@@ -193,7 +206,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                     wanted: "a stage-1 or stage-2 domain (a nested domain's stage 1 belongs to its guest)",
                 });
             }
-            if state.unflushed.is_none() {
+            if !state.unsettled() {
                 return Ok(state);
             }
             drop(state);
@@ -203,7 +216,8 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     }
 
     /// Invalidates a gather the concurrent paths filled (leaves only: they unlink no table) under the domain's
-    /// read lock; when that fails, the gather is kept in the domain (under its write lock) for the next operation.
+    /// read lock; when that fails, the gather is parked in the domain, still under the read lock (so no operation
+    /// that starts after this one misses it), for the next operation to flush again.
     fn flush_shared(&self, state: StateRef<'_>, domain: DomainId, gather: Gather) -> Result<(), DomainError> {
         let context = Self::tlb_context(&state).ok_or(DomainError::StaleDomain(domain))?;
         let granule = match &state.translation {
@@ -215,19 +229,18 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             // Nothing to release: the gather holds no table.
             return Ok(());
         };
-        drop(state);
-        let mut state = self.paging_domain(domain)?;
-        let state = &mut *state;
-        if let Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } = &mut state.translation {
-            let gather = match state.unflushed.take() {
+        if let Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } = &state.translation {
+            let mut parked = state.shared_unflushed.lock();
+            let gather = match parked.take() {
                 Some(mut pending) => {
                     table.merge_owned(&mut pending, gather);
                     pending
                 }
                 None => gather,
             };
-            state.unflushed = Some(gather);
+            *parked = Some(gather);
         }
+        drop(state);
         Err(DomainError::Invalidation(InvalidationError::Queue(error)))
     }
 
@@ -239,7 +252,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table,
             Translation::Nested { .. } | Translation::Fixed(_) => return Ok(None),
         };
-        if state.unflushed.is_some() || size != table.format().granule.size() {
+        if state.unsettled() || size != table.format().granule.size() {
             return Ok(None);
         }
         Self::mappable(&state, domain)?;

@@ -54,6 +54,10 @@ pub(crate) struct DomainState {
     pub(crate) attachments: heapless::Vec<(u32, u32), MAX_ATTACHMENTS>,
     /// A gather whose invalidation failed: flushed again before the next operation.
     pub(crate) unflushed: Option<Gather>,
+    /// A gather of the concurrent paths (leaves only) whose invalidation failed, parked under the domain's read
+    /// lock (so before any other operation can start after it): merged into `unflushed` and flushed again by the
+    /// next operation, which takes the write lock for it.
+    pub(crate) shared_unflushed: spin::Mutex<Option<Gather>>,
     /// The deferred unmaps whose gathers are not synced yet: `map` refuses their span.
     pub(crate) pending: PendingUnmaps,
     /// The token the domain is preserved under.
@@ -69,10 +73,16 @@ impl DomainState {
             memory,
             attachments: heapless::Vec::new(),
             unflushed: None,
+            shared_unflushed: spin::Mutex::new(None),
             pending: PendingUnmaps::NONE,
             token: None,
             identity: false,
         }
+    }
+
+    /// Whether an invalidation failed and waits to be retried (by the next operation, under the write lock).
+    pub(crate) fn unsettled(&self) -> bool {
+        self.unflushed.is_some() || self.shared_unflushed.lock().is_some()
     }
 
     /// Whether this is a stage-1 domain of the EL2 regime.

@@ -301,3 +301,38 @@ fn prepare_freezes_atomically_while_other_threads_map() {
         smmu.map(d, 0x7000_0000, 0x8000_0000, PAGE, RW).unwrap();
     }
 }
+
+/// A single-page unmap (the concurrent path, under the read lock) whose invalidation fails parks its gather before
+/// it lets go of the lock: the next operation, whatever it is, invalidates it again first, and a map of the page
+/// waits for that.
+#[test]
+fn a_failed_invalidation_of_the_concurrent_unmap_is_retried_by_the_next_operation() {
+    let frames = frames();
+    let model = Model::start(frames);
+    let mut smmu = smmu(&model, frames);
+    let d = s1(&mut smmu, frames);
+    smmu.map(d, 0x40_0000, 0x8000_0000, PAGE, RW).unwrap();
+    model.refuse.store(opcode::TLBI_NH_VA, Ordering::SeqCst);
+    assert!(matches!(
+        smmu.unmap(d, 0x40_0000, PAGE),
+        Err(DomainError::Invalidation(_))
+    ));
+    assert_eq!(smmu.iova_to_phys(d, 0x40_0000), Ok(None), "the entry is cleared");
+    assert!(smmu.domains.get(d).unwrap().unsettled());
+    // Still refused: the map fails with the retried invalidation and maps nothing.
+    assert!(matches!(
+        smmu.map(d, 0x40_0000, 0x9000_0000, PAGE, RW),
+        Err(DomainError::Invalidation(_))
+    ));
+    assert_eq!(smmu.iova_to_phys(d, 0x40_0000), Ok(None));
+    model.refuse.store(0, Ordering::SeqCst);
+    let before = consumed(&model);
+    smmu.map(d, 0x40_0000, 0x9000_0000, PAGE, RW).unwrap();
+    assert_eq!(
+        since(&model, before)[..2],
+        [opcode::TLBI_NH_VA, opcode::SYNC],
+        "invalidated first"
+    );
+    assert!(!smmu.domains.get(d).unwrap().unsettled());
+    assert_eq!(smmu.iova_to_phys(d, 0x40_0000), Ok(Some(0x9000_0000)));
+}
