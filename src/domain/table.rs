@@ -426,18 +426,4 @@ impl<const D: usize> Domains<D> {
             (Some(id) != except && state.is_el2() && !state.attachments.is_empty()).then_some(id)
         })
     }
-
-    /// Whether a live stage-1 domain uses `asid` (one pass over the slots: for the raw ID calls, not a hot path).
-    pub(crate) fn owns_asid(&self, asid: u16) -> bool {
-        self.slots.iter().any(|slot| {
-            matches!(&*slot.state.read(), Some(DomainState { translation: Translation::Stage1 { asid: a, .. }, .. }) if *a == asid)
-        })
-    }
-
-    /// Whether a live stage-2 domain uses `vmid` (its nested domains share it).
-    pub(crate) fn owns_vmid(&self, vmid: u16) -> bool {
-        self.slots.iter().any(|slot| {
-            matches!(&*slot.state.read(), Some(DomainState { translation: Translation::Stage2 { vmid: v, .. }, .. }) if *v == vmid)
-        })
-    }
 }

@@ -144,6 +144,33 @@ impl<A: FrameAllocator> SmmuCore<A> {
         self.asids.allocate()
     }
 
+    /// Allocates an ASID for a raw caller (`LowLevel::allocate_asid`): the only kind
+    /// [`SmmuCore::free_raw_asid`] frees.
+    pub(crate) fn allocate_raw_asid(&self) -> Result<u16, IdError> {
+        if self.inherited_stes() {
+            return Err(IdError::HandOffUnsettled);
+        }
+        self.asids.allocate_raw()
+    }
+
+    /// Frees an ASID [`SmmuCore::allocate_raw_asid`] handed out ([`IdError::Owned`] for a domain's).
+    pub(crate) fn free_raw_asid(&self, asid: u16) -> Result<(), IdError> {
+        self.asids.free_raw(asid)
+    }
+
+    /// As [`SmmuCore::allocate_raw_asid`], a VMID.
+    pub(crate) fn allocate_raw_vmid(&self) -> Result<u16, IdError> {
+        if self.inherited_stes() {
+            return Err(IdError::HandOffUnsettled);
+        }
+        self.vmids.allocate_raw()
+    }
+
+    /// As [`SmmuCore::free_raw_asid`], a VMID.
+    pub(crate) fn free_raw_vmid(&self, vmid: u16) -> Result<(), IdError> {
+        self.vmids.free_raw(vmid)
+    }
+
     /// Frees an ASID whatever owns it: for a domain that is going (or was never recorded).
     pub(crate) fn release_asid(&self, asid: u16) -> Result<(), IdError> {
         self.asids.free(asid)
