@@ -20,18 +20,15 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         self.whole_invalidation_of(&state)
     }
 
-    /// As [`Iommu::whole_domain_invalidation`], for a domain the caller holds (a nested domain's parent is
-    /// read-locked briefly).
+    /// As [`Iommu::whole_domain_invalidation`], for a domain the caller holds (a nested domain's parent's VMID is
+    /// the one it recorded: no second slot lock).
     /// `None` for a domain without a table (blocked, bypass): nothing of it is cached.
     pub(super) fn whole_invalidation_of(&self, state: &DomainState) -> Result<Option<Command>, DomainError> {
         Ok(Some(match &state.translation {
             Translation::Stage1 { el2: true, .. } => Command::TlbiEl2All,
             Translation::Stage1 { asid, .. } => Command::TlbiNhAsid { vmid: 0, asid: *asid },
             Translation::Stage2 { vmid, .. } => Command::TlbiS12Vmall { vmid: *vmid },
-            Translation::Nested { parent, .. } => match &self.domains.get(*parent)?.translation {
-                Translation::Stage2 { vmid, .. } => Command::TlbiNhAll { vmid: *vmid },
-                _ => return Err(DomainError::StaleDomain(*parent)),
-            },
+            Translation::Nested { vmid, .. } => Command::TlbiNhAll { vmid: *vmid },
             Translation::Fixed(_) => return Ok(None),
         }))
     }
@@ -463,15 +460,13 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// then. [`DomainError::Invalidation`].
     pub fn invalidate_guest(&self, domain: DomainId, what: GuestInvalidation) -> Result<(), DomainError> {
         let state = self.domains.get(domain)?;
-        let Translation::Nested { parent, guest } = state.translation else {
+        // The parent's VMID as the nested domain recorded it: its parent's lock is never taken under its own.
+        let Translation::Nested { guest, vmid, .. } = state.translation else {
             return Err(DomainError::WrongKind {
                 domain,
                 kind: state.kind(),
                 wanted: "a nested domain",
             });
-        };
-        let Translation::Stage2 { vmid, .. } = self.domains.get(parent)?.translation else {
-            return Err(DomainError::StaleDomain(parent));
         };
         if let GuestInvalidation::Cd { ssid, .. } = what
             && ssid >> guest.cd_max_log2 != 0

@@ -60,9 +60,9 @@
 //!
 //! **The lock order** (a lock is only ever taken while holding locks above it): `book` → slot `state` locks →
 //! `prepared` → `protected` → the stream table or the event queue (never both) → fault reports. Among slot locks:
-//! without `book`, at most two at once, a nested domain's and then its stage-2 parent's, both for reading (no
-//! operation on a parent takes a nested domain's lock, so they cannot form a cycle); with `book` (one holder at a
-//! time) any number, `prepare_handover` taking the preserved domains' in ascending slot order. The command queue takes no lock (its multi-producer protocol,
+//! without `book`, one at a time (a nested domain carries its parent's VMID and stage 2, so nothing takes the
+//! parent's lock under the child's: `prepare_handover` write-locks parents before children); with `book` (one
+//! holder at a time) any number, `prepare_handover` taking the preserved domains' in ascending slot order. The command queue takes no lock (its multi-producer protocol,
 //! [`crate::queue::cmdq`]); ASIDs and VMIDs are atomic bitmaps. Map and unmap hold one slot lock and nothing
 //! above it, so they never wait for another domain's operations: operations on different domains meet only at the
 //! command queue and (attach, detach) at the stream table's STE writes and the bookkeeping that records them.

@@ -32,6 +32,11 @@ pub(crate) enum Translation {
     Nested {
         parent: DomainId,
         guest: GuestStage1,
+        /// The parent's VMID and stage-2 configuration, recorded at creation (a parent does not change while it
+        /// has nested domains): what the nested domain's STE and invalidations need of it, read without the
+        /// parent's lock (a second slot lock outside the lock order).
+        vmid: u16,
+        stage2: Stage2Config,
     },
     /// No table: every stream attached aborts, or bypasses.
     Fixed(Fixed),

@@ -1,5 +1,7 @@
 //! Review 3 (adversarial): interleavings of safe calls the `iommu` branch gets wrong. Each test FAILS on the branch.
 
+use std::boxed::Box;
+
 use super::*;
 
 /// Finding 1. `LowLevel::free_asid` used to check "a live domain owns it" by scanning the slots, then free: a
@@ -58,5 +60,55 @@ fn a_raw_free_asid_never_frees_an_id_a_domain_is_building_with() {
             id: asid,
             allocated: false
         })
+    );
+}
+
+/// Review 3, finding 2 (lock order). `invalidate_guest(nested)` used to hold the nested domain's read lock and then
+/// take its parent's (no bookkeeping held), while `prepare_handover` holds the bookkeeping and write-locks every
+/// preserved domain in slot order, the parent (lower slot) first: guest reads N, prepare writes P, prepare spins
+/// for N, guest spins for P, for good. The nested domain now carries its parent's VMID (and stage 2), so no
+/// operation takes a second slot lock outside the bookkeeping. Here a structural operation on the parent holds it
+/// for a moment so that both arrive at it; racy, repeated (bounded: 2 s a trial at worst, a few ms on a correct
+/// driver).
+#[test]
+fn a_guest_invalidation_racing_prepare_takes_no_second_slot_lock_and_never_deadlocks() {
+    let mut hung = None;
+    for trial in 0..40 {
+        let frames = frames();
+        let model = Model::start(frames);
+        let smmu: &'static Iommu<&'static HeapFrames> = Box::leak(Box::new(smmu(&model, frames)));
+        let pool = handover_pool();
+        let parent = smmu
+            .create_stage2(pool.take_arena().unwrap(), Stage2Options { input_bits: 40 })
+            .unwrap();
+        let nested = smmu.create_nested(parent, GUEST).unwrap();
+        assert!(parent.index() < nested.index());
+        smmu.preserve(parent, 0xa).unwrap();
+        smmu.preserve(nested, 0xb).unwrap();
+        // A structural operation on the parent (a range unmap, say) holds it for a moment.
+        let held = smmu.domains.slots[usize::from(parent.index())].state.write();
+        let guest = std::thread::spawn(move || smmu.invalidate_guest(nested, GuestInvalidation::All));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let prep = std::thread::spawn(move || {
+            smmu.prepare_handover(pool, 0x905_0000, 1, &[crate::mem::Extent { base: 0, len: 1 << 48 }])
+        });
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        drop(held);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while !(guest.is_finished() && prep.is_finished()) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        if !(guest.is_finished() && prep.is_finished()) {
+            hung = Some((trial, guest.is_finished(), prep.is_finished()));
+            // Both threads spin on the slot locks for good (no register access): left behind.
+            core::mem::forget(model);
+            break;
+        }
+        guest.join().unwrap().unwrap();
+        prep.join().unwrap().unwrap();
+    }
+    assert_eq!(
+        hung, None,
+        "(trial, invalidate_guest finished, prepare_handover finished): deadlocked for 2 s"
     );
 }
