@@ -195,6 +195,9 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             }
             drop(state);
             let mut state = self.paging_domain(domain)?;
+            // Re-acquired (the same domain: `paging_domain` checks the generation): a hand-off may have frozen it
+            // meanwhile, and a settle frees the tables of the gather it flushes.
+            Self::unfrozen_state(&state)?;
             self.settle(&mut state, domain)?;
         }
     }
@@ -215,6 +218,12 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         drop(state);
         let mut state = self.paging_domain(domain)?;
         let state = &mut *state;
+        // Re-acquired (the same domain: `paging_domain` checks the generation). A hand-off that froze the domain
+        // meanwhile recorded its table as it is, and the gather holds leaves only (no table): keeping it changes
+        // nothing recorded. Retried once first, so that a frozen domain keeps no debt when the queue recovered.
+        if Self::unfrozen_state(state).is_err() && self.core.invalidate_gather(granule, &gather, context).is_ok() {
+            return Ok(());
+        }
         if let Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } = &mut state.translation {
             let gather = match state.unflushed.take() {
                 Some(mut pending) => {
@@ -256,6 +265,11 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         if trim_due {
             // Emptied tables past the lazy-free limit: trimmed exclusively (a trim widens the invalidation).
             let mut state = self.paging_domain(domain)?;
+            // Re-acquired: a hand-off that froze the domain meanwhile recorded its tables, the emptied ones too, so
+            // they stay (the page itself was unmapped before the freeze, under the read lock, and is recorded so).
+            if Self::unfrozen_state(&state).is_err() {
+                return Ok(Some(bytes));
+            }
             let mut trimmed = Gather::default();
             if let Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } = &mut state.translation
                 && table.trim_due()

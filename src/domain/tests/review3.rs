@@ -4,6 +4,8 @@ use std::boxed::Box;
 
 use super::*;
 
+const PAGE: u64 = 0x1000;
+
 /// Finding 1. `LowLevel::free_asid` used to check "a live domain owns it" by scanning the slots, then free: a
 /// domain being created holds its ASID before it is in a slot (`create_claimed` builds without any lock), so a raw
 /// free on another CPU in that window succeeded, and the next create got the same ASID: two live domains, one
@@ -110,5 +112,77 @@ fn a_guest_invalidation_racing_prepare_takes_no_second_slot_lock_and_never_deadl
     assert_eq!(
         hung, None,
         "(trial, invalidate_guest finished, prepare_handover finished): deadlocked for 2 s"
+    );
+}
+
+/// Review 3, finding 3. A single-page unmap that leaves a trim due checks the freeze under the read lock, drops it,
+/// and trims under the write lock: a `prepare_handover` that takes the write lock in between records the table
+/// and seals it, so the trim must check the freeze again (it used not to, and unlinked and freed tables of the
+/// frozen, recorded domain: the records no longer matched the table). Racy by nature (both spin for the write
+/// lock): repeated, each trial deterministic in outcome on a correct driver.
+#[test]
+fn a_trim_after_a_single_page_unmap_rechecks_the_freeze_and_never_changes_a_frozen_domain() {
+    let mut bad = 0;
+    let mut trials = 0;
+    for _ in 0..40 {
+        trials += 1;
+        let frames = frames();
+        let model = Model::start(frames);
+        let mut smmu = smmu(&model, frames);
+        let pool = handover_pool();
+        let d = smmu
+            .create_stage1(
+                pool.take_arena().unwrap(),
+                Stage1Options {
+                    input_bits: 39,
+                    el2: false,
+                },
+            )
+            .unwrap();
+        smmu.preserve(d, 0xd).unwrap();
+        table_of(&mut smmu, d).set_lazy_free_limit(1);
+        for iova in [0, 0x20_0000, 0x40_0000] {
+            smmu.map(d, iova, 0x8000_0000 + iova, PAGE, RW).unwrap();
+        }
+        // One emptied table: at the limit, no trim.
+        assert_eq!(smmu.unmap(d, 0x20_0000, PAGE), Ok(PAGE));
+        let smmu = &smmu;
+        let slot = &smmu.domains.slots[usize::from(d.index())];
+        // A reader (another CPU's map, say) holds the domain while both operations start.
+        let reader = slot.state.read();
+        let (unmapped, prepared) = std::thread::scope(|scope| {
+            let prep = scope
+                .spawn(|| smmu.prepare_handover(pool, 0x905_0000, 1, &[crate::mem::Extent { base: 0, len: 1 << 48 }]));
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            let before = consumed(&model);
+            // The second emptied table goes over the limit: a trim is due after the page's own flush.
+            let unmap = scope.spawn(|| smmu.unmap(d, 0x40_0000, PAGE));
+            while consumed(&model) < before + 2 {
+                std::thread::yield_now();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            drop(reader);
+            (unmap.join().unwrap(), prep.join().unwrap())
+        });
+        assert_eq!(unmapped, Ok(PAGE));
+        prepared.unwrap();
+        let decoded = {
+            let bytes = pool.lock_metadata().unwrap();
+            crate::handover::format::decode(&bytes, pool.pool().unwrap()).unwrap()
+        };
+        let now = smmu.handover_records(0x905_0000).unwrap();
+        if decoded.instances[0].records != now.records {
+            std::eprintln!(
+                "recorded {:?}\nnow      {:?}",
+                decoded.instances[0].records[0].table,
+                now.records[0].table
+            );
+            bad += 1;
+            break;
+        }
+    }
+    assert_eq!(
+        bad, 0,
+        "trial {trials}: the preserved domain's table changed after prepare_handover froze and recorded it"
     );
 }
