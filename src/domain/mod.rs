@@ -50,7 +50,7 @@
 //!
 //! | lock | guards | taken by |
 //! |---|---|---|
-//! | `book` (`spin::Mutex`) | the bookkeeping every domain shares: free slots, attached streams (routing, ownership, CD tables), tokens, restored domains, the EL2 debt, the restored generation | the structural operations: create (only to take a slot), attach, detach, free, preserve, unpreserve, the hand-off; a drain (routing) |
+//! | `book` (`spin::Mutex`) | the bookkeeping every domain shares: free slots, attached streams (routing, ownership, CD tables), tokens, restored domains, the EL2 debt, the restored generation | the structural operations: create (only to take a slot), attach, detach, free, preserve, unpreserve, the hand-off; a drain (routing). A thread's guard drains the event queue before unlocking when interrupt context failed to take it |
 //! | a slot's `state` (`spin::RwLock`, one per domain) | the domain: its page table, IDs, attachments, pending gathers, token | map, unmap, protect, trim, deferred unmaps and syncs, invalidations: that domain's only; the structural operations for the domains they change |
 //! | `prepared` (`spin::Mutex`) | the hand-off's phase | checks of it; `prepare_handover` and `cancel_handover` |
 //! | `protected` (`spin::RwLock`) | memory no mapping may reach | read by every map |
@@ -167,9 +167,11 @@ pub const FAULT_REPORT_CAPACITY: usize = 8;
 /// An interrupt may stop a CPU inside any call, holding any lock; so in interrupt context only calls that never
 /// wait for a lock are safe:
 /// - [`Iommu::handle_interrupt`]: drains the event queue and files each fault under its domain, only *trying*
-///   every lock; what it cannot file now stays in the queue (`pending`), never lost or filed twice: when the
-///   bookkeeping (the routing) was held, its holder files the records as it lets go; otherwise a later call or a
-///   thread's [`Iommu::drain_faults`] does;
+///   every lock; what it cannot file now stays in the queue (`pending`), never lost or filed twice, and is filed
+///   by the lock's holder, never left for the next interrupt (the SMMU raises one only when the queue goes from
+///   empty to non-empty): a failed try sets a flag (then tries once more), and a thread holding the bookkeeping
+///   drains before it unlocks it, a thread that read or cleared a fault report drains after it unlocked it, and
+///   the event queue's holder drains again before it unlocks;
 /// - [`Iommu::handle_global_errors`] (the global-error interrupt): GERRORN is written under a lock it only tries;
 /// - reading what needs no lock: [`Iommu::features`], [`Iommu::is_enabled`].
 ///

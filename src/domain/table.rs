@@ -8,7 +8,7 @@ use crate::hw::ste::Stage2Config;
 use crate::ids::DomainId;
 use crate::pgtable::{Gather, IoPageTable};
 use crate::protected::ProtectedMemory;
-use crate::sync::{AtomicU64, Ordering};
+use crate::sync::{AtomicBool, AtomicU64, Ordering};
 
 use super::{
     DomainError, DomainKind, DomainMemory, FaultReport, GuestStage1, MAX_ATTACHED_STREAMS, MAX_ATTACHMENTS,
@@ -297,9 +297,12 @@ pub(crate) struct Domains<const D: usize> {
     pub(crate) protected: spin::RwLock<ProtectedMemory>,
     /// The faults of streams no domain holds: a leaf lock, as a slot's.
     pub(crate) unattached_faults: crate::sync::Mutex<FaultReport>,
-    /// An interrupt found `book` taken and left records in the event queue: its holder files them before it lets
-    /// go (`BookGuard`).
-    pub(crate) faults_waiting: crate::sync::AtomicBool,
+    /// Interrupt context failed to take `book` (set, then tried once more): the holder drains the event queue
+    /// before it unlocks (`BookGuard`'s drop), so no record announced by an interrupt waits for the next one.
+    pub(crate) book_wanted: AtomicBool,
+    /// Interrupt context (holding `book`) failed to take a fault report's lock: the thread that holds it drains
+    /// once it has unlocked (the report readers, which hold nothing else).
+    pub(crate) report_wanted: AtomicBool,
 }
 
 impl<const D: usize> Domains<D> {
@@ -322,7 +325,8 @@ impl<const D: usize> Domains<D> {
             prepared: spin::Mutex::new(None),
             protected: spin::RwLock::new(ProtectedMemory::new()),
             unattached_faults: crate::sync::Mutex::new(FaultReport::default()),
-            faults_waiting: crate::sync::AtomicBool::new(false),
+            book_wanted: AtomicBool::new(false),
+            report_wanted: AtomicBool::new(false),
         }
     }
 

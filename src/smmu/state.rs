@@ -9,7 +9,7 @@
 //! - the command queue: no lock (its own multi-producer protocol, `crate::queue::cmdq`);
 //! - the ASID and VMID allocators: no lock (atomic bitmaps, `crate::ids::AtomicIdAllocator`);
 //! - the event queue and the overflow it last reported: one `spin::Mutex` that interrupt context only
-//!   `try_lock`s. A failed try sets `drain_again`; the holder clears it before each pass and, on finding it set
+//!   `try_lock`s. A failed try sets `drain_again` and tries once more; the holder clears it before each pass and, on finding it set
 //!   after a pass, drains once more before unlocking (and once more after, if it was set between its last look
 //!   and the unlock), so no record announced by an interrupt waits for the next one;
 //! - `inherited_stes`: an atomic flag.

@@ -1,6 +1,8 @@
 //! Review 3 (adversarial): interleavings of safe calls the `iommu` branch gets wrong. Each test FAILS on the branch.
 
 use std::boxed::Box;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32};
 
 use super::*;
 
@@ -185,4 +187,73 @@ fn a_trim_after_a_single_page_unmap_rechecks_the_freeze_and_never_changes_a_froz
         bad, 0,
         "trial {trials}: the preserved domain's table changed after prepare_handover froze and recorded it"
     );
+}
+
+/// Review 3, finding 4. An event-queue interrupt that lands while a structural operation (here an attach on
+/// another CPU, waiting for its CMD_SYNC) holds the bookkeeping files nothing and returns `pending`. The SMMU
+/// raises the interrupt again only when the queue goes from empty to non-empty (evtq.rs), so the holder must file
+/// the records when it unlocks (it used not to, and they sat there until some thread called `drain_faults`): no
+/// second `handle_interrupt` here.
+#[test]
+fn an_interrupt_during_an_attach_has_its_faults_filed_when_the_attach_unlocks() {
+    let frames = frames();
+    let model = Model::start(frames);
+    let smmu: &'static Iommu<&'static HeapFrames> = Box::leak(Box::new(smmu(&model, frames)));
+    let a = smmu
+        .create_stage1(
+            memory(frames),
+            Stage1Options {
+                input_bits: 39,
+                el2: false,
+            },
+        )
+        .unwrap();
+    let b = smmu
+        .create_stage2(memory(frames), Stage2Options { input_bits: 40 })
+        .unwrap();
+    smmu.attach(a, SID).unwrap();
+    let queue = frames.virt(smmu.configuration().eventq_base) as usize;
+    let prod_register = reg32(model.base, 0x1_00a8) as usize;
+    let fired = Arc::new(AtomicBool::new(false));
+    let irq_events = Arc::new(AtomicU32::new(u32::MAX));
+    let irq_pending = Arc::new(AtomicBool::new(false));
+    let (f, e, p) = (fired.clone(), irq_events.clone(), irq_pending.clone());
+    *model.probe.lock().unwrap() = Some(Box::new(move || {
+        if !f.swap(true, Ordering::SeqCst) {
+            // The SMMU records two faults of stream SID (queue empty -> non-empty: one interrupt) ...
+            // SAFETY: the model's registers and the driver's event queue are live.
+            unsafe {
+                let prod_register = prod_register as *mut u32;
+                let base = queue as *mut u64;
+                let mut prod = prod_register.read_volatile();
+                for r in [fault(SID, None, 0x1000, true), fault(SID, None, 0x2000, false)] {
+                    let index = (prod & 0xff) as usize;
+                    for (i, w) in r.iter().enumerate() {
+                        base.add(index * 4 + i).write_volatile(*w);
+                    }
+                    prod = (prod + 1) & 0x1ff;
+                }
+                prod_register.write_volatile(prod);
+            }
+            // ... and that interrupt is taken by another CPU while the attach waits for its CMD_SYNC.
+            let report = smmu.handle_interrupt().unwrap();
+            e.store(report.events, Ordering::SeqCst);
+            p.store(report.pending, Ordering::SeqCst);
+        }
+        0
+    }));
+    smmu.attach(b, 0x18).unwrap();
+    *model.probe.lock().unwrap() = None;
+    assert!(fired.load(Ordering::SeqCst), "the interrupt ran during the attach");
+    assert_eq!(irq_events.load(Ordering::SeqCst), 0);
+    assert!(irq_pending.load(Ordering::SeqCst), "the interrupt left the records");
+    // The attach is over and no interrupt will come for these records: were they filed by the lock's holder? (The
+    // report read directly: no reader's drain.)
+    let slot = &smmu.domains.slots[usize::from(a.index())];
+    assert_eq!(
+        slot.faults.lock().total(),
+        2,
+        "faults announced by an interrupt during an attach are stranded in the event queue"
+    );
+    assert_eq!(smmu.drain_faults(|_| {}).unwrap().events, 0, "filed once");
 }
