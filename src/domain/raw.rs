@@ -164,10 +164,12 @@ impl<A: FrameAllocator, const D: usize> LowLevel<'_, A, D> {
     /// every domain's included: the caller must trust it (and whatever controls it) with all of it. A bypass
     /// domain ([`Iommu::create_bypass`]) is the same opt-in with the domain bookkeeping kept.
     pub unsafe fn attach_bypass(&self, sid: u32) -> Result<InstallReport, AttachError> {
+        let book = self.iommu.book();
+        // Under the bookkeeping, which `prepare_handover` holds while it checks the streams and freezes them: a
+        // hand-off prepared before this is seen here, one prepared after it sees the bypass.
         if let Some(generation) = self.iommu.domains.streams_frozen() {
             return Err(AttachError::StreamsFrozen { generation });
         }
-        let book = self.iommu.book();
         Iommu::<A, D>::unowned_in(&book, sid)?;
         self.iommu.core.bypass_stream(sid)
     }
