@@ -51,7 +51,7 @@
 //! | lock | guards | taken by |
 //! |---|---|---|
 //! | `book` (`spin::Mutex`) | the bookkeeping every domain shares: free slots, attached streams (routing, ownership, CD tables), tokens, restored domains, the EL2 debt, the restored generation | the structural operations: create (only to take a slot), attach, detach, free, preserve, unpreserve, the hand-off; a drain (routing). A thread's guard drains the event queue before unlocking when interrupt context failed to take it |
-//! | a slot's `state` (`spin::RwLock`, one per domain) | the domain: its page table, IDs, attachments, pending gathers, token | map, unmap, protect, trim, deferred unmaps and syncs, invalidations: that domain's only; the structural operations for the domains they change |
+//! | a slot's `state` (`spin::RwLock`, one per domain) | the domain: its page table, IDs, attachments, pending gathers, token | map, unmap, protect, trim, deferred unmaps and syncs, invalidations: that domain's only; the structural operations for the domains they change. A waiting writer turns new readers away (so no thread takes a slot's read lock twice) |
 //! | `prepared` (`spin::Mutex`) | the hand-off's phase | checks of it; `prepare_handover` and `cancel_handover` |
 //! | `protected` (`spin::RwLock`) | memory no mapping may reach | read by every map |
 //! | the stream table (core) | the STEs, and each STE's hitless write with its CFGI_STE + CMD_SYNC | attach, detach, the raw entry calls, restore |

@@ -184,11 +184,22 @@ pub(crate) struct Slot {
     /// lands before the clear or sees the new generation.
     pub(crate) generation: AtomicU64,
     /// The domain: map and unmap take it for reading (step by step, the page table's concurrent paths), the
-    /// structural operations for writing.
+    /// structural operations for writing, always through [`Slot::write_state`] (a waiting writer turns new readers
+    /// away).
     pub(crate) state: spin::RwLock<Option<DomainState>>,
     /// The faults filed for the domain: a leaf lock (nothing is taken while holding it), only tried from interrupt
     /// context.
     pub(crate) faults: crate::sync::Mutex<FaultReport>,
+}
+
+impl Slot {
+    /// The slot's write lock, with waiting writers first: the lock's `upgradeable_read` sets a bit that turns new
+    /// readers away (spin's `write` does not, so a domain mapped in a loop on other CPUs could keep a structural
+    /// operation, and `prepare_handover` holding the bookkeeping behind it, waiting for good), then `upgrade` waits
+    /// for the readers inside to leave.
+    pub(crate) fn write_state(&self) -> spin::RwLockWriteGuard<'_, Option<DomainState>> {
+        self.state.upgradeable_read().upgrade()
+    }
 }
 
 /// A live domain, read-locked.
@@ -366,7 +377,7 @@ impl<const D: usize> Domains<D> {
     /// `id`'s domain, write-locked. The caller must not hold `id`'s lock already.
     pub(crate) fn get_mut(&self, id: DomainId) -> Result<StateMut<'_>, DomainError> {
         let slot = self.slot(id)?;
-        let guard = slot.state.write();
+        let guard = slot.write_state();
         if guard.is_none() || slot.generation.load(Ordering::Relaxed) != id.generation() {
             return Err(DomainError::StaleDomain(id));
         }
@@ -382,7 +393,7 @@ impl<const D: usize> Domains<D> {
             return Err(state);
         };
         let slot = &self.slots[usize::from(index)];
-        let mut guard = slot.state.write();
+        let mut guard = slot.write_state();
         debug_assert!(guard.is_none());
         *guard = Some(state);
         Ok(DomainId::new(index, slot.generation.load(Ordering::Relaxed)))
@@ -402,7 +413,7 @@ impl<const D: usize> Domains<D> {
     /// its generation is the last one: the slot is retired then. Its fault report is cleared.
     pub(crate) fn remove(&self, book: &mut Book<D>, id: DomainId) -> Option<DomainState> {
         let slot = self.slot(id).ok()?;
-        let mut guard = slot.state.write();
+        let mut guard = slot.write_state();
         if slot.generation.load(Ordering::Relaxed) != id.generation() {
             return None;
         }
