@@ -9,6 +9,7 @@ use crate::pgtable::{Gather, Prot};
 use crate::protected::ProtectError;
 use crate::queue::cmdq::Batch;
 use crate::smmu::{InvalidationError, TlbContext};
+use crate::sync::Ordering;
 
 use super::table::{StateMut, StateRef};
 use super::{DomainError, DomainKind, DomainState, GuestInvalidation, Iommu, Translation};
@@ -103,6 +104,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
 
     /// Retries an invalidation that failed before.
     pub(super) fn settle(&self, state: &mut DomainState, domain: DomainId) -> Result<(), DomainError> {
+        state.take_failed();
         match state.unflushed.take() {
             Some(gather) => self.flush_domain(state, domain, gather),
             None => Ok(()),
@@ -190,7 +192,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                     wanted: "a stage-1 or stage-2 domain (a nested domain's stage 1 belongs to its guest)",
                 });
             }
-            if state.unflushed.is_none() {
+            if !state.has_unflushed() {
                 return Ok(state);
             }
             drop(state);
@@ -203,7 +205,8 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     }
 
     /// Invalidates a gather the concurrent paths filled (leaves only: they unlink no table) under the domain's
-    /// read lock; when that fails, the gather is kept in the domain (under its write lock) for the next operation.
+    /// read lock; when that fails, the gather is published in the domain (`failed`) before the read lock is
+    /// dropped, so every later map and unmap settles it first (a map over its pages fails while it fails).
     fn flush_shared(&self, state: StateRef<'_>, domain: DomainId, gather: Gather) -> Result<(), DomainError> {
         let context = Self::tlb_context(&state).ok_or(DomainError::StaleDomain(domain))?;
         let granule = match &state.translation {
@@ -215,25 +218,22 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             // Nothing to release: the gather holds no table.
             return Ok(());
         };
-        drop(state);
-        let mut state = self.paging_domain(domain)?;
-        let state = &mut *state;
-        // Re-acquired (the same domain: `paging_domain` checks the generation). A hand-off that froze the domain
-        // meanwhile recorded its table as it is, and the gather holds leaves only (no table): keeping it changes
-        // nothing recorded. Retried once first, so that a frozen domain keeps no debt when the queue recovered.
-        if Self::unfrozen_state(state).is_err() && self.core.invalidate_gather(granule, &gather, context).is_ok() {
-            return Ok(());
-        }
-        if let Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } = &mut state.translation {
-            let gather = match state.unflushed.take() {
+        // Published under the read lock (no re-acquire, in which a map could pass, and which a hand-off could
+        // freeze): a hand-off waits for this lock, so it finds the failure and refuses to record the domain.
+        if let Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } = &state.translation {
+            let mut failed = state.failed.lock();
+            let gather = match failed.take() {
                 Some(mut pending) => {
                     table.merge_owned(&mut pending, gather);
                     pending
                 }
                 None => gather,
             };
-            state.unflushed = Some(gather);
+            *failed = Some(gather);
+            // Release: a map that sees it sees the gather (and takes the write lock to settle it).
+            state.failed_hint.store(true, Ordering::Release);
         }
+        drop(state);
         Err(DomainError::Invalidation(InvalidationError::Queue(error)))
     }
 
@@ -245,7 +245,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table,
             Translation::Nested { .. } | Translation::Fixed(_) => return Ok(None),
         };
-        if state.unflushed.is_some() || size != table.format().granule.size() {
+        if state.has_unflushed() || size != table.format().granule.size() {
             return Ok(None);
         }
         Self::mappable(&state, domain)?;

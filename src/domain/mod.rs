@@ -57,13 +57,15 @@
 //! | the stream table (core) | the STEs, and each STE's hitless write with its CFGI_STE + CMD_SYNC | attach, detach, the raw entry calls, restore |
 //! | the event queue (core) | the queue and its overflow | drains (interrupt context only tries it) |
 //! | a slot's `faults`, `unattached_faults` (`spin::Mutex`) | fault reports | filing (interrupt context only tries them), reading and clearing |
+//! | a domain's `failed` (`spin::Mutex`, inside its state) | a gather of the concurrent paths whose invalidation failed, published under the read lock | the map or unmap whose flush failed; the next exclusive operation moves it to its retry |
 //!
 //! **The lock order** (a lock is only ever taken while holding locks above it): `book` → slot `state` locks →
-//! `prepared` → `protected` → the stream table or the event queue (never both) → fault reports. Among slot locks:
-//! without `book`, one at a time (a nested domain carries its parent's VMID and stage 2, so nothing takes the
-//! parent's lock under the child's: `prepare_handover` write-locks parents before children); with `book` (one
-//! holder at a time) any number, `prepare_handover` taking the preserved domains' in ascending slot order. The command queue takes no lock (its multi-producer protocol,
-//! [`crate::queue::cmdq`]); ASIDs and VMIDs are atomic bitmaps. Map and unmap hold one slot lock and nothing
+//! `prepared` → `protected` → the stream table or the event queue (never both) → fault reports (a domain's
+//! `failed` is a leaf too, taken under its slot lock only). Among slot locks: without `book`, one at a time (a
+//! nested domain carries its parent's VMID and stage 2, so nothing takes the parent's lock under the child's:
+//! `prepare_handover` write-locks parents before children); with `book` (one holder at a time) any number,
+//! `prepare_handover` taking the preserved domains' in ascending slot order. The command queue takes no lock (its
+//! multi-producer protocol, [`crate::queue::cmdq`]); ASIDs and VMIDs are atomic bitmaps. Map and unmap hold one slot lock and nothing
 //! above it, so they never wait for another domain's operations: operations on different domains meet only at the
 //! command queue and (attach, detach) at the stream table's STE writes and the bookkeeping that records them.
 //! Interrupt context never waits for any lock (see [`Iommu`], "Interrupt context").

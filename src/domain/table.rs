@@ -59,6 +59,12 @@ pub(crate) struct DomainState {
     pub(crate) attachments: heapless::Vec<(u32, u32), MAX_ATTACHMENTS>,
     /// A gather whose invalidation failed: flushed again before the next operation.
     pub(crate) unflushed: Option<Gather>,
+    /// A gather of the concurrent paths (leaves only) whose invalidation failed, published under the read lock
+    /// before it is dropped (so no map that comes after can pass over its pages while their old translations may
+    /// still be cached); moved into `unflushed` by the next exclusive operation. A leaf lock.
+    pub(crate) failed: spin::Mutex<Option<Gather>>,
+    /// Whether `failed` holds a gather: what map and unmap check under the read lock (no lock taken).
+    pub(crate) failed_hint: AtomicBool,
     /// The deferred unmaps whose gathers are not synced yet: `map` refuses their span.
     pub(crate) pending: PendingUnmaps,
     /// The token the domain is preserved under.
@@ -74,10 +80,36 @@ impl DomainState {
             memory,
             attachments: heapless::Vec::new(),
             unflushed: None,
+            failed: spin::Mutex::new(None),
+            failed_hint: AtomicBool::new(false),
             pending: PendingUnmaps::NONE,
             token: None,
             identity: false,
         }
+    }
+
+    /// Whether an invalidation of the domain failed and waits to be retried (`unflushed`, or `failed` from the
+    /// concurrent paths).
+    pub(crate) fn has_unflushed(&self) -> bool {
+        // Acquire: pairs with the Release that published `failed`.
+        self.unflushed.is_some() || self.failed_hint.load(Ordering::Acquire)
+    }
+
+    /// Moves a gather the concurrent paths published into `unflushed` (the caller holds the write lock).
+    pub(crate) fn take_failed(&mut self) {
+        let Some(failed) = self.failed.get_mut().take() else {
+            return;
+        };
+        // Relaxed: the write lock is held (no reader looks).
+        self.failed_hint.store(false, Ordering::Relaxed);
+        let gather = match (self.unflushed.take(), &self.translation) {
+            (Some(mut pending), Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. }) => {
+                table.merge_owned(&mut pending, failed);
+                pending
+            }
+            _ => failed,
+        };
+        self.unflushed = Some(gather);
     }
 
     /// Whether this is a stage-1 domain of the EL2 regime.

@@ -307,3 +307,62 @@ fn a_waiting_writer_turns_new_readers_away_so_maps_in_a_loop_cannot_starve_it() 
     // And the domain works as before.
     assert_eq!(smmu.unmap(d, 0, PAGE), Ok(PAGE));
 }
+
+/// Review 3, finding 7. A single-page unmap (read lock) whose TLBI fails used to drop the read lock and only then
+/// record the failed gather under the write lock: a map of the same page in between passed the "failed
+/// invalidation?" check and succeeded while the SMMU could still hold the old translation. The failure is now
+/// published under the read lock, before it is dropped: the unmap ends while another reader is still inside
+/// (before, it waited for the write lock), the reader sees the failure, and a later map of the page settles it
+/// first (refused while the TLBI is refused, then mapped once it is issued). Deterministic.
+#[test]
+fn a_failed_single_page_unmap_invalidation_is_published_before_its_read_lock_goes_so_no_map_passes_it() {
+    let frames = frames();
+    let model = Model::start(frames);
+    let smmu = smmu(&model, frames);
+    let d = smmu
+        .create_stage1(
+            memory(frames),
+            Stage1Options {
+                input_bits: 39,
+                el2: false,
+            },
+        )
+        .unwrap();
+    smmu.map(d, 0x40_0000, 0x8000_0000, PAGE, RW).unwrap();
+    let slot = &smmu.domains.slots[usize::from(d.index())];
+    model.refuse.store(opcode::TLBI_NH_VA, Ordering::SeqCst);
+    let smmu = &smmu;
+    // Another CPU's map is inside the domain (its read lock held) throughout the unmap.
+    let inside = slot.state.read();
+    let (finished, published) = std::thread::scope(|scope| {
+        let unmap = scope.spawn(|| smmu.unmap(d, 0x40_0000, PAGE));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while !unmap.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        let finished = unmap.is_finished();
+        let published = inside.as_ref().unwrap().has_unflushed();
+        drop(inside);
+        assert!(matches!(unmap.join().unwrap(), Err(DomainError::Invalidation(_))));
+        (finished, published)
+    });
+    assert!(
+        finished && published,
+        "the failed invalidation was published under the read lock (finished {finished}, published {published})"
+    );
+    // A map of the page settles the failed invalidation first: refused while it fails, nothing mapped.
+    assert!(matches!(
+        smmu.map(d, 0x40_0000, 0x9000_0000, PAGE, RW),
+        Err(DomainError::Invalidation(_))
+    ));
+    assert_eq!(smmu.iova_to_phys(d, 0x40_0000), Ok(None));
+    model.refuse.store(0, Ordering::SeqCst);
+    let before = consumed(&model);
+    smmu.map(d, 0x40_0000, 0x9000_0000, PAGE, RW).unwrap();
+    assert_eq!(
+        since(&model, before)[..2],
+        [opcode::TLBI_NH_VA, opcode::SYNC],
+        "the old translation dropped first"
+    );
+    assert_eq!(smmu.iova_to_phys(d, 0x40_0000), Ok(Some(0x9000_0000)));
+}
