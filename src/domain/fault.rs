@@ -256,8 +256,12 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// # Errors
     /// [`DomainError::StaleDomain`].
     pub fn domain_faults(&self, domain: DomainId) -> Result<FaultReport, DomainError> {
-        drop(self.domains.get(domain)?);
+        // The domain's read lock held across the copy: the slot cannot go to another domain meanwhile (its
+        // generation changes, and its report is cleared, only under the write lock), so a stale handle never
+        // reads the next domain's faults.
+        let state = self.domains.get(domain)?;
         let report = self.domain_fault_slot(domain)?.faults.lock().clone();
+        drop(state);
         self.honour_report_requests();
         Ok(report)
     }

@@ -366,3 +366,62 @@ fn a_failed_single_page_unmap_invalidation_is_published_before_its_read_lock_goe
     );
     assert_eq!(smmu.iova_to_phys(d, 0x40_0000), Ok(Some(0x9000_0000)));
 }
+
+/// Review 3, finding 8. `domain_faults` checked the handle under the domain's read lock, dropped it, and only then
+/// copied the slot's report: a domain freed and a new one created in the slot in between, the stale handle read the
+/// new domain's faults. The read lock is now held across the copy: while the report's lock is taken by someone
+/// else, the reader waits holding the domain (no write lock, so no free, can get in). Deterministic: the domain
+/// must be seen read-held in 5 polls in a row (2 s bound), which a reader that let go never shows.
+#[test]
+fn domain_faults_holds_the_domain_across_the_copy_so_a_stale_handle_never_reads_the_next_domains_faults() {
+    let frames = frames();
+    let model = Model::start(frames);
+    let smmu = smmu(&model, frames);
+    let a = smmu
+        .create_stage1(
+            memory(frames),
+            Stage1Options {
+                input_bits: 39,
+                el2: false,
+            },
+        )
+        .unwrap();
+    let slot = &smmu.domains.slots[usize::from(a.index())];
+    let smmu = &smmu;
+    // Another reader holds the report (a filer, say).
+    let report = slot.faults.lock();
+    let held = std::thread::scope(|scope| {
+        let reader = scope.spawn(|| smmu.domain_faults(a));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut in_a_row = 0;
+        while in_a_row < 5 && std::time::Instant::now() < deadline {
+            // A free would need the write lock: refused while the reader holds the domain.
+            in_a_row = if slot.state.try_write().is_none() {
+                in_a_row + 1
+            } else {
+                0
+            };
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        drop(report);
+        assert_eq!(reader.join().unwrap().map(|r| r.total()), Ok(0));
+        in_a_row == 5
+    });
+    assert!(
+        held,
+        "domain_faults let go of the domain before it copied the slot's report"
+    );
+    // A stale handle is refused, never answered with the slot's next domain's report.
+    smmu.free_domain(a).unwrap();
+    let b = smmu
+        .create_stage1(
+            memory(frames),
+            Stage1Options {
+                input_bits: 39,
+                el2: false,
+            },
+        )
+        .unwrap();
+    assert_eq!(b.index(), a.index());
+    assert_eq!(smmu.domain_faults(a), Err(DomainError::StaleDomain(a)));
+}
