@@ -130,27 +130,43 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                 alignment: 64,
             }));
         }
-        // The parent's write lock across the insertion: a parent cannot be freed with a child being added.
+        // The bookkeeping across the insertion: a parent cannot be freed (that takes it) with a child being added.
+        // The parent's lock is dropped before the new slot's is taken (one slot lock at a time).
         let mut book = self.book();
-        let mut state = self.domains.get_mut(parent)?;
-        let memory = state.memory;
-        let Translation::Stage2 { children, .. } = &mut state.translation else {
-            return Err(DomainError::WrongKind {
-                domain: parent,
-                kind: state.kind(),
-                wanted: "a stage-2 parent",
-            });
-        };
         book.check_free_slot()?;
-        let id = self
-            .domains
-            .insert(
-                &mut book,
-                DomainState::new(Translation::Nested { parent, guest }, memory),
-            )
-            .map_err(|_| DomainError::NoDomainSlot { capacity: D })?;
-        *children += 1;
-        Ok(id)
+        let (memory, vmid, stage2) = {
+            let mut state = self.domains.get_mut(parent)?;
+            let memory = state.memory;
+            let Translation::Stage2 {
+                children, vmid, config, ..
+            } = &mut state.translation
+            else {
+                return Err(DomainError::WrongKind {
+                    domain: parent,
+                    kind: state.kind(),
+                    wanted: "a stage-2 parent",
+                });
+            };
+            *children += 1;
+            (memory, *vmid, *config)
+        };
+        let nested = Translation::Nested {
+            parent,
+            guest,
+            vmid,
+            stage2,
+        };
+        self.domains
+            .insert(&mut book, DomainState::new(nested, memory))
+            .map_err(|_| {
+                // Checked above under the same lock; kept as an error rather than a panic.
+                if let Ok(mut state) = self.domains.get_mut(parent)
+                    && let Translation::Stage2 { children, .. } = &mut state.translation
+                {
+                    *children -= 1;
+                }
+                DomainError::NoDomainSlot { capacity: D }
+            })
     }
 
     /// Creates a blocked domain: every stream attached to it aborts (its STE's Config = abort), as an unattached

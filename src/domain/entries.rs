@@ -209,25 +209,23 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                 )
             }
             Translation::Stage2 { config, .. } => Ste::stage2(config, &rules),
-            Translation::Nested { parent, guest } => {
-                let Translation::Stage2 { config, .. } = &self.domains.get(*parent)?.translation else {
-                    return Err(DomainError::StaleDomain(*parent));
-                };
-                Ste::nested(
-                    &Stage1Config {
-                        cd_table: PhysAddr(guest.cd_table),
-                        cd_max_log2: guest.cd_max_log2,
-                        layout: guest.layout,
-                        default_substream: guest.default_substream,
-                        cacheability,
-                        shareability,
-                        stall_disable,
-                        el2: false,
-                    },
-                    config,
-                    &rules,
-                )
-            }
+            // The parent's stage 2 as the nested domain recorded it (no second slot lock).
+            Translation::Nested {
+                guest, stage2: config, ..
+            } => Ste::nested(
+                &Stage1Config {
+                    cd_table: PhysAddr(guest.cd_table),
+                    cd_max_log2: guest.cd_max_log2,
+                    layout: guest.layout,
+                    default_substream: guest.default_substream,
+                    cacheability,
+                    shareability,
+                    stall_disable,
+                    el2: false,
+                },
+                config,
+                &rules,
+            ),
         };
         ste.map_err(DomainError::Entry)
     }

@@ -9,7 +9,7 @@ use crate::ids::DomainId;
 use crate::mem::FrameAllocator;
 use crate::smmu::GlobalError;
 
-use crate::sync::Ordering;
+use crate::sync::{AtomicBool, Ordering};
 
 use super::table::Book;
 use super::{DomainError, Domains, FAULT_REPORT_CAPACITY, Iommu};
@@ -107,19 +107,97 @@ const INTERRUPT_TRIES: usize = 64;
 #[cfg(all(loom, test))]
 const INTERRUPT_TRIES: usize = 2;
 
-/// Whether a fault filer may wait for the locks it takes: a thread may, interrupt context only tries them.
-fn take<T>(lock: &crate::sync::Mutex<T>, who: Drainer) -> Option<crate::sync::MutexGuard<'_, T>> {
+/// Whether a fault filer may wait for the locks it takes: a thread may, interrupt context only tries them. A try
+/// that fails sets `wanted` and then tries once more: a holder that unlocks after that last try sees the flag (it
+/// looks after unlocking) and drains what was left.
+fn take<'a, T>(
+    lock: &'a crate::sync::Mutex<T>,
+    who: Drainer,
+    wanted: &AtomicBool,
+) -> Option<crate::sync::MutexGuard<'a, T>> {
     match who {
         Drainer::Thread => Some(lock.lock()),
         // A few tries: the holders' critical sections are a copy or a push (on another CPU they end quickly; on
         // this one, never while this interrupt runs, hence the bound).
-        Drainer::Interrupt => (0..INTERRUPT_TRIES).find_map(|_| {
-            let guard = lock.try_lock();
-            if guard.is_none() {
-                crate::sync::spin_loop();
+        Drainer::Interrupt => (0..INTERRUPT_TRIES)
+            .find_map(|_| {
+                let guard = lock.try_lock();
+                if guard.is_none() {
+                    crate::sync::spin_loop();
+                }
+                guard
+            })
+            .or_else(|| {
+                // Release: pairs with the holder's Acquire after its unlock.
+                wanted.store(true, Ordering::Release);
+                lock.try_lock()
+            }),
+    }
+}
+
+/// `book`, locked from thread context ([`Iommu::book`]): when interrupt context failed to take it meanwhile
+/// (`Domains::book_wanted`), the drop drains the event queue, filing each record under its domain, before it
+/// unlocks, and again after the unlock if the flag was set between the last look and the unlock. So a record an
+/// interrupt announced while a structural operation held the bookkeeping is filed when that operation ends, never
+/// left for a later interrupt (the SMMU raises one only when the queue goes from empty to non-empty).
+pub(crate) struct BookGuard<'a, A: FrameAllocator, const D: usize> {
+    iommu: &'a Iommu<A, D>,
+    guard: Option<spin::MutexGuard<'a, Book<D>>>,
+}
+
+impl<A: FrameAllocator, const D: usize> core::ops::Deref for BookGuard<'_, A, D> {
+    type Target = Book<D>;
+    fn deref(&self) -> &Book<D> {
+        self.guard
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("held until dropped"))
+    }
+}
+
+impl<A: FrameAllocator, const D: usize> core::ops::DerefMut for BookGuard<'_, A, D> {
+    fn deref_mut(&mut self) -> &mut Book<D> {
+        self.guard
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("held until dropped"))
+    }
+}
+
+impl<A: FrameAllocator, const D: usize> Drop for BookGuard<'_, A, D> {
+    fn drop(&mut self) {
+        let domains = &self.iommu.domains;
+        while let Some(book) = self.guard.take() {
+            // Acquire: pairs with the interrupt's Release store before its last try.
+            if domains.book_wanted.swap(false, Ordering::Acquire) {
+                // Thread context (a thread locked `book`): waiting for the event queue's lock is allowed. A
+                // service failure is the global-error interrupt's to report.
+                let _ = self
+                    .iommu
+                    .core
+                    .drain_events(Drainer::Thread, |event| domains.file(&book, &event, Drainer::Thread));
             }
-            guard
-        }),
+            drop(book);
+            // A failed try between the look above and the unlock: drain once more, as the holder again.
+            if domains.book_wanted.load(Ordering::Acquire) {
+                self.guard = Some(domains.book.lock());
+            }
+        }
+    }
+}
+
+impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
+    /// Locks the shared bookkeeping from thread context; see [`BookGuard`].
+    pub(crate) fn book(&self) -> BookGuard<'_, A, D> {
+        BookGuard {
+            iommu: self,
+            guard: Some(self.domains.book.lock()),
+        }
+    }
+
+    /// After a thread unlocked a fault report: drains when interrupt context failed to take one meanwhile.
+    fn honour_report_requests(&self) {
+        if self.domains.report_wanted.swap(false, Ordering::Acquire) {
+            let _ = self.drain_faults(|_| {});
+        }
     }
 }
 
@@ -130,7 +208,7 @@ impl<const D: usize> Domains<D> {
     pub(super) fn file(&self, book: &Book<D>, event: &Event, who: Drainer) -> bool {
         let Some(fault) = Fault::of(event) else {
             // Records without a StreamID (IMPLEMENTATION DEFINED ones) are only counted.
-            let Some(mut report) = take(&self.unattached_faults, who) else {
+            let Some(mut report) = take(&self.unattached_faults, who, &self.report_wanted) else {
                 return false;
             };
             report.lost = report.lost.saturating_add(1);
@@ -139,7 +217,7 @@ impl<const D: usize> Domains<D> {
         if let Some(id) = book.route(fault.stream, fault.substream)
             && let Some(slot) = self.slots.get(usize::from(id.index()))
         {
-            let Some(mut report) = take(&slot.faults, who) else {
+            let Some(mut report) = take(&slot.faults, who, &self.report_wanted) else {
                 return false;
             };
             // Acquire: pairs with the Release of a domain going (see `Slot::generation`).
@@ -148,7 +226,7 @@ impl<const D: usize> Domains<D> {
                 return true;
             }
         }
-        let Some(mut report) = take(&self.unattached_faults, who) else {
+        let Some(mut report) = take(&self.unattached_faults, who, &self.report_wanted) else {
             return false;
         };
         report.push(fault);
@@ -178,8 +256,14 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// # Errors
     /// [`DomainError::StaleDomain`].
     pub fn domain_faults(&self, domain: DomainId) -> Result<FaultReport, DomainError> {
-        drop(self.domains.get(domain)?);
-        Ok(self.domain_fault_slot(domain)?.faults.lock().clone())
+        // The domain's read lock held across the copy: the slot cannot go to another domain meanwhile (its
+        // generation changes, and its report is cleared, only under the write lock), so a stale handle never
+        // reads the next domain's faults.
+        let state = self.domains.get(domain)?;
+        let report = self.domain_fault_slot(domain)?.faults.lock().clone();
+        drop(state);
+        self.honour_report_requests();
+        Ok(report)
     }
 
     fn domain_fault_slot(&self, domain: DomainId) -> Result<&super::table::Slot, DomainError> {
@@ -197,17 +281,22 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         let state = self.domains.get(domain)?;
         let taken = core::mem::take(&mut *self.domain_fault_slot(domain)?.faults.lock());
         drop(state);
+        self.honour_report_requests();
         Ok(taken)
     }
 
     /// The faults of streams no domain holds (and records without a StreamID, counted as lost): a copy.
     pub fn unattached_faults(&self) -> FaultReport {
-        self.domains.unattached_faults.lock().clone()
+        let report = self.domains.unattached_faults.lock().clone();
+        self.honour_report_requests();
+        report
     }
 
     /// Clears the SMMU-wide report of unattached streams' faults and returns what it held.
     pub fn clear_unattached_faults(&self) -> FaultReport {
-        core::mem::take(&mut *self.domains.unattached_faults.lock())
+        let taken = core::mem::take(&mut *self.domains.unattached_faults.lock());
+        self.honour_report_requests();
+        taken
     }
 
     /// Drains the event queue (until it is empty) and routes every record to the report of the domain its stream
@@ -221,7 +310,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         let mut total = crate::queue::evtq::DrainReport::default();
         loop {
             // The lock order: the bookkeeping (routing) before the event queue.
-            let book = self.domains.book.lock();
+            let book = self.book();
             // Takes a pending overflow whether or not OVFLG said so too: left behind, it would report a loss again
             // on a later drain.
             let report = self.core.drain_events(Drainer::Thread, |event| {
@@ -241,85 +330,43 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// queue holds under their domains, without ever waiting for a lock (see "Interrupt context" in
     /// [`Iommu`]'s docs). Each record is filed exactly once; a record it cannot file now (a lock held, by
     /// this CPU's interrupted code or briefly by another CPU) stays in the queue and the report says
-    /// [`DrainReport::pending`](crate::queue::evtq::DrainReport::pending): a later call, or
-    /// [`Iommu::drain_faults`] from a thread, files it.
+    /// [`DrainReport::pending`](crate::queue::evtq::DrainReport::pending), and the lock's holder files it: a
+    /// failed try leaves a flag (set, then the lock tried once more) that a thread holding the bookkeeping
+    /// honours before it unlocks, a thread that read a fault report after it unlocks, and the event queue's holder
+    /// before it unlocks. No later interrupt is needed (the SMMU raises one only when the queue goes from empty to
+    /// non-empty).
     ///
     /// # Errors
     /// [`GlobalError::ServiceFailure`].
     pub fn handle_interrupt(&self) -> Result<crate::queue::evtq::DrainReport, GlobalError> {
-        let Some(book) = self.domains.book.try_lock() else {
-            // A structural operation holds the routing: leave the records, say so, and have the holder file them
-            // before it lets go (see `BookGuard`). Global errors are still acknowledged (that path never waits).
-            // Release: pairs with the holder's Acquire swap.
-            self.domains.faults_waiting.store(true, Ordering::Release);
-            self.core.handle_global_errors()?;
-            return Ok(crate::queue::evtq::DrainReport {
-                pending: true,
-                ..Default::default()
-            });
-        };
-        self.core.drain_events(Drainer::Interrupt, |event| {
-            self.domains.file(&book, &event, Drainer::Interrupt)
-        })
-    }
-}
-
-/// The bookkeeping, locked by a thread (`Iommu::book`): letting go of it, the holder first files the faults an
-/// interrupt could not file because it held the routing (`handle_interrupt` found the lock taken), so a record
-/// waits no longer than one structural operation.
-pub(crate) struct BookGuard<'a, A: FrameAllocator, const D: usize> {
-    iommu: &'a Iommu<A, D>,
-    guard: Option<spin::MutexGuard<'a, Book<D>>>,
-}
-
-impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
-    /// The bookkeeping, locked (thread context only: it waits).
-    pub(crate) fn book(&self) -> BookGuard<'_, A, D> {
-        BookGuard {
-            iommu: self,
-            guard: Some(self.domains.book.lock()),
-        }
-    }
-}
-
-impl<A: FrameAllocator, const D: usize> core::ops::Deref for BookGuard<'_, A, D> {
-    type Target = Book<D>;
-    fn deref(&self) -> &Book<D> {
-        self.guard
-            .as_ref()
-            .unwrap_or_else(|| unreachable!("held until dropped"))
-    }
-}
-
-impl<A: FrameAllocator, const D: usize> core::ops::DerefMut for BookGuard<'_, A, D> {
-    fn deref_mut(&mut self) -> &mut Book<D> {
-        self.guard
-            .as_mut()
-            .unwrap_or_else(|| unreachable!("held until dropped"))
-    }
-}
-
-impl<A: FrameAllocator, const D: usize> Drop for BookGuard<'_, A, D> {
-    fn drop(&mut self) {
-        let (iommu, mut guard) = (self.iommu, self.guard.take());
+        let domains = &self.domains;
+        let mut total = crate::queue::evtq::DrainReport::default();
         loop {
-            if let Some(book) = &guard
-                && iommu.domains.faults_waiting.swap(false, Ordering::Acquire)
-            {
-                // The lock order: the bookkeeping, then the event queue, then the reports.
-                iommu
-                    .core
-                    .drain_queued(|event| iommu.domains.file(book, &event, Drainer::Thread));
-            }
-            drop(guard);
-            // An interrupt that failed between the swap and the unlock: file its records now, unless another
-            // thread took the lock meanwhile (its own guard files them).
-            if !iommu.domains.faults_waiting.load(Ordering::Acquire) {
-                return;
-            }
-            match iommu.domains.book.try_lock() {
-                Some(again) => guard = Some(again),
-                None => return,
+            let book = domains.book.try_lock().or_else(|| {
+                // Release: pairs with the holder's Acquire (`BookGuard`), which drains before it unlocks; tried
+                // once more after the store, so a holder that unlocked before it is not missed.
+                domains.book_wanted.store(true, Ordering::Release);
+                domains.book.try_lock()
+            });
+            let Some(book) = book else {
+                // A structural operation holds the routing and drains for this interrupt when it unlocks: leave
+                // the records, say so. Global errors are still acknowledged (that path never waits).
+                self.core.handle_global_errors()?;
+                total.pending = true;
+                return Ok(total);
+            };
+            // This drain covers what a failed try asked for so far (Acquire: pairs with its Release).
+            domains.book_wanted.swap(false, Ordering::Acquire);
+            let report = self.core.drain_events(Drainer::Interrupt, |event| {
+                domains.file(&book, &event, Drainer::Interrupt)
+            })?;
+            drop(book);
+            total.events += report.events;
+            total.overflow = total.overflow.or(report.overflow);
+            total.pending = report.pending;
+            // Another interrupt failed its try between this drain and the unlock: drain for it (as the holder).
+            if report.pending || !domains.book_wanted.load(Ordering::Acquire) {
+                return Ok(total);
             }
         }
     }

@@ -9,6 +9,7 @@ use crate::pgtable::{Gather, Prot};
 use crate::protected::ProtectError;
 use crate::queue::cmdq::Batch;
 use crate::smmu::{InvalidationError, TlbContext};
+use crate::sync::Ordering;
 
 use super::table::{StateMut, StateRef};
 use super::{DomainError, DomainKind, DomainState, GuestInvalidation, Iommu, Translation};
@@ -20,18 +21,15 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         self.whole_invalidation_of(&state)
     }
 
-    /// As [`Iommu::whole_domain_invalidation`], for a domain the caller holds (a nested domain's parent is
-    /// read-locked briefly).
+    /// As [`Iommu::whole_domain_invalidation`], for a domain the caller holds (a nested domain's parent's VMID is
+    /// the one it recorded: no second slot lock).
     /// `None` for a domain without a table (blocked, bypass): nothing of it is cached.
     pub(super) fn whole_invalidation_of(&self, state: &DomainState) -> Result<Option<Command>, DomainError> {
         Ok(Some(match &state.translation {
             Translation::Stage1 { el2: true, .. } => Command::TlbiEl2All,
             Translation::Stage1 { asid, .. } => Command::TlbiNhAsid { vmid: 0, asid: *asid },
             Translation::Stage2 { vmid, .. } => Command::TlbiS12Vmall { vmid: *vmid },
-            Translation::Nested { parent, .. } => match &self.domains.get(*parent)?.translation {
-                Translation::Stage2 { vmid, .. } => Command::TlbiNhAll { vmid: *vmid },
-                _ => return Err(DomainError::StaleDomain(*parent)),
-            },
+            Translation::Nested { vmid, .. } => Command::TlbiNhAll { vmid: *vmid },
             Translation::Fixed(_) => return Ok(None),
         }))
     }
@@ -106,19 +104,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
 
     /// Retries an invalidation that failed before.
     pub(super) fn settle(&self, state: &mut DomainState, domain: DomainId) -> Result<(), DomainError> {
-        // A gather the concurrent paths parked joins the one kept here (both are this table's).
-        if let Some(parked) = state.shared_unflushed.get_mut().take()
-            && let Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } = &state.translation
-        {
-            let gather = match state.unflushed.take() {
-                Some(mut pending) => {
-                    table.merge_owned(&mut pending, parked);
-                    pending
-                }
-                None => parked,
-            };
-            state.unflushed = Some(gather);
-        }
+        state.take_failed();
         match state.unflushed.take() {
             Some(gather) => self.flush_domain(state, domain, gather),
             None => Ok(()),
@@ -206,18 +192,21 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                     wanted: "a stage-1 or stage-2 domain (a nested domain's stage 1 belongs to its guest)",
                 });
             }
-            if !state.unsettled() {
+            if !state.has_unflushed() {
                 return Ok(state);
             }
             drop(state);
             let mut state = self.paging_domain(domain)?;
+            // Re-acquired (the same domain: `paging_domain` checks the generation): a hand-off may have frozen it
+            // meanwhile, and a settle frees the tables of the gather it flushes.
+            Self::unfrozen_state(&state)?;
             self.settle(&mut state, domain)?;
         }
     }
 
     /// Invalidates a gather the concurrent paths filled (leaves only: they unlink no table) under the domain's
-    /// read lock; when that fails, the gather is parked in the domain, still under the read lock (so no operation
-    /// that starts after this one misses it), for the next operation to flush again.
+    /// read lock; when that fails, the gather is published in the domain (`failed`) before the read lock is
+    /// dropped, so every later map and unmap settles it first (a map over its pages fails while it fails).
     fn flush_shared(&self, state: StateRef<'_>, domain: DomainId, gather: Gather) -> Result<(), DomainError> {
         let context = Self::tlb_context(&state).ok_or(DomainError::StaleDomain(domain))?;
         let granule = match &state.translation {
@@ -229,16 +218,20 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             // Nothing to release: the gather holds no table.
             return Ok(());
         };
+        // Published under the read lock (no re-acquire, in which a map could pass, and which a hand-off could
+        // freeze): a hand-off waits for this lock, so it finds the failure and refuses to record the domain.
         if let Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } = &state.translation {
-            let mut parked = state.shared_unflushed.lock();
-            let gather = match parked.take() {
+            let mut failed = state.failed.lock();
+            let gather = match failed.take() {
                 Some(mut pending) => {
                     table.merge_owned(&mut pending, gather);
                     pending
                 }
                 None => gather,
             };
-            *parked = Some(gather);
+            *failed = Some(gather);
+            // Release: a map that sees it sees the gather (and takes the write lock to settle it).
+            state.failed_hint.store(true, Ordering::Release);
         }
         drop(state);
         Err(DomainError::Invalidation(InvalidationError::Queue(error)))
@@ -252,7 +245,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table,
             Translation::Nested { .. } | Translation::Fixed(_) => return Ok(None),
         };
-        if state.unsettled() || size != table.format().granule.size() {
+        if state.has_unflushed() || size != table.format().granule.size() {
             return Ok(None);
         }
         Self::mappable(&state, domain)?;
@@ -272,6 +265,11 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         if trim_due {
             // Emptied tables past the lazy-free limit: trimmed exclusively (a trim widens the invalidation).
             let mut state = self.paging_domain(domain)?;
+            // Re-acquired: a hand-off that froze the domain meanwhile recorded its tables, the emptied ones too, so
+            // they stay (the page itself was unmapped before the freeze, under the read lock, and is recorded so).
+            if Self::unfrozen_state(&state).is_err() {
+                return Ok(Some(bytes));
+            }
             let mut trimmed = Gather::default();
             if let Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } = &mut state.translation
                 && table.trim_due()
@@ -476,15 +474,13 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// then. [`DomainError::Invalidation`].
     pub fn invalidate_guest(&self, domain: DomainId, what: GuestInvalidation) -> Result<(), DomainError> {
         let state = self.domains.get(domain)?;
-        let Translation::Nested { parent, guest } = state.translation else {
+        // The parent's VMID as the nested domain recorded it: its parent's lock is never taken under its own.
+        let Translation::Nested { guest, vmid, .. } = state.translation else {
             return Err(DomainError::WrongKind {
                 domain,
                 kind: state.kind(),
                 wanted: "a nested domain",
             });
-        };
-        let Translation::Stage2 { vmid, .. } = self.domains.get(parent)?.translation else {
-            return Err(DomainError::StaleDomain(parent));
         };
         if let GuestInvalidation::Cd { ssid, .. } = what
             && ssid >> guest.cd_max_log2 != 0

@@ -50,20 +50,22 @@
 //!
 //! | lock | guards | taken by |
 //! |---|---|---|
-//! | `book` (`spin::Mutex`) | the bookkeeping every domain shares: free slots, attached streams (routing, ownership, CD tables), tokens, restored domains, the EL2 debt, the restored generation | the structural operations: create (only to take a slot), attach, detach, free, preserve, unpreserve, the hand-off; a drain (routing) |
-//! | a slot's `state` (`spin::RwLock`, one per domain) | the domain: its page table, IDs, attachments, pending gathers, token | map, unmap, protect, trim, deferred unmaps and syncs, invalidations: that domain's only; the structural operations for the domains they change |
+//! | `book` (`spin::Mutex`) | the bookkeeping every domain shares: free slots, attached streams (routing, ownership, CD tables), tokens, restored domains, the EL2 debt, the restored generation | the structural operations: create (only to take a slot), attach, detach, free, preserve, unpreserve, the hand-off; a drain (routing). A thread's guard drains the event queue before unlocking when interrupt context failed to take it |
+//! | a slot's `state` (`spin::RwLock`, one per domain) | the domain: its page table, IDs, attachments, pending gathers, token | map, unmap, protect, trim, deferred unmaps and syncs, invalidations: that domain's only; the structural operations for the domains they change. A waiting writer turns new readers away (so no thread takes a slot's read lock twice) |
 //! | `prepared` (`spin::Mutex`) | the hand-off's phase | checks of it; `prepare_handover` and `cancel_handover` |
 //! | `protected` (`spin::RwLock`) | memory no mapping may reach | read by every map |
 //! | the stream table (core) | the STEs, and each STE's hitless write with its CFGI_STE + CMD_SYNC | attach, detach, the raw entry calls, restore |
 //! | the event queue (core) | the queue and its overflow | drains (interrupt context only tries it) |
 //! | a slot's `faults`, `unattached_faults` (`spin::Mutex`) | fault reports | filing (interrupt context only tries them), reading and clearing |
+//! | a domain's `failed` (`spin::Mutex`, inside its state) | a gather of the concurrent paths whose invalidation failed, published under the read lock | the map or unmap whose flush failed; the next exclusive operation moves it to its retry |
 //!
 //! **The lock order** (a lock is only ever taken while holding locks above it): `book` → slot `state` locks →
-//! `prepared` → `protected` → the stream table or the event queue (never both) → fault reports. Among slot locks:
-//! without `book`, at most two at once, a nested domain's and then its stage-2 parent's, both for reading (no
-//! operation on a parent takes a nested domain's lock, so they cannot form a cycle); with `book` (one holder at a
-//! time) any number, `prepare_handover` taking the preserved domains' in ascending slot order. The command queue takes no lock (its multi-producer protocol,
-//! [`crate::queue::cmdq`]); ASIDs and VMIDs are atomic bitmaps. Map and unmap hold one slot lock and nothing
+//! `prepared` → `protected` → the stream table or the event queue (never both) → fault reports (a domain's
+//! `failed` is a leaf too, taken under its slot lock only). Among slot locks: without `book`, one at a time (a
+//! nested domain carries its parent's VMID and stage 2, so nothing takes the parent's lock under the child's:
+//! `prepare_handover` write-locks parents before children); with `book` (one holder at a time) any number,
+//! `prepare_handover` taking the preserved domains' in ascending slot order. The command queue takes no lock (its
+//! multi-producer protocol, [`crate::queue::cmdq`]); ASIDs and VMIDs are atomic bitmaps. Map and unmap hold one slot lock and nothing
 //! above it, so they never wait for another domain's operations: operations on different domains meet only at the
 //! command queue and (attach, detach) at the stream table's STE writes and the bookkeeping that records them.
 //! Interrupt context never waits for any lock (see [`Iommu`], "Interrupt context").
@@ -167,9 +169,11 @@ pub const FAULT_REPORT_CAPACITY: usize = 8;
 /// An interrupt may stop a CPU inside any call, holding any lock; so in interrupt context only calls that never
 /// wait for a lock are safe:
 /// - [`Iommu::handle_interrupt`]: drains the event queue and files each fault under its domain, only *trying*
-///   every lock; what it cannot file now stays in the queue (`pending`), never lost or filed twice: when the
-///   bookkeeping (the routing) was held, its holder files the records as it lets go; otherwise a later call or a
-///   thread's [`Iommu::drain_faults`] does;
+///   every lock; what it cannot file now stays in the queue (`pending`), never lost or filed twice, and is filed
+///   by the lock's holder, never left for the next interrupt (the SMMU raises one only when the queue goes from
+///   empty to non-empty): a failed try sets a flag (then tries once more), and a thread holding the bookkeeping
+///   drains before it unlocks it, a thread that read or cleared a fault report drains after it unlocked it, and
+///   the event queue's holder drains again before it unlocks;
 /// - [`Iommu::handle_global_errors`] (the global-error interrupt): GERRORN is written under a lock it only tries;
 /// - reading what needs no lock: [`Iommu::features`], [`Iommu::is_enabled`].
 ///

@@ -37,7 +37,9 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         }
         match state.translation {
             Translation::Nested { parent, .. } => {
-                if self.domains.get(parent)?.token.is_none() {
+                // The token index (under the bookkeeping held) says whether the parent is preserved: its lock is
+                // not taken under the nested domain's.
+                if !book.tokens.values().any(|&d| d == parent) {
                     return Err(DomainError::ParentNotPreserved { domain, parent });
                 }
             }

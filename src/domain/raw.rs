@@ -164,10 +164,12 @@ impl<A: FrameAllocator, const D: usize> LowLevel<'_, A, D> {
     /// every domain's included: the caller must trust it (and whatever controls it) with all of it. A bypass
     /// domain ([`Iommu::create_bypass`]) is the same opt-in with the domain bookkeeping kept.
     pub unsafe fn attach_bypass(&self, sid: u32) -> Result<InstallReport, AttachError> {
+        let book = self.iommu.book();
+        // Under the bookkeeping, which `prepare_handover` holds while it checks the streams and freezes them: a
+        // hand-off prepared before this is seen here, one prepared after it sees the bypass.
         if let Some(generation) = self.iommu.domains.streams_frozen() {
             return Err(AttachError::StreamsFrozen { generation });
         }
-        let book = self.iommu.book();
         Iommu::<A, D>::unowned_in(&book, sid)?;
         self.iommu.core.bypass_stream(sid)
     }
@@ -258,21 +260,21 @@ impl<A: FrameAllocator, const D: usize> LowLevel<'_, A, D> {
     /// [`IdError::Exhausted`]; [`IdError::HandOffUnsettled`] on an SMMU adopted running until the hand-off is
     /// restored (or its unrestored streams aborted): a stream the previous image left may use any ASID.
     pub fn allocate_asid(&self) -> Result<u16, IdError> {
-        self.iommu.core.allocate_asid()
+        self.iommu.core.allocate_raw_asid()
     }
 
     /// Frees an ASID taken with [`LowLevel::allocate_asid`](crate::LowLevel::allocate_asid). A domain's ASID goes back when the domain is freed,
     /// after its TLB entries: freeing it here would let a later allocation hand it out while the domain still uses
     /// it.
     ///
+    /// Only an ASID this handle handed out is freed: the allocator marks it so in the step that allocates it, so
+    /// a domain's ASID is refused at every moment of its life (while the domain is being built or freed too).
+    ///
     /// # Errors
-    /// [`IdError::Owned`] for an ASID a live domain owns, [`IdError::WrongState`] / [`IdError::OutOfRange`] for an
-    /// ASID that is not allocated; nothing changes.
+    /// [`IdError::Owned`] for an ASID a domain owns (or a restore claimed), [`IdError::WrongState`] /
+    /// [`IdError::OutOfRange`] for an ASID that is not allocated; nothing changes.
     pub fn free_asid(&self, asid: u16) -> Result<(), IdError> {
-        if self.iommu.domains.owns_asid(asid) {
-            return Err(IdError::Owned { id: asid });
-        }
-        self.iommu.core.release_asid(asid)
+        self.iommu.core.free_raw_asid(asid)
     }
 
     /// Allocates a VMID (8 or 16 bits as IDR0.VMID16 says; 0 is reserved).
@@ -280,17 +282,14 @@ impl<A: FrameAllocator, const D: usize> LowLevel<'_, A, D> {
     /// # Errors
     /// As [`LowLevel::allocate_asid`](crate::LowLevel::allocate_asid).
     pub fn allocate_vmid(&self) -> Result<u16, IdError> {
-        self.iommu.core.allocate_vmid()
+        self.iommu.core.allocate_raw_vmid()
     }
 
     /// Frees a VMID taken with [`LowLevel::allocate_vmid`](crate::LowLevel::allocate_vmid) (a domain's goes back when the domain is freed).
     ///
     /// # Errors
-    /// As [`LowLevel::free_asid`](crate::LowLevel::free_asid): [`IdError::Owned`] for a VMID a live stage-2 domain owns.
+    /// As [`LowLevel::free_asid`](crate::LowLevel::free_asid): [`IdError::Owned`] for a VMID a stage-2 domain owns.
     pub fn free_vmid(&self, vmid: u16) -> Result<(), IdError> {
-        if self.iommu.domains.owns_vmid(vmid) {
-            return Err(IdError::Owned { id: vmid });
-        }
-        self.iommu.core.release_vmid(vmid)
+        self.iommu.core.free_raw_vmid(vmid)
     }
 }

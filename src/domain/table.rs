@@ -8,7 +8,7 @@ use crate::hw::ste::Stage2Config;
 use crate::ids::DomainId;
 use crate::pgtable::{Gather, IoPageTable};
 use crate::protected::ProtectedMemory;
-use crate::sync::{AtomicU64, Ordering};
+use crate::sync::{AtomicBool, AtomicU64, Ordering};
 
 use super::{
     DomainError, DomainKind, DomainMemory, FaultReport, GuestStage1, MAX_ATTACHED_STREAMS, MAX_ATTACHMENTS,
@@ -32,6 +32,11 @@ pub(crate) enum Translation {
     Nested {
         parent: DomainId,
         guest: GuestStage1,
+        /// The parent's VMID and stage-2 configuration, recorded at creation (a parent does not change while it
+        /// has nested domains): what the nested domain's STE and invalidations need of it, read without the
+        /// parent's lock (a second slot lock outside the lock order).
+        vmid: u16,
+        stage2: Stage2Config,
     },
     /// No table: every stream attached aborts, or bypasses.
     Fixed(Fixed),
@@ -54,10 +59,12 @@ pub(crate) struct DomainState {
     pub(crate) attachments: heapless::Vec<(u32, u32), MAX_ATTACHMENTS>,
     /// A gather whose invalidation failed: flushed again before the next operation.
     pub(crate) unflushed: Option<Gather>,
-    /// A gather of the concurrent paths (leaves only) whose invalidation failed, parked under the domain's read
-    /// lock (so before any other operation can start after it): merged into `unflushed` and flushed again by the
-    /// next operation, which takes the write lock for it.
-    pub(crate) shared_unflushed: spin::Mutex<Option<Gather>>,
+    /// A gather of the concurrent paths (leaves only) whose invalidation failed, published under the read lock
+    /// before it is dropped (so no map that comes after can pass over its pages while their old translations may
+    /// still be cached); moved into `unflushed` by the next exclusive operation. A leaf lock.
+    pub(crate) failed: spin::Mutex<Option<Gather>>,
+    /// Whether `failed` holds a gather: what map and unmap check under the read lock (no lock taken).
+    pub(crate) failed_hint: AtomicBool,
     /// The deferred unmaps whose gathers are not synced yet: `map` refuses their span.
     pub(crate) pending: PendingUnmaps,
     /// The token the domain is preserved under.
@@ -73,16 +80,36 @@ impl DomainState {
             memory,
             attachments: heapless::Vec::new(),
             unflushed: None,
-            shared_unflushed: spin::Mutex::new(None),
+            failed: spin::Mutex::new(None),
+            failed_hint: AtomicBool::new(false),
             pending: PendingUnmaps::NONE,
             token: None,
             identity: false,
         }
     }
 
-    /// Whether an invalidation failed and waits to be retried (by the next operation, under the write lock).
-    pub(crate) fn unsettled(&self) -> bool {
-        self.unflushed.is_some() || self.shared_unflushed.lock().is_some()
+    /// Whether an invalidation of the domain failed and waits to be retried (`unflushed`, or `failed` from the
+    /// concurrent paths).
+    pub(crate) fn has_unflushed(&self) -> bool {
+        // Acquire: pairs with the Release that published `failed`.
+        self.unflushed.is_some() || self.failed_hint.load(Ordering::Acquire)
+    }
+
+    /// Moves a gather the concurrent paths published into `unflushed` (the caller holds the write lock).
+    pub(crate) fn take_failed(&mut self) {
+        let Some(failed) = self.failed.get_mut().take() else {
+            return;
+        };
+        // Relaxed: the write lock is held (no reader looks).
+        self.failed_hint.store(false, Ordering::Relaxed);
+        let gather = match (self.unflushed.take(), &self.translation) {
+            (Some(mut pending), Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. }) => {
+                table.merge_owned(&mut pending, failed);
+                pending
+            }
+            _ => failed,
+        };
+        self.unflushed = Some(gather);
     }
 
     /// Whether this is a stage-1 domain of the EL2 regime.
@@ -189,11 +216,22 @@ pub(crate) struct Slot {
     /// lands before the clear or sees the new generation.
     pub(crate) generation: AtomicU64,
     /// The domain: map and unmap take it for reading (step by step, the page table's concurrent paths), the
-    /// structural operations for writing.
+    /// structural operations for writing, always through [`Slot::write_state`] (a waiting writer turns new readers
+    /// away).
     pub(crate) state: spin::RwLock<Option<DomainState>>,
     /// The faults filed for the domain: a leaf lock (nothing is taken while holding it), only tried from interrupt
     /// context.
     pub(crate) faults: crate::sync::Mutex<FaultReport>,
+}
+
+impl Slot {
+    /// The slot's write lock, with waiting writers first: the lock's `upgradeable_read` sets a bit that turns new
+    /// readers away (spin's `write` does not, so a domain mapped in a loop on other CPUs could keep a structural
+    /// operation, and `prepare_handover` holding the bookkeeping behind it, waiting for good), then `upgrade` waits
+    /// for the readers inside to leave.
+    pub(crate) fn write_state(&self) -> spin::RwLockWriteGuard<'_, Option<DomainState>> {
+        self.state.upgradeable_read().upgrade()
+    }
 }
 
 /// A live domain, read-locked.
@@ -302,9 +340,12 @@ pub(crate) struct Domains<const D: usize> {
     pub(crate) protected: spin::RwLock<ProtectedMemory>,
     /// The faults of streams no domain holds: a leaf lock, as a slot's.
     pub(crate) unattached_faults: crate::sync::Mutex<FaultReport>,
-    /// An interrupt found `book` taken and left records in the event queue: its holder files them before it lets
-    /// go (`BookGuard`).
-    pub(crate) faults_waiting: crate::sync::AtomicBool,
+    /// Interrupt context failed to take `book` (set, then tried once more): the holder drains the event queue
+    /// before it unlocks (`BookGuard`'s drop), so no record announced by an interrupt waits for the next one.
+    pub(crate) book_wanted: AtomicBool,
+    /// Interrupt context (holding `book`) failed to take a fault report's lock: the thread that holds it drains
+    /// once it has unlocked (the report readers, which hold nothing else).
+    pub(crate) report_wanted: AtomicBool,
 }
 
 impl<const D: usize> Domains<D> {
@@ -327,7 +368,8 @@ impl<const D: usize> Domains<D> {
             prepared: spin::Mutex::new(None),
             protected: spin::RwLock::new(ProtectedMemory::new()),
             unattached_faults: crate::sync::Mutex::new(FaultReport::default()),
-            faults_waiting: crate::sync::AtomicBool::new(false),
+            book_wanted: AtomicBool::new(false),
+            report_wanted: AtomicBool::new(false),
         }
     }
 
@@ -367,7 +409,7 @@ impl<const D: usize> Domains<D> {
     /// `id`'s domain, write-locked. The caller must not hold `id`'s lock already.
     pub(crate) fn get_mut(&self, id: DomainId) -> Result<StateMut<'_>, DomainError> {
         let slot = self.slot(id)?;
-        let guard = slot.state.write();
+        let guard = slot.write_state();
         if guard.is_none() || slot.generation.load(Ordering::Relaxed) != id.generation() {
             return Err(DomainError::StaleDomain(id));
         }
@@ -383,7 +425,7 @@ impl<const D: usize> Domains<D> {
             return Err(state);
         };
         let slot = &self.slots[usize::from(index)];
-        let mut guard = slot.state.write();
+        let mut guard = slot.write_state();
         debug_assert!(guard.is_none());
         *guard = Some(state);
         Ok(DomainId::new(index, slot.generation.load(Ordering::Relaxed)))
@@ -403,7 +445,7 @@ impl<const D: usize> Domains<D> {
     /// its generation is the last one: the slot is retired then. Its fault report is cleared.
     pub(crate) fn remove(&self, book: &mut Book<D>, id: DomainId) -> Option<DomainState> {
         let slot = self.slot(id).ok()?;
-        let mut guard = slot.state.write();
+        let mut guard = slot.write_state();
         if slot.generation.load(Ordering::Relaxed) != id.generation() {
             return None;
         }
@@ -434,20 +476,6 @@ impl<const D: usize> Domains<D> {
             let state = guard.as_ref()?;
             let id = DomainId::new(index as u16, slot.generation.load(Ordering::Relaxed));
             (Some(id) != except && state.is_el2() && !state.attachments.is_empty()).then_some(id)
-        })
-    }
-
-    /// Whether a live stage-1 domain uses `asid` (one pass over the slots: for the raw ID calls, not a hot path).
-    pub(crate) fn owns_asid(&self, asid: u16) -> bool {
-        self.slots.iter().any(|slot| {
-            matches!(&*slot.state.read(), Some(DomainState { translation: Translation::Stage1 { asid: a, .. }, .. }) if *a == asid)
-        })
-    }
-
-    /// Whether a live stage-2 domain uses `vmid` (its nested domains share it).
-    pub(crate) fn owns_vmid(&self, vmid: u16) -> bool {
-        self.slots.iter().any(|slot| {
-            matches!(&*slot.state.read(), Some(DomainState { translation: Translation::Stage2 { vmid: v, .. }, .. }) if *v == vmid)
         })
     }
 }

@@ -152,7 +152,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                     }
                     // Never preserved: a domain without a table has no handover memory.
                     Translation::Fixed(_) => return Err(RecordError::NotHandoverMemory(id)),
-                    Translation::Nested { parent, guest } => {
+                    Translation::Nested { parent, guest, .. } => {
                         let parent_state = held(*parent).ok_or(RecordError::ParentNotPreserved(id))?;
                         let Translation::Stage2 { vmid, .. } = parent_state.translation else {
                             return Err(RecordError::ParentNotPreserved(id));

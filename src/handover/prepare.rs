@@ -311,7 +311,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             // The tables are recorded as they are, not what the SMMU may still cache: an unmap whose invalidation
             // has not completed would leave the next image (a running hand-off keeps the TLB) translating what the
             // records say is unmapped, and mapping over it again.
-            if state.pending.outstanding() || state.unsettled() {
+            if state.pending.outstanding() || state.has_unflushed() {
                 return Err(PrepareError::PendingInvalidation { token });
             }
             let mut first = None;

@@ -626,11 +626,13 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                             let parent = *book.restored.get(&r.parent_token.unwrap_or(0)).ok_or(fail(
                                 RebuildFailure::Domain(DomainError::UnknownToken(r.parent_token.unwrap_or(0))),
                             ))?;
-                            let memory = self
-                                .domains
-                                .get(parent)
-                                .map_err(|e| fail(RebuildFailure::Domain(e)))?
-                                .memory;
+                            let (memory, vmid, stage2) = {
+                                let state = self.domains.get(parent).map_err(|e| fail(RebuildFailure::Domain(e)))?;
+                                let Translation::Stage2 { vmid, config, .. } = state.translation else {
+                                    return Err(fail(RebuildFailure::Domain(DomainError::StaleDomain(parent))));
+                                };
+                                (state.memory, vmid, config)
+                            };
                             let g = r.guest.unwrap_or_default();
                             let guest = GuestStage1 {
                                 cd_table: g.cd_table_ipa,
@@ -638,7 +640,15 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                                 layout: layout_of(g.layout),
                                 default_substream: dss_of(g.default_substream),
                             };
-                            (Translation::Nested { parent, guest }, memory)
+                            (
+                                Translation::Nested {
+                                    parent,
+                                    guest,
+                                    vmid,
+                                    stage2,
+                                },
+                                memory,
+                            )
                         }
                         (_, Some(shape)) => {
                             let extent = r.extents.first().copied().unwrap_or_default();

@@ -8,6 +8,12 @@
 //! owns it (two CPUs can never get one identifier). Freeing clears the bit with `fetch_and` (only the CPU that saw
 //! it set frees it: a double free is refused) and then lowers `used`.
 //!
+//! **Ownership.** An identifier handed out by the raw calls (`allocate_raw`) also gets its bit in `raw`, set by the
+//! CPU that owns it (after the `fetch_or` that took it) before it is returned; `free_raw` frees only an identifier
+//! whose `raw` bit it cleared itself. So an identifier a domain allocated (or a restore claimed) is never freed by a
+//! raw call, whatever the domain is doing (being built, being freed): ownership is decided by the allocator in the
+//! step that hands the identifier out, not by a scan of the domains.
+//!
 //! **Orderings.** The bit operations are `AcqRel`: the owner that frees an identifier did so after the TLBI and
 //! CMD_SYNC that dropped its entries (the caller's rule); its `Release` clear and the next owner's `Acquire` set
 //! order that invalidation before anything the next owner does with the identifier. `used` is only a bound (it
@@ -33,6 +39,8 @@ pub(crate) struct AtomicIdAllocator {
     /// Where the next scan starts.
     next: AtomicU32,
     map: [AtomicU64; WORDS],
+    /// The identifiers the raw calls handed out (a subset of `map`): the only ones `free_raw` frees.
+    raw: [AtomicU64; WORDS],
 }
 
 impl core::fmt::Debug for AtomicIdAllocator {
@@ -55,6 +63,7 @@ impl AtomicIdAllocator {
             used: AtomicU32::new(1),
             next: AtomicU32::new(1),
             map,
+            raw: core::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 
@@ -123,6 +132,41 @@ impl AtomicIdAllocator {
             // Another CPU took it between the load and the fetch_or: look again from the same place.
             id = candidate;
         }
+    }
+
+    /// Allocates a free identifier for a raw caller (not a domain): the only kind [`AtomicIdAllocator::free_raw`]
+    /// frees.
+    ///
+    /// # Errors
+    /// As [`AtomicIdAllocator::allocate`].
+    pub(crate) fn allocate_raw(&self) -> Result<u16, IdError> {
+        let id = self.allocate()?;
+        let i = u32::from(id);
+        // Relaxed: only this CPU knows `id` yet; the caller's hand-over of it to another CPU orders the mark.
+        self.raw[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::Relaxed);
+        Ok(id)
+    }
+
+    /// Frees `id` if a raw caller ([`AtomicIdAllocator::allocate_raw`]) took it; the caller has invalidated its TLB
+    /// entries.
+    ///
+    /// # Errors
+    /// [`IdError::Owned`] for an identifier allocated otherwise (a domain's, a restore's claim),
+    /// [`IdError::OutOfRange`], [`IdError::WrongState`] for 0 or an identifier that is not allocated; nothing
+    /// changes then.
+    pub(crate) fn free_raw(&self, id: u16) -> Result<(), IdError> {
+        let i = u32::from(id);
+        if i >= self.capacity() {
+            return Err(IdError::OutOfRange { id, bits: self.bits });
+        }
+        // Only the CPU that clears the mark frees the identifier (two raw frees: one wins).
+        if self.raw[(i / 64) as usize].fetch_and(!(1 << (i % 64)), Ordering::Relaxed) & (1 << (i % 64)) == 0 {
+            return Err(match self.is_allocated(id) {
+                true => IdError::Owned { id },
+                false => IdError::WrongState { id, allocated: false },
+            });
+        }
+        self.free(id)
     }
 
     /// Marks `id` allocated (a restore reserving what a record names).

@@ -137,13 +137,12 @@ impl<A: FrameAllocator> SmmuCore<A> {
     fn lock_events(&self, who: Drainer) -> Option<spin::MutexGuard<'_, EventState>> {
         match who {
             Drainer::Thread => Some(self.evtq.lock()),
-            Drainer::Interrupt => {
-                let state = self.evtq.try_lock();
-                if state.is_none() {
-                    self.drain_again.store(true, Ordering::Release);
-                }
-                state
-            }
+            Drainer::Interrupt => self.evtq.try_lock().or_else(|| {
+                // Set, then tried once more: a holder that unlocked before the store (and so missed it) is not
+                // holding it any more, and one that unlocks after it sees it.
+                self.drain_again.store(true, Ordering::Release);
+                self.evtq.try_lock()
+            }),
         }
     }
 

@@ -9,7 +9,7 @@
 //! - the command queue: no lock (its own multi-producer protocol, `crate::queue::cmdq`);
 //! - the ASID and VMID allocators: no lock (atomic bitmaps, `crate::ids::AtomicIdAllocator`);
 //! - the event queue and the overflow it last reported: one `spin::Mutex` that interrupt context only
-//!   `try_lock`s. A failed try sets `drain_again`; the holder clears it before each pass and, on finding it set
+//!   `try_lock`s. A failed try sets `drain_again` and tries once more; the holder clears it before each pass and, on finding it set
 //!   after a pass, drains once more before unlocking (and once more after, if it was set between its last look
 //!   and the unlock), so no record announced by an interrupt waits for the next one;
 //! - `inherited_stes`: an atomic flag.
@@ -142,6 +142,33 @@ impl<A: FrameAllocator> SmmuCore<A> {
             return Err(IdError::HandOffUnsettled);
         }
         self.asids.allocate()
+    }
+
+    /// Allocates an ASID for a raw caller (`LowLevel::allocate_asid`): the only kind
+    /// [`SmmuCore::free_raw_asid`] frees.
+    pub(crate) fn allocate_raw_asid(&self) -> Result<u16, IdError> {
+        if self.inherited_stes() {
+            return Err(IdError::HandOffUnsettled);
+        }
+        self.asids.allocate_raw()
+    }
+
+    /// Frees an ASID [`SmmuCore::allocate_raw_asid`] handed out ([`IdError::Owned`] for a domain's).
+    pub(crate) fn free_raw_asid(&self, asid: u16) -> Result<(), IdError> {
+        self.asids.free_raw(asid)
+    }
+
+    /// As [`SmmuCore::allocate_raw_asid`], a VMID.
+    pub(crate) fn allocate_raw_vmid(&self) -> Result<u16, IdError> {
+        if self.inherited_stes() {
+            return Err(IdError::HandOffUnsettled);
+        }
+        self.vmids.allocate_raw()
+    }
+
+    /// As [`SmmuCore::free_raw_asid`], a VMID.
+    pub(crate) fn free_raw_vmid(&self, vmid: u16) -> Result<(), IdError> {
+        self.vmids.free_raw(vmid)
     }
 
     /// Frees an ASID whatever owns it: for a domain that is going (or was never recorded).

@@ -2124,4 +2124,5 @@ fn finding3_a_substream_cd_left_valid_by_a_failed_attach_keeps_its_domain_from_b
 }
 mod concurrent;
 mod kinds;
+mod review3;
 mod stress;

@@ -2116,3 +2116,5 @@ fn arena_stage1_on(
     };
     smmu.create_stage1(pool.take_arena().unwrap(), options).unwrap()
 }
+
+mod review3;
