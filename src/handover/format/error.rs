@@ -5,7 +5,7 @@ use core::fmt;
 use super::super::{Extent, RecordKind};
 use super::MAGIC;
 
-/// Why [`encode`] could not write a region.
+/// Why [`encode`](super::encode) could not write a region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FormatError {
     /// `out` is shorter than the region.
@@ -22,14 +22,14 @@ pub enum FormatError {
         /// The region's extent.
         region: Extent,
     },
-    /// More SMMU instances than [`MAX_INSTANCES`].
+    /// More SMMU instances than [`MAX_INSTANCES`](super::MAX_INSTANCES).
     TooManyInstances {
         /// Instances given.
         count: usize,
         /// The capacity.
         max: usize,
     },
-    /// More records in one instance than [`MAX_RECORDS`].
+    /// More records in one instance than [`MAX_RECORDS`](super::MAX_RECORDS).
     TooManyRecords {
         /// Index of the instance.
         instance: usize,
@@ -64,7 +64,7 @@ impl fmt::Display for FormatError {
 
 impl core::error::Error for FormatError {}
 
-/// Why [`decode`] or [`validate_identity`] refused a region. Each variant carries the offending values; tokens
+/// Why [`decode`](super::decode) or [`validate_identity`](super::validate_identity) refused a region. Each variant carries the offending values; tokens
 /// name the record at fault.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HandoverError {
@@ -108,7 +108,7 @@ pub enum HandoverError {
         /// Its byte offset in the region.
         offset: u64,
     },
-    /// More SMMU instances than [`MAX_INSTANCES`].
+    /// More SMMU instances than [`MAX_INSTANCES`](super::MAX_INSTANCES).
     TooManyInstances {
         /// The header's count.
         count: u32,
