@@ -78,6 +78,7 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("psci-reset", psci_reset),
     ("el3-fault-report", el3_fault_report),
     ("smp-hello", smp_hello::smp_hello),
+    ("smp-dma", smp_dma::smp_dma),
 ];
 
 mod core_smmu;
@@ -85,6 +86,7 @@ mod dma_map_bench;
 mod domains;
 mod live_update;
 mod lu_isolation;
+mod smp_dma;
 mod smp_hello;
 mod translate;
 pub mod virtio_dma;
