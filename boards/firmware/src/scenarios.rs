@@ -79,6 +79,7 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("el3-fault-report", el3_fault_report),
     ("smp-hello", smp_hello::smp_hello),
     ("smp-dma", smp_dma::smp_dma),
+    ("lu-smp", lu_smp::lu_smp),
 ];
 
 mod core_smmu;
@@ -86,6 +87,7 @@ mod dma_map_bench;
 mod domains;
 mod live_update;
 mod lu_isolation;
+mod lu_smp;
 mod smp_dma;
 mod smp_hello;
 mod translate;
