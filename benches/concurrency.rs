@@ -113,8 +113,8 @@ fn run(
     .elapsed()
 }
 
-/// Time of the map phases alone of `iters` iterations: in each, every thread maps its pages between two barriers
-/// (timed), then unmaps them (not timed).
+/// Time of the map phases alone of `iters` iterations: in each, every thread maps its pages (timed by the threads
+/// themselves: from the first thread's start to the last thread's end), then unmaps them (not timed).
 fn map_phases(iommu: &Iommu<&'static HeapFrames, 16>, domains: &[DomainId], threads: u64, iters: u64) -> Duration {
     let sharing = threads.div_ceil(domains.len() as u64);
     let work: Vec<(DomainId, Vec<u64>)> = (0..threads)
@@ -123,34 +123,39 @@ fn map_phases(iommu: &Iommu<&'static HeapFrames, 16>, domains: &[DomainId], thre
             (d, pages(0x7f4a_7c15 * (k + 1), k / domains.len() as u64, sharing))
         })
         .collect();
-    let barrier = Barrier::new(threads as usize + 1);
-    let mut total = Duration::ZERO;
-    std::thread::scope(|s| {
-        for (d, pages) in &work {
-            let barrier = &barrier;
-            s.spawn(move || {
-                for _ in 0..iters {
-                    barrier.wait();
-                    for &p in pages {
-                        iommu.map(*d, WINDOW + p * 4096, PA + p * 4096, 4096, RW).unwrap();
+    let barrier = Barrier::new(threads as usize);
+    let spans: Vec<Vec<(Instant, Instant)>> = std::thread::scope(|s| {
+        let workers: Vec<_> = work
+            .iter()
+            .map(|(d, pages)| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    let mut spans = Vec::with_capacity(iters as usize);
+                    for _ in 0..iters {
+                        barrier.wait();
+                        let began = Instant::now();
+                        for &p in pages {
+                            iommu.map(*d, WINDOW + p * 4096, PA + p * 4096, 4096, RW).unwrap();
+                        }
+                        spans.push((began, Instant::now()));
+                        barrier.wait();
+                        for &p in pages {
+                            iommu.unmap(*d, WINDOW + p * 4096, 4096).unwrap();
+                        }
                     }
-                    barrier.wait();
-                    for &p in pages {
-                        iommu.unmap(*d, WINDOW + p * 4096, 4096).unwrap();
-                    }
-                    barrier.wait();
-                }
-            });
-        }
-        for _ in 0..iters {
-            barrier.wait();
-            let began = Instant::now();
-            barrier.wait();
-            total += began.elapsed();
-            barrier.wait();
-        }
+                    spans
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
     });
-    total
+    (0..iters as usize)
+        .map(|i| {
+            let first = spans.iter().map(|s| s[i].0).min().unwrap();
+            let last = spans.iter().map(|s| s[i].1).max().unwrap();
+            last - first
+        })
+        .sum()
 }
 
 fn bench_concurrency(c: &mut Criterion) {
