@@ -69,7 +69,7 @@ fn unpack(file: &[u8]) -> (Region, u32) {
     assert_eq!(word(16), CONTAINER_VERSION);
     let (format_version, base, len, pages) = (word(20), long(24), long(32), word(40) as usize);
     assert_eq!(file.len(), HEADER + pages * (8 + PAGE), "truncated");
-    let mut region = Region::new();
+    let region = Region::new();
     assert_eq!(
         region.extent.base, base,
         "the tests' region base moved: the golden file names {base:#x}"
