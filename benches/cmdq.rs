@@ -13,7 +13,6 @@
 #![allow(missing_docs)]
 
 // Only the heap frames are used here (this benchmark has its own fake SMMU).
-#[allow(dead_code)]
 mod common;
 
 use std::hint::black_box;

@@ -3,6 +3,9 @@
 //! IRQ_CTRL writes and consumes commands) over a leaked register block carrying the ID registers of QEMU's nested
 //! SMMU.
 
+// Each benchmark (and the fuzzer) uses a part of it.
+#![allow(dead_code)]
+
 use std::alloc::{Layout, alloc_zeroed};
 use std::ptr::NonNull;
 use std::sync::Mutex;
@@ -60,10 +63,30 @@ fn reg(base: usize, offset: usize) -> *mut u32 {
     (base + offset) as *mut u32
 }
 
+/// How the fake SMMU visits its registers.
+#[derive(Clone, Copy)]
+enum Visits {
+    /// Continuously (a core of its own), sleeping instead while `pause` is set.
+    Spinning { pause: &'static AtomicBool },
+    /// Once per period, sleeping in between: a real SMMU takes no core, and one visit consumes everything
+    /// published since the last (so a CMD_SYNC waits up to a period plus the host's timer slack).
+    Every(Duration),
+}
+
 /// Starts the fake SMMU over a leaked register block and returns its base. It stops when `stop` is set; while
 /// `pause` is set it sleeps instead of spinning, so that it does not compete for a core with a timed section that
 /// does not talk to the SMMU.
 pub fn fake_smmu(stop: &'static AtomicBool, pause: &'static AtomicBool) -> usize {
+    start_fake_smmu(stop, Visits::Spinning { pause })
+}
+
+/// Starts a fake SMMU that visits its registers once every `period` (a sleep: it leaves the cores to the
+/// threads under test) and returns its base; it stops when `stop` is set.
+pub fn fake_smmu_visiting(stop: &'static AtomicBool, period: Duration) -> usize {
+    start_fake_smmu(stop, Visits::Every(period))
+}
+
+fn start_fake_smmu(stop: &'static AtomicBool, visits: Visits) -> usize {
     let layout = Layout::from_size_align(0x2_0000, 0x1_0000).unwrap();
     // SAFETY: non-zero size; leaked for the benchmark's life.
     let base = unsafe { alloc_zeroed(layout) } as usize;
@@ -87,9 +110,13 @@ pub fn fake_smmu(stop: &'static AtomicBool, pause: &'static AtomicBool) -> usize
             unsafe { reg(base, o).write_volatile(v) }
         };
         while !stop.load(Ordering::Relaxed) {
-            if pause.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(1));
-                continue;
+            match visits {
+                Visits::Spinning { pause } if pause.load(Ordering::Relaxed) => {
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+                Visits::Spinning { .. } => std::hint::spin_loop(),
+                Visits::Every(period) => std::thread::sleep(period),
             }
             w(0x24, r(0x20));
             w(0x54, r(0x50));
@@ -99,7 +126,6 @@ pub fn fake_smmu(stop: &'static AtomicBool, pause: &'static AtomicBool) -> usize
             }
             // Consume every command: CONS := PROD.
             w(0x9c, r(0x98));
-            std::hint::spin_loop();
         }
     });
     base

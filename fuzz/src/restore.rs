@@ -25,7 +25,6 @@ use smmuv3::pgtable::desc;
 use smmuv3::{DomainId, GuestStage1, InitOptions, Iommu, Prot, Smmu, Stage1Options, Stage2Options};
 
 #[path = "../../benches/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use common::{HeapFrames, fake_smmu};

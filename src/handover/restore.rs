@@ -889,4 +889,6 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
 }
 
 #[cfg(test)]
+mod golden;
+#[cfg(test)]
 pub(crate) mod tests;

@@ -30,7 +30,8 @@ commands:
         run the page-table benchmarks (criterion, host, release) and print ours / aarch64-paging / memset with the
         ratios, then the domain-table and live-update benchmarks (preserve, prepare_handover, a verified and a
         trusted restore against what each scales with, and a plain read of the same table bytes), then the
-        command queue's throughput with 1, 2, 4 and 8 submitters; --quick keeps the whole run to a few minutes
+        every-CPU table (map + unmap by 1 and 2 threads through one shared Iommu, the command queue with 1 and 2
+        submitters, 4 and 8 as figures); --quick keeps the whole run to a few minutes
   fuzz [--seconds N] [--seed S]
         fuzz live update (stable Rust, release build) for N seconds (default 180), half on the handover region
         decoder (mutated valid regions and random bytes), half on whole restores of a real first image's region
@@ -527,7 +528,7 @@ fn bench(args: &[String]) -> Result<ExitCode, String> {
     );
     bench_domains(quick)?;
     bench_live_update(quick)?;
-    bench_cmdq(quick)?;
+    bench_every_cpu(quick)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -563,48 +564,97 @@ fn bench_domains(quick: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// The command queue's throughput with 1, 2, 4 and 8 submitters against a fake SMMU thread (`benches/cmdq.rs`).
-fn bench_cmdq(quick: bool) -> Result<(), String> {
-    let mut command = cargo();
-    command.args(["bench", "-p", "smmuv3", "--bench", "cmdq", "--"]);
-    if quick {
-        command.args(["--warm-up-time", "1", "--measurement-time", "2", "--sample-size", "10"]);
+/// Every CPU, in one table: map + unmap through one shared `Iommu` by 1 and 2 threads (on 2 domains and on 1), and
+/// the command queue with 1 and 2 submitters, each row's total throughput against one thread's
+/// (`benches/concurrency.rs`, `benches/cmdq.rs`); 4 and 8 threads, a lock around the driver, and the map paths
+/// alone as figures.
+fn bench_every_cpu(quick: bool) -> Result<(), String> {
+    for (bench, what) in [
+        ("concurrency", "every-CPU domain benchmarks"),
+        ("cmdq", "command-queue benchmarks"),
+    ] {
+        let mut command = cargo();
+        command.args(["bench", "-p", "smmuv3", "--bench", bench, "--"]);
+        if quick {
+            command.args(["--warm-up-time", "1", "--measurement-time", "2", "--sample-size", "10"]);
+        }
+        step(what, command)?;
     }
-    step("command-queue benchmarks", command)?;
-    // Per row: criterion function, submitters. An iteration is one batch from every submitter.
-    let median = |function: &str| criterion_median("cmdq_throughput", function);
-    let one = median("1");
-    let speed_up = |function: &str, submitters: f64| match (median(function), one) {
-        (Some(t), Some(o)) if t > 0.0 => Some(submitters * o / t),
+    // A row's speed-up: `threads` times one thread's time over the row's (each thread does one iteration's work).
+    let speed_up = |group: &str, one: &str, function: &str, threads: f64| match (
+        criterion_median(group, function),
+        criterion_median(group, one),
+    ) {
+        (Some(t), Some(o)) if t > 0.0 => Some(threads * o / t),
         _ => None,
     };
-    let per_batch = |function: &str, submitters: f64| median(function).map(|t| t / submitters);
     let shown = |x: Option<f64>| x.map_or_else(|| "-".to_string(), |x| format!("{x:.2}x"));
+    let domains = |function: &str, threads: f64| shown(speed_up("every_cpu", "1_thread", function, threads));
+    let queue = |function: &str, submitters: f64| shown(speed_up("cmdq_throughput", "1", function, submitters));
     println!();
-    println!("| benchmark | time per batch (17 entries) | speed-up vs 1 thread |");
+    println!("| benchmark | time per iteration | speed-up vs 1 thread |");
     println!("|---|---|---|");
+    for (label, function, threads) in [
+        ("map + unmap 4096 random 4 KiB pages, 1 thread", "1_thread", 1.0),
+        (
+            "map + unmap 4096 random 4 KiB pages, 2 threads on 2 domains",
+            "2_threads_2_domains",
+            2.0,
+        ),
+        (
+            "map + unmap 4096 random 4 KiB pages, 2 threads on 1 domain",
+            "2_threads_1_domain",
+            2.0,
+        ),
+    ] {
+        println!(
+            "| {label} | {} | {} |",
+            format_ns(criterion_median("every_cpu", function)),
+            domains(function, threads)
+        );
+    }
     for (label, function, submitters) in [
         ("commands through the queue, 1 submitter", "1", 1.0),
         ("commands through the queue, 2 submitters", "2", 2.0),
     ] {
         println!(
             "| {label} | {} | {} |",
-            format_ns(per_batch(function, submitters)),
-            shown(speed_up(function, submitters))
+            format_ns(criterion_median("cmdq_throughput", function)),
+            queue(function, submitters)
         );
     }
     println!();
     println!(
-        "(criterion median; this machine has 2 cores; the bar for 2 submitters: total throughput >= 1.5x one \
-         submitter's. Time per batch: the wall time of a round of one batch per submitter, divided by the \
-         submitters. Figures, not bars: 4 submitters {}, 8 submitters {} (more threads than cores, all spinning on \
-         CONS); 2 submitters behind one lock around the queue, the design this queue replaces: {}. The fake SMMU \
-         sleeps between visits of the queue (a real SMMU takes no core) and consumes, in one visit, everything \
-         published: the speed-up is how many submitters' batches one visit completes, which a lock held through a \
-         round trip keeps at one)",
-        shown(speed_up("4", 4.0)),
-        shown(speed_up("8", 8.0)),
-        shown(speed_up("2_behind_one_lock", 2.0)),
+        "(criterion median; this machine has 2 cores. Bars: 2 threads on 2 domains >= 1.8x, on 1 domain >= 1.5x, \
+         2 submitters >= 1.5x. An iteration: each thread maps its 4096 pages one by one, then unmaps them one by one \
+         (each unmap waits for its TLBI's CMD_SYNC), through one Iommu shared by reference; for the queue, one batch \
+         of 16 commands and a CMD_SYNC from each submitter. The fake SMMUs sleep between visits of their queue (a \
+         real SMMU takes no core) and consume everything published in one visit, so the unmaps' round trips \
+         dominate: the speed-up says how many CPUs' invalidations one visit completes, which a lock held through a \
+         round trip keeps at 1x. Figures, not bars: 2 threads on 2 domains behind one lock around the driver {}; 4 \
+         threads on 4 domains {}, on 1 domain {}; 8 threads on 8 domains {}; queue: 4 submitters {}, 8 submitters \
+         {}, 2 behind one lock {}. The map paths alone (no SMMU wait; CPU-bound, so 2 cores bound them): 1 thread \
+         {} per 4096 pages, 2 threads on 2 domains {}, on 1 domain {})",
+        domains("2_threads_2_domains_behind_one_lock", 2.0),
+        domains("4_threads_4_domains", 4.0),
+        domains("4_threads_1_domain", 4.0),
+        domains("8_threads_8_domains", 8.0),
+        queue("4", 4.0),
+        queue("8", 8.0),
+        queue("2_behind_one_lock", 2.0),
+        format_ns(criterion_median("every_cpu", "map_only_1_thread")),
+        shown(speed_up(
+            "every_cpu",
+            "map_only_1_thread",
+            "map_only_2_threads_2_domains",
+            2.0
+        )),
+        shown(speed_up(
+            "every_cpu",
+            "map_only_1_thread",
+            "map_only_2_threads_1_domain",
+            2.0
+        )),
     );
     Ok(())
 }

@@ -110,8 +110,8 @@ pub struct Platform {
     pub cpus: Cpus,
 }
 
-/// The CPUs a platform lists, by affinity (MPIDR format), at most [`crate::smp::MAX_CPUS`].
-pub type Cpus = heapless::Vec<u64, { crate::smp::MAX_CPUS }>;
+/// The CPUs a platform lists, by affinity (MPIDR format), at most [`crate::cpus::MAX_CPUS`].
+pub type Cpus = heapless::Vec<u64, { crate::cpus::MAX_CPUS }>;
 
 /// Why the device tree could not be used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -445,7 +445,7 @@ pub fn platform(fdt: Option<&Fdt>, board: &StaticDescription) -> Result<Platform
 }
 
 /// The CPUs under `/cpus`: each `cpu` node's `reg` (one or two cells, as `/cpus`'s `#address-cells` says), in tree
-/// order, skipping nodes whose `status` is not `okay`; at most [`crate::smp::MAX_CPUS`] (the rest are left out).
+/// order, skipping nodes whose `status` is not `okay`; at most [`crate::cpus::MAX_CPUS`] (the rest are left out).
 ///
 /// # Errors
 /// [`DtError::Missing`] without `/cpus` or without a CPU in it (the board's list then applies);

@@ -19,8 +19,8 @@ use smmuv3::SmmuInterrupts;
 use spin::RwLock;
 use spin::mutex::SpinMutex;
 
+use crate::cpus::{self as smp, MAX_CPUS};
 use crate::dt::Gic;
-use crate::smp::{self, MAX_CPUS};
 use crate::time;
 
 /// INTIDs counted: SGIs, PPIs and the SPIs up to 1019.
@@ -109,7 +109,7 @@ impl core::fmt::Display for Distribution {
 
 /// Takes the GIC: distributor and every redistributor configured, this CPU's (the boot CPU's) awake, every SPI
 /// group 1, system-register interface at EL2, physical IRQs (and FIQs, SErrors) routed to EL2 (HCR_EL2.IMO/FMO/AMO)
-/// and unmasked. Each CPU's redistributor is found by its affinity in GICR_TYPER ([`crate::smp::init`] has
+/// and unmasked. Each CPU's redistributor is found by its affinity in GICR_TYPER ([`crate::cpus::record`] has
 /// numbered the CPUs); the GIC is driven for as many CPUs as have one.
 ///
 /// # Errors

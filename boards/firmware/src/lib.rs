@@ -6,6 +6,7 @@
 pub mod boot;
 pub mod config;
 pub mod console;
+pub mod cpus;
 pub mod dt;
 pub mod edu;
 pub mod exceptions;

@@ -78,6 +78,8 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("psci-reset", psci_reset),
     ("el3-fault-report", el3_fault_report),
     ("smp-hello", smp_hello::smp_hello),
+    ("smp-dma", smp_dma::smp_dma),
+    ("lu-smp", lu_smp::lu_smp),
 ];
 
 mod core_smmu;
@@ -85,6 +87,8 @@ mod dma_map_bench;
 mod domains;
 mod live_update;
 mod lu_isolation;
+mod lu_smp;
+mod smp_dma;
 mod smp_hello;
 mod translate;
 pub mod virtio_dma;

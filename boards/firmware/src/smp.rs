@@ -22,20 +22,18 @@ use core::marker::PhantomData;
 use core::sync::atomic::{AtomicPtr, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 
 use aarch64_cpu::asm::{sev, wfe};
-use aarch64_cpu::registers::{MAIR_EL2, MPIDR_EL1, Readable, SCTLR_EL2, TCR_EL2, TPIDR_EL2, TTBR0_EL2, Writeable};
+use aarch64_cpu::registers::{MAIR_EL2, Readable, SCTLR_EL2, TCR_EL2, TPIDR_EL2, TTBR0_EL2, Writeable};
 use aarch64_rt::Stack;
 use smccc::Smc;
 use smccc::psci::{self, AffinityState, LowestAffinityLevel};
 use spin::mutex::SpinMutex;
 
+use crate::cpus::{self, CpuState};
+pub use crate::cpus::{AFFINITY_MASK, MAX_CPUS, cpu_count, cpu_id, is_online, mpidr, next_online, state, this_mpidr};
 use crate::{irq, time};
 
-/// The most CPUs the firmware drives (the boot CPU included).
-pub const MAX_CPUS: usize = 8;
 /// Pages of stack per secondary CPU (256 KiB: work items may hold a driver handle or two on their stack).
 pub const STACK_PAGES: usize = 64;
-/// The affinity fields of MPIDR_EL1 (Aff3, Aff2, Aff1, Aff0): what PSCI and GICD_IROUTER take.
-pub const AFFINITY_MASK: u64 = 0xff_00ff_ffff;
 /// How long a started CPU may take to come online, and a stopped one to be reported off.
 const START_TIMEOUT_US: u64 = 2_000_000;
 /// How long [`Cpus::run`] waits for the slowest CPU before ending the run.
@@ -46,31 +44,6 @@ const RUN_TIMEOUT_US: u64 = 120_000_000;
 // SAFETY (attributes): the section is aarch64-rt's `.stack.*`, NOLOAD, which nothing else overlaps.
 #[unsafe(link_section = ".stack.smp")]
 static mut STACKS: [Stack<STACK_PAGES>; MAX_CPUS - 1] = [const { Stack::new() }; MAX_CPUS - 1];
-
-/// Where a CPU is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum CpuState {
-    /// Not running (never started, or reported off by PSCI AFFINITY_INFO).
-    Off = 0,
-    /// CPU_ON was accepted; its entry has not reported yet.
-    Starting = 1,
-    /// Running its entry, interrupts on.
-    Online = 2,
-    /// Its entry returned; it is turning itself off.
-    Stopping = 3,
-}
-
-impl CpuState {
-    fn from_u8(value: u8) -> CpuState {
-        match value {
-            1 => CpuState::Starting,
-            2 => CpuState::Online,
-            3 => CpuState::Stopping,
-            _ => CpuState::Off,
-        }
-    }
-}
 
 /// Why CPUs could not be started, stopped or given work.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,55 +96,10 @@ impl fmt::Display for SmpError {
     }
 }
 
-/// The CPUs' affinities (MPIDR & [`AFFINITY_MASK`]) by logical number, and how many there are.
-static MPIDRS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
-static COUNT: AtomicUsize = AtomicUsize::new(1);
-static STATES: [AtomicU8; MAX_CPUS] = [const { AtomicU8::new(CpuState::Off as u8) }; MAX_CPUS];
 /// The boot CPU's TTBR0_EL2, TCR_EL2, MAIR_EL2 and SCTLR_EL2 once its identity map is active.
 static MMU: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
 /// Why each secondary's GIC set-up failed, if it did (reported by [`Cpus::start`]).
 static GIC_ERRORS: [SpinMutex<Option<irq::IrqError>>; MAX_CPUS] = [const { SpinMutex::new(None) }; MAX_CPUS];
-
-/// This CPU's affinity fields.
-pub fn this_mpidr() -> u64 {
-    MPIDR_EL1.get() & AFFINITY_MASK
-}
-
-/// This CPU's logical number (0: the boot CPU), from TPIDR_EL2.
-pub fn cpu_id() -> usize {
-    TPIDR_EL2.get() as usize
-}
-
-/// How many CPUs the platform has (at most [`MAX_CPUS`]).
-pub fn cpu_count() -> usize {
-    COUNT.load(Ordering::Relaxed)
-}
-
-/// The affinity (MPIDR) of CPU `cpu`.
-pub fn mpidr(cpu: usize) -> u64 {
-    MPIDRS.get(cpu).map_or(0, |m| m.load(Ordering::Relaxed))
-}
-
-/// CPU `cpu`'s state ([`CpuState::Off`] for a number beyond the platform's).
-pub fn state(cpu: usize) -> CpuState {
-    STATES
-        .get(cpu)
-        .map_or(CpuState::Off, |s| CpuState::from_u8(s.load(Ordering::Acquire)))
-}
-
-/// Whether CPU `cpu` is online (the boot CPU always is).
-pub fn is_online(cpu: usize) -> bool {
-    cpu == 0 || state(cpu) == CpuState::Online
-}
-
-/// The next online CPU after `cpu`, wrapping around (the boot CPU when no other is online).
-pub fn next_online(cpu: usize) -> usize {
-    let count = cpu_count();
-    (1..=count)
-        .map(|step| (cpu + step) % count)
-        .find(|&c| is_online(c))
-        .unwrap_or(0)
-}
 
 /// The stack range of secondary CPU `cpu` (`None` for the boot CPU, whose stack is aarch64-rt's boot stack).
 pub fn stack_range(cpu: usize) -> Option<core::ops::Range<usize>> {
@@ -185,19 +113,7 @@ pub fn stack_range(cpu: usize) -> Option<core::ops::Range<usize>> {
 /// boot CPU, after its identity map is active and before any CPU is started. CPUs beyond [`MAX_CPUS`] are left
 /// out; an empty list means the boot CPU alone.
 pub fn init(cpus: &[u64]) {
-    TPIDR_EL2.set(0);
-    let me = this_mpidr();
-    MPIDRS[0].store(me, Ordering::Relaxed);
-    let mut count = 1;
-    for &mpidr in cpus {
-        let mpidr = mpidr & AFFINITY_MASK;
-        if mpidr != me && count < MAX_CPUS {
-            MPIDRS[count].store(mpidr, Ordering::Relaxed);
-            count += 1;
-        }
-    }
-    COUNT.store(count, Ordering::Relaxed);
-    STATES[0].store(CpuState::Online as u8, Ordering::Release);
+    crate::cpus::record(cpus);
     for (slot, value) in MMU
         .iter()
         .zip([TTBR0_EL2.get(), TCR_EL2.get(), MAIR_EL2.get(), SCTLR_EL2.get()])
@@ -247,9 +163,9 @@ pub fn start_secondaries(n: usize, entry: fn(usize)) -> Result<(), SmpError> {
     if let Some(busy) = (1..=n).find(|&cpu| state(cpu) != CpuState::Off) {
         return Err(SmpError::Busy(busy));
     }
-    for cpu in 1..=n {
-        *GIC_ERRORS[cpu].lock() = None;
-        STATES[cpu].store(CpuState::Starting as u8, Ordering::Release);
+    for (cpu, gic_error) in GIC_ERRORS.iter().enumerate().take(n + 1).skip(1) {
+        *gic_error.lock() = None;
+        cpus::set_state(cpu, CpuState::Starting);
         let stack = (&raw mut STACKS).cast::<Stack<STACK_PAGES>>().wrapping_add(cpu - 1);
         // SAFETY: the stack is CPU `cpu`'s alone (its state was Off, so nothing runs on it: a CPU reaches Off
         // only once PSCI reports it off), in the image, which the boot map that `secondary_entry` turns on maps
@@ -258,7 +174,7 @@ pub fn start_secondaries(n: usize, entry: fn(usize)) -> Result<(), SmpError> {
             aarch64_rt::start_core::<Smc, _, STACK_PAGES>(mpidr(cpu), stack, move || secondary_main(cpu, entry))
         };
         if let Err(error) = started {
-            STATES[cpu].store(CpuState::Off as u8, Ordering::Release);
+            cpus::set_state(cpu, CpuState::Off);
             return Err(SmpError::Psci {
                 cpu,
                 mpidr: mpidr(cpu),
@@ -282,7 +198,7 @@ pub fn start_secondaries(n: usize, entry: fn(usize)) -> Result<(), SmpError> {
 /// [`SmpError::Psci`] when AFFINITY_INFO fails.
 pub fn wait_until_off(count: usize) -> Result<(), SmpError> {
     boot_cpu_only()?;
-    for (cpu, cpu_state) in STATES.iter().enumerate().take(count.min(cpu_count())).skip(1) {
+    for cpu in 1..count.min(cpu_count()) {
         if state(cpu) == CpuState::Off {
             continue;
         }
@@ -308,7 +224,7 @@ pub fn wait_until_off(count: usize) -> Result<(), SmpError> {
         if !off {
             return Err(SmpError::Timeout { cpu, state: state(cpu) });
         }
-        cpu_state.store(CpuState::Off as u8, Ordering::Release);
+        cpus::set_state(cpu, CpuState::Off);
     }
     Ok(())
 }
@@ -360,10 +276,10 @@ fn secondary_main(cpu: usize, entry: fn(usize)) -> ! {
     if let Err(e) = irq::init_this_cpu(cpu) {
         *GIC_ERRORS[cpu].lock() = Some(e);
     }
-    STATES[cpu].store(CpuState::Online as u8, Ordering::Release);
+    cpus::set_state(cpu, CpuState::Online);
     entry(cpu);
     irq::quiesce_this_cpu(cpu);
-    STATES[cpu].store(CpuState::Stopping as u8, Ordering::Release);
+    cpus::set_state(cpu, CpuState::Stopping);
     let refused = psci::cpu_off::<Smc>();
     crate::println!("FATAL: CPU {cpu}: PSCI CPU_OFF returned {refused:?}; parking it");
     loop {

@@ -88,7 +88,7 @@ fn as_another_driver<A: FrameAllocator, R>(smmu: &mut Iommu<A>, f: impl FnOnce(&
 
 /// The first image: a stage-1 domain (stream 0x10), a stage-2 parent with a nested domain (stream 0x18), a
 /// stage-1 domain preserved and then unpreserved, and one preserved but never retrieved (stream 0x20).
-fn first_image(region: &mut Region, frames: &'static HeapFrames) {
+pub(crate) fn first_image(region: &mut Region, frames: &'static HeapFrames) {
     let model = Model::start(frames);
     let mut smmu = boot(&model, frames);
     let pool = region.pool();

@@ -374,6 +374,20 @@ pub struct Run {
     pub next_image: bool,
 }
 
+/// Scenarios that drive two edu devices: the second sits behind a root port, so that the two differ in bus and
+/// StreamID as devices of two slots of a real machine do.
+pub const TWO_EDU_SCENARIOS: [&str; 2] = ["isolation", "smp-dma"];
+
+/// The edu devices a run of `scenarios` needs: one on the root bus, and a second behind a root port when a
+/// scenario of [`TWO_EDU_SCENARIOS`] is among them.
+pub fn edus_for(scenarios: &[&str]) -> Vec<EduPlacement> {
+    if scenarios.iter().any(|s| TWO_EDU_SCENARIOS.contains(s)) {
+        vec![EduPlacement::RootBus, EduPlacement::RootPort]
+    } else {
+        vec![EduPlacement::RootBus]
+    }
+}
+
 /// The trace events every test records: the SMMU's event records and command errors.
 pub const SMMU_ERROR_TRACE_EVENTS: [&str; 2] = ["smmuv3_record_event", "smmuv3_cmdq_consume_error"];
 
@@ -387,7 +401,7 @@ impl Run {
             scenarios: scenarios.iter().map(|s| s.to_string()).collect(),
             expected_stage: Some(stage),
             edu_dma_mask: board.default_edu_dma_mask(),
-            edus: vec![EduPlacement::RootBus],
+            edus: edus_for(scenarios),
             virtio_disk: None,
             memory: "1G".into(),
             timeout: Duration::from_secs(120),
@@ -1205,6 +1219,25 @@ mod tests {
         let mut run = Run::new(Board::SbsaRef, Stage::Nested, &["probe"]);
         run.semihosting = false;
         assert_eq!(run.asked_scenarios(), DEFAULT_SCENARIOS);
+    }
+
+    #[test]
+    fn scenarios_that_drive_two_edus_get_a_second_behind_a_root_port() {
+        for (scenarios, edus) in [
+            (&["s1-dma"][..], vec![EduPlacement::RootBus]),
+            (&[][..], vec![EduPlacement::RootBus]),
+            (
+                &["probe", "isolation"][..],
+                vec![EduPlacement::RootBus, EduPlacement::RootPort],
+            ),
+            (&["smp-dma"][..], vec![EduPlacement::RootBus, EduPlacement::RootPort]),
+        ] {
+            assert_eq!(
+                Run::new(Board::QemuVirt, Stage::Nested, scenarios).edus,
+                edus,
+                "{scenarios:?}"
+            );
+        }
     }
 
     #[test]

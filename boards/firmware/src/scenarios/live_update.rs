@@ -55,7 +55,7 @@ pub(super) fn after_reset() -> Option<LiveUpdateNote> {
 }
 
 /// Leaves `data` for the second boot, keeps the SMMU running (no shutdown) and resets.
-fn reset_with(session: Session, data: [u64; 16]) -> ! {
+pub(super) fn reset_with(session: Session, data: [u64; 16]) -> ! {
     use core::sync::atomic::Ordering::Relaxed;
     power::set_live_update_note(Some(LiveUpdateNote {
         magic: LiveUpdateNote::MAGIC,
@@ -106,13 +106,13 @@ fn declare<A: FrameAllocator, const D: usize>(s: &mut Iommu<A, D>) -> Result<(),
 }
 
 /// The SMMU initialised (every stream aborting), the memory no device may be given declared.
-fn start_lu(context: &Context) -> Result<Session, Failure> {
+pub(super) fn start_lu(context: &Context) -> Result<Session, Failure> {
     let mut s = start(context, &smmuv3::InitOptions::default())?;
     declare(&mut s)?;
     Ok(s)
 }
 
-fn create(s: &mut Session, kind: DomainKind, arena: &'static HandoverArena) -> Result<DomainId, Failure> {
+pub(super) fn create(s: &mut Session, kind: DomainKind, arena: &'static HandoverArena) -> Result<DomainId, Failure> {
     let ipa_bits = 40.min(s.features().oas_bits);
     match kind {
         DomainKind::Stage1 => s.create_stage1(
@@ -143,7 +143,7 @@ pub(super) fn dma(edu: &Edu, source: u64, iova: u64, pa: u64, seed: u8) -> Resul
 }
 
 /// The second boot's start: restore, and report what came back.
-fn restore(context: &Context, s: &mut Session) -> Result<smmuv3::handover::restore::RestoreReport, Failure> {
+pub(super) fn restore(context: &Context, s: &mut Session) -> Result<smmuv3::handover::restore::RestoreReport, Failure> {
     let t0 = time::ticks();
     let report = s
         .restore_handover(&POOL, smmu_base(context), &RestoreOptions::new(&surviving()))
@@ -398,7 +398,7 @@ fn translates_again(s: &mut Session, edu: &Edu, sid: u32) -> Result<(), Failure>
 }
 
 /// [`finish`], which must find no unclaimed domain.
-fn finish_all_claimed(context: &Context, s: &mut Session) -> Result<(), Failure> {
+pub(super) fn finish_all_claimed(context: &Context, s: &mut Session) -> Result<(), Failure> {
     match finish(context, s)? {
         0 => Ok(()),
         n => fail!("finish found {n} unclaimed domain(s)"),

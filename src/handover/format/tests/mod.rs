@@ -1,0 +1,351 @@
+//! Host tests of the handover format: layout, round trips, every validation error, torn writes, and a property
+//! over mutated regions.
+
+extern crate std;
+
+use std::format;
+use std::string::ToString;
+use std::vec;
+use std::vec::Vec;
+
+use super::sample::{self, POOL, REGION, Rng};
+use super::*;
+use crate::handover::{GuestRecord, RecordKind, StreamRecord, TableShape};
+
+const P: u64 = POOL.base;
+
+fn ext(base: u64, len: u64) -> Extent {
+    Extent { base, len }
+}
+
+fn record(token: u64, kind: RecordKind) -> DomainRecord {
+    DomainRecord {
+        token,
+        kind,
+        asid: 0,
+        vmid: 0,
+        table: None,
+        parent_token: None,
+        guest: None,
+        streams: heapless::Vec::new(),
+        extents: heapless::Vec::new(),
+    }
+}
+
+fn shape(root: u64, granule_log2: u8, input_bits: u8, output_bits: u8, start_level: u8) -> TableShape {
+    TableShape {
+        root,
+        granule_log2,
+        input_bits,
+        output_bits,
+        start_level,
+        tables: 3,
+        empty: 1,
+    }
+}
+
+fn identity(base: u64) -> SmmuIdentity {
+    SmmuIdentity {
+        base,
+        idr: [0x0d44_101b, 0x0273_0010, 0, 0x1414, 0, 0x74],
+        iidr: 0x43b,
+        strtab_base: 0x4100_0000,
+        strtab_format: 1,
+        strtab_sid_bits: 16,
+        strtab_split: 8,
+        core_len: 0,
+    }
+}
+
+/// Two instances, every kind of record, two regimes sharing an ASID, a 2-level CD table, a concatenated stage-2
+/// root, and a token and a StreamID repeated across instances (allowed).
+fn fixture() -> heapless::Vec<InstanceRecords, MAX_INSTANCES> {
+    let mut s1 = record(0x10, RecordKind::Stage1);
+    s1.asid = 1;
+    s1.table = Some(shape(P, 12, 48, 48, 0));
+    s1.extents.push(ext(P, 0x2_0000)).unwrap();
+    s1.streams
+        .push(StreamRecord {
+            sid: 1,
+            ssid: 0,
+            cd_table: P + 0x1_0000,
+            cd_ssid_bits: 0,
+            cd_two_level: false,
+        })
+        .unwrap();
+    let mut s2 = record(0x20, RecordKind::Stage2);
+    s2.vmid = 5;
+    s2.table = Some(shape(P + 0x2_0000, 12, 40, 44, 1));
+    s2.extents.push(ext(P + 0x2_0000, 0x1_0000)).unwrap();
+    s2.streams
+        .push(StreamRecord {
+            sid: 2,
+            ..Default::default()
+        })
+        .unwrap();
+    let mut nested = record(0x30, RecordKind::Nested);
+    nested.vmid = 5;
+    nested.parent_token = Some(0x20);
+    nested.guest = Some(GuestRecord {
+        cd_table_ipa: 0x4000_0000,
+        cd_max_log2: 0,
+        layout: 0,
+        default_substream: 0,
+    });
+    nested
+        .streams
+        .push(StreamRecord {
+            sid: 3,
+            ..Default::default()
+        })
+        .unwrap();
+    nested.extents.push(ext(P + 0x3_0000, 0x1000)).unwrap();
+    let mut el2 = record(0x40, RecordKind::Stage1El2);
+    el2.asid = 1;
+    el2.table = Some(shape(P + 0x4_0000, 16, 48, 48, 1));
+    el2.extents.push(ext(P + 0x4_0000, 0x1_0000)).unwrap();
+    el2.extents.push(ext(P + 0x5_0000, 0x1_0000)).unwrap();
+    el2.streams
+        .push(StreamRecord {
+            sid: 4,
+            ssid: 3,
+            cd_table: P + 0x5_0000,
+            cd_ssid_bits: 12,
+            cd_two_level: true,
+        })
+        .unwrap();
+    let mut other = s1.clone();
+    other.table = Some(shape(P + 0x10_0000, 12, 48, 48, 0));
+    other.extents[0].base = P + 0x10_0000;
+    other.streams[0].cd_table = P + 0x11_0000;
+    let mut out = heapless::Vec::new();
+    out.push(InstanceRecords {
+        identity: identity(0x0905_0000),
+        records: [s1, s2, nested, el2].into_iter().collect(),
+    })
+    .unwrap();
+    out.push(InstanceRecords {
+        identity: identity(0x0906_0000),
+        records: [other].into_iter().collect(),
+    })
+    .unwrap();
+    out
+}
+
+fn encode_vec(instances: &[InstanceRecords], generation: u64) -> Vec<u8> {
+    let mut buf = vec![0u8; MAX_REGION_SIZE];
+    let n = encode(instances, generation, REGION, POOL, &mut buf).unwrap();
+    buf.truncate(n);
+    buf
+}
+
+/// Encodes the fixture after `edit`, decodes it.
+fn decode_edited(
+    edit: impl FnOnce(&mut heapless::Vec<InstanceRecords, MAX_INSTANCES>),
+) -> Result<Decoded, HandoverError> {
+    let mut f = fixture();
+    edit(&mut f);
+    decode(&encode_vec(&f, 1), POOL)
+}
+
+/// Decodes the fixture's bytes after `poke` and a CRC fix-up.
+fn decode_poked(poke: impl FnOnce(&mut Vec<u8>)) -> Result<Decoded, HandoverError> {
+    let mut bytes = encode_vec(&fixture(), 1);
+    poke(&mut bytes);
+    sample::reseal(&mut bytes);
+    decode(&bytes, POOL)
+}
+
+/// Byte offset of record `n` of the fixture (two instances).
+fn rec(n: usize) -> usize {
+    HEADER_SIZE + 2 * IDENTITY_SIZE + n * RECORD_SIZE
+}
+
+fn put(bytes: &mut [u8], at: usize, value: &[u8]) {
+    bytes[at..at + value.len()].copy_from_slice(value);
+}
+
+#[test]
+fn the_layout_is_the_documented_one() {
+    assert_eq!((HEADER_SIZE, IDENTITY_SIZE, RECORD_SIZE), (96, 64, 384));
+    assert_eq!(offset_of!(RawHeader, version), 8);
+    assert_eq!(offset_of!(RawHeader, crc32c), 12);
+    assert_eq!(offset_of!(RawHeader, total_len), 16);
+    assert_eq!(offset_of!(RawHeader, generation), 24);
+    assert_eq!(offset_of!(RawHeader, instance_count), 32);
+    assert_eq!(offset_of!(RawHeader, record_count), 36);
+    assert_eq!(offset_of!(RawHeader, region), 40);
+    assert_eq!(offset_of!(RawHeader, pool), 56);
+    assert_eq!(offset_of!(RawHeader, reserved), 72);
+    assert_eq!(offset_of!(RawIdentity, idr), 8);
+    assert_eq!(offset_of!(RawIdentity, iidr), 32);
+    assert_eq!(offset_of!(RawIdentity, record_count), 36);
+    assert_eq!(offset_of!(RawIdentity, strtab_base), 40);
+    assert_eq!(offset_of!(RawIdentity, strtab_format), 48);
+    assert_eq!(offset_of!(RawIdentity, reserved0), 51);
+    assert_eq!(offset_of!(RawIdentity, reserved1), 52);
+    assert_eq!(offset_of!(RawIdentity, core_len), 56);
+    assert_eq!(offset_of!(RawRecord, kind), 8);
+    assert_eq!(offset_of!(RawRecord, flags), 12);
+    assert_eq!(offset_of!(RawRecord, asid), 16);
+    assert_eq!(offset_of!(RawRecord, vmid), 18);
+    assert_eq!(offset_of!(RawRecord, stream_count), 20);
+    assert_eq!(offset_of!(RawRecord, extent_count), 21);
+    assert_eq!(offset_of!(RawRecord, reserved0), 22);
+    assert_eq!(offset_of!(RawRecord, parent_token), 24);
+    assert_eq!(offset_of!(RawRecord, table), 32);
+    assert_eq!(offset_of!(RawTable, tables), 12);
+    assert_eq!(offset_of!(RawTable, empty), 14);
+    assert_eq!(offset_of!(RawRecord, guest), 48);
+    assert_eq!(offset_of!(RawGuest, reserved), 11);
+    assert_eq!(offset_of!(RawRecord, streams), 64);
+    assert_eq!(size_of::<RawStream>(), 24);
+    assert_eq!(offset_of!(RawStream, cd_table), 8);
+    assert_eq!(offset_of!(RawStream, cd_ssid_bits), 16);
+    assert_eq!(offset_of!(RawStream, cd_format), 17);
+    assert_eq!(offset_of!(RawRecord, extents), 256);
+    assert_eq!(MAX_REGION_SIZE, 96 + 4 * 64 + 128 * 384);
+    // docs/handover.md tells callers how large the decoded form is.
+    assert!(size_of::<Decoded>() <= 53 * 1024, "{}", size_of::<Decoded>());
+}
+
+#[test]
+fn the_fixture_round_trips() {
+    let f = fixture();
+    let bytes = encode_vec(&f, 7);
+    assert_eq!(bytes.len(), region_size(2, 5));
+    assert_eq!(&bytes[..8], &MAGIC);
+    let d = decode(&bytes, POOL).unwrap();
+    assert_eq!((d.generation, d.region, d.pool), (7, REGION, POOL));
+    assert_eq!(&d.instances[..], &f[..]);
+    // Trailing bytes past the region are ignored.
+    let mut longer = bytes.clone();
+    longer.extend_from_slice(&[0xa5; 100]);
+    assert_eq!(decode(&longer, POOL).unwrap(), d);
+}
+
+#[test]
+fn sample_regions_round_trip() {
+    for seed in 0..300 {
+        let instances = sample::instances(&mut Rng::new(seed), if seed % 10 == 0 { MAX_RECORDS } else { 8 });
+        let bytes = encode_vec(&instances, seed);
+        let d = decode(&bytes, POOL).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        assert_eq!(&d.instances[..], &instances[..], "seed {seed}");
+        sample::check_accepted(&d, POOL).unwrap();
+    }
+}
+
+#[test]
+fn an_empty_region_and_a_full_one_round_trip() {
+    let bytes = encode_vec(&[], 1);
+    assert_eq!(bytes.len(), HEADER_SIZE);
+    assert!(decode(&bytes, POOL).unwrap().instances.is_empty());
+    // Every instance at capacity.
+    let mut full = heapless::Vec::<InstanceRecords, MAX_INSTANCES>::new();
+    let mut rng = Rng::new(3);
+    while full.len() < MAX_INSTANCES {
+        for inst in sample::instances(&mut rng, MAX_RECORDS) {
+            if inst.records.len() == MAX_RECORDS && full.len() < MAX_INSTANCES {
+                full.push(inst).unwrap();
+            }
+        }
+    }
+    // Give each instance its own base, and every record its memory from one cursor so instances do not overlap.
+    for (i, inst) in full.iter_mut().enumerate() {
+        inst.identity.base = 0x0905_0000 + i as u64 * 0x2_0000;
+    }
+    let mut cursor = P;
+    for inst in full.iter_mut() {
+        for r in inst.records.iter_mut() {
+            let old = r.extents.clone();
+            for e in r.extents.iter_mut() {
+                let moved = cursor;
+                cursor += e.len;
+                let delta = moved.wrapping_sub(e.base);
+                if let Some(t) = r.table.as_mut()
+                    && e.contains(t.root, 1)
+                {
+                    t.root = t.root.wrapping_add(delta);
+                }
+                for s in r.streams.iter_mut() {
+                    if s.cd_table != 0 && e.contains(s.cd_table, 1) {
+                        s.cd_table = s.cd_table.wrapping_add(delta);
+                    }
+                }
+                e.base = moved;
+            }
+            assert_eq!(old.len(), r.extents.len());
+        }
+    }
+    let bytes = encode_vec(&full, 2);
+    assert_eq!(bytes.len(), MAX_REGION_SIZE);
+    assert_eq!(&decode(&bytes, POOL).unwrap().instances[..], &full[..]);
+}
+
+#[test]
+fn encode_writes_nothing_when_it_refuses() {
+    let f = fixture();
+    let mut small = vec![0u8; region_size(2, 5) - 1];
+    assert_eq!(
+        encode(&f, 1, REGION, POOL, &mut small),
+        Err(FormatError::BufferTooSmall {
+            needed: region_size(2, 5),
+            have: region_size(2, 5) - 1
+        })
+    );
+    assert!(small.iter().all(|&b| b == 0));
+    let mut buf = vec![0u8; MAX_REGION_SIZE];
+    assert_eq!(
+        encode(&f, 1, ext(REGION.base, 100), POOL, &mut buf),
+        Err(FormatError::RegionTooSmall {
+            needed: region_size(2, 5),
+            region: ext(REGION.base, 100)
+        })
+    );
+    let five: Vec<InstanceRecords> = (0..5).map(|_| f[1].clone()).collect();
+    assert_eq!(
+        encode(&five, 1, REGION, POOL, &mut buf),
+        Err(FormatError::TooManyInstances { count: 5, max: 4 })
+    );
+    assert!(buf.iter().all(|&b| b == 0));
+    assert!(
+        FormatError::TooManyInstances { count: 5, max: 4 }
+            .to_string()
+            .contains("5 SMMU instances")
+    );
+}
+
+#[test]
+fn a_torn_write_is_refused() {
+    let old = fixture();
+    let mut new = fixture();
+    new[0].records[0].asid = 9;
+    let old_bytes = encode_vec(&old, 1);
+    let new_bytes = encode_vec(&new, 2);
+    assert_eq!(old_bytes.len(), new_bytes.len());
+    // The new body landed, the header is still the old generation's.
+    let mut torn = new_bytes.clone();
+    torn[..HEADER_SIZE].copy_from_slice(&old_bytes[..HEADER_SIZE]);
+    assert!(matches!(decode(&torn, POOL), Err(HandoverError::BadCrc { .. })));
+    // The body landed, the header never did (a first hand-off: zeros).
+    let mut absent = new_bytes.clone();
+    absent[..HEADER_SIZE].fill(0);
+    assert_eq!(decode(&absent, POOL), Err(HandoverError::BadMagic { found: [0; 8] }));
+    // Half the body landed over the old region, with the old header.
+    let mut half = old_bytes.clone();
+    let mid = old_bytes.len() / 2;
+    half[HEADER_SIZE..mid].copy_from_slice(&new_bytes[HEADER_SIZE..mid]);
+    let e = decode(&half, POOL).unwrap_err();
+    assert!(matches!(e, HandoverError::BadCrc { .. }), "{e}");
+    assert!(e.to_string().contains("torn"));
+    // The new header landed without its body: also refused.
+    let mut header_only = old_bytes.clone();
+    header_only[..HEADER_SIZE].copy_from_slice(&new_bytes[..HEADER_SIZE]);
+    assert!(matches!(decode(&header_only, POOL), Err(HandoverError::BadCrc { .. })));
+    // Whole writes decode to their own generation.
+    assert_eq!(decode(&new_bytes, POOL).unwrap().generation, 2);
+    assert_eq!(decode(&old_bytes, POOL).unwrap().generation, 1);
+}
+
+mod checks;
+mod errors;
