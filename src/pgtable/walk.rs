@@ -4,6 +4,7 @@ use super::*;
 
 impl<A: FrameAllocator> IoPageTable<A> {
     /// The output address `iova` translates to, and the protection, if it is mapped.
+    #[inline]
     pub fn translate(&self, iova: u64) -> Option<(u64, Prot)> {
         if iova >> self.format.input_bits != 0 {
             return None;
