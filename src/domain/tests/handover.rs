@@ -103,7 +103,7 @@ fn deferred_unmaps_invalidate_only_at_sync_and_trim_frees_emptied_tables() {
     let before = consumed(&model);
     let mut gather = Gather::default();
     assert_eq!(smmu.unmap_deferred(d, 0x20_0000, 0x1000, &mut gather), Ok(0x1000));
-    assert_eq!(since(&model, before), [], "nothing issued before the sync");
+    assert_eq!(since(&model, before), [0u8; 0], "nothing issued before the sync");
     smmu.sync_domain(d, &mut gather).unwrap();
     assert_eq!(since(&model, before), [opcode::TLBI_NH_VA, opcode::SYNC]);
     // The single-page unmap left its last-level table linked (empty) until a trim.

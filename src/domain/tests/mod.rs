@@ -95,7 +95,7 @@ fn a_stage1_domain_issues_every_invalidation_itself() {
     // Map needs none.
     let before = consumed(&model);
     smmu.map(d, 0x40_1000, 0x9000_0000, 0x1000, RW).unwrap();
-    assert_eq!(since(&model, before), []);
+    assert_eq!(since(&model, before), [0u8; 0]);
 
     // Detach: STE to abort, the stream's cached CDs, then (last attachment) the domain's TLB entries.
     let before = consumed(&model);
@@ -347,7 +347,7 @@ fn misuse_is_refused_and_changes_nothing() {
         })
     );
     assert_eq!(smmu.low_level().ste(SID), Ok(ste), "the STE is as it was");
-    assert_eq!(since(&model, before), [], "no command was issued");
+    assert_eq!(since(&model, before), [0u8; 0], "no command was issued");
     // A nested domain on an SMMU that cannot nest.
     let guest = GuestStage1 {
         cd_table: 0x4000_0020,
@@ -460,7 +460,7 @@ fn raw_ste_calls_refuse_a_stream_a_domain_owns() {
     );
     assert_eq!(smmu.low_level().abort_streams_except(|_| false).err(), in_use);
     assert_eq!(smmu.low_level().ste(SID), Ok(ste), "the domain's STE is as it was");
-    assert_eq!(since(&model, before), [], "no command was issued");
+    assert_eq!(since(&model, before), [0u8; 0], "no command was issued");
     assert_eq!(smmu.attachments(d).as_deref(), Ok(&[(SID, 0)][..]));
 
     // Detached, the stream is the caller's again.
