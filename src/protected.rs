@@ -5,6 +5,7 @@
 //! one, and a restore refuses preserved tables whose leaves do.
 
 use core::fmt;
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
 
 use crate::mem::Extent;
 
@@ -71,16 +72,93 @@ impl ProtectedMemory {
     pub(crate) fn extents(&self) -> &[Extent] {
         &self.extents
     }
+}
+
+/// The protected extents as every CPU reads them: a seqlock over a copy of the list, so that the check every `map`
+/// makes writes nothing shared (a reader-writer lock's reader count would bounce between the CPUs that map), and a
+/// spin lock that serialises the rare writers (`protect_memory`, a restore adding its region) and holds the list
+/// they change.
+pub(crate) struct SharedProtected {
+    /// The list, as writers change it.
+    writer: spin::Mutex<ProtectedMemory>,
+    /// Odd while a writer publishes the copy below.
+    seq: AtomicU32,
+    count: AtomicUsize,
+    bases: [AtomicU64; MAX_PROTECTED],
+    lens: [AtomicU64; MAX_PROTECTED],
+}
+
+impl SharedProtected {
+    pub(crate) const fn new() -> Self {
+        SharedProtected {
+            writer: spin::Mutex::new(ProtectedMemory::new()),
+            seq: AtomicU32::new(0),
+            count: AtomicUsize::new(0),
+            bases: [const { AtomicU64::new(0) }; MAX_PROTECTED],
+            lens: [const { AtomicU64::new(0) }; MAX_PROTECTED],
+        }
+    }
+
+    /// Runs `read` over a consistent copy of the published list (retried while a writer publishes: a writer
+    /// holds it for a few stores).
+    #[inline]
+    fn read<R>(&self, read: impl Fn(&[Extent]) -> R) -> R {
+        let mut copy = [Extent { base: 0, len: 0 }; MAX_PROTECTED];
+        loop {
+            // Acquire: what the writer stored before its closing `seq` store is seen below.
+            let start = self.seq.load(Ordering::Acquire);
+            if start & 1 == 1 {
+                core::hint::spin_loop();
+                continue;
+            }
+            let n = self.count.load(Ordering::Relaxed).min(MAX_PROTECTED);
+            for (i, e) in copy.iter_mut().enumerate().take(n) {
+                *e = Extent {
+                    base: self.bases[i].load(Ordering::Relaxed),
+                    len: self.lens[i].load(Ordering::Relaxed),
+                };
+            }
+            // Acquire fence: the loads above happen before the second look at `seq`; if a writer started
+            // meanwhile, `seq` moved and the copy is read again.
+            fence(Ordering::Acquire);
+            if self.seq.load(Ordering::Relaxed) == start {
+                return read(&copy[..n]);
+            }
+        }
+    }
 
     /// The first protected extent that `[base, base + len)` shares a byte with. A range that wraps is left to the
     /// caller's own range checks (no protected extent is reported for it).
     #[inline]
     pub(crate) fn overlapping(&self, base: u64, len: u64) -> Option<Extent> {
         let end = base.checked_add(len)?;
-        self.extents
-            .iter()
-            .copied()
-            .find(|e| base < e.base + e.len && e.base < end)
+        self.read(|extents| extents.iter().copied().find(|e| base < e.base + e.len && e.base < end))
+    }
+
+    /// A copy of the list.
+    pub(crate) fn snapshot(&self) -> ProtectedMemory {
+        self.read(|extents| ProtectedMemory {
+            extents: extents.iter().copied().collect(),
+        })
+    }
+
+    /// Changes the list with `change`, holding off every other writer meanwhile, then publishes it (also when
+    /// `change` fails: the list is what `change` left).
+    pub(crate) fn update<R>(&self, change: impl FnOnce(&mut ProtectedMemory) -> R) -> R {
+        let mut list = self.writer.lock();
+        let result = change(&mut list);
+        // Relaxed, then a Release fence: a reader that sees an entry below sees the odd `seq` first and retries.
+        let seq = self.seq.load(Ordering::Relaxed);
+        self.seq.store(seq.wrapping_add(1), Ordering::Relaxed);
+        fence(Ordering::Release);
+        for (i, e) in list.extents().iter().enumerate() {
+            self.bases[i].store(e.base, Ordering::Relaxed);
+            self.lens[i].store(e.len, Ordering::Relaxed);
+        }
+        self.count.store(list.extents().len(), Ordering::Relaxed);
+        // Release: the entries above are stored before a reader can see the even `seq`.
+        self.seq.store(seq.wrapping_add(2), Ordering::Release);
+        result
     }
 }
 
@@ -176,12 +254,57 @@ mod tests {
             })
         );
         assert_eq!(p.extents().len(), MAX_PROTECTED);
-        assert_eq!(p.overlapping((3 << 30) + 0xfff, 1).map(|e| e.base), Some(3 << 30));
-        assert_eq!(p.overlapping((3 << 30) + 0x1000, 0x1000), None);
+        let shared = SharedProtected::new();
+        shared.update(|list| *list = p.clone());
+        assert_eq!(shared.snapshot().extents(), p.extents());
+        assert_eq!(shared.overlapping((3 << 30) + 0xfff, 1).map(|e| e.base), Some(3 << 30));
+        assert_eq!(shared.overlapping((3 << 30) + 0x1000, 0x1000), None);
         assert_eq!(
-            p.overlapping(u64::MAX - 0xfff, 0x2000),
+            shared.overlapping(u64::MAX - 0xfff, 0x2000),
             None,
             "a wrapping range is the map's to refuse"
         );
+    }
+
+    /// Readers never see a torn list while writers publish: an extent declared before they start is found by
+    /// every read, and every extent a read returns is one that was declared whole.
+    #[test]
+    fn readers_see_whole_lists_while_writers_publish() {
+        let shared = SharedProtected::new();
+        let first = Extent {
+            base: 0x4000_0000,
+            len: 0x1000,
+        };
+        shared.update(|list| list.add(first)).unwrap();
+        let declared = |i: u64| Extent {
+            base: (i + 1) << 32,
+            len: 0x1000 * (i + 1),
+        };
+        std::thread::scope(|scope| {
+            for _ in 0..2 {
+                scope.spawn(|| {
+                    for _ in 0..20_000 {
+                        assert_eq!(shared.overlapping(0x4000_0800, 8), Some(first));
+                        for e in shared.snapshot().extents().iter().skip(1) {
+                            let i = (e.base >> 32) - 1;
+                            assert_eq!(*e, declared(i), "a torn extent");
+                        }
+                    }
+                });
+            }
+            scope.spawn(|| {
+                for round in 0..2_000u64 {
+                    shared.update(|list| {
+                        *list = ProtectedMemory::new();
+                        list.add(first).unwrap();
+                        for i in 0..round % MAX_PROTECTED as u64 {
+                            if list.add(declared(i)).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+            });
+        });
     }
 }

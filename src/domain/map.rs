@@ -164,7 +164,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         Self::mappable(&state, domain)?;
         Self::unfrozen_state(&state)?;
         // No device may be given the handover region or the driver's own tables and queues.
-        if let Some(protected) = self.domains.protected.read().overlapping(pa, size) {
+        if let Some(protected) = self.domains.protected.overlapping(pa, size) {
             return Err(DomainError::ProtectedOutput { pa, size, protected });
         }
         state.pending.check(iova, size)?;
@@ -529,11 +529,11 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// [`ProtectError::BadExtent`] for an empty or wrapping extent, [`ProtectError::Full`] when
     /// [`MAX_PROTECTED`](crate::protected::MAX_PROTECTED) are declared already; nothing changes then.
     pub fn protect_memory(&self, extent: Extent) -> Result<(), ProtectError> {
-        self.domains.protected.write().add(extent)
+        self.domains.protected.update(|list| list.add(extent))
     }
 
     /// The extents declared with [`Iommu::protect_memory`] (and by a restore, its pool's region): a copy.
     pub fn protected_memory(&self) -> heapless::Vec<Extent, { crate::protected::MAX_PROTECTED }> {
-        self.domains.protected.read().extents().iter().copied().collect()
+        self.domains.protected.snapshot().extents().iter().copied().collect()
     }
 }

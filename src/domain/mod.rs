@@ -53,7 +53,7 @@
 //! | `book` (`spin::Mutex`) | the bookkeeping every domain shares: free slots, attached streams (routing, ownership, CD tables), tokens, restored domains, the EL2 debt, the restored generation | the structural operations: create (only to take a slot), attach, detach, free, preserve, unpreserve, the hand-off; a drain (routing). A thread's guard drains the event queue before unlocking when interrupt context failed to take it |
 //! | a slot's `state` (`spin::RwLock`, one per domain) | the domain: its page table, IDs, attachments, pending gathers, token | map, unmap, protect, trim, deferred unmaps and syncs, invalidations: that domain's only; the structural operations for the domains they change. A waiting writer turns new readers away (so no thread takes a slot's read lock twice) |
 //! | `prepared` (`spin::Mutex`) | the hand-off's phase | checks of it; `prepare_handover` and `cancel_handover` |
-//! | `protected` (`spin::RwLock`) | memory no mapping may reach | read by every map |
+//! | `protected` (a seqlock for readers, a `spin::Mutex` for writers) | memory no mapping may reach | read by every map without writing anything shared (retried while a writer publishes); `protect_memory` and a restore (across its verification and rebuild) hold the writer lock |
 //! | the stream table (core) | the STEs, and each STE's hitless write with its CFGI_STE + CMD_SYNC | attach, detach, the raw entry calls, restore |
 //! | the event queue (core) | the queue and its overflow | drains (interrupt context only tries it) |
 //! | a slot's `faults`, `unattached_faults` (`spin::Mutex`) | fault reports | filing (interrupt context only tries them), reading and clearing |

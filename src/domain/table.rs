@@ -7,7 +7,7 @@ use crate::hw::cd::Cd;
 use crate::hw::ste::Stage2Config;
 use crate::ids::DomainId;
 use crate::pgtable::{Gather, IoPageTable};
-use crate::protected::ProtectedMemory;
+use crate::protected::SharedProtected;
 use crate::sync::{AtomicBool, AtomicU64, Ordering};
 
 use super::{
@@ -208,7 +208,9 @@ impl PendingUnmaps {
     }
 }
 
-/// A slot of the domain table.
+/// A slot of the domain table, on cache lines of its own (128 bytes: a line and its adjacent-line prefetch), so
+/// that the lock words CPUs write to map in different domains never share a line.
+#[repr(align(128))]
 pub(crate) struct Slot {
     /// The generation a handle must name. Changed only under `state`'s write lock (when the domain goes), read
     /// under it by every operation and without it (`Acquire`) by a fault being filed, which then files under
@@ -337,7 +339,7 @@ pub(crate) struct Domains<const D: usize> {
     /// translating or bypassing.
     pub(crate) prepared: spin::Mutex<PreparedState>,
     /// Memory no mapping may reach (`Iommu::protect_memory`): read by every map.
-    pub(crate) protected: spin::RwLock<ProtectedMemory>,
+    pub(crate) protected: SharedProtected,
     /// The faults of streams no domain holds: a leaf lock, as a slot's.
     pub(crate) unattached_faults: crate::sync::Mutex<FaultReport>,
     /// Interrupt context failed to take `book` (set, then tried once more): the holder drains the event queue
@@ -366,7 +368,7 @@ impl<const D: usize> Domains<D> {
                 restored_generation: None,
             }),
             prepared: spin::Mutex::new(None),
-            protected: spin::RwLock::new(ProtectedMemory::new()),
+            protected: SharedProtected::new(),
             unattached_faults: crate::sync::Mutex::new(FaultReport::default()),
             book_wanted: AtomicBool::new(false),
             report_wanted: AtomicBool::new(false),

@@ -297,7 +297,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         pool: &HandoverPool,
         surviving: &[Extent],
     ) -> Result<(), PrepareError> {
-        let protected = self.domains.protected.read();
+        let protected = self.domains.protected.snapshot();
         let outputs = Outputs {
             dma: surviving,
             region: pool.region().map_err(PrepareError::Pool)?,

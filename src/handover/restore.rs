@@ -378,23 +378,28 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         format::validate_identity(&instance.identity, &probed).map_err(RestoreError::Identity)?;
         self.check_limits(book, pool, instance)?;
         let region = pool.region().map_err(RestoreError::Pool)?;
-        let mut protected = self.domains.protected.read().clone();
-        protected.add(region).map_err(|_| RestoreError::BeyondLimits {
-            token: instance.records.first().map_or(0, |r| r.token),
-            what: "a free protected-memory slot for the handover region, of",
-            value: crate::protected::MAX_PROTECTED as u64,
-        })?;
-        let outputs = Outputs {
-            dma: options.dma_memory,
-            region,
-            protected: protected.extents(),
-        };
-        verify_instance(self.features(), pool, instance, &outputs, options.verify)
-            .map_err(|(token, what)| RestoreError::Verify { token, what })?;
+        // Under the protected list's writer lock (maps go on reading the published copy), so that no
+        // `protect_memory` meanwhile is lost when the list with the region is published.
+        self.domains.protected.update(|protected| -> Result<(), RestoreError> {
+            let mut with_region = protected.clone();
+            with_region.add(region).map_err(|_| RestoreError::BeyondLimits {
+                token: instance.records.first().map_or(0, |r| r.token),
+                what: "a free protected-memory slot for the handover region, of",
+                value: crate::protected::MAX_PROTECTED as u64,
+            })?;
+            let outputs = Outputs {
+                dma: options.dma_memory,
+                region,
+                protected: with_region.extents(),
+            };
+            verify_instance(self.features(), pool, instance, &outputs, options.verify)
+                .map_err(|(token, what)| RestoreError::Verify { token, what })?;
 
-        // Rebuild: stage-1 and stage-2 domains, then nested ones, then every stream, then substreams.
-        self.rebuild(book, pool, instance, &mut report, taken)?;
-        *self.domains.protected.write() = protected;
+            // Rebuild: stage-1 and stage-2 domains, then nested ones, then every stream, then substreams.
+            self.rebuild(book, pool, instance, &mut report, taken)?;
+            *protected = with_region;
+            Ok(())
+        })?;
         Ok((report, true))
     }
 
