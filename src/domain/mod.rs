@@ -59,8 +59,8 @@
 //! | a slot's `faults`, `unattached_faults` (`spin::Mutex`) | fault reports | filing (interrupt context only tries them), reading and clearing |
 //! | a domain's `failed` (`spin::Mutex`, inside its state) | a gather of the concurrent paths whose invalidation failed, published under the read lock | the map or unmap whose flush failed; the next exclusive operation moves it to its retry |
 //!
-//! **The lock order** (a lock is only ever taken while holding locks above it): `book` → slot `state` locks →
-//! `prepared` → `protected` → the stream table or the event queue (never both) → fault reports (a domain's
+//! **The lock order** (a lock is only ever taken while holding locks above it): `book` → `protected`'s writer lock
+//! (readers take none) → slot `state` locks → `prepared` → the stream table or the event queue (never both) → fault reports (a domain's
 //! `failed` is a leaf too, taken under its slot lock only). Among slot locks: without `book`, one at a time (a
 //! nested domain carries its parent's VMID and stage 2, so nothing takes the parent's lock under the child's:
 //! `prepare_handover` write-locks parents before children); with `book` (one holder at a time) any number,
