@@ -556,22 +556,28 @@ pub fn detach_aborts(context: &mut Context) -> Result<(), Failure> {
     detach_and_free(&mut s, sid, m.domain)
 }
 
-/// `isolation`: two edu devices in two domains. Each domain maps the same IOVA to its own page; each device's
-/// write lands only on its own page; an IOVA that only the first domain maps faults for the second device, in the
-/// second domain's report.
-pub fn isolation(context: &mut Context) -> Result<(), Failure> {
-    let edus: heapless::Vec<&crate::pci::Function, 2> = edu_functions(context).take(2).collect();
-    if edus.len() < 2 {
-        fail!("isolation needs two edu devices (found {})", edus.len())
+/// The first two edu devices (in bus order), opened, with their StreamIDs: what `isolation` and `smp-dma` drive.
+pub(super) fn two_edus(context: &Context, scenario: &str) -> Result<heapless::Vec<(Edu, u32), 2>, Failure> {
+    let functions: heapless::Vec<&crate::pci::Function, 2> = edu_functions(context).take(2).collect();
+    if functions.len() < 2 {
+        fail!("{scenario} needs two edu devices (found {})", functions.len())
     }
-    let mut devices: heapless::Vec<(Edu, u32), 2> = heapless::Vec::new();
-    for f in edus {
+    let mut devices = heapless::Vec::new();
+    for f in functions {
         let edu = open_edu(context, f)?;
         let Some(sid) = context.platform.pcie.stream_id(edu.bdf().requester_id()) else {
             fail!("edu {} is not behind the SMMU", edu.bdf())
         };
         let _ = devices.push((edu, sid));
     }
+    Ok(devices)
+}
+
+/// `isolation`: two edu devices in two domains. Each domain maps the same IOVA to its own page; each device's
+/// write lands only on its own page; an IOVA that only the first domain maps faults for the second device, in the
+/// second domain's report.
+pub fn isolation(context: &mut Context) -> Result<(), Failure> {
+    let devices = two_edus(context, "isolation")?;
     let mut s = start(context, &smmuv3::InitOptions::default())?;
     let kind = preferred_kind(s.features());
     let mut mapped: heapless::Vec<Mapped, 2> = heapless::Vec::new();

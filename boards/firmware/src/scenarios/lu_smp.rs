@@ -78,6 +78,13 @@ fn walked(s: &Iommu<Frames>, domain: DomainId) -> Result<(u64, u64), Failure> {
     ))
 }
 
+/// One map and unmap of page `page` of a CPU's own (unpreserved) domain onto `target`.
+fn own_round(iommu: &Iommu<Frames>, own: DomainId, page: u64, target: u64) -> Result<(), DomainError> {
+    let iova = OWN_WINDOW + page * 4096;
+    iommu.map(own, iova, target, 4096, RW)?;
+    iommu.unmap(own, iova, 4096).map(|_| ())
+}
+
 /// xorshift64: each CPU's own sequence of pages.
 fn next(state: &mut u64) -> u64 {
     *state ^= *state << 13;
@@ -206,21 +213,13 @@ fn first_boot(
                 Err(e) => fail!("CPU {cpu}: {e}"),
             }
             // Between two operations, one on its own domain (not preserved).
-            let own_iova = OWN_WINDOW + (mapper.done % 64) * 4096;
-            iommu
-                .map(own, own_iova, targets[cpu], 4096, RW)
-                .and_then(|()| iommu.unmap(own, own_iova, 4096).map(|_| ()))
-                .or_else(|e| fail!("CPU {cpu}, own domain: {e}"))?;
+            own_round(iommu, own, mapper.done % 64, targets[cpu]).or_else(|e| fail!("CPU {cpu}, own domain: {e}"))?;
         }
         if !prepared.load(Ordering::Acquire) {
             fail!("CPU {cpu} was refused before prepare_handover returned")
         }
         for n in 0..AFTER_PREPARE {
-            let own_iova = OWN_WINDOW + n * 4096;
-            iommu
-                .map(own, own_iova, targets[cpu], 4096, RW)
-                .and_then(|()| iommu.unmap(own, own_iova, 4096).map(|_| ()))
-                .or_else(|e| fail!("CPU {cpu}, own domain after the freeze: {e}"))?;
+            own_round(iommu, own, n, targets[cpu]).or_else(|e| fail!("CPU {cpu}, own domain after the freeze: {e}"))?;
             mapper.own_after += 1;
         }
         Ok((mapper, 0))

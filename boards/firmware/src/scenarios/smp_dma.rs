@@ -24,8 +24,8 @@ use smmuv3::{DomainId, DomainKind, Iommu, Stage1Options, Stage2Options};
 use spin::mutex::SpinMutex;
 
 use super::core_smmu::start;
-use super::domains::{LEN, RW, byte, fill, memory, pattern, preferred_kind};
-use super::{Context, Failure, edu_functions, open_edu};
+use super::domains::{LEN, RW, byte, fill, memory, pattern, preferred_kind, two_edus};
+use super::{Context, Failure};
 use crate::edu::{Direction, Edu};
 use crate::frames::{self, Frames};
 use crate::irq::{self, Route};
@@ -102,18 +102,7 @@ pub fn smp_dma(context: &mut Context) -> Result<(), Failure> {
     if total < 2 {
         fail!("needs at least 2 CPUs; the platform lists 1 (QEMU: -smp 4, `cargo xtask qemu --smp 4`)")
     }
-    let functions: heapless::Vec<&crate::pci::Function, 2> = edu_functions(context).take(2).collect();
-    if functions.len() < 2 {
-        fail!("smp-dma needs two edu devices (found {})", functions.len())
-    }
-    let mut devices: heapless::Vec<(Edu, u32), 2> = heapless::Vec::new();
-    for f in functions {
-        let edu = open_edu(context, f)?;
-        let Some(sid) = context.platform.pcie.stream_id(edu.bdf().requester_id()) else {
-            fail!("edu {} is not behind the SMMU", edu.bdf())
-        };
-        let _ = devices.push((edu, sid));
-    }
+    let devices = two_edus(context, "smp-dma")?;
     if !irq::smmu_lines_enabled() {
         fail!("the SMMU's lines are not taken through a GIC on this board")
     }
