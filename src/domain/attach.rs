@@ -10,6 +10,7 @@ use crate::queue::cmdq::Batch;
 use crate::smmu::AttachError;
 use crate::stream::StreamError;
 
+use super::fault::BookGuard;
 use super::table::Book;
 use super::{DomainError, Iommu, STREAM_SSID_BITS, StreamRecord, Translation};
 
@@ -29,48 +30,98 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// STE is left as the error says and the stream is recorded as attached (so the domain cannot be freed under
     /// it); `detach` cleans up.
     pub fn attach(&self, domain: DomainId, sid: u32) -> Result<(), DomainError> {
-        let mut book = self.book();
-        self.unfrozen(domain)?;
-        self.streams_unfrozen()?;
-        if let Some(i) = book.stream(sid) {
-            return Err(DomainError::StreamInUse {
-                sid,
-                domain: book.streams[i].domain,
-            });
-        }
-        if book.streams.is_full() {
-            return Err(DomainError::TooMany("attached streams"));
-        }
-        if self.domains.get(domain)?.attachments.is_full() {
-            return Err(DomainError::TooMany("attachments of the domain"));
-        }
-        let sid_bits = self.stream_sid_bits();
-        if sid_bits < 32 && sid >> sid_bits != 0 {
-            return Err(DomainError::Stream(StreamError::UnknownStream { sid, sid_bits }));
-        }
-        self.enter_el2(&mut book, domain)?;
+        // Under the bookkeeping, briefly: the checks, then the stream reserved by a busy record (its faults routed
+        // to `domain`, no other writer of its STE) and the domain's attachment (it cannot be freed meanwhile).
         let (memory, stage1_cd) = {
-            let state = self.domains.get(domain)?;
+            let mut book = self.book();
+            self.unfrozen(domain)?;
+            self.streams_unfrozen()?;
+            if let Some(i) = book.stream(sid) {
+                return Err(DomainError::StreamInUse {
+                    sid,
+                    domain: book.streams[i].domain,
+                });
+            }
+            if book.streams.is_full() {
+                return Err(DomainError::TooMany("attached streams"));
+            }
+            if self.domains.get(domain)?.attachments.is_full() {
+                return Err(DomainError::TooMany("attachments of the domain"));
+            }
+            let sid_bits = self.stream_sid_bits();
+            if sid_bits < 32 && sid >> sid_bits != 0 {
+                return Err(DomainError::Stream(StreamError::UnknownStream { sid, sid_bits }));
+            }
+            self.enter_el2(&mut book, domain)?;
+            // Only holders of the bookkeeping add attachments, so there is still room; a free that took the domain
+            // meanwhile makes this fail (a free takes only a domain without attachments).
+            let mut state = self.domains.get_mut(domain)?;
             let cd = match &state.translation {
                 Translation::Stage1 { cd, .. } => Some(*cd),
                 _ => None,
             };
-            (state.memory, cd)
+            let memory = state.memory;
+            let _ = state.attachments.push((sid, 0));
+            drop(state);
+            // Room was checked above.
+            let _ = book.streams.push(StreamRecord {
+                sid,
+                domain,
+                cd_table: None,
+                substreams: heapless::Vec::new(),
+                busy: true,
+            });
+            (memory, cd)
         };
+        // The STE (and a stage-1 stream's CD table) written without the bookkeeping: attaches of other streams,
+        // and every other domain's operations, go on meanwhile.
+        let (cd_table, written) = self.write_attached_ste(domain, sid, &memory, stage1_cd);
+        let mut book = self.book();
+        let Some(index) = book.stream(sid) else {
+            unreachable!("a busy stream record stays until its owner settles it");
+        };
+        // Written, or an invalidation that failed: the STE may reference the domain (and its CD table) now, so
+        // the stream stays recorded as attached (the domain cannot be freed under it) and `detach` cleans up.
+        let referenced = matches!(written, Ok(()) | Err(DomainError::Attach(AttachError::Invalidation(_))));
+        if referenced {
+            book.streams[index].cd_table = cd_table;
+            book.streams[index].busy = false;
+        } else {
+            // Nothing was written: the record and the attachment are undone.
+            book.streams.swap_remove(index);
+            if let Ok(mut state) = self.domains.get_mut(domain) {
+                state.attachments.retain(|a| *a != (sid, 0));
+            }
+        }
+        written
+    }
+
+    /// Writes the STE that attaches `sid` to `domain` (with a new CD table for a stage-1 domain), the stream
+    /// reserved by its busy record. Returns the CD table the STE may reference (none when nothing was written and
+    /// the table went back to `memory`).
+    fn write_attached_ste(
+        &self,
+        domain: DomainId,
+        sid: u32,
+        memory: &crate::domain::DomainMemory,
+        stage1_cd: Option<Cd>,
+    ) -> (Option<CdTable>, Result<(), DomainError>) {
         let cd_table = match stage1_cd {
             Some(cd) => {
                 let bits = STREAM_SSID_BITS.min(self.features().ssid_bits);
-                let mut table = CdTable::new(
+                let mut table = match CdTable::new(
                     CdTableFormat::Linear { ssid_bits: bits },
-                    &memory,
+                    memory,
                     self.features().coherent,
-                )
-                .map_err(|e| DomainError::CdTable(e.widen()))?;
+                ) {
+                    Ok(table) => table,
+                    Err(e) => return (None, Err(DomainError::CdTable(e.widen()))),
+                };
                 // No STE points to the table yet: nothing to invalidate while it is written.
-                if let Err(e) = table.write(0, &cd, &memory, |_| Ok(())) {
+                if let Err(e) = table.write(0, &cd, memory, |_| Ok(())) {
                     // SAFETY: never referenced by an STE.
-                    unsafe { table.free(&memory) };
-                    return Err(DomainError::CdTable(e));
+                    unsafe { table.free(memory) };
+                    return (None, Err(DomainError::CdTable(e)));
                 }
                 Some(table)
             }
@@ -81,42 +132,22 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             Err(e) => {
                 if let Some(t) = cd_table {
                     // SAFETY: never referenced by an STE.
-                    unsafe { t.free(&memory) };
+                    unsafe { t.free(memory) };
                 }
-                return Err(e);
+                return (None, Err(e));
             }
         };
-        if let Err(e) = self.core.install_ste(sid, &ste) {
-            if let AttachError::Invalidation(_) = e {
-                // The STE may reference the domain (and its CD table) now: record the stream as attached, so that
-                // the domain cannot be freed under it and `detach` can clean up.
-                let _ = book.streams.push(StreamRecord {
-                    sid,
-                    domain,
-                    cd_table,
-                    substreams: heapless::Vec::new(),
-                });
-                if let Ok(mut state) = self.domains.get_mut(domain) {
-                    let _ = state.attachments.push((sid, 0));
+        match self.core.install_ste(sid, &ste) {
+            Ok(_) => (cd_table, Ok(())),
+            Err(e @ AttachError::Invalidation(_)) => (cd_table, Err(DomainError::Attach(e))),
+            Err(e) => {
+                if let Some(t) = cd_table {
+                    // SAFETY: the STE was not written, so nothing references the table.
+                    unsafe { t.free(memory) };
                 }
-            } else if let Some(t) = cd_table {
-                // SAFETY: the STE was not written, so nothing references the table.
-                unsafe { t.free(&memory) };
+                (None, Err(DomainError::Attach(e)))
             }
-            return Err(DomainError::Attach(e));
         }
-        let record = StreamRecord {
-            sid,
-            domain,
-            cd_table,
-            substreams: heapless::Vec::new(),
-        };
-        // Room was checked above.
-        let _ = book.streams.push(record);
-        if let Ok(mut state) = self.domains.get_mut(domain) {
-            let _ = state.attachments.push((sid, 0));
-        }
-        Ok(())
     }
 
     pub(super) fn stream_sid_bits(&self) -> u8 {
@@ -143,78 +174,94 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// what the CD holds) and the substream is recorded as attached, so that its domain cannot be freed while the
     /// SMMU may use the CD; [`Iommu::detach_substream`] cleans up.
     pub fn attach_substream(&self, domain: DomainId, sid: u32, ssid: u32) -> Result<(), DomainError> {
-        let mut book = self.book();
-        self.unfrozen(domain)?;
-        self.streams_unfrozen()?;
-        let (cd, el2) = {
-            let state = self.domains.get(domain)?;
-            let Translation::Stage1 { cd, .. } = state.translation else {
-                return Err(DomainError::WrongKind {
-                    domain,
-                    kind: state.kind(),
-                    wanted: "a stage-1 domain",
-                });
+        let (cd, mut table, memory) = {
+            let mut book = self.book_settled(sid);
+            self.unfrozen(domain)?;
+            self.streams_unfrozen()?;
+            let (cd, el2) = {
+                let state = self.domains.get(domain)?;
+                let Translation::Stage1 { cd, .. } = state.translation else {
+                    return Err(DomainError::WrongKind {
+                        domain,
+                        kind: state.kind(),
+                        wanted: "a stage-1 domain",
+                    });
+                };
+                if state.attachments.is_full() {
+                    return Err(DomainError::TooMany("attachments of the domain"));
+                }
+                (cd, state.is_el2())
             };
-            if state.attachments.is_full() {
-                return Err(DomainError::TooMany("attachments of the domain"));
+            let Some(index) = book.stream(sid) else {
+                return Err(DomainError::NotAttached { sid, ssid: None });
+            };
+            let record = &book.streams[index];
+            let Some(table) = record.cd_table.as_ref() else {
+                return Err(DomainError::NotAttached { sid, ssid: None });
+            };
+            let ssid_bits = table.format().ssid_bits();
+            if ssid == 0 || (ssid_bits < 32 && ssid >> ssid_bits != 0) {
+                return Err(DomainError::BadSubstream { ssid, ssid_bits });
             }
-            (cd, state.is_el2())
+            if let Some((_, d)) = record.substreams.iter().find(|(s, _)| *s == ssid) {
+                return Err(DomainError::StreamInUse { sid, domain: *d });
+            }
+            if record.substreams.is_full() {
+                return Err(DomainError::TooMany("substreams of the stream"));
+            }
+            let stream_domain = record.domain;
+            let (stream_el2, memory) = {
+                let state = self.domains.get(stream_domain)?;
+                (state.is_el2(), state.memory)
+            };
+            if stream_el2 != el2 {
+                return Err(DomainError::RegimeMismatch { sid, ssid, stream_el2 });
+            }
+            self.enter_el2(&mut book, domain)?;
+            // Only holders of the bookkeeping add attachments, so there is still room; a free that took the domain
+            // meanwhile makes this fail.
+            let _ = self.domains.get_mut(domain)?.attachments.push((sid, ssid));
+            // The stream busy while its CD table is written outside the bookkeeping; the substream routed to
+            // `domain` already. Room was checked above.
+            let record = &mut book.streams[index];
+            let _ = record.substreams.push((ssid, domain));
+            record.busy = true;
+            let Some(table) = record.cd_table.take() else {
+                unreachable!("checked above");
+            };
+            (cd, table, memory)
         };
-        let Some(index) = book.stream(sid) else {
-            return Err(DomainError::NotAttached { sid, ssid: None });
-        };
-        let record = &book.streams[index];
-        let Some(table) = record.cd_table.as_ref() else {
-            return Err(DomainError::NotAttached { sid, ssid: None });
-        };
-        let ssid_bits = table.format().ssid_bits();
-        if ssid == 0 || (ssid_bits < 32 && ssid >> ssid_bits != 0) {
-            return Err(DomainError::BadSubstream { ssid, ssid_bits });
-        }
-        if let Some((_, d)) = record.substreams.iter().find(|(s, _)| *s == ssid) {
-            return Err(DomainError::StreamInUse { sid, domain: *d });
-        }
-        if record.substreams.is_full() {
-            return Err(DomainError::TooMany("substreams of the stream"));
-        }
-        let stream_el2 = self.domains.get(record.domain)?.is_el2();
-        if stream_el2 != el2 {
-            return Err(DomainError::RegimeMismatch { sid, ssid, stream_el2 });
-        }
-        self.enter_el2(&mut book, domain)?;
-        let written = self.write_stream_cd(&mut book, index, ssid, &cd);
+        let written = self
+            .core
+            .install_cd(&mut table, sid, ssid, &cd, &memory)
+            .map(drop)
+            .map_err(DomainError::CdTable);
+        let mut book = self.book();
+        let index = self.busy_record(&book, sid);
+        let record = &mut book.streams[index];
+        record.cd_table = Some(table);
+        record.busy = false;
         if let Err(e) = written
             && !matches!(e, DomainError::CdTable(CdTableError::Invalidation(_)))
         {
+            // Nothing was written: the substream and the attachment are undone.
+            record.substreams.retain(|(s, _)| *s != ssid);
+            if let Ok(mut state) = self.domains.get_mut(domain) {
+                state.attachments.retain(|a| *a != (sid, ssid));
+            }
             return Err(e);
         }
         // Recorded even when an invalidation failed: the CD may be valid in memory (and fetched) and name the
-        // domain's table and ASID, so the domain must not be freed under it; `detach_substream` cleans up. Room was
-        // checked above.
-        let _ = book.streams[index].substreams.push((ssid, domain));
-        if let Ok(mut state) = self.domains.get_mut(domain) {
-            let _ = state.attachments.push((sid, ssid));
-        }
+        // domain's table and ASID, so the domain must not be freed under it; `detach_substream` cleans up.
         written
     }
 
-    /// Writes `cd` at `ssid` of stream record `index`'s CD table, invalidating with CFGI_CD + CMD_SYNC.
-    pub(super) fn write_stream_cd(
-        &self,
-        book: &mut Book<D>,
-        index: usize,
-        ssid: u32,
-        cd: &Cd,
-    ) -> Result<(), DomainError> {
-        let sid = book.streams[index].sid;
-        let memory = self.domains.get(book.streams[index].domain)?.memory;
-        let Some(table) = book.streams[index].cd_table.as_mut() else {
-            return Err(DomainError::NotAttached { sid, ssid: Some(ssid) });
-        };
-        self.core
-            .install_cd(table, sid, ssid, cd, &memory)
-            .map(drop)
-            .map_err(DomainError::CdTable)
+    /// The index of `sid`'s record, which the caller marked busy (so it stays until the caller settles it).
+    fn busy_record(&self, book: &Book<D>, sid: u32) -> usize {
+        match book.stream(sid) {
+            Some(index) if book.streams[index].busy => index,
+            _ => unreachable!("a busy stream record stays until its owner settles it"),
+        }
     }
 
     /// Detaches substream `ssid` of stream `sid`: its CD is made invalid (CFGI_CD + CMD_SYNC).
@@ -224,23 +271,30 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// when the invalidation failed: the substream stays
     /// recorded (its domain cannot be freed) and the detach can be tried again.
     pub fn detach_substream(&self, sid: u32, ssid: u32) -> Result<(), DomainError> {
-        let mut book = self.book();
-        self.detach_substream_locked(&mut book, sid, ssid)
-    }
-
-    fn detach_substream_locked(&self, book: &mut Book<D>, sid: u32, ssid: u32) -> Result<(), DomainError> {
-        let not_attached = DomainError::NotAttached { sid, ssid: Some(ssid) };
-        let index = book.stream(sid).ok_or(not_attached)?;
-        let position = book.streams[index]
-            .substreams
-            .iter()
-            .position(|(s, _)| *s == ssid)
-            .ok_or(not_attached)?;
-        self.unfrozen(book.streams[index].substreams[position].1)?;
+        let (mut table, memory, domain) = {
+            let mut book = self.book_settled(sid);
+            let not_attached = DomainError::NotAttached { sid, ssid: Some(ssid) };
+            let index = book.stream(sid).ok_or(not_attached)?;
+            let record = &book.streams[index];
+            let &(_, domain) = record.substreams.iter().find(|(s, _)| *s == ssid).ok_or(not_attached)?;
+            self.unfrozen(domain)?;
+            let memory = self.domains.get(record.domain)?.memory;
+            let record = &mut book.streams[index];
+            let Some(table) = record.cd_table.take() else {
+                return Err(not_attached);
+            };
+            record.busy = true;
+            (table, memory, domain)
+        };
         // The CD invalid and invalidated first: until then the substream stays recorded.
-        self.write_stream_cd(book, index, ssid, &Cd::invalid())?;
-        self.file_queued_faults(book);
-        let (_, domain) = book.streams[index].substreams.swap_remove(position);
+        let written = self.core.install_cd(&mut table, sid, ssid, &Cd::invalid(), &memory);
+        let mut book = self.book();
+        let index = self.busy_record(&book, sid);
+        book.streams[index].cd_table = Some(table);
+        book.streams[index].busy = false;
+        written.map_err(DomainError::CdTable)?;
+        self.file_queued_faults(&book);
+        book.streams[index].substreams.retain(|(s, _)| *s != ssid);
         if let Ok(mut state) = self.domains.get_mut(domain) {
             state.attachments.retain(|a| *a != (sid, ssid));
         }
@@ -259,32 +313,51 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// an invalidation failed: the stream stays recorded as attached (so its domain cannot be freed while the SMMU
     /// may still use it) and the detach can be tried again.
     pub fn detach(&self, sid: u32) -> Result<(), DomainError> {
-        let mut book = self.book();
-        let book = &mut *book;
-        let index = book.stream(sid).ok_or(DomainError::NotAttached { sid, ssid: None })?;
-        self.unfrozen(book.streams[index].domain)?;
-        for &(_, domain) in &book.streams[index].substreams {
-            self.unfrozen(domain)?;
-        }
-        while let Some(&(ssid, _)) = book.streams[index].substreams.last() {
-            self.detach_substream_locked(book, sid, ssid)?;
-        }
+        let (domain, table) = loop {
+            let mut book = self.book_settled(sid);
+            let index = book.stream(sid).ok_or(DomainError::NotAttached { sid, ssid: None })?;
+            let record = &book.streams[index];
+            self.unfrozen(record.domain)?;
+            for &(_, domain) in &record.substreams {
+                self.unfrozen(domain)?;
+            }
+            if let Some(&(ssid, _)) = record.substreams.last() {
+                // Substreams first, each detached as `detach_substream` does.
+                drop(book);
+                match self.detach_substream(sid, ssid) {
+                    // Detached by another CPU meanwhile: look again.
+                    Ok(()) | Err(DomainError::NotAttached { .. }) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            let record = &mut book.streams[index];
+            record.busy = true;
+            break (record.domain, record.cd_table.take());
+        };
         // The STE to abort and the stream's cached CDs invalidated first: until both completed the stream stays
         // recorded (so its domain cannot be freed), and a failed detach can simply be tried again.
-        self.core.abort_stream(sid).map_err(DomainError::Attach)?;
-        if book.streams[index].cd_table.is_some() {
-            let mut batch = Batch::new();
-            batch.push(&Command::CfgiCdAll { sid })?;
-            self.core.submit(&batch)?;
+        let aborted = self.core.abort_stream(sid).map_err(DomainError::Attach).and_then(|_| {
+            if table.is_some() {
+                let mut batch = Batch::new();
+                batch.push(&Command::CfgiCdAll { sid })?;
+                self.core.submit(&batch)?;
+            }
+            Ok(())
+        });
+        let mut book = self.book();
+        let index = self.busy_record(&book, sid);
+        if let Err(e) = aborted {
+            book.streams[index].cd_table = table;
+            book.streams[index].busy = false;
+            return Err(e);
         }
-        self.file_queued_faults(book);
-        let record = book.streams.swap_remove(index);
-        let domain = record.domain;
+        self.file_queued_faults(&book);
+        book.streams.swap_remove(index);
         let memory = self.domains.get(domain).map(|s| s.memory).ok();
         if let Ok(mut state) = self.domains.get_mut(domain) {
             state.attachments.retain(|a| *a != (sid, 0));
         }
-        if let (Some(table), Some(memory)) = (record.cd_table, memory) {
+        if let (Some(table), Some(memory)) = (table, memory) {
             // SAFETY: the STE no longer points to the table and that was invalidated, as were the CDs cached from
             // it; the table came from the domain's memory.
             unsafe { table.free(&memory) };
@@ -303,15 +376,19 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             .drain_queued(|event| self.domains.file(book, &event, crate::smmu::Drainer::Thread));
     }
 
-    /// When `domain` has no attachment left, drops its TLB entries (its IDs stay allocated until `free`).
-    pub(super) fn after_last_detach(&self, book: &mut Book<D>, domain: DomainId) -> Result<(), DomainError> {
+    /// When `domain` has no attachment left, drops its TLB entries (its IDs stay allocated until `free`). Called
+    /// with the bookkeeping that removed the attachment: an EL2 domain's entries are dropped before it goes (they
+    /// match every EL2 context, so until then no other EL2 domain may be attached: the attachment just removed no
+    /// longer says so), any other domain's after (another CPU attaching meanwhile costs one extra invalidation).
+    pub(super) fn after_last_detach(&self, book: BookGuard<'_, A, D>, domain: DomainId) -> Result<(), DomainError> {
         let Ok(state) = self.domains.get(domain) else {
             return Ok(());
         };
         if !state.attachments.is_empty() {
             return Ok(());
         }
-        let el2 = state.is_el2();
+        // Kept for an EL2 domain only.
+        let mut el2_book = state.is_el2().then_some(book);
         drop(state);
         let Some(command) = self.whole_domain_invalidation(domain)? else {
             return Ok(());
@@ -319,7 +396,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         let mut batch = Batch::new();
         batch.push(&command)?;
         let done = self.core.submit(&batch);
-        if el2 {
+        if let Some(book) = el2_book.as_mut() {
             // EL2 entries match every EL2 context: until dropped, they stand in the way of the next EL2 domain.
             book.el2_stale = done.is_err();
         }

@@ -130,8 +130,9 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                 alignment: 64,
             }));
         }
-        // The bookkeeping across the insertion: a parent cannot be freed (that takes it) with a child being added.
-        // The parent's lock is dropped before the new slot's is taken (one slot lock at a time).
+        // The child is counted under the parent's write lock, where a free checks the count: the parent cannot be
+        // freed from then on. The bookkeeping for the slot; the parent's lock is dropped before the new slot's is
+        // taken (one slot lock at a time).
         let mut book = self.book();
         book.check_free_slot()?;
         let (memory, vmid, stage2) = {
@@ -293,38 +294,61 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// [`DomainError::StaleDomain`], [`DomainError::StillAttached`] while streams are attached,
     /// [`DomainError::HasNestedDomains`] for a stage-2 parent in use, [`DomainError::Preserved`] for a preserved
     /// domain (unpreserve it first): nothing changes. [`DomainError::Invalidation`] when the invalidation failed:
-    /// the domain is kept as it was.
+    /// the domain is kept as it was. While the free waits for its invalidation, other calls naming the domain fail
+    /// with [`DomainError::StaleDomain`] (it is on its way out; if the invalidation fails it comes back as it was).
     pub fn free_domain(&self, domain: DomainId) -> Result<(), DomainError> {
-        let mut book = self.book();
-        let state = self.domains.get(domain)?;
-        if !state.attachments.is_empty() {
-            return Err(DomainError::StillAttached {
-                domain,
-                attachments: state.attachments.len(),
-            });
-        }
-        if let Translation::Stage2 { children, .. } = state.translation
-            && children > 0
-        {
-            return Err(DomainError::HasNestedDomains { domain, children });
-        }
-        if let Some(token) = state.token {
-            return Err(DomainError::Preserved { domain, token });
-        }
-        drop(state);
-        let command = self.whole_domain_invalidation(domain)?;
+        // An EL2 domain's free holds the bookkeeping throughout: its TLBI_EL2_ALL settles the EL2 debt, which no
+        // other EL2 detach may change meanwhile. Any other free takes the bookkeeping only to give the slot back.
+        let el2_book = match self.domains.get(domain)?.is_el2() {
+            true => Some(self.book()),
+            false => None,
+        };
+        // Checked and taken out of the slot under its write lock, at once: nothing can attach to it, nest under it
+        // or preserve it from then on (each of those adds its reference under the same lock, and the slot is empty:
+        // every handle fails with `StaleDomain` meanwhile). The slot is not free yet.
+        let state = self.domains.take_for_free(domain, |state| {
+            if !state.attachments.is_empty() {
+                return Err(DomainError::StillAttached {
+                    domain,
+                    attachments: state.attachments.len(),
+                });
+            }
+            if let Translation::Stage2 { children, .. } = state.translation
+                && children > 0
+            {
+                return Err(DomainError::HasNestedDomains { domain, children });
+            }
+            if let Some(token) = state.token {
+                return Err(DomainError::Preserved { domain, token });
+            }
+            Ok(())
+        })?;
+        let command = match self.whole_invalidation_of(&state) {
+            Ok(command) => command,
+            Err(e) => {
+                self.domains.put_back(domain, state);
+                return Err(e);
+            }
+        };
         if let Some(command) = command {
             let mut batch = Batch::new();
-            batch.push(&command)?;
-            self.core.submit(&batch)?;
+            let submitted = batch
+                .push(&command)
+                .map_err(DomainError::from)
+                .and_then(|()| self.core.submit(&batch).map_err(DomainError::from));
+            if let Err(e) = submitted {
+                // Still cached, maybe: the domain stays as it was.
+                self.domains.put_back(domain, state);
+                return Err(e);
+            }
         }
+        let mut book = el2_book.unwrap_or_else(|| self.book());
         if command == Some(Command::TlbiEl2All) {
             // Every EL2 entry is gone, a previous domain's stale ones too.
             book.el2_stale = false;
         }
-        let Some(state) = self.domains.remove(&mut book, domain) else {
-            return Err(DomainError::StaleDomain(domain));
-        };
+        self.domains.release_slot(&mut book, domain);
+        drop(book);
         self.release_ids(&state);
         match state.translation {
             Translation::Nested { parent, .. } => {

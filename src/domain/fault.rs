@@ -11,7 +11,7 @@ use crate::smmu::GlobalError;
 
 use crate::sync::{AtomicBool, Ordering};
 
-use super::table::Book;
+use super::table::{Book, StreamRecord};
 use super::{DomainError, Domains, FAULT_REPORT_CAPACITY, Iommu};
 
 /// Which stage a [`Fault`] was taken at (so a caller of the domain API needs nothing from [`crate::hw`]).
@@ -190,6 +190,30 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         BookGuard {
             iommu: self,
             guard: Some(self.domains.book.lock()),
+        }
+    }
+
+    /// Locks the shared bookkeeping once `sid`'s stream record is not busy (its owner writes its STE or CD table
+    /// outside the bookkeeping, for a bounded time, and needs the bookkeeping only to settle it). The caller holds
+    /// no other lock of the driver's.
+    pub(crate) fn book_settled(&self, sid: u32) -> BookGuard<'_, A, D> {
+        self.book_when(|r| r.sid == sid)
+    }
+
+    /// Locks the shared bookkeeping once no stream record is busy: what the operations that read every stream
+    /// (a hand-off's records, a restore) need. The caller holds no other lock of the driver's.
+    pub(crate) fn book_quiet(&self) -> BookGuard<'_, A, D> {
+        self.book_when(|_| true)
+    }
+
+    fn book_when(&self, waits_for: impl Fn(&StreamRecord) -> bool) -> BookGuard<'_, A, D> {
+        loop {
+            let book = self.book();
+            if !book.streams.iter().any(|r| r.busy && waits_for(r)) {
+                return book;
+            }
+            drop(book);
+            core::hint::spin_loop();
         }
     }
 

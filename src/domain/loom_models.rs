@@ -53,6 +53,7 @@ fn routing(domain: DomainId) -> Domains<1> {
         domain,
         cd_table: None,
         substreams: heapless::Vec::new(),
+        busy: false,
     });
     routing
 }

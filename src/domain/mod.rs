@@ -50,11 +50,11 @@
 //!
 //! | lock | guards | taken by |
 //! |---|---|---|
-//! | `book` (`spin::Mutex`) | the bookkeeping every domain shares: free slots, attached streams (routing, ownership, CD tables), tokens, restored domains, the EL2 debt, the restored generation | the structural operations: create (only to take a slot), attach, detach, free, preserve, unpreserve, the hand-off; a drain (routing). A thread's guard drains the event queue before unlocking when interrupt context failed to take it |
+//! | `book` (`spin::Mutex`) | the bookkeeping every domain shares: free slots, attached streams (routing, ownership, CD tables, a busy mark), tokens, restored domains, the EL2 debt, the restored generation | briefly, by the structural operations: create (to take a slot), attach and detach (to reserve a stream, marking its record busy, and to settle it; the STE or CD is written and its CMD_SYNCs awaited without the lock), free (to give the slot back; an EL2 domain's free across its TLBI_EL2_ALL, which settles the EL2 debt), preserve, unpreserve; the hand-off and `handover_records` (after waiting for busy streams: `book_quiet`); a drain (routing). A thread's guard drains the event queue before unlocking when interrupt context failed to take it |
 //! | a slot's `state` (`spin::RwLock`, one per domain) | the domain: its page table, IDs, attachments, pending gathers, token | map, unmap, protect, trim, deferred unmaps and syncs, invalidations: that domain's only; the structural operations for the domains they change. A waiting writer turns new readers away (so no thread takes a slot's read lock twice) |
 //! | `prepared` (`spin::Mutex`) | the hand-off's phase | checks of it; `prepare_handover` and `cancel_handover` |
 //! | `protected` (a seqlock for readers, a `spin::Mutex` for writers) | memory no mapping may reach | read by every map without writing anything shared (retried while a writer publishes); `protect_memory` and a restore (across its verification and rebuild) hold the writer lock |
-//! | the stream table (core) | the STEs, and each STE's hitless write with its CFGI_STE + CMD_SYNC | attach, detach, the raw entry calls, restore |
+//! | the stream table (core) | finding an STE, and a new level-2 span until its first CFGI_STE + CMD_SYNC | attach, detach, the raw entry calls, restore; the STE's hitless write and its syncs run without it, one writer per STE being the bookkeeping's rule (a busy record, or the bookkeeping held) |
 //! | the event queue (core) | the queue and its overflow | drains (interrupt context only tries it) |
 //! | a slot's `faults`, `unattached_faults` (`spin::Mutex`) | fault reports | filing (interrupt context only tries them), reading and clearing |
 //! | a domain's `failed` (`spin::Mutex`, inside its state) | a gather of the concurrent paths whose invalidation failed, published under the read lock | the map or unmap whose flush failed; the next exclusive operation moves it to its retry |
@@ -67,7 +67,14 @@
 //! `prepare_handover` taking the preserved domains' in ascending slot order. The command queue takes no lock (its
 //! multi-producer protocol, [`crate::queue::cmdq`]); ASIDs and VMIDs are atomic bitmaps. Map and unmap hold one slot lock and nothing
 //! above it, so they never wait for another domain's operations: operations on different domains meet only at the
-//! command queue and (attach, detach) at the stream table's STE writes and the bookkeeping that records them.
+//! command queue. Attach, detach and free hold the bookkeeping only to check and record (never across a CMD_SYNC,
+//! but for an EL2 domain's last detach or free, whose TLBI_EL2_ALL must complete before another EL2 domain may be
+//! attached), so structural operations on different streams and domains also meet only at the command queue and
+//! briefly at the bookkeeping. An operation on a stream whose record is busy (an attach or detach of it half-way
+//! on another CPU) waits until that one settles it; so do the hand-off and `handover_records`, for every busy
+//! stream. A free takes its domain out of the slot under the slot's write lock, where it checks that nothing
+//! references it (attachments, nested children, a token: each added under the same lock), so nothing can
+//! reference it after; its handles are stale from then on, and valid again only if its invalidation fails.
 //! Interrupt context never waits for any lock (see [`Iommu`], "Interrupt context").
 //!
 //! | file | what |

@@ -53,7 +53,15 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         if book.tokens.insert(token, domain).is_err() {
             return Err(DomainError::TooMany("preserved domains"));
         }
-        self.domains.get_mut(domain)?.token = Some(token);
+        // A free that took the domain since the look above (a free does not take the bookkeeping) makes this fail:
+        // the token goes again.
+        match self.domains.get_mut(domain) {
+            Ok(mut state) => state.token = Some(token),
+            Err(e) => {
+                book.tokens.swap_remove(&token);
+                return Err(e);
+            }
+        }
         Ok(())
     }
 

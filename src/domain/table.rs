@@ -276,6 +276,10 @@ pub(crate) struct StreamRecord {
     /// The stream's CD table (stage-1 domains): CD 0 is the domain's, others are substreams'.
     pub(crate) cd_table: Option<CdTable>,
     pub(crate) substreams: heapless::Vec<(u32, DomainId), MAX_SUBSTREAMS_PER_STREAM>,
+    /// An attach or detach of the stream (or of one of its substreams) writes its STE or CD table outside the
+    /// bookkeeping: the record (routing and ownership) stays, `cd_table` may be out with the writer, and every
+    /// other operation on the stream waits until the writer settles it (`Iommu::book_settled`).
+    pub(crate) busy: bool,
 }
 
 /// A prepared hand-off.
@@ -446,14 +450,47 @@ impl<const D: usize> Domains<D> {
     /// Empties `id`'s slot, makes every handle to it stale and puts the slot back on the free stack (O(1)), unless
     /// its generation is the last one: the slot is retired then. Its fault report is cleared.
     pub(crate) fn remove(&self, book: &mut Book<D>, id: DomainId) -> Option<DomainState> {
-        let slot = self.slot(id).ok()?;
+        let state = self.take_for_free(id, |_| Ok(())).ok()?;
+        self.release_slot(book, id);
+        Some(state)
+    }
+
+    /// Takes `id`'s domain out of its slot for a free when `check` passes (run under the slot's write lock):
+    /// the slot is left empty, so every handle fails with `StaleDomain` and nothing can add a reference to the
+    /// domain, but it is not free ([`Domains::release_slot`] frees it, [`Domains::put_back`] undoes this).
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn take_for_free(
+        &self,
+        id: DomainId,
+        check: impl FnOnce(&DomainState) -> Result<(), DomainError>,
+    ) -> Result<DomainState, DomainError> {
+        let slot = self.slot(id)?;
         let mut guard = slot.write_state();
-        if slot.generation.load(Ordering::Relaxed) != id.generation() {
-            return None;
+        match guard.as_ref() {
+            Some(state) if slot.generation.load(Ordering::Relaxed) == id.generation() => check(state)?,
+            _ => return Err(DomainError::StaleDomain(id)),
         }
-        let state = guard.take()?;
+        guard.take().ok_or(DomainError::StaleDomain(id))
+    }
+
+    /// Puts back a domain [`Domains::take_for_free`] took (its free failed): its handles are valid again.
+    pub(crate) fn put_back(&self, id: DomainId, state: DomainState) {
+        if let Ok(slot) = self.slot(id) {
+            let mut guard = slot.write_state();
+            debug_assert!(guard.is_none());
+            *guard = Some(state);
+        }
+    }
+
+    /// Frees the slot of a domain [`Domains::take_for_free`] took: as [`Domains::remove`] once the state is out.
+    pub(crate) fn release_slot(&self, book: &mut Book<D>, id: DomainId) {
+        let Ok(slot) = self.slot(id) else {
+            return;
+        };
+        let guard = slot.write_state();
+        debug_assert!(guard.is_none());
         // A generation is never handed out twice: a slot whose generation would wrap is retired (left off the
-        // free stack for good), as unreachable as that is with 64 bits.
+        // free stack for good, its handles stale because it stays empty), as unreachable as that is with 64 bits.
         let next = id.generation().checked_add(1);
         // Release: a fault filed after seeing the new generation goes elsewhere (see `Slot::generation`).
         slot.generation
@@ -461,12 +498,9 @@ impl<const D: usize> Domains<D> {
         *slot.faults.lock() = FaultReport::default();
         drop(guard);
         if next.is_some() {
-            // The slot was taken from the stack, so there is room for it.
+            // The slot was taken from the stack when the domain was created, so there is room for it.
             let _ = book.free.push(id.index());
-        } else {
-            // Retired: the handle stays stale because the slot stays empty for good.
         }
-        Some(state)
     }
 
     /// The EL2 stage-1 domain (other than `except`) that has a stream or substream attached, if any (one pass over

@@ -95,7 +95,8 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// # Errors
     /// [`RecordError`]; nothing is written anywhere.
     pub fn handover_records(&self, register_base: u64) -> Result<InstanceRecords, RecordError> {
-        let book = self.book();
+        // No attach or detach half-way: each is waited for.
+        let book = self.book_quiet();
         // Read-locked in slot order (the lock order), all at once: the records are one consistent picture.
         let guards = preserved_in_slot_order(&book)
             .into_iter()

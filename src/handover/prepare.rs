@@ -193,8 +193,9 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         // The freeze is atomic: with the bookkeeping held (no attach, detach, preserve or free meanwhile), every
         // preserved domain is write-locked in slot order (the lock order), so an operation in flight on one of
         // them has finished (and is recorded) or starts after the seal below and fails with `HandoverPrepared`.
-        // Everything is checked, recorded and sealed under those locks; they go at the end of this function.
-        let book = self.book();
+        // Everything is checked, recorded and sealed under those locks; they go at the end of this function. An
+        // attach or detach writing its STE outside the bookkeeping is waited for: it is recorded as it ends.
+        let book = self.book_quiet();
         if let Some(generation) = book.restored_generation {
             return Err(PrepareError::RestoreNotFinished { generation });
         }

@@ -305,8 +305,9 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         register_base: u64,
         options: &RestoreOptions<'_>,
     ) -> Result<RestoreReport, RestoreError> {
-        // The whole restore holds the bookkeeping (a boot-time operation: nothing else attaches meanwhile).
-        let mut book = self.book();
+        // The whole restore holds the bookkeeping (a boot-time operation: nothing else attaches meanwhile; an
+        // attach or detach half-way is waited for).
+        let mut book = self.book_quiet();
         let book = &mut *book;
         // Asked at the wrong point of the lifecycle: refused before anything is looked at.
         if let Some(generation) = book.restored_generation {
@@ -853,6 +854,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                                 domain: id,
                                 cd_table,
                                 substreams: heapless::Vec::new(),
+                                busy: false,
                             })
                             .map_err(|_| fail(RebuildFailure::Domain(DomainError::TooMany("attached streams"))))?;
                     }

@@ -2,7 +2,7 @@
 //! (CFGI_STE or CFGI_CD, then CMD_SYNC). Blind to who owns a stream: the layers above keep that bookkeeping.
 
 use core::fmt;
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::ctx::{CdTable, CdTableError, CdWriteReport};
 use crate::hitless::{self, EntryState, EntryWriter, UpdateFailed, UpdateKind};
@@ -88,32 +88,46 @@ impl<A: FrameAllocator> SmmuCore<A> {
     /// CD table, or replace the STE of a stream a domain owns; safe code outside uses a domain,
     /// `attach_abort` or `attach_bypass`.
     ///
+    /// **One writer per STE.** The stream table's lock is held only to find the entry (and, when its level-2 span
+    /// is new, until the span's level-1 descriptor is invalidated): STEs of different streams are written, and
+    /// their CFGI_STE + CMD_SYNC awaited, in parallel. The callers make sure that one stream's STE has one writer
+    /// at a time: the domain layer writes only the STEs of streams it recorded as its own (a record marked busy
+    /// while its STE is written), and every other caller holds the domain bookkeeping and skips those streams.
+    ///
     /// # Errors
     /// [`AttachError::Stream`] for a StreamID beyond the table or no memory for its level-2 span (nothing
     /// changes then); [`AttachError::Invalidation`] when an invalidation fails: the writer stops at that step and
     /// says what the STE holds.
     pub(crate) fn install_ste(&self, sid: u32, ste: &Ste) -> Result<InstallReport, AttachError> {
-        // Held until the entry is written and every step invalidated: another writer of this entry (or of a new
-        // span's level-1 descriptor) waits, so the SMMU only ever sees the hitless writer's sequence.
         let mut streams = self.streams.lock();
         let coherency = streams.coherency();
         let slot = streams.slot(sid, &self.allocator).map_err(AttachError::Stream)?;
-        let live: [u64; 8] = core::array::from_fn(|i| slot.words[i].load(Ordering::Relaxed));
-        let invalidate = Command::CfgiSte {
-            sid,
-            leaf: !slot.new_span,
-        }
-        .encode()
-        .map_err(|e| AttachError::Queue(CommandQueueError::Encoding(e)))?;
+        let new_span = slot.new_span;
+        // SAFETY: the entry's words are in the linear table or in a level-2 span, which stay allocated for the
+        // stream table's life (`ensure_leaf` never frees one, and `StreamTable::free` takes the table by value,
+        // which needs the core by value: not while `&self` is borrowed). They are only ever accessed atomically.
+        let words: &[AtomicU64] = unsafe { core::slice::from_raw_parts(slot.words.as_ptr(), slot.words.len()) };
+        // A new span: the lock is kept until its level-1 descriptor is invalidated, so that no other stream of the
+        // span is written (and synced with a leaf CFGI_STE) before the SMMU can reach the span.
+        let _span_lock = if new_span {
+            Some(streams)
+        } else {
+            drop(streams);
+            None
+        };
+        let live: [u64; 8] = core::array::from_fn(|i| words[i].load(Ordering::Relaxed));
+        let invalidate = Command::CfgiSte { sid, leaf: !new_span }
+            .encode()
+            .map_err(|e| AttachError::Queue(CommandQueueError::Encoding(e)))?;
         let (cmdq, regs) = (&self.cmdq, self.smmu.regs());
         let mut writer = SlotWriter {
-            words: slot.words,
+            words,
             coherency,
             invalidate: || cmdq.submit(regs, &[invalidate], true).map(drop),
             syncs: 0,
         };
         let kind = hitless::update_entry::<Ste, _>(&live, &ste.0, &mut writer).map_err(AttachError::Invalidation)?;
-        if slot.new_span && writer.syncs == 0 {
+        if new_span && writer.syncs == 0 {
             // A new span's level-1 descriptor is invalidated even when the STE itself did not change.
             writer.sync().map_err(|error| {
                 AttachError::Invalidation(UpdateFailed {
@@ -126,7 +140,7 @@ impl<A: FrameAllocator> SmmuCore<A> {
         Ok(InstallReport {
             kind,
             syncs: writer.syncs,
-            new_span: slot.new_span,
+            new_span,
         })
     }
 

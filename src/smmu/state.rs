@@ -3,9 +3,11 @@
 //! bookkeeping and call in here; nothing here knows a domain.
 //!
 //! **Concurrency.** Every operation takes `&self`, from any CPU. The parts and what guards them:
-//! - the stream table: one `spin::Mutex`, held while one STE is written through the hitless writer and each of
-//!   its CFGI_STE + CMD_SYNC steps completes (and while the level-2 span it needs is allocated): two writers of one
-//!   entry would interleave their hitless steps, and the SMMU must never see a torn or half-invalidated entry;
+//! - the stream table: one `spin::Mutex`, held to find an STE and while a level-2 span is allocated (until its
+//!   level-1 descriptor is invalidated). An STE is then written through the hitless writer, each CFGI_STE +
+//!   CMD_SYNC step awaited, without the lock: STEs of different streams are written in parallel. Two writers of
+//!   one entry would interleave their hitless steps, so the callers keep one writer per STE (the domain layer's
+//!   stream records; see `SmmuCore::install_ste`);
 //! - the command queue: no lock (its own multi-producer protocol, `crate::queue::cmdq`);
 //! - the ASID and VMID allocators: no lock (atomic bitmaps, `crate::ids::AtomicIdAllocator`);
 //! - the event queue and the overflow it last reported: one `spin::Mutex` that interrupt context only
@@ -36,7 +38,7 @@ use super::features::Features;
 pub(crate) struct SmmuCore<A: FrameAllocator> {
     pub(crate) smmu: Smmu,
     pub(super) allocator: A,
-    /// The stream table: held across one STE's hitless write and its invalidations (see the module docs).
+    /// The stream table: held to find an entry and to add a level-2 span (see the module docs).
     pub(super) streams: spin::Mutex<StreamTable>,
     pub(super) cmdq: CommandQueue,
     /// The event queue: interrupt context only `try_lock`s it (see the module docs).
@@ -95,6 +97,13 @@ impl<A: FrameAllocator> SmmuCore<A> {
     /// The stream table format chosen at init.
     pub fn stream_table_format(&self) -> StreamTableFormat {
         self.streams.lock().format()
+    }
+
+    /// Whether some thread holds the stream table's lock now (tests check what an operation holds while it waits
+    /// for the SMMU).
+    #[cfg(test)]
+    pub(crate) fn stream_table_held(&self) -> bool {
+        self.streams.is_locked()
     }
 
     /// Level-2 stream table spans allocated so far (2-level tables only).

@@ -577,6 +577,7 @@ mod invalidations;
 mod kinds;
 mod review3;
 mod stress;
+mod structural;
 
 #[allow(unused_imports)]
 use {el2::*, faults::*, gathers::*, handover::*, invalidations::*};

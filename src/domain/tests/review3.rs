@@ -194,15 +194,68 @@ fn a_trim_after_a_single_page_unmap_rechecks_the_freeze_and_never_changes_a_froz
     }
 }
 
-/// Review 3, finding 4. An event-queue interrupt that lands while a structural operation (here an attach on
-/// another CPU, waiting for its CMD_SYNC) holds the bookkeeping files nothing and returns `pending`. The SMMU
-/// raises the interrupt again only when the queue goes from empty to non-empty (evtq.rs), so the holder must file
-/// the records when it unlocks (it used not to, and they sat there until some thread called `drain_faults`): no
-/// second `handle_interrupt` here.
+/// Review 3, finding 4. An event-queue interrupt that lands while a structural operation (here an EL2 domain's
+/// free on another CPU, waiting for its CMD_SYNC: the one free that holds the bookkeeping across it) holds the
+/// bookkeeping files nothing and returns `pending`. The SMMU raises the interrupt again only when the queue goes from
+/// empty to non-empty (evtq.rs), so the holder must file the records when it unlocks (it used not to, and they sat
+/// there until some thread called `drain_faults`): no second `handle_interrupt` here.
 #[test]
-fn an_interrupt_during_an_attach_has_its_faults_filed_when_the_attach_unlocks() {
+fn an_interrupt_while_the_bookkeeping_is_held_has_its_faults_filed_when_the_holder_unlocks() {
+    let (frames, model, smmu, a) = interrupt_setup();
+    let el2 = smmu
+        .create_stage1(
+            memory(frames),
+            Stage1Options {
+                input_bits: 39,
+                el2: true,
+            },
+        )
+        .unwrap();
+    let (fired, irq_events, irq_pending) = interrupt_during_next_sync(frames, &model, smmu);
+    smmu.free_domain(el2).unwrap();
+    *model.probe.lock().unwrap() = None;
+    assert!(fired.load(Ordering::SeqCst), "the interrupt ran during the free");
+    assert_eq!(irq_events.load(Ordering::SeqCst), 0);
+    assert!(irq_pending.load(Ordering::SeqCst), "the interrupt left the records");
+    // The free is over and no interrupt will come for these records: were they filed by the lock's holder? (The
+    // report read directly: no reader's drain.)
+    let slot = &smmu.domains.slots[usize::from(a.index())];
+    assert_eq!(
+        slot.faults.lock().total(),
+        2,
+        "faults announced by an interrupt while the bookkeeping was held are stranded in the event queue"
+    );
+    assert_eq!(smmu.drain_faults(|_| {}).unwrap().events, 0, "filed once");
+}
+
+/// Issue 22 ("attach, detach and free serialise only what they must"): an attach waits for its STE's CMD_SYNC
+/// without the bookkeeping, so an interrupt taken on another CPU meanwhile files its records at once.
+#[test]
+fn an_attach_waits_for_its_sync_without_the_bookkeeping() {
+    let (frames, model, smmu, a) = interrupt_setup();
+    let b = smmu
+        .create_stage2(memory(frames), Stage2Options { input_bits: 40 })
+        .unwrap();
+    let (fired, irq_events, irq_pending) = interrupt_during_next_sync(frames, &model, smmu);
+    smmu.attach(b, 0x18).unwrap();
+    *model.probe.lock().unwrap() = None;
+    assert!(fired.load(Ordering::SeqCst), "the interrupt ran during the attach");
+    assert_eq!(irq_events.load(Ordering::SeqCst), 2, "filed by the interrupt itself");
+    assert!(!irq_pending.load(Ordering::SeqCst));
+    let slot = &smmu.domains.slots[usize::from(a.index())];
+    assert_eq!(slot.faults.lock().total(), 2);
+    assert_eq!(smmu.drain_faults(|_| {}).unwrap().events, 0, "filed once");
+}
+
+/// An SMMU (with EL2 contexts) with a stage-1 domain attached to `SID`, for the interrupt tests.
+fn interrupt_setup() -> (
+    &'static HeapFrames,
+    Model,
+    &'static Iommu<&'static HeapFrames>,
+    DomainId,
+) {
     let frames = frames();
-    let model = Model::start(frames);
+    let model = super::el2::el2_model(frames);
     let smmu: &'static Iommu<&'static HeapFrames> = Box::leak(Box::new(smmu(&model, frames)));
     let a = smmu
         .create_stage1(
@@ -213,10 +266,17 @@ fn an_interrupt_during_an_attach_has_its_faults_filed_when_the_attach_unlocks() 
             },
         )
         .unwrap();
-    let b = smmu
-        .create_stage2(memory(frames), Stage2Options { input_bits: 40 })
-        .unwrap();
     smmu.attach(a, SID).unwrap();
+    (frames, model, smmu, a)
+}
+
+/// At the next command the model consumes: the SMMU records two faults of `SID` (queue empty -> non-empty: one
+/// interrupt), and that interrupt is taken by another CPU. Returns (fired, the interrupt's events, its pending).
+fn interrupt_during_next_sync(
+    frames: &'static HeapFrames,
+    model: &Model,
+    smmu: &'static Iommu<&'static HeapFrames>,
+) -> (Arc<AtomicBool>, Arc<AtomicU32>, Arc<AtomicBool>) {
     let queue = frames.virt(smmu.configuration().eventq_base) as usize;
     let prod_register = reg32(model.base, 0x1_00a8) as usize;
     let fired = Arc::new(AtomicBool::new(false));
@@ -225,7 +285,6 @@ fn an_interrupt_during_an_attach_has_its_faults_filed_when_the_attach_unlocks() 
     let (f, e, p) = (fired.clone(), irq_events.clone(), irq_pending.clone());
     *model.probe.lock().unwrap() = Some(Box::new(move || {
         if !f.swap(true, Ordering::SeqCst) {
-            // The SMMU records two faults of stream SID (queue empty -> non-empty: one interrupt) ...
             // SAFETY: the model's registers and the driver's event queue are live.
             unsafe {
                 let prod_register = prod_register as *mut u32;
@@ -240,27 +299,13 @@ fn an_interrupt_during_an_attach_has_its_faults_filed_when_the_attach_unlocks() 
                 }
                 prod_register.write_volatile(prod);
             }
-            // ... and that interrupt is taken by another CPU while the attach waits for its CMD_SYNC.
             let report = smmu.handle_interrupt().unwrap();
             e.store(report.events, Ordering::SeqCst);
             p.store(report.pending, Ordering::SeqCst);
         }
         0
     }));
-    smmu.attach(b, 0x18).unwrap();
-    *model.probe.lock().unwrap() = None;
-    assert!(fired.load(Ordering::SeqCst), "the interrupt ran during the attach");
-    assert_eq!(irq_events.load(Ordering::SeqCst), 0);
-    assert!(irq_pending.load(Ordering::SeqCst), "the interrupt left the records");
-    // The attach is over and no interrupt will come for these records: were they filed by the lock's holder? (The
-    // report read directly: no reader's drain.)
-    let slot = &smmu.domains.slots[usize::from(a.index())];
-    assert_eq!(
-        slot.faults.lock().total(),
-        2,
-        "faults announced by an interrupt during an attach are stranded in the event queue"
-    );
-    assert_eq!(smmu.drain_faults(|_| {}).unwrap().events, 0, "filed once");
+    (fired, irq_events, irq_pending)
 }
 
 /// Review 3, finding 6 (liveness). spin's `write` lets new readers in while it waits, so a structural operation
