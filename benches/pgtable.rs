@@ -62,7 +62,12 @@ impl Pool {
 
     /// A frame, zeroed unless `for_overwrite` (its user writes every byte before reading any).
     fn frame(&self, for_overwrite: bool) -> usize {
-        if let Some(offset) = self.free.lock().pop() {
+        self.frame_from(&mut self.free.lock(), for_overwrite)
+    }
+
+    /// As `frame`, with the free list already locked.
+    fn frame_from(&self, free: &mut Vec<usize>, for_overwrite: bool) -> usize {
+        if let Some(offset) = free.pop() {
             if !for_overwrite {
                 // SAFETY: a frame of the arena; tables must come back zeroed.
                 unsafe { self.base().add(offset).write_bytes(0, PAGE) };
@@ -89,6 +94,30 @@ unsafe impl FrameAllocator for Pool {
         self.free.lock().push((block.phys.0 - PHYS_BASE) as usize);
     }
 
+    fn allocate_many(
+        &self,
+        size: usize,
+        align: usize,
+        count: usize,
+        for_overwrite: bool,
+        each: &mut dyn FnMut(DmaBlock),
+    ) -> Result<(), AllocError> {
+        if size != PAGE || align > PAGE {
+            return Err(AllocError::BadRequest { size, align });
+        }
+        let mut free = self.free.lock();
+        for _ in 0..count {
+            let offset = self.frame_from(&mut free, for_overwrite);
+            each(self.block_at(offset));
+        }
+        Ok(())
+    }
+
+    unsafe fn free_many(&self, blocks: &mut dyn Iterator<Item = DmaBlock>) {
+        let mut free = self.free.lock();
+        free.extend(blocks.map(|block| (block.phys.0 - PHYS_BASE) as usize));
+    }
+
     #[inline]
     fn phys_to_virt(&self, phys: PhysAddr) -> Option<NonNull<u8>> {
         let offset = phys.0.checked_sub(PHYS_BASE)? as usize;
@@ -102,14 +131,17 @@ impl Pool {
         if size != PAGE || align > PAGE {
             return Err(AllocError::BadRequest { size, align });
         }
-        let offset = self.frame(for_overwrite);
+        Ok(self.block_at(self.frame(for_overwrite)))
+    }
+
+    fn block_at(&self, offset: usize) -> DmaBlock {
         // SAFETY: inside the arena.
         let virt = NonNull::new(unsafe { self.base().add(offset) }).unwrap();
-        Ok(DmaBlock {
+        DmaBlock {
             phys: PhysAddr(PHYS_BASE + offset as u64),
             virt,
-            size,
-        })
+            size: PAGE,
+        }
     }
 }
 

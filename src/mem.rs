@@ -134,6 +134,42 @@ pub unsafe trait FrameAllocator: Sync {
     /// The block must come from this allocator, and nothing (CPU or SMMU) may access it afterwards.
     unsafe fn free(&self, block: DmaBlock);
 
+    /// Allocates `count` blocks as [`FrameAllocator::allocate_zeroed`] (or, when `for_overwrite`,
+    /// [`FrameAllocator::allocate_for_overwrite`]) would, handing each to `each` as it comes: what a page table
+    /// needs for one range map, asked for at once. An allocator that takes a lock per call can take it once here;
+    /// the default calls the single-block method `count` times.
+    ///
+    /// # Errors
+    /// The first allocation's error; the blocks handed to `each` before it are the caller's (to use or free).
+    fn allocate_many(
+        &self,
+        size: usize,
+        align: usize,
+        count: usize,
+        for_overwrite: bool,
+        each: &mut dyn FnMut(DmaBlock),
+    ) -> Result<(), AllocError> {
+        for _ in 0..count {
+            each(match for_overwrite {
+                true => self.allocate_for_overwrite(size, align)?,
+                false => self.allocate_zeroed(size, align)?,
+            });
+        }
+        Ok(())
+    }
+
+    /// Returns every block `blocks` yields, as [`FrameAllocator::free`] does one (the tables a page table unlinked
+    /// and invalidated, given back at once). The default calls `free` for each.
+    ///
+    /// # Safety
+    /// As [`FrameAllocator::free`], for every block.
+    unsafe fn free_many(&self, blocks: &mut dyn Iterator<Item = DmaBlock>) {
+        for block in blocks {
+            // SAFETY: the caller's guarantee, for each block.
+            unsafe { self.free(block) };
+        }
+    }
+
     /// The CPU address of `phys`, which lies inside a block this allocator handed out and has not taken back
     /// (page-table walks follow physical addresses found in descriptors). Returns `None` for any other address.
     fn phys_to_virt(&self, phys: PhysAddr) -> Option<NonNull<u8>>;
@@ -194,6 +230,24 @@ unsafe impl<T: FrameAllocator + ?Sized> FrameAllocator for &T {
     unsafe fn free(&self, block: DmaBlock) {
         // SAFETY: the caller's guarantee, passed on.
         unsafe { (**self).free(block) }
+    }
+
+    #[inline]
+    fn allocate_many(
+        &self,
+        size: usize,
+        align: usize,
+        count: usize,
+        for_overwrite: bool,
+        each: &mut dyn FnMut(DmaBlock),
+    ) -> Result<(), AllocError> {
+        (**self).allocate_many(size, align, count, for_overwrite, each)
+    }
+
+    #[inline]
+    unsafe fn free_many(&self, blocks: &mut dyn Iterator<Item = DmaBlock>) {
+        // SAFETY: the caller's guarantee, passed on.
+        unsafe { (**self).free_many(blocks) }
     }
 
     #[inline]

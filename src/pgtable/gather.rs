@@ -2,6 +2,9 @@
 
 use super::*;
 
+/// Tables a release gives back per [`FrameAllocator::free_many`] call.
+const FREE_BATCH: usize = 64;
+
 impl<A: FrameAllocator> IoPageTable<A> {
     /// Where the chain link of the unlinked level-2 table `entries` (at `virt`) is kept: the first word of its
     /// first last-level table when entry 0 names one (so every pointer to a child survives), else its own first
@@ -126,15 +129,23 @@ impl<A: FrameAllocator> IoPageTable<A> {
     #[inline(never)]
     pub(super) fn free_chain(&mut self, head: u64) {
         let size = 1usize << self.geometry.granule_bits;
-        let free = |phys: u64, virt: NonNull<u8>| {
-            // SAFETY: the table was allocated by this page table with this size, unlinked, and the caller has
-            // completed the invalidation that covers walks through it.
-            unsafe {
-                self.allocator.free(DmaBlock {
-                    phys: PhysAddr(phys),
-                    virt,
-                    size,
-                })
+        // Given back in batches (an allocator's lock taken once per batch, not per table).
+        let mut batch: heapless::Vec<DmaBlock, FREE_BATCH> = heapless::Vec::new();
+        let allocator = &self.allocator;
+        let give_back = |batch: &mut heapless::Vec<DmaBlock, FREE_BATCH>| {
+            // SAFETY: each table was allocated by this page table with this size, unlinked, and the caller has
+            // completed the invalidation that covers walks through it; its links were read before it got here.
+            unsafe { allocator.free_many(&mut core::mem::take(batch).into_iter()) };
+        };
+        let mut free = |phys: u64, virt: NonNull<u8>| {
+            let block = DmaBlock {
+                phys: PhysAddr(phys),
+                virt,
+                size,
+            };
+            if let Err(block) = batch.push(block) {
+                give_back(&mut batch);
+                let _ = batch.push(block);
             }
         };
         let mut next = head;
@@ -165,5 +176,6 @@ impl<A: FrameAllocator> IoPageTable<A> {
             free(phys, virt);
             next = following;
         }
+        give_back(&mut batch);
     }
 }

@@ -298,19 +298,17 @@ impl<A: FrameAllocator> IoPageTable<A> {
         let mut pool = Pool::default();
         let granule = 1usize << self.geometry.granule_bits;
         for full in [false, true] {
-            for _ in 0..if full { needed.1 } else { needed.0 } {
-                let table = if full {
-                    self.allocator.allocate_for_overwrite(granule, granule)
-                } else {
-                    self.allocator.allocate_zeroed(granule, granule)
-                };
-                match table {
-                    Ok(table) => pool.push(table, full),
-                    Err(e) => {
-                        self.free_pool(&mut pool);
-                        return Err(MapError::NoMemory(e));
-                    }
-                }
+            let count = if full { needed.1 } else { needed.0 };
+            if count == 0 {
+                continue;
+            }
+            // Every table the range needs, asked for at once (an allocator's lock taken once, not per table).
+            let allocated = self
+                .allocator
+                .allocate_many(granule, granule, count, full, &mut |table| pool.push(table, full));
+            if let Err(e) = allocated {
+                self.free_pool(&mut pool);
+                return Err(MapError::NoMemory(e));
             }
         }
         let root = self.root.phys.0;
@@ -336,10 +334,8 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// Gives the frames left in `pool` (never linked) back to the allocator.
     fn free_pool(&mut self, pool: &mut Pool) {
         for full in [false, true] {
-            while let Some(table) = pool.pop(full) {
-                // SAFETY: allocated from this allocator by `map` and never linked: nothing can reach it.
-                unsafe { self.allocator.free(table) };
-            }
+            // SAFETY: allocated from this allocator by `map` and never linked: nothing can reach them.
+            unsafe { self.allocator.free_many(&mut core::iter::from_fn(|| pool.pop(full))) };
         }
     }
 

@@ -342,3 +342,92 @@ mod model;
 
 #[allow(unused_imports)]
 use {decode::*, edge::*, lazy::*, mixed::*, model::*};
+
+/// Counts the calls a page table makes of its allocator, passing each on to heap frames.
+#[derive(Default)]
+struct Counting {
+    frames: HeapFrames,
+    single_allocations: core::sync::atomic::AtomicUsize,
+    batch_allocations: std::sync::Mutex<Vec<usize>>,
+    single_frees: core::sync::atomic::AtomicUsize,
+    batch_frees: std::sync::Mutex<Vec<usize>>,
+}
+
+// SAFETY: forwards to `HeapFrames`, which upholds the contract.
+unsafe impl FrameAllocator for Counting {
+    fn allocate_zeroed(&self, size: usize, align: usize) -> Result<DmaBlock, AllocError> {
+        self.single_allocations
+            .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+        self.frames.allocate_zeroed(size, align)
+    }
+
+    fn allocate_many(
+        &self,
+        size: usize,
+        align: usize,
+        count: usize,
+        _for_overwrite: bool,
+        each: &mut dyn FnMut(DmaBlock),
+    ) -> Result<(), AllocError> {
+        self.batch_allocations.lock().unwrap().push(count);
+        for _ in 0..count {
+            each(self.frames.allocate_zeroed(size, align)?);
+        }
+        Ok(())
+    }
+
+    unsafe fn free(&self, block: DmaBlock) {
+        self.single_frees.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+        // SAFETY: the caller's guarantee.
+        unsafe { self.frames.free(block) }
+    }
+
+    unsafe fn free_many(&self, blocks: &mut dyn Iterator<Item = DmaBlock>) {
+        let mut n = 0;
+        for block in blocks {
+            n += 1;
+            // SAFETY: the caller's guarantee, for each block.
+            unsafe { self.frames.free(block) };
+        }
+        self.batch_frees.lock().unwrap().push(n);
+    }
+
+    fn phys_to_virt(&self, phys: crate::mem::PhysAddr) -> Option<core::ptr::NonNull<u8>> {
+        self.frames.phys_to_virt(phys)
+    }
+}
+
+/// A range map asks its allocator for every table it needs at once (one `allocate_many` per kind of table), and
+/// a release gives the unlinked tables back in batches (`free_many`): an allocator behind a lock takes it once
+/// per batch, not once per table (1 GiB of 4 KiB pages is 513 tables each way).
+#[test]
+fn a_range_map_allocates_its_tables_at_once_and_a_release_frees_them_in_batches() {
+    let counting: &'static Counting = std::boxed::Box::leak(std::boxed::Box::default());
+    let mut t = IoPageTable::new(format(Stage::One, Granule::Size4K, 39), counting, true).unwrap();
+    let roots = counting.single_allocations.load(core::sync::atomic::Ordering::Relaxed);
+    // Output 4 KiB off the input's 2 MiB alignment: pages only, no block.
+    t.map(0x4000_0000, 0x8000_1000, 0x400_0000, RW).unwrap();
+    assert_eq!(
+        counting.single_allocations.load(core::sync::atomic::Ordering::Relaxed),
+        roots,
+        "no table asked for alone"
+    );
+    // 64 MiB from a 1 GiB boundary: one level-2 table (zeroed) and 32 full level-3 tables (for overwrite).
+    let mut batches = counting.batch_allocations.lock().unwrap().clone();
+    batches.sort_unstable();
+    assert_eq!(batches, [1, 32]);
+    let mut g = Gather::default();
+    t.unmap(0x4000_0000, 0x400_0000, &mut g).unwrap();
+    release(&mut t, g);
+    assert_eq!(counting.single_frees.load(core::sync::atomic::Ordering::Relaxed), 0);
+    let frees: Vec<usize> = counting
+        .batch_frees
+        .lock()
+        .unwrap()
+        .iter()
+        .copied()
+        .filter(|&n| n > 0)
+        .collect();
+    assert_eq!(frees.iter().sum::<usize>(), 33, "{frees:?}");
+    assert!(frees.len() <= 2, "{frees:?}: batches of up to 64 tables");
+}
