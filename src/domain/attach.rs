@@ -87,11 +87,14 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             book.streams[index].cd_table = cd_table;
             book.streams[index].busy = false;
         } else {
-            // Nothing was written: the record and the attachment are undone.
+            // Nothing was written: the record and the attachment are undone, then records still queued are filed
+            // as the stream is routed again (a record an interrupt filed meanwhile stays where the reservation
+            // routed it).
             book.streams.swap_remove(index);
             if let Ok(mut state) = self.domains.get_mut(domain) {
                 state.attachments.retain(|a| *a != (sid, 0));
             }
+            self.file_queued_faults(&book);
         }
         written
     }
@@ -244,11 +247,13 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         if let Err(e) = written
             && !matches!(e, DomainError::CdTable(CdTableError::Invalidation(_)))
         {
-            // Nothing was written: the substream and the attachment are undone.
+            // Nothing was written: the substream and the attachment are undone, then records still queued are
+            // filed as the substream is routed again (see `attach`).
             record.substreams.retain(|(s, _)| *s != ssid);
             if let Ok(mut state) = self.domains.get_mut(domain) {
                 state.attachments.retain(|a| *a != (sid, ssid));
             }
+            self.file_queued_faults(&book);
             return Err(e);
         }
         // Recorded even when an invalidation failed: the CD may be valid in memory (and fetched) and name the
@@ -381,16 +386,21 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// match every EL2 context, so until then no other EL2 domain may be attached: the attachment just removed no
     /// longer says so), any other domain's after (another CPU attaching meanwhile costs one extra invalidation).
     pub(super) fn after_last_detach(&self, book: BookGuard<'_, A, D>, domain: DomainId) -> Result<(), DomainError> {
-        let Ok(state) = self.domains.get(domain) else {
-            return Ok(());
+        let (el2, command) = {
+            let Ok(state) = self.domains.get(domain) else {
+                return Ok(());
+            };
+            if !state.attachments.is_empty() {
+                return Ok(());
+            }
+            // Worked out while the domain is held: once the bookkeeping goes, a free may take it (and then issues
+            // its own invalidation; this one is then one too many, never one too few).
+            (state.is_el2(), self.whole_invalidation_of(&state)?)
         };
-        if !state.attachments.is_empty() {
-            return Ok(());
-        }
+        // The slot's lock is gone before the bookkeeping is (its guard may lock it again to drain: the lock order).
         // Kept for an EL2 domain only.
-        let mut el2_book = state.is_el2().then_some(book);
-        drop(state);
-        let Some(command) = self.whole_domain_invalidation(domain)? else {
+        let mut el2_book = el2.then_some(book);
+        let Some(command) = command else {
             return Ok(());
         };
         let mut batch = Batch::new();

@@ -299,10 +299,9 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     pub fn free_domain(&self, domain: DomainId) -> Result<(), DomainError> {
         // An EL2 domain's free holds the bookkeeping throughout: its TLBI_EL2_ALL settles the EL2 debt, which no
         // other EL2 detach may change meanwhile. Any other free takes the bookkeeping only to give the slot back.
-        let el2_book = match self.domains.get(domain)?.is_el2() {
-            true => Some(self.book()),
-            false => None,
-        };
+        // The slot's read lock goes before the bookkeeping is taken (the lock order).
+        let el2 = self.domains.get(domain)?.is_el2();
+        let el2_book = el2.then(|| self.book());
         // Checked and taken out of the slot under its write lock, at once: nothing can attach to it, nest under it
         // or preserve it from then on (each of those adds its reference under the same lock, and the slot is empty:
         // every handle fails with `StaleDomain` meanwhile). The slot is not free yet.

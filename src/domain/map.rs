@@ -15,15 +15,9 @@ use super::table::{StateMut, StateRef};
 use super::{DomainError, DomainKind, DomainState, GuestInvalidation, Iommu, Translation};
 
 impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
-    /// The command that drops every TLB entry `domain` may have.
-    pub(super) fn whole_domain_invalidation(&self, domain: DomainId) -> Result<Option<Command>, DomainError> {
-        let state = self.domains.get(domain)?;
-        self.whole_invalidation_of(&state)
-    }
-
-    /// As [`Iommu::whole_domain_invalidation`], for a domain the caller holds (a nested domain's parent's VMID is
-    /// the one it recorded: no second slot lock).
-    /// `None` for a domain without a table (blocked, bypass): nothing of it is cached.
+    /// The command that drops every TLB entry of the domain the caller holds (a nested domain's parent's VMID is
+    /// the one it recorded: no second slot lock). `None` for a domain without a table (blocked, bypass): nothing
+    /// of it is cached.
     pub(super) fn whole_invalidation_of(&self, state: &DomainState) -> Result<Option<Command>, DomainError> {
         Ok(Some(match &state.translation {
             Translation::Stage1 { el2: true, .. } => Command::TlbiEl2All,

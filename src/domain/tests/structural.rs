@@ -178,3 +178,35 @@ fn threads_attach_detach_and_free_at_once() {
         assert_eq!(smmu.book().streams.len(), threads as usize);
     }
 }
+
+/// Review of the change above, finding 1: an EL2 domain's free, which keeps the bookkeeping across its
+/// TLBI_EL2_ALL, must not hold the domain's read lock while it waits for the bookkeeping (the lock order: the
+/// bookkeeping first). It did (a guard living through a `match`), and an attach holding the bookkeeping that
+/// write-locks the domain then waited for it for good. Here the bookkeeping is held while the free waits for it:
+/// the domain's slot must be free to write-lock meanwhile.
+#[test]
+fn an_el2_free_waiting_for_the_bookkeeping_holds_no_slot_lock() {
+    let frames = frames();
+    let model = el2_model(frames);
+    let smmu: &'static Iommu<&'static HeapFrames> = Box::leak(Box::new(smmu(&model, frames)));
+    let d = smmu
+        .create_stage1(
+            memory(frames),
+            Stage1Options {
+                input_bits: 39,
+                el2: true,
+            },
+        )
+        .unwrap();
+    let held = smmu.domains.book.lock();
+    let free = std::thread::spawn(move || smmu.free_domain(d));
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let slot = &smmu.domains.slots[usize::from(d.index())];
+    let writable = slot.state.try_write().is_some();
+    drop(held);
+    assert_eq!(free.join().unwrap(), Ok(()));
+    assert!(
+        writable,
+        "the free held the domain's slot lock while it waited for the bookkeeping"
+    );
+}
