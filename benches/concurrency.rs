@@ -158,6 +158,40 @@ fn map_phases(iommu: &Iommu<&'static HeapFrames, 16>, domains: &[DomainId], thre
         .sum()
 }
 
+/// Attach + detach rounds each thread runs per iteration.
+const ROUNDS: u32 = 64;
+
+/// Wall time of `iters` iterations run by each of `threads` threads at once: thread `k` attaches stream
+/// `0x100 + k` to `domains[k]` and detaches it, `ROUNDS` times (each STE write's CFGI_STE + CMD_SYNC awaited).
+fn attach_detach(
+    iommu: &Iommu<&'static HeapFrames, 16>,
+    domains: &[DomainId],
+    threads: u64,
+    one_lock: bool,
+    iters: u64,
+) -> Duration {
+    let start = Barrier::new(threads as usize + 1);
+    let lock = Mutex::new(());
+    std::thread::scope(|s| {
+        for k in 0..threads {
+            let (start, lock, d, sid) = (&start, &lock, domains[k as usize], 0x100 + k as u32);
+            s.spawn(move || {
+                start.wait();
+                for _ in 0..iters {
+                    for _ in 0..ROUNDS {
+                        let _held = one_lock.then(|| lock.lock().unwrap());
+                        iommu.attach(d, sid).unwrap();
+                        iommu.detach(sid).unwrap();
+                    }
+                }
+            });
+        }
+        start.wait();
+        Instant::now()
+    })
+    .elapsed()
+}
+
 fn bench_concurrency(c: &mut Criterion) {
     static STOP: AtomicBool = AtomicBool::new(false);
     let frames = HeapFrames::leaked();
@@ -199,6 +233,15 @@ fn bench_concurrency(c: &mut Criterion) {
     ] {
         group.bench_function(name, |b| {
             b.iter_custom(|iters| map_phases(&iommu, &domains[..on], threads, iters))
+        });
+    }
+    for (name, threads, one_lock) in [
+        ("attach_detach_1_thread", 1, false),
+        ("attach_detach_2_threads", 2, false),
+        ("attach_detach_2_threads_behind_one_lock", 2, true),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| attach_detach(&iommu, &domains, threads, one_lock, iters))
         });
     }
     group.finish();

@@ -634,7 +634,9 @@ fn bench_every_cpu(quick: bool) -> Result<(), String> {
          round trip keeps at 1x. Figures, not bars: 2 threads on 2 domains behind one lock around the driver {}; 4 \
          threads on 4 domains {}, on 1 domain {}; 8 threads on 8 domains {}; queue: 4 submitters {}, 8 submitters \
          {}, 2 behind one lock {}. The map paths alone (no SMMU wait; CPU-bound, so 2 cores bound them): 1 thread \
-         {} per 4096 pages, 2 threads on 2 domains {}, on 1 domain {})",
+         {} per 4096 pages, 2 threads on 2 domains {}, on 1 domain {}. Attach + detach of a thread's own stream and \
+         domain, 64 rounds (each STE write's CFGI_STE + CMD_SYNC awaited): 1 thread {}, 2 threads {}, 2 behind one \
+         lock {})",
         domains("2_threads_2_domains_behind_one_lock", 2.0),
         domains("4_threads_4_domains", 4.0),
         domains("4_threads_1_domain", 4.0),
@@ -653,6 +655,19 @@ fn bench_every_cpu(quick: bool) -> Result<(), String> {
             "every_cpu",
             "map_only_1_thread",
             "map_only_2_threads_1_domain",
+            2.0
+        )),
+        format_ns(criterion_median("every_cpu", "attach_detach_1_thread")),
+        shown(speed_up(
+            "every_cpu",
+            "attach_detach_1_thread",
+            "attach_detach_2_threads",
+            2.0
+        )),
+        shown(speed_up(
+            "every_cpu",
+            "attach_detach_1_thread",
+            "attach_detach_2_threads_behind_one_lock",
             2.0
         )),
     );
