@@ -7,6 +7,14 @@
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TimedOut;
 
+/// How much longer a bound is in a host build than asked: host tests share the machine's cores between many
+/// threads (fake SMMUs among them, which real hardware is not), and a fake SMMU thread descheduled for longer than
+/// the architecture's bound must not read as an SMMU that never answers. Measured on the 2-core development
+/// machine: the eight-submitter queue stress test timed out at 1 s, beside the other stress tests, in about one run
+/// in twenty.
+#[cfg(all(not(target_arch = "aarch64"), any(test, feature = "std"), not(all(loom, test))))]
+const HOST_SLACK: u64 = 4;
+
 /// Polls a host build makes (yielding between them) before it sleeps between polls.
 #[cfg(all(not(target_arch = "aarch64"), any(test, feature = "std"), not(all(loom, test))))]
 const HOST_SPINS_BEFORE_SLEEP: u32 = 64;
@@ -44,7 +52,7 @@ impl Deadline {
         #[cfg(all(not(target_arch = "aarch64"), any(test, feature = "std"), not(all(loom, test))))]
         {
             Deadline {
-                end: std::time::Instant::now() + std::time::Duration::from_micros(micros),
+                end: std::time::Instant::now() + std::time::Duration::from_micros(micros.saturating_mul(HOST_SLACK)),
             }
         }
         #[cfg(all(not(target_arch = "aarch64"), any(not(any(test, feature = "std")), all(loom, test))))]
