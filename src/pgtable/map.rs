@@ -161,7 +161,11 @@ impl<A: FrameAllocator> IoPageTable<A> {
             let index = g.index(table_level, va);
             let count = if table_level == leaf_level {
                 // Nothing refers to the new table yet.
-                fill(&slots[index..index + n], first_leaf, 1 << g.entry_shift(leaf_level));
+                fill(
+                    &slots[index..index + n],
+                    first_leaf,
+                    u32::from(g.entry_shift(leaf_level)),
+                );
                 n
             } else {
                 slots[index].store(word, Ordering::Relaxed);
@@ -395,10 +399,12 @@ impl<A: FrameAllocator> IoPageTable<A> {
         let first = ((start - table_base) >> shift) as usize;
         let last = (((end - 1) - table_base) >> shift) as usize;
         let run = self.leaf_run(level, table_base, first, last, start, end, pa);
-        for i in first..=last {
-            if (run.0..run.1).contains(&i) {
-                continue;
-            }
+        // The run needs no table: only the entries outside it are looked at (at most one at each end).
+        let (before, after) = match run.0 < run.1 {
+            true => (first..run.0, run.1..last + 1),
+            false => (first..last + 1, 0..0),
+        };
+        for i in before.chain(after) {
             let entry_base = table_base + ((i as u64) << shift);
             let (from, to) = (start.max(entry_base), end.min(entry_base + entry_size));
             let output = pa + (from - start);
@@ -488,7 +494,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 }
                 let first_output = output(entry_base);
                 // Entries of a live table that `&mut self` keeps from any other CPU-side access.
-                fill(&entries[run_start..run_end], template | first_output, entry_size);
+                fill(&entries[run_start..run_end], template | first_output, u32::from(shift));
                 self.coherency
                     .clean(entries[run_start..].as_ptr().cast(), (run_end - run_start) * 8);
                 added += run_end - run_start;
@@ -526,12 +532,11 @@ impl<A: FrameAllocator> IoPageTable<A> {
             added += 1;
             let entries_below = 1usize << self.geometry.level_bits;
             let count = if full {
-                let page = 1u64 << self.geometry.granule_bits;
                 // A new table: nothing else refers to it yet.
                 fill(
                     entries_of(table.virt, entries_below),
                     desc::leaf(self.format.stage, output(from), prot, true),
-                    page,
+                    u32::from(self.geometry.granule_bits),
                 );
                 entries_below
             } else {

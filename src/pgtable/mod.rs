@@ -593,10 +593,11 @@ impl Counter {
     }
 }
 
-/// Writes `first`, `first + step`, `first + 2 * step`, ... into `entries`, which no other CPU accesses: a table
-/// not linked yet, or entries of a live table that `&mut self` keeps from every other CPU-side access.
+/// Writes `first`, `first + (1 << shift)`, `first + (2 << shift)`, ... into `entries`, which no other CPU
+/// accesses: a table not linked yet, or entries of a live table that `&mut self` keeps from every other CPU-side
+/// access. A shift rather than a step: every vector ISA shifts 64-bit lanes, not every one multiplies them.
 #[inline(always)]
-fn fill(entries: &[AtomicU64], first: u64, step: u64) {
+fn fill(entries: &[AtomicU64], first: u64, shift: u32) {
     #[cfg(not(all(loom, test)))]
     {
         let words = entries.as_ptr() as *mut u64;
@@ -605,13 +606,13 @@ fn fill(entries: &[AtomicU64], first: u64, step: u64) {
             // compiler write several entries per instruction; every entry is 8-byte aligned, and the architecture
             // makes each 64-bit element of a wider aligned store single-copy atomic, so the SMMU sees every entry
             // either as it was or whole.
-            unsafe { words.add(k).write(first + k as u64 * step) };
+            unsafe { words.add(k).write(first + ((k as u64) << shift)) };
         }
     }
     // Under loom the entries are loom's atomics, not plain words.
     #[cfg(all(loom, test))]
     for (k, e) in entries.iter().enumerate() {
-        e.store(first + k as u64 * step, Ordering::Relaxed);
+        e.store(first + ((k as u64) << shift), Ordering::Relaxed);
     }
 }
 

@@ -255,7 +255,30 @@ impl<A: FrameAllocator> IoPageTable<A> {
         // Leaves cleared in this table: the lowest address, one past the highest, how many. They are cleaned and
         // gathered once, after the loop.
         let mut cleared = (u64::MAX, 0, 0);
-        for (i, entry) in entries.iter().enumerate().take(last + 1).skip(first) {
+        // Fast path (an unmap): the entries wholly inside the range, when none of them is a table, are cleared in
+        // one pass of plain loads and stores; the loop below then sees only the entries at the range's ends.
+        let covered_first = first + usize::from(start > table_base + ((first as u64) << shift));
+        let covered_last = if end >= table_base + ((last as u64 + 1) << shift) {
+            Some(last)
+        } else {
+            last.checked_sub(1)
+        };
+        let mut rest = (first..last + 1, 0..0);
+        if reprotect.is_none()
+            && let Some(covered_last) = covered_last
+            && covered_first <= covered_last
+            && let Some((lo, hi, n)) = clear_leaves(&entries[covered_first..=covered_last], level)
+        {
+            rest = (first..covered_first, covered_last + 1..last + 1);
+            if n > 0 {
+                let base = |k: usize| table_base + (((covered_first + k) as u64) << shift);
+                cleared = (base(lo), base(hi) + entry_size, n as u32);
+                removed += n;
+                unmapped += n as u64 * entry_size;
+            }
+        }
+        for i in rest.0.chain(rest.1) {
+            let entry = &entries[i];
             let entry_base = table_base + ((i as u64) << shift);
             let d = entry.load(Ordering::Acquire);
             if !desc::is_valid(d) {
@@ -397,5 +420,55 @@ impl<A: FrameAllocator> IoPageTable<A> {
         }
         // A live, unlinked table of this page table; nothing writes it while `&mut self` is held.
         count_valid(entries) << shift
+    }
+}
+
+/// Clears `entries` of a table no other CPU writes (the exclusive paths) when none of them is a table descriptor
+/// (at `level` < 3): plain loads and stores, so that the compiler can use wide ones. Returns the first and the
+/// last valid entry's index and how many were valid (`(0, 0, 0)` when none was), or `None` (nothing written)
+/// when one is a table. Entries already invalid stay as they are.
+fn clear_leaves(entries: &[AtomicU64], level: u8) -> Option<(usize, usize, usize)> {
+    #[cfg(not(all(loom, test)))]
+    {
+        // SAFETY: live entries of a table `&mut self` keeps from any other CPU-side access; the SMMU only reads
+        // them (no hardware updates), and every store below is an aligned 64-bit one, single-copy atomic.
+        let words = unsafe { core::slice::from_raw_parts_mut(entries.as_ptr() as *mut u64, entries.len()) };
+        // Bit 0 of `tables`: some entry has bits 0 and 1 set (a table descriptor above level 3).
+        let (valid, tables) = words
+            .iter()
+            .fold((0u64, 0u64), |(n, t), &d| (n + (d & desc::VALID), t | (d & (d >> 1))));
+        if level < 3 && tables & 1 != 0 {
+            return None;
+        }
+        let valid = valid as usize;
+        if valid == 0 {
+            return Some((0, 0, 0));
+        }
+        let lo = words.iter().position(|d| d & desc::VALID != 0).unwrap_or(0);
+        let hi = words.iter().rposition(|d| d & desc::VALID != 0).unwrap_or(lo);
+        for w in &mut words[lo..=hi] {
+            *w = 0;
+        }
+        Some((lo, hi, valid))
+    }
+    // Under loom the entries are loom's atomics, not plain words.
+    #[cfg(all(loom, test))]
+    {
+        let d = |i: usize| entries[i].load(Ordering::Relaxed);
+        let all = 0..entries.len();
+        if level < 3 && all.clone().any(|i| d(i) & 0b11 == 0b11) {
+            return None;
+        }
+        let valid = all.clone().filter(|&i| d(i) & desc::VALID != 0).count();
+        let (Some(lo), Some(hi)) = (
+            all.clone().position(|i| d(i) & desc::VALID != 0),
+            all.clone().rposition(|i| d(i) & desc::VALID != 0),
+        ) else {
+            return Some((0, 0, 0));
+        };
+        for e in &entries[lo..=hi] {
+            e.store(0, Ordering::Relaxed);
+        }
+        Some((lo, hi, valid))
     }
 }
