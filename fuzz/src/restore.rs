@@ -16,7 +16,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::AtomicBool;
 
 use smmuv3::handover::format::sample::{Rng, reseal};
-use smmuv3::handover::format::{RECORD_SIZE, decode};
+use smmuv3::handover::format::{EXTENT_SIZE, RECORD_HEAD_SIZE, STREAM_SIZE, decode};
 use smmuv3::handover::pool::{HandoverPool, METADATA_BYTES};
 use smmuv3::handover::restore::RestoreError;
 use smmuv3::handover::verify::RestoreOptions;
@@ -312,9 +312,14 @@ impl World {
                     // A consistent forgery: a record's root (or its counts) moved, the CD made to agree, and the
                     // CRC fixed, so that only the walk stands in the way.
                     let i = self.tabled[rng.below(self.tabled.len() as u64) as usize];
-                    let record = RECORDS_AT + RECORD_SIZE * i;
-                    let field = |o: usize| record + o;
                     let meta = self.bytes(REGION_PHYS, METADATA_BYTES as usize);
+                    // Format 3: each record is a head, then as many streams and extents as its counts say.
+                    let record = (0..i).fold(RECORDS_AT, |at, _| {
+                        let count =
+                            |o: usize| u32::from_le_bytes(meta[at + o..at + o + 4].try_into().unwrap()) as usize;
+                        at + RECORD_HEAD_SIZE + count(64) * STREAM_SIZE + count(68) * EXTENT_SIZE
+                    });
+                    let field = |o: usize| record + o;
                     if rng.chance(2, 3) {
                         let root = self.target(rng);
                         let old = u64::from_le_bytes(meta[field(32)..field(40)].try_into().unwrap());

@@ -4,7 +4,7 @@
 use crate::ids::DomainId;
 use crate::mem::FrameAllocator;
 
-use super::{DomainError, DomainKind, Iommu, Translation};
+use super::{DomainError, Iommu, Translation};
 
 impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// Preserves `domain` under `token` for a live update: [`Iommu::handover_records`] will record it, and
@@ -16,7 +16,6 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// # Errors
     /// [`DomainError::StaleDomain`], [`DomainError::TokenInUse`] (found in O(1) through the token index),
     /// [`DomainError::AlreadyPreserved`], [`DomainError::NotHandoverMemory`], [`DomainError::ParentNotPreserved`],
-    /// [`DomainError::WrongKind`] for an identity domain (the handover format does not record that kind yet),
     /// [`DomainError::TooMany`] beyond [`MAX_PRESERVED`](super::MAX_PRESERVED); [`DomainError::HandoverPrepared`] between
     /// `prepare_handover` and `cancel_handover` (the region is written: a domain preserved now would silently not
     /// come back); [`DomainError::TokenInUse`] also for a token a restored domain still waits under (until
@@ -35,16 +34,6 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         }
         if let Some(token) = state.token {
             return Err(DomainError::AlreadyPreserved { domain, token });
-        }
-        if state.identity {
-            // Handover format 2 records a stage-1 or stage-2 table, not that nothing may change it: the next image
-            // would hand back an ordinary domain. Refused until the format records the kind.
-            return Err(DomainError::WrongKind {
-                domain,
-                kind: DomainKind::Identity,
-                wanted: "a stage-1, stage-2 or nested domain (an identity domain's kind does not survive a hand-off \
-                         in handover format 2)",
-            });
         }
         match state.translation {
             Translation::Nested { parent, .. } => {

@@ -1,7 +1,9 @@
 //! The handover region's byte format (see `docs/handover.md`): encoding, and decoding with full validation.
 //!
 //! A region is a [`HEADER_SIZE`]-byte header, then one [`IDENTITY_SIZE`]-byte identity per SMMU instance, then
-//! every instance's records ([`RECORD_SIZE`] bytes each) in instance order. Every field is little-endian, every
+//! every instance's records in instance order: in version 3 (written) each record is a [`RECORD_HEAD_SIZE`]-byte
+//! head followed by its streams ([`STREAM_SIZE`] bytes each) and extents ([`EXTENT_SIZE`] bytes each), as many as
+//! its head says; in version 2 (still read) each record is [`RECORD_SIZE`] bytes with room for 8 of each. Every field is little-endian, every
 //! structure `#[repr(C)]` with explicit reserved fields (which must be zero) and a size that is a multiple of 8, so
 //! every structure starts 64-bit aligned. The bytes are untrusted when decoded: they are read through `zerocopy`
 //! (no `unsafe` here) and [`decode`] checks everything before it returns a record.
@@ -18,25 +20,52 @@ use super::{
 
 /// The first eight bytes of a region.
 pub const MAGIC: [u8; 8] = *b"SMMU3HND";
-/// The format version [`encode`] writes. Version 2: the preserved page tables carry their live-entry counts in
-/// table-descriptor bits \[11:2\] and \[55:52\] (version 1 used \[55:51\], and bit 51 is RES0): a version-1
-/// region's tables would be misread, so it is refused.
-pub const VERSION: u32 = 2;
-/// Every version [`decode`] reads (the oldest first).
-pub const KNOWN_VERSIONS: &[u32] = &[2];
+/// The format version [`encode`] writes. Version 3: records of variable length (a head, then as many streams and
+/// extents as it says), and a record flag for identity domains. Version 2: the preserved page tables carry their
+/// live-entry counts in table-descriptor bits \[11:2\] and \[55:52\] (version 1 used \[55:51\], and bit 51 is
+/// RES0): a version-1 region's tables would be misread, so it is refused.
+pub const VERSION: u32 = 3;
+/// Every version [`decode`] reads (the oldest first). A region of any other version is refused
+/// ([`HandoverError::UnknownVersion`], naming its version and these).
+pub const KNOWN_VERSIONS: &[u32] = &[2, 3];
 
-/// Bytes of the header (versions 1 and 2).
+/// Bytes of the header (every version).
 pub const HEADER_SIZE: usize = size_of::<RawHeader>();
-/// Bytes of one SMMU instance's identity (versions 1 and 2).
+/// Bytes of one SMMU instance's identity (every version).
 pub const IDENTITY_SIZE: usize = size_of::<RawIdentity>();
-/// Bytes of one record (versions 1 and 2).
+/// Bytes of one version-2 record.
 pub const RECORD_SIZE: usize = size_of::<RawRecord>();
-/// Bytes of a region that holds every record it can: [`MAX_INSTANCES`] instances of [`MAX_RECORDS`] records.
-pub const MAX_REGION_SIZE: usize = region_size(MAX_INSTANCES, MAX_INSTANCES * MAX_RECORDS);
+/// Bytes of a version-3 record's head.
+pub const RECORD_HEAD_SIZE: usize = size_of::<RawRecordHead>();
+/// Bytes of one stream of a version-3 record.
+pub const STREAM_SIZE: usize = size_of::<RawStream>();
+/// Bytes of one extent of a version-3 record.
+pub const EXTENT_SIZE: usize = size_of::<RawExtent>();
+/// Bytes of the largest region [`encode`] writes: [`MAX_INSTANCES`] instances of [`MAX_RECORDS`] records, each
+/// with [`MAX_STREAMS`] streams and [`MAX_EXTENTS`] extents.
+pub const MAX_REGION_SIZE: usize = HEADER_SIZE
+    + MAX_INSTANCES * IDENTITY_SIZE
+    + MAX_INSTANCES * MAX_RECORDS * (RECORD_HEAD_SIZE + MAX_STREAMS * STREAM_SIZE + MAX_EXTENTS * EXTENT_SIZE);
 
-/// Bytes of a region with `instances` identities and `records` records in all.
-pub const fn region_size(instances: usize, records: usize) -> usize {
+/// Bytes of a version-2 region with `instances` identities and `records` records in all.
+pub const fn v2_region_size(instances: usize, records: usize) -> usize {
     HEADER_SIZE + instances * IDENTITY_SIZE + records * RECORD_SIZE
+}
+
+/// Bytes of `record` in a version-3 region.
+pub fn record_size(record: &DomainRecord) -> usize {
+    RECORD_HEAD_SIZE + record.streams.len() * STREAM_SIZE + record.extents.len() * EXTENT_SIZE
+}
+
+/// Bytes of the version-3 region [`encode`] writes for `instances`.
+pub fn region_size(instances: &[InstanceRecords]) -> usize {
+    HEADER_SIZE
+        + instances.len() * IDENTITY_SIZE
+        + instances
+            .iter()
+            .flat_map(|i| i.records.iter())
+            .map(record_size)
+            .sum::<usize>()
 }
 
 const CRC32C: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
@@ -50,6 +79,8 @@ const FLAG_TABLE: u32 = 1 << 0;
 const FLAG_PARENT: u32 = 1 << 1;
 /// Record flag: the record carries a guest context ([`DomainRecord::guest`]).
 const FLAG_GUEST: u32 = 1 << 2;
+/// Record flag (version 3): an identity domain ([`DomainRecord::identity`]); only with [`FLAG_TABLE`].
+const FLAG_IDENTITY: u32 = 1 << 3;
 
 /// SubstreamID bits a CD table can have (the STE's S1CDMax).
 const MAX_SSID_BITS: u8 = 20;
@@ -147,7 +178,32 @@ struct RawRecord {
     extents: [RawExtent; MAX_EXTENTS],
 }
 
+/// A version-3 record's head: a version-2 record's fields up to the guest context (at the same offsets), with
+/// 32-bit counts after them instead of 8-bit ones before; then `stream_count` [`RawStream`]s and `extent_count`
+/// [`RawExtent`]s.
+#[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+struct RawRecordHead {
+    token: U64,
+    kind: U32,
+    flags: U32,
+    asid: U16,
+    vmid: U16,
+    reserved0: [u8; 4],
+    parent_token: U64,
+    table: RawTable,
+    guest: RawGuest,
+    stream_count: U32,
+    extent_count: U32,
+}
+
 const _: () = assert!(HEADER_SIZE == 96 && IDENTITY_SIZE == 64 && RECORD_SIZE == 384);
+const _: () = assert!(RECORD_HEAD_SIZE == 72 && STREAM_SIZE == 24 && EXTENT_SIZE == 16);
+const _: () = assert!(
+    offset_of!(RawRecordHead, parent_token) == offset_of!(RawRecord, parent_token)
+        && offset_of!(RawRecordHead, table) == offset_of!(RawRecord, table)
+        && offset_of!(RawRecordHead, guest) == offset_of!(RawRecord, guest)
+);
 const _: () =
     assert!(HEADER_SIZE.is_multiple_of(8) && IDENTITY_SIZE.is_multiple_of(8) && RECORD_SIZE.is_multiple_of(8));
 
@@ -203,7 +259,7 @@ pub struct Header {
     pub pool: Extent,
 }
 
-/// Reads a version-1 header without validating it.
+/// Reads a header (the same in every version) without validating it.
 ///
 /// # Errors
 ///
@@ -242,8 +298,9 @@ fn checksum(header: &[u8], body: &[u8]) -> u32 {
     digest.finalize()
 }
 
-fn raw_record(r: &DomainRecord) -> RawRecord {
-    let mut raw = RawRecord::new_zeroed();
+/// Writes `r` at the start of `out` (at least [`record_size`] bytes) as a version-3 record.
+fn write_record(r: &DomainRecord, out: &mut [u8]) {
+    let mut raw = RawRecordHead::new_zeroed();
     raw.token = U64::new(r.token);
     raw.kind = U32::new(r.kind as u32);
     raw.asid = U16::new(r.asid);
@@ -261,6 +318,9 @@ fn raw_record(r: &DomainRecord) -> RawRecord {
             empty: U16::new(t.empty),
         };
     }
+    if r.identity {
+        flags |= FLAG_IDENTITY;
+    }
     if let Some(p) = r.parent_token {
         flags |= FLAG_PARENT;
         raw.parent_token = U64::new(p);
@@ -276,11 +336,13 @@ fn raw_record(r: &DomainRecord) -> RawRecord {
         };
     }
     raw.flags = U32::new(flags);
-    // The heapless capacities are MAX_STREAMS and MAX_EXTENTS, both below 256.
-    raw.stream_count = r.streams.len() as u8;
-    raw.extent_count = r.extents.len() as u8;
-    for (slot, s) in raw.streams.iter_mut().zip(&r.streams) {
-        *slot = RawStream {
+    // The heapless capacities are MAX_STREAMS and MAX_EXTENTS, far below 2^32.
+    raw.stream_count = U32::new(r.streams.len() as u32);
+    raw.extent_count = U32::new(r.extents.len() as u32);
+    out[..RECORD_HEAD_SIZE].copy_from_slice(raw.as_bytes());
+    let mut at = RECORD_HEAD_SIZE;
+    for s in &r.streams {
+        let raw = RawStream {
             sid: U32::new(s.sid),
             ssid: U32::new(s.ssid),
             cd_table: U64::new(s.cd_table),
@@ -288,11 +350,13 @@ fn raw_record(r: &DomainRecord) -> RawRecord {
             cd_format: u8::from(s.cd_two_level),
             reserved: [0; 6],
         };
+        out[at..at + STREAM_SIZE].copy_from_slice(raw.as_bytes());
+        at += STREAM_SIZE;
     }
-    for (slot, e) in raw.extents.iter_mut().zip(&r.extents) {
-        *slot = RawExtent::new(*e);
+    for e in &r.extents {
+        out[at..at + EXTENT_SIZE].copy_from_slice(RawExtent::new(*e).as_bytes());
+        at += EXTENT_SIZE;
     }
-    raw
 }
 
 /// Writes a region describing `instances` into `out`, the start of the region's memory: the identities and
@@ -301,7 +365,7 @@ fn raw_record(r: &DomainRecord) -> RawRecord {
 /// after this returns (and before a reset). `encode` does not validate the records: [`decode`] of its output (a
 /// cheap self-check) says whether the next image will accept them.
 ///
-/// Returns the bytes written ([`region_size`] of the instance and record counts).
+/// Returns the bytes written ([`region_size`] of `instances`).
 ///
 /// # Errors
 ///
@@ -332,7 +396,7 @@ pub fn encode(
         }
         records += inst.records.len();
     }
-    let total = region_size(instances.len(), records);
+    let total = region_size(instances);
     if out.len() < total {
         return Err(FormatError::BufferTooSmall {
             needed: total,
@@ -362,8 +426,8 @@ pub fn encode(
         offset += IDENTITY_SIZE;
     }
     for record in instances.iter().flat_map(|i| i.records.iter()) {
-        out[offset..offset + RECORD_SIZE].copy_from_slice(raw_record(record).as_bytes());
-        offset += RECORD_SIZE;
+        write_record(record, &mut out[offset..]);
+        offset += record_size(record);
     }
     let mut header = RawHeader {
         magic: MAGIC,

@@ -135,6 +135,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                     guest: None,
                     streams: heapless::Vec::new(),
                     extents: heapless::Vec::new(),
+                    identity: state.identity,
                 };
                 match &state.translation {
                     Translation::Stage1 { table, asid, el2, .. } => {

@@ -159,6 +159,9 @@ pub struct DomainRecord {
     pub streams: heapless::Vec<StreamRecord, MAX_STREAMS>,
     /// The pool memory the domain owns (its tables and CD tables lie inside).
     pub extents: heapless::Vec<Extent, MAX_EXTENTS>,
+    /// An identity domain (stage 1 or stage 2): its table maps RAM one to one and nothing may change it. Recorded
+    /// from format version 3; `false` in a version-2 region (which could not hold one).
+    pub identity: bool,
 }
 
 /// One SMMU's part of a region, decoded.

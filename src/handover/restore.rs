@@ -738,7 +738,11 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                     core::mem::forget(state);
                     return Err(fail(RebuildFailure::Domain(e)));
                 }
-                let id = match self.domains.insert(book, DomainState::new(translation, memory)) {
+                let mut state = DomainState::new(translation, memory);
+                // An identity domain stays one: nothing may change its mappings (a flag that can only take
+                // operations away, so a forged one cannot widen what the SMMU translates).
+                state.identity = r.identity;
+                let id = match self.domains.insert(book, state) {
                     Ok(id) => id,
                     Err(state) => {
                         // Checked above; kept as an error rather than a panic.

@@ -103,19 +103,6 @@ fn an_identity_domain_maps_its_ram_one_to_one_and_nothing_else() {
                 "{refused:?}"
             );
         }
-        // Not preservable while the handover format cannot say what it is (the next image would get a domain
-        // whose mappings can change).
-        let refused = smmu.preserve(id, 0x1d);
-        assert!(
-            matches!(
-                refused,
-                Err(DomainError::WrongKind {
-                    kind: DomainKind::Identity,
-                    ..
-                })
-            ),
-            "{refused:?}"
-        );
         // Attached like any other: a real translating STE.
         smmu.attach(id, SID).unwrap();
         let expected = if stage2 { Config::Stage2 } else { Config::Stage1 };

@@ -44,8 +44,9 @@ pub fn decode(bytes: &[u8], pool: Extent) -> Result<Decoded, HandoverError> {
         }
     };
     match version {
-        // Version 2 has version 1's byte layout; only the page tables' count bits moved.
-        2 => decode_v1(bytes, pool),
+        // Version 2 has version 1's byte layout (only the page tables' count bits moved); version 3 the same
+        // header and identities, and records of variable length.
+        2 | 3 => decode_region(bytes, pool, version),
         found => Err(HandoverError::UnknownVersion {
             found,
             known: KNOWN_VERSIONS,
@@ -60,7 +61,7 @@ fn nonzero(what: &'static str, offset: usize) -> HandoverError {
     }
 }
 
-fn decode_v1(bytes: &[u8], pool: Extent) -> Result<Decoded, HandoverError> {
+fn decode_region(bytes: &[u8], pool: Extent, version: u32) -> Result<Decoded, HandoverError> {
     let header = raw_header(bytes)?;
     let instance_count = header.instance_count.get();
     let record_count = header.record_count.get();
@@ -77,15 +78,20 @@ fn decode_v1(bytes: &[u8], pool: Extent) -> Result<Decoded, HandoverError> {
             max: MAX_INSTANCES * MAX_RECORDS,
         });
     }
-    let expected = region_size(instance_count as usize, record_count as usize);
     let stated = header.total_len.get();
-    if stated != expected as u64 {
-        return Err(HandoverError::LengthMismatch {
-            stated,
-            expected: expected as u64,
-        });
+    // Version 2: the counts give the length. Version 3: records have variable lengths, so the length is checked
+    // against the largest region there can be here, and against where the last record ends (below).
+    let expected = match version {
+        2 => v2_region_size(instance_count as usize, record_count as usize) as u64,
+        _ => stated.clamp(
+            (HEADER_SIZE + instance_count as usize * IDENTITY_SIZE) as u64,
+            MAX_REGION_SIZE as u64,
+        ),
+    };
+    if stated != expected {
+        return Err(HandoverError::LengthMismatch { stated, expected });
     }
-    let region_bytes = bytes.get(..expected).ok_or(HandoverError::Truncated {
+    let region_bytes = bytes.get(..expected as usize).ok_or(HandoverError::Truncated {
         needed: stated,
         have: bytes.len() as u64,
     })?;
@@ -154,20 +160,31 @@ fn decode_v1(bytes: &[u8], pool: Extent) -> Result<Decoded, HandoverError> {
         });
     }
     let mut offset = HEADER_SIZE + instance_count as usize * IDENTITY_SIZE;
+    let truncated = HandoverError::Truncated {
+        needed: stated,
+        have: bytes.len() as u64,
+    };
     for (i, inst) in decoded.instances.iter_mut().enumerate() {
         for _ in 0..counts[i] {
-            let raw = RawRecord::read_from_bytes(&region_bytes[offset..offset + RECORD_SIZE]).map_err(|_| {
-                HandoverError::Truncated {
-                    needed: stated,
-                    have: bytes.len() as u64,
+            let (raw, len) = match version {
+                2 => {
+                    let bytes = region_bytes.get(offset..offset + RECORD_SIZE).ok_or(truncated)?;
+                    (RawRecord::read_from_bytes(bytes).map_err(|_| truncated)?, RECORD_SIZE)
                 }
-            })?;
-            let record = decode_record(&raw, offset, pool, region, inst.identity.strtab_sid_bits)?;
+                _ => read_v3_record(region_bytes, offset, stated)?,
+            };
+            let record = decode_record(&raw, offset, pool, region, inst.identity.strtab_sid_bits, version)?;
             // counts[i] <= MAX_RECORDS was checked.
             let _ = inst.records.push(record);
-            offset += RECORD_SIZE;
+            offset += len;
         }
         check_instance(&inst.records)?;
+    }
+    if offset as u64 != stated {
+        return Err(HandoverError::LengthMismatch {
+            stated,
+            expected: offset as u64,
+        });
     }
     check_overlaps(&decoded.instances)?;
     check_core_extents(&decoded.instances, pool)?;
@@ -300,12 +317,68 @@ fn check_table(
     Ok(())
 }
 
+/// Reads the version-3 record at `offset` of the region's `bytes` (`stated` long) into a version-2 record's shape
+/// (the checks that follow are the same), with its length in bytes.
+fn read_v3_record(bytes: &[u8], offset: usize, stated: u64) -> Result<(RawRecord, usize), HandoverError> {
+    let past_end = |needed: usize| HandoverError::LengthMismatch {
+        stated,
+        expected: needed as u64,
+    };
+    let head_bytes = bytes
+        .get(offset..offset + RECORD_HEAD_SIZE)
+        .ok_or(past_end(offset + RECORD_HEAD_SIZE))?;
+    let head = RawRecordHead::read_from_bytes(head_bytes).map_err(|_| past_end(offset + RECORD_HEAD_SIZE))?;
+    let token = head.token.get();
+    if head.reserved0 != [0; 4] {
+        return Err(nonzero(
+            "record reserved0",
+            offset + offset_of!(RawRecordHead, reserved0),
+        ));
+    }
+    let (streams, extents) = (head.stream_count.get(), head.extent_count.get());
+    for (what, count, max) in [("streams", streams, MAX_STREAMS), ("extents", extents, MAX_EXTENTS)] {
+        if count as usize > max {
+            return Err(HandoverError::TooManyEntries {
+                token,
+                what,
+                count,
+                max,
+            });
+        }
+    }
+    let len = RECORD_HEAD_SIZE + streams as usize * STREAM_SIZE + extents as usize * EXTENT_SIZE;
+    let body = bytes.get(offset..offset + len).ok_or(past_end(offset + len))?;
+    let mut raw = RawRecord::new_zeroed();
+    raw.token = head.token;
+    raw.kind = head.kind;
+    raw.flags = head.flags;
+    raw.asid = head.asid;
+    raw.vmid = head.vmid;
+    // At most MAX_STREAMS and MAX_EXTENTS (8), checked above.
+    raw.stream_count = streams as u8;
+    raw.extent_count = extents as u8;
+    raw.parent_token = head.parent_token;
+    raw.table = head.table;
+    raw.guest = head.guest;
+    let mut at = RECORD_HEAD_SIZE;
+    for slot in raw.streams.iter_mut().take(streams as usize) {
+        *slot = RawStream::read_from_bytes(&body[at..at + STREAM_SIZE]).map_err(|_| past_end(offset + len))?;
+        at += STREAM_SIZE;
+    }
+    for slot in raw.extents.iter_mut().take(extents as usize) {
+        *slot = RawExtent::read_from_bytes(&body[at..at + EXTENT_SIZE]).map_err(|_| past_end(offset + len))?;
+        at += EXTENT_SIZE;
+    }
+    Ok((raw, len))
+}
+
 fn decode_record(
     raw: &RawRecord,
     offset: usize,
     pool: Extent,
     region: Extent,
     sid_bits: u8,
+    version: u32,
 ) -> Result<DomainRecord, HandoverError> {
     let token = raw.token.get();
     let kind_value = raw.kind.get();
@@ -318,6 +391,9 @@ fn decode_record(
         RecordKind::Nested => FLAG_PARENT | FLAG_GUEST,
         RecordKind::Stage1 | RecordKind::Stage2 | RecordKind::Stage1El2 => FLAG_TABLE,
     };
+    // Version 3: a stage-1 or stage-2 record may be an identity domain's.
+    let identity = version >= 3 && flags == expected | FLAG_IDENTITY && expected == FLAG_TABLE;
+    let flags = if identity { flags & !FLAG_IDENTITY } else { flags };
     if flags != expected {
         return Err(HandoverError::BadFlags {
             token,
@@ -347,7 +423,7 @@ fn decode_record(
         return Err(HandoverError::TooManyEntries {
             token,
             what: "streams",
-            count: stream_count,
+            count: stream_count.into(),
             max: MAX_STREAMS,
         });
     }
@@ -355,12 +431,21 @@ fn decode_record(
         return Err(HandoverError::TooManyEntries {
             token,
             what: "extents",
-            count: extent_count,
+            count: extent_count.into(),
             max: MAX_EXTENTS,
         });
     }
-    let streams_at = offset + offset_of!(RawRecord, streams);
-    let extents_at = offset + offset_of!(RawRecord, extents);
+    // Where the record's streams and extents are in the region, for the offsets errors name.
+    let (streams_at, extents_at) = match version {
+        2 => (
+            offset + offset_of!(RawRecord, streams),
+            offset + offset_of!(RawRecord, extents),
+        ),
+        _ => {
+            let streams_at = offset + RECORD_HEAD_SIZE;
+            (streams_at, streams_at + usize::from(stream_count) * STREAM_SIZE)
+        }
+    };
     for (i, s) in raw.streams.iter().enumerate().skip(stream_count as usize) {
         if s.as_bytes().iter().any(|&b| b != 0) {
             return Err(nonzero("unused stream slot", streams_at + i * size_of::<RawStream>()));
@@ -550,6 +635,7 @@ fn decode_record(
         guest,
         streams,
         extents,
+        identity,
     })
 }
 

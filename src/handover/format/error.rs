@@ -183,7 +183,7 @@ pub enum HandoverError {
         /// "streams" or "extents".
         what: &'static str,
         /// The count found.
-        count: u8,
+        count: u32,
         /// The capacity.
         max: usize,
     },
@@ -342,12 +342,17 @@ impl fmt::Display for HandoverError {
                 write!(f, "handover region truncated: {needed} bytes needed, {have} present")
             }
             E::BadMagic { found } => write!(f, "no handover region: magic {found:02x?}, expected {MAGIC:02x?}"),
-            E::UnknownVersion { found, known } => {
-                write!(
+            E::UnknownVersion { found, known } => match known.last() {
+                Some(&newest) if found > newest => write!(
+                    f,
+                    "handover format version {found} was written by a newer image: this one writes version \
+                     {newest} and reads versions {known:?}"
+                ),
+                _ => write!(
                     f,
                     "handover format version {found} is not one this image reads ({known:?})"
-                )
-            }
+                ),
+            },
             E::LengthMismatch { stated, expected } => write!(
                 f,
                 "handover header states {stated} bytes, its instance and record counts give {expected}"

@@ -193,6 +193,7 @@ pub fn instances(rng: &mut Rng, max_records: usize) -> heapless::Vec<InstanceRec
                 guest,
                 streams,
                 extents,
+                identity: false,
             });
         }
         let _ = out.push(InstanceRecords { identity, records });

@@ -670,3 +670,48 @@ mod running;
 
 #[allow(unused_imports)]
 use {findings::*, prepare::*, refused::*, running::*};
+
+/// Format 3 records an identity domain's kind: it comes back an identity domain (1:1, nothing may change it),
+/// not an ordinary stage-1 or stage-2 domain whose mappings the next image could change.
+#[test]
+fn an_identity_domain_comes_back_an_identity_domain() {
+    for stage2 in [false, true] {
+        let frames = frames();
+        let mut region = Region::new();
+        let ram = [Extent {
+            base: 0x8000_0000,
+            len: 0x40_0000,
+        }];
+        {
+            let model = Model::start(frames);
+            let smmu = boot(&model, frames);
+            let pool = region.pool();
+            let id = smmu.create_identity(pool.take_arena().unwrap(), stage2, &ram).unwrap();
+            smmu.attach(id, 0x10).unwrap();
+            smmu.preserve(id, 0x1d).unwrap();
+            smmu.prepare_handover(pool, BASE, 3, SURVIVING).unwrap();
+            core::mem::forget(smmu);
+        }
+        let model = Model::start(frames);
+        let smmu = boot(&model, frames);
+        let pool = region.pool();
+        smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap();
+        let id = smmu.retrieve(0x1d).unwrap();
+        assert_eq!(
+            smmu.domain_kind(id),
+            Ok(crate::domain::DomainKind::Identity),
+            "stage 2: {stage2}"
+        );
+        assert_eq!(smmu.iova_to_phys(id, 0x8012_3000), Ok(Some(0x8012_3000)));
+        assert!(matches!(
+            smmu.map(id, 0x4000_0000, 0x4000_0000, 0x1000, RW),
+            Err(DomainError::WrongKind { .. })
+        ));
+        assert!(matches!(
+            smmu.unmap(id, 0x8000_0000, 0x1000),
+            Err(DomainError::WrongKind { .. })
+        ));
+        let expected = if stage2 { Config::Stage2 } else { Config::Stage1 };
+        assert_eq!(smmu.low_level().ste(0x10).unwrap().config(), expected);
+    }
+}

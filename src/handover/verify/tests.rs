@@ -536,9 +536,12 @@ fn a_nested_guest_context_no_ste_can_hold_is_refused_before_the_rebuild() {
     {
         let pool = region.pool();
         let mut bytes = pool.lock_metadata().unwrap();
-        // Header 96 bytes, one identity of 64, the parent's record of 384, then the nested record's guest IPA
-        // at offset 48.
-        let at = 96 + 64 + 384 + 48;
+        // Header 96 bytes, one identity of 64, the parent's record (a 72-byte head, its streams of 24 bytes and
+        // extents of 16, as many as the head's counts at 64 and 68 say), then the nested record's guest IPA at
+        // offset 48.
+        let parent = 96 + 64;
+        let count = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        let at = parent + 72 + 24 * count(parent + 64) + 16 * count(parent + 68) + 48;
         assert_eq!(bytes[at..at + 8], 0x4800_0000u64.to_le_bytes());
         bytes[at..at + 8].copy_from_slice(&(1u64 << 52).to_le_bytes());
         crate::handover::format::sample::reseal(&mut bytes);

@@ -47,7 +47,7 @@ fn peek_header_reads_a_refused_region() {
     assert_eq!((h.magic, h.version, h.generation), (MAGIC, VERSION, 42));
     assert_eq!(
         (h.instance_count, h.record_count, h.total_len),
-        (2, 5, region_size(2, 5) as u64)
+        (2, 5, region_size(&fixture()) as u64)
     );
     assert_eq!((h.region, h.pool), (REGION, POOL));
     assert!(matches!(decode(&bytes, POOL), Err(HandoverError::BadCrc { .. })));

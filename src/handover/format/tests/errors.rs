@@ -24,15 +24,32 @@ fn header_errors_name_what_is_wrong() {
     assert!(matches!(e, HandoverError::BadMagic { .. }));
     assert!(e.to_string().contains("magic"), "{e}");
     let mut b = bytes.clone();
-    put(&mut b, 8, &3u32.to_le_bytes());
+    put(&mut b, 8, &4u32.to_le_bytes());
     let e = decode(&b, POOL).unwrap_err();
-    assert_eq!(e, HandoverError::UnknownVersion { found: 3, known: &[2] });
-    assert!(e.to_string().contains("version 3"), "{e}");
+    assert_eq!(
+        e,
+        HandoverError::UnknownVersion {
+            found: 4,
+            known: &[2, 3]
+        }
+    );
+    // A newer image's region: the error names both versions.
+    assert!(
+        e.to_string().contains("version 4") && e.to_string().contains("writes version 3"),
+        "{e}"
+    );
     // Version 1 put table counts in bit 51, which this driver no longer reads: refused.
     let mut b = bytes.clone();
     put(&mut b, 8, &1u32.to_le_bytes());
     let e = decode(&b, POOL).unwrap_err();
-    assert_eq!(e, HandoverError::UnknownVersion { found: 1, known: &[2] });
+    assert_eq!(
+        e,
+        HandoverError::UnknownVersion {
+            found: 1,
+            known: &[2, 3]
+        }
+    );
+    assert!(!e.to_string().contains("newer"), "{e}");
     let mut b = bytes.clone();
     b[200] ^= 1;
     let e = decode(&b, POOL).unwrap_err();
@@ -41,11 +58,24 @@ fn header_errors_name_what_is_wrong() {
     };
     assert_ne!(stored, computed);
     assert!(e.to_string().contains(&format!("{stored:#010x}")), "{e}");
+    // Version 3: the records end before the stated length.
     assert_eq!(
-        decode_poked(|b| put(b, 16, &(n + 8).to_le_bytes())),
+        decode_poked(|b| {
+            put(b, 16, &(n + 8).to_le_bytes());
+            b.extend_from_slice(&[0; 8]);
+        }),
         Err(HandoverError::LengthMismatch {
             stated: n + 8,
             expected: n
+        })
+    );
+    // Version 2: the counts give the length.
+    let n2 = v2_region_size(2, 5) as u64;
+    assert_eq!(
+        decode_poked_v2(|b| put(b, 16, &(n2 + 8).to_le_bytes())),
+        Err(HandoverError::LengthMismatch {
+            stated: n2 + 8,
+            expected: n2
         })
     );
     assert_eq!(
@@ -182,7 +212,7 @@ fn record_field_errors_name_what_is_wrong() {
         decode_poked(|b| b[rec(1) + 23] = 1),
         Err(HandoverError::ReservedNonZero {
             what: "record reserved0",
-            offset: (rec(1) + 22) as u64
+            offset: (rec(1) + 20) as u64
         })
     );
     assert_eq!(
@@ -200,7 +230,7 @@ fn record_field_errors_name_what_is_wrong() {
         })
     ));
     assert_eq!(
-        decode_poked(|b| b[rec(0) + 20] = 9),
+        decode_poked(|b| b[rec(0) + 64] = 9),
         Err(HandoverError::TooManyEntries {
             token: 0x10,
             what: "streams",
@@ -209,7 +239,7 @@ fn record_field_errors_name_what_is_wrong() {
         })
     );
     assert!(matches!(
-        decode_poked(|b| b[rec(0) + 21] = 200),
+        decode_poked(|b| b[rec(0) + 68] = 200),
         Err(HandoverError::TooManyEntries {
             what: "extents",
             count: 200,
@@ -217,17 +247,27 @@ fn record_field_errors_name_what_is_wrong() {
         })
     ));
     assert_eq!(
-        decode_poked(|b| b[rec(0) + 64 + 24 + 3] = 1),
+        decode_poked_v2(|b| b[rec_v2(0) + 20] = 9),
+        Err(HandoverError::TooManyEntries {
+            token: 0x10,
+            what: "streams",
+            count: 9,
+            max: 8
+        })
+    );
+    // Version 2's fixed slots: the unused ones must be zero.
+    assert_eq!(
+        decode_poked_v2(|b| b[rec_v2(0) + 64 + 24 + 3] = 1),
         Err(HandoverError::ReservedNonZero {
             what: "unused stream slot",
-            offset: (rec(0) + 64 + 24) as u64
+            offset: (rec_v2(0) + 64 + 24) as u64
         })
     );
     assert_eq!(
-        decode_poked(|b| b[rec(0) + 256 + 16 + 15] = 1),
+        decode_poked_v2(|b| b[rec_v2(0) + 256 + 16 + 15] = 1),
         Err(HandoverError::ReservedNonZero {
             what: "unused extent slot",
-            offset: (rec(0) + 256 + 16) as u64
+            offset: (rec_v2(0) + 256 + 16) as u64
         })
     );
     assert!(matches!(
@@ -264,7 +304,7 @@ fn record_field_errors_name_what_is_wrong() {
         })
     ));
     assert!(matches!(
-        decode_poked(|b| b[rec(0) + 64 + 20] = 1),
+        decode_poked(|b| b[rec(0) + 72 + 20] = 1),
         Err(HandoverError::ReservedNonZero {
             what: "stream reserved",
             ..
@@ -459,7 +499,7 @@ fn address_errors_name_what_is_wrong() {
         })
     ));
     assert!(matches!(
-        decode_poked(|b| b[rec(0) + 64 + 17] = 2),
+        decode_poked(|b| b[rec(0) + 72 + 17] = 2),
         Err(HandoverError::BadValue {
             token: 0x10,
             value: 2,

@@ -29,6 +29,7 @@ fn record(token: u64, kind: RecordKind) -> DomainRecord {
         guest: None,
         streams: heapless::Vec::new(),
         extents: heapless::Vec::new(),
+        identity: false,
     }
 }
 
@@ -156,9 +157,128 @@ fn decode_poked(poke: impl FnOnce(&mut Vec<u8>)) -> Result<Decoded, HandoverErro
     decode(&bytes, POOL)
 }
 
-/// Byte offset of record `n` of the fixture (two instances).
+/// Byte offset of record `n` of the fixture (two instances) in the version-3 region `encode` writes.
 fn rec(n: usize) -> usize {
+    let f = fixture();
+    HEADER_SIZE
+        + 2 * IDENTITY_SIZE
+        + f.iter()
+            .flat_map(|i| i.records.iter())
+            .take(n)
+            .map(record_size)
+            .sum::<usize>()
+}
+
+/// Byte offset of record `n` of the fixture in the version-2 region [`encode_v2`] writes.
+fn rec_v2(n: usize) -> usize {
     HEADER_SIZE + 2 * IDENTITY_SIZE + n * RECORD_SIZE
+}
+
+/// A record in version 2's fixed layout (what the version-2 writer wrote).
+fn raw_record_v2(r: &DomainRecord) -> RawRecord {
+    let mut raw = RawRecord::new_zeroed();
+    raw.token = U64::new(r.token);
+    raw.kind = U32::new(r.kind as u32);
+    raw.asid = U16::new(r.asid);
+    raw.vmid = U16::new(r.vmid);
+    let mut flags = 0;
+    if let Some(t) = r.table {
+        flags |= FLAG_TABLE;
+        raw.table = RawTable {
+            root: U64::new(t.root),
+            granule_log2: t.granule_log2,
+            input_bits: t.input_bits,
+            output_bits: t.output_bits,
+            start_level: t.start_level,
+            tables: U16::new(t.tables),
+            empty: U16::new(t.empty),
+        };
+    }
+    if let Some(p) = r.parent_token {
+        flags |= FLAG_PARENT;
+        raw.parent_token = U64::new(p);
+    }
+    if let Some(g) = r.guest {
+        flags |= FLAG_GUEST;
+        raw.guest = RawGuest {
+            cd_table_ipa: U64::new(g.cd_table_ipa),
+            cd_max_log2: g.cd_max_log2,
+            layout: g.layout,
+            default_substream: g.default_substream,
+            reserved: [0; 5],
+        };
+    }
+    raw.flags = U32::new(flags);
+    // The heapless capacities are MAX_STREAMS and MAX_EXTENTS, both below 256.
+    raw.stream_count = r.streams.len() as u8;
+    raw.extent_count = r.extents.len() as u8;
+    for (slot, s) in raw.streams.iter_mut().zip(&r.streams) {
+        *slot = RawStream {
+            sid: U32::new(s.sid),
+            ssid: U32::new(s.ssid),
+            cd_table: U64::new(s.cd_table),
+            cd_ssid_bits: s.cd_ssid_bits,
+            cd_format: u8::from(s.cd_two_level),
+            reserved: [0; 6],
+        };
+    }
+    for (slot, e) in raw.extents.iter_mut().zip(&r.extents) {
+        *slot = RawExtent::new(*e);
+    }
+    raw
+}
+
+/// `instances` as the version-2 writer (the format-2 driver) wrote them: fixed 384-byte records.
+fn encode_v2(instances: &[InstanceRecords], generation: u64) -> Vec<u8> {
+    let records: usize = instances.iter().map(|i| i.records.len()).sum();
+    let total = v2_region_size(instances.len(), records);
+    let mut out = vec![0u8; total];
+    let mut offset = HEADER_SIZE;
+    for inst in instances {
+        let id = &inst.identity;
+        let raw = RawIdentity {
+            base: U64::new(id.base),
+            idr: id.idr.map(U32::new),
+            iidr: U32::new(id.iidr),
+            record_count: U32::new(inst.records.len() as u32),
+            strtab_base: U64::new(id.strtab_base),
+            strtab_format: id.strtab_format,
+            strtab_sid_bits: id.strtab_sid_bits,
+            strtab_split: id.strtab_split,
+            reserved0: 0,
+            reserved1: U32::ZERO,
+            core_len: U64::new(id.core_len),
+        };
+        out[offset..offset + IDENTITY_SIZE].copy_from_slice(raw.as_bytes());
+        offset += IDENTITY_SIZE;
+    }
+    for record in instances.iter().flat_map(|i| i.records.iter()) {
+        out[offset..offset + RECORD_SIZE].copy_from_slice(raw_record_v2(record).as_bytes());
+        offset += RECORD_SIZE;
+    }
+    let mut header = RawHeader {
+        magic: MAGIC,
+        version: U32::new(2),
+        crc32c: U32::ZERO,
+        total_len: U64::new(total as u64),
+        generation: U64::new(generation),
+        instance_count: U32::new(instances.len() as u32),
+        record_count: U32::new(records as u32),
+        region: RawExtent::new(REGION),
+        pool: RawExtent::new(POOL),
+        reserved: [U64::ZERO; 3],
+    };
+    header.crc32c = U32::new(checksum(header.as_bytes(), &out[HEADER_SIZE..total]));
+    out[..HEADER_SIZE].copy_from_slice(header.as_bytes());
+    out
+}
+
+/// Decodes the fixture's version-2 bytes after `poke` and a CRC fix-up.
+fn decode_poked_v2(poke: impl FnOnce(&mut Vec<u8>)) -> Result<Decoded, HandoverError> {
+    let mut bytes = encode_v2(&fixture(), 1);
+    poke(&mut bytes);
+    sample::reseal(&mut bytes);
+    decode(&bytes, POOL)
 }
 
 fn put(bytes: &mut [u8], at: usize, value: &[u8]) {
@@ -204,16 +324,24 @@ fn the_layout_is_the_documented_one() {
     assert_eq!(offset_of!(RawStream, cd_ssid_bits), 16);
     assert_eq!(offset_of!(RawStream, cd_format), 17);
     assert_eq!(offset_of!(RawRecord, extents), 256);
-    assert_eq!(MAX_REGION_SIZE, 96 + 4 * 64 + 128 * 384);
+    // Version 3's record head: version 2's fields up to the guest context, then 32-bit counts.
+    assert_eq!((RECORD_HEAD_SIZE, STREAM_SIZE, EXTENT_SIZE), (72, 24, 16));
+    assert_eq!(offset_of!(RawRecordHead, reserved0), 20);
+    assert_eq!(offset_of!(RawRecordHead, parent_token), 24);
+    assert_eq!(offset_of!(RawRecordHead, table), 32);
+    assert_eq!(offset_of!(RawRecordHead, guest), 48);
+    assert_eq!(offset_of!(RawRecordHead, stream_count), 64);
+    assert_eq!(offset_of!(RawRecordHead, extent_count), 68);
+    assert_eq!(MAX_REGION_SIZE, 96 + 4 * 64 + 128 * (72 + 8 * 24 + 8 * 16));
     // docs/handover.md tells callers how large the decoded form is.
-    assert!(size_of::<Decoded>() <= 53 * 1024, "{}", size_of::<Decoded>());
+    assert!(size_of::<Decoded>() <= 54 * 1024, "{}", size_of::<Decoded>());
 }
 
 #[test]
 fn the_fixture_round_trips() {
     let f = fixture();
     let bytes = encode_vec(&f, 7);
-    assert_eq!(bytes.len(), region_size(2, 5));
+    assert_eq!(bytes.len(), region_size(&fixture()));
     assert_eq!(&bytes[..8], &MAGIC);
     let d = decode(&bytes, POOL).unwrap();
     assert_eq!((d.generation, d.region, d.pool), (7, REGION, POOL));
@@ -278,19 +406,20 @@ fn an_empty_region_and_a_full_one_round_trip() {
         }
     }
     let bytes = encode_vec(&full, 2);
-    assert_eq!(bytes.len(), MAX_REGION_SIZE);
+    assert_eq!(bytes.len(), region_size(&full));
+    assert!(bytes.len() <= MAX_REGION_SIZE);
     assert_eq!(&decode(&bytes, POOL).unwrap().instances[..], &full[..]);
 }
 
 #[test]
 fn encode_writes_nothing_when_it_refuses() {
     let f = fixture();
-    let mut small = vec![0u8; region_size(2, 5) - 1];
+    let mut small = vec![0u8; region_size(&fixture()) - 1];
     assert_eq!(
         encode(&f, 1, REGION, POOL, &mut small),
         Err(FormatError::BufferTooSmall {
-            needed: region_size(2, 5),
-            have: region_size(2, 5) - 1
+            needed: region_size(&fixture()),
+            have: region_size(&fixture()) - 1
         })
     );
     assert!(small.iter().all(|&b| b == 0));
@@ -298,7 +427,7 @@ fn encode_writes_nothing_when_it_refuses() {
     assert_eq!(
         encode(&f, 1, ext(REGION.base, 100), POOL, &mut buf),
         Err(FormatError::RegionTooSmall {
-            needed: region_size(2, 5),
+            needed: region_size(&fixture()),
             region: ext(REGION.base, 100)
         })
     );
@@ -349,3 +478,68 @@ fn a_torn_write_is_refused() {
 
 mod checks;
 mod errors;
+
+/// The compatibility rule: this image reads the regions the format-2 driver wrote (fixed 384-byte records), and
+/// writes version 3 (variable-length records).
+#[test]
+fn a_version_2_region_is_read_and_version_3_is_written() {
+    let f = fixture();
+    let v2 = encode_v2(&f, 5);
+    assert_eq!(v2.len(), v2_region_size(2, 5));
+    assert_eq!(peek_header(&v2).unwrap().version, 2);
+    let d = decode(&v2, POOL).unwrap();
+    assert_eq!((d.generation, &d.instances[..]), (5, &f[..]));
+    let v3 = encode_vec(&f, 5);
+    assert_eq!(peek_header(&v3).unwrap().version, VERSION);
+    assert_eq!(VERSION, 3);
+    assert!(
+        v3.len() < v2.len(),
+        "a record takes what it holds: {} vs {}",
+        v3.len(),
+        v2.len()
+    );
+    assert_eq!(decode(&v3, POOL).unwrap(), d);
+}
+
+/// Version 3 records an identity domain; version 2 had no such flag, so one in a version-2 region is refused.
+#[test]
+fn the_identity_flag_is_version_3s() {
+    let mut f = fixture();
+    f[0].records[0].identity = true;
+    f[0].records[1].identity = true;
+    let d = decode(&encode_vec(&f, 1), POOL).unwrap();
+    assert_eq!(&d.instances[..], &f[..]);
+    assert!(d.instances[0].records[0].identity && !d.instances[0].records[3].identity);
+    // Not on a nested record (it has no table of its own).
+    let mut bytes = encode_vec(&fixture(), 1);
+    let at = rec(2) + 12;
+    let flags = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+    put(&mut bytes, at, &(flags | 1 << 3).to_le_bytes());
+    sample::reseal(&mut bytes);
+    assert!(matches!(decode(&bytes, POOL), Err(HandoverError::BadFlags { .. })));
+    // Nor in version 2.
+    assert!(matches!(
+        decode_poked_v2(|b| {
+            let at = rec_v2(0) + 12;
+            let flags = u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+            put(b, at, &(flags | 1 << 3).to_le_bytes());
+        }),
+        Err(HandoverError::BadFlags { token: 0x10, .. })
+    ));
+}
+
+/// A version-3 record whose counts run past the region's stated end is refused, never read beyond it.
+#[test]
+fn a_version_3_record_past_the_end_is_refused() {
+    let mut bytes = encode_vec(&fixture(), 1);
+    let last = rec(4);
+    // One more extent than the bytes hold (but within the capacity).
+    let at = last + offset_of!(RawRecordHead, extent_count);
+    let n = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+    put(&mut bytes, at, &(n + 1).to_le_bytes());
+    sample::reseal(&mut bytes);
+    assert!(matches!(
+        decode(&bytes, POOL),
+        Err(HandoverError::LengthMismatch { .. })
+    ));
+}
