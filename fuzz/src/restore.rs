@@ -16,7 +16,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::AtomicBool;
 
 use smmuv3::handover::format::sample::{Rng, reseal};
-use smmuv3::handover::format::{EXTENT_SIZE, RECORD_HEAD_SIZE, STREAM_SIZE, decode};
+use smmuv3::handover::format::{decode, record_size};
 use smmuv3::handover::pool::{HandoverPool, METADATA_BYTES};
 use smmuv3::handover::restore::RestoreError;
 use smmuv3::handover::verify::RestoreOptions;
@@ -62,7 +62,7 @@ pub struct World {
     cds: Vec<u64>,
     /// The tables' roots.
     roots: Vec<u64>,
-    /// Records with a table: their index in the region.
+    /// Records with a table: their byte offset in the region (format 3's records have variable lengths).
     tabled: Vec<usize>,
 }
 
@@ -154,11 +154,12 @@ impl World {
         // The first image is gone without a trace, as after a reset.
         core::mem::forget(smmu);
         world.metadata = world.bytes(REGION_PHYS, METADATA_BYTES as usize).to_vec();
-        for (i, r) in records.records.iter().enumerate() {
-            if let Some(table) = r.table {
-                world.tabled.push(i);
-                let _ = table;
+        let mut at = RECORDS_AT;
+        for r in &records.records {
+            if r.table.is_some() {
+                world.tabled.push(at);
             }
+            at += record_size(r);
             for e in &r.extents {
                 let bytes = world.bytes(e.base, e.len as usize).to_vec();
                 world.extents.push((*e, bytes));
@@ -311,14 +312,8 @@ impl World {
                 8 | 9 => {
                     // A consistent forgery: a record's root (or its counts) moved, the CD made to agree, and the
                     // CRC fixed, so that only the walk stands in the way.
-                    let i = self.tabled[rng.below(self.tabled.len() as u64) as usize];
+                    let record = self.tabled[rng.below(self.tabled.len() as u64) as usize];
                     let meta = self.bytes(REGION_PHYS, METADATA_BYTES as usize);
-                    // Format 3: each record is a head, then as many streams and extents as its counts say.
-                    let record = (0..i).fold(RECORDS_AT, |at, _| {
-                        let count =
-                            |o: usize| u32::from_le_bytes(meta[at + o..at + o + 4].try_into().unwrap()) as usize;
-                        at + RECORD_HEAD_SIZE + count(64) * STREAM_SIZE + count(68) * EXTENT_SIZE
-                    });
                     let field = |o: usize| record + o;
                     if rng.chance(2, 3) {
                         let root = self.target(rng);
