@@ -307,13 +307,36 @@ impl HandoverPool {
         Some(unsafe { core::slice::from_raw_parts(l.virt_of(extent.base) as *const u64, words) })
     }
 
-    /// Takes a free arena, empty, for a domain meant to be preserved.
+    /// Takes a free arena, empty, for a domain meant to be preserved. An arena that a record of the region names
+    /// is not free, even before any restore has adopted it: after a hand-off, another SMMU's preserved domains may
+    /// still wait in the region for their own restore (or their `finish_handover`), and their tables must be
+    /// there, untouched, when it comes.
     ///
     /// # Errors
     /// [`PoolError::NotSetUp`], [`PoolError::NoFreeArena`].
     pub fn take_arena(&'static self) -> Result<&'static HandoverArena, PoolError> {
-        self.layout()?;
-        for arena in &self.arenas {
+        let l = self.layout()?;
+        // The region's records, when it holds any (a region that does not decode names nothing: its restore is
+        // refused and adopts nothing). Read under the metadata lock, which prepare, restore and finish hold while
+        // they change the records.
+        let metadata = self.lock_metadata()?;
+        let recorded = match metadata[..8] == super::format::MAGIC {
+            true => super::format::decode(&metadata, l.pool()).ok(),
+            false => None,
+        };
+        let named = |base: u64| {
+            recorded.as_ref().is_some_and(|d| {
+                d.instances
+                    .iter()
+                    .flat_map(|i| i.records.iter())
+                    .flat_map(|r| r.extents.iter())
+                    .any(|e| e.base == base)
+            })
+        };
+        for (index, arena) in self.arenas.iter().enumerate() {
+            if named(l.arena_base(index)) {
+                continue;
+            }
             let mut s = arena.state.lock();
             if !s.in_use {
                 s.in_use = true;

@@ -715,3 +715,78 @@ fn an_identity_domain_comes_back_an_identity_domain() {
         assert_eq!(smmu.low_level().ste(0x10).unwrap().config(), expected);
     }
 }
+
+/// Several SMMUs preserve into one region, each under its own identity, and restore independently (issue 23).
+/// The order that used to lose the second one's domains: after the reset the first SMMU restores, finishes, and
+/// creates new preserved domains (taking arenas) before the second restores. The arenas the second's records name
+/// are not handed out meanwhile, so its tables are intact when it restores.
+#[test]
+fn two_smmus_preserve_into_one_region_and_restore_independently() {
+    // Two drivers (and their decoded regions) at once: more than a test thread's default stack in a debug build.
+    std::thread::Builder::new()
+        .stack_size(32 << 20)
+        .spawn(two_smmus)
+        .unwrap()
+        .join()
+        .unwrap();
+}
+
+fn two_smmus() {
+    const BASE_B: u64 = 0x906_0000;
+    let frames = frames();
+    let mut region = Region::new();
+    {
+        let (model_a, model_b) = (Model::start(frames), Model::start(frames));
+        let (mut a, mut b) = (boot(&model_a, frames), boot(&model_b, frames));
+        let pool = region.pool();
+        let da = arena_stage1(&mut a, pool);
+        let db = arena_stage1(&mut b, pool);
+        a.map(da, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+        b.map(db, 0x1000, 0x9000_0000, 0x1000, RW).unwrap();
+        a.attach(da, 0x10).unwrap();
+        b.attach(db, 0x10).unwrap();
+        a.preserve(da, 0xa).unwrap();
+        b.preserve(db, 0xb).unwrap();
+        a.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
+        b.prepare_handover(pool, BASE_B, 1, SURVIVING).unwrap();
+        let decoded = crate::handover::format::decode(&pool.lock_metadata().unwrap(), pool.pool().unwrap()).unwrap();
+        let bases: std::vec::Vec<u64> = decoded.instances.iter().map(|i| i.identity.base).collect();
+        assert_eq!(bases, [BASE, BASE_B], "one region, two identities");
+        core::mem::forget(a);
+        core::mem::forget(b);
+    }
+    let (model_a, model_b) = (Model::start(frames), Model::start(frames));
+    let (a, b) = (boot(&model_a, frames), boot(&model_b, frames));
+    let pool = region.pool();
+    assert_eq!(a.restore_handover(pool, BASE, &ANYWHERE).unwrap().domains, 1);
+    let da = a.retrieve(0xa).unwrap();
+    assert_eq!(a.iova_to_phys(da, 0x1000), Ok(Some(0x8000_0000)));
+    assert_eq!(a.finish_handover(pool, BASE), Ok(FinishReport { unclaimed: 0 }));
+    // The first SMMU grows: every arena it can take gets a domain (whose root table zeroes a frame of it).
+    let mut grown = 0;
+    while let Ok(arena) = pool.take_arena() {
+        a.create_stage1(
+            arena,
+            Stage1Options {
+                input_bits: 39,
+                el2: false,
+            },
+        )
+        .unwrap();
+        grown += 1;
+    }
+    assert_eq!(grown, ARENAS - 2, "every arena but the two the records hold");
+    // The second restores as if alone: its record, its arena and its table as it left them.
+    assert_eq!(b.restore_handover(pool, BASE_B, &ANYWHERE).unwrap().domains, 1);
+    let db = b.retrieve(0xb).unwrap();
+    assert_eq!(b.iova_to_phys(db, 0x1000), Ok(Some(0x9000_0000)));
+    assert_eq!(b.low_level().ste(0x10).unwrap().config(), Config::Stage1);
+    assert_eq!(b.finish_handover(pool, BASE_B), Ok(FinishReport { unclaimed: 0 }));
+    // Each restore took only its own instance's records; none is left.
+    assert!(
+        matches!(
+            crate::handover::format::decode(&pool.lock_metadata().unwrap(), pool.pool().unwrap()),
+            Ok(d) if d.instances.iter().all(|i| i.records.is_empty())
+        ) || pool.lock_metadata().unwrap()[..8] == [0; 8]
+    );
+}
