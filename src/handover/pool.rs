@@ -20,6 +20,11 @@ use crate::mem::{AllocError, DmaBlock, FrameAllocator, PhysAddr};
 pub const METADATA_BYTES: u64 = 64 << 10;
 /// Arenas the pool is cut into (at most this many preserved domains own memory).
 pub const ARENAS: usize = 16;
+const _: () = assert!(ARENAS <= 32, "take_arena keeps a bit per arena in a u32");
+const _: () = assert!(
+    super::format::MAX_REGION_SIZE as u64 <= METADATA_BYTES,
+    "the metadata area holds the largest region"
+);
 /// Freed single frames an arena remembers for reuse (more are left unused until the arena is released).
 pub const ARENA_FREE_FRAMES: usize = 256;
 /// The unit an arena hands out: every block starts a frame (aligned to its size, at least a frame) and takes whole
@@ -307,34 +312,21 @@ impl HandoverPool {
         Some(unsafe { core::slice::from_raw_parts(l.virt_of(extent.base) as *const u64, words) })
     }
 
-    /// Takes a free arena, empty, for a domain meant to be preserved. An arena that a record of the region names
-    /// is not free, even before any restore has adopted it: after a hand-off, another SMMU's preserved domains may
-    /// still wait in the region for their own restore (or their `finish_handover`), and their tables must be
-    /// there, untouched, when it comes.
+    /// Takes a free arena, empty, for a domain meant to be preserved. An arena that the region still names is not
+    /// free, even before any restore has adopted it: one that a record's extent overlaps, or that holds an SMMU's
+    /// own structures for a hand-off with that SMMU left running. After a hand-off another SMMU's preserved
+    /// domains (or its live stream table) may wait in the region for its own restore (or `finish_handover`), and
+    /// must be there, untouched, when it comes. A region that does not decode names nothing (its restore is
+    /// refused and adopts nothing): restore, or stop, every SMMU left running before taking arenas. Takes the
+    /// metadata lock: never call it while holding a [`MetadataGuard`].
     ///
     /// # Errors
     /// [`PoolError::NotSetUp`], [`PoolError::NoFreeArena`].
     pub fn take_arena(&'static self) -> Result<&'static HandoverArena, PoolError> {
         let l = self.layout()?;
-        // The region's records, when it holds any (a region that does not decode names nothing: its restore is
-        // refused and adopts nothing). Read under the metadata lock, which prepare, restore and finish hold while
-        // they change the records.
-        let metadata = self.lock_metadata()?;
-        let recorded = match metadata[..8] == super::format::MAGIC {
-            true => super::format::decode(&metadata, l.pool()).ok(),
-            false => None,
-        };
-        let named = |base: u64| {
-            recorded.as_ref().is_some_and(|d| {
-                d.instances
-                    .iter()
-                    .flat_map(|i| i.records.iter())
-                    .flat_map(|r| r.extents.iter())
-                    .any(|e| e.base == base)
-            })
-        };
+        let named = self.named_arenas(&l)?;
         for (index, arena) in self.arenas.iter().enumerate() {
-            if named(l.arena_base(index)) {
+            if named & (1 << index) != 0 {
                 continue;
             }
             let mut s = arena.state.lock();
@@ -348,6 +340,44 @@ impl HandoverPool {
             }
         }
         Err(PoolError::NoFreeArena)
+    }
+
+    /// The arenas the region's records and running SMMUs name, one bit each: every arena that a record's extent
+    /// or an SMMU's own structures (`strtab_base`, `core_len`) overlap. Out of line, so that the decoded region
+    /// (some 53 KiB) lives only for this call; read under the metadata lock, which prepare, restore and finish hold
+    /// while they change the records.
+    #[inline(never)]
+    fn named_arenas(&self, l: &Layout) -> Result<u32, PoolError> {
+        let metadata = self.lock_metadata()?;
+        if metadata[..8] != super::format::MAGIC {
+            return Ok(0);
+        }
+        let Ok(decoded) = super::format::decode(&metadata, l.pool()) else {
+            return Ok(0);
+        };
+        let cores = decoded.instances.iter().map(|i| Extent {
+            base: i.identity.strtab_base,
+            len: i.identity.core_len,
+        });
+        let extents = decoded
+            .instances
+            .iter()
+            .flat_map(|i| i.records.iter().flat_map(|r| r.extents.iter().copied()))
+            .chain(cores)
+            .filter(|e| e.len != 0);
+        let mut named = 0u32;
+        for e in extents {
+            for index in 0..ARENAS {
+                let arena = Extent {
+                    base: l.arena_base(index),
+                    len: l.arena_bytes,
+                };
+                if arena.overlaps(&e) {
+                    named |= 1 << index;
+                }
+            }
+        }
+        Ok(named)
     }
 
     /// Takes the arena whose used extent a record names (after a hand-off): the arena is in use again with

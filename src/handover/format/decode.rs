@@ -391,8 +391,10 @@ fn decode_record(
         RecordKind::Nested => FLAG_PARENT | FLAG_GUEST,
         RecordKind::Stage1 | RecordKind::Stage2 | RecordKind::Stage1El2 => FLAG_TABLE,
     };
-    // Version 3: a stage-1 or stage-2 record may be an identity domain's.
-    let identity = version >= 3 && flags == expected | FLAG_IDENTITY && expected == FLAG_TABLE;
+    // Version 3: a stage-1 or stage-2 record may be an identity domain's (never an EL2 one: identity domains
+    // are created for devices, whose stage 1 is never the EL2 regime).
+    let identity =
+        version >= 3 && flags == expected | FLAG_IDENTITY && matches!(kind, RecordKind::Stage1 | RecordKind::Stage2);
     let flags = if identity { flags & !FLAG_IDENTITY } else { flags };
     if flags != expected {
         return Err(HandoverError::BadFlags {

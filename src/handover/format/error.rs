@@ -91,7 +91,7 @@ pub enum HandoverError {
     LengthMismatch {
         /// The header's total length.
         stated: u64,
-        /// The length the instance and record counts give.
+        /// Where the region's identities and records end (version 2: what its counts give).
         expected: u64,
     },
     /// The CRC32C over the header and the body does not match: a torn or corrupted write.
@@ -355,7 +355,7 @@ impl fmt::Display for HandoverError {
             },
             E::LengthMismatch { stated, expected } => write!(
                 f,
-                "handover header states {stated} bytes, its instance and record counts give {expected}"
+                "handover header states {stated} bytes, but its identities and records end at byte {expected}"
             ),
             E::BadCrc { stored, computed } => write!(
                 f,

@@ -790,3 +790,43 @@ fn two_smmus() {
         ) || pool.lock_metadata().unwrap()[..8] == [0; 8]
     );
 }
+
+/// After a hand-off with the SMMU left running, the arena holding its live stream table is not handed out
+/// before that SMMU is adopted, any more than the arenas its records name: another SMMU's driver taking arenas
+/// first (several SMMUs share the region) would otherwise zero the running SMMU's STEs.
+#[test]
+fn a_running_smmus_own_arena_is_not_handed_out() {
+    use crate::handover::pool::HandoverArena;
+    let frames = frames();
+    let mut region = Region::new();
+    let model = Model::start(frames);
+    let pool = region.pool();
+    *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
+    let core = pool.take_arena().unwrap();
+    let first: Iommu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
+    let d = first
+        .create_stage1(
+            pool.take_arena().unwrap(),
+            Stage1Options {
+                input_bits: 39,
+                el2: false,
+            },
+        )
+        .unwrap();
+    first.attach(d, 0x10).unwrap();
+    first.preserve(d, 0x77).unwrap();
+    first.prepare_handover(pool, BASE, 3, SURVIVING).unwrap();
+    let strtab = first.configuration().stream_table_base;
+    core::mem::forget(first);
+    let pool = region.pool();
+    let mut taken = 0;
+    while let Ok(arena) = pool.take_arena() {
+        let e = arena.handover_extent().unwrap();
+        assert!(
+            !(e.base..e.base + e.len).contains(&strtab),
+            "the live stream table's arena"
+        );
+        taken += 1;
+    }
+    assert_eq!(taken, ARENAS - 2, "every arena but the running SMMU's and its domain's");
+}

@@ -517,6 +517,16 @@ fn the_identity_flag_is_version_3s() {
     put(&mut bytes, at, &(flags | 1 << 3).to_le_bytes());
     sample::reseal(&mut bytes);
     assert!(matches!(decode(&bytes, POOL), Err(HandoverError::BadFlags { .. })));
+    // Nor on an EL2 stage 1 (identity domains are created for devices, never in the EL2 regime).
+    let mut bytes = encode_vec(&fixture(), 1);
+    let at = rec(3) + 12;
+    let flags = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+    put(&mut bytes, at, &(flags | 1 << 3).to_le_bytes());
+    sample::reseal(&mut bytes);
+    assert!(matches!(
+        decode(&bytes, POOL),
+        Err(HandoverError::BadFlags { token: 0x40, .. })
+    ));
     // Nor in version 2.
     assert!(matches!(
         decode_poked_v2(|b| {
