@@ -235,9 +235,9 @@ fn first_image(smmu: Smmu, frames: &'static HeapFrames, region: &mut Region, pag
 fn memory_extent(smmu: &Active, d: DomainId) -> Extent {
     let token = smmu.token_of(d).unwrap().unwrap();
     let records = smmu.handover_records(REGISTER_BASE).unwrap();
-    let record = records.records.iter().find(|r| r.token == token).unwrap();
+    let record = records.instance().records.iter().find(|r| r.token == token).unwrap();
     assert_eq!(record.extents.len(), 1);
-    record.extents[0]
+    record.extents.first().unwrap()
 }
 
 fn bench_restore(c: &mut Criterion, mut smmu: Smmu, frames: &'static HeapFrames, region: &mut Region) -> Smmu {

@@ -21,7 +21,7 @@ use std::panic::{self, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
 use smmuv3::handover::format::sample::{self, POOL, REGION, Rng};
-use smmuv3::handover::format::{MAGIC, VERSION, decode, encode};
+use smmuv3::handover::format::{MAGIC, VERSION, decode};
 use smmuv3::handover::{MAX_RECORDS, format::HandoverError};
 
 /// A failing case: how to replay it and the bytes that failed.
@@ -132,7 +132,7 @@ pub fn build_case(seed: u64, index: u64, buf: &mut [u8]) -> (usize, bool) {
         _ => {
             let max = [1, 4, 8, MAX_RECORDS][rng.below(4) as usize];
             let instances = sample::instances(&mut rng, max);
-            let Ok(len) = encode(&instances, rng.next_u64(), REGION, POOL, buf) else {
+            let Ok(len) = sample::encode_owned(&instances, rng.next_u64(), REGION, POOL, buf) else {
                 return (0, false);
             };
             if rng.chance(1, 16) {
@@ -144,7 +144,7 @@ pub fn build_case(seed: u64, index: u64, buf: &mut [u8]) -> (usize, bool) {
             } else {
                 let mut other = vec![0; sample::BUFFER_SIZE];
                 let others = sample::instances(&mut rng, 8);
-                match encode(&others, 1, REGION, POOL, &mut other) {
+                match sample::encode_owned(&others, 1, REGION, POOL, &mut other) {
                     Ok(n) => other[..n].to_vec(),
                     Err(_) => Vec::new(),
                 }

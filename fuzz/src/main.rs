@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use smmuv3::handover::format::decode;
 use smmuv3::handover::format::sample::{self, POOL, REGION, Rng};
-use smmuv3::handover::format::{decode, encode};
 
 /// The seed of a run when none is given.
 const DEFAULT_SEED: u64 = 0x5eed_0017;
@@ -82,7 +82,7 @@ fn real_main() -> Result<ExitCode, String> {
     if let Some(file) = sample_file {
         let instances = sample::instances(&mut Rng::new(seed), 4);
         let mut buf = vec![0u8; sample::BUFFER_SIZE];
-        let n = encode(&instances, seed, REGION, POOL, &mut buf).map_err(|e| e.to_string())?;
+        let n = sample::encode_owned(&instances, seed, REGION, POOL, &mut buf).map_err(|e| e.to_string())?;
         std::fs::write(&file, &buf[..n]).map_err(|e| format!("{file}: {e}"))?;
         println!("{file}: a valid {n}-byte region");
         return Ok(ExitCode::SUCCESS);

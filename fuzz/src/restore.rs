@@ -155,14 +155,14 @@ impl World {
         core::mem::forget(smmu);
         world.metadata = world.bytes(REGION_PHYS, METADATA_BYTES as usize).to_vec();
         let mut at = RECORDS_AT;
-        for r in &records.records {
+        for r in records.instance().records.iter() {
             if r.table.is_some() {
                 world.tabled.push(at);
             }
-            at += record_size(r);
+            at += record_size(&r);
             for e in &r.extents {
                 let bytes = world.bytes(e.base, e.len as usize).to_vec();
-                world.extents.push((*e, bytes));
+                world.extents.push((e, bytes));
             }
             for s in r.streams.iter().filter(|s| s.cd_table != 0) {
                 world.cds.push(s.cd_table + 64 * u64::from(s.ssid));
@@ -170,22 +170,25 @@ impl World {
         }
         // Every valid descriptor of every preserved table (the mutator's favourite targets), found by the oracle's
         // own walker over the unmutated memory.
-        let decoded = decode(&world.metadata, pool.pool().unwrap()).unwrap();
+        let metadata = world.metadata.clone();
+        let decoded = decode(&metadata, pool.pool().unwrap()).unwrap();
         let instance = &decoded.instances[0];
         let mut descriptors = Vec::new();
         for r in instance.records.iter().filter(|r| r.table.is_some()) {
             let shape = r.table.unwrap();
             let (g, ia, start) = (shape.granule_log2, shape.input_bits, shape.start_level);
             let entries = 1usize << (ia - (g + (g - 3) * (3 - start)));
+            let extents: Vec<Extent> = r.extents.iter().collect();
             let mut walker = Walker {
                 world: &world,
-                extents: &r.extents,
+                extents: &extents,
                 seen: HashSet::new(),
                 found: Some(&mut descriptors),
                 tagged: r.kind == smmuv3::handover::RecordKind::Stage1,
             };
             walker.table(shape.root, start, entries, g).unwrap();
         }
+        drop(decoded);
         world.descriptors = descriptors;
         world
     }
@@ -505,7 +508,7 @@ impl Walker<'_> {
 }
 
 /// The record naming `(sid, ssid)`.
-fn owner(instance: &InstanceRecords, sid: u32, ssid: u32) -> Option<&DomainRecord> {
+fn owner<'a>(instance: &InstanceRecords<'a>, sid: u32, ssid: u32) -> Option<DomainRecord<'a>> {
     instance
         .records
         .iter()
@@ -513,14 +516,14 @@ fn owner(instance: &InstanceRecords, sid: u32, ssid: u32) -> Option<&DomainRecor
 }
 
 /// The extents a record's tables must lie in (a nested record's stage 2 is its parent's).
-fn extents_of<'a>(instance: &'a InstanceRecords, r: &'a DomainRecord) -> &'a [Extent] {
+fn extents_of(instance: &InstanceRecords<'_>, r: &DomainRecord<'_>) -> Vec<Extent> {
     match r.parent_token {
         Some(parent) => instance
             .records
             .iter()
             .find(|x| x.token == parent)
-            .map_or(&[][..], |p| p.extents.as_slice()),
-        None => r.extents.as_slice(),
+            .map_or(Vec::new(), |p| p.extents.iter().collect()),
+        None => r.extents.iter().collect(),
     }
 }
 
@@ -532,7 +535,7 @@ fn judge(world: &World, region: &[u8], active: &Active) -> Result<(), String> {
     let decoded = decode(region, world.pool.pool().unwrap()).ok();
     let none = InstanceRecords {
         identity: Default::default(),
-        records: heapless::Vec::new(),
+        records: smmuv3::handover::Records::empty(),
     };
     let instance = decoded
         .as_ref()
@@ -570,7 +573,7 @@ fn judge(world: &World, region: &[u8], active: &Active) -> Result<(), String> {
             let root = ste[3] & ((1 << 52) - 1) & !0xf;
             let mut w = Walker {
                 world,
-                extents: extents_of(instance, record),
+                extents: &extents_of(instance, &record),
                 seen: HashSet::new(),
                 found: None,
                 tagged: false,
@@ -602,7 +605,7 @@ fn judge(world: &World, region: &[u8], active: &Active) -> Result<(), String> {
             let tagged = (ste[1] >> 30) & 0b11 != 0b10;
             for ssid in 0..1u32 << cdmax {
                 let cd_at = cd_table + 64 * u64::from(ssid);
-                if !extents_of(instance, record).iter().any(|e| e.contains(cd_at, 64)) {
+                if !extents_of(instance, &record).iter().any(|e| e.contains(cd_at, 64)) {
                     return Err(format!(
                         "stream {sid:#x}: CD {ssid} at {cd_at:#x} outside its domain's extents"
                     ));
@@ -648,7 +651,7 @@ fn judge(world: &World, region: &[u8], active: &Active) -> Result<(), String> {
                     let root = ttb & ((1 << 52) - 1) & !0xf;
                     let mut w = Walker {
                         world,
-                        extents: extents_of(instance, r),
+                        extents: &extents_of(instance, &r),
                         seen: HashSet::new(),
                         found: None,
                         tagged,

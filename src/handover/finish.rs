@@ -140,21 +140,28 @@ pub(super) fn rearm_without(pool: &HandoverPool, register_base: u64) -> Result<(
     let region = pool.metadata_extent()?;
     let pool_extent = pool.pool()?;
     let mut guard = pool.lock_metadata()?;
-    let bytes: &mut [u8] = &mut guard;
-    let mut keep: heapless::Vec<InstanceRecords, MAX_INSTANCES> = heapless::Vec::new();
-    let mut generation = 0;
-    if let Ok(previous) = format::decode(bytes, pool_extent) {
-        generation = previous.generation;
-        for other in previous
-            .instances
-            .into_iter()
-            .filter(|i| i.identity.base != register_base)
-        {
-            let _ = keep.push(other);
+    let (bytes, staging) = guard.with_staging();
+    // Encoded into the staging buffer from views of the old region, then copied over it.
+    let encoded = {
+        let mut keep: heapless::Vec<InstanceRecords<'_>, MAX_INSTANCES> = heapless::Vec::new();
+        let mut generation = 0;
+        if let Ok(previous) = format::decode(bytes, pool_extent) {
+            generation = previous.generation;
+            for other in previous
+                .instances
+                .into_iter()
+                .filter(|i| i.identity.base != register_base)
+            {
+                let _ = keep.push(other);
+            }
         }
-    }
-    match format::encode(&keep, generation.wrapping_add(1), region, pool_extent, bytes) {
-        Ok(written) => clean_to_memory(bytes.as_ptr(), written),
+        format::encode(&keep, generation.wrapping_add(1), region, pool_extent, staging)
+    };
+    match encoded {
+        Ok(written) => {
+            bytes[..written].copy_from_slice(&staging[..written]);
+            clean_to_memory(bytes.as_ptr(), written);
+        }
         Err(_) => {
             // Cannot happen (fewer records than were decoded); were it to, no record of this SMMU may survive.
             bytes[..8].fill(0);

@@ -15,7 +15,8 @@ use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
 
 use super::{
-    DomainRecord, Extent, InstanceRecords, MAX_EXTENTS, MAX_INSTANCES, MAX_RECORDS, MAX_STREAMS, SmmuIdentity,
+    DomainRecord, Entries, Extent, GuestRecord, InstanceRecords, MAX_INSTANCES, RecordKind, SmmuIdentity, StreamRecord,
+    TableShape,
 };
 
 /// The first eight bytes of a region.
@@ -41,12 +42,6 @@ pub const RECORD_HEAD_SIZE: usize = size_of::<RawRecordHead>();
 pub const STREAM_SIZE: usize = size_of::<RawStream>();
 /// Bytes of one extent of a version-3 record.
 pub const EXTENT_SIZE: usize = size_of::<RawExtent>();
-/// Bytes of the largest region [`encode`] writes: [`MAX_INSTANCES`] instances of [`MAX_RECORDS`] records, each
-/// with [`MAX_STREAMS`] streams and [`MAX_EXTENTS`] extents.
-pub const MAX_REGION_SIZE: usize = HEADER_SIZE
-    + MAX_INSTANCES * IDENTITY_SIZE
-    + MAX_INSTANCES * MAX_RECORDS * (RECORD_HEAD_SIZE + MAX_STREAMS * STREAM_SIZE + MAX_EXTENTS * EXTENT_SIZE);
-
 /// Bytes of a version-2 region with `instances` identities and `records` records in all.
 pub const fn v2_region_size(instances: usize, records: usize) -> usize {
     HEADER_SIZE + instances * IDENTITY_SIZE + records * RECORD_SIZE
@@ -64,7 +59,7 @@ pub fn region_size(instances: &[InstanceRecords]) -> usize {
         + instances
             .iter()
             .flat_map(|i| i.records.iter())
-            .map(record_size)
+            .map(|r| record_size(&r))
             .sum::<usize>()
 }
 
@@ -174,9 +169,12 @@ struct RawRecord {
     parent_token: U64,
     table: RawTable,
     guest: RawGuest,
-    streams: [RawStream; MAX_STREAMS],
-    extents: [RawExtent; MAX_EXTENTS],
+    streams: [RawStream; V2_ENTRIES],
+    extents: [RawExtent; V2_ENTRIES],
 }
+
+/// Streams, and extents, a version-2 record has room for.
+const V2_ENTRIES: usize = 8;
 
 /// A version-3 record's head: a version-2 record's fields up to the guest context (at the same offsets), with
 /// 32-bit counts after them instead of 8-bit ones before; then `stream_count` [`RawStream`]s and `extent_count`
@@ -225,7 +223,7 @@ impl RawExtent {
 
 /// A validated region.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Decoded {
+pub struct Decoded<'a> {
     /// The generation the writer gave.
     pub generation: u64,
     /// The region's own extent, as its header records it.
@@ -233,7 +231,7 @@ pub struct Decoded {
     /// The pool the records' memory comes from (equal to the pool [`decode`] was given).
     pub pool: Extent,
     /// Each SMMU instance's identity and records.
-    pub instances: heapless::Vec<InstanceRecords, MAX_INSTANCES>,
+    pub instances: heapless::Vec<InstanceRecords<'a>, MAX_INSTANCES>,
 }
 
 /// A region's header fields as they read, unvalidated: what a dump tool shows when [`decode`] refuses a region.
@@ -336,12 +334,12 @@ fn write_record(r: &DomainRecord, out: &mut [u8]) {
         };
     }
     raw.flags = U32::new(flags);
-    // The heapless capacities are MAX_STREAMS and MAX_EXTENTS, far below 2^32.
+    // Checked by `encode`: at most u32::MAX of each.
     raw.stream_count = U32::new(r.streams.len() as u32);
     raw.extent_count = U32::new(r.extents.len() as u32);
     out[..RECORD_HEAD_SIZE].copy_from_slice(raw.as_bytes());
     let mut at = RECORD_HEAD_SIZE;
-    for s in &r.streams {
+    for s in r.streams.iter() {
         let raw = RawStream {
             sid: U32::new(s.sid),
             ssid: U32::new(s.ssid),
@@ -353,8 +351,8 @@ fn write_record(r: &DomainRecord, out: &mut [u8]) {
         out[at..at + STREAM_SIZE].copy_from_slice(raw.as_bytes());
         at += STREAM_SIZE;
     }
-    for e in &r.extents {
-        out[at..at + EXTENT_SIZE].copy_from_slice(RawExtent::new(*e).as_bytes());
+    for e in r.extents.iter() {
+        out[at..at + EXTENT_SIZE].copy_from_slice(RawExtent::new(e).as_bytes());
         at += EXTENT_SIZE;
     }
 }
@@ -370,10 +368,10 @@ fn write_record(r: &DomainRecord, out: &mut [u8]) {
 /// # Errors
 ///
 /// [`FormatError::TooManyInstances`] for more than [`MAX_INSTANCES`] instances, [`FormatError::TooManyRecords`] for
-/// more than [`MAX_RECORDS`] records in one, [`FormatError::BufferTooSmall`] when `out` is shorter than the region,
-/// [`FormatError::RegionTooSmall`] when `region` is. Nothing is written on error.
+/// more than `u32::MAX` records in one (or streams or extents in one record), [`FormatError::BufferTooSmall`] when
+/// `out` is shorter than the region, [`FormatError::RegionTooSmall`] when `region` is. Nothing is written on error.
 pub fn encode(
-    instances: &[InstanceRecords],
+    instances: &[InstanceRecords<'_>],
     generation: u64,
     region: Extent,
     pool: Extent,
@@ -385,16 +383,30 @@ pub fn encode(
             max: MAX_INSTANCES,
         });
     }
-    let mut records = 0;
+    let max = u32::MAX as usize;
+    let mut records = 0usize;
     for (i, inst) in instances.iter().enumerate() {
-        if inst.records.len() > MAX_RECORDS {
-            return Err(FormatError::TooManyRecords {
-                instance: i,
-                count: inst.records.len(),
-                max: MAX_RECORDS,
-            });
+        let too_many = |count| FormatError::TooManyRecords {
+            instance: i,
+            count,
+            max,
+        };
+        if inst.records.len() > max {
+            return Err(too_many(inst.records.len()));
+        }
+        for r in inst.records.iter() {
+            if r.streams.len() > max || r.extents.len() > max {
+                return Err(too_many(r.streams.len().max(r.extents.len())));
+            }
         }
         records += inst.records.len();
+    }
+    if records > max {
+        return Err(FormatError::TooManyRecords {
+            instance: instances.len(),
+            count: records,
+            max,
+        });
     }
     let total = region_size(instances);
     if out.len() < total {
@@ -426,8 +438,8 @@ pub fn encode(
         offset += IDENTITY_SIZE;
     }
     for record in instances.iter().flat_map(|i| i.records.iter()) {
-        write_record(record, &mut out[offset..]);
-        offset += record_size(record);
+        write_record(&record, &mut out[offset..]);
+        offset += record_size(&record);
     }
     let mut header = RawHeader {
         magic: MAGIC,
@@ -472,7 +484,85 @@ pub fn validate_identity(instance: &SmmuIdentity, probed: &SmmuIdentity) -> Resu
     Ok(())
 }
 
-const _: () = assert!(MAX_EXTENTS <= 8 && MAX_RECORDS <= 32 && MAX_INSTANCES <= 256);
+const _: () = assert!(MAX_INSTANCES <= 256);
+
+impl super::sealed::Sealed for StreamRecord {
+    const SIZE: usize = STREAM_SIZE;
+    fn read(bytes: &[u8]) -> Self {
+        let Ok((s, _)) = RawStream::read_from_prefix(bytes) else {
+            return StreamRecord::default();
+        };
+        StreamRecord {
+            sid: s.sid.get(),
+            ssid: s.ssid.get(),
+            cd_table: s.cd_table.get(),
+            cd_ssid_bits: s.cd_ssid_bits,
+            cd_two_level: s.cd_format == 1,
+        }
+    }
+}
+
+impl super::sealed::Sealed for Extent {
+    const SIZE: usize = EXTENT_SIZE;
+    fn read(bytes: &[u8]) -> Self {
+        RawExtent::read_from_prefix(bytes).map_or(Extent { base: 0, len: 0 }, |(e, _)| e.get())
+    }
+}
+
+/// Reads the record of format `version` at the start of `bytes`, which [`decode`] validated, with its length:
+/// `None` only past the end of `bytes` (never for a validated region).
+pub(crate) fn read_record(bytes: &[u8], version: u32) -> Option<(DomainRecord<'_>, usize)> {
+    let (head, streams, extents, len) = match version {
+        2 => {
+            let (raw, _) = RawRecord::read_from_prefix(bytes).ok()?;
+            let (n, m) = (usize::from(raw.stream_count), usize::from(raw.extent_count));
+            let streams = bytes.get(offset_of!(RawRecord, streams)..)?.get(..n * STREAM_SIZE)?;
+            let extents = bytes.get(offset_of!(RawRecord, extents)..)?.get(..m * EXTENT_SIZE)?;
+            let head = RawRecordHead::read_from_prefix(bytes).ok()?.0;
+            (head, (streams, n), (extents, m), RECORD_SIZE)
+        }
+        _ => {
+            let (head, _) = RawRecordHead::read_from_prefix(bytes).ok()?;
+            let n = head.stream_count.get() as usize;
+            let m = head.extent_count.get() as usize;
+            let streams_at = RECORD_HEAD_SIZE;
+            let extents_at = streams_at + n.checked_mul(STREAM_SIZE)?;
+            let end = extents_at.checked_add(m.checked_mul(EXTENT_SIZE)?)?;
+            let streams = bytes.get(streams_at..extents_at)?;
+            let extents = bytes.get(extents_at..end)?;
+            (head, (streams, n), (extents, m), end)
+        }
+    };
+    let flags = head.flags.get();
+    let t = &head.table;
+    let g = &head.guest;
+    let record = DomainRecord {
+        token: head.token.get(),
+        kind: decode::record_kind(head.kind.get()).unwrap_or(RecordKind::Stage1),
+        asid: head.asid.get(),
+        vmid: head.vmid.get(),
+        table: (flags & FLAG_TABLE != 0).then(|| TableShape {
+            root: t.root.get(),
+            granule_log2: t.granule_log2,
+            input_bits: t.input_bits,
+            output_bits: t.output_bits,
+            start_level: t.start_level,
+            tables: t.tables.get(),
+            empty: t.empty.get(),
+        }),
+        parent_token: (flags & FLAG_PARENT != 0).then(|| head.parent_token.get()),
+        guest: (flags & FLAG_GUEST != 0).then(|| GuestRecord {
+            cd_table_ipa: g.cd_table_ipa.get(),
+            cd_max_log2: g.cd_max_log2,
+            layout: g.layout,
+            default_substream: g.default_substream,
+        }),
+        streams: Entries::from_bytes(streams.0, streams.1),
+        extents: Entries::from_bytes(extents.0, extents.1),
+        identity: version >= 3 && flags & FLAG_IDENTITY != 0,
+    };
+    Some((record, len))
+}
 
 mod decode;
 mod error;

@@ -2,14 +2,53 @@
 //! and writing them into the handover region.
 
 use super::{
-    DomainRecord, Extent, GuestRecord, InstanceRecords, MAX_RECORDS, RecordKind, SmmuIdentity, StreamRecord, TableShape,
+    DomainRecord, Entries, Extent, GuestRecord, InstanceRecords, RecordKind, Records, SmmuIdentity, StreamRecord,
+    TableShape,
 };
 use crate::domain::Iommu;
-use crate::domain::{Book, DomainId, DomainState, MAX_PRESERVED, Translation};
+use crate::domain::{Book, DomainId, DomainState, MAX_ATTACHMENTS, MAX_PRESERVED, Translation};
 use crate::hw::ste::{CdTableLayout, DefaultSubstream};
 use crate::mem::FrameAllocator;
 use crate::pgtable::IoPageTable;
 use crate::stream::StreamTableFormat;
+
+/// A preserved domain's record as the driver builds it from the live domain: the record, with its streams and
+/// its memory's extent beside it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveRecord {
+    head: DomainRecord<'static>,
+    streams: heapless::Vec<StreamRecord, MAX_ATTACHMENTS>,
+    extent: Option<Extent>,
+}
+
+impl LiveRecord {
+    /// The record.
+    pub fn record(&self) -> DomainRecord<'_> {
+        DomainRecord {
+            streams: Entries::from_slice(&self.streams),
+            extents: Entries::from_slice(self.extent.as_slice()),
+            ..self.head
+        }
+    }
+}
+
+/// The records of an SMMU's preserved domains as they stand ([`Iommu::handover_records`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveRecords {
+    /// The SMMU.
+    pub identity: SmmuIdentity,
+    records: heapless::Vec<LiveRecord, MAX_PRESERVED>,
+}
+
+impl LiveRecords {
+    /// The records as one SMMU's part of a region: what [`super::format::encode`] writes.
+    pub fn instance(&self) -> InstanceRecords<'_> {
+        InstanceRecords {
+            identity: self.identity,
+            records: Records::from_live(&self.records),
+        }
+    }
+}
 
 /// Why the preserved domains cannot be recorded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,7 +133,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     ///
     /// # Errors
     /// [`RecordError`]; nothing is written anywhere.
-    pub fn handover_records(&self, register_base: u64) -> Result<InstanceRecords, RecordError> {
+    pub fn handover_records(&self, register_base: u64) -> Result<LiveRecords, RecordError> {
         // No attach or detach half-way: each is waited for.
         let book = self.book_quiet();
         // Read-locked in slot order (the lock order), all at once: the records are one consistent picture.
@@ -114,9 +153,9 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         book: &Book<D>,
         states: &[(DomainId, &DomainState)],
         register_base: u64,
-    ) -> Result<InstanceRecords, RecordError> {
+    ) -> Result<LiveRecords, RecordError> {
         let held = |id: DomainId| states.iter().find(|(x, _)| *x == id).map(|(_, s)| *s);
-        let mut records: heapless::Vec<DomainRecord, MAX_RECORDS> = heapless::Vec::new();
+        let mut records: heapless::Vec<LiveRecord, MAX_PRESERVED> = heapless::Vec::new();
         // Parents (stage 1 and stage 2) first, then nested domains, so a reader meets a parent before its children.
         for nested_pass in [false, true] {
             for (&token, &id) in book.tokens.iter() {
@@ -133,10 +172,12 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                     table: None,
                     parent_token: None,
                     guest: None,
-                    streams: heapless::Vec::new(),
-                    extents: heapless::Vec::new(),
+                    streams: Entries::empty(),
+                    extents: Entries::empty(),
                     identity: state.identity,
                 };
+                let mut streams = heapless::Vec::new();
+                let mut own_extent = None;
                 match &state.translation {
                     Translation::Stage1 { table, asid, el2, .. } => {
                         record.kind = if *el2 {
@@ -184,7 +225,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                         .handover_extent()
                         .ok_or(RecordError::NotHandoverMemory(id))?;
                     if extent.len > 0 {
-                        let _ = record.extents.push(extent);
+                        own_extent = Some(extent);
                     }
                 }
                 for &(sid, ssid) in state.attachments.iter() {
@@ -200,17 +241,18 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                         cd_ssid_bits: cd_table.map_or(0, |t| t.format().ssid_bits()),
                         cd_two_level: false,
                     };
-                    record
-                        .streams
-                        .push(stream)
-                        .map_err(|_| RecordError::TooMany("streams"))?;
+                    streams.push(stream).map_err(|_| RecordError::TooMany("streams"))?;
                 }
                 records
-                    .push(record)
+                    .push(LiveRecord {
+                        head: record,
+                        streams,
+                        extent: own_extent,
+                    })
                     .map_err(|_| RecordError::TooMany("preserved domains"))?;
             }
         }
-        Ok(InstanceRecords {
+        Ok(LiveRecords {
             identity: self.handover_identity(register_base),
             records,
         })
@@ -218,7 +260,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
 }
 
 /// The extent of everything `records` own, for tests and tools: each record's extents.
-pub fn owned_extents(records: &InstanceRecords) -> impl Iterator<Item = &Extent> {
+pub fn owned_extents<'a>(records: &InstanceRecords<'a>) -> impl Iterator<Item = Extent> + use<'a> {
     records.records.iter().flat_map(|r| r.extents.iter())
 }
 

@@ -39,14 +39,12 @@ mod prepare;
 pub mod restore;
 pub mod verify;
 
-/// Domains one handover region can describe per SMMU instance.
+/// Domains one SMMU restores from a region at once (the restore's bookkeeping; the format itself has no such cap).
 pub const MAX_RECORDS: usize = 32;
 /// SMMU instances one region can describe.
-pub const MAX_INSTANCES: usize = 4;
-/// Streams (and substreams) one record can name.
+pub const MAX_INSTANCES: usize = 8;
+/// Streams (and substreams) of one domain a restore rebuilds (the format itself has no such cap).
 pub const MAX_STREAMS: usize = 8;
-/// Pool extents one record can own.
-pub const MAX_EXTENTS: usize = 8;
 
 /// A range of physical memory (defined with the frames it describes, in [`crate::mem`]).
 pub use crate::mem::Extent;
@@ -138,9 +136,10 @@ pub struct GuestRecord {
     pub default_substream: u8,
 }
 
-/// One preserved domain, decoded.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DomainRecord {
+/// One preserved domain: decoded from a region (its streams and extents read from the region's bytes as they are
+/// iterated), or built by a caller (over slices it owns) to be encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DomainRecord<'a> {
     /// The caller's token.
     pub token: u64,
     /// What it is.
@@ -155,22 +154,320 @@ pub struct DomainRecord {
     pub parent_token: Option<u64>,
     /// The guest's stage-1 context (nested only).
     pub guest: Option<GuestRecord>,
-    /// The streams attached at hand-off.
-    pub streams: heapless::Vec<StreamRecord, MAX_STREAMS>,
-    /// The pool memory the domain owns (its tables and CD tables lie inside).
-    pub extents: heapless::Vec<Extent, MAX_EXTENTS>,
+    /// The streams attached at hand-off: any number.
+    pub streams: Entries<'a, StreamRecord>,
+    /// The pool memory the domain owns (its tables and CD tables lie inside): any number of extents.
+    pub extents: Entries<'a, Extent>,
     /// An identity domain (stage 1 or stage 2): its table maps RAM one to one and nothing may change it. Recorded
     /// from format version 3; `false` in a version-2 region (which could not hold one).
     pub identity: bool,
 }
 
-/// One SMMU's part of a region, decoded.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InstanceRecords {
+/// One SMMU's part of a region: decoded (a view of the region's bytes), or built by a caller to be encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InstanceRecords<'a> {
     /// The SMMU the records belong to.
     pub identity: SmmuIdentity,
-    /// Its preserved domains.
-    pub records: heapless::Vec<DomainRecord, MAX_RECORDS>,
+    /// Its preserved domains: any number.
+    pub records: Records<'a>,
+}
+
+/// A list of entries of a record (its streams or its extents): a view of a decoded region's bytes, or a slice.
+/// Iterating a decoded list reads the bytes that were validated: it never fails.
+#[derive(Clone, Copy)]
+pub struct Entries<'a, T: 'static> {
+    repr: EntriesRepr<'a, T>,
+}
+
+#[derive(Clone, Copy)]
+enum EntriesRepr<'a, T: 'static> {
+    /// `len` entries of the format's encoding of `T`, back to back.
+    Bytes {
+        bytes: &'a [u8],
+        len: usize,
+    },
+    Slice(&'a [T]),
+}
+
+/// What a record's list holds, with how the region encodes it (see [`format`]).
+pub trait Entry: Copy + PartialEq + core::fmt::Debug + 'static + sealed::Sealed {}
+impl Entry for StreamRecord {}
+impl Entry for Extent {}
+
+mod sealed {
+    pub trait Sealed {
+        const SIZE: usize;
+        fn read(bytes: &[u8]) -> Self;
+    }
+}
+
+impl<'a, T: Entry> Entries<'a, T> {
+    /// The entries of `slice`, for a record built to be encoded.
+    pub const fn from_slice(slice: &'a [T]) -> Self {
+        Entries {
+            repr: EntriesRepr::Slice(slice),
+        }
+    }
+
+    /// No entries.
+    pub const fn empty() -> Self {
+        Entries {
+            repr: EntriesRepr::Slice(&[]),
+        }
+    }
+
+    /// `len` entries encoded back to back in `bytes` (already validated).
+    pub(crate) fn from_bytes(bytes: &'a [u8], len: usize) -> Self {
+        Entries {
+            repr: EntriesRepr::Bytes { bytes, len },
+        }
+    }
+
+    /// How many there are.
+    pub fn len(&self) -> usize {
+        match self.repr {
+            EntriesRepr::Bytes { len, .. } => len,
+            EntriesRepr::Slice(s) => s.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Entry `index`, or `None` past the end.
+    pub fn get(&self, index: usize) -> Option<T> {
+        match self.repr {
+            EntriesRepr::Bytes { bytes, len } if index < len => {
+                bytes.get(index * T::SIZE..(index + 1) * T::SIZE).map(T::read)
+            }
+            EntriesRepr::Bytes { .. } => None,
+            EntriesRepr::Slice(s) => s.get(index).copied(),
+        }
+    }
+
+    /// The first entry, or `None`.
+    pub fn first(&self) -> Option<T> {
+        self.get(0)
+    }
+
+    /// The entries, in order.
+    pub fn iter(&self) -> EntriesIter<'a, T> {
+        EntriesIter {
+            entries: *self,
+            index: 0,
+        }
+    }
+}
+
+impl<'a, T: Entry> IntoIterator for &Entries<'a, T> {
+    type Item = T;
+    type IntoIter = EntriesIter<'a, T>;
+    fn into_iter(self) -> EntriesIter<'a, T> {
+        self.iter()
+    }
+}
+
+/// The entries of an [`Entries`], in order.
+#[derive(Clone)]
+pub struct EntriesIter<'a, T: 'static> {
+    entries: Entries<'a, T>,
+    index: usize,
+}
+
+impl<T: Entry> Iterator for EntriesIter<'_, T> {
+    type Item = T;
+    fn next(&mut self) -> Option<T> {
+        let entry = self.entries.get(self.index)?;
+        self.index += 1;
+        Some(entry)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = self.entries.len().saturating_sub(self.index);
+        (left, Some(left))
+    }
+}
+
+impl<T: Entry> ExactSizeIterator for EntriesIter<'_, T> {}
+
+impl<T: Entry> Default for Entries<'_, T> {
+    fn default() -> Self {
+        Self::empty()
+    }
+}
+
+impl<T: Entry> PartialEq for Entries<'_, T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl<T: Entry> Eq for Entries<'_, T> {}
+
+impl<T: Entry> core::fmt::Debug for Entries<'_, T> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+/// An SMMU's records: a view of a decoded region's bytes, or a slice of records built by a caller.
+#[derive(Clone, Copy)]
+pub struct Records<'a> {
+    repr: RecordsRepr<'a>,
+}
+
+#[derive(Clone, Copy)]
+enum RecordsRepr<'a> {
+    /// `len` validated records of format `version`, back to back in `bytes`.
+    Bytes {
+        bytes: &'a [u8],
+        len: usize,
+        version: u32,
+    },
+    Slice(&'a [DomainRecord<'a>]),
+    /// The driver's records of its live domains.
+    Live(&'a [live::LiveRecord]),
+}
+
+impl<'a> Records<'a> {
+    /// The records of `slice`, to be encoded.
+    pub const fn from_slice(slice: &'a [DomainRecord<'a>]) -> Self {
+        Records {
+            repr: RecordsRepr::Slice(slice),
+        }
+    }
+
+    /// No records.
+    pub const fn empty() -> Self {
+        Records {
+            repr: RecordsRepr::Slice(&[]),
+        }
+    }
+
+    /// The records of the driver's live domains.
+    pub(crate) fn from_live(slice: &'a [live::LiveRecord]) -> Self {
+        Records {
+            repr: RecordsRepr::Live(slice),
+        }
+    }
+
+    /// `len` records of format `version` back to back in `bytes` (validated by [`format::decode`]).
+    pub(crate) fn from_bytes(bytes: &'a [u8], len: usize, version: u32) -> Self {
+        Records {
+            repr: RecordsRepr::Bytes { bytes, len, version },
+        }
+    }
+
+    /// How many there are.
+    pub fn len(&self) -> usize {
+        match self.repr {
+            RecordsRepr::Bytes { len, .. } => len,
+            RecordsRepr::Slice(s) => s.len(),
+            RecordsRepr::Live(s) => s.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The first record, or `None`.
+    pub fn first(&self) -> Option<DomainRecord<'a>> {
+        self.iter().next()
+    }
+
+    /// Record `index`, or `None` past the end (a decoded region's are read from the start: linear).
+    pub fn get(&self, index: usize) -> Option<DomainRecord<'a>> {
+        self.iter().nth(index)
+    }
+
+    /// The records, in order (a decoded region's are read from its bytes: linear in the records' size).
+    pub fn iter(&self) -> RecordIter<'a> {
+        RecordIter {
+            repr: self.repr,
+            index: 0,
+            offset: 0,
+        }
+    }
+}
+
+impl Default for Records<'_> {
+    fn default() -> Self {
+        Self::empty()
+    }
+}
+
+impl PartialEq for Records<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for Records<'_> {}
+
+impl core::fmt::Debug for Records<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+/// The records of a [`Records`], in order.
+#[derive(Clone)]
+pub struct RecordIter<'a> {
+    repr: RecordsRepr<'a>,
+    index: usize,
+    offset: usize,
+}
+
+impl<'a> Iterator for RecordIter<'a> {
+    type Item = DomainRecord<'a>;
+
+    fn next(&mut self) -> Option<DomainRecord<'a>> {
+        match self.repr {
+            RecordsRepr::Slice(s) => {
+                let r = s.get(self.index).copied();
+                self.index += 1;
+                r
+            }
+            RecordsRepr::Live(s) => {
+                let r = s.get(self.index).map(live::LiveRecord::record);
+                self.index += 1;
+                r
+            }
+            RecordsRepr::Bytes { bytes, len, version } => {
+                if self.index >= len {
+                    return None;
+                }
+                let (record, size) = format::read_record(bytes.get(self.offset..)?, version)?;
+                self.index += 1;
+                self.offset += size;
+                Some(record)
+            }
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let len = match self.repr {
+            RecordsRepr::Slice(s) => s.len(),
+            RecordsRepr::Live(s) => s.len(),
+            RecordsRepr::Bytes { len, .. } => len,
+        };
+        let left = len.saturating_sub(self.index);
+        (left, Some(left))
+    }
+}
+
+impl ExactSizeIterator for RecordIter<'_> {}
+
+impl<'a> IntoIterator for &Records<'a> {
+    type Item = DomainRecord<'a>;
+    type IntoIter = RecordIter<'a>;
+    fn into_iter(self) -> RecordIter<'a> {
+        self.iter()
+    }
 }
 
 /// Cleans `[ptr, ptr + len)` to the point of coherency whatever the SMMU's coherency: what a warm reset must find

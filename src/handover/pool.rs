@@ -21,10 +21,6 @@ pub const METADATA_BYTES: u64 = 64 << 10;
 /// Arenas the pool is cut into (at most this many preserved domains own memory).
 pub const ARENAS: usize = 16;
 const _: () = assert!(ARENAS <= 32, "take_arena keeps a bit per arena in a u32");
-const _: () = assert!(
-    super::format::MAX_REGION_SIZE as u64 <= METADATA_BYTES,
-    "the metadata area holds the largest region"
-);
 /// Freed single frames an arena remembers for reuse (more are left unused until the arena is released).
 pub const ARENA_FREE_FRAMES: usize = 256;
 /// The unit an arena hands out: every block starts a frame (aligned to its size, at least a frame) and takes whole
@@ -115,15 +111,30 @@ pub struct HandoverPool {
     layout: Mutex<Option<Layout>>,
     /// Held while the driver reads or writes the metadata area ([`HandoverPool::lock_metadata`]), so that two
     /// SMMUs sharing the pool (on two CPUs) never touch the records at once.
-    metadata_lock: Mutex<()>,
+    /// The metadata lock, and the staging buffer a region is rewritten through under it (the new region is
+    /// encoded there from views of the old one, then copied over it).
+    metadata_lock: Mutex<Staging>,
     arenas: [HandoverArena; ARENAS],
 }
+
+/// A region's worth of bytes, 64-bit aligned.
+#[repr(align(8))]
+struct Staging([u8; METADATA_BYTES as usize]);
 
 /// The metadata area of a [`HandoverPool`] (the region's first [`METADATA_BYTES`]), with the pool's metadata lock
 /// held until it is dropped.
 pub struct MetadataGuard<'a> {
-    _lock: spin::MutexGuard<'a, ()>,
+    lock: spin::MutexGuard<'a, Staging>,
     bytes: *mut u8,
+}
+
+impl MetadataGuard<'_> {
+    /// The metadata area and the pool's staging buffer (as long), both under the lock this guard holds.
+    pub fn with_staging(&mut self) -> (&mut [u8], &mut [u8]) {
+        // SAFETY: as in `deref_mut`; the staging buffer is the lock's own data, a different object.
+        let metadata = unsafe { core::slice::from_raw_parts_mut(self.bytes, METADATA_BYTES as usize) };
+        (metadata, &mut self.lock.0)
+    }
 }
 
 impl core::ops::Deref for MetadataGuard<'_> {
@@ -167,7 +178,7 @@ impl HandoverPool {
         }
         HandoverPool {
             layout: Mutex::new(None),
-            metadata_lock: Mutex::new(()),
+            metadata_lock: Mutex::new(Staging([0; METADATA_BYTES as usize])),
             arenas: [
                 arena(0),
                 arena(1),
@@ -265,7 +276,7 @@ impl HandoverPool {
     pub fn lock_metadata(&self) -> Result<MetadataGuard<'_>, PoolError> {
         let l = self.layout()?;
         Ok(MetadataGuard {
-            _lock: self.metadata_lock.lock(),
+            lock: self.metadata_lock.lock(),
             bytes: l.virt as *mut u8,
         })
     }
@@ -362,7 +373,7 @@ impl HandoverPool {
         let extents = decoded
             .instances
             .iter()
-            .flat_map(|i| i.records.iter().flat_map(|r| r.extents.iter().copied()))
+            .flat_map(|i| i.records.iter().flat_map(|r| r.extents.iter()))
             .chain(cores)
             .filter(|e| e.len != 0);
         let mut named = 0u32;

@@ -220,31 +220,39 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             self.check_streams_preserved(&book)?;
         }
         let mut guard = pool.lock_metadata().map_err(PrepareError::Pool)?;
-        let bytes: &mut [u8] = &mut guard;
-        let mut instances: heapless::Vec<InstanceRecords, MAX_INSTANCES> = heapless::Vec::new();
-        if bytes[..8].iter().any(|&b| b != 0) {
-            let previous = format::decode(bytes, pool_extent).map_err(PrepareError::ExistingRegion)?;
-            for other in previous
-                .instances
-                .into_iter()
-                .filter(|i| i.identity.base != register_base)
-            {
-                let _ = instances.push(other);
+        let (bytes, staging) = guard.with_staging();
+        // The new region is encoded into the staging buffer, from views of the old one (other SMMUs' records are
+        // kept as they are), then copied over it.
+        let written = {
+            let mut instances: heapless::Vec<InstanceRecords<'_>, MAX_INSTANCES> = heapless::Vec::new();
+            if bytes[..8].iter().any(|&b| b != 0) {
+                let previous = format::decode(bytes, pool_extent).map_err(PrepareError::ExistingRegion)?;
+                for other in previous
+                    .instances
+                    .into_iter()
+                    .filter(|i| i.identity.base != register_base)
+                {
+                    let _ = instances.push(other);
+                }
             }
-        }
-        instances.push(ours).map_err(|_| {
-            PrepareError::Format(FormatError::TooManyInstances {
-                count: MAX_INSTANCES + 1,
-                max: MAX_INSTANCES,
-            })
-        })?;
-        let written =
-            format::encode(&instances, generation, region, pool_extent, bytes).map_err(PrepareError::Format)?;
-        if let Err(e) = format::decode(&bytes[..written], pool_extent) {
+            instances.push(ours.instance()).map_err(|_| {
+                PrepareError::Format(FormatError::TooManyInstances {
+                    count: MAX_INSTANCES + 1,
+                    max: MAX_INSTANCES,
+                })
+            })?;
+            format::encode(&instances, generation, region, pool_extent, staging).map_err(PrepareError::Format)?
+        };
+        bytes[..written].copy_from_slice(&staging[..written]);
+        let self_check = format::decode(&bytes[..written], pool_extent).err();
+        if let Some(e) = self_check {
             bytes[0] = 0;
             clean_to_memory(bytes.as_ptr(), 64);
             return Err(PrepareError::SelfCheck(e));
         }
+        let Ok(written_region) = format::decode(&bytes[..written], pool_extent) else {
+            unreachable!("decoded just above");
+        };
         clean_to_memory(bytes.as_ptr(), written);
         // What is recorded must not change until the hand-off: the preserved domains' arenas (and this SMMU's own,
         // when it is one) hand out nothing more, the domains refuse changes while their memory is sealed, and no
@@ -254,13 +262,14 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         // Every arena the next image adopts: the preserved domains', and (for a hand-off with the SMMU running)
         // the SMMU's own, whose stream table and level-2 spans the next image reads in place. A coherent SMMU's
         // structures were never cleaned as they were written.
-        let cores = instances.iter().map(|i| Extent {
+        let cores = written_region.instances.iter().map(|i| Extent {
             base: i.identity.strtab_base,
             len: i.identity.core_len,
         });
-        for extent in instances
+        for extent in written_region
+            .instances
             .iter()
-            .flat_map(|i| i.records.iter().flat_map(|r| r.extents.iter().copied()))
+            .flat_map(|i| i.records.iter().flat_map(|r| r.extents.iter()))
             .chain(cores.filter(|e| e.len != 0))
         {
             if let Some(virt) = self.extent_virt(pool, &extent) {

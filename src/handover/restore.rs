@@ -201,16 +201,16 @@ fn running_record(
     register_base: u64,
 ) -> Result<Option<(RunningSmmu, &'static HandoverArena)>, RestoreError> {
     let pool_extent = pool.pool().map_err(RestoreError::Pool)?;
-    let decoded = {
+    let found = {
         let bytes = pool.lock_metadata().map_err(RestoreError::Pool)?;
-        format::decode(&bytes, pool_extent).map_err(RestoreError::Region)?
+        let decoded = format::decode(&bytes, pool_extent).map_err(RestoreError::Region)?;
+        decoded
+            .instances
+            .iter()
+            .map(|i| i.identity)
+            .find(|id| id.base == register_base && id.core_len != 0)
     };
-    let Some(id) = decoded
-        .instances
-        .iter()
-        .map(|i| i.identity)
-        .find(|id| id.base == register_base && id.core_len != 0)
-    else {
+    let Some(id) = found else {
         return Ok(None);
     };
     let raw = smmu.features().raw;
@@ -361,13 +361,13 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         taken: &mut Taken,
     ) -> Result<(RestoreReport, bool), RestoreError> {
         let pool_extent = pool.pool().map_err(RestoreError::Pool)?;
-        let decoded = {
-            let bytes = pool.lock_metadata().map_err(RestoreError::Pool)?;
-            if bytes[..8].iter().all(|&b| b == 0) {
-                return Ok((RestoreReport::default(), false));
-            }
-            format::decode(&bytes, pool_extent).map_err(RestoreError::Region)?
-        };
+        // Held until the records are rebuilt: they are read from the region as they are used, and nothing
+        // rewrites it meanwhile.
+        let bytes = pool.lock_metadata().map_err(RestoreError::Pool)?;
+        if bytes[..8].iter().all(|&b| b == 0) {
+            return Ok((RestoreReport::default(), false));
+        }
+        let decoded = format::decode(&bytes, pool_extent).map_err(RestoreError::Region)?;
         let mut report = RestoreReport {
             generation: decoded.generation,
             ..RestoreReport::default()
@@ -479,6 +479,26 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     ) -> Result<(), RestoreError> {
         let f = *self.features();
         let first = instance.records.first().map_or(0, |r| r.token);
+        // The format has no cap on records or on a record's streams; what one restore rebuilds and keeps track of
+        // has (the refusal's bookkeeping and a domain's attachments): beyond it, refused before anything is taken.
+        if instance.records.len() > MAX_RECORDS {
+            return Err(RestoreError::BeyondLimits {
+                token: first,
+                what: "more records than one restore rebuilds (MAX_RECORDS)",
+                value: instance.records.len() as u64,
+            });
+        }
+        if let Some(r) = instance
+            .records
+            .iter()
+            .find(|r| r.streams.len() > MAX_STREAMS.min(crate::domain::MAX_ATTACHMENTS))
+        {
+            return Err(RestoreError::BeyondLimits {
+                token: r.token,
+                what: "more streams in one record than a domain holds (MAX_ATTACHMENTS)",
+                value: r.streams.len() as u64,
+            });
+        }
         if instance.records.len() > book.free_slots() {
             return Err(RestoreError::BeyondLimits {
                 token: first,
@@ -582,10 +602,10 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             }
             // Each domain's memory is one arena, taken back whole (nested domains own none).
             if r.kind != RecordKind::Nested {
-                match r.extents.as_slice() {
-                    [extent] if pool.adoptable(*extent) => {}
-                    [extent] => return Err(beyond("an extent that is not a free arena's, at", extent.base)),
-                    other => return Err(beyond("one extent, not", other.len() as u64)),
+                match (r.extents.len(), r.extents.first()) {
+                    (1, Some(extent)) if pool.adoptable(extent) => {}
+                    (1, Some(extent)) => return Err(beyond("an extent that is not a free arena's, at", extent.base)),
+                    (n, _) => return Err(beyond("one extent, not", n as u64)),
                 }
             }
             for s in &r.streams {
@@ -657,7 +677,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                             )
                         }
                         (_, Some(shape)) => {
-                            let extent = r.extents.first().copied().unwrap_or_default();
+                            let extent = r.extents.first().unwrap_or_default();
                             let arena = pool.adopt(extent).map_err(|e| fail(RebuildFailure::Pool(e)))?;
                             // Given back only by the refusal's exit, once no stream can reach it.
                             let _ = taken.arenas.push(arena);

@@ -701,7 +701,7 @@ fn verify_table(
             expected: geometry.start_level,
         });
     }
-    let extent = record.extents.first().copied().unwrap_or_default();
+    let extent = record.extents.first().unwrap_or_default();
     let max = ((MAX_VERIFIED_GRANULES - 1) as u64) << geometry.granule_bits;
     if extent.len > max {
         return Err(VerifyFailure::ExtentTooLarge { extent, max });
@@ -767,7 +767,7 @@ fn cd_table_frames(
     record: &DomainRecord,
     shape: &TableShape,
 ) -> Result<heapless::Vec<Extent, MAX_STREAMS>, VerifyFailure> {
-    let extent = record.extents.first().copied().unwrap_or_default();
+    let extent = record.extents.first().unwrap_or_default();
     let geometry = Geometry::of(&table_format(record.kind, shape)).map_err(VerifyFailure::Format)?;
     let root = Extent {
         base: shape.root,
@@ -797,7 +797,7 @@ fn cd_table_frames(
         if table.overlaps(&root) {
             return Err(overlap(shape.root));
         }
-        // Room: at most one per stream slot.
+        // Room: `check_limits` refused every record with more than MAX_STREAMS streams before verification.
         let _ = frames.push(table);
     }
     Ok(frames)
@@ -821,8 +821,7 @@ fn verify_cds(
             .iter()
             .flat_map(|x| x.streams.iter())
             .find(|y| y.sid == s.sid && y.ssid == 0)
-            .copied()
-            .unwrap_or(*s);
+            .unwrap_or(s);
         if (stream.cd_table, stream.cd_ssid_bits) != (s.cd_table, s.cd_ssid_bits) {
             return Err(VerifyFailure::CdTableMismatch {
                 sid: s.sid,
@@ -879,13 +878,13 @@ pub(crate) fn verify_instance(
         let Some(shape) = r.table else { continue };
         // The frames of the record's CD tables (in every mode): each table where the driver allocates one, with
         // its frames to itself.
-        let cd_tables = cd_table_frames(r, &shape).map_err(|e| (r.token, e))?;
+        let cd_tables = cd_table_frames(&r, &shape).map_err(|e| (r.token, e))?;
         // The table first (the CD names its root), then the CDs.
         if verify == Verification::Full {
-            verify_table(pool, r, &shape, &cd_tables, outputs).map_err(|e| (r.token, e))?;
+            verify_table(pool, &r, &shape, &cd_tables, outputs).map_err(|e| (r.token, e))?;
         }
         if matches!(r.kind, RecordKind::Stage1 | RecordKind::Stage1El2) {
-            verify_cds(features, pool, instance, r, &shape).map_err(|e| (r.token, e))?;
+            verify_cds(features, pool, instance, &r, &shape).map_err(|e| (r.token, e))?;
         }
     }
     Ok(())

@@ -68,11 +68,11 @@ fn record(out: &mut String, r: &DomainRecord) {
         let _ = writeln!(out);
     }
     for e in &r.extents {
-        let _ = writeln!(out, "    extent {}", extent(e));
+        let _ = writeln!(out, "    extent {}", extent(&e));
     }
 }
 
-fn instance(out: &mut String, i: usize, inst: &InstanceRecords) {
+fn instance(out: &mut String, i: usize, inst: &InstanceRecords<'_>) {
     let id = &inst.identity;
     let _ = writeln!(out, "instance {i}: SMMU at {:#x}", id.base);
     let idr: Vec<String> = id.idr.iter().map(|r| format!("{r:#010x}")).collect();
@@ -87,7 +87,7 @@ fn instance(out: &mut String, i: usize, inst: &InstanceRecords) {
     );
     let _ = writeln!(out, "  {} record(s)", inst.records.len());
     for r in &inst.records {
-        record(out, r);
+        record(out, &r);
     }
 }
 
@@ -127,10 +127,9 @@ pub fn dump(bytes: &[u8]) -> (String, bool) {
 mod tests {
     use super::*;
     use smmuv3::handover::RecordKind;
-    use smmuv3::handover::format::encode;
     use smmuv3::handover::format::sample::{self, POOL, REGION, Rng};
 
-    fn sample_bytes() -> (Vec<u8>, Vec<InstanceRecords>) {
+    fn sample_bytes() -> (Vec<u8>, Vec<sample::OwnedInstance>) {
         // A seed whose sample has every kind of record.
         for seed in 0.. {
             let instances = sample::instances(&mut Rng::new(seed), 8);
@@ -145,7 +144,7 @@ mod tests {
             .all(kinds)
             {
                 let mut buf = vec![0u8; sample::BUFFER_SIZE];
-                let n = encode(&instances, 41, REGION, POOL, &mut buf).unwrap();
+                let n = sample::encode_owned(&instances, 41, REGION, POOL, &mut buf).unwrap();
                 buf.truncate(n);
                 return (buf, instances.to_vec());
             }

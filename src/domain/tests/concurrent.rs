@@ -288,10 +288,16 @@ fn prepare_freezes_atomically_while_other_threads_map() {
         assert!(!mapped.is_empty());
         let decoded = {
             let bytes = pool.lock_metadata().unwrap();
-            crate::handover::format::decode(&bytes, pool.pool().unwrap()).unwrap()
+            crate::handover::format::sample::owned(
+                &crate::handover::format::decode(&bytes, pool.pool().unwrap()).unwrap(),
+            )
         };
         let now = smmu.handover_records(0x905_0000).unwrap();
-        assert_eq!(decoded.instances[0].records, now.records, "recorded = the table now");
+        assert_eq!(
+            decoded[0],
+            crate::handover::format::sample::OwnedInstance::of(&now.instance()),
+            "recorded = the table now"
+        );
         // Frozen until cancelled.
         assert!(matches!(
             smmu.map(d, 0x7000_0000, 0x8000_0000, PAGE, RW),

@@ -184,11 +184,14 @@ fn a_trim_after_a_single_page_unmap_rechecks_the_freeze_and_never_changes_a_froz
         prepared.unwrap();
         let decoded = {
             let bytes = pool.lock_metadata().unwrap();
-            crate::handover::format::decode(&bytes, pool.pool().unwrap()).unwrap()
+            crate::handover::format::sample::owned(
+                &crate::handover::format::decode(&bytes, pool.pool().unwrap()).unwrap(),
+            )
         };
         let now = smmu.handover_records(0x905_0000).unwrap();
         assert_eq!(
-            decoded.instances[0].records, now.records,
+            decoded[0],
+            crate::handover::format::sample::OwnedInstance::of(&now.instance()),
             "the preserved domain's table changed after prepare_handover froze and recorded it"
         );
     }

@@ -86,7 +86,7 @@ fn a_handoffs_records_wait_for_an_attach_half_way_and_then_include_it() {
     // would hold up the reader for another reason).
     smmu.attach(d, SID + 1).unwrap();
     smmu.detach(SID + 1).unwrap();
-    type Records = Result<crate::handover::InstanceRecords, crate::handover::live::RecordError>;
+    type Records = Result<crate::handover::live::LiveRecords, crate::handover::live::RecordError>;
     let reader: Arc<Mutex<Option<std::thread::JoinHandle<Records>>>> = Arc::new(Mutex::new(None));
     let early = Arc::new(AtomicBool::new(true));
     let (r, e) = (reader.clone(), early.clone());
@@ -109,9 +109,10 @@ fn a_handoffs_records_wait_for_an_attach_half_way_and_then_include_it() {
         !early.load(Ordering::SeqCst),
         "the records were read with the attach half-way"
     );
-    let streams: Vec<u32> = records.records[0].streams.iter().map(|s| s.sid).collect();
+    let first = records.instance().records.first().unwrap();
+    let streams: Vec<u32> = first.streams.iter().map(|s| s.sid).collect();
     assert_eq!(streams, [SID], "the attach that was waited for is recorded");
-    assert_ne!(records.records[0].streams[0].cd_table, 0, "with its CD table");
+    assert_ne!(first.streams.first().unwrap().cd_table, 0, "with its CD table");
 }
 
 /// Threads attach and detach their own streams to their own domains, and free and create domains, all at once:

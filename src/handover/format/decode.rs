@@ -3,10 +3,7 @@
 
 use zerocopy::FromBytes;
 
-use super::super::{
-    DomainRecord, Extent, GuestRecord, InstanceRecords, MAX_EXTENTS, MAX_INSTANCES, MAX_RECORDS, MAX_STREAMS,
-    RecordKind, SmmuIdentity, StreamRecord, TableShape,
-};
+use super::super::{Entries, Extent, InstanceRecords, MAX_INSTANCES, RecordKind, Records, SmmuIdentity, TableShape};
 use super::*;
 
 /// Decodes and validates a region (see `docs/handover.md` for the full list of checks): `bytes` starts at the
@@ -20,7 +17,7 @@ use super::*;
 /// for a region never written (or torn before its header), [`HandoverError::UnknownVersion`] for a format this
 /// image does not read, [`HandoverError::Truncated`], [`HandoverError::BadCrc`] for a torn or corrupted write, and
 /// the structural errors for records that are intact but inconsistent.
-pub fn decode(bytes: &[u8], pool: Extent) -> Result<Decoded, HandoverError> {
+pub fn decode(bytes: &[u8], pool: Extent) -> Result<Decoded<'_>, HandoverError> {
     // Magic and version come first, at fixed offsets in every version.
     let magic: [u8; 8] = match bytes.get(..8).and_then(|b| b.try_into().ok()) {
         Some(m) => m,
@@ -61,7 +58,7 @@ fn nonzero(what: &'static str, offset: usize) -> HandoverError {
     }
 }
 
-fn decode_region(bytes: &[u8], pool: Extent, version: u32) -> Result<Decoded, HandoverError> {
+fn decode_region(bytes: &[u8], pool: Extent, version: u32) -> Result<Decoded<'_>, HandoverError> {
     let header = raw_header(bytes)?;
     let instance_count = header.instance_count.get();
     let record_count = header.record_count.get();
@@ -71,30 +68,24 @@ fn decode_region(bytes: &[u8], pool: Extent, version: u32) -> Result<Decoded, Ha
             max: MAX_INSTANCES,
         });
     }
-    if record_count as usize > MAX_INSTANCES * MAX_RECORDS {
-        return Err(HandoverError::TooManyRecords {
-            instance: None,
-            count: record_count,
-            max: MAX_INSTANCES * MAX_RECORDS,
-        });
-    }
     let stated = header.total_len.get();
     // Version 2: the counts give the length. Version 3: records have variable lengths, so the length is checked
-    // against the largest region there can be here, and against where the last record ends (below).
+    // against the identities it must hold, the bytes there are (below), and where the last record ends (below).
     let expected = match version {
         2 => v2_region_size(instance_count as usize, record_count as usize) as u64,
-        _ => stated.clamp(
-            (HEADER_SIZE + instance_count as usize * IDENTITY_SIZE) as u64,
-            MAX_REGION_SIZE as u64,
-        ),
+        _ => stated.max((HEADER_SIZE + instance_count as usize * IDENTITY_SIZE) as u64),
     };
     if stated != expected {
         return Err(HandoverError::LengthMismatch { stated, expected });
     }
-    let region_bytes = bytes.get(..expected as usize).ok_or(HandoverError::Truncated {
-        needed: stated,
-        have: bytes.len() as u64,
-    })?;
+    let region_bytes =
+        usize::try_from(expected)
+            .ok()
+            .and_then(|end| bytes.get(..end))
+            .ok_or(HandoverError::Truncated {
+                needed: stated,
+                have: bytes.len() as u64,
+            })?;
     let computed = checksum(&region_bytes[..HEADER_SIZE], &region_bytes[HEADER_SIZE..]);
     if computed != header.crc32c.get() {
         return Err(HandoverError::BadCrc {
@@ -117,13 +108,8 @@ fn decode_region(bytes: &[u8], pool: Extent, version: u32) -> Result<Decoded, Ha
         });
     }
 
-    let mut decoded = Decoded {
-        generation: header.generation.get(),
-        region,
-        pool,
-        instances: heapless::Vec::new(),
-    };
     let mut counts = [0usize; MAX_INSTANCES];
+    let mut identities: heapless::Vec<SmmuIdentity, MAX_INSTANCES> = heapless::Vec::new();
     let mut sum = 0u64;
     for (i, slot) in counts.iter_mut().enumerate().take(instance_count as usize) {
         let offset = HEADER_SIZE + i * IDENTITY_SIZE;
@@ -134,24 +120,14 @@ fn decode_region(bytes: &[u8], pool: Extent, version: u32) -> Result<Decoded, Ha
             }
         })?;
         let identity = decode_identity(&raw, i, offset)?;
-        if decoded.instances.iter().any(|inst| inst.identity.base == identity.base) {
+        if identities.iter().any(|id| id.base == identity.base) {
             return Err(HandoverError::DuplicateInstance { base: identity.base });
         }
         let count = raw.record_count.get();
-        if count as usize > MAX_RECORDS {
-            return Err(HandoverError::TooManyRecords {
-                instance: Some(i),
-                count,
-                max: MAX_RECORDS,
-            });
-        }
         *slot = count as usize;
         sum += u64::from(count);
         // At most MAX_INSTANCES identities: the header's count was checked.
-        let _ = decoded.instances.push(InstanceRecords {
-            identity,
-            records: heapless::Vec::new(),
-        });
+        let _ = identities.push(identity);
     }
     if sum != u64::from(record_count) {
         return Err(HandoverError::RecordCountMismatch {
@@ -159,26 +135,27 @@ fn decode_region(bytes: &[u8], pool: Extent, version: u32) -> Result<Decoded, Ha
             instances: sum,
         });
     }
-    let mut offset = HEADER_SIZE + instance_count as usize * IDENTITY_SIZE;
-    let truncated = HandoverError::Truncated {
-        needed: stated,
-        have: bytes.len() as u64,
+    let mut decoded = Decoded {
+        generation: header.generation.get(),
+        region,
+        pool,
+        instances: heapless::Vec::new(),
     };
-    for (i, inst) in decoded.instances.iter_mut().enumerate() {
+    let mut offset = HEADER_SIZE + instance_count as usize * IDENTITY_SIZE;
+    for (i, identity) in identities.iter().enumerate() {
+        let start = offset;
+        // Every record takes bytes of the region: the loop ends at its end, whatever the count says.
         for _ in 0..counts[i] {
-            let (raw, len) = match version {
-                2 => {
-                    let bytes = region_bytes.get(offset..offset + RECORD_SIZE).ok_or(truncated)?;
-                    (RawRecord::read_from_bytes(bytes).map_err(|_| truncated)?, RECORD_SIZE)
-                }
-                _ => read_v3_record(region_bytes, offset, stated)?,
-            };
-            let record = decode_record(&raw, offset, pool, region, inst.identity.strtab_sid_bits, version)?;
-            // counts[i] <= MAX_RECORDS was checked.
-            let _ = inst.records.push(record);
-            offset += len;
+            let parts = read_parts(region_bytes, offset, version, stated)?;
+            decode_record(&parts, offset, pool, region, identity.strtab_sid_bits, version)?;
+            offset += parts.len;
         }
-        check_instance(&inst.records)?;
+        let records = Records::from_bytes(&region_bytes[start..offset], counts[i], version);
+        check_instance(&records)?;
+        let _ = decoded.instances.push(InstanceRecords {
+            identity: *identity,
+            records,
+        });
     }
     if offset as u64 != stated {
         return Err(HandoverError::LengthMismatch {
@@ -233,7 +210,7 @@ fn decode_identity(raw: &RawIdentity, instance: usize, offset: usize) -> Result<
     })
 }
 
-fn record_kind(kind: u32) -> Option<RecordKind> {
+pub(super) fn record_kind(kind: u32) -> Option<RecordKind> {
     Some(match kind {
         1 => RecordKind::Stage1,
         2 => RecordKind::Stage2,
@@ -288,7 +265,7 @@ fn check_table(
     len: u64,
     align: u64,
     pool: Extent,
-    extents: &[Extent],
+    extents: &Entries<'_, Extent>,
 ) -> Result<(), HandoverError> {
     if !address.is_multiple_of(align) {
         return Err(HandoverError::Misaligned {
@@ -317,69 +294,114 @@ fn check_table(
     Ok(())
 }
 
-/// Reads the version-3 record at `offset` of the region's `bytes` (`stated` long) into a version-2 record's shape
-/// (the checks that follow are the same), with its length in bytes.
-fn read_v3_record(bytes: &[u8], offset: usize, stated: u64) -> Result<(RawRecord, usize), HandoverError> {
-    let past_end = |needed: usize| HandoverError::LengthMismatch {
+/// A record as read from the region, before its checks: its head (a version-2 record's fields at the same
+/// offsets), and where its streams and extents are.
+struct Parts<'a> {
+    head: RawRecordHead,
+    streams: &'a [u8],
+    stream_count: usize,
+    streams_at: usize,
+    extents: &'a [u8],
+    extent_count: usize,
+    extents_at: usize,
+    /// Bytes the record takes.
+    len: usize,
+}
+
+/// Reads the record of format `version` at `offset` of the region's `bytes` (`stated` long), checking what only
+/// one version has: version 2's unused slots and reserved bytes, version 3's reserved bytes and that its counts
+/// stay inside the region.
+fn read_parts(bytes: &[u8], offset: usize, version: u32, stated: u64) -> Result<Parts<'_>, HandoverError> {
+    let past_end = |needed: Option<usize>| HandoverError::LengthMismatch {
         stated,
-        expected: needed as u64,
+        expected: needed.map_or(u64::MAX, |n| n as u64),
     };
-    let head_bytes = bytes
-        .get(offset..offset + RECORD_HEAD_SIZE)
-        .ok_or(past_end(offset + RECORD_HEAD_SIZE))?;
-    let head = RawRecordHead::read_from_bytes(head_bytes).map_err(|_| past_end(offset + RECORD_HEAD_SIZE))?;
-    let token = head.token.get();
+    if version == 2 {
+        let truncated = HandoverError::Truncated {
+            needed: stated,
+            have: bytes.len() as u64,
+        };
+        let record = bytes.get(offset..offset + RECORD_SIZE).ok_or(truncated)?;
+        let raw = RawRecord::read_from_bytes(record).map_err(|_| truncated)?;
+        let (n, m) = (usize::from(raw.stream_count), usize::from(raw.extent_count));
+        let token = raw.token.get();
+        for (what, count) in [("streams", n), ("extents", m)] {
+            if count > V2_ENTRIES {
+                return Err(HandoverError::TooManyEntries {
+                    token,
+                    what,
+                    count: count as u32,
+                    max: V2_ENTRIES,
+                });
+            }
+        }
+        if raw.reserved0 != [0; 2] {
+            return Err(nonzero("record reserved0", offset + offset_of!(RawRecord, reserved0)));
+        }
+        let (streams_at, extents_at) = (offset_of!(RawRecord, streams), offset_of!(RawRecord, extents));
+        for (i, s) in raw.streams.iter().enumerate().skip(n) {
+            if s.as_bytes().iter().any(|&b| b != 0) {
+                return Err(nonzero("unused stream slot", offset + streams_at + i * STREAM_SIZE));
+            }
+        }
+        for (i, e) in raw.extents.iter().enumerate().skip(m) {
+            if e.as_bytes().iter().any(|&b| b != 0) {
+                return Err(nonzero("unused extent slot", offset + extents_at + i * EXTENT_SIZE));
+            }
+        }
+        let head = RawRecordHead::read_from_prefix(record).map_err(|_| truncated)?.0;
+        return Ok(Parts {
+            head,
+            streams: &record[streams_at..streams_at + n * STREAM_SIZE],
+            stream_count: n,
+            streams_at: offset + streams_at,
+            extents: &record[extents_at..extents_at + m * EXTENT_SIZE],
+            extent_count: m,
+            extents_at: offset + extents_at,
+            len: RECORD_SIZE,
+        });
+    }
+    let head_end = offset + RECORD_HEAD_SIZE;
+    let head_bytes = bytes.get(offset..head_end).ok_or(past_end(Some(head_end)))?;
+    let head = RawRecordHead::read_from_bytes(head_bytes).map_err(|_| past_end(Some(head_end)))?;
     if head.reserved0 != [0; 4] {
         return Err(nonzero(
             "record reserved0",
             offset + offset_of!(RawRecordHead, reserved0),
         ));
     }
-    let (streams, extents) = (head.stream_count.get(), head.extent_count.get());
-    for (what, count, max) in [("streams", streams, MAX_STREAMS), ("extents", extents, MAX_EXTENTS)] {
-        if count as usize > max {
-            return Err(HandoverError::TooManyEntries {
-                token,
-                what,
-                count,
-                max,
-            });
-        }
-    }
-    let len = RECORD_HEAD_SIZE + streams as usize * STREAM_SIZE + extents as usize * EXTENT_SIZE;
-    let body = bytes.get(offset..offset + len).ok_or(past_end(offset + len))?;
-    let mut raw = RawRecord::new_zeroed();
-    raw.token = head.token;
-    raw.kind = head.kind;
-    raw.flags = head.flags;
-    raw.asid = head.asid;
-    raw.vmid = head.vmid;
-    // At most MAX_STREAMS and MAX_EXTENTS (8), checked above.
-    raw.stream_count = streams as u8;
-    raw.extent_count = extents as u8;
-    raw.parent_token = head.parent_token;
-    raw.table = head.table;
-    raw.guest = head.guest;
-    let mut at = RECORD_HEAD_SIZE;
-    for slot in raw.streams.iter_mut().take(streams as usize) {
-        *slot = RawStream::read_from_bytes(&body[at..at + STREAM_SIZE]).map_err(|_| past_end(offset + len))?;
-        at += STREAM_SIZE;
-    }
-    for slot in raw.extents.iter_mut().take(extents as usize) {
-        *slot = RawExtent::read_from_bytes(&body[at..at + EXTENT_SIZE]).map_err(|_| past_end(offset + len))?;
-        at += EXTENT_SIZE;
-    }
-    Ok((raw, len))
+    let (n, m) = (head.stream_count.get() as usize, head.extent_count.get() as usize);
+    let extents_at = n.checked_mul(STREAM_SIZE).and_then(|b| b.checked_add(head_end));
+    let end = m
+        .checked_mul(EXTENT_SIZE)
+        .zip(extents_at)
+        .and_then(|(b, at)| b.checked_add(at));
+    let (Some(extents_at), Some(end)) = (extents_at, end) else {
+        return Err(past_end(None));
+    };
+    let body = bytes.get(head_end..end).ok_or(past_end(Some(end)))?;
+    Ok(Parts {
+        head,
+        streams: &body[..extents_at - head_end],
+        stream_count: n,
+        streams_at: head_end,
+        extents: &body[extents_at - head_end..],
+        extent_count: m,
+        extents_at,
+        len: end - offset,
+    })
 }
 
+/// The checks of one record on its own (every check but those across records).
 fn decode_record(
-    raw: &RawRecord,
+    parts: &Parts<'_>,
     offset: usize,
     pool: Extent,
     region: Extent,
     sid_bits: u8,
     version: u32,
-) -> Result<DomainRecord, HandoverError> {
+) -> Result<(), HandoverError> {
+    let raw = &parts.head;
     let token = raw.token.get();
     let kind_value = raw.kind.get();
     let kind = record_kind(kind_value).ok_or(HandoverError::BadKind {
@@ -403,9 +425,6 @@ fn decode_record(
             flags,
         });
     }
-    if raw.reserved0 != [0; 2] {
-        return Err(nonzero("record reserved0", offset + offset_of!(RawRecord, reserved0)));
-    }
     let stage1 = matches!(kind, RecordKind::Stage1 | RecordKind::Stage1El2);
     let (asid, vmid) = (raw.asid.get(), raw.vmid.get());
     if stage1 && vmid != 0 {
@@ -419,44 +438,6 @@ fn decode_record(
             "ASID of a stage-2 or nested record",
             offset + offset_of!(RawRecord, asid),
         ));
-    }
-    let (stream_count, extent_count) = (raw.stream_count, raw.extent_count);
-    if stream_count as usize > MAX_STREAMS {
-        return Err(HandoverError::TooManyEntries {
-            token,
-            what: "streams",
-            count: stream_count.into(),
-            max: MAX_STREAMS,
-        });
-    }
-    if extent_count as usize > MAX_EXTENTS {
-        return Err(HandoverError::TooManyEntries {
-            token,
-            what: "extents",
-            count: extent_count.into(),
-            max: MAX_EXTENTS,
-        });
-    }
-    // Where the record's streams and extents are in the region, for the offsets errors name.
-    let (streams_at, extents_at) = match version {
-        2 => (
-            offset + offset_of!(RawRecord, streams),
-            offset + offset_of!(RawRecord, extents),
-        ),
-        _ => {
-            let streams_at = offset + RECORD_HEAD_SIZE;
-            (streams_at, streams_at + usize::from(stream_count) * STREAM_SIZE)
-        }
-    };
-    for (i, s) in raw.streams.iter().enumerate().skip(stream_count as usize) {
-        if s.as_bytes().iter().any(|&b| b != 0) {
-            return Err(nonzero("unused stream slot", streams_at + i * size_of::<RawStream>()));
-        }
-    }
-    for (i, e) in raw.extents.iter().enumerate().skip(extent_count as usize) {
-        if e.as_bytes().iter().any(|&b| b != 0) {
-            return Err(nonzero("unused extent slot", extents_at + i * size_of::<RawExtent>()));
-        }
     }
     if flags & FLAG_PARENT == 0 && raw.parent_token != U64::ZERO {
         return Err(nonzero(
@@ -483,9 +464,8 @@ fn decode_record(
         return Err(nonzero("guest reserved", guest_at + offset_of!(RawGuest, reserved)));
     }
 
-    let mut extents = heapless::Vec::new();
-    for e in &raw.extents[..extent_count as usize] {
-        let e = e.get();
+    let extents: Entries<'_, Extent> = Entries::from_bytes(parts.extents, parts.extent_count);
+    for e in extents.iter() {
         if e.len == 0 {
             return Err(HandoverError::BadValue {
                 token,
@@ -508,11 +488,11 @@ fn decode_record(
                 region,
             });
         }
-        // At most MAX_EXTENTS: checked above.
-        let _ = extents.push(e);
     }
+    // Every record's extents are checked against each other's (and other records') by `check_overlaps`.
+    let _ = parts.extents_at;
 
-    let table = if flags & FLAG_TABLE != 0 {
+    if flags & FLAG_TABLE != 0 {
         let t = &raw.table;
         let shape = TableShape {
             root: t.root.get(),
@@ -526,12 +506,9 @@ fn decode_record(
         let len = table_bytes(&shape, kind == RecordKind::Stage2)
             .map_err(|(what, value)| HandoverError::BadTableShape { token, what, value })?;
         check_table(token, "root table", shape.root, len, len, pool, &extents)?;
-        Some(shape)
-    } else {
-        None
-    };
+    }
 
-    let guest = if flags & FLAG_GUEST != 0 {
+    if flags & FLAG_GUEST != 0 {
         let g = &raw.guest;
         let bad = |what, value: u8| HandoverError::BadValue {
             token,
@@ -556,19 +533,12 @@ fn decode_record(
                 align: CD_BYTES,
             });
         }
-        Some(GuestRecord {
-            cd_table_ipa: ipa,
-            cd_max_log2: g.cd_max_log2,
-            layout: g.layout,
-            default_substream: g.default_substream,
-        })
-    } else {
-        None
-    };
+    }
 
-    let mut streams = heapless::Vec::new();
-    for (i, s) in raw.streams[..stream_count as usize].iter().enumerate() {
-        let at = streams_at + i * size_of::<RawStream>();
+    for i in 0..parts.stream_count {
+        let at = parts.streams_at + i * STREAM_SIZE;
+        let s =
+            RawStream::read_from_bytes(&parts.streams[i * STREAM_SIZE..(i + 1) * STREAM_SIZE]).map_err(|_| past(at))?;
         if s.reserved != [0; 6] {
             return Err(nonzero("stream reserved", at + offset_of!(RawStream, reserved)));
         }
@@ -600,13 +570,6 @@ fn decode_record(
             }
             let len = cd_table_bytes(s.cd_ssid_bits, two_level);
             check_table(token, "CD table", cd_table, len, CD_BYTES, pool, &extents)?;
-            let _ = streams.push(StreamRecord {
-                sid,
-                ssid,
-                cd_table,
-                cd_ssid_bits: s.cd_ssid_bits,
-                cd_two_level: two_level,
-            });
         } else {
             if cd_table != 0 || s.cd_ssid_bits != 0 || s.cd_format != 0 {
                 return Err(nonzero(
@@ -620,31 +583,24 @@ fn decode_record(
                     ssid.into(),
                 ));
             }
-            let _ = streams.push(StreamRecord {
-                sid,
-                ..StreamRecord::default()
-            });
         }
     }
-
-    Ok(DomainRecord {
-        token,
-        kind,
-        asid,
-        vmid,
-        table,
-        parent_token: (flags & FLAG_PARENT != 0).then(|| raw.parent_token.get()),
-        guest,
-        streams,
-        extents,
-        identity,
-    })
+    Ok(())
 }
 
-/// The checks across one instance's records: tokens, parents, streams, ASIDs and VMIDs.
-fn check_instance(records: &[DomainRecord]) -> Result<(), HandoverError> {
+/// A stream entry that cannot be read (never: the record's bytes were sliced to its counts).
+fn past(at: usize) -> HandoverError {
+    HandoverError::Truncated {
+        needed: (at + STREAM_SIZE) as u64,
+        have: at as u64,
+    }
+}
+
+/// The checks across one instance's records: tokens, parents, streams, ASIDs and VMIDs. Pairwise, so quadratic in
+/// the records (and in the streams): a region of the metadata area's size holds at most some hundreds.
+fn check_instance(records: &Records<'_>) -> Result<(), HandoverError> {
     for (i, a) in records.iter().enumerate() {
-        for b in &records[i + 1..] {
+        for b in records.iter().skip(i + 1) {
             if a.token == b.token {
                 return Err(HandoverError::DuplicateToken(a.token));
             }
@@ -665,7 +621,7 @@ fn check_instance(records: &[DomainRecord]) -> Result<(), HandoverError> {
             }
         }
     }
-    for r in records {
+    for r in records.iter() {
         let Some(parent) = r.parent_token else { continue };
         let p = records
             .iter()
@@ -686,30 +642,36 @@ fn check_instance(records: &[DomainRecord]) -> Result<(), HandoverError> {
             });
         }
     }
-    // Streams: sorted, duplicates are neighbours.
-    let mut streams: heapless::Vec<(u32, u32, u64), { MAX_RECORDS * MAX_STREAMS }> = heapless::Vec::new();
-    for r in records {
-        for s in &r.streams {
-            let _ = streams.push((s.sid, s.ssid, r.token));
-        }
-    }
-    streams.sort_unstable();
-    for pair in streams.windows(2) {
-        if pair[0].0 == pair[1].0 && pair[0].1 == pair[1].1 {
+    // Streams: each (StreamID, SubstreamID) once in the instance; the pair is named lowest first.
+    let streams = || {
+        records
+            .iter()
+            .flat_map(|r| r.streams.iter().map(move |s| (s.sid, s.ssid, r.token)))
+    };
+    for (i, a) in streams().enumerate() {
+        if let Some(b) = streams().skip(i + 1).find(|b| (b.0, b.1) == (a.0, a.1)) {
             return Err(HandoverError::DuplicateStream {
-                sid: pair[0].0,
-                ssid: pair[0].1,
-                token_a: pair[0].2,
-                token_b: pair[1].2,
+                sid: a.0,
+                ssid: a.1,
+                token_a: a.2.min(b.2),
+                token_b: a.2.max(b.2),
             });
         }
     }
     Ok(())
 }
 
+/// Every extent of every record of `instances`, with its record's token.
+fn all_extents<'a>(instances: &'a [InstanceRecords<'a>]) -> impl Iterator<Item = (u64, Extent)> + 'a {
+    instances
+        .iter()
+        .flat_map(|i| i.records.iter())
+        .flat_map(|r| r.extents.iter().map(move |e| (r.token, e)))
+}
+
 /// An SMMU left running keeps its own structures (stream table, spans) in the pool from `strtab_base` for
 /// `core_len` bytes: inside the pool, and shared with no record's extent.
-fn check_core_extents(instances: &[InstanceRecords], pool: Extent) -> Result<(), HandoverError> {
+fn check_core_extents(instances: &[InstanceRecords<'_>], pool: Extent) -> Result<(), HandoverError> {
     for inst in instances {
         let id = &inst.identity;
         if id.core_len == 0 {
@@ -727,46 +689,28 @@ fn check_core_extents(instances: &[InstanceRecords], pool: Extent) -> Result<(),
                 len: core.len,
             });
         }
-        for other in instances {
-            for r in &other.records {
-                for e in &r.extents {
-                    if e.overlaps(&core) {
-                        return Err(HandoverError::Overlap {
-                            token_a: 0,
-                            a: core,
-                            token_b: r.token,
-                            b: *e,
-                        });
-                    }
-                }
-            }
+        if let Some((token, e)) = all_extents(instances).find(|(_, e)| e.overlaps(&core)) {
+            return Err(HandoverError::Overlap {
+                token_a: 0,
+                a: core,
+                token_b: token,
+                b: e,
+            });
         }
     }
     Ok(())
 }
 
-/// No extent shares a byte with another, in any record of any instance. Extents are non-empty and do not wrap
-/// (checked before): sorted by base, any overlap shows between neighbours.
-fn check_overlaps(instances: &[InstanceRecords]) -> Result<(), HandoverError> {
-    const ALL: usize = MAX_INSTANCES * MAX_RECORDS * MAX_EXTENTS;
-    // (instance, record, extent) packed in 16 bits.
-    let at = |key: u16| {
-        let r = &instances[usize::from(key >> 8)].records[usize::from((key >> 3) & 0x1f)];
-        (r.token, r.extents[usize::from(key & 7)])
-    };
-    let mut keys: heapless::Vec<u16, ALL> = heapless::Vec::new();
-    for (i, inst) in instances.iter().enumerate() {
-        for (r, record) in inst.records.iter().enumerate() {
-            for e in 0..record.extents.len() {
-                let _ = keys.push(((i as u16) << 8) | ((r as u16) << 3) | e as u16);
-            }
-        }
-    }
-    keys.sort_unstable_by_key(|&k| at(k).1.base);
-    for pair in keys.windows(2) {
-        let (token_a, a) = at(pair[0]);
-        let (token_b, b) = at(pair[1]);
-        if a.overlaps(&b) {
+/// No extent shares a byte with another, in any record of any instance (extents are non-empty and do not wrap:
+/// checked before). Pairwise, as [`check_instance`]; the pair is named lower base first.
+fn check_overlaps(instances: &[InstanceRecords<'_>]) -> Result<(), HandoverError> {
+    for (i, (ta, a)) in all_extents(instances).enumerate() {
+        if let Some((tb, b)) = all_extents(instances).skip(i + 1).find(|(_, b)| b.overlaps(&a)) {
+            let ((token_a, a), (token_b, b)) = if a.base <= b.base {
+                ((ta, a), (tb, b))
+            } else {
+                ((tb, b), (ta, a))
+            };
             return Err(HandoverError::Overlap { token_a, a, token_b, b });
         }
     }

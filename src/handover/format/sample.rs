@@ -1,15 +1,127 @@
 //! Valid sample regions, a mutator for them and the pool invariant: shared by the format's tests, the stable fuzzer
 //! (`fuzz/`) and tools. Built for the crate's tests and with the `sample` feature only.
 
+extern crate alloc;
+
+use alloc::vec::Vec;
+
 use super::decode::{cd_table_bytes, table_bytes};
 use super::{
-    CRC_OFFSET, HEADER_SIZE, IDENTITY_SIZE, MAX_REGION_SIZE, RECORD_SIZE, RawHeader, RawIdentity, RawRecord, RawStream,
-    RawTable, checksum,
+    CRC_OFFSET, EXTENT_SIZE, FormatError, HEADER_SIZE, IDENTITY_SIZE, RECORD_HEAD_SIZE, RECORD_SIZE, RawHeader,
+    RawIdentity, RawRecord, RawStream, RawTable, STREAM_SIZE, checksum,
 };
-use super::{Decoded, DomainRecord, Extent, InstanceRecords, MAX_EXTENTS, MAX_INSTANCES};
-use super::{MAX_RECORDS, MAX_STREAMS, SmmuIdentity};
-use crate::handover::{GuestRecord, RecordKind, StreamRecord, TableShape};
+use super::{Decoded, DomainRecord, Extent, InstanceRecords, MAX_INSTANCES};
+use super::{SmmuIdentity, encode};
+use crate::handover::{Entries, GuestRecord, RecordKind, Records, StreamRecord, TableShape};
 use core::mem::offset_of;
+
+/// Records the samples hold per instance, at most.
+pub const MAX_SAMPLE_RECORDS: usize = 32;
+/// Streams, and extents, a sample record holds at most.
+pub const MAX_SAMPLE_ENTRIES: usize = 8;
+
+/// A record with its own streams and extents: what the samples and tests build.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnedRecord {
+    /// The record (its `streams` and `extents` are ignored: those below are its).
+    pub head: DomainRecord<'static>,
+    /// Its streams.
+    pub streams: Vec<StreamRecord>,
+    /// Its extents.
+    pub extents: Vec<Extent>,
+}
+
+impl OwnedRecord {
+    /// The record, over its own streams and extents.
+    pub fn record(&self) -> DomainRecord<'_> {
+        DomainRecord {
+            streams: Entries::from_slice(&self.streams),
+            extents: Entries::from_slice(&self.extents),
+            ..self.head
+        }
+    }
+
+    /// The record of `r` (a decoded one, say), owned.
+    pub fn of(r: &DomainRecord<'_>) -> Self {
+        OwnedRecord {
+            head: DomainRecord {
+                streams: Entries::empty(),
+                extents: Entries::empty(),
+                ..*r
+            },
+            streams: r.streams.iter().collect(),
+            extents: r.extents.iter().collect(),
+        }
+    }
+}
+
+impl core::ops::Deref for OwnedRecord {
+    type Target = DomainRecord<'static>;
+    fn deref(&self) -> &DomainRecord<'static> {
+        &self.head
+    }
+}
+
+impl core::ops::DerefMut for OwnedRecord {
+    fn deref_mut(&mut self) -> &mut DomainRecord<'static> {
+        &mut self.head
+    }
+}
+
+/// One SMMU's records, owned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnedInstance {
+    /// The SMMU.
+    pub identity: SmmuIdentity,
+    /// Its records.
+    pub records: Vec<OwnedRecord>,
+}
+
+impl OwnedInstance {
+    /// The records of `i`, owned.
+    pub fn of(i: &InstanceRecords<'_>) -> Self {
+        OwnedInstance {
+            identity: i.identity,
+            records: i.records.iter().map(|r| OwnedRecord::of(&r)).collect(),
+        }
+    }
+}
+
+/// Runs `f` over `instances` as the format's views.
+pub fn with_views<R>(instances: &[OwnedInstance], f: impl FnOnce(&[InstanceRecords<'_>]) -> R) -> R {
+    let records: Vec<Vec<DomainRecord<'_>>> = instances
+        .iter()
+        .map(|i| i.records.iter().map(OwnedRecord::record).collect())
+        .collect();
+    let views: Vec<InstanceRecords<'_>> = instances
+        .iter()
+        .zip(&records)
+        .map(|(i, r)| InstanceRecords {
+            identity: i.identity,
+            records: Records::from_slice(r),
+        })
+        .collect();
+    f(&views)
+}
+
+/// [`encode`] of owned instances.
+///
+/// # Errors
+/// As [`encode`].
+pub fn encode_owned(
+    instances: &[OwnedInstance],
+    generation: u64,
+    region: Extent,
+    pool: Extent,
+    out: &mut [u8],
+) -> Result<usize, FormatError> {
+    with_views(instances, |views| encode(views, generation, region, pool, out))
+}
+
+/// The owned form of a decoded region's instances (what tests compare).
+pub fn owned(decoded: &Decoded<'_>) -> Vec<OwnedInstance> {
+    decoded.instances.iter().map(OwnedInstance::of).collect()
+}
 
 /// The pool of every sample (256 MiB).
 pub const POOL: Extent = Extent {
@@ -22,7 +134,10 @@ pub const REGION: Extent = Extent {
     len: 0x10_0000,
 };
 /// A buffer size that holds any sample and any mutation of one.
-pub const BUFFER_SIZE: usize = MAX_REGION_SIZE + RECORD_SIZE;
+pub const BUFFER_SIZE: usize = HEADER_SIZE
+    + MAX_INSTANCES * IDENTITY_SIZE
+    + MAX_INSTANCES * MAX_SAMPLE_RECORDS * (RECORD_HEAD_SIZE + MAX_SAMPLE_ENTRIES * (STREAM_SIZE + EXTENT_SIZE))
+    + RECORD_SIZE;
 
 /// Pool memory is handed out in chunks of this size (aligned).
 const CHUNK: u64 = 0x1_0000;
@@ -66,8 +181,8 @@ const SSID_BITS: [u8; 6] = [0, 1, 2, 4, 11, 12];
 
 /// Valid instances (1 to [`MAX_INSTANCES`], each with up to `max_records` records of every kind) whose memory
 /// lies in [`POOL`]: [`super::decode`] accepts their encoding.
-pub fn instances(rng: &mut Rng, max_records: usize) -> heapless::Vec<InstanceRecords, MAX_INSTANCES> {
-    let mut out = heapless::Vec::new();
+pub fn instances(rng: &mut Rng, max_records: usize) -> Vec<OwnedInstance> {
+    let mut out = Vec::new();
     let mut cursor = POOL.base;
     let count = 1 + rng.below(MAX_INSTANCES as u64) as usize;
     for i in 0..count {
@@ -85,14 +200,14 @@ pub fn instances(rng: &mut Rng, max_records: usize) -> heapless::Vec<InstanceRec
             strtab_split: 8,
             core_len: 0,
         };
-        let mut records: heapless::Vec<DomainRecord, MAX_RECORDS> = heapless::Vec::new();
-        let n = rng.below(max_records.min(MAX_RECORDS) as u64 + 1) as usize;
+        let mut records: Vec<OwnedRecord> = Vec::new();
+        let n = rng.below(max_records.min(MAX_SAMPLE_RECORDS) as u64 + 1) as usize;
         let (mut next_sid, mut next_asid, mut next_vmid) = (0u32, 1u16, 1u16);
         for _ in 0..n {
-            let stage2: heapless::Vec<(u64, u16), MAX_RECORDS> = records
+            let stage2: Vec<(u64, u16)> = records
                 .iter()
-                .filter(|r| r.kind == RecordKind::Stage2)
-                .map(|r| (r.token, r.vmid))
+                .filter(|r| r.head.kind == RecordKind::Stage2)
+                .map(|r| (r.head.token, r.head.vmid))
                 .collect();
             let kind = match rng.below(4) {
                 0 => RecordKind::Stage1,
@@ -107,17 +222,17 @@ pub fn instances(rng: &mut Rng, max_records: usize) -> heapless::Vec<InstanceRec
                 } else {
                     rng.next_u64()
                 };
-                if !records.iter().any(|r| r.token == t) {
+                if !records.iter().any(|r| r.head.token == t) {
                     break t;
                 }
             };
             let nested = kind == RecordKind::Nested;
-            let mut extents = heapless::Vec::new();
+            let mut extents = Vec::new();
             let extent_count = if nested { rng.below(3) } else { 1 + rng.below(3) };
             for e in 0..extent_count {
                 cursor += rng.below(2) * CHUNK;
                 let chunks = if e == 0 && !nested { 2 } else { 1 + rng.below(3) };
-                let _ = extents.push(Extent {
+                extents.push(Extent {
                     base: cursor,
                     len: chunks * CHUNK,
                 });
@@ -142,8 +257,8 @@ pub fn instances(rng: &mut Rng, max_records: usize) -> heapless::Vec<InstanceRec
                     },
                 }
             });
-            let mut streams = heapless::Vec::new();
-            for s in 0..rng.below(MAX_STREAMS as u64 + 1) {
+            let mut streams = Vec::new();
+            for s in 0..rng.below(MAX_SAMPLE_ENTRIES as u64 + 1) {
                 let sid = next_sid;
                 next_sid += 1 + rng.below(3) as u32;
                 let stream = if stage1 {
@@ -161,7 +276,7 @@ pub fn instances(rng: &mut Rng, max_records: usize) -> heapless::Vec<InstanceRec
                         ..StreamRecord::default()
                     }
                 };
-                let _ = streams.push(stream);
+                streams.push(stream);
             }
             let (asid, vmid, parent_token, guest) = match kind {
                 RecordKind::Stage1 | RecordKind::Stage1El2 => {
@@ -183,20 +298,24 @@ pub fn instances(rng: &mut Rng, max_records: usize) -> heapless::Vec<InstanceRec
                     (0, vmid, Some(parent), Some(guest))
                 }
             };
-            let _ = records.push(DomainRecord {
-                token,
-                kind,
-                asid,
-                vmid,
-                table,
-                parent_token,
-                guest,
+            records.push(OwnedRecord {
+                head: DomainRecord {
+                    token,
+                    kind,
+                    asid,
+                    vmid,
+                    table,
+                    parent_token,
+                    guest,
+                    streams: Entries::empty(),
+                    extents: Entries::empty(),
+                    identity: false,
+                },
                 streams,
                 extents,
-                identity: false,
             });
         }
-        let _ = out.push(InstanceRecords { identity, records });
+        out.push(OwnedInstance { identity, records });
     }
     out
 }
@@ -411,18 +530,18 @@ fn adjust_counts(buf: &mut [u8], len: usize, delta: i64, rng: &mut Rng) {
 /// # Errors
 ///
 /// What is broken, with the record's token.
-pub fn check_accepted(decoded: &Decoded, pool: Extent) -> Result<(), (&'static str, u64)> {
+pub fn check_accepted(decoded: &Decoded<'_>, pool: Extent) -> Result<(), (&'static str, u64)> {
     if decoded.pool != pool {
         return Err(("pool differs", 0));
     }
-    let mut all: heapless::Vec<(u64, Extent), { MAX_INSTANCES * MAX_RECORDS * MAX_EXTENTS }> = heapless::Vec::new();
+    let mut all: Vec<(u64, Extent)> = Vec::new();
     for r in decoded.instances.iter().flat_map(|i| i.records.iter()) {
         let own = |base: u64, len: u64| r.extents.iter().any(|e| e.contains(base, len));
         for e in &r.extents {
             if e.len == 0 || !pool.contains(e.base, e.len) {
                 return Err(("extent outside the pool", r.token));
             }
-            let _ = all.push((r.token, *e));
+            all.push((r.token, e));
         }
         if let Some(t) = &r.table {
             let Ok(len) = table_bytes(t, r.kind == RecordKind::Stage2) else {

@@ -421,6 +421,48 @@ fn a_region_beyond_this_image_is_refused_before_anything_changes() {
     assert!(smmu.retrieve(0x51).is_err());
 }
 
+/// The format has no cap on a record's streams (version 3); a domain of this image holds at most
+/// `MAX_ATTACHMENTS`. A record with more (its CRC valid) is refused by `check_limits`, before anything is taken,
+/// never rebuilt with some of its streams silently dropped.
+#[test]
+fn a_record_with_more_streams_than_a_domain_holds_is_refused_before_anything_changes() {
+    use crate::domain::MAX_ATTACHMENTS;
+    use crate::handover::StreamRecord;
+    let frames = frames();
+    let mut region = Region::new();
+    first_image(&mut region, frames);
+    running::tamper(region.pool(), |instance| {
+        let r = instance.records.iter_mut().find(|r| r.token == 0x55).unwrap();
+        assert_eq!(r.kind, crate::handover::RecordKind::Stage2);
+        r.streams = (0..=MAX_ATTACHMENTS as u32)
+            .map(|i| StreamRecord {
+                sid: 0x40 + i,
+                ..StreamRecord::default()
+            })
+            .collect();
+    });
+    let model = Model::start(frames);
+    let smmu = boot(&model, frames);
+    let pool = region.pool();
+    let before = model.seen.lock().unwrap().consumed.len();
+    let error = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
+    assert_eq!(
+        error,
+        RestoreError::BeyondLimits {
+            token: 0x55,
+            what: "more streams in one record than a domain holds (MAX_ATTACHMENTS)",
+            value: MAX_ATTACHMENTS as u64 + 1
+        }
+    );
+    assert_eq!(issued_since(&model, before), [], "nothing installed, nothing to undo");
+    assert_eq!(
+        (pool.arenas_in_use(), smmu.asids_in_use(), smmu.vmids_in_use()),
+        (0, 0, 0)
+    );
+    assert!(smmu.retrieve(0x51).is_err());
+    core::mem::forget(smmu);
+}
+
 /// Suspicion 6: a region whose streams do not fit this image's stream records ([`MAX_ATTACHED_STREAMS`] with
 /// the ones it has attached) is refused by `check_limits`, before anything is installed, not half-way through
 /// the rebuild after STEs were written.
@@ -749,8 +791,11 @@ fn two_smmus() {
         b.preserve(db, 0xb).unwrap();
         a.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
         b.prepare_handover(pool, BASE_B, 1, SURVIVING).unwrap();
-        let decoded = crate::handover::format::decode(&pool.lock_metadata().unwrap(), pool.pool().unwrap()).unwrap();
-        let bases: std::vec::Vec<u64> = decoded.instances.iter().map(|i| i.identity.base).collect();
+        let bases: std::vec::Vec<u64> = {
+            let metadata = pool.lock_metadata().unwrap();
+            let decoded = crate::handover::format::decode(&metadata, pool.pool().unwrap()).unwrap();
+            decoded.instances.iter().map(|i| i.identity.base).collect()
+        };
         assert_eq!(bases, [BASE, BASE_B], "one region, two identities");
         core::mem::forget(a);
         core::mem::forget(b);

@@ -61,7 +61,17 @@ fn first_image(region: &mut Region, frames: &'static HeapFrames) -> Preserved {
     smmu.preserve(s2, S2).unwrap();
     smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
     let root = |d: DomainId| smmu.domain_table(d).unwrap().root().0;
-    let cd_table = smmu.handover_records(BASE).unwrap().records[0].streams[0].cd_table;
+    let cd_table = smmu
+        .handover_records(BASE)
+        .unwrap()
+        .instance()
+        .records
+        .first()
+        .unwrap()
+        .streams
+        .first()
+        .unwrap()
+        .cd_table;
     let preserved = Preserved {
         s1_root: root(s1),
         cd_table,
@@ -491,9 +501,9 @@ fn no_unused_stream_slot_is_taken_as_stream_id_0() {
     let decoded = {
         let pool = region.pool();
         let bytes = pool.lock_metadata().unwrap();
-        crate::handover::format::decode(&bytes, pool.pool().unwrap()).unwrap()
+        crate::handover::format::sample::owned(&crate::handover::format::decode(&bytes, pool.pool().unwrap()).unwrap())
     };
-    let streams: std::vec::Vec<u32> = decoded.instances[0]
+    let streams: std::vec::Vec<u32> = decoded[0]
         .records
         .iter()
         .flat_map(|r| r.streams.iter().map(|s| s.sid))
@@ -768,7 +778,16 @@ fn review_two_streams_naming_one_cd_table_are_refused() {
         smmu.attach(d, 0x11).unwrap();
         smmu.preserve(d, S1).unwrap();
         smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
-        let streams = smmu.handover_records(BASE).unwrap().records[0].streams.clone();
+        let streams: std::vec::Vec<_> = smmu
+            .handover_records(BASE)
+            .unwrap()
+            .instance()
+            .records
+            .first()
+            .unwrap()
+            .streams
+            .iter()
+            .collect();
         let cd = |sid| streams.iter().find(|s| s.sid == sid).unwrap().cd_table;
         let root = smmu.domain_table(d).unwrap().root().0;
         let cds = (cd(0x10), cd(0x11));
@@ -951,7 +970,16 @@ fn cd_tables_are_placed_and_kept_apart_in_every_verification_mode() {
             smmu.attach(d, 0x11).unwrap();
             smmu.preserve(d, S1).unwrap();
             smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
-            let streams = smmu.handover_records(BASE).unwrap().records[0].streams.clone();
+            let streams: std::vec::Vec<_> = smmu
+                .handover_records(BASE)
+                .unwrap()
+                .instance()
+                .records
+                .first()
+                .unwrap()
+                .streams
+                .iter()
+                .collect();
             let cd = |sid| streams.iter().find(|s| s.sid == sid).unwrap().cd_table;
             let root = smmu.domain_table(d).unwrap().root().0;
             let cds = (cd(0x10), cd(0x11));

@@ -639,6 +639,7 @@ pub fn lu_tampered(context: &mut Context) -> Result<(), Failure> {
         drop(table);
         let records = s.handover_records(base).or_else(|e| fail!("{e}"))?;
         let Some(cd) = records
+            .instance()
             .records
             .first()
             .and_then(|r| r.streams.first())

@@ -73,26 +73,47 @@ fn tamper_with_the_record(kind: DomainKind) -> Result<(), Failure> {
     let (Ok(region), Ok(pool)) = (POOL.metadata_extent(), POOL.pool()) else {
         fail!("no handover region")
     };
-    let Ok(mut bytes) = POOL.lock_metadata() else {
+    let Ok(mut guard) = POOL.lock_metadata() else {
         fail!("no handover region")
     };
-    let mut decoded = format::decode(&bytes, pool).or_else(|e| fail!("the prepared region: {e}"))?;
-    let Some(record) = decoded
-        .instances
-        .iter_mut()
-        .flat_map(|i| i.records.iter_mut())
-        .find(|r| r.token == TOKEN)
-    else {
-        fail!("the prepared region has no record {TOKEN:#x}")
+    let (bytes, staging) = guard.with_staging();
+    // The records are views of the region: the tampered copy is encoded into the pool's staging buffer from them,
+    // then copied over the region (as the driver rewrites it).
+    let (written, what) = {
+        // Only the instance holding the record is rebuilt as a list; the others stay views of the region.
+        let decoded = format::decode(bytes, pool).or_else(|e| fail!("the prepared region: {e}"))?;
+        let Some(at) = decoded
+            .instances
+            .iter()
+            .position(|i| i.records.iter().any(|r| r.token == TOKEN))
+        else {
+            fail!("the prepared region has no record {TOKEN:#x}")
+        };
+        let mut list: heapless::Vec<smmuv3::handover::DomainRecord<'_>, 32> = heapless::Vec::new();
+        let mut what = None;
+        for mut record in decoded.instances[at].records.iter() {
+            if record.token == TOKEN {
+                what = Some(if kind == DomainKind::Stage1 {
+                    ("ASID", core::mem::replace(&mut record.asid, 0))
+                } else {
+                    ("VMID", core::mem::replace(&mut record.vmid, 0))
+                });
+            }
+            if list.push(record).is_err() {
+                fail!("more than 32 records in the instance")
+            }
+        }
+        let mut instances: heapless::Vec<smmuv3::handover::InstanceRecords<'_>, 8> =
+            decoded.instances.iter().copied().collect();
+        instances[at].records = smmuv3::handover::Records::from_slice(&list);
+        let Some(what) = what else {
+            fail!("the prepared region has no record {TOKEN:#x}")
+        };
+        let written =
+            format::encode(&instances, decoded.generation, region, pool, staging).or_else(|e| fail!("{e}"))?;
+        (written, what)
     };
-    let what = if kind == DomainKind::Stage1 {
-        let was = core::mem::replace(&mut record.asid, 0);
-        ("ASID", was)
-    } else {
-        let was = core::mem::replace(&mut record.vmid, 0);
-        ("VMID", was)
-    };
-    format::encode(&decoded.instances, decoded.generation, region, pool, &mut bytes).or_else(|e| fail!("{e}"))?;
+    bytes[..written].copy_from_slice(&staging[..written]);
     println!(
         "  record {TOKEN:#x}: its {} {} rewritten to 0 (the driver's reserved ID) and the CRC fixed",
         what.0, what.1

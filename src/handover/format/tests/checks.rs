@@ -47,7 +47,7 @@ fn peek_header_reads_a_refused_region() {
     assert_eq!((h.magic, h.version, h.generation), (MAGIC, VERSION, 42));
     assert_eq!(
         (h.instance_count, h.record_count, h.total_len),
-        (2, 5, region_size(&fixture()) as u64)
+        (2, 5, sample::with_views(&fixture(), region_size) as u64)
     );
     assert_eq!((h.region, h.pool), (REGION, POOL));
     assert!(matches!(decode(&bytes, POOL), Err(HandoverError::BadCrc { .. })));
@@ -64,7 +64,7 @@ fn the_mutator_reaches_the_structural_checks() {
     let (mut crc, mut other, mut accepted) = (0, 0, 0);
     for _ in 0..3000 {
         let instances = sample::instances(&mut rng, 6);
-        let n = encode(&instances, 1, REGION, POOL, &mut buf).unwrap();
+        let n = sample::encode_owned(&instances, 1, REGION, POOL, &mut buf).unwrap();
         let donor = buf[..n].to_vec();
         let len = sample::mutate(&mut buf, n, &donor, &mut rng);
         match decode(&buf[..len], POOL) {
@@ -90,7 +90,7 @@ proptest::proptest! {
         let mut rng = Rng::new(seed);
         let instances = sample::instances(&mut rng, 8);
         let mut buf = vec![0u8; sample::BUFFER_SIZE];
-        let mut len = encode(&instances, seed, REGION, POOL, &mut buf).unwrap();
+        let mut len = sample::encode_owned(&instances, seed, REGION, POOL, &mut buf).unwrap();
         let donor = buf[..len].to_vec();
         for _ in 0..rounds {
             len = sample::mutate(&mut buf, len, &donor, &mut rng);
@@ -98,7 +98,7 @@ proptest::proptest! {
         if let Ok(d) = decode(&buf[..len], POOL) {
             proptest::prop_assert_eq!(sample::check_accepted(&d, POOL), Ok(()));
             if rounds == 0 {
-                proptest::prop_assert_eq!(&d.instances[..], &instances[..]);
+                proptest::prop_assert_eq!(sample::owned(&d), instances.clone());
             }
         } else {
             proptest::prop_assert!(rounds > 0, "a valid sample was refused");

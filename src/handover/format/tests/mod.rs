@@ -8,7 +8,7 @@ use std::string::ToString;
 use std::vec;
 use std::vec::Vec;
 
-use super::sample::{self, POOL, REGION, Rng};
+use super::sample::{self, OwnedInstance, OwnedRecord, POOL, REGION, Rng};
 use super::*;
 use crate::handover::{GuestRecord, RecordKind, StreamRecord, TableShape};
 
@@ -18,18 +18,22 @@ fn ext(base: u64, len: u64) -> Extent {
     Extent { base, len }
 }
 
-fn record(token: u64, kind: RecordKind) -> DomainRecord {
-    DomainRecord {
-        token,
-        kind,
-        asid: 0,
-        vmid: 0,
-        table: None,
-        parent_token: None,
-        guest: None,
-        streams: heapless::Vec::new(),
-        extents: heapless::Vec::new(),
-        identity: false,
+fn record(token: u64, kind: RecordKind) -> OwnedRecord {
+    OwnedRecord {
+        head: DomainRecord {
+            token,
+            kind,
+            asid: 0,
+            vmid: 0,
+            table: None,
+            parent_token: None,
+            guest: None,
+            streams: Entries::empty(),
+            extents: Entries::empty(),
+            identity: false,
+        },
+        streams: Vec::new(),
+        extents: Vec::new(),
     }
 }
 
@@ -60,30 +64,26 @@ fn identity(base: u64) -> SmmuIdentity {
 
 /// Two instances, every kind of record, two regimes sharing an ASID, a 2-level CD table, a concatenated stage-2
 /// root, and a token and a StreamID repeated across instances (allowed).
-fn fixture() -> heapless::Vec<InstanceRecords, MAX_INSTANCES> {
+fn fixture() -> Vec<OwnedInstance> {
     let mut s1 = record(0x10, RecordKind::Stage1);
     s1.asid = 1;
     s1.table = Some(shape(P, 12, 48, 48, 0));
-    s1.extents.push(ext(P, 0x2_0000)).unwrap();
-    s1.streams
-        .push(StreamRecord {
-            sid: 1,
-            ssid: 0,
-            cd_table: P + 0x1_0000,
-            cd_ssid_bits: 0,
-            cd_two_level: false,
-        })
-        .unwrap();
+    s1.extents.push(ext(P, 0x2_0000));
+    s1.streams.push(StreamRecord {
+        sid: 1,
+        ssid: 0,
+        cd_table: P + 0x1_0000,
+        cd_ssid_bits: 0,
+        cd_two_level: false,
+    });
     let mut s2 = record(0x20, RecordKind::Stage2);
     s2.vmid = 5;
     s2.table = Some(shape(P + 0x2_0000, 12, 40, 44, 1));
-    s2.extents.push(ext(P + 0x2_0000, 0x1_0000)).unwrap();
-    s2.streams
-        .push(StreamRecord {
-            sid: 2,
-            ..Default::default()
-        })
-        .unwrap();
+    s2.extents.push(ext(P + 0x2_0000, 0x1_0000));
+    s2.streams.push(StreamRecord {
+        sid: 2,
+        ..Default::default()
+    });
     let mut nested = record(0x30, RecordKind::Nested);
     nested.vmid = 5;
     nested.parent_token = Some(0x20);
@@ -93,68 +93,59 @@ fn fixture() -> heapless::Vec<InstanceRecords, MAX_INSTANCES> {
         layout: 0,
         default_substream: 0,
     });
-    nested
-        .streams
-        .push(StreamRecord {
-            sid: 3,
-            ..Default::default()
-        })
-        .unwrap();
-    nested.extents.push(ext(P + 0x3_0000, 0x1000)).unwrap();
+    nested.streams.push(StreamRecord {
+        sid: 3,
+        ..Default::default()
+    });
+    nested.extents.push(ext(P + 0x3_0000, 0x1000));
     let mut el2 = record(0x40, RecordKind::Stage1El2);
     el2.asid = 1;
     el2.table = Some(shape(P + 0x4_0000, 16, 48, 48, 1));
-    el2.extents.push(ext(P + 0x4_0000, 0x1_0000)).unwrap();
-    el2.extents.push(ext(P + 0x5_0000, 0x1_0000)).unwrap();
-    el2.streams
-        .push(StreamRecord {
-            sid: 4,
-            ssid: 3,
-            cd_table: P + 0x5_0000,
-            cd_ssid_bits: 12,
-            cd_two_level: true,
-        })
-        .unwrap();
+    el2.extents.push(ext(P + 0x4_0000, 0x1_0000));
+    el2.extents.push(ext(P + 0x5_0000, 0x1_0000));
+    el2.streams.push(StreamRecord {
+        sid: 4,
+        ssid: 3,
+        cd_table: P + 0x5_0000,
+        cd_ssid_bits: 12,
+        cd_two_level: true,
+    });
     let mut other = s1.clone();
     other.table = Some(shape(P + 0x10_0000, 12, 48, 48, 0));
     other.extents[0].base = P + 0x10_0000;
     other.streams[0].cd_table = P + 0x11_0000;
-    let mut out = heapless::Vec::new();
-    out.push(InstanceRecords {
-        identity: identity(0x0905_0000),
-        records: [s1, s2, nested, el2].into_iter().collect(),
-    })
-    .unwrap();
-    out.push(InstanceRecords {
-        identity: identity(0x0906_0000),
-        records: [other].into_iter().collect(),
-    })
-    .unwrap();
-    out
+    vec![
+        OwnedInstance {
+            identity: identity(0x0905_0000),
+            records: vec![s1, s2, nested, el2],
+        },
+        OwnedInstance {
+            identity: identity(0x0906_0000),
+            records: vec![other],
+        },
+    ]
 }
 
-fn encode_vec(instances: &[InstanceRecords], generation: u64) -> Vec<u8> {
-    let mut buf = vec![0u8; MAX_REGION_SIZE];
-    let n = encode(instances, generation, REGION, POOL, &mut buf).unwrap();
+fn encode_vec(instances: &[OwnedInstance], generation: u64) -> Vec<u8> {
+    let mut buf = vec![0u8; sample::BUFFER_SIZE];
+    let n = sample::encode_owned(instances, generation, REGION, POOL, &mut buf).unwrap();
     buf.truncate(n);
     buf
 }
 
 /// Encodes the fixture after `edit`, decodes it.
-fn decode_edited(
-    edit: impl FnOnce(&mut heapless::Vec<InstanceRecords, MAX_INSTANCES>),
-) -> Result<Decoded, HandoverError> {
+fn decode_edited(edit: impl FnOnce(&mut Vec<OwnedInstance>)) -> Result<Vec<OwnedInstance>, HandoverError> {
     let mut f = fixture();
     edit(&mut f);
-    decode(&encode_vec(&f, 1), POOL)
+    decode(&encode_vec(&f, 1), POOL).map(|d| sample::owned(&d))
 }
 
 /// Decodes the fixture's bytes after `poke` and a CRC fix-up.
-fn decode_poked(poke: impl FnOnce(&mut Vec<u8>)) -> Result<Decoded, HandoverError> {
+fn decode_poked(poke: impl FnOnce(&mut Vec<u8>)) -> Result<Vec<OwnedInstance>, HandoverError> {
     let mut bytes = encode_vec(&fixture(), 1);
     poke(&mut bytes);
     sample::reseal(&mut bytes);
-    decode(&bytes, POOL)
+    decode(&bytes, POOL).map(|d| sample::owned(&d))
 }
 
 /// Byte offset of record `n` of the fixture (two instances) in the version-3 region `encode` writes.
@@ -165,7 +156,7 @@ fn rec(n: usize) -> usize {
         + f.iter()
             .flat_map(|i| i.records.iter())
             .take(n)
-            .map(record_size)
+            .map(|r| record_size(&r.record()))
             .sum::<usize>()
 }
 
@@ -175,7 +166,7 @@ fn rec_v2(n: usize) -> usize {
 }
 
 /// A record in version 2's fixed layout (what the version-2 writer wrote).
-fn raw_record_v2(r: &DomainRecord) -> RawRecord {
+fn raw_record_v2(r: &OwnedRecord) -> RawRecord {
     let mut raw = RawRecord::new_zeroed();
     raw.token = U64::new(r.token);
     raw.kind = U32::new(r.kind as u32);
@@ -209,7 +200,7 @@ fn raw_record_v2(r: &DomainRecord) -> RawRecord {
         };
     }
     raw.flags = U32::new(flags);
-    // The heapless capacities are MAX_STREAMS and MAX_EXTENTS, both below 256.
+    // The fixtures have at most 8 of each.
     raw.stream_count = r.streams.len() as u8;
     raw.extent_count = r.extents.len() as u8;
     for (slot, s) in raw.streams.iter_mut().zip(&r.streams) {
@@ -229,7 +220,7 @@ fn raw_record_v2(r: &DomainRecord) -> RawRecord {
 }
 
 /// `instances` as the version-2 writer (the format-2 driver) wrote them: fixed 384-byte records.
-fn encode_v2(instances: &[InstanceRecords], generation: u64) -> Vec<u8> {
+fn encode_v2(instances: &[OwnedInstance], generation: u64) -> Vec<u8> {
     let records: usize = instances.iter().map(|i| i.records.len()).sum();
     let total = v2_region_size(instances.len(), records);
     let mut out = vec![0u8; total];
@@ -274,11 +265,11 @@ fn encode_v2(instances: &[InstanceRecords], generation: u64) -> Vec<u8> {
 }
 
 /// Decodes the fixture's version-2 bytes after `poke` and a CRC fix-up.
-fn decode_poked_v2(poke: impl FnOnce(&mut Vec<u8>)) -> Result<Decoded, HandoverError> {
+fn decode_poked_v2(poke: impl FnOnce(&mut Vec<u8>)) -> Result<Vec<OwnedInstance>, HandoverError> {
     let mut bytes = encode_v2(&fixture(), 1);
     poke(&mut bytes);
     sample::reseal(&mut bytes);
-    decode(&bytes, POOL)
+    decode(&bytes, POOL).map(|d| sample::owned(&d))
 }
 
 fn put(bytes: &mut [u8], at: usize, value: &[u8]) {
@@ -332,20 +323,19 @@ fn the_layout_is_the_documented_one() {
     assert_eq!(offset_of!(RawRecordHead, guest), 48);
     assert_eq!(offset_of!(RawRecordHead, stream_count), 64);
     assert_eq!(offset_of!(RawRecordHead, extent_count), 68);
-    assert_eq!(MAX_REGION_SIZE, 96 + 4 * 64 + 128 * (72 + 8 * 24 + 8 * 16));
-    // docs/handover.md tells callers how large the decoded form is.
-    assert!(size_of::<Decoded>() <= 54 * 1024, "{}", size_of::<Decoded>());
+    // The decoded form is a view: a few hundred bytes whatever the region holds.
+    assert!(size_of::<Decoded>() <= 1024, "{}", size_of::<Decoded>());
 }
 
 #[test]
 fn the_fixture_round_trips() {
     let f = fixture();
     let bytes = encode_vec(&f, 7);
-    assert_eq!(bytes.len(), region_size(&fixture()));
+    assert_eq!(bytes.len(), sample::with_views(&f, region_size));
     assert_eq!(&bytes[..8], &MAGIC);
     let d = decode(&bytes, POOL).unwrap();
     assert_eq!((d.generation, d.region, d.pool), (7, REGION, POOL));
-    assert_eq!(&d.instances[..], &f[..]);
+    assert_eq!(sample::owned(&d), f);
     // Trailing bytes past the region are ignored.
     let mut longer = bytes.clone();
     longer.extend_from_slice(&[0xa5; 100]);
@@ -355,10 +345,11 @@ fn the_fixture_round_trips() {
 #[test]
 fn sample_regions_round_trip() {
     for seed in 0..300 {
-        let instances = sample::instances(&mut Rng::new(seed), if seed % 10 == 0 { MAX_RECORDS } else { 8 });
+        let max = if seed % 10 == 0 { sample::MAX_SAMPLE_RECORDS } else { 8 };
+        let instances = sample::instances(&mut Rng::new(seed), max);
         let bytes = encode_vec(&instances, seed);
         let d = decode(&bytes, POOL).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
-        assert_eq!(&d.instances[..], &instances[..], "seed {seed}");
+        assert_eq!(sample::owned(&d), instances, "seed {seed}");
         sample::check_accepted(&d, POOL).unwrap();
     }
 }
@@ -369,12 +360,12 @@ fn an_empty_region_and_a_full_one_round_trip() {
     assert_eq!(bytes.len(), HEADER_SIZE);
     assert!(decode(&bytes, POOL).unwrap().instances.is_empty());
     // Every instance at capacity.
-    let mut full = heapless::Vec::<InstanceRecords, MAX_INSTANCES>::new();
+    let mut full: Vec<OwnedInstance> = Vec::new();
     let mut rng = Rng::new(3);
     while full.len() < MAX_INSTANCES {
-        for inst in sample::instances(&mut rng, MAX_RECORDS) {
-            if inst.records.len() == MAX_RECORDS && full.len() < MAX_INSTANCES {
-                full.push(inst).unwrap();
+        for inst in sample::instances(&mut rng, sample::MAX_SAMPLE_RECORDS) {
+            if inst.records.len() == sample::MAX_SAMPLE_RECORDS && full.len() < MAX_INSTANCES {
+                full.push(inst);
             }
         }
     }
@@ -390,7 +381,7 @@ fn an_empty_region_and_a_full_one_round_trip() {
                 let moved = cursor;
                 cursor += e.len;
                 let delta = moved.wrapping_sub(e.base);
-                if let Some(t) = r.table.as_mut()
+                if let Some(t) = r.head.table.as_mut()
                     && e.contains(t.root, 1)
                 {
                     t.root = t.root.wrapping_add(delta);
@@ -406,41 +397,42 @@ fn an_empty_region_and_a_full_one_round_trip() {
         }
     }
     let bytes = encode_vec(&full, 2);
-    assert_eq!(bytes.len(), region_size(&full));
-    assert!(bytes.len() <= MAX_REGION_SIZE);
-    assert_eq!(&decode(&bytes, POOL).unwrap().instances[..], &full[..]);
+    assert_eq!(bytes.len(), sample::with_views(&full, region_size));
+    assert!(bytes.len() <= sample::BUFFER_SIZE);
+    assert_eq!(sample::owned(&decode(&bytes, POOL).unwrap()), full);
 }
 
 #[test]
 fn encode_writes_nothing_when_it_refuses() {
     let f = fixture();
-    let mut small = vec![0u8; region_size(&fixture()) - 1];
+    let size = sample::with_views(&f, region_size);
+    let mut small = vec![0u8; size - 1];
     assert_eq!(
-        encode(&f, 1, REGION, POOL, &mut small),
+        sample::encode_owned(&f, 1, REGION, POOL, &mut small),
         Err(FormatError::BufferTooSmall {
-            needed: region_size(&fixture()),
-            have: region_size(&fixture()) - 1
+            needed: size,
+            have: size - 1
         })
     );
     assert!(small.iter().all(|&b| b == 0));
-    let mut buf = vec![0u8; MAX_REGION_SIZE];
+    let mut buf = vec![0u8; sample::BUFFER_SIZE];
     assert_eq!(
-        encode(&f, 1, ext(REGION.base, 100), POOL, &mut buf),
+        sample::encode_owned(&f, 1, ext(REGION.base, 100), POOL, &mut buf),
         Err(FormatError::RegionTooSmall {
-            needed: region_size(&fixture()),
+            needed: size,
             region: ext(REGION.base, 100)
         })
     );
-    let five: Vec<InstanceRecords> = (0..5).map(|_| f[1].clone()).collect();
+    let nine: Vec<OwnedInstance> = (0..9).map(|_| f[1].clone()).collect();
     assert_eq!(
-        encode(&five, 1, REGION, POOL, &mut buf),
-        Err(FormatError::TooManyInstances { count: 5, max: 4 })
+        sample::encode_owned(&nine, 1, REGION, POOL, &mut buf),
+        Err(FormatError::TooManyInstances { count: 9, max: 8 })
     );
     assert!(buf.iter().all(|&b| b == 0));
     assert!(
-        FormatError::TooManyInstances { count: 5, max: 4 }
+        FormatError::TooManyInstances { count: 9, max: 8 }
             .to_string()
-            .contains("5 SMMU instances")
+            .contains("9 SMMU instances")
     );
 }
 
@@ -488,7 +480,7 @@ fn a_version_2_region_is_read_and_version_3_is_written() {
     assert_eq!(v2.len(), v2_region_size(2, 5));
     assert_eq!(peek_header(&v2).unwrap().version, 2);
     let d = decode(&v2, POOL).unwrap();
-    assert_eq!((d.generation, &d.instances[..]), (5, &f[..]));
+    assert_eq!((d.generation, sample::owned(&d)), (5, f.clone()));
     let v3 = encode_vec(&f, 5);
     assert_eq!(peek_header(&v3).unwrap().version, VERSION);
     assert_eq!(VERSION, 3);
@@ -507,9 +499,11 @@ fn the_identity_flag_is_version_3s() {
     let mut f = fixture();
     f[0].records[0].identity = true;
     f[0].records[1].identity = true;
-    let d = decode(&encode_vec(&f, 1), POOL).unwrap();
-    assert_eq!(&d.instances[..], &f[..]);
-    assert!(d.instances[0].records[0].identity && !d.instances[0].records[3].identity);
+    let bytes = encode_vec(&f, 1);
+    let d = decode(&bytes, POOL).unwrap();
+    assert_eq!(sample::owned(&d), f);
+    let records = d.instances[0].records;
+    assert!(records.get(0).unwrap().identity && !records.get(3).unwrap().identity);
     // Not on a nested record (it has no table of its own).
     let mut bytes = encode_vec(&fixture(), 1);
     let at = rec(2) + 12;
@@ -552,4 +546,46 @@ fn a_version_3_record_past_the_end_is_refused() {
         decode(&bytes, POOL),
         Err(HandoverError::LengthMismatch { .. })
     ));
+}
+
+/// No cap on a record's streams or extents but the region's bytes (issue 23): a stage-2 record with 256 streams
+/// (a physical function and its virtual functions) and 301 extents round-trips, and so do eight SMMU instances.
+#[test]
+fn a_record_holds_any_number_of_streams_and_extents() {
+    let mut f = fixture();
+    let r = &mut f[0].records[1];
+    assert_eq!(r.kind, RecordKind::Stage2);
+    r.streams = (0..256)
+        .map(|i| StreamRecord {
+            sid: 0x100 + i,
+            ..StreamRecord::default()
+        })
+        .collect();
+    r.extents
+        .extend((0..300).map(|i| ext(P + 0x100_0000 + i * 0x2000, 0x1000)));
+    let bytes = encode_vec(&f, 1);
+    let d = decode(&bytes, POOL).unwrap();
+    assert_eq!(sample::owned(&d), f);
+    let record = d.instances[0].records.get(1).unwrap();
+    assert_eq!((record.streams.len(), record.extents.len()), (256, 301));
+    assert_eq!(record.streams.get(255).unwrap().sid, 0x1ff);
+    // Two of them collide: refused, naming both.
+    f[0].records[1].streams[7].sid = 0x100;
+    assert!(matches!(
+        decode(&encode_vec(&f, 1), POOL),
+        Err(HandoverError::DuplicateStream {
+            sid: 0x100,
+            ssid: 0,
+            ..
+        })
+    ));
+    // Eight instances.
+    let eight: Vec<OwnedInstance> = (0..8)
+        .map(|i| OwnedInstance {
+            identity: identity(0x0905_0000 + i * 0x2_0000),
+            records: Vec::new(),
+        })
+        .collect();
+    let bytes = encode_vec(&eight, 1);
+    assert_eq!(decode(&bytes, POOL).unwrap().instances.len(), 8);
 }

@@ -4,13 +4,17 @@ use super::*;
 
 /// Rewrites the region's records with `change` applied and the CRC recomputed: a corruption only checks
 /// deeper than the CRC can find.
-pub(super) fn tamper(pool: &HandoverPool, change: impl FnOnce(&mut InstanceRecords)) {
+pub(super) fn tamper(pool: &HandoverPool, change: impl FnOnce(&mut crate::handover::format::sample::OwnedInstance)) {
+    use crate::handover::format::sample;
     let region = pool.metadata_extent().unwrap();
     let pool_extent = pool.pool().unwrap();
     let mut bytes = pool.lock_metadata().unwrap();
-    let mut decoded = format::decode(&bytes, pool_extent).unwrap();
-    change(&mut decoded.instances[0]);
-    format::encode(&decoded.instances, decoded.generation, region, pool_extent, &mut bytes).unwrap();
+    let (mut instances, generation) = {
+        let decoded = format::decode(&bytes, pool_extent).unwrap();
+        (sample::owned(&decoded), decoded.generation)
+    };
+    change(&mut instances[0]);
+    sample::encode_owned(&instances, generation, region, pool_extent, &mut bytes).unwrap();
 }
 
 /// SMMU_CR0 and SMMU_GBPA as the model holds them.
@@ -244,7 +248,8 @@ fn a_refused_restore_of_an_adopted_smmu_aborts_every_stream_the_previous_image_l
     assert_eq!(next.low_level().ste(0x10).map(|s| s.config()), Ok(Config::Stage1));
     let recorded = {
         let bytes = pool.lock_metadata().unwrap();
-        format::decode(&bytes, pool.pool().unwrap()).unwrap().instances[0].records[0].asid
+        let decoded = format::decode(&bytes, pool.pool().unwrap()).unwrap();
+        decoded.instances[0].records.first().unwrap().asid
     };
     // Nothing is allocated until the hand-off is settled; a claim (as another restore's) takes the recorded
     // ASID.
