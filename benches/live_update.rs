@@ -307,7 +307,8 @@ fn bench_restore(c: &mut Criterion, mut smmu: Smmu, frames: &'static HeapFrames,
         });
         smmu = spare.take().unwrap();
         group.bench_function(BenchmarkId::new("decode", label), |b| {
-            b.iter(|| format::decode(black_box(&snapshot.metadata), pool_extent).unwrap())
+            let mut scratch = vec![0u64; format::scratch_words(snapshot.metadata.len())];
+            b.iter(|| format::decode(black_box(&snapshot.metadata), pool_extent, &mut scratch).unwrap())
         });
     }
     group.finish();

@@ -20,8 +20,9 @@ use std::collections::BTreeMap;
 use std::panic::{self, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
+use smmuv3::handover::format::sample::decode;
 use smmuv3::handover::format::sample::{self, POOL, REGION, Rng};
-use smmuv3::handover::format::{MAGIC, VERSION, decode};
+use smmuv3::handover::format::{MAGIC, VERSION};
 use smmuv3::handover::{MAX_RECORDS, format::HandoverError};
 
 /// A failing case: how to replay it and the bytes that failed.
@@ -77,6 +78,7 @@ pub fn variant(e: &HandoverError) -> &'static str {
         E::UnknownVersion { .. } => "UnknownVersion",
         E::LengthMismatch { .. } => "LengthMismatch",
         E::BadCrc { .. } => "BadCrc",
+        E::ScratchTooSmall { .. } => "ScratchTooSmall",
         E::ReservedNonZero { .. } => "ReservedNonZero",
         E::TooManyInstances { .. } => "TooManyInstances",
         E::TooManyRecords { .. } => "TooManyRecords",

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use smmuv3::handover::format::decode;
+use smmuv3::handover::format::sample::decode;
 use smmuv3::handover::format::sample::{self, POOL, REGION, Rng};
 
 /// The seed of a run when none is given.

@@ -15,8 +15,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::ptr::NonNull;
 use std::sync::atomic::AtomicBool;
 
+use smmuv3::handover::format::record_size;
+use smmuv3::handover::format::sample::decode;
 use smmuv3::handover::format::sample::{Rng, reseal};
-use smmuv3::handover::format::{decode, record_size};
 use smmuv3::handover::pool::{HandoverPool, METADATA_BYTES};
 use smmuv3::handover::restore::RestoreError;
 use smmuv3::handover::verify::RestoreOptions;

@@ -140,12 +140,12 @@ pub(super) fn rearm_without(pool: &HandoverPool, register_base: u64) -> Result<(
     let region = pool.metadata_extent()?;
     let pool_extent = pool.pool()?;
     let mut guard = pool.lock_metadata()?;
-    let (bytes, staging) = guard.with_staging();
+    let (bytes, staging, scratch) = guard.with_staging();
     // Encoded into the staging buffer from views of the old region, then copied over it.
     let encoded = {
         let mut keep: heapless::Vec<InstanceRecords<'_>, MAX_INSTANCES> = heapless::Vec::new();
         let mut generation = 0;
-        if let Ok(previous) = format::decode(bytes, pool_extent) {
+        if let Ok(previous) = format::decode(bytes, pool_extent, scratch) {
             generation = previous.generation;
             for other in previous
                 .instances

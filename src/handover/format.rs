@@ -174,7 +174,7 @@ struct RawRecord {
 }
 
 /// Streams, and extents, a version-2 record has room for.
-const V2_ENTRIES: usize = 8;
+pub(crate) const V2_ENTRIES: usize = 8;
 
 /// A version-3 record's head: a version-2 record's fields up to the guest context (at the same offsets), with
 /// 32-bit counts after them instead of 8-bit ones before; then `stream_count` [`RawStream`]s and `extent_count`
@@ -569,7 +569,8 @@ mod error;
 #[cfg(any(test, feature = "sample"))]
 pub mod sample;
 
-pub use decode::decode;
+pub(crate) use decode::{V2_INSTANCES, V2_RECORDS};
+pub use decode::{decode, scratch_words};
 pub use error::{FormatError, HandoverError};
 
 #[cfg(test)]

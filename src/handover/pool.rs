@@ -117,9 +117,26 @@ pub struct HandoverPool {
     arenas: [HandoverArena; ARENAS],
 }
 
-/// A region's worth of bytes, 64-bit aligned.
-#[repr(align(8))]
-struct Staging([u8; METADATA_BYTES as usize]);
+/// What a region is rewritten and decoded through, under the metadata lock: a region's worth of bytes, and the
+/// scratch [`super::format::decode`] sorts in.
+#[repr(C, align(8))]
+struct Staging {
+    buffer: [u8; METADATA_BYTES as usize],
+    scratch: [u64; SCRATCH_WORDS],
+}
+
+// The largest version-2 region (4 instances of 32 records, each with 8 streams and 8 extents) re-encoded as
+// version 3 (prepare and finish rewrite other SMMUs' records): it fits the metadata area.
+const _: () = {
+    use super::format::{
+        EXTENT_SIZE, HEADER_SIZE, IDENTITY_SIZE, RECORD_HEAD_SIZE, STREAM_SIZE, V2_ENTRIES, V2_INSTANCES, V2_RECORDS,
+    };
+    let record = RECORD_HEAD_SIZE + V2_ENTRIES * (STREAM_SIZE + EXTENT_SIZE);
+    assert!(HEADER_SIZE + V2_INSTANCES * (IDENTITY_SIZE + V2_RECORDS * record) <= METADATA_BYTES as usize);
+};
+
+/// Words of scratch a region of the metadata area's size needs to be decoded.
+const SCRATCH_WORDS: usize = super::format::scratch_words(METADATA_BYTES as usize);
 
 /// The metadata area of a [`HandoverPool`] (the region's first [`METADATA_BYTES`]), with the pool's metadata lock
 /// held until it is dropped.
@@ -129,11 +146,13 @@ pub struct MetadataGuard<'a> {
 }
 
 impl MetadataGuard<'_> {
-    /// The metadata area and the pool's staging buffer (as long), both under the lock this guard holds.
-    pub fn with_staging(&mut self) -> (&mut [u8], &mut [u8]) {
-        // SAFETY: as in `deref_mut`; the staging buffer is the lock's own data, a different object.
+    /// The metadata area, the pool's staging buffer (as long) and the scratch [`super::format::decode`] needs for
+    /// a region of that size, all under the lock this guard holds.
+    pub fn with_staging(&mut self) -> (&mut [u8], &mut [u8], &mut [u64]) {
+        // SAFETY: as in `deref_mut`; the staging buffer and scratch are the lock's own data, other objects.
         let metadata = unsafe { core::slice::from_raw_parts_mut(self.bytes, METADATA_BYTES as usize) };
-        (metadata, &mut self.lock.0)
+        let staging = &mut *self.lock;
+        (metadata, &mut staging.buffer, &mut staging.scratch)
     }
 }
 
@@ -178,7 +197,10 @@ impl HandoverPool {
         }
         HandoverPool {
             layout: Mutex::new(None),
-            metadata_lock: Mutex::new(Staging([0; METADATA_BYTES as usize])),
+            metadata_lock: Mutex::new(Staging {
+                buffer: [0; METADATA_BYTES as usize],
+                scratch: [0; SCRATCH_WORDS],
+            }),
             arenas: [
                 arena(0),
                 arena(1),
@@ -359,11 +381,12 @@ impl HandoverPool {
     /// while they change the records.
     #[inline(never)]
     fn named_arenas(&self, l: &Layout) -> Result<u32, PoolError> {
-        let metadata = self.lock_metadata()?;
+        let mut guard = self.lock_metadata()?;
+        let (metadata, _, scratch) = guard.with_staging();
         if metadata[..8] != super::format::MAGIC {
             return Ok(0);
         }
-        let Ok(decoded) = super::format::decode(&metadata, l.pool()) else {
+        let Ok(decoded) = super::format::decode(metadata, l.pool(), scratch) else {
             return Ok(0);
         };
         let cores = decoded.instances.iter().map(|i| Extent {

@@ -220,13 +220,13 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             self.check_streams_preserved(&book)?;
         }
         let mut guard = pool.lock_metadata().map_err(PrepareError::Pool)?;
-        let (bytes, staging) = guard.with_staging();
+        let (bytes, staging, scratch) = guard.with_staging();
         // The new region is encoded into the staging buffer, from views of the old one (other SMMUs' records are
         // kept as they are), then copied over it.
         let written = {
             let mut instances: heapless::Vec<InstanceRecords<'_>, MAX_INSTANCES> = heapless::Vec::new();
             if bytes[..8].iter().any(|&b| b != 0) {
-                let previous = format::decode(bytes, pool_extent).map_err(PrepareError::ExistingRegion)?;
+                let previous = format::decode(bytes, pool_extent, scratch).map_err(PrepareError::ExistingRegion)?;
                 for other in previous
                     .instances
                     .into_iter()
@@ -244,13 +244,13 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             format::encode(&instances, generation, region, pool_extent, staging).map_err(PrepareError::Format)?
         };
         bytes[..written].copy_from_slice(&staging[..written]);
-        let self_check = format::decode(&bytes[..written], pool_extent).err();
+        let self_check = format::decode(&bytes[..written], pool_extent, scratch).err();
         if let Some(e) = self_check {
             bytes[0] = 0;
             clean_to_memory(bytes.as_ptr(), 64);
             return Err(PrepareError::SelfCheck(e));
         }
-        let Ok(written_region) = format::decode(&bytes[..written], pool_extent) else {
+        let Ok(written_region) = format::decode(&bytes[..written], pool_extent, scratch) else {
             unreachable!("decoded just above");
         };
         clean_to_memory(bytes.as_ptr(), written);

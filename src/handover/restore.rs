@@ -202,8 +202,9 @@ fn running_record(
 ) -> Result<Option<(RunningSmmu, &'static HandoverArena)>, RestoreError> {
     let pool_extent = pool.pool().map_err(RestoreError::Pool)?;
     let found = {
-        let bytes = pool.lock_metadata().map_err(RestoreError::Pool)?;
-        let decoded = format::decode(&bytes, pool_extent).map_err(RestoreError::Region)?;
+        let mut guard = pool.lock_metadata().map_err(RestoreError::Pool)?;
+        let (bytes, _, scratch) = guard.with_staging();
+        let decoded = format::decode(bytes, pool_extent, scratch).map_err(RestoreError::Region)?;
         decoded
             .instances
             .iter()
@@ -361,13 +362,16 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         taken: &mut Taken,
     ) -> Result<(RestoreReport, bool), RestoreError> {
         let pool_extent = pool.pool().map_err(RestoreError::Pool)?;
-        // Held until the records are rebuilt: they are read from the region as they are used, and nothing
-        // rewrites it meanwhile.
-        let bytes = pool.lock_metadata().map_err(RestoreError::Pool)?;
+        // The region is copied into the pool's staging buffer and decoded there: the records are read from that
+        // copy as they are used, which nothing else writes (a device that could write the region itself changes
+        // nothing the checks saw), under the metadata lock held until the records are rebuilt.
+        let mut guard = pool.lock_metadata().map_err(RestoreError::Pool)?;
+        let (bytes, snapshot, scratch) = guard.with_staging();
         if bytes[..8].iter().all(|&b| b == 0) {
             return Ok((RestoreReport::default(), false));
         }
-        let decoded = format::decode(&bytes, pool_extent).map_err(RestoreError::Region)?;
+        snapshot.copy_from_slice(bytes);
+        let decoded = format::decode(snapshot, pool_extent, scratch).map_err(RestoreError::Region)?;
         let mut report = RestoreReport {
             generation: decoded.generation,
             ..RestoreReport::default()

@@ -104,7 +104,8 @@ pub fn dump(bytes: &[u8]) -> (String, bool) {
         }
     };
     header(&mut out, &h);
-    match decode(bytes, h.pool) {
+    let mut scratch = vec![0u64; smmuv3::handover::format::scratch_words(bytes.len())];
+    match decode(bytes, h.pool, &mut scratch) {
         Ok(d) => {
             for (i, inst) in d.instances.iter().enumerate() {
                 instance(&mut out, i, inst);

@@ -289,7 +289,7 @@ fn prepare_freezes_atomically_while_other_threads_map() {
         let decoded = {
             let bytes = pool.lock_metadata().unwrap();
             crate::handover::format::sample::owned(
-                &crate::handover::format::decode(&bytes, pool.pool().unwrap()).unwrap(),
+                &crate::handover::format::sample::decode(&bytes, pool.pool().unwrap()).unwrap(),
             )
         };
         let now = smmu.handover_records(0x905_0000).unwrap();

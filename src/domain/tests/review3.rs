@@ -185,7 +185,7 @@ fn a_trim_after_a_single_page_unmap_rechecks_the_freeze_and_never_changes_a_froz
         let decoded = {
             let bytes = pool.lock_metadata().unwrap();
             crate::handover::format::sample::owned(
-                &crate::handover::format::decode(&bytes, pool.pool().unwrap()).unwrap(),
+                &crate::handover::format::sample::decode(&bytes, pool.pool().unwrap()).unwrap(),
             )
         };
         let now = smmu.handover_records(0x905_0000).unwrap();

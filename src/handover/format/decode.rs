@@ -17,7 +17,7 @@ use super::*;
 /// for a region never written (or torn before its header), [`HandoverError::UnknownVersion`] for a format this
 /// image does not read, [`HandoverError::Truncated`], [`HandoverError::BadCrc`] for a torn or corrupted write, and
 /// the structural errors for records that are intact but inconsistent.
-pub fn decode(bytes: &[u8], pool: Extent) -> Result<Decoded<'_>, HandoverError> {
+pub fn decode<'a>(bytes: &'a [u8], pool: Extent, scratch: &mut [u64]) -> Result<Decoded<'a>, HandoverError> {
     // Magic and version come first, at fixed offsets in every version.
     let magic: [u8; 8] = match bytes.get(..8).and_then(|b| b.try_into().ok()) {
         Some(m) => m,
@@ -43,7 +43,7 @@ pub fn decode(bytes: &[u8], pool: Extent) -> Result<Decoded<'_>, HandoverError> 
     match version {
         // Version 2 has version 1's byte layout (only the page tables' count bits moved); version 3 the same
         // header and identities, and records of variable length.
-        2 | 3 => decode_region(bytes, pool, version),
+        2 | 3 => decode_region(bytes, pool, version, scratch),
         found => Err(HandoverError::UnknownVersion {
             found,
             known: KNOWN_VERSIONS,
@@ -58,14 +58,22 @@ fn nonzero(what: &'static str, offset: usize) -> HandoverError {
     }
 }
 
-fn decode_region(bytes: &[u8], pool: Extent, version: u32) -> Result<Decoded<'_>, HandoverError> {
+fn decode_region<'a>(
+    bytes: &'a [u8],
+    pool: Extent,
+    version: u32,
+    scratch: &mut [u64],
+) -> Result<Decoded<'a>, HandoverError> {
     let header = raw_header(bytes)?;
     let instance_count = header.instance_count.get();
     let record_count = header.record_count.get();
-    if instance_count as usize > MAX_INSTANCES {
+    // Version 2's writer held at most 4 instances of 32 records: what it wrote re-encodes as version 3 within the
+    // metadata area (a full version-2 record takes 392 bytes as version 3, 8 more).
+    let max_instances = if version == 2 { V2_INSTANCES } else { MAX_INSTANCES };
+    if instance_count as usize > max_instances {
         return Err(HandoverError::TooManyInstances {
             count: instance_count,
-            max: MAX_INSTANCES,
+            max: max_instances,
         });
     }
     let stated = header.total_len.get();
@@ -86,6 +94,13 @@ fn decode_region(bytes: &[u8], pool: Extent, version: u32) -> Result<Decoded<'_>
                 needed: stated,
                 have: bytes.len() as u64,
             })?;
+    let needed = scratch_words(region_bytes.len());
+    if scratch.len() < needed {
+        return Err(HandoverError::ScratchTooSmall {
+            needed,
+            have: scratch.len(),
+        });
+    }
     let computed = checksum(&region_bytes[..HEADER_SIZE], &region_bytes[HEADER_SIZE..]);
     if computed != header.crc32c.get() {
         return Err(HandoverError::BadCrc {
@@ -124,6 +139,13 @@ fn decode_region(bytes: &[u8], pool: Extent, version: u32) -> Result<Decoded<'_>
             return Err(HandoverError::DuplicateInstance { base: identity.base });
         }
         let count = raw.record_count.get();
+        if version == 2 && count as usize > V2_RECORDS {
+            return Err(HandoverError::TooManyRecords {
+                instance: Some(i),
+                count,
+                max: V2_RECORDS,
+            });
+        }
         *slot = count as usize;
         sum += u64::from(count);
         // At most MAX_INSTANCES identities: the header's count was checked.
@@ -151,7 +173,7 @@ fn decode_region(bytes: &[u8], pool: Extent, version: u32) -> Result<Decoded<'_>
             offset += parts.len;
         }
         let records = Records::from_bytes(&region_bytes[start..offset], counts[i], version);
-        check_instance(&records)?;
+        check_instance(&records, scratch)?;
         let _ = decoded.instances.push(InstanceRecords {
             identity: *identity,
             records,
@@ -163,7 +185,7 @@ fn decode_region(bytes: &[u8], pool: Extent, version: u32) -> Result<Decoded<'_>
             expected: offset as u64,
         });
     }
-    check_overlaps(&decoded.instances)?;
+    check_overlaps(&decoded.instances, scratch)?;
     check_core_extents(&decoded.instances, pool)?;
     Ok(decoded)
 }
@@ -596,73 +618,127 @@ fn past(at: usize) -> HandoverError {
     }
 }
 
-/// The checks across one instance's records: tokens, parents, streams, ASIDs and VMIDs. Pairwise, so quadratic in
-/// the records (and in the streams): a region of the metadata area's size holds at most some hundreds.
-fn check_instance(records: &Records<'_>) -> Result<(), HandoverError> {
-    for (i, a) in records.iter().enumerate() {
-        for b in records.iter().skip(i + 1) {
-            if a.token == b.token {
-                return Err(HandoverError::DuplicateToken(a.token));
-            }
-            let same_regime = a.kind == b.kind;
-            if same_regime && matches!(a.kind, RecordKind::Stage1 | RecordKind::Stage1El2) && a.asid == b.asid {
-                return Err(HandoverError::DuplicateAsid {
-                    asid: a.asid,
-                    token_a: a.token,
-                    token_b: b.token,
-                });
-            }
-            if same_regime && a.kind == RecordKind::Stage2 && a.vmid == b.vmid {
-                return Err(HandoverError::DuplicateVmid {
-                    vmid: a.vmid,
-                    token_a: a.token,
-                    token_b: b.token,
-                });
+/// Words of scratch [`decode`] needs for a region of `len` bytes: its checks across records sort what the records
+/// name (each stream, extent and record takes at least 16 bytes of the region and at most 2 words of scratch).
+pub const fn scratch_words(len: usize) -> usize {
+    len / 8 + 2
+}
+
+/// Records an instance of a version-2 region held at most.
+pub(crate) const V2_RECORDS: usize = 32;
+/// Instances a version-2 region held at most.
+pub(crate) const V2_INSTANCES: usize = 4;
+
+/// The checks across one instance's records: tokens, ASIDs and VMIDs unique, parents, streams unique. Each sorts
+/// keys in `scratch` (at least a word per stream and two per record): n log n, whatever the region holds. The
+/// records a duplicate names are found again by a walk, only then.
+fn check_instance(records: &Records<'_>, scratch: &mut [u64]) -> Result<(), HandoverError> {
+    let n = records.len();
+    // Two records with `key`, in order (the keys were found twice, so there are two).
+    let two = |key: &dyn Fn(&DomainRecord<'_>) -> Option<u64>, value: u64| {
+        let mut found = records.iter().filter(|r| key(r) == Some(value));
+        let a = found.next().map_or(0, |r| r.token);
+        let b = found.next().map_or(0, |r| r.token);
+        (a, b)
+    };
+    let sorted_duplicate = |keys: &mut [u64]| {
+        keys.sort_unstable();
+        keys.windows(2).find(|w| w[0] == w[1]).map(|w| w[0])
+    };
+    // Tokens.
+    let keys = &mut scratch[..n];
+    for (slot, r) in keys.iter_mut().zip(records.iter()) {
+        *slot = r.token;
+    }
+    if let Some(token) = sorted_duplicate(keys) {
+        return Err(HandoverError::DuplicateToken(token));
+    }
+    // ASIDs within a stage-1 regime (EL1 and EL2 tag their TLB entries apart), VMIDs among stage-2 records.
+    for regime in [RecordKind::Stage1, RecordKind::Stage1El2, RecordKind::Stage2] {
+        let id = move |r: &DomainRecord<'_>| match r.kind {
+            k if k != regime => None,
+            RecordKind::Stage2 => Some(u64::from(r.vmid)),
+            _ => Some(u64::from(r.asid)),
+        };
+        let mut m = 0;
+        for r in records.iter() {
+            if let Some(v) = id(&r) {
+                scratch[m] = v;
+                m += 1;
             }
         }
+        if let Some(v) = sorted_duplicate(&mut scratch[..m]) {
+            let (token_a, token_b) = two(&id, v);
+            return Err(match regime {
+                RecordKind::Stage2 => HandoverError::DuplicateVmid {
+                    vmid: v as u16,
+                    token_a,
+                    token_b,
+                },
+                _ => HandoverError::DuplicateAsid {
+                    asid: v as u16,
+                    token_a,
+                    token_b,
+                },
+            });
+        }
     }
+    // Parents: every token with its kind and VMID, sorted by token (unique, checked above), searched by each
+    // nested record.
+    let (pairs, _) = scratch[..2 * n].as_chunks_mut::<2>();
+    for (pair, r) in pairs.iter_mut().zip(records.iter()) {
+        *pair = [r.token, (r.kind as u64) << 16 | u64::from(r.vmid)];
+    }
+    pairs.sort_unstable_by_key(|p| p[0]);
     for r in records.iter() {
         let Some(parent) = r.parent_token else { continue };
-        let p = records
-            .iter()
-            .find(|p| p.token == parent)
-            .ok_or(HandoverError::MissingParent { token: r.token, parent })?;
-        if p.kind != RecordKind::Stage2 {
+        let Ok(at) = pairs.binary_search_by_key(&parent, |p| p[0]) else {
+            return Err(HandoverError::MissingParent { token: r.token, parent });
+        };
+        let (kind, vmid) = (pairs[at][1] >> 16, pairs[at][1] as u16);
+        if kind != RecordKind::Stage2 as u64 {
             return Err(HandoverError::ParentNotStage2 {
                 token: r.token,
                 parent,
-                kind: p.kind,
+                kind: record_kind(kind as u32).unwrap_or(RecordKind::Stage1),
             });
         }
-        if p.vmid != r.vmid {
+        if vmid != r.vmid {
             return Err(HandoverError::ParentVmidMismatch {
                 token: r.token,
                 vmid: r.vmid,
-                parent_vmid: p.vmid,
+                parent_vmid: vmid,
             });
         }
     }
-    // Streams: each (StreamID, SubstreamID) once in the instance; the pair is named lowest first.
-    let streams = || {
-        records
-            .iter()
-            .flat_map(|r| r.streams.iter().map(move |s| (s.sid, s.ssid, r.token)))
-    };
-    for (i, a) in streams().enumerate() {
-        if let Some(b) = streams().skip(i + 1).find(|b| (b.0, b.1) == (a.0, a.1)) {
-            return Err(HandoverError::DuplicateStream {
-                sid: a.0,
-                ssid: a.1,
-                token_a: a.2.min(b.2),
-                token_b: a.2.max(b.2),
-            });
+    // Streams: each (StreamID, SubstreamID) once in the instance; the pair is named lowest token first.
+    let mut m = 0;
+    for r in records.iter() {
+        for s in r.streams.iter() {
+            scratch[m] = u64::from(s.sid) << 32 | u64::from(s.ssid);
+            m += 1;
         }
+    }
+    if let Some(key) = sorted_duplicate(&mut scratch[..m]) {
+        let (sid, ssid) = ((key >> 32) as u32, key as u32);
+        let mut owners = records
+            .iter()
+            .flat_map(|r| r.streams.iter().map(move |s| (s, r.token)))
+            .filter(|(s, _)| (s.sid, s.ssid) == (sid, ssid))
+            .map(|(_, token)| token);
+        let (a, b) = (owners.next().unwrap_or(0), owners.next().unwrap_or(0));
+        return Err(HandoverError::DuplicateStream {
+            sid,
+            ssid,
+            token_a: a.min(b),
+            token_b: a.max(b),
+        });
     }
     Ok(())
 }
 
 /// Every extent of every record of `instances`, with its record's token.
-fn all_extents<'a>(instances: &'a [InstanceRecords<'a>]) -> impl Iterator<Item = (u64, Extent)> + 'a {
+fn all_extents<'a>(instances: &'a [InstanceRecords<'a>]) -> impl Iterator<Item = (u64, Extent)> + Clone + 'a {
     instances
         .iter()
         .flat_map(|i| i.records.iter())
@@ -702,17 +778,36 @@ fn check_core_extents(instances: &[InstanceRecords<'_>], pool: Extent) -> Result
 }
 
 /// No extent shares a byte with another, in any record of any instance (extents are non-empty and do not wrap:
-/// checked before). Pairwise, as [`check_instance`]; the pair is named lower base first.
-fn check_overlaps(instances: &[InstanceRecords<'_>]) -> Result<(), HandoverError> {
-    for (i, (ta, a)) in all_extents(instances).enumerate() {
-        if let Some((tb, b)) = all_extents(instances).skip(i + 1).find(|(_, b)| b.overlaps(&a)) {
-            let ((token_a, a), (token_b, b)) = if a.base <= b.base {
-                ((ta, a), (tb, b))
-            } else {
-                ((tb, b), (ta, a))
-            };
-            return Err(HandoverError::Overlap { token_a, a, token_b, b });
-        }
+/// checked before): sorted by base in `scratch` (two words each), any overlap shows between neighbours. The pair
+/// is named lower base first, with the records found again by a walk.
+fn check_overlaps(instances: &[InstanceRecords<'_>], scratch: &mut [u64]) -> Result<(), HandoverError> {
+    let n = all_extents(instances).count();
+    let (pairs, _) = scratch[..2 * n].as_chunks_mut::<2>();
+    for (pair, (_, e)) in pairs.iter_mut().zip(all_extents(instances)) {
+        *pair = [e.base, e.len];
     }
-    Ok(())
+    pairs.sort_unstable();
+    let Some(w) = pairs.windows(2).find(|w| w[0][0] + w[0][1] > w[1][0]) else {
+        return Ok(());
+    };
+    let (a, b) = (
+        Extent {
+            base: w[0][0],
+            len: w[0][1],
+        },
+        Extent {
+            base: w[1][0],
+            len: w[1][1],
+        },
+    );
+    // The owners: `a`'s first, then `b`'s other than that very entry (`a` and `b` may be equal).
+    let mut entries = all_extents(instances).enumerate();
+    let (ia, token_a) = entries
+        .clone()
+        .find(|(_, (_, e))| *e == a)
+        .map_or((usize::MAX, 0), |(i, (t, _))| (i, t));
+    let token_b = entries
+        .find(|(i, (_, e))| *e == b && *i != ia)
+        .map_or(0, |(_, (t, _))| t);
+    Err(HandoverError::Overlap { token_a, a, token_b, b })
 }

@@ -29,7 +29,7 @@ pub enum FormatError {
         /// The capacity.
         max: usize,
     },
-    /// More records in one instance than [`MAX_RECORDS`](crate::handover::MAX_RECORDS).
+    /// More records in one instance (or streams or extents in one of its records) than a count field holds.
     TooManyRecords {
         /// Index of the instance.
         instance: usize,
@@ -100,6 +100,14 @@ pub enum HandoverError {
         stored: u32,
         /// The CRC of the bytes present.
         computed: u32,
+    },
+    /// The scratch the caller gave [`super::decode`] is shorter than [`super::scratch_words`] of the region: a
+    /// caller's error, not the region's.
+    ScratchTooSmall {
+        /// Words needed.
+        needed: usize,
+        /// Words given.
+        have: usize,
     },
     /// A reserved field, an unused slot or a field the record's kind does not use is not zero.
     ReservedNonZero {
@@ -360,6 +368,10 @@ impl fmt::Display for HandoverError {
             E::BadCrc { stored, computed } => write!(
                 f,
                 "handover CRC32C mismatch (torn or corrupted write): stored {stored:#010x}, computed {computed:#010x}"
+            ),
+            E::ScratchTooSmall { needed, have } => write!(
+                f,
+                "decoding the handover region needs {needed} words of scratch, {have} were given"
             ),
             E::ReservedNonZero { what, offset } => {
                 write!(f, "handover field must be zero: {what} at byte offset {offset:#x}")

@@ -118,6 +118,15 @@ pub fn encode_owned(
     with_views(instances, |views| encode(views, generation, region, pool, out))
 }
 
+/// [`super::decode`] with scratch of its own.
+///
+/// # Errors
+/// As [`super::decode`].
+pub fn decode(bytes: &[u8], pool: Extent) -> Result<Decoded<'_>, super::HandoverError> {
+    let mut scratch = alloc::vec![0u64; super::scratch_words(bytes.len())];
+    super::decode(bytes, pool, &mut scratch)
+}
+
 /// The owned form of a decoded region's instances (what tests compare).
 pub fn owned(decoded: &Decoded<'_>) -> Vec<OwnedInstance> {
     decoded.instances.iter().map(OwnedInstance::of).collect()

@@ -793,7 +793,7 @@ fn two_smmus() {
         b.prepare_handover(pool, BASE_B, 1, SURVIVING).unwrap();
         let bases: std::vec::Vec<u64> = {
             let metadata = pool.lock_metadata().unwrap();
-            let decoded = crate::handover::format::decode(&metadata, pool.pool().unwrap()).unwrap();
+            let decoded = crate::handover::format::sample::decode(&metadata, pool.pool().unwrap()).unwrap();
             decoded.instances.iter().map(|i| i.identity.base).collect()
         };
         assert_eq!(bases, [BASE, BASE_B], "one region, two identities");
@@ -828,11 +828,12 @@ fn two_smmus() {
     assert_eq!(b.low_level().ste(0x10).unwrap().config(), Config::Stage1);
     assert_eq!(b.finish_handover(pool, BASE_B), Ok(FinishReport { unclaimed: 0 }));
     // Each restore took only its own instance's records; none is left.
+    let metadata = pool.lock_metadata().unwrap();
     assert!(
         matches!(
-            crate::handover::format::decode(&pool.lock_metadata().unwrap(), pool.pool().unwrap()),
+            crate::handover::format::sample::decode(&metadata, pool.pool().unwrap()),
             Ok(d) if d.instances.iter().all(|i| i.records.is_empty())
-        ) || pool.lock_metadata().unwrap()[..8] == [0; 8]
+        ) || metadata[..8] == [0; 8]
     );
 }
 
@@ -874,4 +875,80 @@ fn a_running_smmus_own_arena_is_not_handed_out() {
         taken += 1;
     }
     assert_eq!(taken, ARENAS - 2, "every arena but the running SMMU's and its domain's");
+}
+
+/// The restore reads the records from the copy it validated, never again from the region: a region rewritten
+/// while the restore runs (as a device that could write it would) changes nothing the restore does. The region's
+/// metadata is overwritten with ones at the first command the restore issues (its first STE, after the checks).
+#[test]
+fn a_region_rewritten_during_the_restore_changes_nothing_it_does() {
+    use std::sync::atomic::AtomicBool;
+    let frames = frames();
+    let mut region = Region::new();
+    first_image(&mut region, frames);
+    let model = Model::start(frames);
+    let smmu = boot(&model, frames);
+    let metadata = region.memory.as_mut_ptr() as usize;
+    let pool = region.pool();
+    let done = std::sync::Arc::new(AtomicBool::new(false));
+    let once = done.clone();
+    *model.probe.lock().unwrap() = Some(Box::new(move || {
+        if !once.swap(true, core::sync::atomic::Ordering::SeqCst) {
+            for at in (crate::handover::format::HEADER_SIZE..METADATA_BYTES as usize).step_by(8) {
+                // SAFETY: inside the leaked region's metadata area, which the restore only reads before its
+                // first command (into its snapshot); written once, here.
+                unsafe { ((metadata + at) as *mut u64).write_volatile(u64::MAX) };
+            }
+        }
+        0
+    }));
+    let report = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap();
+    assert!(
+        done.load(core::sync::atomic::Ordering::SeqCst),
+        "the region was rewritten mid-restore"
+    );
+    assert_eq!((report.generation, report.domains, report.streams), (7, 4, 3));
+    let s1 = smmu.retrieve(0x51).unwrap();
+    assert_eq!(smmu.iova_to_phys(s1, 0x1000), Ok(Some(0x8000_0000)));
+    assert_eq!(smmu.low_level().ste(0x18).unwrap().config(), Config::Nested);
+    assert_eq!(smmu.low_level().ste(0x20).unwrap().config(), Config::Stage2);
+    *model.probe.lock().unwrap() = None;
+    core::mem::forget(smmu);
+}
+
+/// The format has no cap on records; one restore rebuilds at most `MAX_RECORDS` of an SMMU. More (a region with a
+/// valid CRC holding 33) is refused by `check_limits` before anything is taken.
+#[test]
+fn more_records_than_one_restore_rebuilds_are_refused_before_anything_changes() {
+    use crate::handover::MAX_RECORDS;
+    let frames = frames();
+    let mut region = Region::new();
+    first_image(&mut region, frames);
+    running::tamper(region.pool(), |instance| {
+        let nested = instance.records.iter().find(|r| r.token == 0x53).unwrap().clone();
+        let extra = MAX_RECORDS + 1 - instance.records.len();
+        for i in 0..extra as u64 {
+            let mut copy = nested.clone();
+            copy.head.token = 0x1000 + i;
+            copy.streams.clear();
+            instance.records.push(copy);
+        }
+        assert_eq!(instance.records.len(), MAX_RECORDS + 1);
+    });
+    let model = Model::start(frames);
+    let smmu = boot(&model, frames);
+    let pool = region.pool();
+    let before = model.seen.lock().unwrap().consumed.len();
+    let error = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
+    assert!(
+        matches!(error, RestoreError::BeyondLimits { what, value, .. }
+            if what.contains("MAX_RECORDS") && value == MAX_RECORDS as u64 + 1),
+        "{error}"
+    );
+    assert_eq!(issued_since(&model, before), [], "nothing installed, nothing to undo");
+    assert_eq!(
+        (pool.arenas_in_use(), smmu.asids_in_use(), smmu.vmids_in_use()),
+        (0, 0, 0)
+    );
+    core::mem::forget(smmu);
 }

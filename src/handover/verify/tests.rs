@@ -501,7 +501,9 @@ fn no_unused_stream_slot_is_taken_as_stream_id_0() {
     let decoded = {
         let pool = region.pool();
         let bytes = pool.lock_metadata().unwrap();
-        crate::handover::format::sample::owned(&crate::handover::format::decode(&bytes, pool.pool().unwrap()).unwrap())
+        crate::handover::format::sample::owned(
+            &crate::handover::format::sample::decode(&bytes, pool.pool().unwrap()).unwrap(),
+        )
     };
     let streams: std::vec::Vec<u32> = decoded[0]
         .records

@@ -655,9 +655,10 @@ pub fn lu_tampered(context: &mut Context) -> Result<(), Failure> {
         // EPD1 cleared: walks through TTB1 (which the driver never uses) allowed.
         rewrite(cd, |w| w ^ smmuv3::hw::cd::Q0_EPD1);
         let valid = {
-            let bytes = POOL.lock_metadata().or_else(|e| fail!("{e}"))?;
+            let mut guard = POOL.lock_metadata().or_else(|e| fail!("{e}"))?;
+            let (bytes, _, scratch) = guard.with_staging();
             let pool = POOL.pool().or_else(|e| fail!("{e}"))?;
-            smmuv3::handover::format::decode(&bytes, pool).is_ok()
+            smmuv3::handover::format::decode(bytes, pool, scratch).is_ok()
         };
         if !valid {
             fail!("the region no longer validates: only the preserved memory was to change")

@@ -76,12 +76,12 @@ fn tamper_with_the_record(kind: DomainKind) -> Result<(), Failure> {
     let Ok(mut guard) = POOL.lock_metadata() else {
         fail!("no handover region")
     };
-    let (bytes, staging) = guard.with_staging();
+    let (bytes, staging, scratch) = guard.with_staging();
     // The records are views of the region: the tampered copy is encoded into the pool's staging buffer from them,
     // then copied over the region (as the driver rewrites it).
     let (written, what) = {
         // Only the instance holding the record is rebuilt as a list; the others stay views of the region.
-        let decoded = format::decode(bytes, pool).or_else(|e| fail!("the prepared region: {e}"))?;
+        let decoded = format::decode(bytes, pool, scratch).or_else(|e| fail!("the prepared region: {e}"))?;
         let Some(at) = decoded
             .instances
             .iter()

@@ -82,6 +82,20 @@ fn header_errors_name_what_is_wrong() {
         decode_poked(|b| put(b, 32, &9u32.to_le_bytes())),
         Err(HandoverError::TooManyInstances { count: 9, max: 8 })
     );
+    // Version 2's writer held at most 4 instances of 32 records (so that what it wrote re-encodes as version 3
+    // within the metadata area): more is refused.
+    assert_eq!(
+        decode_poked_v2(|b| put(b, 32, &5u32.to_le_bytes())),
+        Err(HandoverError::TooManyInstances { count: 5, max: 4 })
+    );
+    assert_eq!(
+        decode_poked_v2(|b| put(b, HEADER_SIZE + IDENTITY_SIZE + 36, &33u32.to_le_bytes())),
+        Err(HandoverError::TooManyRecords {
+            instance: Some(1),
+            count: 33,
+            max: 32
+        })
+    );
     // No cap on records but the region's bytes: a count the bytes do not hold ends past the region.
     assert_eq!(
         decode_poked(|b| put(b, 36, &129u32.to_le_bytes())),

@@ -8,7 +8,7 @@ use std::string::ToString;
 use std::vec;
 use std::vec::Vec;
 
-use super::sample::{self, OwnedInstance, OwnedRecord, POOL, REGION, Rng};
+use super::sample::{self, OwnedInstance, OwnedRecord, POOL, REGION, Rng, decode};
 use super::*;
 use crate::handover::{GuestRecord, RecordKind, StreamRecord, TableShape};
 

@@ -10,7 +10,7 @@ pub(super) fn tamper(pool: &HandoverPool, change: impl FnOnce(&mut crate::handov
     let pool_extent = pool.pool().unwrap();
     let mut bytes = pool.lock_metadata().unwrap();
     let (mut instances, generation) = {
-        let decoded = format::decode(&bytes, pool_extent).unwrap();
+        let decoded = format::sample::decode(&bytes, pool_extent).unwrap();
         (sample::owned(&decoded), decoded.generation)
     };
     change(&mut instances[0]);
@@ -248,7 +248,7 @@ fn a_refused_restore_of_an_adopted_smmu_aborts_every_stream_the_previous_image_l
     assert_eq!(next.low_level().ste(0x10).map(|s| s.config()), Ok(Config::Stage1));
     let recorded = {
         let bytes = pool.lock_metadata().unwrap();
-        let decoded = format::decode(&bytes, pool.pool().unwrap()).unwrap();
+        let decoded = format::sample::decode(&bytes, pool.pool().unwrap()).unwrap();
         decoded.instances[0].records.first().unwrap().asid
     };
     // Nothing is allocated until the hand-off is settled; a claim (as another restore's) takes the recorded
