@@ -92,9 +92,13 @@ impl fmt::Display for Range {
 
 /// What a tree reserves.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ReservedMemory {
+pub struct ReservedMemory<'a> {
     /// The handover region: the `/reserved-memory` child whose `compatible` is [`HANDOVER_COMPATIBLE`].
     pub handover: Option<Range>,
+    /// Why the handover region's node cannot be used ([`ReadError::HandoverNotOneRange`],
+    /// [`ReadError::TwoHandoverRegions`]); `handover` is `None` then. The other ranges are still read: the region
+    /// is unusable, the rest of the tree is not.
+    pub handover_error: Option<ReadError<'a>>,
     /// Every other fixed reserved range: the other children's `reg` entries and the `/memreserve/` entries.
     pub others: heapless::Vec<Range, MAX_RESERVED>,
 }
@@ -191,11 +195,14 @@ fn reg_ranges(value: &[u8], address_cells: u32, size_cells: u32) -> Option<impl 
 /// allocated dynamically and names no fixed range), and the header's `/memreserve/` entries. A tree without
 /// `/reserved-memory` reserves only the latter.
 ///
+/// A handover region node that is not one well-formed range, or a second one, is not an error here: it is
+/// [`ReservedMemory::handover_error`] (the first claimant's range, when well-formed, stays among `others`, so that
+/// no allocator takes it).
+///
 /// # Errors
-/// [`ReadError`]: `/reserved-memory`'s cells are unusable, a `reg` is malformed, the handover region's node is not
-/// one range, two nodes claim to be it, or there are more than [`MAX_RESERVED`] other ranges. Nothing is guessed:
-/// a caller that gets an error should not use the region (and should not trust its view of free RAM either).
-pub fn reserved_memory<'a>(fdt: &Fdt<'a>) -> Result<ReservedMemory, ReadError<'a>> {
+/// [`ReadError`]: `/reserved-memory`'s cells are unusable, another child's `reg` is malformed, or there are more
+/// than [`MAX_RESERVED`] other ranges. Nothing is guessed: a caller that gets an error cannot know which RAM is free.
+pub fn reserved_memory<'a>(fdt: &Fdt<'a>) -> Result<ReservedMemory<'a>, ReadError<'a>> {
     let mut out = ReservedMemory::default();
     for r in fdt.memory_reservations() {
         let range = Range {
@@ -229,8 +236,8 @@ pub fn reserved_memory<'a>(fdt: &Fdt<'a>) -> Result<ReservedMemory, ReadError<'a
             .compatible()
             .is_some_and(|c| c.all().any(|s| s == HANDOVER_COMPATIBLE));
         let Some(reg) = child.property("reg") else {
-            if handover {
-                return Err(ReadError::HandoverNotOneRange { node: child.name });
+            if handover && out.handover_error.is_none() {
+                out.handover_error = Some(ReadError::HandoverNotOneRange { node: child.name });
             }
             continue;
         };
@@ -238,22 +245,38 @@ pub fn reserved_memory<'a>(fdt: &Fdt<'a>) -> Result<ReservedMemory, ReadError<'a
             node: child.name,
             len: reg.value.len(),
         };
-        let mut ranges = reg_ranges(reg.value, address_cells, size_cells).ok_or(bad_reg)?;
-        if handover {
-            let (Some(first), None) = (ranges.next(), ranges.next()) else {
-                return Err(ReadError::HandoverNotOneRange { node: child.name });
-            };
-            let range = first.ok_or(bad_reg)?;
-            if let Some(first) = out.handover {
-                return Err(ReadError::TwoHandoverRegions { first, second: range });
+        let Some(ranges) = reg_ranges(reg.value, address_cells, size_cells) else {
+            if handover {
+                out.handover_error.get_or_insert(bad_reg);
+                continue;
             }
-            out.handover = Some(range);
-        } else {
-            for range in ranges {
-                let range = range.ok_or(bad_reg)?;
-                if range.size != 0 {
-                    out.others.push(range).map_err(|_| ReadError::TooManyReserved)?;
-                }
+            return Err(bad_reg);
+        };
+        let mut one = None;
+        let mut count = 0;
+        for range in ranges {
+            let range = range.ok_or(bad_reg)?;
+            count += 1;
+            one = Some(range);
+            if range.size != 0 && !handover {
+                out.others.push(range).map_err(|_| ReadError::TooManyReserved)?;
+            }
+        }
+        if !handover {
+            continue;
+        }
+        match (one, count, out.handover) {
+            (Some(range), 1, None) if out.handover_error.is_none() => out.handover = Some(range),
+            (Some(second), 1, Some(first)) => {
+                out.handover_error = Some(ReadError::TwoHandoverRegions { first, second });
+                // Neither is the region; both stay out of every allocator.
+                out.handover = None;
+                out.others.push(first).map_err(|_| ReadError::TooManyReserved)?;
+                out.others.push(second).map_err(|_| ReadError::TooManyReserved)?;
+            }
+            _ => {
+                out.handover_error
+                    .get_or_insert(ReadError::HandoverNotOneRange { node: child.name });
             }
         }
     }

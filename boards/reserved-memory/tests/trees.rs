@@ -20,7 +20,7 @@ fn with_room(tree: &[u8], spare: usize) -> Vec<u8> {
     buffer
 }
 
-fn read(blob: &[u8]) -> ReservedMemory {
+fn read(blob: &[u8]) -> ReservedMemory<'_> {
     let fdt = Fdt::new(blob).expect("a valid tree");
     reserved_memory(&fdt).expect("a readable /reserved-memory")
 }
@@ -260,11 +260,16 @@ fn the_region_is_written_in_the_cells_reserved_memory_uses() {
 fn malformed_region_nodes_are_errors_for_the_reader_and_the_writer() {
     let two = data("two-handover.dtb");
     let fdt = Fdt::new(&two).unwrap();
+    let found = reserved_memory(&fdt).unwrap();
+    assert_eq!(found.handover, None);
     assert!(matches!(
-        reserved_memory(&fdt),
-        Err(ReadError::TwoHandoverRegions { first, second })
+        found.handover_error,
+        Some(ReadError::TwoHandoverRegions { first, second })
             if first.base == 0x7000_0000 && second.base == 0x7200_0000
     ));
+    // Neither is used, and neither is free RAM.
+    let bases: Vec<u64> = found.others.iter().map(|r| r.base).collect();
+    assert_eq!(bases, [0x7000_0000, 0x7200_0000]);
     let mut blob = with_room(&two, 1024);
     assert!(matches!(
         add_handover_region(&mut blob, REGION),
@@ -274,7 +279,9 @@ fn malformed_region_nodes_are_errors_for_the_reader_and_the_writer() {
 
     let bad = data("bad-reg.dtb");
     let fdt = Fdt::new(&bad).unwrap();
-    let error = reserved_memory(&fdt).unwrap_err();
+    let found = reserved_memory(&fdt).unwrap();
+    assert_eq!(found.handover, None);
+    let error = found.handover_error.unwrap();
     assert_eq!(
         error,
         ReadError::Reg {
