@@ -131,7 +131,61 @@ fn a_hand_off_with_the_smmu_running_loses_no_dma() {
             "running in a separate image at",
             "both DMAs landed, 0 faulted",
         ]);
+        // The first image took the region from the board (QEMU's tree names none) and passed it in the tree; the
+        // next image read it from there.
+        in_order(
+            &outcome,
+            &[
+                "handover region: from the board description",
+                "/reserved-memory/handover@",
+                "added to the tree at",
+                "handover region: from /reserved-memory (compatible \"smmuv3,handover-region\")",
+                "read from the tree the previous image passed",
+            ],
+        );
     }
+}
+
+/// Each line after the one before it on the console.
+fn in_order(outcome: &Outcome, lines: &[&str]) {
+    let mut rest = outcome.console.as_str();
+    for line in lines {
+        let Some(at) = rest.find(line) else {
+            panic!(
+                "the console shows {line:?} after {lines:?}'s earlier lines\n{}",
+                outcome.report()
+            )
+        };
+        rest = &rest[at + line.len()..];
+    }
+}
+
+/// A hand-off passes the region in the tree; a warm reset after it brings QEMU's own tree back (QEMU copies its
+/// generated tree to RAM again on every reset), and the board's rule finds the same region, which the reset
+/// scenario then restores from.
+#[test]
+fn after_a_hand_off_and_a_warm_reset_the_board_rule_finds_the_same_region() {
+    let outcome = run(Board::QemuVirt, Stage::Nested, &["lu-noreset", "lu-s2"]);
+    outcome.assert_passed(&["lu-noreset", "lu-s2"]);
+    in_order(
+        &outcome,
+        &[
+            "handover region: from /reserved-memory (compatible \"smmuv3,handover-region\")",
+            "SCENARIO lu-noreset PASS",
+            "resetting through PSCI SYSTEM_RESET",
+            "handover region: from the board description",
+            "SCENARIO lu-s2 PASS",
+        ],
+    );
+    let regions: Vec<&str> = outcome
+        .console
+        .lines()
+        .filter_map(|l| l.strip_suffix(", kept out of the frame pool"))
+        .collect();
+    assert!(
+        regions.len() == 3 && regions.iter().all(|r| *r == regions[0]),
+        "the same region at every boot: {regions:?}"
+    );
 }
 
 /// Without a second image the firmware hands off to itself, entered again (its `.data` as the first run left it).

@@ -404,9 +404,10 @@ pub struct StaticDescription {
     pub gic: Option<Gic>,
     /// The CPUs' affinities (MPIDR format), when the tree does not list them.
     pub cpus: Cpus,
-    /// Bytes the board reserves for the live-update handover region: the top of the RAM bank holding the image,
-    /// just below the reset note (see `power`), kept out of the frame pool from the first boot so that the next
-    /// image finds it untouched. 0: no handover region.
+    /// Bytes the board reserves for the live-update handover region when its tree names none (a `/reserved-memory`
+    /// child with `compatible = "smmuv3,handover-region"`, see [`crate::handover`]): the top of the RAM bank holding
+    /// the image, just below the reset note (see `power`), kept out of the frame pool from the first boot so that
+    /// the next image finds it untouched. Each board states its own. 0: no handover region.
     pub handover_bytes: u64,
 }
 

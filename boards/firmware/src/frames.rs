@@ -56,8 +56,11 @@ pub struct Layout {
     pub frames: smmuv3::handover::Extent,
     /// The DMA buffers' pool ([`alloc_dma`]).
     pub dma: smmuv3::handover::Extent,
-    /// From the DMA pool to the end of the bank: the handover region and the notes a boot leaves the next.
+    /// From the DMA pool to the end of the bank: the handover region (on the board's rule), the memory the tree
+    /// reserves above the pools, and the notes a boot leaves the next.
     pub reserved: smmuv3::handover::Extent,
+    /// The handover region, wherever it is (empty without one).
+    pub handover: smmuv3::handover::Extent,
 }
 
 static LAYOUT: SpinMutex<Layout> = SpinMutex::new(Layout {
@@ -65,6 +68,7 @@ static LAYOUT: SpinMutex<Layout> = SpinMutex::new(Layout {
     frames: smmuv3::handover::Extent { base: 0, len: 0 },
     dma: smmuv3::handover::Extent { base: 0, len: 0 },
     reserved: smmuv3::handover::Extent { base: 0, len: 0 },
+    handover: smmuv3::handover::Extent { base: 0, len: 0 },
 });
 
 /// Records the layout (once, at boot).

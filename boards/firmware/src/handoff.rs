@@ -6,6 +6,8 @@
 //! invalidated, and a branch to the new image's first byte, its EL2 entry (which turns the MMU on with its own boot
 //! map, zeroes its `.bss` and starts). Entered again, this binary's `.data` keeps its values, so a new image relies
 //! only on `.bss` and the handover region; the separate binary proves it, as it shares no address with this one.
+//! Before it goes, this image writes the handover region's node into the device tree it passes on (in place, see
+//! [`crate::handover::pass_in_tree`]): the new image reads the region from there.
 
 use crate::println;
 
@@ -87,8 +89,14 @@ pub fn hand_off(next: NextImage) -> ! {
             address
         }
     };
+    // The tree passed on names the handover region (QEMU's own tree has no node for it), and reaches memory before
+    // the next image reads it with its caches off.
+    let tree = crate::handover::pass_in_tree();
     // SAFETY: masking interrupts only.
     unsafe { core::arch::asm!("msr daifset, #0xf", options(nomem, nostack, preserves_flags)) };
+    if let Some((address, len)) = tree {
+        clean_invalidate(address, address + len);
+    }
     clean_invalidate(image_start, image_end);
     if let Some(region) = crate::handover::region() {
         clean_invalidate(region.base as usize, (region.base + region.len) as usize);
@@ -134,6 +142,9 @@ pub fn hand_off(next: NextImage) -> ! {
             "dsb sy",
             "isb",
             "br x10",
+            // The tree's address in x0, as the arm64 boot protocol passes it (the firmware's next image reads it at
+            // its board's address, the same one).
+            in("x0") tree.map_or(0, |(address, _)| address),
             in("x10") target,
             in("x11") image_start,
             in("x12") image_end,

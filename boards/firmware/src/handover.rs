@@ -1,17 +1,118 @@
-//! The live-update handover region: reserved at the top of the image's RAM bank (the board's
-//! [`crate::dt::StaticDescription::handover_bytes`]), never given to the frame pool, and set up as the driver's
-//! [`HandoverPool`] at every boot, so that domains preserved by one boot are found by the next.
+//! The live-update handover region: where it comes from, the driver's [`HandoverPool`] over it, and the node that
+//! carries it to the next image.
+//!
+//! **Where it comes from** ([`crate::run`], at every boot): a `/reserved-memory` child of the tree the board hands
+//! the image whose `compatible` is [`HANDOVER_COMPATIBLE`] (base and size as the node says, checked: page-aligned,
+//! inside a RAM bank, clear of the image, the reset notes and the tree's other reserved memory); without one, the
+//! board's static description ([`crate::dt::StaticDescription::handover_bytes`]): that many bytes at the top of
+//! the image's RAM bank, just below the reset notes. QEMU's trees have no such node, so a first boot takes the
+//! board's rule; a running hand-off ([`crate::handoff::hand_off`]) writes the node into the tree it passes on
+//! ([`pass_in_tree`]), and the next image reads the region from there. A warm reset makes QEMU copy its own tree
+//! back (it is a ROM blob), so the boot after a reset takes the board's rule again: the same region, which is why
+//! the rule depends on nothing but the board. A node that cannot be used is printed and leaves live update off.
+
+use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 use smmuv3::handover::Extent;
 use smmuv3::handover::pool::HandoverPool;
-
-/// The region's size on the QEMU boards: 64 KiB of records and 16 arenas of about 2 MiB.
-pub const REGION_BYTES: u64 = 32 << 20;
+pub use smmuv3_reserved_memory::HANDOVER_COMPATIBLE;
+use smmuv3_reserved_memory::{Patched, Range, add_handover_region};
 
 /// The pool over the region (set up by [`crate::run`] when the board reserves one).
 pub static POOL: HandoverPool = HandoverPool::new();
 
+/// Where this boot's region came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A `/reserved-memory` node with [`HANDOVER_COMPATIBLE`] in the tree this image was handed.
+    Tree,
+    /// The board's static description (no such node in the tree, or no tree).
+    Board,
+}
+
+static SOURCE: AtomicU8 = AtomicU8::new(0);
+/// The tree this image was handed, passed on (edited) to the next image: its address, 0 for none.
+static TREE: AtomicUsize = AtomicUsize::new(0);
+
+/// Records where the region came from (once, at boot, when the pool is set up).
+pub fn set_source(source: Source) {
+    SOURCE.store(
+        match source {
+            Source::Tree => 1,
+            Source::Board => 2,
+        },
+        Ordering::SeqCst,
+    );
+}
+
+/// Where this boot's region came from; `None` without a region (live update off).
+pub fn source() -> Option<Source> {
+    match SOURCE.load(Ordering::SeqCst) {
+        1 => Some(Source::Tree),
+        2 => Some(Source::Board),
+        _ => None,
+    }
+}
+
+/// Records the address of the tree this image was handed (at boot), for [`pass_in_tree`].
+pub fn set_tree(address: usize) {
+    TREE.store(address, Ordering::SeqCst);
+}
+
 /// The region, once set up.
 pub fn region() -> Option<Extent> {
     POOL.region().ok()
+}
+
+/// Writes the region's node into the tree this image was handed, in place, for the image a running hand-off
+/// jumps to (the tree keeps its address; QEMU's carries about 1 MiB of free space inside its `totalsize`, which
+/// the node uses). Prints what it did. Returns the tree's bytes (address and length) for the caller to clean to
+/// memory before the next image starts with its caches off; `None` when nothing was written.
+///
+/// Called on the hand-off path only: with the run's discovery long done, nothing reads the tree any more.
+pub fn pass_in_tree() -> Option<(usize, usize)> {
+    let tree = TREE.load(Ordering::SeqCst);
+    let region = region()?;
+    if tree == 0 {
+        crate::println!("handover region: no device tree to pass it in; the next image takes the board's rule");
+        return None;
+    }
+    // SAFETY: `set_tree` recorded the address of the tree the board handed this image, in RAM the identity map
+    // covers and no allocator hands out (below the image); its header was valid at boot (`dt::parse`), and only the
+    // header's first 8 bytes are read here.
+    let total = unsafe { u32::from_be_bytes(*((tree + 4) as *const [u8; 4])) } as usize;
+    // SAFETY: as above, `totalsize` bytes from `tree` are the tree, which discovery read through `dt::parse` and
+    // which nothing reads or writes any more (discovery copied what it needed into the platform); this is the only
+    // reference to it.
+    let blob = unsafe { core::slice::from_raw_parts_mut(tree as *mut u8, total) };
+    let range = Range {
+        base: region.base,
+        size: region.len,
+    };
+    match add_handover_region(blob, range) {
+        Ok(Patched::Added {
+            created_reserved_memory,
+            total_size,
+        }) => {
+            crate::println!(
+                "handover region: /reserved-memory/handover@{:x} ({HANDOVER_COMPATIBLE}) added to the tree at \
+                 {tree:#x} passed to the next image{} ({total_size} bytes)",
+                range.base,
+                if created_reserved_memory {
+                    ", with /reserved-memory"
+                } else {
+                    ""
+                }
+            );
+            Some((tree, total))
+        }
+        Ok(Patched::AlreadyPresent) => {
+            crate::println!("handover region: the tree at {tree:#x} passed to the next image names it already");
+            Some((tree, total))
+        }
+        Err(e) => {
+            crate::println!("handover region: not added to the tree passed to the next image: {e}");
+            None
+        }
+    }
 }

@@ -171,10 +171,119 @@ fn block_dma_before_pci(platform: &Platform) {
     );
 }
 
+/// The handover region and where it came from, with every range the tree reserves (the region included), which
+/// the pools must leave alone. From the tree's `/reserved-memory` node with [`handover::HANDOVER_COMPATIBLE`] when
+/// it has one, checked; else the board's `handover_bytes` at the top of the image's bank, below the notes at
+/// `scratch`. A node that cannot be used is printed, its range (when it reads as one) stays reserved, and live
+/// update is off: `None`. A `/reserved-memory` that cannot be read at all is a boot error (which RAM is free is
+/// then unknown).
+fn handover_region(
+    fdt: Option<&fdt::Fdt>,
+    platform: &Platform,
+    description: &StaticDescription,
+    bank: &dt::Region,
+    free_start: u64,
+    scratch: usize,
+) -> (
+    Option<(smmuv3::handover::Extent, handover::Source)>,
+    heapless::Vec<smmuv3_reserved_memory::Range, { smmuv3_reserved_memory::MAX_RESERVED + 1 }>,
+) {
+    use smmuv3_reserved_memory::{HANDOVER_COMPATIBLE, Range, check_region, reserved_memory};
+    let tree = match fdt.map(reserved_memory) {
+        Some(Ok(tree)) => tree,
+        Some(Err(e)) => fatal("device tree /reserved-memory", &e),
+        None => Default::default(),
+    };
+    let mut reserved: heapless::Vec<Range, { smmuv3_reserved_memory::MAX_RESERVED + 1 }> =
+        tree.others.iter().copied().collect();
+    for r in &reserved {
+        println!("reserved memory (device tree): {r}, kept out of the frame pool");
+    }
+    let extent = |r: Range| smmuv3::handover::Extent {
+        base: r.base,
+        len: r.size,
+    };
+    if let Some(e) = tree.handover_error {
+        println!("handover region: /reserved-memory ({HANDOVER_COMPATIBLE}): {e}; live update off");
+        return (None, reserved);
+    }
+    if let Some(region) = tree.handover {
+        // Reserved whatever the check says: the tree says no one else may use it.
+        let _ = reserved.push(region);
+        let ram: heapless::Vec<Range, 4> = platform
+            .memory
+            .iter()
+            .map(|b| Range {
+                base: b.base,
+                size: b.size,
+            })
+            .collect();
+        let mut protected: heapless::Vec<(&'static str, Range), { smmuv3_reserved_memory::MAX_RESERVED + 2 }> =
+            heapless::Vec::new();
+        let _ = protected.push((
+            "the image (and the tree below it)",
+            Range {
+                base: bank.base,
+                size: free_start - bank.base,
+            },
+        ));
+        let _ = protected.push((
+            "the reset notes",
+            Range {
+                base: scratch as u64,
+                size: power::SCRATCH_BYTES as u64,
+            },
+        ));
+        for other in &tree.others {
+            let _ = protected.push(("memory the tree reserves", *other));
+        }
+        return match check_region(region, &ram, &protected) {
+            Ok(()) => {
+                println!("handover region: from /reserved-memory (compatible \"{HANDOVER_COMPATIBLE}\"): {region}");
+                (Some((extent(region), handover::Source::Tree)), reserved)
+            }
+            Err(e) => {
+                println!("handover region: /reserved-memory ({HANDOVER_COMPATIBLE}): {e}; live update off");
+                (None, reserved)
+            }
+        };
+    }
+    if description.handover_bytes == 0 {
+        return (None, reserved);
+    }
+    let start = scratch.saturating_sub(description.handover_bytes as usize) & !0xfff;
+    let region = Range {
+        base: start as u64,
+        size: (scratch - start) as u64,
+    };
+    if start <= free_start as usize {
+        println!(
+            "handover region: the board's {} bytes do not fit after the image; live update off",
+            description.handover_bytes
+        );
+        return (None, reserved);
+    }
+    if let Some(other) = tree.others.iter().find(|o| o.overlaps(&region)) {
+        println!(
+            "handover region: the board's rule gives {region}, which the tree reserves ({other}); live update off"
+        );
+        return (None, reserved);
+    }
+    println!(
+        "handover region: from the board description ({} bytes at the top of the image's RAM bank): {region}",
+        description.handover_bytes
+    );
+    let _ = reserved.push(region);
+    (Some((extent(region), handover::Source::Board)), reserved)
+}
+
 /// The firmware after the board's entry: discovery, MMU, PCI, scenarios, exit. Never returns.
 pub fn run<B: Board>(board: &B) -> ! {
     // SAFETY: the board names where its DTB is; the boot page table maps it as normal memory.
     let fdt = board.device_tree().map(|address| unsafe { dt::parse(address) });
+    if let Some(address) = board.device_tree() {
+        handover::set_tree(address);
+    }
     let description = board.description();
     let uart = dt::console_of(fdt.as_ref().and_then(|r| r.as_ref().ok()), &description)
         .unwrap_or_else(|e| fatal("console", &e));
@@ -244,21 +353,28 @@ pub fn run<B: Board>(board: &B) -> ! {
     if scratch <= free_start as usize {
         fatal("memory", &"no RAM after the image");
     }
-    // Below the scratch area, the live-update handover region the board reserves: never in the frame pool.
-    let handover_start = scratch.saturating_sub(description.handover_bytes as usize) & !0xfff;
+    let (handover_region, reserved) = handover_region(fdt.as_ref(), &platform, &description, bank, free_start, scratch);
+    // The pools take the RAM from the image up to the first reserved range above it (the handover region, on the
+    // board's rule right below the notes; any memory the tree reserves), never across one.
+    let top = reserved
+        .iter()
+        .filter(|r| r.end().is_some_and(|end| end > free_start) && r.base < scratch as u64)
+        .map(|r| r.base as usize)
+        .fold(scratch, usize::min);
     // Below it, the DMA buffers' own pool (see `frames`): the only memory the live-update scenarios give devices.
-    let dma_start = handover_start.saturating_sub(DMA_POOL_BYTES) & !0x1f_ffff;
+    let dma_start = top.saturating_sub(DMA_POOL_BYTES) & !0x1f_ffff;
     if dma_start <= free_start as usize {
         fatal(
             "memory",
-            &"no RAM after the image for the DMA pool and the handover region",
+            &"no RAM after the image for the DMA pool below the handover region and the tree's reserved memory",
         );
     }
     // SAFETY: everything past the image in its bank is unused RAM (the DTB sits below the image), mapped by the
-    // boot page table; the pools, the handover region and the scratch area do not overlap.
+    // boot page table; the pools end below every reserved range (the handover region included) and the scratch
+    // area, and do not overlap each other.
     unsafe {
         frames::init(free_start as usize, dma_start);
-        frames::init_dma(dma_start, handover_start);
+        frames::init_dma(dma_start, top);
         power::set_scratch(scratch);
     }
     let extent = |start: usize, end: usize| smmuv3::handover::Extent {
@@ -268,8 +384,9 @@ pub fn run<B: Board>(board: &B) -> ! {
     frames::set_layout(frames::Layout {
         image: extent(bank.base as usize, free_start as usize),
         frames: extent(free_start as usize, dma_start),
-        dma: extent(dma_start, handover_start),
-        reserved: extent(handover_start, bank.end() as usize),
+        dma: extent(dma_start, top),
+        reserved: extent(top, bank.end() as usize),
+        handover: handover_region.map(|(r, _)| r).unwrap_or_default(),
     });
 
     let map = build_identity_map(&platform);
@@ -286,28 +403,29 @@ pub fn run<B: Board>(board: &B) -> ! {
     }
     println!("); this is CPU 0, the others start through PSCI CPU_ON when a scenario asks");
     block_dma_before_pci(&platform);
-    if description.handover_bytes > 0 {
-        let region = smmuv3::handover::Extent {
-            base: handover_start as u64,
-            len: (scratch - handover_start) as u64,
-        };
+    if let Some((region, source)) = handover_region {
         // SAFETY: at boot nothing uses the pool yet; a previous image entered without a reset (a hand-off) left its
-        // values in `.data`, which this forgets. The region is RAM kept out of the frame pool and used by nothing
-        // else; RAM is identity-mapped.
+        // values in `.data`, which this forgets. The region is RAM kept out of both pools (checked against the
+        // image, the notes and the tree's other reserved memory when the tree named it) and used by nothing else;
+        // RAM is identity-mapped.
         let set_up = unsafe {
             handover::POOL.forget_previous_image();
             handover::POOL.set_up(
                 region,
-                core::ptr::NonNull::new(handover_start as *mut u8).unwrap_or(core::ptr::NonNull::dangling()),
+                core::ptr::NonNull::new(region.base as usize as *mut u8).unwrap_or(core::ptr::NonNull::dangling()),
             )
         };
         match set_up {
-            Ok(()) => println!(
-                "handover region: {:#x}..{:#x}, kept out of the frame pool",
-                region.base,
-                region.base + region.len
-            ),
-            Err(e) => fatal("handover region", &e),
+            Ok(()) => {
+                handover::set_source(source);
+                println!(
+                    "handover region: {:#x}..{:#x}, kept out of the frame pool",
+                    region.base,
+                    region.base + region.len
+                )
+            }
+            // A region the board or the tree chose too small for the pool: live update is off, the rest runs.
+            Err(e) => println!("handover region: {e}; live update off"),
         }
     }
 

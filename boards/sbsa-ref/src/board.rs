@@ -34,6 +34,9 @@ const ECAM: Region = Region {
 const MMIO32: (u64, u64) = (0x8000_0000, 0x7000_0000);
 const MMIO64: (u64, u64) = (0x1_0000_0000, 0xff_0000_0000);
 const PIO: (u64, u64) = (0x7fff_0000, 0x1_0000);
+/// The live-update handover region: the board's tree has no `/reserved-memory`, so its description states it:
+/// 32 MiB at the top of the RAM bank (1 GiB at 1 TiB with the harness's `-m 1G`), below the reset notes.
+const HANDOVER_BYTES: u64 = 32 << 20;
 
 // The boot map (1 GiB blocks): the low devices (GIC, embedded controller, UART, SMMU; the PCI 32-bit window; the
 // ECAM) and the first 1 GiB of RAM (image, DTB, stack; the smallest RAM the harness gives the board, so no block
@@ -87,7 +90,7 @@ impl Board for SbsaRef {
         let _ = windows.push(window(WindowKind::Mem64, MMIO64, MMIO64.0));
         let _ = windows.push(window(WindowKind::Io, PIO, 0));
         StaticDescription {
-            handover_bytes: smmuv3_firmware::handover::REGION_BYTES,
+            handover_bytes: HANDOVER_BYTES,
             uart: Some(Region {
                 base: UART,
                 size: 0x1000,

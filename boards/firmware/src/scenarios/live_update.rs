@@ -96,11 +96,16 @@ pub(super) fn surviving() -> [Extent; 1] {
 }
 
 /// Declares the memory no device may be given: the image, the frame pool (the SMMU's own tables and queues) and
-/// the handover region with the boot notes.
+/// the handover region with the boot notes (the region separately when the tree placed it elsewhere).
 fn declare<A: FrameAllocator, const D: usize>(s: &mut Iommu<A, D>) -> Result<(), Failure> {
     let layout = crate::frames::layout();
     for extent in [layout.image, layout.frames, layout.reserved] {
         s.protect_memory(extent).or_else(|e| fail!("{e}"))?;
+    }
+    let (region, reserved) = (layout.handover, layout.reserved);
+    let inside = region.base >= reserved.base && region.base + region.len <= reserved.base + reserved.len;
+    if region.len != 0 && !inside {
+        s.protect_memory(region).or_else(|e| fail!("{e}"))?;
     }
     Ok(())
 }
@@ -747,6 +752,7 @@ pub fn lu_noreset(context: &mut Context) -> Result<(), Failure> {
         s.preserve(domain, TOKEN).or_else(|e| fail!("{e}"))?;
         s.prepare_handover(&POOL, base, 1, &surviving())
             .or_else(|e| fail!("{e}"))?;
+        let region = POOL.region().or_else(|e| fail!("{e}"))?;
         // A DMA in flight across the hand-off: edu writes its buffer (the pattern) to the destination.
         fill(destination, |_| 0xee);
         let last_good = time::ticks();
@@ -762,12 +768,46 @@ pub fn lu_noreset(context: &mut Context) -> Result<(), Failure> {
             passed: PASSED_SO_FAR.load(Relaxed) as u32,
             failed: FAILED_SO_FAR.load(Relaxed) as u32,
             phase: 1,
-            data: note_data(&[source, destination, last_good, crate::handoff::this_image() as u64]),
+            data: note_data(&[
+                source,
+                destination,
+                last_good,
+                crate::handoff::this_image() as u64,
+                region.base,
+                region.len,
+            ]),
         }));
         core::mem::forget(s);
         crate::handoff::hand_off(next)
     };
-    let [source, destination, last_good, previous_image, ..] = note.data;
+    let [
+        source,
+        destination,
+        last_good,
+        previous_image,
+        region_base,
+        region_len,
+        ..,
+    ] = note.data;
+    // The new image found the region in the tree the previous one passed it (QEMU's own tree names none), and it is
+    // the region the previous image prepared.
+    let region = POOL.region().or_else(|e| fail!("{e}"))?;
+    match crate::handover::source() {
+        Some(crate::handover::Source::Tree) if (region.base, region.len) == (region_base, region_len) => println!(
+            "  handover region {:#x}..{:#x} read from the tree the previous image passed (/reserved-memory, {})",
+            region.base,
+            region.base + region.len,
+            crate::handover::HANDOVER_COMPATIBLE
+        ),
+        Some(crate::handover::Source::Tree) => fail!(
+            "the tree names the handover region {:#x}+{:#x}, the previous image prepared {region_base:#x}+{region_len:#x}",
+            region.base,
+            region.len
+        ),
+        other => {
+            fail!("the new image took the handover region from {other:?}, not from the tree the previous image passed")
+        }
+    }
     let here = crate::handoff::this_image() as u64;
     if here != previous_image {
         println!("  running in a separate image at {here:#x}, handed off from the image at {previous_image:#x}");

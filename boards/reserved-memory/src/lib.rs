@@ -1,0 +1,334 @@
+//! The live-update handover region in a flattened device tree (FDT).
+//!
+//! A device-tree board states the region as a child of `/reserved-memory` whose `compatible` is
+//! [`HANDOVER_COMPATIBLE`]:
+//!
+//! ```dts
+//! reserved-memory {
+//!     #address-cells = <2>;
+//!     #size-cells = <2>;
+//!     ranges;
+//!
+//!     handover@7dfe0000 {
+//!         compatible = "smmuv3,handover-region";
+//!         reg = <0x0 0x7dfe0000 0x0 0x2000000>;   /* base and size, in /reserved-memory's cells */
+//!         no-map;
+//!     };
+//! };
+//! ```
+//!
+//! - [`reserved_memory`] reads every child of `/reserved-memory` (and the header's `/memreserve/` entries): the
+//!   handover region when one child has the compatible, and every other fixed range, which the firmware must keep
+//!   out of its own allocators as well.
+//! - [`check_region`] says whether a region may be used: page-aligned, inside one RAM bank, clear of what the firmware
+//!   protects.
+//! - [`add_handover_region`] writes the node into a tree in place, creating `/reserved-memory` when the tree has
+//!   none (QEMU's generated trees), so that the image a running hand-off jumps to reads the region from the tree it
+//!   is passed.
+//!
+//! Why a writer of our own: the `fdt` crate only reads, and the crates that edit a tree (`fdt-edit`, `vm-fdt`)
+//! rebuild it in `alloc` collections; the firmware has no allocator. Adding one node at the end of a node is a
+//! structure-block insertion plus a few strings, done here in place with bounds checked before the first write.
+#![no_std]
+
+pub mod patch;
+
+use core::fmt;
+
+use fdt::Fdt;
+
+pub use patch::{PatchError, Patched, add_handover_region};
+
+/// The `compatible` of the `/reserved-memory` child that is the live-update handover region.
+pub const HANDOVER_COMPATIBLE: &str = "smmuv3,handover-region";
+
+/// The granule the region must be aligned to (base and size).
+pub const PAGE: u64 = 4096;
+
+/// Reserved ranges other than the handover region that [`reserved_memory`] keeps (every fixed child of
+/// `/reserved-memory` and every `/memreserve/` entry); a tree with more is refused rather than some dropped.
+pub const MAX_RESERVED: usize = 16;
+
+/// A physical address range.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Range {
+    /// First byte.
+    pub base: u64,
+    /// Length in bytes.
+    pub size: u64,
+}
+
+impl Range {
+    /// One past the last byte (`None` when that overflows).
+    pub fn end(&self) -> Option<u64> {
+        self.base.checked_add(self.size)
+    }
+
+    /// Whether the two ranges share a byte (empty ranges share none).
+    pub fn overlaps(&self, other: &Range) -> bool {
+        let (Some(a), Some(b)) = (self.end(), other.end()) else {
+            return self.size != 0 && other.size != 0;
+        };
+        self.base < b && other.base < a
+    }
+
+    /// Whether `other` lies wholly inside this range.
+    pub fn contains(&self, other: &Range) -> bool {
+        match (self.end(), other.end()) {
+            (Some(a), Some(b)) => self.base <= other.base && b <= a,
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Range {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.end() {
+            Some(end) => write!(f, "{:#x}..{:#x}", self.base, end),
+            None => write!(f, "{:#x}+{:#x}", self.base, self.size),
+        }
+    }
+}
+
+/// What a tree reserves.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReservedMemory<'a> {
+    /// The handover region: the `/reserved-memory` child whose `compatible` is [`HANDOVER_COMPATIBLE`].
+    pub handover: Option<Range>,
+    /// Why the handover region's node cannot be used ([`ReadError::HandoverNotOneRange`],
+    /// [`ReadError::TwoHandoverRegions`]); `handover` is `None` then. The other ranges are still read: the region
+    /// is unusable, the rest of the tree is not.
+    pub handover_error: Option<ReadError<'a>>,
+    /// Every other fixed reserved range: the other children's `reg` entries and the `/memreserve/` entries.
+    pub others: heapless::Vec<Range, MAX_RESERVED>,
+}
+
+/// Why `/reserved-memory` cannot be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadError<'a> {
+    /// `/reserved-memory`'s `#address-cells` or `#size-cells` is missing, not one cell, or outside 1..=2 (0 for
+    /// the size).
+    Cells {
+        /// The address cells found (0 when missing or malformed).
+        address: u32,
+        /// The size cells found (0 when missing or malformed).
+        size: u32,
+    },
+    /// A child's `reg` is not a whole number of (address, size) pairs, or a range wraps past the end of the
+    /// address space.
+    Reg {
+        /// The child's name.
+        node: &'a str,
+        /// The `reg` property's length in bytes.
+        len: usize,
+    },
+    /// The handover region's node has no `reg`, or more than one range in it.
+    HandoverNotOneRange {
+        /// The node's name.
+        node: &'a str,
+    },
+    /// Two children carry [`HANDOVER_COMPATIBLE`].
+    TwoHandoverRegions {
+        /// The first.
+        first: Range,
+        /// The second.
+        second: Range,
+    },
+    /// More than [`MAX_RESERVED`] other reserved ranges.
+    TooManyReserved,
+}
+
+impl fmt::Display for ReadError<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReadError::Cells { address, size } => write!(
+                f,
+                "/reserved-memory has #address-cells {address} and #size-cells {size} (1 or 2 each expected)"
+            ),
+            ReadError::Reg { node, len } => write!(
+                f,
+                "/reserved-memory/{node}: reg of {len} bytes is not whole (address, size) pairs inside the address space"
+            ),
+            ReadError::HandoverNotOneRange { node } => write!(
+                f,
+                "/reserved-memory/{node} ({HANDOVER_COMPATIBLE}) must have a reg of exactly one range"
+            ),
+            ReadError::TwoHandoverRegions { first, second } => write!(
+                f,
+                "two /reserved-memory nodes are {HANDOVER_COMPATIBLE}: {first} and {second}"
+            ),
+            ReadError::TooManyReserved => write!(
+                f,
+                "more than {MAX_RESERVED} reserved ranges in /reserved-memory and /memreserve/"
+            ),
+        }
+    }
+}
+
+fn be_cells(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
+}
+
+fn one_cell(fdt_value: Option<&[u8]>) -> u32 {
+    match fdt_value {
+        Some(&[a, b, c, d]) => u32::from_be_bytes([a, b, c, d]),
+        _ => 0,
+    }
+}
+
+/// Decodes a `reg` value of (address, size) pairs, `address_cells` and `size_cells` cells each (1 or 2).
+fn reg_ranges(value: &[u8], address_cells: u32, size_cells: u32) -> Option<impl Iterator<Item = Option<Range>> + '_> {
+    let (a, s) = (4 * address_cells as usize, 4 * size_cells as usize);
+    if value.is_empty() || !value.len().is_multiple_of(a + s) {
+        return None;
+    }
+    Some(value.chunks_exact(a + s).map(move |pair| {
+        let range = Range {
+            base: be_cells(&pair[..a]),
+            size: be_cells(&pair[a..]),
+        };
+        range.end().map(|_| range)
+    }))
+}
+
+/// Reads what the tree reserves: every enabled child of `/reserved-memory` with a `reg` (a child without one is
+/// allocated dynamically and names no fixed range), and the header's `/memreserve/` entries. A tree without
+/// `/reserved-memory` reserves only the latter.
+///
+/// A handover region node that is not one well-formed range, or a second one, is not an error here: it is
+/// [`ReservedMemory::handover_error`] (the first claimant's range, when well-formed, stays among `others`, so that
+/// no allocator takes it).
+///
+/// # Errors
+/// [`ReadError`]: `/reserved-memory`'s cells are unusable, another child's `reg` is malformed, or there are more
+/// than [`MAX_RESERVED`] other ranges. Nothing is guessed: a caller that gets an error cannot know which RAM is free.
+pub fn reserved_memory<'a>(fdt: &Fdt<'a>) -> Result<ReservedMemory<'a>, ReadError<'a>> {
+    let mut out = ReservedMemory::default();
+    for r in fdt.memory_reservations() {
+        let range = Range {
+            base: r.address() as u64,
+            size: r.size() as u64,
+        };
+        if range.size != 0 {
+            out.others.push(range).map_err(|_| ReadError::TooManyReserved)?;
+        }
+    }
+    let Some(parent) = fdt.find_node("/reserved-memory") else {
+        return Ok(out);
+    };
+    let address_cells = one_cell(parent.property("#address-cells").map(|p| p.value));
+    let size_cells = one_cell(parent.property("#size-cells").map(|p| p.value));
+    if !(1..=2).contains(&address_cells) || !(1..=2).contains(&size_cells) {
+        return Err(ReadError::Cells {
+            address: address_cells,
+            size: size_cells,
+        });
+    }
+    for child in parent.children() {
+        if child
+            .property("status")
+            .and_then(|p| p.as_str())
+            .is_some_and(|s| s != "okay" && s != "ok")
+        {
+            continue;
+        }
+        let handover = child
+            .compatible()
+            .is_some_and(|c| c.all().any(|s| s == HANDOVER_COMPATIBLE));
+        let Some(reg) = child.property("reg") else {
+            if handover && out.handover_error.is_none() {
+                out.handover_error = Some(ReadError::HandoverNotOneRange { node: child.name });
+            }
+            continue;
+        };
+        let bad_reg = ReadError::Reg {
+            node: child.name,
+            len: reg.value.len(),
+        };
+        let Some(ranges) = reg_ranges(reg.value, address_cells, size_cells) else {
+            if handover {
+                out.handover_error.get_or_insert(bad_reg);
+                continue;
+            }
+            return Err(bad_reg);
+        };
+        let mut one = None;
+        let mut count = 0;
+        for range in ranges {
+            let range = range.ok_or(bad_reg)?;
+            count += 1;
+            one = Some(range);
+            if range.size != 0 && !handover {
+                out.others.push(range).map_err(|_| ReadError::TooManyReserved)?;
+            }
+        }
+        if !handover {
+            continue;
+        }
+        match (one, count, out.handover) {
+            (Some(range), 1, None) if out.handover_error.is_none() => out.handover = Some(range),
+            (Some(second), 1, Some(first)) => {
+                out.handover_error = Some(ReadError::TwoHandoverRegions { first, second });
+                // Neither is the region; both stay out of every allocator.
+                out.handover = None;
+                out.others.push(first).map_err(|_| ReadError::TooManyReserved)?;
+                out.others.push(second).map_err(|_| ReadError::TooManyReserved)?;
+            }
+            _ => {
+                out.handover_error
+                    .get_or_insert(ReadError::HandoverNotOneRange { node: child.name });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Why a handover region cannot be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RegionError {
+    /// Its base or size is not a multiple of [`PAGE`], or it is empty.
+    Misaligned(Range),
+    /// It does not lie wholly inside one RAM bank.
+    OutsideRam(Range),
+    /// It overlaps memory the firmware protects (the image, the reset notes, another reserved range).
+    Overlaps {
+        /// The region.
+        region: Range,
+        /// What it overlaps.
+        what: &'static str,
+        /// Where that is.
+        other: Range,
+    },
+}
+
+impl fmt::Display for RegionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RegionError::Misaligned(r) => write!(f, "{r} is empty or not {PAGE}-byte aligned in base and size"),
+            RegionError::OutsideRam(r) => write!(f, "{r} is not inside one RAM bank"),
+            RegionError::Overlaps { region, what, other } => write!(f, "{region} overlaps {what} at {other}"),
+        }
+    }
+}
+
+/// Checks that `region` can be the handover region: page-aligned and not empty, inside one of the `ram` banks, and
+/// clear of every range in `protected` (each with what it is, for the error).
+///
+/// # Errors
+/// The first [`RegionError`] found.
+pub fn check_region(region: Range, ram: &[Range], protected: &[(&'static str, Range)]) -> Result<(), RegionError> {
+    if region.size == 0 || !region.base.is_multiple_of(PAGE) || !region.size.is_multiple_of(PAGE) {
+        return Err(RegionError::Misaligned(region));
+    }
+    if !ram.iter().any(|bank| bank.contains(&region)) {
+        return Err(RegionError::OutsideRam(region));
+    }
+    if let Some((what, other)) = protected.iter().find(|(_, other)| other.overlaps(&region)) {
+        return Err(RegionError::Overlaps {
+            region,
+            what,
+            other: *other,
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,413 @@
+//! The reader and the writer on real trees: QEMU 10.0's own (`virt` and `sbsa-ref`, dumped with `dumpdtb=`) and
+//! trees compiled by dtc from the sources beside them in `tests/data/dt/` (see its README).
+
+use fdt::Fdt;
+use smmuv3_reserved_memory::{
+    HANDOVER_COMPATIBLE, PatchError, Patched, Range, ReadError, RegionError, ReservedMemory, add_handover_region,
+    check_region, reserved_memory,
+};
+
+fn data(name: &str) -> Vec<u8> {
+    let path = format!("{}/../../tests/data/dt/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// The tree followed by `spare` bytes of room (QEMU's trees carry about 1 MiB of it inside their `totalsize`; the
+/// committed ones were cut to their blocks).
+fn with_room(tree: &[u8], spare: usize) -> Vec<u8> {
+    let mut buffer = tree.to_vec();
+    buffer.resize(tree.len() + spare, 0);
+    buffer
+}
+
+fn read(blob: &[u8]) -> ReservedMemory<'_> {
+    let fdt = Fdt::new(blob).expect("a valid tree");
+    reserved_memory(&fdt).expect("a readable /reserved-memory")
+}
+
+/// A node's name with its properties (name and value).
+type Node = (String, Vec<(String, Vec<u8>)>);
+
+/// Every node as its path-free name with its properties, in tree order.
+fn nodes(blob: &[u8]) -> Vec<Node> {
+    let fdt = Fdt::new(blob).expect("a valid tree");
+    fdt.all_nodes()
+        .map(|n| {
+            let props = n.properties().map(|p| (p.name.to_string(), p.value.to_vec())).collect();
+            (n.name.to_string(), props)
+        })
+        .collect()
+}
+
+const REGION: Range = Range {
+    base: 0x7dfe_0000,
+    size: 0x200_0000,
+};
+
+#[test]
+fn qemu_trees_get_reserved_memory_with_the_region_and_keep_everything_else() {
+    for (tree, region) in [
+        ("qemu-virt.dtb", REGION),
+        (
+            "qemu-sbsa-ref.dtb",
+            Range {
+                base: 0x100_3dfe_0000,
+                size: 0x200_0000,
+            },
+        ),
+    ] {
+        let original = data(tree);
+        assert_eq!(
+            read(&original),
+            ReservedMemory::default(),
+            "{tree}: QEMU reserves nothing"
+        );
+        let mut blob = with_room(&original, 4096);
+        let outcome = add_handover_region(&mut blob, region).unwrap();
+        let Patched::Added {
+            created_reserved_memory,
+            total_size,
+        } = outcome
+        else {
+            panic!("{tree}: {outcome:?}")
+        };
+        assert!(created_reserved_memory, "{tree}");
+        assert!(
+            total_size > original.len() && total_size <= blob.len(),
+            "{tree}: {total_size}"
+        );
+        // The strings block grew by exactly the names it lacked (those it has are reused).
+        let strings_size = |b: &[u8]| u32::from_be_bytes(b[32..36].try_into().unwrap()) as usize;
+        let lacking: usize = ["#address-cells", "#size-cells", "ranges", "compatible", "reg", "no-map"]
+            .iter()
+            .filter(|name| {
+                let wanted = format!("{name}\0");
+                !original.windows(wanted.len()).any(|w| w == wanted.as_bytes())
+            })
+            .map(|name| name.len() + 1)
+            .sum();
+        assert_eq!(strings_size(&blob), strings_size(&original) + lacking, "{tree}");
+        let found = read(&blob);
+        assert_eq!(found.handover, Some(region), "{tree}");
+        assert!(found.others.is_empty(), "{tree}: {:?}", found.others);
+
+        let fdt = Fdt::new(&blob).unwrap();
+        assert_eq!(fdt.total_size(), total_size);
+        let parent = fdt.find_node("/reserved-memory").unwrap();
+        let cell = |name| parent.property(name).and_then(|p| p.as_usize());
+        // The root's cells (2 and 2 on both machines), and an empty `ranges`.
+        assert_eq!(
+            (cell("#address-cells"), cell("#size-cells")),
+            (Some(2), Some(2)),
+            "{tree}"
+        );
+        assert_eq!(parent.property("ranges").map(|p| p.value.len()), Some(0), "{tree}");
+        let name = format!("handover@{:x}", region.base);
+        let node = parent.children().find(|c| c.name == name).expect("the region's node");
+        assert_eq!(node.compatible().unwrap().first(), HANDOVER_COMPATIBLE);
+        assert_eq!(node.property("no-map").map(|p| p.value.len()), Some(0));
+        let mut reg = region.base.to_be_bytes().to_vec();
+        reg.extend_from_slice(&region.size.to_be_bytes());
+        assert_eq!(node.property("reg").unwrap().value, reg.as_slice());
+
+        // Every node and property of the original, unchanged and in order, and nothing else but the two nodes.
+        let before = nodes(&original);
+        let after: Vec<_> = nodes(&blob)
+            .into_iter()
+            .filter(|(n, _)| n != "reserved-memory" && *n != name)
+            .collect();
+        assert_eq!(before, after, "{tree}");
+        // The memory node (what discovery reads) still reads the same.
+        let bank = |b: &[u8]| {
+            let f = Fdt::new(b).unwrap();
+            let r = f.memory().regions().next().unwrap();
+            (r.starting_address as u64, r.size)
+        };
+        assert_eq!(bank(&original), bank(&blob));
+    }
+}
+
+#[test]
+fn a_tree_that_names_the_region_is_left_alone_and_one_naming_another_is_refused_unchanged() {
+    let mut blob = with_room(&data("qemu-virt.dtb"), 4096);
+    add_handover_region(&mut blob, REGION).unwrap();
+    let once = blob.clone();
+    assert_eq!(add_handover_region(&mut blob, REGION), Ok(Patched::AlreadyPresent));
+    assert_eq!(blob, once);
+    let other = Range {
+        base: REGION.base - 0x200_0000,
+        ..REGION
+    };
+    assert_eq!(
+        add_handover_region(&mut blob, other),
+        Err(PatchError::AlreadyNamesAnother(REGION))
+    );
+    assert_eq!(blob, once);
+}
+
+#[test]
+fn without_room_the_tree_is_refused_unchanged() {
+    let original = data("qemu-virt.dtb");
+    let mut blob = original.clone();
+    let error = add_handover_region(&mut blob, REGION).unwrap_err();
+    assert!(
+        matches!(error, PatchError::NoSpace { needed, capacity } if needed > capacity && capacity == original.len()),
+        "{error:?}"
+    );
+    assert_eq!(blob, original);
+    // Exactly the room it needs is enough.
+    let PatchError::NoSpace { needed, .. } = error else {
+        unreachable!()
+    };
+    let mut exact = with_room(&original, needed - original.len());
+    assert!(matches!(
+        add_handover_region(&mut exact, REGION),
+        Ok(Patched::Added { .. })
+    ));
+    assert_eq!(read(&exact).handover, Some(REGION));
+}
+
+#[test]
+fn a_board_tree_gives_its_region_and_keeps_every_other_fixed_range() {
+    let blob = data("board-reserved.dtb");
+    let found = read(&blob);
+    assert_eq!(
+        found.handover,
+        Some(Range {
+            base: 0x7000_0000,
+            size: 0x400_0000
+        })
+    );
+    // The /memreserve/ entry, the secure carve-out and the shared pool; not the disabled node, nor the dynamically
+    // allocated one (no `reg`).
+    let others: Vec<Range> = found.others.iter().copied().collect();
+    assert_eq!(
+        others,
+        [
+            Range {
+                base: 0x4000_0000,
+                size: 0x1_0000
+            },
+            Range {
+                base: 0x7e00_0000,
+                size: 0x100_0000
+            },
+            Range {
+                base: 0x6000_0000,
+                size: 0x20_0000
+            },
+        ]
+    );
+    // The writer sees the same region.
+    let mut copy = with_room(&blob, 1024);
+    assert_eq!(
+        add_handover_region(&mut copy, found.handover.unwrap()),
+        Ok(Patched::AlreadyPresent)
+    );
+    assert_eq!(
+        add_handover_region(&mut copy, REGION),
+        Err(PatchError::AlreadyNamesAnother(found.handover.unwrap()))
+    );
+}
+
+#[test]
+fn the_region_is_written_in_the_cells_reserved_memory_uses() {
+    let original = data("cells-1-1.dtb");
+    assert_eq!(read(&original).handover, None);
+    let region = Range {
+        base: 0x9000_0000,
+        size: 0x200_0000,
+    };
+    let mut blob = with_room(&original, 1024);
+    assert!(matches!(
+        add_handover_region(&mut blob, region),
+        Ok(Patched::Added {
+            created_reserved_memory: false,
+            ..
+        })
+    ));
+    let found = read(&blob);
+    assert_eq!(found.handover, Some(region));
+    let others: Vec<Range> = found.others.iter().copied().collect();
+    assert_eq!(
+        others,
+        [Range {
+            base: 0x8800_0000,
+            size: 0x80_0000
+        }]
+    );
+    let fdt = Fdt::new(&blob).unwrap();
+    let node = fdt.find_node("/reserved-memory/handover@90000000").unwrap();
+    assert_eq!(node.property("reg").unwrap().value, [0x90, 0, 0, 0, 0x02, 0, 0, 0]);
+    // The node after /reserved-memory is intact.
+    assert_eq!(
+        fdt.find_node("/chosen")
+            .and_then(|c| c.property("bootargs"))
+            .and_then(|p| p.as_str()),
+        Some("after reserved-memory")
+    );
+    // Above 4 GiB the region does not fit one cell: refused, the tree unchanged.
+    let mut again = with_room(&original, 1024);
+    let high = Range {
+        base: 0x1_0000_0000,
+        size: 0x200_0000,
+    };
+    assert_eq!(add_handover_region(&mut again, high), Err(PatchError::DoesNotFit(high)));
+    assert_eq!(again, with_room(&original, 1024));
+}
+
+#[test]
+fn malformed_region_nodes_are_errors_for_the_reader_and_the_writer() {
+    let two = data("two-handover.dtb");
+    let fdt = Fdt::new(&two).unwrap();
+    let found = reserved_memory(&fdt).unwrap();
+    assert_eq!(found.handover, None);
+    assert!(matches!(
+        found.handover_error,
+        Some(ReadError::TwoHandoverRegions { first, second })
+            if first.base == 0x7000_0000 && second.base == 0x7200_0000
+    ));
+    // Neither is used, and neither is free RAM.
+    let bases: Vec<u64> = found.others.iter().map(|r| r.base).collect();
+    assert_eq!(bases, [0x7000_0000, 0x7200_0000]);
+    let mut blob = with_room(&two, 1024);
+    assert!(matches!(
+        add_handover_region(&mut blob, REGION),
+        Err(PatchError::AlreadyNamesAnother(_))
+    ));
+    assert_eq!(blob, with_room(&two, 1024));
+
+    let bad = data("bad-reg.dtb");
+    let fdt = Fdt::new(&bad).unwrap();
+    let found = reserved_memory(&fdt).unwrap();
+    assert_eq!(found.handover, None);
+    let error = found.handover_error.unwrap();
+    assert_eq!(
+        error,
+        ReadError::Reg {
+            node: "handover@70000000",
+            len: 12
+        }
+    );
+    assert!(error.to_string().contains("handover@70000000"), "{error}");
+    let mut blob = with_room(&bad, 1024);
+    assert!(matches!(
+        add_handover_region(&mut blob, REGION),
+        Err(PatchError::MalformedRegionNode(_))
+    ));
+    assert_eq!(blob, with_room(&bad, 1024));
+}
+
+/// Every single-bit flip of a real tree: the writer never panics, and whenever it refuses, the bytes are unchanged;
+/// whenever it accepts, it finds the region it wrote when asked again.
+#[test]
+fn corrupted_trees_never_panic_and_refusals_change_nothing() {
+    let original = with_room(&data("qemu-sbsa-ref.dtb"), 1024);
+    let tree_len = data("qemu-sbsa-ref.dtb").len();
+    let (mut refused, mut accepted) = (0, 0);
+    for byte in 0..tree_len {
+        for bit in 0..8 {
+            let mut corrupted = original.clone();
+            corrupted[byte] ^= 1 << bit;
+            let before = corrupted.clone();
+            match add_handover_region(&mut corrupted, REGION) {
+                Err(_) => {
+                    refused += 1;
+                    assert_eq!(corrupted, before, "byte {byte} bit {bit}");
+                }
+                Ok(_) => {
+                    accepted += 1;
+                    // The writer reads back what it wrote (the `fdt` crate is not used here: it panics on some
+                    // corrupted trees).
+                    assert_eq!(
+                        add_handover_region(&mut corrupted, REGION),
+                        Ok(Patched::AlreadyPresent),
+                        "byte {byte} bit {bit}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(refused > 0 && accepted > 0, "{refused} refused, {accepted} accepted");
+}
+
+#[test]
+fn region_checks() {
+    let ram = [Range {
+        base: 0x4000_0000,
+        size: 0x4000_0000,
+    }];
+    let image = (
+        "the image",
+        Range {
+            base: 0x4000_0000,
+            size: 0x1e0_0000,
+        },
+    );
+    let notes = (
+        "the reset notes",
+        Range {
+            base: 0x7fff_0000,
+            size: 0x1_0000,
+        },
+    );
+    let ok = Range {
+        base: 0x7dff_0000,
+        size: 0x200_0000,
+    };
+    assert_eq!(check_region(ok, &ram, &[image, notes]), Ok(()));
+    for bad in [
+        Range {
+            base: ok.base + 0x800,
+            ..ok
+        },
+        Range {
+            size: ok.size - 0x800,
+            ..ok
+        },
+        Range { size: 0, ..ok },
+    ] {
+        assert_eq!(
+            check_region(bad, &ram, &[image, notes]),
+            Err(RegionError::Misaligned(bad))
+        );
+    }
+    // One page past the bank.
+    let past = Range {
+        base: 0x7e00_1000,
+        ..ok
+    };
+    assert_eq!(check_region(past, &ram, &[]), Err(RegionError::OutsideRam(past)));
+    assert_eq!(
+        check_region(past, &ram, &[image]).unwrap_err().to_string(),
+        "0x7e001000..0x80001000 is not inside one RAM bank"
+    );
+    // Overlapping the notes by one page.
+    let over = Range {
+        base: 0x7ffe_f000,
+        size: 0x2000,
+    };
+    assert_eq!(
+        check_region(over, &ram, &[image, notes]),
+        Err(RegionError::Overlaps {
+            region: over,
+            what: "the reset notes",
+            other: notes.1
+        })
+    );
+    // Overlapping the image by its last page.
+    let low = Range {
+        base: 0x41df_f000,
+        size: 0x10_0000,
+    };
+    assert!(matches!(
+        check_region(low, &ram, &[image, notes]),
+        Err(RegionError::Overlaps { what: "the image", .. })
+    ));
+    // Just after the image: fine.
+    let after = Range {
+        base: 0x41e0_0000,
+        size: 0x10_0000,
+    };
+    assert_eq!(check_region(after, &ram, &[image, notes]), Ok(()));
+}
