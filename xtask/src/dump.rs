@@ -181,6 +181,30 @@ mod tests {
         assert!(text.contains("    extent 0x8"), "{text}");
     }
 
+    /// The region the format-2 driver wrote (the committed golden file's metadata pages): read and validated as
+    /// version 2, every record printed.
+    #[test]
+    fn a_version_2_region_is_read_too() {
+        const GOLDEN: &[u8] = include_bytes!("../../tests/data/handover/v2-first-image.region");
+        // The container (see src/handover/restore/golden.rs): a 48-byte header, then (offset, 4096 bytes) pages.
+        let pages = u32::from_le_bytes(GOLDEN[40..44].try_into().unwrap()) as usize;
+        let mut metadata = vec![0u8; 64 << 10];
+        for p in 0..pages {
+            let at = 48 + p * (8 + 4096);
+            let offset = u64::from_le_bytes(GOLDEN[at..at + 8].try_into().unwrap()) as usize;
+            if offset < metadata.len() {
+                metadata[offset..offset + 4096].copy_from_slice(&GOLDEN[at + 8..at + 8 + 4096]);
+            }
+        }
+        let (text, ok) = dump(&metadata);
+        assert!(ok, "{text}");
+        assert!(text.contains("  version      2"), "{text}");
+        assert!(text.contains("validation: OK"), "{text}");
+        for token in [0x51u64, 0x52, 0x53, 0x55] {
+            assert!(text.contains(&format!("record {token:#018x}")), "{text}");
+        }
+    }
+
     #[test]
     fn a_refused_region_still_shows_its_header_and_why() {
         let (mut bytes, _) = sample_bytes();
