@@ -41,6 +41,19 @@ impl Region {
         }
     }
 
+    /// A region whose arenas are `arena_bytes` each (its memory zeroed lazily by the host: only what is written
+    /// is committed).
+    pub(crate) fn with_arenas_of(arena_bytes: usize) -> Region {
+        let bytes = METADATA_BYTES as usize + ARENAS * arena_bytes;
+        Region {
+            memory: Box::leak(std::vec![0u64; bytes / 8].into_boxed_slice()),
+            extent: Extent {
+                base: 0x80_0000_0000,
+                len: bytes as u64,
+            },
+        }
+    }
+
     pub(crate) fn pool(&mut self) -> &'static HandoverPool {
         let pool: &'static HandoverPool = Box::leak(Box::new(HandoverPool::new()));
         // SAFETY: leaked memory used by nothing else (the previous "image" is forgotten).
@@ -704,6 +717,7 @@ fn a_restore_into_an_image_that_took_a_recorded_id_or_stream_changes_nothing() {
     smmu.free_domain(mine).unwrap();
 }
 
+mod capacity;
 mod findings;
 mod prepare;
 mod refused;

@@ -1,0 +1,119 @@
+//! Capacity at server scale (issue 23): one preserved domain of 1 TiB in 1 GiB and 2 MiB blocks, preserved,
+//! restored with every table walked, and translating as before.
+
+use super::*;
+
+const GIB: u64 = 1 << 30;
+const TIB: u64 = 1 << 40;
+
+/// 1 TiB of a VM's stage 2: the first half in 1 GiB blocks, the second in 2 MiB blocks (its output 2 MiB off a
+/// 1 GiB boundary, so no 1 GiB block fits), preserved in one arena and restored with every table verified.
+#[test]
+fn a_tib_in_blocks_is_preserved_and_restored_verified() {
+    tib_in_blocks(false);
+}
+
+/// The same terabyte, its very last 2 MiB block rewritten (after the prepare, its CRC untouched) to reach the
+/// handover region: the verified restore walks every table down to it and refuses.
+#[test]
+fn the_last_block_of_a_tib_is_verified_too() {
+    tib_in_blocks(true);
+}
+
+fn tib_in_blocks(tamper_last: bool) {
+    let frames = frames();
+    // 1 TiB in 2 MiB blocks needs 512 level-2 tables for its second half: 2 MiB of tables, plus the root.
+    let mut region = Region::with_arenas_of(4 << 20);
+    let half = TIB / 2;
+    {
+        let model = Model::start(frames);
+        let smmu = boot(&model, frames);
+        let pool = region.pool();
+        let d = smmu
+            .create_stage2(pool.take_arena().unwrap(), Stage2Options { input_bits: 42 })
+            .unwrap();
+        smmu.map(d, 0, TIB, half, RW).unwrap();
+        smmu.map(d, half, TIB + half + (2 << 20), half, RW).unwrap();
+        smmu.attach(d, 0x10).unwrap();
+        smmu.preserve(d, 0x7b).unwrap();
+        smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
+        let root = smmu.domain_table(d).unwrap().root().0;
+        core::mem::forget(smmu);
+        if tamper_last {
+            // Stage 2, 4 KiB granule, 42 bits: concatenated level-1 tables at the root, then level 2.
+            let last = TIB - (2 << 20);
+            let word = |phys: u64| ((phys - region.extent.base) / 8) as usize;
+            let l1 = region.memory[word(root + 8 * (last >> 30))];
+            let l2 = (l1 & 0x0000_ffff_ffff_f000) + 8 * ((last >> 21) & 511);
+            let block = &mut region.memory[word(l2)];
+            assert_eq!(*block & 0b11, 0b01, "a block descriptor");
+            *block = (*block & !0x0000_ffff_ffe0_0000) | region.extent.base;
+        }
+    }
+    let model = Model::start(frames);
+    let smmu = boot(&model, frames);
+    let pool = region.pool();
+    let result = smmu.restore_handover(pool, BASE, &ANYWHERE);
+    if tamper_last {
+        assert!(
+            matches!(result, Err(RestoreError::Verify { token: 0x7b, .. })),
+            "{result:?}"
+        );
+        assert_eq!(pool.arenas_in_use(), 0);
+        core::mem::forget(smmu);
+        return;
+    }
+    let report = result.unwrap();
+    assert_eq!((report.domains, report.streams), (1, 1));
+    let d = smmu.retrieve(0x7b).unwrap();
+    for iova in [0, GIB + 0x1234, half - 1, half, half + 0x20_1000, TIB - 1] {
+        let expected = if iova < half {
+            TIB + iova
+        } else {
+            TIB + iova + (2 << 20)
+        };
+        assert_eq!(smmu.iova_to_phys(d, iova), Ok(Some(expected)), "IOVA {iova:#x}");
+    }
+    assert_eq!(smmu.iova_to_phys(d, TIB), Ok(None));
+    assert_eq!(smmu.low_level().ste(0x10).unwrap().config(), Config::Stage2);
+    // Unmapping the whole terabyte after the restore empties the restored tables.
+    assert_eq!(smmu.unmap(d, 0, TIB), Ok(TIB));
+    assert_eq!(smmu.iova_to_phys(d, half + 0x20_1000), Ok(None));
+    core::mem::forget(smmu);
+}
+
+/// 64 GiB of a VM's RAM in 4 KiB pages (a stage 2 whose output is 4 KiB off every block boundary, so only pages
+/// fit): 128 MiB of level-3 tables in one arena of sparse host memory, preserved, restored with every table
+/// walked, translating as before.
+#[test]
+fn sixty_four_gib_in_pages_is_preserved_and_restored_verified() {
+    const SIZE: u64 = 64 * GIB;
+    let frames = frames();
+    // 16 Mi pages: 32 Ki level-3 tables (128 MiB), 64 level-2 tables and the root.
+    let mut region = Region::with_arenas_of((130 << 20) as usize);
+    let output = TIB + 0x1000;
+    {
+        let model = Model::start(frames);
+        let smmu = boot(&model, frames);
+        let pool = region.pool();
+        let d = smmu
+            .create_stage2(pool.take_arena().unwrap(), Stage2Options { input_bits: 40 })
+            .unwrap();
+        smmu.map(d, 0, output, SIZE, RW).unwrap();
+        smmu.attach(d, 0x10).unwrap();
+        smmu.preserve(d, 0x64).unwrap();
+        smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
+        core::mem::forget(smmu);
+    }
+    let model = Model::start(frames);
+    let smmu = boot(&model, frames);
+    let pool = region.pool();
+    let report = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap();
+    assert_eq!((report.domains, report.streams), (1, 1));
+    let d = smmu.retrieve(0x64).unwrap();
+    for iova in [0, 0x1000, GIB + 0x5_3000, SIZE / 2 + 0x7ff, SIZE - 0x1000] {
+        assert_eq!(smmu.iova_to_phys(d, iova), Ok(Some(output + iova)), "IOVA {iova:#x}");
+    }
+    assert_eq!(smmu.iova_to_phys(d, SIZE), Ok(None));
+    core::mem::forget(smmu);
+}
