@@ -409,6 +409,10 @@ pub struct StaticDescription {
     /// the image, just below the reset note (see `power`), kept out of the frame pool from the first boot so that
     /// the next image finds it untouched. Each board states its own. 0: no handover region.
     pub handover_bytes: u64,
+    /// The region grows with the RAM bank: at least `1 / handover_share` of it (0: never more than
+    /// `handover_bytes`). A server preserving large domains needs their page tables there (a domain's memory is
+    /// one of the region's 16 arenas).
+    pub handover_share: u64,
 }
 
 /// The tree's answer when it has one, else the board's; a malformed tree entry is an error, not a fallback.

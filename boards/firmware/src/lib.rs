@@ -251,16 +251,17 @@ fn handover_region(
     if description.handover_bytes == 0 {
         return (None, reserved);
     }
-    let start = scratch.saturating_sub(description.handover_bytes as usize) & !0xfff;
+    // The board's size, or its share of the bank when that is larger: the same every boot, so a warm reset finds
+    // the same region.
+    let share = bank.size.checked_div(description.handover_share).unwrap_or(0);
+    let bytes = description.handover_bytes.max(share) & !0xfff;
+    let start = scratch.saturating_sub(bytes as usize) & !0xfff;
     let region = Range {
         base: start as u64,
         size: (scratch - start) as u64,
     };
     if start <= free_start as usize {
-        println!(
-            "handover region: the board's {} bytes do not fit after the image; live update off",
-            description.handover_bytes
-        );
+        println!("handover region: the board's {bytes} bytes do not fit after the image; live update off");
         return (None, reserved);
     }
     if let Some(other) = tree.others.iter().find(|o| o.overlaps(&region)) {
@@ -270,8 +271,7 @@ fn handover_region(
         return (None, reserved);
     }
     println!(
-        "handover region: from the board description ({} bytes at the top of the image's RAM bank): {region}",
-        description.handover_bytes
+        "handover region: from the board description ({bytes} bytes at the top of the image's RAM bank): {region}"
     );
     let _ = reserved.push(region);
     (Some((extent(region), handover::Source::Board)), reserved)

@@ -64,6 +64,7 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("virtio-dma", virtio_dma::virtio_dma),
     ("dma-map-bench", dma_map_bench::dma_map_bench),
     ("lu-s1", live_update::lu_s1),
+    ("lu-big", live_update::lu_big),
     ("lu-s2", live_update::lu_s2),
     ("lu-nested", live_update::lu_nested),
     ("lu-mutate", live_update::lu_mutate),

@@ -14,6 +14,9 @@ const DTB_ADDRESS: usize = 0x4000_0000;
 /// the node the previous image added): 32 MiB at the top of RAM, below the reset notes. 64 KiB of records and 16
 /// arenas of about 2 MiB; the harness gives the machine 1 GiB or more.
 const HANDOVER_BYTES: u64 = 32 << 20;
+/// The region grows to a 32nd of the RAM bank (so 32 MiB up to 1 GiB of RAM; 128 MiB with 4 GiB, whose arenas
+/// then hold nearly 4 GiB of 4 KiB pages each).
+const HANDOVER_SHARE: u64 = 32;
 
 // The boot map (1 GiB blocks): the low 1 GiB of devices (UART, SMMU, fw_cfg, GIC, PCI windows), the first 1 GiB
 // of RAM (image, DTB, stack), and the high ECAM at 256 GiB. `run` replaces it with a map built from the device
@@ -46,6 +49,7 @@ impl Board for QemuVirt {
     fn description(&self) -> StaticDescription {
         StaticDescription {
             handover_bytes: HANDOVER_BYTES,
+            handover_share: HANDOVER_SHARE,
             ..StaticDescription::default()
         }
     }

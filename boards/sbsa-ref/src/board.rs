@@ -37,6 +37,9 @@ const PIO: (u64, u64) = (0x7fff_0000, 0x1_0000);
 /// The live-update handover region: the board's tree has no `/reserved-memory`, so its description states it:
 /// 32 MiB at the top of the RAM bank (1 GiB at 1 TiB with the harness's `-m 1G`), below the reset notes.
 const HANDOVER_BYTES: u64 = 32 << 20;
+/// The region grows to a 32nd of the RAM bank (so 32 MiB up to 1 GiB of RAM; 128 MiB with 4 GiB, whose arenas
+/// then hold nearly 4 GiB of 4 KiB pages each).
+const HANDOVER_SHARE: u64 = 32;
 
 // The boot map (1 GiB blocks): the low devices (GIC, embedded controller, UART, SMMU; the PCI 32-bit window; the
 // ECAM) and the first 1 GiB of RAM (image, DTB, stack; the smallest RAM the harness gives the board, so no block
@@ -91,6 +94,7 @@ impl Board for SbsaRef {
         let _ = windows.push(window(WindowKind::Io, PIO, 0));
         StaticDescription {
             handover_bytes: HANDOVER_BYTES,
+            handover_share: HANDOVER_SHARE,
             uart: Some(Region {
                 base: UART,
                 size: 0x1000,

@@ -873,3 +873,83 @@ pub fn lu_noreset(context: &mut Context) -> Result<(), Failure> {
         Err(e) => fail!("{e}"),
     }
 }
+
+/// IOVA `lu-big` maps, from 0, in 4 KiB pages: 3 GiB (6 MiB of level-3 tables, in one arena of a region sized for
+/// it: the harness gives the machine 4 GiB, the board's region a 32nd of it).
+const BIG_BYTES: u64 = 3 << 30;
+/// The PA window every 2 MiB of `lu-big`'s IOVA maps onto (its pages are aliased: the tables are what is big).
+const BIG_WINDOW: u64 = 2 << 20;
+
+/// `lu-big`: one stage-2 domain of several GiB in 4 KiB pages ([`BIG_BYTES`]: every 2 MiB of IOVA onto the same 2
+/// MiB of DMA memory, 4 KiB off a block boundary so that only pages fit), edu's stream through it, preserved across
+/// a warm reset; the next image restores it with every table walked and edu DMAs through it again.
+pub fn lu_big(context: &mut Context) -> Result<(), Failure> {
+    let (edu, sid) = edu_stream(context)?;
+    let mut s = start_lu(context)?;
+    if !s.features().stage2 {
+        fail!("the SMMU has no stage 2")
+    }
+    let destination_iova = BIG_BYTES - 2 * 4096;
+    let at = |window: u64, iova: u64| window + (iova % BIG_WINDOW);
+    match after_reset() {
+        None => {
+            let a = arena()?;
+            let domain = create(&mut s, DomainKind::Stage2, a)?;
+            // 4 MiB aligned to 2 MiB, used from 4 KiB in: no 2 MiB block fits the output.
+            let buffer = match crate::frames::alloc_dma(2 * BIG_WINDOW as usize, BIG_WINDOW as usize) {
+                Ok(b) => b as u64,
+                Err(e) => fail!("{e}"),
+            };
+            let window = buffer + 4096;
+            let t0 = time::ticks();
+            for chunk in 0..BIG_BYTES / BIG_WINDOW {
+                s.map(domain, chunk * BIG_WINDOW, window, BIG_WINDOW, RW)
+                    .or_else(|e| fail!("map of IOVA {:#x}: {e}", chunk * BIG_WINDOW))?;
+            }
+            let mapped = time::to_us(time::ticks() - t0);
+            s.attach(domain, sid).or_else(|e| fail!("{e}"))?;
+            let destination = at(window, destination_iova);
+            dma(&edu, at(window, IOVA_SOURCE), destination_iova, destination, 0x51)?;
+            let tables = s.domain_table(domain).or_else(|e| fail!("{e}"))?.tables();
+            s.preserve(domain, TOKEN).or_else(|e| fail!("{e}"))?;
+            let t0 = time::ticks();
+            let bytes = s
+                .prepare_handover(&POOL, smmu_base(context), 1, &surviving())
+                .or_else(|e| fail!("{e}"))?;
+            println!(
+                "  {domain} (stage 2) maps {} MiB of IOVA in 4 KiB pages ({tables} tables, mapped in {mapped} us); preserved as {TOKEN:#x}, prepared in {} us ({bytes} bytes of records)",
+                BIG_BYTES >> 20,
+                time::to_us(time::ticks() - t0)
+            );
+            reset_with(s, note_data(&[window, u64::from(tables)]))
+        }
+        Some(note) => {
+            let [window, tables, ..] = note.data;
+            let report = restore(context, &mut s)?;
+            if report.domains != 1 {
+                fail!("{} domains restored, 1 preserved", report.domains)
+            }
+            let domain = s.retrieve(TOKEN).or_else(|e| fail!("retrieve: {e}"))?;
+            for iova in [0, BIG_BYTES / 2 + 0x3000, BIG_BYTES - 4096] {
+                if s.iova_to_phys(domain, iova).ok().flatten() != Some(at(window, iova)) {
+                    fail!("IOVA {iova:#x} no longer maps PA {:#x}", at(window, iova))
+                }
+            }
+            if s.iova_to_phys(domain, BIG_BYTES).ok().flatten().is_some() {
+                fail!("IOVA {BIG_BYTES:#x} maps something after the restore")
+            }
+            let now = s.domain_table(domain).or_else(|e| fail!("{e}"))?.tables();
+            if u64::from(now) != tables {
+                fail!("{now} table(s) after the restore, {tables} before")
+            }
+            let destination = at(window, destination_iova);
+            dma(&edu, at(window, IOVA_SOURCE), destination_iova, destination, 0x52)?;
+            finish_all_claimed(context, &mut s)?;
+            println!(
+                "  after the reset: {domain} retrieved by {TOKEN:#x}, {now} tables verified and adopted; IOVA {destination_iova:#x} lands at PA {destination:#x} again"
+            );
+            s.detach(sid).or_else(|e| fail!("{e}"))?;
+            s.free_domain(domain).or_else(|e| fail!("{e}"))
+        }
+    }
+}
