@@ -174,9 +174,10 @@ fn block_dma_before_pci(platform: &Platform) {
 /// The handover region and where it came from, with every range the tree reserves (the region included), which
 /// the pools must leave alone. From the tree's `/reserved-memory` node with [`handover::HANDOVER_COMPATIBLE`] when
 /// it has one, checked; else the board's `handover_bytes` at the top of the image's bank, below the notes at
-/// `scratch`. A node that cannot be used is printed, its range (when it reads as one) stays reserved, and live
-/// update is off: `None`. A `/reserved-memory` that cannot be read at all is a boot error (which RAM is free is
-/// then unknown).
+/// `scratch`. A handover node that cannot be used (malformed, a second one, failing a check) is printed, every
+/// range any handover node names stays reserved (one that wraps, from its base to the end of the address space),
+/// and live update is off: `None`. A `/reserved-memory` that cannot be read at all (its cells, another child's
+/// `reg`) is a boot error: which RAM is free is then unknown.
 fn handover_region(
     fdt: Option<&fdt::Fdt>,
     platform: &Platform,
@@ -194,9 +195,10 @@ fn handover_region(
         Some(Err(e)) => fatal("device tree /reserved-memory", &e),
         None => Default::default(),
     };
-    let mut reserved: heapless::Vec<Range, { smmuv3_reserved_memory::MAX_RESERVED + 1 }> =
-        tree.others.iter().copied().collect();
-    for r in &reserved {
+    // Everything the tree reserves, the handover region included: whatever is wrong with the region's node (or
+    // nodes), every range one names is in here (the reader's `others` when no region is used).
+    let mut reserved: heapless::Vec<Range, { smmuv3_reserved_memory::MAX_RESERVED + 1 }> = tree.kept_out().collect();
+    for r in &tree.others {
         println!("reserved memory (device tree): {r}, kept out of the frame pool");
     }
     let extent = |r: Range| smmuv3::handover::Extent {
@@ -208,8 +210,7 @@ fn handover_region(
         return (None, reserved);
     }
     if let Some(region) = tree.handover {
-        // Reserved whatever the check says: the tree says no one else may use it.
-        let _ = reserved.push(region);
+        // Reserved (above) whatever the check says: the tree says no one else may use it.
         let ram: heapless::Vec<Range, 4> = platform
             .memory
             .iter()

@@ -91,16 +91,30 @@ impl fmt::Display for Range {
 }
 
 /// What a tree reserves.
+///
+/// Every range a handover-compatible node names is in exactly one place: `handover` when the tree states one
+/// usable region, `others` otherwise (with `handover_error` saying why). So `others` plus `handover` is everything
+/// no allocator may take ([`ReservedMemory::kept_out`]), whatever is wrong with the tree's handover nodes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReservedMemory<'a> {
-    /// The handover region: the `/reserved-memory` child whose `compatible` is [`HANDOVER_COMPATIBLE`].
+    /// The handover region: the one enabled `/reserved-memory` child whose `compatible` is
+    /// [`HANDOVER_COMPATIBLE`], when it and its parent are well-formed. `None` whenever `handover_error` is set.
     pub handover: Option<Range>,
-    /// Why the handover region's node cannot be used ([`ReadError::HandoverNotOneRange`],
-    /// [`ReadError::TwoHandoverRegions`]); `handover` is `None` then. The other ranges are still read: the region
-    /// is unusable, the rest of the tree is not.
+    /// Why the tree's handover region cannot be used ([`ReadError::HandoverNotOneRange`], [`ReadError::Reg`],
+    /// [`ReadError::TwoHandoverRegions`]); `handover` is `None` then, and every range any handover node names is
+    /// in `others`. The other ranges are still read: the region is unusable, the rest of the tree is not.
     pub handover_error: Option<ReadError<'a>>,
-    /// Every other fixed reserved range: the other children's `reg` entries and the `/memreserve/` entries.
+    /// Every other fixed reserved range: the other children's `reg` entries, the `/memreserve/` entries, and the
+    /// ranges of handover nodes that cannot be used. A range that wraps past the end of the address space runs to
+    /// its end here.
     pub others: heapless::Vec<Range, MAX_RESERVED>,
+}
+
+impl ReservedMemory<'_> {
+    /// Everything no allocator may take: `others` and the handover region.
+    pub fn kept_out(&self) -> impl Iterator<Item = Range> + '_ {
+        self.others.iter().copied().chain(self.handover)
+    }
 }
 
 /// Why `/reserved-memory` cannot be used.
@@ -114,8 +128,8 @@ pub enum ReadError<'a> {
         /// The size cells found (0 when missing or malformed).
         size: u32,
     },
-    /// A child's `reg` is not a whole number of (address, size) pairs, or a range wraps past the end of the
-    /// address space.
+    /// A child's `reg` is not a whole number of (address, size) pairs, or (the handover region's) a range wraps
+    /// past the end of the address space.
     Reg {
         /// The child's name.
         node: &'a str,
@@ -127,12 +141,12 @@ pub enum ReadError<'a> {
         /// The node's name.
         node: &'a str,
     },
-    /// Two children carry [`HANDOVER_COMPATIBLE`].
+    /// Two (or more) enabled children carry [`HANDOVER_COMPATIBLE`].
     TwoHandoverRegions {
-        /// The first.
-        first: Range,
-        /// The second.
-        second: Range,
+        /// The first one's name.
+        first: &'a str,
+        /// The second one's name.
+        second: &'a str,
     },
     /// More than [`MAX_RESERVED`] other reserved ranges.
     TooManyReserved,
@@ -176,19 +190,33 @@ fn one_cell(fdt_value: Option<&[u8]>) -> u32 {
     }
 }
 
-/// Decodes a `reg` value of (address, size) pairs, `address_cells` and `size_cells` cells each (1 or 2).
-fn reg_ranges(value: &[u8], address_cells: u32, size_cells: u32) -> Option<impl Iterator<Item = Option<Range>> + '_> {
+/// The range `base` and `size` name, and whether it wraps past the end of the address space: a range that wraps
+/// runs to the end of it (the last byte of a 64-bit address space is RAM nowhere).
+fn clamped(base: u64, size: u64) -> (Range, bool) {
+    match base.checked_add(size) {
+        Some(_) => (Range { base, size }, false),
+        None => (
+            Range {
+                base,
+                size: u64::MAX - base,
+            },
+            true,
+        ),
+    }
+}
+
+/// Decodes a `reg` value of (address, size) pairs, `address_cells` and `size_cells` cells each (1 or 2): each
+/// range, and whether it wrapped ([`clamped`]).
+fn reg_ranges(value: &[u8], address_cells: u32, size_cells: u32) -> Option<impl Iterator<Item = (Range, bool)> + '_> {
     let (a, s) = (4 * address_cells as usize, 4 * size_cells as usize);
     if value.is_empty() || !value.len().is_multiple_of(a + s) {
         return None;
     }
-    Some(value.chunks_exact(a + s).map(move |pair| {
-        let range = Range {
-            base: be_cells(&pair[..a]),
-            size: be_cells(&pair[a..]),
-        };
-        range.end().map(|_| range)
-    }))
+    Some(
+        value
+            .chunks_exact(a + s)
+            .map(move |pair| clamped(be_cells(&pair[..a]), be_cells(&pair[a..]))),
+    )
 }
 
 /// Reads what the tree reserves: every enabled child of `/reserved-memory` with a `reg` (a child without one is
@@ -196,19 +224,18 @@ fn reg_ranges(value: &[u8], address_cells: u32, size_cells: u32) -> Option<impl 
 /// `/reserved-memory` reserves only the latter.
 ///
 /// A handover region node that is not one well-formed range, or a second one, is not an error here: it is
-/// [`ReservedMemory::handover_error`] (the first claimant's range, when well-formed, stays among `others`, so that
-/// no allocator takes it).
+/// [`ReservedMemory::handover_error`], and every range any handover node names (each one that reads as a range: a
+/// `reg` that is not whole pairs names none; one that wraps runs to the end of the address space) is among
+/// `others`, so that no allocator takes it.
 ///
 /// # Errors
-/// [`ReadError`]: `/reserved-memory`'s cells are unusable, another child's `reg` is malformed, or there are more
-/// than [`MAX_RESERVED`] other ranges. Nothing is guessed: a caller that gets an error cannot know which RAM is free.
+/// [`ReadError`]: `/reserved-memory`'s cells are unusable, another child's `reg` is not whole pairs, or there are
+/// more than [`MAX_RESERVED`] ranges. Nothing is guessed: a caller that gets an error cannot know which RAM is
+/// free.
 pub fn reserved_memory<'a>(fdt: &Fdt<'a>) -> Result<ReservedMemory<'a>, ReadError<'a>> {
     let mut out = ReservedMemory::default();
     for r in fdt.memory_reservations() {
-        let range = Range {
-            base: r.address() as u64,
-            size: r.size() as u64,
-        };
+        let (range, _) = clamped(r.address() as u64, r.size() as u64);
         if range.size != 0 {
             out.others.push(range).map_err(|_| ReadError::TooManyReserved)?;
         }
@@ -224,63 +251,87 @@ pub fn reserved_memory<'a>(fdt: &Fdt<'a>) -> Result<ReservedMemory<'a>, ReadErro
             size: size_cells,
         });
     }
+    // Every range the handover nodes name, the first two nodes' names, and the first thing wrong with one.
+    let mut claims = heapless::Vec::<Range, MAX_RESERVED>::new();
+    let mut claimants: (Option<&'a str>, Option<&'a str>) = (None, None);
+    let mut node_error = None;
     for child in parent.children() {
-        if child
-            .property("status")
-            .and_then(|p| p.as_str())
-            .is_some_and(|s| s != "okay" && s != "ok")
-        {
+        if !enabled(child.property("status").map(|p| p.value)) {
             continue;
         }
         let handover = child
             .compatible()
             .is_some_and(|c| c.all().any(|s| s == HANDOVER_COMPATIBLE));
-        let Some(reg) = child.property("reg") else {
-            if handover && out.handover_error.is_none() {
-                out.handover_error = Some(ReadError::HandoverNotOneRange { node: child.name });
+        let reg = child.property("reg");
+        if !handover {
+            // A child without `reg` is allocated dynamically: it names no fixed range.
+            let Some(reg) = reg else { continue };
+            let bad_reg = ReadError::Reg {
+                node: child.name,
+                len: reg.value.len(),
+            };
+            for (range, _) in reg_ranges(reg.value, address_cells, size_cells).ok_or(bad_reg)? {
+                if range.size != 0 {
+                    out.others.push(range).map_err(|_| ReadError::TooManyReserved)?;
+                }
             }
+            continue;
+        }
+        match claimants {
+            (None, _) => claimants.0 = Some(child.name),
+            (Some(_), None) => claimants.1 = Some(child.name),
+            _ => {}
+        }
+        let Some(reg) = reg else {
+            node_error.get_or_insert(ReadError::HandoverNotOneRange { node: child.name });
             continue;
         };
         let bad_reg = ReadError::Reg {
             node: child.name,
             len: reg.value.len(),
         };
+        // A `reg` that is not whole pairs names no range: there is nothing to keep out for it.
         let Some(ranges) = reg_ranges(reg.value, address_cells, size_cells) else {
-            if handover {
-                out.handover_error.get_or_insert(bad_reg);
-                continue;
-            }
-            return Err(bad_reg);
-        };
-        let mut one = None;
-        let mut count = 0;
-        for range in ranges {
-            let range = range.ok_or(bad_reg)?;
-            count += 1;
-            one = Some(range);
-            if range.size != 0 && !handover {
-                out.others.push(range).map_err(|_| ReadError::TooManyReserved)?;
-            }
-        }
-        if !handover {
+            node_error.get_or_insert(bad_reg);
             continue;
-        }
-        match (one, count, out.handover) {
-            (Some(range), 1, None) if out.handover_error.is_none() => out.handover = Some(range),
-            (Some(second), 1, Some(first)) => {
-                out.handover_error = Some(ReadError::TwoHandoverRegions { first, second });
-                // Neither is the region; both stay out of every allocator.
-                out.handover = None;
-                out.others.push(first).map_err(|_| ReadError::TooManyReserved)?;
-                out.others.push(second).map_err(|_| ReadError::TooManyReserved)?;
+        };
+        let mut count = 0;
+        for (range, wrapped) in ranges {
+            count += 1;
+            if wrapped {
+                node_error.get_or_insert(bad_reg);
             }
-            _ => {
-                out.handover_error
-                    .get_or_insert(ReadError::HandoverNotOneRange { node: child.name });
+            claims.push(range).map_err(|_| ReadError::TooManyReserved)?;
+        }
+        if count != 1 {
+            node_error.get_or_insert(ReadError::HandoverNotOneRange { node: child.name });
+        }
+    }
+    let error = match claimants {
+        (Some(first), Some(second)) => Some(ReadError::TwoHandoverRegions { first, second }),
+        _ => node_error,
+    };
+    match (error, claims.as_slice()) {
+        (None, [region]) => out.handover = Some(*region),
+        (error, _) => {
+            // No region is used; none of what the handover nodes name is free RAM.
+            out.handover_error = error;
+            for range in claims.iter().filter(|r| r.size != 0) {
+                out.others.push(*range).map_err(|_| ReadError::TooManyReserved)?;
             }
         }
     }
     Ok(out)
+}
+
+/// Whether a node whose `status` is `status` is enabled: no `status`, `"okay"` or `"ok"` (the older spelling). A
+/// `status` that is not a string reads as enabled, so that what the node names stays reserved. The reader and the
+/// writer both decide with this.
+fn enabled(status: Option<&[u8]>) -> bool {
+    match status.map(core::str::from_utf8) {
+        Some(Ok(s)) => matches!(s.trim_end_matches('\0'), "okay" | "ok"),
+        _ => true,
+    }
 }
 
 /// Why a handover region cannot be used.

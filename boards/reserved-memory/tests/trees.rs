@@ -262,11 +262,13 @@ fn malformed_region_nodes_are_errors_for_the_reader_and_the_writer() {
     let fdt = Fdt::new(&two).unwrap();
     let found = reserved_memory(&fdt).unwrap();
     assert_eq!(found.handover, None);
-    assert!(matches!(
+    assert_eq!(
         found.handover_error,
-        Some(ReadError::TwoHandoverRegions { first, second })
-            if first.base == 0x7000_0000 && second.base == 0x7200_0000
-    ));
+        Some(ReadError::TwoHandoverRegions {
+            first: "handover@70000000",
+            second: "handover@72000000"
+        })
+    );
     // Neither is used, and neither is free RAM.
     let bases: Vec<u64> = found.others.iter().map(|r| r.base).collect();
     assert_eq!(bases, [0x7000_0000, 0x7200_0000]);
@@ -410,4 +412,105 @@ fn region_checks() {
         size: 0x10_0000,
     };
     assert_eq!(check_region(after, &ram, &[image, notes]), Ok(()));
+}
+
+const VALID: Range = Range {
+    base: 0x7dff_0000,
+    size: 0x200_0000,
+};
+
+/// Every range a handover node names stays out of every allocator, whatever is wrong with it or with the other
+/// handover nodes: no region is used then (`handover` is `None`), the reason is `handover_error`, and the valid
+/// region is among `others`.
+#[test]
+fn a_malformed_second_handover_node_keeps_the_valid_region_reserved() {
+    for (tree, error, kept) in [
+        (
+            "handover-then-no-reg.dtb",
+            ReadError::TwoHandoverRegions {
+                first: "handover@7dff0000",
+                second: "handover",
+            },
+            vec![VALID],
+        ),
+        (
+            "handover-two-ranges.dtb",
+            ReadError::TwoHandoverRegions {
+                first: "handover@7dff0000",
+                second: "handover@60000000",
+            },
+            vec![
+                VALID,
+                Range {
+                    base: 0x6000_0000,
+                    size: 0x10_0000,
+                },
+                Range {
+                    base: 0x6200_0000,
+                    size: 0x10_0000,
+                },
+            ],
+        ),
+        (
+            "handover-bad-then-good.dtb",
+            ReadError::TwoHandoverRegions {
+                first: "handover@70000000",
+                second: "handover@7dff0000",
+            },
+            // The bad node's reg is not whole pairs: it names no range.
+            vec![VALID],
+        ),
+        (
+            "three-handover.dtb",
+            ReadError::TwoHandoverRegions {
+                first: "handover@7dff0000",
+                second: "handover@70000000",
+            },
+            vec![
+                VALID,
+                Range {
+                    base: 0x7000_0000,
+                    size: 0x200_0000,
+                },
+                Range {
+                    base: 0x7200_0000,
+                    size: 0x200_0000,
+                },
+            ],
+        ),
+    ] {
+        let blob = data(tree);
+        let found = read(&blob);
+        assert_eq!(found.handover, None, "{tree}");
+        assert_eq!(found.handover_error, Some(error), "{tree}");
+        let others: Vec<Range> = found.others.iter().copied().collect();
+        assert_eq!(others, kept, "{tree}");
+        assert_eq!(found.kept_out().collect::<Vec<_>>(), kept, "{tree}");
+        assert!(error.to_string().contains("handover@"), "{error}");
+    }
+}
+
+/// A handover `reg` that wraps is not a boot error: live update is off, and the region is kept out from its base
+/// to the end of the address space.
+#[test]
+fn a_wrapping_handover_reg_turns_live_update_off_and_keeps_everything_above_its_base() {
+    let blob = data("handover-wraps.dtb");
+    let fdt = Fdt::new(&blob).unwrap();
+    let found = reserved_memory(&fdt).expect("not an error for the whole tree");
+    assert_eq!(found.handover, None);
+    assert_eq!(
+        found.handover_error,
+        Some(ReadError::Reg {
+            node: "handover@7dff0000",
+            len: 16
+        })
+    );
+    let others: Vec<Range> = found.others.iter().copied().collect();
+    assert_eq!(
+        others,
+        [Range {
+            base: 0x7dff_0000,
+            size: u64::MAX - 0x7dff_0000
+        }]
+    );
 }
