@@ -28,6 +28,8 @@ use core::sync::atomic::{AtomicBool, Ordering};
 
 use aarch64_cpu::registers::{CurrentEL, Readable};
 
+use smmuv3_reserved_memory::{MAX_RESERVED, Range, highest_free, largest_free};
+
 use crate::dt::{Platform, StaticDescription};
 use crate::mmu::{CODE, DATA, DEVICE, IdentityMap, RODATA};
 
@@ -179,7 +181,7 @@ fn block_dma_before_pci(platform: &Platform) {
 /// and live update is off: `None`. A `/reserved-memory` that cannot be read at all (its cells, another child's
 /// `reg`) is a boot error: which RAM is free is then unknown.
 fn handover_region(
-    fdt: Option<&fdt::Fdt>,
+    tree: &smmuv3_reserved_memory::ReservedMemory<'_>,
     platform: &Platform,
     description: &StaticDescription,
     bank: &dt::Region,
@@ -187,17 +189,12 @@ fn handover_region(
     scratch: usize,
 ) -> (
     Option<(smmuv3::handover::Extent, handover::Source)>,
-    heapless::Vec<smmuv3_reserved_memory::Range, { smmuv3_reserved_memory::MAX_RESERVED + 1 }>,
+    heapless::Vec<Range, { MAX_RESERVED + 2 }>,
 ) {
-    use smmuv3_reserved_memory::{HANDOVER_COMPATIBLE, Range, check_region, reserved_memory};
-    let tree = match fdt.map(reserved_memory) {
-        Some(Ok(tree)) => tree,
-        Some(Err(e)) => fatal("device tree /reserved-memory", &e),
-        None => Default::default(),
-    };
+    use smmuv3_reserved_memory::{HANDOVER_COMPATIBLE, check_region};
     // Everything the tree reserves, the handover region included: whatever is wrong with the region's node (or
     // nodes), every range one names is in here (the reader's `others` when no region is used).
-    let mut reserved: heapless::Vec<Range, { smmuv3_reserved_memory::MAX_RESERVED + 1 }> = tree.kept_out().collect();
+    let mut reserved: heapless::Vec<Range, { MAX_RESERVED + 2 }> = tree.kept_out().collect();
     for r in &tree.others {
         println!("reserved memory (device tree): {r}, kept out of the frame pool");
     }
@@ -205,7 +202,7 @@ fn handover_region(
         base: r.base,
         len: r.size,
     };
-    if let Some(e) = tree.handover_error {
+    if let Some(e) = &tree.handover_error {
         println!("handover region: /reserved-memory ({HANDOVER_COMPATIBLE}): {e}; live update off");
         return (None, reserved);
     }
@@ -349,32 +346,59 @@ pub fn run<B: Board>(board: &B) -> ! {
     let Some(bank) = bank else {
         fatal("memory", &"the image is not inside a RAM bank the tree describes")
     };
-    // The bank's last 64 KiB stay out of the pool: a boot leaves notes there for the next one (see `power`).
-    let scratch = (bank.end() as usize).saturating_sub(power::SCRATCH_BYTES);
-    if scratch <= free_start as usize {
-        fatal("memory", &"no RAM after the image");
-    }
-    let (handover_region, reserved) = handover_region(fdt.as_ref(), &platform, &description, bank, free_start, scratch);
-    // The pools take the RAM from the image up to the first reserved range above it (the handover region, on the
-    // board's rule right below the notes; any memory the tree reserves), never across one.
-    let top = reserved
-        .iter()
-        .filter(|r| r.end().is_some_and(|end| end > free_start) && r.base < scratch as u64)
-        .map(|r| r.base as usize)
-        .fold(scratch, usize::min);
-    // Below it, the DMA buffers' own pool (see `frames`): the only memory the live-update scenarios give devices.
-    let dma_start = top.saturating_sub(DMA_POOL_BYTES) & !0x1f_ffff;
-    if dma_start <= free_start as usize {
+    let tree = match fdt.as_ref().map(smmuv3_reserved_memory::reserved_memory) {
+        Some(Ok(tree)) => tree,
+        Some(Err(e)) => fatal("device tree /reserved-memory", &e),
+        None => Default::default(),
+    };
+    let after_image = Range {
+        base: free_start,
+        size: bank.end() - free_start,
+    };
+    // The reset notes: the bank's last 64 KiB (see `power`), a boot's notes for the next one; or, when the tree
+    // reserves any of them, the highest 64 KiB below that it leaves free (the same at every boot with this tree).
+    let tree_ranges: heapless::Vec<Range, { MAX_RESERVED + 1 }> = tree.kept_out().collect();
+    let scratch_bytes = power::SCRATCH_BYTES as u64;
+    let Some(scratch) = highest_free(after_image, &tree_ranges, scratch_bytes, scratch_bytes) else {
         fatal(
             "memory",
-            &"no RAM after the image for the DMA pool below the handover region and the tree's reserved memory",
+            &"no 64 KiB after the image for the reset notes clear of the tree's reserved memory",
+        )
+    };
+    if scratch + scratch_bytes != bank.end() {
+        println!(
+            "reset notes: the tree reserves memory in the bank's last 64 KiB; the notes go at {scratch:#x} instead"
         );
     }
+    let scratch = scratch as usize;
+    let (handover_region, mut reserved) = handover_region(&tree, &platform, &description, bank, free_start, scratch);
+    let _ = reserved.push(Range {
+        base: scratch as u64,
+        size: scratch_bytes,
+    });
+    // The pools take the largest part of the RAM after the image that nothing reserves (the notes, the handover
+    // region, the tree's reserved memory): they skip reserved ranges rather than stop at the first. On the board's
+    // rule that is everything from the image to the region below the notes.
+    let Some(free) = largest_free(after_image, &reserved) else {
+        fatal("memory", &"no RAM after the image that the tree does not reserve")
+    };
+    let (pools_start, top) = (free.base as usize, (free.base + free.size) as usize);
+    // At its top, the DMA buffers' own pool (see `frames`): the only memory the live-update scenarios give devices.
+    let dma_start = top.saturating_sub(DMA_POOL_BYTES) & !0x1f_ffff;
+    if dma_start <= pools_start {
+        fatal(
+            "memory",
+            &"no free RAM after the image for the frame and DMA pools between the tree's reserved ranges",
+        );
+    }
+    if pools_start != free_start as usize {
+        println!("frames: from {pools_start:#x}, above reserved memory (the largest free part of the bank)");
+    }
     // SAFETY: everything past the image in its bank is unused RAM (the DTB sits below the image), mapped by the
-    // boot page table; the pools end below every reserved range (the handover region included) and the scratch
-    // area, and do not overlap each other.
+    // boot page table; the pools lie in a part of it clear of every reserved range (the handover region included)
+    // and of the scratch area, and do not overlap each other.
     unsafe {
-        frames::init(free_start as usize, dma_start);
+        frames::init(pools_start, dma_start);
         frames::init_dma(dma_start, top);
         power::set_scratch(scratch);
     }
@@ -383,8 +407,8 @@ pub fn run<B: Board>(board: &B) -> ! {
         len: (end - start) as u64,
     };
     frames::set_layout(frames::Layout {
-        image: extent(bank.base as usize, free_start as usize),
-        frames: extent(free_start as usize, dma_start),
+        image: extent(bank.base as usize, pools_start),
+        frames: extent(pools_start, dma_start),
         dma: extent(dma_start, top),
         reserved: extent(top, bank.end() as usize),
         handover: handover_region.map(|(r, _)| r).unwrap_or_default(),

@@ -383,3 +383,54 @@ pub fn check_region(region: Range, ram: &[Range], protected: &[(&'static str, Ra
     }
     Ok(())
 }
+
+/// The largest part of `window` clear of every range in `reserved` (the lowest of equally large ones); `None` when
+/// `reserved` covers all of it. What lies outside `window` is ignored; a reserved range that wraps covers
+/// everything above its base.
+pub fn largest_free(window: Range, reserved: &[Range]) -> Option<Range> {
+    let window_end = window.end().unwrap_or(u64::MAX);
+    let covers = |r: &Range, at: u64| r.size != 0 && r.base <= at && at < r.end().unwrap_or(u64::MAX);
+    // A free part starts at the window's base or where a reserved range ends, and ends at the next reserved base.
+    let starts = core::iter::once(window.base).chain(reserved.iter().filter_map(Range::end));
+    let mut best: Option<Range> = None;
+    for start in starts {
+        if start < window.base || start >= window_end || reserved.iter().any(|r| covers(r, start)) {
+            continue;
+        }
+        let end = reserved
+            .iter()
+            .filter(|r| r.size != 0 && r.base > start)
+            .map(|r| r.base)
+            .fold(window_end, u64::min);
+        let free = Range {
+            base: start,
+            size: end - start,
+        };
+        if best.is_none_or(|b| free.size > b.size || (free.size == b.size && free.base < b.base)) {
+            best = Some(free);
+        }
+    }
+    best
+}
+
+/// The base of the highest `size`-byte block inside `window`, aligned to `align` (a power of two), clear of every
+/// range in `reserved`; `None` when there is none.
+pub fn highest_free(window: Range, reserved: &[Range], size: u64, align: u64) -> Option<u64> {
+    if size == 0 || !align.is_power_of_two() {
+        return None;
+    }
+    let mask = !(align - 1);
+    let mut candidate = window.end().unwrap_or(u64::MAX).checked_sub(size)? & mask;
+    // Each step moves below at least one reserved range for good: one more step than there are ranges suffices.
+    for _ in 0..=reserved.len() {
+        if candidate < window.base {
+            return None;
+        }
+        let block = Range { base: candidate, size };
+        match reserved.iter().filter(|r| r.overlaps(&block)).map(|r| r.base).min() {
+            None => return Some(candidate),
+            Some(base) => candidate = base.checked_sub(size)? & mask,
+        }
+    }
+    None
+}

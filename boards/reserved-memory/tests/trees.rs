@@ -4,7 +4,7 @@
 use fdt::Fdt;
 use smmuv3_reserved_memory::{
     HANDOVER_COMPATIBLE, PatchError, Patched, Range, ReadError, RegionError, ReservedMemory, add_handover_region,
-    check_region, reserved_memory,
+    check_region, highest_free, largest_free, reserved_memory,
 };
 
 fn data(name: &str) -> Vec<u8> {
@@ -513,4 +513,170 @@ fn a_wrapping_handover_reg_turns_live_update_off_and_keeps_everything_above_its_
             size: u64::MAX - 0x7dff_0000
         }]
     );
+}
+
+/// QEMU virt's layout with 1 GiB: RAM from 0x4000_0000, the image and its second slot up to 0x41e0_0000.
+const AFTER_IMAGE: Range = Range {
+    base: 0x41e0_0000,
+    size: 0x8000_0000 - 0x41e0_0000,
+};
+const NOTES: Range = Range {
+    base: 0x7fff_0000,
+    size: 0x1_0000,
+};
+
+/// The firmware's pools skip reserved ranges: a region right above the image (which `check_region` accepts) left
+/// no RAM below it, and the pools used to end at the lowest reserved base, a fatal boot.
+#[test]
+fn the_pools_take_the_largest_free_part_not_the_ram_below_the_first_reserved_range() {
+    let just_above = Range {
+        base: AFTER_IMAGE.base,
+        size: 0x200_0000,
+    };
+    assert_eq!(
+        check_region(
+            just_above,
+            &[Range {
+                base: 0x4000_0000,
+                size: 0x4000_0000
+            }],
+            &[
+                (
+                    "the image",
+                    Range {
+                        base: 0x4000_0000,
+                        size: AFTER_IMAGE.base - 0x4000_0000
+                    }
+                ),
+                ("the reset notes", NOTES)
+            ]
+        ),
+        Ok(())
+    );
+    assert_eq!(
+        largest_free(AFTER_IMAGE, &[NOTES, just_above]),
+        Some(Range {
+            base: 0x43e0_0000,
+            size: NOTES.base - 0x43e0_0000
+        })
+    );
+    // The board's rule: the region right below the notes; the pools from the image up to it, as always.
+    let board = Range {
+        base: 0x7dff_0000,
+        size: 0x200_0000,
+    };
+    assert_eq!(
+        largest_free(AFTER_IMAGE, &[board, NOTES]),
+        Some(Range {
+            base: AFTER_IMAGE.base,
+            size: board.base - AFTER_IMAGE.base
+        })
+    );
+    // A region in the middle: the larger side (here above it), whatever the order of the ranges.
+    let middle = Range {
+        base: 0x5000_0000,
+        size: 0x200_0000,
+    };
+    let above = Range {
+        base: 0x5200_0000,
+        size: NOTES.base - 0x5200_0000,
+    };
+    assert_eq!(largest_free(AFTER_IMAGE, &[middle, NOTES]), Some(above));
+    assert_eq!(largest_free(AFTER_IMAGE, &[NOTES, middle]), Some(above));
+    // Overlapping and nested ranges, ranges outside the window, and empty ones.
+    let outside = Range {
+        base: 0x1000,
+        size: 0x4000_0000,
+    };
+    let inside_middle = Range {
+        base: 0x5100_0000,
+        size: 0x1000,
+    };
+    let empty = Range {
+        base: 0x6000_0000,
+        size: 0,
+    };
+    assert_eq!(
+        largest_free(AFTER_IMAGE, &[outside, middle, inside_middle, empty, NOTES]),
+        Some(above)
+    );
+    // Everything reserved: none.
+    assert_eq!(largest_free(AFTER_IMAGE, &[AFTER_IMAGE]), None);
+    let wraps = Range {
+        base: 0x3000_0000,
+        size: u64::MAX - 0x3000_0000,
+    };
+    assert_eq!(largest_free(AFTER_IMAGE, &[wraps]), None);
+}
+
+/// A `/memreserve/` entry that wraps is read as running to the end of the address space (it used to be kept with
+/// its wrapping size, and then dropped by the firmware's filter: the pools covered it); a tree that reserves the
+/// bank's last 64 KiB moves the reset notes below what it reserves.
+#[test]
+fn a_wrapping_memreserve_and_reserved_notes_stay_out_of_the_pools() {
+    let blob = data("memreserve-wraps.dtb");
+    let found = read(&blob);
+    let others: Vec<Range> = found.others.iter().copied().collect();
+    assert_eq!(
+        others,
+        [
+            Range {
+                base: 0x7000_0000,
+                size: u64::MAX - 0x7000_0000
+            },
+            Range {
+                base: 0x7fff_8000,
+                size: 0x8000
+            },
+        ]
+    );
+    assert!(others.iter().all(|r| r.end().is_some()));
+    // As the firmware lays RAM out: the notes in the highest free 64 KiB, the pools in the largest free part.
+    let notes = highest_free(AFTER_IMAGE, &others, 0x1_0000, 0x1_0000).unwrap();
+    assert_eq!(notes, 0x6fff_0000);
+    let mut reserved = others.clone();
+    reserved.push(Range {
+        base: notes,
+        size: 0x1_0000,
+    });
+    assert_eq!(
+        largest_free(AFTER_IMAGE, &reserved),
+        Some(Range {
+            base: AFTER_IMAGE.base,
+            size: 0x6fff_0000 - AFTER_IMAGE.base
+        })
+    );
+}
+
+#[test]
+fn the_notes_go_in_the_highest_free_aligned_block() {
+    // Nothing reserved: the bank's last 64 KiB.
+    assert_eq!(highest_free(AFTER_IMAGE, &[], 0x1_0000, 0x1_0000), Some(NOTES.base));
+    // The last page reserved: the 64 KiB below it.
+    let page = Range {
+        base: 0x7fff_f000,
+        size: 0x1000,
+    };
+    assert_eq!(
+        highest_free(AFTER_IMAGE, &[page], 0x1_0000, 0x1_0000),
+        Some(0x7ffe_0000)
+    );
+    // Two ranges in a row, the lower one unaligned.
+    let lower = Range {
+        base: 0x7ffd_8800,
+        size: 0x1_0000,
+    };
+    assert_eq!(
+        highest_free(AFTER_IMAGE, &[page, lower], 0x1_0000, 0x1_0000),
+        Some(0x7ffc_0000)
+    );
+    // Nothing free, nonsense arguments: none.
+    assert_eq!(highest_free(AFTER_IMAGE, &[AFTER_IMAGE], 0x1_0000, 0x1_0000), None);
+    assert_eq!(highest_free(AFTER_IMAGE, &[], 0, 0x1_0000), None);
+    assert_eq!(highest_free(AFTER_IMAGE, &[], 0x1_0000, 3), None);
+    let tiny = Range {
+        base: 0x1000,
+        size: 0x1000,
+    };
+    assert_eq!(highest_free(tiny, &[], 0x1_0000, 0x1_0000), None);
 }
