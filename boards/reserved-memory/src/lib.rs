@@ -148,6 +148,21 @@ pub enum ReadError<'a> {
         /// The second one's name.
         second: &'a str,
     },
+    /// The handover region's node is not `no-map`, or is `reusable`: an OS could map it or hand it out.
+    HandoverMappable {
+        /// The node's name.
+        node: &'a str,
+    },
+    /// `/reserved-memory` does not have the root's `#address-cells` and `#size-cells` and an empty `ranges`, as
+    /// Linux requires: the handover region is not used (its children's addresses are still read as they stand).
+    ParentLayout {
+        /// Its cells (address, size).
+        cells: (u32, u32),
+        /// The root's cells (2 and 1 when absent; 0 when malformed).
+        root_cells: (u32, u32),
+        /// The length of its `ranges`, `None` without one.
+        ranges: Option<usize>,
+    },
     /// More than [`MAX_RESERVED`] other reserved ranges.
     TooManyReserved,
 }
@@ -170,6 +185,18 @@ impl fmt::Display for ReadError<'_> {
             ReadError::TwoHandoverRegions { first, second } => write!(
                 f,
                 "two /reserved-memory nodes are {HANDOVER_COMPATIBLE}: {first} and {second}"
+            ),
+            ReadError::HandoverMappable { node } => write!(
+                f,
+                "/reserved-memory/{node} ({HANDOVER_COMPATIBLE}) must be no-map and not reusable"
+            ),
+            ReadError::ParentLayout {
+                cells,
+                root_cells,
+                ranges,
+            } => write!(
+                f,
+                "/reserved-memory has cells {cells:?} (the root {root_cells:?}) and a ranges of {ranges:?} bytes: the root's cells and an empty ranges expected"
             ),
             ReadError::TooManyReserved => write!(
                 f,
@@ -251,6 +278,20 @@ pub fn reserved_memory<'a>(fdt: &Fdt<'a>) -> Result<ReservedMemory<'a>, ReadErro
             size: size_cells,
         });
     }
+    // As Linux requires: the root's cells (2 and 1 when absent) and an empty `ranges`.
+    let root = fdt.find_node("/");
+    let root_cell = |name, absent| {
+        root.and_then(|r| r.property(name))
+            .map_or(absent, |p| one_cell(Some(p.value)))
+    };
+    let root_cells = (root_cell("#address-cells", 2), root_cell("#size-cells", 1));
+    let ranges = parent.property("ranges").map(|p| p.value.len());
+    let layout_error =
+        ((address_cells, size_cells) != root_cells || ranges != Some(0)).then_some(ReadError::ParentLayout {
+            cells: (address_cells, size_cells),
+            root_cells,
+            ranges,
+        });
     // Every range the handover nodes name, the first two nodes' names, and the first thing wrong with one.
     let mut claims = heapless::Vec::<Range, MAX_RESERVED>::new();
     let mut claimants: (Option<&'a str>, Option<&'a str>) = (None, None);
@@ -282,6 +323,9 @@ pub fn reserved_memory<'a>(fdt: &Fdt<'a>) -> Result<ReservedMemory<'a>, ReadErro
             (Some(_), None) => claimants.1 = Some(child.name),
             _ => {}
         }
+        if child.property("no-map").is_none() || child.property("reusable").is_some() {
+            node_error.get_or_insert(ReadError::HandoverMappable { node: child.name });
+        }
         let Some(reg) = reg else {
             node_error.get_or_insert(ReadError::HandoverNotOneRange { node: child.name });
             continue;
@@ -308,8 +352,10 @@ pub fn reserved_memory<'a>(fdt: &Fdt<'a>) -> Result<ReservedMemory<'a>, ReadErro
         }
     }
     let error = match claimants {
+        (None, _) => None,
+        (Some(_), _) if layout_error.is_some() => layout_error,
         (Some(first), Some(second)) => Some(ReadError::TwoHandoverRegions { first, second }),
-        _ => node_error,
+        (Some(_), None) => node_error,
     };
     match (error, claims.as_slice()) {
         (None, [region]) => out.handover = Some(*region),
@@ -327,7 +373,7 @@ pub fn reserved_memory<'a>(fdt: &Fdt<'a>) -> Result<ReservedMemory<'a>, ReadErro
 /// Whether a node whose `status` is `status` is enabled: no `status`, `"okay"` or `"ok"` (the older spelling). A
 /// `status` that is not a string reads as enabled, so that what the node names stays reserved. The reader and the
 /// writer both decide with this.
-fn enabled(status: Option<&[u8]>) -> bool {
+pub(crate) fn enabled(status: Option<&[u8]>) -> bool {
     match status.map(core::str::from_utf8) {
         Some(Ok(s)) => matches!(s.trim_end_matches('\0'), "okay" | "ok"),
         _ => true,

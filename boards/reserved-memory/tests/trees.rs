@@ -680,3 +680,90 @@ fn the_notes_go_in_the_highest_free_aligned_block() {
     };
     assert_eq!(highest_free(tiny, &[], 0x1_0000, 0x1_0000), None);
 }
+
+/// The reader and the writer agree on which handover nodes count: a disabled one is ignored by both (the writer adds
+/// an enabled node beside it), and `status = "ok"` is enabled for both.
+#[test]
+fn disabled_handover_nodes_are_ignored_by_the_reader_and_the_writer() {
+    let original = data("handover-disabled.dtb");
+    assert_eq!(read(&original), ReservedMemory::default());
+    let mut blob = with_room(&original, 1024);
+    assert!(matches!(
+        add_handover_region(&mut blob, VALID),
+        Ok(Patched::Added {
+            created_reserved_memory: false,
+            ..
+        })
+    ));
+    let found = read(&blob);
+    assert_eq!((found.handover, found.handover_error), (Some(VALID), None));
+    assert!(found.others.is_empty());
+
+    let ok = data("status-ok.dtb");
+    let found = read(&ok);
+    assert_eq!((found.handover, found.handover_error), (Some(VALID), None));
+    let mut blob = with_room(&ok, 1024);
+    assert_eq!(add_handover_region(&mut blob, VALID), Ok(Patched::AlreadyPresent));
+    assert_eq!(blob, with_room(&ok, 1024));
+}
+
+/// What Linux requires of the node and its parent: the region `no-map` and not `reusable`, `/reserved-memory` with
+/// the root's cells and an empty `ranges`. Otherwise no region is used (its range is still kept out) and the writer
+/// refuses the tree, unchanged.
+#[test]
+fn a_mappable_region_or_a_translated_reserved_memory_is_refused_and_kept_out() {
+    let reusable = data("handover-reusable.dtb");
+    let found = read(&reusable);
+    assert_eq!(found.handover, None);
+    assert_eq!(
+        found.handover_error,
+        Some(ReadError::HandoverMappable {
+            node: "handover@7dff0000"
+        })
+    );
+    assert_eq!(found.others.as_slice(), [VALID]);
+    let mut blob = with_room(&reusable, 1024);
+    assert!(matches!(
+        add_handover_region(&mut blob, VALID),
+        Err(PatchError::MalformedRegionNode(_))
+    ));
+    assert_eq!(blob, with_room(&reusable, 1024));
+
+    for (tree, region, error) in [
+        (
+            "ranges-not-empty.dtb",
+            VALID,
+            ReadError::ParentLayout {
+                cells: (2, 2),
+                root_cells: (2, 2),
+                ranges: Some(24),
+            },
+        ),
+        (
+            "cells-not-root.dtb",
+            Range {
+                base: 0x9000_0000,
+                size: 0x200_0000,
+            },
+            ReadError::ParentLayout {
+                cells: (1, 1),
+                root_cells: (2, 2),
+                ranges: Some(16),
+            },
+        ),
+    ] {
+        let original = data(tree);
+        let found = read(&original);
+        assert_eq!(found.handover, None, "{tree}");
+        assert_eq!(found.handover_error, Some(error), "{tree}");
+        assert!(found.others.contains(&region), "{tree}: {:?}", found.others);
+        assert!(error.to_string().contains("empty ranges"), "{error}");
+        let mut blob = with_room(&original, 1024);
+        let refused = add_handover_region(&mut blob, region).unwrap_err();
+        assert!(
+            matches!(refused, PatchError::ParentLayout { .. }),
+            "{tree}: {refused:?}"
+        );
+        assert_eq!(blob, with_room(&original, 1024), "{tree}");
+    }
+}
