@@ -280,7 +280,8 @@ pub fn run<B: Board>(board: &B) -> ! {
     // SAFETY: the board names where its DTB is; the boot page table maps it as normal memory.
     let fdt = board.device_tree().map(|address| unsafe { dt::parse(address) });
     if let Some(address) = board.device_tree() {
-        handover::set_tree(address);
+        // SAFETY: only the symbol's address is used: the image's first byte, where the tree's editable memory ends.
+        handover::set_tree(address, symbol(unsafe { &text_begin }));
     }
     let description = board.description();
     let uart = dt::console_of(fdt.as_ref().and_then(|r| r.as_ref().ok()), &description)

@@ -37,7 +37,7 @@ use core::fmt;
 
 use fdt::Fdt;
 
-pub use patch::{PatchError, Patched, add_handover_region};
+pub use patch::{PatchError, Patched, add_handover_region, editable_len};
 
 /// The `compatible` of the `/reserved-memory` child that is the live-update handover region.
 pub const HANDOVER_COMPATIBLE: &str = "smmuv3,handover-region";

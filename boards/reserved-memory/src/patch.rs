@@ -75,6 +75,14 @@ pub enum PatchError {
         /// The length of its `ranges`, `None` without one.
         ranges: Option<usize>,
     },
+    /// The tree's header says it is `total` bytes, more than the `room` its caller may write in (or the header is
+    /// not there: `total` 0).
+    BeyondWritable {
+        /// The header's `totalsize`.
+        total: usize,
+        /// Bytes the caller may write from the tree's start.
+        room: usize,
+    },
     /// The edited tree would need `needed` bytes; the buffer has `capacity`.
     NoSpace {
         /// Bytes needed.
@@ -118,6 +126,10 @@ impl fmt::Display for PatchError {
             } => write!(
                 f,
                 "/reserved-memory has cells {cells:?} (the root {root_cells:?}) and a ranges of {ranges:?} bytes: the root's cells and an empty ranges expected"
+            ),
+            PatchError::BeyondWritable { total, room } => write!(
+                f,
+                "the tree's header says {total} bytes where {room} may be written (or has no magic)"
             ),
             PatchError::NoSpace { needed, capacity } => write!(
                 f,
@@ -445,6 +457,25 @@ fn decode(value: &[u8], (address, size): (u32, u32)) -> Option<Range> {
         base: number(&value[..a]),
         size: number(&value[a..]),
     })
+}
+
+/// How many bytes from the tree's start a caller that may write `room` bytes there should hand
+/// [`add_handover_region`]: the tree's `totalsize`, read from `header` (the tree's first 8 bytes), when that fits in
+/// `room`. A caller that finds a tree in memory uses this rather than trusting the header with the bounds of its
+/// slice.
+///
+/// # Errors
+/// [`PatchError::BeyondWritable`]: no FDT magic, or a `totalsize` past `room`; nothing may be edited then.
+pub fn editable_len(header: [u8; 8], room: usize) -> Result<usize, PatchError> {
+    let magic = read_u32(&header, 0).unwrap_or_default();
+    let total = read_u32(&header, 4).unwrap_or_default() as usize;
+    if magic != MAGIC {
+        return Err(PatchError::BeyondWritable { total: 0, room });
+    }
+    if total > room {
+        return Err(PatchError::BeyondWritable { total, room });
+    }
+    Ok(total)
 }
 
 /// Adds `region` to the tree in `blob` as `/reserved-memory/handover@<base>` with `compatible =

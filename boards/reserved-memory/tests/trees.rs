@@ -4,7 +4,7 @@
 use fdt::Fdt;
 use smmuv3_reserved_memory::{
     HANDOVER_COMPATIBLE, PatchError, Patched, Range, ReadError, RegionError, ReservedMemory, add_handover_region,
-    check_region, highest_free, largest_free, reserved_memory,
+    check_region, editable_len, highest_free, largest_free, reserved_memory,
 };
 
 fn data(name: &str) -> Vec<u8> {
@@ -766,4 +766,41 @@ fn a_mappable_region_or_a_translated_reserved_memory_is_refused_and_kept_out() {
         );
         assert_eq!(blob, with_room(&original, 1024), "{tree}");
     }
+}
+
+/// The firmware edits the tree in place in the memory below its image: the header's `totalsize` is checked against
+/// that room, never trusted to bound the slice.
+#[test]
+fn a_tree_whose_totalsize_runs_past_the_writable_room_is_not_edited() {
+    let tree = data("qemu-virt.dtb");
+    let header: [u8; 8] = tree[..8].try_into().unwrap();
+    let total = tree.len();
+    assert_eq!(editable_len(header, total), Ok(total));
+    assert_eq!(editable_len(header, 1 << 20), Ok(total));
+    assert_eq!(
+        editable_len(header, total - 1),
+        Err(PatchError::BeyondWritable { total, room: total - 1 })
+    );
+    // A header claiming 4 GiB less a byte, as a corrupted one may.
+    let mut huge = header;
+    huge[4..8].copy_from_slice(&u32::MAX.to_be_bytes());
+    assert_eq!(
+        editable_len(huge, 1 << 20),
+        Err(PatchError::BeyondWritable {
+            total: u32::MAX as usize,
+            room: 1 << 20
+        })
+    );
+    let mut no_magic = header;
+    no_magic[0] ^= 1;
+    assert!(matches!(
+        editable_len(no_magic, 1 << 20),
+        Err(PatchError::BeyondWritable { total: 0, .. })
+    ));
+    assert!(
+        editable_len(huge, 1 << 20)
+            .unwrap_err()
+            .to_string()
+            .contains("4294967295")
+    );
 }
