@@ -9,9 +9,9 @@
 //!     #size-cells = <2>;
 //!     ranges;
 //!
-//!     handover@7dfe0000 {
+//!     handover@7dff0000 {
 //!         compatible = "smmuv3,handover-region";
-//!         reg = <0x0 0x7dfe0000 0x0 0x2000000>;   /* base and size, in /reserved-memory's cells */
+//!         reg = <0x0 0x7dff0000 0x0 0x2000000>;   /* base and size, in /reserved-memory's cells */
 //!         no-map;
 //!     };
 //! };
@@ -19,12 +19,15 @@
 //!
 //! - [`reserved_memory`] reads every child of `/reserved-memory` (and the header's `/memreserve/` entries): the
 //!   handover region when one child has the compatible, and every other fixed range, which the firmware must keep
-//!   out of its own allocators as well.
+//!   out of its own allocators as well. Whatever is wrong with the tree's handover node (or nodes), every range one
+//!   names is reserved ([`ReservedMemory::kept_out`]).
 //! - [`check_region`] says whether a region may be used: page-aligned, inside one RAM bank, clear of what the firmware
 //!   protects.
-//! - [`add_handover_region`] writes the node into a tree in place, creating `/reserved-memory` when the tree has
-//!   none (QEMU's generated trees), so that the image a running hand-off jumps to reads the region from the tree it
-//!   is passed.
+//! - [`largest_free`] and [`highest_free`] find where the firmware's pools and its reset notes go, clear of all of
+//!   it.
+//! - [`add_handover_region`] writes the node into a tree in place (within [`editable_len`] bytes of its start),
+//!   creating `/reserved-memory` when the tree has none (QEMU's generated trees), so that the image a running
+//!   hand-off jumps to reads the region from the tree it is passed.
 //!
 //! Why a writer of our own: the `fdt` crate only reads, and the crates that edit a tree (`fdt-edit`, `vm-fdt`)
 //! rebuild it in `alloc` collections; the firmware has no allocator. Adding one node at the end of a node is a

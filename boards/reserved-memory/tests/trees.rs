@@ -40,7 +40,7 @@ fn nodes(blob: &[u8]) -> Vec<Node> {
 }
 
 const REGION: Range = Range {
-    base: 0x7dfe_0000,
+    base: 0x7dff_0000,
     size: 0x200_0000,
 };
 
@@ -51,7 +51,7 @@ fn qemu_trees_get_reserved_memory_with_the_region_and_keep_everything_else() {
         (
             "qemu-sbsa-ref.dtb",
             Range {
-                base: 0x100_3dfe_0000,
+                base: 0x100_3dff_0000,
                 size: 0x200_0000,
             },
         ),
@@ -300,37 +300,129 @@ fn malformed_region_nodes_are_errors_for_the_reader_and_the_writer() {
     assert_eq!(blob, with_room(&bad, 1024));
 }
 
-/// Every single-bit flip of a real tree: the writer never panics, and whenever it refuses, the bytes are unchanged;
-/// whenever it accepts, it finds the region it wrote when asked again.
+/// The header field at byte `at`.
+fn field(blob: &[u8], at: usize) -> usize {
+    u32::from_be_bytes(blob[at..at + 4].try_into().unwrap()) as usize
+}
+
+/// Checks that `after` is `before` with one node inserted in its structure block and names appended to its strings
+/// block, and nothing else changed: the header but for the four fields an insertion changes, every byte before the
+/// insertion point, every byte after it (moved up by the node), and the room past the strings. Byte for byte, as
+/// the `fdt` crate panics on some corrupted trees.
+fn only_a_node_was_inserted(before: &[u8], after: &[u8]) -> Result<(), String> {
+    let (size_struct, size_strings) = (field(before, 36), field(before, 32));
+    let node = field(after, 36)
+        .checked_sub(size_struct)
+        .ok_or("the structure block shrank")?;
+    let names = field(after, 32)
+        .checked_sub(size_strings)
+        .ok_or("the strings block shrank")?;
+    let old_end = field(before, 12) + size_strings;
+    if node == 0 || field(after, 12) != field(before, 12) + node {
+        return Err(format!(
+            "node of {node} bytes, strings moved to {:#x}",
+            field(after, 12)
+        ));
+    }
+    // Magic, the structure and reservation offsets, the versions, the boot CPU.
+    if before[..4] != after[..4] || before[8..12] != after[8..12] || before[16..32] != after[16..32] {
+        return Err("a header field an insertion does not change changed".into());
+    }
+    if field(after, 4) != field(before, 4).max(old_end + node + names) {
+        return Err(format!("totalsize {}", field(after, 4)));
+    }
+    let first_difference = (40..old_end)
+        .find(|&k| before[k] != after[k])
+        .ok_or("no insertion found")?;
+    // The node starts with BEGIN_NODE where the tree had an END_NODE: they differ in the token's last byte.
+    let at = first_difference & !3;
+    if after[at..at + 4] != 1u32.to_be_bytes() || before[at..at + 4] != 2u32.to_be_bytes() {
+        return Err(format!("the insertion at {at:#x} is not a node before an END_NODE"));
+    }
+    if before[at..old_end] != after[at + node..old_end + node] {
+        return Err(format!(
+            "the bytes after the insertion at {at:#x} are not the tree's, moved up"
+        ));
+    }
+    let new_end = old_end + node + names;
+    if before[new_end..] != after[new_end..] {
+        return Err("bytes past the edited tree changed".into());
+    }
+    Ok(())
+}
+
+/// Every single-bit flip of real trees: the writer never panics; whenever it refuses, or finds the region already
+/// there, the bytes are unchanged; whenever it adds the node, the rest of the tree is unchanged and it finds the
+/// region it wrote when asked again. QEMU's sbsa-ref tree (no `/reserved-memory`: the node is created), a board's
+/// tree whose `/reserved-memory` names its region (flips in the node's `compatible` or `status` make the writer
+/// add one to the existing `/reserved-memory`), and one with a disabled handover node (the writer adds one beside
+/// it: the edit-existing path on every flip it accepts).
 #[test]
 fn corrupted_trees_never_panic_and_refusals_change_nothing() {
-    let original = with_room(&data("qemu-sbsa-ref.dtb"), 1024);
-    let tree_len = data("qemu-sbsa-ref.dtb").len();
-    let (mut refused, mut accepted) = (0, 0);
-    for byte in 0..tree_len {
-        for bit in 0..8 {
-            let mut corrupted = original.clone();
-            corrupted[byte] ^= 1 << bit;
-            let before = corrupted.clone();
-            match add_handover_region(&mut corrupted, REGION) {
-                Err(_) => {
-                    refused += 1;
-                    assert_eq!(corrupted, before, "byte {byte} bit {bit}");
-                }
-                Ok(_) => {
-                    accepted += 1;
-                    // The writer reads back what it wrote (the `fdt` crate is not used here: it panics on some
-                    // corrupted trees).
-                    assert_eq!(
-                        add_handover_region(&mut corrupted, REGION),
-                        Ok(Patched::AlreadyPresent),
-                        "byte {byte} bit {bit}"
-                    );
+    for (tree, region) in [
+        ("qemu-sbsa-ref.dtb", REGION),
+        (
+            "board-reserved.dtb",
+            Range {
+                base: 0x7000_0000,
+                size: 0x400_0000,
+            },
+        ),
+        ("board-reserved.dtb", REGION),
+        ("handover-disabled.dtb", REGION),
+    ] {
+        let original = with_room(&data(tree), 1024);
+        let tree_len = data(tree).len();
+        let (mut refused, mut present, mut added) = (0, 0, 0);
+        for byte in 0..tree_len {
+            for bit in 0..8 {
+                let mut corrupted = original.clone();
+                corrupted[byte] ^= 1 << bit;
+                let before = corrupted.clone();
+                match add_handover_region(&mut corrupted, region) {
+                    Err(_) => {
+                        refused += 1;
+                        assert_eq!(corrupted, before, "{tree}: byte {byte} bit {bit}");
+                    }
+                    Ok(Patched::AlreadyPresent) => {
+                        present += 1;
+                        assert_eq!(corrupted, before, "{tree}: byte {byte} bit {bit}");
+                    }
+                    Ok(Patched::Added { .. }) => {
+                        added += 1;
+                        if let Err(e) = only_a_node_was_inserted(&before, &corrupted) {
+                            panic!("{tree}: byte {byte} bit {bit}: {e}");
+                        }
+                        // The writer reads back what it wrote (the `fdt` crate is not used here: it panics on some
+                        // corrupted trees).
+                        assert_eq!(
+                            add_handover_region(&mut corrupted, region),
+                            Ok(Patched::AlreadyPresent),
+                            "{tree}: byte {byte} bit {bit}"
+                        );
+                    }
                 }
             }
         }
+        assert!(
+            refused > 0 && present + added > 0,
+            "{tree}: {refused} refused, {present} present, {added} added"
+        );
+        eprintln!(
+            "{tree} ({:#x}): {refused} refused, {present} already present, {added} added",
+            region.base
+        );
     }
-    assert!(refused > 0 && accepted > 0, "{refused} refused, {accepted} accepted");
+    // The clean trees, for the record: the same check on the edits the flips did not reach.
+    for tree in ["qemu-sbsa-ref.dtb", "handover-disabled.dtb", "cells-1-1.dtb"] {
+        let before = with_room(&data(tree), 1024);
+        let mut after = before.clone();
+        assert!(
+            matches!(add_handover_region(&mut after, REGION), Ok(Patched::Added { .. })),
+            "{tree}"
+        );
+        only_a_node_was_inserted(&before, &after).unwrap_or_else(|e| panic!("{tree}: {e}"));
+    }
 }
 
 #[test]
