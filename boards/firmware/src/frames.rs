@@ -50,14 +50,15 @@ static DMA: SpinMutex<FramePool> = SpinMutex::new(FramePool {
 /// How [`crate::run`] laid RAM out at boot (the same at every boot, so a warm reset finds it unchanged).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Layout {
-    /// From the RAM bank's base to the frame pool: the device tree, both image slots, their data and stacks.
+    /// From the RAM bank's base to the frame pool: the device tree, both image slots, their data and stacks (and
+    /// any reserved memory below the pools when the largest free part of the bank lies above it).
     pub image: smmuv3::handover::Extent,
     /// The frame pool ([`alloc`], [`Frames`]).
     pub frames: smmuv3::handover::Extent,
     /// The DMA buffers' pool ([`alloc_dma`]).
     pub dma: smmuv3::handover::Extent,
     /// From the DMA pool to the end of the bank: the handover region (on the board's rule), the memory the tree
-    /// reserves above the pools, and the notes a boot leaves the next.
+    /// reserves above the pools, and (usually) the notes a boot leaves the next.
     pub reserved: smmuv3::handover::Extent,
     /// The handover region, wherever it is (empty without one).
     pub handover: smmuv3::handover::Extent,

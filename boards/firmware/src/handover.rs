@@ -16,7 +16,7 @@ use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use smmuv3::handover::Extent;
 use smmuv3::handover::pool::HandoverPool;
 pub use smmuv3_reserved_memory::HANDOVER_COMPATIBLE;
-use smmuv3_reserved_memory::{Patched, Range, add_handover_region};
+use smmuv3_reserved_memory::{Patched, Range, add_handover_region, editable_len};
 
 /// The pool over the region (set up by [`crate::run`] when the board reserves one).
 pub static POOL: HandoverPool = HandoverPool::new();
@@ -33,6 +33,8 @@ pub enum Source {
 static SOURCE: AtomicU8 = AtomicU8::new(0);
 /// The tree this image was handed, passed on (edited) to the next image: its address, 0 for none.
 static TREE: AtomicUsize = AtomicUsize::new(0);
+/// Where the memory the tree may be edited in ends: the image's first byte (the tree lies below it).
+static TREE_LIMIT: AtomicUsize = AtomicUsize::new(0);
 
 /// Records where the region came from (once, at boot, when the pool is set up).
 pub fn set_source(source: Source) {
@@ -54,9 +56,12 @@ pub fn source() -> Option<Source> {
     }
 }
 
-/// Records the address of the tree this image was handed (at boot), for [`pass_in_tree`].
-pub fn set_tree(address: usize) {
+/// Records the address of the tree this image was handed (at boot), for [`pass_in_tree`], and `limit`, the end of
+/// the memory the firmware may write when it edits the tree: the image's first byte (on QEMU the tree sits in the
+/// RAM below the image, which starts 2 MiB into the bank).
+pub fn set_tree(address: usize, limit: usize) {
     TREE.store(address, Ordering::SeqCst);
+    TREE_LIMIT.store(limit, Ordering::SeqCst);
 }
 
 /// The region, once set up.
@@ -66,7 +71,8 @@ pub fn region() -> Option<Extent> {
 
 /// Writes the region's node into the tree this image was handed, in place, for the image a running hand-off
 /// jumps to (the tree keeps its address; QEMU's carries about 1 MiB of free space inside its `totalsize`, which
-/// the node uses). Prints what it did. Returns the tree's bytes (address and length) for the caller to clean to
+/// the node uses). Only the memory between the tree and the image's first byte is written: a header whose
+/// `totalsize` runs past it is refused ([`editable_len`]), not trusted. Prints what it did. Returns the tree's bytes (address and length) for the caller to clean to
 /// memory before the next image starts with its caches off; `None` when nothing was written.
 ///
 /// Called on the hand-off path only: with the run's discovery long done, nothing reads the tree any more.
@@ -77,13 +83,29 @@ pub fn pass_in_tree() -> Option<(usize, usize)> {
         crate::println!("handover region: no device tree to pass it in; the next image takes the board's rule");
         return None;
     }
+    // The tree is edited only below the image: its header's `totalsize` is not trusted to stay there.
+    let room = TREE_LIMIT.load(Ordering::SeqCst).saturating_sub(tree);
+    if room < 8 {
+        crate::println!("handover region: the tree at {tree:#x} is not below the image; not edited");
+        return None;
+    }
     // SAFETY: `set_tree` recorded the address of the tree the board handed this image, in RAM the identity map
-    // covers and no allocator hands out (below the image); its header was valid at boot (`dt::parse`), and only the
-    // header's first 8 bytes are read here.
-    let total = unsafe { u32::from_be_bytes(*((tree + 4) as *const [u8; 4])) } as usize;
-    // SAFETY: as above, `totalsize` bytes from `tree` are the tree, which discovery read through `dt::parse` and
-    // which nothing reads or writes any more (discovery copied what it needed into the platform); this is the only
-    // reference to it.
+    // covers and no allocator hands out (below the image, at least 8 bytes of it: checked just above); its header
+    // was valid at boot (`dt::parse`), and only the header's first 8 bytes are read here.
+    let header = unsafe { *(tree as *const [u8; 8]) };
+    let total = match editable_len(header, room) {
+        Ok(total) => total,
+        Err(e) => {
+            crate::println!(
+                "handover region: not added to the tree at {tree:#x} (below the image at {limit:#x}): {e}",
+                limit = tree + room
+            );
+            return None;
+        }
+    };
+    // SAFETY: as above, `totalsize` bytes from `tree` are the tree, all below the image (checked), which discovery
+    // read through `dt::parse` and which nothing reads or writes any more (discovery copied what it needed into the
+    // platform); this is the only reference to it.
     let blob = unsafe { core::slice::from_raw_parts_mut(tree as *mut u8, total) };
     let range = Range {
         base: region.base,

@@ -28,6 +28,8 @@ use core::sync::atomic::{AtomicBool, Ordering};
 
 use aarch64_cpu::registers::{CurrentEL, Readable};
 
+use smmuv3_reserved_memory::{MAX_RESERVED, Range, highest_free, largest_free};
+
 use crate::dt::{Platform, StaticDescription};
 use crate::mmu::{CODE, DATA, DEVICE, IdentityMap, RODATA};
 
@@ -174,11 +176,12 @@ fn block_dma_before_pci(platform: &Platform) {
 /// The handover region and where it came from, with every range the tree reserves (the region included), which
 /// the pools must leave alone. From the tree's `/reserved-memory` node with [`handover::HANDOVER_COMPATIBLE`] when
 /// it has one, checked; else the board's `handover_bytes` at the top of the image's bank, below the notes at
-/// `scratch`. A node that cannot be used is printed, its range (when it reads as one) stays reserved, and live
-/// update is off: `None`. A `/reserved-memory` that cannot be read at all is a boot error (which RAM is free is
-/// then unknown).
+/// `scratch`. A handover node that cannot be used (malformed, a second one, failing a check) is printed, every
+/// range any handover node names stays reserved (one that wraps, from its base to the end of the address space),
+/// and live update is off: `None`. A `/reserved-memory` that cannot be read at all (its cells, another child's
+/// `reg`) is a boot error: which RAM is free is then unknown.
 fn handover_region(
-    fdt: Option<&fdt::Fdt>,
+    tree: &smmuv3_reserved_memory::ReservedMemory<'_>,
     platform: &Platform,
     description: &StaticDescription,
     bank: &dt::Region,
@@ -186,30 +189,25 @@ fn handover_region(
     scratch: usize,
 ) -> (
     Option<(smmuv3::handover::Extent, handover::Source)>,
-    heapless::Vec<smmuv3_reserved_memory::Range, { smmuv3_reserved_memory::MAX_RESERVED + 1 }>,
+    heapless::Vec<Range, { MAX_RESERVED + 2 }>,
 ) {
-    use smmuv3_reserved_memory::{HANDOVER_COMPATIBLE, Range, check_region, reserved_memory};
-    let tree = match fdt.map(reserved_memory) {
-        Some(Ok(tree)) => tree,
-        Some(Err(e)) => fatal("device tree /reserved-memory", &e),
-        None => Default::default(),
-    };
-    let mut reserved: heapless::Vec<Range, { smmuv3_reserved_memory::MAX_RESERVED + 1 }> =
-        tree.others.iter().copied().collect();
-    for r in &reserved {
+    use smmuv3_reserved_memory::{HANDOVER_COMPATIBLE, check_region};
+    // Everything the tree reserves, the handover region included: whatever is wrong with the region's node (or
+    // nodes), every range one names is in here (the reader's `others` when no region is used).
+    let mut reserved: heapless::Vec<Range, { MAX_RESERVED + 2 }> = tree.kept_out().collect();
+    for r in &tree.others {
         println!("reserved memory (device tree): {r}, kept out of the frame pool");
     }
     let extent = |r: Range| smmuv3::handover::Extent {
         base: r.base,
         len: r.size,
     };
-    if let Some(e) = tree.handover_error {
+    if let Some(e) = &tree.handover_error {
         println!("handover region: /reserved-memory ({HANDOVER_COMPATIBLE}): {e}; live update off");
         return (None, reserved);
     }
     if let Some(region) = tree.handover {
-        // Reserved whatever the check says: the tree says no one else may use it.
-        let _ = reserved.push(region);
+        // Reserved (above) whatever the check says: the tree says no one else may use it.
         let ram: heapless::Vec<Range, 4> = platform
             .memory
             .iter()
@@ -282,7 +280,8 @@ pub fn run<B: Board>(board: &B) -> ! {
     // SAFETY: the board names where its DTB is; the boot page table maps it as normal memory.
     let fdt = board.device_tree().map(|address| unsafe { dt::parse(address) });
     if let Some(address) = board.device_tree() {
-        handover::set_tree(address);
+        // SAFETY: only the symbol's address is used: the image's first byte, where the tree's editable memory ends.
+        handover::set_tree(address, symbol(unsafe { &text_begin }));
     }
     let description = board.description();
     let uart = dt::console_of(fdt.as_ref().and_then(|r| r.as_ref().ok()), &description)
@@ -348,32 +347,59 @@ pub fn run<B: Board>(board: &B) -> ! {
     let Some(bank) = bank else {
         fatal("memory", &"the image is not inside a RAM bank the tree describes")
     };
-    // The bank's last 64 KiB stay out of the pool: a boot leaves notes there for the next one (see `power`).
-    let scratch = (bank.end() as usize).saturating_sub(power::SCRATCH_BYTES);
-    if scratch <= free_start as usize {
-        fatal("memory", &"no RAM after the image");
-    }
-    let (handover_region, reserved) = handover_region(fdt.as_ref(), &platform, &description, bank, free_start, scratch);
-    // The pools take the RAM from the image up to the first reserved range above it (the handover region, on the
-    // board's rule right below the notes; any memory the tree reserves), never across one.
-    let top = reserved
-        .iter()
-        .filter(|r| r.end().is_some_and(|end| end > free_start) && r.base < scratch as u64)
-        .map(|r| r.base as usize)
-        .fold(scratch, usize::min);
-    // Below it, the DMA buffers' own pool (see `frames`): the only memory the live-update scenarios give devices.
-    let dma_start = top.saturating_sub(DMA_POOL_BYTES) & !0x1f_ffff;
-    if dma_start <= free_start as usize {
+    let tree = match fdt.as_ref().map(smmuv3_reserved_memory::reserved_memory) {
+        Some(Ok(tree)) => tree,
+        Some(Err(e)) => fatal("device tree /reserved-memory", &e),
+        None => Default::default(),
+    };
+    let after_image = Range {
+        base: free_start,
+        size: bank.end() - free_start,
+    };
+    // The reset notes: the bank's last 64 KiB (see `power`), a boot's notes for the next one; or, when the tree
+    // reserves any of them, the highest 64 KiB below that it leaves free (the same at every boot with this tree).
+    let tree_ranges: heapless::Vec<Range, { MAX_RESERVED + 1 }> = tree.kept_out().collect();
+    let scratch_bytes = power::SCRATCH_BYTES as u64;
+    let Some(scratch) = highest_free(after_image, &tree_ranges, scratch_bytes, scratch_bytes) else {
         fatal(
             "memory",
-            &"no RAM after the image for the DMA pool below the handover region and the tree's reserved memory",
+            &"no 64 KiB after the image for the reset notes clear of the tree's reserved memory",
+        )
+    };
+    if scratch + scratch_bytes != bank.end() {
+        println!(
+            "reset notes: the tree reserves memory in the bank's last 64 KiB; the notes go at {scratch:#x} instead"
         );
     }
+    let scratch = scratch as usize;
+    let (handover_region, mut reserved) = handover_region(&tree, &platform, &description, bank, free_start, scratch);
+    let _ = reserved.push(Range {
+        base: scratch as u64,
+        size: scratch_bytes,
+    });
+    // The pools take the largest part of the RAM after the image that nothing reserves (the notes, the handover
+    // region, the tree's reserved memory): they skip reserved ranges rather than stop at the first. On the board's
+    // rule that is everything from the image to the region below the notes.
+    let Some(free) = largest_free(after_image, &reserved) else {
+        fatal("memory", &"no RAM after the image that the tree does not reserve")
+    };
+    let (pools_start, top) = (free.base as usize, (free.base + free.size) as usize);
+    // At its top, the DMA buffers' own pool (see `frames`): the only memory the live-update scenarios give devices.
+    let dma_start = top.saturating_sub(DMA_POOL_BYTES) & !0x1f_ffff;
+    if dma_start <= pools_start {
+        fatal(
+            "memory",
+            &"no free RAM after the image for the frame and DMA pools between the tree's reserved ranges",
+        );
+    }
+    if pools_start != free_start as usize {
+        println!("frames: from {pools_start:#x}, above reserved memory (the largest free part of the bank)");
+    }
     // SAFETY: everything past the image in its bank is unused RAM (the DTB sits below the image), mapped by the
-    // boot page table; the pools end below every reserved range (the handover region included) and the scratch
-    // area, and do not overlap each other.
+    // boot page table; the pools lie in a part of it clear of every reserved range (the handover region included)
+    // and of the scratch area, and do not overlap each other.
     unsafe {
-        frames::init(free_start as usize, dma_start);
+        frames::init(pools_start, dma_start);
         frames::init_dma(dma_start, top);
         power::set_scratch(scratch);
     }
@@ -382,8 +408,8 @@ pub fn run<B: Board>(board: &B) -> ! {
         len: (end - start) as u64,
     };
     frames::set_layout(frames::Layout {
-        image: extent(bank.base as usize, free_start as usize),
-        frames: extent(free_start as usize, dma_start),
+        image: extent(bank.base as usize, pools_start),
+        frames: extent(pools_start, dma_start),
         dma: extent(dma_start, top),
         reserved: extent(top, bank.end() as usize),
         handover: handover_region.map(|(r, _)| r).unwrap_or_default(),

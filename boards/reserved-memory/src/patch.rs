@@ -63,9 +63,26 @@ pub enum PatchError {
     DoesNotFit(Range),
     /// The tree already has a handover region, another one (or several).
     AlreadyNamesAnother(Range),
-    /// The tree's handover region node has a `reg` that is not one range in `/reserved-memory`'s cells (its value
-    /// is at this offset).
+    /// The tree's handover region node has a `reg` that is not one range in `/reserved-memory`'s cells, or it is
+    /// not `no-map` or is `reusable` (its `reg` value is at this offset).
     MalformedRegionNode(usize),
+    /// `/reserved-memory` does not have the root's cells and an empty `ranges`, as Linux requires (and the reader).
+    ParentLayout {
+        /// Its cells (address, size).
+        cells: (u32, u32),
+        /// The root's cells.
+        root_cells: (u32, u32),
+        /// The length of its `ranges`, `None` without one.
+        ranges: Option<usize>,
+    },
+    /// The tree's header says it is `total` bytes, more than the `room` its caller may write in (or the header is
+    /// not there: `total` 0).
+    BeyondWritable {
+        /// The header's `totalsize`.
+        total: usize,
+        /// Bytes the caller may write from the tree's start.
+        room: usize,
+    },
     /// The edited tree would need `needed` bytes; the buffer has `capacity`.
     NoSpace {
         /// Bytes needed.
@@ -100,7 +117,19 @@ impl fmt::Display for PatchError {
             }
             PatchError::MalformedRegionNode(at) => write!(
                 f,
-                "the tree's handover region node has a reg that is not one range (at byte {at:#x})"
+                "the tree's handover region node has a reg that is not one range, or is not no-map (reg at byte {at:#x})"
+            ),
+            PatchError::ParentLayout {
+                cells,
+                root_cells,
+                ranges,
+            } => write!(
+                f,
+                "/reserved-memory has cells {cells:?} (the root {root_cells:?}) and a ranges of {ranges:?} bytes: the root's cells and an empty ranges expected"
+            ),
+            PatchError::BeyondWritable { total, room } => write!(
+                f,
+                "the tree's header says {total} bytes where {room} may be written (or has no magic)"
             ),
             PatchError::NoSpace { needed, capacity } => write!(
                 f,
@@ -206,10 +235,13 @@ struct Scan {
 #[derive(Debug, Default)]
 struct ReservedNode {
     cells: (Option<u32>, Option<u32>),
+    /// The length of its `ranges` (`None` without one).
+    ranges: Option<usize>,
     /// Offset of its `END_NODE`.
     end: usize,
-    /// The handover children's `reg` values (offset and length in the blob).
-    handover_regs: heapless::Vec<(usize, usize), 2>,
+    /// The enabled handover children's `reg` values (offset and length in the blob), and whether each is `no-map`
+    /// and not `reusable`.
+    handover_regs: heapless::Vec<(usize, usize, bool), 2>,
 }
 
 fn cell_value(value: &[u8]) -> Option<u32> {
@@ -227,6 +259,8 @@ fn scan(blob: &[u8], h: &Header) -> Result<Scan, PatchError> {
     // The current child of `/reserved-memory`: whether it is the handover region, and its `reg`.
     let mut child_handover = false;
     let mut child_reg: Option<(usize, usize)> = None;
+    // Whether it is enabled (as the reader decides: `crate::enabled`), `no-map` and `reusable`.
+    let (mut child_enabled, mut child_no_map, mut child_reusable) = (true, false, false);
     let mut finished = false;
     while !finished {
         let bad = PatchError::Structure(at);
@@ -257,6 +291,7 @@ fn scan(blob: &[u8], h: &Header) -> Result<Scan, PatchError> {
                 if depth == 3 && in_reserved {
                     child_handover = false;
                     child_reg = None;
+                    (child_enabled, child_no_map, child_reusable) = (true, false, false);
                 }
             }
             END_NODE => {
@@ -269,11 +304,12 @@ fn scan(blob: &[u8], h: &Header) -> Result<Scan, PatchError> {
                             r.end = token_at;
                         }
                     }
-                    3 if in_reserved && child_handover => {
-                        let reg = child_reg.ok_or(bad)?;
+                    // A disabled handover node is ignored, as the reader ignores it.
+                    3 if in_reserved && child_handover && child_enabled => {
+                        let (at, len) = child_reg.ok_or(bad)?;
                         if let Some(r) = out.reserved.as_mut() {
                             // A third claimant is refused as the second is: only "more than one" matters.
-                            let _ = r.handover_regs.push(reg);
+                            let _ = r.handover_regs.push((at, len, child_no_map && !child_reusable));
                         }
                     }
                     _ => {}
@@ -307,7 +343,15 @@ fn scan(blob: &[u8], h: &Header) -> Result<Scan, PatchError> {
                     (3, true, b"compatible") => {
                         child_handover = value.split(|b| *b == 0).any(|s| s == HANDOVER_COMPATIBLE.as_bytes());
                     }
+                    (2, true, b"ranges") => {
+                        if let Some(r) = out.reserved.as_mut() {
+                            r.ranges = Some(len);
+                        }
+                    }
                     (3, true, b"reg") => child_reg = Some((value_at, len)),
+                    (3, true, b"status") => child_enabled = crate::enabled(Some(value)),
+                    (3, true, b"no-map") => child_no_map = true,
+                    (3, true, b"reusable") => child_reusable = true,
                     _ => {}
                 }
             }
@@ -415,6 +459,25 @@ fn decode(value: &[u8], (address, size): (u32, u32)) -> Option<Range> {
     })
 }
 
+/// How many bytes from the tree's start a caller that may write `room` bytes there should hand
+/// [`add_handover_region`]: the tree's `totalsize`, read from `header` (the tree's first 8 bytes), when that fits in
+/// `room`. A caller that finds a tree in memory uses this rather than trusting the header with the bounds of its
+/// slice.
+///
+/// # Errors
+/// [`PatchError::BeyondWritable`]: no FDT magic, or a `totalsize` past `room`; nothing may be edited then.
+pub fn editable_len(header: [u8; 8], room: usize) -> Result<usize, PatchError> {
+    let magic = read_u32(&header, 0).unwrap_or_default();
+    let total = read_u32(&header, 4).unwrap_or_default() as usize;
+    if magic != MAGIC {
+        return Err(PatchError::BeyondWritable { total: 0, room });
+    }
+    if total > room {
+        return Err(PatchError::BeyondWritable { total, room });
+    }
+    Ok(total)
+}
+
 /// Adds `region` to the tree in `blob` as `/reserved-memory/handover@<base>` with `compatible =
 /// "smmuv3,handover-region"`, `reg = <base size>` in `/reserved-memory`'s cells and `no-map`, creating
 /// `/reserved-memory` (with the root's cells and an empty `ranges`) when the tree has none. The tree starts at
@@ -430,17 +493,27 @@ pub fn add_handover_region(blob: &mut [u8], region: Range) -> Result<Patched, Pa
     let (cells, insert_at) = match &found.reserved {
         Some(r) => {
             let cells = check_cells((r.cells.0.unwrap_or(0), r.cells.1.unwrap_or(0)))?;
+            // As Linux requires (and the reader): the root's cells and an empty `ranges`.
+            if cells != root_cells || r.ranges != Some(0) {
+                return Err(PatchError::ParentLayout {
+                    cells,
+                    root_cells,
+                    ranges: r.ranges,
+                });
+            }
             match r.handover_regs.as_slice() {
                 [] => {}
-                [(at, len)] => {
-                    let named = decode(&blob[*at..*at + *len], cells).ok_or(PatchError::MalformedRegionNode(*at))?;
+                [(at, len, usable)] => {
+                    let named = decode(&blob[*at..*at + *len], cells)
+                        .filter(|_| *usable)
+                        .ok_or(PatchError::MalformedRegionNode(*at))?;
                     return if named == region {
                         Ok(Patched::AlreadyPresent)
                     } else {
                         Err(PatchError::AlreadyNamesAnother(named))
                     };
                 }
-                [(at, len), ..] => {
+                [(at, len, _), ..] => {
                     let named = decode(&blob[*at..*at + *len], cells).unwrap_or_default();
                     return Err(PatchError::AlreadyNamesAnother(named));
                 }

@@ -4,7 +4,7 @@
 use fdt::Fdt;
 use smmuv3_reserved_memory::{
     HANDOVER_COMPATIBLE, PatchError, Patched, Range, ReadError, RegionError, ReservedMemory, add_handover_region,
-    check_region, reserved_memory,
+    check_region, editable_len, highest_free, largest_free, reserved_memory,
 };
 
 fn data(name: &str) -> Vec<u8> {
@@ -40,7 +40,7 @@ fn nodes(blob: &[u8]) -> Vec<Node> {
 }
 
 const REGION: Range = Range {
-    base: 0x7dfe_0000,
+    base: 0x7dff_0000,
     size: 0x200_0000,
 };
 
@@ -51,7 +51,7 @@ fn qemu_trees_get_reserved_memory_with_the_region_and_keep_everything_else() {
         (
             "qemu-sbsa-ref.dtb",
             Range {
-                base: 0x100_3dfe_0000,
+                base: 0x100_3dff_0000,
                 size: 0x200_0000,
             },
         ),
@@ -262,11 +262,13 @@ fn malformed_region_nodes_are_errors_for_the_reader_and_the_writer() {
     let fdt = Fdt::new(&two).unwrap();
     let found = reserved_memory(&fdt).unwrap();
     assert_eq!(found.handover, None);
-    assert!(matches!(
+    assert_eq!(
         found.handover_error,
-        Some(ReadError::TwoHandoverRegions { first, second })
-            if first.base == 0x7000_0000 && second.base == 0x7200_0000
-    ));
+        Some(ReadError::TwoHandoverRegions {
+            first: "handover@70000000",
+            second: "handover@72000000"
+        })
+    );
     // Neither is used, and neither is free RAM.
     let bases: Vec<u64> = found.others.iter().map(|r| r.base).collect();
     assert_eq!(bases, [0x7000_0000, 0x7200_0000]);
@@ -298,37 +300,129 @@ fn malformed_region_nodes_are_errors_for_the_reader_and_the_writer() {
     assert_eq!(blob, with_room(&bad, 1024));
 }
 
-/// Every single-bit flip of a real tree: the writer never panics, and whenever it refuses, the bytes are unchanged;
-/// whenever it accepts, it finds the region it wrote when asked again.
+/// The header field at byte `at`.
+fn field(blob: &[u8], at: usize) -> usize {
+    u32::from_be_bytes(blob[at..at + 4].try_into().unwrap()) as usize
+}
+
+/// Checks that `after` is `before` with one node inserted in its structure block and names appended to its strings
+/// block, and nothing else changed: the header but for the four fields an insertion changes, every byte before the
+/// insertion point, every byte after it (moved up by the node), and the room past the strings. Byte for byte, as
+/// the `fdt` crate panics on some corrupted trees.
+fn only_a_node_was_inserted(before: &[u8], after: &[u8]) -> Result<(), String> {
+    let (size_struct, size_strings) = (field(before, 36), field(before, 32));
+    let node = field(after, 36)
+        .checked_sub(size_struct)
+        .ok_or("the structure block shrank")?;
+    let names = field(after, 32)
+        .checked_sub(size_strings)
+        .ok_or("the strings block shrank")?;
+    let old_end = field(before, 12) + size_strings;
+    if node == 0 || field(after, 12) != field(before, 12) + node {
+        return Err(format!(
+            "node of {node} bytes, strings moved to {:#x}",
+            field(after, 12)
+        ));
+    }
+    // Magic, the structure and reservation offsets, the versions, the boot CPU.
+    if before[..4] != after[..4] || before[8..12] != after[8..12] || before[16..32] != after[16..32] {
+        return Err("a header field an insertion does not change changed".into());
+    }
+    if field(after, 4) != field(before, 4).max(old_end + node + names) {
+        return Err(format!("totalsize {}", field(after, 4)));
+    }
+    let first_difference = (40..old_end)
+        .find(|&k| before[k] != after[k])
+        .ok_or("no insertion found")?;
+    // The node starts with BEGIN_NODE where the tree had an END_NODE: they differ in the token's last byte.
+    let at = first_difference & !3;
+    if after[at..at + 4] != 1u32.to_be_bytes() || before[at..at + 4] != 2u32.to_be_bytes() {
+        return Err(format!("the insertion at {at:#x} is not a node before an END_NODE"));
+    }
+    if before[at..old_end] != after[at + node..old_end + node] {
+        return Err(format!(
+            "the bytes after the insertion at {at:#x} are not the tree's, moved up"
+        ));
+    }
+    let new_end = old_end + node + names;
+    if before[new_end..] != after[new_end..] {
+        return Err("bytes past the edited tree changed".into());
+    }
+    Ok(())
+}
+
+/// Every single-bit flip of real trees: the writer never panics; whenever it refuses, or finds the region already
+/// there, the bytes are unchanged; whenever it adds the node, the rest of the tree is unchanged and it finds the
+/// region it wrote when asked again. QEMU's sbsa-ref tree (no `/reserved-memory`: the node is created), a board's
+/// tree whose `/reserved-memory` names its region (flips in the node's `compatible` or `status` make the writer
+/// add one to the existing `/reserved-memory`), and one with a disabled handover node (the writer adds one beside
+/// it: the edit-existing path on every flip it accepts).
 #[test]
 fn corrupted_trees_never_panic_and_refusals_change_nothing() {
-    let original = with_room(&data("qemu-sbsa-ref.dtb"), 1024);
-    let tree_len = data("qemu-sbsa-ref.dtb").len();
-    let (mut refused, mut accepted) = (0, 0);
-    for byte in 0..tree_len {
-        for bit in 0..8 {
-            let mut corrupted = original.clone();
-            corrupted[byte] ^= 1 << bit;
-            let before = corrupted.clone();
-            match add_handover_region(&mut corrupted, REGION) {
-                Err(_) => {
-                    refused += 1;
-                    assert_eq!(corrupted, before, "byte {byte} bit {bit}");
-                }
-                Ok(_) => {
-                    accepted += 1;
-                    // The writer reads back what it wrote (the `fdt` crate is not used here: it panics on some
-                    // corrupted trees).
-                    assert_eq!(
-                        add_handover_region(&mut corrupted, REGION),
-                        Ok(Patched::AlreadyPresent),
-                        "byte {byte} bit {bit}"
-                    );
+    for (tree, region) in [
+        ("qemu-sbsa-ref.dtb", REGION),
+        (
+            "board-reserved.dtb",
+            Range {
+                base: 0x7000_0000,
+                size: 0x400_0000,
+            },
+        ),
+        ("board-reserved.dtb", REGION),
+        ("handover-disabled.dtb", REGION),
+    ] {
+        let original = with_room(&data(tree), 1024);
+        let tree_len = data(tree).len();
+        let (mut refused, mut present, mut added) = (0, 0, 0);
+        for byte in 0..tree_len {
+            for bit in 0..8 {
+                let mut corrupted = original.clone();
+                corrupted[byte] ^= 1 << bit;
+                let before = corrupted.clone();
+                match add_handover_region(&mut corrupted, region) {
+                    Err(_) => {
+                        refused += 1;
+                        assert_eq!(corrupted, before, "{tree}: byte {byte} bit {bit}");
+                    }
+                    Ok(Patched::AlreadyPresent) => {
+                        present += 1;
+                        assert_eq!(corrupted, before, "{tree}: byte {byte} bit {bit}");
+                    }
+                    Ok(Patched::Added { .. }) => {
+                        added += 1;
+                        if let Err(e) = only_a_node_was_inserted(&before, &corrupted) {
+                            panic!("{tree}: byte {byte} bit {bit}: {e}");
+                        }
+                        // The writer reads back what it wrote (the `fdt` crate is not used here: it panics on some
+                        // corrupted trees).
+                        assert_eq!(
+                            add_handover_region(&mut corrupted, region),
+                            Ok(Patched::AlreadyPresent),
+                            "{tree}: byte {byte} bit {bit}"
+                        );
+                    }
                 }
             }
         }
+        assert!(
+            refused > 0 && present + added > 0,
+            "{tree}: {refused} refused, {present} present, {added} added"
+        );
+        eprintln!(
+            "{tree} ({:#x}): {refused} refused, {present} already present, {added} added",
+            region.base
+        );
     }
-    assert!(refused > 0 && accepted > 0, "{refused} refused, {accepted} accepted");
+    // The clean trees, for the record: the same check on the edits the flips did not reach.
+    for tree in ["qemu-sbsa-ref.dtb", "handover-disabled.dtb", "cells-1-1.dtb"] {
+        let before = with_room(&data(tree), 1024);
+        let mut after = before.clone();
+        assert!(
+            matches!(add_handover_region(&mut after, REGION), Ok(Patched::Added { .. })),
+            "{tree}"
+        );
+        only_a_node_was_inserted(&before, &after).unwrap_or_else(|e| panic!("{tree}: {e}"));
+    }
 }
 
 #[test]
@@ -410,4 +504,395 @@ fn region_checks() {
         size: 0x10_0000,
     };
     assert_eq!(check_region(after, &ram, &[image, notes]), Ok(()));
+}
+
+const VALID: Range = Range {
+    base: 0x7dff_0000,
+    size: 0x200_0000,
+};
+
+/// Every range a handover node names stays out of every allocator, whatever is wrong with it or with the other
+/// handover nodes: no region is used then (`handover` is `None`), the reason is `handover_error`, and the valid
+/// region is among `others`.
+#[test]
+fn a_malformed_second_handover_node_keeps_the_valid_region_reserved() {
+    for (tree, error, kept) in [
+        (
+            "handover-then-no-reg.dtb",
+            ReadError::TwoHandoverRegions {
+                first: "handover@7dff0000",
+                second: "handover",
+            },
+            vec![VALID],
+        ),
+        (
+            "handover-two-ranges.dtb",
+            ReadError::TwoHandoverRegions {
+                first: "handover@7dff0000",
+                second: "handover@60000000",
+            },
+            vec![
+                VALID,
+                Range {
+                    base: 0x6000_0000,
+                    size: 0x10_0000,
+                },
+                Range {
+                    base: 0x6200_0000,
+                    size: 0x10_0000,
+                },
+            ],
+        ),
+        (
+            "handover-bad-then-good.dtb",
+            ReadError::TwoHandoverRegions {
+                first: "handover@70000000",
+                second: "handover@7dff0000",
+            },
+            // The bad node's reg is not whole pairs: it names no range.
+            vec![VALID],
+        ),
+        (
+            "three-handover.dtb",
+            ReadError::TwoHandoverRegions {
+                first: "handover@7dff0000",
+                second: "handover@70000000",
+            },
+            vec![
+                VALID,
+                Range {
+                    base: 0x7000_0000,
+                    size: 0x200_0000,
+                },
+                Range {
+                    base: 0x7200_0000,
+                    size: 0x200_0000,
+                },
+            ],
+        ),
+    ] {
+        let blob = data(tree);
+        let found = read(&blob);
+        assert_eq!(found.handover, None, "{tree}");
+        assert_eq!(found.handover_error, Some(error), "{tree}");
+        let others: Vec<Range> = found.others.iter().copied().collect();
+        assert_eq!(others, kept, "{tree}");
+        assert_eq!(found.kept_out().collect::<Vec<_>>(), kept, "{tree}");
+        assert!(error.to_string().contains("handover@"), "{error}");
+    }
+}
+
+/// A handover `reg` that wraps is not a boot error: live update is off, and the region is kept out from its base
+/// to the end of the address space.
+#[test]
+fn a_wrapping_handover_reg_turns_live_update_off_and_keeps_everything_above_its_base() {
+    let blob = data("handover-wraps.dtb");
+    let fdt = Fdt::new(&blob).unwrap();
+    let found = reserved_memory(&fdt).expect("not an error for the whole tree");
+    assert_eq!(found.handover, None);
+    assert_eq!(
+        found.handover_error,
+        Some(ReadError::Reg {
+            node: "handover@7dff0000",
+            len: 16
+        })
+    );
+    let others: Vec<Range> = found.others.iter().copied().collect();
+    assert_eq!(
+        others,
+        [Range {
+            base: 0x7dff_0000,
+            size: u64::MAX - 0x7dff_0000
+        }]
+    );
+}
+
+/// QEMU virt's layout with 1 GiB: RAM from 0x4000_0000, the image and its second slot up to 0x41e0_0000.
+const AFTER_IMAGE: Range = Range {
+    base: 0x41e0_0000,
+    size: 0x8000_0000 - 0x41e0_0000,
+};
+const NOTES: Range = Range {
+    base: 0x7fff_0000,
+    size: 0x1_0000,
+};
+
+/// The firmware's pools skip reserved ranges: a region right above the image (which `check_region` accepts) left
+/// no RAM below it, and the pools used to end at the lowest reserved base, a fatal boot.
+#[test]
+fn the_pools_take_the_largest_free_part_not_the_ram_below_the_first_reserved_range() {
+    let just_above = Range {
+        base: AFTER_IMAGE.base,
+        size: 0x200_0000,
+    };
+    assert_eq!(
+        check_region(
+            just_above,
+            &[Range {
+                base: 0x4000_0000,
+                size: 0x4000_0000
+            }],
+            &[
+                (
+                    "the image",
+                    Range {
+                        base: 0x4000_0000,
+                        size: AFTER_IMAGE.base - 0x4000_0000
+                    }
+                ),
+                ("the reset notes", NOTES)
+            ]
+        ),
+        Ok(())
+    );
+    assert_eq!(
+        largest_free(AFTER_IMAGE, &[NOTES, just_above]),
+        Some(Range {
+            base: 0x43e0_0000,
+            size: NOTES.base - 0x43e0_0000
+        })
+    );
+    // The board's rule: the region right below the notes; the pools from the image up to it, as always.
+    let board = Range {
+        base: 0x7dff_0000,
+        size: 0x200_0000,
+    };
+    assert_eq!(
+        largest_free(AFTER_IMAGE, &[board, NOTES]),
+        Some(Range {
+            base: AFTER_IMAGE.base,
+            size: board.base - AFTER_IMAGE.base
+        })
+    );
+    // A region in the middle: the larger side (here above it), whatever the order of the ranges.
+    let middle = Range {
+        base: 0x5000_0000,
+        size: 0x200_0000,
+    };
+    let above = Range {
+        base: 0x5200_0000,
+        size: NOTES.base - 0x5200_0000,
+    };
+    assert_eq!(largest_free(AFTER_IMAGE, &[middle, NOTES]), Some(above));
+    assert_eq!(largest_free(AFTER_IMAGE, &[NOTES, middle]), Some(above));
+    // Overlapping and nested ranges, ranges outside the window, and empty ones.
+    let outside = Range {
+        base: 0x1000,
+        size: 0x4000_0000,
+    };
+    let inside_middle = Range {
+        base: 0x5100_0000,
+        size: 0x1000,
+    };
+    let empty = Range {
+        base: 0x6000_0000,
+        size: 0,
+    };
+    assert_eq!(
+        largest_free(AFTER_IMAGE, &[outside, middle, inside_middle, empty, NOTES]),
+        Some(above)
+    );
+    // Everything reserved: none.
+    assert_eq!(largest_free(AFTER_IMAGE, &[AFTER_IMAGE]), None);
+    let wraps = Range {
+        base: 0x3000_0000,
+        size: u64::MAX - 0x3000_0000,
+    };
+    assert_eq!(largest_free(AFTER_IMAGE, &[wraps]), None);
+}
+
+/// A `/memreserve/` entry that wraps is read as running to the end of the address space (it used to be kept with
+/// its wrapping size, and then dropped by the firmware's filter: the pools covered it); a tree that reserves the
+/// bank's last 64 KiB moves the reset notes below what it reserves.
+#[test]
+fn a_wrapping_memreserve_and_reserved_notes_stay_out_of_the_pools() {
+    let blob = data("memreserve-wraps.dtb");
+    let found = read(&blob);
+    let others: Vec<Range> = found.others.iter().copied().collect();
+    assert_eq!(
+        others,
+        [
+            Range {
+                base: 0x7000_0000,
+                size: u64::MAX - 0x7000_0000
+            },
+            Range {
+                base: 0x7fff_8000,
+                size: 0x8000
+            },
+        ]
+    );
+    assert!(others.iter().all(|r| r.end().is_some()));
+    // As the firmware lays RAM out: the notes in the highest free 64 KiB, the pools in the largest free part.
+    let notes = highest_free(AFTER_IMAGE, &others, 0x1_0000, 0x1_0000).unwrap();
+    assert_eq!(notes, 0x6fff_0000);
+    let mut reserved = others.clone();
+    reserved.push(Range {
+        base: notes,
+        size: 0x1_0000,
+    });
+    assert_eq!(
+        largest_free(AFTER_IMAGE, &reserved),
+        Some(Range {
+            base: AFTER_IMAGE.base,
+            size: 0x6fff_0000 - AFTER_IMAGE.base
+        })
+    );
+}
+
+#[test]
+fn the_notes_go_in_the_highest_free_aligned_block() {
+    // Nothing reserved: the bank's last 64 KiB.
+    assert_eq!(highest_free(AFTER_IMAGE, &[], 0x1_0000, 0x1_0000), Some(NOTES.base));
+    // The last page reserved: the 64 KiB below it.
+    let page = Range {
+        base: 0x7fff_f000,
+        size: 0x1000,
+    };
+    assert_eq!(
+        highest_free(AFTER_IMAGE, &[page], 0x1_0000, 0x1_0000),
+        Some(0x7ffe_0000)
+    );
+    // Two ranges in a row, the lower one unaligned.
+    let lower = Range {
+        base: 0x7ffd_8800,
+        size: 0x1_0000,
+    };
+    assert_eq!(
+        highest_free(AFTER_IMAGE, &[page, lower], 0x1_0000, 0x1_0000),
+        Some(0x7ffc_0000)
+    );
+    // Nothing free, nonsense arguments: none.
+    assert_eq!(highest_free(AFTER_IMAGE, &[AFTER_IMAGE], 0x1_0000, 0x1_0000), None);
+    assert_eq!(highest_free(AFTER_IMAGE, &[], 0, 0x1_0000), None);
+    assert_eq!(highest_free(AFTER_IMAGE, &[], 0x1_0000, 3), None);
+    let tiny = Range {
+        base: 0x1000,
+        size: 0x1000,
+    };
+    assert_eq!(highest_free(tiny, &[], 0x1_0000, 0x1_0000), None);
+}
+
+/// The reader and the writer agree on which handover nodes count: a disabled one is ignored by both (the writer adds
+/// an enabled node beside it), and `status = "ok"` is enabled for both.
+#[test]
+fn disabled_handover_nodes_are_ignored_by_the_reader_and_the_writer() {
+    let original = data("handover-disabled.dtb");
+    assert_eq!(read(&original), ReservedMemory::default());
+    let mut blob = with_room(&original, 1024);
+    assert!(matches!(
+        add_handover_region(&mut blob, VALID),
+        Ok(Patched::Added {
+            created_reserved_memory: false,
+            ..
+        })
+    ));
+    let found = read(&blob);
+    assert_eq!((found.handover, found.handover_error), (Some(VALID), None));
+    assert!(found.others.is_empty());
+
+    let ok = data("status-ok.dtb");
+    let found = read(&ok);
+    assert_eq!((found.handover, found.handover_error), (Some(VALID), None));
+    let mut blob = with_room(&ok, 1024);
+    assert_eq!(add_handover_region(&mut blob, VALID), Ok(Patched::AlreadyPresent));
+    assert_eq!(blob, with_room(&ok, 1024));
+}
+
+/// What Linux requires of the node and its parent: the region `no-map` and not `reusable`, `/reserved-memory` with
+/// the root's cells and an empty `ranges`. Otherwise no region is used (its range is still kept out) and the writer
+/// refuses the tree, unchanged.
+#[test]
+fn a_mappable_region_or_a_translated_reserved_memory_is_refused_and_kept_out() {
+    let reusable = data("handover-reusable.dtb");
+    let found = read(&reusable);
+    assert_eq!(found.handover, None);
+    assert_eq!(
+        found.handover_error,
+        Some(ReadError::HandoverMappable {
+            node: "handover@7dff0000"
+        })
+    );
+    assert_eq!(found.others.as_slice(), [VALID]);
+    let mut blob = with_room(&reusable, 1024);
+    assert!(matches!(
+        add_handover_region(&mut blob, VALID),
+        Err(PatchError::MalformedRegionNode(_))
+    ));
+    assert_eq!(blob, with_room(&reusable, 1024));
+
+    for (tree, region, error) in [
+        (
+            "ranges-not-empty.dtb",
+            VALID,
+            ReadError::ParentLayout {
+                cells: (2, 2),
+                root_cells: (2, 2),
+                ranges: Some(24),
+            },
+        ),
+        (
+            "cells-not-root.dtb",
+            Range {
+                base: 0x9000_0000,
+                size: 0x200_0000,
+            },
+            ReadError::ParentLayout {
+                cells: (1, 1),
+                root_cells: (2, 2),
+                ranges: Some(16),
+            },
+        ),
+    ] {
+        let original = data(tree);
+        let found = read(&original);
+        assert_eq!(found.handover, None, "{tree}");
+        assert_eq!(found.handover_error, Some(error), "{tree}");
+        assert!(found.others.contains(&region), "{tree}: {:?}", found.others);
+        assert!(error.to_string().contains("empty ranges"), "{error}");
+        let mut blob = with_room(&original, 1024);
+        let refused = add_handover_region(&mut blob, region).unwrap_err();
+        assert!(
+            matches!(refused, PatchError::ParentLayout { .. }),
+            "{tree}: {refused:?}"
+        );
+        assert_eq!(blob, with_room(&original, 1024), "{tree}");
+    }
+}
+
+/// The firmware edits the tree in place in the memory below its image: the header's `totalsize` is checked against
+/// that room, never trusted to bound the slice.
+#[test]
+fn a_tree_whose_totalsize_runs_past_the_writable_room_is_not_edited() {
+    let tree = data("qemu-virt.dtb");
+    let header: [u8; 8] = tree[..8].try_into().unwrap();
+    let total = tree.len();
+    assert_eq!(editable_len(header, total), Ok(total));
+    assert_eq!(editable_len(header, 1 << 20), Ok(total));
+    assert_eq!(
+        editable_len(header, total - 1),
+        Err(PatchError::BeyondWritable { total, room: total - 1 })
+    );
+    // A header claiming 4 GiB less a byte, as a corrupted one may.
+    let mut huge = header;
+    huge[4..8].copy_from_slice(&u32::MAX.to_be_bytes());
+    assert_eq!(
+        editable_len(huge, 1 << 20),
+        Err(PatchError::BeyondWritable {
+            total: u32::MAX as usize,
+            room: 1 << 20
+        })
+    );
+    let mut no_magic = header;
+    no_magic[0] ^= 1;
+    assert!(matches!(
+        editable_len(no_magic, 1 << 20),
+        Err(PatchError::BeyondWritable { total: 0, .. })
+    ));
+    assert!(
+        editable_len(huge, 1 << 20)
+            .unwrap_err()
+            .to_string()
+            .contains("4294967295")
+    );
 }
