@@ -47,9 +47,9 @@
 //! add what they removed or changed to a [`Gather`]; the caller must issue the TLB invalidation it describes
 //! (leaf-only unless [`Gather::tables_unlinked`], walk caches too then) and wait for its CMD_SYNC
 //! (`Iommu::flush` does both, then calls [`IoPageTable::release`]). Until then the SMMU may still use the
-//! old translations. A table that an unmap empties (or that a range unmap removes whole, **with its leaves left
-//! in place**: clearing them would cost a write per entry) or that a trim finds empty is unlinked and handed to
-//! the [`Gather`], and goes back to the allocator only through [`IoPageTable::release`] (an `unsafe fn`: its
+//! old translations. A table that an unmap empties (or that a range unmap removes whole, or whose every valid
+//! entry is a leaf the range removes, **with its leaves left in place**: clearing them would cost a write per
+//! entry) or that a trim finds empty is unlinked and handed to the [`Gather`], and goes back to the allocator only through [`IoPageTable::release`] (an `unsafe fn`: its
 //! caller vouches for that invalidation), after that invalidation has completed; if it fails, do not release the
 //! gather (leak it) rather than free tables the SMMU may still walk. A gather is stamped with the [`TableId`] of
 //! the table that filled it, and every other table refuses it.
