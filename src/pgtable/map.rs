@@ -400,7 +400,14 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// output, and leaves allowed at `level`): that run. Such a table is written whole, each entry once (leaves in
     /// the run, 0 elsewhere), so its frame need not be zeroed first.
     #[inline]
-    pub(super) fn whole_run(&self, level: u8, table_base: u64, start: u64, end: u64, pa: u64) -> Option<(usize, usize)> {
+    pub(super) fn whole_run(
+        &self,
+        level: u8,
+        table_base: u64,
+        start: u64,
+        end: u64,
+        pa: u64,
+    ) -> Option<(usize, usize)> {
         let shift = self.geometry.entry_shift(level);
         let first = ((start - table_base) >> shift) as usize;
         let last = (((end - 1) - table_base) >> shift) as usize;

@@ -393,7 +393,10 @@ impl<A: FrameAllocator> IoPageTable<A> {
             return None;
         }
         let entries = self.table_entries(level, desc::address(d))?;
-        let (a, b) = (((from - table_base) >> shift) as usize, ((to - table_base) >> shift) as usize);
+        let (a, b) = (
+            ((from - table_base) >> shift) as usize,
+            ((to - table_base) >> shift) as usize,
+        );
         let inside = entries.get(a..b)?;
         // A table descriptor (levels 0-2) has bit 1 set; a block has it clear. An invalid entry with bit 1 set
         // (never written by this driver) only sends the unmap down the ordinary path.

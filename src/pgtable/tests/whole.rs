@@ -78,7 +78,10 @@ fn a_table_written_whole_holds_its_blocks_and_zeros_and_unmaps_in_parts() {
     // The second table's one block: the range covers one entry, which is its count.
     let mut g = Gather::default();
     assert_eq!(t.unmap(2 * GIB, BLOCK, &mut g), Ok(BLOCK));
-    assert_eq!((g.freed_tables(), g.leaves(), g.start(), g.end()), (1, 1, 2 * GIB, 3 * GIB));
+    assert_eq!(
+        (g.freed_tables(), g.leaves(), g.start(), g.end()),
+        (1, 1, 2 * GIB, 3 * GIB)
+    );
     release(&mut t, g);
     assert_eq!((t.tables(), frames.live_blocks()), (1, 1));
     assert!(raw_words(&t).iter().all(|&(_, _, d)| d == 0));
@@ -216,7 +219,10 @@ fn a_table_written_whole_is_cleaned_before_it_is_linked() {
     let log = maintenance_log::take();
     for index in [1usize, 2] {
         let entry = core::ptr::from_ref(&t.root_entries()[index]) as usize;
-        assert!(maintenance_log::covers(&log, Maintenance::Clean, entry, 8), "unlink of table {index} cleaned");
+        assert!(
+            maintenance_log::covers(&log, Maintenance::Clean, entry, 8),
+            "unlink of table {index} cleaned"
+        );
     }
     release(&mut t, g);
 }
