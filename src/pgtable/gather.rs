@@ -135,7 +135,15 @@ impl<A: FrameAllocator> IoPageTable<A> {
         let give_back = |batch: &mut heapless::Vec<DmaBlock, FREE_BATCH>| {
             // SAFETY: each table was allocated by this page table with this size, unlinked, and the caller has
             // completed the invalidation that covers walks through it; its links were read before it got here.
-            unsafe { allocator.free_many(&mut core::mem::take(batch).into_iter()) };
+            unsafe {
+                allocator.free_many(&mut batch.iter().map(|b| DmaBlock {
+                    phys: b.phys,
+                    virt: b.virt,
+                    size: b.size,
+                }))
+            };
+            // Emptied in place, not moved out: the batch is as large as a few cache lines.
+            batch.clear();
         };
         let mut free = |phys: u64, virt: NonNull<u8>| {
             let block = DmaBlock {

@@ -3,17 +3,26 @@
 
 use super::*;
 
-/// Frames `map` allocated before writing anything, chained through their first two words (the next frame's
-/// physical and CPU addresses), one chain of zeroed frames and one of frames to be overwritten whole.
+/// Frames `map` allocated before writing anything, one set of zeroed frames and one of frames to be overwritten
+/// whole: the first few of each kept here, the rest chained through their first two words (the next frame's
+/// physical and CPU addresses), so that a map needing few tables does not write into their frames twice.
 #[derive(Default)]
 struct Pool {
-    zeroed: Option<DmaBlock>,
-    overwrite: Option<DmaBlock>,
+    zeroed: Frames,
+    overwrite: Frames,
+    zeroed_chain: Option<DmaBlock>,
+    overwrite_chain: Option<DmaBlock>,
 }
 
 impl Pool {
     fn push(&mut self, table: DmaBlock, full: bool) {
-        let head = if full { &mut self.overwrite } else { &mut self.zeroed };
+        let (kept, head) = match full {
+            true => (&mut self.overwrite, &mut self.overwrite_chain),
+            false => (&mut self.zeroed, &mut self.zeroed_chain),
+        };
+        let Err(table) = kept.push(table) else {
+            return;
+        };
         let link = entries_of(table.virt, 2);
         let (phys, virt) = head
             .take()
@@ -23,10 +32,15 @@ impl Pool {
         *head = Some(table);
     }
 
-    /// The next frame, its link words zeroed again.
+    /// The next frame (a chained one with its link words zeroed again).
     fn pop(&mut self, full: bool) -> Option<DmaBlock> {
-        let head = if full { &mut self.overwrite } else { &mut self.zeroed };
-        let table = head.take()?;
+        let (kept, head) = match full {
+            true => (&mut self.overwrite, &mut self.overwrite_chain),
+            false => (&mut self.zeroed, &mut self.zeroed_chain),
+        };
+        let Some(table) = head.take() else {
+            return kept.pop();
+        };
         let link = entries_of(table.virt, 2);
         // Plain loads and stores: a swap is a locked read-modify-write on x86 (it drains the store buffer full of
         // the previous table's entries) and an exclusive pair or LDADD-class atomic on Arm, and nothing else can
@@ -40,6 +54,13 @@ impl Pool {
             size: table.size,
         });
         Some(table)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.zeroed.is_empty()
+            && self.overwrite.is_empty()
+            && self.zeroed_chain.is_none()
+            && self.overwrite_chain.is_none()
     }
 }
 
@@ -326,10 +347,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             prot,
             &mut pool,
         );
-        debug_assert!(
-            pool.zeroed.is_none() && pool.overwrite.is_none(),
-            "tables counted exactly"
-        );
+        debug_assert!(pool.is_empty(), "tables counted exactly");
         self.free_pool(&mut pool);
         write_barrier();
         Ok(())
@@ -377,9 +395,29 @@ impl<A: FrameAllocator> IoPageTable<A> {
         }
     }
 
+    /// When `[start, end)` (output from `pa` at `start`) is, inside a new table at `level` covering from
+    /// `table_base`, one run of leaves and nothing else (every entry it touches wholly covered, with aligned
+    /// output, and leaves allowed at `level`): that run. Such a table is written whole, each entry once (leaves in
+    /// the run, 0 elsewhere), so its frame need not be zeroed first.
+    #[inline]
+    pub(super) fn whole_run(
+        &self,
+        level: u8,
+        table_base: u64,
+        start: u64,
+        end: u64,
+        pa: u64,
+    ) -> Option<(usize, usize)> {
+        let shift = self.geometry.entry_shift(level);
+        let first = ((start - table_base) >> shift) as usize;
+        let last = (((end - 1) - table_base) >> shift) as usize;
+        let run = self.leaf_run(level, table_base, first, last, start, end, pa);
+        (run == (first, last + 1)).then_some(run)
+    }
+
     /// Counts the tables `map_in` will create for `[start, end)` (output from `pa`) below the table `entries`
     /// (`None`: a table still to be created, all invalid) covering from `table_base`: `needed.0` zeroed ones,
-    /// `needed.1` last-level tables that the map fills whole.
+    /// `needed.1` tables that the map writes whole (see [`IoPageTable::whole_run`]).
     ///
     /// # Errors
     /// [`MapError::NoMemory`] when the allocator does not know a table's physical address (a broken allocator).
@@ -414,7 +452,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
                     .table_entries(level + 1, desc::address(d))
                     .ok_or(MapError::NoMemory(AllocError::OutOfMemory { size: 0 }))?;
                 self.tables_needed(level + 1, Some(next), entry_base, from, to, output, needed)?;
-            } else if level + 1 == 3 && from == entry_base && to == entry_base + entry_size {
+            } else if self.whole_run(level + 1, entry_base, from, to, output).is_some() {
                 needed.1 += 1;
             } else {
                 needed.0 += 1;
@@ -521,24 +559,25 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 continue;
             }
             // Below an invalid entry (`map` checked that nothing is mapped here) a new table, filled before it is
-            // linked. A new last-level table whose whole span is mapped: every entry a page, written here in one
-            // pass (so its frame need not be zeroed first), and marked full.
-            let full = level + 1 == 3 && from == entry_base && to == entry_base + entry_size;
-            let Some(table) = pool.pop(full) else {
+            // linked. A new table whose part of the range is one run of leaves (pages, or blocks where the level
+            // allows them) is written whole in one pass, 0 outside the run, so its frame need not be zeroed
+            // first (a last-level table whose whole span is mapped is marked full by its count).
+            let whole = self.whole_run(level + 1, entry_base, from, to, output(from));
+            let Some(table) = pool.pop(whole.is_some()) else {
                 // `tables_needed` counted every table: unreachable.
                 return added;
             };
             self.tables.add(1);
             added += 1;
-            let entries_below = 1usize << self.geometry.level_bits;
-            let count = if full {
+            let count = if let Some((run_start, run_end)) = whole {
                 // A new table: nothing else refers to it yet.
-                fill(
-                    entries_of(table.virt, entries_below),
-                    desc::leaf(self.format.stage, output(from), prot, true),
-                    u32::from(self.geometry.granule_bits),
+                fill_table(
+                    entries_of(table.virt, 1 << self.geometry.level_bits),
+                    run_start..run_end,
+                    desc::leaf(self.format.stage, output(from), prot, level + 1 == 3),
+                    u32::from(self.geometry.entry_shift(level + 1)),
                 );
-                entries_below
+                run_end - run_start
             } else {
                 self.map_in(level + 1, table.phys.0, entry_base, from, to, output(from), prot, pool)
             };

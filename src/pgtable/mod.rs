@@ -47,9 +47,9 @@
 //! add what they removed or changed to a [`Gather`]; the caller must issue the TLB invalidation it describes
 //! (leaf-only unless [`Gather::tables_unlinked`], walk caches too then) and wait for its CMD_SYNC
 //! (`Iommu::flush` does both, then calls [`IoPageTable::release`]). Until then the SMMU may still use the
-//! old translations. A table that an unmap empties (or that a range unmap removes whole, **with its leaves left
-//! in place**: clearing them would cost a write per entry) or that a trim finds empty is unlinked and handed to
-//! the [`Gather`], and goes back to the allocator only through [`IoPageTable::release`] (an `unsafe fn`: its
+//! old translations. A table that an unmap empties (or that a range unmap removes whole, or whose every valid
+//! entry is a leaf the range removes, **with its leaves left in place**: clearing them would cost a write per
+//! entry) or that a trim finds empty is unlinked and handed to the [`Gather`], and goes back to the allocator only through [`IoPageTable::release`] (an `unsafe fn`: its
 //! caller vouches for that invalidation), after that invalidation has completed; if it fails, do not release the
 //! gather (leak it) rather than free tables the SMMU may still walk. A gather is stamped with the [`TableId`] of
 //! the table that filled it, and every other table refuses it.
@@ -595,18 +595,23 @@ impl Counter {
 
 /// Writes `first`, `first + (1 << shift)`, `first + (2 << shift)`, ... into `entries`, which no other CPU
 /// accesses: a table not linked yet, or entries of a live table that `&mut self` keeps from every other CPU-side
-/// access. A shift rather than a step: every vector ISA shifts 64-bit lanes, not every one multiplies them.
+/// access. A running sum (each entry the previous one plus `1 << shift`) rather than `first + (k << shift)`: the
+/// compiler keeps a vector of consecutive entries and adds a constant to it, one add per vector of stores, where
+/// the shifted index cost a shift and an add per vector on top (and not every vector ISA multiplies 64-bit lanes,
+/// so no step multiplies either).
 #[inline(always)]
 fn fill(entries: &[AtomicU64], first: u64, shift: u32) {
     #[cfg(not(all(loom, test)))]
     {
-        let words = entries.as_ptr() as *mut u64;
-        for k in 0..entries.len() {
-            // SAFETY: `k` indexes `entries`, which the caller has to itself (see above). Plain stores let the
-            // compiler write several entries per instruction; every entry is 8-byte aligned, and the architecture
-            // makes each 64-bit element of a wider aligned store single-copy atomic, so the SMMU sees every entry
-            // either as it was or whole.
-            unsafe { words.add(k).write(first + ((k as u64) << shift)) };
+        // SAFETY: `entries`, which the caller has to itself (see above), viewed as plain words. Plain stores let
+        // the compiler write several entries per instruction; every entry is 8-byte aligned, and the architecture
+        // makes each 64-bit element of a wider aligned store single-copy atomic, so the SMMU sees every entry
+        // either as it was or whole.
+        let words = unsafe { core::slice::from_raw_parts_mut(entries.as_ptr() as *mut u64, entries.len()) };
+        let (step, mut d) = (1u64 << shift, first);
+        for w in words {
+            *w = d;
+            d = d.wrapping_add(step);
         }
     }
     // Under loom the entries are loom's atomics, not plain words.
@@ -614,6 +619,28 @@ fn fill(entries: &[AtomicU64], first: u64, shift: u32) {
     for (k, e) in entries.iter().enumerate() {
         e.store(first + ((k as u64) << shift), Ordering::Relaxed);
     }
+}
+
+/// Writes every entry of a table that nothing links yet (a frame from [`FrameAllocator::allocate_for_overwrite`],
+/// whose old contents may be anything): `first`, `first + (1 << shift)`, ... into `entries[run]` (as [`fill`]),
+/// and 0 into every other entry, each entry once.
+#[inline(always)]
+fn fill_table(entries: &[AtomicU64], run: core::ops::Range<usize>, first: u64, shift: u32) {
+    #[cfg(not(all(loom, test)))]
+    {
+        let words = entries.as_ptr() as *mut u64;
+        // SAFETY: both ranges lie inside `entries`, a table no one else can reach yet. `write_bytes` becomes the
+        // platform's memset, the fastest way to store zeros.
+        unsafe {
+            words.write_bytes(0, run.start);
+            words.add(run.end).write_bytes(0, entries.len() - run.end);
+        }
+    }
+    #[cfg(all(loom, test))]
+    for e in entries[..run.start].iter().chain(&entries[run.end..]) {
+        e.store(0, Ordering::Relaxed);
+    }
+    fill(&entries[run], first, shift);
 }
 
 /// How many of `entries` are valid, in a table no other CPU writes (`&mut self`, or unlinked).

@@ -316,6 +316,22 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 }
                 continue;
             }
+            if reprotect.is_none() && desc::is_table(d, level) {
+                let (from, to) = (start.max(entry_base), end.min(entry_base + entry_size));
+                if let Some(n) = self.empties_whole(level + 1, d, entry_base, from, to) {
+                    // Every entry of the table below goes: it is unlinked whole, its leaves left in place (as for
+                    // a table the range covers whole), and freed with the rest after the invalidation.
+                    self.store(entry, 0);
+                    self.free_later(desc::address(d), gather);
+                    let child_shift = self.geometry.entry_shift(level + 1);
+                    gather.add_run(from, to, child_shift, n as u32);
+                    // Walk caches may hold the unlinked table: its whole span.
+                    gather.add_run(entry_base, entry_base + entry_size, self.geometry.granule_bits, 0);
+                    removed += 1;
+                    unmapped += (n as u64) << child_shift;
+                    continue;
+                }
+            }
             let (next, before) = if desc::is_table(d, level) {
                 (desc::address(d), desc::count(d))
             } else {
@@ -360,6 +376,40 @@ impl<A: FrameAllocator> IoPageTable<A> {
             gather.add_run(cleared.0, cleared.1, shift, cleared.2);
         }
         (unmapped, removed)
+    }
+
+    /// Whether unmapping `[from, to)` (aligned to the entries of the table at `level` that the table descriptor
+    /// `d` names, which covers from `table_base`) removes every valid entry of that table, none of them a table:
+    /// then that many leaves (`Some`), and the table can be unlinked whole without clearing them. `None` when the
+    /// table keeps an entry, holds a table in the range, is empty already (the ordinary path unlinks it), or the
+    /// range cuts one of its entries. Only the shorter side of the table is read for the count: the entries in
+    /// the range (each counted, each checked not to be a table), or those outside it (each checked invalid, so
+    /// that the descriptor's count is all in the range; those in the range then only checked for no table
+    /// descriptor, which a last-level table cannot hold).
+    pub(super) fn empties_whole(&self, level: u8, d: u64, table_base: u64, from: u64, to: u64) -> Option<usize> {
+        let n = desc::count(d);
+        let shift = self.geometry.entry_shift(level);
+        if n == 0 || (from | to) & ((1 << shift) - 1) != 0 {
+            return None;
+        }
+        let entries = self.table_entries(level, desc::address(d))?;
+        let (a, b) = (
+            ((from - table_base) >> shift) as usize,
+            ((to - table_base) >> shift) as usize,
+        );
+        let inside = entries.get(a..b)?;
+        // A table descriptor (levels 0-2) has bit 1 set; a block has it clear. An invalid entry with bit 1 set
+        // (never written by this driver) only sends the unmap down the ordinary path.
+        let no_table = |bits: u64| level == 3 || bits & desc::TABLE_OR_PAGE == 0;
+        if inside.len() <= entries.len() - inside.len() {
+            let (valid, bits) = scan(inside);
+            return (valid == n && no_table(bits)).then_some(n);
+        }
+        let outside = scan_bits(&entries[..a]) | scan_bits(&entries[b..]);
+        if outside & desc::VALID != 0 || (level < 3 && scan_bits(inside) & desc::TABLE_OR_PAGE != 0) {
+            return None;
+        }
+        Some(n)
     }
 
     /// Bytes mapped below the unlinked table that the table descriptor `link` names, and the smallest leaf's
@@ -420,6 +470,43 @@ impl<A: FrameAllocator> IoPageTable<A> {
         }
         // A live, unlinked table of this page table; nothing writes it while `&mut self` is held.
         count_valid(entries) << shift
+    }
+}
+
+/// The bitwise OR of `entries`, in a table no other CPU writes (`&mut self`).
+#[inline]
+fn scan_bits(entries: &[AtomicU64]) -> u64 {
+    #[cfg(not(all(loom, test)))]
+    {
+        // SAFETY: live entries that nothing writes meanwhile (`&mut self`; the SMMU only reads them). Plain reads
+        // let the compiler use wide loads.
+        let words = unsafe { core::slice::from_raw_parts(entries.as_ptr() as *const u64, entries.len()) };
+        words.iter().fold(0, |bits, &d| bits | d)
+    }
+    #[cfg(all(loom, test))]
+    entries.iter().fold(0, |bits, e| bits | e.load(Ordering::Relaxed))
+}
+
+/// How many of `entries` are valid, and the bitwise OR of the valid ones, in a table no other CPU writes.
+#[inline]
+fn scan(entries: &[AtomicU64]) -> (usize, u64) {
+    let valid = |d: u64| if d & desc::VALID != 0 { d } else { 0 };
+    #[cfg(not(all(loom, test)))]
+    {
+        // SAFETY: as in `scan_bits`.
+        let words = unsafe { core::slice::from_raw_parts(entries.as_ptr() as *const u64, entries.len()) };
+        let (n, bits) = words
+            .iter()
+            .fold((0u64, 0u64), |(n, bits), &d| (n + (d & desc::VALID), bits | valid(d)));
+        (n as usize, bits)
+    }
+    #[cfg(all(loom, test))]
+    {
+        let (n, bits) = entries.iter().fold((0u64, 0u64), |(n, bits), e| {
+            let d = e.load(Ordering::Relaxed);
+            (n + (d & desc::VALID), bits | valid(d))
+        });
+        (n as usize, bits)
     }
 }
 

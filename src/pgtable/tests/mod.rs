@@ -339,6 +339,7 @@ mod edge;
 mod lazy;
 mod mixed;
 mod model;
+mod whole;
 
 #[allow(unused_imports)]
 use {decode::*, edge::*, lazy::*, mixed::*, model::*};
