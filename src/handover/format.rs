@@ -205,6 +205,20 @@ const _: () = assert!(
 const _: () =
     assert!(HEADER_SIZE.is_multiple_of(8) && IDENTITY_SIZE.is_multiple_of(8) && RECORD_SIZE.is_multiple_of(8));
 
+impl RawTable {
+    fn shape(&self) -> TableShape {
+        TableShape {
+            root: self.root.get(),
+            granule_log2: self.granule_log2,
+            input_bits: self.input_bits,
+            output_bits: self.output_bits,
+            start_level: self.start_level,
+            tables: self.tables.get(),
+            empty: self.empty.get(),
+        }
+    }
+}
+
 impl RawExtent {
     fn new(e: Extent) -> Self {
         RawExtent {
@@ -534,22 +548,13 @@ pub(crate) fn read_record(bytes: &[u8], version: u32) -> Option<(DomainRecord<'_
         }
     };
     let flags = head.flags.get();
-    let t = &head.table;
     let g = &head.guest;
     let record = DomainRecord {
         token: head.token.get(),
         kind: decode::record_kind(head.kind.get()).unwrap_or(RecordKind::Stage1),
         asid: head.asid.get(),
         vmid: head.vmid.get(),
-        table: (flags & FLAG_TABLE != 0).then(|| TableShape {
-            root: t.root.get(),
-            granule_log2: t.granule_log2,
-            input_bits: t.input_bits,
-            output_bits: t.output_bits,
-            start_level: t.start_level,
-            tables: t.tables.get(),
-            empty: t.empty.get(),
-        }),
+        table: (flags & FLAG_TABLE != 0).then(|| head.table.shape()),
         parent_token: (flags & FLAG_PARENT != 0).then(|| head.parent_token.get()),
         guest: (flags & FLAG_GUEST != 0).then(|| GuestRecord {
             cd_table_ipa: g.cd_table_ipa.get(),

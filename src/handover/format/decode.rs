@@ -325,7 +325,6 @@ struct Parts<'a> {
     streams_at: usize,
     extents: &'a [u8],
     extent_count: usize,
-    extents_at: usize,
     /// Bytes the record takes.
     len: usize,
 }
@@ -379,7 +378,6 @@ fn read_parts(bytes: &[u8], offset: usize, version: u32, stated: u64) -> Result<
             streams_at: offset + streams_at,
             extents: &record[extents_at..extents_at + m * EXTENT_SIZE],
             extent_count: m,
-            extents_at: offset + extents_at,
             len: RECORD_SIZE,
         });
     }
@@ -409,7 +407,6 @@ fn read_parts(bytes: &[u8], offset: usize, version: u32, stated: u64) -> Result<
         streams_at: head_end,
         extents: &body[extents_at - head_end..],
         extent_count: m,
-        extents_at,
         len: end - offset,
     })
 }
@@ -512,19 +509,9 @@ fn decode_record(
         }
     }
     // Every record's extents are checked against each other's (and other records') by `check_overlaps`.
-    let _ = parts.extents_at;
 
     if flags & FLAG_TABLE != 0 {
-        let t = &raw.table;
-        let shape = TableShape {
-            root: t.root.get(),
-            granule_log2: t.granule_log2,
-            input_bits: t.input_bits,
-            output_bits: t.output_bits,
-            start_level: t.start_level,
-            tables: t.tables.get(),
-            empty: t.empty.get(),
-        };
+        let shape = raw.table.shape();
         let len = table_bytes(&shape, kind == RecordKind::Stage2)
             .map_err(|(what, value)| HandoverError::BadTableShape { token, what, value })?;
         check_table(token, "root table", shape.root, len, len, pool, &extents)?;
