@@ -244,14 +244,15 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             format::encode(&instances, generation, region, pool_extent, staging).map_err(PrepareError::Format)?
         };
         bytes[..written].copy_from_slice(&staging[..written]);
-        let self_check = format::decode(&bytes[..written], pool_extent, scratch).err();
-        if let Some(e) = self_check {
-            bytes[0] = 0;
-            clean_to_memory(bytes.as_ptr(), 64);
-            return Err(PrepareError::SelfCheck(e));
-        }
-        let Ok(written_region) = format::decode(&bytes[..written], pool_extent, scratch) else {
-            unreachable!("decoded just above");
+        // The self-check reads the staging copy (the same bytes as the region now), so that its view outlives a
+        // failure that has to unmark the region.
+        let written_region = match format::decode(&staging[..written], pool_extent, scratch) {
+            Ok(region) => region,
+            Err(e) => {
+                bytes[0] = 0;
+                clean_to_memory(bytes.as_ptr(), 64);
+                return Err(PrepareError::SelfCheck(e));
+            }
         };
         clean_to_memory(bytes.as_ptr(), written);
         // What is recorded must not change until the hand-off: the preserved domains' arenas (and this SMMU's own,

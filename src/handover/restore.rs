@@ -370,8 +370,13 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         if bytes[..8].iter().all(|&b| b == 0) {
             return Ok((RestoreReport::default(), false));
         }
-        snapshot.copy_from_slice(bytes);
-        let decoded = format::decode(snapshot, pool_extent, scratch).map_err(RestoreError::Region)?;
+        // What the header says the region takes (decode refuses a length the area cannot hold).
+        let len = format::peek_header(bytes)
+            .ok()
+            .and_then(|h| usize::try_from(h.total_len).ok())
+            .map_or(bytes.len(), |n| n.clamp(format::HEADER_SIZE, bytes.len()));
+        snapshot[..len].copy_from_slice(&bytes[..len]);
+        let decoded = format::decode(&snapshot[..len], pool_extent, scratch).map_err(RestoreError::Region)?;
         let mut report = RestoreReport {
             generation: decoded.generation,
             ..RestoreReport::default()
