@@ -276,7 +276,9 @@ fn a_dma_in_flight_across_a_warm_reset_never_lands_at_pa_equal_iova() {
 
 /// `lu-big`: one stage-2 domain of 3 GiB of IOVA in 4 KiB pages (6 MiB of tables in one arena of a region the board
 /// sizes from its RAM: a 32nd of the 4 GiB the machine gets), edu's stream through it, across a warm reset; the
-/// next image restores it with every table walked and DMAs through it again. Virt (nested) and sbsa-ref.
+/// next image restores it with every table walked and DMAs through it again, into the last 2 MiB, the only ones
+/// mapped onto their own window (a walk through any other level-3 table lands elsewhere: mapping them onto the
+/// common window fails the scenario). Virt (nested) and sbsa-ref.
 #[test]
 fn lu_big_on_virt_and_sbsa_ref() {
     for board in [Board::QemuVirt, Board::SbsaRef] {

@@ -881,8 +881,10 @@ const BIG_BYTES: u64 = 3 << 30;
 const BIG_WINDOW: u64 = 2 << 20;
 
 /// `lu-big`: one stage-2 domain of several GiB in 4 KiB pages ([`BIG_BYTES`]: every 2 MiB of IOVA onto the same 2
-/// MiB of DMA memory, 4 KiB off a block boundary so that only pages fit), edu's stream through it, preserved across
-/// a warm reset; the next image restores it with every table walked and edu DMAs through it again.
+/// MiB of DMA memory, 4 KiB off a block boundary so that only pages fit, except the last 2 MiB, onto a window of
+/// its own, so that the DMA there lands right only through the last level-3 table), edu's stream through it,
+/// preserved across a warm reset; the next image restores it with every table walked and edu DMAs through it
+/// again.
 pub fn lu_big(context: &mut Context) -> Result<(), Failure> {
     let (edu, sid) = edu_stream(context)?;
     let mut s = start_lu(context)?;
@@ -891,25 +893,31 @@ pub fn lu_big(context: &mut Context) -> Result<(), Failure> {
     }
     let destination_iova = BIG_BYTES - 2 * 4096;
     let at = |window: u64, iova: u64| window + (iova % BIG_WINDOW);
+    // The PA of `iova`: the last 2 MiB through `last`, the rest through `window`.
+    let pa = |window: u64, last: u64, iova: u64| at(if iova >= BIG_BYTES - BIG_WINDOW { last } else { window }, iova);
     match after_reset() {
         None => {
             let a = arena()?;
             let domain = create(&mut s, DomainKind::Stage2, a)?;
-            // 4 MiB aligned to 2 MiB, used from 4 KiB in: no 2 MiB block fits the output.
-            let buffer = match crate::frames::alloc_dma(2 * BIG_WINDOW as usize, BIG_WINDOW as usize) {
-                Ok(b) => b as u64,
-                Err(e) => fail!("{e}"),
-            };
-            let window = buffer + 4096;
+            // Two windows, each 4 MiB aligned to 2 MiB and used from 4 KiB in: no 2 MiB block fits the output.
+            let mut windows = [0u64; 2];
+            for w in &mut windows {
+                *w = match crate::frames::alloc_dma(2 * BIG_WINDOW as usize, BIG_WINDOW as usize) {
+                    Ok(b) => b as u64 + 4096,
+                    Err(e) => fail!("{e}"),
+                };
+            }
+            let [window, last] = windows;
             let t0 = time::ticks();
             for chunk in 0..BIG_BYTES / BIG_WINDOW {
-                s.map(domain, chunk * BIG_WINDOW, window, BIG_WINDOW, RW)
-                    .or_else(|e| fail!("map of IOVA {:#x}: {e}", chunk * BIG_WINDOW))?;
+                let iova = chunk * BIG_WINDOW;
+                s.map(domain, iova, pa(window, last, iova), BIG_WINDOW, RW)
+                    .or_else(|e| fail!("map of IOVA {iova:#x}: {e}"))?;
             }
             let mapped = time::to_us(time::ticks() - t0);
             s.attach(domain, sid).or_else(|e| fail!("{e}"))?;
-            let destination = at(window, destination_iova);
-            dma(&edu, at(window, IOVA_SOURCE), destination_iova, destination, 0x51)?;
+            let destination = pa(window, last, destination_iova);
+            dma(&edu, pa(window, last, IOVA_SOURCE), destination_iova, destination, 0x51)?;
             let tables = s.domain_table(domain).or_else(|e| fail!("{e}"))?.tables();
             s.preserve(domain, TOKEN).or_else(|e| fail!("{e}"))?;
             let t0 = time::ticks();
@@ -921,18 +929,23 @@ pub fn lu_big(context: &mut Context) -> Result<(), Failure> {
                 BIG_BYTES >> 20,
                 time::to_us(time::ticks() - t0)
             );
-            reset_with(s, note_data(&[window, u64::from(tables)]))
+            reset_with(s, note_data(&[window, last, u64::from(tables)]))
         }
         Some(note) => {
-            let [window, tables, ..] = note.data;
+            let [window, last, tables, ..] = note.data;
             let report = restore(context, &mut s)?;
             if report.domains != 1 {
                 fail!("{} domains restored, 1 preserved", report.domains)
             }
             let domain = s.retrieve(TOKEN).or_else(|e| fail!("retrieve: {e}"))?;
-            for iova in [0, BIG_BYTES / 2 + 0x3000, BIG_BYTES - 4096] {
-                if s.iova_to_phys(domain, iova).ok().flatten() != Some(at(window, iova)) {
-                    fail!("IOVA {iova:#x} no longer maps PA {:#x}", at(window, iova))
+            for iova in [
+                0,
+                BIG_BYTES / 2 + 0x3000,
+                BIG_BYTES - BIG_WINDOW - 4096,
+                BIG_BYTES - 4096,
+            ] {
+                if s.iova_to_phys(domain, iova).ok().flatten() != Some(pa(window, last, iova)) {
+                    fail!("IOVA {iova:#x} no longer maps PA {:#x}", pa(window, last, iova))
                 }
             }
             if s.iova_to_phys(domain, BIG_BYTES).ok().flatten().is_some() {
@@ -942,8 +955,8 @@ pub fn lu_big(context: &mut Context) -> Result<(), Failure> {
             if u64::from(now) != tables {
                 fail!("{now} table(s) after the restore, {tables} before")
             }
-            let destination = at(window, destination_iova);
-            dma(&edu, at(window, IOVA_SOURCE), destination_iova, destination, 0x52)?;
+            let destination = pa(window, last, destination_iova);
+            dma(&edu, pa(window, last, IOVA_SOURCE), destination_iova, destination, 0x52)?;
             finish_all_claimed(context, &mut s)?;
             println!(
                 "  after the reset: {domain} retrieved by {TOKEN:#x}, {now} tables verified and adopted; IOVA {destination_iova:#x} lands at PA {destination:#x} again"
