@@ -44,7 +44,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                 }
             }
             _ => {
-                if state.memory.handover_extent().is_none() {
+                if !state.memory.survives_handover() {
                     return Err(DomainError::NotHandoverMemory(domain));
                 }
             }

@@ -18,7 +18,9 @@ use crate::stream::StreamTableFormat;
 pub struct LiveRecord {
     head: DomainRecord<'static>,
     streams: heapless::Vec<StreamRecord, MAX_ATTACHMENTS>,
-    extent: Option<Extent>,
+    /// The runs of frames its memory holds, read from the memory (which is frozen while a hand-off is prepared,
+    /// and write-locked while the records are built).
+    extents: Entries<'static, Extent>,
 }
 
 impl LiveRecord {
@@ -26,7 +28,7 @@ impl LiveRecord {
     pub fn record(&self) -> DomainRecord<'_> {
         DomainRecord {
             streams: Entries::from_slice(&self.streams),
-            extents: Entries::from_slice(self.extent.as_slice()),
+            extents: self.extents,
             ..self.head
         }
     }
@@ -121,10 +123,14 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             strtab_format,
             strtab_sid_bits,
             strtab_split,
+            // One extent (a window's), from the stream table.
             core_len: self
                 .allocator()
-                .handover_extent()
-                .filter(|e| e.base == self.configuration().stream_table_base)
+                .handover_run(0)
+                .filter(|e| {
+                    e.base == self.configuration().stream_table_base
+                        && self.allocator().handover_run(e.base + e.len).is_none()
+                })
                 .map_or(0, |e| e.len),
         }
     }
@@ -177,7 +183,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                     identity: state.identity,
                 };
                 let mut streams = heapless::Vec::new();
-                let mut own_extent = None;
+                let mut own_extents = Entries::empty();
                 match &state.translation {
                     Translation::Stage1 { table, asid, el2, .. } => {
                         record.kind = if *el2 {
@@ -220,13 +226,10 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                     }
                 }
                 if !is_nested {
-                    let extent = state
-                        .memory
-                        .handover_extent()
-                        .ok_or(RecordError::NotHandoverMemory(id))?;
-                    if extent.len > 0 {
-                        own_extent = Some(extent);
+                    if !state.memory.survives_handover() {
+                        return Err(RecordError::NotHandoverMemory(id));
                     }
+                    own_extents = Entries::from_runs(state.memory);
                 }
                 for &(sid, ssid) in state.attachments.iter() {
                     let owner = book.streams.iter().find(|r| r.sid == sid);
@@ -247,7 +250,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                     .push(LiveRecord {
                         head: record,
                         streams,
-                        extent: own_extent,
+                        extents: own_extents,
                     })
                     .map_err(|_| RecordError::TooMany("preserved domains"))?;
             }

@@ -6,7 +6,7 @@
 
 use super::finish::rearm_without;
 use super::format::{self, HandoverError};
-use super::pool::{HandoverArena, HandoverPool, PoolError};
+use super::pool::{HandoverMemory, HandoverPool, PoolError};
 use super::verify::{Outputs, RestoreOptions, VerifyFailure, verify_instance};
 use super::{Extent, InstanceRecords, MAX_RECORDS, MAX_STREAMS, RecordKind, SmmuIdentity};
 use crate::ctx::{CdTable, CdTableError, CdTableFormat};
@@ -148,7 +148,7 @@ struct Taken {
     /// Streams whose STE the rebuild installed (at most every stream of every record).
     streams: heapless::Vec<u32, { MAX_RECORDS * MAX_STREAMS }>,
     /// Arenas taken back from the pool (at most one per record).
-    arenas: heapless::Vec<&'static HandoverArena, MAX_RECORDS>,
+    arenas: heapless::Vec<&'static HandoverMemory, MAX_RECORDS>,
     /// The tokens of the domains the rebuild put in `restored` (a refusal forgets these, and only these: an
     /// earlier hand-off may have left a parent there for a live nested domain).
     domains: heapless::Vec<u64, MAX_RECORDS>,
@@ -187,7 +187,7 @@ pub fn running_smmu(
     pool: &'static HandoverPool,
     smmu: &Smmu,
     register_base: u64,
-) -> Result<Option<(RunningSmmu, &'static HandoverArena)>, RestoreError> {
+) -> Result<Option<(RunningSmmu, &'static HandoverMemory)>, RestoreError> {
     let found = running_record(pool, smmu, register_base);
     if !matches!(found, Ok(Some(_))) {
         let _ = smmu.disable_aborting();
@@ -199,7 +199,7 @@ fn running_record(
     pool: &'static HandoverPool,
     smmu: &Smmu,
     register_base: u64,
-) -> Result<Option<(RunningSmmu, &'static HandoverArena)>, RestoreError> {
+) -> Result<Option<(RunningSmmu, &'static HandoverMemory)>, RestoreError> {
     let pool_extent = pool.pool().map_err(RestoreError::Pool)?;
     let found = {
         let mut guard = pool.lock_metadata().map_err(RestoreError::Pool)?;
@@ -245,12 +245,12 @@ fn running_record(
         let probed = u64::from(tock_registers::interfaces::Readable::get(&smmu.regs().strtab_base_cfg));
         return Err(mismatch("STRTAB_BASE_CFG", recorded, probed));
     }
-    let arena = pool
-        .adopt(Extent {
-            base: id.strtab_base,
-            len: id.core_len,
-        })
-        .map_err(RestoreError::Pool)?;
+    let core = Extent {
+        base: id.strtab_base,
+        len: id.core_len,
+    };
+    let window = pool.window_bytes().map_err(RestoreError::Pool)?;
+    let arena = pool.adopt_window(core, window).map_err(RestoreError::Pool)?;
     let running = RunningSmmu {
         idr: id.idr,
         iidr: id.iidr,
@@ -609,12 +609,15 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             {
                 return Err(beyond("an ASID another stage-1 record uses too", r.asid.into()));
             }
-            // Each domain's memory is one arena, taken back whole (nested domains own none).
+            // Each domain's memory is taken back frame by frame, exactly what its extents name: frames of the pool
+            // that no memory of this image holds (nested domains own none).
             if r.kind != RecordKind::Nested {
-                match (r.extents.len(), r.extents.first()) {
-                    (1, Some(extent)) if pool.adoptable(extent) => {}
-                    (1, Some(extent)) => return Err(beyond("an extent that is not a free arena's, at", extent.base)),
-                    (n, _) => return Err(beyond("one extent, not", n as u64)),
+                if r.extents.is_empty() {
+                    return Err(beyond("no extent: a table needs at least its root's, extents", 0));
+                }
+                if !pool.adoptable(r.extents.iter()) {
+                    let at = r.extents.first().map_or(0, |e| e.base);
+                    return Err(beyond("extents that are not free frames of the pool, from", at));
                 }
             }
             for s in &r.streams {
@@ -686,8 +689,9 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                             )
                         }
                         (_, Some(shape)) => {
-                            let extent = r.extents.first().unwrap_or_default();
-                            let arena = pool.adopt(extent).map_err(|e| fail(RebuildFailure::Pool(e)))?;
+                            let arena = pool
+                                .adopt(r.extents.iter())
+                                .map_err(|e| fail(RebuildFailure::Pool(e)))?;
                             // Given back only by the refusal's exit, once no stream can reach it.
                             let _ = taken.arenas.push(arena);
                             arena.take_ownership();
