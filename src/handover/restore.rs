@@ -336,6 +336,12 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             }
             Err(e) => {
                 self.contain_refused_restore(book, &taken);
+                // The frames given back that the region still names are named again: no memory takes them
+                // before a restore, or a finish, settles the records.
+                if let Ok(mut guard) = pool.lock_metadata() {
+                    let (bytes, _, scratch) = guard.with_staging();
+                    pool.rename_recorded(bytes, scratch);
+                }
                 Err(e)
             }
         }

@@ -66,6 +66,25 @@ fn a_refused_rebuild_gives_its_arenas_back_only_after_every_stream_aborts_and_cf
         "the SMMU's arena and the domain's stay taken until the last CMD_SYNC: {probed:?}"
     );
     assert_eq!(pool.memories_in_use(), 1, "the domain's arena is back afterwards");
+    // The region still names the domain's frames: given back, they are named again, and no memory takes them.
+    let named: std::vec::Vec<Extent> = {
+        let metadata = pool.lock_metadata().unwrap();
+        let decoded = crate::handover::format::sample::decode(&metadata, pool.pool().unwrap()).unwrap();
+        decoded.instances[0]
+            .records
+            .iter()
+            .flat_map(|r| r.extents.iter().collect::<std::vec::Vec<_>>())
+            .collect()
+    };
+    assert!(!named.is_empty());
+    let other = pool.take_memory().unwrap();
+    while let Ok(block) = other.allocate_zeroed(4096, 4096) {
+        assert!(
+            named.iter().all(|e| !e.contains(block.phys.0, 4096)),
+            "{:#x}",
+            block.phys.0
+        );
+    }
     core::mem::forget(next);
 }
 
