@@ -190,7 +190,7 @@ pub unsafe trait FrameAllocator: Sync {
     }
 
     /// Called when the domain that owned this allocator alone is freed, after everything it allocated went back:
-    /// an arena of the handover pool becomes free for another domain. Nothing (the default) for shared memory.
+    /// a memory of the handover pool becomes free for another domain. Nothing (the default) for shared memory.
     ///
     /// # Safety
     /// Nothing (CPU or SMMU) may access a block this allocator handed out afterwards: an implementation may hand
@@ -198,7 +198,7 @@ pub unsafe trait FrameAllocator: Sync {
     unsafe fn retire(&self) {}
 
     /// Claims this allocator for one owner, a domain or an SMMU's own structures (`Smmu::init`,
-    /// `Smmu::adopt_running`): memory meant for a single owner (a handover arena) answers `false` when it is owned
+    /// `Smmu::adopt_running`): memory meant for a single owner (a handover memory) answers `false` when it is owned
     /// already. Shared memory (the default) always answers `true`.
     fn take_ownership(&self) -> bool {
         true

@@ -57,7 +57,7 @@ impl LiveRecords {
 pub enum RecordError {
     /// More preserved domains, streams or extents than a record holds.
     TooMany(&'static str),
-    /// A preserved domain's memory is not (any longer) a handover arena.
+    /// A preserved domain's memory is not (any longer) a handover memory.
     NotHandoverMemory(DomainId),
     /// A nested domain's parent is not preserved (cannot happen through the API; reported, not assumed).
     ParentNotPreserved(DomainId),
@@ -77,7 +77,7 @@ impl core::fmt::Display for RecordError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             RecordError::TooMany(what) => write!(f, "too many {what} for a handover record"),
-            RecordError::NotHandoverMemory(d) => write!(f, "{d}'s memory is not a handover arena"),
+            RecordError::NotHandoverMemory(d) => write!(f, "{d}'s memory is not a handover memory"),
             RecordError::ParentNotPreserved(d) => write!(f, "{d}'s stage-2 parent is not preserved"),
             RecordError::SubstreamOfAnotherDomain { domain, sid, ssid } => write!(
                 f,
@@ -107,8 +107,8 @@ fn shape<A: FrameAllocator>(table: &IoPageTable<A>) -> TableShape {
 
 impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// This SMMU as a record names it: `register_base` (the physical base the board gave), the ID registers as
-    /// probed, the stream table's geometry, and (when the SMMU's own memory is a handover arena that starts with
-    /// the stream table, for a hand-off with the SMMU running) how much of that arena it uses.
+    /// probed, the stream table's geometry, and (when the SMMU's own memory is a handover memory that starts with
+    /// the stream table, for a hand-off with the SMMU running) how much of that memory it uses.
     pub fn handover_identity(&self, register_base: u64) -> SmmuIdentity {
         let raw = self.features().raw;
         let (strtab_format, strtab_sid_bits, strtab_split) = match self.stream_table_format() {

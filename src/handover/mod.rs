@@ -22,7 +22,7 @@
 //! another reset. Only `prepare_handover` writes records again. A refused restore leaves nothing translating: see
 //! [`crate::Iommu::restore_handover`].
 //!
-//! A hand-off with the SMMU left running (its own structures in a handover arena) is prepared only while every
+//! A hand-off with the SMMU left running (its own structures in a handover memory) is prepared only while every
 //! stream that does not abort translates through a preserved domain (`PrepareError::UnpreservedStream` names the
 //! first that does not), and from then on no stream starts translating or bypassing until it is cancelled.
 //!
@@ -67,7 +67,7 @@ pub struct SmmuIdentity {
     pub strtab_sid_bits: u8,
     /// 2-level split (0 for linear).
     pub strtab_split: u8,
-    /// For a hand-off with the SMMU left running: the bytes, from `strtab_base`, of the handover arena holding
+    /// For a hand-off with the SMMU left running: the bytes, from `strtab_base`, of the handover memory holding
     /// the SMMU's own structures (the stream table first, then its level-2 spans), which the next image adopts
     /// as found. 0 when the stream table is not in the pool (a warm reset re-creates it).
     pub core_len: u64,

@@ -172,7 +172,7 @@ pub enum VerifyFailure {
         /// The one the stream's record names.
         stream: u64,
     },
-    /// A stream's CD table is not where the driver allocates one: at the start of a frame of its domain's arena,
+    /// A stream's CD table is not where the driver allocates one: at the start of a frame of its domain's memory,
     /// aligned to its size (at least [`FRAME`] bytes). Adopted elsewhere, a detach would give its block back
     /// as a frame it does not start.
     CdTableMisplaced {
@@ -789,8 +789,8 @@ fn verify_table(
 }
 
 /// The frames of every CD table `record`'s whole streams name (substreams name their stream's), each checked to be
-/// where the driver allocates a CD table from the domain's arena: at the start of a frame, aligned to its size (a
-/// block of the arena starts a frame aligned as asked), inside the record's extent, and sharing no frame with
+/// where the driver allocates a CD table from the domain's memory: at the start of a frame, aligned to its size (a
+/// block of the memory starts a frame aligned as asked), inside the record's extent, and sharing no frame with
 /// another stream's CD table or with the root table. The page-table walk then keeps every other table off these
 /// frames. Checked in every verification mode: a CD table adopted twice, or not starting its frame, is freed by a
 /// detach as a frame it does not own.
@@ -861,7 +861,7 @@ fn verify_cds(
             });
         }
         let cd = s.cd_table + 64 * u64::from(s.ssid);
-        // SAFETY: as in `verify_table`: the arena holding the CD table is free until the restore adopts it.
+        // SAFETY: as in `verify_table`: the memory holding the CD table is free until the restore adopts it.
         let words =
             unsafe { pool.preserved_words(Extent { base: cd, len: 64 }) }.ok_or(VerifyFailure::CdOutsidePool {
                 sid: s.sid,
@@ -883,7 +883,7 @@ fn verify_cds(
 }
 
 /// Everything a restore examines in `instance`'s preserved memory, record by record: `Err` names the first record
-/// that fails and why. Called after `check_limits` (every record's arena is free, its extent one arena) and before
+/// that fails and why. Called after `check_limits` (every record's memory is free, its extent one memory) and before
 /// anything is rebuilt.
 pub(crate) fn verify_instance(
     features: &Features,
