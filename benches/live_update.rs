@@ -131,7 +131,7 @@ struct Snapshot {
 /// A stage-1 domain in a fresh arena with `pages` 4 KiB pages mapped (the output address is 4 KiB off a 2 MiB
 /// boundary, so no block fits).
 fn stage1_with_pages(smmu: &mut Active, pool: &'static HandoverPool, pages: u64) -> DomainId {
-    let d = smmu.create_stage1(pool.take_arena().unwrap(), STAGE1).unwrap();
+    let d = smmu.create_stage1(pool.take_memory().unwrap(), STAGE1).unwrap();
     smmu.map(d, 0x4000_0000, 0x8_0000_1000, pages << 12, RW).unwrap();
     d
 }
@@ -206,7 +206,7 @@ fn bench_preserve(c: &mut Criterion, smmu: &mut Active, region: &Region) {
     for d in domains {
         smmu.free_domain(d).unwrap();
     }
-    assert_eq!(pool.arenas_in_use(), 0);
+    assert_eq!(pool.memories_in_use(), 0);
 }
 
 /// The first image for one size: the domain mapped, its stream attached, preserved and prepared; the region's
@@ -232,7 +232,7 @@ fn first_image(smmu: Smmu, frames: &'static HeapFrames, region: &mut Region, pag
     active.unpreserve(TOKEN).unwrap();
     active.detach(SID).unwrap();
     active.free_domain(d).unwrap();
-    assert_eq!(pool.arenas_in_use(), 0);
+    assert_eq!(pool.memories_in_use(), 0);
     (
         active.shutdown(false).unwrap(),
         Snapshot {

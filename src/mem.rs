@@ -174,15 +174,23 @@ pub unsafe trait FrameAllocator: Sync {
     /// (page-table walks follow physical addresses found in descriptors). Returns `None` for any other address.
     fn phys_to_virt(&self, phys: PhysAddr) -> Option<NonNull<u8>>;
 
-    /// For memory that survives a live update (an arena of the handover pool): the one extent holding everything
-    /// this allocator has handed out. `None` (the default) for ordinary memory, which a domain to be preserved
-    /// must not use.
-    fn handover_extent(&self) -> Option<Extent> {
+    /// Whether this is memory that survives a live update (memory of the handover pool), which a domain to be
+    /// preserved must use. `false` (the default) for ordinary memory.
+    fn survives_handover(&self) -> bool {
+        false
+    }
+
+    /// For memory that survives a live update: the first run of frames this allocator holds (has handed out, or
+    /// holds for itself) that starts at or after physical address `from`. Runs come in ascending order and never
+    /// touch one another, so `handover_run(0)`, then `handover_run(end of the last)`, and so on, lists them all.
+    /// `None` past the last, and always (the default) for ordinary memory.
+    fn handover_run(&self, from: u64) -> Option<Extent> {
+        let _ = from;
         None
     }
 
     /// Called when the domain that owned this allocator alone is freed, after everything it allocated went back:
-    /// an arena of the handover pool becomes free for another domain. Nothing (the default) for shared memory.
+    /// a memory of the handover pool becomes free for another domain. Nothing (the default) for shared memory.
     ///
     /// # Safety
     /// Nothing (CPU or SMMU) may access a block this allocator handed out afterwards: an implementation may hand
@@ -190,7 +198,7 @@ pub unsafe trait FrameAllocator: Sync {
     unsafe fn retire(&self) {}
 
     /// Claims this allocator for one owner, a domain or an SMMU's own structures (`Smmu::init`,
-    /// `Smmu::adopt_running`): memory meant for a single owner (a handover arena) answers `false` when it is owned
+    /// `Smmu::adopt_running`): memory meant for a single owner (a handover memory) answers `false` when it is owned
     /// already. Shared memory (the default) always answers `true`.
     fn take_ownership(&self) -> bool {
         true
@@ -255,8 +263,12 @@ unsafe impl<T: FrameAllocator + ?Sized> FrameAllocator for &T {
         (**self).phys_to_virt(phys)
     }
 
-    fn handover_extent(&self) -> Option<Extent> {
-        (**self).handover_extent()
+    fn survives_handover(&self) -> bool {
+        (**self).survives_handover()
+    }
+
+    fn handover_run(&self, from: u64) -> Option<Extent> {
+        (**self).handover_run(from)
     }
 
     unsafe fn retire(&self) {

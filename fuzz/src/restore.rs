@@ -32,7 +32,7 @@ use common::{HeapFrames, fake_smmu};
 
 /// The SMMU's register base as the records name it.
 const REGISTER_BASE: u64 = 0x905_0000;
-/// The region: 64 KiB of records and 16 arenas of 256 KiB.
+/// The region: 64 KiB of records and a pool of 4 MiB.
 const REGION_BYTES: usize = METADATA_BYTES as usize + 16 * (256 << 10);
 /// The region's physical base.
 const REGION_PHYS: u64 = 0x80_0000_0000;
@@ -100,7 +100,7 @@ impl World {
         world.set_up_pool();
         let smmu = init(&world).unwrap();
         let base = DMA_MEMORY[0].base;
-        let arena = || pool.take_arena().unwrap();
+        let arena = || pool.take_memory().unwrap();
         let s1 = smmu
             .create_stage1(
                 arena(),

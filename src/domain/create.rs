@@ -20,7 +20,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// [`DomainError::Unsupported`] without stage 1 (or EL2 without IDR0.HYP, or forced stalling),
     /// [`DomainError::Map`] for a bad input size or no memory, [`DomainError::Id`] without a free ASID (or
     /// [`IdError::HandOffUnsettled`](crate::ids::IdError::HandOffUnsettled) on an SMMU adopted running whose hand-off is not restored yet),
-    /// [`DomainError::NoDomainSlot`], [`DomainError::MemoryOwned`] for a handover arena another domain owns.
+    /// [`DomainError::NoDomainSlot`], [`DomainError::MemoryOwned`] for a handover memory another domain owns.
     /// Nothing is allocated then.
     pub fn create_stage1(&self, memory: DomainMemory, options: Stage1Options) -> Result<DomainId, DomainError> {
         let features = *self.features();
@@ -74,14 +74,14 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     }
 
     /// Claims `memory` for a new domain, builds its translation with `build` and records it. When the memory is a
-    /// handover arena another domain owns, nothing is allocated; when `build` fails (having given back what it
+    /// handover memory another domain owns, nothing is allocated; when `build` fails (having given back what it
     /// took), so does the claim.
     pub(super) fn create_claimed(
         &self,
         memory: DomainMemory,
         build: impl FnOnce(&Self) -> Result<Translation, DomainError>,
     ) -> Result<DomainId, DomainError> {
-        // A sealed arena (a preserved domain's or the SMMU's own, while a hand-off is prepared) hands out nothing:
+        // A sealed memory (a preserved domain's or the SMMU's own, while a hand-off is prepared) hands out nothing:
         // refused as such, not as the allocation failure it would become.
         if memory.sealed() {
             return Err(DomainError::MemorySealed);
@@ -365,7 +365,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                 }
                 // Dropping the table returns its frames: nothing can walk it after the invalidation.
                 drop(table);
-                // Memory this domain owned alone (a handover arena) is free for another domain.
+                // Memory this domain owned alone (a handover memory) is free for another domain.
                 // SAFETY: the domain has no attachments (checked above), so its streams' CD tables went back at
                 // detach; its TLB entries are gone and its page table went back just above.
                 unsafe { state.memory.retire() };

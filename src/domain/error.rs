@@ -118,9 +118,9 @@ pub enum DomainError {
     },
     /// No domain is preserved under this token.
     UnknownToken(u64),
-    /// The memory given is a handover arena another domain owns already (one domain per arena).
+    /// The memory given is a handover memory another domain owns already (one domain per memory).
     MemoryOwned,
-    /// The domain's memory would not survive a live update: create it with a handover arena.
+    /// The domain's memory would not survive a live update: create it with a handover memory.
     NotHandoverMemory(DomainId),
     /// A nested domain's stage-2 parent must be preserved first.
     ParentNotPreserved {
@@ -141,7 +141,7 @@ pub enum DomainError {
         /// The token.
         token: u64,
     },
-    /// The memory given is sealed by a prepared hand-off (the SMMU's own arena, or a preserved domain's): it hands
+    /// The memory given is sealed by a prepared hand-off (the SMMU's own memory, or a preserved domain's): it hands
     /// out nothing until `cancel_handover`, or the hand-off.
     MemorySealed,
     /// A hand-off with the SMMU left running is prepared (records of `generation`): the stream configuration is
@@ -258,11 +258,11 @@ impl fmt::Display for DomainError {
             }
             DomainError::UnknownToken(token) => write!(f, "no domain is preserved under token {token:#x}"),
             DomainError::MemoryOwned => {
-                f.write_str("that handover arena belongs to another domain: take one per domain")
+                f.write_str("that handover memory belongs to another domain: take one per domain")
             }
             DomainError::NotHandoverMemory(d) => write!(
                 f,
-                "{d} takes its tables from memory that does not survive a live update: create it with a handover arena"
+                "{d} takes its tables from memory that does not survive a live update: create it with a handover memory"
             ),
             DomainError::ParentNotPreserved { domain, parent } => {
                 write!(f, "{domain}'s stage-2 parent {parent} must be preserved first")

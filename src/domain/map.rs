@@ -128,7 +128,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     }
 
     pub(super) fn unfrozen_state(s: &DomainState) -> Result<(), DomainError> {
-        // The token first: most domains are not preserved, and asking an arena whether it is sealed takes its lock
+        // The token first: most domains are not preserved, and asking a memory whether it is sealed takes its lock
         // (this runs on every map and unmap).
         match s.token {
             Some(token) if s.memory.sealed() => Err(DomainError::HandoverPrepared { token }),

@@ -218,7 +218,7 @@ impl Smmu {
     ///
     /// Memory comes from `allocator`, which the returned handle keeps and owns
     /// ([`FrameAllocator::take_ownership`]): a domain cannot be created on memory for a single owner (a handover
-    /// arena) that holds the SMMU's own structures, since freeing the domain would give that memory back.
+    /// memory) that holds the SMMU's own structures, since freeing the domain would give that memory back.
     ///
     /// # Errors
     /// [`InitError::MemoryOwned`] for an allocator a domain or another SMMU owns (nothing done),
@@ -244,7 +244,7 @@ impl Smmu {
 
     /// Takes over an SMMU that a previous image left translating (SMMUEN = 1), without a moment of bypass or
     /// abort for the streams it serves: translation is never turned off and STRTAB_BASE (which must not be
-    /// rewritten while SMMUEN = 1) is adopted as found, reached through `allocator` (the handover arena the previous
+    /// rewritten while SMMUEN = 1) is adopted as found, reached through `allocator` (the handover memory the previous
     /// image's SMMU took its memory from, which the returned handle then owns, as [`Smmu::init`]'s). Nothing is
     /// adopted unless the SMMU is the one `running` describes (what
     /// the previous image recorded): SMMUEN on, IDR0..5 and IIDR as recorded, STRTAB_BASE and STRTAB_BASE_CFG read

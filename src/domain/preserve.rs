@@ -10,7 +10,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// Preserves `domain` under `token` for a live update: [`Iommu::handover_records`] will record it, and
     /// the next image rebuilds it by this token. The domain stays fully usable (map, unmap, attach, detach); what
     /// is recorded is its state when the handover is prepared. A stage-1 or stage-2 domain must have been created
-    /// with a handover arena as its memory; a nested domain's stage-2 parent must be preserved first (its record
+    /// with a handover memory as its memory; a nested domain's stage-2 parent must be preserved first (its record
     /// names the parent by token).
     ///
     /// # Errors
@@ -44,7 +44,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                 }
             }
             _ => {
-                if state.memory.handover_extent().is_none() {
+                if !state.memory.survives_handover() {
                     return Err(DomainError::NotHandoverMemory(domain));
                 }
             }

@@ -287,7 +287,7 @@ pub(crate) struct StreamRecord {
 pub(crate) struct Prepared {
     /// The records' generation.
     pub(crate) generation: u64,
-    /// The SMMU is left running across it (its own structures are in a handover arena): the stream configuration
+    /// The SMMU is left running across it (its own structures are in a handover memory): the stream configuration
     /// is frozen until it is cancelled.
     pub(crate) running: bool,
 }
@@ -302,7 +302,7 @@ pub(crate) struct Book<const D: usize> {
     pub(crate) streams: heapless::Vec<StreamRecord, MAX_ATTACHED_STREAMS>,
     /// Preserved domains by token: collisions are found in O(1), never by a scan.
     pub(crate) tokens: heapless::index_map::FnvIndexMap<u64, DomainId, MAX_PRESERVED>,
-    /// Domains a restore rebuilt, by token, until retrieved or freed by `finish_handover` (with their arena).
+    /// Domains a restore rebuilt, by token, until retrieved or freed by `finish_handover` (with their memory).
     pub(crate) restored: heapless::index_map::FnvIndexMap<u64, DomainId, MAX_PRESERVED>,
     /// An EL2 stage-1 domain's last detach could not drop its TLB entries (TLBI_EL2_ALL failed): they may still be
     /// cached, and would match any EL2 context, so the next EL2 domain to be attached drops them first.

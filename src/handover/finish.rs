@@ -168,6 +168,8 @@ pub(super) fn rearm_without(pool: &HandoverPool, register_base: u64) -> Result<(
             clean_to_memory(bytes.as_ptr(), 64);
         }
     }
+    // The frames only this SMMU's records named (and nobody adopted) are free again; the others' stay named.
+    pool.rename_recorded(bytes, scratch);
     Ok(())
 }
 

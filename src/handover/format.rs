@@ -502,6 +502,12 @@ const _: () = assert!(MAX_INSTANCES <= 256);
 
 impl super::sealed::Sealed for StreamRecord {
     const SIZE: usize = STREAM_SIZE;
+    fn run(_: &(dyn crate::mem::FrameAllocator + Sync), _: u64) -> Option<Self> {
+        None
+    }
+    fn end(&self) -> u64 {
+        0
+    }
     fn read(bytes: &[u8]) -> Self {
         let Ok((s, _)) = RawStream::read_from_prefix(bytes) else {
             return StreamRecord::default();
@@ -520,6 +526,12 @@ impl super::sealed::Sealed for Extent {
     const SIZE: usize = EXTENT_SIZE;
     fn read(bytes: &[u8]) -> Self {
         RawExtent::read_from_prefix(bytes).map_or(Extent { base: 0, len: 0 }, |(e, _)| e.get())
+    }
+    fn run(memory: &(dyn crate::mem::FrameAllocator + Sync), from: u64) -> Option<Self> {
+        memory.handover_run(from)
+    }
+    fn end(&self) -> u64 {
+        self.base.saturating_add(self.len)
     }
 }
 

@@ -18,7 +18,9 @@ use crate::stream::StreamTableFormat;
 pub struct LiveRecord {
     head: DomainRecord<'static>,
     streams: heapless::Vec<StreamRecord, MAX_ATTACHMENTS>,
-    extent: Option<Extent>,
+    /// The runs of frames its memory holds, read from the memory (which is frozen while a hand-off is prepared,
+    /// and write-locked while the records are built).
+    extents: Entries<'static, Extent>,
 }
 
 impl LiveRecord {
@@ -26,7 +28,7 @@ impl LiveRecord {
     pub fn record(&self) -> DomainRecord<'_> {
         DomainRecord {
             streams: Entries::from_slice(&self.streams),
-            extents: Entries::from_slice(self.extent.as_slice()),
+            extents: self.extents,
             ..self.head
         }
     }
@@ -55,7 +57,7 @@ impl LiveRecords {
 pub enum RecordError {
     /// More preserved domains, streams or extents than a record holds.
     TooMany(&'static str),
-    /// A preserved domain's memory is not (any longer) a handover arena.
+    /// A preserved domain's memory is not (any longer) a handover memory.
     NotHandoverMemory(DomainId),
     /// A nested domain's parent is not preserved (cannot happen through the API; reported, not assumed).
     ParentNotPreserved(DomainId),
@@ -75,7 +77,7 @@ impl core::fmt::Display for RecordError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             RecordError::TooMany(what) => write!(f, "too many {what} for a handover record"),
-            RecordError::NotHandoverMemory(d) => write!(f, "{d}'s memory is not a handover arena"),
+            RecordError::NotHandoverMemory(d) => write!(f, "{d}'s memory is not a handover memory"),
             RecordError::ParentNotPreserved(d) => write!(f, "{d}'s stage-2 parent is not preserved"),
             RecordError::SubstreamOfAnotherDomain { domain, sid, ssid } => write!(
                 f,
@@ -105,8 +107,8 @@ fn shape<A: FrameAllocator>(table: &IoPageTable<A>) -> TableShape {
 
 impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// This SMMU as a record names it: `register_base` (the physical base the board gave), the ID registers as
-    /// probed, the stream table's geometry, and (when the SMMU's own memory is a handover arena that starts with
-    /// the stream table, for a hand-off with the SMMU running) how much of that arena it uses.
+    /// probed, the stream table's geometry, and (when the SMMU's own memory is a handover memory that starts with
+    /// the stream table, for a hand-off with the SMMU running) how much of that memory it uses.
     pub fn handover_identity(&self, register_base: u64) -> SmmuIdentity {
         let raw = self.features().raw;
         let (strtab_format, strtab_sid_bits, strtab_split) = match self.stream_table_format() {
@@ -121,10 +123,14 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             strtab_format,
             strtab_sid_bits,
             strtab_split,
+            // One extent (a window's), from the stream table.
             core_len: self
                 .allocator()
-                .handover_extent()
-                .filter(|e| e.base == self.configuration().stream_table_base)
+                .handover_run(0)
+                .filter(|e| {
+                    e.base == self.configuration().stream_table_base
+                        && self.allocator().handover_run(e.base + e.len).is_none()
+                })
                 .map_or(0, |e| e.len),
         }
     }
@@ -177,7 +183,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                     identity: state.identity,
                 };
                 let mut streams = heapless::Vec::new();
-                let mut own_extent = None;
+                let mut own_extents = Entries::empty();
                 match &state.translation {
                     Translation::Stage1 { table, asid, el2, .. } => {
                         record.kind = if *el2 {
@@ -220,13 +226,10 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                     }
                 }
                 if !is_nested {
-                    let extent = state
-                        .memory
-                        .handover_extent()
-                        .ok_or(RecordError::NotHandoverMemory(id))?;
-                    if extent.len > 0 {
-                        own_extent = Some(extent);
+                    if !state.memory.survives_handover() {
+                        return Err(RecordError::NotHandoverMemory(id));
                     }
+                    own_extents = Entries::from_runs(state.memory);
                 }
                 for &(sid, ssid) in state.attachments.iter() {
                     let owner = book.streams.iter().find(|r| r.sid == sid);
@@ -247,7 +250,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                     .push(LiveRecord {
                         head: record,
                         streams,
-                        extent: own_extent,
+                        extents: own_extents,
                     })
                     .map_err(|_| RecordError::TooMany("preserved domains"))?;
             }

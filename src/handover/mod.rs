@@ -22,7 +22,7 @@
 //! another reset. Only `prepare_handover` writes records again. A refused restore leaves nothing translating: see
 //! [`crate::Iommu::restore_handover`].
 //!
-//! A hand-off with the SMMU left running (its own structures in a handover arena) is prepared only while every
+//! A hand-off with the SMMU left running (its own structures in a handover memory) is prepared only while every
 //! stream that does not abort translates through a preserved domain (`PrepareError::UnpreservedStream` names the
 //! first that does not), and from then on no stream starts translating or bypassing until it is cancelled.
 //!
@@ -67,7 +67,7 @@ pub struct SmmuIdentity {
     pub strtab_sid_bits: u8,
     /// 2-level split (0 for linear).
     pub strtab_split: u8,
-    /// For a hand-off with the SMMU left running: the bytes, from `strtab_base`, of the handover arena holding
+    /// For a hand-off with the SMMU left running: the bytes, from `strtab_base`, of the handover memory holding
     /// the SMMU's own structures (the stream table first, then its level-2 spans), which the next image adopts
     /// as found. 0 when the stream table is not in the pool (a warm reset re-creates it).
     pub core_len: u64,
@@ -187,6 +187,11 @@ enum EntriesRepr<'a, T: 'static> {
         len: usize,
     },
     Slice(&'a [T]),
+    /// The `len` runs of frames a handover memory holds (extents only), read from it as they are iterated.
+    Runs {
+        memory: &'a (dyn crate::mem::FrameAllocator + Sync),
+        len: usize,
+    },
 }
 
 /// What a record's list holds, with how the region encodes it (see [`format`]).
@@ -195,9 +200,13 @@ impl Entry for StreamRecord {}
 impl Entry for Extent {}
 
 mod sealed {
-    pub trait Sealed {
+    pub trait Sealed: Sized {
         const SIZE: usize;
         fn read(bytes: &[u8]) -> Self;
+        /// The first run at or after `from` of a handover memory (extents only; `None` for anything else).
+        fn run(memory: &(dyn crate::mem::FrameAllocator + Sync), from: u64) -> Option<Self>;
+        /// Where a run ends (extents only).
+        fn end(&self) -> u64;
     }
 }
 
@@ -216,6 +225,20 @@ impl<'a, T: Entry> Entries<'a, T> {
         }
     }
 
+    /// The runs of frames `memory` holds (a live domain's handover memory), counted now and read as they are
+    /// iterated: the memory must not change while the entries are used.
+    pub(crate) fn from_runs(memory: &'a (dyn crate::mem::FrameAllocator + Sync)) -> Self {
+        let mut len = 0;
+        let mut from = 0;
+        while let Some(run) = T::run(memory, from) {
+            len += 1;
+            from = run.end();
+        }
+        Entries {
+            repr: EntriesRepr::Runs { memory, len },
+        }
+    }
+
     /// `len` entries encoded back to back in `bytes` (already validated).
     pub(crate) fn from_bytes(bytes: &'a [u8], len: usize) -> Self {
         Entries {
@@ -226,7 +249,7 @@ impl<'a, T: Entry> Entries<'a, T> {
     /// How many there are.
     pub fn len(&self) -> usize {
         match self.repr {
-            EntriesRepr::Bytes { len, .. } => len,
+            EntriesRepr::Bytes { len, .. } | EntriesRepr::Runs { len, .. } => len,
             EntriesRepr::Slice(s) => s.len(),
         }
     }
@@ -244,6 +267,7 @@ impl<'a, T: Entry> Entries<'a, T> {
             }
             EntriesRepr::Bytes { .. } => None,
             EntriesRepr::Slice(s) => s.get(index).copied(),
+            EntriesRepr::Runs { .. } => self.iter().nth(index),
         }
     }
 
@@ -257,6 +281,7 @@ impl<'a, T: Entry> Entries<'a, T> {
         EntriesIter {
             entries: *self,
             index: 0,
+            from: 0,
         }
     }
 }
@@ -274,12 +299,22 @@ impl<'a, T: Entry> IntoIterator for &Entries<'a, T> {
 pub struct EntriesIter<'a, T: 'static> {
     entries: Entries<'a, T>,
     index: usize,
+    /// Where the next run is looked for (runs only).
+    from: u64,
 }
 
 impl<T: Entry> Iterator for EntriesIter<'_, T> {
     type Item = T;
     fn next(&mut self) -> Option<T> {
-        let entry = self.entries.get(self.index)?;
+        let entry = match self.entries.repr {
+            EntriesRepr::Runs { memory, len } if self.index < len => {
+                let run = T::run(memory, self.from)?;
+                self.from = run.end();
+                run
+            }
+            EntriesRepr::Runs { .. } => return None,
+            _ => self.entries.get(self.index)?,
+        };
         self.index += 1;
         Some(entry)
     }

@@ -3,45 +3,74 @@
 //! next image adopts them in place.
 //!
 //! The region is split once: its first [`METADATA_BYTES`] hold the records ([`super::format`]); the rest is the
-//! pool, cut into [`ARENAS`] equal arenas. A domain meant to be preserved is created with an arena as its
-//! [`crate::domain::DomainMemory`]; the arena hands out frames front to back (reusing freed single frames), so the
-//! memory a domain owns is one extent: the arena's base up to what it has used. That extent goes into the domain's
-//! record; after the hand-off the next image gives the arena back the same extent ([`HandoverPool::adopt`]) before
-//! it adopts the tables inside it, and so never hands that memory out again until `finish` releases it.
+//! pool, handed out by the frame. Each page of the pool has an owner, kept in an owner map (two bytes a page)
+//! that lives in the pool itself, placed where the records found at set-up name nothing: free, one of the pool's
+//! [`MAX_MEMORIES`] memories ([`HandoverMemory`]), held by a window, named by the region (waiting for a restore to
+//! adopt it), or the map's own.
+//!
+//! A domain meant to be preserved is created with a memory from [`HandoverPool::take_memory`]: it takes frames
+//! from anywhere in the pool as the domain grows (next fit, so a domain built at once lies in few runs) and gives
+//! them back as it frees them, so no domain is capped but by the pool. Its record lists the runs of frames it
+//! holds ([`FrameAllocator::handover_run`]); after the hand-off the next image adopts exactly those frames
+//! ([`HandoverPool::adopt`]) before it adopts the tables inside them, and hands none of them out again until the
+//! domain is freed. An SMMU's own structures, which a hand-off with the SMMU running records as one extent from
+//! its stream table (`core_len`), come from a window ([`HandoverPool::take_window`]): a contiguous run of frames
+//! set aside at once, handed out from its start.
 
 use core::ptr::NonNull;
+use core::sync::atomic::{AtomicPtr, AtomicU16, Ordering};
 
-use spin::Mutex;
+use spin::{Mutex, RwLock};
 
 use super::Extent;
 use crate::mem::{AllocError, DmaBlock, FrameAllocator, PhysAddr};
 
 /// Bytes at the start of the region for the header and records.
 pub const METADATA_BYTES: u64 = 64 << 10;
-/// Arenas the pool is cut into (at most this many preserved domains own memory).
-pub const ARENAS: usize = 16;
-const _: () = assert!(ARENAS <= 32, "take_arena keeps a bit per arena in a u32");
-/// Freed single frames an arena remembers for reuse (more are left unused until the arena is released).
-pub const ARENA_FREE_FRAMES: usize = 256;
-/// The unit an arena hands out: every block starts a frame (aligned to its size, at least a frame) and takes whole
+/// Memories a pool can hand out at once (preserved domains, and SMMUs' own windows): one owner number each.
+pub const MAX_MEMORIES: usize = 4096 + 64;
+/// The unit the pool hands out: every block starts a frame (aligned to its size, at least a frame) and takes whole
 /// frames.
 pub const FRAME: u64 = 4096;
+/// The pool's length is a multiple of this many frames: version 2 cut the pool into 16 equal arenas, and keeping
+/// the same extent lets a region that version wrote name the same pool.
+const POOL_GRAIN: u64 = 16 * FRAME;
+
+/// Owner of a free page.
+const FREE: u16 = 0;
+/// Owner of a page the region names (a record's extent, or a running SMMU's structures), which no memory holds
+/// yet: only [`HandoverPool::adopt`] and [`HandoverPool::adopt_window`] take it.
+const NAMED: u16 = u16::MAX - 2;
+/// Owner of a page a window sets aside but has not handed out.
+const HELD: u16 = u16::MAX - 1;
+/// Owner of the owner map's own pages.
+const MAP: u16 = u16::MAX;
+const _: () = assert!(MAX_MEMORIES < NAMED as usize);
 
 /// Why the pool cannot be set up or used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PoolError {
-    /// The region is too small (or misaligned, physically or at its CPU address) for the metadata and [`ARENAS`] arenas of at least a frame each.
+    /// The region is too small (or misaligned, physically or at its CPU address) for the metadata, the owner map
+    /// and a frame.
     RegionTooSmall(Extent),
     /// The pool was set up already.
     AlreadySetUp,
     /// The pool is not set up.
     NotSetUp,
-    /// Every arena is taken.
-    NoFreeArena,
-    /// An extent to adopt is not the start of an arena, or runs past it.
-    NotAnArena(Extent),
-    /// The arena of an extent to adopt is in use.
-    ArenaInUse(Extent),
+    /// Every one of the [`MAX_MEMORIES`] memories is in use.
+    NoFreeMemory,
+    /// No run of free frames is long enough (`bytes` asked for a window).
+    OutOfFrames {
+        /// Bytes asked for.
+        bytes: u64,
+    },
+    /// An extent to adopt is not frame-aligned, lies outside the pool, or does not come after the one before it
+    /// (the extents of one memory are adopted in ascending order, none overlapping).
+    BadExtent(Extent),
+    /// A frame of an extent to adopt is held already (by a memory, a window, or the owner map).
+    InUse(Extent),
+    /// The records found at set-up leave no room in the pool for its owner map.
+    NoRoomForMap,
 }
 
 impl core::fmt::Display for PoolError {
@@ -49,14 +78,24 @@ impl core::fmt::Display for PoolError {
         match self {
             PoolError::RegionTooSmall(e) => write!(
                 f,
-                "handover region {:#x}+{:#x} is too small or misaligned for its records and {ARENAS} arenas",
+                "handover region {:#x}+{:#x} is too small or misaligned for its records, its owner map and a frame",
                 e.base, e.len
             ),
             PoolError::AlreadySetUp => f.write_str("the handover pool is set up already"),
             PoolError::NotSetUp => f.write_str("the handover pool is not set up"),
-            PoolError::NoFreeArena => write!(f, "all {ARENAS} handover arenas are in use"),
-            PoolError::NotAnArena(e) => write!(f, "extent {:#x}+{:#x} is not an arena's", e.base, e.len),
-            PoolError::ArenaInUse(e) => write!(f, "the arena of extent {:#x}+{:#x} is in use", e.base, e.len),
+            PoolError::NoFreeMemory => write!(f, "all {MAX_MEMORIES} handover memories are in use"),
+            PoolError::OutOfFrames { bytes } => {
+                write!(f, "the handover pool has no run of free frames for {bytes:#x} bytes")
+            }
+            PoolError::BadExtent(e) => write!(
+                f,
+                "extent {:#x}+{:#x} is not frame-aligned, not inside the pool, or out of order",
+                e.base, e.len
+            ),
+            PoolError::InUse(e) => write!(f, "a frame of extent {:#x}+{:#x} is in use", e.base, e.len),
+            PoolError::NoRoomForMap => {
+                f.write_str("the handover region's records leave no room in the pool for its owner map")
+            }
         }
     }
 }
@@ -67,56 +106,157 @@ struct Layout {
     region: Extent,
     /// CPU address of the region's first byte.
     virt: usize,
-    /// Bytes per arena.
-    arena_bytes: u64,
+    /// The pool (physical): the region after the metadata, a multiple of [`POOL_GRAIN`] long.
+    pool: Extent,
+    /// Frames in the pool.
+    pages: usize,
+    /// The owner map: its first page (counted from the pool's base) and how many pages it takes.
+    map_first: usize,
+    map_pages: usize,
 }
 
 impl Layout {
-    fn pool(&self) -> Extent {
-        Extent {
-            base: self.region.base + METADATA_BYTES,
-            len: self.arena_bytes * ARENAS as u64,
-        }
-    }
-
-    fn arena_base(&self, index: usize) -> u64 {
-        self.pool().base + self.arena_bytes * index as u64
-    }
-
     fn virt_of(&self, phys: u64) -> usize {
         self.virt + (phys - self.region.base) as usize
     }
+
+    fn phys_of(&self, page: usize) -> u64 {
+        self.pool.base + page as u64 * FRAME
+    }
+
+    /// The pool page holding `phys`, or `None` outside the pool.
+    fn page_of(&self, phys: u64) -> Option<usize> {
+        (phys >= self.pool.base && phys - self.pool.base < self.pool.len)
+            .then(|| ((phys - self.pool.base) / FRAME) as usize)
+    }
+
+    /// The pages of a frame-aligned `extent` inside the pool, or `None`.
+    fn pages_of(&self, extent: Extent) -> Option<core::ops::Range<usize>> {
+        if extent.len == 0
+            || !extent.base.is_multiple_of(FRAME)
+            || !extent.len.is_multiple_of(FRAME)
+            || !self.pool.contains(extent.base, extent.len)
+        {
+            return None;
+        }
+        let first = self.page_of(extent.base)?;
+        Some(first..first + (extent.len / FRAME) as usize)
+    }
+
+    /// The owner map: one owner per pool page.
+    fn owners<'a>(&self) -> &'a [AtomicU16] {
+        // SAFETY: `set_up` placed `pages` owners at `map_first` inside the region (which its contract maps at
+        // `virt` for the pool alone, 8-byte aligned, for the program's life), zeroed them, and never hands those
+        // pages out; `AtomicU16` has the layout of `u16`, and every access goes through it.
+        unsafe {
+            core::slice::from_raw_parts(
+                self.virt_of(self.phys_of(self.map_first)) as *const AtomicU16,
+                self.pages,
+            )
+        }
+    }
 }
 
-struct ArenaState {
+/// The first `count` pages from `from` (below `to`), starting at a physical frame number that is a multiple of
+/// `align` frames, whose owners are all `want`.
+fn find_run(
+    l: &Layout,
+    owners: &[AtomicU16],
+    range: core::ops::Range<usize>,
+    count: usize,
+    align: usize,
+    want: u16,
+) -> Option<usize> {
+    let pfn0 = (l.pool.base / FRAME) as usize;
+    let aligned = |page: usize| (pfn0 + page).next_multiple_of(align) - pfn0;
+    let mut start = aligned(range.start);
+    while start + count <= range.end {
+        match (start..start + count)
+            .rev()
+            .find(|&p| owners[p].load(Ordering::Relaxed) != want)
+        {
+            None => return Some(start),
+            Some(taken) => start = aligned(taken + 1),
+        }
+    }
+    None
+}
+
+/// What a memory is, and what it holds (pages counted from the pool's base: a pool holds fewer than 2^32).
+#[derive(Clone, Copy, Debug)]
+struct MemoryState {
     in_use: bool,
-    /// A domain owns it (one domain per arena).
+    /// A domain (or an SMMU) owns it: one owner per memory.
     owned: bool,
-    /// Nothing may be handed out until the hand-off (the records were written).
+    /// Nothing may be handed out, nor given back to the pool, until the hand-off (the records were written).
     sealed: bool,
-    /// Bytes handed out front to back from the arena's base.
-    used: u64,
-    free: heapless::Vec<u64, ARENA_FREE_FRAMES>,
+    /// A window of `window_pages` pages from `lo` (it hands out only those); 0: frames from anywhere.
+    window_pages: u32,
+    /// The pages this memory holds lie in `[lo, hi)` (not shrunk as it frees; for a window, `hi` is the end of
+    /// the last page it handed out).
+    lo: u32,
+    hi: u32,
+    /// Pages it holds now.
+    pages: u32,
 }
 
-/// One arena: a domain's memory.
-pub struct HandoverArena {
-    index: usize,
-    layout: Mutex<Option<Layout>>,
-    state: Mutex<ArenaState>,
+const UNUSED: MemoryState = MemoryState {
+    in_use: false,
+    owned: false,
+    sealed: false,
+    window_pages: 0,
+    lo: u32::MAX,
+    hi: 0,
+    pages: 0,
+};
+
+impl MemoryState {
+    fn hold(&mut self, pages: core::ops::Range<usize>) {
+        self.lo = self.lo.min(pages.start as u32);
+        self.hi = self.hi.max(pages.end as u32);
+        self.pages += pages.len() as u32;
+    }
+
+    /// The window's pages, for a window.
+    fn window(&self) -> Option<core::ops::Range<usize>> {
+        (self.window_pages != 0).then(|| self.lo as usize..(self.lo + self.window_pages) as usize)
+    }
+
+    /// The pages it may hold: its window's, or `[lo, hi)`.
+    fn span(&self) -> core::ops::Range<usize> {
+        self.window().unwrap_or(self.lo as usize..self.hi as usize)
+    }
+}
+
+/// One memory of the pool: a preserved domain's (frames from anywhere), or an SMMU's own (a window). Hand it to a
+/// domain ([`crate::domain::DomainMemory`]) or to `Smmu::init`.
+pub struct HandoverMemory {
+    /// The pool it belongs to (set when taken).
+    pool: AtomicPtr<HandoverPool>,
+    state: Mutex<MemoryState>,
+}
+
+impl HandoverMemory {
+    const fn new() -> Self {
+        HandoverMemory {
+            pool: AtomicPtr::new(core::ptr::null_mut()),
+            state: Mutex::new(UNUSED),
+        }
+    }
 }
 
 /// The handover region's pool. Lives in a `static`; set up once per boot with [`HandoverPool::set_up`].
 pub struct HandoverPool {
-    layout: Mutex<Option<Layout>>,
-    /// Held while the driver reads or writes the metadata area ([`HandoverPool::lock_metadata`]), so that two
-    /// SMMUs sharing the pool (on two CPUs) never touch the records at once.
+    layout: RwLock<Option<Layout>>,
+    /// The next-fit cursor (a pool page), under the lock every change to the owner map takes.
+    cursor: Mutex<usize>,
     /// The metadata lock, and the staging buffer a region is rewritten through under it (the new region is
-    /// encoded there from views of the old one, then copied over it).
+    /// encoded there from views of the old one, then copied over it). Held while the driver reads or writes the
+    /// metadata area ([`HandoverPool::lock_metadata`]), so that two SMMUs sharing the pool (on two CPUs) never
+    /// touch the records at once.
     metadata_lock: Mutex<Staging>,
-    arenas: [HandoverArena; ARENAS],
+    memories: [HandoverMemory; MAX_MEMORIES],
 }
-
 /// What a region is rewritten and decoded through, under the metadata lock: a region's worth of bytes, and the
 /// scratch [`super::format::decode`] sorts in.
 #[repr(C, align(8))]
@@ -182,58 +322,31 @@ impl Default for HandoverPool {
 impl HandoverPool {
     /// An empty, not yet set up pool (usable in a `static`).
     pub const fn new() -> Self {
-        const fn arena(index: usize) -> HandoverArena {
-            HandoverArena {
-                index,
-                layout: Mutex::new(None),
-                state: Mutex::new(ArenaState {
-                    in_use: false,
-                    owned: false,
-                    sealed: false,
-                    used: 0,
-                    free: heapless::Vec::new(),
-                }),
-            }
-        }
         HandoverPool {
-            layout: Mutex::new(None),
+            layout: RwLock::new(None),
+            cursor: Mutex::new(0),
             metadata_lock: Mutex::new(Staging {
                 buffer: [0; METADATA_BYTES as usize],
                 scratch: [0; SCRATCH_WORDS],
             }),
-            arenas: [
-                arena(0),
-                arena(1),
-                arena(2),
-                arena(3),
-                arena(4),
-                arena(5),
-                arena(6),
-                arena(7),
-                arena(8),
-                arena(9),
-                arena(10),
-                arena(11),
-                arena(12),
-                arena(13),
-                arena(14),
-                arena(15),
-            ],
+            memories: [const { HandoverMemory::new() }; MAX_MEMORIES],
         }
     }
 
     /// Sets the pool up over the reserved region `region` (physical, 4 KiB aligned), which the CPU reaches at
-    /// `virt`. Every arena starts free and empty; an image that restores then [`HandoverPool::adopt`]s the extents
-    /// its records name.
+    /// `virt`. Every frame starts free but for the owner map's and those the region's records name (a previous
+    /// image's preserved domains and running SMMUs, which wait for a restore to adopt them, or for
+    /// `finish_handover` to let them go); the owner map goes where no record points.
     ///
     /// # Errors
-    /// [`PoolError::RegionTooSmall`] (also for a `virt` that is not 8-byte aligned), [`PoolError::AlreadySetUp`].
+    /// [`PoolError::RegionTooSmall`] (also for a `virt` that is not 8-byte aligned), [`PoolError::AlreadySetUp`],
+    /// [`PoolError::NoRoomForMap`].
     ///
     /// # Safety
     /// The region must be RAM reserved for this purpose (never handed to any other allocator), mapped at `virt`
     /// as normal memory for the life of the program, and used by nothing else.
     pub unsafe fn set_up(&self, region: Extent, virt: NonNull<u8>) -> Result<(), PoolError> {
-        let mut layout = self.layout.lock();
+        let mut layout = self.layout.write();
         if layout.is_some() {
             return Err(PoolError::AlreadySetUp);
         }
@@ -241,24 +354,44 @@ impl HandoverPool {
         // 8-byte aligned.
         let aligned =
             region.base.is_multiple_of(FRAME) && (virt.as_ptr() as usize).is_multiple_of(8) && region.end().is_some();
-        let arena_bytes = (region.len.saturating_sub(METADATA_BYTES) / ARENAS as u64) & !(FRAME - 1);
-        if !aligned || arena_bytes < FRAME {
+        let pool_len = region.len.saturating_sub(METADATA_BYTES) / POOL_GRAIN * POOL_GRAIN;
+        let pages = (pool_len / FRAME) as usize;
+        let map_pages = (pages * 2).div_ceil(FRAME as usize);
+        if !aligned || pages <= map_pages || pages >= u32::MAX as usize {
             return Err(PoolError::RegionTooSmall(region));
         }
-        let l = Layout {
+        let mut l = Layout {
             region,
             virt: virt.as_ptr() as usize,
-            arena_bytes,
+            pool: Extent {
+                base: region.base + METADATA_BYTES,
+                len: pool_len,
+            },
+            pages,
+            map_first: 0,
+            map_pages,
         };
-        *layout = Some(l);
-        for arena in &self.arenas {
-            *arena.layout.lock() = Some(l);
+        let mut staging = self.metadata_lock.lock();
+        let Staging { buffer: _, scratch } = &mut *staging;
+        // SAFETY: the contract maps the region at `virt`; nothing else uses it, and `set_up` runs before any
+        // other user of the metadata area (the layout is not published yet).
+        let metadata = unsafe { core::slice::from_raw_parts(virt.as_ptr(), METADATA_BYTES as usize) };
+        l.map_first = place_map(&l, metadata, scratch).ok_or(PoolError::NoRoomForMap)?;
+        let map = l.phys_of(l.map_first);
+        // SAFETY: inside the pool (place_map keeps it there), mapped by the contract; nothing else uses it.
+        unsafe { (l.virt_of(map) as *mut u8).write_bytes(0, l.map_pages * FRAME as usize) };
+        let owners = l.owners();
+        for owner in &owners[l.map_first..l.map_first + l.map_pages] {
+            owner.store(MAP, Ordering::Relaxed);
         }
+        name_recorded(&l, metadata, scratch);
+        *self.cursor.lock() = 0;
+        *layout = Some(l);
         Ok(())
     }
 
     fn layout(&self) -> Result<Layout, PoolError> {
-        self.layout.lock().ok_or(PoolError::NotSetUp)
+        (*self.layout.read()).ok_or(PoolError::NotSetUp)
     }
 
     /// The region (physical).
@@ -281,12 +414,24 @@ impl HandoverPool {
         })
     }
 
-    /// The pool's extent: the region less its metadata.
+    /// The pool's extent: the region less its metadata (a multiple of 64 KiB long; the owner map is inside).
     ///
     /// # Errors
     /// [`PoolError::NotSetUp`].
     pub fn pool(&self) -> Result<Extent, PoolError> {
-        Ok(self.layout()?.pool())
+        Ok(self.layout()?.pool)
+    }
+
+    /// The owner map's extent (inside the pool; never handed out).
+    ///
+    /// # Errors
+    /// [`PoolError::NotSetUp`].
+    pub fn owner_map(&self) -> Result<Extent, PoolError> {
+        let l = self.layout()?;
+        Ok(Extent {
+            base: l.phys_of(l.map_first),
+            len: l.map_pages as u64 * FRAME,
+        })
     }
 
     /// The metadata area (the region's first [`METADATA_BYTES`]), locked: other callers of this method (another
@@ -332,273 +477,512 @@ impl HandoverPool {
     /// pool.
     ///
     /// # Safety
-    /// Nothing may write `extent` while the returned slice lives: no arena in use may hand out any of it (a
-    /// record's arena is free until the restore adopts it; the SMMU only reads it).
+    /// Nothing may write `extent` while the returned slice lives: no memory in use may hold any of it (a
+    /// record's frames are free, or named, until the restore adopts them; the SMMU only reads them).
     pub(crate) unsafe fn preserved_words(&self, extent: Extent) -> Option<&[u64]> {
         let l = self.layout().ok()?;
-        if !l.pool().contains(extent.base, extent.len) || !extent.base.is_multiple_of(8) {
-            return None;
-        }
-        let words = usize::try_from(extent.len / 8).ok()?;
-        // SAFETY: inside the region, which `set_up`'s contract maps at `virt` (8-byte aligned) for the program's
-        // life; the caller guarantees that nothing writes it meanwhile.
-        Some(unsafe { core::slice::from_raw_parts(l.virt_of(extent.base) as *const u64, words) })
+        // SAFETY: the caller's guarantee, passed on.
+        unsafe { preserved_words(&l, extent) }
     }
 
-    /// Takes a free arena, empty, for a domain meant to be preserved. An arena that the region still names is not
-    /// free, even before any restore has adopted it: one that a record's extent overlaps, or that holds an SMMU's
-    /// own structures for a hand-off with that SMMU left running. After a hand-off another SMMU's preserved
-    /// domains (or its live stream table) may wait in the region for its own restore (or `finish_handover`), and
-    /// must be there, untouched, when it comes. A region that does not decode names nothing (its restore is
-    /// refused and adopts nothing): restore, or stop, every SMMU left running before taking arenas. Takes the
-    /// metadata lock: never call it while holding a [`MetadataGuard`].
+    /// A view for reading many preserved extents (as [`HandoverPool::preserved_words`]) without the layout's lock
+    /// each time.
+    pub(crate) fn preserved_view(&self) -> Option<PreservedView> {
+        Some(PreservedView(self.layout().ok()?))
+    }
+
+    /// Takes a free memory, empty, for a domain meant to be preserved: it takes frames from the whole pool as the
+    /// domain grows (never a frame the region names, nor one another memory holds).
     ///
     /// # Errors
-    /// [`PoolError::NotSetUp`], [`PoolError::NoFreeArena`].
-    pub fn take_arena(&'static self) -> Result<&'static HandoverArena, PoolError> {
+    /// [`PoolError::NotSetUp`], [`PoolError::NoFreeMemory`].
+    pub fn take_memory(&'static self) -> Result<&'static HandoverMemory, PoolError> {
+        self.layout()?;
+        self.claim(|_, _| Ok(()))
+    }
+
+    /// Takes a window of `bytes` (rounded up to frames): a contiguous run of frames set aside at once and handed
+    /// out from its start, for an SMMU's own structures (a hand-off with the SMMU running records them as one
+    /// extent from the stream table). [`HandoverPool::window_bytes`] is a size that suits most SMMUs.
+    ///
+    /// # Errors
+    /// [`PoolError::NotSetUp`], [`PoolError::NoFreeMemory`], [`PoolError::OutOfFrames`].
+    pub fn take_window(&'static self, bytes: u64) -> Result<&'static HandoverMemory, PoolError> {
         let l = self.layout()?;
-        let named = self.named_arenas(&l)?;
-        for (index, arena) in self.arenas.iter().enumerate() {
-            if named & (1 << index) != 0 {
+        let count = bytes.div_ceil(FRAME).max(1) as usize;
+        self.claim(|s, _| {
+            let owners = l.owners();
+            let mut cursor = self.cursor.lock();
+            let first = find_run(&l, owners, *cursor..l.pages, count, 1, FREE)
+                .or_else(|| find_run(&l, owners, 0..l.pages, count, 1, FREE))
+                .ok_or(PoolError::OutOfFrames { bytes })?;
+            for owner in &owners[first..first + count] {
+                owner.store(HELD, Ordering::Relaxed);
+            }
+            *cursor = first + count;
+            s.window_pages = count as u32;
+            s.lo = first as u32;
+            s.hi = first as u32;
+            Ok(())
+        })
+    }
+
+    /// A window size for an SMMU's own structures: a sixteenth of the pool (what version 2 gave each arena), and
+    /// how far a window adopted from a running SMMU may grow.
+    ///
+    /// # Errors
+    /// [`PoolError::NotSetUp`].
+    pub fn window_bytes(&self) -> Result<u64, PoolError> {
+        Ok(self.layout()?.pool.len / 16)
+    }
+
+    /// Takes a memory that holds exactly the frames of `extents` (after a hand-off: a record's runs, in ascending
+    /// order), so that none of them is handed out again while the adopted domain lives.
+    ///
+    /// # Errors
+    /// [`PoolError::BadExtent`] for an extent that is empty, not frame-aligned, outside the pool or not after
+    /// the one before; [`PoolError::InUse`] for a frame a memory, a window or the owner map holds;
+    /// [`PoolError::NoFreeMemory`], [`PoolError::NotSetUp`]. Nothing is taken then.
+    pub fn adopt(
+        &'static self,
+        extents: impl Iterator<Item = Extent> + Clone,
+    ) -> Result<&'static HandoverMemory, PoolError> {
+        let l = self.layout()?;
+        self.claim(|s, id| {
+            let owners = l.owners();
+            let _cursor = self.cursor.lock();
+            check_adoptable(&l, extents.clone())?;
+            for e in extents {
+                let pages = l.pages_of(e).unwrap_or(0..0);
+                for owner in &owners[pages.clone()] {
+                    owner.store(id, Ordering::Relaxed);
+                }
+                s.hold(pages);
+            }
+            Ok(())
+        })
+    }
+
+    /// Takes a window holding `extent` (a running SMMU's structures, recorded from its stream table): its frames
+    /// as handed out, and as many free frames after it as keep the window within `bytes` (so the SMMU's structures
+    /// can grow there, as they could in the previous image).
+    ///
+    /// # Errors
+    /// As [`HandoverPool::adopt`].
+    pub fn adopt_window(&'static self, extent: Extent, bytes: u64) -> Result<&'static HandoverMemory, PoolError> {
+        let l = self.layout()?;
+        let memory = self.adopt(core::iter::once(extent))?;
+        let owners = l.owners();
+        let mut s = memory.state.lock();
+        let _cursor = self.cursor.lock();
+        let first = s.lo as usize;
+        let mut end = s.hi as usize;
+        let limit = (first + bytes.div_ceil(FRAME) as usize).min(l.pages);
+        while end < limit && owners[end].load(Ordering::Relaxed) == FREE {
+            owners[end].store(HELD, Ordering::Relaxed);
+            end += 1;
+        }
+        s.window_pages = (end - first) as u32;
+        Ok(memory)
+    }
+
+    /// Whether [`HandoverPool::adopt`] would take `extents` now.
+    pub fn adoptable(&self, extents: impl Iterator<Item = Extent>) -> bool {
+        let Ok(l) = self.layout() else { return false };
+        let _cursor = self.cursor.lock();
+        check_adoptable(&l, extents).is_ok()
+    }
+
+    /// Marks the frames the region at `metadata` names (its records' extents, its running SMMUs' structures) that
+    /// no memory holds, and only those, as named: after the records changed (a finish removed some), the frames
+    /// they no longer name are free again.
+    pub(crate) fn rename_recorded(&self, metadata: &[u8], scratch: &mut [u64]) {
+        let Ok(l) = self.layout() else { return };
+        let owners = l.owners();
+        let _cursor = self.cursor.lock();
+        for owner in owners {
+            if owner.load(Ordering::Relaxed) == NAMED {
+                owner.store(FREE, Ordering::Relaxed);
+            }
+        }
+        name_recorded(&l, metadata, scratch);
+    }
+
+    /// Finds a memory not in use, marks it in use and empty, and runs `set` on its state and owner number (with
+    /// the memory's lock held); on an error from `set` the memory is not in use again.
+    fn claim(
+        &'static self,
+        set: impl FnOnce(&mut MemoryState, u16) -> Result<(), PoolError>,
+    ) -> Result<&'static HandoverMemory, PoolError> {
+        for (index, memory) in self.memories.iter().enumerate() {
+            let mut s = memory.state.lock();
+            if s.in_use {
                 continue;
             }
-            let mut s = arena.state.lock();
-            if !s.in_use {
-                s.in_use = true;
-                s.owned = false;
-                s.sealed = false;
-                s.used = 0;
-                s.free.clear();
-                return Ok(arena);
+            *s = MemoryState { in_use: true, ..UNUSED };
+            memory
+                .pool
+                .store(self as *const HandoverPool as *mut HandoverPool, Ordering::Release);
+            if let Err(e) = set(&mut s, index as u16 + 1) {
+                *s = UNUSED;
+                return Err(e);
             }
+            return Ok(memory);
         }
-        Err(PoolError::NoFreeArena)
+        Err(PoolError::NoFreeMemory)
     }
 
-    /// The arenas the region's records and running SMMUs name, one bit each: every arena that a record's extent
-    /// or an SMMU's own structures (`strtab_base`, `core_len`) overlap. Out of line, so that the decoded region
-    /// (some 53 KiB) lives only for this call; read under the metadata lock, which prepare, restore and finish hold
-    /// while they change the records.
-    #[inline(never)]
-    fn named_arenas(&self, l: &Layout) -> Result<u32, PoolError> {
-        let mut guard = self.lock_metadata()?;
-        let (metadata, _, scratch) = guard.with_staging();
-        if metadata[..8] != super::format::MAGIC {
-            return Ok(0);
-        }
-        let Ok(decoded) = super::format::decode(metadata, l.pool(), scratch) else {
-            return Ok(0);
-        };
-        let cores = decoded.instances.iter().map(|i| Extent {
-            base: i.identity.strtab_base,
-            len: i.identity.core_len,
-        });
-        let extents = decoded
-            .instances
-            .iter()
-            .flat_map(|i| i.records.iter().flat_map(|r| r.extents.iter()))
-            .chain(cores)
-            .filter(|e| e.len != 0);
-        let mut named = 0u32;
-        for e in extents {
-            for index in 0..ARENAS {
-                let arena = Extent {
-                    base: l.arena_base(index),
-                    len: l.arena_bytes,
-                };
-                if arena.overlaps(&e) {
-                    named |= 1 << index;
-                }
-            }
-        }
-        Ok(named)
-    }
-
-    /// Takes the arena whose used extent a record names (after a hand-off): the arena is in use again with
-    /// `extent` used, so nothing in it is handed out twice.
-    ///
-    /// # Errors
-    /// [`PoolError::NotAnArena`] for an extent that does not start at an arena's base or runs past it,
-    /// [`PoolError::ArenaInUse`], [`PoolError::NotSetUp`].
-    pub fn adopt(&'static self, extent: Extent) -> Result<&'static HandoverArena, PoolError> {
-        let l = self.layout()?;
-        let pool = l.pool();
-        let offset = extent
-            .base
-            .checked_sub(pool.base)
-            .ok_or(PoolError::NotAnArena(extent))?;
-        let index = (offset / l.arena_bytes) as usize;
-        if !offset.is_multiple_of(l.arena_bytes)
-            || index >= ARENAS
-            || extent.len > l.arena_bytes
-            || !extent.len.is_multiple_of(FRAME)
-        {
-            return Err(PoolError::NotAnArena(extent));
-        }
-        let arena = &self.arenas[index];
-        let mut s = arena.state.lock();
-        if s.in_use {
-            return Err(PoolError::ArenaInUse(extent));
-        }
-        s.in_use = true;
-        s.owned = false;
-        s.sealed = false;
-        s.used = extent.len;
-        s.free.clear();
-        Ok(arena)
+    /// The owner number of `memory` (one of this pool's).
+    fn id_of(&self, memory: &HandoverMemory) -> u16 {
+        let index = (memory as *const HandoverMemory as usize - self.memories.as_ptr() as usize)
+            / core::mem::size_of::<HandoverMemory>();
+        index as u16 + 1
     }
 
     /// Forgets everything a previous image left in this pool's statics (a new image entered without a reset,
-    /// whose `.data` keeps the old values): not set up, every arena free.
+    /// whose `.data` keeps the old values): not set up, every memory free.
     ///
     /// # Safety
-    /// Nothing may use the pool or its arenas from before.
+    /// Nothing may use the pool or its memories from before.
     pub unsafe fn forget_previous_image(&self) {
-        *self.layout.lock() = None;
-        for arena in &self.arenas {
-            *arena.layout.lock() = None;
-            // SAFETY: the caller's guarantee: nothing uses the arenas from before.
-            unsafe { arena.release() };
+        *self.layout.write() = None;
+        *self.cursor.lock() = 0;
+        for memory in &self.memories {
+            *memory.state.lock() = UNUSED;
+            memory.pool.store(core::ptr::null_mut(), Ordering::Release);
         }
     }
 
-    /// Whether [`HandoverPool::adopt`] would take `extent` (the start of a free arena, no longer than it).
-    pub fn adoptable(&self, extent: Extent) -> bool {
-        let Ok(l) = self.layout() else { return false };
-        let pool = l.pool();
-        let Some(offset) = extent.base.checked_sub(pool.base) else {
-            return false;
-        };
-        let index = (offset / l.arena_bytes) as usize;
-        offset.is_multiple_of(l.arena_bytes)
-            && index < ARENAS
-            && extent.len <= l.arena_bytes
-            && extent.len.is_multiple_of(FRAME)
-            && !self.arenas[index].state.lock().in_use
-    }
-
-    /// Gives an arena back, empty (as [`HandoverArena::release`]).
+    /// Gives a memory back, empty (as [`HandoverMemory::release`]).
     ///
     /// # Safety
-    /// As [`HandoverArena::release`].
-    pub unsafe fn release(&self, arena: &HandoverArena) {
+    /// As [`HandoverMemory::release`].
+    pub unsafe fn release(&self, memory: &HandoverMemory) {
         // SAFETY: the caller's guarantee, passed on.
-        unsafe { arena.release() };
+        unsafe { memory.release() };
     }
 
-    /// Arenas in use now.
-    pub fn arenas_in_use(&self) -> usize {
-        self.arenas.iter().filter(|a| a.state.lock().in_use).count()
+    /// Memories in use now.
+    pub fn memories_in_use(&self) -> usize {
+        self.memories.iter().filter(|m| m.state.lock().in_use).count()
+    }
+
+    /// Frames of the pool free now (neither held, nor named by the region, nor the owner map's).
+    pub fn free_frames(&self) -> usize {
+        let Ok(l) = self.layout() else { return 0 };
+        let _cursor = self.cursor.lock();
+        l.owners().iter().filter(|o| o.load(Ordering::Relaxed) == FREE).count()
     }
 }
 
-impl HandoverArena {
-    /// Gives the arena back to its pool, empty. Freeing the domain that owns the arena does this
-    /// ([`FrameAllocator::retire`]).
+/// Reads preserved extents of a pool's region (see [`HandoverPool::preserved_view`]).
+#[derive(Clone, Copy)]
+pub(crate) struct PreservedView(Layout);
+
+impl PreservedView {
+    /// As [`HandoverPool::preserved_words`] (the region lives as long as the program: `set_up`'s contract).
     ///
     /// # Safety
-    /// Nothing (CPU or SMMU) may access a block this arena handed out (or adopted) afterwards: everything in it
-    /// was freed, or abandoned with no reference and no walk able to reach it. The arena hands the same memory out
+    /// As [`HandoverPool::preserved_words`], for as long as the returned slice lives.
+    pub(crate) unsafe fn words<'a>(&self, extent: Extent) -> Option<&'a [u64]> {
+        // SAFETY: the caller's guarantee, passed on.
+        unsafe { preserved_words(&self.0, extent) }
+    }
+}
+
+/// # Safety
+/// As [`HandoverPool::preserved_words`].
+unsafe fn preserved_words<'a>(l: &Layout, extent: Extent) -> Option<&'a [u64]> {
+    if !l.pool.contains(extent.base, extent.len) || !extent.base.is_multiple_of(8) {
+        return None;
+    }
+    let words = usize::try_from(extent.len / 8).ok()?;
+    // SAFETY: inside the region, which `set_up`'s contract maps at `virt` (8-byte aligned) for the program's
+    // life; the caller guarantees that nothing writes it meanwhile.
+    Some(unsafe { core::slice::from_raw_parts(l.virt_of(extent.base) as *const u64, words) })
+}
+
+/// Checks that every extent is frame-aligned, inside the pool, after the one before, and wholly free or named.
+fn check_adoptable(l: &Layout, extents: impl Iterator<Item = Extent>) -> Result<(), PoolError> {
+    let owners = l.owners();
+    let mut after = 0usize;
+    for e in extents {
+        let pages = l.pages_of(e).ok_or(PoolError::BadExtent(e))?;
+        if pages.start < after {
+            return Err(PoolError::BadExtent(e));
+        }
+        after = pages.end;
+        if owners[pages]
+            .iter()
+            .any(|o| !matches!(o.load(Ordering::Relaxed), FREE | NAMED))
+        {
+            return Err(PoolError::InUse(e));
+        }
+    }
+    Ok(())
+}
+
+/// Every extent the region in `metadata` names (its records', its running SMMUs' structures), for each instance;
+/// nothing for a region that does not decode.
+fn recorded_extents<'a>(l: &Layout, metadata: &'a [u8], scratch: &'a mut [u64], mut each: impl FnMut(Extent)) {
+    if metadata[..8] != super::format::MAGIC {
+        return;
+    }
+    let Ok(decoded) = super::format::decode(metadata, l.pool, scratch) else {
+        return;
+    };
+    for i in decoded.instances.iter() {
+        if i.identity.core_len != 0 {
+            each(Extent {
+                base: i.identity.strtab_base,
+                len: i.identity.core_len,
+            });
+        }
+        for r in i.records.iter() {
+            for e in r.extents.iter() {
+                each(e);
+            }
+        }
+    }
+}
+
+/// Marks every free frame the region in `metadata` names as named.
+fn name_recorded(l: &Layout, metadata: &[u8], scratch: &mut [u64]) {
+    let owners = l.owners();
+    recorded_extents(l, metadata, scratch, |e| {
+        for owner in owners.get(pages_spanned(l, e)).unwrap_or_default() {
+            if owner.load(Ordering::Relaxed) == FREE {
+                owner.store(NAMED, Ordering::Relaxed);
+            }
+        }
+    });
+}
+
+/// Where the owner map goes: the end of the pool, else its start, else just after an extent the region names,
+/// wherever it overlaps none of them. `None` when there is no such place. (Decodes the region once per place
+/// tried: the first two fit unless a region names both ends of the pool.)
+fn place_map(l: &Layout, metadata: &[u8], scratch: &mut [u64]) -> Option<usize> {
+    let m = l.map_pages;
+    let clear = |first: usize, scratch: &mut [u64]| {
+        let map = Extent {
+            base: l.phys_of(first),
+            len: m as u64 * FRAME,
+        };
+        let mut hit = false;
+        recorded_extents(l, metadata, scratch, |e| hit |= e.overlaps(&map));
+        !hit
+    };
+    for first in [l.pages - m, 0] {
+        if clear(first, scratch) {
+            return Some(first);
+        }
+    }
+    for k in 0.. {
+        let mut nth = None;
+        let mut seen = 0usize;
+        recorded_extents(l, metadata, scratch, |e| {
+            if seen == k {
+                nth = Some(e);
+            }
+            seen += 1;
+        });
+        let e = nth?;
+        let first = pages_spanned(l, e).end;
+        if first + m <= l.pages && clear(first, scratch) {
+            return Some(first);
+        }
+    }
+    None
+}
+
+/// The pool pages `e` (inside the pool) touches.
+fn pages_spanned(l: &Layout, e: Extent) -> core::ops::Range<usize> {
+    let page = |phys: u64| (phys.saturating_sub(l.pool.base).div_ceil(FRAME) as usize).min(l.pages);
+    let first = (e.base.saturating_sub(l.pool.base) / FRAME) as usize;
+    first.min(l.pages)..page(e.base.saturating_add(e.len))
+}
+
+impl HandoverMemory {
+    /// The pool this memory was taken from, its layout and this memory's owner number; `None` before it is taken,
+    /// or once its pool is forgotten.
+    fn context(&self) -> Option<(&HandoverPool, Layout, u16)> {
+        let pool = self.pool.load(Ordering::Acquire);
+        // SAFETY: only `HandoverPool::claim` stores a pointer here: that of the `'static` pool holding this memory.
+        let pool = unsafe { pool.as_ref() }?;
+        let layout = (*pool.layout.read())?;
+        Some((pool, layout, pool.id_of(self)))
+    }
+
+    /// Gives the memory back to its pool, empty: every frame it holds (and every frame its window sets aside)
+    /// is free again. Freeing the domain that owns the memory does this ([`FrameAllocator::retire`]).
+    ///
+    /// # Safety
+    /// Nothing (CPU or SMMU) may access a block this memory handed out (or adopted) afterwards: everything in it
+    /// was freed, or abandoned with no reference and no walk able to reach it. The pool hands the same frames out
     /// again, zeroed.
     pub unsafe fn release(&self) {
         let mut s = self.state.lock();
-        s.in_use = false;
-        s.owned = false;
-        s.sealed = false;
-        s.used = 0;
-        s.free.clear();
+        if let Some((pool, l, id)) = self.context() {
+            let owners = l.owners();
+            let _cursor = pool.cursor.lock();
+            let window = s.window().is_some();
+            for owner in owners.get(s.span()).unwrap_or_default() {
+                let o = owner.load(Ordering::Relaxed);
+                if o == id || (o == HELD && window) {
+                    owner.store(FREE, Ordering::Relaxed);
+                }
+            }
+        }
+        *s = UNUSED;
     }
 
-    /// The memory this arena has handed out: its base up to the end of what it has used (possibly empty).
-    pub fn extent(&self) -> Option<Extent> {
-        let l = (*self.layout.lock())?;
-        Some(Extent {
-            base: l.arena_base(self.index),
-            len: self.state.lock().used,
+    /// The frames this memory holds, as runs (ascending).
+    pub fn runs(&self) -> impl Iterator<Item = Extent> + '_ {
+        let mut from = 0;
+        core::iter::from_fn(move || {
+            let run = self.handover_run(from)?;
+            from = run.base + run.len;
+            Some(run)
         })
     }
-}
 
-// SAFETY: blocks are carved from the arena's part of the reserved region (set up as RAM used by nothing else),
-// front to back, never overlapping; zeroed on allocation; physical = region base + offset, reached at the matching
-// CPU address.
-unsafe impl FrameAllocator for HandoverArena {
-    fn allocate_zeroed(&self, size: usize, align: usize) -> Result<DmaBlock, AllocError> {
+    /// Frames this memory holds now (handed out, or adopted).
+    pub fn frames(&self) -> usize {
+        self.state.lock().pages as usize
+    }
+
+    fn allocate(&self, size: usize, align: usize, zero: bool) -> Result<DmaBlock, AllocError> {
         if size == 0 || !align.is_power_of_two() {
             return Err(AllocError::BadRequest { size, align });
         }
-        let l = (*self.layout.lock()).ok_or(AllocError::OutOfMemory { size })?;
-        let base = l.arena_base(self.index);
-        let mut s = self.state.lock();
-        if s.sealed {
-            return Err(AllocError::OutOfMemory { size });
-        }
-        let phys = match s.free.pop() {
-            // Only whole frames of this arena ever enter the free list (see `free`).
-            Some(frame) if size as u64 <= FRAME && align as u64 <= FRAME && frame.is_multiple_of(FRAME) => frame,
-            popped => {
-                if let Some(frame) = popped {
-                    let _ = s.free.push(frame);
-                }
-                let start = (base + s.used).next_multiple_of(align.max(FRAME as usize) as u64);
-                let end = start + (size as u64).next_multiple_of(FRAME);
-                if end > base + l.arena_bytes {
-                    return Err(AllocError::OutOfMemory { size });
-                }
-                s.used = end - base;
-                start
+        let out = AllocError::OutOfMemory { size };
+        let (pool, l, id) = self.context().ok_or(out)?;
+        let count = (size as u64).div_ceil(FRAME) as usize;
+        let frames_aligned = (align as u64 / FRAME).max(1) as usize;
+        let first = {
+            let mut s = self.state.lock();
+            if s.sealed || !s.in_use {
+                return Err(out);
             }
+            let owners = l.owners();
+            let mut cursor = pool.cursor.lock();
+            let first = match s.window() {
+                Some(window) => find_run(&l, owners, window, count, frames_aligned, HELD),
+                None => find_run(&l, owners, *cursor..l.pages, count, frames_aligned, FREE)
+                    .or_else(|| find_run(&l, owners, 0..l.pages, count, frames_aligned, FREE)),
+            }
+            .ok_or(out)?;
+            for owner in &owners[first..first + count] {
+                owner.store(id, Ordering::Relaxed);
+            }
+            if s.window().is_none() {
+                *cursor = first + count;
+            }
+            s.hold(first..first + count);
+            first
         };
+        let phys = l.phys_of(first);
         // Every block starts a frame, aligned as asked: a table descriptor (address bits [47:12]) or a CD table
         // pointer then names exactly the block.
         debug_assert!(
             phys.is_multiple_of((align as u64).max(FRAME)),
             "{phys:#x} for alignment {align:#x}"
         );
-        let virt = NonNull::new(l.virt_of(phys) as *mut u8).ok_or(AllocError::OutOfMemory { size })?;
-        // SAFETY: inside the arena's part of the region, which the CPU reaches at `virt` (set_up's contract), and
-        // handed out to nobody else.
-        unsafe { virt.as_ptr().write_bytes(0, size) };
+        let virt = NonNull::new(l.virt_of(phys) as *mut u8).ok_or(out)?;
+        if zero {
+            // SAFETY: inside the pool, which the CPU reaches at `virt` (set_up's contract), and held by this
+            // memory alone (the owner map says so) until freed.
+            unsafe { virt.as_ptr().write_bytes(0, size) };
+        }
         Ok(DmaBlock {
             phys: PhysAddr(phys),
             virt,
             size,
         })
     }
+}
+
+// SAFETY: blocks are runs of frames of the reserved region's pool (set up as RAM used by nothing else), each frame
+// held by one memory at a time (the owner map, changed under the pool's lock); zeroed on allocation unless for
+// overwrite; physical = region base + offset, reached at the matching CPU address.
+unsafe impl FrameAllocator for HandoverMemory {
+    fn allocate_zeroed(&self, size: usize, align: usize) -> Result<DmaBlock, AllocError> {
+        self.allocate(size, align, true)
+    }
+
+    fn allocate_for_overwrite(&self, size: usize, align: usize) -> Result<DmaBlock, AllocError> {
+        self.allocate(size, align, false)
+    }
 
     unsafe fn free(&self, block: DmaBlock) {
-        // Single frames are reused; larger blocks stay used until the arena is released. Only a block this arena
-        // can have handed out as one frame goes back on the free list: frame-aligned, inside what it used, at the
-        // CPU address it maps that frame to, and not on the list already. Anything else (a block misplaced by
-        // adopted memory, say a CD table that did not start its frame) is leaked rather than handed out again as
-        // a frame it does not start, or twice.
-        let Some(l) = *self.layout.lock() else { return };
-        let base = l.arena_base(self.index);
+        // Only a block this memory can have handed out goes back: frame-aligned, every frame of it held by this
+        // memory, at the CPU address the pool maps it to. Anything else (a block misplaced by adopted memory, say
+        // a CD table that did not start its frame, or a block freed twice) is leaked rather than handed out again
+        // as frames it does not start, or twice. While sealed (a hand-off prepared) the frames stay held: the
+        // records name them.
+        let Some((pool, l, id)) = self.context() else { return };
         let phys = block.phys.0;
+        let count = (block.size as u64).div_ceil(FRAME) as usize;
+        let Some(first) = l.page_of(phys) else { return };
         let mut s = self.state.lock();
-        let whole_frame = block.size as u64 <= FRAME
-            && phys.is_multiple_of(FRAME)
-            && phys >= base
-            && phys < base + s.used
-            && block.virt.as_ptr() as usize == l.virt_of(phys);
-        if whole_frame && !s.free.contains(&phys) {
-            let _ = s.free.push(phys);
+        if s.sealed || !phys.is_multiple_of(FRAME) || block.virt.as_ptr() as usize != l.virt_of(phys) {
+            return;
         }
+        let owners = l.owners();
+        let _cursor = pool.cursor.lock();
+        let Some(frames) = owners.get(first..first + count) else {
+            return;
+        };
+        if frames.iter().any(|o| o.load(Ordering::Relaxed) != id) {
+            return;
+        }
+        let back = if s.window().is_some() { HELD } else { FREE };
+        for owner in frames {
+            owner.store(back, Ordering::Relaxed);
+        }
+        s.pages -= count as u32;
     }
 
     fn phys_to_virt(&self, phys: PhysAddr) -> Option<NonNull<u8>> {
-        let l = (*self.layout.lock())?;
-        let base = l.arena_base(self.index);
-        let used = self.state.lock().used;
-        (phys.0 >= base && phys.0 < base + used).then(|| NonNull::new(l.virt_of(phys.0) as *mut u8))?
+        let (_, l, id) = self.context()?;
+        let page = l.page_of(phys.0)?;
+        (l.owners()[page].load(Ordering::Relaxed) == id).then(|| NonNull::new(l.virt_of(phys.0) as *mut u8))?
     }
 
-    fn handover_extent(&self) -> Option<Extent> {
-        self.extent()
+    fn survives_handover(&self) -> bool {
+        true
+    }
+
+    fn handover_run(&self, from: u64) -> Option<Extent> {
+        let (_, l, id) = self.context()?;
+        let s = *self.state.lock();
+        let (lo, hi) = (s.lo as usize, (s.hi as usize).min(l.pages));
+        if s.window().is_some() {
+            // A window is one extent from its start to the end of the last frame it handed out.
+            let base = l.phys_of(lo);
+            return (from <= base && hi > lo).then(|| Extent {
+                base,
+                len: (hi - lo) as u64 * FRAME,
+            });
+        }
+        let owners = l.owners();
+        let start = match l.page_of(from) {
+            Some(page) => page.max(lo),
+            None if from < l.pool.base => lo,
+            None => return None,
+        };
+        let first = (start..hi).find(|&p| owners[p].load(Ordering::Relaxed) == id)?;
+        let end = (first..hi)
+            .find(|&p| owners[p].load(Ordering::Relaxed) != id)
+            .unwrap_or(hi);
+        Some(Extent {
+            base: l.phys_of(first),
+            len: (end - first) as u64 * FRAME,
+        })
     }
 
     unsafe fn retire(&self) {
-        // SAFETY: `retire`'s contract: nothing accesses what this arena handed out.
+        // SAFETY: `retire`'s contract: nothing accesses what this memory handed out.
         unsafe { self.release() };
     }
 
@@ -666,68 +1050,145 @@ mod tests {
         assert_eq!(other.join().unwrap(), 0xa5, "and sees the first one's writes");
     }
 
-    #[test]
-    fn arenas_partition_the_pool_and_record_what_they_used() {
-        let (pool, region) = pool(METADATA_BYTES as usize + ARENAS * 64 * 1024);
-        assert_eq!(pool.pool().unwrap().base, region.base + METADATA_BYTES);
-        let a = pool.take_arena().unwrap();
-        let b = pool.take_arena().unwrap();
-        let x = a.allocate_zeroed(4096, 4096).unwrap();
-        let y = a.allocate_zeroed(8192, 8192).unwrap();
-        let z = b.allocate_zeroed(4096, 4096).unwrap();
-        assert_eq!(x.phys.0, pool.pool().unwrap().base);
-        assert_eq!(y.phys.0 % 8192, 0);
-        assert_eq!(a.extent().unwrap().base, x.phys.0);
-        assert_eq!(a.extent().unwrap().len, y.phys.0 + 8192 - x.phys.0);
-        assert!(!a.extent().unwrap().overlaps(&b.extent().unwrap()));
-        assert_eq!(z.phys.0, pool.pool().unwrap().base + 64 * 1024);
-        assert_eq!(a.phys_to_virt(x.phys), Some(x.virt));
-        assert_eq!(a.phys_to_virt(z.phys), None, "not this arena's");
-        // A freed frame is reused; the extent does not grow.
-        let used = a.extent().unwrap();
-        // SAFETY: nothing uses it.
-        unsafe { a.free(x) };
-        assert_eq!(a.allocate_zeroed(4096, 4096).unwrap().phys.0, used.base);
-        assert_eq!(a.extent().unwrap(), used);
-        // Full.
-        assert!(a.allocate_zeroed(64 * 1024, 4096).is_err());
+    fn runs(memory: &HandoverMemory) -> std::vec::Vec<Extent> {
+        memory.runs().collect()
     }
 
-    /// The second line of defence behind a restore's CD-table checks: a block that does not start a frame of the
-    /// arena (a CD table adopted at the end of its frame), or a frame freed twice, never goes back on the free
-    /// list, so every block handed out still starts its own frame.
+    fn frame(pool: &HandoverPool, page: u64) -> u64 {
+        pool.pool().unwrap().base + page * FRAME
+    }
+
+    /// Two domains growing in turn take frames from the whole pool, next to one another: each holds runs, listed
+    /// in order, that never overlap the other's, and a frame freed goes back to the pool for either.
     #[test]
-    fn only_whole_frames_this_arena_handed_out_are_reused() {
-        let (pool, _) = pool(METADATA_BYTES as usize + ARENAS * 64 * 1024);
-        let a = pool.take_arena().unwrap();
+    fn memories_take_frames_from_the_whole_pool_and_give_them_back() {
+        let (pool, region) = pool(METADATA_BYTES as usize + (1 << 20));
+        assert_eq!(pool.pool().unwrap().base, region.base + METADATA_BYTES);
+        let free = pool.free_frames();
+        // 1 MiB: 256 frames, one of them the owner map (at the end of the pool).
+        assert_eq!(free, 255);
+        assert_eq!(pool.owner_map().unwrap().base, frame(pool, 255));
+        let a = pool.take_memory().unwrap();
+        let b = pool.take_memory().unwrap();
+        let x = a.allocate_zeroed(4096, 4096).unwrap();
+        let y = b.allocate_zeroed(4096, 4096).unwrap();
+        let z = a.allocate_zeroed(8192, 8192).unwrap();
+        assert_eq!((x.phys.0, y.phys.0), (frame(pool, 0), frame(pool, 1)));
+        assert_eq!(z.phys.0 % 8192, 0);
+        assert_eq!(
+            runs(a),
+            [
+                Extent {
+                    base: x.phys.0,
+                    len: FRAME
+                },
+                Extent {
+                    base: z.phys.0,
+                    len: 2 * FRAME
+                }
+            ]
+        );
+        assert_eq!(
+            runs(b),
+            [Extent {
+                base: y.phys.0,
+                len: FRAME
+            }]
+        );
+        assert_eq!(pool.free_frames(), free - 4);
+        assert_eq!(a.phys_to_virt(x.phys), Some(x.virt));
+        assert_eq!(a.phys_to_virt(y.phys), None, "b's frame");
+        assert_eq!(b.phys_to_virt(y.phys), Some(y.virt));
+        // A frame freed is the pool's again, for either memory.
+        // SAFETY: nothing uses it.
+        unsafe { a.free(x) };
+        assert_eq!(pool.free_frames(), free - 3);
+        assert_eq!(
+            runs(a),
+            [Extent {
+                base: z.phys.0,
+                len: 2 * FRAME
+            }]
+        );
+        assert_eq!(a.phys_to_virt(PhysAddr(frame(pool, 0))), None);
+        // Next fit: the frames after the last handed out first, then the freed one.
+        let mut taken = std::vec::Vec::new();
+        while let Ok(block) = b.allocate_zeroed(4096, 4096) {
+            taken.push(block.phys.0);
+        }
+        assert_eq!(taken.len(), free - 3);
+        assert_eq!(*taken.last().unwrap(), frame(pool, 0), "the freed frame came last");
+        assert!(!taken.contains(&pool.owner_map().unwrap().base), "never the owner map");
+        assert_eq!(pool.free_frames(), 0);
+        assert_eq!(
+            a.allocate_zeroed(4096, 4096).err(),
+            Some(AllocError::OutOfMemory { size: 4096 })
+        );
+        // Released: every frame it held is free again.
+        // SAFETY: nothing uses b's blocks.
+        unsafe { pool.release(b) };
+        assert_eq!(pool.free_frames(), free - 2);
+        assert_eq!(pool.memories_in_use(), 1);
+        assert_eq!(
+            runs(a),
+            [Extent {
+                base: z.phys.0,
+                len: 2 * FRAME
+            }]
+        );
+    }
+
+    /// The second line of defence behind a restore's CD-table checks: a block that does not start a frame this
+    /// memory holds (a CD table adopted at the end of its frame, another memory's frame), or a frame freed twice,
+    /// never goes back to the pool, so every block handed out still starts its own frame.
+    #[test]
+    fn only_whole_frames_this_memory_holds_go_back() {
+        let (pool, _) = pool(METADATA_BYTES as usize + (1 << 20));
+        let a = pool.take_memory().unwrap();
+        let b = pool.take_memory().unwrap();
         let x = a.allocate_zeroed(4096, 4096).unwrap();
         let y = a.allocate_zeroed(4096, 4096).unwrap();
-        let y_phys = y.phys;
+        let theirs = b.allocate_zeroed(4096, 4096).unwrap();
+        let free = pool.free_frames();
         let misplaced = DmaBlock {
             phys: PhysAddr(x.phys.0 + 4096 - 64),
             // SAFETY: inside the block `x`.
             virt: NonNull::new(unsafe { x.virt.as_ptr().add(4096 - 64) }).unwrap(),
             size: 64,
         };
-        // SAFETY: nothing uses the blocks (the misplaced one is refused; `y` is freed twice on purpose).
+        // SAFETY: nothing uses the blocks (the misplaced one and b's are refused; `y` is freed twice on purpose).
         unsafe {
             a.free(misplaced);
+            a.free(DmaBlock { ..theirs });
             a.free(DmaBlock { ..y });
             a.free(y);
         }
-        let used = a.extent().unwrap();
+        assert_eq!(pool.free_frames(), free + 1, "y, once");
+        assert_eq!(b.phys_to_virt(theirs.phys), Some(theirs.virt), "b's frame is still b's");
         assert_eq!(
-            a.allocate_zeroed(64, 64).unwrap().phys,
-            y_phys,
-            "the frame freed (once)"
+            runs(a),
+            [Extent {
+                base: x.phys.0,
+                len: FRAME
+            }]
         );
-        let next = a.allocate_zeroed(64, 64).unwrap();
-        assert_eq!(
-            next.phys.0,
-            used.base + used.len,
-            "a fresh frame: nothing misplaced, nothing twice"
-        );
-        assert!(next.phys.0.is_multiple_of(FRAME));
+    }
+
+    /// While a hand-off is prepared the records name a memory's frames: a free keeps them held, and nothing is
+    /// handed out.
+    #[test]
+    fn a_sealed_memory_keeps_its_frames() {
+        let (pool, _) = pool(METADATA_BYTES as usize + (1 << 20));
+        let a = pool.take_memory().unwrap();
+        let x = a.allocate_zeroed(4096, 4096).unwrap();
+        let before = runs(a);
+        a.seal();
+        assert!(a.allocate_zeroed(4096, 4096).is_err());
+        // SAFETY: nothing uses it.
+        unsafe { a.free(x) };
+        assert_eq!(runs(a), before);
+        a.unseal();
+        assert!(a.allocate_zeroed(4096, 4096).is_ok());
     }
 
     #[test]
@@ -746,34 +1207,149 @@ mod tests {
         );
     }
 
+    /// After a hand-off the next image adopts exactly the frames a record names: handed out to nobody while the
+    /// adopted memory lives, and checked before anything is taken.
     #[test]
-    fn an_adopted_arena_hands_out_nothing_it_used_before() {
-        let (pool, _) = pool(METADATA_BYTES as usize + ARENAS * 64 * 1024);
-        let a = pool.take_arena().unwrap();
+    fn an_adopted_memory_holds_exactly_its_extents() {
+        let (pool, _) = pool(METADATA_BYTES as usize + (1 << 20));
+        let a = pool.take_memory().unwrap();
+        let other = pool.take_memory().unwrap();
+        a.allocate_zeroed(4096, 4096).unwrap();
+        other.allocate_zeroed(4096, 4096).unwrap();
         a.allocate_zeroed(3 * 4096, 4096).unwrap();
-        let extent = a.extent().unwrap();
-        // The next image: the same region, a fresh pool.
-        // SAFETY: nothing this arena handed out is used again.
-        unsafe { pool.release(a) };
-        let adopted = pool.adopt(extent).unwrap();
-        assert_eq!(adopted.extent(), Some(extent));
-        let next = adopted.allocate_zeroed(4096, 4096).unwrap();
-        assert_eq!(next.phys.0, extent.base + extent.len);
-        assert_eq!(pool.adopt(extent).err(), Some(PoolError::ArenaInUse(extent)));
-        let inside = Extent {
-            base: extent.base + 4096,
-            len: 4096,
+        let extents = runs(a);
+        assert_eq!(extents.len(), 2);
+        // The next image: the same frames, free in a fresh pool.
+        // SAFETY: nothing these memories handed out is used again.
+        unsafe {
+            pool.release(a);
+            pool.release(other);
+        }
+        let adopted = pool.adopt(extents.iter().copied()).unwrap();
+        assert_eq!(runs(adopted), extents);
+        assert_eq!(adopted.frames(), 4);
+        assert!(adopted.phys_to_virt(PhysAddr(extents[1].base + 4096)).is_some());
+        let fresh = adopted.allocate_zeroed(4096, 4096).unwrap();
+        assert!(extents.iter().all(|e| !e.contains(fresh.phys.0, 4096)));
+        assert_eq!(
+            pool.adopt(extents.iter().copied()).err(),
+            Some(PoolError::InUse(extents[0]))
+        );
+        assert!(!pool.adoptable(extents.iter().copied()));
+        let p = pool.pool().unwrap();
+        let free = Extent {
+            base: p.base + 100 * FRAME,
+            len: FRAME,
         };
-        assert_eq!(pool.adopt(inside).err(), Some(PoolError::NotAnArena(inside)));
+        for bad in [
+            Extent {
+                base: free.base + 8,
+                len: FRAME,
+            },
+            Extent {
+                base: free.base,
+                len: 100,
+            },
+            Extent {
+                base: p.base + p.len,
+                len: FRAME,
+            },
+            Extent {
+                base: p.base - FRAME,
+                len: FRAME,
+            },
+            Extent {
+                base: free.base,
+                len: 0,
+            },
+        ] {
+            assert_eq!(pool.adopt(core::iter::once(bad)).err(), Some(PoolError::BadExtent(bad)));
+        }
+        let later = Extent {
+            base: free.base + FRAME,
+            len: FRAME,
+        };
+        assert_eq!(
+            pool.adopt([later, free].into_iter()).err(),
+            Some(PoolError::BadExtent(free)),
+            "out of order"
+        );
+        let map = pool.owner_map().unwrap();
+        assert_eq!(pool.adopt(core::iter::once(map)).err(), Some(PoolError::InUse(map)));
+        // Nothing was taken by the refusals.
+        assert_eq!(pool.memories_in_use(), 1);
+        assert!(pool.adoptable(core::iter::once(free)));
+    }
+
+    /// An SMMU's own structures come from a window: one run from its start, wherever its frames are handed out
+    /// and freed, that no other memory takes from.
+    #[test]
+    fn a_window_is_one_extent_no_other_memory_takes_from() {
+        let (pool, _) = pool(METADATA_BYTES as usize + (1 << 20));
+        let w = pool.take_window(16 * FRAME).unwrap();
+        let start = frame(pool, 0);
+        assert_eq!(w.handover_run(0), None, "nothing handed out yet");
+        let a = w.allocate_zeroed(8192, 8192).unwrap();
+        let b = w.allocate_zeroed(4096, 4096).unwrap();
+        assert_eq!(a.phys.0, start);
+        assert_eq!(
+            w.handover_run(0),
+            Some(Extent {
+                base: start,
+                len: 3 * FRAME
+            })
+        );
+        assert_eq!(w.handover_run(start + 1), None, "one extent, from the start");
+        // SAFETY: nothing uses it.
+        unsafe { w.free(a) };
+        assert_eq!(
+            w.handover_run(0),
+            Some(Extent {
+                base: start,
+                len: 3 * FRAME
+            }),
+            "still from the start"
+        );
+        let d = pool.take_memory().unwrap();
+        let outside = d.allocate_zeroed(4096, 4096).unwrap();
+        assert_eq!(outside.phys.0, frame(pool, 16), "never a frame of the window");
+        assert_eq!(
+            w.allocate_zeroed(4096, 4096).unwrap().phys.0,
+            start,
+            "the window's freed frame"
+        );
+        let rest = w.allocate_zeroed(13 * 4096, 4096).unwrap();
+        assert_eq!(rest.phys.0, b.phys.0 + FRAME);
+        assert_eq!(
+            w.allocate_zeroed(4096, 4096).unwrap().phys.0,
+            start + FRAME,
+            "its last frame"
+        );
+        assert!(w.allocate_zeroed(4096, 4096).is_err(), "the window is full");
+        assert_eq!(
+            w.handover_run(0),
+            Some(Extent {
+                base: start,
+                len: 16 * FRAME
+            })
+        );
+        assert_eq!(
+            pool.take_window(1 << 20).err(),
+            Some(PoolError::OutOfFrames { bytes: 1 << 20 })
+        );
+        let free = pool.free_frames();
+        // SAFETY: nothing uses the window's blocks.
+        unsafe { pool.release(w) };
+        assert_eq!(pool.free_frames(), free + 16);
     }
 
     #[test]
-    fn arenas_run_out_clearly() {
-        let (pool, _) = pool(METADATA_BYTES as usize + ARENAS * 4096);
-        for _ in 0..ARENAS {
-            pool.take_arena().unwrap();
+    fn memories_run_out_clearly() {
+        let (pool, _) = pool(METADATA_BYTES as usize + (1 << 20));
+        for _ in 0..MAX_MEMORIES {
+            pool.take_memory().unwrap();
         }
-        assert_eq!(pool.take_arena().err(), Some(PoolError::NoFreeArena));
-        assert_eq!(pool.arenas_in_use(), ARENAS);
+        assert_eq!(pool.take_memory().err(), Some(PoolError::NoFreeMemory));
+        assert_eq!(pool.memories_in_use(), MAX_MEMORIES);
     }
 }

@@ -40,7 +40,7 @@ pub enum PrepareError {
         /// The domain's token.
         token: u64,
     },
-    /// For a hand-off with the SMMU left running (its own structures in a handover arena): stream `sid`
+    /// For a hand-off with the SMMU left running (its own structures in a handover memory): stream `sid`
     /// (substream `ssid`; 0 for the whole stream) bypasses, or translates through a domain that is not preserved
     /// (or through an STE a previous image left). It would go on doing so across the hand-off, through nothing a
     /// record describes or `prepare_handover` checked, its device able to write the handover region and the
@@ -155,13 +155,13 @@ pub enum HandoverPhase {
 impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// Writes the records of every preserved domain (as they stand now) into the handover region of `pool`, the
     /// header last, and cleans the region, every preserved domain's memory and (for a hand-off with the SMMU
-    /// running) this SMMU's own arena to the point of coherency, so that a warm reset finds them in memory. Translation keeps running meanwhile; the preserved domains are frozen until
+    /// running) this SMMU's own memory to the point of coherency, so that a warm reset finds them in memory. Translation keeps running meanwhile; the preserved domains are frozen until
     /// [`Iommu::cancel_handover`] or the hand-off (map, unmap, protect, trim, attach, detach and unpreserve
     /// return `DomainError::HandoverPrepared`), so the records stay what the next image restores: to change one,
     /// cancel, change, and prepare again. Other domains stay usable. Records of other SMMUs already in the region are kept. `register_base` is this
     /// SMMU's physical register base, which names it in the region.
     ///
-    /// For a hand-off with the SMMU left running (this SMMU's own structures are in a handover arena: the record
+    /// For a hand-off with the SMMU left running (this SMMU's own structures are in a handover memory: the record
     /// names them, and the next image adopts the SMMU translating), every stream that translates across it must
     /// be one the records describe: every stream that does not abort must be attached to a preserved domain, and
     /// so must its substreams. While such a hand-off is prepared the stream configuration is frozen too: `attach`,
@@ -255,12 +255,12 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             }
         };
         clean_to_memory(bytes.as_ptr(), written);
-        // What is recorded must not change until the hand-off: the preserved domains' arenas (and this SMMU's own,
+        // What is recorded must not change until the hand-off: the preserved domains' memories (and this SMMU's own,
         // when it is one) hand out nothing more, the domains refuse changes while their memory is sealed, and no
         // domain is preserved or unpreserved.
         self.seal_preserved(&states, true);
         *self.domains.prepared.lock() = Some(Prepared { generation, running });
-        // Every arena the next image adopts: the preserved domains', and (for a hand-off with the SMMU running)
+        // Every memory the next image adopts: the preserved domains', and (for a hand-off with the SMMU running)
         // the SMMU's own, whose stream table and level-2 spans the next image reads in place. A coherent SMMU's
         // structures were never cleaned as they were written.
         let cores = written_region.instances.iter().map(|i| Extent {

@@ -6,7 +6,7 @@
 
 use super::finish::rearm_without;
 use super::format::{self, HandoverError};
-use super::pool::{HandoverArena, HandoverPool, PoolError};
+use super::pool::{HandoverMemory, HandoverPool, PoolError};
 use super::verify::{Outputs, RestoreOptions, VerifyFailure, verify_instance};
 use super::{Extent, InstanceRecords, MAX_RECORDS, MAX_STREAMS, RecordKind, SmmuIdentity};
 use crate::ctx::{CdTable, CdTableError, CdTableFormat};
@@ -33,7 +33,7 @@ pub enum RestoreError {
         /// The generation restored.
         generation: u64,
     },
-    /// This driver prepared a hand-off (records of `generation`): restoring them here would take back arenas its
+    /// This driver prepared a hand-off (records of `generation`): restoring them here would take back memories its
     /// own domains use. Cancel it first. Nothing changed.
     HandoverPrepared {
         /// The prepared records' generation.
@@ -79,7 +79,7 @@ pub enum RestoreError {
 /// What failed while rebuilding a validated record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RebuildFailure {
-    /// Its arena.
+    /// Its memory.
     Pool(PoolError),
     /// Its ASID or VMID.
     Id(IdError),
@@ -141,14 +141,14 @@ pub struct RestoreReport {
     pub aborted: u32,
 }
 
-/// What a restore took before it succeeded or was refused: the streams whose STEs it installed and the arenas it
+/// What a restore took before it succeeded or was refused: the streams whose STEs it installed and the memories it
 /// took back. A refusal aborts the former before it gives the latter back.
 #[derive(Default)]
 struct Taken {
     /// Streams whose STE the rebuild installed (at most every stream of every record).
     streams: heapless::Vec<u32, { MAX_RECORDS * MAX_STREAMS }>,
-    /// Arenas taken back from the pool (at most one per record).
-    arenas: heapless::Vec<&'static HandoverArena, MAX_RECORDS>,
+    /// Memories taken back from the pool (at most one per record).
+    memories: heapless::Vec<&'static HandoverMemory, MAX_RECORDS>,
     /// The tokens of the domains the rebuild put in `restored` (a refusal forgets these, and only these: an
     /// earlier hand-off may have left a parent there for a live nested domain).
     domains: heapless::Vec<u64, MAX_RECORDS>,
@@ -173,8 +173,8 @@ fn dss_of(dss: u8) -> DefaultSubstream {
 /// For a hand-off with the SMMU left running: what the previous image recorded about `smmu` (found by
 /// `register_base` in the validated region), checked against `smmu` itself before anything is adopted: its ID
 /// registers (IDR0..5, IIDR, as [`format::validate_identity`] compares them) and the stream table it really runs
-/// with (STRTAB_BASE and STRTAB_BASE_CFG read back). Then the arena of its structures is taken back whole, so
-/// nothing in it is handed out again. Give the arena and the recorded SMMU to [`crate::Smmu::adopt_running`].
+/// with (STRTAB_BASE and STRTAB_BASE_CFG read back). Then the memory of its structures is taken back whole, so
+/// nothing in it is handed out again. Give the memory and the recorded SMMU to [`crate::Smmu::adopt_running`].
 ///
 /// # Errors
 /// [`RestoreError::Pool`]; [`RestoreError::Region`] for a region that does not validate;
@@ -187,7 +187,7 @@ pub fn running_smmu(
     pool: &'static HandoverPool,
     smmu: &Smmu,
     register_base: u64,
-) -> Result<Option<(RunningSmmu, &'static HandoverArena)>, RestoreError> {
+) -> Result<Option<(RunningSmmu, &'static HandoverMemory)>, RestoreError> {
     let found = running_record(pool, smmu, register_base);
     if !matches!(found, Ok(Some(_))) {
         let _ = smmu.disable_aborting();
@@ -199,7 +199,7 @@ fn running_record(
     pool: &'static HandoverPool,
     smmu: &Smmu,
     register_base: u64,
-) -> Result<Option<(RunningSmmu, &'static HandoverArena)>, RestoreError> {
+) -> Result<Option<(RunningSmmu, &'static HandoverMemory)>, RestoreError> {
     let pool_extent = pool.pool().map_err(RestoreError::Pool)?;
     let found = {
         let mut guard = pool.lock_metadata().map_err(RestoreError::Pool)?;
@@ -245,19 +245,19 @@ fn running_record(
         let probed = u64::from(tock_registers::interfaces::Readable::get(&smmu.regs().strtab_base_cfg));
         return Err(mismatch("STRTAB_BASE_CFG", recorded, probed));
     }
-    let arena = pool
-        .adopt(Extent {
-            base: id.strtab_base,
-            len: id.core_len,
-        })
-        .map_err(RestoreError::Pool)?;
+    let core = Extent {
+        base: id.strtab_base,
+        len: id.core_len,
+    };
+    let window = pool.window_bytes().map_err(RestoreError::Pool)?;
+    let memory = pool.adopt_window(core, window).map_err(RestoreError::Pool)?;
     let running = RunningSmmu {
         idr: id.idr,
         iidr: id.iidr,
         format,
         strtab_base: id.strtab_base,
     };
-    Ok(Some((running, arena)))
+    Ok(Some((running, memory)))
 }
 
 impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
@@ -268,7 +268,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// [`Verification::Full`](super::verify::Verification), the default: every page table walked from its root,
     /// every leaf inside `options.dma_memory` and outside the region and the memory declared with
     /// [`Iommu::protect_memory`], every live-entry count as walked; in every mode each adopted CD equal to the
-    /// one the driver builds), and only then rebuilds this SMMU's preserved domains: each arena taken back,
+    /// one the driver builds), and only then rebuilds this SMMU's preserved domains: each memory taken back,
     /// each ASID/VMID reserved as recorded (no STE or CD is scanned), each page table and CD table adopted in place
     /// (no copy), each stream's STE installed. The domains wait for
     /// [`Iommu::retrieve`]; [`Iommu::finish_handover`] frees the rest. The records are consumed: the
@@ -292,12 +292,12 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// a refusal too, and every refusal leaves through one
     /// exit, whatever check refused: every stream the rebuild installed aborts again (its STE rewritten, CFGI_STE,
     /// CMD_SYNC); on an SMMU adopted running, every stream that is not this image's own aborts (the previous image's
-    /// STEs may be live); then CFGI_ALL, TLBI of every regime and CMD_SYNC; only then do the arenas taken back
+    /// STEs may be live); then CFGI_ALL, TLBI of every regime and CMD_SYNC; only then do the memories taken back
     /// return to the pool (their memory handed out again) and the IDs claimed return to their allocators. The
     /// region is untouched. Should an abort or the invalidation fail (the command queue dead), translation is turned
     /// off with every incoming transaction aborting ([`crate::Smmu::disable_aborting`]): [`Iommu::is_enabled`]
     /// then reads `false`, and the caller shuts the SMMU down (`shutdown(false)`, GBPA.ABORT = 1) and initialises it
-    /// afresh; should even that fail (`is_enabled` still `true`), nothing is given back (the arenas stay taken, the
+    /// afresh; should even that fail (`is_enabled` still `true`), nothing is given back (the memories stay taken, the
     /// IDs claimed) and the caller must stop the SMMU by other means (GBPA.ABORT = 1, SMMUEN = 0) before it trusts
     /// that memory.
     pub fn restore_handover(
@@ -336,6 +336,12 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             }
             Err(e) => {
                 self.contain_refused_restore(book, &taken);
+                // The frames given back that the region still names are named again: no memory takes them
+                // before a restore, or a finish, settles the records.
+                if let Ok(mut guard) = pool.lock_metadata() {
+                    let (bytes, _, scratch) = guard.with_staging();
+                    pool.rename_recorded(bytes, scratch);
+                }
                 Err(e)
             }
         }
@@ -420,7 +426,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         // Refused before the rebuild took anything, on an SMMU this image initialised: nothing translates through
         // the restore, so there is nothing to contain (and nothing is issued).
         if taken.streams.is_empty()
-            && taken.arenas.is_empty()
+            && taken.memories.is_empty()
             && taken.domains.is_empty()
             && !self.core.inherited_stes()
         {
@@ -458,11 +464,11 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             }
         }
         if contained {
-            for arena in &taken.arenas {
-                // SAFETY: every stream that could reach the arena aborts (or translation is off) and the
+            for memory in &taken.memories {
+                // SAFETY: every stream that could reach the memory aborts (or translation is off) and the
                 // invalidation of every cached configuration and TLB entry completed; the domains built on it were
                 // forgotten, so no reference into it is left.
-                unsafe { arena.release() };
+                unsafe { memory.release() };
             }
         }
     }
@@ -609,12 +615,15 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             {
                 return Err(beyond("an ASID another stage-1 record uses too", r.asid.into()));
             }
-            // Each domain's memory is one arena, taken back whole (nested domains own none).
+            // Each domain's memory is taken back frame by frame, exactly what its extents name: frames of the pool
+            // that no memory of this image holds (nested domains own none).
             if r.kind != RecordKind::Nested {
-                match (r.extents.len(), r.extents.first()) {
-                    (1, Some(extent)) if pool.adoptable(extent) => {}
-                    (1, Some(extent)) => return Err(beyond("an extent that is not a free arena's, at", extent.base)),
-                    (n, _) => return Err(beyond("one extent, not", n as u64)),
+                if r.extents.is_empty() {
+                    return Err(beyond("no extent: a table needs at least its root's, extents", 0));
+                }
+                if !pool.adoptable(r.extents.iter()) {
+                    let at = r.extents.first().map_or(0, |e| e.base);
+                    return Err(beyond("extents that are not free frames of the pool, from", at));
                 }
             }
             for s in &r.streams {
@@ -686,12 +695,13 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                             )
                         }
                         (_, Some(shape)) => {
-                            let extent = r.extents.first().unwrap_or_default();
-                            let arena = pool.adopt(extent).map_err(|e| fail(RebuildFailure::Pool(e)))?;
+                            let memory = pool
+                                .adopt(r.extents.iter())
+                                .map_err(|e| fail(RebuildFailure::Pool(e)))?;
                             // Given back only by the refusal's exit, once no stream can reach it.
-                            let _ = taken.arenas.push(arena);
-                            arena.take_ownership();
-                            let memory: DomainMemory = arena;
+                            let _ = taken.memories.push(memory);
+                            memory.take_ownership();
+                            let memory: DomainMemory = memory;
                             let stage = match r.kind {
                                 RecordKind::Stage2 => Stage::Two,
                                 RecordKind::Stage1El2 => Stage::OneEl2,
@@ -718,7 +728,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                             table.set_bbm_level(bbml);
                             // A failure from here on is this record's alone to undo (it is not in `restored` yet):
                             // the table abandoned in place (the SMMU may walk it: a previous image's STE may still
-                            // name it), the ID given back; the arena goes back with the refusal's exit.
+                            // name it), the ID given back; the memory goes back with the refusal's exit.
                             let abandon = |table: IoPageTable<DomainMemory>| core::mem::forget(table);
                             let translation = if stage == Stage::Two {
                                 if let Err(e) = self.core.claim_vmid(r.vmid) {

@@ -10,8 +10,8 @@
 
 use core::fmt;
 
-use super::pool::{FRAME, HandoverPool};
-use super::{DomainRecord, Extent, InstanceRecords, MAX_STREAMS, RecordKind, TableShape};
+use super::pool::{FRAME, HandoverPool, PreservedView};
+use super::{DomainRecord, Entries, Extent, InstanceRecords, MAX_STREAMS, RecordKind, TableShape};
 use crate::hw::ste::EntryError;
 use crate::mem::PhysAddr;
 use crate::pgtable::{Format, Geometry, Granule, MapError, Stage, desc};
@@ -67,21 +67,21 @@ pub enum VerifyFailure {
         /// Implied by granule and input size.
         expected: u8,
     },
-    /// The record's extent holds more granules than one walk tracks.
+    /// The record's extents span more granules than one walk tracks.
     ExtentTooLarge {
-        /// The extent.
+        /// The span of the extents: from the first one's base to the last one's end.
         extent: Extent,
         /// The largest extent verified, in bytes, at this granule.
         max: u64,
     },
-    /// The root table is not wholly inside the record's extent, or not aligned to its size.
+    /// The root table is not wholly inside one of the record's extents, or not aligned to its size.
     BadRoot {
         /// Its address.
         root: u64,
         /// Its size.
         size: u64,
     },
-    /// A table descriptor names a table outside the record's own extent.
+    /// A table descriptor names a table outside the record's own extents.
     TableOutsideExtent {
         /// The descriptor.
         entry: u64,
@@ -172,7 +172,7 @@ pub enum VerifyFailure {
         /// The one the stream's record names.
         stream: u64,
     },
-    /// A stream's CD table is not where the driver allocates one: at the start of a frame of its domain's arena,
+    /// A stream's CD table is not where the driver allocates one: at the start of a frame of its domain's memory,
     /// aligned to its size (at least [`FRAME`] bytes). Adopted elsewhere, a detach would give its block back
     /// as a frame it does not start.
     CdTableMisplaced {
@@ -241,17 +241,17 @@ impl fmt::Display for VerifyFailure {
             }
             V::ExtentTooLarge { extent, max } => write!(
                 f,
-                "its extent {:#x}+{:#x} is larger than verification tracks ({max:#x} bytes)",
+                "its extents span {:#x}+{:#x}, more than verification tracks ({max:#x} bytes)",
                 extent.base, extent.len
             ),
             V::BadRoot { root, size } => write!(
                 f,
-                "root table {root:#x} ({size:#x} bytes) is misaligned or outside its extent"
+                "root table {root:#x} ({size:#x} bytes) is misaligned or outside its extents"
             ),
             V::TableOutsideExtent { entry, table } => {
                 write!(
                     f,
-                    "descriptor at {entry:#x} names table {table:#x}, outside its own extent"
+                    "descriptor at {entry:#x} names table {table:#x}, outside its own extents"
                 )
             }
             V::MisalignedTable { entry, table } => {
@@ -345,8 +345,9 @@ impl fmt::Display for VerifyFailure {
     }
 }
 
-/// Granules of one record's extent that a walk tracks (its visited bitmap: 8 KiB on the stack). With 4 KiB
-/// granules an extent of up to 256 MiB, far more than a handover arena holds today.
+/// Granules of the span of one record's extents (first base to last end) that a walk tracks (its visited bitmap:
+/// 8 KiB on the stack). With 4 KiB granules a span of up to 256 MiB: the tables of 128 GiB mapped in 4 KiB pages
+/// when the domain's frames lie together (the pool hands a domain built at once frames next to one another).
 pub const MAX_VERIFIED_GRANULES: usize = 1 << 16;
 
 /// Output address bits \[51:12\] of a leaf (bits \[51:48\] included, so that a leaf setting them, which this driver
@@ -417,18 +418,36 @@ impl Outputs<'_> {
     }
 }
 
+/// Whether `[base, base + len)` lies inside one of `runs` (ascending, not overlapping): a binary search.
+fn within(runs: &Entries<'_, Extent>, base: u64, len: u64) -> bool {
+    let (mut lo, mut hi) = (0, runs.len());
+    // The last run whose base is at or below `base`.
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        match runs.get(mid) {
+            Some(run) if run.base <= base => lo = mid + 1,
+            _ => hi = mid,
+        }
+    }
+    lo.checked_sub(1)
+        .and_then(|i| runs.get(i))
+        .is_some_and(|run| run.contains(base, len))
+}
+
 /// One record's table, walked from its root.
 struct Walk<'a> {
-    /// The record's extent, as words.
-    words: &'a [u64],
-    extent: Extent,
+    /// Reads the pool's frames where they are.
+    view: PreservedView,
+    /// The record's extents (ascending, as decoding checked), and their span.
+    runs: Entries<'a, Extent>,
+    span: Extent,
     /// The table's stage (and regime): which leaf encodings the driver writes.
     stage: Stage,
     /// The attribute bits of the last last-level table found uniform and a driver page's (most tables of a
     /// domain share one protection: the check then costs one comparison per table).
     page_attributes: u64,
     geometry: Geometry,
-    /// One bit per granule of the extent (counted from the granule holding its first byte): a table lives there.
+    /// One bit per granule of the span (counted from the granule holding its first byte): a table lives there.
     visited: &'a mut [u64],
     /// The frames of the CD tables inside the extent: no page table may share a byte with them.
     cd_tables: heapless::Vec<Extent, MAX_STREAMS>,
@@ -444,10 +463,16 @@ impl<'a> Walk<'a> {
         1 << self.geometry.granule_bits
     }
 
-    /// The `n` entries of the table at `phys` (claimed: inside the extent).
+    /// The `n` entries of the table at `phys` (claimed: inside one of the extents).
     fn entries(&self, phys: u64, n: usize) -> &'a [u64] {
-        let first = ((phys - self.extent.base) / 8) as usize;
-        &self.words[first..first + n]
+        let table = Extent {
+            base: phys,
+            len: n as u64 * 8,
+        };
+        // SAFETY: `check_limits` found every frame of the record's extents free (no memory of this image holds
+        // them, so nothing here writes them until the restore adopts them, after this walk), and a claimed
+        // table lies inside one of them.
+        unsafe { self.view.words(table) }.unwrap_or_default()
     }
 
     /// Marks the granule-aligned `[phys, phys + size)` as a table's: inside the extent, sharing no byte with a CD
@@ -456,7 +481,7 @@ impl<'a> Walk<'a> {
         if !phys.is_multiple_of(self.granule()) {
             return Err(VerifyFailure::MisalignedTable { entry, table: phys });
         }
-        if !self.extent.contains(phys, size) {
+        if !within(&self.runs, phys, size) {
             return Err(VerifyFailure::TableOutsideExtent { entry, table: phys });
         }
         let twice = VerifyFailure::TableReachedTwice { entry, table: phys };
@@ -465,7 +490,7 @@ impl<'a> Walk<'a> {
             return Err(twice);
         }
         let bits = self.geometry.granule_bits;
-        let origin = self.extent.base >> bits;
+        let origin = self.span.base >> bits;
         for g in (phys >> bits) - origin..((phys + size) >> bits) - origin {
             let (word, bit) = ((g / 64) as usize, 1u64 << (g % 64));
             if self.visited[word] & bit != 0 {
@@ -701,31 +726,37 @@ fn verify_table(
             expected: geometry.start_level,
         });
     }
-    let extent = record.extents.first().unwrap_or_default();
-    let max = ((MAX_VERIFIED_GRANULES - 1) as u64) << geometry.granule_bits;
-    if extent.len > max {
-        return Err(VerifyFailure::ExtentTooLarge { extent, max });
-    }
     let root_size = root_size(&geometry);
     let root = shape.root;
-    if !root.is_multiple_of(root_size) || !extent.contains(root, root_size) {
-        return Err(VerifyFailure::BadRoot { root, size: root_size });
+    let bad_root = VerifyFailure::BadRoot { root, size: root_size };
+    let runs = record.extents;
+    let (Some(first), Some(last)) = (runs.first(), runs.get(runs.len().wrapping_sub(1))) else {
+        return Err(bad_root);
+    };
+    let span = Extent {
+        base: first.base,
+        len: last.base.saturating_add(last.len).saturating_sub(first.base),
+    };
+    let max = ((MAX_VERIFIED_GRANULES - 1) as u64) << geometry.granule_bits;
+    if span.len > max {
+        return Err(VerifyFailure::ExtentTooLarge { extent: span, max });
     }
-    // SAFETY: `check_limits` found the record's arena free: nothing in this image writes the extent until the
-    // restore adopts it, after this walk.
-    let words = unsafe { pool.preserved_words(extent) }.ok_or(VerifyFailure::BadRoot { root, size: root_size })?;
+    if !root.is_multiple_of(root_size) || !within(&runs, root, root_size) {
+        return Err(bad_root);
+    }
+    let view = pool.preserved_view().ok_or(bad_root)?;
     let mut visited = [0u64; MAX_VERIFIED_GRANULES / 64];
-    let granules =
-        ((extent.base + extent.len - 1) >> geometry.granule_bits) - (extent.base >> geometry.granule_bits) + 1;
+    let granules = ((span.base + span.len - 1) >> geometry.granule_bits) - (span.base >> geometry.granule_bits) + 1;
     let mut walk = Walk {
-        words,
-        extent,
+        view,
+        runs,
+        span,
         stage: format.stage,
         // No attribute pattern is all zero (a valid page has bits [1:0] set): nothing matches until one is checked.
         page_attributes: 0,
         geometry,
         visited: &mut visited[..(granules as usize).div_ceil(64)],
-        cd_tables: cd_tables.iter().copied().filter(|c| c.overlaps(&extent)).collect(),
+        cd_tables: cd_tables.iter().copied().filter(|c| c.overlaps(&span)).collect(),
         outputs,
         counts: shape.tables != 0,
         tables: 1,
@@ -758,8 +789,8 @@ fn verify_table(
 }
 
 /// The frames of every CD table `record`'s whole streams name (substreams name their stream's), each checked to be
-/// where the driver allocates a CD table from the domain's arena: at the start of a frame, aligned to its size (a
-/// block of the arena starts a frame aligned as asked), inside the record's extent, and sharing no frame with
+/// where the driver allocates a CD table from the domain's memory: at the start of a frame, aligned to its size (a
+/// block of the memory starts a frame aligned as asked), inside the record's extent, and sharing no frame with
 /// another stream's CD table or with the root table. The page-table walk then keeps every other table off these
 /// frames. Checked in every verification mode: a CD table adopted twice, or not starting its frame, is freed by a
 /// detach as a frame it does not own.
@@ -767,7 +798,6 @@ fn cd_table_frames(
     record: &DomainRecord,
     shape: &TableShape,
 ) -> Result<heapless::Vec<Extent, MAX_STREAMS>, VerifyFailure> {
-    let extent = record.extents.first().unwrap_or_default();
     let geometry = Geometry::of(&table_format(record.kind, shape)).map_err(VerifyFailure::Format)?;
     let root = Extent {
         base: shape.root,
@@ -780,7 +810,7 @@ fn cd_table_frames(
             base: s.cd_table,
             len: size.next_multiple_of(FRAME),
         };
-        if !s.cd_table.is_multiple_of(size.max(FRAME)) || !extent.contains(table.base, table.len) {
+        if !s.cd_table.is_multiple_of(size.max(FRAME)) || !within(&record.extents, table.base, table.len) {
             return Err(VerifyFailure::CdTableMisplaced {
                 sid: s.sid,
                 cd_table: s.cd_table,
@@ -831,7 +861,7 @@ fn verify_cds(
             });
         }
         let cd = s.cd_table + 64 * u64::from(s.ssid);
-        // SAFETY: as in `verify_table`: the arena holding the CD table is free until the restore adopts it.
+        // SAFETY: as in `verify_table`: the memory holding the CD table is free until the restore adopts it.
         let words =
             unsafe { pool.preserved_words(Extent { base: cd, len: 64 }) }.ok_or(VerifyFailure::CdOutsidePool {
                 sid: s.sid,
@@ -853,7 +883,7 @@ fn verify_cds(
 }
 
 /// Everything a restore examines in `instance`'s preserved memory, record by record: `Err` names the first record
-/// that fails and why. Called after `check_limits` (every record's arena is free, its extent one arena) and before
+/// that fails and why. Called after `check_limits` (every record's memory is free, its extent one memory) and before
 /// anything is rebuilt.
 pub(crate) fn verify_instance(
     features: &Features,

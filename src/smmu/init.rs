@@ -112,7 +112,7 @@ pub enum InitError {
         /// Where the caller said it is.
         expected: u64,
     },
-    /// The allocator is memory for a single owner (a handover arena) that a domain or another SMMU owns already
+    /// The allocator is memory for a single owner (a handover memory) that a domain or another SMMU owns already
     /// ([`FrameAllocator::take_ownership`]): the SMMU's own structures cannot share it, since freeing that domain
     /// would hand the memory out again under the SMMU. Nothing was allocated or written.
     MemoryOwned,
@@ -141,7 +141,7 @@ impl fmt::Display for InitError {
             InitError::Invalidation(e) => write!(f, "SMMU init: initial invalidation failed: {e}"),
             InitError::NotRunning => f.write_str("SMMU hand-off: the SMMU is not translating (SMMUEN = 0)"),
             InitError::MemoryOwned => {
-                f.write_str("SMMU init: its memory (a handover arena) is owned already, by a domain or another SMMU")
+                f.write_str("SMMU init: its memory (a handover memory) is owned already, by a domain or another SMMU")
             }
             InitError::StreamTableNotAdoptable { running, expected } => write!(
                 f,

@@ -223,7 +223,7 @@ fn prepare_freezes_atomically_while_other_threads_map() {
         let pool = handover_pool();
         let d = smmu
             .create_stage1(
-                pool.take_arena().unwrap(),
+                pool.take_memory().unwrap(),
                 Stage1Options {
                     input_bits: 39,
                     el2: false,

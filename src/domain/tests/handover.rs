@@ -4,8 +4,8 @@ use super::*;
 
 /// A handover pool over leaked host memory, for domains to preserve.
 pub(super) fn handover_pool() -> &'static crate::handover::pool::HandoverPool {
-    use crate::handover::pool::{ARENAS, HandoverPool, METADATA_BYTES};
-    let bytes = METADATA_BYTES as usize + ARENAS * 256 * 1024;
+    use crate::handover::pool::{HandoverPool, METADATA_BYTES};
+    let bytes = METADATA_BYTES as usize + (4 << 20);
     let memory: &'static mut [u64] = std::boxed::Box::leak(std::vec![0u64; bytes / 8].into_boxed_slice());
     let pool: &'static HandoverPool = std::boxed::Box::leak(std::boxed::Box::new(HandoverPool::new()));
     let region = crate::mem::Extent {
@@ -23,7 +23,7 @@ fn tokens_collide_in_the_index_and_preservation_never_outlives_its_domain() {
     let model = Model::start(frames);
     let mut smmu = smmu(&model, frames);
     let pool = handover_pool();
-    let arena: DomainMemory = pool.take_arena().unwrap();
+    let arena: DomainMemory = pool.take_memory().unwrap();
     let a = smmu
         .create_stage1(
             arena,
@@ -34,7 +34,7 @@ fn tokens_collide_in_the_index_and_preservation_never_outlives_its_domain() {
         )
         .unwrap();
     let parent = smmu
-        .create_stage2(pool.take_arena().unwrap(), Stage2Options { input_bits: 40 })
+        .create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 })
         .unwrap();
     let ordinary = s1(&mut smmu, frames);
     // Ordinary memory would not survive.
@@ -83,7 +83,7 @@ fn tokens_collide_in_the_index_and_preservation_never_outlives_its_domain() {
     smmu.free_domain(a).unwrap();
     // The token is free for another domain.
     let b = smmu
-        .create_stage1(pool.take_arena().unwrap(), Stage1Options::default())
+        .create_stage1(pool.take_memory().unwrap(), Stage1Options::default())
         .unwrap();
     smmu.preserve(b, 0xa).unwrap();
     assert_eq!(smmu.preserved(0xa), Some(b));
@@ -155,21 +155,21 @@ fn a_handover_arena_serves_one_domain() {
     let model = Model::start(frames);
     let smmu = smmu(&model, frames);
     let pool = handover_pool();
-    let arena = pool.take_arena().unwrap();
+    let arena = pool.take_memory().unwrap();
     let d = smmu.create_stage1(arena, Stage1Options::default()).unwrap();
-    let used = arena.extent().unwrap().len;
+    let used = arena.frames();
     assert_eq!(
         smmu.create_stage2(arena, Stage2Options { input_bits: 40 }),
         Err(DomainError::MemoryOwned)
     );
     assert_eq!(smmu.vmids_in_use(), 0, "the refused creation gave its VMID back");
     assert_eq!(
-        arena.extent().unwrap().len,
+        arena.frames(),
         used,
         "the refused creation allocated nothing from the arena"
     );
     // A creation that fails after the claim gives the claim back: the arena still serves a domain.
-    let other = pool.take_arena().unwrap();
+    let other = pool.take_memory().unwrap();
     assert!(matches!(
         smmu.create_stage1(
             other,
@@ -183,7 +183,7 @@ fn a_handover_arena_serves_one_domain() {
     let e = smmu.create_stage1(other, Stage1Options::default()).unwrap();
     smmu.free_domain(e).unwrap();
     smmu.free_domain(d).unwrap();
-    assert_eq!(pool.arenas_in_use(), 0, "freeing the owner retires the arena");
+    assert_eq!(pool.memories_in_use(), 0, "freeing the owner retires the arena");
 }
 
 /// The SMMU's own memory is its alone: an arena holding its stream table and queues serves no domain (whose
@@ -196,7 +196,7 @@ fn an_arena_holding_the_smmus_own_structures_serves_no_domain() {
     let region = pool.region().unwrap();
     let model = Model::start(frames);
     *model.window.lock().unwrap() = Some((region.base, pool.metadata_address().unwrap() as usize, region.len));
-    let owned = pool.take_arena().unwrap();
+    let owned = pool.take_memory().unwrap();
     let first = smmu(&model, frames);
     let d = first.create_stage1(owned, Stage1Options::default()).unwrap();
     drop(first);
@@ -205,7 +205,7 @@ fn an_arena_holding_the_smmus_own_structures_serves_no_domain() {
         Some(crate::InitError::MemoryOwned),
         "{d}'s arena"
     );
-    let core = pool.take_arena().unwrap();
+    let core = pool.take_window(pool.window_bytes().unwrap()).unwrap();
     let on_arena = model.smmu().init(core, &crate::InitOptions::default()).unwrap();
     assert_eq!(
         on_arena.create_stage1(core, Stage1Options::default()),
@@ -221,7 +221,7 @@ fn an_arena_holding_the_smmus_own_structures_serves_no_domain() {
     let d = smmu.create_stage1(core, Stage1Options::default()).unwrap();
     smmu.free_domain(d).unwrap();
     assert_eq!(
-        pool.arenas_in_use(),
+        pool.memories_in_use(),
         1,
         "only the first domain's arena, which it never freed"
     );

@@ -83,7 +83,7 @@ fn a_guest_invalidation_racing_prepare_takes_no_second_slot_lock_and_never_deadl
         let smmu: &'static Iommu<&'static HeapFrames> = Box::leak(Box::new(smmu(&model, frames)));
         let pool = handover_pool();
         let parent = smmu
-            .create_stage2(pool.take_arena().unwrap(), Stage2Options { input_bits: 40 })
+            .create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 })
             .unwrap();
         let nested = smmu.create_nested(parent, GUEST).unwrap();
         assert!(parent.index() < nested.index());
@@ -132,7 +132,7 @@ fn a_trim_after_a_single_page_unmap_rechecks_the_freeze_and_never_changes_a_froz
         let pool = handover_pool();
         let d = smmu
             .create_stage1(
-                pool.take_arena().unwrap(),
+                pool.take_memory().unwrap(),
                 Stage1Options {
                     input_bits: 39,
                     el2: false,

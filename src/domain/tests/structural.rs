@@ -74,7 +74,7 @@ fn a_handoffs_records_wait_for_an_attach_half_way_and_then_include_it() {
     let pool = handover_pool();
     let d = smmu
         .create_stage1(
-            pool.take_arena().unwrap(),
+            pool.take_memory().unwrap(),
             Stage1Options {
                 input_bits: 39,
                 el2: false,

@@ -484,7 +484,17 @@ fn decode_record(
     }
 
     let extents: Entries<'_, Extent> = Entries::from_bytes(parts.extents, parts.extent_count);
+    let mut after = 0u64;
     for e in extents.iter() {
+        // A record's extents come in ascending order (a restore looks tables up in them by address).
+        if e.base < after {
+            return Err(HandoverError::BadValue {
+                token,
+                what: "extent base (each extent after the one before)",
+                value: e.base,
+            });
+        }
+        after = e.base.saturating_add(e.len);
         if e.len == 0 {
             return Err(HandoverError::BadValue {
                 token,

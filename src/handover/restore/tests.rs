@@ -5,7 +5,6 @@ extern crate std;
 
 use super::*;
 use crate::domain::{DomainId, Stage1Options, Stage2Options};
-use crate::handover::pool::ARENAS;
 use crate::handover::pool::METADATA_BYTES;
 use crate::hw::ste::Config;
 use crate::pgtable::Prot;
@@ -31,7 +30,7 @@ pub(crate) struct Region {
 
 impl Region {
     pub(crate) fn new() -> Region {
-        let bytes = METADATA_BYTES as usize + ARENAS * 256 * 1024;
+        let bytes = METADATA_BYTES as usize + 16 * 256 * 1024;
         Region {
             memory: Box::leak(std::vec![0u64; bytes / 8].into_boxed_slice()),
             extent: Extent {
@@ -41,10 +40,10 @@ impl Region {
         }
     }
 
-    /// A region whose arenas are `arena_bytes` each (its memory zeroed lazily by the host: only what is written
-    /// is committed).
-    pub(crate) fn with_arenas_of(arena_bytes: usize) -> Region {
-        let bytes = METADATA_BYTES as usize + ARENAS * arena_bytes;
+    /// A region whose pool is `pool_bytes` (a multiple of 64 KiB; its memory zeroed lazily by the host: only what
+    /// is written is committed).
+    pub(crate) fn with_pool_of(pool_bytes: usize) -> Region {
+        let bytes = METADATA_BYTES as usize + pool_bytes;
         Region {
             memory: Box::leak(std::vec![0u64; bytes / 8].into_boxed_slice()),
             extent: Extent {
@@ -77,7 +76,7 @@ pub(crate) fn arena_stage1(smmu: &mut Iommu<&'static HeapFrames>, pool: &'static
         input_bits: 39,
         el2: false,
     };
-    smmu.create_stage1(pool.take_arena().unwrap(), options).unwrap()
+    smmu.create_stage1(pool.take_memory().unwrap(), options).unwrap()
 }
 
 /// Makes `sid` bypass on a driver whose running hand-off is prepared, writing its STE through the crate's
@@ -110,7 +109,7 @@ pub(crate) fn first_image(region: &mut Region, frames: &'static HeapFrames) {
     smmu.map(s1, 0x4000_0000, 0x9000_0000, 0x20_0000, RW).unwrap();
     smmu.attach(s1, 0x10).unwrap();
     let parent = smmu
-        .create_stage2(pool.take_arena().unwrap(), Stage2Options { input_bits: 40 })
+        .create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 })
         .unwrap();
     smmu.map(parent, 0x4000_0000, 0x4000_0000, 0x4000_0000, RW).unwrap();
     let guest = crate::domain::GuestStage1 {
@@ -122,10 +121,10 @@ pub(crate) fn first_image(region: &mut Region, frames: &'static HeapFrames) {
     let nested = smmu.create_nested(parent, guest).unwrap();
     smmu.attach(nested, 0x18).unwrap();
     let dropped = smmu
-        .create_stage1(pool.take_arena().unwrap(), Stage1Options::default())
+        .create_stage1(pool.take_memory().unwrap(), Stage1Options::default())
         .unwrap();
     let unclaimed = smmu
-        .create_stage2(pool.take_arena().unwrap(), Stage2Options { input_bits: 40 })
+        .create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 })
         .unwrap();
     smmu.map(unclaimed, 0, 0x8000_0000, 0x1000, RW).unwrap();
     smmu.attach(unclaimed, 0x20).unwrap();
@@ -205,10 +204,10 @@ fn preserved_domains_come_back_by_token_with_their_tables_in_place() {
 
     // finish: the unclaimed domain's stream aborts, its arena is free again, the region is re-armed empty.
     assert_eq!(smmu.low_level().ste(0x20).unwrap().config(), Config::Stage2);
-    let in_use = pool.arenas_in_use();
+    let in_use = pool.memories_in_use();
     assert_eq!(smmu.finish_handover(pool, BASE), Ok(FinishReport { unclaimed: 1 }));
     assert_eq!(smmu.low_level().ste(0x20).unwrap().config(), Config::Abort);
-    assert_eq!(pool.arenas_in_use(), in_use - 1);
+    assert_eq!(pool.memories_in_use(), in_use - 1);
     assert_eq!(
         smmu.restore_handover(pool, BASE, &ANYWHERE).map(|r| r.domains),
         Ok(0),
@@ -237,7 +236,7 @@ fn a_corrupt_region_is_refused_whole_and_left_untouched() {
     for sid in [0x10, 0x18, 0x20] {
         assert_ne!(smmu.low_level().ste(sid).map(|s| s.config()), Ok(Config::Stage1));
     }
-    assert_eq!(pool.arenas_in_use(), 0, "no arena taken back");
+    assert_eq!(pool.memories_in_use(), 0, "no arena taken back");
     let after: std::vec::Vec<u8> = (0..4096).map(|i| *region.byte(i)).collect();
     assert_eq!(after, snapshot, "the region's bytes are left for diagnosis");
 }
@@ -266,17 +265,17 @@ fn a_region_for_another_smmu_is_refused() {
 
 #[test]
 fn a_hand_off_with_the_smmu_running_never_turns_translation_off() {
-    use crate::handover::pool::HandoverArena;
+    use crate::handover::pool::HandoverMemory;
     let frames = frames();
     let mut region = Region::new();
     let model = Model::start(frames);
     let pool = region.pool();
     *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
-    let core = pool.take_arena().unwrap();
-    let mut first: Iommu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
+    let core = pool.take_window(pool.window_bytes().unwrap()).unwrap();
+    let mut first: Iommu<&'static HandoverMemory> = model.smmu().init(core, &InitOptions::default()).unwrap();
     let d = first
         .create_stage1(
-            pool.take_arena().unwrap(),
+            pool.take_memory().unwrap(),
             Stage1Options {
                 input_bits: 39,
                 el2: false,
@@ -373,7 +372,7 @@ fn after_prepare_nothing_recorded_grows_until_the_hand_off_is_cancelled() {
     let model = Model::start(frames);
     let smmu = boot(&model, frames);
     let pool = region.pool();
-    let arena = pool.take_arena().unwrap();
+    let arena = pool.take_memory().unwrap();
     let d = smmu
         .create_stage1(
             arena,
@@ -423,7 +422,7 @@ fn a_region_beyond_this_image_is_refused_before_anything_changes() {
         "{error}"
     );
     assert_eq!(
-        (pool.arenas_in_use(), smmu.asids_in_use(), smmu.vmids_in_use()),
+        (pool.memories_in_use(), smmu.asids_in_use(), smmu.vmids_in_use()),
         (0, 0, 0)
     );
     assert_ne!(
@@ -469,7 +468,7 @@ fn a_record_with_more_streams_than_a_domain_holds_is_refused_before_anything_cha
     );
     assert_eq!(issued_since(&model, before), [], "nothing installed, nothing to undo");
     assert_eq!(
-        (pool.arenas_in_use(), smmu.asids_in_use(), smmu.vmids_in_use()),
+        (pool.memories_in_use(), smmu.asids_in_use(), smmu.vmids_in_use()),
         (0, 0, 0)
     );
     assert!(smmu.retrieve(0x51).is_err());
@@ -491,7 +490,7 @@ fn a_region_with_more_streams_than_this_image_can_hold_is_refused_before_any_ste
         let smmu = boot(&model, frames);
         let pool = region.pool();
         let d = smmu
-            .create_stage2(pool.take_arena().unwrap(), Stage2Options { input_bits: 40 })
+            .create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 })
             .unwrap();
         smmu.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
         smmu.attach(d, 0x10).unwrap();
@@ -520,7 +519,7 @@ fn a_region_with_more_streams_than_this_image_can_hold_is_refused_before_any_ste
         }
     );
     assert_eq!(issued_since(&model, before), [], "nothing installed, nothing to undo");
-    assert_eq!(pool.arenas_in_use(), 0);
+    assert_eq!(pool.memories_in_use(), 0);
     assert_ne!(smmu.low_level().ste(0x10).map(|s| s.config()), Ok(Config::Stage2));
     core::mem::forget(smmu);
 }
@@ -620,7 +619,7 @@ fn a_restored_cd_table_loses_the_substreams_no_record_names_with_their_cfgi_cd()
         let smmu = boot(&model, frames);
         let pool = region.pool();
         let whole = smmu
-            .create_stage1(pool.take_arena().unwrap(), Stage1Options::default())
+            .create_stage1(pool.take_memory().unwrap(), Stage1Options::default())
             .unwrap();
         let dropped = smmu.create_stage1(frames, Stage1Options::default()).unwrap();
         smmu.attach(whole, 0x10).unwrap();
@@ -657,7 +656,7 @@ fn a_restore_into_an_image_that_took_a_recorded_id_or_stream_changes_nothing() {
         let mut smmu = boot(&model, frames);
         let pool = region.pool();
         let parent = smmu
-            .create_stage2(pool.take_arena().unwrap(), Stage2Options { input_bits: 40 })
+            .create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 })
             .unwrap();
         let d = arena_stage1(&mut smmu, pool);
         smmu.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
@@ -681,7 +680,7 @@ fn a_restore_into_an_image_that_took_a_recorded_id_or_stream_changes_nothing() {
         matches!(error, RestoreError::BeyondLimits { token: 0x61, .. }),
         "{error}"
     );
-    assert_eq!(pool.arenas_in_use(), 0, "every arena taken back is given back");
+    assert_eq!(pool.memories_in_use(), 0, "every arena taken back is given back");
     assert_eq!((smmu.asids_in_use(), smmu.vmids_in_use()), (1, 0), "no ID kept");
     assert_eq!(
         smmu.domains.book.lock().free_slots(),
@@ -707,7 +706,7 @@ fn a_restore_into_an_image_that_took_a_recorded_id_or_stream_changes_nothing() {
         matches!(error, RestoreError::BeyondLimits { token: 0x61, what, value: 0x10 } if what.contains("StreamID")),
         "{error}"
     );
-    assert_eq!(pool.arenas_in_use(), 0);
+    assert_eq!(pool.memories_in_use(), 0);
     assert_eq!(
         smmu.low_level().ste(0x10).map(|s| s.config()),
         Ok(Config::Stage1),
@@ -742,7 +741,7 @@ fn an_identity_domain_comes_back_an_identity_domain() {
             let model = Model::start(frames);
             let smmu = boot(&model, frames);
             let pool = region.pool();
-            let id = smmu.create_identity(pool.take_arena().unwrap(), stage2, &ram).unwrap();
+            let id = smmu.create_identity(pool.take_memory().unwrap(), stage2, &ram).unwrap();
             smmu.attach(id, 0x10).unwrap();
             smmu.preserve(id, 0x1d).unwrap();
             smmu.prepare_handover(pool, BASE, 3, SURVIVING).unwrap();
@@ -821,20 +820,38 @@ fn two_smmus() {
     let da = a.retrieve(0xa).unwrap();
     assert_eq!(a.iova_to_phys(da, 0x1000), Ok(Some(0x8000_0000)));
     assert_eq!(a.finish_handover(pool, BASE), Ok(FinishReport { unclaimed: 0 }));
-    // The first SMMU grows: every arena it can take gets a domain (whose root table zeroes a frame of it).
+    // The first SMMU grows: a domain of its takes (and zeroes) every frame the pool hands out, until none is
+    // left; none of them is one the second's record names.
+    let named: std::vec::Vec<Extent> = {
+        let metadata = pool.lock_metadata().unwrap();
+        let decoded = crate::handover::format::sample::decode(&metadata, pool.pool().unwrap()).unwrap();
+        decoded.instances[0]
+            .records
+            .iter()
+            .flat_map(|r| r.extents.iter().collect::<std::vec::Vec<_>>())
+            .collect()
+    };
+    assert!(!named.is_empty());
+    let memory = pool.take_memory().unwrap();
+    a.create_stage1(
+        memory,
+        Stage1Options {
+            input_bits: 39,
+            el2: false,
+        },
+    )
+    .unwrap();
     let mut grown = 0;
-    while let Ok(arena) = pool.take_arena() {
-        a.create_stage1(
-            arena,
-            Stage1Options {
-                input_bits: 39,
-                el2: false,
-            },
-        )
-        .unwrap();
+    while let Ok(block) = memory.allocate_zeroed(4096, 4096) {
+        assert!(
+            named.iter().all(|e| !e.contains(block.phys.0, 4096)),
+            "{:#x}",
+            block.phys.0
+        );
         grown += 1;
     }
-    assert_eq!(grown, ARENAS - 2, "every arena but the two the records hold");
+    assert_eq!(pool.free_frames(), 0);
+    assert!(grown > 1000);
     // The second restores as if alone: its record, its arena and its table as it left them.
     assert_eq!(b.restore_handover(pool, BASE_B, &ANYWHERE).unwrap().domains, 1);
     let db = b.retrieve(0xb).unwrap();
@@ -851,8 +868,8 @@ fn two_smmus() {
     );
 }
 
-/// After a hand-off with the SMMU left running, the arena holding its live stream table is not handed out
-/// before that SMMU is adopted, any more than the arenas its records name: another SMMU's driver taking arenas
+/// After a hand-off with the SMMU left running, the frames holding its live stream table are not handed out
+/// before that SMMU is adopted, any more than the frames its records name: another SMMU's driver taking memory
 /// first (several SMMUs share the region) would otherwise zero the running SMMU's STEs.
 #[test]
 fn a_running_smmus_own_arena_is_not_handed_out() {
@@ -871,21 +888,19 @@ fn a_running_smmus_own_arena_is_not_handed_out() {
         }
     };
     assert_ne!(core.len, 0, "a hand-off with the SMMU running");
+    let memory = pool.take_memory().unwrap();
     let mut taken = 0;
-    while let Ok(arena) = pool.take_arena() {
-        // A fresh arena's extent starts at its base.
-        let base = arena.handover_extent().unwrap().base;
-        let first_frame = Extent {
-            base,
-            len: crate::handover::pool::FRAME,
-        };
+    while let Ok(block) = memory.allocate_zeroed(4096, 4096) {
         assert!(
-            !core.overlaps(&first_frame),
-            "the live stream table's arena at {base:#x}"
+            !core.contains(block.phys.0, 4096),
+            "the live stream table's frame {:#x}",
+            block.phys.0
         );
         taken += 1;
     }
-    assert_eq!(taken, ARENAS - 2, "every arena but the running SMMU's and its domain's");
+    assert!(taken > 1000, "every other frame");
+    // The running SMMU is adopted with its window, as it left it.
+    assert!(pool.adoptable(core::iter::once(core)));
 }
 
 /// The restore reads the records from the copy it validated, never again from the region: a region rewritten
@@ -958,7 +973,7 @@ fn more_records_than_one_restore_rebuilds_are_refused_before_anything_changes() 
     );
     assert_eq!(issued_since(&model, before), [], "nothing installed, nothing to undo");
     assert_eq!(
-        (pool.arenas_in_use(), smmu.asids_in_use(), smmu.vmids_in_use()),
+        (pool.memories_in_use(), smmu.asids_in_use(), smmu.vmids_in_use()),
         (0, 0, 0)
     );
     core::mem::forget(smmu);

@@ -40,7 +40,7 @@ fn first_image(region: &mut Region, frames: &'static HeapFrames) -> Preserved {
     let pool = region.pool();
     let s1 = smmu
         .create_stage1(
-            pool.take_arena().unwrap(),
+            pool.take_memory().unwrap(),
             Stage1Options {
                 input_bits: 48,
                 el2: false,
@@ -52,7 +52,7 @@ fn first_image(region: &mut Region, frames: &'static HeapFrames) -> Preserved {
     smmu.map(s1, 0x4000_0000, 0x9000_0000, 0x20_0000, RW).unwrap();
     smmu.attach(s1, 0x10).unwrap();
     let s2 = smmu
-        .create_stage2(pool.take_arena().unwrap(), Stage2Options { input_bits: 40 })
+        .create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 })
         .unwrap();
     smmu.map(s2, 0x1000, 0x8100_0000, 0x1000, RW).unwrap();
     smmu.map(s2, 0x4000_0000, 0x4000_0000, 0x4000_0000, RW).unwrap();
@@ -121,7 +121,7 @@ fn restore(
             [],
             "a refusal issues nothing: no STE, no CD"
         );
-        assert_eq!(pool.arenas_in_use(), 0, "no arena taken");
+        assert_eq!(pool.memories_in_use(), 0, "no arena taken");
         assert_eq!((smmu.asids_in_use(), smmu.vmids_in_use()), (0, 0), "no ID taken");
         for sid in [0x10, 0x20] {
             assert!(
@@ -529,7 +529,7 @@ fn a_nested_guest_context_no_ste_can_hold_is_refused_before_the_rebuild() {
         let smmu = boot(&model, frames);
         let pool = region.pool();
         let parent = smmu
-            .create_stage2(pool.take_arena().unwrap(), Stage2Options { input_bits: 40 })
+            .create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 })
             .unwrap();
         smmu.map(parent, 0x4000_0000, 0x4000_0000, 0x20_0000, RW).unwrap();
         let guest = crate::domain::GuestStage1 {
@@ -585,7 +585,7 @@ fn prepare_refuses_a_preserved_domain_mapping_memory_that_does_not_survive_or_is
         len: 0x100_0000,
     }];
     let d = smmu
-        .create_stage1(pool.take_arena().unwrap(), Stage1Options::default())
+        .create_stage1(pool.take_memory().unwrap(), Stage1Options::default())
         .unwrap();
     smmu.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
     // The image's own RAM, which the next image reuses.
@@ -649,7 +649,7 @@ proptest::proptest! {
             let model = Model::start(frames);
             let smmu = boot(&model, frames);
             let pool = region.pool();
-            let d = smmu.create_stage1(pool.take_arena().unwrap(), Stage1Options::default()).unwrap();
+            let d = smmu.create_stage1(pool.take_memory().unwrap(), Stage1Options::default()).unwrap();
             for &(kind, p, n) in &ops {
                 let n = if kind == 1 { 1 } else { n.min(192 - p / 8) };
                 match kind {
@@ -768,7 +768,7 @@ fn review_two_streams_naming_one_cd_table_are_refused() {
         let pool = region.pool();
         let d = smmu
             .create_stage1(
-                pool.take_arena().unwrap(),
+                pool.take_memory().unwrap(),
                 Stage1Options {
                     input_bits: 48,
                     el2: false,
@@ -965,7 +965,7 @@ fn cd_tables_are_placed_and_kept_apart_in_every_verification_mode() {
             let smmu = boot(&model, frames);
             let pool = region.pool();
             let d = smmu
-                .create_stage1(pool.take_arena().unwrap(), Stage1Options::default())
+                .create_stage1(pool.take_memory().unwrap(), Stage1Options::default())
                 .unwrap();
             smmu.map(d, 0x1000, 0x8000_0000, 0x2000, RW).unwrap();
             smmu.attach(d, 0x10).unwrap();

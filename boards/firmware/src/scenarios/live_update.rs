@@ -24,7 +24,7 @@
 use core::fmt::Write;
 
 use smmuv3::handover::Extent;
-use smmuv3::handover::pool::HandoverArena;
+use smmuv3::handover::pool::HandoverMemory;
 use smmuv3::handover::verify::RestoreOptions;
 use smmuv3::mem::FrameAllocator;
 use smmuv3::{DomainId, DomainKind, GuestContext, Iommu, Stage1Options, Stage2Options};
@@ -77,8 +77,15 @@ pub(super) fn note_data(values: &[u64]) -> [u64; 16] {
     data
 }
 
-pub(super) fn arena() -> Result<&'static HandoverArena, Failure> {
-    POOL.take_arena().or_else(|e| fail!("{e}"))
+pub(super) fn arena() -> Result<&'static HandoverMemory, Failure> {
+    POOL.take_memory().or_else(|e| fail!("{e}"))
+}
+
+/// A window of the pool for the SMMU's own structures (a hand-off with the SMMU running records them as one
+/// extent from the stream table).
+pub(super) fn core_window() -> Result<&'static HandoverMemory, Failure> {
+    let bytes = POOL.window_bytes().or_else(|e| fail!("{e}"))?;
+    POOL.take_window(bytes).or_else(|e| fail!("{e}"))
 }
 
 /// A DMA buffer page (physical = virtual in this firmware), from the DMA pool: RAM that survives the reset and
@@ -117,7 +124,7 @@ pub(super) fn start_lu(context: &Context) -> Result<Session, Failure> {
     Ok(s)
 }
 
-pub(super) fn create(s: &mut Session, kind: DomainKind, arena: &'static HandoverArena) -> Result<DomainId, Failure> {
+pub(super) fn create(s: &mut Session, kind: DomainKind, arena: &'static HandoverMemory) -> Result<DomainId, Failure> {
     let ipa_bits = 40.min(s.features().oas_bits);
     match kind {
         DomainKind::Stage1 => s.create_stage1(
@@ -428,7 +435,7 @@ fn preserve_and_reset(context: &Context, edu: &Edu, sid: u32, mut s: Session, un
     }
     s.prepare_handover(&POOL, smmu_base(context), 1, &surviving())
         .or_else(|e| fail!("{e}"))?;
-    reset_with(s, note_data(&[source, destination, POOL.arenas_in_use() as u64]))
+    reset_with(s, note_data(&[source, destination, POOL.memories_in_use() as u64]))
 }
 
 /// `lu-unclaimed`.
@@ -440,15 +447,15 @@ pub fn lu_unclaimed(context: &mut Context) -> Result<(), Failure> {
     };
     let [source, destination, ..] = note.data;
     restore(context, &mut s)?;
-    let in_use = POOL.arenas_in_use();
+    let in_use = POOL.memories_in_use();
     // Until finish, the preserved stream translates as before.
     dma(&edu, source, IOVA_DESTINATION, destination, 0x62)?;
     let unclaimed = finish(context, &mut s)?;
-    if unclaimed != 1 || POOL.arenas_in_use() != in_use - 1 {
+    if unclaimed != 1 || POOL.memories_in_use() != in_use - 1 {
         fail!(
             "finish freed {unclaimed} domain(s); arenas in use {} -> {}",
             in_use,
-            POOL.arenas_in_use()
+            POOL.memories_in_use()
         )
     }
     expect_aborted(&edu, IOVA_DESTINATION, destination)?;
@@ -724,8 +731,8 @@ pub fn lu_noreset(context: &mut Context) -> Result<(), Failure> {
     let Some(note) = after_reset() else {
         let next = crate::handoff::next_image(context.config.next_image).or_else(|e| fail!("{e}"))?;
         let smmu = super::smmu(context)?;
-        let core = arena()?;
-        let mut s: Iommu<&'static HandoverArena> = smmu
+        let core = core_window()?;
+        let mut s: Iommu<&'static HandoverMemory> = smmu
             .init(core, &smmuv3::InitOptions::default())
             .or_else(|e| fail!("{e}"))?;
         declare(&mut s)?;

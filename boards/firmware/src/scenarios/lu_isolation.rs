@@ -7,7 +7,7 @@
 
 use core::fmt::Write;
 
-use smmuv3::handover::pool::HandoverArena;
+use smmuv3::handover::pool::HandoverMemory;
 use smmuv3::handover::restore::running_smmu;
 use smmuv3::handover::verify::RestoreOptions;
 use smmuv3::hw::ste::Config;
@@ -134,8 +134,8 @@ pub fn lu_adopt_refused(context: &mut Context) -> Result<(), Failure> {
     let Some(note) = after_reset() else {
         let next = handoff::next_image(context.config.next_image).or_else(|e| fail!("{e}"))?;
         let smmu = super::smmu(context)?;
-        let core = arena()?;
-        let s: Iommu<&'static HandoverArena> = smmu
+        let core = super::live_update::core_window()?;
+        let s: Iommu<&'static HandoverMemory> = smmu
             .init(core, &smmuv3::InitOptions::default())
             .or_else(|e| fail!("{e}"))?;
         let kind = super::domains::preferred_kind(s.features());

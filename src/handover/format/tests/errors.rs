@@ -590,6 +590,15 @@ fn address_errors_name_what_is_wrong() {
 
 #[test]
 fn overlapping_extents_are_refused_across_records_and_instances() {
+    // Within one record: each extent after the one before.
+    assert_eq!(
+        decode_edited(|f| f[0].records[0].extents.push(ext(P + 0x1_0000, 0x1000))),
+        Err(HandoverError::BadValue {
+            token: 0x10,
+            what: "extent base (each extent after the one before)",
+            value: P + 0x1_0000
+        })
+    );
     // Within one instance.
     assert_eq!(
         decode_edited(|f| f[0].records[2].extents[0] = ext(P + 0x2_8000, 0x1000)),
@@ -601,7 +610,7 @@ fn overlapping_extents_are_refused_across_records_and_instances() {
         })
     );
     // Across instances (the same token in both).
-    let e = decode_edited(|f| f[1].records[0].extents.push(ext(P + 0x1_ffff, 2))).unwrap_err();
+    let e = decode_edited(|f| f[1].records[0].extents.insert(0, ext(P + 0x1_ffff, 2))).unwrap_err();
     assert_eq!(
         e,
         HandoverError::Overlap {
@@ -612,14 +621,10 @@ fn overlapping_extents_are_refused_across_records_and_instances() {
         }
     );
     assert!(e.to_string().contains("overlaps"), "{e}");
-    // Within one record; an extent inside a larger one that precedes a third.
+    // Within one record, an extent inside the one before it: not after it.
     assert!(matches!(
         decode_edited(|f| f[0].records[0].extents.push(ext(P + 0x100, 0x100))),
-        Err(HandoverError::Overlap {
-            token_a: 0x10,
-            token_b: 0x10,
-            ..
-        })
+        Err(HandoverError::BadValue { token: 0x10, value, .. }) if value == P + 0x100
     ));
     // Adjacent extents do not overlap.
     assert!(decode_edited(|f| f[0].records[2].extents.push(ext(P + 0x3_1000, 0x1000))).is_ok());

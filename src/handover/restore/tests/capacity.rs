@@ -23,14 +23,14 @@ fn the_last_block_of_a_tib_is_verified_too() {
 fn tib_in_blocks(tamper_last: bool) {
     let frames = frames();
     // 1 TiB in 2 MiB blocks needs 512 level-2 tables for its second half: 2 MiB of tables, plus the root.
-    let mut region = Region::with_arenas_of(4 << 20);
+    let mut region = Region::with_pool_of(4 << 20);
     let half = TIB / 2;
     {
         let model = Model::start(frames);
         let smmu = boot(&model, frames);
         let pool = region.pool();
         let d = smmu
-            .create_stage2(pool.take_arena().unwrap(), Stage2Options { input_bits: 42 })
+            .create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 42 })
             .unwrap();
         smmu.map(d, 0, TIB, half, RW).unwrap();
         smmu.map(d, half, TIB + half + (2 << 20), half, RW).unwrap();
@@ -59,7 +59,7 @@ fn tib_in_blocks(tamper_last: bool) {
             matches!(result, Err(RestoreError::Verify { token: 0x7b, .. })),
             "{result:?}"
         );
-        assert_eq!(pool.arenas_in_use(), 0);
+        assert_eq!(pool.memories_in_use(), 0);
         core::mem::forget(smmu);
         return;
     }
@@ -83,21 +83,21 @@ fn tib_in_blocks(tamper_last: bool) {
 }
 
 /// 64 GiB of a VM's RAM in 4 KiB pages (a stage 2 whose output is 4 KiB off every block boundary, so only pages
-/// fit): 128 MiB of level-3 tables in one arena of sparse host memory, preserved, restored with every table
+/// fit): 128 MiB of level-3 tables from a pool of sparse host memory, preserved, restored with every table
 /// walked, translating as before.
 #[test]
 fn sixty_four_gib_in_pages_is_preserved_and_restored_verified() {
     const SIZE: u64 = 64 * GIB;
     let frames = frames();
     // 16 Mi pages: 32 Ki level-3 tables (128 MiB), 64 level-2 tables and the root.
-    let mut region = Region::with_arenas_of((130 << 20) as usize);
+    let mut region = Region::with_pool_of(132 << 20);
     let output = TIB + 0x1000;
     {
         let model = Model::start(frames);
         let smmu = boot(&model, frames);
         let pool = region.pool();
         let d = smmu
-            .create_stage2(pool.take_arena().unwrap(), Stage2Options { input_bits: 40 })
+            .create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 })
             .unwrap();
         smmu.map(d, 0, output, SIZE, RW).unwrap();
         smmu.attach(d, 0x10).unwrap();

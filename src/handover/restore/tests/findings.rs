@@ -19,19 +19,19 @@ pub(super) fn stage1_asid<A: FrameAllocator>(smmu: &Iommu<A>, d: DomainId) -> u1
 /// domain's). Nothing but a call the docs ask for (`abort_unrestored_streams`) prevents it.
 #[test]
 fn finding4_after_a_running_hand_off_no_new_domain_shares_an_asid_with_a_stream_the_previous_image_left() {
-    use crate::handover::pool::HandoverArena;
+    use crate::handover::pool::HandoverMemory;
     let frames = frames();
     let mut region = Region::new();
     let model = Model::start(frames);
     let pool = region.pool();
     *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
-    let core = pool.take_arena().unwrap();
-    let mut first: Iommu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
+    let core = pool.take_window(pool.window_bytes().unwrap()).unwrap();
+    let mut first: Iommu<&'static HandoverMemory> = model.smmu().init(core, &InitOptions::default()).unwrap();
     let options = Stage1Options {
         input_bits: 39,
         el2: false,
     };
-    let kept = first.create_stage1(pool.take_arena().unwrap(), options).unwrap();
+    let kept = first.create_stage1(pool.take_memory().unwrap(), options).unwrap();
     first.map(kept, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
     first.attach(kept, 0x10).unwrap();
     // Not preserved: its tables in ordinary memory, its stream live at the hand-off. This driver refuses to
@@ -97,7 +97,7 @@ fn finding5_a_restore_refuses_a_substream_of_a_stream_another_record_holds() {
         let whole = arena_stage1(&mut smmu, pool);
         let el2 = smmu
             .create_stage1(
-                pool.take_arena().unwrap(),
+                pool.take_memory().unwrap(),
                 Stage1Options {
                     input_bits: 39,
                     el2: true,
@@ -233,25 +233,25 @@ fn finding7_a_refused_restore_never_takes_away_a_parent_an_earlier_hand_off_left
 /// STE is read by the SMMU as that STE.)
 #[test]
 fn finding9_a_domain_never_frees_the_arena_that_holds_the_smmus_own_stream_table() {
-    use crate::handover::pool::HandoverArena;
+    use crate::handover::pool::HandoverMemory;
     let frames = frames();
     let mut region = Region::new();
     let model = Model::start(frames);
     let pool = region.pool();
     *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
-    let core = pool.take_arena().unwrap();
-    let smmu: Iommu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
+    let core = pool.take_window(pool.window_bytes().unwrap()).unwrap();
+    let smmu: Iommu<&'static HandoverMemory> = model.smmu().init(core, &InitOptions::default()).unwrap();
     let strtab = smmu.configuration().stream_table_base;
     let other = smmu.create_stage1(frames, Stage1Options::default()).unwrap();
     smmu.attach(other, 0x10).unwrap();
     assert_eq!(smmu.low_level().ste(0x10).map(|s| s.config()), Ok(Config::Stage1));
-    assert_eq!(pool.arenas_in_use(), 1, "the SMMU's own arena");
+    assert_eq!(pool.memories_in_use(), 1, "the SMMU's own arena");
     if let Ok(d) = smmu.create_stage1(core, Stage1Options::default()) {
         smmu.map(d, 0, 0x8000_0000, 0x1000, RW).unwrap();
         smmu.free_domain(d).unwrap();
     }
     assert_eq!(
-        pool.arenas_in_use(),
+        pool.memories_in_use(),
         1,
         "the arena holding the live stream table at {strtab:#x} went back to the pool, to be handed out again zeroed"
     );
@@ -344,14 +344,14 @@ fn a_running_stream_table_whose_span_overlaps_its_level1_table_is_not_adopted() 
 /// the restore then adopts whatever that device wrote into the records and the preserved memory.
 #[test]
 fn review_a_running_hand_off_leaves_no_unchecked_stream_translating_after_prepare() {
-    use crate::handover::pool::HandoverArena;
+    use crate::handover::pool::HandoverMemory;
     let frames = frames();
     let mut region = Region::new();
     let model = Model::start(frames);
     let pool = region.pool();
     *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
-    let core = pool.take_arena().unwrap();
-    let mut first: Iommu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
+    let core = pool.take_window(pool.window_bytes().unwrap()).unwrap();
+    let mut first: Iommu<&'static HandoverMemory> = model.smmu().init(core, &InitOptions::default()).unwrap();
     let d = arena_stage1_on(&mut first, pool);
     first.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
     first.attach(d, 0x10).unwrap();
@@ -379,7 +379,7 @@ fn review_a_running_hand_off_leaves_no_unchecked_stream_translating_after_prepar
 /// stream.
 #[test]
 fn a_running_hand_off_translates_only_preserved_streams_and_freezes_the_stream_configuration() {
-    use crate::handover::pool::HandoverArena;
+    use crate::handover::pool::HandoverMemory;
     // SSIDSIZE 5 (IDR1[10:6]): substreams exist.
     let idr1 = crate::smmu::tests::IDRS[1].1 | 5 << 6;
     let idr0 = crate::smmu::tests::IDRS[0].1;
@@ -388,8 +388,8 @@ fn a_running_hand_off_translates_only_preserved_streams_and_freezes_the_stream_c
     let model = Model::start_with_idrs(frames, idr0, idr1);
     let pool = region.pool();
     *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
-    let core = pool.take_arena().unwrap();
-    let mut first: Iommu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
+    let core = pool.take_window(pool.window_bytes().unwrap()).unwrap();
+    let mut first: Iommu<&'static HandoverMemory> = model.smmu().init(core, &InitOptions::default()).unwrap();
     let d = arena_stage1_on(&mut first, pool);
     first.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
     first.attach(d, 0x10).unwrap();
@@ -469,12 +469,12 @@ fn a_running_hand_off_translates_only_preserved_streams_and_freezes_the_stream_c
 }
 
 pub(super) fn arena_stage1_on(
-    smmu: &mut Iommu<&'static crate::handover::pool::HandoverArena>,
+    smmu: &mut Iommu<&'static crate::handover::pool::HandoverMemory>,
     pool: &'static HandoverPool,
 ) -> DomainId {
     let options = Stage1Options {
         input_bits: 39,
         el2: false,
     };
-    smmu.create_stage1(pool.take_arena().unwrap(), options).unwrap()
+    smmu.create_stage1(pool.take_memory().unwrap(), options).unwrap()
 }

@@ -18,12 +18,12 @@ pub(super) fn el2_first_image(region: &mut Region, frames: &'static HeapFrames, 
     let model = el2_model(frames);
     let mut smmu = boot(&model, frames);
     let pool = region.pool();
-    let a = smmu.create_stage1(pool.take_arena().unwrap(), EL2).unwrap();
+    let a = smmu.create_stage1(pool.take_memory().unwrap(), EL2).unwrap();
     smmu.map(a, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
     smmu.attach(a, 0x10).unwrap();
     smmu.preserve(a, 0x71).unwrap();
     if second {
-        let b = smmu.create_stage1(pool.take_arena().unwrap(), EL2).unwrap();
+        let b = smmu.create_stage1(pool.take_memory().unwrap(), EL2).unwrap();
         let set_el2 = |smmu: &mut Iommu<&'static HeapFrames>, value: bool| {
             if let Translation::Stage1 { el2, .. } = &mut smmu.domains.get_mut(a).unwrap().translation {
                 *el2 = value;
@@ -60,7 +60,7 @@ fn a_restore_never_puts_two_el2_domains_in_use() {
         matches!(error, RestoreError::BeyondLimits { token: 0x71, what, .. } if what.contains("EL2")),
         "{error}"
     );
-    assert_eq!(pool.arenas_in_use(), 0);
+    assert_eq!(pool.memories_in_use(), 0);
     assert_ne!(
         smmu.low_level().ste(0x10).map(|s| s.config()),
         Ok(Config::Stage1),
@@ -102,7 +102,7 @@ fn a_restore_never_puts_two_el2_domains_in_use() {
         matches!(error, RestoreError::BeyondLimits { what, .. } if what.contains("another record")),
         "{error}"
     );
-    assert_eq!(pool.arenas_in_use(), 0);
+    assert_eq!(pool.memories_in_use(), 0);
     assert!(smmu.retrieve(0x71).is_err() && smmu.retrieve(0x72).is_err());
 }
 
@@ -120,8 +120,8 @@ fn a_prepared_domain_is_frozen_until_the_hand_off_is_cancelled() {
         input_bits: 39,
         el2: false,
     };
-    let d = smmu.create_stage1(pool.take_arena().unwrap(), options).unwrap();
-    let other = smmu.create_stage1(pool.take_arena().unwrap(), options).unwrap();
+    let d = smmu.create_stage1(pool.take_memory().unwrap(), options).unwrap();
+    let other = smmu.create_stage1(pool.take_memory().unwrap(), options).unwrap();
     smmu.map(d, 0x1000, 0x8000_0000, 0x2000, RW).unwrap();
     smmu.attach(d, 0x10).unwrap();
     smmu.preserve(d, 9).unwrap();
@@ -166,7 +166,7 @@ fn a_preserved_domain_with_an_unsynced_deferred_unmap_is_not_prepared() {
         input_bits: 39,
         el2: false,
     };
-    let d = smmu.create_stage1(pool.take_arena().unwrap(), options).unwrap();
+    let d = smmu.create_stage1(pool.take_memory().unwrap(), options).unwrap();
     smmu.map(d, 0x1000, 0x8000_0000, 0x2000, RW).unwrap();
     smmu.attach(d, 0x10).unwrap();
     smmu.preserve(d, 9).unwrap();
@@ -195,7 +195,7 @@ fn a_prepared_domain_is_unpreserved_only_after_the_hand_off_is_cancelled() {
     let d = arena_stage1(&mut smmu, pool);
     smmu.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
     let parent = smmu
-        .create_stage2(pool.take_arena().unwrap(), Stage2Options { input_bits: 40 })
+        .create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 })
         .unwrap();
     let guest = crate::domain::GuestStage1 {
         cd_table: 0x4800_0000,
@@ -232,19 +232,19 @@ fn a_prepared_domain_is_unpreserved_only_after_the_hand_off_is_cancelled() {
 
 #[test]
 fn prepare_cleans_the_smmus_own_arena_for_a_hand_off_with_the_smmu_running() {
-    use crate::handover::pool::HandoverArena;
+    use crate::handover::pool::HandoverMemory;
     use crate::mem::{Maintenance, maintenance_log};
     let frames = frames();
     let mut region = Region::new();
     let model = Model::start(frames);
     let pool = region.pool();
     *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
-    let core = pool.take_arena().unwrap();
+    let core = pool.take_window(pool.window_bytes().unwrap()).unwrap();
     // A coherent SMMU: nothing was cleaned as it was written, so only prepare can put it in memory.
-    let smmu: Iommu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
+    let smmu: Iommu<&'static HandoverMemory> = model.smmu().init(core, &InitOptions::default()).unwrap();
     assert!(smmu.features().coherent);
     let d = smmu
-        .create_stage1(pool.take_arena().unwrap(), Stage1Options::default())
+        .create_stage1(pool.take_memory().unwrap(), Stage1Options::default())
         .unwrap();
     smmu.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
     smmu.attach(d, 0x10).unwrap();
@@ -267,7 +267,7 @@ fn prepare_cleans_the_smmus_own_arena_for_a_hand_off_with_the_smmu_running() {
 
 #[test]
 fn an_smmu_left_running_with_non_cacheable_walks_is_maintained_by_the_next_image() {
-    use crate::handover::pool::HandoverArena;
+    use crate::handover::pool::HandoverMemory;
     use crate::mem::{Maintenance, maintenance_log};
     let frames = frames();
     let mut region = Region::new();
@@ -277,7 +277,12 @@ fn an_smmu_left_running_with_non_cacheable_walks_is_maintained_by_the_next_image
     // The first image treats the SMMU as non-coherent: CR1 non-cacheable, which cannot change while SMMUEN = 1.
     let mut smmu = model.smmu();
     smmu.apply_board_coherency(false);
-    let first: Iommu<&'static HandoverArena> = smmu.init(pool.take_arena().unwrap(), &InitOptions::default()).unwrap();
+    let first: Iommu<&'static HandoverMemory> = smmu
+        .init(
+            pool.take_window(pool.window_bytes().unwrap()).unwrap(),
+            &InitOptions::default(),
+        )
+        .unwrap();
     first.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
     core::mem::forget(first);
 

@@ -33,7 +33,7 @@ fn a_refused_rebuild_gives_its_arenas_back_only_after_every_stream_aborts_and_cf
         .smmu()
         .adopt_running(core, &InitOptions::default(), &running)
         .unwrap();
-    *model.probe.lock().unwrap() = Some(Box::new(move || pool.arenas_in_use()));
+    *model.probe.lock().unwrap() = Some(Box::new(move || pool.memories_in_use()));
     let before = model.seen.lock().unwrap().commands.len();
     // Trusting the recorded tables, so that the broken one is found by the rebuild (after its arena was taken),
     // not by verification before it.
@@ -65,7 +65,26 @@ fn a_refused_rebuild_gives_its_arenas_back_only_after_every_stream_aborts_and_cf
         probed.iter().all(|&p| p == Some(2)),
         "the SMMU's arena and the domain's stay taken until the last CMD_SYNC: {probed:?}"
     );
-    assert_eq!(pool.arenas_in_use(), 1, "the domain's arena is back afterwards");
+    assert_eq!(pool.memories_in_use(), 1, "the domain's arena is back afterwards");
+    // The region still names the domain's frames: given back, they are named again, and no memory takes them.
+    let named: std::vec::Vec<Extent> = {
+        let metadata = pool.lock_metadata().unwrap();
+        let decoded = crate::handover::format::sample::decode(&metadata, pool.pool().unwrap()).unwrap();
+        decoded.instances[0]
+            .records
+            .iter()
+            .flat_map(|r| r.extents.iter().collect::<std::vec::Vec<_>>())
+            .collect()
+    };
+    assert!(!named.is_empty());
+    let other = pool.take_memory().unwrap();
+    while let Ok(block) = other.allocate_zeroed(4096, 4096) {
+        assert!(
+            named.iter().all(|e| !e.contains(block.phys.0, 4096)),
+            "{:#x}",
+            block.phys.0
+        );
+    }
     core::mem::forget(next);
 }
 
@@ -92,7 +111,7 @@ fn a_refused_restore_whose_aborts_fail_turns_the_smmu_off_with_gbpa_abort() {
     assert!(!next.is_enabled());
     assert!(disabled_aborting(&model), "{:x?}", cr0_and_gbpa(&model));
     assert_eq!(
-        pool.arenas_in_use(),
+        pool.memories_in_use(),
         1,
         "the domain's arena is back only because translation is off"
     );
@@ -112,7 +131,7 @@ fn after_a_warm_reset_a_refused_rebuild_invalidates_everything_before_its_arena_
         let smmu = boot(&model, frames);
         let pool = region.pool();
         let whole = smmu
-            .create_stage1(pool.take_arena().unwrap(), Stage1Options::default())
+            .create_stage1(pool.take_memory().unwrap(), Stage1Options::default())
             .unwrap();
         let dropped = smmu.create_stage1(frames, Stage1Options::default()).unwrap();
         smmu.attach(whole, 0x10).unwrap();
@@ -124,7 +143,7 @@ fn after_a_warm_reset_a_refused_rebuild_invalidates_everything_before_its_arena_
     let model = Model::start_with_idrs(frames, idr0, idr1);
     let smmu = boot(&model, frames);
     let pool = region.pool();
-    *model.probe.lock().unwrap() = Some(Box::new(move || pool.arenas_in_use()));
+    *model.probe.lock().unwrap() = Some(Box::new(move || pool.memories_in_use()));
     model
         .refuse
         .store(crate::hw::command::opcode::CFGI_CD, std::sync::atomic::Ordering::SeqCst);
@@ -153,7 +172,7 @@ fn after_a_warm_reset_a_refused_rebuild_invalidates_everything_before_its_arena_
         [Some(1); 3],
         "the arena is taken until the last CMD_SYNC"
     );
-    assert_eq!(pool.arenas_in_use(), 0);
+    assert_eq!(pool.memories_in_use(), 0);
     assert!(every_ste_aborts(&smmu));
     assert!(smmu.retrieve(0x61).is_err());
 }
@@ -241,7 +260,7 @@ fn every_forbidden_handover_transition_is_a_typed_error_that_changes_nothing() {
         smmu.restore_handover(pool, BASE, &ANYWHERE).err(),
         Some(RestoreError::AlreadyRestored { generation: 5 })
     );
-    assert_eq!(pool.arenas_in_use(), 0, "nothing taken back again");
+    assert_eq!(pool.memories_in_use(), 0, "nothing taken back again");
     assert_ne!(smmu.low_level().ste(0x10).map(|s| s.config()), Ok(Config::Stage1));
     // Not even another driver over the same region (a second image, or this one reset before finishing): the
     // restore consumed the records.
@@ -269,7 +288,7 @@ fn a_finish_that_fails_half_way_stays_restored_until_finished_again() {
         let s1 = arena_stage1(&mut smmu, pool);
         smmu.attach(s1, 0x10).unwrap();
         let s2 = smmu
-            .create_stage2(pool.take_arena().unwrap(), Stage2Options { input_bits: 40 })
+            .create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 })
             .unwrap();
         smmu.attach(s2, 0x20).unwrap();
         smmu.preserve(s1, 0x51).unwrap();
@@ -295,7 +314,7 @@ fn a_finish_that_fails_half_way_stays_restored_until_finished_again() {
         smmu.restore_handover(pool, BASE, &ANYWHERE).err(),
         Some(RestoreError::AlreadyRestored { generation: 8 })
     );
-    assert_eq!(pool.arenas_in_use(), 1, "the freed domain's arena is not taken back");
+    assert_eq!(pool.memories_in_use(), 1, "the freed domain's arena is not taken back");
     // A reset now: the next image finds nothing to restore.
     let model2 = Model::start(frames);
     let other = boot(&model2, frames);
@@ -309,21 +328,21 @@ fn a_finish_that_fails_half_way_stays_restored_until_finished_again() {
     model.refuse.store(0, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(smmu.finish_handover(pool, BASE), Ok(FinishReport { unclaimed: 1 }));
     assert_eq!(smmu.handover_phase(), HandoverPhase::Idle);
-    assert_eq!(pool.arenas_in_use(), 0);
+    assert_eq!(pool.memories_in_use(), 0);
 }
 
 /// While a hand-off is prepared, the SMMU's own arena (it holds the stream table the next image adopts) is
 /// sealed: a domain created with it is refused as such, not as the allocation failure it would become.
 #[test]
 fn a_domain_cannot_be_created_with_memory_a_prepared_hand_off_sealed() {
-    use crate::handover::pool::HandoverArena;
+    use crate::handover::pool::HandoverMemory;
     let frames = frames();
     let mut region = Region::new();
     let model = Model::start(frames);
     let pool = region.pool();
     *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
-    let core = pool.take_arena().unwrap();
-    let smmu: Iommu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
+    let core = pool.take_window(pool.window_bytes().unwrap()).unwrap();
+    let smmu: Iommu<&'static HandoverMemory> = model.smmu().init(core, &InitOptions::default()).unwrap();
     smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
     assert_eq!(
         smmu.create_stage1(core, Stage1Options::default()),

@@ -1,7 +1,7 @@
 //! Review 3 (adversarial): `attach_bypass` checked the freeze before it took the bookkeeping.
 
 use super::*;
-use crate::handover::pool::HandoverArena;
+use crate::handover::pool::HandoverMemory;
 
 /// Review 3, finding 5. `LowLevel::attach_bypass` read `streams_frozen()` and only then locked the bookkeeping: a
 /// `prepare_handover` (SMMU left running) that took the bookkeeping in between checked every stream (0x30 still
@@ -17,8 +17,8 @@ fn attach_bypass_racing_prepare_checks_the_freeze_under_the_bookkeeping_and_neve
         let model = Model::start(frames);
         let pool = region.pool();
         *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
-        let core = pool.take_arena().unwrap();
-        let mut first: Iommu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
+        let core = pool.take_window(pool.window_bytes().unwrap()).unwrap();
+        let mut first: Iommu<&'static HandoverMemory> = model.smmu().init(core, &InitOptions::default()).unwrap();
         let d = arena_stage1_on(&mut first, pool);
         first.attach(d, 0x10).unwrap();
         first.preserve(d, 0x77).unwrap();

@@ -48,17 +48,17 @@ pub(super) fn every_ste_aborts<A: FrameAllocator>(smmu: &Iommu<A>) -> bool {
 /// ([`leave_bypassing`]): this driver refuses to prepare a running hand-off with it, but a previous image
 /// need not be this driver, and the next image's containment is what these tests prove.
 pub(super) fn running_first_image(region: &mut Region, frames: &'static HeapFrames) -> Model {
-    use crate::handover::pool::HandoverArena;
+    use crate::handover::pool::HandoverMemory;
     let model = Model::start(frames);
     let pool = region.pool();
     *model.window.lock().unwrap() = Some((region.extent.base, region.memory.as_ptr() as usize, region.extent.len));
-    let core = pool.take_arena().unwrap();
-    let mut first: Iommu<&'static HandoverArena> = model.smmu().init(core, &InitOptions::default()).unwrap();
+    let core = pool.take_window(pool.window_bytes().unwrap()).unwrap();
+    let mut first: Iommu<&'static HandoverMemory> = model.smmu().init(core, &InitOptions::default()).unwrap();
     let options = Stage1Options {
         input_bits: 39,
         el2: false,
     };
-    let d = first.create_stage1(pool.take_arena().unwrap(), options).unwrap();
+    let d = first.create_stage1(pool.take_memory().unwrap(), options).unwrap();
     first.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
     first.attach(d, 0x10).unwrap();
     first.preserve(d, 0x77).unwrap();
@@ -188,7 +188,7 @@ fn running_smmu_checks_the_id_registers_and_the_stream_table_the_smmu_runs_with(
         "{error:?}"
     );
     assert!(disabled_aborting(&model), "{:x?}", cr0_and_gbpa(&model));
-    assert_eq!(pool.arenas_in_use(), 0, "nothing taken back");
+    assert_eq!(pool.memories_in_use(), 0, "nothing taken back");
     // The same SMMU, translating again, but walking another stream table than the recorded one.
     write(0x18, 0);
     write(0x20, 0xd);
@@ -223,12 +223,12 @@ fn running_smmu_checks_the_id_registers_and_the_stream_table_the_smmu_runs_with(
         "{error:?}"
     );
     assert!(disabled_aborting(&model));
-    assert_eq!(pool.arenas_in_use(), 0);
+    assert_eq!(pool.memories_in_use(), 0);
     // As recorded: found, its arena taken back.
     write(0x88, cfg);
     write(0x20, 0xd);
     assert!(running_smmu(pool, &model.smmu(), BASE).unwrap().is_some());
-    assert_eq!(pool.arenas_in_use(), 1);
+    assert_eq!(pool.memories_in_use(), 1);
 }
 
 /// A running hand-off whose restore is refused by a check of the records (the recorded ASID is taken in the new
@@ -276,7 +276,7 @@ fn a_refused_restore_of_an_adopted_smmu_aborts_every_stream_the_previous_image_l
         next.is_enabled(),
         "the aborts completed: translation stays on for this image's own streams"
     );
-    assert_eq!(pool.arenas_in_use(), 1, "only the SMMU's own arena is taken");
+    assert_eq!(pool.memories_in_use(), 1, "only the SMMU's own arena is taken");
     core::mem::forget(next);
 }
 
@@ -306,7 +306,7 @@ fn a_restore_that_cannot_abort_the_previous_images_other_streams_is_refused_whol
     assert_eq!(next.retrieve(0x77), Err(DomainError::UnknownToken(0x77)));
     assert_eq!(next.handover_phase(), HandoverPhase::Idle);
     assert!(disabled_aborting(&model), "{:x?}", cr0_and_gbpa(&model));
-    assert_eq!(pool.arenas_in_use(), 1, "only the SMMU's own arena");
+    assert_eq!(pool.memories_in_use(), 1, "only the SMMU's own arena");
     core::mem::forget(next);
 }
 
