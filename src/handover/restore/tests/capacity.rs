@@ -117,3 +117,86 @@ fn sixty_four_gib_in_pages_is_preserved_and_restored_verified() {
     assert_eq!(smmu.iova_to_phys(d, SIZE), Ok(None));
     core::mem::forget(smmu);
 }
+
+/// More preserved domains than version 2's 16 arenas, of different sizes, grown in turns so that their frames
+/// interleave in the pool: each record lists its runs, and each domain comes back translating as before, its
+/// frames exactly adopted; those of the one nobody retrieves go back to the pool at finish.
+#[test]
+fn thirty_two_domains_grown_in_turns_come_back_from_their_runs() {
+    const N: u64 = 32;
+    let frames = frames();
+    let mut region = Region::with_pool_of(8 << 20);
+    let output = |i: u64| 0x10_0000_0000 + i * GIB;
+    let before = {
+        let model = Model::start(frames);
+        let smmu: Iommu<&'static HeapFrames, 32> = model
+            .smmu()
+            .init_with_capacity(frames, &InitOptions::default())
+            .unwrap();
+        let pool = region.pool();
+        let domains: std::vec::Vec<DomainId> = (0..N)
+            .map(|_| {
+                smmu.create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 })
+                    .unwrap()
+            })
+            .collect();
+        // Domain i maps i + 1 level-3 tables' worth, one 2 MiB span a round (rounds 0 to i): in each round every
+        // domain still growing takes a frame, so their frames interleave.
+        for round in 0..N {
+            for (i, &d) in domains.iter().enumerate().skip(round as usize) {
+                smmu.map(
+                    d,
+                    round * (2 << 20),
+                    output(i as u64) + round * (2 << 20) + 0x1000,
+                    2 << 20,
+                    RW,
+                )
+                .unwrap();
+            }
+        }
+        for (i, &d) in domains.iter().enumerate() {
+            smmu.attach(d, 0x100 + i as u32).unwrap();
+            smmu.preserve(d, 0x1000 + i as u64).unwrap();
+        }
+        smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
+        let runs: std::vec::Vec<usize> = {
+            let metadata = pool.lock_metadata().unwrap();
+            let decoded = crate::handover::format::sample::decode(&metadata, pool.pool().unwrap()).unwrap();
+            decoded.instances[0].records.iter().map(|r| r.extents.len()).collect()
+        };
+        assert!(
+            runs.iter().any(|&n| n > 1),
+            "interleaved domains hold several runs: {runs:?}"
+        );
+        let free = pool.free_frames();
+        core::mem::forget(smmu);
+        free
+    };
+    let model = Model::start(frames);
+    let smmu: Iommu<&'static HeapFrames, 32> = model
+        .smmu()
+        .init_with_capacity(frames, &InitOptions::default())
+        .unwrap();
+    let pool = region.pool();
+    assert_eq!(pool.free_frames(), before, "the same frames free, the rest named");
+    let report = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap();
+    assert_eq!((report.domains, report.streams), (N as u32, N as u32));
+    assert_eq!(pool.free_frames(), before, "exactly the recorded frames adopted");
+    for i in 1..N {
+        let d = smmu.retrieve(0x1000 + i).unwrap();
+        for span in [0, i] {
+            let iova = span * (2 << 20) + 0x3000;
+            assert_eq!(
+                smmu.iova_to_phys(d, iova),
+                Ok(Some(output(i) + iova + 0x1000)),
+                "domain {i}"
+            );
+        }
+        assert_eq!(smmu.iova_to_phys(d, (i + 1) * (2 << 20)), Ok(None), "domain {i}");
+    }
+    // Domain 0 is not retrieved: finish frees it, and its frames are the pool's again.
+    assert_eq!(smmu.finish_handover(pool, BASE), Ok(FinishReport { unclaimed: 1 }));
+    assert!(pool.free_frames() > before);
+    assert_eq!(pool.memories_in_use(), N as usize - 1);
+    core::mem::forget(smmu);
+}
