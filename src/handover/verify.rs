@@ -345,10 +345,14 @@ impl fmt::Display for VerifyFailure {
     }
 }
 
-/// Granules of the span of one record's extents (first base to last end) that a walk tracks (its visited bitmap:
-/// 8 KiB on the stack). With 4 KiB granules a span of up to 256 MiB: the tables of 128 GiB mapped in 4 KiB pages
-/// when the domain's frames lie together (the pool hands a domain built at once frames next to one another).
+/// Granules of one record's extents that a walk tracks (its visited bitmap: 8 KiB on the stack). With 4 KiB
+/// granules up to 256 MiB of frames: the tables of 128 GiB mapped in 4 KiB pages, wherever in the pool the frames
+/// lie when the record has at most [`RANKED_RUNS`] runs (and within a span of 256 MiB when it has more).
 pub const MAX_VERIFIED_GRANULES: usize = 1 << 16;
+
+/// Runs of a record whose granules the walk counts one run after another (2 KiB of ranks on the stack); a record
+/// with more is tracked over the span of its runs.
+pub const RANKED_RUNS: usize = 512;
 
 /// Output address bits \[51:12\] of a leaf (bits \[51:48\] included, so that a leaf setting them, which this driver
 /// never does, cannot pass for a lower address).
@@ -420,6 +424,11 @@ impl Outputs<'_> {
 
 /// Whether `[base, base + len)` lies inside one of `runs` (ascending, not overlapping): a binary search.
 fn within(runs: &Entries<'_, Extent>, base: u64, len: u64) -> bool {
+    run_holding(runs, base, len).is_some()
+}
+
+/// The run of `runs` (ascending, not overlapping) that holds `[base, base + len)`, with its index.
+fn run_holding(runs: &Entries<'_, Extent>, base: u64, len: u64) -> Option<(usize, Extent)> {
     let (mut lo, mut hi) = (0, runs.len());
     // The last run whose base is at or below `base`.
     while lo < hi {
@@ -429,9 +438,14 @@ fn within(runs: &Entries<'_, Extent>, base: u64, len: u64) -> bool {
             _ => hi = mid,
         }
     }
-    lo.checked_sub(1)
-        .and_then(|i| runs.get(i))
-        .is_some_and(|run| run.contains(base, len))
+    let index = lo.checked_sub(1)?;
+    let run = runs.get(index)?;
+    run.contains(base, len).then_some((index, run))
+}
+
+/// Granules of `run` (counted from the one holding its first byte to the one holding its last).
+fn granules_of(run: Extent, bits: u32) -> u64 {
+    ((run.base + run.len - 1) >> bits) - (run.base >> bits) + 1
 }
 
 /// One record's table, walked from its root.
@@ -447,8 +461,11 @@ struct Walk<'a> {
     /// domain share one protection: the check then costs one comparison per table).
     page_attributes: u64,
     geometry: Geometry,
-    /// One bit per granule of the span (counted from the granule holding its first byte): a table lives there.
+    /// One bit per granule of the runs, counted one run after another from `ranks` (the bit of run `k`'s first
+    /// granule), or, for a record with more runs than [`RANKED_RUNS`], one per granule of their span: a table
+    /// lives there.
     visited: &'a mut [u64],
+    ranks: Option<&'a [u32]>,
     /// The frames of the CD tables inside the extent: no page table may share a byte with them.
     cd_tables: heapless::Vec<Extent, MAX_STREAMS>,
     outputs: &'a Outputs<'a>,
@@ -481,17 +498,21 @@ impl<'a> Walk<'a> {
         if !phys.is_multiple_of(self.granule()) {
             return Err(VerifyFailure::MisalignedTable { entry, table: phys });
         }
-        if !within(&self.runs, phys, size) {
+        let Some((index, run)) = run_holding(&self.runs, phys, size) else {
             return Err(VerifyFailure::TableOutsideExtent { entry, table: phys });
-        }
+        };
         let twice = VerifyFailure::TableReachedTwice { entry, table: phys };
         let table = Extent { base: phys, len: size };
         if self.cd_tables.iter().any(|c| c.overlaps(&table)) {
             return Err(twice);
         }
         let bits = self.geometry.granule_bits;
-        let origin = self.span.base >> bits;
-        for g in (phys >> bits) - origin..((phys + size) >> bits) - origin {
+        // The bitmap counts the granules of the runs one after another (ranked), or those of their span.
+        let (origin, first) = match self.ranks {
+            Some(ranks) => (run.base >> bits, u64::from(ranks[index])),
+            None => (self.span.base >> bits, 0),
+        };
+        for g in first + (phys >> bits) - origin..first + ((phys + size) >> bits) - origin {
             let (word, bit) = ((g / 64) as usize, 1u64 << (g % 64));
             if self.visited[word] & bit != 0 {
                 return Err(twice);
@@ -737,8 +758,26 @@ fn verify_table(
         base: first.base,
         len: last.base.saturating_add(last.len).saturating_sub(first.base),
     };
-    let max = ((MAX_VERIFIED_GRANULES - 1) as u64) << geometry.granule_bits;
-    if span.len > max {
+    let bits = u32::from(geometry.granule_bits);
+    // The bitmap's bit for each run's first granule, for a record with few enough runs: its size then depends on
+    // the frames the record holds, not on how far apart they lie.
+    let mut rank_words = [0u32; RANKED_RUNS + 1];
+    let mut total = 0u64;
+    let ranks = if runs.len() <= RANKED_RUNS {
+        for (k, run) in runs.iter().enumerate() {
+            rank_words[k] = total as u32;
+            total += granules_of(run, bits);
+            if total > MAX_VERIFIED_GRANULES as u64 {
+                break;
+            }
+        }
+        Some(&rank_words[..runs.len()])
+    } else {
+        total = granules_of(span, bits);
+        None
+    };
+    if total > MAX_VERIFIED_GRANULES as u64 {
+        let max = (MAX_VERIFIED_GRANULES as u64) << bits;
         return Err(VerifyFailure::ExtentTooLarge { extent: span, max });
     }
     if !root.is_multiple_of(root_size) || !within(&runs, root, root_size) {
@@ -746,7 +785,7 @@ fn verify_table(
     }
     let view = pool.preserved_view().ok_or(bad_root)?;
     let mut visited = [0u64; MAX_VERIFIED_GRANULES / 64];
-    let granules = ((span.base + span.len - 1) >> geometry.granule_bits) - (span.base >> geometry.granule_bits) + 1;
+    let granules = total;
     let mut walk = Walk {
         view,
         runs,
@@ -756,6 +795,7 @@ fn verify_table(
         page_attributes: 0,
         geometry,
         visited: &mut visited[..(granules as usize).div_ceil(64)],
+        ranks,
         cd_tables: cd_tables.iter().copied().filter(|c| c.overlaps(&span)).collect(),
         outputs,
         counts: shape.tables != 0,
