@@ -361,8 +361,12 @@ impl<A: FrameAllocator> IoPageTable<A> {
         Ok(())
     }
 
-    /// Gives the frames left in `pool` (never linked) back to the allocator.
+    /// Gives the frames left in `pool` (never linked) back to the allocator, if any (an allocator's
+    /// `free_many` may take its lock even for nothing).
     fn free_pool(&mut self, pool: &mut Pool) {
+        if pool.is_empty() {
+            return;
+        }
         for full in [false, true] {
             // SAFETY: allocated from this allocator by `map` and never linked: nothing can reach them.
             unsafe { self.allocator.free_many(&mut core::iter::from_fn(|| pool.pop(full))) };
