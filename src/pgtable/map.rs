@@ -3,18 +3,63 @@
 
 use super::*;
 
-/// Frames `map` allocated before writing anything, one set of zeroed frames and one of frames to be overwritten
-/// whole: the first few of each kept here, the rest chained through their first two words (the next frame's
-/// physical and CPU addresses), so that a map needing few tables does not write into their frames twice.
+/// Up to three frames of one size, their physical and CPU addresses in arrays of their own: each frame comes
+/// in as two 8-byte words (read from the `DmaBlock` its allocator just wrote, field by field), never one 16-byte
+/// copy, which a CPU cannot forward from the two 8-byte stores that wrote it (the load waits for them to land).
 #[derive(Default)]
+struct Kept {
+    phys: [u64; 3],
+    virt: [usize; 3],
+    len: usize,
+}
+
+impl Kept {
+    /// Keeps `table`, or gives it back when three are kept.
+    fn push(&mut self, table: DmaBlock) -> Result<(), DmaBlock> {
+        if self.len == 3 {
+            return Err(table);
+        }
+        self.phys[self.len] = table.phys.0;
+        self.virt[self.len] = table.virt.as_ptr() as usize;
+        self.len += 1;
+        Ok(())
+    }
+
+    /// The last frame kept, of `size` bytes.
+    fn pop(&mut self, size: usize) -> Option<DmaBlock> {
+        let k = self.len.checked_sub(1)?;
+        self.len = k;
+        Some(DmaBlock {
+            phys: PhysAddr(self.phys[k]),
+            virt: NonNull::new(self.virt[k] as *mut u8)?,
+            size,
+        })
+    }
+}
+
+/// Frames `map` allocated before writing anything, one set of zeroed frames and one of frames to be overwritten
+/// whole, all of `size` bytes: the first few of each kept here, the rest chained through their first two words
+/// (the next frame's physical and CPU addresses), so that a map needing few tables does not write into their
+/// frames twice.
 struct Pool {
-    zeroed: Frames,
-    overwrite: Frames,
+    size: usize,
+    zeroed: Kept,
+    overwrite: Kept,
     zeroed_chain: Option<DmaBlock>,
     overwrite_chain: Option<DmaBlock>,
 }
 
 impl Pool {
+    fn new(size: usize) -> Self {
+        Pool {
+            size,
+            zeroed: Kept::default(),
+            overwrite: Kept::default(),
+            zeroed_chain: None,
+            overwrite_chain: None,
+        }
+    }
+
     fn push(&mut self, table: DmaBlock, full: bool) {
         let (kept, head) = match full {
             true => (&mut self.overwrite, &mut self.overwrite_chain),
@@ -34,12 +79,13 @@ impl Pool {
 
     /// The next frame (a chained one with its link words zeroed again).
     fn pop(&mut self, full: bool) -> Option<DmaBlock> {
+        let size = self.size;
         let (kept, head) = match full {
             true => (&mut self.overwrite, &mut self.overwrite_chain),
             false => (&mut self.zeroed, &mut self.zeroed_chain),
         };
         let Some(table) = head.take() else {
-            return kept.pop();
+            return kept.pop(size);
         };
         let link = entries_of(table.virt, 2);
         // Plain loads and stores: a swap is a locked read-modify-write on x86 (it drains the store buffer full of
@@ -57,10 +103,7 @@ impl Pool {
     }
 
     fn is_empty(&self) -> bool {
-        self.zeroed.is_empty()
-            && self.overwrite.is_empty()
-            && self.zeroed_chain.is_none()
-            && self.overwrite_chain.is_none()
+        self.zeroed.len == 0 && self.overwrite.len == 0 && self.zeroed_chain.is_none() && self.overwrite_chain.is_none()
     }
 }
 
@@ -328,8 +371,8 @@ impl<A: FrameAllocator> IoPageTable<A> {
             pa,
             &mut needed,
         )?;
-        let mut pool = Pool::default();
         let granule = 1usize << self.geometry.granule_bits;
+        let mut pool = Pool::new(granule);
         for full in [false, true] {
             let count = if full { needed.1 } else { needed.0 };
             if count == 0 {
