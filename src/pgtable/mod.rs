@@ -20,6 +20,9 @@
 //! rebuilt by [`IoPageTable::recount`] when the table is adopted, which also rebuilds every count, full bit and
 //! mark from the entries (one read of each table) for tables written by other code. Changing a count rewrites
 //! only ignored bits of a live descriptor: one 64-bit store, no cache maintenance, no barrier.
+//! [`desc::SW_NO_TABLES`] promises that a table above the last level holds no table descriptor (set where the
+//! driver knows it, cleared by every path that links a table into it), so a range unmap that empties it need not
+//! read its entries to rule one out.
 //!
 //! **Lazy freeing.** A last-level table that a single-page unmap empties stays linked (a later map there reuses
 //! it) and its descriptor, with its ancestors', is marked ([`desc::SW_TRIM_CANDIDATE`]). [`IoPageTable::trim`],
