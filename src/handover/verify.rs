@@ -371,7 +371,8 @@ const TABLE_BITS: u64 = desc::VALID
     | desc::SW_COUNT_LOW
     | desc::SW_COUNT_HIGH
     | desc::SW_TABLE_FULL
-    | desc::SW_TRIM_CANDIDATE;
+    | desc::SW_TRIM_CANDIDATE
+    | desc::SW_NO_TABLES;
 
 /// Where leaves may point.
 pub(crate) struct Outputs<'a> {
@@ -522,12 +523,12 @@ impl<'a> Walk<'a> {
         Ok(())
     }
 
-    /// Walks the table at `phys` (level `level` < 3, `n` entries): its valid entries, and whether one of its
-    /// descriptors carries a trim mark.
-    fn table(&mut self, level: u8, phys: u64, n: usize) -> Result<(usize, bool), VerifyFailure> {
+    /// Walks the table at `phys` (level `level` < 3, `n` entries): its valid entries, whether one of its
+    /// descriptors carries a trim mark, and whether it holds a table descriptor.
+    fn table(&mut self, level: u8, phys: u64, n: usize) -> Result<(usize, bool, bool), VerifyFailure> {
         let entries = self.entries(phys, n);
         let child_entries = 1usize << self.geometry.level_bits;
-        let (mut valid, mut marked) = (0, false);
+        let (mut valid, mut marked, mut holds_table) = (0, false, false);
         for (i, &d) in entries.iter().enumerate() {
             if !desc::is_valid(d) {
                 continue;
@@ -547,15 +548,26 @@ impl<'a> Walk<'a> {
                            bits [51:48], ...)",
                 });
             }
+            holds_table = true;
             let child = desc::address(d);
             self.claim(entry, child, self.granule())?;
-            let (walked, below) = if level + 1 == 3 {
+            let (walked, below, tables) = if level + 1 == 3 {
                 // A descriptor that says its table is full lets the walk try the cheapest pass first.
                 let full = self.counts && d & desc::SW_TABLE_FULL != 0;
-                (self.leaf_table(child, child_entries, full)?, false)
+                (self.leaf_table(child, child_entries, full)?, false, false)
             } else {
                 self.table(level + 1, child, child_entries)?
             };
+            // A promise a range unmap relies on to skip reading the table: refused when untrue, whether or not
+            // the record carries counts (without them the adopting image rebuilds the bit, but a lie is a table
+            // this driver did not leave).
+            if d & desc::SW_NO_TABLES != 0 && (level + 1 == 3 || tables) {
+                return Err(VerifyFailure::SoftwareBits {
+                    entry,
+                    descriptor: d,
+                    what: "its no-tables bit is set, yet it names a last-level table or a table that holds one",
+                });
+            }
             self.tables += 1;
             self.empty += u32::from(walked == 0);
             marked |= d & desc::SW_TRIM_CANDIDATE != 0;
@@ -585,7 +597,7 @@ impl<'a> Walk<'a> {
                 });
             }
         }
-        Ok((valid, marked))
+        Ok((valid, marked, holds_table))
     }
 
     /// A block descriptor at `level` (< 3).

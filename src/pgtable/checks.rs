@@ -18,7 +18,8 @@ pub(super) struct Found {
 /// Walks the whole table and asserts the software state the concurrent paths keep, once they are all over: every
 /// table descriptor's count is the number of valid entries of the table it names; the full bit is set exactly on
 /// a last-level table whose every entry is valid (and then every entry is a page); a table whose count is 0 is
-/// marked as a trim candidate, and so is every descriptor above it; the table's own numbers of tables and of
+/// marked as a trim candidate, and so is every descriptor above it; a table marked as holding no table
+/// ([`desc::SW_NO_TABLES`]) holds none and is above the last level; the table's own numbers of tables and of
 /// waiting tables are what the walk finds.
 pub(super) fn check<A: FrameAllocator>(t: &IoPageTable<A>) -> Found {
     fn go<A: FrameAllocator>(
@@ -52,6 +53,17 @@ pub(super) fn check<A: FrameAllocator>(t: &IoPageTable<A>) -> Found {
                 continue;
             }
             found.tables += 1;
+            if d & desc::SW_NO_TABLES != 0 {
+                let below = t.table_entries(level + 1, desc::address(d)).expect("a linked table");
+                assert!(
+                    level + 1 < 3
+                        && !below
+                            .iter()
+                            .any(|e| desc::is_table(e.load(Ordering::Relaxed), level + 1)),
+                    "the level-{} table at {va:#x} is marked as holding no table",
+                    level + 1
+                );
+            }
             let child_marked = marked && d & desc::SW_TRIM_CANDIDATE != 0;
             let n = go(t, level + 1, desc::address(d), va, child_marked, found);
             assert_eq!(

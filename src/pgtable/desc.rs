@@ -238,6 +238,13 @@ pub const SW_TABLE_FULL: u64 = 1 << 56;
 /// as a candidate for the next trim (`IoPageTable::trim`). Set only while the table's position is in the page
 /// table's candidate list.
 pub const SW_TRIM_CANDIDATE: u64 = 1 << 57;
+/// Software bit 58 of a table descriptor (the last of the bits \[58:52\] the walk ignores): the table it names,
+/// at a level above the last, holds no table descriptor (only leaves and invalid entries), so that a range unmap
+/// removing all of its entries need not read them to rule one out. A promise, not a summary: set only where the
+/// driver knows it (a table it wrote with leaves only; [`IoPageTable::recount`](super::IoPageTable::recount)
+/// sets it exactly), cleared by every path that links a table into that table, and never set on a last-level
+/// table's descriptor. Clear says nothing.
+pub const SW_NO_TABLES: u64 = 1 << 58;
 /// Low part of the live-entry count of the table a table descriptor names: bits \[11:2\], IGNORED by the walk in a
 /// table descriptor (VMSAv8-64, without FEAT_LPA2's DS = 1 and without FEAT_HAFT, neither of which this driver
 /// enables).
@@ -444,9 +451,13 @@ mod tests {
         // bits [51:48].
         assert_eq!(SW_COUNT_LOW | SW_COUNT_HIGH, 0x00f0_0000_0000_0ffc);
         assert_eq!(
-            (SW_COUNT_LOW | SW_COUNT_HIGH) & (SW_TABLE_FULL | SW_TRIM_CANDIDATE | OUTPUT_ADDRESS),
+            (SW_COUNT_LOW | SW_COUNT_HIGH) & (SW_TABLE_FULL | SW_TRIM_CANDIDATE | SW_NO_TABLES | OUTPUT_ADDRESS),
             0
         );
+        // The software bits: 56, 57 and 58, each its own, all inside the ignored bits [58:52].
+        assert_eq!(SW_TABLE_FULL | SW_TRIM_CANDIDATE | SW_NO_TABLES, 0b111 << 56);
+        let t = with_count(table(0x4567_8000) | SW_NO_TABLES, 5);
+        assert_eq!((count(t), t & SW_NO_TABLES != 0, address(t)), (5, true, 0x4567_8000));
     }
 
     #[test]

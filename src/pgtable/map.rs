@@ -3,18 +3,63 @@
 
 use super::*;
 
-/// Frames `map` allocated before writing anything, one set of zeroed frames and one of frames to be overwritten
-/// whole: the first few of each kept here, the rest chained through their first two words (the next frame's
-/// physical and CPU addresses), so that a map needing few tables does not write into their frames twice.
+/// Up to three frames of one size, their physical and CPU addresses in arrays of their own: each frame comes
+/// in as two 8-byte words (read from the `DmaBlock` its allocator just wrote, field by field), never one 16-byte
+/// copy, which a CPU cannot forward from the two 8-byte stores that wrote it (the load waits for them to land).
 #[derive(Default)]
+struct Kept {
+    phys: [u64; 3],
+    virt: [usize; 3],
+    len: usize,
+}
+
+impl Kept {
+    /// Keeps `table`, or gives it back when three are kept.
+    fn push(&mut self, table: DmaBlock) -> Result<(), DmaBlock> {
+        if self.len == 3 {
+            return Err(table);
+        }
+        self.phys[self.len] = table.phys.0;
+        self.virt[self.len] = table.virt.as_ptr() as usize;
+        self.len += 1;
+        Ok(())
+    }
+
+    /// The last frame kept, of `size` bytes.
+    fn pop(&mut self, size: usize) -> Option<DmaBlock> {
+        let k = self.len.checked_sub(1)?;
+        self.len = k;
+        Some(DmaBlock {
+            phys: PhysAddr(self.phys[k]),
+            virt: NonNull::new(self.virt[k] as *mut u8)?,
+            size,
+        })
+    }
+}
+
+/// Frames `map` allocated before writing anything, one set of zeroed frames and one of frames to be overwritten
+/// whole, all of `size` bytes: the first few of each kept here, the rest chained through their first two words
+/// (the next frame's physical and CPU addresses), so that a map needing few tables does not write into their
+/// frames twice.
 struct Pool {
-    zeroed: Frames,
-    overwrite: Frames,
+    size: usize,
+    zeroed: Kept,
+    overwrite: Kept,
     zeroed_chain: Option<DmaBlock>,
     overwrite_chain: Option<DmaBlock>,
 }
 
 impl Pool {
+    fn new(size: usize) -> Self {
+        Pool {
+            size,
+            zeroed: Kept::default(),
+            overwrite: Kept::default(),
+            zeroed_chain: None,
+            overwrite_chain: None,
+        }
+    }
+
     fn push(&mut self, table: DmaBlock, full: bool) {
         let (kept, head) = match full {
             true => (&mut self.overwrite, &mut self.overwrite_chain),
@@ -34,12 +79,13 @@ impl Pool {
 
     /// The next frame (a chained one with its link words zeroed again).
     fn pop(&mut self, full: bool) -> Option<DmaBlock> {
+        let size = self.size;
         let (kept, head) = match full {
             true => (&mut self.overwrite, &mut self.overwrite_chain),
             false => (&mut self.zeroed, &mut self.zeroed_chain),
         };
         let Some(table) = head.take() else {
-            return kept.pop();
+            return kept.pop(size);
         };
         let link = entries_of(table.virt, 2);
         // Plain loads and stores: a swap is a locked read-modify-write on x86 (it drains the store buffer full of
@@ -57,10 +103,7 @@ impl Pool {
     }
 
     fn is_empty(&self) -> bool {
-        self.zeroed.is_empty()
-            && self.overwrite.is_empty()
-            && self.zeroed_chain.is_none()
-            && self.overwrite_chain.is_none()
+        self.zeroed.len == 0 && self.overwrite.len == 0 && self.zeroed_chain.is_none() && self.overwrite_chain.is_none()
     }
 }
 
@@ -108,7 +151,9 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 // It was empty and waiting for a trim (emptied by `unmap_page`, or found empty by `recount`).
                 self.empty.decrement();
             }
-            parent.store(self.with_count(p, level, n + 1), Ordering::Relaxed);
+            // A table linked into it (`level` < 3) breaks its "holds no table" promise.
+            let keep = if level < 3 { !desc::SW_NO_TABLES } else { !0 };
+            parent.store(self.with_count(p, level, n + 1) & keep, Ordering::Relaxed);
         }
         write_barrier();
         Ok(())
@@ -149,7 +194,8 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// descriptor each: allocated first, so that a failure changes nothing (every frame goes back), then filled
     /// bottom-up with their counts, cleaned, and ordered (DMB OSHST) before the descriptor that will link them,
     /// which is returned with the frames (nothing refers to them yet: a caller that cannot link them frees them).
-    /// A last-level table that the leaves fill whole is not zeroed first.
+    /// A last-level table that the leaves fill whole is not zeroed first. The descriptor of a table of leaves above
+    /// the last level says it holds no table ([`desc::SW_NO_TABLES`]).
     pub(super) fn chain(
         &self,
         level: u8,
@@ -193,7 +239,12 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 1
             };
             self.coherency.clean(table.virt.as_ptr(), table.size);
-            word = self.with_count(desc::table(table.phys.0), table_level, count);
+            let no_tables = if table_level == leaf_level && table_level < 3 {
+                desc::SW_NO_TABLES
+            } else {
+                0
+            };
+            word = self.with_count(desc::table(table.phys.0), table_level, count) | no_tables;
         }
         // The new tables' contents before the descriptor that links them.
         write_barrier();
@@ -320,8 +371,8 @@ impl<A: FrameAllocator> IoPageTable<A> {
             pa,
             &mut needed,
         )?;
-        let mut pool = Pool::default();
         let granule = 1usize << self.geometry.granule_bits;
+        let mut pool = Pool::new(granule);
         for full in [false, true] {
             let count = if full { needed.1 } else { needed.0 };
             if count == 0 {
@@ -353,8 +404,12 @@ impl<A: FrameAllocator> IoPageTable<A> {
         Ok(())
     }
 
-    /// Gives the frames left in `pool` (never linked) back to the allocator.
+    /// Gives the frames left in `pool` (never linked) back to the allocator, if any (an allocator's
+    /// `free_many` may take its lock even for nothing).
     fn free_pool(&mut self, pool: &mut Pool) {
+        if pool.is_empty() {
+            return;
+        }
         for full in [false, true] {
             // SAFETY: allocated from this allocator by `map` and never linked: nothing can reach them.
             unsafe { self.allocator.free_many(&mut core::iter::from_fn(|| pool.pop(full))) };
@@ -465,7 +520,8 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// Maps `[start, end)` (output from `pa` at `start`) inside the table at `table_phys` (covering from
     /// `table_base`) in one pass over its entries: leaves where an entry is covered and aligned (blocks where the
     /// level allows them), tables below otherwise, taken from `pool` (which `tables_needed` sized) and filled
-    /// before they are linked. Returns how many of the table's entries became valid (for its count).
+    /// before they are linked. Returns how many of the table's entries became valid (for its count), and whether a
+    /// table was linked into it (which clears its [`desc::SW_NO_TABLES`]).
     #[allow(clippy::too_many_arguments)]
     fn map_in(
         &mut self,
@@ -477,13 +533,13 @@ impl<A: FrameAllocator> IoPageTable<A> {
         pa: u64,
         prot: Prot,
         pool: &mut Pool,
-    ) -> usize {
+    ) -> (usize, bool) {
         let shift = self.geometry.entry_shift(level);
         let entry_size = 1u64 << shift;
         let count = self.geometry.entries(level);
         let Some(virt) = self.allocator.phys_to_virt(PhysAddr(table_phys)) else {
             // `tables_needed` found every existing table: unreachable with an allocator that keeps its word.
-            return 0;
+            return (0, false);
         };
         let entries = entries_of(virt, count);
         let first = ((start - table_base) >> shift) as usize;
@@ -493,7 +549,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
         let output = |va: u64| pa + (va - start);
         // Fast path: entries wholly covered, with aligned outputs, become leaves in one run of stores.
         let (run_start, run_end) = self.leaf_run(level, table_base, first, last, start, end, pa);
-        let mut added = 0;
+        let (mut added, mut linked) = (0, false);
         let mut i = first;
         while i <= last {
             let entry_base = table_base + ((i as u64) << shift);
@@ -511,7 +567,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
                         let base = table_base + ((k as u64) << shift);
                         let d = e.load(Ordering::Relaxed);
                         if desc::is_table(d, level) {
-                            let more = self.map_in(
+                            let (more, below) = self.map_in(
                                 level + 1,
                                 desc::address(d),
                                 base,
@@ -521,7 +577,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
                                 prot,
                                 pool,
                             );
-                            self.set_count(e, level + 1, desc::count(d) + more);
+                            self.set_count(e, level + 1, desc::count(d) + more, below);
                         } else {
                             self.store(e, template | output(base));
                             added += 1;
@@ -545,7 +601,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             let to = end.min(entry_base + entry_size);
             let d = entry.load(Ordering::Acquire);
             if desc::is_table(d, level) {
-                let more = self.map_in(
+                let (more, below) = self.map_in(
                     level + 1,
                     desc::address(d),
                     entry_base,
@@ -555,7 +611,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
                     prot,
                     pool,
                 );
-                self.set_count(entry, level + 1, desc::count(d) + more);
+                self.set_count(entry, level + 1, desc::count(d) + more, below);
                 continue;
             }
             // Below an invalid entry (`map` checked that nothing is mapped here) a new table, filled before it is
@@ -565,10 +621,13 @@ impl<A: FrameAllocator> IoPageTable<A> {
             let whole = self.whole_run(level + 1, entry_base, from, to, output(from));
             let Some(table) = pool.pop(whole.is_some()) else {
                 // `tables_needed` counted every table: unreachable.
-                return added;
+                return (added, linked);
             };
             self.tables.add(1);
             added += 1;
+            linked = true;
+            // Whether the new table holds a table of its own (below the last level only).
+            let mut below = level + 1 == 3;
             let count = if let Some((run_start, run_end)) = whole {
                 // A new table: nothing else refers to it yet.
                 fill_table(
@@ -579,14 +638,18 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 );
                 run_end - run_start
             } else {
-                self.map_in(level + 1, table.phys.0, entry_base, from, to, output(from), prot, pool)
+                let (count, tables) =
+                    self.map_in(level + 1, table.phys.0, entry_base, from, to, output(from), prot, pool);
+                below |= tables;
+                count
             };
             self.coherency.clean(table.virt.as_ptr(), table.size);
-            let link = self.with_count(desc::table(table.phys.0), level + 1, count);
+            let no_tables = if below { 0 } else { desc::SW_NO_TABLES };
+            let link = self.with_count(desc::table(table.phys.0), level + 1, count) | no_tables;
             // The filled table must be visible before the descriptor that points to it.
             write_barrier();
             self.store(entry, link);
         }
-        added
+        (added, linked)
     }
 }

@@ -20,6 +20,9 @@
 //! rebuilt by [`IoPageTable::recount`] when the table is adopted, which also rebuilds every count, full bit and
 //! mark from the entries (one read of each table) for tables written by other code. Changing a count rewrites
 //! only ignored bits of a live descriptor: one 64-bit store, no cache maintenance, no barrier.
+//! [`desc::SW_NO_TABLES`] promises that a table above the last level holds no table descriptor (set where the
+//! driver knows it, cleared by every path that links a table into it), so a range unmap that empties it need not
+//! read its entries to rule one out.
 //!
 //! **Lazy freeing.** A last-level table that a single-page unmap empties stays linked (a later map there reuses
 //! it) and its descriptor, with its ancestors', is marked ([`desc::SW_TRIM_CANDIDATE`]). [`IoPageTable::trim`],
@@ -836,15 +839,17 @@ impl<A: FrameAllocator> IoPageTable<A> {
         desc::with_count(d & !desc::SW_TABLE_FULL, n) | if full { desc::SW_TABLE_FULL } else { 0 }
     }
 
-    /// Sets the count of the table that the table descriptor in `entry` names (at `child_level`) to `n`. Only
-    /// bits the walk ignores change, so the store needs no cache maintenance and no barrier: the SMMU sees the
-    /// old or the new word, and both name the same table.
-    fn set_count(&mut self, entry: &AtomicU64, child_level: u8, n: usize) {
+    /// Sets the count of the table that the table descriptor in `entry` names (at `child_level`) to `n`, and
+    /// when `linked` (a table was linked into that table) clears its [`desc::SW_NO_TABLES`]. Only bits the walk
+    /// ignores change, so the store needs no cache maintenance and no barrier: the SMMU sees the old or the new
+    /// word, and both name the same table.
+    fn set_count(&mut self, entry: &AtomicU64, child_level: u8, n: usize, linked: bool) {
         let d = entry.load(Ordering::Relaxed);
         if desc::count(d) == 0 && n > 0 {
             self.empty.decrement();
         }
-        entry.store(self.with_count(d, child_level, n), Ordering::Relaxed);
+        let keep = if linked { !desc::SW_NO_TABLES } else { !0 };
+        entry.store(self.with_count(d, child_level, n) & keep, Ordering::Relaxed);
     }
 
     /// The table descriptor `d` is going: if it named an empty table (a last-level table left empty by

@@ -155,7 +155,7 @@ impl<A: FrameAllocator + Sync> IoPageTable<A> {
                 } else {
                     (leaf, Frames::new())
                 };
-                if !self.reserve(&path, table, level, 1) {
+                if !self.reserve(&path, table, level, 1, level < 3) {
                     // The table was unlinked (trimmed) since this walk read its descriptor.
                     self.free_frames(frames);
                     continue 'walk;
@@ -233,7 +233,7 @@ impl<A: FrameAllocator + Sync> IoPageTable<A> {
                 let (word, frames) = self
                     .chain(level, va, leaf_level, template | output(va), n)
                     .map_err(|e| stop(e, va))?;
-                if !self.reserve(&path, table, level, 1) {
+                if !self.reserve(&path, table, level, 1, true) {
                     self.free_frames(frames);
                     continue 'walk;
                 }
@@ -253,7 +253,7 @@ impl<A: FrameAllocator + Sync> IoPageTable<A> {
                 }
             }
             // The table that holds the run exists: reserve its entries, then fill them one by one.
-            if !self.reserve(&path, table, leaf_level, n) {
+            if !self.reserve(&path, table, leaf_level, n, false) {
                 continue 'walk;
             }
             let first = g.index(leaf_level, va);
@@ -559,13 +559,17 @@ impl<A: FrameAllocator + Sync> IoPageTable<A> {
     /// Reserves `n` entries of the table at `table` (at `level`), named by the last descriptor of `path` (none:
     /// the root, which is never unlinked): a CAS raising its count, made only while the descriptor still names
     /// that table. False when it no longer does: a concurrent trim unlinked it, and the caller walks again.
+    /// `linking`: one of the entries will be a table descriptor, so the same CAS clears [`desc::SW_NO_TABLES`]
+    /// (before the table can be linked; should the link lose its race, the bit stays clear, which promises
+    /// nothing).
     ///
     /// Relaxed: a trim unlinks only by a CAS from count 0 on the same word, so of the two read-modify-writes one
     /// fails whatever the order; nothing else is published through the count.
-    fn reserve(&self, path: &Path<'_>, table: u64, level: u8, n: usize) -> bool {
+    fn reserve(&self, path: &Path<'_>, table: u64, level: u8, n: usize, linking: bool) -> bool {
         let Some(parent) = path.last() else {
             return true;
         };
+        let keep = if linking { !desc::SW_NO_TABLES } else { !0 };
         let mut d = parent.load(Ordering::Relaxed);
         loop {
             if !desc::is_table(d, level - 1) || desc::address(d) != table {
@@ -575,7 +579,7 @@ impl<A: FrameAllocator + Sync> IoPageTable<A> {
             debug_assert!(count + n <= desc::SW_COUNT_MAX, "a count beyond its field");
             match parent.compare_exchange_weak(
                 d,
-                self.with_count(d, level, count + n),
+                self.with_count(d, level, count + n) & keep,
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             ) {

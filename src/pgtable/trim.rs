@@ -111,14 +111,14 @@ impl<A: FrameAllocator> IoPageTable<A> {
         Ok(())
     }
 
-    /// Recounts below the table at `table_phys` (at `level`): its valid entries, and whether an empty table lies
-    /// below it.
-    pub(super) fn recount_in(&mut self, level: u8, table_phys: u64) -> (usize, bool) {
+    /// Recounts below the table at `table_phys` (at `level`): its valid entries, whether an empty table lies
+    /// below it, and whether it holds a table descriptor (for [`desc::SW_NO_TABLES`], set exactly here).
+    pub(super) fn recount_in(&mut self, level: u8, table_phys: u64) -> (usize, bool, bool) {
         let Some(virt) = self.allocator.phys_to_virt(PhysAddr(table_phys)) else {
-            return (0, false);
+            return (0, false, true);
         };
         let entries = entries_of(virt, self.geometry.entries(level));
-        let (mut valid, mut empty_below) = (0, false);
+        let (mut valid, mut empty_below, mut holds_table) = (0, false, false);
         for entry in entries {
             let d = entry.load(Ordering::Relaxed);
             if !desc::is_valid(d) {
@@ -128,8 +128,9 @@ impl<A: FrameAllocator> IoPageTable<A> {
             if !desc::is_table(d, level) {
                 continue;
             }
+            holds_table = true;
             self.tables.add(1);
-            let (n, below) = if level + 1 < 3 {
+            let (n, below, tables) = if level + 1 < 3 {
                 self.recount_in(level + 1, desc::address(d))
             } else {
                 let child = self.allocator.phys_to_virt(PhysAddr(desc::address(d))).map_or(0, |c| {
@@ -138,17 +139,18 @@ impl<A: FrameAllocator> IoPageTable<A> {
                         .filter(|e| desc::is_valid(e.load(Ordering::Relaxed)))
                         .count()
                 });
-                (child, false)
+                (child, false, true)
             };
             if n == 0 {
                 self.empty.add(1);
             }
             let mark = n == 0 || below;
-            let d = self.with_count(d & !desc::SW_TRIM_CANDIDATE, level + 1, n);
-            entry.store(if mark { d | desc::SW_TRIM_CANDIDATE } else { d }, Ordering::Relaxed);
+            let d = self.with_count(d & !(desc::SW_TRIM_CANDIDATE | desc::SW_NO_TABLES), level + 1, n);
+            let d = if mark { d | desc::SW_TRIM_CANDIDATE } else { d };
+            entry.store(if tables { d } else { d | desc::SW_NO_TABLES }, Ordering::Relaxed);
             empty_below |= mark;
         }
-        (valid, empty_below)
+        (valid, empty_below, holds_table)
     }
 
     /// Trims below the table at `table_phys` (at `level`, covering from `table_base`); returns how many of its

@@ -175,7 +175,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
         }
         let mut reserve: heapless::Vec<DmaBlock, 8> = self.zeroed_frames(needed)?;
         let root = self.root.phys.0;
-        let (unmapped, _) = self.change_in(
+        let (unmapped, _, _) = self.change_in(
             self.geometry.start_level,
             root,
             0,
@@ -226,8 +226,9 @@ impl<A: FrameAllocator> IoPageTable<A> {
     }
 
     /// Unmaps (or, with `reprotect`, reprotects) `[start, end)` inside the table at `table_phys` (covering from
-    /// `table_base`). Returns the bytes of mappings removed or changed, and how many of the table's entries became
-    /// invalid (for its count).
+    /// `table_base`). Returns the bytes of mappings removed or changed, how many of the table's entries became
+    /// invalid (for its count), and whether a block split linked a table into it (which clears its
+    /// [`desc::SW_NO_TABLES`]).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn change_in(
         &mut self,
@@ -239,15 +240,15 @@ impl<A: FrameAllocator> IoPageTable<A> {
         gather: &mut Gather,
         reserve: &mut heapless::Vec<DmaBlock, 8>,
         reprotect: Option<Prot>,
-    ) -> (u64, usize) {
+    ) -> (u64, usize, bool) {
         let shift = self.geometry.entry_shift(level);
         let entry_size = 1u64 << shift;
         let count = self.geometry.entries(level);
         let Some(virt) = self.allocator.phys_to_virt(PhysAddr(table_phys)) else {
-            return (0, 0);
+            return (0, 0, false);
         };
         let entries = entries_of(virt, count);
-        let mut removed = 0;
+        let (mut removed, mut linked) = (0, false);
         let table_end = table_base.saturating_add(entry_size * count as u64);
         let first = ((start.max(table_base) - table_base) >> shift) as usize;
         let last = (((end.min(table_end) - 1) - table_base) >> shift) as usize;
@@ -349,13 +350,20 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 }
                 self.coherency.clean(table.virt.as_ptr(), table.size);
                 write_barrier();
-                self.store(entry, self.with_count(desc::table(table.phys.0), level + 1, sub.len()));
+                // A table of leaves only (above the last level: it says so).
+                let no_tables = if level + 1 < 3 { desc::SW_NO_TABLES } else { 0 };
+                self.store(
+                    entry,
+                    self.with_count(desc::table(table.phys.0), level + 1, sub.len()) | no_tables,
+                );
                 self.tables.add(1);
+                linked = true;
                 // The block's translation is replaced: the TLB may hold it.
                 gather.add(entry_base, entry_size, shift);
                 (table.phys.0, sub.len())
             };
-            let (bytes, gone) = self.change_in(level + 1, next, entry_base, start, end, gather, reserve, reprotect);
+            let (bytes, gone, below) =
+                self.change_in(level + 1, next, entry_base, start, end, gather, reserve, reprotect);
             unmapped += bytes;
             let after = before.saturating_sub(gone);
             if reprotect.is_none() && after == 0 {
@@ -366,8 +374,8 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 self.free_later(next, gather);
                 gather.add_run(entry_base, entry_base + entry_size, self.geometry.granule_bits, 0);
                 removed += 1;
-            } else if gone > 0 {
-                self.set_count(entry, level + 1, after);
+            } else if gone > 0 || below {
+                self.set_count(entry, level + 1, after, below);
             }
         }
         if cleared.2 > 0 {
@@ -375,7 +383,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             self.coherency.clean(run.as_ptr().cast(), run.len() * 8);
             gather.add_run(cleared.0, cleared.1, shift, cleared.2);
         }
-        (unmapped, removed)
+        (unmapped, removed, linked)
     }
 
     /// Whether unmapping `[from, to)` (aligned to the entries of the table at `level` that the table descriptor
@@ -385,7 +393,8 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// range cuts one of its entries. Only the shorter side of the table is read for the count: the entries in
     /// the range (each counted, each checked not to be a table), or those outside it (each checked invalid, so
     /// that the descriptor's count is all in the range; those in the range then only checked for no table
-    /// descriptor, which a last-level table cannot hold).
+    /// descriptor, which a last-level table cannot hold, and a table whose descriptor says it holds none
+    /// ([`desc::SW_NO_TABLES`]) does not either: then they are not read at all).
     pub(super) fn empties_whole(&self, level: u8, d: u64, table_base: u64, from: u64, to: u64) -> Option<usize> {
         let n = desc::count(d);
         let shift = self.geometry.entry_shift(level);
@@ -400,13 +409,14 @@ impl<A: FrameAllocator> IoPageTable<A> {
         let inside = entries.get(a..b)?;
         // A table descriptor (levels 0-2) has bit 1 set; a block has it clear. An invalid entry with bit 1 set
         // (never written by this driver) only sends the unmap down the ordinary path.
-        let no_table = |bits: u64| level == 3 || bits & desc::TABLE_OR_PAGE == 0;
+        let holds_none = level == 3 || d & desc::SW_NO_TABLES != 0;
+        let no_table = |bits: u64| holds_none || bits & desc::TABLE_OR_PAGE == 0;
         if inside.len() <= entries.len() - inside.len() {
             let (valid, bits) = scan(inside);
             return (valid == n && no_table(bits)).then_some(n);
         }
         let outside = scan_bits(&entries[..a]) | scan_bits(&entries[b..]);
-        if outside & desc::VALID != 0 || (level < 3 && scan_bits(inside) & desc::TABLE_OR_PAGE != 0) {
+        if outside & desc::VALID != 0 || (!holds_none && scan_bits(inside) & desc::TABLE_OR_PAGE != 0) {
             return None;
         }
         Some(n)

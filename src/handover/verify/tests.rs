@@ -280,6 +280,45 @@ fn descriptors_follow_the_levels_and_the_encodings_this_driver_writes() {
     assert!(bad(e).1.contains("not aligned"));
 }
 
+/// The "no tables" bit (58) the driver sets on the descriptor of a table of leaves only (the level-2 table of the
+/// stage-1 domain's 2 MiB block) passes; on a table that holds a table descriptor, or on a last-level table, it
+/// is refused (a range unmap trusting it would unlink the table without its subtables).
+#[test]
+fn a_no_tables_bit_must_be_true_of_the_table_it_names() {
+    let frames = frames();
+    let mut region = Region::new();
+    let p = first_image(&mut region, frames);
+    let blocks = slot(&mut region, p.s1_root, 0, 0x4000_0000, 1);
+    assert_ne!(
+        *word(&mut region, blocks) & desc::SW_NO_TABLES,
+        0,
+        "set by the map of the block"
+    );
+    let pages = slot(&mut region, p.s1_root, 0, 0x1000, 1);
+    assert_eq!(
+        *word(&mut region, pages) & desc::SW_NO_TABLES,
+        0,
+        "its table holds last-level tables"
+    );
+    let (result, smmu, _model) = restore(&mut region, frames, &RestoreOptions::new(DMA), &[]);
+    assert_eq!(result, Ok(2));
+    core::mem::forget(smmu);
+    for level in [1, 2] {
+        let mut entry = 0;
+        let e = refused(|r, p| {
+            entry = slot(r, p.s1_root, 0, 0x1000, level);
+            *word(r, entry) |= desc::SW_NO_TABLES;
+        });
+        match verify_error(e) {
+            (S1, VerifyFailure::SoftwareBits { entry: at, what, .. }) => {
+                assert_eq!(at, entry, "level {level}");
+                assert!(what.contains("no-tables"), "{what}");
+            }
+            other => panic!("level {level}: {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn live_entry_counts_full_bits_trim_marks_and_totals_must_match_the_walk() {
     // A count one too high.

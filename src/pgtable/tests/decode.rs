@@ -35,7 +35,8 @@ pub(super) struct Leaf {
 /// software state kept in table descriptors: each one's count (bits \[11:2\] low, \[55:52\] high) is the number
 /// of valid entries of the table it names, the full bit (56) is set exactly when a last-level table's count is
 /// its size, and a linked table is empty only if it is a last-level table marked as a trim candidate (bit 57)
-/// with every ancestor's descriptor marked too.
+/// with every ancestor's descriptor marked too; a table whose descriptor has the "no tables" bit (58) is above
+/// the last level and holds no table descriptor.
 pub(super) fn leaves(frames: &HeapFrames, root: u64, g: &Geometry) -> BTreeMap<u64, Leaf> {
     let mut out = BTreeMap::new();
     go(frames, root, g.start_level, 0, g, &mut out, None, true);
@@ -89,6 +90,18 @@ pub(super) fn go(
                 .filter(|&i| unsafe { words.add(i).read() } & 1 != 0)
                 .count() as u64;
             assert_link_state(link, level, valid, entries, ancestors_marked, table);
+            if link & (1 << 58) != 0 {
+                // The software "no tables" bit promises a table above the last level with no table descriptor.
+                assert!(level < 3, "a last-level table at {table:#x} marked as holding no table");
+                // SAFETY: a live table of `entries` descriptors.
+                let tables = (0..entries)
+                    .filter(|&i| unsafe { words.add(i).read() } & 3 == 3)
+                    .count();
+                assert_eq!(
+                    tables, 0,
+                    "the level-{level} table at {table:#x} is marked as holding no table"
+                );
+            }
         }
         for i in 0..entries {
             // SAFETY: a live table of `entries` descriptors.

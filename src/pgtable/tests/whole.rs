@@ -226,3 +226,113 @@ fn a_table_written_whole_is_cleaned_before_it_is_linked() {
     }
     release(&mut t, g);
 }
+
+/// The "no tables" bit (58, [`desc::SW_NO_TABLES`]) is set on the descriptor of each table a map writes with
+/// leaves only, and stays a true promise through every path that links a table into one: the single-page map, a
+/// range map, a block split by an unmap and by a protect, the concurrent map of one page; `recount` rebuilds it
+/// exactly. A range unmap trusting a false one would unlink a table whole with a last-level table still inside it
+/// (leaked, never freed): the frames left over show it.
+#[test]
+fn the_no_tables_bit_stays_true_through_every_path_that_links_a_table() {
+    let frames: &'static HeapFrames = std::boxed::Box::leak(std::boxed::Box::default());
+    let mut t = IoPageTable::new(format(Stage::One, Granule::Size4K, 39), frames, true).unwrap();
+    t.set_bbm_level(2);
+    let no_tables = |t: &IoPageTable<&'static HeapFrames>, index: usize| {
+        t.root_entries()[index].load(Ordering::Relaxed) & desc::SW_NO_TABLES != 0
+    };
+    let settle = |t: &mut IoPageTable<&'static HeapFrames>| {
+        checks::check(t);
+        let _ = leaves(frames, t.root().0, t.geometry());
+        assert_eq!(
+            frames.live_blocks(),
+            t.tables() as usize,
+            "every frame is a linked table"
+        );
+    };
+    let (iova, pa) = (GIB + BLOCK, 4 * GIB);
+    let hole = GIB + 100 * BLOCK;
+
+    // The range map: both level-2 tables hold blocks only.
+    t.map(iova, pa, GIB, RW).unwrap();
+    assert!(no_tables(&t, 1) && no_tables(&t, 2));
+    settle(&mut t);
+    // A block unmapped, a page mapped in its place (the single-page path links a last-level table).
+    let mut g = Gather::default();
+    assert_eq!(t.unmap(hole, BLOCK, &mut g), Ok(BLOCK));
+    release(&mut t, g);
+    assert!(no_tables(&t, 1), "unmapping links nothing");
+    t.map(hole, 0x1000, 0x1000, RW).unwrap();
+    assert!(!no_tables(&t, 1) && no_tables(&t, 2));
+    settle(&mut t);
+    // Every valid entry of the first table is in the range, the page's table among them: the range unmap must
+    // not take it for a table of leaves.
+    let mut g = Gather::default();
+    assert_eq!(t.unmap(iova, GIB - BLOCK, &mut g), Ok(510 * BLOCK + 0x1000));
+    release(&mut t, g);
+    settle(&mut t);
+    assert_eq!(t.tables(), 2);
+
+    // A range map of pages in a fresh 1 GiB slot: the new level-2 table holds a last-level table.
+    t.map(3 * GIB, 0x1000, 0x2000, RW).unwrap();
+    assert!(!no_tables(&t, 3));
+    settle(&mut t);
+    let mut g = Gather::default();
+    assert_eq!(t.unmap(3 * GIB, 0x2000, &mut g), Ok(0x2000));
+    release(&mut t, g);
+    // A range map that links a last-level table into a table of blocks (pages in entry 100, then blocks after).
+    t.map(iova, pa, 99 * BLOCK, RW).unwrap();
+    assert!(no_tables(&t, 1));
+    t.map(hole, 0x1000, BLOCK + 0x1000, RW).unwrap();
+    assert!(!no_tables(&t, 1));
+    settle(&mut t);
+    let mut g = Gather::default();
+    // With the second table's block, left from the first map.
+    assert_eq!(t.unmap(GIB, 2 * GIB, &mut g), Ok(101 * BLOCK + 0x1000));
+    release(&mut t, g);
+    settle(&mut t);
+    assert_eq!(t.tables(), 1);
+
+    // Block splits: an unmap of one page of a block, a protect of one page of another.
+    t.map(iova, pa, GIB, RW).unwrap();
+    let mut g = Gather::default();
+    assert_eq!(t.unmap(hole + 0x1000, 0x1000, &mut g), Ok(0x1000));
+    release(&mut t, g);
+    assert!(!no_tables(&t, 1) && no_tables(&t, 2));
+    settle(&mut t);
+    let mut g = Gather::default();
+    let read_only = Prot::READ.union(Prot::CACHEABLE);
+    assert_eq!(t.protect(2 * GIB + 0x1000, 0x1000, read_only, &mut g), Ok(0x1000));
+    release(&mut t, g);
+    assert!(!no_tables(&t, 2));
+    settle(&mut t);
+    let mut g = Gather::default();
+    assert_eq!(t.unmap(GIB, 2 * GIB, &mut g), Ok(GIB - 0x1000));
+    release(&mut t, g);
+    settle(&mut t);
+
+    // The concurrent paths: a range of blocks (set), then one page in a hole (cleared by its reservation).
+    let mut g = Gather::default();
+    t.map_shared(iova, pa, GIB, RW, &mut g).unwrap();
+    assert!(g.is_empty() && no_tables(&t, 1) && no_tables(&t, 2));
+    let mut g = Gather::default();
+    assert_eq!(t.unmap(hole, BLOCK, &mut g), Ok(BLOCK));
+    release(&mut t, g);
+    let mut g = Gather::default();
+    t.map_shared(hole, 0x1000, 0x1000, RW, &mut g).unwrap();
+    assert!(!no_tables(&t, 1) && no_tables(&t, 2));
+    settle(&mut t);
+
+    // `recount` rebuilds the bit exactly from the entries: a false one goes, a missing one comes back.
+    let root = t.root_entries();
+    root[1].store(root[1].load(Ordering::Relaxed) | desc::SW_NO_TABLES, Ordering::Relaxed);
+    root[2].store(root[2].load(Ordering::Relaxed) & !desc::SW_NO_TABLES, Ordering::Relaxed);
+    t.recount().unwrap();
+    assert!(!no_tables(&t, 1) && no_tables(&t, 2));
+    settle(&mut t);
+    let mut g = Gather::default();
+    assert_eq!(t.unmap(GIB, 2 * GIB, &mut g), Ok(GIB - BLOCK + 0x1000));
+    release(&mut t, g);
+    assert_eq!((t.tables(), frames.live_blocks()), (1, 1));
+    drop(t);
+    assert_eq!(frames.live_blocks(), 0);
+}
