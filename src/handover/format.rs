@@ -353,7 +353,11 @@ fn write_record(r: &DomainRecord, out: &mut [u8]) {
     raw.extent_count = U32::new(r.extents.len() as u32);
     out[..RECORD_HEAD_SIZE].copy_from_slice(raw.as_bytes());
     let mut at = RECORD_HEAD_SIZE;
-    for s in r.streams.iter() {
+    // Exactly the counts written above: entries read as they are iterated (a live memory's runs) that are no
+    // longer there leave zeroed slots (which no decode accepts), never bytes of another record.
+    let streams_end = at + r.streams.len() * STREAM_SIZE;
+    out[at..streams_end + r.extents.len() * EXTENT_SIZE].fill(0);
+    for s in r.streams.iter().take(r.streams.len()) {
         let raw = RawStream {
             sid: U32::new(s.sid),
             ssid: U32::new(s.ssid),
@@ -365,7 +369,8 @@ fn write_record(r: &DomainRecord, out: &mut [u8]) {
         out[at..at + STREAM_SIZE].copy_from_slice(raw.as_bytes());
         at += STREAM_SIZE;
     }
-    for e in r.extents.iter() {
+    at = streams_end;
+    for e in r.extents.iter().take(r.extents.len()) {
         out[at..at + EXTENT_SIZE].copy_from_slice(RawExtent::new(e).as_bytes());
         at += EXTENT_SIZE;
     }

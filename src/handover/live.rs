@@ -136,6 +136,10 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     }
 
     /// The records of every preserved domain as they stand now (parents before the nested domains under them).
+    /// A record's extents are read from its domain's memory as they are iterated (counted now): they describe the
+    /// memory as it is then, and a domain changed since (this call holds no lock once it returns) may yield fewer
+    /// runs than counted, which `format::encode` writes as zeroed slots no decode accepts. `prepare_handover`
+    /// reads them under its freeze, where nothing changes.
     ///
     /// # Errors
     /// [`RecordError`]; nothing is written anywhere.

@@ -21,6 +21,7 @@ use core::ptr::NonNull;
 use core::sync::atomic::{AtomicPtr, AtomicU16, Ordering};
 
 use spin::{Mutex, RwLock};
+use zerocopy::FromBytes;
 
 use super::Extent;
 use crate::mem::{AllocError, DmaBlock, FrameAllocator, PhysAddr};
@@ -372,11 +373,11 @@ impl HandoverPool {
             map_pages,
         };
         let mut staging = self.metadata_lock.lock();
-        let Staging { buffer: _, scratch } = &mut *staging;
+        let Staging { buffer, scratch } = &mut *staging;
         // SAFETY: the contract maps the region at `virt`; nothing else uses it, and `set_up` runs before any
         // other user of the metadata area (the layout is not published yet).
         let metadata = unsafe { core::slice::from_raw_parts(virt.as_ptr(), METADATA_BYTES as usize) };
-        l.map_first = place_map(&l, metadata, scratch).ok_or(PoolError::NoRoomForMap)?;
+        l.map_first = place_map(&l, metadata, scratch, buffer).ok_or(PoolError::NoRoomForMap)?;
         let map = l.phys_of(l.map_first);
         // SAFETY: inside the pool (place_map keeps it there), mapped by the contract; nothing else uses it.
         unsafe { (l.virt_of(map) as *mut u8).write_bytes(0, l.map_pages * FRAME as usize) };
@@ -537,23 +538,41 @@ impl HandoverPool {
     }
 
     /// Takes a memory that holds exactly the frames of `extents` (after a hand-off: a record's runs, in ascending
-    /// order), so that none of them is handed out again while the adopted domain lives.
+    /// order), so that none of them is handed out again while the adopted domain lives. The extents are read
+    /// once, each checked before its frames are taken.
     ///
     /// # Errors
     /// [`PoolError::BadExtent`] for an extent that is empty, not frame-aligned, outside the pool or not after
     /// the one before; [`PoolError::InUse`] for a frame a memory, a window or the owner map holds;
     /// [`PoolError::NoFreeMemory`], [`PoolError::NotSetUp`]. Nothing is taken then.
-    pub fn adopt(
-        &'static self,
-        extents: impl Iterator<Item = Extent> + Clone,
-    ) -> Result<&'static HandoverMemory, PoolError> {
+    pub fn adopt(&'static self, extents: impl Iterator<Item = Extent>) -> Result<&'static HandoverMemory, PoolError> {
         let l = self.layout()?;
         self.claim(|s, id| {
             let owners = l.owners();
             let _cursor = self.cursor.lock();
-            check_adoptable(&l, extents.clone())?;
+            // Checked and taken in one pass over the extents (an iterator need not yield the same twice), each
+            // extent's frames checked before any of them is taken; on a refusal the frames taken so far are named
+            // again (they were free or named: named keeps them from every other memory until the records settle).
+            let mut after = 0usize;
+            let refuse = |e: PoolError, s: &mut MemoryState| {
+                for owner in owners.get(s.lo as usize..s.hi as usize).unwrap_or_default() {
+                    if owner.load(Ordering::Relaxed) == id {
+                        owner.store(NAMED, Ordering::Relaxed);
+                    }
+                }
+                Err(e)
+            };
             for e in extents {
-                let pages = l.pages_of(e).unwrap_or(0..0);
+                let Some(pages) = l.pages_of(e).filter(|p| p.start >= after) else {
+                    return refuse(PoolError::BadExtent(e), s);
+                };
+                if owners[pages.clone()]
+                    .iter()
+                    .any(|o| !matches!(o.load(Ordering::Relaxed), FREE | NAMED))
+                {
+                    return refuse(PoolError::InUse(e), s);
+                }
+                after = pages.end;
                 for owner in &owners[pages.clone()] {
                     owner.store(id, Ordering::Relaxed);
                 }
@@ -758,41 +777,59 @@ fn name_recorded(l: &Layout, metadata: &[u8], scratch: &mut [u64]) {
     });
 }
 
-/// Where the owner map goes: the end of the pool, else its start, else just after an extent the region names,
-/// wherever it overlaps none of them. `None` when there is no such place. (Decodes the region once per place
-/// tried: the first two fit unless a region names both ends of the pool.)
-fn place_map(l: &Layout, metadata: &[u8], scratch: &mut [u64]) -> Option<usize> {
+/// Where the owner map goes: the end of the pool, else its start, else the first gap between the extents the
+/// region names that holds it. `None` when there is no such place. The extents' pages are gathered in `buffer`
+/// (the staging buffer, free at set-up) and sorted: one decode and n log n, however many records there are; a
+/// region naming more extents than the buffer holds gets only the two ends tried.
+fn place_map(l: &Layout, metadata: &[u8], scratch: &mut [u64], buffer: &mut [u8]) -> Option<usize> {
     let m = l.map_pages;
-    let clear = |first: usize, scratch: &mut [u64]| {
-        let map = Extent {
-            base: l.phys_of(first),
-            len: m as u64 * FRAME,
-        };
-        let mut hit = false;
-        recorded_extents(l, metadata, scratch, |e| hit |= e.overlaps(&map));
-        !hit
+    let Ok(slots) = <[u64]>::mut_from_bytes(buffer) else {
+        return None;
     };
-    for first in [l.pages - m, 0] {
-        if clear(first, scratch) {
-            return Some(first);
+    let (mut n, mut overflow) = (0usize, false);
+    recorded_extents(l, metadata, scratch, |e| {
+        let pages = pages_spanned(l, e);
+        match slots.get_mut(n) {
+            Some(slot) => *slot = (pages.start as u64) << 32 | pages.end as u64,
+            None => overflow = true,
         }
-    }
-    for k in 0.. {
-        let mut nth = None;
-        let mut seen = 0usize;
-        recorded_extents(l, metadata, scratch, |e| {
-            if seen == k {
-                nth = Some(e);
+        n += 1;
+    });
+    let kept = n.min(slots.len());
+    let named = &mut slots[..kept];
+    named.sort_unstable();
+    let clear = |first: usize| {
+        named
+            .iter()
+            .all(|&x| ((x >> 32) as usize) >= first + m || (x as u32 as usize) <= first)
+    };
+    if overflow {
+        return [l.pages - m, 0].into_iter().find(|&first| {
+            clear(first) && {
+                let map = Extent {
+                    base: l.phys_of(first),
+                    len: m as u64 * FRAME,
+                };
+                let mut hit = false;
+                recorded_extents(l, metadata, scratch, |e| hit |= e.overlaps(&map));
+                !hit
             }
-            seen += 1;
         });
-        let e = nth?;
-        let first = pages_spanned(l, e).end;
-        if first + m <= l.pages && clear(first, scratch) {
-            return Some(first);
-        }
     }
-    None
+    if clear(l.pages - m) {
+        return Some(l.pages - m);
+    }
+    // The gaps between the named ranges, in order (they may overlap one another: a running SMMU's window and
+    // its records' extents are checked apart).
+    let mut covered = 0usize;
+    for &x in named.iter() {
+        let (start, end) = ((x >> 32) as usize, x as u32 as usize);
+        if start >= covered + m {
+            return Some(covered);
+        }
+        covered = covered.max(end);
+    }
+    (covered + m <= l.pages).then_some(covered)
 }
 
 /// The pool pages `e` (inside the pool) touches.
@@ -830,6 +867,28 @@ impl HandoverMemory {
                 let o = owner.load(Ordering::Relaxed);
                 if o == id || (o == HELD && window) {
                     owner.store(FREE, Ordering::Relaxed);
+                }
+            }
+        }
+        *s = UNUSED;
+    }
+
+    /// Gives the memory back as [`HandoverMemory::release`] does, but with every frame it held named rather than
+    /// free: for frames a region still names (a refused restore's), which no other memory may take until
+    /// [`HandoverPool::rename_recorded`] reads the records again.
+    ///
+    /// # Safety
+    /// As [`HandoverMemory::release`].
+    pub(crate) unsafe fn release_named(&self) {
+        let mut s = self.state.lock();
+        if let Some((pool, l, id)) = self.context() {
+            let owners = l.owners();
+            let _cursor = pool.cursor.lock();
+            let window = s.window().is_some();
+            for owner in owners.get(s.span()).unwrap_or_default() {
+                let o = owner.load(Ordering::Relaxed);
+                if o == id || (o == HELD && window) {
+                    owner.store(NAMED, Ordering::Relaxed);
                 }
             }
         }
@@ -966,7 +1025,8 @@ unsafe impl FrameAllocator for HandoverMemory {
             });
         }
         let owners = l.owners();
-        let start = match l.page_of(from) {
+        // The first whole frame at or after `from`.
+        let start = match l.page_of(from.checked_next_multiple_of(FRAME)?) {
             Some(page) => page.max(lo),
             None if from < l.pool.base => lo,
             None => return None,
@@ -1351,5 +1411,216 @@ mod tests {
         }
         assert_eq!(pool.take_memory().err(), Some(PoolError::NoFreeMemory));
         assert_eq!(pool.memories_in_use(), MAX_MEMORIES);
+    }
+
+    /// `adopt` reads its extents once, checking each before taking it: an iterator that would not yield the same
+    /// extents twice (a safe `from_fn` over a shared `Cell`) cannot make the adopted memory take a frame another
+    /// memory holds, or the owner map's.
+    #[test]
+    fn adopt_stores_only_what_it_checked() {
+        use core::cell::Cell;
+        let (pool, _) = pool(METADATA_BYTES as usize + (1 << 20));
+        let b = pool.take_memory().unwrap();
+        let theirs = b.allocate_zeroed(4096, 4096).unwrap();
+        let theirs_extent = Extent {
+            base: theirs.phys.0,
+            len: FRAME,
+        };
+        let free = Extent {
+            base: frame(pool, 100),
+            len: FRAME,
+        };
+        assert!(pool.adoptable(core::iter::once(free)));
+        let passes = Cell::new(0u32);
+        let extents = {
+            let passes = &passes;
+            let mut done = false;
+            core::iter::from_fn(move || {
+                if done {
+                    return None;
+                }
+                done = true;
+                let n = passes.get();
+                passes.set(n + 1);
+                // The check sees a free frame; the store, b's.
+                Some(if n == 0 { free } else { theirs_extent })
+            })
+        };
+        let adopted = pool.adopt(extents);
+        let adopted = match adopted {
+            Err(_) => return, // refused: sound
+            Ok(m) => m,
+        };
+        // b still holds its frame, and it still has one owner.
+        assert_eq!(
+            b.phys_to_virt(theirs.phys),
+            Some(theirs.virt),
+            "b's frame was taken by the adopted memory"
+        );
+        assert_eq!(
+            adopted.phys_to_virt(theirs.phys),
+            None,
+            "the adopted memory holds b's frame"
+        );
+    }
+
+    /// The same with the owner map: were it adopted, its frame would be free once the adopted memory is released,
+    /// and the next allocation would hand it out (and zero the owner map).
+    #[test]
+    fn adopt_never_takes_the_owner_map() {
+        use core::cell::Cell;
+        let (pool, _) = pool(METADATA_BYTES as usize + (1 << 20));
+        let map = pool.owner_map().unwrap();
+        let free = Extent {
+            base: frame(pool, 100),
+            len: FRAME,
+        };
+        let passes = Cell::new(0u32);
+        let extents = {
+            let passes = &passes;
+            let mut done = false;
+            core::iter::from_fn(move || {
+                if done {
+                    return None;
+                }
+                done = true;
+                let n = passes.get();
+                passes.set(n + 1);
+                Some(if n == 0 { free } else { map })
+            })
+        };
+        if let Ok(adopted) = pool.adopt(extents) {
+            // SAFETY: nothing uses what it holds.
+            unsafe { pool.release(adopted) };
+        }
+        let m = pool.take_memory().unwrap();
+        let mut handed = std::vec::Vec::new();
+        while let Ok(block) = m.allocate_for_overwrite(4096, 4096) {
+            handed.push(block.phys.0);
+            if handed.len() > 300 {
+                break;
+            }
+        }
+        assert!(!handed.contains(&map.base), "the owner map's frame was handed out");
+    }
+
+    /// `Entries::from_runs` counts the runs once and reads them again as iterated: when the memory changes in
+    /// between (as it may for `Iommu::handover_records`, whose domains are unlocked once it returns), the entries
+    /// iterated are never more than counted.
+    #[test]
+    fn live_runs_len_matches_what_is_encoded() {
+        let (pool, _) = pool(METADATA_BYTES as usize + (1 << 20));
+        let a = pool.take_memory().unwrap();
+        let b = pool.take_memory().unwrap();
+        let x = a.allocate_zeroed(4096, 4096).unwrap();
+        let _y = b.allocate_zeroed(4096, 4096).unwrap();
+        let _z = a.allocate_zeroed(4096, 4096).unwrap();
+        let entries: crate::handover::Entries<'_, Extent> = crate::handover::Entries::from_runs(a);
+        assert_eq!(entries.len(), 2);
+        // SAFETY: nothing uses it.
+        unsafe { a.free(x) };
+        // Read from the memory as iterated: never more than counted (the encoder writes exactly the count, and
+        // zeroes a slot the memory no longer fills, which no decode accepts); counted afresh, the runs as they are.
+        assert!(entries.iter().count() <= entries.len());
+        assert_eq!(crate::handover::Entries::<'_, Extent>::from_runs(a).len(), 1);
+    }
+
+    /// `handover_run(from)` gives the first run that starts at or after `from`, even inside a frame.
+    #[test]
+    fn handover_run_starts_at_or_after_from() {
+        let (pool, _) = pool(METADATA_BYTES as usize + (1 << 20));
+        let a = pool.take_memory().unwrap();
+        let x = a.allocate_zeroed(2 * 4096, 4096).unwrap();
+        let from = x.phys.0 + 8;
+        if let Some(run) = a.handover_run(from) {
+            assert!(run.base >= from, "run {:#x} starts before from {from:#x}", run.base);
+        }
+    }
+}
+
+#[cfg(test)]
+mod placement {
+    extern crate std;
+
+    use super::*;
+    use crate::handover::format::sample::{self, POOL, REGION, Rng};
+    use std::vec;
+    use std::vec::Vec;
+    use zerocopy::IntoBytes;
+
+    /// The owner map goes where no extent of the region points (the end, the start, or a gap between them), and
+    /// only when no gap that long exists is there none: against a brute-force search, over random valid regions
+    /// whose named extents are made to reach both ends of the pool.
+    #[test]
+    fn the_owner_map_goes_where_no_record_points() {
+        let mut rng = Rng::new(0x6f77_6e65_726d_6170);
+        let mut placed_inside = 0;
+        for _ in 0..300 {
+            let instances = sample::instances(&mut rng, 8);
+            let mut instances = instances;
+            // A record naming the pool's last frames too (as a version-2 region's last arena would): both ends of
+            // the pool are then named (the samples start at its base).
+            let tail = 1 + rng.below(16);
+            let Some(r) = instances
+                .iter_mut()
+                .flat_map(|i| i.records.iter_mut())
+                .find(|r| !r.extents.is_empty())
+            else {
+                continue;
+            };
+            r.extents.push(Extent {
+                base: POOL.base + POOL.len - tail * FRAME,
+                len: tail * FRAME,
+            });
+            let mut metadata = vec![0u8; 1 << 20];
+            let Ok(len) = sample::encode_owned(&instances, 1, REGION, POOL, &mut metadata) else {
+                continue;
+            };
+            let mut named: Vec<Extent> = Vec::new();
+            let decoded = sample::decode(&metadata[..len], POOL).unwrap();
+            for i in decoded.instances.iter() {
+                named.extend(i.records.iter().flat_map(|r| r.extents.iter().collect::<Vec<_>>()));
+            }
+            let pages = (POOL.len / FRAME) as usize;
+            // Maps as long as the gaps the samples leave (a few frames to a few MiB).
+            let scale = rng.below(12);
+            let map_pages = 1 + rng.below(1 << scale) as usize;
+            if pages <= map_pages {
+                continue;
+            }
+            let l = Layout {
+                region: REGION,
+                virt: 0x1000,
+                pool: Extent {
+                    base: POOL.base,
+                    len: pages as u64 * FRAME,
+                },
+                pages,
+                map_first: 0,
+                map_pages,
+            };
+            let mut scratch = vec![0u64; crate::handover::format::scratch_words(metadata.len())];
+            let mut staging = vec![0u64; METADATA_BYTES as usize / 8];
+            let found = place_map(&l, &metadata, &mut scratch, staging.as_mut_bytes());
+            let clear = |first: usize| {
+                let map = Extent {
+                    base: l.phys_of(first),
+                    len: map_pages as u64 * FRAME,
+                };
+                named.iter().all(|e| !e.overlaps(&map))
+            };
+            let any = (0..=pages - map_pages).find(|&c| clear(c));
+            match found {
+                Some(first) => {
+                    assert!(
+                        first + map_pages <= pages && clear(first),
+                        "{first} over a named extent"
+                    );
+                    placed_inside += usize::from(first != 0 && first != pages - map_pages);
+                }
+                None => assert_eq!(any, None, "a gap was missed"),
+            }
+        }
+        assert!(placed_inside > 10, "the gaps are exercised: {placed_inside}");
     }
 }

@@ -336,8 +336,8 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             }
             Err(e) => {
                 self.contain_refused_restore(book, &taken);
-                // The frames given back that the region still names are named again: no memory takes them
-                // before a restore, or a finish, settles the records.
+                // The frames given back (named) that the region no longer names are free again; those it names
+                // stay named: no memory takes them before a restore, or a finish, settles the records.
                 if let Ok(mut guard) = pool.lock_metadata() {
                     let (bytes, _, scratch) = guard.with_staging();
                     pool.rename_recorded(bytes, scratch);
@@ -467,8 +467,9 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             for memory in &taken.memories {
                 // SAFETY: every stream that could reach the memory aborts (or translation is off) and the
                 // invalidation of every cached configuration and TLB entry completed; the domains built on it were
-                // forgotten, so no reference into it is left.
-                unsafe { memory.release() };
+                // forgotten, so no reference into it is left. Its frames go back named (the region still names
+                // them), never free for a moment; the restore's exit then names exactly what the region names.
+                unsafe { memory.release_named() };
             }
         }
     }

@@ -352,3 +352,59 @@ fn a_domain_cannot_be_created_with_memory_a_prepared_hand_off_sealed() {
     smmu.cancel_handover(pool, BASE).unwrap();
     core::mem::forget(smmu);
 }
+
+/// A refused restore gives the frames it adopted back named (the region still names them), never free for a
+/// moment: a CPU allocating meanwhile takes none of them.
+#[test]
+fn a_refused_restore_never_lets_a_named_frame_go() {
+    use core::sync::atomic::{AtomicBool, Ordering};
+    let frames = frames();
+    let mut region = Region::new();
+    let model = running_first_image(&mut region, frames);
+    let pool = region.pool();
+    break_the_recorded_table(&mut region, pool);
+    let (running, core) = running_smmu(pool, &model.smmu(), BASE).unwrap().unwrap();
+    let next = model
+        .smmu()
+        .adopt_running(core, &InitOptions::default(), &running)
+        .unwrap();
+    let named: std::vec::Vec<Extent> = {
+        let metadata = pool.lock_metadata().unwrap();
+        let decoded = crate::handover::format::sample::decode(&metadata, pool.pool().unwrap()).unwrap();
+        decoded.instances[0]
+            .records
+            .iter()
+            .flat_map(|r| r.extents.iter().collect::<std::vec::Vec<_>>())
+            .collect()
+    };
+    static STOP: AtomicBool = AtomicBool::new(false);
+    STOP.store(false, Ordering::SeqCst);
+    // Another CPU: a domain growing, taking every frame that is free.
+    let other = pool.take_memory().unwrap();
+    let grabber = std::thread::spawn(move || {
+        let mut got = std::vec::Vec::new();
+        while !STOP.load(Ordering::SeqCst) {
+            if let Ok(block) = other.allocate_for_overwrite(4096, 4096) {
+                got.push(block.phys.0);
+            }
+        }
+        got
+    });
+    while pool.free_frames() != 0 {
+        std::thread::yield_now();
+    }
+    let trusted = RestoreOptions {
+        verify: crate::handover::verify::Verification::TrustRecordedTables,
+        ..ANYWHERE
+    };
+    next.restore_handover(pool, BASE, &trusted).unwrap_err();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    STOP.store(true, Ordering::SeqCst);
+    let got = grabber.join().unwrap();
+    let taken: std::vec::Vec<u64> = got
+        .into_iter()
+        .filter(|&p| named.iter().any(|e| e.contains(p, 4096)))
+        .collect();
+    assert!(taken.is_empty(), "frames the region names handed out: {taken:x?}");
+    core::mem::forget(next);
+}
