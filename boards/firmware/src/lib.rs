@@ -455,9 +455,12 @@ pub fn run<B: Board>(board: &B) -> ! {
             Ok(()) => {
                 handover::set_source(source);
                 println!(
-                    "handover region: {:#x}..{:#x}, kept out of the frame pool; {} KiB of records",
+                    "handover region: {:#x}..{:#x}, kept out of the frame pool",
                     region.base,
-                    region.base + region.len,
+                    region.base + region.len
+                );
+                println!(
+                    "handover records: {} KiB",
                     handover::POOL.metadata_extent().map_or(0, |m| m.len >> 10)
                 )
             }
