@@ -103,6 +103,7 @@ mod loom_models;
 mod map;
 mod preserve;
 mod raw;
+mod storage;
 mod table;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -239,7 +240,7 @@ impl Smmu {
         allocator: A,
         options: &InitOptions,
     ) -> Result<Iommu<A, D>, InitError> {
-        Ok(Iommu::over(self.start(allocator, options)?))
+        Iommu::over(self.start(allocator, options)?)
     }
 
     /// Takes over an SMMU that a previous image left translating (SMMUEN = 1), without a moment of bypass or
@@ -272,16 +273,20 @@ impl Smmu {
         options: &InitOptions,
         running: &RunningSmmu,
     ) -> Result<Iommu<A>, InitError> {
-        Ok(Iommu::over(self.take_over(allocator, options, running)?))
+        Iommu::over(self.take_over(allocator, options, running)?)
     }
 }
 
 impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// The driver over an initialised SMMU: no domains yet.
-    fn over(core: SmmuCore<A>) -> Self {
-        Iommu {
-            core,
-            domains: Domains::new(),
+    fn over(core: SmmuCore<A>) -> Result<Self, InitError> {
+        match Domains::new(core.allocator()) {
+            Ok(domains) => Ok(Iommu { core, domains }),
+            Err(e) => {
+                // No domain yet: the SMMU goes off and its memory back, as if it had never been initialised.
+                let _ = core.shutdown_then(false, |_| {});
+                Err(InitError::NoMemory(e))
+            }
         }
     }
 
@@ -298,18 +303,16 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         // SAFETY: `this` is never used again and never dropped (`ManuallyDrop`), and each field is moved out exactly
         // once, here.
         let (core, domains) = unsafe { (core::ptr::read(&this.core), core::ptr::read(&this.domains)) };
-        match core.shutdown(bypass) {
-            Ok(smmu) => {
-                // Translation is off: no walk reaches a domain's tables any more, and they go back to their memory.
-                drop(domains);
-                Ok(smmu)
-            }
-            Err(e) => {
-                // The SMMU may still read them.
-                core::mem::forget(domains);
-                Err(e)
-            }
-        }
+        // Dropped only once translation is off (the closure runs then); on an error it is leaked with its tables,
+        // which the SMMU may still read.
+        let domains = core::mem::ManuallyDrop::new(domains);
+        core.shutdown_then(bypass, move |allocator| {
+            let Domains { slots, .. } = core::mem::ManuallyDrop::into_inner(domains);
+            // Translation is off: no walk reaches a domain's tables any more, and they go back to their memory;
+            // then the slots' own block to the SMMU's allocator, which it came from.
+            // SAFETY: the slots came from this allocator (`Iommu::over`).
+            unsafe { slots.release(allocator) };
+        })
     }
 }
 
@@ -322,5 +325,10 @@ impl<A: FrameAllocator, const D: usize> Drop for Iommu<A, D> {
             // The SMMU may still walk them: never back to an allocator that would hand them out again.
             self.domains.abandon_tables();
         }
+        // The slots (their domains dropped first: tables back to their memory, or abandoned above) go back to the
+        // SMMU's allocator: the CPU's bookkeeping, which the SMMU never reads.
+        let slots = core::mem::replace(&mut self.domains.slots, storage::Storage::empty());
+        // SAFETY: the slots came from this allocator (`Iommu::over`).
+        unsafe { slots.release(self.core.allocator()) };
     }
 }

@@ -2,10 +2,12 @@
 //! token index of preserved domains, and the state of a hand-off prepared or restored. What each lock guards and
 //! the order they are taken in are in the [module docs](super#concurrency).
 
+use super::storage::Storage;
 use crate::ctx::CdTable;
 use crate::hw::cd::Cd;
 use crate::hw::ste::Stage2Config;
 use crate::ids::DomainId;
+use crate::mem::{AllocError, FrameAllocator};
 use crate::pgtable::{Gather, IoPageTable};
 use crate::protected::SharedProtected;
 use crate::sync::{AtomicBool, AtomicU64, Ordering};
@@ -336,7 +338,8 @@ pub(crate) type PreparedState = Option<Prepared>;
 /// The driver's domain bookkeeping: the slots (each behind its own lock), the shared bookkeeping ([`Book`]), the
 /// hand-off state, protected memory and the faults of unattached streams.
 pub(crate) struct Domains<const D: usize> {
-    pub(crate) slots: [Slot; D],
+    /// The `D` slots, out of line (see [`super::storage`]).
+    pub(crate) slots: Storage<Slot>,
     pub(crate) book: spin::Mutex<Book<D>>,
     /// The hand-off `prepare_handover` prepared, until `cancel_handover`: no domain can be preserved or
     /// unpreserved meanwhile (see `crate::handover`), and with the SMMU left running no stream may start
@@ -355,13 +358,19 @@ pub(crate) struct Domains<const D: usize> {
 }
 
 impl<const D: usize> Domains<D> {
-    pub(crate) fn new() -> Self {
-        Domains {
-            slots: core::array::from_fn(|_| Slot {
+    /// The bookkeeping for `D` domains, its slots in a block of `allocator` (given back by the caller, with
+    /// [`Storage::release`], when the driver goes).
+    ///
+    /// # Errors
+    /// The allocator's.
+    pub(crate) fn new(allocator: &dyn FrameAllocator) -> Result<Self, AllocError> {
+        const { assert!(D <= u16::MAX as usize, "a domain's slot index is 16 bits") };
+        Ok(Domains {
+            slots: Storage::new(allocator, D, |_| Slot {
                 generation: AtomicU64::new(0),
                 state: spin::RwLock::new(None),
                 faults: crate::sync::Mutex::new(FaultReport::default()),
-            }),
+            })?,
             book: spin::Mutex::new(Book {
                 // Lowest index on top, so the first domain gets slot 0.
                 free: (0..D as u16).rev().collect(),
@@ -376,7 +385,7 @@ impl<const D: usize> Domains<D> {
             unattached_faults: crate::sync::Mutex::new(FaultReport::default()),
             book_wanted: AtomicBool::new(false),
             report_wanted: AtomicBool::new(false),
-        }
+        })
     }
 
     /// Whether a prepared hand-off records this SMMU's preserved domains now.
@@ -440,7 +449,7 @@ impl<const D: usize> Domains<D> {
     /// Forgets every domain, its page tables and the gathers it holds left where they are (never freed): for an
     /// SMMU that may still walk them (see `Iommu`'s drop).
     pub(crate) fn abandon_tables(&mut self) {
-        for slot in &mut self.slots {
+        for slot in self.slots.iter_mut() {
             if let Some(state) = slot.state.get_mut().take() {
                 core::mem::forget(state);
             }

@@ -300,6 +300,21 @@ fn raw_header(bytes: &[u8]) -> Result<RawHeader, HandoverError> {
     RawHeader::read_from_bytes(head).map_err(|_| truncated)
 }
 
+/// The region and pool a region's header records, when `bytes` (the region from its first byte) start with a
+/// header of a known version whose CRC holds over the length it states: how a pool set up over a region finds the
+/// split between records and pool that the region was written with. `None` otherwise (nothing else is checked:
+/// [`decode`] does that).
+pub fn recorded_layout(bytes: &[u8]) -> Option<(Extent, Extent)> {
+    let header = raw_header(bytes).ok()?;
+    if header.magic != MAGIC || !KNOWN_VERSIONS.contains(&header.version.get()) {
+        return None;
+    }
+    let total = usize::try_from(header.total_len.get()).ok()?;
+    let region = bytes.get(..total).filter(|_| total >= HEADER_SIZE)?;
+    (checksum(&region[..HEADER_SIZE], &region[HEADER_SIZE..]) == header.crc32c.get())
+        .then(|| (header.region.get(), header.pool.get()))
+}
+
 /// The CRC32C of a region: its header with the CRC field taken as zero, then its body.
 fn checksum(header: &[u8], body: &[u8]) -> u32 {
     let mut digest = CRC32C.digest();

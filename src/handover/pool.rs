@@ -107,6 +107,11 @@ struct Layout {
     region: Extent,
     /// CPU address of the region's first byte.
     virt: usize,
+    /// Bytes of the metadata area (the region's first bytes; the pool starts after them).
+    metadata: u64,
+    /// The caller's workspace (CPU address, words): the staging buffer (`metadata` bytes) then the decode's
+    /// scratch. `None`: the pool's own (for the default metadata area).
+    workspace: Option<(usize, usize)>,
     /// The pool (physical): the region after the metadata, a multiple of [`POOL_GRAIN`] long.
     pool: Extent,
     /// Frames in the pool.
@@ -279,21 +284,41 @@ const _: () = {
 /// Words of scratch a region of the metadata area's size needs to be decoded.
 const SCRATCH_WORDS: usize = super::format::scratch_words(METADATA_BYTES as usize);
 
-/// The metadata area of a [`HandoverPool`] (the region's first [`METADATA_BYTES`]), with the pool's metadata lock
-/// held until it is dropped.
+/// The workspace a pool needs for a metadata area of `metadata_bytes` ([`HandoverPool::set_up_with`]): a staging
+/// buffer as long, and the scratch [`super::format::decode`] sorts in.
+pub const fn workspace_words(metadata_bytes: u64) -> usize {
+    metadata_bytes as usize / 8 + super::format::scratch_words(metadata_bytes as usize)
+}
+
+/// The metadata area of a [`HandoverPool`] (the region's first bytes, [`HandoverPool::metadata_extent`]), with the
+/// pool's metadata lock held until it is dropped.
 pub struct MetadataGuard<'a> {
     lock: spin::MutexGuard<'a, Staging>,
     bytes: *mut u8,
+    len: usize,
+    workspace: Option<(usize, usize)>,
 }
 
 impl MetadataGuard<'_> {
     /// The metadata area, the pool's staging buffer (as long) and the scratch [`super::format::decode`] needs for
     /// a region of that size, all under the lock this guard holds.
     pub fn with_staging(&mut self) -> (&mut [u8], &mut [u8], &mut [u64]) {
-        // SAFETY: as in `deref_mut`; the staging buffer and scratch are the lock's own data, other objects.
-        let metadata = unsafe { core::slice::from_raw_parts_mut(self.bytes, METADATA_BYTES as usize) };
-        let staging = &mut *self.lock;
-        (metadata, &mut staging.buffer, &mut staging.scratch)
+        // SAFETY: as in `deref_mut`.
+        let metadata = unsafe { core::slice::from_raw_parts_mut(self.bytes, self.len) };
+        match self.workspace {
+            Some((virt, words)) => {
+                // SAFETY: the workspace `set_up_with` was given, for the pool alone for the program's life (its
+                // contract), 8-byte aligned and `words` long (checked there); used only under the metadata lock,
+                // which this guard holds; `&mut self` makes these the only views.
+                let all = unsafe { core::slice::from_raw_parts_mut(virt as *mut u64, words) };
+                let (staging, scratch) = all.split_at_mut(self.len / 8);
+                (metadata, zerocopy::IntoBytes::as_mut_bytes(staging), scratch)
+            }
+            None => {
+                let staging = &mut *self.lock;
+                (metadata, &mut staging.buffer[..self.len], &mut staging.scratch)
+            }
+        }
     }
 }
 
@@ -303,14 +328,14 @@ impl core::ops::Deref for MetadataGuard<'_> {
     fn deref(&self) -> &[u8] {
         // SAFETY: `set_up`'s contract maps the metadata area at `bytes` for the pool alone; the lock this guard
         // holds keeps every other user of `lock_metadata` out while the borrow of the guard lasts.
-        unsafe { core::slice::from_raw_parts(self.bytes, METADATA_BYTES as usize) }
+        unsafe { core::slice::from_raw_parts(self.bytes, self.len) }
     }
 }
 
 impl core::ops::DerefMut for MetadataGuard<'_> {
     fn deref_mut(&mut self) -> &mut [u8] {
         // SAFETY: as in `deref`; `&mut self` makes this the guard's only live view.
-        unsafe { core::slice::from_raw_parts_mut(self.bytes, METADATA_BYTES as usize) }
+        unsafe { core::slice::from_raw_parts_mut(self.bytes, self.len) }
     }
 }
 
@@ -335,49 +360,129 @@ impl HandoverPool {
     }
 
     /// Sets the pool up over the reserved region `region` (physical, 4 KiB aligned), which the CPU reaches at
-    /// `virt`. Every frame starts free but for the owner map's and those the region's records name (a previous
-    /// image's preserved domains and running SMMUs, which wait for a restore to adopt them, or for
-    /// `finish_handover` to let them go); the owner map goes where no record points.
+    /// `virt`, with a metadata area of [`METADATA_BYTES`] (the pool's own staging buffer serves it): as
+    /// [`HandoverPool::set_up_with`] without a workspace.
     ///
     /// # Errors
-    /// [`PoolError::RegionTooSmall`] (also for a `virt` that is not 8-byte aligned), [`PoolError::AlreadySetUp`],
-    /// [`PoolError::NoRoomForMap`].
+    /// As [`HandoverPool::set_up_with`].
+    ///
+    /// # Safety
+    /// As [`HandoverPool::set_up_with`].
+    pub unsafe fn set_up(&self, region: Extent, virt: NonNull<u8>) -> Result<(), PoolError> {
+        // SAFETY: the caller's guarantee, passed on.
+        unsafe { self.set_up_inner(region, virt, METADATA_BYTES, None) }
+    }
+
+    /// Sets the pool up over the reserved region `region` (physical, 4 KiB aligned), which the CPU reaches at
+    /// `virt`, with a metadata area of `metadata_bytes` (a multiple of 64 KiB, at least [`METADATA_BYTES`]: what
+    /// the board chooses for the records it expects, about 110 bytes per preserved domain with a stream and a few
+    /// runs) and `workspace` ([`workspace_words`] of it: the staging buffer and the decode's scratch). A region
+    /// whose header (CRC checked) records another split of records and pool keeps it for this boot, if the
+    /// workspace serves it, so that its records restore; the board's size takes effect once the region is
+    /// re-armed and the next boot finds it written with the new split.
+    ///
+    /// Every frame starts free but for the owner map's and those the region's records name (a previous image's
+    /// preserved domains and running SMMUs, which wait for a restore to adopt them, or for `finish_handover` to let
+    /// them go); the owner map goes where no record points.
+    ///
+    /// # Errors
+    /// [`PoolError::RegionTooSmall`] (also for a `virt` that is not 8-byte aligned, a metadata size that is not a
+    /// multiple of 64 KiB or below [`METADATA_BYTES`], or a workspace too small for it),
+    /// [`PoolError::AlreadySetUp`], [`PoolError::NoRoomForMap`].
     ///
     /// # Safety
     /// The region must be RAM reserved for this purpose (never handed to any other allocator), mapped at `virt`
-    /// as normal memory for the life of the program, and used by nothing else.
-    pub unsafe fn set_up(&self, region: Extent, virt: NonNull<u8>) -> Result<(), PoolError> {
+    /// as normal memory for the life of the program, and used by nothing else; so must the workspace (any RAM
+    /// the CPU reaches, used by nothing else for the life of the program).
+    pub unsafe fn set_up_with(
+        &self,
+        region: Extent,
+        virt: NonNull<u8>,
+        metadata_bytes: u64,
+        workspace: &'static mut [u64],
+    ) -> Result<(), PoolError> {
+        let words = workspace.len();
+        let at = workspace.as_mut_ptr() as usize;
+        // SAFETY: the caller's guarantee, passed on; the workspace is the pool's from now on.
+        unsafe { self.set_up_inner(region, virt, metadata_bytes, Some((at, words))) }
+    }
+
+    /// # Safety
+    /// As [`HandoverPool::set_up_with`].
+    unsafe fn set_up_inner(
+        &self,
+        region: Extent,
+        virt: NonNull<u8>,
+        metadata_bytes: u64,
+        workspace: Option<(usize, usize)>,
+    ) -> Result<(), PoolError> {
         let mut layout = self.layout.write();
         if layout.is_some() {
             return Err(PoolError::AlreadySetUp);
         }
+        // The largest metadata area the staging serves.
+        let serves = |bytes: u64| match workspace {
+            Some((_, words)) => words >= workspace_words(bytes),
+            None => bytes <= METADATA_BYTES,
+        };
         // Blocks are handed out at `virt` + a multiple of a frame and viewed as `AtomicU64`s: `virt` must be
         // 8-byte aligned.
         let aligned =
             region.base.is_multiple_of(FRAME) && (virt.as_ptr() as usize).is_multiple_of(8) && region.end().is_some();
-        let pool_len = region.len.saturating_sub(METADATA_BYTES) / POOL_GRAIN * POOL_GRAIN;
-        let pages = (pool_len / FRAME) as usize;
+        let sized =
+            metadata_bytes >= METADATA_BYTES && metadata_bytes.is_multiple_of(POOL_GRAIN) && serves(metadata_bytes);
+        if !aligned || !sized || region.len <= metadata_bytes {
+            return Err(PoolError::RegionTooSmall(region));
+        }
+        let pool_of = |metadata: u64| Extent {
+            base: region.base + metadata,
+            len: region.len.saturating_sub(metadata) / POOL_GRAIN * POOL_GRAIN,
+        };
+        // The split the region was written with, when its header says so (and the staging serves it).
+        let metadata = {
+            let most = usize::try_from(region.len).unwrap_or(usize::MAX);
+            // SAFETY: the contract maps the region at `virt`; nothing else uses it, and `set_up` runs before any
+            // other user of it (the layout is not published yet). Read only.
+            let whole = unsafe { core::slice::from_raw_parts(virt.as_ptr(), most) };
+            match super::format::recorded_layout(whole) {
+                // The header records the metadata area (its `region`) and the pool after it.
+                Some((recorded, pool))
+                    if recorded.base == region.base
+                        && pool.base == region.base + recorded.len
+                        && pool == pool_of(pool.base - region.base)
+                        && (pool.base - region.base).is_multiple_of(POOL_GRAIN)
+                        && serves(pool.base - region.base) =>
+                {
+                    pool.base - region.base
+                }
+                _ => metadata_bytes,
+            }
+        };
+        let pool = pool_of(metadata);
+        let pages = (pool.len / FRAME) as usize;
         let map_pages = (pages * 2).div_ceil(FRAME as usize);
-        if !aligned || pages <= map_pages || pages >= u32::MAX as usize {
+        if pages <= map_pages || pages >= u32::MAX as usize {
             return Err(PoolError::RegionTooSmall(region));
         }
         let mut l = Layout {
             region,
             virt: virt.as_ptr() as usize,
-            pool: Extent {
-                base: region.base + METADATA_BYTES,
-                len: pool_len,
-            },
+            metadata,
+            workspace,
+            pool,
             pages,
             map_first: 0,
             map_pages,
         };
-        let mut staging = self.metadata_lock.lock();
-        let Staging { buffer, scratch } = &mut *staging;
-        // SAFETY: the contract maps the region at `virt`; nothing else uses it, and `set_up` runs before any
-        // other user of the metadata area (the layout is not published yet).
-        let metadata = unsafe { core::slice::from_raw_parts(virt.as_ptr(), METADATA_BYTES as usize) };
-        l.map_first = place_map(&l, metadata, scratch, buffer).ok_or(PoolError::NoRoomForMap)?;
+        let mut guard = MetadataGuard {
+            lock: self.metadata_lock.lock(),
+            bytes: virt.as_ptr(),
+            len: metadata as usize,
+            workspace: l.workspace,
+        };
+        let (metadata_bytes, buffer, scratch) = guard.with_staging();
+        let metadata_bytes: &[u8] = metadata_bytes;
+        l.map_first = place_map(&l, metadata_bytes, scratch, buffer).ok_or(PoolError::NoRoomForMap)?;
         let map = l.phys_of(l.map_first);
         // SAFETY: inside the pool (place_map keeps it there), mapped by the contract; nothing else uses it.
         unsafe { (l.virt_of(map) as *mut u8).write_bytes(0, l.map_pages * FRAME as usize) };
@@ -385,7 +490,8 @@ impl HandoverPool {
         for owner in &owners[l.map_first..l.map_first + l.map_pages] {
             owner.store(MAP, Ordering::Relaxed);
         }
-        name_recorded(&l, metadata, scratch);
+        name_recorded(&l, metadata_bytes, scratch);
+        drop(guard);
         *self.cursor.lock() = 0;
         *layout = Some(l);
         Ok(())
@@ -403,7 +509,8 @@ impl HandoverPool {
         Ok(self.layout()?.region)
     }
 
-    /// The metadata area: the region's first [`METADATA_BYTES`], where the header and records live.
+    /// The metadata area: the region's first bytes ([`METADATA_BYTES`], or what `set_up_with` chose or the region
+    /// recorded), where the header and records live.
     ///
     /// # Errors
     /// [`PoolError::NotSetUp`].
@@ -411,7 +518,7 @@ impl HandoverPool {
         let l = self.layout()?;
         Ok(Extent {
             base: l.region.base,
-            len: METADATA_BYTES,
+            len: l.metadata,
         })
     }
 
@@ -446,6 +553,8 @@ impl HandoverPool {
         Ok(MetadataGuard {
             lock: self.metadata_lock.lock(),
             bytes: l.virt as *mut u8,
+            len: l.metadata as usize,
+            workspace: l.workspace,
         })
     }
 
@@ -470,7 +579,7 @@ impl HandoverPool {
     pub unsafe fn metadata(&self) -> Result<&mut [u8], PoolError> {
         let l = self.layout()?;
         // SAFETY: `set_up`'s contract maps the region at `virt`; the caller guarantees exclusivity.
-        Ok(unsafe { core::slice::from_raw_parts_mut(l.virt as *mut u8, METADATA_BYTES as usize) })
+        Ok(unsafe { core::slice::from_raw_parts_mut(l.virt as *mut u8, l.metadata as usize) })
     }
 
     /// The words of `extent` (8-byte aligned, wholly inside the pool), read where they are: how a restore examines
@@ -1591,6 +1700,8 @@ mod placement {
             let l = Layout {
                 region: REGION,
                 virt: 0x1000,
+                metadata: METADATA_BYTES,
+                workspace: None,
                 pool: Extent {
                     base: POOL.base,
                     len: pages as u64 * FRAME,

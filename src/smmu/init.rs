@@ -535,7 +535,10 @@ impl<A: FrameAllocator> SmmuCore<A> {
     /// # Errors
     /// [`InitError::Timeout`] when the SMMU does not acknowledge; the memory is then kept (leaked), since the SMMU may still read
     /// it.
-    pub(crate) fn shutdown(self, bypass: bool) -> Result<Smmu, InitError> {
+    ///
+    /// `then` runs with the allocator once translation is acknowledged off, before the SMMU's own memory goes back
+    /// to it (the layers above give back theirs there); on an error it is dropped without running.
+    pub(crate) fn shutdown_then(self, bypass: bool, then: impl FnOnce(&A)) -> Result<Smmu, InitError> {
         // This function decides what is freed, not `Drop`: on an error everything is leaked.
         let this = core::mem::ManuallyDrop::new(self);
         let regs = this.smmu.regs();
@@ -561,6 +564,7 @@ impl<A: FrameAllocator> SmmuCore<A> {
                 core::ptr::read(&this.evtq).into_inner().queue,
             )
         };
+        then(&allocator);
         // SAFETY: SMMUEN, CMDQEN and EVENTQEN are acknowledged off, so the SMMU no longer touches this memory;
         // all of it came from `allocator`.
         unsafe {

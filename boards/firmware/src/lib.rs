@@ -430,16 +430,26 @@ pub fn run<B: Board>(board: &B) -> ! {
     println!("); this is CPU 0, the others start through PSCI CPU_ON when a scenario asks");
     block_dma_before_pci(&platform);
     if let Some((region, source)) = handover_region {
+        // The records' area: a 64th of the region (about 110 bytes a preserved domain: 512 KiB holds some 4,700),
+        // in 64 KiB steps, with its workspace (staging and scratch, twice as much) from the frame pool.
+        let metadata = (region.len / 64 / (64 << 10) * (64 << 10)).max(smmuv3::handover::pool::METADATA_BYTES);
+        let words = smmuv3::handover::pool::workspace_words(metadata);
+        let workspace = frames::alloc(words * 8, 4096).ok().map(|at| {
+            // SAFETY: `words` words of fresh, zeroed, identity-mapped frames, the pool's alone from now on.
+            unsafe { core::slice::from_raw_parts_mut(at as *mut u64, words) }
+        });
         // SAFETY: at boot nothing uses the pool yet; a previous image entered without a reset (a hand-off) left its
         // values in `.data`, which this forgets. The region is RAM kept out of both pools (checked against the
         // image, the notes and the tree's other reserved memory when the tree named it) and used by nothing else;
         // RAM is identity-mapped.
         let set_up = unsafe {
             handover::POOL.forget_previous_image();
-            handover::POOL.set_up(
-                region,
-                core::ptr::NonNull::new(region.base as usize as *mut u8).unwrap_or(core::ptr::NonNull::dangling()),
-            )
+            let virt =
+                core::ptr::NonNull::new(region.base as usize as *mut u8).unwrap_or(core::ptr::NonNull::dangling());
+            match workspace {
+                Some(workspace) => handover::POOL.set_up_with(region, virt, metadata, workspace),
+                None => handover::POOL.set_up(region, virt),
+            }
         };
         match set_up {
             Ok(()) => {
@@ -448,6 +458,10 @@ pub fn run<B: Board>(board: &B) -> ! {
                     "handover region: {:#x}..{:#x}, kept out of the frame pool",
                     region.base,
                     region.base + region.len
+                );
+                println!(
+                    "handover records: {} KiB",
+                    handover::POOL.metadata_extent().map_or(0, |m| m.len >> 10)
                 )
             }
             // A region the board or the tree chose too small for the pool: live update is off, the rest runs.

@@ -581,3 +581,30 @@ mod structural;
 
 #[allow(unused_imports)]
 use {el2::*, faults::*, gathers::*, handover::*, invalidations::*};
+
+/// The domain table lives out of line (its slots in a block of the SMMU's allocator): an SMMU with room for 4,096
+/// domains is a small value (returned by value from `init`), holds 4,096 live domains, and gives the block back
+/// when it goes.
+#[test]
+fn four_thousand_domains_fit_a_small_iommu() {
+    let frames = frames();
+    let model = Model::start(frames);
+    // Only the free-slot stack (two bytes a domain) grows inline; the slots (a KiB each) are out of line.
+    let (small, large) = (
+        core::mem::size_of::<Iommu<&'static HeapFrames, 16>>(),
+        core::mem::size_of::<Iommu<&'static HeapFrames, 4096>>(),
+    );
+    assert!(large - small <= 2 * 4096 + 64, "{small} -> {large} bytes");
+    let before = frames.live_blocks();
+    let smmu: Iommu<&'static HeapFrames, 4096> = model
+        .smmu()
+        .init_with_capacity(frames, &InitOptions::default())
+        .unwrap();
+    let ids: Vec<DomainId> = (0..4096).map(|_| smmu.create_blocked().unwrap()).collect();
+    assert_eq!(smmu.create_blocked(), Err(DomainError::NoDomainSlot { capacity: 4096 }));
+    for id in ids {
+        smmu.free_domain(id).unwrap();
+    }
+    smmu.shutdown(false).unwrap();
+    assert_eq!(frames.live_blocks(), before, "the slots' block went back with the rest");
+}

@@ -144,3 +144,22 @@ fn a_region_the_format_2_driver_wrote_is_restored() {
     assert_eq!(smmu.finish_handover(pool, BASE), Ok(FinishReport { unclaimed: 1 }));
     assert_eq!(smmu.low_level().ste(0x20).unwrap().config(), Config::Abort);
 }
+
+/// An image whose board chose a larger metadata area (for more records) still restores what the format-2 driver
+/// wrote with 64 KiB: the pool keeps the split the region's header records for this boot.
+#[test]
+fn a_larger_metadata_area_keeps_the_split_an_older_region_was_written_with() {
+    let frames = frames();
+    let (region, _) = unpack(V2_FIRST_IMAGE);
+    let mut region = region;
+    let model = Model::start(frames);
+    let smmu = boot(&model, frames);
+    let pool = region.pool_with(256 << 10);
+    assert_eq!(pool.metadata_extent().unwrap().len, 64 << 10, "the region's own split");
+    let report = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap();
+    assert_eq!((report.generation, report.domains, report.streams), (7, 4, 3));
+    assert_eq!(
+        smmu.iova_to_phys(smmu.retrieve(0x51).unwrap(), 0x1000),
+        Ok(Some(0x8000_0000))
+    );
+}

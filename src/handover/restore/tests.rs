@@ -60,6 +60,17 @@ impl Region {
         pool
     }
 
+    /// A fresh pool object over the region, with a metadata area of `metadata_bytes` and a workspace of its own.
+    pub(crate) fn pool_with(&mut self, metadata_bytes: u64) -> &'static HandoverPool {
+        let pool: &'static HandoverPool = Box::leak(Box::new(HandoverPool::new()));
+        let words = crate::handover::pool::workspace_words(metadata_bytes);
+        let workspace: &'static mut [u64] = Box::leak(std::vec![0u64; words].into_boxed_slice());
+        let virt = NonNull::new(self.memory.as_mut_ptr().cast()).unwrap();
+        // SAFETY: leaked memory used by nothing else (the previous "image" is forgotten).
+        unsafe { pool.set_up_with(self.extent, virt, metadata_bytes, workspace) }.unwrap();
+        pool
+    }
+
     fn byte(&mut self, offset: usize) -> &mut u8 {
         // SAFETY: inside the leaked block.
         unsafe { &mut *self.memory.as_mut_ptr().cast::<u8>().add(offset) }

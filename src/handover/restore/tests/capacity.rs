@@ -239,3 +239,112 @@ fn a_domain_whose_frames_lie_far_apart_is_verified() {
     }
     core::mem::forget(smmu);
 }
+
+/// Records beyond 64 KiB (32 domains grown in turns, 150 runs each): a board's larger metadata area holds them,
+/// the default one refuses them before writing anything, and the next image restores them with a metadata area
+/// at least as large (one that cannot hold the recorded split keeps its own, and the restore is refused).
+#[test]
+fn a_larger_metadata_area_holds_records_beyond_64_kib() {
+    const N: u64 = 32;
+    const ROUNDS: u64 = 150;
+    let frames = frames();
+    let mut region = Region::with_pool_of(32 << 20);
+    let output = |i: u64| 0x10_0000_0000 + i * GIB;
+    {
+        let model = Model::start(frames);
+        let smmu: Iommu<&'static HeapFrames, 32> = model
+            .smmu()
+            .init_with_capacity(frames, &InitOptions::default())
+            .unwrap();
+        let pool = region.pool_with(256 << 10);
+        let domains: std::vec::Vec<DomainId> = (0..N)
+            .map(|_| {
+                smmu.create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 })
+                    .unwrap()
+            })
+            .collect();
+        for round in 0..ROUNDS {
+            for (i, &d) in domains.iter().enumerate() {
+                let iova = round * (2 << 20);
+                smmu.map(d, iova, output(i as u64) + iova + 0x1000, 2 << 20, RW)
+                    .unwrap();
+            }
+        }
+        for (i, &d) in domains.iter().enumerate() {
+            smmu.attach(d, 0x100 + i as u32).unwrap();
+            smmu.preserve(d, 0x1000 + i as u64).unwrap();
+        }
+        let written = smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
+        assert!(written > 64 << 10, "{written} bytes of records");
+        core::mem::forget(smmu);
+    }
+    // An image with the default 64 KiB area cannot serve the recorded split: it keeps its own, and the records
+    // name another pool.
+    {
+        let model = Model::start(frames);
+        let smmu = boot(&model, frames);
+        let pool = region.pool();
+        assert_eq!(pool.metadata_extent().unwrap().len, 64 << 10);
+        assert!(matches!(
+            smmu.restore_handover(pool, BASE, &ANYWHERE),
+            Err(RestoreError::Region(_))
+        ));
+        core::mem::forget(smmu);
+    }
+    let model = Model::start(frames);
+    let smmu: Iommu<&'static HeapFrames, 32> = model
+        .smmu()
+        .init_with_capacity(frames, &InitOptions::default())
+        .unwrap();
+    let pool = region.pool_with(256 << 10);
+    let report = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap();
+    assert_eq!((report.domains, report.streams), (N as u32, N as u32));
+    for i in 0..N {
+        let d = smmu.retrieve(0x1000 + i).unwrap();
+        let iova = (ROUNDS - 1) * (2 << 20) + 0x5000;
+        assert_eq!(
+            smmu.iova_to_phys(d, iova),
+            Ok(Some(output(i) + iova + 0x1000)),
+            "domain {i}"
+        );
+    }
+    core::mem::forget(smmu);
+}
+
+/// The default 64 KiB area refuses records that do not fit, before anything is written or sealed.
+#[test]
+fn records_beyond_the_metadata_area_are_refused_before_anything_is_written() {
+    let frames = frames();
+    let mut region = Region::with_pool_of(32 << 20);
+    let model = Model::start(frames);
+    let smmu: Iommu<&'static HeapFrames, 32> = model
+        .smmu()
+        .init_with_capacity(frames, &InitOptions::default())
+        .unwrap();
+    let pool = region.pool();
+    let domains: std::vec::Vec<DomainId> = (0..32)
+        .map(|_| {
+            smmu.create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 })
+                .unwrap()
+        })
+        .collect();
+    for round in 0..150u64 {
+        for (i, &d) in domains.iter().enumerate() {
+            let iova = round * (2 << 20);
+            smmu.map(d, iova, 0x10_0000_0000 + i as u64 * GIB + iova + 0x1000, 2 << 20, RW)
+                .unwrap();
+        }
+    }
+    for (i, &d) in domains.iter().enumerate() {
+        smmu.preserve(d, 0x1000 + i as u64).unwrap();
+    }
+    let error = smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap_err();
+    assert!(matches!(error, PrepareError::Format(_)), "{error}");
+    assert!(
+        pool.lock_metadata().unwrap()[..8].iter().all(|&b| b == 0),
+        "nothing written"
+    );
+    // Nothing sealed: the domains still change.
+    smmu.map(domains[0], 1 << 36, 0x10_0000_0000, 0x1000, RW).unwrap();
+    core::mem::forget(smmu);
+}
