@@ -2,12 +2,12 @@
 //! region and freezes what it recorded until [`Iommu::cancel_handover`] or the hand-off.
 
 use super::finish::rearm_without;
-use super::format::{self, FormatError, HandoverError};
-use super::live::preserved_in_slot_order;
+use super::format::{self, FormatError, HandoverError, RegionWriter};
+use super::live::RecordError;
 use super::pool::{HandoverPool, PoolError};
 use super::verify::{Outputs, Refusal};
-use super::{Extent, InstanceRecords, MAX_INSTANCES, clean_to_memory};
-use crate::domain::{Book, DomainId, DomainState, Iommu, MAX_PRESERVED, Prepared, Translation};
+use super::{DomainRecord, Entries, Extent, SmmuIdentity, clean_to_memory};
+use crate::domain::{Book, DomainId, DomainState, Iommu, Prepared, Translation};
 use crate::mem::FrameAllocator;
 
 /// Why the handover could not be prepared.
@@ -190,58 +190,140 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         generation: u64,
         surviving: &[Extent],
     ) -> Result<usize, PrepareError> {
-        // The freeze is atomic: with the bookkeeping held (no attach, detach, preserve or free meanwhile), every
-        // preserved domain is write-locked in slot order (the lock order), so an operation in flight on one of
-        // them has finished (and is recorded) or starts after the seal below and fails with `HandoverPrepared`.
-        // Everything is checked, recorded and sealed under those locks; they go at the end of this function. An
-        // attach or detach writing its STE outside the bookkeeping is waited for: it is recorded as it ends.
+        // The freeze: with the bookkeeping held (no attach, detach, preserve or free meanwhile), each preserved
+        // domain in turn is write-locked, so an operation in flight on it has finished (and is recorded), checked,
+        // and its memory sealed before the lock goes: every operation after that fails with `HandoverPrepared`.
+        // Once all are sealed nothing recorded can change, and the records are read one domain at a time. An attach
+        // or detach writing its STE outside the bookkeeping is waited for: it is recorded as it ends.
         let book = self.book_quiet();
         if let Some(generation) = book.restored_generation {
             return Err(PrepareError::RestoreNotFinished { generation });
         }
-        let mut guards: heapless::Vec<_, MAX_PRESERVED> = heapless::Vec::new();
-        for id in preserved_in_slot_order(&book) {
-            if let Ok(guard) = self.domains.get_mut(id) {
-                let _ = guards.push((id, guard));
-            }
-        }
-        let states: heapless::Vec<(DomainId, &DomainState), MAX_PRESERVED> =
-            guards.iter().map(|(id, g)| (*id, &**g)).collect();
         let region = pool.metadata_extent().map_err(PrepareError::Pool)?;
         let pool_extent = pool.pool().map_err(PrepareError::Pool)?;
-        self.check_preserved_outputs(&states, pool, surviving)?;
-        let ours = self
-            .records_locked(&book, &states, register_base)
-            .map_err(PrepareError::Records)?;
+        let identity = self.handover_identity(register_base);
         // With the SMMU left running, whatever translates now goes on translating until the next image restores:
         // only the preserved domains' streams may.
-        let running = ours.identity.core_len != 0;
+        let running = identity.core_len != 0;
         if running {
             self.check_streams_preserved(&book)?;
         }
+        let outputs_region = pool.region().map_err(PrepareError::Pool)?;
+        let protected = self.domains.protected.snapshot();
+        let outputs = Outputs {
+            dma: surviving,
+            region: outputs_region,
+            protected: protected.extents(),
+        };
+        let mut sealed = 0;
+        let mut refused = None;
+        for (_, id) in self.domains.preserved() {
+            let Ok(state) = self.domains.get_mut(id) else { continue };
+            if let Err(e) = check_preserved_outputs(&state, &outputs) {
+                refused = Some(e);
+                break;
+            }
+            if !matches!(state.translation, Translation::Nested { .. }) {
+                state.memory.seal();
+            }
+            sealed += 1;
+        }
+        if let Some(e) = refused {
+            self.seal_preserved(false, sealed);
+            return Err(e);
+        }
+        self.allocator().seal();
+        match self.write_records(&book, pool, region, pool_extent, identity, generation) {
+            Ok(written) => {
+                *self.domains.prepared.lock() = Some(Prepared { generation, running });
+                Ok(written)
+            }
+            Err(e) => {
+                self.seal_preserved(false, usize::MAX);
+                self.allocator().unseal();
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes this SMMU's records (its preserved domains, sealed, each read under its own lock in turn) into the
+    /// region beside the other SMMUs' (kept as they are), through the staging buffer, self-checks them, and
+    /// cleans the region and every memory it names to the point of coherency. On
+    /// [`PrepareError::SelfCheck`] the region is invalidated (its magic cleared); on any other error the region
+    /// is as it was.
+    fn write_records(
+        &self,
+        book: &Book<D>,
+        pool: &HandoverPool,
+        region: Extent,
+        pool_extent: Extent,
+        identity: SmmuIdentity,
+        generation: u64,
+    ) -> Result<usize, PrepareError> {
         let mut guard = pool.lock_metadata().map_err(PrepareError::Pool)?;
         let (bytes, staging, scratch) = guard.with_staging();
-        // The new region is encoded into the staging buffer, from views of the old one (other SMMUs' records are
-        // kept as they are), then copied over it.
+        // The new region is encoded into the staging buffer, from a view of the old one (other SMMUs' records are
+        // kept as they are) and this SMMU's domains, then copied over it.
         let written = {
-            let mut instances: heapless::Vec<InstanceRecords<'_>, MAX_INSTANCES> = heapless::Vec::new();
-            if bytes[..8].iter().any(|&b| b != 0) {
-                let previous = format::decode(bytes, pool_extent, scratch).map_err(PrepareError::ExistingRegion)?;
-                for other in previous
-                    .instances
-                    .into_iter()
-                    .filter(|i| i.identity.base != register_base)
-                {
-                    let _ = instances.push(other);
+            let previous = match bytes[..8].iter().any(|&b| b != 0) {
+                true => Some(format::decode(bytes, pool_extent, scratch).map_err(PrepareError::ExistingRegion)?),
+                false => None,
+            };
+            let others = || {
+                previous
+                    .iter()
+                    .flat_map(|p| p.instances.iter())
+                    .filter(|i| i.identity.base != identity.base)
+            };
+            let mut writer = RegionWriter::new(staging, others().count() + 1).map_err(PrepareError::Format)?;
+            for other in others() {
+                writer.instance(&other.identity).map_err(PrepareError::Format)?;
+                for r in other.records.iter() {
+                    writer.record(&r).map_err(PrepareError::Format)?;
                 }
             }
-            instances.push(ours.instance()).map_err(|_| {
-                PrepareError::Format(FormatError::TooManyInstances {
-                    count: MAX_INSTANCES + 1,
-                    max: MAX_INSTANCES,
-                })
-            })?;
-            format::encode(&instances, generation, region, pool_extent, staging).map_err(PrepareError::Format)?
+            writer.instance(&identity).map_err(PrepareError::Format)?;
+            // Parents (stage 1 and stage 2) first, then nested domains, so a reader meets a parent before its
+            // children.
+            for nested_pass in [false, true] {
+                for (token, id) in self.domains.preserved() {
+                    let parent = match self.domains.get(id).map(|s| s.translation_parent()) {
+                        Ok(Some(parent)) if nested_pass => Some(parent),
+                        Ok(None) if !nested_pass => None,
+                        _ => continue,
+                    };
+                    // A nested domain and its parent are read-locked together, in ascending slot order (the lock
+                    // order); everything is sealed and the bookkeeping held, so neither changes meanwhile.
+                    let lock = |d| {
+                        self.domains
+                            .get(d)
+                            .map_err(|_| PrepareError::Records(RecordError::ParentNotPreserved(id)))
+                    };
+                    let (state, parent) = match parent {
+                        Some(p) if p.index() < id.index() => {
+                            let parent = lock(p)?;
+                            (lock(id)?, Some(parent))
+                        }
+                        Some(p) => {
+                            let state = lock(id)?;
+                            (state, Some(lock(p)?))
+                        }
+                        None => (lock(id)?, None),
+                    };
+                    let (head, streams, extents) = self
+                        .record_of(book, token, id, &state, parent.as_deref())
+                        .map_err(PrepareError::Records)?;
+                    let record = DomainRecord {
+                        streams: Entries::from_slice(&streams),
+                        extents,
+                        ..head
+                    };
+                    writer.record(&record).map_err(PrepareError::Format)?;
+                }
+            }
+            writer
+                .finish(generation, region, pool_extent)
+                .map_err(PrepareError::Format)?
         };
         bytes[..written].copy_from_slice(&staging[..written]);
         // The self-check reads the staging copy (the same bytes as the region now), so that its view outlives a
@@ -255,11 +337,6 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             }
         };
         clean_to_memory(bytes.as_ptr(), written);
-        // What is recorded must not change until the hand-off: the preserved domains' memories (and this SMMU's own,
-        // when it is one) hand out nothing more, the domains refuse changes while their memory is sealed, and no
-        // domain is preserved or unpreserved.
-        self.seal_preserved(&states, true);
-        *self.domains.prepared.lock() = Some(Prepared { generation, running });
         // Every memory the next image adopts: the preserved domains', and (for a hand-off with the SMMU running)
         // the SMMU's own, whose stream table and level-2 spans the next image reads in place. A coherent SMMU's
         // structures were never cleaned as they were written.
@@ -284,8 +361,8 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// a preserved domain, and so does each of its substreams; the first that does not is the error (a stream
     /// that bypasses, one attached to a domain that is not preserved, an STE a previous image left).
     fn check_streams_preserved(&self, book: &Book<D>) -> Result<(), PrepareError> {
-        // A domain is preserved exactly when the token index names it (without its lock: the caller may hold it).
-        let preserved = |d: DomainId| book.tokens.values().any(|&x| x == d);
+        // A domain is preserved exactly when it has a token (read under its lock: the caller holds none).
+        let preserved = |d: DomainId| self.domains.get(d).is_ok_and(|s| s.token.is_some());
         for r in book.streams.iter() {
             if !preserved(r.domain) {
                 return Err(PrepareError::UnpreservedStream { sid: r.sid, ssid: 0 });
@@ -300,64 +377,11 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         }
     }
 
-    /// Checks that every leaf of every preserved domain maps memory inside `surviving` and outside the region and
-    /// protected memory: the first that does not is the error.
-    fn check_preserved_outputs(
-        &self,
-        states: &[(DomainId, &DomainState)],
-        pool: &HandoverPool,
-        surviving: &[Extent],
-    ) -> Result<(), PrepareError> {
-        let protected = self.domains.protected.snapshot();
-        let outputs = Outputs {
-            dma: surviving,
-            region: pool.region().map_err(PrepareError::Pool)?,
-            protected: protected.extents(),
-        };
-        for &(_, state) in states {
-            let Some(token) = state.token else { continue };
-            let (Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. }) = &state.translation else {
-                continue;
-            };
-            // The tables are recorded as they are, not what the SMMU may still cache: an unmap whose invalidation
-            // has not completed would leave the next image (a running hand-off keeps the TLB) translating what the
-            // records say is unmapped, and mapping over it again.
-            if state.pending.outstanding() || state.has_unflushed() {
-                return Err(PrepareError::PendingInvalidation { token });
-            }
-            let mut first = None;
-            table.walk(|m| {
-                if first.is_none()
-                    && let Err(refusal) = outputs.judge(m.pa, m.size)
-                {
-                    first = Some((m, refusal));
-                }
-            });
-            if let Some((m, refusal)) = first {
-                let (iova, output, size) = (m.iova, m.pa, m.size);
-                return Err(match refusal {
-                    Refusal::Protected(protected) => PrepareError::ProtectedOutput {
-                        token,
-                        iova,
-                        output,
-                        size,
-                        protected,
-                    },
-                    Refusal::Outside => PrepareError::NotSurviving {
-                        token,
-                        iova,
-                        output,
-                        size,
-                    },
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// Seals (or unseals) the memory of every preserved domain and this SMMU's own.
-    fn seal_preserved(&self, states: &[(DomainId, &DomainState)], seal: bool) {
-        for &(_, state) in states {
+    /// Seals (or unseals) the memory of the first `limit` preserved domains (in slot order), each under its own
+    /// read lock in turn. The caller holds the bookkeeping.
+    fn seal_preserved(&self, seal: bool, limit: usize) {
+        for (_, id) in self.domains.preserved().take(limit) {
+            let Ok(state) = self.domains.get(id) else { continue };
             if !matches!(state.translation, Translation::Nested { .. }) {
                 if seal {
                     state.memory.seal();
@@ -365,11 +389,6 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                     state.memory.unseal();
                 }
             }
-        }
-        if seal {
-            self.allocator().seal();
-        } else {
-            self.allocator().unseal();
         }
     }
 
@@ -385,14 +404,9 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             return Err(PrepareError::NotPrepared);
         }
         pool.metadata_extent().map_err(PrepareError::Pool)?;
-        let book = self.book();
-        let guards: heapless::Vec<_, MAX_PRESERVED> = preserved_in_slot_order(&book)
-            .into_iter()
-            .filter_map(|id| Some((id, self.domains.get(id).ok()?)))
-            .collect();
-        let states: heapless::Vec<(DomainId, &DomainState), MAX_PRESERVED> =
-            guards.iter().map(|(id, g)| (*id, &**g)).collect();
-        self.seal_preserved(&states, false);
+        let _book = self.book();
+        self.seal_preserved(false, usize::MAX);
+        self.allocator().unseal();
         *self.domains.prepared.lock() = None;
         rearm_without(pool, register_base).map_err(PrepareError::Pool)
     }
@@ -417,4 +431,46 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             .filter(|o| o + extent.len <= region.len)
             .map(|o| base.wrapping_add(o as usize))
     }
+}
+
+/// Checks that every leaf of preserved domain `state` maps memory inside `outputs`' DMA-able memory and outside
+/// the region and protected memory: the first that does not is the error. Each table is walked once.
+fn check_preserved_outputs(state: &DomainState, outputs: &Outputs<'_>) -> Result<(), PrepareError> {
+    let Some(token) = state.token else { return Ok(()) };
+    let (Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. }) = &state.translation else {
+        return Ok(());
+    };
+    // The tables are recorded as they are, not what the SMMU may still cache: an unmap whose invalidation has not
+    // completed would leave the next image (a running hand-off keeps the TLB) translating what the records say is
+    // unmapped, and mapping over it again.
+    if state.pending.outstanding() || state.has_unflushed() {
+        return Err(PrepareError::PendingInvalidation { token });
+    }
+    let mut first = None;
+    table.walk(|m| {
+        if first.is_none()
+            && let Err(refusal) = outputs.judge(m.pa, m.size)
+        {
+            first = Some((m, refusal));
+        }
+    });
+    if let Some((m, refusal)) = first {
+        let (iova, output, size) = (m.iova, m.pa, m.size);
+        return Err(match refusal {
+            Refusal::Protected(protected) => PrepareError::ProtectedOutput {
+                token,
+                iova,
+                output,
+                size,
+                protected,
+            },
+            Refusal::Outside => PrepareError::NotSurviving {
+                token,
+                iova,
+                output,
+                size,
+            },
+        });
+    }
+    Ok(())
 }
