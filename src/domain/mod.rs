@@ -63,9 +63,9 @@
 //! (readers take none) → slot `state` locks → `prepared` → the stream table or the event queue (never both) → fault reports (a domain's
 //! `failed` is a leaf too, taken under its slot lock only). Among slot locks: without `book`, one at a time (a
 //! nested domain carries its parent's VMID and stage 2, so nothing takes the parent's lock under the child's:
-//! `prepare_handover` write-locks parents before children); with `book` (one holder at a time) any number, in
-//! ascending slot order (`handover_records` all the preserved domains' at once; `prepare_handover` one at a
-//! time, and a nested domain's with its parent's). The command queue takes no lock (its
+//! `prepare_handover` write-locks parents before children); with `book` (one holder at a time) any number,
+//! `prepare_handover` taking the preserved domains' in ascending slot order (held in a block of the SMMU's
+//! allocator, however many). The command queue takes no lock (its
 //! multi-producer protocol, [`crate::queue::cmdq`]); ASIDs and VMIDs are atomic bitmaps. Map and unmap hold one slot lock and nothing
 //! above it, so they never wait for another domain's operations: operations on different domains meet only at the
 //! command queue. Attach, detach and free hold the bookkeeping only to check and record (never across a CMD_SYNC,
@@ -116,8 +116,8 @@ pub(crate) use entries::stage1_cd_of;
 pub use error::DomainError;
 pub use fault::{Fault, FaultReport, FaultStage};
 pub use raw::LowLevel;
-pub(crate) use storage::StorageVec;
-pub(crate) use table::{Book, DomainState, Domains, Prepared, StreamRecord, Translation};
+pub(crate) use storage::{Storage, StorageVec};
+pub(crate) use table::{Book, DomainState, Domains, Prepared, StateMut, StreamRecord, Translation};
 pub use types::{DomainKind, DomainMemory, GuestInvalidation, GuestStage1, Stage1Options, Stage2Options};
 
 /// Domains an [`Iommu`] holds unless [`Smmu::init_with_capacity`] chooses another number.

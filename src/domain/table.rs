@@ -114,14 +114,6 @@ impl DomainState {
         self.unflushed = Some(gather);
     }
 
-    /// A nested domain's stage-2 parent.
-    pub(crate) fn translation_parent(&self) -> Option<DomainId> {
-        match self.translation {
-            Translation::Nested { parent, .. } => Some(parent),
-            _ => None,
-        }
-    }
-
     /// Whether this is a stage-1 domain of the EL2 regime.
     pub(crate) fn is_el2(&self) -> bool {
         matches!(self.translation, Translation::Stage1 { el2: true, .. })

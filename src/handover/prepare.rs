@@ -7,7 +7,7 @@ use super::live::RecordError;
 use super::pool::{HandoverPool, PoolError};
 use super::verify::{Outputs, Refusal};
 use super::{DomainRecord, Entries, Extent, SmmuIdentity, clean_to_memory};
-use crate::domain::{Book, DomainId, DomainState, Iommu, Prepared, Translation};
+use crate::domain::{Book, DomainId, DomainState, Iommu, Prepared, StateMut, Storage, Translation};
 use crate::mem::FrameAllocator;
 
 /// Why the handover could not be prepared.
@@ -190,11 +190,12 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         generation: u64,
         surviving: &[Extent],
     ) -> Result<usize, PrepareError> {
-        // The freeze: with the bookkeeping held (no attach, detach, preserve or free meanwhile), each preserved
-        // domain in turn is write-locked, so an operation in flight on it has finished (and is recorded), checked,
-        // and its memory sealed before the lock goes: every operation after that fails with `HandoverPrepared`.
-        // Once all are sealed nothing recorded can change, and the records are read one domain at a time. An attach
-        // or detach writing its STE outside the bookkeeping is waited for: it is recorded as it ends.
+        // The freeze is atomic: with the bookkeeping held (no attach, detach, preserve or free meanwhile), every
+        // preserved domain is write-locked in slot order (the lock order), so an operation in flight on one of
+        // them has finished (and is recorded) or starts after the seal below and fails with `HandoverPrepared`.
+        // Everything is checked, recorded and sealed under those locks, held in a block of the SMMU's allocator
+        // (however many domains are preserved); they go at the end of this function. An attach or detach writing
+        // its STE outside the bookkeeping is waited for: it is recorded as it ends.
         let book = self.book_quiet();
         if let Some(generation) = book.restored_generation {
             return Err(PrepareError::RestoreNotFinished { generation });
@@ -208,52 +209,54 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         if running {
             self.check_streams_preserved(&book)?;
         }
-        let outputs_region = pool.region().map_err(PrepareError::Pool)?;
         let protected = self.domains.protected.snapshot();
         let outputs = Outputs {
             dma: surviving,
-            region: outputs_region,
+            region: pool.region().map_err(PrepareError::Pool)?,
             protected: protected.extents(),
         };
-        let mut sealed = 0;
-        let mut refused = None;
-        for (_, id) in self.domains.preserved() {
-            let Ok(state) = self.domains.get_mut(id) else { continue };
-            if let Err(e) = check_preserved_outputs(&state, &outputs) {
-                refused = Some(e);
-                break;
-            }
-            if !matches!(state.translation, Translation::Nested { .. }) {
-                state.memory.seal();
-            }
-            sealed += 1;
+        let mut held = Storage::new(self.allocator(), book.tokens.len(), |_| None).map_err(|_| {
+            PrepareError::Records(RecordError::TooMany(
+                "preserved domains (no memory to hold their locks)",
+            ))
+        })?;
+        for (slot, (_, id)) in held.iter_mut().zip(self.domains.preserved()) {
+            *slot = self.domains.get_mut(id).ok().map(|state| (id, state));
         }
-        if let Some(e) = refused {
-            self.seal_preserved(false, sealed);
-            return Err(e);
-        }
-        self.allocator().seal();
-        match self.write_records(&book, pool, region, pool_extent, identity, generation) {
-            Ok(written) => {
-                *self.domains.prepared.lock() = Some(Prepared { generation, running });
-                Ok(written)
+        let result = (|| {
+            for (_, state) in held.iter().flatten() {
+                check_preserved_outputs(state, &outputs)?;
             }
-            Err(e) => {
-                self.seal_preserved(false, usize::MAX);
-                self.allocator().unseal();
-                Err(e)
+            let states = Held(&held);
+            self.write_records(&book, &states, pool, region, pool_extent, identity, generation)
+        })();
+        if result.is_ok() {
+            // What is recorded must not change until the hand-off: the preserved domains' memories (and this
+            // SMMU's own, when it is one) hand out nothing more, the domains refuse changes while their memory is
+            // sealed, and no domain is preserved or unpreserved.
+            for (_, state) in held.iter().flatten() {
+                if !matches!(state.translation, Translation::Nested { .. }) {
+                    state.memory.seal();
+                }
             }
+            self.allocator().seal();
+            *self.domains.prepared.lock() = Some(Prepared { generation, running });
         }
+        // SAFETY: `held` came from this allocator, just above; its guards are dropped (unlocking) first.
+        unsafe { held.release(self.allocator()) };
+        result
     }
 
-    /// Writes this SMMU's records (its preserved domains, sealed, each read under its own lock in turn) into the
+    /// Writes this SMMU's records (its preserved domains, write-locked in `states`) into the
     /// region beside the other SMMUs' (kept as they are), through the staging buffer, self-checks them, and
     /// cleans the region and every memory it names to the point of coherency. On
     /// [`PrepareError::SelfCheck`] the region is invalidated (its magic cleared); on any other error the region
     /// is as it was.
+    #[allow(clippy::too_many_arguments)]
     fn write_records(
         &self,
         book: &Book<D>,
+        states: &Held<'_, '_>,
         pool: &HandoverPool,
         region: Extent,
         pool_extent: Extent,
@@ -286,32 +289,20 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             // Parents (stage 1 and stage 2) first, then nested domains, so a reader meets a parent before its
             // children.
             for nested_pass in [false, true] {
-                for (token, id) in self.domains.preserved() {
-                    let parent = match self.domains.get(id).map(|s| s.translation_parent()) {
-                        Ok(Some(parent)) if nested_pass => Some(parent),
-                        Ok(None) if !nested_pass => None,
-                        _ => continue,
-                    };
-                    // A nested domain and its parent are read-locked together, in ascending slot order (the lock
-                    // order); everything is sealed and the bookkeeping held, so neither changes meanwhile.
-                    let lock = |d| {
-                        self.domains
-                            .get(d)
-                            .map_err(|_| PrepareError::Records(RecordError::ParentNotPreserved(id)))
-                    };
-                    let (state, parent) = match parent {
-                        Some(p) if p.index() < id.index() => {
-                            let parent = lock(p)?;
-                            (lock(id)?, Some(parent))
-                        }
-                        Some(p) => {
-                            let state = lock(id)?;
-                            (state, Some(lock(p)?))
-                        }
-                        None => (lock(id)?, None),
+                for (id, state) in states.iter() {
+                    let Some(token) = state.token else { continue };
+                    let parent = match state.translation {
+                        Translation::Nested { parent, .. } if nested_pass => Some(
+                            states
+                                .get(parent)
+                                .ok_or(PrepareError::Records(RecordError::ParentNotPreserved(id)))?,
+                        ),
+                        Translation::Nested { .. } => continue,
+                        _ if nested_pass => continue,
+                        _ => None,
                     };
                     let (head, streams, extents) = self
-                        .record_of(book, token, id, &state, parent.as_deref())
+                        .record_of(book, token, id, state, parent)
                         .map_err(PrepareError::Records)?;
                     let record = DomainRecord {
                         streams: Entries::from_slice(&streams),
@@ -377,17 +368,13 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         }
     }
 
-    /// Seals (or unseals) the memory of the first `limit` preserved domains (in slot order), each under its own
-    /// read lock in turn. The caller holds the bookkeeping.
-    fn seal_preserved(&self, seal: bool, limit: usize) {
-        for (_, id) in self.domains.preserved().take(limit) {
+    /// Unseals the memory of every preserved domain, each under its own read lock in turn. The caller holds the
+    /// bookkeeping.
+    fn unseal_preserved(&self) {
+        for (_, id) in self.domains.preserved() {
             let Ok(state) = self.domains.get(id) else { continue };
             if !matches!(state.translation, Translation::Nested { .. }) {
-                if seal {
-                    state.memory.seal();
-                } else {
-                    state.memory.unseal();
-                }
+                state.memory.unseal();
             }
         }
     }
@@ -405,7 +392,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         }
         pool.metadata_extent().map_err(PrepareError::Pool)?;
         let _book = self.book();
-        self.seal_preserved(false, usize::MAX);
+        self.unseal_preserved();
         self.allocator().unseal();
         *self.domains.prepared.lock() = None;
         rearm_without(pool, register_base).map_err(PrepareError::Pool)
@@ -473,4 +460,24 @@ fn check_preserved_outputs(state: &DomainState, outputs: &Outputs<'_>) -> Result
         });
     }
     Ok(())
+}
+
+/// The preserved domains `prepare_handover` holds write-locked, in slot order.
+struct Held<'s, 'a>(&'s Storage<Option<(DomainId, StateMut<'a>)>>);
+
+impl<'s, 'a> Held<'s, 'a> {
+    fn iter(&self) -> impl Iterator<Item = (DomainId, &'s DomainState)> + '_ {
+        self.0.iter().flatten().map(|(id, state)| (*id, &**state))
+    }
+
+    /// Domain `id`'s state, if held (a binary search: the slots are in ascending order).
+    fn get(&self, id: DomainId) -> Option<&'s DomainState> {
+        let held: &'s [Option<(DomainId, StateMut<'a>)>] = self.0;
+        let at = held.partition_point(|h| h.as_ref().is_none_or(|(x, _)| x.index() < id.index()));
+        match held.get(at) {
+            Some(Some((x, state))) if *x == id => Some(&**state),
+            // (Only were a slot to have gone between the look and the lock, leaving a gap: then a plain search.)
+            _ => self.iter().find(|(x, _)| *x == id).map(|(_, state)| state),
+        }
+    }
 }
