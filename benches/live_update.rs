@@ -29,8 +29,16 @@ use smmuv3::handover::pool::{HandoverPool, METADATA_BYTES};
 use smmuv3::handover::verify::{RestoreOptions, Verification};
 use smmuv3::{DomainId, InitOptions, Iommu, Prot, Smmu, Stage1Options};
 
-/// Domains the driver has room for (more than the 16 arenas can back).
+/// Domains the driver of the size benchmarks has room for.
 const CAPACITY: usize = 32;
+/// Domains the driver of the scale benchmarks has room for: 4,096 preserved, and one more measured.
+const SCALE: usize = 4104;
+/// The preserved-domain counts the scale benchmarks run at.
+const SCALES: [usize; 5] = [1, 4, 8, 16, 4096];
+/// The region of the scale benchmarks: 1 MiB of records (4,097 records of a domain with one run: 72 + 16 bytes
+/// each) and a pool of 96 MiB (each domain: a root, a level-2 and a level-3 table).
+const SCALE_METADATA: u64 = 1 << 20;
+const SCALE_REGION_BYTES: usize = (1 << 20) + (96 << 20);
 /// The SMMU's register base as the records name it (any fixed value: the fake has no physical address).
 const REGISTER_BASE: u64 = 0x905_0000;
 /// The handover region: 64 KiB of records and 16 arenas of 4 MiB (1 GiB of 4 KiB pages needs about 2 MiB + 8 KiB
@@ -56,6 +64,7 @@ const DMA_MEMORY: [Extent; 1] = [Extent {
 }];
 
 type Active = Iommu<&'static HeapFrames, CAPACITY>;
+type Scaled = Iommu<&'static HeapFrames, SCALE>;
 
 /// Set while nothing timed talks to the SMMU (preserve, prepare_handover): the fake then sleeps instead of
 /// spinning, so that it does not compete with the measured thread for a core.
@@ -76,6 +85,11 @@ impl Region {
     /// A region of `len` bytes, every page touched once when `pretouch` (no page fault inside a timed section; the
     /// restores copy the tables in untimed before each iteration, which touches them anyway).
     fn new(len: usize, pretouch: bool) -> Region {
+        Self::with_metadata(len, pretouch, METADATA_BYTES)
+    }
+
+    /// As [`Region::new`], with a metadata area of `metadata` bytes (and a workspace for it).
+    fn with_metadata(len: usize, pretouch: bool, metadata: u64) -> Region {
         let memory: &'static mut [u8] = Box::leak(vec![0u8; len].into_boxed_slice());
         if pretouch {
             for page in memory.chunks_mut(4096) {
@@ -90,7 +104,20 @@ impl Region {
         };
         let memory = NonNull::new(memory.as_mut_ptr()).unwrap();
         // SAFETY: leaked memory used by nothing else, reached at this address for the program's life.
-        unsafe { pool.set_up(extent, memory) }.unwrap();
+        unsafe {
+            if metadata == METADATA_BYTES {
+                pool.set_up(extent, memory)
+            } else {
+                let words = smmuv3::handover::pool::workspace_words(metadata);
+                pool.set_up_with(
+                    extent,
+                    memory,
+                    metadata,
+                    Box::leak(vec![0u64; words].into_boxed_slice()),
+                )
+            }
+        }
+        .unwrap();
         Region { memory, len, pool }
     }
 
@@ -136,11 +163,21 @@ fn stage1_with_pages(smmu: &mut Active, pool: &'static HandoverPool, pages: u64)
     d
 }
 
-fn bench_preserve(c: &mut Criterion, smmu: &mut Active, region: &Region) {
+/// A stage-1 domain with one 4 KiB page mapped (a root, a level-2 and a level-3 table).
+fn small_domain(smmu: &Scaled, pool: &'static HandoverPool, i: usize) -> DomainId {
+    let d = smmu.create_stage1(pool.take_memory().unwrap(), STAGE1).unwrap();
+    smmu.map(d, 0x4000_0000, 0x8_0000_1000 + ((i as u64) << 12), 0x1000, RW)
+        .unwrap();
+    d
+}
+
+fn bench_preserve(c: &mut Criterion, smmu: &Scaled, region: &Region) {
     let pool = region.pool;
     let mut group = c.benchmark_group("preserve");
-    // 16 arenas: up to 15 preserved plus the one being preserved.
-    let domains: Vec<DomainId> = (0..16).map(|_| stage1_with_pages(smmu, pool, 4)).collect();
+    // Up to 4,096 preserved plus the one being preserved.
+    let domains: Vec<DomainId> = (0..=*SCALES.last().unwrap())
+        .map(|i| small_domain(smmu, pool, i))
+        .collect();
     let (measured, others) = domains.split_last().unwrap();
     let measured = *measured;
     let mut preserved = 0;
@@ -157,7 +194,7 @@ fn bench_preserve(c: &mut Criterion, smmu: &mut Active, region: &Region) {
             total
         })
     });
-    for n in [1usize, 4, 8, 15] {
+    for n in SCALES {
         while preserved < n {
             smmu.preserve(others[preserved], 0x1000 + preserved as u64).unwrap();
             preserved += 1;
@@ -181,21 +218,23 @@ fn bench_preserve(c: &mut Criterion, smmu: &mut Active, region: &Region) {
                 smmu.unpreserve(black_box(TOKEN)).unwrap()
             })
         });
-        if n == 1 || n == 15 {
+        if n == 1 || n == 16 || n == 4096 {
             let mut generation = 0;
             group.bench_function(BenchmarkId::new("prepare_handover", n), |b| {
-                b.iter(|| {
-                    generation += 1;
-                    smmu.prepare_handover(pool, REGISTER_BASE, black_box(generation), &DMA_MEMORY)
-                        .unwrap()
+                b.iter_custom(|iters| {
+                    // Prepare timed; the cancel that lets the next one prepare again is not.
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        generation += 1;
+                        let start = Instant::now();
+                        smmu.prepare_handover(pool, REGISTER_BASE, black_box(generation), &DMA_MEMORY)
+                            .unwrap();
+                        total += start.elapsed();
+                        smmu.cancel_handover(pool, REGISTER_BASE).unwrap();
+                    }
+                    total
                 })
             });
-            // A prepared hand-off refuses further preserves (the region is written): cancelled before the next n
-            // (not prepared when a filter skipped the prepare_handover rows).
-            match smmu.cancel_handover(pool, REGISTER_BASE) {
-                Ok(()) | Err(smmuv3::handover::restore::PrepareError::NotPrepared) => {}
-                Err(e) => panic!("{e}"),
-            }
         }
     }
     group.finish();
@@ -207,6 +246,93 @@ fn bench_preserve(c: &mut Criterion, smmu: &mut Active, region: &Region) {
         smmu.free_domain(d).unwrap();
     }
     assert_eq!(pool.memories_in_use(), 0);
+}
+
+/// A whole restore of `n` preserved domains (one page each, one stream on every 64th: as many as this image
+/// attaches), every domain retrieved, then finish: per domain, against 16.
+fn bench_restore_many(c: &mut Criterion, mut smmu: Smmu, frames: &'static HeapFrames, region: &mut Region) -> Smmu {
+    let pool = region.pool;
+    let mut group = c.benchmark_group("restore_many");
+    for n in [16usize, 4096] {
+        // The first image (untimed).
+        let (s, metadata, pool_bytes) = {
+            let active: Scaled = smmu.init_with_capacity(frames, &InitOptions::default()).unwrap();
+            let domains: Vec<DomainId> = (0..n).map(|i| small_domain(&active, pool, i)).collect();
+            for (i, &d) in domains.iter().enumerate() {
+                if i % 64 == 0 {
+                    active.attach(d, 0x100 + i as u32).unwrap();
+                }
+                active.preserve(d, 0x10_0000 + i as u64).unwrap();
+            }
+            active.prepare_handover(pool, REGISTER_BASE, 1, &DMA_MEMORY).unwrap();
+            let metadata = region.bytes(pool.metadata_extent().unwrap()).to_vec();
+            let pool_bytes = region.bytes(pool.pool().unwrap()).to_vec();
+            active.cancel_handover(pool, REGISTER_BASE).unwrap();
+            for (i, &d) in domains.iter().enumerate() {
+                active.unpreserve(0x10_0000 + i as u64).unwrap();
+                if i % 64 == 0 {
+                    active.detach(0x100 + i as u32).unwrap();
+                }
+                active.free_domain(d).unwrap();
+            }
+            (active.shutdown(false).unwrap(), metadata, pool_bytes)
+        };
+        let mut spare = Some(s);
+        let options = RestoreOptions {
+            dma_memory: &DMA_MEMORY,
+            verify: Verification::Full,
+        };
+        group.bench_function(BenchmarkId::new("restore_retrieve_finish", n), |b| {
+            b.iter_custom(|iters| {
+                let mut times = Vec::with_capacity(iters as usize);
+                for _ in 0..iters {
+                    // The reset (untimed): the region as the first image left it, a fresh driver and pool state.
+                    // Every frame but the owner map's (this pool object's own, which says every frame is free).
+                    region.bytes(pool.metadata_extent().unwrap()).copy_from_slice(&metadata);
+                    let (whole, map) = (pool.pool().unwrap(), pool.owner_map().unwrap());
+                    let (before, after) = (
+                        (map.base - whole.base) as usize,
+                        (map.base + map.len - whole.base) as usize,
+                    );
+                    region
+                        .bytes(Extent {
+                            base: whole.base,
+                            len: before as u64,
+                        })
+                        .copy_from_slice(&pool_bytes[..before]);
+                    region
+                        .bytes(Extent {
+                            base: map.base + map.len,
+                            len: (whole.len as usize - after) as u64,
+                        })
+                        .copy_from_slice(&pool_bytes[after..]);
+                    let active: Scaled = spare
+                        .take()
+                        .unwrap()
+                        .init_with_capacity(frames, &InitOptions::default())
+                        .unwrap();
+                    let start = Instant::now();
+                    let report = active.restore_handover(pool, REGISTER_BASE, &options).unwrap();
+                    let ids: Vec<DomainId> = (0..n).map(|i| active.retrieve(0x10_0000 + i as u64).unwrap()).collect();
+                    let finish = active.finish_handover(pool, REGISTER_BASE).unwrap();
+                    times.push(start.elapsed());
+                    assert_eq!((report.domains as usize, finish.unclaimed), (n, 0));
+                    // Teardown (untimed).
+                    for (i, d) in ids.into_iter().enumerate() {
+                        if i % 64 == 0 {
+                            active.detach(0x100 + i as u32).unwrap();
+                        }
+                        active.free_domain(d).unwrap();
+                    }
+                    spare = Some(active.shutdown(false).unwrap());
+                }
+                median_of(times)
+            })
+        });
+        smmu = spare.take().unwrap();
+    }
+    group.finish();
+    smmu
 }
 
 /// The first image for one size: the domain mapped, its stream attached, preserved and prepared; the region's
@@ -339,12 +465,14 @@ fn bench_live_update(c: &mut Criterion) {
     let base = fake_smmu(&STOP, &PAUSE);
     // SAFETY: the block models the SMMU's two register pages for the benchmark's life.
     let smmu = unsafe { Smmu::probe(NonNull::new(base as *mut u8).unwrap(), 0x2_0000) }.unwrap();
+    let mut scale = Region::with_metadata(SCALE_REGION_BYTES, true, SCALE_METADATA);
+    assert_eq!(scale.pool.metadata_extent().unwrap().len, SCALE_METADATA);
+    let active: Scaled = smmu.init_with_capacity(frames, &InitOptions::default()).unwrap();
+    bench_preserve(c, &active, &scale);
+    let smmu = active.shutdown(false).unwrap();
+    let smmu = bench_restore_many(c, smmu, frames, &mut scale);
     let mut region = Region::new(REGION_BYTES, true);
     assert_eq!(region.pool.metadata_extent().unwrap().len, METADATA_BYTES);
-
-    let mut active: Active = smmu.init_with_capacity(frames, &InitOptions::default()).unwrap();
-    bench_preserve(c, &mut active, &region);
-    let smmu = active.shutdown(false).unwrap();
     let sizes = [("4KiB", 1u64), ("2MiB", 512), ("64MiB", 64 << 8), ("1GiB", 1 << 18)];
     let smmu = bench_restore(c, smmu, frames, &mut region, &sizes);
     // 64 GiB of 4 KiB pages: 128 MiB of page tables, in an arena of a region of its own.

@@ -64,7 +64,8 @@
 //! `failed` is a leaf too, taken under its slot lock only). Among slot locks: without `book`, one at a time (a
 //! nested domain carries its parent's VMID and stage 2, so nothing takes the parent's lock under the child's:
 //! `prepare_handover` write-locks parents before children); with `book` (one holder at a time) any number,
-//! `prepare_handover` taking the preserved domains' in ascending slot order. The command queue takes no lock (its
+//! `prepare_handover` taking the preserved domains' in ascending slot order (held in a block of the SMMU's
+//! allocator, however many). The command queue takes no lock (its
 //! multi-producer protocol, [`crate::queue::cmdq`]); ASIDs and VMIDs are atomic bitmaps. Map and unmap hold one slot lock and nothing
 //! above it, so they never wait for another domain's operations: operations on different domains meet only at the
 //! command queue. Attach, detach and free hold the bookkeeping only to check and record (never across a CMD_SYNC,
@@ -115,7 +116,8 @@ pub(crate) use entries::stage1_cd_of;
 pub use error::DomainError;
 pub use fault::{Fault, FaultReport, FaultStage};
 pub use raw::LowLevel;
-pub(crate) use table::{Book, DomainState, Domains, Prepared, StreamRecord, Translation};
+pub(crate) use storage::{Storage, StorageVec};
+pub(crate) use table::{Book, DomainState, Domains, Prepared, StateMut, StreamRecord, Translation};
 pub use types::{DomainKind, DomainMemory, GuestInvalidation, GuestStage1, Stage1Options, Stage2Options};
 
 /// Domains an [`Iommu`] holds unless [`Smmu::init_with_capacity`] chooses another number.
@@ -128,7 +130,8 @@ pub const MAX_ATTACHED_STREAMS: usize = 64;
 pub const MAX_SUBSTREAMS_PER_STREAM: usize = 7;
 /// SubstreamID bits of the CD table a stream gets when attached to a stage-1 domain (capped by IDR1.SSIDSIZE).
 pub const STREAM_SSID_BITS: u8 = 3;
-/// Domains that can be preserved at once (the token index's capacity; a power of two).
+/// Preserved domains [`Iommu::handover_records`] lists at once (a view for tests and tools; `prepare_handover`
+/// writes any number, and the token index holds every domain the table does).
 pub const MAX_PRESERVED: usize = 32;
 /// Faults a domain's report keeps (later ones are counted in [`FaultReport::lost`]).
 pub const FAULT_REPORT_CAPACITY: usize = 8;
@@ -307,11 +310,10 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         // which the SMMU may still read.
         let domains = core::mem::ManuallyDrop::new(domains);
         core.shutdown_then(bypass, move |allocator| {
-            let Domains { slots, .. } = core::mem::ManuallyDrop::into_inner(domains);
             // Translation is off: no walk reaches a domain's tables any more, and they go back to their memory;
-            // then the slots' own block to the SMMU's allocator, which it came from.
-            // SAFETY: the slots came from this allocator (`Iommu::over`).
-            unsafe { slots.release(allocator) };
+            // then the bookkeeping's own blocks to the SMMU's allocator, which they came from.
+            // SAFETY: the bookkeeping came from this allocator (`Iommu::over`).
+            unsafe { core::mem::ManuallyDrop::into_inner(domains).release(allocator) };
         })
     }
 }
@@ -325,10 +327,21 @@ impl<A: FrameAllocator, const D: usize> Drop for Iommu<A, D> {
             // The SMMU may still walk them: never back to an allocator that would hand them out again.
             self.domains.abandon_tables();
         }
-        // The slots (their domains dropped first: tables back to their memory, or abandoned above) go back to the
-        // SMMU's allocator: the CPU's bookkeeping, which the SMMU never reads.
+        // The bookkeeping (the domains dropped first: tables back to their memory, or abandoned above) goes back
+        // to the SMMU's allocator: the CPU's, which the SMMU never reads.
         let slots = core::mem::replace(&mut self.domains.slots, storage::Storage::empty());
-        // SAFETY: the slots came from this allocator (`Iommu::over`).
-        unsafe { slots.release(self.core.allocator()) };
+        let (tokens, restored) = {
+            let book = self.domains.book.get_mut();
+            (
+                core::mem::replace(&mut book.tokens, storage::TokenIndex::empty()),
+                core::mem::replace(&mut book.restored, storage::TokenIndex::empty()),
+            )
+        };
+        // SAFETY: all three came from this allocator (`Iommu::over`).
+        unsafe {
+            slots.release(self.core.allocator());
+            tokens.release(self.core.allocator());
+            restored.release(self.core.allocator());
+        }
     }
 }

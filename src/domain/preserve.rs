@@ -16,7 +16,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// # Errors
     /// [`DomainError::StaleDomain`], [`DomainError::TokenInUse`] (found in O(1) through the token index),
     /// [`DomainError::AlreadyPreserved`], [`DomainError::NotHandoverMemory`], [`DomainError::ParentNotPreserved`],
-    /// [`DomainError::TooMany`] beyond [`MAX_PRESERVED`](super::MAX_PRESERVED); [`DomainError::HandoverPrepared`] between
+    /// [`DomainError::TooMany`] when the token index is full (it holds as many as the domain table); [`DomainError::HandoverPrepared`] between
     /// `prepare_handover` and `cancel_handover` (the region is written: a domain preserved now would silently not
     /// come back); [`DomainError::TokenInUse`] also for a token a restored domain still waits under (until
     /// `retrieve` or `finish_handover`). Nothing changes then.
@@ -35,21 +35,23 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         if let Some(token) = state.token {
             return Err(DomainError::AlreadyPreserved { domain, token });
         }
-        match state.translation {
-            Translation::Nested { parent, .. } => {
-                // The token index (under the bookkeeping held) says whether the parent is preserved: its lock is
-                // not taken under the nested domain's.
-                if !book.tokens.values().any(|&d| d == parent) {
-                    return Err(DomainError::ParentNotPreserved { domain, parent });
-                }
-            }
+        let parent = match state.translation {
+            Translation::Nested { parent, .. } => Some(parent),
             _ => {
                 if !state.memory.survives_handover() {
                     return Err(DomainError::NotHandoverMemory(domain));
                 }
+                None
             }
-        }
+        };
         drop(state);
+        // Whether the parent is preserved: its token, read under its own lock once the nested domain's is let go
+        // (a parent's token changes only under the bookkeeping, held here). O(1), whatever the number preserved.
+        if let Some(parent) = parent
+            && !self.domains.get(parent).is_ok_and(|p| p.token.is_some())
+        {
+            return Err(DomainError::ParentNotPreserved { domain, parent });
+        }
         if book.tokens.insert(token, domain).is_err() {
             return Err(DomainError::TooMany("preserved domains"));
         }

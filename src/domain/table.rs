@@ -2,7 +2,7 @@
 //! token index of preserved domains, and the state of a hand-off prepared or restored. What each lock guards and
 //! the order they are taken in are in the [module docs](super#concurrency).
 
-use super::storage::Storage;
+use super::storage::{Storage, TokenIndex};
 use crate::ctx::CdTable;
 use crate::hw::cd::Cd;
 use crate::hw::ste::Stage2Config;
@@ -14,7 +14,7 @@ use crate::sync::{AtomicBool, AtomicU64, Ordering};
 
 use super::{
     DomainError, DomainKind, DomainMemory, FaultReport, GuestStage1, MAX_ATTACHED_STREAMS, MAX_ATTACHMENTS,
-    MAX_PRESERVED, MAX_SUBSTREAMS_PER_STREAM,
+    MAX_SUBSTREAMS_PER_STREAM,
 };
 
 /// The translation a domain owns.
@@ -302,10 +302,11 @@ pub(crate) struct Book<const D: usize> {
     /// The free slots, as a stack: creating and freeing a domain costs the same however full the table is.
     free: heapless::Vec<u16, D>,
     pub(crate) streams: heapless::Vec<StreamRecord, MAX_ATTACHED_STREAMS>,
-    /// Preserved domains by token: collisions are found in O(1), never by a scan.
-    pub(crate) tokens: heapless::index_map::FnvIndexMap<u64, DomainId, MAX_PRESERVED>,
+    /// Preserved domains by token: collisions are found in O(1), never by a scan (out of line, room for every
+    /// domain).
+    pub(crate) tokens: TokenIndex,
     /// Domains a restore rebuilt, by token, until retrieved or freed by `finish_handover` (with their memory).
-    pub(crate) restored: heapless::index_map::FnvIndexMap<u64, DomainId, MAX_PRESERVED>,
+    pub(crate) restored: TokenIndex,
     /// An EL2 stage-1 domain's last detach could not drop its TLB entries (TLBI_EL2_ALL failed): they may still be
     /// cached, and would match any EL2 context, so the next EL2 domain to be attached drops them first.
     pub(crate) el2_stale: bool,
@@ -375,8 +376,8 @@ impl<const D: usize> Domains<D> {
                 // Lowest index on top, so the first domain gets slot 0.
                 free: (0..D as u16).rev().collect(),
                 streams: heapless::Vec::new(),
-                tokens: heapless::index_map::FnvIndexMap::new(),
-                restored: heapless::index_map::FnvIndexMap::new(),
+                tokens: TokenIndex::new(allocator, D)?,
+                restored: TokenIndex::new(allocator, D)?,
                 el2_stale: false,
                 restored_generation: None,
             }),
@@ -386,6 +387,22 @@ impl<const D: usize> Domains<D> {
             book_wanted: AtomicBool::new(false),
             report_wanted: AtomicBool::new(false),
         })
+    }
+
+    /// Drops every domain (their tables back to their memory), then gives the out-of-line bookkeeping back to
+    /// `allocator`.
+    ///
+    /// # Safety
+    /// `allocator` must be the one [`Domains::new`] was given.
+    pub(crate) unsafe fn release(self, allocator: &dyn FrameAllocator) {
+        let Domains { slots, book, .. } = self;
+        let Book { tokens, restored, .. } = book.into_inner();
+        // SAFETY: all three came from `allocator` (the caller's guarantee).
+        unsafe {
+            slots.release(allocator);
+            tokens.release(allocator);
+            restored.release(allocator);
+        }
     }
 
     /// Whether a prepared hand-off records this SMMU's preserved domains now.
@@ -510,6 +527,20 @@ impl<const D: usize> Domains<D> {
             // The slot was taken from the stack when the domain was created, so there is room for it.
             let _ = book.free.push(id.index());
         }
+    }
+
+    /// The preserved domains with their tokens, in slot order (each slot read-locked in turn, one at a time): the
+    /// order records are written in. The caller holds the bookkeeping, so none is preserved or unpreserved
+    /// meanwhile.
+    pub(crate) fn preserved(&self) -> impl Iterator<Item = (u64, DomainId)> + '_ {
+        self.slots.iter().enumerate().filter_map(|(index, slot)| {
+            let guard = slot.state.read();
+            let token = guard.as_ref()?.token?;
+            Some((
+                token,
+                DomainId::new(index as u16, slot.generation.load(Ordering::Relaxed)),
+            ))
+        })
     }
 
     /// The EL2 stage-1 domain (other than `except`) that has a stream or substream attached, if any (one pass over

@@ -91,21 +91,25 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         let mut report = FinishReport::default();
         // Nested domains before their parents.
         for nested_pass in [true, false] {
-            // Each step below takes the bookkeeping itself: the list is taken under it, then let go.
-            let waiting: heapless::Vec<(u64, DomainId), { crate::domain::MAX_PRESERVED }> = self
-                .domains
-                .book
-                .lock()
-                .restored
-                .iter()
-                .filter(|(_, id)| {
-                    self.domains
-                        .get(**id)
-                        .is_ok_and(|s| matches!(s.translation, Translation::Nested { .. }) == nested_pass)
-                })
-                .map(|(t, id)| (*t, *id))
-                .collect();
-            for (token, id) in waiting {
+            // Each step below takes the bookkeeping itself: the next waiting domain (in slot order, after the last
+            // one looked at) is found under it, then it is let go.
+            let mut after: Option<u16> = None;
+            loop {
+                let next = {
+                    let book = self.domains.book.lock();
+                    book.restored
+                        .iter()
+                        .filter(|(_, id)| after.is_none_or(|a| id.index() > a))
+                        .filter(|(_, id)| {
+                            self.domains
+                                .get(**id)
+                                .is_ok_and(|s| matches!(s.translation, Translation::Nested { .. }) == nested_pass)
+                        })
+                        .map(|(t, id)| (*t, *id))
+                        .min_by_key(|(_, id)| id.index())
+                };
+                let Some((token, id)) = next else { break };
+                after = Some(id.index());
                 // A parent whose nested domain was retrieved stays: the live nested domain needs its stage 2.
                 if self
                     .domains

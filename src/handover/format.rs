@@ -494,6 +494,162 @@ pub fn encode(
     Ok(total)
 }
 
+/// Writes a version-3 region record by record, for a writer that cannot hold every record at once (the driver's
+/// preserved domains, each read under its own lock): the identities first (each instance's record count patched
+/// as its records come), then the records in instance order, then [`RegionWriter::finish`] writes the header and
+/// its CRC. On an error the bytes written so far are garbage without a header: write into a staging buffer and
+/// copy it to the region only once `finish` succeeds.
+pub struct RegionWriter<'a> {
+    out: &'a mut [u8],
+    instances: usize,
+    /// Instances begun so far.
+    begun: usize,
+    /// Records of the current instance, and in all.
+    current: u32,
+    records: u32,
+    offset: usize,
+}
+
+impl<'a> RegionWriter<'a> {
+    /// A region of `instances` SMMU instances, written into `out`.
+    ///
+    /// # Errors
+    /// [`FormatError::TooManyInstances`], [`FormatError::BufferTooSmall`] for an `out` without room for the header
+    /// and identities.
+    pub fn new(out: &'a mut [u8], instances: usize) -> Result<Self, FormatError> {
+        if instances > MAX_INSTANCES {
+            return Err(FormatError::TooManyInstances {
+                count: instances,
+                max: MAX_INSTANCES,
+            });
+        }
+        let offset = HEADER_SIZE + instances * IDENTITY_SIZE;
+        if out.len() < offset {
+            return Err(FormatError::BufferTooSmall {
+                needed: offset,
+                have: out.len(),
+            });
+        }
+        Ok(RegionWriter {
+            out,
+            instances,
+            begun: 0,
+            current: 0,
+            records: 0,
+            offset,
+        })
+    }
+
+    /// Begins the next instance: its identity (the records that follow are its own).
+    ///
+    /// # Errors
+    /// [`FormatError::TooManyInstances`] past the count given to [`RegionWriter::new`].
+    pub fn instance(&mut self, id: &SmmuIdentity) -> Result<(), FormatError> {
+        if self.begun == self.instances {
+            return Err(FormatError::TooManyInstances {
+                count: self.begun + 1,
+                max: self.instances,
+            });
+        }
+        let raw = RawIdentity {
+            base: U64::new(id.base),
+            idr: id.idr.map(U32::new),
+            iidr: U32::new(id.iidr),
+            record_count: U32::ZERO,
+            strtab_base: U64::new(id.strtab_base),
+            strtab_format: id.strtab_format,
+            strtab_sid_bits: id.strtab_sid_bits,
+            strtab_split: id.strtab_split,
+            reserved0: 0,
+            reserved1: U32::ZERO,
+            core_len: U64::new(id.core_len),
+        };
+        let at = HEADER_SIZE + self.begun * IDENTITY_SIZE;
+        self.out[at..at + IDENTITY_SIZE].copy_from_slice(raw.as_bytes());
+        self.begun += 1;
+        self.current = 0;
+        Ok(())
+    }
+
+    /// Appends a record of the current instance.
+    ///
+    /// # Errors
+    /// [`FormatError::BufferTooSmall`] when it does not fit (the bytes the region would need so far, at least),
+    /// [`FormatError::TooManyRecords`] beyond `u32::MAX` records, streams or extents, or before any instance.
+    pub fn record(&mut self, r: &DomainRecord) -> Result<(), FormatError> {
+        let max = u32::MAX as usize;
+        let instance = self.begun.wrapping_sub(1);
+        if self.begun == 0 || self.records as usize == max || r.streams.len() > max || r.extents.len() > max {
+            return Err(FormatError::TooManyRecords {
+                instance,
+                count: (self.records as usize + 1).max(r.streams.len()).max(r.extents.len()),
+                max,
+            });
+        }
+        let size = record_size(r);
+        let end = self.offset.checked_add(size).filter(|&end| end <= self.out.len());
+        let Some(end) = end else {
+            return Err(FormatError::BufferTooSmall {
+                needed: self.offset.saturating_add(size),
+                have: self.out.len(),
+            });
+        };
+        write_record(r, &mut self.out[self.offset..end]);
+        self.offset = end;
+        self.current += 1;
+        self.records += 1;
+        let count = HEADER_SIZE + instance * IDENTITY_SIZE + offset_of!(RawIdentity, record_count);
+        self.out[count..count + 4].copy_from_slice(&self.current.to_le_bytes());
+        Ok(())
+    }
+
+    /// Bytes written so far (the region's length once finished).
+    pub fn len(&self) -> usize {
+        self.offset
+    }
+
+    /// Whether nothing but the header and identities is written.
+    pub fn is_empty(&self) -> bool {
+        self.records == 0
+    }
+
+    /// Writes the header (with its CRC32C over header and body) after a release fence, so that a reader never
+    /// accepts a body without the header written for it. Returns the region's length.
+    ///
+    /// # Errors
+    /// [`FormatError::TooManyInstances`] when fewer instances were begun than announced,
+    /// [`FormatError::RegionTooSmall`] when `region` is shorter than what was written.
+    pub fn finish(self, generation: u64, region: Extent, pool: Extent) -> Result<usize, FormatError> {
+        if self.begun != self.instances {
+            return Err(FormatError::TooManyInstances {
+                count: self.begun,
+                max: self.instances,
+            });
+        }
+        let total = self.offset;
+        if region.len < total as u64 {
+            return Err(FormatError::RegionTooSmall { needed: total, region });
+        }
+        let mut header = RawHeader {
+            magic: MAGIC,
+            version: U32::new(VERSION),
+            crc32c: U32::ZERO,
+            total_len: U64::new(total as u64),
+            generation: U64::new(generation),
+            instance_count: U32::new(self.instances as u32),
+            record_count: U32::new(self.records),
+            region: RawExtent::new(region),
+            pool: RawExtent::new(pool),
+            reserved: [U64::ZERO; 3],
+        };
+        header.crc32c = U32::new(checksum(header.as_bytes(), &self.out[HEADER_SIZE..total]));
+        // The body must be visible before the header that makes it valid.
+        fence(Ordering::Release);
+        self.out[..HEADER_SIZE].copy_from_slice(header.as_bytes());
+        Ok(total)
+    }
+}
+
 /// Checks that the identity recorded for an instance is the SMMU this boot probed: register base, IDR0–5 and
 /// IIDR. The stream-table geometry is not compared: a reset re-creates the stream table (and an image that takes
 /// over a running SMMU adopts the one it finds), so the caller compares it with what it will use.

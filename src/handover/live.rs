@@ -146,6 +146,11 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     pub fn handover_records(&self, register_base: u64) -> Result<LiveRecords, RecordError> {
         // No attach or detach half-way: each is waited for.
         let book = self.book_quiet();
+        if book.tokens.len() > MAX_PRESERVED {
+            return Err(RecordError::TooMany(
+                "preserved domains (handover_records holds MAX_PRESERVED)",
+            ));
+        }
         // Read-locked in slot order (the lock order), all at once: the records are one consistent picture.
         let guards = preserved_in_slot_order(&book)
             .into_iter()
@@ -168,94 +173,20 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         let mut records: heapless::Vec<LiveRecord, MAX_PRESERVED> = heapless::Vec::new();
         // Parents (stage 1 and stage 2) first, then nested domains, so a reader meets a parent before its children.
         for nested_pass in [false, true] {
-            for (&token, &id) in book.tokens.iter() {
-                let Some(state) = held(id) else { continue };
-                let is_nested = matches!(state.translation, Translation::Nested { .. });
-                if is_nested != nested_pass {
+            for &(id, state) in states {
+                let Some(token) = state.token else { continue };
+                if matches!(state.translation, Translation::Nested { .. }) != nested_pass {
                     continue;
                 }
-                let mut record = DomainRecord {
-                    token,
-                    kind: RecordKind::Stage1,
-                    asid: 0,
-                    vmid: 0,
-                    table: None,
-                    parent_token: None,
-                    guest: None,
-                    streams: Entries::empty(),
-                    extents: Entries::empty(),
-                    identity: state.identity,
+                let parent = match state.translation {
+                    Translation::Nested { parent, .. } => {
+                        Some(held(parent).ok_or(RecordError::ParentNotPreserved(id))?)
+                    }
+                    _ => None,
                 };
-                let mut streams = heapless::Vec::new();
-                let mut own_extents = Entries::empty();
-                match &state.translation {
-                    Translation::Stage1 { table, asid, el2, .. } => {
-                        record.kind = if *el2 {
-                            RecordKind::Stage1El2
-                        } else {
-                            RecordKind::Stage1
-                        };
-                        record.asid = *asid;
-                        record.table = Some(shape(table));
-                    }
-                    Translation::Stage2 { table, vmid, .. } => {
-                        record.kind = RecordKind::Stage2;
-                        record.vmid = *vmid;
-                        record.table = Some(shape(table));
-                    }
-                    // Never preserved: a domain without a table has no handover memory.
-                    Translation::Fixed(_) => return Err(RecordError::NotHandoverMemory(id)),
-                    Translation::Nested { parent, guest, .. } => {
-                        let parent_state = held(*parent).ok_or(RecordError::ParentNotPreserved(id))?;
-                        let Translation::Stage2 { vmid, .. } = parent_state.translation else {
-                            return Err(RecordError::ParentNotPreserved(id));
-                        };
-                        record.kind = RecordKind::Nested;
-                        record.vmid = vmid;
-                        record.parent_token = Some(parent_state.token.ok_or(RecordError::ParentNotPreserved(id))?);
-                        record.guest = Some(GuestRecord {
-                            cd_table_ipa: guest.cd_table,
-                            cd_max_log2: guest.cd_max_log2,
-                            layout: match guest.layout {
-                                CdTableLayout::Linear => 0,
-                                CdTableLayout::TwoLevel4K => 1,
-                                CdTableLayout::TwoLevel64K => 2,
-                            },
-                            default_substream: match guest.default_substream {
-                                DefaultSubstream::Terminate => 0,
-                                DefaultSubstream::Bypass => 1,
-                                DefaultSubstream::Substream0 => 2,
-                            },
-                        });
-                    }
-                }
-                if !is_nested {
-                    if !state.memory.survives_handover() {
-                        return Err(RecordError::NotHandoverMemory(id));
-                    }
-                    own_extents = Entries::from_runs(state.memory);
-                }
-                for &(sid, ssid) in state.attachments.iter() {
-                    let owner = book.streams.iter().find(|r| r.sid == sid);
-                    if ssid != 0 && owner.is_some_and(|r| r.domain != id) {
-                        return Err(RecordError::SubstreamOfAnotherDomain { domain: id, sid, ssid });
-                    }
-                    let cd_table = owner.and_then(|r| r.cd_table.as_ref());
-                    let stream = StreamRecord {
-                        sid,
-                        ssid,
-                        cd_table: cd_table.map_or(0, |t| t.base().0),
-                        cd_ssid_bits: cd_table.map_or(0, |t| t.format().ssid_bits()),
-                        cd_two_level: false,
-                    };
-                    streams.push(stream).map_err(|_| RecordError::TooMany("streams"))?;
-                }
+                let (head, streams, extents) = self.record_of(book, token, id, state, parent)?;
                 records
-                    .push(LiveRecord {
-                        head: record,
-                        streams,
-                        extents: own_extents,
-                    })
+                    .push(LiveRecord { head, streams, extents })
                     .map_err(|_| RecordError::TooMany("preserved domains"))?;
             }
         }
@@ -264,7 +195,104 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             records,
         })
     }
+
+    /// The record of preserved domain `id` (`state`, under `token`; `parent` its stage-2 parent's state for a
+    /// nested domain): its head, its streams and its memory's runs (read from the memory as they are iterated).
+    pub(crate) fn record_of(
+        &self,
+        book: &Book<D>,
+        token: u64,
+        id: DomainId,
+        state: &DomainState,
+        parent: Option<&DomainState>,
+    ) -> Result<RecordParts, RecordError> {
+        let mut record = DomainRecord {
+            token,
+            kind: RecordKind::Stage1,
+            asid: 0,
+            vmid: 0,
+            table: None,
+            parent_token: None,
+            guest: None,
+            streams: Entries::empty(),
+            extents: Entries::empty(),
+            identity: state.identity,
+        };
+        let mut streams = heapless::Vec::new();
+        let mut own_extents = Entries::empty();
+        let is_nested = matches!(state.translation, Translation::Nested { .. });
+        match &state.translation {
+            Translation::Stage1 { table, asid, el2, .. } => {
+                record.kind = if *el2 {
+                    RecordKind::Stage1El2
+                } else {
+                    RecordKind::Stage1
+                };
+                record.asid = *asid;
+                record.table = Some(shape(table));
+            }
+            Translation::Stage2 { table, vmid, .. } => {
+                record.kind = RecordKind::Stage2;
+                record.vmid = *vmid;
+                record.table = Some(shape(table));
+            }
+            // Never preserved: a domain without a table has no handover memory.
+            Translation::Fixed(_) => return Err(RecordError::NotHandoverMemory(id)),
+            Translation::Nested { guest, .. } => {
+                let parent_state = parent.ok_or(RecordError::ParentNotPreserved(id))?;
+                let Translation::Stage2 { vmid, .. } = parent_state.translation else {
+                    return Err(RecordError::ParentNotPreserved(id));
+                };
+                record.kind = RecordKind::Nested;
+                record.vmid = vmid;
+                record.parent_token = Some(parent_state.token.ok_or(RecordError::ParentNotPreserved(id))?);
+                record.guest = Some(GuestRecord {
+                    cd_table_ipa: guest.cd_table,
+                    cd_max_log2: guest.cd_max_log2,
+                    layout: match guest.layout {
+                        CdTableLayout::Linear => 0,
+                        CdTableLayout::TwoLevel4K => 1,
+                        CdTableLayout::TwoLevel64K => 2,
+                    },
+                    default_substream: match guest.default_substream {
+                        DefaultSubstream::Terminate => 0,
+                        DefaultSubstream::Bypass => 1,
+                        DefaultSubstream::Substream0 => 2,
+                    },
+                });
+            }
+        }
+        if !is_nested {
+            if !state.memory.survives_handover() {
+                return Err(RecordError::NotHandoverMemory(id));
+            }
+            own_extents = Entries::from_runs(state.memory);
+        }
+        for &(sid, ssid) in state.attachments.iter() {
+            let owner = book.streams.iter().find(|r| r.sid == sid);
+            if ssid != 0 && owner.is_some_and(|r| r.domain != id) {
+                return Err(RecordError::SubstreamOfAnotherDomain { domain: id, sid, ssid });
+            }
+            let cd_table = owner.and_then(|r| r.cd_table.as_ref());
+            let stream = StreamRecord {
+                sid,
+                ssid,
+                cd_table: cd_table.map_or(0, |t| t.base().0),
+                cd_ssid_bits: cd_table.map_or(0, |t| t.format().ssid_bits()),
+                cd_two_level: false,
+            };
+            streams.push(stream).map_err(|_| RecordError::TooMany("streams"))?;
+        }
+        Ok((record, streams, own_extents))
+    }
 }
+
+/// A preserved domain's record as [`Iommu::record_of`] builds it: its head, its streams, its memory's runs.
+pub(crate) type RecordParts = (
+    DomainRecord<'static>,
+    heapless::Vec<StreamRecord, MAX_ATTACHMENTS>,
+    Entries<'static, Extent>,
+);
 
 /// The extent of everything `records` own, for tests and tools: each record's extents.
 pub fn owned_extents<'a>(records: &InstanceRecords<'a>) -> impl Iterator<Item = Extent> + use<'a> {
@@ -272,8 +300,10 @@ pub fn owned_extents<'a>(records: &InstanceRecords<'a>) -> impl Iterator<Item = 
 }
 
 /// The preserved domains of `book`, in slot order: the order their locks are taken in when several are held.
+/// At most [`MAX_PRESERVED`] of them (the first in the index's order beyond it): for [`Iommu::handover_records`],
+/// which refuses more.
 pub(crate) fn preserved_in_slot_order<const D: usize>(book: &Book<D>) -> heapless::Vec<DomainId, MAX_PRESERVED> {
-    let mut ids: heapless::Vec<DomainId, MAX_PRESERVED> = book.tokens.values().copied().collect();
+    let mut ids: heapless::Vec<DomainId, MAX_PRESERVED> = book.tokens.values().copied().take(MAX_PRESERVED).collect();
     ids.sort_unstable_by_key(|id| id.index());
     ids
 }

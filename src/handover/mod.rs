@@ -39,8 +39,6 @@ mod prepare;
 pub mod restore;
 pub mod verify;
 
-/// Domains one SMMU restores from a region at once (the restore's bookkeeping; the format itself has no such cap).
-pub const MAX_RECORDS: usize = 32;
 /// SMMU instances one region can describe.
 pub const MAX_INSTANCES: usize = 8;
 /// Streams (and substreams) of one domain a restore rebuilds (the format itself has no such cap).

@@ -2,12 +2,12 @@
 //! region and freezes what it recorded until [`Iommu::cancel_handover`] or the hand-off.
 
 use super::finish::rearm_without;
-use super::format::{self, FormatError, HandoverError};
-use super::live::preserved_in_slot_order;
+use super::format::{self, FormatError, HandoverError, RegionWriter};
+use super::live::RecordError;
 use super::pool::{HandoverPool, PoolError};
 use super::verify::{Outputs, Refusal};
-use super::{Extent, InstanceRecords, MAX_INSTANCES, clean_to_memory};
-use crate::domain::{Book, DomainId, DomainState, Iommu, MAX_PRESERVED, Prepared, Translation};
+use super::{DomainRecord, Entries, Extent, SmmuIdentity, clean_to_memory};
+use crate::domain::{Book, DomainId, DomainState, Iommu, Prepared, StateMut, Storage, Translation};
 use crate::mem::FrameAllocator;
 
 /// Why the handover could not be prepared.
@@ -193,55 +193,128 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         // The freeze is atomic: with the bookkeeping held (no attach, detach, preserve or free meanwhile), every
         // preserved domain is write-locked in slot order (the lock order), so an operation in flight on one of
         // them has finished (and is recorded) or starts after the seal below and fails with `HandoverPrepared`.
-        // Everything is checked, recorded and sealed under those locks; they go at the end of this function. An
-        // attach or detach writing its STE outside the bookkeeping is waited for: it is recorded as it ends.
+        // Everything is checked, recorded and sealed under those locks, held in a block of the SMMU's allocator
+        // (however many domains are preserved); they go at the end of this function. An attach or detach writing
+        // its STE outside the bookkeeping is waited for: it is recorded as it ends.
         let book = self.book_quiet();
         if let Some(generation) = book.restored_generation {
             return Err(PrepareError::RestoreNotFinished { generation });
         }
-        let mut guards: heapless::Vec<_, MAX_PRESERVED> = heapless::Vec::new();
-        for id in preserved_in_slot_order(&book) {
-            if let Ok(guard) = self.domains.get_mut(id) {
-                let _ = guards.push((id, guard));
-            }
-        }
-        let states: heapless::Vec<(DomainId, &DomainState), MAX_PRESERVED> =
-            guards.iter().map(|(id, g)| (*id, &**g)).collect();
         let region = pool.metadata_extent().map_err(PrepareError::Pool)?;
         let pool_extent = pool.pool().map_err(PrepareError::Pool)?;
-        self.check_preserved_outputs(&states, pool, surviving)?;
-        let ours = self
-            .records_locked(&book, &states, register_base)
-            .map_err(PrepareError::Records)?;
+        let identity = self.handover_identity(register_base);
         // With the SMMU left running, whatever translates now goes on translating until the next image restores:
         // only the preserved domains' streams may.
-        let running = ours.identity.core_len != 0;
+        let running = identity.core_len != 0;
         if running {
             self.check_streams_preserved(&book)?;
         }
-        let mut guard = pool.lock_metadata().map_err(PrepareError::Pool)?;
-        let (bytes, staging, scratch) = guard.with_staging();
-        // The new region is encoded into the staging buffer, from views of the old one (other SMMUs' records are
-        // kept as they are), then copied over it.
-        let written = {
-            let mut instances: heapless::Vec<InstanceRecords<'_>, MAX_INSTANCES> = heapless::Vec::new();
-            if bytes[..8].iter().any(|&b| b != 0) {
-                let previous = format::decode(bytes, pool_extent, scratch).map_err(PrepareError::ExistingRegion)?;
-                for other in previous
-                    .instances
-                    .into_iter()
-                    .filter(|i| i.identity.base != register_base)
-                {
-                    let _ = instances.push(other);
+        let protected = self.domains.protected.snapshot();
+        let outputs = Outputs {
+            dma: surviving,
+            region: pool.region().map_err(PrepareError::Pool)?,
+            protected: protected.extents(),
+        };
+        let mut held = Storage::new(self.allocator(), book.tokens.len(), |_| None).map_err(|_| {
+            PrepareError::Records(RecordError::TooMany(
+                "preserved domains (no memory to hold their locks)",
+            ))
+        })?;
+        for (slot, (_, id)) in held.iter_mut().zip(self.domains.preserved()) {
+            *slot = self.domains.get_mut(id).ok().map(|state| (id, state));
+        }
+        let result = (|| {
+            for (_, state) in held.iter().flatten() {
+                check_preserved_outputs(state, &outputs)?;
+            }
+            let states = Held(&held);
+            self.write_records(&book, &states, pool, region, pool_extent, identity, generation)
+        })();
+        if result.is_ok() {
+            // What is recorded must not change until the hand-off: the preserved domains' memories (and this
+            // SMMU's own, when it is one) hand out nothing more, the domains refuse changes while their memory is
+            // sealed, and no domain is preserved or unpreserved.
+            for (_, state) in held.iter().flatten() {
+                if !matches!(state.translation, Translation::Nested { .. }) {
+                    state.memory.seal();
                 }
             }
-            instances.push(ours.instance()).map_err(|_| {
-                PrepareError::Format(FormatError::TooManyInstances {
-                    count: MAX_INSTANCES + 1,
-                    max: MAX_INSTANCES,
-                })
-            })?;
-            format::encode(&instances, generation, region, pool_extent, staging).map_err(PrepareError::Format)?
+            self.allocator().seal();
+            *self.domains.prepared.lock() = Some(Prepared { generation, running });
+        }
+        // SAFETY: `held` came from this allocator, just above; its guards are dropped (unlocking) first.
+        unsafe { held.release(self.allocator()) };
+        result
+    }
+
+    /// Writes this SMMU's records (its preserved domains, write-locked in `states`) into the
+    /// region beside the other SMMUs' (kept as they are), through the staging buffer, self-checks them, and
+    /// cleans the region and every memory it names to the point of coherency. On
+    /// [`PrepareError::SelfCheck`] the region is invalidated (its magic cleared); on any other error the region
+    /// is as it was.
+    #[allow(clippy::too_many_arguments)]
+    fn write_records(
+        &self,
+        book: &Book<D>,
+        states: &Held<'_, '_>,
+        pool: &HandoverPool,
+        region: Extent,
+        pool_extent: Extent,
+        identity: SmmuIdentity,
+        generation: u64,
+    ) -> Result<usize, PrepareError> {
+        let mut guard = pool.lock_metadata().map_err(PrepareError::Pool)?;
+        let (bytes, staging, scratch) = guard.with_staging();
+        // The new region is encoded into the staging buffer, from a view of the old one (other SMMUs' records are
+        // kept as they are) and this SMMU's domains, then copied over it.
+        let written = {
+            let previous = match bytes[..8].iter().any(|&b| b != 0) {
+                true => Some(format::decode(bytes, pool_extent, scratch).map_err(PrepareError::ExistingRegion)?),
+                false => None,
+            };
+            let others = || {
+                previous
+                    .iter()
+                    .flat_map(|p| p.instances.iter())
+                    .filter(|i| i.identity.base != identity.base)
+            };
+            let mut writer = RegionWriter::new(staging, others().count() + 1).map_err(PrepareError::Format)?;
+            for other in others() {
+                writer.instance(&other.identity).map_err(PrepareError::Format)?;
+                for r in other.records.iter() {
+                    writer.record(&r).map_err(PrepareError::Format)?;
+                }
+            }
+            writer.instance(&identity).map_err(PrepareError::Format)?;
+            // Parents (stage 1 and stage 2) first, then nested domains, so a reader meets a parent before its
+            // children.
+            for nested_pass in [false, true] {
+                for (id, state) in states.iter() {
+                    let Some(token) = state.token else { continue };
+                    let parent = match state.translation {
+                        Translation::Nested { parent, .. } if nested_pass => Some(
+                            states
+                                .get(parent)
+                                .ok_or(PrepareError::Records(RecordError::ParentNotPreserved(id)))?,
+                        ),
+                        Translation::Nested { .. } => continue,
+                        _ if nested_pass => continue,
+                        _ => None,
+                    };
+                    let (head, streams, extents) = self
+                        .record_of(book, token, id, state, parent)
+                        .map_err(PrepareError::Records)?;
+                    let record = DomainRecord {
+                        streams: Entries::from_slice(&streams),
+                        extents,
+                        ..head
+                    };
+                    writer.record(&record).map_err(PrepareError::Format)?;
+                }
+            }
+            writer
+                .finish(generation, region, pool_extent)
+                .map_err(PrepareError::Format)?
         };
         bytes[..written].copy_from_slice(&staging[..written]);
         // The self-check reads the staging copy (the same bytes as the region now), so that its view outlives a
@@ -255,11 +328,6 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             }
         };
         clean_to_memory(bytes.as_ptr(), written);
-        // What is recorded must not change until the hand-off: the preserved domains' memories (and this SMMU's own,
-        // when it is one) hand out nothing more, the domains refuse changes while their memory is sealed, and no
-        // domain is preserved or unpreserved.
-        self.seal_preserved(&states, true);
-        *self.domains.prepared.lock() = Some(Prepared { generation, running });
         // Every memory the next image adopts: the preserved domains', and (for a hand-off with the SMMU running)
         // the SMMU's own, whose stream table and level-2 spans the next image reads in place. A coherent SMMU's
         // structures were never cleaned as they were written.
@@ -284,8 +352,8 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// a preserved domain, and so does each of its substreams; the first that does not is the error (a stream
     /// that bypasses, one attached to a domain that is not preserved, an STE a previous image left).
     fn check_streams_preserved(&self, book: &Book<D>) -> Result<(), PrepareError> {
-        // A domain is preserved exactly when the token index names it (without its lock: the caller may hold it).
-        let preserved = |d: DomainId| book.tokens.values().any(|&x| x == d);
+        // A domain is preserved exactly when it has a token (read under its lock: the caller holds none).
+        let preserved = |d: DomainId| self.domains.get(d).is_ok_and(|s| s.token.is_some());
         for r in book.streams.iter() {
             if !preserved(r.domain) {
                 return Err(PrepareError::UnpreservedStream { sid: r.sid, ssid: 0 });
@@ -300,76 +368,14 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         }
     }
 
-    /// Checks that every leaf of every preserved domain maps memory inside `surviving` and outside the region and
-    /// protected memory: the first that does not is the error.
-    fn check_preserved_outputs(
-        &self,
-        states: &[(DomainId, &DomainState)],
-        pool: &HandoverPool,
-        surviving: &[Extent],
-    ) -> Result<(), PrepareError> {
-        let protected = self.domains.protected.snapshot();
-        let outputs = Outputs {
-            dma: surviving,
-            region: pool.region().map_err(PrepareError::Pool)?,
-            protected: protected.extents(),
-        };
-        for &(_, state) in states {
-            let Some(token) = state.token else { continue };
-            let (Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. }) = &state.translation else {
-                continue;
-            };
-            // The tables are recorded as they are, not what the SMMU may still cache: an unmap whose invalidation
-            // has not completed would leave the next image (a running hand-off keeps the TLB) translating what the
-            // records say is unmapped, and mapping over it again.
-            if state.pending.outstanding() || state.has_unflushed() {
-                return Err(PrepareError::PendingInvalidation { token });
-            }
-            let mut first = None;
-            table.walk(|m| {
-                if first.is_none()
-                    && let Err(refusal) = outputs.judge(m.pa, m.size)
-                {
-                    first = Some((m, refusal));
-                }
-            });
-            if let Some((m, refusal)) = first {
-                let (iova, output, size) = (m.iova, m.pa, m.size);
-                return Err(match refusal {
-                    Refusal::Protected(protected) => PrepareError::ProtectedOutput {
-                        token,
-                        iova,
-                        output,
-                        size,
-                        protected,
-                    },
-                    Refusal::Outside => PrepareError::NotSurviving {
-                        token,
-                        iova,
-                        output,
-                        size,
-                    },
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// Seals (or unseals) the memory of every preserved domain and this SMMU's own.
-    fn seal_preserved(&self, states: &[(DomainId, &DomainState)], seal: bool) {
-        for &(_, state) in states {
+    /// Unseals the memory of every preserved domain, each under its own read lock in turn. The caller holds the
+    /// bookkeeping.
+    fn unseal_preserved(&self) {
+        for (_, id) in self.domains.preserved() {
+            let Ok(state) = self.domains.get(id) else { continue };
             if !matches!(state.translation, Translation::Nested { .. }) {
-                if seal {
-                    state.memory.seal();
-                } else {
-                    state.memory.unseal();
-                }
+                state.memory.unseal();
             }
-        }
-        if seal {
-            self.allocator().seal();
-        } else {
-            self.allocator().unseal();
         }
     }
 
@@ -385,14 +391,9 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             return Err(PrepareError::NotPrepared);
         }
         pool.metadata_extent().map_err(PrepareError::Pool)?;
-        let book = self.book();
-        let guards: heapless::Vec<_, MAX_PRESERVED> = preserved_in_slot_order(&book)
-            .into_iter()
-            .filter_map(|id| Some((id, self.domains.get(id).ok()?)))
-            .collect();
-        let states: heapless::Vec<(DomainId, &DomainState), MAX_PRESERVED> =
-            guards.iter().map(|(id, g)| (*id, &**g)).collect();
-        self.seal_preserved(&states, false);
+        let _book = self.book();
+        self.unseal_preserved();
+        self.allocator().unseal();
         *self.domains.prepared.lock() = None;
         rearm_without(pool, register_base).map_err(PrepareError::Pool)
     }
@@ -416,5 +417,67 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             .checked_sub(region.base)
             .filter(|o| o + extent.len <= region.len)
             .map(|o| base.wrapping_add(o as usize))
+    }
+}
+
+/// Checks that every leaf of preserved domain `state` maps memory inside `outputs`' DMA-able memory and outside
+/// the region and protected memory: the first that does not is the error. Each table is walked once.
+fn check_preserved_outputs(state: &DomainState, outputs: &Outputs<'_>) -> Result<(), PrepareError> {
+    let Some(token) = state.token else { return Ok(()) };
+    let (Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. }) = &state.translation else {
+        return Ok(());
+    };
+    // The tables are recorded as they are, not what the SMMU may still cache: an unmap whose invalidation has not
+    // completed would leave the next image (a running hand-off keeps the TLB) translating what the records say is
+    // unmapped, and mapping over it again.
+    if state.pending.outstanding() || state.has_unflushed() {
+        return Err(PrepareError::PendingInvalidation { token });
+    }
+    let mut first = None;
+    table.walk(|m| {
+        if first.is_none()
+            && let Err(refusal) = outputs.judge(m.pa, m.size)
+        {
+            first = Some((m, refusal));
+        }
+    });
+    if let Some((m, refusal)) = first {
+        let (iova, output, size) = (m.iova, m.pa, m.size);
+        return Err(match refusal {
+            Refusal::Protected(protected) => PrepareError::ProtectedOutput {
+                token,
+                iova,
+                output,
+                size,
+                protected,
+            },
+            Refusal::Outside => PrepareError::NotSurviving {
+                token,
+                iova,
+                output,
+                size,
+            },
+        });
+    }
+    Ok(())
+}
+
+/// The preserved domains `prepare_handover` holds write-locked, in slot order.
+struct Held<'s, 'a>(&'s Storage<Option<(DomainId, StateMut<'a>)>>);
+
+impl<'s, 'a> Held<'s, 'a> {
+    fn iter(&self) -> impl Iterator<Item = (DomainId, &'s DomainState)> + '_ {
+        self.0.iter().flatten().map(|(id, state)| (*id, &**state))
+    }
+
+    /// Domain `id`'s state, if held (a binary search: the slots are in ascending order).
+    fn get(&self, id: DomainId) -> Option<&'s DomainState> {
+        let held: &'s [Option<(DomainId, StateMut<'a>)>] = self.0;
+        let at = held.partition_point(|h| h.as_ref().is_none_or(|(x, _)| x.index() < id.index()));
+        match held.get(at) {
+            Some(Some((x, state))) if *x == id => Some(&**state),
+            // (Only were a slot to have gone between the look and the lock, leaving a gap: then a plain search.)
+            _ => self.iter().find(|(x, _)| *x == id).map(|(_, state)| state),
+        }
     }
 }

@@ -8,9 +8,11 @@ use super::finish::rearm_without;
 use super::format::{self, HandoverError};
 use super::pool::{HandoverMemory, HandoverPool, PoolError};
 use super::verify::{Outputs, RestoreOptions, VerifyFailure, verify_instance};
-use super::{Extent, InstanceRecords, MAX_RECORDS, MAX_STREAMS, RecordKind, SmmuIdentity};
+use super::{Extent, InstanceRecords, MAX_STREAMS, RecordKind, SmmuIdentity};
 use crate::ctx::{CdTable, CdTableError, CdTableFormat};
-use crate::domain::{Book, DomainError, DomainMemory, DomainState, GuestStage1, Iommu, StreamRecord, Translation};
+use crate::domain::{
+    Book, DomainError, DomainMemory, DomainState, GuestStage1, Iommu, StorageVec, StreamRecord, Translation,
+};
 use crate::hw::ste::{CdTableLayout, DefaultSubstream};
 use crate::ids::IdError;
 use crate::mem::{FrameAllocator, PhysAddr};
@@ -145,13 +147,42 @@ pub struct RestoreReport {
 /// took back. A refusal aborts the former before it gives the latter back.
 #[derive(Default)]
 struct Taken {
-    /// Streams whose STE the rebuild installed (at most every stream of every record).
-    streams: heapless::Vec<u32, { MAX_RECORDS * MAX_STREAMS }>,
-    /// Memories taken back from the pool (at most one per record).
-    memories: heapless::Vec<&'static HandoverMemory, MAX_RECORDS>,
+    /// Streams whose STE the rebuild installed (at most every stream of every record, which `check_limits` keeps
+    /// within what this image attaches).
+    streams: heapless::Vec<u32, { crate::domain::MAX_ATTACHED_STREAMS }>,
+    /// Memories taken back from the pool (at most one per record; out of line, sized by the records).
+    memories: Option<StorageVec<Option<&'static HandoverMemory>>>,
     /// The tokens of the domains the rebuild put in `restored` (a refusal forgets these, and only these: an
     /// earlier hand-off may have left a parent there for a live nested domain).
-    domains: heapless::Vec<u64, MAX_RECORDS>,
+    domains: Option<StorageVec<u64>>,
+}
+
+impl Taken {
+    fn memories(&self) -> impl Iterator<Item = &'static HandoverMemory> + '_ {
+        self.memories
+            .iter()
+            .flat_map(|m| m.as_slice().iter().flatten().copied())
+    }
+
+    fn domains(&self) -> &[u64] {
+        self.domains.as_ref().map_or(&[], |d| d.as_slice())
+    }
+
+    /// Gives the out-of-line parts back to `allocator`.
+    ///
+    /// # Safety
+    /// They must have come from `allocator`.
+    unsafe fn release(self, allocator: &dyn FrameAllocator) {
+        // SAFETY: the caller's guarantee, passed on.
+        unsafe {
+            if let Some(m) = self.memories {
+                m.release(allocator);
+            }
+            if let Some(d) = self.domains {
+                d.release(allocator);
+            }
+        }
+    }
 }
 
 fn layout_of(layout: u8) -> CdTableLayout {
@@ -324,6 +355,9 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                 report.aborted = self.abort_inherited_streams(book)?;
                 Ok((report, found))
             });
+        let restored = restored.inspect_err(|_| self.contain_refused_restore(book, &taken));
+        // SAFETY: `Taken`'s out-of-line parts came from this allocator (`restore_records`).
+        unsafe { core::mem::take(&mut taken).release(self.allocator()) };
         match restored {
             Ok((report, found)) => {
                 if found {
@@ -335,7 +369,6 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                 Ok(report)
             }
             Err(e) => {
-                self.contain_refused_restore(book, &taken);
                 // The frames given back (named) that the region no longer names are free again; those it names
                 // stay named: no memory takes them before a restore, or a finish, settles the records.
                 if let Ok(mut guard) = pool.lock_metadata() {
@@ -393,6 +426,21 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         let probed = self.handover_identity(register_base);
         format::validate_identity(&instance.identity, &probed).map_err(RestoreError::Identity)?;
         self.check_limits(book, pool, instance)?;
+        // What the rebuild takes, kept for a refusal to give back: room for every record, out of line.
+        let records = instance.records.len();
+        let room = |what| RestoreError::BeyondLimits {
+            token: instance.records.first().map_or(0, |r| r.token),
+            what,
+            value: records as u64,
+        };
+        taken.memories = Some(
+            StorageVec::with_capacity(self.allocator(), records, None)
+                .map_err(|_| room("memory for the restore's bookkeeping, records"))?,
+        );
+        taken.domains = Some(
+            StorageVec::with_capacity(self.allocator(), records, 0)
+                .map_err(|_| room("memory for the restore's bookkeeping, records"))?,
+        );
         let region = pool.region().map_err(RestoreError::Pool)?;
         // Under the protected list's writer lock (maps go on reading the published copy), so that no
         // `protect_memory` meanwhile is lost when the list with the region is published.
@@ -426,8 +474,8 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         // Refused before the rebuild took anything, on an SMMU this image initialised: nothing translates through
         // the restore, so there is nothing to contain (and nothing is issued).
         if taken.streams.is_empty()
-            && taken.memories.is_empty()
-            && taken.domains.is_empty()
+            && taken.memories().next().is_none()
+            && taken.domains().is_empty()
             && !self.core.inherited_stes()
         {
             return;
@@ -452,7 +500,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         }
         // The domains this restore rebuilt are forgotten, their tables abandoned in place (the SMMU may have walked
         // them). Only those: a parent an earlier hand-off left for a live nested domain stays.
-        for token in &taken.domains {
+        for token in taken.domains() {
             let Some(id) = book.restored.swap_remove(token) else {
                 continue;
             };
@@ -464,7 +512,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             }
         }
         if contained {
-            for memory in &taken.memories {
+            for memory in taken.memories() {
                 // SAFETY: every stream that could reach the memory aborts (or translation is off) and the
                 // invalidation of every cached configuration and TLB entry completed; the domains built on it were
                 // forgotten, so no reference into it is left. Its frames go back named (the region still names
@@ -497,13 +545,6 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         let first = instance.records.first().map_or(0, |r| r.token);
         // The format has no cap on records or on a record's streams; what one restore rebuilds and keeps track of
         // has (the refusal's bookkeeping and a domain's attachments): beyond it, refused before anything is taken.
-        if instance.records.len() > MAX_RECORDS {
-            return Err(RestoreError::BeyondLimits {
-                token: first,
-                what: "more records than one restore rebuilds (MAX_RECORDS)",
-                value: instance.records.len() as u64,
-            });
-        }
         if let Some(r) = instance
             .records
             .iter()
@@ -539,7 +580,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             });
         }
         let waiting = instance.records.len() + book.restored.len();
-        if waiting > crate::domain::MAX_PRESERVED {
+        if waiting > D {
             return Err(RestoreError::BeyondLimits {
                 token: first,
                 what: "more restored domains than can wait, with those an earlier hand-off left",
@@ -700,7 +741,9 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                                 .adopt(r.extents.iter())
                                 .map_err(|e| fail(RebuildFailure::Pool(e)))?;
                             // Given back only by the refusal's exit, once no stream can reach it.
-                            let _ = taken.memories.push(memory);
+                            if let Some(m) = taken.memories.as_mut() {
+                                let _ = m.push(Some(memory));
+                            }
                             memory.take_ownership();
                             let memory: DomainMemory = memory;
                             let stage = match r.kind {
@@ -818,7 +861,9 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                     return Err(fail(RebuildFailure::Domain(e)));
                 }
                 // Room: at most one per record.
-                let _ = taken.domains.push(r.token);
+                if let Some(d) = taken.domains.as_mut() {
+                    let _ = d.push(r.token);
+                }
                 report.domains += 1;
             }
         }

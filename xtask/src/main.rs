@@ -686,19 +686,34 @@ fn bench_live_update(quick: bool) -> Result<(), String> {
     }
     step("live-update benchmarks", command)?;
     // Per group: what its first row is (for the ratio column), then each row's label and criterion path.
-    let groups: [(&str, &[(&str, &str)]); 4] = [
+    let groups: [(&str, &[(&str, &str)]); 5] = [
         (
             "1 domain",
             &[
                 ("preserve, 1 domain preserved", "preserve/preserve/1"),
-                ("preserve, 15 domains preserved", "preserve/preserve/15"),
+                ("preserve, 16 domains preserved", "preserve/preserve/16"),
+                ("preserve, 4096 domains preserved", "preserve/preserve/4096"),
             ],
         ),
         (
             "1 domain",
             &[
                 ("prepare_handover, 1 domain", "preserve/prepare_handover/1"),
-                ("prepare_handover, 15 domains", "preserve/prepare_handover/15"),
+                ("prepare_handover, 16 domains", "preserve/prepare_handover/16"),
+                ("prepare_handover, 4096 domains", "preserve/prepare_handover/4096"),
+            ],
+        ),
+        (
+            "16 domains",
+            &[
+                (
+                    "restore + retrieve + finish, 16 domains",
+                    "restore_many/restore_retrieve_finish/16",
+                ),
+                (
+                    "restore + retrieve + finish, 4096 domains",
+                    "restore_many/restore_retrieve_finish/4096",
+                ),
             ],
         ),
         (
@@ -766,6 +781,24 @@ fn bench_live_update(quick: bool) -> Result<(), String> {
             println!("| {label} | {} | {ratio} |", format_ns(time));
         }
     }
+    // Per domain: 4,096 against 16 (the bar: at most 2x).
+    for (what, path) in [
+        ("prepare_handover", "preserve/prepare_handover"),
+        ("restore + retrieve + finish", "restore_many/restore_retrieve_finish"),
+    ] {
+        let (few, many) = (median(&format!("{path}/16")), median(&format!("{path}/4096")));
+        println!(
+            "| {what}, per domain at 4096 | {} | {} |",
+            format_ns(many.map(|m| m / 4096.0)),
+            match (few, many) {
+                (Some(f), Some(m)) if f > 0.0 => format!(
+                    "{:.2}x the per-domain cost at 16 (the bar: at most 2x)",
+                    (m / 4096.0) / (f / 16.0)
+                ),
+                _ => "-".into(),
+            }
+        );
+    }
     // The yardstick of the verified restore: the same table bytes read once, in the same run.
     for (size, path) in [("1 GiB", "1GiB"), ("64 GiB", "64GiB")] {
         let plain = median(&format!("restore/plain_read/{path}"));
@@ -792,7 +825,7 @@ fn bench_live_update(quick: bool) -> Result<(), String> {
     println!(
         "(criterion median per operation{}; a fake SMMU thread acknowledges the commands; preserve timed alone \
          (the two clock reads around it: {}), unpreserve untimed; preserve + unpreserve timed together: {} with \
-         1 / 4 / 8 / 15 preserved; prepare_handover encodes every \
+         1 / 4 / 8 / 16 / 4096 preserved (a driver with room for 4,104 domains, each with one page mapped); prepare_handover encodes every \
          record and decodes the region back and walks every preserved table for what survives, so it grows with the \
          domains (on aarch64 it also cleans their memory to the point of coherency, a no-op on the host); restore: \
          one stage-1 domain with one stream, its table of 4 KiB pages verified (every table walked, every leaf's \
@@ -811,7 +844,8 @@ fn bench_live_update(quick: bool) -> Result<(), String> {
             "preserve/preserve_unpreserve/1",
             "preserve/preserve_unpreserve/4",
             "preserve/preserve_unpreserve/8",
-            "preserve/preserve_unpreserve/15",
+            "preserve/preserve_unpreserve/16",
+            "preserve/preserve_unpreserve/4096",
         ]),
         times(&[
             "restore/decode/4KiB",

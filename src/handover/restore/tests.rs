@@ -953,11 +953,12 @@ fn a_region_rewritten_during_the_restore_changes_nothing_it_does() {
     core::mem::forget(smmu);
 }
 
-/// The format has no cap on records; one restore rebuilds at most `MAX_RECORDS` of an SMMU. More (a region with a
-/// valid CRC holding 33) is refused by `check_limits` before anything is taken.
+/// The format has no cap on records; one restore rebuilds as many as the SMMU has free domain slots. More (a
+/// region with a valid CRC holding one more than `DEFAULT_DOMAINS`) is refused by `check_limits` before anything
+/// is taken.
 #[test]
 fn more_records_than_one_restore_rebuilds_are_refused_before_anything_changes() {
-    use crate::handover::MAX_RECORDS;
+    use crate::domain::DEFAULT_DOMAINS as MAX_RECORDS;
     let frames = frames();
     let mut region = Region::new();
     first_image(&mut region, frames);
@@ -979,7 +980,7 @@ fn more_records_than_one_restore_rebuilds_are_refused_before_anything_changes() 
     let error = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
     assert!(
         matches!(error, RestoreError::BeyondLimits { what, value, .. }
-            if what.contains("MAX_RECORDS") && value == MAX_RECORDS as u64 + 1),
+            if what.contains("free slots") && value == MAX_RECORDS as u64 + 1),
         "{error}"
     );
     assert_eq!(issued_since(&model, before), [], "nothing installed, nothing to undo");

@@ -348,3 +348,60 @@ fn records_beyond_the_metadata_area_are_refused_before_anything_is_written() {
     smmu.map(domains[0], 1 << 36, 0x10_0000_0000, 0x1000, RW).unwrap();
     core::mem::forget(smmu);
 }
+
+/// 4,096 preserved domains (the capacity), 64 of them with a stream (what this image attaches at once):
+/// prepared into a 512 KiB metadata area, restored whole, each retrievable by its token and translating as before,
+/// the unretrieved ones freed at finish with every frame back in the pool.
+#[test]
+fn four_thousand_and_ninety_six_domains_are_preserved_and_restored() {
+    const N: u64 = 4096;
+    let frames = frames();
+    // Each domain: an 8 KiB root, a level-2 and a level-3 table.
+    let mut region = Region::with_pool_of(80 << 20);
+    let output = |i: u64| 0x10_0000_0000 + i * (2 << 20);
+    let free = {
+        let model = Model::start(frames);
+        let smmu: Iommu<&'static HeapFrames, 4096> = model
+            .smmu()
+            .init_with_capacity(frames, &InitOptions::default())
+            .unwrap();
+        let pool = region.pool_with(512 << 10);
+        let free = pool.free_frames();
+        for i in 0..N {
+            let d = smmu
+                .create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 })
+                .unwrap();
+            smmu.map(d, 0x1000, output(i), 0x1000, RW).unwrap();
+            if i % 64 == 0 {
+                smmu.attach(d, 0x100 + i as u32).unwrap();
+            }
+            smmu.preserve(d, 0x10_0000 + i).unwrap();
+        }
+        let written = smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
+        assert!(written > 64 << 10, "{written} bytes of records");
+        core::mem::forget(smmu);
+        free
+    };
+    let model = Model::start(frames);
+    let smmu: Iommu<&'static HeapFrames, 4096> = model
+        .smmu()
+        .init_with_capacity(frames, &InitOptions::default())
+        .unwrap();
+    let pool = region.pool_with(512 << 10);
+    let report = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap();
+    assert_eq!((report.domains, report.streams), (N as u32, (N / 64) as u32));
+    for i in (0..N).step_by(7) {
+        let d = smmu.retrieve(0x10_0000 + i).unwrap();
+        assert_eq!(smmu.iova_to_phys(d, 0x1234), Ok(Some(output(i) + 0x234)), "domain {i}");
+    }
+    let retrieved = N.div_ceil(7);
+    assert_eq!(
+        smmu.finish_handover(pool, BASE),
+        Ok(FinishReport {
+            unclaimed: (N - retrieved) as u32
+        })
+    );
+    assert_eq!(pool.memories_in_use(), retrieved as usize);
+    assert!(pool.free_frames() < free, "the retrieved domains' frames held");
+    core::mem::forget(smmu);
+}
