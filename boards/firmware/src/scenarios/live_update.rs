@@ -55,7 +55,7 @@ pub(super) fn after_reset() -> Option<LiveUpdateNote> {
 }
 
 /// Leaves `data` for the second boot, keeps the SMMU running (no shutdown) and resets.
-pub(super) fn reset_with(session: Session, data: [u64; 16]) -> ! {
+pub(super) fn reset_with<T>(session: T, data: [u64; 16]) -> ! {
     use core::sync::atomic::Ordering::Relaxed;
     power::set_live_update_note(Some(LiveUpdateNote {
         magic: LiveUpdateNote::MAGIC,
@@ -116,7 +116,7 @@ pub(super) fn surviving() -> [Extent; 1] {
 
 /// Declares the memory no device may be given: the image, the frame pool (the SMMU's own tables and queues) and
 /// the handover region with the boot notes (the region separately when the tree placed it elsewhere).
-fn declare<A: FrameAllocator, const D: usize>(s: &mut Iommu<A, D>) -> Result<(), Failure> {
+pub(super) fn declare<A: FrameAllocator, const D: usize>(s: &mut Iommu<A, D>) -> Result<(), Failure> {
     let layout = crate::frames::layout();
     for extent in [layout.image, layout.frames, layout.reserved] {
         s.protect_memory(extent).or_else(|e| fail!("{e}"))?;

@@ -394,7 +394,10 @@ fn four_thousand_and_ninety_six_domains_are_preserved_and_restored() {
         let d = smmu.retrieve(0x10_0000 + i).unwrap();
         assert_eq!(smmu.iova_to_phys(d, 0x1234), Ok(Some(output(i) + 0x234)), "domain {i}");
         assert_eq!(smmu.attachments(d).as_deref(), Ok(&[(sid(i), 0)][..]));
-        assert_eq!(smmu.low_level().ste(sid(i)).unwrap().config(), crate::hw::ste::Config::Stage2);
+        assert_eq!(
+            smmu.low_level().ste(sid(i)).unwrap().config(),
+            crate::hw::ste::Config::Stage2
+        );
     }
     let retrieved = N.div_ceil(7);
     assert_eq!(
@@ -405,6 +408,10 @@ fn four_thousand_and_ninety_six_domains_are_preserved_and_restored() {
     );
     assert_eq!(pool.memories_in_use(), retrieved as usize);
     assert!(pool.free_frames() < free, "the retrieved domains' frames held");
-    assert_eq!(smmu.low_level().ste(sid(1)).unwrap().config(), crate::hw::ste::Config::Abort, "unclaimed");
+    assert_eq!(
+        smmu.low_level().ste(sid(1)).unwrap().config(),
+        crate::hw::ste::Config::Abort,
+        "unclaimed"
+    );
     core::mem::forget(smmu);
 }
