@@ -276,6 +276,19 @@ impl Smmu {
         options: &InitOptions,
         running: &RunningSmmu,
     ) -> Result<Iommu<A>, InitError> {
+        self.adopt_running_with_capacity::<A, DEFAULT_DOMAINS>(allocator, options, running)
+    }
+
+    /// As [`Smmu::adopt_running`], with room for `D` domains instead of [`DEFAULT_DOMAINS`].
+    ///
+    /// # Errors
+    /// As [`Smmu::adopt_running`].
+    pub fn adopt_running_with_capacity<A: FrameAllocator, const D: usize>(
+        self,
+        allocator: A,
+        options: &InitOptions,
+        running: &RunningSmmu,
+    ) -> Result<Iommu<A, D>, InitError> {
         Iommu::over(self.take_over(allocator, options, running)?, options)
     }
 }

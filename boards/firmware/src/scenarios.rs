@@ -66,6 +66,7 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("lu-s1", live_update::lu_s1),
     ("lu-big", live_update::lu_big),
     ("lu-scale", lu_scale::lu_scale),
+    ("lu-scale-noreset", lu_scale::lu_scale_noreset),
     ("lu-s2", live_update::lu_s2),
     ("lu-nested", live_update::lu_nested),
     ("lu-mutate", live_update::lu_mutate),
