@@ -248,8 +248,13 @@ fn bench_preserve(c: &mut Criterion, smmu: &Scaled, region: &Region) {
     assert_eq!(pool.memories_in_use(), 0);
 }
 
-/// A whole restore of `n` preserved domains (one page each, one stream on every 64th: as many as this image
-/// attaches), every domain retrieved, then finish: per domain, against 16.
+/// Domain `i`'s stream: spread over 16 bits of StreamID (a 2-level stream table's spans allocated as they come).
+fn spread_sid(i: usize) -> u32 {
+    (i * 16 + i % 16) as u32
+}
+
+/// A whole restore of `n` preserved domains (one page and one stream each, the StreamIDs spread over 16 bits),
+/// every domain retrieved, then finish: per domain, against 16.
 fn bench_restore_many(c: &mut Criterion, mut smmu: Smmu, frames: &'static HeapFrames, region: &mut Region) -> Smmu {
     let pool = region.pool;
     let mut group = c.benchmark_group("restore_many");
@@ -259,9 +264,7 @@ fn bench_restore_many(c: &mut Criterion, mut smmu: Smmu, frames: &'static HeapFr
             let active: Scaled = smmu.init_with_capacity(frames, &InitOptions::default()).unwrap();
             let domains: Vec<DomainId> = (0..n).map(|i| small_domain(&active, pool, i)).collect();
             for (i, &d) in domains.iter().enumerate() {
-                if i % 64 == 0 {
-                    active.attach(d, 0x100 + i as u32).unwrap();
-                }
+                active.attach(d, spread_sid(i)).unwrap();
                 active.preserve(d, 0x10_0000 + i as u64).unwrap();
             }
             active.prepare_handover(pool, REGISTER_BASE, 1, &DMA_MEMORY).unwrap();
@@ -270,9 +273,7 @@ fn bench_restore_many(c: &mut Criterion, mut smmu: Smmu, frames: &'static HeapFr
             active.cancel_handover(pool, REGISTER_BASE).unwrap();
             for (i, &d) in domains.iter().enumerate() {
                 active.unpreserve(0x10_0000 + i as u64).unwrap();
-                if i % 64 == 0 {
-                    active.detach(0x100 + i as u32).unwrap();
-                }
+                active.detach(spread_sid(i)).unwrap();
                 active.free_domain(d).unwrap();
             }
             (active.shutdown(false).unwrap(), metadata, pool_bytes)
@@ -319,9 +320,7 @@ fn bench_restore_many(c: &mut Criterion, mut smmu: Smmu, frames: &'static HeapFr
                     assert_eq!((report.domains as usize, finish.unclaimed), (n, 0));
                     // Teardown (untimed).
                     for (i, d) in ids.into_iter().enumerate() {
-                        if i % 64 == 0 {
-                            active.detach(0x100 + i as u32).unwrap();
-                        }
+                        active.detach(spread_sid(i)).unwrap();
                         active.free_domain(d).unwrap();
                     }
                     spare = Some(active.shutdown(false).unwrap());

@@ -32,4 +32,6 @@ pub use mem::{DmaBlock, FrameAllocator, PhysAddr};
 pub use pgtable::Prot;
 /// The ID registers decoded (kept at the crate root, where it was before the SMMU core had a folder).
 pub use smmu::features;
-pub use smmu::{Features, IdRegisters, InitError, InitOptions, InterruptSources, ProbeError, Quirks, Smmu, Stages};
+pub use smmu::{
+    Bookkeeping, Features, IdRegisters, InitError, InitOptions, InterruptSources, ProbeError, Quirks, Smmu, Stages,
+};

@@ -243,7 +243,7 @@ impl Smmu {
         allocator: A,
         options: &InitOptions,
     ) -> Result<Iommu<A, D>, InitError> {
-        Iommu::over(self.start(allocator, options)?)
+        Iommu::over(self.start(allocator, options)?, options)
     }
 
     /// Takes over an SMMU that a previous image left translating (SMMUEN = 1), without a moment of bypass or
@@ -276,14 +276,27 @@ impl Smmu {
         options: &InitOptions,
         running: &RunningSmmu,
     ) -> Result<Iommu<A>, InitError> {
-        Iommu::over(self.take_over(allocator, options, running)?)
+        self.adopt_running_with_capacity::<A, DEFAULT_DOMAINS>(allocator, options, running)
+    }
+
+    /// As [`Smmu::adopt_running`], with room for `D` domains instead of [`DEFAULT_DOMAINS`].
+    ///
+    /// # Errors
+    /// As [`Smmu::adopt_running`].
+    pub fn adopt_running_with_capacity<A: FrameAllocator, const D: usize>(
+        self,
+        allocator: A,
+        options: &InitOptions,
+        running: &RunningSmmu,
+    ) -> Result<Iommu<A, D>, InitError> {
+        Iommu::over(self.take_over(allocator, options, running)?, options)
     }
 }
 
 impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// The driver over an initialised SMMU: no domains yet.
-    fn over(core: SmmuCore<A>) -> Result<Self, InitError> {
-        match Domains::new(core.allocator()) {
+    fn over(core: SmmuCore<A>, options: &InitOptions) -> Result<Self, InitError> {
+        match Domains::new(core.allocator(), options.bookkeeping.0) {
             Ok(domains) => Ok(Iommu { core, domains }),
             Err(e) => {
                 // No domain yet: the SMMU goes off and its memory back, as if it had never been initialised.
@@ -330,18 +343,21 @@ impl<A: FrameAllocator, const D: usize> Drop for Iommu<A, D> {
         // The bookkeeping (the domains dropped first: tables back to their memory, or abandoned above) goes back
         // to the SMMU's allocator: the CPU's, which the SMMU never reads.
         let slots = core::mem::replace(&mut self.domains.slots, storage::Storage::empty());
-        let (tokens, restored) = {
+        let (tokens, restored, streams) = {
             let book = self.domains.book.get_mut();
             (
                 core::mem::replace(&mut book.tokens, storage::TokenIndex::empty()),
                 core::mem::replace(&mut book.restored, storage::TokenIndex::empty()),
+                core::mem::replace(&mut book.streams, storage::AttachedStreams::empty()),
             )
         };
-        // SAFETY: all three came from this allocator (`Iommu::over`).
+        let allocator = self.domains.bookkeeping_allocator(self.core.allocator());
+        // SAFETY: all of them came from this allocator (`Iommu::over`).
         unsafe {
-            slots.release(self.core.allocator());
-            tokens.release(self.core.allocator());
-            restored.release(self.core.allocator());
+            streams.release(allocator);
+            slots.release(allocator);
+            tokens.release(allocator);
+            restored.release(allocator);
         }
     }
 }

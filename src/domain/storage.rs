@@ -4,6 +4,7 @@
 
 use core::ptr::NonNull;
 
+use super::table::StreamRecord;
 use crate::ids::DomainId;
 use crate::mem::{AllocError, DmaBlock, FrameAllocator};
 
@@ -108,22 +109,25 @@ impl<T> Drop for Storage<T> {
     }
 }
 
-/// One entry of a [`TokenIndex`].
+/// One entry of an [`Index`].
 #[derive(Clone, Copy)]
-struct TokenEntry {
+struct TokenEntry<V: Copy> {
     token: u64,
-    id: DomainId,
+    id: V,
     used: bool,
 }
 
-/// Domains by token, out of line: an open-addressing table (linear probing, deletion by backward shift, so no
-/// tombstones build up) twice as large as the domains it may hold, so a lookup, an insert and a removal are O(1)
-/// on average however many domains are preserved.
-pub(crate) struct TokenIndex {
-    entries: Storage<TokenEntry>,
+/// Values by a 64-bit key, out of line: an open-addressing table (linear probing, deletion by backward shift, so
+/// no tombstones build up) twice as large as the entries it may hold, so a lookup, an insert and a removal are
+/// O(1) on average however many there are.
+pub(crate) struct Index<V: Copy> {
+    entries: Storage<TokenEntry<V>>,
     len: usize,
     capacity: usize,
 }
+
+/// Domains by token (the preserved ones, the restored ones).
+pub(crate) type TokenIndex = Index<DomainId>;
 
 impl TokenIndex {
     /// Room for `capacity` tokens, in a block of `allocator`.
@@ -131,13 +135,27 @@ impl TokenIndex {
     /// # Errors
     /// The allocator's.
     pub(crate) fn new(allocator: &dyn FrameAllocator, capacity: usize) -> Result<Self, AllocError> {
+        Self::with_placeholder(allocator, capacity, DomainId::new(0, 0))
+    }
+}
+
+impl<V: Copy> Index<V> {
+    /// Room for `capacity` entries, in a block of `allocator` (`placeholder` fills the free ones).
+    ///
+    /// # Errors
+    /// The allocator's.
+    pub(crate) fn with_placeholder(
+        allocator: &dyn FrameAllocator,
+        capacity: usize,
+        placeholder: V,
+    ) -> Result<Self, AllocError> {
         let slots = capacity.saturating_mul(2).next_power_of_two().max(8);
         let empty = TokenEntry {
             token: 0,
-            id: DomainId::new(0, 0),
+            id: placeholder,
             used: false,
         };
-        Ok(TokenIndex {
+        Ok(Index {
             entries: Storage::new(allocator, slots, |_| empty)?,
             len: 0,
             capacity,
@@ -146,7 +164,7 @@ impl TokenIndex {
 
     /// No room, no block (what a dropped driver leaves behind).
     pub(crate) const fn empty() -> Self {
-        TokenIndex {
+        Index {
             entries: Storage::empty(),
             len: 0,
             capacity: 0,
@@ -181,7 +199,7 @@ impl TokenIndex {
         }
     }
 
-    pub(crate) fn get(&self, token: &u64) -> Option<&DomainId> {
+    pub(crate) fn get(&self, token: &u64) -> Option<&V> {
         self.find(*token).ok().map(|i| &self.entries[i].id)
     }
 
@@ -190,7 +208,7 @@ impl TokenIndex {
     }
 
     /// Inserts or replaces; `Err` when full (nothing changed).
-    pub(crate) fn insert(&mut self, token: u64, id: DomainId) -> Result<Option<DomainId>, (u64, DomainId)> {
+    pub(crate) fn insert(&mut self, token: u64, id: V) -> Result<Option<V>, (u64, V)> {
         match self.find(token) {
             Ok(i) => Ok(Some(core::mem::replace(&mut self.entries[i].id, id))),
             Err(_) if self.len >= self.capacity => Err((token, id)),
@@ -203,7 +221,7 @@ impl TokenIndex {
     }
 
     /// Removes `token`'s entry (the name of `IndexMap`'s, which this replaces).
-    pub(crate) fn swap_remove(&mut self, token: &u64) -> Option<DomainId> {
+    pub(crate) fn swap_remove(&mut self, token: &u64) -> Option<V> {
         let mut hole = self.find(*token).ok()?;
         let id = self.entries[hole].id;
         self.entries[hole].used = false;
@@ -228,11 +246,11 @@ impl TokenIndex {
         Some(id)
     }
 
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (&u64, &DomainId)> + '_ {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&u64, &V)> + '_ {
         self.entries.iter().filter(|e| e.used).map(|e| (&e.token, &e.id))
     }
 
-    pub(crate) fn values(&self) -> impl Iterator<Item = &DomainId> + '_ {
+    pub(crate) fn values(&self) -> impl Iterator<Item = &V> + '_ {
         self.iter().map(|(_, id)| id)
     }
 
@@ -247,6 +265,130 @@ impl TokenIndex {
     pub(crate) unsafe fn release(self, allocator: &dyn FrameAllocator) {
         // SAFETY: the caller's guarantee, passed on.
         unsafe { self.entries.release(allocator) };
+    }
+}
+
+/// The streams attached to domains, out of line: a dense array (what `iter` walks) with a StreamID index beside
+/// it, so finding a stream is O(1) however many are attached. The API of the `heapless::Vec` it replaces.
+pub(crate) struct AttachedStreams {
+    records: Storage<Option<StreamRecord>>,
+    len: usize,
+    by_sid: Index<u32>,
+}
+
+impl AttachedStreams {
+    /// Room for `capacity` streams, in blocks of `allocator`.
+    ///
+    /// # Errors
+    /// The allocator's.
+    pub(crate) fn new(allocator: &dyn FrameAllocator, capacity: usize) -> Result<Self, AllocError> {
+        Ok(AttachedStreams {
+            records: Storage::new(allocator, capacity, |_| None)?,
+            len: 0,
+            by_sid: Index::with_placeholder(allocator, capacity, 0)?,
+        })
+    }
+
+    /// Nothing, no room, no block.
+    pub(crate) const fn empty() -> Self {
+        AttachedStreams {
+            records: Storage::empty(),
+            len: 0,
+            by_sid: Index::empty(),
+        }
+    }
+
+    /// Where stream `sid`'s record is.
+    pub(crate) fn position_of(&self, sid: u32) -> Option<usize> {
+        self.by_sid.get(&u64::from(sid)).map(|&i| i as usize)
+    }
+
+    /// Appends `record` (a stream not attached yet); `Err(record)` when full.
+    // Given back by value: there is no heap to box it in (the `heapless::Vec` this replaces did the same).
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn push(&mut self, record: StreamRecord) -> Result<(), StreamRecord> {
+        if self.len == self.records.len() || self.position_of(record.sid).is_some() {
+            return Err(record);
+        }
+        if self.by_sid.insert(u64::from(record.sid), self.len as u32).is_err() {
+            return Err(record);
+        }
+        self.records[self.len] = Some(record);
+        self.len += 1;
+        Ok(())
+    }
+
+    /// Removes record `index`, the last one taking its place.
+    pub(crate) fn swap_remove(&mut self, index: usize) -> StreamRecord {
+        let last = self.len - 1;
+        self.records.swap(index, last);
+        let removed = self.records[last].take().unwrap_or_else(|| unreachable!("below len"));
+        self.len = last;
+        self.by_sid.swap_remove(&u64::from(removed.sid));
+        if let Some(moved) = self.records.get(index).and_then(Option::as_ref)
+            && index < self.len
+        {
+            let _ = self.by_sid.insert(u64::from(moved.sid), index as u32);
+        }
+        removed
+    }
+
+    /// Keeps only the records `keep` says.
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&StreamRecord) -> bool) {
+        let mut i = 0;
+        while i < self.len {
+            if keep(&self[i]) {
+                i += 1;
+            } else {
+                self.swap_remove(i);
+            }
+        }
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &StreamRecord> + '_ {
+        self.records[..self.len].iter().flatten()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn is_full(&self) -> bool {
+        self.len == self.records.len()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Gives the blocks back (the records dropped first).
+    ///
+    /// # Safety
+    /// As [`Storage::release`].
+    pub(crate) unsafe fn release(self, allocator: &dyn FrameAllocator) {
+        // SAFETY: the caller's guarantee, passed on.
+        unsafe {
+            self.records.release(allocator);
+            self.by_sid.release(allocator);
+        }
+    }
+}
+
+impl core::ops::Index<usize> for AttachedStreams {
+    type Output = StreamRecord;
+    fn index(&self, index: usize) -> &StreamRecord {
+        self.records[..self.len][index]
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("records below len are present"))
+    }
+}
+
+impl core::ops::IndexMut<usize> for AttachedStreams {
+    fn index_mut(&mut self, index: usize) -> &mut StreamRecord {
+        self.records[..self.len][index]
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("records below len are present"))
     }
 }
 
@@ -348,6 +490,62 @@ mod tests {
             // SAFETY: from `frames`.
             unsafe { index.release(&frames) };
         }
+        assert_eq!(frames.live_blocks(), 0);
+    }
+
+    /// The attached streams against a `Vec` model: pushes, removals from anywhere (the last one moving into the
+    /// hole), retains; every stream found where the model has it, every absent one not found.
+    #[test]
+    fn attached_streams_find_every_stream_after_every_removal() {
+        let frames = HeapFrames::default();
+        let mut streams = AttachedStreams::new(&frames, 40).unwrap();
+        let mut model: std::vec::Vec<u32> = std::vec::Vec::new();
+        let record = |sid| StreamRecord {
+            sid,
+            domain: DomainId::new(0, 0),
+            cd_table: None,
+            substreams: heapless::Vec::new(),
+            busy: false,
+        };
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for step in 0..5_000u32 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let sid = (state % 64) as u32;
+            match state % 5 {
+                0 | 1 => {
+                    let fits = model.len() < 40 && !model.contains(&sid);
+                    assert_eq!(streams.push(record(sid)).is_ok(), fits, "step {step}");
+                    if fits {
+                        model.push(sid);
+                    }
+                }
+                2 | 3 => {
+                    if let Some(i) = streams.position_of(sid) {
+                        assert_eq!(streams.swap_remove(i).sid, sid);
+                        let at = model.iter().position(|&x| x == sid).unwrap();
+                        model.swap_remove(at);
+                    } else {
+                        assert!(!model.contains(&sid));
+                    }
+                }
+                _ => {
+                    let odd = |x: u32| x % 2 == 1;
+                    streams.retain(|r| !odd(r.sid ^ step));
+                    model.retain(|&x| !odd(x ^ step));
+                }
+            }
+            assert_eq!(streams.len(), model.len());
+            for probe in 0..64 {
+                match streams.position_of(probe) {
+                    Some(i) => assert_eq!(streams[i].sid, probe, "step {step}"),
+                    None => assert!(!model.contains(&probe), "step {step}: {probe} lost"),
+                }
+            }
+        }
+        // SAFETY: from `frames`.
+        unsafe { streams.release(&frames) };
         assert_eq!(frames.live_blocks(), 0);
     }
 }

@@ -2,7 +2,7 @@
 //! token index of preserved domains, and the state of a hand-off prepared or restored. What each lock guards and
 //! the order they are taken in are in the [module docs](super#concurrency).
 
-use super::storage::{Storage, TokenIndex};
+use super::storage::{AttachedStreams, Storage, TokenIndex};
 use crate::ctx::CdTable;
 use crate::hw::cd::Cd;
 use crate::hw::ste::Stage2Config;
@@ -301,7 +301,8 @@ pub(crate) struct Prepared {
 pub(crate) struct Book<const D: usize> {
     /// The free slots, as a stack: creating and freeing a domain costs the same however full the table is.
     free: heapless::Vec<u16, D>,
-    pub(crate) streams: heapless::Vec<StreamRecord, MAX_ATTACHED_STREAMS>,
+    /// The streams attached to domains (out of line: room for `max(MAX_ATTACHED_STREAMS, D)`).
+    pub(crate) streams: AttachedStreams,
     /// Preserved domains by token: collisions are found in O(1), never by a scan (out of line, room for every
     /// domain).
     pub(crate) tokens: TokenIndex,
@@ -316,7 +317,7 @@ pub(crate) struct Book<const D: usize> {
 
 impl<const D: usize> Book<D> {
     pub(crate) fn stream(&self, sid: u32) -> Option<usize> {
-        self.streams.iter().position(|r| r.sid == sid)
+        self.streams.position_of(sid)
     }
 
     /// Fails with [`DomainError::NoDomainSlot`] when no slot is free.
@@ -341,6 +342,8 @@ pub(crate) type PreparedState = Option<Prepared>;
 pub(crate) struct Domains<const D: usize> {
     /// The `D` slots, out of line (see [`super::storage`]).
     pub(crate) slots: Storage<Slot>,
+    /// The allocator the out-of-line bookkeeping came from, when not the SMMU's ([`crate::InitOptions::bookkeeping`]).
+    pub(crate) bookkeeping: Option<&'static (dyn FrameAllocator + Sync)>,
     pub(crate) book: spin::Mutex<Book<D>>,
     /// The hand-off `prepare_handover` prepared, until `cancel_handover`: no domain can be preserved or
     /// unpreserved meanwhile (see `crate::handover`), and with the SMMU left running no stream may start
@@ -364,9 +367,17 @@ impl<const D: usize> Domains<D> {
     ///
     /// # Errors
     /// The allocator's.
-    pub(crate) fn new(allocator: &dyn FrameAllocator) -> Result<Self, AllocError> {
+    pub(crate) fn new(
+        allocator: &dyn FrameAllocator,
+        bookkeeping: Option<&'static (dyn FrameAllocator + Sync)>,
+    ) -> Result<Self, AllocError> {
         const { assert!(D <= u16::MAX as usize, "a domain's slot index is 16 bits") };
+        let allocator = match bookkeeping {
+            Some(own) => own as &dyn FrameAllocator,
+            None => allocator,
+        };
         Ok(Domains {
+            bookkeeping,
             slots: Storage::new(allocator, D, |_| Slot {
                 generation: AtomicU64::new(0),
                 state: spin::RwLock::new(None),
@@ -375,7 +386,7 @@ impl<const D: usize> Domains<D> {
             book: spin::Mutex::new(Book {
                 // Lowest index on top, so the first domain gets slot 0.
                 free: (0..D as u16).rev().collect(),
-                streams: heapless::Vec::new(),
+                streams: AttachedStreams::new(allocator, MAX_ATTACHED_STREAMS.max(D))?,
                 tokens: TokenIndex::new(allocator, D)?,
                 restored: TokenIndex::new(allocator, D)?,
                 el2_stale: false,
@@ -390,18 +401,41 @@ impl<const D: usize> Domains<D> {
     }
 
     /// Drops every domain (their tables back to their memory), then gives the out-of-line bookkeeping back to
-    /// `allocator`.
+    /// its allocator (its own, or `allocator`).
     ///
     /// # Safety
     /// `allocator` must be the one [`Domains::new`] was given.
     pub(crate) unsafe fn release(self, allocator: &dyn FrameAllocator) {
-        let Domains { slots, book, .. } = self;
-        let Book { tokens, restored, .. } = book.into_inner();
-        // SAFETY: all three came from `allocator` (the caller's guarantee).
+        let Domains {
+            slots,
+            book,
+            bookkeeping,
+            ..
+        } = self;
+        let allocator = match bookkeeping {
+            Some(own) => own as &dyn FrameAllocator,
+            None => allocator,
+        };
+        let Book {
+            tokens,
+            restored,
+            streams,
+            ..
+        } = book.into_inner();
+        // SAFETY: all of them came from `allocator` (the caller's guarantee).
         unsafe {
+            streams.release(allocator);
             slots.release(allocator);
             tokens.release(allocator);
             restored.release(allocator);
+        }
+    }
+
+    /// The allocator of the bookkeeping: its own, or `smmu` (the SMMU's).
+    pub(crate) fn bookkeeping_allocator<'a>(&self, smmu: &'a dyn FrameAllocator) -> &'a dyn FrameAllocator {
+        match self.bookkeeping {
+            Some(own) => own,
+            None => smmu,
         }
     }
 

@@ -215,7 +215,12 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             region: pool.region().map_err(PrepareError::Pool)?,
             protected: protected.extents(),
         };
-        let mut held = Storage::new(self.allocator(), book.tokens.len(), |_| None).map_err(|_| {
+        let mut held = Storage::new(
+            self.domains.bookkeeping_allocator(self.allocator()),
+            book.tokens.len(),
+            |_| None,
+        )
+        .map_err(|_| {
             PrepareError::Records(RecordError::TooMany(
                 "preserved domains (no memory to hold their locks)",
             ))
@@ -243,7 +248,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             *self.domains.prepared.lock() = Some(Prepared { generation, running });
         }
         // SAFETY: `held` came from this allocator, just above; its guards are dropped (unlocking) first.
-        unsafe { held.release(self.allocator()) };
+        unsafe { held.release(self.domains.bookkeeping_allocator(self.allocator())) };
         result
     }
 

@@ -149,7 +149,7 @@ pub struct RestoreReport {
 struct Taken {
     /// Streams whose STE the rebuild installed (at most every stream of every record, which `check_limits` keeps
     /// within what this image attaches).
-    streams: heapless::Vec<u32, { crate::domain::MAX_ATTACHED_STREAMS }>,
+    streams: Option<StorageVec<u32>>,
     /// Memories taken back from the pool (at most one per record; out of line, sized by the records).
     memories: Option<StorageVec<Option<&'static HandoverMemory>>>,
     /// The tokens of the domains the rebuild put in `restored` (a refusal forgets these, and only these: an
@@ -168,6 +168,10 @@ impl Taken {
         self.domains.as_ref().map_or(&[], |d| d.as_slice())
     }
 
+    fn streams(&self) -> &[u32] {
+        self.streams.as_ref().map_or(&[], |d| d.as_slice())
+    }
+
     /// Gives the out-of-line parts back to `allocator`.
     ///
     /// # Safety
@@ -180,6 +184,9 @@ impl Taken {
             }
             if let Some(d) = self.domains {
                 d.release(allocator);
+            }
+            if let Some(t) = self.streams {
+                t.release(allocator);
             }
         }
     }
@@ -357,7 +364,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             });
         let restored = restored.inspect_err(|_| self.contain_refused_restore(book, &taken));
         // SAFETY: `Taken`'s out-of-line parts came from this allocator (`restore_records`).
-        unsafe { core::mem::take(&mut taken).release(self.allocator()) };
+        unsafe { core::mem::take(&mut taken).release(self.domains.bookkeeping_allocator(self.allocator())) };
         match restored {
             Ok((report, found)) => {
                 if found {
@@ -434,12 +441,17 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             value: records as u64,
         };
         taken.memories = Some(
-            StorageVec::with_capacity(self.allocator(), records, None)
+            StorageVec::with_capacity(self.domains.bookkeeping_allocator(self.allocator()), records, None)
                 .map_err(|_| room("memory for the restore's bookkeeping, records"))?,
         );
         taken.domains = Some(
-            StorageVec::with_capacity(self.allocator(), records, 0)
+            StorageVec::with_capacity(self.domains.bookkeeping_allocator(self.allocator()), records, 0)
                 .map_err(|_| room("memory for the restore's bookkeeping, records"))?,
+        );
+        let streams = instance.records.iter().map(|r| r.streams.len()).sum::<usize>();
+        taken.streams = Some(
+            StorageVec::with_capacity(self.domains.bookkeeping_allocator(self.allocator()), streams, 0)
+                .map_err(|_| room("memory for the restore's bookkeeping, streams"))?,
         );
         let region = pool.region().map_err(RestoreError::Pool)?;
         // Under the protected list's writer lock (maps go on reading the published copy), so that no
@@ -473,7 +485,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     fn contain_refused_restore(&self, book: &mut Book<D>, taken: &Taken) {
         // Refused before the rebuild took anything, on an SMMU this image initialised: nothing translates through
         // the restore, so there is nothing to contain (and nothing is issued).
-        if taken.streams.is_empty()
+        if taken.streams().is_empty()
             && taken.memories().next().is_none()
             && taken.domains().is_empty()
             && !self.core.inherited_stes()
@@ -481,15 +493,14 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             return;
         }
         let mut contained = true;
-        for &sid in &taken.streams {
+        for &sid in taken.streams() {
             contained &= self.core.abort_stream(sid).is_ok();
         }
-        book.streams.retain(|r| !taken.streams.contains(&r.sid));
+        book.streams.retain(|r| !taken.streams().contains(&r.sid));
         if self.core.inherited_stes() {
-            let own: heapless::Vec<u32, { crate::domain::MAX_ATTACHED_STREAMS }> =
-                book.streams.iter().map(|r| r.sid).collect();
-            // Every stream a domain holds is among `own`: the raw abort cannot undercut one.
-            match self.core.abort_streams_except(|sid| own.contains(&sid)) {
+            // Every stream a domain holds is kept (an O(1) look-up each): the raw abort cannot undercut one.
+            let own = &*book;
+            match self.core.abort_streams_except(|sid| own.stream(sid).is_some()) {
                 Ok(_) => self.core.set_inherited_stes(false),
                 Err(_) => contained = false,
             }
@@ -572,7 +583,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             .filter(|s| s.ssid == 0)
             .count()
             + book.streams.len();
-        if streams > crate::domain::MAX_ATTACHED_STREAMS {
+        if streams > crate::domain::MAX_ATTACHED_STREAMS.max(D) {
             return Err(RestoreError::BeyondLimits {
                 token: first,
                 what: "more streams than this image can attach, with those attached already",
@@ -933,7 +944,9 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                         // An EL2 stream, as an EL2 attach: stale EL2 entries dropped first (they match any EL2
                         // context).
                         self.enter_el2(book, id).map_err(|e| fail(RebuildFailure::Domain(e)))?;
-                        let _ = taken.streams.push(s.sid);
+                        if let Some(t) = taken.streams.as_mut() {
+                            let _ = t.push(s.sid);
+                        }
                         self.core
                             .install_ste(s.sid, &ste)
                             .map_err(|e| fail(RebuildFailure::Attach(e)))?;
@@ -972,10 +985,8 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
 
     /// [`Iommu::abort_unrestored_streams`] under the bookkeeping the caller holds.
     fn abort_unrestored_locked(&self, book: &Book<D>) -> Result<u32, AttachError> {
-        let keep: heapless::Vec<u32, { crate::domain::MAX_ATTACHED_STREAMS }> =
-            book.streams.iter().map(|r| r.sid).collect();
-        // Every stream a domain holds is kept: the raw abort cannot undercut one.
-        let aborted = self.core.abort_streams_except(|sid| keep.contains(&sid))?;
+        // Every stream a domain holds is kept (an O(1) look-up each): the raw abort cannot undercut one.
+        let aborted = self.core.abort_streams_except(|sid| book.stream(sid).is_some())?;
         // Until now those streams translated with the old image's contexts and may have filled the TLB under
         // ASIDs and VMIDs this image considers free: drop every such entry before any is allocated again.
         self.core.invalidate_all().map_err(AttachError::Queue)?;

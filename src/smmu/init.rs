@@ -34,7 +34,38 @@ pub struct InitOptions {
     /// `drain_events` and `handle_global_errors`. With interrupts the caller still
     /// calls those, from its handler or after it.
     pub interrupts: InterruptSources,
+    /// Where the driver keeps its own bookkeeping (the domain table, the token index, the attached streams, a
+    /// restore's and a prepare's working lists): the CPU's alone, never read by the SMMU, never carried across a
+    /// hand-off. The default: the SMMU's allocator. Give ordinary RAM when that allocator is a handover window (a
+    /// hand-off with the SMMU running), where the bookkeeping would be recorded with the SMMU's own structures and
+    /// carried to the next image.
+    pub bookkeeping: Bookkeeping,
 }
+
+/// Memory for the driver's bookkeeping ([`InitOptions::bookkeeping`]): `None` for the SMMU's allocator.
+#[derive(Clone, Copy, Default)]
+pub struct Bookkeeping(pub Option<&'static (dyn FrameAllocator + Sync)>);
+
+impl core::fmt::Debug for Bookkeeping {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self.0 {
+            Some(_) => "Bookkeeping(an allocator of its own)",
+            None => "Bookkeeping(the SMMU's allocator)",
+        })
+    }
+}
+
+impl PartialEq for Bookkeeping {
+    fn eq(&self, other: &Self) -> bool {
+        match (self.0, other.0) {
+            (Some(a), Some(b)) => core::ptr::addr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Bookkeeping {}
 
 impl Default for InitOptions {
     fn default() -> Self {
@@ -44,6 +75,7 @@ impl Default for InitOptions {
             max_sid_bits: 32,
             stream_table: StreamTableChoice::Auto,
             interrupts: InterruptSources::empty(),
+            bookkeeping: Bookkeeping(None),
         }
     }
 }

@@ -65,6 +65,8 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("dma-map-bench", dma_map_bench::dma_map_bench),
     ("lu-s1", live_update::lu_s1),
     ("lu-big", live_update::lu_big),
+    ("lu-scale", lu_scale::lu_scale),
+    ("lu-scale-noreset", lu_scale::lu_scale_noreset),
     ("lu-s2", live_update::lu_s2),
     ("lu-nested", live_update::lu_nested),
     ("lu-mutate", live_update::lu_mutate),
@@ -88,6 +90,7 @@ mod dma_map_bench;
 mod domains;
 mod live_update;
 mod lu_isolation;
+mod lu_scale;
 mod lu_smp;
 mod smp_dma;
 mod smp_hello;

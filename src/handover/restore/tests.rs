@@ -909,7 +909,7 @@ fn a_running_smmus_own_arena_is_not_handed_out() {
         );
         taken += 1;
     }
-    assert!(taken > 1000, "every other frame");
+    assert!(taken > 900, "every other frame");
     // The running SMMU is adopted with its window, as it left it.
     assert!(pool.adoptable(core::iter::once(core)));
 }

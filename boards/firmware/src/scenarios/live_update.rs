@@ -55,7 +55,7 @@ pub(super) fn after_reset() -> Option<LiveUpdateNote> {
 }
 
 /// Leaves `data` for the second boot, keeps the SMMU running (no shutdown) and resets.
-pub(super) fn reset_with(session: Session, data: [u64; 16]) -> ! {
+pub(super) fn reset_with<T>(session: T, data: [u64; 16]) -> ! {
     use core::sync::atomic::Ordering::Relaxed;
     power::set_live_update_note(Some(LiveUpdateNote {
         magic: LiveUpdateNote::MAGIC,
@@ -81,6 +81,18 @@ pub(super) fn arena() -> Result<&'static HandoverMemory, Failure> {
     POOL.take_memory().or_else(|e| fail!("{e}"))
 }
 
+/// The frame pool, for the driver's bookkeeping of an SMMU whose own memory is a handover window.
+static FRAMES: crate::frames::Frames = crate::frames::Frames;
+
+/// Options for an SMMU whose own memory is a handover window (a hand-off with the SMMU running): the driver's
+/// bookkeeping in the frame pool, so that only the SMMU's structures are recorded and carried to the next image.
+pub(super) fn running_options() -> smmuv3::InitOptions {
+    smmuv3::InitOptions {
+        bookkeeping: smmuv3::Bookkeeping(Some(&FRAMES)),
+        ..smmuv3::InitOptions::default()
+    }
+}
+
 /// A window of the pool for the SMMU's own structures (a hand-off with the SMMU running records them as one
 /// extent from the stream table).
 pub(super) fn core_window() -> Result<&'static HandoverMemory, Failure> {
@@ -104,7 +116,7 @@ pub(super) fn surviving() -> [Extent; 1] {
 
 /// Declares the memory no device may be given: the image, the frame pool (the SMMU's own tables and queues) and
 /// the handover region with the boot notes (the region separately when the tree placed it elsewhere).
-fn declare<A: FrameAllocator, const D: usize>(s: &mut Iommu<A, D>) -> Result<(), Failure> {
+pub(super) fn declare<A: FrameAllocator, const D: usize>(s: &mut Iommu<A, D>) -> Result<(), Failure> {
     let layout = crate::frames::layout();
     for extent in [layout.image, layout.frames, layout.reserved] {
         s.protect_memory(extent).or_else(|e| fail!("{e}"))?;
@@ -732,9 +744,7 @@ pub fn lu_noreset(context: &mut Context) -> Result<(), Failure> {
         let next = crate::handoff::next_image(context.config.next_image).or_else(|e| fail!("{e}"))?;
         let smmu = super::smmu(context)?;
         let core = core_window()?;
-        let mut s: Iommu<&'static HandoverMemory> = smmu
-            .init(core, &smmuv3::InitOptions::default())
-            .or_else(|e| fail!("{e}"))?;
+        let mut s: Iommu<&'static HandoverMemory> = smmu.init(core, &running_options()).or_else(|e| fail!("{e}"))?;
         declare(&mut s)?;
         let kind = super::domains::preferred_kind(s.features());
         let a = arena()?;
@@ -832,7 +842,7 @@ pub fn lu_noreset(context: &mut Context) -> Result<(), Failure> {
     };
     let t0 = time::ticks();
     let mut s = smmu
-        .adopt_running(core, &smmuv3::InitOptions::default(), &running)
+        .adopt_running(core, &running_options(), &running)
         .or_else(|e| fail!("{e}"))?;
     declare(&mut s)?;
     let adopt_ticks = time::ticks() - t0;

@@ -136,7 +136,7 @@ pub fn lu_adopt_refused(context: &mut Context) -> Result<(), Failure> {
         let smmu = super::smmu(context)?;
         let core = super::live_update::core_window()?;
         let s: Iommu<&'static HandoverMemory> = smmu
-            .init(core, &smmuv3::InitOptions::default())
+            .init(core, &super::live_update::running_options())
             .or_else(|e| fail!("{e}"))?;
         let kind = super::domains::preferred_kind(s.features());
         let x = scratch_page(0)?;
@@ -185,7 +185,7 @@ pub fn lu_adopt_refused(context: &mut Context) -> Result<(), Failure> {
         fail!("the handover region names no running SMMU")
     };
     let s = smmu
-        .adopt_running(core, &smmuv3::InitOptions::default(), &running)
+        .adopt_running(core, &super::live_update::running_options(), &running)
         .or_else(|e| fail!("{e}"))?;
     let before = s
         .low_level()

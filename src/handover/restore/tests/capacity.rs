@@ -349,9 +349,10 @@ fn records_beyond_the_metadata_area_are_refused_before_anything_is_written() {
     core::mem::forget(smmu);
 }
 
-/// 4,096 preserved domains (the capacity), 64 of them with a stream (what this image attaches at once):
-/// prepared into a 512 KiB metadata area, restored whole, each retrievable by its token and translating as before,
-/// the unretrieved ones freed at finish with every frame back in the pool.
+/// 4,096 preserved domains (the capacity), each with a stream, the StreamIDs spread across 16 bits (a
+/// 2-level stream table's spans allocated as they come): prepared into a 512 KiB metadata area, restored whole,
+/// each retrievable by its token and translating as before, its STE installed; the unretrieved ones freed at
+/// finish (their streams aborting) with every frame back in the pool.
 #[test]
 fn four_thousand_and_ninety_six_domains_are_preserved_and_restored() {
     const N: u64 = 4096;
@@ -359,6 +360,7 @@ fn four_thousand_and_ninety_six_domains_are_preserved_and_restored() {
     // Each domain: an 8 KiB root, a level-2 and a level-3 table.
     let mut region = Region::with_pool_of(80 << 20);
     let output = |i: u64| 0x10_0000_0000 + i * (2 << 20);
+    let sid = |i: u64| (i * 16 + i % 16) as u32;
     let free = {
         let model = Model::start(frames);
         let smmu: Iommu<&'static HeapFrames, 4096> = model
@@ -372,9 +374,7 @@ fn four_thousand_and_ninety_six_domains_are_preserved_and_restored() {
                 .create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 })
                 .unwrap();
             smmu.map(d, 0x1000, output(i), 0x1000, RW).unwrap();
-            if i % 64 == 0 {
-                smmu.attach(d, 0x100 + i as u32).unwrap();
-            }
+            smmu.attach(d, sid(i)).unwrap();
             smmu.preserve(d, 0x10_0000 + i).unwrap();
         }
         let written = smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
@@ -389,10 +389,15 @@ fn four_thousand_and_ninety_six_domains_are_preserved_and_restored() {
         .unwrap();
     let pool = region.pool_with(512 << 10);
     let report = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap();
-    assert_eq!((report.domains, report.streams), (N as u32, (N / 64) as u32));
+    assert_eq!((report.domains, report.streams), (N as u32, N as u32));
     for i in (0..N).step_by(7) {
         let d = smmu.retrieve(0x10_0000 + i).unwrap();
         assert_eq!(smmu.iova_to_phys(d, 0x1234), Ok(Some(output(i) + 0x234)), "domain {i}");
+        assert_eq!(smmu.attachments(d).as_deref(), Ok(&[(sid(i), 0)][..]));
+        assert_eq!(
+            smmu.low_level().ste(sid(i)).unwrap().config(),
+            crate::hw::ste::Config::Stage2
+        );
     }
     let retrieved = N.div_ceil(7);
     assert_eq!(
@@ -403,5 +408,10 @@ fn four_thousand_and_ninety_six_domains_are_preserved_and_restored() {
     );
     assert_eq!(pool.memories_in_use(), retrieved as usize);
     assert!(pool.free_frames() < free, "the retrieved domains' frames held");
+    assert_eq!(
+        smmu.low_level().ste(sid(1)).unwrap().config(),
+        crate::hw::ste::Config::Abort,
+        "unclaimed"
+    );
     core::mem::forget(smmu);
 }
