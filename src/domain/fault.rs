@@ -197,7 +197,15 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// outside the bookkeeping, for a bounded time, and needs the bookkeeping only to settle it). The caller holds
     /// no other lock of the driver's.
     pub(crate) fn book_settled(&self, sid: u32) -> BookGuard<'_, A, D> {
-        self.book_when(|r| r.sid == sid)
+        loop {
+            let book = self.book();
+            // The stream's record found through the StreamID index: O(1) however many streams are attached.
+            if !book.stream(sid).is_some_and(|i| book.streams[i].busy) {
+                return book;
+            }
+            drop(book);
+            core::hint::spin_loop();
+        }
     }
 
     /// Locks the shared bookkeeping once no stream record is busy: what the operations that read every stream

@@ -262,6 +262,9 @@ pub struct HandoverPool {
     /// touch the records at once.
     metadata_lock: Mutex<Staging>,
     memories: [HandoverMemory; MAX_MEMORIES],
+    /// Where the search for a memory not in use starts (after the last one taken): taking thousands of memories
+    /// costs O(1) each, not a scan from the first.
+    next_memory: core::sync::atomic::AtomicUsize,
 }
 /// What a region is rewritten and decoded through, under the metadata lock: a region's worth of bytes, and the
 /// scratch [`super::format::decode`] sorts in.
@@ -356,6 +359,7 @@ impl HandoverPool {
                 scratch: [0; SCRATCH_WORDS],
             }),
             memories: [const { HandoverMemory::new() }; MAX_MEMORIES],
+            next_memory: core::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -742,7 +746,9 @@ impl HandoverPool {
         &'static self,
         set: impl FnOnce(&mut MemoryState, u16) -> Result<(), PoolError>,
     ) -> Result<&'static HandoverMemory, PoolError> {
-        for (index, memory) in self.memories.iter().enumerate() {
+        let start = self.next_memory.load(Ordering::Relaxed) % MAX_MEMORIES;
+        for index in (start..MAX_MEMORIES).chain(0..start) {
+            let memory = &self.memories[index];
             let mut s = memory.state.lock();
             if s.in_use {
                 continue;
@@ -755,6 +761,7 @@ impl HandoverPool {
                 *s = UNUSED;
                 return Err(e);
             }
+            self.next_memory.store(index + 1, Ordering::Relaxed);
             return Ok(memory);
         }
         Err(PoolError::NoFreeMemory)
@@ -775,6 +782,7 @@ impl HandoverPool {
     pub unsafe fn forget_previous_image(&self) {
         *self.layout.write() = None;
         *self.cursor.lock() = 0;
+        self.next_memory.store(0, Ordering::Relaxed);
         for memory in &self.memories {
             *memory.state.lock() = UNUSED;
             memory.pool.store(core::ptr::null_mut(), Ordering::Release);

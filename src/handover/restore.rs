@@ -432,7 +432,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         };
         let probed = self.handover_identity(register_base);
         format::validate_identity(&instance.identity, &probed).map_err(RestoreError::Identity)?;
-        self.check_limits(book, pool, instance)?;
+        self.check_limits(book, pool, instance, scratch)?;
         // What the rebuild takes, kept for a refusal to give back: room for every record, out of line.
         let records = instance.records.len();
         let room = |what| RestoreError::BeyondLimits {
@@ -551,6 +551,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         book: &Book<D>,
         pool: &HandoverPool,
         instance: &InstanceRecords,
+        scratch: &mut [u64],
     ) -> Result<(), RestoreError> {
         let f = *self.features();
         let first = instance.records.first().map_or(0, |r| r.token);
@@ -602,6 +603,38 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             crate::stream::StreamTableFormat::Linear { sid_bits }
             | crate::stream::StreamTableFormat::TwoLevel { sid_bits, .. } => sid_bits,
         };
+        // Checks across records, in one pass and one sort (n log n, not a scan per record): at most one EL2
+        // stage-1 record with streams (EL2 has no ASIDs), and no ASID shared by two stage-1 records of either
+        // regime (one ASID allocator serves both).
+        let el2_with_streams = instance
+            .records
+            .iter()
+            .filter(|r| r.kind == RecordKind::Stage1El2 && !r.streams.is_empty())
+            .count();
+        let stage1_only = |k| matches!(k, RecordKind::Stage1 | RecordKind::Stage1El2);
+        let mut n = 0;
+        for (i, r) in instance.records.iter().enumerate() {
+            if stage1_only(r.kind) {
+                // Room: a record takes more bytes than a word of scratch (`format::scratch_words`).
+                if let Some(slot) = scratch.get_mut(n) {
+                    *slot = u64::from(r.asid) << 32 | i as u64;
+                    n += 1;
+                }
+            }
+        }
+        let keys = &mut scratch[..n];
+        keys.sort_unstable();
+        if let Some(pair) = keys.windows(2).find(|w| w[0] >> 32 == w[1] >> 32) {
+            let token = instance
+                .records
+                .get((pair[1] & 0xffff_ffff) as usize)
+                .map_or(0, |r| r.token);
+            return Err(RestoreError::BeyondLimits {
+                token,
+                what: "an ASID another stage-1 record uses too",
+                value: pair[1] >> 32,
+            });
+        }
         for r in &instance.records {
             let beyond = |what, value: u64| RestoreError::BeyondLimits {
                 token: r.token,
@@ -631,11 +664,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                         r.streams.len() as u64,
                     ));
                 }
-                if instance
-                    .records
-                    .iter()
-                    .any(|x| x.token != r.token && x.kind == RecordKind::Stage1El2 && !x.streams.is_empty())
-                {
+                if el2_with_streams > 1 {
                     return Err(beyond(
                         "its EL2 stage-1 domain in use beside another record's, streams",
                         r.streams.len() as u64,
@@ -657,16 +686,6 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             // parent kept for a live nested domain), whose entry the rebuild would otherwise overwrite.
             if book.restored.contains_key(&r.token) || book.tokens.contains_key(&r.token) {
                 return Err(beyond("a token a domain of this image holds, token", r.token));
-            }
-            // One ASID allocator serves both stage-1 regimes.
-            let stage1_only = |k| matches!(k, RecordKind::Stage1 | RecordKind::Stage1El2);
-            if stage1_only(r.kind)
-                && instance
-                    .records
-                    .iter()
-                    .any(|x| x.token != r.token && stage1_only(x.kind) && x.asid == r.asid)
-            {
-                return Err(beyond("an ASID another stage-1 record uses too", r.asid.into()));
             }
             // Each domain's memory is taken back frame by frame, exactly what its extents name: frames of the pool
             // that no memory of this image holds (nested domains own none).
@@ -916,13 +935,11 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                             )
                             .map_err(|e| fail(RebuildFailure::CdTable(e.widen())))?;
                             // CDs of substreams no record names (attached to a domain that was not preserved)
-                            // must not come back: invalid, and invalidated where the SMMU may have them cached.
+                            // must not come back: invalid, and invalidated where the SMMU may have them cached. A
+                            // stream's substreams are all in its own record (`check_limits`).
                             let sid = s.sid;
                             for ssid in 1..(1u32 << s.cd_ssid_bits) {
-                                let named = instance
-                                    .records
-                                    .iter()
-                                    .any(|x| x.streams.iter().any(|y| y.sid == sid && y.ssid == ssid));
+                                let named = r.streams.iter().any(|y| y.sid == sid && y.ssid == ssid);
                                 if named || !table.read(ssid).is_ok_and(|cd| cd.is_valid()) {
                                     continue;
                                 }

@@ -890,7 +890,6 @@ fn cd_table_frames(
 fn verify_cds(
     features: &Features,
     pool: &HandoverPool,
-    instance: &InstanceRecords,
     record: &DomainRecord,
     shape: &TableShape,
 ) -> Result<(), VerifyFailure> {
@@ -898,10 +897,10 @@ fn verify_cds(
     let expected = crate::domain::stage1_cd_of(features, record.asid, &format, PhysAddr(shape.root))
         .map_err(VerifyFailure::CdBuild)?;
     for s in &record.streams {
-        let stream = instance
-            .records
+        // A substream's whole stream is in the same record (`check_limits`, which runs first).
+        let stream = record
+            .streams
             .iter()
-            .flat_map(|x| x.streams.iter())
             .find(|y| y.sid == s.sid && y.ssid == 0)
             .unwrap_or(s);
         if (stream.cd_table, stream.cd_ssid_bits) != (s.cd_table, s.cd_ssid_bits) {
@@ -966,7 +965,7 @@ pub(crate) fn verify_instance(
             verify_table(pool, &r, &shape, &cd_tables, outputs).map_err(|e| (r.token, e))?;
         }
         if matches!(r.kind, RecordKind::Stage1 | RecordKind::Stage1El2) {
-            verify_cds(features, pool, instance, &r, &shape).map_err(|e| (r.token, e))?;
+            verify_cds(features, pool, &r, &shape).map_err(|e| (r.token, e))?;
         }
     }
     Ok(())

@@ -215,7 +215,14 @@ fn first_boot(
             // Between two operations, one on its own domain (not preserved).
             own_round(iommu, own, mapper.done % 64, targets[cpu]).or_else(|e| fail!("CPU {cpu}, own domain: {e}"))?;
         }
-        if !prepared.load(Ordering::Acquire) {
+        // A refusal means the hand-off is prepared: the records are written and the phase says so (CPU 0's flag
+        // may lag: it is set once prepare_handover has returned, after the domains were let go).
+        if !prepared.load(Ordering::Acquire)
+            && !matches!(
+                iommu.handover_phase(),
+                smmuv3::handover::restore::HandoverPhase::Prepared { .. }
+            )
+        {
             fail!("CPU {cpu} was refused before prepare_handover returned")
         }
         for n in 0..AFTER_PREPARE {

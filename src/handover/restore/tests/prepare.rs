@@ -308,3 +308,45 @@ fn an_smmu_left_running_with_non_cacheable_walks_is_maintained_by_the_next_image
     );
     core::mem::forget(next);
 }
+
+/// One ASID allocator serves both stage-1 regimes: two records, an NS-EL1 stage-1 domain and an EL2 one, with the
+/// same ASID (a first image that broke the rule: simulated by rewriting one domain's ASID) are refused before
+/// anything changes, found by one sort whatever the number of records.
+#[test]
+fn two_stage1_records_sharing_an_asid_across_regimes_are_refused() {
+    let frames = frames();
+    let mut region = Region::new();
+    {
+        let model = el2_model(frames);
+        let smmu = boot(&model, frames);
+        let pool = region.pool();
+        let ns = Stage1Options {
+            input_bits: 39,
+            el2: false,
+        };
+        let a = smmu.create_stage1(pool.take_memory().unwrap(), ns).unwrap();
+        let b = smmu.create_stage1(pool.take_memory().unwrap(), EL2).unwrap();
+        let shared = match smmu.domains.get(a).unwrap().translation {
+            Translation::Stage1 { asid, .. } => asid,
+            _ => unreachable!(),
+        };
+        if let Translation::Stage1 { asid, .. } = &mut smmu.domains.get_mut(b).unwrap().translation {
+            *asid = shared;
+        }
+        smmu.preserve(a, 0x81).unwrap();
+        smmu.preserve(b, 0x82).unwrap();
+        smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
+        core::mem::forget(smmu);
+        drop(model);
+    }
+    let model = el2_model(frames);
+    let smmu = boot(&model, frames);
+    let pool = region.pool();
+    let error = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
+    assert!(
+        matches!(error, RestoreError::BeyondLimits { token: 0x82, what, .. } if what.contains("ASID another")),
+        "{error}"
+    );
+    assert_eq!(pool.memories_in_use(), 0);
+    core::mem::forget(smmu);
+}
