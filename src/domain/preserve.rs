@@ -81,11 +81,18 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         if self.domains.handover_prepared() {
             return Err(DomainError::HandoverPrepared { token });
         }
-        let nested_preserved = book.tokens.values().any(|&id| {
-            self.domains.get(id).is_ok_and(|s| {
-                s.token.is_some() && matches!(s.translation, Translation::Nested { parent, .. } if parent == domain)
-            })
-        });
+        // Only a stage-2 parent with nested domains can have preserved ones under it: the scan over the preserved
+        // domains (each read-locked in turn) is for those alone, so unpreserving any other domain is O(1).
+        let parent_of_nested = self
+            .domains
+            .get(domain)
+            .is_ok_and(|s| matches!(s.translation, Translation::Stage2 { children, .. } if children > 0));
+        let nested_preserved = parent_of_nested
+            && book.tokens.values().any(|&id| {
+                self.domains.get(id).is_ok_and(|s| {
+                    s.token.is_some() && matches!(s.translation, Translation::Nested { parent, .. } if parent == domain)
+                })
+            });
         if nested_preserved {
             return Err(DomainError::NestedStillPreserved { token });
         }
