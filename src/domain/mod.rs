@@ -348,7 +348,7 @@ impl<A: FrameAllocator, const D: usize> Drop for Iommu<A, D> {
             (
                 core::mem::replace(&mut book.tokens, storage::TokenIndex::empty()),
                 core::mem::replace(&mut book.restored, storage::TokenIndex::empty()),
-                core::mem::replace(&mut book.streams, storage::AttachedStreams::empty()),
+                core::mem::replace(&mut book.streams, table::AttachedStreams::empty()),
             )
         };
         let allocator = self.domains.bookkeeping_allocator(self.core.allocator());

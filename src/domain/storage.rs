@@ -4,7 +4,6 @@
 
 use core::ptr::NonNull;
 
-use super::table::StreamRecord;
 use crate::ids::DomainId;
 use crate::mem::{AllocError, DmaBlock, FrameAllocator};
 
@@ -268,130 +267,6 @@ impl<V: Copy> Index<V> {
     }
 }
 
-/// The streams attached to domains, out of line: a dense array (what `iter` walks) with a StreamID index beside
-/// it, so finding a stream is O(1) however many are attached. The API of the `heapless::Vec` it replaces.
-pub(crate) struct AttachedStreams {
-    records: Storage<Option<StreamRecord>>,
-    len: usize,
-    by_sid: Index<u32>,
-}
-
-impl AttachedStreams {
-    /// Room for `capacity` streams, in blocks of `allocator`.
-    ///
-    /// # Errors
-    /// The allocator's.
-    pub(crate) fn new(allocator: &dyn FrameAllocator, capacity: usize) -> Result<Self, AllocError> {
-        Ok(AttachedStreams {
-            records: Storage::new(allocator, capacity, |_| None)?,
-            len: 0,
-            by_sid: Index::with_placeholder(allocator, capacity, 0)?,
-        })
-    }
-
-    /// Nothing, no room, no block.
-    pub(crate) const fn empty() -> Self {
-        AttachedStreams {
-            records: Storage::empty(),
-            len: 0,
-            by_sid: Index::empty(),
-        }
-    }
-
-    /// Where stream `sid`'s record is.
-    pub(crate) fn position_of(&self, sid: u32) -> Option<usize> {
-        self.by_sid.get(&u64::from(sid)).map(|&i| i as usize)
-    }
-
-    /// Appends `record` (a stream not attached yet); `Err(record)` when full.
-    // Given back by value: there is no heap to box it in (the `heapless::Vec` this replaces did the same).
-    #[allow(clippy::result_large_err)]
-    pub(crate) fn push(&mut self, record: StreamRecord) -> Result<(), StreamRecord> {
-        if self.len == self.records.len() || self.position_of(record.sid).is_some() {
-            return Err(record);
-        }
-        if self.by_sid.insert(u64::from(record.sid), self.len as u32).is_err() {
-            return Err(record);
-        }
-        self.records[self.len] = Some(record);
-        self.len += 1;
-        Ok(())
-    }
-
-    /// Removes record `index`, the last one taking its place.
-    pub(crate) fn swap_remove(&mut self, index: usize) -> StreamRecord {
-        let last = self.len - 1;
-        self.records.swap(index, last);
-        let removed = self.records[last].take().unwrap_or_else(|| unreachable!("below len"));
-        self.len = last;
-        self.by_sid.swap_remove(&u64::from(removed.sid));
-        if let Some(moved) = self.records.get(index).and_then(Option::as_ref)
-            && index < self.len
-        {
-            let _ = self.by_sid.insert(u64::from(moved.sid), index as u32);
-        }
-        removed
-    }
-
-    /// Keeps only the records `keep` says.
-    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&StreamRecord) -> bool) {
-        let mut i = 0;
-        while i < self.len {
-            if keep(&self[i]) {
-                i += 1;
-            } else {
-                self.swap_remove(i);
-            }
-        }
-    }
-
-    pub(crate) fn iter(&self) -> impl Iterator<Item = &StreamRecord> + '_ {
-        self.records[..self.len].iter().flatten()
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.len
-    }
-
-    pub(crate) fn is_full(&self) -> bool {
-        self.len == self.records.len()
-    }
-
-    #[cfg(test)]
-    pub(crate) fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Gives the blocks back (the records dropped first).
-    ///
-    /// # Safety
-    /// As [`Storage::release`].
-    pub(crate) unsafe fn release(self, allocator: &dyn FrameAllocator) {
-        // SAFETY: the caller's guarantee, passed on.
-        unsafe {
-            self.records.release(allocator);
-            self.by_sid.release(allocator);
-        }
-    }
-}
-
-impl core::ops::Index<usize> for AttachedStreams {
-    type Output = StreamRecord;
-    fn index(&self, index: usize) -> &StreamRecord {
-        self.records[..self.len][index]
-            .as_ref()
-            .unwrap_or_else(|| unreachable!("records below len are present"))
-    }
-}
-
-impl core::ops::IndexMut<usize> for AttachedStreams {
-    fn index_mut(&mut self, index: usize) -> &mut StreamRecord {
-        self.records[..self.len][index]
-            .as_mut()
-            .unwrap_or_else(|| unreachable!("records below len are present"))
-    }
-}
-
 /// A vector of at most a capacity chosen at run time, out of line (for a restore's bookkeeping, sized by the
 /// records it rebuilds).
 pub(crate) struct StorageVec<T: Copy> {
@@ -490,62 +365,6 @@ mod tests {
             // SAFETY: from `frames`.
             unsafe { index.release(&frames) };
         }
-        assert_eq!(frames.live_blocks(), 0);
-    }
-
-    /// The attached streams against a `Vec` model: pushes, removals from anywhere (the last one moving into the
-    /// hole), retains; every stream found where the model has it, every absent one not found.
-    #[test]
-    fn attached_streams_find_every_stream_after_every_removal() {
-        let frames = HeapFrames::default();
-        let mut streams = AttachedStreams::new(&frames, 40).unwrap();
-        let mut model: std::vec::Vec<u32> = std::vec::Vec::new();
-        let record = |sid| StreamRecord {
-            sid,
-            domain: DomainId::new(0, 0),
-            cd_table: None,
-            substreams: heapless::Vec::new(),
-            busy: false,
-        };
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        for step in 0..5_000u32 {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            let sid = (state % 64) as u32;
-            match state % 5 {
-                0 | 1 => {
-                    let fits = model.len() < 40 && !model.contains(&sid);
-                    assert_eq!(streams.push(record(sid)).is_ok(), fits, "step {step}");
-                    if fits {
-                        model.push(sid);
-                    }
-                }
-                2 | 3 => {
-                    if let Some(i) = streams.position_of(sid) {
-                        assert_eq!(streams.swap_remove(i).sid, sid);
-                        let at = model.iter().position(|&x| x == sid).unwrap();
-                        model.swap_remove(at);
-                    } else {
-                        assert!(!model.contains(&sid));
-                    }
-                }
-                _ => {
-                    let odd = |x: u32| x % 2 == 1;
-                    streams.retain(|r| !odd(r.sid ^ step));
-                    model.retain(|&x| !odd(x ^ step));
-                }
-            }
-            assert_eq!(streams.len(), model.len());
-            for probe in 0..64 {
-                match streams.position_of(probe) {
-                    Some(i) => assert_eq!(streams[i].sid, probe, "step {step}"),
-                    None => assert!(!model.contains(&probe), "step {step}: {probe} lost"),
-                }
-            }
-        }
-        // SAFETY: from `frames`.
-        unsafe { streams.release(&frames) };
         assert_eq!(frames.live_blocks(), 0);
     }
 }
