@@ -452,46 +452,17 @@ pub fn encode(
     if region.len < total as u64 {
         return Err(FormatError::RegionTooSmall { needed: total, region });
     }
-    let mut offset = HEADER_SIZE;
+    // Everything is checked above: the writer cannot fail past this point, and writes what `region_size` says.
+    let mut writer = RegionWriter::new(out, instances.len())?;
     for inst in instances {
-        let id = &inst.identity;
-        let raw = RawIdentity {
-            base: U64::new(id.base),
-            idr: id.idr.map(U32::new),
-            iidr: U32::new(id.iidr),
-            record_count: U32::new(inst.records.len() as u32),
-            strtab_base: U64::new(id.strtab_base),
-            strtab_format: id.strtab_format,
-            strtab_sid_bits: id.strtab_sid_bits,
-            strtab_split: id.strtab_split,
-            reserved0: 0,
-            reserved1: U32::ZERO,
-            core_len: U64::new(id.core_len),
-        };
-        out[offset..offset + IDENTITY_SIZE].copy_from_slice(raw.as_bytes());
-        offset += IDENTITY_SIZE;
+        writer.instance(&inst.identity)?;
+        for record in inst.records.iter() {
+            writer.record(&record)?;
+        }
     }
-    for record in instances.iter().flat_map(|i| i.records.iter()) {
-        write_record(&record, &mut out[offset..]);
-        offset += record_size(&record);
-    }
-    let mut header = RawHeader {
-        magic: MAGIC,
-        version: U32::new(VERSION),
-        crc32c: U32::ZERO,
-        total_len: U64::new(total as u64),
-        generation: U64::new(generation),
-        instance_count: U32::new(instances.len() as u32),
-        record_count: U32::new(records as u32),
-        region: RawExtent::new(region),
-        pool: RawExtent::new(pool),
-        reserved: [U64::ZERO; 3],
-    };
-    header.crc32c = U32::new(checksum(header.as_bytes(), &out[HEADER_SIZE..total]));
-    // The body must be visible before the header that makes it valid.
-    fence(Ordering::Release);
-    out[..HEADER_SIZE].copy_from_slice(header.as_bytes());
-    Ok(total)
+    let written = writer.finish(generation, region, pool)?;
+    debug_assert_eq!(written, total);
+    Ok(written)
 }
 
 /// Writes a version-3 region record by record, for a writer that cannot hold every record at once (the driver's
