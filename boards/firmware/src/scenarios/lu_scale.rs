@@ -83,6 +83,88 @@ fn create<A: smmuv3::FrameAllocator>(s: &Iommu<A, CAPACITY>, kind: DomainKind) -
     .or_else(|e| fail!("create a {kind} domain: {e}"))
 }
 
+/// The first image's domains: [`DOMAINS`] of `kind`, each with one page at [`IOVA_OWN`] onto `pages[0]` and a stream
+/// of its own; edu's stream in the first too, with the source and destination pages (`pages[1]`, `pages[2]`) mapped
+/// and a DMA through them checked (`seed`); each preserved under its token.
+fn build<A: smmuv3::FrameAllocator>(
+    s: &Iommu<A, CAPACITY>,
+    kind: DomainKind,
+    bits: u8,
+    edu: &crate::edu::Edu,
+    edu_sid: u32,
+    pages: [u64; 3],
+    seed: u8,
+) -> Result<(), Failure> {
+    let [own, source, destination] = pages;
+    for i in 0..DOMAINS {
+        let d = create(s, kind)?;
+        s.map(d, IOVA_OWN, own, 4096, RW)
+            .or_else(|e| fail!("domain {i}: {e}"))?;
+        s.attach(d, stream_of(i, bits, edu_sid))
+            .or_else(|e| fail!("domain {i}: {e}"))?;
+        if i == 0 {
+            s.map(d, IOVA_SOURCE, source, 4096, RW).or_else(|e| fail!("{e}"))?;
+            s.map(d, IOVA_DESTINATION, destination, 4096, RW)
+                .or_else(|e| fail!("{e}"))?;
+            s.attach(d, edu_sid).or_else(|e| fail!("{e}"))?;
+            dma(edu, source, IOVA_DESTINATION, destination, seed)?;
+        }
+        s.preserve(d, token(i)).or_else(|e| fail!("domain {i}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// After the restore: every domain and stream came back, and every [`SAMPLE`]th domain, retrieved, maps its page
+/// as before, its stream's STE translating. Returns how many were retrieved.
+fn check_sample<A: smmuv3::FrameAllocator>(
+    s: &Iommu<A, CAPACITY>,
+    report: &smmuv3::handover::restore::RestoreReport,
+    own: u64,
+    bits: u8,
+    edu_sid: u32,
+) -> Result<usize, Failure> {
+    if report.domains as usize != DOMAINS || report.streams as usize != DOMAINS + 1 {
+        fail!("{} domains and {} streams restored", report.domains, report.streams)
+    }
+    let mut retrieved = 0;
+    for i in (0..DOMAINS).filter(|i| i % SAMPLE == 0) {
+        let d = s.retrieve(token(i)).or_else(|e| fail!("retrieve domain {i}: {e}"))?;
+        if s.iova_to_phys(d, IOVA_OWN + 0x10).ok().flatten() != Some(own + 0x10) {
+            fail!("domain {i}: IOVA {IOVA_OWN:#x} no longer maps PA {own:#x}")
+        }
+        let sid = stream_of(i, bits, edu_sid);
+        let config = s.low_level().ste(sid).map(|ste| ste.config());
+        if config.is_err() || config == Ok(smmuv3::hw::ste::Config::Abort) {
+            fail!("domain {i}: stream {sid:#x}'s STE does not translate")
+        }
+        retrieved += 1;
+    }
+    Ok(retrieved)
+}
+
+/// Finish: the domains nobody retrieved are freed, their streams aborting. Returns how many.
+fn finish_rest<A: smmuv3::FrameAllocator>(
+    s: &Iommu<A, CAPACITY>,
+    base: u64,
+    retrieved: usize,
+    bits: u8,
+    edu_sid: u32,
+) -> Result<u32, Failure> {
+    let finish = s.finish_handover(&POOL, base).or_else(|e| fail!("finish: {e}"))?;
+    if finish.unclaimed as usize != DOMAINS - retrieved {
+        fail!(
+            "finish freed {} domains, {} were left",
+            finish.unclaimed,
+            DOMAINS - retrieved
+        )
+    }
+    let unclaimed = stream_of(1, bits, edu_sid);
+    if s.low_level().ste(unclaimed).map(|ste| ste.config()) != Ok(smmuv3::hw::ste::Config::Abort) {
+        fail!("stream {unclaimed:#x} of an unclaimed domain still translates")
+    }
+    Ok(finish.unclaimed)
+}
+
 pub fn lu_scale(context: &mut Context) -> Result<(), Failure> {
     let (edu, edu_sid) = edu_stream(context)?;
     let s = start(context)?;
@@ -92,21 +174,7 @@ pub fn lu_scale(context: &mut Context) -> Result<(), Failure> {
         None => {
             let (own, source, destination) = (dma_page()?, dma_page()?, dma_page()?);
             let t0 = time::ticks();
-            for i in 0..DOMAINS {
-                let d = create(&s, kind)?;
-                s.map(d, IOVA_OWN, own, 4096, RW)
-                    .or_else(|e| fail!("domain {i}: {e}"))?;
-                s.attach(d, stream_of(i, bits, edu_sid))
-                    .or_else(|e| fail!("domain {i}: {e}"))?;
-                if i == 0 {
-                    s.map(d, IOVA_SOURCE, source, 4096, RW).or_else(|e| fail!("{e}"))?;
-                    s.map(d, IOVA_DESTINATION, destination, 4096, RW)
-                        .or_else(|e| fail!("{e}"))?;
-                    s.attach(d, edu_sid).or_else(|e| fail!("{e}"))?;
-                    dma(&edu, source, IOVA_DESTINATION, destination, 0x71)?;
-                }
-                s.preserve(d, token(i)).or_else(|e| fail!("domain {i}: {e}"))?;
-            }
+            build(&s, kind, bits, &edu, edu_sid, [own, source, destination], 0x71)?;
             let built = time::to_us(time::ticks() - t0);
             let t0 = time::ticks();
             let bytes = s
@@ -135,41 +203,12 @@ pub fn lu_scale(context: &mut Context) -> Result<(), Failure> {
                 report.streams,
                 took / DOMAINS as u64
             );
-            if report.domains as usize != DOMAINS || report.streams as usize != DOMAINS + 1 {
-                fail!("{} domains and {} streams restored", report.domains, report.streams)
-            }
-            let mut retrieved = 0;
-            for i in (0..DOMAINS).filter(|i| i % SAMPLE == 0) {
-                let d = s.retrieve(token(i)).or_else(|e| fail!("retrieve domain {i}: {e}"))?;
-                if s.iova_to_phys(d, IOVA_OWN + 0x10).ok().flatten() != Some(own + 0x10) {
-                    fail!("domain {i}: IOVA {IOVA_OWN:#x} no longer maps PA {own:#x}")
-                }
-                let sid = stream_of(i, bits, edu_sid);
-                let config = s.low_level().ste(sid).map(|ste| ste.config());
-                if config.is_err() || config == Ok(smmuv3::hw::ste::Config::Abort) {
-                    fail!("domain {i}: stream {sid:#x}'s STE does not translate")
-                }
-                retrieved += 1;
-            }
+            let retrieved = check_sample(&s, &report, own, bits, edu_sid)?;
             dma(&edu, source, IOVA_DESTINATION, destination, 0x72)?;
             let t0 = time::ticks();
-            let finish = s
-                .finish_handover(&POOL, smmu_base(context))
-                .or_else(|e| fail!("finish: {e}"))?;
-            if finish.unclaimed as usize != DOMAINS - retrieved {
-                fail!(
-                    "finish freed {} domains, {} were left",
-                    finish.unclaimed,
-                    DOMAINS - retrieved
-                )
-            }
-            let unclaimed = stream_of(1, bits, edu_sid);
-            if s.low_level().ste(unclaimed).map(|ste| ste.config()) != Ok(smmuv3::hw::ste::Config::Abort) {
-                fail!("stream {unclaimed:#x} of an unclaimed domain still translates")
-            }
+            let unclaimed = finish_rest(&s, smmu_base(context), retrieved, bits, edu_sid)?;
             println!(
-                "  {retrieved} domains retrieved and checked (edu's DMA lands through the first again); finish freed the other {} in {} us",
-                finish.unclaimed,
+                "  {retrieved} domains retrieved and checked (edu's DMA lands through the first again); finish freed the other {unclaimed} in {} us",
                 time::to_us(time::ticks() - t0)
             );
             Ok(())
@@ -202,21 +241,7 @@ pub fn lu_scale_noreset(context: &mut Context) -> Result<(), Failure> {
         let kind = preferred_kind(s.features());
         let bits = sid_bits(&s).min(RUNNING_SID_BITS);
         let (own, source, destination) = (dma_page()?, dma_page()?, dma_page()?);
-        for i in 0..DOMAINS {
-            let d = create(&s, kind)?;
-            s.map(d, IOVA_OWN, own, 4096, RW)
-                .or_else(|e| fail!("domain {i}: {e}"))?;
-            s.attach(d, stream_of(i, bits, edu_sid))
-                .or_else(|e| fail!("domain {i}: {e}"))?;
-            if i == 0 {
-                s.map(d, IOVA_SOURCE, source, 4096, RW).or_else(|e| fail!("{e}"))?;
-                s.map(d, IOVA_DESTINATION, destination, 4096, RW)
-                    .or_else(|e| fail!("{e}"))?;
-                s.attach(d, edu_sid).or_else(|e| fail!("{e}"))?;
-                dma(&edu, source, IOVA_DESTINATION, destination, 0x73)?;
-            }
-            s.preserve(d, token(i)).or_else(|e| fail!("domain {i}: {e}"))?;
-        }
+        build(&s, kind, bits, &edu, edu_sid, [own, source, destination], 0x73)?;
         let t0 = time::ticks();
         let bytes = s
             .prepare_handover(&POOL, base, 1, &surviving())
@@ -273,33 +298,11 @@ pub fn lu_scale_noreset(context: &mut Context) -> Result<(), Failure> {
         report.streams,
         took / DOMAINS as u64
     );
-    if report.domains as usize != DOMAINS || report.streams as usize != DOMAINS + 1 {
-        fail!("{} domains and {} streams restored", report.domains, report.streams)
-    }
-    let mut retrieved = 0;
-    for i in (0..DOMAINS).filter(|i| i % SAMPLE == 0) {
-        let d = s.retrieve(token(i)).or_else(|e| fail!("retrieve domain {i}: {e}"))?;
-        if s.iova_to_phys(d, IOVA_OWN + 0x10).ok().flatten() != Some(own + 0x10) {
-            fail!("domain {i}: IOVA {IOVA_OWN:#x} no longer maps PA {own:#x}")
-        }
-        retrieved += 1;
-    }
+    let retrieved = check_sample(&s, &report, own, bits, edu_sid)?;
     dma(&edu, source, IOVA_DESTINATION, destination, 0x74)?;
-    let finish = s.finish_handover(&POOL, base).or_else(|e| fail!("finish: {e}"))?;
-    if finish.unclaimed as usize != DOMAINS - retrieved {
-        fail!(
-            "finish freed {} domains, {} were left",
-            finish.unclaimed,
-            DOMAINS - retrieved
-        )
-    }
-    let unclaimed = stream_of(1, bits, edu_sid);
-    if s.low_level().ste(unclaimed).map(|ste| ste.config()) != Ok(smmuv3::hw::ste::Config::Abort) {
-        fail!("stream {unclaimed:#x} of an unclaimed domain still translates")
-    }
+    let unclaimed = finish_rest(&s, base, retrieved, bits, edu_sid)?;
     println!(
-        "  {retrieved} domains retrieved and checked (both of edu's DMAs landed); finish freed the other {}",
-        finish.unclaimed
+        "  {retrieved} domains retrieved and checked (both of edu's DMAs landed); finish freed the other {unclaimed}"
     );
     // Teardown: the retrieved domains freed, the SMMU off, its window back to the pool.
     for i in (0..DOMAINS).filter(|i| i % SAMPLE == 0) {
