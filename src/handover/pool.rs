@@ -1625,7 +1625,7 @@ mod tests {
     /// between (as it may for `Iommu::handover_records`, whose domains are unlocked once it returns), the entries
     /// iterated are never more than counted.
     #[test]
-    fn live_runs_len_matches_what_is_encoded() {
+    fn live_runs_never_yield_more_than_they_counted() {
         let (pool, _) = pool(METADATA_BYTES as usize + (1 << 20));
         let a = pool.take_memory().unwrap();
         let b = pool.take_memory().unwrap();
