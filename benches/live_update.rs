@@ -371,8 +371,9 @@ fn first_image(smmu: Smmu, frames: &'static HeapFrames, region: &mut Region, pag
 /// The extent of a preserved domain's memory, as its record names it.
 fn memory_extent(smmu: &Active, d: DomainId) -> Extent {
     let token = smmu.token_of(d).unwrap().unwrap();
-    let records = smmu.handover_records(REGISTER_BASE).unwrap();
-    let record = records.instance().records.iter().find(|r| r.token == token).unwrap();
+    let mut buffer = vec![0u8; 1 << 16];
+    let records = smmu.handover_records(REGISTER_BASE, &mut buffer).unwrap();
+    let record = records.records.iter().find(|r| r.token == token).unwrap();
     assert_eq!(record.extents.len(), 1);
     record.extents.first().unwrap()
 }

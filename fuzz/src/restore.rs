@@ -147,7 +147,8 @@ impl World {
             smmu.preserve(d, token).unwrap();
         }
         smmu.prepare_handover(pool, REGISTER_BASE, 1, &DMA_MEMORY).unwrap();
-        let records = smmu.handover_records(REGISTER_BASE).unwrap();
+        let mut buffer = vec![0u8; METADATA_BYTES as usize];
+        let records = smmu.handover_records(REGISTER_BASE, &mut buffer).unwrap();
         world.roots = [s1, s1b, s2]
             .iter()
             .map(|&d: &DomainId| smmu.domain_table(d).unwrap().root().0)
@@ -156,7 +157,7 @@ impl World {
         core::mem::forget(smmu);
         world.metadata = world.bytes(REGION_PHYS, METADATA_BYTES as usize).to_vec();
         let mut at = RECORDS_AT;
-        for r in records.instance().records.iter() {
+        for r in records.records.iter() {
             if r.table.is_some() {
                 world.tabled.push(at);
             }

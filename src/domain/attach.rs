@@ -45,8 +45,8 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             if book.streams.is_full() {
                 return Err(DomainError::TooMany("attached streams"));
             }
-            if self.domains.get(domain)?.attachments.is_full() {
-                return Err(DomainError::TooMany("attachments of the domain"));
+            if book.free_nodes.len() == 0 {
+                return Err(DomainError::TooMany("attachments"));
             }
             let sid_bits = self.stream_sid_bits();
             if sid_bits < 32 && sid >> sid_bits != 0 {
@@ -61,7 +61,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                 _ => None,
             };
             let memory = state.memory;
-            let _ = state.attachments.push((sid, 0));
+            let _ = self.domains.add_attachment(&mut book, &mut state, (sid, 0));
             drop(state);
             // Room was checked above.
             let _ = book.streams.push(StreamRecord {
@@ -92,7 +92,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             // routed it).
             book.streams.swap_remove(index);
             if let Ok(mut state) = self.domains.get_mut(domain) {
-                state.attachments.retain(|a| *a != (sid, 0));
+                self.domains.remove_attachment(&mut book, &mut state, (sid, 0));
             }
             self.file_queued_faults(&book);
         }
@@ -190,9 +190,6 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                         wanted: "a stage-1 domain",
                     });
                 };
-                if state.attachments.is_full() {
-                    return Err(DomainError::TooMany("attachments of the domain"));
-                }
                 (cd, state.is_el2())
             };
             let Some(index) = book.stream(sid) else {
@@ -212,6 +209,9 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             if record.substreams.is_full() {
                 return Err(DomainError::TooMany("substreams of the stream"));
             }
+            if book.free_nodes.len() == 0 {
+                return Err(DomainError::TooMany("attachments"));
+            }
             let stream_domain = record.domain;
             let (stream_el2, memory) = {
                 let state = self.domains.get(stream_domain)?;
@@ -223,7 +223,9 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             self.enter_el2(&mut book, domain)?;
             // Only holders of the bookkeeping add attachments, so there is still room; a free that took the domain
             // meanwhile makes this fail.
-            let _ = self.domains.get_mut(domain)?.attachments.push((sid, ssid));
+            let _ = self
+                .domains
+                .add_attachment(&mut book, &mut *self.domains.get_mut(domain)?, (sid, ssid));
             // The stream busy while its CD table is written outside the bookkeeping; the substream routed to
             // `domain` already. Room was checked above.
             let record = &mut book.streams[index];
@@ -251,7 +253,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             // filed as the substream is routed again (see `attach`).
             record.substreams.retain(|(s, _)| *s != ssid);
             if let Ok(mut state) = self.domains.get_mut(domain) {
-                state.attachments.retain(|a| *a != (sid, ssid));
+                self.domains.remove_attachment(&mut book, &mut state, (sid, ssid));
             }
             self.file_queued_faults(&book);
             return Err(e);
@@ -301,7 +303,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         self.file_queued_faults(&book);
         book.streams[index].substreams.retain(|(s, _)| *s != ssid);
         if let Ok(mut state) = self.domains.get_mut(domain) {
-            state.attachments.retain(|a| *a != (sid, ssid));
+            self.domains.remove_attachment(&mut book, &mut state, (sid, ssid));
         }
         self.after_last_detach(book, domain)
     }
@@ -360,7 +362,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         book.streams.swap_remove(index);
         let memory = self.domains.get(domain).map(|s| s.memory).ok();
         if let Ok(mut state) = self.domains.get_mut(domain) {
-            state.attachments.retain(|a| *a != (sid, 0));
+            self.domains.remove_attachment(&mut book, &mut state, (sid, 0));
         }
         if let (Some(table), Some(memory)) = (table, memory) {
             // SAFETY: the STE no longer points to the table and that was invalidated, as were the CDs cached from

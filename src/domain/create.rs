@@ -260,15 +260,18 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         Ok(self.domains.get(domain)?.kind())
     }
 
-    /// The (StreamID, SubstreamID) pairs attached to `domain` (SubstreamID 0: the whole stream).
+    /// Copies the (StreamID, SubstreamID) pairs attached to `domain` (SubstreamID 0: the whole stream), in the
+    /// order they were attached, into `out` (as many as fit), and returns how many the domain has: a count larger
+    /// than `out` says the copy is the first `out.len()` of them.
     ///
     /// # Errors
-    /// [`DomainError::StaleDomain`].
-    pub fn attachments(
-        &self,
-        domain: DomainId,
-    ) -> Result<heapless::Vec<(u32, u32), { super::MAX_ATTACHMENTS }>, DomainError> {
-        Ok(self.domains.get(domain)?.attachments.clone())
+    /// [`DomainError::StaleDomain`] (nothing written).
+    pub fn attachments(&self, domain: DomainId, out: &mut [(u32, u32)]) -> Result<usize, DomainError> {
+        let state = self.domains.get(domain)?;
+        for (slot, pair) in out.iter_mut().zip(self.domains.attachments(&state)) {
+            *slot = pair;
+        }
+        Ok(state.attachments.len())
     }
 
     /// The page table of a stage-1 or stage-2 domain (for inspection: its format, geometry, tables).

@@ -52,7 +52,7 @@ fn event() -> Event {
 
 /// Routing that names `domain` for stream 0x10 (the drain's copy: the one it holds while filing).
 fn routing(domain: DomainId) -> Domains<1> {
-    let routing = Domains::<1>::new(loom_frames(), None).unwrap();
+    let routing = Domains::<1>::new(loom_frames(), None, 1).unwrap();
     let _ = routing.book.lock().streams.push(StreamRecord {
         sid: 0x10,
         domain,
@@ -73,7 +73,7 @@ fn file(domains: &Domains<1>, book: &Book<1>, who: Drainer) -> bool {
 #[test]
 fn loom_a_fault_for_a_freed_domain_never_reaches_the_slots_next_domain() {
     model(|| {
-        let domains = Arc::new(Domains::<1>::new(loom_frames(), None).unwrap());
+        let domains = Arc::new(Domains::<1>::new(loom_frames(), None, 1).unwrap());
         let first = domains.insert(&mut domains.book.lock(), blocked()).ok().unwrap();
         let filer = {
             let domains = Arc::clone(&domains);
@@ -100,7 +100,7 @@ fn loom_a_fault_for_a_freed_domain_never_reaches_the_slots_next_domain() {
 #[test]
 fn loom_an_interrupt_filing_against_a_reader_files_once_or_leaves_the_record() {
     model(|| {
-        let domains = Arc::new(Domains::<1>::new(loom_frames(), None).unwrap());
+        let domains = Arc::new(Domains::<1>::new(loom_frames(), None, 1).unwrap());
         let d = domains.insert(&mut domains.book.lock(), blocked()).ok().unwrap();
         let filer = {
             let domains = Arc::clone(&domains);

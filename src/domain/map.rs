@@ -495,15 +495,18 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             })?,
             GuestInvalidation::Asid(asid) => batch.push(&Command::TlbiNhAsid { vmid, asid })?,
             GuestInvalidation::All => batch.push(&Command::TlbiNhAll { vmid })?,
-            GuestInvalidation::Cd { ssid, leaf } => {
-                // At most MAX_ATTACHMENTS streams: one batch holds them.
-                for &(sid, _) in state.attachments.iter() {
-                    batch.push(&Command::CfgiCd { sid, ssid, leaf })?;
-                }
-            }
-            GuestInvalidation::CdAll => {
-                for &(sid, _) in state.attachments.iter() {
-                    batch.push(&Command::CfgiCdAll { sid })?;
+            GuestInvalidation::Cd { .. } | GuestInvalidation::CdAll => {
+                // One command a stream (a nested domain's are whole streams), a batch at a time: a domain may
+                // hold more streams than a batch does. Each batch completes (CMD_SYNC) before the next is built.
+                for (sid, _) in self.domains.attachments(&state) {
+                    if batch.is_full() {
+                        self.core.submit(&batch)?;
+                        batch = Batch::new();
+                    }
+                    batch.push(&match what {
+                        GuestInvalidation::Cd { ssid, leaf } => Command::CfgiCd { sid, ssid, leaf },
+                        _ => Command::CfgiCdAll { sid },
+                    })?;
                 }
             }
         }

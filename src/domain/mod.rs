@@ -95,6 +95,7 @@ use crate::mem::FrameAllocator;
 use crate::smmu::{InitError, InitOptions, RunningSmmu, Smmu, SmmuCore};
 
 mod attach;
+mod attachments;
 mod create;
 mod entries;
 mod error;
@@ -122,17 +123,13 @@ pub use types::{DomainKind, DomainMemory, GuestInvalidation, GuestStage1, Stage1
 
 /// Domains an [`Iommu`] holds unless [`Smmu::init_with_capacity`] chooses another number.
 pub const DEFAULT_DOMAINS: usize = 16;
-/// Streams (and substreams) one domain may have attached at once.
-pub const MAX_ATTACHMENTS: usize = 8;
-/// Streams the SMMU may have attached to domains at once.
+/// Streams the SMMU may have attached to domains at once unless [`InitOptions::attached_streams`] asks for more
+/// (or the domain table holds more domains): one domain may hold all of them.
 pub const MAX_ATTACHED_STREAMS: usize = 64;
 /// Substreams (besides substream 0) one stream may have attached.
 pub const MAX_SUBSTREAMS_PER_STREAM: usize = 7;
 /// SubstreamID bits of the CD table a stream gets when attached to a stage-1 domain (capped by IDR1.SSIDSIZE).
 pub const STREAM_SSID_BITS: u8 = 3;
-/// Preserved domains [`Iommu::handover_records`] lists at once (a view for tests and tools; `prepare_handover`
-/// writes any number, and the token index holds every domain the table does).
-pub const MAX_PRESERVED: usize = 32;
 /// Faults a domain's report keeps (later ones are counted in [`FaultReport::lost`]).
 pub const FAULT_REPORT_CAPACITY: usize = 8;
 
@@ -296,7 +293,7 @@ impl Smmu {
 impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// The driver over an initialised SMMU: no domains yet.
     fn over(core: SmmuCore<A>, options: &InitOptions) -> Result<Self, InitError> {
-        match Domains::new(core.allocator(), options.bookkeeping.0) {
+        match Domains::new(core.allocator(), options.bookkeeping.0, options.attached_streams) {
             Ok(domains) => Ok(Iommu { core, domains }),
             Err(e) => {
                 // No domain yet: the SMMU goes off and its memory back, as if it had never been initialised.

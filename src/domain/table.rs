@@ -2,6 +2,7 @@
 //! token index of preserved domains, and the state of a hand-off prepared or restored. What each lock guards and
 //! the order they are taken in are in the [module docs](super#concurrency).
 
+use super::attachments::{AttachmentNodes, Attachments, FreeNodes};
 use super::storage::{Index, Storage, TokenIndex};
 use crate::ctx::CdTable;
 use crate::hw::cd::Cd;
@@ -12,10 +13,7 @@ use crate::pgtable::{Gather, IoPageTable};
 use crate::protected::SharedProtected;
 use crate::sync::{AtomicBool, AtomicU64, Ordering};
 
-use super::{
-    DomainError, DomainKind, DomainMemory, FaultReport, GuestStage1, MAX_ATTACHED_STREAMS, MAX_ATTACHMENTS,
-    MAX_SUBSTREAMS_PER_STREAM,
-};
+use super::{DomainError, DomainKind, DomainMemory, FaultReport, GuestStage1, MAX_SUBSTREAMS_PER_STREAM};
 
 /// The translation a domain owns.
 pub(crate) enum Translation {
@@ -57,8 +55,9 @@ pub(crate) enum Fixed {
 pub(crate) struct DomainState {
     pub(crate) translation: Translation,
     pub(crate) memory: DomainMemory,
-    /// (StreamID, SubstreamID) pairs attached; SubstreamID 0 for the whole stream.
-    pub(crate) attachments: heapless::Vec<(u32, u32), MAX_ATTACHMENTS>,
+    /// (StreamID, SubstreamID) pairs attached, SubstreamID 0 for the whole stream: a list through
+    /// [`Domains::nodes`], changed under the bookkeeping and this domain's write lock.
+    pub(crate) attachments: Attachments,
     /// A gather whose invalidation failed: flushed again before the next operation.
     pub(crate) unflushed: Option<Gather>,
     /// A gather of the concurrent paths (leaves only) whose invalidation failed, published under the read lock
@@ -80,7 +79,7 @@ impl DomainState {
         DomainState {
             translation,
             memory,
-            attachments: heapless::Vec::new(),
+            attachments: Attachments::EMPTY,
             unflushed: None,
             failed: spin::Mutex::new(None),
             failed_hint: AtomicBool::new(false),
@@ -301,8 +300,10 @@ pub(crate) struct Prepared {
 pub(crate) struct Book<const D: usize> {
     /// The free slots, as a stack: creating and freeing a domain costs the same however full the table is.
     free: heapless::Vec<u16, D>,
-    /// The streams attached to domains (out of line: room for `max(MAX_ATTACHED_STREAMS, D)`).
+    /// The streams attached to domains (out of line: room for `max(InitOptions::attached_streams, D)`).
     pub(crate) streams: AttachedStreams,
+    /// The free nodes of the domains' attachment lists ([`Domains::nodes`]).
+    pub(crate) free_nodes: FreeNodes,
     /// Preserved domains by token: collisions are found in O(1), never by a scan (out of line, room for every
     /// domain).
     pub(crate) tokens: TokenIndex,
@@ -342,6 +343,9 @@ pub(crate) type PreparedState = Option<Prepared>;
 pub(crate) struct Domains<const D: usize> {
     /// The `D` slots, out of line (see [`super::storage`]).
     pub(crate) slots: Storage<Slot>,
+    /// The nodes of every domain's attachment list (see [`super::attachments`]): room for every stream that can be
+    /// attached and each of its substreams.
+    pub(crate) nodes: AttachmentNodes,
     /// The allocator the out-of-line bookkeeping came from, when not the SMMU's ([`crate::InitOptions::bookkeeping`]).
     pub(crate) bookkeeping: Option<&'static (dyn FrameAllocator + Sync)>,
     pub(crate) book: spin::Mutex<Book<D>>,
@@ -362,33 +366,33 @@ pub(crate) struct Domains<const D: usize> {
 }
 
 impl<const D: usize> Domains<D> {
-    /// The bookkeeping for `D` domains, its slots in a block of `allocator` (given back by the caller, with
-    /// [`Storage::release`], when the driver goes).
+    /// The bookkeeping for `D` domains and `max(streams, D)` attached streams, out of line in blocks of
+    /// `allocator` (or of `bookkeeping`, when given), given back by [`Domains::release`].
     ///
     /// # Errors
-    /// The allocator's.
+    /// The allocator's (what was allocated before goes back).
     pub(crate) fn new(
-        allocator: &dyn FrameAllocator,
+        smmu_allocator: &dyn FrameAllocator,
         bookkeeping: Option<&'static (dyn FrameAllocator + Sync)>,
+        streams: usize,
     ) -> Result<Self, AllocError> {
         const { assert!(D <= u16::MAX as usize, "a domain's slot index is 16 bits") };
         let allocator = match bookkeeping {
             Some(own) => own as &dyn FrameAllocator,
-            None => allocator,
+            None => smmu_allocator,
         };
-        Ok(Domains {
+        let streams = streams.max(D);
+        let mut domains = Domains {
+            slots: Storage::empty(),
+            nodes: AttachmentNodes::empty(),
             bookkeeping,
-            slots: Storage::new(allocator, D, |_| Slot {
-                generation: AtomicU64::new(0),
-                state: spin::RwLock::new(None),
-                faults: crate::sync::Mutex::new(FaultReport::default()),
-            })?,
             book: spin::Mutex::new(Book {
                 // Lowest index on top, so the first domain gets slot 0.
                 free: (0..D as u16).rev().collect(),
-                streams: AttachedStreams::new(allocator, MAX_ATTACHED_STREAMS.max(D))?,
-                tokens: TokenIndex::new(allocator, D)?,
-                restored: TokenIndex::new(allocator, D)?,
+                streams: AttachedStreams::empty(),
+                free_nodes: FreeNodes::NONE,
+                tokens: TokenIndex::empty(),
+                restored: TokenIndex::empty(),
                 el2_stale: false,
                 restored_generation: None,
             }),
@@ -397,7 +401,38 @@ impl<const D: usize> Domains<D> {
             unattached_faults: crate::sync::Mutex::new(FaultReport::default()),
             book_wanted: AtomicBool::new(false),
             report_wanted: AtomicBool::new(false),
-        })
+        };
+        let filled = (|| {
+            domains.slots = Storage::new(allocator, D, |_| Slot {
+                generation: AtomicU64::new(0),
+                state: spin::RwLock::new(None),
+                faults: crate::sync::Mutex::new(FaultReport::default()),
+            })?;
+            // Each stream attached whole and each of its substreams: a node each.
+            let attachments = streams
+                .checked_mul(1 + MAX_SUBSTREAMS_PER_STREAM)
+                .ok_or(AllocError::BadRequest {
+                    size: usize::MAX,
+                    align: 4,
+                })?;
+            let (nodes, free_nodes) = AttachmentNodes::new(allocator, attachments)?;
+            domains.nodes = nodes;
+            let book = domains.book.get_mut();
+            book.free_nodes = free_nodes;
+            book.streams = AttachedStreams::new(allocator, streams)?;
+            book.tokens = TokenIndex::new(allocator, D)?;
+            book.restored = TokenIndex::new(allocator, D)?;
+            Ok(())
+        })();
+        match filled {
+            Ok(()) => Ok(domains),
+            Err(e) => {
+                // SAFETY: every block came from the allocator `release` picks for `smmu_allocator` (empty parts
+                // have none).
+                unsafe { domains.release(smmu_allocator) };
+                Err(e)
+            }
+        }
     }
 
     /// Drops every domain (their tables back to their memory), then gives the out-of-line bookkeeping back to
@@ -408,6 +443,7 @@ impl<const D: usize> Domains<D> {
     pub(crate) unsafe fn release(self, allocator: &dyn FrameAllocator) {
         let Domains {
             slots,
+            nodes,
             book,
             bookkeeping,
             ..
@@ -424,6 +460,7 @@ impl<const D: usize> Domains<D> {
         } = book.into_inner();
         // SAFETY: all of them came from `allocator` (the caller's guarantee).
         unsafe {
+            nodes.release(allocator);
             streams.release(allocator);
             slots.release(allocator);
             tokens.release(allocator);
@@ -509,10 +546,40 @@ impl<const D: usize> Domains<D> {
 
     /// Empties `id`'s slot, makes every handle to it stale and puts the slot back on the free stack (O(1)), unless
     /// its generation is the last one: the slot is retired then. Its fault report is cleared.
+    /// Its attachments are forgotten (their nodes back to the bookkeeping).
     pub(crate) fn remove(&self, book: &mut Book<D>, id: DomainId) -> Option<DomainState> {
-        let state = self.take_for_free(id, |_| Ok(())).ok()?;
+        let mut state = self.take_for_free(id, |_| Ok(())).ok()?;
+        self.nodes.clear(&mut book.free_nodes, &mut state.attachments);
         self.release_slot(book, id);
         Some(state)
+    }
+
+    /// Records `(sid, ssid)` as attached to `state`'s domain (the caller holds the bookkeeping, `book`, and the
+    /// domain's write lock).
+    ///
+    /// # Errors
+    /// [`DomainError::TooMany`] when no node is left (nothing changed): room for every stream the SMMU can attach
+    /// and each of its substreams, so a caller that checked those has room.
+    pub(crate) fn add_attachment(
+        &self,
+        book: &mut Book<D>,
+        state: &mut DomainState,
+        pair: (u32, u32),
+    ) -> Result<(), DomainError> {
+        self.nodes
+            .push(&mut book.free_nodes, &mut state.attachments, pair)
+            .map_err(|()| DomainError::TooMany("attachments"))
+    }
+
+    /// Forgets `(sid, ssid)` as attached to `state`'s domain (as [`Domains::add_attachment`]); whether it was.
+    pub(crate) fn remove_attachment(&self, book: &mut Book<D>, state: &mut DomainState, pair: (u32, u32)) -> bool {
+        self.nodes.remove(&mut book.free_nodes, &mut state.attachments, pair)
+    }
+
+    /// The (StreamID, SubstreamID) pairs attached to `state`'s domain, in the order they were attached (the caller
+    /// holds the domain's lock, for reading at least, while it borrows `state`).
+    pub(crate) fn attachments<'a>(&'a self, state: &'a DomainState) -> impl Iterator<Item = (u32, u32)> + 'a {
+        self.nodes.iter(&state.attachments)
     }
 
     /// Takes `id`'s domain out of its slot for a free when `check` passes (run under the slot's write lock):
@@ -677,6 +744,11 @@ impl AttachedStreams {
 
     pub(crate) fn is_full(&self) -> bool {
         self.len == self.records.len()
+    }
+
+    /// How many streams it has room for.
+    pub(crate) fn capacity(&self) -> usize {
+        self.records.len()
     }
 
     #[cfg(test)]

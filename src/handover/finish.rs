@@ -118,13 +118,21 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                 {
                     continue;
                 }
-                let attachments: heapless::Vec<(u32, u32), { crate::domain::MAX_ATTACHMENTS }> =
-                    self.domains.get(id).map(|s| s.attachments.clone()).unwrap_or_default();
-                for &(sid, ssid) in attachments.iter().filter(|(_, ssid)| *ssid != 0) {
-                    self.detach_substream(sid, ssid)?;
-                }
-                for &(sid, _) in attachments.iter().filter(|(_, ssid)| *ssid == 0) {
-                    self.detach(sid)?;
+                // Substreams first, then whole streams, one at a time (each detach changes the list; one that
+                // fails ends the finish, so none is looked at twice).
+                for substreams in [true, false] {
+                    let next = || {
+                        let state = self.domains.get(id).ok()?;
+                        self.domains
+                            .attachments(&state)
+                            .find(|(_, ssid)| (*ssid != 0) == substreams)
+                    };
+                    while let Some((sid, ssid)) = next() {
+                        match substreams {
+                            true => self.detach_substream(sid, ssid)?,
+                            false => self.detach(sid)?,
+                        }
+                    }
                 }
                 self.free_domain(id)?;
                 self.book().restored.swap_remove(&token);

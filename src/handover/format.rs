@@ -579,6 +579,11 @@ impl<'a> RegionWriter<'a> {
         self.offset
     }
 
+    /// Records written so far.
+    pub fn records(&self) -> usize {
+        self.records as usize
+    }
+
     /// Whether nothing but the header and identities is written.
     pub fn is_empty(&self) -> bool {
         self.records == 0

@@ -1,62 +1,24 @@
 //! The driver's side of a live update: what the preserved domains look like as records ([`super::DomainRecord`]),
 //! and writing them into the handover region.
 
+use super::format::{self, FormatError, RegionWriter};
 use super::{
-    DomainRecord, Entries, Extent, GuestRecord, InstanceRecords, RecordKind, Records, SmmuIdentity, StreamRecord,
-    TableShape,
+    DomainRecord, Entries, EntrySource, Extent, GuestRecord, InstanceRecords, RecordKind, Records, SmmuIdentity,
+    StreamRecord, TableShape,
 };
-use crate::domain::Iommu;
-use crate::domain::{Book, DomainId, DomainState, MAX_ATTACHMENTS, MAX_PRESERVED, Translation};
+use crate::domain::{Book, DomainId, DomainState, Domains, Iommu, Storage, Translation};
 use crate::hw::ste::{CdTableLayout, DefaultSubstream};
 use crate::mem::FrameAllocator;
 use crate::pgtable::IoPageTable;
 use crate::stream::StreamTableFormat;
 
-/// A preserved domain's record as the driver builds it from the live domain: the record, with its streams and
-/// its memory's extent beside it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LiveRecord {
-    head: DomainRecord<'static>,
-    streams: heapless::Vec<StreamRecord, MAX_ATTACHMENTS>,
-    /// The runs of frames its memory holds, read from the memory (which is frozen while a hand-off is prepared,
-    /// and write-locked while the records are built).
-    extents: Entries<'static, Extent>,
-}
-
-impl LiveRecord {
-    /// The record.
-    pub fn record(&self) -> DomainRecord<'_> {
-        DomainRecord {
-            streams: Entries::from_slice(&self.streams),
-            extents: self.extents,
-            ..self.head
-        }
-    }
-}
-
-/// The records of an SMMU's preserved domains as they stand ([`Iommu::handover_records`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LiveRecords {
-    /// The SMMU.
-    pub identity: SmmuIdentity,
-    records: heapless::Vec<LiveRecord, MAX_PRESERVED>,
-}
-
-impl LiveRecords {
-    /// The records as one SMMU's part of a region: what [`super::format::encode`] writes.
-    pub fn instance(&self) -> InstanceRecords<'_> {
-        InstanceRecords {
-            identity: self.identity,
-            records: Records::from_live(&self.records),
-        }
-    }
-}
-
 /// Why the preserved domains cannot be recorded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RecordError {
-    /// More preserved domains, streams or extents than a record holds.
+    /// More preserved domains than the driver could hold locked at once (no memory for the list of their locks).
     TooMany(&'static str),
+    /// The records do not fit the buffer given to [`Iommu::handover_records`] (its bytes needed, at least).
+    Format(FormatError),
     /// A preserved domain's memory is not (any longer) a handover memory.
     NotHandoverMemory(DomainId),
     /// A nested domain's parent is not preserved (cannot happen through the API; reported, not assumed).
@@ -77,6 +39,7 @@ impl core::fmt::Display for RecordError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             RecordError::TooMany(what) => write!(f, "too many {what} for a handover record"),
+            RecordError::Format(e) => write!(f, "{e}"),
             RecordError::NotHandoverMemory(d) => write!(f, "{d}'s memory is not a handover memory"),
             RecordError::ParentNotPreserved(d) => write!(f, "{d}'s stage-2 parent is not preserved"),
             RecordError::SubstreamOfAnotherDomain { domain, sid, ssid } => write!(
@@ -135,69 +98,95 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         }
     }
 
-    /// The records of every preserved domain as they stand now (parents before the nested domains under them).
-    /// A record's extents are read from its domain's memory as they are iterated (counted now): they describe the
-    /// memory as it is then, and a domain changed since (this call holds no lock once it returns) may yield fewer
-    /// runs than counted, which `format::encode` writes as zeroed slots no decode accepts. `prepare_handover`
-    /// reads them under its freeze, where nothing changes.
+    /// The records of every preserved domain as they stand now (parents before the nested domains under them),
+    /// written into `out` in the region's record format and returned as a view of it: what
+    /// [`Iommu::prepare_handover`] would record, for tests and tools. Every preserved domain is read-locked
+    /// while its record is written, all at once (one consistent picture), then unlocked.
     ///
     /// # Errors
-    /// [`RecordError`]; nothing is written anywhere.
-    pub fn handover_records(&self, register_base: u64) -> Result<LiveRecords, RecordError> {
+    /// [`RecordError::Format`] ([`FormatError::BufferTooSmall`], with the bytes needed so far) when the records do
+    /// not fit `out`; [`RecordError::TooMany`] when there is no memory to hold the domains' locks; the other
+    /// [`RecordError`]s for a domain that cannot be recorded. Nothing is changed anywhere but `out`.
+    pub fn handover_records<'b>(
+        &self,
+        register_base: u64,
+        out: &'b mut [u8],
+    ) -> Result<InstanceRecords<'b>, RecordError> {
         // No attach or detach half-way: each is waited for.
         let book = self.book_quiet();
-        if book.tokens.len() > MAX_PRESERVED {
-            return Err(RecordError::TooMany(
-                "preserved domains (handover_records holds MAX_PRESERVED)",
-            ));
+        let allocator = self.domains.bookkeeping_allocator(self.allocator());
+        // Read-locked in slot order (the lock order), all at once.
+        let mut held = Storage::new(allocator, book.tokens.len(), |_| None)
+            .map_err(|_| RecordError::TooMany("preserved domains (no memory to hold their locks)"))?;
+        for (slot, (_, id)) in held.iter_mut().zip(self.domains.preserved()) {
+            *slot = self.domains.get(id).ok().map(|state| (id, state));
         }
-        // Read-locked in slot order (the lock order), all at once: the records are one consistent picture.
-        let guards = preserved_in_slot_order(&book)
-            .into_iter()
-            .filter_map(|id| Some((id, self.domains.get(id).ok()?)))
-            .collect::<heapless::Vec<_, MAX_PRESERVED>>();
-        let states: heapless::Vec<(DomainId, &DomainState), MAX_PRESERVED> =
-            guards.iter().map(|(id, g)| (*id, &**g)).collect();
-        self.records_locked(&book, &states, register_base)
+        let identity = self.handover_identity(register_base);
+        let written = RegionWriter::new(&mut *out, 1)
+            .and_then(|mut writer| {
+                writer.instance(&identity)?;
+                Ok(writer)
+            })
+            .map_err(RecordError::Format)
+            .and_then(|mut writer| {
+                self.write_preserved(&mut writer, &book, &Held(&held))?;
+                Ok((writer.len(), writer.records()))
+            });
+        // SAFETY: `held` came from this allocator, just above; its guards are dropped (unlocking) first.
+        unsafe { held.release(allocator) };
+        let (len, count) = written?;
+        let out: &'b [u8] = out;
+        Ok(InstanceRecords {
+            identity,
+            records: Records::from_bytes(
+                &out[format::HEADER_SIZE + format::IDENTITY_SIZE..len],
+                count,
+                format::VERSION,
+            ),
+        })
     }
 
-    /// [`Iommu::handover_records`] under the bookkeeping the caller holds, of the preserved domains in
-    /// `states` (which the caller holds locked).
-    pub(crate) fn records_locked(
+    /// Writes the records of the preserved domains `held` (locked by the caller, who holds the bookkeeping,
+    /// `book`) through `writer`: parents (stage 1 and stage 2) first, then nested domains, so that a reader meets
+    /// a parent before its children.
+    pub(crate) fn write_preserved<G: core::ops::Deref<Target = DomainState>>(
         &self,
+        writer: &mut RegionWriter<'_>,
         book: &Book<D>,
-        states: &[(DomainId, &DomainState)],
-        register_base: u64,
-    ) -> Result<LiveRecords, RecordError> {
-        let held = |id: DomainId| states.iter().find(|(x, _)| *x == id).map(|(_, s)| *s);
-        let mut records: heapless::Vec<LiveRecord, MAX_PRESERVED> = heapless::Vec::new();
-        // Parents (stage 1 and stage 2) first, then nested domains, so a reader meets a parent before its children.
+        held: &Held<'_, G>,
+    ) -> Result<(), RecordError> {
         for nested_pass in [false, true] {
-            for &(id, state) in states {
+            for (id, state) in held.iter() {
                 let Some(token) = state.token else { continue };
                 if matches!(state.translation, Translation::Nested { .. }) != nested_pass {
                     continue;
                 }
                 let parent = match state.translation {
                     Translation::Nested { parent, .. } => {
-                        Some(held(parent).ok_or(RecordError::ParentNotPreserved(id))?)
+                        Some(held.get(parent).ok_or(RecordError::ParentNotPreserved(id))?)
                     }
                     _ => None,
                 };
-                let (head, streams, extents) = self.record_of(book, token, id, state, parent)?;
-                records
-                    .push(LiveRecord { head, streams, extents })
-                    .map_err(|_| RecordError::TooMany("preserved domains"))?;
+                let (head, extents) = self.record_of(book, token, id, state, parent)?;
+                let streams = AttachedStreamsOf {
+                    domains: &self.domains,
+                    state,
+                    book,
+                };
+                let record = DomainRecord {
+                    streams: Entries::from_source(&streams, state.attachments.len()),
+                    extents,
+                    ..head
+                };
+                writer.record(&record).map_err(RecordError::Format)?;
             }
         }
-        Ok(LiveRecords {
-            identity: self.handover_identity(register_base),
-            records,
-        })
+        Ok(())
     }
 
     /// The record of preserved domain `id` (`state`, under `token`; `parent` its stage-2 parent's state for a
-    /// nested domain): its head, its streams and its memory's runs (read from the memory as they are iterated).
+    /// nested domain) but its streams ([`AttachedStreamsOf`]), with its memory's runs (read from the memory as
+    /// they are iterated), once its streams are checked.
     pub(crate) fn record_of(
         &self,
         book: &Book<D>,
@@ -205,7 +194,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         id: DomainId,
         state: &DomainState,
         parent: Option<&DomainState>,
-    ) -> Result<RecordParts, RecordError> {
+    ) -> Result<(DomainRecord<'static>, Entries<'static, Extent>), RecordError> {
         let mut record = DomainRecord {
             token,
             kind: RecordKind::Stage1,
@@ -218,7 +207,6 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             extents: Entries::empty(),
             identity: state.identity,
         };
-        let mut streams = heapless::Vec::new();
         let mut own_extents = Entries::empty();
         let is_nested = matches!(state.translation, Translation::Nested { .. });
         match &state.translation {
@@ -268,42 +256,64 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             }
             own_extents = Entries::from_runs(state.memory);
         }
-        for &(sid, ssid) in state.attachments.iter() {
-            let owner = book.streams.iter().find(|r| r.sid == sid);
+        // Only substreams of the domain's own streams: their CD table is the domain's.
+        for (sid, ssid) in self.domains.attachments(state) {
+            let owner = book.stream(sid).map(|i| &book.streams[i]);
             if ssid != 0 && owner.is_some_and(|r| r.domain != id) {
                 return Err(RecordError::SubstreamOfAnotherDomain { domain: id, sid, ssid });
             }
-            let cd_table = owner.and_then(|r| r.cd_table.as_ref());
-            let stream = StreamRecord {
-                sid,
-                ssid,
-                cd_table: cd_table.map_or(0, |t| t.base().0),
-                cd_ssid_bits: cd_table.map_or(0, |t| t.format().ssid_bits()),
-                cd_two_level: false,
-            };
-            streams.push(stream).map_err(|_| RecordError::TooMany("streams"))?;
         }
-        Ok((record, streams, own_extents))
+        Ok((record, own_extents))
     }
 }
 
-/// A preserved domain's record as [`Iommu::record_of`] builds it: its head, its streams, its memory's runs.
-pub(crate) type RecordParts = (
-    DomainRecord<'static>,
-    heapless::Vec<StreamRecord, MAX_ATTACHMENTS>,
-    Entries<'static, Extent>,
-);
+/// A preserved domain's streams as its record lists them, read from its attachments as they are iterated (the
+/// caller holds the domain locked and the bookkeeping): each with its stream's CD table.
+struct AttachedStreamsOf<'a, const D: usize> {
+    domains: &'a Domains<D>,
+    state: &'a DomainState,
+    book: &'a Book<D>,
+}
+
+impl<const D: usize> EntrySource<StreamRecord> for AttachedStreamsOf<'_, D> {
+    fn entry_at(&self, cursor: u64) -> Option<(StreamRecord, u64)> {
+        let ((sid, ssid), next) = self.domains.nodes.at(&self.state.attachments, cursor)?;
+        let cd_table = self
+            .book
+            .stream(sid)
+            .and_then(|i| self.book.streams[i].cd_table.as_ref());
+        let stream = StreamRecord {
+            sid,
+            ssid,
+            cd_table: cd_table.map_or(0, |t| t.base().0),
+            cd_ssid_bits: cd_table.map_or(0, |t| t.format().ssid_bits()),
+            cd_two_level: false,
+        };
+        Some((stream, next))
+    }
+}
+
+/// The preserved domains a caller holds locked (read or write guards, `G`), in slot order.
+pub(crate) struct Held<'s, G>(pub(crate) &'s Storage<Option<(DomainId, G)>>);
+
+impl<'s, G: core::ops::Deref<Target = DomainState>> Held<'s, G> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (DomainId, &'s DomainState)> + '_ {
+        self.0.iter().flatten().map(|(id, state)| (*id, &**state))
+    }
+
+    /// Domain `id`'s state, if held (a binary search: the slots are in ascending order).
+    pub(crate) fn get(&self, id: DomainId) -> Option<&'s DomainState> {
+        let held: &'s [Option<(DomainId, G)>] = self.0;
+        let at = held.partition_point(|h| h.as_ref().is_none_or(|(x, _)| x.index() < id.index()));
+        match held.get(at) {
+            Some(Some((x, state))) if *x == id => Some(&**state),
+            // (Only were a slot to have gone between the look and the lock, leaving a gap: then a plain search.)
+            _ => self.iter().find(|(x, _)| *x == id).map(|(_, state)| state),
+        }
+    }
+}
 
 /// The extent of everything `records` own, for tests and tools: each record's extents.
 pub fn owned_extents<'a>(records: &InstanceRecords<'a>) -> impl Iterator<Item = Extent> + use<'a> {
     records.records.iter().flat_map(|r| r.extents.iter())
-}
-
-/// The preserved domains of `book`, in slot order: the order their locks are taken in when several are held.
-/// At most [`MAX_PRESERVED`] of them (the first in the index's order beyond it): for [`Iommu::handover_records`],
-/// which refuses more.
-pub(crate) fn preserved_in_slot_order<const D: usize>(book: &Book<D>) -> heapless::Vec<DomainId, MAX_PRESERVED> {
-    let mut ids: heapless::Vec<DomainId, MAX_PRESERVED> = book.tokens.values().copied().take(MAX_PRESERVED).collect();
-    ids.sort_unstable_by_key(|id| id.index());
-    ids
 }

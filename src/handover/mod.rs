@@ -41,8 +41,6 @@ pub mod verify;
 
 /// SMMU instances one region can describe.
 pub const MAX_INSTANCES: usize = 8;
-/// Streams (and substreams) of one domain a restore rebuilds (the format itself has no such cap).
-pub const MAX_STREAMS: usize = 8;
 
 /// A range of physical memory (defined with the frames it describes, in [`crate::mem`]).
 pub use crate::mem::Extent;
@@ -190,6 +188,17 @@ enum EntriesRepr<'a, T: 'static> {
         memory: &'a (dyn crate::mem::FrameAllocator + Sync),
         len: usize,
     },
+    /// `len` entries read from `source` as they are iterated (a live domain's streams).
+    Source {
+        source: &'a dyn EntrySource<T>,
+        len: usize,
+    },
+}
+
+/// Entries a list reads as it is iterated: the driver's live bookkeeping, walked without a copy.
+pub(crate) trait EntrySource<T>: Sync {
+    /// The entry at `cursor` (0 for the first) and the cursor of the one after it; `None` past the end.
+    fn entry_at(&self, cursor: u64) -> Option<(T, u64)>;
 }
 
 /// What a record's list holds, with how the region encodes it (see [`format`]).
@@ -237,6 +246,14 @@ impl<'a, T: Entry> Entries<'a, T> {
         }
     }
 
+    /// `len` entries of `source`, read as they are iterated: the source must not change while the entries are
+    /// used.
+    pub(crate) fn from_source(source: &'a dyn EntrySource<T>, len: usize) -> Self {
+        Entries {
+            repr: EntriesRepr::Source { source, len },
+        }
+    }
+
     /// `len` entries encoded back to back in `bytes` (already validated).
     pub(crate) fn from_bytes(bytes: &'a [u8], len: usize) -> Self {
         Entries {
@@ -247,7 +264,7 @@ impl<'a, T: Entry> Entries<'a, T> {
     /// How many there are.
     pub fn len(&self) -> usize {
         match self.repr {
-            EntriesRepr::Bytes { len, .. } | EntriesRepr::Runs { len, .. } => len,
+            EntriesRepr::Bytes { len, .. } | EntriesRepr::Runs { len, .. } | EntriesRepr::Source { len, .. } => len,
             EntriesRepr::Slice(s) => s.len(),
         }
     }
@@ -265,7 +282,7 @@ impl<'a, T: Entry> Entries<'a, T> {
             }
             EntriesRepr::Bytes { .. } => None,
             EntriesRepr::Slice(s) => s.get(index).copied(),
-            EntriesRepr::Runs { .. } => self.iter().nth(index),
+            EntriesRepr::Runs { .. } | EntriesRepr::Source { .. } => self.iter().nth(index),
         }
     }
 
@@ -297,7 +314,7 @@ impl<'a, T: Entry> IntoIterator for &Entries<'a, T> {
 pub struct EntriesIter<'a, T: 'static> {
     entries: Entries<'a, T>,
     index: usize,
-    /// Where the next run is looked for (runs only).
+    /// Where the next run is looked for (runs), the next entry's cursor (a source).
     from: u64,
 }
 
@@ -311,6 +328,12 @@ impl<T: Entry> Iterator for EntriesIter<'_, T> {
                 run
             }
             EntriesRepr::Runs { .. } => return None,
+            EntriesRepr::Source { source, len } if self.index < len => {
+                let (entry, next) = source.entry_at(self.from)?;
+                self.from = next;
+                entry
+            }
+            EntriesRepr::Source { .. } => return None,
             _ => self.entries.get(self.index)?,
         };
         self.index += 1;
@@ -360,8 +383,6 @@ enum RecordsRepr<'a> {
         version: u32,
     },
     Slice(&'a [DomainRecord<'a>]),
-    /// The driver's records of its live domains.
-    Live(&'a [live::LiveRecord]),
 }
 
 impl<'a> Records<'a> {
@@ -379,13 +400,6 @@ impl<'a> Records<'a> {
         }
     }
 
-    /// The records of the driver's live domains.
-    pub(crate) fn from_live(slice: &'a [live::LiveRecord]) -> Self {
-        Records {
-            repr: RecordsRepr::Live(slice),
-        }
-    }
-
     /// `len` records of format `version` back to back in `bytes` (validated by [`format::decode`]).
     pub(crate) fn from_bytes(bytes: &'a [u8], len: usize, version: u32) -> Self {
         Records {
@@ -398,7 +412,6 @@ impl<'a> Records<'a> {
         match self.repr {
             RecordsRepr::Bytes { len, .. } => len,
             RecordsRepr::Slice(s) => s.len(),
-            RecordsRepr::Live(s) => s.len(),
         }
     }
 
@@ -465,11 +478,6 @@ impl<'a> Iterator for RecordIter<'a> {
                 self.index += 1;
                 r
             }
-            RecordsRepr::Live(s) => {
-                let r = s.get(self.index).map(live::LiveRecord::record);
-                self.index += 1;
-                r
-            }
             RecordsRepr::Bytes { bytes, len, version } => {
                 if self.index >= len {
                     return None;
@@ -485,7 +493,6 @@ impl<'a> Iterator for RecordIter<'a> {
     fn size_hint(&self) -> (usize, Option<usize>) {
         let len = match self.repr {
             RecordsRepr::Slice(s) => s.len(),
-            RecordsRepr::Live(s) => s.len(),
             RecordsRepr::Bytes { len, .. } => len,
         };
         let left = len.saturating_sub(self.index);

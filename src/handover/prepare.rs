@@ -3,10 +3,10 @@
 
 use super::finish::rearm_without;
 use super::format::{self, FormatError, HandoverError, RegionWriter};
-use super::live::RecordError;
+use super::live::{Held, RecordError};
 use super::pool::{HandoverPool, PoolError};
 use super::verify::{Outputs, Refusal};
-use super::{DomainRecord, Entries, Extent, SmmuIdentity, clean_to_memory};
+use super::{Extent, SmmuIdentity, clean_to_memory};
 use crate::domain::{Book, DomainId, DomainState, Iommu, Prepared, StateMut, Storage, Translation};
 use crate::mem::FrameAllocator;
 
@@ -261,7 +261,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     fn write_records(
         &self,
         book: &Book<D>,
-        states: &Held<'_, '_>,
+        states: &Held<'_, StateMut<'_>>,
         pool: &HandoverPool,
         region: Extent,
         pool_extent: Extent,
@@ -291,32 +291,10 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                 }
             }
             writer.instance(&identity).map_err(PrepareError::Format)?;
-            // Parents (stage 1 and stage 2) first, then nested domains, so a reader meets a parent before its
-            // children.
-            for nested_pass in [false, true] {
-                for (id, state) in states.iter() {
-                    let Some(token) = state.token else { continue };
-                    let parent = match state.translation {
-                        Translation::Nested { parent, .. } if nested_pass => Some(
-                            states
-                                .get(parent)
-                                .ok_or(PrepareError::Records(RecordError::ParentNotPreserved(id)))?,
-                        ),
-                        Translation::Nested { .. } => continue,
-                        _ if nested_pass => continue,
-                        _ => None,
-                    };
-                    let (head, streams, extents) = self
-                        .record_of(book, token, id, state, parent)
-                        .map_err(PrepareError::Records)?;
-                    let record = DomainRecord {
-                        streams: Entries::from_slice(&streams),
-                        extents,
-                        ..head
-                    };
-                    writer.record(&record).map_err(PrepareError::Format)?;
-                }
-            }
+            self.write_preserved(&mut writer, book, states).map_err(|e| match e {
+                RecordError::Format(e) => PrepareError::Format(e),
+                e => PrepareError::Records(e),
+            })?;
             writer
                 .finish(generation, region, pool_extent)
                 .map_err(PrepareError::Format)?
@@ -465,24 +443,4 @@ fn check_preserved_outputs(state: &DomainState, outputs: &Outputs<'_>) -> Result
         });
     }
     Ok(())
-}
-
-/// The preserved domains `prepare_handover` holds write-locked, in slot order.
-struct Held<'s, 'a>(&'s Storage<Option<(DomainId, StateMut<'a>)>>);
-
-impl<'s, 'a> Held<'s, 'a> {
-    fn iter(&self) -> impl Iterator<Item = (DomainId, &'s DomainState)> + '_ {
-        self.0.iter().flatten().map(|(id, state)| (*id, &**state))
-    }
-
-    /// Domain `id`'s state, if held (a binary search: the slots are in ascending order).
-    fn get(&self, id: DomainId) -> Option<&'s DomainState> {
-        let held: &'s [Option<(DomainId, StateMut<'a>)>] = self.0;
-        let at = held.partition_point(|h| h.as_ref().is_none_or(|(x, _)| x.index() < id.index()));
-        match held.get(at) {
-            Some(Some((x, state))) if *x == id => Some(&**state),
-            // (Only were a slot to have gone between the look and the lock, leaving a gap: then a plain search.)
-            _ => self.iter().find(|(x, _)| *x == id).map(|(_, state)| state),
-        }
-    }
 }

@@ -8,10 +8,11 @@ use super::finish::rearm_without;
 use super::format::{self, HandoverError};
 use super::pool::{HandoverMemory, HandoverPool, PoolError};
 use super::verify::{Outputs, RestoreOptions, VerifyFailure, verify_instance};
-use super::{Extent, InstanceRecords, MAX_STREAMS, RecordKind, SmmuIdentity};
+use super::{Extent, InstanceRecords, RecordKind, SmmuIdentity};
 use crate::ctx::{CdTable, CdTableError, CdTableFormat};
 use crate::domain::{
-    Book, DomainError, DomainMemory, DomainState, GuestStage1, Iommu, StorageVec, StreamRecord, Translation,
+    Book, DomainError, DomainMemory, DomainState, GuestStage1, Iommu, MAX_SUBSTREAMS_PER_STREAM, StorageVec,
+    StreamRecord, Translation,
 };
 use crate::hw::ste::{CdTableLayout, DefaultSubstream};
 use crate::ids::IdError;
@@ -555,19 +556,8 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     ) -> Result<(), RestoreError> {
         let f = *self.features();
         let first = instance.records.first().map_or(0, |r| r.token);
-        // The format has no cap on records or on a record's streams; what one restore rebuilds and keeps track of
-        // has (the refusal's bookkeeping and a domain's attachments): beyond it, refused before anything is taken.
-        if let Some(r) = instance
-            .records
-            .iter()
-            .find(|r| r.streams.len() > MAX_STREAMS.min(crate::domain::MAX_ATTACHMENTS))
-        {
-            return Err(RestoreError::BeyondLimits {
-                token: r.token,
-                what: "more streams in one record than a domain holds (MAX_ATTACHMENTS)",
-                value: r.streams.len() as u64,
-            });
-        }
+        // The format has no cap on records or on a record's streams; this image's bookkeeping has (the domain
+        // slots, the streams it can attach): beyond it, refused before anything is taken.
         if instance.records.len() > book.free_slots() {
             return Err(RestoreError::BeyondLimits {
                 token: first,
@@ -584,7 +574,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             .filter(|s| s.ssid == 0)
             .count()
             + book.streams.len();
-        if streams > crate::domain::MAX_ATTACHED_STREAMS.max(D) {
+        if streams > book.streams.capacity() {
             return Err(RestoreError::BeyondLimits {
                 token: first,
                 what: "more streams than this image can attach, with those attached already",
@@ -700,11 +690,19 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             }
             for s in &r.streams {
                 // A substream comes back only with its whole stream, in the same record (as `prepare_handover`
-                // records them): the stream's CD table and regime (EL2 or NS-EL1) are that domain's.
-                let whole_stream = r.streams.iter().any(|y| y.sid == s.sid && y.ssid == 0);
-                if s.ssid != 0 && !whole_stream {
+                // records them): the stream's CD table and regime (EL2 or NS-EL1) are that domain's. (A scan of
+                // the record for each substream: substreams are few, as the next check says.)
+                if s.ssid != 0 && !r.streams.iter().any(|y| y.sid == s.sid && y.ssid == 0) {
                     return Err(beyond(
                         "a substream of a stream its own record does not hold, StreamID",
+                        s.sid.into(),
+                    ));
+                }
+                if s.ssid != 0
+                    && r.streams.iter().filter(|y| y.sid == s.sid && y.ssid != 0).count() > MAX_SUBSTREAMS_PER_STREAM
+                {
+                    return Err(beyond(
+                        "more substreams of one stream than this image attaches, StreamID",
                         s.sid.into(),
                     ));
                 }
@@ -910,9 +908,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                     if substreams {
                         // The CD is in the stream's adopted CD table already; only the bookkeeping is rebuilt.
                         let index =
-                            book.streams
-                                .iter()
-                                .position(|x| x.sid == s.sid)
+                            book.stream(s.sid)
                                 .ok_or(fail(RebuildFailure::Domain(DomainError::NotAttached {
                                     sid: s.sid,
                                     ssid: None,
@@ -939,8 +935,10 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                             // stream's substreams are all in its own record (`check_limits`).
                             let sid = s.sid;
                             for ssid in 1..(1u32 << s.cd_ssid_bits) {
-                                let named = r.streams.iter().any(|y| y.sid == sid && y.ssid == ssid);
-                                if named || !table.read(ssid).is_ok_and(|cd| cd.is_valid()) {
+                                // (The record scanned only for a valid CD: few, as substreams are.)
+                                if !table.read(ssid).is_ok_and(|cd| cd.is_valid())
+                                    || r.streams.iter().any(|y| y.sid == sid && y.ssid == ssid)
+                                {
                                     continue;
                                 }
                                 table
@@ -977,8 +975,10 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                             })
                             .map_err(|_| fail(RebuildFailure::Domain(DomainError::TooMany("attached streams"))))?;
                     }
+                    // Room: a node for every stream this image attaches and each of its substreams
+                    // (`check_limits`).
                     if let Ok(mut state) = self.domains.get_mut(id) {
-                        let _ = state.attachments.push((s.sid, s.ssid));
+                        let _ = self.domains.add_attachment(book, &mut state, (s.sid, s.ssid));
                     }
                     report.streams += 1;
                 }

@@ -11,7 +11,7 @@
 use core::fmt;
 
 use super::pool::{FRAME, HandoverPool, PreservedView};
-use super::{DomainRecord, Entries, Extent, InstanceRecords, MAX_STREAMS, RecordKind, TableShape};
+use super::{DomainRecord, Entries, Extent, InstanceRecords, RecordKind, TableShape};
 use crate::hw::ste::EntryError;
 use crate::mem::PhysAddr;
 use crate::pgtable::{Format, Geometry, Granule, MapError, Stage, desc};
@@ -467,8 +467,6 @@ struct Walk<'a> {
     /// lives there.
     visited: &'a mut [u64],
     ranks: Option<&'a [u32]>,
-    /// The frames of the CD tables inside the extent: no page table may share a byte with them.
-    cd_tables: heapless::Vec<Extent, MAX_STREAMS>,
     outputs: &'a Outputs<'a>,
     /// The record carries counts: check every descriptor's against its table.
     counts: bool,
@@ -503,10 +501,6 @@ impl<'a> Walk<'a> {
             return Err(VerifyFailure::TableOutsideExtent { entry, table: phys });
         };
         let twice = VerifyFailure::TableReachedTwice { entry, table: phys };
-        let table = Extent { base: phys, len: size };
-        if self.cd_tables.iter().any(|c| c.overlaps(&table)) {
-            return Err(twice);
-        }
         let bits = self.geometry.granule_bits;
         // The bitmap counts the granules of the runs one after another (ranked), or those of their span.
         let (origin, first) = match self.ranks {
@@ -521,6 +515,32 @@ impl<'a> Walk<'a> {
             self.visited[word] |= bit;
         }
         Ok(())
+    }
+
+    /// Marks the granules of the record's CD tables (found where the driver allocates them by
+    /// [`cd_table_frames`]) as claimed, so that a table that shares a byte with one is reached twice: one bit test
+    /// per table, however many streams the record has. CD tables may share a granule larger than their frames
+    /// (each is a frame of its own, which `cd_table_frames` checked).
+    fn mark_cd_tables(&mut self, streams: &Entries<'_, super::StreamRecord>) {
+        let bits = self.geometry.granule_bits;
+        for s in streams.iter().filter(|s| s.ssid == 0 && s.cd_table != 0) {
+            let size = (64u64 << s.cd_ssid_bits).next_multiple_of(FRAME);
+            let first = s.cd_table >> bits;
+            let last = (s.cd_table + size - 1) >> bits;
+            for granule in first..=last {
+                let phys = granule << bits;
+                // A granule no run holds whole cannot hold a table either.
+                let Some((index, run)) = run_holding(&self.runs, phys, 1 << bits) else {
+                    continue;
+                };
+                let (origin, first) = match self.ranks {
+                    Some(ranks) => (run.base >> bits, u64::from(ranks[index])),
+                    None => (self.span.base >> bits, 0),
+                };
+                let g = first + granule - origin;
+                self.visited[(g / 64) as usize] |= 1 << (g % 64);
+            }
+        }
     }
 
     /// Walks the table at `phys` (level `level` < 3, `n` entries): its valid entries, whether one of its
@@ -741,14 +761,12 @@ pub(crate) fn table_format(kind: RecordKind, shape: &TableShape) -> Format {
     }
 }
 
-/// Walks the page table of `record` (a stage-1 or stage-2 record with one extent, as `check_limits` ensures) in
-/// `pool`: see [`VerifyFailure`]. `cd_tables` are the frames of the CD tables inside the record's extent (no page
-/// table may share them).
+/// Walks the page table of `record` (a stage-1 or stage-2 record) in `pool`: see [`VerifyFailure`]. No page
+/// table may share a byte with the record's CD tables, which [`cd_table_frames`] checked first.
 fn verify_table(
     pool: &HandoverPool,
     record: &DomainRecord,
     shape: &TableShape,
-    cd_tables: &[Extent],
     outputs: &Outputs<'_>,
 ) -> Result<(), VerifyFailure> {
     let format = table_format(record.kind, shape);
@@ -808,12 +826,12 @@ fn verify_table(
         geometry,
         visited: &mut visited[..(granules as usize).div_ceil(64)],
         ranks,
-        cd_tables: cd_tables.iter().copied().filter(|c| c.overlaps(&span)).collect(),
         outputs,
         counts: shape.tables != 0,
         tables: 1,
         empty: 0,
     };
+    walk.mark_cd_tables(&record.streams);
     walk.claim(root, root, root_size)?;
     if geometry.start_level == 3 {
         walk.leaf_table(root, geometry.root_entries, false)?;
@@ -840,28 +858,27 @@ fn verify_table(
     Ok(())
 }
 
-/// The frames of every CD table `record`'s whole streams name (substreams name their stream's), each checked to be
-/// where the driver allocates a CD table from the domain's memory: at the start of a frame, aligned to its size (a
-/// block of the memory starts a frame aligned as asked), inside the record's extent, and sharing no frame with
-/// another stream's CD table or with the root table. The page-table walk then keeps every other table off these
-/// frames. Checked in every verification mode: a CD table adopted twice, or not starting its frame, is freed by a
-/// detach as a frame it does not own.
-fn cd_table_frames(
-    record: &DomainRecord,
-    shape: &TableShape,
-) -> Result<heapless::Vec<Extent, MAX_STREAMS>, VerifyFailure> {
+/// Checks the frames of every CD table `record`'s whole streams name (substreams name their stream's): each where
+/// the driver allocates a CD table from the domain's memory, at the start of a frame, aligned to its size (a block
+/// of the memory starts a frame aligned as asked), inside the record's extent, and sharing no frame with another
+/// stream's CD table or with the root table. The page-table walk then keeps every other table off these frames
+/// ([`Walk::mark_cd_tables`]). Checked in every verification mode: a CD table adopted twice, or not starting its
+/// frame, is freed by a detach as a frame it does not own. Each table is compared with those before it in the
+/// record (quadratic in the record's streams, which this image's bookkeeping bounds: `check_limits`).
+fn cd_table_frames(record: &DomainRecord, shape: &TableShape) -> Result<(), VerifyFailure> {
     let geometry = Geometry::of(&table_format(record.kind, shape)).map_err(VerifyFailure::Format)?;
     let root = Extent {
         base: shape.root,
         len: root_size(&geometry),
     };
-    let mut frames: heapless::Vec<Extent, MAX_STREAMS> = heapless::Vec::new();
-    for s in record.streams.iter().filter(|s| s.ssid == 0 && s.cd_table != 0) {
+    let frames_of = |s: &super::StreamRecord| Extent {
+        base: s.cd_table,
+        len: (64u64 << s.cd_ssid_bits).next_multiple_of(FRAME),
+    };
+    let with_cd_table = |s: &super::StreamRecord| s.ssid == 0 && s.cd_table != 0;
+    for (i, s) in record.streams.iter().enumerate().filter(|(_, s)| with_cd_table(s)) {
         let size = 64u64 << s.cd_ssid_bits;
-        let table = Extent {
-            base: s.cd_table,
-            len: size.next_multiple_of(FRAME),
-        };
+        let table = frames_of(&s);
         if !s.cd_table.is_multiple_of(size.max(FRAME)) || !within(&record.extents, table.base, table.len) {
             return Err(VerifyFailure::CdTableMisplaced {
                 sid: s.sid,
@@ -873,16 +890,20 @@ fn cd_table_frames(
             cd_table: s.cd_table,
             other,
         };
-        if let Some(other) = frames.iter().find(|f| f.overlaps(&table)) {
+        let mut earlier = record
+            .streams
+            .iter()
+            .take(i)
+            .filter(with_cd_table)
+            .map(|s| frames_of(&s));
+        if let Some(other) = earlier.find(|f| f.overlaps(&table)) {
             return Err(overlap(other.base));
         }
         if table.overlaps(&root) {
             return Err(overlap(shape.root));
         }
-        // Room: `check_limits` refused every record with more than MAX_STREAMS streams before verification.
-        let _ = frames.push(table);
     }
-    Ok(frames)
+    Ok(())
 }
 
 /// Compares the CD of every stream of the stage-1 `record` with the one the driver builds for it
@@ -959,10 +980,10 @@ pub(crate) fn verify_instance(
         let Some(shape) = r.table else { continue };
         // The frames of the record's CD tables (in every mode): each table where the driver allocates one, with
         // its frames to itself.
-        let cd_tables = cd_table_frames(&r, &shape).map_err(|e| (r.token, e))?;
+        cd_table_frames(&r, &shape).map_err(|e| (r.token, e))?;
         // The table first (the CD names its root), then the CDs.
         if verify == Verification::Full {
-            verify_table(pool, &r, &shape, &cd_tables, outputs).map_err(|e| (r.token, e))?;
+            verify_table(pool, &r, &shape, outputs).map_err(|e| (r.token, e))?;
         }
         if matches!(r.kind, RecordKind::Stage1 | RecordKind::Stage1El2) {
             verify_cds(features, pool, &r, &shape).map_err(|e| (r.token, e))?;

@@ -40,6 +40,11 @@ pub struct InitOptions {
     /// hand-off with the SMMU running), where the bookkeeping would be recorded with the SMMU's own structures and
     /// carried to the next image.
     pub bookkeeping: Bookkeeping,
+    /// Streams that may be attached to domains at once (whole streams; each may also have
+    /// [`MAX_SUBSTREAMS_PER_STREAM`](crate::domain::MAX_SUBSTREAMS_PER_STREAM) substreams attached): at least the
+    /// domain table's capacity is kept. Any number may go to one domain. The bookkeeping costs about 140 bytes a
+    /// stream. Default [`MAX_ATTACHED_STREAMS`](crate::domain::MAX_ATTACHED_STREAMS).
+    pub attached_streams: usize,
 }
 
 /// Memory for the driver's bookkeeping ([`InitOptions::bookkeeping`]): `None` for the SMMU's allocator.
@@ -76,6 +81,7 @@ impl Default for InitOptions {
             stream_table: StreamTableChoice::Auto,
             interrupts: InterruptSources::empty(),
             bookkeeping: Bookkeeping(None),
+            attached_streams: crate::domain::MAX_ATTACHED_STREAMS,
         }
     }
 }

@@ -292,10 +292,11 @@ fn prepare_freezes_atomically_while_other_threads_map() {
                 &crate::handover::format::sample::decode(&bytes, pool.pool().unwrap()).unwrap(),
             )
         };
-        let now = smmu.handover_records(0x905_0000).unwrap();
+        let mut buffer = std::vec![0; 1 << 16];
+        let now = smmu.handover_records(0x905_0000, &mut buffer).unwrap();
         assert_eq!(
             decoded[0],
-            crate::handover::format::sample::OwnedInstance::of(&now.instance()),
+            crate::handover::format::sample::OwnedInstance::of(&now),
             "recorded = the table now"
         );
         // Frozen until cancelled.

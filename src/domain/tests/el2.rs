@@ -110,7 +110,7 @@ fn one_el2_stage1_domain_is_in_use_at_a_time() {
     let in_use = Err(DomainError::El2DomainInUse { domain: b, holder: a });
     assert_eq!(smmu.attach(b, SID + 2), in_use);
     assert_eq!(smmu.low_level().ste(SID + 2), ste, "nothing written");
-    assert_eq!(smmu.attachments(b).as_deref(), Ok(&[][..]));
+    assert_eq!(smmu.attached(b).as_deref(), Ok(&[][..]));
     assert_eq!(issued_since(&model, before), []);
     // NS-EL1 domains are tagged by ASID: they are not concerned.
     smmu.attach(el1, SID + 2).unwrap();
@@ -148,7 +148,7 @@ fn switching_el2_domains_after_a_failed_invalidation_drops_the_old_entries_first
     assert!(matches!(smmu.detach(SID), Err(DomainError::Invalidation(_))));
     model.refuse.store(0, Ordering::SeqCst);
     assert_eq!(
-        smmu.attachments(a).as_deref(),
+        smmu.attached(a).as_deref(),
         Ok(&[][..]),
         "the stream itself is detached"
     );
@@ -186,7 +186,7 @@ fn a_streams_substreams_all_use_its_regime() {
         })
     );
     assert_eq!(issued_since(&model, before), []);
-    assert_eq!(smmu.attachments(el2).as_deref(), Ok(&[][..]));
+    assert_eq!(smmu.attached(el2).as_deref(), Ok(&[][..]));
     smmu.attach_substream(other_el1, SID, 1).unwrap();
 
     smmu.attach(el2, SID + 1).unwrap();
@@ -200,7 +200,7 @@ fn a_streams_substreams_all_use_its_regime() {
         })
     );
     assert_eq!(issued_since(&model, before), []);
-    assert_eq!(smmu.attachments(el1).as_deref(), Ok(&[(SID, 0)][..]));
+    assert_eq!(smmu.attached(el1).as_deref(), Ok(&[(SID, 0)][..]));
     smmu.attach_substream(el2, SID + 1, 1).unwrap();
 }
 

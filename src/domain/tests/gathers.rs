@@ -323,7 +323,7 @@ fn a_substream_left_by_a_failed_attach_is_cleaned_up_by_its_detach() {
     ));
     *model.probe.lock().unwrap() = None;
     model.refuse.store(0, Ordering::SeqCst);
-    assert_eq!(smmu.attachments(sub).as_deref(), Ok(&[(SID, 3)][..]));
+    assert_eq!(smmu.attached(sub).as_deref(), Ok(&[(SID, 3)][..]));
     assert!(matches!(
         smmu.free_domain(sub),
         Err(DomainError::StillAttached { attachments: 1, .. })

@@ -134,7 +134,7 @@ fn a_failed_detach_keeps_the_stream_so_its_domain_cannot_be_freed_under_it() {
     smmu.attach(d, SID).unwrap();
     model.refuse.store(opcode::CFGI_STE, Ordering::SeqCst);
     assert!(matches!(smmu.detach(SID), Err(DomainError::Attach(_))));
-    assert_eq!(smmu.attachments(d).as_deref(), Ok(&[(SID, 0)][..]), "still recorded");
+    assert_eq!(smmu.attached(d).as_deref(), Ok(&[(SID, 0)][..]), "still recorded");
     assert!(matches!(smmu.free_domain(d), Err(DomainError::StillAttached { .. })));
     model.refuse.store(0, Ordering::SeqCst);
     smmu.detach(SID).unwrap();

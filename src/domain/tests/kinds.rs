@@ -13,7 +13,7 @@ fn a_blocked_domain_aborts_its_streams_and_keeps_them_from_raw_calls() {
     assert_eq!(smmu.domain_kind(blocked), Ok(DomainKind::Blocked));
     smmu.attach(blocked, SID).unwrap();
     assert_eq!(smmu.low_level().ste(SID).unwrap().config(), Config::Abort);
-    assert_eq!(smmu.attachments(blocked).as_deref(), Ok(&[(SID, 0)][..]));
+    assert_eq!(smmu.attached(blocked).as_deref(), Ok(&[(SID, 0)][..]));
     // Nothing to map in it, and no raw call may change its stream.
     assert!(matches!(
         smmu.map(blocked, 0, 0x8000_0000, 0x1000, RW),

@@ -24,6 +24,21 @@ use std::vec::Vec;
 const RW: Prot = Prot::READ.union(Prot::WRITE).union(Prot::CACHEABLE);
 const SID: u32 = 0x10;
 
+impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
+    /// Every attachment of `domain`, in order (`Iommu::attachments` into a buffer as large as they need).
+    pub(crate) fn attached(&self, domain: DomainId) -> Result<Vec<(u32, u32)>, DomainError> {
+        let mut out = std::vec![(0, 0); 8];
+        loop {
+            let n = self.attachments(domain, &mut out)?;
+            if n <= out.len() {
+                out.truncate(n);
+                return Ok(out);
+            }
+            out.resize(n, (0, 0));
+        }
+    }
+}
+
 fn memory(frames: &'static HeapFrames) -> DomainMemory {
     frames
 }
@@ -78,7 +93,7 @@ fn a_stage1_domain_issues_every_invalidation_itself() {
             .iter()
             .all(|&op| op == opcode::CFGI_STE || op == opcode::SYNC)
     );
-    assert_eq!(smmu.attachments(d).as_deref(), Ok(&[(SID, 0)][..]));
+    assert_eq!(smmu.attached(d).as_deref(), Ok(&[(SID, 0)][..]));
 
     // Unmap: one range TLBI by ASID (RIL) and one CMD_SYNC, nothing else.
     let before = consumed(&model);
@@ -154,6 +169,86 @@ const GUEST: GuestStage1 = GuestStage1 {
     layout: CdTableLayout::Linear,
     default_substream: DefaultSubstream::Terminate,
 };
+
+/// A nested domain holding more streams than a command batch does (every function of a device given to one
+/// guest): a guest's CD invalidation reaches each of them once, in order, in batches that each end with their
+/// CMD_SYNC; `attachments` copies as many as fit and says how many there are.
+#[test]
+fn a_guest_cd_invalidation_reaches_every_stream_of_a_domain_with_hundreds() {
+    use crate::queue::cmdq::BATCH_CAPACITY;
+    use crate::smmu::tests::Issued;
+    const STREAMS: u32 = 300;
+    let frames = frames();
+    let model = Model::start(frames);
+    let options = InitOptions {
+        attached_streams: STREAMS as usize,
+        ..InitOptions::default()
+    };
+    let mut smmu: Iommu<&'static HeapFrames> = model.smmu().init(frames, &options).unwrap();
+    let parent = s2(&mut smmu, frames);
+    let nested = smmu.create_nested(parent, GUEST).unwrap();
+    let sids: Vec<u32> = (0..STREAMS).map(|i| 0x100 + i).collect();
+    for &sid in &sids {
+        smmu.attach(nested, sid).unwrap();
+    }
+    // One more than the SMMU was given room for: refused, nothing changed.
+    assert_eq!(
+        smmu.attach(nested, 0x100 + STREAMS),
+        Err(DomainError::TooMany("attached streams"))
+    );
+    let pairs: Vec<(u32, u32)> = sids.iter().map(|&sid| (sid, 0)).collect();
+    assert_eq!(smmu.attached(nested).unwrap(), pairs);
+    let mut first = [(0, 0); 5];
+    assert_eq!(smmu.attachments(nested, &mut first), Ok(STREAMS as usize));
+    assert_eq!(first[..], pairs[..5]);
+
+    let before = model.seen.lock().unwrap().commands.len();
+    smmu.invalidate_guest(nested, GuestInvalidation::Cd { ssid: 0, leaf: true })
+        .unwrap();
+    let issued = issued_since(&model, before);
+    let cds: Vec<u32> = issued
+        .iter()
+        .filter_map(|i| match *i {
+            Issued::Cd { sid, ssid: 0 } => Some(sid),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(cds, sids, "every stream once, in order");
+    assert_eq!(issued.last(), Some(&Issued::Sync), "the last batch completed");
+    for batch in issued.split(|i| *i == Issued::Sync) {
+        assert!(batch.len() <= BATCH_CAPACITY, "a batch of {}", batch.len());
+    }
+    let before = model.seen.lock().unwrap().commands.len();
+    smmu.invalidate_guest(nested, GuestInvalidation::CdAll).unwrap();
+    let all: Vec<u32> = issued_since(&model, before)
+        .iter()
+        .filter_map(|i| match *i {
+            Issued::CdAll { sid } => Some(sid),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(all, sids);
+
+    // Detached from the middle, the end and the start: the rest keep their order.
+    for sid in [0x100 + STREAMS / 2, 0x100 + STREAMS - 1, 0x100] {
+        smmu.detach(sid).unwrap();
+    }
+    let left: Vec<(u32, u32)> = pairs
+        .iter()
+        .copied()
+        .filter(|&(sid, _)| ![0x100 + STREAMS / 2, 0x100 + STREAMS - 1, 0x100].contains(&sid))
+        .collect();
+    assert_eq!(smmu.attached(nested).unwrap(), left);
+    for (sid, _) in left {
+        smmu.detach(sid).unwrap();
+    }
+    smmu.free_domain(nested).unwrap();
+    assert_eq!(
+        smmu.domains.book.lock().free_nodes.len(),
+        STREAMS as usize * 8,
+        "every node back"
+    );
+}
 
 #[test]
 fn a_stage2_domain_and_its_nested_domains() {
@@ -461,7 +556,7 @@ fn raw_ste_calls_refuse_a_stream_a_domain_owns() {
     assert_eq!(smmu.low_level().abort_streams_except(|_| false).err(), in_use);
     assert_eq!(smmu.low_level().ste(SID), Ok(ste), "the domain's STE is as it was");
     assert_eq!(since(&model, before), [0u8; 0], "no command was issued");
-    assert_eq!(smmu.attachments(d).as_deref(), Ok(&[(SID, 0)][..]));
+    assert_eq!(smmu.attached(d).as_deref(), Ok(&[(SID, 0)][..]));
 
     // Detached, the stream is the caller's again.
     smmu.detach(SID).unwrap();
@@ -490,7 +585,7 @@ fn substreams_get_their_own_cds_and_their_faults() {
         since(&model, before),
         [opcode::CFGI_CD, opcode::SYNC, opcode::CFGI_CD, opcode::SYNC]
     );
-    assert_eq!(smmu.attachments(sub).as_deref(), Ok(&[(SID, 3)][..]));
+    assert_eq!(smmu.attached(sub).as_deref(), Ok(&[(SID, 3)][..]));
     let book = smmu.domains.book.lock();
     let record = &book.streams[0];
     let table = record.cd_table.as_ref().unwrap();
@@ -564,7 +659,7 @@ fn substreams_get_their_own_cds_and_their_faults() {
     // Detaching the stream clears what substreams are left first.
     smmu.attach_substream(sub, SID, 5).unwrap();
     smmu.detach(SID).unwrap();
-    assert_eq!(smmu.attachments(sub).as_deref(), Ok(&[][..]));
+    assert_eq!(smmu.attached(sub).as_deref(), Ok(&[][..]));
     assert!(smmu.domains.book.lock().streams.is_empty());
 }
 

@@ -188,10 +188,11 @@ fn a_trim_after_a_single_page_unmap_rechecks_the_freeze_and_never_changes_a_froz
                 &crate::handover::format::sample::decode(&bytes, pool.pool().unwrap()).unwrap(),
             )
         };
-        let now = smmu.handover_records(0x905_0000).unwrap();
+        let mut buffer = std::vec![0; 1 << 16];
+        let now = smmu.handover_records(0x905_0000, &mut buffer).unwrap();
         assert_eq!(
             decoded[0],
-            crate::handover::format::sample::OwnedInstance::of(&now.instance()),
+            crate::handover::format::sample::OwnedInstance::of(&now),
             "the preserved domain's table changed after prepare_handover froze and recorded it"
         );
     }

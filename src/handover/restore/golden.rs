@@ -138,7 +138,7 @@ fn a_region_the_format_2_driver_wrote_is_restored() {
         assert_eq!(smmu.low_level().ste(sid).unwrap().config(), config, "{sid:#x}");
     }
     assert_eq!(smmu.low_level().ste(0x18).unwrap().cd_table(), PhysAddr(0x4800_0000));
-    assert_eq!(smmu.attachments(nested).as_deref(), Ok(&[(0x18, 0)][..]));
+    assert_eq!(smmu.attached(nested).as_deref(), Ok(&[(0x18, 0)][..]));
     // Usable as any domain: a new mapping, then the hand-off finished (the unclaimed domain's stream aborts).
     smmu.map(s1, 0x5000, 0x8000_5000, 0x1000, RW).unwrap();
     assert_eq!(smmu.finish_handover(pool, BASE), Ok(FinishReport { unclaimed: 1 }));

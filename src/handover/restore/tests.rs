@@ -204,7 +204,7 @@ fn preserved_domains_come_back_by_token_with_their_tables_in_place() {
             "{sid:#x}"
         );
     }
-    assert_eq!(smmu.attachments(nested).as_deref(), Ok(&[(0x18, 0)][..]));
+    assert_eq!(smmu.attached(nested).as_deref(), Ok(&[(0x18, 0)][..]));
     // The restored domains work: map, unmap (with invalidation), and the parent cannot go before its child.
     smmu.map(s1, 0x5000, 0x8000_5000, 0x1000, RW).unwrap();
     assert_eq!(smmu.unmap(s1, 0x1000, 0x1000), Ok(0x1000));
@@ -444,27 +444,41 @@ fn a_region_beyond_this_image_is_refused_before_anything_changes() {
     assert!(smmu.retrieve(0x51).is_err());
 }
 
-/// The format has no cap on a record's streams (version 3); a domain of this image holds at most
-/// `MAX_ATTACHMENTS`. A record with more (its CRC valid) is refused by `check_limits`, before anything is taken,
-/// never rebuilt with some of its streams silently dropped.
+/// The format has no cap on a record's streams (version 3), nor on a stream's substreams; a stream of this image
+/// has at most `MAX_SUBSTREAMS_PER_STREAM` substreams attached. A record with more (its CRC valid) is refused by
+/// `check_limits`, before anything is taken, never rebuilt with some of them silently dropped.
 #[test]
-fn a_record_with_more_streams_than_a_domain_holds_is_refused_before_anything_changes() {
-    use crate::domain::MAX_ATTACHMENTS;
+fn a_record_with_more_substreams_of_a_stream_than_this_image_attaches_is_refused_before_anything_changes() {
+    use crate::domain::MAX_SUBSTREAMS_PER_STREAM;
     use crate::handover::StreamRecord;
     let frames = frames();
+    // An SMMU with substreams (SSIDSIZE 5, IDR1[10:6]), in both images.
+    let idr1 = crate::smmu::tests::IDRS[1].1 | 5 << 6;
     let mut region = Region::new();
-    first_image(&mut region, frames);
+    {
+        let model = Model::start_with_idrs(frames, crate::smmu::tests::IDRS[0].1, idr1);
+        let mut smmu = boot(&model, frames);
+        let pool = region.pool();
+        let d = arena_stage1(&mut smmu, pool);
+        smmu.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+        smmu.attach(d, 0x10).unwrap();
+        smmu.preserve(d, 0x51).unwrap();
+        smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
+        core::mem::forget(smmu);
+    }
     running::tamper(region.pool(), |instance| {
-        let r = instance.records.iter_mut().find(|r| r.token == 0x55).unwrap();
-        assert_eq!(r.kind, crate::handover::RecordKind::Stage2);
-        r.streams = (0..=MAX_ATTACHMENTS as u32)
-            .map(|i| StreamRecord {
-                sid: 0x40 + i,
-                ..StreamRecord::default()
-            })
+        let r = instance.records.iter_mut().find(|r| r.token == 0x51).unwrap();
+        // Its whole stream (with a CD table of 4 SubstreamID bits, which this SMMU has), then one substream more
+        // than a stream of this image holds.
+        let whole = StreamRecord {
+            cd_ssid_bits: 4,
+            ..r.streams[0]
+        };
+        r.streams = (0..=MAX_SUBSTREAMS_PER_STREAM as u32 + 1)
+            .map(|ssid| StreamRecord { ssid, ..whole })
             .collect();
     });
-    let model = Model::start(frames);
+    let model = Model::start_with_idrs(frames, crate::smmu::tests::IDRS[0].1, idr1);
     let smmu = boot(&model, frames);
     let pool = region.pool();
     let before = model.seen.lock().unwrap().consumed.len();
@@ -472,9 +486,9 @@ fn a_record_with_more_streams_than_a_domain_holds_is_refused_before_anything_cha
     assert_eq!(
         error,
         RestoreError::BeyondLimits {
-            token: 0x55,
-            what: "more streams in one record than a domain holds (MAX_ATTACHMENTS)",
-            value: MAX_ATTACHMENTS as u64 + 1
+            token: 0x51,
+            what: "more substreams of one stream than this image attaches, StreamID",
+            value: 0x10
         }
     );
     assert_eq!(issued_since(&model, before), [], "nothing installed, nothing to undo");
@@ -493,7 +507,7 @@ fn a_record_with_more_streams_than_a_domain_holds_is_refused_before_anything_cha
 /// [`MAX_ATTACHED_STREAMS`]: crate::domain::MAX_ATTACHED_STREAMS
 #[test]
 fn a_region_with_more_streams_than_this_image_can_hold_is_refused_before_any_ste_is_written() {
-    use crate::domain::{MAX_ATTACHED_STREAMS, MAX_ATTACHMENTS};
+    use crate::domain::MAX_ATTACHED_STREAMS;
     let frames = frames();
     let mut region = Region::new();
     {
@@ -509,15 +523,15 @@ fn a_region_with_more_streams_than_this_image_can_hold_is_refused_before_any_ste
         smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
         core::mem::forget(smmu);
     }
-    // The next image has every stream record in use already (stage-1 domains: no VMID shared with the record).
+    // The next image has every stream record in use already, all in one domain (stage 1: no VMID shared with
+    // the record).
     let model = Model::start(frames);
     let smmu = boot(&model, frames);
-    for k in 0..MAX_ATTACHED_STREAMS / MAX_ATTACHMENTS {
-        let d = smmu.create_stage1(frames, Stage1Options::default()).unwrap();
-        for j in 0..MAX_ATTACHMENTS {
-            smmu.attach(d, (0x100 + k * MAX_ATTACHMENTS + j) as u32).unwrap();
-        }
+    let d = smmu.create_stage1(frames, Stage1Options::default()).unwrap();
+    for j in 0..MAX_ATTACHED_STREAMS {
+        smmu.attach(d, (0x100 + j) as u32).unwrap();
     }
+    assert_eq!(smmu.attached(d).unwrap().len(), MAX_ATTACHED_STREAMS);
     let pool = region.pool();
     let before = model.seen.lock().unwrap().consumed.len();
     let error = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();

@@ -62,9 +62,8 @@ fn first_image(region: &mut Region, frames: &'static HeapFrames) -> Preserved {
     smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
     let root = |d: DomainId| smmu.domain_table(d).unwrap().root().0;
     let cd_table = smmu
-        .handover_records(BASE)
+        .handover_records(BASE, &mut std::vec![0; 1 << 16])
         .unwrap()
-        .instance()
         .records
         .first()
         .unwrap()
@@ -820,9 +819,8 @@ fn review_two_streams_naming_one_cd_table_are_refused() {
         smmu.preserve(d, S1).unwrap();
         smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
         let streams: std::vec::Vec<_> = smmu
-            .handover_records(BASE)
+            .handover_records(BASE, &mut std::vec![0; 1 << 16])
             .unwrap()
-            .instance()
             .records
             .first()
             .unwrap()
@@ -1012,9 +1010,8 @@ fn cd_tables_are_placed_and_kept_apart_in_every_verification_mode() {
             smmu.preserve(d, S1).unwrap();
             smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
             let streams: std::vec::Vec<_> = smmu
-                .handover_records(BASE)
+                .handover_records(BASE, &mut std::vec![0; 1 << 16])
                 .unwrap()
-                .instance()
                 .records
                 .first()
                 .unwrap()

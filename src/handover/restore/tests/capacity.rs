@@ -393,7 +393,7 @@ fn four_thousand_and_ninety_six_domains_are_preserved_and_restored() {
     for i in (0..N).step_by(7) {
         let d = smmu.retrieve(0x10_0000 + i).unwrap();
         assert_eq!(smmu.iova_to_phys(d, 0x1234), Ok(Some(output(i) + 0x234)), "domain {i}");
-        assert_eq!(smmu.attachments(d).as_deref(), Ok(&[(sid(i), 0)][..]));
+        assert_eq!(smmu.attached(d).as_deref(), Ok(&[(sid(i), 0)][..]));
         assert_eq!(
             smmu.low_level().ste(sid(i)).unwrap().config(),
             crate::hw::ste::Config::Stage2
@@ -412,6 +412,126 @@ fn four_thousand_and_ninety_six_domains_are_preserved_and_restored() {
         smmu.low_level().ste(sid(1)).unwrap().config(),
         crate::hw::ste::Config::Abort,
         "unclaimed"
+    );
+    core::mem::forget(smmu);
+}
+
+/// A VM given every function of a device (a physical function and its virtual functions: 300 streams in one
+/// stage-2 domain), beside a stage-1 domain with 260 streams, each with a CD table of its own, and substreams of
+/// the first: recorded (`handover_records` into a buffer, refused with the bytes it needs when the buffer is too
+/// small), prepared, restored with every STE installed and every attachment in the order it was made, the
+/// stage-2 domain retrieved, and the stage-1 one's 260 streams detached by finish.
+#[test]
+fn domains_with_hundreds_of_streams_are_preserved_and_restored() {
+    use crate::handover::format::FormatError;
+    use crate::handover::live::RecordError;
+    use crate::smmu::tests::IDRS;
+    use std::vec::Vec;
+    const VFS: u32 = 300;
+    const S1_STREAMS: u32 = 260;
+    let frames = frames();
+    // Substreams (SSIDSIZE 5, IDR1[10:6]), in both images.
+    let idr1 = IDRS[1].1 | 5 << 6;
+    let options = InitOptions {
+        attached_streams: 1024,
+        ..InitOptions::default()
+    };
+    let vf = |i: u32| 0x1000 + i;
+    let s1_sid = |i: u32| 0x2000 + i;
+    let vf_pairs: Vec<(u32, u32)> = (0..VFS).map(|i| (vf(i), 0)).collect();
+    let mut s1_pairs: Vec<(u32, u32)> = (0..S1_STREAMS).map(|i| (s1_sid(i), 0)).collect();
+    s1_pairs.extend((1..=3).map(|ssid| (s1_sid(0), ssid)));
+    let mut region = Region::with_pool_of(16 << 20);
+    {
+        let model = Model::start_with_idrs(frames, IDRS[0].1, idr1);
+        let smmu: Iommu<&'static HeapFrames> = model.smmu().init(frames, &options).unwrap();
+        let pool = region.pool();
+        let vm = smmu
+            .create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 })
+            .unwrap();
+        smmu.map(vm, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+        for i in 0..VFS {
+            smmu.attach(vm, vf(i)).unwrap();
+        }
+        let s1 = smmu
+            .create_stage1(
+                pool.take_memory().unwrap(),
+                Stage1Options {
+                    input_bits: 39,
+                    el2: false,
+                },
+            )
+            .unwrap();
+        smmu.map(s1, 0x1000, 0x8010_0000, 0x1000, RW).unwrap();
+        for i in 0..S1_STREAMS {
+            smmu.attach(s1, s1_sid(i)).unwrap();
+        }
+        for ssid in 1..=3 {
+            smmu.attach_substream(s1, s1_sid(0), ssid).unwrap();
+        }
+        smmu.preserve(vm, 0x71).unwrap();
+        smmu.preserve(s1, 0x72).unwrap();
+
+        let mut small = [0u8; 256];
+        assert!(matches!(
+            smmu.handover_records(BASE, &mut small),
+            Err(RecordError::Format(FormatError::BufferTooSmall { .. }))
+        ));
+        let mut buffer = std::vec![0u8; 64 << 10];
+        let records = smmu.handover_records(BASE, &mut buffer).unwrap();
+        let streams_of = |token| -> Vec<(u32, u32)> {
+            let r = records.records.iter().find(|r| r.token == token).unwrap();
+            r.streams.iter().map(|s| (s.sid, s.ssid)).collect()
+        };
+        assert_eq!(streams_of(0x71), vf_pairs);
+        assert_eq!(streams_of(0x72), s1_pairs);
+        let s1_record = records.records.iter().find(|r| r.token == 0x72).unwrap();
+        let mut cd_tables: Vec<u64> = s1_record.streams.iter().map(|s| s.cd_table).collect();
+        assert!(cd_tables.iter().all(|&t| t != 0));
+        cd_tables.sort_unstable();
+        cd_tables.dedup();
+        assert_eq!(
+            cd_tables.len(),
+            S1_STREAMS as usize,
+            "a CD table a stream, its substreams in it"
+        );
+
+        smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
+        core::mem::forget(smmu);
+    }
+    let model = Model::start_with_idrs(frames, IDRS[0].1, idr1);
+    let smmu: Iommu<&'static HeapFrames> = model.smmu().init(frames, &options).unwrap();
+    let pool = region.pool();
+    let report = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap();
+    assert_eq!(
+        (report.domains, report.streams),
+        (2, VFS + S1_STREAMS + 3),
+        "every stream and substream (the CD tables walked beside the page tables)"
+    );
+    let vm = smmu.retrieve(0x71).unwrap();
+    assert_eq!(smmu.attached(vm).unwrap(), vf_pairs);
+    for i in 0..VFS {
+        assert_eq!(
+            smmu.low_level().ste(vf(i)).unwrap().config(),
+            crate::hw::ste::Config::Stage2
+        );
+    }
+    assert_eq!(
+        smmu.low_level().ste(s1_sid(S1_STREAMS - 1)).unwrap().config(),
+        crate::hw::ste::Config::Stage1
+    );
+    assert_eq!(smmu.finish_handover(pool, BASE), Ok(FinishReport { unclaimed: 1 }));
+    for i in 0..S1_STREAMS {
+        assert_eq!(
+            smmu.low_level().ste(s1_sid(i)).unwrap().config(),
+            crate::hw::ste::Config::Abort,
+            "stream {i} of the unclaimed domain"
+        );
+    }
+    assert_eq!(
+        smmu.domains.book.lock().free_nodes.len(),
+        1024 * 8 - VFS as usize,
+        "the unclaimed domain's nodes back"
     );
     core::mem::forget(smmu);
 }

@@ -126,7 +126,7 @@ fn finding5_a_restore_refuses_a_substream_of_a_stream_another_record_holds() {
     if restored.is_ok() {
         let strw = smmu.low_level().ste(0x10).unwrap().0[1] >> 30 & 0b11;
         let d = smmu.retrieve(0x62).unwrap();
-        let attachments = smmu.attachments(d).unwrap().to_vec();
+        let attachments = smmu.attached(d).unwrap().to_vec();
         let before = model.seen.lock().unwrap().commands.len();
         smmu.unmap(d, 0x1000, 0x1000).unwrap();
         let issued = issued_since(&model, before);
@@ -434,7 +434,7 @@ fn a_running_hand_off_translates_only_preserved_streams_and_freezes_the_stream_c
             "stream {sid:#x}"
         );
     }
-    assert_eq!(first.attachments(other).as_deref(), Ok(&[][..]));
+    assert_eq!(first.attached(other).as_deref(), Ok(&[][..]));
     for e in [
         std::format!("{frozen}"),
         std::format!("{}", AttachError::StreamsFrozen { generation: 3 }),

@@ -67,7 +67,7 @@ fn a_restore_never_puts_two_el2_domains_in_use() {
         "no STE installed"
     );
     assert_eq!(
-        smmu.attachments(mine).as_deref(),
+        smmu.attached(mine).as_deref(),
         Ok(&[(0x11, 0)][..]),
         "this image's domain untouched"
     );
