@@ -275,7 +275,7 @@ fn a_dma_in_flight_across_a_warm_reset_never_lands_at_pa_equal_iova() {
 }
 
 /// `lu-scale`: 1,024 preserved domains, each with a stream of its own spread across the StreamID space, and edu in
-/// the first, DMA-ing before and after a warm reset; the next image restores them all with every table walked
+/// the first, DMA-ing before and after a warm reset, with 255 more streams (257 in one domain); the next image restores them all with every table walked
 /// (and prints how long), retrieves a sample, and finish frees the rest. Virt (nested) and sbsa-ref.
 #[test]
 fn lu_scale_on_virt_and_sbsa_ref() {
@@ -283,8 +283,8 @@ fn lu_scale_on_virt_and_sbsa_ref() {
         let outcome = run(board, Stage::Nested, &["lu-scale"]);
         assert_reset_and_restored(&outcome, &["lu-scale"]);
         outcome.assert_console_shows(&[
-            "domains preserved, each with a stream of its own across 16 StreamID bits",
-            "restored 1024 domain(s) and 1025 stream(s), every table walked, in",
+            "domains preserved, each with a stream of its own across 16 StreamID bits (edu's and 255 more in the first: 257 streams in one domain)",
+            "restored 1024 domain(s) and 1280 stream(s), every table walked, in",
             "28 domains retrieved and checked",
             "finish freed the other 996",
         ]);
@@ -300,8 +300,8 @@ fn lu_scale_across_a_running_hand_off_on_virt_and_sbsa_ref() {
         let outcome = run(board, Stage::Nested, &["lu-scale-noreset"]);
         outcome.assert_passed(&["lu-scale-noreset"]);
         outcome.assert_console_shows(&[
-            "domains preserved with the SMMU running, each with a stream of its own across 12 StreamID bits",
-            "new image: SMMU adopted translating; restored 1024 domain(s) and 1025 stream(s), every table walked, in",
+            "domains preserved with the SMMU running, each with a stream of its own across 12 StreamID bits (edu's, a DMA in flight, and 255 more in the first: 257 streams in one domain)",
+            "new image: SMMU adopted translating; restored 1024 domain(s) and 1280 stream(s), every table walked, in",
             "28 domains retrieved and checked (both of edu's DMAs landed); finish freed the other 996",
         ]);
     }

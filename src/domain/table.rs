@@ -669,13 +669,21 @@ impl AttachedStreams {
     /// Room for `capacity` streams, in blocks of `allocator`.
     ///
     /// # Errors
-    /// The allocator's.
+    /// The allocator's (nothing kept).
     pub(crate) fn new(allocator: &dyn FrameAllocator, capacity: usize) -> Result<Self, AllocError> {
-        Ok(AttachedStreams {
-            records: Storage::new(allocator, capacity, |_| None)?,
-            len: 0,
-            by_sid: Index::with_placeholder(allocator, capacity, 0)?,
-        })
+        let records = Storage::new(allocator, capacity, |_| None)?;
+        match Index::with_placeholder(allocator, capacity, 0) {
+            Ok(by_sid) => Ok(AttachedStreams {
+                records,
+                len: 0,
+                by_sid,
+            }),
+            Err(e) => {
+                // SAFETY: from `allocator`, just above; nothing in it.
+                unsafe { records.release(allocator) };
+                Err(e)
+            }
+        }
     }
 
     /// Nothing, no room, no block.
@@ -792,6 +800,34 @@ mod tests {
 
     use super::*;
     use crate::testing::HeapFrames;
+
+    /// The bookkeeping comes in five blocks; an allocator that runs out at any of them gets every earlier one
+    /// back (nothing leaks), and one with room for all holds exactly them until `release`.
+    #[test]
+    fn bookkeeping_that_does_not_fit_gives_back_what_it_took() {
+        let whole = HeapFrames::default();
+        let domains = Domains::<64>::new(&whole, None, 300).unwrap();
+        let blocks = whole.live_blocks();
+        assert_eq!(blocks, 6, "slots, nodes, streams and their index, two token indexes");
+        assert_eq!(domains.book.lock().free_nodes.len(), 300 * 8);
+        assert_eq!(domains.book.lock().streams.capacity(), 300);
+        // SAFETY: from `whole`.
+        unsafe { domains.release(&whole) };
+        assert_eq!(whole.live_blocks(), 0);
+        let mut failures = 0;
+        for limit in (0..400_000).step_by(4096) {
+            let frames = HeapFrames::with_limit(limit);
+            match Domains::<64>::new(&frames, None, 300) {
+                Ok(domains) => {
+                    // SAFETY: from `frames`.
+                    unsafe { domains.release(&frames) };
+                }
+                Err(_) => failures += 1,
+            }
+            assert_eq!(frames.live_blocks(), 0, "with {limit} bytes");
+        }
+        assert!(failures > 3, "the limits reached past the first block");
+    }
 
     /// The attached streams against a `Vec` model: pushes, removals from anywhere (the last one moving into the
     /// hole), retains; every stream found where the model has it, every absent one not found.

@@ -4,7 +4,8 @@
 //! `lu-scale`: The first image preserves [`DOMAINS`] domains, each with a stream
 //! of its own spread across the StreamID space (STEs for streams that have no device: nothing DMAs through them,
 //! but each is installed, recorded, restored and aborted like a device's), and edu's stream in the first of them,
-//! DMA-ing before the hand-off (a warm reset) and after it. The next image restores them all (every table walked),
+//! DMA-ing before the hand-off (a warm reset) and after it, and [`EXTRA_STREAMS`] more in that domain (257 streams
+//! in one domain: a physical function and its virtual functions' worth). The next image restores them all (every table walked),
 //! prints how long that took, retrieves a sample (every [`SAMPLE`]th domain and edu's), checks their translations
 //! and STEs, DMAs through edu's again, and finish frees the rest.
 
@@ -35,6 +36,16 @@ const fn token(i: usize) -> u64 {
 }
 /// The IOVA of each domain's own page.
 const IOVA_OWN: u64 = 0x4000_0000;
+/// Streams the first domain holds beside edu's and its own (each with an STE, no device behind it): 257 in all.
+const EXTRA_STREAMS: usize = 255;
+
+/// The options of both images: room for every domain's stream and the first domain's extra ones.
+fn with_room(options: InitOptions) -> InitOptions {
+    InitOptions {
+        attached_streams: DOMAINS + EXTRA_STREAMS + 1,
+        ..options
+    }
+}
 
 type Scaled = Iommu<Frames, CAPACITY>;
 
@@ -42,7 +53,7 @@ type Scaled = Iommu<Frames, CAPACITY>;
 fn start(context: &Context) -> Result<Scaled, Failure> {
     let smmu = super::smmu(context)?;
     let mut s: Scaled = smmu
-        .init_with_capacity(Frames, &InitOptions::default())
+        .init_with_capacity(Frames, &with_room(InitOptions::default()))
         .or_else(|e| fail!("{e}"))?;
     declare(&mut s)?;
     Ok(s)
@@ -54,6 +65,14 @@ fn stream_of(i: usize, sid_bits: u8, edu: u32) -> u32 {
     let step = (span / DOMAINS as u64).max(1);
     let sid = ((i as u64 * step + (i as u64 % step.max(1)) / 2) % span) as u32;
     if sid == edu { sid ^ 1 } else { sid }
+}
+
+/// The first domain's `k`th extra stream: the last StreamID of domain `k + 1`'s step, which [`stream_of`] never
+/// takes (it stays in the first half of each step), in a level-2 span that stream made already.
+fn extra_stream(k: usize, sid_bits: u8) -> u32 {
+    let span = 1u64 << sid_bits.min(24);
+    let step = (span / DOMAINS as u64).max(1);
+    ((k as u64 + 1) * step + step - 1) as u32
 }
 
 fn sid_bits<A: smmuv3::FrameAllocator>(s: &Iommu<A, CAPACITY>) -> u8 {
@@ -107,6 +126,16 @@ fn build<A: smmuv3::FrameAllocator>(
             s.map(d, IOVA_DESTINATION, destination, 4096, RW)
                 .or_else(|e| fail!("{e}"))?;
             s.attach(d, edu_sid).or_else(|e| fail!("{e}"))?;
+            if (1u64 << bits.min(24)) / (DOMAINS as u64) < 4 {
+                fail!("{bits} StreamID bits leave no room for the extra streams")
+            }
+            for k in 0..EXTRA_STREAMS {
+                let sid = extra_stream(k, bits);
+                if sid == edu_sid {
+                    fail!("extra stream {k} is edu's ({sid:#x})")
+                }
+                s.attach(d, sid).or_else(|e| fail!("extra stream {sid:#x}: {e}"))?;
+            }
             dma(edu, source, IOVA_DESTINATION, destination, seed)?;
         }
         s.preserve(d, token(i)).or_else(|e| fail!("domain {i}: {e}"))?;
@@ -123,7 +152,7 @@ fn check_sample<A: smmuv3::FrameAllocator>(
     bits: u8,
     edu_sid: u32,
 ) -> Result<usize, Failure> {
-    if report.domains as usize != DOMAINS || report.streams as usize != DOMAINS + 1 {
+    if report.domains as usize != DOMAINS || report.streams as usize != DOMAINS + 1 + EXTRA_STREAMS {
         fail!("{} domains and {} streams restored", report.domains, report.streams)
     }
     let mut retrieved = 0;
@@ -132,10 +161,19 @@ fn check_sample<A: smmuv3::FrameAllocator>(
         if s.iova_to_phys(d, IOVA_OWN + 0x10).ok().flatten() != Some(own + 0x10) {
             fail!("domain {i}: IOVA {IOVA_OWN:#x} no longer maps PA {own:#x}")
         }
-        let sid = stream_of(i, bits, edu_sid);
-        let config = s.low_level().ste(sid).map(|ste| ste.config());
-        if config.is_err() || config == Ok(smmuv3::hw::ste::Config::Abort) {
-            fail!("domain {i}: stream {sid:#x}'s STE does not translate")
+        let extra = (i == 0).then_some(0..EXTRA_STREAMS).into_iter().flatten();
+        for sid in core::iter::once(stream_of(i, bits, edu_sid)).chain(extra.map(|k| extra_stream(k, bits))) {
+            let config = s.low_level().ste(sid).map(|ste| ste.config());
+            if config.is_err() || config == Ok(smmuv3::hw::ste::Config::Abort) {
+                fail!("domain {i}: stream {sid:#x}'s STE does not translate")
+            }
+        }
+        if i == 0 {
+            let mut first = [(0, 0); 2];
+            let held = s.attachments(d, &mut first).or_else(|e| fail!("{e}"))?;
+            if held != 2 + EXTRA_STREAMS || first != [(stream_of(0, bits, edu_sid), 0), (edu_sid, 0)] {
+                fail!("the first domain holds {held} streams, first {first:x?}")
+            }
         }
         retrieved += 1;
     }
@@ -181,7 +219,8 @@ pub fn lu_scale(context: &mut Context) -> Result<(), Failure> {
                 .prepare_handover(&POOL, smmu_base(context), 1, &surviving())
                 .or_else(|e| fail!("{e}"))?;
             println!(
-                "  {DOMAINS} {kind} domains preserved, each with a stream of its own across {bits} StreamID bits (edu's in the first), built in {built} us; prepared in {} us ({bytes} bytes of records)",
+                "  {DOMAINS} {kind} domains preserved, each with a stream of its own across {bits} StreamID bits (edu's and {EXTRA_STREAMS} more in the first: {} streams in one domain), built in {built} us; prepared in {} us ({bytes} bytes of records)",
+                EXTRA_STREAMS + 2,
                 time::to_us(time::ticks() - t0)
             );
             reset_with(s, note_data(&[own, source, destination]))
@@ -235,7 +274,7 @@ pub fn lu_scale_noreset(context: &mut Context) -> Result<(), Failure> {
         let smmu = super::smmu(context)?;
         let core = core_window()?;
         let mut s: Iommu<&'static HandoverMemory, CAPACITY> = smmu
-            .init_with_capacity(core, &running_options())
+            .init_with_capacity(core, &with_room(running_options()))
             .or_else(|e| fail!("{e}"))?;
         declare(&mut s)?;
         let kind = preferred_kind(s.features());
@@ -252,7 +291,8 @@ pub fn lu_scale_noreset(context: &mut Context) -> Result<(), Failure> {
         edu.start_dma(Direction::FromDevice, IOVA_DESTINATION, 0, super::domains::LEN as u64)
             .or_else(|e| fail!("{e}"))?;
         println!(
-            "  {DOMAINS} {kind} domains preserved with the SMMU running, each with a stream of its own across {bits} StreamID bits (edu's in the first, a DMA in flight); prepared in {prepared} us ({bytes} bytes of records)"
+            "  {DOMAINS} {kind} domains preserved with the SMMU running, each with a stream of its own across {bits} StreamID bits (edu's, a DMA in flight, and {EXTRA_STREAMS} more in the first: {} streams in one domain); prepared in {prepared} us ({bytes} bytes of records)",
+            EXTRA_STREAMS + 2
         );
         use core::sync::atomic::Ordering::Relaxed;
         crate::power::set_live_update_note(Some(crate::power::LiveUpdateNote {
@@ -278,7 +318,7 @@ pub fn lu_scale_noreset(context: &mut Context) -> Result<(), Failure> {
         fail!("the handover region names no running SMMU")
     };
     let mut s: Iommu<&'static HandoverMemory, CAPACITY> = smmu
-        .adopt_running_with_capacity(core, &running_options(), &running)
+        .adopt_running_with_capacity(core, &with_room(running_options()), &running)
         .or_else(|e| fail!("{e}"))?;
     declare(&mut s)?;
     edu.wait_dma().or_else(|e| fail!("{e}"))?;
@@ -310,6 +350,9 @@ pub fn lu_scale_noreset(context: &mut Context) -> Result<(), Failure> {
         s.detach(sid).or_else(|e| fail!("{e}"))?;
         if i == 0 {
             s.detach(edu_sid).or_else(|e| fail!("{e}"))?;
+            for k in 0..EXTRA_STREAMS {
+                s.detach(extra_stream(k, bits)).or_else(|e| fail!("{e}"))?;
+            }
         }
     }
     match s.shutdown(false) {
