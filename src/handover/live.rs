@@ -6,7 +6,7 @@ use super::{
     DomainRecord, Entries, EntrySource, Extent, GuestRecord, InstanceRecords, RecordKind, Records, SmmuIdentity,
     StreamRecord, TableShape,
 };
-use crate::domain::{Book, DomainId, DomainState, Domains, Iommu, Storage, Translation};
+use crate::domain::{Book, DomainId, DomainState, Domains, Iommu, StateMut, Storage, Translation};
 use crate::hw::ste::{CdTableLayout, DefaultSubstream};
 use crate::mem::FrameAllocator;
 use crate::pgtable::IoPageTable;
@@ -100,13 +100,15 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
 
     /// The records of every preserved domain as they stand now (parents before the nested domains under them),
     /// written into `out` in the region's record format and returned as a view of it: what
-    /// [`Iommu::prepare_handover`] would record, for tests and tools. Every preserved domain is read-locked
-    /// while its record is written, all at once (one consistent picture), then unlocked.
+    /// [`Iommu::prepare_handover`] would record, for tests and tools. It allocates nothing (so it answers after a
+    /// prepared hand-off too, whose memory is sealed). Under the bookkeeping (no domain is preserved, unpreserved,
+    /// attached or detached meanwhile, so what links records, a nested domain's parent, stays), each domain is
+    /// read-locked while its record is written, one at a time: a record is one domain as it stood then.
     ///
     /// # Errors
     /// [`RecordError::Format`] ([`FormatError::BufferTooSmall`], with the bytes needed so far) when the records do
-    /// not fit `out`; [`RecordError::TooMany`] when there is no memory to hold the domains' locks; the other
-    /// [`RecordError`]s for a domain that cannot be recorded. Nothing is changed anywhere but `out`.
+    /// not fit `out`; the other [`RecordError`]s for a domain that cannot be recorded. Nothing is changed anywhere
+    /// but `out`.
     pub fn handover_records<'b>(
         &self,
         register_base: u64,
@@ -114,27 +116,12 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     ) -> Result<InstanceRecords<'b>, RecordError> {
         // No attach or detach half-way: each is waited for.
         let book = self.book_quiet();
-        let allocator = self.domains.bookkeeping_allocator(self.allocator());
-        // Read-locked in slot order (the lock order), all at once.
-        let mut held = Storage::new(allocator, book.tokens.len(), |_| None)
-            .map_err(|_| RecordError::TooMany("preserved domains (no memory to hold their locks)"))?;
-        for (slot, (_, id)) in held.iter_mut().zip(self.domains.preserved()) {
-            *slot = self.domains.get(id).ok().map(|state| (id, state));
-        }
         let identity = self.handover_identity(register_base);
-        let written = RegionWriter::new(&mut *out, 1)
-            .and_then(|mut writer| {
-                writer.instance(&identity)?;
-                Ok(writer)
-            })
-            .map_err(RecordError::Format)
-            .and_then(|mut writer| {
-                self.write_preserved(&mut writer, &book, &Held(&held))?;
-                Ok((writer.len(), writer.records()))
-            });
-        // SAFETY: `held` came from this allocator, just above; its guards are dropped (unlocking) first.
-        unsafe { held.release(allocator) };
-        let (len, count) = written?;
+        let mut writer = RegionWriter::new(&mut *out, 1).map_err(RecordError::Format)?;
+        writer.instance(&identity).map_err(RecordError::Format)?;
+        self.write_preserved(&mut writer, &book, None)?;
+        let (len, count) = (writer.len(), writer.records());
+        drop(book);
         let out: &'b [u8] = out;
         Ok(InstanceRecords {
             identity,
@@ -146,46 +133,77 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         })
     }
 
-    /// Writes the records of the preserved domains `held` (locked by the caller, who holds the bookkeeping,
-    /// `book`) through `writer`: parents (stage 1 and stage 2) first, then nested domains, so that a reader meets
-    /// a parent before its children.
-    pub(crate) fn write_preserved<G: core::ops::Deref<Target = DomainState>>(
+    /// Writes the records of the preserved domains through `writer` (the caller holds the bookkeeping, `book`):
+    /// parents (stage 1 and stage 2) first, then nested domains, so that a reader meets a parent before its
+    /// children. From `held` when the caller holds every preserved domain locked (`prepare_handover`); else each
+    /// domain read-locked in turn, in slot order (a nested domain's parent before it, never under its lock).
+    pub(crate) fn write_preserved(
         &self,
         writer: &mut RegionWriter<'_>,
         book: &Book<D>,
-        held: &Held<'_, G>,
+        held: Option<&Held<'_, StateMut<'_>>>,
     ) -> Result<(), RecordError> {
         for nested_pass in [false, true] {
-            for (id, state) in held.iter() {
-                let Some(token) = state.token else { continue };
-                if matches!(state.translation, Translation::Nested { .. }) != nested_pass {
+            if let Some(held) = held {
+                for (id, state) in held.iter() {
+                    if matches!(state.translation, Translation::Nested { .. }) != nested_pass {
+                        continue;
+                    }
+                    let parent_token = match state.translation {
+                        Translation::Nested { parent, .. } => held.get(parent).and_then(|p| p.token),
+                        _ => None,
+                    };
+                    self.write_record(writer, book, id, state, parent_token)?;
+                }
+                continue;
+            }
+            for (_, id) in self.domains.preserved() {
+                let parent = match self.domains.get(id) {
+                    Ok(state) => match state.translation {
+                        Translation::Nested { parent, .. } => Some(parent),
+                        _ => None,
+                    },
+                    Err(_) => continue,
+                };
+                if parent.is_some() != nested_pass {
                     continue;
                 }
-                let parent = match state.translation {
-                    Translation::Nested { parent, .. } => {
-                        Some(held.get(parent).ok_or(RecordError::ParentNotPreserved(id))?)
-                    }
-                    _ => None,
-                };
-                let (head, extents) = self.record_of(book, token, id, state, parent)?;
-                let streams = AttachedStreamsOf {
-                    domains: &self.domains,
-                    state,
-                    book,
-                };
-                let record = DomainRecord {
-                    streams: Entries::from_source(&streams, state.attachments.len()),
-                    extents,
-                    ..head
-                };
-                writer.record(&record).map_err(RecordError::Format)?;
+                // The parent's token read under its own lock, before the child's is taken (the lock order).
+                let parent_token = parent.and_then(|p| self.domains.get(p).ok()?.token);
+                let Ok(state) = self.domains.get(id) else { continue };
+                self.write_record(writer, book, id, &state, parent_token)?;
             }
         }
         Ok(())
     }
 
-    /// The record of preserved domain `id` (`state`, under `token`; `parent` its stage-2 parent's state for a
-    /// nested domain) but its streams ([`AttachedStreamsOf`]), with its memory's runs (read from the memory as
+    /// Writes the record of preserved domain `id` (`state`, locked by the caller; `parent_token` its stage-2
+    /// parent's token for a nested domain), its streams read from its attachments as they are written.
+    fn write_record(
+        &self,
+        writer: &mut RegionWriter<'_>,
+        book: &Book<D>,
+        id: DomainId,
+        state: &DomainState,
+        parent_token: Option<u64>,
+    ) -> Result<(), RecordError> {
+        let Some(token) = state.token else { return Ok(()) };
+        let (head, extents) = self.record_of(book, token, id, state, parent_token)?;
+        let streams = AttachedStreamsOf {
+            domains: &self.domains,
+            state,
+            book,
+        };
+        let record = DomainRecord {
+            streams: Entries::from_source(&streams, state.attachments.len()),
+            extents,
+            ..head
+        };
+        writer.record(&record).map_err(RecordError::Format)
+    }
+
+    /// The record of preserved domain `id` (`state`, under `token`; `parent_token` its stage-2 parent's token for
+    /// a nested domain: `None` when the parent is not preserved) but its streams ([`AttachedStreamsOf`]), with its memory's runs (read from the memory as
     /// they are iterated), once its streams are checked.
     pub(crate) fn record_of(
         &self,
@@ -193,7 +211,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         token: u64,
         id: DomainId,
         state: &DomainState,
-        parent: Option<&DomainState>,
+        parent_token: Option<u64>,
     ) -> Result<(DomainRecord<'static>, Entries<'static, Extent>), RecordError> {
         let mut record = DomainRecord {
             token,
@@ -226,14 +244,11 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             }
             // Never preserved: a domain without a table has no handover memory.
             Translation::Fixed(_) => return Err(RecordError::NotHandoverMemory(id)),
-            Translation::Nested { guest, .. } => {
-                let parent_state = parent.ok_or(RecordError::ParentNotPreserved(id))?;
-                let Translation::Stage2 { vmid, .. } = parent_state.translation else {
-                    return Err(RecordError::ParentNotPreserved(id));
-                };
+            Translation::Nested { guest, vmid, .. } => {
                 record.kind = RecordKind::Nested;
-                record.vmid = vmid;
-                record.parent_token = Some(parent_state.token.ok_or(RecordError::ParentNotPreserved(id))?);
+                // The parent's VMID, as the nested domain recorded it at creation.
+                record.vmid = *vmid;
+                record.parent_token = Some(parent_token.ok_or(RecordError::ParentNotPreserved(id))?);
                 record.guest = Some(GuestRecord {
                     cd_table_ipa: guest.cd_table,
                     cd_max_log2: guest.cd_max_log2,

@@ -291,10 +291,11 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                 }
             }
             writer.instance(&identity).map_err(PrepareError::Format)?;
-            self.write_preserved(&mut writer, book, states).map_err(|e| match e {
-                RecordError::Format(e) => PrepareError::Format(e),
-                e => PrepareError::Records(e),
-            })?;
+            self.write_preserved(&mut writer, book, Some(states))
+                .map_err(|e| match e {
+                    RecordError::Format(e) => PrepareError::Format(e),
+                    e => PrepareError::Records(e),
+                })?;
             writer
                 .finish(generation, region, pool_extent)
                 .map_err(PrepareError::Format)?

@@ -747,6 +747,7 @@ mod prepare;
 mod refused;
 mod review3;
 mod running;
+mod streams;
 
 #[allow(unused_imports)]
 use {findings::*, prepare::*, refused::*, running::*};
