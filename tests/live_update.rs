@@ -36,6 +36,40 @@ fn lu_s1_on_a_stage_1_smmu() {
     ]);
 }
 
+/// The firmware saves the handover region's records to the host at the hand-off (`dump-handover`, what
+/// `cargo xtask qemu --dump-handover FILE` asks for), and the host decodes them with the driver's own format code:
+/// one stage-1 record holding edu's stream, in this board's pool. Virt and sbsa-ref (fw_cfg and the semihosting
+/// command line carry the path).
+#[test]
+fn the_region_saved_at_the_hand_off_decodes_on_the_host() {
+    for board in [Board::QemuVirt, Board::SbsaRef] {
+        let dir = smmuv3_harness::workspace_root().join("target/handover-dumps");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{}-{}.bin", board.name(), std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let mut run = Run::new(board, Stage::Nested, &["lu-s1"]);
+        run.settings.push(("dump-handover".into(), path.display().to_string()));
+        let outcome = run.boot();
+        assert_reset_and_restored(&outcome, &["lu-s1"]);
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}\n{}", path.display(), outcome.report()));
+        outcome.assert_console_shows(&[&format!(
+            "handover region: {} bytes saved to {}",
+            bytes.len(),
+            path.display()
+        )]);
+        let header = smmuv3::handover::format::peek_header(&bytes).unwrap();
+        let mut scratch = vec![0u64; smmuv3::handover::format::scratch_words(bytes.len())];
+        let region = smmuv3::handover::format::decode(&bytes, header.pool, &mut scratch).unwrap();
+        let records = &region.instances[0].records;
+        assert_eq!(records.len(), 1);
+        let record = records.first().unwrap();
+        assert_eq!(record.kind, smmuv3::handover::RecordKind::Stage1);
+        let sids: Vec<u32> = record.streams.iter().map(|s| s.sid).collect();
+        assert_eq!(sids, [board.edu_stream_id()]);
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
 #[test]
 fn lu_s2_on_a_stage_2_smmu() {
     let outcome = run(Board::QemuVirt, Stage::Two, &["lu-s2"]);

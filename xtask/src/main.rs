@@ -9,42 +9,97 @@ mod dump;
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
-use smmuv3_harness::{Board, GERROR_TRACE_EVENT, Outcome, Run, Stage, build_firmware, ensure_qemu};
+use smmuv3_harness::{Board, GERROR_TRACE_EVENT, Outcome, Run, Stage, VirtioDisk, build_firmware, ensure_qemu};
 
-const USAGE: &str = "\
-usage: cargo xtask <command>
-
-commands:
+/// Each command and its usage (what `cargo xtask <command> --help` prints).
+const COMMANDS: [(&str, &str); 6] = [
+    (
+        "qemu",
+        "\
   qemu [--board qemu-virt|sbsa-ref] [--stage 1|2|nested] [--smp N] [--scenarios a,b] [--timeout SECONDS]
-       [-- EXTRA QEMU ARGS]
+       [--dump-handover FILE] [-- EXTRA QEMU ARGS]
         build the firmware and boot it under QEMU (default: board qemu-virt, stage nested, 1 CPU, the firmware's
         default scenarios); --smp N gives the machine N CPUs (1-8), which the scenarios that use every CPU start
         through PSCI CPU_ON (smp-hello); exits 0 when every scenario asked printed SCENARIO … PASS and the firmware's RESULT line says
         PASS, else with the firmware's status (or 1). sbsa-ref's SMMU is always nested. A `-D FILE` among the
-        extra arguments keeps QEMU's trace (with the SMMU events the summary counts) in FILE
+        extra arguments keeps QEMU's trace (with the SMMU events the summary counts) in FILE. The machine gets
+        the devices the scenarios need (printed before the command line): edu on the root bus, a second edu behind
+        a root port for isolation and smp-dma, a virtio-blk disk for virtio-dma (its image checked after the run),
+        and the next image for the running hand-offs. An empty --scenarios list is refused. --dump-handover FILE
+        saves the handover region's records to FILE (on the host, through semihosting) when a scenario hands off
+        (a warm reset or a jump into the next image), for `cargo xtask handover-dump FILE`; the run fails when no
+        hand-off saved it",
+    ),
+    (
+        "test",
+        "\
   test  check the prerequisites (installing QEMU from Debian bookworm-backports when root), then run
         rustfmt --check, every host and QEMU test, the loom models, and clippy for the host and
-        aarch64-unknown-none
-  build build the firmware of every board (release, aarch64-unknown-none)
+        aarch64-unknown-none",
+    ),
+    (
+        "build",
+        "\
+  build build the firmware of every board (release, aarch64-unknown-none)",
+    ),
+    (
+        "bench",
+        "\
   bench [--quick]
         run the page-table benchmarks (criterion, host, release) and print ours / aarch64-paging / memset with the
         ratios, then the domain-table and live-update benchmarks (preserve, prepare_handover, a verified and a
         trusted restore against what each scales with, and a plain read of the same table bytes), then the
         every-CPU table (map + unmap by 1 and 2 threads through one shared Iommu, the command queue with 1 and 2
-        submitters, 4 and 8 as figures); --quick keeps the whole run to a few minutes
+        submitters, 4 and 8 as figures); --quick keeps the whole run to a few minutes",
+    ),
+    (
+        "fuzz",
+        "\
   fuzz [--seconds N] [--seed S]
         fuzz live update (stable Rust, release build) for N seconds (default 180), half on the handover region
         decoder (mutated valid regions and random bytes), half on whole restores of a real first image's region
         with its records and preserved tables and CDs mutated; prints cases per second and the refusals by
         cause, saves failing inputs under target/fuzz-failures and exits 1 when a case failed (a panic, a valid
         region refused, a region accepted with memory outside its pool, or a restore accepted whose installed
-        STEs lead a walk outside its domain's extents or the memory declared DMA-able)
+        STEs lead a walk outside its domain's extents or the memory declared DMA-able)",
+    ),
+    (
+        "handover-dump",
+        "\
   handover-dump FILE
         decode a raw handover region dump with the pool its own header names, print the header, each SMMU
-        instance's identity and each record, and what validation concluded (exit 1 when it refused the region)";
+        instance's identity and each record, and what validation concluded (exit 1 when it refused the region)",
+    ),
+];
+
+/// The whole usage: every command's.
+fn usage() -> String {
+    let mut text = String::from("usage: cargo xtask <command> [--help]\n\ncommands:\n");
+    for (_, block) in COMMANDS {
+        text.push_str("  ");
+        text.push_str(block);
+        text.push('\n');
+    }
+    text
+}
+
+/// Whether `args` (a command's, up to a `--` that starts QEMU's own) ask for help.
+fn asks_help(args: &[String]) -> bool {
+    args.iter()
+        .take_while(|a| *a != "--")
+        .any(|a| a == "-h" || a == "--help")
+}
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some((_, block)) = args
+        .first()
+        .and_then(|verb| COMMANDS.iter().find(|(name, _)| name == verb))
+        && asks_help(&args[1..])
+    {
+        println!("usage: cargo xtask {block}");
+        return ExitCode::SUCCESS;
+    }
     let result = match args.first().map(String::as_str) {
         Some("qemu") => qemu(&args[1..]),
         Some("test") => test(&args[1..]),
@@ -53,10 +108,10 @@ fn main() -> ExitCode {
         Some("fuzz") => fuzz(&args[1..]),
         Some("handover-dump") => handover_dump(&args[1..]),
         Some("-h" | "--help" | "help") => {
-            println!("{USAGE}");
+            println!("{}", usage());
             Ok(ExitCode::SUCCESS)
         }
-        other => Err(format!("unknown command {other:?}\n{USAGE}")),
+        other => Err(format!("unknown command {other:?}\n{}", usage())),
     };
     match result {
         Ok(code) => code,
@@ -80,6 +135,7 @@ fn qemu(args: &[String]) -> Result<ExitCode, String> {
     let mut timeout = Duration::from_secs(300);
     let mut smp = 1;
     let mut extra = Vec::new();
+    let mut dump: Option<std::path::PathBuf> = None;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -91,14 +147,8 @@ fn qemu(args: &[String]) -> Result<ExitCode, String> {
                 let name = value(&mut it, arg)?;
                 stage = Stage::from_name(name).ok_or_else(|| format!("unknown stage {name:?} (1, 2 or nested)"))?;
             }
-            "--scenarios" => {
-                scenarios.extend(
-                    value(&mut it, arg)?
-                        .split(',')
-                        .filter(|s| !s.is_empty())
-                        .map(str::to_string),
-                );
-            }
+            "--scenarios" => scenarios.extend(scenario_list(value(&mut it, arg)?)?),
+            "--dump-handover" => dump = Some(dump_path(value(&mut it, arg)?)?),
             "--timeout" => {
                 let s = value(&mut it, arg)?;
                 timeout = Duration::from_secs(s.parse().map_err(|_| format!("bad --timeout {s:?}"))?);
@@ -110,7 +160,7 @@ fn qemu(args: &[String]) -> Result<ExitCode, String> {
             "--" => {
                 extra.extend(it.by_ref().cloned());
             }
-            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+            other => return Err(format!("unknown argument {other:?}\n{}", usage())),
         }
     }
     board.check_stage(stage)?;
@@ -125,6 +175,16 @@ fn qemu(args: &[String]) -> Result<ExitCode, String> {
     run.extra_args = extra;
     run.echo = true;
     run.trace_events.push(GERROR_TRACE_EVENT.into());
+    let disk = names
+        .contains(&"virtio-dma")
+        .then(|| VirtioDisk::create(&format!("xtask-{}", board.name())));
+    run.virtio_disk = disk.as_ref().map(|d| d.path.clone());
+    if let Some(path) = &dump {
+        // A file left by an earlier run must not pass for this one's.
+        let _ = std::fs::remove_file(path);
+        run.settings.push(("dump-handover".into(), path.display().to_string()));
+    }
+    eprintln!("xtask: devices: {}", devices_of(&run, &firmware));
     let (command, trace_file) = run.traced_command(&firmware)?;
     eprintln!("xtask: {command:?}");
     let outcome = run.execute(&firmware)?;
@@ -143,6 +203,33 @@ fn qemu(args: &[String]) -> Result<ExitCode, String> {
     if outcome.timed_out {
         return Err(format!("QEMU did not exit within {timeout:?}"));
     }
+    if let Some(disk) = &disk {
+        if !disk.holds_written_pattern() {
+            return Err(format!(
+                "the virtio disk image {} lacks the pattern virtio-dma writes (sectors {}..{})",
+                disk.path.display(),
+                VirtioDisk::WRITE_SECTOR,
+                VirtioDisk::WRITE_SECTOR + VirtioDisk::WRITE_COUNT
+            ));
+        }
+        eprintln!("xtask: the virtio disk image holds the sectors virtio-dma wrote");
+    }
+    if let Some(path) = &dump {
+        match std::fs::metadata(path) {
+            Ok(m) => eprintln!(
+                "xtask: the handover region's records ({} bytes) were saved to {}: `cargo xtask handover-dump {}` reads them",
+                m.len(),
+                path.display(),
+                path.display()
+            ),
+            Err(_) => {
+                return Err(format!(
+                    "no hand-off saved the handover region to {} (the live-update scenarios, lu-*, hand off)",
+                    path.display()
+                ));
+            }
+        }
+    }
     match outcome.verdict() {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(why) => {
@@ -151,6 +238,55 @@ fn qemu(args: &[String]) -> Result<ExitCode, String> {
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(1).max(1)))
         }
     }
+}
+
+/// The names of a `--scenarios` list (separated by commas): at least one.
+fn scenario_list(text: &str) -> Result<Vec<String>, String> {
+    let names: Vec<String> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    if names.is_empty() {
+        return Err(format!(
+            "--scenarios {text:?} names no scenario (leave --scenarios out for the firmware's default list)"
+        ));
+    }
+    Ok(names)
+}
+
+/// `--dump-handover`'s file as an absolute path (QEMU's semihosting opens it relative to QEMU's directory), in a
+/// directory that exists, with no comma or white space (QEMU's option syntax and the semihosting command line
+/// would cut it).
+fn dump_path(text: &str) -> Result<std::path::PathBuf, String> {
+    if text.is_empty() || text.contains(',') || text.chars().any(char::is_whitespace) {
+        return Err(format!(
+            "--dump-handover {text:?}: give a file name without commas or white space"
+        ));
+    }
+    let path = std::path::Path::new(text);
+    let path = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().map_err(|e| e.to_string())?.join(path)
+    };
+    match path.parent() {
+        Some(dir) if dir.is_dir() => Ok(path),
+        _ => Err(format!("--dump-handover {text:?}: its directory does not exist")),
+    }
+}
+
+/// The devices the run gives the machine beside the board's own, in words.
+fn devices_of(run: &Run, firmware: &std::path::Path) -> String {
+    let mut devices: Vec<String> = run.edus.iter().map(|e| format!("edu ({e:?})")).collect();
+    if let Some(disk) = &run.virtio_disk {
+        devices.push(format!("virtio-blk disk {}", disk.display()));
+    }
+    if let Some(next) = run.next_image_beside(firmware) {
+        devices.push(format!("the next image {}", next.display()));
+    }
+    devices.join(", ")
 }
 
 /// The most CPUs `--smp` gives a machine: the firmware drives up to 8.
@@ -378,7 +514,7 @@ fn fuzz(args: &[String]) -> Result<ExitCode, String> {
                 seconds = s.parse().map_err(|_| format!("bad --seconds {s:?}"))?;
             }
             "--seed" => seed = Some(value(&mut it, arg)?),
-            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+            other => return Err(format!("unknown argument {other:?}\n{}", usage())),
         }
     }
     step("handover fuzzer", fuzz_command(seconds, seed))?;
@@ -387,7 +523,7 @@ fn fuzz(args: &[String]) -> Result<ExitCode, String> {
 
 fn handover_dump(args: &[String]) -> Result<ExitCode, String> {
     let [file] = args else {
-        return Err(format!("`handover-dump` takes one file (got {args:?})\n{USAGE}"));
+        return Err(format!("`handover-dump` takes one file (got {args:?})\n{}", usage()));
     };
     let bytes = std::fs::read(file).map_err(|e| format!("{file}: {e}"))?;
     let (text, accepted) = dump::dump(&bytes);
@@ -929,6 +1065,44 @@ mod tests {
         for bad in ["0", "9", "four", "-1", ""] {
             let why = parse_smp(bad).unwrap_err();
             assert!(why.contains("1 to 8 CPUs"), "{why}");
+        }
+    }
+
+    #[test]
+    fn a_scenario_list_names_at_least_one() {
+        assert_eq!(scenario_list("a,b"), Ok(vec!["a".to_string(), "b".to_string()]));
+        assert_eq!(scenario_list(" lu-s1 ,"), Ok(vec!["lu-s1".to_string()]));
+        for empty in [",", "", " , ,"] {
+            let why = scenario_list(empty).unwrap_err();
+            assert!(why.contains("names no scenario"), "{why}");
+        }
+    }
+
+    #[test]
+    fn every_command_answers_help() {
+        let dispatched = ["qemu", "test", "build", "bench", "fuzz", "handover-dump"];
+        let named: Vec<&str> = COMMANDS.iter().map(|(name, _)| *name).collect();
+        assert_eq!(named, dispatched);
+        for (name, block) in COMMANDS {
+            assert!(
+                block.trim_start().starts_with(name),
+                "{name}'s usage starts with its name"
+            );
+            assert!(usage().contains(block));
+        }
+        let args = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(asks_help(&args(&["--help"])));
+        assert!(asks_help(&args(&["--board", "sbsa-ref", "-h"])));
+        assert!(!asks_help(&args(&["FILE"])));
+        assert!(!asks_help(&args(&["--", "--help"])), "QEMU's own --help after --");
+    }
+
+    #[test]
+    fn a_dump_path_is_absolute_and_plain() {
+        let path = dump_path("region.bin").unwrap();
+        assert!(path.is_absolute() && path.ends_with("region.bin"));
+        for bad in ["a,b", "a b", "", "/no/such/directory/region.bin"] {
+            assert!(dump_path(bad).is_err(), "{bad:?}");
         }
     }
 }

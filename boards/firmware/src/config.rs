@@ -24,6 +24,11 @@ pub const COHERENCY_KEY: &str = "opt/smmuv3/coherency";
 /// (PSCI SYSTEM_OFF, which QEMU turns into exit status 0). A failed run always exits through semihosting.
 pub const EXIT_KEY: &str = "opt/smmuv3/exit";
 
+/// A host path to save the handover region to, through semihosting, at a hand-off (a warm reset or a jump into the
+/// next image) after a scenario prepared it: what `cargo xtask qemu --dump-handover FILE` asks for.
+pub const DUMP_HANDOVER_KEY: &str = "opt/smmuv3/dump-handover";
+/// The longest path [`DUMP_HANDOVER_KEY`] takes.
+pub const MAX_PATH_BYTES: usize = 512;
 /// fw_cfg file asking for DMA memory above 4 GiB: `on` makes the frame pool hand out only memory at or above
 /// 4 GiB, so every queue, table and DMA buffer the scenarios use lies there (the run fails at boot when RAM does
 /// not reach that high); `off` (the default) allocates from the end of the image upwards.
@@ -61,6 +66,8 @@ pub struct Config {
     pub next_image: bool,
     /// The CPUs the host started the machine with ([`CPUS_KEY`]), when it says.
     pub expected_cpus: Option<usize>,
+    /// Where to save the handover region at a hand-off ([`DUMP_HANDOVER_KEY`]).
+    pub dump_handover: Option<heapless::String<MAX_PATH_BYTES>>,
 }
 
 impl Default for Config {
@@ -74,6 +81,7 @@ impl Default for Config {
             dma_above_4g: false,
             next_image: false,
             expected_cpus: None,
+            dump_handover: None,
         }
     }
 }
@@ -157,7 +165,7 @@ impl core::fmt::Display for ConfigError {
 }
 
 impl Config {
-    /// Sets one setting by its short name (`scenarios`, `stage`, `edu-dma-mask`, `coherency`, `exit`, `dma-above-4g`, `next-image`, `cpus`: the fw_cfg key without its
+    /// Sets one setting by its short name (`scenarios`, `stage`, `edu-dma-mask`, `coherency`, `exit`, `dma-above-4g`, `next-image`, `cpus`, `dump-handover`: the fw_cfg key without its
     /// `opt/smmuv3/` prefix); unknown names are ignored.
     ///
     /// # Errors
@@ -209,6 +217,16 @@ impl Config {
                     .ok_or(ConfigError::BadValue(CPUS_KEY))?;
                 self.expected_cpus = Some(cpus);
             }
+            "dump-handover" => {
+                if value.is_empty() {
+                    return Err(ConfigError::BadValue(DUMP_HANDOVER_KEY));
+                }
+                self.dump_handover = Some(heapless::String::from_str(value).map_err(|_| ConfigError::TooLong {
+                    what: DUMP_HANDOVER_KEY,
+                    size: Some(value.len()),
+                    limit: MAX_PATH_BYTES,
+                })?);
+            }
             "exit" => {
                 self.power_off = match value {
                     "semihosting" => false,
@@ -247,6 +265,7 @@ pub unsafe fn from_fw_cfg(base: usize) -> Result<Config, ConfigError> {
         DMA_ABOVE_4G_KEY,
         NEXT_IMAGE_KEY,
         CPUS_KEY,
+        DUMP_HANDOVER_KEY,
     ] {
         let Some(file) = fw_cfg.find(key) else { continue };
         if file.size as usize > buffer.len() {

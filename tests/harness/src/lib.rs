@@ -455,7 +455,7 @@ impl Run {
 
     /// The second image beside `firmware` (`<name>-next` in the same directory), when [`Run::next_image`] asks for
     /// it and it exists.
-    fn second_image(&self, firmware: &Path) -> Option<PathBuf> {
+    pub fn next_image_beside(&self, firmware: &Path) -> Option<PathBuf> {
         let name = firmware.file_name()?.to_str()?;
         let next = firmware.with_file_name(format!("{name}-next"));
         (self.next_image && next.is_file()).then_some(next)
@@ -465,7 +465,7 @@ impl Run {
     pub fn command(&self, firmware: &Path) -> Command {
         let mut c = Command::new(QEMU);
         let mut settings = self.settings.clone();
-        let second = self.second_image(firmware);
+        let second = self.next_image_beside(firmware);
         if second.is_some() {
             settings.push(("next-image".into(), "on".into()));
         }
