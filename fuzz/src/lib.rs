@@ -253,6 +253,17 @@ fn run_restore_until(seed: u64, max_failures: usize, stats: &mut Stats, done: im
 /// Runs decoder cases from index 0 until `duration` has passed (checking the clock every 64 cases) or
 /// `max_failures` cases failed.
 pub fn run_decode(seed: u64, duration: Duration, max_failures: usize) -> Stats {
+    run_decode_while(seed, max_failures, |index, start| {
+        !(index.is_multiple_of(64) && start.elapsed() >= duration)
+    })
+}
+
+/// Runs decoder cases `0..cases` (or until `max_failures` failed): the same cases however busy the machine is.
+pub fn run_decode_cases(seed: u64, cases: u64, max_failures: usize) -> Stats {
+    run_decode_while(seed, max_failures, |index, _| index < cases)
+}
+
+fn run_decode_while(seed: u64, max_failures: usize, go_on: impl Fn(u64, Instant) -> bool) -> Stats {
     let mut stats = Stats::default();
     let mut buf = vec![0u8; sample::BUFFER_SIZE];
     let start = Instant::now();
@@ -260,7 +271,7 @@ pub fn run_decode(seed: u64, duration: Duration, max_failures: usize) -> Stats {
     panic::set_hook(Box::new(|_| {}));
     let mut index = 0u64;
     loop {
-        if index.is_multiple_of(64) && start.elapsed() >= duration {
+        if !go_on(index, start) {
             break;
         }
         // A panic in the case generator itself is a failure too (the hook above is silent), never a silent stop.
@@ -291,9 +302,15 @@ pub fn run_decode(seed: u64, duration: Duration, max_failures: usize) -> Stats {
 mod tests {
     use super::*;
 
+    /// Decoder cases the smoke test runs.
+    const DECODE_CASES: u64 = 10_000;
+
     #[test]
     fn a_short_run_fails_nothing_and_reaches_the_deep_checks() {
-        let stats = run_decode(1, Duration::from_millis(1500), 1);
+        // A fixed number of cases (seed 1 reaches every check named below within them), so the test reaches
+        // the same checks however busy the machine is.
+        let stats = run_decode_cases(1, DECODE_CASES, 1);
+        assert_eq!(stats.execs, DECODE_CASES);
         assert!(stats.failures.is_empty(), "{:?}", stats.failures[0]);
         assert!(stats.accepted > 0);
         for deep in [
