@@ -70,6 +70,16 @@ pub struct UpdateFailed<E> {
     pub left: EntryState,
 }
 
+impl<E: core::fmt::Display> core::fmt::Display for UpdateFailed<E> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "a sync failed ({}) after {} completed; the entry in memory holds {}",
+            self.error, self.syncs, self.left
+        )
+    }
+}
+
 /// The path an update took.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UpdateKind {

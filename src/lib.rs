@@ -8,6 +8,7 @@ pub mod board;
 pub mod ctx;
 pub mod deadline;
 pub mod domain;
+mod errors;
 pub mod handover;
 pub mod hitless;
 pub mod hw;

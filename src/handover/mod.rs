@@ -44,6 +44,8 @@ pub const MAX_INSTANCES: usize = 8;
 
 /// A range of physical memory (defined with the frames it describes, in [`crate::mem`]).
 pub use crate::mem::Extent;
+pub use finish::{FinishError, FinishReport, REGION_METADATA_BYTES};
+pub use prepare::{HandoverPhase, PrepareError};
 
 /// Which SMMU a set of records belongs to, as probed when they were written. The next image compares it with what
 /// it probes: a region written for another SMMU (another base, other ID registers) is refused.

@@ -96,6 +96,19 @@ pub enum RebuildFailure {
     Domain(DomainError),
 }
 
+impl core::fmt::Display for RebuildFailure {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            RebuildFailure::Pool(e) => write!(f, "its memory: {e}"),
+            RebuildFailure::Id(e) => write!(f, "its ASID or VMID: {e}"),
+            RebuildFailure::Table(e) => write!(f, "its page table: {e}"),
+            RebuildFailure::CdTable(e) => write!(f, "a stream's CD table: {e}"),
+            RebuildFailure::Attach(e) => write!(f, "an STE: {e}"),
+            RebuildFailure::Domain(e) => write!(f, "the domain table: {e}"),
+        }
+    }
+}
+
 impl core::fmt::Display for RestoreError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
@@ -122,7 +135,7 @@ impl core::fmt::Display for RestoreError {
             ),
             RestoreError::Verify { token, what } => write!(f, "restore: record {token:#x} refused: {what}"),
             RestoreError::Rebuild { token, what } => {
-                write!(f, "restore: record {token:#x} could not be rebuilt: {what:?}")
+                write!(f, "restore: record {token:#x} could not be rebuilt: {what}")
             }
         }
     }

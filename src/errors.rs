@@ -1,0 +1,316 @@
+//! [`core::error::Error`] for every public error of the crate, in one place, with what each wraps: an error that
+//! carries another (a domain operation's [`MapError`], a restore's [`VerifyFailure`]) returns it from
+//! [`Error::source`], so a caller's error report walks the chain down to the hardware's or the allocator's
+//! refusal. A host test (`every_public_error_is_an_error`) finds every public type of the crate named `…Error`
+//! or `…Failure` in the sources and checks it is listed here.
+
+use core::error::Error;
+
+use crate::board::IommuMapFull;
+use crate::ctx::CdTableError;
+use crate::domain::DomainError;
+use crate::handover::live::RecordError;
+use crate::handover::pool::PoolError;
+use crate::handover::restore::{RebuildFailure, RestoreError};
+use crate::handover::verify::VerifyFailure;
+use crate::handover::{FinishError, PrepareError};
+use crate::hitless::UpdateFailed;
+use crate::hw::command::{CommandError, CommandQueueError as EncodingError, Unvetted};
+use crate::hw::ste::EntryError;
+use crate::ids::IdError;
+use crate::mem::AllocError;
+use crate::pgtable::{ForeignGather, MapError};
+use crate::queue::cmdq::CommandQueueError;
+use crate::queue::index::QueueGeometryError;
+use crate::smmu::{AttachError, FlushError, GlobalError, InitError, InvalidationError, ProbeError};
+use crate::stream::StreamError;
+
+/// Errors that wrap nothing.
+macro_rules! leaf_errors {
+    ($($error:ty),* $(,)?) => {
+        $(impl Error for $error {})*
+    };
+}
+
+leaf_errors!(
+    AllocError,
+    CommandError,
+    EncodingError,
+    EntryError,
+    ForeignGather,
+    GlobalError,
+    IdError,
+    IommuMapFull,
+    PoolError,
+    ProbeError,
+    QueueGeometryError,
+    Unvetted,
+);
+
+impl<E: Error + 'static> Error for UpdateFailed<E> {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+impl<E: Error + 'static> Error for CdTableError<E> {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match self {
+            CdTableError::NoMemory(e) => Some(e),
+            CdTableError::Invalidation(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl Error for MapError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match self {
+            MapError::NoMemory(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl Error for StreamError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match self {
+            StreamError::NoMemory(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl Error for CommandQueueError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match self {
+            CommandQueueError::Encoding(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl Error for InvalidationError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match self {
+            InvalidationError::Queue(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl Error for FlushError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+impl Error for AttachError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match self {
+            AttachError::Stream(e) => Some(e),
+            AttachError::Queue(e) => Some(e),
+            AttachError::Invalidation(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl Error for InitError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match self {
+            InitError::NoMemory(e) => Some(e),
+            InitError::Invalidation(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl Error for DomainError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match self {
+            DomainError::Stream(e) => Some(e),
+            DomainError::Map(e) => Some(e),
+            DomainError::Id(e) => Some(e),
+            DomainError::Entry(e) => Some(e),
+            DomainError::CdTable(e) => Some(e),
+            DomainError::Attach(e) => Some(e),
+            DomainError::Invalidation(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl Error for RecordError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match self {
+            RecordError::Format(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl Error for PrepareError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match self {
+            PrepareError::Pool(e) => Some(e),
+            PrepareError::Records(e) => Some(e),
+            PrepareError::Format(e) => Some(e),
+            PrepareError::SelfCheck(e) | PrepareError::ExistingRegion(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl Error for VerifyFailure {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match self {
+            VerifyFailure::Format(e) => Some(e),
+            VerifyFailure::CdBuild(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl Error for RebuildFailure {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match self {
+            RebuildFailure::Pool(e) => Some(e),
+            RebuildFailure::Id(e) => Some(e),
+            RebuildFailure::Table(e) => Some(e),
+            RebuildFailure::CdTable(e) => Some(e),
+            RebuildFailure::Attach(e) => Some(e),
+            RebuildFailure::Domain(e) => Some(e),
+        }
+    }
+}
+
+impl Error for RestoreError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match self {
+            RestoreError::Pool(e) => Some(e),
+            RestoreError::Region(e) | RestoreError::Identity(e) => Some(e),
+            RestoreError::UnrestoredStreams(e) => Some(e),
+            RestoreError::Verify { what, .. } => Some(what),
+            RestoreError::Rebuild { what, .. } => Some(what),
+            _ => None,
+        }
+    }
+}
+
+impl Error for FinishError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match self {
+            FinishError::Domain(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+
+    use super::*;
+    use std::string::{String, ToString};
+    use std::vec::Vec;
+
+    fn is_error<E: Error + 'static>() {}
+
+    /// Every public type of the crate named `…Error` or `…Failure` (found in the sources, so that a new one cannot
+    /// be missed) implements `core::error::Error`: those checked by the compiler below, each by name.
+    #[test]
+    fn every_public_error_is_an_error() {
+        is_error::<AllocError>();
+        is_error::<AttachError>();
+        is_error::<CdTableError>();
+        is_error::<CdTableError<CommandQueueError>>();
+        is_error::<CommandError>();
+        is_error::<CommandQueueError>();
+        is_error::<EncodingError>();
+        is_error::<DomainError>();
+        is_error::<EntryError>();
+        is_error::<FinishError>();
+        is_error::<FlushError>();
+        is_error::<ForeignGather>();
+        is_error::<crate::handover::format::FormatError>();
+        is_error::<GlobalError>();
+        is_error::<crate::handover::format::HandoverError>();
+        is_error::<IdError>();
+        is_error::<InitError>();
+        is_error::<InvalidationError>();
+        is_error::<IommuMapFull>();
+        is_error::<MapError>();
+        is_error::<PoolError>();
+        is_error::<PrepareError>();
+        is_error::<ProbeError>();
+        is_error::<crate::protected::ProtectError>();
+        is_error::<QueueGeometryError>();
+        is_error::<RebuildFailure>();
+        is_error::<RecordError>();
+        is_error::<RestoreError>();
+        is_error::<StreamError>();
+        is_error::<Unvetted>();
+        is_error::<UpdateFailed<CommandQueueError>>();
+        is_error::<VerifyFailure>();
+        let checked = include_str!("errors.rs")
+            .split("fn every_public_error_is_an_error")
+            .nth(1)
+            .unwrap_or_default();
+        let mut found = Vec::new();
+        let mut dirs = std::vec![std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/src"))];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    if !path.ends_with("tests") {
+                        dirs.push(path);
+                    }
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).unwrap();
+                for line in text.lines() {
+                    let Some(rest) = line
+                        .strip_prefix("pub enum ")
+                        .or_else(|| line.strip_prefix("pub struct "))
+                    else {
+                        continue;
+                    };
+                    let name: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+                    if name.ends_with("Error") || name.ends_with("Failure") {
+                        found.push((name, path.display().to_string()));
+                    }
+                }
+            }
+        }
+        assert!(found.len() >= 25, "the scan found {found:?}");
+        for (name, file) in found {
+            assert!(
+                checked.contains(&std::format!("{name}>")) || checked.contains(&std::format!("{name}<")),
+                "{name} ({file}) is not checked to implement core::error::Error"
+            );
+        }
+    }
+
+    /// A domain operation's error reports the allocator's refusal as its source, two levels down.
+    #[test]
+    fn an_error_reports_what_it_wraps_as_its_source() {
+        let oom = AllocError::OutOfMemory { size: 4096 };
+        let error = DomainError::Map(MapError::NoMemory(oom));
+        let map = error.source().unwrap();
+        assert_eq!(map.to_string(), MapError::NoMemory(oom).to_string());
+        assert_eq!(map.source().unwrap().to_string(), oom.to_string());
+        assert!(map.source().unwrap().source().is_none());
+        let restore = RestoreError::Rebuild {
+            token: 7,
+            what: RebuildFailure::Table(MapError::NoMemory(oom)),
+        };
+        let mut chain: Vec<String> = Vec::new();
+        let mut next: Option<&(dyn Error + 'static)> = Some(&restore);
+        while let Some(e) = next {
+            chain.push(e.to_string());
+            next = e.source();
+        }
+        assert_eq!(chain.len(), 4, "{chain:?}");
+    }
+}
