@@ -34,8 +34,9 @@ const COMMANDS: [(&str, &str); 6] = [
         "test",
         "\
   test  check the prerequisites (installing QEMU from Debian bookworm-backports when root), then run
-        rustfmt --check, every host and QEMU test, the loom models, and clippy for the host and
-        aarch64-unknown-none",
+        rustfmt --check, every host and QEMU test, the loom models, clippy for the host and
+        aarch64-unknown-none, rustdoc, `cargo publish --dry-run -p smmuv3`, and a check of the library with its
+        minimum supported Rust version (rust-version in Cargo.toml, installed through rustup when missing)",
     ),
     (
         "build",
@@ -464,8 +465,65 @@ fn test(args: &[String]) -> Result<ExitCode, String> {
     doc.args(["doc", "--no-deps", "-p", "smmuv3"])
         .env("RUSTDOCFLAGS", "-D warnings");
     step("rustdoc", doc)?;
+    let mut publish = cargo();
+    // `--allow-dirty`: a working tree with changes not committed yet checks the package too (a clean clone is
+    // clean anyway).
+    publish.args(["publish", "--dry-run", "-p", "smmuv3", "--allow-dirty"]);
+    step("the package (cargo publish --dry-run)", publish)?;
+    msrv_check()?;
     eprintln!("xtask: all checks passed");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The `rust-version` the crate's manifest declares.
+fn declared_msrv(manifest: &str) -> Option<&str> {
+    manifest
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("rust-version"))
+        .and_then(|rest| rest.trim().strip_prefix('='))
+        .map(|v| v.trim().trim_matches('"'))
+        .filter(|v| !v.is_empty())
+}
+
+/// Checks the library with the Rust version its manifest declares (`rust-version`), for the host and for
+/// aarch64-unknown-none: the toolchain through rustup (installed when missing, as `.ci/run` does on a fresh
+/// machine), in a target directory of its own.
+fn msrv_check() -> Result<(), String> {
+    let root = smmuv3_harness::workspace_root();
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).map_err(|e| e.to_string())?;
+    let msrv = declared_msrv(&manifest).ok_or("Cargo.toml declares no rust-version")?;
+    let installed = Command::new("rustup")
+        .args(["run", msrv, "rustc", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !installed {
+        let mut install = Command::new("rustup");
+        install.args([
+            "toolchain",
+            "install",
+            msrv,
+            "--profile",
+            "minimal",
+            "--target",
+            FIRMWARE_TARGET,
+        ]);
+        step(&format!("install the MSRV toolchain {msrv}"), install)?;
+    }
+    for target in [None, Some(FIRMWARE_TARGET)] {
+        let mut check = Command::new("rustup");
+        check.args(["run", msrv, "cargo", "check", "--locked", "-p", "smmuv3", "--lib"]);
+        check.env("CARGO_TARGET_DIR", root.join("target/msrv"));
+        // The pinned toolchain's own variables would point the older cargo at the newer rustc.
+        check
+            .env_remove("RUSTC")
+            .env_remove("CARGO")
+            .env_remove("RUSTUP_TOOLCHAIN");
+        if let Some(t) = target {
+            check.args(["--target", t]);
+        }
+        step(&format!("MSRV {msrv} ({})", target.unwrap_or("host")), check)?;
+    }
+    Ok(())
 }
 
 /// Seconds of preemption-bounded search per loom model in `test` (after its exhaustive search without preemption).
@@ -1066,6 +1124,17 @@ mod tests {
             let why = parse_smp(bad).unwrap_err();
             assert!(why.contains("1 to 8 CPUs"), "{why}");
         }
+    }
+
+    #[test]
+    fn the_msrv_is_read_from_the_manifest() {
+        assert_eq!(
+            declared_msrv("[package]\nname = \"x\"\nrust-version = \"1.88\"\n"),
+            Some("1.88")
+        );
+        assert_eq!(declared_msrv("[package]\nname = \"x\"\n"), None);
+        let ours = std::fs::read_to_string(smmuv3_harness::workspace_root().join("Cargo.toml")).unwrap();
+        assert!(declared_msrv(&ours).is_some());
     }
 
     #[test]
