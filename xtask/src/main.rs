@@ -34,7 +34,8 @@ const COMMANDS: [(&str, &str); 6] = [
         "test",
         "\
   test  check the prerequisites (installing QEMU from Debian bookworm-backports when root), then run
-        rustfmt --check, every host and QEMU test, the loom models, clippy for the host and
+        rustfmt --check, every host and QEMU test (the guide's doctests among them), the examples, the loom
+        models, clippy for the host and
         aarch64-unknown-none, rustdoc, `cargo publish --dry-run -p smmuv3`, and a check of the library with its
         minimum supported Rust version (rust-version in Cargo.toml, installed through rustup when missing)",
     ),
@@ -439,6 +440,11 @@ fn test(args: &[String]) -> Result<ExitCode, String> {
     let mut tests = cargo();
     tests.args(["test", "--workspace"]).args(FIRMWARE_EXCLUDES);
     step("host and QEMU tests", tests)?;
+    for example in ["nested_guest", "live_update"] {
+        let mut run = cargo();
+        run.args(["run", "-q", "-p", "smmuv3", "--example", example]);
+        step(&format!("example {example} (against the fake SMMU)"), run)?;
+    }
     step(
         "loom models (command queue, page tables, ID allocators, domain slots)",
         loom_command(),
@@ -462,7 +468,7 @@ fn test(args: &[String]) -> Result<ExitCode, String> {
     target.args(["-p", "qemu-virt", "-p", "sbsa-ref", "--", "-D", "warnings"]);
     step("clippy (aarch64-unknown-none)", target)?;
     let mut doc = cargo();
-    doc.args(["doc", "--no-deps", "-p", "smmuv3"])
+    doc.args(["doc", "--no-deps", "-p", "smmuv3", "--features", "testing"])
         .env("RUSTDOCFLAGS", "-D warnings");
     step("rustdoc", doc)?;
     let mut publish = cargo();

@@ -22,7 +22,7 @@ const SHARED_SID: u32 = 0x40;
 /// its own, so no two maps race to install one table and no never-linked table is ever freed).
 struct Witness {
     frames: &'static HeapFrames,
-    seen: std::sync::Arc<Mutex<crate::smmu::tests::model::Seen>>,
+    seen: std::sync::Arc<Mutex<crate::testing::Seen>>,
     /// Physical address -> the consumed-command count when it was handed out.
     live: Mutex<BTreeMap<u64, usize>>,
     /// Frames that went back without a covering invalidation.

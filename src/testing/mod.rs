@@ -1,6 +1,18 @@
-//! Host-test support: a [`FrameAllocator`] over the host heap that punishes the mistakes it stands for.
-//! Physical addresses differ from CPU addresses by a large offset (so code that treats one as the other breaks),
-//! alignment is checked, freed blocks are poisoned, and double or foreign frees panic.
+//! Test doubles for a hypervisor's own tests on the host (feature `testing`, which needs `std`): a fake SMMU
+//! ([`FakeSmmu`]) that the driver initialises and drives as it does real hardware, recording every command it
+//! consumes, and a [`FrameAllocator`] over the host heap ([`HeapFrames`]) that punishes the mistakes it stands for.
+//!
+//! What [`FakeSmmu`] models: the register file a driver programs (ID registers as QEMU's nested SMMUv3 reports
+//! them, or others a test gives; CR0/CR0ACK, GBPA, IRQ_CTRL/IRQ_CTRLACK and GERROR/GERRORN acknowledgements), and
+//! the command queue, consumed on a thread of its own as a real SMMU would (CONS advanced, each command recorded
+//! whole, [`Issued`] decoding what it invalidates; an opcode can be made illegal to provoke CERROR_ILL). What it
+//! does not model: translation (no DMA goes through it, so it never walks a stream table, CD or page table), the
+//! event queue's producer (no event is ever written), MSIs, ATS and PRI, and timing. So it answers "which
+//! commands did my code make the driver issue" and "does my code handle the driver's errors"; whether a device's
+//! DMA lands is for the emulated or real hardware (this crate's QEMU tests).
+//!
+//! [`HeapFrames`]: physical addresses differ from CPU addresses by a large offset (so code that treats one as the
+//! other breaks), alignment is checked, freed blocks are poisoned, and double or foreign frees panic.
 
 extern crate std;
 
@@ -12,33 +24,54 @@ use core::ptr::NonNull;
 
 use crate::mem::{AllocError, DmaBlock, FrameAllocator, PhysAddr};
 
+mod fake;
+#[cfg(test)]
+pub(crate) use fake::Seen;
+pub use fake::{FakeSmmu, Issued, QEMU_IDRS};
+/// What the crate's own tests reach inside the fake.
+#[cfg(test)]
+pub(crate) mod fake_internals {
+    pub(crate) use super::fake::reg32;
+}
+
 /// Added to a CPU address to make its fake physical address (aligned far beyond any request).
 pub(crate) const PHYS_OFFSET: u64 = 1 << 44;
 
-/// The fake allocator.
+/// A [`FrameAllocator`] over the host heap, for tests: its physical addresses are its CPU addresses plus
+/// 2^44, it checks alignment, poisons what is freed (0xa5) and panics on a double or foreign free. Optionally
+/// limited ([`HeapFrames::with_limit`]), to test what a driver does when memory runs out.
 #[derive(Default)]
-pub(crate) struct HeapFrames {
+pub struct HeapFrames {
     live: Mutex<Vec<(usize, Layout)>>,
     /// Bytes a test allows before allocations fail (None: unlimited).
-    pub(crate) limit: Option<usize>,
+    limit: Option<usize>,
     used: Mutex<usize>,
 }
 
 impl HeapFrames {
-    pub(crate) fn with_limit(limit: usize) -> Self {
+    /// An allocator that refuses (`AllocError::OutOfMemory`) any allocation past `limit` bytes in use.
+    pub fn with_limit(limit: usize) -> Self {
         HeapFrames {
             limit: Some(limit),
             ..Default::default()
         }
     }
 
-    /// Blocks currently allocated.
-    pub(crate) fn live_blocks(&self) -> usize {
+    /// An allocator that lives for the rest of the program (what a driver's `&'static` memory needs).
+    pub fn leaked() -> &'static HeapFrames {
+        std::boxed::Box::leak(std::boxed::Box::default())
+    }
+
+    /// Blocks currently allocated (0 once everything given out came back: a leak check).
+    pub fn live_blocks(&self) -> usize {
         self.live.lock().unwrap().len()
     }
 
-    /// The CPU pointer of a fake physical address inside a live block.
-    pub(crate) fn virt(&self, phys: u64) -> *mut u8 {
+    /// The CPU pointer of a physical address inside a live block.
+    ///
+    /// # Panics
+    /// When no live block holds `phys`.
+    pub fn virt(&self, phys: u64) -> *mut u8 {
         let address = (phys - PHYS_OFFSET) as usize;
         assert!(
             self.live
