@@ -234,8 +234,8 @@ pub mod testing;
 
 pub use board::{IommuMap, IommuMapEntry, SmmuDescription, SmmuInterrupts};
 pub use domain::{
-    DomainError, DomainId, DomainKind, DomainMemory, Fault, FaultReport, GuestContext, GuestInvalidation, GuestStage1,
-    Iommu, LowLevel, Stage1Options, Stage2Options,
+    DomainError, DomainId, DomainKind, DomainMemory, Fault, FaultKind, FaultReport, GuestContext, GuestInvalidation,
+    GuestStage1, Iommu, LowLevel, Stage1Options, Stage2Options,
 };
 pub use handover::pool::HandoverPool;
 pub use handover::verify::RestoreOptions;

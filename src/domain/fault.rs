@@ -17,11 +17,123 @@ use super::{DomainError, Domains, FAULT_REPORT_CAPACITY, Iommu};
 /// Which stage a [`Fault`] was taken at (so a caller of the domain API needs nothing from [`crate::hw`]).
 pub use crate::hw::event::Stage as FaultStage;
 
+/// What kind of event a [`Fault`] is: one per event type of the architecture (IHI 0070, "Event records"), which
+/// prints as its architectural name (`F_TRANSLATION`, ...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FaultKind {
+    /// F_UUT: unsupported upstream transaction.
+    UnsupportedTransaction,
+    /// C_BAD_STREAMID: the StreamID is beyond the stream table.
+    BadStreamId,
+    /// F_STE_FETCH: the STE could not be fetched.
+    SteFetch,
+    /// C_BAD_STE: the STE is invalid.
+    BadSte,
+    /// F_BAD_ATS_TREQ: a bad ATS translation request.
+    BadAtsRequest,
+    /// F_STREAM_DISABLED: the stream's translation is disabled (a non-substream transaction on an STE that
+    /// has substreams only, say).
+    StreamDisabled,
+    /// F_TRANSL_FORBIDDEN: translation forbidden (an ATS-translated transaction the STE refuses).
+    TranslationForbidden,
+    /// C_BAD_SUBSTREAMID: the SubstreamID is beyond the CD table, or given where none is allowed.
+    BadSubstreamId,
+    /// F_CD_FETCH: the CD could not be fetched.
+    CdFetch,
+    /// C_BAD_CD: the CD is invalid.
+    BadCd,
+    /// F_WALK_EABT: an external abort during a table walk.
+    WalkAbort,
+    /// F_TRANSLATION: no translation for the address.
+    Translation,
+    /// F_ADDR_SIZE: an address beyond the configured size.
+    AddressSize,
+    /// F_ACCESS: the Access flag is clear.
+    Access,
+    /// F_PERMISSION: the access is not permitted.
+    Permission,
+    /// F_TLB_CONFLICT: conflicting TLB entries.
+    TlbConflict,
+    /// F_CFG_CONFLICT: conflicting configuration cache entries.
+    ConfigurationConflict,
+    /// E_PAGE_REQUEST: a page request (PRI).
+    PageRequest,
+    /// F_VMS_FETCH: the VMS could not be fetched.
+    VmsFetch,
+    /// An IMPLEMENTATION DEFINED event.
+    ImplementationDefined,
+    /// An event type this driver does not know.
+    Unknown,
+}
+
+impl FaultKind {
+    /// The kind of `event`.
+    pub fn of(event: &Event) -> FaultKind {
+        match event {
+            Event::FUut(_) => FaultKind::UnsupportedTransaction,
+            Event::CBadStreamId(_) => FaultKind::BadStreamId,
+            Event::FSteFetch(_) => FaultKind::SteFetch,
+            Event::CBadSte(_) => FaultKind::BadSte,
+            Event::FBadAtsTreq(_) => FaultKind::BadAtsRequest,
+            Event::FStreamDisabled { .. } => FaultKind::StreamDisabled,
+            Event::FTranslForbidden { .. } => FaultKind::TranslationForbidden,
+            Event::CBadSubstreamId { .. } => FaultKind::BadSubstreamId,
+            Event::FCdFetch(_) => FaultKind::CdFetch,
+            Event::CBadCd(_) => FaultKind::BadCd,
+            Event::FWalkEabt(_) => FaultKind::WalkAbort,
+            Event::FTranslation(_) => FaultKind::Translation,
+            Event::FAddrSize(_) => FaultKind::AddressSize,
+            Event::FAccess(_) => FaultKind::Access,
+            Event::FPermission(_) => FaultKind::Permission,
+            Event::FTlbConflict(_) => FaultKind::TlbConflict,
+            Event::FCfgConflict(_) => FaultKind::ConfigurationConflict,
+            Event::EPageRequest(_) => FaultKind::PageRequest,
+            Event::FVmsFetch(_) => FaultKind::VmsFetch,
+            Event::ImpDef { .. } => FaultKind::ImplementationDefined,
+            Event::Unknown { .. } => FaultKind::Unknown,
+        }
+    }
+
+    /// The architectural name (`F_TRANSLATION`, `C_BAD_STE`, ...), as [`Event::name`] gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::UnsupportedTransaction => "F_UUT",
+            FaultKind::BadStreamId => "C_BAD_STREAMID",
+            FaultKind::SteFetch => "F_STE_FETCH",
+            FaultKind::BadSte => "C_BAD_STE",
+            FaultKind::BadAtsRequest => "F_BAD_ATS_TREQ",
+            FaultKind::StreamDisabled => "F_STREAM_DISABLED",
+            FaultKind::TranslationForbidden => "F_TRANSL_FORBIDDEN",
+            FaultKind::BadSubstreamId => "C_BAD_SUBSTREAMID",
+            FaultKind::CdFetch => "F_CD_FETCH",
+            FaultKind::BadCd => "C_BAD_CD",
+            FaultKind::WalkAbort => "F_WALK_EABT",
+            FaultKind::Translation => "F_TRANSLATION",
+            FaultKind::AddressSize => "F_ADDR_SIZE",
+            FaultKind::Access => "F_ACCESS",
+            FaultKind::Permission => "F_PERMISSION",
+            FaultKind::TlbConflict => "F_TLB_CONFLICT",
+            FaultKind::ConfigurationConflict => "F_CFG_CONFLICT",
+            FaultKind::PageRequest => "E_PAGE_REQUEST",
+            FaultKind::VmsFetch => "F_VMS_FETCH",
+            FaultKind::ImplementationDefined => "IMPDEF_EVENT",
+            FaultKind::Unknown => "UNKNOWN",
+        }
+    }
+}
+
+impl fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// One fault a domain's streams took.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fault {
-    /// The event's architectural name (`F_TRANSLATION`, `F_PERMISSION`, ...).
-    pub kind: &'static str,
+    /// What kind of event it was.
+    pub kind: FaultKind,
     /// StreamID.
     pub stream: u32,
     /// SubstreamID, when the transaction had one.
@@ -43,7 +155,7 @@ impl Fault {
     pub(super) fn of(event: &Event) -> Option<Fault> {
         let t = event.translation_fault();
         Some(Fault {
-            kind: event.name(),
+            kind: FaultKind::of(event),
             stream: event.stream_id()?,
             substream: event.substream_id(),
             address: event.address(),
@@ -95,7 +207,7 @@ impl FaultReport {
     }
 
     /// Faults of `kind` among those kept.
-    pub fn count(&self, kind: &str) -> usize {
+    pub fn count(&self, kind: FaultKind) -> usize {
         self.faults.iter().filter(|f| f.kind == kind).count()
     }
 }

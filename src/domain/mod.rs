@@ -115,7 +115,7 @@ pub use crate::ids::DomainId;
 pub use entries::GuestContext;
 pub(crate) use entries::stage1_cd_of;
 pub use error::DomainError;
-pub use fault::{Fault, FaultReport, FaultStage};
+pub use fault::{Fault, FaultKind, FaultReport, FaultStage};
 pub use raw::LowLevel;
 pub(crate) use storage::{Storage, StorageVec};
 pub(crate) use table::{Book, DomainState, Domains, Prepared, StateMut, StreamRecord, Translation};

@@ -47,7 +47,11 @@ fn faults_go_to_the_domain_of_their_stream_or_the_smmu_wide_report() {
     assert_eq!((report.events, typed), (13, 13), "typed events stay available");
     let fa = smmu.domain_faults(a).unwrap().clone();
     assert_eq!((fa.faults.len(), fa.lost), (6, 0));
-    assert!(fa.faults.iter().all(|f| f.stream == 0x10 && f.kind == "F_TRANSLATION"));
+    assert!(
+        fa.faults
+            .iter()
+            .all(|f| f.stream == 0x10 && f.kind == FaultKind::Translation)
+    );
     assert_eq!(fa.faults[1].address, Some(0x2000));
     assert_eq!(smmu.domain_faults(b).unwrap().total(), 6);
     assert_eq!(smmu.unattached_faults().faults[0].stream, 0x99);
@@ -263,4 +267,17 @@ fn what_the_smmu_lacks_is_unsupported_and_allocates_nothing() {
     assert_eq!((smmu.asids_in_use(), smmu.vmids_in_use()), (1, 0));
     smmu.free_domain(d).unwrap();
     assert_eq!(frames.live_blocks(), live);
+}
+
+/// Every event type's kind prints as the event's architectural name: the enum and the decoder agree on all 256
+/// type codes.
+#[test]
+fn a_fault_kind_is_named_as_its_event() {
+    for code in 0..=255u8 {
+        let mut record = [0u8; crate::hw::event::EVENT_RECORD_BYTES];
+        record[0] = code;
+        let event = Event::from_le_bytes(&record);
+        assert_eq!(FaultKind::of(&event).name(), event.name(), "type {code:#x}");
+        assert_eq!(std::format!("{}", FaultKind::of(&event)), event.name());
+    }
 }

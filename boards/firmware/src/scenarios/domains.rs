@@ -123,7 +123,7 @@ pub(super) fn expect_blocked_write(
     sid: u32,
     iova: u64,
     pa: u64,
-    kind: &str,
+    kind: smmuv3::FaultKind,
 ) -> Result<u32, Failure> {
     fill(pa, |_| 0xc3);
     edu.dma(Direction::FromDevice, iova, 0, LEN as u64)
@@ -458,7 +458,15 @@ pub fn unmapped_fault(context: &mut Context) -> Result<(), Failure> {
         .or_else(|e| fail!("map: {e}"))?;
     s.attach(domain, sid).or_else(|e| fail!("attach: {e}"))?;
     let canary = page()?;
-    let n = expect_blocked_write(&mut s, &edu, domain, sid, IOVA_DESTINATION, canary, "F_TRANSLATION")?;
+    let n = expect_blocked_write(
+        &mut s,
+        &edu,
+        domain,
+        sid,
+        IOVA_DESTINATION,
+        canary,
+        smmuv3::FaultKind::Translation,
+    )?;
     println!(
         "  {domain} ({kind}): write to unmapped IOVA {IOVA_DESTINATION:#x} -> {n} F_TRANSLATION fault(s) for stream {sid:#x} in its report; canary intact"
     );
@@ -475,7 +483,15 @@ pub fn readonly_fault(context: &mut Context) -> Result<(), Failure> {
     s.map(domain, IOVA_DESTINATION, page_pa, 4096, RO)
         .or_else(|e| fail!("map: {e}"))?;
     s.attach(domain, sid).or_else(|e| fail!("attach: {e}"))?;
-    let n = expect_blocked_write(&mut s, &edu, domain, sid, IOVA_DESTINATION, page_pa, "F_PERMISSION")?;
+    let n = expect_blocked_write(
+        &mut s,
+        &edu,
+        domain,
+        sid,
+        IOVA_DESTINATION,
+        page_pa,
+        smmuv3::FaultKind::Permission,
+    )?;
     // A read-write page to see what edu holds: first it loads other bytes from there, so that only the read
     // through the read-only mapping can put the pattern in its buffer.
     let out_pa = page()?;
@@ -521,7 +537,7 @@ pub fn unmap_invalidate(context: &mut Context) -> Result<(), Failure> {
         sid,
         IOVA_DESTINATION,
         m.destination,
-        "F_TRANSLATION",
+        smmuv3::FaultKind::Translation,
     )?;
     println!(
         "  {} ({kind}): DMA to IOVA {IOVA_DESTINATION:#x} verified, unmapped (with its invalidation), then {n} F_TRANSLATION fault(s) and PA {:#x} untouched",
@@ -614,7 +630,7 @@ pub fn isolation(context: &mut Context) -> Result<(), Failure> {
         *sid_b,
         ONLY_FIRST,
         private,
-        "F_TRANSLATION",
+        smmuv3::FaultKind::Translation,
     )?;
     let first = take_faults(&mut s, mapped[0].domain)?;
     if first.total() != 0 {
@@ -717,7 +733,15 @@ pub fn block_mappings(context: &mut Context) -> Result<(), Failure> {
             fail!("a block was split with IDR3.BBML = {}", s.features().bbm_level)
         }
         Ok(_) => {
-            let n = expect_blocked_write(&mut s, &edu, domain, sid, hole, buffer + MIB2 + 0x3000, "F_TRANSLATION")?;
+            let n = expect_blocked_write(
+                &mut s,
+                &edu,
+                domain,
+                sid,
+                hole,
+                buffer + MIB2 + 0x3000,
+                smmuv3::FaultKind::Translation,
+            )?;
             fill(buffer + MIB2 + 0x4000, |_| 0xee);
             fill(source, pattern(0xa5));
             edu.dma(Direction::ToDevice, IOVA_SOURCE, 0, LEN as u64)

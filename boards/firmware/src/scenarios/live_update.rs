@@ -384,7 +384,15 @@ pub fn lu_mutate(context: &mut Context) -> Result<(), Failure> {
             restore(context, &mut s)?;
             let domain = s.retrieve(TOKEN).or_else(|e| fail!("{e}"))?;
             dma(&edu, source, IOVA_NEW, added, 0x52)?;
-            let n = expect_blocked_write(&mut s, &edu, domain, sid, IOVA_DESTINATION, removed, "F_TRANSLATION")?;
+            let n = expect_blocked_write(
+                &mut s,
+                &edu,
+                domain,
+                sid,
+                IOVA_DESTINATION,
+                removed,
+                smmuv3::FaultKind::Translation,
+            )?;
             finish_all_claimed(context, &mut s)?;
             println!(
                 "  after the reset: IOVA {IOVA_NEW:#x} (mapped after preserve) lands at PA {added:#x}; IOVA {IOVA_DESTINATION:#x} (unmapped after preserve) faults ({n} F_TRANSLATION in {domain}'s report)"

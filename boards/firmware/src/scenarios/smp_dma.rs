@@ -240,7 +240,7 @@ pub fn smp_dma(context: &mut Context) -> Result<(), Failure> {
     }
     if let Some(f) = filed.faults.iter().find(|f| {
         f.stream != *sid_a
-            || f.kind != "F_TRANSLATION"
+            || f.kind != smmuv3::FaultKind::Translation
             || f.write != Some(true)
             || !f
                 .address

@@ -213,7 +213,15 @@ fn translate(context: &Context, edu: &Edu, sid: u32, pass: Pass) -> Result<(), F
                 .or_else(|e| fail!("unmap: {e}"))?;
         }
     }
-    let n = expect_blocked_write(&mut s, edu, domain, sid, IOVA_DESTINATION, destination, "F_TRANSLATION")?;
+    let n = expect_blocked_write(
+        &mut s,
+        edu,
+        domain,
+        sid,
+        IOVA_DESTINATION,
+        destination,
+        smmuv3::FaultKind::Translation,
+    )?;
     println!(
         "  after unmap: DMA aborted, {n} F_TRANSLATION fault(s) at IOVA {IOVA_DESTINATION:#x} in {domain}'s report"
     );
@@ -249,7 +257,15 @@ fn translate(context: &Context, edu: &Edu, sid: u32, pass: Pass) -> Result<(), F
                 .or_else(|e| fail!("protect: {e}"))?;
         }
     }
-    let n = expect_blocked_write(&mut s, edu, domain, sid, IOVA_DESTINATION, alternate, "F_PERMISSION")?;
+    let n = expect_blocked_write(
+        &mut s,
+        edu,
+        domain,
+        sid,
+        IOVA_DESTINATION,
+        alternate,
+        smmuv3::FaultKind::Permission,
+    )?;
     edu.dma(Direction::ToDevice, IOVA_DESTINATION, 0, LEN as u64)
         .or_else(|e| fail!("{e}"))?;
     let quiet = take_faults(&mut s, domain)?;

@@ -258,7 +258,7 @@ pub fn virtio_dma(context: &mut Context) -> Result<(), Failure> {
     let expected = report
         .faults
         .iter()
-        .filter(|f| f.kind == "F_TRANSLATION" && f.stream == sid && in_arena(f.address))
+        .filter(|f| f.kind == smmuv3::FaultKind::Translation && f.stream == sid && in_arena(f.address))
         .count();
     if expected == 0 || expected != report.faults.len() {
         fail!(
