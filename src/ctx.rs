@@ -74,6 +74,7 @@ impl fmt::Display for CdTableFormat {
 /// [`CdTableError::Invalidation`]; the calls that invalidate nothing return `CdTableError` (`E` = [`Infallible`]),
 /// which [`CdTableError::widen`] turns into any other.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CdTableError<E = Infallible> {
     /// The SubstreamID is beyond the table.
     UnknownSubstream {

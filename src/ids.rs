@@ -42,6 +42,7 @@ impl fmt::Display for DomainId {
 
 /// Why an identifier could not be allocated or freed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum IdError {
     /// Every identifier of the width is in use.
     Exhausted {

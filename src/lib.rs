@@ -211,6 +211,7 @@
 //! the region's format and what a restore trusts, `testing` (feature `testing`) for the test doubles, and the README for the QEMU
 //! scenarios that run all of this with real DMA.
 #![no_std]
+#![deny(missing_docs)]
 
 pub mod board;
 pub mod ctx;

@@ -70,6 +70,7 @@ unsafe impl Sync for DmaBlock {}
 
 /// Why memory could not be had.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum AllocError {
     /// The allocator has no block of this size and alignment left.
     OutOfMemory {

@@ -14,6 +14,7 @@ pub const MAX_PROTECTED: usize = 8;
 
 /// Why `protect_memory` refused an extent. Nothing changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ProtectError {
     /// The extent is empty or wraps past the end of the address space.
     BadExtent(Extent),

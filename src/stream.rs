@@ -83,6 +83,7 @@ impl fmt::Display for StreamTableFormat {
 
 /// Why a stream's entry cannot be reached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum StreamError {
     /// The StreamID is beyond the table.
     UnknownStream {

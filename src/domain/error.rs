@@ -15,6 +15,7 @@ use super::DomainKind;
 /// Why a domain operation failed. Every operation that returns an error changed nothing, except where the
 /// variant says otherwise (a failed invalidation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum DomainError {
     /// The handle names a domain that was freed (or never existed).
     StaleDomain(DomainId),

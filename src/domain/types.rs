@@ -11,6 +11,7 @@ pub type DomainMemory = &'static (dyn FrameAllocator + Sync);
 
 /// What a domain translates with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum DomainKind {
     /// Stage 1 only: a CD, an ASID, stage-1 tables.
     Stage1,

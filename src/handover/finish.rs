@@ -16,6 +16,7 @@ pub struct FinishReport {
 
 /// Why [`Iommu::finish_handover`] did not finish.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FinishError {
     /// A hand-off is prepared (records of `generation`): finishing would remove the records the next image needs.
     /// Nothing changed.

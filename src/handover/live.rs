@@ -14,6 +14,7 @@ use crate::stream::StreamTableFormat;
 
 /// Why the preserved domains cannot be recorded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RecordError {
     /// More preserved domains than the driver could hold locked at once (no memory for the list of their locks).
     TooMany(&'static str),

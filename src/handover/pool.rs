@@ -50,6 +50,7 @@ const _: () = assert!(MAX_MEMORIES < NAMED as usize);
 
 /// Why the pool cannot be set up or used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum PoolError {
     /// The region is too small (or misaligned, physically or at its CPU address) for the metadata, the owner map
     /// and a frame.

@@ -12,6 +12,7 @@ use crate::mem::FrameAllocator;
 
 /// Why the handover could not be prepared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum PrepareError {
     /// The pool is not set up.
     Pool(PoolError),
@@ -134,6 +135,7 @@ impl core::fmt::Display for PrepareError {
 
 /// Where one SMMU's driver is in a live update (the states of the table in [`crate::handover`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum HandoverPhase {
     /// Nothing prepared, nothing restored and waiting: domains are preserved and unpreserved freely.
     Idle,

@@ -29,6 +29,7 @@ pub use super::prepare::{HandoverPhase, PrepareError};
 /// Why a restore refused the region (or was asked at the wrong time). A refusal leaves nothing translating: see
 /// [`Iommu::restore_handover`]; the region's bytes stay untouched for diagnosis.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RestoreError {
     /// This driver restored the records of `generation` already (and consumed them): a record restores once, so a
     /// domain retrieved and freed since can never come back. Nothing changed.
@@ -81,6 +82,7 @@ pub enum RestoreError {
 
 /// What failed while rebuilding a validated record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RebuildFailure {
     /// Its memory.
     Pool(PoolError),

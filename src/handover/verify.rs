@@ -57,6 +57,7 @@ impl<'a> RestoreOptions<'a> {
 /// What verification found wrong in a record's preserved memory. Addresses are physical: `entry` is the
 /// descriptor's own address, `table` the table it names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum VerifyFailure {
     /// The record's shape does not describe a table this driver builds.
     Format(MapError),

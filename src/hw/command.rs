@@ -137,6 +137,7 @@ pub const fn opcode_of(words: &[u64; 2]) -> u8 {
 
 /// Why [`vet`] refuses a command that code outside the driver wants queued.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Unvetted {
     /// A CMD_SYNC whose completion is an MSI (CS = SIG_IRQ, MSIAddress != 0): a 32-bit write the SMMU itself makes
     /// to any physical address (on an SMMU with SMMU_IDR0.MSI).
@@ -590,6 +591,7 @@ pub enum Command {
 
 /// Why a command (or a range plan) could not be encoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CommandError {
     /// An address has bits set below the alignment its field or its range hint requires.
     MisalignedAddress {
@@ -910,6 +912,7 @@ impl Command {
 /// The CMDQ_CONS.ERR field (bits `[30:24]`; section 7.1, "Command queue errors"): why the command at CONS could
 /// not be consumed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum CommandQueueError {
     /// CERROR_NONE (0): no error.
     None,

@@ -317,6 +317,7 @@ pub(crate) fn check_stall(field: &'static str, stall: bool, rules: &EntryRules) 
 
 /// Why an entry cannot be built.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum EntryError {
     /// An address is not aligned as its field requires.
     Misaligned {

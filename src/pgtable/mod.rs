@@ -191,6 +191,7 @@ impl Geometry {
 
 /// Why a page-table operation was refused. Nothing changed when one is returned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum MapError {
     /// The format's sizes are outside what this driver builds.
     BadFormat {

@@ -22,6 +22,7 @@ pub const OVERFLOW_FLAG: u32 = 1 << 31;
 
 /// Why a queue geometry was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum QueueGeometryError {
     /// log2 of the entry count is above [`MAX_LOG2_ENTRIES`].
     TooLarge {

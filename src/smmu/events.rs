@@ -18,6 +18,7 @@ use super::init::set_cr0;
 
 /// A fatal global error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum GlobalError {
     /// GERROR.SFM_ERR: the SMMU entered service failure mode and stopped translating; it needs a reset.
     ServiceFailure(GlobalErrors),

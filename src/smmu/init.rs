@@ -123,6 +123,7 @@ pub struct RunningSmmu {
 
 /// Why [`Smmu::init`] failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum InitError {
     /// No memory for a table or a queue.
     NoMemory(AllocError),

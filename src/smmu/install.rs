@@ -19,6 +19,7 @@ use super::SmmuCore;
 
 /// Why an entry could not be installed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum AttachError {
     /// The stream cannot be reached.
     Stream(StreamError),

@@ -37,6 +37,7 @@ pub enum TlbContext {
 
 /// Why a TLB invalidation could not be done.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum InvalidationError {
     /// The command queue failed (a command refused, a timeout, service failure).
     Queue(CommandQueueError),

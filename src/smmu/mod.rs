@@ -42,6 +42,7 @@ use features::TableEndianness;
 
 /// Why the driver refuses an SMMU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ProbeError {
     /// The register space the board describes is smaller than pages 0 and 1 (128 KiB).
     RegisterSpaceTooSmall {

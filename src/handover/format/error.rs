@@ -7,6 +7,7 @@ use super::MAGIC;
 
 /// Why [`encode`](super::encode) could not write a region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FormatError {
     /// `out` is shorter than the region.
     BufferTooSmall {
@@ -67,6 +68,7 @@ impl core::error::Error for FormatError {}
 /// Why [`decode`](super::decode) or [`validate_identity`](super::validate_identity) refused a region. Each variant carries the offending values; tokens
 /// name the record at fault.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum HandoverError {
     /// Fewer bytes than the header or the header's total length says.
     Truncated {

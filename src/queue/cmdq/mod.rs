@@ -137,6 +137,7 @@ pub struct BatchReport {
 
 /// Why a submission failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CommandQueueError {
     /// A command has a field the architecture cannot encode; nothing was written.
     Encoding(CommandError),
