@@ -633,11 +633,21 @@ fn fill_table(entries: &[AtomicU64], run: core::ops::Range<usize>, first: u64, s
     #[cfg(not(all(loom, test)))]
     {
         let words = entries.as_ptr() as *mut u64;
-        // SAFETY: both ranges lie inside `entries`, a table no one else can reach yet. `write_bytes` becomes the
-        // platform's memset, the fastest way to store zeros.
+        // The zeros in whole cache lines (a fast-string memset starts slower on a destination that is not
+        // line-aligned), the run's partial lines at its ends then written twice, zero first and the run after it.
+        const LINE: usize = 8;
+        let below = run.start.next_multiple_of(LINE).min(entries.len());
+        let above = run.end - run.end % LINE;
+        // SAFETY: both ranges lie inside `entries` (`below` is at most its length, `above` at least 0 and at most
+        // `run.end`), a table no one else can reach yet. `write_bytes` becomes the platform's memset, the fastest
+        // way to store zeros; an empty side is skipped rather than passed to it.
         unsafe {
-            words.write_bytes(0, run.start);
-            words.add(run.end).write_bytes(0, entries.len() - run.end);
+            if run.start > 0 {
+                words.write_bytes(0, below);
+            }
+            if run.end < entries.len() {
+                words.add(above).write_bytes(0, entries.len() - above);
+            }
         }
     }
     #[cfg(all(loom, test))]
