@@ -161,15 +161,26 @@ impl<A: FrameAllocator> IoPageTable<A> {
 
     /// `n` (at most `N`) zeroed frames of a granule each, or none: on a failure the ones already allocated go back.
     pub(super) fn zeroed_frames<const N: usize>(&self, n: usize) -> Result<heapless::Vec<DmaBlock, N>, MapError> {
-        let granule = 1usize << self.geometry.granule_bits;
         let mut frames = heapless::Vec::new();
+        self.zeroed_frames_into(n, &mut frames)?;
+        Ok(frames)
+    }
+
+    /// [`IoPageTable::zeroed_frames`] into `frames` (empty), which the caller keeps where it is: a vector of
+    /// frames is a few hundred bytes, which a returned `Result` would copy (twice) even when it holds none.
+    pub(super) fn zeroed_frames_into<const N: usize>(
+        &self,
+        n: usize,
+        frames: &mut heapless::Vec<DmaBlock, N>,
+    ) -> Result<(), MapError> {
+        let granule = 1usize << self.geometry.granule_bits;
         for _ in 0..n.min(N) {
             match self.allocator.allocate_zeroed(granule, granule) {
                 Ok(t) => {
                     let _ = frames.push(t);
                 }
                 Err(e) => {
-                    for t in frames {
+                    while let Some(t) = frames.pop() {
                         // SAFETY: just allocated here, never published.
                         unsafe { self.allocator.free(t) };
                     }
@@ -177,7 +188,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 }
             }
         }
-        Ok(frames)
+        Ok(())
     }
 
     /// The tables from `level + 1` down to the last level that a page at `iova` needs below an invalid entry at

@@ -173,7 +173,10 @@ impl<A: FrameAllocator> IoPageTable<A> {
             };
             return Err(MapError::WouldSplitBlock { iova: cut });
         }
-        let mut reserve: heapless::Vec<DmaBlock, 8> = self.zeroed_frames(needed)?;
+        let mut reserve: heapless::Vec<DmaBlock, 8> = heapless::Vec::new();
+        if needed > 0 {
+            self.zeroed_frames_into(needed, &mut reserve)?;
+        }
         let root = self.root.phys.0;
         let (unmapped, _, _) = self.change_in(
             self.geometry.start_level,
