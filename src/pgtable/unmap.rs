@@ -256,9 +256,12 @@ impl<A: FrameAllocator> IoPageTable<A> {
         let first = ((start.max(table_base) - table_base) >> shift) as usize;
         let last = (((end.min(table_end) - 1) - table_base) >> shift) as usize;
         let mut unmapped = 0;
-        // Leaves cleared in this table: the lowest address, one past the highest, how many. They are cleaned and
-        // gathered once, after the loop.
+        // Leaves cleared in this table: the lowest address, one past the highest, how many. They are cleaned once,
+        // after the loop.
         let mut cleared = (u64::MAX, 0, 0);
+        // What this table's entries add to `gather` (the tables below add theirs themselves), added once after the
+        // loop: the same union, without a read-modify-write of the gather per entry.
+        let mut span = Span::EMPTY;
         // Fast path (an unmap): the entries wholly inside the range, when none of them is a table, are cleared in
         // one pass of plain loads and stores; the loop below then sees only the entries at the range's ends.
         let covered_first = first + usize::from(start > table_base + ((first as u64) << shift));
@@ -297,7 +300,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 let new = desc::leaf(self.format.stage, desc::address(d), prot, level == 3);
                 if new != d {
                     self.store(entry, new);
-                    gather.add(entry_base, entry_size, shift);
+                    span.add(entry_base, entry_base + entry_size, shift, 1);
                 }
                 unmapped += entry_size;
                 continue;
@@ -310,7 +313,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
                     // The whole subtree goes: count its leaves and collect its tables without rewriting them.
                     let (bytes, smallest) = self.reclaim(level + 1, d, gather);
                     // Always: walk caches may hold the unlinked table even if it mapped nothing.
-                    gather.add(entry_base, entry_size, smallest);
+                    span.add(entry_base, entry_base + entry_size, smallest, 1);
                     unmapped += bytes;
                 } else {
                     // Cleaned with the rest of the run after the loop; ordered by the barrier that ends `unmap`.
@@ -328,9 +331,9 @@ impl<A: FrameAllocator> IoPageTable<A> {
                     self.store(entry, 0);
                     self.free_later(desc::address(d), gather);
                     let child_shift = self.geometry.entry_shift(level + 1);
-                    gather.add_run(from, to, child_shift, n as u32);
+                    span.add(from, to, child_shift, n as u32);
                     // Walk caches may hold the unlinked table: its whole span.
-                    gather.add_run(entry_base, entry_base + entry_size, self.geometry.granule_bits, 0);
+                    span.add(entry_base, entry_base + entry_size, self.geometry.granule_bits, 0);
                     removed += 1;
                     unmapped += (n as u64) << child_shift;
                     continue;
@@ -362,7 +365,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 self.tables.add(1);
                 linked = true;
                 // The block's translation is replaced: the TLB may hold it.
-                gather.add(entry_base, entry_size, shift);
+                span.add(entry_base, entry_base + entry_size, shift, 1);
                 (table.phys.0, sub.len())
             };
             let (bytes, gone, below) =
@@ -375,7 +378,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 self.forget_if_empty(entry.load(Ordering::Relaxed));
                 self.store(entry, 0);
                 self.free_later(next, gather);
-                gather.add_run(entry_base, entry_base + entry_size, self.geometry.granule_bits, 0);
+                span.add(entry_base, entry_base + entry_size, self.geometry.granule_bits, 0);
                 removed += 1;
             } else if gone > 0 || below {
                 self.set_count(entry, level + 1, after, below);
@@ -384,8 +387,9 @@ impl<A: FrameAllocator> IoPageTable<A> {
         if cleared.2 > 0 {
             let run = &entries[first..=last];
             self.coherency.clean(run.as_ptr().cast(), run.len() * 8);
-            gather.add_run(cleared.0, cleared.1, shift, cleared.2);
+            span.add(cleared.0, cleared.1, shift, cleared.2);
         }
+        span.add_to(gather);
         (unmapped, removed, linked)
     }
 
@@ -483,6 +487,44 @@ impl<A: FrameAllocator> IoPageTable<A> {
         }
         // A live, unlinked table of this page table; nothing writes it while `&mut self` is held.
         count_valid(entries) << shift
+    }
+}
+
+/// Runs of translations for a [`Gather`], collected in locals: the lowest start, the highest end, the smallest
+/// leaf shift and the leaves, as [`Gather::add_run`] would keep them (a union: the order of the runs does not
+/// matter), added to the gather in one step.
+#[derive(Clone, Copy)]
+struct Span {
+    start: u64,
+    end: u64,
+    shift: u8,
+    leaves: u32,
+}
+
+impl Span {
+    /// No run yet.
+    const EMPTY: Span = Span {
+        start: u64::MAX,
+        end: 0,
+        shift: u8::MAX,
+        leaves: 0,
+    };
+
+    /// `leaves` leaves of `1 << shift` bytes each, together spanning `[start, end)` (not empty).
+    #[inline]
+    fn add(&mut self, start: u64, end: u64, shift: u8, leaves: u32) {
+        self.start = self.start.min(start);
+        self.end = self.end.max(end);
+        self.shift = self.shift.min(shift);
+        self.leaves += leaves;
+    }
+
+    /// Adds the runs collected (if any) to `gather`.
+    #[inline]
+    fn add_to(self, gather: &mut Gather) {
+        if self.start <= self.end {
+            gather.add_run(self.start, self.end, self.shift, self.leaves);
+        }
     }
 }
 
