@@ -77,16 +77,18 @@ impl Pool {
         *head = Some(table);
     }
 
-    /// The next frame (a chained one with its link words zeroed again).
+    /// The next frame: a kept one first (a map needing few tables never looks at the chain), then a chained one
+    /// with its link words zeroed again.
     fn pop(&mut self, full: bool) -> Option<DmaBlock> {
         let size = self.size;
         let (kept, head) = match full {
             true => (&mut self.overwrite, &mut self.overwrite_chain),
             false => (&mut self.zeroed, &mut self.zeroed_chain),
         };
-        let Some(table) = head.take() else {
-            return kept.pop(size);
-        };
+        if let Some(table) = kept.pop(size) {
+            return Some(table);
+        }
+        let table = head.take()?;
         let link = entries_of(table.virt, 2);
         // Plain loads and stores: a swap is a locked read-modify-write on x86 (it drains the store buffer full of
         // the previous table's entries) and an exclusive pair or LDADD-class atomic on Arm, and nothing else can
