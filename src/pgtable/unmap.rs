@@ -188,7 +188,8 @@ impl<A: FrameAllocator> IoPageTable<A> {
             &mut reserve,
             reprotect,
         );
-        for t in reserve {
+        // Popped in place, not iterated by value (which would copy the whole vector first).
+        while let Some(t) = reserve.pop() {
             // SAFETY: never published.
             unsafe { self.allocator.free(t) };
         }
@@ -205,6 +206,11 @@ impl<A: FrameAllocator> IoPageTable<A> {
         let mut level = self.geometry.start_level;
         let mut phys = self.root.phys.0;
         loop {
+            if address.is_multiple_of(1 << self.geometry.entry_shift(level)) {
+                // Aligned to this level's entries, so to every level's below: no block here or below starts
+                // before it, and nothing needs reading.
+                return 0;
+            }
             let Some(entries) = self.table_entries(level, phys) else {
                 return 0;
             };
@@ -217,10 +223,10 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 level += 1;
                 continue;
             }
-            if !desc::is_valid(d) || level == 3 || address.is_multiple_of(1 << self.geometry.entry_shift(level)) {
+            if !desc::is_valid(d) || level == 3 {
                 return 0;
             }
-            // Split down to the level whose entries the address is aligned to.
+            // A block that starts before `address` (checked above): split down to the level whose entries the address is aligned to.
             let target = (level + 1..=3)
                 .find(|&l| address.is_multiple_of(1 << self.geometry.entry_shift(l)))
                 .unwrap_or(3);
