@@ -26,6 +26,7 @@ impl Kept {
     }
 
     /// The last frame kept, of `size` bytes.
+    #[inline]
     fn pop(&mut self, size: usize) -> Option<DmaBlock> {
         let k = self.len.checked_sub(1)?;
         self.len = k;
@@ -79,6 +80,7 @@ impl Pool {
 
     /// The next frame: a kept one first (a map needing few tables never looks at the chain), then a chained one
     /// with its link words zeroed again.
+    #[inline]
     fn pop(&mut self, full: bool) -> Option<DmaBlock> {
         let size = self.size;
         let (kept, head) = match full {
@@ -370,9 +372,6 @@ impl<A: FrameAllocator> IoPageTable<A> {
             self.last_prot = Some(prot);
             return self.map_page(iova, pa, self.last_template);
         }
-        if let Some(mapped) = self.first_mapped(iova, size) {
-            return Err(MapError::Overlap { iova: mapped });
-        }
         let root = self.root_entries();
         let mut needed = (0, 0);
         self.tables_needed(
@@ -485,10 +484,12 @@ impl<A: FrameAllocator> IoPageTable<A> {
 
     /// Counts the tables `map_in` will create for `[start, end)` (output from `pa`) below the table `entries`
     /// (`None`: a table still to be created, all invalid) covering from `table_base`: `needed.0` zeroed ones,
-    /// `needed.1` tables that the map writes whole (see [`IoPageTable::whole_run`]).
+    /// `needed.1` tables that the map writes whole (see [`IoPageTable::whole_run`]); and checks, in the same
+    /// walk, that nothing in the range is mapped.
     ///
     /// # Errors
-    /// [`MapError::NoMemory`] when the allocator does not know a table's physical address (a broken allocator).
+    /// [`MapError::Overlap`] with the first mapped address of the range; [`MapError::NoMemory`] when the
+    /// allocator does not know a table's physical address (a broken allocator).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn tables_needed(
         &self,
@@ -505,16 +506,25 @@ impl<A: FrameAllocator> IoPageTable<A> {
         let first = ((start - table_base) >> shift) as usize;
         let last = (((end - 1) - table_base) >> shift) as usize;
         let run = self.leaf_run(level, table_base, first, last, start, end, pa);
-        // The run needs no table: only the entries outside it are looked at (at most one at each end).
+        // The run needs no table: only the entries outside it are counted for (at most one at each end); those of
+        // an existing table are checked for mappings in address order, the run's between the two ends.
         let (before, after) = match run.0 < run.1 {
             true => (first..run.0, run.1..last + 1),
             false => (first..last + 1, 0..0),
         };
+        let run_checked = run.0 >= run.1 || entries.is_none();
         for i in before.chain(after) {
+            if !run_checked && i >= run.1 {
+                self.run_unmapped(level, entries, table_base, run)?;
+            }
             let entry_base = table_base + ((i as u64) << shift);
             let (from, to) = (start.max(entry_base), end.min(entry_base + entry_size));
             let output = pa + (from - start);
             let d = entries.map_or(0, |e| e[i].load(Ordering::Acquire));
+            if desc::is_valid(d) && !desc::is_table(d, level) {
+                // A page or block maps part of the range.
+                return Err(MapError::Overlap { iova: from });
+            }
             if desc::is_table(d, level) {
                 let next = self
                     .table_entries(level + 1, desc::address(d))
@@ -527,7 +537,35 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 self.tables_needed(level + 1, None, entry_base, from, to, output, needed)?;
             }
         }
+        if !run_checked && last < run.1 {
+            // No entry after the run.
+            self.run_unmapped(level, entries, table_base, run)?;
+        }
         Ok(())
+    }
+
+    /// Checks that the entries `run` of the existing table `entries` (at `level`, covering from `table_base`)
+    /// map nothing: each is invalid, or a table (left empty by `unmap_page`) with nothing mapped below it.
+    #[inline(never)]
+    fn run_unmapped(
+        &self,
+        level: u8,
+        entries: Option<&[AtomicU64]>,
+        table_base: u64,
+        run: (usize, usize),
+    ) -> Result<(), MapError> {
+        let Some(entries) = entries else {
+            return Ok(());
+        };
+        let shift = self.geometry.entry_shift(level);
+        let (from, to) = (
+            table_base + ((run.0 as u64) << shift),
+            table_base + ((run.1 as u64) << shift),
+        );
+        match self.first_mapped_in(level, entries, table_base, from, to) {
+            Some(iova) => Err(MapError::Overlap { iova }),
+            None => Ok(()),
+        }
     }
 
     /// Maps `[start, end)` (output from `pa` at `start`) inside the table at `table_phys` (covering from
