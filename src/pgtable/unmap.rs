@@ -262,9 +262,8 @@ impl<A: FrameAllocator> IoPageTable<A> {
         let first = ((start.max(table_base) - table_base) >> shift) as usize;
         let last = (((end.min(table_end) - 1) - table_base) >> shift) as usize;
         let mut unmapped = 0;
-        // Leaves cleared in this table: the lowest address, one past the highest, how many. They are cleaned once,
-        // after the loop.
-        let mut cleared = (u64::MAX, 0, 0);
+        // Whether leaves were cleared in this table: they are cleaned once, after the loop (and gathered in `span`).
+        let mut cleared = false;
         // What this table's entries add to `gather` (the tables below add theirs themselves), added once after the
         // loop: the same union, without a read-modify-write of the gather per entry.
         let mut span = Span::EMPTY;
@@ -276,23 +275,31 @@ impl<A: FrameAllocator> IoPageTable<A> {
         } else {
             last.checked_sub(1)
         };
-        let mut rest = (first..last + 1, 0..0);
+        // The entries the loop below skips (none unless the fast path cleared them).
+        let mut skip = (last + 1, last + 1);
         if reprotect.is_none()
             && let Some(covered_last) = covered_last
             && covered_first <= covered_last
             && let Some((lo, hi, n)) = clear_leaves(&entries[covered_first..=covered_last], level)
         {
-            rest = (first..covered_first, covered_last + 1..last + 1);
+            skip = (covered_first, covered_last + 1);
             if n > 0 {
                 let base = |k: usize| table_base + (((covered_first + k) as u64) << shift);
-                cleared = (base(lo), base(hi) + entry_size, n as u32);
+                span.add(base(lo), base(hi) + entry_size, shift, n as u32);
+                cleared = true;
                 removed += n;
                 unmapped += n as u64 * entry_size;
             }
         }
-        for i in rest.0.chain(rest.1) {
+        let mut i = first;
+        while i <= last {
+            if i == skip.0 {
+                i = skip.1;
+                continue;
+            }
             let entry = &entries[i];
             let entry_base = table_base + ((i as u64) << shift);
+            i += 1;
             let d = entry.load(Ordering::Acquire);
             if !desc::is_valid(d) {
                 continue;
@@ -324,7 +331,8 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 } else {
                     // Cleaned with the rest of the run after the loop; ordered by the barrier that ends `unmap`.
                     entry.store(0, Ordering::Relaxed);
-                    cleared = (cleared.0.min(entry_base), entry_base + entry_size, cleared.2 + 1);
+                    span.add(entry_base, entry_base + entry_size, shift, 1);
+                    cleared = true;
                     unmapped += entry_size;
                 }
                 continue;
@@ -390,10 +398,9 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 self.set_count(entry, level + 1, after, below);
             }
         }
-        if cleared.2 > 0 {
+        if cleared {
             let run = &entries[first..=last];
             self.coherency.clean(run.as_ptr().cast(), run.len() * 8);
-            span.add(cleared.0, cleared.1, shift, cleared.2);
         }
         span.add_to(gather);
         (unmapped, removed, linked)
