@@ -475,11 +475,25 @@ impl<A: FrameAllocator> IoPageTable<A> {
         end: u64,
         pa: u64,
     ) -> Option<(usize, usize)> {
+        // `leaf_run` covering every entry touched, without computing it: both ends and the output on entry
+        // boundaries (and leaves allowed here).
         let shift = self.geometry.entry_shift(level);
-        let first = ((start - table_base) >> shift) as usize;
-        let last = (((end - 1) - table_base) >> shift) as usize;
-        let run = self.leaf_run(level, table_base, first, last, start, end, pa);
-        (run == (first, last + 1)).then_some(run)
+        let leaf_here = level == 3 || self.geometry.block_allowed(level);
+        let whole = leaf_here && start < end && (start | end | pa) & ((1 << shift) - 1) == 0;
+        let run = whole.then(|| {
+            (
+                ((start - table_base) >> shift) as usize,
+                ((end - table_base) >> shift) as usize,
+            )
+        });
+        #[cfg(debug_assertions)]
+        {
+            let first = ((start - table_base) >> shift) as usize;
+            let last = (((end - 1) - table_base) >> shift) as usize;
+            let by_run = self.leaf_run(level, table_base, first, last, start, end, pa);
+            debug_assert_eq!(run, (by_run == (first, last + 1)).then_some(by_run));
+        }
+        run
     }
 
     /// Counts the tables `map_in` will create for `[start, end)` (output from `pa`) below the table `entries`
