@@ -231,7 +231,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             *slot = self.domains.get_mut(id).ok().map(|state| (id, state));
         }
         let result = (|| {
-            for (_, state) in held.iter().flatten() {
+            for (_, state) in held.iter_mut().flatten() {
                 check_preserved_outputs(state, &outputs)?;
             }
             let states = Held(&held);
@@ -408,19 +408,20 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
 
 /// Checks that every leaf of preserved domain `state` maps memory inside `outputs`' DMA-able memory and outside
 /// the region and protected memory: the first that does not is the error. Each table is walked once.
-fn check_preserved_outputs(state: &DomainState, outputs: &Outputs<'_>) -> Result<(), PrepareError> {
+fn check_preserved_outputs(state: &mut DomainState, outputs: &Outputs<'_>) -> Result<(), PrepareError> {
     let Some(token) = state.token else { return Ok(()) };
-    let (Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. }) = &state.translation else {
-        return Ok(());
-    };
     // The tables are recorded as they are, not what the SMMU may still cache: an unmap whose invalidation has not
     // completed would leave the next image (a running hand-off keeps the TLB) translating what the records say is
     // unmapped, and mapping over it again.
     if state.pending.outstanding() || state.has_unflushed() {
         return Err(PrepareError::PendingInvalidation { token });
     }
+    let (Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. }) = &mut state.translation else {
+        return Ok(());
+    };
     let mut first = None;
-    table.walk(|m| {
+    // Write-locked (the freeze): no map runs, so the tables' live-entry counts bound the walk.
+    table.walk_exclusive(|m| {
         if first.is_none()
             && let Err(refusal) = outputs.judge(m.pa, m.size)
         {

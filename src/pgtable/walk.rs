@@ -49,6 +49,67 @@ impl<A: FrameAllocator> IoPageTable<A> {
         );
     }
 
+    /// [`IoPageTable::walk`] for a caller that holds the table exclusively (`&mut`: no map or unmap can run
+    /// meanwhile): each table below the root is read only up to its last valid entry, found by the live-entry
+    /// count its descriptor carries (a domain with a few pages mapped is read in a few entries a table, not whole
+    /// tables). Under concurrent maps a count can lag its entries, which is why this takes `&mut self`.
+    pub fn walk_exclusive(&mut self, mut f: impl FnMut(Mapping)) {
+        let stage = self.format.stage;
+        self.visit_counted(
+            self.geometry.start_level,
+            self.root_entries(),
+            0,
+            &mut |m, d| {
+                f(Mapping {
+                    prot: desc::prot(stage, d),
+                    ..m
+                })
+            },
+            None,
+        );
+    }
+
+    /// [`IoPageTable::visit`] that stops reading a table once it has seen `live` valid entries (its descriptor's
+    /// count; `None` for the root, read whole). Only with the table held exclusively.
+    fn visit_counted(
+        &self,
+        level: u8,
+        entries: &[AtomicU64],
+        base: u64,
+        f: &mut dyn FnMut(Mapping, u64),
+        live: Option<usize>,
+    ) {
+        let shift = self.geometry.entry_shift(level);
+        let mut seen = 0;
+        for (i, e) in entries.iter().enumerate() {
+            if live.is_some_and(|n| seen >= n) {
+                return;
+            }
+            let d = e.load(Ordering::Acquire);
+            if !desc::is_valid(d) {
+                continue;
+            }
+            seen += 1;
+            let iova = base + ((i as u64) << shift);
+            if desc::is_table(d, level) {
+                if let Some(next) = self.table_entries(level + 1, desc::address(d)) {
+                    self.visit_counted(level + 1, next, iova, f, Some(desc::count(d)));
+                }
+            } else {
+                let size = 1u64 << shift;
+                f(
+                    Mapping {
+                        iova,
+                        pa: desc::address(d),
+                        size,
+                        prot: Prot::empty(),
+                    },
+                    d,
+                );
+            }
+        }
+    }
+
     pub(super) fn visit(
         &self,
         level: u8,

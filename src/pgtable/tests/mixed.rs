@@ -349,6 +349,11 @@ pub(super) fn run_mixed(shape: (Stage, Granule, u8), top: bool, split_blocks: bo
         t.walk(|m| {
             assert_eq!(m.prot, model[&(m.iova / page)].1, "{what}: protection of {:#x}", m.iova);
         });
+        // The walk bounded by the live-entry counts finds exactly what the full walk finds.
+        let (mut full, mut counted) = (Vec::new(), Vec::new());
+        t.walk(|m| full.push((m.iova, m.pa, m.size, m.prot)));
+        t.walk_exclusive(|m| counted.push((m.iova, m.pa, m.size, m.prot)));
+        assert_eq!(counted, full, "{what}: the counted walk finds every mapping");
         assert_eq!(
             t.tables() as usize,
             linked + 1,
