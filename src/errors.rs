@@ -15,7 +15,7 @@ use crate::handover::restore::{RebuildFailure, RestoreError};
 use crate::handover::verify::VerifyFailure;
 use crate::handover::{FinishError, PrepareError};
 use crate::hitless::UpdateFailed;
-use crate::hw::command::{CommandError, CommandQueueError as EncodingError, Unvetted};
+use crate::hw::command::{CmdqConsError, CommandError, Unvetted};
 use crate::hw::ste::EntryError;
 use crate::ids::IdError;
 use crate::mem::AllocError;
@@ -35,7 +35,7 @@ macro_rules! leaf_errors {
 leaf_errors!(
     AllocError,
     CommandError,
-    EncodingError,
+    CmdqConsError,
     EntryError,
     ForeignGather,
     GlobalError,
@@ -227,7 +227,7 @@ mod tests {
         is_error::<CdTableError<CommandQueueError>>();
         is_error::<CommandError>();
         is_error::<CommandQueueError>();
-        is_error::<EncodingError>();
+        is_error::<CmdqConsError>();
         is_error::<DomainError>();
         is_error::<EntryError>();
         is_error::<FinishError>();

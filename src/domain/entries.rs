@@ -2,7 +2,7 @@
 //! stage-1 context as a guest's own driver builds it.
 
 use crate::ctx::{CdTable, CdTableFormat};
-use crate::hw::cd::{self, Cd, CdConfig};
+use crate::hw::cd::{Cd, CdConfig};
 use crate::hw::ste::{self, CdTableLayout, DefaultSubstream, EntryError, Stage1Config, Stage2Config, StallRule, Ste};
 use crate::ids::DomainId;
 use crate::mem::{FrameAllocator, PhysAddr};
@@ -73,7 +73,7 @@ pub(crate) fn stage1_cd_of(features: &Features, asid: u16, format: &Format, root
             asid,
             table: root,
             t0sz: 64 - format.input_bits,
-            granule: cd_granule(format.granule),
+            granule: format.granule,
             ips: size_encoding(format.output_bits),
             cacheability,
             shareability,
@@ -85,15 +85,6 @@ pub(crate) fn stage1_cd_of(features: &Features, asid: u16, format: &Format, root
         },
         &features.entry_rules(),
     )
-}
-
-/// CD.TG0 for a table's granule.
-pub(super) fn cd_granule(granule: Granule) -> cd::Granule {
-    match granule {
-        Granule::Size4K => cd::Granule::Size4K,
-        Granule::Size16K => cd::Granule::Size16K,
-        Granule::Size64K => cd::Granule::Size64K,
-    }
 }
 
 /// STE.S2PS / CD.IPS for an output size.
@@ -157,11 +148,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             vmid,
             t0sz: 64 - format.input_bits,
             sl0: table.geometry().s2_sl0(),
-            granule: match format.granule {
-                Granule::Size4K => ste::Granule::Size4K,
-                Granule::Size16K => ste::Granule::Size16K,
-                Granule::Size64K => ste::Granule::Size64K,
-            },
+            granule: format.granule,
             ps: size_encoding(format.output_bits),
             cacheability,
             shareability,

@@ -58,16 +58,8 @@ pub const L1_CD_V: u64 = 1;
 /// Level-1 CD descriptor: L2Ptr, bits \[51:12\].
 pub const L1_CD_L2PTR_MASK: u64 = ((1 << 52) - 1) & !0xfff;
 
-/// Translation granule of TTB0 (TG0 encoding).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Granule {
-    /// 4 KiB (0b00).
-    Size4K = 0,
-    /// 64 KiB (0b01).
-    Size64K = 1,
-    /// 16 KiB (0b10).
-    Size16K = 2,
-}
+/// Translation granule of TTB0: the crate's one [`Granule`] type, encoded into TG0 by [`Granule::tg_field`].
+pub use crate::hw::command::Granule;
 
 pub use crate::hw::ste::{Cacheability, Shareability};
 
@@ -130,7 +122,7 @@ impl Cd {
         let ips = check_range("IPS", u64::from(c.ips), 6)?;
         let table = check_address("TTB0", c.table.0, 16)?;
         let q0 = t0sz
-            | (c.granule as u64) << 6
+            | c.granule.tg_field() << 6
             | (c.cacheability as u64) << 8
             | (c.cacheability as u64) << 10
             | (c.shareability as u64) << 12
@@ -214,6 +206,20 @@ mod tests {
     use crate::hw::ste::{EXAMPLE_RULES, StallRule};
 
     const CONFIG: CdConfig = EXAMPLE;
+
+    /// TG0, bits [7:6] (IHI 0070, the CD's layout): 0b00 4 KiB, 0b01 64 KiB, 0b10 16 KiB, from the one
+    /// `Granule` type the page tables use.
+    #[test]
+    fn tg0_encodes_each_granule() {
+        for (granule, tg0) in [
+            (Granule::Size4K, 0b00),
+            (Granule::Size64K, 0b01),
+            (Granule::Size16K, 0b10),
+        ] {
+            let cd = Cd::new(&CdConfig { granule, ..CONFIG }, &EXAMPLE_RULES).unwrap();
+            assert_eq!((cd.0[0] >> 6) & 0b11, tg0, "{granule:?}");
+        }
+    }
 
     #[test]
     fn words_match_the_layout() {

@@ -268,7 +268,8 @@ const fn field(mask: u64, value: u64) -> u64 {
     (value << mask.trailing_zeros()) & mask
 }
 
-/// Translation granule of the TLB entries a range invalidation targets (field TG).
+/// A translation granule: of a page table (CD.TG0 and STE.S2TG encode it with [`Granule::tg_field`]) and of the
+/// TLB entries a range invalidation targets (its TG field).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Granule {
     /// 4 KiB granule, TG = 0b01.
@@ -292,6 +293,16 @@ impl Granule {
     /// The granule size in bytes.
     pub const fn size(self) -> u64 {
         1 << self.log2()
+    }
+
+    /// The encoding of a translation-table granule field, CD.TG0 and STE.S2TG alike (4 KiB 0b00, 64 KiB 0b01,
+    /// 16 KiB 0b10): not the TG of a range invalidation, which [`Command`] encodes itself.
+    pub const fn tg_field(self) -> u64 {
+        match self {
+            Granule::Size4K => 0b00,
+            Granule::Size64K => 0b01,
+            Granule::Size16K => 0b10,
+        }
     }
 
     /// The granule of `log2` bytes; `None` unless `log2` is 12, 14 or 16.
@@ -413,25 +424,13 @@ impl TlbiRange {
     }
 }
 
-/// Shareability of a CMD_SYNC completion MSI (field MSH).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Shareability {
-    /// Non-shareable, MSH = 0b00.
-    NonShareable,
-    /// Outer Shareable, MSH = 0b10.
-    OuterShareable,
-    /// Inner Shareable, MSH = 0b11.
-    InnerShareable,
-}
+/// Shareability of a CMD_SYNC completion MSI (field MSH: the same encoding as the table walks' SH fields): the
+/// crate's one [`Shareability`] type.
+pub use crate::hw::ste::Shareability;
 
-impl Shareability {
-    const fn msh(self) -> u64 {
-        match self {
-            Shareability::NonShareable => 0b00,
-            Shareability::OuterShareable => 0b10,
-            Shareability::InnerShareable => 0b11,
-        }
-    }
+/// MSH: 0b00 non-shareable, 0b10 outer, 0b11 inner shareable.
+const fn msh(shareability: Shareability) -> u64 {
+    shareability as u64
 }
 
 /// How a CMD_SYNC signals its completion (field CS). Whatever the choice, completion is also visible as CMDQ_CONS
@@ -898,7 +897,7 @@ impl Command {
                     }
                     Ok([
                         op | field(CMD0_SYNC_CS, 0b01)
-                            | field(CMD0_SYNC_MSH, shareability.msh())
+                            | field(CMD0_SYNC_MSH, msh(shareability))
                             | field(CMD0_SYNC_MSIATTR, attributes as u64)
                             | field(CMD0_SYNC_MSIDATA, data as u64),
                         address,
@@ -913,7 +912,7 @@ impl Command {
 /// not be consumed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
-pub enum CommandQueueError {
+pub enum CmdqConsError {
     /// CERROR_NONE (0): no error.
     None,
     /// CERROR_ILL (1): a reserved opcode, an invalid parameter or a non-zero reserved field.
@@ -930,15 +929,15 @@ pub enum CommandQueueError {
 const CMDQ_CONS_ERR_SHIFT: u32 = 24;
 const CMDQ_CONS_ERR_MASK: u32 = 0x7f;
 
-impl CommandQueueError {
+impl CmdqConsError {
     /// Decodes a 7-bit error code; bits above bit 6 are ignored.
     pub const fn from_code(code: u8) -> Self {
         match code & CMDQ_CONS_ERR_MASK as u8 {
-            0 => CommandQueueError::None,
-            1 => CommandQueueError::Illegal,
-            2 => CommandQueueError::Abort,
-            3 => CommandQueueError::AtcInvalidationSync,
-            other => CommandQueueError::Reserved(other),
+            0 => CmdqConsError::None,
+            1 => CmdqConsError::Illegal,
+            2 => CmdqConsError::Abort,
+            3 => CmdqConsError::AtcInvalidationSync,
+            other => CmdqConsError::Reserved(other),
         }
     }
 
@@ -950,30 +949,30 @@ impl CommandQueueError {
     /// The 7-bit error code.
     pub const fn code(self) -> u8 {
         match self {
-            CommandQueueError::None => 0,
-            CommandQueueError::Illegal => 1,
-            CommandQueueError::Abort => 2,
-            CommandQueueError::AtcInvalidationSync => 3,
-            CommandQueueError::Reserved(code) => code,
+            CmdqConsError::None => 0,
+            CmdqConsError::Illegal => 1,
+            CmdqConsError::Abort => 2,
+            CmdqConsError::AtcInvalidationSync => 3,
+            CmdqConsError::Reserved(code) => code,
         }
     }
 
     /// Whether this is an error (anything but CERROR_NONE).
     pub const fn is_error(self) -> bool {
-        !matches!(self, CommandQueueError::None)
+        !matches!(self, CmdqConsError::None)
     }
 }
 
-impl fmt::Display for CommandQueueError {
+impl fmt::Display for CmdqConsError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CommandQueueError::None => f.write_str("CERROR_NONE (no error)"),
-            CommandQueueError::Illegal => f.write_str("CERROR_ILL (illegal command)"),
-            CommandQueueError::Abort => f.write_str("CERROR_ABT (abort reading the command)"),
-            CommandQueueError::AtcInvalidationSync => {
+            CmdqConsError::None => f.write_str("CERROR_NONE (no error)"),
+            CmdqConsError::Illegal => f.write_str("CERROR_ILL (illegal command)"),
+            CmdqConsError::Abort => f.write_str("CERROR_ABT (abort reading the command)"),
+            CmdqConsError::AtcInvalidationSync => {
                 f.write_str("CERROR_ATC_INV_SYNC (CMD_SYNC could not complete an ATS invalidation)")
             }
-            CommandQueueError::Reserved(code) => write!(f, "reserved command error code {code:#x}"),
+            CmdqConsError::Reserved(code) => write!(f, "reserved command error code {code:#x}"),
         }
     }
 }

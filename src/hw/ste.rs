@@ -140,8 +140,9 @@ pub enum Cacheability {
     WriteBack = 3,
 }
 
-/// Shareability of the SMMU's fetches (S1CSH, S2SH0).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Shareability (the SH encoding): of the SMMU's table fetches (S1CSH, S2SH0, the CD's SH0) and of a CMD_SYNC's
+/// completion MSI (MSH).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Shareability {
     /// 0b00 non-shareable.
     NonShareable = 0,
@@ -184,16 +185,9 @@ pub enum DefaultSubstream {
     Substream0 = 2,
 }
 
-/// Translation granule of a stage-2 table (S2TG encoding).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Granule {
-    /// 4 KiB (0b00).
-    Size4K = 0,
-    /// 64 KiB (0b01).
-    Size64K = 1,
-    /// 16 KiB (0b10).
-    Size16K = 2,
-}
+/// Translation granule of a stage-2 table: the crate's one [`Granule`] type, encoded into S2TG by
+/// [`Granule::tg_field`].
+pub use crate::hw::command::Granule;
 
 /// The stage-1 part of an STE.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -458,7 +452,7 @@ impl Ste {
             | (s2.cacheability as u64) << 40
             | (s2.cacheability as u64) << 42
             | (s2.shareability as u64) << 44
-            | (s2.granule as u64) << 46
+            | s2.granule.tg_field() << 46
             | ps << 48
             | Q2_S2AA64
             | if s2.access_flag_fault_disable { Q2_S2AFFD } else { 0 }
@@ -677,6 +671,19 @@ mod tests {
         .unwrap();
         assert_eq!(el2.0[1] >> 30 & 0b11, 0b10);
         assert_eq!(el2.0[0] >> 59, 20);
+    }
+
+    #[test]
+    fn s2tg_encodes_each_granule() {
+        // S2TG, bits [47:46] of word 2: 0b00 4 KiB, 0b01 64 KiB, 0b10 16 KiB.
+        for (granule, s2tg) in [
+            (Granule::Size4K, 0b00),
+            (Granule::Size64K, 0b01),
+            (Granule::Size16K, 0b10),
+        ] {
+            let ste = Ste::stage2(&Stage2Config { granule, ..S2 }, &crate::hw::ste::EXAMPLE_RULES).unwrap();
+            assert_eq!((ste.0[2] & Q2_S2TG) >> 46, s2tg, "{granule:?}");
+        }
     }
 
     #[test]

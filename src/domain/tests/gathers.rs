@@ -404,7 +404,7 @@ fn finding2_a_public_batch_cannot_make_the_smmu_write_memory() {
                 address: root,
                 // A table descriptor naming PA 0x4000_0000.
                 data: 0x4000_0003,
-                shareability: Shareability::InnerShareable,
+                shareability: Shareability::Inner,
                 attributes: 0xf,
             },
         })

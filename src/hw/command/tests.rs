@@ -237,7 +237,7 @@ fn sync() {
     let msi = SyncCompletion::Msi {
         address: 0x4000_1234,
         data: 0xdead_beef,
-        shareability: Shareability::InnerShareable,
+        shareability: Shareability::Inner,
         attributes: 0xf,
     };
     assert_eq!(
@@ -247,7 +247,7 @@ fn sync() {
     let msi = SyncCompletion::Msi {
         address: 0x00ff_ffff_ffff_fffc,
         data: 1,
-        shareability: Shareability::OuterShareable,
+        shareability: Shareability::Outer,
         attributes: 0,
     };
     assert_eq!(
@@ -269,7 +269,7 @@ fn sync_errors() {
         completion: SyncCompletion::Msi {
             address,
             data: 0,
-            shareability: Shareability::InnerShareable,
+            shareability: Shareability::Inner,
             attributes,
         },
     };
@@ -572,33 +572,30 @@ fn opcode_names_cover_the_spec_table() {
 #[test]
 fn command_queue_error_codes() {
     // SMMU_CMDQ_CONS.ERR is [30:24].
-    assert_eq!(CommandQueueError::from_cons(0x0000_0005), CommandQueueError::None);
-    assert_eq!(CommandQueueError::from_cons(0x0100_0005), CommandQueueError::Illegal);
-    assert_eq!(CommandQueueError::from_cons(0x0200_0000), CommandQueueError::Abort);
+    assert_eq!(CmdqConsError::from_cons(0x0000_0005), CmdqConsError::None);
+    assert_eq!(CmdqConsError::from_cons(0x0100_0005), CmdqConsError::Illegal);
+    assert_eq!(CmdqConsError::from_cons(0x0200_0000), CmdqConsError::Abort);
     assert_eq!(
-        CommandQueueError::from_cons(0x8300_0000),
-        CommandQueueError::AtcInvalidationSync
+        CmdqConsError::from_cons(0x8300_0000),
+        CmdqConsError::AtcInvalidationSync
     );
-    assert_eq!(
-        CommandQueueError::from_cons(0x7f0f_ffff),
-        CommandQueueError::Reserved(0x7f)
-    );
-    assert_eq!(CommandQueueError::from_code(0x84), CommandQueueError::Reserved(4));
+    assert_eq!(CmdqConsError::from_cons(0x7f0f_ffff), CmdqConsError::Reserved(0x7f));
+    assert_eq!(CmdqConsError::from_code(0x84), CmdqConsError::Reserved(4));
     for code in 0..0x80u8 {
-        let error = CommandQueueError::from_code(code);
+        let error = CmdqConsError::from_code(code);
         assert_eq!(error.code(), code);
         assert_eq!(error.is_error(), code != 0);
-        assert_eq!(CommandQueueError::from_cons(u32::from(code) << 24), error);
+        assert_eq!(CmdqConsError::from_cons(u32::from(code) << 24), error);
     }
-    assert!(CommandQueueError::Illegal.to_string().contains("CERROR_ILL"));
-    assert!(CommandQueueError::None.to_string().contains("CERROR_NONE"));
-    assert!(CommandQueueError::Abort.to_string().contains("CERROR_ABT"));
+    assert!(CmdqConsError::Illegal.to_string().contains("CERROR_ILL"));
+    assert!(CmdqConsError::None.to_string().contains("CERROR_NONE"));
+    assert!(CmdqConsError::Abort.to_string().contains("CERROR_ABT"));
     assert!(
-        CommandQueueError::AtcInvalidationSync
+        CmdqConsError::AtcInvalidationSync
             .to_string()
             .contains("CERROR_ATC_INV_SYNC")
     );
-    assert!(CommandQueueError::Reserved(9).to_string().contains("0x9"));
+    assert!(CmdqConsError::Reserved(9).to_string().contains("0x9"));
 }
 
 #[test]
@@ -954,7 +951,7 @@ fn vetting_passes_only_invalidations_prefetches_and_syncs_that_write_nothing() {
         completion: SyncCompletion::Msi {
             address,
             data: 0x4000_0003,
-            shareability: Shareability::InnerShareable,
+            shareability: Shareability::Inner,
             attributes: 0xf,
         },
     });
