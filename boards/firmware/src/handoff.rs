@@ -74,7 +74,6 @@ pub fn next_image(separate: bool) -> Result<NextImage, &'static str> {
 
 /// Hands off to `next`, keeping the SMMU (and whatever DMA is in flight) running.
 pub fn hand_off(next: NextImage) -> ! {
-    crate::handover::save_for_host();
     // Only the symbols' addresses are used.
     let (image_start, image_end) = (this_image(), core::ptr::addr_of!(dma_region) as usize);
     let target = match next {

@@ -492,7 +492,7 @@ pub fn run<B: Board>(board: &B) -> ! {
 
     let config = board.config(&platform).unwrap_or_else(|e| fatal("configuration", &e));
     if let Some(path) = &config.dump_handover {
-        handover::save_at_hand_off(path);
+        scenarios::save_at_hand_off(path);
     }
     if config.dma_above_4g {
         frames::start_at_or_above(1 << 32).unwrap_or_else(|e| fatal("dma-above-4g", &e));

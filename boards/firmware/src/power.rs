@@ -36,7 +36,6 @@ pub fn system_off() -> ! {
 /// Resets the machine through PSCI SYSTEM_RESET; the board restarts the firmware from its entry. Should the call
 /// return, the run ends through semihosting with status 6.
 pub fn system_reset() -> ! {
-    crate::handover::save_for_host();
     println!("resetting through PSCI SYSTEM_RESET");
     let result = psci::system_reset::<Smc>();
     println!("FATAL: PSCI SYSTEM_RESET returned {result:?}");

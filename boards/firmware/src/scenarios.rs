@@ -85,6 +85,8 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("lu-smp", lu_smp::lu_smp),
 ];
 
+mod dump;
+pub use dump::save_at_hand_off;
 mod core_smmu;
 mod dma_map_bench;
 mod domains;

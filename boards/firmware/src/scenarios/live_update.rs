@@ -67,6 +67,7 @@ pub(super) fn reset_with<T>(session: T, data: [u64; 16]) -> ! {
     }));
     println!("  handover prepared; resetting with the SMMU translating");
     core::mem::forget(session);
+    super::dump::save_for_host();
     power::system_reset()
 }
 
@@ -804,6 +805,7 @@ pub fn lu_noreset(context: &mut Context) -> Result<(), Failure> {
             ]),
         }));
         core::mem::forget(s);
+        super::dump::save_for_host();
         crate::handoff::hand_off(next)
     };
     let [

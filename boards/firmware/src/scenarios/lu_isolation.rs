@@ -168,6 +168,7 @@ pub fn lu_adopt_refused(context: &mut Context) -> Result<(), Failure> {
             handoff::this_image() as u64,
         ]));
         core::mem::forget(s);
+        super::dump::save_for_host();
         handoff::hand_off(next)
     };
     let [_, old_x, old_destination, x, previous_image, ..] = note.data;
@@ -286,6 +287,7 @@ pub fn lu_dma_across_reset(context: &mut Context) -> Result<(), Failure> {
         println!("  {domain} ({kind}): IOVA {x:#x} -> PA {t:#x}; a DMA to IOVA {x:#x} in flight, resetting now");
         leave_note(note_data(&[x, t, time::ticks()]));
         core::mem::forget(s);
+        super::dump::save_for_host();
         power::system_reset()
     };
     let [x, t, started, ..] = note.data;

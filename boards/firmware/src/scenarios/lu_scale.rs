@@ -304,6 +304,7 @@ pub fn lu_scale_noreset(context: &mut Context) -> Result<(), Failure> {
             data: note_data(&[own, source, destination, u64::from(bits)]),
         }));
         core::mem::forget(s);
+        super::dump::save_for_host();
         crate::handoff::hand_off(next)
     };
     let [own, source, destination, bits, ..] = note.data;
