@@ -282,8 +282,8 @@ mod tests {
     extern crate std;
 
     use super::*;
+    use crate::host_frames::HeapFrames;
     use crate::hw::cd::CdConfig;
-    use crate::testing::HeapFrames;
     use std::vec::Vec;
 
     fn cd(asid: u16) -> Cd {

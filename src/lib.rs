@@ -220,6 +220,8 @@ pub mod domain;
 mod errors;
 pub mod handover;
 pub mod hitless;
+#[cfg(any(test, feature = "testing"))]
+mod host_frames;
 pub mod hw;
 pub mod ids;
 pub mod mem;

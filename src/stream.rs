@@ -236,7 +236,7 @@ impl StreamTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::HeapFrames;
+    use crate::host_frames::HeapFrames;
 
     const COHERENT: Coherency = Coherency { coherent: true };
 

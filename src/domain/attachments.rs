@@ -209,7 +209,7 @@ mod tests {
     extern crate std;
 
     use super::*;
-    use crate::testing::HeapFrames;
+    use crate::host_frames::HeapFrames;
     use std::vec::Vec;
 
     fn pool(frames: &HeapFrames, capacity: usize) -> (AttachmentNodes, FreeNodes) {

@@ -15,7 +15,7 @@ use super::fault::Fault;
 use super::table::{Book, Domains, Fixed};
 
 /// Memory for the models' domain tables.
-fn loom_frames() -> &'static crate::testing::HeapFrames {
+fn loom_frames() -> &'static crate::host_frames::HeapFrames {
     std::boxed::Box::leak(std::boxed::Box::default())
 }
 use super::{DomainState, StreamRecord, Translation};

@@ -125,7 +125,7 @@ pub use types::{DomainKind, DomainMemory, GuestInvalidation, GuestStage1, Stage1
 pub const DEFAULT_DOMAINS: usize = 16;
 /// Streams the SMMU may have attached to domains at once unless [`InitOptions::attached_streams`] asks for more
 /// (or the domain table holds more domains): one domain may hold all of them.
-pub const MAX_ATTACHED_STREAMS: usize = 64;
+pub const MAX_ATTACHED_STREAMS: usize = crate::smmu::DEFAULT_ATTACHED_STREAMS;
 /// Substreams (besides substream 0) one stream may have attached.
 pub const MAX_SUBSTREAMS_PER_STREAM: usize = 7;
 /// SubstreamID bits of the CD table a stream gets when attached to a stage-1 domain (capped by IDR1.SSIDSIZE).

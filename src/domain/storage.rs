@@ -317,7 +317,7 @@ mod tests {
     extern crate std;
 
     use super::*;
-    use crate::testing::HeapFrames;
+    use crate::host_frames::HeapFrames;
     use std::collections::HashMap;
 
     /// The index against a `HashMap` model, with tokens chosen to collide (a small table, clustered keys):

@@ -799,7 +799,7 @@ mod tests {
     extern crate std;
 
     use super::*;
-    use crate::testing::HeapFrames;
+    use crate::host_frames::HeapFrames;
 
     /// The bookkeeping comes in five blocks; an allocator that runs out at any of them gets every earlier one
     /// back (nothing leaks), and one with room for all holds exactly them until `release`.

@@ -148,9 +148,9 @@ mod tests {
     extern crate std;
 
     use super::*;
+    use crate::host_frames::HeapFrames;
     use crate::hw::event::number as kind;
     use crate::mem::FrameAllocator;
-    use crate::testing::HeapFrames;
     use std::boxed::Box;
     use std::vec::Vec;
 

@@ -43,7 +43,7 @@ pub struct InitOptions {
     /// Streams that may be attached to domains at once (whole streams; each may also have
     /// [`MAX_SUBSTREAMS_PER_STREAM`](crate::domain::MAX_SUBSTREAMS_PER_STREAM) substreams attached): at least the
     /// domain table's capacity is kept. Any number may go to one domain. The bookkeeping costs about 140 bytes a
-    /// stream. Default [`MAX_ATTACHED_STREAMS`](crate::domain::MAX_ATTACHED_STREAMS).
+    /// stream. Default [`DEFAULT_ATTACHED_STREAMS`].
     pub attached_streams: usize,
 }
 
@@ -72,6 +72,9 @@ impl PartialEq for Bookkeeping {
 
 impl Eq for Bookkeeping {}
 
+/// [`InitOptions::attached_streams`] by default.
+pub const DEFAULT_ATTACHED_STREAMS: usize = 64;
+
 impl Default for InitOptions {
     fn default() -> Self {
         InitOptions {
@@ -81,7 +84,7 @@ impl Default for InitOptions {
             stream_table: StreamTableChoice::Auto,
             interrupts: InterruptSources::empty(),
             bookkeeping: Bookkeeping(None),
-            attached_streams: crate::domain::MAX_ATTACHED_STREAMS,
+            attached_streams: DEFAULT_ATTACHED_STREAMS,
         }
     }
 }

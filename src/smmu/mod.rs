@@ -30,8 +30,8 @@ pub(crate) use events::Drainer;
 pub use events::GlobalError;
 pub use features::{Features, IdRegisters, Quirks, Stages};
 pub use init::{
-    Bookkeeping, Configuration, HANDSHAKE_TIMEOUT_US, InitError, InitOptions, InterruptSources, RunningSmmu,
-    StreamTableChoice,
+    Bookkeeping, Configuration, DEFAULT_ATTACHED_STREAMS, HANDSHAKE_TIMEOUT_US, InitError, InitOptions,
+    InterruptSources, RunningSmmu, StreamTableChoice,
 };
 pub use install::{AttachError, InstallReport};
 pub use invalidate::{FlushError, InvalidationError, PER_GRANULE_LIMIT, TlbContext};

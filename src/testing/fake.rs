@@ -324,7 +324,7 @@ impl FakeSmmu {
     }
 
     /// The SMMU, probed (what [`crate::Smmu::probe`] returns for real hardware): initialise it into an
-    /// [`crate::Iommu`]. The fake must outlive what is made from it.
+    /// `Iommu`. The fake must outlive what is made from it.
     ///
     /// # Panics
     /// When the probe refuses the ID registers the fake was started with.

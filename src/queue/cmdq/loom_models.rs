@@ -15,9 +15,9 @@
 extern crate std;
 
 use super::*;
+use crate::host_frames::HeapFrames;
 use crate::mem::FrameAllocator;
 use crate::queue::index::QueueGeometry;
-use crate::testing::HeapFrames;
 use loom::sync::Arc;
 use loom::sync::atomic::{AtomicU32, Ordering};
 use std::vec::Vec;
