@@ -1,6 +1,6 @@
 //! Test doubles for a hypervisor's own tests on the host (feature `testing`, which needs `std`): a fake SMMU
 //! ([`FakeSmmu`]) that the driver initialises and drives as it does real hardware, recording every command it
-//! consumes, and a [`FrameAllocator`] over the host heap ([`HeapFrames`]) that punishes the mistakes it stands for.
+//! consumes, and a [`FrameAllocator`](crate::FrameAllocator) over the host heap ([`HeapFrames`]) that punishes the mistakes it stands for.
 //!
 //! What [`FakeSmmu`] models: the register file a driver programs (ID registers as QEMU's nested SMMUv3 reports
 //! them, or others a test gives; CR0/CR0ACK, GBPA, IRQ_CTRL/IRQ_CTRLACK and GERROR/GERRORN acknowledgements), and
