@@ -185,6 +185,7 @@
 //! #     let fake = FakeSmmu::start(frames);
 //! #     let first: Iommu<&HeapFrames> = fake.smmu().init(frames, &InitOptions::default()).unwrap();
 //! #     let pool: &'static HandoverPool = Box::leak(Box::new(HandoverPool::new()));
+//! #     // SAFETY: the leaked region above, used by nothing else; this "first image" is forgotten below.
 //! #     unsafe { pool.set_up(region, virt) }.unwrap();
 //! #     let vm = first.create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 }).unwrap();
 //! #     first.map(vm, 0x4000_0000, 0x1_0000_0000, 2 << 20, Prot::READ | Prot::WRITE | Prot::CACHEABLE).unwrap();

@@ -39,12 +39,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             self.geometry.start_level,
             self.root_entries(),
             0,
-            &mut |m, d| {
-                f(Mapping {
-                    prot: desc::prot(stage, d),
-                    ..m
-                })
-            },
+            &mut with_prot(stage, &mut f),
             None,
         );
     }
@@ -59,12 +54,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             self.geometry.start_level,
             self.root_entries(),
             0,
-            &mut |m, d| {
-                f(Mapping {
-                    prot: desc::prot(stage, d),
-                    ..m
-                })
-            },
+            &mut with_prot(stage, &mut f),
             None,
         );
     }
@@ -147,5 +137,15 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 );
             }
         }
+    }
+}
+
+/// The visitors' callback for a walker's `f`: each leaf with the protection its descriptor gives.
+fn with_prot(stage: Stage, f: &mut impl FnMut(Mapping)) -> impl FnMut(Mapping, u64) + '_ {
+    move |m, d| {
+        f(Mapping {
+            prot: desc::prot(stage, d),
+            ..m
+        })
     }
 }
