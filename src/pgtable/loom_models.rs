@@ -123,6 +123,7 @@ fn tiny(frames: &'static LoomFrames, levels: u8) -> IoPageTable<&'static LoomFra
         lazy_limit: DEFAULT_LAZY_FREE_LIMIT,
         last_prot: None,
         last_template: 0,
+        root_marks: core::sync::atomic::AtomicU64::new(0),
     }
 }
 

@@ -348,6 +348,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
         {
             // One granule, aligned, inside both address spaces, with the protection of the previous map (already
             // checked): the checks below would all pass.
+            self.mark_root(iova, size);
             return self.map_page(iova, pa, self.last_template);
         }
         self.map_range(iova, pa, size, prot)
@@ -367,6 +368,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
         if !self.expressible(prot) {
             return Err(MapError::BadProt(prot));
         }
+        self.mark_root(iova, size);
         if size == 1 << self.geometry.granule_bits {
             self.last_template = desc::leaf(self.format.stage, 0, prot, true);
             self.last_prot = Some(prot);

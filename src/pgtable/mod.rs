@@ -519,6 +519,13 @@ pub struct IoPageTable<A: FrameAllocator> {
     /// for, so none can serve as the "nothing checked yet" mark).
     last_prot: Option<Prot>,
     last_template: u64,
+    /// Which sixty-fourths of the root may hold a valid entry (bit `c`: the root's entries from
+    /// `c * per` to `(c + 1) * per`, `per` its entries / 64, at least 1). Set before every map writes (a map
+    /// reaches only the root entries its range covers); never cleared by a CPU path that may run beside another,
+    /// only by [`IoPageTable::walk_exclusive`], which reads exactly the marked parts and clears those it finds
+    /// empty. So a walk under `&mut` reads the root's few live lines, not its 4 KiB (or 64 KiB concatenated).
+    /// A plain `core` atomic even under loom: only `&mut` paths read it.
+    root_marks: core::sync::atomic::AtomicU64,
 }
 
 /// What [`IoPageTable::adopt`] takes from a record instead of walking the tables.
@@ -708,6 +715,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             lazy_limit: DEFAULT_LAZY_FREE_LIMIT,
             last_prot: None,
             last_template: 0,
+            root_marks: core::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -746,6 +754,8 @@ impl<A: FrameAllocator> IoPageTable<A> {
             lazy_limit: DEFAULT_LAZY_FREE_LIMIT,
             last_prot: None,
             last_template: 0,
+            // A previous image's root: any part may be live (the first exclusive walk narrows this).
+            root_marks: core::sync::atomic::AtomicU64::new(u64::MAX),
         };
         match counts {
             Some(c) => {
@@ -832,6 +842,41 @@ impl<A: FrameAllocator> IoPageTable<A> {
 
     fn root_entries(&self) -> &[AtomicU64] {
         entries_of(self.root.virt, self.geometry.root_entries)
+    }
+
+    /// log2 of the root entries one bit of `root_marks` covers.
+    #[inline]
+    fn root_mark_shift(&self) -> u32 {
+        self.geometry.root_entries.trailing_zeros().saturating_sub(6)
+    }
+
+    /// The `root_marks` bits of the root entries that `[iova, iova + size)` reaches (a range inside the input
+    /// space: the caller checked it; an empty one counts as its first granule).
+    #[inline]
+    fn root_marks_of(&self, iova: u64, size: u64) -> u64 {
+        let g = &self.geometry;
+        let shift = u32::from(g.entry_shift(g.start_level)) + self.root_mark_shift();
+        let last = iova.saturating_add(size.max(1) - 1);
+        // Both below 64: the root's entries cover the input space exactly, in at most 64 parts.
+        let (first, last) = (((iova >> shift) & 63) as u32, ((last >> shift) & 63) as u32);
+        (u64::MAX >> (63 - last)) & (u64::MAX << first)
+    }
+
+    /// Marks the root parts `[iova, iova + size)` reaches as possibly live, before a map writes there (exclusive).
+    #[inline]
+    fn mark_root(&mut self, iova: u64, size: u64) {
+        let marks = self.root_marks_of(iova, size);
+        *self.root_marks.get_mut() |= marks;
+    }
+
+    /// [`IoPageTable::mark_root`] beside other CPUs: an atomic OR, skipped when the parts are marked already (the
+    /// usual case), so concurrent maps do not all write one word.
+    #[inline]
+    fn mark_root_shared(&self, iova: u64, size: u64) {
+        let marks = self.root_marks_of(iova, size);
+        if self.root_marks.load(Ordering::Relaxed) & marks != marks {
+            self.root_marks.fetch_or(marks, Ordering::Relaxed);
+        }
     }
 
     /// Writes a descriptor the SMMU may walk: one single-copy-atomic 64-bit store (relaxed: the order against the

@@ -94,6 +94,7 @@ impl<A: FrameAllocator + Sync> IoPageTable<A> {
                 _ if self.expressible(prot) => desc::leaf(self.format.stage, 0, prot, true),
                 _ => return Err(MapError::BadProt(prot)),
             };
+            self.mark_root_shared(iova, size);
             return self.map_page_shared(iova, template | pa);
         }
         self.check_range(iova, size)?;
@@ -110,6 +111,7 @@ impl<A: FrameAllocator + Sync> IoPageTable<A> {
         if let Some(mapped) = self.first_mapped(iova, size) {
             return Err(MapError::Overlap { iova: mapped });
         }
+        self.mark_root_shared(iova, size);
         let end = iova + size;
         let mut va = iova;
         while va < end {

@@ -46,21 +46,33 @@ impl<A: FrameAllocator> IoPageTable<A> {
 
     /// [`IoPageTable::walk`] for a caller that holds the table exclusively (`&mut`: no map or unmap can run
     /// meanwhile): each table below the root is read only up to its last valid entry, found by the live-entry
-    /// count its descriptor carries (a domain with a few pages mapped is read in a few entries a table, not whole
-    /// tables). Under concurrent maps a count can lag its entries, which is why this takes `&mut self`.
+    /// count its descriptor carries, and the root only in the parts a map has reached (its marks, narrowed here
+    /// to the parts found live). A domain with a few pages mapped is read in a few entries a table, not whole
+    /// tables. Under concurrent maps a count can lag its entries, which is why this takes `&mut self`.
     pub fn walk_exclusive(&mut self, mut f: impl FnMut(Mapping)) {
         let stage = self.format.stage;
-        self.visit_counted(
-            self.geometry.start_level,
-            self.root_entries(),
-            0,
-            &mut with_prot(stage, &mut f),
-            None,
-        );
+        let g = self.geometry;
+        let (marks, per) = (*self.root_marks.get_mut(), 1usize << self.root_mark_shift());
+        let (root, mut live) = (self.root_entries(), 0u64);
+        let mut f = with_prot(stage, &mut f);
+        let mut left = marks;
+        while left != 0 {
+            let part = left.trailing_zeros() as usize;
+            left &= left - 1;
+            let Some(entries) = root.get(part * per..(part + 1) * per) else {
+                break;
+            };
+            let base = ((part * per) as u64) << g.entry_shift(g.start_level);
+            if self.visit_counted(g.start_level, entries, base, &mut f, None) > 0 {
+                live |= 1 << part;
+            }
+        }
+        *self.root_marks.get_mut() = live;
     }
 
     /// [`IoPageTable::visit`] that stops reading a table once it has seen `live` valid entries (its descriptor's
-    /// count; `None` for the root, read whole). Only with the table held exclusively.
+    /// count; `None` for the root, read whole), and says how many valid entries it saw. Only with the table held
+    /// exclusively.
     fn visit_counted(
         &self,
         level: u8,
@@ -68,12 +80,12 @@ impl<A: FrameAllocator> IoPageTable<A> {
         base: u64,
         f: &mut dyn FnMut(Mapping, u64),
         live: Option<usize>,
-    ) {
+    ) -> usize {
         let shift = self.geometry.entry_shift(level);
         let mut seen = 0;
         for (i, e) in entries.iter().enumerate() {
             if live.is_some_and(|n| seen >= n) {
-                return;
+                return seen;
             }
             let d = e.load(Ordering::Acquire);
             if !desc::is_valid(d) {
@@ -98,6 +110,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 );
             }
         }
+        seen
     }
 
     pub(super) fn visit(

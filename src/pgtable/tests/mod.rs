@@ -339,6 +339,7 @@ mod edge;
 mod lazy;
 mod mixed;
 mod model;
+mod root_marks;
 mod whole;
 
 #[allow(unused_imports)]
