@@ -20,6 +20,7 @@
 
 mod common;
 
+use smmuv3::{Iova, PhysAddr};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Barrier, Mutex};
@@ -71,10 +72,12 @@ fn pages(seed: u64, k: u64, sharing: u64) -> Vec<u64> {
 /// One iteration of one thread: map every page, then unmap each (its TLBI and CMD_SYNC awaited).
 fn map_unmap(iommu: &Iommu<&'static HeapFrames, 16>, domain: DomainId, pages: &[u64]) {
     for &p in pages {
-        iommu.map(domain, WINDOW + p * 4096, PA + p * 4096, 4096, RW).unwrap();
+        iommu
+            .map(domain, Iova(WINDOW + p * 4096), PhysAddr(PA + p * 4096), 4096, RW)
+            .unwrap();
     }
     for &p in pages {
-        iommu.unmap(domain, WINDOW + p * 4096, 4096).unwrap();
+        iommu.unmap(domain, Iova(WINDOW + p * 4096), 4096).unwrap();
     }
 }
 
@@ -135,12 +138,14 @@ fn map_phases(iommu: &Iommu<&'static HeapFrames, 16>, domains: &[DomainId], thre
                         barrier.wait();
                         let began = Instant::now();
                         for &p in pages {
-                            iommu.map(*d, WINDOW + p * 4096, PA + p * 4096, 4096, RW).unwrap();
+                            iommu
+                                .map(*d, Iova(WINDOW + p * 4096), PhysAddr(PA + p * 4096), 4096, RW)
+                                .unwrap();
                         }
                         spans.push((began, Instant::now()));
                         barrier.wait();
                         for &p in pages {
-                            iommu.unmap(*d, WINDOW + p * 4096, 4096).unwrap();
+                            iommu.unmap(*d, Iova(WINDOW + p * 4096), 4096).unwrap();
                         }
                     }
                     spans
@@ -207,7 +212,9 @@ fn bench_concurrency(c: &mut Criterion) {
     let domains: Vec<DomainId> = (0..8).map(|_| iommu.create_stage1(memory, options).unwrap()).collect();
     for &d in &domains {
         for anchor in (0..WINDOW_BYTES).step_by(2 << 20) {
-            iommu.map(d, WINDOW + anchor, PA + anchor, 4096, RW).unwrap();
+            iommu
+                .map(d, Iova(WINDOW + anchor), PhysAddr(PA + anchor), 4096, RW)
+                .unwrap();
         }
     }
     let mut group = c.benchmark_group("every_cpu");

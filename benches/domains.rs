@@ -10,6 +10,7 @@
 
 mod common;
 
+use smmuv3::{Iova, PhysAddr};
 use std::hint::black_box;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -84,8 +85,14 @@ fn bench_map_one<const D: usize>(
     let d = smmu.create_stage1(memory, options).unwrap();
     // Every last-level table of the range exists (one page mapped in each), so a map allocates nothing.
     for t in 0..512u64 {
-        smmu.map(d, IOVA + (t << 21) + 0x1f_f000, PA + (t << 21) + 0x1f_f000, 0x1000, RW)
-            .unwrap();
+        smmu.map(
+            d,
+            Iova(IOVA + (t << 21) + 0x1f_f000),
+            PhysAddr(PA + (t << 21) + 0x1f_f000),
+            0x1000,
+            RW,
+        )
+        .unwrap();
     }
     let mut group = c.benchmark_group("domain_map_one_4k");
     let mut next = 0u64;
@@ -106,11 +113,17 @@ fn bench_map_one<const D: usize>(
                 let pa = PA + (first - IOVA);
                 let start = Instant::now();
                 for k in 0..n {
-                    smmu.map(d, black_box(first + (k << 12)), pa + (k << 12), 0x1000, RW)
-                        .unwrap();
+                    smmu.map(
+                        d,
+                        black_box(Iova(first + (k << 12))),
+                        PhysAddr(pa + (k << 12)),
+                        0x1000,
+                        RW,
+                    )
+                    .unwrap();
                 }
                 total += start.elapsed();
-                smmu.unmap(d, first, n << 12).unwrap();
+                smmu.unmap(d, Iova(first), n << 12).unwrap();
                 next += n;
                 left -= n;
             }

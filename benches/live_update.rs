@@ -16,6 +16,7 @@
 
 mod common;
 
+use smmuv3::{Iova, PhysAddr};
 use std::hint::black_box;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -159,15 +160,22 @@ struct Snapshot {
 /// boundary, so no block fits).
 fn stage1_with_pages(smmu: &mut Active, pool: &'static HandoverPool, pages: u64) -> DomainId {
     let d = smmu.create_stage1(pool.take_memory().unwrap(), STAGE1).unwrap();
-    smmu.map(d, 0x4000_0000, 0x8_0000_1000, pages << 12, RW).unwrap();
+    smmu.map(d, Iova(0x4000_0000), PhysAddr(0x8_0000_1000), pages << 12, RW)
+        .unwrap();
     d
 }
 
 /// A stage-1 domain with one 4 KiB page mapped (a root, a level-2 and a level-3 table).
 fn small_domain(smmu: &Scaled, pool: &'static HandoverPool, i: usize) -> DomainId {
     let d = smmu.create_stage1(pool.take_memory().unwrap(), STAGE1).unwrap();
-    smmu.map(d, 0x4000_0000, 0x8_0000_1000 + ((i as u64) << 12), 0x1000, RW)
-        .unwrap();
+    smmu.map(
+        d,
+        Iova(0x4000_0000),
+        PhysAddr(0x8_0000_1000 + ((i as u64) << 12)),
+        0x1000,
+        RW,
+    )
+    .unwrap();
     d
 }
 
@@ -348,8 +356,8 @@ fn first_image(smmu: Smmu, frames: &'static HeapFrames, region: &mut Region, pag
     assert!(extent.len >= pages.div_ceil(512) * 4096, "{extent:?}");
     let last = 0x4000_0000 + ((pages - 1) << 12);
     assert_eq!(
-        active.iova_to_phys(d, last),
-        Ok(Some(last - 0x4000_0000 + 0x8_0000_1000))
+        active.iova_to_phys(d, Iova(last)),
+        Ok(Some(PhysAddr(last - 0x4000_0000 + 0x8_0000_1000)))
     );
     let metadata = region.bytes(pool.metadata_extent().unwrap()).to_vec();
     let tables = region.bytes(extent).to_vec();

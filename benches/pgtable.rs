@@ -7,6 +7,7 @@
 // criterion_group! generates an undocumented public function.
 #![allow(missing_docs)]
 
+use smmuv3::Iova;
 use std::hint::black_box;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -194,9 +195,9 @@ fn release(t: &mut IoPageTable<&Pool>, gather: Gather) {
 }
 
 fn ours_map_unmap(t: &mut IoPageTable<&Pool>, iova: u64, pa: u64, size: u64) {
-    t.map(iova, pa, size, RW).unwrap();
+    t.map(Iova(iova), PhysAddr(pa), size, RW).unwrap();
     let mut gather = Gather::default();
-    black_box(t.unmap(iova, size, &mut gather).unwrap());
+    black_box(t.unmap(Iova(iova), size, &mut gather).unwrap());
     release(t, gather);
 }
 
@@ -340,12 +341,17 @@ fn random(c: &mut Criterion) {
     group.bench_function("ours", |b| {
         b.iter(|| {
             for &p in &order {
-                t.map(GIB + p * PAGE as u64, 2 * GIB + p * PAGE as u64, PAGE as u64, RW)
-                    .unwrap();
+                t.map(
+                    Iova(GIB + p * PAGE as u64),
+                    PhysAddr(2 * GIB + p * PAGE as u64),
+                    PAGE as u64,
+                    RW,
+                )
+                .unwrap();
             }
             for &p in &order {
                 let mut gather = Gather::default();
-                t.unmap(GIB + p * PAGE as u64, PAGE as u64, &mut gather).unwrap();
+                t.unmap(Iova(GIB + p * PAGE as u64), PAGE as u64, &mut gather).unwrap();
                 release(&mut t, gather);
             }
         })
@@ -357,12 +363,17 @@ fn random(c: &mut Criterion) {
     group.bench_function("ours_trimmed", |b| {
         b.iter(|| {
             for &p in &order {
-                t.map(GIB + p * PAGE as u64, 2 * GIB + p * PAGE as u64, PAGE as u64, RW)
-                    .unwrap();
+                t.map(
+                    Iova(GIB + p * PAGE as u64),
+                    PhysAddr(2 * GIB + p * PAGE as u64),
+                    PAGE as u64,
+                    RW,
+                )
+                .unwrap();
             }
             for &p in &order {
                 let mut gather = Gather::default();
-                t.unmap(GIB + p * PAGE as u64, PAGE as u64, &mut gather).unwrap();
+                t.unmap(Iova(GIB + p * PAGE as u64), PAGE as u64, &mut gather).unwrap();
                 release(&mut t, gather);
             }
             let mut gather = Gather::default();
@@ -406,12 +417,12 @@ fn random(c: &mut Criterion) {
     // Lookups of random addresses in 1 GiB of 4 KiB pages.
     let mut group = c.benchmark_group("iova_to_phys");
     let mut t = ours(&pool);
-    t.map(GIB, 2 * GIB + PAGE as u64, GIB, RW).unwrap();
+    t.map(Iova(GIB), PhysAddr(2 * GIB + PAGE as u64), GIB, RW).unwrap();
     group.bench_function("ours", |b| {
         b.iter(|| {
             let mut sum = 0u64;
             for &p in &order {
-                sum = sum.wrapping_add(t.iova_to_phys(GIB + p * PAGE as u64 + 8).unwrap());
+                sum = sum.wrapping_add(t.iova_to_phys(Iova(GIB + p * PAGE as u64 + 8)).unwrap().0);
             }
             black_box(sum)
         })
@@ -474,7 +485,7 @@ fn single(c: &mut Criterion) {
 
     let mut t = ours(&pool);
     for p in (0..pages).step_by(2) {
-        t.map(iova(p), pa(p), PAGE as u64, RW).unwrap();
+        t.map(Iova(iova(p)), PhysAddr(pa(p)), PAGE as u64, RW).unwrap();
     }
     let mut peer = Mapping::new(PeerPool(&pool), 1, El2);
     for p in (0..pages).step_by(2) {
@@ -494,7 +505,7 @@ fn single(c: &mut Criterion) {
     };
     let ours_unmap = |t: &mut IoPageTable<&Pool>, p: u64| {
         let mut gather = Gather::default();
-        black_box(t.unmap(iova(p), PAGE as u64, &mut gather).unwrap());
+        black_box(t.unmap(Iova(iova(p)), PAGE as u64, &mut gather).unwrap());
         release(t, gather);
     };
     // Runs `iters` operations in batches at successive targets: `before` on each (untimed), `timed` on each,
@@ -533,7 +544,7 @@ fn single(c: &mut Criterion) {
         }
         total
     }
-    let ours_map = |t: &mut IoPageTable<&Pool>, p: u64| t.map(iova(p), pa(p), PAGE as u64, RW).unwrap();
+    let ours_map = |t: &mut IoPageTable<&Pool>, p: u64| t.map(Iova(iova(p)), PhysAddr(pa(p)), PAGE as u64, RW).unwrap();
     let peer_unmap = |m: &mut Mapping<PeerPool, El2>, p: u64| peer_map(m, p, El23Attributes::empty());
     let peer_remap = |m: &mut Mapping<PeerPool, El2>, p: u64| peer_map(m, p, PEER_RW);
     fn nothing<T>(_: &mut T, _: u64) {}
@@ -561,7 +572,7 @@ fn single(c: &mut Criterion) {
     let hot = targets[0];
     group.bench_function("ours", |b| {
         b.iter(|| {
-            t.map(iova(hot), pa(hot), PAGE as u64, RW).unwrap();
+            t.map(Iova(iova(hot)), PhysAddr(pa(hot)), PAGE as u64, RW).unwrap();
             ours_unmap(&mut t, hot);
         })
     });

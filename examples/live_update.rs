@@ -6,6 +6,7 @@
 //! `cargo run --example live_update`
 
 use core::ptr::NonNull;
+use smmuv3::{Iova, PhysAddr};
 
 use smmuv3::testing::{FakeSmmu, HeapFrames};
 use smmuv3::{Extent, HandoverPool, InitOptions, Iommu, Prot, RestoreOptions, Stage2Options};
@@ -44,12 +45,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let vm = iommu.create_stage2(pool.take_memory()?, Stage2Options { input_bits: 40 })?;
         iommu.map(
             vm,
-            0x4000_0000,
-            0x8_0000_0000,
+            Iova(0x4000_0000),
+            PhysAddr(0x8_0000_0000),
             16 << 20,
             Prot::READ | Prot::WRITE | Prot::CACHEABLE,
         )?;
-        iommu.map(vm, 0x7000_0000, 0x8_3000_0000, 0x3000, Prot::READ | Prot::WRITE)?;
+        iommu.map(
+            vm,
+            Iova(0x7000_0000),
+            PhysAddr(0x8_3000_0000),
+            0x3000,
+            Prot::READ | Prot::WRITE,
+        )?;
         iommu.attach(vm, VF)?;
         iommu.preserve(vm, TOKEN)?;
         let written = iommu.prepare_handover(pool, SMMU_BASE, 1, &ram)?;
@@ -86,7 +93,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 fn iova_to_phys(iommu: &Iommu<&HeapFrames>, vm: smmuv3::DomainId, iova: u64) -> Result<u64, String> {
     iommu
-        .iova_to_phys(vm, iova)
+        .iova_to_phys(vm, Iova(iova))
         .map_err(|e| e.to_string())?
+        .map(|pa| pa.0)
         .ok_or_else(|| format!("IOVA {iova:#x} not mapped after the restore"))
 }

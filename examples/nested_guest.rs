@@ -9,6 +9,7 @@ use smmuv3::{
     CdTableLayout, DefaultSubstream, DomainKind, GuestInvalidation, GuestStage1, InitOptions, Iommu, Prot,
     Stage2Options,
 };
+use smmuv3::{Iova, PhysAddr};
 
 /// The device's StreamID (a virtual function at 01:00.2 behind a root port, say).
 const VF: u32 = 0x102;
@@ -28,7 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The hypervisor's stage 2 for the VM: guest RAM (IPA 0x4000_0000..) onto host RAM, in 2 MiB blocks.
     let from = fake.command_count();
     let vm = iommu.create_stage2(frames, Stage2Options { input_bits: 40 })?;
-    iommu.map(vm, 0x4000_0000, 0x8_0000_0000, 64 << 20, rw)?;
+    iommu.map(vm, Iova(0x4000_0000), PhysAddr(0x8_0000_0000), 64 << 20, rw)?;
     mark("stage 2 for the VM (64 MiB of guest RAM)", from);
 
     // The guest's stage 1, named by IPA: its CD table at IPA 0x4010_0000, one context.
@@ -61,7 +62,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // The hypervisor moves a page of guest RAM: stage 2 by IPA, then every nested domain's combined entries.
     let from = fake.command_count();
-    iommu.unmap(vm, 0x4000_0000, 0x1000)?;
+    iommu.unmap(vm, Iova(0x4000_0000), 0x1000)?;
     mark("a guest page unmapped at stage 2 (a 2 MiB block split first)", from);
 
     // Teardown: the VF detached (its STE aborts), the nested domain and the stage 2 freed.

@@ -53,13 +53,13 @@
 //! # let frames = HeapFrames::leaked();
 //! # let fake = FakeSmmu::start(frames);
 //! # let iommu: Iommu<&HeapFrames> = fake.smmu().init(frames, &InitOptions::default()).unwrap();
-//! use smmuv3::{Prot, Stage1Options};
+//! use smmuv3::{Iova, PhysAddr, Prot, Stage1Options};
 //! let rw = Prot::READ | Prot::WRITE | Prot::CACHEABLE;
 //! let dma = iommu.create_stage1(frames, Stage1Options { input_bits: 39, el2: false })?;
-//! iommu.map(dma, 0x1000_0000, 0x8000_0000, 0x4000, rw)?;   // IOVA, PA, size
+//! iommu.map(dma, Iova(0x1000_0000), PhysAddr(0x8000_0000), 0x4000, rw)?; // size in bytes
 //! iommu.attach(dma, 0x10)?;                                  // the STE written hitlessly, CFGI_STE + CMD_SYNC
-//! assert_eq!(iommu.iova_to_phys(dma, 0x1000_2345)?, Some(0x8000_2345));
-//! iommu.unmap(dma, 0x1000_0000, 0x4000)?;                    // cleared and invalidated before it returns
+//! assert_eq!(iommu.iova_to_phys(dma, Iova(0x1000_2345))?, Some(PhysAddr(0x8000_2345)));
+//! iommu.unmap(dma, Iova(0x1000_0000), 0x4000)?;              // cleared and invalidated before it returns
 //! iommu.detach(0x10)?;
 //! iommu.free_domain(dma)?;
 //! # Ok::<(), smmuv3::DomainError>(())
@@ -75,9 +75,9 @@
 //! # let frames = HeapFrames::leaked();
 //! # let fake = FakeSmmu::start(frames);
 //! # let iommu: Iommu<&HeapFrames> = fake.smmu().init(frames, &InitOptions::default()).unwrap();
-//! use smmuv3::{DomainKind, Prot, Stage2Options};
+//! use smmuv3::{DomainKind, Iova, PhysAddr, Prot, Stage2Options};
 //! let vm = iommu.create_stage2(frames, Stage2Options { input_bits: 40 })?;
-//! iommu.map(vm, 0x4000_0000, 0x1_0000_0000, 64 << 20, Prot::READ | Prot::WRITE | Prot::CACHEABLE)?;
+//! iommu.map(vm, Iova(0x4000_0000), PhysAddr(0x1_0000_0000), 64 << 20, Prot::READ | Prot::WRITE | Prot::CACHEABLE)?;
 //! iommu.attach(vm, 0x100)?; // a virtual function given to the VM
 //! assert_eq!(iommu.domain_kind(vm)?, DomainKind::Stage2);
 //! # Ok::<(), smmuv3::DomainError>(())
@@ -95,8 +95,8 @@
 //! # let fake = FakeSmmu::start(frames);
 //! # let iommu: Iommu<&HeapFrames> = fake.smmu().init(frames, &InitOptions::default()).unwrap();
 //! # let vm = iommu.create_stage2(frames, Stage2Options { input_bits: 40 }).unwrap();
-//! # iommu.map(vm, 0x4000_0000, 0x1_0000_0000, 2 << 20, Prot::READ | Prot::WRITE | Prot::CACHEABLE).unwrap();
-//! use smmuv3::{CdTableLayout, DefaultSubstream, GuestInvalidation, GuestStage1};
+//! # iommu.map(vm, Iova(0x4000_0000), PhysAddr(0x1_0000_0000), 2 << 20, Prot::READ | Prot::WRITE | Prot::CACHEABLE).unwrap();
+//! use smmuv3::{CdTableLayout, DefaultSubstream, GuestInvalidation, GuestStage1, Iova, PhysAddr};
 //! let guest = GuestStage1 {
 //!     cd_table: 0x4000_0000, // the guest's CD table, an IPA
 //!     cd_max_log2: 0,
@@ -124,13 +124,14 @@
 //! # let fake = FakeSmmu::start(frames);
 //! # let iommu: Iommu<&HeapFrames> = fake.smmu().init(frames, &InitOptions::default()).unwrap();
 //! # let vm = iommu.create_stage2(frames, Stage2Options { input_bits: 40 }).unwrap();
+//! use smmuv3::{Iova, PhysAddr};
 //! use core::error::Error;
 //! use smmuv3::DomainError;
 //! iommu.drain_faults(|_event| {})?;
 //! assert!(iommu.domain_faults(vm)?.faults.is_empty());
 //! let rw = Prot::READ | Prot::WRITE;
-//! iommu.map(vm, 0x1000, 0x8000_0000, 0x1000, rw)?;
-//! let error = iommu.map(vm, 0x1000, 0x9000_0000, 0x1000, rw).unwrap_err(); // mapped already
+//! iommu.map(vm, Iova(0x1000), PhysAddr(0x8000_0000), 0x1000, rw)?;
+//! let error = iommu.map(vm, Iova(0x1000), PhysAddr(0x9000_0000), 0x1000, rw).unwrap_err(); // mapped already
 //! assert!(matches!(error, DomainError::Map(_)));
 //! assert!(error.source().is_some(), "{error}: the page table's own error beneath");
 //! # Ok::<(), Box<dyn Error>>(())
@@ -151,12 +152,12 @@
 //! # let bytes = smmuv3::handover::REGION_METADATA_BYTES as usize + (1 << 20);
 //! # let memory: &'static mut [u64] = Box::leak(vec![0u64; bytes / 8].into_boxed_slice());
 //! # let (region, virt) = (Extent { base: 0x80_0000_0000, len: bytes as u64 }, NonNull::from(&mut memory[0]).cast());
-//! use smmuv3::{Extent, HandoverPool, Prot, Stage2Options};
+//! use smmuv3::{Extent, HandoverPool, Iova, PhysAddr, Prot, Stage2Options};
 //! static POOL: HandoverPool = HandoverPool::new();
 //! // SAFETY: `region` is reserved memory nothing else uses, mapped at `virt` (on a board: from /reserved-memory).
 //! unsafe { POOL.set_up(region, virt) }?;
 //! let vm = iommu.create_stage2(POOL.take_memory()?, Stage2Options { input_bits: 40 })?;
-//! iommu.map(vm, 0x4000_0000, 0x1_0000_0000, 2 << 20, Prot::READ | Prot::WRITE | Prot::CACHEABLE)?;
+//! iommu.map(vm, Iova(0x4000_0000), PhysAddr(0x1_0000_0000), 2 << 20, Prot::READ | Prot::WRITE | Prot::CACHEABLE)?;
 //! iommu.attach(vm, 0x100)?;
 //! iommu.preserve(vm, 0x5eed)?;  // a token of the caller's choosing
 //! let ram = [Extent { base: 0x1_0000_0000, len: 1 << 30 }]; // memory that survives the update
@@ -188,7 +189,7 @@
 //! #     // SAFETY: the leaked region above, used by nothing else; this "first image" is forgotten below.
 //! #     unsafe { pool.set_up(region, virt) }.unwrap();
 //! #     let vm = first.create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 }).unwrap();
-//! #     first.map(vm, 0x4000_0000, 0x1_0000_0000, 2 << 20, Prot::READ | Prot::WRITE | Prot::CACHEABLE).unwrap();
+//! #     first.map(vm, Iova(0x4000_0000), PhysAddr(0x1_0000_0000), 2 << 20, Prot::READ | Prot::WRITE | Prot::CACHEABLE).unwrap();
 //! #     first.attach(vm, 0x100).unwrap();
 //! #     first.preserve(vm, 0x5eed).unwrap();
 //! #     first.prepare_handover(pool, 0x905_0000, 1, &ram).unwrap();
@@ -196,14 +197,14 @@
 //! # }
 //! # let fake = FakeSmmu::start(frames);
 //! # let iommu: Iommu<&HeapFrames> = fake.smmu().init(frames, &InitOptions::default()).unwrap();
-//! use smmuv3::{Extent, HandoverPool, RestoreOptions};
+//! use smmuv3::{Extent, HandoverPool, Iova, PhysAddr, RestoreOptions};
 //! static POOL: HandoverPool = HandoverPool::new();
 //! // SAFETY: the same reserved region, now this image's.
 //! unsafe { POOL.set_up(region, virt) }?;
 //! let report = iommu.restore_handover(&POOL, 0x905_0000, &RestoreOptions::new(&ram))?;
 //! assert_eq!((report.domains, report.streams), (1, 1));
 //! let vm = iommu.retrieve(0x5eed)?;
-//! assert_eq!(iommu.iova_to_phys(vm, 0x4000_1234)?, Some(0x1_0000_1234)); // the same translation
+//! assert_eq!(iommu.iova_to_phys(vm, Iova(0x4000_1234))?, Some(PhysAddr(0x1_0000_1234))); // the same translation
 //! iommu.finish_handover(&POOL, 0x905_0000)?;
 //! # Ok::<(), Box<dyn core::error::Error>>(())
 //! ```
@@ -245,7 +246,7 @@ pub use handover::pool::HandoverPool;
 pub use handover::verify::RestoreOptions;
 pub use hw::ste::{CdTableLayout, DefaultSubstream};
 pub use mem::Extent;
-pub use mem::{DmaBlock, FrameAllocator, PhysAddr};
+pub use mem::{DmaBlock, FrameAllocator, Iova, PhysAddr};
 pub use pgtable::Prot;
 /// The ID registers decoded (kept at the crate root, where it was before the SMMU core had a folder).
 pub use smmu::features;

@@ -16,6 +16,40 @@ impl fmt::Display for PhysAddr {
     }
 }
 
+/// An input address of a domain's translation as a device issues it: a VA for a stage-1 domain, an IPA for a
+/// stage-2 one. Its own type, so that an IOVA and a [`PhysAddr`] passed the wrong way round do not compile:
+///
+/// ```compile_fail,E0308
+/// # use smmuv3::testing::{FakeSmmu, HeapFrames};
+/// # use smmuv3::{InitOptions, Iommu, Iova, PhysAddr, Prot, Stage1Options};
+/// # let frames = HeapFrames::leaked();
+/// # let fake = FakeSmmu::start(frames);
+/// # let iommu: Iommu<&HeapFrames> = fake.smmu().init(frames, &InitOptions::default()).unwrap();
+/// # let dma = iommu.create_stage1(frames, Stage1Options { input_bits: 39, el2: false }).unwrap();
+/// iommu.map(dma, PhysAddr(0x8000_0000), Iova(0x1000_0000), 0x4000, Prot::READ).unwrap(); // swapped
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(transparent)]
+pub struct Iova(pub u64);
+
+impl fmt::Display for Iova {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "IOVA {:#x}", self.0)
+    }
+}
+
+impl fmt::LowerHex for Iova {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::LowerHex::fmt(&self.0, f)
+    }
+}
+
+impl fmt::LowerHex for PhysAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::LowerHex::fmt(&self.0, f)
+    }
+}
+
 /// A range of physical memory.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Extent {

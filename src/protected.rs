@@ -171,7 +171,7 @@ mod tests {
     use crate::domain::{DomainError, Stage1Options, Stage2Options};
     use crate::pgtable::Prot;
     use crate::smmu::tests::{Model, frames};
-    use crate::{InitOptions, Iommu};
+    use crate::{InitOptions, Iommu, Iova, PhysAddr};
 
     const RW: Prot = Prot::READ.union(Prot::WRITE).union(Prot::CACHEABLE);
 
@@ -206,10 +206,10 @@ mod tests {
                 (0x3000_0000, 0x4000_0000, tables),
             ] {
                 assert_eq!(
-                    smmu.map(d, 0x20_0000, pa, size, RW),
+                    smmu.map(d, Iova(0x20_0000), PhysAddr(pa), size, RW),
                     Err(DomainError::ProtectedOutput { pa, size, protected })
                 );
-                assert_eq!(smmu.iova_to_phys(d, 0x20_0000), Ok(None), "nothing mapped");
+                assert_eq!(smmu.iova_to_phys(d, Iova(0x20_0000)), Ok(None), "nothing mapped");
                 assert_eq!(
                     smmu.domain_table(d).unwrap().tables(),
                     table_count,
@@ -217,9 +217,10 @@ mod tests {
                 );
             }
             // Next to them, and between them: mapped.
-            smmu.map(d, 0x20_0000, 0x3fff_f000, 0x1000, RW).unwrap();
-            smmu.map(d, 0x40_0000, 0x4010_0000, 0x1000, RW).unwrap();
-            smmu.map(d, 0x60_0000, 0x7c00_0000, 0x200_0000, RW).unwrap();
+            smmu.map(d, Iova(0x20_0000), PhysAddr(0x3fff_f000), 0x1000, RW).unwrap();
+            smmu.map(d, Iova(0x40_0000), PhysAddr(0x4010_0000), 0x1000, RW).unwrap();
+            smmu.map(d, Iova(0x60_0000), PhysAddr(0x7c00_0000), 0x200_0000, RW)
+                .unwrap();
             smmu.free_domain(d).unwrap();
         }
     }

@@ -11,6 +11,7 @@
 //! architecture defines them, and trusts nothing the driver's verifier computed; what it cannot interpret is a
 //! failure. An unmutated region must be accepted.
 
+use smmuv3::{Iova, PhysAddr};
 use std::collections::{BTreeMap, HashSet};
 use std::ptr::NonNull;
 use std::sync::atomic::AtomicBool;
@@ -110,13 +111,16 @@ impl World {
                 },
             )
             .unwrap();
-        smmu.map(s1, 0x1000, base + 0x1000, 0x3000, RW).unwrap();
-        smmu.map(s1, 0x20_0000, base + 0x20_0000, 0x20_0000, RW).unwrap();
-        smmu.map(s1, 0x4000_0000, base + 0x100_0000, 0x10_000, RW).unwrap();
-        smmu.map(s1, 0x60_0000, base + 0x60_0000, 0x1000, RW).unwrap();
-        smmu.unmap(s1, 0x2000, 0x1000).unwrap();
+        smmu.map(s1, Iova(0x1000), PhysAddr(base + 0x1000), 0x3000, RW).unwrap();
+        smmu.map(s1, Iova(0x20_0000), PhysAddr(base + 0x20_0000), 0x20_0000, RW)
+            .unwrap();
+        smmu.map(s1, Iova(0x4000_0000), PhysAddr(base + 0x100_0000), 0x10_000, RW)
+            .unwrap();
+        smmu.map(s1, Iova(0x60_0000), PhysAddr(base + 0x60_0000), 0x1000, RW)
+            .unwrap();
+        smmu.unmap(s1, Iova(0x2000), 0x1000).unwrap();
         // Emptied by a single-page unmap: linked, counted 0, marked for the next trim.
-        smmu.unmap(s1, 0x60_0000, 0x1000).unwrap();
+        smmu.unmap(s1, Iova(0x60_0000), 0x1000).unwrap();
         smmu.attach(s1, 0x10).unwrap();
         let s1b = smmu
             .create_stage1(
@@ -127,13 +131,18 @@ impl World {
                 },
             )
             .unwrap();
-        smmu.map(s1b, 0x80_0000_0000, base + 0x200_0000, 0x4000, RW).unwrap();
-        smmu.map(s1b, 0x1000, base + 0x300_0000, 0x1000, RW).unwrap();
+        smmu.map(s1b, Iova(0x80_0000_0000), PhysAddr(base + 0x200_0000), 0x4000, RW)
+            .unwrap();
+        smmu.map(s1b, Iova(0x1000), PhysAddr(base + 0x300_0000), 0x1000, RW)
+            .unwrap();
         smmu.attach(s1b, 0x28).unwrap();
         let s2 = smmu.create_stage2(arena(), Stage2Options { input_bits: 40 }).unwrap();
-        smmu.map(s2, 0x1000, base + 0x400_0000, 0x2000, RW).unwrap();
-        smmu.map(s2, 0x4000_0000, base + 0x4000_0000, 0x4000_0000, RW).unwrap();
-        smmu.map(s2, 0x80_0000, base + 0x80_0000, 0x20_0000, RW).unwrap();
+        smmu.map(s2, Iova(0x1000), PhysAddr(base + 0x400_0000), 0x2000, RW)
+            .unwrap();
+        smmu.map(s2, Iova(0x4000_0000), PhysAddr(base + 0x4000_0000), 0x4000_0000, RW)
+            .unwrap();
+        smmu.map(s2, Iova(0x80_0000), PhysAddr(base + 0x80_0000), 0x20_0000, RW)
+            .unwrap();
         smmu.attach(s2, 0x20).unwrap();
         let guest = GuestStage1 {
             cd_table: 0x4800_0000,

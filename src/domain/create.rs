@@ -3,7 +3,7 @@
 use crate::hw::command::Command;
 use crate::hw::ste::EntryError;
 use crate::ids::DomainId;
-use crate::mem::FrameAllocator;
+use crate::mem::{FrameAllocator, Iova, PhysAddr};
 use crate::pgtable::{IoPageTable, Stage};
 use crate::queue::cmdq::Batch;
 
@@ -231,7 +231,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         };
         let prot = crate::pgtable::Prot::READ | crate::pgtable::Prot::WRITE | crate::pgtable::Prot::CACHEABLE;
         for range in ranges {
-            if let Err(e) = self.map(domain, range.base, range.base, range.len, prot) {
+            if let Err(e) = self.map(domain, Iova(range.base), PhysAddr(range.base), range.len, prot) {
                 let _ = self.free_domain(domain);
                 return Err(e);
             }

@@ -4,7 +4,7 @@
 
 use crate::hw::command::Command;
 use crate::ids::DomainId;
-use crate::mem::{Extent, FrameAllocator};
+use crate::mem::{Extent, FrameAllocator, Iova, PhysAddr};
 use crate::pgtable::{Gather, Prot};
 use crate::protected::ProtectError;
 use crate::queue::cmdq::Batch;
@@ -153,15 +153,19 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// every CPU at once through the page table's compare-and-swap paths. Of two overlapping maps one wins, the
     /// other fails with [`MapError::Overlap`](crate::pgtable::MapError::Overlap) and leaves nothing of its own
     /// behind (leaves it installed before it lost are removed and invalidated again), never a torn table.
-    pub fn map(&self, domain: DomainId, iova: u64, pa: u64, size: u64, prot: Prot) -> Result<(), DomainError> {
+    pub fn map(&self, domain: DomainId, iova: Iova, pa: PhysAddr, size: u64, prot: Prot) -> Result<(), DomainError> {
         let state = self.settled_for_reading(domain)?;
         Self::mappable(&state, domain)?;
         Self::unfrozen_state(&state)?;
         // No device may be given the handover region or the driver's own tables and queues.
-        if let Some(protected) = self.domains.protected.overlapping(pa, size) {
-            return Err(DomainError::ProtectedOutput { pa, size, protected });
+        if let Some(protected) = self.domains.protected.overlapping(pa.0, size) {
+            return Err(DomainError::ProtectedOutput {
+                pa: pa.0,
+                size,
+                protected,
+            });
         }
-        state.pending.check(iova, size)?;
+        state.pending.check(iova.0, size)?;
         let table = match &state.translation {
             Translation::Stage1 { table, .. } | Translation::Stage2 { table, .. } => table,
             Translation::Nested { .. } | Translation::Fixed(_) => return Err(DomainError::StaleDomain(domain)),
@@ -245,7 +249,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         Self::mappable(&state, domain)?;
         Self::unfrozen_state(&state)?;
         let mut gather = Gather::default();
-        let bytes = match table.unmap_page_shared(iova, &mut gather) {
+        let bytes = match table.unmap_page_shared(Iova(iova), &mut gather) {
             Ok(bytes) => bytes,
             Err(crate::pgtable::MapError::NeedsExclusive { .. }) => return Ok(None),
             Err(e) => return Err(DomainError::Map(e)),
@@ -287,8 +291,8 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// **Concurrency.** A single page (one granule) is unmapped under the domain's read lock, concurrently with
     /// maps and other single-page unmaps (of two unmaps of one page exactly one removes it; the other returns 0);
     /// a range, a page inside a block (split first) and a trim take the write lock.
-    pub fn unmap(&self, domain: DomainId, iova: u64, size: u64) -> Result<u64, DomainError> {
-        if let Some(bytes) = self.unmap_page_concurrently(domain, iova, size)? {
+    pub fn unmap(&self, domain: DomainId, iova: Iova, size: u64) -> Result<u64, DomainError> {
+        if let Some(bytes) = self.unmap_page_concurrently(domain, iova.0, size)? {
             return Ok(bytes);
         }
         let mut state = self.paging_domain(domain)?;
@@ -339,7 +343,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     pub fn unmap_deferred(
         &self,
         domain: DomainId,
-        iova: u64,
+        iova: Iova,
         size: u64,
         gather: &mut Gather,
     ) -> Result<u64, DomainError> {
@@ -435,7 +439,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     ///
     /// # Errors
     /// As [`Iommu::unmap`].
-    pub fn protect(&self, domain: DomainId, iova: u64, size: u64, prot: Prot) -> Result<u64, DomainError> {
+    pub fn protect(&self, domain: DomainId, iova: Iova, size: u64, prot: Prot) -> Result<u64, DomainError> {
         let mut state = self.paging_domain(domain)?;
         Self::mappable(&state, domain)?;
         Self::unfrozen_state(&state)?;
@@ -455,7 +459,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     ///
     /// # Errors
     /// [`DomainError::StaleDomain`], [`DomainError::WrongKind`] for a nested domain.
-    pub fn iova_to_phys(&self, domain: DomainId, iova: u64) -> Result<Option<u64>, DomainError> {
+    pub fn iova_to_phys(&self, domain: DomainId, iova: Iova) -> Result<Option<PhysAddr>, DomainError> {
         Ok(self.domain_table(domain)?.iova_to_phys(iova))
     }
 

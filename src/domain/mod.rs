@@ -167,7 +167,7 @@ pub const FAULT_REPORT_CAPACITY: usize = 8;
 /// }
 ///
 /// // On any CPU, at once:
-/// fn dma_map(domain: smmuv3::DomainId, iova: u64, pa: u64) -> Result<(), smmuv3::DomainError> {
+/// fn dma_map(domain: smmuv3::DomainId, iova: smmuv3::Iova, pa: smmuv3::PhysAddr) -> Result<(), smmuv3::DomainError> {
 ///     IOMMU.get().unwrap().map(domain, iova, pa, 4096, smmuv3::Prot::READ | smmuv3::Prot::WRITE)
 /// }
 /// ```

@@ -44,25 +44,26 @@ fn a_shared_page_maps_unmaps_and_its_emptied_table_is_trimmed() {
     let frames = HeapFrames::default();
     let mut t = IoPageTable::new(format(Granule::Size4K, 39), &frames, true).unwrap();
     let mut gather = Gather::default();
-    t.map_shared(0x4000_0000, 0x8000_0000, 0x1000, RW, &mut gather).unwrap();
+    t.map_shared(Iova(0x4000_0000), PhysAddr(0x8000_0000), 0x1000, RW, &mut gather)
+        .unwrap();
     assert!(
         gather.is_empty() && gather.owner().is_none(),
         "a map that succeeds gathers nothing"
     );
-    assert_eq!(t.translate(0x4000_0008), Some((0x8000_0008, RW)));
+    assert_eq!(t.translate(Iova(0x4000_0008)), Some((PhysAddr(0x8000_0008), RW)));
     assert_eq!(
-        t.map_shared(0x4000_0000, 0x9000_0000, 0x1000, RW, &mut gather),
+        t.map_shared(Iova(0x4000_0000), PhysAddr(0x9000_0000), 0x1000, RW, &mut gather),
         Err(MapError::Overlap { iova: 0x4000_0000 })
     );
     assert_eq!(
-        t.translate(0x4000_0000),
-        Some((0x8000_0000, RW)),
+        t.translate(Iova(0x4000_0000)),
+        Some((PhysAddr(0x8000_0000), RW)),
         "the loser changed nothing"
     );
     assert_eq!(check(&t).tables, 3, "the root, a level-2 and a last-level table");
-    assert_eq!(t.unmap_page_shared(0x4000_0000, &mut gather), Ok(0x1000));
+    assert_eq!(t.unmap_page_shared(Iova(0x4000_0000), &mut gather), Ok(0x1000));
     assert_eq!(
-        t.unmap_page_shared(0x4000_0000, &mut gather),
+        t.unmap_page_shared(Iova(0x4000_0000), &mut gather),
         Ok(0),
         "the second unmap finds nothing"
     );
@@ -112,8 +113,8 @@ fn shared_maps_build_the_same_table_as_exclusive_ones() {
             let (iova, pa, size) = (round(iova), round(pa), round(size).max(g));
             let mut gather = Gather::default();
             assert_eq!(
-                shared.map_shared(iova, pa, size, RW, &mut gather),
-                exclusive.map(iova, pa, size, RW),
+                shared.map_shared(Iova(iova), PhysAddr(pa), size, RW, &mut gather),
+                exclusive.map(Iova(iova), PhysAddr(pa), size, RW),
                 "{granule:?} {iova:#x}+{size:#x}"
             );
             assert!(gather.is_empty());
@@ -133,11 +134,12 @@ fn a_shared_map_over_an_emptied_table_fills_it_instead_of_covering_it_with_a_blo
     let frames = HeapFrames::default();
     let mut t = IoPageTable::new(format(Granule::Size4K, 39), &frames, true).unwrap();
     let mut gather = Gather::default();
-    t.map_shared(0x20_3000, 0x4000_3000, 0x1000, RW, &mut gather).unwrap();
-    assert_eq!(t.unmap_page_shared(0x20_3000, &mut gather), Ok(0x1000));
+    t.map_shared(Iova(0x20_3000), PhysAddr(0x4000_3000), 0x1000, RW, &mut gather)
+        .unwrap();
+    assert_eq!(t.unmap_page_shared(Iova(0x20_3000), &mut gather), Ok(0x1000));
     assert_eq!(check(&t).empty, 1);
     // A 2 MiB-aligned 4 MiB range: a block for the second half, the emptied table's pages for the first.
-    t.map_shared(0x20_0000, 0x4000_0000, 0x40_0000, RW, &mut gather)
+    t.map_shared(Iova(0x20_0000), PhysAddr(0x4000_0000), 0x40_0000, RW, &mut gather)
         .unwrap();
     let found = check(&t);
     assert_eq!(found.empty, 0, "the emptied table was filled");
@@ -152,7 +154,7 @@ fn a_shared_map_over_an_emptied_table_fills_it_instead_of_covering_it_with_a_blo
         "pages in it"
     );
     assert_eq!(found.leaves.len(), 512 + 1);
-    assert_eq!(t.iova_to_phys(0x3f_f008), Some(0x401f_f008));
+    assert_eq!(t.iova_to_phys(Iova(0x3f_f008)), Some(PhysAddr(0x401f_f008)));
     release(&mut t, gather);
 }
 
@@ -161,22 +163,22 @@ fn a_shared_unmap_of_a_page_in_a_block_needs_the_exclusive_path() {
     let frames = HeapFrames::default();
     let mut t = IoPageTable::new(format(Granule::Size4K, 39), &frames, true).unwrap();
     let mut gather = Gather::default();
-    t.map_shared(0x20_0000, 0x4000_0000, 0x20_0000, RW, &mut gather)
+    t.map_shared(Iova(0x20_0000), PhysAddr(0x4000_0000), 0x20_0000, RW, &mut gather)
         .unwrap();
     assert_eq!(
-        t.unmap_page_shared(0x20_1000, &mut gather),
+        t.unmap_page_shared(Iova(0x20_1000), &mut gather),
         Err(MapError::NeedsExclusive { iova: 0x20_1000 })
     );
     assert!(gather.is_empty() && gather.owner().is_none(), "nothing changed");
     assert_eq!(
-        t.unmap_page_shared(0x20_0800, &mut gather),
+        t.unmap_page_shared(Iova(0x20_0800), &mut gather),
         Err(MapError::Unaligned {
             iova: 0x20_0800,
             size: 0x1000
         })
     );
     assert_eq!(
-        t.unmap_page_shared(1 << 39, &mut gather),
+        t.unmap_page_shared(Iova(1 << 39), &mut gather),
         Err(MapError::InputOutOfRange {
             iova: 1 << 39,
             size: 0x1000
@@ -184,15 +186,17 @@ fn a_shared_unmap_of_a_page_in_a_block_needs_the_exclusive_path() {
     );
     let other = IoPageTable::new(format(Granule::Size4K, 39), &frames, true).unwrap();
     let mut foreign = Gather::default();
-    other.unmap_page_shared(0, &mut foreign).unwrap();
-    other.map_shared(0, 0, 0x1000, RW, &mut Gather::default()).unwrap();
-    assert_eq!(other.unmap_page_shared(0, &mut foreign), Ok(0x1000));
+    other.unmap_page_shared(Iova(0), &mut foreign).unwrap();
+    other
+        .map_shared(Iova(0), PhysAddr(0), 0x1000, RW, &mut Gather::default())
+        .unwrap();
+    assert_eq!(other.unmap_page_shared(Iova(0), &mut foreign), Ok(0x1000));
     assert!(matches!(
-        t.unmap_page_shared(0x20_0000, &mut foreign),
+        t.unmap_page_shared(Iova(0x20_0000), &mut foreign),
         Err(MapError::ForeignGather { .. })
     ));
     assert!(matches!(
-        t.map_shared(0, 0, 0x1000, RW, &mut foreign),
+        t.map_shared(Iova(0), PhysAddr(0), 0x1000, RW, &mut foreign),
         Err(MapError::ForeignGather { .. })
     ));
     assert!(matches!(
@@ -200,10 +204,10 @@ fn a_shared_unmap_of_a_page_in_a_block_needs_the_exclusive_path() {
         Err(MapError::ForeignGather { .. })
     ));
     assert_eq!(
-        t.unmap(0x20_1000, 0x1000, &mut gather),
+        t.unmap(Iova(0x20_1000), 0x1000, &mut gather),
         Err(MapError::WouldSplitBlock { iova: 0x20_1000 })
     );
-    assert_eq!(t.unmap(0x20_0000, 0x20_0000, &mut gather), Ok(0x20_0000));
+    assert_eq!(t.unmap(Iova(0x20_0000), 0x20_0000, &mut gather), Ok(0x20_0000));
     release(&mut t, gather);
 }
 
@@ -258,15 +262,18 @@ fn bad_shared_maps_and_no_memory_change_nothing() {
         (0, 0, 0x1000, Prot::WRITE, MapError::BadProt(Prot::WRITE)),
         (0, 0, 0x2000, Prot::WRITE, MapError::BadProt(Prot::WRITE)),
     ] {
-        assert_eq!(t.map_shared(iova, pa, size, prot, &mut gather), Err(error));
+        assert_eq!(
+            t.map_shared(Iova(iova), PhysAddr(pa), size, prot, &mut gather),
+            Err(error)
+        );
     }
     // Two tables are needed below the root, and only one frame is left.
     assert!(matches!(
-        t.map_shared(0, 0, 0x1000, RW, &mut gather),
+        t.map_shared(Iova(0), PhysAddr(0), 0x1000, RW, &mut gather),
         Err(MapError::NoMemory(_))
     ));
     assert!(matches!(
-        t.map_shared(0, 0, 0x3000, RW, &mut gather),
+        t.map_shared(Iova(0), PhysAddr(0), 0x3000, RW, &mut gather),
         Err(MapError::NoMemory(_))
     ));
     assert_eq!(frames.live_blocks(), before, "every frame went back");
@@ -281,11 +288,14 @@ fn the_undo_of_a_failed_shared_map_removes_exactly_its_own_leaves() {
     let mut t = IoPageTable::new(format(Granule::Size4K, 39), &frames, true).unwrap();
     let mut gather = Gather::default();
     // Someone else's page, inside the range, with another output.
-    t.map_shared(0x40_4000, 0x9000_0000, 0x1000, RW, &mut gather).unwrap();
+    t.map_shared(Iova(0x40_4000), PhysAddr(0x9000_0000), 0x1000, RW, &mut gather)
+        .unwrap();
     // What a failed map of [0x40_0000, +32 KiB) to 0x8000_0000 leaves before its undo: [0x40_0000, 0x40_4000) and
     // the page after the other one (as if another request had taken 0x40_4000 and it went on), all its own.
-    t.map_shared(0x40_0000, 0x8000_0000, 0x4000, RW, &mut gather).unwrap();
-    t.map_shared(0x40_5000, 0x8000_5000, 0x1000, RW, &mut gather).unwrap();
+    t.map_shared(Iova(0x40_0000), PhysAddr(0x8000_0000), 0x4000, RW, &mut gather)
+        .unwrap();
+    t.map_shared(Iova(0x40_5000), PhysAddr(0x8000_5000), 0x1000, RW, &mut gather)
+        .unwrap();
     t.undo_shared(0x40_0000, 0x40_6000, 0x8000_0000, RW, &mut gather);
     assert_eq!(
         (gather.start(), gather.end(), gather.leaves()),
@@ -350,7 +360,7 @@ fn stress(threads: u64, granule: Granule, window: u64, shared: u64, warm: u64, o
                             0..=34 => {
                                 let p = own[rng.below(own.len() as u64) as usize];
                                 let pa = own_pa(p, generation);
-                                let result = t.map_shared(iova(p), pa, g, RW, &mut gather);
+                                let result = t.map_shared(Iova(iova(p)), PhysAddr(pa), g, RW, &mut gather);
                                 match model.entry(p) {
                                     Entry::Occupied(_) => {
                                         assert_eq!(result, Err(MapError::Overlap { iova: iova(p) }))
@@ -363,7 +373,7 @@ fn stress(threads: u64, granule: Granule, window: u64, shared: u64, warm: u64, o
                             }
                             35..=69 => {
                                 let p = own[rng.below(own.len() as u64) as usize];
-                                let bytes = t.unmap_page_shared(iova(p), &mut gather).unwrap();
+                                let bytes = t.unmap_page_shared(Iova(iova(p)), &mut gather).unwrap();
                                 assert_eq!(bytes, if model.remove(&p).is_some() { g } else { 0 });
                             }
                             70..=77 => {
@@ -373,7 +383,7 @@ fn stress(threads: u64, granule: Granule, window: u64, shared: u64, warm: u64, o
                                 let n = 1 + rng.below(8 - first % 8);
                                 let pages = first..first + n;
                                 let pa = own_pa(first, generation);
-                                let result = t.map_shared(iova(first), pa, n * g, RW, &mut gather);
+                                let result = t.map_shared(Iova(iova(first)), PhysAddr(pa), n * g, RW, &mut gather);
                                 match pages.clone().find(|p| model.contains_key(p)) {
                                     Some(p) => assert_eq!(result, Err(MapError::Overlap { iova: iova(p) })),
                                     None => {
@@ -386,13 +396,15 @@ fn stress(threads: u64, granule: Granule, window: u64, shared: u64, warm: u64, o
                             }
                             78..=86 => {
                                 let p = rng.below(shared);
-                                if t.map_shared(iova(p), shared_pa(p), g, RW, &mut gather).is_ok() {
+                                if t.map_shared(Iova(iova(p)), PhysAddr(shared_pa(p)), g, RW, &mut gather)
+                                    .is_ok()
+                                {
                                     tally[p as usize].0 += 1;
                                 }
                             }
                             87..=96 => {
                                 let p = rng.below(shared);
-                                if t.unmap_page_shared(iova(p), &mut gather).unwrap() == g {
+                                if t.unmap_page_shared(Iova(iova(p)), &mut gather).unwrap() == g {
                                     tally[p as usize].1 += 1;
                                 }
                             }
@@ -454,7 +466,7 @@ fn stress(threads: u64, granule: Granule, window: u64, shared: u64, warm: u64, o
     assert_eq!(after.leaves, expected);
     assert_eq!((after.empty, frames.live_blocks()), (0, after.tables as usize));
     let mut gather = Gather::default();
-    t.unmap(0, 1 << 42, &mut gather).unwrap();
+    t.unmap(Iova(0), 1 << 42, &mut gather).unwrap();
     release(&mut t, gather);
     assert_eq!(frames.live_blocks(), 1, "the root alone");
     drop(t);
@@ -506,7 +518,7 @@ fn racing_overlapping_range_maps_leave_only_whole_winners() {
                                 let pa = (k + 1) << 36 | start;
                                 let mut gather = Gather::default();
                                 barrier.wait();
-                                let result = t.map_shared(start, pa, size, RW, &mut gather);
+                                let result = t.map_shared(Iova(start), PhysAddr(pa), size, RW, &mut gather);
                                 (start, size, pa, result, gather)
                             })
                         })
@@ -543,7 +555,7 @@ fn racing_overlapping_range_maps_leave_only_whole_winners() {
                 }
                 // Unmap it all, exclusively (blocks included), and start again from an empty table.
                 let mut gather = Gather::default();
-                t.unmap(0, 1 << 39, &mut gather).unwrap();
+                t.unmap(Iova(0), 1 << 39, &mut gather).unwrap();
                 release(&mut t, gather);
                 assert_eq!((check(&t).tables, frames.live_blocks()), (1, 1));
             }
@@ -573,9 +585,9 @@ fn installs_race_trims_of_the_same_tables() {
                         for round in 0..300u64 {
                             // Page k of last-level table `round % 4`, under a level-2 table per 16 rounds.
                             let va = (round % 16 / 4) << 30 | (round % 4) << 21 | k << 12;
-                            t.map_shared(va, va, 0x1000, RW, &mut gather).unwrap();
-                            assert_eq!(t.iova_to_phys(va), Some(va));
-                            assert_eq!(t.unmap_page_shared(va, &mut gather), Ok(0x1000));
+                            t.map_shared(Iova(va), PhysAddr(va), 0x1000, RW, &mut gather).unwrap();
+                            assert_eq!(t.iova_to_phys(Iova(va)), Some(PhysAddr(va)));
+                            assert_eq!(t.unmap_page_shared(Iova(va), &mut gather), Ok(0x1000));
                             if k == 0 {
                                 let mut trimmed = Gather::default();
                                 t.trim_shared(&mut trimmed).unwrap();

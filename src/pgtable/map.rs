@@ -338,7 +338,8 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// [`MapError::BadProt`], [`MapError::Overlap`], [`MapError::NoMemory`]; nothing changes then (the allocator
     /// has every frame back).
     #[inline]
-    pub fn map(&mut self, iova: u64, pa: u64, size: u64, prot: Prot) -> Result<(), MapError> {
+    pub fn map(&mut self, iova: Iova, pa: PhysAddr, size: u64, prot: Prot) -> Result<(), MapError> {
+        let (iova, pa) = (iova.0, pa.0);
         let granule = 1u64 << self.geometry.granule_bits;
         if size == granule
             && (iova | pa) & (granule - 1) == 0

@@ -90,7 +90,7 @@ use core::ptr::NonNull;
 
 pub use self::desc::{MemoryType, Prot, Stage};
 pub use crate::hw::command::Granule;
-use crate::mem::{AllocError, Coherency, DmaBlock, FrameAllocator, PhysAddr, write_barrier};
+use crate::mem::{AllocError, Coherency, DmaBlock, FrameAllocator, Iova, PhysAddr, write_barrier};
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
 
 /// The shape of a table: stage, granule, and the input and output sizes.

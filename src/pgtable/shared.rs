@@ -79,7 +79,15 @@ impl<A: FrameAllocator + Sync> IoPageTable<A> {
     /// # Errors
     /// As [`IoPageTable::map`] ([`MapError::NoMemory`] changes nothing: tables are allocated before anything they
     /// hold is linked), and [`MapError::ForeignGather`] for a gather another table filled.
-    pub fn map_shared(&self, iova: u64, pa: u64, size: u64, prot: Prot, gather: &mut Gather) -> Result<(), MapError> {
+    pub fn map_shared(
+        &self,
+        iova: Iova,
+        pa: PhysAddr,
+        size: u64,
+        prot: Prot,
+        gather: &mut Gather,
+    ) -> Result<(), MapError> {
+        let (iova, pa) = (iova.0, pa.0);
         self.check_owner(gather)?;
         let granule = 1u64 << self.geometry.granule_bits;
         // The single-page checks of `map`, with the template of the last exclusive map when the protection is
@@ -380,7 +388,8 @@ impl<A: FrameAllocator + Sync> IoPageTable<A> {
     /// [`MapError::Unaligned`], [`MapError::InputOutOfRange`], [`MapError::ForeignGather`], and
     /// [`MapError::NeedsExclusive`] when a block maps the page (splitting it is the exclusive
     /// [`IoPageTable::unmap`]'s); nothing changes then, `gather` included.
-    pub fn unmap_page_shared(&self, iova: u64, gather: &mut Gather) -> Result<u64, MapError> {
+    pub fn unmap_page_shared(&self, iova: Iova, gather: &mut Gather) -> Result<u64, MapError> {
+        let iova = iova.0;
         self.check_owner(gather)?;
         let g = self.geometry;
         let granule = 1u64 << g.granule_bits;

@@ -74,7 +74,8 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// BBML = 2), [`MapError::NoMemory`] (for splitting a block), [`MapError::ForeignGather`] (a gather another
     /// table filled); nothing changes then, `gather` included.
     #[inline]
-    pub fn unmap(&mut self, iova: u64, size: u64, gather: &mut Gather) -> Result<u64, MapError> {
+    pub fn unmap(&mut self, iova: Iova, size: u64, gather: &mut Gather) -> Result<u64, MapError> {
+        let iova = iova.0;
         self.unmap_in::<true>(iova, size, gather)
     }
 
@@ -86,7 +87,8 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// # Errors
     /// As [`IoPageTable::unmap`].
     #[inline]
-    pub fn unmap_without_trim(&mut self, iova: u64, size: u64, gather: &mut Gather) -> Result<u64, MapError> {
+    pub fn unmap_without_trim(&mut self, iova: Iova, size: u64, gather: &mut Gather) -> Result<u64, MapError> {
+        let iova = iova.0;
         self.unmap_in::<false>(iova, size, gather)
     }
 
@@ -124,7 +126,8 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// [`MapError::Unaligned`], [`MapError::InputOutOfRange`], [`MapError::BadProt`] (inexpressible, or another
     /// memory type than a mapping in the range has), [`MapError::WouldSplitBlock`], [`MapError::NoMemory`] (for
     /// splitting a block), [`MapError::ForeignGather`]; nothing changes then, `gather` included.
-    pub fn protect(&mut self, iova: u64, size: u64, prot: Prot, gather: &mut Gather) -> Result<u64, MapError> {
+    pub fn protect(&mut self, iova: Iova, size: u64, prot: Prot, gather: &mut Gather) -> Result<u64, MapError> {
+        let iova = iova.0;
         self.check_owner(gather)?;
         if !self.expressible(prot) {
             return Err(MapError::BadProt(prot));

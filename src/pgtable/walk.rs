@@ -5,7 +5,8 @@ use super::*;
 impl<A: FrameAllocator> IoPageTable<A> {
     /// The output address `iova` translates to, and the protection, if it is mapped.
     #[inline]
-    pub fn translate(&self, iova: u64) -> Option<(u64, Prot)> {
+    pub fn translate(&self, iova: Iova) -> Option<(PhysAddr, Prot)> {
+        let iova = iova.0;
         if iova >> self.format.input_bits != 0 {
             return None;
         }
@@ -23,12 +24,12 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 continue;
             }
             let offset = iova & ((1 << self.geometry.entry_shift(level)) - 1);
-            return Some((desc::address(d) + offset, desc::prot(self.format.stage, d)));
+            return Some((PhysAddr(desc::address(d) + offset), desc::prot(self.format.stage, d)));
         }
     }
 
     /// The output address `iova` translates to, if it is mapped.
-    pub fn iova_to_phys(&self, iova: u64) -> Option<u64> {
+    pub fn iova_to_phys(&self, iova: Iova) -> Option<PhysAddr> {
         self.translate(iova).map(|(pa, _)| pa)
     }
 

@@ -1,6 +1,7 @@
 //! One `Iommu` shared by threads, as CPUs share it: maps and unmaps in one domain at once, overlapping requests,
 //! faults drained from "interrupt context" while others map, and a hand-off prepared while others map.
 
+use crate::Iova;
 use std::collections::BTreeMap;
 use std::sync::Barrier;
 use std::sync::atomic::AtomicBool;
@@ -25,12 +26,12 @@ fn threads_map_and_unmap_disjoint_pages_of_one_domain() {
                     for round in 0..3u64 {
                         for page in 0..64u64 {
                             let iova = (t << 30) | (page * PAGE);
-                            smmu.map(d, iova, 0x8000_0000 + iova, PAGE, RW).unwrap();
+                            smmu.map(d, Iova(iova), PhysAddr(0x8000_0000 + iova), PAGE, RW).unwrap();
                         }
                         // Every other page goes again (odd ones on the last round stay mapped).
                         for page in (0..64u64).filter(|p| round < 2 || p % 2 == 0) {
                             let iova = (t << 30) | (page * PAGE);
-                            assert_eq!(smmu.unmap(d, iova, PAGE), Ok(PAGE), "{t} {round} {page}");
+                            assert_eq!(smmu.unmap(d, Iova(iova), PAGE), Ok(PAGE), "{t} {round} {page}");
                         }
                     }
                 });
@@ -40,7 +41,11 @@ fn threads_map_and_unmap_disjoint_pages_of_one_domain() {
             for page in 0..64u64 {
                 let iova = (t << 30) | (page * PAGE);
                 let expected = (page % 2 == 1).then_some(0x8000_0000 + iova);
-                assert_eq!(smmu.iova_to_phys(d, iova), Ok(expected), "{threads} threads: {iova:#x}");
+                assert_eq!(
+                    smmu.iova_to_phys(d, Iova(iova)),
+                    Ok(expected.map(PhysAddr)),
+                    "{threads} threads: {iova:#x}"
+                );
             }
         }
     }
@@ -64,7 +69,7 @@ fn overlapping_maps_have_one_winner_and_a_defined_error() {
                 .map(|t| {
                     scope.spawn(move || {
                         barrier.wait();
-                        smmu.map(d, iova, 0x1_0000_0000 * (t + 1) + iova, PAGE, RW)
+                        smmu.map(d, Iova(iova), PhysAddr(0x1_0000_0000 * (t + 1) + iova), PAGE, RW)
                     })
                 })
                 .collect();
@@ -79,8 +84,8 @@ fn overlapping_maps_have_one_winner_and_a_defined_error() {
             results[loser]
         );
         assert_eq!(
-            smmu.iova_to_phys(d, iova),
-            Ok(Some(0x1_0000_0000 * (winners[0] + 1) + iova))
+            smmu.iova_to_phys(d, Iova(iova)),
+            Ok(Some(PhysAddr(0x1_0000_0000 * (winners[0] + 1) + iova)))
         );
     }
 }
@@ -107,8 +112,8 @@ fn faults_drained_in_interrupt_context_while_others_map_are_filed_once() {
                 let mut page = 0;
                 while !done.load(Ordering::Relaxed) {
                     let iova = 0x100_0000 + page * PAGE;
-                    smmu.map(d, iova, 0x8000_0000 + iova, PAGE, RW).unwrap();
-                    smmu.unmap(d, iova, PAGE).unwrap();
+                    smmu.map(d, Iova(iova), PhysAddr(0x8000_0000 + iova), PAGE, RW).unwrap();
+                    smmu.unmap(d, Iova(iova), PAGE).unwrap();
                     page = (page + 1) % 64;
                 }
             });
@@ -244,7 +249,7 @@ fn prepare_freezes_atomically_while_other_threads_map() {
                         // Until frozen (or one last-level table full).
                         for page in 0..512u64 {
                             let iova = (t << 24) | (page * PAGE);
-                            let r = smmu.map(d, iova, 0x8000_0000 + iova, PAGE, RW);
+                            let r = smmu.map(d, Iova(iova), PhysAddr(0x8000_0000 + iova), PAGE, RW);
                             landed.fetch_add(1, Ordering::Relaxed);
                             let frozen = matches!(r, Err(DomainError::HandoverPrepared { .. }));
                             out.push((iova, r));
@@ -301,11 +306,11 @@ fn prepare_freezes_atomically_while_other_threads_map() {
         );
         // Frozen until cancelled.
         assert!(matches!(
-            smmu.map(d, 0x7000_0000, 0x8000_0000, PAGE, RW),
+            smmu.map(d, Iova(0x7000_0000), PhysAddr(0x8000_0000), PAGE, RW),
             Err(DomainError::HandoverPrepared { .. })
         ));
         smmu.cancel_handover(pool, 0x905_0000).unwrap();
-        smmu.map(d, 0x7000_0000, 0x8000_0000, PAGE, RW).unwrap();
+        smmu.map(d, Iova(0x7000_0000), PhysAddr(0x8000_0000), PAGE, RW).unwrap();
     }
 }
 
@@ -318,28 +323,28 @@ fn a_failed_invalidation_of_the_concurrent_unmap_is_retried_by_the_next_operatio
     let model = Model::start(frames);
     let mut smmu = smmu(&model, frames);
     let d = s1(&mut smmu, frames);
-    smmu.map(d, 0x40_0000, 0x8000_0000, PAGE, RW).unwrap();
+    smmu.map(d, Iova(0x40_0000), PhysAddr(0x8000_0000), PAGE, RW).unwrap();
     model.refuse.store(opcode::TLBI_NH_VA, Ordering::SeqCst);
     assert!(matches!(
-        smmu.unmap(d, 0x40_0000, PAGE),
+        smmu.unmap(d, Iova(0x40_0000), PAGE),
         Err(DomainError::Invalidation(_))
     ));
-    assert_eq!(smmu.iova_to_phys(d, 0x40_0000), Ok(None), "the entry is cleared");
+    assert_eq!(smmu.iova_to_phys(d, Iova(0x40_0000)), Ok(None), "the entry is cleared");
     assert!(smmu.domains.get(d).unwrap().has_unflushed());
     // Still refused: the map fails with the retried invalidation and maps nothing.
     assert!(matches!(
-        smmu.map(d, 0x40_0000, 0x9000_0000, PAGE, RW),
+        smmu.map(d, Iova(0x40_0000), PhysAddr(0x9000_0000), PAGE, RW),
         Err(DomainError::Invalidation(_))
     ));
-    assert_eq!(smmu.iova_to_phys(d, 0x40_0000), Ok(None));
+    assert_eq!(smmu.iova_to_phys(d, Iova(0x40_0000)), Ok(None));
     model.refuse.store(0, Ordering::SeqCst);
     let before = consumed(&model);
-    smmu.map(d, 0x40_0000, 0x9000_0000, PAGE, RW).unwrap();
+    smmu.map(d, Iova(0x40_0000), PhysAddr(0x9000_0000), PAGE, RW).unwrap();
     assert_eq!(
         since(&model, before)[..2],
         [opcode::TLBI_NH_VA, opcode::SYNC],
         "invalidated first"
     );
     assert!(!smmu.domains.get(d).unwrap().has_unflushed());
-    assert_eq!(smmu.iova_to_phys(d, 0x40_0000), Ok(Some(0x9000_0000)));
+    assert_eq!(smmu.iova_to_phys(d, Iova(0x40_0000)), Ok(Some(PhysAddr(0x9000_0000))));
 }

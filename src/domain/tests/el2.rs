@@ -1,6 +1,7 @@
 //! EL2 stage-1 domains: their own invalidation commands, one in use at a time, and a stream's substreams in one regime.
 
 use super::*;
+use crate::Iova;
 
 /// IDR0.HYP (bit 9): EL2 contexts; IDR1.SSIDSIZE 5: substreams.
 pub(super) fn el2_model(frames: &'static HeapFrames) -> Model {
@@ -26,8 +27,8 @@ fn an_el2_stage1_domain_is_invalidated_with_el2_commands() {
     let model = el2_model(frames);
     let mut smmu = smmu(&model, frames);
     let d = el2(&mut smmu, frames);
-    smmu.map(d, 0x40_0000, 0x8000_0000, 0x8000, RW).unwrap();
-    smmu.map(d, 0x20_0000, 0x9000_0000, 0x1000, RW).unwrap();
+    smmu.map(d, Iova(0x40_0000), PhysAddr(0x8000_0000), 0x8000, RW).unwrap();
+    smmu.map(d, Iova(0x20_0000), PhysAddr(0x9000_0000), 0x1000, RW).unwrap();
     let before = consumed(&model);
     smmu.attach(d, SID).unwrap();
     assert_ste_steps(&issued_since(&model, before), SID);
@@ -35,24 +36,24 @@ fn an_el2_stage1_domain_is_invalidated_with_el2_commands() {
     let el2_va = |address| [Issued::El2Va { address }, Issued::Sync];
 
     let before = consumed(&model);
-    smmu.unmap(d, 0x40_1000, 0x1000).unwrap();
+    smmu.unmap(d, Iova(0x40_1000), 0x1000).unwrap();
     assert_eq!(issued_since(&model, before), el2_va(0x40_1000));
     // A range: one TLBI_EL2_VA with a range (IDR3.RIL).
     let before = consumed(&model);
-    smmu.unmap(d, 0x40_4000, 0x4000).unwrap();
+    smmu.unmap(d, Iova(0x40_4000), 0x4000).unwrap();
     assert_eq!(issued_since(&model, before), el2_va(0x40_4000));
     let before = consumed(&model);
-    smmu.protect(d, 0x40_2000, 0x1000, Prot::READ | Prot::CACHEABLE)
+    smmu.protect(d, Iova(0x40_2000), 0x1000, Prot::READ | Prot::CACHEABLE)
         .unwrap();
     assert_eq!(issued_since(&model, before), el2_va(0x40_2000));
     let before = consumed(&model);
     let mut gather = Gather::default();
-    smmu.unmap_deferred(d, 0x40_3000, 0x1000, &mut gather).unwrap();
+    smmu.unmap_deferred(d, Iova(0x40_3000), 0x1000, &mut gather).unwrap();
     assert_eq!(issued_since(&model, before), []);
     smmu.sync_domain(d, &mut gather).unwrap();
     assert_eq!(issued_since(&model, before), el2_va(0x40_3000));
     // Trim: the emptied table at 0x20_0000 unlinked, invalidated (non-leaf) in the EL2 regime.
-    smmu.unmap(d, 0x20_0000, 0x1000).unwrap();
+    smmu.unmap(d, Iova(0x20_0000), 0x1000).unwrap();
     let before = consumed(&model);
     assert_eq!(smmu.trim_domain(d), Ok(1));
     let issued = issued_since(&model, before);

@@ -1,6 +1,7 @@
 //! Faults filed per domain and substream, failed invalidations kept until the next operation, and what the SMMU lacks.
 
 use super::*;
+use crate::Iova;
 
 /// A hand-assembled F_TRANSLATION record (IHI 0070 7.3.11): number 0x10, SSV [11], SubstreamID [31:12],
 /// StreamID [63:32]; RnW [99]; InputAddr [191:128].
@@ -175,18 +176,18 @@ fn a_failed_unmap_invalidation_keeps_the_tables_until_the_next_operation() {
     let model = Model::start(frames);
     let mut smmu = smmu(&model, frames);
     let d = s1(&mut smmu, frames);
-    smmu.map(d, 0x40_0000, 0x8000_0000, 0x4000, RW).unwrap();
+    smmu.map(d, Iova(0x40_0000), PhysAddr(0x8000_0000), 0x4000, RW).unwrap();
     let live = frames.live_blocks();
     model.refuse.store(opcode::TLBI_NH_VA, Ordering::SeqCst);
     assert!(matches!(
-        smmu.unmap(d, 0x40_0000, 0x4000),
+        smmu.unmap(d, Iova(0x40_0000), 0x4000),
         Err(DomainError::Invalidation(_))
     ));
     assert_eq!(frames.live_blocks(), live, "the emptied tables are not freed");
     model.refuse.store(0, Ordering::SeqCst);
     // The next operation flushes them first.
     let before = consumed(&model);
-    smmu.map(d, 0x80_0000, 0x8000_0000, 0x1000, RW).unwrap();
+    smmu.map(d, Iova(0x80_0000), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
     assert_eq!(since(&model, before)[..2], [opcode::TLBI_NH_VA, opcode::SYNC]);
 }
 
@@ -199,16 +200,17 @@ fn a_failed_sync_keeps_the_unmap_invalidation_that_failed_before_it() {
     let asid = asid_of(&smmu, d);
     // One last-level table in each of two 2 MiB ranges; each unmap below unlinks one (a page at 0 keeps
     // their level-2 table).
-    smmu.map(d, 0, 0x8000_0000, 0x1000, RW).unwrap();
-    smmu.map(d, 0x40_0000, 0x8000_0000, 0x1000, RW).unwrap();
-    smmu.map(d, 0x80_0000, 0x9000_0000, 0x1000, RW).unwrap();
+    smmu.map(d, Iova(0), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
+    smmu.map(d, Iova(0x40_0000), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
+    smmu.map(d, Iova(0x80_0000), PhysAddr(0x9000_0000), 0x1000, RW).unwrap();
     let live = frames.live_blocks();
     let mut deferred = Gather::default();
-    smmu.unmap_deferred(d, 0x80_0000, 0x20_0000, &mut deferred).unwrap();
+    smmu.unmap_deferred(d, Iova(0x80_0000), 0x20_0000, &mut deferred)
+        .unwrap();
     model.refuse.store(opcode::TLBI_NH_VA, Ordering::SeqCst);
     // This unmap's invalidation fails and is kept; so does the deferred one's.
     assert!(matches!(
-        smmu.unmap(d, 0x40_0000, 0x20_0000),
+        smmu.unmap(d, Iova(0x40_0000), 0x20_0000),
         Err(DomainError::Invalidation(_))
     ));
     assert!(matches!(
@@ -219,7 +221,7 @@ fn a_failed_sync_keeps_the_unmap_invalidation_that_failed_before_it() {
     model.refuse.store(0, Ordering::SeqCst);
     // The next operation flushes both: neither IOVA may stay in the TLB, and both tables are freed after.
     let before = consumed(&model);
-    smmu.map(d, 0xc0_0000, 0x8000_0000, 0x1000, RW).unwrap();
+    smmu.map(d, Iova(0xc0_0000), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
     // One range invalidation over both (RIL): its pieces, then the CMD_SYNC.
     let mut expected: Vec<Issued> =
         crate::hw::command::plan_range_invalidation(0x40_0000, 0x60_0000, Granule::Size4K, 0)

@@ -1,6 +1,7 @@
 //! Gathers tied to their domain, pending deferred unmaps, handles that never come back, and the first review's findings.
 
 use super::*;
+use crate::Iova;
 
 /// The page table of a stage-1 or stage-2 domain, for tests that change its settings.
 pub(super) fn table_of<'a>(smmu: &'a mut Iommu<&'static HeapFrames>, d: DomainId) -> &'a mut IoPageTable<DomainMemory> {
@@ -29,11 +30,11 @@ fn sync_domain_refuses_a_gather_another_domain_filled() {
     let a = s1(&mut smmu, frames);
     let b = s1(&mut smmu, frames);
     // A page at 0 keeps a's level-2 table: the unmap below unlinks one last-level table.
-    smmu.map(a, 0, 0x8000_0000, 0x1000, RW).unwrap();
-    smmu.map(a, 0x20_0000, 0x8000_1000, 0x2000, RW).unwrap();
-    smmu.map(b, 0x20_0000, 0x9000_0000, 0x2000, RW).unwrap();
+    smmu.map(a, Iova(0), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
+    smmu.map(a, Iova(0x20_0000), PhysAddr(0x8000_1000), 0x2000, RW).unwrap();
+    smmu.map(b, Iova(0x20_0000), PhysAddr(0x9000_0000), 0x2000, RW).unwrap();
     let mut g = Gather::default();
-    assert_eq!(smmu.unmap_deferred(a, 0x20_0000, 0x2000, &mut g), Ok(0x2000));
+    assert_eq!(smmu.unmap_deferred(a, Iova(0x20_0000), 0x2000, &mut g), Ok(0x2000));
     assert_eq!(g.freed_tables(), 1);
     let live = frames.live_blocks();
     let before = consumed(&model);
@@ -45,10 +46,10 @@ fn sync_domain_refuses_a_gather_another_domain_filled() {
     assert_eq!(frames.live_blocks(), live, "a's unlinked table is not freed");
     // b's own unmaps refuse it too, and the gather is left as it was: a still syncs it.
     assert_eq!(
-        smmu.unmap_deferred(b, 0x20_0000, 0x1000, &mut g),
+        smmu.unmap_deferred(b, Iova(0x20_0000), 0x1000, &mut g),
         Err(DomainError::ForeignGather { domain: b })
     );
-    assert_eq!(smmu.iova_to_phys(b, 0x20_0000), Ok(Some(0x9000_0000)));
+    assert_eq!(smmu.iova_to_phys(b, Iova(0x20_0000)), Ok(Some(PhysAddr(0x9000_0000))));
     assert_eq!(g.freed_tables(), 1);
     let asid = asid_of(&smmu, a);
     smmu.sync_domain(a, &mut g).unwrap();
@@ -76,16 +77,16 @@ fn an_over_limit_trim_in_a_deferred_unmap_is_flushed_inside_the_call() {
     let asid = asid_of(&smmu, d);
     table_of(&mut smmu, d).set_lazy_free_limit(1);
     // A page at 0 keeps the level-2 table; one page in each of two last-level tables.
-    smmu.map(d, 0, 0x8000_0000, 0x1000, RW).unwrap();
-    smmu.map(d, 0x20_0000, 0x8000_1000, 0x1000, RW).unwrap();
-    smmu.map(d, 0x40_0000, 0x8000_2000, 0x1000, RW).unwrap();
+    smmu.map(d, Iova(0), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
+    smmu.map(d, Iova(0x20_0000), PhysAddr(0x8000_1000), 0x1000, RW).unwrap();
+    smmu.map(d, Iova(0x40_0000), PhysAddr(0x8000_2000), 0x1000, RW).unwrap();
     let live = frames.live_blocks();
     let before = consumed(&model);
     let mut g = Gather::default();
     // The first emptied table stays linked (at the limit); the second goes over it: a trim of both.
-    assert_eq!(smmu.unmap_deferred(d, 0x20_0000, 0x1000, &mut g), Ok(0x1000));
+    assert_eq!(smmu.unmap_deferred(d, Iova(0x20_0000), 0x1000, &mut g), Ok(0x1000));
     assert_eq!(issued_since(&model, before), []);
-    assert_eq!(smmu.unmap_deferred(d, 0x40_0000, 0x1000, &mut g), Ok(0x1000));
+    assert_eq!(smmu.unmap_deferred(d, Iova(0x40_0000), 0x1000, &mut g), Ok(0x1000));
     assert_eq!(g.freed_tables(), 0, "the gather returned holds no unlinked table");
     // The trim was flushed inside the call: a walk-cache invalidation (not leaf-only) of both tables' spans
     // under the domain's ASID, its CMD_SYNC, and only then were the two tables freed.
@@ -126,12 +127,12 @@ fn a_map_over_a_pending_deferred_unmap_is_refused_until_the_sync() {
     let model = Model::start(frames);
     let mut smmu = smmu(&model, frames);
     let d = s1(&mut smmu, frames);
-    smmu.map(d, 0, 0x8000_0000, 0x1000, RW).unwrap();
-    smmu.map(d, 0x20_0000, 0x8000_1000, 0x2000, RW).unwrap();
+    smmu.map(d, Iova(0), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
+    smmu.map(d, Iova(0x20_0000), PhysAddr(0x8000_1000), 0x2000, RW).unwrap();
     let mut g = Gather::default();
     // A range unmap: the last-level table is unlinked with its leaves in place, and the walk cache may still
     // name it (and the TLB the old translations) until the sync.
-    assert_eq!(smmu.unmap_deferred(d, 0x20_0000, 0x2000, &mut g), Ok(0x2000));
+    assert_eq!(smmu.unmap_deferred(d, Iova(0x20_0000), 0x2000, &mut g), Ok(0x2000));
     let live = frames.live_blocks();
     // Anywhere in the unlinked table's span (a walk cache may name it for any address there), and a range
     // that reaches into it from below.
@@ -143,17 +144,23 @@ fn a_map_over_a_pending_deferred_unmap_is_refused_until_the_sync() {
         })
     };
     for iova in [0x20_0000, 0x20_1000, 0x3f_f000] {
-        assert_eq!(smmu.map(d, iova, 0x9000_0000, 0x1000, RW), pending(iova));
+        assert_eq!(
+            smmu.map(d, Iova(iova), PhysAddr(0x9000_0000), 0x1000, RW),
+            pending(iova)
+        );
     }
-    assert_eq!(smmu.map(d, 0x1f_e000, 0x9000_0000, 0x4000, RW), pending(0x20_0000));
+    assert_eq!(
+        smmu.map(d, Iova(0x1f_e000), PhysAddr(0x9000_0000), 0x4000, RW),
+        pending(0x20_0000)
+    );
     assert_eq!(frames.live_blocks(), live, "nothing allocated");
-    assert_eq!(smmu.iova_to_phys(d, 0x20_0000), Ok(None));
-    assert_eq!(smmu.iova_to_phys(d, 0x1f_e000), Ok(None));
+    assert_eq!(smmu.iova_to_phys(d, Iova(0x20_0000)), Ok(None));
+    assert_eq!(smmu.iova_to_phys(d, Iova(0x1f_e000)), Ok(None));
     // Elsewhere: allowed.
-    smmu.map(d, 0x40_0000, 0x9000_0000, 0x1000, RW).unwrap();
+    smmu.map(d, Iova(0x40_0000), PhysAddr(0x9000_0000), 0x1000, RW).unwrap();
     smmu.sync_domain(d, &mut g).unwrap();
-    smmu.map(d, 0x20_0000, 0x9000_1000, 0x1000, RW).unwrap();
-    assert_eq!(smmu.iova_to_phys(d, 0x20_0000), Ok(Some(0x9000_1000)));
+    smmu.map(d, Iova(0x20_0000), PhysAddr(0x9000_1000), 0x1000, RW).unwrap();
+    assert_eq!(smmu.iova_to_phys(d, Iova(0x20_0000)), Ok(Some(PhysAddr(0x9000_1000))));
 }
 
 #[test]
@@ -164,45 +171,46 @@ fn the_pending_span_clears_with_the_last_gather_or_a_whole_domain_invalidation()
     let d = s1(&mut smmu, frames);
     let asid = asid_of(&smmu, d);
     for k in 0..4u64 {
-        smmu.map(d, k << 21, 0x8000_0000 + (k << 12), 0x1000, RW).unwrap();
+        smmu.map(d, Iova(k << 21), PhysAddr(0x8000_0000 + (k << 12)), 0x1000, RW)
+            .unwrap();
     }
     let refused = |smmu: &mut Iommu<&'static HeapFrames>, iova| {
         matches!(
-            smmu.map(d, iova, 0x9000_0000, 0x1000, RW),
+            smmu.map(d, iova, PhysAddr(0x9000_0000), 0x1000, RW),
             Err(DomainError::PendingInvalidation { .. })
         )
     };
     // Two gathers outstanding: syncing one keeps the other's part of the span refused.
     let (mut g1, mut g2) = (Gather::default(), Gather::default());
-    smmu.unmap_deferred(d, 0x20_0000, 0x1000, &mut g1).unwrap();
-    smmu.unmap_deferred(d, 0x40_0000, 0x1000, &mut g2).unwrap();
+    smmu.unmap_deferred(d, Iova(0x20_0000), 0x1000, &mut g1).unwrap();
+    smmu.unmap_deferred(d, Iova(0x40_0000), 0x1000, &mut g2).unwrap();
     smmu.sync_domain(d, &mut g1).unwrap();
-    assert!(refused(&mut smmu, 0x40_0000));
+    assert!(refused(&mut smmu, Iova(0x40_0000)));
     smmu.sync_domain(d, &mut g2).unwrap();
-    assert!(!refused(&mut smmu, 0x40_0000), "the last one synced: cleared");
+    assert!(!refused(&mut smmu, Iova(0x40_0000)), "the last one synced: cleared");
     // A dropped gather keeps its span refused until the whole domain is invalidated.
     {
         let mut dropped = Gather::default();
-        smmu.unmap_deferred(d, 0x60_0000, 0x1000, &mut dropped).unwrap();
+        smmu.unmap_deferred(d, Iova(0x60_0000), 0x1000, &mut dropped).unwrap();
     }
-    assert!(refused(&mut smmu, 0x60_0000));
+    assert!(refused(&mut smmu, Iova(0x60_0000)));
     let before = consumed(&model);
     smmu.invalidate_domain(d).unwrap();
     assert_eq!(
         issued_since(&model, before),
         [Issued::NhAsid { vmid: 0, asid }, Issued::Sync]
     );
-    assert!(!refused(&mut smmu, 0x60_0000));
+    assert!(!refused(&mut smmu, Iova(0x60_0000)));
     // A gather counted before that invalidation no longer counts: syncing it does not clear the span of one
     // taken after.
     let (mut old, mut new) = (Gather::default(), Gather::default());
-    smmu.unmap_deferred(d, 0x20_0000, 0x1000, &mut old).unwrap();
+    smmu.unmap_deferred(d, Iova(0x20_0000), 0x1000, &mut old).unwrap();
     smmu.invalidate_domain(d).unwrap();
-    smmu.unmap_deferred(d, 0x40_0000, 0x1000, &mut new).unwrap();
+    smmu.unmap_deferred(d, Iova(0x40_0000), 0x1000, &mut new).unwrap();
     smmu.sync_domain(d, &mut old).unwrap();
-    assert!(refused(&mut smmu, 0x40_0000));
+    assert!(refused(&mut smmu, Iova(0x40_0000)));
     smmu.sync_domain(d, &mut new).unwrap();
-    assert!(!refused(&mut smmu, 0x40_0000));
+    assert!(!refused(&mut smmu, Iova(0x40_0000)));
 }
 
 /// Gathers merged through the table (which `domain_table` hands out) stand for every deferred unmap they
@@ -217,20 +225,20 @@ fn a_merged_gather_uncounts_every_deferred_unmap_it_holds_when_synced() {
     let asid = asid_of(&smmu, d);
     let refused = |smmu: &mut Iommu<&'static HeapFrames>, iova| {
         matches!(
-            smmu.map(d, iova, 0x9000_0000, 0x1000, RW),
+            smmu.map(d, iova, PhysAddr(0x9000_0000), 0x1000, RW),
             Err(DomainError::PendingInvalidation { .. })
         )
     };
     let (a, b) = (0x100_0000, 0x120_0000);
     let fresh = |smmu: &mut Iommu<&'static HeapFrames>| {
         for iova in [a, b] {
-            smmu.map(d, iova, 0x8800_0000, 0x1000, RW).unwrap();
+            smmu.map(d, Iova(iova), PhysAddr(0x8800_0000), 0x1000, RW).unwrap();
         }
     };
     fresh(&mut smmu);
     let (mut g1, mut g2) = (Gather::default(), Gather::default());
-    smmu.unmap_deferred(d, a, 0x1000, &mut g1).unwrap();
-    smmu.unmap_deferred(d, b, 0x1000, &mut g2).unwrap();
+    smmu.unmap_deferred(d, Iova(a), 0x1000, &mut g1).unwrap();
+    smmu.unmap_deferred(d, Iova(b), 0x1000, &mut g2).unwrap();
     smmu.domain_table(d).unwrap().merge(&mut g1, g2).unwrap();
     let before = consumed(&model);
     smmu.sync_domain(d, &mut g1).unwrap();
@@ -247,16 +255,16 @@ fn a_merged_gather_uncounts_every_deferred_unmap_it_holds_when_synced() {
     );
     assert_eq!(issued.iter().filter(|i| **i == Issued::Sync).count(), 1, "{issued:?}");
     assert_eq!(issued.last(), Some(&Issued::Sync));
-    assert!(!refused(&mut smmu, b), "both synced: cleared");
-    smmu.unmap(d, b, 0x1000).unwrap();
+    assert!(!refused(&mut smmu, Iova(b)), "both synced: cleared");
+    smmu.unmap(d, Iova(b), 0x1000).unwrap();
     // An older epoch's gather merged into a newer one's counts as the newer alone, and the other way round.
     for older_into_newer in [true, false] {
         fresh(&mut smmu);
         let (mut old, mut new) = (Gather::default(), Gather::default());
-        smmu.unmap_deferred(d, a, 0x1000, &mut old).unwrap();
+        smmu.unmap_deferred(d, Iova(a), 0x1000, &mut old).unwrap();
         smmu.invalidate_domain(d).unwrap();
-        smmu.unmap_deferred(d, b, 0x1000, &mut new).unwrap();
-        assert!(refused(&mut smmu, b));
+        smmu.unmap_deferred(d, Iova(b), 0x1000, &mut new).unwrap();
+        assert!(refused(&mut smmu, Iova(b)));
         let table = smmu.domain_table(d).unwrap();
         let mut merged = if older_into_newer {
             table.merge(&mut new, old).unwrap();
@@ -267,8 +275,8 @@ fn a_merged_gather_uncounts_every_deferred_unmap_it_holds_when_synced() {
         };
         drop(table);
         smmu.sync_domain(d, &mut merged).unwrap();
-        assert!(!refused(&mut smmu, b), "{older_into_newer}");
-        smmu.unmap(d, b, 0x1000).unwrap();
+        assert!(!refused(&mut smmu, Iova(b)), "{older_into_newer}");
+        smmu.unmap(d, Iova(b), 0x1000).unwrap();
     }
 }
 
@@ -364,7 +372,7 @@ fn finding1_dropping_the_smmu_never_frees_tables_it_still_walks() {
     let model = Model::start(frames);
     let mut smmu = smmu(&model, frames);
     let d = s1(&mut smmu, frames);
-    smmu.map(d, 0x40_0000, 0x8000_0000, 0x1000, RW).unwrap();
+    smmu.map(d, Iova(0x40_0000), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
     smmu.attach(d, SID).unwrap();
     assert_eq!(smmu.low_level().ste(SID).unwrap().config(), Config::Stage1);
     let root = smmu.domain_table(d).unwrap().root();
@@ -394,7 +402,7 @@ fn finding2_a_public_batch_cannot_make_the_smmu_write_memory() {
     let mut smmu = smmu(&model, frames);
     assert!(smmu.features().msi);
     let d = s1(&mut smmu, frames);
-    smmu.map(d, 0x40_0000, 0x8000_0000, 0x1000, RW).unwrap();
+    smmu.map(d, Iova(0x40_0000), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
     smmu.attach(d, SID).unwrap();
     let root = smmu.domain_table(d).unwrap().root().0;
     let mut batch = Batch::new();
@@ -437,7 +445,8 @@ fn finding3_a_substream_cd_left_valid_by_a_failed_attach_keeps_its_domain_from_b
     let mut smmu = smmu(&model, frames);
     let whole = s1(&mut smmu, frames);
     let sub = s1(&mut smmu, frames);
-    smmu.map(sub, 0x40_0000, 0x8000_0000, 0x1000, RW).unwrap();
+    smmu.map(sub, Iova(0x40_0000), PhysAddr(0x8000_0000), 0x1000, RW)
+        .unwrap();
     smmu.attach(whole, SID).unwrap();
     let root = smmu.domain_table(sub).unwrap().root();
     // The first CFGI_CD + CMD_SYNC (qwords 1..7 written) complete; from then on CFGI_CD is refused, so the

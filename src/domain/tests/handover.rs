@@ -1,6 +1,7 @@
 //! Tokens, deferred unmaps and trims, failed detaches, and handover arenas as domain memory.
 
 use super::*;
+use crate::Iova;
 
 /// A handover pool over leaked host memory, for domains to preserve.
 pub(super) fn handover_pool() -> &'static crate::handover::pool::HandoverPool {
@@ -68,9 +69,9 @@ fn tokens_collide_in_the_index_and_preservation_never_outlives_its_domain() {
         Err(DomainError::NestedStillPreserved { token: 0x5 })
     );
     // A preserved domain stays usable.
-    smmu.map(a, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+    smmu.map(a, Iova(0x1000), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
     smmu.attach(a, SID).unwrap();
-    smmu.unmap(a, 0x1000, 0x1000).unwrap();
+    smmu.unmap(a, Iova(0x1000), 0x1000).unwrap();
     smmu.detach(SID).unwrap();
     // Freeing a preserved domain is refused; after unpreserve the token is gone and free works.
     assert_eq!(
@@ -97,12 +98,12 @@ fn deferred_unmaps_invalidate_only_at_sync_and_trim_frees_emptied_tables() {
     let model = Model::start(frames);
     let mut smmu = smmu(&model, frames);
     let d = s1(&mut smmu, frames);
-    smmu.map(d, 0x20_0000, 0x8000_0000, 0x1000, RW).unwrap();
-    smmu.map(d, 0x40_0000, 0x8000_1000, 0x1000, RW).unwrap();
+    smmu.map(d, Iova(0x20_0000), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
+    smmu.map(d, Iova(0x40_0000), PhysAddr(0x8000_1000), 0x1000, RW).unwrap();
     let tables = smmu.domain_table(d).unwrap().tables();
     let before = consumed(&model);
     let mut gather = Gather::default();
-    assert_eq!(smmu.unmap_deferred(d, 0x20_0000, 0x1000, &mut gather), Ok(0x1000));
+    assert_eq!(smmu.unmap_deferred(d, Iova(0x20_0000), 0x1000, &mut gather), Ok(0x1000));
     assert_eq!(since(&model, before), [0u8; 0], "nothing issued before the sync");
     smmu.sync_domain(d, &mut gather).unwrap();
     assert_eq!(since(&model, before), [opcode::TLBI_NH_VA, opcode::SYNC]);
@@ -118,8 +119,8 @@ fn deferred_unmaps_invalidate_only_at_sync_and_trim_frees_emptied_tables() {
         "{ops:?}"
     );
     assert_eq!(
-        smmu.iova_to_phys(d, 0x40_0000),
-        Ok(Some(0x8000_1000)),
+        smmu.iova_to_phys(d, Iova(0x40_0000)),
+        Ok(Some(PhysAddr(0x8000_1000))),
         "the other mapping stays"
     );
     assert_eq!(smmu.trim_domain(d), Ok(0), "nothing left to trim");
@@ -248,8 +249,14 @@ fn domains_grow_from_the_whole_pool_and_give_every_frame_back() {
     // In turns, 2 MiB of 4 KiB pages at a time (one level-3 table each): the two memories interleave.
     for i in 0..300u64 {
         let (d, base) = if i % 2 == 0 { (da, 0) } else { (db, 1 << 32) };
-        smmu.map(d, base + (i / 2) * (2 << 20), 0x8000_0000 + 0x1000, 2 << 20, rw)
-            .unwrap();
+        smmu.map(
+            d,
+            Iova(base + (i / 2) * (2 << 20)),
+            PhysAddr(0x8000_0000 + 0x1000),
+            2 << 20,
+            rw,
+        )
+        .unwrap();
     }
     let pool_frames = (pool.pool().unwrap().len / FRAME) as usize;
     assert!(

@@ -1,6 +1,7 @@
 //! Every invalidation a domain issues names the right stream, substream, ASID, VMID and address.
 
 use super::*;
+use crate::Iova;
 
 pub(super) fn asid_of(smmu: &Iommu<&'static HeapFrames>, d: DomainId) -> u16 {
     match smmu.domains.get(d).unwrap().translation {
@@ -27,15 +28,15 @@ fn every_stage1_invalidation_names_the_stream_the_asid_and_the_address() {
     let d = s1(&mut smmu, frames);
     let asid = asid_of(&smmu, d);
     assert_ne!(asid, asid_of(&smmu, other));
-    smmu.map(d, 0x40_0000, 0x8000_0000, 0x4000, RW).unwrap();
-    smmu.map(d, 0x20_0000, 0x9000_0000, 0x1000, RW).unwrap();
+    smmu.map(d, Iova(0x40_0000), PhysAddr(0x8000_0000), 0x4000, RW).unwrap();
+    smmu.map(d, Iova(0x20_0000), PhysAddr(0x9000_0000), 0x1000, RW).unwrap();
 
     let before = consumed(&model);
     smmu.attach(d, SID).unwrap();
     assert_ste_steps(&issued_since(&model, before), SID);
 
     let before = consumed(&model);
-    smmu.unmap(d, 0x40_1000, 0x1000).unwrap();
+    smmu.unmap(d, Iova(0x40_1000), 0x1000).unwrap();
     assert_eq!(
         issued_since(&model, before),
         [
@@ -48,7 +49,7 @@ fn every_stage1_invalidation_names_the_stream_the_asid_and_the_address() {
         ]
     );
     let before = consumed(&model);
-    smmu.protect(d, 0x40_2000, 0x1000, Prot::READ | Prot::CACHEABLE)
+    smmu.protect(d, Iova(0x40_2000), 0x1000, Prot::READ | Prot::CACHEABLE)
         .unwrap();
     assert_eq!(
         issued_since(&model, before),
@@ -63,13 +64,13 @@ fn every_stage1_invalidation_names_the_stream_the_asid_and_the_address() {
     );
     // Map fills invalid entries only: nothing to invalidate.
     let before = consumed(&model);
-    smmu.map(d, 0x40_1000, 0xa000_0000, 0x1000, RW).unwrap();
+    smmu.map(d, Iova(0x40_1000), PhysAddr(0xa000_0000), 0x1000, RW).unwrap();
     assert_eq!(issued_since(&model, before), []);
 
     // Deferred: nothing until the sync, then the address under the ASID.
     let before = consumed(&model);
     let mut gather = Gather::default();
-    smmu.unmap_deferred(d, 0x40_3000, 0x1000, &mut gather).unwrap();
+    smmu.unmap_deferred(d, Iova(0x40_3000), 0x1000, &mut gather).unwrap();
     assert_eq!(issued_since(&model, before), []);
     smmu.sync_domain(d, &mut gather).unwrap();
     assert_eq!(
@@ -85,7 +86,7 @@ fn every_stage1_invalidation_names_the_stream_the_asid_and_the_address() {
     );
 
     // Trim: the emptied last-level table at 0x20_0000 unlinked, its 2 MiB invalidated (non-leaf) under the ASID.
-    smmu.unmap(d, 0x20_0000, 0x1000).unwrap();
+    smmu.unmap(d, Iova(0x20_0000), 0x1000).unwrap();
     let before = consumed(&model);
     assert_eq!(smmu.trim_domain(d), Ok(1));
     let issued = issued_since(&model, before);
@@ -139,12 +140,14 @@ fn every_stage2_and_nested_invalidation_names_the_vmid_and_the_address() {
     let parent = s2(&mut smmu, frames);
     let vmid = vmid_of(&smmu, parent);
     assert_ne!(vmid, vmid_of(&smmu, other));
-    smmu.map(parent, 0x4000_0000, 0x8000_0000, 0x20_0000, RW).unwrap();
-    smmu.map(parent, 0x1000, 0x9000_0000, 0x1000, RW).unwrap();
+    smmu.map(parent, Iova(0x4000_0000), PhysAddr(0x8000_0000), 0x20_0000, RW)
+        .unwrap();
+    smmu.map(parent, Iova(0x1000), PhysAddr(0x9000_0000), 0x1000, RW)
+        .unwrap();
 
     // Without nested domains: S2 by IPA, one CMD_SYNC.
     let before = consumed(&model);
-    smmu.protect(parent, 0x1000, 0x1000, Prot::READ | Prot::CACHEABLE)
+    smmu.protect(parent, Iova(0x1000), 0x1000, Prot::READ | Prot::CACHEABLE)
         .unwrap();
     assert_eq!(
         issued_since(&model, before),
@@ -158,7 +161,7 @@ fn every_stage2_and_nested_invalidation_names_the_vmid_and_the_address() {
 
     // Under a nested domain: S2 by IPA, CMD_SYNC, the VMID's combined entries, CMD_SYNC.
     let before = consumed(&model);
-    smmu.unmap(parent, 0x1000, 0x1000).unwrap();
+    smmu.unmap(parent, Iova(0x1000), 0x1000).unwrap();
     assert_eq!(
         issued_since(&model, before),
         [
@@ -169,7 +172,7 @@ fn every_stage2_and_nested_invalidation_names_the_vmid_and_the_address() {
         ]
     );
     let before = consumed(&model);
-    smmu.protect(parent, 0x4000_0000, 0x20_0000, Prot::READ | Prot::CACHEABLE)
+    smmu.protect(parent, Iova(0x4000_0000), 0x20_0000, Prot::READ | Prot::CACHEABLE)
         .unwrap();
     let issued = issued_since(&model, before);
     assert_eq!(
@@ -185,7 +188,8 @@ fn every_stage2_and_nested_invalidation_names_the_vmid_and_the_address() {
         ]
     );
     let before = consumed(&model);
-    smmu.map(parent, 0x1000, 0x9000_0000, 0x1000, RW).unwrap();
+    smmu.map(parent, Iova(0x1000), PhysAddr(0x9000_0000), 0x1000, RW)
+        .unwrap();
     assert_eq!(issued_since(&model, before), []);
 
     // The guest's invalidations go under the parent's VMID; its CD invalidation names the attached stream.

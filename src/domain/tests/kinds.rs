@@ -2,6 +2,7 @@
 //! mappings cannot change; the raw calls (behind `low_level`) cannot undercut them.
 
 use super::*;
+use crate::Iova;
 use crate::mem::Extent;
 
 #[test]
@@ -16,7 +17,7 @@ fn a_blocked_domain_aborts_its_streams_and_keeps_them_from_raw_calls() {
     assert_eq!(smmu.attached(blocked).as_deref(), Ok(&[(SID, 0)][..]));
     // Nothing to map in it, and no raw call may change its stream.
     assert!(matches!(
-        smmu.map(blocked, 0, 0x8000_0000, 0x1000, RW),
+        smmu.map(blocked, Iova(0), PhysAddr(0x8000_0000), 0x1000, RW),
         Err(DomainError::WrongKind {
             kind: DomainKind::Blocked,
             ..
@@ -79,18 +80,28 @@ fn an_identity_domain_maps_its_ram_one_to_one_and_nothing_else() {
         ];
         let id = smmu.create_identity(memory(frames), stage2, &ram).unwrap();
         assert_eq!(smmu.domain_kind(id), Ok(DomainKind::Identity));
-        assert_eq!(smmu.iova_to_phys(id, 0x8000_1234), Ok(Some(0x8000_1234)));
-        assert_eq!(smmu.iova_to_phys(id, 0x801f_f000), Ok(Some(0x801f_f000)));
-        assert_eq!(smmu.iova_to_phys(id, 0x9000_0008), Ok(Some(0x9000_0008)));
+        assert_eq!(
+            smmu.iova_to_phys(id, Iova(0x8000_1234)),
+            Ok(Some(PhysAddr(0x8000_1234)))
+        );
+        assert_eq!(
+            smmu.iova_to_phys(id, Iova(0x801f_f000)),
+            Ok(Some(PhysAddr(0x801f_f000)))
+        );
+        assert_eq!(
+            smmu.iova_to_phys(id, Iova(0x9000_0008)),
+            Ok(Some(PhysAddr(0x9000_0008)))
+        );
         // The rest is isolated.
-        assert_eq!(smmu.iova_to_phys(id, 0x8020_0000), Ok(None));
-        assert_eq!(smmu.iova_to_phys(id, 0x4000_0000), Ok(None));
+        assert_eq!(smmu.iova_to_phys(id, Iova(0x8020_0000)), Ok(None));
+        assert_eq!(smmu.iova_to_phys(id, Iova(0x4000_0000)), Ok(None));
         // Its mappings are fixed.
         for refused in [
-            smmu.map(id, 0x4000_0000, 0x4000_0000, 0x1000, RW).map(|_| 0),
-            smmu.unmap(id, 0x8000_0000, 0x1000),
-            smmu.unmap(id, 0x8000_0000, 0x20_0000),
-            smmu.protect(id, 0x8000_0000, 0x1000, Prot::READ),
+            smmu.map(id, Iova(0x4000_0000), PhysAddr(0x4000_0000), 0x1000, RW)
+                .map(|_| 0),
+            smmu.unmap(id, Iova(0x8000_0000), 0x1000),
+            smmu.unmap(id, Iova(0x8000_0000), 0x20_0000),
+            smmu.protect(id, Iova(0x8000_0000), 0x1000, Prot::READ),
         ] {
             assert!(
                 matches!(

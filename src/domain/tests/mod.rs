@@ -4,6 +4,7 @@
 extern crate std;
 
 use super::*;
+use crate::Iova;
 use crate::ctx::CdTableError;
 use crate::hw::command::Command;
 use crate::hw::command::opcode;
@@ -81,8 +82,8 @@ fn a_stage1_domain_issues_every_invalidation_itself() {
     let baseline = frames.live_blocks();
     let d = s1(&mut smmu, frames);
     assert_eq!(smmu.domain_kind(d), Ok(DomainKind::Stage1));
-    smmu.map(d, 0x40_0000, 0x8000_0000, 0x4000, RW).unwrap();
-    assert_eq!(smmu.iova_to_phys(d, 0x40_1234), Ok(Some(0x8000_1234)));
+    smmu.map(d, Iova(0x40_0000), PhysAddr(0x8000_0000), 0x4000, RW).unwrap();
+    assert_eq!(smmu.iova_to_phys(d, Iova(0x40_1234)), Ok(Some(PhysAddr(0x8000_1234))));
 
     let before = consumed(&model);
     smmu.attach(d, SID).unwrap();
@@ -97,19 +98,19 @@ fn a_stage1_domain_issues_every_invalidation_itself() {
 
     // Unmap: one range TLBI by ASID (RIL) and one CMD_SYNC, nothing else.
     let before = consumed(&model);
-    assert_eq!(smmu.unmap(d, 0x40_1000, 0x1000), Ok(0x1000));
+    assert_eq!(smmu.unmap(d, Iova(0x40_1000), 0x1000), Ok(0x1000));
     assert_eq!(since(&model, before), [opcode::TLBI_NH_VA, opcode::SYNC]);
-    assert_eq!(smmu.iova_to_phys(d, 0x40_1000), Ok(None));
+    assert_eq!(smmu.iova_to_phys(d, Iova(0x40_1000)), Ok(None));
     // Protect likewise.
     let before = consumed(&model);
     assert_eq!(
-        smmu.protect(d, 0x40_0000, 0x1000, Prot::READ | Prot::CACHEABLE),
+        smmu.protect(d, Iova(0x40_0000), 0x1000, Prot::READ | Prot::CACHEABLE),
         Ok(0x1000)
     );
     assert_eq!(since(&model, before), [opcode::TLBI_NH_VA, opcode::SYNC]);
     // Map needs none.
     let before = consumed(&model);
-    smmu.map(d, 0x40_1000, 0x9000_0000, 0x1000, RW).unwrap();
+    smmu.map(d, Iova(0x40_1000), PhysAddr(0x9000_0000), 0x1000, RW).unwrap();
     assert_eq!(since(&model, before), [0u8; 0]);
 
     // Detach: STE to abort, the stream's cached CDs, then (last attachment) the domain's TLB entries.
@@ -149,18 +150,18 @@ fn a_stale_handle_is_an_error_for_every_operation() {
     assert_eq!(reused.index(), d.index());
     let stale = Err(DomainError::StaleDomain(d));
     assert_eq!(smmu.domain_kind(d), stale.map(|()| DomainKind::Stage1));
-    assert_eq!(smmu.map(d, 0, 0, 0x1000, RW), stale);
-    assert_eq!(smmu.unmap(d, 0, 0x1000), stale.map(|()| 0));
-    assert_eq!(smmu.protect(d, 0, 0x1000, RW), stale.map(|()| 0));
-    assert_eq!(smmu.iova_to_phys(d, 0), stale.map(|()| None));
+    assert_eq!(smmu.map(d, Iova(0), PhysAddr(0), 0x1000, RW), stale);
+    assert_eq!(smmu.unmap(d, Iova(0), 0x1000), stale.map(|()| 0));
+    assert_eq!(smmu.protect(d, Iova(0), 0x1000, RW), stale.map(|()| 0));
+    assert_eq!(smmu.iova_to_phys(d, Iova(0)), stale.map(|()| None));
     assert_eq!(smmu.attach(d, SID), stale);
     assert_eq!(smmu.attach_substream(d, SID, 1), stale);
     assert_eq!(smmu.free_domain(d), stale);
     assert!(smmu.domain_faults(d).is_err());
     assert_eq!(smmu.create_nested(d, GUEST).err(), Some(DomainError::StaleDomain(d)));
     // The live domain in that slot is untouched.
-    smmu.map(reused, 0, 0x8000_0000, 0x1000, RW).unwrap();
-    assert_eq!(smmu.iova_to_phys(reused, 0), Ok(Some(0x8000_0000)));
+    smmu.map(reused, Iova(0), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
+    assert_eq!(smmu.iova_to_phys(reused, Iova(0)), Ok(Some(PhysAddr(0x8000_0000))));
 }
 
 const GUEST: GuestStage1 = GuestStage1 {
@@ -256,7 +257,8 @@ fn a_stage2_domain_and_its_nested_domains() {
     let model = Model::start(frames);
     let mut smmu = smmu(&model, frames);
     let parent = s2(&mut smmu, frames);
-    smmu.map(parent, 0x4000_0000, 0x8000_0000, 0x20_0000, RW).unwrap();
+    smmu.map(parent, Iova(0x4000_0000), PhysAddr(0x8000_0000), 0x20_0000, RW)
+        .unwrap();
     let nested = smmu.create_nested(parent, GUEST).unwrap();
     assert_eq!(smmu.domain_kind(nested), Ok(DomainKind::Nested));
     smmu.attach(nested, SID).unwrap();
@@ -275,7 +277,7 @@ fn a_stage2_domain_and_its_nested_domains() {
 
     // A stage-2 change under a live nested domain: S2 by IPA, CMD_SYNC, then the combined entries, CMD_SYNC.
     let before = consumed(&model);
-    smmu.unmap(parent, 0x4000_0000, 0x1000).unwrap();
+    smmu.unmap(parent, Iova(0x4000_0000), 0x1000).unwrap();
     let ops = since(&model, before);
     assert_eq!(
         ops,
@@ -285,7 +287,7 @@ fn a_stage2_domain_and_its_nested_domains() {
 
     // The guest owns the stage 1: no map on the nested domain; guest invalidations go under the VMID.
     assert!(matches!(
-        smmu.map(nested, 0, 0, 0x1000, RW),
+        smmu.map(nested, Iova(0), PhysAddr(0), 0x1000, RW),
         Err(DomainError::WrongKind {
             kind: DomainKind::Nested,
             ..
@@ -330,11 +332,11 @@ fn without_nested_domains_a_stage2_change_is_one_sync() {
     let model = Model::start(frames);
     let mut smmu = smmu(&model, frames);
     let d = s2(&mut smmu, frames);
-    smmu.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+    smmu.map(d, Iova(0x1000), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
     smmu.attach(d, SID).unwrap();
     assert_eq!(smmu.low_level().ste(SID).unwrap().config(), Config::Stage2);
     let before = consumed(&model);
-    smmu.unmap(d, 0x1000, 0x1000).unwrap();
+    smmu.unmap(d, Iova(0x1000), 0x1000).unwrap();
     assert_eq!(since(&model, before), [opcode::TLBI_S2_IPA, opcode::SYNC]);
 }
 
@@ -411,22 +413,22 @@ fn misuse_is_refused_and_changes_nothing() {
     );
     // IOVAs outside the domain's 39-bit input range, and unaligned ones.
     assert!(matches!(
-        smmu.map(a, 1 << 39, 0x8000_0000, 0x1000, RW),
+        smmu.map(a, Iova(1 << 39), PhysAddr(0x8000_0000), 0x1000, RW),
         Err(DomainError::Map(MapError::InputOutOfRange { .. }))
     ));
     assert!(matches!(
-        smmu.map(a, 0x800, 0x8000_0000, 0x1000, RW),
+        smmu.map(a, Iova(0x800), PhysAddr(0x8000_0000), 0x1000, RW),
         Err(DomainError::Map(_))
     ));
     // Overlap.
-    smmu.map(a, 0, 0x8000_0000, 0x1000, RW).unwrap();
+    smmu.map(a, Iova(0), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
     assert!(matches!(
-        smmu.map(a, 0, 0x9000_0000, 0x1000, RW),
+        smmu.map(a, Iova(0), PhysAddr(0x9000_0000), 0x1000, RW),
         Err(DomainError::Map(MapError::Overlap { .. }))
     ));
     assert_eq!(
-        smmu.iova_to_phys(a, 0),
-        Ok(Some(0x8000_0000)),
+        smmu.iova_to_phys(a, Iova(0)),
+        Ok(Some(PhysAddr(0x8000_0000))),
         "the first mapping stays"
     );
     // Unknown streams.

@@ -1,5 +1,6 @@
 //! Review 3 (adversarial): interleavings of safe calls the `iommu` branch gets wrong. Each test FAILS on the branch.
 
+use crate::Iova;
 use std::boxed::Box;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32};
@@ -142,10 +143,10 @@ fn a_trim_after_a_single_page_unmap_rechecks_the_freeze_and_never_changes_a_froz
         smmu.preserve(d, 0xd).unwrap();
         table_of(&mut smmu, d).set_lazy_free_limit(1);
         for iova in [0, 0x20_0000, 0x40_0000] {
-            smmu.map(d, iova, 0x8000_0000 + iova, PAGE, RW).unwrap();
+            smmu.map(d, Iova(iova), PhysAddr(0x8000_0000 + iova), PAGE, RW).unwrap();
         }
         // One emptied table: at the limit, no trim.
-        assert_eq!(smmu.unmap(d, 0x20_0000, PAGE), Ok(PAGE));
+        assert_eq!(smmu.unmap(d, Iova(0x20_0000), PAGE), Ok(PAGE));
         let smmu: &'static Iommu<&'static HeapFrames> = Box::leak(Box::new(smmu));
         let in_flush = Arc::new(AtomicBool::new(false));
         let writer_waits = Arc::new(AtomicBool::new(false));
@@ -167,7 +168,7 @@ fn a_trim_after_a_single_page_unmap_rechecks_the_freeze_and_never_changes_a_froz
         }));
         let (unmapped, prepared) = std::thread::scope(|scope| {
             // The second emptied table goes over the limit: a trim is due after the page's own flush.
-            let unmap = scope.spawn(|| smmu.unmap(d, 0x40_0000, PAGE));
+            let unmap = scope.spawn(|| smmu.unmap(d, Iova(0x40_0000), PAGE));
             while !in_flush.load(Ordering::SeqCst) {
                 std::thread::yield_now();
             }
@@ -331,7 +332,7 @@ fn a_waiting_writer_turns_new_readers_away_so_maps_in_a_loop_cannot_starve_it() 
             },
         )
         .unwrap();
-    smmu.map(d, 0, 0x8000_0000, PAGE, RW).unwrap();
+    smmu.map(d, Iova(0), PhysAddr(0x8000_0000), PAGE, RW).unwrap();
     let slot = &smmu.domains.slots[usize::from(d.index())];
     let smmu = &smmu;
     let inside = slot.state.read();
@@ -354,7 +355,7 @@ fn a_waiting_writer_turns_new_readers_away_so_maps_in_a_loop_cannot_starve_it() 
         "a new reader got in while a writer waited: readers in a loop starve it"
     );
     // And the domain works as before.
-    assert_eq!(smmu.unmap(d, 0, PAGE), Ok(PAGE));
+    assert_eq!(smmu.unmap(d, Iova(0), PAGE), Ok(PAGE));
 }
 
 /// Review 3, finding 7. A single-page unmap (read lock) whose TLBI fails used to drop the read lock and only then
@@ -377,14 +378,14 @@ fn a_failed_single_page_unmap_invalidation_is_published_before_its_read_lock_goe
             },
         )
         .unwrap();
-    smmu.map(d, 0x40_0000, 0x8000_0000, PAGE, RW).unwrap();
+    smmu.map(d, Iova(0x40_0000), PhysAddr(0x8000_0000), PAGE, RW).unwrap();
     let slot = &smmu.domains.slots[usize::from(d.index())];
     model.refuse.store(opcode::TLBI_NH_VA, Ordering::SeqCst);
     let smmu = &smmu;
     // Another CPU's map is inside the domain (its read lock held) throughout the unmap.
     let inside = slot.state.read();
     let (finished, published) = std::thread::scope(|scope| {
-        let unmap = scope.spawn(|| smmu.unmap(d, 0x40_0000, PAGE));
+        let unmap = scope.spawn(|| smmu.unmap(d, Iova(0x40_0000), PAGE));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
         while !unmap.is_finished() && std::time::Instant::now() < deadline {
             std::thread::yield_now();
@@ -401,19 +402,19 @@ fn a_failed_single_page_unmap_invalidation_is_published_before_its_read_lock_goe
     );
     // A map of the page settles the failed invalidation first: refused while it fails, nothing mapped.
     assert!(matches!(
-        smmu.map(d, 0x40_0000, 0x9000_0000, PAGE, RW),
+        smmu.map(d, Iova(0x40_0000), PhysAddr(0x9000_0000), PAGE, RW),
         Err(DomainError::Invalidation(_))
     ));
-    assert_eq!(smmu.iova_to_phys(d, 0x40_0000), Ok(None));
+    assert_eq!(smmu.iova_to_phys(d, Iova(0x40_0000)), Ok(None));
     model.refuse.store(0, Ordering::SeqCst);
     let before = consumed(&model);
-    smmu.map(d, 0x40_0000, 0x9000_0000, PAGE, RW).unwrap();
+    smmu.map(d, Iova(0x40_0000), PhysAddr(0x9000_0000), PAGE, RW).unwrap();
     assert_eq!(
         since(&model, before)[..2],
         [opcode::TLBI_NH_VA, opcode::SYNC],
         "the old translation dropped first"
     );
-    assert_eq!(smmu.iova_to_phys(d, 0x40_0000), Ok(Some(0x9000_0000)));
+    assert_eq!(smmu.iova_to_phys(d, Iova(0x40_0000)), Ok(Some(PhysAddr(0x9000_0000))));
 }
 
 /// Review 3, finding 8. `domain_faults` checked the handle under the domain's read lock, dropped it, and only then

@@ -4,6 +4,7 @@
 //! allocator, and no ASID goes back to its allocator, before a TLBI (or CFGI) and a CMD_SYNC covering it were
 //! consumed.
 
+use crate::Iova;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
@@ -133,20 +134,20 @@ fn worker(
             0..=3 => {
                 let pa = 0x8000_0000 + (t << 24) + rng.below(1 << 12) * PAGE;
                 let writable = rng.below(2) == 0;
-                match smmu.map(domain, iova, pa, PAGE, prot_of(writable)) {
+                match smmu.map(domain, Iova(iova), PhysAddr(pa), PAGE, prot_of(writable)) {
                     Ok(()) => assert!(expected.insert(iova, (pa, writable)).is_none(), "mapped twice"),
                     Err(DomainError::Map(MapError::Overlap { .. })) => assert!(expected.contains_key(&iova)),
                     Err(e) => panic!("map: {e}"),
                 }
             }
             4..=5 => {
-                let bytes = smmu.unmap(domain, iova, PAGE).unwrap();
+                let bytes = smmu.unmap(domain, Iova(iova), PAGE).unwrap();
                 assert_eq!(bytes, if expected.remove(&iova).is_some() { PAGE } else { 0 });
             }
             6 => {
                 // A range: up to 8 pages (the exclusive path).
                 let pages = 1 + rng.below(8).min(WINDOW_PAGES - page - 1);
-                let bytes = smmu.unmap(domain, iova, pages * PAGE).unwrap();
+                let bytes = smmu.unmap(domain, Iova(iova), pages * PAGE).unwrap();
                 let gone: Vec<u64> = expected.range(iova..iova + pages * PAGE).map(|(&k, _)| k).collect();
                 assert_eq!(bytes, gone.len() as u64 * PAGE);
                 for k in gone {
@@ -156,7 +157,9 @@ fn worker(
             7 => {
                 let pages = 1 + rng.below(4).min(WINDOW_PAGES - page - 1);
                 let writable = rng.below(2) == 0;
-                let bytes = smmu.protect(domain, iova, pages * PAGE, prot_of(writable)).unwrap();
+                let bytes = smmu
+                    .protect(domain, Iova(iova), pages * PAGE, prot_of(writable))
+                    .unwrap();
                 let mut changed = 0;
                 for (_, v) in expected.range_mut(iova..iova + pages * PAGE) {
                     v.1 = writable;
@@ -231,8 +234,9 @@ fn worker(
                     }
                     created.insert(asid, now);
                 }
-                smmu.map(scratch, 0x4000_0000, 0x9000_0000, 4 * PAGE, RW).unwrap();
-                smmu.unmap(scratch, 0x4000_0000, 4 * PAGE).unwrap();
+                smmu.map(scratch, Iova(0x4000_0000), PhysAddr(0x9000_0000), 4 * PAGE, RW)
+                    .unwrap();
+                smmu.unmap(scratch, Iova(0x4000_0000), 4 * PAGE).unwrap();
                 let before = consumed(model);
                 smmu.free_domain(scratch).unwrap();
                 let issued = issued_since(model, before);

@@ -23,6 +23,7 @@
 
 extern crate std;
 
+use crate::Iova;
 use std::vec::Vec;
 
 use super::tests::{ANYWHERE, BASE, RW, Region, boot, first_image};
@@ -128,10 +129,13 @@ fn a_region_the_format_2_driver_wrote_is_restored() {
         (0x4000_0000, Some(0x9000_0000)),
         (0x401f_f000, Some(0x901f_f000)),
     ] {
-        assert_eq!(smmu.iova_to_phys(s1, iova), Ok(pa), "{iova:#x}");
+        assert_eq!(smmu.iova_to_phys(s1, Iova(iova)), Ok(pa.map(PhysAddr)), "{iova:#x}");
     }
     let parent = smmu.retrieve(0x52).unwrap();
-    assert_eq!(smmu.iova_to_phys(parent, 0x4123_4000), Ok(Some(0x4123_4000)));
+    assert_eq!(
+        smmu.iova_to_phys(parent, Iova(0x4123_4000)),
+        Ok(Some(PhysAddr(0x4123_4000)))
+    );
     let nested = smmu.retrieve(0x53).unwrap();
     assert_eq!(smmu.retrieve(0x54), Err(DomainError::UnknownToken(0x54)));
     for (sid, config) in [(0x10, Config::Stage1), (0x18, Config::Nested), (0x20, Config::Stage2)] {
@@ -140,7 +144,7 @@ fn a_region_the_format_2_driver_wrote_is_restored() {
     assert_eq!(smmu.low_level().ste(0x18).unwrap().cd_table(), PhysAddr(0x4800_0000));
     assert_eq!(smmu.attached(nested).as_deref(), Ok(&[(0x18, 0)][..]));
     // Usable as any domain: a new mapping, then the hand-off finished (the unclaimed domain's stream aborts).
-    smmu.map(s1, 0x5000, 0x8000_5000, 0x1000, RW).unwrap();
+    smmu.map(s1, Iova(0x5000), PhysAddr(0x8000_5000), 0x1000, RW).unwrap();
     assert_eq!(smmu.finish_handover(pool, BASE), Ok(FinishReport { unclaimed: 1 }));
     assert_eq!(smmu.low_level().ste(0x20).unwrap().config(), Config::Abort);
 }
@@ -159,7 +163,7 @@ fn a_larger_metadata_area_keeps_the_split_an_older_region_was_written_with() {
     let report = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap();
     assert_eq!((report.generation, report.domains, report.streams), (7, 4, 3));
     assert_eq!(
-        smmu.iova_to_phys(smmu.retrieve(0x51).unwrap(), 0x1000),
-        Ok(Some(0x8000_0000))
+        smmu.iova_to_phys(smmu.retrieve(0x51).unwrap(), Iova(0x1000)),
+        Ok(Some(PhysAddr(0x8000_0000)))
     );
 }

@@ -4,6 +4,7 @@
 extern crate std;
 
 use super::*;
+use crate::Iova;
 use crate::domain::{DomainId, Stage1Options, Stage2Options};
 use crate::handover::pool::METADATA_BYTES;
 use crate::hw::ste::Config;
@@ -116,13 +117,15 @@ pub(crate) fn first_image(region: &mut Region, frames: &'static HeapFrames) {
     let mut smmu = boot(&model, frames);
     let pool = region.pool();
     let s1 = arena_stage1(&mut smmu, pool);
-    smmu.map(s1, 0x1000, 0x8000_0000, 0x2000, RW).unwrap();
-    smmu.map(s1, 0x4000_0000, 0x9000_0000, 0x20_0000, RW).unwrap();
+    smmu.map(s1, Iova(0x1000), PhysAddr(0x8000_0000), 0x2000, RW).unwrap();
+    smmu.map(s1, Iova(0x4000_0000), PhysAddr(0x9000_0000), 0x20_0000, RW)
+        .unwrap();
     smmu.attach(s1, 0x10).unwrap();
     let parent = smmu
         .create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 })
         .unwrap();
-    smmu.map(parent, 0x4000_0000, 0x4000_0000, 0x4000_0000, RW).unwrap();
+    smmu.map(parent, Iova(0x4000_0000), PhysAddr(0x4000_0000), 0x4000_0000, RW)
+        .unwrap();
     let guest = crate::domain::GuestStage1 {
         cd_table: 0x4800_0000,
         cd_max_log2: 0,
@@ -137,7 +140,7 @@ pub(crate) fn first_image(region: &mut Region, frames: &'static HeapFrames) {
     let unclaimed = smmu
         .create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 })
         .unwrap();
-    smmu.map(unclaimed, 0, 0x8000_0000, 0x1000, RW).unwrap();
+    smmu.map(unclaimed, Iova(0), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
     smmu.attach(unclaimed, 0x20).unwrap();
     smmu.preserve(s1, 0x51).unwrap();
     smmu.preserve(parent, 0x52).unwrap();
@@ -146,8 +149,8 @@ pub(crate) fn first_image(region: &mut Region, frames: &'static HeapFrames) {
     smmu.preserve(unclaimed, 0x55).unwrap();
     smmu.unpreserve(0x54).unwrap();
     // Mutations after preserve are what is restored: the state at prepare.
-    smmu.unmap(s1, 0x2000, 0x1000).unwrap();
-    smmu.map(s1, 0x3000, 0x8000_3000, 0x1000, RW).unwrap();
+    smmu.unmap(s1, Iova(0x2000), 0x1000).unwrap();
+    smmu.map(s1, Iova(0x3000), PhysAddr(0x8000_3000), 0x1000, RW).unwrap();
     let written = smmu.prepare_handover(pool, BASE, 7, SURVIVING).unwrap();
     assert!(written > 0);
     // The reset: nothing is freed, the SMMU model goes away.
@@ -177,14 +180,21 @@ fn preserved_domains_come_back_by_token_with_their_tables_in_place() {
     );
 
     let s1 = smmu.retrieve(0x51).unwrap();
-    assert_eq!(smmu.iova_to_phys(s1, 0x1000), Ok(Some(0x8000_0000)));
-    assert_eq!(smmu.iova_to_phys(s1, 0x2000), Ok(None), "unmapped after preserve: gone");
+    assert_eq!(smmu.iova_to_phys(s1, Iova(0x1000)), Ok(Some(PhysAddr(0x8000_0000))));
     assert_eq!(
-        smmu.iova_to_phys(s1, 0x3000),
-        Ok(Some(0x8000_3000)),
+        smmu.iova_to_phys(s1, Iova(0x2000)),
+        Ok(None),
+        "unmapped after preserve: gone"
+    );
+    assert_eq!(
+        smmu.iova_to_phys(s1, Iova(0x3000)),
+        Ok(Some(PhysAddr(0x8000_3000))),
         "mapped after preserve: there"
     );
-    assert_eq!(smmu.iova_to_phys(s1, 0x401f_f000), Ok(Some(0x901f_f000)));
+    assert_eq!(
+        smmu.iova_to_phys(s1, Iova(0x401f_f000)),
+        Ok(Some(PhysAddr(0x901f_f000)))
+    );
     assert_eq!(smmu.low_level().ste(0x10).unwrap().config(), Config::Stage1);
     assert_eq!(smmu.retrieve(0x51), Err(DomainError::UnknownToken(0x51)), "once");
     assert_eq!(
@@ -206,8 +216,8 @@ fn preserved_domains_come_back_by_token_with_their_tables_in_place() {
     }
     assert_eq!(smmu.attached(nested).as_deref(), Ok(&[(0x18, 0)][..]));
     // The restored domains work: map, unmap (with invalidation), and the parent cannot go before its child.
-    smmu.map(s1, 0x5000, 0x8000_5000, 0x1000, RW).unwrap();
-    assert_eq!(smmu.unmap(s1, 0x1000, 0x1000), Ok(0x1000));
+    smmu.map(s1, Iova(0x5000), PhysAddr(0x8000_5000), 0x1000, RW).unwrap();
+    assert_eq!(smmu.unmap(s1, Iova(0x1000), 0x1000), Ok(0x1000));
     assert!(matches!(
         smmu.free_domain(parent),
         Err(DomainError::HasNestedDomains { .. })
@@ -293,7 +303,7 @@ fn a_hand_off_with_the_smmu_running_never_turns_translation_off() {
             },
         )
         .unwrap();
-    first.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+    first.map(d, Iova(0x1000), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
     first.attach(d, 0x10).unwrap();
     first.preserve(d, 0x77).unwrap();
     first.prepare_handover(pool, BASE, 3, SURVIVING).unwrap();
@@ -352,7 +362,7 @@ fn a_hand_off_with_the_smmu_running_never_turns_translation_off() {
     assert_eq!(rest, [Issued::CfgiAll, Issued::NsnhAll, Issued::Sync]);
     assert_eq!(next.abort_unrestored_streams(), Ok(0), "nothing left to abort");
     let d = next.retrieve(0x77).unwrap();
-    assert_eq!(next.iova_to_phys(d, 0x1000), Ok(Some(0x8000_0000)));
+    assert_eq!(next.iova_to_phys(d, Iova(0x1000)), Ok(Some(PhysAddr(0x8000_0000))));
     assert!(
         !model.seen.lock().unwrap().smmuen_dropped,
         "translation never turned off"
@@ -393,19 +403,20 @@ fn after_prepare_nothing_recorded_grows_until_the_hand_off_is_cancelled() {
             },
         )
         .unwrap();
-    smmu.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+    smmu.map(d, Iova(0x1000), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
     smmu.preserve(d, 9).unwrap();
     smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
     // The domain is frozen (see `a_prepared_domain_is_frozen_until_the_hand_off_is_cancelled`), and its
     // memory hands out nothing, whoever asks.
     assert!(crate::mem::FrameAllocator::allocate_zeroed(&arena, 4096, 4096).is_err());
     assert!(matches!(
-        smmu.map(d, 0x4000_0000, 0x8000_2000, 0x1000, RW),
+        smmu.map(d, Iova(0x4000_0000), PhysAddr(0x8000_2000), 0x1000, RW),
         Err(DomainError::HandoverPrepared { token: 9 })
     ));
     // Cancelled: memory again, and the region no longer names this SMMU's domains.
     smmu.cancel_handover(pool, BASE).unwrap();
-    smmu.map(d, 0x4000_0000, 0x8000_2000, 0x1000, RW).unwrap();
+    smmu.map(d, Iova(0x4000_0000), PhysAddr(0x8000_2000), 0x1000, RW)
+        .unwrap();
     assert_eq!(smmu.restore_handover(pool, BASE, &ANYWHERE).map(|r| r.domains), Ok(0));
 }
 
@@ -460,7 +471,7 @@ fn a_record_with_more_substreams_of_a_stream_than_this_image_attaches_is_refused
         let mut smmu = boot(&model, frames);
         let pool = region.pool();
         let d = arena_stage1(&mut smmu, pool);
-        smmu.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+        smmu.map(d, Iova(0x1000), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
         smmu.attach(d, 0x10).unwrap();
         smmu.preserve(d, 0x51).unwrap();
         smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
@@ -517,7 +528,7 @@ fn a_region_with_more_streams_than_this_image_can_hold_is_refused_before_any_ste
         let d = smmu
             .create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 })
             .unwrap();
-        smmu.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+        smmu.map(d, Iova(0x1000), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
         smmu.attach(d, 0x10).unwrap();
         smmu.preserve(d, 0x61).unwrap();
         smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
@@ -684,7 +695,7 @@ fn a_restore_into_an_image_that_took_a_recorded_id_or_stream_changes_nothing() {
             .create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 })
             .unwrap();
         let d = arena_stage1(&mut smmu, pool);
-        smmu.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+        smmu.map(d, Iova(0x1000), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
         smmu.attach(d, 0x10).unwrap();
         // The stage-2 record first: it is rebuilt before the stage-1 one fails.
         smmu.preserve(parent, 0x62).unwrap();
@@ -719,7 +730,7 @@ fn a_restore_into_an_image_that_took_a_recorded_id_or_stream_changes_nothing() {
         "no STE installed"
     );
     // This image's own domain is untouched.
-    smmu.map(mine, 0, 0x8000_0000, 0x1000, RW).unwrap();
+    smmu.map(mine, Iova(0), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
     smmu.free_domain(mine).unwrap();
     // The same with the recorded ID free but the recorded stream attached here: refused, this image's STE kept.
     let recorded_asid = smmu.low_level().allocate_asid().unwrap();
@@ -783,13 +794,16 @@ fn an_identity_domain_comes_back_an_identity_domain() {
             Ok(crate::domain::DomainKind::Identity),
             "stage 2: {stage2}"
         );
-        assert_eq!(smmu.iova_to_phys(id, 0x8012_3000), Ok(Some(0x8012_3000)));
+        assert_eq!(
+            smmu.iova_to_phys(id, Iova(0x8012_3000)),
+            Ok(Some(PhysAddr(0x8012_3000)))
+        );
         assert!(matches!(
-            smmu.map(id, 0x4000_0000, 0x4000_0000, 0x1000, RW),
+            smmu.map(id, Iova(0x4000_0000), PhysAddr(0x4000_0000), 0x1000, RW),
             Err(DomainError::WrongKind { .. })
         ));
         assert!(matches!(
-            smmu.unmap(id, 0x8000_0000, 0x1000),
+            smmu.unmap(id, Iova(0x8000_0000), 0x1000),
             Err(DomainError::WrongKind { .. })
         ));
         let expected = if stage2 { Config::Stage2 } else { Config::Stage1 };
@@ -822,8 +836,8 @@ fn two_smmus() {
         let pool = region.pool();
         let da = arena_stage1(&mut a, pool);
         let db = arena_stage1(&mut b, pool);
-        a.map(da, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
-        b.map(db, 0x1000, 0x9000_0000, 0x1000, RW).unwrap();
+        a.map(da, Iova(0x1000), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
+        b.map(db, Iova(0x1000), PhysAddr(0x9000_0000), 0x1000, RW).unwrap();
         a.attach(da, 0x10).unwrap();
         b.attach(db, 0x10).unwrap();
         a.preserve(da, 0xa).unwrap();
@@ -844,7 +858,7 @@ fn two_smmus() {
     let pool = region.pool();
     assert_eq!(a.restore_handover(pool, BASE, &ANYWHERE).unwrap().domains, 1);
     let da = a.retrieve(0xa).unwrap();
-    assert_eq!(a.iova_to_phys(da, 0x1000), Ok(Some(0x8000_0000)));
+    assert_eq!(a.iova_to_phys(da, Iova(0x1000)), Ok(Some(PhysAddr(0x8000_0000))));
     assert_eq!(a.finish_handover(pool, BASE), Ok(FinishReport { unclaimed: 0 }));
     // The first SMMU grows: a domain of its takes (and zeroes) every frame the pool hands out, until none is
     // left; none of them is one the second's record names.
@@ -881,7 +895,7 @@ fn two_smmus() {
     // The second restores as if alone: its record, its arena and its table as it left them.
     assert_eq!(b.restore_handover(pool, BASE_B, &ANYWHERE).unwrap().domains, 1);
     let db = b.retrieve(0xb).unwrap();
-    assert_eq!(b.iova_to_phys(db, 0x1000), Ok(Some(0x9000_0000)));
+    assert_eq!(b.iova_to_phys(db, Iova(0x1000)), Ok(Some(PhysAddr(0x9000_0000))));
     assert_eq!(b.low_level().ste(0x10).unwrap().config(), Config::Stage1);
     assert_eq!(b.finish_handover(pool, BASE_B), Ok(FinishReport { unclaimed: 0 }));
     // Each restore took only its own instance's records; none is left.
@@ -961,7 +975,7 @@ fn a_region_rewritten_during_the_restore_changes_nothing_it_does() {
     );
     assert_eq!((report.generation, report.domains, report.streams), (7, 4, 3));
     let s1 = smmu.retrieve(0x51).unwrap();
-    assert_eq!(smmu.iova_to_phys(s1, 0x1000), Ok(Some(0x8000_0000)));
+    assert_eq!(smmu.iova_to_phys(s1, Iova(0x1000)), Ok(Some(PhysAddr(0x8000_0000))));
     assert_eq!(smmu.low_level().ste(0x18).unwrap().config(), Config::Nested);
     assert_eq!(smmu.low_level().ste(0x20).unwrap().config(), Config::Stage2);
     *model.probe.lock().unwrap() = None;

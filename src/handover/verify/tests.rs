@@ -5,6 +5,7 @@
 extern crate std;
 
 use super::*;
+use crate::Iova;
 use crate::domain::{DomainId, Stage2Options};
 use crate::handover::restore::RestoreError;
 use crate::handover::restore::tests::{BASE, RW, Region, SURVIVING, boot};
@@ -47,15 +48,18 @@ fn first_image(region: &mut Region, frames: &'static HeapFrames) -> Preserved {
             },
         )
         .unwrap();
-    smmu.map(s1, 0x1000, 0x8000_0000, 0x2000, RW).unwrap();
-    smmu.map(s1, 0x20_0000, 0x8000_4000, 0x1000, RW).unwrap();
-    smmu.map(s1, 0x4000_0000, 0x9000_0000, 0x20_0000, RW).unwrap();
+    smmu.map(s1, Iova(0x1000), PhysAddr(0x8000_0000), 0x2000, RW).unwrap();
+    smmu.map(s1, Iova(0x20_0000), PhysAddr(0x8000_4000), 0x1000, RW)
+        .unwrap();
+    smmu.map(s1, Iova(0x4000_0000), PhysAddr(0x9000_0000), 0x20_0000, RW)
+        .unwrap();
     smmu.attach(s1, 0x10).unwrap();
     let s2 = smmu
         .create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 })
         .unwrap();
-    smmu.map(s2, 0x1000, 0x8100_0000, 0x1000, RW).unwrap();
-    smmu.map(s2, 0x4000_0000, 0x4000_0000, 0x4000_0000, RW).unwrap();
+    smmu.map(s2, Iova(0x1000), PhysAddr(0x8100_0000), 0x1000, RW).unwrap();
+    smmu.map(s2, Iova(0x4000_0000), PhysAddr(0x4000_0000), 0x4000_0000, RW)
+        .unwrap();
     smmu.attach(s2, 0x20).unwrap();
     smmu.preserve(s1, S1).unwrap();
     smmu.preserve(s2, S2).unwrap();
@@ -162,7 +166,10 @@ fn untouched_preserved_memory_is_verified_and_restored() {
     let (result, smmu, _model) = restore(&mut region, frames, &RestoreOptions::new(DMA), &[]);
     assert_eq!(result, Ok(2));
     let s1 = smmu.retrieve(S1).unwrap();
-    assert_eq!(smmu.iova_to_phys(s1, 0x4010_0000), Ok(Some(0x9010_0000)));
+    assert_eq!(
+        smmu.iova_to_phys(s1, Iova(0x4010_0000)),
+        Ok(Some(PhysAddr(0x9010_0000)))
+    );
     assert_eq!(smmu.low_level().ste(0x10).unwrap().config(), Config::Stage1);
     core::mem::forget(smmu);
 }
@@ -523,7 +530,7 @@ fn a_restore_declares_the_region_protected_memory() {
     let d = smmu.retrieve(S1).unwrap();
     let inside = region.extent.base + 0x10_0000;
     assert!(matches!(
-        smmu.map(d, 0x8000_0000, inside, 0x1000, Prot::READ),
+        smmu.map(d, Iova(0x8000_0000), PhysAddr(inside), 0x1000, Prot::READ),
         Err(crate::DomainError::ProtectedOutput { protected, .. }) if protected == region.extent
     ));
     assert_eq!(smmu.protected_memory(), [region.extent]);
@@ -569,7 +576,8 @@ fn a_nested_guest_context_no_ste_can_hold_is_refused_before_the_rebuild() {
         let parent = smmu
             .create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 })
             .unwrap();
-        smmu.map(parent, 0x4000_0000, 0x4000_0000, 0x20_0000, RW).unwrap();
+        smmu.map(parent, Iova(0x4000_0000), PhysAddr(0x4000_0000), 0x20_0000, RW)
+            .unwrap();
         let guest = crate::domain::GuestStage1 {
             cd_table: 0x4800_0000,
             cd_max_log2: 0,
@@ -625,9 +633,9 @@ fn prepare_refuses_a_preserved_domain_mapping_memory_that_does_not_survive_or_is
     let d = smmu
         .create_stage1(pool.take_memory().unwrap(), Stage1Options::default())
         .unwrap();
-    smmu.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+    smmu.map(d, Iova(0x1000), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
     // The image's own RAM, which the next image reuses.
-    smmu.map(d, 0x2000, 0x4020_0000, 0x1000, RW).unwrap();
+    smmu.map(d, Iova(0x2000), PhysAddr(0x4020_0000), 0x1000, RW).unwrap();
     smmu.preserve(d, S1).unwrap();
     assert_eq!(
         smmu.prepare_handover(pool, BASE, 1, &surviving),
@@ -640,14 +648,15 @@ fn prepare_refuses_a_preserved_domain_mapping_memory_that_does_not_survive_or_is
     );
     assert!(pool.lock_metadata().unwrap().iter().all(|&b| b == 0), "nothing written");
     // Not frozen: the domain changes, and then it is prepared.
-    smmu.unmap(d, 0x2000, 0x1000).unwrap();
+    smmu.unmap(d, Iova(0x2000), 0x1000).unwrap();
     // The region itself (its own tables), mapped before anything declared it: refused too.
-    smmu.map(d, 0x3000, region.extent.base + 0x1_0000, 0x1000, RW).unwrap();
+    smmu.map(d, Iova(0x3000), PhysAddr(region.extent.base + 0x1_0000), 0x1000, RW)
+        .unwrap();
     assert!(matches!(
         smmu.prepare_handover(pool, BASE, 1, &surviving),
         Err(PrepareError::ProtectedOutput { token: S1, iova: 0x3000, protected, .. }) if protected == region.extent
     ));
-    smmu.unmap(d, 0x3000, 0x1000).unwrap();
+    smmu.unmap(d, Iova(0x3000), 0x1000).unwrap();
     // Memory declared protected after it was mapped.
     let mine = Extent {
         base: 0x8000_0000,
@@ -658,8 +667,8 @@ fn prepare_refuses_a_preserved_domain_mapping_memory_that_does_not_survive_or_is
         smmu.prepare_handover(pool, BASE, 1, &surviving),
         Err(PrepareError::ProtectedOutput { protected, output: 0x8000_0000, .. }) if protected == mine
     ));
-    smmu.unmap(d, 0x1000, 0x1000).unwrap();
-    smmu.map(d, 0x1000, 0x8000_1000, 0x1000, RW).unwrap();
+    smmu.unmap(d, Iova(0x1000), 0x1000).unwrap();
+    smmu.map(d, Iova(0x1000), PhysAddr(0x8000_1000), 0x1000, RW).unwrap();
     assert!(smmu.prepare_handover(pool, BASE, 1, &surviving).is_ok());
     core::mem::forget(smmu);
 }
@@ -692,14 +701,14 @@ proptest::proptest! {
                 let n = if kind == 1 { 1 } else { n.min(192 - p / 8) };
                 match kind {
                     0 => {
-                        if smmu.map(d, iova(p), 0x8000_0000 + (p << 12), n << 12, RW).is_ok() {
+                        if smmu.map(d, Iova(iova(p)), PhysAddr(0x8000_0000 + (p << 12)), n << 12, RW).is_ok() {
                             for k in 0..n {
                                 expected.insert(iova(p) + (k << 12), 0x8000_0000 + ((p + k) << 12));
                             }
                         }
                     }
                     1 | 2 => {
-                        smmu.unmap(d, iova(p), n << 12).unwrap();
+                        smmu.unmap(d, Iova(iova(p)), n << 12).unwrap();
                         for k in 0..n {
                             expected.remove(&(iova(p) + (k << 12)));
                         }
@@ -718,7 +727,7 @@ proptest::proptest! {
         proptest::prop_assert_eq!(result, Ok(1));
         let d = smmu.retrieve(S1).unwrap();
         for (&i, &pa) in &expected {
-            proptest::prop_assert_eq!(smmu.iova_to_phys(d, i), Ok(Some(pa)));
+            proptest::prop_assert_eq!(smmu.iova_to_phys(d, Iova(i)), Ok(Some(PhysAddr(pa))));
         }
         core::mem::forget(smmu);
     }
@@ -761,8 +770,8 @@ fn review_a_cd_table_not_at_the_start_of_a_frame_is_refused() {
         let d = smmu.retrieve(S1).unwrap();
         smmu.detach(0x10).unwrap();
         // IOVA 0x40_0000 needs a new last-level table under the level-2 table of 0x1000.
-        smmu.map(d, 0x40_0000, 0x8000_8000, 0x1000, RW).unwrap();
-        let driver = smmu.iova_to_phys(d, 0x40_0000);
+        smmu.map(d, Iova(0x40_0000), PhysAddr(0x8000_8000), 0x1000, RW).unwrap();
+        let driver = smmu.iova_to_phys(d, Iova(0x40_0000));
         // The tables are abandoned as they stand (dropping the driver would walk them).
         core::mem::forget(smmu);
         let at = slot(&mut region, p.s1_root, 0, 0x40_0000, 2);
@@ -813,7 +822,7 @@ fn review_two_streams_naming_one_cd_table_are_refused() {
                 },
             )
             .unwrap();
-        smmu.map(d, 0x1000, 0x8000_0000, 0x2000, RW).unwrap();
+        smmu.map(d, Iova(0x1000), PhysAddr(0x8000_0000), 0x2000, RW).unwrap();
         smmu.attach(d, 0x10).unwrap();
         smmu.attach(d, 0x11).unwrap();
         smmu.preserve(d, S1).unwrap();
@@ -840,7 +849,7 @@ fn review_two_streams_naming_one_cd_table_are_refused() {
         assert_eq!(smmu.low_level().ste(0x11).unwrap().cd_table().0, cd_10);
         smmu.detach(0x10).unwrap();
         // IOVA 0x40_0000 needs a new last-level table.
-        smmu.map(d, 0x40_0000, 0x8000_8000, 0x1000, RW).unwrap();
+        smmu.map(d, Iova(0x40_0000), PhysAddr(0x8000_8000), 0x1000, RW).unwrap();
         let ste_cd = smmu.low_level().ste(0x11).unwrap().cd_table().0;
         core::mem::forget(smmu);
         let at = slot(&mut region, root, 0, 0x40_0000, 2);
@@ -1004,7 +1013,7 @@ fn cd_tables_are_placed_and_kept_apart_in_every_verification_mode() {
             let d = smmu
                 .create_stage1(pool.take_memory().unwrap(), Stage1Options::default())
                 .unwrap();
-            smmu.map(d, 0x1000, 0x8000_0000, 0x2000, RW).unwrap();
+            smmu.map(d, Iova(0x1000), PhysAddr(0x8000_0000), 0x2000, RW).unwrap();
             smmu.attach(d, 0x10).unwrap();
             smmu.attach(d, 0x11).unwrap();
             smmu.preserve(d, S1).unwrap();

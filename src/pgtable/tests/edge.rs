@@ -6,34 +6,35 @@ use super::*;
 fn protect_changes_permissions_in_place_and_gathers_them() {
     let mut t = table(Stage::Two, Granule::Size4K, 40);
     t.set_bbm_level(2);
-    t.map(0x4000_0000, 0x4000_0000, 0x20_0000 + 0x2000, RW).unwrap();
+    t.map(Iova(0x4000_0000), PhysAddr(0x4000_0000), 0x20_0000 + 0x2000, RW)
+        .unwrap();
     let ro = Prot::READ | Prot::CACHEABLE;
     let mut g = Gather::default();
     // The 2 MiB block's second page and the first following page: the block is split, one page kept RW.
-    assert_eq!(t.protect(0x4000_1000, 0x20_0000, ro, &mut g), Ok(0x20_0000));
-    assert_eq!(t.translate(0x4000_0000), Some((0x4000_0000, RW)));
-    assert_eq!(t.translate(0x4000_1000), Some((0x4000_1000, ro)));
-    assert_eq!(t.translate(0x4020_0000), Some((0x4020_0000, ro)));
-    assert_eq!(t.translate(0x4020_1000), Some((0x4020_1000, RW)));
+    assert_eq!(t.protect(Iova(0x4000_1000), 0x20_0000, ro, &mut g), Ok(0x20_0000));
+    assert_eq!(t.translate(Iova(0x4000_0000)), Some((PhysAddr(0x4000_0000), RW)));
+    assert_eq!(t.translate(Iova(0x4000_1000)), Some((PhysAddr(0x4000_1000), ro)));
+    assert_eq!(t.translate(Iova(0x4020_0000)), Some((PhysAddr(0x4020_0000), ro)));
+    assert_eq!(t.translate(Iova(0x4020_1000)), Some((PhysAddr(0x4020_1000), RW)));
     assert!(g.start <= 0x4000_1000 && g.end >= 0x4020_1000, "{g:?}");
     release(&mut t, g);
     // The same protection again changes nothing to invalidate.
     let mut g = Gather::default();
-    assert_eq!(t.protect(0x4000_1000, 0x1000, ro, &mut g), Ok(0x1000));
+    assert_eq!(t.protect(Iova(0x4000_1000), 0x1000, ro, &mut g), Ok(0x1000));
     assert!(g.is_empty());
     assert_eq!(
-        t.protect(0, 0x1000, Prot::PRIVILEGED, &mut g),
+        t.protect(Iova(0), 0x1000, Prot::PRIVILEGED, &mut g),
         Err(MapError::BadProt(Prot::PRIVILEGED))
     );
     // Unmapped parts are left alone.
-    assert_eq!(t.protect(0, 0x1000, ro, &mut g), Ok(0));
+    assert_eq!(t.protect(Iova(0), 0x1000, ro, &mut g), Ok(0));
 }
 
 #[test]
 fn block_splitting_is_off_by_default_and_allowed_only_with_bbml_2() {
     for bbml in [None, Some(0), Some(1), Some(3), Some(2)] {
         let mut t = table(Stage::One, Granule::Size4K, 39);
-        t.map(0x20_0000, 0x20_0000, 0x20_0000, RW).unwrap();
+        t.map(Iova(0x20_0000), PhysAddr(0x20_0000), 0x20_0000, RW).unwrap();
         if let Some(level) = bbml {
             t.set_bbm_level(level);
         }
@@ -41,24 +42,28 @@ fn block_splitting_is_off_by_default_and_allowed_only_with_bbml_2() {
         let mut g = Gather::default();
         if bbml == Some(2) {
             assert!(t.splits_blocks());
-            assert_eq!(t.unmap(0x20_0000, 0x1000, &mut g), Ok(0x1000));
-            assert_eq!(t.iova_to_phys(0x20_1000), Some(0x20_1000), "split in place");
+            assert_eq!(t.unmap(Iova(0x20_0000), 0x1000, &mut g), Ok(0x1000));
+            assert_eq!(
+                t.iova_to_phys(Iova(0x20_1000)),
+                Some(PhysAddr(0x20_1000)),
+                "split in place"
+            );
             release(&mut t, g);
             continue;
         }
         assert!(!t.splits_blocks(), "BBML {bbml:?}");
         assert_eq!(
-            t.unmap(0x20_0000, 0x1000, &mut g),
+            t.unmap(Iova(0x20_0000), 0x1000, &mut g),
             Err(MapError::WouldSplitBlock { iova: 0x20_1000 })
         );
         assert_eq!(
-            t.protect(0x20_1000, 0x1000, RW, &mut g),
+            t.protect(Iova(0x20_1000), 0x1000, RW, &mut g),
             Err(MapError::WouldSplitBlock { iova: 0x20_1000 })
         );
         assert!(g.is_empty());
         assert_eq!(raw_words(&t), before, "nothing changed");
         // The whole block is fine.
-        assert_eq!(t.unmap(0x20_0000, 0x20_0000, &mut g), Ok(0x20_0000));
+        assert_eq!(t.unmap(Iova(0x20_0000), 0x20_0000, &mut g), Ok(0x20_0000));
         release(&mut t, g);
     }
 }
@@ -69,7 +74,7 @@ fn no_memory_below_a_new_table_leaves_no_table_behind() {
     // (Test from the benchmark helper's branch, which found this on an earlier map.)
     let frames: &'static HeapFrames = std::boxed::Box::leak(std::boxed::Box::new(HeapFrames::with_limit(2 * 4096)));
     let mut t = IoPageTable::new(format(Stage::One, Granule::Size4K, 39), frames, true).unwrap();
-    let error = t.map(0x4000_0000, 0, 0x1000, RW);
+    let error = t.map(Iova(0x4000_0000), PhysAddr(0), 0x1000, RW);
     assert!(matches!(error, Err(MapError::NoMemory(_))), "{error:?}");
     assert_eq!((t.tables(), frames.live_blocks()), (1, 1));
     assert_eq!(decode(frames, t.root().0, t.geometry()), BTreeMap::new());
@@ -214,10 +219,10 @@ fn a_failed_map_frees_no_table_the_smmu_may_have_walked() {
     for frames_allowed in [3usize, 4, 5] {
         let w = Witness::new(HeapFrames::with_limit(frames_allowed * 4096));
         let mut t = IoPageTable::new(format(Stage::One, Granule::Size4K, 39), w, true).unwrap();
-        t.map(0, 0, 0x1000, RW).unwrap();
+        t.map(Iova(0), PhysAddr(0), 0x1000, RW).unwrap();
         w.watch(&t);
         let (before, live) = (raw_words(&t), w.frames.live_blocks());
-        let result = t.map(0x20_0000, 0x1000, 0x60_0000, RW);
+        let result = t.map(Iova(0x20_0000), PhysAddr(0x1000), 0x60_0000, RW);
         assert!(matches!(result, Err(MapError::NoMemory(_))), "{result:?}");
         assert_eq!(
             *w.violations.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
@@ -239,8 +244,8 @@ fn protect_refuses_a_memory_type_change_and_changes_nothing() {
     for stage in [Stage::One, Stage::Two] {
         let mut t = table(stage, Granule::Size4K, 39);
         t.set_bbm_level(2);
-        t.map(0x20_0000, 0x20_0000, 0x20_0000, RW).unwrap();
-        t.map(0x40_0000, 0x40_0000, 0x1000, mmio).unwrap();
+        t.map(Iova(0x20_0000), PhysAddr(0x20_0000), 0x20_0000, RW).unwrap();
+        t.map(Iova(0x40_0000), PhysAddr(0x40_0000), 0x1000, mmio).unwrap();
         let before = raw_words(&t);
         let mut g = Gather::default();
         // Normal WB -> NC or Device, Device -> Normal: all break-before-make, all refused before any change (not
@@ -252,7 +257,7 @@ fn protect_refuses_a_memory_type_change_and_changes_nothing() {
             (0x3f_f000, 0x2000, RW | Prot::EXEC),
         ] {
             assert_eq!(
-                t.protect(iova, size, prot, &mut g),
+                t.protect(Iova(iova), size, prot, &mut g),
                 Err(MapError::BadProt(prot)),
                 "{stage:?} {iova:#x}"
             );
@@ -261,14 +266,20 @@ fn protect_refuses_a_memory_type_change_and_changes_nothing() {
         assert_eq!(raw_words(&t), before, "nothing changed");
         // Permissions alone still change in place, within a memory type.
         assert_eq!(
-            t.protect(0x40_0000, 0x1000, Prot::READ | Prot::MMIO, &mut g),
+            t.protect(Iova(0x40_0000), 0x1000, Prot::READ | Prot::MMIO, &mut g),
             Ok(0x1000)
         );
-        assert_eq!(t.translate(0x40_0000), Some((0x40_0000, Prot::READ | Prot::MMIO)));
+        assert_eq!(
+            t.translate(Iova(0x40_0000)),
+            Some((PhysAddr(0x40_0000), Prot::READ | Prot::MMIO))
+        );
         release(&mut t, g);
         // Both memory flags at once are refused everywhere.
         let both = Prot::READ | Prot::MMIO | Prot::CACHEABLE;
-        assert_eq!(t.map(0x80_0000, 0, 0x1000, both), Err(MapError::BadProt(both)));
+        assert_eq!(
+            t.map(Iova(0x80_0000), PhysAddr(0), 0x1000, both),
+            Err(MapError::BadProt(both))
+        );
     }
 }
 
@@ -277,10 +288,16 @@ fn mappings_without_cacheable_are_normal_non_cacheable_and_mmio_is_device() {
     // Read back from the raw descriptors with the architecture's field positions, not through `desc`.
     for stage in [Stage::One, Stage::Two] {
         let mut t = table(stage, Granule::Size4K, 39);
-        t.map(0x1000, 0x1000, 0x1000, Prot::READ | Prot::WRITE).unwrap();
-        t.map(0x2000, 0x2000, 0x1000, Prot::READ | Prot::WRITE | Prot::MMIO)
+        t.map(Iova(0x1000), PhysAddr(0x1000), 0x1000, Prot::READ | Prot::WRITE)
             .unwrap();
-        t.map(0x3000, 0x3000, 0x1000, RW).unwrap();
+        t.map(
+            Iova(0x2000),
+            PhysAddr(0x2000),
+            0x1000,
+            Prot::READ | Prot::WRITE | Prot::MMIO,
+        )
+        .unwrap();
+        t.map(Iova(0x3000), PhysAddr(0x3000), 0x1000, RW).unwrap();
         let leaves: Vec<u64> = raw_words(&t)
             .into_iter()
             .filter(|&(_, i, d)| d & 3 == 3 && (1..=3).contains(&i) && d & 0xffff_ffff_f000 == (i as u64) << 12)
@@ -314,14 +331,14 @@ fn mappings_without_cacheable_are_normal_non_cacheable_and_mmio_is_device() {
 fn a_split_copies_the_blocks_attribute_bits() {
     let mut t = table(Stage::One, Granule::Size4K, 39);
     t.set_bbm_level(2);
-    t.map(0x20_0000, 0x60_0000, 0x20_0000, RW).unwrap();
+    t.map(Iova(0x20_0000), PhysAddr(0x60_0000), 0x20_0000, RW).unwrap();
     // Give the block a bit no `Prot` stands for (software bit 55, ignored by the walk): a split must keep it.
     let root = t.root_entries()[0].load(Ordering::Relaxed);
     let l2 = desc::address(root);
     let block = t.table_entries(2, l2).unwrap()[1].load(Ordering::Relaxed) | 1 << 55;
     t.table_entries(2, l2).unwrap()[1].store(block, Ordering::Relaxed);
     let mut g = Gather::default();
-    assert_eq!(t.unmap(0x20_0000, 0x1000, &mut g), Ok(0x1000));
+    assert_eq!(t.unmap(Iova(0x20_0000), 0x1000, &mut g), Ok(0x1000));
     let link = t.table_entries(2, l2).unwrap()[1].load(Ordering::Relaxed);
     let l3 = t.table_entries(3, desc::address(link)).unwrap();
     for (j, e) in l3.iter().enumerate().skip(1) {
@@ -334,10 +351,14 @@ fn a_split_copies_the_blocks_attribute_bits() {
 #[test]
 fn el2_stage1_tables_leave_pxn_clear_and_refuse_privileged() {
     let mut t = table(Stage::OneEl2, Granule::Size4K, 39);
-    t.map(0, 0, 0x2000, Prot::READ | Prot::EXEC | Prot::CACHEABLE).unwrap();
-    t.map(0x2000, 0x2000, 0x1000, RW).unwrap();
+    t.map(Iova(0), PhysAddr(0), 0x2000, Prot::READ | Prot::EXEC | Prot::CACHEABLE)
+        .unwrap();
+    t.map(Iova(0x2000), PhysAddr(0x2000), 0x1000, RW).unwrap();
     let privileged = RW | Prot::PRIVILEGED;
-    assert_eq!(t.map(0x4000, 0, 0x1000, privileged), Err(MapError::BadProt(privileged)));
+    assert_eq!(
+        t.map(Iova(0x4000), PhysAddr(0), 0x1000, privileged),
+        Err(MapError::BadProt(privileged))
+    );
     let leaves: Vec<u64> = raw_words(&t)
         .into_iter()
         .filter(|&(_, i, d)| d & 3 == 3 && i < 3 && d & 0xffff_ffff_f000 == (i as u64) << 12)
@@ -354,14 +375,14 @@ fn el2_stage1_tables_leave_pxn_clear_and_refuse_privileged() {
 #[test]
 fn unlinking_an_empty_table_still_gathers_its_span() {
     let mut t = table(Stage::One, Granule::Size4K, 39);
-    t.map(0x20_0000, 0x20_0000, 0x1000, RW).unwrap();
+    t.map(Iova(0x20_0000), PhysAddr(0x20_0000), 0x1000, RW).unwrap();
     // Empty the last-level table behind the table code's back: whatever its contents, the SMMU's walk caches
     // may hold the table, so unlinking it must be invalidated over its span.
     let root = t.root_entries()[0].load(Ordering::Relaxed);
     let link = t.table_entries(2, desc::address(root)).unwrap()[1].load(Ordering::Relaxed);
     t.table_entries(3, desc::address(link)).unwrap()[0].store(0, Ordering::Relaxed);
     let mut g = Gather::default();
-    assert_eq!(t.unmap(0x20_0000, 0x20_0000, &mut g), Ok(0));
+    assert_eq!(t.unmap(Iova(0x20_0000), 0x20_0000, &mut g), Ok(0));
     assert!(g.tables_unlinked);
     assert!(g.start <= 0x20_0000 && g.end >= 0x40_0000, "{g:?}");
     release(&mut t, g);
@@ -415,7 +436,7 @@ fn stage2_walks_from_the_level_s2sl0_names_in_every_granule() {
             let page = 1u64 << g;
             let top = (1u64 << input_bits) - page;
             for (i, iova) in [0, page * 3, 1 << (input_bits - 1), top].into_iter().enumerate() {
-                t.map(iova, (i as u64 + 1) << 32, page, RW).unwrap();
+                t.map(Iova(iova), PhysAddr((i as u64 + 1) << 32), page, RW).unwrap();
             }
             let raw = decode(frames, t.root().0, &independent);
             for (i, iova) in [0, page * 3, 1 << (input_bits - 1), top].into_iter().enumerate() {
@@ -438,22 +459,33 @@ fn an_allocation_failure_at_any_point_changes_nothing() {
     type Step = fn(&mut IoPageTable<&'static Witness>) -> Result<u64, MapError>;
     let empty: Setup = |_| {};
     let populated: Setup = |t| {
-        t.map(0x4000_0000, 0x4000_0000, 1 << 30, RW).unwrap();
-        t.map(0x20_0000, 0x1000, 0x1000, RW).unwrap();
+        t.map(Iova(0x4000_0000), PhysAddr(0x4000_0000), 1 << 30, RW).unwrap();
+        t.map(Iova(0x20_0000), PhysAddr(0x1000), 0x1000, RW).unwrap();
     };
     let steps: [(Setup, Step); 7] = [
         // The single-page path: two new tables below the root, then one.
-        (empty, |t| t.map(0x7f_0000_0000, 0x1000, 0x1000, RW).map(|()| 0)),
-        (populated, |t| {
-            t.map(0x4020_0000 - 0x1000 + (1 << 30), 0x1000, 0x1000, RW).map(|()| 0)
+        (empty, |t| {
+            t.map(Iova(0x7f_0000_0000), PhysAddr(0x1000), 0x1000, RW).map(|()| 0)
         }),
-        (empty, |t| t.map(0x1ff000, 0x1ff000, 0x20_2000, RW).map(|()| 0)),
-        (empty, |t| t.map(0x3fe0_0000, 0x1000, 0x40_0000, RW).map(|()| 0)),
-        (populated, |t| t.map(0x8000_1000, 0x1000, 0x40_0000, RW).map(|()| 0)),
-        (populated, |t| t.unmap(0x4000_1000, 0x3fff_e000, &mut Gather::default())),
+        (populated, |t| {
+            t.map(Iova(0x4020_0000 - 0x1000 + (1 << 30)), PhysAddr(0x1000), 0x1000, RW)
+                .map(|()| 0)
+        }),
+        (empty, |t| {
+            t.map(Iova(0x1ff000), PhysAddr(0x1ff000), 0x20_2000, RW).map(|()| 0)
+        }),
+        (empty, |t| {
+            t.map(Iova(0x3fe0_0000), PhysAddr(0x1000), 0x40_0000, RW).map(|()| 0)
+        }),
+        (populated, |t| {
+            t.map(Iova(0x8000_1000), PhysAddr(0x1000), 0x40_0000, RW).map(|()| 0)
+        }),
+        (populated, |t| {
+            t.unmap(Iova(0x4000_1000), 0x3fff_e000, &mut Gather::default())
+        }),
         (populated, |t| {
             t.protect(
-                0x4010_0000,
+                Iova(0x4010_0000),
                 0x1000,
                 Prot::READ | Prot::CACHEABLE,
                 &mut Gather::default(),

@@ -7,10 +7,10 @@ fn a_single_page_unmap_leaves_its_empty_table_linked_until_a_trim() {
     let w = Witness::new(HeapFrames::default());
     let mut t = IoPageTable::new(format(Stage::One, Granule::Size4K, 39), w, true).unwrap();
     w.watch(&t);
-    t.map(0x4020_3000, 0x9000, 0x1000, RW).unwrap();
+    t.map(Iova(0x4020_3000), PhysAddr(0x9000), 0x1000, RW).unwrap();
     assert_eq!(t.tables(), 3, "root, level 2, level 3");
     let mut g = Gather::default();
-    assert_eq!(t.unmap(0x4020_3000, 0x1000, &mut g), Ok(0x1000));
+    assert_eq!(t.unmap(Iova(0x4020_3000), 0x1000, &mut g), Ok(0x1000));
     assert_eq!(
         (g.start, g.end, g.leaves, g.tables_unlinked),
         (0x4020_3000, 0x4020_4000, 1, false)
@@ -20,10 +20,10 @@ fn a_single_page_unmap_leaves_its_empty_table_linked_until_a_trim() {
     release(&mut t, g);
     // Mapping there again reuses it: no allocation, counts back up.
     let live = w.frames.live_blocks();
-    t.map(0x4020_5000, 0x9000, 0x1000, RW).unwrap();
+    t.map(Iova(0x4020_5000), PhysAddr(0x9000), 0x1000, RW).unwrap();
     assert_eq!((w.frames.live_blocks(), t.empty_tables()), (live, 0));
     let mut g = Gather::default();
-    assert_eq!(t.unmap(0x4020_5000, 0x1000, &mut g), Ok(0x1000));
+    assert_eq!(t.unmap(Iova(0x4020_5000), 0x1000, &mut g), Ok(0x1000));
     w.invalidated();
     release(&mut t, g);
     // The trim unlinks the last-level table and the level-2 table above it, which emptied in turn, into the
@@ -54,16 +54,16 @@ fn the_lazy_free_limit_bounds_the_tables_left_empty() {
     let mut g = Gather::default();
     for k in 0..3u64 {
         let iova = k << 21;
-        t.map(iova, iova, 0x1000, RW).unwrap();
-        t.unmap(iova, 0x1000, &mut g).unwrap();
+        t.map(Iova(iova), PhysAddr(iova), 0x1000, RW).unwrap();
+        t.unmap(Iova(iova), 0x1000, &mut g).unwrap();
     }
     // The third emptied table went over the limit: that unmap trimmed all three (and the level-2 table).
     assert_eq!((t.empty_tables(), g.freed_tables(), t.tables()), (0, 4, 1));
     release(&mut t, g);
     t.set_lazy_free_limit(0);
     let mut g = Gather::default();
-    t.map(0x1000, 0x1000, 0x1000, RW).unwrap();
-    t.unmap(0x1000, 0x1000, &mut g).unwrap();
+    t.map(Iova(0x1000), PhysAddr(0x1000), 0x1000, RW).unwrap();
+    t.unmap(Iova(0x1000), 0x1000, &mut g).unwrap();
     assert_eq!((t.empty_tables(), g.freed_tables()), (0, 2), "limit 0: freed at once");
     release(&mut t, g);
 }
@@ -73,15 +73,15 @@ fn an_unmap_without_trim_leaves_emptied_tables_for_the_callers_own_trim() {
     let mut t = table(Stage::Two, Granule::Size4K, 40);
     t.set_lazy_free_limit(0);
     for k in 1..3u64 {
-        t.map(k << 21, k << 21, 0x1000, RW).unwrap();
+        t.map(Iova(k << 21), PhysAddr(k << 21), 0x1000, RW).unwrap();
     }
-    t.map(0, 0, 0x1000, RW).unwrap();
+    t.map(Iova(0), PhysAddr(0), 0x1000, RW).unwrap();
     let mut g = Gather::default();
     // Past the limit, a single page and a range elsewhere: neither gathers a trim.
-    t.unmap_without_trim(1 << 21, 0x1000, &mut g).unwrap();
+    t.unmap_without_trim(Iova(1 << 21), 0x1000, &mut g).unwrap();
     assert_eq!((g.freed_tables(), t.empty_tables(), t.trim_due()), (0, 1, true));
     let mut range = Gather::default();
-    t.unmap_without_trim(2 << 21, 0x2000, &mut range).unwrap();
+    t.unmap_without_trim(Iova(2 << 21), 0x2000, &mut range).unwrap();
     assert_eq!(range.freed_tables(), 1, "only the table the range emptied");
     assert_eq!((range.start(), range.end()), (2 << 21, 3 << 21), "{range:?}");
     assert_eq!(t.empty_tables(), 1, "the table emptied before is still linked");
@@ -97,15 +97,15 @@ fn an_unmap_without_trim_leaves_emptied_tables_for_the_callers_own_trim() {
 fn a_range_unmap_trims_and_a_range_map_fills_an_emptied_table_instead_of_covering_it() {
     let frames: &'static HeapFrames = std::boxed::Box::leak(std::boxed::Box::default());
     let mut t = IoPageTable::new(format(Stage::One, Granule::Size4K, 39), frames, true).unwrap();
-    t.map(0x20_0000, 0x20_0000, 0x1000, RW).unwrap();
+    t.map(Iova(0x20_0000), PhysAddr(0x20_0000), 0x1000, RW).unwrap();
     let mut g = Gather::default();
-    t.unmap(0x20_0000, 0x1000, &mut g).unwrap();
+    t.unmap(Iova(0x20_0000), 0x1000, &mut g).unwrap();
     release(&mut t, g);
     assert_eq!(t.empty_tables(), 1);
     // A 2 MiB-aligned range over the emptied table: no block may replace the linked table (that would need an
     // invalidation map cannot issue), so its pages go into the table, which is now full.
     let live = frames.live_blocks();
-    t.map(0x20_0000, 0x4000_0000, 0x40_0000, RW).unwrap();
+    t.map(Iova(0x20_0000), PhysAddr(0x4000_0000), 0x40_0000, RW).unwrap();
     assert_eq!(
         (t.empty_tables(), frames.live_blocks()),
         (0, live),
@@ -127,10 +127,10 @@ fn a_range_unmap_trims_and_a_range_map_fills_an_emptied_table_instead_of_coverin
     let _ = leaves(frames, t.root().0, t.geometry());
     // A range unmap elsewhere trims what single-page unmaps emptied.
     let mut g = Gather::default();
-    t.map(0x4000_0000, 0, 0x1000, RW).unwrap();
-    t.unmap(0x4000_0000, 0x1000, &mut g).unwrap();
+    t.map(Iova(0x4000_0000), PhysAddr(0), 0x1000, RW).unwrap();
+    t.unmap(Iova(0x4000_0000), 0x1000, &mut g).unwrap();
     assert_eq!(t.empty_tables(), 1);
-    assert_eq!(t.unmap(0x20_0000, 0x2000, &mut g), Ok(0x2000));
+    assert_eq!(t.unmap(Iova(0x20_0000), 0x2000, &mut g), Ok(0x2000));
     assert_eq!(t.empty_tables(), 0);
     assert_eq!(g.freed_tables(), 2, "the emptied table and its level-2 table");
     release(&mut t, g);
@@ -140,10 +140,10 @@ fn a_range_unmap_trims_and_a_range_map_fills_an_emptied_table_instead_of_coverin
 fn recount_rebuilds_counts_marks_and_the_waiting_tables() {
     let frames: &'static HeapFrames = std::boxed::Box::leak(std::boxed::Box::default());
     let mut t = IoPageTable::new(format(Stage::One, Granule::Size4K, 39), frames, true).unwrap();
-    t.map(0x20_0000, 0x1000, 0x40_0000, RW).unwrap();
-    t.map(0x4000_0000, 0, 0x1000, RW).unwrap();
+    t.map(Iova(0x20_0000), PhysAddr(0x1000), 0x40_0000, RW).unwrap();
+    t.map(Iova(0x4000_0000), PhysAddr(0), 0x1000, RW).unwrap();
     let mut g = Gather::default();
-    t.unmap(0x4000_0000, 0x1000, &mut g).unwrap();
+    t.unmap(Iova(0x4000_0000), 0x1000, &mut g).unwrap();
     release(&mut t, g);
     let expected = raw_words(&t);
     // Tables written by code that kept no counts: every table descriptor's software bits cleared.
@@ -174,8 +174,8 @@ fn recount_rebuilds_counts_marks_and_the_waiting_tables() {
 fn recount_refuses_a_table_the_allocator_cannot_reach() {
     let frames: &'static HeapFrames = std::boxed::Box::leak(std::boxed::Box::default());
     let mut t = IoPageTable::new(format(Stage::One, Granule::Size4K, 39), frames, true).unwrap();
-    t.map(0x20_0000, 0x1000, 0x40_0000, RW).unwrap();
-    t.map(0x4000_0000, 0x80_0000, 0x1000, RW).unwrap();
+    t.map(Iova(0x20_0000), PhysAddr(0x1000), 0x40_0000, RW).unwrap();
+    t.map(Iova(0x4000_0000), PhysAddr(0x80_0000), 0x1000, RW).unwrap();
     // The last-level table of 0x4000_0000 moved (by other code) to memory this allocator does not know.
     let root = t.root().0;
     let l1 = t.table_entries(1, root).unwrap()[1].load(Ordering::Relaxed);
@@ -205,7 +205,7 @@ fn recount_refuses_a_table_the_allocator_cannot_reach() {
     let adopted = IoPageTable::adopt(*t.format(), PhysAddr(root), frames, true, None);
     assert_eq!(adopted.err(), Some(MapError::NotAdoptable(PhysAddr(stray))));
     // The refused adoption freed none of the tables it did not take.
-    assert_eq!(t.iova_to_phys(0x20_0000), Some(0x1000));
+    assert_eq!(t.iova_to_phys(Iova(0x20_0000)), Some(PhysAddr(0x1000)));
     t.table_entries(2, desc::address(l1)).unwrap()[0].store(original, Ordering::Relaxed);
 }
 
@@ -225,15 +225,16 @@ fn single_pages_in_every_granule_keep_counts_through_a_full_table() {
         let what = std::format!("{stage:?} {granule:?} {bits}");
         // A full last-level table (count 512, 2048 or 8192: the 64 KiB count needs the high bits), written by the
         // range path with the output one page off so no block fits.
-        t.map(span, span + page, span, RW).unwrap();
+        t.map(Iova(span), PhysAddr(span + page), span, RW).unwrap();
         let mut g0 = Gather::default();
         // Single pages out of it, then back in, then all out one by one.
-        assert_eq!(t.unmap(span + 3 * page, page, &mut g0), Ok(page), "{what}");
+        assert_eq!(t.unmap(Iova(span + 3 * page), page, &mut g0), Ok(page), "{what}");
         let _ = leaves(frames, t.root().0, &g);
-        t.map(span + 3 * page, span + 4 * page, page, RW).unwrap();
+        t.map(Iova(span + 3 * page), PhysAddr(span + 4 * page), page, RW)
+            .unwrap();
         let _ = leaves(frames, t.root().0, &g);
         for k in 0..span / page {
-            assert_eq!(t.unmap(span + k * page, page, &mut g0), Ok(page), "{what}");
+            assert_eq!(t.unmap(Iova(span + k * page), page, &mut g0), Ok(page), "{what}");
         }
         assert_eq!(t.empty_tables(), 1, "{what}");
         let _ = leaves(frames, t.root().0, &g);
@@ -257,18 +258,24 @@ fn an_adopted_table_translates_as_before_and_keeps_its_counts() {
     let f = format(Stage::One, Granule::Size4K, 39);
     let mut old = IoPageTable::new(f, frames, true).unwrap();
     let rw = Prot::READ | Prot::WRITE | Prot::CACHEABLE;
-    old.map(0x4000_0000, 0x8000_0000, 0x40_0000, rw).unwrap();
+    old.map(Iova(0x4000_0000), PhysAddr(0x8000_0000), 0x40_0000, rw)
+        .unwrap();
     for page in 0..8 {
-        old.map(0x1000_0000 + page * 0x1000, 0x9000_0000 + page * 0x1000, 0x1000, rw)
-            .unwrap();
+        old.map(
+            Iova(0x1000_0000 + page * 0x1000),
+            PhysAddr(0x9000_0000 + page * 0x1000),
+            0x1000,
+            rw,
+        )
+        .unwrap();
     }
     // Single-page unmaps empty one last-level table, left linked for a trim.
     for page in 0..8 {
         let mut g = Gather::default();
-        old.unmap(0x1000_0000 + page * 0x1000, 0x1000, &mut g).unwrap();
+        old.unmap(Iova(0x1000_0000 + page * 0x1000), 0x1000, &mut g).unwrap();
         release(&mut old, g);
     }
-    old.map(0x2000_0000, 0xa000_0000, 0x1000, rw).unwrap();
+    old.map(Iova(0x2000_0000), PhysAddr(0xa000_0000), 0x1000, rw).unwrap();
     let counts = AdoptedCounts {
         tables: old.tables(),
         empty: old.empty_tables(),
@@ -277,7 +284,7 @@ fn an_adopted_table_translates_as_before_and_keeps_its_counts() {
     let root = old.root();
     let before: Vec<_> = [0x4000_0000u64, 0x403f_f000, 0x1000_0000, 0x2000_0000]
         .iter()
-        .map(|&iova| old.iova_to_phys(iova))
+        .map(|&iova| old.iova_to_phys(Iova(iova)))
         .collect();
     let raw = raw_words(&old);
     // The old image is gone without freeing anything.
@@ -298,15 +305,17 @@ fn an_adopted_table_translates_as_before_and_keeps_its_counts() {
     let mut adopted = IoPageTable::adopt(f, root, frames, true, Some(counts)).unwrap();
     let after: Vec<_> = [0x4000_0000u64, 0x403f_f000, 0x1000_0000, 0x2000_0000]
         .iter()
-        .map(|&iova| adopted.iova_to_phys(iova))
+        .map(|&iova| adopted.iova_to_phys(Iova(iova)))
         .collect();
     assert_eq!(after, before);
     // It keeps working: the emptied table trims, new mappings land, unmaps free.
     let mut g = Gather::default();
     assert_eq!(adopted.trim(&mut g).unwrap(), 1);
     release(&mut adopted, g);
-    adopted.map(0x3000_0000, 0xb000_0000, 0x1000, rw).unwrap();
-    assert_eq!(adopted.iova_to_phys(0x3000_0000), Some(0xb000_0000));
+    adopted
+        .map(Iova(0x3000_0000), PhysAddr(0xb000_0000), 0x1000, rw)
+        .unwrap();
+    assert_eq!(adopted.iova_to_phys(Iova(0x3000_0000)), Some(PhysAddr(0xb000_0000)));
     // A root the allocator does not reach, or misaligned, is refused.
     assert!(matches!(
         IoPageTable::adopt(f, PhysAddr(0x1000), frames, true, None),
@@ -326,8 +335,8 @@ fn a_recounted_empty_level_2_table_leaves_the_waiting_count_when_it_fills() {
     for single_page in [true, false] {
         let w = Witness::new(HeapFrames::default());
         let mut t = IoPageTable::new(format(Stage::One, Granule::Size4K, 39), w, true).unwrap();
-        t.map(0x4000_0000, 0x1000, 0x1000, RW).unwrap();
-        t.map(0x8000_0000, 0x2000, 0x1000, RW).unwrap();
+        t.map(Iova(0x4000_0000), PhysAddr(0x1000), 0x1000, RW).unwrap();
+        t.map(Iova(0x8000_0000), PhysAddr(0x2000), 0x1000, RW).unwrap();
         // What other code left: the level-2 table of 1 GiB keeps no entry (its last-level table freed), and no
         // descriptor carries software bits.
         let root = t.root_entries();
@@ -354,9 +363,9 @@ fn a_recounted_empty_level_2_table_leaves_the_waiting_count_when_it_fills() {
         assert_eq!((t.empty_tables() as usize, t.tables()), (linked(&t), 4));
         // Mapping into the empty level-2 table: it is no longer empty, and nothing else is.
         if single_page {
-            t.map(0x4000_0000, 0x3000, 0x1000, RW).unwrap();
+            t.map(Iova(0x4000_0000), PhysAddr(0x3000), 0x1000, RW).unwrap();
         } else {
-            t.map(0x4000_0000, 0x3000, 0x2000, RW).unwrap();
+            t.map(Iova(0x4000_0000), PhysAddr(0x3000), 0x2000, RW).unwrap();
         }
         assert_eq!(linked(&t), 0);
         assert_eq!(t.empty_tables(), 0, "single page: {single_page}");
@@ -377,15 +386,15 @@ fn a_single_page_map_without_protection_is_refused() {
         let check = |t: &mut IoPageTable<&Witness>| {
             let (before, live) = (raw_words(t), w.frames.live_blocks());
             assert_eq!(
-                t.map(0x4000_3000, 0x8000, 0x1000, Prot::empty()),
+                t.map(Iova(0x4000_3000), PhysAddr(0x8000), 0x1000, Prot::empty()),
                 Err(MapError::BadProt(Prot::empty())),
                 "{stage:?}"
             );
             assert!(raw_words(t) == before, "{stage:?}: a refused map changes nothing");
-            assert_eq!((w.frames.live_blocks(), t.translate(0x4000_3000)), (live, None));
+            assert_eq!((w.frames.live_blocks(), t.translate(Iova(0x4000_3000))), (live, None));
         };
         check(&mut t);
-        t.map(0x1000, 0x1000, 0x1000, RW).unwrap();
+        t.map(Iova(0x1000), PhysAddr(0x1000), 0x1000, RW).unwrap();
         check(&mut t);
         let (root, counts) = (
             t.root(),
@@ -470,21 +479,22 @@ fn a_table_at_physical_address_zero_is_released_like_any_other() {
             zero: std::sync::Mutex::new(None),
         }));
         let mut t = IoPageTable::new(format(Stage::One, Granule::Size4K, 39), frames, true).unwrap();
-        t.map(0x4000_0000, 0x1000, 0x1000, RW).unwrap();
+        t.map(Iova(0x4000_0000), PhysAddr(0x1000), 0x1000, RW).unwrap();
         assert_eq!(desc::address(t.root_entries()[1].load(Ordering::Relaxed)), 0);
-        assert_eq!(t.translate(0x4000_0000), Some((0x1000, RW)));
+        assert_eq!(t.translate(Iova(0x4000_0000)), Some((PhysAddr(0x1000), RW)));
         let mut g = Gather::default();
         match how {
             "trim" => {
-                t.unmap(0x4000_0000, 0x1000, &mut g).unwrap();
+                t.unmap(Iova(0x4000_0000), 0x1000, &mut g).unwrap();
                 assert_eq!(t.trim(&mut g).unwrap(), 2);
             }
             "unmap" => {
-                assert_eq!(t.unmap(0x4000_0000, 0x2000, &mut g), Ok(0x1000));
+                assert_eq!(t.unmap(Iova(0x4000_0000), 0x2000, &mut g), Ok(0x1000));
             }
             _ => {
-                t.map(0x4000_0000 + (1 << 21), 0x1000, 0x1000, RW).unwrap();
-                assert_eq!(t.unmap(0x4000_0000, 1 << 30, &mut g), Ok(0x2000));
+                t.map(Iova(0x4000_0000 + (1 << 21)), PhysAddr(0x1000), 0x1000, RW)
+                    .unwrap();
+                assert_eq!(t.unmap(Iova(0x4000_0000), 1 << 30, &mut g), Ok(0x2000));
             }
         }
         assert_eq!(t.tables(), 1, "{how}");

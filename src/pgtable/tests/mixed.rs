@@ -183,7 +183,7 @@ pub(super) fn run_mixed(shape: (Stage, Granule, u8), top: bool, split_blocks: bo
                 let out = (((at * 7919) & !align) + u64::from(skew)) % ((1 << 32) / page * 64);
                 let prot = PROTS[prot];
                 let overlaps = model.range(at..at + pages).next().is_some();
-                let result = t.map(at * page, out * page, pages * page, prot);
+                let result = t.map(Iova(at * page), PhysAddr(out * page), pages * page, prot);
                 if overlaps {
                     assert!(matches!(result, Err(MapError::Overlap { .. })), "{what}: {result:?}");
                     assert!(raw_words(&t) == before, "{what}: a refused map changes nothing");
@@ -205,7 +205,7 @@ pub(super) fn run_mixed(shape: (Stage, Granule, u8), top: bool, split_blocks: bo
                     let before = if armed { raw_words(&t) } else { Vec::new() };
                     let (live, tables) = (w.frames.live_blocks(), t.tables());
                     let out = (p ^ 0x5a) % ((1 << 32) / page * 64);
-                    match t.map(p * page, out * page, page, prot) {
+                    match t.map(Iova(p * page), PhysAddr(out * page), page, prot) {
                         Ok(()) => {
                             model.insert(p, (out, prot));
                         }
@@ -223,7 +223,7 @@ pub(super) fn run_mixed(shape: (Stage, Granule, u8), top: bool, split_blocks: bo
                 let expected = model.range(at..at + pages).count() as u64 * page;
                 let cut = cuts(at, pages);
                 let mut gather = Gather::default();
-                let result = t.unmap(at * page, pages * page, &mut gather);
+                let result = t.unmap(Iova(at * page), pages * page, &mut gather);
                 if cut && !split {
                     assert!(
                         matches!(result, Err(MapError::WouldSplitBlock { .. })),
@@ -255,7 +255,7 @@ pub(super) fn run_mixed(shape: (Stage, Granule, u8), top: bool, split_blocks: bo
                     let before = if armed { raw_words(&t) } else { Vec::new() };
                     let (live, tables) = (w.frames.live_blocks(), t.tables());
                     let mut gather = Gather::default();
-                    let result = t.unmap(p * page, page, &mut gather);
+                    let result = t.unmap(Iova(p * page), page, &mut gather);
                     if matches!(result, Err(MapError::NoMemory(_))) {
                         // Splitting the block that holds it failed: nothing changed.
                         assert!(armed && in_block(p), "{what}");
@@ -282,7 +282,7 @@ pub(super) fn run_mixed(shape: (Stage, Granule, u8), top: bool, split_blocks: bo
                 let other_type = touched.iter().any(|k| memory(model[k].1) != memory(prot));
                 let cut = cuts(at, pages);
                 let mut gather = Gather::default();
-                let result = t.protect(at * page, pages * page, prot, &mut gather);
+                let result = t.protect(Iova(at * page), pages * page, prot, &mut gather);
                 if other_type || (cut && !split) {
                     assert!(result.is_err(), "{what}: {result:?}");
                     assert!(raw_words(&t) == before, "{what}: a refused protect changes nothing");
@@ -372,7 +372,7 @@ pub(super) fn run_mixed(shape: (Stage, Granule, u8), top: bool, split_blocks: bo
     }
     w.fail_in.store(usize::MAX, std::sync::atomic::Ordering::Relaxed);
     let mut gather = Gather::default();
-    t.unmap(0, 1 << bits, &mut gather).unwrap();
+    t.unmap(Iova(0), 1 << bits, &mut gather).unwrap();
     w.invalidated();
     release(&mut t, gather);
     assert_eq!(t.tables(), 1, "{what}: only the root is left");
@@ -429,10 +429,10 @@ fn a_gather_is_refused_by_every_table_but_the_one_that_filled_it() {
     let frames: &'static HeapFrames = std::boxed::Box::leak(std::boxed::Box::default());
     let mut a = IoPageTable::new(format(Stage::One, Granule::Size4K, 39), frames, true).unwrap();
     let mut b = IoPageTable::new(format(Stage::One, Granule::Size4K, 39), frames, true).unwrap();
-    a.map(0x20_0000, 0x8000_0000, 0x2000, RW).unwrap();
-    b.map(0x20_0000, 0x9000_0000, 0x2000, RW).unwrap();
+    a.map(Iova(0x20_0000), PhysAddr(0x8000_0000), 0x2000, RW).unwrap();
+    b.map(Iova(0x20_0000), PhysAddr(0x9000_0000), 0x2000, RW).unwrap();
     let mut g = Gather::default();
-    assert_eq!(a.unmap(0x20_0000, 0x2000, &mut g), Ok(0x2000));
+    assert_eq!(a.unmap(Iova(0x20_0000), 0x2000, &mut g), Ok(0x2000));
     assert_eq!(g.freed_tables(), 2, "a's last-level and level-2 tables, unlinked");
     assert_eq!(g.owner(), Some(a.id()));
     let live = frames.live_blocks();
@@ -441,10 +441,14 @@ fn a_gather_is_refused_by_every_table_but_the_one_that_filled_it() {
         owner: a.id(),
         table: b.id(),
     };
-    assert_eq!(b.unmap(0x20_0000, 0x1000, &mut g), Err(foreign));
-    assert_eq!(b.protect(0x20_0000, 0x1000, Prot::READ, &mut g), Err(foreign));
+    assert_eq!(b.unmap(Iova(0x20_0000), 0x1000, &mut g), Err(foreign));
+    assert_eq!(b.protect(Iova(0x20_0000), 0x1000, Prot::READ, &mut g), Err(foreign));
     assert_eq!(b.trim(&mut g), Err(foreign));
-    assert_eq!(b.iova_to_phys(0x20_0000), Some(0x9000_0000), "b unchanged");
+    assert_eq!(
+        b.iova_to_phys(Iova(0x20_0000)),
+        Some(PhysAddr(0x9000_0000)),
+        "b unchanged"
+    );
     let mut into = Gather::default();
     let refused = b.merge(&mut into, g).unwrap_err();
     assert!(into.is_empty() && into.owner().is_none(), "nothing merged");
@@ -462,7 +466,7 @@ fn a_gather_is_refused_by_every_table_but_the_one_that_filled_it() {
     assert_eq!(frames.live_blocks(), live - 2);
     // An unused gather is anyone's until its first use.
     let mut g = Gather::default();
-    b.unmap(0x20_0000, 0x1000, &mut g).unwrap();
+    b.unmap(Iova(0x20_0000), 0x1000, &mut g).unwrap();
     assert_eq!(g.owner(), Some(b.id()));
     assert_ne!(a.id(), b.id());
 }
@@ -471,7 +475,7 @@ fn a_gather_is_refused_by_every_table_but_the_one_that_filled_it() {
 fn a_misaligned_output_address_is_reported_as_the_output() {
     let mut t = table(Stage::One, Granule::Size4K, 39);
     // Range path (two pages), then the single-page path once its protection is known.
-    let range = t.map(0x1000, 0x8000_0800, 0x2000, RW);
+    let range = t.map(Iova(0x1000), PhysAddr(0x8000_0800), 0x2000, RW);
     assert_eq!(
         range,
         Err(MapError::UnalignedOutput {
@@ -479,8 +483,8 @@ fn a_misaligned_output_address_is_reported_as_the_output() {
             size: 0x2000
         })
     );
-    t.map(0x10_0000, 0x8000_0000, 0x1000, RW).unwrap();
-    let page = t.map(0x1000, 0x8000_0800, 0x1000, RW);
+    t.map(Iova(0x10_0000), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
+    let page = t.map(Iova(0x1000), PhysAddr(0x8000_0800), 0x1000, RW);
     assert_eq!(
         page,
         Err(MapError::UnalignedOutput {
@@ -488,5 +492,5 @@ fn a_misaligned_output_address_is_reported_as_the_output() {
             size: 0x1000
         })
     );
-    assert_eq!(t.iova_to_phys(0x1000), None);
+    assert_eq!(t.iova_to_phys(Iova(0x1000)), None);
 }

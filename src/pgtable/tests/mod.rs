@@ -107,19 +107,20 @@ fn table(stage: Stage, granule: Granule, bits: u8) -> IoPageTable<&'static HeapF
 fn blocks_are_used_where_alignment_allows() {
     let mut t = table(Stage::One, Granule::Size4K, 39);
     // 1 GiB + 2 MiB + 4 KiB, all aligned: one 1 GiB block, one 2 MiB block, one page.
-    t.map(0x4000_0000, 0x8000_0000, 0x4020_1000, RW).unwrap();
+    t.map(Iova(0x4000_0000), PhysAddr(0x8000_0000), 0x4020_1000, RW)
+        .unwrap();
     let mut sizes = Vec::new();
     t.walk(|m| sizes.push(m.size));
     assert_eq!(sizes, [1 << 30, 1 << 21, 1 << 12]);
     assert_eq!(
-        t.iova_to_phys(0x4000_0000 + 0x1234_5678),
-        Some(0x8000_0000 + 0x1234_5678)
+        t.iova_to_phys(Iova(0x4000_0000 + 0x1234_5678)),
+        Some(PhysAddr(0x8000_0000 + 0x1234_5678))
     );
-    assert_eq!(t.iova_to_phys(0x8020_0fff), Some(0xc020_0fff));
-    assert_eq!(t.iova_to_phys(0x8020_1000), None);
+    assert_eq!(t.iova_to_phys(Iova(0x8020_0fff)), Some(PhysAddr(0xc020_0fff)));
+    assert_eq!(t.iova_to_phys(Iova(0x8020_1000)), None);
     // Misaligned output: pages only.
     let mut t = table(Stage::Two, Granule::Size4K, 40);
-    t.map(0x20_0000, 0x1000, 0x20_0000, RW).unwrap();
+    t.map(Iova(0x20_0000), PhysAddr(0x1000), 0x20_0000, RW).unwrap();
     let mut n = 0;
     t.walk(|m| {
         assert_eq!(m.size, 4096);
@@ -131,35 +132,35 @@ fn blocks_are_used_where_alignment_allows() {
 #[test]
 fn bad_inputs_change_nothing() {
     let mut t = table(Stage::One, Granule::Size4K, 39);
-    t.map(0x10_0000, 0x10_0000, 0x2000, RW).unwrap();
+    t.map(Iova(0x10_0000), PhysAddr(0x10_0000), 0x2000, RW).unwrap();
     let tables = t.tables();
     assert_eq!(
-        t.map(0x1800, 0, 0x1000, RW),
+        t.map(Iova(0x1800), PhysAddr(0), 0x1000, RW),
         Err(MapError::Unaligned {
             iova: 0x1800,
             size: 0x1000
         })
     );
     assert_eq!(
-        t.map(0x1000, 0, 0, RW),
+        t.map(Iova(0x1000), PhysAddr(0), 0, RW),
         Err(MapError::Unaligned { iova: 0x1000, size: 0 })
     );
     assert_eq!(
-        t.map(0x1000, 0x800, 0x1000, RW),
+        t.map(Iova(0x1000), PhysAddr(0x800), 0x1000, RW),
         Err(MapError::UnalignedOutput {
             pa: 0x800,
             size: 0x1000
         })
     );
     assert_eq!(
-        t.map((1 << 39) - 0x1000, 0, 0x2000, RW),
+        t.map(Iova((1 << 39) - 0x1000), PhysAddr(0), 0x2000, RW),
         Err(MapError::InputOutOfRange {
             iova: (1 << 39) - 0x1000,
             size: 0x2000
         })
     );
     assert_eq!(
-        t.map(0, 1 << 44, 0x1000, RW),
+        t.map(Iova(0), PhysAddr(1 << 44), 0x1000, RW),
         Err(MapError::OutputOutOfRange {
             pa: 1 << 44,
             size: 0x1000
@@ -167,28 +168,31 @@ fn bad_inputs_change_nothing() {
     );
     // The whole output range must fit, not only its start.
     assert_eq!(
-        t.map(0, (1 << 44) - 0x1000, 0x2000, RW),
+        t.map(Iova(0), PhysAddr((1 << 44) - 0x1000), 0x2000, RW),
         Err(MapError::OutputOutOfRange {
             pa: (1 << 44) - 0x1000,
             size: 0x2000
         })
     );
-    assert_eq!(t.map(0, 0, 0x1000, Prot::WRITE), Err(MapError::BadProt(Prot::WRITE)));
     assert_eq!(
-        t.map(0xf_f000, 0, 0x2000, RW),
+        t.map(Iova(0), PhysAddr(0), 0x1000, Prot::WRITE),
+        Err(MapError::BadProt(Prot::WRITE))
+    );
+    assert_eq!(
+        t.map(Iova(0xf_f000), PhysAddr(0), 0x2000, RW),
         Err(MapError::Overlap { iova: 0x10_0000 })
     );
     assert_eq!(t.tables(), tables);
     let mut g = Gather::default();
     assert_eq!(
-        t.unmap(0x10_0800, 0x1000, &mut g),
+        t.unmap(Iova(0x10_0800), 0x1000, &mut g),
         Err(MapError::Unaligned {
             iova: 0x10_0800,
             size: 0x1000
         })
     );
     assert!(g.is_empty());
-    assert_eq!(t.iova_to_phys(0x10_1000), Some(0x10_1000));
+    assert_eq!(t.iova_to_phys(Iova(0x10_1000)), Some(PhysAddr(0x10_1000)));
 }
 
 #[test]
@@ -196,11 +200,11 @@ fn no_memory_for_tables_changes_nothing() {
     let frames: &'static HeapFrames = std::boxed::Box::leak(std::boxed::Box::new(HeapFrames::with_limit(3 * 4096)));
     let mut t = IoPageTable::new(format(Stage::One, Granule::Size4K, 39), frames, true).unwrap();
     // Root + level 2 + level 3 fit; a second level-3 table does not.
-    t.map(0, 0, 0x1000, RW).unwrap();
-    let error = t.map(0x1ff000, 0x1ff000, 0x2000, RW);
+    t.map(Iova(0), PhysAddr(0), 0x1000, RW).unwrap();
+    let error = t.map(Iova(0x1ff000), PhysAddr(0x1ff000), 0x2000, RW);
     assert!(matches!(error, Err(MapError::NoMemory(_))), "{error:?}");
-    assert_eq!(t.iova_to_phys(0x1ff000), None, "the part that fitted was undone");
-    assert_eq!(t.iova_to_phys(0), Some(0));
+    assert_eq!(t.iova_to_phys(Iova(0x1ff000)), None, "the part that fitted was undone");
+    assert_eq!(t.iova_to_phys(Iova(0)), Some(PhysAddr(0)));
 }
 
 #[test]
@@ -208,20 +212,20 @@ fn partial_unmap_splits_a_block_and_empty_tables_are_released_after_invalidation
     let frames: &'static HeapFrames = std::boxed::Box::leak(std::boxed::Box::default());
     let mut t = IoPageTable::new(format(Stage::Two, Granule::Size4K, 40), frames, true).unwrap();
     t.set_bbm_level(2);
-    t.map(0x4000_0000, 0x4000_0000, 1 << 30, RW).unwrap();
+    t.map(Iova(0x4000_0000), PhysAddr(0x4000_0000), 1 << 30, RW).unwrap();
     assert_eq!(t.tables(), 1, "one 1 GiB block in the root");
     let mut g = Gather::default();
-    assert_eq!(t.unmap(0x4000_1000, 0x1000, &mut g), Ok(0x1000));
+    assert_eq!(t.unmap(Iova(0x4000_1000), 0x1000, &mut g), Ok(0x1000));
     assert_eq!(t.tables(), 3, "split into a level-2 and a level-3 table");
-    assert_eq!(t.iova_to_phys(0x4000_0fff), Some(0x4000_0fff));
-    assert_eq!(t.iova_to_phys(0x4000_1000), None);
-    assert_eq!(t.iova_to_phys(0x4000_2000), Some(0x4000_2000));
-    assert_eq!(t.iova_to_phys(0x7fff_f000), Some(0x7fff_f000));
+    assert_eq!(t.iova_to_phys(Iova(0x4000_0fff)), Some(PhysAddr(0x4000_0fff)));
+    assert_eq!(t.iova_to_phys(Iova(0x4000_1000)), None);
+    assert_eq!(t.iova_to_phys(Iova(0x4000_2000)), Some(PhysAddr(0x4000_2000)));
+    assert_eq!(t.iova_to_phys(Iova(0x7fff_f000)), Some(PhysAddr(0x7fff_f000)));
     assert!(g.start <= 0x4000_1000 && g.end >= 0x4000_2000);
     release(&mut t, g);
     // Unmap everything: all tables below the root are collected, freed only on release.
     let mut g = Gather::default();
-    assert_eq!(t.unmap(0x4000_0000, 1 << 30, &mut g), Ok((1 << 30) - 0x1000));
+    assert_eq!(t.unmap(Iova(0x4000_0000), 1 << 30, &mut g), Ok((1 << 30) - 0x1000));
     assert_eq!((g.freed_tables(), g.tables_unlinked), (2, true));
     let live = frames.live_blocks();
     release(&mut t, g);
@@ -235,7 +239,7 @@ fn full_last_level_tables_are_counted_without_reading_and_freed_as_one_subtree()
     let frames: &'static HeapFrames = std::boxed::Box::leak(std::boxed::Box::default());
     let mut t = IoPageTable::new(format(Stage::One, Granule::Size4K, 39), frames, true).unwrap();
     // 4 MiB of pages (the output is only page-aligned, so no blocks): two last-level tables filled by `map`.
-    t.map(0x20_0000, 0x1000, 0x40_0000, RW).unwrap();
+    t.map(Iova(0x20_0000), PhysAddr(0x1000), 0x40_0000, RW).unwrap();
     let level2 = |t: &IoPageTable<&'static HeapFrames>, index: usize| {
         let root = t.root_entries()[0].load(Ordering::Relaxed);
         let l2 = t.table_entries(2, desc::address(root)).unwrap();
@@ -245,11 +249,11 @@ fn full_last_level_tables_are_counted_without_reading_and_freed_as_one_subtree()
     assert_ne!(level2(&t, 2) & desc::SW_TABLE_FULL, 0);
     // Protecting keeps every page valid, so the mark stays; removing one page drops it first.
     let mut g = Gather::default();
-    t.protect(0x20_0000, 0x1000, Prot::READ | Prot::CACHEABLE, &mut g)
+    t.protect(Iova(0x20_0000), 0x1000, Prot::READ | Prot::CACHEABLE, &mut g)
         .unwrap();
     assert_ne!(level2(&t, 1) & desc::SW_TABLE_FULL, 0);
     let mut g = Gather::default();
-    assert_eq!(t.unmap(0x30_0000, 0x1000, &mut g), Ok(0x1000));
+    assert_eq!(t.unmap(Iova(0x30_0000), 0x1000, &mut g), Ok(0x1000));
     assert_eq!(level2(&t, 1) & desc::SW_TABLE_FULL, 0, "no longer full");
     assert_ne!(level2(&t, 2) & desc::SW_TABLE_FULL, 0, "the other table is untouched");
     release(&mut t, g);
@@ -258,13 +262,13 @@ fn full_last_level_tables_are_counted_without_reading_and_freed_as_one_subtree()
     let tables = t.tables();
     let live = frames.live_blocks();
     let mut g = Gather::default();
-    assert_eq!(t.unmap(0, 1 << 30, &mut g), Ok(0x40_0000 - 0x1000));
+    assert_eq!(t.unmap(Iova(0), 1 << 30, &mut g), Ok(0x40_0000 - 0x1000));
     assert_eq!((g.freed_tables(), g.leaf_shift), (3, 12));
     assert_eq!(t.tables(), tables - 3);
     assert_eq!(frames.live_blocks(), live, "nothing is freed before the invalidation");
     release(&mut t, g);
     assert_eq!(frames.live_blocks(), live - 3);
-    assert_eq!(t.iova_to_phys(0x20_0000), None);
+    assert_eq!(t.iova_to_phys(Iova(0x20_0000)), None);
     drop(t);
     assert_eq!(frames.live_blocks(), 0);
 }
@@ -277,11 +281,11 @@ fn a_failed_map_undoes_the_full_tables_it_linked() {
         let frames: &'static HeapFrames =
             std::boxed::Box::leak(std::boxed::Box::new(HeapFrames::with_limit(frames_allowed * 4096)));
         let mut t = IoPageTable::new(format(Stage::One, Granule::Size4K, 39), frames, true).unwrap();
-        t.map(0, 0, 0x1000, RW).unwrap();
-        let result = t.map(0x20_0000, 0x1000, 0x60_0000, RW);
+        t.map(Iova(0), PhysAddr(0), 0x1000, RW).unwrap();
+        let result = t.map(Iova(0x20_0000), PhysAddr(0x1000), 0x60_0000, RW);
         assert!(matches!(result, Err(MapError::NoMemory(_))), "{result:?}");
         for page in (0x20_0000..0x80_0000).step_by(0x1000) {
-            assert_eq!(t.iova_to_phys(page), None, "{page:#x} mapped after a failed map");
+            assert_eq!(t.iova_to_phys(Iova(page)), None, "{page:#x} mapped after a failed map");
         }
         let raw = decode(frames, t.root().0, t.geometry());
         assert_eq!(
@@ -316,14 +320,14 @@ fn full_tables_in_every_granule_and_root_level() {
         // Two last-level tables' worth of pages, output one page off so that no block fits: both filled whole.
         let span = 2 * (page << g.level_bits);
         let iova = span;
-        t.map(iova, iova + page, span, RW).unwrap();
+        t.map(Iova(iova), PhysAddr(iova + page), span, RW).unwrap();
         let raw = decode(frames, t.root().0, &g);
         assert_eq!(raw.len() as u64, span / 4096, "{stage:?} {granule:?} {bits}");
         assert_eq!(raw.get(&iova), Some(&(iova + page)));
         assert_eq!(raw.get(&(iova + span - 4096)), Some(&(iova + span + page - 4096)));
         let mut gather = Gather::default();
         assert_eq!(
-            t.unmap(iova, span, &mut gather),
+            t.unmap(Iova(iova), span, &mut gather),
             Ok(span),
             "{stage:?} {granule:?} {bits}"
         );
@@ -408,7 +412,7 @@ fn a_range_map_allocates_its_tables_at_once_and_a_release_frees_them_in_batches(
     let mut t = IoPageTable::new(format(Stage::One, Granule::Size4K, 39), counting, true).unwrap();
     let roots = counting.single_allocations.load(core::sync::atomic::Ordering::Relaxed);
     // Output 4 KiB off the input's 2 MiB alignment: pages only, no block.
-    t.map(0x4000_0000, 0x8000_1000, 0x400_0000, RW).unwrap();
+    t.map(Iova(0x4000_0000), PhysAddr(0x8000_1000), 0x400_0000, RW).unwrap();
     assert_eq!(
         counting.single_allocations.load(core::sync::atomic::Ordering::Relaxed),
         roots,
@@ -419,7 +423,7 @@ fn a_range_map_allocates_its_tables_at_once_and_a_release_frees_them_in_batches(
     batches.sort_unstable();
     assert_eq!(batches, [1, 32]);
     let mut g = Gather::default();
-    t.unmap(0x4000_0000, 0x400_0000, &mut g).unwrap();
+    t.unmap(Iova(0x4000_0000), 0x400_0000, &mut g).unwrap();
     release(&mut t, g);
     assert_eq!(counting.single_frees.load(core::sync::atomic::Ordering::Relaxed), 0);
     let frees: Vec<usize> = counting

@@ -197,7 +197,7 @@ pub(super) fn run(stage: Stage, split_blocks: bool, ops: Vec<Op>) {
                     let expected = if model.remove(&page).is_some() { 4096 } else { 0 };
                     let empty_before = t.empty_tables();
                     let mut g = Gather::default();
-                    assert_eq!(t.unmap(page, 4096, &mut g), Ok(expected), "{page:#x}");
+                    assert_eq!(t.unmap(Iova(page), 4096, &mut g), Ok(expected), "{page:#x}");
                     if expected > 0 {
                         assert!(g.start <= page && page + 4096 <= g.end, "{g:?}");
                         assert!(t.empty_tables() <= t.lazy_limit);
@@ -207,7 +207,7 @@ pub(super) fn run(stage: Stage, split_blocks: bool, ops: Vec<Op>) {
                             h.limit_trims += u32::from(g.freed_tables() > 0);
                         });
                     }
-                    assert_eq!(t.translate(page), None);
+                    assert_eq!(t.translate(Iova(page)), None);
                     w.invalidated();
                     release(&mut t, g);
                 }
@@ -236,7 +236,7 @@ pub(super) fn run(stage: Stage, split_blocks: bool, ops: Vec<Op>) {
             Op::Map { page, pages, out, prot } => {
                 let (iova, pa, size, prot) = (page << 12, out << 12, pages << 12, PROTS[prot]);
                 let overlaps = model.range(iova..iova + size).next().is_some();
-                let result = t.map(iova, pa, size, prot);
+                let result = t.map(Iova(iova), PhysAddr(pa), size, prot);
                 if overlaps {
                     assert!(matches!(result, Err(MapError::Overlap { .. })), "{result:?}");
                 } else if failed(&t, &result.map(|()| 0)) {
@@ -258,7 +258,7 @@ pub(super) fn run(stage: Stage, split_blocks: bool, ops: Vec<Op>) {
                 });
                 let cuts = cuts_a_block(&raw, iova, size);
                 let mut g = Gather::default();
-                let result = t.unmap(iova, size, &mut g);
+                let result = t.unmap(Iova(iova), size, &mut g);
                 if !split_blocks && cuts {
                     assert!(
                         matches!(result, Err(MapError::WouldSplitBlock { iova: a }) if a == iova || a == iova + size),
@@ -318,7 +318,7 @@ pub(super) fn run(stage: Stage, split_blocks: bool, ops: Vec<Op>) {
                 let other_type = touched.iter().any(|&(_, p)| memory(p) != memory(prot));
                 let cuts = cuts_a_block(&raw, iova, size);
                 let mut g = Gather::default();
-                let result = t.protect(iova, size, prot, &mut g);
+                let result = t.protect(Iova(iova), size, prot, &mut g);
                 if other_type || (!split_blocks && cuts) {
                     if other_type {
                         assert_eq!(result, Err(MapError::BadProt(prot)));
@@ -371,13 +371,13 @@ pub(super) fn run(stage: Stage, split_blocks: bool, ops: Vec<Op>) {
     }
     w.fail_in.store(usize::MAX, std::sync::atomic::Ordering::Relaxed);
     for (&iova, &(pa, prot)) in model.iter().step_by(7) {
-        assert_eq!(t.translate(iova + 0x123), Some((pa + 0x123, prot)));
+        assert_eq!(t.translate(Iova(iova + 0x123)), Some((PhysAddr(pa + 0x123), prot)));
     }
     let mut walked = 0;
     t.walk(|m| walked += m.size / 4096);
     assert_eq!(walked, model.len() as u64);
     let mut g = Gather::default();
-    t.unmap(0, 1 << bits, &mut g).unwrap();
+    t.unmap(Iova(0), 1 << bits, &mut g).unwrap();
     w.invalidated();
     release(&mut t, g);
     assert_eq!(t.tables(), 1, "only the root is left");
@@ -452,22 +452,25 @@ fn sixteen_and_sixty_four_kib_granules() {
         let mut t = table(Stage::Two, granule, 42);
         t.set_bbm_level(2);
         let page = granule.size();
-        t.map(block, 2 * block, block + page, RW).unwrap();
+        t.map(Iova(block), PhysAddr(2 * block), block + page, RW).unwrap();
         let mut sizes = Vec::new();
         t.walk(|m| sizes.push(m.size));
         assert_eq!(sizes, [block, page], "{granule:?}");
-        assert_eq!(t.iova_to_phys(block + page + 5), Some(2 * block + page + 5));
         assert_eq!(
-            t.map(page / 2, 0, page, RW),
+            t.iova_to_phys(Iova(block + page + 5)),
+            Some(PhysAddr(2 * block + page + 5))
+        );
+        assert_eq!(
+            t.map(Iova(page / 2), PhysAddr(0), page, RW),
             Err(MapError::Unaligned {
                 iova: page / 2,
                 size: page
             })
         );
         let mut g = Gather::default();
-        assert_eq!(t.unmap(block, page, &mut g), Ok(page), "split the block");
-        assert_eq!(t.iova_to_phys(block), None);
-        assert_eq!(t.iova_to_phys(block + page), Some(2 * block + page));
+        assert_eq!(t.unmap(Iova(block), page, &mut g), Ok(page), "split the block");
+        assert_eq!(t.iova_to_phys(Iova(block)), None);
+        assert_eq!(t.iova_to_phys(Iova(block + page)), Some(PhysAddr(2 * block + page)));
         release(&mut t, g);
     }
 }

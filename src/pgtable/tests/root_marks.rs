@@ -74,11 +74,11 @@ fn run(shape: usize, steps: Vec<Step>) {
                 let pa = iova & ((1 << 40) - 1);
                 let result = if shared {
                     let mut gather = Gather::default();
-                    let r = t.map_shared(iova, pa, size, RW, &mut gather);
+                    let r = t.map_shared(Iova(iova), PhysAddr(pa), size, RW, &mut gather);
                     release(&mut t, gather);
                     r
                 } else {
-                    t.map(iova, pa, size, RW)
+                    t.map(Iova(iova), PhysAddr(pa), size, RW)
                 };
                 assert!(
                     matches!(result, Ok(()) | Err(MapError::Overlap { .. })),
@@ -89,7 +89,7 @@ fn run(shape: usize, steps: Vec<Step>) {
                 let iova = address(at);
                 let size = (pages * page).min(space - iova);
                 let mut gather = Gather::default();
-                let _ = t.unmap(iova, size, &mut gather);
+                let _ = t.unmap(Iova(iova), size, &mut gather);
                 release(&mut t, gather);
             }
             Step::Adopt => {
@@ -131,7 +131,7 @@ fn the_exclusive_walk_reads_only_the_marked_part_of_the_root() {
     let mut t = table(Stage::Two, Granule::Size4K, 42);
     let g = *t.geometry();
     assert_eq!(g.root_entries, 4096);
-    t.map(0x4000_0000, 0x8000_1000, 0x1000, RW).unwrap();
+    t.map(Iova(0x4000_0000), PhysAddr(0x8000_1000), 0x1000, RW).unwrap();
     // An entry the walk must not read: in another part (entries 64..128), a block no map wrote.
     let stray = desc::leaf(Stage::Two, 0x40_0000_0000, RW, false);
     t.root_entries()[100].store(stray, Ordering::Relaxed);

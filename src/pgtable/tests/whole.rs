@@ -36,7 +36,7 @@ fn a_table_written_whole_holds_its_blocks_and_zeros_and_unmaps_in_parts() {
     let frames: &'static HeapFrames = std::boxed::Box::leak(std::boxed::Box::default());
     let mut t = IoPageTable::new(format(Stage::One, Granule::Size4K, 39), frames, true).unwrap();
     let (iova, pa) = (GIB + BLOCK, 4 * GIB);
-    t.map(iova, pa, GIB, RW).unwrap();
+    t.map(Iova(iova), PhysAddr(pa), GIB, RW).unwrap();
     assert_eq!(t.tables(), 3);
     let (link, first) = level2_words(frames, &t, 1);
     assert_eq!(desc::count(link), 511);
@@ -53,18 +53,18 @@ fn a_table_written_whole_holds_its_blocks_and_zeros_and_unmaps_in_parts() {
     // One block from the middle: the ordinary path (the table keeps 510 blocks).
     let mut g = Gather::default();
     let hole = GIB + 100 * BLOCK;
-    assert_eq!(t.unmap(hole, BLOCK, &mut g), Ok(BLOCK));
+    assert_eq!(t.unmap(Iova(hole), BLOCK, &mut g), Ok(BLOCK));
     assert_eq!((g.freed_tables(), g.leaves()), (0, 1));
     release(&mut t, g);
-    assert_eq!(t.iova_to_phys(hole), None);
-    assert_eq!(t.iova_to_phys(hole + BLOCK), Some(pa + 100 * BLOCK));
+    assert_eq!(t.iova_to_phys(Iova(hole)), None);
+    assert_eq!(t.iova_to_phys(Iova(hole + BLOCK)), Some(PhysAddr(pa + 100 * BLOCK)));
     checks::check(&t);
 
     // The rest of the first table, from its entry 1 (entry 0 was never mapped): every block goes, the table is
     // unlinked whole with its leaves left in place, its whole span gathered for the walk caches.
     let mut g = Gather::default();
     let first_table = desc::address(t.root_entries()[1].load(Ordering::Relaxed));
-    assert_eq!(t.unmap(GIB + BLOCK, GIB - BLOCK, &mut g), Ok(510 * BLOCK));
+    assert_eq!(t.unmap(Iova(GIB + BLOCK), GIB - BLOCK, &mut g), Ok(510 * BLOCK));
     assert_eq!((g.freed_tables(), g.tables_unlinked(), g.leaves()), (1, true, 510));
     assert_eq!((g.start(), g.end(), g.leaf_shift()), (GIB, 2 * GIB, 12));
     assert_eq!(t.root_entries()[1].load(Ordering::Relaxed), 0);
@@ -77,7 +77,7 @@ fn a_table_written_whole_holds_its_blocks_and_zeros_and_unmaps_in_parts() {
 
     // The second table's one block: the range covers one entry, which is its count.
     let mut g = Gather::default();
-    assert_eq!(t.unmap(2 * GIB, BLOCK, &mut g), Ok(BLOCK));
+    assert_eq!(t.unmap(Iova(2 * GIB), BLOCK, &mut g), Ok(BLOCK));
     assert_eq!(
         (g.freed_tables(), g.leaves(), g.start(), g.end()),
         (1, 1, 2 * GIB, 3 * GIB)
@@ -101,13 +101,13 @@ fn tables_a_range_unmap_empties_are_freed_only_after_the_invalidation() {
         w.watch(&t);
         let (iova, pa) = (GIB + BLOCK, 4 * GIB);
         for round in 0..3 {
-            t.map(iova, pa, GIB, RW).unwrap();
+            t.map(Iova(iova), PhysAddr(pa), GIB, RW).unwrap();
             w.observe();
             let linked = w.linked();
             assert_eq!(linked.len(), 2, "two level-2 tables");
             let live = w.frames.live_blocks();
             let mut g = Gather::default();
-            assert_eq!(t.unmap(iova, GIB, &mut g), Ok(GIB), "{stage:?} round {round}");
+            assert_eq!(t.unmap(Iova(iova), GIB, &mut g), Ok(GIB), "{stage:?} round {round}");
             assert_eq!((g.freed_tables(), g.tables_unlinked(), g.leaves()), (2, true, 512));
             assert_eq!((g.start(), g.end()), (GIB, 3 * GIB));
             assert!(w.linked().is_empty(), "both unlinked");
@@ -136,44 +136,48 @@ fn a_table_keeping_an_entry_or_holding_a_table_is_not_unlinked_whole() {
     let pa = 4 * GIB;
 
     // Two blocks, entries 0 and 1; unmapping entry 0 reads the one entry in the range (1 valid, count 2).
-    t.map(GIB, pa, 2 * BLOCK, RW).unwrap();
+    t.map(Iova(GIB), PhysAddr(pa), 2 * BLOCK, RW).unwrap();
     let mut g = Gather::default();
-    assert_eq!(t.unmap(GIB, BLOCK, &mut g), Ok(BLOCK));
+    assert_eq!(t.unmap(Iova(GIB), BLOCK, &mut g), Ok(BLOCK));
     assert_eq!(g.freed_tables(), 0);
     release(&mut t, g);
-    assert_eq!(t.iova_to_phys(GIB + BLOCK), Some(pa + BLOCK));
+    assert_eq!(t.iova_to_phys(Iova(GIB + BLOCK)), Some(PhysAddr(pa + BLOCK)));
     assert_eq!(desc::count(t.root_entries()[1].load(Ordering::Relaxed)), 1);
     checks::check(&t);
     let mut g = Gather::default();
-    assert_eq!(t.unmap(GIB + BLOCK, BLOCK, &mut g), Ok(BLOCK));
+    assert_eq!(t.unmap(Iova(GIB + BLOCK), BLOCK, &mut g), Ok(BLOCK));
     assert_eq!(g.freed_tables(), 1, "now it empties");
     release(&mut t, g);
 
     // 512 blocks (output 2 MiB off a 1 GiB boundary: no 1 GiB block); unmapping entries 1..512 reads entry 0
     // alone, which is valid: the table stays with it.
-    t.map(GIB, pa + BLOCK, GIB, RW).unwrap();
+    t.map(Iova(GIB), PhysAddr(pa + BLOCK), GIB, RW).unwrap();
     assert_eq!(t.tables(), 2);
     let mut g = Gather::default();
-    assert_eq!(t.unmap(GIB + BLOCK, GIB - BLOCK, &mut g), Ok(GIB - BLOCK));
+    assert_eq!(t.unmap(Iova(GIB + BLOCK), GIB - BLOCK, &mut g), Ok(GIB - BLOCK));
     assert_eq!((g.freed_tables(), g.leaves()), (0, 511));
     release(&mut t, g);
-    assert_eq!(t.iova_to_phys(GIB), Some(pa + BLOCK));
-    assert_eq!(t.iova_to_phys(GIB + BLOCK), None);
+    assert_eq!(t.iova_to_phys(Iova(GIB)), Some(PhysAddr(pa + BLOCK)));
+    assert_eq!(t.iova_to_phys(Iova(GIB + BLOCK)), None);
     checks::check(&t);
     let mut g = Gather::default();
-    assert_eq!(t.unmap(GIB, BLOCK, &mut g), Ok(BLOCK));
+    assert_eq!(t.unmap(Iova(GIB), BLOCK, &mut g), Ok(BLOCK));
     release(&mut t, g);
     assert_eq!(t.tables(), 1);
 
     // Blocks in entries 1..512 but a page (and so a last-level table) in entry 5: the range 1..512 holds a table.
     // The level-2 table empties, and the last-level table inside it must be freed too (not leaked with it).
-    t.map(GIB + BLOCK, pa, 4 * BLOCK, RW).unwrap();
-    t.map(GIB + 5 * BLOCK, 0x1000, 0x1000, RW).unwrap();
-    t.map(GIB + 6 * BLOCK, pa + 6 * BLOCK, GIB - 6 * BLOCK, RW).unwrap();
+    t.map(Iova(GIB + BLOCK), PhysAddr(pa), 4 * BLOCK, RW).unwrap();
+    t.map(Iova(GIB + 5 * BLOCK), PhysAddr(0x1000), 0x1000, RW).unwrap();
+    t.map(Iova(GIB + 6 * BLOCK), PhysAddr(pa + 6 * BLOCK), GIB - 6 * BLOCK, RW)
+        .unwrap();
     assert_eq!(t.tables(), 3);
     let live = frames.live_blocks();
     let mut g = Gather::default();
-    assert_eq!(t.unmap(GIB + BLOCK, GIB - BLOCK, &mut g), Ok(510 * BLOCK + 0x1000));
+    assert_eq!(
+        t.unmap(Iova(GIB + BLOCK), GIB - BLOCK, &mut g),
+        Ok(510 * BLOCK + 0x1000)
+    );
     assert_eq!(g.freed_tables(), 2);
     release(&mut t, g);
     assert_eq!((t.tables(), frames.live_blocks()), (1, live - 2));
@@ -181,10 +185,10 @@ fn a_table_keeping_an_entry_or_holding_a_table_is_not_unlinked_whole() {
 
     // The range reads its one entry, which is a table (the count, 1, matches): the ordinary path, which frees
     // both tables.
-    t.map(GIB + 0x1000, 0x1000, 0x1000, RW).unwrap();
+    t.map(Iova(GIB + 0x1000), PhysAddr(0x1000), 0x1000, RW).unwrap();
     assert_eq!(t.tables(), 3);
     let mut g = Gather::default();
-    assert_eq!(t.unmap(GIB, BLOCK, &mut g), Ok(0x1000));
+    assert_eq!(t.unmap(Iova(GIB), BLOCK, &mut g), Ok(0x1000));
     assert_eq!(g.freed_tables(), 2);
     release(&mut t, g);
     assert_eq!((t.tables(), frames.live_blocks()), (1, 1));
@@ -199,7 +203,7 @@ fn a_table_written_whole_is_cleaned_before_it_is_linked() {
     let frames: &'static HeapFrames = std::boxed::Box::leak(std::boxed::Box::default());
     let mut t = IoPageTable::new(format(Stage::Two, Granule::Size4K, 40), frames, false).unwrap();
     maintenance_log::take();
-    t.map(GIB + BLOCK, 4 * GIB, GIB, RW).unwrap();
+    t.map(Iova(GIB + BLOCK), PhysAddr(4 * GIB), GIB, RW).unwrap();
     let log = maintenance_log::take();
     let root = t.root_entries();
     for index in [1usize, 2] {
@@ -215,7 +219,7 @@ fn a_table_written_whole_is_cleaned_before_it_is_linked() {
         assert!(table_clean < link_clean, "table {index}: cleaned after it was linked");
     }
     let mut g = Gather::default();
-    assert_eq!(t.unmap(GIB + BLOCK, GIB, &mut g), Ok(GIB));
+    assert_eq!(t.unmap(Iova(GIB + BLOCK), GIB, &mut g), Ok(GIB));
     let log = maintenance_log::take();
     for index in [1usize, 2] {
         let entry = core::ptr::from_ref(&t.root_entries()[index]) as usize;
@@ -253,72 +257,72 @@ fn the_no_tables_bit_stays_true_through_every_path_that_links_a_table() {
     let hole = GIB + 100 * BLOCK;
 
     // The range map: both level-2 tables hold blocks only.
-    t.map(iova, pa, GIB, RW).unwrap();
+    t.map(Iova(iova), PhysAddr(pa), GIB, RW).unwrap();
     assert!(no_tables(&t, 1) && no_tables(&t, 2));
     settle(&mut t);
     // A block unmapped, a page mapped in its place (the single-page path links a last-level table).
     let mut g = Gather::default();
-    assert_eq!(t.unmap(hole, BLOCK, &mut g), Ok(BLOCK));
+    assert_eq!(t.unmap(Iova(hole), BLOCK, &mut g), Ok(BLOCK));
     release(&mut t, g);
     assert!(no_tables(&t, 1), "unmapping links nothing");
-    t.map(hole, 0x1000, 0x1000, RW).unwrap();
+    t.map(Iova(hole), PhysAddr(0x1000), 0x1000, RW).unwrap();
     assert!(!no_tables(&t, 1) && no_tables(&t, 2));
     settle(&mut t);
     // Every valid entry of the first table is in the range, the page's table among them: the range unmap must
     // not take it for a table of leaves.
     let mut g = Gather::default();
-    assert_eq!(t.unmap(iova, GIB - BLOCK, &mut g), Ok(510 * BLOCK + 0x1000));
+    assert_eq!(t.unmap(Iova(iova), GIB - BLOCK, &mut g), Ok(510 * BLOCK + 0x1000));
     release(&mut t, g);
     settle(&mut t);
     assert_eq!(t.tables(), 2);
 
     // A range map of pages in a fresh 1 GiB slot: the new level-2 table holds a last-level table.
-    t.map(3 * GIB, 0x1000, 0x2000, RW).unwrap();
+    t.map(Iova(3 * GIB), PhysAddr(0x1000), 0x2000, RW).unwrap();
     assert!(!no_tables(&t, 3));
     settle(&mut t);
     let mut g = Gather::default();
-    assert_eq!(t.unmap(3 * GIB, 0x2000, &mut g), Ok(0x2000));
+    assert_eq!(t.unmap(Iova(3 * GIB), 0x2000, &mut g), Ok(0x2000));
     release(&mut t, g);
     // A range map that links a last-level table into a table of blocks (pages in entry 100, then blocks after).
-    t.map(iova, pa, 99 * BLOCK, RW).unwrap();
+    t.map(Iova(iova), PhysAddr(pa), 99 * BLOCK, RW).unwrap();
     assert!(no_tables(&t, 1));
-    t.map(hole, 0x1000, BLOCK + 0x1000, RW).unwrap();
+    t.map(Iova(hole), PhysAddr(0x1000), BLOCK + 0x1000, RW).unwrap();
     assert!(!no_tables(&t, 1));
     settle(&mut t);
     let mut g = Gather::default();
     // With the second table's block, left from the first map.
-    assert_eq!(t.unmap(GIB, 2 * GIB, &mut g), Ok(101 * BLOCK + 0x1000));
+    assert_eq!(t.unmap(Iova(GIB), 2 * GIB, &mut g), Ok(101 * BLOCK + 0x1000));
     release(&mut t, g);
     settle(&mut t);
     assert_eq!(t.tables(), 1);
 
     // Block splits: an unmap of one page of a block, a protect of one page of another.
-    t.map(iova, pa, GIB, RW).unwrap();
+    t.map(Iova(iova), PhysAddr(pa), GIB, RW).unwrap();
     let mut g = Gather::default();
-    assert_eq!(t.unmap(hole + 0x1000, 0x1000, &mut g), Ok(0x1000));
+    assert_eq!(t.unmap(Iova(hole + 0x1000), 0x1000, &mut g), Ok(0x1000));
     release(&mut t, g);
     assert!(!no_tables(&t, 1) && no_tables(&t, 2));
     settle(&mut t);
     let mut g = Gather::default();
     let read_only = Prot::READ.union(Prot::CACHEABLE);
-    assert_eq!(t.protect(2 * GIB + 0x1000, 0x1000, read_only, &mut g), Ok(0x1000));
+    assert_eq!(t.protect(Iova(2 * GIB + 0x1000), 0x1000, read_only, &mut g), Ok(0x1000));
     release(&mut t, g);
     assert!(!no_tables(&t, 2));
     settle(&mut t);
     let mut g = Gather::default();
-    assert_eq!(t.unmap(GIB, 2 * GIB, &mut g), Ok(GIB - 0x1000));
+    assert_eq!(t.unmap(Iova(GIB), 2 * GIB, &mut g), Ok(GIB - 0x1000));
     release(&mut t, g);
     settle(&mut t);
 
     // The concurrent paths: a range of blocks (set), then one page in a hole (cleared by its reservation).
     let mut g = Gather::default();
-    t.map_shared(iova, pa, GIB, RW, &mut g).unwrap();
+    t.map_shared(Iova(iova), PhysAddr(pa), GIB, RW, &mut g).unwrap();
     assert!(g.is_empty() && no_tables(&t, 1) && no_tables(&t, 2));
     let mut g = Gather::default();
-    assert_eq!(t.unmap(hole, BLOCK, &mut g), Ok(BLOCK));
+    assert_eq!(t.unmap(Iova(hole), BLOCK, &mut g), Ok(BLOCK));
     release(&mut t, g);
     let mut g = Gather::default();
-    t.map_shared(hole, 0x1000, 0x1000, RW, &mut g).unwrap();
+    t.map_shared(Iova(hole), PhysAddr(0x1000), 0x1000, RW, &mut g).unwrap();
     assert!(!no_tables(&t, 1) && no_tables(&t, 2));
     settle(&mut t);
 
@@ -330,7 +334,7 @@ fn the_no_tables_bit_stays_true_through_every_path_that_links_a_table() {
     assert!(!no_tables(&t, 1) && no_tables(&t, 2));
     settle(&mut t);
     let mut g = Gather::default();
-    assert_eq!(t.unmap(GIB, 2 * GIB, &mut g), Ok(GIB - BLOCK + 0x1000));
+    assert_eq!(t.unmap(Iova(GIB), 2 * GIB, &mut g), Ok(GIB - BLOCK + 0x1000));
     release(&mut t, g);
     assert_eq!((t.tables(), frames.live_blocks()), (1, 1));
     drop(t);

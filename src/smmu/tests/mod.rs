@@ -17,6 +17,7 @@ use crate::smmu::*;
 use crate::stream::{StreamError, StreamTableFormat};
 use crate::testing::HeapFrames;
 use crate::{FrameAllocator, Iommu};
+use crate::{Iova, PhysAddr};
 use core::sync::atomic::Ordering;
 use std::vec::Vec;
 use tock_registers::interfaces::{Readable, Writeable};
@@ -220,13 +221,15 @@ fn flush_issues_the_least_invalidation_then_releases_tables() {
         output_bits: 44,
     };
     let mut table = IoPageTable::new(format, frames, true).unwrap();
-    table.map(0x40_0000, 0x8000_0000, 16 * 4096, rw).unwrap();
+    table
+        .map(Iova(0x40_0000), PhysAddr(0x8000_0000), 16 * 4096, rw)
+        .unwrap();
     let consumed = |model: &Model, from: usize| model.seen.lock().unwrap().consumed[from..].to_vec();
 
     // Part of a level-3 table: leaf-only range invalidation (RIL), one CMD_SYNC.
     let before = model.seen.lock().unwrap().consumed.len();
     let mut gather = Gather::default();
-    table.unmap(0x40_0000, 4 * 4096, &mut gather).unwrap();
+    table.unmap(Iova(0x40_0000), 4 * 4096, &mut gather).unwrap();
     let report = smmu
         .low_level()
         .flush(&mut table, gather, TlbContext::Stage1 { asid: 3, vmid: 0 })
@@ -248,7 +251,7 @@ fn flush_issues_the_least_invalidation_then_releases_tables() {
     // The rest: the level-3 and level-2 tables are unlinked, freed only by the flush.
     let before = model.seen.lock().unwrap().consumed.len();
     let mut gather = Gather::default();
-    table.unmap(0x40_0000, 16 * 4096, &mut gather).unwrap();
+    table.unmap(Iova(0x40_0000), 16 * 4096, &mut gather).unwrap();
     assert_eq!(gather.freed_tables(), 2);
     let live = frames.live_blocks();
     smmu.low_level()
@@ -291,8 +294,8 @@ fn stage1_table(frames: &'static HeapFrames) -> crate::pgtable::IoPageTable<&'st
     let mut table = IoPageTable::new(format, frames, true).unwrap();
     table
         .map(
-            0x40_0000,
-            0x8000_0000,
+            Iova(0x40_0000),
+            PhysAddr(0x8000_0000),
             16 * 4096,
             Prot::READ | Prot::WRITE | Prot::CACHEABLE,
         )
@@ -308,7 +311,7 @@ fn flush_keeps_the_unlinked_tables_when_the_invalidation_fails() {
     let smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
     let mut table = stage1_table(frames);
     let mut gather = Gather::default();
-    table.unmap(0x40_0000, 16 * 4096, &mut gather).unwrap();
+    table.unmap(Iova(0x40_0000), 16 * 4096, &mut gather).unwrap();
     assert_eq!(gather.freed_tables(), 2);
     let live = frames.live_blocks();
     model.refuse.store(opcode::TLBI_NH_VA, Ordering::SeqCst);
@@ -338,7 +341,7 @@ fn flush_refuses_a_gather_another_table_filled() {
     let mut a = stage1_table(frames);
     let mut b = stage1_table(frames);
     let mut gather = Gather::default();
-    a.unmap(0x40_0000, 16 * 4096, &mut gather).unwrap();
+    a.unmap(Iova(0x40_0000), 16 * 4096, &mut gather).unwrap();
     assert_eq!(gather.freed_tables(), 2);
     let live = frames.live_blocks();
     let before = model.seen.lock().unwrap().consumed.len();
@@ -414,7 +417,7 @@ fn el2_stage1_is_invalidated_with_el2_commands_only_where_the_smmu_has_el2_conte
     let smmu = model.smmu().init(frames, &InitOptions::default()).unwrap();
     let mut table = stage1_table(frames);
     let mut gather = Gather::default();
-    table.unmap(0x40_0000, 4096, &mut gather).unwrap();
+    table.unmap(Iova(0x40_0000), 4096, &mut gather).unwrap();
     let before = model.seen.lock().unwrap().consumed.len();
     let error = smmu
         .low_level()
@@ -541,7 +544,7 @@ fn dropping_the_driver_turns_translation_off_aborting_before_any_page_table_goes
     };
     let root_of = |smmu: &mut Iommu<&'static HeapFrames>| {
         let d = smmu.create_stage1(frames, options).unwrap();
-        smmu.map(d, 0x40_0000, 0x8000_0000, 0x1000, rw).unwrap();
+        smmu.map(d, Iova(0x40_0000), PhysAddr(0x8000_0000), 0x1000, rw).unwrap();
         smmu.attach(d, 0x10).unwrap();
         smmu.domain_table(d).unwrap().root()
     };
@@ -598,8 +601,8 @@ fn finding8_a_shutdown_that_times_out_keeps_the_page_tables_the_smmu_may_still_w
         .unwrap();
     smmu.map(
         d,
-        0x40_0000,
-        0x8000_0000,
+        Iova(0x40_0000),
+        PhysAddr(0x8000_0000),
         0x1000,
         crate::pgtable::Prot::READ | crate::pgtable::Prot::WRITE,
     )

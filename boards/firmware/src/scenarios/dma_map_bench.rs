@@ -7,6 +7,7 @@
 //! Everything goes through a domain: no STE, CD or TLBI is built here.
 
 use core::fmt::Write;
+use smmuv3::{Iova, PhysAddr};
 
 use smmuv3::pgtable::Gather;
 use smmuv3::{DomainKind, Prot, Stage1Options, Stage2Options};
@@ -55,7 +56,7 @@ pub fn dma_map_bench(context: &mut Context) -> Result<(), Failure> {
 
     // Load edu's buffer once through a mapping of its own (kept for the whole run).
     fill(source, pattern);
-    s.map(domain, IOVA_SOURCE, source, 4096, rw)
+    s.map(domain, Iova(IOVA_SOURCE), PhysAddr(source), 4096, rw)
         .or_else(|e| fail!("map: {e}"))?;
     edu.dma(Direction::ToDevice, IOVA_SOURCE, 0, LEN as u64)
         .or_else(|e| fail!("{e}"))?;
@@ -66,7 +67,7 @@ pub fn dma_map_bench(context: &mut Context) -> Result<(), Failure> {
         fill(destination, |_| 0xee);
 
         let t0 = time::ticks();
-        s.map(domain, iova, destination, 4096, rw)
+        s.map(domain, Iova(iova), PhysAddr(destination), 4096, rw)
             .or_else(|e| fail!("round {round}: map {iova:#x}: {e}"))?;
         let mapped = time::ticks() - t0;
 
@@ -83,7 +84,7 @@ pub fn dma_map_bench(context: &mut Context) -> Result<(), Failure> {
         let mut gather = Gather::default();
         let t0 = time::ticks();
         let unmapped = s
-            .unmap_deferred(domain, iova, 4096, &mut gather)
+            .unmap_deferred(domain, Iova(iova), 4096, &mut gather)
             .or_else(|e| fail!("round {round}: unmap: {e}"))?;
         let t1 = time::ticks();
         s.sync_domain(domain, &mut gather)

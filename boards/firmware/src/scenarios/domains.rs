@@ -15,6 +15,7 @@
 
 use core::fmt::Write;
 use core::sync::atomic::Ordering;
+use smmuv3::Iova;
 
 use smmuv3::mem::{AllocError, DmaBlock, FrameAllocator, PhysAddr};
 use smmuv3::pgtable::{Format, Granule, IoPageTable, Stage};
@@ -160,7 +161,8 @@ fn round_trip(s: &mut Session, edu: &Edu, sid: u32, kind: DomainKind, seed: u8) 
     let domain = create(s, kind)?;
     let (source, destination) = (page()?, page()?);
     for (iova, pa) in [(IOVA_SOURCE, source), (IOVA_DESTINATION, destination)] {
-        s.map(domain, iova, pa, 4096, RW).or_else(|e| fail!("map: {e}"))?;
+        s.map(domain, Iova(iova), PhysAddr(pa), 4096, RW)
+            .or_else(|e| fail!("map: {e}"))?;
     }
     s.attach(domain, sid).or_else(|e| fail!("attach: {e}"))?;
     fill(source, pattern(seed));
@@ -294,7 +296,9 @@ pub(super) fn guest_stage1(guest: &GuestMemory, coherent: bool, ipa_bits: u8) ->
     };
     let mut table = IoPageTable::new(format, guest, coherent).or_else(|e| fail!("guest table: {e}"))?;
     for (iova, (ipa, _)) in [(IOVA_SOURCE, source), (IOVA_DESTINATION, destination)] {
-        table.map(iova, ipa, 4096, RW).or_else(|e| fail!("guest map: {e}"))?;
+        table
+            .map(Iova(iova), PhysAddr(ipa), 4096, RW)
+            .or_else(|e| fail!("guest map: {e}"))?;
     }
     Ok(GuestPages {
         table,
@@ -345,7 +349,7 @@ pub fn nested_dma(context: &mut Context) -> Result<(), Failure> {
     let parent = s
         .create_stage2(memory(), Stage2Options { input_bits: ipa_bits })
         .or_else(|e| fail!("create the stage-2 parent: {e}"))?;
-    s.map(parent, GUEST_IPA, guest_pa, GUEST_BYTES, RW)
+    s.map(parent, Iova(GUEST_IPA), PhysAddr(guest_pa), GUEST_BYTES, RW)
         .or_else(|e| fail!("stage-2 map: {e}"))?;
 
     // The guest: its data pages, its stage-1 table and CD table, all in its memory (IPAs).
@@ -402,9 +406,9 @@ pub fn nested_dma(context: &mut Context) -> Result<(), Failure> {
             destination_pa
         };
         let t0 = time::ticks();
-        s.unmap(parent, destination_ipa, 4096)
+        s.unmap(parent, Iova(destination_ipa), 4096)
             .or_else(|e| fail!("stage-2 unmap: {e}"))?;
-        s.map(parent, destination_ipa, next, 4096, RW)
+        s.map(parent, Iova(destination_ipa), PhysAddr(next), 4096, RW)
             .or_else(|e| fail!("stage-2 remap: {e}"))?;
         if round > 0 {
             change_ticks += time::ticks() - t0;
@@ -454,7 +458,7 @@ pub fn unmapped_fault(context: &mut Context) -> Result<(), Failure> {
     let kind = preferred_kind(s.features());
     let domain = create(&mut s, kind)?;
     let source = page()?;
-    s.map(domain, IOVA_SOURCE, source, 4096, RW)
+    s.map(domain, Iova(IOVA_SOURCE), PhysAddr(source), 4096, RW)
         .or_else(|e| fail!("map: {e}"))?;
     s.attach(domain, sid).or_else(|e| fail!("attach: {e}"))?;
     let canary = page()?;
@@ -480,7 +484,7 @@ pub fn readonly_fault(context: &mut Context) -> Result<(), Failure> {
     let kind = preferred_kind(s.features());
     let domain = create(&mut s, kind)?;
     let page_pa = page()?;
-    s.map(domain, IOVA_DESTINATION, page_pa, 4096, RO)
+    s.map(domain, Iova(IOVA_DESTINATION), PhysAddr(page_pa), 4096, RO)
         .or_else(|e| fail!("map: {e}"))?;
     s.attach(domain, sid).or_else(|e| fail!("attach: {e}"))?;
     let n = expect_blocked_write(
@@ -495,7 +499,7 @@ pub fn readonly_fault(context: &mut Context) -> Result<(), Failure> {
     // A read-write page to see what edu holds: first it loads other bytes from there, so that only the read
     // through the read-only mapping can put the pattern in its buffer.
     let out_pa = page()?;
-    s.map(domain, IOVA_SOURCE, out_pa, 4096, RW)
+    s.map(domain, Iova(IOVA_SOURCE), PhysAddr(out_pa), 4096, RW)
         .or_else(|e| fail!("map: {e}"))?;
     fill(out_pa, |_| 0x11);
     edu.dma(Direction::ToDevice, IOVA_SOURCE, 0, LEN as u64)
@@ -525,7 +529,7 @@ pub fn unmap_invalidate(context: &mut Context) -> Result<(), Failure> {
     let kind = preferred_kind(s.features());
     let m = round_trip(&mut s, &edu, sid, kind, 0x61)?;
     let unmapped = s
-        .unmap(m.domain, IOVA_DESTINATION, 4096)
+        .unmap(m.domain, Iova(IOVA_DESTINATION), 4096)
         .or_else(|e| fail!("unmap: {e}"))?;
     if unmapped != 4096 {
         fail!("unmap reported {unmapped:#x} bytes")
@@ -620,7 +624,7 @@ pub fn isolation(context: &mut Context) -> Result<(), Failure> {
     // An IOVA only the first domain maps: the second device faults, in the second domain.
     const ONLY_FIRST: u64 = 0x0bad_8000;
     let private = page()?;
-    s.map(mapped[0].domain, ONLY_FIRST, private, 4096, RW)
+    s.map(mapped[0].domain, Iova(ONLY_FIRST), PhysAddr(private), 4096, RW)
         .or_else(|e| fail!("map: {e}"))?;
     let (edu_b, sid_b) = &devices[1];
     let n = expect_blocked_write(
@@ -661,7 +665,7 @@ pub fn block_mappings(context: &mut Context) -> Result<(), Failure> {
         Err(e) => fail!("{e}"),
     };
     const IOVA_2M: u64 = 0x4000_0000;
-    s.map(domain, IOVA_2M, buffer, 2 * MIB2, RW)
+    s.map(domain, Iova(IOVA_2M), PhysAddr(buffer), 2 * MIB2, RW)
         .or_else(|e| fail!("map 2 MiB blocks: {e}"))?;
     // 1 GiB: the aligned GiB of RAM that holds the buffer, as one block at IOVA 256 GiB (inside 39 and 40 bits).
     let gib_pa = buffer & !(GIB - 1);
@@ -672,7 +676,7 @@ pub fn block_mappings(context: &mut Context) -> Result<(), Failure> {
         .any(|b| b.base <= gib_pa && gib_pa + GIB <= b.end());
     const IOVA_1G: u64 = 0x40_0000_0000;
     let gib = if in_ram {
-        s.map(domain, IOVA_1G, gib_pa, GIB, RW)
+        s.map(domain, Iova(IOVA_1G), PhysAddr(gib_pa), GIB, RW)
             .or_else(|e| fail!("map a 1 GiB block: {e}"))?;
         Some(gib_pa)
     } else {
@@ -681,7 +685,7 @@ pub fn block_mappings(context: &mut Context) -> Result<(), Failure> {
     };
     // The DMA source: one page at IOVA_SOURCE.
     let source = page()?;
-    s.map(domain, IOVA_SOURCE, source, 4096, RW)
+    s.map(domain, Iova(IOVA_SOURCE), PhysAddr(source), 4096, RW)
         .or_else(|e| fail!("map: {e}"))?;
     let table = s.domain_table(domain).or_else(|e| fail!("{e}"))?;
     let tables = table.tables();
@@ -728,7 +732,7 @@ pub fn block_mappings(context: &mut Context) -> Result<(), Failure> {
     );
     // A partial unmap inside a 2 MiB block.
     let hole = IOVA_2M + MIB2 + 0x3000;
-    match s.unmap(domain, hole, 4096) {
+    match s.unmap(domain, Iova(hole), 4096) {
         Ok(_) if s.features().bbm_level != 2 => {
             fail!("a block was split with IDR3.BBML = {}", s.features().bbm_level)
         }

@@ -22,6 +22,7 @@
 //!   untouched) and the event queue records the blocked writes.
 
 use core::fmt::Write;
+use smmuv3::{Iova, PhysAddr};
 
 use smmuv3::handover::Extent;
 use smmuv3::handover::pool::HandoverMemory;
@@ -207,8 +208,9 @@ fn single(context: &mut Context, kind: DomainKind) -> Result<(), Failure> {
             let a = arena()?;
             let domain = create(&mut s, kind, a)?;
             let (source, destination) = (dma_page()?, dma_page()?);
-            s.map(domain, IOVA_SOURCE, source, 4096, RW).or_else(|e| fail!("{e}"))?;
-            s.map(domain, IOVA_DESTINATION, destination, 4096, RW)
+            s.map(domain, Iova(IOVA_SOURCE), PhysAddr(source), 4096, RW)
+                .or_else(|e| fail!("{e}"))?;
+            s.map(domain, Iova(IOVA_DESTINATION), PhysAddr(destination), 4096, RW)
                 .or_else(|e| fail!("{e}"))?;
             s.attach(domain, sid).or_else(|e| fail!("{e}"))?;
             dma(&edu, source, IOVA_DESTINATION, destination, 0x31)?;
@@ -231,7 +233,7 @@ fn single(context: &mut Context, kind: DomainKind) -> Result<(), Failure> {
                 fail!("{} domains restored, 1 preserved", report.domains)
             }
             let domain = s.retrieve(TOKEN).or_else(|e| fail!("retrieve: {e}"))?;
-            if s.iova_to_phys(domain, IOVA_DESTINATION).ok().flatten() != Some(destination) {
+            if s.iova_to_phys(domain, Iova(IOVA_DESTINATION)).ok().flatten() != Some(PhysAddr(destination)) {
                 fail!("IOVA {IOVA_DESTINATION:#x} no longer maps PA {destination:#x}")
             }
             let now = s.domain_table(domain).or_else(|e| fail!("{e}"))?.tables();
@@ -298,7 +300,7 @@ pub fn lu_nested(context: &mut Context) -> Result<(), Failure> {
                 Ok(a) => a as u64,
                 Err(e) => fail!("{e}"),
             };
-            s.map(parent, GUEST_IPA, guest_pa, GUEST_BYTES, RW)
+            s.map(parent, Iova(GUEST_IPA), PhysAddr(guest_pa), GUEST_BYTES, RW)
                 .or_else(|e| fail!("{e}"))?;
             if guest_pa == GUEST_IPA {
                 fail!("the guest's block landed at PA {guest_pa:#x}, its own IPA: stage 2 would be the identity")
@@ -364,14 +366,17 @@ pub fn lu_mutate(context: &mut Context) -> Result<(), Failure> {
             let a = arena()?;
             let domain = create(&mut s, kind, a)?;
             let (source, removed, added) = (dma_page()?, dma_page()?, dma_page()?);
-            s.map(domain, IOVA_SOURCE, source, 4096, RW).or_else(|e| fail!("{e}"))?;
-            s.map(domain, IOVA_DESTINATION, removed, 4096, RW)
+            s.map(domain, Iova(IOVA_SOURCE), PhysAddr(source), 4096, RW)
+                .or_else(|e| fail!("{e}"))?;
+            s.map(domain, Iova(IOVA_DESTINATION), PhysAddr(removed), 4096, RW)
                 .or_else(|e| fail!("{e}"))?;
             s.attach(domain, sid).or_else(|e| fail!("{e}"))?;
             s.preserve(domain, TOKEN).or_else(|e| fail!("{e}"))?;
             // After preserve the domain stays usable: unmap one page, map another.
-            s.unmap(domain, IOVA_DESTINATION, 4096).or_else(|e| fail!("{e}"))?;
-            s.map(domain, IOVA_NEW, added, 4096, RW).or_else(|e| fail!("{e}"))?;
+            s.unmap(domain, Iova(IOVA_DESTINATION), 4096)
+                .or_else(|e| fail!("{e}"))?;
+            s.map(domain, Iova(IOVA_NEW), PhysAddr(added), 4096, RW)
+                .or_else(|e| fail!("{e}"))?;
             dma(&edu, source, IOVA_NEW, added, 0x51)?;
             s.prepare_handover(&POOL, smmu_base(context), 1, &surviving())
                 .or_else(|e| fail!("{e}"))?;
@@ -421,8 +426,9 @@ fn translates_again(s: &mut Session, edu: &Edu, sid: u32) -> Result<(), Failure>
     let a = arena()?;
     let domain = create(s, super::domains::preferred_kind(s.features()), a)?;
     let (source, destination) = (dma_page()?, dma_page()?);
-    s.map(domain, IOVA_SOURCE, source, 4096, RW).or_else(|e| fail!("{e}"))?;
-    s.map(domain, IOVA_DESTINATION, destination, 4096, RW)
+    s.map(domain, Iova(IOVA_SOURCE), PhysAddr(source), 4096, RW)
+        .or_else(|e| fail!("{e}"))?;
+    s.map(domain, Iova(IOVA_DESTINATION), PhysAddr(destination), 4096, RW)
         .or_else(|e| fail!("{e}"))?;
     s.attach(domain, sid).or_else(|e| fail!("{e}"))?;
     dma(edu, source, IOVA_DESTINATION, destination, 0x6e)?;
@@ -445,8 +451,9 @@ fn preserve_and_reset(context: &Context, edu: &Edu, sid: u32, mut s: Session, un
     let a = arena()?;
     let domain = create(&mut s, kind, a)?;
     let (source, destination) = (dma_page()?, dma_page()?);
-    s.map(domain, IOVA_SOURCE, source, 4096, RW).or_else(|e| fail!("{e}"))?;
-    s.map(domain, IOVA_DESTINATION, destination, 4096, RW)
+    s.map(domain, Iova(IOVA_SOURCE), PhysAddr(source), 4096, RW)
+        .or_else(|e| fail!("{e}"))?;
+    s.map(domain, Iova(IOVA_DESTINATION), PhysAddr(destination), 4096, RW)
         .or_else(|e| fail!("{e}"))?;
     s.attach(domain, sid).or_else(|e| fail!("{e}"))?;
     dma(edu, source, IOVA_DESTINATION, destination, 0x61)?;
@@ -523,10 +530,11 @@ pub fn lu_collision(context: &mut Context) -> Result<(), Failure> {
             let first = create(&mut s, kind, a)?;
             let second = create(&mut s, kind, b)?;
             let (source, page_a, page_b) = (dma_page()?, dma_page()?, dma_page()?);
-            s.map(first, IOVA_SOURCE, source, 4096, RW).or_else(|e| fail!("{e}"))?;
-            s.map(first, IOVA_DESTINATION, page_a, 4096, RW)
+            s.map(first, Iova(IOVA_SOURCE), PhysAddr(source), 4096, RW)
                 .or_else(|e| fail!("{e}"))?;
-            s.map(second, IOVA_DESTINATION, page_b, 4096, RW)
+            s.map(first, Iova(IOVA_DESTINATION), PhysAddr(page_a), 4096, RW)
+                .or_else(|e| fail!("{e}"))?;
+            s.map(second, Iova(IOVA_DESTINATION), PhysAddr(page_b), 4096, RW)
                 .or_else(|e| fail!("{e}"))?;
             s.attach(first, sid).or_else(|e| fail!("{e}"))?;
             s.preserve(first, TOKEN).or_else(|e| fail!("{e}"))?;
@@ -550,7 +558,7 @@ pub fn lu_collision(context: &mut Context) -> Result<(), Failure> {
             let first = s.retrieve(TOKEN).or_else(|e| fail!("{e}"))?;
             let second = s.retrieve(TOKEN + 1).or_else(|e| fail!("{e}"))?;
             for (d, pa) in [(first, page_a), (second, page_b)] {
-                if s.iova_to_phys(d, IOVA_DESTINATION).ok().flatten() != Some(pa) {
+                if s.iova_to_phys(d, Iova(IOVA_DESTINATION)).ok().flatten() != Some(PhysAddr(pa)) {
                     fail!("{d} does not map IOVA {IOVA_DESTINATION:#x} to PA {pa:#x}")
                 }
             }
@@ -577,8 +585,9 @@ pub fn lu_corrupt(context: &mut Context) -> Result<(), Failure> {
             let a = arena()?;
             let domain = create(&mut s, kind, a)?;
             let (source, destination) = (dma_page()?, dma_page()?);
-            s.map(domain, IOVA_SOURCE, source, 4096, RW).or_else(|e| fail!("{e}"))?;
-            s.map(domain, IOVA_DESTINATION, destination, 4096, RW)
+            s.map(domain, Iova(IOVA_SOURCE), PhysAddr(source), 4096, RW)
+                .or_else(|e| fail!("{e}"))?;
+            s.map(domain, Iova(IOVA_DESTINATION), PhysAddr(destination), 4096, RW)
                 .or_else(|e| fail!("{e}"))?;
             s.attach(domain, sid).or_else(|e| fail!("{e}"))?;
             s.preserve(domain, TOKEN).or_else(|e| fail!("{e}"))?;
@@ -648,8 +657,9 @@ pub fn lu_tampered(context: &mut Context) -> Result<(), Failure> {
         let a = arena()?;
         let domain = create(&mut s, DomainKind::Stage1, a)?;
         let (source, destination, forged) = (dma_page()?, dma_page()?, dma_page()?);
-        s.map(domain, IOVA_SOURCE, source, 4096, RW).or_else(|e| fail!("{e}"))?;
-        s.map(domain, IOVA_DESTINATION, destination, 4096, RW)
+        s.map(domain, Iova(IOVA_SOURCE), PhysAddr(source), 4096, RW)
+            .or_else(|e| fail!("{e}"))?;
+        s.map(domain, Iova(IOVA_DESTINATION), PhysAddr(destination), 4096, RW)
             .or_else(|e| fail!("{e}"))?;
         s.attach(domain, sid).or_else(|e| fail!("{e}"))?;
         dma(&edu, source, IOVA_DESTINATION, destination, 0x91)?;
@@ -771,8 +781,9 @@ pub fn lu_noreset(context: &mut Context) -> Result<(), Failure> {
         }
         .or_else(|e| fail!("{e}"))?;
         let (source, destination) = (dma_page()?, dma_page()?);
-        s.map(domain, IOVA_SOURCE, source, 4096, RW).or_else(|e| fail!("{e}"))?;
-        s.map(domain, IOVA_DESTINATION, destination, 4096, RW)
+        s.map(domain, Iova(IOVA_SOURCE), PhysAddr(source), 4096, RW)
+            .or_else(|e| fail!("{e}"))?;
+        s.map(domain, Iova(IOVA_DESTINATION), PhysAddr(destination), 4096, RW)
             .or_else(|e| fail!("{e}"))?;
         s.attach(domain, sid).or_else(|e| fail!("{e}"))?;
         dma(&edu, source, IOVA_DESTINATION, destination, 0x81)?;
@@ -939,7 +950,7 @@ pub fn lu_big(context: &mut Context) -> Result<(), Failure> {
             let t0 = time::ticks();
             for chunk in 0..BIG_BYTES / BIG_WINDOW {
                 let iova = chunk * BIG_WINDOW;
-                s.map(domain, iova, pa(window, last, iova), BIG_WINDOW, RW)
+                s.map(domain, Iova(iova), PhysAddr(pa(window, last, iova)), BIG_WINDOW, RW)
                     .or_else(|e| fail!("map of IOVA {iova:#x}: {e}"))?;
             }
             let mapped = time::to_us(time::ticks() - t0);
@@ -972,11 +983,11 @@ pub fn lu_big(context: &mut Context) -> Result<(), Failure> {
                 BIG_BYTES - BIG_WINDOW - 4096,
                 BIG_BYTES - 4096,
             ] {
-                if s.iova_to_phys(domain, iova).ok().flatten() != Some(pa(window, last, iova)) {
+                if s.iova_to_phys(domain, Iova(iova)).ok().flatten() != Some(PhysAddr(pa(window, last, iova))) {
                     fail!("IOVA {iova:#x} no longer maps PA {:#x}", pa(window, last, iova))
                 }
             }
-            if s.iova_to_phys(domain, BIG_BYTES).ok().flatten().is_some() {
+            if s.iova_to_phys(domain, Iova(BIG_BYTES)).ok().flatten().is_some() {
                 fail!("IOVA {BIG_BYTES:#x} maps something after the restore")
             }
             let now = s.domain_table(domain).or_else(|e| fail!("{e}"))?.tables();

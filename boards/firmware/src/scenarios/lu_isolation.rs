@@ -6,6 +6,7 @@
 //! - `lu-dma-across-reset`: a DMA in flight across a warm reset, with bus mastering on before the SMMU's driver.
 
 use core::fmt::Write;
+use smmuv3::{Iova, PhysAddr};
 
 use smmuv3::handover::pool::HandoverMemory;
 use smmuv3::handover::restore::running_smmu;
@@ -149,7 +150,8 @@ pub fn lu_adopt_refused(context: &mut Context) -> Result<(), Failure> {
         .or_else(|e| fail!("{e}"))?;
         let (source, old_x, old_destination) = (dma_page()?, dma_page()?, dma_page()?);
         for (iova, pa) in [(IOVA_SOURCE, source), (x, old_x), (IOVA_DESTINATION, old_destination)] {
-            s.map(domain, iova, pa, 4096, RW).or_else(|e| fail!("{e}"))?;
+            s.map(domain, Iova(iova), PhysAddr(pa), 4096, RW)
+                .or_else(|e| fail!("{e}"))?;
         }
         s.attach(domain, sid).or_else(|e| fail!("{e}"))?;
         dma(&edu, source, x, old_x, 0x91)?;
@@ -270,8 +272,10 @@ pub fn lu_dma_across_reset(context: &mut Context) -> Result<(), Failure> {
             Ok(page) => page as u64,
             Err(e) => fail!("{e}"),
         };
-        s.map(domain, IOVA_SOURCE, source, 4096, RW).or_else(|e| fail!("{e}"))?;
-        s.map(domain, x, t, 4096, RW).or_else(|e| fail!("{e}"))?;
+        s.map(domain, Iova(IOVA_SOURCE), PhysAddr(source), 4096, RW)
+            .or_else(|e| fail!("{e}"))?;
+        s.map(domain, Iova(x), PhysAddr(t), 4096, RW)
+            .or_else(|e| fail!("{e}"))?;
         s.attach(domain, sid).or_else(|e| fail!("{e}"))?;
         // Translation proven, and edu's buffer loaded with the pattern the DMA in flight will write.
         dma(&edu, source, x, t, 0xa7)?;

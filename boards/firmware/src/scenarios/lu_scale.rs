@@ -10,6 +10,7 @@
 //! and STEs, DMAs through edu's again, and finish frees the rest.
 
 use core::fmt::Write;
+use smmuv3::{Iova, PhysAddr};
 
 use smmuv3::{DomainId, DomainKind, InitOptions, Iommu, Stage1Options, Stage2Options};
 
@@ -117,13 +118,14 @@ fn build<A: smmuv3::FrameAllocator>(
     let [own, source, destination] = pages;
     for i in 0..DOMAINS {
         let d = create(s, kind)?;
-        s.map(d, IOVA_OWN, own, 4096, RW)
+        s.map(d, Iova(IOVA_OWN), PhysAddr(own), 4096, RW)
             .or_else(|e| fail!("domain {i}: {e}"))?;
         s.attach(d, stream_of(i, bits, edu_sid))
             .or_else(|e| fail!("domain {i}: {e}"))?;
         if i == 0 {
-            s.map(d, IOVA_SOURCE, source, 4096, RW).or_else(|e| fail!("{e}"))?;
-            s.map(d, IOVA_DESTINATION, destination, 4096, RW)
+            s.map(d, Iova(IOVA_SOURCE), PhysAddr(source), 4096, RW)
+                .or_else(|e| fail!("{e}"))?;
+            s.map(d, Iova(IOVA_DESTINATION), PhysAddr(destination), 4096, RW)
                 .or_else(|e| fail!("{e}"))?;
             s.attach(d, edu_sid).or_else(|e| fail!("{e}"))?;
             if (1u64 << bits.min(24)) / (DOMAINS as u64) < 4 {
@@ -158,7 +160,7 @@ fn check_sample<A: smmuv3::FrameAllocator>(
     let mut retrieved = 0;
     for i in (0..DOMAINS).filter(|i| i % SAMPLE == 0) {
         let d = s.retrieve(token(i)).or_else(|e| fail!("retrieve domain {i}: {e}"))?;
-        if s.iova_to_phys(d, IOVA_OWN + 0x10).ok().flatten() != Some(own + 0x10) {
+        if s.iova_to_phys(d, Iova(IOVA_OWN + 0x10)).ok().flatten() != Some(PhysAddr(own + 0x10)) {
             fail!("domain {i}: IOVA {IOVA_OWN:#x} no longer maps PA {own:#x}")
         }
         let extra = (i == 0).then_some(0..EXTRA_STREAMS).into_iter().flatten();

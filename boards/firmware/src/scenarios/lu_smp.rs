@@ -13,6 +13,7 @@
 
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use smmuv3::{Iova, PhysAddr};
 
 use smmuv3::{DomainError, DomainId, Iommu, Stage1Options, Stage2Options};
 
@@ -70,19 +71,19 @@ fn walked(s: &Iommu<Frames>, domain: DomainId) -> Result<(u64, u64), Failure> {
     let mut pages = [None; PAGES];
     for (i, page) in pages.iter_mut().enumerate() {
         *page = s
-            .iova_to_phys(domain, WINDOW + i as u64 * 4096)
+            .iova_to_phys(domain, Iova(WINDOW + i as u64 * 4096))
             .or_else(|e| fail!("{e}"))?;
     }
     Ok(digest(
-        pages.iter().enumerate().filter_map(|(i, p)| p.map(|pa| (i, pa))),
+        pages.iter().enumerate().filter_map(|(i, p)| p.map(|pa| (i, pa.0))),
     ))
 }
 
 /// One map and unmap of page `page` of a CPU's own (unpreserved) domain onto `target`.
 fn own_round(iommu: &Iommu<Frames>, own: DomainId, page: u64, target: u64) -> Result<(), DomainError> {
     let iova = OWN_WINDOW + page * 4096;
-    iommu.map(own, iova, target, 4096, RW)?;
-    iommu.unmap(own, iova, 4096).map(|_| ())
+    iommu.map(own, Iova(iova), PhysAddr(target), 4096, RW)?;
+    iommu.unmap(own, Iova(iova), 4096).map(|_| ())
 }
 
 /// xorshift64: each CPU's own sequence of pages.
@@ -139,9 +140,9 @@ fn first_boot(
     }
     let preserved = create(&mut s, kind, arena()?)?;
     let (source, destination) = (dma_page()?, dma_page()?);
-    s.map(preserved, IOVA_SOURCE, source, 4096, RW)
+    s.map(preserved, Iova(IOVA_SOURCE), PhysAddr(source), 4096, RW)
         .or_else(|e| fail!("{e}"))?;
-    s.map(preserved, IOVA_DESTINATION, destination, 4096, RW)
+    s.map(preserved, Iova(IOVA_DESTINATION), PhysAddr(destination), 4096, RW)
         .or_else(|e| fail!("{e}"))?;
     s.attach(preserved, sid).or_else(|e| fail!("{e}"))?;
     dma(edu, source, IOVA_DESTINATION, destination, 0x71)?;
@@ -199,9 +200,9 @@ fn first_boot(
             let bit = 1u64 << (i % 64);
             let mapped = records[i / 64].load(Ordering::Relaxed) & bit != 0;
             let result = if mapped {
-                iommu.unmap(preserved, iova, 4096).map(|_| ())
+                iommu.unmap(preserved, Iova(iova), 4096).map(|_| ())
             } else {
-                iommu.map(preserved, iova, targets[cpu], 4096, RW)
+                iommu.map(preserved, Iova(iova), PhysAddr(targets[cpu]), 4096, RW)
             };
             match result {
                 Ok(()) => {

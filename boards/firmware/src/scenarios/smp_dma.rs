@@ -19,6 +19,7 @@
 use core::fmt::Write;
 use core::ptr;
 use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use smmuv3::{Iova, PhysAddr};
 
 use smmuv3::{DomainId, DomainKind, Iommu, Stage1Options, Stage2Options};
 use spin::mutex::SpinMutex;
@@ -340,10 +341,10 @@ fn work(
         fill(pages.shared_source, pattern(seed));
         fill(pages.shared_destination, |_| CANARY);
         iommu
-            .map(shared, source, pages.shared_source, 4096, RW)
+            .map(shared, Iova(source), PhysAddr(pages.shared_source), 4096, RW)
             .map_err(|e| err("map (shared)", &e))?;
         iommu
-            .map(shared, destination, pages.shared_destination, 4096, RW)
+            .map(shared, Iova(destination), PhysAddr(pages.shared_destination), 4096, RW)
             .map_err(|e| err("map (shared)", &e))?;
         {
             let edu = edu_a.lock();
@@ -354,10 +355,10 @@ fn work(
         }
         landed(pages.shared_destination, seed).map_err(|e| err("shared domain", &e))?;
         iommu
-            .unmap(shared, source, 4096)
+            .unmap(shared, Iova(source), 4096)
             .map_err(|e| err("unmap (shared)", &e))?;
         iommu
-            .unmap(shared, destination, 4096)
+            .unmap(shared, Iova(destination), 4096)
             .map_err(|e| err("unmap (shared)", &e))?;
         if round % FAULT_EVERY == FAULT_EVERY - 1 {
             // The destination just unmapped (and invalidated): the write must fault and leave the page alone.
@@ -379,10 +380,10 @@ fn work(
         fill(pages.own_source, pattern(own_seed));
         fill(pages.own_destination, |_| CANARY);
         iommu
-            .map(own, own_source, pages.own_source, 4096, RW)
+            .map(own, Iova(own_source), PhysAddr(pages.own_source), 4096, RW)
             .map_err(|e| err("map (own)", &e))?;
         iommu
-            .map(own, own_destination, pages.own_destination, 4096, RW)
+            .map(own, Iova(own_destination), PhysAddr(pages.own_destination), 4096, RW)
             .map_err(|e| err("map (own)", &e))?;
         {
             let edu = edu_b.lock();
@@ -395,7 +396,7 @@ fn work(
         }
         landed(pages.own_destination, own_seed).map_err(|e| err("own domain", &e))?;
         iommu
-            .unmap(own, own_source, 2 * 4096)
+            .unmap(own, Iova(own_source), 2 * 4096)
             .map_err(|e| err("unmap (own)", &e))?;
         done.own_dmas += 1;
         done.rounds += 1;

@@ -6,6 +6,7 @@
 //! changes go with the guest's invalidations.
 
 use core::fmt::Write;
+use smmuv3::{Iova, PhysAddr};
 
 use smmuv3::pgtable::{Format, Gather, Granule, IoPageTable, Stage};
 use smmuv3::{DomainId, GuestContext, GuestInvalidation, Prot, Stage1Options, Stage2Options};
@@ -109,7 +110,7 @@ fn translate(context: &Context, edu: &Edu, sid: u32, pass: Pass) -> Result<(), F
                 .create_stage2(&POOL, Stage2Options { input_bits })
                 .or_else(|e| fail!("{e}"))?;
             for bank in &context.platform.memory {
-                s.map(parent, bank.base, bank.base, bank.size, RW)
+                s.map(parent, Iova(bank.base), PhysAddr(bank.base), bank.size, RW)
                     .or_else(|e| fail!("stage-2 map of RAM {bank}: {e}"))?;
             }
             // The guest: its stage-1 table and CD in RAM (IPA = PA).
@@ -138,8 +139,13 @@ fn translate(context: &Context, edu: &Edu, sid: u32, pass: Pass) -> Result<(), F
     // Maps through the domain, or (nested) the guest's table and its invalidation.
     let map = |s: &mut Session, guest: &mut Option<Guest>, iova: u64, pa: u64, prot: Prot| -> Result<(), Failure> {
         match guest {
-            Some(g) => g.table.map(iova, pa, 4096, prot).or_else(|e| fail!("guest map: {e}")),
-            None => s.map(domain, iova, pa, 4096, prot).or_else(|e| fail!("map: {e}")),
+            Some(g) => g
+                .table
+                .map(Iova(iova), PhysAddr(pa), 4096, prot)
+                .or_else(|e| fail!("guest map: {e}")),
+            None => s
+                .map(domain, Iova(iova), PhysAddr(pa), 4096, prot)
+                .or_else(|e| fail!("map: {e}")),
         }
     };
     map(&mut s, &mut guest, IOVA_SOURCE, source, RW)?;
@@ -191,7 +197,7 @@ fn translate(context: &Context, edu: &Edu, sid: u32, pass: Pass) -> Result<(), F
         Some(g) => {
             let mut gather = Gather::default();
             g.table
-                .unmap(IOVA_DESTINATION, 4096, &mut gather)
+                .unmap(Iova(IOVA_DESTINATION), 4096, &mut gather)
                 .or_else(|e| fail!("guest unmap: {e}"))?;
             // The page's TLB entry, or the whole ASID should the unmap have unlinked a table (its walk-cache
             // entries may name it at any address of its span).
@@ -209,7 +215,7 @@ fn translate(context: &Context, edu: &Edu, sid: u32, pass: Pass) -> Result<(), F
             unsafe { g.table.release(gather) }.or_else(|e| fail!("guest release: {e}"))?;
         }
         None => {
-            s.unmap(domain, IOVA_DESTINATION, 4096)
+            s.unmap(domain, Iova(IOVA_DESTINATION), 4096)
                 .or_else(|e| fail!("unmap: {e}"))?;
         }
     }
@@ -245,7 +251,7 @@ fn translate(context: &Context, edu: &Edu, sid: u32, pass: Pass) -> Result<(), F
         Some(g) => {
             let mut gather = Gather::default();
             g.table
-                .protect(IOVA_DESTINATION, 4096, read_only, &mut gather)
+                .protect(Iova(IOVA_DESTINATION), 4096, read_only, &mut gather)
                 .or_else(|e| fail!("guest protect: {e}"))?;
             s.invalidate_guest(domain, GuestInvalidation::Asid(1))
                 .or_else(|e| fail!("{e}"))?;
@@ -253,7 +259,7 @@ fn translate(context: &Context, edu: &Edu, sid: u32, pass: Pass) -> Result<(), F
             unsafe { g.table.release(gather) }.or_else(|e| fail!("guest release: {e}"))?;
         }
         None => {
-            s.protect(domain, IOVA_DESTINATION, 4096, read_only)
+            s.protect(domain, Iova(IOVA_DESTINATION), 4096, read_only)
                 .or_else(|e| fail!("protect: {e}"))?;
         }
     }

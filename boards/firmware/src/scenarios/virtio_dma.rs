@@ -9,6 +9,7 @@
 //! scenario writes [`written_byte`] to [`WRITE_COUNT`] sectors from [`WRITE_SECTOR`] on.
 
 use core::fmt::Write;
+use smmuv3::{Iova, PhysAddr};
 
 use smmuv3::{InitOptions, Prot, Stage1Options, Stage2Options};
 use virtio_drivers::device::blk::{BlkReq, BlkResp, SECTOR_SIZE};
@@ -157,14 +158,14 @@ pub fn virtio_dma(context: &mut Context) -> Result<(), Failure> {
     }
     s.map(
         domain,
-        IOVA_BASE,
-        pa,
+        Iova(IOVA_BASE),
+        PhysAddr(pa),
         ARENA_BYTES,
         Prot::READ | Prot::WRITE | Prot::CACHEABLE,
     )
     .or_else(|e| fail!("map the arena: {e}"))?;
-    match s.iova_to_phys(domain, IOVA_BASE) {
-        Ok(Some(out)) if out == pa => {}
+    match s.iova_to_phys(domain, Iova(IOVA_BASE)) {
+        Ok(Some(out)) if out == PhysAddr(pa) => {}
         other => fail!("the domain translates IOVA {IOVA_BASE:#x} to {other:?}, not PA {pa:#x}"),
     }
     s.attach(domain, sid).or_else(|e| fail!("attach {sid:#x}: {e}"))?;
@@ -234,7 +235,7 @@ pub fn virtio_dma(context: &mut Context) -> Result<(), Failure> {
 
     // Unmapped, the device's next request faults in the domain's report and never completes.
     let unmapped = s
-        .unmap(domain, IOVA_BASE, ARENA_BYTES)
+        .unmap(domain, Iova(IOVA_BASE), ARENA_BYTES)
         .or_else(|e| fail!("unmap the arena: {e}"))?;
     let mut request = BlkReq::default();
     let mut response = BlkResp::default();

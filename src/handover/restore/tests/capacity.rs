@@ -2,6 +2,7 @@
 //! restored with every table walked, and translating as before.
 
 use super::*;
+use crate::Iova;
 
 const GIB: u64 = 1 << 30;
 const TIB: u64 = 1 << 40;
@@ -32,8 +33,9 @@ fn tib_in_blocks(tamper_last: bool) {
         let d = smmu
             .create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 42 })
             .unwrap();
-        smmu.map(d, 0, TIB, half, RW).unwrap();
-        smmu.map(d, half, TIB + half + (2 << 20), half, RW).unwrap();
+        smmu.map(d, Iova(0), PhysAddr(TIB), half, RW).unwrap();
+        smmu.map(d, Iova(half), PhysAddr(TIB + half + (2 << 20)), half, RW)
+            .unwrap();
         smmu.attach(d, 0x10).unwrap();
         smmu.preserve(d, 0x7b).unwrap();
         smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
@@ -72,13 +74,17 @@ fn tib_in_blocks(tamper_last: bool) {
         } else {
             TIB + iova + (2 << 20)
         };
-        assert_eq!(smmu.iova_to_phys(d, iova), Ok(Some(expected)), "IOVA {iova:#x}");
+        assert_eq!(
+            smmu.iova_to_phys(d, Iova(iova)),
+            Ok(Some(PhysAddr(expected))),
+            "IOVA {iova:#x}"
+        );
     }
-    assert_eq!(smmu.iova_to_phys(d, TIB), Ok(None));
+    assert_eq!(smmu.iova_to_phys(d, Iova(TIB)), Ok(None));
     assert_eq!(smmu.low_level().ste(0x10).unwrap().config(), Config::Stage2);
     // Unmapping the whole terabyte after the restore empties the restored tables.
-    assert_eq!(smmu.unmap(d, 0, TIB), Ok(TIB));
-    assert_eq!(smmu.iova_to_phys(d, half + 0x20_1000), Ok(None));
+    assert_eq!(smmu.unmap(d, Iova(0), TIB), Ok(TIB));
+    assert_eq!(smmu.iova_to_phys(d, Iova(half + 0x20_1000)), Ok(None));
     core::mem::forget(smmu);
 }
 
@@ -99,7 +105,7 @@ fn sixty_four_gib_in_pages_is_preserved_and_restored_verified() {
         let d = smmu
             .create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 })
             .unwrap();
-        smmu.map(d, 0, output, SIZE, RW).unwrap();
+        smmu.map(d, Iova(0), PhysAddr(output), SIZE, RW).unwrap();
         smmu.attach(d, 0x10).unwrap();
         smmu.preserve(d, 0x64).unwrap();
         smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
@@ -112,9 +118,13 @@ fn sixty_four_gib_in_pages_is_preserved_and_restored_verified() {
     assert_eq!((report.domains, report.streams), (1, 1));
     let d = smmu.retrieve(0x64).unwrap();
     for iova in [0, 0x1000, GIB + 0x5_3000, SIZE / 2 + 0x7ff, SIZE - 0x1000] {
-        assert_eq!(smmu.iova_to_phys(d, iova), Ok(Some(output + iova)), "IOVA {iova:#x}");
+        assert_eq!(
+            smmu.iova_to_phys(d, Iova(iova)),
+            Ok(Some(PhysAddr(output + iova))),
+            "IOVA {iova:#x}"
+        );
     }
-    assert_eq!(smmu.iova_to_phys(d, SIZE), Ok(None));
+    assert_eq!(smmu.iova_to_phys(d, Iova(SIZE)), Ok(None));
     core::mem::forget(smmu);
 }
 
@@ -146,8 +156,8 @@ fn thirty_two_domains_grown_in_turns_come_back_from_their_runs() {
             for (i, &d) in domains.iter().enumerate().skip(round as usize) {
                 smmu.map(
                     d,
-                    round * (2 << 20),
-                    output(i as u64) + round * (2 << 20) + 0x1000,
+                    Iova(round * (2 << 20)),
+                    PhysAddr(output(i as u64) + round * (2 << 20) + 0x1000),
                     2 << 20,
                     RW,
                 )
@@ -187,12 +197,12 @@ fn thirty_two_domains_grown_in_turns_come_back_from_their_runs() {
         for span in [0, i] {
             let iova = span * (2 << 20) + 0x3000;
             assert_eq!(
-                smmu.iova_to_phys(d, iova),
-                Ok(Some(output(i) + iova + 0x1000)),
+                smmu.iova_to_phys(d, Iova(iova)),
+                Ok(Some(PhysAddr(output(i) + iova + 0x1000))),
                 "domain {i}"
             );
         }
-        assert_eq!(smmu.iova_to_phys(d, (i + 1) * (2 << 20)), Ok(None), "domain {i}");
+        assert_eq!(smmu.iova_to_phys(d, Iova((i + 1) * (2 << 20))), Ok(None), "domain {i}");
     }
     // Domain 0 is not retrieved: finish frees it, and its frames are the pool's again.
     assert_eq!(smmu.finish_handover(pool, BASE), Ok(FinishReport { unclaimed: 1 }));
@@ -215,11 +225,11 @@ fn a_domain_whose_frames_lie_far_apart_is_verified() {
         let pool = region.pool();
         let memory = pool.take_memory().unwrap();
         let d = smmu.create_stage2(memory, Stage2Options { input_bits: 40 }).unwrap();
-        smmu.map(d, 0, output, 4 << 20, RW).unwrap();
+        smmu.map(d, Iova(0), PhysAddr(output), 4 << 20, RW).unwrap();
         // Another memory takes 300 MiB right after (not written: for overwrite).
         let other = pool.take_memory().unwrap();
         other.allocate_for_overwrite(300 << 20, 4096).unwrap();
-        smmu.map(d, GIB, output + GIB, 4 << 20, RW).unwrap();
+        smmu.map(d, Iova(GIB), PhysAddr(output + GIB), 4 << 20, RW).unwrap();
         let runs: std::vec::Vec<Extent> = memory.runs().collect();
         let span = runs.last().unwrap().base + runs.last().unwrap().len - runs[0].base;
         assert!(span > 256 << 20, "{runs:x?}");
@@ -235,7 +245,11 @@ fn a_domain_whose_frames_lie_far_apart_is_verified() {
     assert_eq!(report.domains, 1);
     let d = smmu.retrieve(0xfa).unwrap();
     for iova in [0x1000, (4 << 20) - 0x1000, GIB, GIB + (4 << 20) - 0x1000] {
-        assert_eq!(smmu.iova_to_phys(d, iova), Ok(Some(output + iova)), "IOVA {iova:#x}");
+        assert_eq!(
+            smmu.iova_to_phys(d, Iova(iova)),
+            Ok(Some(PhysAddr(output + iova))),
+            "IOVA {iova:#x}"
+        );
     }
     core::mem::forget(smmu);
 }
@@ -266,7 +280,7 @@ fn a_larger_metadata_area_holds_records_beyond_64_kib() {
         for round in 0..ROUNDS {
             for (i, &d) in domains.iter().enumerate() {
                 let iova = round * (2 << 20);
-                smmu.map(d, iova, output(i as u64) + iova + 0x1000, 2 << 20, RW)
+                smmu.map(d, Iova(iova), PhysAddr(output(i as u64) + iova + 0x1000), 2 << 20, RW)
                     .unwrap();
             }
         }
@@ -303,8 +317,8 @@ fn a_larger_metadata_area_holds_records_beyond_64_kib() {
         let d = smmu.retrieve(0x1000 + i).unwrap();
         let iova = (ROUNDS - 1) * (2 << 20) + 0x5000;
         assert_eq!(
-            smmu.iova_to_phys(d, iova),
-            Ok(Some(output(i) + iova + 0x1000)),
+            smmu.iova_to_phys(d, Iova(iova)),
+            Ok(Some(PhysAddr(output(i) + iova + 0x1000))),
             "domain {i}"
         );
     }
@@ -331,8 +345,14 @@ fn records_beyond_the_metadata_area_are_refused_before_anything_is_written() {
     for round in 0..150u64 {
         for (i, &d) in domains.iter().enumerate() {
             let iova = round * (2 << 20);
-            smmu.map(d, iova, 0x10_0000_0000 + i as u64 * GIB + iova + 0x1000, 2 << 20, RW)
-                .unwrap();
+            smmu.map(
+                d,
+                Iova(iova),
+                PhysAddr(0x10_0000_0000 + i as u64 * GIB + iova + 0x1000),
+                2 << 20,
+                RW,
+            )
+            .unwrap();
         }
     }
     for (i, &d) in domains.iter().enumerate() {
@@ -345,7 +365,8 @@ fn records_beyond_the_metadata_area_are_refused_before_anything_is_written() {
         "nothing written"
     );
     // Nothing sealed: the domains still change.
-    smmu.map(domains[0], 1 << 36, 0x10_0000_0000, 0x1000, RW).unwrap();
+    smmu.map(domains[0], Iova(1 << 36), PhysAddr(0x10_0000_0000), 0x1000, RW)
+        .unwrap();
     core::mem::forget(smmu);
 }
 
@@ -373,7 +394,7 @@ fn four_thousand_and_ninety_six_domains_are_preserved_and_restored() {
             let d = smmu
                 .create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 })
                 .unwrap();
-            smmu.map(d, 0x1000, output(i), 0x1000, RW).unwrap();
+            smmu.map(d, Iova(0x1000), PhysAddr(output(i)), 0x1000, RW).unwrap();
             smmu.attach(d, sid(i)).unwrap();
             smmu.preserve(d, 0x10_0000 + i).unwrap();
         }
@@ -392,7 +413,11 @@ fn four_thousand_and_ninety_six_domains_are_preserved_and_restored() {
     assert_eq!((report.domains, report.streams), (N as u32, N as u32));
     for i in (0..N).step_by(7) {
         let d = smmu.retrieve(0x10_0000 + i).unwrap();
-        assert_eq!(smmu.iova_to_phys(d, 0x1234), Ok(Some(output(i) + 0x234)), "domain {i}");
+        assert_eq!(
+            smmu.iova_to_phys(d, Iova(0x1234)),
+            Ok(Some(PhysAddr(output(i) + 0x234))),
+            "domain {i}"
+        );
         assert_eq!(smmu.attached(d).as_deref(), Ok(&[(sid(i), 0)][..]));
         assert_eq!(
             smmu.low_level().ste(sid(i)).unwrap().config(),
@@ -449,7 +474,7 @@ fn domains_with_hundreds_of_streams_are_preserved_and_restored() {
         let vm = smmu
             .create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 })
             .unwrap();
-        smmu.map(vm, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+        smmu.map(vm, Iova(0x1000), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
         for i in 0..VFS {
             smmu.attach(vm, vf(i)).unwrap();
         }
@@ -462,7 +487,7 @@ fn domains_with_hundreds_of_streams_are_preserved_and_restored() {
                 },
             )
             .unwrap();
-        smmu.map(s1, 0x1000, 0x8010_0000, 0x1000, RW).unwrap();
+        smmu.map(s1, Iova(0x1000), PhysAddr(0x8010_0000), 0x1000, RW).unwrap();
         for i in 0..S1_STREAMS {
             smmu.attach(s1, s1_sid(i)).unwrap();
         }

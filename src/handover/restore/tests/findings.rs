@@ -1,6 +1,7 @@
 //! The review findings of live update, each a test that failed before its fix.
 
 use super::*;
+use crate::Iova;
 
 /// The ASID of a stage-1 domain.
 pub(super) fn stage1_asid<A: FrameAllocator>(smmu: &Iommu<A>, d: DomainId) -> u16 {
@@ -32,13 +33,17 @@ fn finding4_after_a_running_hand_off_no_new_domain_shares_an_asid_with_a_stream_
         el2: false,
     };
     let kept = first.create_stage1(pool.take_memory().unwrap(), options).unwrap();
-    first.map(kept, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+    first
+        .map(kept, Iova(0x1000), PhysAddr(0x8000_0000), 0x1000, RW)
+        .unwrap();
     first.attach(kept, 0x10).unwrap();
     // Not preserved: its tables in ordinary memory, its stream live at the hand-off. This driver refuses to
     // prepare a running hand-off with such a stream (`PrepareError::UnpreservedStream`), so it is attached
     // after the prepare, as a previous image that is not this driver may leave it.
     let left = first.create_stage1(frames, options).unwrap();
-    first.map(left, 0x1000, 0x9000_0000, 0x1000, RW).unwrap();
+    first
+        .map(left, Iova(0x1000), PhysAddr(0x9000_0000), 0x1000, RW)
+        .unwrap();
     let left_asid = stage1_asid(&first, left);
     first.preserve(kept, 0x77).unwrap();
     first.prepare_handover(pool, BASE, 3, SURVIVING).unwrap();
@@ -59,10 +64,11 @@ fn finding4_after_a_running_hand_off_no_new_domain_shares_an_asid_with_a_stream_
     let d = next.retrieve(0x77).unwrap();
     next.finish_handover(pool, BASE).unwrap();
     assert_eq!(next.handover_phase(), HandoverPhase::Idle);
-    assert_eq!(next.iova_to_phys(d, 0x1000), Ok(Some(0x8000_0000)));
+    assert_eq!(next.iova_to_phys(d, Iova(0x1000)), Ok(Some(PhysAddr(0x8000_0000))));
     // The hand-off is over. A new domain on another stream.
     let fresh = next.create_stage1(frames, options).unwrap();
-    next.map(fresh, 0x1000, 0xa000_0000, 0x1000, RW).unwrap();
+    next.map(fresh, Iova(0x1000), PhysAddr(0xa000_0000), 0x1000, RW)
+        .unwrap();
     next.attach(fresh, 0x40).unwrap();
     let fresh_asid = stage1_asid(&next, fresh);
     let inherited_live = next.low_level().ste(0x20).map(|s| s.config()) == Ok(Config::Stage1);
@@ -104,7 +110,7 @@ fn finding5_a_restore_refuses_a_substream_of_a_stream_another_record_holds() {
                 },
             )
             .unwrap();
-        smmu.map(el2, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+        smmu.map(el2, Iova(0x1000), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
         smmu.attach(whole, 0x10).unwrap();
         smmu.attach(el2, 0x11).unwrap();
         smmu.preserve(whole, 0x61).unwrap();
@@ -128,7 +134,7 @@ fn finding5_a_restore_refuses_a_substream_of_a_stream_another_record_holds() {
         let d = smmu.retrieve(0x62).unwrap();
         let attachments = smmu.attached(d).unwrap().to_vec();
         let before = model.seen.lock().unwrap().commands.len();
-        smmu.unmap(d, 0x1000, 0x1000).unwrap();
+        smmu.unmap(d, Iova(0x1000), 0x1000).unwrap();
         let issued = issued_since(&model, before);
         core::mem::forget(smmu);
         panic!(
@@ -157,7 +163,7 @@ fn finding6_a_restored_el2_stream_is_installed_only_after_stale_el2_entries_are_
     let spare = smmu.low_level().allocate_asid().unwrap();
     let mine = smmu.create_stage1(frames, EL2).unwrap();
     smmu.low_level().free_asid(spare).unwrap();
-    smmu.map(mine, 0x1000, 0x9000_0000, 0x1000, RW).unwrap();
+    smmu.map(mine, Iova(0x1000), PhysAddr(0x9000_0000), 0x1000, RW).unwrap();
     smmu.attach(mine, 0x11).unwrap();
     model.refuse.store(
         crate::hw::command::opcode::TLBI_EL2_ALL,
@@ -247,7 +253,7 @@ fn finding9_a_domain_never_frees_the_arena_that_holds_the_smmus_own_stream_table
     assert_eq!(smmu.low_level().ste(0x10).map(|s| s.config()), Ok(Config::Stage1));
     assert_eq!(pool.memories_in_use(), 1, "the SMMU's own arena");
     if let Ok(d) = smmu.create_stage1(core, Stage1Options::default()) {
-        smmu.map(d, 0, 0x8000_0000, 0x1000, RW).unwrap();
+        smmu.map(d, Iova(0), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
         smmu.free_domain(d).unwrap();
     }
     assert_eq!(
@@ -283,7 +289,7 @@ fn review_a_running_stream_table_whose_level1_descriptors_share_a_span_is_not_ad
         }
         let restored = next.low_level().ste(0x10).unwrap().config();
         let d = next.retrieve(0x77).unwrap();
-        assert_eq!(next.iova_to_phys(d, 0x1000), Ok(Some(0x8000_0000)));
+        assert_eq!(next.iova_to_phys(d, Iova(0x1000)), Ok(Some(PhysAddr(0x8000_0000))));
         // Another domain, for another device.
         let other = next.create_stage2(frames, Stage2Options { input_bits: 40 }).unwrap();
         next.attach(other, 0x110).unwrap();
@@ -353,7 +359,7 @@ fn review_a_running_hand_off_leaves_no_unchecked_stream_translating_after_prepar
     let core = pool.take_window(pool.window_bytes().unwrap()).unwrap();
     let mut first: Iommu<&'static HandoverMemory> = model.smmu().init(core, &InitOptions::default()).unwrap();
     let d = arena_stage1_on(&mut first, pool);
-    first.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+    first.map(d, Iova(0x1000), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
     first.attach(d, 0x10).unwrap();
     // SAFETY: the device behind the stream is trusted with all memory (a test of bypass).
     unsafe { first.low_level().attach_bypass(0x30) }.unwrap();
@@ -391,7 +397,7 @@ fn a_running_hand_off_translates_only_preserved_streams_and_freezes_the_stream_c
     let core = pool.take_window(pool.window_bytes().unwrap()).unwrap();
     let mut first: Iommu<&'static HandoverMemory> = model.smmu().init(core, &InitOptions::default()).unwrap();
     let d = arena_stage1_on(&mut first, pool);
-    first.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+    first.map(d, Iova(0x1000), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
     first.attach(d, 0x10).unwrap();
     first.preserve(d, 0x77).unwrap();
     let other = first.create_stage1(frames, Stage1Options::default()).unwrap();

@@ -1,6 +1,7 @@
 //! EL2 domains across a hand-off, and what a prepared hand-off freezes, refuses and cleans.
 
 use super::*;
+use crate::Iova;
 
 /// An SMMU with EL2 contexts (IDR0.HYP), for EL2 stage-1 domains.
 pub(super) fn el2_model(frames: &'static HeapFrames) -> Model {
@@ -19,7 +20,7 @@ pub(super) fn el2_first_image(region: &mut Region, frames: &'static HeapFrames, 
     let mut smmu = boot(&model, frames);
     let pool = region.pool();
     let a = smmu.create_stage1(pool.take_memory().unwrap(), EL2).unwrap();
-    smmu.map(a, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+    smmu.map(a, Iova(0x1000), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
     smmu.attach(a, 0x10).unwrap();
     smmu.preserve(a, 0x71).unwrap();
     if second {
@@ -122,33 +123,41 @@ fn a_prepared_domain_is_frozen_until_the_hand_off_is_cancelled() {
     };
     let d = smmu.create_stage1(pool.take_memory().unwrap(), options).unwrap();
     let other = smmu.create_stage1(pool.take_memory().unwrap(), options).unwrap();
-    smmu.map(d, 0x1000, 0x8000_0000, 0x2000, RW).unwrap();
+    smmu.map(d, Iova(0x1000), PhysAddr(0x8000_0000), 0x2000, RW).unwrap();
     smmu.attach(d, 0x10).unwrap();
     smmu.preserve(d, 9).unwrap();
     smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
     let frozen = Err(DomainError::HandoverPrepared { token: 9 });
-    assert_eq!(smmu.map(d, 0x4000, 0x8000_4000, 0x1000, RW), frozen);
-    assert_eq!(smmu.unmap(d, 0x1000, 0x1000).map(|_| ()), frozen);
+    assert_eq!(smmu.map(d, Iova(0x4000), PhysAddr(0x8000_4000), 0x1000, RW), frozen);
+    assert_eq!(smmu.unmap(d, Iova(0x1000), 0x1000).map(|_| ()), frozen);
     let mut gather = crate::pgtable::Gather::default();
-    assert_eq!(smmu.unmap_deferred(d, 0x1000, 0x1000, &mut gather).map(|_| ()), frozen);
+    assert_eq!(
+        smmu.unmap_deferred(d, Iova(0x1000), 0x1000, &mut gather).map(|_| ()),
+        frozen
+    );
     assert!(gather.is_empty());
-    assert_eq!(smmu.protect(d, 0x1000, 0x1000, Prot::READ).map(|_| ()), frozen);
+    assert_eq!(smmu.protect(d, Iova(0x1000), 0x1000, Prot::READ).map(|_| ()), frozen);
     assert_eq!(smmu.trim_domain(d).map(|_| ()), frozen);
     assert_eq!(smmu.detach(0x10), frozen);
     assert_eq!(smmu.attach(d, 0x11), frozen);
-    assert_eq!(smmu.iova_to_phys(d, 0x2000), Ok(Some(0x8000_1000)), "nothing changed");
+    assert_eq!(
+        smmu.iova_to_phys(d, Iova(0x2000)),
+        Ok(Some(PhysAddr(0x8000_1000))),
+        "nothing changed"
+    );
     assert_eq!(
         smmu.low_level().ste(0x10).map(|s| s.config()),
         Ok(Config::Stage1),
         "still attached"
     );
     // Not preserved: usable.
-    smmu.map(other, 0x1000, 0x8000_8000, 0x1000, RW).unwrap();
+    smmu.map(other, Iova(0x1000), PhysAddr(0x8000_8000), 0x1000, RW)
+        .unwrap();
     smmu.attach(other, 0x11).unwrap();
     smmu.detach(0x11).unwrap();
     // Cancelled: usable again.
     smmu.cancel_handover(pool, BASE).unwrap();
-    smmu.unmap(d, 0x1000, 0x1000).unwrap();
+    smmu.unmap(d, Iova(0x1000), 0x1000).unwrap();
     smmu.detach(0x10).unwrap();
 }
 
@@ -167,11 +176,11 @@ fn a_preserved_domain_with_an_unsynced_deferred_unmap_is_not_prepared() {
         el2: false,
     };
     let d = smmu.create_stage1(pool.take_memory().unwrap(), options).unwrap();
-    smmu.map(d, 0x1000, 0x8000_0000, 0x2000, RW).unwrap();
+    smmu.map(d, Iova(0x1000), PhysAddr(0x8000_0000), 0x2000, RW).unwrap();
     smmu.attach(d, 0x10).unwrap();
     smmu.preserve(d, 9).unwrap();
     let mut gather = crate::pgtable::Gather::default();
-    smmu.unmap_deferred(d, 0x1000, 0x1000, &mut gather).unwrap();
+    smmu.unmap_deferred(d, Iova(0x1000), 0x1000, &mut gather).unwrap();
     assert_eq!(
         smmu.prepare_handover(pool, BASE, 1, SURVIVING),
         Err(PrepareError::PendingInvalidation { token: 9 })
@@ -193,7 +202,7 @@ fn a_prepared_domain_is_unpreserved_only_after_the_hand_off_is_cancelled() {
     let mut smmu = boot(&model, frames);
     let pool = region.pool();
     let d = arena_stage1(&mut smmu, pool);
-    smmu.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+    smmu.map(d, Iova(0x1000), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
     let parent = smmu
         .create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 })
         .unwrap();
@@ -219,7 +228,8 @@ fn a_prepared_domain_is_unpreserved_only_after_the_hand_off_is_cancelled() {
     smmu.cancel_handover(pool, BASE).unwrap();
     assert_eq!(smmu.unpreserve(9), Ok(d));
     assert_eq!(smmu.unpreserve(11), Ok(nested));
-    smmu.map(d, 0x4000_0000, 0x8000_2000, 0x1000, RW).unwrap();
+    smmu.map(d, Iova(0x4000_0000), PhysAddr(0x8000_2000), 0x1000, RW)
+        .unwrap();
     smmu.free_domain(d).unwrap();
     // Prepared again, the other way round: preserve, prepare, cancel, unpreserve, prepare records nothing of it.
     smmu.preserve(nested, 11).unwrap();
@@ -227,7 +237,8 @@ fn a_prepared_domain_is_unpreserved_only_after_the_hand_off_is_cancelled() {
     smmu.cancel_handover(pool, BASE).unwrap();
     smmu.unpreserve(11).unwrap();
     smmu.unpreserve(10).unwrap();
-    smmu.map(parent, 0x4000_0000, 0x8000_2000, 0x1000, RW).unwrap();
+    smmu.map(parent, Iova(0x4000_0000), PhysAddr(0x8000_2000), 0x1000, RW)
+        .unwrap();
 }
 
 #[test]
@@ -246,7 +257,7 @@ fn prepare_cleans_the_smmus_own_arena_for_a_hand_off_with_the_smmu_running() {
     let d = smmu
         .create_stage1(pool.take_memory().unwrap(), Stage1Options::default())
         .unwrap();
-    smmu.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+    smmu.map(d, Iova(0x1000), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
     smmu.attach(d, 0x10).unwrap();
     smmu.preserve(d, 0x77).unwrap();
     let identity = smmu.handover_identity(BASE);

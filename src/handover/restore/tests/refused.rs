@@ -1,6 +1,7 @@
 //! Refused restores and rebuilds: what they abort and invalidate before anything goes back, forbidden transitions, and a finish that fails half-way.
 
 use super::*;
+use crate::Iova;
 
 /// The record's page table, rewritten so that only a walk finds it broken (its table count cleared, so the
 /// rebuild walks it; a table descriptor pointing outside the domain's arena): the rebuild fails after it took
@@ -187,7 +188,7 @@ fn every_forbidden_handover_transition_is_a_typed_error_that_changes_nothing() {
     let mut smmu = boot(&model, frames);
     let pool = region.pool();
     let d = arena_stage1(&mut smmu, pool);
-    smmu.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+    smmu.map(d, Iova(0x1000), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
     smmu.attach(d, 0x10).unwrap();
     let late = arena_stage1(&mut smmu, pool);
     assert_eq!(smmu.handover_phase(), HandoverPhase::Idle);

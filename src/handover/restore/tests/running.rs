@@ -1,6 +1,7 @@
 //! A hand-off with the SMMU left running: adopting it, checking what it runs with, and aborting what the previous image left.
 
 use super::*;
+use crate::Iova;
 
 /// Rewrites the region's records with `change` applied and the CRC recomputed: a corruption only checks
 /// deeper than the CRC can find.
@@ -59,7 +60,7 @@ pub(super) fn running_first_image(region: &mut Region, frames: &'static HeapFram
         el2: false,
     };
     let d = first.create_stage1(pool.take_memory().unwrap(), options).unwrap();
-    first.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+    first.map(d, Iova(0x1000), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
     first.attach(d, 0x10).unwrap();
     first.preserve(d, 0x77).unwrap();
     first.prepare_handover(pool, BASE, 3, SURVIVING).unwrap();

@@ -2,6 +2,7 @@
 //! path, the records `handover_records` writes, lists walked under a read lock while others change.
 
 use super::*;
+use crate::Iova;
 use crate::smmu::tests::IDRS;
 use std::vec::Vec;
 
@@ -14,7 +15,7 @@ fn image_with_a_duplicated_substream(region: &mut Region, frames: &'static HeapF
         let mut smmu = boot(&model, frames);
         let pool = region.pool();
         let s1 = arena_stage1(&mut smmu, pool);
-        smmu.map(s1, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+        smmu.map(s1, Iova(0x1000), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
         smmu.attach(s1, 0x10).unwrap();
         smmu.attach_substream(s1, 0x10, 1).unwrap();
         smmu.preserve(s1, 0x72).unwrap();
@@ -101,7 +102,7 @@ fn handover_records_reads_a_prepared_running_hand_off() {
         el2: false,
     };
     let d = first.create_stage1(pool.take_memory().unwrap(), options).unwrap();
-    first.map(d, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+    first.map(d, Iova(0x1000), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
     first.attach(d, 0x10).unwrap();
     first.preserve(d, 0x77).unwrap();
     let mut buffer = std::vec![0u8; 4096];
@@ -130,7 +131,7 @@ fn handover_records_are_the_bytes_prepare_writes() {
     let mut smmu: Iommu<&'static HeapFrames> = model.smmu().init(frames, &options).unwrap();
     let pool = region.pool();
     let s1 = arena_stage1(&mut smmu, pool);
-    smmu.map(s1, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+    smmu.map(s1, Iova(0x1000), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
     for i in 0..20 {
         smmu.attach(s1, 0x100 + i).unwrap();
     }
@@ -143,7 +144,8 @@ fn handover_records_are_the_bytes_prepare_writes() {
     let parent = smmu
         .create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 })
         .unwrap();
-    smmu.map(parent, 0x4000_0000, 0x4000_0000, 0x1000, RW).unwrap();
+    smmu.map(parent, Iova(0x4000_0000), PhysAddr(0x4000_0000), 0x1000, RW)
+        .unwrap();
     for i in 0..40 {
         smmu.attach(parent, 0x200 + i).unwrap();
     }
@@ -201,7 +203,7 @@ fn a_restore_refused_half_way_through_its_streams_gives_every_node_back() {
         let mut smmu: Iommu<&'static HeapFrames> = model.smmu().init(frames, &options).unwrap();
         let pool = region.pool();
         let s1 = arena_stage1(&mut smmu, pool);
-        smmu.map(s1, 0x1000, 0x8000_0000, 0x1000, RW).unwrap();
+        smmu.map(s1, Iova(0x1000), PhysAddr(0x8000_0000), 0x1000, RW).unwrap();
         for i in 0..10 {
             smmu.attach(s1, 0x100 + i).unwrap();
         }
@@ -211,7 +213,7 @@ fn a_restore_refused_half_way_through_its_streams_gives_every_node_back() {
         let s2 = smmu
             .create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 })
             .unwrap();
-        smmu.map(s2, 0x1000, 0x8010_0000, 0x1000, RW).unwrap();
+        smmu.map(s2, Iova(0x1000), PhysAddr(0x8010_0000), 0x1000, RW).unwrap();
         for i in 0..30 {
             smmu.attach(s2, 0x200 + i).unwrap();
         }
