@@ -179,7 +179,15 @@ fn loom_two_maps_install_one_table() {
         let threads: Vec<_> = [0, 1]
             .map(|k| {
                 let t = t.clone();
-                thread::spawn(move || t.map_shared(k * PAGE, 0x8000_0000 + k * PAGE, PAGE, RW, &mut Gather::default()))
+                thread::spawn(move || {
+                    t.map_shared(
+                        Iova(k * PAGE),
+                        PhysAddr(0x8000_0000 + k * PAGE),
+                        PAGE,
+                        RW,
+                        &mut Gather::default(),
+                    )
+                })
             })
             .into_iter()
             .collect();
@@ -211,15 +219,16 @@ fn loom_a_map_races_a_trim_of_its_emptied_table() {
             let frames = frames();
             let t = tiny(frames, levels);
             let mut gather = Gather::default();
-            t.map_shared(0, 0x8000_0000, PAGE, RW, &mut gather).unwrap();
-            assert_eq!(t.unmap_page_shared(0, &mut gather), Ok(PAGE));
+            t.map_shared(Iova(0), PhysAddr(0x8000_0000), PAGE, RW, &mut gather)
+                .unwrap();
+            assert_eq!(t.unmap_page_shared(Iova(0), &mut gather), Ok(PAGE));
             assert_eq!(t.empty_tables(), 1);
             let before = tables_to(&t, 0);
             assert_eq!(before.len(), usize::from(levels) - 1);
             let t = Arc::new(t);
             let mapper = {
                 let t = t.clone();
-                thread::spawn(move || t.map_shared(PAGE, 0x8000_1000, PAGE, RW, &mut Gather::default()))
+                thread::spawn(move || t.map_shared(Iova(PAGE), PhysAddr(0x8000_1000), PAGE, RW, &mut Gather::default()))
             };
             let trimmer = {
                 let t = t.clone();
@@ -233,8 +242,8 @@ fn loom_a_map_races_a_trim_of_its_emptied_table() {
             let (unlinked, trimmed) = trimmer.join().unwrap();
             let mut t = Arc::into_inner(t).unwrap();
             assert_eq!(
-                t.iova_to_phys(PAGE + 8),
-                Some(0x8000_1008),
+                t.iova_to_phys(Iova(PAGE + 8)),
+                Some(PhysAddr(0x8000_1008)),
                 "the map's leaf is reachable"
             );
             let found = check(&t);
@@ -268,33 +277,35 @@ fn loom_a_map_races_an_unmap_of_the_same_page() {
             let t = tiny(frames, 2);
             let mut gather = Gather::default();
             // The other page keeps the table alive either way.
-            t.map_shared(PAGE, 0x9000_0000, PAGE, RW, &mut gather).unwrap();
+            t.map_shared(Iova(PAGE), PhysAddr(0x9000_0000), PAGE, RW, &mut gather)
+                .unwrap();
             if mapped_first {
-                t.map_shared(0, 0x8000_0000, PAGE, RW, &mut gather).unwrap();
+                t.map_shared(Iova(0), PhysAddr(0x8000_0000), PAGE, RW, &mut gather)
+                    .unwrap();
             }
             let t = Arc::new(t);
             let mapper = {
                 let t = t.clone();
-                thread::spawn(move || t.map_shared(0, 0xa000_0000, PAGE, RW, &mut Gather::default()))
+                thread::spawn(move || t.map_shared(Iova(0), PhysAddr(0xa000_0000), PAGE, RW, &mut Gather::default()))
             };
             let unmapper = {
                 let t = t.clone();
                 thread::spawn(move || {
                     let mut removed = Gather::default();
-                    let bytes = t.unmap_page_shared(0, &mut removed).unwrap();
+                    let bytes = t.unmap_page_shared(Iova(0), &mut removed).unwrap();
                     (bytes, removed)
                 })
             };
             let mapped = mapper.join().unwrap();
             let (unmapped, removed) = unmapper.join().unwrap();
             let mut t = Arc::into_inner(t).unwrap();
-            let now = t.iova_to_phys(0);
+            let now = t.iova_to_phys(Iova(0));
             match (mapped_first, mapped, unmapped) {
                 // Unmapped at first: the unmap came first (nothing to remove), or second (removes the map's).
-                (false, Ok(()), 0) => assert_eq!(now, Some(0xa000_0000)),
+                (false, Ok(()), 0) => assert_eq!(now, Some(PhysAddr(0xa000_0000))),
                 (false, Ok(()), PAGE) => assert_eq!(now, None),
                 // Mapped at first: the unmap always removes a page; the map succeeds only after it.
-                (true, Ok(()), PAGE) => assert_eq!(now, Some(0xa000_0000)),
+                (true, Ok(()), PAGE) => assert_eq!(now, Some(PhysAddr(0xa000_0000))),
                 (true, Err(MapError::Overlap { iova: 0 }), PAGE) => assert_eq!(now, None),
                 other => panic!("an outcome no order of the two explains: {other:?}"),
             }
@@ -314,14 +325,15 @@ fn loom_two_unmaps_of_one_page_remove_it_once() {
     model(|| {
         let frames = frames();
         let t = tiny(frames, 2);
-        t.map_shared(0, 0x8000_0000, PAGE, RW, &mut Gather::default()).unwrap();
+        t.map_shared(Iova(0), PhysAddr(0x8000_0000), PAGE, RW, &mut Gather::default())
+            .unwrap();
         let t = Arc::new(t);
         let threads: Vec<_> = (0..2)
             .map(|_| {
                 let t = t.clone();
                 thread::spawn(move || {
                     let mut removed = Gather::default();
-                    let bytes = t.unmap_page_shared(0, &mut removed).unwrap();
+                    let bytes = t.unmap_page_shared(Iova(0), &mut removed).unwrap();
                     (bytes, removed)
                 })
             })
@@ -355,7 +367,12 @@ fn loom_two_maps_of_one_page_have_one_winner() {
         let threads: Vec<_> = [0x8000_0000u64, 0x9000_0000]
             .map(|pa| {
                 let t = t.clone();
-                thread::spawn(move || (pa, t.map_shared(0, pa, PAGE, RW, &mut Gather::default())))
+                thread::spawn(move || {
+                    (
+                        pa,
+                        t.map_shared(Iova(0), PhysAddr(pa), PAGE, RW, &mut Gather::default()),
+                    )
+                })
             })
             .into_iter()
             .collect();
@@ -364,7 +381,7 @@ fn loom_two_maps_of_one_page_have_one_winner() {
         let winners: Vec<u64> = results.iter().filter(|r| r.1.is_ok()).map(|r| r.0).collect();
         assert_eq!(winners.len(), 1, "{results:?}");
         assert!(results.iter().any(|r| r.1 == Err(MapError::Overlap { iova: 0 })));
-        assert_eq!(t.iova_to_phys(0), Some(winners[0]));
+        assert_eq!(t.iova_to_phys(Iova(0)), Some(PhysAddr(winners[0])));
         let found = check(&t);
         assert_eq!((found.leaves.len(), found.tables, frames.live()), (1, 2, 2));
         finish(t, frames);
