@@ -5,6 +5,8 @@
 use core::fmt;
 use core::ptr::NonNull;
 
+use crate::handover::pool::HandoverMemory;
+
 /// A physical (output) address as the SMMU sees it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(transparent)]
@@ -144,6 +146,42 @@ impl fmt::Display for AllocError {
 /// SMMU the driver itself cleans every block the SMMU reads (stream table, CD tables, page tables, command queue)
 /// to the point of coherency before the SMMU can reach it, and cleans *and invalidates* the event queue, which the
 /// SMMU writes, before giving the SMMU its base, so that no dirty line can later be evicted over a record.
+///
+/// An implementation writes three methods: [`allocate_zeroed`](FrameAllocator::allocate_zeroed),
+/// [`free`](FrameAllocator::free) and [`phys_to_virt`](FrameAllocator::phys_to_virt) (the CPU address of a frame
+/// the SMMU reaches at a physical address). Three more have defaults it may replace for speed
+/// (`allocate_for_overwrite`, `allocate_many`, `free_many`). What a live update needs of memory (ownership,
+/// sealing, the runs of frames to record) is the driver's own [`HandoverMemory`]'s business, not an
+/// allocator's.
+///
+/// ```
+/// use core::ptr::NonNull;
+/// use smmuv3::mem::{AllocError, DmaBlock, FrameAllocator};
+/// use smmuv3::PhysAddr;
+///
+/// /// A board's frame pool: CPU address = physical address (an identity-mapped EL2).
+/// struct Frames;
+///
+/// # fn take_zeroed_frames(size: usize, align: usize) -> Option<u64> { None }
+/// # fn give_back_frames(phys: u64, size: usize) {}
+/// # fn in_pool(phys: u64) -> bool { false }
+/// // SAFETY: blocks come zeroed, contiguous and aligned from the board's reserved pool, each held by one user.
+/// unsafe impl FrameAllocator for Frames {
+///     fn allocate_zeroed(&self, size: usize, align: usize) -> Result<DmaBlock, AllocError> {
+///         let phys = take_zeroed_frames(size, align).ok_or(AllocError::OutOfMemory { size })?;
+///         let virt = NonNull::new(phys as *mut u8).ok_or(AllocError::OutOfMemory { size })?;
+///         Ok(DmaBlock { phys: PhysAddr(phys), virt, size })
+///     }
+///
+///     unsafe fn free(&self, block: DmaBlock) {
+///         give_back_frames(block.phys.0, block.size);
+///     }
+///
+///     fn phys_to_virt(&self, phys: PhysAddr) -> Option<NonNull<u8>> {
+///         in_pool(phys.0).then(|| NonNull::new(phys.0 as *mut u8)).flatten()
+///     }
+/// }
+/// ```
 pub unsafe trait FrameAllocator: Sync {
     /// Allocates `size` zeroed bytes aligned to `align` (a power of two).
     ///
@@ -209,51 +247,107 @@ pub unsafe trait FrameAllocator: Sync {
     /// (page-table walks follow physical addresses found in descriptors). Returns `None` for any other address.
     fn phys_to_virt(&self, phys: PhysAddr) -> Option<NonNull<u8>>;
 
-    /// Whether this is memory that survives a live update (memory of the handover pool), which a domain to be
-    /// preserved must use. `false` (the default) for ordinary memory.
-    fn survives_handover(&self) -> bool {
-        false
-    }
-
-    /// For memory that survives a live update: the first run of frames this allocator holds (has handed out, or
-    /// holds for itself) that starts at or after physical address `from`. Runs come in ascending order and never
-    /// touch one another, so `handover_run(0)`, then `handover_run(end of the last)`, and so on, lists them all.
-    /// `None` past the last, and always (the default) for ordinary memory.
-    fn handover_run(&self, from: u64) -> Option<Extent> {
-        let _ = from;
+    /// Not for implementations: the driver's own handover memory ([`HandoverMemory`]) answers here, which is how
+    /// the driver tells memory that survives a live update from any other. The default (`None`) is the only
+    /// answer another allocator can give: the argument's type cannot be named outside this crate, so this method
+    /// can be neither called nor overridden there.
+    #[doc(hidden)]
+    fn handover_memory(&self, _: sealed::Token) -> Option<&HandoverMemory> {
         None
     }
+}
 
-    /// Called when the domain that owned this allocator alone is freed, after everything it allocated went back:
-    /// a memory of the handover pool becomes free for another domain. Nothing (the default) for shared memory.
+/// The unnameable argument of `FrameAllocator::handover_memory`.
+pub(crate) mod sealed {
+    /// Only this crate makes one.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Token(pub(crate) ());
+}
+
+/// What the driver asks of memory beyond allocating and freeing: how memory that survives a live update (a
+/// [`HandoverMemory`]) is owned, sealed and listed. Every other allocator gets the answers of shared memory that
+/// does not survive: owned by anyone, never sealed, no runs. Implemented for every [`FrameAllocator`]; a user
+/// implements none of it.
+pub(crate) trait MemoryHooks {
+    /// Whether this is memory that survives a live update (memory of the handover pool), which a domain to be
+    /// preserved must use.
+    fn survives_handover(&self) -> bool;
+
+    /// For memory that survives a live update: the first run of frames it holds (has handed out, or holds for
+    /// itself) that starts at or after physical address `from` (see [`HandoverMemory::handover_run`]). `None`
+    /// past the last, and always for ordinary memory.
+    fn handover_run(&self, from: u64) -> Option<Extent>;
+
+    /// Called when the domain that owned this memory alone is freed, after everything it allocated went back: a
+    /// memory of the handover pool becomes free for another domain. Nothing for shared memory.
     ///
     /// # Safety
-    /// Nothing (CPU or SMMU) may access a block this allocator handed out afterwards: an implementation may hand
-    /// all of its memory out again.
-    unsafe fn retire(&self) {}
+    /// Nothing (CPU or SMMU) may access a block this memory handed out afterwards.
+    unsafe fn retire(&self);
 
-    /// Claims this allocator for one owner, a domain or an SMMU's own structures (`Smmu::init`,
-    /// `Smmu::adopt_running`): memory meant for a single owner (a handover memory) answers `false` when it is owned
-    /// already. Shared memory (the default) always answers `true`.
-    fn take_ownership(&self) -> bool {
-        true
+    /// Claims this memory for one owner, a domain or an SMMU's own structures (`Smmu::init`,
+    /// `Smmu::adopt_running`): a handover memory answers `false` when it is owned already; shared memory always
+    /// answers `true`.
+    fn take_ownership(&self) -> bool;
+
+    /// Undoes a successful [`MemoryHooks::take_ownership`] whose owner was never created or is gone without
+    /// retiring the memory.
+    fn give_up_ownership(&self);
+
+    /// From now until the hand-off, hand out nothing (memory that survives a live update).
+    fn seal(&self);
+
+    /// Undoes [`MemoryHooks::seal`] (the hand-off was cancelled).
+    fn unseal(&self);
+
+    /// Whether [`MemoryHooks::seal`] is in force.
+    fn sealed(&self) -> bool;
+}
+
+impl<T: FrameAllocator + ?Sized> MemoryHooks for T {
+    #[inline]
+    fn survives_handover(&self) -> bool {
+        self.handover_memory(sealed::Token(())).is_some()
     }
 
-    /// Undoes a successful [`FrameAllocator::take_ownership`] whose owner was never created (its creation failed
-    /// after the claim, and everything it allocated went back) or is gone without retiring the memory (an SMMU
-    /// shut down). Nothing (the default) for shared memory.
-    fn give_up_ownership(&self) {}
+    fn handover_run(&self, from: u64) -> Option<Extent> {
+        self.handover_memory(sealed::Token(()))?.handover_run(from)
+    }
 
-    /// From now until the hand-off, hand out nothing: what is recorded for a live update must not grow after the
-    /// records were written. Nothing (the default) for memory that does not survive a live update.
-    fn seal(&self) {}
+    unsafe fn retire(&self) {
+        if let Some(memory) = self.handover_memory(sealed::Token(())) {
+            // SAFETY: the caller's guarantee, passed on.
+            unsafe { memory.retire() }
+        }
+    }
 
-    /// Undoes [`FrameAllocator::seal`] (the hand-off was cancelled).
-    fn unseal(&self) {}
+    fn take_ownership(&self) -> bool {
+        self.handover_memory(sealed::Token(()))
+            .is_none_or(|memory| memory.take_ownership())
+    }
 
-    /// Whether [`FrameAllocator::seal`] is in force (a hand-off is prepared with this memory recorded).
+    fn give_up_ownership(&self) {
+        if let Some(memory) = self.handover_memory(sealed::Token(())) {
+            memory.give_up_ownership();
+        }
+    }
+
+    fn seal(&self) {
+        if let Some(memory) = self.handover_memory(sealed::Token(())) {
+            memory.seal();
+        }
+    }
+
+    fn unseal(&self) {
+        if let Some(memory) = self.handover_memory(sealed::Token(())) {
+            memory.unseal();
+        }
+    }
+
+    #[inline]
     fn sealed(&self) -> bool {
-        false
+        self.handover_memory(sealed::Token(()))
+            .is_some_and(|memory| memory.sealed())
     }
 }
 
@@ -298,37 +392,8 @@ unsafe impl<T: FrameAllocator + ?Sized> FrameAllocator for &T {
         (**self).phys_to_virt(phys)
     }
 
-    fn survives_handover(&self) -> bool {
-        (**self).survives_handover()
-    }
-
-    fn handover_run(&self, from: u64) -> Option<Extent> {
-        (**self).handover_run(from)
-    }
-
-    unsafe fn retire(&self) {
-        // SAFETY: the caller's guarantee, passed on.
-        unsafe { (**self).retire() }
-    }
-
-    fn take_ownership(&self) -> bool {
-        (**self).take_ownership()
-    }
-
-    fn give_up_ownership(&self) {
-        (**self).give_up_ownership()
-    }
-
-    fn seal(&self) {
-        (**self).seal()
-    }
-
-    fn unseal(&self) {
-        (**self).unseal()
-    }
-
-    fn sealed(&self) -> bool {
-        (**self).sealed()
+    fn handover_memory(&self, token: sealed::Token) -> Option<&HandoverMemory> {
+        (**self).handover_memory(token)
     }
 }
 

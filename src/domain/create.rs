@@ -3,6 +3,7 @@
 use crate::hw::command::Command;
 use crate::hw::ste::EntryError;
 use crate::ids::DomainId;
+use crate::mem::MemoryHooks;
 use crate::mem::{FrameAllocator, Iova, PhysAddr};
 use crate::pgtable::{IoPageTable, Stage};
 use crate::queue::cmdq::Batch;

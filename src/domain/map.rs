@@ -4,6 +4,7 @@
 
 use crate::hw::command::Command;
 use crate::ids::DomainId;
+use crate::mem::MemoryHooks;
 use crate::mem::{Extent, FrameAllocator, Iova, PhysAddr};
 use crate::pgtable::{Gather, Prot};
 use crate::protected::ProtectError;

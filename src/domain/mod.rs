@@ -218,7 +218,7 @@ impl Smmu {
     /// TLBI_NSNH_ALL, CMD_SYNC), then SMMUEN.
     ///
     /// Memory comes from `allocator`, which the returned handle keeps and owns
-    /// ([`FrameAllocator::take_ownership`]): a domain cannot be created on memory for a single owner (a handover
+    /// (a [`HandoverMemory`](crate::handover::pool::HandoverMemory) has one owner): a domain cannot be created on memory for a single owner (a handover
     /// memory) that holds the SMMU's own structures, since freeing the domain would give that memory back.
     ///
     /// # Errors
@@ -305,7 +305,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
 
     /// Turns interrupts, translation and the queues off and leaves incoming transactions to GBPA: aborting, or bypassing
     /// when `bypass` (the state QEMU resets to). The stream table and queues go back to the allocator (which no
-    /// longer belongs to the SMMU, see [`FrameAllocator::take_ownership`]), every domain's page tables to its memory.
+    /// longer belongs to the SMMU, a [`HandoverMemory`](crate::handover::pool::HandoverMemory) has one owner), every domain's page tables to its memory.
     ///
     /// # Errors
     /// [`InitError::Timeout`] when the SMMU does not acknowledge; the memory is then kept (leaked), the domains'

@@ -3,6 +3,7 @@
 
 use crate::ids::DomainId;
 use crate::mem::FrameAllocator;
+use crate::mem::MemoryHooks;
 
 use super::{DomainError, Iommu, Translation};
 

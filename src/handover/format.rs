@@ -8,6 +8,7 @@
 //! every structure starts 64-bit aligned. The bytes are untrusted when decoded: they are read through `zerocopy`
 //! (no `unsafe` here) and [`decode`] checks everything before it returns a record.
 
+use crate::mem::MemoryHooks;
 use core::mem::{offset_of, size_of};
 use core::sync::atomic::{Ordering, fence};
 

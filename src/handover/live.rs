@@ -9,6 +9,7 @@ use super::{
 use crate::domain::{Book, DomainId, DomainState, Domains, Iommu, StateMut, Storage, Translation};
 use crate::hw::ste::{CdTableLayout, DefaultSubstream};
 use crate::mem::FrameAllocator;
+use crate::mem::MemoryHooks;
 use crate::pgtable::IoPageTable;
 use crate::stream::StreamTableFormat;
 

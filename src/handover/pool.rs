@@ -11,7 +11,7 @@
 //! A domain meant to be preserved is created with a memory from [`HandoverPool::take_memory`]: it takes frames
 //! from anywhere in the pool as the domain grows (next fit, so a domain built at once lies in few runs) and gives
 //! them back as it frees them, so no domain is capped but by the pool. Its record lists the runs of frames it
-//! holds ([`FrameAllocator::handover_run`]); after the hand-off the next image adopts exactly those frames
+//! holds (`HandoverMemory::handover_run`); after the hand-off the next image adopts exactly those frames
 //! ([`HandoverPool::adopt`]) before it adopts the tables inside them, and hands none of them out again until the
 //! domain is freed. An SMMU's own structures, which a hand-off with the SMMU running records as one extent from
 //! its stream table (`core_len`), come from a window ([`HandoverPool::take_window`]): a contiguous run of frames
@@ -969,7 +969,7 @@ impl HandoverMemory {
     }
 
     /// Gives the memory back to its pool, empty: every frame it holds (and every frame its window sets aside)
-    /// is free again. Freeing the domain that owns the memory does this ([`FrameAllocator::retire`]).
+    /// is free again. Freeing the domain that owns the memory does this (the memory is retired).
     ///
     /// # Safety
     /// Nothing (CPU or SMMU) may access a block this memory handed out (or adopted) afterwards: everything in it
@@ -1126,11 +1126,18 @@ unsafe impl FrameAllocator for HandoverMemory {
         (l.owners()[page].load(Ordering::Relaxed) == id).then(|| NonNull::new(l.virt_of(phys.0) as *mut u8))?
     }
 
-    fn survives_handover(&self) -> bool {
-        true
+    fn handover_memory(&self, _: crate::mem::sealed::Token) -> Option<&HandoverMemory> {
+        Some(self)
     }
+}
 
-    fn handover_run(&self, from: u64) -> Option<Extent> {
+/// What the driver asks of memory that survives a live update beyond allocating (see `mem::MemoryHooks`, through
+/// which the driver reaches these for any allocator).
+impl HandoverMemory {
+    /// The first run of frames this memory holds (has handed out, or holds for itself) that starts at or after
+    /// physical address `from`. Runs come in ascending order and never touch one another, so `handover_run(0)`,
+    /// then `handover_run(end of the last)`, and so on, lists them all; `None` past the last.
+    pub(crate) fn handover_run(&self, from: u64) -> Option<Extent> {
         let (_, l, id) = self.context()?;
         let s = *self.state.lock();
         let (lo, hi) = (s.lo as usize, (s.hi as usize).min(l.pages));
@@ -1159,29 +1166,41 @@ unsafe impl FrameAllocator for HandoverMemory {
         })
     }
 
-    unsafe fn retire(&self) {
+    /// The domain that owned this memory alone is freed, and everything it allocated went back: the memory
+    /// becomes free for another domain.
+    ///
+    /// # Safety
+    /// Nothing (CPU or SMMU) may access a block this memory handed out afterwards.
+    pub(crate) unsafe fn retire(&self) {
         // SAFETY: `retire`'s contract: nothing accesses what this memory handed out.
         unsafe { self.release() };
     }
 
-    fn take_ownership(&self) -> bool {
+    /// Claims this memory for one owner (a domain, or an SMMU's own structures): `false` when it is owned
+    /// already.
+    pub(crate) fn take_ownership(&self) -> bool {
         let mut s = self.state.lock();
         !core::mem::replace(&mut s.owned, true)
     }
 
-    fn give_up_ownership(&self) {
+    /// Undoes a successful [`HandoverMemory::take_ownership`].
+    pub(crate) fn give_up_ownership(&self) {
         self.state.lock().owned = false;
     }
 
-    fn seal(&self) {
+    /// From now until the hand-off, hand out nothing: what is recorded must not grow after the records were
+    /// written.
+    pub(crate) fn seal(&self) {
         self.state.lock().sealed = true;
     }
 
-    fn unseal(&self) {
+    /// Undoes [`HandoverMemory::seal`] (the hand-off was cancelled).
+    pub(crate) fn unseal(&self) {
         self.state.lock().sealed = false;
     }
 
-    fn sealed(&self) -> bool {
+    /// Whether [`HandoverMemory::seal`] is in force.
+    pub(crate) fn sealed(&self) -> bool {
         self.state.lock().sealed
     }
 }

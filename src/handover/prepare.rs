@@ -9,6 +9,7 @@ use super::verify::{Outputs, Refusal};
 use super::{Extent, SmmuIdentity, clean_to_memory};
 use crate::domain::{Book, DomainId, DomainState, Iommu, Prepared, StateMut, Storage, Translation};
 use crate::mem::FrameAllocator;
+use crate::mem::MemoryHooks;
 
 /// Why the handover could not be prepared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

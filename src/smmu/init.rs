@@ -1,6 +1,7 @@
 //! Bringing an SMMU up and down: init in the architecture's order, taking over one a previous image left
 //! translating, turning translation off, and shutting down with the memory given back.
 
+use crate::mem::MemoryHooks;
 use core::fmt;
 
 use tock_registers::interfaces::{Readable, Writeable};
@@ -155,7 +156,7 @@ pub enum InitError {
         expected: u64,
     },
     /// The allocator is memory for a single owner (a handover memory) that a domain or another SMMU owns already
-    /// ([`FrameAllocator::take_ownership`]): the SMMU's own structures cannot share it, since freeing that domain
+    /// (a [`HandoverMemory`](crate::handover::pool::HandoverMemory) has one owner): the SMMU's own structures cannot share it, since freeing that domain
     /// would hand the memory out again under the SMMU. Nothing was allocated or written.
     MemoryOwned,
     /// The running SMMU is not the one the previous image recorded: an ID register reads otherwise.
@@ -572,7 +573,7 @@ impl Smmu {
 impl<A: FrameAllocator> SmmuCore<A> {
     /// Turns interrupts, translation and the queues off and leaves incoming transactions to GBPA: aborting, or bypassing
     /// when `bypass` (the state QEMU resets to). The stream table and queues go back to the allocator (which no
-    /// longer belongs to the SMMU, see [`FrameAllocator::take_ownership`]), the layers above give back their own.
+    /// longer belongs to the SMMU, a [`HandoverMemory`](crate::handover::pool::HandoverMemory) has one owner), the layers above give back their own.
     ///
     /// # Errors
     /// [`InitError::Timeout`] when the SMMU does not acknowledge; the memory is then kept (leaked), since the SMMU may still read
