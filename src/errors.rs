@@ -313,4 +313,56 @@ mod tests {
         }
         assert_eq!(chain.len(), 4, "{chain:?}");
     }
+
+    /// The payloads that replaced `&'static str` messages (issue 24) display as the messages did, words kept.
+    #[test]
+    fn payloads_display_as_the_messages_did() {
+        use crate::domain::DomainKind;
+        use crate::handover::restore::RestoreLimit;
+        use crate::ids::DomainId;
+        use crate::{Capacity, Unsupported, Wanted};
+
+        assert_eq!(
+            DomainError::TooMany(Capacity::SubstreamsOfStream).to_string(),
+            "too many substreams of the stream"
+        );
+        assert_eq!(
+            DomainError::Unsupported(Unsupported::NoStage2).to_string(),
+            "the SMMU cannot do this: no stage 2 (IDR0.S2P = 0)"
+        );
+        assert_eq!(
+            DomainError::Unsupported(Unsupported::GuestCdTableTooLarge {
+                cd_max_log2: 12,
+                ssid_bits: 8
+            })
+            .to_string(),
+            "the SMMU cannot do this: the guest's CD table has more substreams (2^12) than IDR1.SSIDSIZE (8 bits)"
+        );
+        let domain = DomainId::new(3, 1);
+        assert_eq!(
+            DomainError::WrongKind {
+                domain,
+                kind: DomainKind::Identity,
+                wanted: Wanted::ChangingMappings,
+            }
+            .to_string(),
+            std::format!(
+                "{domain} is a identity domain; this needs a stage-1 or stage-2 domain whose mappings change (an \
+                 identity domain's are fixed)"
+            )
+        );
+        assert_eq!(
+            RestoreError::BeyondLimits {
+                token: 0x61,
+                what: RestoreLimit::StreamAttached,
+                value: 0x10,
+            }
+            .to_string(),
+            "restore: record 0x61 needs a StreamID attached in this image 0x10, beyond this SMMU"
+        );
+        assert_eq!(
+            RecordError::NoMemoryForLocks { domains: 3 }.to_string(),
+            "too many preserved domains (3) for a handover record: no memory to hold their locks"
+        );
+    }
 }

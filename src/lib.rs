@@ -239,8 +239,8 @@ pub mod testing;
 
 pub use board::{IommuMap, IommuMapEntry, SmmuDescription, SmmuInterrupts};
 pub use domain::{
-    DomainError, DomainId, DomainKind, DomainMemory, Fault, FaultKind, FaultReport, GuestContext, GuestInvalidation,
-    GuestStage1, Iommu, LowLevel, Stage1Options, Stage2Options,
+    Capacity, DomainError, DomainId, DomainKind, DomainMemory, Fault, FaultKind, FaultReport, GuestContext,
+    GuestInvalidation, GuestStage1, Iommu, LowLevel, Stage1Options, Stage2Options, Unsupported, Wanted,
 };
 pub use handover::pool::HandoverPool;
 pub use handover::verify::RestoreOptions;

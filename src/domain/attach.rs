@@ -12,7 +12,7 @@ use crate::stream::StreamError;
 
 use super::fault::BookGuard;
 use super::table::Book;
-use super::{DomainError, Iommu, STREAM_SSID_BITS, StreamRecord, Translation};
+use super::{Capacity, DomainError, Iommu, STREAM_SSID_BITS, StreamRecord, Translation, Wanted};
 
 impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// Attaches the whole stream `sid` to `domain`: its STE is written (hitlessly where the architecture allows)
@@ -43,10 +43,10 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                 });
             }
             if book.streams.is_full() {
-                return Err(DomainError::TooMany("attached streams"));
+                return Err(DomainError::TooMany(Capacity::AttachedStreams));
             }
             if book.free_nodes.len() == 0 {
-                return Err(DomainError::TooMany("attachments"));
+                return Err(DomainError::TooMany(Capacity::Attachments));
             }
             let sid_bits = self.stream_sid_bits();
             if sid_bits < 32 && sid >> sid_bits != 0 {
@@ -187,7 +187,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                     return Err(DomainError::WrongKind {
                         domain,
                         kind: state.kind(),
-                        wanted: "a stage-1 domain",
+                        wanted: Wanted::Stage1,
                     });
                 };
                 (cd, state.is_el2())
@@ -207,10 +207,10 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                 return Err(DomainError::StreamInUse { sid, domain: *d });
             }
             if record.substreams.is_full() {
-                return Err(DomainError::TooMany("substreams of the stream"));
+                return Err(DomainError::TooMany(Capacity::SubstreamsOfStream));
             }
             if book.free_nodes.len() == 0 {
-                return Err(DomainError::TooMany("attachments"));
+                return Err(DomainError::TooMany(Capacity::Attachments));
             }
             let stream_domain = record.domain;
             let (stream_el2, memory) = {

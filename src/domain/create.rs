@@ -11,6 +11,7 @@ use crate::queue::cmdq::Batch;
 use super::table::Fixed;
 use super::{
     DomainError, DomainKind, DomainMemory, DomainState, GuestStage1, Iommu, Stage1Options, Stage2Options, Translation,
+    Unsupported, Wanted,
 };
 
 impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
@@ -26,10 +27,10 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     pub fn create_stage1(&self, memory: DomainMemory, options: Stage1Options) -> Result<DomainId, DomainError> {
         let features = *self.features();
         if !features.stage1 {
-            return Err(DomainError::Unsupported("no stage 1 (IDR0.S1P = 0)"));
+            return Err(DomainError::Unsupported(Unsupported::NoStage1));
         }
         if options.el2 && !features.hyp {
-            return Err(DomainError::Unsupported("EL2 stage 1 needs EL2 contexts (IDR0.HYP)"));
+            return Err(DomainError::Unsupported(Unsupported::NoEl2Contexts));
         }
         self.stalls_forced()?;
         self.book().check_free_slot()?;
@@ -57,7 +58,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     pub fn create_stage2(&self, memory: DomainMemory, options: Stage2Options) -> Result<DomainId, DomainError> {
         let features = *self.features();
         if !features.stage2 {
-            return Err(DomainError::Unsupported("no stage 2 (IDR0.S2P = 0)"));
+            return Err(DomainError::Unsupported(Unsupported::NoStage2));
         }
         self.stalls_forced()?;
         self.book().check_free_slot()?;
@@ -117,12 +118,13 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     pub fn create_nested(&self, parent: DomainId, guest: GuestStage1) -> Result<DomainId, DomainError> {
         let features = *self.features();
         if !features.nesting {
-            return Err(DomainError::Unsupported("no nested translation on this SMMU"));
+            return Err(DomainError::Unsupported(Unsupported::NoNesting));
         }
         if guest.cd_max_log2 > features.ssid_bits {
-            return Err(DomainError::Unsupported(
-                "the guest's CD table has more substreams than IDR1.SSIDSIZE",
-            ));
+            return Err(DomainError::Unsupported(Unsupported::GuestCdTableTooLarge {
+                cd_max_log2: guest.cd_max_log2,
+                ssid_bits: features.ssid_bits,
+            }));
         }
         if !guest.cd_table.is_multiple_of(64) {
             return Err(DomainError::Entry(EntryError::Misaligned {
@@ -146,7 +148,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                 return Err(DomainError::WrongKind {
                     domain: parent,
                     kind: state.kind(),
-                    wanted: "a stage-2 parent",
+                    wanted: Wanted::Stage2Parent,
                 });
             };
             *children += 1;
@@ -286,7 +288,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             Translation::Nested { .. } | Translation::Fixed(_) => Err(DomainError::WrongKind {
                 domain,
                 kind: state.kind(),
-                wanted: "a stage-1 or stage-2 domain (a nested domain's stage 1 belongs to its guest)",
+                wanted: Wanted::Stage1OrStage2,
             }),
         }
     }

@@ -9,7 +9,7 @@ use crate::mem::{FrameAllocator, PhysAddr};
 use crate::pgtable::{Format, Granule, IoPageTable, Stage};
 use crate::smmu::features::{Features, StallModel};
 
-use super::{DomainError, DomainMemory, GuestStage1, Iommu, Translation};
+use super::{DomainError, DomainMemory, GuestStage1, Iommu, Translation, Unsupported};
 
 /// A guest's stage-1 context as a guest's own driver builds it: a CD table with one CD for the guest's stage-1
 /// table, in guest memory. For hypervisor firmware that plays the guest in tests (a real guest builds these itself,
@@ -111,9 +111,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
 
     pub(super) fn stalls_forced(&self) -> Result<(), DomainError> {
         match self.features().entry_rules().stall {
-            StallRule::Forced => Err(DomainError::Unsupported(
-                "stalling is forced (IDR0.STALL_MODEL = 0b10) and this driver does not resume stalled transactions",
-            )),
+            StallRule::Forced => Err(DomainError::Unsupported(Unsupported::StallsForced)),
             _ => Ok(()),
         }
     }
@@ -174,7 +172,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             Translation::Fixed(super::table::Fixed::Bypass) => Ok(Ste::bypass_for(&rules)),
             Translation::Stage1 { el2, .. } => {
                 let Some(cds) = cd_table else {
-                    return Err(DomainError::Unsupported("a stage-1 stream needs its CD table"));
+                    return Err(DomainError::Unsupported(Unsupported::Stage1WithoutCdTable));
                 };
                 let bits = cds.format().ssid_bits();
                 Ste::stage1(

@@ -12,6 +12,111 @@ use crate::stream::StreamError;
 
 use super::DomainKind;
 
+/// Which fixed-capacity list is full ([`DomainError::TooMany`]). Its `Display` names what there are too many of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Capacity {
+    /// Streams attached at once ([`InitOptions::attached_streams`](crate::InitOptions::attached_streams)): detach one, or initialise with more.
+    AttachedStreams,
+    /// Attachments (streams and substreams) the domains hold together: no node is left.
+    Attachments,
+    /// Substreams attached to one stream (at most [`MAX_SUBSTREAMS_PER_STREAM`](super::MAX_SUBSTREAMS_PER_STREAM)).
+    SubstreamsOfStream,
+    /// Preserved domains (the token index holds as many as the domain table).
+    PreservedDomains,
+    /// Restored domains waiting to be retrieved.
+    RestoredDomains,
+}
+
+impl fmt::Display for Capacity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Capacity::AttachedStreams => "attached streams",
+            Capacity::Attachments => "attachments",
+            Capacity::SubstreamsOfStream => "substreams of the stream",
+            Capacity::PreservedDomains => "preserved domains",
+            Capacity::RestoredDomains => "restored domains",
+        })
+    }
+}
+
+/// What the SMMU (or the driver on it) cannot do ([`DomainError::Unsupported`]). Its `Display` says why, naming
+/// the ID register field where there is one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Unsupported {
+    /// No stage 1 (IDR0.S1P = 0).
+    NoStage1,
+    /// An EL2 stage-1 domain needs EL2 contexts (IDR0.HYP = 0).
+    NoEl2Contexts,
+    /// No stage 2 (IDR0.S2P = 0).
+    NoStage2,
+    /// No nested translation (both stages, and no erratum against nesting).
+    NoNesting,
+    /// The guest's CD table has more substreams than the SMMU can index (IDR1.SSIDSIZE).
+    GuestCdTableTooLarge {
+        /// The guest CD table's size, log2 of its entries.
+        cd_max_log2: u8,
+        /// SubstreamID bits the SMMU has (IDR1.SSIDSIZE).
+        ssid_bits: u8,
+    },
+    /// Stalling is forced (IDR0.STALL_MODEL = 0b10) and this driver does not resume stalled transactions.
+    StallsForced,
+    /// A stage-1 stream's STE was asked for without its CD table.
+    Stage1WithoutCdTable,
+}
+
+impl fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unsupported::NoStage1 => f.write_str("no stage 1 (IDR0.S1P = 0)"),
+            Unsupported::NoEl2Contexts => f.write_str("EL2 stage 1 needs EL2 contexts (IDR0.HYP)"),
+            Unsupported::NoStage2 => f.write_str("no stage 2 (IDR0.S2P = 0)"),
+            Unsupported::NoNesting => f.write_str("no nested translation on this SMMU"),
+            Unsupported::GuestCdTableTooLarge { cd_max_log2, ssid_bits } => write!(
+                f,
+                "the guest's CD table has more substreams (2^{cd_max_log2}) than IDR1.SSIDSIZE ({ssid_bits} bits)"
+            ),
+            Unsupported::StallsForced => f.write_str(
+                "stalling is forced (IDR0.STALL_MODEL = 0b10) and this driver does not resume stalled transactions",
+            ),
+            Unsupported::Stage1WithoutCdTable => f.write_str("a stage-1 stream needs its CD table"),
+        }
+    }
+}
+
+/// What kind of domain an operation needs ([`DomainError::WrongKind`]). Its `Display` says it, and why where the
+/// reason is not plain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Wanted {
+    /// A stage-2 domain, as the parent of a nested domain.
+    Stage2Parent,
+    /// A stage-1 or stage-2 domain: one whose page table the driver owns (a nested domain's stage 1 belongs to its
+    /// guest).
+    Stage1OrStage2,
+    /// A stage-1 or stage-2 domain, whose mappings change (an identity domain's are fixed).
+    ChangingMappings,
+    /// A nested domain.
+    Nested,
+    /// A stage-1 domain.
+    Stage1,
+}
+
+impl fmt::Display for Wanted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Wanted::Stage2Parent => "a stage-2 parent",
+            Wanted::Stage1OrStage2 => "a stage-1 or stage-2 domain (a nested domain's stage 1 belongs to its guest)",
+            Wanted::ChangingMappings => {
+                "a stage-1 or stage-2 domain whose mappings change (an identity domain's are fixed)"
+            }
+            Wanted::Nested => "a nested domain",
+            Wanted::Stage1 => "a stage-1 domain",
+        })
+    }
+}
+
 /// Why a domain operation failed. Every operation that returns an error changed nothing, except where the
 /// variant says otherwise (a failed invalidation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,8 +129,8 @@ pub enum DomainError {
         /// The capacity.
         capacity: usize,
     },
-    /// A fixed-capacity list is full.
-    TooMany(&'static str),
+    /// A fixed-capacity list is full: which one.
+    TooMany(Capacity),
     /// The operation needs another kind of domain.
     WrongKind {
         /// The domain.
@@ -33,10 +138,10 @@ pub enum DomainError {
         /// Its kind.
         kind: DomainKind,
         /// What the operation needs.
-        wanted: &'static str,
+        wanted: Wanted,
     },
-    /// The SMMU cannot do this (a stage it lacks, no substreams, a stall model the driver does not serve).
-    Unsupported(&'static str),
+    /// The SMMU cannot do this (a stage it lacks, no substreams, a stall model the driver does not serve): why.
+    Unsupported(Unsupported),
     /// The stream cannot be reached (beyond the stream table).
     Stream(StreamError),
     /// The stream is attached to a domain already: detach it first.
@@ -199,11 +304,11 @@ impl fmt::Display for DomainError {
         match self {
             DomainError::StaleDomain(d) => write!(f, "{d} was freed (stale handle)"),
             DomainError::NoDomainSlot { capacity } => write!(f, "all {capacity} domain slots are in use"),
-            DomainError::TooMany(what) => write!(f, "too many {what}"),
+            DomainError::TooMany(capacity) => write!(f, "too many {capacity}"),
             DomainError::WrongKind { domain, kind, wanted } => {
                 write!(f, "{domain} is a {kind} domain; this needs {wanted}")
             }
-            DomainError::Unsupported(what) => write!(f, "the SMMU cannot do this: {what}"),
+            DomainError::Unsupported(why) => write!(f, "the SMMU cannot do this: {why}"),
             DomainError::Stream(e) => write!(f, "{e}"),
             DomainError::StreamInUse { sid, domain } => {
                 write!(f, "stream {sid:#x} is attached to {domain}: detach it first")

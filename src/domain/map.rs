@@ -13,7 +13,7 @@ use crate::smmu::{InvalidationError, TlbContext};
 use crate::sync::Ordering;
 
 use super::table::{StateMut, StateRef};
-use super::{DomainError, DomainKind, DomainState, GuestInvalidation, Iommu, Translation};
+use super::{DomainError, DomainKind, DomainState, GuestInvalidation, Iommu, Translation, Wanted};
 
 impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// The command that drops every TLB entry of the domain the caller holds (a nested domain's parent's VMID is
@@ -50,7 +50,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             return Err(DomainError::WrongKind {
                 domain,
                 kind: state.kind(),
-                wanted: "a stage-1 or stage-2 domain (a nested domain's stage 1 belongs to its guest)",
+                wanted: Wanted::Stage1OrStage2,
             });
         }
         Ok(state)
@@ -122,7 +122,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             true => Err(DomainError::WrongKind {
                 domain,
                 kind: DomainKind::Identity,
-                wanted: "a stage-1 or stage-2 domain whose mappings change (an identity domain's are fixed)",
+                wanted: Wanted::ChangingMappings,
             }),
             false => Ok(()),
         }
@@ -188,7 +188,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                 return Err(DomainError::WrongKind {
                     domain,
                     kind: state.kind(),
-                    wanted: "a stage-1 or stage-2 domain (a nested domain's stage 1 belongs to its guest)",
+                    wanted: Wanted::Stage1OrStage2,
                 });
             }
             if !state.has_unflushed() {
@@ -478,7 +478,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             return Err(DomainError::WrongKind {
                 domain,
                 kind: state.kind(),
-                wanted: "a nested domain",
+                wanted: Wanted::Nested,
             });
         };
         if let GuestInvalidation::Cd { ssid, .. } = what

@@ -114,7 +114,7 @@ mod types;
 pub use crate::ids::DomainId;
 pub use entries::GuestContext;
 pub(crate) use entries::stage1_cd_of;
-pub use error::DomainError;
+pub use error::{Capacity, DomainError, Unsupported, Wanted};
 pub use fault::{Fault, FaultKind, FaultReport, FaultStage};
 pub use raw::LowLevel;
 pub(crate) use storage::{Storage, StorageVec};

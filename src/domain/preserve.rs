@@ -5,7 +5,7 @@ use crate::ids::DomainId;
 use crate::mem::FrameAllocator;
 use crate::mem::MemoryHooks;
 
-use super::{DomainError, Iommu, Translation};
+use super::{Capacity, DomainError, Iommu, Translation};
 
 impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
     /// Preserves `domain` under `token` for a live update: [`Iommu::handover_records`] will record it, and
@@ -54,7 +54,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             return Err(DomainError::ParentNotPreserved { domain, parent });
         }
         if book.tokens.insert(token, domain).is_err() {
-            return Err(DomainError::TooMany("preserved domains"));
+            return Err(DomainError::TooMany(Capacity::PreservedDomains));
         }
         // A free that took the domain since the look above (a free does not take the bookkeeping) makes this fail:
         // the token goes again.

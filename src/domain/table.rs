@@ -13,7 +13,7 @@ use crate::pgtable::{Gather, IoPageTable};
 use crate::protected::SharedProtected;
 use crate::sync::{AtomicBool, AtomicU64, Ordering};
 
-use super::{DomainError, DomainKind, DomainMemory, FaultReport, GuestStage1, MAX_SUBSTREAMS_PER_STREAM};
+use super::{Capacity, DomainError, DomainKind, DomainMemory, FaultReport, GuestStage1, MAX_SUBSTREAMS_PER_STREAM};
 
 /// The translation a domain owns.
 pub(crate) enum Translation {
@@ -568,7 +568,7 @@ impl<const D: usize> Domains<D> {
     ) -> Result<(), DomainError> {
         self.nodes
             .push(&mut book.free_nodes, &mut state.attachments, pair)
-            .map_err(|()| DomainError::TooMany("attachments"))
+            .map_err(|()| DomainError::TooMany(Capacity::Attachments))
     }
 
     /// Forgets `(sid, ssid)` as attached to `state`'s domain (as [`Domains::add_attachment`]); whether it was.

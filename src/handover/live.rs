@@ -17,8 +17,11 @@ use crate::stream::StreamTableFormat;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RecordError {
-    /// More preserved domains than the driver could hold locked at once (no memory for the list of their locks).
-    TooMany(&'static str),
+    /// More preserved domains than the driver could hold locked at once: no memory for the list of their locks.
+    NoMemoryForLocks {
+        /// The preserved domains whose locks were to be held.
+        domains: usize,
+    },
     /// The records do not fit the buffer given to [`Iommu::handover_records`] (its bytes needed, at least).
     Format(FormatError),
     /// A preserved domain's memory is not (any longer) a handover memory.
@@ -40,7 +43,10 @@ pub enum RecordError {
 impl core::fmt::Display for RecordError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            RecordError::TooMany(what) => write!(f, "too many {what} for a handover record"),
+            RecordError::NoMemoryForLocks { domains } => write!(
+                f,
+                "too many preserved domains ({domains}) for a handover record: no memory to hold their locks"
+            ),
             RecordError::Format(e) => write!(f, "{e}"),
             RecordError::NotHandoverMemory(d) => write!(f, "{d}'s memory is not a handover memory"),
             RecordError::ParentNotPreserved(d) => write!(f, "{d}'s stage-2 parent is not preserved"),

@@ -224,9 +224,9 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             |_| None,
         )
         .map_err(|_| {
-            PrepareError::Records(RecordError::TooMany(
-                "preserved domains (no memory to hold their locks)",
-            ))
+            PrepareError::Records(RecordError::NoMemoryForLocks {
+                domains: book.tokens.len(),
+            })
         })?;
         for (slot, (_, id)) in held.iter_mut().zip(self.domains.preserved()) {
             *slot = self.domains.get_mut(id).ok().map(|state| (id, state));

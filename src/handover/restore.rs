@@ -11,7 +11,7 @@ use super::verify::{Outputs, RestoreOptions, VerifyFailure, verify_instance};
 use super::{Extent, InstanceRecords, RecordKind, SmmuIdentity};
 use crate::ctx::{CdTable, CdTableError, CdTableFormat};
 use crate::domain::{
-    Book, DomainError, DomainMemory, DomainState, GuestStage1, Iommu, MAX_SUBSTREAMS_PER_STREAM, StorageVec,
+    Book, Capacity, DomainError, DomainMemory, DomainState, GuestStage1, Iommu, MAX_SUBSTREAMS_PER_STREAM, StorageVec,
     StreamRecord, Translation,
 };
 use crate::hw::ste::{CdTableLayout, DefaultSubstream};
@@ -53,9 +53,9 @@ pub enum RestoreError {
     BeyondLimits {
         /// The record.
         token: u64,
-        /// What.
-        what: &'static str,
-        /// The value.
+        /// What is beyond this image: its `Display` names the value's meaning.
+        what: RestoreLimit,
+        /// The value (which [`RestoreLimit`] variant says what it counts or names).
         value: u64,
     },
     /// After a hand-off with the SMMU running: a stream the previous image left translating, which no record
@@ -78,6 +78,100 @@ pub enum RestoreError {
         /// What failed.
         what: RebuildFailure,
     },
+}
+
+/// What a record needs beyond what this SMMU or this image offers ([`RestoreError::BeyondLimits`]); each variant says
+/// what the error's `value` is. Its `Display` reads before the value (`needs {limit} {value}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RestoreLimit {
+    /// No memory for the restore's bookkeeping of the records: `value` is the number of records.
+    BookkeepingRecords,
+    /// No memory for the restore's bookkeeping of the streams: `value` is the number of streams (and substreams)
+    /// the records hold.
+    BookkeepingStreams,
+    /// No protected-memory slot is left for the handover region: `value` is the number of slots
+    /// ([`MAX_PROTECTED`](crate::protected::MAX_PROTECTED)).
+    ProtectedSlot,
+    /// More records than free domain slots: `value` is the number of records.
+    DomainSlots,
+    /// More streams than this image can attach, with those attached already: `value` is the number of streams.
+    AttachableStreams,
+    /// More restored domains than can wait to be retrieved, with those an earlier hand-off left: `value` is their
+    /// number.
+    WaitingDomains,
+    /// An ASID another stage-1 record uses too (one ASID allocator serves both regimes): `value` is the ASID.
+    SharedAsid,
+    /// An ASID beyond the SMMU's ASID width: `value` is the ASID.
+    AsidWidth,
+    /// A VMID beyond the SMMU's VMID width: `value` is the VMID.
+    VmidWidth,
+    /// A stage this SMMU lacks (stage 1, stage 2, or nesting): `value` is the record's kind
+    /// ([`RecordKind`] as `u32`).
+    MissingStage,
+    /// An EL2 stage-1 record on an SMMU without EL2 contexts (IDR0.HYP = 0): `value` is the record's kind.
+    NoEl2Contexts,
+    /// An EL2 stage-1 record with streams while this image has an EL2 stage-1 domain in use (EL2 has no ASIDs):
+    /// `value` is the record's number of streams.
+    El2InUse,
+    /// An EL2 stage-1 record with streams beside another such record: `value` is the record's number of streams.
+    El2InUseByAnotherRecord,
+    /// An ASID reserved or taken in this image: `value` is the ASID.
+    AsidTaken,
+    /// A VMID reserved or taken in this image: `value` is the VMID.
+    VmidTaken,
+    /// A StreamID attached in this image already: `value` is the StreamID.
+    StreamAttached,
+    /// A token a domain of this image holds (preserved, or restored and waiting): `value` is the token.
+    TokenHeld,
+    /// A record with a table but no extent (a table needs at least its root's): `value` is 0, the extents.
+    NoExtent,
+    /// Extents that are not free frames of the pool: `value` is the base of the record's first extent.
+    ExtentsNotFree,
+    /// A substream of a stream its own record does not hold: `value` is the StreamID.
+    SubstreamWithoutStream,
+    /// More substreams of one stream than this image attaches
+    /// ([`MAX_SUBSTREAMS_PER_STREAM`]): `value` is the StreamID.
+    SubstreamsOfStream,
+    /// A StreamID beyond the stream table: `value` is the StreamID.
+    StreamIdWidth,
+    /// A CD table with more SubstreamID bits than the SMMU has (IDR1.SSIDSIZE): `value` is its SubstreamID bits.
+    CdTableSubstreamBits,
+    /// A two-level CD table (this driver writes and adopts linear ones): `value` is its SubstreamID bits.
+    TwoLevelCdTable,
+}
+
+impl core::fmt::Display for RestoreLimit {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            RestoreLimit::BookkeepingRecords => "memory for the restore's bookkeeping, records",
+            RestoreLimit::BookkeepingStreams => "memory for the restore's bookkeeping, streams",
+            RestoreLimit::ProtectedSlot => "a free protected-memory slot for the handover region, of",
+            RestoreLimit::DomainSlots => "more domains than free slots",
+            RestoreLimit::AttachableStreams => "more streams than this image can attach, with those attached already",
+            RestoreLimit::WaitingDomains => "more restored domains than can wait, with those an earlier hand-off left",
+            RestoreLimit::SharedAsid => "an ASID another stage-1 record uses too",
+            RestoreLimit::AsidWidth => "ASID",
+            RestoreLimit::VmidWidth => "VMID",
+            RestoreLimit::MissingStage => "a stage this SMMU lacks, kind",
+            RestoreLimit::NoEl2Contexts => "EL2 contexts, kind",
+            RestoreLimit::El2InUse => "its EL2 stage-1 domain in use while this image has one in use, streams",
+            RestoreLimit::El2InUseByAnotherRecord => "its EL2 stage-1 domain in use beside another record's, streams",
+            RestoreLimit::AsidTaken => "an ASID reserved or taken in this image",
+            RestoreLimit::VmidTaken => "a VMID reserved or taken in this image",
+            RestoreLimit::StreamAttached => "a StreamID attached in this image",
+            RestoreLimit::TokenHeld => "a token a domain of this image holds, token",
+            RestoreLimit::NoExtent => "no extent: a table needs at least its root's, extents",
+            RestoreLimit::ExtentsNotFree => "extents that are not free frames of the pool, from",
+            RestoreLimit::SubstreamWithoutStream => "a substream of a stream its own record does not hold, StreamID",
+            RestoreLimit::SubstreamsOfStream => "more substreams of one stream than this image attaches, StreamID",
+            RestoreLimit::StreamIdWidth => "StreamID",
+            RestoreLimit::CdTableSubstreamBits => "a CD table of SubstreamID bits",
+            RestoreLimit::TwoLevelCdTable => {
+                "a two-level CD table (this driver adopts linear ones), of SubstreamID bits"
+            }
+        })
+    }
 }
 
 /// What failed while rebuilding a validated record.
@@ -451,23 +545,23 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         self.check_limits(book, pool, instance, scratch)?;
         // What the rebuild takes, kept for a refusal to give back: room for every record, out of line.
         let records = instance.records.len();
-        let room = |what| RestoreError::BeyondLimits {
+        let room = |what, value: usize| RestoreError::BeyondLimits {
             token: instance.records.first().map_or(0, |r| r.token),
             what,
-            value: records as u64,
+            value: value as u64,
         };
         taken.memories = Some(
             StorageVec::with_capacity(self.domains.bookkeeping_allocator(self.allocator()), records, None)
-                .map_err(|_| room("memory for the restore's bookkeeping, records"))?,
+                .map_err(|_| room(RestoreLimit::BookkeepingRecords, records))?,
         );
         taken.domains = Some(
             StorageVec::with_capacity(self.domains.bookkeeping_allocator(self.allocator()), records, 0)
-                .map_err(|_| room("memory for the restore's bookkeeping, records"))?,
+                .map_err(|_| room(RestoreLimit::BookkeepingRecords, records))?,
         );
         let streams = instance.records.iter().map(|r| r.streams.len()).sum::<usize>();
         taken.streams = Some(
             StorageVec::with_capacity(self.domains.bookkeeping_allocator(self.allocator()), streams, 0)
-                .map_err(|_| room("memory for the restore's bookkeeping, streams"))?,
+                .map_err(|_| room(RestoreLimit::BookkeepingStreams, streams))?,
         );
         let region = pool.region().map_err(RestoreError::Pool)?;
         // Under the protected list's writer lock (maps go on reading the published copy), so that no
@@ -476,7 +570,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
             let mut with_region = protected.clone();
             with_region.add(region).map_err(|_| RestoreError::BeyondLimits {
                 token: instance.records.first().map_or(0, |r| r.token),
-                what: "a free protected-memory slot for the handover region, of",
+                what: RestoreLimit::ProtectedSlot,
                 value: crate::protected::MAX_PROTECTED as u64,
             })?;
             let outputs = Outputs {
@@ -576,7 +670,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         if instance.records.len() > book.free_slots() {
             return Err(RestoreError::BeyondLimits {
                 token: first,
-                what: "more domains than free slots",
+                what: RestoreLimit::DomainSlots,
                 value: instance.records.len() as u64,
             });
         }
@@ -592,7 +686,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         if streams > book.streams.capacity() {
             return Err(RestoreError::BeyondLimits {
                 token: first,
-                what: "more streams than this image can attach, with those attached already",
+                what: RestoreLimit::AttachableStreams,
                 value: streams as u64,
             });
         }
@@ -600,7 +694,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
         if waiting > D {
             return Err(RestoreError::BeyondLimits {
                 token: first,
-                what: "more restored domains than can wait, with those an earlier hand-off left",
+                what: RestoreLimit::WaitingDomains,
                 value: waiting as u64,
             });
         }
@@ -636,71 +730,65 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                 .map_or(0, |r| r.token);
             return Err(RestoreError::BeyondLimits {
                 token,
-                what: "an ASID another stage-1 record uses too",
+                what: RestoreLimit::SharedAsid,
                 value: pair[1] >> 32,
             });
         }
         for r in &instance.records {
-            let beyond = |what, value: u64| RestoreError::BeyondLimits {
+            let beyond = |what: RestoreLimit, value: u64| RestoreError::BeyondLimits {
                 token: r.token,
                 what,
                 value,
             };
             if u32::from(r.asid) >> f.asid_bits != 0 {
-                return Err(beyond("ASID", r.asid.into()));
+                return Err(beyond(RestoreLimit::AsidWidth, r.asid.into()));
             }
             if u32::from(r.vmid) >> f.vmid_bits != 0 {
-                return Err(beyond("VMID", r.vmid.into()));
+                return Err(beyond(RestoreLimit::VmidWidth, r.vmid.into()));
             }
             let stage1 = matches!(r.kind, RecordKind::Stage1 | RecordKind::Stage1El2 | RecordKind::Nested);
             let stage2 = matches!(r.kind, RecordKind::Stage2 | RecordKind::Nested);
             if (stage1 && !f.stage1) || (stage2 && !f.stage2) || (r.kind == RecordKind::Nested && !f.nesting) {
-                return Err(beyond("a stage this SMMU lacks, kind", r.kind as u64));
+                return Err(beyond(RestoreLimit::MissingStage, r.kind as u64));
             }
             if r.kind == RecordKind::Stage1El2 && !f.hyp {
-                return Err(beyond("EL2 contexts, kind", r.kind as u64));
+                return Err(beyond(RestoreLimit::NoEl2Contexts, r.kind as u64));
             }
             // One EL2 stage-1 domain in use at a time (EL2 has no ASIDs): a record's with streams neither beside
             // one this image has in use nor beside another record's.
             if r.kind == RecordKind::Stage1El2 && !r.streams.is_empty() {
                 if self.domains.el2_in_use(None).is_some() {
-                    return Err(beyond(
-                        "its EL2 stage-1 domain in use while this image has one in use, streams",
-                        r.streams.len() as u64,
-                    ));
+                    return Err(beyond(RestoreLimit::El2InUse, r.streams.len() as u64));
                 }
                 if el2_with_streams > 1 {
-                    return Err(beyond(
-                        "its EL2 stage-1 domain in use beside another record's, streams",
-                        r.streams.len() as u64,
-                    ));
+                    return Err(beyond(RestoreLimit::El2InUseByAnotherRecord, r.streams.len() as u64));
                 }
             }
             // The IDs a record's domain owns must be free here (0 is reserved, never a domain's), and its streams
             // unattached: checked now, so that a restore into an image that already uses them changes nothing.
             if matches!(r.kind, RecordKind::Stage1 | RecordKind::Stage1El2) && self.core.asid_taken(r.asid) {
-                return Err(beyond("an ASID reserved or taken in this image", r.asid.into()));
+                return Err(beyond(RestoreLimit::AsidTaken, r.asid.into()));
             }
             if r.kind == RecordKind::Stage2 && self.core.vmid_taken(r.vmid) {
-                return Err(beyond("a VMID reserved or taken in this image", r.vmid.into()));
+                return Err(beyond(RestoreLimit::VmidTaken, r.vmid.into()));
             }
             if let Some(s) = r.streams.iter().find(|s| book.stream(s.sid).is_some()) {
-                return Err(beyond("a StreamID attached in this image", s.sid.into()));
+                return Err(beyond(RestoreLimit::StreamAttached, s.sid.into()));
             }
             // A token names one domain: not one this image preserved, nor one an earlier restore left waiting (a
             // parent kept for a live nested domain), whose entry the rebuild would otherwise overwrite.
             if book.restored.contains_key(&r.token) || book.tokens.contains_key(&r.token) {
-                return Err(beyond("a token a domain of this image holds, token", r.token));
+                return Err(beyond(RestoreLimit::TokenHeld, r.token));
             }
             // Each domain's memory is taken back frame by frame, exactly what its extents name: frames of the pool
             // that no memory of this image holds (nested domains own none).
             if r.kind != RecordKind::Nested {
                 if r.extents.is_empty() {
-                    return Err(beyond("no extent: a table needs at least its root's, extents", 0));
+                    return Err(beyond(RestoreLimit::NoExtent, 0));
                 }
                 if !pool.adoptable(r.extents.iter()) {
                     let at = r.extents.first().map_or(0, |e| e.base);
-                    return Err(beyond("extents that are not free frames of the pool, from", at));
+                    return Err(beyond(RestoreLimit::ExtentsNotFree, at));
                 }
             }
             for s in &r.streams {
@@ -708,24 +796,21 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                 // records them): the stream's CD table and regime (EL2 or NS-EL1) are that domain's. (A scan of
                 // the record for each substream: substreams are few, as the next check says.)
                 if s.ssid != 0 && !r.streams.iter().any(|y| y.sid == s.sid && y.ssid == 0) {
-                    return Err(beyond(
-                        "a substream of a stream its own record does not hold, StreamID",
-                        s.sid.into(),
-                    ));
+                    return Err(beyond(RestoreLimit::SubstreamWithoutStream, s.sid.into()));
                 }
                 if s.ssid != 0
                     && r.streams.iter().filter(|y| y.sid == s.sid && y.ssid != 0).count() > MAX_SUBSTREAMS_PER_STREAM
                 {
-                    return Err(beyond(
-                        "more substreams of one stream than this image attaches, StreamID",
-                        s.sid.into(),
-                    ));
+                    return Err(beyond(RestoreLimit::SubstreamsOfStream, s.sid.into()));
                 }
                 if sid_bits < 32 && s.sid >> sid_bits != 0 {
-                    return Err(beyond("StreamID", s.sid.into()));
+                    return Err(beyond(RestoreLimit::StreamIdWidth, s.sid.into()));
                 }
-                if s.cd_ssid_bits > f.ssid_bits || s.cd_two_level {
-                    return Err(beyond("a CD table of SubstreamID bits", s.cd_ssid_bits.into()));
+                if s.cd_ssid_bits > f.ssid_bits {
+                    return Err(beyond(RestoreLimit::CdTableSubstreamBits, s.cd_ssid_bits.into()));
+                }
+                if s.cd_two_level {
+                    return Err(beyond(RestoreLimit::TwoLevelCdTable, s.cd_ssid_bits.into()));
                 }
             }
         }
@@ -893,7 +978,7 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                         .restored
                         .insert(r.token, id)
                         .err()
-                        .map(|_| DomainError::TooMany("restored domains")),
+                        .map(|_| DomainError::TooMany(Capacity::RestoredDomains)),
                 };
                 if let Some(e) = refused {
                     // Not in `restored`, so the refusal's exit would not find it: forgotten here.
@@ -988,7 +1073,9 @@ impl<A: FrameAllocator, const D: usize> Iommu<A, D> {
                                 substreams: heapless::Vec::new(),
                                 busy: false,
                             })
-                            .map_err(|_| fail(RebuildFailure::Domain(DomainError::TooMany("attached streams"))))?;
+                            .map_err(|_| {
+                                fail(RebuildFailure::Domain(DomainError::TooMany(Capacity::AttachedStreams)))
+                            })?;
                     }
                     // Room: a node for every stream this image attaches and each of its substreams
                     // (`check_limits`).

@@ -250,7 +250,7 @@ fn what_the_smmu_lacks_is_unsupported_and_allocates_nothing() {
     let live = frames.live_blocks();
     assert!(matches!(
         smmu.create_stage2(memory(frames), Stage2Options { input_bits: 40 }),
-        Err(DomainError::Unsupported(_))
+        Err(DomainError::Unsupported(Unsupported::NoStage2))
     ));
     let el2 = Stage1Options {
         input_bits: 39,
@@ -259,13 +259,16 @@ fn what_the_smmu_lacks_is_unsupported_and_allocates_nothing() {
     assert!(
         matches!(
             smmu.create_stage1(memory(frames), el2),
-            Err(DomainError::Unsupported(_))
+            Err(DomainError::Unsupported(Unsupported::NoEl2Contexts))
         ),
         "no IDR0.HYP"
     );
     let d = s1(&mut smmu, frames);
     let error = smmu.create_nested(d, GUEST).unwrap_err();
-    assert!(matches!(error, DomainError::Unsupported(_)), "{error}");
+    assert!(
+        matches!(error, DomainError::Unsupported(Unsupported::NoNesting)),
+        "{error}"
+    );
     assert_eq!((smmu.asids_in_use(), smmu.vmids_in_use()), (1, 0));
     smmu.free_domain(d).unwrap();
     assert_eq!(frames.live_blocks(), live);

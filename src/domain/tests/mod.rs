@@ -195,7 +195,7 @@ fn a_guest_cd_invalidation_reaches_every_stream_of_a_domain_with_hundreds() {
     // One more than the SMMU was given room for: refused, nothing changed.
     assert_eq!(
         smmu.attach(nested, 0x100 + STREAMS),
-        Err(DomainError::TooMany("attached streams"))
+        Err(DomainError::TooMany(Capacity::AttachedStreams))
     );
     let pairs: Vec<(u32, u32)> = sids.iter().map(|&sid| (sid, 0)).collect();
     assert_eq!(smmu.attached(nested).unwrap(), pairs);
@@ -313,7 +313,7 @@ fn a_stage2_domain_and_its_nested_domains() {
     assert!(matches!(
         smmu.create_nested(nested, GUEST),
         Err(DomainError::WrongKind {
-            wanted: "a stage-2 parent",
+            wanted: Wanted::Stage2Parent,
             ..
         })
     ));

@@ -437,7 +437,7 @@ fn a_region_beyond_this_image_is_refused_before_anything_changes() {
         matches!(
             error,
             RestoreError::BeyondLimits {
-                what: "more domains than free slots",
+                what: RestoreLimit::DomainSlots,
                 ..
             }
         ),
@@ -498,7 +498,7 @@ fn a_record_with_more_substreams_of_a_stream_than_this_image_attaches_is_refused
         error,
         RestoreError::BeyondLimits {
             token: 0x51,
-            what: "more substreams of one stream than this image attaches, StreamID",
+            what: RestoreLimit::SubstreamsOfStream,
             value: 0x10
         }
     );
@@ -550,7 +550,7 @@ fn a_region_with_more_streams_than_this_image_can_hold_is_refused_before_any_ste
         error,
         RestoreError::BeyondLimits {
             token: 0x61,
-            what: "more streams than this image can attach, with those attached already",
+            what: RestoreLimit::AttachableStreams,
             value: MAX_ATTACHED_STREAMS as u64 + 1
         }
     );
@@ -739,7 +739,14 @@ fn a_restore_into_an_image_that_took_a_recorded_id_or_stream_changes_nothing() {
     smmu.attach(mine, 0x10).unwrap();
     let error = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
     assert!(
-        matches!(error, RestoreError::BeyondLimits { token: 0x61, what, value: 0x10 } if what.contains("StreamID")),
+        matches!(
+            error,
+            RestoreError::BeyondLimits {
+                token: 0x61,
+                what: RestoreLimit::StreamAttached,
+                value: 0x10
+            }
+        ),
         "{error}"
     );
     assert_eq!(pool.memories_in_use(), 0);
@@ -1008,8 +1015,8 @@ fn more_records_than_one_restore_rebuilds_are_refused_before_anything_changes() 
     let before = model.seen.lock().unwrap().consumed.len();
     let error = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
     assert!(
-        matches!(error, RestoreError::BeyondLimits { what, value, .. }
-            if what.contains("free slots") && value == MAX_RECORDS as u64 + 1),
+        matches!(error, RestoreError::BeyondLimits { what: RestoreLimit::DomainSlots, value, .. }
+            if value == MAX_RECORDS as u64 + 1),
         "{error}"
     );
     assert_eq!(issued_since(&model, before), [], "nothing installed, nothing to undo");

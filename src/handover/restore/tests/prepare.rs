@@ -58,7 +58,14 @@ fn a_restore_never_puts_two_el2_domains_in_use() {
     smmu.attach(mine, 0x11).unwrap();
     let error = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
     assert!(
-        matches!(error, RestoreError::BeyondLimits { token: 0x71, what, .. } if what.contains("EL2")),
+        matches!(
+            error,
+            RestoreError::BeyondLimits {
+                token: 0x71,
+                what: RestoreLimit::El2InUse,
+                ..
+            }
+        ),
         "{error}"
     );
     assert_eq!(pool.memories_in_use(), 0);
@@ -100,7 +107,13 @@ fn a_restore_never_puts_two_el2_domains_in_use() {
     let pool = region.pool();
     let error = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
     assert!(
-        matches!(error, RestoreError::BeyondLimits { what, .. } if what.contains("another record")),
+        matches!(
+            error,
+            RestoreError::BeyondLimits {
+                what: RestoreLimit::El2InUseByAnotherRecord,
+                ..
+            }
+        ),
         "{error}"
     );
     assert_eq!(pool.memories_in_use(), 0);
@@ -355,7 +368,14 @@ fn two_stage1_records_sharing_an_asid_across_regimes_are_refused() {
     let pool = region.pool();
     let error = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
     assert!(
-        matches!(error, RestoreError::BeyondLimits { token: 0x82, what, .. } if what.contains("ASID another")),
+        matches!(
+            error,
+            RestoreError::BeyondLimits {
+                token: 0x82,
+                what: RestoreLimit::SharedAsid,
+                ..
+            }
+        ),
         "{error}"
     );
     assert_eq!(pool.memories_in_use(), 0);

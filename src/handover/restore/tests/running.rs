@@ -259,7 +259,14 @@ fn a_refused_restore_of_an_adopted_smmu_aborts_every_stream_the_previous_image_l
     let before = model.seen.lock().unwrap().commands.len();
     let error = next.restore_handover(pool, BASE, &ANYWHERE).unwrap_err();
     assert!(
-        matches!(error, RestoreError::BeyondLimits { token: 0x77, what, .. } if what.contains("ASID")),
+        matches!(
+            error,
+            RestoreError::BeyondLimits {
+                token: 0x77,
+                what: RestoreLimit::AsidTaken,
+                ..
+            }
+        ),
         "{error}"
     );
     assert!(every_ste_aborts(&next), "every stream aborts");
@@ -342,7 +349,14 @@ fn a_restore_never_reuses_the_token_of_a_domain_an_earlier_hand_off_left_waiting
     }
     let error = smmu.restore_handover(other.pool(), BASE, &ANYWHERE).unwrap_err();
     assert!(
-        matches!(error, RestoreError::BeyondLimits { token: 0x52, what, .. } if what.contains("token")),
+        matches!(
+            error,
+            RestoreError::BeyondLimits {
+                token: 0x52,
+                what: RestoreLimit::TokenHeld,
+                ..
+            }
+        ),
         "{error}"
     );
     assert_eq!(smmu.low_level().ste(0x40).map(|s| s.config()), Ok(Config::Abort));

@@ -278,7 +278,10 @@ fn attached_streams_zero_keeps_the_domain_capacity_and_failed_attaches_give_node
         }
     }
     assert_eq!(smmu.domains.book.lock().free_nodes.len(), 0);
-    assert_eq!(smmu.attach(d, 0x1), Err(DomainError::TooMany("attached streams")));
+    assert_eq!(
+        smmu.attach(d, 0x1),
+        Err(DomainError::TooMany(Capacity::AttachedStreams))
+    );
     assert_eq!(smmu.attached(d).unwrap().len(), crate::domain::DEFAULT_DOMAINS * 8);
     // A domain whose memory holds its root table and nothing more: its attach fails for its CD table.
     let tight: &'static HeapFrames = std::boxed::Box::leak(std::boxed::Box::new(HeapFrames::with_limit(4096)));
