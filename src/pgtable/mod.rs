@@ -667,11 +667,14 @@ fn fill_table(entries: &[AtomicU64], run: core::ops::Range<usize>, first: u64, s
             if tail < entries.len() {
                 words.add(tail).write_bytes(0, entries.len() - tail);
             }
-            if run.start % LINE != 0 {
+            if !run.start.is_multiple_of(LINE) {
                 words.add(head).cast::<[u64; LINE]>().write([0; LINE]);
             }
-            if run.end % LINE != 0 {
-                words.add(run.end - run.end % LINE).cast::<[u64; LINE]>().write([0; LINE]);
+            if !run.end.is_multiple_of(LINE) {
+                words
+                    .add(run.end - run.end % LINE)
+                    .cast::<[u64; LINE]>()
+                    .write([0; LINE]);
             }
         }
     }
