@@ -403,6 +403,8 @@ impl<A: FrameAllocator> IoPageTable<A> {
             }
         }
         let root = self.root.phys.0;
+        // Every leaf of the range from one template, encoded once here rather than in every table `map_in` fills.
+        let block = desc::leaf(self.format.stage, 0, prot, false);
         self.map_in(
             self.geometry.start_level,
             root,
@@ -410,7 +412,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
             iova,
             iova + size,
             pa,
-            prot,
+            block,
             &mut pool,
         );
         debug_assert!(pool.is_empty(), "tables counted exactly");
@@ -589,7 +591,9 @@ impl<A: FrameAllocator> IoPageTable<A> {
     /// `table_base`) in one pass over its entries: leaves where an entry is covered and aligned (blocks where the
     /// level allows them), tables below otherwise, taken from `pool` (which `tables_needed` sized) and filled
     /// before they are linked. Returns how many of the table's entries became valid (for its count), and whether a
-    /// table was linked into it (which clears its [`desc::SW_NO_TABLES`]).
+    /// table was linked into it (which clears its [`desc::SW_NO_TABLES`]). `block` is the block descriptor of
+    /// output address 0 with the map's protection ([`desc::leaf`]): a page's adds only the page bit, and each
+    /// leaf its output address.
     #[allow(clippy::too_many_arguments)]
     fn map_in(
         &mut self,
@@ -599,7 +603,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
         start: u64,
         end: u64,
         pa: u64,
-        prot: Prot,
+        block: u64,
         pool: &mut Pool,
     ) -> (usize, bool) {
         let shift = self.geometry.entry_shift(level);
@@ -612,8 +616,9 @@ impl<A: FrameAllocator> IoPageTable<A> {
         let entries = entries_of(virt, count);
         let first = ((start - table_base) >> shift) as usize;
         let last = (((end - 1) - table_base) >> shift) as usize;
-        // The descriptor of output address 0 at this level: each leaf adds its output address.
-        let template = desc::leaf(self.format.stage, 0, prot, level == 3);
+        // The descriptor of output address 0 at a level: each leaf adds its output address.
+        let template_at = |level: u8| block | if level == 3 { desc::TABLE_OR_PAGE } else { 0 };
+        let template = template_at(level);
         let output = |va: u64| pa + (va - start);
         // Fast path: entries wholly covered, with aligned outputs, become leaves in one run of stores.
         let (run_start, run_end) = self.leaf_run(level, table_base, first, last, start, end, pa);
@@ -642,7 +647,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
                                 base,
                                 base + entry_size,
                                 output(base),
-                                prot,
+                                block,
                                 pool,
                             );
                             self.set_count(e, level + 1, desc::count(d) + more, below);
@@ -676,7 +681,7 @@ impl<A: FrameAllocator> IoPageTable<A> {
                     from,
                     to,
                     output(from),
-                    prot,
+                    block,
                     pool,
                 );
                 self.set_count(entry, level + 1, desc::count(d) + more, below);
@@ -701,13 +706,13 @@ impl<A: FrameAllocator> IoPageTable<A> {
                 fill_table(
                     entries_of(table.virt, 1 << self.geometry.level_bits),
                     run_start..run_end,
-                    desc::leaf(self.format.stage, output(from), prot, level + 1 == 3),
+                    template_at(level + 1) | output(from),
                     u32::from(self.geometry.entry_shift(level + 1)),
                 );
                 run_end - run_start
             } else {
                 let (count, tables) =
-                    self.map_in(level + 1, table.phys.0, entry_base, from, to, output(from), prot, pool);
+                    self.map_in(level + 1, table.phys.0, entry_base, from, to, output(from), block, pool);
                 below |= tables;
                 count
             };

@@ -618,8 +618,17 @@ fn fill(entries: &[AtomicU64], first: u64, shift: u32) {
         // the compiler write several entries per instruction; every entry is 8-byte aligned, and the architecture
         // makes each 64-bit element of a wider aligned store single-copy atomic, so the SMMU sees every entry
         // either as it was or whole.
-        let words = unsafe { core::slice::from_raw_parts_mut(entries.as_ptr() as *mut u64, entries.len()) };
+        let mut words = unsafe { core::slice::from_raw_parts_mut(entries.as_ptr() as *mut u64, entries.len()) };
         let (step, mut d) = (1u64 << shift, first);
+        // The vector stores from a 16-byte boundary: a run from an odd entry (a range from the second block of a
+        // table) would otherwise split every fourth 16-byte store (SSE2, NEON) across two cache lines.
+        if !(words.as_ptr() as usize).is_multiple_of(16)
+            && let Some((w, rest)) = core::mem::take(&mut words).split_first_mut()
+        {
+            *w = d;
+            d = d.wrapping_add(step);
+            words = rest;
+        }
         for w in words {
             *w = d;
             d = d.wrapping_add(step);
@@ -640,20 +649,32 @@ fn fill_table(entries: &[AtomicU64], run: core::ops::Range<usize>, first: u64, s
     #[cfg(not(all(loom, test)))]
     {
         let words = entries.as_ptr() as *mut u64;
-        // The zeros in whole cache lines (a fast-string memset starts slower on a destination that is not
-        // line-aligned), the run's partial lines at its ends then written twice, zero first and the run after it.
+        // The zeros outside the lines the run touches in whole cache lines, by memset (a fast-string memset starts
+        // slower on a destination that is not line-aligned); the run's partial lines at its ends zeroed by one
+        // fixed-size line store each (inline stores: a call to memset for 64 bytes costs more than the bytes),
+        // the run then written over them.
         const LINE: usize = 8;
-        let below = run.start.next_multiple_of(LINE).min(entries.len());
-        let above = run.end - run.end % LINE;
-        // SAFETY: both ranges lie inside `entries` (`below` is at most its length, `above` at least 0 and at most
-        // `run.end`), a table no one else can reach yet. `write_bytes` becomes the platform's memset, the fastest
-        // way to store zeros; an empty side is skipped rather than passed to it.
+        debug_assert!(entries.len().is_multiple_of(LINE));
+        let (head, tail) = (run.start - run.start % LINE, run.end.next_multiple_of(LINE));
+        // SAFETY: every range lies inside `entries` (a table's entries are a whole number of lines, at least one;
+        // `head` <= `run.start` <= `run.end` <= `tail` <= its length, and a partial line's start is inside it),
+        // a table no one else can reach yet. `write_bytes` becomes the platform's memset, the fastest way to
+        // store many zeros; an empty side is skipped rather than passed to it.
         unsafe {
-            if run.start > 0 {
-                words.write_bytes(0, below);
+            if head > 0 {
+                words.write_bytes(0, head);
             }
-            if run.end < entries.len() {
-                words.add(above).write_bytes(0, entries.len() - above);
+            if tail < entries.len() {
+                words.add(tail).write_bytes(0, entries.len() - tail);
+            }
+            if !run.start.is_multiple_of(LINE) {
+                words.add(head).cast::<[u64; LINE]>().write([0; LINE]);
+            }
+            if !run.end.is_multiple_of(LINE) {
+                words
+                    .add(run.end - run.end % LINE)
+                    .cast::<[u64; LINE]>()
+                    .write([0; LINE]);
             }
         }
     }

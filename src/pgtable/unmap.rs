@@ -204,36 +204,41 @@ impl<A: FrameAllocator> IoPageTable<A> {
         Ok(unmapped)
     }
 
-    /// Tables needed to split the block (if any) that maps `address` without starting at it.
+    /// Tables needed to split the block (if any) that maps `address` without starting at it. One descent from the
+    /// root (through `root.virt`, not a translation of its physical address), reading one entry per level until
+    /// the level whose entries `address` is aligned to: an address on a block boundary reads only the tables
+    /// above that level.
+    #[inline]
     pub(super) fn splits_needed(&self, address: u64) -> usize {
-        let mut level = self.geometry.start_level;
-        let mut phys = self.root.phys.0;
+        let g = self.geometry;
+        let mut level = g.start_level;
+        let mut entries = self.root_entries();
+        let (mut shift, mut mask) = (g.entry_shift(level), g.root_entries - 1);
         loop {
-            if address.is_multiple_of(1 << self.geometry.entry_shift(level)) {
+            if address & ((1 << shift) - 1) == 0 {
                 // Aligned to this level's entries, so to every level's below: no block here or below starts
                 // before it, and nothing needs reading.
                 return 0;
             }
-            let Some(entries) = self.table_entries(level, phys) else {
-                return 0;
-            };
-            let Some(entry) = entries.get(self.geometry.index(level, address)) else {
-                return 0;
-            };
-            let d = entry.load(Ordering::Acquire);
-            if desc::is_table(d, level) {
-                phys = desc::address(d);
-                level += 1;
-                continue;
-            }
-            if !desc::is_valid(d) || level == 3 {
+            // Relaxed: the callers hold `&mut self`, so no other CPU writes these tables.
+            let d = entries[(address >> shift) as usize & mask].load(Ordering::Relaxed);
+            if level == 3 || !desc::is_valid(d) {
                 return 0;
             }
-            // A block that starts before `address` (checked above): split down to the level whose entries the address is aligned to.
-            let target = (level + 1..=3)
-                .find(|&l| address.is_multiple_of(1 << self.geometry.entry_shift(l)))
-                .unwrap_or(3);
-            return usize::from(target - level);
+            if !desc::is_table(d, level) {
+                // A block that starts before `address` (checked above): split down to the level whose entries
+                // the address is aligned to.
+                let target = (level + 1..=3)
+                    .find(|&l| address.is_multiple_of(1 << g.entry_shift(l)))
+                    .unwrap_or(3);
+                return usize::from(target - level);
+            }
+            let Some(virt) = self.allocator.phys_to_virt(PhysAddr(desc::address(d))) else {
+                return 0;
+            };
+            entries = entries_of(virt, 1 << g.level_bits);
+            level += 1;
+            (shift, mask) = (shift - g.level_bits, (1 << g.level_bits) - 1);
         }
     }
 
