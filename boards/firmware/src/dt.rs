@@ -198,9 +198,9 @@ pub fn console(fdt: &Fdt) -> Result<Region, DtError> {
     first_reg(&node).ok_or(DtError::Missing("PL011 reg"))
 }
 
-/// The SMMUv3 the scenarios drive: the one the PCIe host's `iommu-map` names (its first entry's phandle), where
+/// The SMMUv3 the scenarios drive (public so that the boot can list its platform masters): the one the PCIe host's `iommu-map` names (its first entry's phandle), where
 /// the tree has several; else the tree's first `arm,smmu-v3` node.
-fn smmu_node<'b, 'a>(fdt: &'b Fdt<'a>) -> Option<FdtNode<'b, 'a>> {
+pub fn smmu_node<'b, 'a>(fdt: &'b Fdt<'a>) -> Option<FdtNode<'b, 'a>> {
     let named = fdt
         .find_compatible(&["pci-host-ecam-generic"])
         .and_then(|host| host.property("iommu-map"))
