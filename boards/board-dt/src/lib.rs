@@ -1,4 +1,6 @@
-//! What a flattened device tree (FDT) says about the masters behind an SMMUv3, beyond PCI's `iommu-map`.
+//! What a flattened device tree (FDT) says about an SMMUv3: its own node ([`smmu_description`], through every
+//! enclosing bus's `ranges`), a PCI host's `iommu-map` ([`iommu_map`]), and the masters behind it that are not PCI
+//! functions ([`platform_masters`]).
 //!
 //! On embedded SoCs the masters that are not PCI functions (Ethernet, USB, display, NPUs, DMA engines) name their
 //! StreamIDs in an `iommus` property (the generic IOMMU binding, `Documentation/devicetree/bindings/iommu/
@@ -12,6 +14,10 @@
 //! domain. A malformed `iommus` (a specifier cut short, a phandle no node has, an IOMMU whose `#iommu-cells` is
 //! missing or not 1 or 2 when it is the SMMU) is an error that names the node: never a guessed StreamID.
 #![no_std]
+
+pub mod describe;
+
+pub use describe::{DescribeError, iommu_map, registers, smmu_description};
 
 use core::fmt;
 
