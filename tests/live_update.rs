@@ -341,8 +341,8 @@ fn lu_scale_across_a_running_hand_off_on_virt_and_sbsa_ref() {
     }
 }
 
-/// `lu-big`: one stage-2 domain of 3 GiB of IOVA in 4 KiB pages (6 MiB of tables in one arena of a region the board
-/// sizes from its RAM: a 32nd of the 4 GiB the machine gets), edu's stream through it, across a warm reset; the
+/// `lu-big`: one stage-2 domain of 3 GiB of IOVA in 4 KiB pages (6 MiB of tables, frame by frame from a region the
+/// board sizes from its RAM: a 32nd of the 4 GiB the machine gets), edu's stream through it, across a warm reset; the
 /// next image restores it with every table walked and DMAs through it again, into the last 2 MiB, the only ones
 /// mapped onto their own window (a walk through any other level-3 table lands elsewhere: mapping them onto the
 /// common window fails the scenario). Virt (nested) and sbsa-ref.

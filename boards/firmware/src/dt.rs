@@ -5,8 +5,7 @@ use core::fmt;
 
 use fdt::Fdt;
 use fdt::node::FdtNode;
-use smmuv3::board::IommuMapEntry;
-use smmuv3::{IommuMap, SmmuDescription, SmmuInterrupts};
+use smmuv3::{IommuMap, SmmuDescription};
 
 /// A physical address range.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -122,6 +121,8 @@ pub enum DtError {
     Missing(&'static str),
     /// A property is malformed.
     Malformed(&'static str),
+    /// The SMMU's node or a PCI host's `iommu-map` cannot be described (`smmuv3-board-dt`).
+    Describe(smmuv3_board_dt::DescribeError),
 }
 
 impl fmt::Display for DtError {
@@ -130,6 +131,7 @@ impl fmt::Display for DtError {
             DtError::BadHeader => f.write_str("no valid device tree header"),
             DtError::Missing(what) => write!(f, "device tree has no {what}"),
             DtError::Malformed(what) => write!(f, "device tree property {what} is malformed"),
+            DtError::Describe(e) => write!(f, "device tree SMMU description: {e}"),
         }
     }
 }
@@ -198,9 +200,9 @@ pub fn console(fdt: &Fdt) -> Result<Region, DtError> {
     first_reg(&node).ok_or(DtError::Missing("PL011 reg"))
 }
 
-/// The SMMUv3 the scenarios drive: the one the PCIe host's `iommu-map` names (its first entry's phandle), where
+/// The SMMUv3 the scenarios drive (public so that the boot can list its platform masters): the one the PCIe host's `iommu-map` names (its first entry's phandle), where
 /// the tree has several; else the tree's first `arm,smmu-v3` node.
-fn smmu_node<'b, 'a>(fdt: &'b Fdt<'a>) -> Option<FdtNode<'b, 'a>> {
+pub fn smmu_node<'b, 'a>(fdt: &'b Fdt<'a>) -> Option<FdtNode<'b, 'a>> {
     let named = fdt
         .find_compatible(&["pci-host-ecam-generic"])
         .and_then(|host| host.property("iommu-map"))
@@ -213,54 +215,24 @@ fn smmu_node<'b, 'a>(fdt: &'b Fdt<'a>) -> Option<FdtNode<'b, 'a>> {
     named.or_else(|| fdt.find_compatible(&["arm,smmu-v3"]))
 }
 
-/// The phandle of [`smmu_node`], when the node has one.
-fn smmu_phandle(fdt: &Fdt) -> Option<u32> {
-    smmu_node(fdt)?.property("phandle").and_then(|p| cells(p.value).next())
-}
-
-/// The `arm,smmu-v3` node (the PCIe host's, where the tree has several): registers, interrupts by name,
-/// coherency.
+/// The `arm,smmu-v3` node (the PCIe host's, where the tree has several): registers (translated through every
+/// enclosing bus's `ranges`), interrupts by name, coherency (`smmuv3_board_dt::smmu_description`, host-tested on
+/// QEMU's and a SoC's trees).
 ///
 /// # Errors
-/// [`DtError::Missing`] when the tree describes no SMMUv3.
+/// [`DtError::Missing`] when the tree describes no SMMUv3, [`DtError::Describe`] when its node cannot be read
+/// (no `reg`, registers no enclosing `ranges` reaches, interrupts that are not a GIC's).
 pub fn smmu(fdt: &Fdt) -> Result<SmmuDescription, DtError> {
     let node = smmu_node(fdt).ok_or(DtError::Missing("arm,smmu-v3 node"))?;
-    let reg = first_reg(&node).ok_or(DtError::Missing("SMMU reg"))?;
-    let mut interrupts = SmmuInterrupts::default();
-    let cells_per_irq = node.interrupt_parent().and_then(|p| p.interrupt_cells()).unwrap_or(3);
-    if let (Some(irqs), Some(names)) = (node.property("interrupts"), node.property("interrupt-names")) {
-        let specs: heapless::Vec<u32, 16> = cells(irqs.value).collect();
-        let names = names.value.split(|b| *b == 0).filter(|n| !n.is_empty());
-        for (spec, name) in specs.chunks_exact(cells_per_irq).zip(names) {
-            if cells_per_irq < 3 {
-                break;
-            }
-            // GIC binding: <type number flags>; SPI numbers start at INTID 32, PPIs at 16. Flags 1 = rising edge.
-            let intid = spec[1] + if spec[0] == 0 { 32 } else { 16 };
-            interrupts.edge_triggered = spec[2] & 0x3 != 0;
-            match name {
-                b"eventq" => interrupts.eventq = Some(intid),
-                b"priq" => interrupts.priq = Some(intid),
-                b"cmdq-sync" => interrupts.cmdq_sync = Some(intid),
-                b"gerror" => interrupts.gerror = Some(intid),
-                _ => {}
-            }
-        }
-    }
-    Ok(SmmuDescription {
-        base: reg.base,
-        size: reg.size,
-        interrupts,
-        dma_coherent: node.property("dma-coherent").is_some(),
-    })
+    smmuv3_board_dt::smmu_description(fdt, node).map_err(DtError::Describe)
 }
 
 /// The `pci-host-ecam-generic` node: ECAM, bus range, windows, `iommu-map` (its entries for the SMMU [`smmu`]
 /// picks) and `iommu-map-mask`.
 ///
 /// # Errors
-/// [`DtError::Missing`] without such a node, [`DtError::Malformed`] for a `bus-range`, `ranges`, `iommu-map` or
-/// `iommu-map-mask` of the wrong length, a `bus-range` whose start is past its end, or an ECAM `reg` smaller
+/// [`DtError::Missing`] without such a node, [`DtError::Malformed`] for a `bus-range` or `ranges` of the wrong
+/// length, [`DtError::Describe`] for an `iommu-map` or `iommu-map-mask` of the wrong length, a `bus-range` whose start is past its end, or an ECAM `reg` smaller
 /// than one bus.
 pub fn pcie(fdt: &Fdt) -> Result<PcieHost, DtError> {
     let node = fdt
@@ -321,33 +293,8 @@ pub fn pcie(fdt: &Fdt) -> Result<PcieHost, DtError> {
             });
         }
     }
-    if let Some(map) = node.property("iommu-map") {
-        if !map.value.len().is_multiple_of(16) {
-            return Err(DtError::Malformed("iommu-map"));
-        }
-        // Entries are <rid-base iommu-phandle sid-base length> (#iommu-cells = 1): those naming another IOMMU
-        // give no StreamID of this SMMU.
-        let ours = smmu_phandle(fdt);
-        for entry in map.value.chunks_exact(16) {
-            let e: heapless::Vec<u32, 4> = cells(entry).collect();
-            if ours.is_some_and(|phandle| phandle != e[1]) {
-                continue;
-            }
-            host.iommu_map
-                .push(IommuMapEntry {
-                    rid_base: e[0],
-                    sid_base: e[2],
-                    length: e[3],
-                })
-                .map_err(|_| DtError::Malformed("iommu-map (too many ranges)"))?;
-        }
-    }
-    if let Some(mask) = node.property("iommu-map-mask") {
-        // One cell.
-        if mask.value.len() != 4 {
-            return Err(DtError::Malformed("iommu-map-mask"));
-        }
-        host.iommu_map_mask = cells(mask.value).next();
+    if let Some(smmu) = smmu_node(fdt) {
+        (host.iommu_map, host.iommu_map_mask) = smmuv3_board_dt::iommu_map(node, smmu).map_err(DtError::Describe)?;
     }
     Ok(host)
 }

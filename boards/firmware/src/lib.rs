@@ -335,6 +335,19 @@ pub fn run<B: Board>(board: &B) -> ! {
     if let Some(mask) = platform.pcie.iommu_map_mask {
         println!("  iommu-map-mask: {mask:#x}");
     }
+    // Masters that are not PCI functions, by their `iommus` (QEMU's trees have none: its SMMU serves PCI only).
+    if let Some(smmu) = fdt.as_ref().and_then(|fdt| dt::smmu_node(fdt).map(|node| (fdt, node))) {
+        let listed = smmuv3_board_dt::platform_masters(smmu.0, smmu.1, |m| {
+            let (first, last) = m.stream_ids();
+            let off = if m.enabled { "" } else { " (disabled)" };
+            println!("  iommus: {} -> SID {first:#x}..={last:#x}{off}", m.path);
+        });
+        match listed {
+            Ok(0) => println!("  iommus: no platform master names the SMMU"),
+            Ok(_) => {}
+            Err(e) => println!("  iommus: {e}; those masters stay unlisted"),
+        }
+    }
 
     // Free RAM: from the end of the image, and of the second image slot a hand-off test loads another image in
     // (see the board's linker script), to the end of the bank that holds it.

@@ -913,8 +913,8 @@ pub fn lu_noreset(context: &mut Context) -> Result<(), Failure> {
     }
 }
 
-/// IOVA `lu-big` maps, from 0, in 4 KiB pages: 3 GiB (6 MiB of level-3 tables, in one arena of a region sized for
-/// it: the harness gives the machine 4 GiB, the board's region a 32nd of it).
+/// IOVA `lu-big` maps, from 0, in 4 KiB pages: 3 GiB (6 MiB of level-3 tables, taken frame by frame from a region sized
+/// for it: the harness gives the machine 4 GiB, the board's region a 32nd of it).
 const BIG_BYTES: u64 = 3 << 30;
 /// The PA window every 2 MiB of `lu-big`'s IOVA maps onto (its pages are aliased: the tables are what is big).
 const BIG_WINDOW: u64 = 2 << 20;
