@@ -319,6 +319,7 @@ mod tests {
     fn payloads_display_as_the_messages_did() {
         use crate::domain::DomainKind;
         use crate::handover::restore::RestoreLimit;
+        use crate::handover::verify::{DescriptorDefect, GuestContextLimit, SoftwareBitsDefect, TableTotal};
         use crate::ids::DomainId;
         use crate::{Capacity, Unsupported, Wanted};
 
@@ -363,6 +364,53 @@ mod tests {
         assert_eq!(
             RecordError::NoMemoryForLocks { domains: 3 }.to_string(),
             "too many preserved domains (3) for a handover record: no memory to hold their locks"
+        );
+        assert_eq!(
+            VerifyFailure::BadDescriptor {
+                entry: 0x1008,
+                level: 3,
+                descriptor: 0x1,
+                what: DescriptorDefect::ReservedEncoding,
+            }
+            .to_string(),
+            "level-3 descriptor at 0x1008 = 0x1: a reserved encoding (bits [1:0] = 0b01 at level 3)"
+        );
+        assert_eq!(
+            VerifyFailure::BadDescriptor {
+                entry: 0x10,
+                level: 2,
+                descriptor: 0x3,
+                what: DescriptorDefect::TableBits,
+            }
+            .to_string(),
+            "level-2 descriptor at 0x10 = 0x3: a table descriptor with bits this driver never sets (APTable, \
+             XNTable, NSTable, address bits [51:48], ...)"
+        );
+        assert_eq!(
+            VerifyFailure::SoftwareBits {
+                entry: 0x20,
+                descriptor: 0x3,
+                what: SoftwareBitsDefect::MissingTrimMark,
+            }
+            .to_string(),
+            "descriptor at 0x20 = 0x3: no trim mark, yet it leads to an emptied table"
+        );
+        assert_eq!(
+            VerifyFailure::TableTotals {
+                what: TableTotal::EmptiedTables,
+                recorded: 2,
+                walked: 1,
+            }
+            .to_string(),
+            "2 emptied tables recorded, 1 walked"
+        );
+        assert_eq!(
+            VerifyFailure::GuestContext {
+                what: GuestContextLimit::CdTableIpaBeyondContextPtr,
+                value: 1 << 52,
+            }
+            .to_string(),
+            "its guest context has a CD table IPA beyond S1ContextPtr's 52 bits (0x10000000000000)"
         );
     }
 }

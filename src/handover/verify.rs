@@ -113,7 +113,7 @@ pub enum VerifyFailure {
         /// Its value.
         descriptor: u64,
         /// What is wrong.
-        what: &'static str,
+        what: DescriptorDefect,
     },
     /// A table descriptor's live-entry count differs from the table it names.
     CountMismatch {
@@ -131,12 +131,12 @@ pub enum VerifyFailure {
         /// Its value.
         descriptor: u64,
         /// What is wrong.
-        what: &'static str,
+        what: SoftwareBitsDefect,
     },
     /// The record's table count (or emptied-table count) differs from the tables walked.
     TableTotals {
-        /// "tables" or "emptied tables".
-        what: &'static str,
+        /// Which count.
+        what: TableTotal,
         /// Recorded.
         recorded: u32,
         /// Walked.
@@ -207,9 +207,9 @@ pub enum VerifyFailure {
     /// A nested record's guest context cannot go into an STE of this SMMU (what `create_nested` and `attach`
     /// refuse): found before any STE is written rather than half-way through the rebuild.
     GuestContext {
-        /// What.
-        what: &'static str,
-        /// The value.
+        /// What is beyond this SMMU: its `Display` names the value's meaning.
+        what: GuestContextLimit,
+        /// The value (which [`GuestContextLimit`] variant says what it is).
         value: u64,
     },
     /// An adopted CD differs from the one the driver builds for the record.
@@ -227,6 +227,119 @@ pub enum VerifyFailure {
         /// The value the driver builds.
         expected: u64,
     },
+}
+
+/// What is wrong with a descriptor this driver never writes ([`VerifyFailure::BadDescriptor`]). Its `Display` is
+/// the words after the descriptor's address and value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DescriptorDefect {
+    /// A table descriptor with bits this driver never sets (APTable, XNTable, NSTable, address bits \[51:48\], ...).
+    TableBits,
+    /// A block descriptor at a level where the granule allows no block.
+    BlockNotAllowed,
+    /// A leaf (block or page) with the contiguous hint or output address bits \[51:48\] set, which this driver never
+    /// sets.
+    ForbiddenLeafBits,
+    /// A block whose output address is not aligned to the block's size (RES0 bits set).
+    MisalignedBlockOutput,
+    /// A level-3 descriptor with the reserved encoding (bits \[1:0\] = 0b01).
+    ReservedEncoding,
+    /// A page whose output address has bits set below the granule.
+    MisalignedPageOutput,
+    /// A leaf (block or page) with attribute bits this driver never writes for its stage (nG, AP/S2AP, XN,
+    /// AttrIndx/MemAttr, SH, AF, NS, software or PBHA bits): not the leaf it builds for the protection these bits
+    /// grant.
+    NotADriverLeaf,
+}
+
+impl fmt::Display for DescriptorDefect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DescriptorDefect::TableBits => {
+                "a table descriptor with bits this driver never sets (APTable, XNTable, NSTable, address bits \
+                 [51:48], ...)"
+            }
+            DescriptorDefect::BlockNotAllowed => "a block where the granule allows none",
+            DescriptorDefect::ForbiddenLeafBits => {
+                "the contiguous hint or output bits [51:48], which this driver never sets"
+            }
+            DescriptorDefect::MisalignedBlockOutput => "a block output not aligned to its size (RES0 bits set)",
+            DescriptorDefect::ReservedEncoding => "a reserved encoding (bits [1:0] = 0b01 at level 3)",
+            DescriptorDefect::MisalignedPageOutput => "output address bits below the granule",
+            DescriptorDefect::NotADriverLeaf => {
+                "attribute bits this driver never writes for this stage (nG, AP/S2AP, XN, AttrIndx/MemAttr, SH, AF, \
+                 NS, software or PBHA bits): not the leaf it builds for the protection these bits grant"
+            }
+        })
+    }
+}
+
+/// Which software bit of a table descriptor contradicts the table it names ([`VerifyFailure::SoftwareBits`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum SoftwareBitsDefect {
+    /// The no-tables bit is set, yet the descriptor names a last-level table or a table that holds a table
+    /// descriptor (a range unmap trusting it would unlink the table without its subtables).
+    NoTablesBit,
+    /// The full bit is set on a table that is not a full last-level table, or clear on one that is.
+    FullBit,
+    /// No trim mark, yet the descriptor leads to an emptied table.
+    MissingTrimMark,
+}
+
+impl fmt::Display for SoftwareBitsDefect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SoftwareBitsDefect::NoTablesBit => {
+                "its no-tables bit is set, yet it names a last-level table or a table that holds one"
+            }
+            SoftwareBitsDefect::FullBit => "its full bit disagrees with the table it names",
+            SoftwareBitsDefect::MissingTrimMark => "no trim mark, yet it leads to an emptied table",
+        })
+    }
+}
+
+/// Which of a record's table counts differs from the tables walked ([`VerifyFailure::TableTotals`]). Its `Display`
+/// is the counted noun ("tables", "emptied tables").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TableTotal {
+    /// Every table of the record, the root included.
+    Tables,
+    /// The tables without a valid entry (left for a trim).
+    EmptiedTables,
+}
+
+impl fmt::Display for TableTotal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TableTotal::Tables => "tables",
+            TableTotal::EmptiedTables => "emptied tables",
+        })
+    }
+}
+
+/// What a nested record's guest context holds that cannot go into an STE of this SMMU
+/// ([`VerifyFailure::GuestContext`]); each variant says what the failure's `value` is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum GuestContextLimit {
+    /// An S1CDMax (the guest CD table's SubstreamID bits) beyond this SMMU's SubstreamID bits (IDR1.SSIDSIZE):
+    /// `value` is the S1CDMax.
+    CdMaxBeyondSsidBits,
+    /// A guest CD table IPA beyond the 52 bits of the STE's S1ContextPtr (checked for a record with streams):
+    /// `value` is the IPA.
+    CdTableIpaBeyondContextPtr,
+}
+
+impl fmt::Display for GuestContextLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            GuestContextLimit::CdMaxBeyondSsidBits => "an S1CDMax beyond this SMMU's SubstreamID bits",
+            GuestContextLimit::CdTableIpaBeyondContextPtr => "a CD table IPA beyond S1ContextPtr's 52 bits",
+        })
+    }
 }
 
 impl fmt::Display for VerifyFailure {
@@ -361,10 +474,6 @@ const LEAF_ADDRESS: u64 = ((1 << 52) - 1) & !0xfff;
 /// Leaf bits this driver never sets: the contiguous hint (a misprogrammed contiguous run may translate with
 /// another entry's output) and output bits \[51:48\].
 const FORBIDDEN_LEAF: u64 = desc::CONTIGUOUS | 0xf << 48;
-/// What a leaf whose attribute bits this driver never writes is refused as.
-const NOT_A_DRIVER_LEAF: &str = "attribute bits this driver never writes for this stage (nG, AP/S2AP, XN, \
-                                 AttrIndx/MemAttr, SH, AF, NS, software or PBHA bits): not the leaf it builds for \
-                                 the protection these bits grant";
 /// Every bit this driver sets in a table descriptor.
 const TABLE_BITS: u64 = desc::VALID
     | desc::TABLE_OR_PAGE
@@ -565,8 +674,7 @@ impl<'a> Walk<'a> {
                     entry,
                     level,
                     descriptor: d,
-                    what: "a table descriptor with bits this driver never sets (APTable, XNTable, NSTable, address \
-                           bits [51:48], ...)",
+                    what: DescriptorDefect::TableBits,
                 });
             }
             holds_table = true;
@@ -586,7 +694,7 @@ impl<'a> Walk<'a> {
                 return Err(VerifyFailure::SoftwareBits {
                     entry,
                     descriptor: d,
-                    what: "its no-tables bit is set, yet it names a last-level table or a table that holds one",
+                    what: SoftwareBitsDefect::NoTablesBit,
                 });
             }
             self.tables += 1;
@@ -607,14 +715,14 @@ impl<'a> Walk<'a> {
                 return Err(VerifyFailure::SoftwareBits {
                     entry,
                     descriptor: d,
-                    what: "its full bit disagrees with the table it names",
+                    what: SoftwareBitsDefect::FullBit,
                 });
             }
             if (walked == 0 || below) && d & desc::SW_TRIM_CANDIDATE == 0 {
                 return Err(VerifyFailure::SoftwareBits {
                     entry,
                     descriptor: d,
-                    what: "no trim mark, yet it leads to an emptied table",
+                    what: SoftwareBitsDefect::MissingTrimMark,
                 });
             }
         }
@@ -630,20 +738,18 @@ impl<'a> Walk<'a> {
             what,
         };
         if !self.geometry.block_allowed(level) {
-            return Err(bad("a block where the granule allows none"));
+            return Err(bad(DescriptorDefect::BlockNotAllowed));
         }
         let size = 1u64 << self.geometry.entry_shift(level);
         if d & FORBIDDEN_LEAF != 0 {
-            return Err(bad(
-                "the contiguous hint or output bits [51:48], which this driver never sets",
-            ));
+            return Err(bad(DescriptorDefect::ForbiddenLeafBits));
         }
         let output = d & LEAF_ADDRESS;
         if !output.is_multiple_of(size) {
-            return Err(bad("a block output not aligned to its size (RES0 bits set)"));
+            return Err(bad(DescriptorDefect::MisalignedBlockOutput));
         }
         if !desc::is_driver_leaf(self.stage, d, false) {
-            return Err(bad(NOT_A_DRIVER_LEAF));
+            return Err(bad(DescriptorDefect::NotADriverLeaf));
         }
         self.outputs.check(entry, output, size)
     }
@@ -657,19 +763,17 @@ impl<'a> Walk<'a> {
             what,
         };
         if d & desc::TABLE_OR_PAGE == 0 {
-            return Err(bad("a reserved encoding (bits [1:0] = 0b01 at level 3)"));
+            return Err(bad(DescriptorDefect::ReservedEncoding));
         }
         if d & FORBIDDEN_LEAF != 0 {
-            return Err(bad(
-                "the contiguous hint or output bits [51:48], which this driver never sets",
-            ));
+            return Err(bad(DescriptorDefect::ForbiddenLeafBits));
         }
         let output = d & LEAF_ADDRESS;
         if !output.is_multiple_of(self.granule()) {
-            return Err(bad("output address bits below the granule"));
+            return Err(bad(DescriptorDefect::MisalignedPageOutput));
         }
         if !desc::is_driver_leaf(self.stage, d, true) {
-            return Err(bad(NOT_A_DRIVER_LEAF));
+            return Err(bad(DescriptorDefect::NotADriverLeaf));
         }
         self.outputs.check(entry, output, self.granule())
     }
@@ -843,14 +947,14 @@ fn verify_table(
         let recorded = (u32::from(shape.tables), u32::from(shape.empty));
         if recorded.0 != walk.tables {
             return Err(VerifyFailure::TableTotals {
-                what: "tables",
+                what: TableTotal::Tables,
                 recorded: recorded.0,
                 walked: walk.tables,
             });
         }
         if recorded.1 != walk.empty {
             return Err(VerifyFailure::TableTotals {
-                what: "emptied tables",
+                what: TableTotal::EmptiedTables,
                 recorded: recorded.1,
                 walked: walk.empty,
             });
@@ -969,13 +1073,10 @@ pub(crate) fn verify_instance(
         if let Some(g) = r.guest {
             let bad = |what, value| (r.token, VerifyFailure::GuestContext { what, value });
             if g.cd_max_log2 > features.ssid_bits {
-                return Err(bad(
-                    "an S1CDMax beyond this SMMU's SubstreamID bits",
-                    g.cd_max_log2.into(),
-                ));
+                return Err(bad(GuestContextLimit::CdMaxBeyondSsidBits, g.cd_max_log2.into()));
             }
             if !r.streams.is_empty() && g.cd_table_ipa >> 52 != 0 {
-                return Err(bad("a CD table IPA beyond S1ContextPtr's 52 bits", g.cd_table_ipa));
+                return Err(bad(GuestContextLimit::CdTableIpaBeyondContextPtr, g.cd_table_ipa));
             }
         }
         let Some(shape) = r.table else { continue };

@@ -258,32 +258,31 @@ fn descriptors_follow_the_levels_and_the_encodings_this_driver_writes() {
     };
     // A block at level 0 (4 KiB granule: blocks only at levels 1 and 2).
     let e = refused(|r, p| *word(r, p.s1_root) &= !desc::TABLE_OR_PAGE);
-    assert_eq!(bad(e).0, 0);
-    assert!(bad(e).1.contains("granule allows none"));
+    assert_eq!(bad(e), (0, DescriptorDefect::BlockNotAllowed));
     // A reserved level-3 encoding (bits [1:0] = 0b01).
     let e = refused(|r, p| {
         let entry = slot(r, p.s1_root, 0, 0x1000, 3);
         *word(r, entry) &= !desc::TABLE_OR_PAGE;
     });
-    assert_eq!(bad(e).0, 3);
+    assert_eq!(bad(e), (3, DescriptorDefect::ReservedEncoding));
     // The contiguous hint on a page.
     let e = refused(|r, p| {
         let entry = slot(r, p.s1_root, 0, 0x2000, 3);
         *word(r, entry) |= desc::CONTIGUOUS;
     });
-    assert!(bad(e).1.contains("contiguous"));
+    assert_eq!(bad(e), (3, DescriptorDefect::ForbiddenLeafBits));
     // APTable in a table descriptor.
     let e = refused(|r, p| {
         let entry = slot(r, p.s1_root, 0, 0x1000, 2);
         *word(r, entry) |= 1 << 61;
     });
-    assert_eq!(bad(e).0, 2);
+    assert_eq!(bad(e), (2, DescriptorDefect::TableBits));
     // A 2 MiB block whose output has RES0 bits set.
     let e = refused(|r, p| {
         let entry = slot(r, p.s1_root, 0, 0x4000_0000, 2);
         *word(r, entry) |= 0x1000;
     });
-    assert!(bad(e).1.contains("not aligned"));
+    assert_eq!(bad(e), (2, DescriptorDefect::MisalignedBlockOutput));
 }
 
 /// The "no tables" bit (58) the driver sets on the descriptor of a table of leaves only (the level-2 table of the
@@ -318,7 +317,7 @@ fn a_no_tables_bit_must_be_true_of_the_table_it_names() {
         match verify_error(e) {
             (S1, VerifyFailure::SoftwareBits { entry: at, what, .. }) => {
                 assert_eq!(at, entry, "level {level}");
-                assert!(what.contains("no-tables"), "{what}");
+                assert_eq!(what, SoftwareBitsDefect::NoTablesBit, "level {level}");
             }
             other => panic!("level {level}: {other:?}"),
         }
@@ -349,7 +348,10 @@ fn live_entry_counts_full_bits_trim_marks_and_totals_must_match_the_walk() {
         entry = slot(r, p.s1_root, 0, 0x1000, 2);
         *word(r, entry) |= desc::SW_TABLE_FULL;
     });
-    assert!(matches!(verify_error(e), (S1, VerifyFailure::SoftwareBits { what, .. }) if what.contains("full")));
+    assert!(matches!(
+        verify_error(e),
+        (S1, VerifyFailure::SoftwareBits { entry: at, what: SoftwareBitsDefect::FullBit, .. }) if at == entry
+    ));
     // A last-level table emptied behind the counts' back, its count made to agree, its trim mark missing.
     let e = refused(|r, p| {
         for iova in [0x1000, 0x2000] {
@@ -359,7 +361,10 @@ fn live_entry_counts_full_bits_trim_marks_and_totals_must_match_the_walk() {
         entry = slot(r, p.s1_root, 0, 0x1000, 2);
         *word(r, entry) = desc::with_count(*word(r, entry), 0);
     });
-    assert!(matches!(verify_error(e), (S1, VerifyFailure::SoftwareBits { what, .. }) if what.contains("trim")));
+    assert!(matches!(
+        verify_error(e),
+        (S1, VerifyFailure::SoftwareBits { entry: at, what: SoftwareBitsDefect::MissingTrimMark, .. }) if at == entry
+    ));
     // A whole subtree unlinked from the root (which carries no count of its own): the recorded total differs.
     let e = refused(|r, p| *word(r, p.s1_root) = 0);
     assert_eq!(
@@ -367,7 +372,7 @@ fn live_entry_counts_full_bits_trim_marks_and_totals_must_match_the_walk() {
         (
             S1,
             VerifyFailure::TableTotals {
-                what: "tables",
+                what: TableTotal::Tables,
                 recorded: 6,
                 walked: 1
             }
@@ -565,57 +570,68 @@ fn no_unused_stream_slot_is_taken_as_stream_id_0() {
 
 #[test]
 fn a_nested_guest_context_no_ste_can_hold_is_refused_before_the_rebuild() {
-    // A stage-2 parent and a nested domain (stream 0x18) preserved; the nested record's guest CD table IPA
-    // then set beyond S1ContextPtr's 52 bits, the CRC fixed: the records validate, but no STE can hold it.
-    let frames = frames();
-    let mut region = Region::new();
-    {
-        let model = Model::start(frames);
-        let smmu = boot(&model, frames);
-        let pool = region.pool();
-        let parent = smmu
-            .create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 })
-            .unwrap();
-        smmu.map(parent, Iova(0x4000_0000), PhysAddr(0x4000_0000), 0x20_0000, RW)
-            .unwrap();
-        let guest = crate::domain::GuestStage1 {
-            cd_table: 0x4800_0000,
-            cd_max_log2: 0,
-            layout: crate::hw::ste::CdTableLayout::Linear,
-            default_substream: crate::hw::ste::DefaultSubstream::Terminate,
-        };
-        let nested = smmu.create_nested(parent, guest).unwrap();
-        smmu.attach(nested, 0x18).unwrap();
-        smmu.preserve(parent, S2).unwrap();
-        smmu.preserve(nested, S1).unwrap();
-        smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
+    // A stage-2 parent and a nested domain (stream 0x18) preserved; the nested record's guest CD table IPA then
+    // set beyond S1ContextPtr's 52 bits, or its S1CDMax beyond the SMMU's SubstreamID bits (the fake's are fewer
+    // than the 20 a record may carry), the CRC fixed: the records validate, but no STE can hold it.
+    for (edit, what, value) in [
+        (0, GuestContextLimit::CdTableIpaBeyondContextPtr, 1u64 << 52),
+        (8, GuestContextLimit::CdMaxBeyondSsidBits, 20),
+    ] {
+        let frames = frames();
+        let mut region = Region::new();
+        {
+            let model = Model::start(frames);
+            let smmu = boot(&model, frames);
+            assert!(smmu.features().ssid_bits < 20);
+            let pool = region.pool();
+            let parent = smmu
+                .create_stage2(pool.take_memory().unwrap(), Stage2Options { input_bits: 40 })
+                .unwrap();
+            smmu.map(parent, Iova(0x4000_0000), PhysAddr(0x4000_0000), 0x20_0000, RW)
+                .unwrap();
+            let guest = crate::domain::GuestStage1 {
+                cd_table: 0x4800_0000,
+                cd_max_log2: 0,
+                layout: crate::hw::ste::CdTableLayout::Linear,
+                default_substream: crate::hw::ste::DefaultSubstream::Terminate,
+            };
+            let nested = smmu.create_nested(parent, guest).unwrap();
+            smmu.attach(nested, 0x18).unwrap();
+            smmu.preserve(parent, S2).unwrap();
+            smmu.preserve(nested, S1).unwrap();
+            smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
+            core::mem::forget(smmu);
+        }
+        {
+            let pool = region.pool();
+            let mut bytes = pool.lock_metadata().unwrap();
+            // Header 96 bytes, one identity of 64, the parent's record (a 72-byte head, its streams of 24 bytes
+            // and extents of 16, as many as the head's counts at 64 and 68 say), then the nested record's guest
+            // context at offset 48: its IPA (8 bytes), then its S1CDMax (1 byte).
+            let parent = 96 + 64;
+            let count = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+            let guest = parent + 72 + 24 * count(parent + 64) + 16 * count(parent + 68) + 48;
+            assert_eq!(bytes[guest..guest + 8], 0x4800_0000u64.to_le_bytes());
+            assert_eq!(bytes[guest + 8], 0);
+            if edit == 0 {
+                bytes[guest..guest + 8].copy_from_slice(&value.to_le_bytes());
+            } else {
+                bytes[guest + edit] = value as u8;
+            }
+            crate::handover::format::sample::reseal(&mut bytes);
+        }
+        let (result, smmu, _model) = restore(&mut region, frames, &RestoreOptions::new(DMA), &[]);
+        // Forgotten before the assertion: a failing one must not drop the driver over the region it adopted.
         core::mem::forget(smmu);
-    }
-    {
-        let pool = region.pool();
-        let mut bytes = pool.lock_metadata().unwrap();
-        // Header 96 bytes, one identity of 64, the parent's record (a 72-byte head, its streams of 24 bytes and
-        // extents of 16, as many as the head's counts at 64 and 68 say), then the nested record's guest IPA at
-        // offset 48.
-        let parent = 96 + 64;
-        let count = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
-        let at = parent + 72 + 24 * count(parent + 64) + 16 * count(parent + 68) + 48;
-        assert_eq!(bytes[at..at + 8], 0x4800_0000u64.to_le_bytes());
-        bytes[at..at + 8].copy_from_slice(&(1u64 << 52).to_le_bytes());
-        crate::handover::format::sample::reseal(&mut bytes);
-    }
-    let (result, smmu, _model) = restore(&mut region, frames, &RestoreOptions::new(DMA), &[]);
-    assert!(
-        matches!(
+        assert_eq!(
             result,
             Err(RestoreError::Verify {
                 token: S1,
-                what: VerifyFailure::GuestContext { value, .. }
-            }) if value == 1 << 52
-        ),
-        "{result:?}"
-    );
-    core::mem::forget(smmu);
+                what: VerifyFailure::GuestContext { what, value }
+            }),
+            "{what}"
+        );
+    }
 }
 
 #[test]
@@ -912,7 +928,7 @@ fn review_a_global_leaf_in_an_asid_tagged_stage1_table_is_refused() {
                 entry, level: 3, what, ..
             },
         )) => {
-            assert_eq!((entry, what), (at, NOT_A_DRIVER_LEAF));
+            assert_eq!((entry, what), (at, DescriptorDefect::NotADriverLeaf));
         }
         other => panic!("{other:?}"),
     }
@@ -988,7 +1004,11 @@ fn a_leaf_with_attribute_bits_the_driver_never_writes_is_refused() {
             ) if t == token => {
                 // The first bad leaf of the table is named: the table's first valid one when all changed.
                 let expected = if whole_table { at & !0xfff | 8 } else { at };
-                assert_eq!((entry, l, why), (expected, level, NOT_A_DRIVER_LEAF), "{what}");
+                assert_eq!(
+                    (entry, l, why),
+                    (expected, level, DescriptorDefect::NotADriverLeaf),
+                    "{what}"
+                );
             }
             other => panic!("{what}: {other:?}"),
         }
