@@ -14,6 +14,7 @@
 //!
 //! Every case is fixed by `(seed, index)`, so a failure replays exactly.
 
+pub mod iort;
 pub mod restore;
 
 use std::collections::BTreeMap;
@@ -55,6 +56,10 @@ pub struct Stats {
     pub restore: restore::RestoreStats,
     /// Time spent on restore cases.
     pub restore_elapsed: Duration,
+    /// The IORT reader's cases.
+    pub iort: iort::IortStats,
+    /// Time spent on IORT cases.
+    pub iort_elapsed: Duration,
 }
 
 impl Stats {
@@ -66,6 +71,11 @@ impl Stats {
     /// Restore cases per second.
     pub fn restore_rate(&self) -> f64 {
         self.restore.execs as f64 / self.restore_elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// IORT cases per second.
+    pub fn iort_rate(&self) -> f64 {
+        self.iort.execs as f64 / self.iort_elapsed.as_secs_f64().max(1e-9)
     }
 }
 
@@ -189,12 +199,16 @@ pub fn run_case(seed: u64, index: u64, buf: &mut [u8], stats: &mut Stats) -> Res
     }
 }
 
-/// Runs decoder cases from index 0 for half of `duration`, then restore cases from index 0 for the other half
-/// (checking the clock every 64 and every 8 cases), or until `max_failures` cases failed.
+/// Runs decoder cases from index 0 for two fifths of `duration`, then restore cases from index 0 for two fifths
+/// (checking the clock every 64 and every 8 cases), then IORT cases for the last fifth, or until `max_failures`
+/// cases failed.
 pub fn run(seed: u64, duration: Duration, max_failures: usize) -> Stats {
-    let mut stats = run_decode(seed, duration / 2, max_failures);
+    let mut stats = run_decode(seed, duration * 2 / 5, max_failures);
     if stats.failures.len() < max_failures {
-        run_restore(seed, duration / 2, max_failures - stats.failures.len(), &mut stats);
+        run_restore(seed, duration * 2 / 5, max_failures - stats.failures.len(), &mut stats);
+    }
+    if stats.failures.len() < max_failures {
+        iort::run_iort(seed, duration / 5, max_failures, &mut stats);
     }
     stats
 }
@@ -328,6 +342,33 @@ mod tests {
                 stats.refused.contains_key(deep),
                 "{deep} never reached: {:?}",
                 stats.refused
+            );
+        }
+    }
+
+    /// IORT cases the smoke test runs.
+    const IORT_CASES: u64 = 20_000;
+
+    #[test]
+    fn a_short_iort_run_fails_nothing_and_reaches_every_check() {
+        let mut stats = Stats::default();
+        iort::run_iort_cases(1, IORT_CASES, &mut stats);
+        assert!(stats.failures.is_empty(), "{:?}", stats.failures[0]);
+        assert_eq!(stats.iort.execs, IORT_CASES);
+        assert!(stats.iort.accepted > 0);
+        for check in [
+            "Signature",
+            "Length",
+            "Checksum",
+            "Node",
+            "Mappings",
+            "Reference",
+            "Overflow",
+        ] {
+            assert!(
+                stats.iort.refused.contains_key(check),
+                "{check} never reached: {:?}",
+                stats.iort.refused
             );
         }
     }

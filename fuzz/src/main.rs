@@ -1,6 +1,6 @@
-//! `smmuv3-fuzz [--seconds N] [--seed S] [--out DIR]`: fuzzes the handover decoder, then restore (half the time
-//! each), for N seconds (default 180) and prints their throughput and what they found; failing inputs go to DIR
-//! (default `target/fuzz-failures`). `smmuv3-fuzz --replay FILE` decodes one saved decoder input;
+//! `smmuv3-fuzz [--seconds N] [--seed S] [--out DIR]`: fuzzes the handover decoder, then restore (two fifths of
+//! the time each), then the ACPI IORT reader (the last fifth), for N seconds (default 180) and prints their throughput and what they found; failing inputs go to DIR
+//! (default `target/fuzz-failures`). `--iort` runs the IORT reader alone for the N seconds. `smmuv3-fuzz --replay FILE` decodes one saved decoder input;
 //! `smmuv3-fuzz --replay-restore SEED INDEX` runs one restore case again; `smmuv3-fuzz --sample FILE [--seed S]`
 //! writes a valid sample region (for `cargo xtask handover-dump`). Exit status 1 when a case failed.
 
@@ -39,6 +39,7 @@ fn real_main() -> Result<ExitCode, String> {
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| PathBuf::from("target"), PathBuf::from);
     let mut out = target.join("fuzz-failures");
     let mut sample_file = None;
+    let mut iort_only = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -46,6 +47,7 @@ fn real_main() -> Result<ExitCode, String> {
             "--seed" => seed = parse("--seed", args.next())?,
             "--out" => out = PathBuf::from(args.next().ok_or("--out needs a value")?),
             "--sample" => sample_file = Some(args.next().ok_or("--sample needs a file")?),
+            "--iort" => iort_only = true,
             "--replay-restore" => {
                 let seed = parse("--replay-restore", args.next())?;
                 let index = parse("--replay-restore", args.next())?;
@@ -87,8 +89,17 @@ fn real_main() -> Result<ExitCode, String> {
         println!("{file}: a valid {n}-byte region");
         return Ok(ExitCode::SUCCESS);
     }
-    eprintln!("smmuv3-fuzz: seed {seed:#x}, {seconds} s");
-    let stats = smmuv3_fuzz::run(seed, Duration::from_secs(seconds), 10);
+    eprintln!(
+        "smmuv3-fuzz: seed {seed:#x}, {seconds} s{}",
+        if iort_only { ", the IORT reader only" } else { "" }
+    );
+    let stats = if iort_only {
+        let mut stats = smmuv3_fuzz::Stats::default();
+        smmuv3_fuzz::iort::run_iort(seed, Duration::from_secs(seconds), 10, &mut stats);
+        stats
+    } else {
+        smmuv3_fuzz::run(seed, Duration::from_secs(seconds), 10)
+    };
     println!(
         "smmuv3-fuzz decode: {} cases in {:.1} s ({:.0} per second), {} accepted",
         stats.execs,
@@ -115,6 +126,19 @@ fn real_main() -> Result<ExitCode, String> {
     for (name, n) in refused {
         println!("  {n:>10} {name}");
     }
+    println!(
+        "smmuv3-fuzz iort: {} cases in {:.1} s ({:.0} per second), {} accepted",
+        stats.iort.execs,
+        stats.iort_elapsed.as_secs_f64(),
+        stats.iort_rate(),
+        stats.iort.accepted
+    );
+    let mut refused: Vec<_> = stats.iort.refused.iter().collect();
+    refused.sort_by(|a, b| b.1.cmp(a.1));
+    println!("iort refused by cause ({} distinct):", refused.len());
+    for (name, n) in refused {
+        println!("  {n:>10} {name}");
+    }
     println!("smmuv3-fuzz: {} case(s) failed", stats.failures.len());
     if stats.failures.is_empty() {
         return Ok(ExitCode::SUCCESS);
@@ -123,6 +147,8 @@ fn real_main() -> Result<ExitCode, String> {
     for f in &stats.failures {
         let target = if f.what.starts_with("restore case") {
             "restore"
+        } else if f.what.starts_with("iort case") {
+            "iort"
         } else {
             "decode"
         };
