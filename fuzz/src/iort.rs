@@ -197,11 +197,7 @@ pub fn run_case(seed: u64, index: u64, stats: &mut IortStats) -> Result<(), Stri
     stats.execs += 1;
     match outcome {
         Err(payload) => {
-            let why = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
+            let why = super::panic_message(&payload);
             Err(format!("IORT reader panicked: {why}"))
         }
         Ok(Ok(problems)) if problems.is_empty() => {
@@ -220,8 +216,21 @@ pub fn run_case(seed: u64, index: u64, stats: &mut IortStats) -> Result<(), Stri
 /// Runs IORT cases from index 0 for `duration` (checking the clock every 64), or until `max_failures` failed.
 pub fn run_iort(seed: u64, duration: Duration, max_failures: usize, stats: &mut Stats) {
     let start = Instant::now();
+    run_until(seed, stats, |index, stats| {
+        (index.is_multiple_of(64) && start.elapsed() >= duration) || stats.failures.len() >= max_failures
+    });
+    stats.iort_elapsed += start.elapsed();
+}
+
+/// Runs IORT cases `0..cases` of `seed` (a deterministic run, whatever the machine's speed), adding to `stats`.
+pub fn run_iort_cases(seed: u64, cases: u64, stats: &mut Stats) {
+    run_until(seed, stats, |index, _| index >= cases);
+}
+
+/// Runs cases from index 0 until `done` says so (asked before each case), each failure recorded with its input.
+fn run_until(seed: u64, stats: &mut Stats, done: impl Fn(u64, &Stats) -> bool) {
     let mut index = 0u64;
-    while !(index.is_multiple_of(64) && start.elapsed() >= duration) && stats.failures.len() < max_failures {
+    while !done(index, stats) {
         if let Err(what) = run_case(seed, index, &mut stats.iort) {
             stats.failures.push(Failure {
                 seed,
@@ -231,20 +240,5 @@ pub fn run_iort(seed: u64, duration: Duration, max_failures: usize, stats: &mut 
             });
         }
         index += 1;
-    }
-    stats.iort_elapsed += start.elapsed();
-}
-
-/// Runs IORT cases `0..cases` of `seed` (a deterministic run, whatever the machine's speed), adding to `stats`.
-pub fn run_iort_cases(seed: u64, cases: u64, stats: &mut Stats) {
-    for index in 0..cases {
-        if let Err(what) = run_case(seed, index, &mut stats.iort) {
-            stats.failures.push(Failure {
-                seed,
-                index,
-                what: format!("iort case: {what}"),
-                input: build_case(seed, index).0,
-            });
-        }
     }
 }

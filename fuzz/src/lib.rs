@@ -172,6 +172,15 @@ pub fn build_case(seed: u64, index: u64, buf: &mut [u8]) -> (usize, bool) {
     }
 }
 
+/// What a caught panic said (its `&str` or `String` payload; empty for another type).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
+}
+
 /// Runs one case; `Err` says why it failed.
 pub fn run_case(seed: u64, index: u64, buf: &mut [u8], stats: &mut Stats) -> Result<(), String> {
     let (len, valid) = build_case(seed, index, buf);
@@ -179,11 +188,7 @@ pub fn run_case(seed: u64, index: u64, buf: &mut [u8], stats: &mut Stats) -> Res
     let result = panic::catch_unwind(AssertUnwindSafe(|| decode(input, POOL)));
     match result {
         Err(payload) => {
-            let why = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
+            let why = panic_message(&payload);
             Err(format!("decode panicked: {why}"))
         }
         Ok(Ok(decoded)) => {
@@ -241,11 +246,7 @@ fn run_restore_until(seed: u64, max_failures: usize, stats: &mut Stats, done: im
             restore::run_case(&world, seed, index, &mut stats.restore)
         }))
         .unwrap_or_else(|payload| {
-            let why = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
+            let why = panic_message(&payload);
             Err(format!("restore panicked: {why}"))
         });
         if let Err(what) = outcome {
