@@ -5,8 +5,6 @@
 use core::fmt;
 use core::ptr::NonNull;
 
-use crate::handover::pool::HandoverMemory;
-
 /// A physical (output) address as the SMMU sees it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(transparent)]
@@ -151,7 +149,7 @@ impl fmt::Display for AllocError {
 /// [`free`](FrameAllocator::free) and [`phys_to_virt`](FrameAllocator::phys_to_virt) (the CPU address of a frame
 /// the SMMU reaches at a physical address). Three more have defaults it may replace for speed
 /// (`allocate_for_overwrite`, `allocate_many`, `free_many`). What a live update needs of memory (ownership,
-/// sealing, the runs of frames to record) is the driver's own [`HandoverMemory`]'s business, not an
+/// sealing, the runs of frames to record) is the driver's own `HandoverMemory`'s business, not an
 /// allocator's.
 ///
 /// ```
@@ -247,12 +245,12 @@ pub unsafe trait FrameAllocator: Sync {
     /// (page-table walks follow physical addresses found in descriptors). Returns `None` for any other address.
     fn phys_to_virt(&self, phys: PhysAddr) -> Option<NonNull<u8>>;
 
-    /// Not for implementations: the driver's own handover memory ([`HandoverMemory`]) answers here, which is how
+    /// Not for implementations: the driver's own handover memory (`handover::pool::HandoverMemory`) answers here, which is how
     /// the driver tells memory that survives a live update from any other. The default (`None`) is the only
     /// answer another allocator can give: the argument's type cannot be named outside this crate, so this method
     /// can be neither called nor overridden there.
     #[doc(hidden)]
-    fn handover_memory(&self, _: sealed::Token) -> Option<&HandoverMemory> {
+    fn handover_memory(&self, _: sealed::Token) -> Option<&dyn sealed::Hooks> {
         None
     }
 }
@@ -262,10 +260,33 @@ pub(crate) mod sealed {
     /// Only this crate makes one.
     #[derive(Clone, Copy, Debug)]
     pub struct Token(pub(crate) ());
+
+    /// What memory that survives a live update answers (the driver's `HandoverMemory`): named here, in a module
+    /// no one outside the crate reaches, so that `mem` does not depend on the handover pool that depends on it.
+    /// See [`super::MemoryHooks`] for each method.
+    pub trait Hooks {
+        /// The first run of frames held at or after `from`.
+        fn handover_run(&self, from: u64) -> Option<super::Extent>;
+        /// The owning domain is freed: the memory is free for another.
+        ///
+        /// # Safety
+        /// Nothing (CPU or SMMU) may access a block this memory handed out afterwards.
+        unsafe fn retire(&self);
+        /// Claims the memory for one owner: `false` when it is owned already.
+        fn take_ownership(&self) -> bool;
+        /// Undoes a successful claim.
+        fn give_up_ownership(&self);
+        /// Hands out nothing until unsealed.
+        fn seal(&self);
+        /// Undoes `seal`.
+        fn unseal(&self);
+        /// Whether sealed.
+        fn sealed(&self) -> bool;
+    }
 }
 
 /// What the driver asks of memory beyond allocating and freeing: how memory that survives a live update (a
-/// [`HandoverMemory`]) is owned, sealed and listed. Every other allocator gets the answers of shared memory that
+/// `HandoverMemory`) is owned, sealed and listed. Every other allocator gets the answers of shared memory that
 /// does not survive: owned by anyone, never sealed, no runs. Implemented for every [`FrameAllocator`]; a user
 /// implements none of it.
 pub(crate) trait MemoryHooks {
@@ -274,7 +295,7 @@ pub(crate) trait MemoryHooks {
     fn survives_handover(&self) -> bool;
 
     /// For memory that survives a live update: the first run of frames it holds (has handed out, or holds for
-    /// itself) that starts at or after physical address `from` (see [`HandoverMemory::handover_run`]). `None`
+    /// itself) that starts at or after physical address `from` (see `HandoverMemory::handover_run`). `None`
     /// past the last, and always for ordinary memory.
     fn handover_run(&self, from: u64) -> Option<Extent>;
 
@@ -392,7 +413,7 @@ unsafe impl<T: FrameAllocator + ?Sized> FrameAllocator for &T {
         (**self).phys_to_virt(phys)
     }
 
-    fn handover_memory(&self, token: sealed::Token) -> Option<&HandoverMemory> {
+    fn handover_memory(&self, token: sealed::Token) -> Option<&dyn sealed::Hooks> {
         (**self).handover_memory(token)
     }
 }

@@ -1126,8 +1126,40 @@ unsafe impl FrameAllocator for HandoverMemory {
         (l.owners()[page].load(Ordering::Relaxed) == id).then(|| NonNull::new(l.virt_of(phys.0) as *mut u8))?
     }
 
-    fn handover_memory(&self, _: crate::mem::sealed::Token) -> Option<&HandoverMemory> {
+    fn handover_memory(&self, _: crate::mem::sealed::Token) -> Option<&dyn crate::mem::sealed::Hooks> {
         Some(self)
+    }
+}
+
+/// The driver reaches these for any allocator through `mem::MemoryHooks` (the inherent methods below).
+impl crate::mem::sealed::Hooks for HandoverMemory {
+    fn handover_run(&self, from: u64) -> Option<Extent> {
+        HandoverMemory::handover_run(self, from)
+    }
+
+    unsafe fn retire(&self) {
+        // SAFETY: the caller's guarantee, passed on.
+        unsafe { HandoverMemory::retire(self) }
+    }
+
+    fn take_ownership(&self) -> bool {
+        HandoverMemory::take_ownership(self)
+    }
+
+    fn give_up_ownership(&self) {
+        HandoverMemory::give_up_ownership(self)
+    }
+
+    fn seal(&self) {
+        HandoverMemory::seal(self)
+    }
+
+    fn unseal(&self) {
+        HandoverMemory::unseal(self)
+    }
+
+    fn sealed(&self) -> bool {
+        HandoverMemory::sealed(self)
     }
 }
 

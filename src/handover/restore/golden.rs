@@ -23,7 +23,7 @@
 
 extern crate std;
 
-use crate::Iova;
+use crate::mem::Iova;
 use std::vec::Vec;
 
 use super::tests::{ANYWHERE, BASE, RW, Region, boot, first_image};
