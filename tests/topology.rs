@@ -1,7 +1,8 @@
 //! Real PCIe topologies on QEMU virt: edu behind a `pcie-root-port` and behind a switch (`x3130-upstream` +
 //! `xio3130-downstream` under a root port). The firmware numbers every bridge's buses depth-first and opens its
 //! windows, so each edu gets the StreamID of its requester ID, `(bus << 8) | devfn`, and its DMA goes through the
-//! SMMU: untranslated in `edu-ident`, through an STE in `bypass`, through page tables in `pgtable-dma`.
+//! SMMU: untranslated in `edu-ident`, through an STE in `bypass`, through page tables in `pgtable-dma`. The ACPI
+//! IORT QEMU publishes agrees with the tree on every function's StreamID.
 
 use smmuv3_harness::{Board, EduPlacement, Outcome, Run, Stage};
 
@@ -29,6 +30,11 @@ fn every_edu_is_found_behind_root_ports_and_switches() {
         "edu 01:00.0 v1.0: requester ID 0x100, StreamID 0x100",
         "edu 04:00.0 v1.0: requester ID 0x400, StreamID 0x400",
         "edu: 3 device(s) identified, DMA verified through each",
+        // The ACPI tables QEMU publishes through fw_cfg, linked by the firmware's table-loader after enumeration:
+        // the IORT's SMMU and its requester-ID map agree with the device tree for every function on buses 0 to 4
+        // (`boards/iort`).
+        "ACPI: IORT (",
+        "the same SMMU, and the same StreamID for every PCI function, as the device tree",
     ]);
 }
 

@@ -3,6 +3,7 @@
 //! layout and where its description comes from.
 #![no_std]
 
+pub mod acpi;
 pub mod boot;
 pub mod config;
 pub mod console;
@@ -85,6 +86,59 @@ pub trait Board {
     /// # Errors
     /// A message for the console when the configuration is unusable.
     fn config(&self, platform: &Platform) -> Result<config::Config, config::ConfigError>;
+}
+
+/// ACPI, where the machine publishes it through fw_cfg (QEMU virt): the IORT's SMMU, and the StreamID its
+/// requester-ID map gives each enumerated PCI function, compared with the tree's (or the board's) and printed. Read after PCI enumeration, as platform firmware publishes its
+/// tables (QEMU builds them when they are first read, with the buses assigned by then: read before, its root
+/// complex would map bus 0 alone).
+fn acpi_report(platform: &Platform, functions: &pci::Functions) {
+    let Some(region) = platform.fw_cfg else {
+        return;
+    };
+    // SAFETY: the identity map covers fw_cfg as a device; only the boot CPU uses it, here and for the
+    // configuration before.
+    let Some(mut fw_cfg) = (unsafe { fw_cfg::FwCfg::new(region.base as usize) }) else {
+        return;
+    };
+    // SAFETY: once, on the boot CPU, at start-up.
+    match unsafe { acpi::read_iort(&mut fw_cfg) } {
+        Ok(a) => {
+            let d = &a.smmu;
+            let same_smmu = d.base == platform.smmu.base
+                && d.interrupts == platform.smmu.interrupts
+                && d.dma_coherent == platform.smmu.dma_coherent;
+            // The IORT maps the buses that exist when it is built; the tree may map more. What must agree is the
+            // StreamID of every function there is.
+            let same_map = functions.iter().all(|f| {
+                let rid = f.bdf.requester_id();
+                a.iommu_map.stream_id(rid) == platform.pcie.stream_id(rid)
+            });
+            println!(
+                "ACPI: IORT ({} bytes, linked from fw_cfg's table-loader): SMMUv3 at {:#x}, {} requester-ID range(s); {}",
+                a.iort_bytes,
+                d.base,
+                a.iommu_map.entries().len(),
+                match (same_smmu, same_map) {
+                    (true, true) => "the same SMMU, and the same StreamID for every PCI function, as the device tree",
+                    (false, _) => "another SMMU description than the device tree's",
+                    (true, false) => "another StreamID than the device tree's for a PCI function",
+                }
+            );
+            if !(same_smmu && same_map) {
+                println!("  IORT: {d:x?}");
+                for e in a.iommu_map.entries() {
+                    println!(
+                        "  IORT: RID {:#x}..{:#x} -> SID {:#x}",
+                        e.rid_base,
+                        u64::from(e.rid_base) + u64::from(e.length),
+                        e.sid_base
+                    );
+                }
+            }
+        }
+        Err(e) => println!("ACPI: {e}"),
+    }
 }
 
 fn symbol(s: &u8) -> usize {
@@ -517,6 +571,7 @@ pub fn run<B: Board>(board: &B) -> ! {
     // SAFETY: the ECAM is mapped as device memory and only this firmware touches configuration space.
     let ecam = unsafe { pci::Ecam::new(&platform.pcie) };
     let functions = pci::enumerate(&ecam, &platform.pcie).unwrap_or_else(|e| fatal("PCI", &e));
+    acpi_report(&platform, &functions);
     for f in &functions {
         let sid = platform.pcie.stream_id(f.bdf.requester_id());
         print!(
