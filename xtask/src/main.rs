@@ -17,7 +17,7 @@ const COMMANDS: [(&str, &str); 6] = [
         "qemu",
         "\
   qemu [--board qemu-virt|sbsa-ref] [--stage 1|2|nested] [--smp N] [--scenarios a,b] [--timeout SECONDS]
-       [--dump-handover FILE] [-- EXTRA QEMU ARGS]
+       [--description dt|acpi] [--dump-handover FILE] [-- EXTRA QEMU ARGS]
         build the firmware and boot it under QEMU (default: board qemu-virt, stage nested, 1 CPU, the firmware's
         default scenarios); --smp N gives the machine N CPUs (1-8), which the scenarios that use every CPU start
         through PSCI CPU_ON (smp-hello); exits 0 when every scenario asked printed SCENARIO … PASS and the firmware's RESULT line says
@@ -25,7 +25,9 @@ const COMMANDS: [(&str, &str); 6] = [
         extra arguments keeps QEMU's trace (with the SMMU events the summary counts) in FILE. The machine gets
         the devices the scenarios need (printed before the command line): edu on the root bus, a second edu behind
         a root port for isolation and smp-dma, a virtio-blk disk for virtio-dma (its image checked after the run),
-        and the next image for the running hand-offs. An empty --scenarios list is refused. --dump-handover FILE
+        and the next image for the running hand-offs. An empty --scenarios list is refused.
+        --description acpi (virt only) takes the SMMU and the requester-ID map from the ACPI IORT alone (fw_cfg
+        opt/smmuv3/description), not from the device tree. --dump-handover FILE
         saves the handover region's records to FILE (on the host, through semihosting) when a scenario hands off
         (a warm reset or a jump into the next image), for `cargo xtask handover-dump FILE`; the run fails when no
         hand-off saved it",
@@ -138,6 +140,7 @@ fn qemu(args: &[String]) -> Result<ExitCode, String> {
     let mut smp = 1;
     let mut extra = Vec::new();
     let mut dump: Option<std::path::PathBuf> = None;
+    let mut acpi = false;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -151,6 +154,13 @@ fn qemu(args: &[String]) -> Result<ExitCode, String> {
             }
             "--scenarios" => scenarios.extend(scenario_list(value(&mut it, arg)?)?),
             "--dump-handover" => dump = Some(dump_path(value(&mut it, arg)?)?),
+            "--description" => {
+                acpi = match value(&mut it, arg)? {
+                    "acpi" => true,
+                    "dt" => false,
+                    other => return Err(format!("unknown description {other:?} (dt or acpi)")),
+                }
+            }
             "--timeout" => {
                 let s = value(&mut it, arg)?;
                 timeout = Duration::from_secs(s.parse().map_err(|_| format!("bad --timeout {s:?}"))?);
@@ -166,6 +176,9 @@ fn qemu(args: &[String]) -> Result<ExitCode, String> {
         }
     }
     board.check_stage(stage)?;
+    if acpi && board != Board::QemuVirt {
+        return Err("--description acpi needs qemu-virt (its ACPI tables come through fw_cfg)".into());
+    }
     ensure_qemu(true)?;
     ensure_firmware_target()?;
     eprintln!("xtask: building the {} firmware", board.name());
@@ -181,6 +194,9 @@ fn qemu(args: &[String]) -> Result<ExitCode, String> {
         .contains(&"virtio-dma")
         .then(|| VirtioDisk::create(&format!("xtask-{}", board.name())));
     run.virtio_disk = disk.as_ref().map(|d| d.path.clone());
+    if acpi {
+        run.settings.push(("description".into(), "acpi".into()));
+    }
     if let Some(path) = &dump {
         // A file left by an earlier run must not pass for this one's.
         let _ = std::fs::remove_file(path);

@@ -109,6 +109,27 @@ fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
 }
 
+/// The fw_cfg setting that chooses where the SMMU's description comes from (`opt/smmuv3/description`).
+pub const DESCRIPTION_KEY: &str = "opt/smmuv3/description";
+
+/// Whether the run asks for the SMMU described by ACPI alone (`description` = `acpi`; `dt`, or no setting, keeps
+/// the device tree's, or the board's static description).
+///
+/// # Errors
+/// A message when the value is neither.
+pub fn acpi_wanted(fw_cfg: &mut FwCfg) -> Result<bool, &'static str> {
+    let Some(file) = fw_cfg.find(DESCRIPTION_KEY) else {
+        return Ok(false);
+    };
+    let mut value = [0u8; 8];
+    let n = fw_cfg.read_file(file, &mut value);
+    match value[..n].trim_ascii() {
+        b"acpi" => Ok(true),
+        b"dt" | b"" => Ok(false),
+        _ => Err("description: expected acpi or dt"),
+    }
+}
+
 /// Runs the table-loader script of the fw_cfg device `fw_cfg` and reads the IORT.
 ///
 /// # Errors

@@ -88,6 +88,58 @@ pub trait Board {
     fn config(&self, platform: &Platform) -> Result<config::Config, config::ConfigError>;
 }
 
+/// With `description` = `acpi` (fw_cfg `opt/smmuv3/description`): the SMMU and PCI segment 0's requester-ID map
+/// from the ACPI IORT alone, in place of the tree's (`true` then). Read as soon as the MMU is on (linking the
+/// tables needs normal memory), before the SMMU is first touched and before PCI enumeration: QEMU builds the
+/// tables at that first read, so the root complex maps the buses that exist then (the root bus). The firmware maps
+/// the SMMU its tree or board names before this, so an IORT whose SMMU is elsewhere is refused rather than used
+/// unmapped. Without the setting, nothing is read here (see [`acpi_report`]).
+fn acpi_description(mut platform: Platform) -> (Platform, bool) {
+    let fw_cfg = platform.fw_cfg.and_then(|region| {
+        // SAFETY: the identity map covers fw_cfg as a device; at boot only this CPU uses it.
+        unsafe { fw_cfg::FwCfg::new(region.base as usize) }
+    });
+    let Some(mut fw_cfg) = fw_cfg else {
+        return (platform, false);
+    };
+    if !acpi::acpi_wanted(&mut fw_cfg).unwrap_or_else(|e| fatal("configuration", &e)) {
+        return (platform, false);
+    }
+    // SAFETY: once, on the boot CPU, at start-up.
+    let a = unsafe { acpi::read_iort(&mut fw_cfg) }.unwrap_or_else(|e| fatal("ACPI description", &e));
+    if a.smmu.base != platform.smmu.base {
+        fatal("ACPI description", &"the IORT's SMMU is not the one the board maps");
+    }
+    platform.smmu = smmuv3::SmmuDescription {
+        size: platform.smmu.size.max(a.smmu.size),
+        ..a.smmu
+    };
+    platform.pcie.iommu_map = a.iommu_map;
+    platform.pcie.iommu_map_mask = None;
+    println!(
+        "SMMU: from the ACPI IORT alone (description = acpi; {} bytes, linked from fw_cfg's table-loader): {:#x}, \
+         INTIDs {:?}, {}coherent",
+        a.iort_bytes,
+        platform.smmu.base,
+        [
+            platform.smmu.interrupts.eventq,
+            platform.smmu.interrupts.priq,
+            platform.smmu.interrupts.cmdq_sync,
+            platform.smmu.interrupts.gerror
+        ],
+        if platform.smmu.dma_coherent { "" } else { "not " }
+    );
+    for e in platform.pcie.iommu_map.entries() {
+        println!(
+            "  IORT: RID {:#x}..{:#x} -> SID {:#x}",
+            e.rid_base,
+            u64::from(e.rid_base) + u64::from(e.length),
+            e.sid_base
+        );
+    }
+    (platform, true)
+}
+
 /// ACPI, where the machine publishes it through fw_cfg (QEMU virt): the IORT's SMMU, and the StreamID its
 /// requester-ID map gives each enumerated PCI function, compared with the tree's (or the board's) and printed. Read after PCI enumeration, as platform firmware publishes its
 /// tables (QEMU builds them when they are first read, with the buses assigned by then: read before, its root
@@ -489,6 +541,7 @@ pub fn run<B: Board>(board: &B) -> ! {
         "EL2 MMU: identity map of the platform active; {} KiB of frames free",
         frames::remaining() / 1024
     );
+    let (platform, from_acpi) = acpi_description(platform);
     smp::init(&platform.cpus);
     print!("CPUs: {} (MPIDR", smp::cpu_count());
     for cpu in 0..smp::cpu_count() {
@@ -571,7 +624,9 @@ pub fn run<B: Board>(board: &B) -> ! {
     // SAFETY: the ECAM is mapped as device memory and only this firmware touches configuration space.
     let ecam = unsafe { pci::Ecam::new(&platform.pcie) };
     let functions = pci::enumerate(&ecam, &platform.pcie).unwrap_or_else(|e| fatal("PCI", &e));
-    acpi_report(&platform, &functions);
+    if !from_acpi {
+        acpi_report(&platform, &functions);
+    }
     for f in &functions {
         let sid = platform.pcie.stream_id(f.bdf.requester_id());
         print!(
