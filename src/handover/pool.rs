@@ -24,6 +24,7 @@ use spin::{Mutex, RwLock};
 use zerocopy::FromBytes;
 
 use super::Extent;
+use crate::mem::sealed::Hooks;
 use crate::mem::{AllocError, DmaBlock, FrameAllocator, PhysAddr};
 
 /// Bytes at the start of the region for the header and records.
@@ -1131,45 +1132,13 @@ unsafe impl FrameAllocator for HandoverMemory {
     }
 }
 
-/// The driver reaches these for any allocator through `mem::MemoryHooks` (the inherent methods below).
-impl crate::mem::sealed::Hooks for HandoverMemory {
-    fn handover_run(&self, from: u64) -> Option<Extent> {
-        HandoverMemory::handover_run(self, from)
-    }
-
-    unsafe fn retire(&self) {
-        // SAFETY: the caller's guarantee, passed on.
-        unsafe { HandoverMemory::retire(self) }
-    }
-
-    fn take_ownership(&self) -> bool {
-        HandoverMemory::take_ownership(self)
-    }
-
-    fn give_up_ownership(&self) {
-        HandoverMemory::give_up_ownership(self)
-    }
-
-    fn seal(&self) {
-        HandoverMemory::seal(self)
-    }
-
-    fn unseal(&self) {
-        HandoverMemory::unseal(self)
-    }
-
-    fn sealed(&self) -> bool {
-        HandoverMemory::sealed(self)
-    }
-}
-
-/// What the driver asks of memory that survives a live update beyond allocating (see `mem::MemoryHooks`, through
-/// which the driver reaches these for any allocator).
-impl HandoverMemory {
+/// What memory that survives a live update answers beyond allocating: the driver reaches these for any allocator
+/// through `mem::MemoryHooks`, which answers for shared memory itself.
+impl Hooks for HandoverMemory {
     /// The first run of frames this memory holds (has handed out, or holds for itself) that starts at or after
     /// physical address `from`. Runs come in ascending order and never touch one another, so `handover_run(0)`,
     /// then `handover_run(end of the last)`, and so on, lists them all; `None` past the last.
-    pub(crate) fn handover_run(&self, from: u64) -> Option<Extent> {
+    fn handover_run(&self, from: u64) -> Option<Extent> {
         let (_, l, id) = self.context()?;
         let s = *self.state.lock();
         let (lo, hi) = (s.lo as usize, (s.hi as usize).min(l.pages));
@@ -1203,36 +1172,36 @@ impl HandoverMemory {
     ///
     /// # Safety
     /// Nothing (CPU or SMMU) may access a block this memory handed out afterwards.
-    pub(crate) unsafe fn retire(&self) {
+    unsafe fn retire(&self) {
         // SAFETY: `retire`'s contract: nothing accesses what this memory handed out.
         unsafe { self.release() };
     }
 
     /// Claims this memory for one owner (a domain, or an SMMU's own structures): `false` when it is owned
     /// already.
-    pub(crate) fn take_ownership(&self) -> bool {
+    fn take_ownership(&self) -> bool {
         let mut s = self.state.lock();
         !core::mem::replace(&mut s.owned, true)
     }
 
-    /// Undoes a successful [`HandoverMemory::take_ownership`].
-    pub(crate) fn give_up_ownership(&self) {
+    /// Undoes a successful `take_ownership`.
+    fn give_up_ownership(&self) {
         self.state.lock().owned = false;
     }
 
     /// From now until the hand-off, hand out nothing: what is recorded must not grow after the records were
     /// written.
-    pub(crate) fn seal(&self) {
+    fn seal(&self) {
         self.state.lock().sealed = true;
     }
 
-    /// Undoes [`HandoverMemory::seal`] (the hand-off was cancelled).
-    pub(crate) fn unseal(&self) {
+    /// Undoes `seal` (the hand-off was cancelled).
+    fn unseal(&self) {
         self.state.lock().sealed = false;
     }
 
-    /// Whether [`HandoverMemory::seal`] is in force.
-    pub(crate) fn sealed(&self) -> bool {
+    /// Whether `seal` is in force.
+    fn sealed(&self) -> bool {
         self.state.lock().sealed
     }
 }

@@ -16,6 +16,7 @@ use crate::domain::{
 };
 use crate::hw::ste::{CdTableLayout, DefaultSubstream};
 use crate::ids::IdError;
+use crate::mem::MemoryHooks;
 use crate::mem::{FrameAllocator, PhysAddr};
 use crate::pgtable::{AdoptedCounts, Format, Granule, IoPageTable, MapError, Stage};
 use crate::queue::cmdq::CommandQueueError;
