@@ -8,6 +8,11 @@
 //! sum to 0 through one byte), WRITE_POINTER (tell QEMU where a file went: for devices that write guest memory,
 //! VMGENID and GHES; not needed to read the tables, and skipped). Every offset the script gives is checked against
 //! the file it names, and every address the tables then hold against the buffer, before anything is read there.
+//!
+//! Why not the `acpi` crate for RSDP and XSDT: it reaches tables through an `AcpiHandler` that maps physical regions
+//! on demand, and knows no IORT; here the tables are one identity-mapped buffer this module filled itself, so the
+//! walk is a bounds-checked slice lookup (the RSDP's XSDT pointer, the XSDT's entries), shorter than the handler,
+//! and the IORT goes to `smmuv3-iort`. No crate runs QEMU's table-loader script.
 
 use core::fmt;
 

@@ -95,11 +95,7 @@ pub trait Board {
 /// the SMMU its tree or board names before this, so an IORT whose SMMU is elsewhere is refused rather than used
 /// unmapped. Without the setting, nothing is read here (see [`acpi_report`]).
 fn acpi_description(mut platform: Platform) -> (Platform, bool) {
-    let fw_cfg = platform.fw_cfg.and_then(|region| {
-        // SAFETY: the identity map covers fw_cfg as a device; at boot only this CPU uses it.
-        unsafe { fw_cfg::FwCfg::new(region.base as usize) }
-    });
-    let Some(mut fw_cfg) = fw_cfg else {
+    let Some(mut fw_cfg) = open_fw_cfg(&platform) else {
         return (platform, false);
     };
     if !acpi::acpi_wanted(&mut fw_cfg).unwrap_or_else(|e| fatal("configuration", &e)) {
@@ -129,28 +125,16 @@ fn acpi_description(mut platform: Platform) -> (Platform, bool) {
         ],
         if platform.smmu.dma_coherent { "" } else { "not " }
     );
-    for e in platform.pcie.iommu_map.entries() {
-        println!(
-            "  IORT: RID {:#x}..{:#x} -> SID {:#x}",
-            e.rid_base,
-            u64::from(e.rid_base) + u64::from(e.length),
-            e.sid_base
-        );
-    }
+    print_iort_map(&platform.pcie.iommu_map);
     (platform, true)
 }
 
 /// ACPI, where the machine publishes it through fw_cfg (QEMU virt): the IORT's SMMU, and the StreamID its
-/// requester-ID map gives each enumerated PCI function, compared with the tree's (or the board's) and printed. Read after PCI enumeration, as platform firmware publishes its
-/// tables (QEMU builds them when they are first read, with the buses assigned by then: read before, its root
-/// complex would map bus 0 alone).
+/// requester-ID map gives each enumerated PCI function, compared with the tree's (or the board's) and printed.
+/// Read after PCI enumeration, as platform firmware publishes its tables (QEMU builds them when they are first
+/// read, with the buses assigned by then: read before, its root complex would map bus 0 alone).
 fn acpi_report(platform: &Platform, functions: &pci::Functions) {
-    let Some(region) = platform.fw_cfg else {
-        return;
-    };
-    // SAFETY: the identity map covers fw_cfg as a device; only the boot CPU uses it, here and for the
-    // configuration before.
-    let Some(mut fw_cfg) = (unsafe { fw_cfg::FwCfg::new(region.base as usize) }) else {
+    let Some(mut fw_cfg) = open_fw_cfg(platform) else {
         return;
     };
     // SAFETY: once, on the boot CPU, at start-up.
@@ -179,17 +163,30 @@ fn acpi_report(platform: &Platform, functions: &pci::Functions) {
             );
             if !(same_smmu && same_map) {
                 println!("  IORT: {d:x?}");
-                for e in a.iommu_map.entries() {
-                    println!(
-                        "  IORT: RID {:#x}..{:#x} -> SID {:#x}",
-                        e.rid_base,
-                        u64::from(e.rid_base) + u64::from(e.length),
-                        e.sid_base
-                    );
-                }
+                print_iort_map(&a.iommu_map);
             }
         }
         Err(e) => println!("ACPI: {e}"),
+    }
+}
+
+/// The platform's fw_cfg device, when it has one.
+fn open_fw_cfg(platform: &Platform) -> Option<fw_cfg::FwCfg> {
+    let region = platform.fw_cfg?;
+    // SAFETY: the identity map covers fw_cfg as a device; only the boot CPU uses it (here, and for the
+    // configuration).
+    unsafe { fw_cfg::FwCfg::new(region.base as usize) }
+}
+
+/// Prints an IORT's requester-ID ranges.
+fn print_iort_map(map: &smmuv3::IommuMap) {
+    for e in map.entries() {
+        println!(
+            "  IORT: RID {:#x}..{:#x} -> SID {:#x}",
+            e.rid_base,
+            u64::from(e.rid_base) + u64::from(e.length),
+            e.sid_base
+        );
     }
 }
 
