@@ -82,6 +82,15 @@ pub(crate) fn boot(model: &Model, frames: &'static HeapFrames) -> Iommu<&'static
     model.smmu().init(frames, &InitOptions::default()).unwrap()
 }
 
+/// A fake SMMU with substreams: SSIDSIZE 5 (IDR1\[10:6\]), the other ID registers QEMU's.
+pub(crate) fn model_with_substreams(frames: &'static HeapFrames) -> Model {
+    Model::start_with_idrs(
+        frames,
+        crate::smmu::tests::IDRS[0].1,
+        crate::smmu::tests::IDRS[1].1 | 5 << 6,
+    )
+}
+
 /// A stage-1 domain (39-bit input, EL1&0 regime) in a fresh handover arena.
 pub(crate) fn arena_stage1(smmu: &mut Iommu<&'static HeapFrames>, pool: &'static HandoverPool) -> DomainId {
     let options = Stage1Options {
@@ -463,11 +472,10 @@ fn a_record_with_more_substreams_of_a_stream_than_this_image_attaches_is_refused
     use crate::domain::MAX_SUBSTREAMS_PER_STREAM;
     use crate::handover::StreamRecord;
     let frames = frames();
-    // An SMMU with substreams (SSIDSIZE 5, IDR1[10:6]), in both images.
-    let idr1 = crate::smmu::tests::IDRS[1].1 | 5 << 6;
+    // An SMMU with substreams, in both images.
     let mut region = Region::new();
     {
-        let model = Model::start_with_idrs(frames, crate::smmu::tests::IDRS[0].1, idr1);
+        let model = model_with_substreams(frames);
         let mut smmu = boot(&model, frames);
         let pool = region.pool();
         let d = arena_stage1(&mut smmu, pool);
@@ -489,7 +497,7 @@ fn a_record_with_more_substreams_of_a_stream_than_this_image_attaches_is_refused
             .map(|ssid| StreamRecord { ssid, ..whole })
             .collect();
     });
-    let model = Model::start_with_idrs(frames, crate::smmu::tests::IDRS[0].1, idr1);
+    let model = model_with_substreams(frames);
     let smmu = boot(&model, frames);
     let pool = region.pool();
     let before = model.seen.lock().unwrap().consumed.len();

@@ -450,13 +450,10 @@ fn four_thousand_and_ninety_six_domains_are_preserved_and_restored() {
 fn domains_with_hundreds_of_streams_are_preserved_and_restored() {
     use crate::handover::format::FormatError;
     use crate::handover::live::RecordError;
-    use crate::smmu::tests::IDRS;
     use std::vec::Vec;
     const VFS: u32 = 300;
     const S1_STREAMS: u32 = 260;
     let frames = frames();
-    // Substreams (SSIDSIZE 5, IDR1[10:6]), in both images.
-    let idr1 = IDRS[1].1 | 5 << 6;
     let options = InitOptions {
         attached_streams: 1024,
         ..InitOptions::default()
@@ -468,7 +465,7 @@ fn domains_with_hundreds_of_streams_are_preserved_and_restored() {
     s1_pairs.extend((1..=3).map(|ssid| (s1_sid(0), ssid)));
     let mut region = Region::with_pool_of(16 << 20);
     {
-        let model = Model::start_with_idrs(frames, IDRS[0].1, idr1);
+        let model = model_with_substreams(frames);
         let smmu: Iommu<&'static HeapFrames> = model.smmu().init(frames, &options).unwrap();
         let pool = region.pool();
         let vm = smmu
@@ -524,7 +521,7 @@ fn domains_with_hundreds_of_streams_are_preserved_and_restored() {
         smmu.prepare_handover(pool, BASE, 1, SURVIVING).unwrap();
         core::mem::forget(smmu);
     }
-    let model = Model::start_with_idrs(frames, IDRS[0].1, idr1);
+    let model = model_with_substreams(frames);
     let smmu: Iommu<&'static HeapFrames> = model.smmu().init(frames, &options).unwrap();
     let pool = region.pool();
     let report = smmu.restore_handover(pool, BASE, &ANYWHERE).unwrap();

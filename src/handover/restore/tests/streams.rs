@@ -3,15 +3,13 @@
 
 use super::*;
 use crate::Iova;
-use crate::smmu::tests::IDRS;
 use std::vec::Vec;
 
 /// A first image with substreams (SSIDSIZE 5): a stage-1 domain on stream 0x10 with its substream 1, preserved
 /// as 0x72 and prepared; then the record tampered (valid CRC) so that it lists (0x10, 1) twice.
-fn image_with_a_duplicated_substream(region: &mut Region, frames: &'static HeapFrames) -> u32 {
-    let idr1 = IDRS[1].1 | 5 << 6;
+fn image_with_a_duplicated_substream(region: &mut Region, frames: &'static HeapFrames) {
     {
-        let model = Model::start_with_idrs(frames, IDRS[0].1, idr1);
+        let model = model_with_substreams(frames);
         let mut smmu = boot(&model, frames);
         let pool = region.pool();
         let s1 = arena_stage1(&mut smmu, pool);
@@ -31,7 +29,6 @@ fn image_with_a_duplicated_substream(region: &mut Region, frames: &'static HeapF
             [(0x10, 0), (0x10, 1), (0x10, 1)]
         );
     });
-    idr1
 }
 
 /// A record that names one substream twice is either refused or, once restored, detached and freed like any
@@ -41,8 +38,8 @@ fn image_with_a_duplicated_substream(region: &mut Region, frames: &'static HeapF
 fn a_substream_named_twice_leaves_no_node_behind() {
     let frames = frames();
     let mut region = Region::new();
-    let idr1 = image_with_a_duplicated_substream(&mut region, frames);
-    let model = Model::start_with_idrs(frames, IDRS[0].1, idr1);
+    image_with_a_duplicated_substream(&mut region, frames);
+    let model = model_with_substreams(frames);
     let smmu = boot(&model, frames);
     let pool = region.pool();
     let all = smmu.domains.book.lock().free_nodes.len();
@@ -70,8 +67,8 @@ fn a_substream_named_twice_leaves_no_node_behind() {
 fn finish_frees_an_unclaimed_domain_whose_record_named_a_substream_twice() {
     let frames = frames();
     let mut region = Region::new();
-    let idr1 = image_with_a_duplicated_substream(&mut region, frames);
-    let model = Model::start_with_idrs(frames, IDRS[0].1, idr1);
+    image_with_a_duplicated_substream(&mut region, frames);
+    let model = model_with_substreams(frames);
     let smmu = boot(&model, frames);
     let pool = region.pool();
     if smmu.restore_handover(pool, BASE, &ANYWHERE).is_ok() {
@@ -121,13 +118,12 @@ fn handover_records_reads_a_prepared_running_hand_off() {
 fn handover_records_are_the_bytes_prepare_writes() {
     use crate::handover::format::{HEADER_SIZE, IDENTITY_SIZE};
     let frames = frames();
-    let idr1 = IDRS[1].1 | 5 << 6;
     let options = InitOptions {
         attached_streams: 128,
         ..InitOptions::default()
     };
     let mut region = Region::new();
-    let model = Model::start_with_idrs(frames, IDRS[0].1, idr1);
+    let model = model_with_substreams(frames);
     let mut smmu: Iommu<&'static HeapFrames> = model.smmu().init(frames, &options).unwrap();
     let pool = region.pool();
     let s1 = arena_stage1(&mut smmu, pool);
@@ -192,14 +188,13 @@ fn a_restore_refused_half_way_through_its_streams_gives_every_node_back() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     let frames = frames();
-    let idr1 = IDRS[1].1 | 5 << 6;
     let options = InitOptions {
         attached_streams: 128,
         ..InitOptions::default()
     };
     let mut region = Region::new();
     {
-        let model = Model::start_with_idrs(frames, IDRS[0].1, idr1);
+        let model = model_with_substreams(frames);
         let mut smmu: Iommu<&'static HeapFrames> = model.smmu().init(frames, &options).unwrap();
         let pool = region.pool();
         let s1 = arena_stage1(&mut smmu, pool);
@@ -223,7 +218,7 @@ fn a_restore_refused_half_way_through_its_streams_gives_every_node_back() {
         core::mem::forget(smmu);
     }
     for after in [1usize, 12, 35] {
-        let model = Model::start_with_idrs(frames, IDRS[0].1, idr1);
+        let model = model_with_substreams(frames);
         let smmu: Iommu<&'static HeapFrames> = model.smmu().init(frames, &options).unwrap();
         let all = smmu.domains.book.lock().free_nodes.len();
         // This image's own stream, with substreams, beside the restore.
@@ -259,8 +254,7 @@ fn a_restore_refused_half_way_through_its_streams_gives_every_node_back() {
 #[test]
 fn attached_streams_zero_keeps_the_domain_capacity_and_failed_attaches_give_nodes_back() {
     let frames = frames();
-    let idr1 = IDRS[1].1 | 5 << 6;
-    let model = Model::start_with_idrs(frames, IDRS[0].1, idr1);
+    let model = model_with_substreams(frames);
     let options = InitOptions {
         attached_streams: 0,
         ..InitOptions::default()
