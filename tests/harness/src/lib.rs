@@ -391,6 +391,9 @@ pub fn edus_for(scenarios: &[&str]) -> Vec<EduPlacement> {
 /// The trace events every test records: the SMMU's event records and command errors.
 pub const SMMU_ERROR_TRACE_EVENTS: [&str; 2] = ["smmuv3_record_event", "smmuv3_cmdq_consume_error"];
 
+/// Every QEMU this test process runs holds this lock: shared by [`Run::boot`], exclusive for [`Run::boot_alone`].
+static QEMU_RUNS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
 impl Run {
     /// A run of `scenarios` on `board` with the SMMU of `stage`, told the truth about the stage, with the SMMU's
     /// error trace recorded and a 120 s bound.
@@ -578,6 +581,20 @@ impl Run {
     /// # Panics
     /// When QEMU is missing or too old, the firmware does not build, or QEMU cannot be started.
     pub fn boot(&self) -> Outcome {
+        let _shared = QEMU_RUNS.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.boot_now()
+    }
+
+    /// [`Run::boot`] with no other QEMU of this test process running: it waits until the runs under way end, and
+    /// holds the others back until it ends. For a run whose result depends on the guest's wall-clock timing (a
+    /// device timer that must not fire before the guest is ready), retried after a loaded machine made it
+    /// inconclusive.
+    pub fn boot_alone(&self) -> Outcome {
+        let _exclusive = QEMU_RUNS.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.boot_now()
+    }
+
+    fn boot_now(&self) -> Outcome {
         if let Err(why) = ensure_qemu(false) {
             panic!("the QEMU tests need QEMU: {why}");
         }
