@@ -29,6 +29,58 @@ impl fmt::Display for Region {
     }
 }
 
+/// The console UART's programming model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UartKind {
+    /// Arm PL011 (`arm,pl011`): QEMU's machines, most Arm reference boards.
+    Pl011,
+    /// NXP's 32-bit low-power UART with its registers 0x10 in (`fsl,imx7ulp-lpuart` and its successors:
+    /// i.MX 8ULP, 8QXP, 93, 95).
+    Lpuart,
+}
+
+impl fmt::Display for UartKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            UartKind::Pl011 => "PL011",
+            UartKind::Lpuart => "LPUART",
+        })
+    }
+}
+
+/// The console UART: its programming model and registers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Uart {
+    /// Programming model.
+    pub kind: UartKind,
+    /// Registers.
+    pub region: Region,
+}
+
+/// The compatibles of each UART the console drives, most specific first.
+const UART_COMPATIBLES: [(UartKind, &[&str]); 2] = [
+    (UartKind::Pl011, &["arm,pl011"]),
+    (
+        UartKind::Lpuart,
+        &[
+            "fsl,imx7ulp-lpuart",
+            "fsl,imx8ulp-lpuart",
+            "fsl,imx8qxp-lpuart",
+            "fsl,imx93-lpuart",
+            "fsl,imx95-lpuart",
+        ],
+    ),
+];
+
+/// The kind of UART `node` is, when the console drives it.
+fn uart_kind(node: &FdtNode) -> Option<UartKind> {
+    let compatible = node.compatible()?;
+    UART_COMPATIBLES
+        .iter()
+        .find(|(_, names)| compatible.all().any(|c| names.contains(&c)))
+        .map(|(kind, _)| *kind)
+}
+
 /// Kind of a PCI address window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WindowKind {
@@ -94,12 +146,13 @@ pub struct Gic {
 pub struct Platform {
     /// RAM banks.
     pub memory: heapless::Vec<Region, 4>,
-    /// The PL011 console.
-    pub uart: Region,
+    /// The console.
+    pub uart: Uart,
     /// The SMMU.
     pub smmu: SmmuDescription,
-    /// The PCIe host behind the SMMU.
-    pub pcie: PcieHost,
+    /// The ECAM PCIe host behind the SMMU; `None` when the machine has none the firmware drives (a SoC's
+    /// DesignWare host, whose link its own driver trains: then no PCI function is enumerated).
+    pub pcie: Option<PcieHost>,
     /// QEMU's fw_cfg, when present.
     pub fw_cfg: Option<Region>,
     /// The interrupt controller, when the tree names one.
@@ -107,6 +160,14 @@ pub struct Platform {
     /// The CPUs' affinities (the `reg` of each `/cpus/cpu@…`, MPIDR format), in tree order; empty when neither the
     /// tree nor the board lists them (then the boot CPU runs alone).
     pub cpus: Cpus,
+}
+
+impl Platform {
+    /// The StreamID of PCI requester ID `rid` ([`PcieHost::stream_id`]); `None` without a PCI host or when its
+    /// map does not cover `rid`.
+    pub fn stream_id(&self, rid: u32) -> Option<u32> {
+        self.pcie.as_ref()?.stream_id(rid)
+    }
 }
 
 /// The CPUs a platform lists, by affinity (MPIDR format), at most [`crate::cpus::MAX_CPUS`].
@@ -185,19 +246,33 @@ pub fn memory(fdt: &Fdt) -> Result<heapless::Vec<Region, 4>, DtError> {
     }
 }
 
-/// The console UART: `/chosen/stdout-path` when it is a PL011, else the first `arm,pl011`.
+/// The console UART: `/chosen/stdout-path` when it is a UART the console drives (a PL011 or an LPUART), else the
+/// first PL011, else the first LPUART.
 ///
 /// # Errors
-/// [`DtError::Missing`] when there is no PL011.
-pub fn console(fdt: &Fdt) -> Result<Region, DtError> {
+/// [`DtError::Missing`] when there is no such UART (or it has no `reg`).
+pub fn console(fdt: &Fdt) -> Result<Uart, DtError> {
+    // `stdout-path` names a path or an alias, with options after a ':' ("serial0:115200n8"), which the fdt
+    // crate's `stdout` does not strip.
     let chosen = fdt
-        .chosen()
-        .stdout()
-        .filter(|n| n.compatible().is_some_and(|c| c.all().any(|s| s == "arm,pl011")));
-    let node = chosen
-        .or_else(|| fdt.find_compatible(&["arm,pl011"]))
-        .ok_or(DtError::Missing("arm,pl011 UART"))?;
-    first_reg(&node).ok_or(DtError::Missing("PL011 reg"))
+        .find_node("/chosen")
+        .and_then(|chosen| chosen.property("stdout-path")?.as_str())
+        .and_then(|path| fdt.find_node(path.split(':').next()?))
+        .and_then(|n| Some((uart_kind(&n)?, n)));
+    let (kind, node) = chosen
+        .or_else(|| {
+            UART_COMPATIBLES
+                .iter()
+                .find_map(|(kind, names)| Some((*kind, fdt.find_compatible(names)?)))
+        })
+        .ok_or(DtError::Missing("a PL011 or LPUART console"))?;
+    // The UART's registers as the CPU sees them, through every enclosing bus's `ranges` (an SoC's UARTs sit
+    // inside bus nodes).
+    let (base, size) = smmuv3_board_dt::describe::registers(fdt, node).map_err(DtError::Describe)?;
+    Ok(Uart {
+        kind,
+        region: Region { base, size },
+    })
 }
 
 /// The SMMUv3 the scenarios drive (public so that the boot can list its platform masters): the one the PCIe host's `iommu-map` names (its first entry's phandle), where
@@ -339,8 +414,8 @@ pub fn gic(fdt: &Fdt) -> Option<Gic> {
 pub struct StaticDescription {
     /// RAM banks.
     pub memory: heapless::Vec<Region, 4>,
-    /// The PL011 console.
-    pub uart: Option<Region>,
+    /// The console.
+    pub uart: Option<Uart>,
     /// The SMMU.
     pub smmu: Option<SmmuDescription>,
     /// The PCIe host behind the SMMU.
@@ -375,8 +450,8 @@ fn pick<T>(from_tree: Option<Result<T, DtError>>, from_board: Option<T>, what: &
 ///
 /// # Errors
 /// [`DtError::Missing`] when neither knows one.
-pub fn console_of(fdt: Option<&Fdt>, board: &StaticDescription) -> Result<Region, DtError> {
-    pick(fdt.map(console), board.uart, "arm,pl011 UART")
+pub fn console_of(fdt: Option<&Fdt>, board: &StaticDescription) -> Result<Uart, DtError> {
+    pick(fdt.map(console), board.uart, "a PL011 or LPUART console")
 }
 
 /// The whole platform: each device from the tree where it describes it, else from the board's static description.
@@ -389,7 +464,11 @@ pub fn platform(fdt: Option<&Fdt>, board: &StaticDescription) -> Result<Platform
         memory: pick(fdt.map(memory), board_memory, "memory")?,
         uart: console_of(fdt, board)?,
         smmu: pick(fdt.map(smmu), board.smmu, "arm,smmu-v3 node")?,
-        pcie: pick(fdt.map(pcie), board.pcie.clone(), "pci-host-ecam-generic node")?,
+        pcie: match fdt.map(pcie) {
+            Some(Ok(host)) => Some(host),
+            Some(Err(DtError::Missing(_))) | None => board.pcie.clone(),
+            Some(Err(e)) => return Err(e),
+        },
         fw_cfg: fdt.and_then(fw_cfg).or(board.fw_cfg),
         gic: fdt.and_then(gic).or(board.gic),
         cpus: pick(fdt.map(cpus), Some(board.cpus.clone()), "CPUs")?,

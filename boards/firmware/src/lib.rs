@@ -31,7 +31,7 @@ use aarch64_cpu::registers::{CurrentEL, Readable};
 
 use smmuv3_reserved_memory::{MAX_RESERVED, Range, highest_free, largest_free};
 
-use crate::dt::{Platform, StaticDescription};
+use crate::dt::{PcieHost, Platform, StaticDescription};
 use crate::mmu::{CODE, DATA, DEVICE, IdentityMap, RODATA};
 
 unsafe extern "C" {
@@ -76,6 +76,9 @@ pub trait Board {
     /// Address of the flattened device tree, when the board is handed one. The tree must be mapped by the boot
     /// page table.
     fn device_tree(&self) -> Option<usize>;
+    /// Whether the firmware enumerates the ECAM PCIe host the tree or the description names (`false`: a board
+    /// whose only ECAM host is one the enumeration cannot drive; no PCI function is then listed).
+    const PCI: bool = true;
     /// The board's static description, used for every device the tree does not describe (none by default: a
     /// fully described board such as QEMU virt needs nothing here).
     fn description(&self) -> StaticDescription {
@@ -86,6 +89,34 @@ pub trait Board {
     /// # Errors
     /// A message for the console when the configuration is unusable.
     fn config(&self, platform: &Platform) -> Result<config::Config, config::ConfigError>;
+}
+
+fn print_pcie(host: &PcieHost) {
+    println!(
+        "PCIe: ECAM {} buses {}..={}",
+        host.ecam, host.bus_range.0, host.bus_range.1
+    );
+    for w in &host.windows {
+        println!(
+            "  window {:?}{} pci {:#x} cpu {:#x} size {:#x}",
+            w.kind,
+            if w.prefetchable { " prefetchable" } else { "" },
+            w.pci_base,
+            w.cpu_base,
+            w.size
+        );
+    }
+    for e in host.iommu_map.entries() {
+        println!(
+            "  iommu-map: RID {:#x}..{:#x} -> SID {:#x}",
+            e.rid_base,
+            e.rid_base + e.length,
+            e.sid_base
+        );
+    }
+    if let Some(mask) = host.iommu_map_mask {
+        println!("  iommu-map-mask: {mask:#x}");
+    }
 }
 
 /// With `description` = `acpi` (fw_cfg `opt/smmuv3/description`): the SMMU and PCI segment 0's requester-ID map
@@ -110,8 +141,14 @@ fn acpi_description(mut platform: Platform) -> (Platform, bool) {
         size: platform.smmu.size.max(a.smmu.size),
         ..a.smmu
     };
-    platform.pcie.iommu_map = a.iommu_map;
-    platform.pcie.iommu_map_mask = None;
+    let Some(host) = platform.pcie.as_mut() else {
+        fatal(
+            "ACPI description",
+            &"the IORT maps a root complex, and the board has no ECAM host for it",
+        )
+    };
+    host.iommu_map = a.iommu_map;
+    host.iommu_map_mask = None;
     println!(
         "SMMU: from the ACPI IORT alone (description = acpi; {} bytes, linked from fw_cfg's table-loader): {:#x}, \
          INTIDs {:?}, {}coherent",
@@ -125,7 +162,7 @@ fn acpi_description(mut platform: Platform) -> (Platform, bool) {
         ],
         if platform.smmu.dma_coherent { "" } else { "not " }
     );
-    print_iort_map(&platform.pcie.iommu_map);
+    print_iort_map(&host.iommu_map);
     (platform, true)
 }
 
@@ -148,7 +185,7 @@ fn acpi_report(platform: &Platform, functions: &pci::Functions) {
             // StreamID of every function there is.
             let same_map = functions.iter().all(|f| {
                 let rid = f.bdf.requester_id();
-                a.iommu_map.stream_id(rid) == platform.pcie.stream_id(rid)
+                a.iommu_map.stream_id(rid) == platform.stream_id(rid)
             });
             println!(
                 "ACPI: IORT ({} bytes, linked from fw_cfg's table-loader): SMMUv3 at {:#x}, {} requester-ID range(s); {}",
@@ -215,15 +252,23 @@ fn build_identity_map(platform: &Platform) -> IdentityMap {
     };
     add(text.0 as u64, text.1 as u64, CODE, "map code");
     add(rodata.0 as u64, rodata.1 as u64, RODATA, "map rodata");
-    add(platform.uart.base, platform.uart.end(), DEVICE, "map UART");
+    add(
+        platform.uart.region.base,
+        platform.uart.region.end(),
+        DEVICE,
+        "map UART",
+    );
     add(
         platform.smmu.base,
         platform.smmu.base + platform.smmu.size,
         DEVICE,
         "map SMMU",
     );
-    add(platform.pcie.ecam.base, platform.pcie.ecam.end(), DEVICE, "map ECAM");
-    for w in &platform.pcie.windows {
+    let pcie = platform.pcie.as_ref();
+    if let Some(host) = pcie {
+        add(host.ecam.base, host.ecam.end(), DEVICE, "map ECAM");
+    }
+    for w in pcie.iter().flat_map(|host| &host.windows) {
         match w.kind {
             dt::WindowKind::Mem32 => add(w.cpu_base, w.cpu_base + w.size, DEVICE, "map PCI window"),
             // Enumeration assigns 64-bit prefetchable BARs from the start of this window only.
@@ -391,7 +436,7 @@ pub fn run<B: Board>(board: &B) -> ! {
         .unwrap_or_else(|e| fatal("console", &e));
     // SAFETY: the UART the tree names is mapped as device memory by the boot page table and only the console
     // drives it.
-    unsafe { console::init(uart.base as usize) };
+    unsafe { console::init(uart.kind, uart.region.base as usize) };
     println!();
     println!("smmuv3 firmware on {} at EL{}", B::NAME, CurrentEL.read(CurrentEL::EL));
     if finish::probe_semihosting() {
@@ -407,36 +452,19 @@ pub fn run<B: Board>(board: &B) -> ! {
         Some(Err(e)) => fatal("device tree", &e),
         None => None,
     };
-    let platform = dt::platform(fdt.as_ref(), &description).unwrap_or_else(|e| fatal("platform discovery", &e));
+    let mut platform = dt::platform(fdt.as_ref(), &description).unwrap_or_else(|e| fatal("platform discovery", &e));
+    let unused_pci = if B::PCI { None } else { platform.pcie.take() };
     for bank in &platform.memory {
         println!("memory: {bank}");
     }
-    println!("console: PL011 at {:#x}", platform.uart.base);
+    println!("console: {} at {:#x}", platform.uart.kind, platform.uart.region.base);
     println!("SMMU: {:#x} size {:#x}", platform.smmu.base, platform.smmu.size);
-    println!(
-        "PCIe: ECAM {} buses {}..={}",
-        platform.pcie.ecam, platform.pcie.bus_range.0, platform.pcie.bus_range.1
-    );
-    for w in &platform.pcie.windows {
-        println!(
-            "  window {:?}{} pci {:#x} cpu {:#x} size {:#x}",
-            w.kind,
-            if w.prefetchable { " prefetchable" } else { "" },
-            w.pci_base,
-            w.cpu_base,
-            w.size
-        );
-    }
-    for e in platform.pcie.iommu_map.entries() {
-        println!(
-            "  iommu-map: RID {:#x}..{:#x} -> SID {:#x}",
-            e.rid_base,
-            e.rid_base + e.length,
-            e.sid_base
-        );
-    }
-    if let Some(mask) = platform.pcie.iommu_map_mask {
-        println!("  iommu-map-mask: {mask:#x}");
+    match &platform.pcie {
+        Some(host) => print_pcie(host),
+        None if unused_pci.is_some() => {
+            println!("PCIe: the tree's ECAM host is not one this board's firmware enumerates; no PCI function listed")
+        }
+        None => println!("PCIe: no ECAM host (pci-host-ecam-generic); no PCI function enumerated"),
     }
     // Masters that are not PCI functions, by their `iommus` (QEMU's trees have none: its SMMU serves PCI only).
     if let Some(smmu) = fdt.as_ref().and_then(|fdt| dt::smmu_node(fdt).map(|node| (fdt, node))) {
@@ -619,13 +647,16 @@ pub fn run<B: Board>(board: &B) -> ! {
         );
     }
     // SAFETY: the ECAM is mapped as device memory and only this firmware touches configuration space.
-    let ecam = unsafe { pci::Ecam::new(&platform.pcie) };
-    let functions = pci::enumerate(&ecam, &platform.pcie).unwrap_or_else(|e| fatal("PCI", &e));
+    let ecam = platform.pcie.as_ref().map(|host| unsafe { pci::Ecam::new(host) });
+    let functions = match (&ecam, &platform.pcie) {
+        (Some(ecam), Some(host)) => pci::enumerate(ecam, host).unwrap_or_else(|e| fatal("PCI", &e)),
+        _ => pci::Functions::new(),
+    };
     if !from_acpi {
         acpi_report(&platform, &functions);
     }
     for f in &functions {
-        let sid = platform.pcie.stream_id(f.bdf.requester_id());
+        let sid = platform.stream_id(f.bdf.requester_id());
         print!(
             "PCI {} {:04x}:{:04x} class {:06x} SID {:?}",
             f.bdf,
@@ -656,7 +687,7 @@ pub fn run<B: Board>(board: &B) -> ! {
 
     let mut context = scenarios::Context {
         platform: &platform,
-        ecam: &ecam,
+        ecam: ecam.as_ref(),
         functions: &functions,
         config: &config,
     };

@@ -23,8 +23,8 @@ pub type Failure = heapless::String<256>;
 pub struct Context<'a> {
     /// The platform description.
     pub platform: &'a Platform,
-    /// Configuration space access.
-    pub ecam: &'a Ecam,
+    /// Configuration space access; `None` without a PCI host (then `functions` is empty).
+    pub ecam: Option<&'a Ecam>,
     /// The enumerated PCI functions.
     pub functions: &'a [Function],
     /// The host's configuration.
@@ -285,7 +285,10 @@ fn open_edu(context: &Context, f: &Function) -> Result<Edu, Failure> {
             f.bdf
         )
     };
-    context.ecam.enable_memory_and_bus_master(f.bdf);
+    let Some(ecam) = context.ecam else {
+        fail!("edu at {} was found without a PCI host", f.bdf)
+    };
+    ecam.enable_memory_and_bus_master(f.bdf);
     // SAFETY: BAR0 was assigned by enumeration inside a window the board maps as device memory, and only this
     // scenario drives the device.
     Ok(unsafe { Edu::new(f.bdf, bar0, context.config.edu_dma_mask) })
@@ -359,7 +362,7 @@ fn identify_each_edu(context: &Context) -> Result<(), Failure> {
     for f in edu_functions(context) {
         let edu = open_edu(context, f)?;
         let rid = edu.bdf().requester_id();
-        let Some(sid) = context.platform.pcie.stream_id(rid) else {
+        let Some(sid) = context.platform.stream_id(rid) else {
             fail!(
                 "edu at {}: requester ID {rid:#x} has no StreamID in the iommu-map",
                 edu.bdf()

@@ -6,7 +6,7 @@ use smmuv3::board::IommuMapEntry;
 use smmuv3::{IommuMap, SmmuDescription, SmmuInterrupts};
 use smmuv3_firmware::boot::{self, GIB, Table};
 use smmuv3_firmware::config::{self, Config, ConfigError};
-use smmuv3_firmware::dt::{Gic, PciWindow, PcieHost, Platform, Region, StaticDescription, WindowKind};
+use smmuv3_firmware::dt::{Gic, PciWindow, PcieHost, Platform, Region, StaticDescription, Uart, UartKind, WindowKind};
 use smmuv3_firmware::exceptions::Exceptions;
 use smmuv3_firmware::{Board, el2_boot_map_48, el3_boot_stub, mmu};
 
@@ -95,9 +95,12 @@ impl Board for SbsaRef {
         StaticDescription {
             handover_bytes: HANDOVER_BYTES,
             handover_share: HANDOVER_SHARE,
-            uart: Some(Region {
-                base: UART,
-                size: 0x1000,
+            uart: Some(Uart {
+                kind: UartKind::Pl011,
+                region: Region {
+                    base: UART,
+                    size: 0x1000,
+                },
             }),
             smmu: Some(SmmuDescription {
                 base: SMMU,

@@ -214,7 +214,7 @@ pub(super) fn expect_quiet(session: &mut Session, what: &str) -> Result<(), Fail
 pub(super) fn edu_stream(context: &Context) -> Result<(Edu, u32), Failure> {
     let edu = find_edu(context)?;
     let rid = edu.bdf().requester_id();
-    let Some(sid) = context.platform.pcie.stream_id(rid) else {
+    let Some(sid) = context.platform.stream_id(rid) else {
         fail!(
             "edu {} (requester ID {rid:#x}) is not behind the SMMU (iommu-map)",
             edu.bdf()
@@ -243,7 +243,7 @@ pub fn init(context: &mut Context) -> Result<(), Failure> {
             f.stream_table_two_level
         )
     }
-    let sid = context.platform.pcie.stream_id(0x10).unwrap_or(0x10);
+    let sid = context.platform.stream_id(0x10).unwrap_or(0x10);
     let first = s
         .low_level()
         .attach_abort(sid)

@@ -585,7 +585,7 @@ pub(super) fn two_edus(context: &Context, scenario: &str) -> Result<heapless::Ve
     let mut devices = heapless::Vec::new();
     for f in functions {
         let edu = open_edu(context, f)?;
-        let Some(sid) = context.platform.pcie.stream_id(edu.bdf().requester_id()) else {
+        let Some(sid) = context.platform.stream_id(edu.bdf().requester_id()) else {
             fail!("edu {} is not behind the SMMU", edu.bdf())
         };
         let _ = devices.push((edu, sid));

@@ -130,7 +130,7 @@ pub fn virtio_dma(context: &mut Context) -> Result<(), Failure> {
     let function = *block_function(context)?;
     let bdf = function.bdf;
     let rid = bdf.requester_id();
-    let Some(sid) = context.platform.pcie.stream_id(rid) else {
+    let Some(sid) = context.platform.stream_id(rid) else {
         fail!("virtio-blk {bdf} (requester ID {rid:#x}) is not behind the SMMU (iommu-map)")
     };
     let mut s = start(context, &InitOptions::default())?;
@@ -169,7 +169,10 @@ pub fn virtio_dma(context: &mut Context) -> Result<(), Failure> {
         other => fail!("the domain translates IOVA {IOVA_BASE:#x} to {other:?}, not PA {pa:#x}"),
     }
     s.attach(domain, sid).or_else(|e| fail!("attach {sid:#x}: {e}"))?;
-    context.ecam.enable_memory_and_bus_master(bdf);
+    let Some(ecam) = context.ecam else {
+        fail!("virtio-blk at {bdf} was found without a PCI host")
+    };
+    ecam.enable_memory_and_bus_master(bdf);
 
     let arena = Arena {
         pa,
@@ -179,7 +182,7 @@ pub fn virtio_dma(context: &mut Context) -> Result<(), Failure> {
     // SAFETY: the arena was just taken from the frame pool (identity-mapped RAM used by nothing else) and is never
     // returned to it; the device using it is dropped (and so reset) before `hal`, declared first.
     let hal = unsafe { ArenaHal::install(arena) }.or_else(|e| fail!("{e}"))?;
-    let transport = virtio::transport(context.ecam, bdf).or_else(|e| fail!("virtio-blk {bdf}: {e}"))?;
+    let transport = virtio::transport(ecam, bdf).or_else(|e| fail!("virtio-blk {bdf}: {e}"))?;
     let mut blk = Block::new(transport).or_else(|e| fail!("virtio-blk {bdf} init: {e}"))?;
     let capacity = blk.capacity();
     if capacity <= HOST_SECTOR as u64 || blk.readonly() {
