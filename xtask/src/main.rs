@@ -5,11 +5,14 @@
 //! developer and CI build first.
 
 mod dump;
+mod image;
 
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
-use smmuv3_harness::{Board, GERROR_TRACE_EVENT, Outcome, Run, Stage, VirtioDisk, build_firmware, ensure_qemu};
+use smmuv3_harness::{
+    Board, GERROR_TRACE_EVENT, Outcome, Run, Stage, VirtioDisk, build_firmware, build_firmware_package, ensure_qemu,
+};
 
 /// Each command and its usage (what `cargo xtask <command> --help` prints).
 const COMMANDS: [(&str, &str); 6] = [
@@ -38,13 +41,16 @@ const COMMANDS: [(&str, &str); 6] = [
   test  check the prerequisites (installing QEMU from Debian bookworm-backports when root), then run
         rustfmt --check, every host and QEMU test (the guide's doctests among them), the examples, the loom
         models, clippy for the host and
-        aarch64-unknown-none, rustdoc, `cargo publish --dry-run -p smmuv3`, and a check of the library with its
+        aarch64-unknown-none, the hardware boards' firmware (`build --board imx95`), rustdoc, `cargo publish --dry-run -p smmuv3`, and a check of the library with its
         minimum supported Rust version (rust-version in Cargo.toml, installed through rustup when missing)",
     ),
     (
         "build",
         "\
-  build build the firmware of every board (release, aarch64-unknown-none)",
+  build [--board qemu-virt|sbsa-ref|imx95]
+        build the firmware of every board, or of one (release, aarch64-unknown-none) and print where it is; a
+        hardware board's (imx95) also as a raw arm64 Image next to its ELF (`imx95.bin`), which U-Boot's booti
+        loads (see boards/README.md)",
     ),
     (
         "bench",
@@ -107,7 +113,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("qemu") => qemu(&args[1..]),
         Some("test") => test(&args[1..]),
-        Some("build") => build(),
+        Some("build") => build(&args[1..]),
         Some("bench") => bench(&args[1..]),
         Some("fuzz") => fuzz(&args[1..]),
         Some("handover-dump") => handover_dump(&args[1..]),
@@ -431,13 +437,15 @@ fn step(name: &str, mut command: Command) -> Result<(), String> {
 }
 
 /// The crates that build only for `aarch64-unknown-none` (boot assembly, `no_main`): left out of host builds.
-const FIRMWARE_EXCLUDES: [&str; 6] = [
+const FIRMWARE_EXCLUDES: [&str; 8] = [
     "--exclude",
     "smmuv3-firmware",
     "--exclude",
     "qemu-virt",
     "--exclude",
     "sbsa-ref",
+    "--exclude",
+    "imx95",
 ];
 
 fn test(args: &[String]) -> Result<ExitCode, String> {
@@ -481,8 +489,22 @@ fn test(args: &[String]) -> Result<ExitCode, String> {
         "-p",
         "smmuv3-firmware",
     ]);
-    target.args(["-p", "qemu-virt", "-p", "sbsa-ref", "--", "-D", "warnings"]);
+    target.args([
+        "-p",
+        "qemu-virt",
+        "-p",
+        "sbsa-ref",
+        "-p",
+        "imx95",
+        "--",
+        "-D",
+        "warnings",
+    ]);
     step("clippy (aarch64-unknown-none)", target)?;
+    for board in HARDWARE_BOARDS {
+        println!("xtask: cargo xtask build --board {board}");
+        build(&["--board".into(), board.into()])?;
+    }
     let mut doc = cargo();
     doc.args(["doc", "--no-deps", "-p", "smmuv3", "--features", "testing"])
         .env("RUSTDOCFLAGS", "-D warnings");
@@ -611,11 +633,33 @@ fn handover_dump(args: &[String]) -> Result<ExitCode, String> {
     Ok(if accepted { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-fn build() -> Result<ExitCode, String> {
+/// The boards QEMU does not model: their firmware is built (by `build` and by `test`), never run here.
+const HARDWARE_BOARDS: [&str; 1] = ["imx95"];
+
+fn build(args: &[String]) -> Result<ExitCode, String> {
+    let names: Vec<&str> = Board::ALL.iter().map(|b| b.name()).chain(HARDWARE_BOARDS).collect();
+    let wanted: Vec<&str> = match args {
+        [] => names.clone(),
+        [flag, name] if flag == "--board" => match names.iter().find(|n| *n == name) {
+            Some(n) => vec![*n],
+            None => return Err(format!("unknown board {name:?} (one of {})", names.join(", "))),
+        },
+        _ => return Err(format!("`build` takes at most --board NAME (got {args:?})")),
+    };
     ensure_firmware_target()?;
-    for board in Board::ALL {
-        let path = build_firmware(board)?;
-        println!("{}: {}", board.name(), path.display());
+    for name in wanted {
+        let elf = build_firmware_package(name)?;
+        println!("{name}: {}", elf.display());
+        if HARDWARE_BOARDS.contains(&name) {
+            let image = elf.with_extension("bin");
+            let bytes = image::raw_image(&std::fs::read(&elf).map_err(|e| format!("{}: {e}", elf.display()))?)?;
+            std::fs::write(&image, &bytes).map_err(|e| format!("{}: {e}", image.display()))?;
+            println!(
+                "{name}: {} ({} bytes, arm64 Image for booti)",
+                image.display(),
+                bytes.len()
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -1167,6 +1211,17 @@ mod tests {
             let why = scenario_list(empty).unwrap_err();
             assert!(why.contains("names no scenario"), "{why}");
         }
+    }
+
+    #[test]
+    fn build_refuses_an_unknown_board_and_stray_arguments() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(
+            build(&args(&["--board", "imx8"]))
+                .unwrap_err()
+                .contains("unknown board \"imx8\"")
+        );
+        assert!(build(&args(&["imx95"])).unwrap_err().contains("at most --board NAME"));
     }
 
     #[test]

@@ -283,19 +283,21 @@ impl fmt::Display for Stage {
 /// # Errors
 /// The build's output when cargo fails.
 pub fn build_firmware(board: Board) -> Result<PathBuf, String> {
+    build_firmware_package(board.name())
+}
+
+/// Builds the firmware crate `package` (a `boards/` binary of the same name, QEMU's or a hardware board's) for
+/// aarch64-unknown-none in release, in `target/firmware`; returns the ELF's path.
+///
+/// # Errors
+/// The build's output when it fails.
+pub fn build_firmware_package(package: &str) -> Result<PathBuf, String> {
     let root = workspace_root();
     let target_dir = root.join("target/firmware");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let output = Command::new(cargo)
         .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "--target",
-            "aarch64-unknown-none",
-            "-p",
-            board.name(),
-        ])
+        .args(["build", "--release", "--target", "aarch64-unknown-none", "-p", package])
         .env("CARGO_TARGET_DIR", &target_dir)
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
@@ -307,7 +309,7 @@ pub fn build_firmware(board: Board) -> Result<PathBuf, String> {
             String::from_utf8_lossy(&output.stderr)
         ));
     }
-    Ok(target_dir.join("aarch64-unknown-none/release").join(board.name()))
+    Ok(target_dir.join("aarch64-unknown-none/release").join(package))
 }
 
 /// [`build_firmware`] once per process, for tests that share one build.
