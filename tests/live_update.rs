@@ -36,6 +36,31 @@ fn lu_s1_on_a_stage_1_smmu() {
     ]);
 }
 
+/// `lu-tables`, the live update of a board whose DMA masters the firmware does not drive (the i.MX95's
+/// first-power-on step): a domain on a stream with no device, preserved, restored across a real reset with its
+/// translations, table count and STE. Stage 1 and stage 2 on virt, nested on sbsa-ref; and on a virt machine with
+/// no edu at all, as on such a board.
+#[test]
+fn lu_tables_needs_no_dma_master() {
+    let scenario = ["lu-tables"];
+    let mut no_device = Run::new(Board::QemuVirt, Stage::Nested, &scenario);
+    no_device.edus.clear();
+    for (r, stage) in [
+        (Run::new(Board::QemuVirt, Stage::One, &scenario), "stage 1"),
+        (Run::new(Board::QemuVirt, Stage::Two, &scenario), "stage 2"),
+        (Run::new(Board::SbsaRef, Stage::Nested, &scenario), "stage 1"),
+        (no_device, "stage 1"),
+    ] {
+        let outcome = r.boot();
+        assert_reset_and_restored(&outcome, &scenario);
+        outcome.assert_console_shows(&[
+            &format!("({stage}) on stream 0xffff (no device) preserved as"),
+            "restored generation 1: 1 domain(s), 1 stream(s)",
+            "both IOVAs map the same PAs",
+        ]);
+    }
+}
+
 /// The firmware saves the handover region's records to the host at the hand-off (`dump-handover`, what
 /// `cargo xtask qemu --dump-handover FILE` asks for), and the host decodes them with the driver's own format code:
 /// one stage-1 record holding edu's stream, in this board's pool. Virt and sbsa-ref (fw_cfg and the semihosting

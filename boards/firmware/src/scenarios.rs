@@ -64,6 +64,7 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("virtio-dma", virtio_dma::virtio_dma),
     ("dma-map-bench", dma_map_bench::dma_map_bench),
     ("lu-s1", live_update::lu_s1),
+    ("lu-tables", live_update::lu_tables),
     ("lu-big", live_update::lu_big),
     ("lu-scale", lu_scale::lu_scale),
     ("lu-scale-noreset", lu_scale::lu_scale_noreset),
