@@ -13,8 +13,11 @@
 //! with its node's path, so a board description can list them and a hypervisor can give each device its own
 //! domain. A malformed `iommus` (a specifier cut short, a phandle no node has, an IOMMU whose `#iommu-cells` is
 //! missing or not 1 or 2 when it is the SMMU) is an error that names the node: never a guessed StreamID.
+//!
+//! [`chosen::settings`] reads the run settings a boot loader leaves in `/chosen` for the test firmware.
 #![no_std]
 
+pub mod chosen;
 pub mod describe;
 
 pub use describe::{DescribeError, iommu_map, registers, smmu_description};

@@ -251,3 +251,27 @@ fn registers_behind_buses_are_translated_or_refused() {
         Err(DescribeError::Untranslated(0x4_0000))
     );
 }
+
+/// `/chosen/smmuv3,settings`, the test firmware's settings on a board without fw_cfg or semihosting: each
+/// `name=value` string in order, a string without `=` left out; no property, no settings; a malformed list refused
+/// whole.
+#[test]
+fn chosen_settings_are_read_in_order_and_a_malformed_list_is_refused() {
+    use smmuv3_board_dt::chosen::{SettingsError, settings};
+    let blob = data("chosen-settings.dtb");
+    let fdt = Fdt::new(&blob).unwrap();
+    let found: Vec<_> = settings(&fdt).unwrap().expect("the property").collect();
+    assert_eq!(found, [("scenarios", "probe,init,lu-tables"), ("exit", "psci-off")]);
+    let blob = data("imx95-19x19-evk.dtb");
+    assert!(settings(&Fdt::new(&blob).unwrap()).unwrap().is_none());
+    let blob = data("chosen-settings-bad.dtb");
+    assert_eq!(
+        settings(&Fdt::new(&blob).unwrap()).map(|s| s.map(|s| s.count())),
+        Err(SettingsError::NotUtf8 { index: 1 })
+    );
+    let blob = data("chosen-settings-unterminated.dtb");
+    assert_eq!(
+        settings(&Fdt::new(&blob).unwrap()).map(|s| s.map(|s| s.count())),
+        Err(SettingsError::NotAStringList)
+    );
+}

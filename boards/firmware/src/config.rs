@@ -314,3 +314,20 @@ pub fn from_semihosting() -> Result<Config, ConfigError> {
     }
     Ok(config)
 }
+
+/// Reads the settings a boot loader left in `/chosen` (`smmuv3,settings`, a list of `name=value` strings; see
+/// [`smmuv3_board_dt::chosen`]) into `config`; `Ok(false)` when the tree has none.
+///
+/// # Errors
+/// [`ConfigError::BadValue`] for a setting whose value does not parse or a property that is not a list of UTF-8
+/// strings, [`ConfigError::EmptyScenarioList`] for a scenario list without a name.
+pub fn from_chosen(fdt: &fdt::Fdt, config: &mut Config) -> Result<bool, ConfigError> {
+    use smmuv3_board_dt::chosen;
+    let Some(settings) = chosen::settings(fdt).map_err(|_| ConfigError::BadValue(chosen::SETTINGS))? else {
+        return Ok(false);
+    };
+    for (name, value) in settings {
+        config.set(name, value)?;
+    }
+    Ok(true)
+}

@@ -13,7 +13,7 @@ use aarch64_rt::{entry, exception_handlers};
 use smmuv3::{SmmuDescription, SmmuInterrupts};
 use smmuv3_firmware::boot::{self, GIB, Table};
 use smmuv3_firmware::config::{self, Config, ConfigError};
-use smmuv3_firmware::dt::{Gic, Platform, Region, StaticDescription, Uart, UartKind};
+use smmuv3_firmware::dt::{self, Gic, Platform, Region, StaticDescription, Uart, UartKind};
 use smmuv3_firmware::exceptions::Exceptions;
 use smmuv3_firmware::{Board, el2_boot_map_48, mmu};
 
@@ -34,10 +34,11 @@ const SMMU_SPIS: [u32; 4] = [325, 334, 326, 328];
 /// that holds the image, growing to a 32nd of it.
 const HANDOVER_BYTES: u64 = 32 << 20;
 const HANDOVER_SHARE: u64 = 32;
-/// The first-power-on scenarios when no host chooses (the board has no fw_cfg, and semihosting only under a
-/// debugger): the ID-register dump and errata quirks, the SMMU brought up with its queues, and a command-queue
-/// error taken through GERROR and recovered. The DMA scenarios need a DMA master the firmware drives (QEMU's edu,
-/// or a virtio disk); on this SoC see the checklist.
+/// The first-power-on scenarios when nothing chooses others (the board has no fw_cfg, semihosting only under a
+/// debugger, and U-Boot may set `/chosen/smmuv3,settings`): the ID-register dump and errata quirks, the SMMU
+/// brought up with its queues, and a command-queue error taken through GERROR and recovered. The DMA scenarios
+/// need a DMA master the firmware drives (QEMU's edu, or a virtio disk); `lu-tables` is the live update without
+/// one (it resets the board); see the checklist.
 const SCENARIOS: &str = "probe,init,cmdq-error";
 
 // The boot map (1 GiB blocks): the low 2 GiB of devices (UART, SMMU, GIC and the rest of the SoC's peripherals),
@@ -130,11 +131,17 @@ impl Board for Imx95 {
         }
     }
 
-    /// Semihosting's command line under a debugger; else this board's first-power-on scenarios.
+    /// Semihosting's command line under a debugger; else `/chosen/smmuv3,settings` in the tree U-Boot passed
+    /// (`config::from_chosen`); else this board's first-power-on scenarios.
     fn config(&self, _platform: &Platform) -> Result<Config, ConfigError> {
         let mut config = config::from_semihosting()?;
-        if smmuv3_firmware::finish::semihosting_absent() {
-            config.set("scenarios", SCENARIOS)?;
+        if !smmuv3_firmware::finish::semihosting_absent() {
+            return Ok(config);
+        }
+        config.set("scenarios", SCENARIOS)?;
+        // SAFETY: `tree` lies in the DRAM the boot map covers (checked in `main`); `run` already parsed it.
+        if let Some(Ok(fdt)) = self.tree.map(|at| unsafe { dt::parse(at) }) {
+            config::from_chosen(&fdt, &mut config)?;
         }
         Ok(config)
     }
