@@ -192,6 +192,44 @@ fn finish(context: &Context, s: &mut Session) -> Result<u32, Failure> {
     Ok(r.unclaimed)
 }
 
+/// The first boot's domain: `kind`, in an arena of the handover region, mapping a source and a destination page
+/// from the DMA pool at `IOVA_SOURCE` and `IOVA_DESTINATION`.
+fn two_page_domain(s: &mut Session, kind: DomainKind) -> Result<(DomainId, u64, u64), Failure> {
+    let domain = create(s, kind, arena()?)?;
+    let (source, destination) = (dma_page()?, dma_page()?);
+    s.map(domain, Iova(IOVA_SOURCE), PhysAddr(source), 4096, RW)
+        .or_else(|e| fail!("{e}"))?;
+    s.map(domain, Iova(IOVA_DESTINATION), PhysAddr(destination), 4096, RW)
+        .or_else(|e| fail!("{e}"))?;
+    Ok((domain, source, destination))
+}
+
+/// The second boot's start for one preserved domain: restore, retrieve it by `TOKEN`, and check that both its pages
+/// map where they did and that it has the `tables` it had; returns it and its table count.
+fn restore_two_page_domain(
+    context: &Context,
+    s: &mut Session,
+    source: u64,
+    destination: u64,
+    tables: u64,
+) -> Result<(DomainId, u32), Failure> {
+    let report = restore(context, s)?;
+    if report.domains != 1 {
+        fail!("{} domains restored, 1 preserved", report.domains)
+    }
+    let domain = s.retrieve(TOKEN).or_else(|e| fail!("retrieve: {e}"))?;
+    for (iova, pa) in [(IOVA_SOURCE, source), (IOVA_DESTINATION, destination)] {
+        if s.iova_to_phys(domain, Iova(iova)).ok().flatten() != Some(PhysAddr(pa)) {
+            fail!("IOVA {iova:#x} no longer maps PA {pa:#x}")
+        }
+    }
+    let now = s.domain_table(domain).or_else(|e| fail!("{e}"))?.tables();
+    if u64::from(now) != tables {
+        fail!("{now} table(s) after the restore, {tables} before")
+    }
+    Ok((domain, now))
+}
+
 fn single(context: &mut Context, kind: DomainKind) -> Result<(), Failure> {
     let (edu, sid) = edu_stream(context)?;
     let mut s = start_lu(context)?;
@@ -205,13 +243,7 @@ fn single(context: &mut Context, kind: DomainKind) -> Result<(), Failure> {
     }
     match after_reset() {
         None => {
-            let a = arena()?;
-            let domain = create(&mut s, kind, a)?;
-            let (source, destination) = (dma_page()?, dma_page()?);
-            s.map(domain, Iova(IOVA_SOURCE), PhysAddr(source), 4096, RW)
-                .or_else(|e| fail!("{e}"))?;
-            s.map(domain, Iova(IOVA_DESTINATION), PhysAddr(destination), 4096, RW)
-                .or_else(|e| fail!("{e}"))?;
+            let (domain, source, destination) = two_page_domain(&mut s, kind)?;
             s.attach(domain, sid).or_else(|e| fail!("{e}"))?;
             dma(&edu, source, IOVA_DESTINATION, destination, 0x31)?;
             // The last good DMA before the hand-off: the blackout runs from here to the first good one after.
@@ -228,18 +260,7 @@ fn single(context: &mut Context, kind: DomainKind) -> Result<(), Failure> {
         }
         Some(note) => {
             let [source, destination, tables, last_good, ..] = note.data;
-            let report = restore(context, &mut s)?;
-            if report.domains != 1 {
-                fail!("{} domains restored, 1 preserved", report.domains)
-            }
-            let domain = s.retrieve(TOKEN).or_else(|e| fail!("retrieve: {e}"))?;
-            if s.iova_to_phys(domain, Iova(IOVA_DESTINATION)).ok().flatten() != Some(PhysAddr(destination)) {
-                fail!("IOVA {IOVA_DESTINATION:#x} no longer maps PA {destination:#x}")
-            }
-            let now = s.domain_table(domain).or_else(|e| fail!("{e}"))?.tables();
-            if u64::from(now) != tables {
-                fail!("{now} table(s) after the restore, {tables} before")
-            }
+            let (domain, now) = restore_two_page_domain(context, &mut s, source, destination, tables)?;
             dma(&edu, source, IOVA_DESTINATION, destination, 0x32)?;
             let first_good = time::ticks();
             // QEMU's counter keeps running across SYSTEM_RESET; were it reset, the difference would say nothing.
@@ -294,12 +315,7 @@ pub fn lu_tables(context: &mut Context) -> Result<(), Failure> {
     };
     match after_reset() {
         None => {
-            let domain = create(&mut s, kind, arena()?)?;
-            let (source, destination) = (dma_page()?, dma_page()?);
-            s.map(domain, Iova(IOVA_SOURCE), PhysAddr(source), 4096, RW)
-                .or_else(|e| fail!("{e}"))?;
-            s.map(domain, Iova(IOVA_DESTINATION), PhysAddr(destination), 4096, RW)
-                .or_else(|e| fail!("{e}"))?;
+            let (domain, source, destination) = two_page_domain(&mut s, kind)?;
             s.attach(domain, sid).or_else(|e| fail!("{e}"))?;
             let tables = s.domain_table(domain).or_else(|e| fail!("{e}"))?.tables();
             s.preserve(domain, TOKEN).or_else(|e| fail!("{e}"))?;
@@ -316,24 +332,7 @@ pub fn lu_tables(context: &mut Context) -> Result<(), Failure> {
             if preserved_sid != u64::from(sid) {
                 fail!("stream {preserved_sid:#x} preserved, {sid:#x} chosen after the reset")
             }
-            let report = restore(context, &mut s)?;
-            if (report.domains, report.streams) != (1, 1) {
-                fail!(
-                    "{} domain(s) and {} stream(s) restored, 1 and 1 preserved",
-                    report.domains,
-                    report.streams
-                )
-            }
-            let domain = s.retrieve(TOKEN).or_else(|e| fail!("retrieve: {e}"))?;
-            for (iova, pa) in [(IOVA_SOURCE, source), (IOVA_DESTINATION, destination)] {
-                if s.iova_to_phys(domain, Iova(iova)).ok().flatten() != Some(PhysAddr(pa)) {
-                    fail!("IOVA {iova:#x} no longer maps PA {pa:#x}")
-                }
-            }
-            let now = s.domain_table(domain).or_else(|e| fail!("{e}"))?.tables();
-            if u64::from(now) != tables {
-                fail!("{now} table(s) after the restore, {tables} before")
-            }
+            let (domain, now) = restore_two_page_domain(context, &mut s, source, destination, tables)?;
             let config = s.low_level().ste(sid).map(|ste| ste.config());
             if config != Ok(expected_config) {
                 fail!("stream {sid:#x}'s STE after the restore: {config:?}, not {expected_config:?}")
