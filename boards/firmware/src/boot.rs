@@ -49,6 +49,24 @@ impl Table {
         self.0[index] = pa | attributes.bits() as u64;
         self
     }
+
+    /// This table (level 2) with `count` entries from `first` 2 MiB blocks, the first at physical address `pa`:
+    /// RAM that starts or ends off a 1 GiB boundary, mapped without the memory around it (a SoC's secure DRAM).
+    /// The level-1 entry that points here is written at boot ([`el2_boot_map_48!`]'s links).
+    ///
+    /// # Panics
+    /// At compile time when `pa` is not 2 MiB-aligned or the entries run past the table.
+    pub const fn with_2m_blocks(mut self, first: usize, count: usize, pa: u64, attributes: El23Attributes) -> Table {
+        assert!(pa.is_multiple_of(2 << 20), "a level-2 block must be 2 MiB-aligned");
+        assert!(first + count <= 512, "a level-2 table has 512 entries");
+        let mut i = 0;
+        while i < count {
+            // Bits [1:0] = 0b01: block descriptor.
+            self.0[first + i] = (pa + ((i as u64) << 21)) | attributes.bits() as u64;
+            i += 1;
+        }
+        self
+    }
 }
 
 /// TCR_EL2 of the 48-bit boot map: T0SZ 16 (level-0 root), 4 KiB granule, inner-shareable write-back walks,
@@ -608,9 +626,19 @@ macro_rules! el3_boot_stub {
 /// static RAM: Table = Table::EMPTY.with_block(0, 0x100_0000_0000, BOOT_MEMORY);
 /// smmuv3_firmware::el2_boot_map_48!(0 => LOW, 2 => RAM);
 /// ```
+///
+/// After a `;`, links make an entry of a level-1 table a table descriptor pointing at a level-2 [`Table`] (2 MiB
+/// blocks, [`Table::with_2m_blocks`]), written at boot like the root's entries. A linked level-1 table must be a
+/// `static mut` (it is written through its symbol, never read by Rust):
+///
+/// ```ignore
+/// static mut LOW: Table = Table::EMPTY.with_block(0, 0, mmu::DEVICE);
+/// static DRAM: Table = Table::EMPTY.with_2m_blocks(128, 384, 0x9000_0000, BOOT_MEMORY);
+/// smmuv3_firmware::el2_boot_map_48!(0 => LOW; LOW[2] => DRAM);
+/// ```
 #[macro_export]
 macro_rules! el2_boot_map_48 {
-    ($($slot:literal => $table:path),+ $(,)?) => {
+    ($($slot:literal => $table:path),+ $(; $($parent:ident [$index:literal] => $child:path),+)? $(,)?) => {
         // SAFETY (attributes): `boot_root_table` is defined only here, once per binary; in `.data` (not `.bss`) so
         // that aarch64-rt's entry does not zero it after `enable_mmu` has filled it and turned the MMU on.
         #[unsafe(link_section = ".data.boot_root")]
@@ -622,6 +650,18 @@ macro_rules! el2_boot_map_48 {
             ".section .init.enable_mmu, \"ax\"",
             ".global enable_mmu",
             "enable_mmu:",
+            // Links (level-1 entries to level-2 tables) first, each written and its line invalidated alike.
+            $($(
+                "adrp x9, {}",
+                "add x9, x9, :lo12:{}",
+                "orr x9, x9, #3",
+                "adrp x10, {}",
+                "add x10, x10, :lo12:{}",
+                concat!("add x10, x10, #(", stringify!($index), " * 8)"),
+                "str x9, [x10]",
+                "dsb sy",
+                "dc ivac, x10",
+            )+)?
             "adrp x8, boot_root_table",
             "add x8, x8, :lo12:boot_root_table",
             // The root entries are written with the MMU and caches off (straight to memory); then their lines are
@@ -660,6 +700,7 @@ macro_rules! el2_boot_map_48 {
             "isb",
             "ret",
             ".purgem mov_i",
+            $($(sym $child, sym $child, sym $parent, sym $parent,)+)?
             $(sym $table, sym $table,)+
             mair = const $crate::mmu::MAIR.0,
             tcr = const $crate::boot::TCR_EL2_48,

@@ -1,5 +1,5 @@
 //! Bring-up firmware for NXP i.MX95 boards (the 19x19 EVK and its kin): an Arm CoreLink MMU-700 SMMUv3, an LPUART
-//! console, a GICv3, DRAM from 0x8000_0000. U-Boot loads it and enters it at EL2 with `booti`, the device tree's
+//! console, a GICv3, non-secure DRAM from 0x9000_0000. U-Boot loads it and enters it at EL2 with `booti`, the device tree's
 //! address in x0 (see `boards/README.md`, "i.MX95: first power-on"). Everything else is the board-independent
 //! `smmuv3-firmware` crate; this file holds the board's entry, boot page table, static description and scenario
 //! list.
@@ -17,9 +17,16 @@ use smmuv3_firmware::dt::{self, Gic, Platform, Region, StaticDescription, Uart, 
 use smmuv3_firmware::exceptions::Exceptions;
 use smmuv3_firmware::{Board, el2_boot_map_48, mmu};
 
-/// DRAM's first bank starts here; the boot map covers its first 1 GiB (every i.MX95 board has at least that),
-/// which holds the image (0x9400_0000) and the tree U-Boot passes (0x9300_0000 by its i.MX9 environment).
-const DRAM: u64 = 0x8000_0000;
+/// Non-secure DRAM starts here (U-Boot's first bank: the 256 MiB below belong to the System Manager, TF-A and
+/// OP-TEE, and are never mapped); the boot map covers it up to [`BOOT_DRAM_END`], which holds the image
+/// (0x9400_0000) and the tree U-Boot passes (0x9300_0000 by its i.MX9 environment).
+const DRAM: u64 = 0x9000_0000;
+/// The end of the DRAM the boot map covers (every i.MX95 board has at least this much).
+const BOOT_DRAM_END: u64 = 0xc000_0000;
+/// The top of the bank holding the image that U-Boot rewrites at every boot (it relocates its code, heap, stack and
+/// page tables to the top of its first bank below 4 GiB): kept from the pools, the reset notes and the handover
+/// region, so a warm reset's second boot still finds them.
+const BOOT_LOADER_TOP: u64 = 128 << 20;
 /// The console U-Boot set up (115200 8N1): lpuart1, the EVK's debug UART (`stdout-path`).
 const LPUART1: u64 = 0x4438_0000;
 /// The SMMUv3 (MMU-700): 1 MiB of registers in the aips4 bus.
@@ -41,31 +48,51 @@ const HANDOVER_SHARE: u64 = 32;
 /// one (it resets the board); see the checklist.
 const SCENARIOS: &str = "probe,init,cmdq-error";
 
-// The boot map (1 GiB blocks): the low 2 GiB of devices (UART, SMMU, GIC and the rest of the SoC's peripherals),
-// the first 1 GiB of DRAM (image, tree, stack). `run` replaces it with a map built from the tree.
-static BOOT_LOW: Table = Table::EMPTY
+// The boot map: the low 2 GiB of devices (UART, SMMU, GIC and the rest of the SoC's peripherals) in 1 GiB blocks;
+// DRAM from 0x9000_0000 to 0xc000_0000 in 2 MiB blocks (image, tree, stack), none of the secure DRAM below it
+// (a speculative fill from there would hit the TrustZone filter). `run` replaces it with a map built from the tree.
+static mut BOOT_LOW: Table = Table::EMPTY
     .with_block(0, 0, mmu::DEVICE)
-    .with_block(1, GIB, mmu::DEVICE)
-    .with_block(2, DRAM, boot::MEMORY);
-el2_boot_map_48!(0 => BOOT_LOW);
+    .with_block(1, GIB, mmu::DEVICE);
+static BOOT_DRAM: Table = Table::EMPTY.with_2m_blocks(
+    ((DRAM - 2 * GIB) >> 21) as usize,
+    ((BOOT_DRAM_END - DRAM) >> 21) as usize,
+    DRAM,
+    boot::MEMORY,
+);
+el2_boot_map_48!(0 => BOOT_LOW; BOOT_LOW[2] => BOOT_DRAM);
 
-// The arm64 Image header `booti` checks (magic "ARM\x64" at byte 56), with the load offset and size the linker
-// script gives; its first word branches to aarch64-rt's entry, the second is a no-op.
+// The arm64 Image header `booti` checks (magic "ARM\x64" at byte 56). Flags bit 3 set with text_offset 0: U-Boot
+// runs the image where it was loaded when that is 2 MiB-aligned (0x9400_0000, the link address, in the
+// instructions), else at the next 2 MiB boundary. The image is not position-independent, so its first
+// instruction branches to a check that it runs at its link address; elsewhere it waits for ever (no console is
+// set up yet to say so). x0, the tree, is kept for the entry.
 core::arch::global_asm!(
     ".section .head.image, \"ax\"",
     ".global image_header",
     "image_header:",
-    "b entry",
+    "b 1f",
     "nop",
-    ".quad image_text_offset",
-    ".quad image_effective_bytes",
-    // Flags: little-endian, page size unspecified, placed at the start of DRAM plus text_offset (bit 3 clear).
     ".quad 0",
+    ".quad image_effective_bytes",
+    // Flags: little-endian, page size unspecified, placed anywhere 2 MiB-aligned (bit 3).
+    ".quad 8",
     ".quad 0",
     ".quad 0",
     ".quad 0",
     ".word 0x644d5241",
     ".word 0",
+    "1:",
+    "adr x9, image_header",
+    "ldr x10, 2f",
+    "cmp x9, x10",
+    "b.eq entry",
+    "3:",
+    "wfe",
+    "b 3b",
+    ".balign 8",
+    "2:",
+    ".quad image_header",
 );
 
 exception_handlers!(Exceptions);
@@ -97,6 +124,7 @@ impl Board for Imx95 {
             memory,
             handover_bytes: HANDOVER_BYTES,
             handover_share: HANDOVER_SHARE,
+            boot_loader_top: BOOT_LOADER_TOP,
             uart: Some(Uart {
                 kind: UartKind::Lpuart,
                 region: Region {
@@ -147,7 +175,26 @@ impl Board for Imx95 {
     }
 }
 
+/// The tree U-Boot passed in x0, when it is one the firmware can use: 8-byte aligned, its header and its whole
+/// `totalsize` inside the boot-mapped DRAM and below the image (the firmware's pools start after the image).
+fn tree_at(x0: u64) -> Option<usize> {
+    let image = core::ptr::addr_of!(image_header) as u64;
+    if !x0.is_multiple_of(8) || !(DRAM..image.saturating_sub(8)).contains(&x0) {
+        return None;
+    }
+    // SAFETY: 8 bytes at x0 lie in DRAM the boot map covers as normal memory, below the image, and nothing writes
+    // them: the FDT header's magic and totalsize, read as bytes.
+    let header = unsafe { (x0 as *const [u8; 8]).read() };
+    let magic = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+    let total = u64::from(u32::from_be_bytes([header[4], header[5], header[6], header[7]]));
+    (magic == 0xd00d_feed && x0 + total <= image).then_some(x0 as usize)
+}
+
+unsafe extern "C" {
+    /// The image's first byte (the Image header, `linker/imx95.ld`).
+    static image_header: u8;
+}
+
 fn main(x0: u64, _x1: u64, _x2: u64, _x3: u64) -> ! {
-    let tree = (DRAM..DRAM + GIB).contains(&x0).then_some(x0 as usize);
-    smmuv3_firmware::run(&Imx95 { tree })
+    smmuv3_firmware::run(&Imx95 { tree: tree_at(x0) })
 }
