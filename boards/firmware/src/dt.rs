@@ -160,7 +160,13 @@ pub struct Platform {
     /// The CPUs' affinities (the `reg` of each `/cpus/cpu@…`, MPIDR format), in tree order; empty when neither the
     /// tree nor the board lists them (then the boot CPU runs alone).
     pub cpus: Cpus,
+    /// The StreamIDs (first, last) of the masters the tree names through `iommus` (filled at boot as they are
+    /// listed; at most [`MAX_MASTER_STREAMS`] ranges, the rest left out and said so).
+    pub masters: heapless::Vec<(u32, u32), MAX_MASTER_STREAMS>,
 }
+
+/// How many `iommus` StreamID ranges a [`Platform`] keeps.
+pub const MAX_MASTER_STREAMS: usize = 64;
 
 impl Platform {
     /// The StreamID of PCI requester ID `rid` ([`PcieHost::stream_id`]); `None` without a PCI host or when its
@@ -302,6 +308,10 @@ pub fn smmu(fdt: &Fdt) -> Result<SmmuDescription, DtError> {
     smmuv3_board_dt::smmu_description(fdt, node).map_err(DtError::Describe)
 }
 
+/// What [`pcie`] reports missing when the tree has no ECAM host at all (any other `Missing` is a host that is
+/// there, malformed).
+const PCIE_NODE: &str = "pci-host-ecam-generic node";
+
 /// The `pci-host-ecam-generic` node: ECAM, bus range, windows, `iommu-map` (its entries for the SMMU [`smmu`]
 /// picks) and `iommu-map-mask`.
 ///
@@ -312,7 +322,7 @@ pub fn smmu(fdt: &Fdt) -> Result<SmmuDescription, DtError> {
 pub fn pcie(fdt: &Fdt) -> Result<PcieHost, DtError> {
     let node = fdt
         .find_compatible(&["pci-host-ecam-generic"])
-        .ok_or(DtError::Missing("pci-host-ecam-generic node"))?;
+        .ok_or(DtError::Missing(PCIE_NODE))?;
     let mut host = PcieHost {
         ecam: first_reg(&node).ok_or(DtError::Missing("ECAM reg"))?,
         ..Default::default()
@@ -435,6 +445,11 @@ pub struct StaticDescription {
     /// `handover_bytes`). A server preserving large domains needs their page tables there (a domain's memory is
     /// one of the region's 16 arenas).
     pub handover_share: u64,
+    /// Bytes at the top of the RAM bank holding the image that the boot loader rewrites at every boot (U-Boot
+    /// relocates its code, heap, stack and page tables to the top of its first bank), so that nothing a warm reset
+    /// must find again can live there: kept from the frame pools, the reset notes and the board's handover region,
+    /// and a tree's handover region there is refused. 0: the boot loader leaves the bank alone (QEMU's loaders).
+    pub boot_loader_top: u64,
 }
 
 /// The tree's answer when it has one, else the board's; a malformed tree entry is an error, not a fallback.
@@ -466,12 +481,13 @@ pub fn platform(fdt: Option<&Fdt>, board: &StaticDescription) -> Result<Platform
         smmu: pick(fdt.map(smmu), board.smmu, "arm,smmu-v3 node")?,
         pcie: match fdt.map(pcie) {
             Some(Ok(host)) => Some(host),
-            Some(Err(DtError::Missing(_))) | None => board.pcie.clone(),
+            Some(Err(DtError::Missing(PCIE_NODE))) | None => board.pcie.clone(),
             Some(Err(e)) => return Err(e),
         },
         fw_cfg: fdt.and_then(fw_cfg).or(board.fw_cfg),
         gic: fdt.and_then(gic).or(board.gic),
         cpus: pick(fdt.map(cpus), Some(board.cpus.clone()), "CPUs")?,
+        masters: heapless::Vec::new(),
     })
 }
 

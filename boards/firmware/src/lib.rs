@@ -335,14 +335,16 @@ fn handover_region(
     bank: &dt::Region,
     free_start: u64,
     scratch: usize,
+    kept: &[(&'static str, Range)],
 ) -> (
     Option<(smmuv3::handover::Extent, handover::Source)>,
-    heapless::Vec<Range, { MAX_RESERVED + 2 }>,
+    heapless::Vec<Range, { MAX_RESERVED + 5 }>,
 ) {
     use smmuv3_reserved_memory::{HANDOVER_COMPATIBLE, check_region};
     // Everything the tree reserves, the handover region included: whatever is wrong with the region's node (or
     // nodes), every range one names is in here (the reader's `others` when no region is used).
-    let mut reserved: heapless::Vec<Range, { MAX_RESERVED + 2 }> = tree.kept_out().collect();
+    let mut reserved: heapless::Vec<Range, { MAX_RESERVED + 5 }> =
+        tree.kept_out().chain(kept.iter().map(|(_, r)| *r)).collect();
     for r in &tree.others {
         println!("reserved memory (device tree): {r}, kept out of the frame pool");
     }
@@ -364,7 +366,7 @@ fn handover_region(
                 size: b.size,
             })
             .collect();
-        let mut protected: heapless::Vec<(&'static str, Range), { smmuv3_reserved_memory::MAX_RESERVED + 2 }> =
+        let mut protected: heapless::Vec<(&'static str, Range), { smmuv3_reserved_memory::MAX_RESERVED + 4 }> =
             heapless::Vec::new();
         let _ = protected.push((
             "the image (and the tree below it)",
@@ -382,6 +384,9 @@ fn handover_region(
         ));
         for other in &tree.others {
             let _ = protected.push(("memory the tree reserves", *other));
+        }
+        for k in kept {
+            let _ = protected.push(*k);
         }
         return match check_region(region, &ram, &protected) {
             Ok(()) => {
@@ -410,7 +415,12 @@ fn handover_region(
         println!("handover region: the board's {bytes} bytes do not fit after the image; live update off");
         return (None, reserved);
     }
-    if let Some(other) = tree.others.iter().find(|o| o.overlaps(&region)) {
+    if let Some(other) = tree
+        .others
+        .iter()
+        .chain(kept.iter().map(|(_, r)| r))
+        .find(|o| o.overlaps(&region))
+    {
         println!(
             "handover region: the board's rule gives {region}, which the tree reserves ({other}); live update off"
         );
@@ -468,11 +478,18 @@ pub fn run<B: Board>(board: &B) -> ! {
     }
     // Masters that are not PCI functions, by their `iommus` (QEMU's trees have none: its SMMU serves PCI only).
     if let Some(smmu) = fdt.as_ref().and_then(|fdt| dt::smmu_node(fdt).map(|node| (fdt, node))) {
+        let mut dropped = 0;
         let listed = smmuv3_board_dt::platform_masters(smmu.0, smmu.1, |m| {
             let (first, last) = m.stream_ids();
             let off = if m.enabled { "" } else { " (disabled)" };
             println!("  iommus: {} -> SID {first:#x}..={last:#x}{off}", m.path);
+            if platform.masters.push((first, last)).is_err() {
+                dropped += 1;
+            }
         });
+        if dropped != 0 {
+            println!("  iommus: {dropped} more StreamID range(s) than the platform keeps; scenarios do not see them");
+        }
         match listed {
             Ok(0) => println!("  iommus: no platform master names the SMMU"),
             Ok(_) => {}
@@ -502,7 +519,30 @@ pub fn run<B: Board>(board: &B) -> ! {
     };
     // The reset notes: the bank's last 64 KiB (see `power`), a boot's notes for the next one; or, when the tree
     // reserves any of them, the highest 64 KiB below that it leaves free (the same at every boot with this tree).
-    let tree_ranges: heapless::Vec<Range, { MAX_RESERVED + 1 }> = tree.kept_out().collect();
+    // What the firmware itself must not hand out beyond what the tree reserves: the boot loader's area at the top
+    // of the bank (the board says how much) and the tree, when the boot loader left it after the image.
+    let mut kept: heapless::Vec<(&'static str, Range), 2> = heapless::Vec::new();
+    if description.boot_loader_top != 0 {
+        let size = description.boot_loader_top.min(bank.size);
+        let range = Range {
+            base: bank.end() - size,
+            size,
+        };
+        println!("boot loader: {range} rewritten at every boot (the board says); kept out of the frame pool");
+        let _ = kept.push(("the boot loader's area at the top of the bank", range));
+    }
+    if let (Some(address), Some(fdt)) = (board.device_tree(), fdt.as_ref()) {
+        let range = Range {
+            base: address as u64,
+            size: fdt.total_size() as u64,
+        };
+        if range.base + range.size > free_start && range.base < bank.end() {
+            println!("device tree: {range}, after the image; kept out of the frame pool");
+            let _ = kept.push(("the device tree", range));
+        }
+    }
+    let tree_ranges: heapless::Vec<Range, { MAX_RESERVED + 3 }> =
+        tree.kept_out().chain(kept.iter().map(|(_, r)| *r)).collect();
     let scratch_bytes = power::SCRATCH_BYTES as u64;
     let Some(scratch) = highest_free(after_image, &tree_ranges, scratch_bytes, scratch_bytes) else {
         fatal(
@@ -516,7 +556,8 @@ pub fn run<B: Board>(board: &B) -> ! {
         );
     }
     let scratch = scratch as usize;
-    let (handover_region, mut reserved) = handover_region(&tree, &platform, &description, bank, free_start, scratch);
+    let (handover_region, mut reserved) =
+        handover_region(&tree, &platform, &description, bank, free_start, scratch, &kept);
     let _ = reserved.push(Range {
         base: scratch as u64,
         size: scratch_bytes,
