@@ -134,6 +134,8 @@ pub enum ConfigError {
     },
     /// The scenario list names no scenario (empty, blanks or separators only).
     EmptyScenarioList,
+    /// `/chosen/smmuv3,settings` is malformed.
+    Chosen(smmuv3_board_dt::chosen::SettingsError),
 }
 
 impl core::fmt::Display for ConfigError {
@@ -160,6 +162,7 @@ impl core::fmt::Display for ConfigError {
             ConfigError::EmptyScenarioList => {
                 write!(f, "the scenario list ({SCENARIOS_KEY}) names no scenario")
             }
+            ConfigError::Chosen(e) => write!(f, "{e}"),
         }
     }
 }
@@ -319,11 +322,11 @@ pub fn from_semihosting() -> Result<Config, ConfigError> {
 /// [`smmuv3_board_dt::chosen`]) into `config`; `Ok(false)` when the tree has none.
 ///
 /// # Errors
-/// [`ConfigError::BadValue`] for a setting whose value does not parse or a property that is not a list of UTF-8
-/// strings, [`ConfigError::EmptyScenarioList`] for a scenario list without a name.
+/// [`ConfigError::Chosen`] for a property that is not a list of UTF-8 strings, [`ConfigError::BadValue`] for a
+/// setting whose value does not parse, [`ConfigError::EmptyScenarioList`] for a scenario list without a name.
 pub fn from_chosen(fdt: &fdt::Fdt, config: &mut Config) -> Result<bool, ConfigError> {
     use smmuv3_board_dt::chosen;
-    let Some(settings) = chosen::settings(fdt).map_err(|_| ConfigError::BadValue(chosen::SETTINGS))? else {
+    let Some(settings) = chosen::settings(fdt).map_err(ConfigError::Chosen)? else {
         return Ok(false);
     };
     for (name, value) in settings {

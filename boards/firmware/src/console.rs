@@ -43,6 +43,13 @@ impl Lpuart {
     const DATA: usize = 0x1c;
     /// STAT: the transmit buffer has room.
     const STAT_TDRE: u32 = 1 << 23;
+    /// STAT: transmission complete (the FIFO and the shift register empty, the line idle).
+    const STAT_TC: u32 = 1 << 22;
+
+    fn idle(&self) -> bool {
+        // SAFETY: as in `put`.
+        unsafe { ((self.base + Self::STAT) as *const u32).read_volatile() & Self::STAT_TC != 0 }
+    }
 
     fn put(&mut self, byte: u8) {
         // SAFETY: `init`'s contract: the LPUART's registers are mapped as device memory and only the console
@@ -88,6 +95,23 @@ pub unsafe fn init(kind: UartKind, base: usize) {
     // A second `init` keeps the first logger, which writes to the same console.
     let _ = log::set_logger(&LOGGER);
     log::set_max_level(log::LevelFilter::Info);
+}
+
+/// Waits until the console's UART has sent everything written to it (at most 20 ms, 240 characters at 115200
+/// baud, so a UART whose clock was stopped cannot hang the caller): before a reset or a power-off, which would cut
+/// the last lines off in the FIFO.
+pub fn flush() {
+    let deadline = crate::time::deadline_us(20_000);
+    let Some(console) = &*CONSOLE.lock() else {
+        return;
+    };
+    let idle = || match console {
+        Console::Pl011(uart) => !uart.is_busy(),
+        Console::Lpuart(uart) => uart.idle(),
+    };
+    while !idle() && !crate::time::expired(deadline) {
+        core::hint::spin_loop();
+    }
 }
 
 /// Writes formatted text to the console; silently drops it when no console is set up yet.

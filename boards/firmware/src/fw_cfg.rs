@@ -117,24 +117,26 @@ impl FwCfg {
         }
         // The firmware's memory is identity-mapped (or the MMU is off), so a buffer's address is the physical
         // address the device writes; fw_cfg is a platform device outside the SMMU, and QEMU's is coherent.
-        let access = DmaAccess {
+        let mut access = DmaAccess {
             control: DMA_READ.to_be(),
             length: (buffer.len() as u32).to_be(),
             address: (buffer.as_mut_ptr() as u64).to_be(),
         };
-        let at = &access as *const DmaAccess as u64;
+        // The device writes the descriptor's control word: every access from here goes through this pointer.
+        let access = &raw mut access;
+        let at = access as u64;
         // The descriptor and the buffer are in memory before the doorbell.
         aarch64_cpu::asm::barrier::dsb(aarch64_cpu::asm::barrier::SY);
         // SAFETY: `new`'s contract maps the device; the DMA address register takes the descriptor's address, high
-        // half first, and the write of the low half starts the transfer. `access` and `buffer` outlive it: the
-        // loop below waits until the device has cleared the descriptor's busy bits.
+        // half first, and the write of the low half starts the transfer. The descriptor and `buffer` outlive it:
+        // the loop below waits until the device has cleared the descriptor's busy bits.
         unsafe {
             ((self.base + DMA_ADDRESS) as *mut u32).write_volatile(((at >> 32) as u32).to_be());
             ((self.base + DMA_ADDRESS + 4) as *mut u32).write_volatile((at as u32).to_be());
         }
         loop {
-            // SAFETY: `access` is a live local; the device writes its control word, so it is read volatile.
-            let control = u32::from_be(unsafe { core::ptr::addr_of!(access.control).read_volatile() });
+            // SAFETY: `access` points at a live local the device writes, so its control word is read volatile.
+            let control = u32::from_be(unsafe { (&raw const (*access).control).read_volatile() });
             if control & DMA_ERROR != 0 {
                 return false;
             }

@@ -28,6 +28,7 @@ pub fn off_and_reset_supported() -> bool {
 /// run ends through semihosting with status 6.
 pub fn system_off() -> ! {
     println!("powering off through PSCI SYSTEM_OFF");
+    crate::console::flush();
     let result = psci::system_off::<Smc>();
     println!("FATAL: PSCI SYSTEM_OFF returned {result:?}");
     exit(6)
@@ -37,6 +38,7 @@ pub fn system_off() -> ! {
 /// return, the run ends through semihosting with status 6.
 pub fn system_reset() -> ! {
     println!("resetting through PSCI SYSTEM_RESET");
+    crate::console::flush();
     let result = psci::system_reset::<Smc>();
     println!("FATAL: PSCI SYSTEM_RESET returned {result:?}");
     exit(6)

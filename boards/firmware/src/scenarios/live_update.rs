@@ -283,8 +283,8 @@ fn single(context: &mut Context, kind: DomainKind) -> Result<(), Failure> {
     }
 }
 
-/// The highest StreamID the SMMU has (at most 16 bits) that no enumerated PCI function uses: a stream with no
-/// device behind it.
+/// The highest StreamID the SMMU has (at most 16 bits) that no enumerated PCI function and no `iommus` master of
+/// the tree uses: a stream with no device behind it.
 fn unused_stream(context: &Context, s: &Session) -> Result<u32, Failure> {
     let top = (1u32 << s.features().sid_bits.min(16)) - 1;
     let used = |sid: u32| {
@@ -292,10 +292,15 @@ fn unused_stream(context: &Context, s: &Session) -> Result<u32, Failure> {
             .functions
             .iter()
             .any(|f| context.platform.stream_id(f.bdf.requester_id()) == Some(sid))
+            || context
+                .platform
+                .masters
+                .iter()
+                .any(|(first, last)| (*first..=*last).contains(&sid))
     };
     match (0..=top).rev().find(|sid| !used(*sid)) {
         Some(sid) => Ok(sid),
-        None => fail!("every StreamID has a PCI function behind it"),
+        None => fail!("every StreamID has a PCI function or a platform master behind it"),
     }
 }
 
