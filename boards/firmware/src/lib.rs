@@ -552,7 +552,7 @@ pub fn run<B: Board>(board: &B) -> ! {
     };
     if scratch + scratch_bytes != bank.end() {
         println!(
-            "reset notes: the tree reserves memory in the bank's last 64 KiB; the notes go at {scratch:#x} instead"
+            "reset notes: the tree or the boot loader keeps the bank's last 64 KiB; the notes go at {scratch:#x} instead"
         );
     }
     let scratch = scratch as usize;
