@@ -50,15 +50,17 @@ impl Table {
         self
     }
 
-    /// This table (level 2) with `count` entries from `first` 2 MiB blocks, the first at physical address `pa`:
-    /// RAM that starts or ends off a 1 GiB boundary, mapped without the memory around it (a SoC's secure DRAM).
-    /// The level-1 entry that points here is written at boot ([`el2_boot_map_48!`]'s links).
+    /// This table (level 2) with `count` 2 MiB blocks mapping `pa` onwards at the same addresses: each at the
+    /// entry its address selects within the table's 1 GiB (bits 29:21). RAM that starts or ends off a 1 GiB
+    /// boundary, mapped without the memory around it (a SoC's secure DRAM). The level-1 entry that points here is
+    /// written at boot ([`el2_boot_map_48!`]'s links).
     ///
     /// # Panics
-    /// At compile time when `pa` is not 2 MiB-aligned or the entries run past the table.
-    pub const fn with_2m_blocks(mut self, first: usize, count: usize, pa: u64, attributes: El23Attributes) -> Table {
+    /// At compile time when `pa` is not 2 MiB-aligned or the blocks run past the table's 1 GiB.
+    pub const fn with_2m_blocks(mut self, pa: u64, count: usize, attributes: El23Attributes) -> Table {
         assert!(pa.is_multiple_of(2 << 20), "a level-2 block must be 2 MiB-aligned");
-        assert!(first + count <= 512, "a level-2 table has 512 entries");
+        let first = ((pa >> 21) & 511) as usize;
+        assert!(first + count <= 512, "a level-2 table maps one 1 GiB-aligned GiB");
         let mut i = 0;
         while i < count {
             // Bits [1:0] = 0b01: block descriptor.
@@ -629,11 +631,13 @@ macro_rules! el3_boot_stub {
 ///
 /// After a `;`, links make an entry of a level-1 table a table descriptor pointing at a level-2 [`Table`] (2 MiB
 /// blocks, [`Table::with_2m_blocks`]), written at boot like the root's entries. A linked level-1 table must be a
-/// `static mut` (it is written through its symbol, never read by Rust):
+/// `static mut` (it is written through its symbol, never read by Rust) in `.data`: one with a block of its own is
+/// there; an otherwise empty one would land in `.bss`, which aarch64-rt's entry zeroes after `enable_mmu` has
+/// linked it, so give it `#[unsafe(link_section = ".data.boot_tables")]`:
 ///
 /// ```ignore
 /// static mut LOW: Table = Table::EMPTY.with_block(0, 0, mmu::DEVICE);
-/// static DRAM: Table = Table::EMPTY.with_2m_blocks(128, 384, 0x9000_0000, BOOT_MEMORY);
+/// static DRAM: Table = Table::EMPTY.with_2m_blocks(0x9000_0000, 384, BOOT_MEMORY);
 /// smmuv3_firmware::el2_boot_map_48!(0 => LOW; LOW[2] => DRAM);
 /// ```
 #[macro_export]

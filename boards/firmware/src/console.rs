@@ -101,10 +101,12 @@ pub unsafe fn init(kind: UartKind, base: usize) {
 /// baud, so a UART whose clock was stopped cannot hang the caller): before a reset or a power-off, which would cut
 /// the last lines off in the FIFO.
 pub fn flush() {
-    let deadline = crate::time::deadline_us(20_000);
-    let Some(console) = &*CONSOLE.lock() else {
+    let guard = CONSOLE.lock();
+    let Some(console) = &*guard else {
         return;
     };
+    // From when this CPU holds the console: another's line finished first.
+    let deadline = crate::time::deadline_us(20_000);
     let idle = || match console {
         Console::Pl011(uart) => !uart.is_busy(),
         Console::Lpuart(uart) => uart.idle(),

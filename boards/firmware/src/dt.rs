@@ -160,9 +160,12 @@ pub struct Platform {
     /// The CPUs' affinities (the `reg` of each `/cpus/cpu@…`, MPIDR format), in tree order; empty when neither the
     /// tree nor the board lists them (then the boot CPU runs alone).
     pub cpus: Cpus,
-    /// The StreamIDs (first, last) of the masters the tree names through `iommus` (filled at boot as they are
-    /// listed; at most [`MAX_MASTER_STREAMS`] ranges, the rest left out and said so).
+    /// The StreamIDs (first, last) of the masters the tree names through `iommus`, and of the `iommu-map` of a PCI
+    /// host the board does not enumerate (filled at boot; at most [`MAX_MASTER_STREAMS`] ranges, the rest left out
+    /// and said so).
     pub masters: heapless::Vec<(u32, u32), MAX_MASTER_STREAMS>,
+    /// `masters` holds every such StreamID (false when the tree's `iommus` could not be read whole or did not fit).
+    pub masters_complete: bool,
 }
 
 /// How many `iommus` StreamID ranges a [`Platform`] keeps.
@@ -488,6 +491,7 @@ pub fn platform(fdt: Option<&Fdt>, board: &StaticDescription) -> Result<Platform
         gic: fdt.and_then(gic).or(board.gic),
         cpus: pick(fdt.map(cpus), Some(board.cpus.clone()), "CPUs")?,
         masters: heapless::Vec::new(),
+        masters_complete: true,
     })
 }
 

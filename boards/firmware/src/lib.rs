@@ -464,6 +464,17 @@ pub fn run<B: Board>(board: &B) -> ! {
     };
     let mut platform = dt::platform(fdt.as_ref(), &description).unwrap_or_else(|e| fatal("platform discovery", &e));
     let unused_pci = if B::PCI { None } else { platform.pcie.take() };
+    // The StreamIDs of a host the firmware leaves alone still belong to its devices.
+    for e in unused_pci.iter().flat_map(|host| host.iommu_map.entries()) {
+        if e.length != 0
+            && platform
+                .masters
+                .push((e.sid_base, e.sid_base + (e.length - 1)))
+                .is_err()
+        {
+            platform.masters_complete = false;
+        }
+    }
     for bank in &platform.memory {
         println!("memory: {bank}");
     }
@@ -489,6 +500,10 @@ pub fn run<B: Board>(board: &B) -> ! {
         });
         if dropped != 0 {
             println!("  iommus: {dropped} more StreamID range(s) than the platform keeps; scenarios do not see them");
+            platform.masters_complete = false;
+        }
+        if listed.is_err() {
+            platform.masters_complete = false;
         }
         match listed {
             Ok(0) => println!("  iommus: no platform master names the SMMU"),

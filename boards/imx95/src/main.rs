@@ -54,12 +54,7 @@ const SCENARIOS: &str = "probe,init,cmdq-error";
 static mut BOOT_LOW: Table = Table::EMPTY
     .with_block(0, 0, mmu::DEVICE)
     .with_block(1, GIB, mmu::DEVICE);
-static BOOT_DRAM: Table = Table::EMPTY.with_2m_blocks(
-    ((DRAM - 2 * GIB) >> 21) as usize,
-    ((BOOT_DRAM_END - DRAM) >> 21) as usize,
-    DRAM,
-    boot::MEMORY,
-);
+static BOOT_DRAM: Table = Table::EMPTY.with_2m_blocks(DRAM, ((BOOT_DRAM_END - DRAM) >> 21) as usize, boot::MEMORY);
 el2_boot_map_48!(0 => BOOT_LOW; BOOT_LOW[2] => BOOT_DRAM);
 
 // The arm64 Image header `booti` checks (magic "ARM\x64" at byte 56). Flags bit 3 set with text_offset 0: U-Boot
@@ -119,7 +114,10 @@ impl Board for Imx95 {
     fn description(&self) -> StaticDescription {
         let spi = |n: usize| Some(32 + SMMU_SPIS[n]);
         let mut memory = heapless::Vec::new();
-        let _ = memory.push(Region { base: DRAM, size: GIB });
+        let _ = memory.push(Region {
+            base: DRAM,
+            size: BOOT_DRAM_END - DRAM,
+        });
         StaticDescription {
             memory,
             handover_bytes: HANDOVER_BYTES,
@@ -187,7 +185,8 @@ fn tree_at(x0: u64) -> Option<usize> {
     let header = unsafe { (x0 as *const [u8; 8]).read() };
     let magic = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
     let total = u64::from(u32::from_be_bytes([header[4], header[5], header[6], header[7]]));
-    (magic == 0xd00d_feed && x0 + total <= image).then_some(x0 as usize)
+    // An FDT header alone is 40 bytes: a smaller totalsize is not a tree.
+    (magic == 0xd00d_feed && total >= 40 && x0 + total <= image).then_some(x0 as usize)
 }
 
 unsafe extern "C" {

@@ -286,6 +286,9 @@ fn single(context: &mut Context, kind: DomainKind) -> Result<(), Failure> {
 /// The highest StreamID the SMMU has (at most 16 bits) that no enumerated PCI function and no `iommus` master of
 /// the tree uses: a stream with no device behind it.
 fn unused_stream(context: &Context, s: &Session) -> Result<u32, Failure> {
+    if !context.platform.masters_complete {
+        fail!("the tree's masters could not all be listed: no StreamID is known to be unused")
+    }
     let top = (1u32 << s.features().sid_bits.min(16)) - 1;
     let used = |sid: u32| {
         context
