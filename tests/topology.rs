@@ -12,11 +12,37 @@ fn boot(edus: &[EduPlacement], scenarios: &[&str]) -> Outcome {
     run.boot()
 }
 
+/// Also saves QEMU's IORT as the firmware linked it (`dump-iort`), and reads it on the host: it must be the table
+/// committed as `boards/iort/tests/data/qemu-virt-iort.bin` (the same topology) says, requester IDs 0x0-0x4ff through
+/// the SMMU, read the same way.
 #[test]
 fn every_edu_is_found_behind_root_ports_and_switches() {
     use EduPlacement::{RootBus, RootPort, Switch};
-    let outcome = boot(&[RootBus, RootPort, Switch], &["edu-ident"]);
+    let dir = smmuv3_harness::workspace_root().join("target/acpi-dumps");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("qemu-virt-iort-{}.bin", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let mut run = Run::new(Board::QemuVirt, Stage::Nested, &["edu-ident"]);
+    run.edus = vec![RootBus, RootPort, Switch];
+    run.settings.push(("dump-iort".into(), path.display().to_string()));
+    let outcome = run.boot();
     outcome.assert_passed(&["edu-ident"]);
+    let saved = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}\n{}", path.display(), outcome.report()));
+    outcome.assert_console_shows(&[&format!(
+        "ACPI: IORT ({} bytes) saved to {}",
+        saved.len(),
+        path.display()
+    )]);
+    let committed =
+        std::fs::read(smmuv3_harness::workspace_root().join("boards/iort/tests/data/qemu-virt-iort.bin")).unwrap();
+    let read = |bytes: &[u8]| {
+        let iort = smmuv3_iort::Iort::parse(bytes).unwrap();
+        let smmu = iort.smmus().next().unwrap();
+        let map = iort.iommu_map(0, smmu.node).unwrap().unwrap();
+        (smmu.description, map.entries().to_vec())
+    };
+    assert_eq!(read(&saved), read(&committed));
+    let _ = std::fs::remove_file(&path);
     outcome.assert_console_shows(&[
         // The root port at 00:08.0 gets bus 1; the switch's root port at 00:09.0 bus 2, its upstream port bus 3,
         // its downstream port bus 4.

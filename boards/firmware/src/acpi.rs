@@ -135,14 +135,16 @@ pub fn acpi_wanted(fw_cfg: &mut FwCfg) -> Result<bool, &'static str> {
     }
 }
 
-/// Runs the table-loader script of the fw_cfg device `fw_cfg` and reads the IORT.
+/// Runs the table-loader script of the fw_cfg device `fw_cfg` and reads the IORT; with `save`, also writes the
+/// IORT's bytes, as linked, to that host path (through semihosting; what happened is printed), before it is
+/// parsed, so a table the reader refuses is saved too.
 ///
 /// # Errors
 /// [`AcpiError`]: the first thing missing or malformed.
 ///
 /// # Safety
 /// Called once, on one CPU, before anything else uses the module's buffer (the boot CPU at start-up).
-pub unsafe fn read_iort(fw_cfg: &mut FwCfg) -> Result<AcpiSmmu, AcpiError> {
+pub unsafe fn read_iort(fw_cfg: &mut FwCfg, save: Option<&str>) -> Result<AcpiSmmu, AcpiError> {
     // SAFETY: the caller's guarantee: nothing else touches the buffer now.
     let buffer: &mut [u8; BUFFER_BYTES] = unsafe { &mut (*core::ptr::addr_of_mut!(BUFFER)).0 };
     let base = buffer.as_ptr() as u64;
@@ -251,7 +253,14 @@ pub unsafe fn read_iort(fw_cfg: &mut FwCfg) -> Result<AcpiSmmu, AcpiError> {
             continue;
         }
         let len = u32_at(header, 4).ok_or(AcpiError::Pointer(address))? as usize;
-        let iort = Iort::parse(at(address, len)?).map_err(AcpiError::Iort)?;
+        let table = at(address, len)?;
+        if let Some(path) = save {
+            match crate::finish::save_to_host(path, table) {
+                Ok(()) => crate::println!("ACPI: IORT ({len} bytes) saved to {path} on the host"),
+                Err(e) => crate::println!("ACPI: IORT not saved to {path}: {e}"),
+            }
+        }
+        let iort = Iort::parse(table).map_err(AcpiError::Iort)?;
         let smmu = iort.smmus().next().ok_or(AcpiError::NoSmmu)?;
         let iommu_map = match iort.iommu_map(0, smmu.node) {
             Some(Ok(map)) => map,

@@ -27,7 +27,10 @@ pub const EXIT_KEY: &str = "opt/smmuv3/exit";
 /// A host path to save the handover region to, through semihosting, at a hand-off (a warm reset or a jump into the
 /// next image) after a scenario prepared it: what `cargo xtask qemu --dump-handover FILE` asks for.
 pub const DUMP_HANDOVER_KEY: &str = "opt/smmuv3/dump-handover";
-/// The longest path [`DUMP_HANDOVER_KEY`] takes.
+/// A host path to save the ACPI IORT to, through semihosting, as the firmware read it from fw_cfg's tables (QEMU
+/// virt): a real table for the IORT reader's host tests.
+pub const DUMP_IORT_KEY: &str = "opt/smmuv3/dump-iort";
+/// The longest path [`DUMP_HANDOVER_KEY`] and [`DUMP_IORT_KEY`] take.
 pub const MAX_PATH_BYTES: usize = 512;
 /// fw_cfg file asking for DMA memory above 4 GiB: `on` makes the frame pool hand out only memory at or above
 /// 4 GiB, so every queue, table and DMA buffer the scenarios use lies there (the run fails at boot when RAM does
@@ -68,6 +71,8 @@ pub struct Config {
     pub expected_cpus: Option<usize>,
     /// Where to save the handover region at a hand-off ([`DUMP_HANDOVER_KEY`]).
     pub dump_handover: Option<heapless::String<MAX_PATH_BYTES>>,
+    /// Where to save the ACPI IORT ([`DUMP_IORT_KEY`]).
+    pub dump_iort: Option<heapless::String<MAX_PATH_BYTES>>,
 }
 
 impl Default for Config {
@@ -82,6 +87,7 @@ impl Default for Config {
             next_image: false,
             expected_cpus: None,
             dump_handover: None,
+            dump_iort: None,
         }
     }
 }
@@ -220,16 +226,8 @@ impl Config {
                     .ok_or(ConfigError::BadValue(CPUS_KEY))?;
                 self.expected_cpus = Some(cpus);
             }
-            "dump-handover" => {
-                if value.is_empty() {
-                    return Err(ConfigError::BadValue(DUMP_HANDOVER_KEY));
-                }
-                self.dump_handover = Some(heapless::String::from_str(value).map_err(|_| ConfigError::TooLong {
-                    what: DUMP_HANDOVER_KEY,
-                    size: Some(value.len()),
-                    limit: MAX_PATH_BYTES,
-                })?);
-            }
+            "dump-handover" => self.dump_handover = Some(host_path(DUMP_HANDOVER_KEY, value)?),
+            "dump-iort" => self.dump_iort = Some(host_path(DUMP_IORT_KEY, value)?),
             "exit" => {
                 self.power_off = match value {
                     "semihosting" => false,
@@ -269,6 +267,7 @@ pub unsafe fn from_fw_cfg(base: usize) -> Result<Config, ConfigError> {
         NEXT_IMAGE_KEY,
         CPUS_KEY,
         DUMP_HANDOVER_KEY,
+        DUMP_IORT_KEY,
     ] {
         let Some(file) = fw_cfg.find(key) else { continue };
         if file.size as usize > buffer.len() {
@@ -333,4 +332,16 @@ pub fn from_chosen(fdt: &fdt::Fdt, config: &mut Config) -> Result<bool, ConfigEr
         config.set(name, value)?;
     }
     Ok(true)
+}
+
+/// A host path setting: not empty, at most [`MAX_PATH_BYTES`].
+fn host_path(key: &'static str, value: &str) -> Result<heapless::String<MAX_PATH_BYTES>, ConfigError> {
+    if value.is_empty() {
+        return Err(ConfigError::BadValue(key));
+    }
+    heapless::String::from_str(value).map_err(|_| ConfigError::TooLong {
+        what: key,
+        size: Some(value.len()),
+        limit: MAX_PATH_BYTES,
+    })
 }

@@ -111,3 +111,19 @@ pub fn park(why: &str) -> ! {
         aarch64_cpu::asm::wfi();
     }
 }
+
+/// Writes `bytes` to the host file `path` through semihosting (a debugger's or QEMU's host).
+///
+/// # Errors
+/// A reason for the console: no semihosting, a path too long or with a NUL in it, or the host's refusal.
+pub fn save_to_host(path: &str, bytes: &[u8]) -> Result<(), &'static str> {
+    if semihosting_absent() {
+        return Err("no semihosting");
+    }
+    let mut name: heapless::Vec<u8, { crate::config::MAX_PATH_BYTES + 1 }> = heapless::Vec::new();
+    if path.bytes().any(|b| b == 0) || name.extend_from_slice(path.as_bytes()).is_err() || name.push(0).is_err() {
+        return Err("the path is too long or holds a NUL");
+    }
+    let name = core::ffi::CStr::from_bytes_with_nul(&name).map_err(|_| "the path holds a NUL")?;
+    semihosting::fs::write(name, bytes).map_err(|_| "the host refused the write")
+}

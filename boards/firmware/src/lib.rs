@@ -133,7 +133,7 @@ fn acpi_description(mut platform: Platform) -> (Platform, bool) {
         return (platform, false);
     }
     // SAFETY: once, on the boot CPU, at start-up.
-    let a = unsafe { acpi::read_iort(&mut fw_cfg) }.unwrap_or_else(|e| fatal("ACPI description", &e));
+    let a = unsafe { acpi::read_iort(&mut fw_cfg, None) }.unwrap_or_else(|e| fatal("ACPI description", &e));
     if a.smmu.base != platform.smmu.base {
         fatal("ACPI description", &"the IORT's SMMU is not the one the board maps");
     }
@@ -170,12 +170,13 @@ fn acpi_description(mut platform: Platform) -> (Platform, bool) {
 /// requester-ID map gives each enumerated PCI function, compared with the tree's (or the board's) and printed.
 /// Read after PCI enumeration, as platform firmware publishes its tables (QEMU builds them when they are first
 /// read, with the buses assigned by then: read before, its root complex would map bus 0 alone).
-fn acpi_report(platform: &Platform, functions: &pci::Functions) {
+/// With `save` (the `dump-iort` setting), the IORT is also written to that host path as it was linked.
+fn acpi_report(platform: &Platform, functions: &pci::Functions, save: Option<&str>) {
     let Some(mut fw_cfg) = open_fw_cfg(platform) else {
         return;
     };
     // SAFETY: once, on the boot CPU, at start-up.
-    match unsafe { acpi::read_iort(&mut fw_cfg) } {
+    match unsafe { acpi::read_iort(&mut fw_cfg, save) } {
         Ok(a) => {
             let d = &a.smmu;
             let same_smmu = d.base == platform.smmu.base
@@ -709,7 +710,7 @@ pub fn run<B: Board>(board: &B) -> ! {
         _ => pci::Functions::new(),
     };
     if !from_acpi {
-        acpi_report(&platform, &functions);
+        acpi_report(&platform, &functions, config.dump_iort.as_deref());
     }
     for f in &functions {
         let sid = platform.stream_id(f.bdf.requester_id());

@@ -172,3 +172,40 @@ fn every_truncation_and_every_byte_change_is_read_without_panicking() {
         "some changes (reserved fields, names, identifiers) are still good tables"
     );
 }
+
+/// QEMU virt's own IORT (`tests/data/qemu-virt-iort.bin`, saved by the firmware from a run with buses 0 to 4):
+/// revision 3, an ITS group, the SMMUv3 at 0x905_0000 with GSIVs 106 (event), 107 (PRI), 109 (GERROR), 108 (sync),
+/// coherent; the root complex's requester IDs 0x0-0x4ff through the SMMU with StreamID = requester ID, the rest
+/// straight to the ITS (so no StreamID); no named component.
+#[test]
+fn qemu_virts_own_iort_is_read_as_qemu_built_it() {
+    let bytes = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/qemu-virt-iort.bin")).unwrap();
+    let iort = Iort::parse(&bytes).unwrap();
+    let smmus: Vec<_> = iort.smmus().collect();
+    assert_eq!(smmus.len(), 1);
+    let d = smmus[0].description;
+    assert_eq!((d.base, d.dma_coherent), (0x905_0000, true));
+    assert_eq!(
+        (
+            d.interrupts.eventq,
+            d.interrupts.priq,
+            d.interrupts.cmdq_sync,
+            d.interrupts.gerror,
+            d.interrupts.edge_triggered
+        ),
+        (Some(106), Some(107), Some(108), Some(109), true)
+    );
+    let map = iort.iommu_map(0, smmus[0].node).unwrap().unwrap();
+    assert_eq!(
+        map.entries(),
+        [IommuMapEntry {
+            rid_base: 0,
+            sid_base: 0,
+            length: 0x500
+        }]
+    );
+    assert_eq!(map.stream_id(0x400), Some(0x400), "04:00.0, the edu behind the switch");
+    assert_eq!(map.stream_id(0x500), None, "bus 5 goes to the ITS without the SMMU");
+    assert!(iort.iommu_map(1, smmus[0].node).is_none(), "one PCI segment");
+    assert_eq!(iort.named_components().count(), 0);
+}

@@ -2,17 +2,16 @@
 //! FILE` asks for): the scenarios that hand off call [`save_for_host`] just before the warm reset or the jump.
 //! Here, at the top of the firmware's layers, so that the power and hand-off code below stays free of it.
 
-/// The host path the region is saved to at a hand-off (NUL-terminated), empty for none.
-static SAVE_PATH: spin::Mutex<heapless::String<{ crate::config::MAX_PATH_BYTES + 1 }>> =
+/// The host path the region is saved to at a hand-off, empty for none.
+static SAVE_PATH: spin::Mutex<heapless::String<{ crate::config::MAX_PATH_BYTES }>> =
     spin::Mutex::new(heapless::String::new());
 
 /// Asks [`save_for_host`] to save the region to `path` (a host path) at the hand-off.
 pub fn save_at_hand_off(path: &str) {
     let mut saved = SAVE_PATH.lock();
     saved.clear();
-    // Room: the configuration holds at most MAX_PATH_BYTES, and the buffer one more, for the NUL.
+    // Room: the configuration holds at most MAX_PATH_BYTES.
     let _ = saved.push_str(path);
-    let _ = saved.push('\0');
 }
 
 /// At a hand-off (a warm reset or a jump into the next image): saves the region's records, as the header says how
@@ -21,24 +20,19 @@ pub fn save_at_hand_off(path: &str) {
 /// region or semihosting.
 pub fn save_for_host() {
     let path = SAVE_PATH.lock().clone();
-    let Ok(name) = core::ffi::CStr::from_bytes_with_nul(path.as_bytes()) else {
-        return;
-    };
-    let shown = path.trim_end_matches('\0');
-    if crate::finish::semihosting_absent() {
-        crate::println!("handover region: not saved to {shown}: no semihosting");
+    if path.is_empty() {
         return;
     }
     let Ok(bytes) = crate::handover::POOL.lock_metadata() else {
-        crate::println!("handover region: not saved to {shown}: no region");
+        crate::println!("handover region: not saved to {path}: no region");
         return;
     };
     let len = match smmuv3::handover::format::peek_header(&bytes) {
         Ok(header) => usize::try_from(header.total_len).map_or(bytes.len(), |n| n.min(bytes.len())),
         Err(_) => bytes.len(),
     };
-    match semihosting::fs::write(name, &bytes[..len]) {
-        Ok(()) => crate::println!("handover region: {len} bytes saved to {shown} on the host"),
-        Err(e) => crate::println!("handover region: not saved to {shown}: {e:?}"),
+    match crate::finish::save_to_host(&path, &bytes[..len]) {
+        Ok(()) => crate::println!("handover region: {len} bytes saved to {path} on the host"),
+        Err(e) => crate::println!("handover region: not saved to {path}: {e}"),
     }
 }
