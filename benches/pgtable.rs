@@ -291,12 +291,9 @@ fn bulk(c: &mut Criterion) {
         let step = if name.ends_with("4k") { PAGE as u64 } else { 2 << 20 };
         // In page-aligned frames, as the tables are (a heap vector's alignment, 16 bytes, moves the fill's
         // figure by a third between builds).
-        let layout = std::alloc::Layout::from_size_align(descriptors * 8, PAGE).unwrap();
-        // SAFETY: a non-zero size.
-        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
-        assert!(!raw.is_null());
-        // SAFETY: `descriptors` zeroed words, freed below.
-        let words = unsafe { std::slice::from_raw_parts_mut(raw.cast::<u64>(), descriptors) };
+        let frames = Pool::new(descriptors * 8);
+        // SAFETY: the pool's arena, `descriptors` zeroed words (page-aligned, touched), used for nothing else.
+        let words = unsafe { std::slice::from_raw_parts_mut(frames.base().cast::<u64>(), descriptors) };
         group.bench_function("fill", |b| b.iter(|| fill(words, pa | 0x703, step)));
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2") {
@@ -305,9 +302,25 @@ fn bulk(c: &mut Criterion) {
                 b.iter(|| unsafe { fill_avx2(words, pa | 0x703, step) })
             });
         }
-        // SAFETY: allocated above with this layout.
-        unsafe { std::alloc::dealloc(raw, layout) };
         group.finish();
+    }
+}
+
+/// Maps page `p` of `order` at IOVA 1 GiB + p pages (to PA 2 GiB + p pages) for each, then unmaps each.
+fn map_unmap_each(t: &mut IoPageTable<&Pool>, order: &[u64]) {
+    for &p in order {
+        t.map(
+            Iova(GIB + p * PAGE as u64),
+            PhysAddr(2 * GIB + p * PAGE as u64),
+            PAGE as u64,
+            RW,
+        )
+        .unwrap();
+    }
+    for &p in order {
+        let mut gather = Gather::default();
+        t.unmap(Iova(GIB + p * PAGE as u64), PAGE as u64, &mut gather).unwrap();
+        release(t, gather);
     }
 }
 
@@ -340,20 +353,7 @@ fn random(c: &mut Criterion) {
     let mut t = ours(&pool);
     group.bench_function("ours", |b| {
         b.iter(|| {
-            for &p in &order {
-                t.map(
-                    Iova(GIB + p * PAGE as u64),
-                    PhysAddr(2 * GIB + p * PAGE as u64),
-                    PAGE as u64,
-                    RW,
-                )
-                .unwrap();
-            }
-            for &p in &order {
-                let mut gather = Gather::default();
-                t.unmap(Iova(GIB + p * PAGE as u64), PAGE as u64, &mut gather).unwrap();
-                release(&mut t, gather);
-            }
+            map_unmap_each(&mut t, &order);
         })
     });
     drop(t);
@@ -362,20 +362,7 @@ fn random(c: &mut Criterion) {
     let mut t = ours(&pool);
     group.bench_function("ours_trimmed", |b| {
         b.iter(|| {
-            for &p in &order {
-                t.map(
-                    Iova(GIB + p * PAGE as u64),
-                    PhysAddr(2 * GIB + p * PAGE as u64),
-                    PAGE as u64,
-                    RW,
-                )
-                .unwrap();
-            }
-            for &p in &order {
-                let mut gather = Gather::default();
-                t.unmap(Iova(GIB + p * PAGE as u64), PAGE as u64, &mut gather).unwrap();
-                release(&mut t, gather);
-            }
+            map_unmap_each(&mut t, &order);
             let mut gather = Gather::default();
             t.trim(&mut gather).unwrap();
             release(&mut t, gather);
