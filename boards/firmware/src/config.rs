@@ -31,7 +31,7 @@ pub const DUMP_HANDOVER_KEY: &str = "opt/smmuv3/dump-handover";
 /// virt): a real table for the IORT reader's host tests.
 pub const DUMP_IORT_KEY: &str = "opt/smmuv3/dump-iort";
 /// The longest path [`DUMP_HANDOVER_KEY`] and [`DUMP_IORT_KEY`] take.
-pub const MAX_PATH_BYTES: usize = 512;
+pub const MAX_PATH_BYTES: usize = crate::finish::MAX_HOST_PATH_BYTES;
 /// fw_cfg file asking for DMA memory above 4 GiB: `on` makes the frame pool hand out only memory at or above
 /// 4 GiB, so every queue, table and DMA buffer the scenarios use lies there (the run fails at boot when RAM does
 /// not reach that high); `off` (the default) allocates from the end of the image upwards.

@@ -112,6 +112,9 @@ pub fn park(why: &str) -> ! {
     }
 }
 
+/// The longest host path [`save_to_host`] takes.
+pub const MAX_HOST_PATH_BYTES: usize = 512;
+
 /// Writes `bytes` to the host file `path` through semihosting (a debugger's or QEMU's host).
 ///
 /// # Errors
@@ -120,7 +123,7 @@ pub fn save_to_host(path: &str, bytes: &[u8]) -> Result<(), &'static str> {
     if semihosting_absent() {
         return Err("no semihosting");
     }
-    let mut name: heapless::Vec<u8, { crate::config::MAX_PATH_BYTES + 1 }> = heapless::Vec::new();
+    let mut name: heapless::Vec<u8, { MAX_HOST_PATH_BYTES + 1 }> = heapless::Vec::new();
     if path.bytes().any(|b| b == 0) || name.extend_from_slice(path.as_bytes()).is_err() || name.push(0).is_err() {
         return Err("the path is too long or holds a NUL");
     }
