@@ -10,7 +10,7 @@
 const DATA: usize = 0x0;
 /// Selector register (16-bit, big-endian).
 const SELECTOR: usize = 0x8;
-/// DMA address register (64-bit, big-endian; writing its low half starts the transfer).
+/// DMA address register (64-bit, big-endian; a 64-bit write, or the write of its low half, starts the transfer).
 const DMA_ADDRESS: usize = 0x10;
 /// Signature item.
 const KEY_SIGNATURE: u16 = 0x0000;
@@ -127,13 +127,10 @@ impl FwCfg {
         let at = access as u64;
         // The descriptor and the buffer are in memory before the doorbell.
         aarch64_cpu::asm::barrier::dsb(aarch64_cpu::asm::barrier::SY);
-        // SAFETY: `new`'s contract maps the device; the DMA address register takes the descriptor's address, high
-        // half first, and the write of the low half starts the transfer. The descriptor and `buffer` outlive it:
-        // the loop below waits until the device has cleared the descriptor's busy bits.
-        unsafe {
-            ((self.base + DMA_ADDRESS) as *mut u32).write_volatile(((at >> 32) as u32).to_be());
-            ((self.base + DMA_ADDRESS + 4) as *mut u32).write_volatile((at as u32).to_be());
-        }
+        // SAFETY: `new`'s contract maps the device; the DMA address register takes the descriptor's address in one
+        // 64-bit big-endian write, which starts the transfer (one trap, not two 32-bit halves). The descriptor and
+        // `buffer` outlive it: the loop below waits until the device has cleared the descriptor's busy bits.
+        unsafe { ((self.base + DMA_ADDRESS) as *mut u64).write_volatile(at.to_be()) };
         loop {
             // SAFETY: `access` points at a live local the device writes, so its control word is read volatile.
             let control = u32::from_be(unsafe { (&raw const (*access).control).read_volatile() });
